@@ -1,0 +1,202 @@
+"""The one place that builds a gRPC server for a BlueMarble process.
+
+:func:`build_server` wires the servicers with what every server must have: the error
+mapping and request-context interceptor, ``grpc.health.v1.Health``, server reflection
+(so ``grpcurl -plaintext HOST:PORT list`` works), message size limits and keepalive
+policy. :func:`stop_gracefully` flips health to NOT_SERVING, then lets calls in flight
+finish within a grace period.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from bluemarble.errors import BlueMarbleError
+
+log = structlog.get_logger(__name__)
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Clients ping every 10 s to detect dead connections; allow that.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.so_reuseport", 0),
+)
+
+
+@dataclass(frozen=True)
+class ServiceBinding:
+    """A servicer plus the generated ``add_XServicer_to_server`` function and full name."""
+
+    full_name: str
+    servicer: object
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+
+
+def _abort_status(err: BlueMarbleError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, err.status, grpc.StatusCode.INTERNAL)
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Binds request context for structlog and maps exceptions to gRPC statuses.
+
+    A :class:`BlueMarbleError` becomes its status with its message. Anything else is a
+    bug: it is logged with its traceback and answered INTERNAL with an id to find the
+    log line, never UNKNOWN.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method
+        if method.startswith(("/grpc.health.", "/grpc.reflection.")):
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _bind(method: str, context: grpc.aio.ServicerContext) -> None:
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(rpc=method.rsplit("/", 1)[-1], peer=context.peer())
+
+
+async def _fail(
+    method: str, context: grpc.aio.ServicerContext, exc: Exception, started: float
+) -> None:
+    elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+    if isinstance(exc, BlueMarbleError):
+        code = _abort_status(exc)
+        level = log.info if not exc.retryable else log.warning
+        level("rpc failed", status=code.name, error=str(exc), elapsed_ms=elapsed_ms)
+        await context.abort(code, str(exc))
+    error_id = uuid.uuid4().hex[:12]
+    log.exception("rpc crashed", error_id=error_id, method=method, elapsed_ms=elapsed_ms)
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error in {method} (error id {error_id}); see the server log",
+    )
+
+
+def _wrap_unary(
+    method: str, behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        _bind(method, context)
+        started = time.monotonic()
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - this is the one place errors are mapped
+            await _fail(method, context, exc, started)
+        finally:
+            structlog.contextvars.clear_contextvars()
+
+    return wrapped
+
+
+def _wrap_stream(
+    method: str, behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        _bind(method, context)
+        started = time.monotonic()
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - this is the one place errors are mapped
+            await _fail(method, context, exc, started)
+        finally:
+            structlog.contextvars.clear_contextvars()
+
+    return wrapped
+
+
+class Server:
+    """A started gRPC server with its health servicer; see :func:`build_server`."""
+
+    def __init__(self, server: grpc.aio.Server, health: health_aio.HealthServicer, port: int):
+        self.grpc = server
+        self.health = health
+        self.port = port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set("", status)
+
+    async def stop_gracefully(self, grace_s: float = 5.0) -> None:
+        """NOT_SERVING first (load balancers stop sending), then drain calls for grace_s."""
+        await self.health.enter_graceful_shutdown()
+        await self.grpc.stop(grace_s)
+
+
+async def build_server(
+    listen: str,
+    bindings: Iterable[ServiceBinding],
+    *,
+    extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> Server:
+    """Builds, binds and starts a server on ``listen`` ("host:port"; port 0 picks one).
+
+    Raises :class:`bluemarble.errors.Unavailable` when the address cannot be bound.
+    """
+    from bluemarble.errors import Unavailable
+
+    server = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor(), *extra_interceptors], options=SERVER_OPTIONS
+    )
+    names = []
+    for binding in bindings:
+        binding.add_to_server(binding.servicer, server)
+        names.append(binding.full_name)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for name in names:
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as e:
+        raise Unavailable(f"cannot listen on {listen}: {e}") from e
+    if port == 0:
+        raise Unavailable(f"cannot listen on {listen}: the address is in use or invalid")
+    await server.start()
+    return Server(server, health, port)

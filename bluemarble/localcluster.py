@@ -1,0 +1,168 @@
+"""Local processes for development, tests and benchmarks: etcd and BlueMarble servers.
+
+A :class:`LocalEtcd` is a single-member etcd on free loopback ports with its data in a
+directory of the caller's choosing; :class:`ManagedProcess` runs any command with its
+output in a log file and stops it with a real signal. Everything binds to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+ETCD_STARTUP_TIMEOUT_S = 20.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05
+) -> None:
+    """Polls ``condition`` until it is true; raises TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if condition():
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def find_etcd() -> str:
+    """Path of the etcd binary (Debian's etcd-server installs /usr/bin/etcd)."""
+    path = os.environ.get("BLUEMARBLE_ETCD_BIN") or shutil.which("etcd")
+    if not path:
+        raise FileNotFoundError(
+            "etcd not found on PATH; install it with `apt-get install etcd-server` "
+            "or set BLUEMARBLE_ETCD_BIN"
+        )
+    return path
+
+
+class ManagedProcess:
+    """A child process in its own process group, with stdout+stderr in ``log_path``."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self._env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ManagedProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        try:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(self._env or {})},
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+
+class LocalEtcd:
+    """A single-member etcd on 127.0.0.1 with its data under ``data_dir``."""
+
+    def __init__(self, data_dir: Path, client_port: int | None = None, peer_port: int | None = None):
+        self.data_dir = data_dir
+        self.client_port = client_port or free_port()
+        self.peer_port = peer_port or free_port()
+        self.process: ManagedProcess | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self, timeout_s: float = ETCD_STARTUP_TIMEOUT_S) -> LocalEtcd:
+        client_url = f"http://127.0.0.1:{self.client_port}"
+        peer_url = f"http://127.0.0.1:{self.peer_port}"
+        argv = [
+            find_etcd(),
+            "--name", "bluemarble-local",
+            "--data-dir", str(self.data_dir / "etcd"),
+            "--listen-client-urls", client_url,
+            "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer_url,
+            "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"bluemarble-local={peer_url}",
+            "--initial-cluster-state", "new",
+            "--log-level", "warn",
+            "--logger", "zap",
+        ]  # fmt: skip
+        self.process = ManagedProcess("etcd", argv, self.data_dir / "etcd.log").start()
+        wait_until(self.healthy, timeout_s, f"etcd on {self.endpoint} to be healthy")
+        return self
+
+    def healthy(self) -> bool:
+        if self.process is None or not self.process.alive():
+            assert self.process is not None
+            raise RuntimeError(f"etcd exited:\n{self.process.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1) as resp:
+                return b'"true"' in resp.read()
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()

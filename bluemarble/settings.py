@@ -1,0 +1,51 @@
+"""Command-line flags that can also come from ``BLUEMARBLE_...`` environment variables.
+
+Precedence: a flag on the command line, then the environment variable (the flag's
+name upper-cased, '-' -> '_', prefixed with BLUEMARBLE_), then the built-in default.
+This is what Kubernetes manifests use: env vars from a ConfigMap, flags for overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+ENV_PREFIX = "BLUEMARBLE_"
+
+
+def env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_")
+
+
+class EnvArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose ``add_flag`` reads defaults from the environment."""
+
+    def add_flag(
+        self,
+        flag: str,
+        *,
+        default: Any = None,
+        type: Callable[[str], Any] = str,  # noqa: A002 - mirrors argparse
+        help: str,  # noqa: A002
+        required: bool = False,
+        choices: Sequence[Any] | None = None,
+    ) -> None:
+        env = env_name(flag)
+        raw = os.environ.get(env)
+        if raw is not None:
+            try:
+                default = type(raw)
+            except ValueError as e:
+                self.error(f"environment variable {env}={raw!r} is invalid: {e}")
+            required = False
+        suffix = f" [env {env}]" + (f" (default: {default})" if default not in (None, "") else "")
+        self.add_argument(
+            flag,
+            default=default,
+            type=type,
+            help=help + suffix,
+            required=required,
+            choices=choices,
+        )

@@ -1,0 +1,1 @@
+"""The BlueMarble control plane: node registry, ring, placement, election and trades."""

@@ -1,0 +1,131 @@
+"""One control-plane replica: etcd connection, config bootstrap, gRPC server.
+
+:class:`ControlPlaneApp` is what ``bluemarble-controlplane`` runs and what integration
+tests start in-process. Start-up order: connect to etcd (bounded by a start-up timeout),
+create the cluster config if absent, then serve. Shutdown: health NOT_SERVING, drain
+calls in flight, close etcd.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+import structlog
+
+from bluemarble.clock import Clock, SystemClock
+from bluemarble.grpc_server import Server, ServiceBinding, build_server
+from bluemarble.v1 import controlplane_pb2, controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
+from controlplane import cluster_config
+from controlplane.config_store import ConfigStore
+from controlplane.etcd import EtcdStore
+from controlplane.keys import KeySchema
+from controlplane.registry import NodeRegistry
+from controlplane.service import ControlPlaneDeps, ControlPlaneService, TradeCoordinatorService
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ControlPlaneSettings:
+    listen: str
+    etcd_endpoints: tuple[str, ...]
+    cluster: str = "default"
+    lease_ttl_s: int = 10
+    replication_factor: int = 3
+    shards: int = 16
+    etcd_startup_timeout_s: float = 30.0
+    etcd_rpc_timeout_s: float = 3.0
+    replica_id: str = ""
+    shutdown_grace_s: float = 5.0
+    # Flags given explicitly on the command line (vs defaults), to warn on config drift.
+    explicit: frozenset[str] = field(default_factory=frozenset)
+
+
+class ControlPlaneApp:
+    def __init__(self, settings: ControlPlaneSettings, clock: Clock | None = None):
+        self.settings = settings
+        self.keys = KeySchema(settings.cluster)
+        self.clock = clock or SystemClock()
+        self.store = EtcdStore(settings.etcd_endpoints, rpc_timeout_s=settings.etcd_rpc_timeout_s)
+        self.server: Server | None = None
+
+    @property
+    def replica_id(self) -> str:
+        return self.settings.replica_id or f"{socket.gethostname()}/{self.settings.listen}"
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        host = self.settings.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.server.port}"
+
+    async def start(self) -> None:
+        """Connects to etcd, bootstraps the config and starts serving.
+
+        Raises Unavailable when etcd does not answer within the start-up timeout or the
+        listen address cannot be bound.
+        """
+        s = self.settings
+        await self.store.connect(s.etcd_startup_timeout_s)
+        configs = ConfigStore(self.store, self.keys)
+        defaults = cluster_config.default_config(
+            replication_factor=s.replication_factor, lease_ttl_s=s.lease_ttl_s, shard_count=s.shards
+        )
+        stored, _ = await configs.ensure(defaults)
+        self._warn_on_drift(stored)
+        deps = ControlPlaneDeps(
+            replica_id=self.replica_id,
+            keys=self.keys,
+            store=self.store,
+            registry=NodeRegistry(self.store, self.keys, self.clock),
+            config=configs,
+            clock=self.clock,
+        )
+        self.server = await build_server(
+            s.listen,
+            [
+                ServiceBinding(
+                    controlplane_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name,
+                    ControlPlaneService(deps),
+                    controlplane_pb2_grpc.add_ControlPlaneServicer_to_server,
+                ),
+                ServiceBinding(
+                    trade_pb2.DESCRIPTOR.services_by_name["TradeCoordinator"].full_name,
+                    TradeCoordinatorService(),
+                    trade_pb2_grpc.add_TradeCoordinatorServicer_to_server,
+                ),
+            ],
+        )
+        log.info(
+            "control plane serving",
+            address=self.address,
+            cluster=s.cluster,
+            etcd=",".join(s.etcd_endpoints),
+            replica=self.replica_id,
+        )
+
+    def _warn_on_drift(self, stored: object) -> None:
+        s = self.settings
+        asked = {
+            "lease_ttl_s": s.lease_ttl_s,
+            "replication_factor": s.replication_factor,
+            "shard_count": s.shards,
+        }
+        for name, value in asked.items():
+            current = getattr(stored, name)
+            if name in s.explicit and current != value:
+                log.warning(
+                    "flag differs from the stored cluster config; the stored value applies "
+                    "(change it with SetConfig)",
+                    setting=name,
+                    flag=value,
+                    stored=current,
+                )
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop_gracefully(self.settings.shutdown_grace_s)
+            self.server = None
+        await self.store.close()
+        log.info("control plane stopped", replica=self.replica_id)

@@ -1,0 +1,506 @@
+"""The consistent hash ring: which shard owns a player id, and where a new shard's tokens go.
+
+Why this module exists: every process that routes a player (control plane replicas, shard
+nodes, clients that route locally) must map a player id to the same shard for one ring
+version (invariant I6), and resharding must move as few players as possible. So the ring
+is a plain value: a version, the name of the key hash and, per shard, its tokens. Tokens
+are *stored* (in etcd, by the control plane), never re-derived by readers, which lets the
+allocator here place a new shard's tokens wherever they balance the ring best.
+
+The rule (contract, reproducible in any language):
+
+* ``h = key_hash(player_id)``: xxh3_64 with seed 0 of the UTF-8 bytes, an unsigned 64-bit
+  integer (see :func:`key_hash`).
+* The ring is the circle of integers ``0 .. 2**64 - 1``. A key belongs to the shard owning
+  the first token ``>= h``; when ``h`` is above the largest token it wraps around to the
+  smallest token. So a token ``t`` with predecessor ``p`` owns the hashes ``(p, t]``, and
+  the smallest token also owns everything above the largest one.
+
+The module is purely computational: it imports no grpc, no etcd client, no asyncio and no
+clock. Building, looking up and reallocating are deterministic functions of their inputs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from bisect import bisect_left
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import xxhash
+
+from bluemarble.ids import ShardId, shard_id, shard_index
+
+HASH_NAME = "xxh3_64"
+"""Name of the key hash, as stored with the ring (the ``hash`` field of the proto ``Ring``)."""
+
+HASH_SPACE = 1 << 64
+"""Number of distinct hash values (and of positions on the ring)."""
+
+MAX_TOKEN = HASH_SPACE - 1
+"""The largest valid token (tokens are unsigned 64-bit integers)."""
+
+DEFAULT_VNODES = 150
+"""Tokens per shard unless the cluster config says otherwise (DESIGN.md, "ring")."""
+
+MAX_SHARDS = 10_000
+"""Upper bound on shards in one ring: bounds memory, lookup tables and allocation time."""
+
+MAX_TOKENS_PER_SHARD = 10_000
+"""Upper bound on tokens of one shard, for the same reason."""
+
+_xxh3_64 = xxhash.xxh3_64_intdigest
+
+
+def key_hash(player_id: str) -> int:
+    """The position of ``player_id`` on the ring: an unsigned 64-bit integer.
+
+    Contract, so that any language reproduces it: the XXH3 64-bit hash (xxHash >= 0.8,
+    ``XXH3_64bits``, i.e. ``XXH3_64bits_withSeed`` with seed 0 and no secret) of the
+    player id encoded as UTF-8, read as an unsigned integer in ``0 .. 2**64 - 1``. For
+    example ``key_hash("player-1") == 0x7CDCD25A2AFA1A8A`` (pinned in the unit tests).
+    Never Python's ``hash()``, which is salted per process.
+
+    Raises UnicodeEncodeError for a string that is not valid Unicode text (lone surrogates).
+    """
+    return _xxh3_64(player_id.encode("utf-8"))
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Ring:
+    """One version of the ring: an immutable value, cheap to look up in.
+
+    Fields (all public, all plain data, mapped one to one onto the proto ``Ring``):
+
+    * ``version``: >= 1, increased by one by every change (:meth:`with_added_shard`,
+      :meth:`with_removed_shard`). Two rings with the same version held by two processes
+      are expected to be equal; the store guarantees that, not this class.
+    * ``hash_name``: the key hash; only :data:`HASH_NAME` is supported, since lookups
+      would silently disagree with other processes under any other name.
+    * ``shards``: one ``(shard_id, tokens)`` pair per shard, sorted by shard number
+      (``shard-2`` before ``shard-10``); each ``tokens`` is a strictly ascending tuple of
+      ints in ``0 .. 2**64 - 1``. No token appears twice in the whole ring.
+
+    The constructor only validates, it does not reorder: it raises ValueError, with a
+    message naming the offending shard or token, for an unsupported hash, a version < 1,
+    no shards, a shard id not of the canonical form ``shard-<n>``, shards out of order or
+    repeated, a shard without tokens, too many shards or tokens (:data:`MAX_SHARDS`,
+    :data:`MAX_TOKENS_PER_SHARD`), a token out of range or not an int, unsorted tokens, or a
+    token shared by two shards. Use :meth:`from_tokens` to build a ring from unordered
+    input (e.g. a decoded message).
+
+    Lookups (:meth:`shard_for`, :meth:`shards_for`, :meth:`shard_for_hash`) use a sorted
+    token array and a parallel owner array built once at construction; both are private
+    tuples, so the instance cannot change after construction.
+    """
+
+    version: int
+    hash_name: str
+    shards: tuple[tuple[ShardId, tuple[int, ...]], ...]
+    # Lookup tables: _tokens is every token ascending; _owners[i] owns _tokens[i], and
+    # _owners has one extra entry, the owner of the smallest token, so that a hash above
+    # the largest token (bisect returns len(_tokens)) wraps around without a branch.
+    _tokens: tuple[int, ...] = field(init=False, compare=False)
+    _owners: tuple[ShardId, ...] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        tokens, owners = _validate_and_index(self.version, self.hash_name, self.shards)
+        object.__setattr__(self, "_tokens", tokens)
+        object.__setattr__(self, "_owners", owners + owners[:1])
+
+    @classmethod
+    def from_tokens(
+        cls,
+        version: int,
+        tokens_by_shard: Mapping[ShardId, Iterable[int]],
+        hash_name: str = HASH_NAME,
+    ) -> Ring:
+        """Build a ring from shards and tokens in any order (sorts both, then validates).
+
+        Raises ValueError like the constructor; duplicate tokens within one shard are
+        reported, not silently merged.
+        """
+        for shard in tokens_by_shard:
+            _check_shard_id(shard)
+        ordered = sorted(tokens_by_shard.items(), key=lambda item: shard_index(item[0]))
+        return cls(
+            version=version,
+            hash_name=hash_name,
+            shards=tuple((shard, tuple(sorted(tokens))) for shard, tokens in ordered),
+        )
+
+    def __repr__(self) -> str:
+        # The full token list is thousands of numbers; a summary is what a log line needs.
+        return (
+            f"Ring(version={self.version}, hash_name={self.hash_name!r}, "
+            f"shards={len(self.shards)}, tokens={len(self._tokens)})"
+        )
+
+    # -- reading ------------------------------------------------------------------------
+
+    @property
+    def shard_ids(self) -> tuple[ShardId, ...]:
+        """The shards of this ring, sorted by shard number."""
+        return tuple(shard for shard, _ in self.shards)
+
+    @property
+    def token_count(self) -> int:
+        """Number of tokens in the whole ring."""
+        return len(self._tokens)
+
+    def tokens_of(self, shard: ShardId) -> tuple[int, ...]:
+        """The ascending tokens of ``shard``; raises KeyError if it is not in the ring."""
+        for candidate, tokens in self.shards:
+            if candidate == shard:
+                return tokens
+        raise KeyError(shard)
+
+    def shard_for(self, player_id: str) -> ShardId:
+        """The shard owning ``player_id``: the owner of the first token >= its hash, wrapping.
+
+        O(log tokens). Raises UnicodeEncodeError for a string that is not valid Unicode.
+        """
+        return self._owners[bisect_left(self._tokens, _xxh3_64(player_id.encode("utf-8")))]
+
+    def shards_for(self, player_ids: Iterable[str]) -> list[ShardId]:
+        """``[self.shard_for(p) for p in player_ids]``, faster (no per-call method lookup)."""
+        owners = self._owners
+        tokens = self._tokens
+        return [owners[bisect_left(tokens, _xxh3_64(p.encode("utf-8")))] for p in player_ids]
+
+    def shard_for_hash(self, key_hash_value: int) -> ShardId:
+        """The shard owning the ring position ``key_hash_value`` (see :func:`key_hash`).
+
+        A hash equal to a token belongs to that token's shard; a hash above the largest
+        token belongs to the owner of the smallest token. Raises ValueError for a value
+        outside ``0 .. 2**64 - 1``.
+        """
+        if not 0 <= key_hash_value <= MAX_TOKEN:
+            raise ValueError(f"hash {key_hash_value} is outside 0..2**64-1")
+        return self._owners[bisect_left(self._tokens, key_hash_value)]
+
+    def owned_space(self) -> dict[ShardId, int]:
+        """Per shard, the exact number of hash values it owns; the values sum to 2**64."""
+        owned = dict.fromkeys(self.shard_ids, 0)
+        for size, _start, owner in _ranges(self._tokens, self._owners):
+            owned[owner] += size
+        return owned
+
+    def ownership(self) -> dict[ShardId, float]:
+        """Per shard, the fraction of the 2**64 hash space it owns (exact, from the tokens).
+
+        With a uniform hash this is the expected fraction of players on the shard.
+        """
+        return {shard: size / HASH_SPACE for shard, size in self.owned_space().items()}
+
+    # -- changing (each returns a new ring, version + 1) ---------------------------------
+
+    def with_added_shard(self, shard: ShardId, vnodes: int = DEFAULT_VNODES) -> Ring:
+        """A new ring (version + 1) where ``shard`` owns ``vnodes`` new tokens.
+
+        Every existing token stays where it is, so the only keys that change shard are
+        those the new shard takes: each new token lands strictly inside an existing range
+        ``(p, t]`` and takes its lower part ``(p, new]`` from the owner of ``t``.
+
+        Placement, for N existing shards: the new shard's target is ``2**64 // (N + 1)``
+        hash values. The existing shards give it their excess over a common level
+        (water-filling), so from a balanced ring every shard gives ``1/(N(N+1))`` of the
+        space and all N + 1 end at ``1/(N+1)``; from an unbalanced ring the most loaded
+        give the most and shards below the level give nothing. Tokens are handed out so the
+        largest per-token share is as small as possible, each token goes into one of the
+        donor's largest ranges, and it is placed anywhere inside that range (not only at
+        its midpoint), so the shares are met to the hash value.
+
+        Limits: a token takes at most one range, so when a donor's largest ranges are too
+        small for its share (e.g. ``vnodes`` < N, or ``vnodes`` well below N**2 / (N + 1)
+        token counts that do not divide evenly), the other donors give more and the
+        balance is a little looser; if the ring cannot give the full target at all, the new
+        shard gets what can be given. Tokens that have nothing left to take are placed
+        inside the new shard's own ranges, where they move no key.
+
+        Raises ValueError if ``shard`` is already in the ring or not of the form
+        ``shard-<n>``, if ``vnodes`` is outside ``1 .. MAX_TOKENS_PER_SHARD``, or if the ring
+        already has :data:`MAX_SHARDS` shards.
+        """
+        _check_shard_id(shard)
+        if any(existing == shard for existing, _ in self.shards):
+            raise ValueError(f"shard {shard} is already in the ring (version {self.version})")
+        _check_vnodes(vnodes)
+        if len(self.shards) >= MAX_SHARDS:
+            raise ValueError(f"the ring already has the maximum of {MAX_SHARDS} shards")
+        new_tokens = _allocate_tokens(self._tokens, self._owners[:-1], self.shard_ids, vnodes)
+        tokens_by_shard: dict[ShardId, Iterable[int]] = dict(self.shards)
+        tokens_by_shard[shard] = new_tokens
+        return Ring.from_tokens(self.version + 1, tokens_by_shard, self.hash_name)
+
+    def with_removed_shard(self, shard: ShardId) -> Ring:
+        """A new ring (version + 1) without ``shard`` and its tokens.
+
+        Only the removed shard's keys move: each of its ranges falls to the owner of the
+        next token clockwise, and every other token stays put.
+
+        Balance degrades: a remaining shard gains the ranges of the removed tokens that
+        directly precede one of its own tokens, so its gain is proportional to how many of
+        them it follows. On an :func:`initial_ring` the order of shards is built so that
+        every shard follows every other about equally often, and the removed share spreads
+        almost evenly (16 x 150 -> 15 shards: max/mean ownership about 1.01). On a ring
+        grown by :meth:`with_added_shard`, a shard's ranges fall back mostly to the shards
+        it took them from, so removing the most recently added shard restores the previous
+        balance, while removing an old one can leave a few percent of imbalance. A later
+        :meth:`with_added_shard` takes from the most loaded shards first and so re-tightens.
+
+        Raises ValueError if ``shard`` is not in the ring or is its only shard.
+        """
+        remaining = {existing: tokens for existing, tokens in self.shards if existing != shard}
+        if len(remaining) == len(self.shards):
+            raise ValueError(f"shard {shard} is not in the ring (version {self.version})")
+        if not remaining:
+            raise ValueError(f"cannot remove {shard}: it is the only shard of the ring")
+        return Ring.from_tokens(self.version + 1, remaining, self.hash_name)
+
+
+def initial_ring(shard_count: int, vnodes: int = DEFAULT_VNODES) -> Ring:
+    """The first ring (version 1) of a cluster: shards ``shard-0 .. shard-<count-1>``.
+
+    Deterministic (a pure function of its two arguments, no randomness, the same tokens
+    in every process and Python version) and balanced to within ``vnodes`` hash values
+    per shard.
+
+    Construction and why: the ``shard_count * vnodes`` tokens are evenly spaced (token
+    ``k`` of ``M`` sits at the centre of the ``k``-th of ``M`` equal arcs,
+    ``((2k + 1) * 2**64) // (2M)``), so every range has the same size and every shard
+    owns exactly ``vnodes`` of them: balance is exact by construction rather than
+    statistical, as random tokens (or tokens hashed from names) would be. The ``M``
+    positions are dealt in ``vnodes`` rounds of one token per shard, and the order of
+    shards inside a round changes from round to round so that each shard's tokens are
+    followed by every other shard about equally often (the rounds are the directed
+    Hamiltonian paths of a Walecki zig-zag decomposition). That order is what decides who
+    inherits a removed shard's ranges, so removal spreads the load instead of doubling one
+    neighbour, as a plain round-robin order would. Repeated :meth:`Ring.with_added_shard`
+    from one shard would also be balanced, but costs one allocation per shard and leaves
+    older shards inheriting most of a removed shard's ranges.
+
+    Raises ValueError if ``shard_count`` is outside ``1 .. MAX_SHARDS`` or ``vnodes`` outside
+    ``1 .. MAX_TOKENS_PER_SHARD``.
+    """
+    if not 1 <= shard_count <= MAX_SHARDS:
+        raise ValueError(f"shard_count must be in 1..{MAX_SHARDS}, got {shard_count}")
+    _check_vnodes(vnodes)
+    total = shard_count * vnodes
+    orders = _balanced_round_orders(shard_count)
+    tokens_by_shard: dict[ShardId, list[int]] = {shard_id(i): [] for i in range(shard_count)}
+    for k in range(total):
+        round_index, slot = divmod(k, shard_count)
+        owner = orders[round_index % len(orders)][slot]
+        tokens_by_shard[shard_id(owner)].append(((2 * k + 1) * HASH_SPACE) // (2 * total))
+    return Ring.from_tokens(1, tokens_by_shard)
+
+
+# -- validation ---------------------------------------------------------------------------
+
+
+def _check_shard_id(shard: ShardId) -> None:
+    if not isinstance(shard, str):
+        raise ValueError(f"shard id must be a string, got {shard!r}")
+    index = shard_index(shard)  # raises ValueError with a clear message
+    if shard != shard_id(index):
+        raise ValueError(f"shard id {shard!r} is not canonical; expected {shard_id(index)!r}")
+
+
+def _check_vnodes(vnodes: int) -> None:
+    if not 1 <= vnodes <= MAX_TOKENS_PER_SHARD:
+        raise ValueError(f"vnodes must be in 1..{MAX_TOKENS_PER_SHARD}, got {vnodes}")
+
+
+def _validate_and_index(
+    version: int, hash_name: str, shards: Sequence[tuple[ShardId, tuple[int, ...]]]
+) -> tuple[tuple[int, ...], tuple[ShardId, ...]]:
+    """Check every rule of the Ring docstring; return (tokens ascending, their owners)."""
+    if hash_name != HASH_NAME:
+        raise ValueError(f"unsupported ring hash {hash_name!r}; only {HASH_NAME!r} is known")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"ring version must be an int >= 1, got {version!r}")
+    if not shards:
+        raise ValueError("a ring needs at least one shard")
+    if len(shards) > MAX_SHARDS:
+        raise ValueError(f"a ring holds at most {MAX_SHARDS} shards, got {len(shards)}")
+    pairs: list[tuple[int, ShardId]] = []
+    previous_index = -1
+    for shard, tokens in shards:
+        _check_shard_id(shard)
+        index = shard_index(shard)
+        if index <= previous_index:
+            raise ValueError(
+                f"shards must be sorted by number without repeats; {shard} comes after "
+                f"{shard_id(previous_index)}"
+            )
+        previous_index = index
+        if not isinstance(tokens, tuple):
+            raise ValueError(f"tokens of {shard} must be a tuple, got {type(tokens).__name__}")
+        if not tokens:
+            raise ValueError(f"shard {shard} has no tokens")
+        if len(tokens) > MAX_TOKENS_PER_SHARD:
+            raise ValueError(
+                f"shard {shard} has {len(tokens)} tokens, more than {MAX_TOKENS_PER_SHARD}"
+            )
+        previous_token = -1
+        for token in tokens:
+            if isinstance(token, bool) or not isinstance(token, int):
+                raise ValueError(f"token {token!r} of {shard} is not an int")
+            if not 0 <= token <= MAX_TOKEN:
+                raise ValueError(f"token {token} of {shard} is outside 0..2**64-1")
+            if token <= previous_token:
+                what = "duplicate" if token == previous_token else "unsorted"
+                raise ValueError(f"{what} token {token} in {shard}; tokens must ascend strictly")
+            previous_token = token
+            pairs.append((token, shard))
+    pairs.sort()
+    for (token, first), (next_token, second) in zip(pairs, pairs[1:]):
+        if token == next_token:
+            raise ValueError(f"token {token} is owned by both {first} and {second}")
+    return tuple(token for token, _ in pairs), tuple(shard for _, shard in pairs)
+
+
+# -- geometry -----------------------------------------------------------------------------
+
+
+def _ranges(
+    tokens: Sequence[int], owners: Sequence[ShardId]
+) -> Iterable[tuple[int, int, ShardId]]:
+    """Each token's range as (size, exclusive start, owner); sizes sum to 2**64.
+
+    ``tokens`` ascend; the range of ``tokens[i]`` is ``(tokens[i-1], tokens[i]]``, and the
+    smallest token's range wraps from the largest token (the whole circle for one token).
+    """
+    previous = tokens[-1]
+    for token, owner in zip(tokens, owners):
+        yield (token - previous) % HASH_SPACE or HASH_SPACE, previous, owner
+        previous = token
+
+
+def _balanced_round_orders(shard_count: int) -> list[list[int]]:
+    """Orders of ``0..shard_count-1`` in which every ordered pair is adjacent ~equally often.
+
+    For an even n, the zig-zag paths ``i, i+1, i-1, i+2, i-2, ..., i+n/2`` (mod n) for
+    ``i < n/2`` split the complete graph's edges into n/2 Hamiltonian paths (Walecki);
+    taking each path in both directions gives n orders in which every ordered pair of
+    distinct shards is adjacent exactly once. For an odd n, build the n + 1 orders of n + 1
+    and drop the extra vertex, which adds one extra adjacency per order.
+    """
+    n = shard_count if shard_count % 2 == 0 else shard_count + 1
+    half = n // 2
+    orders: list[list[int]] = []
+    for start in range(half):
+        path = [start]
+        for step in range(1, half):
+            path.extend(((start + step) % n, (start - step) % n))
+        path.append((start + half) % n)
+        orders.extend((path, path[::-1]))
+    return [[v for v in order if v < shard_count] for order in orders]
+
+
+# -- allocation ---------------------------------------------------------------------------
+
+
+def _water_fill(levels: Sequence[int], caps: Sequence[int], total: int) -> list[int]:
+    """Amounts ``y_i = min(caps[i], max(0, levels[i] - L))`` summing to ``total``.
+
+    ``L`` is the common level the amounts bring everyone down to: the highest ``levels``
+    give most, those below ``L`` give nothing, and no one gives more than its cap. All
+    integers, exact: the few units of rounding go to the highest levels first (then the
+    lowest index). If the caps cannot reach ``total``, every cap is returned.
+    """
+    if total <= 0 or not levels:
+        return [0] * len(levels)
+    if sum(caps) <= total:
+        return list(caps)
+
+    def amounts(level: int) -> list[int]:
+        return [min(cap, max(0, have - level)) for have, cap in zip(levels, caps)]
+
+    # Largest integer L with sum(amounts(L)) >= total: sum(amounts(low)) = sum(caps) >= total
+    # and sum(amounts(high)) = 0 < total.
+    low = min(levels) - max(caps) - 1
+    high = max(levels)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if sum(amounts(middle)) >= total:
+            low = middle
+        else:
+            high = middle
+    below, above = amounts(low), amounts(low + 1)
+    result = above
+    remainder = total - sum(above)
+    # Going from low + 1 down to low raises each amount by 0 or 1; hand out the remainder.
+    steppers = sorted(
+        (i for i in range(len(levels)) if below[i] > above[i]), key=lambda i: (-levels[i], i)
+    )
+    for i in steppers[:remainder]:
+        result[i] += 1
+    return result
+
+
+def _allocate_tokens(
+    tokens: Sequence[int], owners: Sequence[ShardId], shards: Sequence[ShardId], vnodes: int
+) -> list[int]:
+    """Positions for a new shard's ``vnodes`` tokens; see :meth:`Ring.with_added_shard`."""
+    ranges_by_shard: dict[ShardId, list[tuple[int, int]]] = {shard: [] for shard in shards}
+    for size, start, owner in _ranges(tokens, owners):
+        ranges_by_shard[owner].append((size, start))
+    for ranges in ranges_by_shard.values():
+        ranges.sort(key=lambda r: (-r[0], r[1]))  # largest first; ties by position
+    owned = [sum(size for size, _ in ranges_by_shard[shard]) for shard in shards]
+    target = HASH_SPACE // (len(shards) + 1)
+
+    # 1. What each shard would ideally give (no limit from the number of tokens).
+    full_caps = [sum(size - 1 for size, _ in ranges_by_shard[shard]) for shard in shards]
+    ideal = _water_fill(owned, full_caps, target)
+
+    # 2. Tokens per shard: each next token goes to the shard with the largest share left
+    # per token (minimises the largest piece a token must take); at most one token per
+    # range and no more tokens than hash values to give.
+    counts = [0] * len(shards)
+    heap: list[tuple[float, int, int]] = [
+        (-math.inf, -ideal[i], i) for i in range(len(shards)) if ideal[i] > 0
+    ]
+    heapq.heapify(heap)
+    for _ in range(vnodes):
+        if not heap:
+            break
+        _, _, i = heapq.heappop(heap)
+        counts[i] += 1
+        if counts[i] < min(len(ranges_by_shard[shards[i]]), ideal[i]):
+            heapq.heappush(heap, (-ideal[i] / counts[i], -ideal[i], i))
+
+    # 3. What each shard actually gives, limited by the ranges its tokens can split.
+    chosen = [ranges_by_shard[shard][: counts[i]] for i, shard in enumerate(shards)]
+    caps = [sum(size - 1 for size, _ in ranges) for ranges in chosen]
+    gives = _water_fill(owned, caps, target)
+
+    # 4. Inside each donor, equal pieces from its chosen ranges; a token at start + piece
+    # takes (start, start + piece] and lies strictly inside the range.
+    new_tokens: list[int] = []
+    new_ranges: list[tuple[int, int]] = []  # (-size, start) of the new shard's ranges
+    for ranges, give in zip(chosen, gives):
+        if not ranges:
+            continue
+        pieces = _water_fill([HASH_SPACE] * len(ranges), [s - 1 for s, _ in ranges], give)
+        for (_, start), piece in zip(ranges, pieces):
+            if piece > 0:
+                new_tokens.append((start + piece) % HASH_SPACE)
+                new_ranges.append((-piece, start))
+
+    # 5. Tokens left over split the new shard's own largest ranges: they move no key.
+    heapq.heapify(new_ranges)
+    while len(new_tokens) < vnodes:
+        if not new_ranges or -new_ranges[0][0] < 2:
+            raise ValueError(f"no room on the ring for {vnodes} more tokens")
+        negative_size, start = heapq.heappop(new_ranges)
+        size = -negative_size
+        lower = size // 2
+        middle = (start + lower) % HASH_SPACE
+        new_tokens.append(middle)
+        heapq.heappush(new_ranges, (-lower, start))
+        heapq.heappush(new_ranges, (-(size - lower), middle))
+    return new_tokens

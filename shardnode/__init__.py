@@ -1,0 +1,1 @@
+"""The BlueMarble shard node: agent, storage, replication and 2PC participant."""
