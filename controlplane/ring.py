@@ -59,7 +59,8 @@ def key_hash(player_id: str) -> int:
     Contract, so that any language reproduces it: the XXH3 64-bit hash (xxHash >= 0.8,
     ``XXH3_64bits``, i.e. ``XXH3_64bits_withSeed`` with seed 0 and no secret) of the
     player id encoded as UTF-8, read as an unsigned integer in ``0 .. 2**64 - 1``. For
-    example ``key_hash("player-1") == 0x7CDCD25A2AFA1A8A`` (pinned in the unit tests).
+    example ``key_hash("") == 0x2D06800538D394C2`` (the reference XXH3 value of empty input) and
+    ``key_hash("player-1") == 0x773E787C25339B5A``; more values are pinned in the unit tests.
     Never Python's ``hash()``, which is salted per process.
 
     Raises UnicodeEncodeError for a string that is not valid Unicode text (lone surrogates).
@@ -240,15 +241,20 @@ class Ring:
         Only the removed shard's keys move: each of its ranges falls to the owner of the
         next token clockwise, and every other token stays put.
 
-        Balance degrades: a remaining shard gains the ranges of the removed tokens that
-        directly precede one of its own tokens, so its gain is proportional to how many of
-        them it follows. On an :func:`initial_ring` the order of shards is built so that
-        every shard follows every other about equally often, and the removed share spreads
-        almost evenly (16 x 150 -> 15 shards: max/mean ownership about 1.01). On a ring
-        grown by :meth:`with_added_shard`, a shard's ranges fall back mostly to the shards
-        it took them from, so removing the most recently added shard restores the previous
-        balance, while removing an old one can leave a few percent of imbalance. A later
-        :meth:`with_added_shard` takes from the most loaded shards first and so re-tightens.
+        Balance degrades, because a remaining shard gains exactly the removed ranges that
+        end just before one of its own tokens: its gain is proportional to how many of the
+        removed shard's tokens it directly follows. Measured (ownership, max/mean):
+
+        * on an :func:`initial_ring`, whose order makes every shard follow every other
+          about equally often: 1.0125 after removing any one of 16 x 150 (ideal 1.0);
+        * removing the most recently added shard returns its ranges to the shards it took
+          them from, and restores the previous ring's tokens exactly;
+        * removing an older shard of a ring grown by :meth:`with_added_shard` is worst:
+          later shards' tokens sit at the start of its ranges' successors, so they inherit
+          unevenly (16 x 150 grown to 32 shards, then one removed: up to 1.14).
+
+        A later :meth:`with_added_shard` takes from the most loaded shards first and so
+        re-tightens the ring (e.g. 16 -> 15 -> 16 shards: back to 1.0).
 
         Raises ValueError if ``shard`` is not in the ring or is its only shard.
         """
@@ -274,12 +280,13 @@ def initial_ring(shard_count: int, vnodes: int = DEFAULT_VNODES) -> Ring:
     statistical, as random tokens (or tokens hashed from names) would be. The ``M``
     positions are dealt in ``vnodes`` rounds of one token per shard, and the order of
     shards inside a round changes from round to round so that each shard's tokens are
-    followed by every other shard about equally often (the rounds are the directed
-    Hamiltonian paths of a Walecki zig-zag decomposition). That order is what decides who
-    inherits a removed shard's ranges, so removal spreads the load instead of doubling one
-    neighbour, as a plain round-robin order would. Repeated :meth:`Ring.with_added_shard`
-    from one shard would also be balanced, but costs one allocation per shard and leaves
-    older shards inheriting most of a removed shard's ranges.
+    followed by every other shard about equally often (zig-zag Hamiltonian paths, see
+    :func:`_initial_owner_sequence`). That order decides who inherits a removed shard's
+    ranges, so removal spreads the load (16 x 150: max/mean ownership 1.0125 after any one
+    removal) instead of doubling one neighbour, as a plain round-robin order would, or
+    leaving it to chance (about 1.04), as a random order would. Growing the ring by
+    repeated :meth:`Ring.with_added_shard` would also be balanced, but costs one allocation
+    per shard and makes the removal of an early shard less even.
 
     Raises ValueError if ``shard_count`` is outside ``1 .. MAX_SHARDS`` or ``vnodes`` outside
     ``1 .. MAX_TOKENS_PER_SHARD``.
@@ -288,11 +295,8 @@ def initial_ring(shard_count: int, vnodes: int = DEFAULT_VNODES) -> Ring:
         raise ValueError(f"shard_count must be in 1..{MAX_SHARDS}, got {shard_count}")
     _check_vnodes(vnodes)
     total = shard_count * vnodes
-    orders = _balanced_round_orders(shard_count)
     tokens_by_shard: dict[ShardId, list[int]] = {shard_id(i): [] for i in range(shard_count)}
-    for k in range(total):
-        round_index, slot = divmod(k, shard_count)
-        owner = orders[round_index % len(orders)][slot]
+    for k, owner in enumerate(_initial_owner_sequence(shard_count, vnodes)):
         tokens_by_shard[shard_id(owner)].append(((2 * k + 1) * HASH_SPACE) // (2 * total))
     return Ring.from_tokens(1, tokens_by_shard)
 
@@ -379,25 +383,40 @@ def _ranges(
         previous = token
 
 
-def _balanced_round_orders(shard_count: int) -> list[list[int]]:
-    """Orders of ``0..shard_count-1`` in which every ordered pair is adjacent ~equally often.
+def _initial_owner_sequence(shard_count: int, rounds: int) -> list[int]:
+    """Shard numbers for ``rounds * shard_count`` consecutive ring positions.
 
-    For an even n, the zig-zag paths ``i, i+1, i-1, i+2, i-2, ..., i+n/2`` (mod n) for
-    ``i < n/2`` split the complete graph's edges into n/2 Hamiltonian paths (Walecki);
-    taking each path in both directions gives n orders in which every ordered pair of
-    distinct shards is adjacent exactly once. For an odd n, build the n + 1 orders of n + 1
-    and drop the extra vertex, which adds one extra adjacency per order.
+    Every round of ``shard_count`` positions holds each shard once (so every shard gets the
+    same number of equal ranges), and across rounds each shard is followed by every other
+    shard about equally often (so a removed shard's ranges spread over all the others).
+
+    How: for an even n, the zig-zag paths ``i, i+1, i-1, i+2, i-2, ..., i+n/2`` (mod n),
+    ``i < n/2``, split the edges of the complete graph into n/2 Hamiltonian paths
+    (Walecki); taking them forwards, then backwards, gives n orders in which every ordered
+    pair of distinct shards is adjacent exactly once. An odd n uses the orders of n + 1
+    without the extra vertex. One cycle of rounds uses all these orders; cycle ``c``
+    relabels shards by ``v -> a*v + c (mod n)`` with ``a`` the ``c``-th unit mod n, which
+    keeps every pair once per cycle but varies the pairs across round boundaries (a plain
+    shift would repeat them, since the zig-zag orders are invariant under shifts).
     """
-    n = shard_count if shard_count % 2 == 0 else shard_count + 1
-    half = n // 2
-    orders: list[list[int]] = []
+    n = shard_count
+    m = n if n % 2 == 0 else n + 1
+    half = m // 2
+    forwards: list[list[int]] = []
     for start in range(half):
         path = [start]
         for step in range(1, half):
-            path.extend(((start + step) % n, (start - step) % n))
-        path.append((start + half) % n)
-        orders.extend((path, path[::-1]))
-    return [[v for v in order if v < shard_count] for order in orders]
+            path.extend(((start + step) % m, (start - step) % m))
+        path.append((start + half) % m)
+        forwards.append(path)
+    orders = [[v for v in order if v < n] for order in forwards + [p[::-1] for p in forwards]]
+    units = [a for a in range(1, n + 1) if math.gcd(a, n) == 1]
+    owners: list[int] = []
+    for round_index in range(rounds):
+        cycle, position = divmod(round_index, len(orders))
+        scale = units[cycle % len(units)]
+        owners.extend((scale * v + cycle) % n for v in orders[position])
+    return owners
 
 
 # -- allocation ---------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Runs a local BlueMarble cluster: etcd, one control plane and N shard nodes.
+
+    python scripts/dev_cluster.py             # until Ctrl-C
+    python scripts/dev_cluster.py --once      # bring up, show status, tear down
+
+Data and logs go under .bluemarble/ in the project directory (etcd data, node data
+dirs, one log file per process). Everything listens on 127.0.0.1 only. Ctrl-C (or
+SIGTERM) stops the nodes first (they deregister), then the control plane, then etcd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+
+from bluemarble.localcluster import LocalEtcd, ManagedProcess, free_port, wait_until
+from bluemarble.v1 import controlplane_pb2, controlplane_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+ZONES = ("zone-a", "zone-b", "zone-c")
+
+
+def registered_nodes(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
+        try:
+            return len(stub.ListNodes(controlplane_pb2.ListNodesRequest(), timeout=2).nodes)
+        except grpc.RpcError:
+            return -1
+
+
+def ctl(address: str, *words: str) -> None:
+    subprocess.run([sys.executable, "-m", "controlplane.ctl", "--control-plane", address, *words], check=False)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--dir", type=Path, default=ROOT / ".bluemarble")
+    p.add_argument("--control-plane-port", type=int, default=7000)
+    p.add_argument("--node-base-port", type=int, default=7101)
+    p.add_argument("--lease-ttl-s", type=int, default=10)
+    p.add_argument("--once", action="store_true", help="show the status, then stop everything")
+    args = p.parse_args()
+
+    args.dir.mkdir(parents=True, exist_ok=True)
+    logs = args.dir / "logs"
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    processes: list[ManagedProcess] = []
+    etcd = LocalEtcd(args.dir, client_port=free_port(), peer_port=free_port())
+    try:
+        print(f"starting etcd ({args.dir / 'etcd'}) ...", flush=True)
+        etcd.start()
+        cp_address = f"127.0.0.1:{args.control_plane_port}"
+        control_plane = ManagedProcess(
+            "controlplane",
+            [sys.executable, "-m", "controlplane.main", "--listen", cp_address, "--etcd", etcd.endpoint,
+             "--lease-ttl-s", str(args.lease_ttl_s), "--replica-id", "cp-0"],
+            logs / "controlplane.log",
+        ).start()
+        processes.append(control_plane)
+        print(f"starting control plane on {cp_address} (etcd {etcd.endpoint}) ...", flush=True)
+        wait_until(lambda: registered_nodes(cp_address) >= 0, 20, "the control plane to serve")
+        for i in range(args.nodes):
+            node_id = f"node-{i + 1}"
+            listen = f"127.0.0.1:{args.node_base_port + i}"
+            processes.append(ManagedProcess(
+                node_id,
+                [sys.executable, "-m", "shardnode.main", "--node-id", node_id, "--listen", listen,
+                 "--control-plane", cp_address, "--data-dir", str(args.dir / "nodes" / node_id),
+                 "--zone", ZONES[i % len(ZONES)], "--region", "local"],
+                logs / f"{node_id}.log",
+            ).start())
+        print(f"starting {args.nodes} shard nodes ...", flush=True)
+        wait_until(lambda: registered_nodes(cp_address) >= args.nodes, 30, f"{args.nodes} nodes to register")
+        print()
+        ctl(cp_address, "status")
+        print()
+        ctl(cp_address, "nodes")
+        print(f"\nlogs: {logs}")
+        if not args.once:
+            print(f"cluster running; try: bluemarblectl --control-plane {cp_address} nodes   (Ctrl-C stops)")
+            try:
+                while not stop.wait(1.0):
+                    for proc in processes:
+                        if not proc.alive():
+                            print(f"{proc.name} exited unexpectedly; see {proc.log_path}", flush=True)
+                            return 1
+            except KeyboardInterrupt:
+                pass
+        return 0
+    except (TimeoutError, RuntimeError, FileNotFoundError) as e:
+        print(f"dev cluster failed: {e}", file=sys.stderr)
+        for proc in processes:
+            print(f"--- {proc.name} ({proc.log_path}) ---\n{proc.log_tail(15)}", file=sys.stderr)
+        return 1
+    finally:
+        print("\nstopping ...", flush=True)
+        for proc in reversed(processes):
+            code = proc.stop()
+            print(f"  {proc.name} stopped (exit {code})", flush=True)
+        etcd.stop()
+        print("  etcd stopped", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The node agent: registration, heartbeats and a clean leave.
+
+Life of an agent::
+
+    register --(ok)--> heartbeat every interval --(NOT_FOUND)--> register again
+        |                   |  (UNAVAILABLE: next address, keep trying;
+        |                   |   the lease may expire meanwhile, then NOT_FOUND)
+        +---- SIGTERM ------+--> deregister (bounded wait) --> exit
+
+Registration is retried with capped backoff while the control plane is unreachable,
+and for a bounded time on ALREADY_EXISTS (a restarted node whose previous lease has not
+expired yet, e.g. a pod that came back with a new IP). The time of the last successful
+heartbeat is kept for self-fencing (:attr:`NodeAgent.lease_valid_until_s`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import structlog
+
+from bluemarble.clock import Clock, SystemClock
+from bluemarble.errors import AlreadyExists, BlueMarbleError, FatalError, NotFound
+from bluemarble.v1 import controlplane_pb2
+from controlplane.client import ControlPlaneClient
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    node_id: str
+    address: str
+    region: str = ""
+    zone: str = ""
+    capacity: int = 1
+
+
+@dataclass
+class Registration:
+    lease_id: int
+    ttl_s: float
+    heartbeat_interval_s: float
+
+
+class RegistrationRefused(FatalError):
+    """The control plane refused this node for good (bad identity, duplicate id)."""
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        client: ControlPlaneClient,
+        *,
+        clock: Clock | None = None,
+        already_exists_timeout_s: float = 60.0,
+        max_backoff_s: float = 2.0,
+    ):
+        self.identity = identity
+        self._client = client
+        self._clock = clock or SystemClock()
+        self._already_exists_timeout_s = already_exists_timeout_s
+        self._max_backoff_s = max_backoff_s
+        self.registration: Registration | None = None
+        # Monotonic time until which our lease is certainly valid (last ack + TTL).
+        self.lease_valid_until_s = 0.0
+        self.registered = asyncio.Event()
+        self.registrations = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Registers, then heartbeats until ``stop`` is set. Raises RegistrationRefused."""
+        await self._register(stop)
+        while not stop.is_set():
+            assert self.registration is not None
+            if await _wait(stop, self.registration.heartbeat_interval_s):
+                return
+            try:
+                await self._heartbeat()
+            except NotFound as e:
+                log.warning("lease lost; registering again", reason=str(e))
+                self.registration = None
+                self.registered.clear()
+                await self._register(stop)
+            except BlueMarbleError as e:
+                if not e.retryable:
+                    raise
+                log.warning(
+                    "heartbeat failed; will retry",
+                    error=str(e),
+                    lease_valid_for_s=round(self.lease_valid_until_s - self._clock.monotonic_s(), 2),
+                )
+
+    async def _heartbeat(self) -> None:
+        assert self.registration is not None
+        sent_at = self._clock.monotonic_s()
+        request = controlplane_pb2.HeartbeatRequest(
+            node_id=self.identity.node_id, lease_id=self.registration.lease_id
+        )
+        timeout_s = max(self.registration.heartbeat_interval_s, 0.2)
+        response: controlplane_pb2.HeartbeatResponse = await self._client.call(
+            lambda s: s.Heartbeat, request, timeout_s=timeout_s, attempts=2
+        )
+        # The lease was refreshed at some point after sent_at: valid for TTL from then.
+        self.lease_valid_until_s = sent_at + response.ttl_ms / 1000
+
+    async def _register(self, stop: asyncio.Event) -> None:
+        ident = self.identity
+        request = controlplane_pb2.RegisterNodeRequest(
+            node_id=ident.node_id,
+            address=ident.address,
+            region=ident.region,
+            zone=ident.zone,
+            capacity=ident.capacity,
+        )
+        backoff_s = 0.1
+        first_refusal: float | None = None
+        while not stop.is_set():
+            sent_at = self._clock.monotonic_s()
+            try:
+                response: controlplane_pb2.RegisterNodeResponse = await self._client.call(
+                    lambda s: s.RegisterNode, request
+                )
+            except AlreadyExists as e:
+                now = self._clock.monotonic_s()
+                first_refusal = first_refusal if first_refusal is not None else now
+                if now - first_refusal >= self._already_exists_timeout_s:
+                    raise RegistrationRefused(str(e)) from e
+                log.warning("node id still held by an earlier registration; waiting", error=str(e))
+            except BlueMarbleError as e:
+                if not e.retryable:
+                    raise RegistrationRefused(f"control plane refused registration: {e}") from e
+                log.warning("cannot register yet; retrying", error=str(e), backoff_s=backoff_s)
+            else:
+                self.registration = Registration(
+                    lease_id=response.lease_id,
+                    ttl_s=response.ttl_ms / 1000,
+                    heartbeat_interval_s=response.heartbeat_interval_ms / 1000,
+                )
+                self.lease_valid_until_s = sent_at + response.ttl_ms / 1000
+                self.registrations += 1
+                self.registered.set()
+                log.info(
+                    "registered",
+                    node_id=ident.node_id,
+                    lease=f"{response.lease_id:#x}",
+                    ttl_ms=response.ttl_ms,
+                    control_plane=self._client.current_address,
+                )
+                return
+            await _wait(stop, backoff_s)
+            backoff_s = min(backoff_s * 2, self._max_backoff_s)
+
+    async def deregister(self, timeout_s: float = 3.0) -> bool:
+        """Graceful leave; True if the control plane confirmed it within ``timeout_s``."""
+        if self.registration is None:
+            return False
+        request = controlplane_pb2.DeregisterNodeRequest(
+            node_id=self.identity.node_id, lease_id=self.registration.lease_id
+        )
+        try:
+            await self._client.call(
+                lambda s: s.DeregisterNode, request, timeout_s=timeout_s / 2, attempts=2
+            )
+        except BlueMarbleError as e:
+            log.warning("deregistration failed; the lease will expire by itself", error=str(e))
+            return False
+        self.registration = None
+        self.registered.clear()
+        log.info("deregistered", node_id=self.identity.node_id)
+        return True
+
+
+async def _wait(stop: asyncio.Event, timeout_s: float) -> bool:
+    """Waits up to ``timeout_s``; True if ``stop`` was set meanwhile."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout_s)
+    except TimeoutError:
+        return False
+    return True

@@ -1,0 +1,129 @@
+"""``bluemarble-node``: a shard node process. Registers, heartbeats, serves ShardNode,
+and on SIGTERM/SIGINT deregisters and exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from bluemarble import logs, validation
+from bluemarble.channels import split_addresses
+from bluemarble.errors import BlueMarbleError
+from bluemarble.grpc_server import ServiceBinding, build_server
+from bluemarble.settings import EnvArgumentParser
+from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
+from controlplane.client import ControlPlaneClient
+from shardnode.agent import NodeAgent, NodeIdentity
+from shardnode.service import ShardNodeService
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    node_id: str
+    listen: str
+    control_plane: tuple[str, ...]
+    data_dir: Path
+    advertise: str = ""
+    region: str = ""
+    zone: str = ""
+    capacity: int = 1
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, str]:
+    p = EnvArgumentParser(prog="bluemarble-node", description="BlueMarble shard node.")
+    p.add_flag("--node-id", required=True, help="this node's unique id (1..128 bytes)")
+    p.add_flag("--listen", default="127.0.0.1:7101", help="gRPC listen address host:port")
+    p.add_flag("--advertise", default="", help="address others use to reach this node (default --listen)")
+    p.add_flag("--control-plane", default="127.0.0.1:7000", help="control-plane addresses, comma-separated")
+    p.add_flag("--data-dir", required=True, help="directory for this node's storage")
+    p.add_flag("--region", default="", help="region label")
+    p.add_flag("--zone", default="", help="zone label (replicas spread over zones)")
+    p.add_flag("--capacity", default=1, type=int, help="relative placement weight")
+    p.add_flag("--log-level", default="info", help="debug, info, warning or error")
+    p.add_flag("--log-format", default="console", choices=("console", "json"), help="log format")
+    args = p.parse_args(argv)
+    try:
+        validation.node_id(args.node_id, "--node-id")
+        validation.address(args.listen, "--listen")
+        if args.advertise:
+            validation.address(args.advertise, "--advertise")
+        validation.capacity(args.capacity, "--capacity")
+    except BlueMarbleError as e:
+        p.error(str(e))
+    addresses = split_addresses(args.control_plane)
+    if not addresses:
+        p.error("--control-plane needs at least one address")
+    settings = NodeSettings(
+        node_id=args.node_id,
+        listen=args.listen,
+        advertise=args.advertise,
+        control_plane=tuple(addresses),
+        data_dir=Path(args.data_dir),
+        region=args.region,
+        zone=args.zone,
+        capacity=args.capacity,
+    )
+    return settings, args.log_level, args.log_format
+
+
+async def run(settings: NodeSettings) -> int:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    structlog.contextvars.bind_contextvars(node_id=settings.node_id)
+    server = await build_server(
+        settings.listen,
+        [
+            ServiceBinding(
+                shardnode_pb2.DESCRIPTOR.services_by_name["ShardNode"].full_name,
+                ShardNodeService(settings.node_id),
+                shardnode_pb2_grpc.add_ShardNodeServicer_to_server,
+            )
+        ],
+    )
+    host = settings.listen.rsplit(":", 1)[0]
+    address = settings.advertise or f"{host}:{server.port}"
+    client = ControlPlaneClient(settings.control_plane)
+    agent = NodeAgent(
+        NodeIdentity(settings.node_id, address, settings.region, settings.zone, settings.capacity),
+        client,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("node serving", address=address, control_plane=",".join(settings.control_plane))
+    code = 0
+    try:
+        await agent.run(stop)
+    except BlueMarbleError as e:
+        log.error("node cannot run", error=str(e))
+        code = 1
+    finally:
+        log.info("shutting down")
+        await agent.deregister()
+        with contextlib.suppress(Exception):
+            await server.stop_gracefully(2.0)
+        await client.close()
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings, level, fmt = parse_args(argv)
+    logs.configure(level, fmt)  # type: ignore[arg-type]
+    try:
+        return asyncio.run(run(settings))
+    except BlueMarbleError as e:
+        log.error("node cannot start", error=str(e))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
