@@ -45,7 +45,7 @@ def main() -> int:
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--dir", type=Path, default=ROOT / ".bluemarble")
     p.add_argument("--control-plane-port", type=int, default=7000)
-    p.add_argument("--node-base-port", type=int, default=7101)
+    p.add_argument("--node-base-port", type=int, default=7101, help="0 picks free ports")
     p.add_argument("--lease-ttl-s", type=int, default=10)
     p.add_argument("--once", action="store_true", help="show the status, then stop everything")
     args = p.parse_args()
@@ -71,7 +71,8 @@ def main() -> int:
         wait_until(lambda: registered_nodes(cp_address) >= 0, 20, "the control plane to serve")
         for i in range(args.nodes):
             node_id = f"node-{i + 1}"
-            listen = f"127.0.0.1:{args.node_base_port + i}"
+            port = args.node_base_port + i if args.node_base_port else free_port()
+            listen = f"127.0.0.1:{port}"
             processes.append(ManagedProcess(
                 node_id,
                 [sys.executable, "-m", "shardnode.main", "--node-id", node_id, "--listen", listen,

@@ -1,0 +1,73 @@
+"""Real processes: a control plane and shard nodes started as the console scripts would
+be, killed with real signals, always stopped at the end."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from bluemarble.localcluster import LocalEtcd, ManagedProcess, free_port, wait_until
+from bluemarble.v1 import controlplane_pb2 as pb
+from bluemarble.v1 import controlplane_pb2_grpc
+
+
+class ProcessCluster:
+    def __init__(self, etcd: LocalEtcd, cluster: str, workdir: Path):
+        self.etcd = etcd
+        self.cluster = cluster
+        self.workdir = workdir
+        self.processes: list[ManagedProcess] = []
+        self.control_planes: list[str] = []
+
+    def start_control_plane(self, *extra: str) -> str:
+        address = f"127.0.0.1:{free_port()}"
+        name = f"cp-{len(self.control_planes)}"
+        proc = ManagedProcess(
+            name,
+            [sys.executable, "-m", "controlplane.main", "--listen", address, "--etcd", self.etcd.endpoint,
+             "--cluster", self.cluster, "--replica-id", name, *extra],
+            self.workdir / f"{name}.log",
+        ).start()
+        self.processes.append(proc)
+        self.control_planes.append(address)
+        wait_until(lambda: self.list_nodes(address) is not None, 20, f"{name} to serve")
+        return address
+
+    def start_node(self, node_id: str, zone: str = "z1") -> ManagedProcess:
+        proc = ManagedProcess(
+            node_id,
+            [sys.executable, "-m", "shardnode.main", "--node-id", node_id,
+             "--listen", f"127.0.0.1:{free_port()}", "--control-plane", ",".join(self.control_planes),
+             "--data-dir", str(self.workdir / node_id), "--zone", zone],
+            self.workdir / f"{node_id}.log",
+        ).start()
+        self.processes.append(proc)
+        return proc
+
+    def list_nodes(self, address: str | None = None) -> list[str] | None:
+        with grpc.insecure_channel(address or self.control_planes[0]) as channel:
+            try:
+                r = controlplane_pb2_grpc.ControlPlaneStub(channel).ListNodes(pb.ListNodesRequest(), timeout=2)
+            except grpc.RpcError:
+                return None
+        return [n.node_id for n in r.nodes]
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.processes):
+            proc.kill()
+
+
+@pytest.fixture
+def process_cluster(etcd: LocalEtcd, cluster_name: str, tmp_path: Path) -> Iterator[ProcessCluster]:
+    cluster = ProcessCluster(etcd, cluster_name, tmp_path)
+    try:
+        yield cluster
+    finally:
+        cluster.stop_all()
+
+
+WaitFor = Callable[[Callable[[], bool], float, str], None]

@@ -1,0 +1,117 @@
+"""The node agent against real control-plane replicas: registration, re-registration
+after its lease is lost, failover between addresses, graceful leave."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc.aio
+import pytest
+
+from bluemarble.localcluster import free_port
+from bluemarble.v1 import controlplane_pb2 as pb
+from bluemarble.v1 import controlplane_pb2_grpc
+from controlplane.app import ControlPlaneApp
+from controlplane.client import ControlPlaneClient
+from shardnode.agent import NodeAgent, NodeIdentity, RegistrationRefused
+from tests.conftest import StartControlPlane
+
+pytestmark = pytest.mark.integration
+
+
+@contextlib.asynccontextmanager
+async def running(agent: NodeAgent) -> AsyncIterator[asyncio.Event]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        yield stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def nodes(app: ControlPlaneApp) -> list[pb.Node]:
+    async with grpc.aio.insecure_channel(app.address) as channel:
+        return list((await controlplane_pb2_grpc.ControlPlaneStub(channel).ListNodes(pb.ListNodesRequest())).nodes)
+
+
+async def eventually(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_agent_registers_heartbeats_and_leaves(control_plane: ControlPlaneApp) -> None:
+    client = ControlPlaneClient([control_plane.address])
+    agent = NodeAgent(NodeIdentity("n1", "127.0.0.1:7101", zone="z1"), client)
+    async with running(agent):
+        await asyncio.wait_for(agent.registered.wait(), 5)
+        lease = agent.registration.lease_id  # type: ignore[union-attr]
+        # Two TTLs later the node is still there, on the same lease.
+        deadline = asyncio.get_running_loop().time() + 4.0
+        while asyncio.get_running_loop().time() < deadline:
+            assert [n.lease_id for n in await nodes(control_plane)] == [lease]
+            await asyncio.sleep(0.5)
+        assert agent.registrations == 1
+    assert await agent.deregister() is True
+    assert await nodes(control_plane) == []
+    await client.close()
+
+
+async def test_agent_registers_again_after_its_lease_is_revoked(control_plane: ControlPlaneApp) -> None:
+    client = ControlPlaneClient([control_plane.address])
+    agent = NodeAgent(NodeIdentity("n1", "127.0.0.1:7101"), client)
+    async with running(agent):
+        await asyncio.wait_for(agent.registered.wait(), 5)
+        first = agent.registration.lease_id  # type: ignore[union-attr]
+        await control_plane.store.revoke_lease(first)  # as if the lease had expired
+
+        async def new_lease() -> bool:
+            listed = await nodes(control_plane)
+            return agent.registrations == 2 and [n.lease_id for n in listed] == [agent.registration.lease_id]  # type: ignore[union-attr]
+
+        await eventually(new_lease, 5, "re-registration with a new lease")
+        assert agent.registration.lease_id != first  # type: ignore[union-attr]
+    await agent.deregister()
+    await client.close()
+
+
+async def test_agent_fails_over_between_control_plane_addresses(start_control_plane: StartControlPlane) -> None:
+    a = await start_control_plane()
+    b = await start_control_plane()
+    dead = f"127.0.0.1:{free_port()}"
+    client = ControlPlaneClient([dead, a.address, b.address])
+    agent = NodeAgent(NodeIdentity("n1", "127.0.0.1:7101"), client)
+    async with running(agent):
+        await asyncio.wait_for(agent.registered.wait(), 10)
+        assert client.current_address == a.address
+        await a.stop()  # the replica the agent uses goes away
+        lease = agent.registration.lease_id  # type: ignore[union-attr]
+
+        async def moved_to_b() -> bool:
+            return client.current_address == b.address
+
+        await eventually(moved_to_b, 5, "the agent to move to the other replica")
+        # It kept its lease through the move: heartbeats reached b in time.
+        deadline = asyncio.get_running_loop().time() + 3
+        while asyncio.get_running_loop().time() < deadline:
+            assert [n.lease_id for n in await nodes(b)] == [lease]
+            await asyncio.sleep(0.5)
+    await agent.deregister()
+    await client.close()
+
+
+async def test_duplicate_node_id_is_refused_after_a_bounded_wait(control_plane: ControlPlaneApp) -> None:
+    client = ControlPlaneClient([control_plane.address])
+    holder = NodeAgent(NodeIdentity("n1", "127.0.0.1:7101"), client)
+    intruder = NodeAgent(NodeIdentity("n1", "127.0.0.1:7102"), client, already_exists_timeout_s=1.0)
+    async with running(holder):
+        await asyncio.wait_for(holder.registered.wait(), 5)
+        with pytest.raises(RegistrationRefused) as info:
+            await asyncio.wait_for(intruder.run(asyncio.Event()), 10)
+        assert "already registered from 127.0.0.1:7101" in str(info.value)
+    await holder.deregister()
+    await client.close()

@@ -1,0 +1,279 @@
+"""Node registry against a real etcd: register, heartbeat, expiry, re-registration,
+duplicates, several replicas, and every kind of bad input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import grpc.aio
+import pytest
+
+from bluemarble.v1 import controlplane_pb2 as pb
+from bluemarble.v1 import controlplane_pb2_grpc
+from controlplane.app import ControlPlaneApp
+from tests.conftest import StartControlPlane
+
+pytestmark = pytest.mark.integration
+Stub = controlplane_pb2_grpc.ControlPlaneStub
+
+
+def register_request(node_id: str = "n1", port: int = 7101, **kw: object) -> pb.RegisterNodeRequest:
+    return pb.RegisterNodeRequest(node_id=node_id, address=f"127.0.0.1:{port}", zone="z1", **kw)  # type: ignore[arg-type]
+
+
+async def node_ids(stub: Stub) -> list[str]:
+    return [n.node_id for n in (await stub.ListNodes(pb.ListNodesRequest())).nodes]
+
+
+async def wait_for(condition, timeout_s: float, what: str) -> float:  # type: ignore[no-untyped-def]
+    """Awaits ``condition()`` until true; returns the seconds it took."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not await condition():
+        if loop.time() - start > timeout_s:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.05)
+    return loop.time() - start
+
+
+async def status_of(call) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value.code(), info.value.details() or ""
+
+
+class TestRegisterAndHeartbeat:
+    async def test_register_returns_lease_and_intervals(self, stub: Stub) -> None:
+        r = await stub.RegisterNode(register_request(capacity=3, region="eu"))
+        assert r.lease_id > 0
+        assert r.ttl_ms == 2000
+        assert r.heartbeat_interval_ms == 666
+        nodes = (await stub.ListNodes(pb.ListNodesRequest())).nodes
+        assert [(n.node_id, n.address, n.zone, n.region, n.capacity, n.lease_id) for n in nodes] == [
+            ("n1", "127.0.0.1:7101", "z1", "eu", 3, r.lease_id)
+        ]
+
+    async def test_capacity_zero_means_one(self, stub: Stub) -> None:
+        await stub.RegisterNode(register_request(capacity=0))
+        nodes = (await stub.ListNodes(pb.ListNodesRequest())).nodes
+        assert nodes[0].capacity == 1
+
+    async def test_heartbeats_keep_the_node_past_its_ttl(self, stub: Stub) -> None:
+        r = await stub.RegisterNode(register_request())
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 3.5  # well past the 2 s TTL
+        while loop.time() < until:
+            hb = await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id))
+            assert hb.ttl_ms == 2000
+            await asyncio.sleep(0.5)
+        assert await node_ids(stub) == ["n1"]
+
+    async def test_node_expires_without_heartbeats_then_heartbeat_is_not_found(self, stub: Stub) -> None:
+        r = await stub.RegisterNode(register_request())
+        took = await wait_for(lambda: _empty(stub), 4.0, "the node to expire")
+        assert took >= 1.0  # not removed before its lease could expire
+        code, details = await status_of(stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id)))
+        assert code == grpc.StatusCode.NOT_FOUND
+        assert "register again" in details
+
+    async def test_reregistration_after_expiry_gets_a_new_lease(self, stub: Stub) -> None:
+        first = await stub.RegisterNode(register_request())
+        await wait_for(lambda: _empty(stub), 4.0, "the node to expire")
+        second = await stub.RegisterNode(register_request())
+        assert second.lease_id != first.lease_id
+        await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=second.lease_id))
+        assert await node_ids(stub) == ["n1"]
+
+    async def test_same_address_replaces_the_previous_registration(self, stub: Stub) -> None:
+        first = await stub.RegisterNode(register_request())
+        second = await stub.RegisterNode(register_request())
+        assert second.lease_id != first.lease_id
+        code, _ = await status_of(stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=first.lease_id)))
+        assert code == grpc.StatusCode.NOT_FOUND
+        await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=second.lease_id))
+        nodes = (await stub.ListNodes(pb.ListNodesRequest())).nodes
+        assert [(n.node_id, n.lease_id) for n in nodes] == [("n1", second.lease_id)]
+
+    async def test_same_id_from_another_address_is_already_exists(self, stub: Stub) -> None:
+        first = await stub.RegisterNode(register_request(port=7101))
+        code, details = await status_of(stub.RegisterNode(register_request(port=7102)))
+        assert code == grpc.StatusCode.ALREADY_EXISTS
+        assert "127.0.0.1:7101" in details
+        nodes = (await stub.ListNodes(pb.ListNodesRequest())).nodes
+        assert [(n.address, n.lease_id) for n in nodes] == [("127.0.0.1:7101", first.lease_id)]
+
+    async def test_same_id_from_another_address_is_accepted_once_the_first_expired(self, stub: Stub) -> None:
+        await stub.RegisterNode(register_request(port=7101))
+        await wait_for(lambda: _empty(stub), 4.0, "the node to expire")
+        await stub.RegisterNode(register_request(port=7102))
+        nodes = (await stub.ListNodes(pb.ListNodesRequest())).nodes
+        assert [n.address for n in nodes] == ["127.0.0.1:7102"]
+
+    async def test_deregister_removes_the_node_at_once(self, stub: Stub) -> None:
+        r = await stub.RegisterNode(register_request())
+        await stub.DeregisterNode(pb.DeregisterNodeRequest(node_id="n1", lease_id=r.lease_id))
+        assert await node_ids(stub) == []
+        code, _ = await status_of(stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id)))
+        assert code == grpc.StatusCode.NOT_FOUND
+
+
+async def _empty(stub: Stub) -> bool:
+    return await node_ids(stub) == []
+
+
+class TestSeveralReplicas:
+    async def test_replicas_serve_the_same_registry(self, start_control_plane: StartControlPlane) -> None:
+        a, b = await start_control_plane(), await start_control_plane()
+        async with grpc.aio.insecure_channel(a.address) as ca, grpc.aio.insecure_channel(b.address) as cb:
+            sa, sb = Stub(ca), Stub(cb)
+            r1 = await sa.RegisterNode(register_request("n1", 7101))
+            r2 = await sb.RegisterNode(register_request("n2", 7102))
+            # A node may heartbeat to any replica.
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 3.0
+            turn = 0
+            while loop.time() < until:
+                for node, lease in (("n1", r1.lease_id), ("n2", r2.lease_id)):
+                    target = (sa, sb)[turn % 2]
+                    await target.Heartbeat(pb.HeartbeatRequest(node_id=node, lease_id=lease))
+                    turn += 1
+                await asyncio.sleep(0.4)
+            assert await node_ids(sa) == await node_ids(sb) == ["n1", "n2"]
+            # ALREADY_EXISTS holds across replicas too.
+            code, _ = await status_of(sb.RegisterNode(register_request("n1", 7199)))
+            assert code == grpc.StatusCode.ALREADY_EXISTS
+            await sb.DeregisterNode(pb.DeregisterNodeRequest(node_id="n1", lease_id=r1.lease_id))
+            assert await node_ids(sa) == ["n2"]
+            sa_status = await sa.GetClusterStatus(pb.GetClusterStatusRequest())
+            sb_status = await sb.GetClusterStatus(pb.GetClusterStatusRequest())
+            assert (sa_status.served_by, sb_status.served_by) == ("cp-0", "cp-1")
+            assert sa_status.node_count == sb_status.node_count == 1
+
+
+BAD_REGISTRATIONS = [
+    (dict(node_id="", address="127.0.0.1:1"), grpc.StatusCode.INVALID_ARGUMENT, "node_id is empty"),
+    (dict(node_id="x" * 129, address="127.0.0.1:1"), grpc.StatusCode.INVALID_ARGUMENT, "129 bytes"),
+    (dict(node_id="é" * 65, address="127.0.0.1:1"), grpc.StatusCode.INVALID_ARGUMENT, "130 bytes"),
+    (dict(node_id="a/b", address="127.0.0.1:1"), grpc.StatusCode.INVALID_ARGUMENT, "contains '/'"),
+    (dict(node_id="a b", address="127.0.0.1:1"), grpc.StatusCode.INVALID_ARGUMENT, "contains"),
+    (dict(node_id="n", address=""), grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+    (dict(node_id="n", address="localhost"), grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+    (dict(node_id="n", address="127.0.0.1:0"), grpc.StatusCode.INVALID_ARGUMENT, "outside 1..65535"),
+    (dict(node_id="n", address="127.0.0.1:70000"), grpc.StatusCode.INVALID_ARGUMENT, "outside 1..65535"),
+    (dict(node_id="n", address="300.1.1.1:80"), grpc.StatusCode.INVALID_ARGUMENT, "invalid IPv4"),
+    (dict(node_id="n", address="[::1:80"), grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+    (dict(node_id="n", address="bad_host!:80"), grpc.StatusCode.INVALID_ARGUMENT, "invalid host name"),
+    (dict(node_id="n", address="127.0.0.1:1", capacity=-1), grpc.StatusCode.INVALID_ARGUMENT, "capacity is -1"),
+    (dict(node_id="n", address="127.0.0.1:1", zone="a b"), grpc.StatusCode.INVALID_ARGUMENT, "zone"),
+    (dict(node_id="n", address="127.0.0.1:1", region="r" * 65), grpc.StatusCode.INVALID_ARGUMENT, "region"),
+]
+
+
+class TestBadInput:
+    @pytest.mark.parametrize(("fields", "code", "text"), BAD_REGISTRATIONS)
+    async def test_bad_registration_is_refused_and_writes_nothing(
+        self, stub: Stub, fields: dict[str, object], code: grpc.StatusCode, text: str
+    ) -> None:
+        got, details = await status_of(stub.RegisterNode(pb.RegisterNodeRequest(**fields)))  # type: ignore[arg-type]
+        assert got == code
+        assert text in details
+        assert await node_ids(stub) == []
+
+    async def test_ipv6_and_dns_addresses_are_accepted(self, stub: Stub) -> None:
+        await stub.RegisterNode(pb.RegisterNodeRequest(node_id="v6", address="[::1]:7101"))
+        await stub.RegisterNode(pb.RegisterNodeRequest(node_id="dns", address="node-1.game.svc:7101"))
+        assert await node_ids(stub) == ["dns", "v6"]
+
+    @pytest.mark.parametrize(
+        ("node_id", "lease_id", "code"),
+        [
+            ("n1", 0, grpc.StatusCode.INVALID_ARGUMENT),
+            ("n1", -5, grpc.StatusCode.INVALID_ARGUMENT),
+            ("", 1, grpc.StatusCode.INVALID_ARGUMENT),
+            ("n1", 123456, grpc.StatusCode.NOT_FOUND),  # registered, but not this lease
+            ("ghost", 123456, grpc.StatusCode.NOT_FOUND),  # never registered
+        ],
+    )
+    async def test_bad_heartbeats(self, stub: Stub, node_id: str, lease_id: int, code: grpc.StatusCode) -> None:
+        await stub.RegisterNode(register_request())
+        got, details = await status_of(stub.Heartbeat(pb.HeartbeatRequest(node_id=node_id, lease_id=lease_id)))
+        assert got == code, details
+        assert details
+
+    async def test_deregister_with_a_foreign_lease_is_not_found_and_keeps_the_node(self, stub: Stub) -> None:
+        r = await stub.RegisterNode(register_request())
+        got, _ = await status_of(stub.DeregisterNode(pb.DeregisterNodeRequest(node_id="n1", lease_id=r.lease_id + 1)))
+        assert got == grpc.StatusCode.NOT_FOUND
+        assert await node_ids(stub) == ["n1"]
+
+    @pytest.mark.parametrize(
+        "call",
+        [
+            lambda s: s.GetRing(pb.GetRingRequest()),
+            lambda s: s.ResolvePlayer(pb.ResolvePlayerRequest(player_id="p")),
+            lambda s: s.ListAssignments(pb.ListAssignmentsRequest()),
+            lambda s: s.DrainNode(pb.DrainNodeRequest(node_id="n1")),
+        ],
+    )
+    async def test_later_rpcs_are_unimplemented_with_a_clear_message(self, stub: Stub, call) -> None:  # type: ignore[no-untyped-def]
+        got, details = await status_of(call(stub))
+        assert got == grpc.StatusCode.UNIMPLEMENTED
+        assert "roadmap step" in details
+
+
+class TestConfig:
+    async def test_defaults_are_created_from_the_flags(self, start_control_plane: StartControlPlane) -> None:
+        app: ControlPlaneApp = await start_control_plane(lease_ttl_s=4, replication_factor=2, shards=8)
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            config = (await Stub(channel).GetConfig(pb.GetConfigRequest())).config
+        assert (config.lease_ttl_s, config.replication_factor, config.shard_count) == (4, 2, 8)
+        assert config.vnodes_per_shard == 150
+
+    async def test_valid_change_is_stored_and_applies_to_new_leases(self, stub: Stub) -> None:
+        current = await stub.GetConfig(pb.GetConfigRequest())
+        config = current.config
+        config.lease_ttl_s = 5
+        r = await stub.SetConfig(pb.SetConfigRequest(config=config, expected_revision=current.revision))
+        assert r.revision > current.revision
+        assert (await stub.GetConfig(pb.GetConfigRequest())).config.lease_ttl_s == 5
+        assert (await stub.RegisterNode(register_request())).ttl_ms == 5000
+
+    @pytest.mark.parametrize(
+        ("field", "value", "text"),
+        [
+            ("replication_factor", 0, "replication_factor is 0"),
+            ("lease_ttl_s", 1, "lease_ttl_s is 1"),
+            ("max_moves_per_round", 0, "max_moves_per_round"),
+        ],
+    )
+    async def test_invalid_value_is_refused_and_changes_nothing(
+        self, stub: Stub, field: str, value: int, text: str
+    ) -> None:
+        before = await stub.GetConfig(pb.GetConfigRequest())
+        config = pb.GetConfigResponse().config
+        config.CopyFrom(before.config)
+        setattr(config, field, value)
+        got, details = await status_of(stub.SetConfig(pb.SetConfigRequest(config=config)))
+        assert got == grpc.StatusCode.INVALID_ARGUMENT
+        assert text in details
+        after = await stub.GetConfig(pb.GetConfigRequest())
+        assert (after.config, after.revision) == (before.config, before.revision)
+
+    async def test_inventory_must_stay_strong(self, stub: Stub) -> None:
+        config = (await stub.GetConfig(pb.GetConfigRequest())).config
+        config.consistency["inventory"] = 2  # EVENTUAL
+        got, details = await status_of(stub.SetConfig(pb.SetConfigRequest(config=config)))
+        assert got == grpc.StatusCode.INVALID_ARGUMENT
+        assert "inventory" in details
+
+    async def test_stale_revision_and_shard_layout_are_failed_precondition(self, stub: Stub) -> None:
+        current = await stub.GetConfig(pb.GetConfigRequest())
+        config = current.config
+        config.lease_ttl_s = 6
+        got, _ = await status_of(stub.SetConfig(pb.SetConfigRequest(config=config, expected_revision=1)))
+        assert got == grpc.StatusCode.FAILED_PRECONDITION
+        config.shard_count = 32
+        got, details = await status_of(stub.SetConfig(pb.SetConfigRequest(config=config)))
+        assert got == grpc.StatusCode.FAILED_PRECONDITION
+        assert "resharding" in details
