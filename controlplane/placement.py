@@ -1,0 +1,973 @@
+"""Shard placement: which live node holds the primary and the replicas of every shard.
+
+Why this module exists: the leader's reconciler must turn "these nodes are alive, these
+shards exist, this is what etcd says today" into "this is what etcd should say next",
+and that decision is the part of the control plane where a mistake loses data (promoting
+a replica that never had the writes), loses availability (a shard left without a primary)
+or churns the cluster (moving shards that were fine). So it is one pure function,
+:func:`plan_assignments`: values in, a frozen :class:`PlacementPlan` out. It imports no
+grpc, no etcd client, no asyncio, no clock and no randomness; the same input always gives
+the same plan, and every tie is broken by shard id or node id. The reconciler writes the
+plan's assignments in one transaction guarded by its leadership; nothing here does I/O.
+
+What a valid, balanced placement is (DESIGN.md, flows 3 and 4), checked by
+:func:`violations` and reached by repeated calls of :func:`plan_assignments`:
+
+* *Eligible* nodes are the live nodes that are not draining. If every live node is
+  draining, draining cannot make progress (there is nowhere to go) and the drain flags
+  are ignored altogether.
+* Effective replication ``R = min(replication_factor, len(eligible))``: every shard has
+  one primary and ``R - 1`` replicas on distinct eligible nodes.
+* Zone spread comes first: the copies of a shard span ``min(R, zones among eligible
+  nodes)`` distinct zones.
+* Balance by capacity: every eligible node's number of primaries is its fair share
+  ``S * capacity / total capacity`` (S = number of shards) rounded down or up; its number
+  of roles (primaries + replicas) is its fair share of ``S * R`` rounded down or up, and
+  so is its number of replicas (fair share of replicas = fair share of roles minus fair
+  share of primaries). With equal capacities, primary counts differ by at most one.
+  A node can hold at most one role per shard, and zone spread can force a small zone to
+  hold more than its capacity's worth; the fair share of roles is therefore the capacity-
+  proportional share *capped* by those limits (water-filling, first over zones and then
+  over the nodes of each zone), and is plainly ``S * R * capacity / total`` whenever no
+  cap binds. See :func:`_fair_shares`.
+
+How a plan moves toward it (in this order in every round):
+
+1. *Failover* (never limited by the move budget): a shard whose primary is dead gets the
+   live replica with the highest applied log position (``positions``; ties by the
+   smallest node id), a ``PROMOTE``. A node that was not already a replica of the shard is
+   never promoted while a live replica exists, since it would not have the writes. Only
+   when no live replica exists at all is a fresh node assigned (``ASSIGN_PRIMARY``); the
+   move's reason then says the shard's data may be lost. Dead or unknown nodes and
+   duplicate entries are dropped from replica lists (``DROP_REPLICA``, bookkeeping,
+   also not budgeted).
+2. Then, within ``max_moves_per_round`` moves: restore the replica count, hand off the
+   primaries of draining nodes, remove excess replicas, move replicas off draining nodes,
+   repair zone spread, and finally rebalance with the shortest chains of replica moves
+   and primary handoffs that reduce the imbalance. Nothing moves that is already valid
+   and balanced, so a valid balanced input yields a plan that changes nothing.
+
+Safety rules every plan obeys: a shard with a live primary keeps a primary in every plan
+(a handoff sets, in one step, a new primary that already holds the data: a replica
+listed in ``current``, not one added by the same plan); a shard promoted in a plan is not
+handed off again in the same plan (the promoted replica is the one with the writes);
+draining nodes receive no new roles. The next round treats every listed replica as
+holding the data, so the caller applies a plan, and lets new replicas catch up, before
+planning again. Repeated rounds converge (``PlacementPlan.converged``).
+
+Epochs: a shard's epoch increases by exactly one when its primary changes (promotion,
+assignment, handoff) and is unchanged otherwise; a shard absent from ``current`` counts
+as epoch 0 with no primary, so a brand-new shard gets epoch 1 with its first primary.
+
+With no live node at all nothing can be improved, and forgetting who held the data would
+turn a full-cluster restart into data loss: every shard keeps its record unchanged
+(a shard absent from ``current`` is recorded with epoch 0, no primary and no replicas),
+the plan has no moves and is converged.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from types import MappingProxyType
+
+from bluemarble.ids import NodeId, ShardId, shard_index
+
+Positions = Mapping[tuple[ShardId, NodeId], int]
+"""Applied log position (LSN) per (shard, node), as reported in heartbeats."""
+
+_MAX_PHASE_PASSES = 8
+"""Passes over the repair phases in one round; each pass normally finishes the repairs,
+the extra ones only pick up what a handoff in the same pass made removable."""
+
+_UNKNOWN_POSITION = -1
+"""Position of a replica missing from ``positions``: below any reported position."""
+
+
+# -- values ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementNode:
+    """A live shard node as placement sees it. Nodes absent from the list are dead.
+
+    ``capacity`` is a relative weight (>= 1): a node of capacity 2 should hold twice the
+    roles of a node of capacity 1. A ``draining`` node keeps serving what it holds but
+    receives no new role; placement moves its roles away.
+    """
+
+    node_id: NodeId
+    zone: str
+    capacity: int
+    draining: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ShardAssignment:
+    """Who holds one shard: its epoch (the fencing token), primary and replicas.
+
+    ``primary`` is None only for a shard that has never had a live node to live on.
+    """
+
+    shard_id: ShardId
+    epoch: int
+    primary: NodeId | None
+    replicas: tuple[NodeId, ...]
+
+    @property
+    def members(self) -> tuple[NodeId, ...]:
+        """The primary (if any) followed by the replicas."""
+        head = () if self.primary is None else (self.primary,)
+        return head + self.replicas
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementConfig:
+    """The cluster settings placement depends on (validated where the config is loaded).
+
+    ``replication_factor`` (>= 1): copies per shard wanted, capped by eligible nodes.
+    ``max_moves_per_round`` (>= 0): budgeted moves per plan (see :attr:`MoveKind.budgeted`).
+    """
+
+    replication_factor: int
+    max_moves_per_round: int
+
+
+class MoveKind(enum.Enum):
+    """What one :class:`Move` does to one shard."""
+
+    PROMOTE = "promote"
+    """Failover: the shard's primary is dead; live replica ``target`` becomes primary."""
+    ASSIGN_PRIMARY = "assign_primary"
+    """The shard has no live copy (new shard, or every copy lost): ``target`` becomes
+    primary without any data from before."""
+    DROP_REPLICA = "drop_replica"
+    """Bookkeeping: ``source`` is dead, unknown, or listed twice; its entry is removed."""
+    ADD_REPLICA = "add_replica"
+    """``target`` becomes a new replica (it bootstraps from a snapshot plus the log)."""
+    REMOVE_REPLICA = "remove_replica"
+    """Replica ``source`` is no longer needed and is removed."""
+    MOVE_REPLICA = "move_replica"
+    """Replica ``source`` is replaced by a new replica on ``target``."""
+    HANDOFF_PRIMARY = "handoff_primary"
+    """Primary ``source`` hands the shard to its replica ``target`` and stays a replica."""
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether the move counts against ``max_moves_per_round``.
+
+        Restoring a primary (PROMOTE, ASSIGN_PRIMARY) and dropping entries of nodes that
+        are gone (DROP_REPLICA) are never deferred: a shard without a primary is
+        unavailable, and a dead entry is only a stale record.
+        """
+        return self not in _UNBUDGETED
+
+
+_UNBUDGETED = frozenset({MoveKind.PROMOTE, MoveKind.ASSIGN_PRIMARY, MoveKind.DROP_REPLICA})
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """One step of a plan on one shard: ``source`` gives up a role, ``target`` takes one.
+
+    Either node may be None when the kind has no such side (see :class:`MoveKind`).
+    ``reason`` is for people: logs, ``bluemarblectl`` and events.
+    """
+
+    shard_id: ShardId
+    kind: MoveKind
+    source: NodeId | None
+    target: NodeId | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementPlan:
+    """The result of one placement round: a decision, not yet applied.
+
+    * ``assignments``: the new record of every shard asked about (read-only mapping).
+    * ``moves``: the steps from ``current`` to ``assignments``, in the order they were
+      decided (failover first); budgeted ones number at most ``max_moves_per_round``.
+    * ``changed``: the shards whose record differs from ``current`` (sorted by shard
+      number); exactly these need to be written.
+    * ``converged``: planning again from ``assignments`` would change nothing. False
+      when the budget, or a safety rule that needs a new round (a new replica must exist
+      before it can take a primary), cut the round short.
+
+    The executor writes the changed records in one etcd transaction guarded by the
+    leader's key, then nodes learn them through WatchAssignments.
+    """
+
+    assignments: Mapping[ShardId, ShardAssignment]
+    moves: tuple[Move, ...]
+    changed: tuple[ShardId, ...]
+    converged: bool
+
+
+# -- fair shares ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Share:
+    """One eligible node's fair share, and the integer ranges allowed around it."""
+
+    roles: Fraction
+    primaries: Fraction
+    replicas: Fraction
+
+    @property
+    def roles_range(self) -> tuple[int, int]:
+        return math.floor(self.roles), math.ceil(self.roles)
+
+    @property
+    def primaries_range(self) -> tuple[int, int]:
+        return math.floor(self.primaries), math.ceil(self.primaries)
+
+    @property
+    def replicas_range(self) -> tuple[int, int]:
+        return math.floor(self.replicas), math.ceil(self.replicas)
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """What a valid balanced placement looks like for one set of nodes and shard count."""
+
+    live: Mapping[NodeId, PlacementNode]
+    eligible: frozenset[NodeId]
+    drain_ignored: bool
+    r: int
+    spread: int
+    zone_min: Mapping[str, int]
+    zone_max: Mapping[str, int]
+    shares: Mapping[NodeId, _Share]
+
+    def zone(self, node: NodeId) -> str:
+        return self.live[node].zone
+
+
+def _layout(nodes: Sequence[PlacementNode], config: PlacementConfig, shard_count: int) -> _Layout:
+    live = {node.node_id: node for node in nodes}
+    assert len(live) == len(nodes), "node ids must be unique"
+    for node in nodes:
+        assert node.capacity >= 1, node
+    assert config.replication_factor >= 1, config
+    assert config.max_moves_per_round >= 0, config
+    eligible_nodes = [node for node in nodes if not node.draining]
+    drain_ignored = bool(nodes) and not eligible_nodes
+    if drain_ignored:
+        eligible_nodes = list(nodes)
+    r = min(config.replication_factor, len(eligible_nodes))
+    zones: dict[str, list[PlacementNode]] = {}
+    for node in sorted(eligible_nodes, key=lambda n: n.node_id):
+        zones.setdefault(node.zone, []).append(node)
+    spread = min(r, len(zones))
+    # Copies of one shard per zone: at most one per zone while there are more zones than
+    # copies, else at least one per zone (and what the other zones cannot absorb).
+    zone_max = {zone: min(len(members), r - spread + 1) for zone, members in zones.items()}
+    total_max = sum(zone_max.values())
+    zone_min = {
+        zone: max(1 if r >= len(zones) else 0, r - (total_max - zone_max[zone]))
+        for zone in zones
+    }
+    return _Layout(
+        live=MappingProxyType(live),
+        eligible=frozenset(node.node_id for node in eligible_nodes),
+        drain_ignored=drain_ignored,
+        r=r,
+        spread=spread,
+        zone_min=MappingProxyType(zone_min),
+        zone_max=MappingProxyType(zone_max),
+        shares=MappingProxyType(_fair_shares(zones, shard_count, r, zone_min, zone_max)),
+    )
+
+
+def _fair_shares(
+    zones: Mapping[str, Sequence[PlacementNode]],
+    shard_count: int,
+    r: int,
+    zone_min: Mapping[str, int],
+    zone_max: Mapping[str, int],
+) -> dict[NodeId, _Share]:
+    """Each eligible node's fair share of roles, primaries and replicas (exact fractions).
+
+    Roles: ``S * R`` copies are split over zones in proportion to zone capacity, clamped
+    to what zone spread allows (between ``S * zone_min`` and ``S * zone_max``), then each
+    zone's total over its nodes in proportion to capacity, clamped to ``S`` (one role per
+    shard per node). Primaries: ``S * capacity / total capacity``, never clamped (a node
+    never needs more than S), and never above the node's share of roles. Replicas: the
+    difference, so that the three shares are consistent.
+    """
+    shares: dict[NodeId, _Share] = {}
+    if not zones:
+        return shares
+    zone_names = sorted(zones)
+    zone_capacity = [sum(node.capacity for node in zones[zone]) for zone in zone_names]
+    total_capacity = sum(zone_capacity)
+    zone_roles = _water_fill(
+        Fraction(shard_count * r),
+        zone_capacity,
+        [Fraction(shard_count * zone_min[zone]) for zone in zone_names],
+        [Fraction(shard_count * zone_max[zone]) for zone in zone_names],
+    )
+    for zone, roles_in_zone in zip(zone_names, zone_roles, strict=True):
+        members = zones[zone]
+        node_roles = _water_fill(
+            roles_in_zone,
+            [node.capacity for node in members],
+            [Fraction(0)] * len(members),
+            [Fraction(shard_count)] * len(members),
+        )
+        for node, roles in zip(members, node_roles, strict=True):
+            primaries = Fraction(shard_count * node.capacity, total_capacity)
+            assert primaries <= roles, (node, primaries, roles)
+            shares[node.node_id] = _Share(roles, primaries, roles - primaries)
+    return shares
+
+
+def _water_fill(
+    total: Fraction, weights: Sequence[int], lows: Sequence[Fraction], highs: Sequence[Fraction]
+) -> list[Fraction]:
+    """Split ``total`` as ``clamp(level * weight_i, low_i, high_i)`` for the one level
+    that makes the parts add up to ``total`` (which must lie within the sums of bounds)."""
+    assert sum(lows) <= total <= sum(highs), (total, lows, highs)
+
+    def parts(level: Fraction) -> list[Fraction]:
+        return [min(max(level * w, lo), hi) for w, lo, hi in zip(weights, lows, highs, strict=True)]
+
+    breaks = sorted({b / w for w, lo, hi in zip(weights, lows, highs, strict=True) for b in (lo, hi)})
+    # The sum of parts is continuous, non-decreasing and linear between breakpoints.
+    level = breaks[0]
+    for lower, upper in zip(breaks, breaks[1:], strict=False):
+        at_lower, at_upper = sum(parts(lower)), sum(parts(upper))
+        if at_lower <= total <= at_upper:
+            level = lower if at_upper == at_lower else (
+                lower + (upper - lower) * (total - at_lower) / (at_upper - at_lower)
+            )
+            break
+    else:
+        level = breaks[-1] if total >= sum(parts(breaks[-1])) else breaks[0]
+    result = parts(level)
+    assert sum(result) == total, (total, result)
+    return result
+
+
+# -- the checker ------------------------------------------------------------------------
+
+
+def violations(
+    plan_or_assignments: PlacementPlan | Mapping[ShardId, ShardAssignment],
+    nodes: Sequence[PlacementNode],
+    config: PlacementConfig,
+) -> list[str]:
+    """Every way the assignments differ from a valid, balanced placement; [] if none.
+
+    The shards are the keys of the mapping (those of ``plan.assignments`` for a plan);
+    ``nodes`` are the live nodes. One message per problem, naming the shard or node, in a
+    deterministic order: records (primary missing, dead or draining; replicas dead,
+    draining, duplicated or too few/many; zone spread), then balance per eligible node
+    (roles, primaries, replicas outside their fair-share range, see the module doc).
+    Pure; raises AssertionError only for malformed arguments (duplicate node ids, ...).
+    """
+    assignments = (
+        plan_or_assignments.assignments
+        if isinstance(plan_or_assignments, PlacementPlan)
+        else plan_or_assignments
+    )
+    layout = _layout(nodes, config, len(assignments))
+    problems: list[str] = []
+    primaries: Counter[NodeId] = Counter()
+    replicas: Counter[NodeId] = Counter()
+    for shard in sorted(assignments, key=_shard_order):
+        record = assignments[shard]
+        if record.shard_id != shard:
+            problems.append(f"{shard}: record is for {record.shard_id}")
+        problems.extend(_record_problems(record, layout))
+        if record.primary is not None:
+            primaries[record.primary] += 1
+        for replica in set(record.replicas) - {record.primary}:
+            replicas[replica] += 1
+    for node in sorted(layout.eligible):
+        share = layout.shares[node]
+        for what, count, fair, (low, high) in (
+            ("roles", primaries[node] + replicas[node], share.roles, share.roles_range),
+            ("primaries", primaries[node], share.primaries, share.primaries_range),
+            ("replicas", replicas[node], share.replicas, share.replicas_range),
+        ):
+            if not low <= count <= high:
+                problems.append(
+                    f"node {node}: {count} {what}, fair share {float(fair):.2f} "
+                    f"(allowed {low}..{high})"
+                )
+    return problems
+
+
+def _record_problems(record: ShardAssignment, layout: _Layout) -> list[str]:
+    shard = record.shard_id
+    problems: list[str] = []
+
+    def where(node: NodeId) -> str | None:
+        if node not in layout.live:
+            return "a dead or unknown node"
+        if node not in layout.eligible:
+            return "a draining node"
+        return None
+
+    if record.primary is None:
+        problems.append(f"{shard}: no primary")
+    elif (problem := where(record.primary)) is not None:
+        problems.append(f"{shard}: primary {record.primary} is {problem}")
+    seen: set[NodeId] = set()
+    for replica in record.replicas:
+        if replica == record.primary or replica in seen:
+            problems.append(f"{shard}: {replica} is listed twice")
+        elif (problem := where(replica)) is not None:
+            problems.append(f"{shard}: replica {replica} is {problem}")
+        seen.add(replica)
+    copies = len(set(record.members))
+    if copies != layout.r:
+        problems.append(f"{shard}: {copies} copies, want {layout.r}")
+    zones = {layout.live[n].zone for n in record.members if n in layout.live}
+    if len(zones) < layout.spread:
+        problems.append(f"{shard}: copies span {len(zones)} zones, want {layout.spread}")
+    return problems
+
+
+# -- planning ---------------------------------------------------------------------------
+
+
+def plan_assignments(
+    nodes: Sequence[PlacementNode],
+    shards: Iterable[ShardId],
+    current: Mapping[ShardId, ShardAssignment],
+    config: PlacementConfig,
+    positions: Positions | None = None,
+) -> PlacementPlan:
+    """Plan one placement round: failover, then at most ``max_moves_per_round`` moves.
+
+    ``nodes``: the live nodes (anything else is dead). ``shards``: every shard that must
+    exist; the plan has a record for each and for nothing else (entries of ``current``
+    for other shards are ignored). ``current``: today's records; shards may be missing
+    (new) and records may name dead or unknown nodes or list a node twice. ``positions``:
+    applied log position per (shard, replica), gathered by the caller when a primary has
+    died; only used to choose which replica to promote (missing entries rank below every
+    reported position; None means no information, so ties go by node id).
+
+    Promises (see the module doc for the rules): failover is complete in every plan and
+    never promotes a node that was not a live replica while one exists; a shard without
+    any live copy gets a fresh primary (its data may be lost, the move says so); budgeted
+    moves are at most ``max_moves_per_round``; epochs increase by one exactly where the
+    primary changes; a valid balanced ``current`` gives a plan with no moves; the result
+    is a function of the arguments only. Raises AssertionError for programmer errors
+    (duplicate node or shard ids, a record filed under another shard's id, capacity < 1,
+    replication factor < 1, negative budget or epoch).
+    """
+    shard_list = list(shards)
+    ordered = sorted(set(shard_list), key=_shard_order)
+    assert len(ordered) == len(shard_list), "shard ids must be unique"
+    for shard, record in current.items():
+        assert record.shard_id == shard, (shard, record)
+        assert record.epoch >= 0, record
+    layout = _layout(nodes, config, len(ordered))
+    if not layout.live:
+        unchanged = {
+            shard: current.get(shard) or ShardAssignment(shard, 0, None, ()) for shard in ordered
+        }
+        return _make_plan(ordered, current, unchanged, (), converged=True)
+    first = _Round(layout, ordered, current, config.max_moves_per_round, positions or {})
+    first.run()
+    result = first.assignments()
+    again = _Round(layout, ordered, result, config.max_moves_per_round, {})
+    again.run()
+    return _make_plan(ordered, current, result, tuple(first.moves), converged=not again.moves)
+
+
+def _make_plan(
+    ordered: Sequence[ShardId],
+    current: Mapping[ShardId, ShardAssignment],
+    assignments: Mapping[ShardId, ShardAssignment],
+    moves: tuple[Move, ...],
+    converged: bool,
+) -> PlacementPlan:
+    changed = tuple(shard for shard in ordered if current.get(shard) != assignments[shard])
+    return PlacementPlan(
+        assignments=MappingProxyType(dict(assignments)),
+        moves=moves,
+        changed=changed,
+        converged=converged,
+    )
+
+
+def _shard_order(shard: ShardId) -> tuple[int, int, str]:
+    """Shards sort by number (shard-2 before shard-10); other names after, by name."""
+    try:
+        return (0, shard_index(shard), shard)
+    except ValueError:
+        return (1, 0, shard)
+
+
+class _OutOfBudget(Exception):
+    """Internal: the round's move budget is spent."""
+
+
+Step = tuple[ShardId, NodeId, NodeId]
+"""One link of a rebalancing chain: (shard, node giving a role, node taking it)."""
+
+
+class _Round:
+    """The mutable working state of one planning round (private to this module).
+
+    Keeps, per shard, the primary and replicas being planned, plus what the round must
+    not violate: which nodes held the data when the round started (``has_data``: the
+    only legal handoff targets) and which shards got a new primary in this round
+    (``fresh_primary``: not handed off again before the next round). Per node it keeps
+    counts and indexes so each decision is cheap.
+    """
+
+    def __init__(
+        self,
+        layout: _Layout,
+        shards: Sequence[ShardId],
+        current: Mapping[ShardId, ShardAssignment],
+        budget: int,
+        positions: Positions,
+    ) -> None:
+        self.layout = layout
+        self.shards = shards
+        self.current = current
+        self.budget = budget
+        self.positions = positions
+        self.moves: list[Move] = []
+        self.primary: dict[ShardId, NodeId | None] = {}
+        self.replicas: dict[ShardId, list[NodeId]] = {}
+        self.has_data: dict[ShardId, frozenset[NodeId]] = {}
+        self.fresh_primary: set[ShardId] = set()
+        self.primary_of: dict[NodeId, set[ShardId]] = {n: set() for n in layout.live}
+        self.replica_of: dict[NodeId, set[ShardId]] = {n: set() for n in layout.live}
+        for shard in shards:
+            self._load(shard, current.get(shard))
+
+    # -- state and bookkeeping ------------------------------------------------------
+
+    def _load(self, shard: ShardId, record: ShardAssignment | None) -> None:
+        live = self.layout.live
+        primary = record.primary if record is not None else None
+        self.primary[shard] = primary if primary in live else None
+        if self.primary[shard] is not None:
+            self.primary_of[NodeId(str(primary))].add(shard)
+        self.replicas[shard] = []
+        for replica in record.replicas if record is not None else ():
+            if replica not in live:
+                self._record(shard, MoveKind.DROP_REPLICA, replica, None, "node is gone")
+            elif replica == self.primary[shard] or replica in self.replicas[shard]:
+                self._record(shard, MoveKind.DROP_REPLICA, replica, None, "listed twice")
+            else:
+                self.replicas[shard].append(replica)
+                self.replica_of[replica].add(shard)
+        self.has_data[shard] = frozenset(self._members(shard))
+
+    def _members(self, shard: ShardId) -> list[NodeId]:
+        primary = self.primary[shard]
+        return ([] if primary is None else [primary]) + self.replicas[shard]
+
+    def _record(
+        self, shard: ShardId, kind: MoveKind, source: NodeId | None, target: NodeId | None,
+        reason: str,
+    ) -> None:
+        if kind.budgeted:
+            if self.budget <= 0:
+                raise _OutOfBudget
+            self.budget -= 1
+        self.moves.append(Move(shard, kind, source, target, reason))
+
+    def _roles(self, node: NodeId) -> int:
+        return len(self.primary_of[node]) + len(self.replica_of[node])
+
+    def _set_primary(self, shard: ShardId, node: NodeId) -> None:
+        old = self.primary[shard]
+        if old is not None:
+            self.primary_of[old].discard(shard)
+        if node in self.replicas[shard]:
+            self.replicas[shard].remove(node)
+            self.replica_of[node].discard(shard)
+        self.primary[shard] = node
+        self.primary_of[node].add(shard)
+
+    def _add(self, shard: ShardId, node: NodeId) -> None:
+        assert node not in self._members(shard), (shard, node)
+        self.replicas[shard].append(node)
+        self.replica_of[node].add(shard)
+
+    def _remove(self, shard: ShardId, node: NodeId) -> None:
+        self.replicas[shard].remove(node)
+        self.replica_of[node].discard(shard)
+
+    def add_replica(self, shard: ShardId, node: NodeId, reason: str) -> None:
+        self._record(shard, MoveKind.ADD_REPLICA, None, node, reason)
+        self._add(shard, node)
+
+    def remove_replica(self, shard: ShardId, node: NodeId, reason: str) -> None:
+        self._record(shard, MoveKind.REMOVE_REPLICA, node, None, reason)
+        self._remove(shard, node)
+
+    def move_replica(self, shard: ShardId, source: NodeId, target: NodeId, reason: str) -> None:
+        self._record(shard, MoveKind.MOVE_REPLICA, source, target, reason)
+        self._remove(shard, source)
+        self._add(shard, target)
+
+    def handoff(self, shard: ShardId, target: NodeId, reason: str) -> None:
+        source = self.primary[shard]
+        assert source is not None and target in self.replicas[shard], (shard, target)
+        assert target in self.has_data[shard] and shard not in self.fresh_primary, shard
+        self._record(shard, MoveKind.HANDOFF_PRIMARY, source, target, reason)
+        self._set_primary(shard, target)
+        self._add(shard, source)
+
+    def assignments(self) -> dict[ShardId, ShardAssignment]:
+        """The planned record of every shard, epochs bumped where the primary changed."""
+        result: dict[ShardId, ShardAssignment] = {}
+        for shard in self.shards:
+            before = self.current.get(shard)
+            epoch = before.epoch if before is not None else 0
+            primary = before.primary if before is not None else None
+            if self.primary[shard] != primary:
+                epoch += 1
+            result[shard] = ShardAssignment(
+                shard, epoch, self.primary[shard], tuple(self.replicas[shard])
+            )
+        return result
+
+    # -- keys: smaller is a better place to put a role / a better role to take away --
+
+    def _share(self, node: NodeId) -> _Share:
+        return self.layout.shares[node]
+
+    def _fill_key(self, node: NodeId) -> tuple[Fraction, Fraction, NodeId]:
+        share = self._share(node)
+        return (
+            self._roles(node) - share.roles,
+            len(self.replica_of[node]) - share.replicas,
+            node,
+        )
+
+    def _primary_key(self, node: NodeId) -> tuple[Fraction, Fraction, NodeId]:
+        share = self._share(node)
+        return (len(self.primary_of[node]) - share.primaries, self._roles(node) - share.roles, node)
+
+    def _zone_counts(self, shard: ShardId, without: NodeId | None = None) -> Counter[str]:
+        return Counter(
+            self.layout.zone(n)
+            for n in self._members(shard)
+            if n in self.layout.eligible and n != without
+        )
+
+    def _destination(self, shard: ShardId, leaving: NodeId | None = None) -> NodeId | None:
+        """The best eligible non-member to take a copy of ``shard`` (``leaving`` gives one
+        up at the same time): a zone the shard must still reach, else a zone with room,
+        then the node furthest below its fair share of roles."""
+        layout = self.layout
+        counts = self._zone_counts(shard, without=leaving)
+        members = set(self._members(shard))
+        candidates = [n for n in layout.eligible if n not in members]
+        for allowed in (
+            lambda z: counts[z] < layout.zone_min[z],
+            lambda z: counts[z] < layout.zone_max[z],
+            lambda z: True,
+        ):
+            fitting = [n for n in candidates if allowed(layout.zone(n))]
+            if fitting:
+                return min(fitting, key=self._fill_key)
+        return None
+
+    def _victim(self, shard: ShardId) -> NodeId:
+        """The replica of ``shard`` best removed: draining first, then one whose zone has
+        more copies than spread needs, then the node most above its fair share."""
+        layout = self.layout
+        counts = self._zone_counts(shard)
+
+        def key(node: NodeId) -> tuple[bool, int, Fraction, NodeId]:
+            zone = layout.zone(node)
+            surplus = 0 if counts[zone] > layout.zone_max[zone] else (
+                1 if counts[zone] > layout.zone_min[zone] else 2
+            )
+            return (node in layout.eligible, surplus, self._share_gap(node), node)
+
+        return min(self.replicas[shard], key=key)
+
+    def _share_gap(self, node: NodeId) -> Fraction:
+        """Minus how far ``node`` is above its fair share of roles (draining: any role)."""
+        if node not in self.layout.eligible:
+            return Fraction(-self._roles(node))
+        return self._share(node).roles - self._roles(node)
+
+    def _draining(self, node: NodeId | None) -> bool:
+        return node is not None and node not in self.layout.eligible
+
+    # -- the round --------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Failover, then the budgeted phases until nothing changes or the budget is spent."""
+        self._failover()
+        phases: tuple[Callable[[], None], ...] = (
+            self._restore_replication,
+            self._drain_primaries,
+            self._trim_excess,
+            self._drain_replicas,
+            self._repair_spread,
+            self._rebalance,
+        )
+        try:
+            for _ in range(_MAX_PHASE_PASSES):
+                before = len(self.moves)
+                for phase in phases:
+                    phase()
+                if len(self.moves) == before:
+                    break
+        except _OutOfBudget:
+            pass
+
+    def _failover(self) -> None:
+        for shard in self.shards:
+            if self.primary[shard] is not None:
+                continue
+            record = self.current.get(shard)
+            old = record.primary if record is not None else None
+            if self.replicas[shard]:
+                best = min(
+                    self.replicas[shard],
+                    key=lambda n: (-self.positions.get((shard, n), _UNKNOWN_POSITION), n),
+                )
+                self._record(
+                    shard, MoveKind.PROMOTE, old, best,
+                    f"primary {old} is gone; {best} has the highest applied position",
+                )
+            else:
+                best = min(self.layout.eligible, key=self._primary_key)
+                never_placed = record is None or (record.primary is None and record.epoch == 0)
+                reason = (
+                    "new shard" if never_placed
+                    else f"no live copy of the shard is left (primary was {old}): "
+                    "data may be lost"
+                )
+                self._record(shard, MoveKind.ASSIGN_PRIMARY, old, best, reason)
+            self._set_primary(shard, best)
+            self.fresh_primary.add(shard)
+
+    def _restore_replication(self) -> None:
+        want = self.layout.r - 1
+        # The shards with the fewest copies are the most at risk: they go first.
+        for shard in sorted(self.shards, key=lambda s: (len(self.replicas[s]), _shard_order(s))):
+            while len(self.replicas[shard]) < want:
+                target = self._destination(shard)
+                if target is None:
+                    break
+                self.add_replica(
+                    shard, target, f"restore replication ({len(self.replicas[shard])}"
+                    f" of {want} replicas)"
+                )
+
+    def _drain_primaries(self) -> None:
+        if self.layout.drain_ignored:
+            return
+        for shard in self.shards:
+            primary = self.primary[shard]
+            if not self._draining(primary) or shard in self.fresh_primary:
+                continue
+            eligible = [n for n in self.replicas[shard] if n in self.layout.eligible]
+            ready = [n for n in eligible if n in self.has_data[shard]]
+            if ready:
+                target = min(ready, key=self._primary_key)
+                self.handoff(shard, target, f"primary {primary} is draining")
+            elif not eligible:
+                # Nobody can take over yet: first a replica, then (next round) the handoff.
+                target = self._destination(shard)
+                if target is not None:
+                    self.add_replica(shard, target, f"handoff target for draining {primary}")
+
+    def _trim_excess(self) -> None:
+        for shard in self.shards:
+            allowed = self.layout.r - 1
+            if self._draining(self.primary[shard]) and not self.layout.drain_ignored:
+                allowed += 1  # the replica that will take over the primary
+            while len(self.replicas[shard]) > allowed:
+                victim = self._victim(shard)
+                self.remove_replica(shard, victim, f"more than {allowed} replicas")
+
+    def _drain_replicas(self) -> None:
+        if self.layout.drain_ignored:
+            return
+        for shard in self.shards:
+            for replica in [n for n in self.replicas[shard] if self._draining(n)]:
+                target = self._destination(shard, leaving=replica)
+                if target is None:
+                    self.remove_replica(shard, replica, f"{replica} is draining")
+                else:
+                    self.move_replica(shard, replica, target, f"{replica} is draining")
+
+    def _repair_spread(self) -> None:
+        layout = self.layout
+        for shard in self.shards:
+            for _ in range(layout.r):
+                counts = self._zone_counts(shard)
+                zones = sorted({layout.zone(n) for n in layout.eligible})
+                short = [z for z in zones if counts[z] < layout.zone_min[z]] or [
+                    z for z in zones if counts[z] == 0 and len(counts) < layout.spread
+                ]
+                crowded = [z for z in zones if counts[z] > layout.zone_max[z]] or [
+                    z for z in zones if counts[z] > max(layout.zone_min[z], 1)
+                ]
+                if len(counts) >= layout.spread and not any(
+                    counts[z] > layout.zone_max[z] for z in zones
+                ):
+                    break
+                movable = [
+                    n for n in self.replicas[shard]
+                    if n in layout.eligible and layout.zone(n) in crowded
+                ]
+                if not short or not movable:
+                    break
+                source = min(movable, key=lambda n: (self._share_gap(n), n))
+                counts_after = counts.copy()
+                counts_after[layout.zone(source)] -= 1
+                members = set(self._members(shard))
+                targets = [
+                    n for n in layout.eligible
+                    if n not in members and layout.zone(n) in short
+                ]
+                if not targets:
+                    break
+                target = min(targets, key=self._fill_key)
+                self.move_replica(shard, source, target, "spread copies over zones")
+
+    # -- rebalancing: shortest improving chains ---------------------------------------
+
+    def _rebalance(self) -> None:
+        while True:
+            chain = self._role_chain()
+            if chain is not None:
+                if len(chain) > self.budget:
+                    raise _OutOfBudget
+                for shard, source, target in chain:
+                    self.move_replica(shard, source, target, "rebalance roles")
+                continue
+            chain = self._primary_chain()
+            if chain is not None:
+                if len(chain) > self.budget:
+                    raise _OutOfBudget
+                for shard, _source, target in chain:
+                    self.handoff(shard, target, "rebalance primaries")
+                continue
+            return
+
+    def _role_chain(self) -> list[Step] | None:
+        """Shortest chain of replica moves taking a role from a node above its range
+        (or above its floor) to one below its range (or below its ceiling)."""
+        shares = self.layout.shares
+        eligible = sorted(self.layout.eligible)
+        roles = {n: self._roles(n) for n in eligible}
+        over = [n for n in eligible if roles[n] > shares[n].roles_range[1]]
+        under = [n for n in eligible if roles[n] < shares[n].roles_range[0]]
+        if over:
+            sources = over
+            targets = {n for n in eligible if roles[n] < shares[n].roles_range[1]}
+        elif under:
+            sources = [n for n in eligible if roles[n] > shares[n].roles_range[0]]
+            targets = set(under)
+        else:
+            return None
+        sources.sort(key=lambda n: (self._share_gap(n), n))
+        return self._shortest_chain(sources, targets, self._replica_links)
+
+    def _replica_links(self, node: NodeId) -> list[Step]:
+        layout = self.layout
+        links: list[Step] = []
+        for shard in sorted(self.replica_of[node], key=_shard_order):
+            counts = self._zone_counts(shard)
+            zone = layout.zone(node)
+            members = set(self._members(shard))
+            for other in sorted(layout.eligible - members):
+                other_zone = layout.zone(other)
+                if other_zone != zone and (
+                    counts[zone] - 1 < layout.zone_min[zone]
+                    or counts[other_zone] + 1 > layout.zone_max[other_zone]
+                ):
+                    continue
+                links.append((shard, node, other))
+        return links
+
+    def _primary_range(self, node: NodeId) -> tuple[int, int]:
+        """The primaries ``node`` may hold, given its roles, so that both its primaries
+        and its replicas are within their fair-share ranges (if possible at all)."""
+        share = self._share(node)
+        low_p, high_p = share.primaries_range
+        low_r, high_r = share.replicas_range
+        roles = self._roles(node)
+        low, high = max(low_p, roles - high_r), min(high_p, roles - low_r)
+        return (low, high) if low <= high else (low_p, high_p)
+
+    def _primary_chain(self) -> list[Step] | None:
+        """Shortest chain of handoffs taking a primary from a node above its range (or
+        above its floor) to one below its range (or below its ceiling)."""
+        eligible = sorted(self.layout.eligible)
+        count = {n: len(self.primary_of[n]) for n in eligible}
+        ranges = {n: self._primary_range(n) for n in eligible}
+        over = [n for n in eligible if count[n] > ranges[n][1]]
+        under = [n for n in eligible if count[n] < ranges[n][0]]
+        if over:
+            sources = over
+            targets = {n for n in eligible if count[n] < ranges[n][1]}
+        elif under:
+            sources = [n for n in eligible if count[n] > ranges[n][0]]
+            targets = set(under)
+        else:
+            return None
+        sources.sort(key=lambda n: (-(count[n] - ranges[n][1]), n))
+        return self._shortest_chain(sources, targets, self._handoff_links)
+
+    def _handoff_links(self, node: NodeId) -> list[Step]:
+        links: list[Step] = []
+        for shard in sorted(self.primary_of[node], key=_shard_order):
+            if shard in self.fresh_primary:
+                continue
+            for other in sorted(self.replicas[shard]):
+                if other in self.layout.eligible and other in self.has_data[shard]:
+                    links.append((shard, node, other))
+        return links
+
+    def _shortest_chain(
+        self,
+        sources: Sequence[NodeId],
+        targets: set[NodeId],
+        links: Callable[[NodeId], list[Step]],
+    ) -> list[Step] | None:
+        """Breadth-first search from ``sources`` to any of ``targets``; among the targets
+        first reached, the one furthest below its fair share. Chains use each shard at
+        most once, so their steps do not interfere."""
+        parent: dict[NodeId, Step | None] = {n: None for n in sources}
+        frontier = list(sources)
+        while frontier:
+            reached: list[NodeId] = []
+            following: list[NodeId] = []
+            for node in frontier:
+                for step in links(node):
+                    nxt = step[2]
+                    if nxt in parent:
+                        continue
+                    parent[nxt] = step
+                    following.append(nxt)
+                    if nxt in targets:
+                        reached.append(nxt)
+            for end in sorted(reached, key=self._fill_key):
+                chain: list[Step] = []
+                node = end
+                while (step := parent[node]) is not None:
+                    chain.append(step)
+                    node = step[1]
+                chain.reverse()
+                if len({step[0] for step in chain}) == len(chain):
+                    return chain
+            frontier = following
+        return None

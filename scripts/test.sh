@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One command from a fresh machine to a passing test suite: sets up, checks the
+# generated stubs are current, then runs every test (unit, integration against a real
+# etcd the fixtures start, end to end with real processes). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/python scripts/gen_protos.py --check
+if [ -f ../shared/tools/contract_check.py ]; then
+  .venv/bin/python ../shared/tools/contract_check.py proto
+fi
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

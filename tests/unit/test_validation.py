@@ -1,0 +1,77 @@
+"""Pure validation of ids, addresses, labels and capacity."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bluemarble import validation
+from bluemarble.errors import InvalidArgument
+
+
+class TestNodeId:
+    @pytest.mark.parametrize("value", ["n1", "node-1.eu_west", "x" * 128, "é" * 64, "节点"])
+    def test_accepts(self, value: str) -> None:
+        assert validation.node_id(value) == value
+
+    @pytest.mark.parametrize(
+        ("value", "text"),
+        [("", "empty"), ("x" * 129, "129 bytes"), ("é" * 65, "130 bytes"), ("a/b", "'/'"),
+         ("a b", "' '"), ("a\tb", "contains"), ("a\\b", "contains")],
+    )
+    def test_refuses(self, value: str, text: str) -> None:
+        with pytest.raises(InvalidArgument, match="node_id") as info:
+            validation.node_id(value)
+        assert text in str(info.value)
+
+    @given(st.text(min_size=1, max_size=40))
+    def test_either_accepts_unchanged_or_raises_invalid_argument(self, value: str) -> None:
+        try:
+            assert validation.node_id(value) == value
+        except InvalidArgument as e:
+            assert "node_id" in str(e)
+
+
+class TestPlayerId:
+    def test_any_utf8_up_to_128_bytes(self) -> None:
+        assert validation.player_id("a b/c") == "a b/c"
+        with pytest.raises(InvalidArgument):
+            validation.player_id("")
+        with pytest.raises(InvalidArgument):
+            validation.player_id("p" * 129)
+
+
+class TestAddress:
+    @pytest.mark.parametrize(
+        "value", ["127.0.0.1:7101", "[::1]:7101", "node-1.game.svc.cluster.local:1", "localhost:65535"]
+    )
+    def test_accepts(self, value: str) -> None:
+        assert validation.address(value) == value
+
+    @pytest.mark.parametrize(
+        "value",
+        ["", "127.0.0.1", ":7101", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:65536", "1.2.3.999:1",
+         "[::1:1", "[zz::1]:1", "-bad.host:1", "bad_host:1", "a..b:1", "h:port", "x" * 300 + ":1"],
+    )
+    def test_refuses(self, value: str) -> None:
+        with pytest.raises(InvalidArgument, match="address"):
+            validation.address(value)
+
+
+class TestCapacityAndLabels:
+    def test_capacity(self) -> None:
+        assert validation.capacity(0) == 1
+        assert validation.capacity(5) == 5
+        with pytest.raises(InvalidArgument, match="capacity is -1"):
+            validation.capacity(-1)
+        with pytest.raises(InvalidArgument, match="at most"):
+            validation.capacity(10**9)
+
+    def test_labels(self) -> None:
+        assert validation.label("", "zone") == ""
+        assert validation.label("eu-west-1a", "zone") == "eu-west-1a"
+        with pytest.raises(InvalidArgument, match="zone"):
+            validation.label("a b", "zone")
+        with pytest.raises(InvalidArgument, match="region"):
+            validation.label("r" * 65, "region")
