@@ -8,16 +8,25 @@ calls in flight, close etcd.
 
 from __future__ import annotations
 
+import asyncio
 import socket
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import structlog
 
 from bluemarble.clock import Clock, SystemClock
 from bluemarble.grpc_server import Server, ServiceBinding, build_server
-from bluemarble.v1 import controlplane_pb2, controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
+from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
 from controlplane import cluster_config
 from controlplane.config_store import ConfigStore
+from controlplane.election import Election
+from controlplane.node_probe import NodeProbe
+from controlplane.reconciler import Reconciler
+from controlplane.records import decode_assignment, decode_node, decode_ring
+from controlplane.ring import Ring
+from controlplane.ring_store import ensure_ring
+from controlplane.watchcache import PrefixCache
 from controlplane.etcd import EtcdStore
 from controlplane.keys import KeySchema
 from controlplane.registry import NodeRegistry
@@ -49,6 +58,12 @@ class ControlPlaneApp:
         self.clock = clock or SystemClock()
         self.store = EtcdStore(settings.etcd_endpoints, rpc_timeout_s=settings.etcd_rpc_timeout_s)
         self.server: Server | None = None
+        self.nodes: PrefixCache[common_pb2.Node] | None = None
+        self.assignments: PrefixCache[common_pb2.Assignment] | None = None
+        self.ring: PrefixCache[Ring] | None = None
+        self.election: Election | None = None
+        self.reconciler: Reconciler | None = None
+        self.probe: NodeProbe | None = None
 
     @property
     def replica_id(self) -> str:
@@ -74,6 +89,28 @@ class ControlPlaneApp:
         )
         stored, _ = await configs.ensure(defaults)
         self._warn_on_drift(stored)
+        await ensure_ring(self.store, self.keys, stored)
+        self.nodes = PrefixCache(self.store, self.keys.nodes_prefix(), decode_node, name="nodes")
+        self.assignments = PrefixCache(
+            self.store, self.keys.assignments_prefix(), decode_assignment, name="assignments"
+        )
+        self.ring = PrefixCache(self.store, self.keys.ring(), decode_ring, name="ring")
+        for cache in (self.nodes, self.assignments, self.ring):
+            await cache.start()
+        self.election = Election(
+            self.store, self.keys, self.replica_id, s.listen, ttl_s=stored.lease_ttl_s
+        )
+        self.probe = NodeProbe()
+        self.reconciler = Reconciler(
+            store=self.store,
+            keys=self.keys,
+            election=self.election,
+            nodes=self.nodes,
+            assignments=self.assignments,
+            ring=self.ring,
+            configs=configs,
+            probe=self.probe,
+        )
         deps = ControlPlaneDeps(
             replica_id=self.replica_id,
             keys=self.keys,
@@ -81,6 +118,10 @@ class ControlPlaneApp:
             registry=NodeRegistry(self.store, self.keys, self.clock),
             config=configs,
             clock=self.clock,
+            nodes=self.nodes,
+            assignments=self.assignments,
+            ring=self.ring,
+            election=self.election,
         )
         self.server = await build_server(
             s.listen,
@@ -97,6 +138,8 @@ class ControlPlaneApp:
                 ),
             ],
         )
+        await self.election.start()
+        await self.reconciler.start()
         log.info(
             "control plane serving",
             address=self.address,
@@ -124,8 +167,26 @@ class ControlPlaneApp:
                 )
 
     async def stop(self) -> None:
-        if self.server is not None:
-            await self.server.stop_gracefully(self.settings.shutdown_grace_s)
-            self.server = None
-        await self.store.close()
+        """Stops reconciling, resigns leadership (so another replica takes over at
+        once), ends watch streams, drains calls in flight, then closes etcd. Each step
+        is bounded, so a stuck dependency cannot hold the process forever."""
+        steps: list[tuple[str, Awaitable[None] | None]] = [
+            ("reconciler", self.reconciler.stop() if self.reconciler else None),
+            ("election", self.election.stop() if self.election else None),
+            *[(c.name, c.stop()) for c in (self.nodes, self.assignments, self.ring) if c is not None],
+            (
+                "server",
+                self.server.stop_gracefully(self.settings.shutdown_grace_s) if self.server else None,
+            ),
+            ("probe", self.probe.close() if self.probe else None),
+            ("etcd", self.store.close()),
+        ]
+        for name, step in steps:
+            if step is None:
+                continue
+            try:
+                await asyncio.wait_for(step, self.settings.shutdown_grace_s + 5.0)
+            except TimeoutError:
+                log.error("shutdown step timed out; continuing", step=name)
+        self.server = None
         log.info("control plane stopped", replica=self.replica_id)

@@ -58,6 +58,10 @@ class ControlPlaneClient:
     def current_address(self) -> str:
         return self.addresses[self._current]
 
+    def rotate(self) -> None:
+        """Moves to the next address (after a stream broke on the current one)."""
+        self._current = (self._current + 1) % len(self.addresses)
+
     def control_plane(self) -> controlplane_pb2_grpc.ControlPlaneStub:
         return controlplane_pb2_grpc.ControlPlaneStub(self._channels[self._current])
 

@@ -81,7 +81,7 @@ def render_shards(r: controlplane_pb2.ListAssignmentsResponse) -> str:
 
 
 def render_ring(r: common_pb2.Ring) -> str:
-    from controlplane.ring_codec import ring_from_proto
+    from controlplane.records import ring_from_proto
 
     ring = ring_from_proto(r)
     shares = ring.ownership()

@@ -68,6 +68,7 @@ the plan has no moves and is converged.
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -83,6 +84,10 @@ Positions = Mapping[tuple[ShardId, NodeId], int]
 _MAX_PHASE_PASSES = 8
 """Passes over the repair phases in one round; each pass normally finishes the repairs,
 the extra ones only pick up what a handoff in the same pass made removable."""
+
+_MAX_LOOKAHEAD = 64
+"""Neutral moves tried, per rebalancing step, to find one that unlocks an improvement:
+bounds the cost of a round that cannot balance further."""
 
 _UNKNOWN_POSITION = -1
 """Position of a replica missing from ``positions``: below any reported position."""
@@ -229,7 +234,7 @@ class _Share:
 
     @property
     def replicas_range(self) -> tuple[int, int]:
-        return math.floor(self.replicas), math.ceil(self.replicas)
+        return math.ceil(self.replicas) - 1, math.floor(self.replicas) + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,7 +346,7 @@ def _water_fill(
     breaks = sorted({b / w for w, lo, hi in zip(weights, lows, highs, strict=True) for b in (lo, hi)})
     # The sum of parts is continuous, non-decreasing and linear between breakpoints.
     level = breaks[0]
-    for lower, upper in zip(breaks, breaks[1:], strict=False):
+    for lower, upper in itertools.pairwise(breaks):
         at_lower, at_upper = sum(parts(lower)), sum(parts(upper))
         if at_lower <= total <= at_upper:
             level = lower if at_upper == at_lower else (
@@ -482,7 +487,8 @@ def plan_assignments(
     result = first.assignments()
     again = _Round(layout, ordered, result, config.max_moves_per_round, {})
     again.run()
-    return _make_plan(ordered, current, result, tuple(first.moves), converged=not again.moves)
+    converged = not again.moves and not again.out_of_budget
+    return _make_plan(ordered, current, result, tuple(first.moves), converged=converged)
 
 
 def _make_plan(
@@ -507,6 +513,14 @@ def _shard_order(shard: ShardId) -> tuple[int, int, str]:
         return (0, shard_index(shard), shard)
     except ValueError:
         return (1, 0, shard)
+
+
+class _StepKind(enum.Enum):
+    """Internal: the kinds of rebalancing step."""
+
+    REPLICAS = "replicas"
+    HANDOFFS = "handoffs"
+    RELOCATION = "relocation"
 
 
 class _OutOfBudget(Exception):
@@ -539,12 +553,17 @@ class _Round:
         self.shards = shards
         self.current = current
         self.budget = budget
+        self.full_budget = budget
+        self.out_of_budget = False
         self.positions = positions
         self.moves: list[Move] = []
         self.primary: dict[ShardId, NodeId | None] = {}
         self.replicas: dict[ShardId, list[NodeId]] = {}
         self.has_data: dict[ShardId, frozenset[NodeId]] = {}
         self.fresh_primary: set[ShardId] = set()
+        self.relocating: set[ShardId] = set()
+        self.moving_out: Counter[NodeId] = Counter()
+        self.moving_in: Counter[NodeId] = Counter()
         self.primary_of: dict[NodeId, set[ShardId]] = {n: set() for n in layout.live}
         self.replica_of: dict[NodeId, set[ShardId]] = {n: set() for n in layout.live}
         for shard in shards:
@@ -555,9 +574,11 @@ class _Round:
     def _load(self, shard: ShardId, record: ShardAssignment | None) -> None:
         live = self.layout.live
         primary = record.primary if record is not None else None
-        self.primary[shard] = primary if primary in live else None
-        if self.primary[shard] is not None:
-            self.primary_of[NodeId(str(primary))].add(shard)
+        if primary is not None and primary in live:
+            self.primary[shard] = primary
+            self.primary_of[primary].add(shard)
+        else:
+            self.primary[shard] = None
         self.replicas[shard] = []
         for replica in record.replicas if record is not None else ():
             if replica not in live:
@@ -579,12 +600,22 @@ class _Round:
     ) -> None:
         if kind.budgeted:
             if self.budget <= 0:
+                self.out_of_budget = True
                 raise _OutOfBudget
             self.budget -= 1
         self.moves.append(Move(shard, kind, source, target, reason))
 
+    # Counts as they will be once the primary relocations started in this round finish
+    # (the target's extra replica becomes the primary, the source's copy goes).
+
     def _roles(self, node: NodeId) -> int:
-        return len(self.primary_of[node]) + len(self.replica_of[node])
+        return len(self.primary_of[node]) + len(self.replica_of[node]) - self.moving_out[node]
+
+    def _primaries(self, node: NodeId) -> int:
+        return len(self.primary_of[node]) - self.moving_out[node] + self.moving_in[node]
+
+    def _replica_count(self, node: NodeId) -> int:
+        return len(self.replica_of[node]) - self.moving_in[node]
 
     def _set_primary(self, shard: ShardId, node: NodeId) -> None:
         old = self.primary[shard]
@@ -640,22 +671,61 @@ class _Round:
             )
         return result
 
-    # -- keys: smaller is a better place to put a role / a better role to take away --
+    # -- imbalance and preferences -------------------------------------------------
 
     def _share(self, node: NodeId) -> _Share:
         return self.layout.shares[node]
 
-    def _fill_key(self, node: NodeId) -> tuple[Fraction, Fraction, NodeId]:
+    def _imbalance(self, node: NodeId, d_roles: int = 0, d_primaries: int = 0) -> int:
+        """How far ``node`` would be outside its fair-share ranges after gaining
+        ``d_roles`` roles of which ``d_primaries`` primaries: the distances of its roles,
+        primaries and replicas from their ranges, summed. 0 means balanced; a node that
+        takes no roles (draining) counts every role it holds."""
+        roles = self._roles(node) + d_roles
+        primaries = self._primaries(node) + d_primaries
+        if node not in self.layout.eligible:
+            return roles
         share = self._share(node)
         return (
+            _distance(roles, share.roles_range)
+            + _distance(primaries, share.primaries_range)
+            + _distance(roles - primaries, share.replicas_range)
+        )
+
+    def _delta(self, node: NodeId, d_roles: int, d_primaries: int) -> int:
+        """Change of ``node``'s imbalance if it gains ``d_roles`` / ``d_primaries``."""
+        return self._imbalance(node, d_roles, d_primaries) - self._imbalance(node)
+
+    def _fill_key(self, node: NodeId) -> tuple[int, Fraction, Fraction, NodeId]:
+        """Preference for a node taking a new replica: the imbalance it adds, then how
+        far below its fair share of roles (and of replicas) it is."""
+        share = self._share(node)
+        return (
+            self._delta(node, 1, 0),
             self._roles(node) - share.roles,
-            len(self.replica_of[node]) - share.replicas,
+            self._replica_count(node) - share.replicas,
             node,
         )
 
-    def _primary_key(self, node: NodeId) -> tuple[Fraction, Fraction, NodeId]:
+    def _primary_key(self, node: NodeId) -> tuple[int, Fraction, Fraction, NodeId]:
+        """Preference for a node taking a primary it already holds a copy of."""
         share = self._share(node)
-        return (len(self.primary_of[node]) - share.primaries, self._roles(node) - share.roles, node)
+        return (
+            self._delta(node, 0, 1),
+            self._primaries(node) - share.primaries,
+            self._roles(node) - share.roles,
+            node,
+        )
+
+    def _fresh_primary_key(self, node: NodeId) -> tuple[int, Fraction, Fraction, NodeId]:
+        """Preference for a node taking a primary it holds no copy of."""
+        share = self._share(node)
+        return (
+            self._delta(node, 1, 1),
+            self._primaries(node) - share.primaries,
+            self._roles(node) - share.roles,
+            node,
+        )
 
     def _zone_counts(self, shard: ShardId, without: NodeId | None = None) -> Counter[str]:
         return Counter(
@@ -667,35 +737,21 @@ class _Round:
     def _destination(self, shard: ShardId, leaving: NodeId | None = None) -> NodeId | None:
         """The best eligible non-member to take a copy of ``shard`` (``leaving`` gives one
         up at the same time): a zone the shard must still reach, else a zone with room,
-        then the node furthest below its fair share of roles."""
+        then by :meth:`_fill_key`."""
         layout = self.layout
         counts = self._zone_counts(shard, without=leaving)
         members = set(self._members(shard))
         candidates = [n for n in layout.eligible if n not in members]
-        for allowed in (
+        tiers: tuple[Callable[[str], bool], ...] = (
             lambda z: counts[z] < layout.zone_min[z],
             lambda z: counts[z] < layout.zone_max[z],
             lambda z: True,
-        ):
+        )
+        for allowed in tiers:
             fitting = [n for n in candidates if allowed(layout.zone(n))]
             if fitting:
                 return min(fitting, key=self._fill_key)
         return None
-
-    def _victim(self, shard: ShardId) -> NodeId:
-        """The replica of ``shard`` best removed: draining first, then one whose zone has
-        more copies than spread needs, then the node most above its fair share."""
-        layout = self.layout
-        counts = self._zone_counts(shard)
-
-        def key(node: NodeId) -> tuple[bool, int, Fraction, NodeId]:
-            zone = layout.zone(node)
-            surplus = 0 if counts[zone] > layout.zone_max[zone] else (
-                1 if counts[zone] > layout.zone_min[zone] else 2
-            )
-            return (node in layout.eligible, surplus, self._share_gap(node), node)
-
-        return min(self.replicas[shard], key=key)
 
     def _share_gap(self, node: NodeId) -> Fraction:
         """Minus how far ``node`` is above its fair share of roles (draining: any role)."""
@@ -745,7 +801,7 @@ class _Round:
                     f"primary {old} is gone; {best} has the highest applied position",
                 )
             else:
-                best = min(self.layout.eligible, key=self._primary_key)
+                best = min(self.layout.eligible, key=self._fresh_primary_key)
                 never_placed = record is None or (record.primary is None and record.epoch == 0)
                 reason = (
                     "new shard" if never_placed
@@ -783,18 +839,69 @@ class _Round:
                 self.handoff(shard, target, f"primary {primary} is draining")
             elif not eligible:
                 # Nobody can take over yet: first a replica, then (next round) the handoff.
-                target = self._destination(shard)
-                if target is not None:
-                    self.add_replica(shard, target, f"handoff target for draining {primary}")
+                spare = self._destination(shard)
+                if spare is not None:
+                    self.add_replica(shard, spare, f"handoff target for draining {primary}")
 
     def _trim_excess(self) -> None:
         for shard in self.shards:
             allowed = self.layout.r - 1
             if self._draining(self.primary[shard]) and not self.layout.drain_ignored:
                 allowed += 1  # the replica that will take over the primary
+            if shard in self.relocating:
+                continue
             while len(self.replicas[shard]) > allowed:
-                victim = self._victim(shard)
-                self.remove_replica(shard, victim, f"more than {allowed} replicas")
+                self._drop_one(shard, f"more than {allowed} replicas")
+
+    def _drop_one(self, shard: ShardId, reason: str) -> None:
+        """Remove one replica of ``shard``: the option whose result has the fewest
+        draining copies, then the fewest zone-spread problems, then the lowest imbalance,
+        then the fewest moves. Besides removing a replica, an option is to hand the
+        primary to a replica and remove the old primary's copy: this is how a primary
+        relocation (see :meth:`_best_relocation`) finishes, one round after its target
+        was added. Choosing by the resulting state keeps successive rounds from undoing
+        each other when the budget splits a handoff from its removal."""
+        primary = self.primary[shard]
+        options: list[tuple[tuple[int, int, int, int, NodeId, NodeId], NodeId | None, NodeId]] = []
+        for victim in self.replicas[shard]:
+            score = (
+                self._draining_after(shard, victim),
+                self._spread_problems_after(shard, victim),
+                self._delta(victim, -1, 0),
+                1,
+                victim,
+                victim,
+            )
+            options.append((score, None, victim))
+        if primary is not None and not self._draining(primary) and shard not in self.fresh_primary:
+            for target in self.replicas[shard]:
+                if target in self.layout.eligible and target in self.has_data[shard]:
+                    score = (
+                        self._draining_after(shard, primary),
+                        self._spread_problems_after(shard, primary),
+                        self._delta(primary, -1, -1) + self._delta(target, 0, 1),
+                        2,
+                        primary,
+                        target,
+                    )
+                    options.append((score, target, primary))
+        _, new_primary, victim = min(options)
+        if new_primary is not None:
+            self.handoff(shard, new_primary, f"relocating the primary from {victim}")
+            reason = f"primary relocated to {new_primary}"
+        self.remove_replica(shard, victim, reason)
+
+    def _draining_after(self, shard: ShardId, removed: NodeId) -> int:
+        return sum(1 for n in self._members(shard) if n != removed and self._draining(n))
+
+    def _spread_problems_after(self, shard: ShardId, removed: NodeId) -> int:
+        """Zones outside their per-shard bounds once ``removed``'s copy is gone."""
+        layout = self.layout
+        counts = self._zone_counts(shard, without=removed)
+        return sum(
+            1 for zone in layout.zone_min
+            if not layout.zone_min[zone] <= counts[zone] <= layout.zone_max[zone]
+        )
 
     def _drain_replicas(self) -> None:
         if self.layout.drain_ignored:
@@ -809,165 +916,272 @@ class _Round:
 
     def _repair_spread(self) -> None:
         layout = self.layout
+        zones = sorted({layout.zone(n) for n in layout.eligible})
         for shard in self.shards:
             for _ in range(layout.r):
                 counts = self._zone_counts(shard)
-                zones = sorted({layout.zone(n) for n in layout.eligible})
-                short = [z for z in zones if counts[z] < layout.zone_min[z]] or [
-                    z for z in zones if counts[z] == 0 and len(counts) < layout.spread
-                ]
-                crowded = [z for z in zones if counts[z] > layout.zone_max[z]] or [
-                    z for z in zones if counts[z] > max(layout.zone_min[z], 1)
-                ]
-                if len(counts) >= layout.spread and not any(
-                    counts[z] > layout.zone_max[z] for z in zones
-                ):
+                if sum(counts.values()) != layout.r:
+                    break  # still draining or short of copies: the other phases go first
+                short = [z for z in zones if counts[z] < layout.zone_min[z]]
+                crowded = [z for z in zones if counts[z] > layout.zone_max[z]]
+                if not short and not crowded:
                     break
+                # A zone below its minimum takes from one above its maximum, else from any
+                # zone above its minimum; a zone above its maximum gives to any with room.
+                sources = crowded or [z for z in zones if counts[z] > layout.zone_min[z]]
+                sinks = short or [z for z in zones if counts[z] < layout.zone_max[z]]
                 movable = [
                     n for n in self.replicas[shard]
-                    if n in layout.eligible and layout.zone(n) in crowded
+                    if n in layout.eligible and layout.zone(n) in sources
                 ]
-                if not short or not movable:
-                    break
-                source = min(movable, key=lambda n: (self._share_gap(n), n))
-                counts_after = counts.copy()
-                counts_after[layout.zone(source)] -= 1
                 members = set(self._members(shard))
                 targets = [
-                    n for n in layout.eligible
-                    if n not in members and layout.zone(n) in short
+                    n for n in layout.eligible if n not in members and layout.zone(n) in sinks
                 ]
-                if not targets:
+                if not movable or not targets:
                     break
+                source = min(movable, key=lambda n: (self._delta(n, -1, 0), self._share_gap(n), n))
                 target = min(targets, key=self._fill_key)
                 self.move_replica(shard, source, target, "spread copies over zones")
 
     # -- rebalancing: shortest improving chains ---------------------------------------
 
     def _rebalance(self) -> None:
+        """Apply improving steps until the imbalance (sum of :meth:`_imbalance` over the
+        eligible nodes) is 0 or nothing lowers it. Steps, in order of preference: chains
+        of replica moves (no epoch change), chains of handoffs, a primary relocation;
+        when none lowers the imbalance, one neutral move after which one does (see
+        :meth:`_enabling_step`). Every improving step lowers the imbalance by at least
+        one and every neutral one is followed by an improving one, so this ends."""
         while True:
-            chain = self._role_chain()
-            if chain is not None:
-                if len(chain) > self.budget:
-                    raise _OutOfBudget
-                for shard, source, target in chain:
-                    self.move_replica(shard, source, target, "rebalance roles")
-                continue
-            chain = self._primary_chain()
-            if chain is not None:
-                if len(chain) > self.budget:
-                    raise _OutOfBudget
-                for shard, _source, target in chain:
-                    self.handoff(shard, target, "rebalance primaries")
-                continue
-            return
+            step = self._improving_step() or self._enabling_step()
+            if step is None:
+                return
+            self._take(step)
 
-    def _role_chain(self) -> list[Step] | None:
-        """Shortest chain of replica moves taking a role from a node above its range
-        (or above its floor) to one below its range (or below its ceiling)."""
-        shares = self.layout.shares
+    def _improving_step(self) -> tuple[_StepKind, list[Step]] | None:
+        chain = self._improving_chain((-1, 0), (1, 0), self._replica_links)
+        if chain is not None:
+            return _StepKind.REPLICAS, chain
+        chain = self._improving_chain((0, -1), (0, 1), self._handoff_links)
+        if chain is not None:
+            return _StepKind.HANDOFFS, chain
+        relocation = self._best_relocation()
+        if relocation is not None:
+            return _StepKind.RELOCATION, [relocation]
+        return None
+
+    def _enabling_step(self) -> tuple[_StepKind, list[Step]] | None:
+        """A single replica move or handoff that leaves the imbalance unchanged but after
+        which an improving step exists; e.g. a node one primary and one role over, next
+        to one under, whose shards only allow a handoff and a replica move together.
+        Tries at most :data:`_MAX_LOOKAHEAD` candidates touching an unbalanced node."""
         eligible = sorted(self.layout.eligible)
-        roles = {n: self._roles(n) for n in eligible}
-        over = [n for n in eligible if roles[n] > shares[n].roles_range[1]]
-        under = [n for n in eligible if roles[n] < shares[n].roles_range[0]]
-        if over:
-            sources = over
-            targets = {n for n in eligible if roles[n] < shares[n].roles_range[1]}
-        elif under:
-            sources = [n for n in eligible if roles[n] > shares[n].roles_range[0]]
-            targets = set(under)
-        else:
+        unbalanced = {n for n in eligible if self._imbalance(n) > 0}
+        if not unbalanced:
             return None
-        sources.sort(key=lambda n: (self._share_gap(n), n))
-        return self._shortest_chain(sources, targets, self._replica_links)
+        tried = 0
+        for kind, links, source_change, target_change in (
+            (_StepKind.REPLICAS, self._replica_links, (-1, 0), (1, 0)),
+            (_StepKind.HANDOFFS, self._handoff_links, (0, -1), (0, 1)),
+        ):
+            for node in eligible:
+                for link in links(node):
+                    _, source, target = link
+                    if source not in unbalanced and target not in unbalanced:
+                        continue
+                    if self._delta(source, *source_change) + self._delta(target, *target_change):
+                        continue
+                    if tried >= _MAX_LOOKAHEAD:
+                        return None
+                    tried += 1
+                    if self._enables(kind, link):
+                        return kind, [link]
+        return None
+
+    def _enables(self, kind: _StepKind, link: Step) -> bool:
+        """Whether an improving step exists once ``link`` is applied (tried, then undone)."""
+        shard, source, target = link
+        saved = (self.primary[shard], list(self.replicas[shard]))
+        if kind is _StepKind.REPLICAS:
+            self._remove(shard, source)
+            self._add(shard, target)
+        else:
+            self._set_primary(shard, target)
+            self._add(shard, source)
+        try:
+            return self._improving_step() is not None
+        finally:
+            self._restore(shard, *saved)
+
+    def _restore(self, shard: ShardId, primary: NodeId | None, replicas: list[NodeId]) -> None:
+        for node in self._members(shard):
+            self.primary_of[node].discard(shard)
+            self.replica_of[node].discard(shard)
+        self.primary[shard] = primary
+        self.replicas[shard] = replicas
+        if primary is not None:
+            self.primary_of[primary].add(shard)
+        for node in replicas:
+            self.replica_of[node].add(shard)
+
+    def _take(self, step: tuple[_StepKind, list[Step]]) -> None:
+        kind, chain = step
+        if kind is _StepKind.REPLICAS:
+            self._spend_on(chain)
+            for shard, source, target in chain:
+                self.move_replica(shard, source, target, "rebalance roles")
+        elif kind is _StepKind.HANDOFFS:
+            self._spend_on(chain)
+            for shard, _source, target in chain:
+                self.handoff(shard, target, "rebalance primaries")
+        else:
+            # The target needs the data before it can take over: it is added as an extra
+            # replica now, and the next round hands off and drops the old primary's copy
+            # (see _relocate_instead). Until then the counts assume it is done.
+            [(shard, source, target)] = chain
+            self.add_replica(shard, target, f"relocating the primary from {source}")
+            self.relocating.add(shard)
+            self.moving_out[source] += 1
+            self.moving_in[target] += 1
+
+    def _spend_on(self, chain: list[Step]) -> None:
+        """Cut ``chain`` to what the budget allows. A chain is applied whole when the
+        budget left allows it; with less left than the chain needs, the round ends,
+        except when a whole round's budget is shorter than the chain: then its first
+        steps are taken (the node they end on now holds one role too many, and the
+        next round continues the chain from there), or the chain could never happen."""
+        if len(chain) > self.budget:
+            if self.budget < self.full_budget or self.budget == 0:
+                self.out_of_budget = True
+                raise _OutOfBudget
+            del chain[self.budget:]
+
+    def _improving_chain(
+        self,
+        source_change: tuple[int, int],
+        target_change: tuple[int, int],
+        links: Callable[[NodeId], list[Step]],
+    ) -> list[Step] | None:
+        """The shortest chain of ``links`` whose first node loses and last node gains
+        (roles, primaries) as given, with a total imbalance change below zero; sources
+        that gain most are tried first."""
+        eligible = sorted(self.layout.eligible)
+        gain_source = {n: self._delta(n, *source_change) for n in eligible}
+        gain_target = {n: self._delta(n, *target_change) for n in eligible}
+        for level in sorted(set(gain_source.values())):
+            targets = {n for n in eligible if gain_target[n] < -level}
+            if not targets:
+                continue
+            sources = [n for n in eligible if gain_source[n] == level]
+            chain = self._shortest_chain(
+                sources, targets, links, lambda n: (gain_target[n], self._fill_key(n))
+            )
+            if chain is not None:
+                return chain
+        return None
 
     def _replica_links(self, node: NodeId) -> list[Step]:
         layout = self.layout
         links: list[Step] = []
-        for shard in sorted(self.replica_of[node], key=_shard_order):
-            counts = self._zone_counts(shard)
-            zone = layout.zone(node)
+        for shard in sorted(self.replica_of[node] - self.relocating, key=_shard_order):
             members = set(self._members(shard))
             for other in sorted(layout.eligible - members):
-                other_zone = layout.zone(other)
-                if other_zone != zone and (
-                    counts[zone] - 1 < layout.zone_min[zone]
-                    or counts[other_zone] + 1 > layout.zone_max[other_zone]
-                ):
-                    continue
-                links.append((shard, node, other))
+                if self._zone_swap_ok(shard, node, other):
+                    links.append((shard, node, other))
         return links
-
-    def _primary_range(self, node: NodeId) -> tuple[int, int]:
-        """The primaries ``node`` may hold, given its roles, so that both its primaries
-        and its replicas are within their fair-share ranges (if possible at all)."""
-        share = self._share(node)
-        low_p, high_p = share.primaries_range
-        low_r, high_r = share.replicas_range
-        roles = self._roles(node)
-        low, high = max(low_p, roles - high_r), min(high_p, roles - low_r)
-        return (low, high) if low <= high else (low_p, high_p)
-
-    def _primary_chain(self) -> list[Step] | None:
-        """Shortest chain of handoffs taking a primary from a node above its range (or
-        above its floor) to one below its range (or below its ceiling)."""
-        eligible = sorted(self.layout.eligible)
-        count = {n: len(self.primary_of[n]) for n in eligible}
-        ranges = {n: self._primary_range(n) for n in eligible}
-        over = [n for n in eligible if count[n] > ranges[n][1]]
-        under = [n for n in eligible if count[n] < ranges[n][0]]
-        if over:
-            sources = over
-            targets = {n for n in eligible if count[n] < ranges[n][1]}
-        elif under:
-            sources = [n for n in eligible if count[n] > ranges[n][0]]
-            targets = set(under)
-        else:
-            return None
-        sources.sort(key=lambda n: (-(count[n] - ranges[n][1]), n))
-        return self._shortest_chain(sources, targets, self._handoff_links)
 
     def _handoff_links(self, node: NodeId) -> list[Step]:
         links: list[Step] = []
         for shard in sorted(self.primary_of[node], key=_shard_order):
-            if shard in self.fresh_primary:
+            if shard in self.fresh_primary or shard in self.relocating:
                 continue
             for other in sorted(self.replicas[shard]):
                 if other in self.layout.eligible and other in self.has_data[shard]:
                     links.append((shard, node, other))
         return links
 
+    def _best_relocation(self) -> Step | None:
+        """The primary move to a node without a copy (source loses a role and a primary,
+        target gains both) that lowers the imbalance most, keeping zone spread."""
+        eligible = sorted(self.layout.eligible)
+        gain_source = {n: self._delta(n, -1, -1) for n in eligible}
+        gain_target = {n: self._delta(n, 1, 1) for n in eligible}
+        best: tuple[int, tuple[int, Fraction, Fraction, NodeId], Step] | None = None
+        for source in eligible:
+            for shard in sorted(self.primary_of[source], key=_shard_order):
+                if shard in self.fresh_primary or shard in self.relocating:
+                    continue
+                members = self._members(shard)
+                for target in eligible:
+                    gain = gain_source[source] + gain_target[target]
+                    if (
+                        gain < 0
+                        and target not in members
+                        and self._zone_swap_ok(shard, source, target)
+                    ):
+                        candidate = (gain, self._fresh_primary_key(target), (shard, source, target))
+                        if best is None or candidate[:2] < best[:2]:
+                            best = candidate
+        return None if best is None else best[2]
+
+    def _zone_swap_ok(self, shard: ShardId, leaving: NodeId, joining: NodeId) -> bool:
+        """Whether replacing ``leaving``'s copy of ``shard`` by one on ``joining`` keeps
+        every zone within its per-shard bounds."""
+        layout = self.layout
+        old, new = layout.zone(leaving), layout.zone(joining)
+        if old == new:
+            return True
+        counts = self._zone_counts(shard)
+        joined = 0 if joining in self._members(shard) else 1  # finishing a relocation
+        return (
+            counts[old] - 1 >= layout.zone_min[old]
+            and counts[new] + joined <= layout.zone_max[new]
+        )
+
     def _shortest_chain(
         self,
         sources: Sequence[NodeId],
         targets: set[NodeId],
         links: Callable[[NodeId], list[Step]],
+        preference: Callable[[NodeId], tuple[int, tuple[int, Fraction, Fraction, NodeId]]],
     ) -> list[Step] | None:
-        """Breadth-first search from ``sources`` to any of ``targets``; among the targets
-        first reached, the one furthest below its fair share. Chains use each shard at
-        most once, so their steps do not interfere."""
+        """Breadth-first search from ``sources`` to any of ``targets`` other than the
+        chain's own source; among the shortest chains, the one ending at the best target
+        by ``preference``. Chains use each shard at most once, so their steps do not
+        interfere with each other."""
         parent: dict[NodeId, Step | None] = {n: None for n in sources}
+        root = {n: n for n in sources}
+
+        def path_to(node: NodeId) -> list[Step]:
+            steps: list[Step] = []
+            while (link := parent[node]) is not None:
+                steps.append(link)
+                node = link[1]
+            steps.reverse()
+            return steps
+
         frontier = list(sources)
         while frontier:
-            reached: list[NodeId] = []
+            found: dict[NodeId, list[Step]] = {}
             following: list[NodeId] = []
             for node in frontier:
                 for step in links(node):
                     nxt = step[2]
-                    if nxt in parent:
-                        continue
-                    parent[nxt] = step
-                    following.append(nxt)
-                    if nxt in targets:
-                        reached.append(nxt)
-            for end in sorted(reached, key=self._fill_key):
-                chain: list[Step] = []
-                node = end
-                while (step := parent[node]) is not None:
-                    chain.append(step)
-                    node = step[1]
-                chain.reverse()
-                if len({step[0] for step in chain}) == len(chain):
-                    return chain
+                    if nxt in targets and nxt != root[node] and nxt not in found:
+                        chain = [*path_to(node), step]
+                        if len({link[0] for link in chain}) == len(chain):
+                            found[nxt] = chain
+                    if nxt not in parent:
+                        parent[nxt] = step
+                        root[nxt] = root[node]
+                        following.append(nxt)
+            if found:
+                return found[min(found, key=preference)]
             frontier = following
         return None
+
+
+def _distance(value: int, allowed: tuple[int, int]) -> int:
+    low, high = allowed
+    return low - value if value < low else max(0, value - high)

@@ -127,6 +127,30 @@ class NodeRegistry:
         self._lease_by_node.pop(node, None)
         log.info("node deregistered", node_id=node, lease=f"{lease_id:#x}")
 
+    async def drain(self, node_id: str) -> common_pb2.Node:
+        """Marks the node DRAINING (idempotent). Its lease and roles stay until moved.
+
+        The leader then moves its primaries away, then its replicas; the node deregisters
+        itself once it holds nothing (it learns it is draining from heartbeats).
+        """
+        node = validation.node_id(node_id)
+        for _ in range(_REGISTER_ATTEMPTS):
+            record = await self._record(node)
+            if record is None:
+                raise NotFound(f"node {node} is not registered; there is nothing to drain")
+            message = codec.decode(record.value, common_pb2.Node, record.key)
+            if message.state == common_pb2.NODE_STATE_DRAINING:
+                return message
+            message.state = common_pb2.NODE_STATE_DRAINING
+            result = await self._store.txn(
+                [Compare.mod_revision(record.key, record.mod_revision)],
+                [Put(record.key, codec.encode(message), lease=record.lease)],
+            )
+            if result.succeeded:
+                log.info("node draining", node_id=node)
+                return message
+        raise Aborted(f"node {node} changed while marking it draining; retry")
+
     async def list_nodes(self) -> tuple[list[common_pb2.Node], int]:
         """Every registered node, sorted by id, and the etcd revision of the read."""
         kvs, revision = await self._store.get_prefix(self._keys.nodes_prefix())

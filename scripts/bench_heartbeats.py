@@ -78,7 +78,8 @@ def node_id(i: int) -> str:
 class PhaseStats:
     sent: int = 0
     ok: int = 0
-    codes: Counter[str] = field(default_factory=Counter)  # failed heartbeats by status
+    # Failed heartbeats by status (a plain dict: dataclasses.asdict mangles a Counter).
+    codes: dict[str, int] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
     max_gap_s: float = 0.0  # longest time between two successful heartbeats of a node
     late: int = 0  # sent more than LATE_S after due: the generator fell behind
@@ -91,10 +92,11 @@ class WorkerResult:
     nodes: int
     registered: int
     register_s: float
-    register_errors: Counter[str]
+    register_errors: dict[str, int]
     re_registrations: int
     phases: dict[str, PhaseStats]
     not_heartbeating_at_stop: int  # nodes whose last success is older than the TTL at stop
+    error_samples: dict[str, str]  # status -> details of its first occurrence
 
 
 def _phase(t: float, timing: Any) -> str:
@@ -130,7 +132,8 @@ async def _generate(
     stop = asyncio.Event()
     reg_sem = asyncio.Semaphore(int(args["register_concurrency"]))
     phases = {p: PhaseStats() for p in PHASES}
-    register_errors: Counter[str] = Counter()
+    register_errors: dict[str, int] = {}
+    error_samples: dict[str, str] = {}
     counters = {"registered": 0, "re_registrations": 0}
     last_ok: dict[int, float] = {}
     all_registered = asyncio.Event()
@@ -158,7 +161,8 @@ async def _generate(
                     response = await stub.RegisterNode(request, timeout=10.0)
                     return int(response.lease_id)
                 except grpc.aio.AioRpcError as e:
-                    register_errors[e.code().name] += 1
+                    name = e.code().name
+                    register_errors[name] = register_errors.get(name, 0) + 1
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
         return 0
@@ -196,7 +200,8 @@ async def _generate(
                 await stub.Heartbeat(request, timeout=hb_timeout)
             except grpc.aio.AioRpcError as e:
                 code = e.code()
-                ph.codes[code.name] += 1
+                ph.codes[code.name] = ph.codes.get(code.name, 0) + 1
+                error_samples.setdefault(code.name, str(e.details()))
                 if code == grpc.StatusCode.NOT_FOUND and not stop.is_set():
                     # False expiration: register again (the agent would) and go on.
                     lease_id = await register(i, stub)
@@ -250,6 +255,7 @@ async def _generate(
         re_registrations=counters["re_registrations"],
         phases=phases,
         not_heartbeating_at_stop=stale,
+        error_samples=error_samples,
     )
 
 
@@ -276,9 +282,14 @@ def worker_main(
 
 def cpu_ticks(pid: int) -> int:
     """utime + stime of a process (all its threads), in clock ticks."""
+    return sum(user_sys_ticks(pid))
+
+
+def user_sys_ticks(pid: int) -> tuple[int, int]:
+    """(utime, stime) of a process (all its threads), in clock ticks."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
+    return int(fields[11]), int(fields[12])  # fields 14 and 15 of stat(5)
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -328,10 +339,13 @@ class LevelResult:
     cp_cpu_pct: float = float("nan")
     etcd_cpu_pct: float = float("nan")
     gen_cpu_pct: float = float("nan")
-    machine_busy_pct: float = float("nan")
+    machine_busy_pct: float = float("nan")  # % of all CPUs
+    others_cpu_pct: float = float("nan")  # % of one core used by anything else
     cp_rss_mib: float = float("nan")
+    cp_sys_pct: float = float("nan")  # the kernel part of cp_cpu_pct
     stale_at_stop: int = 0
     re_registrations: int = 0
+    error_samples: dict[str, str] = field(default_factory=dict)
     failure: str = ""
 
     @property
@@ -454,20 +468,48 @@ def run_level(n: int, args: argparse.Namespace, workdir: Path) -> LevelResult:
         pids = {"cp": cp.pid, "etcd": etcd.process.pid if etcd.process else 0}
         gen_pids = [p.pid for p in workers]
         sleep_until(start)
+        profiler = None
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            profiler = ManagedProcess(
+                "py-spy",
+                [
+                    str(Path(sys.executable).with_name("py-spy")),
+                    "record", "--pid", str(cp.pid), "--duration", str(int(args.duration_s)),
+                    "--rate", "50", "--nonblocking", "--format", "raw",
+                    "-o", str(args.profile / f"controlplane-{n}.txt"),
+                ],
+                level_dir / "py-spy.log",
+            ).start()  # fmt: skip
         c0 = {name: cpu_ticks(pid) for name, pid in pids.items()}
+        cp_us0 = user_sys_ticks(cp.pid)
         g0 = sum(cpu_ticks(pid) for pid in gen_pids)
         m0 = machine_ticks()
         t0 = time.monotonic()
         sleep_until(end)
         c1 = {name: cpu_ticks(pid) for name, pid in pids.items()}
+        cp_us1 = user_sys_ticks(cp.pid)
         g1 = sum(cpu_ticks(pid) for pid in gen_pids)
         m1 = machine_ticks()
         elapsed = time.monotonic() - t0
         result.cp_cpu_pct = 100 * (c1["cp"] - c0["cp"]) / CLK_TCK / elapsed
+        result.cp_sys_pct = 100 * (cp_us1[1] - cp_us0[1]) / CLK_TCK / elapsed
         result.etcd_cpu_pct = 100 * (c1["etcd"] - c0["etcd"]) / CLK_TCK / elapsed
         result.gen_cpu_pct = 100 * (g1 - g0) / CLK_TCK / elapsed
         result.machine_busy_pct = 100 * (m1[0] - m0[0]) / max(1, m1[1] - m0[1])
+        # Everything else on the machine (other users' processes, the kernel), in % of one core.
+        result.others_cpu_pct = max(
+            0.0,
+            result.machine_busy_pct * (os.cpu_count() or 1)
+            - result.cp_cpu_pct
+            - result.etcd_cpu_pct
+            - result.gen_cpu_pct,
+        )
         result.cp_rss_mib = rss_mib(cp.pid)
+        if profiler is not None:
+            with contextlib.suppress(Exception):
+                profiler.proc.wait(15)  # type: ignore[union-attr]
+            profiler.stop(timeout_s=5)
 
         # End of the steady phase: every node must still be registered.
         try:
@@ -542,6 +584,9 @@ def _merge(result: LevelResult, results: list[dict[str, Any]]) -> None:
     result.late = sum(p["late"] for p in steady)
     result.max_late_s = max((p["max_late_s"] for p in steady), default=0.0)
     result.stale_at_stop = sum(r["not_heartbeating_at_stop"] for r in results)
+    for r in results:
+        for code, text in r["error_samples"].items():
+            result.error_samples.setdefault(code, text)
     result.re_registrations = sum(r["re_registrations"] for r in results)
 
 
@@ -550,7 +595,7 @@ def _merge(result: LevelResult, results: list[dict[str, Any]]) -> None:
 HEADER = (
     "| nodes | duration s | heartbeats sent | ok | NOT_FOUND (false exp.) | other errors "
     "| p50 ms | p99 ms | max gap s | control-plane CPU % | etcd CPU % | generators CPU % "
-    "| machine busy % | sustained |"
+    "| machine busy % | other load % | sustained |"
 )
 
 
@@ -565,7 +610,8 @@ def row(r: LevelResult) -> str:
     return (
         f"| {r.nodes} | {r.duration_s:g} | {r.sent} | {r.ok} | {fe} | {other} "
         f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.max_gap_s:.2f} | {r.cp_cpu_pct:.0f} "
-        f"| {r.etcd_cpu_pct:.0f} | {r.gen_cpu_pct:.0f} | {r.machine_busy_pct:.0f} | {sustained} |"
+        f"| {r.etcd_cpu_pct:.0f} | {r.gen_cpu_pct:.0f} | {r.machine_busy_pct:.0f} "
+        f"| {r.others_cpu_pct:.0f} | {sustained} |"
     )
 
 
@@ -576,12 +622,15 @@ def details(r: LevelResult) -> str:
         f"listed at end {r.listed}",
         f"late heartbeats (> {LATE_S * 1000:.0f} ms after due) {r.late}, max {r.max_late_s * 1000:.0f} ms",
         f"latency max {r.max_ms:.1f} ms",
+        f"control-plane CPU {r.cp_cpu_pct:.0f}% of which kernel {r.cp_sys_pct:.0f}%",
         f"control-plane RSS {r.cp_rss_mib:.0f} MiB",
         f"re-registrations {r.re_registrations}",
         f"nodes without a success for > TTL at stop {r.stale_at_stop}",
     ]
     if r.errors_any:
         parts.append(f"errors over the whole run {r.errors_any}")
+    for code, text in sorted(r.error_samples.items()):
+        parts.append(f"e.g. {code}: {text[:160]}")
     return f"  {r.nodes}: " + "; ".join(parts)
 
 
@@ -613,6 +662,12 @@ def main() -> int:
     )
     p.add_argument("--keep-dir", action="store_true", help="keep etcd data and logs")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        help="profile the control plane over each steady phase with py-spy (pip install py-spy) "
+        "into this directory (collapsed stacks, controlplane-<nodes>.txt); adds a little load",
+    )
     args = p.parse_args()
     levels = [int(x) for x in args.nodes.split(",") if x.strip()]
     if not levels or min(levels) < 1:

@@ -36,6 +36,20 @@ def registered_nodes(address: str) -> int:
             return -1
 
 
+def placement_done(address: str, replicas: int) -> bool:
+    """Every shard has a primary and ``replicas`` replicas."""
+    with grpc.insecure_channel(address) as channel:
+        stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
+        try:
+            r = stub.ListAssignments(controlplane_pb2.ListAssignmentsRequest(), timeout=2)
+            shards = stub.GetClusterStatus(controlplane_pb2.GetClusterStatusRequest(), timeout=2).shard_count
+        except grpc.RpcError:
+            return False
+    return len(r.assignments) == shards and all(
+        a.primary and len(a.replicas) == replicas for a in r.assignments
+    )
+
+
 def ctl(address: str, *words: str) -> None:
     subprocess.run([sys.executable, "-m", "controlplane.ctl", "--control-plane", address, *words], check=False)
 
@@ -82,10 +96,14 @@ def main() -> int:
             ).start())
         print(f"starting {args.nodes} shard nodes ...", flush=True)
         wait_until(lambda: registered_nodes(cp_address) >= args.nodes, 30, f"{args.nodes} nodes to register")
+        replicas = min(3, args.nodes) - 1
+        wait_until(lambda: placement_done(cp_address, replicas), 30, "every shard to be placed")
         print()
         ctl(cp_address, "status")
         print()
         ctl(cp_address, "nodes")
+        print()
+        ctl(cp_address, "shards")
         print(f"\nlogs: {logs}")
         if not args.once:
             print(f"cluster running; try: bluemarblectl --control-plane {cp_address} nodes   (Ctrl-C stops)")

@@ -16,14 +16,17 @@ heartbeat is kept for self-fencing (:attr:`NodeAgent.lease_valid_until_s`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
+
+import grpc.aio
 
 import structlog
 
 from bluemarble.clock import Clock, SystemClock
 from bluemarble.errors import AlreadyExists, BlueMarbleError, FatalError, NotFound
-from bluemarble.v1 import controlplane_pb2
-from controlplane.client import ControlPlaneClient
+from bluemarble.v1 import common_pb2, controlplane_pb2
+from controlplane.client import ControlPlaneClient, to_error
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +38,13 @@ class NodeIdentity:
     region: str = ""
     zone: str = ""
     capacity: int = 1
+
+
+@dataclass(frozen=True)
+class ShardHolding:
+    role: int  # common_pb2.ShardRole
+    epoch: int
+    applied_lsn: int = 0
 
 
 @dataclass
@@ -68,10 +78,32 @@ class NodeAgent:
         self.lease_valid_until_s = 0.0
         self.registered = asyncio.Event()
         self.registrations = 0
+        # What this node holds: shard -> (role, epoch), as last told by WatchAssignments.
+        # Kept while the control plane is unreachable (static stability).
+        self.shards: dict[str, ShardHolding] = {}
+        self.assignments_revision = 0
+        self.assignments_synced = asyncio.Event()
+        self.draining = False
+
+    def shard_statuses(self) -> list[common_pb2.ShardStatus]:
+        return [
+            common_pb2.ShardStatus(shard_id=shard, epoch=h.epoch, role=h.role, applied_lsn=h.applied_lsn)
+            for shard, h in sorted(self.shards.items())
+        ]
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Registers, then heartbeats until ``stop`` is set. Raises RegistrationRefused."""
+        """Registers, follows assignments and heartbeats until ``stop`` is set, or until
+        a drain finished (then it deregisters and returns). Raises RegistrationRefused."""
         await self._register(stop)
+        watcher = asyncio.create_task(self._follow_assignments(stop), name="assignments")
+        try:
+            await self._heartbeat_loop(stop)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             assert self.registration is not None
             if await _wait(stop, self.registration.heartbeat_interval_s):
@@ -79,10 +111,12 @@ class NodeAgent:
             try:
                 await self._heartbeat()
             except NotFound as e:
-                log.warning("lease lost; registering again", reason=str(e))
+                log.warning("lease lost; dropping roles and registering again", reason=str(e))
                 self.registration = None
                 self.registered.clear()
+                self.shards.clear()
                 await self._register(stop)
+                continue
             except BlueMarbleError as e:
                 if not e.retryable:
                     raise
@@ -91,12 +125,64 @@ class NodeAgent:
                     error=str(e),
                     lease_valid_for_s=round(self.lease_valid_until_s - self._clock.monotonic_s(), 2),
                 )
+                continue
+            if self.draining and not self.shards and self.assignments_synced.is_set():
+                log.info("drained: holding no shard any more; leaving")
+                await self.deregister()
+                stop.set()
+                return
+
+    async def _follow_assignments(self, stop: asyncio.Event) -> None:
+        """Applies WatchAssignments for this node; reconnects (other address) on failure."""
+        backoff_s = 0.1
+        while not stop.is_set():
+            request = controlplane_pb2.WatchAssignmentsRequest(node_id=self.identity.node_id)
+            address = self._client.current_address
+            try:
+                async for update in self._client.control_plane().WatchAssignments(request):
+                    self._apply(update)
+                    backoff_s = 0.1
+            except grpc.aio.AioRpcError as e:
+                error = to_error(e, address)
+                if not error.retryable:
+                    log.error("assignment stream refused", error=str(error))
+                else:
+                    log.info("assignment stream broke; reconnecting", error=str(error))
+                self._client.rotate()
+            await _wait(stop, backoff_s)
+            backoff_s = min(backoff_s * 2, self._max_backoff_s)
+
+    def _apply(self, update: controlplane_pb2.WatchAssignmentsResponse) -> None:
+        me = self.identity.node_id
+        if update.snapshot:
+            held = {a.shard_id for a in update.assignments}
+            for shard in list(self.shards):
+                if shard not in held:
+                    del self.shards[shard]
+        for shard in update.removed_shard_ids:
+            self.shards.pop(shard, None)
+        for a in update.assignments:
+            role = common_pb2.SHARD_ROLE_PRIMARY if a.primary == me else common_pb2.SHARD_ROLE_REPLICA
+            previous = self.shards.get(a.shard_id)
+            lsn = previous.applied_lsn if previous else 0
+            self.shards[a.shard_id] = ShardHolding(role, a.epoch, lsn)
+            if previous is None or (previous.role, previous.epoch) != (role, a.epoch):
+                log.info(
+                    "shard role",
+                    shard=a.shard_id,
+                    role=common_pb2.ShardRole.Name(role).removeprefix("SHARD_ROLE_").lower(),
+                    epoch=a.epoch,
+                )
+        self.assignments_revision = update.revision
+        self.assignments_synced.set()
 
     async def _heartbeat(self) -> None:
         assert self.registration is not None
         sent_at = self._clock.monotonic_s()
         request = controlplane_pb2.HeartbeatRequest(
-            node_id=self.identity.node_id, lease_id=self.registration.lease_id
+            node_id=self.identity.node_id,
+            lease_id=self.registration.lease_id,
+            shards=self.shard_statuses(),
         )
         timeout_s = max(self.registration.heartbeat_interval_s, 0.2)
         response: controlplane_pb2.HeartbeatResponse = await self._client.call(
@@ -104,6 +190,9 @@ class NodeAgent:
         )
         # The lease was refreshed at some point after sent_at: valid for TTL from then.
         self.lease_valid_until_s = sent_at + response.ttl_ms / 1000
+        if response.draining and not self.draining:
+            log.info("control plane is draining this node")
+        self.draining = response.draining
 
     async def _register(self, stop: asyncio.Event) -> None:
         ident = self.identity

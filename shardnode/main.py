@@ -78,23 +78,25 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
 async def run(settings: NodeSettings) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     structlog.contextvars.bind_contextvars(node_id=settings.node_id)
+    client = ControlPlaneClient(settings.control_plane)
+    holder: list[NodeAgent] = []
     server = await build_server(
         settings.listen,
         [
             ServiceBinding(
                 shardnode_pb2.DESCRIPTOR.services_by_name["ShardNode"].full_name,
-                ShardNodeService(settings.node_id),
+                ShardNodeService(settings.node_id, lambda: holder[0].shard_statuses()),
                 shardnode_pb2_grpc.add_ShardNodeServicer_to_server,
             )
         ],
     )
     host = settings.listen.rsplit(":", 1)[0]
     address = settings.advertise or f"{host}:{server.port}"
-    client = ControlPlaneClient(settings.control_plane)
     agent = NodeAgent(
         NodeIdentity(settings.node_id, address, settings.region, settings.zone, settings.capacity),
         client,
     )
+    holder.append(agent)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -3,12 +3,12 @@ plane (roadmap steps 3 and 4); until then those RPCs answer UNIMPLEMENTED."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc.aio
 
 from bluemarble.errors import Unimplemented
-from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
+from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext
 
@@ -18,13 +18,15 @@ def _later(rpc: str, step: str = "the data plane (roadmap step 3)") -> Unimpleme
 
 
 class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
-    def __init__(self, node_id: str):
+    def __init__(self, node_id: str, statuses: Callable[[], list[common_pb2.ShardStatus]]):
         self._node_id = node_id
+        self._statuses = statuses
 
     async def GetShardStatus(
         self, request: shardnode_pb2.GetShardStatusRequest, context: Ctx
     ) -> shardnode_pb2.GetShardStatusResponse:
-        return shardnode_pb2.GetShardStatusResponse(node_id=self._node_id)
+        """What this node holds right now, with each shard's applied log position."""
+        return shardnode_pb2.GetShardStatusResponse(node_id=self._node_id, shards=self._statuses())
 
     async def GetInventory(
         self, request: shardnode_pb2.GetInventoryRequest, context: Ctx

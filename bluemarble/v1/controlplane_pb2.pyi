@@ -42,12 +42,14 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., lease_id: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[_common_pb2.ShardStatus, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("lease_deadline_ms", "ttl_ms")
+    __slots__ = ("lease_deadline_ms", "ttl_ms", "draining")
     LEASE_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     lease_deadline_ms: int
     ttl_ms: int
-    def __init__(self, lease_deadline_ms: _Optional[int] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+    draining: bool
+    def __init__(self, lease_deadline_ms: _Optional[int] = ..., ttl_ms: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class DeregisterNodeRequest(_message.Message):
     __slots__ = ("node_id", "lease_id")

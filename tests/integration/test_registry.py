@@ -10,7 +10,7 @@ import grpc.aio
 import pytest
 
 from bluemarble.v1 import controlplane_pb2 as pb
-from bluemarble.v1 import controlplane_pb2_grpc
+from bluemarble.v1 import controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
 from controlplane.app import ControlPlaneApp
 from tests.conftest import StartControlPlane
 
@@ -207,19 +207,45 @@ class TestBadInput:
         assert got == grpc.StatusCode.NOT_FOUND
         assert await node_ids(stub) == ["n1"]
 
+    @pytest.mark.parametrize("rpc", ["ExecuteTrade", "GetTrade"])
+    async def test_trade_rpcs_are_unimplemented_with_a_clear_message(
+        self, control_plane: ControlPlaneApp, rpc: str
+    ) -> None:
+        async with grpc.aio.insecure_channel(control_plane.address) as channel:
+            stub = trade_pb2_grpc.TradeCoordinatorStub(channel)
+            request = trade_pb2.ExecuteTradeRequest(trade_id="t") if rpc == "ExecuteTrade" else trade_pb2.GetTradeRequest(trade_id="t")
+            got, details = await status_of(getattr(stub, rpc)(request))
+        assert got == grpc.StatusCode.UNIMPLEMENTED
+        assert "roadmap step 4" in details
+
     @pytest.mark.parametrize(
-        "call",
+        ("call", "code"),
         [
-            lambda s: s.GetRing(pb.GetRingRequest()),
-            lambda s: s.ResolvePlayer(pb.ResolvePlayerRequest(player_id="p")),
-            lambda s: s.ListAssignments(pb.ListAssignmentsRequest()),
-            lambda s: s.DrainNode(pb.DrainNodeRequest(node_id="n1")),
+            (lambda s: s.ResolvePlayer(pb.ResolvePlayerRequest(player_id="")), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda s: s.ResolvePlayer(pb.ResolvePlayerRequest(player_id="p" * 129)), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda s: s.DrainNode(pb.DrainNodeRequest(node_id="ghost")), grpc.StatusCode.NOT_FOUND),
+            (lambda s: s.DrainNode(pb.DrainNodeRequest(node_id="")), grpc.StatusCode.INVALID_ARGUMENT),
         ],
     )
-    async def test_later_rpcs_are_unimplemented_with_a_clear_message(self, stub: Stub, call) -> None:  # type: ignore[no-untyped-def]
+    async def test_bad_placement_requests(self, stub: Stub, call, code: grpc.StatusCode) -> None:  # type: ignore[no-untyped-def]
         got, details = await status_of(call(stub))
-        assert got == grpc.StatusCode.UNIMPLEMENTED
-        assert "roadmap step" in details
+        assert got == code
+        assert details
+
+    async def test_bad_watch_request_is_invalid_argument(self, stub: Stub) -> None:
+        call = stub.WatchAssignments(pb.WatchAssignmentsRequest(node_id="a/b"))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in call:
+                pass
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    async def test_heartbeat_with_a_malformed_shard_status_is_invalid_argument(self, stub: Stub) -> None:
+        r = await stub.RegisterNode(register_request())
+        request = pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id)
+        request.shards.add(shard_id="not-a-shard")
+        got, details = await status_of(stub.Heartbeat(request))
+        assert got == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not-a-shard" in details
 
 
 class TestConfig:

@@ -1,0 +1,189 @@
+"""The leader's reconcile loop: observe, plan (pure), write the plan in a guarded txn.
+
+One round:
+
+1. Observe: live nodes, current assignments and the ring from the replica's mirrors
+   (:mod:`controlplane.watchcache`), the config from etcd.
+2. For every shard whose primary is gone, ask its live replicas for their applied log
+   position *now* (:class:`controlplane.node_probe.NodeProbe`), never a heartbeat report
+   that may be a TTL old.
+3. Plan with :func:`controlplane.placement.plan_assignments` (pure; decisions are data).
+4. Write the changed records in etcd transactions guarded by the leader key's
+   create_revision (the fencing token) and by each record's mod_revision, so a deposed
+   leader or a concurrent writer changes nothing. Then wait until the mirror shows the
+   write, so the next round plans from it.
+
+Rounds run when a mirror changes (node joined, died, drained; assignment written) and at
+least every ``tick_s``. Only the elected leader runs rounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+
+import structlog
+
+from bluemarble.errors import BlueMarbleError
+from bluemarble.ids import NodeId, ShardId
+from bluemarble.v1 import common_pb2
+from controlplane import codec
+from controlplane.config_store import ConfigStore
+from controlplane.election import Election, Leadership
+from controlplane.etcd import Compare, EtcdStore, Put
+from controlplane.keys import KeySchema
+from controlplane.node_probe import NodeProbe
+from controlplane.placement import (
+    PlacementConfig,
+    PlacementNode,
+    PlacementPlan,
+    ShardAssignment,
+    plan_assignments,
+)
+from controlplane.records import assignment_from_proto, assignment_to_proto
+from controlplane.ring import Ring
+from controlplane.watchcache import PrefixCache
+
+log = structlog.get_logger(__name__)
+
+# etcd refuses transactions with more than 128 operations by default (--max-txn-ops).
+_MAX_WRITES_PER_TXN = 100
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        store: EtcdStore,
+        keys: KeySchema,
+        election: Election,
+        nodes: PrefixCache[common_pb2.Node],
+        assignments: PrefixCache[common_pb2.Assignment],
+        ring: PrefixCache[Ring],
+        configs: ConfigStore,
+        probe: NodeProbe,
+        tick_s: float = 1.0,
+    ):
+        self._store = store
+        self._keys = keys
+        self._election = election
+        self._nodes = nodes
+        self._assignments = assignments
+        self._ring = ring
+        self._configs = configs
+        self._probe = probe
+        self._tick_s = tick_s
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.rounds = 0
+        for cache in (nodes, assignments, ring):
+            cache.add_listener(self._wake.set)
+        election.add_listener(self._wake.set)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="reconciler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            leadership = self._election.leadership
+            if leadership is not None:
+                try:
+                    await self.reconcile_once(leadership)
+                except asyncio.CancelledError:
+                    raise
+                except BlueMarbleError as e:
+                    log.warning("reconcile round failed", error=str(e))
+                except Exception:  # noqa: BLE001 - the loop must survive a bad round
+                    log.exception("reconcile round crashed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._tick_s)
+
+    def observe(self) -> tuple[list[PlacementNode], dict[NodeId, str], dict[ShardId, ShardAssignment], list[ShardId]]:
+        """Live nodes, their addresses, current assignments and ring shards, from the mirrors."""
+        nodes = [
+            PlacementNode(
+                node_id=NodeId(n.node_id),
+                zone=n.zone,
+                capacity=max(n.capacity, 1),
+                draining=n.state == common_pb2.NODE_STATE_DRAINING,
+            )
+            for n in self._nodes.entries.values()
+        ]
+        addresses = {NodeId(n.node_id): n.address for n in self._nodes.entries.values()}
+        current = {
+            ShardId(a.shard_id): assignment_from_proto(a) for a in self._assignments.entries.values()
+        }
+        ring = self._ring.entries.get(self._keys.ring())
+        shards = list(ring.shard_ids) if ring is not None else []
+        return nodes, addresses, current, shards
+
+    async def reconcile_once(self, leadership: Leadership) -> PlacementPlan | None:
+        """One round; returns the plan it applied (None when there was nothing to plan)."""
+        self.rounds += 1
+        config, _ = await self._configs.get()
+        nodes, addresses, current, shards = self.observe()
+        if not shards:
+            return None
+        lost = [
+            shard
+            for shard, a in current.items()
+            if shard in shards and (a.primary is None or a.primary not in addresses)
+        ]
+        positions = None
+        if lost:
+            candidates = {
+                node: addresses[node]
+                for shard in lost
+                for node in current[shard].replicas
+                if node in addresses
+            }
+            positions = await self._probe.positions(candidates, lost)
+        plan = plan_assignments(
+            nodes,
+            shards,
+            current,
+            PlacementConfig(config.replication_factor, config.max_moves_per_round),
+            positions,
+        )
+        if plan.changed:
+            await self._write(leadership, plan)
+        return plan
+
+    async def _write(self, leadership: Leadership, plan: PlacementPlan) -> None:
+        changed: Sequence[ShardId] = plan.changed
+        last_revision = 0
+        for start in range(0, len(changed), _MAX_WRITES_PER_TXN):
+            chunk = changed[start : start + _MAX_WRITES_PER_TXN]
+            compares = [leadership.guard(self._keys)]
+            puts = []
+            for shard in chunk:
+                key = self._keys.assignment(shard)
+                mod = self._assignments.mod_revisions.get(key)
+                compares.append(Compare.absent(key) if mod is None else Compare.mod_revision(key, mod))
+                puts.append(Put(key, codec.encode(assignment_to_proto(plan.assignments[shard]))))
+            result = await self._store.txn(compares, puts)
+            if not result.succeeded:
+                log.info("assignment write lost a race or leadership; replanning", shards=len(chunk))
+                return
+            last_revision = result.revision
+        for move in plan.moves:
+            log.info(
+                "placement move",
+                shard=move.shard_id,
+                kind=move.kind.value,
+                source=move.source,
+                target=move.target,
+                epoch=plan.assignments[move.shard_id].epoch,
+                reason=move.reason,
+            )
+        # Plan the next round from what was written, not from a mirror that lags it.
+        await self._assignments.wait_for_revision(last_revision, 2.0)
