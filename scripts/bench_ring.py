@@ -6,7 +6,8 @@
 Over N seeded random player ids ("player-<16 hex digits>"), 16 shards shard-0..shard-15
 (150 tokens each for ours; uhashring.HashRing(nodes=[same names]) with its defaults):
 
-a. lookups per second of ``Ring.shard_for`` vs uhashring's ``get_node``, and their ratio
+a. lookups per second of the client router (``RingRouter.shard_for``, which is what
+   game servers call) vs uhashring's ``get_node``, and their ratio
    (best of --repeat timed passes over all keys, alternating the two libraries);
 b. max/mean keys per shard for both;
 c. the fraction of keys that move when a 17th shard (shard-16) is added, for both, and
@@ -31,6 +32,7 @@ from uhashring import HashRing
 
 from bluemarble.ids import shard_id
 from controlplane.ring import DEFAULT_VNODES, initial_ring
+from controlplane.router import RingRouter
 
 SHARD_COUNT = 16
 TARGET_SPEED_RATIO = 4.0
@@ -74,12 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     new_shard = shard_id(SHARD_COUNT)
     keys = make_player_ids(args.keys, args.seed)
     ours = initial_ring(SHARD_COUNT, DEFAULT_VNODES)
+    router = RingRouter.from_ring(ours)
     theirs = HashRing(nodes=list(names))
 
     # (a) single-key lookups, alternating libraries so both see the same machine noise.
     ours_speed = theirs_speed = 0.0
     for _ in range(args.repeat):
-        ours_speed = max(ours_speed, lookups_per_s(ours.shard_for, keys))
+        ours_speed = max(ours_speed, lookups_per_s(router.shard_for, keys))
         theirs_speed = max(theirs_speed, lookups_per_s(theirs.get_node, keys))
     batch_speed = 0.0
     for _ in range(args.repeat):

@@ -12,7 +12,7 @@ import pytest
 
 from bluemarble.localcluster import LocalEtcd, ManagedProcess, free_port, wait_until
 from bluemarble.v1 import controlplane_pb2 as pb
-from bluemarble.v1 import controlplane_pb2_grpc
+from bluemarble.v1 import controlplane_pb2_grpc, shardnode_pb2, shardnode_pb2_grpc
 
 
 class ProcessCluster:
@@ -22,6 +22,7 @@ class ProcessCluster:
         self.workdir = workdir
         self.processes: list[ManagedProcess] = []
         self.control_planes: list[str] = []
+        self.node_addresses: dict[str, str] = {}
 
     def start_control_plane(self, *extra: str) -> str:
         address = f"127.0.0.1:{free_port()}"
@@ -38,10 +39,12 @@ class ProcessCluster:
         return address
 
     def start_node(self, node_id: str, zone: str = "z1") -> ManagedProcess:
+        address = f"127.0.0.1:{free_port()}"
+        self.node_addresses[node_id] = address
         proc = ManagedProcess(
             node_id,
             [sys.executable, "-m", "shardnode.main", "--node-id", node_id,
-             "--listen", f"127.0.0.1:{free_port()}", "--control-plane", ",".join(self.control_planes),
+             "--listen", address, "--control-plane", ",".join(self.control_planes),
              "--data-dir", str(self.workdir / node_id), "--zone", zone],
             self.workdir / f"{node_id}.log",
         ).start()
@@ -55,6 +58,38 @@ class ProcessCluster:
             except grpc.RpcError:
                 return None
         return [n.node_id for n in r.nodes]
+
+    def assignments(self, address: str | None = None) -> pb.ListAssignmentsResponse | None:
+        with grpc.insecure_channel(address or self.control_planes[0]) as channel:
+            try:
+                return controlplane_pb2_grpc.ControlPlaneStub(channel).ListAssignments(
+                    pb.ListAssignmentsRequest(), timeout=2
+                )
+            except grpc.RpcError:
+                return None
+
+    def status(self, address: str) -> pb.GetClusterStatusResponse | None:
+        with grpc.insecure_channel(address) as channel:
+            try:
+                return controlplane_pb2_grpc.ControlPlaneStub(channel).GetClusterStatus(
+                    pb.GetClusterStatusRequest(), timeout=2
+                )
+            except grpc.RpcError:
+                return None
+
+    def node_statuses(self, address: str) -> dict[str, tuple[int, int]] | None:
+        """shard -> (role, epoch) as the node at ``address`` reports it."""
+        with grpc.insecure_channel(address) as channel:
+            try:
+                r = shardnode_pb2_grpc.ShardNodeStub(channel).GetShardStatus(
+                    shardnode_pb2.GetShardStatusRequest(), timeout=2
+                )
+            except grpc.RpcError:
+                return None
+        return {s.shard_id: (s.role, s.epoch) for s in r.shards}
+
+    def process(self, name: str) -> ManagedProcess:
+        return next(p for p in self.processes if p.name == name)
 
     def stop_all(self) -> None:
         for proc in reversed(self.processes):

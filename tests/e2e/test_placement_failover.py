@@ -1,0 +1,205 @@
+"""End to end: placement over real nodes, failover after SIGKILL of a node or of the
+leading control-plane replica, and drain, with 2 control-plane replicas and 4 nodes in
+3 zones (16 shards, R = 3, TTL 2 s)."""
+
+from __future__ import annotations
+
+import collections
+import signal
+import time
+
+import pytest
+
+from bluemarble.localcluster import wait_until
+from bluemarble.v1 import common_pb2
+from bluemarble.v1 import controlplane_pb2 as pb
+from tests.e2e.conftest import ProcessCluster
+
+pytestmark = pytest.mark.e2e
+
+NODES = {"n1": "z1", "n2": "z2", "n3": "z3", "n4": "z1"}
+SHARDS = 16
+
+
+def start(cluster: ProcessCluster) -> None:
+    flags = ("--lease-ttl-s", "2", "--replication-factor", "3", "--shards", str(SHARDS))
+    cluster.start_control_plane(*flags)
+    cluster.start_control_plane(*flags)
+    for node, zone in NODES.items():
+        cluster.start_node(node, zone)
+    wait_until(lambda: well_placed(cluster, set(NODES)), 30, "every shard to be placed and balanced")
+
+
+def problems(r: pb.ListAssignmentsResponse | None, live: set[str], replicas: int) -> list[str]:
+    """Why ``r`` is not a valid, balanced placement over ``live`` nodes ([] if it is)."""
+    if r is None:
+        return ["no answer"]
+    found = []
+    if len(r.assignments) != SHARDS:
+        found.append(f"{len(r.assignments)} shards")
+    zones = {n: NODES[n] for n in live}
+    for a in r.assignments:
+        members = [a.primary, *a.replicas]
+        if a.primary not in live:
+            found.append(f"{a.shard_id}: primary {a.primary!r} not live")
+        if len(a.replicas) != replicas or len(set(members)) != len(members):
+            found.append(f"{a.shard_id}: members {members}")
+        if any(m not in live for m in members):
+            found.append(f"{a.shard_id}: dead member in {members}")
+        wanted_zones = min(len(members), len(set(zones.values())))
+        if len({zones.get(m) for m in members}) < wanted_zones:
+            found.append(f"{a.shard_id}: zones not spread {members}")
+    primaries = collections.Counter(a.primary for a in r.assignments)
+    counts = [primaries.get(n, 0) for n in live]
+    if counts and max(counts) - min(counts) > 1:
+        found.append(f"primaries per node {dict(primaries)}")
+    return found
+
+
+def well_placed(cluster: ProcessCluster, live: set[str]) -> bool:
+    replicas = min(3, len(live)) - 1
+    views = [cluster.assignments(a) for a in cluster.control_planes if a in alive_planes(cluster)]
+    if not views or any(problems(v, live, replicas) for v in views):
+        return False
+    # Every replica serving reports the same assignments.
+    return all(list(v.assignments) == list(views[0].assignments) for v in views if v is not None)
+
+
+def alive_planes(cluster: ProcessCluster) -> list[str]:
+    return [a for i, a in enumerate(cluster.control_planes) if cluster.process(f"cp-{i}").alive()]
+
+
+def busiest_node(cluster: ProcessCluster) -> tuple[str, dict[str, int]]:
+    r = cluster.assignments(alive_planes(cluster)[0])
+    assert r is not None
+    led = collections.defaultdict(dict)
+    for a in r.assignments:
+        led[a.primary][a.shard_id] = a.epoch
+    node = max(sorted(led), key=lambda n: len(led[n]))
+    return node, led[node]
+
+
+def failed_over(cluster: ProcessCluster, led: dict[str, int], dead: str) -> bool:
+    for address in alive_planes(cluster):
+        r = cluster.assignments(address)
+        live = cluster.list_nodes(address)
+        if r is None or live is None or dead in live:
+            return False
+        by_shard = {a.shard_id: a for a in r.assignments}
+        for shard, epoch in led.items():
+            a = by_shard[shard]
+            if a.primary not in live or a.primary == dead or a.epoch <= epoch:
+                return False
+    return True
+
+
+def nodes_follow(cluster: ProcessCluster, live: set[str]) -> bool:
+    """Each live node holds exactly the roles and epochs ListAssignments gives it."""
+    r = cluster.assignments(alive_planes(cluster)[0])
+    if r is None:
+        return False
+    for node in live:
+        expected = {}
+        for a in r.assignments:
+            if a.primary == node:
+                expected[a.shard_id] = (common_pb2.SHARD_ROLE_PRIMARY, a.epoch)
+            elif node in a.replicas:
+                expected[a.shard_id] = (common_pb2.SHARD_ROLE_REPLICA, a.epoch)
+        if cluster.node_statuses(cluster.node_addresses[node]) != expected:
+            return False
+    return True
+
+
+def test_placement_is_valid_balanced_and_the_same_on_both_replicas(process_cluster: ProcessCluster) -> None:
+    start(process_cluster)
+    views = [process_cluster.assignments(a) for a in process_cluster.control_planes]
+    assert all(v is not None and problems(v, set(NODES), 2) == [] for v in views)
+    assert views[0].assignments == views[1].assignments  # type: ignore[union-attr]
+    statuses = [process_cluster.status(a) for a in process_cluster.control_planes]
+    assert statuses[0].leader == statuses[1].leader != ""  # type: ignore[union-attr]
+    wait_until(lambda: nodes_follow(process_cluster, set(NODES)), 10, "nodes to hold their assignments")
+
+
+def test_sigkill_of_the_busiest_node_fails_its_shards_over_within_3_5_s(process_cluster: ProcessCluster) -> None:
+    start(process_cluster)
+    victim, led = busiest_node(process_cluster)
+    killed_at = time.monotonic()
+    process_cluster.process(victim).signal(signal.SIGKILL)
+    wait_until(lambda: failed_over(process_cluster, led, victim), 3.5, f"failover of {sorted(led)}")
+    assert time.monotonic() - killed_at <= 3.5
+    survivors = set(NODES) - {victim}
+    wait_until(lambda: well_placed(process_cluster, survivors), 15, "replacement replicas")
+    wait_until(lambda: nodes_follow(process_cluster, survivors), 10, "nodes to follow")
+
+
+def test_sigkill_of_the_leader_replica_then_of_a_node(process_cluster: ProcessCluster) -> None:
+    start(process_cluster)
+    leader = process_cluster.status(process_cluster.control_planes[0]).leader  # type: ignore[union-attr]
+    index = int(leader.removeprefix("cp-"))
+    other = process_cluster.control_planes[1 - index]
+    killed_at = time.monotonic()
+    process_cluster.process(leader).signal(signal.SIGKILL)
+
+    def other_leads() -> bool:
+        s = process_cluster.status(other)
+        return s is not None and s.leader == f"cp-{1 - index}"
+
+    wait_until(other_leads, 3.0, "the other replica to take over (TTL + 1 s)")
+    assert time.monotonic() - killed_at <= 3.0
+    # The new leader fails shards over as the old one did.
+    victim, led = busiest_node(process_cluster)
+    killed_at = time.monotonic()
+    process_cluster.process(victim).signal(signal.SIGKILL)
+    wait_until(lambda: failed_over(process_cluster, led, victim), 3.5, f"failover of {sorted(led)}")
+    survivors = set(NODES) - {victim}
+    wait_until(lambda: well_placed(process_cluster, survivors), 15, "replacement replicas")
+    # Nodes whose stream was on the killed replica resumed on the other one.
+    wait_until(lambda: nodes_follow(process_cluster, survivors), 10, "nodes to follow")
+
+
+def test_drain_moves_everything_away_without_a_shard_losing_its_primary(process_cluster: ProcessCluster) -> None:
+    start(process_cluster)
+    target, _ = busiest_node(process_cluster)
+    address = process_cluster.control_planes[0]
+    import grpc
+
+    from bluemarble.v1 import controlplane_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        controlplane_pb2_grpc.ControlPlaneStub(channel).DrainNode(pb.DrainNodeRequest(node_id=target), timeout=5)
+    observations = 0
+    deadline = time.monotonic() + 30
+    while True:
+        r = process_cluster.assignments(address)
+        live = process_cluster.list_nodes(address)
+        assert r is not None and live is not None
+        for a in r.assignments:
+            assert a.primary in live, f"{a.shard_id} has no live primary during the drain: {a}"
+        observations += 1
+        holds = any(target == a.primary or target in a.replicas for a in r.assignments)
+        if not holds and target not in live:
+            break
+        assert time.monotonic() < deadline, "drain did not finish in 30 s"
+        time.sleep(0.02)
+    assert observations > 5
+    assert process_cluster.process(target).proc.wait(10) == 0  # type: ignore[union-attr]
+    survivors = set(NODES) - {target}
+    wait_until(lambda: well_placed(process_cluster, survivors), 15, "a balanced placement without it")
+
+
+def test_nodes_keep_their_assignments_with_every_control_plane_replica_down(
+    process_cluster: ProcessCluster,
+) -> None:
+    start(process_cluster)
+    wait_until(lambda: nodes_follow(process_cluster, set(NODES)), 10, "nodes to hold their assignments")
+    before = {n: process_cluster.node_statuses(a) for n, a in process_cluster.node_addresses.items()}
+    assert all(before.values())
+    for i in range(len(process_cluster.control_planes)):
+        process_cluster.process(f"cp-{i}").signal(signal.SIGKILL)
+    # For well over a lease TTL with no control plane, every node keeps serving its roles.
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        for node, address in process_cluster.node_addresses.items():
+            assert process_cluster.process(node).alive()
+            assert process_cluster.node_statuses(address) == before[node]
+        time.sleep(0.5)
