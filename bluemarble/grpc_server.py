@@ -19,12 +19,14 @@ import grpc
 import grpc.aio
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
 from bluemarble.errors import BlueMarbleError
 
 log = structlog.get_logger(__name__)
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
@@ -51,7 +53,7 @@ def _abort_status(err: BlueMarbleError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, err.status, grpc.StatusCode.INTERNAL)
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Binds request context for structlog and maps exceptions to gRPC statuses.
 
     A :class:`BlueMarbleError` becomes its status with its message. Anything else is a
@@ -61,9 +63,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -72,26 +74,26 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary),
+                _wrap_unary(method, handler.unary_unary),  # type: ignore[arg-type]
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream),
+                _wrap_stream(method, handler.unary_stream),  # type: ignore[arg-type]
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
 
-def _bind(method: str, context: grpc.aio.ServicerContext) -> None:
+def _bind(method: str, context: Ctx) -> None:
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(rpc=method.rsplit("/", 1)[-1], peer=context.peer())
 
 
 async def _fail(
-    method: str, context: grpc.aio.ServicerContext, exc: Exception, started: float
+    method: str, context: Ctx, exc: Exception, started: float
 ) -> None:
     elapsed_ms = round((time.monotonic() - started) * 1000, 1)
     if isinstance(exc, BlueMarbleError):
@@ -108,16 +110,16 @@ async def _fail(
 
 
 def _wrap_unary(
-    method: str, behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    method: str, behavior: Callable[[Any, Ctx], Awaitable[Any]]
+) -> Callable[[Any, Ctx], Awaitable[Any]]:
+    async def wrapped(request: Any, context: Ctx) -> Any:
         _bind(method, context)
         started = time.monotonic()
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:  # noqa: BLE001 - this is the one place errors are mapped
+        except Exception as exc:
             await _fail(method, context, exc, started)
         finally:
             structlog.contextvars.clear_contextvars()
@@ -126,9 +128,9 @@ def _wrap_unary(
 
 
 def _wrap_stream(
-    method: str, behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
-) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    method: str, behavior: Callable[[Any, Ctx], AsyncIterator[Any]]
+) -> Callable[[Any, Ctx], AsyncIterator[Any]]:
+    async def wrapped(request: Any, context: Ctx) -> AsyncIterator[Any]:
         _bind(method, context)
         started = time.monotonic()
         try:
@@ -136,7 +138,7 @@ def _wrap_stream(
                 yield response
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:  # noqa: BLE001 - this is the one place errors are mapped
+        except Exception as exc:
             await _fail(method, context, exc, started)
         finally:
             structlog.contextvars.clear_contextvars()
@@ -170,7 +172,7 @@ async def build_server(
     listen: str,
     bindings: Iterable[ServiceBinding],
     *,
-    extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
 ) -> Server:
     """Builds, binds and starts a server on ``listen`` ("host:port"; port 0 picks one).
 

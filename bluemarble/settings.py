@@ -27,8 +27,8 @@ class EnvArgumentParser(argparse.ArgumentParser):
         flag: str,
         *,
         default: Any = None,
-        type: Callable[[str], Any] = str,  # noqa: A002 - mirrors argparse
-        help: str,  # noqa: A002
+        type: Callable[[str], Any] = str,
+        help: str,
         required: bool = False,
         choices: Sequence[Any] | None = None,
     ) -> None:

@@ -21,16 +21,16 @@ from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc, t
 from controlplane import cluster_config
 from controlplane.config_store import ConfigStore
 from controlplane.election import Election
+from controlplane.etcd import EtcdStore
+from controlplane.keys import KeySchema
 from controlplane.node_probe import NodeProbe
 from controlplane.reconciler import Reconciler
 from controlplane.records import decode_assignment, decode_node, decode_ring
+from controlplane.registry import NodeRegistry
 from controlplane.ring import Ring
 from controlplane.ring_store import ensure_ring
-from controlplane.watchcache import PrefixCache
-from controlplane.etcd import EtcdStore
-from controlplane.keys import KeySchema
-from controlplane.registry import NodeRegistry
 from controlplane.service import ControlPlaneDeps, ControlPlaneService, TradeCoordinatorService
+from controlplane.watchcache import PrefixCache
 
 log = structlog.get_logger(__name__)
 

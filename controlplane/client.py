@@ -63,10 +63,10 @@ class ControlPlaneClient:
         self._current = (self._current + 1) % len(self.addresses)
 
     def control_plane(self) -> controlplane_pb2_grpc.ControlPlaneStub:
-        return controlplane_pb2_grpc.ControlPlaneStub(self._channels[self._current])
+        return controlplane_pb2_grpc.ControlPlaneStub(self._channels[self._current])  # type: ignore[no-untyped-call]
 
     def trades(self) -> trade_pb2_grpc.TradeCoordinatorStub:
-        return trade_pb2_grpc.TradeCoordinatorStub(self._channels[self._current])
+        return trade_pb2_grpc.TradeCoordinatorStub(self._channels[self._current])  # type: ignore[no-untyped-call]
 
     async def call(
         self,
@@ -110,4 +110,4 @@ class ControlPlaneClient:
 
     async def close(self) -> None:
         for channel in self._channels:
-            await channel.close()
+            await channel.close(None)

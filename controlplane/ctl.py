@@ -99,7 +99,7 @@ def _parse_config_assignments(pairs: Sequence[str], config: common_pb2.ClusterCo
             name = "CONSISTENCY_MODEL_" + value.upper()
             if name not in common_pb2.ConsistencyModel.keys():
                 raise SystemExit(f"bluemarblectl: {value!r} is not STRONG, EVENTUAL or CAUSAL")
-            config.consistency[system] = common_pb2.ConsistencyModel.Value(name)
+            config.consistency[system] = common_pb2.ConsistencyModel.Value(name)  # type: ignore[assignment]
             continue
         field = config.DESCRIPTOR.fields_by_name.get(key)
         if field is None or key == "consistency":

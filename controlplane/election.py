@@ -124,7 +124,7 @@ class Election:
                 log.warning("election: etcd trouble; retrying", error=str(e), backoff_s=backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 2.0)
-            except Exception:  # noqa: BLE001 - a background task must not die silently
+            except Exception:
                 self._set(None)
                 log.exception("election crashed; retrying")
                 await asyncio.sleep(1.0)

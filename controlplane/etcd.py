@@ -164,7 +164,7 @@ class EtcdStore:
         self.endpoints = tuple(endpoints)
         self.rpc_timeout_s = rpc_timeout_s
         self._client = etcd3aio.Etcd3Client(list(endpoints), rpc_max_attempts=2)
-        self._client._manager.grpc_options.extend(_RECONNECT_OPTIONS)  # noqa: SLF001
+        self._client._manager.grpc_options.extend(_RECONNECT_OPTIONS)
         self._keepalive: _KeepAliveStream | None = None
 
     # ---- lifecycle ----
@@ -175,7 +175,7 @@ class EtcdStore:
         Raises Unavailable if etcd did not answer within ``startup_timeout_s``.
         """
         await self._client.connect()
-        channel = self._client._channel  # noqa: SLF001 - the keepalive stream shares it
+        channel = self._client._channel
         assert channel is not None
         self._keepalive = _KeepAliveStream(channel, self.endpoints)
         loop = asyncio.get_running_loop()

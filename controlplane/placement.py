@@ -217,8 +217,16 @@ class PlacementPlan:
 
 
 @dataclass(frozen=True, slots=True)
-class _Share:
-    """One eligible node's fair share, and the integer ranges allowed around it."""
+class FairShare:
+    """One eligible node's fair share of the shards' roles, and the counts allowed.
+
+    ``roles``, ``primaries`` and ``replicas`` are exact fractions (see the module doc);
+    the ``*_range`` properties are the inclusive integer ranges :func:`violations`
+    accepts: primaries and roles rounded down or up; replicas within one of their
+    share (a node's replicas are its roles minus its primaries, so once both of those
+    are rounded, demanding the same rounding of the difference would over-constrain
+    placement, and is often impossible together with zone spread).
+    """
 
     roles: Fraction
     primaries: Fraction
@@ -248,7 +256,7 @@ class _Layout:
     spread: int
     zone_min: Mapping[str, int]
     zone_max: Mapping[str, int]
-    shares: Mapping[NodeId, _Share]
+    shares: Mapping[NodeId, FairShare]
 
     def zone(self, node: NodeId) -> str:
         return self.live[node].zone
@@ -290,13 +298,25 @@ def _layout(nodes: Sequence[PlacementNode], config: PlacementConfig, shard_count
     )
 
 
+def fair_shares(
+    nodes: Sequence[PlacementNode], config: PlacementConfig, shard_count: int
+) -> dict[NodeId, FairShare]:
+    """The fair share of every eligible node for ``shard_count`` shards (pure).
+
+    Draining nodes have none (they should hold nothing), unless every live node is
+    draining, in which case draining is ignored (see the module doc). For status
+    displays and tests; :func:`violations` applies exactly these ranges.
+    """
+    return dict(_layout(nodes, config, shard_count).shares)
+
+
 def _fair_shares(
     zones: Mapping[str, Sequence[PlacementNode]],
     shard_count: int,
     r: int,
     zone_min: Mapping[str, int],
     zone_max: Mapping[str, int],
-) -> dict[NodeId, _Share]:
+) -> dict[NodeId, FairShare]:
     """Each eligible node's fair share of roles, primaries and replicas (exact fractions).
 
     Roles: ``S * R`` copies are split over zones in proportion to zone capacity, clamped
@@ -306,7 +326,7 @@ def _fair_shares(
     never needs more than S), and never above the node's share of roles. Replicas: the
     difference, so that the three shares are consistent.
     """
-    shares: dict[NodeId, _Share] = {}
+    shares: dict[NodeId, FairShare] = {}
     if not zones:
         return shares
     zone_names = sorted(zones)
@@ -329,7 +349,7 @@ def _fair_shares(
         for node, roles in zip(members, node_roles, strict=True):
             primaries = Fraction(shard_count * node.capacity, total_capacity)
             assert primaries <= roles, (node, primaries, roles)
-            shares[node.node_id] = _Share(roles, primaries, roles - primaries)
+            shares[node.node_id] = FairShare(roles, primaries, roles - primaries)
     return shares
 
 
@@ -521,6 +541,7 @@ class _StepKind(enum.Enum):
     REPLICAS = "replicas"
     HANDOFFS = "handoffs"
     RELOCATION = "relocation"
+    WAIT = "wait"
 
 
 class _OutOfBudget(Exception):
@@ -673,7 +694,7 @@ class _Round:
 
     # -- imbalance and preferences -------------------------------------------------
 
-    def _share(self, node: NodeId) -> _Share:
+    def _share(self, node: NodeId) -> FairShare:
         return self.layout.shares[node]
 
     def _imbalance(self, node: NodeId, d_roles: int = 0, d_primaries: int = 0) -> int:
@@ -955,7 +976,7 @@ class _Round:
         one and every neutral one is followed by an improving one, so this ends."""
         while True:
             step = self._improving_step() or self._enabling_step()
-            if step is None:
+            if step is None or step[0] is _StepKind.WAIT:
                 return
             self._take(step)
 
@@ -964,6 +985,13 @@ class _Round:
         if chain is not None:
             return _StepKind.REPLICAS, chain
         chain = self._improving_chain((0, -1), (0, 1), self._handoff_links)
+        if self._any_new_replica():
+            # A replica added in this round cannot take a primary before the next one;
+            # if it then allows a shorter chain (or the only one), waiting saves handoffs
+            # (each one bumps an epoch) and moves.
+            soon = self._improving_chain((0, -1), (0, 1), self._next_round_handoff_links)
+            if soon is not None and (chain is None or len(soon) < len(chain)):
+                return _StepKind.WAIT, []
         if chain is not None:
             return _StepKind.HANDOFFS, chain
         relocation = self._best_relocation()
@@ -1027,6 +1055,8 @@ class _Round:
 
     def _take(self, step: tuple[_StepKind, list[Step]]) -> None:
         kind, chain = step
+        if kind is _StepKind.WAIT:
+            return
         if kind is _StepKind.REPLICAS:
             self._spend_on(chain)
             for shard, source, target in chain:
@@ -1046,16 +1076,10 @@ class _Round:
             self.moving_in[target] += 1
 
     def _spend_on(self, chain: list[Step]) -> None:
-        """Cut ``chain`` to what the budget allows. A chain is applied whole when the
-        budget left allows it; with less left than the chain needs, the round ends,
-        except when a whole round's budget is shorter than the chain: then its first
-        steps are taken (the node they end on now holds one role too many, and the
-        next round continues the chain from there), or the chain could never happen."""
+        """End the round unless the budget left covers the whole chain."""
         if len(chain) > self.budget:
-            if self.budget < self.full_budget or self.budget == 0:
-                self.out_of_budget = True
-                raise _OutOfBudget
-            del chain[self.budget:]
+            self.out_of_budget = True
+            raise _OutOfBudget
 
     def _improving_chain(
         self,
@@ -1091,15 +1115,25 @@ class _Round:
                     links.append((shard, node, other))
         return links
 
-    def _handoff_links(self, node: NodeId) -> list[Step]:
+    def _handoff_links(self, node: NodeId, next_round: bool = False) -> list[Step]:
         links: list[Step] = []
         for shard in sorted(self.primary_of[node], key=_shard_order):
             if shard in self.fresh_primary or shard in self.relocating:
                 continue
             for other in sorted(self.replicas[shard]):
-                if other in self.layout.eligible and other in self.has_data[shard]:
+                if other in self.layout.eligible and (next_round or other in self.has_data[shard]):
                     links.append((shard, node, other))
         return links
+
+    def _next_round_handoff_links(self, node: NodeId) -> list[Step]:
+        """Handoffs that will be possible next round, once new replicas have the data."""
+        return self._handoff_links(node, next_round=True)
+
+    def _any_new_replica(self) -> bool:
+        return any(
+            not self.has_data[shard].issuperset(replicas)
+            for shard, replicas in self.replicas.items()
+        )
 
     def _best_relocation(self) -> Step | None:
         """The primary move to a node without a copy (source loses a role and a primary,
@@ -1149,7 +1183,9 @@ class _Round:
         """Breadth-first search from ``sources`` to any of ``targets`` other than the
         chain's own source; among the shortest chains, the one ending at the best target
         by ``preference``. Chains use each shard at most once, so their steps do not
-        interfere with each other."""
+        interfere with each other, and are at most one round's budget long, since a
+        chain is only ever applied whole (half a chain unbalances its middle node, and
+        the next round could well undo it instead of finishing it)."""
         parent: dict[NodeId, Step | None] = {n: None for n in sources}
         root = {n: n for n in sources}
 
@@ -1162,7 +1198,7 @@ class _Round:
             return steps
 
         frontier = list(sources)
-        while frontier:
+        for _ in range(self.full_budget):
             found: dict[NodeId, list[Step]] = {}
             following: list[NodeId] = []
             for node in frontier:

@@ -14,7 +14,9 @@ One round:
    write, so the next round plans from it.
 
 Rounds run when a mirror changes (node joined, died, drained; assignment written) and at
-least every ``tick_s``. Only the elected leader runs rounds.
+least every ``tick_s``. Only the elected leader runs rounds. While some shard has no live
+copy at all (never placed, or the whole cluster restarted) and fewer than R nodes are live, the first ``initial_placement_grace_s`` of a
+term place nothing: a forming cluster gets one placement, not a cascade of moves.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class Reconciler:
         configs: ConfigStore,
         probe: NodeProbe,
         tick_s: float = 1.0,
+        initial_placement_grace_s: float = 3.0,
     ):
         self._store = store
         self._keys = keys
@@ -74,6 +77,9 @@ class Reconciler:
         self._configs = configs
         self._probe = probe
         self._tick_s = tick_s
+        self._grace_s = initial_placement_grace_s
+        self._term: Leadership | None = None
+        self._term_started = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.rounds = 0
@@ -102,7 +108,7 @@ class Reconciler:
                     raise
                 except BlueMarbleError as e:
                     log.warning("reconcile round failed", error=str(e))
-                except Exception:  # noqa: BLE001 - the loop must survive a bad round
+                except Exception:
                     log.exception("reconcile round crashed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._tick_s)
@@ -132,6 +138,17 @@ class Reconciler:
         config, _ = await self._configs.get()
         nodes, addresses, current, shards = self.observe()
         if not shards:
+            return None
+        if self._term is not leadership:
+            self._term, self._term_started = leadership, asyncio.get_running_loop().time()
+        eligible = sum(1 for n in nodes if not n.draining)
+        if (
+            eligible < config.replication_factor
+            and asyncio.get_running_loop().time() - self._term_started < self._grace_s
+        ):
+            # A cluster being formed (or restarted whole) right as this leader took over:
+            # nodes are still registering. Placing every shard on the first node now would
+            # mean moving most of them again a second later, each move an epoch bump.
             return None
         lost = [
             shard

@@ -13,7 +13,7 @@ import structlog
 
 from bluemarble import validation
 from bluemarble.clock import Clock
-from bluemarble.errors import AlreadyExists, Aborted, InvalidArgument, NotFound
+from bluemarble.errors import Aborted, AlreadyExists, InvalidArgument, NotFound
 from bluemarble.ids import NodeId
 from bluemarble.v1 import common_pb2
 from controlplane import codec

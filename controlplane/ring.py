@@ -406,7 +406,7 @@ def _ranges(
     smallest token's range wraps from the largest token (the whole circle for one token).
     """
     previous = tokens[-1]
-    for token, owner in zip(tokens, owners):
+    for token, owner in zip(tokens, owners, strict=False):
         yield (token - previous) % HASH_SPACE or HASH_SPACE, previous, owner
         previous = token
 
@@ -420,7 +420,7 @@ def _bucket_table(tokens: Sequence[int], owners: Sequence[ShardId]) -> tuple[Sha
     """
     table = [_AMBIGUOUS] * _BUCKET_COUNT
     previous_bucket = -1
-    for token, owner in zip(tokens, owners):
+    for token, owner in zip(tokens, owners, strict=False):
         bucket = token >> _BUCKET_SHIFT
         if bucket > previous_bucket + 1:
             table[previous_bucket + 1 : bucket] = [owner] * (bucket - previous_bucket - 1)
@@ -482,7 +482,7 @@ def _water_fill(levels: Sequence[int], caps: Sequence[int], total: int) -> list[
         return list(caps)
 
     def amounts(level: int) -> list[int]:
-        return [min(cap, max(0, have - level)) for have, cap in zip(levels, caps)]
+        return [min(cap, max(0, have - level)) for have, cap in zip(levels, caps, strict=False)]
 
     # Largest integer L with sum(amounts(L)) >= total: sum(amounts(low)) = sum(caps) >= total
     # and sum(amounts(high)) = 0 < total.
@@ -547,11 +547,11 @@ def _allocate_tokens(
     # takes (start, start + piece] and lies strictly inside the range.
     new_tokens: list[int] = []
     new_ranges: list[tuple[int, int]] = []  # (-size, start) of the new shard's ranges
-    for ranges, give in zip(chosen, gives):
+    for ranges, give in zip(chosen, gives, strict=False):
         if not ranges:
             continue
         pieces = _water_fill([HASH_SPACE] * len(ranges), [s - 1 for s, _ in ranges], give)
-        for (_, start), piece in zip(ranges, pieces):
+        for (_, start), piece in zip(ranges, pieces, strict=False):
             if piece > 0:
                 new_tokens.append((start + piece) % HASH_SPACE)
                 new_ranges.append((-piece, start))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc.aio
 
@@ -26,7 +27,7 @@ from controlplane.registry import NodeRegistry
 from controlplane.ring import Ring
 from controlplane.watchcache import PrefixCache
 
-Ctx = grpc.aio.ServicerContext
+Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 @dataclass

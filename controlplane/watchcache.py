@@ -194,7 +194,7 @@ class PrefixCache(Generic[V]):
                 log.warning("watch broke; retrying", cache=self.name, error=str(e), backoff_s=backoff_s)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a background task must not die silently
+            except Exception:
                 self.healthy = False
                 log.exception("watch crashed; retrying", cache=self.name)
             await asyncio.sleep(backoff_s)

@@ -13,9 +13,9 @@ What runs (every one a real process, as an operator would start it, all on 127.0
 
 What is measured, ``--kills`` times (default 10):
 
-1. Wait until placement is settled: every live node listed by ListNodes, every shard
-   has a live primary and R-1 = 2 live replicas on distinct nodes, and the assignments
-   have not changed for ``--settle-s``.
+1. Wait until placement is settled: every node listed by ListNodes, every shard has a
+   live primary and R-1 = 2 live replicas on distinct nodes, primaries balanced (counts
+   per node differ by at most one), and the assignments unchanged for ``--settle-s``.
 2. Pick the victim: the next node in round-robin order that is primary of at least one
    shard; note the epoch of every shard it leads.
 3. ``t_kill = time.monotonic()``; SIGKILL the victim (no deregistration: its lease must
@@ -198,6 +198,12 @@ def placement_problems(r: pb.ListAssignmentsResponse, live: set[str], shards: in
             found.append(f"{a.shard_id}: members {members}")
         if any(m not in live for m in members):
             found.append(f"{a.shard_id}: dead member in {members}")
+    # Balanced (equal capacities): primary counts differ by at most one, so a node that
+    # came back holds its share again before the next kill.
+    primaries = collections.Counter(a.primary for a in r.assignments)
+    counts = [primaries.get(n, 0) for n in live]
+    if counts and max(counts) - min(counts) > 1:
+        found.append(f"primaries per node {dict(primaries)}")
     return found
 
 

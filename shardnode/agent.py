@@ -20,7 +20,6 @@ import contextlib
 from dataclasses import dataclass
 
 import grpc.aio
-
 import structlog
 
 from bluemarble.clock import Clock, SystemClock
@@ -87,7 +86,9 @@ class NodeAgent:
 
     def shard_statuses(self) -> list[common_pb2.ShardStatus]:
         return [
-            common_pb2.ShardStatus(shard_id=shard, epoch=h.epoch, role=h.role, applied_lsn=h.applied_lsn)
+            common_pb2.ShardStatus(
+                shard_id=shard, epoch=h.epoch, role=h.role, applied_lsn=h.applied_lsn  # type: ignore[arg-type]
+            )
             for shard, h in sorted(self.shards.items())
         ]
 

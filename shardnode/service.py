@@ -4,13 +4,14 @@ plane (roadmap steps 3 and 4); until then those RPCs answer UNIMPLEMENTED."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc.aio
 
 from bluemarble.errors import Unimplemented
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
 
-Ctx = grpc.aio.ServicerContext
+Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 def _later(rpc: str, step: str = "the data plane (roadmap step 3)") -> Unimplemented:

@@ -13,7 +13,9 @@ from controlplane.app import ControlPlaneApp
 pytestmark = pytest.mark.integration
 
 
-async def _reflect(address: str, request: reflection_pb2.ServerReflectionRequest) -> reflection_pb2.ServerReflectionResponse:
+async def _reflect(
+    address: str, request: reflection_pb2.ServerReflectionRequest
+) -> reflection_pb2.ServerReflectionResponse:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         call = stub.ServerReflectionInfo(iter([request]))
@@ -38,7 +40,8 @@ async def test_describe_shows_contract_fields(control_plane: ControlPlaneApp) ->
         control_plane.address,
         reflection_pb2.ServerReflectionRequest(file_containing_symbol="bluemarble.v1.ControlPlane"),
     )
-    files = [descriptor_pb2.FileDescriptorProto.FromString(raw) for raw in r.file_descriptor_response.file_descriptor_proto]
+    raw_files = r.file_descriptor_response.file_descriptor_proto
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw) for raw in raw_files]
     messages = {m.name: [f.name for f in m.field] for f in files for m in f.message_type}
     rpcs = {m.name for f in files for s in f.service for m in s.method}
     assert {"RegisterNode", "Heartbeat", "DeregisterNode", "WatchAssignments", "ListNodes", "SetConfig"} <= rpcs

@@ -213,8 +213,10 @@ class TestBadInput:
     ) -> None:
         async with grpc.aio.insecure_channel(control_plane.address) as channel:
             stub = trade_pb2_grpc.TradeCoordinatorStub(channel)
-            request = trade_pb2.ExecuteTradeRequest(trade_id="t") if rpc == "ExecuteTrade" else trade_pb2.GetTradeRequest(trade_id="t")
-            got, details = await status_of(getattr(stub, rpc)(request))
+            if rpc == "ExecuteTrade":
+                got, details = await status_of(stub.ExecuteTrade(trade_pb2.ExecuteTradeRequest(trade_id="t")))
+            else:
+                got, details = await status_of(stub.GetTrade(trade_pb2.GetTradeRequest(trade_id="t")))
         assert got == grpc.StatusCode.UNIMPLEMENTED
         assert "roadmap step 4" in details
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc.aio
 import pytest
 
 from bluemarble.v1 import controlplane_pb2 as pb
@@ -76,7 +75,14 @@ async def test_watch_assignments_sends_a_snapshot_then_changes_with_revisions(
     stream = call.__aiter__()
     first = await asyncio.wait_for(stream.__anext__(), 5)
     assert first.snapshot and list(first.assignments) == []
-    await stub.RegisterNode(pb.RegisterNodeRequest(node_id="n0", address="127.0.0.1:7101", zone="z1"))
+    reg = await stub.RegisterNode(pb.RegisterNodeRequest(node_id="n0", address="127.0.0.1:7101", zone="z1"))
+
+    async def heartbeats() -> None:
+        while True:
+            await stub.Heartbeat(pb.HeartbeatRequest(node_id="n0", lease_id=reg.lease_id))
+            await asyncio.sleep(0.5)
+
+    beating = asyncio.create_task(heartbeats())
     held: dict[str, int] = {}
     revision = first.revision
     while len(held) < 16:
@@ -89,6 +95,7 @@ async def test_watch_assignments_sends_a_snapshot_then_changes_with_revisions(
             held[a.shard_id] = a.epoch
     assert all(epoch >= 1 for epoch in held.values())
     call.cancel()
+    beating.cancel()
 
 
 async def test_a_compacted_watch_raises_so_the_caller_relists(control_plane: ControlPlaneApp) -> None:
@@ -97,7 +104,7 @@ async def test_a_compacted_watch_raises_so_the_caller_relists(control_plane: Con
     first = await store.put(key, b"1")
     await store.put(key, b"2")
     latest = await store.put(key, b"3")
-    await store._client.kv.compact(latest, physical=True)  # type: ignore[union-attr]  # noqa: SLF001
+    await store._client.kv.compact(latest, physical=True)  # type: ignore[union-attr]
     with pytest.raises(Compacted) as info:
         async for _ in store.watch_prefix(key, first):
             pass
