@@ -981,23 +981,39 @@ class _Round:
             self._take(step)
 
     def _improving_step(self) -> tuple[_StepKind, list[Step]] | None:
-        chain = self._improving_chain((-1, 0), (1, 0), self._replica_links)
+        """The step that lowers the imbalance at the lowest cost in changed roles per
+        unit of imbalance removed (a replica move or a handoff changes two roles, a
+        relocation in the end changes two: the old primary's and the new one's); ties
+        go to replica moves (no epoch change), then handoffs, then relocations."""
+        replica_move, handoff = ((-1, 0), (1, 0)), ((0, -1), (0, 1))
+        options: list[tuple[Fraction, int, _StepKind, list[Step]]] = []
+
+        def offer(rank: int, kind: _StepKind, chain: list[Step] | None, gain: int) -> None:
+            if chain is not None and gain < 0:
+                options.append((Fraction(2 * len(chain), -gain), rank, kind, chain))
+
+        chain = self._improving_chain(*replica_move, self._replica_links)
         if chain is not None:
-            return _StepKind.REPLICAS, chain
-        chain = self._improving_chain((0, -1), (0, 1), self._handoff_links)
+            offer(0, _StepKind.REPLICAS, chain, self._chain_gain(chain, *replica_move))
+        chain = self._improving_chain(*handoff, self._handoff_links)
+        if chain is not None:
+            offer(1, _StepKind.HANDOFFS, chain, self._chain_gain(chain, *handoff))
         if self._any_new_replica():
             # A replica added in this round cannot take a primary before the next one;
-            # if it then allows a shorter chain (or the only one), waiting saves handoffs
-            # (each one bumps an epoch) and moves.
-            soon = self._improving_chain((0, -1), (0, 1), self._next_round_handoff_links)
-            if soon is not None and (chain is None or len(soon) < len(chain)):
-                return _StepKind.WAIT, []
-        if chain is not None:
-            return _StepKind.HANDOFFS, chain
+            # when that will allow a cheaper chain, waiting saves handoffs (each bumps
+            # an epoch) and moves.
+            soon = self._improving_chain(*handoff, self._next_round_handoff_links)
+            if soon is not None:
+                offer(2, _StepKind.WAIT, soon, self._chain_gain(soon, *handoff))
         relocation = self._best_relocation()
         if relocation is not None:
-            return _StepKind.RELOCATION, [relocation]
-        return None
+            _, source, target = relocation
+            gain = self._delta(source, -1, -1) + self._delta(target, 1, 1)
+            offer(3, _StepKind.RELOCATION, [relocation], gain)
+        if not options:
+            return None
+        _, _, kind, chain = min(options, key=lambda option: option[:2])
+        return kind, chain
 
     def _enabling_step(self) -> tuple[_StepKind, list[Step]] | None:
         """A single replica move or handoff that leaves the imbalance unchanged but after
@@ -1124,6 +1140,13 @@ class _Round:
                 if other in self.layout.eligible and (next_round or other in self.has_data[shard]):
                     links.append((shard, node, other))
         return links
+
+    def _chain_gain(
+        self, chain: Sequence[Step], source_change: tuple[int, int],
+        target_change: tuple[int, int],
+    ) -> int:
+        """Change of the imbalance if ``chain`` is applied (only its ends change)."""
+        return self._delta(chain[0][1], *source_change) + self._delta(chain[-1][2], *target_change)
 
     def _next_round_handoff_links(self, node: NodeId) -> list[Step]:
         """Handoffs that will be possible next round, once new replicas have the data."""

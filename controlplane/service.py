@@ -80,6 +80,15 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
     async def Heartbeat(
         self, request: controlplane_pb2.HeartbeatRequest, context: Ctx
     ) -> controlplane_pb2.HeartbeatResponse:
+        return await self._heartbeat(request)
+
+    async def HeartbeatStream(
+        self, request_iterator: AsyncIterator[controlplane_pb2.HeartbeatRequest], context: Ctx
+    ) -> AsyncIterator[controlplane_pb2.HeartbeatResponse]:
+        async for request in request_iterator:
+            yield await self._heartbeat(request)
+
+    async def _heartbeat(self, request: controlplane_pb2.HeartbeatRequest) -> controlplane_pb2.HeartbeatResponse:
         if len(request.shards) > MAX_SHARD_STATUSES:
             raise InvalidArgument(
                 f"heartbeat reports {len(request.shards)} shards; at most {MAX_SHARD_STATUSES}"

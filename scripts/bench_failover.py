@@ -218,9 +218,12 @@ class Bench:
     async def list_assignments(self) -> pb.ListAssignmentsResponse | None:
         assert self.stub is not None
         try:
-            return await self.stub.ListAssignments(pb.ListAssignmentsRequest(), timeout=1.0)
+            r: pb.ListAssignmentsResponse = await self.stub.ListAssignments(
+                pb.ListAssignmentsRequest(), timeout=1.0
+            )
         except grpc.aio.AioRpcError:
             return None
+        return r
 
     async def list_nodes(self) -> set[str] | None:
         assert self.stub is not None

@@ -103,6 +103,30 @@ class WorkerResult:
     error_samples: dict[str, str]  # status -> details of its first occurrence
 
 
+class _Deadline(Exception):
+    """A streamed heartbeat got no answer within the deadline (like DEADLINE_EXCEEDED)."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return "no answer on the heartbeat stream within the deadline"
+
+
+class _Closed(Exception):
+    """The server ended the heartbeat stream with a status."""
+
+    def __init__(self, status: grpc.StatusCode):
+        super().__init__(status.name)
+        self.status = status
+
+    def code(self) -> grpc.StatusCode:
+        return self.status
+
+    def details(self) -> str:
+        return f"heartbeat stream closed with {self.status.name}"
+
+
 def _phase(t: float, timing: Any) -> str:
     start = timing[T_START]
     if start <= 0 or t < start:
@@ -126,6 +150,7 @@ async def _generate(
     interval = float(args["interval_s"])
     ttl_s = float(args["lease_ttl_s"])
     hb_timeout = float(args["hb_timeout_s"])
+    stream_mode = args["mode"] == "stream"
     # A local subchannel pool per channel, or all channels to one target share one TCP
     # connection and the "few channels" would be one.
     options = [("grpc.use_local_subchannel_pool", 1)]
@@ -180,6 +205,7 @@ async def _generate(
         if counters["registered"] == len(indexes):
             all_registered.set()
         request = controlplane_pb2.HeartbeatRequest(node_id=node_id(i), lease_id=lease_id)
+        call = None  # this node's HeartbeatStream, in stream mode
         # Node i's phase within the interval: spread all N nodes evenly.
         offset = interval * i / total
         due = reg_started + offset
@@ -199,8 +225,26 @@ async def _generate(
                 ph.late += 1
             ph.max_late_s = max(ph.max_late_s, late)
             try:
-                await stub.Heartbeat(request, timeout=hb_timeout)
-            except grpc.aio.AioRpcError as e:
+                if stream_mode:
+                    if call is None:
+                        call = stub.HeartbeatStream()
+                    try:
+                        async with asyncio.timeout(hb_timeout):
+                            await call.write(request)
+                            response = await call.read()
+                    except TimeoutError:
+                        call.cancel()
+                        call = None
+                        raise _Deadline() from None
+                    if not isinstance(response, controlplane_pb2.HeartbeatResponse):
+                        code = await call.code()
+                        call = None
+                        raise _Closed(code)
+                else:
+                    await stub.Heartbeat(request, timeout=hb_timeout)
+            except (grpc.aio.AioRpcError, _Deadline, _Closed) as e:
+                if stream_mode and isinstance(e, grpc.aio.AioRpcError):
+                    call = None
                 code = e.code()
                 ph.codes[code.name] = ph.codes.get(code.name, 0) + 1
                 error_samples.setdefault(code.name, str(e.details()))
@@ -423,6 +467,7 @@ def run_level(n: int, args: argparse.Namespace, workdir: Path) -> LevelResult:
             "hb_timeout_s": args.hb_timeout_s,
             "channels": args.channels,
             "register_concurrency": args.register_concurrency,
+            "mode": args.mode,
         }
         for w in range(k):
             indexes = list(range(w, n, k))  # interleaved: each worker's phases cover the second
@@ -654,6 +699,12 @@ def main() -> int:
         help="heartbeat deadline (the agent uses the interval)",
     )
     p.add_argument("--workers", type=int, default=2, help="load-generator processes")
+    p.add_argument(
+        "--mode",
+        choices=("stream", "unary"),
+        default="stream",
+        help="HeartbeatStream, one stream per node as bluemarble-node does (default), or unary Heartbeat calls",
+    )
     p.add_argument("--channels", type=int, default=4, help="gRPC channels (connections) per generator")
     p.add_argument("--register-concurrency", type=int, default=32, help="registrations in flight per generator")
     p.add_argument("--register-timeout-s", type=float, default=180.0)

@@ -45,14 +45,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import multiprocessing as mp
 import os
 import queue
 import shutil
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -79,7 +77,7 @@ def watcher(worker: int, address: str, streams: int, first_stream: int, out: Any
     try:
         result = asyncio.run(_watch(worker, address, streams, first_stream, out, stop))
         out.put(("done", worker, result))
-    except Exception as e:  # noqa: BLE001 - reported to the parent
+    except Exception as e:  # reported to the parent
         out.put(("error", worker, f"{type(e).__name__}: {e}"))
 
 
@@ -212,13 +210,13 @@ def analyse(changes: list[dict[str, Any]], seen: list[tuple[int, str, int, float
     for c in measured:
         arrivals = []
         for index in range(streams):
-            t = first.get((index, c["shard"], c["epoch"]))
-            if t is None:
+            arrived = first.get((index, c["shard"], c["epoch"]))
+            if arrived is None:
                 missing += 1
                 continue
-            arrivals.append(t)
-            from_commit.append((t - c["t_commit"]) * 1000)
-            from_send.append((t - c["t_send"]) * 1000)
+            arrivals.append(arrived)
+            from_commit.append((arrived - c["t_commit"]) * 1000)
+            from_send.append((arrived - c["t_send"]) * 1000)
         if arrivals:
             spreads.append((max(arrivals) - min(arrivals)) * 1000)
             last_stream.append((max(arrivals) - c["t_commit"]) * 1000)
@@ -286,8 +284,8 @@ def main() -> int:
         ).start()  # fmt: skip
 
         def ready() -> bool:
-            if not cp.alive():  # type: ignore[union-attr]
-                raise RuntimeError(f"control plane exited:\n{cp.log_tail()}")  # type: ignore[union-attr]
+            if not cp.alive():
+                raise RuntimeError(f"control plane exited:\n{cp.log_tail()}")
             with grpc.insecure_channel(address) as channel:
                 stub = controlplane_pb2_grpc.ControlPlaneStub(channel)  # type: ignore[no-untyped-call]
                 try:
@@ -297,15 +295,16 @@ def main() -> int:
                     return False
             if nodes.nodes:
                 raise RuntimeError(f"nodes are registered ({[n.node_id for n in nodes.nodes]}); the bench needs none")
-            return len(r.assignments) == args.shards
+            return bool(len(r.assignments) == args.shards)
 
         wait_until(ready, 30, f"the control plane to serve {args.shards} initial assignments")
-        per = [args.streams // args.workers + (1 if w < args.streams % args.workers else 0) for w in range(args.workers)]
+        base, extra = divmod(args.streams, args.workers)
+        per = [base + (1 if w < extra else 0) for w in range(args.workers)]
         first = 0
         for w, n in enumerate(per):
-            proc = ctx.Process(target=watcher, args=(w, address, n, first, out, stop), daemon=True)
-            proc.start()
-            procs.append(proc)
+            worker = ctx.Process(target=watcher, args=(w, address, n, first, out, stop), daemon=True)
+            worker.start()
+            procs.append(worker)
             first += n
         readies = 0
         while readies < args.workers:

@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import grpc.aio
 import structlog
 
 from bluemarble.clock import Clock, SystemClock
-from bluemarble.errors import AlreadyExists, BlueMarbleError, FatalError, NotFound
+from bluemarble.errors import AlreadyExists, BlueMarbleError, FatalError, NotFound, Unavailable
 from bluemarble.v1 import common_pb2, controlplane_pb2
 from controlplane.client import ControlPlaneClient, to_error
 
@@ -83,6 +84,8 @@ class NodeAgent:
         self.assignments_revision = 0
         self.assignments_synced = asyncio.Event()
         self.draining = False
+        self._beats: grpc.aio.StreamStreamCall[Any, Any] | None = None
+        self._beats_address = ""
 
     def shard_statuses(self) -> list[common_pb2.ShardStatus]:
         return [
@@ -100,6 +103,7 @@ class NodeAgent:
         try:
             await self._heartbeat_loop(stop)
         finally:
+            self._close_beats(rotate=False)
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
@@ -178,6 +182,8 @@ class NodeAgent:
         self.assignments_synced.set()
 
     async def _heartbeat(self) -> None:
+        """One heartbeat over the long-lived HeartbeatStream (opened on first use, and
+        again on the next address after it breaks). Raises the mapped BlueMarbleError."""
         assert self.registration is not None
         sent_at = self._clock.monotonic_s()
         request = controlplane_pb2.HeartbeatRequest(
@@ -186,14 +192,38 @@ class NodeAgent:
             shards=self.shard_statuses(),
         )
         timeout_s = max(self.registration.heartbeat_interval_s, 0.2)
-        response: controlplane_pb2.HeartbeatResponse = await self._client.call(
-            lambda s: s.Heartbeat, request, timeout_s=timeout_s, attempts=2
-        )
+        if self._beats is None:
+            self._beats_address = self._client.current_address
+            self._beats = self._client.control_plane().HeartbeatStream()
+        call = self._beats
+        try:
+            async with asyncio.timeout(timeout_s):
+                await call.write(request)
+                response = await call.read()
+        except grpc.aio.AioRpcError as e:
+            error = to_error(e, self._beats_address)
+            self._close_beats(rotate=isinstance(error, Unavailable))
+            raise error from e
+        except (TimeoutError, grpc.aio.UsageError, asyncio.InvalidStateError) as e:
+            self._close_beats(rotate=True)
+            raise Unavailable(
+                f"heartbeat to {self._beats_address} got no answer within {timeout_s:g} s"
+            ) from e
+        if not isinstance(response, controlplane_pb2.HeartbeatResponse):  # grpc.aio.EOF
+            self._close_beats(rotate=True)
+            raise Unavailable(f"control plane {self._beats_address} closed the heartbeat stream")
         # The lease was refreshed at some point after sent_at: valid for TTL from then.
         self.lease_valid_until_s = sent_at + response.ttl_ms / 1000
         if response.draining and not self.draining:
             log.info("control plane is draining this node")
         self.draining = response.draining
+
+    def _close_beats(self, rotate: bool) -> None:
+        if self._beats is not None:
+            self._beats.cancel()
+            self._beats = None
+            if rotate and self._client.current_address == self._beats_address:
+                self._client.rotate()
 
     async def _register(self, stop: asyncio.Event) -> None:
         ident = self.identity
