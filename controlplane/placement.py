@@ -20,40 +20,60 @@ What a valid, balanced placement is (DESIGN.md, flows 3 and 4), checked by
   one primary and ``R - 1`` replicas on distinct eligible nodes.
 * Zone spread comes first: the copies of a shard span ``min(R, zones among eligible
   nodes)`` distinct zones.
-* Balance by capacity: every eligible node's number of primaries is its fair share
-  ``S * capacity / total capacity`` (S = number of shards) rounded down or up; its number
-  of roles (primaries + replicas) is its fair share of ``S * R`` rounded down or up, and
-  so is its number of replicas (fair share of replicas = fair share of roles minus fair
-  share of primaries). With equal capacities, primary counts differ by at most one.
-  A node can hold at most one role per shard, and zone spread can force a small zone to
-  hold more than its capacity's worth; the fair share of roles is therefore the capacity-
-  proportional share *capped* by those limits (water-filling, first over zones and then
-  over the nodes of each zone), and is plainly ``S * R * capacity / total`` whenever no
-  cap binds. See :func:`_fair_shares`.
+* Balance by capacity (:class:`FairShare`, :func:`fair_shares`): every eligible node's
+  number of primaries is its fair share ``S * capacity / total capacity`` (S = number of
+  shards) rounded down or up, so with equal capacities primary counts differ by at most
+  one; its number of roles (primaries + replicas) is its fair share of the ``S * R``
+  roles rounded down or up; its number of replicas is within one of its fair share of
+  replicas (roles share minus primaries share). Replicas get the looser "within one"
+  because they are the difference of the other two counts: asking for the same
+  rounding of all three over-constrains placement, often beyond what zone spread
+  leaves possible. A node can hold at most one role per shard, and zone spread can force
+  a zone to hold more or fewer copies than its capacity's worth; so the fair share of
+  roles is the capacity-proportional share *capped* by those limits (water-filling,
+  first over zones, then over the nodes of each zone), which is plainly
+  ``S * R * capacity / total capacity`` whenever no cap binds.
 
-How a plan moves toward it (in this order in every round):
+How a round moves toward it, in this order:
 
-1. *Failover* (never limited by the move budget): a shard whose primary is dead gets the
-   live replica with the highest applied log position (``positions``; ties by the
-   smallest node id), a ``PROMOTE``. A node that was not already a replica of the shard is
-   never promoted while a live replica exists, since it would not have the writes. Only
-   when no live replica exists at all is a fresh node assigned (``ASSIGN_PRIMARY``); the
-   move's reason then says the shard's data may be lost. Dead or unknown nodes and
-   duplicate entries are dropped from replica lists (``DROP_REPLICA``, bookkeeping,
-   also not budgeted).
-2. Then, within ``max_moves_per_round`` moves: restore the replica count, hand off the
-   primaries of draining nodes, remove excess replicas, move replicas off draining nodes,
-   repair zone spread, and finally rebalance with the shortest chains of replica moves
-   and primary handoffs that reduce the imbalance. Nothing moves that is already valid
-   and balanced, so a valid balanced input yields a plan that changes nothing.
+1. *Failover*, never limited by the move budget: a shard whose primary is dead gets the
+   live replica with the highest applied log position (``positions``; ties go to the
+   smallest node id), a ``PROMOTE``. A node that was not already a replica of the shard
+   is never promoted while a live replica exists, since it would not have the writes.
+   Only when no live replica exists at all is a fresh node assigned
+   (``ASSIGN_PRIMARY``), and the move's reason then says that the shard's data may be
+   lost. Dead or unknown nodes and duplicate entries are dropped from replica lists
+   (``DROP_REPLICA``: bookkeeping, not budgeted either).
+2. Then, with at most ``max_moves_per_round`` moves: restore the replica count (shards
+   with the fewest copies first), hand off the primaries of draining nodes, remove
+   excess replicas, move replicas off draining nodes, repair zone spread, rebalance.
+   Rebalancing applies, while the total imbalance (how far counts are outside their
+   ranges) is above zero, the step that removes it at the lowest cost in changed roles:
+   the shortest chain of replica moves, or of handoffs, or a primary relocation (the
+   target is added as an extra replica; a later round hands the primary to it and drops
+   the old primary's copy). A chain is applied whole or not at all, so it is at most
+   one round's budget long. Nothing moves when nothing is wrong, so a valid, balanced
+   ``current`` yields a plan that changes nothing.
 
 Safety rules every plan obeys: a shard with a live primary keeps a primary in every plan
 (a handoff sets, in one step, a new primary that already holds the data: a replica
-listed in ``current``, not one added by the same plan); a shard promoted in a plan is not
-handed off again in the same plan (the promoted replica is the one with the writes);
-draining nodes receive no new roles. The next round treats every listed replica as
+listed in ``current``, never one added by the same plan); a shard promoted in a plan is
+not handed off again in the same plan (the promoted replica is the one with the writes);
+draining nodes receive no new roles (the old primary of a handoff stays a replica until
+its copy is moved); a shard may have one replica more than ``R - 1`` between two rounds,
+the one about to take over a primary. The next round treats every listed replica as
 holding the data, so the caller applies a plan, and lets new replicas catch up, before
-planning again. Repeated rounds converge (``PlacementPlan.converged``).
+planning again. Repeated rounds converge (``PlacementPlan.converged``), in a number of
+rounds that grows with the work to do divided by the budget.
+
+Minimal movement: the planner is greedy, not a global optimizer. When a node is lost,
+only that node's roles move, plus what balance then requires: fair shares change with
+the set of nodes, and promotions can leave a node above its primary range, which then
+costs handoffs, possibly of shards that never involved the lost node. Compared with the
+least number of role changes that reaches a valid balanced placement (an exhaustive
+search in the tests), the result is usually equal and never was more than twice it on
+small clusters; the difference comes from rounds (a replica added in one round can
+only take a primary in the next) and from repairs that are chosen before balance.
 
 Epochs: a shard's epoch increases by exactly one when its primary changes (promotion,
 assignment, handoff) and is unchanged otherwise; a shard absent from ``current`` counts
@@ -62,7 +82,9 @@ as epoch 0 with no primary, so a brand-new shard gets epoch 1 with its first pri
 With no live node at all nothing can be improved, and forgetting who held the data would
 turn a full-cluster restart into data loss: every shard keeps its record unchanged
 (a shard absent from ``current`` is recorded with epoch 0, no primary and no replicas),
-the plan has no moves and is converged.
+the plan has no moves and is converged. (The caller should also not plan while nodes
+are still re-registering after such an outage: a shard whose copies are all on nodes
+not yet back would get a fresh, empty primary.)
 """
 
 from __future__ import annotations

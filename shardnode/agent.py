@@ -24,7 +24,14 @@ import grpc.aio
 import structlog
 
 from bluemarble.clock import Clock, SystemClock
-from bluemarble.errors import AlreadyExists, BlueMarbleError, FatalError, NotFound, Unavailable
+from bluemarble.errors import (
+    AlreadyExists,
+    BlueMarbleError,
+    FatalError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from bluemarble.v1 import common_pb2, controlplane_pb2
 from controlplane.client import ControlPlaneClient, to_error
 
@@ -202,8 +209,15 @@ class NodeAgent:
                 response = await call.read()
         except grpc.aio.AioRpcError as e:
             error = to_error(e, self._beats_address)
-            self._close_beats(rotate=isinstance(error, Unavailable))
-            raise error from e
+            if isinstance(error, NotFound | InvalidArgument):
+                self._close_beats(rotate=False)
+                raise error from e
+            # Any other end of the stream (UNAVAILABLE, CANCELLED, INTERNAL from a
+            # dying peer...) is a transport problem: reopen it, on the next address.
+            self._close_beats(rotate=True)
+            raise Unavailable(
+                f"heartbeat stream to {self._beats_address} broke: {e.code().name} {e.details()}"
+            ) from e
         except (TimeoutError, grpc.aio.UsageError, asyncio.InvalidStateError) as e:
             self._close_beats(rotate=True)
             raise Unavailable(
