@@ -527,7 +527,9 @@ def plan_assignments(
     first = _Round(layout, ordered, current, config.max_moves_per_round, positions or {})
     first.run()
     result = first.assignments()
-    again = _Round(layout, ordered, result, config.max_moves_per_round, {})
+    # Converged means a round planned from the result would do nothing; the probe stops
+    # at its first move.
+    again = _Round(layout, ordered, result, config.max_moves_per_round, {}, probe=True)
     again.run()
     converged = not again.moves and not again.out_of_budget
     return _make_plan(ordered, current, result, tuple(first.moves), converged=converged)
@@ -567,10 +569,10 @@ class _StepKind(enum.Enum):
 
 
 class _OutOfBudget(Exception):
-    """Internal: the round's move budget is spent."""
+    """Internal: the round stops here (its budget is spent, or a probe saw a move)."""
 
 
-Step = tuple[ShardId, NodeId, NodeId]
+_Step = tuple[ShardId, NodeId, NodeId]
 """One link of a rebalancing chain: (shard, node giving a role, node taking it)."""
 
 
@@ -580,8 +582,11 @@ class _Round:
     Keeps, per shard, the primary and replicas being planned, plus what the round must
     not violate: which nodes held the data when the round started (``has_data``: the
     only legal handoff targets) and which shards got a new primary in this round
-    (``fresh_primary``: not handed off again before the next round). Per node it keeps
-    counts and indexes so each decision is cheap.
+    (``fresh_primary``: not handed off again before the next round). Primary
+    relocations started in the round (``relocating``, ``moving_out``, ``moving_in``) are
+    counted as done, so the round does not start more than balance needs. Per node it
+    keeps indexes so each decision is cheap. A probe (``probe=True``) stops at its first
+    move: :func:`plan_assignments` uses one to tell whether its result is converged.
     """
 
     def __init__(
@@ -591,9 +596,12 @@ class _Round:
         current: Mapping[ShardId, ShardAssignment],
         budget: int,
         positions: Positions,
+        probe: bool = False,
     ) -> None:
         self.layout = layout
         self.shards = shards
+        self.rank = {shard: i for i, shard in enumerate(shards)}
+        self.probe = False
         self.current = current
         self.budget = budget
         self.full_budget = budget
@@ -611,6 +619,7 @@ class _Round:
         self.replica_of: dict[NodeId, set[ShardId]] = {n: set() for n in layout.live}
         for shard in shards:
             self._load(shard, current.get(shard))
+        self.probe = probe
 
     # -- state and bookkeeping ------------------------------------------------------
 
@@ -647,6 +656,8 @@ class _Round:
                 raise _OutOfBudget
             self.budget -= 1
         self.moves.append(Move(shard, kind, source, target, reason))
+        if self.probe:
+            raise _OutOfBudget  # one move is all a probe needs to know
 
     # Counts as they will be once the primary relocations started in this round finish
     # (the target's extra replica becomes the primary, the source's copy goes).
@@ -771,11 +782,12 @@ class _Round:
         )
 
     def _zone_counts(self, shard: ShardId, without: NodeId | None = None) -> Counter[str]:
-        return Counter(
-            self.layout.zone(n)
-            for n in self._members(shard)
-            if n in self.layout.eligible and n != without
-        )
+        counts: Counter[str] = Counter()
+        eligible, live = self.layout.eligible, self.layout.live
+        for node in self._members(shard):
+            if node in eligible and node != without:
+                counts[live[node].zone] += 1
+        return counts
 
     def _destination(self, shard: ShardId, leaving: NodeId | None = None) -> NodeId | None:
         """The best eligible non-member to take a copy of ``shard`` (``leaving`` gives one
@@ -839,9 +851,10 @@ class _Round:
                     self.replicas[shard],
                     key=lambda n: (-self.positions.get((shard, n), _UNKNOWN_POSITION), n),
                 )
+                gone = "the shard has no primary" if old is None else f"primary {old} is gone"
                 self._record(
                     shard, MoveKind.PROMOTE, old, best,
-                    f"primary {old} is gone; {best} has the highest applied position",
+                    f"{gone}; {best} has the highest applied position",
                 )
             else:
                 best = min(self.layout.eligible, key=self._fresh_primary_key)
@@ -858,7 +871,7 @@ class _Round:
     def _restore_replication(self) -> None:
         want = self.layout.r - 1
         # The shards with the fewest copies are the most at risk: they go first.
-        for shard in sorted(self.shards, key=lambda s: (len(self.replicas[s]), _shard_order(s))):
+        for shard in sorted(self.shards, key=lambda s: (len(self.replicas[s]), self.rank[s])):
             while len(self.replicas[shard]) < want:
                 target = self._destination(shard)
                 if target is None:
@@ -1002,15 +1015,15 @@ class _Round:
                 return
             self._take(step)
 
-    def _improving_step(self) -> tuple[_StepKind, list[Step]] | None:
+    def _improving_step(self) -> tuple[_StepKind, list[_Step]] | None:
         """The step that lowers the imbalance at the lowest cost in changed roles per
         unit of imbalance removed (a replica move or a handoff changes two roles, a
         relocation in the end changes two: the old primary's and the new one's); ties
         go to replica moves (no epoch change), then handoffs, then relocations."""
         replica_move, handoff = ((-1, 0), (1, 0)), ((0, -1), (0, 1))
-        options: list[tuple[Fraction, int, _StepKind, list[Step]]] = []
+        options: list[tuple[Fraction, int, _StepKind, list[_Step]]] = []
 
-        def offer(rank: int, kind: _StepKind, chain: list[Step] | None, gain: int) -> None:
+        def offer(rank: int, kind: _StepKind, chain: list[_Step] | None, gain: int) -> None:
             if chain is not None and gain < 0:
                 options.append((Fraction(2 * len(chain), -gain), rank, kind, chain))
 
@@ -1037,7 +1050,7 @@ class _Round:
         _, _, kind, chain = min(options, key=lambda option: option[:2])
         return kind, chain
 
-    def _enabling_step(self) -> tuple[_StepKind, list[Step]] | None:
+    def _enabling_step(self) -> tuple[_StepKind, list[_Step]] | None:
         """A single replica move or handoff that leaves the imbalance unchanged but after
         which an improving step exists; e.g. a node one primary and one role over, next
         to one under, whose shards only allow a handoff and a replica move together.
@@ -1065,7 +1078,7 @@ class _Round:
                         return kind, [link]
         return None
 
-    def _enables(self, kind: _StepKind, link: Step) -> bool:
+    def _enables(self, kind: _StepKind, link: _Step) -> bool:
         """Whether an improving step exists once ``link`` is applied (tried, then undone)."""
         shard, source, target = link
         saved = (self.primary[shard], list(self.replicas[shard]))
@@ -1091,7 +1104,7 @@ class _Round:
         for node in replicas:
             self.replica_of[node].add(shard)
 
-    def _take(self, step: tuple[_StepKind, list[Step]]) -> None:
+    def _take(self, step: tuple[_StepKind, list[_Step]]) -> None:
         kind, chain = step
         if kind is _StepKind.WAIT:
             return
@@ -1113,7 +1126,7 @@ class _Round:
             self.moving_out[source] += 1
             self.moving_in[target] += 1
 
-    def _spend_on(self, chain: list[Step]) -> None:
+    def _spend_on(self, chain: list[_Step]) -> None:
         """End the round unless the budget left covers the whole chain."""
         if len(chain) > self.budget:
             self.out_of_budget = True
@@ -1123,8 +1136,8 @@ class _Round:
         self,
         source_change: tuple[int, int],
         target_change: tuple[int, int],
-        links: Callable[[NodeId], list[Step]],
-    ) -> list[Step] | None:
+        links: Callable[[NodeId], list[_Step]],
+    ) -> list[_Step] | None:
         """The shortest chain of ``links`` whose first node loses and last node gains
         (roles, primaries) as given, with a total imbalance change below zero; sources
         that gain most are tried first."""
@@ -1143,19 +1156,33 @@ class _Round:
                 return chain
         return None
 
-    def _replica_links(self, node: NodeId) -> list[Step]:
+    def _replica_links(self, node: NodeId) -> list[_Step]:
+        """One replica move from ``node`` to each node it can give a replica to: the
+        first shard (by number) that allows it. One link per pair of nodes is all a
+        breadth-first search needs, and it keeps a search at O(nodes^2) links instead
+        of O(shards * nodes)."""
         layout = self.layout
-        links: list[Step] = []
-        for shard in sorted(self.replica_of[node] - self.relocating, key=_shard_order):
+        pending = set(layout.eligible) - {node}
+        links: list[_Step] = []
+        zone = layout.zone(node)
+        for shard in sorted(self.replica_of[node] - self.relocating, key=self.rank.__getitem__):
+            if not pending:
+                break
             members = set(self._members(shard))
-            for other in sorted(layout.eligible - members):
-                if self._zone_swap_ok(shard, node, other):
+            counts = self._zone_counts(shard)
+            leaving_ok = counts[zone] - 1 >= layout.zone_min[zone]
+            for other in sorted(pending - members):
+                other_zone = layout.zone(other)
+                if other_zone == zone or (
+                    leaving_ok and counts[other_zone] + 1 <= layout.zone_max[other_zone]
+                ):
                     links.append((shard, node, other))
+                    pending.discard(other)
         return links
 
-    def _handoff_links(self, node: NodeId, next_round: bool = False) -> list[Step]:
-        links: list[Step] = []
-        for shard in sorted(self.primary_of[node], key=_shard_order):
+    def _handoff_links(self, node: NodeId, next_round: bool = False) -> list[_Step]:
+        links: list[_Step] = []
+        for shard in sorted(self.primary_of[node], key=self.rank.__getitem__):
             if shard in self.fresh_primary or shard in self.relocating:
                 continue
             for other in sorted(self.replicas[shard]):
@@ -1164,13 +1191,13 @@ class _Round:
         return links
 
     def _chain_gain(
-        self, chain: Sequence[Step], source_change: tuple[int, int],
+        self, chain: Sequence[_Step], source_change: tuple[int, int],
         target_change: tuple[int, int],
     ) -> int:
         """Change of the imbalance if ``chain`` is applied (only its ends change)."""
         return self._delta(chain[0][1], *source_change) + self._delta(chain[-1][2], *target_change)
 
-    def _next_round_handoff_links(self, node: NodeId) -> list[Step]:
+    def _next_round_handoff_links(self, node: NodeId) -> list[_Step]:
         """Handoffs that will be possible next round, once new replicas have the data."""
         return self._handoff_links(node, next_round=True)
 
@@ -1180,29 +1207,30 @@ class _Round:
             for shard, replicas in self.replicas.items()
         )
 
-    def _best_relocation(self) -> Step | None:
+    def _best_relocation(self) -> _Step | None:
         """The primary move to a node without a copy (source loses a role and a primary,
         target gains both) that lowers the imbalance most, keeping zone spread."""
         eligible = sorted(self.layout.eligible)
         gain_source = {n: self._delta(n, -1, -1) for n in eligible}
-        gain_target = {n: self._delta(n, 1, 1) for n in eligible}
-        best: tuple[int, tuple[int, Fraction, Fraction, NodeId], Step] | None = None
-        for source in eligible:
-            for shard in sorted(self.primary_of[source], key=_shard_order):
+        targets = sorted((self._fresh_primary_key(n), n) for n in eligible)
+        best: tuple[tuple[int, tuple[int, Fraction, Fraction, NodeId]], _Step] | None = None
+        for source in sorted(eligible, key=lambda n: (gain_source[n], n)):
+            fitting = [(key, n) for key, n in targets if gain_source[source] + key[0] < 0]
+            for shard in sorted(self.primary_of[source], key=self.rank.__getitem__):
+                if not fitting:
+                    break
                 if shard in self.fresh_primary or shard in self.relocating:
                     continue
                 members = self._members(shard)
-                for target in eligible:
-                    gain = gain_source[source] + gain_target[target]
-                    if (
-                        gain < 0
-                        and target not in members
-                        and self._zone_swap_ok(shard, source, target)
-                    ):
-                        candidate = (gain, self._fresh_primary_key(target), (shard, source, target))
-                        if best is None or candidate[:2] < best[:2]:
-                            best = candidate
-        return None if best is None else best[2]
+                for key, target in fitting:  # best first
+                    if target not in members and self._zone_swap_ok(shard, source, target):
+                        rank = (gain_source[source] + key[0], key)
+                        if best is None or rank < best[0]:
+                            best = (rank, (shard, source, target))
+                        # No other shard of this source can reach a better target.
+                        fitting = [t for t in fitting if t < (key, target)]
+                        break
+        return None if best is None else best[1]
 
     def _zone_swap_ok(self, shard: ShardId, leaving: NodeId, joining: NodeId) -> bool:
         """Whether replacing ``leaving``'s copy of ``shard`` by one on ``joining`` keeps
@@ -1222,20 +1250,20 @@ class _Round:
         self,
         sources: Sequence[NodeId],
         targets: set[NodeId],
-        links: Callable[[NodeId], list[Step]],
+        links: Callable[[NodeId], list[_Step]],
         preference: Callable[[NodeId], tuple[int, tuple[int, Fraction, Fraction, NodeId]]],
-    ) -> list[Step] | None:
+    ) -> list[_Step] | None:
         """Breadth-first search from ``sources`` to any of ``targets`` other than the
         chain's own source; among the shortest chains, the one ending at the best target
         by ``preference``. Chains use each shard at most once, so their steps do not
         interfere with each other, and are at most one round's budget long, since a
         chain is only ever applied whole (half a chain unbalances its middle node, and
         the next round could well undo it instead of finishing it)."""
-        parent: dict[NodeId, Step | None] = {n: None for n in sources}
+        parent: dict[NodeId, _Step | None] = {n: None for n in sources}
         root = {n: n for n in sources}
 
-        def path_to(node: NodeId) -> list[Step]:
-            steps: list[Step] = []
+        def path_to(node: NodeId) -> list[_Step]:
+            steps: list[_Step] = []
             while (link := parent[node]) is not None:
                 steps.append(link)
                 node = link[1]
@@ -1244,7 +1272,7 @@ class _Round:
 
         frontier = list(sources)
         for _ in range(self.full_budget):
-            found: dict[NodeId, list[Step]] = {}
+            found: dict[NodeId, list[_Step]] = {}
             following: list[NodeId] = []
             for node in frontier:
                 for step in links(node):

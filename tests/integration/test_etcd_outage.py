@@ -4,7 +4,9 @@ and it refuses to start when etcd never answers."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import grpc.aio
@@ -17,6 +19,20 @@ from bluemarble.v1 import controlplane_pb2_grpc
 from controlplane.app import ControlPlaneApp, ControlPlaneSettings
 
 pytestmark = pytest.mark.integration
+T = TypeVar("T")
+
+
+async def until_available(call: Callable[[], Awaitable[T]], timeout_s: float = 15.0) -> T:
+    """Retries ``call`` while it answers UNAVAILABLE, up to ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+            assert loop.time() < deadline, f"still UNAVAILABLE after {timeout_s} s: {e.details()}"
+            await asyncio.sleep(0.1)
 
 
 async def test_unavailable_while_etcd_is_down_then_recovers(tmp_path: Path) -> None:
@@ -47,19 +63,13 @@ async def test_unavailable_while_etcd_is_down_then_recovers(tmp_path: Path) -> N
             assert app.server is not None
 
             etcd.start()  # same data dir and ports
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 15
-            while True:
-                try:
-                    nodes = (await stub.ListNodes(pb.ListNodesRequest(), timeout=2)).nodes
-                    break
-                except grpc.aio.AioRpcError as e:
-                    assert e.code() == grpc.StatusCode.UNAVAILABLE
-                    assert loop.time() < deadline, "control plane did not recover after etcd came back"
-                    await asyncio.sleep(0.1)
+            # Each call recovers by itself within a deadline (callers retry UNAVAILABLE).
+            nodes = (await until_available(lambda: stub.ListNodes(pb.ListNodesRequest(), timeout=2))).nodes
             # Data survived the restart; the lease is still refreshable.
             assert [n.node_id for n in nodes] == ["n1"]
-            await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id), timeout=5)
+            await until_available(
+                lambda: stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id), timeout=2)
+            )
             await stub.RegisterNode(pb.RegisterNodeRequest(node_id="n2", address="127.0.0.1:7102"), timeout=5)
     finally:
         await app.stop()
