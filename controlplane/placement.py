@@ -52,8 +52,9 @@ How a round moves toward it, in this order:
    the shortest chain of replica moves, or of handoffs, or a primary relocation (the
    target is added as an extra replica; a later round hands the primary to it and drops
    the old primary's copy). A chain is applied whole or not at all, so it is at most
-   one round's budget long. Nothing moves when nothing is wrong, so a valid, balanced
-   ``current`` yields a plan that changes nothing.
+   one round's budget long (so with a budget of one, balance can, rarely, stop one role
+   short). Nothing moves when nothing is wrong, so a valid, balanced ``current``
+   yields a plan that changes nothing.
 
 Safety rules every plan obeys: a shard with a live primary keeps a primary in every plan
 (a handoff sets, in one step, a new primary that already holds the data: a replica
@@ -71,9 +72,11 @@ only that node's roles move, plus what balance then requires: fair shares change
 the set of nodes, and promotions can leave a node above its primary range, which then
 costs handoffs, possibly of shards that never involved the lost node. Compared with the
 least number of role changes that reaches a valid balanced placement (an exhaustive
-search in the tests), the result is usually equal and never was more than twice it on
-small clusters; the difference comes from rounds (a replica added in one round can
-only take a primary in the next) and from repairs that are chosen before balance.
+search in the tests, on small clusters), the result is equal in about 95% of cases and
+was never above twice the least plus one (plus one per primary of a draining node,
+which is handed to an existing replica first by design). The difference comes from
+rounds (a replica added in one round can only take a primary in the next) and from
+repairs that are chosen before balance.
 
 Epochs: a shard's epoch increases by exactly one when its primary changes (promotion,
 assignment, handoff) and is unchanged otherwise; a shard absent from ``current`` counts

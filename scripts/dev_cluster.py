@@ -104,6 +104,8 @@ def main() -> int:
         ctl(cp_address, "nodes")
         print()
         ctl(cp_address, "shards")
+        print()
+        ctl(cp_address, "ring")
         print(f"\nlogs: {logs}")
         if not args.once:
             print(f"cluster running; try: bluemarblectl --control-plane {cp_address} nodes   (Ctrl-C stops)")
