@@ -22,9 +22,7 @@ import asyncio
 import collections
 import contextlib
 import enum
-import queue
-import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,8 +176,9 @@ class EtcdStore:
         Raises Unavailable if etcd did not answer within ``startup_timeout_s``.
         """
         await self._client.connect()
-        manager = self._client._manager  # same target and channel options as the client
-        self._keepalive = _KeepAliveStream(manager.target, manager.grpc_options, self.endpoints)
+        channel = self._client._channel  # the keepalive stream shares the client's channel
+        assert channel is not None
+        self._keepalive = _KeepAliveStream(channel, self.endpoints)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + startup_timeout_s
         delay_s = 0.1
@@ -380,164 +379,100 @@ class EtcdStore:
 class _KeepAliveStream:
     """One LeaseKeepAlive stream shared by every refresh this process makes.
 
-    The stream runs on gRPC's synchronous API in two threads of its own (requests are
-    consumed by gRPC's sender thread, responses read by ours): a grpc.aio stream costs
-    about twice the CPU per message, which at thousands of heartbeats a second is the
-    largest single cost of the control plane. The event loop only enqueues lease ids and
-    resolves futures, in batches.
+    Requests are queued; etcd answers a stream's requests in order, so each response
+    (lease id, TTL) resolves the *oldest* waiter for that lease: a late answer to an
+    earlier request is never taken for the answer to a newer one (which matters right
+    after a revoke). When the stream breaks, pending waiters fail with Unavailable and
+    the next refresh reopens it (with a short backoff between failures).
 
-    Each response (lease id, TTL) resolves every waiter for that lease. When the stream
-    breaks, pending waiters fail with Unavailable and the reader reopens it with capped
-    backoff.
+    (A version on gRPC's synchronous API in a thread of its own was measured and was
+    slower in the server: GIL hand-offs cost more than grpc.aio's per-message overhead.)
     """
 
     _MAX_PENDING = 100_000
 
-    def __init__(self, target: str, options: Sequence[tuple[str, Any]], endpoints: Sequence[str]):
-        self._target = target
-        self._options = list(options)
+    def __init__(self, channel: grpc.aio.Channel, endpoints: Sequence[str]):
+        self._stub = etcdpb.LeaseStub(channel)
         self._endpoints = endpoints
-        self._loop = asyncio.get_running_loop()
-        self._requests: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-        self._pending = 0
+        self._queue: asyncio.Queue[int] = asyncio.Queue(self._MAX_PENDING)
         self._waiters: dict[int, collections.deque[asyncio.Future[int]]] = {}
-        self._responses: collections.deque[tuple[int, int] | BaseException] = collections.deque()
-        self._drain_scheduled = False
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._wake = threading.Event()  # cuts a reconnect backoff short
-        self._stream_up = False
-        self._channel: grpc.Channel | None = None
-        self._call: Any = None
-        self._thread: threading.Thread | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def refresh(self, lease_id: int, timeout_s: float) -> int:
-        if self._closed.is_set():
+        if self._closed:
             raise Unavailable("etcd client is closed")
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._read_loop, name="etcd-keepalive", daemon=True)
-            self._thread.start()
-        if self._pending >= self._MAX_PENDING:
-            raise Unavailable("too many lease refreshes pending; etcd is not keeping up")
-        future: asyncio.Future[int] = self._loop.create_future()
-        # Responses for one lease come in request order: each resolves the oldest waiter.
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="etcd-lease-keepalive")
+        try:
+            self._queue.put_nowait(lease_id)
+        except asyncio.QueueFull as e:
+            raise Unavailable("too many lease refreshes pending; etcd is not keeping up") from e
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(lease_id, collections.deque()).append(future)
-        self._pending += 1
-        self._requests.put(lease_id)
-        if not self._stream_up:
-            self._wake.set()
         try:
             async with asyncio.timeout(timeout_s):  # no wrapper task per refresh
                 return await future
         except TimeoutError as e:
-            # The future stays queued (cancelled) so its late response is not taken
-            # for the answer to a newer request.
+            # The (now cancelled) future stays queued, so its late answer is consumed
+            # by it and not by a newer request for the same lease.
             raise Unavailable(
                 f"etcd ({','.join(self._endpoints)}) did not answer a lease refresh within "
                 f"{timeout_s:g} s; retry shortly"
             ) from e
 
-    # ---- reader thread ----
-
-    def _request_iterator(self) -> Iterator[etcdpb.LeaseKeepAliveRequest]:
+    async def _requests(self) -> AsyncIterator[etcdpb.LeaseKeepAliveRequest]:
         while True:
-            lease_id = self._requests.get()
-            if lease_id is None:
-                return
+            lease_id = await self._queue.get()
             yield etcdpb.LeaseKeepAliveRequest(ID=lease_id)
 
-    def _read_loop(self) -> None:
+    async def _run(self) -> None:
         backoff_s = 0.1
-        while not self._closed.is_set():
-            # Plain-text like the client channel; TLS arrives with the operations step.
-            self._channel = grpc.insecure_channel(self._target, options=self._options)
-            stub = etcdpb.LeaseStub(self._channel)
-            error: BaseException
+        while not self._closed:
+            call = self._stub.LeaseKeepAlive(self._requests())
             try:
-                # Only a connected channel makes a usable stream: a call on a channel still
-                # connecting would hold queued refreshes until the connect attempt fails.
-                grpc.channel_ready_future(self._channel).result(timeout=1.0)
-                self._call = stub.LeaseKeepAlive(self._request_iterator())
-                self._stream_up = True
-                for resp in self._call:
+                async for resp in call:
                     backoff_s = 0.1
-                    self._post((int(resp.ID), max(0, int(resp.TTL))))
-                error = Unavailable("etcd closed the lease keepalive stream")
-            except grpc.RpcError as e:
+                    self._resolve(int(resp.ID), max(0, int(resp.TTL)))
+                error: BaseException = Unavailable("etcd closed the lease keepalive stream")
+            except grpc.aio.AioRpcError as e:
                 error = Unavailable(
                     f"etcd ({','.join(self._endpoints)}) lease keepalive failed: "
                     f"{e.code().name} {e.details()}; retry shortly"
                 )
-            except grpc.FutureTimeoutError:
-                error = Unavailable(f"etcd ({','.join(self._endpoints)}) is not reachable; retry shortly")
             finally:
-                self._channel.close()
-            # Requests queued for the dead stream are answered by the failure below.
-            while True:
-                try:
-                    if self._requests.get_nowait() is None:
-                        return
-                except queue.Empty:
-                    break
-            if self._closed.is_set():
-                return
-            self._post(error)
-            # Back off, but reconnect at once (after 100 ms) when a refresh is waiting:
-            # an etcd that came back should be used as soon as someone needs it.
-            self._stream_up = False
-            if not self._closed.wait(0.1):
-                self._wake.wait(backoff_s - 0.1)
-                self._wake.clear()
-            backoff_s = min(backoff_s * 2, 2.0)
+                call.cancel()
+            self._fail_all(error)
+            if not self._closed:
+                log.warning("lease keepalive stream broke; reopening", error=str(error))
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 2.0)
+                if not self._waiters:
+                    return  # reopened on demand by the next refresh
 
-    def _post(self, item: tuple[int, int] | BaseException) -> None:
-        """Hands a response (or a stream failure) to the event loop, batching wake-ups."""
-        with self._lock:
-            self._responses.append(item)
-            if self._drain_scheduled:
-                return
-            self._drain_scheduled = True
-        try:
-            self._loop.call_soon_threadsafe(self._drain)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
-
-    # ---- event loop side ----
-
-    def _drain(self) -> None:
-        with self._lock:
-            items, self._responses = self._responses, collections.deque()
-            self._drain_scheduled = False
-        for item in items:
-            if isinstance(item, BaseException):
-                log.warning("lease keepalive stream broke; reopening", error=str(item))
-                self._fail_all(item)
-                continue
-            lease_id, ttl_s = item
-            waiters = self._waiters.get(lease_id)
-            if not waiters:
-                continue  # a request sent before the stream was reopened
-            future = waiters.popleft()
-            self._pending -= 1
-            if not waiters:
-                del self._waiters[lease_id]
-            if not future.done():
-                future.set_result(ttl_s)
+    def _resolve(self, lease_id: int, ttl_s: int) -> None:
+        waiters = self._waiters.get(lease_id)
+        if not waiters:
+            return  # a request sent before the stream was reopened
+        future = waiters.popleft()
+        if not waiters:
+            del self._waiters[lease_id]
+        if not future.done():
+            future.set_result(ttl_s)
 
     def _fail_all(self, error: BaseException) -> None:
         waiters, self._waiters = self._waiters, {}
-        self._pending = 0
+        while not self._queue.empty():
+            self._queue.get_nowait()
         for futures in waiters.values():
             for future in futures:
                 if not future.done():
                     future.set_exception(error)
 
     async def close(self) -> None:
-        self._closed.set()
-        self._wake.set()
-        self._requests.put(None)
-        if self._call is not None:
-            self._call.cancel()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 5.0)
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         self._fail_all(Unavailable("etcd client is closed"))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Sequence
 
 import structlog
@@ -73,6 +74,7 @@ class Reconciler:
         probe: NodeProbe,
         tick_s: float = 1.0,
         debounce_s: float = 0.05,
+        min_round_interval_s: float = 1.0,
         initial_placement_grace_s: float = 3.0,
     ):
         self._store = store
@@ -86,6 +88,8 @@ class Reconciler:
         self._tick_s = tick_s
         self._grace_s = initial_placement_grace_s
         self._debounce_s = debounce_s
+        self._min_round_interval_s = min_round_interval_s
+        self._last_round = -math.inf
         # Inputs of the last round that found nothing to change.
         self._settled: tuple[int, ...] | None = None
         self._term: Leadership | None = None
@@ -114,6 +118,15 @@ class Reconciler:
             if leadership is not None:
                 await asyncio.sleep(self._debounce_s)  # let a burst of changes land
                 self._wake.clear()
+                loop = asyncio.get_running_loop()
+                gap_s = self._min_round_interval_s - (loop.time() - self._last_round)
+                if gap_s > 0 and not self.needs_repair():
+                    # Only balance is at stake (e.g. nodes joining): pace the rounds, but
+                    # wake at once if a repair becomes necessary.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), gap_s)
+                    continue
+                rounds = self.rounds
                 try:
                     await self.reconcile_once(leadership)
                 except asyncio.CancelledError:
@@ -122,8 +135,22 @@ class Reconciler:
                     log.warning("reconcile round failed", error=str(e))
                 except Exception:
                     log.exception("reconcile round crashed")
+                if self.rounds != rounds:
+                    self._last_round = loop.time()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._tick_s)
+
+    def needs_repair(self) -> bool:
+        """Whether some shard is missing, or names a node that is gone or draining: a
+        round must run now (failover, replacement, drain), not only rebalance."""
+        live = {n.node_id for n in self._nodes.entries.values() if n.state != common_pb2.NODE_STATE_DRAINING}
+        ring = self._ring.entries.get(self._keys.ring())
+        if ring is not None and len(self._assignments.entries) < len(ring.shard_ids):
+            return True
+        return any(
+            a.primary not in live or any(r not in live for r in a.replicas)
+            for a in self._assignments.entries.values()
+        )
 
     def observe(self) -> tuple[list[PlacementNode], dict[NodeId, str], dict[ShardId, ShardAssignment], list[ShardId]]:
         """Live nodes, their addresses, current assignments and ring shards, from the mirrors."""

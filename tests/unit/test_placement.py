@@ -48,8 +48,8 @@ UNLISTED = shard_id(999)  # a shard that has a record but is not asked about
 SETUP_BUDGET = 10_000  # budget used to build the current assignments of scenarios
 MAX_ROUNDS = 300  # bound on rounds to converge (largest case: 24 shards x R 4, budget 1)
 
-FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-THOROUGH = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+THOROUGH = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # -- helpers --------------------------------------------------------------------------
@@ -756,7 +756,7 @@ def minimum_role_changes(
 
 class TestAgainstExhaustiveSearch:
     @given(scenarios(kinds=(*KINDS, "draining"), max_nodes=4, max_shards=4, max_r=3))
-    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     def test_converged_result_is_valid_balanced_and_nearly_minimal(self, sc: Scenario) -> None:
         # Failover is forced (the replica with the writes must be promoted), so both
         # sides start from the state right after it.
