@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from bluemarble import logs
+from bluemarble import event_loop, logs
 from bluemarble.channels import split_addresses
 from bluemarble.errors import BlueMarbleError
 from bluemarble.settings import EnvArgumentParser
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings, level, fmt = parse_args(argv)
     logs.configure(level, fmt)  # type: ignore[arg-type]
     try:
-        asyncio.run(run(settings))
+        event_loop.run(run(settings))
     except BlueMarbleError as e:
         log.error("control plane cannot run", error=str(e))
         return 1

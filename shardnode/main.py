@@ -13,7 +13,7 @@ from pathlib import Path
 
 import structlog
 
-from bluemarble import logs, validation
+from bluemarble import event_loop, logs, validation
 from bluemarble.channels import split_addresses
 from bluemarble.errors import BlueMarbleError
 from bluemarble.grpc_server import ServiceBinding, build_server
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings, level, fmt = parse_args(argv)
     logs.configure(level, fmt)  # type: ignore[arg-type]
     try:
-        return asyncio.run(run(settings))
+        return event_loop.run(run(settings))
     except BlueMarbleError as e:
         log.error("node cannot start", error=str(e))
         return 1

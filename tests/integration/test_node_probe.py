@@ -1,0 +1,41 @@
+"""The leader asks shard nodes for their current positions over gRPC at promotion time."""
+
+from __future__ import annotations
+
+from bluemarble.grpc_server import ServiceBinding, build_server
+from bluemarble.ids import NodeId, ShardId
+from bluemarble.localcluster import free_port
+from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
+from controlplane.node_probe import NodeProbe
+from shardnode.service import ShardNodeService
+
+
+async def test_positions_come_from_the_nodes_that_answer() -> None:
+    statuses = [
+        common_pb2.ShardStatus(shard_id="shard-1", epoch=4, role=common_pb2.SHARD_ROLE_REPLICA, applied_lsn=17),
+        common_pb2.ShardStatus(shard_id="shard-2", epoch=4, role=common_pb2.SHARD_ROLE_REPLICA, applied_lsn=99),
+    ]
+    server = await build_server(
+        "127.0.0.1:0",
+        [
+            ServiceBinding(
+                shardnode_pb2.DESCRIPTOR.services_by_name["ShardNode"].full_name,
+                ShardNodeService("n1", lambda: statuses),
+                shardnode_pb2_grpc.add_ShardNodeServicer_to_server,
+            )
+        ],
+    )
+    probe = NodeProbe(timeout_s=0.5)
+    try:
+        dead = f"127.0.0.1:{free_port()}"
+        positions = await probe.positions(
+            {NodeId("n1"): f"127.0.0.1:{server.port}", NodeId("n2"): dead}, [ShardId("shard-1")]
+        )
+        # Only the asked-for shard, only from the node that answered.
+        assert positions == {(ShardId("shard-1"), NodeId("n1")): 17}
+        statuses[0] = common_pb2.ShardStatus(shard_id="shard-1", epoch=5, applied_lsn=18)
+        again = await probe.positions({NodeId("n1"): f"127.0.0.1:{server.port}"}, [ShardId("shard-1")])
+        assert again == {(ShardId("shard-1"), NodeId("n1")): 18}  # asked anew, never cached
+    finally:
+        await probe.close()
+        await server.stop_gracefully(0.1)
