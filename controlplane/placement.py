@@ -82,6 +82,14 @@ Epochs: a shard's epoch increases by exactly one when its primary changes (promo
 assignment, handoff) and is unchanged otherwise; a shard absent from ``current`` counts
 as epoch 0 with no primary, so a brand-new shard gets epoch 1 with its first primary.
 
+Cost: the planner runs on every join and leave, and clusters have many more nodes than
+shards. A round looks only at the nodes that hold a role plus, of the nodes that hold
+nothing, one per zone and fair share: such nodes are alike but for their ids, and every
+tie goes to the smallest id, so that one stands for all of them (see
+``_Round._candidates``; the plans are exactly those of looking at every node). Fair
+shares are computed per distinct capacity and compared as integers. So thousands of idle
+nodes cost little more than none.
+
 With no live node at all nothing can be improved, and forgetting who held the data would
 turn a full-cluster restart into data loss: every shard keeps its record unchanged
 (a shard absent from ``current`` is recorded with epoch 0, no primary and no replicas),
@@ -93,10 +101,11 @@ not yet back would get a fresh, empty primary.)
 from __future__ import annotations
 
 import enum
+import heapq
 import itertools
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from types import MappingProxyType
@@ -282,6 +291,22 @@ class _Layout:
     zone_min: Mapping[str, int]
     zone_max: Mapping[str, int]
     shares: Mapping[NodeId, FairShare]
+    zones: tuple[str, ...]
+    """The zones of the eligible nodes, sorted."""
+    ranges: Mapping[NodeId, tuple[int, int, int, int, int, int]]
+    """Per eligible node, its :class:`FairShare` ranges as plain integers: roles low and
+    high, primaries low and high, replicas low and high (computed once, not per use)."""
+    scaled: Mapping[NodeId, tuple[int, int, int]]
+    """Per eligible node, its shares of roles, primaries and replicas times ``scale``:
+    integers that compare exactly as the fractions do (``scale`` is a common
+    denominator), so preference keys need no Fraction arithmetic."""
+    scale: int
+    classes: tuple[tuple[NodeId, ...], ...]
+    """The eligible nodes grouped by (zone, fair share), each group sorted by node id.
+    Two nodes of a group that hold nothing are interchangeable for every decision of a
+    round except the node-id tie-break (see :meth:`_Round._candidates`)."""
+    class_of: Mapping[NodeId, int]
+    """Per eligible node, the index of its group in ``classes``."""
 
     def zone(self, node: NodeId) -> str:
         return self.live[node].zone
@@ -311,6 +336,28 @@ def _layout(nodes: Sequence[PlacementNode], config: PlacementConfig, shard_count
         zone: max(1 if r >= len(zones) else 0, r - (total_max - zone_max[zone]))
         for zone in zones
     }
+    shares = _fair_shares(zones, shard_count, r, zone_min, zone_max)
+    # Distinct shares are few (one object per zone and capacity): derive everything per
+    # share object (keyed by identity: hashing thousands of fractions is slow).
+    distinct = {id(share): share for share in shares.values()}
+    scale = math.lcm(
+        *(value.denominator for share in distinct.values()
+          for value in (share.roles, share.primaries, share.replicas))
+    )
+    share_ranges = {
+        key: (*share.roles_range, *share.primaries_range, *share.replicas_range)
+        for key, share in distinct.items()
+    }
+    share_scaled = {
+        key: (
+            int(share.roles * scale), int(share.primaries * scale), int(share.replicas * scale)
+        )
+        for key, share in distinct.items()
+    }
+    classes: dict[tuple[str, int], list[NodeId]] = {}
+    for zone, members in zones.items():  # members are sorted by node id
+        for node in members:
+            classes.setdefault((zone, id(shares[node.node_id])), []).append(node.node_id)
     return _Layout(
         live=MappingProxyType(live),
         eligible=frozenset(node.node_id for node in eligible_nodes),
@@ -319,7 +366,15 @@ def _layout(nodes: Sequence[PlacementNode], config: PlacementConfig, shard_count
         spread=spread,
         zone_min=MappingProxyType(zone_min),
         zone_max=MappingProxyType(zone_max),
-        shares=MappingProxyType(_fair_shares(zones, shard_count, r, zone_min, zone_max)),
+        shares=MappingProxyType(shares),
+        zones=tuple(sorted(zones)),
+        ranges=MappingProxyType({node: share_ranges[id(share)] for node, share in shares.items()}),
+        scaled=MappingProxyType({node: share_scaled[id(share)] for node, share in shares.items()}),
+        scale=scale,
+        classes=tuple(tuple(members) for members in classes.values()),
+        class_of=MappingProxyType(
+            {n: i for i, members in enumerate(classes.values()) for n in members}
+        ),
     )
 
 
@@ -365,25 +420,46 @@ def _fair_shares(
     )
     for zone, roles_in_zone in zip(zone_names, zone_roles, strict=True):
         members = zones[zone]
-        node_roles = _water_fill(
+        # Nodes of equal capacity in a zone get equal parts: split over the distinct
+        # capacities, each counted as often as it occurs (the same exact fractions).
+        capacities = Counter(node.capacity for node in members)
+        weights = list(capacities)
+        node_roles = dict(zip(weights, _water_fill(
             roles_in_zone,
-            [node.capacity for node in members],
-            [Fraction(0)] * len(members),
-            [Fraction(shard_count)] * len(members),
-        )
-        for node, roles in zip(members, node_roles, strict=True):
-            primaries = Fraction(shard_count * node.capacity, total_capacity)
-            assert primaries <= roles, (node, primaries, roles)
-            shares[node.node_id] = FairShare(roles, primaries, roles - primaries)
+            weights,
+            [Fraction(0)] * len(weights),
+            [Fraction(shard_count)] * len(weights),
+            [capacities[capacity] for capacity in weights],
+        ), strict=True))
+        by_capacity: dict[int, FairShare] = {}
+        for node in members:
+            share = by_capacity.get(node.capacity)
+            if share is None:
+                roles = node_roles[node.capacity]
+                primaries = Fraction(shard_count * node.capacity, total_capacity)
+                assert primaries <= roles, (node, primaries, roles)
+                share = by_capacity[node.capacity] = FairShare(roles, primaries, roles - primaries)
+            shares[node.node_id] = share
     return shares
 
 
 def _water_fill(
-    total: Fraction, weights: Sequence[int], lows: Sequence[Fraction], highs: Sequence[Fraction]
+    total: Fraction,
+    weights: Sequence[int],
+    lows: Sequence[Fraction],
+    highs: Sequence[Fraction],
+    counts: Sequence[int] | None = None,
 ) -> list[Fraction]:
     """Split ``total`` as ``clamp(level * weight_i, low_i, high_i)`` for the one level
-    that makes the parts add up to ``total`` (which must lie within the sums of bounds)."""
-    assert sum(lows) <= total <= sum(highs), (total, lows, highs)
+    that makes the parts add up to ``total`` (which must lie within the sums of bounds).
+    ``counts[i]`` (default 1) is how many parts are alike the ``i``-th: the sums count
+    its part that many times."""
+    times = [1] * len(weights) if counts is None else list(counts)
+
+    def total_of(values: Sequence[Fraction]) -> Fraction:
+        return sum((v * k for v, k in zip(values, times, strict=True)), Fraction(0))
+
+    assert total_of(lows) <= total <= total_of(highs), (total, lows, highs)
 
     def parts(level: Fraction) -> list[Fraction]:
         return [min(max(level * w, lo), hi) for w, lo, hi in zip(weights, lows, highs, strict=True)]
@@ -392,16 +468,16 @@ def _water_fill(
     # The sum of parts is continuous, non-decreasing and linear between breakpoints.
     level = breaks[0]
     for lower, upper in itertools.pairwise(breaks):
-        at_lower, at_upper = sum(parts(lower)), sum(parts(upper))
+        at_lower, at_upper = total_of(parts(lower)), total_of(parts(upper))
         if at_lower <= total <= at_upper:
             level = lower if at_upper == at_lower else (
                 lower + (upper - lower) * (total - at_lower) / (at_upper - at_lower)
             )
             break
     else:
-        level = breaks[-1] if total >= sum(parts(breaks[-1])) else breaks[0]
+        level = breaks[-1] if total >= total_of(parts(breaks[-1])) else breaks[0]
     result = parts(level)
-    assert sum(result) == total, (total, result)
+    assert total_of(result) == total, (total, result)
     return result
 
 
@@ -623,6 +699,16 @@ class _Round:
         for shard in shards:
             self._load(shard, current.get(shard))
         self.probe = probe
+        # Bookkeeping kept up to date by every change, so no decision rescans everything:
+        # the nodes holding a role or counted in a relocation (``busy``), the candidate
+        # list derived from it (rebuilt when ``busy`` changes) and the number of replicas
+        # that did not hold the data when the round started.
+        self.busy: set[NodeId] = {
+            n for n in layout.live if self.primary_of[n] or self.replica_of[n]
+        }
+        self.busy_version = 0
+        self.candidates_cache: tuple[int, list[NodeId]] = (-1, [])
+        self.new_replicas = 0
 
     # -- state and bookkeeping ------------------------------------------------------
 
@@ -666,32 +752,82 @@ class _Round:
     # (the target's extra replica becomes the primary, the source's copy goes).
 
     def _roles(self, node: NodeId) -> int:
-        return len(self.primary_of[node]) + len(self.replica_of[node]) - self.moving_out[node]
+        return len(self.primary_of[node]) + len(self.replica_of[node]) - self.moving_out.get(node, 0)
 
     def _primaries(self, node: NodeId) -> int:
-        return len(self.primary_of[node]) - self.moving_out[node] + self.moving_in[node]
+        return len(self.primary_of[node]) - self.moving_out.get(node, 0) + self.moving_in.get(node, 0)
 
     def _replica_count(self, node: NodeId) -> int:
-        return len(self.replica_of[node]) - self.moving_in[node]
+        return len(self.replica_of[node]) - self.moving_in.get(node, 0)
 
     def _set_primary(self, shard: ShardId, node: NodeId) -> None:
         old = self.primary[shard]
         if old is not None:
             self.primary_of[old].discard(shard)
+            self._touch(old)
         if node in self.replicas[shard]:
             self.replicas[shard].remove(node)
             self.replica_of[node].discard(shard)
+            if node not in self.has_data[shard]:
+                self.new_replicas -= 1
         self.primary[shard] = node
         self.primary_of[node].add(shard)
+        self._touch(node)
 
     def _add(self, shard: ShardId, node: NodeId) -> None:
         assert node not in self._members(shard), (shard, node)
         self.replicas[shard].append(node)
         self.replica_of[node].add(shard)
+        if node not in self.has_data[shard]:
+            self.new_replicas += 1
+        self._touch(node)
 
     def _remove(self, shard: ShardId, node: NodeId) -> None:
         self.replicas[shard].remove(node)
         self.replica_of[node].discard(shard)
+        if node not in self.has_data[shard]:
+            self.new_replicas -= 1
+        self._touch(node)
+
+    def _touch(self, node: NodeId) -> None:
+        """Update ``busy`` after ``node``'s roles or relocation counts changed."""
+        busy = bool(
+            self.primary_of[node] or self.replica_of[node]
+            or self.moving_in.get(node) or self.moving_out.get(node)
+        )
+        if busy != (node in self.busy):
+            if busy:
+                self.busy.add(node)
+            else:
+                self.busy.discard(node)
+            self.busy_version += 1
+
+    def _candidates(self) -> list[NodeId]:
+        """The eligible nodes every decision of the round chooses among, sorted: those
+        that hold a role (or take part in a relocation), and of each class of
+        :attr:`_Layout.classes` the empty node with the smallest id.
+
+        Why this loses nothing: an eligible node that holds nothing is a member of no
+        shard, and every rule reads only its zone, its fair share and its (zero) counts,
+        so the empty nodes of one class are alike but for their ids. Every choice among
+        nodes is a minimum over keys that end with the node id, or a first match in
+        node-id order, so where any empty node of a class would be chosen, the one with
+        the smallest id is; and an empty node has no role to give, so in a chain search
+        it can only be an end. With thousands of empty nodes this is a handful of
+        candidates instead of thousands."""
+        version, cached = self.candidates_cache
+        if version == self.busy_version:
+            return cached
+        busy, eligible = self.busy, self.layout.eligible
+        candidates = [n for n in busy if n in eligible]
+        for members in self.layout.classes:
+            for n in members:
+                if n not in busy:
+                    candidates.append(n)
+                    break
+        candidates.sort()
+        self.candidates_cache = (self.busy_version, candidates)
+        return candidates
 
     def add_replica(self, shard: ShardId, node: NodeId, reason: str) -> None:
         self._record(shard, MoveKind.ADD_REPLICA, None, node, reason)
@@ -730,57 +866,65 @@ class _Round:
 
     # -- imbalance and preferences -------------------------------------------------
 
-    def _share(self, node: NodeId) -> FairShare:
-        return self.layout.shares[node]
-
     def _imbalance(self, node: NodeId, d_roles: int = 0, d_primaries: int = 0) -> int:
         """How far ``node`` would be outside its fair-share ranges after gaining
         ``d_roles`` roles of which ``d_primaries`` primaries: the distances of its roles,
         primaries and replicas from their ranges, summed. 0 means balanced; a node that
         takes no roles (draining) counts every role it holds."""
         roles = self._roles(node) + d_roles
-        primaries = self._primaries(node) + d_primaries
         if node not in self.layout.eligible:
             return roles
-        share = self._share(node)
-        return (
-            _distance(roles, share.roles_range)
-            + _distance(primaries, share.primaries_range)
-            + _distance(roles - primaries, share.replicas_range)
-        )
+        primaries = self._primaries(node) + d_primaries
+        return _outside(roles, primaries, self.layout.ranges[node])
 
     def _delta(self, node: NodeId, d_roles: int, d_primaries: int) -> int:
         """Change of ``node``'s imbalance if it gains ``d_roles`` / ``d_primaries``."""
-        return self._imbalance(node, d_roles, d_primaries) - self._imbalance(node)
+        held, replicas = len(self.primary_of[node]), len(self.replica_of[node])
+        out, into = self.moving_out.get(node, 0), self.moving_in.get(node, 0)
+        roles = held + replicas - out
+        if node not in self.layout.eligible:
+            return d_roles
+        primaries = held - out + into
+        ranges = self.layout.ranges[node]
+        return (
+            _outside(roles + d_roles, primaries + d_primaries, ranges)
+            - _outside(roles, primaries, ranges)
+        )
 
-    def _fill_key(self, node: NodeId) -> tuple[int, Fraction, Fraction, NodeId]:
+    # The keys below compare shares scaled to integers (see :attr:`_Layout.scaled`):
+    # ``count * scale - share * scale`` orders exactly as ``count - share`` does.
+
+    def _fill_key(self, node: NodeId) -> tuple[int, int, int, NodeId]:
         """Preference for a node taking a new replica: the imbalance it adds, then how
         far below its fair share of roles (and of replicas) it is."""
-        share = self._share(node)
+        roles, _, replicas = self.layout.scaled[node]
+        scale = self.layout.scale
         return (
             self._delta(node, 1, 0),
-            self._roles(node) - share.roles,
-            self._replica_count(node) - share.replicas,
+            self._roles(node) * scale - roles,
+            self._replica_count(node) * scale - replicas,
             node,
         )
 
-    def _primary_key(self, node: NodeId) -> tuple[int, Fraction, Fraction, NodeId]:
+    def _primary_key(self, node: NodeId) -> tuple[int, int, int, NodeId]:
         """Preference for a node taking a primary it already holds a copy of."""
-        share = self._share(node)
+        roles, primaries, _ = self.layout.scaled[node]
+        scale = self.layout.scale
         return (
             self._delta(node, 0, 1),
-            self._primaries(node) - share.primaries,
-            self._roles(node) - share.roles,
+            self._primaries(node) * scale - primaries,
+            self._roles(node) * scale - roles,
             node,
         )
 
-    def _fresh_primary_key(self, node: NodeId) -> tuple[int, Fraction, Fraction, NodeId]:
+    def _fresh_primary_key(self, node: NodeId) -> tuple[int, int, int, NodeId]:
         """Preference for a node taking a primary it holds no copy of."""
-        share = self._share(node)
+        roles, primaries, _ = self.layout.scaled[node]
+        scale = self.layout.scale
         return (
             self._delta(node, 1, 1),
-            self._primaries(node) - share.primaries,
-            self._roles(node) - share.roles,
+            self._primaries(node) * scale - primaries,
+            self._roles(node) * scale - roles,
             node,
         )
 
@@ -799,7 +943,7 @@ class _Round:
         layout = self.layout
         counts = self._zone_counts(shard, without=leaving)
         members = set(self._members(shard))
-        candidates = [n for n in layout.eligible if n not in members]
+        candidates = [n for n in self._candidates() if n not in members]
         tiers: tuple[Callable[[str], bool], ...] = (
             lambda z: counts[z] < layout.zone_min[z],
             lambda z: counts[z] < layout.zone_max[z],
@@ -811,11 +955,13 @@ class _Round:
                 return min(fitting, key=self._fill_key)
         return None
 
-    def _share_gap(self, node: NodeId) -> Fraction:
-        """Minus how far ``node`` is above its fair share of roles (draining: any role)."""
+    def _share_gap(self, node: NodeId) -> int:
+        """Minus how far ``node`` is above its fair share of roles (draining: any role),
+        times :attr:`_Layout.scale`."""
+        scale = self.layout.scale
         if node not in self.layout.eligible:
-            return Fraction(-self._roles(node))
-        return self._share(node).roles - self._roles(node)
+            return -self._roles(node) * scale
+        return self.layout.scaled[node][0] - self._roles(node) * scale
 
     def _draining(self, node: NodeId | None) -> bool:
         return node is not None and node not in self.layout.eligible
@@ -860,7 +1006,7 @@ class _Round:
                     f"{gone}; {best} has the highest applied position",
                 )
             else:
-                best = min(self.layout.eligible, key=self._fresh_primary_key)
+                best = min(self._candidates(), key=self._fresh_primary_key)
                 never_placed = record is None or (record.primary is None and record.epoch == 0)
                 reason = (
                     "new shard" if never_placed
@@ -975,7 +1121,7 @@ class _Round:
 
     def _repair_spread(self) -> None:
         layout = self.layout
-        zones = sorted({layout.zone(n) for n in layout.eligible})
+        zones = layout.zones
         for shard in self.shards:
             for _ in range(layout.r):
                 counts = self._zone_counts(shard)
@@ -995,7 +1141,7 @@ class _Round:
                 ]
                 members = set(self._members(shard))
                 targets = [
-                    n for n in layout.eligible if n not in members and layout.zone(n) in sinks
+                    n for n in self._candidates() if n not in members and layout.zone(n) in sinks
                 ]
                 if not movable or not targets:
                     break
@@ -1013,6 +1159,10 @@ class _Round:
         :meth:`_enabling_step`). Every improving step lowers the imbalance by at least
         one and every neutral one is followed by an improving one, so this ends."""
         while True:
+            # With every node balanced no step can lower the imbalance, and no neutral
+            # one is tried: the exit both step searches would take, without the search.
+            if not any(self._imbalance(n) > 0 for n in self._candidates()):
+                return
             step = self._improving_step() or self._enabling_step()
             if step is None or step[0] is _StepKind.WAIT:
                 return
@@ -1030,17 +1180,17 @@ class _Round:
             if chain is not None and gain < 0:
                 options.append((Fraction(2 * len(chain), -gain), rank, kind, chain))
 
-        chain = self._improving_chain(*replica_move, self._replica_links)
+        chain = self._improving_chain(*replica_move, _memoized(self._replica_links))
         if chain is not None:
             offer(0, _StepKind.REPLICAS, chain, self._chain_gain(chain, *replica_move))
-        chain = self._improving_chain(*handoff, self._handoff_links)
+        chain = self._improving_chain(*handoff, _memoized(self._handoff_links))
         if chain is not None:
             offer(1, _StepKind.HANDOFFS, chain, self._chain_gain(chain, *handoff))
         if self._any_new_replica():
             # A replica added in this round cannot take a primary before the next one;
             # when that will allow a cheaper chain, waiting saves handoffs (each bumps
             # an epoch) and moves.
-            soon = self._improving_chain(*handoff, self._next_round_handoff_links)
+            soon = self._improving_chain(*handoff, _memoized(self._next_round_handoff_links))
             if soon is not None:
                 offer(2, _StepKind.WAIT, soon, self._chain_gain(soon, *handoff))
         relocation = self._best_relocation()
@@ -1057,22 +1207,45 @@ class _Round:
         """A single replica move or handoff that leaves the imbalance unchanged but after
         which an improving step exists; e.g. a node one primary and one role over, next
         to one under, whose shards only allow a handoff and a replica move together.
-        Tries at most :data:`_MAX_LOOKAHEAD` candidates touching an unbalanced node."""
-        eligible = sorted(self.layout.eligible)
-        unbalanced = {n for n in eligible if self._imbalance(n) > 0}
+        Tries at most :data:`_MAX_LOOKAHEAD` candidates touching an unbalanced node.
+
+        Candidates are tried in the order of a scan of every eligible node's links, in
+        node-id order, as if all empty nodes were candidates: a move to any empty node
+        counts against the limit, not only to the one of :meth:`_candidates` (the
+        lookahead is a bounded search, so which moves it counts changes its result)."""
+        candidates = self._candidates()
+        unbalanced = {n for n in candidates if self._imbalance(n) > 0}
         if not unbalanced:
             return None
+        listed = set(candidates)
+
+        def is_unbalanced(node: NodeId) -> bool:
+            # An empty node not listed is like its class's representative, which is.
+            return node in unbalanced if node in listed else self._imbalance(node) > 0
+
+        # Only nodes that hold a role have links; the others' lists are empty.
+        holders = [n for n in candidates if n in self.busy]
         tried = 0
-        for kind, links, source_change, target_change in (
-            (_StepKind.REPLICAS, self._replica_links, (-1, 0), (1, 0)),
-            (_StepKind.HANDOFFS, self._handoff_links, (0, -1), (0, 1)),
+        for kind, source_change, target_change in (
+            (_StepKind.REPLICAS, (-1, 0), (1, 0)),
+            (_StepKind.HANDOFFS, (0, -1), (0, 1)),
         ):
-            for node in eligible:
-                for link in links(node):
+
+            def neutral(source: NodeId, target: NodeId) -> bool:
+                if not is_unbalanced(source) and not is_unbalanced(target):
+                    return False
+                return not (
+                    self._delta(source, *source_change) + self._delta(target, *target_change)  # noqa: B023
+                )
+
+            for node in holders:
+                links = (
+                    self._all_replica_links(node, neutral) if kind is _StepKind.REPLICAS
+                    else iter(self._handoff_links(node))
+                )
+                for link in links:
                     _, source, target = link
-                    if source not in unbalanced and target not in unbalanced:
-                        continue
-                    if self._delta(source, *source_change) + self._delta(target, *target_change):
+                    if not neutral(source, target):
                         continue
                     if tried >= _MAX_LOOKAHEAD:
                         return None
@@ -1080,6 +1253,25 @@ class _Round:
                     if self._enables(kind, link):
                         return kind, [link]
         return None
+
+    def _all_replica_links(
+        self, node: NodeId, wanted: Callable[[NodeId, NodeId], bool]
+    ) -> Iterator[_Step]:
+        """:meth:`_replica_links` of ``node`` as if every eligible node were a candidate,
+        in the same order, except links to empty nodes ``wanted`` rejects (it must judge
+        every empty node of a class alike). An empty node can take a replica of the
+        first shard (by number) that allows one to its zone, as its class's
+        representative can; the empty nodes are listed lazily, only as far as they are
+        read."""
+        busy, layout = self.busy, self.layout
+        for shard, linked in self._replica_link_groups(node):
+            streams: list[Iterable[NodeId]] = [[n for n in linked if n in busy]]
+            for n in linked:
+                if n not in busy and wanted(node, n):
+                    members = layout.classes[layout.class_of[n]]
+                    streams.append(m for m in members if m not in busy)
+            for other in heapq.merge(*streams):
+                yield shard, node, other
 
     def _enables(self, kind: _StepKind, link: _Step) -> bool:
         """Whether an improving step exists once ``link`` is applied (tried, then undone)."""
@@ -1097,15 +1289,21 @@ class _Round:
             self._restore(shard, *saved)
 
     def _restore(self, shard: ShardId, primary: NodeId | None, replicas: list[NodeId]) -> None:
-        for node in self._members(shard):
+        has_data = self.has_data[shard]
+        touched = self._members(shard)
+        for node in touched:
             self.primary_of[node].discard(shard)
             self.replica_of[node].discard(shard)
+        self.new_replicas -= sum(1 for n in self.replicas[shard] if n not in has_data)
         self.primary[shard] = primary
         self.replicas[shard] = replicas
         if primary is not None:
             self.primary_of[primary].add(shard)
         for node in replicas:
             self.replica_of[node].add(shard)
+        self.new_replicas += sum(1 for n in replicas if n not in has_data)
+        for node in (*touched, *self._members(shard)):
+            self._touch(node)
 
     def _take(self, step: tuple[_StepKind, list[_Step]]) -> None:
         kind, chain = step
@@ -1128,6 +1326,8 @@ class _Round:
             self.relocating.add(shard)
             self.moving_out[source] += 1
             self.moving_in[target] += 1
+            self._touch(source)
+            self._touch(target)
 
     def _spend_on(self, chain: list[_Step]) -> None:
         """End the round unless the budget left covers the whole chain."""
@@ -1143,8 +1343,10 @@ class _Round:
     ) -> list[_Step] | None:
         """The shortest chain of ``links`` whose first node loses and last node gains
         (roles, primaries) as given, with a total imbalance change below zero; sources
-        that gain most are tried first."""
-        eligible = sorted(self.layout.eligible)
+        that gain most are tried first. Among :meth:`_candidates` only: an empty node
+        is a chain's end, never a step in between, and the best end of a class is its
+        representative."""
+        eligible = self._candidates()
         gain_source = {n: self._delta(n, *source_change) for n in eligible}
         gain_target = {n: self._delta(n, *target_change) for n in eligible}
         for level in sorted(set(gain_source.values())):
@@ -1163,25 +1365,40 @@ class _Round:
         """One replica move from ``node`` to each node it can give a replica to: the
         first shard (by number) that allows it. One link per pair of nodes is all a
         breadth-first search needs, and it keeps a search at O(nodes^2) links instead
-        of O(shards * nodes)."""
+        of O(shards * nodes). Links go to :meth:`_candidates` only."""
+        return [
+            (shard, node, other)
+            for shard, linked in self._replica_link_groups(node)
+            for other in linked
+        ]
+
+    def _replica_link_groups(self, node: NodeId) -> list[tuple[ShardId, list[NodeId]]]:
+        """The candidates ``node`` can give a replica to, grouped by the first shard (by
+        number) that allows it, each group sorted by node id."""
+        shards = self.replica_of[node] - self.relocating
+        if not shards:
+            return []
         layout = self.layout
-        pending = set(layout.eligible) - {node}
-        links: list[_Step] = []
+        pending = set(self._candidates()) - {node}
+        groups: list[tuple[ShardId, list[NodeId]]] = []
         zone = layout.zone(node)
-        for shard in sorted(self.replica_of[node] - self.relocating, key=self.rank.__getitem__):
+        for shard in sorted(shards, key=self.rank.__getitem__):
             if not pending:
                 break
             members = set(self._members(shard))
             counts = self._zone_counts(shard)
             leaving_ok = counts[zone] - 1 >= layout.zone_min[zone]
+            linked = []
             for other in sorted(pending - members):
                 other_zone = layout.zone(other)
                 if other_zone == zone or (
                     leaving_ok and counts[other_zone] + 1 <= layout.zone_max[other_zone]
                 ):
-                    links.append((shard, node, other))
-                    pending.discard(other)
-        return links
+                    linked.append(other)
+            if linked:
+                pending.difference_update(linked)
+                groups.append((shard, linked))
+        return groups
 
     def _handoff_links(self, node: NodeId, next_round: bool = False) -> list[_Step]:
         links: list[_Step] = []
@@ -1205,18 +1422,19 @@ class _Round:
         return self._handoff_links(node, next_round=True)
 
     def _any_new_replica(self) -> bool:
-        return any(
-            not self.has_data[shard].issuperset(replicas)
-            for shard, replicas in self.replicas.items()
-        )
+        """Whether a replica that did not have the data at the start of the round exists
+        (counted as replicas change, see :meth:`_add`)."""
+        return self.new_replicas > 0
 
     def _best_relocation(self) -> _Step | None:
         """The primary move to a node without a copy (source loses a role and a primary,
-        target gains both) that lowers the imbalance most, keeping zone spread."""
-        eligible = sorted(self.layout.eligible)
+        target gains both) that lowers the imbalance most, keeping zone spread. Among
+        :meth:`_candidates` only: the empty nodes of a class fit the same shards, and
+        the representative comes first in the order targets are tried."""
+        eligible = self._candidates()
         gain_source = {n: self._delta(n, -1, -1) for n in eligible}
         targets = sorted((self._fresh_primary_key(n), n) for n in eligible)
-        best: tuple[tuple[int, tuple[int, Fraction, Fraction, NodeId]], _Step] | None = None
+        best: tuple[tuple[int, tuple[int, int, int, NodeId]], _Step] | None = None
         for source in sorted(eligible, key=lambda n: (gain_source[n], n)):
             fitting = [(key, n) for key, n in targets if gain_source[source] + key[0] < 0]
             for shard in sorted(self.primary_of[source], key=self.rank.__getitem__):
@@ -1254,7 +1472,7 @@ class _Round:
         sources: Sequence[NodeId],
         targets: set[NodeId],
         links: Callable[[NodeId], list[_Step]],
-        preference: Callable[[NodeId], tuple[int, tuple[int, Fraction, Fraction, NodeId]]],
+        preference: Callable[[NodeId], tuple[int, tuple[int, int, int, NodeId]]],
     ) -> list[_Step] | None:
         """Breadth-first search from ``sources`` to any of ``targets`` other than the
         chain's own source; among the shortest chains, the one ending at the best target
@@ -1297,3 +1515,31 @@ class _Round:
 def _distance(value: int, allowed: tuple[int, int]) -> int:
     low, high = allowed
     return low - value if value < low else max(0, value - high)
+
+
+def _outside(roles: int, primaries: int, ranges: tuple[int, int, int, int, int, int]) -> int:
+    """The imbalance of counts ``roles`` and ``primaries`` against the integer ranges of
+    :attr:`_Layout.ranges`: :func:`_distance` of roles, primaries and replicas, summed."""
+    roles_low, roles_high, primaries_low, primaries_high, replicas_low, replicas_high = ranges
+    replicas = roles - primaries
+    return (
+        (roles_low - roles if roles < roles_low else max(0, roles - roles_high))
+        + (primaries_low - primaries if primaries < primaries_low
+           else max(0, primaries - primaries_high))
+        + (replicas_low - replicas if replicas < replicas_low
+           else max(0, replicas - replicas_high))
+    )
+
+
+def _memoized(links: Callable[[NodeId], list[_Step]]) -> Callable[[NodeId], list[_Step]]:
+    """``links`` computed once per node: one step search asks for the same node's links
+    at several levels while the state does not change."""
+    cache: dict[NodeId, list[_Step]] = {}
+
+    def cached(node: NodeId) -> list[_Step]:
+        found = cache.get(node)
+        if found is None:
+            found = cache[node] = links(node)
+        return found
+
+    return cached
