@@ -51,7 +51,7 @@ def render_status(r: controlplane_pb2.GetClusterStatusResponse) -> str:
         ("nodes", r.node_count),
         ("shards", r.shard_count),
         ("shards without primary", r.shards_without_primary),
-        ("etcd revision", r.etcd_revision),
+        ("etcd", f"revision {r.etcd_revision}" + ("" if r.etcd_healthy else " (UNREACHABLE: figures may be stale)")),
         ("replication factor", c.replication_factor),
         ("lease TTL", f"{c.lease_ttl_s} s"),
         ("vnodes per shard", c.vnodes_per_shard),

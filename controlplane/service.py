@@ -209,25 +209,38 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
     async def GetClusterStatus(
         self, request: controlplane_pb2.GetClusterStatusRequest, context: Ctx
     ) -> controlplane_pb2.GetClusterStatusResponse:
-        config, _ = await self._d.config.get()
-        nodes, revision = await self._d.registry.list_nodes()
-        leader = await self._d.election.current_leader()
+        """A summary that still answers while etcd is unreachable: then it is built from
+        this replica's mirrors (possibly stale), with ``etcd_healthy`` false and no leader."""
         ring = self._d.ring.entries.get(self._d.keys.ring())
-        live = {n.node_id for n in nodes}
-        assignments = list(self._d.assignments.entries.values())
-        return controlplane_pb2.GetClusterStatusResponse(
+        response = controlplane_pb2.GetClusterStatusResponse(
             cluster=self._d.keys.cluster,
             served_by=self._d.replica_id,
-            leader=leader.replica_id if leader else "",
-            node_count=len(nodes),
-            shard_count=len(ring.shard_ids) if ring else config.shard_count,
-            etcd_revision=revision,
-            etcd_healthy=True,
             ring_version=ring.version if ring else 0,
-            config=config,
-            shards_without_primary=sum(1 for a in assignments if a.primary not in live)
-            + max(0, (len(ring.shard_ids) if ring else 0) - len(assignments)),
         )
+        try:
+            config, _ = await self._d.config.get()
+            nodes, revision = await self._d.registry.list_nodes()
+            leader = await self._d.election.current_leader()
+        except Unavailable:
+            nodes = list(self._d.nodes.entries.values())
+            response.etcd_healthy = False
+            response.etcd_revision = self._d.nodes.revision
+        else:
+            response.config.CopyFrom(config)
+            response.leader = leader.replica_id if leader else ""
+            response.etcd_revision = revision
+            response.etcd_healthy = all(
+                c.healthy for c in (self._d.nodes, self._d.assignments, self._d.ring)
+            )
+        live = {n.node_id for n in nodes}
+        shard_count = len(ring.shard_ids) if ring else response.config.shard_count
+        assignments = list(self._d.assignments.entries.values())
+        response.node_count = len(nodes)
+        response.shard_count = shard_count
+        response.shards_without_primary = sum(1 for a in assignments if a.primary not in live) + max(
+            0, shard_count - len(assignments)
+        )
+        return response
 
     def _require_fresh(self, cache: PrefixCache[common_pb2.Assignment]) -> None:
         if not cache.healthy:

@@ -59,8 +59,9 @@ async def test_unavailable_while_etcd_is_down_then_recovers(tmp_path: Path) -> N
                     await call
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE
                 assert "etcd" in (info.value.details() or "")
-            # Still serving: health answers while etcd is down.
-            assert app.server is not None
+            # Still serving: the status answers from the replica's mirrors, saying so.
+            status = await stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=10)
+            assert (status.etcd_healthy, status.node_count, status.leader) == (False, 1, "")
 
             etcd.start()  # same data dir and ports
             # Each call recovers by itself within a deadline (callers retry UNAVAILABLE).
@@ -71,6 +72,8 @@ async def test_unavailable_while_etcd_is_down_then_recovers(tmp_path: Path) -> N
                 lambda: stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id), timeout=2)
             )
             await stub.RegisterNode(pb.RegisterNodeRequest(node_id="n2", address="127.0.0.1:7102"), timeout=5)
+            status = await until_available(lambda: stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=5))
+            assert status.etcd_healthy and status.node_count == 2
     finally:
         await app.stop()
         etcd.kill()
