@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ import structlog
 from bluemarble import event_loop, logs
 from bluemarble.channels import split_addresses
 from bluemarble.errors import BlueMarbleError
-from bluemarble.settings import EnvArgumentParser
+from bluemarble.settings import EnvArgumentParser, env_name
 from controlplane.app import ControlPlaneApp, ControlPlaneSettings
 
 log = structlog.get_logger(__name__)
@@ -35,9 +36,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
     p.add_flag("--log-level", default="info", help="debug, info, warning or error")
     p.add_flag("--log-format", default="console", choices=("console", "json"), help="log format")
     args = p.parse_args(argv)
-    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
+    # Settings that only seed a new cluster's config: remember which ones the operator
+    # chose (flag or environment), to warn when the stored config differs.
+    seeded = {"lease_ttl_s": "lease_ttl_s", "replication_factor": "replication_factor", "shards": "shard_count"}
     explicit = frozenset(
-        {"lease_ttl_s" if g == "lease_ttl_s" else "shard_count" if g == "shards" else g for g in given}
+        config_name
+        for name, config_name in seeded.items()
+        if getattr(args, name) != p.get_default(name) or env_name(f"--{name}") in os.environ
+        or any(a == f"--{name.replace('_', '-')}" or a.startswith(f"--{name.replace('_', '-')}=")
+               for a in (argv if argv is not None else sys.argv[1:]))
     )
     settings = ControlPlaneSettings(
         listen=args.listen,
