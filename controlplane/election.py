@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from bluemarble import background
 from bluemarble.errors import BlueMarbleError
 from controlplane.etcd import Compare, EtcdStore, EventType, Put
 from controlplane.keys import KeySchema
@@ -84,16 +85,13 @@ class Election:
         self._listeners.append(callback)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="election")
+        self._task = background.start(self._run(), "election")
 
     async def stop(self) -> None:
         """Stops campaigning and resigns (deletes the key by revoking the session lease)."""
         held = self.leadership
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await background.stop(self._task)
+        self._task = None
         if held is not None:
             with contextlib.suppress(BlueMarbleError):
                 await self._store.revoke_lease(held.lease_id)

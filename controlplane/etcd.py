@@ -32,6 +32,7 @@ import grpc.aio
 import structlog
 from etcd3aio import _protobuf as etcdpb  # the request/stub types; no public alias exists
 
+from bluemarble import background
 from bluemarble.errors import BlueMarbleError, NotFound, Unavailable
 
 log = structlog.get_logger(__name__)
@@ -403,7 +404,7 @@ class _KeepAliveStream:
         if self._closed:
             raise Unavailable("etcd client is closed")
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="etcd-lease-keepalive")
+            self._task = background.start(self._run(), "etcd-lease-keepalive")
         try:
             self._queue.put_nowait(lease_id)
         except asyncio.QueueFull as e:
@@ -471,8 +472,6 @@ class _KeepAliveStream:
 
     async def close(self) -> None:
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await background.stop(self._task)
+        self._task = None
         self._fail_all(Unavailable("etcd client is closed"))

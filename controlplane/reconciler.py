@@ -34,6 +34,7 @@ from collections.abc import Sequence
 
 import structlog
 
+from bluemarble import background
 from bluemarble.errors import BlueMarbleError
 from bluemarble.ids import NodeId, ShardId
 from bluemarble.v1 import common_pb2
@@ -102,14 +103,11 @@ class Reconciler:
         election.add_listener(self._wake.set)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="reconciler")
+        self._task = background.start(self._run(), "reconciler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await background.stop(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -17,12 +17,12 @@ ring version maps a key to the same shard (invariant I6).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 
 import grpc.aio
 import structlog
 
+from bluemarble import background
 from bluemarble.errors import FailedPrecondition
 from bluemarble.ids import ShardId
 from bluemarble.v1 import controlplane_pb2
@@ -66,14 +66,11 @@ class RingRouter:
             raise FailedPrecondition("this router has a fixed ring and no control plane")
         message = await self._client.call(lambda s: s.GetRing, controlplane_pb2.GetRingRequest())
         self._install(ring_from_proto(message))
-        self._task = asyncio.create_task(self._follow(), name="ring-router")
+        self._task = background.start(self._follow(), "ring-router")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await background.stop(self._task)
+        self._task = None
 
     def _install(self, ring: Ring) -> None:
         current = self._ring

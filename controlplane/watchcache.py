@@ -27,6 +27,7 @@ from typing import Generic, TypeVar
 
 import structlog
 
+from bluemarble import background
 from bluemarble.errors import BlueMarbleError, Unavailable
 from controlplane.etcd import Compacted, EtcdStore, EventType, KeyValue
 
@@ -83,17 +84,14 @@ class PrefixCache(Generic[V]):
     async def start(self) -> None:
         """Loads the prefix and starts following it. Raises Unavailable if etcd is down."""
         await self._relist()
-        self._task = asyncio.create_task(self._follow(), name=f"watch-{self.name}")
+        self._task = background.start(self._follow(), f"watch-{self.name}")
 
     async def stop(self) -> None:
         """Stops following etcd and ends every subscription."""
         for sub in self._subscribers:
             sub.queue.put_nowait(None)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await background.stop(self._task)
+        self._task = None
 
     async def wait_for_revision(self, revision: int, timeout_s: float) -> bool:
         """Waits until the mirror reflects ``revision``; False on timeout."""

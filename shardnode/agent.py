@@ -16,13 +16,13 @@ heartbeat is kept for self-fencing (:attr:`NodeAgent.lease_valid_until_s`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import grpc.aio
 import structlog
 
+from bluemarble import background
 from bluemarble.clock import Clock, SystemClock
 from bluemarble.errors import (
     AlreadyExists,
@@ -106,14 +106,12 @@ class NodeAgent:
         """Registers, follows assignments and heartbeats until ``stop`` is set, or until
         a drain finished (then it deregisters and returns). Raises RegistrationRefused."""
         await self._register(stop)
-        watcher = asyncio.create_task(self._follow_assignments(stop), name="assignments")
+        watcher = background.start(self._follow_assignments(stop), "assignments")
         try:
             await self._heartbeat_loop(stop)
         finally:
             self._close_beats(rotate=False)
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            await background.stop(watcher)
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
