@@ -93,6 +93,7 @@ class NodeAgent:
         self.draining = False
         self._beats: grpc.aio.StreamStreamCall[Any, Any] | None = None
         self._beats_address = ""
+        self._watcher: asyncio.Task[None] | None = None
 
     def shard_statuses(self) -> list[common_pb2.ShardStatus]:
         return [
@@ -106,12 +107,12 @@ class NodeAgent:
         """Registers, follows assignments and heartbeats until ``stop`` is set, or until
         a drain finished (then it deregisters and returns). Raises RegistrationRefused."""
         await self._register(stop)
-        watcher = background.start(self._follow_assignments(stop), "assignments")
+        self._watcher = background.start(self._follow_assignments(stop), "assignments")
         try:
             await self._heartbeat_loop(stop)
         finally:
             self._close_beats(rotate=False)
-            await background.stop(watcher)
+            await background.stop(self._watcher)
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -126,6 +127,11 @@ class NodeAgent:
                 self.registered.clear()
                 self.shards.clear()
                 await self._register(stop)
+                # Start the assignment stream afresh: its first message is a full
+                # snapshot, so roles still recorded for this node come back at once.
+                await background.stop(self._watcher)
+                self.assignments_synced.clear()
+                self._watcher = background.start(self._follow_assignments(stop), "assignments")
                 continue
             except BlueMarbleError as e:
                 if not e.retryable:

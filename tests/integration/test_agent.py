@@ -75,6 +75,17 @@ async def test_agent_registers_again_after_its_lease_is_revoked(control_plane: C
 
         await eventually(new_lease, 5, "re-registration with a new lease")
         assert agent.registration.lease_id != first  # type: ignore[union-attr]
+
+        async def holds_what_is_assigned() -> bool:
+            async with grpc.aio.insecure_channel(control_plane.address) as channel:
+                r = await controlplane_pb2_grpc.ControlPlaneStub(channel).ListAssignments(
+                    pb.ListAssignmentsRequest()
+                )
+            assigned = {a.shard_id: a.epoch for a in r.assignments if "n1" in (a.primary, *a.replicas)}
+            return bool(assigned) and {s: h.epoch for s, h in agent.shards.items()} == assigned
+
+        # After losing its lease the node dropped its roles; it gets back what it is assigned.
+        await eventually(holds_what_is_assigned, 10, "the agent to hold its assignments again")
     await agent.deregister()
     await client.close()
 
