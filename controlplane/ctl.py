@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -110,23 +111,24 @@ def _parse_config_assignments(pairs: Sequence[str], config: common_pb2.ClusterCo
         setattr(config, key, int(value))
 
 
+# Read-only subcommands: which RPC, its (empty) request, and how to print the answer.
+READS: dict[str, tuple[Callable[[Any], Any], Callable[[], Message], Callable[[Any], str]]] = {
+    "status": (lambda s: s.GetClusterStatus, controlplane_pb2.GetClusterStatusRequest, render_status),
+    "nodes": (lambda s: s.ListNodes, controlplane_pb2.ListNodesRequest, render_nodes),
+    "shards": (lambda s: s.ListAssignments, controlplane_pb2.ListAssignmentsRequest, render_shards),
+    "ring": (lambda s: s.GetRing, controlplane_pb2.GetRingRequest, render_ring),
+}
+
+
 async def run(args: argparse.Namespace) -> int:
     client = ControlPlaneClient(split_addresses(args.control_plane), timeout_s=args.timeout_s, attempts=3)
     try:
         response: Message
         text: str
-        if args.command == "status":
-            response = await client.call(lambda s: s.GetClusterStatus, controlplane_pb2.GetClusterStatusRequest())
-            text = render_status(response)  # type: ignore[arg-type]
-        elif args.command == "nodes":
-            response = await client.call(lambda s: s.ListNodes, controlplane_pb2.ListNodesRequest())
-            text = render_nodes(response)  # type: ignore[arg-type]
-        elif args.command == "shards":
-            response = await client.call(lambda s: s.ListAssignments, controlplane_pb2.ListAssignmentsRequest())
-            text = render_shards(response)  # type: ignore[arg-type]
-        elif args.command == "ring":
-            response = await client.call(lambda s: s.GetRing, controlplane_pb2.GetRingRequest())
-            text = render_ring(response)  # type: ignore[arg-type]
+        if args.command in READS:
+            pick, request_type, render = READS[args.command]
+            response = await client.call(pick, request_type())
+            text = render(response)
         elif args.command == "drain":
             response = await client.call(lambda s: s.DrainNode, controlplane_pb2.DrainNodeRequest(node_id=args.node))
             text = f"draining {args.node}"
