@@ -5,8 +5,8 @@
 
 What runs (every one a real process, as an operator would start it, all on 127.0.0.1):
 
-* a private single-member etcd (:class:`bluemarble.localcluster.LocalEtcd`, temp dir);
-* one control plane: ``python -m controlplane.main --lease-ttl-s 2 --shards 16
+* a private single-member etcd (:class:`scripts.localcluster.LocalEtcd`, temp dir);
+* one control plane: ``python -m controlplane.server.main --lease-ttl-s 2 --shards 16
   --replication-factor 3 --cluster bench ...``;
 * ``--nodes`` shard nodes (default 5) over 3 zones (n1 z1, n2 z2, n3 z3, n4 z1, ...):
   ``python -m shardnode.main --node-id nK --listen 127.0.0.1:PORT ...``.
@@ -63,11 +63,11 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
-from bluemarble.localcluster import LocalEtcd, ManagedProcess, free_port
 from bluemarble.v1 import controlplane_pb2 as pb
 from bluemarble.v1 import controlplane_pb2_grpc
-from controlplane.etcd import EtcdStore, EventType
-from controlplane.keys import KeySchema
+from controlplane.store.etcd import EtcdStore, EventType
+from controlplane.store.keys import KeySchema
+from scripts.localcluster import LocalEtcd, ManagedProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ZONES = ("z1", "z2", "z3")
@@ -106,7 +106,7 @@ class Cluster:
         self.cp_address = f"127.0.0.1:{free_port()}"
         self.control_plane = ManagedProcess(
             "cp",
-            [sys.executable, "-m", "controlplane.main", "--listen", self.cp_address,
+            [sys.executable, "-m", "controlplane.server.main", "--listen", self.cp_address,
              "--etcd", self.etcd.endpoint, "--cluster", CLUSTER, "--replica-id", "cp-0",
              "--lease-ttl-s", str(self.args.lease_ttl_s), "--shards", str(self.args.shards),
              "--replication-factor", str(self.args.replication_factor)],
@@ -421,7 +421,7 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    os.chdir(ROOT)  # `python -m controlplane.main` etc. resolve from the project root
+    os.chdir(ROOT)  # `python -m controlplane.server.main` etc. resolve from the project root
     workdir = Path(tempfile.mkdtemp(prefix="bench-failover-"))
     cluster = Cluster(workdir, args)
     print(

@@ -6,7 +6,7 @@
 For each node count N (a fresh cluster per level, so levels do not disturb each other):
 
 1. start a private single-member etcd (in a temporary directory) and one control plane
-   as a real process (``python -m controlplane.main ... --lease-ttl-s 3``);
+   as a real process (``python -m controlplane.server.main ... --lease-ttl-s 3``);
 2. start K load-generator processes (``--workers``, default 2), each simulating N/K
    nodes over a few grpc.aio channels with the raw generated ControlPlaneStub: every
    node registers (unique node id, fake address 127.0.0.1:<10000+i>, zone a/b/c), then
@@ -59,8 +59,8 @@ from typing import Any
 
 import grpc
 
-from bluemarble.localcluster import LocalEtcd, ManagedProcess, free_port, wait_until
 from bluemarble.v1 import controlplane_pb2, controlplane_pb2_grpc
+from scripts.localcluster import LocalEtcd, ManagedProcess, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 ZONES = ("zone-a", "zone-b", "zone-c")
@@ -449,7 +449,7 @@ def run_level(n: int, args: argparse.Namespace, workdir: Path) -> LevelResult:
         cp = ManagedProcess(
             "controlplane",
             [
-                sys.executable, "-m", "controlplane.main",
+                sys.executable, "-m", "controlplane.server.main",
                 "--listen", address,
                 "--etcd", etcd.endpoint,
                 "--lease-ttl-s", str(args.lease_ttl_s),

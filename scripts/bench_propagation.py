@@ -5,8 +5,8 @@
 
 What runs (all on 127.0.0.1):
 
-* a private single-member etcd (:class:`bluemarble.localcluster.LocalEtcd`, temp dir) and
-  one control plane as a real process (``python -m controlplane.main --cluster bench
+* a private single-member etcd (:class:`scripts.localcluster.LocalEtcd`, temp dir) and
+  one control plane as a real process (``python -m controlplane.server.main --cluster bench
   --lease-ttl-s 2 --shards 16 --replication-factor 3 ...``). It becomes leader and its
   reconciler writes the 16 initial assignment records (no primary: no node exists);
 * ``--workers`` watcher processes (default 2) holding ``--streams`` WatchAssignments
@@ -17,9 +17,9 @@ What runs (all on 127.0.0.1):
   (shard, epoch) it carries;
 * this process is the writer: once every stream has its snapshot, it makes
   ``--warmup`` + ``--changes`` assignment changes, ``--interval-ms`` apart, by writing
-  directly to etcd through the project's adapter (:class:`controlplane.etcd.EtcdStore`,
-  key from :class:`controlplane.keys.KeySchema`, value from
-  :func:`controlplane.records.assignment_to_proto` + :func:`controlplane.codec.encode`):
+  directly to etcd through the project's adapter (:class:`controlplane.store.etcd.EtcdStore`,
+  key from :class:`controlplane.store.keys.KeySchema`, value from
+  :func:`controlplane.store.records.assignment_to_proto` + :func:`controlplane.store.codec.encode`):
   one Put of ``/bluemarble/bench/assignments/shard-<i mod 16>`` with the epoch bumped and
   a made-up primary and replicas.
 
@@ -60,9 +60,9 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from bluemarble.localcluster import LocalEtcd, ManagedProcess, free_port, wait_until
 from bluemarble.v1 import controlplane_pb2 as pb
 from bluemarble.v1 import controlplane_pb2_grpc
+from scripts.localcluster import LocalEtcd, ManagedProcess, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = "bench"
@@ -84,7 +84,7 @@ def watcher(worker: int, address: str, streams: int, first_stream: int, out: Any
 async def _watch(
     worker: int, address: str, streams: int, first_stream: int, out: Any, stop: Any
 ) -> list[tuple[int, str, int, float]]:
-    from bluemarble.channels import insecure_channel
+    from bluemarble.runtime.channels import insecure_channel
 
     seen: list[tuple[int, str, int, float]] = []
     snapshots = 0
@@ -131,13 +131,13 @@ async def _watch(
 
 async def write_changes(endpoint: str, args: argparse.Namespace) -> dict[str, Any]:
     """The Puts, spaced ``interval_ms`` apart; returns their timings and the checks."""
-    from bluemarble.ids import NodeId, ShardId
+    from bluemarble.api.conversions import assignment_from_proto, assignment_to_proto
+    from bluemarble.core.ids import NodeId, ShardId
+    from bluemarble.core.placement import ShardAssignment
     from bluemarble.v1 import common_pb2
     from controlplane import codec
-    from controlplane.etcd import EtcdStore
-    from controlplane.keys import KeySchema
-    from controlplane.placement import ShardAssignment
-    from controlplane.records import assignment_from_proto, assignment_to_proto
+    from controlplane.store.etcd import EtcdStore
+    from controlplane.store.keys import KeySchema
 
     keys = KeySchema(CLUSTER)
     store = EtcdStore([endpoint])
@@ -277,7 +277,7 @@ def main() -> int:
         address = f"127.0.0.1:{free_port()}"
         cp = ManagedProcess(
             "cp",
-            [sys.executable, "-m", "controlplane.main", "--listen", address, "--etcd", etcd.endpoint,
+            [sys.executable, "-m", "controlplane.server.main", "--listen", address, "--etcd", etcd.endpoint,
              "--cluster", CLUSTER, "--replica-id", "cp-0", "--lease-ttl-s", "2",
              "--shards", str(args.shards), "--replication-factor", "3"],
             workdir / "cp.log",

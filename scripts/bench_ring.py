@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmarks controlplane.ring side by side with uhashring, and checks the ring's targets.
+"""Benchmarks bluemarble.core.ring side by side with uhashring, and checks the ring's targets.
 
     .venv/bin/python scripts/bench_ring.py [--keys 1000000] [--seed 1] [--repeat 3]
 
@@ -30,9 +30,9 @@ from importlib import metadata
 
 from uhashring import HashRing
 
-from bluemarble.ids import shard_id
-from controlplane.ring import DEFAULT_VNODES, initial_ring
-from controlplane.router import RingRouter
+from bluemarble.client.ring_router import RingRouter
+from bluemarble.core.ids import shard_id
+from bluemarble.core.ring import DEFAULT_VNODES, initial_ring
 
 SHARD_COUNT = 16
 TARGET_SPEED_RATIO = 4.0
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("  all moved keys to shard-16", "yes" if ours_only_new else "NO",
          "yes" if theirs_only_new else "NO", "yes"),
     ]  # fmt: skip
-    header = ("", "controlplane.ring", f"uhashring {metadata.version('uhashring')}", "target")
+    header = ("", "bluemarble.core.ring", f"uhashring {metadata.version('uhashring')}", "target")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
     print(
         f"ring benchmark: {args.keys:,} player ids (seed {args.seed}), {SHARD_COUNT} shards, "

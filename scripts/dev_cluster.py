@@ -20,8 +20,8 @@ from pathlib import Path
 
 import grpc
 
-from bluemarble.localcluster import LocalEtcd, ManagedProcess, free_port, wait_until
 from bluemarble.v1 import controlplane_pb2, controlplane_pb2_grpc
+from scripts.localcluster import LocalEtcd, ManagedProcess, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 ZONES = ("zone-a", "zone-b", "zone-c")
@@ -51,7 +51,8 @@ def placement_done(address: str, replicas: int) -> bool:
 
 
 def ctl(address: str, *words: str) -> None:
-    subprocess.run([sys.executable, "-m", "controlplane.ctl", "--control-plane", address, *words], check=False)
+    command = [sys.executable, "-m", "bluemarble.cli.bluemarblectl", "--control-plane", address, *words]
+    subprocess.run(command, check=False)
 
 
 def main() -> int:
@@ -76,7 +77,7 @@ def main() -> int:
         cp_address = f"127.0.0.1:{args.control_plane_port}"
         control_plane = ManagedProcess(
             "controlplane",
-            [sys.executable, "-m", "controlplane.main", "--listen", cp_address, "--etcd", etcd.endpoint,
+            [sys.executable, "-m", "controlplane.server.main", "--listen", cp_address, "--etcd", etcd.endpoint,
              "--lease-ttl-s", str(args.lease_ttl_s), "--replica-id", "cp-0"],
             logs / "controlplane.log",
         ).start()

@@ -24,3 +24,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e '.[dev]'
   touch "$stamp"
 fi
+# The dev harness (scripts/localcluster.py) is not part of the installed packages: put the
+# checkout on the venv's path so scripts and tests import it as scripts.localcluster.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$PWD" > "$site/bluemarble-dev-checkout.pth"

@@ -11,4 +11,5 @@ if [ -f ../shared/tools/contract_check.py ]; then
 fi
 .venv/bin/ruff check bluemarble controlplane shardnode scripts tests
 .venv/bin/mypy
+.venv/bin/lint-imports --no-cache
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

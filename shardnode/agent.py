@@ -22,9 +22,8 @@ from typing import Any
 import grpc.aio
 import structlog
 
-from bluemarble import background
-from bluemarble.clock import Clock, SystemClock
-from bluemarble.errors import (
+from bluemarble.client.control_plane import ControlPlaneClient, to_error
+from bluemarble.core.errors import (
     AlreadyExists,
     BlueMarbleError,
     FatalError,
@@ -32,8 +31,9 @@ from bluemarble.errors import (
     NotFound,
     Unavailable,
 )
+from bluemarble.runtime import background
+from bluemarble.runtime.clock import Clock, SystemClock
 from bluemarble.v1 import common_pb2, controlplane_pb2
-from controlplane.client import ControlPlaneClient, to_error
 
 log = structlog.get_logger(__name__)
 

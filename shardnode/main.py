@@ -13,13 +13,14 @@ from pathlib import Path
 
 import structlog
 
-from bluemarble import event_loop, logs, validation
-from bluemarble.channels import split_addresses
-from bluemarble.errors import BlueMarbleError
-from bluemarble.grpc_server import ServiceBinding, build_server
-from bluemarble.settings import EnvArgumentParser
+from bluemarble.client.control_plane import ControlPlaneClient
+from bluemarble.core import validation
+from bluemarble.core.errors import BlueMarbleError
+from bluemarble.runtime import event_loop, logs
+from bluemarble.runtime.channels import split_addresses
+from bluemarble.runtime.grpc_server import ServiceBinding, build_server
+from bluemarble.runtime.settings import EnvArgumentParser
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
-from controlplane.client import ControlPlaneClient
 from shardnode.agent import NodeAgent, NodeIdentity
 from shardnode.service import ShardNodeService
 

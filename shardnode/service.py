@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc.aio
 
-from bluemarble.errors import Unimplemented
+from bluemarble.core.errors import Unimplemented
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]

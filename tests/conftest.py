@@ -11,9 +11,9 @@ from pathlib import Path
 import grpc.aio
 import pytest
 
-from bluemarble.localcluster import LocalEtcd
 from bluemarble.v1 import controlplane_pb2_grpc
-from controlplane.app import ControlPlaneApp, ControlPlaneSettings
+from controlplane.server.app import ControlPlaneApp, ControlPlaneSettings
+from scripts.localcluster import LocalEtcd
 
 _counter = itertools.count()
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from bluemarble.localcluster import LocalEtcd, ManagedProcess, free_port, wait_until
 from bluemarble.v1 import controlplane_pb2 as pb
 from bluemarble.v1 import controlplane_pb2_grpc, shardnode_pb2, shardnode_pb2_grpc
+from scripts.localcluster import LocalEtcd, ManagedProcess, free_port, wait_until
 
 
 class ProcessCluster:
@@ -29,7 +29,7 @@ class ProcessCluster:
         name = f"cp-{len(self.control_planes)}"
         proc = ManagedProcess(
             name,
-            [sys.executable, "-m", "controlplane.main", "--listen", address, "--etcd", self.etcd.endpoint,
+            [sys.executable, "-m", "controlplane.server.main", "--listen", address, "--etcd", self.etcd.endpoint,
              "--cluster", self.cluster, "--replica-id", name, *extra],
             self.workdir / f"{name}.log",
         ).start()

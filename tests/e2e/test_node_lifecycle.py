@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bluemarble.localcluster import free_port, wait_until
+from scripts.localcluster import free_port, wait_until
 from tests.e2e.conftest import ProcessCluster
 
 pytestmark = pytest.mark.e2e

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from bluemarble.localcluster import wait_until
 from bluemarble.v1 import common_pb2
 from bluemarble.v1 import controlplane_pb2 as pb
+from scripts.localcluster import wait_until
 from tests.e2e.conftest import ProcessCluster
 
 pytestmark = pytest.mark.e2e

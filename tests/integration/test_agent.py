@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator
 import grpc.aio
 import pytest
 
-from bluemarble.localcluster import free_port
+from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.v1 import controlplane_pb2 as pb
 from bluemarble.v1 import controlplane_pb2_grpc
-from controlplane.app import ControlPlaneApp
-from controlplane.client import ControlPlaneClient
+from controlplane.server.app import ControlPlaneApp
+from scripts.localcluster import free_port
 from shardnode.agent import NodeAgent, NodeIdentity, RegistrationRefused
 from tests.conftest import StartControlPlane
 

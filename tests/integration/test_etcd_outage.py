@@ -12,11 +12,11 @@ import grpc
 import grpc.aio
 import pytest
 
-from bluemarble.errors import Unavailable
-from bluemarble.localcluster import LocalEtcd, free_port
+from bluemarble.core.errors import Unavailable
 from bluemarble.v1 import controlplane_pb2 as pb
 from bluemarble.v1 import controlplane_pb2_grpc
-from controlplane.app import ControlPlaneApp, ControlPlaneSettings
+from controlplane.server.app import ControlPlaneApp, ControlPlaneSettings
+from scripts.localcluster import LocalEtcd, free_port
 
 pytestmark = pytest.mark.integration
 T = TypeVar("T")

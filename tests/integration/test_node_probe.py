@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from bluemarble.grpc_server import ServiceBinding, build_server
-from bluemarble.ids import NodeId, ShardId
-from bluemarble.localcluster import free_port
+from bluemarble.core.ids import NodeId, ShardId
+from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
-from controlplane.node_probe import NodeProbe
+from controlplane.server.node_probe import NodeProbe
+from scripts.localcluster import free_port
 from shardnode.service import ShardNodeService
 
 

@@ -8,7 +8,7 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from controlplane.app import ControlPlaneApp
+from controlplane.server.app import ControlPlaneApp
 
 pytestmark = pytest.mark.integration
 

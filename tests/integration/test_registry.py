@@ -11,7 +11,7 @@ import pytest
 
 from bluemarble.v1 import controlplane_pb2 as pb
 from bluemarble.v1 import controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
-from controlplane.app import ControlPlaneApp
+from controlplane.server.app import ControlPlaneApp
 from tests.conftest import StartControlPlane
 
 pytestmark = pytest.mark.integration

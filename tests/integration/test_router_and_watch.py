@@ -8,14 +8,14 @@ import contextlib
 
 import pytest
 
+from bluemarble.api.conversions import ring_from_proto, ring_to_proto
+from bluemarble.client.control_plane import ControlPlaneClient
+from bluemarble.client.ring_router import RingRouter
 from bluemarble.v1 import controlplane_pb2 as pb
 from bluemarble.v1 import controlplane_pb2_grpc
-from controlplane import codec
-from controlplane.app import ControlPlaneApp
-from controlplane.client import ControlPlaneClient
-from controlplane.etcd import Compacted, EtcdStore
-from controlplane.records import ring_from_proto, ring_to_proto
-from controlplane.router import RingRouter
+from controlplane.server.app import ControlPlaneApp
+from controlplane.store import codec
+from controlplane.store.etcd import Compacted, EtcdStore
 
 pytestmark = pytest.mark.integration
 Stub = controlplane_pb2_grpc.ControlPlaneStub

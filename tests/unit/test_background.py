@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import structlog
 
-from bluemarble import background
+from bluemarble.runtime import background
 
 
 async def test_a_task_that_dies_is_logged() -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from bluemarble.api.conversions import ring_to_proto
+from bluemarble.cli import bluemarblectl as ctl
+from bluemarble.core.ring import initial_ring
 from bluemarble.v1 import common_pb2
 from bluemarble.v1 import controlplane_pb2 as pb
-from controlplane import ctl
-from controlplane.records import ring_to_proto
-from controlplane.ring import initial_ring
 
 
 def test_table_aligns_columns() -> None:
@@ -73,7 +73,7 @@ def test_config_set_applies_pairs() -> None:
 
 
 def test_unreachable_control_plane_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
-    from bluemarble.localcluster import free_port
+    from scripts.localcluster import free_port
 
     code = ctl.main(["--control-plane", f"127.0.0.1:{free_port()}", "--timeout-s", "0.5", "status"])
     assert code == 1

@@ -6,13 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bluemarble import errors
-from bluemarble.errors import InvalidArgument
-from bluemarble.ids import NodeId, ShardId, TradeId, shard_id, shard_index
-from bluemarble.settings import EnvArgumentParser, env_name
+from bluemarble.api import cluster_config
+from bluemarble.core import errors
+from bluemarble.core.errors import InvalidArgument
+from bluemarble.core.ids import NodeId, ShardId, TradeId, shard_id, shard_index
+from bluemarble.runtime.settings import EnvArgumentParser, env_name
 from bluemarble.v1 import common_pb2
-from controlplane import cluster_config, codec
-from controlplane.keys import KeySchema
+from controlplane.store import codec
+from controlplane.store.keys import KeySchema
 
 
 class TestKeySchema:

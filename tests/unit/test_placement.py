@@ -1,4 +1,4 @@
-"""Placement (:mod:`controlplane.placement`): what every plan promises, convergence to a
+"""Placement (:mod:`bluemarble.core.placement`): what every plan promises, convergence to a
 valid balanced placement, failover, node loss, join, drain, and a differential check
 against an exhaustive search on small clusters.
 
@@ -27,9 +27,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bluemarble.ids import NodeId, ShardId, shard_id
-from controlplane import placement
-from controlplane.placement import (
+from bluemarble.core import placement
+from bluemarble.core.ids import NodeId, ShardId, shard_id
+from bluemarble.core.placement import (
     FairShare,
     MoveKind,
     PlacementConfig,
@@ -330,8 +330,8 @@ class TestEveryPlan:
         # String hashing is randomized per process; no set or dict order may leak into
         # a plan, or two control-plane replicas would disagree.
         script = (
-            "from controlplane.placement import *\n"
-            "from bluemarble.ids import NodeId, shard_id\n"
+            "from bluemarble.core.placement import *\n"
+            "from bluemarble.core.ids import NodeId, shard_id\n"
             "nodes = [PlacementNode(NodeId(f'n{i}'), f'z{i % 3}', 1 + i % 3, i == 4)"
             " for i in range(7)]\n"
             "shards = [shard_id(i) for i in range(20)]\n"

@@ -1,4 +1,4 @@
-"""Unit tests of the pure consistent hash ring (controlplane.ring), grouped by behaviour.
+"""Unit tests of the pure consistent hash ring (bluemarble.core.ring), grouped by behaviour.
 
 The lookup is checked against a deliberately naive reference (a linear scan over every
 token); the allocator against its promises (share of the new shard, balance, only keys
@@ -15,8 +15,8 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bluemarble.ids import ShardId, shard_id
-from controlplane.ring import (
+from bluemarble.core.ids import ShardId, shard_id
+from bluemarble.core.ring import (
     DEFAULT_VNODES,
     HASH_NAME,
     HASH_SPACE,

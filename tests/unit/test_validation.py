@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bluemarble import validation
-from bluemarble.errors import InvalidArgument
+from bluemarble.core import validation
+from bluemarble.core.errors import InvalidArgument
 
 
 class TestNodeId:

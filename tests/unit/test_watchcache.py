@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from controlplane.etcd import Compacted, EventType, KeyValue, WatchBatch, WatchEvent
-from controlplane.watchcache import PrefixCache, Update
+from controlplane.store.etcd import Compacted, EventType, KeyValue, WatchBatch, WatchEvent
+from controlplane.store.watchcache import PrefixCache, Update
 
 
 def kv(key: str, value: str, rev: int) -> KeyValue:

@@ -1,0 +1,97 @@
+"""Cluster configuration: defaults and validation (pure).
+
+The config lives in etcd (:meth:`controlplane.store.keys.KeySchema.config`). It is created
+with :func:`default_config` on the first start of a cluster and validated with
+:func:`validate` on every change, so a bad value is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import re
+
+from bluemarble.core import limits
+from bluemarble.core.errors import InvalidArgument
+from bluemarble.v1 import common_pb2
+
+STRONG = common_pb2.CONSISTENCY_MODEL_STRONG
+EVENTUAL = common_pb2.CONSISTENCY_MODEL_EVENTUAL
+CAUSAL = common_pb2.CONSISTENCY_MODEL_CAUSAL
+
+# Consistency per game system (DESIGN.md, "Consistency per game system").
+DEFAULT_CONSISTENCY = {
+    "inventory": STRONG,
+    "trade": STRONG,
+    "chat": EVENTUAL,
+    "guild": EVENTUAL,
+    "leaderboard": EVENTUAL,
+    "position": CAUSAL,
+    "world_events": CAUSAL,
+}
+# Systems whose model is part of the data plane's correctness: they stay STRONG.
+STRONG_ONLY = ("inventory", "trade")
+
+LIMITS = limits.CONFIG_RANGES
+MAX_SYSTEMS = limits.MAX_SYSTEMS
+MAX_SYSTEM_NAME = limits.MAX_SYSTEM_NAME_BYTES
+_SYSTEM_NAME = re.compile(r"[a-z0-9_]+")
+
+
+def default_config(
+    *,
+    replication_factor: int = 3,
+    lease_ttl_s: int = 10,
+    shard_count: int = 16,
+    vnodes_per_shard: int = 150,
+    max_moves_per_round: int = 32,
+) -> common_pb2.ClusterConfig:
+    """The config a new cluster starts with (validated)."""
+    config = common_pb2.ClusterConfig(
+        replication_factor=replication_factor,
+        lease_ttl_s=lease_ttl_s,
+        shard_count=shard_count,
+        vnodes_per_shard=vnodes_per_shard,
+        max_moves_per_round=max_moves_per_round,
+    )
+    config.consistency.update(DEFAULT_CONSISTENCY)
+    validate(config)
+    return config
+
+
+def problems(config: common_pb2.ClusterConfig) -> list[str]:
+    """Every reason ``config`` is invalid, each a sentence a person can act on."""
+    found = []
+    for name, (low, high) in LIMITS.items():
+        value = getattr(config, name)
+        if not low <= value <= high:
+            found.append(f"{name} is {value}; it must be between {low} and {high}")
+    tokens = config.shard_count * config.vnodes_per_shard
+    if tokens > limits.MAX_RING_TOKENS:
+        found.append(
+            f"shard_count x vnodes_per_shard is {tokens} tokens; the ring is one etcd value "
+            f"(at most 1.5 MiB), which holds at most {limits.MAX_RING_TOKENS} tokens"
+        )
+    if len(config.consistency) > MAX_SYSTEMS:
+        found.append(f"consistency lists {len(config.consistency)} systems; at most {MAX_SYSTEMS}")
+    for system, model in sorted(config.consistency.items()):
+        if len(system) > MAX_SYSTEM_NAME or not _SYSTEM_NAME.fullmatch(system):
+            found.append(
+                f"consistency system name {limits.echo(system)} must be 1..{MAX_SYSTEM_NAME} "
+                "of a-z, 0-9 or '_'"
+            )
+        if model not in (STRONG, EVENTUAL, CAUSAL):
+            found.append(f"consistency of {limits.echo(system)} must be STRONG, EVENTUAL or CAUSAL")
+    for system in STRONG_ONLY:
+        model = config.consistency.get(system, STRONG)
+        if model != STRONG:
+            found.append(
+                f"consistency of {system!r} must stay STRONG: items and gold are only safe "
+                "with primary-only writes and synchronous replication"
+            )
+    return found
+
+
+def validate(config: common_pb2.ClusterConfig) -> None:
+    """Raises InvalidArgument listing every problem, or returns."""
+    found = problems(config)
+    if found:
+        raise InvalidArgument("invalid cluster config: " + "; ".join(found))

@@ -1,0 +1,55 @@
+"""Conversions between the pure core values (ring, assignments) and their messages.
+
+The core knows nothing of protobuf; the stores, servicers and clients know nothing of the
+core's internals. Conversion from a message validates: one that does not describe a valid
+value raises :class:`bluemarble.core.errors.CorruptRecord` naming where it came from.
+"""
+
+from __future__ import annotations
+
+from bluemarble.core.errors import CorruptRecord
+from bluemarble.core.ids import NodeId, ShardId
+from bluemarble.core.placement import ShardAssignment
+from bluemarble.core.ring import Ring
+from bluemarble.v1 import common_pb2
+
+
+def ring_to_proto(ring: Ring) -> common_pb2.Ring:
+    return common_pb2.Ring(
+        version=ring.version,
+        hash=ring.hash_name,
+        shards=[common_pb2.RingShard(shard_id=s, tokens=list(t)) for s, t in ring.shards],
+    )
+
+
+def ring_from_proto(message: common_pb2.Ring, source: str = "ring") -> Ring:
+    """The ring a message describes; CorruptRecord naming ``source`` when it is invalid."""
+    try:
+        return Ring.from_tokens(
+            message.version,
+            {ShardId(s.shard_id): list(s.tokens) for s in message.shards},
+            hash_name=message.hash,
+        )
+    except (ValueError, TypeError) as e:
+        raise CorruptRecord(f"{source} does not hold a valid ring: {e}") from e
+
+
+def assignment_to_proto(a: ShardAssignment) -> common_pb2.Assignment:
+    return common_pb2.Assignment(
+        shard_id=a.shard_id,
+        epoch=a.epoch,
+        primary=a.primary or "",
+        replicas=list(a.replicas),
+        state=common_pb2.ASSIGNMENT_STATE_ACTIVE
+        if a.primary
+        else common_pb2.ASSIGNMENT_STATE_PRIMARY_LOST,
+    )
+
+
+def assignment_from_proto(message: common_pb2.Assignment) -> ShardAssignment:
+    return ShardAssignment(
+        shard_id=ShardId(message.shard_id),
+        epoch=message.epoch,
+        primary=NodeId(message.primary) if message.primary else None,
+        replicas=tuple(NodeId(r) for r in message.replicas),
+    )

@@ -1,0 +1,92 @@
+"""The one exception root of BlueMarble, sorted into retryable and fatal.
+
+Every error that crosses a module boundary is a :class:`BlueMarbleError`. Foreign errors
+(etcd client, gRPC, SQLite) are wrapped once, at their adapter, with ``raise ... from``.
+Each class carries the gRPC status it maps to, so one server interceptor
+(:mod:`bluemarble.runtime.grpc_server`) turns them into statuses, and clients turn statuses back
+into the same classes (:func:`from_status_name`). Messages are for people: they say what
+was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class BlueMarbleError(Exception):
+    """Root of every BlueMarble error. ``status`` is a grpc.StatusCode name."""
+
+    status: ClassVar[str] = "INTERNAL"
+    retryable: ClassVar[bool] = False
+
+
+class RetryableError(BlueMarbleError):
+    """The operation may succeed if tried again later (after a backoff)."""
+
+    retryable = True
+
+
+class FatalError(BlueMarbleError):
+    """Trying again with the same input gives the same answer."""
+
+
+class InvalidArgument(FatalError):
+    status = "INVALID_ARGUMENT"
+
+
+class NotFound(FatalError):
+    status = "NOT_FOUND"
+
+
+class AlreadyExists(FatalError):
+    status = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(FatalError):
+    status = "FAILED_PRECONDITION"
+
+
+class Unimplemented(FatalError):
+    status = "UNIMPLEMENTED"
+
+
+class CorruptRecord(FatalError):
+    """A stored value (an etcd record, a message) does not describe what its key implies."""
+
+    status = "DATA_LOSS"
+
+
+class Aborted(RetryableError):
+    """A concurrent change won a race (e.g. a compare-and-swap failed); retry."""
+
+    status = "ABORTED"
+
+
+class Unavailable(RetryableError):
+    """A dependency (etcd, a peer) cannot be reached right now."""
+
+    status = "UNAVAILABLE"
+
+
+class DeadlineExceeded(RetryableError):
+    status = "DEADLINE_EXCEEDED"
+
+
+_BY_STATUS: dict[str, type[BlueMarbleError]] = {
+    cls.status: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        Unimplemented,
+        Aborted,
+        Unavailable,
+        DeadlineExceeded,
+    )
+}
+
+
+def from_status_name(status: str, message: str) -> BlueMarbleError:
+    """The error class for a gRPC status name, as clients see it."""
+    return _BY_STATUS.get(status, BlueMarbleError)(message)

@@ -1,0 +1,68 @@
+"""Limits on every input, derived from the real constraints they protect (pure).
+
+Each limit says what it protects. Servers size their gRPC receive limits from these,
+the cluster config is validated against them, and the ring's size is bounded by what one
+etcd request can carry.
+"""
+
+from __future__ import annotations
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+"""Largest message any BlueMarble channel sends or receives (ring snapshots, snapshots of
+shard data). Servers whose API needs less cap their receive size lower (below)."""
+
+CONTROL_PLANE_MAX_REQUEST_BYTES = 1024 * 1024
+"""Largest request the control plane accepts. Its biggest request is a heartbeat with
+:data:`MAX_SHARD_STATUSES` statuses (about 100 bytes each: ~400 KiB); anything larger is
+refused by gRPC before it is parsed, so a 13 MB request costs no server time."""
+
+SHARD_NODE_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+"""Largest request a shard node accepts (replication batches and snapshots)."""
+
+MAX_SHARD_STATUSES = 4096
+"""Shard statuses per heartbeat: a node holds at most one role per shard."""
+
+ETCD_MAX_REQUEST_BYTES = 1536 * 1024
+"""etcd's default ``--max-request-bytes`` (1.5 MiB): no single value or transaction may be
+larger, whatever the control plane's own limits say."""
+
+RING_BYTES_PER_TOKEN = 24
+"""Upper bound of one stored token in the ring's JSON record: a uint64 as a quoted decimal
+string (at most 20 digits, 2 quotes) plus a comma and a space."""
+
+RING_OVERHEAD_BYTES = 64 * 1024
+"""Room in the ring's etcd request for everything but the tokens (shard ids, field
+names, the transaction around it)."""
+
+MAX_RING_TOKENS = (ETCD_MAX_REQUEST_BYTES - RING_OVERHEAD_BYTES) // RING_BYTES_PER_TOKEN
+"""Tokens the ring may hold in all (``shard_count * vnodes_per_shard``): the ring is one
+etcd value, so it must fit one etcd request. 64,853 tokens: e.g. 432 shards at 150
+virtual nodes, or 4,096 shards at 15."""
+
+CONFIG_RANGES: dict[str, tuple[int, int]] = {
+    "replication_factor": (1, 7),
+    "lease_ttl_s": (2, 300),
+    "vnodes_per_shard": (1, 4096),
+    "shard_count": (1, 4096),
+    "max_moves_per_round": (1, 10_000),
+}
+"""Inclusive range of each integer setting of the cluster config."""
+
+MAX_SYSTEMS = 64
+"""Game systems the consistency table may list."""
+
+MAX_SYSTEM_NAME_BYTES = 64
+"""Length of a game system's name (it is a map key in the config record)."""
+
+MAX_ECHO_CHARS = 80
+"""Longest piece of a caller's input quoted back in an error message or a log line."""
+
+
+def echo(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """``repr(value)``, shortened to about ``limit`` characters with its full size noted:
+    what error messages and logs may quote of untrusted input."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = len(value) if isinstance(value, str | bytes) else len(text)
+    return f"{text[:limit]}... ({size} chars)"

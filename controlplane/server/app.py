@@ -1,0 +1,192 @@
+"""One control-plane replica: etcd connection, config bootstrap, gRPC server.
+
+:class:`ControlPlaneApp` is what ``bluemarble-controlplane`` runs and what integration
+tests start in-process. Start-up order: connect to etcd (bounded by a start-up timeout),
+create the cluster config if absent, then serve. Shutdown: health NOT_SERVING, drain
+calls in flight, close etcd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+
+import structlog
+
+from bluemarble.api import cluster_config
+from bluemarble.core.ring import Ring
+from bluemarble.runtime.clock import Clock, SystemClock
+from bluemarble.runtime.grpc_server import Server, ServiceBinding, build_server
+from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
+from controlplane.server.election import Election
+from controlplane.server.node_probe import NodeProbe
+from controlplane.server.reconciler import Reconciler
+from controlplane.server.registry import NodeRegistry
+from controlplane.server.service import ControlPlaneDeps, ControlPlaneService, TradeCoordinatorService
+from controlplane.store.config_store import ConfigStore
+from controlplane.store.etcd import EtcdStore
+from controlplane.store.keys import KeySchema
+from controlplane.store.records import decode_assignment, decode_node, decode_ring
+from controlplane.store.ring_store import ensure_ring
+from controlplane.store.watchcache import PrefixCache
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ControlPlaneSettings:
+    listen: str
+    etcd_endpoints: tuple[str, ...]
+    cluster: str = "default"
+    lease_ttl_s: int = 10
+    replication_factor: int = 3
+    shards: int = 16
+    etcd_startup_timeout_s: float = 30.0
+    etcd_rpc_timeout_s: float = 3.0
+    replica_id: str = ""
+    shutdown_grace_s: float = 5.0
+    # Flags given explicitly on the command line (vs defaults), to warn on config drift.
+    explicit: frozenset[str] = field(default_factory=frozenset)
+
+
+class ControlPlaneApp:
+    def __init__(self, settings: ControlPlaneSettings, clock: Clock | None = None):
+        self.settings = settings
+        self.keys = KeySchema(settings.cluster)
+        self.clock = clock or SystemClock()
+        self.store = EtcdStore(settings.etcd_endpoints, rpc_timeout_s=settings.etcd_rpc_timeout_s)
+        self.server: Server | None = None
+        self.nodes: PrefixCache[common_pb2.Node] | None = None
+        self.assignments: PrefixCache[common_pb2.Assignment] | None = None
+        self.ring: PrefixCache[Ring] | None = None
+        self.election: Election | None = None
+        self.reconciler: Reconciler | None = None
+        self.probe: NodeProbe | None = None
+
+    @property
+    def replica_id(self) -> str:
+        return self.settings.replica_id or f"{socket.gethostname()}/{self.settings.listen}"
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        host = self.settings.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.server.port}"
+
+    async def start(self) -> None:
+        """Connects to etcd, bootstraps the config and starts serving.
+
+        Raises Unavailable when etcd does not answer within the start-up timeout or the
+        listen address cannot be bound.
+        """
+        s = self.settings
+        await self.store.connect(s.etcd_startup_timeout_s)
+        configs = ConfigStore(self.store, self.keys)
+        defaults = cluster_config.default_config(
+            replication_factor=s.replication_factor, lease_ttl_s=s.lease_ttl_s, shard_count=s.shards
+        )
+        stored, _ = await configs.ensure(defaults)
+        self._warn_on_drift(stored)
+        await ensure_ring(self.store, self.keys, stored)
+        self.nodes = PrefixCache(self.store, self.keys.nodes_prefix(), decode_node, name="nodes")
+        self.assignments = PrefixCache(
+            self.store, self.keys.assignments_prefix(), decode_assignment, name="assignments"
+        )
+        self.ring = PrefixCache(self.store, self.keys.ring(), decode_ring, name="ring")
+        for cache in (self.nodes, self.assignments, self.ring):
+            await cache.start()
+        self.election = Election(
+            self.store, self.keys, self.replica_id, s.listen, ttl_s=stored.lease_ttl_s
+        )
+        self.probe = NodeProbe()
+        self.reconciler = Reconciler(
+            store=self.store,
+            keys=self.keys,
+            election=self.election,
+            nodes=self.nodes,
+            assignments=self.assignments,
+            ring=self.ring,
+            configs=configs,
+            probe=self.probe,
+        )
+        deps = ControlPlaneDeps(
+            replica_id=self.replica_id,
+            keys=self.keys,
+            store=self.store,
+            registry=NodeRegistry(self.store, self.keys, self.clock),
+            config=configs,
+            clock=self.clock,
+            nodes=self.nodes,
+            assignments=self.assignments,
+            ring=self.ring,
+            election=self.election,
+        )
+        self.server = await build_server(
+            s.listen,
+            [
+                ServiceBinding(
+                    controlplane_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name,
+                    ControlPlaneService(deps),
+                    controlplane_pb2_grpc.add_ControlPlaneServicer_to_server,
+                ),
+                ServiceBinding(
+                    trade_pb2.DESCRIPTOR.services_by_name["TradeCoordinator"].full_name,
+                    TradeCoordinatorService(),
+                    trade_pb2_grpc.add_TradeCoordinatorServicer_to_server,
+                ),
+            ],
+        )
+        await self.election.start()
+        await self.reconciler.start()
+        log.info(
+            "control plane serving",
+            address=self.address,
+            cluster=s.cluster,
+            etcd=",".join(s.etcd_endpoints),
+            replica=self.replica_id,
+        )
+
+    def _warn_on_drift(self, stored: object) -> None:
+        s = self.settings
+        asked = {
+            "lease_ttl_s": s.lease_ttl_s,
+            "replication_factor": s.replication_factor,
+            "shard_count": s.shards,
+        }
+        for name, value in asked.items():
+            current = getattr(stored, name)
+            if name in s.explicit and current != value:
+                log.warning(
+                    "flag differs from the stored cluster config; the stored value applies "
+                    "(change it with SetConfig)",
+                    setting=name,
+                    flag=value,
+                    stored=current,
+                )
+
+    async def stop(self) -> None:
+        """Stops reconciling, resigns leadership (so another replica takes over at
+        once), ends watch streams, drains calls in flight, then closes etcd. Each step
+        is bounded, so a stuck dependency cannot hold the process forever."""
+        steps: list[tuple[str, Awaitable[None] | None]] = [
+            ("reconciler", self.reconciler.stop() if self.reconciler else None),
+            ("election", self.election.stop() if self.election else None),
+            *[(c.name, c.stop()) for c in (self.nodes, self.assignments, self.ring) if c is not None],
+            (
+                "server",
+                self.server.stop_gracefully(self.settings.shutdown_grace_s) if self.server else None,
+            ),
+            ("probe", self.probe.close() if self.probe else None),
+            ("etcd", self.store.close()),
+        ]
+        for name, step in steps:
+            if step is None:
+                continue
+            try:
+                await asyncio.wait_for(step, self.settings.shutdown_grace_s + 5.0)
+            except TimeoutError:
+                log.error("shutdown step timed out; continuing", step=name)
+        self.server = None
+        log.info("control plane stopped", replica=self.replica_id)

@@ -1,0 +1,91 @@
+"""``bluemarble-controlplane``: runs one control-plane replica until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from bluemarble.core.errors import BlueMarbleError
+from bluemarble.runtime import event_loop, logs
+from bluemarble.runtime.channels import split_addresses
+from bluemarble.runtime.settings import EnvArgumentParser, env_name
+from controlplane.server.app import ControlPlaneApp, ControlPlaneSettings
+
+log = structlog.get_logger(__name__)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings, str, str]:
+    p = EnvArgumentParser(
+        prog="bluemarble-controlplane",
+        description="BlueMarble control plane replica: node registry, placement, trades.",
+    )
+    p.add_flag("--listen", default="127.0.0.1:7000", help="gRPC listen address host:port")
+    p.add_flag("--etcd", default="127.0.0.1:2379", help="etcd endpoints, comma-separated")
+    p.add_flag("--cluster", default="default", help="cluster name (etcd key prefix)")
+    p.add_flag("--lease-ttl-s", default=10, type=int, help="node lease TTL for a new cluster")
+    p.add_flag("--replication-factor", default=3, type=int, help="copies per shard for a new cluster")
+    p.add_flag("--shards", default=16, type=int, help="shards of a new cluster's ring")
+    p.add_flag("--metrics-listen", default="", help="Prometheus metrics address (reserved)")
+    p.add_flag("--replica-id", default="", help="this replica's name (default host/listen)")
+    p.add_flag("--etcd-startup-timeout-s", default=30.0, type=float, help="give up start-up after")
+    p.add_flag("--log-level", default="info", help="debug, info, warning or error")
+    p.add_flag("--log-format", default="console", choices=("console", "json"), help="log format")
+    args = p.parse_args(argv)
+    # Settings that only seed a new cluster's config: remember which ones the operator
+    # chose (flag or environment), to warn when the stored config differs.
+    seeded = {"lease_ttl_s": "lease_ttl_s", "replication_factor": "replication_factor", "shards": "shard_count"}
+    explicit = frozenset(
+        config_name
+        for name, config_name in seeded.items()
+        if getattr(args, name) != p.get_default(name) or env_name(f"--{name}") in os.environ
+        or any(a == f"--{name.replace('_', '-')}" or a.startswith(f"--{name.replace('_', '-')}=")
+               for a in (argv if argv is not None else sys.argv[1:]))
+    )
+    settings = ControlPlaneSettings(
+        listen=args.listen,
+        etcd_endpoints=tuple(split_addresses(args.etcd)),
+        cluster=args.cluster,
+        lease_ttl_s=args.lease_ttl_s,
+        replication_factor=args.replication_factor,
+        shards=args.shards,
+        etcd_startup_timeout_s=args.etcd_startup_timeout_s,
+        replica_id=args.replica_id,
+        explicit=explicit,
+    )
+    if args.metrics_listen:
+        log.warning("--metrics-listen is accepted but metrics are not served yet")
+    return settings, args.log_level, args.log_format
+
+
+async def run(settings: ControlPlaneSettings) -> None:
+    app = ControlPlaneApp(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await app.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings, level, fmt = parse_args(argv)
+    logs.configure(level, fmt)  # type: ignore[arg-type]
+    try:
+        event_loop.run(run(settings))
+    except BlueMarbleError as e:
+        log.error("control plane cannot run", error=str(e))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

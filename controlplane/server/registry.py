@@ -1,0 +1,190 @@
+"""The node registry: node records in etcd, each attached to the node's own lease.
+
+A node's record exists exactly as long as its lease: etcd deletes it when the lease
+expires (no heartbeats for the TTL) or is revoked (graceful leave). Any control-plane
+replica can serve any call; the only per-replica state is a cache of node id -> lease
+id that spares an etcd read on each heartbeat, and it is safe to be stale because a
+refresh of a dead lease answers TTL 0.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from bluemarble.core import validation
+from bluemarble.core.errors import Aborted, AlreadyExists, InvalidArgument, NotFound
+from bluemarble.core.ids import NodeId
+from bluemarble.runtime.clock import Clock
+from bluemarble.v1 import common_pb2
+from controlplane.store import codec
+from controlplane.store.etcd import Compare, EtcdStore, KeyValue, Put
+from controlplane.store.keys import KeySchema
+
+log = structlog.get_logger(__name__)
+
+_REGISTER_ATTEMPTS = 3
+_LEASE_CACHE_MAX = 200_000
+
+
+class NodeRegistry:
+    def __init__(self, store: EtcdStore, keys: KeySchema, clock: Clock):
+        self._store = store
+        self._keys = keys
+        self._clock = clock
+        self._lease_by_node: dict[NodeId, int] = {}
+
+    async def register(
+        self,
+        node_id: str,
+        address: str,
+        region: str,
+        zone: str,
+        capacity: int,
+        ttl_s: int,
+    ) -> tuple[int, int]:
+        """Records the node under a new lease; returns (lease id, TTL in seconds).
+
+        The same node id from the same address replaces its previous registration (a
+        restart before the old lease expired); from another address while the old
+        record lives, AlreadyExists.
+        """
+        node = common_pb2.Node(
+            node_id=validation.node_id(node_id),
+            address=validation.address(address),
+            region=validation.label(region, "region"),
+            zone=validation.label(zone, "zone"),
+            capacity=validation.capacity(capacity),
+            state=common_pb2.NODE_STATE_ACTIVE,
+        )
+        key = self._keys.node(NodeId(node.node_id))
+        for _ in range(_REGISTER_ATTEMPTS):
+            existing = await self._store.get(key)
+            if existing is not None:
+                old = codec.decode(existing.value, common_pb2.Node, key)
+                if old.address != node.address:
+                    remaining_s = await self._store.lease_ttl(existing.lease)
+                    raise AlreadyExists(
+                        f"node {node.node_id} is already registered from {old.address} "
+                        f"(lease {existing.lease:#x}, expires in <= {max(remaining_s, 0)} s); "
+                        "stop that process or give this one another node id"
+                    )
+            lease_id, granted_s = await self._store.grant_lease(ttl_s)
+            node.lease_id = lease_id
+            node.registered_at_ms = self._clock.wall_ms()
+            guard = (
+                Compare.absent(key)
+                if existing is None
+                else Compare.mod_revision(key, existing.mod_revision)
+            )
+            result = await self._store.txn([guard], [Put(key, codec.encode(node), lease=lease_id)])
+            if result.succeeded:
+                if existing is not None and existing.lease != lease_id:
+                    # The record now hangs on the new lease; the old one holds nothing.
+                    await self._store.revoke_lease(existing.lease)
+                self._remember(NodeId(node.node_id), lease_id)
+                log.info(
+                    "node registered",
+                    node_id=node.node_id,
+                    address=node.address,
+                    zone=node.zone,
+                    lease=f"{lease_id:#x}",
+                    replaced=existing is not None,
+                )
+                return lease_id, granted_s
+            await self._store.revoke_lease(lease_id)
+        raise Aborted(f"node {node.node_id} registration raced with another; retry")
+
+    async def heartbeat(self, node_id: str, lease_id: int) -> int:
+        """Refreshes the node's lease; returns the TTL in seconds.
+
+        NotFound when the node is not registered under this lease (expired, revoked,
+        replaced): the node must drop its roles and register again.
+        """
+        node = validation.node_id(node_id)
+        _check_lease_id(lease_id)
+        if self._lease_by_node.get(node) != lease_id:
+            record = await self._record(node)
+            if record is None or record.lease != lease_id:
+                self._lease_by_node.pop(node, None)
+                raise NotFound(_not_registered(node, lease_id, record))
+            self._remember(node, lease_id)
+        ttl_s = await self._store.keepalive(lease_id)
+        if ttl_s <= 0:
+            self._lease_by_node.pop(node, None)
+            raise NotFound(
+                f"lease {lease_id:#x} of node {node} has expired; drop your roles and register again"
+            )
+        return ttl_s
+
+    async def deregister(self, node_id: str, lease_id: int) -> None:
+        """Graceful leave: revokes the node's lease, which deletes its record at once."""
+        node = validation.node_id(node_id)
+        _check_lease_id(lease_id)
+        record = await self._record(node)
+        if record is None or record.lease != lease_id:
+            raise NotFound(_not_registered(node, lease_id, record))
+        await self._store.revoke_lease(lease_id)
+        self._lease_by_node.pop(node, None)
+        log.info("node deregistered", node_id=node, lease=f"{lease_id:#x}")
+
+    async def drain(self, node_id: str) -> common_pb2.Node:
+        """Marks the node DRAINING (idempotent). Its lease and roles stay until moved.
+
+        The leader then moves its primaries away, then its replicas; the node deregisters
+        itself once it holds nothing (it learns it is draining from heartbeats).
+        """
+        node = validation.node_id(node_id)
+        for _ in range(_REGISTER_ATTEMPTS):
+            record = await self._record(node)
+            if record is None:
+                raise NotFound(f"node {node} is not registered; there is nothing to drain")
+            message = codec.decode(record.value, common_pb2.Node, record.key)
+            if message.state == common_pb2.NODE_STATE_DRAINING:
+                return message
+            message.state = common_pb2.NODE_STATE_DRAINING
+            result = await self._store.txn(
+                [Compare.mod_revision(record.key, record.mod_revision)],
+                [Put(record.key, codec.encode(message), lease=record.lease)],
+            )
+            if result.succeeded:
+                log.info("node draining", node_id=node)
+                return message
+        raise Aborted(f"node {node} changed while marking it draining; retry")
+
+    async def list_nodes(self) -> tuple[list[common_pb2.Node], int]:
+        """Every registered node, sorted by id, and the etcd revision of the read."""
+        kvs, revision = await self._store.get_prefix(self._keys.nodes_prefix())
+        return [codec.decode(kv.value, common_pb2.Node, kv.key) for kv in kvs], revision
+
+    async def get(self, node_id: NodeId) -> common_pb2.Node | None:
+        record = await self._record(node_id)
+        if record is None:
+            return None
+        return codec.decode(record.value, common_pb2.Node, record.key)
+
+    async def _record(self, node: NodeId) -> KeyValue | None:
+        return await self._store.get(self._keys.node(node))
+
+    def _remember(self, node: NodeId, lease_id: int) -> None:
+        if len(self._lease_by_node) >= _LEASE_CACHE_MAX:
+            self._lease_by_node.clear()
+        self._lease_by_node[node] = lease_id
+
+
+def _check_lease_id(lease_id: int) -> None:
+    if lease_id <= 0:
+        raise InvalidArgument(
+            f"lease_id {lease_id} is not a lease id; use the lease_id RegisterNode returned"
+        )
+
+
+def _not_registered(node: NodeId, lease_id: int, record: KeyValue | None) -> str:
+    if record is None:
+        return (
+            f"node {node} is not registered (its lease expired or it left); "
+            "drop your roles and register again"
+        )
+    return (
+        f"lease {lease_id:#x} is not node {node}'s current lease ({record.lease:#x}); "
+        "this process was replaced or its lease expired: register again"
+    )
