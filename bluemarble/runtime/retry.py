@@ -1,0 +1,195 @@
+"""The one retry policy of every BlueMarble process, built on tenacity.
+
+Exponential backoff with full jitter (tenacity's ``wait_random_exponential``: each delay
+is uniform in ``[0, min(max_backoff_s, initial_s * 2**n)]``), so a thousand nodes that lost
+the same control plane at the same instant do not come back in lockstep. Every retry is
+bounded: by a deadline, a number of attempts, or both; only errors that say they are
+retryable (:attr:`bluemarble.core.errors.BlueMarbleError.retryable`) are retried.
+Time comes from the injected :class:`~bluemarble.runtime.clock.Clock`.
+
+Three shapes, one policy:
+
+* :func:`call` retries one operation until it succeeds, fails for good, or the deadline
+  passes (registration, an etcd read at start-up, a client RPC).
+* :class:`Backoff` is the same schedule for a loop that owns its own control flow (a
+  heartbeat that must also switch addresses): ``await backoff.sleep()`` after a failure,
+  ``backoff.reset()`` after a success.
+* :func:`supervise` keeps a long-running step alive forever (a watch, a stream, a
+  campaign): it logs every end, backs off, and restarts it; a step that ran healthily
+  for a while starts again from the shortest delay. Unexpected exceptions are bugs: they
+  are logged with their traceback and the step is restarted too, so one bug does not
+  leave a process running on stale state until someone restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import structlog
+import tenacity
+
+from bluemarble.core.errors import BlueMarbleError
+from bluemarble.runtime.clock import Clock, SystemClock, wait_event
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff schedule and bounds. Units are in the names.
+
+    ``deadline_s``: give up once this much time has passed since the first attempt
+    (None: no time bound). ``max_attempts``: give up after this many attempts (None: no
+    count bound). :func:`call` requires at least one of the two.
+    """
+
+    initial_s: float = 0.1
+    max_backoff_s: float = 2.0
+    deadline_s: float | None = 30.0
+    max_attempts: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.initial_s <= 0 or self.max_backoff_s < self.initial_s:
+            raise ValueError(f"invalid backoff: initial {self.initial_s} s, max {self.max_backoff_s} s")
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+
+    def wait(self) -> tenacity.wait.wait_base:
+        """The tenacity wait strategy: exponential, full jitter, capped."""
+        return tenacity.wait_random_exponential(multiplier=self.initial_s, max=self.max_backoff_s)
+
+
+DEFAULT = RetryPolicy()
+"""Operations a caller waits for: up to 30 s, delays 0.1 s .. 2 s."""
+
+FOREVER = RetryPolicy(deadline_s=None)
+"""Background loops (watches, streams, campaigns): never give up, delays 0.1 s .. 2 s."""
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Retry BlueMarble errors that say so (Unavailable, Aborted, DeadlineExceeded...)."""
+    return isinstance(error, BlueMarbleError) and error.retryable
+
+
+async def call(
+    operation: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    policy: RetryPolicy = DEFAULT,
+    clock: Clock | None = None,
+    retry_if: Callable[[BaseException], bool] = is_retryable,
+) -> T:
+    """Runs ``operation()`` until it succeeds; retries the errors ``retry_if`` accepts.
+
+    Raises the last error when the policy's deadline or attempts are used up, and any
+    other error at once. Never sleeps past the deadline.
+    """
+    if policy.deadline_s is None and policy.max_attempts is None:
+        raise ValueError("retry.call needs a deadline or a number of attempts")
+    clock = clock or SystemClock()
+    deadline = math.inf if policy.deadline_s is None else clock.monotonic_s() + policy.deadline_s
+    jitter = policy.wait()
+
+    def stop(state: tenacity.RetryCallState) -> bool:
+        if policy.max_attempts is not None and state.attempt_number >= policy.max_attempts:
+            return True
+        return clock.monotonic_s() >= deadline
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        return max(0.0, min(jitter(state), deadline - clock.monotonic_s()))
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.info(
+            "retrying",
+            what=what,
+            attempt=state.attempt_number,
+            error=str(error),
+            next_in_s=round(state.upcoming_sleep, 3),
+        )
+
+    retrying = tenacity.AsyncRetrying(
+        sleep=clock.sleep,
+        stop=stop,
+        wait=wait,
+        retry=tenacity.retry_if_exception(retry_if),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    return await retrying(operation)
+
+
+class Backoff:
+    """The policy's delay schedule for a hand-driven loop: sleep after a failure, reset
+    after a success. Delays follow :meth:`RetryPolicy.wait` (jittered, capped)."""
+
+    def __init__(self, policy: RetryPolicy = FOREVER, clock: Clock | None = None, rng: random.Random | None = None):
+        self._policy = policy
+        self._clock = clock or SystemClock()
+        self._wait = policy.wait()
+        self._rng = rng
+        self.failures = 0
+
+    def next_delay_s(self) -> float:
+        """The delay before the next attempt (counts one more failure)."""
+        self.failures += 1
+        if self._rng is not None:  # seeded: deterministic schedules in simulations
+            cap = min(self._policy.max_backoff_s, self._policy.initial_s * 2 ** (self.failures - 1))
+            return self._rng.uniform(0, cap)
+        state = tenacity.RetryCallState(None, None, (), {})
+        state.attempt_number = self.failures
+        return float(self._wait(state))
+
+    async def sleep(self) -> None:
+        await self._clock.sleep(self.next_delay_s())
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+async def supervise(
+    step: Callable[[], Awaitable[None]],
+    *,
+    name: str,
+    policy: RetryPolicy = FOREVER,
+    clock: Clock | None = None,
+    healthy_after_s: float = 5.0,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Runs ``step()`` again and again until cancelled (or ``stop`` is set).
+
+    ``step`` normally runs for a long time (a watch, a stream). When it returns or raises,
+    the end is logged (retryable errors as warnings, anything else with its traceback)
+    and it is restarted after a jittered backoff; a step that ran for at least
+    ``healthy_after_s`` restarts after the shortest delay again.
+    """
+    clock = clock or SystemClock()
+    backoff = Backoff(policy, clock)
+    while stop is None or not stop.is_set():
+        started = clock.monotonic_s()
+        try:
+            await step()
+            log.debug("loop step ended; restarting", loop=name)
+        except asyncio.CancelledError:
+            raise
+        except BlueMarbleError as e:
+            (log.warning if e.retryable else log.error)("loop step failed; restarting", loop=name, error=str(e))
+        except Exception:
+            log.exception("loop step crashed; restarting (this is a bug)", loop=name)
+        if clock.monotonic_s() - started >= healthy_after_s:
+            backoff.reset()
+        delay_s = backoff.next_delay_s()
+        if policy.max_attempts is not None and backoff.failures >= policy.max_attempts:
+            log.error("loop gave up", loop=name, failures=backoff.failures)
+            return
+        if stop is None:
+            await clock.sleep(delay_s)
+        else:
+            await wait_event(clock, stop, delay_s)
