@@ -28,7 +28,7 @@ import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import structlog
 import tenacity
@@ -143,7 +143,7 @@ class Backoff:
         if self._rng is not None:  # seeded: deterministic schedules in simulations
             cap = min(self._policy.max_backoff_s, self._policy.initial_s * 2 ** (self.failures - 1))
             return self._rng.uniform(0, cap)
-        state = tenacity.RetryCallState(None, None, (), {})
+        state = tenacity.RetryCallState(cast(Any, None), None, (), {})
         state.attempt_number = self.failures
         return float(self._wait(state))
 
