@@ -11,9 +11,11 @@ from pathlib import Path
 import grpc.aio
 import pytest
 
-from bluemarble.v1 import controlplane_pb2_grpc
+from bluemarble.runtime.grpc_server import Server, ServiceBinding, build_server
+from bluemarble.v1 import common_pb2, controlplane_pb2_grpc, shardnode_pb2, shardnode_pb2_grpc
 from controlplane.server.app import ControlPlaneApp, ControlPlaneSettings
 from scripts.localcluster import LocalEtcd
+from shardnode.service import ShardNodeService
 
 _counter = itertools.count()
 
@@ -79,3 +81,31 @@ async def stub(control_plane: ControlPlaneApp) -> AsyncIterator[controlplane_pb2
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+ServeNode = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def serve_node() -> AsyncIterator[ServeNode]:
+    """Starts in-process ShardNode servers (port 0) for agents that are not full node
+    processes, so the leader's probe of a new node is answered; returns the address."""
+    servers: list[Server] = []
+
+    async def serve(node_id: str, statuses: Callable[[], list[common_pb2.ShardStatus]] = list) -> str:
+        server = await build_server(
+            "127.0.0.1:0",
+            [
+                ServiceBinding(
+                    shardnode_pb2.DESCRIPTOR.services_by_name["ShardNode"].full_name,
+                    ShardNodeService(node_id, statuses),
+                    shardnode_pb2_grpc.add_ShardNodeServicer_to_server,
+                )
+            ],
+        )
+        servers.append(server)
+        return f"127.0.0.1:{server.port}"
+
+    yield serve
+    for server in servers:
+        await server.stop_gracefully(0.1)

@@ -8,8 +8,19 @@ carries ``Compare.create_revision(leader_key, token)`` in the same transaction
 partitioned) cannot write anything, whatever it still believes.
 
 Losers watch the key and campaign again as soon as it is deleted (leader stopped, or its
-lease expired: at most the session TTL after a crash). A leader whose lease refresh
-fails, or answers TTL 0, steps down at once.
+lease expired: at most the session TTL after a crash).
+
+A leader stops acting (``leadership`` turns None) as soon as any of these holds:
+
+* its session lease may have expired: ``leadership`` is only returned while the clock is
+  before ``valid_until - safety margin``, where ``valid_until`` is the send time of the
+  last acknowledged refresh plus the TTL etcd granted. A refresh that hangs cannot
+  stretch this: the check is on the clock, not on the refresh's outcome;
+* a refresh answers TTL 0 (the lease is gone), or fails for good;
+* its own key is deleted or replaced (it watches the key while it leads);
+* a guarded write failed and :meth:`Election.verify` found the key is no longer ours.
+
+Then it campaigns again from scratch (a new lease, a new token).
 
 Leader states as seen by :class:`Election` users:
 
@@ -28,11 +39,17 @@ from dataclasses import dataclass
 import structlog
 
 from bluemarble.core.errors import BlueMarbleError
-from bluemarble.runtime import background
+from bluemarble.runtime import background, retry
+from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 from controlplane.store.etcd import Compare, EtcdStore, EventType, Put
 from controlplane.store.keys import KeySchema
 
 log = structlog.get_logger(__name__)
+
+SAFETY_MARGIN_FRACTION = 0.2
+"""Part of the session TTL, before the lease could expire, from which a leader stops acting:
+covers clock rate differences between this process and etcd, and the time a write already
+sent may take to be applied."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +79,10 @@ def decode_leader(value: bytes, token: int) -> LeaderInfo:
         return LeaderInfo("(unreadable)", "", token)
 
 
+class _SteppedDown(Exception):
+    """Internal: the current term ended (the reason is logged where it is raised)."""
+
+
 class Election:
     def __init__(
         self,
@@ -70,26 +91,45 @@ class Election:
         replica_id: str,
         address: str,
         ttl_s: int,
+        *,
+        clock: Clock | None = None,
     ):
         self._store = store
         self._keys = keys
         self.replica_id = replica_id
         self._address = address
-        self._ttl_s = ttl_s
-        self.leadership: Leadership | None = None
+        self.ttl_s = ttl_s
+        self._clock = clock or SystemClock()
+        self._leadership: Leadership | None = None
+        self._valid_until_s = 0.0
+        self._margin_s = max(ttl_s * SAFETY_MARGIN_FRACTION, 0.2)
+        self._deposed = asyncio.Event()
         self._listeners: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
+        self.terms = 0
+
+    @property
+    def leadership(self) -> Leadership | None:
+        """The current term, or None when this replica is not (or may no longer be) leader."""
+        if self._leadership is None:
+            return None
+        if self._clock.monotonic_s() >= self._valid_until_s - self._margin_s:
+            return None
+        return self._leadership
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Calls ``callback()`` on every gain or loss of leadership."""
         self._listeners.append(callback)
 
     async def start(self) -> None:
-        self._task = background.start(self._run(), "election")
+        self._task = background.start(
+            retry.supervise(self._campaign_once, name="election", clock=self._clock, healthy_after_s=self.ttl_s),
+            "election",
+        )
 
     async def stop(self) -> None:
         """Stops campaigning and resigns (deletes the key by revoking the session lease)."""
-        held = self.leadership
+        held = self._leadership
         await background.stop(self._task)
         self._task = None
         if held is not None:
@@ -102,34 +142,37 @@ class Election:
         kv = await self._store.get(self._keys.leader())
         return None if kv is None else decode_leader(kv.value, kv.create_revision)
 
+    async def verify(self) -> bool:
+        """Re-reads the leader key after a guarded write failed: True if this term still
+        holds it. If not, the term ends at once (and a new campaign starts)."""
+        term = self._leadership
+        if term is None:
+            return False
+        kv = await self._store.get(self._keys.leader())
+        if kv is not None and kv.create_revision == term.token:
+            return True
+        log.warning(
+            "deposed: the leader key is no longer ours; stepping down",
+            replica=self.replica_id,
+            token=term.token,
+            key_token=None if kv is None else kv.create_revision,
+        )
+        self._deposed.set()
+        self._set(None)
+        return False
+
     def _set(self, leadership: Leadership | None) -> None:
-        self.leadership = leadership
+        if leadership is None and self._leadership is None:
+            return
+        self._leadership = leadership
         for callback in self._listeners:
             callback()
 
-    async def _run(self) -> None:
-        backoff_s = 0.1
-        while True:
-            try:
-                await self._campaign_once()
-                backoff_s = 0.1
-            except asyncio.CancelledError:
-                raise
-            except BlueMarbleError as e:
-                if self.leadership is not None:
-                    log.warning("lost leadership", replica=self.replica_id, error=str(e))
-                    self._set(None)
-                log.warning("election: etcd trouble; retrying", error=str(e), backoff_s=backoff_s)
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 2.0)
-            except Exception:
-                self._set(None)
-                log.exception("election crashed; retrying")
-                await asyncio.sleep(1.0)
-
     async def _campaign_once(self) -> None:
+        """One campaign: win and hold a term until it ends, or wait for a vacancy."""
         key = self._keys.leader()
-        lease_id, ttl_s = await self._store.grant_lease(self._ttl_s)
+        sent_at = self._clock.monotonic_s()
+        lease_id, ttl_s = await self._store.grant_lease(self.ttl_s)
         try:
             value = json.dumps({"replica_id": self.replica_id, "address": self._address}).encode()
             result = await self._store.txn([Compare.absent(key)], [Put(key, value, lease=lease_id)])
@@ -140,34 +183,72 @@ class Election:
             created = await self._store.get(key)
             if created is None or created.lease != lease_id:
                 return  # lost it already (expired in between); campaign again
+            self._deposed.clear()
+            self._valid_until_s = sent_at + ttl_s
+            self.terms += 1
             self._set(Leadership(self.replica_id, lease_id, created.create_revision))
             log.info("elected leader", replica=self.replica_id, token=created.create_revision)
-            await self._hold(lease_id, ttl_s)
+            await self._hold(lease_id, ttl_s, created.create_revision, created.mod_revision)
         finally:
-            if self.leadership is not None and self.leadership.lease_id == lease_id:
+            if self._leadership is not None and self._leadership.lease_id == lease_id:
                 self._set(None)
+                # Give the key up at once (best effort) so the next term, ours or
+                # another replica's, need not wait for the lease to run out.
+                with contextlib.suppress(BlueMarbleError, TimeoutError):
+                    await run_with_timeout(self._clock, self._store.revoke_lease(lease_id), 1.0)
 
-    async def _hold(self, lease_id: int, ttl_s: int) -> None:
-        """Refreshes the session lease every TTL/3 until it fails."""
-        loop = asyncio.get_running_loop()
+    async def _hold(self, lease_id: int, ttl_s: int, token: int, from_revision: int) -> None:
+        """Keeps the term until the lease may expire, the key goes, or we are deposed."""
+        watcher = asyncio.ensure_future(self._watch_own_key(token, from_revision + 1))
+        deposed = asyncio.ensure_future(self._deposed.wait())
+        refresher = asyncio.ensure_future(self._refresh(lease_id, ttl_s))
+        try:
+            done, _ = await asyncio.wait((watcher, deposed, refresher), return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not deposed and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in (watcher, deposed, refresher):
+                task.cancel()
+            await asyncio.gather(watcher, deposed, refresher, return_exceptions=True)
+
+    async def _refresh(self, lease_id: int, ttl_s: int) -> None:
+        """Refreshes the session lease every TTL/3; returns when it cannot be kept."""
         interval_s = max(ttl_s / 3, 0.2)
-        valid_until = loop.time() + ttl_s
         while True:
-            await asyncio.sleep(interval_s)
-            sent_at = loop.time()
+            await self._clock.sleep(interval_s)
+            sent_at = self._clock.monotonic_s()
+            budget_s = self._valid_until_s - self._margin_s - sent_at
+            if budget_s <= 0:
+                log.warning("leader lease may expire; stepping down", replica=self.replica_id)
+                return
             try:
-                remaining = await self._store.keepalive(lease_id)
+                remaining = await run_with_timeout(self._clock, self._store.keepalive(lease_id), budget_s)
+            except TimeoutError:
+                log.warning("leader lease refresh got no answer in time; stepping down", replica=self.replica_id)
+                return
             except BlueMarbleError as e:
-                if not e.retryable or loop.time() + 0.2 >= valid_until:
+                if not e.retryable:
                     raise
                 log.warning("leader lease refresh failed; retrying", error=str(e))
-                interval_s = 0.2
+                interval_s = min(0.2, ttl_s / 10)
                 continue
             if remaining <= 0:
                 log.warning("leader lease expired; stepping down", replica=self.replica_id)
                 return
-            valid_until = sent_at + remaining
+            self._valid_until_s = sent_at + remaining
             interval_s = max(ttl_s / 3, 0.2)
+
+    async def _watch_own_key(self, token: int, start_revision: int) -> None:
+        """Returns as soon as the leader key is deleted or belongs to another term."""
+        key = self._keys.leader()
+        async for batch in self._store.watch_prefix(key, start_revision):
+            for ev in batch.events:
+                if ev.kv.key != key:
+                    continue
+                if ev.type is EventType.DELETE or ev.kv.create_revision != token:
+                    log.warning("leader key deleted or replaced; stepping down", replica=self.replica_id)
+                    return
 
     async def _wait_for_vacancy(self) -> None:
         """Returns once the leader key is gone (or was at the time we looked)."""

@@ -4,33 +4,58 @@ One round:
 
 1. Observe: live nodes, current assignments and the ring from the replica's mirrors
    (:mod:`controlplane.store.watchcache`), the config from etcd.
-2. For every shard whose primary is gone, ask its live replicas for their applied log
-   position *now* (:class:`controlplane.server.node_probe.NodeProbe`), never a heartbeat report
-   that may be a TTL old.
-3. Plan with :func:`bluemarble.core.placement.plan_assignments` (pure; decisions are data).
-4. Write the changed records in etcd transactions guarded by the leader key's
+2. Hold (see below), or go on.
+3. Probe new nodes: a node is given a role only once it has answered
+   ``ShardNode.GetShardStatus`` under its current registration (a registration with an
+   unreachable address would otherwise be handed primaries that nobody can reach).
+   Nodes that already hold roles stay in the plan whatever the probe says: whether
+   they are alive is the lease's business.
+4. For every shard whose primary is gone, ask its live replicas for their applied log
+   position *now* (:class:`controlplane.server.node_probe.NodeProbe`), never a heartbeat
+   report that may be a TTL old.
+5. Plan with :func:`bluemarble.core.placement.plan_assignments` (pure; decisions are data).
+6. Write the changed records in etcd transactions guarded by the leader key's
    create_revision (the fencing token) and by each record's mod_revision, so a deposed
-   leader or a concurrent writer changes nothing. Then wait until the mirror shows the
-   write, so the next round plans from it.
+   leader or a concurrent writer changes nothing. A failed write makes the election
+   re-check the leader key (:meth:`Election.verify`): a deposed leader steps down instead
+   of replanning forever. Then wait until the mirror shows the write, so the next round
+   plans from it.
 
 Rounds run when a mirror changes (node joined, died, drained; assignment written) and at
 least every ``tick_s``, with changes coalesced for ``debounce_s``; a round whose inputs
-(mirror revisions, config revision, leadership) are those of the last converged round is
-skipped, since planning is a pure function of them (planning 2,000 nodes takes ~0.2 s,
-too much to repeat every second for nothing). Only the elected leader runs rounds.
+(mirror revisions, config revision, leadership, probed nodes) are those of the last
+converged round is skipped, since planning is a pure function of them.
 
-While fewer than R nodes are live, the first ``initial_placement_grace_s`` of a leader's
-term place nothing: a forming (or wholly restarted) cluster gets one placement, not a
-cascade of moves. The cost: a leader elected at the moment a node dies, in a cluster of
-at most R nodes, fails over up to that grace later.
+**Holds.** Moves are held (nothing is planned) while the world is known to be coming
+back rather than changing:
+
+* after an etcd outage (a mirror was unhealthy, or etcd could not be read), and after a
+  mass expiry (at least ``mass_expiry_fraction`` of the nodes, and at least 2, gone
+  within one lease TTL): every lease may have expired with no node actually dead, and the
+  nodes re-register within about a heartbeat interval. Moving shards to the first nodes
+  back would cost epoch bumps and copies for nothing (Helix's delayed rebalancer and
+  maintenance mode make the same trade);
+* at the start of a leader term while fewer than R nodes are live (a forming, or wholly
+  restarted, cluster gets one placement, not a cascade of moves).
+
+A hold lasts ``hold_s`` (default: the lease TTL, at least 3 s) and ends early as soon as
+every node named in the current assignments is live again. The cost: a node that really
+died in the same window is failed over up to ``hold_s`` later.
+
+**Unreadable assignment records** (a value that does not decode) are replaced, not
+skipped: the shard is treated as having lost its primary, and its new record gets an
+epoch above the key's etcd ``version``. Every write of an assignment raises its epoch by
+at most one, so ``version`` bounds every epoch the key ever held and the new epoch still
+fences every earlier primary. Logged once per record version.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import structlog
 
@@ -46,6 +71,7 @@ from bluemarble.core.placement import (
 )
 from bluemarble.core.ring import Ring
 from bluemarble.runtime import background
+from bluemarble.runtime.clock import Clock, SystemClock, wait_event
 from bluemarble.v1 import common_pb2
 from controlplane.server.election import Election, Leadership
 from controlplane.server.node_probe import NodeProbe
@@ -59,6 +85,17 @@ log = structlog.get_logger(__name__)
 
 # etcd refuses transactions with more than 128 operations by default (--max-txn-ops).
 _MAX_WRITES_PER_TXN = 100
+_MIN_HOLD_S = 3.0
+_PROBE_RETRY_MAX_S = 30.0
+_MAX_UNREADABLE_LOGGED = 4096
+
+
+@dataclass
+class _ProbeState:
+    """Probe bookkeeping for one registration (node id + lease id) that has not answered."""
+
+    failures: int = 0
+    next_probe_s: float = 0.0
 
 
 class Reconciler:
@@ -73,10 +110,13 @@ class Reconciler:
         ring: PrefixCache[Ring],
         configs: ConfigStore,
         probe: NodeProbe,
+        clock: Clock | None = None,
         tick_s: float = 1.0,
         debounce_s: float = 0.05,
         min_round_interval_s: float = 1.0,
-        initial_placement_grace_s: float = 3.0,
+        hold_s: float | None = None,
+        mass_expiry_fraction: float = 1 / 3,
+        probe_new_nodes: bool = True,
     ):
         self._store = store
         self._keys = keys
@@ -86,20 +126,31 @@ class Reconciler:
         self._ring = ring
         self._configs = configs
         self._probe = probe
+        self._clock = clock or SystemClock()
         self._tick_s = tick_s
-        self._grace_s = initial_placement_grace_s
+        self._hold_s_override = hold_s
+        self._mass_expiry_fraction = mass_expiry_fraction
+        self._probe_new_nodes = probe_new_nodes
         self._debounce_s = debounce_s
         self._min_round_interval_s = min_round_interval_s
         self._last_round = -math.inf
         # Inputs of the last round that found nothing to change.
-        self._settled: tuple[int, ...] | None = None
+        self._settled: tuple[object, ...] | None = None
         self._term: Leadership | None = None
-        self._term_started = 0.0
+        self._hold_until_s = -math.inf
+        self._hold_reason = ""
+        self._outage = False
+        self._live: set[NodeId] = set()
+        self._departures: collections.deque[float] = collections.deque()
+        self._verified: set[tuple[NodeId, int]] = set()
+        self._unverified: dict[tuple[NodeId, int], _ProbeState] = {}
+        self._unreadable_logged: set[tuple[str, int]] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.rounds = 0
+        self.writes = 0
         for cache in (nodes, assignments, ring):
-            cache.add_listener(self._wake.set)
+            cache.add_listener(self._on_change)
         election.add_listener(self._wake.set)
 
     async def start(self) -> None:
@@ -109,20 +160,28 @@ class Reconciler:
         await background.stop(self._task)
         self._task = None
 
+    @property
+    def holding(self) -> str:
+        """Why moves are held right now ("" when they are not)."""
+        return self._hold_reason if self._clock.monotonic_s() < self._hold_until_s else ""
+
+    def _on_change(self) -> None:
+        self._track_health_and_departures()
+        self._wake.set()
+
     async def _run(self) -> None:
         while True:
             self._wake.clear()
+            self._track_health_and_departures()
             leadership = self._election.leadership
             if leadership is not None:
-                await asyncio.sleep(self._debounce_s)  # let a burst of changes land
+                await self._clock.sleep(self._debounce_s)  # let a burst of changes land
                 self._wake.clear()
-                loop = asyncio.get_running_loop()
-                gap_s = self._min_round_interval_s - (loop.time() - self._last_round)
+                gap_s = self._min_round_interval_s - (self._clock.monotonic_s() - self._last_round)
                 if gap_s > 0 and not self.needs_repair():
                     # Only balance is at stake (e.g. nodes joining): pace the rounds, but
                     # wake at once if a repair becomes necessary.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), gap_s)
+                    await wait_event(self._clock, self._wake, gap_s)
                     continue
                 rounds = self.rounds
                 try:
@@ -130,13 +189,14 @@ class Reconciler:
                 except asyncio.CancelledError:
                     raise
                 except BlueMarbleError as e:
+                    if e.retryable:
+                        self._outage = True
                     log.warning("reconcile round failed", error=str(e))
                 except Exception:
-                    log.exception("reconcile round crashed")
+                    log.exception("reconcile round crashed (this is a bug); retrying next tick")
                 if self.rounds != rounds:
-                    self._last_round = loop.time()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._tick_s)
+                    self._last_round = self._clock.monotonic_s()
+            await wait_event(self._clock, self._wake, self._tick_s)
 
     def needs_repair(self) -> bool:
         """Whether some shard is missing, or names a node that is gone or draining: a
@@ -149,6 +209,92 @@ class Reconciler:
             a.primary not in live or any(r not in live for r in a.replicas)
             for a in self._assignments.entries.values()
         )
+
+    # ---- holds ----
+
+    def _track_health_and_departures(self) -> None:
+        """Notes etcd outages (a mirror unhealthy) and node departures as they happen."""
+        now = self._clock.monotonic_s()
+        if not all(c.healthy for c in (self._nodes, self._assignments, self._ring)):
+            self._outage = True
+            return
+        live = {NodeId(n.node_id) for n in self._nodes.entries.values()}
+        gone = self._live - live
+        self._live = live
+        for _ in gone:
+            self._departures.append(now)
+        while self._departures and self._departures[0] < now - self._hold_s():
+            self._departures.popleft()
+
+    def _hold_s(self) -> float:
+        if self._hold_s_override is not None:
+            return self._hold_s_override
+        return max(_MIN_HOLD_S, float(self._election.ttl_s))
+
+    def _start_hold(self, reason: str) -> None:
+        until = self._clock.monotonic_s() + self._hold_s()
+        if until > self._hold_until_s:
+            self._hold_until_s, self._hold_reason = until, reason
+            log.warning("holding placement moves while nodes come back", reason=reason, hold_s=self._hold_s())
+
+    def _held(self, nodes: Sequence[PlacementNode], current: dict[ShardId, ShardAssignment],
+              replication_factor: int, new_term: bool) -> bool:
+        """Whether this round must place nothing (see the module docstring)."""
+        if self._outage:
+            self._outage = False
+            self._start_hold("etcd was unreachable")
+        peak = max(len(self._live) + len(self._departures), 1)
+        if len(self._departures) >= max(2, math.ceil(peak * self._mass_expiry_fraction)):
+            self._start_hold(f"{len(self._departures)} nodes left within {self._hold_s():g} s")
+            self._departures.clear()
+        eligible = sum(1 for n in nodes if not n.draining)
+        if new_term and eligible < replication_factor:
+            self._start_hold(f"new leader term with {eligible} of {replication_factor} nodes live")
+        if not self.holding:
+            return False
+        live = {n.node_id for n in nodes}
+        named = {m for a in current.values() for m in a.members}
+        if named <= live and eligible >= replication_factor:
+            log.info("every node is back; ending the hold", reason=self._hold_reason)
+            self._hold_until_s = -math.inf
+            return False
+        return True
+
+    # ---- new nodes ----
+
+    async def _verify_new_nodes(self, records: Sequence[common_pb2.Node], holders: set[NodeId]) -> set[NodeId]:
+        """Probes registrations not seen answering yet; returns the node ids that may get
+        new roles (answered, or already holding roles)."""
+        if not self._probe_new_nodes:
+            return {NodeId(n.node_id) for n in records}
+        now = self._clock.monotonic_s()
+        current = {(NodeId(n.node_id), n.lease_id): n.address for n in records}
+        self._verified &= current.keys()
+        for key in list(self._unverified):
+            if key not in current:
+                del self._unverified[key]
+        due = {
+            key: address
+            for key, address in current.items()
+            if key not in self._verified and key[0] not in holders
+            and self._unverified.setdefault(key, _ProbeState()).next_probe_s <= now
+        }
+        if due:
+            answered = await self._probe.reachable({key[0]: address for key, address in due.items()})
+            for key in due:
+                if key[0] in answered:
+                    self._verified.add(key)
+                    self._unverified.pop(key, None)
+                    continue
+                state = self._unverified[key]
+                state.failures += 1
+                state.next_probe_s = now + min(_PROBE_RETRY_MAX_S, 0.5 * 2 ** (state.failures - 1))
+                if state.failures == 1:
+                    log.warning("new node does not answer; it gets no role until it does",
+                                node_id=key[0], address=due[key])
+        return {key[0] for key in current if key in self._verified or key[0] in holders}
+
+    # ---- one round ----
 
     def observe(self) -> tuple[list[PlacementNode], dict[NodeId, str], dict[ShardId, ShardAssignment], list[ShardId]]:
         """Live nodes, their addresses, current assignments and ring shards, from the mirrors."""
@@ -167,35 +313,45 @@ class Reconciler:
         }
         ring = self._ring.entries.get(self._keys.ring())
         shards = list(ring.shard_ids) if ring is not None else []
+        for key, record in getattr(self._assignments, "unreadable", {}).items():
+            shard = self._keys.parse_assignment(key)
+            # Epoch floor: every write raised the epoch by at most one (module docstring).
+            current[shard] = ShardAssignment(shard, record.version, None, ())
+            if (key, record.mod_revision) not in self._unreadable_logged:
+                if len(self._unreadable_logged) >= _MAX_UNREADABLE_LOGGED:
+                    self._unreadable_logged.clear()
+                self._unreadable_logged.add((key, record.mod_revision))
+                log.error("unreadable assignment record; it will be replaced as a lost primary",
+                          key=key, epoch_floor=record.version, error=str(record.error))
         return nodes, addresses, current, shards
 
     async def reconcile_once(self, leadership: Leadership) -> PlacementPlan | None:
         """One round; returns the plan it applied (None when there was nothing to plan)."""
         config, config_revision = await self._configs.get()
+        self._track_health_and_departures()
+        records = list(self._nodes.entries.values())
+        nodes, addresses, current, shards = self.observe()
+        new_term = self._term is not leadership
+        self._term = leadership
+        if not shards:
+            return None
+        if self._held(nodes, current, config.replication_factor, new_term):
+            return None
+        self._probe.retain(set(addresses.values()))
+        holders = {m for a in current.values() for m in a.members}
+        placeable = await self._verify_new_nodes(records, holders)
+        nodes = [n for n in nodes if n.node_id in placeable]
         inputs = (
             self._nodes.revision,
             self._assignments.revision,
             self._ring.revision,
             config_revision,
             leadership.token,
+            frozenset(self._verified),
         )
         if inputs == self._settled:
             return None
         self.rounds += 1
-        nodes, addresses, current, shards = self.observe()
-        if not shards:
-            return None
-        if self._term is not leadership:
-            self._term, self._term_started = leadership, asyncio.get_running_loop().time()
-        eligible = sum(1 for n in nodes if not n.draining)
-        if (
-            eligible < config.replication_factor
-            and asyncio.get_running_loop().time() - self._term_started < self._grace_s
-        ):
-            # A cluster being formed (or restarted whole) right as this leader took over:
-            # nodes are still registering. Placing every shard on the first node now would
-            # mean moving most of them again a second later, each move an epoch bump.
-            return None
         lost = [
             shard
             for shard, a in current.items()
@@ -222,26 +378,40 @@ class Reconciler:
         )
         if plan.changed:
             await self._write(leadership, plan)
-        elif plan.converged:
+        elif plan.converged and not self._unverified:
             self._settled = inputs
         return plan
+
+    def _expected_revision(self, key: str) -> int | None:
+        mod = self._assignments.mod_revisions.get(key)
+        if mod is None:
+            unreadable = getattr(self._assignments, "unreadable", {}).get(key)
+            mod = None if unreadable is None else unreadable.mod_revision
+        return mod
 
     async def _write(self, leadership: Leadership, plan: PlacementPlan) -> None:
         changed: Sequence[ShardId] = plan.changed
         last_revision = 0
         for start in range(0, len(changed), _MAX_WRITES_PER_TXN):
+            if self._election.leadership is not leadership:
+                log.info("leadership ended before the write; dropping the plan")
+                return
             chunk = changed[start : start + _MAX_WRITES_PER_TXN]
             compares = [leadership.guard(self._keys)]
             puts = []
             for shard in chunk:
                 key = self._keys.assignment(shard)
-                mod = self._assignments.mod_revisions.get(key)
+                mod = self._expected_revision(key)
                 compares.append(Compare.absent(key) if mod is None else Compare.mod_revision(key, mod))
                 puts.append(Put(key, codec.encode(assignment_to_proto(plan.assignments[shard]))))
             result = await self._store.txn(compares, puts)
             if not result.succeeded:
-                log.info("assignment write lost a race or leadership; replanning", shards=len(chunk))
+                if not await self._election.verify():
+                    return  # deposed: the election stepped down; nothing more to write
+                log.info("assignment write lost a race; replanning from the mirror", shards=len(chunk))
+                await self._assignments.wait_for_revision(result.revision, 2.0)
                 return
+            self.writes += 1
             last_revision = result.revision
         for move in plan.moves:
             log.info(

@@ -16,7 +16,7 @@ from bluemarble.v1 import controlplane_pb2_grpc
 from controlplane.server.app import ControlPlaneApp
 from scripts.localcluster import free_port
 from shardnode.agent import NodeAgent, NodeIdentity, RegistrationRefused
-from tests.conftest import StartControlPlane
+from tests.conftest import ServeNode, StartControlPlane
 
 pytestmark = pytest.mark.integration
 
@@ -61,9 +61,14 @@ async def test_agent_registers_heartbeats_and_leaves(control_plane: ControlPlane
     await client.close()
 
 
-async def test_agent_registers_again_after_its_lease_is_revoked(control_plane: ControlPlaneApp) -> None:
+async def test_agent_registers_again_after_its_lease_is_revoked(
+    control_plane: ControlPlaneApp, serve_node: ServeNode
+) -> None:
     client = ControlPlaneClient([control_plane.address])
-    agent = NodeAgent(NodeIdentity("n1", "127.0.0.1:7101"), client)
+    holder: list[NodeAgent] = []
+    address = await serve_node("n1", lambda: holder[0].shard_statuses())
+    agent = NodeAgent(NodeIdentity("n1", address), client)
+    holder.append(agent)
     async with running(agent):
         await asyncio.wait_for(agent.registered.wait(), 5)
         first = agent.registration.lease_id  # type: ignore[union-attr]

@@ -16,6 +16,7 @@ from bluemarble.v1 import controlplane_pb2_grpc
 from controlplane.server.app import ControlPlaneApp
 from controlplane.store import codec
 from controlplane.store.etcd import Compacted, EtcdStore
+from tests.conftest import ServeNode
 
 pytestmark = pytest.mark.integration
 Stub = controlplane_pb2_grpc.ControlPlaneStub
@@ -49,10 +50,12 @@ async def test_router_resolves_like_the_control_plane_and_follows_ring_changes(
 
 
 async def test_resolve_player_names_the_shard_its_primary_and_replicas(
-    control_plane: ControlPlaneApp, stub: Stub
+    control_plane: ControlPlaneApp, stub: Stub, serve_node: ServeNode
 ) -> None:
+    addresses = {}
     for i, zone in enumerate(("z1", "z2", "z3")):
-        await stub.RegisterNode(pb.RegisterNodeRequest(node_id=f"n{i}", address=f"127.0.0.1:{7101 + i}", zone=zone))
+        addresses[f"n{i}"] = await serve_node(f"n{i}")
+        await stub.RegisterNode(pb.RegisterNodeRequest(node_id=f"n{i}", address=addresses[f"n{i}"], zone=zone))
 
     async def placed() -> bool:
         r = await stub.ListAssignments(pb.ListAssignmentsRequest())
@@ -68,18 +71,19 @@ async def test_resolve_player_names_the_shard_its_primary_and_replicas(
     assignments = {a.shard_id: a for a in (await stub.ListAssignments(pb.ListAssignmentsRequest())).assignments}
     a = assignments[r.shard_id]
     assert (r.epoch, r.primary.node_id, [x.node_id for x in r.replicas]) == (a.epoch, a.primary, list(a.replicas))
-    assert r.primary.address == f"127.0.0.1:{7101 + int(a.primary[1:])}"
+    assert r.primary.address == addresses[a.primary]
     assert r.ring_version == 1
 
 
 async def test_watch_assignments_sends_a_snapshot_then_changes_with_revisions(
-    control_plane: ControlPlaneApp, stub: Stub
+    control_plane: ControlPlaneApp, stub: Stub, serve_node: ServeNode
 ) -> None:
     call = stub.WatchAssignments(pb.WatchAssignmentsRequest(node_id="n0"))
     stream = call.__aiter__()
     first = await asyncio.wait_for(stream.__anext__(), 5)
     assert first.snapshot and list(first.assignments) == []
-    reg = await stub.RegisterNode(pb.RegisterNodeRequest(node_id="n0", address="127.0.0.1:7101", zone="z1"))
+    address = await serve_node("n0")
+    reg = await stub.RegisterNode(pb.RegisterNodeRequest(node_id="n0", address=address, zone="z1"))
 
     async def heartbeats() -> None:
         while True:
