@@ -1,0 +1,282 @@
+"""Election and reconciler driven by a fake clock and an in-memory etcd: no real waiting.
+
+What a leader must never do is write after it stopped being leader. These tests depose
+it in the three ways that happen in production (another term took the key while it was
+paused, its key was deleted, its session cannot be refreshed) and check that it writes
+nothing and stops acting in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from bluemarble.api.conversions import assignment_to_proto
+from bluemarble.core.ids import NodeId, ShardId, shard_id
+from bluemarble.core.placement import ShardAssignment
+from bluemarble.core.ring import initial_ring
+from bluemarble.runtime.clock import FakeClock
+from bluemarble.v1 import common_pb2
+from controlplane.server.election import Election
+from controlplane.server.reconciler import Reconciler
+from controlplane.store import codec
+from controlplane.store.keys import KeySchema
+from controlplane.store.records import decode_assignment, decode_node
+from tests.unit.fake_etcd import FakeEtcd, FakeMirror, TxnRecord
+
+TTL_S = 10
+SHARDS = 4
+
+
+class FakeConfigs:
+    def __init__(self, replication_factor: int = 3) -> None:
+        self.config = common_pb2.ClusterConfig(
+            replication_factor=replication_factor, lease_ttl_s=TTL_S, max_moves_per_round=32
+        )
+
+    async def get(self) -> tuple[common_pb2.ClusterConfig, int]:
+        return self.config, 1
+
+
+class FakeProbe:
+    """Every node answers, except those in ``silent``."""
+
+    def __init__(self) -> None:
+        self.silent: set[str] = set()
+
+    def retain(self, addresses: Iterable[str]) -> None:
+        pass
+
+    async def reachable(self, addresses: Mapping[NodeId, str]) -> set[NodeId]:
+        return {n for n in addresses if n not in self.silent}
+
+    async def positions(self, addresses: Mapping[NodeId, str], shards: Iterable[ShardId]) -> dict[Any, int]:
+        return {}
+
+
+class RingMirror:
+    def __init__(self, keys: KeySchema) -> None:
+        self.name = "ring"
+        self.entries = {keys.ring(): initial_ring(SHARDS, vnodes=8)}
+        self.revision = 1
+        self.healthy = True
+
+    def add_listener(self, callback: Any) -> None:
+        pass
+
+
+@dataclass
+class World:
+    clock: FakeClock
+    etcd: FakeEtcd
+    keys: KeySchema
+    probe: FakeProbe
+
+    async def add_node(self, node_id: str, zone: str) -> int:
+        lease, _ = await self.etcd.grant_lease(TTL_S)
+        node = common_pb2.Node(node_id=node_id, address=f"10.0.0.1:{7000 + len(node_id)}", zone=zone,
+                               capacity=1, lease_id=lease, state=common_pb2.NODE_STATE_ACTIVE)
+        await self.etcd.put(self.keys.node(NodeId(node_id)), codec.encode(node), lease=lease)
+        return lease
+
+    def assignments(self) -> dict[str, common_pb2.Assignment]:
+        prefix = self.keys.assignments_prefix()
+        return {k: decode_assignment(kv) for k, kv in self.etcd.kvs.items() if k.startswith(prefix)}
+
+    def assignment_txns(self) -> list[TxnRecord]:
+        """Transactions that write assignments (the leader's placement writes)."""
+        prefix = self.keys.assignments_prefix()
+        return [t for t in self.etcd.txn_log if any(getattr(op, "key", "").startswith(prefix) for op in t.success)]
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    clock = FakeClock()
+    etcd = FakeEtcd(clock)
+    lessor = asyncio.create_task(etcd.run_lessor())
+    yield World(clock, etcd, KeySchema("test"), FakeProbe())
+    lessor.cancel()
+    await etcd.close()
+    with contextlib.suppress(asyncio.CancelledError):
+        await lessor
+
+
+def make_reconciler(world: World, election: Election, **kwargs: Any) -> Reconciler:
+    return Reconciler(
+        store=world.etcd,  # type: ignore[arg-type]
+        keys=world.keys,
+        election=election,
+        nodes=FakeMirror(world.etcd, world.keys.nodes_prefix(), decode_node, "nodes"),  # type: ignore[arg-type]
+        assignments=FakeMirror(  # type: ignore[arg-type]
+            world.etcd, world.keys.assignments_prefix(), decode_assignment, "assignments"
+        ),
+        ring=RingMirror(world.keys),  # type: ignore[arg-type]
+        configs=FakeConfigs(),  # type: ignore[arg-type]
+        probe=world.probe,  # type: ignore[arg-type]
+        clock=world.clock,
+        **kwargs,
+    )
+
+
+async def elect(world: World, name: str = "cp-0") -> Election:
+    election = Election(world.etcd, world.keys, name, "127.0.0.1:7000", TTL_S, clock=world.clock)  # type: ignore[arg-type]
+    await election.start()
+    for _ in range(100):
+        if election.leadership is not None:
+            return election
+        await world.clock.advance(0.05)
+    raise AssertionError("no leader elected")
+
+
+async def test_a_leader_whose_key_is_deleted_steps_down_at_once(world: World) -> None:
+    election = await elect(world)
+    first = election.leadership
+    assert first is not None
+    ended_at: list[float] = []
+    election.add_listener(lambda: ended_at.append(world.clock.monotonic_s()) if election._leadership is None else None)
+    started = world.clock.monotonic_s()
+    await world.etcd.delete(world.keys.leader())
+    await world.clock.advance(0.02)
+    assert ended_at and ended_at[0] - started < 0.05  # at once, not after a TTL
+    # It campaigns again and wins a new term with a new fencing token.
+    await world.clock.advance(1.0)
+    second = election.leadership
+    assert second is not None and second.token > first.token and election.terms == 2
+    await election.stop()
+
+
+async def test_a_leader_that_cannot_refresh_stops_acting_before_its_lease_could_expire(world: World) -> None:
+    for i, zone in enumerate("abc"):
+        await world.add_node(f"n{i}", zone)
+    election = await elect(world)
+    term = election.leadership
+    assert term is not None
+    lease_granted_at = world.clock.monotonic_s()  # an upper bound: granted just before
+    reconciler = make_reconciler(world, election)
+    await reconciler.start()
+    await world.clock.advance(2.0)
+    assert len(world.assignments()) == SHARDS  # it acted while it was leader
+
+    ended: list[float] = []
+    election.add_listener(lambda: ended.append(world.clock.monotonic_s()) if election._leadership is None else None)
+    world.etcd.hang_keepalive = True  # refreshes are sent, never answered
+    await world.clock.advance(2 * TTL_S)
+    assert ended, "the leader never stopped acting"
+    # No refresh was acknowledged after the grant (the first one is due at TTL/3, after
+    # the keepalives started hanging), so the lease may expire TTL after the grant; the
+    # term ended a safety margin before that, not when etcd deleted the key.
+    assert ended[0] <= lease_granted_at + TTL_S - 1.0, ended[0] - lease_granted_at
+    # Nothing was written under the old term's token after it ended.
+    old_guard = term.guard(world.keys)
+    late = [t for t in world.assignment_txns() if old_guard in t.compares and t.at_s >= ended[0]]
+    assert late == []
+    await reconciler.stop()
+    await election.stop()
+
+
+async def test_a_deposed_leader_writes_nothing_and_rechecks_instead_of_replanning(world: World) -> None:
+    for i, zone in enumerate("abc"):
+        await world.add_node(f"n{i}", zone)
+    election = await elect(world)
+    old_term = election.leadership
+    assert old_term is not None
+    # While this replica was paused, its key went to another replica's term; the watch
+    # that would have told it is stalled, so it still believes it leads.
+    world.etcd.hold_watches = True
+    await world.etcd.delete(world.keys.leader())
+    other_lease, _ = await world.etcd.grant_lease(TTL_S)
+    await world.etcd.put(world.keys.leader(), b'{"replica_id": "cp-1"}', lease=other_lease)
+    assert election.leadership is old_term
+
+    reconciler = make_reconciler(world, election)
+    await reconciler.start()
+    await world.clock.advance(10.0)
+    # One guarded write was tried and failed; then the leader re-checked and stepped down.
+    assert [t.succeeded for t in world.assignment_txns()] == [False]
+    assert election.leadership is None
+    assert world.assignments() == {}  # nothing was written
+    await reconciler.stop()
+    await election.stop()
+
+
+async def test_moves_are_held_after_a_mass_expiry_until_the_nodes_come_back(world: World) -> None:
+    leases = {f"n{i}": await world.add_node(f"n{i}", zone) for i, zone in enumerate("abcd")}
+    election = await elect(world)
+    reconciler = make_reconciler(world, election)
+    await reconciler.start()
+    await world.clock.advance(3.0)
+    placed = world.assignments()
+    assert len(placed) == SHARDS and all(a.primary for a in placed.values())
+
+    # Two of four leases end at once (an etcd hiccup, not two crashes): hold, don't move.
+    for node in ("n0", "n1"):
+        await world.etcd.revoke_lease(leases[node])
+    await world.clock.advance(1.5)
+    assert reconciler.holding
+    assert world.assignments() == placed
+    # They come back (new leases, same ids): the hold ends and nothing moved.
+    await world.add_node("n0", "a")
+    await world.add_node("n1", "b")
+    await world.clock.advance(2.0)
+    assert not reconciler.holding
+    assert world.assignments() == placed
+    await reconciler.stop()
+    await election.stop()
+
+
+async def test_held_moves_happen_once_the_hold_ends_without_the_nodes(world: World) -> None:
+    leases = {f"n{i}": await world.add_node(f"n{i}", zone) for i, zone in enumerate("abcd")}
+    election = await elect(world)
+    reconciler = make_reconciler(world, election, hold_s=4.0)
+    await reconciler.start()
+    await world.clock.advance(3.0)
+    for node in ("n0", "n1"):
+        await world.etcd.revoke_lease(leases[node])
+    await world.clock.advance(2.0)
+    assert any(a.primary in ("n0", "n1") for a in world.assignments().values())
+    await world.clock.advance(4.0)
+    assert all(a.primary in ("n2", "n3") for a in world.assignments().values())
+    await reconciler.stop()
+    await election.stop()
+
+
+async def test_a_node_that_does_not_answer_gets_no_role(world: World) -> None:
+    world.probe.silent = {"n3"}
+    for i, zone in enumerate("abcd"):
+        await world.add_node(f"n{i}", zone)
+    election = await elect(world)
+    reconciler = make_reconciler(world, election)
+    await reconciler.start()
+    await world.clock.advance(5.0)
+    roles = [m for a in world.assignments().values() for m in (a.primary, *a.replicas)]
+    assert len(roles) == SHARDS * 3 and "n3" not in roles
+    world.probe.silent = set()  # it answers now: the next probe lets it in
+    await world.clock.advance(5.0)
+    roles = [m for a in world.assignments().values() for m in (a.primary, *a.replicas)]
+    assert "n3" in roles
+    await reconciler.stop()
+    await election.stop()
+
+
+async def test_an_unreadable_assignment_is_replaced_above_its_epoch_floor(world: World) -> None:
+    for i, zone in enumerate("abc"):
+        await world.add_node(f"n{i}", zone)
+    key = world.keys.assignment(shard_id(0))
+    good = assignment_to_proto(ShardAssignment(shard_id(0), 1, NodeId("n0"), (NodeId("n1"), NodeId("n2"))))
+    for _ in range(5):
+        await world.etcd.put(key, codec.encode(good))
+    await world.etcd.put(key, b"{not json")  # version 6: every epoch it ever held is <= 6
+    election = await elect(world)
+    reconciler = make_reconciler(world, election)
+    await reconciler.start()
+    await world.clock.advance(3.0)
+    replaced = world.assignments()[key]
+    assert replaced.epoch == 7 and replaced.primary
+    assert [ok for _, ok in world.etcd.txns].count(False) == 0  # the swap did not fail every round
+    await reconciler.stop()
+    await election.stop()
