@@ -59,6 +59,15 @@ class ProcessCluster:
                 return None
         return [n.node_id for n in r.nodes]
 
+    def nodes(self, address: str | None = None) -> list[pb.Node]:
+        """The node records, or [] when the replica does not answer."""
+        with grpc.insecure_channel(address or self.control_planes[0]) as channel:
+            try:
+                r = controlplane_pb2_grpc.ControlPlaneStub(channel).ListNodes(pb.ListNodesRequest(), timeout=2)
+            except grpc.RpcError:
+                return []
+        return list(r.nodes)
+
     def assignments(self, address: str | None = None) -> pb.ListAssignmentsResponse | None:
         with grpc.insecure_channel(address or self.control_planes[0]) as channel:
             try:
@@ -90,6 +99,13 @@ class ProcessCluster:
 
     def process(self, name: str) -> ManagedProcess:
         return next(p for p in self.processes if p.name == name)
+
+    def log_text(self, name: str) -> str:
+        """Everything process ``name`` has logged so far (one event per line)."""
+        try:
+            return self.process(name).log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def stop_all(self) -> None:
         for proc in reversed(self.processes):
