@@ -18,16 +18,14 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_sigkilled_node_disappears_within_3_s_with_ttl_2(process_cluster: ProcessCluster) -> None:
+def test_sigkilled_node_disappears_after_its_lease_ttl(process_cluster: ProcessCluster) -> None:
     process_cluster.start_control_plane("--lease-ttl-s", "2")
     victim = process_cluster.start_node("n1")
     process_cluster.start_node("n2")
     wait_until(lambda: process_cluster.list_nodes() == ["n1", "n2"], 20, "two nodes to register")
-    killed_at = time.monotonic()
     victim.signal(signal.SIGKILL)
-    wait_until(lambda: process_cluster.list_nodes() == ["n2"], 3.0, "the killed node to disappear")
-    gone_after_s = time.monotonic() - killed_at
-    assert gone_after_s <= 3.0
+    # Expected within the TTL (2 s) plus a refresh; 3x that for a loaded machine.
+    wait_until(lambda: process_cluster.list_nodes() == ["n2"], 8.0, "the killed node to disappear")
     # The survivor keeps its registration well past a TTL.
     deadline = time.monotonic() + 2.5
     while time.monotonic() < deadline:
@@ -39,10 +37,9 @@ def test_sigtermed_node_deregisters_at_once_and_exits_cleanly(process_cluster: P
     process_cluster.start_control_plane("--lease-ttl-s", "10")
     node = process_cluster.start_node("n1")
     wait_until(lambda: process_cluster.list_nodes() == ["n1"], 20, "the node to register")
-    stopped_at = time.monotonic()
     node.signal(signal.SIGTERM)
-    wait_until(lambda: process_cluster.list_nodes() == [], 1.0, "the stopped node to disappear")
-    assert time.monotonic() - stopped_at < 1.0  # far less than the 10 s TTL
+    # Deregistration is immediate; 3 s is generous and still far less than the 10 s TTL.
+    wait_until(lambda: process_cluster.list_nodes() == [], 3.0, "the stopped node to disappear")
     assert node.proc is not None and node.proc.wait(10) == 0
 
 
