@@ -123,7 +123,12 @@ async def call(
         before_sleep=before_sleep,
         reraise=True,
     )
-    return await retrying(operation)
+    async def attempt() -> T:
+        # tenacity awaits only coroutine functions; ``operation`` may be a lambda that
+        # returns an awaitable, so await it here.
+        return await operation()
+
+    return await retrying(attempt)
 
 
 class Backoff:

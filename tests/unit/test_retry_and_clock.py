@@ -143,3 +143,19 @@ async def test_supervise_restarts_a_step_after_errors_and_crashes() -> None:
     await clock.advance(10)
     await asyncio.wait_for(task, 1)
     assert runs == 4
+
+
+async def test_call_accepts_a_lambda_returning_an_awaitable() -> None:
+    calls = 0
+
+    async def flaky(x: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise Unavailable("once")
+        return x * 2
+
+    clock = FakeClock()
+    task = asyncio.create_task(retry.call(lambda: flaky(21), what="lambda", clock=clock))
+    await clock.advance(1)
+    assert task.result() == 42 and calls == 2
