@@ -63,6 +63,9 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
+from bluemarble.api.conversions import assignment_from_proto, placement_node_from_proto
+from bluemarble.core.ids import ShardId, shard_id
+from bluemarble.core.placement import PlacementConfig, PlacementNode, violations
 from bluemarble.v1 import controlplane_pb2 as pb
 from bluemarble.v1 import controlplane_pb2_grpc
 from controlplane.store.etcd import EtcdStore, EventType
@@ -185,26 +188,20 @@ def fingerprint(r: pb.ListAssignmentsResponse) -> tuple[tuple[str, int, str, tup
     return tuple((a.shard_id, a.epoch, a.primary, tuple(a.replicas)) for a in r.assignments)
 
 
-def placement_problems(r: pb.ListAssignmentsResponse, live: set[str], shards: int, rf: int) -> list[str]:
+def placement_problems(
+    r: pb.ListAssignmentsResponse, nodes: dict[str, PlacementNode], shards: int, rf: int
+) -> list[str]:
+    """Why ``r`` is not a settled placement over ``nodes`` (ListNodes), [] if it is: the
+    core's one checker, :func:`bluemarble.core.placement.violations`. Every shard has a
+    live primary and R - 1 replicas on distinct live nodes, spread over the zones, and
+    every node holds its fair share: with equal capacities primary counts differ by at
+    most one, so a node that came back holds its share again before the next kill."""
+    assignments = {ShardId(a.shard_id): assignment_from_proto(a) for a in r.assignments}
     found = []
-    if len(r.assignments) != shards:
-        found.append(f"{len(r.assignments)} of {shards} shards")
-    want_replicas = min(rf, len(live)) - 1
-    for a in r.assignments:
-        members = [a.primary, *a.replicas]
-        if a.primary not in live:
-            found.append(f"{a.shard_id}: primary {a.primary!r} not live")
-        if len(a.replicas) != want_replicas or len(set(members)) != len(members):
-            found.append(f"{a.shard_id}: members {members}")
-        if any(m not in live for m in members):
-            found.append(f"{a.shard_id}: dead member in {members}")
-    # Balanced (equal capacities): primary counts differ by at most one, so a node that
-    # came back holds its share again before the next kill.
-    primaries = collections.Counter(a.primary for a in r.assignments)
-    counts = [primaries.get(n, 0) for n in live]
-    if counts and max(counts) - min(counts) > 1:
-        found.append(f"primaries per node {dict(primaries)}")
-    return found
+    if len(assignments) != len(r.assignments):
+        found.append(f"{len(r.assignments)} records for {len(assignments)} shards")
+    config = PlacementConfig(rf, max_moves_per_round=0)  # the checker reads only the replication factor
+    return found + violations(assignments, list(nodes.values()), config, shards=[shard_id(i) for i in range(shards)])
 
 
 class Bench:
@@ -225,13 +222,14 @@ class Bench:
             return None
         return r
 
-    async def list_nodes(self) -> set[str] | None:
+    async def list_nodes(self) -> dict[str, PlacementNode] | None:
+        """The live nodes by id, as placement values."""
         assert self.stub is not None
         try:
             r = await self.stub.ListNodes(pb.ListNodesRequest(), timeout=1.0)
         except grpc.aio.AioRpcError:
             return None
-        return {n.node_id for n in r.nodes}
+        return {n.node_id: placement_node_from_proto(n) for n in r.nodes}
 
     def check_alive(self) -> None:
         for proc in [self.cluster.control_plane, *self.cluster.nodes.values()]:
@@ -251,7 +249,7 @@ class Bench:
             now = time.monotonic()
             if live is None or r is None:
                 why, stable_since = ["control plane not answering"], None
-            elif live != want:
+            elif set(live) != want:
                 why, stable_since = [f"live nodes {sorted(live)}, want {sorted(want)}"], None
             else:
                 why = placement_problems(r, live, self.args.shards, self.args.replication_factor)
@@ -361,7 +359,7 @@ class Bench:
         self, events: EventLog, mark: int, victim: str, led: dict[str, int], t_kill: float, t_visible: float
     ) -> tuple[float | None, float | None, float | None]:
         from bluemarble.v1 import common_pb2
-        from controlplane import codec
+        from controlplane.store import codec
 
         node_key = self.keys.node(victim)  # type: ignore[arg-type]
         t_deleted = next(

@@ -4,12 +4,14 @@ stopped), unique cluster names per test, and in-process control-plane replicas."
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc.aio
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from bluemarble.runtime.grpc_server import Server, ServiceBinding, build_server
 from bluemarble.v1 import common_pb2, controlplane_pb2_grpc, shardnode_pb2, shardnode_pb2_grpc
@@ -18,6 +20,12 @@ from scripts.localcluster import LocalEtcd
 from shardnode.service import ShardNodeService
 
 _counter = itertools.count()
+
+# CI replays the same property-test examples on every run (a failure there reproduces
+# exactly); a developer's run explores new ones and keeps failures in .hypothesis/.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")

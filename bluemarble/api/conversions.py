@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from bluemarble.core.errors import CorruptRecord
 from bluemarble.core.ids import NodeId, ShardId
-from bluemarble.core.placement import ShardAssignment
+from bluemarble.core.placement import PlacementNode, ShardAssignment
 from bluemarble.core.ring import Ring
 from bluemarble.v1 import common_pb2
 
@@ -52,4 +52,15 @@ def assignment_from_proto(message: common_pb2.Assignment) -> ShardAssignment:
         epoch=message.epoch,
         primary=NodeId(message.primary) if message.primary else None,
         replicas=tuple(NodeId(r) for r in message.replicas),
+    )
+
+
+def placement_node_from_proto(message: common_pb2.Node) -> PlacementNode:
+    """A registered node (a ListNodes entry) as placement sees it: its zone, its capacity
+    (an unset 0 counts as 1, the smallest valid weight) and whether it is draining."""
+    return PlacementNode(
+        node_id=NodeId(message.node_id),
+        zone=message.zone,
+        capacity=max(message.capacity, 1),
+        draining=message.state == common_pb2.NODE_STATE_DRAINING,
     )

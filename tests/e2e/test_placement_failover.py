@@ -8,9 +8,13 @@ import collections
 import signal
 import time
 
+import grpc
 import pytest
 
-from bluemarble.v1 import common_pb2
+from bluemarble.api.conversions import assignment_from_proto, placement_node_from_proto
+from bluemarble.core.ids import ShardId, shard_id
+from bluemarble.core.placement import PlacementConfig, PlacementNode, violations
+from bluemarble.v1 import common_pb2, controlplane_pb2_grpc
 from bluemarble.v1 import controlplane_pb2 as pb
 from scripts.localcluster import wait_until
 from tests.e2e.conftest import ProcessCluster
@@ -19,10 +23,11 @@ pytestmark = pytest.mark.e2e
 
 NODES = {"n1": "z1", "n2": "z2", "n3": "z3", "n4": "z1"}
 SHARDS = 16
+REPLICATION_FACTOR = 3
 
 
 def start(cluster: ProcessCluster) -> None:
-    flags = ("--lease-ttl-s", "2", "--replication-factor", "3", "--shards", str(SHARDS))
+    flags = ("--lease-ttl-s", "2", "--replication-factor", str(REPLICATION_FACTOR), "--shards", str(SHARDS))
     cluster.start_control_plane(*flags)
     cluster.start_control_plane(*flags)
     for node, zone in NODES.items():
@@ -30,36 +35,45 @@ def start(cluster: ProcessCluster) -> None:
     wait_until(lambda: well_placed(cluster, set(NODES)), 30, "every shard to be placed and balanced")
 
 
-def problems(r: pb.ListAssignmentsResponse | None, live: set[str], replicas: int) -> list[str]:
-    """Why ``r`` is not a valid, balanced placement over ``live`` nodes ([] if it is)."""
-    if r is None:
+def placement_nodes(address: str) -> list[PlacementNode] | None:
+    """The nodes ListNodes returns at ``address``, as placement values (None: no answer)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            r = controlplane_pb2_grpc.ControlPlaneStub(channel).ListNodes(pb.ListNodesRequest(), timeout=2)
+        except grpc.RpcError:
+            return None
+    return [placement_node_from_proto(n) for n in r.nodes]
+
+
+def problems(r: pb.ListAssignmentsResponse | None, nodes: list[PlacementNode] | None, live: set[str]) -> list[str]:
+    """Why ``r`` is not a valid, balanced placement over ``live`` nodes ([] if it is).
+
+    ListNodes (``nodes``) must list exactly ``live``; then the core's one checker,
+    :func:`bluemarble.core.placement.violations`, judges the assignments: every one of
+    the SHARDS shards has a live primary and R - 1 replicas on distinct live nodes,
+    spread over the zones, and every node holds its fair share (equal capacities:
+    primary counts differ by at most one).
+    """
+    if r is None or nodes is None:
         return ["no answer"]
     found = []
-    if len(r.assignments) != SHARDS:
-        found.append(f"{len(r.assignments)} shards")
-    zones = {n: NODES[n] for n in live}
-    for a in r.assignments:
-        members = [a.primary, *a.replicas]
-        if a.primary not in live:
-            found.append(f"{a.shard_id}: primary {a.primary!r} not live")
-        if len(a.replicas) != replicas or len(set(members)) != len(members):
-            found.append(f"{a.shard_id}: members {members}")
-        if any(m not in live for m in members):
-            found.append(f"{a.shard_id}: dead member in {members}")
-        wanted_zones = min(len(members), len(set(zones.values())))
-        if len({zones.get(m) for m in members}) < wanted_zones:
-            found.append(f"{a.shard_id}: zones not spread {members}")
-    primaries = collections.Counter(a.primary for a in r.assignments)
-    counts = [primaries.get(n, 0) for n in live]
-    if counts and max(counts) - min(counts) > 1:
-        found.append(f"primaries per node {dict(primaries)}")
+    listed = {n.node_id for n in nodes}
+    if listed != live:
+        found.append(f"ListNodes lists {sorted(listed)}, want {sorted(live)}")
+    assignments = {ShardId(a.shard_id): assignment_from_proto(a) for a in r.assignments}
+    if len(assignments) != len(r.assignments):
+        found.append(f"{len(r.assignments)} records for {len(assignments)} shards")
+    config = PlacementConfig(REPLICATION_FACTOR, max_moves_per_round=0)  # the checker reads only R
+    found += violations(
+        assignments, [n for n in nodes if n.node_id in live], config, shards=[shard_id(i) for i in range(SHARDS)]
+    )
     return found
 
 
 def well_placed(cluster: ProcessCluster, live: set[str]) -> bool:
-    replicas = min(3, len(live)) - 1
-    views = [cluster.assignments(a) for a in cluster.control_planes if a in alive_planes(cluster)]
-    if not views or any(problems(v, live, replicas) for v in views):
+    planes = alive_planes(cluster)
+    views = [cluster.assignments(a) for a in planes]
+    if not views or any(problems(v, placement_nodes(a), live) for a, v in zip(planes, views, strict=True)):
         return False
     # Every replica serving reports the same assignments.
     return all(list(v.assignments) == list(views[0].assignments) for v in views if v is not None)
@@ -113,7 +127,10 @@ def nodes_follow(cluster: ProcessCluster, live: set[str]) -> bool:
 def test_placement_is_valid_balanced_and_the_same_on_both_replicas(process_cluster: ProcessCluster) -> None:
     start(process_cluster)
     views = [process_cluster.assignments(a) for a in process_cluster.control_planes]
-    assert all(v is not None and problems(v, set(NODES), 2) == [] for v in views)
+    assert all(
+        v is not None and problems(v, placement_nodes(a), set(NODES)) == []
+        for a, v in zip(process_cluster.control_planes, views, strict=True)
+    )
     assert views[0].assignments == views[1].assignments  # type: ignore[union-attr]
     statuses = [process_cluster.status(a) for a in process_cluster.control_planes]
     assert statuses[0].leader == statuses[1].leader != ""  # type: ignore[union-attr]
@@ -162,10 +179,6 @@ def test_drain_moves_everything_away_without_a_shard_losing_its_primary(process_
     start(process_cluster)
     target, _ = busiest_node(process_cluster)
     address = process_cluster.control_planes[0]
-    import grpc
-
-    from bluemarble.v1 import controlplane_pb2_grpc
-
     with grpc.insecure_channel(address) as channel:
         controlplane_pb2_grpc.ControlPlaneStub(channel).DrainNode(pb.DrainNodeRequest(node_id=target), timeout=5)
     observations = 0

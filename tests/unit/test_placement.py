@@ -27,7 +27,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bluemarble.core import placement
 from bluemarble.core.ids import NodeId, ShardId, shard_id
 from bluemarble.core.placement import (
     FairShare,
@@ -40,6 +39,9 @@ from bluemarble.core.placement import (
     plan_assignments,
     violations,
 )
+from bluemarble.core.placement.budget import Budget
+from bluemarble.core.placement.layout import make_layout
+from bluemarble.core.placement.state import State
 
 Assignments = Mapping[ShardId, ShardAssignment]
 
@@ -356,7 +358,7 @@ class TestEveryPlan:
 
 
 class TestConvergence:
-    @given(scenarios(kinds=(*KINDS, "draining"), min_budget=2))
+    @given(scenarios(kinds=(*KINDS, "draining"), min_budget=3))
     @THOROUGH
     def test_converges_to_a_valid_balanced_placement(self, sc: Scenario) -> None:
         plans = converge(sc.nodes, sc.shards, sc.current, sc.config)
@@ -371,7 +373,7 @@ class TestConvergence:
         assert again.moves == () and again.changed == () and again.converged
         assert again.assignments == final.assignments
 
-    @given(scenarios(kinds=(*KINDS, "draining"), min_nodes=5, min_shards=16, min_budget=2))
+    @given(scenarios(kinds=(*KINDS, "draining"), min_nodes=5, min_shards=16, min_budget=3))
     @FAST
     def test_converges_on_larger_clusters(self, sc: Scenario) -> None:
         # Hypothesis favours small examples; this one insists on sizeable clusters.
@@ -388,13 +390,30 @@ class TestConvergence:
         spread = [primaries[n.node_id] for n in nodes]
         assert max(spread) - min(spread) <= 1
 
-    @given(scenarios(min_budget=1, max_budget=1))
+    @given(scenarios(min_budget=1, max_budget=2))
     @FAST
-    def test_a_budget_of_one_still_converges_to_valid_records(self, sc: Scenario) -> None:
-        # With one move per round a chain of two moves cannot happen, so balance can
-        # (rarely) stop one role short; records are always repaired.
+    def test_a_budget_of_one_or_two_still_converges_to_valid_records(self, sc: Scenario) -> None:
+        # A chain longer than the budget cannot happen, so balance can (rarely) stop one
+        # role short; records are always repaired.
         final = converge(sc.nodes, sc.shards, sc.current, sc.config)[-1]
         assert record_problems(final, sc.nodes, sc.config) == []
+
+    def test_balance_stops_one_role_short_only_when_the_repair_is_longer_than_the_budget(self) -> None:
+        # Found by hypothesis: with zones a, c, d and R = 4, moving one role from n4 to
+        # the new n5 takes a chain of 3 moves.
+        zones = {"n0": ("zone-d", 1), "n1": ("zone-a", 1), "n2": ("zone-a", 3), "n3": ("zone-c", 2),
+                 "n4": ("zone-d", 2), "n5": ("zone-c", 3)}
+        nodes = [node(n, zone=z, capacity=c) for n, (z, c) in zones.items()]
+        shards = [shard_id(i) for i in range(9)]
+        before = settle(nodes[:5], shards, 4)
+        results = {}
+        for budget in (2, 3):
+            config = PlacementConfig(4, budget)
+            final = converge(nodes, shards, before, config)[-1]
+            results[budget] = violations(final, nodes, config)
+            assert record_problems(final, nodes, config) == []
+        assert results[3] == []
+        assert results[2] and all("roles" in problem for problem in results[2]), results[2]
 
     @given(scenarios(kinds=("valid",)))
     @FAST
@@ -508,7 +527,10 @@ class TestFailover:
 
 
 class TestJoin:
-    @given(scenarios(kinds=("joined",), min_nodes=2, min_budget=2))
+    # Budget 3 or more: with 1 or 2, balance can stop one role short when zone spread makes
+    # the only repair a 3-move chain (documented in bluemarble.core.placement; the test
+    # below pins one such case).
+    @given(scenarios(kinds=("joined",), min_nodes=2, min_budget=3))
     @FAST
     def test_join_moves_only_what_balance_requires(self, sc: Scenario) -> None:
         plans = converge(sc.nodes, sc.shards, sc.current, sc.config)
@@ -585,13 +607,13 @@ class TestManyNodes:
         # with the smallest id is considered. (A count, not a timing: the same on every
         # machine. Before this was so, the 3,000-node join took seconds.)
         evaluations = Counter[int]()
-        original = placement._Round._delta
+        original = State.delta
 
-        def counted(self: placement._Round, node: NodeId, d_roles: int, d_primaries: int) -> int:
+        def counted(self: State, node: NodeId, d_roles: int, d_primaries: int) -> int:
             evaluations[len(self.layout.live)] += 1
             return original(self, node, d_roles, d_primaries)
 
-        monkeypatch.setattr(placement._Round, "_delta", counted)
+        monkeypatch.setattr(State, "delta", counted)
         shards = [shard_id(i) for i in range(16)]
         config = PlacementConfig(3, 32)
         rounds: dict[int, list[PlacementPlan]] = {}
@@ -667,6 +689,62 @@ class TestViolations:
         problems = violations(records(record(0, "n1", "n2")), nodes, PlacementConfig(2, 1))
         assert "shard-0: copies span 1 zones, want 2" in problems
 
+    def test_expected_shards(self) -> None:
+        # The end-to-end tests and the benchmark name the shards that must exist: a
+        # missing record and a record too many are problems, and fair shares are those
+        # of the expected shards.
+        nodes = [node("n1"), node("n2")]
+        good = records(record(0, "n1"), record(1, "n2"))
+        config = PlacementConfig(1, 0)
+        assert violations(good, nodes, config, shards=[shard_id(0), shard_id(1)]) == []
+        problems = violations(good, nodes, config, shards=[shard_id(0), shard_id(2)])
+        assert problems[:2] == ["shard-1: record of a shard that should not exist", "shard-2: no record"]
+        problems = violations(records(record(0, "n1")), nodes, config, shards=[shard_id(0), shard_id(1)])
+        assert "shard-1: no record" in problems
+        assert any(p.startswith("node n2: 0 primaries") for p in problems)
+
+    def test_unequal_primaries_with_equal_capacities(self) -> None:
+        # What the end-to-end test and the failover benchmark demand: primary counts
+        # within one of each other when capacities are equal.
+        nodes = [node("n1", "zone-a"), node("n2", "zone-b"), node("n3", "zone-c")]
+        lopsided = records(*(record(i, "n1", "n2", "n3") for i in range(3)))
+        problems = violations(lopsided, nodes, PlacementConfig(3, 1))
+        assert "node n2: 0 primaries, fair share 1.00 (allowed 1..1)" in problems
+
+
+class TestWorkingState:
+    """The planner's working state and budget (private modules, tested directly where
+    the public API cannot tell)."""
+
+    def test_a_copy_and_its_original_change_independently(self) -> None:
+        nodes = [node(f"n{i}", ZONES[i % 2]) for i in range(4)]
+        shards = [shard_id(i) for i in range(4)]
+        current = settle(nodes, shards, 2)
+        state, dropped = State.load(make_layout(nodes, PlacementConfig(2, 1), 4), shards, current)
+        assert dropped == []
+        before = state.records(current)
+        trial = state.copy()
+        shard = shards[0]
+        [replica] = trial.replicas[shard]
+        spare = next(n for n in trial.candidates() if n not in trial.members(shard))
+        trial.remove(shard, replica)
+        trial.add(shard, spare)
+        trial.set_primary(shards[1], trial.replicas[shards[1]][0])
+        assert state.records(current) == before == current
+        assert trial.records(current) != before
+        assert state.busy == {n for item in current.values() for n in item.members}
+        # And the other way round: the original changing leaves the copy alone.
+        again = trial.records(current)
+        state.remove(shards[2], state.replicas[shards[2]][0])
+        assert trial.records(current) == again
+
+    def test_budget(self) -> None:
+        budget = Budget(2)
+        assert budget.covers(2) and not budget.exhausted
+        assert budget.spend() and budget.spend()
+        assert not budget.spend() and budget.exhausted
+        assert (budget.full, budget.left) == (2, 0)
+
 
 # -- inputs at the edges -------------------------------------------------------------
 
@@ -706,15 +784,19 @@ class TestEdges:
             ([node("n1")], [shard_id(0)], {}, PlacementConfig(1, -1)),
         ],
     )
-    def test_programmer_errors_are_assertions(
+    def test_programmer_errors_raise_value_error(
         self,
         nodes: list[PlacementNode],
         shards: list[ShardId],
         current: dict[ShardId, ShardAssignment],
         config: PlacementConfig,
     ) -> None:
-        with pytest.raises(AssertionError):
+        # Real errors, not assertions: they must not vanish under `python -O`.
+        with pytest.raises(ValueError):
             plan_assignments(nodes, shards, current, config)
+        if len(shards) == 1 and not current:  # the checker checks its arguments alike
+            with pytest.raises(ValueError):
+                violations({}, nodes, config)
 
 
 # -- differential check against an exhaustive search ----------------------------------
