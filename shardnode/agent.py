@@ -1,28 +1,64 @@
-"""The node agent: registration, heartbeats and a clean leave.
+"""The node agent: registration, heartbeats driven by the lease deadline, the assignment
+stream, and a clean leave.
 
 Life of an agent::
 
-    register --(ok)--> heartbeat every interval --(NOT_FOUND)--> register again
-        |                   |  (UNAVAILABLE: next address, keep trying;
-        |                   |   the lease may expire meanwhile, then NOT_FOUND)
-        +---- SIGTERM ------+--> deregister (bounded wait) --> exit
+    register ----> CONNECTED: heartbeat once the lease has <= 2/3 TTL left (every TTL/3)
+       ^              |  no answer within the attempt timeout (TTL/6, >= 0.3 s), or an error
+       |              v
+       |           SUSPENDED: the next address at once, and the heartbeat again there at
+       |              |  once; after a whole round of addresses, a short jittered backoff
+       |              |  (an answer: CONNECTED again)
+       |              v  lease_valid_until_s - safety margin reached
+       |           LOST: the lease may have expired (an answer on the same lease after
+       |              all: CONNECTED again)
+       |              |  NOT_FOUND: the lease is gone
+       +--------------+  stop the assignment watcher, drop every role, register (a new
+                         incarnation), then start a fresh watcher (its snapshot)
+    SIGTERM, or drained and holding nothing --> deregister (bounded wait) --> exit
 
-Registration is retried with capped backoff while the control plane is unreachable,
-and for a bounded time on ALREADY_EXISTS (a restarted node whose previous lease has not
-expired yet, e.g. a pod that came back with a new IP). The time of the last successful
-heartbeat is kept for self-fencing (:attr:`NodeAgent.lease_valid_until_s`).
+Why the heartbeat is driven by the lease deadline: a replica stopped with SIGSTOP keeps
+its sockets open and answers nothing. With "wait an interval, send, wait for a timeout,
+wait an interval again", one hung replica could cost the node its lease. Here a
+heartbeat is sent when the lease (as of the send time of the last answered one) has 2/3
+of the TTL left, a late answer moves to the next address at once, and the next heartbeat
+is scheduled from the lease deadline, not from when the last answer came. With TTL 3 s:
+a heartbeat every 1 s; a hung replica costs 0.5 s, after which the other replica renews
+the lease with 1.5 s to spare.
+
+The assignment stream (WatchAssignments) is supervised (logged, backed off with jitter,
+restarted; :func:`bluemarble.runtime.retry.supervise`), tagged with the lease id of the
+registration it belongs to, and watched for silence. **Detection bound**: the agent asks
+the replica (``progress_interval_ms``) for a progress message on an idle stream every
+second, and a stream that delivers nothing for
+``stream_idle_timeout_s`` (default 3 s) is cancelled and reopened on the next address,
+normally within 0.1 s (up to ``max_backoff_s`` when streams keep failing). So a node
+whose stream was on a hung replica learns assignment changes through another replica
+within about 3.1 s of the hang, or of the change if that came later. gRPC keepalive
+(``bluemarble.runtime.channels``, ~9 s) is the second line of defence.
+
+The node keeps what it holds while the control plane is unreachable (static stability);
+:attr:`NodeAgent.session_state` and :attr:`NodeAgent.lease_valid_until_s` say how far its
+roles can be trusted (self-fencing: no STRONG operation as primary once LOST).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc.aio
 import structlog
 
-from bluemarble.client.control_plane import ControlPlaneClient, to_error
+from bluemarble.client.control_plane import (
+    STREAM_PROGRESS_INTERVAL_MS,
+    ControlPlaneClient,
+    follow_stream,
+    to_error,
+)
 from bluemarble.core.errors import (
     AlreadyExists,
     BlueMarbleError,
@@ -31,11 +67,18 @@ from bluemarble.core.errors import (
     NotFound,
     Unavailable,
 )
-from bluemarble.runtime import background
-from bluemarble.runtime.clock import Clock, SystemClock
+from bluemarble.runtime import background, retry
+from bluemarble.runtime.clock import Clock, run_with_timeout, wait_event
 from bluemarble.v1 import common_pb2, controlplane_pb2
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_STREAM_IDLE_TIMEOUT_S = 3.0
+MIN_HEARTBEAT_TIMEOUT_S = 0.3
+MIN_LEASE_SAFETY_MARGIN_S = 0.2
+REGISTER_ROUND_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -54,11 +97,40 @@ class ShardHolding:
     applied_lsn: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Registration:
+    """One incarnation of this node: the lease it holds and the control plane's timing."""
+
     lease_id: int
     ttl_s: float
     heartbeat_interval_s: float
+
+
+class SessionState(enum.Enum):
+    """What this node may assume about its lease (kazoo's KazooState, for an etcd lease).
+
+    ``CONNECTED``: the last heartbeat was answered in time. The lease is valid until at
+    least :attr:`NodeAgent.lease_valid_until_s` (the send time of the last answered
+    heartbeat plus the TTL, on this node's monotonic clock), so the control plane has
+    given none of this node's roles away for lack of heartbeats: act on every role held.
+
+    ``SUSPENDED``: a heartbeat is late (no answer within the attempt timeout) or failed,
+    but the lease cannot have expired yet (now < lease_valid_until_s - safety margin).
+    The roles are still this node's; keep serving them, STRONG operations included. The
+    agent is trying the other control-plane addresses. Start nothing as primary that
+    would have to finish after the lease deadline to be correct.
+
+    ``LOST``: the lease may have expired (now >= lease_valid_until_s - safety margin), or
+    certainly has (NOT_FOUND, left, or not registered yet). The control plane may have
+    promoted another node, at a higher epoch, for any shard this node leads: serve no
+    STRONG operation as primary (self-fencing); EVENTUAL reads and writes may go on.
+    Left only when a heartbeat on the same lease is answered (the lease had not expired
+    after all: CONNECTED) or by registering again (a new incarnation: roles dropped).
+    """
+
+    CONNECTED = "connected"
+    SUSPENDED = "suspended"
+    LOST = "lost"
 
 
 class RegistrationRefused(FatalError):
@@ -66,6 +138,18 @@ class RegistrationRefused(FatalError):
 
 
 class NodeAgent:
+    """Registers this node, keeps its lease, and follows its assignments.
+
+    Timing (all on the injected clock; TTL from the registration):
+
+    * heartbeat when the lease has ``<= TTL - heartbeat interval`` left (2/3 TTL);
+    * a heartbeat attempt times out after ``heartbeat_timeout_s`` (default TTL/6, at
+      least 0.3 s); then the next address, at once;
+    * LOST from ``lease_valid_until_s - lease_safety_margin_s`` (default TTL/10, at least
+      0.2 s) without an answered heartbeat;
+    * an assignment stream silent for ``stream_idle_timeout_s`` (default 3 s) is dead.
+    """
+
     def __init__(
         self,
         identity: NodeIdentity,
@@ -74,15 +158,26 @@ class NodeAgent:
         clock: Clock | None = None,
         already_exists_timeout_s: float = 60.0,
         max_backoff_s: float = 2.0,
+        heartbeat_timeout_s: float | None = None,
+        lease_safety_margin_s: float | None = None,
+        stream_idle_timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S,
     ):
         self.identity = identity
         self._client = client
-        self._clock = clock or SystemClock()
+        self._clock: Clock = clock or client.clock
         self._already_exists_timeout_s = already_exists_timeout_s
         self._max_backoff_s = max_backoff_s
+        self._heartbeat_timeout_s = heartbeat_timeout_s
+        self._lease_safety_margin_s = lease_safety_margin_s
+        self._stream_idle_timeout_s = stream_idle_timeout_s
+        self._stream_policy = retry.RetryPolicy(
+            initial_s=min(0.1, max_backoff_s), max_backoff_s=max_backoff_s, deadline_s=None
+        )
         self.registration: Registration | None = None
-        # Monotonic time until which our lease is certainly valid (last ack + TTL).
+        # Monotonic time until which our lease is certainly valid: the send time of the
+        # last answered heartbeat (or of the registration) + TTL.
         self.lease_valid_until_s = 0.0
+        self._state = SessionState.LOST
         self.registered = asyncio.Event()
         self.registrations = 0
         # What this node holds: shard -> (role, epoch), as last told by WatchAssignments.
@@ -95,6 +190,53 @@ class NodeAgent:
         self._beats_address = ""
         self._watcher: asyncio.Task[None] | None = None
 
+    # ---- session state ----
+
+    def heartbeat_timeout_s(self) -> float:
+        """How long one heartbeat attempt may take before the next address is tried."""
+        if self._heartbeat_timeout_s is not None:
+            return self._heartbeat_timeout_s
+        ttl_s = self.registration.ttl_s if self.registration else 0.0
+        return max(ttl_s / 6, MIN_HEARTBEAT_TIMEOUT_S)
+
+    def lease_safety_margin_s(self) -> float:
+        """How long before ``lease_valid_until_s`` the lease counts as possibly lost."""
+        if self._lease_safety_margin_s is not None:
+            return self._lease_safety_margin_s
+        ttl_s = self.registration.ttl_s if self.registration else 0.0
+        return max(ttl_s / 10, MIN_LEASE_SAFETY_MARGIN_S)
+
+    @property
+    def session_state(self) -> SessionState:
+        """The session state right now (see :class:`SessionState`). Exact at every call:
+        LOST from the moment the lease may have expired, whether or not the agent's loop
+        has run since. (The loop logs the transition at most one heartbeat attempt
+        timeout later: it does not interrupt an attempt in flight to do so.)"""
+        if self._state is not SessionState.LOST and self._clock.monotonic_s() >= self._lost_at_s():
+            return SessionState.LOST
+        return self._state
+
+    def _lost_at_s(self) -> float:
+        return self.lease_valid_until_s - self.lease_safety_margin_s()
+
+    def _set_state(self, state: SessionState, **why: Any) -> None:
+        """Records ``state``, logging the transition once."""
+        if state is self._state:
+            return
+        previous, self._state = self._state, state
+        level = log.info if state is SessionState.CONNECTED else log.warning
+        level(
+            "session state",
+            state=state.value,
+            previous=previous.value,
+            lease_valid_for_s=round(self.lease_valid_until_s - self._clock.monotonic_s(), 2),
+            **why,
+        )
+
+    def _observe_state(self) -> None:
+        """Catches the log up with time (LOST once the lease may have expired)."""
+        self._set_state(self.session_state)
+
     def shard_statuses(self) -> list[common_pb2.ShardStatus]:
         return [
             common_pb2.ShardStatus(
@@ -103,72 +245,295 @@ class NodeAgent:
             for shard, h in sorted(self.shards.items())
         ]
 
+    # ---- main loop ----
+
     async def run(self, stop: asyncio.Event) -> None:
         """Registers, follows assignments and heartbeats until ``stop`` is set, or until
         a drain finished (then it deregisters and returns). Raises RegistrationRefused."""
-        await self._register(stop)
-        self._watcher = background.start(self._follow_assignments(stop), "assignments")
         try:
+            await self._register(stop)
+            if self.registration is None:
+                return  # stopped before registering
+            self._start_watcher(stop)
             await self._heartbeat_loop(stop)
         finally:
             self._close_beats(rotate=False)
             await background.stop(self._watcher)
+            self._watcher = None
+
+    def _beat_backoff(self) -> retry.Backoff:
+        """Delays between rounds of failed heartbeats (every address tried): jittered,
+        and never longer than one attempt timeout, so that a control plane coming back
+        is found again well before the lease runs out."""
+        cap_s = max(0.05, min(self._max_backoff_s, self.heartbeat_timeout_s()))
+        return retry.Backoff(retry.RetryPolicy(initial_s=0.05, max_backoff_s=cap_s, deadline_s=None), self._clock)
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
+        backoff = self._beat_backoff()
+        failures = 0  # heartbeats failed in a row
         while not stop.is_set():
-            assert self.registration is not None
-            if await _wait(stop, self.registration.heartbeat_interval_s):
-                return
+            registration = self.registration
+            if registration is None:
+                return  # stopped while registering again
+            self._observe_state()
+            if failures == 0:
+                interval_s = min(registration.heartbeat_interval_s, registration.ttl_s / 3)
+                due_s = self.lease_valid_until_s - (registration.ttl_s - interval_s)
+                if self._clock.monotonic_s() < due_s:
+                    if await self._sleep_until(stop, due_s):
+                        return
+                    continue
             try:
-                await self._heartbeat()
+                await self._heartbeat(registration)
             except NotFound as e:
-                log.warning("lease lost; dropping roles and registering again", reason=str(e))
-                self.registration = None
-                self.registered.clear()
-                self.shards.clear()
-                await self._register(stop)
-                # Start the assignment stream afresh: its first message is a full
-                # snapshot, so roles still recorded for this node come back at once.
-                await background.stop(self._watcher)
-                self.assignments_synced.clear()
-                self._watcher = background.start(self._follow_assignments(stop), "assignments")
+                await self._register_again(stop, str(e))
+                failures = 0
+                backoff = self._beat_backoff()
                 continue
             except BlueMarbleError as e:
                 if not e.retryable:
                     raise
+                failures += 1
+                if self.session_state is SessionState.CONNECTED:
+                    self._set_state(SessionState.SUSPENDED, error=str(e))
                 log.warning(
-                    "heartbeat failed; will retry",
+                    "heartbeat failed; trying the next address",
                     error=str(e),
+                    next=self._client.current_address,
                     lease_valid_for_s=round(self.lease_valid_until_s - self._clock.monotonic_s(), 2),
                 )
+                if failures % len(self._client.addresses) == 0:
+                    # Every address failed once: back off a little before the next round
+                    # (connections refused at once would otherwise spin).
+                    if await self._sleep_until(stop, self._clock.monotonic_s() + backoff.next_delay_s()):
+                        return
                 continue
+            failures = 0
+            backoff.reset()
+            self._set_state(SessionState.CONNECTED)
             if self.draining and not self.shards and self.assignments_synced.is_set():
                 log.info("drained: holding no shard any more; leaving")
                 await self.deregister()
                 stop.set()
                 return
 
-    async def _follow_assignments(self, stop: asyncio.Event) -> None:
-        """Applies WatchAssignments for this node; reconnects (other address) on failure."""
-        backoff_s = 0.1
-        while not stop.is_set():
-            request = controlplane_pb2.WatchAssignmentsRequest(node_id=self.identity.node_id)
-            address = self._client.current_address
-            try:
-                async for update in self._client.control_plane().WatchAssignments(request):
-                    self._apply(update)
-                    backoff_s = 0.1
-            except grpc.aio.AioRpcError as e:
-                error = to_error(e, address)
-                if not error.retryable:
-                    log.error("assignment stream refused", error=str(error))
-                else:
-                    log.info("assignment stream broke; reconnecting", error=str(error))
-                self._client.rotate()
-            await _wait(stop, backoff_s)
-            backoff_s = min(backoff_s * 2, self._max_backoff_s)
+    async def _sleep_until(self, stop: asyncio.Event, due_s: float) -> bool:
+        """Waits until ``due_s`` (waking at the LOST deadline on the way, to log it on
+        time); True if ``stop`` was set meanwhile."""
+        wake_s = due_s
+        if self._state is not SessionState.LOST:
+            wake_s = min(wake_s, max(self._lost_at_s(), self._clock.monotonic_s()))
+        return await wait_event(self._clock, stop, max(wake_s - self._clock.monotonic_s(), 0.0))
 
-    def _apply(self, update: controlplane_pb2.WatchAssignmentsResponse) -> None:
+    async def _heartbeat(self, registration: Registration) -> None:
+        """One heartbeat over the long-lived HeartbeatStream (opened on first use, and
+        again on the next address after it broke or went silent). Raises the mapped
+        BlueMarbleError: Unavailable when no answer came within the attempt timeout."""
+        sent_at = self._clock.monotonic_s()
+        request = controlplane_pb2.HeartbeatRequest(
+            node_id=self.identity.node_id,
+            lease_id=registration.lease_id,
+            shards=self.shard_statuses(),
+        )
+        timeout_s = self.heartbeat_timeout_s()
+        if self._beats is None:
+            self._beats_address = self._client.current_address
+            self._beats = self._client.control_plane().HeartbeatStream()
+        call, address = self._beats, self._beats_address
+
+        async def exchange() -> object:
+            await call.write(request)
+            return await call.read()
+
+        try:
+            response = await run_with_timeout(self._clock, exchange(), timeout_s)
+        except grpc.aio.AioRpcError as e:
+            error = to_error(e, address)
+            if isinstance(error, NotFound | InvalidArgument):
+                self._close_beats(rotate=False)
+                raise error from e
+            # Any other end of the stream (UNAVAILABLE, CANCELLED, INTERNAL from a
+            # dying peer...) is a transport problem: reopen it, on the next address.
+            self._close_beats(rotate=True)
+            raise Unavailable(f"heartbeat stream to {address} broke: {e.code().name} {e.details()}") from e
+        except TimeoutError as e:
+            self._close_beats(rotate=True)
+            raise Unavailable(f"heartbeat to {address} got no answer within {timeout_s:g} s") from e
+        except (grpc.aio.UsageError, asyncio.InvalidStateError) as e:
+            self._close_beats(rotate=True)
+            raise Unavailable(f"heartbeat stream to {address} is unusable: {e}") from e
+        if not isinstance(response, controlplane_pb2.HeartbeatResponse):  # grpc.aio.EOF
+            self._close_beats(rotate=True)
+            raise Unavailable(f"control plane {address} closed the heartbeat stream")
+        # The lease was refreshed at some point after sent_at: valid for TTL from then.
+        self.lease_valid_until_s = max(self.lease_valid_until_s, sent_at + response.ttl_ms / 1000)
+        if response.draining and not self.draining:
+            log.info("control plane is draining this node")
+        self.draining = response.draining
+
+    def _close_beats(self, rotate: bool) -> None:
+        if self._beats is not None:
+            self._beats.cancel()
+            self._beats = None
+            if rotate:
+                self._client.rotate(away_from=self._beats_address)
+
+    # ---- incarnations ----
+
+    async def _register_again(self, stop: asyncio.Event, reason: str) -> None:
+        """After NOT_FOUND: the old incarnation's roles are gone for good. The watcher
+        stops first, so no update of the old incarnation lands after the roles are
+        dropped; the new incarnation starts with a fresh stream (its snapshot)."""
+        log.warning("lease lost; dropping roles and registering again", reason=reason)
+        await background.stop(self._watcher)
+        self._watcher = None
+        self._close_beats(rotate=False)
+        self.registration = None
+        self.registered.clear()
+        self._set_state(SessionState.LOST, reason="lease not found")
+        self.shards.clear()
+        self.assignments_synced.clear()
+        self.assignments_revision = 0
+        self.draining = False
+        await self._register(stop)
+        if self.registration is not None:
+            self._start_watcher(stop)
+
+    async def _register(self, stop: asyncio.Event) -> None:
+        """Registers a new incarnation; returns once registered or once ``stop`` is set.
+
+        Retried (the one retry policy, in rounds of :data:`REGISTER_ROUND_S`, forever:
+        a node is of no use unregistered) while the control plane is unreachable, and for
+        ``already_exists_timeout_s`` on ALREADY_EXISTS (a restarted node whose previous
+        lease has not expired yet). Raises RegistrationRefused for any other refusal.
+        """
+        ident = self.identity
+        request = controlplane_pb2.RegisterNodeRequest(
+            node_id=ident.node_id,
+            address=ident.address,
+            region=ident.region,
+            zone=ident.zone,
+            capacity=ident.capacity,
+        )
+        policy = retry.RetryPolicy(
+            initial_s=min(0.1, self._max_backoff_s), max_backoff_s=self._max_backoff_s, deadline_s=REGISTER_ROUND_S
+        )
+        first_refusal_s: float | None = None
+
+        def worth_retrying(error: BaseException) -> bool:
+            nonlocal first_refusal_s
+            if isinstance(error, AlreadyExists):
+                now = self._clock.monotonic_s()
+                first_refusal_s = now if first_refusal_s is None else first_refusal_s
+                if now - first_refusal_s >= self._already_exists_timeout_s:
+                    return False
+                log.warning("node id still held by an earlier registration; waiting", error=str(error))
+                return True
+            return retry.is_retryable(error)
+
+        async def attempt() -> tuple[float, controlplane_pb2.RegisterNodeResponse]:
+            sent_at = self._clock.monotonic_s()
+            response: controlplane_pb2.RegisterNodeResponse = await self._client.call(
+                lambda s: s.RegisterNode, request, attempts=1
+            )
+            return sent_at, response
+
+        while not stop.is_set():
+            try:
+                outcome = await _unless_stopped(
+                    stop,
+                    retry.call(attempt, what="register", policy=policy, clock=self._clock, retry_if=worth_retrying),
+                )
+            except AlreadyExists as e:
+                raise RegistrationRefused(str(e)) from e
+            except BlueMarbleError as e:
+                if not e.retryable:
+                    raise RegistrationRefused(f"control plane refused registration: {e}") from e
+                log.warning("cannot register yet; still trying", error=str(e))
+                continue
+            if outcome is None:
+                return  # stopped
+            sent_at, response = outcome
+            self.registration = Registration(
+                lease_id=response.lease_id,
+                ttl_s=response.ttl_ms / 1000,
+                heartbeat_interval_s=response.heartbeat_interval_ms / 1000,
+            )
+            self.lease_valid_until_s = sent_at + response.ttl_ms / 1000
+            self.registrations += 1
+            self.registered.set()
+            self._set_state(SessionState.CONNECTED, lease=f"{response.lease_id:#x}")
+            log.info(
+                "registered",
+                node_id=ident.node_id,
+                lease=f"{response.lease_id:#x}",
+                ttl_ms=response.ttl_ms,
+                control_plane=self._client.current_address,
+            )
+            return
+
+    async def deregister(self, timeout_s: float = 3.0) -> bool:
+        """Graceful leave; True if the control plane confirmed it within ``timeout_s``."""
+        if self.registration is None:
+            return False
+        request = controlplane_pb2.DeregisterNodeRequest(
+            node_id=self.identity.node_id, lease_id=self.registration.lease_id
+        )
+        try:
+            await self._client.call(
+                lambda s: s.DeregisterNode, request, timeout_s=timeout_s / 2, attempts=2, deadline_s=timeout_s
+            )
+        except BlueMarbleError as e:
+            log.warning("deregistration failed; the lease will expire by itself", error=str(e))
+            return False
+        self.registration = None
+        self.registered.clear()
+        self._set_state(SessionState.LOST, reason="deregistered")
+        log.info("deregistered", node_id=self.identity.node_id)
+        return True
+
+    # ---- assignments ----
+
+    def _start_watcher(self, stop: asyncio.Event) -> None:
+        assert self.registration is not None
+        lease_id = self.registration.lease_id
+        self._watcher = background.start(
+            retry.supervise(
+                lambda: self._follow_assignments(lease_id),
+                name="assignments",
+                policy=self._stream_policy,
+                clock=self._clock,
+                stop=stop,
+            ),
+            f"assignments-{lease_id:x}",
+        )
+
+    async def _follow_assignments(self, lease_id: int) -> None:
+        """One WatchAssignments stream for the incarnation holding ``lease_id``, until it
+        breaks. Raises Unavailable when it ends, breaks or delivers nothing (not even a
+        progress message) for ``stream_idle_timeout_s``, having moved the client on to
+        the next address; raises whatever applying an update raised (a bug: the
+        supervisor logs it and starts a fresh stream, whose snapshot repairs the state)."""
+        request = controlplane_pb2.WatchAssignmentsRequest(
+            node_id=self.identity.node_id, progress_interval_ms=STREAM_PROGRESS_INTERVAL_MS
+        )
+        await follow_stream(
+            self._client,
+            lambda stub: stub.WatchAssignments(request),
+            controlplane_pb2.WatchAssignmentsResponse,
+            lambda update: self._apply(update, lease_id),
+            clock=self._clock,
+            idle_timeout_s=self._stream_idle_timeout_s,
+            what="assignment",
+        )
+
+    def _apply(self, update: controlplane_pb2.WatchAssignmentsResponse, lease_id: int) -> None:
+        """Applies one WatchAssignments message received by the incarnation ``lease_id``."""
+        if self.registration is None or self.registration.lease_id != lease_id:
+            log.info("ignoring an assignment update of an earlier incarnation", lease=f"{lease_id:#x}")
+            return
+        if not update.snapshot and not update.assignments and not update.removed_shard_ids:
+            return  # a progress message: the stream is alive, nothing changed
         me = self.identity.node_id
         if update.snapshot:
             held = {a.shard_id for a in update.assignments}
@@ -192,128 +557,22 @@ class NodeAgent:
         self.assignments_revision = update.revision
         self.assignments_synced.set()
 
-    async def _heartbeat(self) -> None:
-        """One heartbeat over the long-lived HeartbeatStream (opened on first use, and
-        again on the next address after it breaks). Raises the mapped BlueMarbleError."""
-        assert self.registration is not None
-        sent_at = self._clock.monotonic_s()
-        request = controlplane_pb2.HeartbeatRequest(
-            node_id=self.identity.node_id,
-            lease_id=self.registration.lease_id,
-            shards=self.shard_statuses(),
-        )
-        timeout_s = max(self.registration.heartbeat_interval_s, 0.2)
-        if self._beats is None:
-            self._beats_address = self._client.current_address
-            self._beats = self._client.control_plane().HeartbeatStream()
-        call = self._beats
-        try:
-            async with asyncio.timeout(timeout_s):
-                await call.write(request)
-                response = await call.read()
-        except grpc.aio.AioRpcError as e:
-            error = to_error(e, self._beats_address)
-            if isinstance(error, NotFound | InvalidArgument):
-                self._close_beats(rotate=False)
-                raise error from e
-            # Any other end of the stream (UNAVAILABLE, CANCELLED, INTERNAL from a
-            # dying peer...) is a transport problem: reopen it, on the next address.
-            self._close_beats(rotate=True)
-            raise Unavailable(
-                f"heartbeat stream to {self._beats_address} broke: {e.code().name} {e.details()}"
-            ) from e
-        except (TimeoutError, grpc.aio.UsageError, asyncio.InvalidStateError) as e:
-            self._close_beats(rotate=True)
-            raise Unavailable(
-                f"heartbeat to {self._beats_address} got no answer within {timeout_s:g} s"
-            ) from e
-        if not isinstance(response, controlplane_pb2.HeartbeatResponse):  # grpc.aio.EOF
-            self._close_beats(rotate=True)
-            raise Unavailable(f"control plane {self._beats_address} closed the heartbeat stream")
-        # The lease was refreshed at some point after sent_at: valid for TTL from then.
-        self.lease_valid_until_s = sent_at + response.ttl_ms / 1000
-        if response.draining and not self.draining:
-            log.info("control plane is draining this node")
-        self.draining = response.draining
 
-    def _close_beats(self, rotate: bool) -> None:
-        if self._beats is not None:
-            self._beats.cancel()
-            self._beats = None
-            if rotate and self._client.current_address == self._beats_address:
-                self._client.rotate()
-
-    async def _register(self, stop: asyncio.Event) -> None:
-        ident = self.identity
-        request = controlplane_pb2.RegisterNodeRequest(
-            node_id=ident.node_id,
-            address=ident.address,
-            region=ident.region,
-            zone=ident.zone,
-            capacity=ident.capacity,
-        )
-        backoff_s = 0.1
-        first_refusal: float | None = None
-        while not stop.is_set():
-            sent_at = self._clock.monotonic_s()
-            try:
-                response: controlplane_pb2.RegisterNodeResponse = await self._client.call(
-                    lambda s: s.RegisterNode, request
-                )
-            except AlreadyExists as e:
-                now = self._clock.monotonic_s()
-                first_refusal = first_refusal if first_refusal is not None else now
-                if now - first_refusal >= self._already_exists_timeout_s:
-                    raise RegistrationRefused(str(e)) from e
-                log.warning("node id still held by an earlier registration; waiting", error=str(e))
-            except BlueMarbleError as e:
-                if not e.retryable:
-                    raise RegistrationRefused(f"control plane refused registration: {e}") from e
-                log.warning("cannot register yet; retrying", error=str(e), backoff_s=backoff_s)
-            else:
-                self.registration = Registration(
-                    lease_id=response.lease_id,
-                    ttl_s=response.ttl_ms / 1000,
-                    heartbeat_interval_s=response.heartbeat_interval_ms / 1000,
-                )
-                self.lease_valid_until_s = sent_at + response.ttl_ms / 1000
-                self.registrations += 1
-                self.registered.set()
-                log.info(
-                    "registered",
-                    node_id=ident.node_id,
-                    lease=f"{response.lease_id:#x}",
-                    ttl_ms=response.ttl_ms,
-                    control_plane=self._client.current_address,
-                )
-                return
-            await _wait(stop, backoff_s)
-            backoff_s = min(backoff_s * 2, self._max_backoff_s)
-
-    async def deregister(self, timeout_s: float = 3.0) -> bool:
-        """Graceful leave; True if the control plane confirmed it within ``timeout_s``."""
-        if self.registration is None:
-            return False
-        request = controlplane_pb2.DeregisterNodeRequest(
-            node_id=self.identity.node_id, lease_id=self.registration.lease_id
-        )
-        try:
-            await self._client.call(
-                lambda s: s.DeregisterNode, request, timeout_s=timeout_s / 2, attempts=2
-            )
-        except BlueMarbleError as e:
-            log.warning("deregistration failed; the lease will expire by itself", error=str(e))
-            return False
-        self.registration = None
-        self.registered.clear()
-        log.info("deregistered", node_id=self.identity.node_id)
-        return True
-
-
-async def _wait(stop: asyncio.Event, timeout_s: float) -> bool:
-    """Waits up to ``timeout_s``; True if ``stop`` was set meanwhile."""
+async def _unless_stopped(stop: asyncio.Event, work: Coroutine[Any, Any, T]) -> T | None:
+    """Runs ``work`` until it finishes (its result, or its exception) or ``stop`` is set
+    (then cancels it and returns None)."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
     try:
-        await asyncio.wait_for(stop.wait(), timeout_s)
-    except TimeoutError:
-        return False
-    return True
+        await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+    if task.cancelled():
+        return None
+    return task.result()

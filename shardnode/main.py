@@ -14,7 +14,7 @@ from pathlib import Path
 import structlog
 
 from bluemarble.client.control_plane import ControlPlaneClient
-from bluemarble.core import validation
+from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError
 from bluemarble.runtime import event_loop, logs
 from bluemarble.runtime.channels import split_addresses
@@ -56,7 +56,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
         validation.node_id(args.node_id, "--node-id")
         validation.address(args.listen, "--listen")
         if args.advertise:
-            validation.address(args.advertise, "--advertise")
+            validation.reachable_address(args.advertise, "--advertise")
+        else:  # the node advertises its listen address: others must be able to reach it
+            validation.reachable_address(args.listen, "--listen (advertised: no --advertise given)")
         validation.capacity(args.capacity, "--capacity")
     except BlueMarbleError as e:
         p.error(str(e))
@@ -90,6 +92,7 @@ async def run(settings: NodeSettings) -> int:
                 shardnode_pb2_grpc.add_ShardNodeServicer_to_server,
             )
         ],
+        max_request_bytes=limits.SHARD_NODE_MAX_REQUEST_BYTES,
     )
     host = settings.listen.rsplit(":", 1)[0]
     address = settings.advertise or f"{host}:{server.port}"

@@ -71,7 +71,9 @@ def problems(config: common_pb2.ClusterConfig) -> list[str]:
             f"(at most 1.5 MiB), which holds at most {limits.MAX_RING_TOKENS} tokens"
         )
     if len(config.consistency) > MAX_SYSTEMS:
+        # Too many to be a real table: say so once instead of judging every entry.
         found.append(f"consistency lists {len(config.consistency)} systems; at most {MAX_SYSTEMS}")
+        return found
     for system, model in sorted(config.consistency.items()):
         if len(system) > MAX_SYSTEM_NAME or not _SYSTEM_NAME.fullmatch(system):
             found.append(
@@ -90,8 +92,16 @@ def problems(config: common_pb2.ClusterConfig) -> list[str]:
     return found
 
 
+MAX_REPORTED_PROBLEMS = 3
+"""Problems named in one error message; the rest are counted (a message stays short)."""
+
+
 def validate(config: common_pb2.ClusterConfig) -> None:
-    """Raises InvalidArgument listing every problem, or returns."""
+    """Raises InvalidArgument naming the first :data:`MAX_REPORTED_PROBLEMS` problems
+    (and counting the others), or returns."""
     found = problems(config)
     if found:
-        raise InvalidArgument("invalid cluster config: " + "; ".join(found))
+        shown = found[:MAX_REPORTED_PROBLEMS]
+        if len(found) > len(shown):
+            shown.append(f"and {len(found) - len(shown)} more")
+        raise InvalidArgument("invalid cluster config: " + "; ".join(shown))

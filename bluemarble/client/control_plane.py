@@ -2,30 +2,45 @@
 
 :class:`ControlPlaneClient` talks to any of several control-plane addresses (every
 replica serves every RPC). A call that fails with UNAVAILABLE or DEADLINE_EXCEEDED moves
-on to the next address, with capped exponential backoff between rounds (tenacity), and
-gives up after a bounded number of attempts. Other statuses are raised at once as the
-matching :class:`bluemarble.core.errors.BlueMarbleError`, so callers handle NotFound,
+on to the next address and is retried under the one retry policy
+(:func:`bluemarble.runtime.retry.call`: jittered backoff, bounded by the client's
+``attempts`` and ``deadline_s``). Other statuses are raised at once as the matching
+:class:`bluemarble.core.errors.BlueMarbleError`, so callers handle NotFound,
 AlreadyExists, ... by type.
+
+Every wait is on the injected :class:`~bluemarble.runtime.clock.Clock`: each attempt is
+bounded by ``timeout_s`` on that clock as well as by the gRPC deadline sent to the
+server, so a test with a fake clock and a fake stub sees the same timeouts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import grpc.aio
 import structlog
-import tenacity
 
 from bluemarble.core import errors
+from bluemarble.runtime import retry
 from bluemarble.runtime.channels import insecure_channel
+from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 from bluemarble.v1 import controlplane_pb2_grpc, trade_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R")
 DEFAULT_TIMEOUT_S = 5.0
+DEFAULT_DEADLINE_S = 30.0
+
+STREAM_PROGRESS_INTERVAL_MS = 1000
+"""The ``progress_interval_ms`` the node agent and the ring router put in their
+WatchAssignments / WatchRing requests: "send me a progress message whenever the stream
+has been idle this long". Without it a stream carries changes only; with it, a client
+can tell a quiet stream from a hung replica (see :func:`next_message`). They give up on a
+stream after 3 s of silence."""
 
 
 def to_error(e: grpc.aio.AioRpcError, address: str) -> errors.BlueMarbleError:
@@ -36,20 +51,109 @@ def to_error(e: grpc.aio.AioRpcError, address: str) -> errors.BlueMarbleError:
     return errors.from_status_name(e.code().name, details)
 
 
+class StreamCall(Protocol):
+    """What :func:`next_message` needs of a server-streaming call (grpc.aio's
+    UnaryStreamCall, or a fake in tests)."""
+
+    def read(self) -> Coroutine[Any, Any, object]: ...
+
+    def cancel(self) -> bool: ...
+
+
+async def next_message(
+    call: StreamCall,
+    message_type: type[R],
+    *,
+    address: str,
+    clock: Clock,
+    idle_timeout_s: float,
+    what: str,
+) -> R:
+    """The next message (a ``message_type``) of a server stream from ``address``.
+
+    Raises Unavailable when the stream ends, breaks with a status that says so, or
+    delivers nothing for ``idle_timeout_s`` on ``clock`` (a hung or partitioned replica
+    keeps its socket open and raises nothing by itself; a replica asked for progress
+    messages (``progress_interval_ms``) sends one on an idle stream every interval, so
+    silence for a few intervals means the replica is gone), and the mapped
+    BlueMarbleError for any other status. The caller cancels the call after an error.
+    """
+    try:
+        message = await run_with_timeout(clock, call.read(), idle_timeout_s)
+    except TimeoutError as e:
+        raise errors.Unavailable(
+            f"{what} stream from {address} delivered nothing for {idle_timeout_s:g} s "
+            "(the replica may be hung)"
+        ) from e
+    except grpc.aio.AioRpcError as e:
+        raise to_error(e, address) from e
+    if not isinstance(message, message_type):  # grpc.aio.EOF: the server ended the stream
+        raise errors.Unavailable(f"control plane {address} ended the {what} stream")
+    return message
+
+
+async def follow_stream(
+    client: ControlPlaneClient,
+    open_stream: Callable[[controlplane_pb2_grpc.ControlPlaneStub], StreamCall],
+    message_type: type[R],
+    on_message: Callable[[R], None],
+    *,
+    clock: Clock,
+    idle_timeout_s: float,
+    what: str,
+) -> None:
+    """Reads one server stream, opened on the client's current address, handing every
+    message to ``on_message``, until it breaks. Raises what :func:`next_message` raises;
+    after a retryable error the client has moved on to the next address (once, even when
+    the heartbeat noticed the same replica first). The call is cancelled on the way out."""
+    address = client.current_address
+    call = open_stream(client.control_plane())
+    try:
+        while True:
+            on_message(
+                await next_message(
+                    call, message_type, address=address, clock=clock, idle_timeout_s=idle_timeout_s, what=what
+                )
+            )
+    except errors.BlueMarbleError as e:
+        if e.retryable:
+            client.rotate(away_from=address)
+        raise
+    finally:
+        call.cancel()
+
+
+def _moves_on(error: BaseException) -> bool:
+    """Errors after which another replica may answer: retried on the next address."""
+    return isinstance(error, errors.Unavailable | errors.DeadlineExceeded)
+
+
 class ControlPlaneClient:
+    """Calls to the control plane, failing over between its replicas.
+
+    ``timeout_s`` bounds one attempt, ``attempts`` and ``deadline_s`` bound a whole
+    :meth:`call` (whichever comes first). ``current_address`` is shared by every user of
+    the client (calls, heartbeats, streams): whoever notices that a replica is down or
+    hung moves everyone on with :meth:`rotate`.
+    """
+
     def __init__(
         self,
         addresses: Sequence[str],
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         attempts: int = 6,
+        deadline_s: float | None = DEFAULT_DEADLINE_S,
         max_backoff_s: float = 2.0,
+        clock: Clock | None = None,
     ):
         if not addresses:
             raise ValueError("at least one control-plane address is required")
         self.addresses = list(addresses)
         self.timeout_s = timeout_s
+        self.clock: Clock = clock or SystemClock()
         self._attempts = attempts
+        self._deadline_s = deadline_s
         self._max_backoff_s = max_backoff_s
         self._channels = [insecure_channel(a) for a in self.addresses]
         self._current = 0
@@ -58,9 +162,19 @@ class ControlPlaneClient:
     def current_address(self) -> str:
         return self.addresses[self._current]
 
-    def rotate(self) -> None:
-        """Moves to the next address (after a stream broke on the current one)."""
+    def rotate(self, away_from: str | None = None) -> None:
+        """Moves to the next address.
+
+        With ``away_from``, only if the current address still is that one: two loops
+        that notice the same hung replica move on once, not twice (which, with two
+        replicas, would bring them back to the hung one).
+        """
+        if away_from is not None and self.current_address != away_from:
+            return
+        failed = self.current_address
         self._current = (self._current + 1) % len(self.addresses)
+        if len(self.addresses) > 1:
+            log.info("moving to another control-plane replica", failed=failed, next=self.current_address)
 
     def control_plane(self) -> controlplane_pb2_grpc.ControlPlaneStub:
         return controlplane_pb2_grpc.ControlPlaneStub(self._channels[self._current])  # type: ignore[no-untyped-call]
@@ -75,38 +189,57 @@ class ControlPlaneClient:
         *,
         timeout_s: float | None = None,
         attempts: int | None = None,
+        deadline_s: float | None = None,
     ) -> T:
-        """Calls ``rpc(stub)(request)``, failing over between addresses on UNAVAILABLE.
+        """Calls ``rpc(stub)(request)``, failing over between addresses on UNAVAILABLE
+        and DEADLINE_EXCEEDED.
 
-        ``rpc`` picks the method from a ControlPlaneStub, e.g.
-        ``lambda s: s.ListNodes``. Raises the mapped BlueMarbleError of the last attempt.
+        ``rpc`` picks the method from a ControlPlaneStub, e.g. ``lambda s: s.ListNodes``.
+        ``timeout_s`` bounds each attempt; ``attempts`` and ``deadline_s`` the whole call
+        (defaults: the client's). Raises the mapped BlueMarbleError of the last attempt.
         """
-        retrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(attempts or self._attempts),
-            wait=tenacity.wait_exponential(multiplier=0.1, max=self._max_backoff_s),
-            retry=tenacity.retry_if_exception(
-                lambda e: isinstance(e, errors.Unavailable | errors.DeadlineExceeded)
-            ),
-            reraise=True,
+        per_attempt_s = timeout_s or self.timeout_s
+        policy = retry.RetryPolicy(
+            initial_s=min(0.1, self._max_backoff_s),
+            max_backoff_s=self._max_backoff_s,
+            deadline_s=deadline_s if deadline_s is not None else self._deadline_s,
+            max_attempts=attempts or self._attempts,
         )
-        async for attempt in retrying:
-            with attempt:
-                return await self._once(rpc, request, timeout_s or self.timeout_s)
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        # An ``async def``, not a lambda returning a coroutine: tenacity awaits only what
+        # it recognises as a coroutine function, and would hand the coroutine back.
+        async def attempt() -> T:
+            return await self._once(rpc, request, per_attempt_s)
+
+        return await retry.call(
+            attempt,
+            what="control-plane call",
+            policy=policy,
+            clock=self.clock,
+            retry_if=_moves_on,
+        )
 
     async def _once(
         self, rpc: Callable[[Any], Callable[..., Awaitable[T]]], request: Any, timeout_s: float
     ) -> T:
         address = self.current_address
+        method = rpc(self.control_plane())
+
+        async def attempt() -> T:
+            return await method(request, timeout=timeout_s)
+
         try:
-            return await rpc(self.control_plane())(request, timeout=timeout_s)
+            return await run_with_timeout(self.clock, attempt(), timeout_s)
         except grpc.aio.AioRpcError as e:
             error = to_error(e, address)
-            if isinstance(error, errors.Unavailable | errors.DeadlineExceeded) and len(self.addresses) > 1:
-                self._current = (self._current + 1) % len(self.addresses)
-                log.info("control plane unreachable, trying another", failed=address,
-                         next=self.current_address, error=e.code().name)
+            if _moves_on(error):
+                self.rotate(away_from=address)
             raise error from e
+        except TimeoutError as e:
+            self.rotate(away_from=address)
+            raise errors.DeadlineExceeded(
+                f"control plane {address} did not answer within {timeout_s:g} s"
+            ) from e
 
     async def close(self) -> None:
         for channel in self._channels:

@@ -2,16 +2,28 @@
 
 A game server or gateway that routes thousands of requests a second should not ask
 the control plane for each one. :class:`RingRouter` fetches the ring once
-(``GetRing``), then follows ``WatchRing`` in the background, reconnecting (other
-addresses, capped backoff) when the stream breaks; lookups are local and lock-free
-(the ring is an immutable value swapped atomically). Every process that holds the same
-ring version maps a key to the same shard (invariant I6).
+(``GetRing``), then follows ``WatchRing`` in the background; lookups are local and
+lock-free (the ring is an immutable value swapped atomically). Every process that holds
+the same ring version maps a key to the same shard (invariant I6).
 
     router = RingRouter(ControlPlaneClient(["127.0.0.1:7000"]))
     await router.start()
     shard = router.shard_for("player-42")
     ...
     await router.stop()
+
+Following the ring is supervised (:func:`bluemarble.runtime.retry.supervise`): a stream
+that breaks, goes silent, or whose handling raises (a bug) is logged and reopened after
+a jittered backoff, on the next control-plane address when the replica was at fault;
+the router keeps routing with the ring it has meanwhile.
+
+Detection bound: the router asks (``progress_interval_ms``) for a progress message (a
+``Ring`` with no shards) on an idle WatchRing stream every second; a stream that
+delivers nothing for ``stream_idle_timeout_s`` (default 3 s) is taken as dead (a hung or
+partitioned replica keeps its socket open and raises no error by itself). So a hung
+replica is noticed within 3 s, and the stream is open again on the next address within
+about 3.1 s (plus the backoff, at most ``max_backoff_s``, when streams keep failing).
+gRPC keepalive (``bluemarble.runtime.channels``) is the second line, at ~9 s.
 """
 
 from __future__ import annotations
@@ -19,24 +31,37 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-import grpc.aio
 import structlog
 
 from bluemarble.api.conversions import ring_from_proto
-from bluemarble.client.control_plane import ControlPlaneClient, to_error
+from bluemarble.client.control_plane import STREAM_PROGRESS_INTERVAL_MS, ControlPlaneClient, follow_stream
 from bluemarble.core.errors import FailedPrecondition
 from bluemarble.core.ids import ShardId
 from bluemarble.core.ring import Ring
-from bluemarble.runtime import background
-from bluemarble.v1 import controlplane_pb2
+from bluemarble.runtime import background, retry
+from bluemarble.runtime.clock import Clock, SystemClock
+from bluemarble.v1 import common_pb2, controlplane_pb2
 
 log = structlog.get_logger(__name__)
 
+DEFAULT_STREAM_IDLE_TIMEOUT_S = 3.0
+
 
 class RingRouter:
-    def __init__(self, client: ControlPlaneClient | None, *, max_backoff_s: float = 2.0):
+    def __init__(
+        self,
+        client: ControlPlaneClient | None,
+        *,
+        clock: Clock | None = None,
+        stream_idle_timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S,
+        max_backoff_s: float = 2.0,
+    ):
         self._client = client
-        self._max_backoff_s = max_backoff_s
+        self._clock: Clock = clock or (client.clock if client is not None else SystemClock())
+        self._stream_idle_timeout_s = stream_idle_timeout_s
+        self._policy = retry.RetryPolicy(
+            initial_s=min(0.1, max_backoff_s), max_backoff_s=max_backoff_s, deadline_s=None
+        )
         self._ring: Ring | None = None
         self._task: asyncio.Task[None] | None = None
         self.updated = asyncio.Event()  # set whenever a new ring version is installed
@@ -66,7 +91,10 @@ class RingRouter:
             raise FailedPrecondition("this router has a fixed ring and no control plane")
         message = await self._client.call(lambda s: s.GetRing, controlplane_pb2.GetRingRequest())
         self._install(ring_from_proto(message))
-        self._task = background.start(self._follow(), "ring-router")
+        self._task = background.start(
+            retry.supervise(self._follow_once, name="ring-router", policy=self._policy, clock=self._clock),
+            "ring-router",
+        )
 
     async def stop(self) -> None:
         await background.stop(self._task)
@@ -82,19 +110,24 @@ class RingRouter:
             log.info("ring installed", version=ring.version, shards=len(ring.shard_ids))
         self.updated.set()
 
-    async def _follow(self) -> None:
+    def _on_message(self, message: common_pb2.Ring) -> None:
+        if not message.shards:
+            return  # a progress message: the stream is alive, the ring unchanged
+        self._install(ring_from_proto(message))
+
+    async def _follow_once(self) -> None:
+        """One WatchRing stream, until it breaks. Raises Unavailable when it ends, breaks
+        or stays silent for ``stream_idle_timeout_s`` (having moved the client on to the
+        next address), or whatever handling a message raised."""
         assert self._client is not None
-        backoff_s = 0.1
-        while True:
-            address = self._client.current_address
-            try:
-                async for message in self._client.control_plane().WatchRing(
-                    controlplane_pb2.WatchRingRequest()
-                ):
-                    self._install(ring_from_proto(message))
-                    backoff_s = 0.1
-            except grpc.aio.AioRpcError as e:
-                log.info("ring stream broke; reconnecting", error=str(to_error(e, address)))
-                self._client.rotate()
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, self._max_backoff_s)
+        request = controlplane_pb2.WatchRingRequest(progress_interval_ms=STREAM_PROGRESS_INTERVAL_MS)
+        await follow_stream(
+            self._client,
+            lambda stub: stub.WatchRing(request),
+            common_pb2.Ring,
+            lambda message: self._on_message(message),
+            clock=self._clock,
+            idle_timeout_s=self._stream_idle_timeout_s,
+            what="ring",
+        )
+

@@ -50,6 +50,12 @@ class Unimplemented(FatalError):
     status = "UNIMPLEMENTED"
 
 
+class OutOfRange(FatalError):
+    """A position (e.g. an etcd revision) beyond what exists yet."""
+
+    status = "OUT_OF_RANGE"
+
+
 class CorruptRecord(FatalError):
     """A stored value (an etcd record, a message) does not describe what its key implies."""
 
@@ -80,6 +86,7 @@ _BY_STATUS: dict[str, type[BlueMarbleError]] = {
         AlreadyExists,
         FailedPrecondition,
         Unimplemented,
+        OutOfRange,
         Aborted,
         Unavailable,
         DeadlineExceeded,

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from typing import NewType
 
+from bluemarble.core.limits import echo
+
 NodeId = NewType("NodeId", str)
 ShardId = NewType("ShardId", str)
 PlayerId = NewType("PlayerId", str)
 TradeId = NewType("TradeId", str)
 
 SHARD_ID_PREFIX = "shard-"
+MAX_SHARD_INDEX_DIGITS = 9
+_ASCII_DIGITS = frozenset("0123456789")
 
 
 def shard_id(index: int) -> ShardId:
@@ -24,10 +28,22 @@ def shard_id(index: int) -> ShardId:
 
 
 def shard_index(shard: ShardId) -> int:
-    """Inverse of :func:`shard_id`; raises ValueError for a name not of that form."""
+    """Inverse of :func:`shard_id`; raises ValueError (with a short message that quotes
+    the input through :func:`bluemarble.core.limits.echo`) for a name not of that form.
+
+    Exactly the names :func:`shard_id` builds parse: ASCII digits only (``str.isdigit``
+    would accept "shard-١" and ``int()`` read it as 1), no leading zeros ("shard-01" would
+    name shard-1 twice), at most :data:`MAX_SHARD_INDEX_DIGITS` digits.
+    """
     if not shard.startswith(SHARD_ID_PREFIX):
-        raise ValueError(f"shard id {shard!r} does not start with {SHARD_ID_PREFIX!r}")
+        raise ValueError(f"shard id {echo(shard)} does not start with {SHARD_ID_PREFIX!r}")
     digits = shard[len(SHARD_ID_PREFIX):]
-    if not digits.isdigit():
-        raise ValueError(f"shard id {shard!r} does not end with a number")
+    if not digits or not all(c in _ASCII_DIGITS for c in digits):
+        raise ValueError(f"shard id {echo(shard)} does not end with a number (ASCII digits 0-9)")
+    if len(digits) > MAX_SHARD_INDEX_DIGITS:
+        raise ValueError(f"shard id {echo(shard)} has more than {MAX_SHARD_INDEX_DIGITS} digits")
+    if len(digits) > 1 and digits[0] == "0":
+        raise ValueError(
+            f"shard id {echo(shard)} is not canonical (leading zero); write {shard_id(int(digits))}"
+        )
     return int(digits)

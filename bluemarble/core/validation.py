@@ -2,7 +2,10 @@
 
 Each function returns the value (normalised where that is safe) or raises
 :class:`bluemarble.core.errors.InvalidArgument` with a message that names the field, says
-what was wrong and what is accepted. Pure: no I/O.
+what was wrong and what is accepted. Messages quote the caller's input only through
+:func:`bluemarble.core.limits.echo`, so a megabyte of input yields a short message.
+Digits are ASCII digits: ``str.isdigit`` also accepts other scripts' digits ("١"),
+which ``int()`` would then read as a number. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -11,11 +14,22 @@ import ipaddress
 
 from bluemarble.core.errors import InvalidArgument
 from bluemarble.core.ids import NodeId, PlayerId
+from bluemarble.core.limits import echo
 
 MAX_ID_BYTES = 128
 MAX_LABEL_BYTES = 64
 MAX_CAPACITY = 1_000_000
+MAX_ADDRESS_CHARS = 255
 _ID_FORBIDDEN = frozenset("/\\")
+_ASCII_DIGITS = frozenset("0123456789")
+_HOST_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
+_IPV4_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+_MAX_REASON_CHARS = 100
+
+
+def ascii_digits(text: str) -> bool:
+    """True when ``text`` is one or more of the ASCII digits 0-9 (and nothing else)."""
+    return bool(text) and all(c in _ASCII_DIGITS for c in text)
 
 
 def _check_id(field: str, value: str) -> str:
@@ -35,7 +49,7 @@ def node_id(value: str, field: str = "node_id") -> NodeId:
     bad = sorted({c for c in value if c in _ID_FORBIDDEN or c.isspace() or not c.isprintable()})
     if bad:
         raise InvalidArgument(
-            f"{field} {value!r} contains {''.join(bad)!r}; use letters, digits, '-', '_' or '.'"
+            f"{field} {echo(value)} contains {echo(''.join(bad), 20)}; use letters, digits, '-', '_' or '.'"
         )
     return NodeId(value)
 
@@ -50,42 +64,94 @@ def label(value: str, field: str) -> str:
     if len(value.encode("utf-8")) > MAX_LABEL_BYTES:
         raise InvalidArgument(f"{field} is longer than {MAX_LABEL_BYTES} bytes")
     if any(c.isspace() or not c.isprintable() for c in value):
-        raise InvalidArgument(f"{field} {value!r} contains whitespace or control characters")
+        raise InvalidArgument(f"{field} {echo(value)} contains whitespace or control characters")
     return value
 
 
 def address(value: str, field: str = "address") -> str:
-    """A "host:port" address: host is a DNS name, IPv4, or [IPv6]; port 1..65535."""
+    """A "host:port" address: host is an ASCII DNS name, IPv4, or [IPv6]; port 1..65535.
+
+    Any such address is accepted, including ones only good for listening (0.0.0.0); an
+    address other processes must reach is checked with :func:`reachable_address`.
+    """
     hint = "expected host:port, e.g. 127.0.0.1:7101, node-1.game:7101 or [::1]:7101"
-    if not value or len(value) > 255:
-        raise InvalidArgument(f"{field} {value!r} is malformed; {hint}")
+    shown = echo(value)
+    if not value:
+        raise InvalidArgument(f"{field} '' is malformed; {hint}")
+    if len(value) > MAX_ADDRESS_CHARS:
+        raise InvalidArgument(
+            f"{field} is {len(value)} characters long; at most {MAX_ADDRESS_CHARS} are allowed ({hint})"
+        )
+    if not value.isascii():
+        raise InvalidArgument(
+            f"{field} {shown} is not ASCII; write an international host name in its "
+            "ASCII (xn--) form, or use an IP address"
+        )
     host, sep, port_text = value.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise InvalidArgument(f"{field} {value!r} is malformed; {hint}")
+    if not sep or not host or not ascii_digits(port_text):
+        raise InvalidArgument(f"{field} {shown} is malformed; {hint}")
     port = int(port_text)
     if not 1 <= port <= 65535:
-        raise InvalidArgument(f"{field} {value!r} has port {port} outside 1..65535")
+        raise InvalidArgument(f"{field} {shown} has port {echo(port_text, 12)} outside 1..65535")
     if host.startswith("["):
         if not host.endswith("]"):
-            raise InvalidArgument(f"{field} {value!r} is malformed; {hint}")
+            raise InvalidArgument(f"{field} {shown} is malformed; {hint}")
         try:
             ipaddress.IPv6Address(host[1:-1])
         except ValueError as e:
-            raise InvalidArgument(f"{field} {value!r} has an invalid IPv6 host: {e}") from e
+            raise InvalidArgument(f"{field} {shown} has an invalid IPv6 host: {_reason(e)}") from e
         return value
     labels = host.split(".")
-    if all(part.isdigit() for part in labels):
+    if all(ascii_digits(part) for part in labels):
         try:
             ipaddress.IPv4Address(host)
         except ValueError as e:
-            raise InvalidArgument(f"{field} {value!r} has an invalid IPv4 host: {e}") from e
+            raise InvalidArgument(f"{field} {shown} has an invalid IPv4 host: {_reason(e)}") from e
         return value
     for part in labels:
-        if not part or len(part) > 63 or not all(c.isalnum() or c == "-" for c in part):
-            raise InvalidArgument(f"{field} {value!r} has an invalid host name; {hint}")
+        if not part or len(part) > 63 or not all(c in _HOST_NAME_CHARS for c in part):
+            raise InvalidArgument(f"{field} {shown} has an invalid host name; {hint}")
         if part.startswith("-") or part.endswith("-"):
-            raise InvalidArgument(f"{field} {value!r} has an invalid host name; {hint}")
+            raise InvalidArgument(f"{field} {shown} has an invalid host name; {hint}")
     return value
+
+
+def reachable_address(value: str, field: str = "address") -> str:
+    """An :func:`address` other processes can connect to: refuses the unspecified
+    address (0.0.0.0, [::]), broadcast (255.255.255.255) and multicast hosts, which are
+    fine to listen on but reach no particular process."""
+    address(value, field)
+    host = value.rpartition(":")[0]
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    if host.startswith("["):
+        ip = ipaddress.IPv6Address(host[1:-1])
+        ip = ip.ipv4_mapped or ip
+    elif all(ascii_digits(part) for part in host.split(".")):
+        ip = ipaddress.IPv4Address(host)
+    else:
+        return value  # a DNS name: whether it resolves is the network's business
+    fix = "advertise an address other nodes can connect to (e.g. the pod IP or DNS name)"
+    if ip.is_unspecified:
+        raise InvalidArgument(f"{field} {echo(value)} has the unspecified host {ip}, which reaches no node; {fix}")
+    if ip == _IPV4_BROADCAST:
+        raise InvalidArgument(f"{field} {echo(value)} has the broadcast host {ip}; {fix}")
+    if ip.is_multicast:
+        raise InvalidArgument(f"{field} {echo(value)} has the multicast host {ip}; {fix}")
+    return value
+
+
+def canonical_address(value: str) -> str:
+    """A valid :func:`address` in the form two spellings of the same address share:
+    host names lower-cased, IPv6 hosts compressed. Compares addresses; never stored."""
+    host, _, port = value.rpartition(":")
+    if host.startswith("["):
+        return f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]:{int(port)}"
+    return f"{host.lower()}:{int(port)}"
+
+
+def _reason(e: Exception) -> str:
+    text = str(e)
+    return text if len(text) <= _MAX_REASON_CHARS else text[:_MAX_REASON_CHARS] + "..."
 
 
 def capacity(value: int, field: str = "capacity") -> int:

@@ -3,6 +3,16 @@
 Every channel gets the same options: message size limits, keepalive pings to notice
 dead peers, and no transparent retries beyond gRPC's own (retries are explicit, with
 tenacity, in the callers that know what is idempotent).
+
+Keepalive is the second line of defence against a hung peer (a process stopped with
+SIGSTOP keeps its sockets open, so nothing fails by itself): a ping unanswered for
+``KEEPALIVE_TIMEOUT_MS`` after ``KEEPALIVE_TIME_MS`` closes the connection and fails every
+call on it with UNAVAILABLE, so a hung peer is noticed within about 9 s even by a call
+that has no deadline. The first line is the callers' own, tighter bounds: heartbeat
+timeouts and the idle bound on watch streams (see ``shardnode.agent`` and
+``bluemarble.client.ring_router``). Servers (``grpc_server.SERVER_OPTIONS``) accept a ping
+every 5 s without data; pinging more often would get the connection closed with
+ENHANCE_YOUR_CALM, hence 6 s here.
 """
 
 from __future__ import annotations
@@ -14,12 +24,18 @@ import grpc.aio
 
 from bluemarble.core.limits import MAX_MESSAGE_BYTES
 
+KEEPALIVE_TIME_MS = 6_000
+KEEPALIVE_TIMEOUT_MS = 3_000
+
 CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
+    # Keep pinging a connection whose only stream is quiet (by default the client stops
+    # after 2 pings without data, and a hung peer would go unnoticed again).
+    ("grpc.http2.max_pings_without_data", 0),
     # Reconnect quickly after a peer restarts (defaults back off up to 120 s).
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),

@@ -2,13 +2,19 @@
 
 :func:`build_server` wires the servicers with what every server must have: the error
 mapping and request-context interceptor (:func:`with_error_mapping`), ``grpc.health.v1.Health``, server reflection
-(so ``grpcurl -plaintext HOST:PORT list`` works), message size limits and keepalive
-policy. :func:`stop_gracefully` flips health to NOT_SERVING, then lets calls in flight
-finish within a grace period.
+(so ``grpcurl -plaintext HOST:PORT list`` works), a request size cap sized to the
+server's API, keepalive policy, and a guard against undecodable requests
+(:func:`guard_decoding`). :func:`stop_gracefully` flips health to NOT_SERVING, then lets
+calls in flight finish within a grace period.
+
+Every status message a server sends is at most :data:`MAX_STATUS_MESSAGE_CHARS` long: a
+message travels in HTTP/2 trailers, and one that echoed a megabyte of input would exceed
+the metadata limit and reach the client as RESOURCE_EXHAUSTED instead of the error.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -21,7 +27,7 @@ import structlog
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from bluemarble.core.errors import BlueMarbleError
 from bluemarble.core.limits import MAX_MESSAGE_BYTES
@@ -29,11 +35,20 @@ from bluemarble.core.limits import MAX_MESSAGE_BYTES
 log = structlog.get_logger(__name__)
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+# grpc's method handlers as the generated code builds them (a namedtuple). grpc-stubs type
+# them for the synchronous server only, so they are Any here.
+MethodHandler = Any
+
+MAX_STATUS_MESSAGE_CHARS = 400
+"""Longest status message (and logged error) a server sends; longer ones are cut."""
+
+_MAX_DECODE_ERROR_CHARS = 160
+_PARSE_ERROR_PREFIX = re.compile(r"^Error parsing message( with type '[^']*')?:?\s*")
 
 SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # grpc.max_receive_message_length is set per server by build_server.
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # Clients ping every 10 s to detect dead connections; allow that.
+    # Clients ping every 6 s (bluemarble.runtime.channels) to detect hung peers; allow that.
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
@@ -52,6 +67,13 @@ class ServiceBinding:
 
 def _abort_status(err: BlueMarbleError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, err.status, grpc.StatusCode.INTERNAL)
+
+
+def short_message(text: str, limit: int = MAX_STATUS_MESSAGE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying so: what a status message may carry."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 40]}... (message cut, {len(text)} chars)"
 
 
 def with_error_mapping(servicer: object, full_name: str) -> object:
@@ -85,9 +107,10 @@ async def _fail(
     elapsed_ms = round((time.monotonic() - started) * 1000, 1)
     if isinstance(exc, BlueMarbleError):
         code = _abort_status(exc)
+        message = short_message(str(exc))
         level = log.info if not exc.retryable else log.warning
-        level("rpc failed", status=code.name, error=str(exc), elapsed_ms=elapsed_ms, peer=context.peer())
-        await context.abort(code, str(exc))
+        level("rpc failed", status=code.name, error=message, elapsed_ms=elapsed_ms, peer=context.peer())
+        await context.abort(code, message)
     error_id = uuid.uuid4().hex[:12]
     log.exception("rpc crashed", error_id=error_id, method=method, elapsed_ms=elapsed_ms)
     await context.abort(
@@ -133,6 +156,143 @@ def _wrap_stream(
     return wrapped
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """Handed to a method instead of a request whose bytes do not parse.
+
+    grpc.aio answers UNKNOWN (and logs a traceback) when a request deserializer raises,
+    e.g. protobuf's ``DecodeError`` for a truncated message or a string field that is not
+    UTF-8. The deserializers :func:`guard_decoding` installs never raise: they return this,
+    and the guarded method refuses it with INVALID_ARGUMENT.
+    """
+
+    message_type: str
+    error: str
+
+    def describe(self) -> str:
+        return (
+            f"request is not a valid {self.message_type}: {self.error}; send a complete "
+            f"serialized {self.message_type} whose string fields are UTF-8"
+        )
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any], message_type: str) -> Callable[[bytes], Any]:
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as e:  # any failure to parse is the caller's bytes, never a bug here
+            # protobuf says "Error parsing message with type 'X': <why>"; keep the why.
+            error = _PARSE_ERROR_PREFIX.sub("", str(e)) or type(e).__name__
+            return Undecodable(message_type, short_message(error, _MAX_DECODE_ERROR_CHARS))
+
+    return decode
+
+
+async def _refuse_undecodable(method: str, context: Ctx, bad: Undecodable) -> None:
+    log.info(
+        "rpc refused: undecodable request",
+        rpc=method.rsplit("/", 1)[-1],
+        status=grpc.StatusCode.INVALID_ARGUMENT.name,
+        error=bad.error,
+        peer=context.peer(),
+    )
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.describe())
+
+
+async def _checked_requests(method: str, requests: AsyncIterator[Any], context: Ctx) -> AsyncIterator[Any]:
+    """The request stream of a client- or bidi-streaming call; ends the call with
+    INVALID_ARGUMENT at the first request that does not parse."""
+    async for request in requests:
+        if isinstance(request, Undecodable):
+            await _refuse_undecodable(method, context, request)
+        yield request
+
+
+def _guard_handler(method: str, message_type: str, handler: MethodHandler) -> MethodHandler:
+    behavior: Callable[[Any, Ctx], Any] | None = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    )
+    assert behavior is not None, method
+    deserializer = handler.request_deserializer
+    assert deserializer is not None, method
+
+    def requests_of(request: Any, context: Ctx) -> Any:
+        if handler.request_streaming:
+            return _checked_requests(method, request, context)
+        return request
+
+    guarded: Callable[[Any, Ctx], Any]
+    if handler.response_streaming:
+
+        async def guarded_stream(request: Any, context: Ctx) -> AsyncIterator[Any]:
+            if isinstance(request, Undecodable):
+                await _refuse_undecodable(method, context, request)
+            async for response in behavior(requests_of(request, context), context):
+                yield response
+
+        guarded = guarded_stream
+    else:
+
+        async def guarded_unary(request: Any, context: Ctx) -> Any:
+            if isinstance(request, Undecodable):
+                await _refuse_undecodable(method, context, request)
+            return await behavior(requests_of(request, context), context)
+
+        guarded = guarded_unary
+    kind = (
+        ("stream_" if handler.request_streaming else "unary_")
+        + ("stream" if handler.response_streaming else "unary")
+    )
+    # RpcMethodHandler is a namedtuple: keep the serializer and streaming flags.
+    return handler._replace(
+        request_deserializer=_safe_deserializer(deserializer, message_type),
+        **{kind: guarded},
+    )
+
+
+class _HandlerRecorder:
+    """Stands in for the server while a generated ``add_XServicer_to_server`` runs, so the
+    handlers it registers can be guarded (:func:`guard_decoding`) before the real server
+    gets them."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, dict[str, MethodHandler]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[MethodHandler]) -> None:
+        """Ignored: the same handlers arrive through add_registered_method_handlers."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, MethodHandler]) -> None:
+        self.services[service] = dict(handlers)
+
+
+def guard_decoding(
+    server: grpc.aio.Server, add_to_server: Callable[[Any, Any], None], servicer: object
+) -> list[str]:
+    """Registers ``servicer`` on ``server`` through its generated ``add_to_server`` with
+    request deserializers that never raise (:class:`Undecodable`): a request that does
+    not parse is answered INVALID_ARGUMENT naming its message type, in unary and streaming
+    calls alike, instead of UNKNOWN with a traceback in the log. Returns the full names of
+    the services registered.
+
+    Streaming methods must consume requests by iterating them (``async for``), not
+    through ``context.read()``, which this guard does not see.
+    """
+    recorder = _HandlerRecorder()
+    add_to_server(servicer, recorder)
+    assert recorder.services, "generated add_to_server registered no method handlers"
+    pool = descriptor_pool.Default()
+    for service, handlers in recorder.services.items():
+        guarded = {
+            name: _guard_handler(
+                f"/{service}/{name}", pool.FindMethodByName(f"{service}.{name}").input_type.full_name, handler
+            )
+            for name, handler in handlers.items()
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
+        server.add_registered_method_handlers(service, guarded)  # type: ignore[attr-defined]
+    return list(recorder.services)
+
+
 class Server:
     """A started gRPC server with its health servicer; see :func:`build_server`."""
 
@@ -159,26 +319,38 @@ async def build_server(
     listen: str,
     bindings: Iterable[ServiceBinding],
     *,
+    max_request_bytes: int = MAX_MESSAGE_BYTES,
     extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
 ) -> Server:
     """Builds, binds and starts a server on ``listen`` ("host:port"; port 0 picks one).
+
+    ``max_request_bytes`` caps each request message: gRPC refuses a larger one with
+    RESOURCE_EXHAUSTED as soon as its length prefix arrives, before it is read or parsed,
+    so a huge request costs the server no time. Size it to what the server's API needs
+    (:mod:`bluemarble.core.limits`).
 
     Raises :class:`bluemarble.core.errors.Unavailable` when the address cannot be bound.
     """
     from bluemarble.core.errors import Unavailable
 
-    server = grpc.aio.server(interceptors=list(extra_interceptors), options=SERVER_OPTIONS)
+    assert 0 < max_request_bytes <= MAX_MESSAGE_BYTES, max_request_bytes
+    options = [*SERVER_OPTIONS, ("grpc.max_receive_message_length", max_request_bytes)]
+    server = grpc.aio.server(interceptors=list(extra_interceptors), options=options)
     names = []
     for binding in bindings:
-        binding.add_to_server(with_error_mapping(binding.servicer, binding.full_name), server)
+        guard_decoding(server, binding.add_to_server, with_error_mapping(binding.servicer, binding.full_name))
         names.append(binding.full_name)
     health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    guard_decoding(server, health_pb2_grpc.add_HealthServicer_to_server, health)
     for name in names:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
-    reflection.enable_server_reflection(names, server)
+    guard_decoding(
+        server,
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+        reflection.aio.ReflectionServicer(names),  # type: ignore[attr-defined]
+    )
     try:
         port = server.add_insecure_port(listen)
     except RuntimeError as e:

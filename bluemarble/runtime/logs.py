@@ -4,40 +4,67 @@ Logs go to stderr, one event per line: key=value for people by default, JSON wit
 ``--log-format json`` (what a log pipeline in Kubernetes wants). Request context (rpc
 name, peer, node id) is bound through contextvars by the server interceptor, so every
 line logged while serving a call carries it.
+
+Libraries log through the stdlib ``logging`` module (etcd3aio, grpc's Python code,
+asyncio). The root logger's one handler renders their records with the same processors
+and renderer (:class:`structlog.stdlib.ProcessorFormatter`), adding the library's logger
+name, so every line of a process has one format. Our own events skip ``logging``
+entirely (structlog's PrintLogger): that is the cheaper path, and heartbeats log.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from typing import Literal, TextIO
 
 import structlog
 
 LogFormat = Literal["console", "json"]
 
 
-def configure(level: str = "info", fmt: LogFormat = "console") -> None:
-    """Configures structlog and the stdlib root logger (which grpc and etcd3aio use)."""
+def configure(level: str = "info", fmt: LogFormat = "console", *, stream: TextIO | None = None) -> None:
+    """Configures structlog and the stdlib root logger (which grpc and etcd3aio use).
+
+    ``stream`` defaults to ``sys.stderr``. Library loggers are shown from WARNING up
+    (their INFO lines are noise), or from ``level`` if that is higher. Calling it again
+    replaces the previous set-up.
+    """
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}; use debug, info, warning or error")
+    out = stream if stream is not None else sys.stderr
     renderer: structlog.types.Processor
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=False)
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    rendering: list[structlog.types.Processor] = [
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+        renderer,
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, *rendering],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *rendering],
+        )
+    )
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(max(numeric, logging.WARNING))

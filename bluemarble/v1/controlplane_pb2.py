@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from bluemarble.v1 import common_pb2 as bluemarble_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n bluemarble/v1/controlplane.proto\x12\rbluemarble.v1\x1a\x1a\x62luemarble/v1/common.proto\"g\n\x13RegisterNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x05\"W\n\x14RegisterNodeResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\"a\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\x12*\n\x06shards\x18\x03 \x03(\x0b\x32\x1a.bluemarble.v1.ShardStatus\"P\n\x11HeartbeatResponse\x12\x19\n\x11lease_deadline_ms\x18\x01 \x01(\x03\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\r\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\":\n\x15\x44\x65registerNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\"\x18\n\x16\x44\x65registerNodeResponse\"B\n\x17WatchAssignmentsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0estart_revision\x18\x02 \x01(\x03\"\x89\x01\n\x18WatchAssignmentsResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12.\n\x0b\x61ssignments\x18\x03 \x03(\x0b\x32\x19.bluemarble.v1.Assignment\x12\x19\n\x11removed_shard_ids\x18\x04 \x03(\t\"\x10\n\x0eGetRingRequest\"\x12\n\x10WatchRingRequest\")\n\x14ResolvePlayerRequest\x12\x11\n\tplayer_id\x18\x01 \x01(\t\"\xa1\x01\n\x15ResolvePlayerResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\'\n\x07primary\x18\x03 \x01(\x0b\x32\x16.bluemarble.v1.NodeRef\x12(\n\x08replicas\x18\x04 \x03(\x0b\x32\x16.bluemarble.v1.NodeRef\x12\x14\n\x0cring_version\x18\x05 \x01(\x04\"\x12\n\x10ListNodesRequest\"I\n\x11ListNodesResponse\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.bluemarble.v1.Node\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\x18\n\x16ListAssignmentsRequest\"[\n\x17ListAssignmentsResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12.\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x19.bluemarble.v1.Assignment\"\x19\n\x17GetClusterStatusRequest\"\x88\x02\n\x18GetClusterStatusResponse\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x11\n\tserved_by\x18\x02 \x01(\t\x12\x0e\n\x06leader\x18\x03 \x01(\t\x12\x12\n\nnode_count\x18\x04 \x01(\r\x12\x13\n\x0bshard_count\x18\x05 \x01(\r\x12\x15\n\retcd_revision\x18\x06 \x01(\x03\x12\x14\n\x0c\x65tcd_healthy\x18\x07 \x01(\x08\x12\x14\n\x0cring_version\x18\x08 \x01(\x04\x12,\n\x06\x63onfig\x18\t \x01(\x0b\x32\x1c.bluemarble.v1.ClusterConfig\x12\x1e\n\x16shards_without_primary\x18\n \x01(\r\"#\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"6\n\x11\x44rainNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.bluemarble.v1.Node\"\x12\n\x10GetConfigRequest\"S\n\x11GetConfigResponse\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.bluemarble.v1.ClusterConfig\x12\x10\n\x08revision\x18\x02 \x01(\x03\"[\n\x10SetConfigRequest\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.bluemarble.v1.ClusterConfig\x12\x19\n\x11\x65xpected_revision\x18\x02 \x01(\x03\"S\n\x11SetConfigResponse\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.bluemarble.v1.ClusterConfig\x12\x10\n\x08revision\x18\x02 \x01(\x03\x32\xbe\t\n\x0c\x43ontrolPlane\x12W\n\x0cRegisterNode\x12\".bluemarble.v1.RegisterNodeRequest\x1a#.bluemarble.v1.RegisterNodeResponse\x12N\n\tHeartbeat\x12\x1f.bluemarble.v1.HeartbeatRequest\x1a .bluemarble.v1.HeartbeatResponse\x12X\n\x0fHeartbeatStream\x12\x1f.bluemarble.v1.HeartbeatRequest\x1a .bluemarble.v1.HeartbeatResponse(\x01\x30\x01\x12]\n\x0e\x44\x65registerNode\x12$.bluemarble.v1.DeregisterNodeRequest\x1a%.bluemarble.v1.DeregisterNodeResponse\x12\x65\n\x10WatchAssignments\x12&.bluemarble.v1.WatchAssignmentsRequest\x1a\'.bluemarble.v1.WatchAssignmentsResponse0\x01\x12=\n\x07GetRing\x12\x1d.bluemarble.v1.GetRingRequest\x1a\x13.bluemarble.v1.Ring\x12\x43\n\tWatchRing\x12\x1f.bluemarble.v1.WatchRingRequest\x1a\x13.bluemarble.v1.Ring0\x01\x12Z\n\rResolvePlayer\x12#.bluemarble.v1.ResolvePlayerRequest\x1a$.bluemarble.v1.ResolvePlayerResponse\x12N\n\tListNodes\x12\x1f.bluemarble.v1.ListNodesRequest\x1a .bluemarble.v1.ListNodesResponse\x12`\n\x0fListAssignments\x12%.bluemarble.v1.ListAssignmentsRequest\x1a&.bluemarble.v1.ListAssignmentsResponse\x12\x63\n\x10GetClusterStatus\x12&.bluemarble.v1.GetClusterStatusRequest\x1a\'.bluemarble.v1.GetClusterStatusResponse\x12N\n\tDrainNode\x12\x1f.bluemarble.v1.DrainNodeRequest\x1a .bluemarble.v1.DrainNodeResponse\x12N\n\tGetConfig\x12\x1f.bluemarble.v1.GetConfigRequest\x1a .bluemarble.v1.GetConfigResponse\x12N\n\tSetConfig\x12\x1f.bluemarble.v1.SetConfigRequest\x1a .bluemarble.v1.SetConfigResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n bluemarble/v1/controlplane.proto\x12\rbluemarble.v1\x1a\x1a\x62luemarble/v1/common.proto\"g\n\x13RegisterNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x05\"W\n\x14RegisterNodeResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\"a\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\x12*\n\x06shards\x18\x03 \x03(\x0b\x32\x1a.bluemarble.v1.ShardStatus\"P\n\x11HeartbeatResponse\x12\x19\n\x11lease_deadline_ms\x18\x01 \x01(\x03\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\r\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\":\n\x15\x44\x65registerNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\"\x18\n\x16\x44\x65registerNodeResponse\"`\n\x17WatchAssignmentsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0estart_revision\x18\x02 \x01(\x03\x12\x1c\n\x14progress_interval_ms\x18\x03 \x01(\r\"\x89\x01\n\x18WatchAssignmentsResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12.\n\x0b\x61ssignments\x18\x03 \x03(\x0b\x32\x19.bluemarble.v1.Assignment\x12\x19\n\x11removed_shard_ids\x18\x04 \x03(\t\"\x10\n\x0eGetRingRequest\"0\n\x10WatchRingRequest\x12\x1c\n\x14progress_interval_ms\x18\x01 \x01(\r\")\n\x14ResolvePlayerRequest\x12\x11\n\tplayer_id\x18\x01 \x01(\t\"\xa1\x01\n\x15ResolvePlayerResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\'\n\x07primary\x18\x03 \x01(\x0b\x32\x16.bluemarble.v1.NodeRef\x12(\n\x08replicas\x18\x04 \x03(\x0b\x32\x16.bluemarble.v1.NodeRef\x12\x14\n\x0cring_version\x18\x05 \x01(\x04\"\x12\n\x10ListNodesRequest\"I\n\x11ListNodesResponse\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.bluemarble.v1.Node\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\x18\n\x16ListAssignmentsRequest\"\x80\x01\n\x17ListAssignmentsResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12.\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x19.bluemarble.v1.Assignment\x12\r\n\x05stale\x18\x03 \x01(\x08\x12\x14\n\x0cstale_reason\x18\x04 \x01(\t\"\x19\n\x17GetClusterStatusRequest\"\xfe\x02\n\x18GetClusterStatusResponse\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x11\n\tserved_by\x18\x02 \x01(\t\x12\x0e\n\x06leader\x18\x03 \x01(\t\x12\x12\n\nnode_count\x18\x04 \x01(\r\x12\x13\n\x0bshard_count\x18\x05 \x01(\r\x12\x15\n\retcd_revision\x18\x06 \x01(\x03\x12\x14\n\x0c\x65tcd_healthy\x18\x07 \x01(\x08\x12\x14\n\x0cring_version\x18\x08 \x01(\x04\x12,\n\x06\x63onfig\x18\t \x01(\x0b\x32\x1c.bluemarble.v1.ClusterConfig\x12\x1e\n\x16shards_without_primary\x18\n \x01(\r\x12\x1b\n\x13live_nodes_eligible\x18\x0b \x01(\r\x12$\n\x1c\x65\x66\x66\x65\x63tive_replication_factor\x18\x0c \x01(\r\x12\x1f\n\x17shards_under_replicated\x18\r \x01(\r\x12\x10\n\x08warnings\x18\x0e \x03(\t\"#\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"6\n\x11\x44rainNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.bluemarble.v1.Node\"\x12\n\x10GetConfigRequest\"S\n\x11GetConfigResponse\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.bluemarble.v1.ClusterConfig\x12\x10\n\x08revision\x18\x02 \x01(\x03\"[\n\x10SetConfigRequest\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.bluemarble.v1.ClusterConfig\x12\x19\n\x11\x65xpected_revision\x18\x02 \x01(\x03\"e\n\x11SetConfigResponse\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.bluemarble.v1.ClusterConfig\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x10\n\x08warnings\x18\x03 \x03(\t2\xbe\t\n\x0c\x43ontrolPlane\x12W\n\x0cRegisterNode\x12\".bluemarble.v1.RegisterNodeRequest\x1a#.bluemarble.v1.RegisterNodeResponse\x12N\n\tHeartbeat\x12\x1f.bluemarble.v1.HeartbeatRequest\x1a .bluemarble.v1.HeartbeatResponse\x12X\n\x0fHeartbeatStream\x12\x1f.bluemarble.v1.HeartbeatRequest\x1a .bluemarble.v1.HeartbeatResponse(\x01\x30\x01\x12]\n\x0e\x44\x65registerNode\x12$.bluemarble.v1.DeregisterNodeRequest\x1a%.bluemarble.v1.DeregisterNodeResponse\x12\x65\n\x10WatchAssignments\x12&.bluemarble.v1.WatchAssignmentsRequest\x1a\'.bluemarble.v1.WatchAssignmentsResponse0\x01\x12=\n\x07GetRing\x12\x1d.bluemarble.v1.GetRingRequest\x1a\x13.bluemarble.v1.Ring\x12\x43\n\tWatchRing\x12\x1f.bluemarble.v1.WatchRingRequest\x1a\x13.bluemarble.v1.Ring0\x01\x12Z\n\rResolvePlayer\x12#.bluemarble.v1.ResolvePlayerRequest\x1a$.bluemarble.v1.ResolvePlayerResponse\x12N\n\tListNodes\x12\x1f.bluemarble.v1.ListNodesRequest\x1a .bluemarble.v1.ListNodesResponse\x12`\n\x0fListAssignments\x12%.bluemarble.v1.ListAssignmentsRequest\x1a&.bluemarble.v1.ListAssignmentsResponse\x12\x63\n\x10GetClusterStatus\x12&.bluemarble.v1.GetClusterStatusRequest\x1a\'.bluemarble.v1.GetClusterStatusResponse\x12N\n\tDrainNode\x12\x1f.bluemarble.v1.DrainNodeRequest\x1a .bluemarble.v1.DrainNodeResponse\x12N\n\tGetConfig\x12\x1f.bluemarble.v1.GetConfigRequest\x1a .bluemarble.v1.GetConfigResponse\x12N\n\tSetConfig\x12\x1f.bluemarble.v1.SetConfigRequest\x1a .bluemarble.v1.SetConfigResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,41 +45,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEREGISTERNODERESPONSE']._serialized_start=514
   _globals['_DEREGISTERNODERESPONSE']._serialized_end=538
   _globals['_WATCHASSIGNMENTSREQUEST']._serialized_start=540
-  _globals['_WATCHASSIGNMENTSREQUEST']._serialized_end=606
-  _globals['_WATCHASSIGNMENTSRESPONSE']._serialized_start=609
-  _globals['_WATCHASSIGNMENTSRESPONSE']._serialized_end=746
-  _globals['_GETRINGREQUEST']._serialized_start=748
-  _globals['_GETRINGREQUEST']._serialized_end=764
-  _globals['_WATCHRINGREQUEST']._serialized_start=766
-  _globals['_WATCHRINGREQUEST']._serialized_end=784
-  _globals['_RESOLVEPLAYERREQUEST']._serialized_start=786
-  _globals['_RESOLVEPLAYERREQUEST']._serialized_end=827
-  _globals['_RESOLVEPLAYERRESPONSE']._serialized_start=830
-  _globals['_RESOLVEPLAYERRESPONSE']._serialized_end=991
-  _globals['_LISTNODESREQUEST']._serialized_start=993
-  _globals['_LISTNODESREQUEST']._serialized_end=1011
-  _globals['_LISTNODESRESPONSE']._serialized_start=1013
-  _globals['_LISTNODESRESPONSE']._serialized_end=1086
-  _globals['_LISTASSIGNMENTSREQUEST']._serialized_start=1088
-  _globals['_LISTASSIGNMENTSREQUEST']._serialized_end=1112
-  _globals['_LISTASSIGNMENTSRESPONSE']._serialized_start=1114
-  _globals['_LISTASSIGNMENTSRESPONSE']._serialized_end=1205
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1207
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1232
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=1235
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=1499
-  _globals['_DRAINNODEREQUEST']._serialized_start=1501
-  _globals['_DRAINNODEREQUEST']._serialized_end=1536
-  _globals['_DRAINNODERESPONSE']._serialized_start=1538
-  _globals['_DRAINNODERESPONSE']._serialized_end=1592
-  _globals['_GETCONFIGREQUEST']._serialized_start=1594
-  _globals['_GETCONFIGREQUEST']._serialized_end=1612
-  _globals['_GETCONFIGRESPONSE']._serialized_start=1614
-  _globals['_GETCONFIGRESPONSE']._serialized_end=1697
-  _globals['_SETCONFIGREQUEST']._serialized_start=1699
-  _globals['_SETCONFIGREQUEST']._serialized_end=1790
-  _globals['_SETCONFIGRESPONSE']._serialized_start=1792
-  _globals['_SETCONFIGRESPONSE']._serialized_end=1875
-  _globals['_CONTROLPLANE']._serialized_start=1878
-  _globals['_CONTROLPLANE']._serialized_end=3092
+  _globals['_WATCHASSIGNMENTSREQUEST']._serialized_end=636
+  _globals['_WATCHASSIGNMENTSRESPONSE']._serialized_start=639
+  _globals['_WATCHASSIGNMENTSRESPONSE']._serialized_end=776
+  _globals['_GETRINGREQUEST']._serialized_start=778
+  _globals['_GETRINGREQUEST']._serialized_end=794
+  _globals['_WATCHRINGREQUEST']._serialized_start=796
+  _globals['_WATCHRINGREQUEST']._serialized_end=844
+  _globals['_RESOLVEPLAYERREQUEST']._serialized_start=846
+  _globals['_RESOLVEPLAYERREQUEST']._serialized_end=887
+  _globals['_RESOLVEPLAYERRESPONSE']._serialized_start=890
+  _globals['_RESOLVEPLAYERRESPONSE']._serialized_end=1051
+  _globals['_LISTNODESREQUEST']._serialized_start=1053
+  _globals['_LISTNODESREQUEST']._serialized_end=1071
+  _globals['_LISTNODESRESPONSE']._serialized_start=1073
+  _globals['_LISTNODESRESPONSE']._serialized_end=1146
+  _globals['_LISTASSIGNMENTSREQUEST']._serialized_start=1148
+  _globals['_LISTASSIGNMENTSREQUEST']._serialized_end=1172
+  _globals['_LISTASSIGNMENTSRESPONSE']._serialized_start=1175
+  _globals['_LISTASSIGNMENTSRESPONSE']._serialized_end=1303
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1305
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1330
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=1333
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=1715
+  _globals['_DRAINNODEREQUEST']._serialized_start=1717
+  _globals['_DRAINNODEREQUEST']._serialized_end=1752
+  _globals['_DRAINNODERESPONSE']._serialized_start=1754
+  _globals['_DRAINNODERESPONSE']._serialized_end=1808
+  _globals['_GETCONFIGREQUEST']._serialized_start=1810
+  _globals['_GETCONFIGREQUEST']._serialized_end=1828
+  _globals['_GETCONFIGRESPONSE']._serialized_start=1830
+  _globals['_GETCONFIGRESPONSE']._serialized_end=1913
+  _globals['_SETCONFIGREQUEST']._serialized_start=1915
+  _globals['_SETCONFIGREQUEST']._serialized_end=2006
+  _globals['_SETCONFIGRESPONSE']._serialized_start=2008
+  _globals['_SETCONFIGRESPONSE']._serialized_end=2109
+  _globals['_CONTROLPLANE']._serialized_start=2112
+  _globals['_CONTROLPLANE']._serialized_end=3326
 # @@protoc_insertion_point(module_scope)

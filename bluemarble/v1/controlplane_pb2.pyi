@@ -64,12 +64,14 @@ class DeregisterNodeResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class WatchAssignmentsRequest(_message.Message):
-    __slots__ = ("node_id", "start_revision")
+    __slots__ = ("node_id", "start_revision", "progress_interval_ms")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     START_REVISION_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     start_revision: int
-    def __init__(self, node_id: _Optional[str] = ..., start_revision: _Optional[int] = ...) -> None: ...
+    progress_interval_ms: int
+    def __init__(self, node_id: _Optional[str] = ..., start_revision: _Optional[int] = ..., progress_interval_ms: _Optional[int] = ...) -> None: ...
 
 class WatchAssignmentsResponse(_message.Message):
     __slots__ = ("revision", "snapshot", "assignments", "removed_shard_ids")
@@ -88,8 +90,10 @@ class GetRingRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WatchRingRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("progress_interval_ms",)
+    PROGRESS_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    progress_interval_ms: int
+    def __init__(self, progress_interval_ms: _Optional[int] = ...) -> None: ...
 
 class ResolvePlayerRequest(_message.Message):
     __slots__ = ("player_id",)
@@ -128,19 +132,23 @@ class ListAssignmentsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListAssignmentsResponse(_message.Message):
-    __slots__ = ("revision", "assignments")
+    __slots__ = ("revision", "assignments", "stale", "stale_reason")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    STALE_REASON_FIELD_NUMBER: _ClassVar[int]
     revision: int
     assignments: _containers.RepeatedCompositeFieldContainer[_common_pb2.Assignment]
-    def __init__(self, revision: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[_common_pb2.Assignment, _Mapping]]] = ...) -> None: ...
+    stale: bool
+    stale_reason: str
+    def __init__(self, revision: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[_common_pb2.Assignment, _Mapping]]] = ..., stale: _Optional[bool] = ..., stale_reason: _Optional[str] = ...) -> None: ...
 
 class GetClusterStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetClusterStatusResponse(_message.Message):
-    __slots__ = ("cluster", "served_by", "leader", "node_count", "shard_count", "etcd_revision", "etcd_healthy", "ring_version", "config", "shards_without_primary")
+    __slots__ = ("cluster", "served_by", "leader", "node_count", "shard_count", "etcd_revision", "etcd_healthy", "ring_version", "config", "shards_without_primary", "live_nodes_eligible", "effective_replication_factor", "shards_under_replicated", "warnings")
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     SERVED_BY_FIELD_NUMBER: _ClassVar[int]
     LEADER_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +159,10 @@ class GetClusterStatusResponse(_message.Message):
     RING_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     SHARDS_WITHOUT_PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    LIVE_NODES_ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_REPLICATION_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_UNDER_REPLICATED_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     cluster: str
     served_by: str
     leader: str
@@ -161,7 +173,11 @@ class GetClusterStatusResponse(_message.Message):
     ring_version: int
     config: _common_pb2.ClusterConfig
     shards_without_primary: int
-    def __init__(self, cluster: _Optional[str] = ..., served_by: _Optional[str] = ..., leader: _Optional[str] = ..., node_count: _Optional[int] = ..., shard_count: _Optional[int] = ..., etcd_revision: _Optional[int] = ..., etcd_healthy: _Optional[bool] = ..., ring_version: _Optional[int] = ..., config: _Optional[_Union[_common_pb2.ClusterConfig, _Mapping]] = ..., shards_without_primary: _Optional[int] = ...) -> None: ...
+    live_nodes_eligible: int
+    effective_replication_factor: int
+    shards_under_replicated: int
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, cluster: _Optional[str] = ..., served_by: _Optional[str] = ..., leader: _Optional[str] = ..., node_count: _Optional[int] = ..., shard_count: _Optional[int] = ..., etcd_revision: _Optional[int] = ..., etcd_healthy: _Optional[bool] = ..., ring_version: _Optional[int] = ..., config: _Optional[_Union[_common_pb2.ClusterConfig, _Mapping]] = ..., shards_without_primary: _Optional[int] = ..., live_nodes_eligible: _Optional[int] = ..., effective_replication_factor: _Optional[int] = ..., shards_under_replicated: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DrainNodeRequest(_message.Message):
     __slots__ = ("node_id",)
@@ -196,9 +212,11 @@ class SetConfigRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[_common_pb2.ClusterConfig, _Mapping]] = ..., expected_revision: _Optional[int] = ...) -> None: ...
 
 class SetConfigResponse(_message.Message):
-    __slots__ = ("config", "revision")
+    __slots__ = ("config", "revision", "warnings")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     config: _common_pb2.ClusterConfig
     revision: int
-    def __init__(self, config: _Optional[_Union[_common_pb2.ClusterConfig, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, config: _Optional[_Union[_common_pb2.ClusterConfig, _Mapping]] = ..., revision: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...

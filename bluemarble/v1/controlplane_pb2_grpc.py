@@ -144,6 +144,7 @@ class ControlPlaneServicer:
 
     def WatchAssignments(self, request, context):
         """A full snapshot of the assignments, then every change, each with the etcd revision.
+        OUT_OF_RANGE when start_revision is ahead of what etcd has reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -174,13 +175,17 @@ class ControlPlaneServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAssignments(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The assignments from this replica's mirror. While the mirror has lost its etcd
+        watch it still answers, with its last known state and `stale` set.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetClusterStatus(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A summary that answers within about half a second even while etcd is unreachable
+        (then from this replica's mirrors, with etcd_healthy false).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from bluemarble.api import cluster_config
+from bluemarble.core import limits
 from bluemarble.core.ring import Ring
 from bluemarble.runtime.clock import Clock, SystemClock
 from bluemarble.runtime.grpc_server import Server, ServiceBinding, build_server
@@ -56,7 +57,7 @@ class ControlPlaneApp:
         self.settings = settings
         self.keys = KeySchema(settings.cluster)
         self.clock = clock or SystemClock()
-        self.store = EtcdStore(settings.etcd_endpoints, rpc_timeout_s=settings.etcd_rpc_timeout_s)
+        self.store = EtcdStore(settings.etcd_endpoints, rpc_timeout_s=settings.etcd_rpc_timeout_s, clock=self.clock)
         self.server: Server | None = None
         self.nodes: PrefixCache[common_pb2.Node] | None = None
         self.assignments: PrefixCache[common_pb2.Assignment] | None = None
@@ -90,15 +91,15 @@ class ControlPlaneApp:
         stored, _ = await configs.ensure(defaults)
         self._warn_on_drift(stored)
         await ensure_ring(self.store, self.keys, stored)
-        self.nodes = PrefixCache(self.store, self.keys.nodes_prefix(), decode_node, name="nodes")
+        self.nodes = PrefixCache(self.store, self.keys.nodes_prefix(), decode_node, name="nodes", clock=self.clock)
         self.assignments = PrefixCache(
-            self.store, self.keys.assignments_prefix(), decode_assignment, name="assignments"
+            self.store, self.keys.assignments_prefix(), decode_assignment, name="assignments", clock=self.clock
         )
-        self.ring = PrefixCache(self.store, self.keys.ring(), decode_ring, name="ring")
+        self.ring = PrefixCache(self.store, self.keys.ring(), decode_ring, name="ring", clock=self.clock)
         for cache in (self.nodes, self.assignments, self.ring):
             await cache.start()
         self.election = Election(
-            self.store, self.keys, self.replica_id, s.listen, ttl_s=stored.lease_ttl_s
+            self.store, self.keys, self.replica_id, s.listen, ttl_s=stored.lease_ttl_s, clock=self.clock
         )
         self.probe = NodeProbe()
         self.reconciler = Reconciler(
@@ -110,12 +111,13 @@ class ControlPlaneApp:
             ring=self.ring,
             configs=configs,
             probe=self.probe,
+            clock=self.clock,
         )
         deps = ControlPlaneDeps(
             replica_id=self.replica_id,
             keys=self.keys,
             store=self.store,
-            registry=NodeRegistry(self.store, self.keys, self.clock),
+            registry=NodeRegistry(self.store, self.keys, self.clock, self.nodes),
             config=configs,
             clock=self.clock,
             nodes=self.nodes,
@@ -137,6 +139,7 @@ class ControlPlaneApp:
                     trade_pb2_grpc.add_TradeCoordinatorServicer_to_server,
                 ),
             ],
+            max_request_bytes=limits.CONTROL_PLANE_MAX_REQUEST_BYTES,
         )
         await self.election.start()
         await self.reconciler.start()

@@ -45,8 +45,9 @@ died in the same window is failed over up to ``hold_s`` later.
 **Unreadable assignment records** (a value that does not decode) are replaced, not
 skipped: the shard is treated as having lost its primary, and its new record gets an
 epoch above the key's etcd ``version``. Every write of an assignment raises its epoch by
-at most one, so ``version`` bounds every epoch the key ever held and the new epoch still
-fences every earlier primary. Logged once per record version.
+at most one, and assignment records are never deleted (etcd restarts ``version`` at 1 for
+a re-created key), so ``version`` bounds every epoch the key ever held and the new epoch
+still fences every earlier primary. Logged once per record version.
 """
 
 from __future__ import annotations
@@ -313,7 +314,7 @@ class Reconciler:
         }
         ring = self._ring.entries.get(self._keys.ring())
         shards = list(ring.shard_ids) if ring is not None else []
-        for key, record in getattr(self._assignments, "unreadable", {}).items():
+        for key, record in self._assignments.unreadable.items():
             shard = self._keys.parse_assignment(key)
             # Epoch floor: every write raised the epoch by at most one (module docstring).
             current[shard] = ShardAssignment(shard, record.version, None, ())
@@ -385,7 +386,7 @@ class Reconciler:
     def _expected_revision(self, key: str) -> int | None:
         mod = self._assignments.mod_revisions.get(key)
         if mod is None:
-            unreadable = getattr(self._assignments, "unreadable", {}).get(key)
+            unreadable = self._assignments.unreadable.get(key)
             mod = None if unreadable is None else unreadable.mod_revision
         return mod
 

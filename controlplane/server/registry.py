@@ -5,32 +5,54 @@ expires (no heartbeats for the TTL) or is revoked (graceful leave). Any control-
 replica can serve any call; the only per-replica state is a cache of node id -> lease
 id that spares an etcd read on each heartbeat, and it is safe to be stale because a
 refresh of a dead lease answers TTL 0.
+
+Two live nodes never share an address: a registration from an address another live
+node holds is refused (ALREADY_EXISTS) until that node leaves or its lease expires. The
+check reads this replica's node mirror and confirms a hit in etcd, so it costs no etcd
+read in the common case. It is not atomic with the write: two registrations from the
+same address on two replicas within the mirror's propagation delay can both succeed.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
 
 import structlog
 
 from bluemarble.core import validation
 from bluemarble.core.errors import Aborted, AlreadyExists, InvalidArgument, NotFound
 from bluemarble.core.ids import NodeId
+from bluemarble.runtime import retry
 from bluemarble.runtime.clock import Clock
 from bluemarble.v1 import common_pb2
 from controlplane.store import codec
 from controlplane.store.etcd import Compare, EtcdStore, KeyValue, Put
 from controlplane.store.keys import KeySchema
+from controlplane.store.watchcache import PrefixCache
 
 log = structlog.get_logger(__name__)
 
-_REGISTER_ATTEMPTS = 3
+_CAS_POLICY = retry.RetryPolicy(initial_s=0.01, max_backoff_s=0.1, deadline_s=2.0, max_attempts=3)
+"""Compare-and-swap races on one node record (a concurrent registration or drain):
+a few quick attempts, then Aborted to the caller, who may retry."""
 _LEASE_CACHE_MAX = 200_000
 
 
 class NodeRegistry:
-    def __init__(self, store: EtcdStore, keys: KeySchema, clock: Clock):
+    def __init__(
+        self,
+        store: EtcdStore,
+        keys: KeySchema,
+        clock: Clock,
+        nodes: PrefixCache[common_pb2.Node] | None = None,
+    ):
+        """``nodes``: this replica's node mirror, for the address check; without it (or
+        while it is unhealthy) the check reads the node records from etcd."""
         self._store = store
         self._keys = keys
         self._clock = clock
+        self._nodes = nodes
         self._lease_by_node: dict[NodeId, int] = {}
 
     async def register(
@@ -46,53 +68,87 @@ class NodeRegistry:
 
         The same node id from the same address replaces its previous registration (a
         restart before the old lease expired); from another address while the old
-        record lives, AlreadyExists.
+        record lives, AlreadyExists. AlreadyExists too when another live node holds
+        the address. InvalidArgument for bad fields, including an address no other
+        process can reach (0.0.0.0, broadcast, multicast).
         """
         node = common_pb2.Node(
             node_id=validation.node_id(node_id),
-            address=validation.address(address),
+            address=validation.reachable_address(address),
             region=validation.label(region, "region"),
             zone=validation.label(zone, "zone"),
             capacity=validation.capacity(capacity),
             state=common_pb2.NODE_STATE_ACTIVE,
         )
         key = self._keys.node(NodeId(node.node_id))
-        for _ in range(_REGISTER_ATTEMPTS):
-            existing = await self._store.get(key)
-            if existing is not None:
-                old = codec.decode(existing.value, common_pb2.Node, key)
-                if old.address != node.address:
-                    remaining_s = await self._store.lease_ttl(existing.lease)
-                    raise AlreadyExists(
-                        f"node {node.node_id} is already registered from {old.address} "
-                        f"(lease {existing.lease:#x}, expires in <= {max(remaining_s, 0)} s); "
-                        "stop that process or give this one another node id"
-                    )
-            lease_id, granted_s = await self._store.grant_lease(ttl_s)
-            node.lease_id = lease_id
-            node.registered_at_ms = self._clock.wall_ms()
-            guard = (
-                Compare.absent(key)
-                if existing is None
-                else Compare.mod_revision(key, existing.mod_revision)
-            )
-            result = await self._store.txn([guard], [Put(key, codec.encode(node), lease=lease_id)])
-            if result.succeeded:
-                if existing is not None and existing.lease != lease_id:
-                    # The record now hangs on the new lease; the old one holds nothing.
-                    await self._store.revoke_lease(existing.lease)
-                self._remember(NodeId(node.node_id), lease_id)
-                log.info(
-                    "node registered",
-                    node_id=node.node_id,
-                    address=node.address,
-                    zone=node.zone,
-                    lease=f"{lease_id:#x}",
-                    replaced=existing is not None,
+        await self._refuse_held_address(node)
+        return await retry.call(
+            lambda: self._register_once(key, node, ttl_s),
+            what=f"registration of {node.node_id}",
+            policy=_CAS_POLICY,
+            clock=self._clock,
+            retry_if=lambda e: isinstance(e, Aborted),
+        )
+
+    async def _register_once(self, key: str, node: common_pb2.Node, ttl_s: int) -> tuple[int, int]:
+        """One compare-and-swap attempt; Aborted when another write to the key won."""
+        existing = await self._store.get(key)
+        if existing is not None:
+            old = codec.decode(existing.value, common_pb2.Node, key)
+            if old.address != node.address:
+                remaining_s = await self._store.lease_ttl(existing.lease)
+                raise AlreadyExists(
+                    f"node {node.node_id} is already registered from {old.address} "
+                    f"(lease {existing.lease:#x}, expires in <= {max(remaining_s, 0)} s); "
+                    "stop that process or give this one another node id"
                 )
-                return lease_id, granted_s
+        lease_id, granted_s = await self._store.grant_lease(ttl_s)
+        node.lease_id = lease_id
+        node.registered_at_ms = self._clock.wall_ms()
+        guard = Compare.absent(key) if existing is None else Compare.mod_revision(key, existing.mod_revision)
+        result = await self._store.txn([guard], [Put(key, codec.encode(node), lease=lease_id)])
+        if not result.succeeded:
             await self._store.revoke_lease(lease_id)
-        raise Aborted(f"node {node.node_id} registration raced with another; retry")
+            raise Aborted(f"node {node.node_id} registration raced with another; retry")
+        if existing is not None and existing.lease != lease_id:
+            # The record now hangs on the new lease; the old one holds nothing.
+            await self._store.revoke_lease(existing.lease)
+        self._remember(NodeId(node.node_id), lease_id)
+        log.info(
+            "node registered",
+            node_id=node.node_id,
+            address=node.address,
+            zone=node.zone,
+            lease=f"{lease_id:#x}",
+            replaced=existing is not None,
+        )
+        return lease_id, granted_s
+
+    async def _refuse_held_address(self, node: common_pb2.Node) -> None:
+        """AlreadyExists when a live node other than ``node`` is registered at its address
+        (compared canonically: host names ignore case, IPv6 hosts are compressed)."""
+        wanted = _canonical_address(node.address)
+        others: Iterable[common_pb2.Node]
+        if self._nodes is not None and self._nodes.healthy:
+            others = self._nodes.entries.values()
+        else:
+            others = (await self.list_nodes())[0]
+        suspects = [
+            n.node_id for n in others if n.node_id != node.node_id and _canonical_address(n.address) == wanted
+        ]
+        for other in suspects:  # the mirror may lag: confirm with etcd
+            record = await self._record(NodeId(other))
+            if record is None:
+                continue
+            holder = codec.decode(record.value, common_pb2.Node, record.key)
+            if _canonical_address(holder.address) != wanted:
+                continue
+            remaining_s = await self._store.lease_ttl(record.lease)
+            raise AlreadyExists(
+                f"address {node.address} is held by live node {holder.node_id} "
+                f"(lease {record.lease:#x}, expires in <= {max(remaining_s, 0)} s); "
+                "give this node its own address, or stop that node first"
+            )
 
     async def heartbeat(self, node_id: str, lease_id: int) -> int:
         """Refreshes the node's lease; returns the TTL in seconds.
@@ -134,22 +190,30 @@ class NodeRegistry:
         itself once it holds nothing (it learns it is draining from heartbeats).
         """
         node = validation.node_id(node_id)
-        for _ in range(_REGISTER_ATTEMPTS):
-            record = await self._record(node)
-            if record is None:
-                raise NotFound(f"node {node} is not registered; there is nothing to drain")
-            message = codec.decode(record.value, common_pb2.Node, record.key)
-            if message.state == common_pb2.NODE_STATE_DRAINING:
-                return message
-            message.state = common_pb2.NODE_STATE_DRAINING
-            result = await self._store.txn(
-                [Compare.mod_revision(record.key, record.mod_revision)],
-                [Put(record.key, codec.encode(message), lease=record.lease)],
-            )
-            if result.succeeded:
-                log.info("node draining", node_id=node)
-                return message
-        raise Aborted(f"node {node} changed while marking it draining; retry")
+        return await retry.call(
+            lambda: self._drain_once(node),
+            what=f"drain of {node}",
+            policy=_CAS_POLICY,
+            clock=self._clock,
+            retry_if=lambda e: isinstance(e, Aborted),
+        )
+
+    async def _drain_once(self, node: NodeId) -> common_pb2.Node:
+        record = await self._record(node)
+        if record is None:
+            raise NotFound(f"node {node} is not registered; there is nothing to drain")
+        message = codec.decode(record.value, common_pb2.Node, record.key)
+        if message.state == common_pb2.NODE_STATE_DRAINING:
+            return message
+        message.state = common_pb2.NODE_STATE_DRAINING
+        result = await self._store.txn(
+            [Compare.mod_revision(record.key, record.mod_revision)],
+            [Put(record.key, codec.encode(message), lease=record.lease)],
+        )
+        if not result.succeeded:
+            raise Aborted(f"node {node} changed while marking it draining; retry")
+        log.info("node draining", node_id=node)
+        return message
 
     async def list_nodes(self) -> tuple[list[common_pb2.Node], int]:
         """Every registered node, sorted by id, and the etcd revision of the read."""
@@ -169,6 +233,15 @@ class NodeRegistry:
         if len(self._lease_by_node) >= _LEASE_CACHE_MAX:
             self._lease_by_node.clear()
         self._lease_by_node[node] = lease_id
+
+
+@functools.lru_cache(maxsize=65_536)
+def _canonical_address(address: str) -> str:
+    """Cached: the address check compares against every registered node."""
+    try:
+        return validation.canonical_address(address)
+    except ValueError:  # a record written before addresses were validated as they are now
+        return address
 
 
 def _check_lease_id(lease_id: int) -> None:

@@ -7,15 +7,16 @@ server interceptor maps them to statuses.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc.aio
 
 from bluemarble.api.conversions import ring_to_proto
-from bluemarble.core import validation
-from bluemarble.core.errors import InvalidArgument, Unavailable, Unimplemented
+from bluemarble.core import limits, validation
+from bluemarble.core.errors import InvalidArgument, OutOfRange, Unavailable, Unimplemented
 from bluemarble.core.ids import NodeId, ShardId, shard_index
 from bluemarble.core.ring import Ring
 from bluemarble.runtime.clock import Clock
@@ -46,7 +47,16 @@ class ControlPlaneDeps:
     election: Election
 
 
-MAX_SHARD_STATUSES = 4096
+MAX_SHARD_STATUSES = limits.MAX_SHARD_STATUSES
+STATUS_ETCD_TIMEOUT_S = 0.5
+"""Budget of GetClusterStatus's etcd reads; past it, the answer comes from the mirrors
+(an operator's status call must answer while etcd is down, within a short deadline)."""
+START_REVISION_CHECK_TIMEOUT_S = 0.5
+"""Budget of WatchAssignments' etcd read that checks a start_revision ahead of the mirror."""
+START_REVISION_CATCH_UP_S = 0.5
+"""How long WatchAssignments lets this replica's mirror catch up to start_revision before
+it starts the stream anyway (the snapshot says the revision it reflects)."""
+_KNOWN_ROLES = frozenset(common_pb2.ShardRole.values())
 
 
 def _later(rpc: str, step: str) -> Unimplemented:
@@ -56,6 +66,9 @@ def _later(rpc: str, step: str) -> Unimplemented:
 class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
     def __init__(self, deps: ControlPlaneDeps):
         self._d = deps
+        # The shard ids of the last ring a heartbeat was checked against, by identity:
+        # building the set on every heartbeat would cost more than the heartbeat.
+        self._ring_shards: tuple[Ring | None, frozenset[str]] = (None, frozenset())
 
     # ---- node lifecycle ----
 
@@ -89,15 +102,7 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             yield await self._heartbeat(request)
 
     async def _heartbeat(self, request: controlplane_pb2.HeartbeatRequest) -> controlplane_pb2.HeartbeatResponse:
-        if len(request.shards) > MAX_SHARD_STATUSES:
-            raise InvalidArgument(
-                f"heartbeat reports {len(request.shards)} shards; at most {MAX_SHARD_STATUSES}"
-            )
-        for status in request.shards:
-            try:
-                shard_index(ShardId(status.shard_id))
-            except ValueError as e:
-                raise InvalidArgument(f"heartbeat shard status: {e}") from e
+        self._check_shard_statuses(request.shards)
         ttl_s = await self._d.registry.heartbeat(request.node_id, request.lease_id)
         record = self._d.nodes.entries.get(self._d.keys.node(NodeId(request.node_id)))
         return controlplane_pb2.HeartbeatResponse(
@@ -105,6 +110,38 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             ttl_ms=ttl_s * 1000,
             draining=record is not None and record.state == common_pb2.NODE_STATE_DRAINING,
         )
+
+    def _check_shard_statuses(self, statuses: Sequence[common_pb2.ShardStatus]) -> None:
+        """InvalidArgument unless every status names a shard of the current ring, once,
+        with a known role. (epoch and applied_lsn are uint64: never negative.)"""
+        if len(statuses) > MAX_SHARD_STATUSES:
+            raise InvalidArgument(f"heartbeat reports {len(statuses)} shards; at most {MAX_SHARD_STATUSES}")
+        if not statuses:
+            return
+        ring = self._d.ring.entries.get(self._d.keys.ring())
+        if self._ring_shards[0] is not ring:
+            self._ring_shards = (ring, frozenset(ring.shard_ids) if ring else frozenset())
+        known = self._ring_shards[1]
+        seen: set[str] = set()
+        for i, status in enumerate(statuses):
+            where = f"heartbeat shards[{i}]"
+            try:
+                shard_index(ShardId(status.shard_id))
+            except ValueError as e:
+                raise InvalidArgument(f"{where}: {e}") from e
+            if ring is not None and status.shard_id not in known:
+                raise InvalidArgument(
+                    f"{where}: {status.shard_id} is not a shard of the ring (version {ring.version} "
+                    f"has {len(known)} shards); report only shards assigned to this node"
+                )
+            if status.shard_id in seen:
+                raise InvalidArgument(f"{where}: {status.shard_id} is reported twice; report each shard once")
+            seen.add(status.shard_id)
+            if status.role not in _KNOWN_ROLES:
+                raise InvalidArgument(
+                    f"{where}: role {status.role} of {status.shard_id} is not a ShardRole; "
+                    "use SHARD_ROLE_PRIMARY (1) or SHARD_ROLE_REPLICA (2)"
+                )
 
     async def DeregisterNode(
         self, request: controlplane_pb2.DeregisterNodeRequest, context: Ctx
@@ -132,10 +169,21 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
     async def ListAssignments(
         self, request: controlplane_pb2.ListAssignmentsRequest, context: Ctx
     ) -> controlplane_pb2.ListAssignmentsResponse:
-        self._require_fresh(self._d.assignments)
-        return controlplane_pb2.ListAssignmentsResponse(
-            revision=self._d.assignments.revision, assignments=self._sorted_assignments()
+        """The mirror's assignments. While the mirror has lost its etcd watch they are its
+        last known state, answered with ``stale`` set rather than UNAVAILABLE: an operator
+        (or a node) learns more from the last known placement, marked as such, than from
+        an error, and a caller that needs current data can tell and go elsewhere."""
+        cache = self._d.assignments
+        response = controlplane_pb2.ListAssignmentsResponse(
+            revision=cache.revision, assignments=self._sorted_assignments()
         )
+        if not cache.healthy:
+            response.stale = True
+            response.stale_reason = (
+                f"replica {self._d.replica_id} has lost its watch on etcd; these are the "
+                f"assignments as of revision {cache.revision} and may be out of date"
+            )
+        return response
 
     def _ring_now(self) -> Ring:
         ring = self._d.ring.entries.get(self._d.keys.ring())
@@ -150,10 +198,20 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         self, request: controlplane_pb2.WatchRingRequest, context: Ctx
     ) -> AsyncIterator[common_pb2.Ring]:
         key = self._d.keys.ring()
-        async for update in self._d.ring.subscribe():
-            ring = update.changed.get(key)
+        progress = _Progress(self._d.clock, request.progress_interval_ms)
+        version = 0  # of the last ring sent on this stream
+        async for update in progress.interleave(self._d.ring.subscribe()):
+            ring = update.changed.get(key) if update is not None else None
             if ring is not None:
+                version = ring.version
                 yield ring_to_proto(ring)
+            elif progress.due_in_s() <= 0:
+                # Progress: a Ring with no shards (never a valid ring) and the version
+                # this stream last sent. The stream is alive; the ring has not changed.
+                yield common_pb2.Ring(version=version)
+            else:
+                continue
+            progress.sent()
 
     async def ResolvePlayer(
         self, request: controlplane_pb2.ResolvePlayerRequest, context: Ctx
@@ -181,9 +239,19 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
     ) -> AsyncIterator[controlplane_pb2.WatchAssignmentsResponse]:
         node = validation.node_id(request.node_id) if request.node_id else None
         if request.start_revision < 0:
-            raise InvalidArgument("start_revision must be >= 0")
+            raise InvalidArgument(f"start_revision is {request.start_revision}; it must be >= 0 (0: no requirement)")
+        await self._reach_start_revision(request.start_revision)
         sent: set[str] = set()  # shards this stream has told the watcher about
-        async for update in self._d.assignments.subscribe():
+        progress = _Progress(self._d.clock, request.progress_interval_ms)
+        revision = 0  # the last revision this stream has looked at
+        async for update in progress.interleave(self._d.assignments.subscribe()):
+            if update is None:
+                # Progress: no change for this watcher up to `revision`. An empty,
+                # non-snapshot message: every client applies it as a no-op.
+                yield controlplane_pb2.WatchAssignmentsResponse(revision=revision, snapshot=False)
+                progress.sent()
+                continue
+            revision = max(revision, update.revision)
             response = controlplane_pb2.WatchAssignmentsResponse(
                 revision=update.revision, snapshot=update.snapshot
             )
@@ -205,46 +273,101 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                 response.removed_shard_ids.extend(sorted(previous - sent))
             if update.snapshot or response.assignments or response.removed_shard_ids:
                 yield response
+                progress.sent()
+            elif progress.due_in_s() <= 0:  # only changes for other nodes, for a while
+                yield controlplane_pb2.WatchAssignmentsResponse(revision=revision, snapshot=False)
+                progress.sent()
+
+    async def _reach_start_revision(self, start_revision: int) -> None:
+        """Returns once this replica's assignment mirror reflects ``start_revision``, or
+        after :data:`START_REVISION_CATCH_UP_S` when it lags (the stream then catches
+        up). OutOfRange when etcd itself has not reached ``start_revision``; Unavailable
+        when that cannot be checked because etcd does not answer."""
+        cache = self._d.assignments
+        if start_revision <= cache.revision:
+            return
+        try:
+            async with asyncio.timeout(START_REVISION_CHECK_TIMEOUT_S):
+                current = await self._d.store.current_revision()
+        except (Unavailable, TimeoutError) as e:
+            raise Unavailable(
+                f"start_revision {start_revision} is ahead of this replica's assignments "
+                f"(revision {cache.revision}) and etcd cannot be reached to check it; "
+                "retry shortly, or pass start_revision 0 to accept older state"
+            ) from e
+        if start_revision > current:
+            raise OutOfRange(
+                f"start_revision {start_revision} is ahead of the cluster's revision {current}; "
+                "pass a revision this cluster gave you, or 0"
+            )
+        await cache.wait_for_revision(start_revision, START_REVISION_CATCH_UP_S)
 
     async def GetClusterStatus(
         self, request: controlplane_pb2.GetClusterStatusRequest, context: Ctx
     ) -> controlplane_pb2.GetClusterStatusResponse:
-        """A summary that still answers while etcd is unreachable: then it is built from
-        this replica's mirrors (possibly stale), with ``etcd_healthy`` false and no leader."""
+        """A summary that still answers, within about :data:`STATUS_ETCD_TIMEOUT_S`, while
+        etcd is unreachable: then it is built from this replica's mirrors (possibly stale),
+        with ``etcd_healthy`` false, no leader and no config. When a mirror has already lost
+        its watch, etcd is not even tried."""
         ring = self._d.ring.entries.get(self._d.keys.ring())
         response = controlplane_pb2.GetClusterStatusResponse(
             cluster=self._d.keys.cluster,
             served_by=self._d.replica_id,
             ring_version=ring.version if ring else 0,
         )
-        try:
-            config, _ = await self._d.config.get()
-            nodes, revision = await self._d.registry.list_nodes()
-            leader = await self._d.election.current_leader()
-        except Unavailable:
+        mirrors = (self._d.nodes, self._d.assignments, self._d.ring)
+        config: common_pb2.ClusterConfig | None = None
+        if all(c.healthy for c in mirrors):
+            try:
+                async with asyncio.timeout(STATUS_ETCD_TIMEOUT_S):
+                    config, _ = await self._d.config.get()
+                    nodes, revision = await self._d.registry.list_nodes()
+                    leader = await self._d.election.current_leader()
+            except (Unavailable, TimeoutError):
+                config = None
+        if config is None:
             nodes = list(self._d.nodes.entries.values())
             response.etcd_healthy = False
             response.etcd_revision = self._d.nodes.revision
+            response.warnings.append(
+                f"etcd is unreachable from replica {self._d.replica_id}: figures come from its "
+                f"mirrors (revision {self._d.nodes.revision}) and may be stale; leader and config unknown"
+            )
         else:
             response.config.CopyFrom(config)
             response.leader = leader.replica_id if leader else ""
             response.etcd_revision = revision
-            response.etcd_healthy = all(
-                c.healthy for c in (self._d.nodes, self._d.assignments, self._d.ring)
-            )
+            response.etcd_healthy = True
         live = {n.node_id for n in nodes}
         shard_count = len(ring.shard_ids) if ring else response.config.shard_count
         assignments = list(self._d.assignments.entries.values())
+        missing = max(0, shard_count - len(assignments))
         response.node_count = len(nodes)
         response.shard_count = shard_count
-        response.shards_without_primary = sum(1 for a in assignments if a.primary not in live) + max(
-            0, shard_count - len(assignments)
-        )
+        response.shards_without_primary = sum(1 for a in assignments if a.primary not in live) + missing
+        eligible = sum(1 for n in nodes if n.state != common_pb2.NODE_STATE_DRAINING)
+        response.live_nodes_eligible = eligible
+        if config is not None:
+            wanted = config.replication_factor
+            response.effective_replication_factor = min(wanted, eligible)
+            response.shards_under_replicated = missing + sum(
+                1 for a in assignments if (a.primary in live) + sum(r in live for r in a.replicas) < wanted
+            )
+            if wanted > eligible:
+                response.warnings.append(
+                    f"replication_factor is {wanted} but only {eligible} live nodes are eligible: "
+                    f"shards have at most {eligible} copies until more nodes join"
+                )
+            if response.shards_under_replicated:
+                response.warnings.append(
+                    f"{response.shards_under_replicated} of {shard_count} shards have fewer than "
+                    f"{wanted} live copies"
+                )
+        if response.shards_without_primary:
+            response.warnings.append(
+                f"{response.shards_without_primary} of {shard_count} shards have no live primary"
+            )
         return response
-
-    def _require_fresh(self, cache: PrefixCache[common_pb2.Assignment]) -> None:
-        if not cache.healthy:
-            raise Unavailable(f"this replica lost its watch on etcd ({cache.name}); retry another")
 
     # ---- config ----
 
@@ -258,7 +381,14 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         self, request: controlplane_pb2.SetConfigRequest, context: Ctx
     ) -> controlplane_pb2.SetConfigResponse:
         config, revision = await self._d.config.set(request.config, request.expected_revision)
-        return controlplane_pb2.SetConfigResponse(config=config, revision=revision)
+        response = controlplane_pb2.SetConfigResponse(config=config, revision=revision)
+        eligible = sum(1 for n in self._d.nodes.entries.values() if n.state != common_pb2.NODE_STATE_DRAINING)
+        if config.replication_factor > eligible:
+            response.warnings.append(
+                f"replication_factor is {config.replication_factor} but only {eligible} live nodes are "
+                f"eligible: shards have at most {eligible} copies until more nodes join"
+            )
+        return response
 
 
 class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
@@ -272,3 +402,92 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
 
 
 
+MIN_PROGRESS_INTERVAL_MS = 100
+MAX_PROGRESS_INTERVAL_MS = 60_000
+
+
+def _progress_interval_s(interval_ms: int) -> float | None:
+    """The progress interval a WatchAssignments / WatchRing caller asked for
+    (``progress_interval_ms``), in seconds clamped to 100 ms .. 60 s, or None for none.
+
+    A stream that has sent nothing for that long gets a progress message: an empty change
+    (for WatchRing, a Ring without shards). A replica stopped with SIGSTOP keeps its
+    sockets open, so its streams neither deliver nor fail; with progress messages, a
+    client that hears nothing for a few intervals knows the replica is gone (the node
+    agent and the ring router ask for 1 s and give up after 3 s). Opt-in, so that clients
+    that take every message for a change (grpcurl, older clients) see the stream they
+    always saw.
+    """
+    if interval_ms == 0:
+        return None
+    return min(max(interval_ms, MIN_PROGRESS_INTERVAL_MS), MAX_PROGRESS_INTERVAL_MS) / 1000
+
+
+_Item = TypeVar("_Item")
+
+
+class _Progress:
+    """When a watch stream owes its caller a progress message (see
+    :func:`_progress_interval_s`): ``interval_s`` after the last message it sent."""
+
+    def __init__(self, clock: Clock, interval_ms: int):
+        self._clock = clock
+        self.interval_s = _progress_interval_s(interval_ms)
+        self._last_sent_s = clock.monotonic_s()
+
+    def due_in_s(self) -> float:
+        if self.interval_s is None:  # the caller asked for no progress messages
+            return float("inf")
+        return self._last_sent_s + self.interval_s - self._clock.monotonic_s()
+
+    def sent(self) -> None:
+        self._last_sent_s = self._clock.monotonic_s()
+
+    def interleave(self, updates: AsyncIterator[_Item]) -> AsyncIterator[_Item | None]:
+        return _with_progress(updates, self._clock, self.due_in_s, self.interval_s)
+
+
+async def _with_progress(
+    updates: AsyncIterator[_Item],
+    clock: Clock,
+    progress_due_in_s: Callable[[], float],
+    interval_s: float | None,
+) -> AsyncIterator[_Item | None]:
+    """The items of ``updates`` as they come, and None whenever ``progress_due_in_s()``
+    (asked before each wait) elapses on ``clock`` without one: the caller's cue to send a
+    progress message. Only the items when ``interval_s`` is None. Closes ``updates`` when
+    the caller stops iterating."""
+    pending: asyncio.Future[_Item] | None = None
+    try:
+        if interval_s is None:
+            async for item in updates:
+                yield item
+            return
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(updates))
+            timer = asyncio.ensure_future(clock.sleep(progress_due_in_s()))
+            try:
+                await asyncio.wait((pending, timer), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                timer.cancel()
+            if not pending.done():
+                yield None
+                continue
+            done, pending = pending, None
+            try:
+                item = done.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if pending is not None:
+            # Cancelling the pending read ends the subscription (its own finally runs).
+            pending.cancel()
+            try:
+                await pending
+            except (asyncio.CancelledError, StopAsyncIteration):
+                pass
+        aclose = getattr(updates, "aclose", None)
+        if aclose is not None:
+            await aclose()

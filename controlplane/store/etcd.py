@@ -2,18 +2,32 @@
 
 Why an adapter: the client library is a replaceable part (DESIGN.md explains why
 etcd3aio), its errors must be wrapped once into BlueMarble's (:mod:`bluemarble.core.errors`),
-and two behaviours need fixing on top of it:
+and some of its behaviours need replacing:
 
 * **Lease keepalive** goes over one long-lived bidirectional ``LeaseKeepAlive`` stream
   shared by every lease this process refreshes (:class:`_KeepAliveStream`), instead of a
   new stream per refresh. At thousands of nodes this is the difference between one
   HTTP/2 stream and thousands of stream set-ups per second.
-* **Watch compaction**: etcd3aio resumes a compacted watch past the compaction silently.
-  :meth:`EtcdStore.watch_prefix` raises :class:`Compacted` instead, so the caller
-  re-lists and never skips an event.
+* **Watches** (:meth:`EtcdStore.watch_prefix`) speak etcd's Watch RPC directly, on the
+  client's channel, because etcd3aio 0.3.0's ``WatchService.watch`` cannot be trusted
+  across a reconnect: it sets its resume point from every response's *header* revision
+  (and from ``compact_revision + 1`` after a compaction, silently skipping the compacted
+  events). During a catch-up etcd (mvcc ``syncWatchers``) sends batches of up to 1,000
+  revisions whose header is the store's current revision, far ahead of their events, so a
+  stream cut after the first batch resumes past everything not yet delivered. Here the
+  adapter owns the resume point, like etcd's Go client (``clientv3/watch.go``): the last
+  delivered event's mod_revision + 1. See :class:`_WatchStream` and ``watch_prefix``.
+* **Streams are ours to end.** grpc.aio consumes a request *iterator* in a task of its
+  own and only cancels that task if the call is still running when it is cancelled; a call
+  that etcd ended (an outage) leaves the task waiting on the iterator forever, and it is
+  later reported as ``Task was destroyed but it is pending!`` with its generator failing
+  ``aclose(): asynchronous generator is already running`` (both etcd3aio's watch and the
+  former keepalive did this). Every stream here is written with ``call.write()`` from a
+  task this module starts, stops and awaits.
 
 Every call has a deadline (``rpc_timeout_s``); an etcd that cannot be reached surfaces
 as :class:`bluemarble.core.errors.Unavailable` with a message naming etcd and its endpoints.
+Retries and reconnects use the one policy (:mod:`bluemarble.runtime.retry`).
 """
 
 from __future__ import annotations
@@ -22,7 +36,7 @@ import asyncio
 import collections
 import contextlib
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +47,8 @@ import structlog
 from etcd3aio import _protobuf as etcdpb  # the request/stub types; no public alias exists
 
 from bluemarble.core.errors import BlueMarbleError, NotFound, Unavailable
-from bluemarble.runtime import background
+from bluemarble.runtime import background, retry
+from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 
 log = structlog.get_logger(__name__)
 
@@ -69,10 +84,36 @@ class WatchEvent:
 
 @dataclass(frozen=True)
 class WatchBatch:
-    """Events of one watch response; ``revision`` is the etcd revision they bring us to."""
+    """What one watch response brings its consumer.
+
+    ``revision`` is the revision the consumer is consistent at once it has applied
+    ``events`` (and every earlier batch): the last event's mod_revision, or, for a batch
+    without events (etcd's own progress notification), the revision etcd vouches the
+    watch has delivered everything up to. Events of one revision are never split across
+    batches; a batch may hold many revisions (a catch-up sends up to 1,000 at once).
+    """
 
     revision: int
     events: tuple[WatchEvent, ...]
+
+
+class WatchState(enum.Enum):
+    """A watch's connection state, reported through ``watch_prefix(on_state=...)``.
+
+    CONNECTED: a stream is open and etcd answered on it within the stall bound; events
+    arrive as etcd commits them. SUSPENDED: the stream broke, or etcd went silent for
+    longer than the stall bound (a stopped or overloaded member); the adapter is
+    reconnecting from its resume point. Nothing is lost while SUSPENDED, but events are
+    late, so whatever the consumer built from them may be stale. (The third state, "lost",
+    is not a state but an exception: :class:`Compacted`.)
+    """
+
+    CONNECTED = "connected"
+    SUSPENDED = "suspended"
+
+
+WatchStateCallback = Callable[[WatchState, str], None]
+"""``on_state(state, reason)``: called synchronously; must not block."""
 
 
 class Compacted(BlueMarbleError):
@@ -158,16 +199,36 @@ def _kv(raw: Any) -> KeyValue:
 
 
 class EtcdStore:
-    """Async access to etcd for one process. Create, :meth:`connect`, use, :meth:`close`."""
+    """Async access to etcd for one process. Create, :meth:`connect`, use, :meth:`close`.
 
-    def __init__(self, endpoints: Sequence[str], *, rpc_timeout_s: float = 3.0):
+    ``watch_progress_interval_s``: how often an idle watch asks etcd for a progress
+    answer; a watch that gets no answer at all for three intervals is declared stalled
+    and reconnected (see :meth:`watch_prefix`). ``clock`` times backoffs and watch bounds.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        rpc_timeout_s: float = 3.0,
+        clock: Clock | None = None,
+        watch_progress_interval_s: float = 2.0,
+    ):
         if not endpoints:
             raise ValueError("at least one etcd endpoint is required")
+        if watch_progress_interval_s <= 0:
+            raise ValueError(f"watch_progress_interval_s must be > 0, got {watch_progress_interval_s}")
         self.endpoints = tuple(endpoints)
         self.rpc_timeout_s = rpc_timeout_s
+        self.watch_progress_interval_s = watch_progress_interval_s
+        self.watch_stall_timeout_s = 3 * watch_progress_interval_s
+        self._clock: Clock = clock or SystemClock()
         self._client = etcd3aio.Etcd3Client(list(endpoints), rpc_max_attempts=2)
         self._client._manager.grpc_options.extend(_RECONNECT_OPTIONS)
         self._keepalive: _KeepAliveStream | None = None
+        self._watch_stub: etcdpb.WatchStub | None = None
+        self._watch_streams: set[_WatchStream] = set()
+        self._closed = False
 
     # ---- lifecycle ----
 
@@ -177,31 +238,31 @@ class EtcdStore:
         Raises Unavailable if etcd did not answer within ``startup_timeout_s``.
         """
         await self._client.connect()
-        channel = self._client._channel  # the keepalive stream shares the client's channel
+        channel = self._client._channel  # the keepalive and watch streams share the client's channel
         assert channel is not None
-        self._keepalive = _KeepAliveStream(channel, self.endpoints)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + startup_timeout_s
-        delay_s = 0.1
-        while True:
-            try:
-                await self.current_revision()
-                return
-            except Unavailable as e:
-                if loop.time() + delay_s >= deadline:
-                    await self.close()
-                    raise Unavailable(
-                        f"etcd at {','.join(self.endpoints)} did not answer within "
-                        f"{startup_timeout_s:g} s ({e}); is etcd running and reachable?"
-                    ) from e
-                log.warning("waiting for etcd", endpoints=self.endpoints, error=str(e))
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 2.0)
+        self._keepalive = _KeepAliveStream(channel, self.endpoints, self._clock)
+        self._watch_stub = etcdpb.WatchStub(channel)
+        policy = retry.RetryPolicy(deadline_s=startup_timeout_s)
+        try:
+            await retry.call(self.current_revision, what="waiting for etcd", policy=policy, clock=self._clock)
+        except Unavailable as e:
+            await self.close()
+            raise Unavailable(
+                f"etcd at {','.join(self.endpoints)} did not answer within "
+                f"{startup_timeout_s:g} s ({e}); is etcd running and reachable?"
+            ) from e
 
     async def close(self) -> None:
+        """Ends the keepalive stream and every watch stream, then closes the channel.
+
+        A watch still being iterated raises Unavailable (the client is closed).
+        """
+        self._closed = True
         if self._keepalive is not None:
             await self._keepalive.close()
             self._keepalive = None
+        for stream in list(self._watch_streams):
+            stream.cut("the etcd client is closing")
         await self._client.close()
 
     # ---- error wrapping ----
@@ -229,6 +290,8 @@ class EtcdStore:
 
     @property
     def _kvs(self) -> etcd3aio.kv.KVService:
+        if self._closed:
+            raise Unavailable(f"the etcd client ({','.join(self.endpoints)}) is closed")
         assert self._client.kv is not None, "EtcdStore.connect() was not called"
         return self._client.kv
 
@@ -347,34 +410,304 @@ class EtcdStore:
 
     # ---- watch ----
 
-    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[WatchBatch]:
-        """Events below ``prefix`` from ``start_revision`` on (inclusive), forever.
+    async def watch_prefix(
+        self,
+        prefix: str,
+        start_revision: int,
+        *,
+        on_state: WatchStateCallback | None = None,
+    ) -> AsyncIterator[WatchBatch]:
+        """Every change below ``prefix`` from ``start_revision`` on (inclusive), in
+        revision order, each exactly once, forever.
 
-        Transient disconnects resume from the last delivered revision. Raises
-        :class:`Compacted` when ``start_revision`` (or a resume point) was compacted.
+        The adapter owns the resume point: the last delivered event's mod_revision + 1,
+        or etcd's own progress notification's revision + 1 (see :class:`_WatchStream` for
+        why only those). A stream that breaks (etcd restarted, connection lost, a member
+        without a leader) or stalls (no answer, not even to a progress request, for
+        ``watch_stall_timeout_s``) is reopened from there after a jittered backoff
+        (:data:`bluemarble.runtime.retry.FOREVER`); ``on_state`` hears SUSPENDED (with the
+        reason) and CONNECTED again. Those are not errors for the caller: it gets every
+        event, late.
+
+        Raises :class:`Compacted` when the resume point was compacted away (re-list, then
+        watch again: nothing is ever skipped silently); Unavailable only once this store
+        is closed (a watch can never resume then); a fatal BlueMarbleError when etcd
+        refuses the watch itself (permissions, a bad range): retrying would not help.
         """
-        assert self._client.watch is not None
-        stream = self._client.watch.watch(
-            prefix, range_end=etcd3aio.prefix_range_end(prefix), start_revision=start_revision
+        if start_revision < 1:
+            raise ValueError(f"start_revision must be >= 1, got {start_revision}")
+        assert self._watch_stub is not None, "EtcdStore.connect() was not called"
+        create = etcdpb.WatchCreateRequest(
+            key=prefix.encode("utf-8"),
+            range_end=etcd3aio.prefix_range_end(prefix),
+            progress_notify=True,  # etcd's periodic notification advances an idle resume point
+            fragment=True,  # a catch-up larger than gRPC's 4 MiB message limit arrives in parts
         )
+        next_revision = start_revision
+        backoff = retry.Backoff(retry.FOREVER, self._clock)
+        suspended_at_s: float | None = None
+        while True:
+            if self._closed:
+                raise Unavailable(f"the etcd client is closed; the watch on {prefix} ended")
+            create.start_revision = next_revision
+            stream = _WatchStream(self, prefix)
+            opened_at_s: float | None = None
+            delivered = False
+            try:
+                try:
+                    await stream.open(create)
+                    opened_at_s = self._clock.monotonic_s()
+                    answered = False
+                    while True:
+                        batch = stream.to_batch(await stream.next_response(), next_revision)
+                        if not answered:
+                            # Connected: etcd answered past the creation (events, or the
+                            # progress request open() sent).
+                            answered = True
+                            if suspended_at_s is not None:
+                                log.info(
+                                    "etcd watch resumed",
+                                    prefix=prefix,
+                                    from_revision=next_revision,
+                                    suspended_s=round(self._clock.monotonic_s() - suspended_at_s, 3),
+                                )
+                            suspended_at_s = None
+                            if on_state is not None:
+                                on_state(WatchState.CONNECTED, "")
+                        if batch is not None:
+                            next_revision = batch.revision + 1
+                            delivered = True
+                            yield batch
+                except _StreamBroken as e:
+                    reason = str(e)
+                except grpc.aio.AioRpcError as e:
+                    if e.code() in _WATCH_FATAL_CODES:
+                        raise BlueMarbleError(
+                            f"etcd refused the watch on {prefix}: {e.code().name} {e.details()}"
+                        ) from e
+                    reason = f"{e.code().name} {e.details()}"
+            finally:
+                await stream.close()
+            if self._closed:
+                raise Unavailable(f"the etcd client is closed; the watch on {prefix} ended")
+            if delivered or (
+                opened_at_s is not None and self._clock.monotonic_s() - opened_at_s >= self.watch_stall_timeout_s
+            ):
+                backoff.reset()  # that stream worked; one that fails right after creation backs off further
+            if suspended_at_s is None:
+                suspended_at_s = self._clock.monotonic_s()
+                log.warning(
+                    "etcd watch suspended; reconnecting", prefix=prefix, resume_from=next_revision, reason=reason
+                )
+            else:
+                log.debug("etcd watch still reconnecting", prefix=prefix, resume_from=next_revision, reason=reason)
+            if on_state is not None:
+                on_state(WatchState.SUSPENDED, f"{reason} (resuming from revision {next_revision})")
+            await backoff.sleep()
+
+    def _cut_watch_streams(self, reason: str = "cut by a test") -> int:
+        """Test hook: breaks every open watch stream as a lost connection would (the call
+        is cancelled; buffered responses are dropped). Returns how many were cut."""
+        streams = list(self._watch_streams)
+        for stream in streams:
+            stream.cut(reason)
+        return len(streams)
+
+
+# A watch refused for these reasons would be refused again: the caller must hear of it.
+_WATCH_FATAL_CODES = frozenset(
+    {
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+
+# etcd's rpctypes.MetadataRequireLeaderKey: a member that loses its leader ends the stream
+# (UNAVAILABLE "no leader") instead of serving a watch that can never see a new write.
+# Progress answers cannot tell us that: an isolated member answers them from its own,
+# stale revision.
+_REQUIRE_LEADER = (("hasleader", "true"),)
+
+_PROGRESS_REQUEST = etcdpb.WatchRequest(progress_request={})  # an empty WatchProgressRequest
+
+_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # (missing from grpc-stubs)
+
+
+class _StreamBroken(Exception):
+    """A watch stream ended or stalled; reconnecting from the resume point is the cure."""
+
+
+def _being_cancelled() -> bool:
+    """True when the current task itself is being cancelled (not just a call it used)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+class _WatchStream:
+    """One Watch RPC carrying one watch, read by whoever iterates ``watch_prefix``.
+
+    Reads happen only when the consumer asks for the next batch, so a slow consumer holds
+    etcd back through gRPC flow control instead of buffering without bound, and its
+    processing time never counts as etcd's silence. While a read is pending, a progress
+    request is written every ``watch_progress_interval_s``; if nothing at all arrives for
+    ``watch_stall_timeout_s`` the stream is declared stalled. The pending read runs in a
+    task of its own so that it can outlive those timers (cancelling a grpc.aio read
+    cancels the whole call) and so that a call cancelled under it (a cut, a closed
+    channel) is seen as a broken stream, not as the consumer's own cancellation.
+
+    Which responses move the resume point (checked against etcd 3.4.23 by
+    tests/integration/test_watch_resume.py):
+
+    * events: the last event's mod_revision. Never the header: a catch-up batch's header
+      is the store's current revision, ahead of its events.
+    * etcd's own progress notification (``progress_notify``: no events, our watch id):
+      its header revision. etcd sends it only to a synced watcher, through the same
+      channel as the watcher's events, so nothing older is still in flight.
+    * an answer to our progress *request* (watch id -1): liveness only. Before etcd
+      3.4.25 / 3.5.8 (etcd-io/etcd#15220) the server answers it out of band, with the
+      current revision, even while the watcher is catching up: etcd 3.4.23 answers it
+      before the catch-up events it claims to be past.
+    """
+
+    def __init__(self, store: EtcdStore, prefix: str):
+        assert store._watch_stub is not None
+        self._store = store
+        self._prefix = prefix
+        self._clock = store._clock
+        self._call = store._watch_stub.Watch(metadata=_REQUIRE_LEADER)
+        self._read: asyncio.Future[Any] | None = None
+        self._cut_reason: str | None = None
+        self._fragments: list[Any] = []
+        self.watch_id = -1
+        store._watch_streams.add(self)
+
+    async def open(self, create: etcdpb.WatchCreateRequest) -> None:
+        """Creates the watch and asks for progress at once (so that even an idle watch
+        hears back promptly); returns once etcd confirmed the creation."""
+        await self._write(etcdpb.WatchRequest(create_request=create))
+        await self._write(_PROGRESS_REQUEST)
+        resp = await self.next_response()
+        if not resp.created:
+            raise _StreamBroken(f"etcd answered a watch creation with {resp}")
+        if resp.canceled:  # refused at creation: the reason is in cancel_reason
+            self._raise_canceled(resp)
+        self.watch_id = int(resp.watch_id)
+
+    async def next_response(self) -> Any:
+        """The next response from etcd (fragments reassembled).
+
+        Raises _StreamBroken (stalled, cut, ended) or grpc.aio.AioRpcError (etcd's status).
+        """
+        while True:
+            resp = await self._next_message()
+            if resp.fragment:  # one part of a response too large for a single message
+                self._fragments.extend(resp.events)
+                continue
+            if self._fragments:
+                events = [*self._fragments, *resp.events]
+                self._fragments = []
+                del resp.events[:]
+                resp.events.extend(events)
+            return resp
+
+    def to_batch(self, resp: Any, next_revision: int) -> WatchBatch | None:
+        """The batch ``resp`` delivers to a consumer at ``next_revision``, or None (a
+        liveness-only answer). Raises Compacted, or BlueMarbleError if etcd canceled."""
+        if resp.compact_revision > 0:
+            raise Compacted(int(resp.compact_revision))
+        if resp.canceled:
+            self._raise_canceled(resp)
+        if resp.events:
+            # Events before the resume point cannot come from etcd (it starts there);
+            # dropping them keeps "exactly once" even if a server re-sent some.
+            events = tuple(_event(ev) for ev in resp.events if ev.kv.mod_revision >= next_revision)
+            if not events:
+                return None
+            return WatchBatch(events[-1].kv.mod_revision, events)
+        if resp.watch_id == self.watch_id and not resp.created and resp.header.revision >= next_revision:
+            return WatchBatch(int(resp.header.revision), ())  # etcd's own progress notification
+        return None
+
+    def _raise_canceled(self, resp: Any) -> None:
+        raise BlueMarbleError(f"etcd canceled the watch on {self._prefix}: {resp.cancel_reason or 'no reason given'}")
+
+    async def _next_message(self) -> Any:
+        if self._read is None:
+            self._read = asyncio.ensure_future(self._call.read())
+        waiting_since_s = self._clock.monotonic_s()
+        interval_s = self._store.watch_progress_interval_s
+        while not await self._wait_read(interval_s):
+            silent_s = self._clock.monotonic_s() - waiting_since_s
+            if silent_s >= self._store.watch_stall_timeout_s:
+                self.cut(
+                    f"etcd sent nothing on the watch for {silent_s:.1f} s, not even a progress "
+                    "answer (stopped, overloaded or unreachable member)"
+                )
+                break
+            await self._write(_PROGRESS_REQUEST)
+        read, self._read = self._read, None
+        if self._cut_reason is not None or read.cancelled():
+            if not read.done():
+                read.cancel()
+                await asyncio.wait((read,))
+            self._retrieve(read)
+            raise _StreamBroken(self._cut_reason or "the watch stream was cancelled")
+        resp = read.result()  # raises the call's AioRpcError
+        if resp is _EOF:
+            raise _StreamBroken("etcd ended the watch stream")
+        return resp
+
+    async def _wait_read(self, timeout_s: float) -> bool:
+        """Waits for the pending read up to ``timeout_s`` on the clock; True once it is done."""
+        assert self._read is not None
+        if self._read.done():
+            return True
+        timer = asyncio.ensure_future(self._clock.sleep(timeout_s))
         try:
-            async with self._wrapped(f"watch {prefix}"):
-                async for resp in stream:
-                    if resp.compact_revision > 0:
-                        raise Compacted(int(resp.compact_revision))
-                    if resp.canceled:
-                        raise Unavailable(f"etcd canceled the watch on {prefix}: {resp.cancel_reason}")
-                    if not resp.events:
-                        continue
-                    events = tuple(
-                        WatchEvent(
-                            EventType.DELETE if ev.type == 1 else EventType.PUT, _kv(ev.kv)
-                        )
-                        for ev in resp.events
-                    )
-                    yield WatchBatch(int(resp.header.revision), events)
+            await asyncio.wait((self._read, timer), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            timer.cancel()
+        return self._read.done()
+
+    async def _write(self, request: etcdpb.WatchRequest) -> None:
+        try:
+            await run_with_timeout(self._clock, self._call.write(request), self._store.watch_stall_timeout_s)
+        except TimeoutError as e:
+            self.cut(f"etcd did not take a watch request within {self._store.watch_stall_timeout_s:g} s")
+            raise _StreamBroken(self._cut_reason) from e
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise
+            raise _StreamBroken(self._cut_reason or "the watch stream was cancelled") from None
+        except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+            pass  # the call has ended; the read says why
+
+    def cut(self, reason: str) -> None:
+        """Breaks the stream now (the pending read ends); the owner reconnects."""
+        if self._cut_reason is None:
+            self._cut_reason = reason
+        self._call.cancel()
+
+    async def close(self) -> None:
+        """Cancels the call and waits for the pending read, so no task outlives the stream."""
+        self._store._watch_streams.discard(self)
+        self._call.cancel()
+        read, self._read = self._read, None
+        if read is not None:
+            read.cancel()
+            await asyncio.wait((read,))
+            self._retrieve(read)
+
+    @staticmethod
+    def _retrieve(read: asyncio.Future[Any]) -> None:
+        if not read.cancelled():
+            read.exception()  # retrieved: no "exception was never retrieved" at collection
+
+
+def _event(raw: Any) -> WatchEvent:
+    return WatchEvent(EventType.DELETE if raw.type == 1 else EventType.PUT, _kv(raw.kv))
 
 
 class _KeepAliveStream:
@@ -384,7 +717,9 @@ class _KeepAliveStream:
     (lease id, TTL) resolves the *oldest* waiter for that lease: a late answer to an
     earlier request is never taken for the answer to a newer one (which matters right
     after a revoke). When the stream breaks, pending waiters fail with Unavailable and
-    the next refresh reopens it (with a short backoff between failures).
+    the next refresh reopens it (after a jittered backoff between failures,
+    :class:`bluemarble.runtime.retry.Backoff`). A writer task of our own feeds the stream
+    with ``call.write()`` and is stopped and awaited with it (see the module docstring).
 
     (A version on gRPC's synchronous API in a thread of its own was measured and was
     slower in the server: GIL hand-offs cost more than grpc.aio's per-message overhead.)
@@ -392,9 +727,10 @@ class _KeepAliveStream:
 
     _MAX_PENDING = 100_000
 
-    def __init__(self, channel: grpc.aio.Channel, endpoints: Sequence[str]):
+    def __init__(self, channel: grpc.aio.Channel, endpoints: Sequence[str], clock: Clock):
         self._stub = etcdpb.LeaseStub(channel)
         self._endpoints = endpoints
+        self._clock = clock
         self._queue: asyncio.Queue[int] = asyncio.Queue(self._MAX_PENDING)
         self._waiters: dict[int, collections.deque[asyncio.Future[int]]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -422,34 +758,49 @@ class _KeepAliveStream:
                 f"{timeout_s:g} s; retry shortly"
             ) from e
 
-    async def _requests(self) -> AsyncIterator[etcdpb.LeaseKeepAliveRequest]:
+    async def _run(self) -> None:
+        backoff = retry.Backoff(retry.FOREVER, self._clock)
+        while not self._closed:
+            error = await self._stream_once(backoff)
+            self._fail_all(error)
+            if self._closed:
+                return
+            log.warning("lease keepalive stream broke; reopening", error=str(error))
+            await backoff.sleep()
+            if not self._waiters:
+                return  # reopened on demand by the next refresh
+
+    async def _stream_once(self, backoff: retry.Backoff) -> BaseException:
+        """Runs one stream until it breaks; returns the error its waiters fail with."""
+        call = self._stub.LeaseKeepAlive()
+        writer = background.start(self._send(call), "etcd-lease-keepalive-send")
+        try:
+            while True:
+                resp = await call.read()
+                if resp is _EOF:
+                    return Unavailable("etcd closed the lease keepalive stream")
+                backoff.reset()
+                self._resolve(int(resp.ID), max(0, int(resp.TTL)))
+        except grpc.aio.AioRpcError as e:
+            return Unavailable(
+                f"etcd ({','.join(self._endpoints)}) lease keepalive failed: "
+                f"{e.code().name} {e.details()}; retry shortly"
+            )
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise
+            return Unavailable("the lease keepalive stream was cancelled (etcd client closing)")
+        finally:
+            call.cancel()
+            await background.stop(writer)
+
+    async def _send(self, call: Any) -> None:
         while True:
             lease_id = await self._queue.get()
-            yield etcdpb.LeaseKeepAliveRequest(ID=lease_id)
-
-    async def _run(self) -> None:
-        backoff_s = 0.1
-        while not self._closed:
-            call = self._stub.LeaseKeepAlive(self._requests())
             try:
-                async for resp in call:
-                    backoff_s = 0.1
-                    self._resolve(int(resp.ID), max(0, int(resp.TTL)))
-                error: BaseException = Unavailable("etcd closed the lease keepalive stream")
-            except grpc.aio.AioRpcError as e:
-                error = Unavailable(
-                    f"etcd ({','.join(self._endpoints)}) lease keepalive failed: "
-                    f"{e.code().name} {e.details()}; retry shortly"
-                )
-            finally:
-                call.cancel()
-            self._fail_all(error)
-            if not self._closed:
-                log.warning("lease keepalive stream broke; reopening", error=str(error))
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 2.0)
-                if not self._waiters:
-                    return  # reopened on demand by the next refresh
+                await call.write(etcdpb.LeaseKeepAliveRequest(ID=lease_id))
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                return  # the stream ended; the reader reports why and fails the waiters
 
     def _resolve(self, lease_id: int, ttl_s: int) -> None:
         waiters = self._waiters.get(lease_id)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from bluemarble.core.errors import InvalidArgument
 from bluemarble.core.ids import NodeId, ShardId, TradeId
+from bluemarble.core.limits import echo
 
 ROOT = "/bluemarble"
 _CLUSTER_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -29,7 +30,7 @@ def validate_cluster_name(name: str) -> str:
     """A cluster name is a DNS label: 1..63 of a-z, 0-9 and '-', not at either end."""
     if not _CLUSTER_RE.match(name):
         raise InvalidArgument(
-            f"cluster name {name!r} is not a DNS label (1..63 of a-z, 0-9, '-')"
+            f"cluster name {echo(name)} is not a DNS label (1..63 of a-z, 0-9, '-')"
         )
     return name
 
@@ -86,5 +87,5 @@ class KeySchema:
     @staticmethod
     def _tail(key: str, prefix: str) -> str:
         if not key.startswith(prefix) or len(key) == len(prefix):
-            raise ValueError(f"key {key!r} is not below {prefix!r}")
+            raise ValueError(f"key {echo(key)} is not below {prefix!r}")
         return key[len(prefix):]

@@ -7,29 +7,35 @@ however many nodes are watching.
 
 Guarantees:
 
-* The mirror is a consistent etcd snapshot at :attr:`PrefixCache.revision` (events of one
-  etcd revision are applied together).
+* The mirror is a consistent etcd snapshot at :attr:`PrefixCache.revision` (a watch batch,
+  which never splits a revision, is applied at once, between two awaits).
 * A subscriber first gets a full snapshot, then every change in revision order. A
   subscriber that falls ``max_backlog`` updates behind is not dropped: its backlog is
   replaced by a fresh full snapshot (state, not events, is what matters here).
-* A compacted watch re-lists and sends every subscriber a full snapshot: nothing is
-  silently skipped. A broken watch is retried with capped backoff; meanwhile the mirror
-  keeps serving its last state (``healthy`` turns False).
+* The watch resumes where the mirror is (the adapter owns the resume point, see
+  :meth:`EtcdStore.watch_prefix`); a compacted watch re-lists and sends every subscriber a
+  full snapshot: nothing is silently skipped. While the watch is suspended (etcd down,
+  stalled, or a member without a leader) the mirror keeps serving its last state and says
+  so: ``healthy`` is False and ``unhealthy_reason`` tells why.
+* A record whose value does not decode is not dropped from view: it moves to
+  :attr:`PrefixCache.unreadable` with its mod_revision and version, so a writer can still
+  replace it with a compare-and-swap (and number the replacement above it), and it is
+  logged once per mod_revision, not on every read.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import structlog
 
-from bluemarble.core.errors import BlueMarbleError, Unavailable
-from bluemarble.runtime import background
-from controlplane.store.etcd import Compacted, EtcdStore, EventType, KeyValue
+from bluemarble.core.errors import BlueMarbleError
+from bluemarble.runtime import background, retry
+from bluemarble.runtime.clock import Clock, SystemClock, wait_event
+from controlplane.store.etcd import Compacted, EtcdStore, EventType, KeyValue, WatchBatch, WatchState
 
 log = structlog.get_logger(__name__)
 
@@ -38,12 +44,28 @@ V = TypeVar("V")
 
 @dataclass(frozen=True)
 class Update(Generic[V]):
-    """What a subscriber receives. ``snapshot`` updates carry every entry in ``changed``."""
+    """What a subscriber receives. ``snapshot`` updates carry every entry in ``changed``.
+
+    ``removed`` lists keys that were deleted or whose new value is unreadable."""
 
     revision: int
     snapshot: bool
     changed: dict[str, V]
     removed: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class UnreadableRecord:
+    """A key whose current value failed to decode.
+
+    ``mod_revision`` lets a writer compare-and-swap the key (``Compare.mod_revision``);
+    ``version`` (etcd's per-key write count) lets it number a replacement above whatever
+    was there, e.g. an assignment epoch greater than any the key can have held.
+    """
+
+    mod_revision: int
+    version: int
+    error: str
 
 
 class _Subscriber(Generic[V]):
@@ -54,6 +76,15 @@ class _Subscriber(Generic[V]):
 
 
 class PrefixCache(Generic[V]):
+    """Mirror of the keys below ``prefix``, decoded by ``decode``.
+
+    ``decode`` raises a BlueMarbleError (e.g. CorruptRecord) for a value it cannot read;
+    any other exception is a bug. ``clock`` times the mirror's waits and backoffs.
+
+    Readable keys are in ``entries`` with their ``mod_revisions``; unreadable ones are only
+    in ``unreadable``. All three are consistent at ``revision``.
+    """
+
     def __init__(
         self,
         store: EtcdStore,
@@ -62,19 +93,25 @@ class PrefixCache(Generic[V]):
         *,
         name: str,
         max_backlog: int = 256,
+        clock: Clock | None = None,
     ):
         self._store = store
         self._prefix = prefix
         self._decode = decode
         self.name = name
         self._max_backlog = max_backlog
+        self._clock: Clock = clock or SystemClock()
         self.entries: dict[str, V] = {}
         self.mod_revisions: dict[str, int] = {}
+        self.unreadable: dict[str, UnreadableRecord] = {}
         self.revision = 0
         self.healthy = False
+        self.unhealthy_reason = "not started"
+        self._stale = True  # the entries must be re-listed before the watch can resume
+        self._logged_unreadable: dict[str, int] = {}  # key -> mod_revision already logged
         self._subscribers: set[_Subscriber[V]] = set()
         self._task: asyncio.Task[None] | None = None
-        self._changed = asyncio.Condition()
+        self._advanced = asyncio.Event()  # set (and replaced) whenever revision moves
         self._listeners: list[Callable[[], None]] = []
 
     def add_listener(self, callback: Callable[[], None]) -> None:
@@ -84,7 +121,9 @@ class PrefixCache(Generic[V]):
     async def start(self) -> None:
         """Loads the prefix and starts following it. Raises Unavailable if etcd is down."""
         await self._relist()
-        self._task = background.start(self._follow(), f"watch-{self.name}")
+        self._task = background.start(
+            retry.supervise(self._follow, name=f"watch-{self.name}", clock=self._clock), f"watch-{self.name}"
+        )
 
     async def stop(self) -> None:
         """Stops following etcd and ends every subscription."""
@@ -92,16 +131,16 @@ class PrefixCache(Generic[V]):
             sub.queue.put_nowait(None)
         await background.stop(self._task)
         self._task = None
+        self.healthy, self.unhealthy_reason = False, "stopped"
 
     async def wait_for_revision(self, revision: int, timeout_s: float) -> bool:
-        """Waits until the mirror reflects ``revision``; False on timeout."""
-        async with self._changed:
-            try:
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.revision >= revision), timeout_s
-                )
-            except TimeoutError:
+        """Waits until the mirror reflects ``revision``; False after ``timeout_s`` (on the clock)."""
+        deadline_s = self._clock.monotonic_s() + timeout_s
+        while self.revision < revision:
+            remaining_s = deadline_s - self._clock.monotonic_s()
+            if remaining_s <= 0:
                 return False
+            await wait_event(self._clock, self._advanced, remaining_s)
         return True
 
     async def subscribe(self) -> AsyncIterator[Update[V]]:
@@ -118,6 +157,24 @@ class PrefixCache(Generic[V]):
         finally:
             self._subscribers.discard(sub)
 
+    # ---- state ----
+
+    def _set_health(self, healthy: bool, reason: str = "") -> None:
+        if healthy != self.healthy and self.unhealthy_reason != "not started":
+            if healthy:
+                log.info("mirror healthy again", cache=self.name)
+            else:
+                log.warning("mirror unhealthy", cache=self.name, reason=reason)
+        self.healthy = healthy
+        self.unhealthy_reason = "" if healthy else reason
+
+    def _on_watch_state(self, state: WatchState, reason: str) -> None:
+        if state is WatchState.CONNECTED:
+            if not self._stale:
+                self._set_health(True)
+        else:
+            self._set_health(False, f"etcd watch suspended: {reason}")
+
     def _snapshot(self) -> Update[V]:
         return Update(self.revision, True, dict(self.entries), ())
 
@@ -131,71 +188,103 @@ class PrefixCache(Generic[V]):
             else:
                 sub.queue.put_nowait(update)
 
-    async def _notify(self) -> None:
-        for callback in self._listeners:
-            callback()
-        async with self._changed:
-            self._changed.notify_all()
+    def _notify(self, changed: bool) -> None:
+        if changed:
+            for callback in self._listeners:
+                callback()
+        advanced, self._advanced = self._advanced, asyncio.Event()
+        advanced.set()
+
+    def _note_unreadable(self, kv: KeyValue, error: BlueMarbleError) -> UnreadableRecord:
+        record = UnreadableRecord(kv.mod_revision, kv.version, str(error))
+        if self._logged_unreadable.get(kv.key) != kv.mod_revision:
+            self._logged_unreadable[kv.key] = kv.mod_revision
+            log.error(
+                "unreadable record kept aside (a writer may replace it)",
+                cache=self.name,
+                key=kv.key,
+                mod_revision=kv.mod_revision,
+                version=kv.version,
+                error=str(error),
+            )
+        return record
+
+    # ---- following etcd ----
 
     async def _relist(self) -> None:
         kvs, revision = await self._store.get_prefix(self._prefix)
         entries: dict[str, V] = {}
         mods: dict[str, int] = {}
+        unreadable: dict[str, UnreadableRecord] = {}
         for kv in kvs:
             try:
                 entries[kv.key] = self._decode(kv)
                 mods[kv.key] = kv.mod_revision
             except BlueMarbleError as e:
-                log.error("skipping unreadable record", cache=self.name, key=kv.key, error=str(e))
-        self.entries, self.mod_revisions, self.revision = entries, mods, revision
-        self.healthy = True
+                unreadable[kv.key] = self._note_unreadable(kv, e)
+        self._logged_unreadable = {k: r for k, r in self._logged_unreadable.items() if k in unreadable}
+        self.entries, self.mod_revisions, self.unreadable, self.revision = entries, mods, unreadable, revision
+        self._stale = False
+        self._set_health(True)
         self._publish(self._snapshot())
-        await self._notify()
+        self._notify(changed=True)
 
     async def _follow(self) -> None:
-        backoff_s = 0.1
+        """One supervised step: re-list if needed, then apply the watch until it fails.
+
+        A compaction re-lists here and goes on; any other failure leaves the step (the
+        supervisor logs it and restarts it after a jittered backoff). Only an unexpected
+        exception (a bug) forces a re-list, since the mirror may be half-updated.
+        """
         while True:
+            if self._stale:
+                await self._relist()
             try:
-                async for batch in self._store.watch_prefix(self._prefix, self.revision + 1):
-                    changed: dict[str, V] = {}
-                    removed: list[str] = []
-                    for ev in batch.events:
-                        key = ev.kv.key
-                        if ev.type is EventType.DELETE:
-                            self.entries.pop(key, None)
-                            self.mod_revisions.pop(key, None)
-                            changed.pop(key, None)
-                            removed.append(key)
-                            continue
-                        try:
-                            value = self._decode(ev.kv)
-                        except BlueMarbleError as e:
-                            log.error("skipping unreadable record", cache=self.name, key=key, error=str(e))
-                            continue
-                        self.entries[key] = value
-                        self.mod_revisions[key] = ev.kv.mod_revision
-                        changed[key] = value
-                        if key in removed:
-                            removed.remove(key)
-                    self.revision = batch.revision
-                    self.healthy = True
-                    backoff_s = 0.1
-                    self._publish(Update(batch.revision, False, changed, tuple(removed)))
-                    await self._notify()
+                async for batch in self._store.watch_prefix(
+                    self._prefix, self.revision + 1, on_state=self._on_watch_state
+                ):
+                    self._apply(batch)
             except Compacted as e:
                 log.warning("watch compacted; re-listing", cache=self.name, compact_revision=e.compact_revision)
-                with contextlib.suppress(Unavailable):
-                    await self._relist()
-                continue
+                self._stale = True
+                self._set_health(False, f"watch resume point compacted (at {e.compact_revision}); re-listing")
             except BlueMarbleError as e:
-                self.healthy = False
-                log.warning("watch broke; retrying", cache=self.name, error=str(e), backoff_s=backoff_s)
-            except asyncio.CancelledError:
+                self._set_health(False, f"watch failed: {e}")
                 raise
-            except Exception:
-                self.healthy = False
-                log.exception("watch crashed; retrying", cache=self.name)
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, 2.0)
-            with contextlib.suppress(BlueMarbleError):
-                await self._relist()
+            except Exception as e:
+                self._stale = True
+                self._set_health(False, f"watch crashed ({e!r}); re-listing")
+                raise
+
+    def _apply(self, batch: WatchBatch) -> None:
+        changed: dict[str, V] = {}
+        removed: list[str] = []
+        for ev in batch.events:
+            key = ev.kv.key
+            if ev.type is EventType.PUT:
+                try:
+                    value = self._decode(ev.kv)
+                except BlueMarbleError as e:
+                    self.unreadable[key] = self._note_unreadable(ev.kv, e)
+                else:
+                    self.entries[key] = value
+                    self.mod_revisions[key] = ev.kv.mod_revision
+                    self.unreadable.pop(key, None)
+                    self._logged_unreadable.pop(key, None)
+                    changed[key] = value
+                    if key in removed:
+                        removed.remove(key)
+                    continue
+            else:
+                self.unreadable.pop(key, None)
+                self._logged_unreadable.pop(key, None)
+            # Deleted, or its new value is unreadable: gone from what subscribers see.
+            self.entries.pop(key, None)
+            self.mod_revisions.pop(key, None)
+            changed.pop(key, None)
+            if key not in removed:
+                removed.append(key)
+        self.revision = batch.revision
+        if changed or removed:
+            self._publish(Update(batch.revision, False, changed, tuple(removed)))
+        self._notify(changed=bool(changed or removed))

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from bluemarble.api.conversions import assignment_from_proto, placement_node_from_proto
+from bluemarble.core.ids import ShardId, shard_id
+from bluemarble.core.placement import PlacementConfig, violations
 from bluemarble.v1 import controlplane_pb2 as pb
 from scripts.localcluster import LocalEtcd, wait_until
 from tests.e2e.conftest import ProcessCluster
@@ -50,13 +53,20 @@ def test_pausing_etcd_for_two_ttls_moves_no_primary(private_cluster: ProcessClus
     for node, zone in NODES.items():
         cluster.start_node(node, zone)
 
-    def placed() -> bool:
-        r = cluster.assignments(cp)
-        return r is not None and len(r.assignments) == SHARDS and all(
-            a.primary in NODES and len(a.replicas) == 2 for a in r.assignments
+    def settled() -> bool:
+        """Placed and balanced over the four nodes (the one placement checker): the
+        leader has nothing left to move, so any later move is the outage's doing."""
+        r, nodes = cluster.assignments(cp), cluster.nodes(cp)
+        if r is None or {n.node_id for n in nodes} != set(NODES):
+            return False
+        assignments = {ShardId(a.shard_id): assignment_from_proto(a) for a in r.assignments}
+        found = violations(
+            assignments, [placement_node_from_proto(n) for n in nodes], PlacementConfig(3, 0),
+            shards=[shard_id(i) for i in range(SHARDS)],
         )
+        return found == []
 
-    wait_until(placed, 45, "every shard placed on the four nodes")
+    wait_until(settled, 45, "every shard placed and balanced on the four nodes")
     before = primaries(cluster.assignments(cp))
     leases_before = {n.node_id: n.lease_id for n in cluster.nodes(cp)}
     assert set(leases_before) == set(NODES)

@@ -131,3 +131,30 @@ async def test_duplicate_node_id_is_refused_after_a_bounded_wait(control_plane: 
         assert "already registered from 127.0.0.1:7101" in str(info.value)
     await holder.deregister()
     await client.close()
+
+
+async def test_idle_watch_streams_carry_progress_messages_only_for_callers_that_ask(
+    control_plane: ControlPlaneApp,
+) -> None:
+    """What lets the agent and the router tell a quiet stream from a hung replica: with
+    ``progress_interval_ms``, an idle WatchAssignments / WatchRing stream gets an empty
+    message every interval; without it, only changes (as existing clients expect)."""
+    async with grpc.aio.insecure_channel(control_plane.address) as channel:
+        stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
+        asked = stub.WatchAssignments(pb.WatchAssignmentsRequest(node_id="n9", progress_interval_ms=200))
+        plain = stub.WatchAssignments(pb.WatchAssignmentsRequest(node_id="n9"))
+        ring = stub.WatchRing(pb.WatchRingRequest(progress_interval_ms=200))
+        first = await asyncio.wait_for(asked.read(), 5)
+        assert first.snapshot
+        assert (await asyncio.wait_for(plain.read(), 5)).snapshot
+        assert len((await asyncio.wait_for(ring.read(), 5)).shards) == 16
+        for _ in range(3):
+            progress = await asyncio.wait_for(asked.read(), 2)
+            assert not progress.snapshot and not progress.assignments and not progress.removed_shard_ids
+            assert progress.revision >= first.revision  # nothing for n9 up to that revision
+            tick = await asyncio.wait_for(ring.read(), 2)
+            assert not tick.shards and tick.version == 1
+        with pytest.raises(TimeoutError):  # nothing changed: nothing for a plain watcher
+            await asyncio.wait_for(plain.read(), 1.0)
+        for call in (asked, plain, ring):
+            call.cancel()

@@ -4,6 +4,10 @@ and it refuses to start when etcd never answers."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
+import signal
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -16,6 +20,8 @@ from bluemarble.core.errors import Unavailable
 from bluemarble.v1 import controlplane_pb2 as pb
 from bluemarble.v1 import controlplane_pb2_grpc
 from controlplane.server.app import ControlPlaneApp, ControlPlaneSettings
+from controlplane.store.etcd import EtcdStore, KeyValue
+from controlplane.store.watchcache import PrefixCache
 from scripts.localcluster import LocalEtcd, free_port
 
 pytestmark = pytest.mark.integration
@@ -92,3 +98,138 @@ async def test_refuses_to_start_when_etcd_never_answers() -> None:
     assert dead in str(info.value)
     assert loop.time() - started < 5
     assert app.server is None
+
+
+async def test_status_answers_within_half_a_second_and_assignments_say_stale_while_etcd_is_gone(
+    tmp_path: Path,
+) -> None:
+    etcd = LocalEtcd(tmp_path).start()
+    app = ControlPlaneApp(
+        ControlPlaneSettings(
+            listen="127.0.0.1:0", etcd_endpoints=(etcd.endpoint,), cluster="outage-fast",
+            lease_ttl_s=5, etcd_rpc_timeout_s=3.0, shutdown_grace_s=0.5,
+        )
+    )
+    await app.start()
+    loop = asyncio.get_running_loop()
+
+    async def timed_status(stub: controlplane_pb2_grpc.ControlPlaneStub) -> tuple[pb.GetClusterStatusResponse, float]:
+        started = loop.time()
+        status = await stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=1.5)
+        return status, loop.time() - started
+
+    try:
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
+            await stub.RegisterNode(pb.RegisterNodeRequest(node_id="n1", address="127.0.0.1:7101"))
+            listed = await stub.ListAssignments(pb.ListAssignmentsRequest())
+            assert (listed.stale, listed.stale_reason) == (False, "")
+
+            # A hung etcd (stopped, sockets open): the mirrors keep their watches, reads
+            # hang. The status gives up on etcd after 0.5 s, well inside a 1.5 s deadline.
+            assert etcd.process is not None
+            etcd.process.signal(signal.SIGSTOP)
+            try:
+                status, took_s = await timed_status(stub)
+            finally:
+                etcd.process.signal(signal.SIGCONT)
+            assert not status.etcd_healthy and status.node_count == 1
+            assert any("etcd is unreachable" in w for w in status.warnings)
+            assert took_s < 1.0, took_s
+
+            # A dead etcd: the mirrors lose their watches, and then answer at once.
+            etcd.kill()
+            deadline = loop.time() + 10
+            while app.assignments is not None and app.assignments.healthy:
+                assert loop.time() < deadline, "the assignments mirror never noticed etcd was gone"
+                await asyncio.sleep(0.05)
+            status, took_s = await timed_status(stub)
+            assert (status.etcd_healthy, status.node_count, status.leader) == (False, 1, "")
+            assert took_s < 0.3, took_s
+            stale = await stub.ListAssignments(pb.ListAssignmentsRequest(), timeout=1.5)
+            assert stale.stale
+            assert "lost its watch on etcd" in stale.stale_reason
+            assert stale.revision >= listed.revision
+    finally:
+        await app.stop()
+        etcd.kill()
+
+
+def test_an_etcd_stop_and_start_under_active_watches_leaves_no_pending_task_or_running_generator(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outage that used to log "Task was destroyed but it is pending!" and "aclose():
+    asynchronous generator is already running": streams whose request-iterator task
+    outlived them. Run in an event loop of its own, so that what its closing reports, and
+    what garbage collection finds afterwards, is checked too."""
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    caplog.set_level(logging.WARNING)
+    etcd = LocalEtcd(tmp_path).start()
+    try:
+        asyncio.run(_outage_under_watches(etcd))
+    finally:
+        etcd.kill()
+    gc.collect()
+    complaints = [
+        line
+        for line in caplog.text.splitlines() + [repr(u) for u in unraisable]
+        if "destroyed but it is pending" in line or "already running" in line or "never retrieved" in line
+    ]
+    assert complaints == []
+    assert unraisable == []
+
+
+async def _outage_under_watches(etcd: LocalEtcd) -> None:
+    store = EtcdStore([etcd.endpoint], rpc_timeout_s=1.0, watch_progress_interval_s=0.5)
+    await store.connect(5)
+    prefix = "/bluemarble/outage-hygiene/nodes/"
+    cache: PrefixCache[bytes] = PrefixCache(store, prefix, lambda kv: kv.value, name="hygiene")
+    seen: list[KeyValue] = []
+
+    async def follow() -> None:  # a bare watch besides the mirror's, as the election has
+        async for batch in store.watch_prefix(prefix, 1):
+            seen.extend(ev.kv for ev in batch.events)
+
+    async def until(condition: Callable[[], bool], what: str) -> None:
+        deadline = asyncio.get_running_loop().time() + 15
+        while not condition():
+            assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.05)
+
+    follower = asyncio.create_task(follow())
+    try:
+        lease_id, _ = await store.grant_lease(30)
+        await store.put(prefix + "a", b"1", lease=lease_id)
+        await cache.start()
+        assert await store.keepalive(lease_id) > 0
+        await until(lambda: len(seen) == 1, "the first event")
+
+        await asyncio.to_thread(etcd.stop)
+        with pytest.raises(Unavailable):
+            await store.keepalive(lease_id)
+        await until(lambda: not cache.healthy, "the mirror to notice")
+        await asyncio.sleep(1.5)  # several reconnect attempts of each stream, all refused
+        gc.collect()
+        await asyncio.to_thread(etcd.start)
+
+        async def refreshed() -> int:
+            try:
+                return await store.keepalive(lease_id)
+            except Unavailable:
+                await asyncio.sleep(0.1)
+                return 0
+
+        async with asyncio.timeout(15):
+            while await refreshed() <= 0:
+                pass
+        revision = await store.put(prefix + "b", b"2")
+        assert await cache.wait_for_revision(revision, 10)
+        await until(lambda: len(seen) == 2, "the event after the restart")
+        assert cache.healthy and cache.entries == {prefix + "a": b"1", prefix + "b": b"2"}
+        gc.collect()
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        await cache.stop()
+        await store.close()

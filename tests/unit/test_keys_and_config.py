@@ -74,6 +74,25 @@ class TestClusterConfig:
         config.consistency["chat"] = common_pb2.CONSISTENCY_MODEL_UNSPECIFIED
         assert any("chat" in p for p in cluster_config.problems(config))
 
+    @pytest.mark.parametrize("name", ["é", "x²", "", "Chat", "a-b", "١", "a" * 65, "z" * 100_000])
+    def test_system_names_outside_their_rule_are_refused_briefly(self, name: str) -> None:
+        config = cluster_config.default_config()
+        config.consistency[name] = common_pb2.CONSISTENCY_MODEL_EVENTUAL
+        (problem,) = cluster_config.problems(config)
+        assert "must be 1..64 of a-z, 0-9 or '_'" in problem
+        assert len(problem) < 200
+
+    def test_an_error_names_a_few_problems_and_counts_the_rest(self) -> None:
+        config = cluster_config.default_config()
+        for i in range(cluster_config.MAX_SYSTEMS - len(config.consistency)):
+            config.consistency[f"Bad{i}"] = 99  # type: ignore[assignment]
+        assert len(cluster_config.problems(config)) > 100
+        with pytest.raises(InvalidArgument) as info:
+            cluster_config.validate(config)
+        assert "more" in str(info.value) and len(str(info.value)) < 600
+        config.consistency["one_too_many"] = common_pb2.CONSISTENCY_MODEL_EVENTUAL
+        assert cluster_config.problems(config) == ["consistency lists 65 systems; at most 64"]
+
 
 class TestCodec:
     def test_round_trip_and_readable(self) -> None:
@@ -96,6 +115,7 @@ class TestErrors:
             err = errors.from_status_name(cls.status, "m")
             assert type(err) is cls and str(err) == "m"
         assert errors.Unavailable.retryable and not errors.NotFound.retryable
+        assert type(errors.from_status_name("OUT_OF_RANGE", "m")) is errors.OutOfRange
 
 
 class TestEnvFlags:

@@ -25,6 +25,11 @@ class TestNodeId:
             validation.node_id(value)
         assert text in str(info.value)
 
+    def test_a_huge_bad_id_gives_a_short_message(self) -> None:
+        with pytest.raises(InvalidArgument) as info:
+            validation.node_id("a/" * 60)
+        assert len(str(info.value)) < 200
+
     @given(st.text(min_size=1, max_size=40))
     def test_either_accepts_unchanged_or_raises_invalid_argument(self, value: str) -> None:
         try:
@@ -58,6 +63,38 @@ class TestAddress:
         with pytest.raises(InvalidArgument, match="address"):
             validation.address(value)
 
+    @pytest.mark.parametrize(
+        "value", ["127.0.0.1:٧١٠١", "١٢٧.0.0.1:1", "nœud.game:1", "127.0.0.1:²", "ｘ.game:1"]
+    )
+    def test_refuses_non_ascii_hosts_and_digits(self, value: str) -> None:
+        with pytest.raises(InvalidArgument, match="not ASCII"):
+            validation.address(value)
+
+    def test_messages_stay_short_whatever_the_input(self) -> None:
+        for value in ("1" * 1_000_000, "h" * 250 + ":1", "[" + ":" * 200 + "]:1", "a" * 200 + ".b:99999"):
+            with pytest.raises(InvalidArgument) as info:
+                validation.address(value)
+            assert len(str(info.value)) < 300, str(info.value)
+
+    @pytest.mark.parametrize(
+        ("value", "text"),
+        [("0.0.0.0:1", "unspecified"), ("[::]:1", "unspecified"), ("[::ffff:0.0.0.0]:1", "unspecified"),
+         ("255.255.255.255:1", "broadcast"), ("239.1.2.3:1", "multicast"), ("[ff05::2]:1", "multicast")],
+    )
+    def test_reachable_address_refuses_what_reaches_no_node(self, value: str, text: str) -> None:
+        assert validation.address(value) == value  # fine to listen on
+        with pytest.raises(InvalidArgument, match=text):
+            validation.reachable_address(value)
+
+    @pytest.mark.parametrize("value", ["10.0.0.1:7101", "[2001:db8::1]:1", "node-1.game:7101", "localhost:1"])
+    def test_reachable_address_accepts_unicast_and_names(self, value: str) -> None:
+        assert validation.reachable_address(value) == value
+
+    def test_canonical_address(self) -> None:
+        assert validation.canonical_address("Node-1.Game:0080") == "node-1.game:80"
+        assert validation.canonical_address("[0:0::1]:7101") == validation.canonical_address("[::1]:7101")
+        assert validation.canonical_address("10.0.0.1:1") != validation.canonical_address("10.0.0.1:2")
+
 
 class TestCapacityAndLabels:
     def test_capacity(self) -> None:
@@ -75,3 +112,16 @@ class TestCapacityAndLabels:
             validation.label("a b", "zone")
         with pytest.raises(InvalidArgument, match="region"):
             validation.label("r" * 65, "region")
+
+
+class TestNodeFlags:
+    def test_an_unspecified_listen_address_needs_advertise(self, capsys: pytest.CaptureFixture[str]) -> None:
+        from shardnode.main import parse_args
+
+        base = ["--node-id", "n1", "--listen", "0.0.0.0:7101", "--data-dir", "/nonexistent"]
+        assert parse_args([*base, "--advertise", "10.0.0.1:7101"])[0].advertise == "10.0.0.1:7101"
+        with pytest.raises(SystemExit):
+            parse_args(base)
+        assert "unspecified host 0.0.0.0" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            parse_args([*base, "--advertise", "0.0.0.0:7101"])

@@ -1,0 +1,548 @@
+"""Every bad input found by probing a running cluster, sent to a real control plane (and
+a shard node's server): each gets its own status, a short message a person can act on,
+and changes nothing stored.
+
+Raw bytes go through a generic channel call (no serializer), so requests no
+well-behaved client could build (invalid UTF-8, truncated messages) are tested too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+from grpc_health.v1 import health_pb2
+
+from bluemarble.core import limits
+from bluemarble.runtime.grpc_server import ServiceBinding, build_server
+from bluemarble.v1 import common_pb2, controlplane_pb2_grpc, shardnode_pb2, shardnode_pb2_grpc
+from bluemarble.v1 import controlplane_pb2 as pb
+from controlplane.server.app import ControlPlaneApp
+from shardnode.service import ShardNodeService
+from tests.conftest import StartControlPlane
+
+pytestmark = pytest.mark.integration
+Stub = controlplane_pb2_grpc.ControlPlaneStub
+
+SHORT = 300  # characters a status message may have: enough to act on, never an echo
+CP = "/bluemarble.v1.ControlPlane"
+NOT_UTF8 = b"\xff\xfe"
+
+
+def field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (wire type 2), for hand-made requests."""
+    assert len(payload) < 128
+    return bytes([number << 3 | 2, len(payload)]) + payload
+
+
+def register_request(node_id: str = "n1", address: str = "127.0.0.1:7101") -> pb.RegisterNodeRequest:
+    return pb.RegisterNodeRequest(node_id=node_id, address=address, zone="z1")
+
+
+async def refusal(call: Any) -> tuple[grpc.StatusCode, str]:
+    """The status a unary call, or a stream read to its end, was refused with."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        if hasattr(call, "__aiter__"):
+            async for _ in call:
+                pass
+        else:
+            await call
+    return info.value.code(), info.value.details() or ""
+
+
+def assert_short(details: str) -> None:
+    assert details, "a refusal must say why"
+    assert len(details) < SHORT, f"{len(details)} chars: {details[:200]}..."
+    for leak in ("invalid literal", "Traceback", "Exception", "DecodeError"):
+        assert leak not in details, details
+
+
+async def stored(app: ControlPlaneApp) -> dict[str, tuple[bytes, int]]:
+    """What bad input could change: node records, the config and the ring, with their
+    mod revisions. (Assignments are left out: the leader writes them on its own.)"""
+    kvs, _ = await app.store.get_prefix(app.keys.prefix)
+    keep = (app.keys.nodes_prefix(), app.keys.config(), app.keys.ring())
+    return {kv.key: (kv.value, kv.mod_revision) for kv in kvs if kv.key.startswith(keep)}
+
+
+async def views(stub: Stub) -> tuple[list[tuple[str, str, int]], pb.GetConfigResponse]:
+    nodes = (await stub.ListNodes(pb.ListNodesRequest())).nodes
+    return [(n.node_id, n.address, n.lease_id) for n in nodes], await stub.GetConfig(pb.GetConfigRequest())
+
+
+class Unchanged:
+    """``async with Unchanged(app, stub):`` asserts etcd, ListNodes and GetConfig are the
+    same after the block as before it."""
+
+    def __init__(self, app: ControlPlaneApp, stub: Stub):
+        self.app, self.stub = app, stub
+
+    async def __aenter__(self) -> None:
+        self.before = (await stored(self.app), await views(self.stub))
+
+    async def __aexit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            assert (await stored(self.app), await views(self.stub)) == self.before
+
+
+@pytest.fixture
+async def channel(control_plane: ControlPlaneApp) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(control_plane.address) as ch:
+        yield ch
+
+
+def raw_unary(channel: grpc.aio.Channel, method: str) -> Any:
+    return channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+
+
+async def serving(channel: grpc.aio.Channel) -> bool:
+    raw = await raw_unary(channel, "/grpc.health.v1.Health/Check")(b"")
+    return health_pb2.HealthCheckResponse.FromString(raw).status == health_pb2.HealthCheckResponse.SERVING
+
+
+# ---- 1. requests that do not parse --------------------------------------------------
+
+UNDECODABLE = [
+    ("RegisterNode", field(1, NOT_UTF8) + field(2, b"127.0.0.1:7101"), "RegisterNodeRequest"),
+    ("RegisterNode", field(1, b"n1")[:-1], "RegisterNodeRequest"),  # truncated
+    ("RegisterNode", b"\x0a\x7fabc", "RegisterNodeRequest"),  # length runs past the end
+    ("Heartbeat", field(1, NOT_UTF8), "HeartbeatRequest"),
+    ("Heartbeat", field(3, field(1, NOT_UTF8)), "HeartbeatRequest"),  # inside a ShardStatus
+    ("DeregisterNode", field(1, b"\xc3"), "DeregisterNodeRequest"),  # half a character
+    ("DrainNode", field(1, NOT_UTF8), "DrainNodeRequest"),
+    ("ResolvePlayer", field(1, NOT_UTF8), "ResolvePlayerRequest"),
+    ("SetConfig", field(1, field(5, field(1, NOT_UTF8))), "SetConfigRequest"),  # a map key
+    ("GetConfig", b"\x07", "GetConfigRequest"),  # wire type 7 does not exist
+]
+
+
+class TestUndecodableRequests:
+    @pytest.mark.parametrize(("rpc", "raw", "message"), UNDECODABLE)
+    async def test_unary_is_invalid_argument_and_changes_nothing(
+        self,
+        control_plane: ControlPlaneApp,
+        stub: Stub,
+        channel: grpc.aio.Channel,
+        caplog: pytest.LogCaptureFixture,
+        rpc: str,
+        raw: bytes,
+        message: str,
+    ) -> None:
+        await stub.RegisterNode(register_request())
+        async with Unchanged(control_plane, stub):
+            code, details = await refusal(raw_unary(channel, f"{CP}/{rpc}")(raw))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert f"request is not a valid bluemarble.v1.{message}" in details
+        assert_short(details)
+        # No traceback from grpc's "Unexpected error raised by servicer method".
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+    async def test_bad_message_inside_heartbeat_stream_ends_it_with_invalid_argument(
+        self, control_plane: ControlPlaneApp, stub: Stub, channel: grpc.aio.Channel
+    ) -> None:
+        r = await stub.RegisterNode(register_request())
+        good = pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id).SerializeToString()
+        call = channel.stream_stream(
+            f"{CP}/HeartbeatStream", request_serializer=None, response_deserializer=None
+        )()
+        await call.write(good)
+        assert pb.HeartbeatResponse.FromString(await call.read()).ttl_ms == 2000
+        async with Unchanged(control_plane, stub):
+            await call.write(field(1, NOT_UTF8))
+            code, details = await refusal(call.read())
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid bluemarble.v1.HeartbeatRequest" in details
+        assert_short(details)
+        # The node was not harmed: its lease still refreshes.
+        await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id))
+
+    async def test_server_streaming_call_is_invalid_argument(self, channel: grpc.aio.Channel) -> None:
+        call = channel.unary_stream(
+            f"{CP}/WatchAssignments", request_serializer=None, response_deserializer=None
+        )(field(1, NOT_UTF8))
+        code, details = await refusal(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid bluemarble.v1.WatchAssignmentsRequest" in details
+
+    async def test_health_and_trade_services_are_guarded_too(self, channel: grpc.aio.Channel) -> None:
+        for method, message in (
+            ("/grpc.health.v1.Health/Check", "grpc.health.v1.HealthCheckRequest"),
+            ("/bluemarble.v1.TradeCoordinator/ExecuteTrade", "bluemarble.v1.ExecuteTradeRequest"),
+        ):
+            code, details = await refusal(raw_unary(channel, method)(field(1, NOT_UTF8)))
+            assert (code, message in details) == (grpc.StatusCode.INVALID_ARGUMENT, True), details
+        # Still serving.
+        assert await serving(channel)
+
+
+# ---- 2. huge values are refused with a short message --------------------------------
+
+HUGE = 1024 * 1024 - 1024  # just under the control plane's request cap
+
+
+class TestHugeValues:
+    @pytest.mark.parametrize(
+        ("request_", "text"),
+        [
+            (pb.RegisterNodeRequest(node_id="n9", address="1" * HUGE), "characters long"),
+            (pb.RegisterNodeRequest(node_id="n9", address="h" * HUGE + ":1"), "characters long"),
+            (pb.RegisterNodeRequest(node_id="a/" * (HUGE // 2), address="127.0.0.1:1"), "bytes long"),
+            (pb.RegisterNodeRequest(node_id="n9", address="127.0.0.1:1", zone=" " * HUGE), "zone"),
+        ],
+    )
+    async def test_registration(
+        self,
+        control_plane: ControlPlaneApp,
+        stub: Stub,
+        capfd: pytest.CaptureFixture[str],
+        request_: pb.RegisterNodeRequest,
+        text: str,
+    ) -> None:
+        capfd.readouterr()
+        async with Unchanged(control_plane, stub):
+            code, details = await refusal(stub.RegisterNode(request_))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details  # not RESOURCE_EXHAUSTED
+        assert text in details
+        assert_short(details)
+        logged = capfd.readouterr()
+        assert len(logged.out) + len(logged.err) < 10_000  # the log does not echo it either
+
+    async def test_heartbeat_shard_id(self, control_plane: ControlPlaneApp, stub: Stub) -> None:
+        r = await stub.RegisterNode(register_request())
+        request = pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id)
+        request.shards.add(shard_id="shard-" + "1" * HUGE)
+        async with Unchanged(control_plane, stub):
+            code, details = await refusal(stub.Heartbeat(request))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert_short(details)
+
+    async def test_player_id_and_config(self, control_plane: ControlPlaneApp, stub: Stub) -> None:
+        code, details = await refusal(stub.ResolvePlayer(pb.ResolvePlayerRequest(player_id="p" * HUGE)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert_short(details)
+        config = (await stub.GetConfig(pb.GetConfigRequest())).config
+        config.consistency["é" * (HUGE // 4)] = common_pb2.CONSISTENCY_MODEL_EVENTUAL
+        async with Unchanged(control_plane, stub):
+            code, details = await refusal(stub.SetConfig(pb.SetConfigRequest(config=config)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "consistency system name" in details
+        assert_short(details)
+
+    async def test_many_bad_config_entries_give_one_short_message(
+        self, control_plane: ControlPlaneApp, stub: Stub
+    ) -> None:
+        config = (await stub.GetConfig(pb.GetConfigRequest())).config
+        for i in range(5000):
+            config.consistency[f"Bad-{i}"] = 99  # type: ignore[assignment]
+        async with Unchanged(control_plane, stub):
+            code, details = await refusal(stub.SetConfig(pb.SetConfigRequest(config=config)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "at most 64" in details
+        assert_short(details)
+
+
+# ---- 3. addresses no node can be reached at, or that another node holds --------------
+
+
+class TestAddresses:
+    @pytest.mark.parametrize(
+        ("address", "text"),
+        [
+            ("0.0.0.0:7101", "unspecified"),
+            ("[::]:7101", "unspecified"),
+            ("[::ffff:0.0.0.0]:7101", "unspecified"),
+            ("255.255.255.255:7101", "broadcast"),
+            ("224.0.0.1:7101", "multicast"),
+            ("[ff02::1]:7101", "multicast"),
+            ("nœud.game:7101", "not ASCII"),
+            ("127.0.0.1:٧١٠١", "not ASCII"),  # Arabic-Indic digits: int() would read 7101
+            ("١٢٧.0.0.1:7101", "not ASCII"),
+        ],
+    )
+    async def test_unreachable_or_non_ascii_host_is_invalid_argument(
+        self, control_plane: ControlPlaneApp, stub: Stub, address: str, text: str
+    ) -> None:
+        async with Unchanged(control_plane, stub):
+            code, details = await refusal(stub.RegisterNode(register_request("n1", address)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert text in details
+        assert_short(details)
+
+    @pytest.mark.parametrize(
+        ("first", "second"),
+        [
+            ("127.0.0.1:7101", "127.0.0.1:7101"),
+            ("node-1.game:7101", "NODE-1.Game:7101"),  # host names ignore case
+            ("[::1]:7101", "[0:0::1]:7101"),  # two spellings of one IPv6 address
+        ],
+    )
+    async def test_address_held_by_another_live_node_is_already_exists(
+        self, control_plane: ControlPlaneApp, stub: Stub, first: str, second: str
+    ) -> None:
+        await stub.RegisterNode(register_request("n1", first))
+        async with Unchanged(control_plane, stub):
+            code, details = await refusal(stub.RegisterNode(register_request("n2", second)))
+        assert code == grpc.StatusCode.ALREADY_EXISTS
+        assert "held by live node n1" in details
+        assert_short(details)
+
+    async def test_address_is_free_again_once_its_node_left(self, stub: Stub) -> None:
+        r = await stub.RegisterNode(register_request("n1"))
+        await stub.DeregisterNode(pb.DeregisterNodeRequest(node_id="n1", lease_id=r.lease_id))
+        await stub.RegisterNode(register_request("n2"))
+        nodes = (await stub.ListNodes(pb.ListNodesRequest())).nodes
+        assert [(n.node_id, n.address) for n in nodes] == [("n2", "127.0.0.1:7101")]
+
+    async def test_same_node_from_the_same_address_may_register_again(self, stub: Stub) -> None:
+        first = await stub.RegisterNode(register_request("n1"))
+        second = await stub.RegisterNode(register_request("n1"))
+        assert second.lease_id != first.lease_id
+        nodes = (await stub.ListNodes(pb.ListNodesRequest())).nodes
+        assert [(n.node_id, n.lease_id) for n in nodes] == [("n1", second.lease_id)]
+
+    async def test_held_address_is_refused_by_every_replica(self, start_control_plane: StartControlPlane) -> None:
+        a, b = await start_control_plane(), await start_control_plane()
+        async with grpc.aio.insecure_channel(a.address) as ca, grpc.aio.insecure_channel(b.address) as cb:
+            await Stub(ca).RegisterNode(register_request("n1"))
+            assert b.nodes is not None
+            key = b.keys.node("n1")  # type: ignore[arg-type]
+            await until(lambda: key in b.nodes.entries, "replica b's mirror to see n1")  # type: ignore[union-attr]
+            code, details = await refusal(Stub(cb).RegisterNode(register_request("n2")))
+        assert code == grpc.StatusCode.ALREADY_EXISTS
+        assert "n1" in details
+
+
+async def until(condition: Any, what: str, timeout_s: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+# ---- 4. heartbeat shard statuses ----------------------------------------------------
+
+
+class TestHeartbeatStatuses:
+    @pytest.mark.parametrize(
+        ("status", "text"),
+        [
+            (common_pb2.ShardStatus(shard_id="shard-99999"), "not a shard of the ring"),
+            (common_pb2.ShardStatus(shard_id="shard-16"), "has 16 shards"),
+            (common_pb2.ShardStatus(shard_id="shard-١"), "ASCII digits"),
+            (common_pb2.ShardStatus(shard_id="shard-01"), "write shard-1"),
+            (common_pb2.ShardStatus(shard_id="shard-"), "does not end with a number"),
+            (common_pb2.ShardStatus(shard_id="shard-1234567890123"), "more than 9 digits"),
+            (common_pb2.ShardStatus(shard_id="not-a-shard"), "does not start with 'shard-'"),
+            (common_pb2.ShardStatus(shard_id="shard-1", role=99), "role 99"),  # type: ignore[arg-type]
+            (common_pb2.ShardStatus(shard_id="shard-1", role=-1), "role -1"),  # type: ignore[arg-type]
+        ],
+    )
+    async def test_bad_status_is_invalid_argument(
+        self, control_plane: ControlPlaneApp, stub: Stub, status: common_pb2.ShardStatus, text: str
+    ) -> None:
+        r = await stub.RegisterNode(register_request())
+        request = pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id, shards=[status])
+        async with Unchanged(control_plane, stub):
+            code, details = await refusal(stub.Heartbeat(request))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert text in details
+        assert "shards[0]" in details
+        assert_short(details)
+
+    async def test_a_shard_reported_twice_is_invalid_argument(self, stub: Stub) -> None:
+        r = await stub.RegisterNode(register_request())
+        request = pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id)
+        request.shards.add(shard_id="shard-3", role=common_pb2.SHARD_ROLE_PRIMARY)
+        request.shards.add(shard_id="shard-3", role=common_pb2.SHARD_ROLE_REPLICA)
+        code, details = await refusal(stub.Heartbeat(request))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "shards[1]: shard-3 is reported twice" in details
+
+    async def test_good_statuses_are_accepted(self, stub: Stub) -> None:
+        r = await stub.RegisterNode(register_request())
+        request = pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id)
+        request.shards.add(shard_id="shard-0", role=common_pb2.SHARD_ROLE_PRIMARY, epoch=3, applied_lsn=2**63)
+        request.shards.add(shard_id="shard-15", role=common_pb2.SHARD_ROLE_REPLICA)
+        assert (await stub.Heartbeat(request)).ttl_ms == 2000
+
+
+# ---- 5. config: system names, and a replication factor above the live nodes ----------
+
+
+class TestConfigAndReplication:
+    @pytest.mark.parametrize("name", ["é", "x²", "", "Chat", "a-b", "a b", "a" * 65, "١"])
+    async def test_system_name_outside_the_rule_is_refused(
+        self, control_plane: ControlPlaneApp, stub: Stub, name: str
+    ) -> None:
+        config = (await stub.GetConfig(pb.GetConfigRequest())).config
+        config.consistency[name] = common_pb2.CONSISTENCY_MODEL_EVENTUAL
+        async with Unchanged(control_plane, stub):
+            code, details = await refusal(stub.SetConfig(pb.SetConfigRequest(config=config)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "must be 1..64 of a-z, 0-9 or '_'" in details
+        assert_short(details)
+
+    async def test_status_reports_under_replication(self, stub: Stub) -> None:
+        await stub.RegisterNode(register_request("n1", "127.0.0.1:7101"))
+        await stub.RegisterNode(register_request("n2", "127.0.0.1:7102"))
+        await stub.DrainNode(pb.DrainNodeRequest(node_id="n2"))
+        status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
+        assert status.config.replication_factor == 3
+        assert (status.node_count, status.live_nodes_eligible, status.effective_replication_factor) == (2, 1, 1)
+        assert status.shards_under_replicated == 16  # no shard can have 3 live copies
+        assert any("replication_factor is 3 but only 1 live nodes are eligible" in w for w in status.warnings)
+        assert any("16 of 16 shards have fewer than 3 live copies" in w for w in status.warnings)
+
+    async def test_set_config_warns_of_a_factor_above_the_live_nodes(self, stub: Stub) -> None:
+        await stub.RegisterNode(register_request("n1"))
+        current = await stub.GetConfig(pb.GetConfigRequest())
+        config = current.config
+        config.replication_factor = 5
+        r = await stub.SetConfig(pb.SetConfigRequest(config=config, expected_revision=current.revision))
+        assert r.config.replication_factor == 5  # stored: nodes may join later
+        assert [w for w in r.warnings if "replication_factor is 5 but only 1" in w]
+        config.replication_factor = 1
+        r = await stub.SetConfig(pb.SetConfigRequest(config=config))
+        assert list(r.warnings) == []
+
+
+# ---- 6. request size caps -----------------------------------------------------------
+
+
+class TestRequestSize:
+    async def test_a_2_mb_request_is_refused_at_once_and_the_server_stays_healthy(
+        self, control_plane: ControlPlaneApp, stub: Stub, channel: grpc.aio.Channel
+    ) -> None:
+        huge = pb.RegisterNodeRequest(node_id="n1", address="127.0.0.1:7101", region="r" * (2 * 1024 * 1024))
+        loop = asyncio.get_running_loop()
+        async with Unchanged(control_plane, stub):
+            started = loop.time()
+            code, details = await refusal(stub.RegisterNode(huge))
+            took_s = loop.time() - started
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert took_s < 1.0, took_s
+        assert_short(details)
+        # A 2 MB message inside the heartbeat stream ends that stream the same way.
+        r = await stub.RegisterNode(register_request())
+        call = stub.HeartbeatStream()
+        await call.write(pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id))
+        await call.read()
+        await call.write(pb.HeartbeatRequest(node_id="n1" * (1024 * 1024), lease_id=r.lease_id))
+        code, _ = await refusal(call.read())
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert await serving(channel)
+        await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id))
+
+    async def test_the_largest_legal_heartbeat_fits(self, stub: Stub) -> None:
+        r = await stub.RegisterNode(register_request())
+        request = pb.HeartbeatRequest(node_id="n" * 128, lease_id=r.lease_id)
+        for i in range(limits.MAX_SHARD_STATUSES):
+            request.shards.add(shard_id=f"shard-{i}", epoch=2**64 - 1, role=2, applied_lsn=2**64 - 1)
+        assert request.ByteSize() < limits.CONTROL_PLANE_MAX_REQUEST_BYTES
+        code, details = await refusal(stub.Heartbeat(request))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT  # parsed and judged, not cut off by size
+        assert "not a shard of the ring" in details
+
+
+# ---- 8. WatchAssignments.start_revision ---------------------------------------------
+
+
+class TestStartRevision:
+    async def test_a_revision_etcd_has_not_reached_is_out_of_range(self, stub: Stub) -> None:
+        current = (await stub.ListAssignments(pb.ListAssignmentsRequest())).revision
+        ahead = current + 1_000_000
+        code, details = await refusal(stub.WatchAssignments(pb.WatchAssignmentsRequest(start_revision=ahead)))
+        assert code == grpc.StatusCode.OUT_OF_RANGE
+        assert f"start_revision {ahead} is ahead of the cluster's revision" in details
+        assert_short(details)
+
+    async def test_negative_is_invalid_argument(self, stub: Stub) -> None:
+        code, details = await refusal(stub.WatchAssignments(pb.WatchAssignmentsRequest(start_revision=-1)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "start_revision is -1" in details
+
+    @pytest.mark.parametrize("offset", [None, 0, -1])
+    async def test_a_seen_revision_starts_with_a_snapshot_that_says_its_revision(
+        self, control_plane: ControlPlaneApp, stub: Stub, offset: int | None
+    ) -> None:
+        listed = (await stub.ListAssignments(pb.ListAssignmentsRequest())).revision
+        start = 1 if offset is None else max(listed + offset, 1)
+        call = stub.WatchAssignments(pb.WatchAssignmentsRequest(start_revision=start))
+        first = await call.read()
+        call.cancel()
+        assert first.snapshot
+        assert first.revision >= start
+        assert first.revision >= listed
+
+    async def test_a_revision_the_mirror_has_not_seen_but_etcd_has_is_served(
+        self, control_plane: ControlPlaneApp, stub: Stub
+    ) -> None:
+        # A node registration moves etcd's revision past the assignments mirror's.
+        await stub.RegisterNode(register_request())
+        etcd_revision = await control_plane.store.current_revision()
+        call = stub.WatchAssignments(pb.WatchAssignmentsRequest(start_revision=etcd_revision))
+        first = await asyncio.wait_for(call.read(), 5)
+        call.cancel()
+        assert first.snapshot and first.revision > 0
+
+
+# ---- the shard node's server has the same protections --------------------------------
+
+
+@pytest.fixture
+async def node_channel() -> AsyncIterator[grpc.aio.Channel]:
+    server = await build_server(
+        "127.0.0.1:0",
+        [
+            ServiceBinding(
+                shardnode_pb2.DESCRIPTOR.services_by_name["ShardNode"].full_name,
+                ShardNodeService("n1", list),
+                shardnode_pb2_grpc.add_ShardNodeServicer_to_server,
+            )
+        ],
+        max_request_bytes=limits.SHARD_NODE_MAX_REQUEST_BYTES,
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            yield ch
+    finally:
+        await server.stop_gracefully(0.1)
+
+
+class TestShardNodeServer:
+    @pytest.mark.parametrize(
+        ("rpc", "raw", "message"),
+        [
+            ("GetShardStatus", b"\x0a\x05ab", "GetShardStatusRequest"),  # truncated unknown field
+            ("GrantItems", field(1, NOT_UTF8), "GrantItemsRequest"),
+            ("Prepare", field(1, NOT_UTF8), "PrepareRequest"),
+        ],
+    )
+    async def test_undecodable_request_is_invalid_argument(
+        self, node_channel: grpc.aio.Channel, rpc: str, raw: bytes, message: str
+    ) -> None:
+        code, details = await refusal(raw_unary(node_channel, f"/bluemarble.v1.ShardNode/{rpc}")(raw))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"not a valid bluemarble.v1.{message}" in details
+        assert_short(details)
+
+    async def test_undecodable_stream_request_is_invalid_argument(self, node_channel: grpc.aio.Channel) -> None:
+        call = node_channel.unary_stream(
+            "/bluemarble.v1.ShardNode/GetSnapshot", request_serializer=None, response_deserializer=None
+        )(field(1, NOT_UTF8))
+        code, details = await refusal(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "GetSnapshotRequest" in details
+
+    async def test_request_above_its_cap_is_resource_exhausted(self, node_channel: grpc.aio.Channel) -> None:
+        too_big = b"\x0a" + b"\x80\x80\x80\x09" + b"x" * (limits.SHARD_NODE_MAX_REQUEST_BYTES + 1024)
+        code, _ = await refusal(raw_unary(node_channel, "/bluemarble.v1.ShardNode/Replicate")(too_big))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        stub = shardnode_pb2_grpc.ShardNodeStub(node_channel)
+        assert (await stub.GetShardStatus(shardnode_pb2.GetShardStatusRequest())).node_id == "n1"

@@ -1,0 +1,79 @@
+"""One log format per process: library records (stdlib logging) are rendered by the
+same structlog processors as our own events."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from bluemarble.runtime import logs
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+        structlog.reset_defaults()
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+@pytest.mark.usefixtures("restore_logging")
+class TestLibraryLogsGoThroughStructlog:
+    def test_json_mode_renders_a_stdlib_record_like_our_own_events(self) -> None:
+        out = io.StringIO()
+        logs.configure("info", "json", stream=out)
+        logging.getLogger("etcd3aio").warning("watch on %s broke", "/bluemarble/x/nodes/")
+        structlog.get_logger("bluemarble.test").warning("ours", n=1)
+        library, ours = lines(out)
+        assert library["event"] == "watch on /bluemarble/x/nodes/ broke"
+        assert (library["level"], library["logger"]) == ("warning", "etcd3aio")
+        assert ours["event"] == "ours" and ours["level"] == "warning"
+        assert set(library) >= {"event", "level", "timestamp", "logger"}
+        assert {"event", "level", "timestamp"} <= set(ours)
+
+    def test_exceptions_and_request_context_are_rendered(self) -> None:
+        out = io.StringIO()
+        logs.configure("info", "json", stream=out)
+        structlog.contextvars.bind_contextvars(rpc="Heartbeat")
+        try:
+            try:
+                raise RuntimeError("boom")
+            except RuntimeError:
+                logging.getLogger("grpc._cython.cygrpc").exception("Unexpected error")
+        finally:
+            structlog.contextvars.clear_contextvars()
+        (record,) = lines(out)
+        assert record["rpc"] == "Heartbeat"
+        assert "RuntimeError: boom" in str(record["exception"])
+
+    def test_library_info_is_quiet_and_console_mode_is_one_line(self) -> None:
+        out = io.StringIO()
+        logs.configure("info", "console", stream=out)
+        logging.getLogger("asyncio").info("noise")
+        logging.getLogger("asyncio").error("Task exception was never retrieved")
+        (line,) = out.getvalue().splitlines()
+        assert "[error" in line and "Task exception was never retrieved" in line and "asyncio" in line
+
+    def test_configuring_again_replaces_the_handler(self) -> None:
+        first, second = io.StringIO(), io.StringIO()
+        logs.configure("info", "json", stream=first)
+        logs.configure("info", "json", stream=second)
+        logging.getLogger("etcd3aio").error("once")
+        assert first.getvalue() == ""
+        assert len(lines(second)) == 1
