@@ -124,6 +124,7 @@ class ControlPlaneApp:
             assignments=self.assignments,
             ring=self.ring,
             election=self.election,
+            placement_hold=lambda: self.reconciler.holding if self.reconciler else "",
         )
         self.server = await build_server(
             s.listen,

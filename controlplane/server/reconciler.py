@@ -60,7 +60,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from bluemarble.api.conversions import assignment_from_proto, assignment_to_proto
+from bluemarble.api.conversions import assignment_from_proto, assignment_to_proto, placement_node_from_proto
 from bluemarble.core.errors import BlueMarbleError
 from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.placement import (
@@ -299,15 +299,7 @@ class Reconciler:
 
     def observe(self) -> tuple[list[PlacementNode], dict[NodeId, str], dict[ShardId, ShardAssignment], list[ShardId]]:
         """Live nodes, their addresses, current assignments and ring shards, from the mirrors."""
-        nodes = [
-            PlacementNode(
-                node_id=NodeId(n.node_id),
-                zone=n.zone,
-                capacity=max(n.capacity, 1),
-                draining=n.state == common_pb2.NODE_STATE_DRAINING,
-            )
-            for n in self._nodes.entries.values()
-        ]
+        nodes = [placement_node_from_proto(n) for n in self._nodes.entries.values()]
         addresses = {NodeId(n.node_id): n.address for n in self._nodes.entries.values()}
         current = {
             ShardId(a.shard_id): assignment_from_proto(a) for a in self._assignments.entries.values()

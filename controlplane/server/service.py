@@ -19,9 +19,9 @@ from bluemarble.core import limits, validation
 from bluemarble.core.errors import InvalidArgument, OutOfRange, Unavailable, Unimplemented
 from bluemarble.core.ids import NodeId, ShardId, shard_index
 from bluemarble.core.ring import Ring
-from bluemarble.runtime.clock import Clock
+from bluemarble.runtime.clock import Clock, run_with_timeout
 from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
-from controlplane.server.election import Election
+from controlplane.server.election import Election, LeaderInfo
 from controlplane.server.registry import NodeRegistry
 from controlplane.store.config_store import ConfigStore
 from controlplane.store.etcd import EtcdStore
@@ -45,6 +45,8 @@ class ControlPlaneDeps:
     assignments: PrefixCache[common_pb2.Assignment]
     ring: PrefixCache[Ring]
     election: Election
+    placement_hold: Callable[[], str] = lambda: ""
+    """Why this replica's reconciler holds placement moves right now ("" when it does not)."""
 
 
 MAX_SHARD_STATUSES = limits.MAX_SHARD_STATUSES
@@ -287,8 +289,9 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         if start_revision <= cache.revision:
             return
         try:
-            async with asyncio.timeout(START_REVISION_CHECK_TIMEOUT_S):
-                current = await self._d.store.current_revision()
+            current = await run_with_timeout(
+                self._d.clock, self._d.store.current_revision(), START_REVISION_CHECK_TIMEOUT_S
+            )
         except (Unavailable, TimeoutError) as e:
             raise Unavailable(
                 f"start_revision {start_revision} is ahead of this replica's assignments "
@@ -317,12 +320,23 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         )
         mirrors = (self._d.nodes, self._d.assignments, self._d.ring)
         config: common_pb2.ClusterConfig | None = None
+        for mirror in mirrors:
+            if not mirror.healthy:
+                response.warnings.append(
+                    f"this replica's {mirror.name} mirror is not following etcd: "
+                    f"{mirror.unhealthy_reason or 'starting'}"
+                )
         if all(c.healthy for c in mirrors):
+
+            async def read_etcd() -> tuple[common_pb2.ClusterConfig, list[common_pb2.Node], int, LeaderInfo | None]:
+                config, _ = await self._d.config.get()
+                nodes, revision = await self._d.registry.list_nodes()
+                return config, nodes, revision, await self._d.election.current_leader()
+
             try:
-                async with asyncio.timeout(STATUS_ETCD_TIMEOUT_S):
-                    config, _ = await self._d.config.get()
-                    nodes, revision = await self._d.registry.list_nodes()
-                    leader = await self._d.election.current_leader()
+                config, nodes, revision, leader = await run_with_timeout(
+                    self._d.clock, read_etcd(), STATUS_ETCD_TIMEOUT_S
+                )
             except (Unavailable, TimeoutError):
                 config = None
         if config is None:
@@ -367,6 +381,9 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             response.warnings.append(
                 f"{response.shards_without_primary} of {shard_count} shards have no live primary"
             )
+        hold = self._d.placement_hold()
+        if hold:
+            response.warnings.append(f"the leader holds placement moves while nodes come back: {hold}")
         return response
 
     # ---- config ----
