@@ -9,7 +9,9 @@ For each node count N (a fresh cluster per level, so levels do not disturb each 
    as a real process (``python -m controlplane.server.main ... --lease-ttl-s 3``);
 2. start K load-generator processes (``--workers``, default 2), each simulating N/K
    nodes over a few grpc.aio channels with the raw generated ControlPlaneStub: every
-   node registers (unique node id, fake address 127.0.0.1:<10000+i>, zone a/b/c), then
+   node registers (unique node id, address 127.0.0.1:<10000+i>, zone a/b/c; each
+   generator runs one ShardNode server on all its nodes' ports, so the leader's probe of a
+   new registration is answered as a real node would answer it), then
    heartbeats every ``--interval-s`` (1.0 s), the N nodes' phases spread evenly over
    the second (not bursty). A node waits for its previous heartbeat's answer before it
    sends the next (like the real agent), so a slow server shows up as a larger gap;
@@ -59,7 +61,7 @@ from typing import Any
 
 import grpc
 
-from bluemarble.v1 import controlplane_pb2, controlplane_pb2_grpc
+from bluemarble.v1 import controlplane_pb2, controlplane_pb2_grpc, shardnode_pb2, shardnode_pb2_grpc
 from scripts.localcluster import LocalEtcd, ManagedProcess, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,6 +138,18 @@ def _phase(t: float, timing: Any) -> str:
     return "tail"
 
 
+def node_port(i: int) -> int:
+    """The port simulated node ``i`` registers (and answers probes on)."""
+    return 10000 + i
+
+
+class _ProbeResponder(shardnode_pb2_grpc.ShardNodeServicer):
+    """What a simulated node answers when the leader probes it: holding nothing yet."""
+
+    async def GetShardStatus(self, request: Any, context: Any) -> shardnode_pb2.GetShardStatusResponse:
+        return shardnode_pb2.GetShardStatusResponse()
+
+
 async def _generate(
     wid: int,
     address: str,
@@ -156,6 +170,13 @@ async def _generate(
     options = [("grpc.use_local_subchannel_pool", 1)]
     channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(args["channels"])]
     stubs = [controlplane_pb2_grpc.ControlPlaneStub(c) for c in channels]
+    # The simulated nodes answer the leader's probe of a new registration, as real nodes
+    # do: one ShardNode server per generator, listening on every one of its nodes' ports.
+    responder = grpc.aio.server()
+    shardnode_pb2_grpc.add_ShardNodeServicer_to_server(_ProbeResponder(), responder)
+    for i in indexes:
+        responder.add_insecure_port(f"127.0.0.1:{node_port(i)}")
+    await responder.start()
     stop = asyncio.Event()
     reg_sem = asyncio.Semaphore(int(args["register_concurrency"]))
     phases = {p: PhaseStats() for p in PHASES}
@@ -176,7 +197,7 @@ async def _generate(
     async def register(i: int, stub: controlplane_pb2_grpc.ControlPlaneStub) -> int:
         request = controlplane_pb2.RegisterNodeRequest(
             node_id=node_id(i),
-            address=f"127.0.0.1:{10000 + i}",
+            address=f"127.0.0.1:{node_port(i)}",
             region="bench",
             zone=ZONES[i % len(ZONES)],
             capacity=1,
@@ -290,6 +311,7 @@ async def _generate(
         await asyncio.gather(*tasks, watch, return_exceptions=True)
         for c in channels:
             await c.close(grace=None)
+        await responder.stop(None)
     return WorkerResult(
         worker=wid,
         nodes=len(indexes),

@@ -135,7 +135,7 @@ async def write_changes(endpoint: str, args: argparse.Namespace) -> dict[str, An
     from bluemarble.core.ids import NodeId, ShardId
     from bluemarble.core.placement import ShardAssignment
     from bluemarble.v1 import common_pb2
-    from controlplane import codec
+    from controlplane.store import codec
     from controlplane.store.etcd import EtcdStore
     from controlplane.store.keys import KeySchema
 

@@ -84,7 +84,9 @@ def with_error_mapping(servicer: object, full_name: str) -> object:
     bug: it is logged with its traceback and answered INTERNAL with an id to find the
     log line, never UNKNOWN. The wrapping happens once per method at registration:
     grpc.aio's ServerInterceptor builds a new handler on every call, which costs more
-    than a heartbeat's own work.
+    than a heartbeat's own work. The same wrapper refuses undecodable requests
+    (:func:`guard_decoding` with ``check_requests=False``), so a message crosses one
+    wrapper, not two.
     """
     service = descriptor_pool.Default().FindServiceByName(full_name)
     wrapped = type(f"Wrapped{service.name}", (), {})()
@@ -92,7 +94,7 @@ def with_error_mapping(servicer: object, full_name: str) -> object:
         behavior = getattr(servicer, method.name)
         path = f"/{full_name}/{method.name}"
         wrap = _wrap_stream if method.server_streaming else _wrap_unary
-        setattr(wrapped, method.name, wrap(path, behavior))
+        setattr(wrapped, method.name, wrap(path, behavior, method.client_streaming))
     return wrapped
 
 
@@ -120,12 +122,16 @@ async def _fail(
 
 
 def _wrap_unary(
-    method: str, behavior: Callable[[Any, Ctx], Awaitable[Any]]
+    method: str, behavior: Callable[[Any, Ctx], Awaitable[Any]], client_streaming: bool
 ) -> Callable[[Any, Ctx], Awaitable[Any]]:
     async def wrapped(request: Any, context: Ctx) -> Any:
         _bind(method, context)
         started = time.monotonic()
         try:
+            if client_streaming:
+                request = _checked_requests(method, request, context)
+            elif isinstance(request, Undecodable):
+                await _refuse_undecodable(method, context, request)
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -138,12 +144,16 @@ def _wrap_unary(
 
 
 def _wrap_stream(
-    method: str, behavior: Callable[[Any, Ctx], AsyncIterator[Any]]
+    method: str, behavior: Callable[[Any, Ctx], AsyncIterator[Any]], client_streaming: bool
 ) -> Callable[[Any, Ctx], AsyncIterator[Any]]:
     async def wrapped(request: Any, context: Ctx) -> AsyncIterator[Any]:
         _bind(method, context)
         started = time.monotonic()
         try:
+            if client_streaming:
+                request = _checked_requests(method, request, context)
+            elif isinstance(request, Undecodable):
+                await _refuse_undecodable(method, context, request)
             async for response in behavior(request, context):
                 yield response
         except grpc.aio.AbortError:
@@ -208,7 +218,7 @@ async def _checked_requests(method: str, requests: AsyncIterator[Any], context: 
         yield request
 
 
-def _guard_handler(method: str, message_type: str, handler: MethodHandler) -> MethodHandler:
+def _guard_handler(method: str, message_type: str, handler: MethodHandler, check_requests: bool) -> MethodHandler:
     behavior: Callable[[Any, Ctx], Any] | None = (
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
@@ -244,6 +254,8 @@ def _guard_handler(method: str, message_type: str, handler: MethodHandler) -> Me
         + ("stream" if handler.response_streaming else "unary")
     )
     # RpcMethodHandler is a namedtuple: keep the serializer and streaming flags.
+    if not check_requests:  # the behavior refuses Undecodable itself (with_error_mapping)
+        return handler._replace(request_deserializer=_safe_deserializer(deserializer, message_type))
     return handler._replace(
         request_deserializer=_safe_deserializer(deserializer, message_type),
         **{kind: guarded},
@@ -266,7 +278,11 @@ class _HandlerRecorder:
 
 
 def guard_decoding(
-    server: grpc.aio.Server, add_to_server: Callable[[Any, Any], None], servicer: object
+    server: grpc.aio.Server,
+    add_to_server: Callable[[Any, Any], None],
+    servicer: object,
+    *,
+    check_requests: bool = True,
 ) -> list[str]:
     """Registers ``servicer`` on ``server`` through its generated ``add_to_server`` with
     request deserializers that never raise (:class:`Undecodable`): a request that does
@@ -275,7 +291,9 @@ def guard_decoding(
     the services registered.
 
     Streaming methods must consume requests by iterating them (``async for``), not
-    through ``context.read()``, which this guard does not see.
+    through ``context.read()``, which this guard does not see. ``check_requests=False``
+    installs only the deserializers, for a servicer whose methods refuse
+    :class:`Undecodable` themselves (those of :func:`with_error_mapping`).
     """
     recorder = _HandlerRecorder()
     add_to_server(servicer, recorder)
@@ -284,7 +302,10 @@ def guard_decoding(
     for service, handlers in recorder.services.items():
         guarded = {
             name: _guard_handler(
-                f"/{service}/{name}", pool.FindMethodByName(f"{service}.{name}").input_type.full_name, handler
+                f"/{service}/{name}",
+                pool.FindMethodByName(f"{service}.{name}").input_type.full_name,
+                handler,
+                check_requests,
             )
             for name, handler in handlers.items()
         }
@@ -338,7 +359,12 @@ async def build_server(
     server = grpc.aio.server(interceptors=list(extra_interceptors), options=options)
     names = []
     for binding in bindings:
-        guard_decoding(server, binding.add_to_server, with_error_mapping(binding.servicer, binding.full_name))
+        guard_decoding(
+            server,
+            binding.add_to_server,
+            with_error_mapping(binding.servicer, binding.full_name),
+            check_requests=False,
+        )
         names.append(binding.full_name)
     health = health_aio.HealthServicer()
     guard_decoding(server, health_pb2_grpc.add_HealthServicer_to_server, health)

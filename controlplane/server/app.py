@@ -182,7 +182,6 @@ class ControlPlaneApp:
                 "server",
                 self.server.stop_gracefully(self.settings.shutdown_grace_s) if self.server else None,
             ),
-            ("probe", self.probe.close() if self.probe else None),
             ("etcd", self.store.close()),
         ]
         for name, step in steps:

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,7 +88,12 @@ log = structlog.get_logger(__name__)
 # etcd refuses transactions with more than 128 operations by default (--max-txn-ops).
 _MAX_WRITES_PER_TXN = 100
 _MIN_HOLD_S = 3.0
-_PROBE_RETRY_MAX_S = 30.0
+_MAX_PROBES_PER_S = 32
+"""New registrations probed per second at most (a token bucket of that size): a mass join
+of thousands of nodes is verified over some seconds instead of in bursts, since rounds run
+every 50 ms while shards wait for a primary."""
+_PROBE_RETRY_FIRST_S = 1.0
+_PROBE_RETRY_MAX_S = 60.0
 _MAX_UNREADABLE_LOGGED = 4096
 
 
@@ -142,8 +148,12 @@ class Reconciler:
         self._hold_reason = ""
         self._outage = False
         self._live: set[NodeId] = set()
+        self._live_revision = -1  # nodes mirror revision _live was computed at
         self._departures: collections.deque[float] = collections.deque()
         self._verified: set[tuple[NodeId, int]] = set()
+        self._verified_changes = 0  # bumped whenever _verified changes (an input of a round)
+        self._probe_tokens = float(_MAX_PROBES_PER_S)
+        self._probe_tokens_at = -math.inf
         self._unverified: dict[tuple[NodeId, int], _ProbeState] = {}
         self._unreadable_logged: set[tuple[str, int]] = set()
         self._wake = asyncio.Event()
@@ -167,7 +177,10 @@ class Reconciler:
         return self._hold_reason if self._clock.monotonic_s() < self._hold_until_s else ""
 
     def _on_change(self) -> None:
-        self._track_health_and_departures()
+        # Cheap on purpose: this runs on every node record change (thousands in a
+        # registration burst). Departures are counted when the loop wakes, once a burst.
+        if not all(c.healthy for c in (self._nodes, self._assignments, self._ring)):
+            self._outage = True
         self._wake.set()
 
     async def _run(self) -> None:
@@ -178,6 +191,7 @@ class Reconciler:
             if leadership is not None:
                 await self._clock.sleep(self._debounce_s)  # let a burst of changes land
                 self._wake.clear()
+                self._track_health_and_departures()
                 gap_s = self._min_round_interval_s - (self._clock.monotonic_s() - self._last_round)
                 if gap_s > 0 and not self.needs_repair():
                     # Only balance is at stake (e.g. nodes joining): pace the rounds, but
@@ -204,7 +218,10 @@ class Reconciler:
         round must run now (failover, replacement, drain), not only rebalance."""
         live = {n.node_id for n in self._nodes.entries.values() if n.state != common_pb2.NODE_STATE_DRAINING}
         ring = self._ring.entries.get(self._keys.ring())
-        if ring is not None and len(self._assignments.entries) < len(ring.shard_ids):
+        placeable_exists = bool(self._verified) or not self._probe_new_nodes
+        if placeable_exists and ring is not None and len(self._assignments.entries) < len(ring.shard_ids):
+            # Shards without a record can only be placed once a node has answered a probe:
+            # registrations that never answer must not make every round urgent.
             return True
         return any(
             a.primary not in live or any(r not in live for r in a.replicas)
@@ -219,9 +236,11 @@ class Reconciler:
         if not all(c.healthy for c in (self._nodes, self._assignments, self._ring)):
             self._outage = True
             return
-        live = {NodeId(n.node_id) for n in self._nodes.entries.values()}
-        gone = self._live - live
-        self._live = live
+        if self._nodes.revision == self._live_revision:
+            gone: set[NodeId] = set()
+        else:
+            live = {NodeId(n.node_id) for n in self._nodes.entries.values()}
+            gone, self._live, self._live_revision = self._live - live, live, self._nodes.revision
         for _ in gone:
             self._departures.append(now)
         while self._departures and self._departures[0] < now - self._hold_s():
@@ -263,6 +282,18 @@ class Reconciler:
 
     # ---- new nodes ----
 
+    def _take_probe_tokens(self, now: float) -> int:
+        """Refills the probe bucket for the time passed; returns the probes allowed now."""
+        elapsed_s = max(0.0, now - self._probe_tokens_at)
+        self._probe_tokens = min(_MAX_PROBES_PER_S, self._probe_tokens + elapsed_s * _MAX_PROBES_PER_S)
+        self._probe_tokens_at = now
+        return int(self._probe_tokens)
+
+    def _probe_due(self) -> bool:
+        """Whether a registration that did not answer yet is due for another probe."""
+        now = self._clock.monotonic_s()
+        return any(state.next_probe_s <= now for state in self._unverified.values())
+
     async def _verify_new_nodes(self, records: Sequence[common_pb2.Node], holders: set[NodeId]) -> set[NodeId]:
         """Probes registrations not seen answering yet; returns the node ids that may get
         new roles (answered, or already holding roles)."""
@@ -270,26 +301,36 @@ class Reconciler:
             return {NodeId(n.node_id) for n in records}
         now = self._clock.monotonic_s()
         current = {(NodeId(n.node_id), n.lease_id): n.address for n in records}
-        self._verified &= current.keys()
+        if not self._verified <= current.keys():
+            self._verified &= current.keys()
+            self._verified_changes += 1
         for key in list(self._unverified):
             if key not in current:
                 del self._unverified[key]
-        due = {
-            key: address
-            for key, address in current.items()
-            if key not in self._verified and key[0] not in holders
-            and self._unverified.setdefault(key, _ProbeState()).next_probe_s <= now
-        }
+        due = dict(
+            itertools.islice(
+                (
+                    (key, address)
+                    for key, address in current.items()
+                    if key not in self._verified
+                    and key[0] not in holders
+                    and self._unverified.setdefault(key, _ProbeState()).next_probe_s <= now
+                ),
+                self._take_probe_tokens(now),
+            )
+        )
+        self._probe_tokens -= len(due)
         if due:
             answered = await self._probe.reachable({key[0]: address for key, address in due.items()})
             for key in due:
                 if key[0] in answered:
                     self._verified.add(key)
+                    self._verified_changes += 1
                     self._unverified.pop(key, None)
                     continue
                 state = self._unverified[key]
                 state.failures += 1
-                state.next_probe_s = now + min(_PROBE_RETRY_MAX_S, 0.5 * 2 ** (state.failures - 1))
+                state.next_probe_s = now + min(_PROBE_RETRY_MAX_S, _PROBE_RETRY_FIRST_S * 2 ** (state.failures - 1))
                 if state.failures == 1:
                     log.warning("new node does not answer; it gets no role until it does",
                                 node_id=key[0], address=due[key])
@@ -322,27 +363,40 @@ class Reconciler:
         """One round; returns the plan it applied (None when there was nothing to plan)."""
         config, config_revision = await self._configs.get()
         self._track_health_and_departures()
-        records = list(self._nodes.entries.values())
-        nodes, addresses, current, shards = self.observe()
         new_term = self._term is not leadership
         self._term = leadership
+
+        def inputs() -> tuple[object, ...]:
+            return (
+                self._nodes.revision,
+                self._assignments.revision,
+                self._ring.revision,
+                config_revision,
+                leadership.token,
+                self._verified_changes,
+            )
+
+        # Skipped before any O(nodes) work: with thousands of nodes this runs every tick.
+        if inputs() == self._settled and not self._outage:
+            if not self._probe_due():
+                return None
+            # Only probes are due: plan again only if a new node answered.
+            verified_changes = self._verified_changes
+            holders = {NodeId(m) for a in self._assignments.entries.values() for m in (a.primary, *a.replicas)}
+            await self._verify_new_nodes(list(self._nodes.entries.values()), holders)
+            if self._verified_changes == verified_changes:
+                return None
+        records = list(self._nodes.entries.values())
+        nodes, addresses, current, shards = self.observe()
         if not shards:
             return None
         if self._held(nodes, current, config.replication_factor, new_term):
             return None
-        self._probe.retain(set(addresses.values()))
         holders = {m for a in current.values() for m in a.members}
         placeable = await self._verify_new_nodes(records, holders)
         nodes = [n for n in nodes if n.node_id in placeable]
-        inputs = (
-            self._nodes.revision,
-            self._assignments.revision,
-            self._ring.revision,
-            config_revision,
-            leadership.token,
-            frozenset(self._verified),
-        )
-        if inputs == self._settled:
+        settled_inputs = inputs()
+        if settled_inputs == self._settled:
             return None
         self.rounds += 1
         lost = [
@@ -371,8 +425,8 @@ class Reconciler:
         )
         if plan.changed:
             await self._write(leadership, plan)
-        elif plan.converged and not self._unverified:
-            self._settled = inputs
+        elif plan.converged:
+            self._settled = settled_inputs
         return plan
 
     def _expected_revision(self, key: str) -> int | None:

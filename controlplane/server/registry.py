@@ -16,7 +16,6 @@ same address on two replicas within the mirror's propagation delay can both succ
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
 
 import structlog
 
@@ -37,6 +36,7 @@ _CAS_POLICY = retry.RetryPolicy(initial_s=0.01, max_backoff_s=0.1, deadline_s=2.
 """Compare-and-swap races on one node record (a concurrent registration or drain):
 a few quick attempts, then Aborted to the caller, who may retry."""
 _LEASE_CACHE_MAX = 200_000
+_ADDRESS_INDEX = "address"
 
 
 class NodeRegistry:
@@ -53,6 +53,8 @@ class NodeRegistry:
         self._keys = keys
         self._clock = clock
         self._nodes = nodes
+        if nodes is not None:
+            nodes.add_index(_ADDRESS_INDEX, lambda n: _canonical_address(n.address))
         self._lease_by_node: dict[NodeId, int] = {}
 
     async def register(
@@ -82,6 +84,10 @@ class NodeRegistry:
         )
         key = self._keys.node(NodeId(node.node_id))
         await self._refuse_held_address(node)
+        try:  # the common case, without the retry machinery (registrations come in bursts)
+            return await self._register_once(key, node, ttl_s)
+        except Aborted:
+            pass
         return await retry.call(
             lambda: self._register_once(key, node, ttl_s),
             what=f"registration of {node.node_id}",
@@ -128,14 +134,14 @@ class NodeRegistry:
         """AlreadyExists when a live node other than ``node`` is registered at its address
         (compared canonically: host names ignore case, IPv6 hosts are compressed)."""
         wanted = _canonical_address(node.address)
-        others: Iterable[common_pb2.Node]
         if self._nodes is not None and self._nodes.healthy:
-            others = self._nodes.entries.values()
+            # O(1): the mirror keeps an index of node records by canonical address.
+            holders = [self._keys.parse_node(key) for key in self._nodes.lookup(_ADDRESS_INDEX, wanted)]
         else:
-            others = (await self.list_nodes())[0]
-        suspects = [
-            n.node_id for n in others if n.node_id != node.node_id and _canonical_address(n.address) == wanted
-        ]
+            holders = [
+                NodeId(n.node_id) for n in (await self.list_nodes())[0] if _canonical_address(n.address) == wanted
+            ]
+        suspects = [holder for holder in holders if holder != node.node_id]
         for other in suspects:  # the mirror may lag: confirm with etcd
             record = await self._record(NodeId(other))
             if record is None:

@@ -461,6 +461,10 @@ class _Progress:
         self._last_sent_s = self._clock.monotonic_s()
 
     def interleave(self, updates: AsyncIterator[_Item]) -> AsyncIterator[_Item | None]:
+        """``updates`` with a None wherever a progress message is due; ``updates`` itself
+        when the caller asked for none (no extra generator on the fan-out's hot path)."""
+        if self.interval_s is None:
+            return updates
         return _with_progress(updates, self._clock, self.due_in_s, self.interval_s)
 
 

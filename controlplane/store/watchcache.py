@@ -113,6 +113,33 @@ class PrefixCache(Generic[V]):
         self._task: asyncio.Task[None] | None = None
         self._advanced = asyncio.Event()  # set (and replaced) whenever revision moves
         self._listeners: list[Callable[[], None]] = []
+        # Secondary indexes: name -> (term of a value, term -> keys holding it).
+        self._indexes: dict[str, tuple[Callable[[V], str], dict[str, set[str]]]] = {}
+
+    def add_index(self, name: str, term: Callable[[V], str]) -> None:
+        """Keeps, from now on, which keys hold a value with each ``term(value)`` (e.g. the
+        node records by address), updated with every change: :meth:`lookup` then costs
+        O(1) instead of a scan of every entry. ``term`` must be pure and cheap."""
+        index: dict[str, set[str]] = {}
+        for key, value in self.entries.items():
+            index.setdefault(term(value), set()).add(key)
+        self._indexes[name] = (term, index)
+
+    def lookup(self, name: str, value_term: str) -> set[str]:
+        """The keys whose value has ``value_term`` in index ``name`` (see add_index)."""
+        return set(self._indexes[name][1].get(value_term, ()))
+
+    def _unindex(self, key: str, value: V) -> None:
+        for term, index in self._indexes.values():
+            keys = index.get(term(value))
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del index[term(value)]
+
+    def _index(self, key: str, value: V) -> None:
+        for term, index in self._indexes.values():
+            index.setdefault(term(value), set()).add(key)
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Calls ``callback()`` (synchronously, it must not block) after every change."""
@@ -224,6 +251,8 @@ class PrefixCache(Generic[V]):
                 unreadable[kv.key] = self._note_unreadable(kv, e)
         self._logged_unreadable = {k: r for k, r in self._logged_unreadable.items() if k in unreadable}
         self.entries, self.mod_revisions, self.unreadable, self.revision = entries, mods, unreadable, revision
+        for name, (term, _) in list(self._indexes.items()):
+            self.add_index(name, term)
         self._stale = False
         self._set_health(True)
         self._publish(self._snapshot())
@@ -261,6 +290,9 @@ class PrefixCache(Generic[V]):
         removed: list[str] = []
         for ev in batch.events:
             key = ev.kv.key
+            old = self.entries.get(key)
+            if old is not None and self._indexes:
+                self._unindex(key, old)
             if ev.type is EventType.PUT:
                 try:
                     value = self._decode(ev.kv)
@@ -268,6 +300,8 @@ class PrefixCache(Generic[V]):
                     self.unreadable[key] = self._note_unreadable(ev.kv, e)
                 else:
                     self.entries[key] = value
+                    if self._indexes:
+                        self._index(key, value)
                     self.mod_revisions[key] = ev.kv.mod_revision
                     self.unreadable.pop(key, None)
                     self._logged_unreadable.pop(key, None)

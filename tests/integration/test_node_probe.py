@@ -36,6 +36,10 @@ async def test_positions_come_from_the_nodes_that_answer() -> None:
         statuses[0] = common_pb2.ShardStatus(shard_id="shard-1", epoch=5, applied_lsn=18)
         again = await probe.positions({NodeId("n1"): f"127.0.0.1:{server.port}"}, [ShardId("shard-1")])
         assert again == {(ShardId("shard-1"), NodeId("n1")): 18}  # asked anew, never cached
+        # A new registration gets roles only if it answers: the live server does, an
+        # address where nothing listens does not (refused before any channel is built).
+        alive = await probe.reachable({NodeId("n1"): f"127.0.0.1:{server.port}", NodeId("n2"): dead})
+        assert alive == {NodeId("n1")}
+        assert probe.open_channels == 0  # every probe closed its channel
     finally:
-        await probe.close()
         await server.stop_gracefully(0.1)

@@ -49,9 +49,6 @@ class FakeProbe:
     def __init__(self) -> None:
         self.silent: set[str] = set()
 
-    def retain(self, addresses: Iterable[str]) -> None:
-        pass
-
     async def reachable(self, addresses: Mapping[NodeId, str]) -> set[NodeId]:
         return {n for n in addresses if n not in self.silent}
 

@@ -242,3 +242,24 @@ async def test_a_decoder_bug_marks_the_mirror_unhealthy_and_it_relists_after_a_b
     assert cache.healthy and cache.entries == {"/p/x": "ok"} and store.lists == 2
     assert store.watch_starts[-1] == 4
     await cache.stop()
+
+
+async def test_an_index_follows_puts_deletes_unreadable_values_and_relists() -> None:
+    store = ScriptedStore([kv("/p/a", "x", 5), kv("/p/b", "y", 6)], revision=7)
+    cache: PrefixCache[str] = PrefixCache(store, "/p/", decode, name="t")  # type: ignore[arg-type]
+    cache.add_index("value", lambda v: v)
+    await cache.start()
+    assert cache.lookup("value", "x") == {"/p/a"} and cache.lookup("value", "y") == {"/p/b"}
+    updates = cache.subscribe()
+    await next_update(updates)
+    store.script.put_nowait(WatchBatch(8, (put("/p/c", "x", 8), put("/p/a", "z", 8, version=2))))
+    await next_update(updates)
+    assert cache.lookup("value", "x") == {"/p/c"} and cache.lookup("value", "z") == {"/p/a"}
+    store.script.put_nowait(WatchBatch(9, (delete("/p/c", 9), put("/p/b", "!broken", 9, version=2))))
+    await next_update(updates)
+    assert cache.lookup("value", "x") == set() and cache.lookup("value", "y") == set()
+    store.listing, store.revision = [kv("/p/d", "x", 12)], 13
+    store.script.put_nowait(Compacted(10))
+    await next_update(updates)
+    assert cache.lookup("value", "x") == {"/p/d"} and cache.lookup("value", "z") == set()
+    await cache.stop()
