@@ -38,9 +38,12 @@ back rather than changing:
 * at the start of a leader term while fewer than R nodes are live (a forming, or wholly
   restarted, cluster gets one placement, not a cascade of moves).
 
-A hold lasts ``hold_s`` (default: the lease TTL, at least 3 s) and ends early as soon as
-every node named in the current assignments is live again. The cost: a node that really
-died in the same window is failed over up to ``hold_s`` later.
+A hold lasts ``hold_s`` (default: twice the lease TTL, at least 5 s) and ends early as
+soon as every node named in the current assignments is live again (and R nodes are). A
+node whose lease expired learns it on its next heartbeat (TTL/3 later) and registers at
+once, but etcd's lessor, the node's backoff and a busy machine add up: one TTL proved too
+tight in tests. The cost: a node that really died in the same window is failed over up
+to ``hold_s`` later.
 
 **Unreadable assignment records** (a value that does not decode) are replaced, not
 skipped: the shard is treated as having lost its primary, and its new record gets an
@@ -87,7 +90,7 @@ log = structlog.get_logger(__name__)
 
 # etcd refuses transactions with more than 128 operations by default (--max-txn-ops).
 _MAX_WRITES_PER_TXN = 100
-_MIN_HOLD_S = 3.0
+_MIN_HOLD_S = 5.0
 _MAX_PROBES_PER_S = 32
 """New registrations probed per second at most (a token bucket of that size): a mass join
 of thousands of nodes is verified over some seconds instead of in bursts, since rounds run
@@ -249,7 +252,7 @@ class Reconciler:
     def _hold_s(self) -> float:
         if self._hold_s_override is not None:
             return self._hold_s_override
-        return max(_MIN_HOLD_S, float(self._election.ttl_s))
+        return max(_MIN_HOLD_S, 2.0 * self._election.ttl_s)
 
     def _start_hold(self, reason: str) -> None:
         until = self._clock.monotonic_s() + self._hold_s()
