@@ -7,9 +7,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bluemarble.api import cluster_config
+from bluemarble.api.conversions import ring_to_proto
 from bluemarble.core import limits
+from bluemarble.core.errors import InvalidArgument
 from bluemarble.core.ids import MAX_SHARD_INDEX_DIGITS, ShardId, shard_id, shard_index
+from bluemarble.core.ring import initial_ring
 from bluemarble.v1 import common_pb2, controlplane_pb2
+from controlplane.store import codec
 
 
 class TestEcho:
@@ -84,3 +89,13 @@ class TestShardIndex:
         except ValueError:
             return
         assert shard_id(index) == name
+
+
+def test_the_largest_ring_the_config_allows_fits_one_etcd_request() -> None:
+    vnodes = 150
+    shards = limits.MAX_RING_TOKENS // vnodes  # 432
+    cluster_config.validate(cluster_config.default_config(shard_count=shards, vnodes_per_shard=vnodes))
+    encoded = codec.encode(ring_to_proto(initial_ring(shards, vnodes=vnodes)))
+    assert len(encoded) <= limits.ETCD_MAX_REQUEST_BYTES - limits.RING_OVERHEAD_BYTES, len(encoded)
+    with pytest.raises(InvalidArgument, match="one etcd value"):
+        cluster_config.default_config(shard_count=shards + 1, vnodes_per_shard=vnodes)
