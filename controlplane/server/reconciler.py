@@ -35,8 +35,8 @@ back rather than changing:
   nodes re-register within about a heartbeat interval. Moving shards to the first nodes
   back would cost epoch bumps and copies for nothing (Helix's delayed rebalancer and
   maintenance mode make the same trade);
-* at the start of a leader term while fewer than R nodes are live (a forming, or wholly
-  restarted, cluster gets one placement, not a cascade of moves).
+* at the start of a leader term while fewer than R nodes are live, for 3 s (a forming,
+  or wholly restarted, cluster gets one placement, not a cascade of moves).
 
 A hold lasts ``hold_s`` (default: twice the lease TTL, at least 5 s) and ends early as
 soon as every node named in the current assignments is live again (and R nodes are). A
@@ -91,6 +91,10 @@ log = structlog.get_logger(__name__)
 # etcd refuses transactions with more than 128 operations by default (--max-txn-ops).
 _MAX_WRITES_PER_TXN = 100
 _MIN_HOLD_S = 5.0
+_FORMING_HOLD_S = 3.0
+"""Hold at the start of a leader term while fewer than R nodes are live: a forming (or
+wholly restarted) cluster gets one placement, not a cascade of moves; nodes of a forming
+cluster are registering already, not waiting for leases to expire."""
 _MAX_PROBES_PER_S = 32
 """New registrations probed per second at most (a token bucket of that size): a mass join
 of thousands of nodes is verified over some seconds instead of in bursts, since rounds run
@@ -254,11 +258,12 @@ class Reconciler:
             return self._hold_s_override
         return max(_MIN_HOLD_S, 2.0 * self._election.ttl_s)
 
-    def _start_hold(self, reason: str) -> None:
-        until = self._clock.monotonic_s() + self._hold_s()
+    def _start_hold(self, reason: str, hold_s: float | None = None) -> None:
+        hold_s = self._hold_s() if hold_s is None else hold_s
+        until = self._clock.monotonic_s() + hold_s
         if until > self._hold_until_s:
             self._hold_until_s, self._hold_reason = until, reason
-            log.warning("holding placement moves while nodes come back", reason=reason, hold_s=self._hold_s())
+            log.warning("holding placement moves while nodes come back", reason=reason, hold_s=hold_s)
 
     def _held(self, nodes: Sequence[PlacementNode], current: dict[ShardId, ShardAssignment],
               replication_factor: int, new_term: bool) -> bool:
@@ -272,7 +277,9 @@ class Reconciler:
             self._departures.clear()
         eligible = sum(1 for n in nodes if not n.draining)
         if new_term and eligible < replication_factor:
-            self._start_hold(f"new leader term with {eligible} of {replication_factor} nodes live")
+            self._start_hold(
+                f"new leader term with {eligible} of {replication_factor} nodes live", _FORMING_HOLD_S
+            )
         if not self.holding:
             return False
         live = {n.node_id for n in nodes}

@@ -94,7 +94,8 @@ async def test_watch_assignments_sends_a_snapshot_then_changes_with_revisions(
     held: dict[str, int] = {}
     revision = first.revision
     while len(held) < 16:
-        update = await asyncio.wait_for(stream.__anext__(), 5)
+        # A lone node waits out the 3 s hold of a forming cluster first.
+        update = await asyncio.wait_for(stream.__anext__(), 15)
         assert not update.snapshot
         assert update.revision > revision  # every message names a newer etcd revision
         revision = update.revision
