@@ -52,6 +52,8 @@ def render_status(r: controlplane_pb2.GetClusterStatusResponse) -> str:
         ("nodes", r.node_count),
         ("shards", r.shard_count),
         ("shards without primary", r.shards_without_primary),
+        ("shards under-replicated", r.shards_under_replicated),
+        ("eligible live nodes", r.live_nodes_eligible),
         ("etcd", f"revision {r.etcd_revision}" + ("" if r.etcd_healthy else " (UNREACHABLE: figures may be stale)")),
         ("replication factor", c.replication_factor),
         ("lease TTL", f"{c.lease_ttl_s} s"),
@@ -59,6 +61,7 @@ def render_status(r: controlplane_pb2.GetClusterStatusResponse) -> str:
         ("max moves per round", c.max_moves_per_round),
         ("consistency", ", ".join(f"{k}={_consistency(v)}" for k, v in sorted(c.consistency.items()))),
     ]
+    pairs += [("warning", w) for w in r.warnings]
     width = max(len(k) for k, _ in pairs)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in pairs)
 
@@ -78,7 +81,8 @@ def render_shards(r: controlplane_pb2.ListAssignmentsResponse) -> str:
         (a.shard_id, a.epoch, a.primary or "(none)", ",".join(a.replicas) or "-")
         for a in r.assignments
     ]
-    return table(("SHARD", "EPOCH", "PRIMARY", "REPLICAS"), rows) + f"\nrevision {r.revision}"
+    stale = f"\nSTALE: {r.stale_reason or 'this replica lost its etcd watch'}" if r.stale else ""
+    return table(("SHARD", "EPOCH", "PRIMARY", "REPLICAS"), rows) + f"\nrevision {r.revision}" + stale
 
 
 def render_ring(r: common_pb2.Ring) -> str:

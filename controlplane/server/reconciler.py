@@ -153,10 +153,12 @@ class Reconciler:
         self._term: Leadership | None = None
         self._hold_until_s = -math.inf
         self._hold_reason = ""
+        self._hold_from_revision = 0  # node records written after this count as back
+        self._hold_must_return: set[NodeId] | None = set()
         self._outage = False
         self._live: set[NodeId] = set()
         self._live_revision = -1  # nodes mirror revision _live was computed at
-        self._departures: collections.deque[float] = collections.deque()
+        self._departures: collections.deque[tuple[float, NodeId]] = collections.deque()
         self._verified: set[tuple[NodeId, int]] = set()
         self._verified_changes = 0  # bumped whenever _verified changes (an input of a round)
         self._probe_tokens = float(_MAX_PROBES_PER_S)
@@ -248,9 +250,9 @@ class Reconciler:
         else:
             live = {NodeId(n.node_id) for n in self._nodes.entries.values()}
             gone, self._live, self._live_revision = self._live - live, live, self._nodes.revision
-        for _ in gone:
-            self._departures.append(now)
-        while self._departures and self._departures[0] < now - self._hold_s():
+        for node in sorted(gone):
+            self._departures.append((now, node))
+        while self._departures and self._departures[0][0] < now - self._hold_s():
             self._departures.popleft()
 
     def _hold_s(self) -> float:
@@ -258,11 +260,26 @@ class Reconciler:
             return self._hold_s_override
         return max(_MIN_HOLD_S, 2.0 * self._election.ttl_s)
 
-    def _start_hold(self, reason: str, hold_s: float | None = None) -> None:
+    def _start_hold(
+        self, reason: str, hold_s: float | None = None, *, must_return: set[NodeId] | None = None
+    ) -> None:
+        """Holds moves for ``hold_s`` (default :meth:`_hold_s`); it ends early once every
+        node named in the assignments is live and R are, and every node of
+        ``must_return`` has *registered again* since now. ``must_return`` None (an etcd
+        outage) means every named node: right after etcd resumes, the records of leases
+        about to expire are still listed, and "every node is live" would end the hold a
+        moment before they vanish; a node whose lease survived does not register again, so
+        such a hold then runs its full length."""
         hold_s = self._hold_s() if hold_s is None else hold_s
         until = self._clock.monotonic_s() + hold_s
         if until > self._hold_until_s:
+            if self.holding:  # extend the hold in force: whoever it waits for still counts
+                previous = self._hold_must_return
+                must_return = None if previous is None or must_return is None else previous | must_return
+            else:
+                self._hold_from_revision = self._nodes.revision
             self._hold_until_s, self._hold_reason = until, reason
+            self._hold_must_return = must_return
             log.warning("holding placement moves while nodes come back", reason=reason, hold_s=hold_s)
 
     def _held(self, nodes: Sequence[PlacementNode], current: dict[ShardId, ShardAssignment],
@@ -273,18 +290,29 @@ class Reconciler:
             self._start_hold("etcd was unreachable")
         peak = max(len(self._live) + len(self._departures), 1)
         if len(self._departures) >= max(2, math.ceil(peak * self._mass_expiry_fraction)):
-            self._start_hold(f"{len(self._departures)} nodes left within {self._hold_s():g} s")
+            self._start_hold(
+                f"{len(self._departures)} nodes left within {self._hold_s():g} s",
+                must_return={node for _, node in self._departures},
+            )
             self._departures.clear()
         eligible = sum(1 for n in nodes if not n.draining)
         if new_term and eligible < replication_factor:
             self._start_hold(
-                f"new leader term with {eligible} of {replication_factor} nodes live", _FORMING_HOLD_S
+                f"new leader term with {eligible} of {replication_factor} nodes live",
+                _FORMING_HOLD_S,
+                must_return=set(),
             )
         if not self.holding:
             return False
         live = {n.node_id for n in nodes}
+        fresh = {
+            n.node_id
+            for n in nodes
+            if self._nodes.mod_revisions.get(self._keys.node(n.node_id), 0) > self._hold_from_revision
+        }
         named = {m for a in current.values() for m in a.members}
-        if named <= live and eligible >= replication_factor:
+        must_return = named if self._hold_must_return is None else self._hold_must_return
+        if named <= live and must_return <= fresh and eligible >= replication_factor:
             log.info("every node is back; ending the hold", reason=self._hold_reason)
             self._hold_until_s = -math.inf
             return False

@@ -87,6 +87,7 @@ def test_pausing_etcd_for_two_ttls_moves_no_primary(private_cluster: ProcessClus
     while time.monotonic() < deadline:
         now = primaries(cluster.assignments(cp))
         if now:
-            assert now == before, {s: (before[s], p) for s, p in now.items() if before.get(s) != p}
+            moved = {s: (before[s], p) for s, p in now.items() if before.get(s) != p}
+            assert not moved, f"{moved}\n--- control plane log ---\n{cluster.log_text('cp-0')[-6000:]}"
         time.sleep(0.1)
     assert primaries(cluster.assignments(cp)) == before

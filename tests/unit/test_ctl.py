@@ -78,3 +78,20 @@ def test_unreachable_control_plane_is_a_clear_error(capsys: pytest.CaptureFixtur
     code = ctl.main(["--control-plane", f"127.0.0.1:{free_port()}", "--timeout-s", "0.5", "status"])
     assert code == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_status_shows_replication_figures_and_warnings() -> None:
+    r = pb.GetClusterStatusResponse(
+        cluster="c", served_by="cp-0", shards_under_replicated=3, live_nodes_eligible=2,
+        warnings=["replication_factor is 3 but only 2 live nodes are eligible"],
+    )
+    text = ctl.render_status(r)
+    assert "shards under-replicated  3" in text and "eligible live nodes      2" in text
+    assert "warning                  replication_factor is 3 but only 2" in text
+
+
+def test_shards_say_when_the_answer_may_be_stale() -> None:
+    fresh = pb.ListAssignmentsResponse(revision=7)
+    assert "STALE" not in ctl.render_shards(fresh)
+    stale = pb.ListAssignmentsResponse(revision=7, stale=True, stale_reason="watch lost 3 s ago")
+    assert ctl.render_shards(stale).endswith("STALE: watch lost 3 s ago")
