@@ -186,6 +186,9 @@ class NodeAgent:
         self.assignments_revision = 0
         self.assignments_synced = asyncio.Event()
         self.draining = False
+        # Whether heartbeats carry shard statuses (turned off, for this registration, if the
+        # control plane refuses them: the lease must not be lost over a report).
+        self._report_statuses = True
         self._beats: grpc.aio.StreamStreamCall[Any, Any] | None = None
         self._beats_address = ""
         self._watcher: asyncio.Task[None] | None = None
@@ -290,6 +293,15 @@ class NodeAgent:
                 failures = 0
                 backoff = self._beat_backoff()
                 continue
+            except InvalidArgument as e:
+                if not self._report_statuses:
+                    raise  # refused even without statuses: this node's identity is wrong
+                # The control plane refused what this node reports about its shards (e.g.
+                # a shard of an older ring). The lease matters more than the report: go
+                # on without statuses, and say so loudly.
+                log.error("heartbeat shard statuses refused; heartbeating without them", error=str(e))
+                self._report_statuses = False
+                continue
             except BlueMarbleError as e:
                 if not e.retryable:
                     raise
@@ -333,7 +345,7 @@ class NodeAgent:
         request = controlplane_pb2.HeartbeatRequest(
             node_id=self.identity.node_id,
             lease_id=registration.lease_id,
-            shards=self.shard_statuses(),
+            shards=self.shard_statuses() if self._report_statuses else [],
         )
         timeout_s = self.heartbeat_timeout_s()
         if self._beats is None:
@@ -394,6 +406,7 @@ class NodeAgent:
         self.shards.clear()
         self.assignments_synced.clear()
         self.assignments_revision = 0
+        self._report_statuses = True
         self.draining = False
         await self._register(stop)
         if self.registration is not None:

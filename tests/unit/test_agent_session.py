@@ -56,6 +56,7 @@ class FakeControlPlane:
         self.hung: set[str] = set()  # addresses that answer nothing at all
         self.silent_streams: set[str] = set()  # addresses whose streams deliver nothing
         self.reply_delay_s = 0.0
+        self.refuse_statuses = False  # answer INVALID_ARGUMENT to heartbeats that report shards
         self.sent: list[tuple[float, str]] = []  # heartbeats written: (time, address)
         self.answered: list[tuple[float, str]] = []  # heartbeats answered: (time, address)
         self.events: list[str] = []
@@ -154,6 +155,8 @@ class FakeBeats:
         if plane.reply_delay_s:
             await plane.clock.sleep(plane.reply_delay_s)
         request = self.requests.pop(0)
+        if plane.refuse_statuses and request.shards:
+            raise rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "shards[0]: shard-1 is not a shard of the ring")
         if not plane.alive(request.lease_id):
             raise rpc_error(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id:#x} not found")
         plane.leases[request.lease_id] = plane.clock.monotonic_s() + TTL_S
@@ -404,6 +407,25 @@ class TestIncarnations:
             await run_until(clock, lambda: "shard-2" in agent.shards, 1.0, "the new role")
             assert set(agent.shards) == {"shard-2"} and agent.registration.lease_id == new_lease  # type: ignore[union-attr]
             assert agent.session_state is SessionState.CONNECTED
+        await client.close()
+
+    async def test_refused_shard_statuses_cost_no_lease(self) -> None:
+        # E.g. a shard of an older ring version: the control plane refuses the report; the
+        # node keeps its lease by heartbeating without statuses, and says so once.
+        clock = FakeClock()
+        plane = FakeControlPlane(clock)
+        plane.assigned["n1"] = [primary("shard-1", "n1", 1)]
+        plane.refuse_statuses = True
+        agent, client = make_agent(plane, ("a",))
+        with structlog.testing.capture_logs() as logs:
+            async with running(agent, clock) as stop:
+                await run_until(clock, lambda: "shard-1" in agent.shards, 1.0, "the first snapshot")
+                lease = agent.registration.lease_id  # type: ignore[union-attr]
+                await run_for(clock, 3 * TTL_S, lambda: None)
+                assert plane.alive(lease) and agent.registrations == 1 and not stop.is_set()
+                assert agent.session_state is SessionState.CONNECTED
+        refused = [e for e in logs if e["event"] == "heartbeat shard statuses refused; heartbeating without them"]
+        assert len(refused) == 1
         await client.close()
 
 
