@@ -121,6 +121,16 @@ async def _fail(
     )
 
 
+async def _admitted(method: str, request: Any, context: Ctx, client_streaming: bool) -> Any:
+    """The request a method may see: a request stream that refuses undecodable messages as
+    they come, or the request itself (an undecodable one is refused here)."""
+    if client_streaming:
+        return _checked_requests(method, request, context)
+    if isinstance(request, Undecodable):
+        await _refuse_undecodable(method, context, request)
+    return request
+
+
 def _wrap_unary(
     method: str, behavior: Callable[[Any, Ctx], Awaitable[Any]], client_streaming: bool
 ) -> Callable[[Any, Ctx], Awaitable[Any]]:
@@ -128,10 +138,7 @@ def _wrap_unary(
         _bind(method, context)
         started = time.monotonic()
         try:
-            if client_streaming:
-                request = _checked_requests(method, request, context)
-            elif isinstance(request, Undecodable):
-                await _refuse_undecodable(method, context, request)
+            request = await _admitted(method, request, context, client_streaming)
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -150,10 +157,7 @@ def _wrap_stream(
         _bind(method, context)
         started = time.monotonic()
         try:
-            if client_streaming:
-                request = _checked_requests(method, request, context)
-            elif isinstance(request, Undecodable):
-                await _refuse_undecodable(method, context, request)
+            request = await _admitted(method, request, context, client_streaming)
             async for response in behavior(request, context):
                 yield response
         except grpc.aio.AbortError:

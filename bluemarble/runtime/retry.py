@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -135,19 +134,15 @@ class Backoff:
     """The policy's delay schedule for a hand-driven loop: sleep after a failure, reset
     after a success. Delays follow :meth:`RetryPolicy.wait` (jittered, capped)."""
 
-    def __init__(self, policy: RetryPolicy = FOREVER, clock: Clock | None = None, rng: random.Random | None = None):
+    def __init__(self, policy: RetryPolicy = FOREVER, clock: Clock | None = None):
         self._policy = policy
         self._clock = clock or SystemClock()
         self._wait = policy.wait()
-        self._rng = rng
         self.failures = 0
 
     def next_delay_s(self) -> float:
         """The delay before the next attempt (counts one more failure)."""
         self.failures += 1
-        if self._rng is not None:  # seeded: deterministic schedules in simulations
-            cap = min(self._policy.max_backoff_s, self._policy.initial_s * 2 ** (self.failures - 1))
-            return self._rng.uniform(0, cap)
         state = tenacity.RetryCallState(cast(Any, None), None, (), {})
         state.attempt_number = self.failures
         return float(self._wait(state))
