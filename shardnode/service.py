@@ -55,9 +55,10 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         raise _later("Abort", "cross-shard trades (roadmap step 4)")
 
     async def Replicate(
-        self, request: shardnode_pb2.ReplicateRequest, context: Ctx
-    ) -> shardnode_pb2.ReplicateResponse:
+        self, request_iterator: AsyncIterator[shardnode_pb2.ReplicateBatch], context: Ctx
+    ) -> AsyncIterator[shardnode_pb2.ReplicateAck]:
         raise _later("Replicate")
+        yield  # pragma: no cover - makes this an async generator
 
     async def GetSnapshot(
         self, request: shardnode_pb2.GetSnapshotRequest, context: Ctx

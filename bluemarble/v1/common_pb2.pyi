@@ -83,30 +83,49 @@ class NodeRef(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
-    __slots__ = ("shard_id", "epoch", "role", "applied_lsn")
+    __slots__ = ("shard_id", "epoch", "role", "applied_lsn", "last_epoch", "lag_entries", "lag_ms", "on_disk_only", "serving")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     APPLIED_LSN_FIELD_NUMBER: _ClassVar[int]
+    LAST_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LAG_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    LAG_MS_FIELD_NUMBER: _ClassVar[int]
+    ON_DISK_ONLY_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
     shard_id: str
     epoch: int
     role: ShardRole
     applied_lsn: int
-    def __init__(self, shard_id: _Optional[str] = ..., epoch: _Optional[int] = ..., role: _Optional[_Union[ShardRole, str]] = ..., applied_lsn: _Optional[int] = ...) -> None: ...
+    last_epoch: int
+    lag_entries: int
+    lag_ms: int
+    on_disk_only: bool
+    serving: bool
+    def __init__(self, shard_id: _Optional[str] = ..., epoch: _Optional[int] = ..., role: _Optional[_Union[ShardRole, str]] = ..., applied_lsn: _Optional[int] = ..., last_epoch: _Optional[int] = ..., lag_entries: _Optional[int] = ..., lag_ms: _Optional[int] = ..., on_disk_only: _Optional[bool] = ..., serving: _Optional[bool] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("shard_id", "epoch", "primary", "replicas", "state")
+    __slots__ = ("shard_id", "epoch", "primary", "replicas", "state", "incarnations")
+    class IncarnationsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    INCARNATIONS_FIELD_NUMBER: _ClassVar[int]
     shard_id: str
     epoch: int
     primary: str
     replicas: _containers.RepeatedScalarFieldContainer[str]
     state: AssignmentState
-    def __init__(self, shard_id: _Optional[str] = ..., epoch: _Optional[int] = ..., primary: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[AssignmentState, str]] = ...) -> None: ...
+    incarnations: _containers.ScalarMap[str, int]
+    def __init__(self, shard_id: _Optional[str] = ..., epoch: _Optional[int] = ..., primary: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[AssignmentState, str]] = ..., incarnations: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class RingShard(_message.Message):
     __slots__ = ("shard_id", "tokens")

@@ -42,14 +42,16 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., lease_id: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[_common_pb2.ShardStatus, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("lease_deadline_ms", "ttl_ms", "draining")
+    __slots__ = ("lease_deadline_ms", "ttl_ms", "draining", "config_revision")
     LEASE_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_REVISION_FIELD_NUMBER: _ClassVar[int]
     lease_deadline_ms: int
     ttl_ms: int
     draining: bool
-    def __init__(self, lease_deadline_ms: _Optional[int] = ..., ttl_ms: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    config_revision: int
+    def __init__(self, lease_deadline_ms: _Optional[int] = ..., ttl_ms: _Optional[int] = ..., draining: _Optional[bool] = ..., config_revision: _Optional[int] = ...) -> None: ...
 
 class DeregisterNodeRequest(_message.Message):
     __slots__ = ("node_id", "lease_id")
@@ -128,20 +130,36 @@ class ListNodesResponse(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[_common_pb2.Node, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class ListAssignmentsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("include_status",)
+    INCLUDE_STATUS_FIELD_NUMBER: _ClassVar[int]
+    include_status: bool
+    def __init__(self, include_status: _Optional[bool] = ...) -> None: ...
+
+class MemberStatus(_message.Message):
+    __slots__ = ("shard_id", "node_id", "status", "age_ms")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    shard_id: str
+    node_id: str
+    status: _common_pb2.ShardStatus
+    age_ms: int
+    def __init__(self, shard_id: _Optional[str] = ..., node_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.ShardStatus, _Mapping]] = ..., age_ms: _Optional[int] = ...) -> None: ...
 
 class ListAssignmentsResponse(_message.Message):
-    __slots__ = ("revision", "assignments", "stale", "stale_reason")
+    __slots__ = ("revision", "assignments", "stale", "stale_reason", "statuses")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     STALE_FIELD_NUMBER: _ClassVar[int]
     STALE_REASON_FIELD_NUMBER: _ClassVar[int]
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
     revision: int
     assignments: _containers.RepeatedCompositeFieldContainer[_common_pb2.Assignment]
     stale: bool
     stale_reason: str
-    def __init__(self, revision: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[_common_pb2.Assignment, _Mapping]]] = ..., stale: _Optional[bool] = ..., stale_reason: _Optional[str] = ...) -> None: ...
+    statuses: _containers.RepeatedCompositeFieldContainer[MemberStatus]
+    def __init__(self, revision: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[_common_pb2.Assignment, _Mapping]]] = ..., stale: _Optional[bool] = ..., stale_reason: _Optional[str] = ..., statuses: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ...) -> None: ...
 
 class GetClusterStatusRequest(_message.Message):
     __slots__ = ()

@@ -44,6 +44,16 @@ class ShardNodeStub:
                 request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.GrantItemsRequest.SerializeToString,
                 response_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.GrantItemsResponse.FromString,
                 _registered_method=True)
+        self.GetPlayerData = channel.unary_unary(
+                '/bluemarble.v1.ShardNode/GetPlayerData',
+                request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.GetPlayerDataRequest.SerializeToString,
+                response_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.GetPlayerDataResponse.FromString,
+                _registered_method=True)
+        self.SetPlayerData = channel.unary_unary(
+                '/bluemarble.v1.ShardNode/SetPlayerData',
+                request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.SetPlayerDataRequest.SerializeToString,
+                response_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.SetPlayerDataResponse.FromString,
+                _registered_method=True)
         self.Prepare = channel.unary_unary(
                 '/bluemarble.v1.ShardNode/Prepare',
                 request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.PrepareRequest.SerializeToString,
@@ -59,15 +69,20 @@ class ShardNodeStub:
                 request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.AbortRequest.SerializeToString,
                 response_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.AbortResponse.FromString,
                 _registered_method=True)
-        self.Replicate = channel.unary_unary(
+        self.Replicate = channel.stream_stream(
                 '/bluemarble.v1.ShardNode/Replicate',
-                request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.ReplicateRequest.SerializeToString,
-                response_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.ReplicateResponse.FromString,
+                request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.ReplicateBatch.SerializeToString,
+                response_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.ReplicateAck.FromString,
                 _registered_method=True)
         self.GetSnapshot = channel.unary_stream(
                 '/bluemarble.v1.ShardNode/GetSnapshot',
                 request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.GetSnapshotRequest.SerializeToString,
                 response_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.SnapshotChunk.FromString,
+                _registered_method=True)
+        self.Fence = channel.unary_unary(
+                '/bluemarble.v1.ShardNode/Fence',
+                request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.FenceRequest.SerializeToString,
+                response_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.FenceResponse.FromString,
                 _registered_method=True)
         self.GetShardStatus = channel.unary_unary(
                 '/bluemarble.v1.ShardNode/GetShardStatus',
@@ -80,13 +95,35 @@ class ShardNodeServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetInventory(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A player's items and gold. STRONG: served by the shard's primary only, once every
+        write it shows is replicated. A replica answers only when allow_stale is set, and
+        says how far behind it is. NOT_FOUND for a player this shard never saw.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GrantItems(self, request, context):
-        """Seeds items and gold; idempotent by request id.
+        """Seeds items and gold (STRONG: acknowledged once a replica has it durably).
+        Idempotent by request id: a retry returns the first answer and applies nothing twice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPlayerData(self, request, context):
+        """A player's value for one game system and key (e.g. "guild", "name"). The system's
+        consistency model (cluster config) decides who may answer: STRONG as GetInventory,
+        EVENTUAL any replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPlayerData(self, request, context):
+        """Sets a player's value for one game system and key, on the shard's primary. STRONG
+        systems are acknowledged once a replica has the write, EVENTUAL ones after the local
+        commit. Idempotent by request id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,22 +148,33 @@ class ShardNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Replicate(self, request, context):
-        """Primary -> replica log shipping.
+    def Replicate(self, request_iterator, context):
+        """Primary -> replica log shipping: one stream per primary -> replica pair, many
+        shards per message. The replica answers every batch with one ack, in order, sent
+        after its own durable commit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetSnapshot(self, request, context):
-        """A replica bootstraps from a snapshot plus the log tail.
+        """A replica bootstraps a shard from a snapshot of the primary, then the log tail.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fence(self, request, context):
+        """Failover, step one (the control-plane leader): raise each shard's fenced epoch, so
+        this node refuses entries, acks and writes of older epochs from now on, and answer
+        the position of the last log entry it holds. Idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetShardStatus(self, request, context):
-        """What this node holds right now (used by the control plane at promotion time).
+        """What this node holds right now: its roles, and shards it holds on disk only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,6 +193,16 @@ def add_ShardNodeServicer_to_server(servicer, server):
                     request_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.GrantItemsRequest.FromString,
                     response_serializer=bluemarble_dot_v1_dot_shardnode__pb2.GrantItemsResponse.SerializeToString,
             ),
+            'GetPlayerData': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlayerData,
+                    request_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.GetPlayerDataRequest.FromString,
+                    response_serializer=bluemarble_dot_v1_dot_shardnode__pb2.GetPlayerDataResponse.SerializeToString,
+            ),
+            'SetPlayerData': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPlayerData,
+                    request_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.SetPlayerDataRequest.FromString,
+                    response_serializer=bluemarble_dot_v1_dot_shardnode__pb2.SetPlayerDataResponse.SerializeToString,
+            ),
             'Prepare': grpc.unary_unary_rpc_method_handler(
                     servicer.Prepare,
                     request_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.PrepareRequest.FromString,
@@ -160,15 +218,20 @@ def add_ShardNodeServicer_to_server(servicer, server):
                     request_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.AbortRequest.FromString,
                     response_serializer=bluemarble_dot_v1_dot_shardnode__pb2.AbortResponse.SerializeToString,
             ),
-            'Replicate': grpc.unary_unary_rpc_method_handler(
+            'Replicate': grpc.stream_stream_rpc_method_handler(
                     servicer.Replicate,
-                    request_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.ReplicateRequest.FromString,
-                    response_serializer=bluemarble_dot_v1_dot_shardnode__pb2.ReplicateResponse.SerializeToString,
+                    request_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.ReplicateBatch.FromString,
+                    response_serializer=bluemarble_dot_v1_dot_shardnode__pb2.ReplicateAck.SerializeToString,
             ),
             'GetSnapshot': grpc.unary_stream_rpc_method_handler(
                     servicer.GetSnapshot,
                     request_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.GetSnapshotRequest.FromString,
                     response_serializer=bluemarble_dot_v1_dot_shardnode__pb2.SnapshotChunk.SerializeToString,
+            ),
+            'Fence': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fence,
+                    request_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.FenceRequest.FromString,
+                    response_serializer=bluemarble_dot_v1_dot_shardnode__pb2.FenceResponse.SerializeToString,
             ),
             'GetShardStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetShardStatus,
@@ -230,6 +293,60 @@ class ShardNode:
             '/bluemarble.v1.ShardNode/GrantItems',
             bluemarble_dot_v1_dot_shardnode__pb2.GrantItemsRequest.SerializeToString,
             bluemarble_dot_v1_dot_shardnode__pb2.GrantItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPlayerData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bluemarble.v1.ShardNode/GetPlayerData',
+            bluemarble_dot_v1_dot_shardnode__pb2.GetPlayerDataRequest.SerializeToString,
+            bluemarble_dot_v1_dot_shardnode__pb2.GetPlayerDataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPlayerData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bluemarble.v1.ShardNode/SetPlayerData',
+            bluemarble_dot_v1_dot_shardnode__pb2.SetPlayerDataRequest.SerializeToString,
+            bluemarble_dot_v1_dot_shardnode__pb2.SetPlayerDataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -322,7 +439,7 @@ class ShardNode:
             _registered_method=True)
 
     @staticmethod
-    def Replicate(request,
+    def Replicate(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -332,12 +449,12 @@ class ShardNode:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/bluemarble.v1.ShardNode/Replicate',
-            bluemarble_dot_v1_dot_shardnode__pb2.ReplicateRequest.SerializeToString,
-            bluemarble_dot_v1_dot_shardnode__pb2.ReplicateResponse.FromString,
+            bluemarble_dot_v1_dot_shardnode__pb2.ReplicateBatch.SerializeToString,
+            bluemarble_dot_v1_dot_shardnode__pb2.ReplicateAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -365,6 +482,33 @@ class ShardNode:
             '/bluemarble.v1.ShardNode/GetSnapshot',
             bluemarble_dot_v1_dot_shardnode__pb2.GetSnapshotRequest.SerializeToString,
             bluemarble_dot_v1_dot_shardnode__pb2.SnapshotChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bluemarble.v1.ShardNode/Fence',
+            bluemarble_dot_v1_dot_shardnode__pb2.FenceRequest.SerializeToString,
+            bluemarble_dot_v1_dot_shardnode__pb2.FenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -542,7 +542,7 @@ class TestShardNodeServer:
 
     async def test_request_above_its_cap_is_resource_exhausted(self, node_channel: grpc.aio.Channel) -> None:
         too_big = b"\x0a" + b"\x80\x80\x80\x09" + b"x" * (limits.SHARD_NODE_MAX_REQUEST_BYTES + 1024)
-        code, _ = await refusal(raw_unary(node_channel, "/bluemarble.v1.ShardNode/Replicate")(too_big))
+        code, _ = await refusal(raw_unary(node_channel, "/bluemarble.v1.ShardNode/GrantItems")(too_big))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         stub = shardnode_pb2_grpc.ShardNodeStub(node_channel)
         assert (await stub.GetShardStatus(shardnode_pb2.GetShardStatusRequest())).node_id == "n1"
