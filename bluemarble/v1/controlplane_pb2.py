@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from bluemarble.v1 import common_pb2 as bluemarble_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n bluemarble/v1/controlplane.proto\x12\rbluemarble.v1\x1a\x1a\x62luemarble/v1/common.proto\"g\n\x13RegisterNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x05\"W\n\x14RegisterNodeResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\"a\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\x12*\n\x06shards\x18\x03 \x03(\x0b\x32\x1a.bluemarble.v1.ShardStatus\"i\n\x11HeartbeatResponse\x12\x19\n\x11lease_deadline_ms\x18\x01 \x01(\x03\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\r\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\x12\x17\n\x0f\x63onfig_revision\x18\x04 \x01(\x03\":\n\x15\x44\x65registerNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\"\x18\n\x16\x44\x65registerNodeResponse\"`\n\x17WatchAssignmentsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0estart_revision\x18\x02 \x01(\x03\x12\x1c\n\x14progress_interval_ms\x18\x03 \x01(\r\"\x89\x01\n\x18WatchAssignmentsResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12.\n\x0b\x61ssignments\x18\x03 \x03(\x0b\x32\x19.bluemarble.v1.Assignment\x12\x19\n\x11removed_shard_ids\x18\x04 \x03(\t\"\x10\n\x0eGetRingRequest\"0\n\x10WatchRingRequest\x12\x1c\n\x14progress_interval_ms\x18\x01 \x01(\r\")\n\x14ResolvePlayerRequest\x12\x11\n\tplayer_id\x18\x01 \x01(\t\"\xa1\x01\n\x15ResolvePlayerResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\'\n\x07primary\x18\x03 \x01(\x0b\x32\x16.bluemarble.v1.NodeRef\x12(\n\x08replicas\x18\x04 \x03(\x0b\x32\x16.bluemarble.v1.NodeRef\x12\x14\n\x0cring_version\x18\x05 \x01(\x04\"\x12\n\x10ListNodesRequest\"I\n\x11ListNodesResponse\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.bluemarble.v1.Node\x12\x10\n\x08revision\x18\x02 \x01(\x03\"0\n\x16ListAssignmentsRequest\x12\x16\n\x0einclude_status\x18\x01 \x01(\x08\"m\n\x0cMemberStatus\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12*\n\x06status\x18\x03 \x01(\x0b\x32\x1a.bluemarble.v1.ShardStatus\x12\x0e\n\x06\x61ge_ms\x18\x04 \x01(\x04\"\xaf\x01\n\x17ListAssignmentsResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12.\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x19.bluemarble.v1.Assignment\x12\r\n\x05stale\x18\x03 \x01(\x08\x12\x14\n\x0cstale_reason\x18\x04 \x01(\t\x12-\n\x08statuses\x18\x05 \x03(\x0b\x32\x1b.bluemarble.v1.MemberStatus\"\x19\n\x17GetClusterStatusRequest\"\xfe\x02\n\x18GetClusterStatusResponse\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x11\n\tserved_by\x18\x02 \x01(\t\x12\x0e\n\x06leader\x18\x03 \x01(\t\x12\x12\n\nnode_count\x18\x04 \x01(\r\x12\x13\n\x0bshard_count\x18\x05 \x01(\r\x12\x15\n\retcd_revision\x18\x06 \x01(\x03\x12\x14\n\x0c\x65tcd_healthy\x18\x07 \x01(\x08\x12\x14\n\x0cring_version\x18\x08 \x01(\x04\x12,\n\x06\x63onfig\x18\t \x01(\x0b\x32\x1c.bluemarble.v1.ClusterConfig\x12\x1e\n\x16shards_without_primary\x18\n \x01(\r\x12\x1b\n\x13live_nodes_eligible\x18\x0b \x01(\r\x12$\n\x1c\x65\x66\x66\x65\x63tive_replication_factor\x18\x0c \x01(\r\x12\x1f\n\x17shards_under_replicated\x18\r \x01(\r\x12\x10\n\x08warnings\x18\x0e \x03(\t\"#\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"6\n\x11\x44rainNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.bluemarble.v1.Node\"\x12\n\x10GetConfigRequest\"S\n\x11GetConfigResponse\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.bluemarble.v1.ClusterConfig\x12\x10\n\x08revision\x18\x02 \x01(\x03\"[\n\x10SetConfigRequest\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.bluemarble.v1.ClusterConfig\x12\x19\n\x11\x65xpected_revision\x18\x02 \x01(\x03\"e\n\x11SetConfigResponse\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.bluemarble.v1.ClusterConfig\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x10\n\x08warnings\x18\x03 \x03(\t2\xbe\t\n\x0c\x43ontrolPlane\x12W\n\x0cRegisterNode\x12\".bluemarble.v1.RegisterNodeRequest\x1a#.bluemarble.v1.RegisterNodeResponse\x12N\n\tHeartbeat\x12\x1f.bluemarble.v1.HeartbeatRequest\x1a .bluemarble.v1.HeartbeatResponse\x12X\n\x0fHeartbeatStream\x12\x1f.bluemarble.v1.HeartbeatRequest\x1a .bluemarble.v1.HeartbeatResponse(\x01\x30\x01\x12]\n\x0e\x44\x65registerNode\x12$.bluemarble.v1.DeregisterNodeRequest\x1a%.bluemarble.v1.DeregisterNodeResponse\x12\x65\n\x10WatchAssignments\x12&.bluemarble.v1.WatchAssignmentsRequest\x1a\'.bluemarble.v1.WatchAssignmentsResponse0\x01\x12=\n\x07GetRing\x12\x1d.bluemarble.v1.GetRingRequest\x1a\x13.bluemarble.v1.Ring\x12\x43\n\tWatchRing\x12\x1f.bluemarble.v1.WatchRingRequest\x1a\x13.bluemarble.v1.Ring0\x01\x12Z\n\rResolvePlayer\x12#.bluemarble.v1.ResolvePlayerRequest\x1a$.bluemarble.v1.ResolvePlayerResponse\x12N\n\tListNodes\x12\x1f.bluemarble.v1.ListNodesRequest\x1a .bluemarble.v1.ListNodesResponse\x12`\n\x0fListAssignments\x12%.bluemarble.v1.ListAssignmentsRequest\x1a&.bluemarble.v1.ListAssignmentsResponse\x12\x63\n\x10GetClusterStatus\x12&.bluemarble.v1.GetClusterStatusRequest\x1a\'.bluemarble.v1.GetClusterStatusResponse\x12N\n\tDrainNode\x12\x1f.bluemarble.v1.DrainNodeRequest\x1a .bluemarble.v1.DrainNodeResponse\x12N\n\tGetConfig\x12\x1f.bluemarble.v1.GetConfigRequest\x1a .bluemarble.v1.GetConfigResponse\x12N\n\tSetConfig\x12\x1f.bluemarble.v1.SetConfigRequest\x1a .bluemarble.v1.SetConfigResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n bluemarble/v1/controlplane.proto\x12\rbluemarble.v1\x1a\x1a\x62luemarble/v1/common.proto\"g\n\x13RegisterNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x05\"W\n\x14RegisterNodeResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\"a\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\x12*\n\x06shards\x18\x03 \x03(\x0b\x32\x1a.bluemarble.v1.ShardStatus\"i\n\x11HeartbeatResponse\x12\x19\n\x11lease_deadline_ms\x18\x01 \x01(\x03\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\r\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\x12\x17\n\x0f\x63onfig_revision\x18\x04 \x01(\x03\":\n\x15\x44\x65registerNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\"\x18\n\x16\x44\x65registerNodeResponse\"`\n\x17WatchAssignmentsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0estart_revision\x18\x02 \x01(\x03\x12\x1c\n\x14progress_interval_ms\x18\x03 \x01(\r\"\xb0\x01\n\x18WatchAssignmentsResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12.\n\x0b\x61ssignments\x18\x03 \x03(\x0b\x32\x19.bluemarble.v1.Assignment\x12\x19\n\x11removed_shard_ids\x18\x04 \x03(\t\x12%\n\x05nodes\x18\x05 \x03(\x0b\x32\x16.bluemarble.v1.NodeRef\"\x10\n\x0eGetRingRequest\"0\n\x10WatchRingRequest\x12\x1c\n\x14progress_interval_ms\x18\x01 \x01(\r\")\n\x14ResolvePlayerRequest\x12\x11\n\tplayer_id\x18\x01 \x01(\t\"\xa1\x01\n\x15ResolvePlayerResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\'\n\x07primary\x18\x03 \x01(\x0b\x32\x16.bluemarble.v1.NodeRef\x12(\n\x08replicas\x18\x04 \x03(\x0b\x32\x16.bluemarble.v1.NodeRef\x12\x14\n\x0cring_version\x18\x05 \x01(\x04\"\x12\n\x10ListNodesRequest\"I\n\x11ListNodesResponse\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.bluemarble.v1.Node\x12\x10\n\x08revision\x18\x02 \x01(\x03\"0\n\x16ListAssignmentsRequest\x12\x16\n\x0einclude_status\x18\x01 \x01(\x08\"m\n\x0cMemberStatus\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12*\n\x06status\x18\x03 \x01(\x0b\x32\x1a.bluemarble.v1.ShardStatus\x12\x0e\n\x06\x61ge_ms\x18\x04 \x01(\x04\"\xd6\x01\n\x17ListAssignmentsResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12.\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x19.bluemarble.v1.Assignment\x12\r\n\x05stale\x18\x03 \x01(\x08\x12\x14\n\x0cstale_reason\x18\x04 \x01(\t\x12-\n\x08statuses\x18\x05 \x03(\x0b\x32\x1b.bluemarble.v1.MemberStatus\x12%\n\x05nodes\x18\x06 \x03(\x0b\x32\x16.bluemarble.v1.NodeRef\"\x19\n\x17GetClusterStatusRequest\"\xfe\x02\n\x18GetClusterStatusResponse\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x11\n\tserved_by\x18\x02 \x01(\t\x12\x0e\n\x06leader\x18\x03 \x01(\t\x12\x12\n\nnode_count\x18\x04 \x01(\r\x12\x13\n\x0bshard_count\x18\x05 \x01(\r\x12\x15\n\retcd_revision\x18\x06 \x01(\x03\x12\x14\n\x0c\x65tcd_healthy\x18\x07 \x01(\x08\x12\x14\n\x0cring_version\x18\x08 \x01(\x04\x12,\n\x06\x63onfig\x18\t \x01(\x0b\x32\x1c.bluemarble.v1.ClusterConfig\x12\x1e\n\x16shards_without_primary\x18\n \x01(\r\x12\x1b\n\x13live_nodes_eligible\x18\x0b \x01(\r\x12$\n\x1c\x65\x66\x66\x65\x63tive_replication_factor\x18\x0c \x01(\r\x12\x1f\n\x17shards_under_replicated\x18\r \x01(\r\x12\x10\n\x08warnings\x18\x0e \x03(\t\"#\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"6\n\x11\x44rainNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.bluemarble.v1.Node\"\x12\n\x10GetConfigRequest\"S\n\x11GetConfigResponse\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.bluemarble.v1.ClusterConfig\x12\x10\n\x08revision\x18\x02 \x01(\x03\"[\n\x10SetConfigRequest\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.bluemarble.v1.ClusterConfig\x12\x19\n\x11\x65xpected_revision\x18\x02 \x01(\x03\"e\n\x11SetConfigResponse\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.bluemarble.v1.ClusterConfig\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x10\n\x08warnings\x18\x03 \x03(\t2\xbe\t\n\x0c\x43ontrolPlane\x12W\n\x0cRegisterNode\x12\".bluemarble.v1.RegisterNodeRequest\x1a#.bluemarble.v1.RegisterNodeResponse\x12N\n\tHeartbeat\x12\x1f.bluemarble.v1.HeartbeatRequest\x1a .bluemarble.v1.HeartbeatResponse\x12X\n\x0fHeartbeatStream\x12\x1f.bluemarble.v1.HeartbeatRequest\x1a .bluemarble.v1.HeartbeatResponse(\x01\x30\x01\x12]\n\x0e\x44\x65registerNode\x12$.bluemarble.v1.DeregisterNodeRequest\x1a%.bluemarble.v1.DeregisterNodeResponse\x12\x65\n\x10WatchAssignments\x12&.bluemarble.v1.WatchAssignmentsRequest\x1a\'.bluemarble.v1.WatchAssignmentsResponse0\x01\x12=\n\x07GetRing\x12\x1d.bluemarble.v1.GetRingRequest\x1a\x13.bluemarble.v1.Ring\x12\x43\n\tWatchRing\x12\x1f.bluemarble.v1.WatchRingRequest\x1a\x13.bluemarble.v1.Ring0\x01\x12Z\n\rResolvePlayer\x12#.bluemarble.v1.ResolvePlayerRequest\x1a$.bluemarble.v1.ResolvePlayerResponse\x12N\n\tListNodes\x12\x1f.bluemarble.v1.ListNodesRequest\x1a .bluemarble.v1.ListNodesResponse\x12`\n\x0fListAssignments\x12%.bluemarble.v1.ListAssignmentsRequest\x1a&.bluemarble.v1.ListAssignmentsResponse\x12\x63\n\x10GetClusterStatus\x12&.bluemarble.v1.GetClusterStatusRequest\x1a\'.bluemarble.v1.GetClusterStatusResponse\x12N\n\tDrainNode\x12\x1f.bluemarble.v1.DrainNodeRequest\x1a .bluemarble.v1.DrainNodeResponse\x12N\n\tGetConfig\x12\x1f.bluemarble.v1.GetConfigRequest\x1a .bluemarble.v1.GetConfigResponse\x12N\n\tSetConfig\x12\x1f.bluemarble.v1.SetConfigRequest\x1a .bluemarble.v1.SetConfigResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,41 +47,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHASSIGNMENTSREQUEST']._serialized_start=565
   _globals['_WATCHASSIGNMENTSREQUEST']._serialized_end=661
   _globals['_WATCHASSIGNMENTSRESPONSE']._serialized_start=664
-  _globals['_WATCHASSIGNMENTSRESPONSE']._serialized_end=801
-  _globals['_GETRINGREQUEST']._serialized_start=803
-  _globals['_GETRINGREQUEST']._serialized_end=819
-  _globals['_WATCHRINGREQUEST']._serialized_start=821
-  _globals['_WATCHRINGREQUEST']._serialized_end=869
-  _globals['_RESOLVEPLAYERREQUEST']._serialized_start=871
-  _globals['_RESOLVEPLAYERREQUEST']._serialized_end=912
-  _globals['_RESOLVEPLAYERRESPONSE']._serialized_start=915
-  _globals['_RESOLVEPLAYERRESPONSE']._serialized_end=1076
-  _globals['_LISTNODESREQUEST']._serialized_start=1078
-  _globals['_LISTNODESREQUEST']._serialized_end=1096
-  _globals['_LISTNODESRESPONSE']._serialized_start=1098
-  _globals['_LISTNODESRESPONSE']._serialized_end=1171
-  _globals['_LISTASSIGNMENTSREQUEST']._serialized_start=1173
-  _globals['_LISTASSIGNMENTSREQUEST']._serialized_end=1221
-  _globals['_MEMBERSTATUS']._serialized_start=1223
-  _globals['_MEMBERSTATUS']._serialized_end=1332
-  _globals['_LISTASSIGNMENTSRESPONSE']._serialized_start=1335
-  _globals['_LISTASSIGNMENTSRESPONSE']._serialized_end=1510
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1512
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1537
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=1540
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=1922
-  _globals['_DRAINNODEREQUEST']._serialized_start=1924
-  _globals['_DRAINNODEREQUEST']._serialized_end=1959
-  _globals['_DRAINNODERESPONSE']._serialized_start=1961
-  _globals['_DRAINNODERESPONSE']._serialized_end=2015
-  _globals['_GETCONFIGREQUEST']._serialized_start=2017
-  _globals['_GETCONFIGREQUEST']._serialized_end=2035
-  _globals['_GETCONFIGRESPONSE']._serialized_start=2037
-  _globals['_GETCONFIGRESPONSE']._serialized_end=2120
-  _globals['_SETCONFIGREQUEST']._serialized_start=2122
-  _globals['_SETCONFIGREQUEST']._serialized_end=2213
-  _globals['_SETCONFIGRESPONSE']._serialized_start=2215
-  _globals['_SETCONFIGRESPONSE']._serialized_end=2316
-  _globals['_CONTROLPLANE']._serialized_start=2319
-  _globals['_CONTROLPLANE']._serialized_end=3533
+  _globals['_WATCHASSIGNMENTSRESPONSE']._serialized_end=840
+  _globals['_GETRINGREQUEST']._serialized_start=842
+  _globals['_GETRINGREQUEST']._serialized_end=858
+  _globals['_WATCHRINGREQUEST']._serialized_start=860
+  _globals['_WATCHRINGREQUEST']._serialized_end=908
+  _globals['_RESOLVEPLAYERREQUEST']._serialized_start=910
+  _globals['_RESOLVEPLAYERREQUEST']._serialized_end=951
+  _globals['_RESOLVEPLAYERRESPONSE']._serialized_start=954
+  _globals['_RESOLVEPLAYERRESPONSE']._serialized_end=1115
+  _globals['_LISTNODESREQUEST']._serialized_start=1117
+  _globals['_LISTNODESREQUEST']._serialized_end=1135
+  _globals['_LISTNODESRESPONSE']._serialized_start=1137
+  _globals['_LISTNODESRESPONSE']._serialized_end=1210
+  _globals['_LISTASSIGNMENTSREQUEST']._serialized_start=1212
+  _globals['_LISTASSIGNMENTSREQUEST']._serialized_end=1260
+  _globals['_MEMBERSTATUS']._serialized_start=1262
+  _globals['_MEMBERSTATUS']._serialized_end=1371
+  _globals['_LISTASSIGNMENTSRESPONSE']._serialized_start=1374
+  _globals['_LISTASSIGNMENTSRESPONSE']._serialized_end=1588
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1590
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1615
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=1618
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=2000
+  _globals['_DRAINNODEREQUEST']._serialized_start=2002
+  _globals['_DRAINNODEREQUEST']._serialized_end=2037
+  _globals['_DRAINNODERESPONSE']._serialized_start=2039
+  _globals['_DRAINNODERESPONSE']._serialized_end=2093
+  _globals['_GETCONFIGREQUEST']._serialized_start=2095
+  _globals['_GETCONFIGREQUEST']._serialized_end=2113
+  _globals['_GETCONFIGRESPONSE']._serialized_start=2115
+  _globals['_GETCONFIGRESPONSE']._serialized_end=2198
+  _globals['_SETCONFIGREQUEST']._serialized_start=2200
+  _globals['_SETCONFIGREQUEST']._serialized_end=2291
+  _globals['_SETCONFIGRESPONSE']._serialized_start=2293
+  _globals['_SETCONFIGRESPONSE']._serialized_end=2394
+  _globals['_CONTROLPLANE']._serialized_start=2397
+  _globals['_CONTROLPLANE']._serialized_end=3611
 # @@protoc_insertion_point(module_scope)

@@ -76,16 +76,18 @@ class WatchAssignmentsRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., start_revision: _Optional[int] = ..., progress_interval_ms: _Optional[int] = ...) -> None: ...
 
 class WatchAssignmentsResponse(_message.Message):
-    __slots__ = ("revision", "snapshot", "assignments", "removed_shard_ids")
+    __slots__ = ("revision", "snapshot", "assignments", "removed_shard_ids", "nodes")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     REMOVED_SHARD_IDS_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
     revision: int
     snapshot: bool
     assignments: _containers.RepeatedCompositeFieldContainer[_common_pb2.Assignment]
     removed_shard_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, revision: _Optional[int] = ..., snapshot: _Optional[bool] = ..., assignments: _Optional[_Iterable[_Union[_common_pb2.Assignment, _Mapping]]] = ..., removed_shard_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    nodes: _containers.RepeatedCompositeFieldContainer[_common_pb2.NodeRef]
+    def __init__(self, revision: _Optional[int] = ..., snapshot: _Optional[bool] = ..., assignments: _Optional[_Iterable[_Union[_common_pb2.Assignment, _Mapping]]] = ..., removed_shard_ids: _Optional[_Iterable[str]] = ..., nodes: _Optional[_Iterable[_Union[_common_pb2.NodeRef, _Mapping]]] = ...) -> None: ...
 
 class GetRingRequest(_message.Message):
     __slots__ = ()
@@ -148,18 +150,20 @@ class MemberStatus(_message.Message):
     def __init__(self, shard_id: _Optional[str] = ..., node_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.ShardStatus, _Mapping]] = ..., age_ms: _Optional[int] = ...) -> None: ...
 
 class ListAssignmentsResponse(_message.Message):
-    __slots__ = ("revision", "assignments", "stale", "stale_reason", "statuses")
+    __slots__ = ("revision", "assignments", "stale", "stale_reason", "statuses", "nodes")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     STALE_FIELD_NUMBER: _ClassVar[int]
     STALE_REASON_FIELD_NUMBER: _ClassVar[int]
     STATUSES_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
     revision: int
     assignments: _containers.RepeatedCompositeFieldContainer[_common_pb2.Assignment]
     stale: bool
     stale_reason: str
     statuses: _containers.RepeatedCompositeFieldContainer[MemberStatus]
-    def __init__(self, revision: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[_common_pb2.Assignment, _Mapping]]] = ..., stale: _Optional[bool] = ..., stale_reason: _Optional[str] = ..., statuses: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ...) -> None: ...
+    nodes: _containers.RepeatedCompositeFieldContainer[_common_pb2.NodeRef]
+    def __init__(self, revision: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[_common_pb2.Assignment, _Mapping]]] = ..., stale: _Optional[bool] = ..., stale_reason: _Optional[str] = ..., statuses: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., nodes: _Optional[_Iterable[_Union[_common_pb2.NodeRef, _Mapping]]] = ...) -> None: ...
 
 class GetClusterStatusRequest(_message.Message):
     __slots__ = ()
