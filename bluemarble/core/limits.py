@@ -66,3 +66,22 @@ def echo(value: object, limit: int = MAX_ECHO_CHARS) -> str:
         return text
     size = len(value) if isinstance(value, str | bytes) else len(text)
     return f"{text[:limit]}... ({size} chars)"
+
+MAX_ITEMS_PER_REQUEST = 256
+"""Item ids one grant may carry (a grant is one log entry, replicated in one message)."""
+
+MAX_ITEM_ID_BYTES = 128
+"""Length of an item id (a primary key in every node's database)."""
+
+MAX_GOLD = 2**53
+"""Largest amount of gold one request may move, and one player may hold: every integer up
+to 2^53 is exact in a double, so JSON and JavaScript clients read it unchanged."""
+
+MAX_VALUE_BYTES = 64 * 1024
+"""Size of one player-data value (it travels in one log entry)."""
+
+MAX_DATA_KEY_BYTES = 128
+"""Length of a player-data key."""
+
+MAX_REQUEST_ID_BYTES = 128
+"""Length of an idempotency key (request id, trade id)."""

@@ -11,7 +11,9 @@ which ``int()`` would then read as a number. Pure: no I/O.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Collection, Sequence
 
+from bluemarble.core import limits
 from bluemarble.core.errors import InvalidArgument
 from bluemarble.core.ids import NodeId, PlayerId
 from bluemarble.core.limits import echo
@@ -161,3 +163,64 @@ def capacity(value: int, field: str = "capacity") -> int:
     if value > MAX_CAPACITY:
         raise InvalidArgument(f"{field} is {value}; at most {MAX_CAPACITY} is allowed")
     return value or 1
+
+
+def request_id(value: str, field: str = "request_id") -> str:
+    """An idempotency key: 1..128 bytes of UTF-8."""
+    return _check_id(field, value)
+
+
+def item_ids(values: Sequence[str], field: str = "item_ids", *, allow_empty: bool = True) -> list[str]:
+    """Item ids of one request: at most :data:`~bluemarble.core.limits.MAX_ITEMS_PER_REQUEST`,
+    each 1..128 bytes, no id twice."""
+    if len(values) > limits.MAX_ITEMS_PER_REQUEST:
+        raise InvalidArgument(
+            f"{field} lists {len(values)} items; at most {limits.MAX_ITEMS_PER_REQUEST} are allowed per request"
+        )
+    if not values and not allow_empty:
+        raise InvalidArgument(f"{field} is empty; list at least one item id")
+    seen: set[str] = set()
+    for i, item in enumerate(values):
+        size = len(item.encode("utf-8"))
+        if size == 0:
+            raise InvalidArgument(f"{field}[{i}] is empty; item ids are 1..{limits.MAX_ITEM_ID_BYTES} bytes")
+        if size > limits.MAX_ITEM_ID_BYTES:
+            raise InvalidArgument(
+                f"{field}[{i}] is {size} bytes long; item ids are at most {limits.MAX_ITEM_ID_BYTES} bytes"
+            )
+        if item in seen:
+            raise InvalidArgument(f"{field} lists item {echo(item)} twice; each item id may appear once")
+        seen.add(item)
+    return list(values)
+
+
+def gold(value: int, field: str = "gold") -> int:
+    """An amount of gold: 0..2^53."""
+    if value < 0 or value > limits.MAX_GOLD:
+        raise InvalidArgument(f"{field} is {value}; it must be between 0 and 2^53 ({limits.MAX_GOLD})")
+    return value
+
+
+def data_key(value: str, field: str = "key") -> str:
+    """A player-data key: 1..128 bytes of UTF-8."""
+    size = len(value.encode("utf-8"))
+    if size == 0 or size > limits.MAX_DATA_KEY_BYTES:
+        raise InvalidArgument(f"{field} is {size} bytes long; give 1..{limits.MAX_DATA_KEY_BYTES} bytes of UTF-8")
+    return value
+
+
+def data_value(value: bytes, field: str = "value") -> bytes:
+    """A player-data value: at most 64 KiB."""
+    if len(value) > limits.MAX_VALUE_BYTES:
+        raise InvalidArgument(
+            f"{field} is {len(value)} bytes; at most {limits.MAX_VALUE_BYTES} bytes (64 KiB) are allowed"
+        )
+    return value
+
+
+def game_system(value: str, known: Collection[str], field: str = "system") -> str:
+    """A game system named in the cluster config's consistency table."""
+    if value not in known:
+        names = ", ".join(sorted(known)[:16]) or "none"
+        raise InvalidArgument(f"{field} {echo(value, 40)} is not a game system of the cluster config (known: {names})")
+    return value
