@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -192,6 +192,22 @@ class NodeAgent:
         self._beats: grpc.aio.StreamStreamCall[Any, Any] | None = None
         self._beats_address = ""
         self._watcher: asyncio.Task[None] | None = None
+        # The assignments of this incarnation's shards, and the addresses of the nodes
+        # they name (from the stream's ``nodes``), for the data plane.
+        self.assignments: dict[str, common_pb2.Assignment] = {}
+        self.addresses: dict[str, str] = {}
+        # Called (synchronously) after every applied assignment update and after roles
+        # were dropped: the data plane re-reads ``assignments``.
+        self.on_assignments: Callable[[], None] | None = None
+        # What heartbeats report about the shards (the data plane's view: positions and
+        # lag); None: roles and epochs only.
+        self.status_provider: Callable[[], list[common_pb2.ShardStatus]] | None = None
+        # The cluster config (consistency per game system...), refetched whenever a
+        # heartbeat answer carries a new config revision.
+        self.config: common_pb2.ClusterConfig | None = None
+        self.config_revision = 0
+        self.config_loaded = asyncio.Event()
+        self._config_task: asyncio.Task[None] | None = None
 
     # ---- session state ----
 
@@ -241,6 +257,8 @@ class NodeAgent:
         self._set_state(self.session_state)
 
     def shard_statuses(self) -> list[common_pb2.ShardStatus]:
+        if self.status_provider is not None:
+            return self.status_provider()
         return [
             common_pb2.ShardStatus(
                 shard_id=shard, epoch=h.epoch, role=h.role, applied_lsn=h.applied_lsn  # type: ignore[arg-type]
@@ -263,6 +281,8 @@ class NodeAgent:
             self._close_beats(rotate=False)
             await background.stop(self._watcher)
             self._watcher = None
+            await background.stop(self._config_task)
+            self._config_task = None
 
     def _beat_backoff(self) -> retry.Backoff:
         """Delays between rounds of failed heartbeats (every address tried): jittered,
@@ -382,6 +402,29 @@ class NodeAgent:
         if response.draining and not self.draining:
             log.info("control plane is draining this node")
         self.draining = response.draining
+        if response.config_revision and response.config_revision != self.config_revision:
+            self._refresh_config()
+
+    def _refresh_config(self) -> None:
+        """Fetches the cluster config in the background (once at a time)."""
+        if self._config_task is not None and not self._config_task.done():
+            return
+        self._config_task = background.start(self._fetch_config(), "cluster-config")
+
+    async def _fetch_config(self) -> None:
+        try:
+            response: controlplane_pb2.GetConfigResponse = await self._client.call(
+                lambda s: s.GetConfig, controlplane_pb2.GetConfigRequest(), attempts=3, deadline_s=5.0
+            )
+        except BlueMarbleError as e:
+            log.warning("cannot read the cluster config; keeping the last one", error=str(e))
+            return
+        if response.revision >= self.config_revision:
+            first = self.config is None
+            self.config, self.config_revision = response.config, response.revision
+            self.config_loaded.set()
+            if first:
+                log.info("cluster config loaded", revision=response.revision)
 
     def _close_beats(self, rotate: bool) -> None:
         if self._beats is not None:
@@ -404,8 +447,10 @@ class NodeAgent:
         self.registered.clear()
         self._set_state(SessionState.LOST, reason="lease not found")
         self.shards.clear()
+        self.assignments.clear()
         self.assignments_synced.clear()
         self.assignments_revision = 0
+        self._notify_assignments()
         self._report_statuses = True
         self.draining = False
         await self._register(stop)
@@ -476,6 +521,7 @@ class NodeAgent:
             self.registrations += 1
             self.registered.set()
             self._set_state(SessionState.CONNECTED, lease=f"{response.lease_id:#x}")
+            self._refresh_config()
             log.info(
                 "registered",
                 node_id=ident.node_id,
@@ -541,25 +587,43 @@ class NodeAgent:
         )
 
     def _apply(self, update: controlplane_pb2.WatchAssignmentsResponse, lease_id: int) -> None:
-        """Applies one WatchAssignments message received by the incarnation ``lease_id``."""
+        """Applies one WatchAssignments message received by the incarnation ``lease_id``.
+
+        An assignment that names this node under another incarnation (``incarnations``
+        holds a different lease id: the roles of a registration this node no longer
+        holds, e.g. before a crash) gives it no role: the control plane takes those roles
+        back through promotion at a higher epoch (flow 1)."""
         if self.registration is None or self.registration.lease_id != lease_id:
             log.info("ignoring an assignment update of an earlier incarnation", lease=f"{lease_id:#x}")
             return
         if not update.snapshot and not update.assignments and not update.removed_shard_ids:
             return  # a progress message: the stream is alive, nothing changed
         me = self.identity.node_id
+        for ref in update.nodes:
+            self.addresses[ref.node_id] = ref.address
         if update.snapshot:
             held = {a.shard_id for a in update.assignments}
             for shard in list(self.shards):
                 if shard not in held:
                     del self.shards[shard]
+                    self.assignments.pop(shard, None)
         for shard in update.removed_shard_ids:
             self.shards.pop(shard, None)
+            self.assignments.pop(shard, None)
         for a in update.assignments:
+            member = a.primary == me or me in a.replicas
+            incarnation = a.incarnations.get(me)
+            if not member or (incarnation is not None and incarnation != lease_id):
+                if self.shards.pop(a.shard_id, None) is not None:
+                    log.info("shard role dropped", shard=a.shard_id, epoch=a.epoch,
+                             why="not a member" if not member else "assigned to an earlier incarnation")
+                self.assignments.pop(a.shard_id, None)
+                continue
             role = common_pb2.SHARD_ROLE_PRIMARY if a.primary == me else common_pb2.SHARD_ROLE_REPLICA
             previous = self.shards.get(a.shard_id)
             lsn = previous.applied_lsn if previous else 0
             self.shards[a.shard_id] = ShardHolding(role, a.epoch, lsn)
+            self.assignments[a.shard_id] = a
             if previous is None or (previous.role, previous.epoch) != (role, a.epoch):
                 log.info(
                     "shard role",
@@ -569,6 +633,11 @@ class NodeAgent:
                 )
         self.assignments_revision = update.revision
         self.assignments_synced.set()
+        self._notify_assignments()
+
+    def _notify_assignments(self) -> None:
+        if self.on_assignments is not None:
+            self.on_assignments()
 
 
 async def _unless_stopped(stop: asyncio.Event, work: Coroutine[Any, Any, T]) -> T | None:
