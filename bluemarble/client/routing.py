@@ -1,0 +1,919 @@
+"""The routing client game servers use: call a player's primary directly, from caches.
+
+A game server handles thousands of player requests a second; asking the control plane
+where each player lives (``ResolvePlayer``) would put it on every request's path.
+:class:`RoutingClient` instead keeps two caches, both followed in the background and
+supervised (a broken or silent stream is reopened, on the next control-plane replica
+when that one was at fault):
+
+* the ring (:class:`~bluemarble.client.ring_router.RingRouter`, ``WatchRing``):
+  player id -> shard;
+* every shard's assignment (:class:`AssignmentCache`, ``WatchAssignments`` for all
+  nodes): shard -> epoch, primary, replicas, and the nodes' addresses (the stream's
+  ``nodes``; ``ListNodes`` fills in an address the stream has not named yet).
+
+A call resolves player -> shard -> primary -> address locally and calls that node over
+one cached channel per node address (closed once no assignment names the node).
+
+    from bluemarble.client.routing import RoutingClient
+
+    async with RoutingClient(["127.0.0.1:7000"]) as cluster:
+        result = await cluster.grant_items("player-42", ["sword-1", "shield-7"], gold=100)
+        print(result.inventory.item_ids, result.inventory.gold, result.replayed)
+        inventory = await cluster.get_inventory("player-42")
+        await cluster.set_player_data("player-42", "guild", "name", b"Night Owls")
+        guild = await cluster.get_player_data("player-42", "guild", "name", allow_stale=True)
+
+Redirects, failover and retries (all within the call's ``deadline_s``):
+
+* FAILED_PRECONDITION that says the node is not (or no longer) the primary, or its epoch
+  is stale (:func:`is_redirect`), UNAVAILABLE, DEADLINE_EXCEEDED and ABORTED are
+  retried: the client waits until its assignment cache has moved on from what the
+  failed attempt used (a new primary, a new epoch) or a short jittered backoff has
+  passed (:mod:`bluemarble.runtime.retry`), resolves again, and retries. An attempt in
+  flight to a primary is abandoned as soon as the cache names another primary or epoch
+  for its shard. When the deadline passes, the last error is raised.
+* INVALID_ARGUMENT, NOT_FOUND and every other status are final: raised at once.
+* Writes are idempotent by request id: one id (given, or a fresh uuid4) is used for
+  every attempt of one call, so a retried grant is applied once. Writes carry epoch 0
+  (the node's current epoch) unless the caller passes an epoch.
+* Reads with ``allow_stale`` prefer the primary, and fall back to the shard's replicas
+  (in placement order) when the primary fails, does not answer within
+  ``stale_primary_timeout_s``, or the shard has no primary; the answer says whether it
+  is stale and how far behind its node was.
+
+Bounds: each attempt's timeout is the call's remaining deadline (a primary tried for a
+stale read: at most ``stale_primary_timeout_s``); at most ``max_attempts`` attempts per
+call; backoff delays ``retry_initial_s`` .. ``retry_max_backoff_s``; one ``ListNodes``
+address lookup in flight, at most one per ``address_lookup_interval_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType, TracebackType
+from typing import Any, Protocol, TypeVar
+
+import grpc
+import grpc.aio
+import structlog
+
+from bluemarble.client.control_plane import STREAM_PROGRESS_INTERVAL_MS, ControlPlaneClient, follow_stream
+from bluemarble.client.ring_router import DEFAULT_STREAM_IDLE_TIMEOUT_S, RingRouter
+from bluemarble.core import errors, validation
+from bluemarble.core.ids import NodeId, PlayerId, ShardId
+from bluemarble.runtime import background, retry
+from bluemarble.runtime.channels import insecure_channel
+from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout, wait_event
+from bluemarble.v1 import common_pb2, controlplane_pb2, shardnode_pb2, shardnode_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_DEADLINE_S = 5.0
+DEFAULT_READY_TIMEOUT_S = 10.0
+
+
+# ---- values -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """A player's items and gold as one node answered them.
+
+    ``stale`` is True when a replica answered (a read with ``allow_stale``): it may lack
+    the newest writes; ``lag_entries`` / ``lag_ms`` say how far behind it knew it was.
+    ``served_by`` is the node that answered."""
+
+    player_id: PlayerId
+    item_ids: tuple[str, ...]
+    gold: int
+    shard_id: ShardId
+    epoch: int
+    stale: bool
+    lag_entries: int
+    lag_ms: int
+    served_by: NodeId
+
+
+@dataclass(frozen=True)
+class GrantResult:
+    """The answer to a grant: the inventory after it, the grant's log position, and
+    whether this answer is the recorded one of an earlier attempt with the same request
+    id (``replayed``: nothing was applied this time)."""
+
+    inventory: Inventory
+    lsn: int
+    replayed: bool
+    request_id: str
+
+
+@dataclass(frozen=True)
+class PlayerData:
+    """A player's value for one game system and key (``value`` None when not set)."""
+
+    player_id: PlayerId
+    system: str
+    key: str
+    value: bytes | None
+    shard_id: ShardId
+    epoch: int
+    lsn: int
+    stale: bool
+    lag_entries: int
+    lag_ms: int
+    served_by: NodeId
+
+
+@dataclass(frozen=True)
+class DataWriteResult:
+    """The answer to a player-data write. ``consistency`` is the system's model
+    (a ``bluemarble.v1.ConsistencyModel`` value): STRONG writes were acknowledged once a
+    replica had them, EVENTUAL ones after the primary's local commit."""
+
+    shard_id: ShardId
+    epoch: int
+    lsn: int
+    replayed: bool
+    consistency: int
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a player's requests go, as the caches said at one moment.
+
+    ``primary`` is None while the shard has no primary (failover in progress);
+    ``addresses`` holds the known addresses of the shard's members."""
+
+    player_id: PlayerId
+    shard_id: ShardId
+    epoch: int
+    primary: NodeId | None
+    replicas: tuple[NodeId, ...]
+    addresses: Mapping[NodeId, str]
+    revision: int
+
+
+@dataclass(frozen=True)
+class Target:
+    """One node an attempt may call: its id, its address (None while unknown), and
+    whether it is the shard's primary."""
+
+    node_id: NodeId
+    address: str | None
+    primary: bool
+
+
+# ---- decisions (purely computational) ---------------------------------------------
+
+# FAILED_PRECONDITION answers that are about the caller's data, not about routing: the
+# same request sent to the right primary gets the same answer, so retrying is pointless.
+_FINAL_PRECONDITION_MARKERS = ("owned by", "already owned", "escrow", "not enough", "insufficient")
+# FAILED_PRECONDITION answers that mean "not here, or not now": a node that does not
+# lead the shard (at this epoch), a replica asked for a strong read, a node that fenced
+# itself because its lease may have expired. Another primary, or the same one a moment
+# later, can serve the request.
+_REDIRECT_MARKERS = (
+    "primary", "epoch", "replica", "lease", "fenc", "not held", "not hold", "does not hold",
+    "not assigned", "not serving", "no longer", "not lead",
+)
+
+
+def is_redirect(error: errors.BlueMarbleError) -> bool:
+    """Whether a FAILED_PRECONDITION from a node means "ask the current primary" (purely
+    computational): its message names the primary, an epoch, a replica role, a lease or
+    a fence, and nothing about the caller's items or gold."""
+    if not isinstance(error, errors.FailedPrecondition):
+        return False
+    text = str(error).lower()
+    if any(marker in text for marker in _FINAL_PRECONDITION_MARKERS):
+        return False
+    return any(marker in text for marker in _REDIRECT_MARKERS)
+
+
+def should_retry(error: BaseException) -> bool:
+    """Whether a failed attempt is worth another one after re-resolving (purely
+    computational): redirects (:func:`is_redirect`), UNAVAILABLE, DEADLINE_EXCEEDED and
+    ABORTED are; INVALID_ARGUMENT, NOT_FOUND and everything else are final."""
+    if isinstance(error, errors.FailedPrecondition):
+        return is_redirect(error)
+    return isinstance(error, errors.Unavailable | errors.DeadlineExceeded | errors.Aborted)
+
+
+def targets_for(route: Route, *, allow_stale: bool) -> list[Target]:
+    """The nodes to try for one attempt, in order (purely computational): the primary;
+    with ``allow_stale`` then each replica in placement order. Empty when there is
+    nobody to ask (no primary, and stale answers not allowed)."""
+    found: list[Target] = []
+    if route.primary is not None:
+        found.append(Target(route.primary, route.addresses.get(route.primary), primary=True))
+    if allow_stale:
+        found += [Target(r, route.addresses.get(r), primary=False) for r in route.replicas if r != route.primary]
+    return found
+
+
+# ---- the assignment cache -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CachedAssignment:
+    shard_id: ShardId
+    epoch: int
+    primary: NodeId | None
+    replicas: tuple[NodeId, ...]
+
+
+@dataclass(frozen=True)
+class AssignmentView:
+    """An immutable view of every shard's assignment and the addresses of the nodes
+    they name, as of ``revision`` (etcd revision of the last change applied)."""
+
+    revision: int = 0
+    assignments: Mapping[ShardId, CachedAssignment] = field(default_factory=lambda: MappingProxyType({}))
+    addresses: Mapping[NodeId, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def named_nodes(self) -> set[NodeId]:
+        named: set[NodeId] = set()
+        for a in self.assignments.values():
+            if a.primary is not None:
+                named.add(a.primary)
+            named.update(a.replicas)
+        return named
+
+
+class AssignmentCache:
+    """Every shard's assignment, as WatchAssignments (node_id "") tells it.
+
+    :meth:`apply` takes one stream message: a snapshot replaces the view, a change
+    updates it, a progress message (empty, not a snapshot) changes nothing. ``view`` is
+    swapped atomically; :attr:`changed` is an event set (and replaced by a fresh one) on
+    every change of an assignment or an address, so a caller that captured it before an
+    attempt learns whether the cache moved on since. ``on_nodes`` is told the addresses
+    still named after every change (the client closes the channels of the others).
+    """
+
+    def __init__(self, on_addresses: Callable[[Collection[str]], None] | None = None):
+        self.view = AssignmentView()
+        self.synced = asyncio.Event()  # set once the first snapshot is applied
+        self.changed = asyncio.Event()
+        self.on_addresses = on_addresses
+
+    def apply(self, message: controlplane_pb2.WatchAssignmentsResponse) -> None:
+        if not message.snapshot and not message.assignments and not message.removed_shard_ids and not message.nodes:
+            return  # progress: the stream is alive, nothing changed
+        current = self.view
+        if message.snapshot:
+            assignments: dict[ShardId, CachedAssignment] = {}
+        else:
+            assignments = dict(current.assignments)
+            if message.revision < current.revision:
+                return  # older than what we have (another replica lagging): keep ours
+        for shard in message.removed_shard_ids:
+            assignments.pop(ShardId(shard), None)
+        for a in message.assignments:
+            shard = ShardId(a.shard_id)
+            assignments[shard] = CachedAssignment(
+                shard_id=shard,
+                epoch=a.epoch,
+                primary=NodeId(a.primary) if a.primary else None,
+                replicas=tuple(NodeId(r) for r in a.replicas),
+            )
+        addresses = dict(current.addresses)
+        for ref in message.nodes:
+            if ref.address:
+                addresses[NodeId(ref.node_id)] = ref.address
+        self._install(AssignmentView(message.revision, MappingProxyType(assignments), MappingProxyType(addresses)))
+        if message.snapshot and not self.synced.is_set():
+            self.synced.set()
+
+    def add_addresses(self, nodes: Iterable[common_pb2.NodeRef | common_pb2.Node]) -> None:
+        """Fills in addresses of named nodes the stream has not told (a ListNodes answer);
+        never overrides an address the stream gave."""
+        current = self.view
+        named = current.named_nodes()
+        new = {
+            NodeId(n.node_id): n.address
+            for n in nodes
+            if n.address and NodeId(n.node_id) in named and NodeId(n.node_id) not in current.addresses
+        }
+        if new:
+            self._install(
+                AssignmentView(current.revision, current.assignments, MappingProxyType({**current.addresses, **new}))
+            )
+
+    def _install(self, view: AssignmentView) -> None:
+        named = view.named_nodes()
+        addresses = {n: a for n, a in view.addresses.items() if n in named}  # forget nodes nobody names
+        view = AssignmentView(view.revision, view.assignments, MappingProxyType(addresses))
+        moved = view.assignments != self.view.assignments or view.addresses != self.view.addresses
+        self.view = view
+        if moved:
+            if self.on_addresses is not None:
+                self.on_addresses(set(addresses.values()))
+            event, self.changed = self.changed, asyncio.Event()
+            event.set()
+
+    def route(self, player_id: PlayerId, shard: ShardId) -> Route:
+        """The route of ``player_id`` on ``shard``; Unavailable when the cache holds no
+        assignment for the shard (not synced yet, or the shard is being created)."""
+        view = self.view
+        a = view.assignments.get(shard)
+        if a is None:
+            if not self.synced.is_set():
+                raise errors.Unavailable("the routing client has no assignments yet; retry shortly")
+            raise errors.Unavailable(f"{shard} has no assignment yet; retry shortly")
+        members = ([a.primary] if a.primary else []) + list(a.replicas)
+        return Route(
+            player_id=player_id,
+            shard_id=shard,
+            epoch=a.epoch,
+            primary=a.primary,
+            replicas=a.replicas,
+            addresses=MappingProxyType({m: view.addresses[m] for m in members if m in view.addresses}),
+            revision=view.revision,
+        )
+
+    async def wait_moved(self, shard: ShardId, epoch: int, primary: NodeId | None) -> None:
+        """Returns once the shard's assignment names another epoch or primary (or none)."""
+        while True:
+            event = self.changed
+            a = self.view.assignments.get(shard)
+            if a is None or (a.epoch, a.primary) != (epoch, primary):
+                return
+            await event.wait()
+
+
+# ---- the adapter to shard nodes -----------------------------------------------------
+
+
+class NodeTransport(Protocol):
+    """The client's boundary to shard nodes: one call on one node address. Raises the
+    mapped :class:`~bluemarble.core.errors.BlueMarbleError` (UNAVAILABLE and
+    DEADLINE_EXCEEDED name the address). Tests replace it with a fake."""
+
+    async def get_inventory(
+        self, address: str, request: shardnode_pb2.GetInventoryRequest, timeout_s: float
+    ) -> shardnode_pb2.GetInventoryResponse: ...
+
+    async def grant_items(
+        self, address: str, request: shardnode_pb2.GrantItemsRequest, timeout_s: float
+    ) -> shardnode_pb2.GrantItemsResponse: ...
+
+    async def get_player_data(
+        self, address: str, request: shardnode_pb2.GetPlayerDataRequest, timeout_s: float
+    ) -> shardnode_pb2.GetPlayerDataResponse: ...
+
+    async def set_player_data(
+        self, address: str, request: shardnode_pb2.SetPlayerDataRequest, timeout_s: float
+    ) -> shardnode_pb2.SetPlayerDataResponse: ...
+
+    def retain(self, addresses: Collection[str]) -> None:
+        """Closes the channels of every address not in ``addresses``."""
+
+    async def close(self) -> None: ...
+
+
+def node_error(e: grpc.aio.AioRpcError, address: str) -> errors.BlueMarbleError:
+    """The BlueMarble error for a failed call to the node at ``address``."""
+    details = e.details() or e.code().name
+    code = e.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return errors.Unavailable(f"node {address} unavailable: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return errors.DeadlineExceeded(f"node {address} did not answer in time")
+    if code == grpc.StatusCode.CANCELLED:
+        # Our side cancelled it: the channel closed because no assignment names the
+        # node any more. Another node serves the shard now.
+        return errors.Unavailable(f"call to node {address} cancelled (the node left the assignments)")
+    return errors.from_status_name(code.name, details)
+
+
+class GrpcNodeTransport:
+    """:class:`NodeTransport` over grpc.aio: one channel per node address, built by
+    :mod:`bluemarble.runtime.channels`, closed by :meth:`retain` once unused."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, shardnode_pb2_grpc.ShardNodeStub] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def addresses(self) -> set[str]:
+        """Addresses with an open channel."""
+        return set(self._channels)
+
+    def _stub(self, address: str) -> shardnode_pb2_grpc.ShardNodeStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            self._channels[address] = insecure_channel(address)
+            stub = self._stubs[address] = shardnode_pb2_grpc.ShardNodeStub(self._channels[address])  # type: ignore[no-untyped-call]
+        return stub
+
+    async def _call(self, address: str, method: Callable[[Any], Awaitable[T]]) -> T:
+        try:
+            return await method(self._stub(address))
+        except grpc.aio.AioRpcError as e:
+            raise node_error(e, address) from e
+
+    async def get_inventory(
+        self, address: str, request: shardnode_pb2.GetInventoryRequest, timeout_s: float
+    ) -> shardnode_pb2.GetInventoryResponse:
+        return await self._call(address, lambda s: s.GetInventory(request, timeout=timeout_s))
+
+    async def grant_items(
+        self, address: str, request: shardnode_pb2.GrantItemsRequest, timeout_s: float
+    ) -> shardnode_pb2.GrantItemsResponse:
+        return await self._call(address, lambda s: s.GrantItems(request, timeout=timeout_s))
+
+    async def get_player_data(
+        self, address: str, request: shardnode_pb2.GetPlayerDataRequest, timeout_s: float
+    ) -> shardnode_pb2.GetPlayerDataResponse:
+        return await self._call(address, lambda s: s.GetPlayerData(request, timeout=timeout_s))
+
+    async def set_player_data(
+        self, address: str, request: shardnode_pb2.SetPlayerDataRequest, timeout_s: float
+    ) -> shardnode_pb2.SetPlayerDataResponse:
+        return await self._call(address, lambda s: s.SetPlayerData(request, timeout=timeout_s))
+
+    def retain(self, addresses: Collection[str]) -> None:
+        for address in [a for a in self._channels if a not in addresses]:
+            channel = self._channels.pop(address)
+            self._stubs.pop(address, None)
+            task = asyncio.ensure_future(channel.close(None))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            log.debug("closed the channel of a node no assignment names", address=address)
+
+    async def close(self) -> None:
+        self.retain(())
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+# ---- the client ---------------------------------------------------------------------
+
+
+class RoutingClient:
+    """Calls shard nodes for players, routing from cached ring and assignments.
+
+    ``control_plane``: a :class:`ControlPlaneClient` (not closed by :meth:`close`) or the
+    control-plane addresses (the client builds its own and closes it). With None, give
+    ``router`` and ``assignments`` already filled (tests, offline tools).
+
+    Use as ``async with RoutingClient(...) as c`` (starts, waits until ready for
+    ``ready_timeout_s``, and closes), or call :meth:`start`, :meth:`wait_ready` and
+    :meth:`close` yourself. Calls made before the client is ready wait for it within
+    their own deadline.
+    """
+
+    def __init__(
+        self,
+        control_plane: ControlPlaneClient | Sequence[str] | None,
+        *,
+        router: RingRouter | None = None,
+        assignments: AssignmentCache | None = None,
+        transport: NodeTransport | None = None,
+        clock: Clock | None = None,
+        max_attempts: int = 64,
+        retry_initial_s: float = 0.05,
+        retry_max_backoff_s: float = 0.5,
+        stale_primary_timeout_s: float = 1.0,
+        stream_idle_timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S,
+        address_lookup_interval_s: float = 1.0,
+        ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
+    ):
+        self._owns_control_plane = control_plane is not None and not isinstance(control_plane, ControlPlaneClient)
+        if control_plane is None or isinstance(control_plane, ControlPlaneClient):
+            self._control_plane = control_plane
+        else:
+            self._control_plane = ControlPlaneClient(list(control_plane), clock=clock)
+        if self._control_plane is None and (router is None or assignments is None):
+            raise ValueError("without a control plane, give a router and an assignment cache")
+        self._clock: Clock = clock or (
+            self._control_plane.clock if self._control_plane is not None else SystemClock()
+        )
+        self._transport: NodeTransport = transport or GrpcNodeTransport()
+        self.router = router or RingRouter(
+            self._control_plane, clock=self._clock, stream_idle_timeout_s=stream_idle_timeout_s
+        )
+        self.assignments = assignments or AssignmentCache()
+        self.assignments.on_addresses = self._transport.retain
+        self._max_attempts = max_attempts
+        self._policy = retry.RetryPolicy(initial_s=retry_initial_s, max_backoff_s=retry_max_backoff_s, deadline_s=None)
+        self._stale_primary_timeout_s = stale_primary_timeout_s
+        self._stream_idle_timeout_s = stream_idle_timeout_s
+        self._address_lookup_interval_s = address_lookup_interval_s
+        self._ready_timeout_s = ready_timeout_s
+        self._start_revision = 0
+        self._last_lookup_s = -float("inf")
+        self._lookup: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ring_ready = asyncio.Event()
+        self._started = self._control_plane is None
+        if self._control_plane is None:
+            self._ring_ready.set()
+
+    # ---- lifecycle ----
+
+    async def start(self) -> None:
+        """Starts following the ring and the assignments in the background (returns at
+        once; see :meth:`wait_ready`). Idempotent."""
+        if self._started:
+            return
+        self._started = True
+        forever = retry.RetryPolicy(initial_s=0.1, max_backoff_s=2.0, deadline_s=None)
+        self._tasks = [
+            background.start(
+                retry.supervise(
+                    self._start_ring, name="routing-ring", policy=forever, clock=self._clock, stop=self._ring_ready
+                ),
+                "routing-ring",
+            ),
+            background.start(
+                retry.supervise(
+                    self._follow_assignments, name="routing-assignments", policy=forever, clock=self._clock
+                ),
+                "routing-assignments",
+            ),
+        ]
+
+    @property
+    def ready(self) -> bool:
+        """True once the client has a ring and a snapshot of the assignments."""
+        return self._ring_ready.is_set() and self.assignments.synced.is_set()
+
+    async def wait_ready(self, timeout_s: float = DEFAULT_READY_TIMEOUT_S) -> None:
+        """Waits until the client has a ring and the assignments; Unavailable after
+        ``timeout_s`` (the control plane cannot be reached); FailedPrecondition when the
+        client was never started."""
+        if not self._started:
+            raise errors.FailedPrecondition("the routing client is not started; call start() first")
+        deadline = self._clock.monotonic_s() + timeout_s
+        for event, what in ((self._ring_ready, "the ring"), (self.assignments.synced, "the assignments")):
+            if not await wait_event(self._clock, event, max(0.0, deadline - self._clock.monotonic_s())):
+                raise errors.Unavailable(
+                    f"the routing client did not get {what} within {timeout_s:g} s; is the control plane reachable?"
+                )
+
+    async def close(self) -> None:
+        """Stops following, closes every node channel (and the control-plane client when
+        this client built it)."""
+        for task in self._tasks:
+            await background.stop(task)
+        self._tasks = []
+        await background.stop(self._lookup)
+        await self.router.stop()
+        await self._transport.close()
+        if self._owns_control_plane and self._control_plane is not None:
+            await self._control_plane.close()
+
+    async def __aenter__(self) -> RoutingClient:
+        await self.start()
+        try:
+            await self.wait_ready(self._ready_timeout_s)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _start_ring(self) -> None:
+        await self.router.start()  # fetches the ring, then follows WatchRing itself
+        self._ring_ready.set()
+
+    async def _follow_assignments(self) -> None:
+        """One WatchAssignments stream (all nodes) into the cache, until it breaks."""
+        assert self._control_plane is not None
+        request = controlplane_pb2.WatchAssignmentsRequest(
+            node_id="", start_revision=self._start_revision, progress_interval_ms=STREAM_PROGRESS_INTERVAL_MS
+        )
+
+        def on_message(message: controlplane_pb2.WatchAssignmentsResponse) -> None:
+            self.assignments.apply(message)
+            self._start_revision = max(self._start_revision, message.revision)
+
+        try:
+            await follow_stream(
+                self._control_plane,
+                lambda stub: stub.WatchAssignments(request),
+                controlplane_pb2.WatchAssignmentsResponse,
+                on_message,
+                clock=self._clock,
+                idle_timeout_s=self._stream_idle_timeout_s,
+                what="assignment",
+            )
+        except errors.OutOfRange:
+            # The cluster has not reached the revision we saw (e.g. etcd was restored
+            # from a backup): take whatever state it has rather than none.
+            log.warning("assignment revision ahead of the cluster; re-listing from scratch",
+                        start_revision=self._start_revision)
+            self._start_revision = 0
+            raise
+
+    # ---- resolving ----
+
+    def resolve(self, player_id: str) -> Route:
+        """The route of ``player_id`` from the caches: InvalidArgument for a bad player
+        id, Unavailable while the caches cannot say (not ready, shard not assigned)."""
+        player = validation.player_id(player_id)
+        try:
+            shard = self.router.shard_for(player)
+        except errors.FailedPrecondition as e:
+            raise errors.Unavailable("the routing client has no ring yet; retry shortly") from e
+        return self.assignments.route(player, shard)
+
+    async def _fill_addresses(self, route: Route, deadline_s: float) -> Route:
+        """The route again after asking ListNodes for members whose address the stream
+        has not told (at most one lookup in flight, one per lookup interval)."""
+        members = ([route.primary] if route.primary else []) + list(route.replicas)
+        if all(m in route.addresses for m in members) or self._control_plane is None:
+            return route
+        now = self._clock.monotonic_s()
+        if self._lookup is None or self._lookup.done():
+            if now - self._last_lookup_s < self._address_lookup_interval_s:
+                return route
+            self._last_lookup_s = now
+            self._lookup = asyncio.ensure_future(self._lookup_addresses())
+        lookup = self._lookup
+
+        async def lookup_done() -> None:
+            await asyncio.shield(lookup)
+
+        with contextlib.suppress(TimeoutError, errors.BlueMarbleError):
+            await run_with_timeout(self._clock, lookup_done(), max(0.0, deadline_s - now))
+        return self.assignments.route(route.player_id, route.shard_id)
+
+    async def _lookup_addresses(self) -> None:
+        assert self._control_plane is not None
+        try:
+            response: controlplane_pb2.ListNodesResponse = await self._control_plane.call(
+                lambda s: s.ListNodes, controlplane_pb2.ListNodesRequest(), attempts=1
+            )
+        except errors.BlueMarbleError as e:
+            log.info("node address lookup failed", error=str(e))
+            return
+        self.assignments.add_addresses(response.nodes)
+
+    # ---- calls ----
+
+    async def get_inventory(
+        self, player_id: str, *, allow_stale: bool = False, deadline_s: float = DEFAULT_DEADLINE_S
+    ) -> Inventory:
+        """The player's items and gold from the shard's primary; with ``allow_stale``
+        possibly from a replica (``stale`` set) when the primary fails.
+
+        Raises InvalidArgument (bad player id), NotFound (the shard never saw the
+        player), and, once ``deadline_s`` has passed, the last retryable error
+        (Unavailable, DeadlineExceeded, FailedPrecondition)."""
+        request = shardnode_pb2.GetInventoryRequest(player_id=validation.player_id(player_id), allow_stale=allow_stale)
+
+        async def call(target: Target, address: str, timeout_s: float) -> Inventory:
+            response = await self._transport.get_inventory(address, request, timeout_s)
+            return _inventory(response, target.node_id)
+
+        return await self._run(player_id, call, allow_stale=allow_stale, deadline_s=deadline_s, what="GetInventory")
+
+    async def grant_items(
+        self,
+        player_id: str,
+        item_ids: Sequence[str],
+        gold: int = 0,
+        *,
+        request_id: str | None = None,
+        epoch: int = 0,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+    ) -> GrantResult:
+        """Gives the player new unique items and gold, on the shard's primary.
+
+        Idempotent by ``request_id`` (a fresh uuid4 when None), which every retry of
+        this call reuses: the grant is applied at most once, and a replayed answer says
+        so. ``epoch`` 0 lets the node use its current epoch. Raises InvalidArgument
+        (bad input, checked before anything is sent), FailedPrecondition (e.g. an item
+        someone already owns, or an ``epoch`` older than the shard's), and after
+        ``deadline_s`` the last retryable error."""
+        request = shardnode_pb2.GrantItemsRequest(
+            request_id=validation.request_id(request_id if request_id is not None else str(uuid.uuid4())),
+            player_id=validation.player_id(player_id),
+            item_ids=validation.item_ids(list(item_ids)),
+            gold=validation.gold(gold),
+            epoch=epoch,
+        )
+
+        async def call(target: Target, address: str, timeout_s: float) -> GrantResult:
+            response = await self._transport.grant_items(address, request, timeout_s)
+            return GrantResult(
+                inventory=_inventory(response.inventory, target.node_id),
+                lsn=response.lsn,
+                replayed=response.replayed,
+                request_id=request.request_id,
+            )
+
+        return await self._run(
+            player_id, call, allow_stale=False, deadline_s=deadline_s, what="GrantItems", epoch=epoch
+        )
+
+    async def set_player_data(
+        self,
+        player_id: str,
+        system: str,
+        key: str,
+        value: bytes,
+        *,
+        request_id: str | None = None,
+        epoch: int = 0,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+    ) -> DataWriteResult:
+        """Sets the player's value for a game system and key, on the shard's primary;
+        idempotent by ``request_id`` as :meth:`grant_items`. Raises InvalidArgument (bad
+        key or a value over 64 KiB here; a system not in the cluster config from the
+        node), and after ``deadline_s`` the last retryable error."""
+        request = shardnode_pb2.SetPlayerDataRequest(
+            request_id=validation.request_id(request_id if request_id is not None else str(uuid.uuid4())),
+            player_id=validation.player_id(player_id),
+            system=system,
+            key=validation.data_key(key),
+            value=validation.data_value(value),
+            epoch=epoch,
+        )
+
+        async def call(target: Target, address: str, timeout_s: float) -> DataWriteResult:
+            r = await self._transport.set_player_data(address, request, timeout_s)
+            return DataWriteResult(
+                shard_id=ShardId(r.shard_id), epoch=r.epoch, lsn=r.lsn, replayed=r.replayed,
+                consistency=r.consistency, request_id=request.request_id,
+            )
+
+        return await self._run(
+            player_id, call, allow_stale=False, deadline_s=deadline_s, what="SetPlayerData", epoch=epoch
+        )
+
+    async def get_player_data(
+        self,
+        player_id: str,
+        system: str,
+        key: str,
+        *,
+        allow_stale: bool = False,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+    ) -> PlayerData:
+        """The player's value for a game system and key (``value`` None when unset),
+        from the primary; with ``allow_stale`` possibly from a replica. Errors as
+        :meth:`get_inventory`."""
+        request = shardnode_pb2.GetPlayerDataRequest(
+            player_id=validation.player_id(player_id), system=system, key=validation.data_key(key),
+            allow_stale=allow_stale,
+        )
+
+        async def call(target: Target, address: str, timeout_s: float) -> PlayerData:
+            r = await self._transport.get_player_data(address, request, timeout_s)
+            return PlayerData(
+                player_id=PlayerId(r.player_id or request.player_id), system=r.system or system, key=r.key or key,
+                value=r.value if r.found else None, shard_id=ShardId(r.shard_id), epoch=r.epoch, lsn=r.lsn,
+                stale=r.staleness.stale, lag_entries=r.staleness.lag_entries, lag_ms=r.staleness.lag_ms,
+                served_by=NodeId(r.staleness.served_by or target.node_id),
+            )
+
+        return await self._run(player_id, call, allow_stale=allow_stale, deadline_s=deadline_s, what="GetPlayerData")
+
+    # ---- the retry loop ----
+
+    async def _run(
+        self,
+        player_id: str,
+        call: Callable[[Target, str, float], Awaitable[T]],
+        *,
+        allow_stale: bool,
+        deadline_s: float,
+        what: str,
+        epoch: int = 0,
+    ) -> T:
+        """Resolves and calls until an answer, a final error, ``max_attempts`` or the
+        deadline (then the last error)."""
+        if deadline_s <= 0:
+            raise errors.InvalidArgument(f"deadline_s is {deadline_s}; it must be > 0")
+        clock = self._clock
+        deadline = clock.monotonic_s() + deadline_s
+        if not self.ready:
+            await self.wait_ready(deadline_s)
+        backoff = retry.Backoff(self._policy, clock)
+        last: errors.BlueMarbleError | None = None
+        for attempt in range(1, self._max_attempts + 1):
+            changed = self.assignments.changed  # set once the cache moves past this attempt's view
+            try:
+                route = self.resolve(player_id)
+            except errors.BlueMarbleError as e:
+                if not should_retry(e):
+                    raise
+                last = e
+            else:
+                if epoch and route.epoch > epoch:  # the caller's epoch can never be served again
+                    raise errors.FailedPrecondition(
+                        f"epoch {epoch} is older than {route.shard_id}'s current epoch {route.epoch}"
+                    )
+                try:
+                    route = await self._fill_addresses(route, deadline)
+                    return await self._attempt(route, call, allow_stale=allow_stale, deadline=deadline)
+                except errors.BlueMarbleError as e:
+                    if not should_retry(e):
+                        raise
+                    last = e
+            remaining_s = deadline - clock.monotonic_s()
+            if remaining_s <= 0:
+                break
+            log.debug("retrying", what=what, player=player_id, attempt=attempt, error=str(last))
+            await wait_event(clock, changed, min(backoff.next_delay_s(), remaining_s))
+            if deadline - clock.monotonic_s() <= 0:
+                break
+        assert last is not None
+        raise last
+
+    async def _attempt(
+        self,
+        route: Route,
+        call: Callable[[Target, str, float], Awaitable[T]],
+        *,
+        allow_stale: bool,
+        deadline: float,
+    ) -> T:
+        """One pass over the route's targets (the primary; with ``allow_stale`` then the
+        replicas): the first answer, a final error at once, or the last retryable one."""
+        targets = targets_for(route, allow_stale=allow_stale)
+        if not targets:
+            raise errors.Unavailable(f"{route.shard_id} has no primary right now (failover in progress); retry shortly")
+        last: errors.BlueMarbleError | None = None
+        for i, target in enumerate(targets):
+            remaining_s = deadline - self._clock.monotonic_s()
+            if remaining_s <= 0:
+                break
+            if target.address is None:
+                last = errors.Unavailable(f"no address known for node {target.node_id} of {route.shard_id} yet")
+                continue
+            timeout_s = remaining_s
+            if i < len(targets) - 1:  # leave time for the replicas a stale read may fall back to
+                timeout_s = min(remaining_s, self._stale_primary_timeout_s)
+            try:
+                return await self._bounded(route, target, call(target, target.address, timeout_s), timeout_s)
+            except errors.BlueMarbleError as e:
+                if not should_retry(e):
+                    raise
+                last = e
+        if last is None:
+            raise errors.DeadlineExceeded(f"no answer from {route.shard_id} within the deadline")
+        raise last
+
+    async def _bounded(self, route: Route, target: Target, work: Awaitable[T], timeout_s: float) -> T:
+        """``work`` bounded by ``timeout_s`` on the client's clock; an attempt on the
+        primary is abandoned (Unavailable) as soon as the cache names another primary or
+        epoch for the shard (safe for writes: they are idempotent by request id)."""
+        job = asyncio.ensure_future(work)
+        moved = (
+            asyncio.ensure_future(self.assignments.wait_moved(route.shard_id, route.epoch, route.primary))
+            if target.primary
+            else None
+        )
+
+        async def race() -> T:
+            waiters: set[asyncio.Future[Any]] = {job} | ({moved} if moved is not None else set())
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if job.done():
+                return job.result()
+            raise errors.Unavailable(
+                f"{route.shard_id} moved away from {target.node_id} at epoch {route.epoch} during the call"
+            )
+
+        try:
+            return await run_with_timeout(self._clock, race(), timeout_s)
+        except TimeoutError as e:
+            raise errors.DeadlineExceeded(
+                f"node {target.node_id} ({target.address}) did not answer within {timeout_s:g} s"
+            ) from e
+        finally:
+            for future in (job, moved):
+                if future is not None and not future.done():
+                    future.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await future
+
+
+def _inventory(r: shardnode_pb2.GetInventoryResponse, asked: NodeId) -> Inventory:
+    return Inventory(
+        player_id=PlayerId(r.player_id),
+        item_ids=tuple(r.item_ids),
+        gold=r.gold,
+        shard_id=ShardId(r.shard_id),
+        epoch=r.epoch,
+        stale=r.staleness.stale,
+        lag_entries=r.staleness.lag_entries,
+        lag_ms=r.staleness.lag_ms,
+        served_by=NodeId(r.staleness.served_by or asked),
+    )

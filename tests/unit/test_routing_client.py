@@ -1,0 +1,403 @@
+"""The routing client's resolve logic and retry decisions, against a fake node transport
+(the client's own adapter boundary) and a fake clock: no server, no real waiting."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Collection
+from typing import Any
+
+import pytest
+
+from bluemarble.client.ring_router import RingRouter
+from bluemarble.client.routing import (
+    AssignmentCache,
+    Route,
+    RoutingClient,
+    Target,
+    is_redirect,
+    should_retry,
+    targets_for,
+)
+from bluemarble.core import errors
+from bluemarble.core.ids import NodeId, PlayerId
+from bluemarble.core.ring import initial_ring
+from bluemarble.runtime.clock import FakeClock
+from bluemarble.v1 import common_pb2, shardnode_pb2
+from bluemarble.v1 import controlplane_pb2 as pb
+
+RING = initial_ring(4, 10)
+PLAYER = "player-42"
+SHARD = RING.shard_for(PLAYER)
+ADDRESSES = {"n1": "10.0.0.1:7101", "n2": "10.0.0.2:7101", "n3": "10.0.0.3:7101"}
+
+
+def snapshot(primary: str, replicas: list[str], epoch: int = 1, revision: int = 10) -> pb.WatchAssignmentsResponse:
+    """Every shard of RING led by ``primary``."""
+    return pb.WatchAssignmentsResponse(
+        revision=revision,
+        snapshot=True,
+        assignments=[
+            common_pb2.Assignment(shard_id=s, epoch=epoch, primary=primary, replicas=replicas)
+            for s in RING.shard_ids
+        ],
+        nodes=[common_pb2.NodeRef(node_id=n, address=a) for n, a in ADDRESSES.items()],
+    )
+
+
+def change(primary: str, replicas: list[str], epoch: int, revision: int) -> pb.WatchAssignmentsResponse:
+    return pb.WatchAssignmentsResponse(
+        revision=revision,
+        assignments=[common_pb2.Assignment(shard_id=SHARD, epoch=epoch, primary=primary, replicas=replicas)],
+    )
+
+
+Handler = Callable[[str, Any], Any]
+
+
+class FakeTransport:
+    """Answers each call with ``handler(address, request)``: a response, an exception to
+    raise, or an awaitable (a call that hangs until it is set). Records every call."""
+
+    def __init__(self, handler: Handler):
+        self.handler = handler
+        self.calls: list[tuple[str, str, Any, float]] = []
+        self.retained: list[set[str]] = []
+        self.closed = False
+
+    async def _answer(self, method: str, address: str, request: Any, timeout_s: float) -> Any:
+        self.calls.append((method, address, request, timeout_s))
+        result = self.handler(address, request)
+        if isinstance(result, BaseException):
+            raise result
+        if isinstance(result, asyncio.Future):
+            return await result
+        return result
+
+    async def get_inventory(self, address: str, request: Any, timeout_s: float) -> Any:
+        return await self._answer("GetInventory", address, request, timeout_s)
+
+    async def grant_items(self, address: str, request: Any, timeout_s: float) -> Any:
+        return await self._answer("GrantItems", address, request, timeout_s)
+
+    async def get_player_data(self, address: str, request: Any, timeout_s: float) -> Any:
+        return await self._answer("GetPlayerData", address, request, timeout_s)
+
+    async def set_player_data(self, address: str, request: Any, timeout_s: float) -> Any:
+        return await self._answer("SetPlayerData", address, request, timeout_s)
+
+    def retain(self, addresses: Collection[str]) -> None:
+        self.retained.append(set(addresses))
+
+    async def close(self) -> None:
+        self.closed = True
+
+    def addresses_called(self) -> list[str]:
+        return [address for _, address, _, _ in self.calls]
+
+
+def inventory(node: str, epoch: int = 1, *, stale: bool = False, gold: int = 5) -> shardnode_pb2.GetInventoryResponse:
+    return shardnode_pb2.GetInventoryResponse(
+        player_id=PLAYER, item_ids=["sword"], gold=gold, shard_id=SHARD, epoch=epoch,
+        staleness=shardnode_pb2.Staleness(stale=stale, lag_entries=3 if stale else 0, lag_ms=40 if stale else 0,
+                                          served_by=node),
+    )
+
+
+def make_client(handler: Handler, clock: FakeClock | None = None) -> tuple[RoutingClient, FakeTransport]:
+    transport = FakeTransport(handler)
+    cache = AssignmentCache()
+    cache.apply(snapshot("n1", ["n2", "n3"]))
+    client = RoutingClient(
+        None, router=RingRouter.from_ring(RING), assignments=cache, transport=transport,
+        clock=clock or FakeClock(), retry_initial_s=0.05, retry_max_backoff_s=0.2,
+    )
+    return client, transport
+
+
+async def run_on(clock: FakeClock, work: Any, *, advance_s: float = 10.0) -> Any:
+    """Runs ``work`` while moving the fake clock on (at most ``advance_s``)."""
+    task = asyncio.ensure_future(work)
+    moved = 0.0
+    while not task.done() and moved < advance_s:
+        await clock.advance(0.05)
+        moved += 0.05
+    return await task
+
+
+# ---- resolving ----
+
+
+def test_resolve_maps_player_to_shard_primary_replicas_and_addresses() -> None:
+    client, _ = make_client(lambda a, r: None)
+    route = client.resolve(PLAYER)
+    assert (route.shard_id, route.epoch, route.primary, route.replicas) == (SHARD, 1, "n1", ("n2", "n3"))
+    assert dict(route.addresses) == ADDRESSES
+    assert route.revision == 10
+
+
+def test_resolve_refuses_a_bad_player_id_and_says_when_it_cannot_route() -> None:
+    client, _ = make_client(lambda a, r: None)
+    with pytest.raises(errors.InvalidArgument, match="player_id is empty"):
+        client.resolve("")
+    empty = RoutingClient(None, router=RingRouter.from_ring(RING), assignments=AssignmentCache(),
+                          transport=FakeTransport(lambda a, r: None))
+    with pytest.raises(errors.Unavailable, match="no assignments yet"):
+        empty.resolve(PLAYER)
+
+
+def test_targets_prefer_the_primary_then_replicas_only_for_stale_reads() -> None:
+    route = Route(PlayerId(PLAYER), SHARD, 3, NodeId("n1"), (NodeId("n2"), NodeId("n3")),
+                  {NodeId("n1"): "a1", NodeId("n3"): "a3"}, 10)
+    assert targets_for(route, allow_stale=False) == [Target(NodeId("n1"), "a1", primary=True)]
+    assert [(t.node_id, t.address) for t in targets_for(route, allow_stale=True)] == [
+        ("n1", "a1"), ("n2", None), ("n3", "a3")]
+    lost = Route(PlayerId(PLAYER), SHARD, 3, None, (NodeId("n2"),), {NodeId("n2"): "a2"}, 10)
+    assert targets_for(lost, allow_stale=False) == []
+    assert targets_for(lost, allow_stale=True) == [Target(NodeId("n2"), "a2", primary=False)]
+
+
+def test_the_cache_applies_snapshots_changes_removals_and_ignores_progress() -> None:
+    retained: list[set[str]] = []
+    cache = AssignmentCache(on_addresses=lambda a: retained.append(set(a)))
+    cache.apply(snapshot("n1", ["n2"]))
+    assert cache.synced.is_set() and len(cache.view.assignments) == 4
+    assert set(cache.view.addresses) == {"n1", "n2"}  # n3 is named by no assignment: forgotten
+    event = cache.changed
+    cache.apply(pb.WatchAssignmentsResponse(revision=11))  # progress
+    assert not event.is_set() and cache.view.revision == 10
+    cache.apply(change("n2", ["n3"], epoch=2, revision=12))
+    assert event.is_set() and cache.view.assignments[SHARD].primary == "n2"
+    cache.apply(pb.WatchAssignmentsResponse(revision=13, removed_shard_ids=[SHARD]))
+    assert SHARD not in cache.view.assignments
+    cache.apply(change("n3", [], epoch=3, revision=12))  # older than what we have: ignored
+    assert SHARD not in cache.view.assignments
+    # A new snapshot replaces everything; a node nobody names any more loses its channel.
+    cache.apply(pb.WatchAssignmentsResponse(
+        revision=20, snapshot=True,
+        assignments=[common_pb2.Assignment(shard_id=SHARD, epoch=4, primary="n1")],
+        nodes=[common_pb2.NodeRef(node_id="n1", address=ADDRESSES["n1"])],
+    ))
+    assert list(cache.view.assignments) == [SHARD] and retained[-1] == {ADDRESSES["n1"]}
+
+
+def test_addresses_from_list_nodes_fill_gaps_but_never_override_the_stream() -> None:
+    cache = AssignmentCache()
+    cache.apply(pb.WatchAssignmentsResponse(
+        revision=5, snapshot=True,
+        assignments=[common_pb2.Assignment(shard_id=SHARD, epoch=1, primary="n1", replicas=["n2"])],
+        nodes=[common_pb2.NodeRef(node_id="n1", address="stream:1")],
+    ))
+    cache.add_addresses([common_pb2.Node(node_id=n, address=f"list:{n[1]}") for n in ("n1", "n2", "n9")])
+    assert dict(cache.view.addresses) == {"n1": "stream:1", "n2": "list:2"}
+
+
+# ---- retry decisions ----
+
+
+@pytest.mark.parametrize(
+    ("error", "retry"),
+    [
+        (errors.FailedPrecondition("n1 is not the primary of shard-3; the primary is n2"), True),
+        (errors.FailedPrecondition("stale epoch 4 for shard-3: current epoch is 5"), True),
+        (errors.FailedPrecondition("n1's lease may have expired; no STRONG operation as primary"), True),
+        (errors.FailedPrecondition("n2 is a replica of shard-3; pass allow_stale"), True),
+        (errors.FailedPrecondition("item 'sword' is already owned by another player (shard-3)"), False),
+        (errors.FailedPrecondition("something else entirely"), False),
+        (errors.Unavailable("node down"), True),
+        (errors.DeadlineExceeded("slow"), True),
+        (errors.Aborted("race"), True),
+        (errors.InvalidArgument("bad"), False),
+        (errors.NotFound("no such player"), False),
+        (errors.Unimplemented("later"), False),
+        (errors.BlueMarbleError("internal"), False),
+    ],
+)
+def test_which_errors_are_retried(error: errors.BlueMarbleError, retry: bool) -> None:
+    assert should_retry(error) is retry
+    assert is_redirect(error) is (retry and isinstance(error, errors.FailedPrecondition))
+
+
+# ---- calls ----
+
+
+async def test_a_read_goes_to_the_primary_with_the_remaining_deadline() -> None:
+    client, transport = make_client(lambda a, r: inventory("n1"))
+    result = await client.get_inventory(PLAYER, deadline_s=2.0)
+    assert (result.gold, result.item_ids, result.shard_id, result.served_by, result.stale) == (5, ("sword",), SHARD,
+                                                                                               "n1", False)
+    [(method, address, request, timeout_s)] = transport.calls
+    assert (method, address, request.allow_stale, timeout_s) == ("GetInventory", ADDRESSES["n1"], False, 2.0)
+
+
+async def test_a_redirect_is_followed_once_the_cache_names_the_new_primary() -> None:
+    clock = FakeClock()
+    client, transport = make_client(lambda a, r: None, clock)
+
+    def handler(address: str, request: Any) -> Any:
+        if address == ADDRESSES["n1"]:
+            # The control plane moves the shard while the old primary refuses.
+            client.assignments.apply(change("n2", ["n3"], epoch=2, revision=11))
+            return errors.FailedPrecondition(f"n1 is not the primary of {SHARD} at epoch 2; the primary is n2")
+        response = shardnode_pb2.GrantItemsResponse(inventory=inventory("n2", epoch=2), lsn=7)
+        return response
+
+    transport.handler = handler
+    result = await run_on(clock, client.grant_items(PLAYER, ["sword"], gold=5, request_id="req-1"))
+    assert transport.addresses_called() == [ADDRESSES["n1"], ADDRESSES["n2"]]
+    assert {c[2].request_id for c in transport.calls} == {"req-1"} and {c[2].epoch for c in transport.calls} == {0}
+    assert (result.lsn, result.inventory.epoch, result.request_id, result.replayed) == (7, 2, "req-1", False)
+
+
+async def test_every_retry_of_one_grant_reuses_its_generated_request_id() -> None:
+    clock = FakeClock()
+    answers = iter([errors.Unavailable("node n1 unavailable"), errors.DeadlineExceeded("slow"),
+                    shardnode_pb2.GrantItemsResponse(inventory=inventory("n1"), lsn=3, replayed=True)])
+    client, transport = make_client(lambda a, r: next(answers), clock)
+    result = await run_on(clock, client.grant_items(PLAYER, ["sword"]))
+    ids = {c[2].request_id for c in transport.calls}
+    assert len(transport.calls) == 3 and len(ids) == 1 and result.request_id in ids and result.replayed
+
+
+async def test_an_attempt_in_flight_is_abandoned_when_the_primary_changes() -> None:
+    clock = FakeClock()
+    hang: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    client, transport = make_client(
+        lambda a, r: hang if a == ADDRESSES["n1"] else shardnode_pb2.GrantItemsResponse(inventory=inventory("n2", 2)),
+        clock,
+    )
+    task = asyncio.ensure_future(client.grant_items(PLAYER, ["sword"], deadline_s=5.0))
+    await clock.advance(0.1)
+    assert transport.addresses_called() == [ADDRESSES["n1"]] and not task.done()
+    client.assignments.apply(change("n2", ["n3"], epoch=2, revision=11))
+    result = await run_on(clock, task, advance_s=0.5)
+    assert result.inventory.served_by == "n2" and hang.cancelled()
+
+
+@pytest.mark.parametrize("error", [errors.NotFound("no player"), errors.InvalidArgument("bad item"),
+                                   errors.FailedPrecondition("item 'sword' is already owned by another player")])
+async def test_final_errors_are_raised_at_once(error: errors.BlueMarbleError) -> None:
+    client, transport = make_client(lambda a, r: error)
+    with pytest.raises(type(error)):
+        await client.grant_items(PLAYER, ["sword"])
+    assert len(transport.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda c: c.grant_items(PLAYER, ["a", "a"]), "lists item 'a' twice"),
+        (lambda c: c.grant_items(PLAYER, [""]), r"item_ids\[0\] is empty"),
+        (lambda c: c.grant_items(PLAYER, [f"i{i}" for i in range(257)]), "at most 256"),
+        (lambda c: c.grant_items(PLAYER, ["x" * 129]), "at most 128 bytes"),
+        (lambda c: c.grant_items(PLAYER, [], gold=2**53 + 1), "between 0 and 2"),
+        (lambda c: c.grant_items(PLAYER, ["a"], request_id=""), "request_id is empty"),
+        (lambda c: c.set_player_data(PLAYER, "guild", "k", b"x" * (64 * 1024 + 1)), "64 KiB"),
+        (lambda c: c.get_player_data(PLAYER, "guild", ""), "key is 0 bytes"),
+        (lambda c: c.get_inventory("p" * 129), "player_id is 129 bytes"),
+    ],
+)
+async def test_bad_input_is_refused_before_anything_is_sent(call: Any, message: str) -> None:
+    client, transport = make_client(lambda a, r: None)
+    with pytest.raises(errors.InvalidArgument, match=message):
+        await call(client)
+    assert transport.calls == []
+
+
+async def test_retryable_errors_are_retried_until_the_deadline_then_raised() -> None:
+    clock = FakeClock()
+    client, transport = make_client(lambda a, r: errors.Unavailable(f"node {a} unavailable"), clock)
+    started = clock.monotonic_s()
+    with pytest.raises(errors.Unavailable, match="unavailable"):
+        await run_on(clock, client.get_inventory(PLAYER, deadline_s=1.0), advance_s=3.0)
+    assert 1.0 <= clock.monotonic_s() - started <= 1.2
+    assert len(transport.calls) >= 3
+    assert all(timeout_s <= 1.0 for *_, timeout_s in transport.calls)
+
+
+async def test_a_silent_primary_costs_the_call_its_deadline_not_more() -> None:
+    clock = FakeClock()
+    client, transport = make_client(lambda a, r: asyncio.get_running_loop().create_future(), clock)
+    with pytest.raises(errors.DeadlineExceeded, match="did not answer within"):
+        await run_on(clock, client.get_inventory(PLAYER, deadline_s=0.5), advance_s=2.0)
+    assert len(transport.calls) == 1 and transport.calls[0][3] == 0.5
+
+
+async def test_a_stale_read_falls_back_to_a_replica_when_the_primary_fails() -> None:
+    clock = FakeClock()
+
+    def handler(address: str, request: Any) -> Any:
+        if address == ADDRESSES["n1"]:
+            return errors.Unavailable("node n1 unavailable: connection refused")
+        return inventory("n2", stale=True, gold=4)
+
+    client, transport = make_client(handler, clock)
+    result = await run_on(clock, client.get_inventory(PLAYER, allow_stale=True))
+    assert (result.stale, result.served_by, result.lag_entries, result.lag_ms, result.gold) == (True, "n2", 3, 40, 4)
+    assert transport.addresses_called() == [ADDRESSES["n1"], ADDRESSES["n2"]]
+    assert all(c[2].allow_stale for c in transport.calls)
+    # Without allow_stale, a replica is never asked.
+    transport.calls.clear()
+    with pytest.raises(errors.Unavailable):
+        await run_on(clock, client.get_inventory(PLAYER, deadline_s=0.3))
+    assert set(transport.addresses_called()) == {ADDRESSES["n1"]}
+
+
+async def test_a_hung_primary_leaves_a_stale_read_time_for_the_replicas() -> None:
+    clock = FakeClock()
+    # The primary and the first replica hang; the second replica answers.
+    def handler(address: str, request: Any) -> Any:
+        return asyncio.get_running_loop().create_future() if address != ADDRESSES["n3"] else inventory("n3", stale=True)
+
+    client, transport = make_client(handler, clock)
+    client._stale_primary_timeout_s = 0.4
+    result = await run_on(clock, client.get_inventory(PLAYER, allow_stale=True, deadline_s=3.0))
+    assert result.served_by == "n3"
+    assert [(a, t) for _, a, _, t in transport.calls][:2] == [(ADDRESSES["n1"], 0.4), (ADDRESSES["n2"], 0.4)]
+
+
+async def test_a_shard_without_primary_is_waited_for_within_the_deadline() -> None:
+    clock = FakeClock()
+    client, transport = make_client(lambda a, r: inventory("n2", epoch=2), clock)
+    client.assignments.apply(pb.WatchAssignmentsResponse(
+        revision=11, assignments=[common_pb2.Assignment(shard_id=SHARD, epoch=1, primary="", replicas=["n2"])]))
+    task = asyncio.ensure_future(client.get_inventory(PLAYER, deadline_s=5.0))
+    await clock.advance(1.0)
+    assert transport.calls == [] and not task.done()
+    client.assignments.apply(change("n2", ["n3"], epoch=2, revision=12))
+    result = await run_on(clock, task, advance_s=1.0)
+    assert result.served_by == "n2" and transport.addresses_called() == [ADDRESSES["n2"]]
+
+
+async def test_a_caller_epoch_older_than_the_shards_is_refused_at_once() -> None:
+    client, transport = make_client(lambda a, r: None)
+    client.assignments.apply(change("n2", ["n3"], epoch=4, revision=11))
+    with pytest.raises(errors.FailedPrecondition, match="epoch 3 is older"):
+        await client.grant_items(PLAYER, ["sword"], epoch=3)
+    assert transport.calls == []
+
+
+async def test_player_data_round_trip_and_unset_values() -> None:
+    def handler(address: str, request: Any) -> Any:
+        if isinstance(request, shardnode_pb2.SetPlayerDataRequest):
+            return shardnode_pb2.SetPlayerDataResponse(shard_id=SHARD, epoch=1, lsn=9,
+                                                       consistency=common_pb2.CONSISTENCY_MODEL_EVENTUAL)
+        return shardnode_pb2.GetPlayerDataResponse(player_id=PLAYER, system="guild", key=request.key,
+                                                   value=b"owls" if request.key == "name" else b"",
+                                                   found=request.key == "name", shard_id=SHARD, epoch=1)
+
+    client, _ = make_client(handler)
+    written = await client.set_player_data(PLAYER, "guild", "name", b"owls", request_id="r-9")
+    assert (written.lsn, written.request_id, written.consistency) == (9, "r-9", common_pb2.CONSISTENCY_MODEL_EVENTUAL)
+    assert (await client.get_player_data(PLAYER, "guild", "name")).value == b"owls"
+    assert (await client.get_player_data(PLAYER, "guild", "rank")).value is None
+
+
+async def test_a_client_that_was_never_started_says_so() -> None:
+    client = RoutingClient(["127.0.0.1:1"], transport=FakeTransport(lambda a, r: None))
+    try:
+        with pytest.raises(errors.FailedPrecondition, match="not started"):
+            await client.wait_ready(0.1)
+    finally:
+        await client.close()
+
