@@ -2,16 +2,26 @@
 
     bluemarblectl --control-plane 127.0.0.1:7000 status | nodes | shards | ring | drain NODE
     bluemarblectl config get | config set KEY=VALUE...
+    bluemarblectl inventory PLAYER [--stale]
+    bluemarblectl grant PLAYER [ITEM ...] [--gold N] [--request-id ID]
+    bluemarblectl data get PLAYER SYSTEM KEY [--stale]
+    bluemarblectl data set PLAYER SYSTEM KEY VALUE [--request-id ID]
+
+The data commands (inventory, grant, data) go through the routing client
+(:mod:`bluemarble.client.routing`), as a game server would: straight to the player's
+primary, following redirects and failovers within ``--timeout-s``.
 
 Prints readable tables; ``--json`` prints the raw response as JSON instead. Exit status:
-0 on success, 1 when the control plane answered with an error (printed on stderr),
-2 on bad usage.
+0 on success, 1 when the cluster answered with an error (one line on stderr), 2 on bad
+usage.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,6 +30,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from bluemarble.client.control_plane import ControlPlaneClient
+from bluemarble.client.routing import DataWriteResult, GrantResult, Inventory, PlayerData, RoutingClient
 from bluemarble.core.errors import BlueMarbleError
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.settings import EnvArgumentParser
@@ -76,13 +87,111 @@ def render_nodes(r: controlplane_pb2.ListNodesResponse) -> str:
     )
 
 
+def _member(node: str, status: controlplane_pb2.MemberStatus | None) -> str:
+    """A shard member with its log position (last epoch, applied lsn) and lag (entries /
+    milliseconds), or ``?`` when nobody knows its status."""
+    if status is None:
+        return f"{node} ?"
+    s = status.status
+    return f"{node} ({s.last_epoch},{s.applied_lsn}) lag {s.lag_entries}/{s.lag_ms}ms"
+
+
 def render_shards(r: controlplane_pb2.ListAssignmentsResponse) -> str:
+    statuses = {(m.shard_id, m.node_id): m for m in r.statuses}
     rows = [
-        (a.shard_id, a.epoch, a.primary or "(none)", ",".join(a.replicas) or "-")
+        (
+            a.shard_id,
+            a.epoch,
+            _member(a.primary, statuses.get((a.shard_id, a.primary))) if a.primary else "(none)",
+            ", ".join(_member(n, statuses.get((a.shard_id, n))) for n in a.replicas) or "-",
+        )
         for a in r.assignments
     ]
     stale = f"\nSTALE: {r.stale_reason or 'this replica lost its etcd watch'}" if r.stale else ""
-    return table(("SHARD", "EPOCH", "PRIMARY", "REPLICAS"), rows) + f"\nrevision {r.revision}" + stale
+    return (
+        table(("SHARD", "EPOCH", "PRIMARY", "REPLICAS"), rows)
+        + "\nmembers: NODE (last epoch,applied lsn) lag ENTRIES/MS; ? = no status reported"
+        + f"\nrevision {r.revision}"
+        + stale
+    )
+
+
+def _pairs(pairs: Sequence[tuple[str, object]]) -> str:
+    width = max(len(k) for k, _ in pairs)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in pairs)
+
+
+def _staleness(stale: bool, lag_entries: int, lag_ms: int) -> list[tuple[str, object]]:
+    if not stale:
+        return []
+    return [("stale", f"yes: from a replica, {lag_entries} entries / {lag_ms} ms behind its primary")]
+
+
+def _inventory_pairs(inv: Inventory) -> list[tuple[str, object]]:
+    return [
+        ("player", inv.player_id),
+        ("shard", f"{inv.shard_id} (epoch {inv.epoch})"),
+        ("served by", inv.served_by),
+        ("gold", inv.gold),
+        ("items", ", ".join(inv.item_ids) if inv.item_ids else "(none)"),
+        *_staleness(inv.stale, inv.lag_entries, inv.lag_ms),
+    ]
+
+
+def render_inventory(inv: Inventory) -> str:
+    return _pairs(_inventory_pairs(inv))
+
+
+def render_grant(result: GrantResult) -> str:
+    outcome = (
+        "replayed: an earlier attempt with this request id was applied; nothing applied now"
+        if result.replayed
+        else "applied"
+    )
+    return _pairs([
+        *_inventory_pairs(result.inventory),
+        ("request id", result.request_id),
+        ("lsn", result.lsn),
+        ("grant", outcome),
+    ])
+
+
+def _shown(value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return "0x" + value.hex()
+
+
+def render_player_data(d: PlayerData) -> str:
+    return _pairs([
+        ("player", d.player_id),
+        ("system", d.system),
+        ("key", d.key),
+        ("shard", f"{d.shard_id} (epoch {d.epoch})"),
+        ("served by", d.served_by),
+        ("value", "(not set)" if d.value is None else _shown(d.value)),
+        *([("lsn", d.lsn)] if d.value is not None else []),
+        *_staleness(d.stale, d.lag_entries, d.lag_ms),
+    ])
+
+
+def render_data_write(w: DataWriteResult) -> str:
+    return _pairs([
+        ("shard", f"{w.shard_id} (epoch {w.epoch})"),
+        ("consistency", _consistency(w.consistency)),
+        ("request id", w.request_id),
+        ("lsn", w.lsn),
+        ("write", "replayed: an earlier attempt with this request id was applied" if w.replayed else "applied"),
+    ])
+
+
+def _as_json(value: Inventory | GrantResult | PlayerData | DataWriteResult) -> str:
+    def plain(v: object) -> object:
+        return _shown(v) if isinstance(v, bytes) else v
+
+    fields = dataclasses.asdict(value, dict_factory=lambda items: {k: plain(v) for k, v in items})
+    return json.dumps(fields, indent=2)
 
 
 def render_ring(r: common_pb2.Ring) -> str:
@@ -119,9 +228,49 @@ def _parse_config_assignments(pairs: Sequence[str], config: common_pb2.ClusterCo
 READS: dict[str, tuple[Callable[[Any], Any], Callable[[], Message], Callable[[Any], str]]] = {
     "status": (lambda s: s.GetClusterStatus, controlplane_pb2.GetClusterStatusRequest, render_status),
     "nodes": (lambda s: s.ListNodes, controlplane_pb2.ListNodesRequest, render_nodes),
-    "shards": (lambda s: s.ListAssignments, controlplane_pb2.ListAssignmentsRequest, render_shards),
+    "shards": (
+        lambda s: s.ListAssignments,
+        lambda: controlplane_pb2.ListAssignmentsRequest(include_status=True),
+        render_shards,
+    ),
     "ring": (lambda s: s.GetRing, controlplane_pb2.GetRingRequest, render_ring),
 }
+
+
+DATA_COMMANDS = ("inventory", "grant", "data")
+
+
+async def run_data(args: argparse.Namespace, client: ControlPlaneClient) -> str:
+    """One data command through a routing client; the text to print."""
+    deadline_s = args.timeout_s
+    routing = RoutingClient(client)
+    # Started, not awaited ready: a call checks its input first, then waits for the
+    # client's caches within its own deadline.
+    await routing.start()
+    try:
+        result: Inventory | GrantResult | PlayerData | DataWriteResult
+        if args.command == "inventory":
+            result = await routing.get_inventory(args.player, allow_stale=args.stale, deadline_s=deadline_s)
+            text = render_inventory(result)
+        elif args.command == "grant":
+            result = await routing.grant_items(
+                args.player, args.items, args.gold, request_id=args.request_id, deadline_s=deadline_s
+            )
+            text = render_grant(result)
+        elif args.action == "get":
+            result = await routing.get_player_data(
+                args.player, args.system, args.key, allow_stale=args.stale, deadline_s=deadline_s
+            )
+            text = render_player_data(result)
+        else:
+            result = await routing.set_player_data(
+                args.player, args.system, args.key, args.value.encode("utf-8"),
+                request_id=args.request_id, deadline_s=deadline_s,
+            )
+            text = render_data_write(result)
+    finally:
+        await routing.close()
+    return _as_json(result) if args.json else text
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -129,6 +278,9 @@ async def run(args: argparse.Namespace) -> int:
     try:
         response: Message
         text: str
+        if args.command in DATA_COMMANDS:
+            print(await run_data(args, client))
+            return 0
         if args.command in READS:
             pick, request_type, render = READS[args.command]
             response = await client.call(pick, request_type())
@@ -170,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("status", help="cluster summary")
     sub.add_parser("nodes", help="registered nodes")
-    sub.add_parser("shards", help="shard assignments")
+    sub.add_parser("shards", help="shard assignments, each member's log position and lag")
     sub.add_parser("ring", help="each shard's share of the key space")
     drain = sub.add_parser("drain", help="move a node's roles away, then let it leave")
     drain.add_argument("node")
@@ -179,6 +331,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_sub.add_parser("get")
     config_set = config_sub.add_parser("set", help="e.g. config set lease_ttl_s=5 consistency.chat=EVENTUAL")
     config_set.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
+    inventory = sub.add_parser("inventory", help="a player's items and gold (from the shard's primary)")
+    inventory.add_argument("player")
+    inventory.add_argument("--stale", action="store_true", help="accept an answer from a replica if the primary fails")
+    grant = sub.add_parser("grant", help="give a player new unique items and gold (idempotent by request id)")
+    grant.add_argument("player")
+    grant.add_argument("items", nargs="*", metavar="ITEM")
+    grant.add_argument("--gold", type=int, default=0, help="gold to add (0..2^53)")
+    grant.add_argument("--request-id", help="idempotency key (default: a new uuid4); reuse it to retry safely")
+    data = sub.add_parser("data", help="get or set a player's value for a game system and key")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    data_get = data_sub.add_parser("get")
+    data_set = data_sub.add_parser("set")
+    for data_parser in (data_get, data_set):
+        data_parser.add_argument("player")
+        data_parser.add_argument("system", help="a game system of the cluster config, e.g. guild")
+        data_parser.add_argument("key")
+    data_get.add_argument("--stale", action="store_true", help="accept an answer from a replica if the primary fails")
+    data_set.add_argument("value", help="the value, stored as UTF-8")
+    data_set.add_argument("--request-id", help="idempotency key (default: a new uuid4); reuse it to retry safely")
     args = p.parse_args(argv)
     return asyncio.run(run(args))
 

@@ -180,15 +180,17 @@ _FINAL_PRECONDITION_MARKERS = ("owned by", "already owned", "escrow", "not enoug
 # itself because its lease may have expired. Another primary, or the same one a moment
 # later, can serve the request.
 _REDIRECT_MARKERS = (
-    "primary", "epoch", "replica", "lease", "fenc", "not held", "not hold", "does not hold",
-    "not assigned", "not serving", "no longer", "not lead",
+    "primary", "epoch", "replica", "lease", "fenc", "no copy of", "not held", "not hold",
+    "not assigned", "not serving", "no longer", "not lead", "re-resolve",
 )
 
 
 def is_redirect(error: errors.BlueMarbleError) -> bool:
     """Whether a FAILED_PRECONDITION from a node means "ask the current primary" (purely
-    computational): its message names the primary, an epoch, a replica role, a lease or
-    a fence, and nothing about the caller's items or gold."""
+    computational): its message names the primary, an epoch, a replica role, a lease, a
+    fence or a node holding no copy of the shard, and nothing about the caller's items or
+    gold (an item already owned, a request id reused for another request, too much gold
+    are final)."""
     if not isinstance(error, errors.FailedPrecondition):
         return False
     text = str(error).lower()

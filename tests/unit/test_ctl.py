@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from bluemarble.api.conversions import ring_to_proto
 from bluemarble.cli import bluemarblectl as ctl
+from bluemarble.client.routing import DataWriteResult, GrantResult, Inventory, PlayerData
+from bluemarble.core.ids import NodeId, PlayerId, ShardId
 from bluemarble.core.ring import initial_ring
 from bluemarble.v1 import common_pb2
 from bluemarble.v1 import controlplane_pb2 as pb
@@ -37,9 +42,30 @@ def test_shards_table_shows_epochs_and_missing_primaries() -> None:
         ],
     )
     lines = ctl.render_shards(r).splitlines()
-    assert lines[2].split() == ["shard-0", "3", "n1", "n2,n3"]
+    assert lines[2].split() == ["shard-0", "3", "n1", "?", "n2", "?,", "n3", "?"]
     assert lines[3].split() == ["shard-1", "1", "(none)", "-"]
     assert lines[-1] == "revision 9"
+
+
+def test_shards_table_shows_each_members_log_position_and_lag() -> None:
+    def member(node: str, last_epoch: int, lsn: int, lag_entries: int = 0, lag_ms: int = 0) -> pb.MemberStatus:
+        return pb.MemberStatus(shard_id="shard-0", node_id=node, status=common_pb2.ShardStatus(
+            shard_id="shard-0", epoch=3, last_epoch=last_epoch, applied_lsn=lsn, lag_entries=lag_entries,
+            lag_ms=lag_ms))
+
+    r = pb.ListAssignmentsResponse(
+        revision=9,
+        assignments=[common_pb2.Assignment(shard_id="shard-0", epoch=3, primary="n1", replicas=["n2", "n3"])],
+        statuses=[member("n1", 3, 120, 4, 35), member("n2", 3, 116, 4, 35)],
+    )
+    row = ctl.render_shards(r).splitlines()[2]
+    assert "n1 (3,120) lag 4/35ms" in row
+    assert "n2 (3,116) lag 4/35ms, n3 ?" in row
+
+
+def test_shards_command_asks_for_member_statuses() -> None:
+    _, request, _ = ctl.READS["shards"]
+    assert request().include_status  # type: ignore[attr-defined]
 
 
 def test_ring_table_shows_each_shards_share() -> None:
@@ -95,3 +121,72 @@ def test_shards_say_when_the_answer_may_be_stale() -> None:
     assert "STALE" not in ctl.render_shards(fresh)
     stale = pb.ListAssignmentsResponse(revision=7, stale=True, stale_reason="watch lost 3 s ago")
     assert ctl.render_shards(stale).endswith("STALE: watch lost 3 s ago")
+
+
+INVENTORY = Inventory(
+    player_id=PlayerId("player-42"), item_ids=("sword", "shield"), gold=100, shard_id=ShardId("shard-3"), epoch=2,
+    stale=False, lag_entries=0, lag_ms=0, served_by=NodeId("n1"),
+)
+
+
+def test_inventory_names_shard_epoch_server_gold_and_items() -> None:
+    text = ctl.render_inventory(INVENTORY)
+    assert "shard      shard-3 (epoch 2)" in text and "served by  n1" in text
+    assert "gold       100" in text and "items      sword, shield" in text
+    assert "stale" not in text
+
+
+def test_inventory_from_a_replica_says_how_stale_it_is() -> None:
+    stale = dataclasses.replace(INVENTORY, item_ids=(), stale=True, lag_entries=3, lag_ms=40, served_by=NodeId("n2"))
+    text = ctl.render_inventory(stale)
+    assert "items      (none)" in text
+    assert "stale      yes: from a replica, 3 entries / 40 ms behind its primary" in text
+
+
+def test_grant_says_whether_it_was_a_replay() -> None:
+    applied = GrantResult(inventory=INVENTORY, lsn=7, replayed=False, request_id="req-1")
+    assert "grant       applied" in ctl.render_grant(applied) and "request id  req-1" in ctl.render_grant(applied)
+    replayed = dataclasses.replace(applied, replayed=True)
+    assert "replayed: an earlier attempt with this request id was applied" in ctl.render_grant(replayed)
+
+
+def test_player_data_shows_the_value_or_that_it_is_unset() -> None:
+    d = PlayerData(player_id=PlayerId("p"), system="guild", key="name", value=b"Night Owls",
+                   shard_id=ShardId("shard-1"), epoch=1, lsn=4, stale=False, lag_entries=0, lag_ms=0,
+                   served_by=NodeId("n1"))
+    assert "value      Night Owls" in ctl.render_player_data(d)
+    assert "value      0xff00" in ctl.render_player_data(dataclasses.replace(d, value=b"\xff\x00"))
+    assert "(not set)" in ctl.render_player_data(dataclasses.replace(d, value=None))
+    w = DataWriteResult(shard_id=ShardId("shard-1"), epoch=1, lsn=5, replayed=False,
+                        consistency=common_pb2.CONSISTENCY_MODEL_EVENTUAL, request_id="r")
+    assert "consistency  EVENTUAL" in ctl.render_data_write(w)
+
+
+def test_data_commands_print_json_on_request() -> None:
+    d = PlayerData(player_id=PlayerId("p"), system="guild", key="name", value=b"owls", shard_id=ShardId("shard-1"),
+                   epoch=1, lsn=4, stale=False, lag_entries=0, lag_ms=0, served_by=NodeId("n1"))
+    assert json.loads(ctl._as_json(d))["value"] == "owls"
+    grant = json.loads(ctl._as_json(GrantResult(INVENTORY, 7, True, "r")))
+    assert grant["inventory"]["item_ids"] == ["sword", "shield"] and grant["replayed"] is True
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["grant", "p", "a", "a"], ["grant", "p", "--gold", "-1"], ["inventory", ""],
+     ["data", "set", "p", "guild", "", "v"]],
+)
+def test_bad_data_input_is_one_line_and_exit_1(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from scripts.localcluster import free_port
+
+    # Refused by the client's own validation, before it needs a reachable cluster.
+    code = ctl.main(["--control-plane", f"127.0.0.1:{free_port()}", "--timeout-s", "0.5", *argv])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("bluemarblectl: INVALID_ARGUMENT: ") and err.count("\n") == 1
+
+
+def test_data_commands_against_an_unreachable_cluster_fail_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from scripts.localcluster import free_port
+
+    code = ctl.main(["--control-plane", f"127.0.0.1:{free_port()}", "--timeout-s", "0.5", "inventory", "p"])
+    err = capsys.readouterr().err
+    assert code == 1 and "UNAVAILABLE" in err and err.count("\n") == 1
