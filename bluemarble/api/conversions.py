@@ -7,9 +7,12 @@ value raises :class:`bluemarble.core.errors.CorruptRecord` naming where it came 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from bluemarble.core.errors import CorruptRecord
 from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.placement import PlacementNode, ShardAssignment
+from bluemarble.core.replication.position import ZERO, LogPosition
 from bluemarble.core.ring import Ring
 from bluemarble.v1 import common_pb2
 
@@ -34,8 +37,12 @@ def ring_from_proto(message: common_pb2.Ring, source: str = "ring") -> Ring:
         raise CorruptRecord(f"{source} does not hold a valid ring: {e}") from e
 
 
-def assignment_to_proto(a: ShardAssignment) -> common_pb2.Assignment:
-    return common_pb2.Assignment(
+def assignment_to_proto(
+    a: ShardAssignment, incarnations: Mapping[NodeId, int] | None = None
+) -> common_pb2.Assignment:
+    """The record of ``a``. ``incarnations``: the registration (lease id) of each member
+    when it was given its role; entries for nodes that are not members are left out."""
+    message = common_pb2.Assignment(
         shard_id=a.shard_id,
         epoch=a.epoch,
         primary=a.primary or "",
@@ -44,6 +51,18 @@ def assignment_to_proto(a: ShardAssignment) -> common_pb2.Assignment:
         if a.primary
         else common_pb2.ASSIGNMENT_STATE_PRIMARY_LOST,
     )
+    if incarnations:
+        for member in a.members:
+            lease = incarnations.get(member)
+            if lease is not None:
+                message.incarnations[member] = lease
+    return message
+
+
+def assignment_incarnations(message: common_pb2.Assignment) -> dict[NodeId, int]:
+    """The recorded registration (lease id) of each member; empty for a record written
+    before incarnations were recorded (its members then count as current)."""
+    return {NodeId(node): lease for node, lease in message.incarnations.items()}
 
 
 def assignment_from_proto(message: common_pb2.Assignment) -> ShardAssignment:
@@ -64,3 +83,16 @@ def placement_node_from_proto(message: common_pb2.Node) -> PlacementNode:
         capacity=max(message.capacity, 1),
         draining=message.state == common_pb2.NODE_STATE_DRAINING,
     )
+
+
+def log_position(epoch: int, lsn: int) -> LogPosition:
+    """The position a node reported as ``(epoch, lsn)`` of its last entry.
+
+    Lenient with reports that do not pair an epoch with an lsn (a node that does not
+    track the epoch of its entries reports epoch 0 with entries; one with an empty log
+    may still report its shard epoch): an lsn of 0 is the empty log, and entries of an
+    unknown epoch count as epoch 1, below every entry written at a known later epoch.
+    """
+    if lsn == 0:
+        return ZERO
+    return LogPosition(max(epoch, 1), lsn)

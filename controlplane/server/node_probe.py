@@ -1,11 +1,17 @@
-"""Asks shard nodes what they hold right now (``ShardNode.GetShardStatus``).
+"""Asks shard nodes what they hold right now, and fences them before a promotion.
 
-Used by the leader twice:
+Used by the leader:
 
 * before it gives a newly registered node any role (:meth:`NodeProbe.reachable`): a
   registration whose address nobody can reach must not be handed primaries;
-* at promotion time (:meth:`NodeProbe.positions`): heartbeat reports may be a TTL old,
-  and promoting from a stale report could pick a replica that is behind.
+* at promotion time (:meth:`NodeProbe.fence`): every live candidate of a shard whose
+  primary is lost is fenced at the new epoch, and answers with the position of its last
+  log entry. Heartbeat reports may be a TTL old, and promoting from a stale report could
+  pick a replica that is behind;
+
+by every replica's ``ListAssignments(include_status=true)`` for members it has no recent
+heartbeat report of (:meth:`NodeProbe.statuses`), and by the crash check of a closed
+heartbeat stream (:meth:`NodeProbe.refuses_connections`).
 
 Every call has a short deadline, and a node that does not answer simply reports nothing.
 Each probe opens its own channel and closes it when the answer is in: probes are rare (a
@@ -20,44 +26,82 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc.aio
 import structlog
 
+from bluemarble.api.conversions import log_position
 from bluemarble.core.ids import NodeId, ShardId
+from bluemarble.core.replication.position import ZERO, LogPosition
 from bluemarble.runtime.channels import insecure_channel
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
+_T = TypeVar("_T")
+_Stub = shardnode_pb2_grpc.ShardNodeStub
+
+
+@dataclass(frozen=True, slots=True)
+class FencedCopy:
+    """What one candidate answered for one shard it was fenced on.
+
+    ``epoch``: the fenced epoch now in force on the node (>= the one asked for; it
+    refuses entries and acks of older epochs). ``last``: ``(epoch, lsn)`` of the last
+    entry it holds (:data:`ZERO` for none). ``has_data``: whether it holds the shard's
+    data at all (a replica added moments ago may not have bootstrapped yet).
+    ``fenced``: False when the node does not implement Fence and ``last`` comes from
+    ``GetShardStatus`` (the compatibility path of :meth:`NodeProbe.fence`).
+    """
+
+    epoch: int
+    last: LogPosition
+    has_data: bool
+    fenced: bool = True
+
+
+FenceAnswer = dict[ShardId, FencedCopy]
+"""One node's answer to a fence: every shard it was asked about."""
+
 
 class NodeProbe:
-    def __init__(self, timeout_s: float = 0.5, *, max_in_flight: int = 64):
+    def __init__(self, timeout_s: float = 0.5, *, max_in_flight: int = 64, replica_id: str = ""):
         self._timeout_s = timeout_s
         self._in_flight = asyncio.Semaphore(max_in_flight)
+        self._replica_id = replica_id
+        self._unfenced_logged: set[NodeId] = set()
         self.open_channels = 0
 
-    async def _status(self, node: NodeId, address: str) -> shardnode_pb2.GetShardStatusResponse | None:
-        """GetShardStatus of the node at ``address``, or None if it does not answer."""
+    async def _call(self, node: NodeId, address: str, what: str, rpc: Callable[[_Stub], Awaitable[_T]]) -> _T | None:
+        """``rpc`` on a fresh channel to ``address``; None if the node does not answer."""
         async with self._in_flight:
             if not await self._accepts_connections(address):
-                log.info("node did not answer a probe", node_id=node, error="connection refused or timed out")
+                log.info("node did not answer", call=what, node_id=node, error="connection refused or timed out")
                 return None
             channel = insecure_channel(address)
             self.open_channels += 1
             try:
-                stub = shardnode_pb2_grpc.ShardNodeStub(channel)  # type: ignore[no-untyped-call]
-                response: shardnode_pb2.GetShardStatusResponse = await stub.GetShardStatus(
-                    shardnode_pb2.GetShardStatusRequest(), timeout=self._timeout_s
-                )
-                return response
+                return await rpc(shardnode_pb2_grpc.ShardNodeStub(channel))  # type: ignore[no-untyped-call]
             except grpc.aio.AioRpcError as e:
-                log.info("node did not answer a probe", node_id=node, error=e.code().name)
+                log.info("node did not answer", call=what, node_id=node, error=e.code().name)
                 return None
             finally:
                 await channel.close(None)
                 self.open_channels -= 1
+
+    async def _status(self, node: NodeId, address: str) -> shardnode_pb2.GetShardStatusResponse | None:
+        """GetShardStatus of the node at ``address``, or None if it does not answer."""
+
+        async def call(stub: _Stub) -> shardnode_pb2.GetShardStatusResponse:
+            response: shardnode_pb2.GetShardStatusResponse = await stub.GetShardStatus(
+                shardnode_pb2.GetShardStatusRequest(), timeout=self._timeout_s
+            )
+            return response
+
+        return await self._call(node, address, "GetShardStatus", call)
 
     async def _accepts_connections(self, address: str) -> bool:
         host, _, port = address.rpartition(":")
@@ -71,21 +115,113 @@ class NodeProbe:
             await writer.wait_closed()
         return True
 
+    async def refuses_connections(self, address: str) -> bool:
+        """True only when a TCP connection to ``address`` is actively refused
+        (ECONNREFUSED): nothing listens there, so the process that registered it is gone.
+
+        A process stopped with SIGSTOP still has its connections accepted by the kernel
+        (into the listen backlog), and a partitioned one times out: both are False, as is
+        any other error. The caller decides what a refusal means; this only observes.
+        """
+        host, _, port = address.rpartition(":")
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                _, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        except ConnectionRefusedError:
+            return True
+        except (OSError, TimeoutError, ValueError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return False
+
     async def reachable(self, addresses: Mapping[NodeId, str]) -> set[NodeId]:
         """The nodes among ``addresses`` that answered GetShardStatus in time."""
         results = await asyncio.gather(*(self._status(n, a) for n, a in addresses.items()))
         return {node for node, r in zip(addresses, results, strict=True) if r is not None}
 
+    async def statuses(
+        self, addresses: Mapping[NodeId, str]
+    ) -> dict[NodeId, shardnode_pb2.GetShardStatusResponse]:
+        """GetShardStatus of each node among ``addresses`` that answered in time."""
+        results = await asyncio.gather(*(self._status(n, a) for n, a in addresses.items()))
+        return {node: r for node, r in zip(addresses, results, strict=True) if r is not None}
+
+    async def fence(
+        self, targets: Mapping[NodeId, tuple[str, Mapping[ShardId, int]]]
+    ) -> dict[NodeId, FenceAnswer | None]:
+        """Fences each node of ``targets`` (node -> (address, shard -> new epoch)) in one
+        ``ShardNode.Fence`` call per node, all nodes at once; returns each node's answer
+        for every shard asked, or None for a node that did not answer in time.
+
+        Compatibility path: a node answering UNIMPLEMENTED (a shard node from before
+        fencing) is asked GetShardStatus instead; its copies then carry ``fenced=False``,
+        ``last`` from ``(last_epoch, applied_lsn)``, and ``has_data`` true for every
+        shard it reports holding. That keeps failover working with such nodes, without
+        the guarantee the fence gives (see :meth:`Reconciler`'s promotion rule).
+        """
+        nodes = list(targets)
+        results = await asyncio.gather(*(self._fence_one(n, *targets[n]) for n in nodes))
+        return dict(zip(nodes, results, strict=True))
+
+    async def _fence_one(self, node: NodeId, address: str, epochs: Mapping[ShardId, int]) -> FenceAnswer | None:
+        request = shardnode_pb2.FenceRequest(
+            requested_by=self._replica_id,
+            shards=[shardnode_pb2.ShardFence(shard_id=s, epoch=e) for s, e in sorted(epochs.items())],
+        )
+
+        async def call(stub: _Stub) -> FenceAnswer | None:
+            try:
+                response: shardnode_pb2.FenceResponse = await stub.Fence(request, timeout=self._timeout_s)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                status: shardnode_pb2.GetShardStatusResponse = await stub.GetShardStatus(
+                    shardnode_pb2.GetShardStatusRequest(), timeout=self._timeout_s
+                )
+                if node not in self._unfenced_logged:
+                    self._unfenced_logged.add(node)
+                    log.warning("node does not implement Fence; promoting from its GetShardStatus positions "
+                                "(no fence: an old primary could still get entries acknowledged)", node_id=node)
+                return _unfenced_answer(status, epochs)
+            answer: FenceAnswer = {}
+            for copy in response.shards:
+                shard = ShardId(copy.shard_id)
+                if shard in epochs:
+                    last = log_position(copy.last.epoch, copy.last.lsn)
+                    answer[shard] = FencedCopy(copy.epoch, last, copy.has_data)
+            for shard in epochs.keys() - answer.keys():
+                # Not mentioned: the node holds nothing of the shard. It was not fenced
+                # either, which is harmless: with no data it cannot ack anything.
+                answer[shard] = FencedCopy(0, ZERO, False)
+            return answer
+
+        return await self._call(node, address, "Fence", call)
+
     async def positions(
         self, addresses: Mapping[NodeId, str], shards: Iterable[ShardId]
-    ) -> dict[tuple[ShardId, NodeId], int]:
-        """Applied log position of each of ``shards`` on each node that answered."""
+    ) -> dict[tuple[ShardId, NodeId], LogPosition]:
+        """Log position of each of ``shards`` on each node that answered GetShardStatus
+        (unfenced; for operators and tests: promotion uses :meth:`fence`)."""
         wanted = set(shards)
         results = await asyncio.gather(*(self._status(n, a) for n, a in addresses.items()))
         return {
-            (ShardId(s.shard_id), node): s.applied_lsn
+            (ShardId(s.shard_id), node): log_position(s.last_epoch, s.applied_lsn)
             for node, r in zip(addresses, results, strict=True)
             if r is not None
             for s in r.shards
             if s.shard_id in wanted
         }
+
+
+def _unfenced_answer(status: shardnode_pb2.GetShardStatusResponse, epochs: Mapping[ShardId, int]) -> FenceAnswer:
+    held = {ShardId(s.shard_id): s for s in status.shards}
+    answer: FenceAnswer = {}
+    for shard in epochs:
+        s = held.get(shard)
+        if s is None:
+            answer[shard] = FencedCopy(0, ZERO, False, fenced=False)
+        else:
+            answer[shard] = FencedCopy(s.epoch, log_position(s.last_epoch, s.applied_lsn), True, fenced=False)
+    return answer

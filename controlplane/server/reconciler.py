@@ -10,13 +10,18 @@ One round:
    unreachable address would otherwise be handed primaries that nobody can reach).
    Nodes that already hold roles stay in the plan whatever the probe says: whether
    they are alive is the lease's business.
-4. For every shard whose primary is gone, ask its live replicas for their applied log
-   position *now* (:class:`controlplane.server.node_probe.NodeProbe`), never a heartbeat
-   report that may be a TTL old.
+4. Fence, then choose (DESIGN.md flow 4), for every shard whose primary is lost: its
+   lease ended, or it registered again (a new *incarnation*: the lease id recorded for
+   it in the assignment's ``incarnations`` is no longer its node record's). See
+   "Promotion" below.
 5. Plan with :func:`bluemarble.core.placement.plan_assignments` (pure; decisions are data).
 6. Write the changed records in etcd transactions guarded by the leader key's
    create_revision (the fencing token) and by each record's mod_revision, so a deposed
-   leader or a concurrent writer changes nothing. A failed write makes the election
+   leader or a concurrent writer changes nothing. Every record written carries each
+   member's current registration (lease id) in ``incarnations``; a record whose replica
+   registered again is rewritten with its new lease id (the replica keeps its role: its
+   disk log is still a valid prefix). Records written before incarnations existed count
+   as current and are stamped on their next write. A failed write makes the election
    re-check the leader key (:meth:`Election.verify`): a deposed leader steps down instead
    of replanning forever. Then wait until the mirror shows the write, so the next round
    plans from it.
@@ -45,6 +50,24 @@ once, but etcd's lessor, the node's backoff and a busy machine add up: one TTL p
 tight in tests. The cost: a node that really died in the same window is failed over up
 to ``hold_s`` later.
 
+**Promotion.** For each shard whose primary is lost, at ``new_epoch = epoch + 1``: every
+live *candidate* (its live replicas, and the old primary itself when it is live under a
+new registration: its disk may hold the newest entries) gets ``ShardNode.Fence`` with
+the new epoch, all lost shards of a node in one call with a short deadline. Only then
+are positions read, from the fence answers. Then:
+
+* a candidate that does not answer delays that shard's promotion to a later round (until
+  it answers, or its lease ends and it stops being a candidate);
+* the greatest ``(epoch, lsn)`` of the last entry wins among the candidates that hold
+  data (ties: smallest node id), not the greatest lsn: a deposed primary's longer log
+  holds entries nobody acknowledged;
+* when the candidates answered and none holds data, the shard stays without a primary
+  (logged) rather than promote an empty copy over data that may come back with a node;
+* a shard with no live candidate at all falls to placement's rule: a fresh primary, and
+  the move says the data may be lost.
+
+The new assignment, with the bumped epoch, is written in the guarded transaction above.
+
 **Unreadable assignment records** (a value that does not decode) are replaced, not
 skipped: the shard is treated as having lost its primary, and its new record gets an
 epoch above the key's etcd ``version``. Every write of an assignment raises its epoch by
@@ -64,16 +87,23 @@ from dataclasses import dataclass
 
 import structlog
 
-from bluemarble.api.conversions import assignment_from_proto, assignment_to_proto, placement_node_from_proto
+from bluemarble.api.conversions import (
+    assignment_from_proto,
+    assignment_incarnations,
+    assignment_to_proto,
+    placement_node_from_proto,
+)
 from bluemarble.core.errors import BlueMarbleError
 from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.placement import (
     PlacementConfig,
     PlacementNode,
     PlacementPlan,
+    Positions,
     ShardAssignment,
     plan_assignments,
 )
+from bluemarble.core.replication.position import LogPosition
 from bluemarble.core.ring import Ring
 from bluemarble.runtime import background
 from bluemarble.runtime.clock import Clock, SystemClock, wait_event
@@ -102,6 +132,25 @@ every 50 ms while shards wait for a primary."""
 _PROBE_RETRY_FIRST_S = 1.0
 _PROBE_RETRY_MAX_S = 60.0
 _MAX_UNREADABLE_LOGGED = 4096
+_MAX_PROMOTION_NOTES = 4096
+
+
+@dataclass(frozen=True)
+class Promotions:
+    """What fencing decided for the shards whose primary is lost, in one round.
+
+    ``positions``: ``(epoch, lsn)`` of each fenced candidate holding data, for the planner.
+    ``ready``: lost shards that may be promoted now (their candidates, old primary included,
+    as the planner's replicas, at ``new_epoch - 1`` so promotion writes ``new_epoch``).
+    ``waiting``: shards whose promotion waits for a later round (a candidate did not
+    answer, or answered a higher fenced epoch). ``stuck``: shards whose live candidates
+    hold no data; they stay without a primary until that changes.
+    """
+
+    positions: Positions
+    ready: dict[ShardId, ShardAssignment]
+    waiting: frozenset[ShardId]
+    stuck: frozenset[ShardId]
 
 
 @dataclass
@@ -165,6 +214,8 @@ class Reconciler:
         self._probe_tokens_at = -math.inf
         self._unverified: dict[tuple[NodeId, int], _ProbeState] = {}
         self._unreadable_logged: set[tuple[str, int]] = set()
+        self._promotion_notes: set[tuple[ShardId, int, str]] = set()  # logged once each
+        self._fence_floor: dict[ShardId, int] = {}  # higher fenced epochs nodes reported
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.rounds = 0
@@ -233,9 +284,27 @@ class Reconciler:
             # registrations that never answer must not make every round urgent.
             return True
         return any(
-            a.primary not in live or any(r not in live for r in a.replicas)
+            a.primary not in live
+            or any(r not in live for r in a.replicas)
+            or self._stale_incarnation(a) is not None
             for a in self._assignments.entries.values()
         )
+
+    def _lease_of(self, node: str) -> int | None:
+        record = self._nodes.entries.get(self._keys.node(NodeId(node)))
+        return None if record is None else record.lease_id
+
+    def _stale_incarnation(self, a: common_pb2.Assignment) -> NodeId | None:
+        """A live member of ``a`` registered again since it was given its role (the
+        primary first), or None. Records without incarnations count as current."""
+        if not a.incarnations:
+            return None
+        for member in (a.primary, *a.replicas) if a.primary else a.replicas:
+            recorded = a.incarnations.get(member)
+            lease = self._lease_of(member)
+            if recorded is not None and lease is not None and recorded != lease:
+                return NodeId(member)
+        return None
 
     # ---- holds ----
 
@@ -437,35 +506,133 @@ class Reconciler:
         if settled_inputs == self._settled:
             return None
         self.rounds += 1
-        lost = [
-            shard
-            for shard, a in current.items()
-            if shard in shards and (a.primary is None or a.primary not in addresses)
-        ]
-        positions = None
-        if lost:
-            candidates = {
-                node: addresses[node]
-                for shard in lost
-                for node in current[shard].replicas
-                if node in addresses
-            }
-            positions = await self._probe.positions(candidates, lost)
+        leases = {NodeId(n.node_id): n.lease_id for n in records}
+        stamps = {
+            ShardId(a.shard_id): assignment_incarnations(a) for a in self._assignments.entries.values()
+        }
+        promotions = await self._fence_lost_primaries(shards, current, addresses, leases, stamps)
+        current.update(promotions.ready)
+        # Shards waiting for a fence answer, or stuck without data, are left out of this
+        # round: placement would otherwise promote (or freshly assign) them at once.
+        deferred = promotions.waiting | promotions.stuck
+        planned = [shard for shard in shards if shard not in deferred]
         # Planning is pure and can take a few hundred ms with thousands of nodes: run it
         # off the event loop so heartbeats keep being answered meanwhile.
         plan = await asyncio.to_thread(
             plan_assignments,
             nodes,
-            shards,
+            planned,
             current,
             PlacementConfig(config.replication_factor, config.max_moves_per_round),
-            positions,
+            promotions.positions or None,
         )
-        if plan.changed:
-            await self._write(leadership, plan)
-        elif plan.converged:
+        # Records whose live members registered again keep their roles (replicas; a
+        # lost primary was promoted or deferred above) under the new lease id.
+        restamp = [
+            shard
+            for shard in planned
+            if shard not in plan.changed
+            and any(
+                stamps.get(shard, {}).get(m, leases.get(m)) != leases.get(m)
+                for m in plan.assignments[shard].members
+                if m in leases
+            )
+        ]
+        if plan.changed or restamp:
+            await self._write(leadership, plan, restamp, leases)
+        elif plan.converged and not promotions.waiting:
             self._settled = settled_inputs
         return plan
+
+    async def _fence_lost_primaries(
+        self,
+        shards: Sequence[ShardId],
+        current: dict[ShardId, ShardAssignment],
+        addresses: dict[NodeId, str],
+        leases: dict[NodeId, int],
+        stamps: dict[ShardId, dict[NodeId, int]],
+    ) -> Promotions:
+        """Fence-then-choose for every shard whose primary is lost (module docstring).
+
+        Why the fence comes first: positions read without it are not final. An old
+        primary that is only paused (SIGSTOP, a long GC, a partition) still believes it
+        leads at the old epoch; when it resumes it can send entries that replicas append
+        and acknowledge *after* their positions were read, so the replica promoted on
+        those positions would lack acknowledged writes (I4). A fenced replica refuses
+        entries and acks of every epoch below the new one, so the position it answers
+        with the fence can no longer grow under the old primary.
+        """
+        lost: dict[ShardId, list[NodeId]] = {}
+        for shard in shards:
+            a = current.get(shard)
+            if a is None or (a.primary is None and a.epoch == 0):
+                continue  # never had a primary: nothing to fence, nothing to lose
+            old = a.primary
+            reborn = (
+                old is not None and old in leases and stamps.get(shard, {}).get(old, leases[old]) != leases[old]
+            )
+            if old is not None and old in addresses and not reborn:
+                continue  # the primary is live under the registration it was given the role with
+            candidates = [r for r in dict.fromkeys(a.replicas) if r in addresses and r != old]
+            if reborn and old is not None:
+                candidates.append(old)  # an ex-primary back under a new registration
+                self._note(shard, a.epoch, "reborn", "primary registered again (a new incarnation); "
+                           "it lost its role and may only win it back through promotion", node_id=old)
+            lost[shard] = candidates
+        new_epoch = {shard: max(current[shard].epoch + 1, self._fence_floor.get(shard, 0)) for shard in lost}
+        targets: dict[NodeId, tuple[str, dict[ShardId, int]]] = {}
+        for shard, candidates in lost.items():
+            for node in candidates:
+                targets.setdefault(node, (addresses[node], {}))[1][shard] = new_epoch[shard]
+        answers = await self._probe.fence(targets) if targets else {}
+        positions: dict[tuple[ShardId, NodeId], LogPosition] = {}
+        ready: dict[ShardId, ShardAssignment] = {}
+        waiting: set[ShardId] = set()
+        stuck: set[ShardId] = set()
+        for shard, candidates in lost.items():
+            epoch = new_epoch[shard]
+            if not candidates:
+                continue  # no live copy: placement assigns a fresh primary and says so
+            silent = sorted(n for n in candidates if answers.get(n) is None)
+            if silent:
+                waiting.add(shard)
+                self._note(shard, epoch, "silent", "promotion waits: a candidate did not answer the fence",
+                           silent=silent)
+                continue
+            copies = {n: answers[n][shard] for n in candidates}  # type: ignore[index]
+            higher = max((c.epoch for c in copies.values() if c.fenced), default=0)
+            if higher > epoch:
+                # Some earlier fence went further (a leader that fenced, then lost its
+                # term before writing): fence everyone at that epoch next round.
+                self._fence_floor[shard] = higher
+                waiting.add(shard)
+                self._note(shard, epoch, "floor", "promotion waits: a candidate is fenced at a higher epoch",
+                           fenced_epoch=higher)
+                continue
+            with_data = {n: c.last for n, c in copies.items() if c.has_data}
+            if not with_data:
+                stuck.add(shard)
+                self._note(shard, epoch, "no-data", "shard stays PRIMARY_LOST: no live candidate holds its data; "
+                           "promoting one would lose what the lost primary had", candidates=sorted(candidates))
+                continue
+            positions.update({(shard, n): last for n, last in with_data.items()})
+            ready[shard] = ShardAssignment(shard, epoch - 1, None, tuple(candidates))
+            best = max(sorted(with_data), key=lambda n: with_data[n])
+            log.info("fenced the candidates of a lost primary", shard=shard, epoch=epoch,
+                     positions={n: str(p) for n, p in sorted(with_data.items())}, chosen=best,
+                     unfenced=sorted(n for n, c in copies.items() if not c.fenced) or None)
+            self._fence_floor.pop(shard, None)
+        return Promotions(positions, ready, frozenset(waiting), frozenset(stuck))
+
+    def _note(self, shard: ShardId, epoch: int, kind: str, message: str, **fields: object) -> None:
+        """Logs ``message`` once per (shard, epoch, kind): rounds retry every tick."""
+        key = (shard, epoch, kind)
+        if key in self._promotion_notes:
+            return
+        if len(self._promotion_notes) >= _MAX_PROMOTION_NOTES:
+            self._promotion_notes.clear()
+        self._promotion_notes.add(key)
+        log.warning(message, shard=shard, epoch=epoch, **fields)
 
     def _expected_revision(self, key: str) -> int | None:
         mod = self._assignments.mod_revisions.get(key)
@@ -474,8 +641,19 @@ class Reconciler:
             mod = None if unreadable is None else unreadable.mod_revision
         return mod
 
-    async def _write(self, leadership: Leadership, plan: PlacementPlan) -> None:
-        changed: Sequence[ShardId] = plan.changed
+    async def _write(
+        self,
+        leadership: Leadership,
+        plan: PlacementPlan,
+        restamp: Sequence[ShardId] = (),
+        leases: dict[NodeId, int] | None = None,
+    ) -> None:
+        """Writes the records of ``plan.changed`` and ``restamp``, each member stamped
+        with its registration in ``leases`` (as observed when the round was planned: a
+        node that registers again meanwhile is seen as a new incarnation next round)."""
+        order = {shard: i for i, shard in enumerate(plan.assignments)}
+        changed: Sequence[ShardId] = sorted({*plan.changed, *restamp}, key=order.__getitem__)
+        leases = leases or {}
         last_revision = 0
         for start in range(0, len(changed), _MAX_WRITES_PER_TXN):
             if self._election.leadership is not leadership:
@@ -488,7 +666,7 @@ class Reconciler:
                 key = self._keys.assignment(shard)
                 mod = self._expected_revision(key)
                 compares.append(Compare.absent(key) if mod is None else Compare.mod_revision(key, mod))
-                puts.append(Put(key, codec.encode(assignment_to_proto(plan.assignments[shard]))))
+                puts.append(Put(key, codec.encode(assignment_to_proto(plan.assignments[shard], leases))))
             result = await self._store.txn(compares, puts)
             if not result.succeeded:
                 if not await self._election.verify():
@@ -498,6 +676,8 @@ class Reconciler:
                 return
             self.writes += 1
             last_revision = result.revision
+        if restamp:
+            log.info("recorded the new registrations of members that registered again", shards=len(restamp))
         for move in plan.moves:
             log.info(
                 "placement move",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bluemarble.core.ids import NodeId, ShardId
+from bluemarble.core.replication.position import LogPosition
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
 from controlplane.server.node_probe import NodeProbe
@@ -32,10 +33,10 @@ async def test_positions_come_from_the_nodes_that_answer() -> None:
             {NodeId("n1"): f"127.0.0.1:{server.port}", NodeId("n2"): dead}, [ShardId("shard-1")]
         )
         # Only the asked-for shard, only from the node that answered.
-        assert positions == {(ShardId("shard-1"), NodeId("n1")): 17}
-        statuses[0] = common_pb2.ShardStatus(shard_id="shard-1", epoch=5, applied_lsn=18)
+        assert positions == {(ShardId("shard-1"), NodeId("n1")): LogPosition(1, 17)}
+        statuses[0] = common_pb2.ShardStatus(shard_id="shard-1", epoch=5, applied_lsn=18, last_epoch=5)
         again = await probe.positions({NodeId("n1"): f"127.0.0.1:{server.port}"}, [ShardId("shard-1")])
-        assert again == {(ShardId("shard-1"), NodeId("n1")): 18}  # asked anew, never cached
+        assert again == {(ShardId("shard-1"), NodeId("n1")): LogPosition(5, 18)}  # asked anew, never cached
         # A new registration gets roles only if it answers: the live server does, an
         # address where nothing listens does not (refused before any channel is built).
         alive = await probe.reachable({NodeId("n1"): f"127.0.0.1:{server.port}", NodeId("n2"): dead})

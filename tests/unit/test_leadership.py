@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +19,12 @@ import pytest
 from bluemarble.api.conversions import assignment_to_proto
 from bluemarble.core.ids import NodeId, ShardId, shard_id
 from bluemarble.core.placement import ShardAssignment
+from bluemarble.core.replication.position import ZERO, LogPosition
 from bluemarble.core.ring import initial_ring
 from bluemarble.runtime.clock import FakeClock
 from bluemarble.v1 import common_pb2
 from controlplane.server.election import Election
+from controlplane.server.node_probe import FencedCopy
 from controlplane.server.reconciler import Reconciler
 from controlplane.store import codec
 from controlplane.store.keys import KeySchema
@@ -44,16 +46,31 @@ class FakeConfigs:
 
 
 class FakeProbe:
-    """Every node answers, except those in ``silent``."""
+    """Every node answers, except those in ``silent``. Fences answer ``positions`` (by
+    default (1, 1) with data) and are recorded in ``fences``."""
 
     def __init__(self) -> None:
         self.silent: set[str] = set()
+        self.positions: dict[tuple[str, str], LogPosition | None] = {}  # None: no data
+        self.fences: list[tuple[NodeId, dict[ShardId, int]]] = []
 
     async def reachable(self, addresses: Mapping[NodeId, str]) -> set[NodeId]:
         return {n for n in addresses if n not in self.silent}
 
-    async def positions(self, addresses: Mapping[NodeId, str], shards: Iterable[ShardId]) -> dict[Any, int]:
-        return {}
+    async def fence(
+        self, targets: Mapping[NodeId, tuple[str, Mapping[ShardId, int]]]
+    ) -> dict[NodeId, dict[ShardId, FencedCopy] | None]:
+        answers: dict[NodeId, dict[ShardId, FencedCopy] | None] = {}
+        for node, (_, epochs) in targets.items():
+            if node in self.silent:
+                answers[node] = None
+                continue
+            self.fences.append((node, dict(epochs)))
+            answers[node] = {}
+            for shard, epoch in epochs.items():
+                last = self.positions.get((shard, node), LogPosition(1, 1))
+                answers[node][shard] = FencedCopy(epoch, last or ZERO, last is not None)  # type: ignore[index]
+        return answers
 
 
 class RingMirror:
@@ -216,12 +233,22 @@ async def test_moves_are_held_after_a_mass_expiry_until_the_nodes_come_back(worl
     await world.clock.advance(1.5)
     assert reconciler.holding
     assert world.assignments() == placed
-    # They come back (new leases, same ids): the hold ends and nothing moved.
+    # They come back (new leases, same ids): the hold ends and nothing moved. Being new
+    # incarnations, n0 and n1 lost their primaries, which go through fence-then-promote
+    # at a higher epoch: their disks hold the newest entries, so they win them back.
+    for a in placed.values():
+        world.probe.positions[(a.shard_id, a.primary)] = LogPosition(1, 9)
     await world.add_node("n0", "a")
     await world.add_node("n1", "b")
     await world.clock.advance(2.0)
     assert not reconciler.holding
-    assert world.assignments() == placed
+    after = world.assignments()
+    for key, a in placed.items():
+        b = after[key]
+        reborn = a.primary in ("n0", "n1")
+        assert (b.primary, list(b.replicas)) == (a.primary, list(a.replicas)) or reborn
+        assert b.primary == a.primary and set(b.replicas) == set(a.replicas)
+        assert b.epoch == a.epoch + reborn
     await reconciler.stop()
     await election.stop()
 

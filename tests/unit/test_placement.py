@@ -42,6 +42,7 @@ from bluemarble.core.placement import (
 from bluemarble.core.placement.budget import Budget
 from bluemarble.core.placement.layout import make_layout
 from bluemarble.core.placement.state import State
+from bluemarble.core.replication.position import ZERO, LogPosition
 
 Assignments = Mapping[ShardId, ShardAssignment]
 
@@ -50,6 +51,12 @@ GHOST = NodeId("ghost")  # a node id that no cluster has: dead or never seen
 UNLISTED = shard_id(999)  # a shard that has a record but is not asked about
 SETUP_BUDGET = 10_000  # budget used to build the current assignments of scenarios
 MAX_ROUNDS = 300  # bound on rounds to converge (largest case: 24 shards x R 4, budget 1)
+
+positions_strategy = st.one_of(
+    st.just(ZERO),
+    st.builds(LogPosition, st.integers(1, 3), st.integers(1, 60)),
+)
+"""Log positions (epoch, lsn) of replicas: an empty log, or a last entry of epoch 1..3."""
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 THOROUGH = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -78,7 +85,7 @@ def converge(
     shards: Sequence[ShardId],
     current: Assignments,
     config: PlacementConfig,
-    positions: Mapping[tuple[ShardId, NodeId], int] | None = None,
+    positions: Mapping[tuple[ShardId, NodeId], LogPosition] | None = None,
 ) -> list[PlacementPlan]:
     """Plan, apply, repeat until converged; every plan, in order."""
     plans: list[PlacementPlan] = []
@@ -439,14 +446,16 @@ class TestFailover:
         live = [n for n in nodes if n.node_id != dead]
         led = [s for s in shards if current[s].primary == dead]
         positions = {
-            (s, r): data.draw(st.integers(0, 3)) for s in led for r in current[s].replicas
+            (s, r): data.draw(positions_strategy) for s in led for r in current[s].replicas
         }
         plan = plan_assignments(live, shards, current, config, positions)
         for shard in led:
             candidates = [r for r in current[shard].replicas if r != dead]
             if not candidates:
                 continue
-            best = min(candidates, key=lambda r: (-positions[(shard, r)], r))
+            # The greatest (epoch, lsn), not the greatest lsn; ties: the smallest node id.
+            top = max(positions[(shard, r)] for r in candidates)
+            best = min(r for r in candidates if positions[(shard, r)] == top)
             assert plan.assignments[shard].primary == best
             assert plan.assignments[shard].epoch == current[shard].epoch + 1
             promotions = [m for m in plan.moves if m.shard_id == shard and m.kind is MoveKind.PROMOTE]
@@ -456,11 +465,23 @@ class TestFailover:
         nodes = [node("n1"), node("n2"), node("n3")]
         current = records(record(0, "n0", "n1", "n2", "n3"))
         plan = plan_assignments(
-            nodes, [shard_id(0)], current, PlacementConfig(3, 5), {(shard_id(0), NodeId("n3")): 0}
+            nodes, [shard_id(0)], current, PlacementConfig(3, 5), {(shard_id(0), NodeId("n3")): ZERO}
         )
         assert plan.assignments[shard_id(0)].primary == "n3"
         tie = plan_assignments(nodes, [shard_id(0)], current, PlacementConfig(3, 5))
         assert tie.assignments[shard_id(0)].primary == "n1", "ties go to the smallest node id"
+
+    def test_the_greatest_epoch_wins_over_the_greatest_lsn(self) -> None:
+        nodes = [node("n1"), node("n2"), node("n3")]
+        current = records(record(0, "n0", "n1", "n2", "n3", epoch=3))
+        positions = {
+            (shard_id(0), NodeId("n1")): LogPosition(2, 50),  # a deposed primary's longer log
+            (shard_id(0), NodeId("n2")): LogPosition(3, 10),
+            (shard_id(0), NodeId("n3")): LogPosition(3, 9),
+        }
+        plan = plan_assignments(nodes, [shard_id(0)], current, PlacementConfig(3, 5), positions)
+        assert plan.assignments[shard_id(0)].primary == "n2"
+        assert plan.assignments[shard_id(0)].epoch == 4
 
     def test_no_live_copy_left_assigns_a_primary_and_says_data_may_be_lost(self) -> None:
         current = records(record(0, "gone-1", "gone-2", epoch=7))

@@ -34,6 +34,7 @@ from typing import Any
 
 from bluemarble.core import placement
 from bluemarble.core.ids import NodeId, ShardId, shard_id
+from bluemarble.core.replication.position import ZERO, LogPosition
 
 CASES = 20_000
 SEED = 20_240_611
@@ -180,8 +181,10 @@ def run_case(pl: ModuleType, case: Case) -> list[str]:
                 )
                 for s, epoch, primary, replicas in phase.current
             }
-        positions: Mapping[tuple[ShardId, NodeId], int] | None = {
-            (ShardId(s), NodeId(n)): p for (s, n), p in phase.positions.items()
+        # The generator's plain integer positions as log positions of one epoch (0 is
+        # an empty log): the same order, so the same plans as when positions were lsns.
+        positions: Mapping[tuple[ShardId, NodeId], LogPosition] | None = {
+            (ShardId(s), NodeId(n)): LogPosition(1, p) if p else ZERO for (s, n), p in phase.positions.items()
         } or None
         if number == 0 and case.bad is not None:
             return [_refused(pl, case.bad, nodes, shards, current, config)]

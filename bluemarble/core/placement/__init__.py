@@ -39,7 +39,8 @@ What a valid, balanced placement is (DESIGN.md, flows 3 and 4), checked by
 How a round moves toward it, in this order:
 
 1. *Failover*, never limited by the move budget: a shard whose primary is dead gets the
-   live replica with the highest applied log position (``positions``; ties go to the
+   live replica with the greatest log position ``(epoch, lsn)`` (``positions``,
+   compared like Raft's ``(term, index)``, not by lsn alone; ties go to the
    smallest node id), a ``PROMOTE``. A node that was not already a replica of the shard
    is never promoted while a live replica exists, since it would not have the writes.
    Only when no live replica exists at all is a fresh node assigned

@@ -43,9 +43,10 @@ def plan_assignments(
     exist; the plan has a record for each and for nothing else (entries of ``current``
     for other shards are ignored). ``current``: today's records; shards may be missing
     (new) and records may name dead or unknown nodes or list a node twice. ``positions``:
-    applied log position per (shard, replica), gathered by the caller when a primary has
-    died; only used to choose which replica to promote (missing entries rank below every
-    reported position; None means no information, so ties go by node id).
+    log position ``(epoch, lsn)`` of the last entry per (shard, replica), gathered by the
+    caller (after fencing the candidates) when a primary has died; only used to choose
+    which replica to promote, the greatest ``(epoch, lsn)`` first (missing entries rank
+    below every reported position; None means no information, so ties go by node id).
 
     Promises (see the package doc for the rules): failover is complete in every plan and
     never promotes a node that was not a live replica while one exists; a shard without

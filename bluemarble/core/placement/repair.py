@@ -1,7 +1,7 @@
 """The repair phases of a round: make every record valid, before any balancing.
 
 :func:`failover` comes first and is never limited by the budget: a shard whose primary
-is dead gets the live replica with the highest applied log position, and only a shard
+is dead gets the live replica with the greatest log position ``(epoch, lsn)``, and only a shard
 with no live copy at all gets a fresh node (its data may be lost; the move says so).
 The budgeted repairs follow, in :data:`REPAIRS` order: restore the replica count
 (shards with the fewest copies first), hand off the primaries of draining nodes, remove
@@ -21,14 +21,19 @@ from bluemarble.core.placement.moves import Round
 from bluemarble.core.placement.preference import destination, fill_key, fresh_primary_key, primary_key, share_gap
 from bluemarble.core.placement.state import State
 from bluemarble.core.placement.values import Positions, ShardAssignment
+from bluemarble.core.replication.position import ZERO, LogPosition
 
-UNKNOWN_POSITION = -1
-"""Position of a replica missing from ``positions``: below any reported position."""
+
+def _rank(positions: Positions, shard: ShardId, node: NodeId) -> tuple[bool, LogPosition]:
+    """How ``node``'s copy of ``shard`` ranks for promotion: reported positions by
+    ``(epoch, lsn)``, a replica missing from ``positions`` below any reported one."""
+    position = positions.get((shard, node))
+    return (False, ZERO) if position is None else (True, position)
 
 
 def failover(rnd: Round, current: Mapping[ShardId, ShardAssignment], positions: Positions) -> bool:
-    """Give every shard without a live primary one: the live replica with the highest
-    position (ties: smallest node id), else, with no live copy left, the best node."""
+    """Give every shard without a live primary one: the live replica with the greatest
+    position ``(epoch, lsn)`` (ties: smallest node id), else, with no live copy left, the best node."""
     state = rnd.state
     for shard in state.shards:
         if state.primary[shard] is not None:
@@ -36,10 +41,9 @@ def failover(rnd: Round, current: Mapping[ShardId, ShardAssignment], positions: 
         record = current.get(shard)
         old = record.primary if record is not None else None
         if state.replicas[shard]:
-            best = min(
-                state.replicas[shard],
-                key=lambda n: (-positions.get((shard, n), UNKNOWN_POSITION), n),
-            )
+            # The greatest (epoch, lsn); ties go to the smallest node id (max keeps the
+            # first of equal keys, and the candidates are sorted by id).
+            best = max(sorted(state.replicas[shard]), key=lambda n: _rank(positions, shard, n))
             gone = "the shard has no primary" if old is None else f"primary {old} is gone"
             if not rnd.promote(shard, old, best, f"{gone}; {best} has the highest applied position"):
                 return False

@@ -8,9 +8,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from bluemarble.core.ids import NodeId, ShardId
+from bluemarble.core.replication.position import LogPosition
 
-Positions = Mapping[tuple[ShardId, NodeId], int]
-"""Applied log position (LSN) per (shard, node), as reported in heartbeats."""
+Positions = Mapping[tuple[ShardId, NodeId], LogPosition]
+"""Log position ``(epoch, lsn)`` of the last entry per (shard, node), as the fenced
+candidates reported it at promotion time. Ordered like Raft's ``(term, index)``: an
+entry of a newer primary is ahead of any entry of an older one, whatever the lsns."""
 
 
 @dataclass(frozen=True, slots=True)
