@@ -422,6 +422,15 @@ class GrpcNodeTransport:
             return await method(self._stub(address))
         except grpc.aio.AioRpcError as e:
             raise node_error(e, address) from e
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # our caller cancelled us
+            # grpc.aio raises CancelledError in a call whose channel was closed under it
+            # (retain() dropped the node): an operating condition, not a cancellation.
+            raise errors.Unavailable(
+                f"call to node {address} cancelled (the node left the assignments)"
+            ) from None
 
     async def get_inventory(
         self, address: str, request: shardnode_pb2.GetInventoryRequest, timeout_s: float
@@ -887,7 +896,7 @@ class RoutingClient:
         async def race() -> T:
             waiters: set[asyncio.Future[Any]] = {job} | ({moved} if moved is not None else set())
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            if job.done():
+            if job.done() and not job.cancelled():
                 return job.result()
             raise errors.Unavailable(
                 f"{route.shard_id} moved away from {target.node_id} at epoch {route.epoch} during the call"
