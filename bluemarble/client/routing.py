@@ -67,7 +67,7 @@ from bluemarble.client.ring_router import DEFAULT_STREAM_IDLE_TIMEOUT_S, RingRou
 from bluemarble.core import errors, validation
 from bluemarble.core.ids import NodeId, PlayerId, ShardId
 from bluemarble.runtime import background, retry
-from bluemarble.runtime.channels import insecure_channel
+from bluemarble.runtime.channels import insecure_channel, split_addresses
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout, wait_event
 from bluemarble.v1 import common_pb2, controlplane_pb2, shardnode_pb2, shardnode_pb2_grpc
 
@@ -474,7 +474,8 @@ class RoutingClient:
     """Calls shard nodes for players, routing from cached ring and assignments.
 
     ``control_plane``: a :class:`ControlPlaneClient` (not closed by :meth:`close`) or the
-    control-plane addresses (the client builds its own and closes it). With None, give
+    control-plane addresses, as a list or one comma-separated string (the client builds
+    its own and closes it). With None, give
     ``router`` and ``assignments`` already filled (tests, offline tools).
 
     Use as ``async with RoutingClient(...) as c`` (starts, waits until ready for
@@ -499,6 +500,8 @@ class RoutingClient:
         address_lookup_interval_s: float = 1.0,
         ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
     ):
+        if isinstance(control_plane, str):  # "host:port[,host:port...]", not a sequence of characters
+            control_plane = split_addresses(control_plane)
         self._owns_control_plane = control_plane is not None and not isinstance(control_plane, ControlPlaneClient)
         if control_plane is None or isinstance(control_plane, ControlPlaneClient):
             self._control_plane = control_plane

@@ -203,3 +203,26 @@ async def test_an_unreachable_primary_leaves_stale_reads_to_a_replica(cluster: C
             await client.get_inventory(PLAYER, deadline_s=1.0)
         assert 1.0 <= loop.time() - started < 2.0
         assert replica.refused == []
+
+
+async def test_bluemarblectl_reads_and_grants_through_the_routing_client(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bluemarble.cli import bluemarblectl as ctl
+
+    node = FakeNode("n1", cluster.shard, primary=True, epoch=3)
+    await cluster.put_node("n1", await cluster.serve(node))
+    await cluster.assign(3, "n1", [])
+    base = ["--control-plane", cluster.app.address, "--timeout-s", "5"]
+    # bluemarblectl runs its own event loop: give it a thread.
+    code = await asyncio.to_thread(ctl.main, [*base, "grant", PLAYER, "sword-1", "--gold", "7", "--request-id", "r1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "items       sword-1" in out and "grant       applied" in out
+    code = await asyncio.to_thread(ctl.main, [*base, "grant", PLAYER, "sword-1", "--gold", "7", "--request-id", "r1"])
+    assert code == 0 and "replayed" in capsys.readouterr().out and node.gold[PLAYER] == 7
+    code = await asyncio.to_thread(ctl.main, [*base, "inventory", PLAYER])
+    out = capsys.readouterr().out
+    assert code == 0 and f"shard      {cluster.shard} (epoch 3)" in out and "served by  n1" in out
+    code = await asyncio.to_thread(ctl.main, [*base, "shards"])
+    out = capsys.readouterr().out
+    assert code == 0 and f"{cluster.shard}  3" in out and "n1 " in out
