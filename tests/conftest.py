@@ -3,6 +3,8 @@ stopped), unique cluster names per test, and in-process control-plane replicas."
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
 import re
@@ -14,7 +16,7 @@ import pytest
 from hypothesis import settings as hypothesis_settings
 
 from bluemarble.runtime.grpc_server import Server, ServiceBinding, build_server
-from bluemarble.v1 import common_pb2, controlplane_pb2_grpc, shardnode_pb2, shardnode_pb2_grpc
+from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc, shardnode_pb2, shardnode_pb2_grpc
 from controlplane.server.app import ControlPlaneApp, ControlPlaneSettings
 from scripts.localcluster import LocalEtcd
 from shardnode.service import ShardNodeService
@@ -117,3 +119,139 @@ async def serve_node() -> AsyncIterator[ServeNode]:
     yield serve
     for server in servers:
         await server.stop_gracefully(0.1)
+
+
+class FakeShardNode(shardnode_pb2_grpc.ShardNodeServicer):
+    """A ShardNode for control-plane tests: answers GetShardStatus with ``statuses`` and
+    Fence with ``positions`` (shard -> (epoch, lsn) of its last entry, None: no data;
+    unlisted shards: ``default_position``), recording every call in ``calls`` in order.
+    ``fence_mode``: "answer", "unimplemented" (a node from before fencing) or "fail"."""
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.statuses: list[common_pb2.ShardStatus] = []
+        self.positions: dict[str, tuple[int, int] | None] = {}
+        self.default_position: tuple[int, int] | None = (1, 1)
+        self.fence_mode = "answer"
+        self.calls: list[tuple[str, dict[str, int]]] = []  # ("Fence", shard -> epoch) or ("GetShardStatus", {})
+        self.fenced: dict[str, int] = {}
+
+    async def GetShardStatus(
+        self, request: shardnode_pb2.GetShardStatusRequest, context: grpc.aio.ServicerContext  # type: ignore[type-arg]
+    ) -> shardnode_pb2.GetShardStatusResponse:
+        self.calls.append(("GetShardStatus", {}))
+        return shardnode_pb2.GetShardStatusResponse(node_id=self.node_id, shards=self.statuses)
+
+    async def Fence(
+        self, request: shardnode_pb2.FenceRequest, context: grpc.aio.ServicerContext  # type: ignore[type-arg]
+    ) -> shardnode_pb2.FenceResponse:
+        if self.fence_mode == "unimplemented":
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Fence is not implemented")
+        self.calls.append(("Fence", {s.shard_id: s.epoch for s in request.shards}))
+        if self.fence_mode == "fail":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "not now")
+        response = shardnode_pb2.FenceResponse(node_id=self.node_id)
+        for s in request.shards:
+            self.fenced[s.shard_id] = max(self.fenced.get(s.shard_id, 0), s.epoch)
+            last = self.positions.get(s.shard_id, self.default_position)
+            copy = response.shards.add(shard_id=s.shard_id, epoch=self.fenced[s.shard_id], has_data=last is not None)
+            if last is not None:
+                copy.last.epoch, copy.last.lsn = last
+        return response
+
+    def fences(self, shard: str) -> list[int]:
+        """The epochs this node was fenced at for ``shard``, in order."""
+        return [epochs[shard] for name, epochs in self.calls if name == "Fence" and shard in epochs]
+
+
+ServeFakeNode = Callable[[str], Awaitable[tuple[FakeShardNode, Server]]]
+
+
+@pytest.fixture
+async def serve_fake_node() -> AsyncIterator[ServeFakeNode]:
+    """Starts in-process :class:`FakeShardNode` servers (port 0); returns the servicer and
+    its server (``server.port``; stop it to make the address refuse connections)."""
+    servers: list[Server] = []
+
+    async def serve(node_id: str) -> tuple[FakeShardNode, Server]:
+        node = FakeShardNode(node_id)
+        server = await build_server(
+            "127.0.0.1:0",
+            [
+                ServiceBinding(
+                    shardnode_pb2.DESCRIPTOR.services_by_name["ShardNode"].full_name,
+                    node,
+                    shardnode_pb2_grpc.add_ShardNodeServicer_to_server,
+                )
+            ],
+        )
+        servers.append(server)
+        return node, server
+
+    yield serve
+    for server in servers:
+        await server.stop_gracefully(0.1)
+
+
+class StreamNode:
+    """A node as the control plane sees it, without a node process: registers, then
+    heartbeats every ``interval_s`` over one HeartbeatStream (as bluemarble-node does),
+    reporting ``statuses``. ``close_stream()`` ends the stream from the node's side."""
+
+    def __init__(
+        self, stub: controlplane_pb2_grpc.ControlPlaneStub, node_id: str, address: str, zone: str = "z"
+    ) -> None:
+        self.stub, self.node_id, self.address, self.zone = stub, node_id, address, zone
+        self.lease_id = 0
+        self.statuses: list[common_pb2.ShardStatus] = []
+        self.responses: list[controlplane_pb2.HeartbeatResponse] = []
+        self._call: grpc.aio.StreamStreamCall | None = None  # type: ignore[type-arg]
+        self._task: asyncio.Task[None] | None = None
+
+    async def register(self) -> int:
+        response = await self.stub.RegisterNode(
+            controlplane_pb2.RegisterNodeRequest(node_id=self.node_id, address=self.address, zone=self.zone)
+        )
+        self.lease_id = response.lease_id
+        return self.lease_id
+
+    async def start(self, interval_s: float = 0.3) -> None:
+        """Registers (if not yet) and starts heartbeating; returns after the first answer."""
+        if not self.lease_id:
+            await self.register()
+        call = self.stub.HeartbeatStream()
+        self._call = call
+        first = asyncio.Event()
+
+        async def beat() -> None:
+            while True:
+                await call.write(controlplane_pb2.HeartbeatRequest(
+                    node_id=self.node_id, lease_id=self.lease_id, shards=self.statuses))
+                self.responses.append(await call.read())
+                first.set()
+                await asyncio.sleep(interval_s)
+
+        self._task = asyncio.create_task(beat())
+        await asyncio.wait_for(first.wait(), 5.0)
+
+    async def close_stream(self) -> None:
+        """Ends the stream from the node's side (cancelled: as when its process dies)."""
+        if self._call is not None:
+            self._call.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await self._task
+        self._call = self._task = None
+
+
+async def wait_for(condition: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> float:
+    """Polls ``condition`` every 20 ms until true; returns the seconds it took.
+    AssertionError naming ``what`` after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not await condition():
+        if loop.time() - start > timeout_s:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return loop.time() - start

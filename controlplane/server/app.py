@@ -17,10 +17,12 @@ import structlog
 
 from bluemarble.api import cluster_config
 from bluemarble.core import limits
+from bluemarble.core.ids import NodeId
 from bluemarble.core.ring import Ring
 from bluemarble.runtime.clock import Clock, SystemClock
 from bluemarble.runtime.grpc_server import Server, ServiceBinding, build_server
 from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
+from controlplane.server.crash_watch import CrashWatch
 from controlplane.server.election import Election
 from controlplane.server.node_probe import NodeProbe
 from controlplane.server.reconciler import Reconciler
@@ -29,7 +31,7 @@ from controlplane.server.service import ControlPlaneDeps, ControlPlaneService, T
 from controlplane.store.config_store import ConfigStore
 from controlplane.store.etcd import EtcdStore
 from controlplane.store.keys import KeySchema
-from controlplane.store.records import decode_assignment, decode_node, decode_ring
+from controlplane.store.records import decode_assignment, decode_config, decode_node, decode_ring
 from controlplane.store.ring_store import ensure_ring
 from controlplane.store.watchcache import PrefixCache
 
@@ -48,6 +50,9 @@ class ControlPlaneSettings:
     etcd_rpc_timeout_s: float = 3.0
     replica_id: str = ""
     shutdown_grace_s: float = 5.0
+    crash_grace_ms: int = 300
+    """After a node's heartbeat stream closes from its side, how long it has to heartbeat
+    again before its address is checked and, if refused, its lease revoked (0: off)."""
     # Flags given explicitly on the command line (vs defaults), to warn on config drift.
     explicit: frozenset[str] = field(default_factory=frozenset)
 
@@ -65,6 +70,8 @@ class ControlPlaneApp:
         self.election: Election | None = None
         self.reconciler: Reconciler | None = None
         self.probe: NodeProbe | None = None
+        self.config_mirror: PrefixCache[common_pb2.ClusterConfig] | None = None
+        self.crash_watch: CrashWatch | None = None
 
     @property
     def replica_id(self) -> str:
@@ -96,12 +103,27 @@ class ControlPlaneApp:
             self.store, self.keys.assignments_prefix(), decode_assignment, name="assignments", clock=self.clock
         )
         self.ring = PrefixCache(self.store, self.keys.ring(), decode_ring, name="ring", clock=self.clock)
-        for cache in (self.nodes, self.assignments, self.ring):
+        self.config_mirror = PrefixCache(self.store, self.keys.config(), decode_config, name="config", clock=self.clock)
+        for cache in (self.nodes, self.assignments, self.ring, self.config_mirror):
             await cache.start()
         self.election = Election(
             self.store, self.keys, self.replica_id, s.listen, ttl_s=stored.lease_ttl_s, clock=self.clock
         )
-        self.probe = NodeProbe()
+        self.probe = NodeProbe(replica_id=self.replica_id)
+        registry = NodeRegistry(self.store, self.keys, self.clock, self.nodes)
+        nodes = self.nodes
+
+        def registration(node: NodeId) -> tuple[int, str] | None:
+            record = nodes.entries.get(self.keys.node(node))
+            return None if record is None else (record.lease_id, record.address)
+
+        self.crash_watch = CrashWatch(
+            clock=self.clock,
+            grace_s=s.crash_grace_ms / 1000,
+            registration=registration,
+            refuses_connections=self.probe.refuses_connections,
+            revoke=registry.revoke,
+        )
         self.reconciler = Reconciler(
             store=self.store,
             keys=self.keys,
@@ -117,7 +139,7 @@ class ControlPlaneApp:
             replica_id=self.replica_id,
             keys=self.keys,
             store=self.store,
-            registry=NodeRegistry(self.store, self.keys, self.clock, self.nodes),
+            registry=registry,
             config=configs,
             clock=self.clock,
             nodes=self.nodes,
@@ -125,6 +147,9 @@ class ControlPlaneApp:
             ring=self.ring,
             election=self.election,
             placement_hold=lambda: self.reconciler.holding if self.reconciler else "",
+            probe=self.probe,
+            crash_watch=self.crash_watch,
+            config_mirror=self.config_mirror,
         )
         self.server = await build_server(
             s.listen,
@@ -175,9 +200,15 @@ class ControlPlaneApp:
         once), ends watch streams, drains calls in flight, then closes etcd. Each step
         is bounded, so a stuck dependency cannot hold the process forever."""
         steps: list[tuple[str, Awaitable[None] | None]] = [
+            # First: the heartbeat streams this shutdown ends are not node crashes.
+            ("crash watch", self.crash_watch.close() if self.crash_watch else None),
             ("reconciler", self.reconciler.stop() if self.reconciler else None),
             ("election", self.election.stop() if self.election else None),
-            *[(c.name, c.stop()) for c in (self.nodes, self.assignments, self.ring) if c is not None],
+            *[
+                (c.name, c.stop())
+                for c in (self.nodes, self.assignments, self.ring, self.config_mirror)
+                if c is not None
+            ],
             (
                 "server",
                 self.server.stop_gracefully(self.settings.shutdown_grace_s) if self.server else None,

@@ -33,6 +33,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
     p.add_flag("--metrics-listen", default="", help="Prometheus metrics address (reserved)")
     p.add_flag("--replica-id", default="", help="this replica's name (default host/listen)")
     p.add_flag("--etcd-startup-timeout-s", default=30.0, type=float, help="give up start-up after")
+    p.add_flag(
+        "--crash-grace-ms",
+        default=300,
+        type=int,
+        help="after a node's heartbeat stream closes, revoke its lease once this long has passed "
+        "without a heartbeat and its address refuses connections (0: wait for the TTL)",
+    )
     p.add_flag("--log-level", default="info", help="debug, info, warning or error")
     p.add_flag("--log-format", default="console", choices=("console", "json"), help="log format")
     args = p.parse_args(argv)
@@ -55,8 +62,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         shards=args.shards,
         etcd_startup_timeout_s=args.etcd_startup_timeout_s,
         replica_id=args.replica_id,
+        crash_grace_ms=args.crash_grace_ms,
         explicit=explicit,
     )
+    if args.crash_grace_ms < 0:
+        p.error(f"--crash-grace-ms is {args.crash_grace_ms}; use 0 (off) or a positive number of ms")
     if args.metrics_listen:
         log.warning("--metrics-listen is accepted but metrics are not served yet")
     return settings, args.log_level, args.log_format

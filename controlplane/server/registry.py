@@ -189,6 +189,17 @@ class NodeRegistry:
         self._lease_by_node.pop(node, None)
         log.info("node deregistered", node_id=node, lease=f"{lease_id:#x}")
 
+    async def revoke(self, node: NodeId, lease_id: int) -> bool:
+        """Ends registration ``lease_id`` of ``node`` at once (its record goes with it);
+        False when that lease was gone already. Only that lease: a node that registered
+        again holds another one and is untouched. Used on a detected crash
+        (:mod:`controlplane.server.crash_watch`)."""
+        _check_lease_id(lease_id)
+        revoked = await self._store.revoke_lease(lease_id)
+        if self._lease_by_node.get(node) == lease_id:
+            self._lease_by_node.pop(node, None)
+        return revoked
+
     async def drain(self, node_id: str) -> common_pb2.Node:
         """Marks the node DRAINING (idempotent). Its lease and roles stay until moved.
 

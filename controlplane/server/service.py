@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc.aio
@@ -21,8 +21,11 @@ from bluemarble.core.ids import NodeId, ShardId, shard_index
 from bluemarble.core.ring import Ring
 from bluemarble.runtime.clock import Clock, run_with_timeout
 from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
+from controlplane.server.crash_watch import CrashWatch
 from controlplane.server.election import Election, LeaderInfo
+from controlplane.server.node_probe import NodeProbe
 from controlplane.server.registry import NodeRegistry
+from controlplane.server.shard_reports import ShardReports
 from controlplane.store.config_store import ConfigStore
 from controlplane.store.etcd import EtcdStore
 from controlplane.store.keys import KeySchema
@@ -47,6 +50,14 @@ class ControlPlaneDeps:
     election: Election
     placement_hold: Callable[[], str] = lambda: ""
     """Why this replica's reconciler holds placement moves right now ("" when it does not)."""
+    probe: NodeProbe | None = None
+    """Asks nodes for their shard statuses (ListAssignments include_status)."""
+    crash_watch: CrashWatch | None = None
+    """Revokes the lease of a node whose heartbeat stream closed and whose address refuses
+    connections (None: only the TTL ends leases)."""
+    config_mirror: PrefixCache[common_pb2.ClusterConfig] | None = None
+    """The config key's mirror, for HeartbeatResponse.config_revision without an etcd read."""
+    reports: ShardReports = field(default_factory=ShardReports)
 
 
 MAX_SHARD_STATUSES = limits.MAX_SHARD_STATUSES
@@ -59,6 +70,13 @@ START_REVISION_CATCH_UP_S = 0.5
 """How long WatchAssignments lets this replica's mirror catch up to start_revision before
 it starts the stream anyway (the snapshot says the revision it reflects)."""
 _KNOWN_ROLES = frozenset(common_pb2.ShardRole.values())
+_MAX_REPORTED_VALUE = 2**63 - 1
+"""Largest epoch, lsn or lag a heartbeat may report: int64 (what JSON readers and other
+languages hold exactly enough); a larger one is a broken node, not a position."""
+STATUS_PROBE_MAX_NODES = 256
+"""Nodes one ListAssignments(include_status) asks directly at most (members with no recent
+report here); the others' statuses are missing from the answer."""
+STATUS_PROBE_TIMEOUT_S = 1.0
 
 
 def _later(rpc: str, step: str) -> Unimplemented:
@@ -100,17 +118,45 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
     async def HeartbeatStream(
         self, request_iterator: AsyncIterator[controlplane_pb2.HeartbeatRequest], context: Ctx
     ) -> AsyncIterator[controlplane_pb2.HeartbeatResponse]:
-        async for request in request_iterator:
-            yield await self._heartbeat(request)
+        """Heartbeats over one stream. When the stream ends from the node's side (it
+        half-closed, cancelled, or its connection was reset: a dead process's kernel
+        closes its sockets), the crash watch checks whether the node is gone
+        (:mod:`controlplane.server.crash_watch`). A stream this replica ends with a status
+        (NOT_FOUND, bad input) is not the node going away; one ended by this replica's
+        shutdown is ignored by the watch, which is closed before the server stops."""
+        beating: tuple[NodeId, int] | None = None  # the registration of the last good beat
+        ours = False
+        try:
+            async for request in request_iterator:
+                try:
+                    response = await self._heartbeat(request)
+                except Exception:
+                    ours = True  # this replica ends the stream with a status
+                    raise
+                beating = (NodeId(request.node_id), request.lease_id)
+                yield response
+        finally:
+            # Reached on the node's half-close, on cancellation (CancelledError or
+            # GeneratorExit: the peer went away) and on our own errors (``ours``).
+            if not ours and beating is not None and self._d.crash_watch is not None:
+                self._d.crash_watch.stream_ended(*beating)
 
     async def _heartbeat(self, request: controlplane_pb2.HeartbeatRequest) -> controlplane_pb2.HeartbeatResponse:
         self._check_shard_statuses(request.shards)
         ttl_s = await self._d.registry.heartbeat(request.node_id, request.lease_id)
-        record = self._d.nodes.entries.get(self._d.keys.node(NodeId(request.node_id)))
+        node = NodeId(request.node_id)
+        now_s = self._d.clock.monotonic_s()
+        if self._d.crash_watch is not None:
+            self._d.crash_watch.heartbeat(node, request.lease_id)
+        # A report is served for two heartbeat intervals (TTL/3 each), then asked anew.
+        self._d.reports.record(node, request.lease_id, request.shards, now_s, fresh_s=2 * ttl_s / 3)
+        record = self._d.nodes.entries.get(self._d.keys.node(node))
+        config = self._d.config_mirror
         return controlplane_pb2.HeartbeatResponse(
             lease_deadline_ms=self._d.clock.wall_ms() + ttl_s * 1000,
             ttl_ms=ttl_s * 1000,
             draining=record is not None and record.state == common_pb2.NODE_STATE_DRAINING,
+            config_revision=config.mod_revisions.get(self._d.keys.config(), 0) if config is not None else 0,
         )
 
     def _check_shard_statuses(self, statuses: Sequence[common_pb2.ShardStatus]) -> None:
@@ -144,6 +190,11 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                     f"{where}: role {status.role} of {status.shard_id} is not a ShardRole; "
                     "use SHARD_ROLE_PRIMARY (1) or SHARD_ROLE_REPLICA (2)"
                 )
+            for name in ("epoch", "applied_lsn", "last_epoch", "lag_entries", "lag_ms"):
+                if getattr(status, name) > _MAX_REPORTED_VALUE:
+                    raise InvalidArgument(
+                        f"{where}: {name} of {status.shard_id} is {getattr(status, name)}; at most 2^63-1"
+                    )
 
     async def DeregisterNode(
         self, request: controlplane_pb2.DeregisterNodeRequest, context: Ctx
@@ -176,9 +227,12 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         (or a node) learns more from the last known placement, marked as such, than from
         an error, and a caller that needs current data can tell and go elsewhere."""
         cache = self._d.assignments
+        assignments = self._sorted_assignments()
         response = controlplane_pb2.ListAssignmentsResponse(
-            revision=cache.revision, assignments=self._sorted_assignments()
+            revision=cache.revision, assignments=assignments, nodes=self._node_refs(assignments)
         )
+        if request.include_status:
+            response.statuses.extend(await self._member_statuses(assignments))
         if not cache.healthy:
             response.stale = True
             response.stale_reason = (
@@ -186,6 +240,52 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                 f"assignments as of revision {cache.revision} and may be out of date"
             )
         return response
+
+    def _node_refs(self, assignments: Sequence[common_pb2.Assignment]) -> list[common_pb2.NodeRef]:
+        """NodeRef of every registered node the assignments name, sorted by node id."""
+        named = {m for a in assignments for m in (a.primary, *a.replicas) if m}
+        refs = []
+        for node in sorted(named):
+            record = self._d.nodes.entries.get(self._d.keys.node(NodeId(node)))
+            if record is not None:
+                refs.append(common_pb2.NodeRef(node_id=node, address=record.address))
+        return refs
+
+    async def _member_statuses(
+        self, assignments: Sequence[common_pb2.Assignment]
+    ) -> list[controlplane_pb2.MemberStatus]:
+        """Each registered member's status of its shard: from its latest heartbeat through
+        this replica when recent, else asked of the node (GetShardStatus, short deadline,
+        at most :data:`STATUS_PROBE_MAX_NODES` nodes); missing when neither knows."""
+        now_s = self._d.clock.monotonic_s()
+        found: dict[tuple[str, str], tuple[common_pb2.ShardStatus, float]] = {}
+        ask: dict[NodeId, str] = {}
+        members = [(a.shard_id, m) for a in assignments for m in dict.fromkeys((a.primary, *a.replicas)) if m]
+        for shard, member in members:
+            record = self._d.nodes.entries.get(self._d.keys.node(NodeId(member)))
+            if record is None:
+                continue
+            latest = self._d.reports.latest(NodeId(member), ShardId(shard), record.lease_id, now_s)
+            if latest is not None:
+                found[(shard, member)] = latest
+            elif len(ask) < STATUS_PROBE_MAX_NODES or member in ask:
+                ask[NodeId(member)] = record.address
+        if ask and self._d.probe is not None:
+            try:
+                answers = await run_with_timeout(self._d.clock, self._d.probe.statuses(ask), STATUS_PROBE_TIMEOUT_S)
+            except TimeoutError:
+                answers = {}
+            for node, answer in answers.items():
+                for status in answer.shards:
+                    found.setdefault((status.shard_id, node), (status, 0.0))
+        return [
+            controlplane_pb2.MemberStatus(
+                shard_id=shard, node_id=member, status=found[(shard, member)][0],
+                age_ms=int(found[(shard, member)][1] * 1000),
+            )
+            for shard, member in members
+            if (shard, member) in found
+        ]
 
     def _ring_now(self) -> Ring:
         ring = self._d.ring.entries.get(self._d.keys.ring())
@@ -273,6 +373,7 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                     response.removed_shard_ids.append(shard)
             if update.snapshot:
                 response.removed_shard_ids.extend(sorted(previous - sent))
+            response.nodes.extend(self._node_refs(response.assignments))
             if update.snapshot or response.assignments or response.removed_shard_ids:
                 yield response
                 progress.sent()

@@ -1,4 +1,4 @@
-"""Decoders of the records the control plane mirrors from etcd (nodes, assignments, ring).
+"""Decoders of the records the control plane mirrors from etcd (nodes, assignments, ring, config).
 
 Each takes an etcd :class:`~controlplane.store.etcd.KeyValue` and returns the value the
 mirror holds, or raises :class:`bluemarble.core.errors.CorruptRecord` naming the key.
@@ -19,6 +19,10 @@ def decode_ring(kv: KeyValue) -> Ring:
 
 def decode_assignment(kv: KeyValue) -> common_pb2.Assignment:
     return codec.decode(kv.value, common_pb2.Assignment, kv.key)
+
+
+def decode_config(kv: KeyValue) -> common_pb2.ClusterConfig:
+    return codec.decode(kv.value, common_pb2.ClusterConfig, kv.key)
 
 
 def decode_node(kv: KeyValue) -> common_pb2.Node:
