@@ -256,7 +256,7 @@ class AssignmentCache:
     updates it, a progress message (empty, not a snapshot) changes nothing. ``view`` is
     swapped atomically; :attr:`changed` is an event set (and replaced by a fresh one) on
     every change of an assignment or an address, so a caller that captured it before an
-    attempt learns whether the cache moved on since. ``on_nodes`` is told the addresses
+    attempt learns whether the cache moved on since. ``on_addresses`` is told the addresses
     still named after every change (the client closes the channels of the others).
     """
 
@@ -265,6 +265,8 @@ class AssignmentCache:
         self.synced = asyncio.Event()  # set once the first snapshot is applied
         self.changed = asyncio.Event()
         self.on_addresses = on_addresses
+        # Per shard, the future that calls in flight to its primary wait on (see moved()).
+        self._moved: dict[ShardId, tuple[int, NodeId | None, asyncio.Future[None]]] = {}
 
     def apply(self, message: controlplane_pb2.WatchAssignmentsResponse) -> None:
         if not message.snapshot and not message.assignments and not message.removed_shard_ids and not message.nodes:
@@ -316,6 +318,7 @@ class AssignmentCache:
         moved = view.assignments != self.view.assignments or view.addresses != self.view.addresses
         self.view = view
         if moved:
+            self._resolve_moved()
             if self.on_addresses is not None:
                 self.on_addresses(set(addresses.values()))
             event, self.changed = self.changed, asyncio.Event()
@@ -341,14 +344,28 @@ class AssignmentCache:
             revision=view.revision,
         )
 
-    async def wait_moved(self, shard: ShardId, epoch: int, primary: NodeId | None) -> None:
-        """Returns once the shard's assignment names another epoch or primary (or none)."""
-        while True:
-            event = self.changed
+    def moved(self, shard: ShardId, epoch: int, primary: NodeId | None) -> asyncio.Future[None]:
+        """A future done once the shard's assignment names another epoch or primary (or
+        none): done already if it does now. One future is shared by every caller that
+        waits on the same (shard, epoch, primary); never cancel it."""
+        entry = self._moved.get(shard)
+        if entry is not None and entry[:2] == (epoch, primary) and not entry[2].done():
+            return entry[2]
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        a = self.view.assignments.get(shard)
+        if a is None or (a.epoch, a.primary) != (epoch, primary):
+            future.set_result(None)
+        else:
+            self._moved[shard] = (epoch, primary, future)
+        return future
+
+    def _resolve_moved(self) -> None:
+        for shard, (epoch, primary, future) in list(self._moved.items()):
             a = self.view.assignments.get(shard)
             if a is None or (a.epoch, a.primary) != (epoch, primary):
-                return
-            await event.wait()
+                del self._moved[shard]
+                if not future.done():
+                    future.set_result(None)
 
 
 # ---- the adapter to shard nodes -----------------------------------------------------
@@ -888,35 +905,42 @@ class RoutingClient:
     async def _bounded(self, route: Route, target: Target, work: Awaitable[T], timeout_s: float) -> T:
         """``work`` bounded by ``timeout_s`` on the client's clock; an attempt on the
         primary is abandoned (Unavailable) as soon as the cache names another primary or
-        epoch for the shard (safe for writes: they are idempotent by request id)."""
+        epoch for the shard (safe for writes: they are idempotent by request id).
+
+        One task per call (the work itself): the "moved" future is shared by every call
+        to the shard's primary, and on the system clock the timeout is asyncio's own (a
+        fake clock gets a timer task instead)."""
         job = asyncio.ensure_future(work)
-        moved = (
-            asyncio.ensure_future(self.assignments.wait_moved(route.shard_id, route.epoch, route.primary))
-            if target.primary
-            else None
-        )
-
-        async def race() -> T:
-            waiters: set[asyncio.Future[Any]] = {job} | ({moved} if moved is not None else set())
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            if job.done() and not job.cancelled():
-                return job.result()
-            raise errors.Unavailable(
-                f"{route.shard_id} moved away from {target.node_id} at epoch {route.epoch} during the call"
-            )
-
+        waiters: set[asyncio.Future[Any]] = {job}
+        if target.primary:
+            waiters.add(self.assignments.moved(route.shard_id, route.epoch, route.primary))
+        timer: asyncio.Future[None] | None = None
+        loop_timeout_s: float | None = timeout_s
+        if not isinstance(self._clock, SystemClock):
+            timer = asyncio.ensure_future(self._clock.sleep(timeout_s))
+            waiters.add(timer)
+            loop_timeout_s = None
         try:
-            return await run_with_timeout(self._clock, race(), timeout_s)
-        except TimeoutError as e:
-            raise errors.DeadlineExceeded(
-                f"node {target.node_id} ({target.address}) did not answer within {timeout_s:g} s"
-            ) from e
+            await asyncio.wait(waiters, timeout=loop_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if job.done():
+                if not job.cancelled():
+                    return job.result()
+            elif len(waiters) > 1 and any(w.done() for w in waiters if w is not job and w is not timer):
+                raise errors.Unavailable(
+                    f"{route.shard_id} moved away from {target.node_id} at epoch {route.epoch} during the call"
+                )
+            else:
+                raise errors.DeadlineExceeded(
+                    f"node {target.node_id} ({target.address}) did not answer within {timeout_s:g} s"
+                )
+            raise errors.Unavailable(f"call to node {target.node_id} ({target.address}) was cancelled")
         finally:
-            for future in (job, moved):
-                if future is not None and not future.done():
-                    future.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await future
+            if timer is not None:
+                timer.cancel()
+            if not job.done():
+                job.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await job
 
 
 def _inventory(r: shardnode_pb2.GetInventoryResponse, asked: NodeId) -> Inventory:
