@@ -12,6 +12,7 @@ SIGTERM) stops the nodes first (they deregister), then the control plane, then e
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import subprocess
 import sys
@@ -20,7 +21,9 @@ from pathlib import Path
 
 import grpc
 
+from bluemarble.runtime import logs
 from bluemarble.v1 import controlplane_pb2, controlplane_pb2_grpc
+from scripts.demo import seed_and_show
 from scripts.localcluster import LocalEtcd, ManagedProcess, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,11 +65,13 @@ def main() -> int:
     p.add_argument("--control-plane-port", type=int, default=7000)
     p.add_argument("--node-base-port", type=int, default=7101, help="0 picks free ports")
     p.add_argument("--lease-ttl-s", type=int, default=10)
+    p.add_argument("--players", type=int, default=300, help="players the demo seeds (0: no demo)")
     p.add_argument("--once", action="store_true", help="show the status, then stop everything")
     args = p.parse_args()
+    logs.configure("warning", "console")  # the demo's routing client: only what matters
 
     args.dir.mkdir(parents=True, exist_ok=True)
-    logs = args.dir / "logs"
+    log_dir = args.dir / "logs"
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     processes: list[ManagedProcess] = []
@@ -79,7 +84,7 @@ def main() -> int:
             "controlplane",
             [sys.executable, "-m", "controlplane.server.main", "--listen", cp_address, "--etcd", etcd.endpoint,
              "--lease-ttl-s", str(args.lease_ttl_s), "--replica-id", "cp-0"],
-            logs / "controlplane.log",
+            log_dir / "controlplane.log",
         ).start()
         processes.append(control_plane)
         print(f"starting control plane on {cp_address} (etcd {etcd.endpoint}) ...", flush=True)
@@ -93,7 +98,7 @@ def main() -> int:
                 [sys.executable, "-m", "shardnode.main", "--node-id", node_id, "--listen", listen,
                  "--control-plane", cp_address, "--data-dir", str(args.dir / "nodes" / node_id),
                  "--zone", ZONES[i % len(ZONES)], "--region", "local"],
-                logs / f"{node_id}.log",
+                log_dir / f"{node_id}.log",
             ).start())
         print(f"starting {args.nodes} shard nodes ...", flush=True)
         wait_until(lambda: registered_nodes(cp_address) >= args.nodes, 30, f"{args.nodes} nodes to register")
@@ -107,7 +112,16 @@ def main() -> int:
         ctl(cp_address, "shards")
         print()
         ctl(cp_address, "ring")
-        print(f"\nlogs: {logs}")
+        if args.players:
+            print(f"\ndemo: seeding {args.players} players through the routing client ...", flush=True)
+            if asyncio.run(seed_and_show([cp_address], args.players)):
+                print("the demo saw failures (above)", flush=True)
+                return 1
+            print()
+            ctl(cp_address, "inventory", "player-0000")
+            print()
+            ctl(cp_address, "shards")
+        print(f"\nlogs: {log_dir}")
         if not args.once:
             print(f"cluster running; try: bluemarblectl --control-plane {cp_address} nodes   (Ctrl-C stops)")
             try:

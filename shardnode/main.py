@@ -14,15 +14,18 @@ from pathlib import Path
 import structlog
 
 from bluemarble.client.control_plane import ControlPlaneClient
+from bluemarble.client.ring_router import RingRouter
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError
-from bluemarble.runtime import event_loop, logs
+from bluemarble.runtime import background, event_loop, logs
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.runtime.settings import EnvArgumentParser
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
 from shardnode.agent import NodeAgent, NodeIdentity
+from shardnode.dataplane import DataPlane
 from shardnode.service import ShardNodeService
+from shardnode.storage import NodeStorage
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +40,7 @@ class NodeSettings:
     region: str = ""
     zone: str = ""
     capacity: int = 1
+    synchronous: str = "NORMAL"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, str]:
@@ -49,6 +53,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
     p.add_flag("--region", default="", help="region label")
     p.add_flag("--zone", default="", help="zone label (replicas spread over zones)")
     p.add_flag("--capacity", default=1, type=int, help="relative placement weight")
+    p.add_flag(
+        "--synchronous",
+        default="normal",
+        choices=("normal", "full"),
+        help="SQLite durability: normal survives a process crash; full also a power loss (slower)",
+    )
     p.add_flag("--log-level", default="info", help="debug, info, warning or error")
     p.add_flag("--log-format", default="console", choices=("console", "json"), help="log format")
     args = p.parse_args(argv)
@@ -74,6 +84,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
         region=args.region,
         zone=args.zone,
         capacity=args.capacity,
+        synchronous=args.synchronous.upper(),
     )
     return settings, args.log_level, args.log_format
 
@@ -81,14 +92,21 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
 async def run(settings: NodeSettings) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     structlog.contextvars.bind_contextvars(node_id=settings.node_id)
+    storage = NodeStorage.open(settings.data_dir, synchronous=settings.synchronous)  # type: ignore[arg-type]
     client = ControlPlaneClient(settings.control_plane)
-    holder: list[NodeAgent] = []
+    holder: list[DataPlane] = []
+    agents: list[NodeAgent] = []
     server = await build_server(
         settings.listen,
         [
             ServiceBinding(
                 shardnode_pb2.DESCRIPTOR.services_by_name["ShardNode"].full_name,
-                ShardNodeService(settings.node_id, lambda: holder[0].shard_statuses()),
+                ShardNodeService(
+                    settings.node_id,
+                    lambda: agents[0].shard_statuses() if agents else [],
+                    lambda: holder[0] if holder else None,
+                    lambda: agents[0].registration.lease_id if agents and agents[0].registration else 0,
+                ),
                 shardnode_pb2_grpc.add_ShardNodeServicer_to_server,
             )
         ],
@@ -100,12 +118,23 @@ async def run(settings: NodeSettings) -> int:
         NodeIdentity(settings.node_id, address, settings.region, settings.zone, settings.capacity),
         client,
     )
-    holder.append(agent)
+    agents.append(agent)
+    ring = RingRouter(client)
+    dataplane = DataPlane(settings.node_id, storage, agent, ring)
+    holder.append(dataplane)
+    await dataplane.start()
+    ring_task = background.start(_start_ring(ring), "ring")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("node serving", address=address, control_plane=",".join(settings.control_plane))
+    log.info(
+        "node serving",
+        address=address,
+        control_plane=",".join(settings.control_plane),
+        data_dir=str(settings.data_dir),
+        synchronous=settings.synchronous,
+    )
     code = 0
     try:
         await agent.run(stop)
@@ -115,10 +144,19 @@ async def run(settings: NodeSettings) -> int:
     finally:
         log.info("shutting down")
         await agent.deregister()
+        await background.stop(ring_task)
+        await ring.stop()
         with contextlib.suppress(Exception):
             await server.stop_gracefully(2.0)
+        await dataplane.stop()
+        storage.close()
         await client.close()
     return code
+
+
+async def _start_ring(ring: RingRouter) -> None:
+    """Fetches the ring (retrying until it answers), then follows it."""
+    await ring.start()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,5 +1,6 @@
-"""gRPC servicer of a shard node. Inventories, 2PC and replication arrive with the data
-plane (roadmap steps 3 and 4); until then those RPCs answer UNIMPLEMENTED."""
+"""gRPC servicer of a shard node: a thin mapping of ShardNode RPCs onto the
+:class:`shardnode.dataplane.DataPlane` (which holds every rule). Trades (Prepare, Commit,
+Abort) answer UNIMPLEMENTED until the trades step of the roadmap."""
 
 from __future__ import annotations
 
@@ -8,60 +9,100 @@ from typing import Any
 
 import grpc.aio
 
-from bluemarble.core.errors import Unimplemented
+from bluemarble.core import validation
+from bluemarble.core.errors import Unavailable, Unimplemented
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
+from shardnode.dataplane import DEFAULT_COMMIT_TIMEOUT_S, DataPlane
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
+MAX_CALL_TIMEOUT_S = 30.0
 
-def _later(rpc: str, step: str = "the data plane (roadmap step 3)") -> Unimplemented:
-    return Unimplemented(f"{rpc} is not implemented in this release; it comes with {step}")
+
+def _later(rpc: str) -> Unimplemented:
+    return Unimplemented(f"{rpc} is not implemented in this release; it comes with cross-shard trades")
+
+
+def _timeout_s(context: Ctx) -> float:
+    """What is left of the caller's deadline (a default when it set none), minus a little
+    so the answer reaches the caller before its deadline does."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return DEFAULT_COMMIT_TIMEOUT_S
+    return max(0.01, min(MAX_CALL_TIMEOUT_S, remaining - 0.05))
 
 
 class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
-    def __init__(self, node_id: str, statuses: Callable[[], list[common_pb2.ShardStatus]]):
+    def __init__(
+        self,
+        node_id: str,
+        statuses: Callable[[], list[common_pb2.ShardStatus]],
+        dataplane: Callable[[], DataPlane | None] = lambda: None,
+        incarnation: Callable[[], int] = lambda: 0,
+    ):
         self._node_id = node_id
         self._statuses = statuses
+        self._dataplane = dataplane
+        self._incarnation = incarnation
+
+    def _dp(self) -> DataPlane:
+        dp = self._dataplane()
+        if dp is None:
+            raise Unavailable(f"node {self._node_id} is starting; retry shortly")
+        return dp
 
     async def GetShardStatus(
         self, request: shardnode_pb2.GetShardStatusRequest, context: Ctx
     ) -> shardnode_pb2.GetShardStatusResponse:
-        """What this node holds right now, with each shard's applied log position."""
-        return shardnode_pb2.GetShardStatusResponse(node_id=self._node_id, shards=self._statuses())
+        """What this node holds right now: its roles, and shards it holds on disk only."""
+        dp = self._dataplane()
+        shards = dp.statuses(include_disk_only=True) if dp is not None else self._statuses()
+        return shardnode_pb2.GetShardStatusResponse(
+            node_id=self._node_id, shards=shards, incarnation=self._incarnation()
+        )
 
     async def GetInventory(
         self, request: shardnode_pb2.GetInventoryRequest, context: Ctx
     ) -> shardnode_pb2.GetInventoryResponse:
-        raise _later("GetInventory")
+        player = validation.player_id(request.player_id)
+        return await self._dp().get_inventory(player, request.allow_stale, _timeout_s(context))
 
     async def GrantItems(
         self, request: shardnode_pb2.GrantItemsRequest, context: Ctx
     ) -> shardnode_pb2.GrantItemsResponse:
-        raise _later("GrantItems")
+        return await self._dp().grant(request, _timeout_s(context))
 
-    async def Prepare(
-        self, request: shardnode_pb2.PrepareRequest, context: Ctx
-    ) -> shardnode_pb2.PrepareResponse:
-        raise _later("Prepare", "cross-shard trades (roadmap step 4)")
+    async def GetPlayerData(
+        self, request: shardnode_pb2.GetPlayerDataRequest, context: Ctx
+    ) -> shardnode_pb2.GetPlayerDataResponse:
+        return await self._dp().get_player_data(request, _timeout_s(context))
 
-    async def Commit(
-        self, request: shardnode_pb2.CommitRequest, context: Ctx
-    ) -> shardnode_pb2.CommitResponse:
-        raise _later("Commit", "cross-shard trades (roadmap step 4)")
+    async def SetPlayerData(
+        self, request: shardnode_pb2.SetPlayerDataRequest, context: Ctx
+    ) -> shardnode_pb2.SetPlayerDataResponse:
+        return await self._dp().set_player_data(request, _timeout_s(context))
 
-    async def Abort(
-        self, request: shardnode_pb2.AbortRequest, context: Ctx
-    ) -> shardnode_pb2.AbortResponse:
-        raise _later("Abort", "cross-shard trades (roadmap step 4)")
+    async def Fence(self, request: shardnode_pb2.FenceRequest, context: Ctx) -> shardnode_pb2.FenceResponse:
+        return self._dp().fence(request)
 
     async def Replicate(
         self, request_iterator: AsyncIterator[shardnode_pb2.ReplicateBatch], context: Ctx
     ) -> AsyncIterator[shardnode_pb2.ReplicateAck]:
-        raise _later("Replicate")
-        yield  # pragma: no cover - makes this an async generator
+        dp = self._dp()
+        async for batch in request_iterator:
+            yield dp.replicate(batch)
 
     async def GetSnapshot(
         self, request: shardnode_pb2.GetSnapshotRequest, context: Ctx
     ) -> AsyncIterator[shardnode_pb2.SnapshotChunk]:
-        raise _later("GetSnapshot")
-        yield  # pragma: no cover - makes this an async generator
+        for chunk in self._dp().snapshot_chunks(request):
+            yield chunk
+
+    async def Prepare(self, request: shardnode_pb2.PrepareRequest, context: Ctx) -> shardnode_pb2.PrepareResponse:
+        raise _later("Prepare")
+
+    async def Commit(self, request: shardnode_pb2.CommitRequest, context: Ctx) -> shardnode_pb2.CommitResponse:
+        raise _later("Commit")
+
+    async def Abort(self, request: shardnode_pb2.AbortRequest, context: Ctx) -> shardnode_pb2.AbortResponse:
+        raise _later("Abort")

@@ -32,6 +32,7 @@ from google.protobuf.message import Message
 from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.routing import DataWriteResult, GrantResult, Inventory, PlayerData, RoutingClient
 from bluemarble.core.errors import BlueMarbleError
+from bluemarble.runtime import logs
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.settings import EnvArgumentParser
 from bluemarble.v1 import common_pb2, controlplane_pb2
@@ -351,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_set.add_argument("value", help="the value, stored as UTF-8")
     data_set.add_argument("--request-id", help="idempotency key (default: a new uuid4); reuse it to retry safely")
     args = p.parse_args(argv)
+    # The output is for people: the client library's own progress lines would drown it.
+    logs.configure("warning", "console")
     return asyncio.run(run(args))
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from bluemarble.v1 import common_pb2, controlplane_pb2_grpc, shardnode_pb2, shardnode_pb2_grpc
 from bluemarble.v1 import controlplane_pb2 as pb
-from bluemarble.v1 import controlplane_pb2_grpc, shardnode_pb2, shardnode_pb2_grpc
 from scripts.localcluster import LocalEtcd, ManagedProcess, free_port, wait_until
 
 
@@ -38,15 +38,18 @@ class ProcessCluster:
         wait_until(lambda: self.list_nodes(address) is not None, 20, f"{name} to serve")
         return address
 
-    def start_node(self, node_id: str, zone: str = "z1") -> ManagedProcess:
-        address = f"127.0.0.1:{free_port()}"
+    def start_node(self, node_id: str, zone: str = "z1", *extra: str) -> ManagedProcess:
+        """Starts node ``node_id``; a node started before is restarted with the same
+        address and data dir (its old process must be dead)."""
+        address = self.node_addresses.get(node_id) or f"127.0.0.1:{free_port()}"
         self.node_addresses[node_id] = address
+        starts = sum(1 for p in self.processes if p.name == node_id or p.name.startswith(f"{node_id}#"))
         proc = ManagedProcess(
-            node_id,
+            node_id if starts == 0 else f"{node_id}#{starts}",
             [sys.executable, "-m", "shardnode.main", "--node-id", node_id,
              "--listen", address, "--control-plane", ",".join(self.control_planes),
-             "--data-dir", str(self.workdir / node_id), "--zone", zone],
-            self.workdir / f"{node_id}.log",
+             "--data-dir", str(self.workdir / node_id), "--zone", zone, *extra],
+            self.workdir / f"{node_id}{'' if starts == 0 else f'.{starts}'}.log",
         ).start()
         self.processes.append(proc)
         return proc
@@ -95,10 +98,22 @@ class ProcessCluster:
                 )
             except grpc.RpcError:
                 return None
-        return {s.shard_id: (s.role, s.epoch) for s in r.shards}
+        return {s.shard_id: (s.role, s.epoch) for s in r.shards if not s.on_disk_only}
+
+    def shard_status(self, address: str) -> dict[str, common_pb2.ShardStatus] | None:
+        """shard -> what the node at ``address`` reports (roles and disk-only copies)."""
+        with grpc.insecure_channel(address) as channel:
+            try:
+                r = shardnode_pb2_grpc.ShardNodeStub(channel).GetShardStatus(
+                    shardnode_pb2.GetShardStatusRequest(), timeout=2
+                )
+            except grpc.RpcError:
+                return None
+        return {s.shard_id: s for s in r.shards}
 
     def process(self, name: str) -> ManagedProcess:
-        return next(p for p in self.processes if p.name == name)
+        """The newest process named ``name`` (a restarted node: its latest run)."""
+        return next(p for p in reversed(self.processes) if p.name.split("#")[0] == name)
 
     def log_text(self, name: str) -> str:
         """Everything process ``name`` has logged so far (one event per line)."""

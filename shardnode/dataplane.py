@@ -1,0 +1,869 @@
+"""The data plane of a shard node: roles, writes, reads, fencing, snapshots.
+
+The :class:`DataPlane` joins three sources of truth:
+
+* the node's **storage** (:mod:`shardnode.storage`): every shard's data, its log of
+  ``(epoch, lsn)`` entries, and its *fenced epoch* (the newest epoch seen), all durable;
+* the **assignments** of this incarnation (:class:`shardnode.agent.NodeAgent`): which
+  shards this node leads or follows, at which epoch;
+* the **session** (the agent's :class:`~shardnode.agent.SessionState` and lease deadline):
+  whether the roles can still be trusted.
+
+Rules it enforces (DESIGN.md flows 2, 4, 5; invariants I1, I4):
+
+* A write names the epoch it expects (0: the current one). It is accepted only by the
+  primary of the shard at that epoch, only while the shard's fenced epoch is not newer
+  (``ShardNode.Fence`` from the control-plane leader, or a replica's STALE_EPOCH answer,
+  raise it), and, for STRONG systems, only while the lease cannot have expired
+  (self-fencing: from ``lease_valid_until - margin`` without an answered heartbeat the
+  node serves no STRONG operation as primary). Refusals say who the primary is when the
+  node knows.
+* A STRONG write is acknowledged once at least one replica has it durably (when the
+  shard has replicas); an EVENTUAL one after the local commit.
+* A STRONG read on the primary answers what it read only once everything it read is
+  replicated (so it never shows a write a failover could lose). A replica answers only
+  reads that allow staleness, and says how far behind it is.
+* A node that becomes primary (promotion at a new epoch) fences its storage at the new
+  epoch, learns where each of its replicas stands, catches up from one that is ahead of
+  it (a snapshot from that replica), and only then accepts writes.
+* Entries of an epoch older than the fenced one are refused by replicas
+  (:func:`bluemarble.core.replication.replica.check_entries`), so a deposed primary can
+  never have a write acknowledged again.
+
+Static stability: with the whole control plane down, the node keeps its roles. Reads
+that allow staleness and EVENTUAL writes go on for as long as it runs; STRONG writes and
+reads go on while the lease may still be valid (until ``lease_valid_until - margin``),
+and stop after that: by then the control plane may have promoted someone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+import grpc.aio
+import structlog
+
+from bluemarble.client.ring_router import RingRouter
+from bluemarble.core import limits, validation
+from bluemarble.core.errors import (
+    BlueMarbleError,
+    CorruptRecord,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from bluemarble.core.ids import NodeId, PlayerId, ShardId, shard_index
+from bluemarble.core.replication import ZERO, LogPosition
+from bluemarble.core.replication.primary import commit_lsn, required_acks_for
+from bluemarble.core.replication.promotion import catch_up_source
+from bluemarble.core.replication.replica import Verdict, check_entries
+from bluemarble.runtime import background
+from bluemarble.runtime.channels import insecure_channel
+from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
+from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
+from shardnode.agent import NodeAgent, SessionState
+from shardnode.replication import ShardView, Shipper, close_channels
+from shardnode.storage import NodeStorage, WriteResult
+
+log = structlog.get_logger(__name__)
+
+STRONG = common_pb2.CONSISTENCY_MODEL_STRONG
+PRIMARY = common_pb2.SHARD_ROLE_PRIMARY
+REPLICA = common_pb2.SHARD_ROLE_REPLICA
+
+DEFAULT_COMMIT_TIMEOUT_S = 5.0
+"""How long a STRONG write waits for a replica's ack when the caller set no deadline."""
+CATCH_UP_WAIT_S = 1.0
+"""How long a new primary waits to hear where its replicas stand before it serves."""
+SNAPSHOT_CHUNK_BYTES = 1 << 20
+MAX_SNAPSHOT_BYTES = 1 << 30
+SNAPSHOT_TIMEOUT_S = 60.0
+MAX_ENTRIES_PER_SHARD_IN_BATCH = 4096
+
+
+@dataclass
+class _Waiter:
+    lsn: int
+    seq: int
+    future: asyncio.Future[None] = field(compare=False)
+
+    def __lt__(self, other: _Waiter) -> bool:
+        return (self.lsn, self.seq) < (other.lsn, other.seq)
+
+
+@dataclass
+class ShardState:
+    """Everything the data plane tracks about one shard (in memory; storage is the truth
+    for ``last`` and ``fenced_epoch``, cached here)."""
+
+    shard_id: ShardId
+    last: LogPosition = ZERO
+    fenced_epoch: int = 0
+    first_retained_lsn: int = 1
+    synced: bool = False  # holds a copy of the shard's log (promotable)
+    # The role of this incarnation (None: on disk only).
+    role: int | None = None
+    epoch: int = 0
+    primary: str = ""
+    replicas: tuple[str, ...] = ()
+    # As primary.
+    serving: bool = False
+    commit_lsn: int = 0
+    acked: dict[str, int] = field(default_factory=dict)
+    waiters: list[_Waiter] = field(default_factory=list)
+    activation: asyncio.Task[None] | None = None
+    # As replica.
+    primary_last_lsn: int = 0
+    applied_written_at_ms: int = 0
+    snapshotting: bool = False
+    last_heard_s: float = 0.0
+
+
+def _position(message: shardnode_pb2.LogPosition, what: str) -> LogPosition:
+    if (message.epoch == 0) != (message.lsn == 0):
+        raise InvalidArgument(f"{what} ({message.epoch}, {message.lsn}) is not a log position")
+    return LogPosition(message.epoch, message.lsn)
+
+
+def _pb(position: LogPosition) -> shardnode_pb2.LogPosition:
+    return shardnode_pb2.LogPosition(epoch=position.epoch, lsn=position.lsn)
+
+
+class DataPlane:
+    """See the module docstring. Single-threaded: everything runs on the event loop."""
+
+    def __init__(
+        self,
+        node_id: str,
+        storage: NodeStorage,
+        agent: NodeAgent,
+        ring: RingRouter,
+        *,
+        clock: Clock | None = None,
+    ):
+        self.node_id = node_id
+        self._storage = storage
+        self._agent = agent
+        self._ring = ring
+        self._clock: Clock = clock or SystemClock()
+        self._shards: dict[ShardId, ShardState] = {}
+        self._shippers: dict[NodeId, Shipper] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._seq = itertools.count()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._prune_task: asyncio.Task[None] | None = None
+        for shard, meta in storage.shards().items():
+            self._shards[shard] = ShardState(
+                shard,
+                last=meta.last,
+                fenced_epoch=meta.fenced_epoch,
+                first_retained_lsn=meta.first_retained_lsn,
+                synced=meta.synced,
+            )
+        if self._shards:
+            log.info(
+                "recovered shards from disk",
+                shards=len(self._shards),
+                entries=sum(s.last.lsn for s in self._shards.values()),
+            )
+        agent.on_assignments = self.on_assignments
+        agent.status_provider = self.statuses
+
+    # ---- lifecycle ----
+
+    async def start(self) -> None:
+        self._prune_task = background.start(self._prune_loop(), "storage-prune")
+
+    async def stop(self) -> None:
+        for shipper in list(self._shippers.values()):
+            await shipper.stop()
+        self._shippers.clear()
+        for task in list(self._tasks):
+            await background.stop(task)
+        await background.stop(self._prune_task)
+        for state in self._shards.values():
+            self._fail_waiters(state, Unavailable("the node is shutting down"))
+        await close_channels(self._channels)
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await self._clock.sleep(30.0)
+            removed = self._storage.prune(self._clock.wall_ms())
+            if removed:
+                for shard, meta in self._storage.shards().items():
+                    if shard in self._shards:
+                        self._shards[shard].first_retained_lsn = meta.first_retained_lsn
+                log.debug("pruned storage", rows=removed)
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task = background.start(coro, name)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- roles ----
+
+    def _state(self, shard: ShardId) -> ShardState:
+        state = self._shards.get(shard)
+        if state is None:
+            state = self._shards[shard] = ShardState(shard)
+        return state
+
+    def on_assignments(self) -> None:
+        """Re-reads the agent's assignments (called after every update and after the
+        roles of an incarnation were dropped)."""
+        assigned = self._agent.assignments
+        for shard_id, a in assigned.items():
+            shard = ShardId(shard_id)
+            state = self._state(shard)
+            role = PRIMARY if a.primary == self.node_id else REPLICA
+            if (state.role, state.epoch, state.primary, state.replicas) == (
+                role,
+                a.epoch,
+                a.primary,
+                tuple(a.replicas),
+            ):
+                continue
+            new_term = state.role != role or state.epoch != a.epoch
+            if state.role == PRIMARY and new_term:
+                self._step_down(state, f"now {'replica' if role == REPLICA else 'primary'} at epoch {a.epoch}")
+            state.role, state.epoch, state.primary, state.replicas = role, a.epoch, a.primary, tuple(a.replicas)
+            for gone in set(state.acked) - set(state.replicas):
+                del state.acked[gone]
+            if a.epoch > state.fenced_epoch:
+                # An assignment at epoch e means a primary at e exists: refuse older entries.
+                state.fenced_epoch = self._storage.fence(shard, a.epoch).fenced_epoch
+            if role == PRIMARY and new_term:
+                self._activate(state)
+            elif role == PRIMARY:
+                self._recompute_commit(state)
+        for shard, state in self._shards.items():
+            if state.role is not None and shard not in assigned:
+                if state.role == PRIMARY:
+                    self._step_down(state, "no longer assigned")
+                state.role, state.epoch, state.primary, state.replicas = None, 0, "", ()
+                state.acked.clear()
+        self._reconcile_shippers()
+
+    def _step_down(self, state: ShardState, why: str) -> None:
+        if state.serving:
+            log.info("stopped serving as primary", shard=state.shard_id, epoch=state.epoch, why=why)
+        state.serving = False
+        if state.activation is not None:
+            state.activation.cancel()
+            state.activation = None
+        self._fail_waiters(
+            state, FailedPrecondition(f"node {self.node_id} stopped being the primary of {state.shard_id} ({why})")
+        )
+
+    def _activate(self, state: ShardState) -> None:
+        """Starts a new term as primary: catch up, then serve (module docstring)."""
+        state.serving = False
+        state.commit_lsn = 0 if state.replicas else state.last.lsn
+        state.acked.clear()
+        if state.activation is not None:
+            state.activation.cancel()
+        task = background.start(self._catch_up_then_serve(state, state.epoch), f"activate-{state.shard_id}")
+        state.activation = task
+
+    async def _catch_up_then_serve(self, state: ShardState, epoch: int) -> None:
+        deadline_s = self._clock.monotonic_s() + CATCH_UP_WAIT_S
+        while self._clock.monotonic_s() < deadline_s:
+            reported = self._reported_positions(state.shard_id)
+            if len(reported) >= len(state.replicas):
+                break
+            await self._clock.sleep(0.02)
+        reported = self._reported_positions(state.shard_id)
+        source = catch_up_source(state.last, reported)
+        if source is not None and state.epoch == epoch:
+            log.warning(
+                "a replica is ahead of the new primary; catching up from it first",
+                shard=state.shard_id,
+                source=source,
+                own=str(state.last),
+                theirs=str(reported[source]),
+            )
+            try:
+                await self._install_snapshot(state, source, epoch)
+            except BlueMarbleError as e:
+                log.error(
+                    "catching up from a replica failed; serving from what this node has",
+                    shard=state.shard_id,
+                    source=source,
+                    error=str(e),
+                )
+        if state.role != PRIMARY or state.epoch != epoch or state.fenced_epoch > epoch:
+            return
+        if not state.synced:
+            state.synced = True
+            self._storage.mark_synced(state.shard_id)
+        state.serving = True
+        state.activation = None
+        for shipper in self._shippers.values():
+            shipper.forget([state.shard_id])
+        self._recompute_commit(state)
+        log.info("serving as primary", shard=state.shard_id, epoch=epoch, last=str(state.last))
+
+    def _reported_positions(self, shard: ShardId) -> dict[NodeId, LogPosition]:
+        out: dict[NodeId, LogPosition] = {}
+        for node, shipper in self._shippers.items():
+            peer = shipper.peers.get(shard)
+            if peer is not None and peer.reported is not None:
+                out[node] = peer.reported
+        return out
+
+    def _reconcile_shippers(self) -> None:
+        wanted = {
+            NodeId(r) for s in self._shards.values() if s.role == PRIMARY for r in s.replicas if r != self.node_id
+        }
+        for node in list(self._shippers):
+            if node not in wanted:
+                shipper = self._shippers.pop(node)
+                self._spawn(shipper.stop(), f"stop-shipper-{node}")
+        for node in wanted:
+            if node not in self._shippers:
+                shipper = Shipper(node, self, self._clock)
+                self._shippers[node] = shipper
+                shipper.start()
+            self._shippers[node].wake.set()
+
+    # ---- PrimaryLink (for the shippers) ----
+
+    def shipped_shards(self, replica: NodeId) -> list[ShardView]:
+        return [
+            ShardView(s.shard_id, s.epoch, s.last, s.first_retained_lsn, s.serving)
+            for s in self._shards.values()
+            if s.role == PRIMARY and replica in s.replicas and s.fenced_epoch <= s.epoch
+        ]
+
+    def entries(self, shard: ShardId, from_lsn: int, max_entries: int, max_bytes: int) -> list[shardnode_pb2.LogEntry]:
+        return self._storage.entries(shard, from_lsn, max_entries=max_entries, max_bytes=max_bytes)
+
+    def epoch_at(self, shard: ShardId, lsn: int) -> int | None:
+        if lsn == 0:
+            return 0
+        return self._storage.epoch_at(shard, lsn)
+
+    def on_ack(self, shard: ShardId, replica: NodeId, epoch: int, ack: shardnode_pb2.ShardAck) -> None:
+        state = self._shards.get(shard)
+        if state is None or state.role != PRIMARY or state.epoch != epoch:
+            return
+        state.acked[replica] = ack.last.lsn
+        self._recompute_commit(state)
+
+    def on_stale(self, shard: ShardId, epoch: int, newer_epoch: int, replica: NodeId) -> None:
+        state = self._shards.get(shard)
+        if state is None or newer_epoch <= state.fenced_epoch:
+            return
+        log.warning(
+            "a replica has seen a newer epoch; this node no longer writes for the shard",
+            shard=shard,
+            epoch=epoch,
+            newer_epoch=newer_epoch,
+            replica=replica,
+        )
+        state.fenced_epoch = self._storage.fence(shard, newer_epoch).fenced_epoch
+        self._step_down(state, f"replica {replica} has seen epoch {newer_epoch}")
+
+    def address_of(self, node: NodeId) -> str | None:
+        return self._agent.addresses.get(node)
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = insecure_channel(address)
+        return channel
+
+    def incarnation(self) -> int:
+        registration = self._agent.registration
+        return registration.lease_id if registration is not None else 0
+
+    # ---- commit tracking ----
+
+    def _recompute_commit(self, state: ShardState) -> None:
+        if state.role != PRIMARY or not state.serving:
+            return
+        replicas = [r for r in state.replicas if r != self.node_id]
+        committed = commit_lsn(
+            own_last_lsn=state.last.lsn,
+            acked_lsns=[state.acked.get(r, 0) for r in replicas],
+            required_acks=required_acks_for(len(replicas)),
+        )
+        if committed > state.commit_lsn:
+            state.commit_lsn = committed
+        while state.waiters and state.waiters[0].lsn <= state.commit_lsn:
+            waiter = heapq.heappop(state.waiters)
+            if not waiter.future.done():
+                waiter.future.set_result(None)
+
+    def _fail_waiters(self, state: ShardState, error: BlueMarbleError) -> None:
+        while state.waiters:
+            waiter = heapq.heappop(state.waiters)
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
+
+    async def _wait_committed(self, state: ShardState, lsn: int, timeout_s: float, what: str) -> None:
+        """Waits until ``lsn`` is replicated as far as the shard's consistency needs.
+        Raises Unavailable after ``timeout_s`` (the write stays committed on this node and
+        a retry with the same request id waits for the same entry), or FailedPrecondition
+        if this node stops being the primary meanwhile."""
+        if state.commit_lsn >= lsn:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(state.waiters, _Waiter(lsn, next(self._seq), future))
+
+        async def committed() -> None:
+            await asyncio.shield(future)
+
+        try:
+            await run_with_timeout(self._clock, committed(), timeout_s)
+        except TimeoutError as e:
+            future.cancel()
+            raise Unavailable(
+                f"{what} is committed on {self.node_id} but no replica of {state.shard_id} has acknowledged it "
+                f"within {timeout_s:.1f} s; retry with the same request id"
+            ) from e
+
+    # ---- checks ----
+
+    def shard_for(self, player: PlayerId) -> ShardId:
+        try:
+            return self._ring.shard_for(player)
+        except FailedPrecondition as e:
+            raise Unavailable(f"node {self.node_id} has no ring yet; retry shortly") from e
+
+    def _primary_hint(self, state: ShardState | None, shard: ShardId) -> str:
+        if state is None or not state.primary or state.primary == self.node_id:
+            return "; ask the control plane (ResolvePlayer) where it is"
+        address = self._agent.addresses.get(state.primary, "")
+        return f"; the primary is {state.primary}{f' ({address})' if address else ''} at epoch {state.epoch}"
+
+    def _lease_check(self, shard: ShardId) -> None:
+        if self._agent.session_state is SessionState.LOST:
+            raise Unavailable(
+                f"node {self.node_id} cannot be sure it still leads {shard}: its lease may have expired "
+                "(no heartbeat answered in time), so it serves no STRONG operation as primary; retry shortly"
+            )
+
+    def _writable(self, shard: ShardId, epoch: int, *, strong: bool) -> ShardState:
+        """The shard's state if this node may write to it at ``epoch`` (0: the current one)."""
+        state = self._shards.get(shard)
+        if state is None or state.role != PRIMARY:
+            raise FailedPrecondition(
+                f"node {self.node_id} is not the primary of {shard}{self._primary_hint(state, shard)}"
+            )
+        if epoch and epoch != state.epoch:
+            raise FailedPrecondition(
+                f"epoch {epoch} is not the current epoch of {shard} (the primary {self.node_id} is at epoch "
+                f"{state.epoch}); re-resolve the player and retry"
+            )
+        if state.fenced_epoch > state.epoch:
+            raise FailedPrecondition(
+                f"node {self.node_id} was fenced at epoch {state.fenced_epoch} for {shard}: a new primary is being "
+                "promoted; re-resolve the player and retry"
+            )
+        if not state.serving:
+            raise Unavailable(f"node {self.node_id} is becoming the primary of {shard} (catching up); retry shortly")
+        if strong:
+            self._lease_check(shard)
+        return state
+
+    def _consistency(self, system: str) -> int:
+        config = self._agent.config
+        if config is None:
+            raise Unavailable(f"node {self.node_id} has not loaded the cluster config yet; retry shortly")
+        validation.game_system(system, config.consistency.keys())
+        return config.consistency[system]
+
+    def _staleness(self, state: ShardState, stale: bool) -> shardnode_pb2.Staleness:
+        lag_entries, lag_ms = self._lag(state) if stale else (0, 0)
+        return shardnode_pb2.Staleness(
+            stale=stale, lag_entries=lag_entries, lag_ms=lag_ms, served_by=self.node_id, applied_lsn=state.last.lsn
+        )
+
+    def _lag(self, state: ShardState) -> tuple[int, int]:
+        """Entries known to be missing, and how old the newest applied entry is (ms) when
+        any is missing (0 when caught up)."""
+        if state.role == PRIMARY:
+            behind = [state.last.lsn - state.acked.get(r, 0) for r in state.replicas if r != self.node_id]
+            worst = max(behind, default=0)
+            if worst <= 0:
+                return 0, 0
+            oldest_lsn = state.last.lsn - worst + 1
+            written = self._storage.written_at_ms(state.shard_id, oldest_lsn)
+            return worst, max(0, self._clock.wall_ms() - written) if written else 0
+        missing = max(0, state.primary_last_lsn - state.last.lsn)
+        if missing == 0:
+            return 0, 0
+        age_ms = self._clock.wall_ms() - state.applied_written_at_ms if state.applied_written_at_ms else 0
+        return missing, max(0, age_ms)
+
+    def _readable(self, shard: ShardId, allow_stale: bool) -> tuple[ShardState, bool]:
+        """The shard's state and whether the answer is stale; raises when this node may not answer."""
+        state = self._shards.get(shard)
+        strong_ok = (
+            state is not None
+            and state.role == PRIMARY
+            and state.serving
+            and state.fenced_epoch <= state.epoch
+            and self._agent.session_state is not SessionState.LOST
+        )
+        if strong_ok:
+            assert state is not None
+            return state, False
+        if allow_stale and state is not None and (state.synced or state.last.lsn > 0):
+            return state, True
+        if state is not None and state.role == PRIMARY:
+            if allow_stale:
+                raise Unavailable(f"node {self.node_id} holds no data for {shard} yet; retry shortly")
+            self._writable(shard, 0, strong=True)  # raises the precise reason
+        hint = self._primary_hint(state, shard)
+        if state is not None and state.role == REPLICA:
+            raise FailedPrecondition(
+                f"node {self.node_id} is a replica of {shard}; read from the primary, or allow stale reads{hint}"
+            )
+        raise FailedPrecondition(f"node {self.node_id} holds no copy of {shard}{hint}")
+
+    # ---- operations ----
+
+    async def get_inventory(
+        self, player: PlayerId, allow_stale: bool, timeout_s: float
+    ) -> shardnode_pb2.GetInventoryResponse:
+        shard = self.shard_for(player)
+        state, stale = self._readable(shard, allow_stale)
+        read_at_lsn = state.last.lsn
+        found = self._storage.inventory(shard, player)
+        if not stale:
+            await self._wait_committed(state, read_at_lsn, timeout_s, "a write this read would show")
+        if found is None:
+            raise NotFound(f"player {limits.echo(player)} has no inventory on {shard}")
+        items, gold = found
+        return shardnode_pb2.GetInventoryResponse(
+            player_id=player,
+            item_ids=items,
+            gold=gold,
+            shard_id=shard,
+            epoch=state.epoch,
+            staleness=self._staleness(state, stale),
+        )
+
+    async def grant(
+        self, request: shardnode_pb2.GrantItemsRequest, timeout_s: float
+    ) -> shardnode_pb2.GrantItemsResponse:
+        validation.request_id(request.request_id)
+        player = validation.player_id(request.player_id)
+        items = validation.item_ids(list(request.item_ids))
+        validation.gold(request.gold)
+        if not items and request.gold == 0:
+            raise InvalidArgument("the grant is empty; give at least one item id or some gold")
+        shard = self.shard_for(player)
+        state = self._writable(shard, request.epoch, strong=True)
+        op = shardnode_pb2.WriteOp(
+            request_id=request.request_id,
+            player_id=player,
+            grant=shardnode_pb2.GrantOp(item_ids=items, gold=request.gold),
+        )
+        result = self._write(state, op)
+        await self._wait_committed(state, result.lsn, timeout_s, f"grant {limits.echo(request.request_id, 40)}")
+        response = shardnode_pb2.GrantItemsResponse.FromString(result.response)
+        response.replayed = result.replayed
+        response.inventory.staleness.CopyFrom(self._staleness(state, False))
+        return response
+
+    async def set_player_data(
+        self, request: shardnode_pb2.SetPlayerDataRequest, timeout_s: float
+    ) -> shardnode_pb2.SetPlayerDataResponse:
+        validation.request_id(request.request_id)
+        player = validation.player_id(request.player_id)
+        consistency = self._consistency(request.system)
+        validation.data_key(request.key)
+        validation.data_value(request.value)
+        shard = self.shard_for(player)
+        strong = consistency == STRONG
+        state = self._writable(shard, request.epoch, strong=strong)
+        op = shardnode_pb2.WriteOp(
+            request_id=request.request_id,
+            player_id=player,
+            set_data=shardnode_pb2.SetDataOp(system=request.system, key=request.key, value=request.value),
+        )
+        result = self._write(state, op)
+        if strong:
+            await self._wait_committed(state, result.lsn, timeout_s, f"write {limits.echo(request.request_id, 40)}")
+        response = shardnode_pb2.SetPlayerDataResponse.FromString(result.response)
+        response.replayed = result.replayed
+        response.consistency = consistency  # type: ignore[assignment]
+        return response
+
+    async def get_player_data(
+        self, request: shardnode_pb2.GetPlayerDataRequest, timeout_s: float
+    ) -> shardnode_pb2.GetPlayerDataResponse:
+        player = validation.player_id(request.player_id)
+        consistency = self._consistency(request.system)
+        validation.data_key(request.key)
+        shard = self.shard_for(player)
+        strong = consistency == STRONG
+        state, stale = self._readable(shard, request.allow_stale or not strong)
+        read_at_lsn = state.last.lsn
+        found = self._storage.player_data(shard, player, request.system, request.key)
+        if strong and not stale:
+            await self._wait_committed(state, read_at_lsn, timeout_s, "a write this read would show")
+        response = shardnode_pb2.GetPlayerDataResponse(
+            player_id=player,
+            system=request.system,
+            key=request.key,
+            shard_id=shard,
+            epoch=state.epoch,
+            staleness=self._staleness(state, stale),
+        )
+        if found is not None:
+            response.value, response.lsn = found
+            response.found = True
+        return response
+
+    def _write(self, state: ShardState, op: shardnode_pb2.WriteOp) -> WriteResult:
+        result = self._storage.write(state.shard_id, state.epoch, op, self._clock.wall_ms())
+        if not result.replayed:
+            state.last = LogPosition(state.epoch, result.lsn)
+            if not state.replicas or all(r == self.node_id for r in state.replicas):
+                self._recompute_commit(state)
+            for shipper in self._shippers.values():
+                shipper.wake.set()
+        return result
+
+    # ---- fencing (the control-plane leader's failover, flow 4) ----
+
+    def fence(self, request: shardnode_pb2.FenceRequest) -> shardnode_pb2.FenceResponse:
+        if len(request.shards) > limits.MAX_SHARD_STATUSES:
+            raise InvalidArgument(f"fence lists {len(request.shards)} shards; at most {limits.MAX_SHARD_STATUSES}")
+        response = shardnode_pb2.FenceResponse(node_id=self.node_id)
+        for item in request.shards:
+            shard = _shard_id(item.shard_id)
+            if item.epoch == 0:
+                raise InvalidArgument(f"fence of {shard} names epoch 0; epochs start at 1")
+            state = self._state(shard)
+            had_data = state.synced or state.last.lsn > 0
+            if item.epoch > state.fenced_epoch:
+                state.fenced_epoch = self._storage.fence(shard, item.epoch).fenced_epoch
+                log.info("fenced", shard=shard, epoch=state.fenced_epoch, by=request.requested_by, last=str(state.last))
+            if state.role == PRIMARY and state.epoch < state.fenced_epoch:
+                self._step_down(state, f"fenced at epoch {state.fenced_epoch}")
+            response.shards.append(
+                shardnode_pb2.FencedShard(
+                    shard_id=shard, epoch=state.fenced_epoch, last=_pb(state.last), has_data=had_data
+                )
+            )
+        return response
+
+    # ---- replica side ----
+
+    def replicate(self, batch: shardnode_pb2.ReplicateBatch) -> shardnode_pb2.ReplicateAck:
+        """Applies one batch from a primary (all accepted shards in one transaction) and
+        answers one ack per shard, after the commit."""
+        if len(batch.shards) > limits.MAX_SHARD_STATUSES:
+            raise InvalidArgument(
+                f"a replication batch carries {len(batch.shards)} shards; at most {limits.MAX_SHARD_STATUSES}"
+            )
+        now_s = self._clock.monotonic_s()
+        acks: list[shardnode_pb2.ShardAck] = []
+        to_append: list[tuple[ShardId, list[shardnode_pb2.LogEntry]]] = []
+        accepted: list[tuple[ShardState, shardnode_pb2.ShardEntries, shardnode_pb2.ShardAck]] = []
+        fenced: dict[ShardId, int] = {}
+        for group in batch.shards:
+            shard = _shard_id(group.shard_id)
+            if len(group.entries) > MAX_ENTRIES_PER_SHARD_IN_BATCH:
+                raise InvalidArgument(
+                    f"{len(group.entries)} entries for {shard}; at most {MAX_ENTRIES_PER_SHARD_IN_BATCH}"
+                )
+            state = self._shards.get(shard)
+            ack = shardnode_pb2.ShardAck(shard_id=shard)
+            acks.append(ack)
+            if state is None or state.role is None:
+                ack.result, ack.reason = shardnode_pb2.ACK_RESULT_NOT_REPLICA, "not assigned here"
+                continue
+            ack.last.CopyFrom(_pb(state.last))
+            if state.role == PRIMARY and group.epoch <= state.epoch:
+                ack.result, ack.reason = (
+                    shardnode_pb2.ACK_RESULT_STALE_EPOCH,
+                    "this node leads the shard at that epoch or later",
+                )
+                ack.epoch = max(state.fenced_epoch, state.epoch)
+                continue
+            if state.role == REPLICA and state.primary != batch.primary and group.epoch <= state.epoch:
+                ack.result, ack.reason = shardnode_pb2.ACK_RESULT_NOT_REPLICA, f"follows {state.primary}"
+                continue
+            if group.epoch < state.fenced_epoch:
+                ack.result, ack.epoch = shardnode_pb2.ACK_RESULT_STALE_EPOCH, state.fenced_epoch
+                continue
+            if state.snapshotting:
+                ack.result = shardnode_pb2.ACK_RESULT_SNAPSHOTTING
+                continue
+            if group.snapshot_required:
+                self._start_snapshot(state, NodeId(batch.primary), group.epoch)
+                ack.result = shardnode_pb2.ACK_RESULT_SNAPSHOTTING
+                continue
+            prev = _position(group.prev, "prev")
+            positions = []
+            for entry in group.entries:
+                if (entry.epoch == 0) != (entry.lsn == 0) or entry.lsn == 0:
+                    raise InvalidArgument(f"entry ({entry.epoch}, {entry.lsn}) of {shard} is not a log position")
+                positions.append(LogPosition(entry.epoch, entry.lsn))
+            decision = check_entries(
+                fenced_epoch=state.fenced_epoch, last=state.last, sender_epoch=group.epoch, prev=prev, entries=positions
+            )
+            if decision.fenced_epoch > state.fenced_epoch:
+                fenced[shard] = decision.fenced_epoch
+            state.last_heard_s = now_s
+            state.primary_last_lsn = (
+                max(group.primary_last_lsn, state.last.lsn)
+                if decision.verdict is Verdict.OK
+                else group.primary_last_lsn
+            )
+            if decision.verdict is Verdict.OK:
+                to_append.append((shard, list(group.entries[decision.append_from :])))
+                accepted.append((state, group, ack))
+                ack.result = shardnode_pb2.ACK_RESULT_OK
+            elif decision.verdict is Verdict.STALE_EPOCH:
+                ack.result, ack.epoch, ack.reason = (
+                    shardnode_pb2.ACK_RESULT_STALE_EPOCH,
+                    state.fenced_epoch,
+                    decision.reason,
+                )
+            elif decision.verdict is Verdict.MISMATCH:
+                ack.result, ack.reason = shardnode_pb2.ACK_RESULT_MISMATCH, decision.reason
+            else:
+                raise InvalidArgument(f"malformed entries for {shard}: {decision.reason}")
+        if to_append or fenced:
+            lasts = self._storage.append(to_append, fenced)
+            for shard, epoch in fenced.items():
+                self._shards[shard].fenced_epoch = max(self._shards[shard].fenced_epoch, epoch)
+            for state, group, ack in accepted:
+                new_last = lasts.get(state.shard_id, state.last)
+                appended = new_last != state.last
+                state.last = new_last
+                if group.entries and appended:
+                    state.applied_written_at_ms = group.entries[-1].written_at_ms
+                if not state.synced:
+                    state.synced = True
+                    self._storage.mark_synced(state.shard_id)
+                ack.last.CopyFrom(_pb(state.last))
+        for ack in acks:
+            state = self._shards.get(ShardId(ack.shard_id))
+            if state is not None and ack.result != shardnode_pb2.ACK_RESULT_STALE_EPOCH:
+                ack.epoch = state.fenced_epoch
+        return shardnode_pb2.ReplicateAck(replica=self.node_id, shards=acks)
+
+    # ---- snapshots ----
+
+    def _start_snapshot(self, state: ShardState, source: NodeId, epoch: int) -> None:
+        state.snapshotting = True
+
+        async def run() -> None:
+            try:
+                await self._install_snapshot(state, source, epoch)
+            except BlueMarbleError as e:
+                log.warning(
+                    "snapshot failed; the primary will ask again", shard=state.shard_id, source=source, error=str(e)
+                )
+            finally:
+                state.snapshotting = False
+
+        self._spawn(run(), f"snapshot-{state.shard_id}")
+
+    async def _install_snapshot(self, state: ShardState, source: NodeId, epoch: int) -> None:
+        address = self._agent.addresses.get(source)
+        if address is None:
+            raise Unavailable(f"no address known for {source}")
+        stub = shardnode_pb2_grpc.ShardNodeStub(self.channel(address))  # type: ignore[no-untyped-call]
+        started_s = self._clock.monotonic_s()
+        call = stub.GetSnapshot(
+            shardnode_pb2.GetSnapshotRequest(shard_id=state.shard_id, epoch=epoch, replica=self.node_id),
+            timeout=SNAPSHOT_TIMEOUT_S,
+        )
+        data = bytearray()
+        try:
+            async for chunk in call:
+                data += chunk.data
+                if len(data) > MAX_SNAPSHOT_BYTES:
+                    raise Unavailable(f"snapshot of {state.shard_id} exceeds {MAX_SNAPSHOT_BYTES} bytes")
+                if chunk.done:
+                    break
+        except grpc.aio.AioRpcError as e:
+            raise Unavailable(
+                f"snapshot of {state.shard_id} from {source} failed: {e.code().name} {e.details()}"
+            ) from e
+        try:
+            snapshot = shardnode_pb2.ShardSnapshot.FromString(bytes(data))
+        except Exception as e:  # protobuf's DecodeError
+            raise CorruptRecord(f"snapshot of {state.shard_id} from {source} does not decode") from e
+        meta = self._storage.install_snapshot(snapshot, max(state.fenced_epoch, epoch))
+        state.last, state.fenced_epoch = meta.last, meta.fenced_epoch
+        state.first_retained_lsn = meta.first_retained_lsn
+        state.synced = True
+        self._storage.mark_synced(state.shard_id)
+        log.info(
+            "installed a snapshot",
+            shard=state.shard_id,
+            source=source,
+            last=str(meta.last),
+            bytes=len(data),
+            took_s=round(self._clock.monotonic_s() - started_s, 3),
+        )
+
+    def snapshot_chunks(self, request: shardnode_pb2.GetSnapshotRequest) -> list[shardnode_pb2.SnapshotChunk]:
+        shard = _shard_id(request.shard_id)
+        state = self._shards.get(shard)
+        if state is None or not (state.synced or state.last.lsn > 0):
+            raise FailedPrecondition(f"node {self.node_id} holds no copy of {shard} to snapshot")
+        snapshot = self._storage.snapshot(shard)
+        data = snapshot.SerializeToString()
+        last = snapshot.last
+        chunks = []
+        for start in range(0, max(len(data), 1), SNAPSHOT_CHUNK_BYTES):
+            chunks.append(
+                shardnode_pb2.SnapshotChunk(
+                    shard_id=shard, last=last, data=data[start : start + SNAPSHOT_CHUNK_BYTES], total_bytes=len(data)
+                )
+            )
+        chunks[-1].done = True
+        log.info(
+            "serving a snapshot", shard=shard, to=request.replica, bytes=len(data), last=f"({last.epoch}, {last.lsn})"
+        )
+        return chunks
+
+    # ---- status ----
+
+    def statuses(self, include_disk_only: bool = False) -> list[common_pb2.ShardStatus]:
+        out = []
+        for shard in sorted(self._shards):
+            state = self._shards[shard]
+            if state.role is None and not (include_disk_only and (state.synced or state.last.lsn)):
+                continue
+            lag_entries, lag_ms = self._lag(state) if state.role is not None else (0, 0)
+            out.append(
+                common_pb2.ShardStatus(
+                    shard_id=shard,
+                    epoch=state.epoch if state.role is not None else state.fenced_epoch,
+                    role=state.role or common_pb2.SHARD_ROLE_UNSPECIFIED,  # type: ignore[arg-type]
+                    applied_lsn=state.last.lsn,
+                    last_epoch=state.last.epoch,
+                    lag_entries=lag_entries,
+                    lag_ms=lag_ms,
+                    on_disk_only=state.role is None,
+                    serving=state.serving if state.role == PRIMARY else self._following(state),
+                )
+            )
+        return out
+
+    def _following(self, state: ShardState) -> bool:
+        return state.role == REPLICA and self._clock.monotonic_s() - state.last_heard_s < 3.0
+
+
+def _shard_id(value: str) -> ShardId:
+    try:
+        shard_index(ShardId(value))
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from e
+    return ShardId(value)

@@ -1,0 +1,301 @@
+"""Primary -> replica log shipping: one stream per primary -> replica pair (flow 5).
+
+A :class:`Shipper` owns the ``ShardNode.Replicate`` stream from this node to one replica
+node and carries every shard this node leads that the replica follows, many shards per
+message. One batch is in flight at a time: while the replica commits it, new writes pile
+up and go out together in the next one (group commit across the pair, for free).
+
+Per shard and replica the shipper knows where to go on (:class:`Peer`):
+
+* unknown (a new stream, a new term, a refusal): send a *probe* (no entries, ``prev`` =
+  the primary's last position); the replica answers OK (its log ends there) or MISMATCH
+  with where its log ends, and :func:`bluemarble.core.replication.primary.resume_point`
+  says whether to continue from there or to have it fetch a snapshot;
+* known: send the entries after what it acknowledged, up to a bound per message.
+
+The ack of each shard decides (the order of effects matters): OK records the replica's
+durable position, which may commit writes waiting for it (:meth:`PrimaryLink.on_ack`);
+STALE_EPOCH means a newer primary exists: this node stops writing for the shard at once.
+
+Everything the shipper reads and decides about shards goes through :class:`PrimaryLink`
+(implemented by the data plane), so this module only does the transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+import grpc.aio
+import structlog
+
+from bluemarble.core.errors import Unavailable
+from bluemarble.core.ids import NodeId, ShardId
+from bluemarble.core.replication import ZERO, LogPosition
+from bluemarble.core.replication.primary import resume_point
+from bluemarble.runtime import background, retry
+from bluemarble.runtime.clock import Clock, run_with_timeout, wait_event
+from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+ACK_TIMEOUT_S = 3.0
+"""A replica that does not answer a batch within this is treated as gone: the stream is
+reopened (a SIGSTOPped replica keeps its sockets open and would otherwise hold the pair
+forever). STRONG writes meanwhile commit through the other replicas."""
+PROGRESS_INTERVAL_S = 0.5
+"""An idle pair exchanges a probe this often: the replica learns the primary's last lsn
+(its lag) and the primary learns the replica is alive."""
+RETRY_DELAY_S = 0.2
+"""Delay before a shard refused as NOT_REPLICA / SNAPSHOTTING is tried again."""
+MAX_ENTRIES_PER_SHARD = 512
+MAX_BATCH_BYTES = 4 << 20
+
+
+@dataclass
+class Peer:
+    """What the primary knows about one replica of one shard."""
+
+    next_lsn: int | None = None  # None: unknown, probe first
+    acked: LogPosition = ZERO  # last position the replica acknowledged as durable (this term)
+    reported: LogPosition | None = None  # where the replica said its log ends (any answer)
+    snapshot_required: bool = False
+    retry_at_s: float = 0.0
+    last_probe_s: float = -1e18
+
+
+@dataclass(frozen=True)
+class ShardView:
+    """What the shipper needs of one shard this node leads."""
+
+    shard_id: ShardId
+    epoch: int
+    last: LogPosition
+    first_retained_lsn: int
+    active: bool  # serving writes (False while the new primary catches up: probe only)
+
+
+class PrimaryLink(Protocol):
+    """The data plane's side of a shipper."""
+
+    node_id: str
+
+    def shipped_shards(self, replica: NodeId) -> list[ShardView]: ...
+
+    def entries(
+        self, shard: ShardId, from_lsn: int, max_entries: int, max_bytes: int
+    ) -> list[shardnode_pb2.LogEntry]: ...
+
+    def epoch_at(self, shard: ShardId, lsn: int) -> int | None: ...
+
+    def on_ack(self, shard: ShardId, replica: NodeId, epoch: int, ack: shardnode_pb2.ShardAck) -> None: ...
+
+    def on_stale(self, shard: ShardId, epoch: int, newer_epoch: int, replica: NodeId) -> None: ...
+
+    def address_of(self, node: NodeId) -> str | None: ...
+
+    def channel(self, address: str) -> grpc.aio.Channel: ...
+
+    def incarnation(self) -> int: ...
+
+
+@dataclass
+class Shipper:
+    """The replication stream from this node to ``replica``; see the module docstring."""
+
+    replica: NodeId
+    link: PrimaryLink
+    clock: Clock
+    peers: dict[ShardId, Peer] = field(default_factory=dict)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    batches: int = 0
+
+    def start(self) -> None:
+        policy = retry.RetryPolicy(initial_s=0.05, max_backoff_s=1.0, deadline_s=None)
+        self.task = background.start(
+            retry.supervise(self._stream_once, name=f"replicate-to-{self.replica}", policy=policy, clock=self.clock),
+            f"replicate-to-{self.replica}",
+        )
+
+    async def stop(self) -> None:
+        await background.stop(self.task)
+        self.task = None
+
+    def forget(self, shards: Iterable[ShardId]) -> None:
+        """Starts over (a probe) for ``shards``: a new term, or a snapshot installed."""
+        for shard in shards:
+            self.peers.pop(shard, None)
+        self.wake.set()
+
+    async def _stream_once(self) -> None:
+        """One stream, until it breaks (raises, so the supervisor backs off and reopens)."""
+        address = self.link.address_of(self.replica)
+        if address is None:
+            await wait_event(self.clock, self.wake, 1.0)
+            self.wake.clear()
+            raise Unavailable(f"no address known for replica {self.replica}")
+        stub = shardnode_pb2_grpc.ShardNodeStub(self.link.channel(address))  # type: ignore[no-untyped-call]
+        call = stub.Replicate()
+        # A new stream knows nothing about where the replica stands.
+        for peer in self.peers.values():
+            peer.next_lsn = None
+        try:
+            while True:
+                batch, sent = self._build()
+                if batch is None:
+                    due = min((p.retry_at_s for p in self.peers.values() if p.retry_at_s), default=0.0)
+                    wait_s = PROGRESS_INTERVAL_S / 2
+                    if due:
+                        wait_s = max(0.0, min(wait_s, due - self.clock.monotonic_s()))
+                    await wait_event(self.clock, self.wake, wait_s)
+                    self.wake.clear()
+                    continue
+                try:
+                    ack = await run_with_timeout(self.clock, self._exchange(call, batch), ACK_TIMEOUT_S)
+                except TimeoutError as e:
+                    raise Unavailable(f"replica {self.replica} did not acknowledge within {ACK_TIMEOUT_S:g} s") from e
+                self.batches += 1
+                self._on_ack(ack, sent)
+        except grpc.aio.AioRpcError as e:
+            raise Unavailable(f"replication stream to {self.replica} broke: {e.code().name} {e.details()}") from e
+        finally:
+            call.cancel()
+
+    @staticmethod
+    async def _exchange(
+        call: grpc.aio.StreamStreamCall[shardnode_pb2.ReplicateBatch, shardnode_pb2.ReplicateAck],
+        batch: shardnode_pb2.ReplicateBatch,
+    ) -> shardnode_pb2.ReplicateAck:
+        await call.write(batch)
+        ack = await call.read()
+        if not isinstance(ack, shardnode_pb2.ReplicateAck):
+            raise Unavailable("the replica closed the replication stream")
+        return ack
+
+    def _build(self) -> tuple[shardnode_pb2.ReplicateBatch | None, dict[ShardId, int]]:
+        """The next batch (None when there is nothing to send), and each shard's epoch in it."""
+        now = self.clock.monotonic_s()
+        views = self.link.shipped_shards(self.replica)
+        wanted = {v.shard_id for v in views}
+        for shard in list(self.peers):
+            if shard not in wanted:
+                del self.peers[shard]
+        groups: list[shardnode_pb2.ShardEntries] = []
+        sent: dict[ShardId, int] = {}
+        budget = MAX_BATCH_BYTES
+        for view in views:
+            peer = self.peers.setdefault(view.shard_id, Peer())
+            if peer.retry_at_s > now:
+                continue
+            group = shardnode_pb2.ShardEntries(shard_id=view.shard_id, epoch=view.epoch, primary_last_lsn=view.last.lsn)
+            if peer.snapshot_required and view.active:
+                group.snapshot_required = True
+                group.prev.CopyFrom(_pb(view.last))
+                peer.snapshot_required = False
+                peer.next_lsn = None
+            elif peer.next_lsn is None or not view.active:
+                # A new primary catching up only learns where its replicas stand (it
+                # must not have them truncated or re-imaged before it serves).
+                throttle_s = RETRY_DELAY_S / 2 if view.active or peer.reported is None else PROGRESS_INTERVAL_S
+                if now - peer.last_probe_s < throttle_s:
+                    continue  # a probe just went out for it
+                group.prev.CopyFrom(_pb(view.last))
+                peer.last_probe_s = now
+            elif peer.next_lsn <= view.last.lsn and budget > 0:
+                prev_lsn = peer.next_lsn - 1
+                prev_epoch = self.link.epoch_at(view.shard_id, prev_lsn) if prev_lsn else 0
+                if prev_epoch is None:  # no longer retained: the replica needs a snapshot
+                    peer.snapshot_required, peer.next_lsn = True, None
+                    self.wake.set()
+                    continue
+                entries = self.link.entries(view.shard_id, peer.next_lsn, MAX_ENTRIES_PER_SHARD, budget)
+                if not entries:
+                    peer.snapshot_required, peer.next_lsn = True, None
+                    self.wake.set()
+                    continue
+                group.prev.CopyFrom(shardnode_pb2.LogPosition(epoch=prev_epoch, lsn=prev_lsn))
+                group.entries.extend(entries)
+                budget -= sum(len(e.payload) + 32 for e in entries)
+            elif now - peer.last_probe_s >= PROGRESS_INTERVAL_S:
+                # Idle: a probe from where the replica stands carries our last lsn (its lag).
+                group.prev.CopyFrom(_pb(peer.acked))
+                peer.last_probe_s = now
+            else:
+                continue
+            groups.append(group)
+            sent[view.shard_id] = view.epoch
+        if not groups:
+            return None, sent
+        batch = shardnode_pb2.ReplicateBatch(primary=self.link.node_id, incarnation=self.link.incarnation())
+        batch.shards.extend(groups)
+        return batch, sent
+
+    def _on_ack(self, ack: shardnode_pb2.ReplicateAck, sent: dict[ShardId, int]) -> None:
+        now = self.clock.monotonic_s()
+        views = {v.shard_id: v for v in self.link.shipped_shards(self.replica)}
+        for shard_ack in ack.shards:
+            shard = ShardId(shard_ack.shard_id)
+            epoch = sent.get(shard)
+            peer = self.peers.get(shard)
+            view = views.get(shard)
+            if epoch is None or peer is None or view is None or view.epoch != epoch:
+                continue  # not ours any more, or a new term began meanwhile
+            last = _position(shard_ack.last)
+            peer.reported = last
+            result = shard_ack.result
+            if result == shardnode_pb2.ACK_RESULT_OK:
+                peer.acked, peer.next_lsn = last, last.lsn + 1
+                self.link.on_ack(shard, self.replica, epoch, shard_ack)
+            elif result == shardnode_pb2.ACK_RESULT_STALE_EPOCH:
+                peer.next_lsn = None
+                self.link.on_stale(shard, epoch, shard_ack.epoch, self.replica)
+            elif result == shardnode_pb2.ACK_RESULT_MISMATCH:
+                peer.next_lsn = None
+                if view.active:
+                    resume = resume_point(
+                        replica_last=last,
+                        primary_last=view.last,
+                        first_retained_lsn=view.first_retained_lsn,
+                        epoch_at=functools.partial(self.link.epoch_at, shard),
+                    )
+                    # A replica with nothing starts from the state, not the whole history.
+                    if resume.snapshot_required or (last == ZERO and view.last != ZERO):
+                        log.info(
+                            "replica needs a snapshot",
+                            shard=shard,
+                            replica=self.replica,
+                            replica_last=str(last),
+                            primary_last=str(view.last),
+                        )
+                        peer.snapshot_required = True
+                    else:
+                        peer.next_lsn = resume.send_from_lsn
+                        peer.acked = last
+                        self.link.on_ack(shard, self.replica, epoch, shard_ack)
+            else:  # NOT_REPLICA (it has not seen its assignment yet), SNAPSHOTTING
+                peer.next_lsn = None
+                peer.retry_at_s = now + RETRY_DELAY_S
+
+
+def _pb(position: LogPosition) -> shardnode_pb2.LogPosition:
+    return shardnode_pb2.LogPosition(epoch=position.epoch, lsn=position.lsn)
+
+
+def _position(message: shardnode_pb2.LogPosition) -> LogPosition:
+    """The position in ``message``; ZERO for a malformed one (the caller re-probes)."""
+    if (message.epoch == 0) != (message.lsn == 0):
+        return ZERO
+    return LogPosition(message.epoch, message.lsn)
+
+
+async def close_channels(channels: dict[str, grpc.aio.Channel]) -> None:
+    for channel in channels.values():
+        with contextlib.suppress(Exception):
+            await channel.close(None)
+    channels.clear()
