@@ -1,0 +1,125 @@
+"""Applying one log entry's WriteOp to a shard's tables: the one code path both the
+primary (:meth:`NodeStorage.write`) and its replicas (:meth:`NodeStorage.append`) run, so
+they end in the same state and record the same answers.
+
+The functions run inside the caller's transaction and never commit. The primary passes
+``primary=True``: the op is checked against the node's state first (items owned anywhere
+on this node, the gold cap) and refused with FailedPrecondition before anything changes.
+A replica applies what its primary already checked; a violation there means the entry is
+not one a primary writes (CorruptRecord), except cross-shard duplicates, which a replica
+accepts (its shards may stand at different points of their histories).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from bluemarble.core import limits
+from bluemarble.core.errors import CorruptRecord, FailedPrecondition
+from bluemarble.core.ids import PlayerId, ShardId
+from bluemarble.core.limits import echo
+from bluemarble.v1 import shardnode_pb2
+from shardnode.storage import records
+
+# Written once each, so the sqlite3 module's statement cache prepares each once.
+SELECT_REQUEST = "SELECT op_digest, lsn, response FROM requests WHERE shard_id = ? AND request_id = ?"
+RECORD_REQUEST = (
+    "INSERT OR REPLACE INTO requests (shard_id, request_id, op_digest, lsn, response, recorded_at_ms) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+INSERT_ENTRY = "INSERT INTO log (shard_id, lsn, epoch, written_at_ms, payload) VALUES (?, ?, ?, ?, ?)"
+ITEM_OWNER = "SELECT shard_id, player_id FROM items WHERE item_id = ? ORDER BY shard_id LIMIT 1"
+SELECT_GOLD = "SELECT gold FROM players WHERE shard_id = ? AND player_id = ?"
+INSERT_PLAYER = "INSERT INTO players (shard_id, player_id, gold) VALUES (?, ?, ?)"
+INSERT_ITEM = "INSERT INTO items (shard_id, item_id, player_id) VALUES (?, ?, ?)"
+PLAYER_ITEMS = "SELECT item_id FROM items WHERE shard_id = ? AND player_id = ? ORDER BY item_id"
+_ENSURE_PLAYER = "INSERT INTO players (shard_id, player_id, gold) VALUES (?, ?, 0) ON CONFLICT DO NOTHING"
+_UPDATE_GOLD = "UPDATE players SET gold = ? WHERE shard_id = ? AND player_id = ?"
+_UPSERT_DATA = (
+    "INSERT INTO player_data (shard_id, player_id, system, key, value, lsn) VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT DO UPDATE SET value = excluded.value, lsn = excluded.lsn"
+)
+
+
+def apply_op(
+    conn: sqlite3.Connection,
+    shard: ShardId,
+    epoch: int,
+    lsn: int,
+    op: shardnode_pb2.WriteOp,
+    kind: str,
+    *,
+    primary: bool,
+) -> bytes:
+    """Applies ``op`` as the entry ``(epoch, lsn)`` of ``shard``; returns its encoded
+    answer (see :mod:`shardnode.storage.records`). Raises FailedPrecondition (primary:
+    refused, nothing changed) or CorruptRecord (replica: an entry no primary writes)."""
+    player = PlayerId(op.player_id)
+    if kind == records.GRANT:
+        return _apply_grant(conn, shard, epoch, lsn, player, op.grant, primary=primary)
+    data = op.set_data
+    conn.execute(_ENSURE_PLAYER, (shard, player))
+    conn.execute(_UPSERT_DATA, (shard, player, data.system, data.key, data.value, lsn))
+    return records.set_data_answer(shard, epoch, lsn)
+
+
+def _apply_grant(
+    conn: sqlite3.Connection,
+    shard: ShardId,
+    epoch: int,
+    lsn: int,
+    player: PlayerId,
+    grant: shardnode_pb2.GrantOp,
+    *,
+    primary: bool,
+) -> bytes:
+    execute = conn.execute
+    item_ids = list(grant.item_ids)
+    if primary:
+        for item in item_ids:
+            owner = execute(ITEM_OWNER, (item,)).fetchone()
+            if owner is not None:
+                raise FailedPrecondition(records.owned_elsewhere(item, owner[0]))
+    found = execute(SELECT_GOLD, (shard, player)).fetchone()
+    gold = grant.gold + (found[0] if found is not None else 0)
+    if gold > limits.MAX_GOLD:
+        message = (
+            f"player {echo(player)} of {shard} would hold {gold} gold; "
+            f"a player holds at most 2^53 ({limits.MAX_GOLD})"
+        )
+        if primary:
+            raise FailedPrecondition(message)
+        raise CorruptRecord(f"entry {lsn}: {message}")
+    if found is None:
+        execute(INSERT_PLAYER, (shard, player, gold))
+    elif grant.gold:
+        execute(_UPDATE_GOLD, (gold, shard, player))
+    if item_ids:
+        try:
+            conn.executemany(INSERT_ITEM, [(shard, item, player) for item in item_ids])
+        except sqlite3.IntegrityError as e:
+            # Only a replica gets here (the primary checked every item above).
+            raise CorruptRecord(f"entry {lsn} of {shard} grants an item the shard already holds") from e
+    held = [r[0] for r in execute(PLAYER_ITEMS, (shard, player))]
+    return records.grant_answer(shard, epoch, lsn, player, held, gold)
+
+
+def append_entry(
+    conn: sqlite3.Connection,
+    shard: ShardId,
+    epoch: int,
+    lsn: int,
+    written_at_ms: int,
+    payload: bytes,
+    request_id: str,
+    response: bytes,
+) -> None:
+    """Appends the entry to the shard's log and records its request id (if any) with its
+    answer, the digest of ``payload`` and ``written_at_ms`` as the record's age."""
+    conn.execute(INSERT_ENTRY, (shard, lsn, epoch, written_at_ms, payload))
+    if request_id:
+        # REPLACE: once the old record was pruned on the primary, a reused id is a new
+        # request there; a replica that prunes later follows the primary.
+        conn.execute(
+            RECORD_REQUEST, (shard, request_id, records.op_digest(payload), lsn, response, written_at_ms)
+        )

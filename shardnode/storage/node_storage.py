@@ -1,0 +1,625 @@
+"""Durable storage of a shard node: one SQLite database per node, every shard in it.
+
+Why one file for all shards: a replication batch carries many shards, and a replica must
+make them durable before it acks; with one database that is one commit (one WAL append,
+one fsync under ``synchronous=FULL``) for the whole batch. The same holds for the
+primary's group commit (:meth:`NodeStorage.write_many`).
+
+What is durable, and when: every public method that changes anything runs in exactly one
+``BEGIN IMMEDIATE`` transaction; when it returns, the change is committed. Under the
+default ``synchronous=NORMAL`` a commit survives the death of the process (SIGKILL, OOM);
+under ``FULL`` it also survives a power loss, at the cost of one fsync per commit (see the
+figures in docs/benchmarks.md).
+
+Threading: the connection is opened with ``check_same_thread=False`` so the driver may
+call from an executor thread, but the class is **not** thread-safe: the driver uses it
+from one thread at a time. It also keeps each shard's :class:`ShardMeta` in memory
+(loaded at open, updated after each commit), so it must be the only writer of its file;
+:meth:`NodeStorage.open` takes a lock on the data dir to make sure of that.
+
+Order of effects on the primary (flow 5): :meth:`write` validates, applies, appends the
+log entry and records the request id -> answer, all in one transaction; only then may the
+entry be shipped to replicas. A replica applies entries with :meth:`append`, which records
+the same answers, so a retry after a failover gets the first answer from the new primary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from bluemarble.core.errors import (
+    BlueMarbleError,
+    CorruptRecord,
+    FailedPrecondition,
+    InvalidArgument,
+    Unavailable,
+)
+from bluemarble.core.ids import PlayerId, ShardId
+from bluemarble.core.limits import echo
+from bluemarble.core.replication.position import ZERO, LogPosition
+from bluemarble.v1 import shardnode_pb2
+from shardnode.storage import apply, records, schema, snapshots
+from shardnode.storage.records import ShardMeta, WriteResult
+
+DB_FILE = "node.db"
+LOCK_FILE = "node.lock"
+
+DEFAULT_SNAPSHOT_TAIL_ENTRIES = 1024
+DEFAULT_SNAPSHOT_TAIL_BYTES = 4 << 20
+DEFAULT_PRUNE_MAX_ROWS = 100_000
+
+_SELECT_SHARDS = "SELECT shard_id, fenced_epoch, last_epoch, last_lsn, first_lsn, synced FROM shards"
+_LOG_BOUNDS = "SELECT min(lsn), max(lsn) FROM log WHERE shard_id = ?"
+_UPSERT_SHARD = (
+    "INSERT INTO shards (shard_id, fenced_epoch, last_epoch, last_lsn, first_lsn, synced) VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (shard_id) DO UPDATE SET fenced_epoch = excluded.fenced_epoch, last_epoch = excluded.last_epoch, "
+    "last_lsn = excluded.last_lsn, first_lsn = excluded.first_lsn, synced = excluded.synced"
+)
+_SELECT_DATA = "SELECT value, lsn FROM player_data WHERE shard_id = ? AND player_id = ? AND system = ? AND key = ?"
+_SELECT_ENTRIES = (
+    "SELECT lsn, epoch, payload, written_at_ms FROM log WHERE shard_id = ? AND lsn >= ? ORDER BY lsn LIMIT ?"
+)
+_ENTRY_AT = "SELECT epoch, written_at_ms FROM log WHERE shard_id = ? AND lsn = ?"
+
+
+@dataclass(slots=True)
+class _ShardRow:
+    """A shard's row of ``shards`` while a transaction changes it."""
+
+    fenced: int
+    last_epoch: int
+    last_lsn: int
+    first_lsn: int
+    synced: bool
+
+    @classmethod
+    def of(cls, meta: ShardMeta) -> _ShardRow:
+        return cls(meta.fenced_epoch, meta.last.epoch, meta.last.lsn, meta.first_retained_lsn, meta.synced)
+
+    def advance(self, epoch: int, lsn: int) -> None:
+        self.last_epoch, self.last_lsn = epoch, lsn
+        self.fenced = max(self.fenced, epoch)
+
+    def meta(self, shard: ShardId) -> ShardMeta:
+        last = LogPosition(self.last_epoch, self.last_lsn) if self.last_lsn else ZERO
+        return ShardMeta(shard, self.fenced, last, self.first_lsn, self.synced)
+
+
+@dataclass
+class _Txn:
+    """The shards rows one transaction changes; written back just before COMMIT and
+    copied into the in-memory metas only after it succeeds."""
+
+    committed: Mapping[ShardId, ShardMeta]
+    rows: dict[ShardId, _ShardRow] = field(default_factory=dict)
+    dirty: set[ShardId] = field(default_factory=set)
+    forget: set[ShardId] = field(default_factory=set)
+
+    def row(self, shard: ShardId) -> _ShardRow:
+        row = self.rows.get(shard)
+        if row is None:
+            meta = self.committed.get(shard) or records.empty_meta(shard)
+            row = self.rows[shard] = _ShardRow.of(meta)
+        return row
+
+
+@contextlib.contextmanager
+def _sqlite_errors(path: Path) -> Iterator[None]:
+    """Wraps SQLite's errors once, here: a full or failing disk is retryable (Unavailable),
+    a file that breaks its own constraints is CorruptRecord. Misuse (a closed storage)
+    stays a programming error."""
+    try:
+        yield
+    except sqlite3.ProgrammingError:
+        raise
+    except sqlite3.OperationalError as e:
+        raise Unavailable(f"node storage {path} cannot be used right now: {e}") from e
+    except sqlite3.DatabaseError as e:
+        raise CorruptRecord(f"node storage {path}: {e}") from e
+
+
+class NodeStorage:
+    """Every shard a node holds: players, items, gold, player data, the replicated log,
+    applied request ids with their answers, and the 2PC escrows (schema in
+    :mod:`shardnode.storage.schema`). Open with :meth:`open`; not thread-safe."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        lock: IO[bytes],
+        *,
+        log_retention_entries: int,
+        request_retention_s: float,
+    ) -> None:
+        self._conn = conn
+        self._path = path
+        self._lock = lock
+        self._log_retention_entries = log_retention_entries
+        self._request_retention_ms = int(request_retention_s * 1000)
+        self._meta: dict[ShardId, ShardMeta] = {}
+        with _sqlite_errors(path):
+            self._meta = self._load_meta()
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: Path,
+        *,
+        synchronous: schema.Synchronous = "NORMAL",
+        log_retention_entries: int = 10_000,
+        request_retention_s: float = 86_400,
+    ) -> NodeStorage:
+        """Opens (creating if needed) ``<data_dir>/node.db`` and recovers every shard's
+        position from it.
+
+        ``log_retention_entries``: entries :meth:`prune` keeps per shard (at least 1).
+        ``request_retention_s``: how long :meth:`prune` keeps applied request ids.
+        Raises FailedPrecondition when another process holds the data dir, or when the
+        file was written by a newer build; CorruptRecord when a shard's recorded bounds
+        do not match its log; Unavailable when the file cannot be opened.
+        """
+        if synchronous not in ("NORMAL", "FULL"):
+            raise InvalidArgument(f"synchronous is {echo(synchronous)}; use NORMAL or FULL")
+        if log_retention_entries < 1:
+            raise InvalidArgument(f"log_retention_entries is {log_retention_entries}; keep at least 1 entry")
+        if request_retention_s <= 0:
+            raise InvalidArgument(f"request_retention_s is {request_retention_s}; it must be positive")
+        data_dir = Path(data_dir)
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise Unavailable(f"cannot create data dir {data_dir}: {e}") from e
+        lock = _lock_data_dir(data_dir)
+        path = data_dir / DB_FILE
+        try:
+            with _sqlite_errors(path):
+                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=256)
+                try:
+                    schema.configure(conn, synchronous)
+                    schema.ensure_schema(conn, str(path))
+                    return cls(
+                        conn,
+                        path,
+                        lock,
+                        log_retention_entries=log_retention_entries,
+                        request_retention_s=request_retention_s,
+                    )
+                except BaseException:
+                    conn.close()
+                    raise
+        except BaseException:
+            lock.close()
+            raise
+
+    def close(self) -> None:
+        """Closes the database and releases the data dir. Idempotent. Committed writes are
+        already durable; closing only checkpoints the WAL into the main file."""
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.close()
+        self._lock.close()
+
+    def __enter__(self) -> NodeStorage:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    # --- shard positions and fences ----------------------------------------------------
+
+    def shards(self) -> dict[ShardId, ShardMeta]:
+        """Every shard with any state on disk (data, log, or only a fence)."""
+        return dict(self._meta)
+
+    def meta(self, shard: ShardId) -> ShardMeta:
+        """The shard's meta; ``(fenced 0, ZERO, first 1)`` for a shard unknown here."""
+        return self._meta.get(shard) or records.empty_meta(shard)
+
+    def fence(self, shard: ShardId, epoch: int) -> ShardMeta:
+        """Durably raises the shard's fenced epoch to ``max(fenced_epoch, epoch)``; from
+        the return on, writes and entries of older primaries are refused (flow 4, step
+        one). Returns the shard's meta after the fence."""
+        if epoch < 0:
+            raise InvalidArgument(f"epoch is {epoch}; epochs are >= 0")
+        current = self.meta(shard)
+        if epoch <= current.fenced_epoch:
+            return current
+        with self._write_txn() as txn:
+            row = txn.row(shard)
+            row.fenced = max(row.fenced, epoch)
+            txn.dirty.add(shard)
+        return self._meta[shard]
+
+    def mark_synced(self, shard: ShardId) -> ShardMeta:
+        """Durably records that this node holds a copy of the shard's log (it caught up
+        with a primary, installed a snapshot, or became primary), so after a restart it
+        knows it may be promoted even when the log is empty. Idempotent."""
+        current = self.meta(shard)
+        if current.synced:
+            return current
+        with self._write_txn() as txn:
+            txn.row(shard).synced = True
+            txn.dirty.add(shard)
+        return self._meta[shard]
+
+    # --- primary side --------------------------------------------------------------------
+
+    def write(self, shard: ShardId, epoch: int, op: shardnode_pb2.WriteOp, now_ms: int) -> WriteResult:
+        """Applies one write as the shard's primary at ``epoch``, in one transaction:
+        validates it against the current state, applies it, appends the entry
+        ``(epoch, last.lsn + 1)`` stamped ``written_at_ms=now_ms``, and records the
+        request id with its answer.
+
+        A request id already recorded for the shard returns the recorded result with
+        ``replayed=True`` (nothing applied) when the op is the same.
+        Raises InvalidArgument (malformed op), FailedPrecondition (epoch older than the
+        shard's fence; item already owned on this node, naming the owner's shard; gold over
+        2^53; request id reused for a different op), Unavailable (disk).
+        """
+        result = self.write_many([(shard, epoch, op)], now_ms)[0]
+        if isinstance(result, BlueMarbleError):
+            raise result
+        return result
+
+    def write_many(
+        self, writes: Sequence[tuple[ShardId, int, shardnode_pb2.WriteOp]], now_ms: int
+    ) -> list[WriteResult | BlueMarbleError]:
+        """:meth:`write` for many writes in one transaction (group commit: one WAL append,
+        one fsync under FULL). Each write runs in its own savepoint, in order, and sees the
+        ones before it: a refused write is returned as its error, in its place, and undoes
+        nothing else. Raises (and commits nothing) only when the storage itself fails."""
+        results: list[WriteResult | BlueMarbleError] = []
+        execute = self._conn.execute
+        with self._write_txn() as txn:
+            for shard, epoch, op in writes:
+                execute("SAVEPOINT op")
+                try:
+                    result = self._write_one(txn, shard, epoch, op, now_ms)
+                except BlueMarbleError as e:
+                    execute("ROLLBACK TO op")
+                    execute("RELEASE op")
+                    results.append(e)
+                    continue
+                execute("RELEASE op")
+                results.append(result)
+        return results
+
+    def _write_one(
+        self, txn: _Txn, shard: ShardId, epoch: int, op: shardnode_pb2.WriteOp, now_ms: int
+    ) -> WriteResult:
+        if epoch < 1:
+            raise InvalidArgument(f"epoch is {epoch}; a primary writes at epoch 1 or later")
+        row = txn.row(shard)
+        if epoch < row.fenced:
+            raise FailedPrecondition(
+                f"{shard} is fenced at epoch {row.fenced}; a write at epoch {epoch} is refused "
+                "(a newer primary exists)"
+            )
+        kind = records.check_op(op)
+        payload = op.SerializeToString(deterministic=True)
+        if op.request_id:
+            found = self._conn.execute(apply.SELECT_REQUEST, (shard, op.request_id)).fetchone()
+            if found is not None:
+                recorded_digest, lsn, response = found
+                # NULL digest: recorded from a snapshot whose log no longer holds the op.
+                # Answering the recorded result is the safe side: nothing is applied twice.
+                if recorded_digest is not None and recorded_digest != records.op_digest(payload):
+                    raise FailedPrecondition(
+                        f"request id {echo(op.request_id)} was already used for a different request "
+                        f"on {shard} (lsn {lsn}); use a new request id for a new request"
+                    )
+                return WriteResult(lsn, response, True)
+        lsn = row.last_lsn + 1
+        response = apply.apply_op(self._conn, shard, epoch, lsn, op, kind, primary=True)
+        apply.append_entry(self._conn, shard, epoch, lsn, now_ms, payload, op.request_id, response)
+        row.advance(epoch, lsn)
+        txn.dirty.add(shard)
+        return WriteResult(lsn, response, False)
+
+    # --- replica side --------------------------------------------------------------------
+
+    def append(
+        self,
+        batch: Sequence[tuple[ShardId, Sequence[shardnode_pb2.LogEntry]]],
+        fenced: Mapping[ShardId, int],
+    ) -> dict[ShardId, LogPosition]:
+        """Applies replicated entries of many shards in one transaction (the replica acks
+        after it returns), and raises each shard in ``fenced`` to at least that epoch.
+
+        The entries were checked by the replication rules (sender's epoch, ``prev``); they
+        are applied as given, recording their request ids and answers as the primary did.
+        Items are unique per shard only: two shards of this node may briefly disagree about
+        an item while their histories catch up, which a replica must not refuse.
+        Returns the new last position of every shard in ``batch`` or ``fenced``.
+        Raises (committing nothing) FailedPrecondition when entries do not continue the
+        shard's log (lsn gap, older epoch), CorruptRecord for a payload no primary writes.
+        """
+        touched: list[ShardId] = []
+        with self._write_txn() as txn:
+            for shard, epoch in fenced.items():
+                row = txn.row(shard)
+                if epoch > row.fenced:
+                    row.fenced = epoch
+                    txn.dirty.add(shard)
+                touched.append(shard)
+            for shard, entries in batch:
+                row = txn.row(shard)
+                touched.append(shard)
+                for entry in entries:
+                    self._append_one(shard, row, entry)
+                if entries:
+                    txn.dirty.add(shard)
+        return {shard: self.meta(shard).last for shard in touched}
+
+    def _append_one(self, shard: ShardId, row: _ShardRow, entry: shardnode_pb2.LogEntry) -> None:
+        if entry.lsn != row.last_lsn + 1 or entry.epoch < max(row.last_epoch, 1):
+            raise FailedPrecondition(
+                f"entry ({entry.epoch}, {entry.lsn}) does not continue the log of {shard}, which ends at "
+                f"({row.last_epoch}, {row.last_lsn}); it was not applied"
+            )
+        op, kind = records.decode_op(shard, entry)
+        response = apply.apply_op(self._conn, shard, entry.epoch, entry.lsn, op, kind, primary=False)
+        apply.append_entry(
+            self._conn, shard, entry.epoch, entry.lsn, entry.written_at_ms, entry.payload, op.request_id, response
+        )
+        row.advance(entry.epoch, entry.lsn)
+
+    # --- the log -------------------------------------------------------------------------
+
+    def entries(
+        self, shard: ShardId, from_lsn: int, *, max_entries: int = 512, max_bytes: int = 4 << 20
+    ) -> list[shardnode_pb2.LogEntry]:
+        """Entries of the shard from ``from_lsn`` on, in order: at most ``max_entries``,
+        and no more than ``max_bytes`` of payload (but always at least one entry when any
+        exists). Empty when ``from_lsn`` is past the end. Raises FailedPrecondition when
+        entries from ``from_lsn`` were pruned (the replica needs a snapshot)."""
+        meta = self.meta(shard)
+        from_lsn = max(from_lsn, 1)
+        if from_lsn > meta.last.lsn:
+            return []
+        if from_lsn < meta.first_retained_lsn:
+            raise FailedPrecondition(
+                f"entries of {shard} before lsn {meta.first_retained_lsn} were pruned; "
+                f"lsn {from_lsn} can only be reached through a snapshot"
+            )
+        out: list[shardnode_pb2.LogEntry] = []
+        size = 0
+        with _sqlite_errors(self._path):
+            for lsn, epoch, payload, written_at_ms in self._conn.execute(
+                _SELECT_ENTRIES, (shard, from_lsn, max(max_entries, 1))
+            ):
+                size += len(payload)
+                if out and size > max_bytes:
+                    break
+                out.append(shardnode_pb2.LogEntry(lsn=lsn, epoch=epoch, payload=payload, written_at_ms=written_at_ms))
+        return out
+
+    def epoch_at(self, shard: ShardId, lsn: int) -> int | None:
+        """Epoch of the entry at ``lsn`` (0 for lsn 0, the empty log's position), or None
+        when this node does not know it (never had it, or pruned it). The last entry's
+        epoch is known even when it came in a snapshot without a tail."""
+        if lsn == 0:
+            return 0
+        meta = self.meta(shard)
+        if lsn == meta.last.lsn:
+            return meta.last.epoch
+        with _sqlite_errors(self._path):
+            found = self._conn.execute(_ENTRY_AT, (shard, lsn)).fetchone()
+        return None if found is None else int(found[0])
+
+    def written_at_ms(self, shard: ShardId, lsn: int) -> int | None:
+        """Unix ms at which the primary committed the entry at ``lsn``; None when the entry
+        is not in this node's log."""
+        with _sqlite_errors(self._path):
+            found = self._conn.execute(_ENTRY_AT, (shard, lsn)).fetchone()
+        return None if found is None else int(found[1])
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def inventory(self, shard: ShardId, player: PlayerId) -> tuple[list[str], int] | None:
+        """``(item ids sorted, gold)`` of a player of the shard; None for a player the
+        shard never saw."""
+        with _sqlite_errors(self._path):
+            found = self._conn.execute(apply.SELECT_GOLD, (shard, player)).fetchone()
+            if found is None:
+                return None
+            items = [r[0] for r in self._conn.execute(apply.PLAYER_ITEMS, (shard, player))]
+        return items, int(found[0])
+
+    def player_data(self, shard: ShardId, player: PlayerId, system: str, key: str) -> tuple[bytes, int] | None:
+        """``(value, lsn of the write that set it)``, or None when the player has no value
+        for that system and key."""
+        with _sqlite_errors(self._path):
+            found = self._conn.execute(_SELECT_DATA, (shard, player, system, key)).fetchone()
+        return None if found is None else (bytes(found[0]), int(found[1]))
+
+    def recorded(self, shard: ShardId, request_id: str) -> WriteResult | None:
+        """The recorded result of a request id on the shard (``replayed=True``), or None."""
+        with _sqlite_errors(self._path):
+            found = self._conn.execute(apply.SELECT_REQUEST, (shard, request_id)).fetchone()
+        return None if found is None else WriteResult(int(found[1]), bytes(found[2]), True)
+
+    def item_owner(self, item_id: str) -> tuple[ShardId, PlayerId] | None:
+        """``(shard, player)`` holding the item on this node, across every shard, or None.
+        Should two shards hold it (a replica mid catch-up), the lowest shard id is named."""
+        with _sqlite_errors(self._path):
+            found = self._conn.execute(apply.ITEM_OWNER, (item_id,)).fetchone()
+        return None if found is None else (ShardId(found[0]), PlayerId(found[1]))
+
+    # --- snapshots -----------------------------------------------------------------------
+
+    def snapshot(
+        self,
+        shard: ShardId,
+        *,
+        max_tail_entries: int = DEFAULT_SNAPSHOT_TAIL_ENTRIES,
+        max_tail_bytes: int = DEFAULT_SNAPSHOT_TAIL_BYTES,
+    ) -> shardnode_pb2.ShardSnapshot:
+        """A consistent copy of one shard, read in one transaction: its players (with
+        sorted items), player data, request records, and the last entries of its log (at
+        most ``max_tail_entries`` / ``max_tail_bytes`` of payload, always ending at
+        ``last``), so the installed copy can serve catch-ups in turn. Every list is sorted,
+        so two nodes with the same state produce equal snapshots."""
+        with _sqlite_errors(self._path):
+            self._conn.execute("BEGIN")
+            try:
+                return snapshots.read_snapshot(
+                    self._conn, shard, self.meta(shard).last, max_tail_entries, max_tail_bytes
+                )
+            finally:
+                self._conn.execute("COMMIT")
+
+    def install_snapshot(self, snapshot: shardnode_pb2.ShardSnapshot, fenced_epoch: int) -> ShardMeta:
+        """Replaces everything this node holds of the snapshot's shard (data, log, request
+        records, escrows) with the snapshot, in one transaction. The fenced epoch becomes
+        ``max(current, fenced_epoch, snapshot.last.epoch)``: installing never lowers a
+        fence. Request records whose entry is in the tail get its digest and time back;
+        older ones replay their answer to any retry of their id (see the schema).
+        Raises CorruptRecord (nothing changed) for a snapshot no primary produces."""
+        shard = ShardId(snapshot.shard_id)
+        last = snapshots.check_snapshot(snapshot)
+        with self._write_txn() as txn:
+            self._delete_shard_rows(shard)
+            snapshots.write_snapshot(self._conn, shard, snapshot)
+            row = txn.row(shard)
+            row.fenced = max(row.fenced, fenced_epoch, last.epoch)
+            row.last_epoch, row.last_lsn = last.epoch, last.lsn
+            row.first_lsn = snapshot.tail[0].lsn if snapshot.tail else last.lsn + 1
+            txn.dirty.add(shard)
+        return self._meta[shard]
+
+    def drop_shard(self, shard: ShardId) -> None:
+        """Deletes everything this node holds of the shard but its fence: a fenced epoch
+        must outlive the data (I1: a node that fenced epoch e refuses older primaries even
+        after dropping and re-adding the shard). A shard never fenced disappears entirely."""
+        with self._write_txn() as txn:
+            self._delete_shard_rows(shard)
+            row = txn.row(shard)
+            row.last_epoch, row.last_lsn, row.first_lsn, row.synced = 0, 0, 1, False
+            if row.fenced:
+                txn.dirty.add(shard)
+            else:
+                self._conn.execute("DELETE FROM shards WHERE shard_id = ?", (shard,))
+                txn.rows.pop(shard)
+                txn.forget.add(shard)
+
+    def _delete_shard_rows(self, shard: ShardId) -> None:
+        for table in schema.SHARD_TABLES:
+            self._conn.execute(f"DELETE FROM {table} WHERE shard_id = ?", (shard,))
+
+    # --- retention -----------------------------------------------------------------------
+
+    def prune(self, now_ms: int, *, max_rows: int = DEFAULT_PRUNE_MAX_ROWS) -> int:
+        """Trims each shard's log to its last ``log_retention_entries`` entries and forgets
+        request ids recorded more than ``request_retention_s`` before ``now_ms``, removing
+        at most about ``max_rows`` rows per call (call again while it returns that many).
+        Returns the rows removed."""
+        removed = 0
+        budget = max(max_rows, 1)
+        cutoff_ms = now_ms - self._request_retention_ms
+        with self._write_txn() as txn:
+            for shard, meta in sorted(self._meta.items()):
+                if budget <= removed:
+                    break
+                keep_from = meta.last.lsn - self._log_retention_entries + 1
+                upto = min(keep_from - 1, meta.first_retained_lsn + (budget - removed) - 1)
+                if upto < meta.first_retained_lsn:
+                    continue
+                cursor = self._conn.execute("DELETE FROM log WHERE shard_id = ? AND lsn <= ?", (shard, upto))
+                removed += cursor.rowcount
+                txn.row(shard).first_lsn = upto + 1
+                txn.dirty.add(shard)
+            if removed < budget:
+                cursor = self._conn.execute(
+                    "DELETE FROM requests WHERE (shard_id, request_id) IN (SELECT shard_id, request_id "
+                    "FROM requests WHERE recorded_at_ms < ? ORDER BY recorded_at_ms LIMIT ?)",
+                    (cutoff_ms, budget - removed),
+                )
+                removed += cursor.rowcount
+            # Records of unknown age (installed from a snapshot) start their retention now.
+            self._conn.execute("UPDATE requests SET recorded_at_ms = ? WHERE recorded_at_ms IS NULL", (now_ms,))
+        return removed
+
+    # --- internals -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _write_txn(self) -> Iterator[_Txn]:
+        txn = _Txn(self._meta)
+        conn = self._conn
+        with _sqlite_errors(self._path):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield txn
+                if txn.dirty:
+                    conn.executemany(
+                        _UPSERT_SHARD,
+                        [
+                            (s, r.fenced, r.last_epoch, r.last_lsn, r.first_lsn, int(r.synced))
+                            for s, r in txn.rows.items()
+                            if s in txn.dirty
+                        ],
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        for shard in txn.forget:
+            self._meta.pop(shard, None)
+        for shard in txn.dirty:
+            self._meta[shard] = txn.rows[shard].meta(shard)
+
+    def _load_meta(self) -> dict[ShardId, ShardMeta]:
+        metas: dict[ShardId, ShardMeta] = {}
+        for shard_id, fenced, last_epoch, last_lsn, first_lsn, synced in self._conn.execute(_SELECT_SHARDS).fetchall():
+            shard = ShardId(shard_id)
+            low, high = self._conn.execute(_LOG_BOUNDS, (shard,)).fetchone()
+            consistent = (low, high) == (first_lsn, last_lsn) if low is not None else first_lsn == last_lsn + 1
+            if not consistent or (last_lsn == 0) != (last_epoch == 0) or last_epoch > fenced:
+                raise CorruptRecord(
+                    f"{self._path}: {shard} records log bounds [{first_lsn}, {last_lsn}] at epoch {last_epoch} "
+                    f"(fence {fenced}) but its log holds [{low}, {high}]"
+                )
+            metas[shard] = _ShardRow(fenced, last_epoch, last_lsn, first_lsn, bool(synced)).meta(shard)
+        return metas
+
+
+def _lock_data_dir(data_dir: Path) -> IO[bytes]:
+    """Takes the data dir for this process (a POSIX record lock on ``node.lock``, which
+    the kernel releases when the process dies, however it dies). Two node processes on
+    one data dir would each believe their in-memory positions; the second is refused."""
+    path = data_dir / LOCK_FILE
+    try:
+        lock = open(path, "a+b")  # held open for the storage's lifetime
+    except OSError as e:
+        raise Unavailable(f"cannot open {path}: {e}") from e
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        lock.seek(0)
+        holder = lock.read(32).decode("ascii", "replace").strip() or "unknown"
+        lock.close()
+        raise FailedPrecondition(
+            f"data dir {data_dir} is in use by another process (pid {holder}); give each node its own --data-dir"
+        ) from e
+    lock.truncate(0)
+    lock.write(str(os.getpid()).encode("ascii"))
+    lock.flush()
+    return lock

@@ -1,0 +1,190 @@
+"""The layout of a shard node's SQLite database (``<data_dir>/node.db``) and how it is
+opened: pragmas, creation, and the version check that keeps an older build away from a
+newer file.
+
+Every table is keyed by ``shard_id`` first, so one shard's rows are one contiguous range
+of each b-tree: a snapshot, an installation or a drop touches that range only. Tables are
+``WITHOUT ROWID`` where the primary key is the only way rows are found (one b-tree
+instead of two per insert).
+
+The version is kept twice: ``PRAGMA user_version`` (read before anything else, one page
+read) and the ``schema_version`` table (one row per migration applied, for people reading
+the file with the sqlite3 shell).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Literal
+
+from bluemarble.core.errors import FailedPrecondition
+
+SCHEMA_VERSION = 1
+"""Version this build writes. A database with a higher ``user_version`` is refused."""
+
+Synchronous = Literal["NORMAL", "FULL"]
+
+_TABLES_V1 = (
+    # Per shard: the fence and the bounds of the log. Kept in one row (rather than read
+    # back with MIN/MAX) so a restart reads every shard's position in one scan, and
+    # because the fence must outlive the log (drop_shard keeps it).
+    # first_lsn is the lowest lsn still in `log` (last_lsn + 1 when the log is empty).
+    # synced (0/1): this node holds a copy of the shard's log, made by catching up with a
+    # primary or installing a snapshot (so it may be promoted, even with an empty log).
+    """
+    CREATE TABLE shards (
+        shard_id TEXT NOT NULL PRIMARY KEY,
+        fenced_epoch INTEGER NOT NULL,
+        last_epoch INTEGER NOT NULL,
+        last_lsn INTEGER NOT NULL,
+        first_lsn INTEGER NOT NULL,
+        synced INTEGER NOT NULL
+    ) WITHOUT ROWID
+    """,
+    # A player exists once they hold a grant or any player data (gold may be 0).
+    """
+    CREATE TABLE players (
+        shard_id TEXT NOT NULL,
+        player_id TEXT NOT NULL,
+        gold INTEGER NOT NULL,
+        PRIMARY KEY (shard_id, player_id)
+    ) WITHOUT ROWID
+    """,
+    # Items are unique per shard (the key). Across the shards of one node the primary
+    # refuses duplicates (items_by_id finds the owner); a replica does not, because the
+    # shards it holds may be at different points of their histories.
+    """
+    CREATE TABLE items (
+        shard_id TEXT NOT NULL,
+        item_id TEXT NOT NULL,
+        player_id TEXT NOT NULL,
+        PRIMARY KEY (shard_id, item_id)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX items_by_player ON items (shard_id, player_id, item_id)",
+    "CREATE INDEX items_by_id ON items (item_id)",
+    # Per-system player data (EVENTUAL systems such as guild or leaderboard). `lsn` is the
+    # entry that set the value. `version` is empty today: it is where a vector clock goes
+    # when multi-region replication arrives (roadmap step 8), so a merge can compare
+    # versions without a schema change.
+    """
+    CREATE TABLE player_data (
+        shard_id TEXT NOT NULL,
+        player_id TEXT NOT NULL,
+        system TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value BLOB NOT NULL,
+        lsn INTEGER NOT NULL,
+        version BLOB NOT NULL DEFAULT x'',
+        PRIMARY KEY (shard_id, player_id, system, key)
+    ) WITHOUT ROWID
+    """,
+    # The append-only replicated log: one encoded WriteOp per entry, with the epoch of the
+    # primary that wrote it and its commit time on that primary (for lag in seconds).
+    """
+    CREATE TABLE log (
+        shard_id TEXT NOT NULL,
+        lsn INTEGER NOT NULL,
+        epoch INTEGER NOT NULL,
+        written_at_ms INTEGER NOT NULL,
+        payload BLOB NOT NULL,
+        PRIMARY KEY (shard_id, lsn)
+    ) WITHOUT ROWID
+    """,
+    # Applied request ids and their answers, for idempotent retries. op_digest is a hash of
+    # the encoded WriteOp (NULL when unknown: a record installed from a snapshot whose log
+    # tail no longer holds the entry). recorded_at_ms is the entry's written_at_ms (NULL
+    # when unknown; prune stamps those with its own clock, so they live a full retention).
+    """
+    CREATE TABLE requests (
+        shard_id TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        op_digest BLOB,
+        lsn INTEGER NOT NULL,
+        response BLOB NOT NULL,
+        recorded_at_ms INTEGER,
+        PRIMARY KEY (shard_id, request_id)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX requests_by_age ON requests (recorded_at_ms)",
+    # Escrows of the two-phase commit (flow 6; the trades issue gives them their logic):
+    # what a prepared trade holds back on this shard until the decision is applied. One
+    # row per (trade, player); item_ids is a JSON array of the escrowed item ids; state is
+    # the participant's state name (e.g. PREPARED, COMMITTED, ABORTED); deadline_ms (Unix
+    # ms) is when the participant starts asking for the decision itself.
+    """
+    CREATE TABLE escrows (
+        shard_id TEXT NOT NULL,
+        trade_id TEXT NOT NULL,
+        player_id TEXT NOT NULL,
+        item_ids TEXT NOT NULL,
+        gold INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        deadline_ms INTEGER NOT NULL,
+        PRIMARY KEY (shard_id, trade_id, player_id)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE schema_version (
+        version INTEGER NOT NULL PRIMARY KEY,
+        note TEXT NOT NULL
+    )
+    """,
+)
+
+SHARD_TABLES = ("players", "items", "player_data", "log", "requests", "escrows")
+"""Tables holding a shard's data (everything but its fence in ``shards``)."""
+
+
+def configure(conn: sqlite3.Connection, synchronous: Synchronous) -> None:
+    """Sets the connection's pragmas. WAL: a commit is one append to the WAL file, and
+    readers never block the writer. ``synchronous=NORMAL`` does not fsync on commit: a
+    committed transaction survives the death of the process (the WAL is in the OS's page
+    cache), not a power loss; ``FULL`` fsyncs the WAL on every commit and survives both.
+    """
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise FailedPrecondition(f"node.db cannot use WAL journaling (got {mode!r}); put --data-dir on a local disk")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    # Bounded memory and files: a 32 MiB page cache, and a WAL truncated back to 64 MiB
+    # after checkpoints (it may grow past that between them under a burst).
+    conn.execute("PRAGMA cache_size=-32768")
+    conn.execute("PRAGMA journal_size_limit=67108864")
+    conn.execute("PRAGMA temp_store=MEMORY")
+    # One connection per process writes; the wait only covers a stale connection of the
+    # same process (a crash simulated in tests) finishing what it was doing.
+    conn.execute("PRAGMA busy_timeout=5000")
+
+
+def ensure_schema(conn: sqlite3.Connection, path: str) -> None:
+    """Creates the schema in an empty database, or checks an existing one's version.
+
+    Raises FailedPrecondition for a database written by a newer build (its layout may
+    mean something this build would misread or destroy).
+    """
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise FailedPrecondition(
+            f"{path} has schema version {version}, newer than this build's {SCHEMA_VERSION}; "
+            "run a newer bluemarble-node, or start this one with an empty --data-dir"
+        )
+    if version == SCHEMA_VERSION:
+        return
+    # version 0: a new file (there is no older layout to migrate from yet).
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("SELECT count(*) FROM sqlite_schema WHERE type = 'table'").fetchone()[0]:
+            raise FailedPrecondition(
+                f"{path} holds tables but no BlueMarble schema version; it is not a shard node's database"
+            )
+        for statement in _TABLES_V1:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO schema_version (version, note) VALUES (?, ?)",
+            (SCHEMA_VERSION, "shards, players, items, player_data, log, requests, escrows"),
+        )
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise

@@ -1,0 +1,116 @@
+"""Reading one shard into a ShardSnapshot and writing one back (flow 5: a new replica, or
+one whose log is not a prefix of its primary's, bootstraps from a snapshot plus the log
+tail).
+
+A snapshot is deterministic: every list is sorted, so two nodes holding the same state
+produce equal messages (the replication tests compare them). The functions run inside
+the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from bluemarble.core.errors import CorruptRecord
+from bluemarble.core.ids import ShardId
+from bluemarble.core.limits import echo
+from bluemarble.core.replication.position import ZERO, LogPosition
+from bluemarble.v1 import shardnode_pb2
+from shardnode.storage import records
+from shardnode.storage.apply import INSERT_ENTRY, INSERT_ITEM, INSERT_PLAYER, RECORD_REQUEST
+
+SELECT_TAIL = "SELECT lsn, epoch, payload, written_at_ms FROM log WHERE shard_id = ? ORDER BY lsn DESC LIMIT ?"
+
+
+def read_snapshot(
+    conn: sqlite3.Connection, shard: ShardId, last: LogPosition, max_tail_entries: int, max_tail_bytes: int
+) -> shardnode_pb2.ShardSnapshot:
+    """The shard's state as of ``last`` (the caller holds a read transaction), with the
+    last entries of its log: at most ``max_tail_entries`` and ``max_tail_bytes`` of
+    payload, always ending at ``last`` when non-empty."""
+    snap = shardnode_pb2.ShardSnapshot(shard_id=shard, last=shardnode_pb2.LogPosition(epoch=last.epoch, lsn=last.lsn))
+    by_player: dict[str, shardnode_pb2.SnapshotPlayer] = {}
+    for player_id, gold in conn.execute(
+        "SELECT player_id, gold FROM players WHERE shard_id = ? ORDER BY player_id", (shard,)
+    ):
+        by_player[player_id] = snap.players.add(player_id=player_id, gold=gold)
+    for player_id, item_id in conn.execute(
+        "SELECT player_id, item_id FROM items WHERE shard_id = ? ORDER BY player_id, item_id", (shard,)
+    ):
+        holder = by_player.get(player_id)
+        if holder is None:
+            raise CorruptRecord(f"item {echo(item_id)} of {shard} belongs to no player of the shard")
+        holder.item_ids.append(item_id)
+    for player_id, system, key, value, lsn in conn.execute(
+        "SELECT player_id, system, key, value, lsn FROM player_data WHERE shard_id = ? ORDER BY player_id, system, key",
+        (shard,),
+    ):
+        snap.values.add(player_id=player_id, system=system, key=key, value=value, lsn=lsn)
+    for request_id, lsn, response in conn.execute(
+        "SELECT request_id, lsn, response FROM requests WHERE shard_id = ? ORDER BY request_id", (shard,)
+    ):
+        snap.requests.add(request_id=request_id, lsn=lsn, response=response)
+    tail: list[shardnode_pb2.LogEntry] = []
+    size = 0
+    for lsn, epoch, payload, written_at_ms in conn.execute(SELECT_TAIL, (shard, max(max_tail_entries, 0))):
+        size += len(payload)
+        if size > max_tail_bytes:
+            break
+        tail.append(shardnode_pb2.LogEntry(lsn=lsn, epoch=epoch, payload=payload, written_at_ms=written_at_ms))
+    snap.tail.extend(reversed(tail))
+    return snap
+
+
+def check_snapshot(snapshot: shardnode_pb2.ShardSnapshot) -> LogPosition:
+    """The snapshot's last position, once its log tail is checked to be contiguous and to
+    end there. Raises CorruptRecord for a snapshot no primary produces."""
+    shard = snapshot.shard_id
+    if not shard:
+        raise CorruptRecord("the snapshot names no shard")
+    epoch, lsn = snapshot.last.epoch, snapshot.last.lsn
+    if (epoch == 0) != (lsn == 0):
+        raise CorruptRecord(f"the snapshot of {shard} ends at ({epoch}, {lsn}), which is no log position")
+    last = LogPosition(epoch, lsn) if lsn else ZERO
+    tail = snapshot.tail
+    if tail:
+        previous_epoch = 1
+        for i, entry in enumerate(tail):
+            if entry.lsn != tail[0].lsn + i or entry.epoch < previous_epoch or tail[0].lsn < 1:
+                raise CorruptRecord(f"the log tail of the snapshot of {shard} is not contiguous at lsn {entry.lsn}")
+            previous_epoch = entry.epoch
+        if (tail[-1].epoch, tail[-1].lsn) != (epoch, lsn):
+            raise CorruptRecord(f"the log tail of the snapshot of {shard} does not end at its last position {last}")
+    if any(r.lsn > lsn for r in snapshot.requests) or any(v.lsn > lsn for v in snapshot.values):
+        raise CorruptRecord(f"the snapshot of {shard} records a request or value after its last position {last}")
+    return last
+
+
+def write_snapshot(conn: sqlite3.Connection, shard: ShardId, snapshot: shardnode_pb2.ShardSnapshot) -> None:
+    """Inserts the snapshot's rows for ``shard`` (whose rows the caller deleted first).
+
+    The snapshot carries no op digest or age for its request records; both come back
+    from the tail entry at the record's lsn when the tail holds it. Otherwise they stay
+    NULL: a retry of that id replays the recorded answer whatever its op (nothing is
+    applied twice), and prune starts its retention when it first sees it.
+    Raises CorruptRecord when the snapshot lists a player, item, value or request twice.
+    """
+    by_lsn = {e.lsn: e for e in snapshot.tail}
+
+    def request_row(r: shardnode_pb2.SnapshotRequest) -> tuple[str, str, bytes | None, int, bytes, int | None]:
+        entry = by_lsn.get(r.lsn)
+        if entry is None:
+            return (shard, r.request_id, None, r.lsn, r.response, None)
+        return (shard, r.request_id, records.op_digest(entry.payload), r.lsn, r.response, entry.written_at_ms)
+
+    executemany = conn.executemany
+    try:
+        executemany(INSERT_PLAYER, [(shard, p.player_id, p.gold) for p in snapshot.players])
+        executemany(INSERT_ITEM, [(shard, item, p.player_id) for p in snapshot.players for item in p.item_ids])
+        executemany(
+            "INSERT INTO player_data (shard_id, player_id, system, key, value, lsn) VALUES (?, ?, ?, ?, ?, ?)",
+            [(shard, v.player_id, v.system, v.key, v.value, v.lsn) for v in snapshot.values],
+        )
+        executemany(RECORD_REQUEST.replace("INSERT OR REPLACE", "INSERT"), [request_row(r) for r in snapshot.requests])
+    except sqlite3.IntegrityError as e:
+        raise CorruptRecord(f"the snapshot of {shard} lists a player, item, value or request twice") from e
+    executemany(INSERT_ENTRY, [(shard, e.lsn, e.epoch, e.written_at_ms, e.payload) for e in snapshot.tail])
