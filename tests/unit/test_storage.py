@@ -297,6 +297,11 @@ class TestSnapshots:
             replica.write(S1, 4, set_data("d29", "p4", "guild", "k2", b"other"), now_ms=1)
         # g0's entry is not in the tail: any retry of its id replays the recorded answer.
         assert replica.write(S1, 4, grant("g0", "p0", ["item-0"]), now_ms=1) == store.recorded(S1, "g0")
+        # Records of unknown age start their retention at the first prune after the install.
+        assert replica.prune(now_ms=300) == 0
+        assert replica.recorded(S1, "g0") is not None
+        assert replica.prune(now_ms=301 + 86_400_000) == 60
+        assert replica.recorded(S1, "g0") is None
 
     def test_install_keeps_the_larger_fence_and_refuses_a_broken_snapshot(self, store: NodeStorage,
                                                                           replica: NodeStorage) -> None:
@@ -378,6 +383,14 @@ class TestOpenAndRecovery:
         with sqlite3.connect(tmp_path / "node.db") as conn:
             conn.execute(f"PRAGMA user_version={schema.SCHEMA_VERSION + 1}")
         with pytest.raises(FailedPrecondition, match="newer than this build"):
+            NodeStorage.open(tmp_path)
+
+    def test_a_shard_whose_bounds_disagree_with_its_log_is_refused(self, tmp_path: Path) -> None:
+        with NodeStorage.open(tmp_path) as storage:
+            storage.write(S1, 1, grant("r", ALICE, ["a"]), now_ms=1)
+        with sqlite3.connect(tmp_path / "node.db") as conn:
+            conn.execute("UPDATE shards SET last_lsn = 5")
+        with pytest.raises(CorruptRecord, match="shard-1 records log bounds"):
             NodeStorage.open(tmp_path)
 
     def test_a_foreign_database_is_refused(self, tmp_path: Path) -> None:
@@ -482,7 +495,7 @@ _writes = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(writes=_writes, chunk=st.integers(min_value=1, max_value=7))
 def test_random_writes_on_a_primary_and_appends_on_a_replica_give_identical_snapshots(
     writes: list[tuple[ShardId, int, pb.WriteOp, bool]], chunk: int
