@@ -1,0 +1,1 @@
+"""Deterministic simulations of the pure protocol rules (seeded schedules, checked invariants)."""
