@@ -50,19 +50,20 @@ _TABLES_V1 = (
         PRIMARY KEY (shard_id, player_id)
     ) WITHOUT ROWID
     """,
-    # Items are unique per shard (the key). Across the shards of one node the primary
-    # refuses duplicates (items_by_id finds the owner); a replica does not, because the
-    # shards it holds may be at different points of their histories.
+    # Items are unique per shard: the key (item_id, shard_id) is the same constraint as
+    # (shard_id, item_id), and it also finds an item's owner across the node's shards, so
+    # a grant updates two b-trees per item instead of three. Across the shards of one
+    # node the primary refuses duplicates (it looks the item up first); a replica does
+    # not, because the shards it holds may be at different points of their histories.
     """
     CREATE TABLE items (
-        shard_id TEXT NOT NULL,
         item_id TEXT NOT NULL,
+        shard_id TEXT NOT NULL,
         player_id TEXT NOT NULL,
-        PRIMARY KEY (shard_id, item_id)
+        PRIMARY KEY (item_id, shard_id)
     ) WITHOUT ROWID
     """,
     "CREATE INDEX items_by_player ON items (shard_id, player_id, item_id)",
-    "CREATE INDEX items_by_id ON items (item_id)",
     # Per-system player data (EVENTUAL systems such as guild or leaderboard). `lsn` is the
     # entry that set the value. `version` is empty today: it is where a vector clock goes
     # when multi-region replication arrives (roadmap step 8), so a merge can compare
