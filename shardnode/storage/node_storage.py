@@ -8,8 +8,8 @@ primary's group commit (:meth:`NodeStorage.write_many`).
 What is durable, and when: every public method that changes anything runs in exactly one
 ``BEGIN IMMEDIATE`` transaction; when it returns, the change is committed. Under the
 default ``synchronous=NORMAL`` a commit survives the death of the process (SIGKILL, OOM);
-under ``FULL`` it also survives a power loss, at the cost of one fsync per commit (see the
-figures in docs/benchmarks.md).
+under ``FULL`` it also survives a power loss, at the cost of one fsync per commit
+(``scripts/bench_storage.py`` measures both).
 
 Threading: the connection is opened with ``check_same_thread=False`` so the driver may
 call from an executor thread, but the class is **not** thread-safe: the driver uses it
@@ -268,7 +268,9 @@ class NodeStorage:
         request id with its answer.
 
         A request id already recorded for the shard returns the recorded result with
-        ``replayed=True`` (nothing applied) when the op is the same.
+        ``replayed=True`` (nothing applied) when the op is the same; the first attempt may
+        not have been replicated yet, so the caller waits for its ``lsn`` as for a new
+        write. An op without a request id is applied and not recorded.
         Raises InvalidArgument (malformed op), FailedPrecondition (epoch older than the
         shard's fence; item already owned on this node, naming the owner's shard; gold over
         2^53; request id reused for a different op), Unavailable (disk).
