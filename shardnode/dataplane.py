@@ -83,6 +83,7 @@ SNAPSHOT_CHUNK_BYTES = 1 << 20
 MAX_SNAPSHOT_BYTES = 1 << 30
 SNAPSHOT_TIMEOUT_S = 60.0
 MAX_ENTRIES_PER_SHARD_IN_BATCH = 4096
+HOLD_REPLICATION_FAILPOINT = "hold-replication"
 
 
 @dataclass
@@ -658,6 +659,18 @@ class DataPlane:
         return response
 
     # ---- replica side ----
+
+    async def hold_if_failpoint(self) -> None:
+        """Test hook (a failpoint, as etcd's gofail): while the file ``hold-replication``
+        exists in the data dir, this node takes replication batches off the wire but
+        neither applies nor acknowledges them, like a replica whose disk hung. The e2e
+        tests use it to leave a primary with entries no replica has; nothing else creates
+        that file."""
+        failpoint = self._storage.path.parent / HOLD_REPLICATION_FAILPOINT
+        if failpoint.exists():
+            log.warning("failpoint: holding replication", file=str(failpoint))
+            while failpoint.exists():
+                await self._clock.sleep(0.05)
 
     def replicate(self, batch: shardnode_pb2.ReplicateBatch) -> shardnode_pb2.ReplicateAck:
         """Applies one batch from a primary (all accepted shards in one transaction) and

@@ -90,6 +90,7 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
     ) -> AsyncIterator[shardnode_pb2.ReplicateAck]:
         dp = self._dp()
         async for batch in request_iterator:
+            await dp.hold_if_failpoint()
             yield dp.replicate(batch)
 
     async def GetSnapshot(
