@@ -275,10 +275,9 @@ class NodeStorage:
         shard's fence; item already owned on this node, naming the owner's shard; gold over
         2^53; request id reused for a different op), Unavailable (disk).
         """
-        result = self.write_many([(shard, epoch, op)], now_ms)[0]
-        if isinstance(result, BlueMarbleError):
-            raise result
-        return result
+        # No savepoint: a refused write rolls the whole (one-write) transaction back.
+        with self._write_txn() as txn:
+            return self._write_one(txn, shard, epoch, op, now_ms)
 
     def write_many(
         self, writes: Sequence[tuple[ShardId, int, shardnode_pb2.WriteOp]], now_ms: int

@@ -150,6 +150,11 @@ def configure(conn: sqlite3.Connection, synchronous: Synchronous) -> None:
     # Bounded memory and files: a 32 MiB page cache, and a WAL truncated back to 64 MiB
     # after checkpoints (it may grow past that between them under a burst).
     conn.execute("PRAGMA cache_size=-32768")
+    # Checkpoint every 4096 pages (16 MiB of WAL) rather than SQLite's 1000: a checkpoint
+    # fsyncs the database file even under NORMAL, and runs inside some writer's commit;
+    # fewer, larger ones copy each hot page (the shards row, the log's last page) once
+    # per checkpoint instead of four times. Recovery replays at most ~16 MiB of WAL.
+    conn.execute("PRAGMA wal_autocheckpoint=4096")
     conn.execute("PRAGMA journal_size_limit=67108864")
     conn.execute("PRAGMA temp_store=MEMORY")
     # One connection per process writes; the wait only covers a stale connection of the
