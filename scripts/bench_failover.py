@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Failover benchmark: SIGKILL a primary, time until ListAssignments shows new primaries.
+"""Failover benchmark: SIGKILL (or SIGSTOP) a primary, time until ListAssignments shows
+new primaries and until the new primary acknowledges a STRONG write.
 
-    .venv/bin/python scripts/bench_failover.py --nodes 5 --kills 10
+    .venv/bin/python scripts/bench_failover.py --nodes 5 --kills 10              # SIGKILL, TTL 10 s
+    .venv/bin/python scripts/bench_failover.py --nodes 5 --kills 5 --mode stop   # SIGSTOP, then SIGCONT
 
 What runs (every one a real process, as an operator would start it, all on 127.0.0.1):
 
 * a private single-member etcd (:class:`scripts.localcluster.LocalEtcd`, temp dir);
-* one control plane: ``python -m controlplane.server.main --lease-ttl-s 2 --shards 16
-  --replication-factor 3 --cluster bench ...``;
+* one control plane: ``python -m controlplane.server.main --lease-ttl-s 10 --shards 16
+  --replication-factor 3 --cluster bench ...`` (``--lease-ttl-s`` sets the TTL);
 * ``--nodes`` shard nodes (default 5) over 3 zones (n1 z1, n2 z2, n3 z3, n4 z1, ...):
   ``python -m shardnode.main --node-id nK --listen 127.0.0.1:PORT ...``.
 
@@ -18,14 +20,27 @@ What is measured, ``--kills`` times (default 10):
    per node differ by at most one), and the assignments unchanged for ``--settle-s``.
 2. Pick the victim: the next node in round-robin order that is primary of at least one
    shard; note the epoch of every shard it leads.
-3. ``t_kill = time.monotonic()``; SIGKILL the victim (no deregistration: its lease must
-   expire).
-4. Poll ListAssignments on the control plane every ``--poll-ms`` (10 ms) until every
-   shard the victim led has a primary other than the victim with a higher epoch than at
-   the kill. ``t_visible`` is when that ListAssignments answer arrived. The figure is
+   For each shard it leads, pick a player the routing client's ring puts on it.
+3. ``t_kill = time.monotonic()``; ``--mode kill``: SIGKILL the victim (no deregistration:
+   the control plane must notice the crash, from the closed heartbeat stream and the
+   refused address, or from the lease running out); ``--mode stop``: SIGSTOP it (a pause:
+   its sockets stay open, so only the lease TTL can tell).
+4. Right after the signal, one grant per shard the victim led is sent through a
+   :class:`~bluemarble.client.routing.RoutingClient` (what game servers use), each retried
+   by the client until it is acknowledged: "kill -> write acked" is when the last of them
+   was, the time until every failed-over shard takes STRONG writes again.
+   Kills are at least ``--min-gap-s`` apart (default 2 x TTL + 1 s): the control-plane
+   leader reads two nodes leaving within 2 x TTL as a possible mass expiry (an etcd or
+   network hiccup, not deaths) and holds every placement move, promotions included, until
+   they come back or 2 x TTL has passed; this benchmark measures one failure at a time.
+5. Meanwhile, poll ListAssignments on the control plane every ``--poll-ms`` (10 ms) until
+   every shard the victim led has a primary other than the victim with a higher epoch than
+   at the kill. ``t_visible`` is when that ListAssignments answer arrived. The figure is
    ``t_visible - t_kill``. (The new primaries are then checked against ListNodes.)
-5. Restart a node with the same id, zone, data dir and ``--listen`` address (a new
-   process), and go back to 1: the "restore" column is restart -> settled again.
+6. Restore, and go back to 1: ``--mode kill`` restarts a node with the same id, zone,
+   data dir and ``--listen`` address (a new process); ``--mode stop`` sends SIGCONT once
+   the writes were acknowledged (the resumed node finds its lease gone and registers
+   again as a new incarnation). The "restore" column is restart/SIGCONT -> settled again.
 
 For the breakdown, the benchmark also watches the cluster's etcd prefix itself and
 timestamps (monotonic clock, on arrival in this process) the DELETE of the victim's node
@@ -37,9 +52,11 @@ record (= its lease expired: etcd deleted the record) and the PUT of the new ass
                                surviving replicas, plan, guarded txn
     written -> visible         the control plane's mirror update + the 10 ms poll
 
-Reported: each sample, median and max of kill -> new primary visible. Target: median
-<= ``--target-s`` (3 s with TTL 2 s). Exit status 0 if met, 1 if not (or if the cluster
-could not be set up or a failover did not happen within ``--timeout-s``), 130 on Ctrl-C.
+Reported: each sample, median and max of kill -> new primary visible and of kill ->
+write acknowledged. Target for the median of the first (``--target-s``): 1.0 s on SIGKILL
+(the crash is detected, whatever the TTL), TTL + 1 s on SIGSTOP. Exit status 0 if met, 1
+if not (or if the cluster could not be set up or a failover did not happen within
+``--timeout-s``), 130 on Ctrl-C.
 Every process started here is stopped on exit (errors, Ctrl-C and SIGTERM included).
 """
 
@@ -64,8 +81,11 @@ import grpc
 import grpc.aio
 
 from bluemarble.api.conversions import assignment_from_proto, placement_node_from_proto
+from bluemarble.client.routing import RoutingClient
+from bluemarble.core.errors import BlueMarbleError
 from bluemarble.core.ids import ShardId, shard_id
 from bluemarble.core.placement import PlacementConfig, PlacementNode, violations
+from bluemarble.runtime import logs
 from bluemarble.v1 import controlplane_pb2 as pb
 from bluemarble.v1 import controlplane_pb2_grpc
 from controlplane.store.etcd import EtcdStore, EventType
@@ -83,6 +103,7 @@ class Sample:
     victim: str
     shards_led: int
     failover_s: float  # kill -> new primaries visible in ListAssignments
+    write_s: float | None  # kill -> a STRONG grant acknowledged on every shard the victim led
     expiry_s: float | None  # kill -> victim's node record deleted (seen on an etcd watch)
     reconcile_s: float | None  # record deleted -> new assignments written (etcd watch)
     visible_s: float | None  # written -> visible in ListAssignments
@@ -93,9 +114,10 @@ class Sample:
 class Cluster:
     """etcd, one control plane and the nodes, all real processes; ``stop_all`` ends them."""
 
-    def __init__(self, workdir: Path, args: argparse.Namespace):
+    def __init__(self, workdir: Path, args: argparse.Namespace, node_args: tuple[str, ...] = ()):
         self.workdir = workdir
         self.args = args
+        self.node_args = node_args  # extra flags for every node, e.g. ("--synchronous", "full")
         self.etcd: LocalEtcd | None = None
         self.control_plane: ManagedProcess | None = None
         self.cp_address = ""
@@ -124,7 +146,7 @@ class Cluster:
             node_id,
             [sys.executable, "-m", "shardnode.main", "--node-id", node_id,
              "--listen", self.addresses[node_id], "--control-plane", self.cp_address,
-             "--data-dir", str(self.workdir / node_id), "--zone", self.zones[node_id]],
+             "--data-dir", str(self.workdir / node_id), "--zone", self.zones[node_id], *self.node_args],
             self.workdir / f"{node_id}.log",
         ).start()  # fmt: skip
         self.nodes[node_id] = proc
@@ -137,6 +159,16 @@ class Cluster:
         t = time.monotonic()
         os.kill(proc.pid, signal.SIGKILL)
         return t
+
+    def sigstop(self, node_id: str) -> float:
+        """SIGSTOPs the node's process (it stays in ``nodes``); returns the monotonic time
+        just before the signal."""
+        t = time.monotonic()
+        os.kill(self.nodes[node_id].pid, signal.SIGSTOP)
+        return t
+
+    def sigcont(self, node_id: str) -> None:
+        os.kill(self.nodes[node_id].pid, signal.SIGCONT)
 
     def all_processes(self) -> list[ManagedProcess]:
         procs = [*self.nodes.values(), *self.dead]
@@ -215,9 +247,7 @@ class Bench:
     async def list_assignments(self) -> pb.ListAssignmentsResponse | None:
         assert self.stub is not None
         try:
-            r: pb.ListAssignmentsResponse = await self.stub.ListAssignments(
-                pb.ListAssignmentsRequest(), timeout=1.0
-            )
+            r: pb.ListAssignmentsResponse = await self.stub.ListAssignments(pb.ListAssignmentsRequest(), timeout=1.0)
         except grpc.aio.AioRpcError:
             return None
         return r
@@ -284,17 +314,23 @@ class Bench:
         events = EventLog(store, self.keys.prefix)
         await events.start()
         samples: list[Sample] = []
+        # The writer: a game server's client. Many attempts: it retries until the deadline.
+        client = RoutingClient(cluster.cp_address, max_attempts=100_000)
         try:
+            await client.start()
             await self.wait_settled(set(node_ids), 60)
+            await client.wait_ready(30)
             print(
                 f"cluster up: {args.nodes} nodes in zones "
                 f"{dict(sorted(cluster.zones.items(), key=lambda kv: int(kv[0][1:])))}, "
                 f"{args.shards} shards, R={args.replication_factor}, lease TTL {args.lease_ttl_s} s",
                 flush=True,
             )
-            print(HEADER)
-            print("|" + "---|" * (HEADER.count("|") - 1), flush=True)
+            header = HEADER.replace("kill ->", f"{args.mode} ->")
+            print(header)
+            print("|" + "---|" * (header.count("|") - 1), flush=True)
             next_index = 0
+            t_last_kill = -float("inf")
             for k in range(1, args.kills + 1):
                 r = await self.list_assignments()
                 assert r is not None
@@ -307,10 +343,20 @@ class Bench:
                 else:
                     raise RuntimeError("no node leads a shard")
                 led = {a.shard_id: a.epoch for a in r.assignments if a.primary == victim}
+                players = {shard: player_on(client, shard, f"fo{k}") for shard in led}
+                # One failure at a time: a departure within the leader's hold window of
+                # the previous one reads as a mass expiry and holds every move (module doc).
+                await asyncio.sleep(max(0.0, t_last_kill + args.min_gap_s - time.monotonic()))
                 mark = len(events.events)
-                t_kill = cluster.sigkill(victim)
-                t_visible, polls = await self.wait_failover(victim, led, t_kill)
+                t_kill = cluster.sigstop(victim) if args.mode == "stop" else cluster.sigkill(victim)
+                writes = asyncio.ensure_future(self.write_after(client, players, t_kill, victim))
+                try:
+                    t_visible, polls = await self.wait_failover(victim, led, t_kill)
+                    write_s = await writes
+                finally:
+                    writes.cancel()
                 failover_s = t_visible - t_kill
+                t_last_kill = t_kill
                 live = await self.list_nodes()
                 r2 = await self.list_assignments()
                 if live is not None and r2 is not None:
@@ -318,21 +364,46 @@ class Bench:
                     if bad:
                         print(f"  warning: new primaries of {bad} are not in ListNodes", flush=True)
                 expiry_s, reconcile_s, visible_s = self.breakdown(events, mark, victim, led, t_kill, t_visible)
-                cluster.dead[-1].proc.wait(10)  # type: ignore[union-attr]
                 t_restart = time.monotonic()
-                cluster.start_node(victim)
+                if args.mode == "stop":
+                    cluster.sigcont(victim)
+                else:
+                    cluster.dead[-1].proc.wait(10)  # type: ignore[union-attr]
+                    t_restart = time.monotonic()
+                    cluster.start_node(victim)
                 await self.wait_settled(set(node_ids), args.timeout_s)
                 restore_s = time.monotonic() - t_restart
                 sample = Sample(
-                    k, victim, len(led), failover_s, expiry_s, reconcile_s, visible_s, polls, restore_s
+                    k, victim, len(led), failover_s, write_s, expiry_s, reconcile_s, visible_s, polls, restore_s
                 )
                 samples.append(sample)
                 print(row(sample), flush=True)
         finally:
+            await client.close()
             await events.stop()
             await store.close()
             await self.channel.close(None)
         return samples
+
+    async def write_after(self, client: RoutingClient, players: dict[str, str], t_kill: float, victim: str) -> float:
+        """Seconds from ``t_kill`` until a grant to each of ``players`` (one per shard the
+        victim led) was acknowledged by a node other than the victim; each is sent at
+        once and retried by the routing client within ``--timeout-s``."""
+
+        async def one(shard: str, player: str) -> float:
+            result = await client.grant_items(player, [f"{player}-item"], gold=1, deadline_s=self.args.timeout_s)
+            t = time.monotonic()
+            if result.inventory.served_by == victim or result.inventory.shard_id != shard:
+                raise RuntimeError(
+                    f"grant to {player} answered by {result.inventory.served_by} for "
+                    f"{result.inventory.shard_id}, not by a new primary of {shard}"
+                )
+            return t - t_kill
+
+        try:
+            return max(await asyncio.gather(*(one(s, p) for s, p in players.items())))
+        except BlueMarbleError as e:
+            raise RuntimeError(f"no STRONG write acknowledged within {self.args.timeout_s:g} s: {e}") from e
 
     async def wait_failover(self, victim: str, led: dict[str, int], t_kill: float) -> tuple[float, int]:
         period = self.args.poll_ms / 1000
@@ -383,8 +454,18 @@ class Bench:
 
 HEADER = (
     "| kill | victim | shards led | kill -> record deleted (s) | deleted -> written (s) "
-    "| written -> visible (ms) | **kill -> new primary visible (s)** | polls | restore (s) |"
+    "| written -> visible (ms) | **kill -> new primary visible (s)** | **kill -> write acked (s)** "
+    "| polls | restore (s) |"
 )
+
+
+def player_on(client: RoutingClient, shard: str, prefix: str) -> str:
+    """A player id the client's ring puts on ``shard`` (the first ``prefix-N`` that is)."""
+    for n in range(1_000_000):
+        player = f"{prefix}-{n}"
+        if client.router.shard_for(player) == shard:
+            return player
+    raise RuntimeError(f"no player id of the form {prefix}-N lands on {shard}")
 
 
 def _f(x: float | None, scale: float = 1.0, fmt: str = "{:.3f}") -> str:
@@ -394,7 +475,8 @@ def _f(x: float | None, scale: float = 1.0, fmt: str = "{:.3f}") -> str:
 def row(s: Sample) -> str:
     return (
         f"| {s.kill} | {s.victim} | {s.shards_led} | {_f(s.expiry_s)} | {_f(s.reconcile_s)} "
-        f"| {_f(s.visible_s, 1000, '{:.1f}')} | **{s.failover_s:.3f}** | {s.polls} | {s.restore_s:.1f} |"
+        f"| {_f(s.visible_s, 1000, '{:.1f}')} | **{s.failover_s:.3f}** | **{_f(s.write_s)}** | {s.polls} "
+        f"| {s.restore_s:.1f} |"
     )
 
 
@@ -402,28 +484,46 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, default=5, help="shard nodes (zones z1..z3 round-robin)")
     p.add_argument("--kills", type=int, default=10, help="failovers to measure")
-    p.add_argument("--lease-ttl-s", type=int, default=2)
+    p.add_argument(
+        "--mode",
+        choices=("kill", "stop"),
+        default="kill",
+        help="kill: SIGKILL, then restart; stop: SIGSTOP, then SIGCONT after the failover",
+    )
+    p.add_argument("--lease-ttl-s", type=int, default=10)
     p.add_argument("--shards", type=int, default=16)
     p.add_argument("--replication-factor", type=int, default=3)
+    p.add_argument(
+        "--min-gap-s",
+        type=float,
+        help="at least this long between two kills (default 2 x TTL + 1 s: the leader's mass-departure window)",
+    )
     p.add_argument("--poll-ms", type=float, default=10.0, help="ListAssignments polling period")
     p.add_argument("--settle-s", type=float, default=1.5, help="assignments unchanged this long = settled")
     p.add_argument("--timeout-s", type=float, default=60.0, help="per failover and per restore")
-    p.add_argument("--target-s", type=float, default=3.0, help="target for the median")
+    p.add_argument(
+        "--target-s", type=float, help="target for the median of kill -> visible (default 1.0 s; stop: TTL + 1 s)"
+    )
     p.add_argument("--keep-dir", action="store_true", help="keep etcd data and process logs")
     p.add_argument("--json", type=Path, help="also write the samples as JSON here")
     args = p.parse_args()
     if args.nodes < args.replication_factor or args.kills < 1:
         p.error("need --nodes >= --replication-factor and --kills >= 1")
+    if args.min_gap_s is None:
+        args.min_gap_s = 2.0 * args.lease_ttl_s + 1.0
+    if args.target_s is None:
+        args.target_s = 1.0 if args.mode == "kill" else args.lease_ttl_s + 1.0
 
     def on_term(*_: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    logs.configure("warning")  # the routing client's info lines would bury the table
     os.chdir(ROOT)  # `python -m controlplane.server.main` etc. resolve from the project root
     workdir = Path(tempfile.mkdtemp(prefix="bench-failover-"))
     cluster = Cluster(workdir, args)
     print(
-        f"failover benchmark: {args.kills} SIGKILLs, {args.nodes} nodes, {args.shards} shards, "
+        f"failover benchmark: {args.kills} SIG{args.mode.upper()}s, {args.nodes} nodes, {args.shards} shards, "
         f"R={args.replication_factor}, lease TTL {args.lease_ttl_s} s, poll {args.poll_ms:g} ms, "
         f"{os.cpu_count()} CPUs; logs in {workdir}",
         flush=True,
@@ -454,12 +554,13 @@ def main() -> int:
     print()
     print("| figure | value |")
     print("| --- | --- |")
-    print(f"| samples (kill -> new primary visible, s) | {', '.join(f'{x:.3f}' for x in figures)} |")
+    print(f"| samples ({args.mode} -> new primary visible, s) | {', '.join(f'{x:.3f}' for x in figures)} |")
     print(f"| min | {min(figures):.3f} s |")
     print(f"| **median** | **{median:.3f} s** (target <= {args.target_s:g} s) |")
     print(f"| mean | {statistics.fmean(figures):.3f} s |")
     print(f"| max | {max(figures):.3f} s |")
-    for name, attr in (("kill -> record deleted", "expiry_s"), ("deleted -> written", "reconcile_s"),
+    for name, attr in ((f"**{args.mode} -> write acked**", "write_s"),
+                       (f"{args.mode} -> record deleted", "expiry_s"), ("deleted -> written", "reconcile_s"),
                        ("written -> visible", "visible_s")):  # fmt: skip
         xs = [getattr(s, attr) for s in samples if getattr(s, attr) is not None]
         if xs:
