@@ -155,6 +155,8 @@ class DataPlane:
         self._shippers: dict[NodeId, Shipper] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._seq = itertools.count()
+        self._pending_writes: list[tuple[ShardState, int, shardnode_pb2.WriteOp, asyncio.Future[WriteResult]]] = []
+        self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._prune_task: asyncio.Task[None] | None = None
         for shard, meta in storage.shards().items():
@@ -567,7 +569,7 @@ class DataPlane:
             player_id=player,
             grant=shardnode_pb2.GrantOp(item_ids=items, gold=request.gold),
         )
-        result = self._write(state, op)
+        result = await self._write(state, op)
         await self._wait_committed(state, result.lsn, timeout_s, f"grant {limits.echo(request.request_id, 40)}")
         response = shardnode_pb2.GrantItemsResponse.FromString(result.response)
         response.replayed = result.replayed
@@ -590,7 +592,7 @@ class DataPlane:
             player_id=player,
             set_data=shardnode_pb2.SetDataOp(system=request.system, key=request.key, value=request.value),
         )
-        result = self._write(state, op)
+        result = await self._write(state, op)
         if strong:
             await self._wait_committed(state, result.lsn, timeout_s, f"write {limits.echo(request.request_id, 40)}")
         response = shardnode_pb2.SetPlayerDataResponse.FromString(result.response)
@@ -624,15 +626,45 @@ class DataPlane:
             response.found = True
         return response
 
-    def _write(self, state: ShardState, op: shardnode_pb2.WriteOp) -> WriteResult:
-        result = self._storage.write(state.shard_id, state.epoch, op, self._clock.wall_ms())
-        if not result.replayed:
-            state.last = LogPosition(state.epoch, result.lsn)
-            if not state.replicas or all(r == self.node_id for r in state.replicas):
+    async def _write(self, state: ShardState, op: shardnode_pb2.WriteOp) -> WriteResult:
+        """Commits one write as primary. Writes arriving in the same event-loop turn are
+        committed together in one transaction (group commit: one WAL append, and one
+        fsync with ``--synchronous full``), each isolated from the others' refusals."""
+        future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
+        self._pending_writes.append((state, state.epoch, op, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_writes)
+        return await future
+
+    def _flush_writes(self) -> None:
+        self._flush_scheduled = False
+        batch, self._pending_writes = self._pending_writes, []
+        if not batch:
+            return
+        try:
+            results = self._storage.write_many(
+                [(state.shard_id, epoch, op) for state, epoch, op, _ in batch], self._clock.wall_ms()
+            )
+        except BlueMarbleError as e:
+            results = [e] * len(batch)
+        touched: dict[ShardId, ShardState] = {}
+        for (state, epoch, _, future), result in zip(batch, results, strict=True):
+            if isinstance(result, BlueMarbleError):
+                if not future.done():
+                    future.set_exception(result)
+                continue
+            if not result.replayed and state.epoch == epoch:
+                state.last = max(state.last, LogPosition(epoch, result.lsn))
+                touched[state.shard_id] = state
+            if not future.done():
+                future.set_result(result)
+        for state in touched.values():
+            if not any(r != self.node_id for r in state.replicas):
                 self._recompute_commit(state)
+        if touched:
             for shipper in self._shippers.values():
                 shipper.wake.set()
-        return result
 
     # ---- fencing (the control-plane leader's failover, flow 4) ----
 
