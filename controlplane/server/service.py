@@ -70,9 +70,6 @@ START_REVISION_CATCH_UP_S = 0.5
 """How long WatchAssignments lets this replica's mirror catch up to start_revision before
 it starts the stream anyway (the snapshot says the revision it reflects)."""
 _KNOWN_ROLES = frozenset(common_pb2.ShardRole.values())
-_MAX_REPORTED_VALUE = 2**63 - 1
-"""Largest epoch, lsn or lag a heartbeat may report: int64 (what JSON readers and other
-languages hold exactly enough); a larger one is a broken node, not a position."""
 STATUS_PROBE_MAX_NODES = 256
 """Nodes one ListAssignments(include_status) asks directly at most (members with no recent
 report here); the others' statuses are missing from the answer."""
@@ -161,7 +158,8 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
 
     def _check_shard_statuses(self, statuses: Sequence[common_pb2.ShardStatus]) -> None:
         """InvalidArgument unless every status names a shard of the current ring, once,
-        with a known role. (epoch and applied_lsn are uint64: never negative.)"""
+        with a known role. (epoch, applied_lsn, last_epoch, lag_entries and lag_ms are
+        uint64: never negative, any value accepted; on_disk_only and serving are flags.)"""
         if len(statuses) > MAX_SHARD_STATUSES:
             raise InvalidArgument(f"heartbeat reports {len(statuses)} shards; at most {MAX_SHARD_STATUSES}")
         if not statuses:
@@ -190,11 +188,6 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                     f"{where}: role {status.role} of {status.shard_id} is not a ShardRole; "
                     "use SHARD_ROLE_PRIMARY (1) or SHARD_ROLE_REPLICA (2)"
                 )
-            for name in ("epoch", "applied_lsn", "last_epoch", "lag_entries", "lag_ms"):
-                if getattr(status, name) > _MAX_REPORTED_VALUE:
-                    raise InvalidArgument(
-                        f"{where}: {name} of {status.shard_id} is {getattr(status, name)}; at most 2^63-1"
-                    )
 
     async def DeregisterNode(
         self, request: controlplane_pb2.DeregisterNodeRequest, context: Ctx
