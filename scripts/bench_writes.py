@@ -331,8 +331,9 @@ class LagSampler:
 class Profiler:
     """py-spy on some processes for one window (raw collapsed stacks)."""
 
-    def __init__(self, directory: Path | None):
+    def __init__(self, directory: Path | None, native: bool = False):
         self.directory = directory
+        self.native = native  # also sample C frames (grpc core, sqlite, uvloop)
         self.exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         self.running: list[tuple[str, subprocess.Popen[bytes], Path]] = []
 
@@ -347,7 +348,8 @@ class Profiler:
             out = self.directory / f"{label}-{name}.txt"
             proc = subprocess.Popen(
                 [self.exe, "record", "--pid", str(pid), "--duration", str(max(1, int(duration_s))),
-                 "--rate", "200", "--format", "raw", "--nonblocking", "--output", str(out)],
+                 "--rate", "200", "--format", "raw", "--output", str(out),
+                 *(["--native"] if self.native else ["--nonblocking"])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
             self.running.append((f"{label} {name}", proc, out))
@@ -785,6 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--call-deadline-s", type=float, default=10.0, help="routing client deadline per call")
     p.add_argument("--report-only", action="store_true", help="exit 0 even when a target is missed")
     p.add_argument("--profile-dir", type=Path, help="py-spy the busiest primary and the client into DIR")
+    p.add_argument("--profile-native", action="store_true", help="with --profile-dir: C frames too (pauses)")
     p.add_argument("--keep-dir", action="store_true", help="keep etcd data, node data and logs")
     p.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = p.parse_args(argv)
@@ -809,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     processes: list[ManagedProcess] = []
     clusters: list[Cluster] = []
-    profiler = Profiler(args.profile_dir)
+    profiler = Profiler(args.profile_dir, args.profile_native)
     results: list[Result] = []
     failed = False
     try:
