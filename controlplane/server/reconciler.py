@@ -216,6 +216,8 @@ class Reconciler:
         self._unreadable_logged: set[tuple[str, int]] = set()
         self._promotion_notes: set[tuple[ShardId, int, str]] = set()  # logged once each
         self._fence_floor: dict[ShardId, int] = {}  # higher fenced epochs nodes reported
+        # Lost shards whose members hold no copy: their next fence asks every live node.
+        self._widened: set[ShardId] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.rounds = 0
@@ -563,6 +565,7 @@ class Reconciler:
         with the fence can no longer grow under the old primary.
         """
         lost: dict[ShardId, list[NodeId]] = {}
+        members: dict[ShardId, list[NodeId]] = {}
         for shard in shards:
             a = current.get(shard)
             if a is None or (a.primary is None and a.epoch == 0):
@@ -578,6 +581,12 @@ class Reconciler:
                 candidates.append(old)  # an ex-primary back under a new registration
                 self._note(shard, a.epoch, "reborn", "primary registered again (a new incarnation); "
                            "it lost its role and may only win it back through promotion", node_id=old)
+            members[shard] = list(candidates)
+            if shard in self._widened:
+                # No member holds the data: ask every live node. A replica moved away a
+                # moment ago keeps its copy on disk, and a write acknowledged before the
+                # move may exist nowhere else but on the lost primary.
+                candidates += [n for n in sorted(addresses) if n not in candidates and (n != old or reborn)]
             lost[shard] = candidates
         new_epoch = {shard: max(current[shard].epoch + 1, self._fence_floor.get(shard, 0)) for shard in lost}
         targets: dict[NodeId, tuple[str, dict[ShardId, int]]] = {}
@@ -592,6 +601,9 @@ class Reconciler:
         for shard, candidates in lost.items():
             epoch = new_epoch[shard]
             if not candidates:
+                if shard not in self._widened and addresses:
+                    self._widened.add(shard)  # next round: look for a copy on every live node
+                    waiting.add(shard)
                 continue  # no live copy: placement assigns a fresh primary and says so
             silent = sorted(n for n in candidates if answers.get(n) is None)
             if silent:
@@ -610,13 +622,22 @@ class Reconciler:
                            fenced_epoch=higher)
                 continue
             with_data = {n: c.last for n, c in copies.items() if c.has_data}
+            if not with_data and shard not in self._widened:
+                self._widened.add(shard)
+                waiting.add(shard)
+                self._note(shard, epoch, "widen", "no member of the shard holds its data; "
+                           "asking every live node for a copy", candidates=sorted(candidates))
+                continue
             if not with_data:
                 stuck.add(shard)
                 self._note(shard, epoch, "no-data", "shard stays PRIMARY_LOST: no live candidate holds its data; "
                            "promoting one would lose what the lost primary had", candidates=sorted(candidates))
                 continue
             positions.update({(shard, n): last for n, last in with_data.items()})
-            ready[shard] = ShardAssignment(shard, epoch - 1, None, tuple(candidates))
+            ready[shard] = ShardAssignment(
+                shard, epoch - 1, None, tuple(dict.fromkeys([*members[shard], *sorted(with_data)]))
+            )
+            self._widened.discard(shard)
             best = max(sorted(with_data), key=lambda n: with_data[n])
             log.info("fenced the candidates of a lost primary", shard=shard, epoch=epoch,
                      positions={n: str(p) for n, p in sorted(with_data.items())}, chosen=best,

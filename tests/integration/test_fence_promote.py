@@ -143,6 +143,25 @@ async def test_a_shard_whose_live_candidates_hold_no_data_stays_without_a_primar
         assert (await c.assignment()).primary == x
 
 
+async def test_a_copy_left_on_a_node_that_is_no_longer_a_member_is_found(
+    start_control_plane: StartControlPlane, serve_fake_node: ServeFakeNode
+) -> None:
+    """A replica moved away keeps its copy on disk; when no member has one (the new
+    replica had not caught up yet), the leader fences every live node and promotes the
+    copy it finds, instead of leaving the shard without a primary or losing writes."""
+    async with cluster(start_control_plane, serve_fake_node, count=4) as c:
+        before = await c.assignment()
+        outsider = next(n for n in sorted(c.fakes) if n != before.primary and n not in before.replicas)
+        for member in before.replicas:
+            c.fakes[member].positions[SHARD] = None
+        c.fakes[outsider].positions[SHARD] = (1, 7)
+        await c.leave(before.primary)
+        await wait_for(lambda: _promoted(c, before.epoch + 1), 10.0, "the promotion")
+        after = await c.assignment()
+        assert after.primary == outsider
+        assert c.fakes[outsider].fences(SHARD) == [before.epoch + 1]
+
+
 async def test_nodes_without_fence_fail_over_on_their_reported_positions(
     start_control_plane: StartControlPlane, serve_fake_node: ServeFakeNode
 ) -> None:
