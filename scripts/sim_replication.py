@@ -25,7 +25,7 @@ import sys
 import time
 from collections import Counter
 
-from tests.sim.replication_sim import DEFAULT_STEPS, run_seed
+from tests.sim.replication_sim import DEFAULT_STEPS, run_range, run_seed
 from tests.sim.rules import BREAKS
 
 CHUNK_SEEDS = 250
@@ -40,16 +40,10 @@ FAULT_COUNTERS = (
 
 
 def run_chunk(task: tuple[int, int, int, str | None]) -> tuple[Counter[str], list[tuple[int, list[str]]]]:
-    """Run seeds ``start .. start+count-1``; their summed counters and their violations."""
+    """Run seeds ``start .. start+count-1`` in a worker; their summed counters and failures."""
     start, count, steps, break_name = task
-    totals: Counter[str] = Counter()
-    failures: list[tuple[int, list[str]]] = []
-    for seed in range(start, start + count):
-        result = run_seed(seed, steps=steps, breaks=break_name)
-        totals.update(result.counters)
-        if result.violations:
-            failures.append((seed, result.violations))
-    return totals, failures
+    result = run_range(start, count, steps=steps, breaks=break_name)
+    return Counter(result.counters), result.failures
 
 
 def rerun_command(seed: int, steps: int, break_name: str | None) -> str:

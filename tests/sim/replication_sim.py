@@ -883,3 +883,25 @@ def run_seed(seed: int, *, steps: int = DEFAULT_STEPS, breaks: str | None = None
     ``trace`` keeps a readable log of the notable events in ``SimResult.trace``.
     """
     return Sim(seed, steps, rules_for(breaks), trace).run()
+
+
+@dataclass
+class RangeResult:
+    """Seeds ``start .. start+count-1`` run one after the other: summed counters, and the
+    violations of each failing seed (ascending)."""
+
+    counters: dict[str, int]
+    failures: list[tuple[int, list[str]]]
+
+
+def run_range(start: int, count: int, *, steps: int = DEFAULT_STEPS, breaks: str | None = None) -> RangeResult:
+    """Run a range of seeds in this process (the unit of work of a multiprocessing pool)."""
+    counters: dict[str, int] = {}
+    failures: list[tuple[int, list[str]]] = []
+    for seed in range(start, start + count):
+        result = run_seed(seed, steps=steps, breaks=breaks)
+        for name, value in result.counters.items():
+            counters[name] = counters.get(name, 0) + value
+        if result.violations:
+            failures.append((seed, result.violations))
+    return RangeResult(counters, failures)
