@@ -352,8 +352,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_set.add_argument("value", help="the value, stored as UTF-8")
     data_set.add_argument("--request-id", help="idempotency key (default: a new uuid4); reuse it to retry safely")
     args = p.parse_args(argv)
-    # The output is for people: the client library's own progress lines would drown it.
-    logs.configure("warning", "console")
+    if argv is None:
+        # Run as a command: the output is for people, and the client library's own
+        # progress lines would drown it. (Tests pass argv and keep their log set-up.)
+        logs.configure("warning", "console")
     return asyncio.run(run(args))
 
 
