@@ -428,8 +428,12 @@ class TestRequestSize:
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert took_s < 1.0, took_s
         assert_short(details)
-        # A 2 MB message inside the heartbeat stream ends that stream the same way.
-        r = await stub.RegisterNode(register_request())
+        # A 2 MB message inside the heartbeat stream ends that stream the same way. (The
+        # node's address accepts connections: a broken stream from a node whose address
+        # refuses them counts as a crash, and its lease would be revoked.)
+        listener = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        r = await stub.RegisterNode(register_request(address=f"127.0.0.1:{port}"))
         call = stub.HeartbeatStream()
         await call.write(pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id))
         await call.read()
@@ -437,7 +441,10 @@ class TestRequestSize:
         code, _ = await refusal(call.read())
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert await serving(channel)
-        await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id))
+        try:
+            await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id))
+        finally:
+            listener.close()
 
     async def test_the_largest_legal_heartbeat_fits(self, stub: Stub) -> None:
         r = await stub.RegisterNode(register_request())
