@@ -566,6 +566,7 @@ class Reconciler:
         """
         lost: dict[ShardId, list[NodeId]] = {}
         members: dict[ShardId, list[NodeId]] = {}
+        olds: dict[ShardId, NodeId | None] = {}
         for shard in shards:
             a = current.get(shard)
             if a is None or (a.primary is None and a.epoch == 0):
@@ -582,6 +583,7 @@ class Reconciler:
                 self._note(shard, a.epoch, "reborn", "primary registered again (a new incarnation); "
                            "it lost its role and may only win it back through promotion", node_id=old)
             members[shard] = list(candidates)
+            olds[shard] = old
             if shard in self._widened:
                 # No member holds the data: ask every live node. A replica moved away a
                 # moment ago keeps its copy on disk, and a write acknowledged before the
@@ -633,12 +635,22 @@ class Reconciler:
                 self._note(shard, epoch, "no-data", "shard stays PRIMARY_LOST: no live candidate holds its data; "
                            "promoting one would lose what the lost primary had", candidates=sorted(candidates))
                 continue
-            positions.update({(shard, n): last for n, last in with_data.items()})
+            # Ties (the usual case: every copy caught up) go first to nodes that kept
+            # their registration (they were up all along: a restarted ex-primary rejoins
+            # as a replica), then to the old primary (after a mass lease expiry nobody
+            # died: leadership stays where it was, at the new epoch), then by node id.
+            # Placement promotes the one copy given a position.
+            top = max(with_data.values())
+            stamped = stamps.get(shard, {})
+            best = min(
+                (n for n, last in with_data.items() if last == top),
+                key=lambda n: (stamped.get(n) != leases.get(n) or n not in stamped, n != olds[shard], n),
+            )
+            positions[(shard, best)] = top
             ready[shard] = ShardAssignment(
                 shard, epoch - 1, None, tuple(dict.fromkeys([*members[shard], *sorted(with_data)]))
             )
             self._widened.discard(shard)
-            best = max(sorted(with_data), key=lambda n: with_data[n])
             log.info("fenced the candidates of a lost primary", shard=shard, epoch=epoch,
                      positions={n: str(p) for n, p in sorted(with_data.items())}, chosen=best,
                      unfenced=sorted(n for n, c in copies.items() if not c.fenced) or None)

@@ -2,8 +2,10 @@
 
 etcd (a private one, so no other test is disturbed) is paused with SIGSTOP for twice the
 lease TTL. Every lease expires while it is paused, every node registers again within a
-heartbeat or two once it resumes, and the leader holds moves meanwhile: no shard's
-primary ends on another node.
+heartbeat or two once it resumes, and the leader holds moves meanwhile. Every node is
+then a new incarnation, so every shard goes through fence-then-promote at a higher epoch
+(a node that registers again has lost its roles, flow 1), and ties go to the old
+primary: no shard's primary ends on another node.
 """
 
 from __future__ import annotations
@@ -91,3 +93,5 @@ def test_pausing_etcd_for_two_ttls_moves_no_primary(private_cluster: ProcessClus
             assert not moved, f"{moved}\n--- control plane log ---\n{cluster.log_text('cp-0')[-6000:]}"
         time.sleep(0.1)
     assert primaries(cluster.assignments(cp)) == before
+    after = cluster.assignments(cp)
+    assert after is not None and all(a.epoch >= 2 for a in after.assignments), "no promotion at a higher epoch"
