@@ -210,7 +210,9 @@ def test_nodes_keep_their_assignments_with_every_control_plane_replica_down(
     assert all(before.values())
     for i in range(len(process_cluster.control_planes)):
         process_cluster.process(f"cp-{i}").signal(signal.SIGKILL)
-    # For well over a lease TTL with no control plane, every node keeps serving its roles.
+    # For well over a lease TTL with no control plane, every node keeps its roles (static
+    # stability). What a primary still serves then, and what it stops serving once its
+    # lease may have expired, is tests/e2e/test_data_plane.py's business.
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline:
         for node, address in process_cluster.node_addresses.items():
