@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"replication simulation ({label}): seeds {args.start}..{args.start + args.seeds - 1} "
           f"({args.seeds}), {totals['ticks']} ticks, {elapsed_s:.1f} s with {args.workers} worker(s)")
     print("  " + ", ".join(f"{name} {totals[name]}" for name in FAULT_COUNTERS))
-    print(f"  failing seeds: {len(failures)}")
+    print(f"  failing seeds: {len(failures)}" + (f" ({', '.join(str(f[0]) for f in failures[:20])}"
+                                                   f"{', ...' if len(failures) > 20 else ''})" if failures else ""))
     if not failures:
         return 0
     seed, violations = failures[0]

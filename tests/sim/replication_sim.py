@@ -13,9 +13,11 @@ seeded ``random.Random`` and an integer clock, in the way of TigerBeetle's VOPR:
   id) on a timeout or a refusal;
 - a **network** that drops, delays, reorders and duplicates (:mod:`tests.sim.network`);
 - **faults**, at most one node impaired at a time (I4 promises survival of any single
-  node's loss): crash + restart (durable state kept), pause + resume (the node wakes up
-  believing it is still primary), a partition from the leader that the leader reads as a
-  crash (early failover while the old primary is alive), and at most one lost disk.
+  node's loss; a node stays impaired until the leader counts it live again, and a wiped
+  one until it holds every acknowledged write again): crash + restart (durable state
+  kept), pause + resume (the node wakes up believing it is still primary), a partition
+  from the leader that the leader reads as a crash (early failover while the old primary
+  is alive), and at most one lost disk.
 
 After the faulty phase the run heals (faults end, the network stops losing messages,
 clients stop starting writes) and must converge: one serving primary, identical logs.
@@ -785,7 +787,10 @@ class Sim:
                 continue
             if kind == "partition" and self.net.cut_from_leader.get(node, -1) > now:
                 continue
-            if kind in ("crash", "partition") and self.leader_registered[node] != self.inc[node]:
+            if self.leader_registered[node] != self.inc[node]:
+                # Until the leader counts it live again, the node is still out of the shard
+                # as far as promotion goes (it is not fenced, not waited for): a second
+                # node out now would be two faults, beyond what I4 promises.
                 continue
             if kind == "lose" and any(r.write_id not in self.index[node] for r in self.checker.acked):
                 continue
