@@ -33,7 +33,10 @@ What is measured, ``--kills`` times (default 10):
    (default 2 x TTL + 1 s): the control-plane leader reads two nodes leaving within
    2 x TTL as a possible mass expiry (an etcd or network hiccup, not deaths) and holds
    every placement move, promotions included, until they come back or 2 x TTL has
-   passed; this benchmark measures one failure at a time.
+   passed; this benchmark measures one failure at a time. And a victim has been up for
+   at least TTL/3 + 0.5 s: a node opens its heartbeat stream with its first heartbeat,
+   TTL/3 after registering, and one killed before that has no stream whose end the
+   control plane could see (it then waits for the TTL).
 5. Meanwhile, poll ListAssignments on the control plane every ``--poll-ms`` (10 ms) until
    every shard the victim led has a primary other than the victim with a higher epoch than
    at the kill. ``t_visible`` is when that ListAssignments answer arrived. The figure is
@@ -128,6 +131,7 @@ class Cluster:
         self.addresses: dict[str, str] = {}
         self.zones: dict[str, str] = {}
         self.dead: list[ManagedProcess] = []
+        self.started_at: dict[str, float] = {}  # node id -> monotonic time of its last start
 
     def start_etcd_and_control_plane(self) -> None:
         self.etcd = LocalEtcd(self.workdir).start()
@@ -153,6 +157,7 @@ class Cluster:
             self.workdir / f"{node_id}.log",
         ).start()  # fmt: skip
         self.nodes[node_id] = proc
+        self.started_at[node_id] = time.monotonic()
         return proc
 
     def sigkill(self, node_id: str) -> float:
@@ -318,7 +323,7 @@ class Bench:
         await events.start()
         samples: list[Sample] = []
         # The writer: a game server's client. Many attempts: it retries until the deadline.
-        client = RoutingClient(cluster.cp_address, max_attempts=100_000)
+        client = RoutingClient(cluster.cp_address, max_attempts=100_000, retry_max_backoff_s=args.client_max_backoff_s)
         try:
             await client.start()
             await self.wait_settled(set(node_ids), 60)
@@ -350,6 +355,10 @@ class Bench:
                 # One failure at a time: a departure within the leader's hold window of
                 # the previous one reads as a mass expiry and holds every move (module doc).
                 await asyncio.sleep(max(0.0, t_last_failover + args.min_gap_s - time.monotonic()))
+                # A node opens its heartbeat stream with its first heartbeat, TTL/3 after it
+                # registered; the crash watch needs that stream to see the node die.
+                first_beat = cluster.started_at[victim] + args.lease_ttl_s / 3 + 0.5
+                await asyncio.sleep(max(0.0, first_beat - time.monotonic()))
                 mark = len(events.events)
                 t_kill = cluster.sigstop(victim) if args.mode == "stop" else cluster.sigkill(victim)
                 writes = asyncio.ensure_future(self.write_after(client, players, t_kill, victim))
@@ -536,6 +545,9 @@ def main() -> int:
         "--min-gap-s",
         type=float,
         help="from a failover to the next kill (default 2 x TTL + 1 s: the leader's mass-departure window)",
+    )
+    p.add_argument(
+        "--client-max-backoff-s", type=float, default=0.5, help="the writer's RoutingClient retry_max_backoff_s"
     )
     p.add_argument("--poll-ms", type=float, default=10.0, help="ListAssignments polling period")
     p.add_argument("--settle-s", type=float, default=1.5, help="assignments unchanged this long = settled")
