@@ -21,8 +21,9 @@ SIGTERM included):
   ``--synchronous full`` for the FULL configuration).
 
 What is measured, per configuration, at ``--concurrency`` calls in flight (closed loop:
-each of the workers sends its next call when the last one answered), for ``--warmup-s``
-then ``--duration-s``:
+each of the workers sends its next call when the last one answered), in ``--rounds``
+rounds of 1, 2, 3 back to back (so that load from other jobs weighs on all three alike),
+each a ``--warmup-s`` warm-up then a window of ``--duration-s`` / ``--rounds``:
 
 1. echo: unary calls over one grpc.aio channel built like the client's node channels
    (:func:`bluemarble.runtime.channels.insecure_channel`), the request a serialized
@@ -33,10 +34,12 @@ then ``--duration-s``:
 3. EVENTUAL: :meth:`RoutingClient.set_player_data` on system ``guild`` (EVENTUAL in the
    default cluster config), cycling over the players granted in 2.
 
-Rate = calls answered OK in the measured window / its length; p50/p99 = latency of the
-calls that started and ended in it (client side). During 2 and 3, every node's
-``GetShardStatus`` is sampled every ``--lag-sample-ms`` (100 ms); lag p99/max are over
-the (node, shard) statuses of replicas in the window. CPU per process over the window
+Rate = calls answered OK in the measured windows / their total length; p50/p99 =
+latency of the calls that started and ended in one (client side). During 2 and 3, every
+node's ``GetShardStatus`` is sampled every ``--lag-sample-ms`` (100 ms): replica lag
+p99/max are over the replicas' (node, shard) statuses, primary-side lag over the
+primaries' (entries their slowest replica has not acked, and the oldest one's age). CPU
+per process over the windows
 comes from /proc/<pid>/stat (% of one core).
 
 Targets (this 2-core machine): STRONG >= 25 % and EVENTUAL >= 40 % of the echo rate, for
@@ -436,7 +439,7 @@ def grant_request_bytes() -> bytes:
     ).SerializeToString()
 
 
-async def echo_load(address: str, args: argparse.Namespace) -> Load:
+async def echo_load(address: str, args: argparse.Namespace, window_s: float) -> Load:
     channel = insecure_channel(address)
     try:
         call = channel.unary_unary(
@@ -449,7 +452,7 @@ async def echo_load(address: str, args: argparse.Namespace) -> Load:
         async def op(i: int) -> object:
             return await call(template, timeout=5.0)
 
-        return await run_load(op, args.concurrency, args.warmup_s, args.duration_s)
+        return await run_load(op, args.concurrency, args.warmup_s, window_s)
     finally:
         await channel.close(None)
 
@@ -542,70 +545,68 @@ async def measure_config(
             for i in range(64):
                 await client.grant_items(f"warm-{index}-{i:04d}", [f"warm-item-{index}-{i:04d}"], deadline_s=20)
 
-            echo = await phase("echo", lambda: echo_load(echo_address, args), pids, args, profiler, {}, None)
-            say(
-                f"  echo: {echo.load.rate:,.0f} calls/s, p50 {echo.load.pct_ms(0.5):.2f} ms, "
-                f"p99 {echo.load.pct_ms(0.99):.2f} ms, failed {echo.load.failed}"
-            )
-
             sampler = LagSampler(list(cluster.addresses.values()), args.lag_sample_ms / 1000)
             sampler.start()
             players: list[str] = []
-
-            async def grant(i: int) -> object:
-                player = f"bench-{index}-{i:07d}"
-                result = await client.grant_items(player, [f"item-{index}-{i:07d}"], deadline_s=args.call_deadline_s)
-                if i < args.players:
-                    players.append(player)
-                return result
-
             value = b"x" * 16
-
-            async def set_data(i: int) -> object:
-                return await client.set_player_data(
-                    players[i % len(players)], "guild", "name", value, deadline_s=args.call_deadline_s
-                )
-
+            window_s = args.duration_s / args.rounds
+            label = config.name.replace(" ", "_").replace("=", "")
             prof_targets = {"client": os.getpid(), f"node-{busiest}": cluster.nodes[busiest].pid}
+            echoes: list[Phase] = []
+            strongs: list[Phase] = []
+            eventuals: list[Phase] = []
             try:
-                strong = await phase(
-                    "strong",
-                    lambda: run_load(
-                        grant, args.concurrency, args.warmup_s, args.duration_s, on_window=sampler_switch(sampler)
-                    ),
-                    pids,
-                    args,
-                    profiler,
-                    prof_targets,
-                    f"{config.name.replace(' ', '_').replace('=', '')}-strong",
-                )
-                sampler.take(strong)
-                say(
-                    f"  STRONG grants: {strong.load.rate:,.0f}/s, p50 {strong.load.pct_ms(0.5):.2f} ms, "
-                    f"p99 {strong.load.pct_ms(0.99):.2f} ms, failed {strong.load.failed} {strong.load.errors or ''}"
-                )
-                if not players:
-                    raise RuntimeError("no grant succeeded; nothing to write player data for")
-                eventual = await phase(
-                    "eventual",
-                    lambda: run_load(
-                        set_data, args.concurrency, args.warmup_s, args.duration_s, on_window=sampler_switch(sampler)
-                    ),
-                    pids,
-                    args,
-                    profiler,
-                    prof_targets,
-                    f"{config.name.replace(' ', '_').replace('=', '')}-eventual",
-                )
-                sampler.take(eventual)
-                say(
-                    f"  EVENTUAL writes: {eventual.load.rate:,.0f}/s, p50 {eventual.load.pct_ms(0.5):.2f} ms, "
-                    f"p99 {eventual.load.pct_ms(0.99):.2f} ms, failed {eventual.load.failed} "
-                    f"{eventual.load.errors or ''}"
-                )
+                # Rounds of echo, STRONG, EVENTUAL back to back: whatever else loads the
+                # machine weighs on the three alike.
+                for rnd in range(1, args.rounds + 1):
+
+                    async def grant(i: int, rnd: int = rnd) -> object:
+                        player = f"bench-{index}-{rnd}-{i:07d}"
+                        result = await client.grant_items(
+                            player, [f"item-{index}-{rnd}-{i:07d}"], deadline_s=args.call_deadline_s
+                        )
+                        if len(players) < args.players:
+                            players.append(player)
+                        return result
+
+                    async def set_data(i: int) -> object:
+                        return await client.set_player_data(
+                            players[i % len(players)], "guild", "name", value, deadline_s=args.call_deadline_s
+                        )
+
+                    prof = rnd == 1
+                    echo = await phase(
+                        lambda: echo_load(echo_address, args, window_s), pids, args, window_s, profiler, {}, None
+                    )
+                    strong = await phase(
+                        lambda: run_load(
+                            grant, args.concurrency, args.warmup_s, window_s, on_window=sampler_switch(sampler)
+                        ),
+                        pids, args, window_s, profiler, prof_targets, f"{label}-strong" if prof else None,
+                    )  # fmt: skip
+                    sampler.take(strong)
+                    if not players:
+                        raise RuntimeError("no grant succeeded; nothing to write player data for")
+                    eventual = await phase(
+                        lambda: run_load(
+                            set_data, args.concurrency, args.warmup_s, window_s, on_window=sampler_switch(sampler)
+                        ),
+                        pids, args, window_s, profiler, prof_targets, f"{label}-eventual" if prof else None,
+                    )  # fmt: skip
+                    sampler.take(eventual)
+                    say(
+                        f"  round {rnd}: echo {echo.load.rate:,.0f}/s, STRONG {strong.load.rate:,.0f}/s "
+                        f"({strong.load.rate / max(echo.load.rate, 1e-9):.2f}), EVENTUAL {eventual.load.rate:,.0f}/s "
+                        f"({eventual.load.rate / max(echo.load.rate, 1e-9):.2f}); failed "
+                        f"{echo.load.failed}/{strong.load.failed}/{eventual.load.failed} "
+                        f"{strong.load.errors or ''}{eventual.load.errors or ''}"
+                    )
+                    echoes.append(echo)
+                    strongs.append(strong)
+                    eventuals.append(eventual)
             finally:
                 await sampler.close()
-        return Result(config, echo, strong, eventual, primaries)
+        return Result(config, merge(echoes), merge(strongs), merge(eventuals), primaries)
     finally:
         await bench.channel.close(None)
         cluster.stop_all()
@@ -618,11 +619,35 @@ def sampler_switch(sampler: LagSampler) -> Callable[[bool], None]:
     return switch
 
 
+def merge(phases: list[Phase]) -> Phase:
+    """One phase from several rounds of it: counts and samples added up, CPU weighted by
+    window length."""
+    load = Load()
+    merged = Phase(load)
+    errors: collections.Counter[str] = collections.Counter()
+    for ph in phases:
+        load.ok += ph.load.ok
+        load.failed += ph.load.failed
+        load.window_s += ph.load.window_s
+        load.latencies_ms += ph.load.latencies_ms
+        errors.update(ph.load.errors)
+        merged.lag_entries += ph.lag_entries
+        merged.lag_ms += ph.lag_ms
+        merged.acked_entries += ph.acked_entries
+        merged.acked_ms += ph.acked_ms
+        merged.profiled |= ph.profiled
+        for name, pct in ph.cpu.items():
+            merged.cpu[name] = merged.cpu.get(name, 0.0) + pct * ph.load.window_s
+    load.errors = dict(errors.most_common(5))
+    merged.cpu = {k: v / load.window_s for k, v in merged.cpu.items()} if load.window_s else {}
+    return merged
+
+
 async def phase(
-    name: str,
     work: Callable[[], Awaitable[Load]],
     pids: dict[str, list[int]],
     args: argparse.Namespace,
+    window_s: float,
     profiler: Profiler,
     prof_targets: dict[str, int],
     prof_label: str | None,
@@ -637,7 +662,7 @@ async def phase(
         meter.start()
         if profiled:
             assert prof_label is not None
-            profiler.start(prof_label, prof_targets, args.duration_s)
+            profiler.start(prof_label, prof_targets, window_s)
 
     opener = asyncio.create_task(open_window())
     load = await work()
@@ -780,7 +805,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="r2,r3,r2full", help=f"comma-separated, of {', '.join(CONFIGS)}")
     p.add_argument("--concurrency", type=int, default=32, help="calls in flight")
     p.add_argument("--warmup-s", type=float, default=2.0)
-    p.add_argument("--duration-s", type=float, default=10.0, help="measured window per kind of call")
+    p.add_argument("--duration-s", type=float, default=12.0, help="measured time per kind of call, over all rounds")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of echo, STRONG, EVENTUAL per configuration")
     p.add_argument("--players", type=int, default=2000, help="players the EVENTUAL writes cycle over")
     p.add_argument("--lease-ttl-s", type=int, default=10)
     p.add_argument("--lag-sample-ms", type=float, default=100.0)
