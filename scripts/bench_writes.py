@@ -39,8 +39,7 @@ latency of the calls that started and ended in one (client side). During 2 and 3
 node's ``GetShardStatus`` is sampled every ``--lag-sample-ms`` (100 ms): replica lag
 p99/max are over the replicas' (node, shard) statuses, primary-side lag over the
 primaries' (entries their slowest replica has not acked, and the oldest one's age). CPU
-per process over the windows
-comes from /proc/<pid>/stat (% of one core).
+per process over the windows comes from /proc/<pid>/stat (% of one core).
 
 Targets (this 2-core machine): STRONG >= 25 % and EVENTUAL >= 40 % of the echo rate, for
 the R=2 and R=3 configurations (FULL reports its cost next to R=2). Exit status 1 if one
