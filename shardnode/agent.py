@@ -208,6 +208,7 @@ class NodeAgent:
         self.config_revision = 0
         self.config_loaded = asyncio.Event()
         self._config_task: asyncio.Task[None] | None = None
+        self._beat_now = False
 
     # ---- session state ----
 
@@ -299,7 +300,7 @@ class NodeAgent:
             if registration is None:
                 return  # stopped while registering again
             self._observe_state()
-            if failures == 0:
+            if failures == 0 and not self._beat_now:
                 interval_s = min(registration.heartbeat_interval_s, registration.ttl_s / 3)
                 due_s = self.lease_valid_until_s - (registration.ttl_s - interval_s)
                 if self._clock.monotonic_s() < due_s:
@@ -341,6 +342,7 @@ class NodeAgent:
                         return
                 continue
             failures = 0
+            self._beat_now = False
             backoff.reset()
             self._set_state(SessionState.CONNECTED)
             if self.draining and not self.shards and self.assignments_synced.is_set():
@@ -519,6 +521,9 @@ class NodeAgent:
             )
             self.lease_valid_until_s = sent_at + response.ttl_ms / 1000
             self.registrations += 1
+            # Heartbeat at once: the open heartbeat stream is how the control plane
+            # tells a crash from a pause (its reset), from the first second on.
+            self._beat_now = True
             self.registered.set()
             self._set_state(SessionState.CONNECTED, lease=f"{response.lease_id:#x}")
             self._refresh_config()

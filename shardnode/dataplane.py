@@ -39,8 +39,10 @@ and stop after that: by then the control plane may have promoted someone else.
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import itertools
+import os
 from dataclasses import dataclass, field
 
 import grpc.aio
@@ -84,6 +86,7 @@ MAX_SNAPSHOT_BYTES = 1 << 30
 SNAPSHOT_TIMEOUT_S = 60.0
 MAX_ENTRIES_PER_SHARD_IN_BATCH = 4096
 HOLD_REPLICATION_FAILPOINT = "hold-replication"
+TAIL_CACHE_ENTRIES = 4096
 
 
 @dataclass
@@ -117,6 +120,11 @@ class ShardState:
     acked: dict[str, int] = field(default_factory=dict)
     waiters: list[_Waiter] = field(default_factory=list)
     activation: asyncio.Task[None] | None = None
+    # The newest entries this node wrote as primary, contiguous and ending at ``last``:
+    # what the shippers send, without reading them back from SQLite.
+    tail: collections.deque[shardnode_pb2.LogEntry] = field(
+        default_factory=lambda: collections.deque(maxlen=TAIL_CACHE_ENTRIES)
+    )
     # As replica.
     primary_last_lsn: int = 0
     applied_written_at_ms: int = 0
@@ -157,6 +165,7 @@ class DataPlane:
         self._seq = itertools.count()
         self._pending_writes: list[tuple[ShardState, int, shardnode_pb2.WriteOp, asyncio.Future[WriteResult]]] = []
         self._flush_scheduled = False
+        self._failpoint = str(storage.path.parent / HOLD_REPLICATION_FAILPOINT)
         self._tasks: set[asyncio.Task[None]] = set()
         self._prune_task: asyncio.Task[None] | None = None
         for shard, meta in storage.shards().items():
@@ -267,6 +276,7 @@ class DataPlane:
         state.serving = False
         state.commit_lsn = 0 if state.replicas else state.last.lsn
         state.acked.clear()
+        state.tail.clear()
         if state.activation is not None:
             state.activation.cancel()
         task = background.start(self._catch_up_then_serve(state, state.epoch), f"activate-{state.shard_id}")
@@ -343,11 +353,28 @@ class DataPlane:
         ]
 
     def entries(self, shard: ShardId, from_lsn: int, max_entries: int, max_bytes: int) -> list[shardnode_pb2.LogEntry]:
+        state = self._shards.get(shard)
+        tail = state.tail if state is not None else None
+        if tail and tail[0].lsn <= from_lsn <= tail[-1].lsn and tail[-1].lsn == state.last.lsn:  # type: ignore[union-attr]
+            out: list[shardnode_pb2.LogEntry] = []
+            size = 0
+            for entry in itertools.islice(tail, from_lsn - tail[0].lsn, None):
+                if out and (len(out) >= max_entries or size + len(entry.payload) > max_bytes):
+                    break
+                out.append(entry)
+                size += len(entry.payload)
+            return out
         return self._storage.entries(shard, from_lsn, max_entries=max_entries, max_bytes=max_bytes)
 
     def epoch_at(self, shard: ShardId, lsn: int) -> int | None:
         if lsn == 0:
             return 0
+        state = self._shards.get(shard)
+        if state is not None and lsn == state.last.lsn:
+            return state.last.epoch
+        tail = state.tail if state is not None else None
+        if tail and tail[0].lsn <= lsn <= tail[-1].lsn:
+            return tail[lsn - tail[0].lsn].epoch
         return self._storage.epoch_at(shard, lsn)
 
     def on_ack(self, shard: ShardId, replica: NodeId, epoch: int, ack: shardnode_pb2.ShardAck) -> None:
@@ -642,14 +669,13 @@ class DataPlane:
         batch, self._pending_writes = self._pending_writes, []
         if not batch:
             return
+        now_ms = self._clock.wall_ms()
         try:
-            results = self._storage.write_many(
-                [(state.shard_id, epoch, op) for state, epoch, op, _ in batch], self._clock.wall_ms()
-            )
+            results = self._storage.write_many([(state.shard_id, epoch, op) for state, epoch, op, _ in batch], now_ms)
         except BlueMarbleError as e:
             results = [e] * len(batch)
         touched: dict[ShardId, ShardState] = {}
-        for (state, epoch, _, future), result in zip(batch, results, strict=True):
+        for (state, epoch, op, future), result in zip(batch, results, strict=True):
             if isinstance(result, BlueMarbleError):
                 if not future.done():
                     future.set_exception(result)
@@ -657,6 +683,15 @@ class DataPlane:
             if not result.replayed and state.epoch == epoch:
                 state.last = max(state.last, LogPosition(epoch, result.lsn))
                 touched[state.shard_id] = state
+                # The same bytes storage logged (it encodes ops deterministically).
+                if state.tail and state.tail[-1].lsn + 1 != result.lsn:
+                    state.tail.clear()
+                state.tail.append(
+                    shardnode_pb2.LogEntry(
+                        lsn=result.lsn, epoch=epoch, payload=op.SerializeToString(deterministic=True),
+                        written_at_ms=now_ms,
+                    )
+                )
             if not future.done():
                 future.set_result(result)
         for state in touched.values():
@@ -698,10 +733,10 @@ class DataPlane:
         neither applies nor acknowledges them, like a replica whose disk hung. The e2e
         tests use it to leave a primary with entries no replica has; nothing else creates
         that file."""
-        failpoint = self._storage.path.parent / HOLD_REPLICATION_FAILPOINT
-        if failpoint.exists():
-            log.warning("failpoint: holding replication", file=str(failpoint))
-            while failpoint.exists():
+        failpoint = self._failpoint
+        if os.path.exists(failpoint):  # noqa: ASYNC240 - one local stat, about a microsecond
+            log.warning("failpoint: holding replication", file=failpoint)
+            while os.path.exists(failpoint):  # noqa: ASYNC240
                 await self._clock.sleep(0.05)
 
     def replicate(self, batch: shardnode_pb2.ReplicateBatch) -> shardnode_pb2.ReplicateAck:
@@ -844,6 +879,7 @@ class DataPlane:
         except Exception as e:  # protobuf's DecodeError
             raise CorruptRecord(f"snapshot of {state.shard_id} from {source} does not decode") from e
         meta = self._storage.install_snapshot(snapshot, max(state.fenced_epoch, epoch))
+        state.tail.clear()
         state.last, state.fenced_epoch = meta.last, meta.fenced_epoch
         state.first_retained_lsn = meta.first_retained_lsn
         state.synced = True

@@ -863,6 +863,8 @@ class RoutingClient:
                 break
             log.debug("retrying", what=what, player=player_id, attempt=attempt, error=str(last))
             await wait_event(clock, changed, min(backoff.next_delay_s(), remaining_s))
+            if changed.is_set():
+                backoff.reset()  # a new view (e.g. a new primary): retry promptly from here on
             if deadline - clock.monotonic_s() <= 0:
                 break
         assert last is not None
