@@ -407,6 +407,10 @@ class DataPlane:
             channel = self._channels[address] = insecure_channel(address)
         return channel
 
+    def urgent(self) -> bool:
+        """Whether a STRONG caller is waiting for an ack (shippers then send at once)."""
+        return any(s.waiters for s in self._shards.values())
+
     def incarnation(self) -> int:
         registration = self._agent.registration
         return registration.lease_id if registration is not None else 0

@@ -54,6 +54,9 @@ PROGRESS_INTERVAL_S = 0.5
 RETRY_DELAY_S = 0.2
 """Delay before a shard refused as NOT_REPLICA / SNAPSHOTTING is tried again."""
 MAX_ENTRIES_PER_SHARD = 512
+EVENTUAL_LINGER_S = 0.005
+"""How long a batch of only EVENTUAL entries waits for more (it adds this much to their
+replication lag, nothing to their callers' latency). STRONG writes are never held."""
 MAX_BATCH_BYTES = 4 << 20
 
 
@@ -103,6 +106,8 @@ class PrimaryLink(Protocol):
 
     def incarnation(self) -> int: ...
 
+    def urgent(self) -> bool: ...
+
 
 @dataclass
 class Shipper:
@@ -146,7 +151,12 @@ class Shipper:
         for peer in self.peers.values():
             peer.next_lsn = None
         try:
+            linger = False
             while True:
+                if linger and not self.link.urgent():
+                    # Only EVENTUAL writes are waiting (their callers have their answers):
+                    # let a few more join this batch; fewer, larger messages cost less CPU.
+                    await self.clock.sleep(EVENTUAL_LINGER_S)
                 batch, sent = self._build()
                 if batch is None:
                     due = min((p.retry_at_s for p in self.peers.values() if p.retry_at_s), default=0.0)
@@ -154,8 +164,10 @@ class Shipper:
                     if due:
                         wait_s = max(0.0, min(wait_s, due - self.clock.monotonic_s()))
                     await wait_event(self.clock, self.wake, wait_s)
+                    linger = self.wake.is_set()
                     self.wake.clear()
                     continue
+                linger = True
                 try:
                     ack = await run_with_timeout(self.clock, self._exchange(call, batch), ACK_TIMEOUT_S)
                 except TimeoutError as e:
