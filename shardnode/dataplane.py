@@ -806,7 +806,8 @@ class DataPlane:
                 else group.primary_last_lsn
             )
             if decision.verdict is Verdict.OK:
-                to_append.append((shard, list(group.entries[decision.append_from :])))
+                if decision.append_from < len(group.entries):  # a probe or a duplicate costs no transaction
+                    to_append.append((shard, list(group.entries[decision.append_from :])))
                 accepted.append((state, group, ack))
                 ack.result = shardnode_pb2.ACK_RESULT_OK
             elif decision.verdict is Verdict.STALE_EPOCH:
@@ -819,8 +820,8 @@ class DataPlane:
                 ack.result, ack.reason = shardnode_pb2.ACK_RESULT_MISMATCH, decision.reason
             else:
                 raise InvalidArgument(f"malformed entries for {shard}: {decision.reason}")
-        if to_append or fenced:
-            lasts = self._storage.append(to_append, fenced)
+        if accepted or fenced:
+            lasts = self._storage.append(to_append, fenced) if to_append or fenced else {}
             for shard, epoch in fenced.items():
                 self._shards[shard].fenced_epoch = max(self._shards[shard].fenced_epoch, epoch)
             for state, group, ack in accepted:
