@@ -191,11 +191,15 @@ class Sim:
         self.restart_at = [0] * n
         # Faults.
         self.impaired: dict[int, str] = {}
+        self.fault_over_at = [0] * n
+        """When each node's last fault physically ended (restart, resume, partition healed)."""
         self.disk_lost = False
         # Leader (control plane).
         self.assignment = NO_ASSIGNMENT
         self.leader_registered: list[int | None] = [None] * n
         self.leader_seen_inc = [0] * n
+        self.leader_heard_at = [0] * n
+        """When the leader last accepted a heartbeat or registration from each node (fault budget only)."""
         self.lease_expiry = [0] * n
         self.stream_closed: dict[int, tuple[int, int]] = {}
         self.round_epoch = 0
@@ -579,6 +583,7 @@ class Sim:
             ok = self.leader_registered[node] == inc
             if ok:
                 self.lease_expiry[node] = now + TTL
+                self.leader_heard_at[node] = now
                 self.stream_closed.pop(node, None)
                 if commit > 0:
                     self.shard_had_data = True
@@ -597,6 +602,7 @@ class Sim:
             # A new incarnation: whatever the node held under the old one is gone.
             self.leader_registered[node] = inc
             self.lease_expiry[node] = now + TTL
+            self.leader_heard_at[node] = now
             self.stream_closed.pop(node, None)
             self.round_answers.pop(_node_id(node), None)
             self.round_sent_at.pop(node, None)
@@ -719,6 +725,7 @@ class Sim:
         if self.status[node] != Status.UP:
             return
         self.impaired[node] = kind
+        self.fault_over_at[node] = 10**9
         self.event(40, node, len(kind))
         if kind in ("crash", "lose"):
             self.status[node] = Status.CRASHED
@@ -744,6 +751,7 @@ class Sim:
         else:
             until = self.now + rng.randint(CRASH_GRACE + 2, 2 * TTL)
             self.net.cut_from_leader[node] = until
+            self.fault_over_at[node] = until
             # A stream reset without a crash (e.g. a middlebox): the leader takes it for one.
             self.stream_closed_notice(node)
             self.counters["partitions"] += 1
@@ -756,6 +764,7 @@ class Sim:
 
     def restart(self, node: int) -> None:
         self.status[node] = Status.UP
+        self.fault_over_at[node] = self.now
         self.forget_volatile(node)
         self.inc[node] += 1
         self.index[node] = {w: k + 1 for k, w in enumerate(self.write_ids[node])}
@@ -766,6 +775,7 @@ class Sim:
 
     def resume(self, node: int) -> None:
         self.status[node] = Status.UP
+        self.fault_over_at[node] = self.now
         self.note(f"n{node + 1} resumes (role {self.role[node].name} at epoch {self.epoch[node]})")
         self.event(42, node)
         for src, dst, kind, body in self.held[node]:
@@ -781,16 +791,19 @@ class Sim:
             elif status == Status.PAUSED and (self.healing or now >= self.resume_at[node]):
                 self.resume(node)
         if self.healing:
+            for node in self.net.cut_from_leader:
+                self.fault_over_at[node] = min(self.fault_over_at[node], now)
             self.net.cut_from_leader.clear()
         for node, kind in list(self.impaired.items()):
             if self.status[node] != Status.UP:
                 continue
             if kind == "partition" and self.net.cut_from_leader.get(node, -1) > now:
                 continue
-            if self.leader_registered[node] != self.inc[node]:
-                # Until the leader counts it live again, the node is still out of the shard
-                # as far as promotion goes (it is not fenced, not waited for): a second
-                # node out now would be two faults, beyond what I4 promises.
+            if self.leader_registered[node] != self.inc[node] or self.leader_heard_at[node] <= self.fault_over_at[node]:
+                # Until the leader has heard from it since the fault ended, the node may still
+                # be out of the shard as far as promotion goes (its lease may yet expire: not
+                # fenced, not waited for); a second node out would be two faults, beyond what
+                # I4 promises.
                 continue
             if kind == "lose" and any(r.write_id not in self.index[node] for r in self.checker.acked):
                 continue

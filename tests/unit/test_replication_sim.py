@@ -28,11 +28,11 @@ START = 0 if os.environ.get("CI") else random.SystemRandom().randrange(1_000_000
 
 # Seeds on which each planted bug is caught (found with scripts/sim_replication.py --break NAME).
 CAUGHT: dict[str, int] = {
-    "promote-greatest-lsn": 830,
-    "no-fence": 11,
-    "accept-stale-epoch": 0,
+    "promote-greatest-lsn": 2773,
+    "no-fence": 17,
+    "accept-stale-epoch": 4,
     "ack-without-replica": 0,
-    "resume-by-lsn": 16,
+    "resume-by-lsn": 17,
 }
 ABSORBED = ("no-self-fence", "choose-greatest-lsn")
 """Bugs the rest of the protocol makes harmless (the fence; the new primary's catch-up)."""
