@@ -1,0 +1,185 @@
+"""A real shard node (agent, storage, data plane, ShardNode server in this process)
+against a real control plane and etcd: every bad input of the data-plane RPCs gets its
+status and a short message naming the problem, and changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+
+from bluemarble.client.control_plane import ControlPlaneClient
+from bluemarble.client.ring_router import RingRouter
+from bluemarble.core import limits
+from bluemarble.runtime.grpc_server import ServiceBinding, build_server
+from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
+from shardnode.agent import NodeAgent, NodeIdentity
+from shardnode.dataplane import DataPlane
+from shardnode.service import ShardNodeService
+from shardnode.storage import NodeStorage
+from tests.conftest import StartControlPlane, wait_for
+
+pytestmark = pytest.mark.integration
+
+Stub = shardnode_pb2_grpc.ShardNodeStub
+
+
+@contextlib.asynccontextmanager
+async def data_node(start: StartControlPlane, data_dir: Path) -> AsyncIterator[tuple[Stub, DataPlane]]:
+    """One node holding every shard as primary (R = 1, 2 shards), serving writes."""
+    app = await start(replication_factor=1, shards=2)
+    storage = NodeStorage.open(data_dir)
+    client = ControlPlaneClient([app.address])
+    holder: list[DataPlane] = []
+    server = await build_server(
+        "127.0.0.1:0",
+        [
+            ServiceBinding(
+                shardnode_pb2.DESCRIPTOR.services_by_name["ShardNode"].full_name,
+                ShardNodeService("n1", lambda: [], lambda: holder[0] if holder else None),
+                shardnode_pb2_grpc.add_ShardNodeServicer_to_server,
+            )
+        ],
+        max_request_bytes=limits.SHARD_NODE_MAX_REQUEST_BYTES,
+    )
+    agent = NodeAgent(NodeIdentity("n1", f"127.0.0.1:{server.port}", zone="z1"), client)
+    ring = RingRouter(client)
+    dp = DataPlane("n1", storage, agent, ring)
+    holder.append(dp)
+    await dp.start()
+    await ring.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        await wait_for(lambda: _serving(dp), 15.0, "the node to serve both shards")
+        await agent.config_loaded.wait()
+        yield Stub(channel), dp  # type: ignore[no-untyped-call]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await ring.stop()
+        await channel.close(None)
+        await server.stop_gracefully(0.2)
+        await dp.stop()
+        storage.close()
+        await client.close()
+
+
+async def _serving(dp: DataPlane) -> bool:
+    return sum(1 for s in dp.statuses() if s.serving) == 2
+
+
+async def refused(call: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call  # type: ignore[misc]
+    return info.value.code(), info.value.details() or ""
+
+
+def grant(**fields: object) -> shardnode_pb2.GrantItemsRequest:
+    request = {"request_id": "g1", "player_id": "alice", "item_ids": ["sword"], "gold": 5, **fields}
+    return shardnode_pb2.GrantItemsRequest(**request)  # type: ignore[arg-type]
+
+
+BAD_GRANTS = [
+    (grant(item_ids=["a", ""]), "item_ids[1] is empty"),
+    (grant(item_ids=["a", "b", "a"]), "lists item 'a' twice"),
+    (grant(item_ids=["x" * 129]), "129 bytes long"),
+    (grant(item_ids=[f"i{n}" for n in range(257)]), "257 items"),
+    (grant(gold=2**53 + 1), "2^53"),
+    (grant(item_ids=[], gold=0), "empty"),
+    (grant(request_id=""), "request_id is empty"),
+    (grant(player_id=""), "player_id is empty"),
+    (grant(player_id="p" * 129), "player_id is 129 bytes"),
+]
+
+
+async def test_bad_input_is_refused_with_a_message_naming_the_problem_and_changes_nothing(
+    start_control_plane: StartControlPlane, tmp_path: Path
+) -> None:
+    async with data_node(start_control_plane, tmp_path) as (stub, dp):
+        for request, words in BAD_GRANTS:
+            code, details = await refused(stub.GrantItems(request))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (words, details)
+            assert words in details, details
+            assert len(details) < 300
+        # Nothing was written: the player is unknown.
+        code, details = await refused(stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id="alice")))
+        assert code == grpc.StatusCode.NOT_FOUND and "alice" in details
+        assert all(s.applied_lsn == 0 for s in dp.statuses())
+        # Player data: a system not in the config, a value over 64 KiB, an empty key.
+        data = shardnode_pb2.SetPlayerDataRequest(request_id="d1", player_id="alice", system="guild", key="name")
+        for change, words in [
+            ({"system": "pets"}, "not a game system of the cluster config"),
+            ({"value": b"v" * (64 * 1024 + 1)}, "64 KiB"),
+            ({"key": ""}, "key is 0 bytes"),
+        ]:
+            request = shardnode_pb2.SetPlayerDataRequest()
+            request.CopyFrom(data)
+            for field, value in change.items():
+                setattr(request, field, value)
+            code, details = await refused(stub.SetPlayerData(request))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (words, details)
+            assert words in details, details
+            assert len(details) < 300
+        code, details = await refused(
+            stub.GetPlayerData(shardnode_pb2.GetPlayerDataRequest(player_id="alice", system="x" * 10_000, key="k"))
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and len(details) < 300
+        assert all(s.applied_lsn == 0 for s in dp.statuses())
+
+
+async def test_grants_are_idempotent_and_items_unique(start_control_plane: StartControlPlane, tmp_path: Path) -> None:
+    async with data_node(start_control_plane, tmp_path) as (stub, _):
+        first = await stub.GrantItems(grant())
+        assert (list(first.inventory.item_ids), first.inventory.gold, first.replayed) == (["sword"], 5, False)
+        again = await stub.GrantItems(grant())
+        assert again.replayed and again.lsn == first.lsn and again.inventory.gold == 5
+        # The same request id for another request is refused, and applies nothing.
+        code, details = await refused(stub.GrantItems(grant(gold=6)))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "already used" in details
+        # An item someone owns: FAILED_PRECONDITION naming the owner's shard.
+        code, details = await refused(stub.GrantItems(grant(request_id="g2", player_id="bob")))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert first.inventory.shard_id in details and "sword" in details
+        inventory = await stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id="alice"))
+        assert (list(inventory.item_ids), inventory.gold) == (["sword"], 5)
+        assert not inventory.staleness.stale and inventory.staleness.served_by == "n1"
+        # A stale epoch is refused, naming the current one.
+        code, details = await refused(stub.GrantItems(grant(request_id="g3", item_ids=["axe"], epoch=99)))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "epoch 99" in details
+        # EVENTUAL player data round trip.
+        await stub.SetPlayerData(
+            shardnode_pb2.SetPlayerDataRequest(
+                request_id="d1", player_id="alice", system="guild", key="name", value=b"owls"
+            )
+        )
+        got = await stub.GetPlayerData(
+            shardnode_pb2.GetPlayerDataRequest(player_id="alice", system="guild", key="name")
+        )
+        assert got.found and got.value == b"owls"
+        missing = await stub.GetPlayerData(
+            shardnode_pb2.GetPlayerDataRequest(player_id="alice", system="chat", key="x")
+        )
+        assert not missing.found
+
+
+async def test_a_node_restarted_with_its_data_dir_recovers_its_shards(
+    start_control_plane: StartControlPlane, tmp_path: Path
+) -> None:
+    async with data_node(start_control_plane, tmp_path) as (stub, _):
+        for i in range(20):
+            await stub.GrantItems(grant(request_id=f"g{i}", player_id=f"p{i}", item_ids=[f"item-{i}"]))
+    storage = NodeStorage.open(tmp_path)
+    try:
+        held = storage.shards()
+        assert sum(meta.last.lsn for meta in held.values()) == 20
+        found = [storage.inventory(shard, f"p{i}") for i in range(20) for shard in held]  # type: ignore[arg-type]
+        assert sorted(inv[0][0] for inv in found if inv is not None) == sorted(f"item-{i}" for i in range(20))
+    finally:
+        storage.close()
