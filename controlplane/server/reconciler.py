@@ -208,6 +208,8 @@ class Reconciler:
         self._live: set[NodeId] = set()
         self._live_revision = -1  # nodes mirror revision _live was computed at
         self._departures: collections.deque[tuple[float, NodeId]] = collections.deque()
+        self._live_addresses: dict[NodeId, str] = {}
+        self._departed_addresses: dict[NodeId, str] = {}  # of departures not yet checked
         self._verified: set[tuple[NodeId, int]] = set()
         self._verified_changes = 0  # bumped whenever _verified changes (an input of a round)
         self._probe_tokens = float(_MAX_PROBES_PER_S)
@@ -319,12 +321,32 @@ class Reconciler:
         if self._nodes.revision == self._live_revision:
             gone: set[NodeId] = set()
         else:
-            live = {NodeId(n.node_id) for n in self._nodes.entries.values()}
+            addresses = {NodeId(n.node_id): n.address for n in self._nodes.entries.values()}
+            live = set(addresses)
             gone, self._live, self._live_revision = self._live - live, live, self._nodes.revision
+            for node in gone:
+                self._departed_addresses[node] = self._live_addresses.get(node, "")
+            self._live_addresses = addresses
         for node in sorted(gone):
             self._departures.append((now, node))
         while self._departures and self._departures[0][0] < now - self._hold_s():
             self._departures.popleft()
+
+    async def _discount_crashes(self) -> None:
+        """Drops from the departures (what a mass-expiry hold counts) the nodes whose
+        address now refuses connections: their process is gone, they are not coming back
+        on their own, and holding their failover would only prolong the outage. An etcd
+        hiccup leaves live processes behind, which still accept connections (and nodes
+        behind a partition time out): those still count."""
+        pending = {node: address for node, address in self._departed_addresses.items() if address}
+        self._departed_addresses.clear()
+        if not pending:
+            return
+        refused = await asyncio.gather(*(self._probe.refuses_connections(a) for a in pending.values()))
+        crashed = {node for node, dead in zip(pending, refused, strict=True) if dead}
+        if crashed:
+            log.info("departed nodes refuse connections: crashes, not a mass expiry", nodes=sorted(crashed))
+            self._departures = collections.deque((t, n) for t, n in self._departures if n not in crashed)
 
     def _hold_s(self) -> float:
         if self._hold_s_override is not None:
@@ -499,6 +521,7 @@ class Reconciler:
         nodes, addresses, current, shards = self.observe()
         if not shards:
             return None
+        await self._discount_crashes()
         if self._held(nodes, current, config.replication_factor, new_term):
             return None
         holders = {m for a in current.values() for m in a.members}

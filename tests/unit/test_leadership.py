@@ -51,11 +51,15 @@ class FakeProbe:
 
     def __init__(self) -> None:
         self.silent: set[str] = set()
+        self.refusing: set[str] = set()  # addresses whose process is gone (connections refused)
         self.positions: dict[tuple[str, str], LogPosition | None] = {}  # None: no data
         self.fences: list[tuple[NodeId, dict[ShardId, int]]] = []
 
     async def reachable(self, addresses: Mapping[NodeId, str]) -> set[NodeId]:
         return {n for n in addresses if n not in self.silent}
+
+    async def refuses_connections(self, address: str) -> bool:
+        return address in self.refusing
 
     async def fence(
         self, targets: Mapping[NodeId, tuple[str, Mapping[ShardId, int]]]
@@ -84,6 +88,10 @@ class RingMirror:
         pass
 
 
+def address_of(node_id: str) -> str:
+    return f"10.0.0.1:{7000 + sum(map(ord, node_id))}"  # distinct for n0..n9
+
+
 @dataclass
 class World:
     clock: FakeClock
@@ -93,7 +101,7 @@ class World:
 
     async def add_node(self, node_id: str, zone: str) -> int:
         lease, _ = await self.etcd.grant_lease(TTL_S)
-        node = common_pb2.Node(node_id=node_id, address=f"10.0.0.1:{7000 + len(node_id)}", zone=zone,
+        node = common_pb2.Node(node_id=node_id, address=address_of(node_id), zone=zone,
                                capacity=1, lease_id=lease, state=common_pb2.NODE_STATE_ACTIVE)
         await self.etcd.put(self.keys.node(NodeId(node_id)), codec.encode(node), lease=lease)
         return lease
@@ -249,6 +257,23 @@ async def test_moves_are_held_after_a_mass_expiry_until_the_nodes_come_back(worl
         assert (b.primary, list(b.replicas)) == (a.primary, list(a.replicas)) or reborn
         assert b.primary == a.primary and set(b.replicas) == set(a.replicas)
         assert b.epoch == a.epoch + reborn
+    await reconciler.stop()
+    await election.stop()
+
+
+async def test_two_crashes_in_a_row_are_not_held_as_a_mass_expiry(world: World) -> None:
+    leases = {f"n{i}": await world.add_node(f"n{i}", zone) for i, zone in enumerate("abcd")}
+    election = await elect(world)
+    reconciler = make_reconciler(world, election)
+    await reconciler.start()
+    await world.clock.advance(3.0)
+    # Two leases end, and their addresses refuse connections: the processes are gone.
+    world.probe.refusing = {address_of("n0"), address_of("n1")}
+    for node in ("n0", "n1"):
+        await world.etcd.revoke_lease(leases[node])
+    await world.clock.advance(1.5)
+    assert not reconciler.holding
+    assert all(a.primary in ("n2", "n3") for a in world.assignments().values())
     await reconciler.stop()
     await election.stop()
 
