@@ -19,6 +19,9 @@ seeded ``random.Random`` and an integer clock, in the way of TigerBeetle's VOPR:
   from the leader that the leader reads as a crash (early failover while the old primary
   is alive), and at most one lost disk.
 
+A promoted primary appends an epoch-start entry (Raft's no-op, write id ``-epoch``)
+before it serves, and passes its lsn to ``commit_lsn``.
+
 After the faulty phase the run heals (faults end, the network stops losing messages,
 clients stop starting writes) and must converge: one serving primary, identical logs.
 The checker (:mod:`tests.sim.checker`) runs after every tick.
@@ -183,6 +186,8 @@ class Sim:
         self.snapshot_sent_at: list[dict[int, int]] = [{} for _ in range(n)]
         self.shipped_at: list[dict[int, int]] = [{} for _ in range(n)]
         self.commit = [0] * n
+        self.epoch_start = [0] * n
+        """lsn of the epoch-start entry of each serving primary (write id -epoch)."""
         self.pending: list[dict[int, int]] = [{} for _ in range(n)]
         self.catch_up_source: list[int | None] = [None] * n
         self.catch_up_sent_at = [0] * n
@@ -285,6 +290,12 @@ class Sim:
     def start_serving(self, node: int) -> None:
         self.role[node] = Role.PRIMARY
         self.catch_up_source[node] = None
+        # The epoch-start entry (Raft's no-op): inherited entries commit only with it.
+        epoch = self.epoch[node]
+        self.checker.primary_append(node, epoch)
+        start = LogPosition(epoch, self.last(node).lsn + 1)
+        self.append(node, [(start, -epoch)])
+        self.epoch_start[node] = start.lsn
         next_lsn = self.last(node).lsn + 1
         others = [r for r in range(self.n) if r != node]
         self.next_lsn[node] = dict.fromkeys(others, next_lsn)
@@ -554,7 +565,7 @@ class Sim:
         replicas = self.match[node]
         committed = self.rules.commit_lsn(
             own_last_lsn=own_last.lsn, acked_lsns=replicas.values(),
-            required_acks=self.rules.required_acks_for(len(replicas)),
+            required_acks=self.rules.required_acks_for(len(replicas)), epoch_start_lsn=self.epoch_start[node],
         )
         if committed > self.commit[node]:
             self.commit[node] = committed

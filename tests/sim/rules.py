@@ -12,7 +12,7 @@ exactly the one mistake its name says.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from bluemarble.core.ids import NodeId
@@ -117,6 +117,11 @@ def _resume_by_lsn(
     )
 
 
+def _commit_inherited(*, own_last_lsn: int, acked_lsns: Iterable[int], required_acks: int,
+                      epoch_start_lsn: int = 0) -> int:
+    return commit_lsn(own_last_lsn=own_last_lsn, acked_lsns=acked_lsns, required_acks=required_acks)
+
+
 BREAKS: dict[str, tuple[str, SimRules]] = {
     "promote-greatest-lsn": (
         "the leader promotes (and the new primary catches up from) the greatest lsn, not the greatest (epoch, lsn)",
@@ -138,6 +143,11 @@ BREAKS: dict[str, tuple[str, SimRules]] = {
     "ack-without-replica": (
         "a STRONG write is acknowledged after the primary's local commit only",
         dataclasses.replace(REAL_RULES, required_acks_for=lambda replica_count: 0),
+    ),
+    "commit-inherited": (
+        "a new primary commits entries it inherited from older epochs by counting replica acks alone "
+        "(Raft's figure 8)",
+        dataclasses.replace(REAL_RULES, commit_lsn=_commit_inherited),
     ),
     "resume-by-lsn": (
         "the primary resumes shipping after the replica's last lsn without comparing epochs",

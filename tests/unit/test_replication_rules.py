@@ -188,6 +188,14 @@ class TestCommit:
     def test_no_required_acks_is_the_local_commit(self) -> None:
         assert commit_lsn(own_last_lsn=5, acked_lsns=[], required_acks=0) == 5
 
+    def test_inherited_entries_commit_only_with_one_of_the_primary_own_epoch(self) -> None:
+        # Raft's figure 8: a primary at epoch 3 inherited (1, 3); a deposed primary of epoch 2
+        # holds (2, 3). Replicas acking (1, 3) alone must not commit it: the epoch-2 node
+        # would win the next promotion. Once the epoch-start entry (3, 4) is acked, it does.
+        assert commit_lsn(own_last_lsn=4, acked_lsns=[3, 3], required_acks=1, epoch_start_lsn=4) == 0
+        assert commit_lsn(own_last_lsn=4, acked_lsns=[4, 3], required_acks=1, epoch_start_lsn=4) == 4
+        assert commit_lsn(own_last_lsn=4, acked_lsns=[], required_acks=0, epoch_start_lsn=4) == 4
+
     def test_strong_needs_one_replica_when_there_is_one(self) -> None:
         assert [required_acks_for(k) for k in (0, 1, 2, 6)] == [0, 1, 1, 1]
 
@@ -342,9 +350,13 @@ def test_resume_point_resumes_only_from_a_shared_entry(data: st.DataObject) -> N
 
 
 @PROPERTY_SETTINGS
-@given(own=st.integers(0, 50), acked=st.lists(st.integers(0, 60), max_size=6), required=st.integers(0, 4))
-def test_commit_lsn_is_the_greatest_lsn_enough_replicas_hold(own: int, acked: list[int], required: int) -> None:
+@given(own=st.integers(0, 50), acked=st.lists(st.integers(0, 60), max_size=6), required=st.integers(0, 4),
+       start=st.integers(0, 50))
+def test_commit_lsn_is_the_greatest_lsn_enough_replicas_hold(own: int, acked: list[int], required: int,
+                                                             start: int) -> None:
+    gated = commit_lsn(own_last_lsn=own, acked_lsns=acked, required_acks=required, epoch_start_lsn=start)
     c = commit_lsn(own_last_lsn=own, acked_lsns=acked, required_acks=required)
+    assert gated == (c if c >= start else 0)
     assert 0 <= c <= own
     if required == 0:
         assert c == own

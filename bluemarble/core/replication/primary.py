@@ -60,22 +60,37 @@ def resume_point(
     return _SNAPSHOT
 
 
-def commit_lsn(*, own_last_lsn: int, acked_lsns: Iterable[int], required_acks: int) -> int:
+def commit_lsn(
+    *, own_last_lsn: int, acked_lsns: Iterable[int], required_acks: int, epoch_start_lsn: int = 0,
+) -> int:
     """The highest lsn that at least ``required_acks`` replicas have acknowledged, capped
     at ``own_last_lsn``; ``own_last_lsn`` itself when ``required_acks`` is 0; 0 when fewer
-    replicas than required have acknowledged anything.
+    replicas than required have acknowledged anything, or when that lsn is below
+    ``epoch_start_lsn``.
+
+    ``epoch_start_lsn`` is the lsn of the first entry this primary wrote at its own epoch
+    (its epoch-start entry, appended before it serves). Pass it: entries of older epochs
+    that a new primary inherited are committed only together with an entry of its own
+    epoch (Raft's "commit only current-term entries"). Counting replicas for an inherited
+    entry alone is unsafe: a deposed primary of a newer epoch than that entry may hold a
+    different entry at the same lsn, and win the next promotion with it (found by the
+    simulation, seed 94164 before this rule; the "commit-inherited" break).
+    0 (the default) disables the check, for callers that have no epoch-start entry.
 
     Count only acks that prove the replica's log matches the primary's up to that lsn: an
     OK from a replica at the primary's epoch on the current stream. The caller keeps the
     maximum over time (this value may go down when a replica is replaced).
     """
-    assert required_acks >= 0 and own_last_lsn >= 0, (required_acks, own_last_lsn)
+    assert required_acks >= 0 and own_last_lsn >= 0 and epoch_start_lsn >= 0, (
+        required_acks, own_last_lsn, epoch_start_lsn)
     if required_acks == 0:
-        return own_last_lsn
-    acked = sorted(acked_lsns, reverse=True)
-    if len(acked) < required_acks:
-        return 0
-    return min(own_last_lsn, acked[required_acks - 1])
+        committed = own_last_lsn
+    else:
+        acked = sorted(acked_lsns, reverse=True)
+        if len(acked) < required_acks:
+            return 0
+        committed = min(own_last_lsn, acked[required_acks - 1])
+    return committed if committed >= epoch_start_lsn else 0
 
 
 def required_acks_for(replica_count: int) -> int:
