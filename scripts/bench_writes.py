@@ -104,6 +104,7 @@ CONFIGS = {
     "r2": Config("R=2", 2, "normal"),
     "r3": Config("R=3", 3, "normal"),
     "r2full": Config("R=2 FULL", 2, "full"),
+    "r1": Config("R=1", 1, "normal"),  # no replica: the cost of the write path alone
 }
 
 

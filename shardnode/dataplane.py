@@ -165,6 +165,9 @@ class DataPlane:
         self._seq = itertools.count()
         self._pending_writes: list[tuple[ShardState, int, shardnode_pb2.WriteOp, asyncio.Future[WriteResult]]] = []
         self._flush_scheduled = False
+        # Grouping commits pays when a commit costs an fsync (synchronous=FULL); with
+        # NORMAL a commit is a WAL append, and a write commits at once, in its own turn.
+        self._group_commit = storage.synchronous == "FULL"
         self._failpoint = str(storage.path.parent / HOLD_REPLICATION_FAILPOINT)
         self._tasks: set[asyncio.Task[None]] = set()
         self._prune_task: asyncio.Task[None] | None = None
@@ -663,6 +666,9 @@ class DataPlane:
         fsync with ``--synchronous full``), each isolated from the others' refusals."""
         future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
         self._pending_writes.append((state, state.epoch, op, future))
+        if not self._group_commit:
+            self._flush_writes()  # a commit costs no fsync: no reason to make the caller wait a turn
+            return future.result()
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_writes)

@@ -188,13 +188,15 @@ class NodeStorage:
                 try:
                     schema.configure(conn, synchronous)
                     schema.ensure_schema(conn, str(path))
-                    return cls(
+                    storage = cls(
                         conn,
                         path,
                         lock,
                         log_retention_entries=log_retention_entries,
                         request_retention_s=request_retention_s,
                     )
+                    storage.synchronous = synchronous
+                    return storage
                 except BaseException:
                     conn.close()
                     raise
@@ -216,6 +218,10 @@ class NodeStorage:
         self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+    synchronous: schema.Synchronous = "NORMAL"
+    """The durability the database was opened with (NORMAL: a process crash; FULL: a
+    power loss, at an fsync per commit)."""
 
     @property
     def path(self) -> Path:
