@@ -116,6 +116,7 @@ class ShardState:
     replicas: tuple[str, ...] = ()
     # As primary.
     serving: bool = False
+    epoch_start_lsn: int = 0  # lsn of this term's epoch-start entry
     commit_lsn: int = 0
     acked: dict[str, int] = field(default_factory=dict)
     waiters: list[_Waiter] = field(default_factory=list)
@@ -316,6 +317,18 @@ class DataPlane:
         if not state.synced:
             state.synced = True
             self._storage.mark_synced(state.shard_id)
+        # The epoch-start entry: what this node inherited from older epochs counts as
+        # committed only once an entry of its own epoch is (Raft's rule; without it the
+        # simulation finds a history where an inherited entry counted as committed is
+        # overwritten by a later promotion).
+        try:
+            start = await self._write(state, shardnode_pb2.WriteOp(epoch_start=shardnode_pb2.EpochStartOp()))
+        except BlueMarbleError as e:
+            log.warning("cannot start the epoch; not serving", shard=state.shard_id, epoch=epoch, error=str(e))
+            return
+        if state.role != PRIMARY or state.epoch != epoch:
+            return
+        state.epoch_start_lsn = start.lsn
         state.serving = True
         state.activation = None
         for shipper in self._shippers.values():
@@ -428,6 +441,7 @@ class DataPlane:
             own_last_lsn=state.last.lsn,
             acked_lsns=[state.acked.get(r, 0) for r in replicas],
             required_acks=required_acks_for(len(replicas)),
+            epoch_start_lsn=state.epoch_start_lsn,
         )
         if committed > state.commit_lsn:
             state.commit_lsn = committed

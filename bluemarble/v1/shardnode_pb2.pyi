@@ -228,16 +228,22 @@ class LogEntry(_message.Message):
     def __init__(self, lsn: _Optional[int] = ..., epoch: _Optional[int] = ..., payload: _Optional[bytes] = ..., written_at_ms: _Optional[int] = ...) -> None: ...
 
 class WriteOp(_message.Message):
-    __slots__ = ("request_id", "player_id", "grant", "set_data")
+    __slots__ = ("request_id", "player_id", "grant", "set_data", "epoch_start")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PLAYER_ID_FIELD_NUMBER: _ClassVar[int]
     GRANT_FIELD_NUMBER: _ClassVar[int]
     SET_DATA_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_START_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     player_id: str
     grant: GrantOp
     set_data: SetDataOp
-    def __init__(self, request_id: _Optional[str] = ..., player_id: _Optional[str] = ..., grant: _Optional[_Union[GrantOp, _Mapping]] = ..., set_data: _Optional[_Union[SetDataOp, _Mapping]] = ...) -> None: ...
+    epoch_start: EpochStartOp
+    def __init__(self, request_id: _Optional[str] = ..., player_id: _Optional[str] = ..., grant: _Optional[_Union[GrantOp, _Mapping]] = ..., set_data: _Optional[_Union[SetDataOp, _Mapping]] = ..., epoch_start: _Optional[_Union[EpochStartOp, _Mapping]] = ...) -> None: ...
+
+class EpochStartOp(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class GrantOp(_message.Message):
     __slots__ = ("item_ids", "gold")

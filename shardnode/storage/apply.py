@@ -54,6 +54,8 @@ def apply_op(
     """Applies ``op`` as the entry ``(epoch, lsn)`` of ``shard``; returns its encoded
     answer (see :mod:`shardnode.storage.records`). Raises FailedPrecondition (primary:
     refused, nothing changed) or CorruptRecord (replica: an entry no primary writes)."""
+    if kind == records.EPOCH_START:
+        return b""  # a marker in the log: no state, no answer
     player = PlayerId(op.player_id)
     if kind == records.GRANT:
         return _apply_grant(conn, shard, epoch, lsn, player, op.grant, primary=primary)

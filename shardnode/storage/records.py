@@ -24,6 +24,7 @@ from bluemarble.v1 import shardnode_pb2
 
 GRANT = "grant"
 SET_DATA = "set_data"
+EPOCH_START = "epoch_start"
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,14 @@ def check_op(op: shardnode_pb2.WriteOp) -> str:
     """Validates a WriteOp a primary is asked to apply; returns its kind (:data:`GRANT`
     or :data:`SET_DATA`). Raises InvalidArgument naming the bad field. The gRPC layer
     checks the same limits first; this keeps storage safe on its own."""
+    kind = str(op.WhichOneof("op"))
+    if kind == EPOCH_START:
+        if op.request_id or op.player_id:
+            raise InvalidArgument("an epoch-start entry names no request and no player")
+        return kind
     if op.request_id:
         validation.request_id(op.request_id)
     validation.player_id(op.player_id)
-    kind = str(op.WhichOneof("op"))
     if kind == GRANT:
         validation.item_ids(op.grant.item_ids)
         validation.gold(op.grant.gold)
@@ -94,7 +99,7 @@ def check_op(op: shardnode_pb2.WriteOp) -> str:
         validation.data_key(op.set_data.key)
         validation.data_value(op.set_data.value)
     else:
-        raise InvalidArgument("the write names no operation (grant or set_data)")
+        raise InvalidArgument("the write names no operation (grant, set_data or epoch_start)")
     return kind
 
 
@@ -106,6 +111,8 @@ def decode_op(shard: ShardId, entry: shardnode_pb2.LogEntry) -> tuple[shardnode_
     except DecodeError as e:
         raise CorruptRecord(f"entry {entry.lsn} of {shard} is not an encoded WriteOp: {e}") from e
     kind = op.WhichOneof("op")
+    if kind == EPOCH_START:
+        return op, kind
     if kind is None or not op.player_id:
         raise CorruptRecord(f"entry {entry.lsn} of {shard} names no operation or no player")
     if kind == GRANT and op.grant.gold > limits.MAX_GOLD:

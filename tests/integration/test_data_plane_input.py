@@ -103,6 +103,9 @@ async def test_bad_input_is_refused_with_a_message_naming_the_problem_and_change
     start_control_plane: StartControlPlane, tmp_path: Path
 ) -> None:
     async with data_node(start_control_plane, tmp_path) as (stub, dp):
+        # Each shard's log holds its primary's epoch-start entry, and nothing else.
+        baseline = {s.shard_id: s.applied_lsn for s in dp.statuses()}
+        assert set(baseline.values()) == {1}
         for request, words in BAD_GRANTS:
             code, details = await refused(stub.GrantItems(request))
             assert code == grpc.StatusCode.INVALID_ARGUMENT, (words, details)
@@ -111,7 +114,7 @@ async def test_bad_input_is_refused_with_a_message_naming_the_problem_and_change
         # Nothing was written: the player is unknown.
         code, details = await refused(stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id="alice")))
         assert code == grpc.StatusCode.NOT_FOUND and "alice" in details
-        assert all(s.applied_lsn == 0 for s in dp.statuses())
+        assert {s.shard_id: s.applied_lsn for s in dp.statuses()} == baseline
         # Player data: a system not in the config, a value over 64 KiB, an empty key.
         data = shardnode_pb2.SetPlayerDataRequest(request_id="d1", player_id="alice", system="guild", key="name")
         for change, words in [
@@ -131,7 +134,7 @@ async def test_bad_input_is_refused_with_a_message_naming_the_problem_and_change
             stub.GetPlayerData(shardnode_pb2.GetPlayerDataRequest(player_id="alice", system="x" * 10_000, key="k"))
         )
         assert code == grpc.StatusCode.INVALID_ARGUMENT and len(details) < 300
-        assert all(s.applied_lsn == 0 for s in dp.statuses())
+        assert {s.shard_id: s.applied_lsn for s in dp.statuses()} == baseline
 
 
 async def test_grants_are_idempotent_and_items_unique(start_control_plane: StartControlPlane, tmp_path: Path) -> None:
@@ -178,7 +181,7 @@ async def test_a_node_restarted_with_its_data_dir_recovers_its_shards(
     storage = NodeStorage.open(tmp_path)
     try:
         held = storage.shards()
-        assert sum(meta.last.lsn for meta in held.values()) == 20
+        assert sum(meta.last.lsn for meta in held.values()) == 20 + len(held)  # and an epoch-start entry each
         found = [storage.inventory(shard, f"p{i}") for i in range(20) for shard in held]  # type: ignore[arg-type]
         assert sorted(inv[0][0] for inv in found if inv is not None) == sorted(f"item-{i}" for i in range(20))
     finally:
