@@ -290,12 +290,13 @@ class Sim:
     def start_serving(self, node: int) -> None:
         self.role[node] = Role.PRIMARY
         self.catch_up_source[node] = None
-        # The epoch-start entry (Raft's no-op): inherited entries commit only with it.
-        epoch = self.epoch[node]
-        self.checker.primary_append(node, epoch)
-        start = LogPosition(epoch, self.last(node).lsn + 1)
-        self.append(node, [(start, -epoch)])
-        self.epoch_start[node] = start.lsn
+        if self.rules.epoch_start_entry:
+            # The epoch-start entry (Raft's no-op): inherited entries commit only with it.
+            epoch = self.epoch[node]
+            self.checker.primary_append(node, epoch)
+            start = LogPosition(epoch, self.last(node).lsn + 1)
+            self.append(node, [(start, -epoch)])
+            self.epoch_start[node] = start.lsn
         next_lsn = self.last(node).lsn + 1
         others = [r for r in range(self.n) if r != node]
         self.next_lsn[node] = dict.fromkeys(others, next_lsn)

@@ -56,6 +56,9 @@ class SimRules:
     """The leader fences replicas before reading their positions (flow 4)."""
     self_fence: bool = True
     """A primary stops acknowledging writes once its lease may have expired (flow 2)."""
+    epoch_start_entry: bool = True
+    """A new primary appends an entry of its own epoch before it serves, and commits
+    inherited entries only with it (``commit_lsn(epoch_start_lsn=...)``)."""
 
 
 REAL_RULES = SimRules(
@@ -145,9 +148,9 @@ BREAKS: dict[str, tuple[str, SimRules]] = {
         dataclasses.replace(REAL_RULES, required_acks_for=lambda replica_count: 0),
     ),
     "commit-inherited": (
-        "a new primary commits entries it inherited from older epochs by counting replica acks alone "
-        "(Raft's figure 8)",
-        dataclasses.replace(REAL_RULES, commit_lsn=_commit_inherited),
+        "a new primary writes no epoch-start entry and commits entries it inherited from older epochs "
+        "by counting replica acks alone (Raft's figure 8)",
+        dataclasses.replace(REAL_RULES, commit_lsn=_commit_inherited, epoch_start_entry=False),
     ),
     "resume-by-lsn": (
         "the primary resumes shipping after the replica's last lsn without comparing epochs",
