@@ -903,6 +903,14 @@ class DataPlane:
             snapshot = shardnode_pb2.ShardSnapshot.FromString(bytes(data))
         except Exception as e:  # protobuf's DecodeError
             raise CorruptRecord(f"snapshot of {state.shard_id} from {source} does not decode") from e
+        if state.fenced_epoch > epoch:
+            # Fenced at a newer epoch while fetching (a failover began): the position this
+            # node answered the fence with must stay its position; the new primary will
+            # bring it up to date.
+            raise FailedPrecondition(
+                f"{state.shard_id} was fenced at epoch {state.fenced_epoch} during the snapshot of epoch {epoch}; "
+                "not installed"
+            )
         meta = self._storage.install_snapshot(snapshot, max(state.fenced_epoch, epoch))
         state.tail.clear()
         state.last, state.fenced_epoch = meta.last, meta.fenced_epoch
