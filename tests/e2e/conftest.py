@@ -90,15 +90,9 @@ class ProcessCluster:
                 return None
 
     def node_statuses(self, address: str) -> dict[str, tuple[int, int]] | None:
-        """shard -> (role, epoch) as the node at ``address`` reports it."""
-        with grpc.insecure_channel(address) as channel:
-            try:
-                r = shardnode_pb2_grpc.ShardNodeStub(channel).GetShardStatus(
-                    shardnode_pb2.GetShardStatusRequest(), timeout=2
-                )
-            except grpc.RpcError:
-                return None
-        return {s.shard_id: (s.role, s.epoch) for s in r.shards if not s.on_disk_only}
+        """shard -> (role, epoch) of the roles the node at ``address`` reports."""
+        held = self.shard_status(address)
+        return None if held is None else {s.shard_id: (s.role, s.epoch) for s in held.values() if not s.on_disk_only}
 
     def shard_status(self, address: str) -> dict[str, common_pb2.ShardStatus] | None:
         """shard -> what the node at ``address`` reports (roles and disk-only copies)."""
