@@ -87,6 +87,9 @@ SNAPSHOT_TIMEOUT_S = 60.0
 MAX_ENTRIES_PER_SHARD_IN_BATCH = 4096
 HOLD_REPLICATION_FAILPOINT = "hold-replication"
 TAIL_CACHE_ENTRIES = 4096
+TAIL_CACHE_BYTES = 4 << 20
+"""Bounds of the in-memory log tail per shard (entries, payload bytes): older entries are
+read back from SQLite when a replica needs them."""
 
 
 @dataclass
@@ -126,6 +129,7 @@ class ShardState:
     tail: collections.deque[shardnode_pb2.LogEntry] = field(
         default_factory=lambda: collections.deque(maxlen=TAIL_CACHE_ENTRIES)
     )
+    tail_bytes: int = 0
     # As replica.
     primary_last_lsn: int = 0
     applied_written_at_ms: int = 0
@@ -281,6 +285,7 @@ class DataPlane:
         state.commit_lsn = 0 if state.replicas else state.last.lsn
         state.acked.clear()
         state.tail.clear()
+        state.tail_bytes = 0
         if state.activation is not None:
             state.activation.cancel()
         task = background.start(self._catch_up_then_serve(state, state.epoch), f"activate-{state.shard_id}")
@@ -710,12 +715,16 @@ class DataPlane:
                 # The same bytes storage logged (it encodes ops deterministically).
                 if state.tail and state.tail[-1].lsn + 1 != result.lsn:
                     state.tail.clear()
-                state.tail.append(
-                    shardnode_pb2.LogEntry(
-                        lsn=result.lsn, epoch=epoch, payload=op.SerializeToString(deterministic=True),
-                        written_at_ms=now_ms,
-                    )
+                    state.tail_bytes = 0
+                entry = shardnode_pb2.LogEntry(
+                    lsn=result.lsn, epoch=epoch, payload=op.SerializeToString(deterministic=True), written_at_ms=now_ms
                 )
+                if len(state.tail) == state.tail.maxlen:
+                    state.tail_bytes -= len(state.tail[0].payload)
+                state.tail.append(entry)
+                state.tail_bytes += len(entry.payload)
+                while state.tail_bytes > TAIL_CACHE_BYTES and len(state.tail) > 1:
+                    state.tail_bytes -= len(state.tail.popleft().payload)
             if not future.done():
                 future.set_result(result)
         for state in touched.values():
@@ -913,6 +922,7 @@ class DataPlane:
             )
         meta = self._storage.install_snapshot(snapshot, max(state.fenced_epoch, epoch))
         state.tail.clear()
+        state.tail_bytes = 0
         state.last, state.fenced_epoch = meta.last, meta.fenced_epoch
         state.first_retained_lsn = meta.first_retained_lsn
         state.synced = True

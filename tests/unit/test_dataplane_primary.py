@@ -1,0 +1,98 @@
+"""The data plane as a primary without replicas, over real storage (SQLite in a temp dir)
+and a stand-in for the agent (our own boundary): the epoch-start entry comes before
+serving, the in-memory log tail the shippers read gives exactly what storage holds, and
+self-fencing refuses STRONG writes once the lease may have expired."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from bluemarble.client.ring_router import RingRouter
+from bluemarble.core.errors import FailedPrecondition, Unavailable
+from bluemarble.core.ids import ShardId
+from bluemarble.core.ring import initial_ring
+from bluemarble.v1 import common_pb2, shardnode_pb2
+from shardnode import dataplane as dataplane_module
+from shardnode.agent import SessionState
+from shardnode.dataplane import DataPlane
+from shardnode.storage import NodeStorage
+
+SHARD = ShardId("shard-0")
+
+
+@pytest.fixture
+async def primary(tmp_path: Path) -> AsyncIterator[tuple[DataPlane, SimpleNamespace, NodeStorage]]:
+    storage = NodeStorage.open(tmp_path)
+    agent = SimpleNamespace(
+        on_assignments=None, status_provider=None, assignments={}, addresses={},
+        session_state=SessionState.CONNECTED, registration=None, config=None,
+    )
+    dp = DataPlane("n1", storage, agent, RingRouter.from_ring(initial_ring(1, vnodes=4)))  # type: ignore[arg-type]
+    agent.assignments = {SHARD: common_pb2.Assignment(shard_id=SHARD, epoch=3, primary="n1")}
+    dp.on_assignments()
+    for _ in range(200):
+        if any(s.serving for s in dp.statuses()):
+            break
+        await asyncio.sleep(0.01)
+    yield dp, agent, storage
+    await dp.stop()
+    storage.close()
+
+
+def grant(i: int, size: int = 10) -> shardnode_pb2.GrantItemsRequest:
+    return shardnode_pb2.GrantItemsRequest(
+        request_id=f"g{i}", player_id=f"p{i}", item_ids=[f"item-{i}-" + "x" * size]
+    )
+
+
+async def test_a_new_primary_writes_its_epoch_start_entry_before_it_serves(primary) -> None:  # type: ignore[no-untyped-def]
+    dp, _, storage = primary
+    [status] = dp.statuses()
+    assert status.serving and (status.last_epoch, status.applied_lsn) == (3, 1)
+    [entry] = storage.entries(SHARD, 1)
+    assert shardnode_pb2.WriteOp.FromString(entry.payload).WhichOneof("op") == "epoch_start"
+    response = await dp.grant(grant(1), 1.0)
+    assert response.lsn == 2 and list(response.inventory.item_ids) == ["item-1-xxxxxxxxxx"]
+
+
+async def test_the_log_tail_in_memory_is_what_storage_holds(primary, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    dp, _, storage = primary
+    monkeypatch.setattr(dataplane_module, "TAIL_CACHE_BYTES", 3_000)  # a tail shorter than the log
+    for i in range(60):
+        await dp.grant(grant(i, size=100), 1.0)
+    state = dp._shards[SHARD]
+    assert 1 < len(state.tail) < 61 and state.tail[-1].lsn == state.last.lsn == 61
+    for from_lsn in (1, 2, 30, state.tail[0].lsn, 60, 61, 62):
+        for max_entries, max_bytes in ((512, 4 << 20), (3, 4 << 20), (512, 250)):
+            assert dp.entries(SHARD, from_lsn, max_entries, max_bytes) == storage.entries(
+                SHARD, from_lsn, max_entries=max_entries, max_bytes=max_bytes
+            ), (from_lsn, max_entries, max_bytes)
+    for lsn in (1, 2, 45, 61):
+        assert dp.epoch_at(SHARD, lsn) == storage.epoch_at(SHARD, lsn) == 3
+
+
+async def test_strong_writes_stop_once_the_lease_may_have_expired(primary) -> None:  # type: ignore[no-untyped-def]
+    dp, agent, _ = primary
+    await dp.grant(grant(1), 1.0)
+    agent.session_state = SessionState.LOST
+    with pytest.raises(Unavailable, match="lease may have expired"):
+        await dp.grant(grant(2), 1.0)
+    with pytest.raises(Unavailable, match="lease may have expired"):
+        await dp.get_inventory("p1", False, 1.0)  # type: ignore[arg-type]
+    stale = await dp.get_inventory("p1", True, 1.0)  # type: ignore[arg-type]
+    assert stale.staleness.stale and list(stale.item_ids) == ["item-1-xxxxxxxxxx"]
+
+
+async def test_a_fence_at_a_newer_epoch_stops_writes_and_answers_the_position(primary) -> None:  # type: ignore[no-untyped-def]
+    dp, _, _ = primary
+    await dp.grant(grant(1), 1.0)
+    answer = dp.fence(shardnode_pb2.FenceRequest(shards=[shardnode_pb2.ShardFence(shard_id=SHARD, epoch=4)]))
+    [fenced] = answer.shards
+    assert (fenced.epoch, fenced.last.epoch, fenced.last.lsn, fenced.has_data) == (4, 3, 2, True)
+    with pytest.raises(FailedPrecondition, match="fenced at epoch 4"):
+        await dp.grant(grant(2), 1.0)
