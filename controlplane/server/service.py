@@ -247,21 +247,23 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
     async def _member_statuses(
         self, assignments: Sequence[common_pb2.Assignment]
     ) -> list[controlplane_pb2.MemberStatus]:
-        """Each registered member's status of its shard: from its latest heartbeat through
-        this replica when recent, else asked of the node (GetShardStatus, short deadline,
-        at most :data:`STATUS_PROBE_MAX_NODES` nodes); missing when neither knows."""
+        """Each registered member's status of its shard, as the node answers it now
+        (GetShardStatus, short deadline, at most :data:`STATUS_PROBE_MAX_NODES` nodes);
+        for a node that does not answer, its latest heartbeat report through this replica
+        when recent (``age_ms`` says how old); missing when neither knows. Asked first
+        because a report can be a heartbeat interval old, and an operator looking at lag
+        wants it now."""
         now_s = self._d.clock.monotonic_s()
         found: dict[tuple[str, str], tuple[common_pb2.ShardStatus, float]] = {}
         ask: dict[NodeId, str] = {}
+        leases: dict[str, int] = {}
         members = [(a.shard_id, m) for a in assignments for m in dict.fromkeys((a.primary, *a.replicas)) if m]
-        for shard, member in members:
+        for _, member in members:
             record = self._d.nodes.entries.get(self._d.keys.node(NodeId(member)))
             if record is None:
                 continue
-            latest = self._d.reports.latest(NodeId(member), ShardId(shard), record.lease_id, now_s)
-            if latest is not None:
-                found[(shard, member)] = latest
-            elif len(ask) < STATUS_PROBE_MAX_NODES or member in ask:
+            leases[member] = record.lease_id
+            if len(ask) < STATUS_PROBE_MAX_NODES or member in ask:
                 ask[NodeId(member)] = record.address
         if ask and self._d.probe is not None:
             try:
@@ -270,7 +272,13 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                 answers = {}
             for node, answer in answers.items():
                 for status in answer.shards:
-                    found.setdefault((status.shard_id, node), (status, 0.0))
+                    if not status.on_disk_only:
+                        found.setdefault((status.shard_id, node), (status, 0.0))
+        for shard, member in members:
+            if (shard, member) not in found and member in leases:
+                latest = self._d.reports.latest(NodeId(member), ShardId(shard), leases[member], now_s)
+                if latest is not None:
+                    found[(shard, member)] = latest
         return [
             controlplane_pb2.MemberStatus(
                 shard_id=shard, node_id=member, status=found[(shard, member)][0],

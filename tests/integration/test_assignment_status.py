@@ -1,5 +1,5 @@
-"""ListAssignments(include_status) reports each member's position and lag (from its
-heartbeats through this replica, else asked of the node); assignment answers and streams
+"""ListAssignments(include_status) reports each member's position and lag (asked of the
+node now, else from its heartbeats through this replica); assignment answers and streams
 carry the addresses of the nodes they name; heartbeats carry the config revision."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from tests.conftest import ServeFakeNode, StartControlPlane, wait_for
 from tests.integration.test_fence_promote import SHARD, cluster
 
 
-async def test_member_statuses_come_from_heartbeats_or_from_the_node(
+async def test_member_statuses_come_from_the_node_or_from_its_heartbeats(
     start_control_plane: StartControlPlane, serve_fake_node: ServeFakeNode
 ) -> None:
     async with cluster(start_control_plane, serve_fake_node) as c:
@@ -18,7 +18,8 @@ async def test_member_statuses_come_from_heartbeats_or_from_the_node(
         c.nodes[reporter].statuses = [common_pb2.ShardStatus(
             shard_id=SHARD, epoch=a.epoch, role=common_pb2.SHARD_ROLE_PRIMARY, applied_lsn=12, last_epoch=a.epoch,
             lag_entries=3, lag_ms=40, serving=True)]
-        # The silent member reports nothing in its heartbeats: it is asked directly.
+        # The reporter's node answers nothing for the shard when asked: its heartbeat
+        # report stands in. The silent member reports nothing in heartbeats: it is asked.
         c.fakes[silent].statuses = [common_pb2.ShardStatus(
             shard_id=SHARD, epoch=a.epoch, role=common_pb2.SHARD_ROLE_REPLICA, applied_lsn=9, last_epoch=a.epoch,
             lag_entries=3, lag_ms=40)]
