@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 import grpc.aio
 import structlog
 
+from bluemarble.api.conversions import log_position_from_proto, log_position_to_proto
 from bluemarble.client.ring_router import RingRouter
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import (
@@ -138,13 +139,10 @@ class ShardState:
 
 
 def _position(message: shardnode_pb2.LogPosition, what: str) -> LogPosition:
-    if (message.epoch == 0) != (message.lsn == 0):
+    position = log_position_from_proto(message)
+    if position is None:
         raise InvalidArgument(f"{what} ({message.epoch}, {message.lsn}) is not a log position")
-    return LogPosition(message.epoch, message.lsn)
-
-
-def _pb(position: LogPosition) -> shardnode_pb2.LogPosition:
-    return shardnode_pb2.LogPosition(epoch=position.epoch, lsn=position.lsn)
+    return position
 
 
 class DataPlane:
@@ -753,7 +751,7 @@ class DataPlane:
                 self._step_down(state, f"fenced at epoch {state.fenced_epoch}")
             response.shards.append(
                 shardnode_pb2.FencedShard(
-                    shard_id=shard, epoch=state.fenced_epoch, last=_pb(state.last), has_data=had_data
+                    shard_id=shard, epoch=state.fenced_epoch, last=log_position_to_proto(state.last), has_data=had_data
                 )
             )
         return response
@@ -796,7 +794,7 @@ class DataPlane:
             if state is None or state.role is None:
                 ack.result, ack.reason = shardnode_pb2.ACK_RESULT_NOT_REPLICA, "not assigned here"
                 continue
-            ack.last.CopyFrom(_pb(state.last))
+            ack.last.CopyFrom(log_position_to_proto(state.last))
             if state.role == PRIMARY and group.epoch <= state.epoch:
                 ack.result, ack.reason = (
                     shardnode_pb2.ACK_RESULT_STALE_EPOCH,
@@ -862,7 +860,7 @@ class DataPlane:
                 if not state.synced:
                     state.synced = True
                     self._storage.mark_synced(state.shard_id)
-                ack.last.CopyFrom(_pb(state.last))
+                ack.last.CopyFrom(log_position_to_proto(state.last))
         for ack in acks:
             state = self._shards.get(ShardId(ack.shard_id))
             if state is not None and ack.result != shardnode_pb2.ACK_RESULT_STALE_EPOCH:

@@ -34,6 +34,7 @@ import grpc
 import grpc.aio
 import structlog
 
+from bluemarble.api.conversions import log_position_from_proto, log_position_to_proto
 from bluemarble.core.errors import Unavailable
 from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.replication import ZERO, LogPosition
@@ -208,7 +209,7 @@ class Shipper:
             group = shardnode_pb2.ShardEntries(shard_id=view.shard_id, epoch=view.epoch, primary_last_lsn=view.last.lsn)
             if peer.snapshot_required and view.active:
                 group.snapshot_required = True
-                group.prev.CopyFrom(_pb(view.last))
+                group.prev.CopyFrom(log_position_to_proto(view.last))
                 peer.snapshot_required = False
                 peer.next_lsn = None
             elif peer.next_lsn is None or not view.active:
@@ -217,7 +218,7 @@ class Shipper:
                 throttle_s = RETRY_DELAY_S / 2 if view.active or peer.reported is None else PROGRESS_INTERVAL_S
                 if now - peer.last_probe_s < throttle_s:
                     continue  # a probe just went out for it
-                group.prev.CopyFrom(_pb(view.last))
+                group.prev.CopyFrom(log_position_to_proto(view.last))
                 peer.last_probe_s = now
             elif peer.next_lsn <= view.last.lsn and budget > 0:
                 prev_lsn = peer.next_lsn - 1
@@ -236,7 +237,7 @@ class Shipper:
                 budget -= sum(len(e.payload) + 32 for e in entries)
             elif now - peer.last_probe_s >= PROGRESS_INTERVAL_S:
                 # Idle: a probe from where the replica stands carries our last lsn (its lag).
-                group.prev.CopyFrom(_pb(peer.acked))
+                group.prev.CopyFrom(log_position_to_proto(peer.acked))
                 peer.last_probe_s = now
             else:
                 continue
@@ -258,7 +259,7 @@ class Shipper:
             view = views.get(shard)
             if epoch is None or peer is None or view is None or view.epoch != epoch:
                 continue  # not ours any more, or a new term began meanwhile
-            last = _position(shard_ack.last)
+            last = log_position_from_proto(shard_ack.last) or ZERO  # malformed: probe again
             peer.reported = last
             result = shard_ack.result
             if result == shardnode_pb2.ACK_RESULT_OK:
@@ -293,17 +294,6 @@ class Shipper:
             else:  # NOT_REPLICA (it has not seen its assignment yet), SNAPSHOTTING
                 peer.next_lsn = None
                 peer.retry_at_s = now + RETRY_DELAY_S
-
-
-def _pb(position: LogPosition) -> shardnode_pb2.LogPosition:
-    return shardnode_pb2.LogPosition(epoch=position.epoch, lsn=position.lsn)
-
-
-def _position(message: shardnode_pb2.LogPosition) -> LogPosition:
-    """The position in ``message``; ZERO for a malformed one (the caller re-probes)."""
-    if (message.epoch == 0) != (message.lsn == 0):
-        return ZERO
-    return LogPosition(message.epoch, message.lsn)
 
 
 async def close_channels(channels: dict[str, grpc.aio.Channel]) -> None:

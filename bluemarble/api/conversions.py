@@ -14,7 +14,7 @@ from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.placement import PlacementNode, ShardAssignment
 from bluemarble.core.replication.position import ZERO, LogPosition
 from bluemarble.core.ring import Ring
-from bluemarble.v1 import common_pb2
+from bluemarble.v1 import common_pb2, shardnode_pb2
 
 
 def ring_to_proto(ring: Ring) -> common_pb2.Ring:
@@ -96,3 +96,17 @@ def log_position(epoch: int, lsn: int) -> LogPosition:
     if lsn == 0:
         return ZERO
     return LogPosition(max(epoch, 1), lsn)
+
+
+def log_position_to_proto(position: LogPosition) -> shardnode_pb2.LogPosition:
+    return shardnode_pb2.LogPosition(epoch=position.epoch, lsn=position.lsn)
+
+
+def log_position_from_proto(message: shardnode_pb2.LogPosition) -> LogPosition | None:
+    """The position in ``message``, strictly: None when it pairs a zero with a non-zero
+    (only the empty log sits at epoch 0 or lsn 0). Compare :func:`log_position`, which is
+    lenient with reports."""
+    if (message.epoch == 0) != (message.lsn == 0):
+        return None
+    return LogPosition(message.epoch, message.lsn)
+
