@@ -103,17 +103,24 @@ class NodeProbe:
 
         return await self._call(node, address, "GetShardStatus", call)
 
-    async def _accepts_connections(self, address: str) -> bool:
+    async def _connect(self, address: str) -> str:
+        """Tries one TCP connection: "accepted", "refused" (ECONNREFUSED) or "failed"
+        (timed out, unreachable, a bad address)."""
         host, _, port = address.rpartition(":")
         try:
             async with asyncio.timeout(self._timeout_s):
                 _, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        except ConnectionRefusedError:
+            return "refused"
         except (OSError, TimeoutError, ValueError):
-            return False
+            return "failed"
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
-        return True
+        return "accepted"
+
+    async def _accepts_connections(self, address: str) -> bool:
+        return await self._connect(address) == "accepted"
 
     async def refuses_connections(self, address: str) -> bool:
         """True only when a TCP connection to ``address`` is actively refused
@@ -123,18 +130,7 @@ class NodeProbe:
         (into the listen backlog), and a partitioned one times out: both are False, as is
         any other error. The caller decides what a refusal means; this only observes.
         """
-        host, _, port = address.rpartition(":")
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                _, writer = await asyncio.open_connection(host.strip("[]"), int(port))
-        except ConnectionRefusedError:
-            return True
-        except (OSError, TimeoutError, ValueError):
-            return False
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return False
+        return await self._connect(address) == "refused"
 
     async def reachable(self, addresses: Mapping[NodeId, str]) -> set[NodeId]:
         """The nodes among ``addresses`` that answered GetShardStatus in time."""
