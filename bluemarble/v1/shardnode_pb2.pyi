@@ -8,6 +8,21 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TradeVote(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRADE_VOTE_UNSPECIFIED: _ClassVar[TradeVote]
+    TRADE_VOTE_PREPARED: _ClassVar[TradeVote]
+    TRADE_VOTE_REFUSED: _ClassVar[TradeVote]
+    TRADE_VOTE_DECIDED: _ClassVar[TradeVote]
+
+class ParticipantTradeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PARTICIPANT_TRADE_STATE_UNSPECIFIED: _ClassVar[ParticipantTradeState]
+    PARTICIPANT_TRADE_STATE_NONE: _ClassVar[ParticipantTradeState]
+    PARTICIPANT_TRADE_STATE_PREPARED: _ClassVar[ParticipantTradeState]
+    PARTICIPANT_TRADE_STATE_COMMITTED: _ClassVar[ParticipantTradeState]
+    PARTICIPANT_TRADE_STATE_ABORTED: _ClassVar[ParticipantTradeState]
+
 class AckResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ACK_RESULT_UNSPECIFIED: _ClassVar[AckResult]
@@ -16,6 +31,15 @@ class AckResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACK_RESULT_MISMATCH: _ClassVar[AckResult]
     ACK_RESULT_NOT_REPLICA: _ClassVar[AckResult]
     ACK_RESULT_SNAPSHOTTING: _ClassVar[AckResult]
+TRADE_VOTE_UNSPECIFIED: TradeVote
+TRADE_VOTE_PREPARED: TradeVote
+TRADE_VOTE_REFUSED: TradeVote
+TRADE_VOTE_DECIDED: TradeVote
+PARTICIPANT_TRADE_STATE_UNSPECIFIED: ParticipantTradeState
+PARTICIPANT_TRADE_STATE_NONE: ParticipantTradeState
+PARTICIPANT_TRADE_STATE_PREPARED: ParticipantTradeState
+PARTICIPANT_TRADE_STATE_COMMITTED: ParticipantTradeState
+PARTICIPANT_TRADE_STATE_ABORTED: ParticipantTradeState
 ACK_RESULT_UNSPECIFIED: AckResult
 ACK_RESULT_OK: AckResult
 ACK_RESULT_STALE_EPOCH: AckResult
@@ -46,20 +70,24 @@ class GetInventoryRequest(_message.Message):
     def __init__(self, player_id: _Optional[str] = ..., allow_stale: _Optional[bool] = ...) -> None: ...
 
 class GetInventoryResponse(_message.Message):
-    __slots__ = ("player_id", "item_ids", "gold", "shard_id", "epoch", "staleness")
+    __slots__ = ("player_id", "item_ids", "gold", "shard_id", "epoch", "staleness", "escrowed_item_ids", "escrowed_gold")
     PLAYER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     GOLD_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
+    ESCROWED_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    ESCROWED_GOLD_FIELD_NUMBER: _ClassVar[int]
     player_id: str
     item_ids: _containers.RepeatedScalarFieldContainer[str]
     gold: int
     shard_id: str
     epoch: int
     staleness: Staleness
-    def __init__(self, player_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., gold: _Optional[int] = ..., shard_id: _Optional[str] = ..., epoch: _Optional[int] = ..., staleness: _Optional[_Union[Staleness, _Mapping]] = ...) -> None: ...
+    escrowed_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    escrowed_gold: int
+    def __init__(self, player_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., gold: _Optional[int] = ..., shard_id: _Optional[str] = ..., epoch: _Optional[int] = ..., staleness: _Optional[_Union[Staleness, _Mapping]] = ..., escrowed_item_ids: _Optional[_Iterable[str]] = ..., escrowed_gold: _Optional[int] = ...) -> None: ...
 
 class GrantItemsRequest(_message.Message):
     __slots__ = ("request_id", "player_id", "item_ids", "gold", "epoch")
@@ -150,14 +178,16 @@ class SetPlayerDataResponse(_message.Message):
     def __init__(self, shard_id: _Optional[str] = ..., epoch: _Optional[int] = ..., lsn: _Optional[int] = ..., replayed: _Optional[bool] = ..., consistency: _Optional[_Union[_common_pb2.ConsistencyModel, str]] = ...) -> None: ...
 
 class TradeLeg(_message.Message):
-    __slots__ = ("player_id", "gives", "receives")
+    __slots__ = ("player_id", "gives", "receives", "counterpart_player_id")
     PLAYER_ID_FIELD_NUMBER: _ClassVar[int]
     GIVES_FIELD_NUMBER: _ClassVar[int]
     RECEIVES_FIELD_NUMBER: _ClassVar[int]
+    COUNTERPART_PLAYER_ID_FIELD_NUMBER: _ClassVar[int]
     player_id: str
     gives: _common_pb2.Offer
     receives: _common_pb2.Offer
-    def __init__(self, player_id: _Optional[str] = ..., gives: _Optional[_Union[_common_pb2.Offer, _Mapping]] = ..., receives: _Optional[_Union[_common_pb2.Offer, _Mapping]] = ...) -> None: ...
+    counterpart_player_id: str
+    def __init__(self, player_id: _Optional[str] = ..., gives: _Optional[_Union[_common_pb2.Offer, _Mapping]] = ..., receives: _Optional[_Union[_common_pb2.Offer, _Mapping]] = ..., counterpart_player_id: _Optional[str] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
     __slots__ = ("trade_id", "shard_id", "epoch", "legs")
@@ -172,12 +202,20 @@ class PrepareRequest(_message.Message):
     def __init__(self, trade_id: _Optional[str] = ..., shard_id: _Optional[str] = ..., epoch: _Optional[int] = ..., legs: _Optional[_Iterable[_Union[TradeLeg, _Mapping]]] = ...) -> None: ...
 
 class PrepareResponse(_message.Message):
-    __slots__ = ("prepared", "reason")
+    __slots__ = ("prepared", "reason", "vote", "outcome", "epoch", "deadline_ms")
     PREPARED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    VOTE_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     prepared: bool
     reason: str
-    def __init__(self, prepared: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    vote: TradeVote
+    outcome: _common_pb2.TradeOutcome
+    epoch: int
+    deadline_ms: int
+    def __init__(self, prepared: _Optional[bool] = ..., reason: _Optional[str] = ..., vote: _Optional[_Union[TradeVote, str]] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., epoch: _Optional[int] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("trade_id", "shard_id", "epoch")
@@ -190,8 +228,10 @@ class CommitRequest(_message.Message):
     def __init__(self, trade_id: _Optional[str] = ..., shard_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: ParticipantTradeState
+    def __init__(self, state: _Optional[_Union[ParticipantTradeState, str]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("trade_id", "shard_id", "epoch")
@@ -204,8 +244,78 @@ class AbortRequest(_message.Message):
     def __init__(self, trade_id: _Optional[str] = ..., shard_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class AbortResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: ParticipantTradeState
+    def __init__(self, state: _Optional[_Union[ParticipantTradeState, str]] = ...) -> None: ...
+
+class ExecuteLocalTradeRequest(_message.Message):
+    __slots__ = ("trade_id", "shard_id", "epoch", "player_a", "player_b", "a_gives", "b_gives")
+    TRADE_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PLAYER_A_FIELD_NUMBER: _ClassVar[int]
+    PLAYER_B_FIELD_NUMBER: _ClassVar[int]
+    A_GIVES_FIELD_NUMBER: _ClassVar[int]
+    B_GIVES_FIELD_NUMBER: _ClassVar[int]
+    trade_id: str
+    shard_id: str
+    epoch: int
+    player_a: str
+    player_b: str
+    a_gives: _common_pb2.Offer
+    b_gives: _common_pb2.Offer
+    def __init__(self, trade_id: _Optional[str] = ..., shard_id: _Optional[str] = ..., epoch: _Optional[int] = ..., player_a: _Optional[str] = ..., player_b: _Optional[str] = ..., a_gives: _Optional[_Union[_common_pb2.Offer, _Mapping]] = ..., b_gives: _Optional[_Union[_common_pb2.Offer, _Mapping]] = ...) -> None: ...
+
+class ExecuteLocalTradeResponse(_message.Message):
+    __slots__ = ("trade_id", "outcome", "reason", "replayed")
+    TRADE_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    trade_id: str
+    outcome: _common_pb2.TradeOutcome
+    reason: str
+    replayed: bool
+    def __init__(self, trade_id: _Optional[str] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class ParticipantTrade(_message.Message):
+    __slots__ = ("trade_id", "shard_id", "node_id", "state", "leg", "reason", "prepared_at_ms", "deadline_ms", "settled_at_ms", "cross_shard")
+    TRADE_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LEG_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    SETTLED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    CROSS_SHARD_FIELD_NUMBER: _ClassVar[int]
+    trade_id: str
+    shard_id: str
+    node_id: str
+    state: ParticipantTradeState
+    leg: TradeLeg
+    reason: str
+    prepared_at_ms: int
+    deadline_ms: int
+    settled_at_ms: int
+    cross_shard: bool
+    def __init__(self, trade_id: _Optional[str] = ..., shard_id: _Optional[str] = ..., node_id: _Optional[str] = ..., state: _Optional[_Union[ParticipantTradeState, str]] = ..., leg: _Optional[_Union[TradeLeg, _Mapping]] = ..., reason: _Optional[str] = ..., prepared_at_ms: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., settled_at_ms: _Optional[int] = ..., cross_shard: _Optional[bool] = ...) -> None: ...
+
+class ListTradesRequest(_message.Message):
+    __slots__ = ("trade_id", "limit")
+    TRADE_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    trade_id: str
+    limit: int
+    def __init__(self, trade_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListTradesResponse(_message.Message):
+    __slots__ = ("trades",)
+    TRADES_FIELD_NUMBER: _ClassVar[int]
+    trades: _containers.RepeatedCompositeFieldContainer[ParticipantTrade]
+    def __init__(self, trades: _Optional[_Iterable[_Union[ParticipantTrade, _Mapping]]] = ...) -> None: ...
 
 class LogPosition(_message.Message):
     __slots__ = ("epoch", "lsn")
@@ -228,18 +338,68 @@ class LogEntry(_message.Message):
     def __init__(self, lsn: _Optional[int] = ..., epoch: _Optional[int] = ..., payload: _Optional[bytes] = ..., written_at_ms: _Optional[int] = ...) -> None: ...
 
 class WriteOp(_message.Message):
-    __slots__ = ("request_id", "player_id", "grant", "set_data", "epoch_start")
+    __slots__ = ("request_id", "player_id", "grant", "set_data", "epoch_start", "trade_prepare", "trade_settle", "local_trade")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PLAYER_ID_FIELD_NUMBER: _ClassVar[int]
     GRANT_FIELD_NUMBER: _ClassVar[int]
     SET_DATA_FIELD_NUMBER: _ClassVar[int]
     EPOCH_START_FIELD_NUMBER: _ClassVar[int]
+    TRADE_PREPARE_FIELD_NUMBER: _ClassVar[int]
+    TRADE_SETTLE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_TRADE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     player_id: str
     grant: GrantOp
     set_data: SetDataOp
     epoch_start: EpochStartOp
-    def __init__(self, request_id: _Optional[str] = ..., player_id: _Optional[str] = ..., grant: _Optional[_Union[GrantOp, _Mapping]] = ..., set_data: _Optional[_Union[SetDataOp, _Mapping]] = ..., epoch_start: _Optional[_Union[EpochStartOp, _Mapping]] = ...) -> None: ...
+    trade_prepare: TradePrepareOp
+    trade_settle: TradeSettleOp
+    local_trade: LocalTradeOp
+    def __init__(self, request_id: _Optional[str] = ..., player_id: _Optional[str] = ..., grant: _Optional[_Union[GrantOp, _Mapping]] = ..., set_data: _Optional[_Union[SetDataOp, _Mapping]] = ..., epoch_start: _Optional[_Union[EpochStartOp, _Mapping]] = ..., trade_prepare: _Optional[_Union[TradePrepareOp, _Mapping]] = ..., trade_settle: _Optional[_Union[TradeSettleOp, _Mapping]] = ..., local_trade: _Optional[_Union[LocalTradeOp, _Mapping]] = ...) -> None: ...
+
+class TradePrepareOp(_message.Message):
+    __slots__ = ("trade_id", "leg", "prepared_at_ms", "deadline_ms")
+    TRADE_ID_FIELD_NUMBER: _ClassVar[int]
+    LEG_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    trade_id: str
+    leg: TradeLeg
+    prepared_at_ms: int
+    deadline_ms: int
+    def __init__(self, trade_id: _Optional[str] = ..., leg: _Optional[_Union[TradeLeg, _Mapping]] = ..., prepared_at_ms: _Optional[int] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
+
+class TradeSettleOp(_message.Message):
+    __slots__ = ("trade_id", "outcome", "reason", "settled_at_ms")
+    TRADE_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SETTLED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    trade_id: str
+    outcome: _common_pb2.TradeOutcome
+    reason: str
+    settled_at_ms: int
+    def __init__(self, trade_id: _Optional[str] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., settled_at_ms: _Optional[int] = ...) -> None: ...
+
+class LocalTradeOp(_message.Message):
+    __slots__ = ("trade_id", "player_a", "player_b", "a_gives", "b_gives", "outcome", "reason", "settled_at_ms")
+    TRADE_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAYER_A_FIELD_NUMBER: _ClassVar[int]
+    PLAYER_B_FIELD_NUMBER: _ClassVar[int]
+    A_GIVES_FIELD_NUMBER: _ClassVar[int]
+    B_GIVES_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SETTLED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    trade_id: str
+    player_a: str
+    player_b: str
+    a_gives: _common_pb2.Offer
+    b_gives: _common_pb2.Offer
+    outcome: _common_pb2.TradeOutcome
+    reason: str
+    settled_at_ms: int
+    def __init__(self, trade_id: _Optional[str] = ..., player_a: _Optional[str] = ..., player_b: _Optional[str] = ..., a_gives: _Optional[_Union[_common_pb2.Offer, _Mapping]] = ..., b_gives: _Optional[_Union[_common_pb2.Offer, _Mapping]] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., settled_at_ms: _Optional[int] = ...) -> None: ...
 
 class EpochStartOp(_message.Message):
     __slots__ = ()

@@ -69,6 +69,16 @@ class ShardNodeStub:
                 request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.AbortRequest.SerializeToString,
                 response_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.ExecuteLocalTrade = channel.unary_unary(
+                '/bluemarble.v1.ShardNode/ExecuteLocalTrade',
+                request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.ExecuteLocalTradeRequest.SerializeToString,
+                response_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.ExecuteLocalTradeResponse.FromString,
+                _registered_method=True)
+        self.ListTrades = channel.unary_unary(
+                '/bluemarble.v1.ShardNode/ListTrades',
+                request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.ListTradesRequest.SerializeToString,
+                response_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.ListTradesResponse.FromString,
+                _registered_method=True)
         self.Replicate = channel.stream_stream(
                 '/bluemarble.v1.ShardNode/Replicate',
                 request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.ReplicateBatch.SerializeToString,
@@ -131,6 +141,9 @@ class ShardNodeServicer:
 
     def Prepare(self, request, context):
         """2PC phase one: checks epoch and ownership and escrows durably.
+        Two-phase commit, participant side (flow 6). Prepare escrows one player's side of a
+        cross-shard trade as a replicated STRONG write; Commit and Abort apply the decision
+        recorded in etcd. All three are idempotent by trade id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,6 +157,22 @@ class ShardNodeServicer:
 
     def Abort(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExecuteLocalTrade(self, request, context):
+        """A trade between two players of one shard: one local atomic transaction, replicated
+        like a STRONG write, idempotent by trade id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTrades(self, request, context):
+        """What this node knows of trades on the shards it leads (one trade id, or the escrows
+        still held).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -217,6 +246,16 @@ def add_ShardNodeServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.AbortRequest.FromString,
                     response_serializer=bluemarble_dot_v1_dot_shardnode__pb2.AbortResponse.SerializeToString,
+            ),
+            'ExecuteLocalTrade': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExecuteLocalTrade,
+                    request_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.ExecuteLocalTradeRequest.FromString,
+                    response_serializer=bluemarble_dot_v1_dot_shardnode__pb2.ExecuteLocalTradeResponse.SerializeToString,
+            ),
+            'ListTrades': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTrades,
+                    request_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.ListTradesRequest.FromString,
+                    response_serializer=bluemarble_dot_v1_dot_shardnode__pb2.ListTradesResponse.SerializeToString,
             ),
             'Replicate': grpc.stream_stream_rpc_method_handler(
                     servicer.Replicate,
@@ -428,6 +467,60 @@ class ShardNode:
             '/bluemarble.v1.ShardNode/Abort',
             bluemarble_dot_v1_dot_shardnode__pb2.AbortRequest.SerializeToString,
             bluemarble_dot_v1_dot_shardnode__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteLocalTrade(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bluemarble.v1.ShardNode/ExecuteLocalTrade',
+            bluemarble_dot_v1_dot_shardnode__pb2.ExecuteLocalTradeRequest.SerializeToString,
+            bluemarble_dot_v1_dot_shardnode__pb2.ExecuteLocalTradeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTrades(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bluemarble.v1.ShardNode/ListTrades',
+            bluemarble_dot_v1_dot_shardnode__pb2.ListTradesRequest.SerializeToString,
+            bluemarble_dot_v1_dot_shardnode__pb2.ListTradesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,8 +1,10 @@
 from bluemarble.v1 import common_pb2 as _common_pb2
+from bluemarble.v1 import shardnode_pb2 as _shardnode_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -35,31 +37,103 @@ class ExecuteTradeRequest(_message.Message):
     def __init__(self, trade_id: _Optional[str] = ..., player_a: _Optional[str] = ..., player_b: _Optional[str] = ..., a_gives: _Optional[_Union[_common_pb2.Offer, _Mapping]] = ..., b_gives: _Optional[_Union[_common_pb2.Offer, _Mapping]] = ...) -> None: ...
 
 class ExecuteTradeResponse(_message.Message):
-    __slots__ = ("trade_id", "outcome", "reason")
+    __slots__ = ("trade_id", "outcome", "reason", "cross_shard")
     TRADE_ID_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    CROSS_SHARD_FIELD_NUMBER: _ClassVar[int]
     trade_id: str
     outcome: _common_pb2.TradeOutcome
     reason: str
-    def __init__(self, trade_id: _Optional[str] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+    cross_shard: bool
+    def __init__(self, trade_id: _Optional[str] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., cross_shard: _Optional[bool] = ...) -> None: ...
 
 class GetTradeRequest(_message.Message):
-    __slots__ = ("trade_id",)
+    __slots__ = ("trade_id", "player_id")
     TRADE_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAYER_ID_FIELD_NUMBER: _ClassVar[int]
     trade_id: str
-    def __init__(self, trade_id: _Optional[str] = ...) -> None: ...
+    player_id: str
+    def __init__(self, trade_id: _Optional[str] = ..., player_id: _Optional[str] = ...) -> None: ...
 
 class GetTradeResponse(_message.Message):
-    __slots__ = ("trade_id", "state", "outcome", "reason", "request")
+    __slots__ = ("trade_id", "state", "outcome", "reason", "request", "decided_by", "decided_at_ms", "cross_shard", "retained", "sides")
     TRADE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    CROSS_SHARD_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_FIELD_NUMBER: _ClassVar[int]
+    SIDES_FIELD_NUMBER: _ClassVar[int]
     trade_id: str
     state: TradeState
     outcome: _common_pb2.TradeOutcome
     reason: str
     request: ExecuteTradeRequest
-    def __init__(self, trade_id: _Optional[str] = ..., state: _Optional[_Union[TradeState, str]] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., request: _Optional[_Union[ExecuteTradeRequest, _Mapping]] = ...) -> None: ...
+    decided_by: str
+    decided_at_ms: int
+    cross_shard: bool
+    retained: bool
+    sides: _containers.RepeatedCompositeFieldContainer[_shardnode_pb2.ParticipantTrade]
+    def __init__(self, trade_id: _Optional[str] = ..., state: _Optional[_Union[TradeState, str]] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., request: _Optional[_Union[ExecuteTradeRequest, _Mapping]] = ..., decided_by: _Optional[str] = ..., decided_at_ms: _Optional[int] = ..., cross_shard: _Optional[bool] = ..., retained: _Optional[bool] = ..., sides: _Optional[_Iterable[_Union[_shardnode_pb2.ParticipantTrade, _Mapping]]] = ...) -> None: ...
+
+class TradeRecord(_message.Message):
+    __slots__ = ("trade_id", "outcome", "reason", "decided_by", "decided_at_ms", "request", "shard_a", "shard_b")
+    TRADE_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    SHARD_A_FIELD_NUMBER: _ClassVar[int]
+    SHARD_B_FIELD_NUMBER: _ClassVar[int]
+    trade_id: str
+    outcome: _common_pb2.TradeOutcome
+    reason: str
+    decided_by: str
+    decided_at_ms: int
+    request: ExecuteTradeRequest
+    shard_a: str
+    shard_b: str
+    def __init__(self, trade_id: _Optional[str] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., decided_by: _Optional[str] = ..., decided_at_ms: _Optional[int] = ..., request: _Optional[_Union[ExecuteTradeRequest, _Mapping]] = ..., shard_a: _Optional[str] = ..., shard_b: _Optional[str] = ...) -> None: ...
+
+class ResolveTradeRequest(_message.Message):
+    __slots__ = ("trade_id", "shard_id", "node_id", "reason")
+    TRADE_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    trade_id: str
+    shard_id: str
+    node_id: str
+    reason: str
+    def __init__(self, trade_id: _Optional[str] = ..., shard_id: _Optional[str] = ..., node_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ResolveTradeResponse(_message.Message):
+    __slots__ = ("trade_id", "outcome", "reason", "created")
+    TRADE_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    trade_id: str
+    outcome: _common_pb2.TradeOutcome
+    reason: str
+    created: bool
+    def __init__(self, trade_id: _Optional[str] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class ListInDoubtTradesRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class ListInDoubtTradesResponse(_message.Message):
+    __slots__ = ("trades", "unreachable_nodes")
+    TRADES_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_NODES_FIELD_NUMBER: _ClassVar[int]
+    trades: _containers.RepeatedCompositeFieldContainer[_shardnode_pb2.ParticipantTrade]
+    unreachable_nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, trades: _Optional[_Iterable[_Union[_shardnode_pb2.ParticipantTrade, _Mapping]]] = ..., unreachable_nodes: _Optional[_Iterable[str]] = ...) -> None: ...

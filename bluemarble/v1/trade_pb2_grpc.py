@@ -44,20 +44,47 @@ class TradeCoordinatorStub:
                 request_serializer=bluemarble_dot_v1_dot_trade__pb2.GetTradeRequest.SerializeToString,
                 response_deserializer=bluemarble_dot_v1_dot_trade__pb2.GetTradeResponse.FromString,
                 _registered_method=True)
+        self.ResolveTrade = channel.unary_unary(
+                '/bluemarble.v1.TradeCoordinator/ResolveTrade',
+                request_serializer=bluemarble_dot_v1_dot_trade__pb2.ResolveTradeRequest.SerializeToString,
+                response_deserializer=bluemarble_dot_v1_dot_trade__pb2.ResolveTradeResponse.FromString,
+                _registered_method=True)
+        self.ListInDoubtTrades = channel.unary_unary(
+                '/bluemarble.v1.TradeCoordinator/ListInDoubtTrades',
+                request_serializer=bluemarble_dot_v1_dot_trade__pb2.ListInDoubtTradesRequest.SerializeToString,
+                response_deserializer=bluemarble_dot_v1_dot_trade__pb2.ListInDoubtTradesResponse.FromString,
+                _registered_method=True)
 
 
 class TradeCoordinatorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ExecuteTrade(self, request, context):
-        """Runs a trade to its end. Same trade id, same answer, always.
+        """Runs a trade to its end. Same trade id, same answer, always (within the retention
+        window, 24 h by default). Bad input: INVALID_ARGUMENT. A trade the participants
+        refuse (an item not owned, not enough gold) answers ABORTED with the reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetTrade(self, request, context):
-        """The recorded decision and its state.
+        """The recorded decision and where each side stands. NOT_FOUND when nothing is known.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveTrade(self, request, context):
+        """For participants' termination (flow 6): the recorded decision, created as ABORTED
+        when there is none yet (create-if-absent: a decision that exists always stands).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInDoubtTrades(self, request, context):
+        """Escrows held by the primaries right now, oldest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -75,6 +102,16 @@ def add_TradeCoordinatorServicer_to_server(servicer, server):
                     servicer.GetTrade,
                     request_deserializer=bluemarble_dot_v1_dot_trade__pb2.GetTradeRequest.FromString,
                     response_serializer=bluemarble_dot_v1_dot_trade__pb2.GetTradeResponse.SerializeToString,
+            ),
+            'ResolveTrade': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveTrade,
+                    request_deserializer=bluemarble_dot_v1_dot_trade__pb2.ResolveTradeRequest.FromString,
+                    response_serializer=bluemarble_dot_v1_dot_trade__pb2.ResolveTradeResponse.SerializeToString,
+            ),
+            'ListInDoubtTrades': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInDoubtTrades,
+                    request_deserializer=bluemarble_dot_v1_dot_trade__pb2.ListInDoubtTradesRequest.FromString,
+                    response_serializer=bluemarble_dot_v1_dot_trade__pb2.ListInDoubtTradesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +168,60 @@ class TradeCoordinator:
             '/bluemarble.v1.TradeCoordinator/GetTrade',
             bluemarble_dot_v1_dot_trade__pb2.GetTradeRequest.SerializeToString,
             bluemarble_dot_v1_dot_trade__pb2.GetTradeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveTrade(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bluemarble.v1.TradeCoordinator/ResolveTrade',
+            bluemarble_dot_v1_dot_trade__pb2.ResolveTradeRequest.SerializeToString,
+            bluemarble_dot_v1_dot_trade__pb2.ResolveTradeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInDoubtTrades(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bluemarble.v1.TradeCoordinator/ListInDoubtTrades',
+            bluemarble_dot_v1_dot_trade__pb2.ListInDoubtTradesRequest.SerializeToString,
+            bluemarble_dot_v1_dot_trade__pb2.ListInDoubtTradesResponse.FromString,
             options,
             channel_credentials,
             insecure,
