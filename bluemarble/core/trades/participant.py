@@ -1,0 +1,221 @@
+"""A participant's trade rules: prepare (escrow), settle (commit/abort), termination, and
+the same-shard trade (pure functions over values).
+
+Why this module exists: the shard's primary is where items and gold really move, so it
+is where I2 is won or lost. The driver loads the player's :class:`Holdings` and the trade
+id's durable record (:class:`Known`) from storage, asks one of these functions, and
+persists what the answer says, in one replicated STRONG write, *before* it answers the
+sender (an answer must never promise state that a crash could lose).
+
+The rule the whole protocol relies on (flow 6): a participant applies COMMITTED or
+ABORTED only when the decision record exists with that value. The driver obtains it from
+a Commit/Abort sent by whoever read the record (coordinator, leader's sweep), or from
+ResolveTrade (record, or ABORTED-if-absent) in termination. It never decides on its own.
+
+Accounting while an escrow is held: escrowed items and gold are still the player's
+(:class:`Holdings` counts them), but neither another trade nor a grant may take them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from bluemarble.core.limits import MAX_GOLD
+from bluemarble.core.trades.model import Leg, Outcome, Trade
+
+
+class TradeState(enum.Enum):
+    """A participant's durable record of one trade id."""
+
+    PREPARED = "prepared"
+    """Escrow held: the leg's ``gives`` are reserved; the outcome is not known here yet."""
+    COMMITTED = "committed"
+    """COMMITTED applied (or, without a leg, recorded); never changes."""
+    ABORTED = "aborted"
+    """ABORTED applied (escrow released) or recorded without an escrow; never changes."""
+
+
+_STATE_OF = {Outcome.COMMITTED: TradeState.COMMITTED, Outcome.ABORTED: TradeState.ABORTED}
+_OUTCOME_OF = {TradeState.COMMITTED: Outcome.COMMITTED, TradeState.ABORTED: Outcome.ABORTED}
+
+
+def state_for(outcome: Outcome) -> TradeState:
+    """The durable state recorded once ``outcome`` is applied."""
+    return _STATE_OF[outcome]
+
+
+def outcome_of(state: TradeState) -> Outcome | None:
+    """The outcome a settled state stands for; None for PREPARED."""
+    return _OUTCOME_OF.get(state)
+
+
+@dataclass(frozen=True)
+class Holdings:
+    """One player's possessions as stored on its shard. ``items`` and ``gold`` are
+    everything the player has, escrowed ones included; ``escrowed_items`` (a subset of
+    ``items``) and ``escrowed_gold`` (<= ``gold``) are reserved by PREPARED trades."""
+
+    items: frozenset[str]
+    gold: int
+    escrowed_items: frozenset[str] = frozenset()
+    escrowed_gold: int = 0
+
+    @property
+    def available_gold(self) -> int:
+        return self.gold - self.escrowed_gold
+
+
+@dataclass(frozen=True)
+class Known:
+    """The participant's durable record of a trade id: its state, the leg recorded at
+    prepare (None when only an outcome was recorded, without an escrow) and the reason
+    of the outcome (empty while PREPARED)."""
+
+    state: TradeState
+    leg: Leg | None
+    reason: str = ""
+
+
+class PrepareVerdict(enum.Enum):
+    """What the driver does with a Prepare."""
+
+    ESCROW = "escrow"
+    """New escrow: persist PREPARED (the leg, the deadline), then answer PREPARED."""
+    PREPARED = "prepared"
+    """Already prepared with the same terms: answer PREPARED, change nothing."""
+    DECIDED = "decided"
+    """An outcome was already applied or recorded: answer it (``outcome``), change nothing."""
+    REFUSED = "refused"
+    """Cannot escrow (``reason`` names the item or the amount): answer refused, persist
+    nothing (no decision exists yet; a later Prepare is judged afresh)."""
+    CONFLICT = "conflict"
+    """The trade id is known with different terms: answer refused (INVALID_ARGUMENT
+    "trade id reused with different terms"), persist nothing."""
+
+
+@dataclass(frozen=True)
+class PrepareDecision:
+    verdict: PrepareVerdict
+    outcome: Outcome | None = None
+    """The applied outcome, for DECIDED only."""
+    reason: str = ""
+
+
+REUSED_TRADE_ID = "trade id reused with different terms"
+
+
+def check_leg(leg: Leg, holdings: Holdings) -> str:
+    """Why ``holdings`` cannot escrow ``leg``'s gives ("" when it can).
+
+    Every given item must be the player's and not escrowed (by any trade: a trade id that
+    already holds an escrow never reaches this check); the gold given must not exceed the
+    gold not escrowed; and the gold received must not take the player above 2^53. Items
+    are checked in the order the leg lists them, so the reason names the first one.
+    """
+    for item in leg.gives.item_ids:
+        if item not in holdings.items:
+            return f"player {leg.player} does not own item {item}"
+        if item in holdings.escrowed_items:
+            return f"item {item} is held by another trade"
+    available = holdings.available_gold
+    if leg.gives.gold > available:
+        return f"player {leg.player} has {available} gold available, the trade needs {leg.gives.gold}"
+    if holdings.gold - leg.gives.gold + leg.receives.gold > MAX_GOLD:
+        return f"player {leg.player} would hold more than {MAX_GOLD} gold"
+    return ""
+
+
+def decide_prepare(leg: Leg, holdings: Holdings, known: Known | None) -> PrepareDecision:
+    """What a participant does with a Prepare for ``leg``, given the player's holdings and
+    its durable record of the trade id (None if it has none).
+
+    - record with a leg whose terms differ: CONFLICT (``REUSED_TRADE_ID``);
+    - COMMITTED/ABORTED: DECIDED with that outcome (its reason);
+    - PREPARED (same terms): PREPARED;
+    - no record: REFUSED with :func:`check_leg`'s reason, else ESCROW.
+
+    Raises nothing. The driver persists only on ESCROW.
+    """
+    if known is not None:
+        if known.leg is not None and not known.leg.same_terms(leg):
+            return PrepareDecision(PrepareVerdict.CONFLICT, None, REUSED_TRADE_ID)
+        outcome = outcome_of(known.state)
+        if outcome is not None:
+            return PrepareDecision(PrepareVerdict.DECIDED, outcome, known.reason)
+        return PrepareDecision(PrepareVerdict.PREPARED)
+    reason = check_leg(leg, holdings)
+    if reason:
+        return PrepareDecision(PrepareVerdict.REFUSED, None, reason)
+    return PrepareDecision(PrepareVerdict.ESCROW)
+
+
+class SettleVerdict(enum.Enum):
+    """What the driver does with a Commit/Abort (or a ResolveTrade answer)."""
+
+    APPLY_COMMIT = "apply_commit"
+    """Escrowed ``gives`` leave the player, ``receives`` join; record COMMITTED. One write."""
+    APPLY_ABORT = "apply_abort"
+    """Release the escrow; record ABORTED. One write."""
+    RECORD_ONLY = "record_only"
+    """ABORTED with no escrow here: record ABORTED (no leg) so a late Prepare answers it
+    instead of escrowing."""
+    NOOP = "noop"
+    """Already applied, same outcome: acknowledge, change nothing."""
+    CONFLICT = "conflict"
+    """Already applied the other outcome: a bug elsewhere (the record never changes).
+    Change nothing, do not acknowledge, log loudly."""
+    MISSING_ESCROW = "missing_escrow"
+    """COMMITTED, but this participant holds no record of the trade. A COMMITTED record
+    exists only once both participants prepared, so this escrow was lost: committing now
+    would create items (receive without giving). Change nothing, do not acknowledge,
+    log loudly."""
+
+
+def decide_settle(known: Known | None, outcome: Outcome) -> SettleVerdict:
+    """What a participant whose durable record of the trade is ``known`` does with the
+    recorded ``outcome`` (see :class:`SettleVerdict`). Raises nothing.
+
+    The caller must only pass an outcome read from the decision record.
+    """
+    if known is None:
+        return SettleVerdict.RECORD_ONLY if outcome is Outcome.ABORTED else SettleVerdict.MISSING_ESCROW
+    applied = outcome_of(known.state)
+    if applied is None:
+        return SettleVerdict.APPLY_COMMIT if outcome is Outcome.COMMITTED else SettleVerdict.APPLY_ABORT
+    return SettleVerdict.NOOP if applied is outcome else SettleVerdict.CONFLICT
+
+
+def termination_due(known: Known, deadline_ms: int, now_ms: int) -> bool:
+    """True when ``known`` is a PREPARED escrow whose deadline (wall-clock ms, stored with
+    the escrow) has passed: the participant must ask for the decision (ResolveTrade:
+    the record, or ABORTED-if-absent) and apply it with :func:`decide_settle`. A newly
+    promoted primary may call it with ``now_ms = deadline_ms`` to settle at once."""
+    return known.state is TradeState.PREPARED and now_ms >= deadline_ms
+
+
+@dataclass(frozen=True)
+class LocalTradeDecision:
+    """A same-shard trade's outcome. COMMITTED: swap both legs and record it; ABORTED:
+    record it (a refusal is recorded too, so a retry gets the same answer)."""
+
+    outcome: Outcome
+    reason: str
+
+
+def decide_local_trade(
+    trade: Trade, a: Holdings, b: Holdings, known_outcome: tuple[Outcome, str] | None,
+) -> LocalTradeDecision:
+    """The outcome of a trade whose players live on the same shard, decided in one local
+    transaction: the recorded ``(outcome, reason)`` for a retried trade id; else ABORTED
+    with the first refusal (A's leg checked first) of :func:`check_leg`, else COMMITTED.
+
+    ``trade`` must have passed :func:`~bluemarble.core.trades.model.validate_trade`;
+    escrowed items and gold (of cross-shard trades in progress) are not available.
+    """
+    if known_outcome is not None:
+        return LocalTradeDecision(*known_outcome)
+    reason = check_leg(trade.leg_a(), a) or check_leg(trade.leg_b(), b)
+    if reason:
+        return LocalTradeDecision(Outcome.ABORTED, reason)
+    return LocalTradeDecision(Outcome.COMMITTED, "")
