@@ -121,11 +121,13 @@ def propose(
     players: tuple[str, ...] = (),
 ) -> Decision:
     """The coordinator's proposal from both answers (None: no answer): COMMITTED iff both
-    voted commit (PREPARED, or DECIDED(COMMITTED)); else ABORTED with the reason of A's
-    refusal, else B's ("shard unavailable" for no answer or an RPC failure)."""
+    voted commit (PREPARED, or DECIDED(COMMITTED)); else ABORTED with the reason of the
+    first answer against (A's before B's; a refusal names the item or the amount), else
+    "shard unavailable" for the first side that did not answer."""
     if a is not None and b is not None and a.votes_commit and b.votes_commit:
         return Decision(trade_id, Outcome.COMMITTED, "", decided_by, players)
-    side, reply = (Side.A, a) if a is None or not a.votes_commit else (Side.B, b)
+    answered = [(side, r) for side, r in ((Side.A, a), (Side.B, b)) if r is not None and not r.votes_commit]
+    side, reply = answered[0] if answered else ((Side.A, a) if a is None else (Side.B, b))
     return Decision(trade_id, Outcome.ABORTED, _abort_reason(side, reply), decided_by, players)
 
 
