@@ -139,6 +139,14 @@ class Shipper:
             self.peers.pop(shard, None)
         self.wake.set()
 
+    def idle_wait_s(self, now_s: float) -> float:
+        """How long an idle stream sleeps unless woken: until the next refused shard may be
+        tried again, at most half the progress interval. Only retries still ahead count
+        (a past one would make the stream spin)."""
+        due = min((p.retry_at_s for p in self.peers.values() if p.retry_at_s > now_s), default=0.0)
+        wait_s = PROGRESS_INTERVAL_S / 2
+        return min(wait_s, due - now_s) if due else wait_s
+
     async def _stream_once(self) -> None:
         """One stream, until it breaks (raises, so the supervisor backs off and reopens)."""
         address = self.link.address_of(self.replica)
@@ -160,11 +168,7 @@ class Shipper:
                     await self.clock.sleep(EVENTUAL_LINGER_S)
                 batch, sent = self._build()
                 if batch is None:
-                    due = min((p.retry_at_s for p in self.peers.values() if p.retry_at_s), default=0.0)
-                    wait_s = PROGRESS_INTERVAL_S / 2
-                    if due:
-                        wait_s = max(0.0, min(wait_s, due - self.clock.monotonic_s()))
-                    await wait_event(self.clock, self.wake, wait_s)
+                    await wait_event(self.clock, self.wake, self.idle_wait_s(self.clock.monotonic_s()))
                     linger = self.wake.is_set()
                     self.wake.clear()
                     continue
