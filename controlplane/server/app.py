@@ -27,12 +27,20 @@ from controlplane.server.election import Election
 from controlplane.server.node_probe import NodeProbe
 from controlplane.server.reconciler import Reconciler
 from controlplane.server.registry import NodeRegistry
-from controlplane.server.service import ControlPlaneDeps, ControlPlaneService, TradeCoordinatorService
+from controlplane.server.service import ControlPlaneDeps, ControlPlaneService
+from controlplane.server.trades import (
+    Locator,
+    TradeCoordinator,
+    TradeCoordinatorService,
+    TradeSettings,
+    TradeSweep,
+)
 from controlplane.store.config_store import ConfigStore
 from controlplane.store.etcd import EtcdStore
 from controlplane.store.keys import KeySchema
 from controlplane.store.records import decode_assignment, decode_config, decode_node, decode_ring
 from controlplane.store.ring_store import ensure_ring
+from controlplane.store.trade_store import TradeStore
 from controlplane.store.watchcache import PrefixCache
 
 log = structlog.get_logger(__name__)
@@ -53,6 +61,8 @@ class ControlPlaneSettings:
     crash_grace_ms: int = 300
     """After a node's heartbeat stream closes from its side, how long it has to heartbeat
     again before its address is checked and, if refused, its lease revoked (0: off)."""
+    trades: TradeSettings = field(default_factory=TradeSettings)
+    """The trade coordinator's timeouts, the decision records' retention and the sweep."""
     # Flags given explicitly on the command line (vs defaults), to warn on config drift.
     explicit: frozenset[str] = field(default_factory=frozenset)
 
@@ -72,6 +82,9 @@ class ControlPlaneApp:
         self.probe: NodeProbe | None = None
         self.config_mirror: PrefixCache[common_pb2.ClusterConfig] | None = None
         self.crash_watch: CrashWatch | None = None
+        self.trade_store: TradeStore | None = None
+        self.trade_coordinator: TradeCoordinator | None = None
+        self.trade_sweep: TradeSweep | None = None
 
     @property
     def replica_id(self) -> str:
@@ -151,6 +164,12 @@ class ControlPlaneApp:
             crash_watch=self.crash_watch,
             config_mirror=self.config_mirror,
         )
+        self.trade_store = TradeStore(self.store, self.keys, self.clock, retention_s=s.trades.retention_s)
+        locator = Locator(self.keys, self.ring, self.assignments, self.nodes)
+        self.trade_coordinator = TradeCoordinator(
+            self.replica_id, locator, self.trade_store, self.clock, s.trades
+        )
+        self.trade_sweep = TradeSweep(self.trade_coordinator, self.trade_store, self.election, self.clock, s.trades)
         self.server = await build_server(
             s.listen,
             [
@@ -161,7 +180,7 @@ class ControlPlaneApp:
                 ),
                 ServiceBinding(
                     trade_pb2.DESCRIPTOR.services_by_name["TradeCoordinator"].full_name,
-                    TradeCoordinatorService(),
+                    TradeCoordinatorService(self.trade_coordinator, self.trade_store, locator),
                     trade_pb2_grpc.add_TradeCoordinatorServicer_to_server,
                 ),
             ],
@@ -169,6 +188,8 @@ class ControlPlaneApp:
         )
         await self.election.start()
         await self.reconciler.start()
+        await self.trade_store.start()
+        await self.trade_sweep.start()
         log.info(
             "control plane serving",
             address=self.address,
@@ -203,6 +224,7 @@ class ControlPlaneApp:
             # First: the heartbeat streams this shutdown ends are not node crashes.
             ("crash watch", self.crash_watch.close() if self.crash_watch else None),
             ("reconciler", self.reconciler.stop() if self.reconciler else None),
+            ("trade sweep", self.trade_sweep.stop() if self.trade_sweep else None),
             ("election", self.election.stop() if self.election else None),
             *[
                 (c.name, c.stop())
@@ -213,6 +235,9 @@ class ControlPlaneApp:
                 "server",
                 self.server.stop_gracefully(self.settings.shutdown_grace_s) if self.server else None,
             ),
+            # After the server: trades finishing during the drain still queue their records.
+            ("trade retention", self.trade_store.stop() if self.trade_store else None),
+            ("trade channels", self.trade_coordinator.close() if self.trade_coordinator else None),
             ("etcd", self.store.close()),
         ]
         for name, step in steps:

@@ -15,6 +15,7 @@ from bluemarble.runtime import event_loop, logs
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.settings import EnvArgumentParser, env_name
 from controlplane.server.app import ControlPlaneApp, ControlPlaneSettings
+from controlplane.server.trades import TradeSettings
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +41,24 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         help="after a node's heartbeat stream closes, revoke its lease once this long has passed "
         "without a heartbeat and its address refuses connections (0: wait for the TTL)",
     )
+    p.add_flag(
+        "--trade-retention-h",
+        default=24.0,
+        type=float,
+        help="keep trade decision records (and so the same answer for a retried trade id) this many hours",
+    )
+    p.add_flag(
+        "--trade-prepare-timeout-s",
+        default=2.0,
+        type=float,
+        help="a trade participant that has not answered prepare within this is unavailable (ABORTED)",
+    )
+    p.add_flag(
+        "--trade-sweep-interval-s",
+        default=15.0,
+        type=float,
+        help="how often the leader finishes phase 2 of trades whose coordinator did not",
+    )
     p.add_flag("--log-level", default="info", help="debug, info, warning or error")
     p.add_flag("--log-format", default="console", choices=("console", "json"), help="log format")
     args = p.parse_args(argv)
@@ -53,6 +72,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         or any(a == f"--{name.replace('_', '-')}" or a.startswith(f"--{name.replace('_', '-')}=")
                for a in (argv if argv is not None else sys.argv[1:]))
     )
+    if args.trade_retention_h <= 0 or args.trade_prepare_timeout_s <= 0 or args.trade_sweep_interval_s <= 0:
+        p.error("--trade-retention-h, --trade-prepare-timeout-s and --trade-sweep-interval-s must be > 0")
+    trades = TradeSettings(
+        prepare_timeout_s=args.trade_prepare_timeout_s,
+        retention_s=max(1, round(args.trade_retention_h * 3600)),
+        sweep_interval_s=args.trade_sweep_interval_s,
+    )
     settings = ControlPlaneSettings(
         listen=args.listen,
         etcd_endpoints=tuple(split_addresses(args.etcd)),
@@ -63,6 +89,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         etcd_startup_timeout_s=args.etcd_startup_timeout_s,
         replica_id=args.replica_id,
         crash_grace_ms=args.crash_grace_ms,
+        trades=trades,
         explicit=explicit,
     )
     if args.crash_grace_ms < 0:

@@ -16,11 +16,11 @@ import grpc.aio
 
 from bluemarble.api.conversions import ring_to_proto
 from bluemarble.core import limits, validation
-from bluemarble.core.errors import InvalidArgument, OutOfRange, Unavailable, Unimplemented
+from bluemarble.core.errors import InvalidArgument, OutOfRange, Unavailable
 from bluemarble.core.ids import NodeId, ShardId, shard_index
 from bluemarble.core.ring import Ring
 from bluemarble.runtime.clock import Clock, run_with_timeout
-from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
+from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc
 from controlplane.server.crash_watch import CrashWatch
 from controlplane.server.election import Election, LeaderInfo
 from controlplane.server.node_probe import NodeProbe
@@ -74,10 +74,6 @@ STATUS_PROBE_MAX_NODES = 256
 """Nodes one ListAssignments(include_status) asks directly at most (members with no recent
 report here); the others' statuses are missing from the answer."""
 STATUS_PROBE_TIMEOUT_S = 1.0
-
-
-def _later(rpc: str, step: str) -> Unimplemented:
-    return Unimplemented(f"{rpc} is not implemented in this release; it comes with {step}")
 
 
 class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
@@ -508,17 +504,6 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                 f"eligible: shards have at most {eligible} copies until more nodes join"
             )
         return response
-
-
-class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
-    async def ExecuteTrade(
-        self, request: trade_pb2.ExecuteTradeRequest, context: Ctx
-    ) -> trade_pb2.ExecuteTradeResponse:
-        raise _later("ExecuteTrade", "cross-shard trades (roadmap step 4)")
-
-    async def GetTrade(self, request: trade_pb2.GetTradeRequest, context: Ctx) -> trade_pb2.GetTradeResponse:
-        raise _later("GetTrade", "cross-shard trades (roadmap step 4)")
-
 
 
 MIN_PROGRESS_INTERVAL_MS = 100

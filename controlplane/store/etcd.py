@@ -159,9 +159,14 @@ class Compare:
 
 @dataclass(frozen=True)
 class Put:
+    """Writes ``value`` to ``key`` with ``lease`` (0: none). ``keep_value``: attach the key
+    to ``lease`` and leave its value as it is (etcd's ``ignore_value``; ``value`` unused),
+    so re-leasing a record does not carry it over the wire again."""
+
     key: str
     value: bytes
     lease: int = 0
+    keep_value: bool = False
 
 
 @dataclass(frozen=True)
@@ -317,6 +322,20 @@ class EtcdStore:
             )
         return [_kv(raw) for raw in resp.kvs], int(resp.header.revision)
 
+    async def get_page(self, prefix: str, start_key: str, limit: int) -> tuple[list[KeyValue], bool]:
+        """Up to ``limit`` keys below ``prefix``, from ``start_key`` (inclusive; "" for the
+        first) in key order, and whether more follow. For scans too large for one answer
+        (a caller resumes from the last key + "\\0")."""
+        start = start_key or prefix
+        async with self._wrapped(f"list {prefix} from {start}"):
+            resp = await self._kvs.get(
+                start,
+                range_end=etcd3aio.prefix_range_end(prefix),
+                limit=limit,
+                timeout=self.rpc_timeout_s,
+            )
+        return [_kv(raw) for raw in resp.kvs], bool(resp.more)
+
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
         async with self._wrapped(f"put {key}"):
             resp = await self._kvs.put(key, value, lease=lease, timeout=self.rpc_timeout_s)
@@ -371,6 +390,10 @@ class EtcdStore:
     def _op(op: Op) -> etcdpb.RequestOp:
         kv = etcd3aio.kv.KVService
         if isinstance(op, Put):
+            if op.keep_value:
+                return etcdpb.RequestOp(
+                    request_put=etcdpb.PutRequest(key=op.key.encode("utf-8"), lease=op.lease, ignore_value=True)
+                )
             return kv.txn_op_put(op.key, op.value, lease=op.lease)
         end = etcd3aio.prefix_range_end(op.key) if op.prefix else None
         if isinstance(op, Delete):

@@ -1,0 +1,740 @@
+"""The trade coordinator (flow 6): the TradeCoordinator servicer, the asyncio driver of
+the pure coordinator state machine, and the leader's sweep of unfinished phase 2.
+
+Why this module exists: every control-plane replica coordinates trades, statelessly. The
+rules of one attempt (prepare both legs, propose, adopt the *recorded* decision, settle,
+answer) are :class:`bluemarble.core.trades.coordinator.Coordinator`'s; this module only
+executes its actions: RPCs to the shard primaries (found through this replica's ring and
+assignment mirrors, like ResolvePlayer), the one etcd transaction of the decision
+(:class:`controlplane.store.trade_store.TradeStore`), and the retention of the record.
+
+Same-shard trades are one ``ShardNode.ExecuteLocalTrade`` on the shard's primary: no
+etcd write. Cross-shard ones write one etcd record on the critical path (the decision);
+attaching it to its retention lease is batched, afterwards.
+
+Where a shard has no primary when a trade starts, the trade is refused with UNAVAILABLE
+before anything is sent or written (retryable: the same trade id may commit once the
+failover is done); a participant that fails or times out in prepare makes the decision
+ABORTED (docs/decisions.md: "Trades: no primary is UNAVAILABLE, a failed prepare is
+ABORTED").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+import structlog
+
+from bluemarble.core import validation
+from bluemarble.core.errors import (
+    BlueMarbleError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    from_status_name,
+)
+from bluemarble.core.ids import NodeId, ShardId, shard_index
+from bluemarble.core.limits import echo
+from bluemarble.core.ring import Ring
+from bluemarble.core.trades import coordinator as rules
+from bluemarble.core.trades.model import Decision, Leg, Offer, Outcome, Trade, participant_name, validate_trade
+from bluemarble.runtime import background, retry
+from bluemarble.runtime.channels import insecure_channel
+from bluemarble.runtime.clock import Clock, run_with_timeout, wait_event
+from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc, trade_pb2, trade_pb2_grpc
+from controlplane.server.election import Election
+from controlplane.store.keys import KeySchema
+from controlplane.store.trade_store import StoredTrade, TradeStore
+from controlplane.store.watchcache import PrefixCache
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+MAX_LIST = 1000
+"""ListInDoubtTrades' default and cap."""
+MAX_REASON_CHARS = 200
+"""A ResolveTrade reason is kept to this many characters in the record."""
+
+
+@dataclass(frozen=True)
+class TradeSettings:
+    """Bounds of the coordinator's calls, in seconds, and the sweep's schedule."""
+
+    prepare_timeout_s: float = 2.0
+    """Both prepares must answer within this; a side that has not is unavailable (ABORTED)."""
+    settle_call_timeout_s: float = 1.0
+    """One Commit/Abort call."""
+    settle_deadline_s: float = 3.0
+    """All attempts of one side's Commit/Abort (retries with jitter, following redirects)."""
+    local_trade_deadline_s: float = 3.0
+    """All attempts of a same-shard trade's ExecuteLocalTrade."""
+    read_timeout_s: float = 1.0
+    """One ListTrades call of GetTrade / ListInDoubtTrades / the sweep."""
+    retention_s: int = 24 * 3600
+    sweep_interval_s: float = 15.0
+    sweep_min_age_s: float = 60.0
+    """The sweep leaves records younger than this to their coordinator."""
+    sweep_batch: int = 500
+    """Records one sweep pass handles at most."""
+    sweep_concurrency: int = 16
+
+
+# ---- conversions between messages and the core's values ----
+
+_OUTCOME_TO_PROTO = {
+    Outcome.COMMITTED: common_pb2.TRADE_OUTCOME_COMMITTED,
+    Outcome.ABORTED: common_pb2.TRADE_OUTCOME_ABORTED,
+}
+_OUTCOME_FROM_PROTO = {v: k for k, v in _OUTCOME_TO_PROTO.items()}
+
+
+def outcome_to_proto(outcome: Outcome) -> common_pb2.TradeOutcome:
+    return _OUTCOME_TO_PROTO[outcome]
+
+
+def outcome_from_proto(value: int, where: str) -> Outcome:
+    """The outcome of a message field; BlueMarbleError naming ``where`` when unset/unknown."""
+    outcome: Outcome | None = _OUTCOME_FROM_PROTO.get(value)  # type: ignore[call-overload]
+    if outcome is None:
+        raise BlueMarbleError(f"{where} holds no trade outcome ({value})")
+    return outcome
+
+
+def _offer(message: common_pb2.Offer) -> Offer:
+    return Offer(tuple(message.item_ids), int(message.gold))
+
+
+def _offer_proto(offer: Offer) -> common_pb2.Offer:
+    return common_pb2.Offer(item_ids=list(offer.item_ids), gold=offer.gold)
+
+
+def trade_from_request(r: trade_pb2.ExecuteTradeRequest) -> Trade:
+    return Trade(r.trade_id, r.player_a, r.player_b, _offer(r.a_gives), _offer(r.b_gives))
+
+
+def trade_to_request(t: Trade) -> trade_pb2.ExecuteTradeRequest:
+    return trade_pb2.ExecuteTradeRequest(
+        trade_id=t.trade_id, player_a=t.player_a, player_b=t.player_b,
+        a_gives=_offer_proto(t.a_gives), b_gives=_offer_proto(t.b_gives),
+    )
+
+
+def leg_to_proto(leg: Leg) -> shardnode_pb2.TradeLeg:
+    return shardnode_pb2.TradeLeg(
+        player_id=leg.player, gives=_offer_proto(leg.gives), receives=_offer_proto(leg.receives),
+        counterpart_player_id=leg.counterpart,
+    )
+
+
+def decision_of(record: trade_pb2.TradeRecord) -> Decision:
+    players = (record.request.player_a, record.request.player_b) if record.request.player_a else ()
+    return Decision(
+        record.trade_id, outcome_from_proto(record.outcome, f"trade record {record.trade_id}"),
+        record.reason, record.decided_by, players,
+    )
+
+
+def same_terms(record: trade_pb2.TradeRecord, trade: Trade) -> bool:
+    """The record was written for ``trade`` (a record without terms, written by a
+    participant's termination, matches any trade of its id)."""
+    if not record.request.trade_id:
+        return True
+    recorded = trade_from_request(record.request)
+    return recorded.leg_a().same_terms(trade.leg_a()) and recorded.leg_b().same_terms(trade.leg_b())
+
+
+# ---- where the participants are ----
+
+
+@dataclass(frozen=True)
+class Primary:
+    """The primary of a shard, as this replica's mirrors know it now."""
+
+    shard: ShardId
+    epoch: int
+    node: NodeId
+    address: str
+
+
+class Locator:
+    """Player -> shard -> primary through this replica's mirrors (no etcd read)."""
+
+    def __init__(self, keys: KeySchema, ring: PrefixCache[Ring], assignments: PrefixCache[common_pb2.Assignment],
+                 nodes: PrefixCache[common_pb2.Node]):
+        self._keys, self._ring, self._assignments, self._nodes = keys, ring, assignments, nodes
+
+    def shard_of(self, player: str) -> ShardId:
+        ring = self._ring.entries.get(self._keys.ring())
+        if ring is None:
+            raise Unavailable("the ring is not loaded yet; retry shortly")
+        return ring.shard_for(player)
+
+    def primary(self, shard: ShardId) -> Primary:
+        """Unavailable naming the shard when it has no primary with a known address."""
+        a = self._assignments.entries.get(self._keys.assignment(shard))
+        if a is None or not a.primary:
+            raise Unavailable(f"shard {shard} has no primary right now (failover in progress?); retry shortly")
+        record = self._nodes.entries.get(self._keys.node(NodeId(a.primary)))
+        if record is None or not record.address:
+            raise Unavailable(f"shard {shard}'s primary {a.primary} is not registered; retry shortly")
+        return Primary(shard, a.epoch, NodeId(a.primary), record.address)
+
+    def of_player(self, player: str) -> Primary:
+        return self.primary(self.shard_of(player))
+
+    def nodes(self) -> dict[NodeId, str]:
+        """Every registered node and its address."""
+        return {NodeId(n.node_id): n.address for n in self._nodes.entries.values() if n.address}
+
+    def primaries(self) -> dict[NodeId, str]:
+        """Every node that is the primary of some shard, and its address."""
+        registered = self.nodes()
+        named = {NodeId(a.primary) for a in self._assignments.entries.values() if a.primary}
+        return {n: registered[n] for n in sorted(named) if n in registered}
+
+
+class NodeChannels:
+    """One cached channel per node address (trades are frequent: a channel per call would
+    cost a connection set-up each), at most ``max_channels``; the least recently used is
+    closed past that. Built by :func:`bluemarble.runtime.channels.insecure_channel`."""
+
+    def __init__(self, max_channels: int = 1024):
+        self._max = max_channels
+        self._channels: collections.OrderedDict[str, grpc.aio.Channel] = collections.OrderedDict()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def stub(self, address: str) -> shardnode_pb2_grpc.ShardNodeStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = insecure_channel(address)
+            self._channels[address] = channel
+            if len(self._channels) > self._max:
+                _, old = self._channels.popitem(last=False)
+                task = background.start(old.close(1.0), "close-node-channel")
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+        else:
+            self._channels.move_to_end(address)
+        return shardnode_pb2_grpc.ShardNodeStub(channel)  # type: ignore[no-untyped-call]
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), collections.OrderedDict()
+        for channel in channels:
+            await channel.close(None)
+        for task in list(self._closing):
+            await background.stop(task)
+
+
+def _rpc_error(e: grpc.aio.AioRpcError, where: str) -> BlueMarbleError:
+    return from_status_name(e.code().name, f"{where}: {e.code().name} {echo(e.details() or '', 200)}")
+
+
+def _settle_retryable(error: BaseException) -> bool:
+    """Commit/Abort errors worth another attempt: the node unreachable or slow, or not the
+    primary (any more): the next attempt goes to the primary the mirror knows then."""
+    return isinstance(error, Unavailable | DeadlineExceeded | FailedPrecondition) or retry.is_retryable(error)
+
+
+# ---- the driver of one trade ----
+
+
+@dataclass(frozen=True)
+class TradeAnswer:
+    decision: Decision
+    cross_shard: bool
+
+
+class TradeCoordinator:
+    """Runs trades: :meth:`execute`, :meth:`settle` (also for the sweep), :meth:`resolve`."""
+
+    def __init__(self, replica_id: str, locator: Locator, store: TradeStore, clock: Clock,
+                 settings: TradeSettings, channels: NodeChannels | None = None):
+        self.replica_id = replica_id
+        self.name = f"coordinator {replica_id}"
+        self._locate = locator
+        self._store = store
+        self._clock = clock
+        self.settings = settings
+        self.channels = channels or NodeChannels()
+
+    @property
+    def locator(self) -> Locator:
+        return self._locate
+
+    async def _call(self, primary: Primary, what: str,
+                    rpc: Callable[[shardnode_pb2_grpc.ShardNodeStub, float], Awaitable[T]], timeout_s: float) -> T:
+        """``rpc`` on ``primary``'s channel within ``timeout_s``; errors as BlueMarbleError
+        naming the shard and the node."""
+        where = f"{what} on {primary.shard} (node {primary.node})"
+        stub = self.channels.stub(primary.address)
+
+        async def call() -> T:
+            return await rpc(stub, timeout_s)
+
+        try:
+            return await run_with_timeout(self._clock, call(), timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _rpc_error(e, where) from e
+        except TimeoutError as e:
+            raise DeadlineExceeded(f"{where}: no answer within {timeout_s:g} s") from e
+
+    # ---- ExecuteTrade ----
+
+    async def execute(self, trade: Trade) -> TradeAnswer:
+        """Runs ``trade`` (validated here: InvalidArgument) to its answer. Same shard: one
+        ExecuteLocalTrade. Cross-shard: 2PC with the decision recorded in etcd.
+
+        Raises Unavailable when a player's shard has no primary (nothing was sent or
+        written) or when etcd cannot record the decision (the caller retries the same
+        trade id; the participants' termination releases the escrows meanwhile);
+        InvalidArgument when the trade id's record holds another trade's terms.
+        """
+        validate_trade(trade)
+        shard_a, shard_b = self._locate.shard_of(trade.player_a), self._locate.shard_of(trade.player_b)
+        try:
+            primary_a, primary_b = self._locate.primary(shard_a), self._locate.primary(shard_b)
+        except Unavailable:
+            # Nothing sent: a recorded decision (an earlier attempt's) still answers.
+            stored = await self._store.get(trade.trade_id) if shard_a != shard_b else None
+            if stored is None:
+                raise
+            self._check_terms(stored.record, trade)
+            return TradeAnswer(decision_of(stored.record), True)
+        if shard_a == shard_b:
+            return TradeAnswer(await self._local(trade, shard_a), False)
+        return TradeAnswer(await self._cross(trade, primary_a, primary_b), True)
+
+    def _check_terms(self, record: trade_pb2.TradeRecord, trade: Trade) -> None:
+        if not same_terms(record, trade):
+            raise InvalidArgument(
+                f"trade id {echo(trade.trade_id)} was used for a different trade "
+                f"({echo(record.request.player_a)} and {echo(record.request.player_b)}); choose a new trade id"
+            )
+
+    async def _local(self, trade: Trade, shard: ShardId) -> Decision:
+        request = shardnode_pb2.ExecuteLocalTradeRequest(
+            trade_id=trade.trade_id, shard_id=shard, player_a=trade.player_a, player_b=trade.player_b,
+            a_gives=_offer_proto(trade.a_gives), b_gives=_offer_proto(trade.b_gives),
+        )
+
+        async def attempt() -> shardnode_pb2.ExecuteLocalTradeResponse:
+            primary = self._locate.primary(shard)
+            request.epoch = primary.epoch
+            response: shardnode_pb2.ExecuteLocalTradeResponse = await self._call(
+                primary, "ExecuteLocalTrade", lambda s, t: s.ExecuteLocalTrade(request, timeout=t),
+                self.settings.settle_call_timeout_s * 2,
+            )
+            return response
+
+        policy = retry.RetryPolicy(initial_s=0.05, max_backoff_s=0.5, deadline_s=self.settings.local_trade_deadline_s)
+        response = await retry.call(attempt, what=f"local trade {trade.trade_id}", policy=policy, clock=self._clock,
+                                    retry_if=_settle_retryable)
+        outcome = outcome_from_proto(response.outcome, f"{shard}'s ExecuteLocalTrade answer")
+        log.info("local trade", trade_id=trade.trade_id, shard=shard, outcome=outcome.name, reason=response.reason,
+                 replayed=response.replayed)
+        return Decision(trade.trade_id, outcome, response.reason, f"participant {shard}", trade.players)
+
+    async def _cross(self, trade: Trade, primary_a: Primary, primary_b: Primary) -> Decision:
+        """Drives :class:`~bluemarble.core.trades.coordinator.Coordinator` for ``trade``."""
+        coordinator = rules.Coordinator(trade, self.name)
+        shards = {rules.Side.A: primary_a.shard, rules.Side.B: primary_b.shard}
+        primaries = {rules.Side.A: primary_a, rules.Side.B: primary_b}
+        actions: collections.deque[rules.Action] = collections.deque(coordinator.start())
+        answer: Decision | None = None
+        stored: StoredTrade | None = None
+        while actions:
+            prepares = [a for a in actions if isinstance(a, rules.SendPrepare)]
+            if prepares:
+                actions = collections.deque(a for a in actions if not isinstance(a, rules.SendPrepare))
+                actions.extend(await self._prepare_all(coordinator, prepares, primaries))
+                continue
+            settles = [a for a in actions if isinstance(a, rules.SendSettle)]
+            if settles:
+                actions = collections.deque(a for a in actions if not isinstance(a, rules.SendSettle))
+                results = await asyncio.gather(
+                    *(self.settle(shards[s.side], trade.trade_id, s.outcome) for s in settles)
+                )
+                for s, acked in zip(settles, results, strict=True):
+                    actions.extend(coordinator.on_settle_ack(s.side) if acked else coordinator.on_settle_failed(s.side))
+                continue
+            action = actions.popleft()
+            if isinstance(action, rules.ProposeDecision):
+                stored = await self._record(trade, action.decision, shards)
+                actions.extend(coordinator.on_decision(decision_of(stored.record)))
+            elif isinstance(action, rules.Reply):
+                answer = action.decision
+            elif isinstance(action, rules.Retain) and stored is not None:
+                self._store.retain(trade.trade_id, stored.create_revision)
+        assert answer is not None, "the coordinator ended without an answer"
+        log.info("trade", trade_id=trade.trade_id, outcome=answer.outcome.name, reason=answer.reason,
+                 shard_a=primary_a.shard, shard_b=primary_b.shard, decided_by=answer.decided_by)
+        return answer
+
+    async def _prepare_all(self, coordinator: rules.Coordinator, prepares: Sequence[rules.SendPrepare],
+                           primaries: dict[rules.Side, Primary]) -> list[rules.Action]:
+        """Sends every prepare at once and feeds the answers as they come; stops waiting
+        as soon as the coordinator has moved on (one refusal decides). Each prepare ends
+        within the prepare timeout (a late one answers UNAVAILABLE)."""
+        tasks = {
+            asyncio.ensure_future(self._prepare(primaries[p.side], p.leg, self.settings.prepare_timeout_s)): p.side
+            for p in prepares
+        }
+        out: list[rules.Action] = []
+        try:
+            pending = set(tasks)
+            while pending and coordinator.phase is rules.Phase.PREPARING:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    out.extend(coordinator.on_prepare_reply(tasks[task], task.result()))
+            if coordinator.phase is rules.Phase.PREPARING:  # not reached: every prepare answers
+                out.extend(coordinator.on_prepare_timeout())
+        finally:
+            for task in tasks:
+                task.cancel()
+        return out
+
+    async def _prepare(self, primary: Primary, leg: Leg, timeout_s: float) -> rules.PrepareReply:
+        """One Prepare, as the coordinator's :class:`PrepareReply` (never raises: any
+        failure is UNAVAILABLE naming the shard; a participant refusing the terms
+        (INVALID_ARGUMENT, e.g. a trade id reused with other terms) is REFUSED)."""
+        request = shardnode_pb2.PrepareRequest(
+            trade_id=leg.trade_id, shard_id=primary.shard, epoch=primary.epoch, legs=[leg_to_proto(leg)]
+        )
+        try:
+            response: shardnode_pb2.PrepareResponse = await self._call(
+                primary, "Prepare", lambda s, t: s.Prepare(request, timeout=t), timeout_s
+            )
+        except InvalidArgument as e:
+            return rules.PrepareReply.refused(f"{primary.shard} refused the leg of {leg.player}: {e}")
+        except BlueMarbleError as e:
+            log.info("prepare failed", trade_id=leg.trade_id, shard=primary.shard, node_id=primary.node, error=str(e))
+            return rules.PrepareReply.unavailable(str(e))
+        if response.vote == shardnode_pb2.TRADE_VOTE_PREPARED:
+            return rules.PrepareReply.prepared()
+        if response.vote == shardnode_pb2.TRADE_VOTE_DECIDED:
+            try:
+                outcome = outcome_from_proto(response.outcome, f"{primary.shard}'s Prepare answer")
+            except BlueMarbleError as e:
+                return rules.PrepareReply.unavailable(str(e))
+            return rules.PrepareReply.decided(outcome, response.reason)
+        if response.vote == shardnode_pb2.TRADE_VOTE_REFUSED:
+            return rules.PrepareReply.refused(response.reason or f"{primary.shard} refused the leg of {leg.player}")
+        return rules.PrepareReply.unavailable(f"{primary.shard} answered Prepare without a vote ({response.vote})")
+
+    async def _record(self, trade: Trade, proposal: Decision, shards: dict[rules.Side, ShardId]) -> StoredTrade:
+        """The create-if-absent of ``proposal``; the record as stored. InvalidArgument if
+        it holds another trade's terms; Unavailable if etcd does not answer."""
+        record = trade_pb2.TradeRecord(
+            trade_id=trade.trade_id, outcome=outcome_to_proto(proposal.outcome), reason=proposal.reason,
+            decided_by=proposal.decided_by, decided_at_ms=self._clock.wall_ms(), request=trade_to_request(trade),
+            shard_a=shards[rules.Side.A], shard_b=shards[rules.Side.B],
+        )
+        try:
+            stored, written = await self._store.create_if_absent(record)
+        except Unavailable as e:
+            log.warning("trade decision not recorded; the attempt ends without an answer", trade_id=trade.trade_id,
+                        error=str(e))
+            raise Unavailable(
+                f"the decision of trade {echo(trade.trade_id)} could not be recorded (etcd unreachable); "
+                "retry with the same trade id"
+            ) from e
+        if not written:
+            self._check_terms(stored.record, trade)
+            log.info("trade decision already recorded", trade_id=trade.trade_id,
+                     outcome=stored.record.outcome, decided_by=stored.record.decided_by)
+        return stored
+
+    async def settle(self, shard: ShardId, trade_id: str, outcome: Outcome) -> bool:
+        """Commit/Abort of ``trade_id`` on ``shard``'s current primary (idempotent), with
+        bounded retries and jitter; a FAILED_PRECONDITION (not the primary, stale epoch)
+        is retried on the primary the mirror knows by then. True once the participant
+        acknowledged; False when it could not be reached in time or refused (a
+        conflicting settle: logged)."""
+
+        async def attempt() -> int:
+            primary = self._locate.primary(shard)
+            if outcome is Outcome.COMMITTED:
+                commit = shardnode_pb2.CommitRequest(trade_id=trade_id, shard_id=shard, epoch=primary.epoch)
+                c: shardnode_pb2.CommitResponse = await self._call(
+                    primary, "Commit", lambda s, t: s.Commit(commit, timeout=t), self.settings.settle_call_timeout_s)
+                return c.state
+            abort = shardnode_pb2.AbortRequest(trade_id=trade_id, shard_id=shard, epoch=primary.epoch)
+            a: shardnode_pb2.AbortResponse = await self._call(
+                primary, "Abort", lambda s, t: s.Abort(abort, timeout=t), self.settings.settle_call_timeout_s)
+            return a.state
+
+        policy = retry.RetryPolicy(initial_s=0.05, max_backoff_s=0.5, deadline_s=self.settings.settle_deadline_s)
+        try:
+            state = await retry.call(attempt, what=f"settle {trade_id} on {shard}", policy=policy, clock=self._clock,
+                                     retry_if=_settle_retryable)
+        except BlueMarbleError as e:
+            (log.error if not e.retryable and not isinstance(e, FailedPrecondition) else log.info)(
+                "settle not acknowledged", trade_id=trade_id, shard=shard, outcome=outcome.name, error=str(e))
+            return False
+        expected = (shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED if outcome is Outcome.COMMITTED
+                    else shardnode_pb2.PARTICIPANT_TRADE_STATE_ABORTED)
+        if state != expected:
+            log.error("participant answered a settle with another state", trade_id=trade_id, shard=shard,
+                      outcome=outcome.name, state=shardnode_pb2.ParticipantTradeState.Name(state))
+            return False
+        return True
+
+    # ---- ResolveTrade ----
+
+    async def resolve(self, trade_id: str, shard: str, node: str, reason: str) -> tuple[trade_pb2.TradeRecord, bool]:
+        """The record of ``trade_id``, created ABORTED (decided by "participant <shard>")
+        when there is none. Returns it and whether this call created it."""
+        who = participant_name(shard) if shard else f"participant node {node}" if node else "participant"
+        why = reason[:MAX_REASON_CHARS] if reason else "no decision was recorded"
+        record = trade_pb2.TradeRecord(
+            trade_id=trade_id, outcome=common_pb2.TRADE_OUTCOME_ABORTED,
+            reason=f"aborted by {who}: {why}", decided_by=who, decided_at_ms=self._clock.wall_ms(), shard_a=shard,
+        )
+        stored, created = await self._store.create_if_absent(record)
+        log.info("trade resolved", trade_id=trade_id, asked_by=who, node_id=node, created=created,
+                 outcome=common_pb2.TradeOutcome.Name(stored.record.outcome))
+        return stored.record, created
+
+    # ---- participants' views ----
+
+    async def list_trades(self, nodes: dict[NodeId, str], trade_id: str, limit: int
+                          ) -> tuple[list[shardnode_pb2.ParticipantTrade], list[str]]:
+        """ListTrades(trade_id, limit) on every node of ``nodes`` at once, each bounded by
+        the read timeout; the trades they answered and the nodes that did not answer."""
+        request = shardnode_pb2.ListTradesRequest(trade_id=trade_id, limit=limit)
+
+        async def one(node: NodeId, address: str) -> list[shardnode_pb2.ParticipantTrade] | None:
+            primary = Primary(ShardId("?"), 0, node, address)
+            try:
+                response: shardnode_pb2.ListTradesResponse = await self._call(
+                    primary, "ListTrades", lambda s, t: s.ListTrades(request, timeout=t), self.settings.read_timeout_s)
+            except BlueMarbleError as e:
+                log.info("ListTrades not answered", node_id=node, trade_id=trade_id, error=str(e))
+                return None
+            for t in response.trades:
+                if not t.node_id:
+                    t.node_id = node
+            return list(response.trades)
+
+        order = sorted(nodes)
+        answers = await asyncio.gather(*(one(n, nodes[n]) for n in order))
+        trades = [t for answer in answers if answer for t in answer]
+        unreachable: list[str] = [n for n, answer in zip(order, answers, strict=True) if answer is None]
+        return trades, unreachable
+
+    async def close(self) -> None:
+        await self.channels.close()
+
+
+# ---- the leader's sweep ----
+
+
+class TradeSweep:
+    """Leader only: finishes phase 2 of decision records that never got their retention
+    lease (their coordinator died after deciding, or a participant was down), and
+    attaches them once every participant applied the decision. A participant still
+    down keeps its record unretained (deleting it early would let that participant's
+    termination abort a committed trade)."""
+
+    def __init__(self, coordinator: TradeCoordinator, store: TradeStore, election: Election | None, clock: Clock,
+                 settings: TradeSettings):
+        self._coordinator = coordinator
+        self._store = store
+        self._election = election
+        self._clock = clock
+        self._settings = settings
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self.passes = 0
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = background.start(self._run(), "trade-sweep")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await background.stop(self._task)
+        self._task = None
+
+    async def _run(self) -> None:
+        while not await wait_event(self._clock, self._stop, self._settings.sweep_interval_s):
+            if self._election is None or self._election.leadership is None:
+                continue
+            try:
+                await self.sweep_once()
+            except BlueMarbleError as e:
+                log.warning("trade sweep failed; next pass later", error=str(e))
+
+    def _shards(self, record: trade_pb2.TradeRecord) -> list[ShardId]:
+        """The shards whose participants must apply ``record``: the players' shards now
+        (the ring may have changed since), else the shards the record names."""
+        shards: list[ShardId] = []
+        for player, recorded in ((record.request.player_a, record.shard_a), (record.request.player_b, record.shard_b)):
+            shard = recorded
+            if player:
+                try:
+                    shard = self._coordinator.locator.shard_of(player)
+                except Unavailable:
+                    pass
+            if shard and shard not in shards:
+                shards.append(ShardId(shard))
+        return shards
+
+    async def sweep_once(self) -> tuple[int, int]:
+        """One pass over the unretained records older than ``sweep_min_age_s``: settles
+        each on its participants' current primaries and attaches those every participant
+        acknowledged. Returns (records looked at, records attached). Unavailable (etcd)."""
+        self.passes += 1
+        records = await self._store.list_unretained(self._settings.sweep_batch)
+        oldest_ms = self._clock.wall_ms() - int(self._settings.sweep_min_age_s * 1000)
+        due = [r for r in records if r.record.decided_at_ms <= oldest_ms]
+        limit = asyncio.Semaphore(self._settings.sweep_concurrency)
+
+        async def finish(stored: StoredTrade) -> tuple[str, int] | None:
+            async with limit:
+                record = stored.record
+                outcome = outcome_from_proto(record.outcome, f"trade record {record.trade_id}")
+                shards = self._shards(record)
+                acks = await asyncio.gather(
+                    *(self._coordinator.settle(s, record.trade_id, outcome) for s in shards))
+                if shards and all(acks):
+                    return record.trade_id, stored.create_revision
+                log.info("swept trade still unsettled somewhere; kept unretained", trade_id=record.trade_id,
+                         shards=shards, acknowledged=[s for s, ok in zip(shards, acks, strict=True) if ok])
+                return None
+
+        finished = [f for f in await asyncio.gather(*(finish(s) for s in due)) if f is not None]
+        attached = await self._store.attach(finished) if finished else 0
+        if due:
+            log.info("trade sweep", unretained=len(records), due=len(due), attached=attached)
+        return len(due), attached
+
+
+# ---- the servicer ----
+
+
+def _state_of(outcome: Outcome) -> trade_pb2.TradeState:
+    return trade_pb2.TRADE_STATE_COMMITTED if outcome is Outcome.COMMITTED else trade_pb2.TRADE_STATE_ABORTED
+
+
+_APPLIED = {
+    common_pb2.TRADE_OUTCOME_COMMITTED: shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED,
+    common_pb2.TRADE_OUTCOME_ABORTED: shardnode_pb2.PARTICIPANT_TRADE_STATE_ABORTED,
+}
+
+
+class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
+    """``bluemarble.v1.TradeCoordinator`` on every control-plane replica."""
+
+    def __init__(self, coordinator: TradeCoordinator, store: TradeStore, locator: Locator):
+        self._c = coordinator
+        self._store = store
+        self._locate = locator
+
+    async def ExecuteTrade(
+        self, request: trade_pb2.ExecuteTradeRequest, context: Ctx
+    ) -> trade_pb2.ExecuteTradeResponse:
+        answer = await self._c.execute(trade_from_request(request))
+        d = answer.decision
+        return trade_pb2.ExecuteTradeResponse(
+            trade_id=d.trade_id, outcome=outcome_to_proto(d.outcome), reason=d.reason, cross_shard=answer.cross_shard
+        )
+
+    async def ResolveTrade(
+        self, request: trade_pb2.ResolveTradeRequest, context: Ctx
+    ) -> trade_pb2.ResolveTradeResponse:
+        validation.request_id(request.trade_id, "trade_id")
+        if request.shard_id:
+            try:
+                shard_index(ShardId(request.shard_id))
+            except ValueError as e:
+                raise InvalidArgument(f"shard_id: {e}") from e
+        if request.node_id:
+            validation.node_id(request.node_id)
+        record, created = await self._c.resolve(request.trade_id, request.shard_id, request.node_id, request.reason)
+        return trade_pb2.ResolveTradeResponse(
+            trade_id=record.trade_id, outcome=record.outcome, reason=record.reason, created=created
+        )
+
+    async def GetTrade(self, request: trade_pb2.GetTradeRequest, context: Ctx) -> trade_pb2.GetTradeResponse:
+        """The record (if any) and each participant's view of the trade. Without a record
+        (a same-shard trade, or one not decided yet) the participants are found through
+        ``player_id``, else by asking every primary. NotFound when nobody knows it."""
+        trade_id = validation.request_id(request.trade_id, "trade_id")
+        hint = validation.player_id(request.player_id) if request.player_id else None
+        stored = await self._store.get(trade_id)
+        players: list[str] = []
+        if stored is not None and stored.record.request.player_a:
+            players = [stored.record.request.player_a, stored.record.request.player_b]
+        elif hint is not None:
+            players = [hint]
+        if players:
+            nodes: dict[NodeId, str] = {}
+            for player in players:
+                try:
+                    primary = self._locate.of_player(player)
+                except Unavailable:
+                    continue
+                nodes[primary.node] = primary.address
+        else:
+            nodes = self._locate.primaries()
+        sides, _ = await self._c.list_trades(nodes, trade_id, 2)
+        # One view per shard (a node that led a shard a moment ago may still report it).
+        sides = list({s.shard_id: s for s in sides if s.trade_id == trade_id}.values())
+        response = trade_pb2.GetTradeResponse(trade_id=trade_id, sides=sides)
+        if stored is not None:
+            r = stored.record
+            response.outcome = r.outcome
+            response.reason = r.reason
+            response.request.CopyFrom(r.request)
+            response.decided_by = r.decided_by
+            response.decided_at_ms = r.decided_at_ms
+            response.cross_shard = True
+            response.retained = stored.retained
+            applied = _APPLIED.get(r.outcome)
+            both_applied = len(sides) >= 2 and all(s.state == applied for s in sides)
+            decided = outcome_from_proto(r.outcome, f"trade record {trade_id}")
+            response.state = trade_pb2.TRADE_STATE_DONE if stored.retained or both_applied else _state_of(decided)
+            return response
+        if not sides:
+            raise NotFound(
+                f"trade {echo(trade_id)} is not known: no decision record, and no participant "
+                + (f"of player {echo(hint)} " if hint else "")
+                + "has heard of it (a same-shard trade needs player_id to be found if a primary is down)"
+            )
+        response.cross_shard = any(s.cross_shard for s in sides)
+        settled = [s for s in sides if s.state in (shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED,
+                                                   shardnode_pb2.PARTICIPANT_TRADE_STATE_ABORTED)]
+        if settled and not response.cross_shard:
+            s = settled[0]
+            response.outcome = (common_pb2.TRADE_OUTCOME_COMMITTED
+                                if s.state == shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED
+                                else common_pb2.TRADE_OUTCOME_ABORTED)
+            response.reason = s.reason
+            response.decided_by = participant_name(s.shard_id)
+            response.state = trade_pb2.TRADE_STATE_DONE
+        else:
+            response.state = trade_pb2.TRADE_STATE_PREPARING
+        return response
+
+    async def ListInDoubtTrades(
+        self, request: trade_pb2.ListInDoubtTradesRequest, context: Ctx
+    ) -> trade_pb2.ListInDoubtTradesResponse:
+        limit = min(request.limit or MAX_LIST, MAX_LIST)
+        trades, unreachable = await self._c.list_trades(self._locate.nodes(), "", limit)
+        in_doubt = sorted(
+            (t for t in trades if t.state == shardnode_pb2.PARTICIPANT_TRADE_STATE_PREPARED),
+            key=lambda t: (t.prepared_at_ms, t.trade_id),
+        )[:limit]
+        return trade_pb2.ListInDoubtTradesResponse(trades=in_doubt, unreachable_nodes=unreachable)
+

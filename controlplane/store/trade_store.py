@@ -1,0 +1,235 @@
+"""Decision records of cross-shard trades in etcd: create-if-absent, reads, retention.
+
+Why this module exists: the decision record (``/bluemarble/<cluster>/trades/<trade_id>``,
+a :class:`~bluemarble.v1.trade_pb2.TradeRecord`) is the commit point of a cross-shard
+trade (DESIGN.md flow 6). It is written exactly once, by the one etcd transaction of
+:meth:`TradeStore.create_if_absent` (the rule of
+:func:`bluemarble.core.trades.decision.create_if_absent`), and afterwards only its lease
+changes: records are created without a lease, and once both participants applied the
+decision they are attached, in batches and off the critical path, to the retention lease
+of the current time bucket (:class:`RetentionLeases`), so expiry collects them in bulk.
+A record without a lease is one whose phase 2 may not be finished: the leader's sweep
+lists them (:meth:`TradeStore.list_unretained`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from bluemarble.core.errors import BlueMarbleError, NotFound
+from bluemarble.core.ids import TradeId
+from bluemarble.runtime import background
+from bluemarble.runtime.clock import Clock, wait_event
+from bluemarble.v1 import trade_pb2
+from controlplane.store import codec
+from controlplane.store.etcd import Compare, EtcdStore, Get, KeyValue, Put
+from controlplane.store.keys import KeySchema
+
+log = structlog.get_logger(__name__)
+
+BUCKET_S = 3600
+"""Width of a retention bucket: every record attached within one hour shares one lease."""
+ATTACH_BATCH = 64
+"""Records attached per etcd transaction (etcd's default limit is 128 operations)."""
+ATTACH_FLUSH_S = 0.2
+"""How long a record waits for others to share its attach transaction."""
+MAX_PENDING_ATTACH = 100_000
+"""Records waiting to be attached at most; past it they are left to the leader's sweep."""
+LIST_PAGE = 500
+
+
+@dataclass(frozen=True)
+class StoredTrade:
+    """A decision record as stored: the record, its key's create revision (identifies
+    this record: a record collected and written again has another) and its lease (0:
+    not retained yet)."""
+
+    record: trade_pb2.TradeRecord
+    create_revision: int
+    lease: int
+
+    @property
+    def retained(self) -> bool:
+        return self.lease != 0
+
+
+class RetentionLeases:
+    """One etcd lease per time bucket of ``bucket_s``, granted on first use with
+    TTL = ``retention_s`` + ``bucket_s``: a record attached at any time within its bucket
+    lives at least ``retention_s`` after it was attached. Each control-plane replica
+    grants its own (a handful of leases per hour for the whole cluster)."""
+
+    def __init__(self, store: EtcdStore, clock: Clock, *, retention_s: int, bucket_s: int = BUCKET_S):
+        if retention_s <= 0 or bucket_s <= 0:
+            raise ValueError(f"retention_s and bucket_s must be > 0, got {retention_s}, {bucket_s}")
+        self._store = store
+        self._clock = clock
+        self.retention_s = retention_s
+        self.bucket_s = bucket_s
+        self._leases: dict[int, int] = {}  # bucket -> lease id (the current bucket only)
+
+    @property
+    def ttl_s(self) -> int:
+        return self.retention_s + self.bucket_s
+
+    async def current(self) -> int:
+        """The lease of the current bucket (granted now if this replica has none)."""
+        bucket = self._clock.wall_ms() // (self.bucket_s * 1000)
+        lease = self._leases.get(bucket)
+        if lease is None:
+            lease, _ = await self._store.grant_lease(self.ttl_s)
+            self._leases = {bucket: lease}  # older buckets' leases expire by themselves
+            log.info("trade retention lease granted", lease_id=f"{lease:#x}", ttl_s=self.ttl_s, bucket=bucket)
+        return lease
+
+    def forget(self, lease: int) -> None:
+        """``lease`` is gone (etcd said so): the next :meth:`current` grants another."""
+        self._leases = {b: lease_id for b, lease_id in self._leases.items() if lease_id != lease}
+
+
+class TradeStore:
+    """Decision records of one cluster. :meth:`start` the attach batcher, :meth:`stop` it."""
+
+    def __init__(self, store: EtcdStore, keys: KeySchema, clock: Clock, *, retention_s: int,
+                 bucket_s: int = BUCKET_S):
+        self._store = store
+        self._keys = keys
+        self._clock = clock
+        self.leases = RetentionLeases(store, clock, retention_s=retention_s, bucket_s=bucket_s)
+        self._pending: dict[str, int] = {}  # key -> create revision, waiting to be attached
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.attached = 0
+        """Records attached by this store so far (for tests and logs)."""
+
+    def _stored(self, kv: KeyValue) -> StoredTrade:
+        return StoredTrade(codec.decode(kv.value, trade_pb2.TradeRecord, kv.key), kv.create_revision, kv.lease)
+
+    async def create_if_absent(self, record: trade_pb2.TradeRecord) -> tuple[StoredTrade, bool]:
+        """Writes ``record`` (without a lease) unless its trade already has one, in one
+        etcd transaction that reads the existing record when there is one. Returns the
+        record as stored and whether ``record`` was written. The existing record stands
+        whatever ``record`` says (I3).
+
+        Raises Unavailable when etcd cannot be reached (then nothing is known: the record
+        may or may not have been written; a retry of this call answers which),
+        CorruptRecord when the stored value does not parse.
+        """
+        key = self._keys.trade(TradeId(record.trade_id))
+        value = codec.encode(record)
+        result = await self._store.txn([Compare.absent(key)], [Put(key, value)], [Get(key)])
+        if result.succeeded:
+            return StoredTrade(record, result.revision, 0), True
+        found = result.reads[0] if result.reads else ()
+        if not found:  # collected between the compare and the read: impossible in one txn
+            raise BlueMarbleError(f"etcd transaction on {key} failed its compare but read nothing")
+        return self._stored(found[0]), False
+
+    async def get(self, trade_id: str) -> StoredTrade | None:
+        """The record of ``trade_id``, None if there is none. Unavailable, CorruptRecord."""
+        kv = await self._store.get(self._keys.trade(TradeId(trade_id)))
+        return None if kv is None else self._stored(kv)
+
+    async def list_unretained(self, limit: int) -> list[StoredTrade]:
+        """Up to ``limit`` records that have no retention lease, in key order. Scans the
+        whole prefix a page at a time (see docs/decisions.md on its cost).
+        Unavailable; records that do not parse are logged and skipped."""
+        prefix = self._keys.trades_prefix()
+        found: list[StoredTrade] = []
+        start = ""
+        while len(found) < limit:
+            page, more = await self._store.get_page(prefix, start, LIST_PAGE)
+            for kv in page:
+                if kv.lease:
+                    continue
+                try:
+                    found.append(self._stored(kv))
+                except BlueMarbleError as e:
+                    log.error("unreadable trade record skipped", key=kv.key, error=str(e))
+            if not more or not page:
+                break
+            start = page[-1].key + "\0"
+        return found[:limit]
+
+    # ---- retention ----
+
+    def retain(self, trade_id: str, create_revision: int) -> None:
+        """Queues the record of ``trade_id`` (the one created at ``create_revision``) for
+        attachment to the current retention lease; returns at once. A record that cannot
+        be queued or attached stays without a lease, for the leader's sweep."""
+        if len(self._pending) >= MAX_PENDING_ATTACH:
+            log.warning("trade retention queue full; left to the sweep", trade_id=trade_id)
+            return
+        self._pending[self._keys.trade(TradeId(trade_id))] = create_revision
+        if len(self._pending) >= ATTACH_BATCH:
+            self._wake.set()
+
+    async def attach(self, records: Sequence[tuple[str, int]]) -> int:
+        """Attaches each record (trade id, create revision) to the current retention lease
+        now, in transactions of up to :data:`ATTACH_BATCH`; returns how many were
+        attached (a record collected or re-created meanwhile is skipped). Unavailable."""
+        items = [(self._keys.trade(TradeId(t)), rev) for t, rev in records]
+        done = 0
+        for i in range(0, len(items), ATTACH_BATCH):
+            done += await self._attach_keys(items[i:i + ATTACH_BATCH])
+        return done
+
+    async def _attach_keys(self, items: Sequence[tuple[str, int]]) -> int:
+        for attempt in range(2):
+            lease = await self.leases.current()
+            try:
+                result = await self._store.txn(
+                    [Compare.create_revision(k, rev) for k, rev in items],
+                    [Put(k, b"", lease, keep_value=True) for k, _ in items],
+                )
+            except NotFound:  # the lease expired or was revoked under us
+                self.leases.forget(lease)
+                if attempt:
+                    raise
+                continue
+            if result.succeeded:
+                self.attached += len(items)
+                return len(items)
+            if len(items) == 1:
+                return 0  # that record is gone (or another one took its key)
+            # One record of the batch no longer matches: attach them one by one.
+            return sum([await self._attach_keys([item]) for item in items])
+        return 0
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = background.start(self._run(), "trade-retention")
+
+    async def stop(self, flush_timeout_s: float = 2.0) -> None:
+        """Stops the batcher after one last bounded flush of what is pending."""
+        await background.stop(self._task)
+        self._task = None
+        if self._pending:
+            try:
+                await asyncio.wait_for(self._flush(), flush_timeout_s)
+            except (TimeoutError, BlueMarbleError) as e:
+                log.warning("trade records left unretained at shutdown (the sweep attaches them)",
+                            count=len(self._pending), error=str(e))
+
+    async def _run(self) -> None:
+        while True:
+            await wait_event(self._clock, self._wake, ATTACH_FLUSH_S)
+            self._wake.clear()
+            if self._pending:
+                try:
+                    await self._flush()
+                except BlueMarbleError as e:
+                    log.warning("attaching trade records to their retention lease failed; retrying",
+                                error=str(e), pending=len(self._pending))
+                    await self._clock.sleep(1.0)
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch = list(self._pending.items())[:ATTACH_BATCH]
+            await self._attach_keys(batch)
+            for key, _ in batch:
+                self._pending.pop(key, None)

@@ -1,0 +1,509 @@
+"""The trade coordinator against a real etcd and real gRPC, with small in-process shard
+nodes that implement the participant RPCs over one in-memory world (a fake at our own
+RPC boundary, built on the core's participant rules): cross-shard commit and abort,
+same-shard trades, retries after a coordinator crash at each step, ResolveTrade racing
+ExecuteTrade, bad inputs, retention leases and the leader's sweep."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from bluemarble.core.ids import ShardId, TradeId
+from bluemarble.core.ring import Ring
+from bluemarble.core.trades import participant as p
+from bluemarble.core.trades.model import Leg, Offer, Outcome, Trade
+from bluemarble.runtime.grpc_server import Server, ServiceBinding, build_server
+from bluemarble.v1 import (
+    common_pb2,
+    controlplane_pb2,
+    controlplane_pb2_grpc,
+    shardnode_pb2,
+    shardnode_pb2_grpc,
+    trade_pb2,
+    trade_pb2_grpc,
+)
+from controlplane.server.app import ControlPlaneApp
+from controlplane.server.trades import TradeSettings, outcome_to_proto, trade_to_request
+from controlplane.store import codec
+from tests.conftest import StartControlPlane, StreamNode, wait_for
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+_STATE = {
+    p.TradeState.PREPARED: shardnode_pb2.PARTICIPANT_TRADE_STATE_PREPARED,
+    p.TradeState.COMMITTED: shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED,
+    p.TradeState.ABORTED: shardnode_pb2.PARTICIPANT_TRADE_STATE_ABORTED,
+}
+
+
+def _leg(trade_id: str, m: shardnode_pb2.TradeLeg) -> Leg:
+    return Leg(trade_id, m.player_id, Offer(tuple(m.gives.item_ids), m.gives.gold),
+               Offer(tuple(m.receives.item_ids), m.receives.gold), m.counterpart_player_id)
+
+
+@dataclass
+class World:
+    """Every player's items and gold, and each shard's durable trade records."""
+
+    items: dict[str, set[str]] = field(default_factory=dict)
+    gold: dict[str, int] = field(default_factory=dict)
+    known: dict[tuple[str, str], p.Known] = field(default_factory=dict)  # (shard, trade id) -> record
+    local: dict[str, tuple[Outcome, str]] = field(default_factory=dict)
+
+    def holdings(self, player: str) -> p.Holdings:
+        escrowed = [k.leg for k in self.known.values()
+                    if k.state is p.TradeState.PREPARED and k.leg is not None and k.leg.player == player]
+        return p.Holdings(
+            frozenset(self.items.get(player, set())), self.gold.get(player, 0),
+            frozenset(i for leg in escrowed for i in leg.gives.item_ids), sum(leg.gives.gold for leg in escrowed),
+        )
+
+    def seed(self, player: str, items: list[str], gold: int) -> None:
+        self.items[player], self.gold[player] = set(items), gold
+
+    def apply(self, leg: Leg) -> None:
+        mine = self.items.setdefault(leg.player, set())
+        mine.difference_update(leg.gives.item_ids)
+        mine.update(leg.receives.item_ids)
+        self.gold[leg.player] = self.gold.get(leg.player, 0) - leg.gives.gold + leg.receives.gold
+
+    def escrows(self) -> list[tuple[str, str]]:
+        return sorted(k for k, v in self.known.items() if v.state is p.TradeState.PREPARED)
+
+
+class TradeNode(shardnode_pb2_grpc.ShardNodeServicer):
+    """A shard node's participant side over :class:`World`; ``down``: every trade RPC
+    fails with UNAVAILABLE (as a node that cannot serve)."""
+
+    def __init__(self, node_id: str, world: World) -> None:
+        self.node_id, self.world = node_id, world
+        self.down = False
+        self.calls: list[str] = []
+        self.leads: Callable[[str], bool] = lambda shard: True  # ListTrades reports only those shards
+
+    async def _check(self, name: str, context: Ctx) -> None:
+        self.calls.append(name)
+        if self.down:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self.node_id} is down")
+
+    async def GetShardStatus(self, request: shardnode_pb2.GetShardStatusRequest, context: Ctx
+                             ) -> shardnode_pb2.GetShardStatusResponse:
+        return shardnode_pb2.GetShardStatusResponse(node_id=self.node_id)
+
+    async def Fence(self, request: shardnode_pb2.FenceRequest, context: Ctx) -> shardnode_pb2.FenceResponse:
+        return shardnode_pb2.FenceResponse(node_id=self.node_id)
+
+    def prepare(self, shard: str, leg: Leg) -> shardnode_pb2.PrepareResponse:
+        known = self.world.known.get((shard, leg.trade_id))
+        d = p.decide_prepare(leg, self.world.holdings(leg.player), known)
+        if d.verdict is p.PrepareVerdict.ESCROW:
+            self.world.known[(shard, leg.trade_id)] = p.Known(p.TradeState.PREPARED, leg)
+        if d.verdict in (p.PrepareVerdict.ESCROW, p.PrepareVerdict.PREPARED):
+            return shardnode_pb2.PrepareResponse(prepared=True, vote=shardnode_pb2.TRADE_VOTE_PREPARED)
+        if d.verdict is p.PrepareVerdict.DECIDED:
+            assert d.outcome is not None
+            return shardnode_pb2.PrepareResponse(vote=shardnode_pb2.TRADE_VOTE_DECIDED,
+                                                 outcome=outcome_to_proto(d.outcome), reason=d.reason)
+        return shardnode_pb2.PrepareResponse(vote=shardnode_pb2.TRADE_VOTE_REFUSED, reason=d.reason)
+
+    async def Prepare(self, request: shardnode_pb2.PrepareRequest, context: Ctx) -> shardnode_pb2.PrepareResponse:
+        await self._check("Prepare", context)
+        leg = _leg(request.trade_id, request.legs[0])
+        known = self.world.known.get((request.shard_id, request.trade_id))
+        if known is not None and known.leg is not None and not known.leg.same_terms(leg):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, p.REUSED_TRADE_ID)
+        return self.prepare(request.shard_id, leg)
+
+    async def _settle(self, shard: str, trade_id: str, outcome: Outcome, context: Ctx) -> int:
+        key = (shard, trade_id)
+        known = self.world.known.get(key)
+        verdict = p.decide_settle(known, outcome)
+        if verdict in (p.SettleVerdict.CONFLICT, p.SettleVerdict.MISSING_ESCROW):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, verdict.value)
+        if verdict is p.SettleVerdict.APPLY_COMMIT:
+            assert known is not None and known.leg is not None
+            self.world.apply(known.leg)
+        if verdict is not p.SettleVerdict.NOOP:
+            self.world.known[key] = p.Known(p.state_for(outcome), known.leg if known else None)
+        return _STATE[self.world.known[key].state]
+
+    async def Commit(self, request: shardnode_pb2.CommitRequest, context: Ctx) -> shardnode_pb2.CommitResponse:
+        await self._check("Commit", context)
+        state = await self._settle(request.shard_id, request.trade_id, Outcome.COMMITTED, context)
+        return shardnode_pb2.CommitResponse(state=state)  # type: ignore[arg-type]
+
+    async def Abort(self, request: shardnode_pb2.AbortRequest, context: Ctx) -> shardnode_pb2.AbortResponse:
+        await self._check("Abort", context)
+        state = await self._settle(request.shard_id, request.trade_id, Outcome.ABORTED, context)
+        return shardnode_pb2.AbortResponse(state=state)  # type: ignore[arg-type]
+
+    async def ExecuteLocalTrade(self, request: shardnode_pb2.ExecuteLocalTradeRequest, context: Ctx
+                                ) -> shardnode_pb2.ExecuteLocalTradeResponse:
+        await self._check("ExecuteLocalTrade", context)
+        trade = Trade(request.trade_id, request.player_a, request.player_b,
+                      Offer(tuple(request.a_gives.item_ids), request.a_gives.gold),
+                      Offer(tuple(request.b_gives.item_ids), request.b_gives.gold))
+        known = self.world.local.get(request.trade_id)
+        d = p.decide_local_trade(trade, self.world.holdings(trade.player_a), self.world.holdings(trade.player_b), known)
+        if known is None:
+            if d.outcome is Outcome.COMMITTED:
+                self.world.apply(trade.leg_a())
+                self.world.apply(trade.leg_b())
+            self.world.local[request.trade_id] = (d.outcome, d.reason)
+        return shardnode_pb2.ExecuteLocalTradeResponse(trade_id=request.trade_id, outcome=outcome_to_proto(d.outcome),
+                                                       reason=d.reason, replayed=known is not None)
+
+    async def ListTrades(self, request: shardnode_pb2.ListTradesRequest, context: Ctx
+                         ) -> shardnode_pb2.ListTradesResponse:
+        await self._check("ListTrades", context)
+        response = shardnode_pb2.ListTradesResponse()
+        for (shard, trade_id), known in sorted(self.world.known.items()):
+            wanted = trade_id == request.trade_id if request.trade_id else known.state is p.TradeState.PREPARED
+            if self.leads(shard) and wanted:
+                response.trades.add(trade_id=trade_id, shard_id=shard, node_id=self.node_id,
+                                    state=_STATE[known.state], cross_shard=True)
+        if request.trade_id in self.world.local:
+            outcome, reason = self.world.local[request.trade_id]
+            response.trades.add(trade_id=request.trade_id, node_id=self.node_id, reason=reason,
+                                state=shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED
+                                if outcome is Outcome.COMMITTED else shardnode_pb2.PARTICIPANT_TRADE_STATE_ABORTED)
+        return response
+
+
+def _leads(app: ControlPlaneApp, node: str, shard: str) -> bool:
+    assert app.assignments is not None
+    a = app.assignments.entries.get(app.keys.assignment(ShardId(shard)))
+    return a is not None and a.primary == node
+
+
+@dataclass
+class Cluster:
+    app: ControlPlaneApp
+    trades: trade_pb2_grpc.TradeCoordinatorStub
+    world: World
+    nodes: dict[str, TradeNode]
+
+    @property
+    def ring(self) -> Ring:
+        assert self.app.ring is not None
+        ring = self.app.ring.entries[self.app.keys.ring()]
+        return ring
+
+    def shard(self, player: str) -> str:
+        return self.ring.shard_for(player)
+
+    def node_of(self, player: str) -> TradeNode:
+        assert self.app.assignments is not None
+        a = self.app.assignments.entries[self.app.keys.assignment(self.ring.shard_for(player))]
+        return self.nodes[a.primary]
+
+    def players(self, same_shard: bool, count: int = 2, prefix: str = "p") -> list[str]:
+        """``count`` players, all on one shard, or all on shards led by different nodes."""
+        chosen: list[str] = []
+        for i in range(10_000):
+            name = f"{prefix}{i}"
+            shards = {self.shard(c) for c in chosen}
+            nodes = {self.node_of(c).node_id for c in chosen}
+            if not chosen or (self.shard(name) in shards if same_shard else self.node_of(name).node_id not in nodes):
+                chosen.append(name)
+            if len(chosen) == count:
+                return chosen
+        raise AssertionError("no such players")
+
+    async def stored(self, trade_id: str) -> trade_pb2.TradeRecord | None:
+        kv = await self.app.store.get(self.app.keys.trade(TradeId(trade_id)))
+        return None if kv is None else codec.decode(kv.value, trade_pb2.TradeRecord)
+
+
+SETTINGS = TradeSettings(prepare_timeout_s=1.0, settle_call_timeout_s=0.3, settle_deadline_s=0.6,
+                         local_trade_deadline_s=1.0, read_timeout_s=0.5, sweep_interval_s=3600, sweep_min_age_s=0)
+
+
+@contextlib.asynccontextmanager
+async def cluster(start: StartControlPlane) -> AsyncIterator[Cluster]:
+    app = await start(lease_ttl_s=10, shards=4, replication_factor=1, trades=SETTINGS)
+    world = World()
+    servers: list[Server] = []
+    beats: list[StreamNode] = []
+    async with grpc.aio.insecure_channel(app.address) as channel:
+        cp = controlplane_pb2_grpc.ControlPlaneStub(channel)
+        nodes: dict[str, TradeNode] = {}
+        try:
+            for i in range(2):
+                node = TradeNode(f"n{i}", world)
+                server = await build_server("127.0.0.1:0", [ServiceBinding(
+                    shardnode_pb2.DESCRIPTOR.services_by_name["ShardNode"].full_name, node,
+                    shardnode_pb2_grpc.add_ShardNodeServicer_to_server)])
+                servers.append(server)
+                nodes[node.node_id] = node
+                beat = StreamNode(cp, node.node_id, f"127.0.0.1:{server.port}", "ab"[i])
+                beats.append(beat)
+                await beat.start()
+
+            async def placed() -> bool:
+                listed = (await cp.ListAssignments(controlplane_pb2.ListAssignmentsRequest())).assignments
+                assert app.assignments is not None
+                return (len(listed) == 4 and all(a.primary for a in listed)
+                        and sorted(collections.Counter(a.primary for a in listed).values()) == [2, 2]
+                        and all(app.assignments.entries.get(app.keys.assignment(a.shard_id)) == a for a in listed))
+
+            await wait_for(placed, 10.0, "every shard to have a primary on both nodes")
+            for node in nodes.values():
+                node.leads = functools.partial(_leads, app, node.node_id)
+            yield Cluster(app, trade_pb2_grpc.TradeCoordinatorStub(channel), world, nodes)  # type: ignore[no-untyped-call]
+        finally:
+            for beat in beats:
+                await beat.close_stream()
+            for server in servers:
+                await server.stop_gracefully(0.1)
+
+
+def request(trade_id: str, a: str, b: str, a_items: tuple[str, ...] = (), a_gold: int = 0,
+            b_items: tuple[str, ...] = (), b_gold: int = 0) -> trade_pb2.ExecuteTradeRequest:
+    return trade_to_request(Trade(trade_id, a, b, Offer(a_items, a_gold), Offer(b_items, b_gold)))
+
+
+COMMITTED, ABORTED = common_pb2.TRADE_OUTCOME_COMMITTED, common_pb2.TRADE_OUTCOME_ABORTED
+
+
+async def test_cross_shard_commit_moves_items_once_records_the_decision_and_retains_it(
+    start_control_plane: StartControlPlane,
+) -> None:
+    async with cluster(start_control_plane) as c:
+        a, b = c.players(same_shard=False)
+        c.world.seed(a, ["sword"], 100)
+        c.world.seed(b, ["shield"], 5)
+        r = request("t1", a, b, ("sword",), 30, ("shield",), 0)
+        first = await c.trades.ExecuteTrade(r)
+        assert (first.outcome, first.cross_shard) == (COMMITTED, True)
+        assert c.world.items == {a: {"shield"}, b: {"sword"}} and c.world.gold == {a: 70, b: 35}
+        again = await c.trades.ExecuteTrade(r)  # a retry: same answer, nothing moves twice
+        assert again.outcome == COMMITTED and c.world.gold == {a: 70, b: 35} and not c.world.escrows()
+        record = await c.stored("t1")
+        assert record is not None and record.outcome == COMMITTED and record.decided_by == "coordinator cp-0"
+        assert {record.shard_a, record.shard_b} == {c.shard(a), c.shard(b)}
+        # Retention: attached off the critical path to a lease of TTL retention + 1 h bucket.
+        key = c.app.keys.trade(TradeId("t1"))
+
+        async def retained() -> bool:
+            kv = await c.app.store.get(key)
+            return kv is not None and kv.lease != 0
+
+        await wait_for(retained, 5.0, "the record to get its retention lease")
+        kv = await c.app.store.get(key)
+        assert kv is not None and codec.decode(kv.value, trade_pb2.TradeRecord) == record
+        ttl_s = await c.app.store.lease_ttl(kv.lease)
+        assert 24 * 3600 + 3600 - 30 <= ttl_s <= 24 * 3600 + 3600
+        shown = await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="t1"))
+        assert shown.state == trade_pb2.TRADE_STATE_DONE and shown.retained and len(shown.sides) == 2
+        assert shown.request.player_a == a and shown.outcome == COMMITTED
+
+
+async def test_same_shard_trade_is_one_local_transaction_without_a_record(
+    start_control_plane: StartControlPlane,
+) -> None:
+    async with cluster(start_control_plane) as c:
+        a, b = c.players(same_shard=True)
+        c.world.seed(a, ["gem"], 0)
+        c.world.seed(b, [], 10)
+        answer = await c.trades.ExecuteTrade(request("local-1", a, b, ("gem",), 0, (), 10))
+        assert (answer.outcome, answer.cross_shard) == (COMMITTED, False)
+        assert c.world.items[b] == {"gem"} and c.world.gold == {a: 10, b: 0}
+        assert await c.stored("local-1") is None
+        assert "Prepare" not in c.node_of(a).calls
+        shown = await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="local-1", player_id=a))
+        assert shown.state == trade_pb2.TRADE_STATE_DONE and shown.outcome == COMMITTED and not shown.cross_shard
+
+
+async def test_a_refusal_aborts_with_its_reason_and_releases_the_other_escrow(
+    start_control_plane: StartControlPlane,
+) -> None:
+    async with cluster(start_control_plane) as c:
+        a, b = c.players(same_shard=False)
+        c.world.seed(a, ["sword"], 0)
+        c.world.seed(b, [], 3)
+        answer = await c.trades.ExecuteTrade(request("t2", a, b, ("sword",), 0, (), 50))
+        assert answer.outcome == ABORTED and f"player {b} has 3 gold available, the trade needs 50" in answer.reason
+        assert c.world.items[a] == {"sword"} and not c.world.escrows()
+        record = await c.stored("t2")
+        assert record is not None and record.outcome == ABORTED
+        missing = await c.trades.ExecuteTrade(request("t3", a, b, ("axe",), 0, (), 1))
+        assert missing.outcome == ABORTED and "does not own item axe" in missing.reason
+
+
+async def test_an_unavailable_participant_aborts_naming_its_shard(start_control_plane: StartControlPlane) -> None:
+    async with cluster(start_control_plane) as c:
+        a, b = c.players(same_shard=False)
+        c.world.seed(a, ["sword"], 0)
+        c.world.seed(b, ["bow"], 0)
+        c.node_of(b).down = True
+        answer = await c.trades.ExecuteTrade(request("t4", a, b, ("sword",), 0, ("bow",), 0))
+        assert answer.outcome == ABORTED and "shard unavailable" in answer.reason and c.shard(b) in answer.reason
+        assert not c.world.escrows()  # A's escrow was released by the Abort
+        record = await c.stored("t4")
+        assert record is not None and record.outcome == ABORTED
+        assert not (await c.app.store.get(c.app.keys.trade(TradeId("t4")))).lease  # type: ignore[union-attr]
+        c.node_of(b).down = False
+        # The sweep finishes phase 2 at B, then retains the record.
+        assert c.app.trade_sweep is not None
+        assert await c.app.trade_sweep.sweep_once() == (1, 1)
+        assert (await c.app.store.get(c.app.keys.trade(TradeId("t4")))).lease  # type: ignore[union-attr]
+
+
+async def test_retries_after_a_coordinator_crash_at_each_step_give_one_answer(
+    start_control_plane: StartControlPlane,
+) -> None:
+    async with cluster(start_control_plane) as c:
+        a, b = c.players(same_shard=False)
+        c.world.seed(a, ["i1", "i2", "i3"], 0)
+        c.world.seed(b, [], 300)
+
+        def prepare_both(trade: Trade) -> None:
+            c.node_of(a).prepare(c.shard(a), trade.leg_a())
+            c.node_of(b).prepare(c.shard(b), trade.leg_b())
+
+        # Crashed before the prepares: the retry simply runs the trade.
+        r1 = request("c1", a, b, ("i1",), 0, (), 100)
+        assert (await c.trades.ExecuteTrade(r1)).outcome == COMMITTED
+        # Crashed between the prepares and the decision: the retry decides.
+        t2 = Trade("c2", a, b, Offer(("i2",), 0), Offer((), 100))
+        prepare_both(t2)
+        assert (await c.trades.ExecuteTrade(trade_to_request(t2))).outcome == COMMITTED
+        # Crashed between the decision and the commits: the recorded decision is answered
+        # and settled.
+        t3 = Trade("c3", a, b, Offer(("i3",), 0), Offer((), 100))
+        prepare_both(t3)
+        record = trade_pb2.TradeRecord(trade_id="c3", outcome=COMMITTED, decided_by="coordinator gone",
+                                       request=trade_to_request(t3), shard_a=c.shard(a), shard_b=c.shard(b))
+        await c.app.store.put(c.app.keys.trade(TradeId("c3")), codec.encode(record))
+        answer = await c.trades.ExecuteTrade(trade_to_request(t3))
+        assert answer.outcome == COMMITTED
+        assert c.world.items[b] == {"i1", "i2", "i3"} and c.world.gold == {a: 300, b: 0} and not c.world.escrows()
+        # A recorded ABORTED stands even when both participants are prepared.
+        c.world.seed(a, ["i4"], 0)
+        t4 = Trade("c4", a, b, Offer(("i4",), 0), Offer((), 0))
+        prepare_both(t4)
+        aborted = trade_pb2.TradeRecord(trade_id="c4", outcome=ABORTED, reason="participant gave up",
+                                        decided_by="participant shard-0")
+        await c.app.store.put(c.app.keys.trade(TradeId("c4")), codec.encode(aborted))
+        answer = await c.trades.ExecuteTrade(trade_to_request(t4))
+        assert (answer.outcome, answer.reason) == (ABORTED, "participant gave up")
+        assert c.world.items[a] == {"i4"} and not c.world.escrows()
+
+
+async def test_resolve_trade_racing_execute_trade_first_writer_wins(start_control_plane: StartControlPlane) -> None:
+    async with cluster(start_control_plane) as c:
+        a, b = c.players(same_shard=False)
+        outcomes = set()
+        for i in range(6):
+            c.world.seed(a, [f"x{i}"], 0)
+            c.world.seed(b, [], 1)
+            trade_id = f"race-{i}"
+            executed, resolved = await asyncio.gather(
+                c.trades.ExecuteTrade(request(trade_id, a, b, (f"x{i}",), 0, (), 1)),
+                c.trades.ResolveTrade(trade_pb2.ResolveTradeRequest(
+                    trade_id=trade_id, shard_id=c.shard(b), reason="escrow past its deadline")),
+            )
+            record = await c.stored(trade_id)
+            assert record is not None
+            assert executed.outcome == resolved.outcome == record.outcome
+            assert resolved.created == (record.decided_by == f"participant {c.shard(b)}")
+            committed = executed.outcome == COMMITTED
+            assert (c.world.items[b] == {f"x{i}"}) is committed and not c.world.escrows()
+            outcomes.add(executed.outcome)
+        # A ResolveTrade after the fact reads the record, never changes it.
+        again = await c.trades.ResolveTrade(trade_pb2.ResolveTradeRequest(trade_id="race-0", shard_id=c.shard(a)))
+        assert not again.created and again.outcome == (await c.stored("race-0")).outcome  # type: ignore[union-attr]
+        fresh = await c.trades.ResolveTrade(trade_pb2.ResolveTradeRequest(trade_id="never", shard_id="shard-1"))
+        assert fresh.created and fresh.outcome == ABORTED and "shard-1" in fresh.reason
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"player_b": "A"}, "a player cannot trade with themselves"),
+        ({"a_items": ("x", "x")}, "x"),
+        ({"b_items": ("s",)}, "item 's' is listed on both sides"),
+        ({"a_gold": 2**53 + 1}, "a_gives.gold"),
+        ({"a_items": (), "a_gold": 0}, "the trade is empty"),
+        ({"a_items": tuple(f"i{n}" for n in range(65))}, "a side may give at most 64"),
+        ({"trade_id": ""}, "trade_id"),
+        ({"trade_id": "t" * 129}, "trade_id"),
+        ({"player_a": "p" * 5000}, "player_a"),
+    ],
+)
+async def test_bad_inputs_are_invalid_argument_naming_the_problem(
+    start_control_plane: StartControlPlane, change: dict[str, Any], message: str
+) -> None:
+    app = await start_control_plane(trades=SETTINGS)
+    fields: dict[str, Any] = {"trade_id": "bad", "player_a": "A", "player_b": "B", "a_items": ("s",), "a_gold": 0}
+    fields.update(change)
+    r = request(fields.pop("trade_id"), fields.pop("player_a"), fields.pop("player_b"), **fields)
+    if change == {"a_items": (), "a_gold": 0}:
+        r.ClearField("a_gives")
+    async with grpc.aio.insecure_channel(app.address) as channel:
+        stub = trade_pb2_grpc.TradeCoordinatorStub(channel)  # type: ignore[no-untyped-call]
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.ExecuteTrade(r)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = raised.value.details() or ""
+    assert message in details and len(details) < 400
+
+
+async def test_a_trade_id_reused_for_other_terms_is_invalid_argument_and_unknown_trades_not_found(
+    start_control_plane: StartControlPlane,
+) -> None:
+    async with cluster(start_control_plane) as c:
+        a, b = c.players(same_shard=False)
+        c.world.seed(a, ["sword", "axe"], 0)
+        c.world.seed(b, [], 10)
+        assert (await c.trades.ExecuteTrade(request("t9", a, b, ("sword",), 0, (), 1))).outcome == COMMITTED
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await c.trades.ExecuteTrade(request("t9", a, b, ("axe",), 0, (), 1))
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "trade id 't9' was used for a different trade" in (raised.value.details() or "")
+        assert c.world.items[a] == {"axe"}
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="nope"))
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_the_sweep_keeps_a_record_whose_participant_is_down_and_lists_in_doubt_trades(
+    start_control_plane: StartControlPlane,
+) -> None:
+    async with cluster(start_control_plane) as c:
+        a, b = c.players(same_shard=False)
+        c.world.seed(a, ["ring"], 0)
+        c.world.seed(b, [], 7)
+        t = Trade("s1", a, b, Offer(("ring",), 0), Offer((), 7))
+        c.node_of(a).prepare(c.shard(a), t.leg_a())
+        c.node_of(b).prepare(c.shard(b), t.leg_b())
+        listed = await c.trades.ListInDoubtTrades(trade_pb2.ListInDoubtTradesRequest())
+        assert sorted(x.shard_id for x in listed.trades if x.trade_id == "s1") == sorted([c.shard(a), c.shard(b)])
+        # Its coordinator died after deciding COMMITTED.
+        record = trade_pb2.TradeRecord(trade_id="s1", outcome=COMMITTED, decided_by="coordinator gone",
+                                       request=trade_to_request(t), shard_a=c.shard(a), shard_b=c.shard(b))
+        await c.app.store.put(c.app.keys.trade(TradeId("s1")), codec.encode(record))
+        c.node_of(b).down = True
+        listed = await c.trades.ListInDoubtTrades(trade_pb2.ListInDoubtTradesRequest())
+        assert list(listed.unreachable_nodes) == [c.node_of(b).node_id]
+        sweep = c.app.trade_sweep
+        assert sweep is not None
+        assert await sweep.sweep_once() == (1, 0)  # A committed; B down: kept unretained
+        assert c.world.escrows() == [(c.shard(b), "s1")] and c.world.items[b] == set()
+        assert not (await c.app.store.get(c.app.keys.trade(TradeId("s1")))).lease  # type: ignore[union-attr]
+        c.node_of(b).down = False
+        assert await sweep.sweep_once() == (1, 1)
+        assert not c.world.escrows() and c.world.items[b] == {"ring"} and c.world.gold == {a: 7, b: 0}
+        assert (await c.app.store.get(c.app.keys.trade(TradeId("s1")))).lease  # type: ignore[union-attr]
+        assert await sweep.sweep_once() == (0, 0)
