@@ -6,14 +6,22 @@
     bluemarblectl grant PLAYER [ITEM ...] [--gold N] [--request-id ID]
     bluemarblectl data get PLAYER SYSTEM KEY [--stale]
     bluemarblectl data set PLAYER SYSTEM KEY VALUE [--request-id ID]
+    bluemarblectl trade execute TRADE_ID PLAYER_A PLAYER_B [--a-items I ...] [--a-gold N]
+                                                           [--b-items I ...] [--b-gold N]
+    bluemarblectl trade show TRADE_ID [--player P]
+    bluemarblectl trade in-doubt [--limit N]
 
 The data commands (inventory, grant, data) go through the routing client
 (:mod:`bluemarble.client.routing`), as a game server would: straight to the player's
 primary, following redirects and failovers within ``--timeout-s``.
 
+The trade commands call the control plane's TradeCoordinator (any replica; a retried
+``trade execute`` with the same trade id is safe: same trade id, same answer).
+
 Prints readable tables; ``--json`` prints the raw response as JSON instead. Exit status:
 0 on success, 1 when the cluster answered with an error (one line on stderr), 2 on bad
-usage.
+usage, 3 when ``trade execute`` answered ABORTED (the trade was refused: a definite
+answer, not an error, but a script must be able to tell it from COMMITTED).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from bluemarble.core.errors import BlueMarbleError
 from bluemarble.runtime import logs
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.settings import EnvArgumentParser
-from bluemarble.v1 import common_pb2, controlplane_pb2
+from bluemarble.v1 import common_pb2, controlplane_pb2, shardnode_pb2, trade_pb2
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -225,6 +233,103 @@ def _parse_config_assignments(pairs: Sequence[str], config: common_pb2.ClusterCo
         setattr(config, key, int(value))
 
 
+EXIT_ABORTED = 3
+"""Exit status of a ``trade execute`` answered ABORTED."""
+
+
+def _outcome(value: int) -> str:
+    return common_pb2.TradeOutcome.Name(value).removeprefix("TRADE_OUTCOME_")
+
+
+def _offer(offer: common_pb2.Offer) -> str:
+    parts = [", ".join(offer.item_ids)] if offer.item_ids else []
+    if offer.gold:
+        parts.append(f"{offer.gold} gold")
+    return " + ".join(parts) or "nothing"
+
+
+def render_trade_result(r: trade_pb2.ExecuteTradeResponse) -> str:
+    return _pairs([
+        ("trade", r.trade_id),
+        ("outcome", _outcome(r.outcome)),
+        *([("reason", r.reason)] if r.reason else []),
+        ("kind", "cross-shard (two-phase commit)" if r.cross_shard else "same shard (one local transaction)"),
+    ])
+
+
+def _side_state(value: int) -> str:
+    return shardnode_pb2.ParticipantTradeState.Name(value).removeprefix("PARTICIPANT_TRADE_STATE_")
+
+
+def _participant_rows(trades: Sequence[shardnode_pb2.ParticipantTrade]) -> list[tuple[object, ...]]:
+    return [
+        (t.trade_id, t.shard_id or "-", t.node_id or "-", _side_state(t.state), t.leg.player_id or "-",
+         _offer(t.leg.gives) if t.HasField("leg") else "-", t.deadline_ms or "-", t.reason or "")
+        for t in trades
+    ]
+
+
+_PARTICIPANT_HEADERS = ("TRADE", "SHARD", "NODE", "STATE", "PLAYER", "GIVES", "DEADLINE_MS", "REASON")
+
+
+def render_trade(r: trade_pb2.GetTradeResponse) -> str:
+    state = trade_pb2.TradeState.Name(r.state).removeprefix("TRADE_STATE_")
+    pairs: list[tuple[str, object]] = [("trade", r.trade_id), ("state", state)]
+    if r.outcome:
+        pairs.append(("outcome", _outcome(r.outcome)))
+    if r.reason:
+        pairs.append(("reason", r.reason))
+    if r.request.player_a:
+        q = r.request
+        pairs.append(("terms", f"{q.player_a} gives {_offer(q.a_gives)}; {q.player_b} gives {_offer(q.b_gives)}"))
+    if r.decided_by:
+        pairs.append(("decided by", r.decided_by))
+    pairs.append(("kind", "cross-shard" if r.cross_shard else "same shard"))
+    if r.cross_shard and r.decided_by:
+        pairs.append(("retained", "yes (both sides applied it)" if r.retained else "not yet (phase 2 unfinished)"))
+    text = _pairs(pairs)
+    if r.sides:
+        text += "\n\n" + table(_PARTICIPANT_HEADERS, _participant_rows(r.sides))
+    return text
+
+
+def render_in_doubt(r: trade_pb2.ListInDoubtTradesResponse) -> str:
+    text = table(_PARTICIPANT_HEADERS, _participant_rows(r.trades)) + f"\n{len(r.trades)} escrow(s) in doubt"
+    if r.unreachable_nodes:
+        text += "\nunreachable (their escrows are missing): " + ", ".join(r.unreachable_nodes)
+    return text
+
+
+def trade_request(args: argparse.Namespace) -> trade_pb2.ExecuteTradeRequest:
+    """The ExecuteTradeRequest of ``trade execute``'s arguments (checked by the server)."""
+    return trade_pb2.ExecuteTradeRequest(
+        trade_id=args.trade_id, player_a=args.player_a, player_b=args.player_b,
+        a_gives=common_pb2.Offer(item_ids=args.a_items, gold=args.a_gold),
+        b_gives=common_pb2.Offer(item_ids=args.b_items, gold=args.b_gold),
+    )
+
+
+async def run_trade(args: argparse.Namespace, client: ControlPlaneClient) -> tuple[Message, str, int]:
+    """One trade command: the response, its text and the exit status."""
+    if args.action == "execute":
+        if args.a_gold < 0 or args.b_gold < 0:
+            raise SystemExit("bluemarblectl: --a-gold and --b-gold must be >= 0")
+        executed: trade_pb2.ExecuteTradeResponse = await client.call(
+            lambda _: client.trades().ExecuteTrade, trade_request(args))
+        status = 0 if executed.outcome == common_pb2.TRADE_OUTCOME_COMMITTED else EXIT_ABORTED
+        return executed, render_trade_result(executed), status
+    if args.action == "show":
+        shown: trade_pb2.GetTradeResponse = await client.call(
+            lambda _: client.trades().GetTrade,
+            trade_pb2.GetTradeRequest(trade_id=args.trade_id, player_id=args.player or ""))
+        return shown, render_trade(shown), 0
+    if not 0 < args.limit <= 1000:
+        raise SystemExit("bluemarblectl: --limit must be 1..1000")
+    listed: trade_pb2.ListInDoubtTradesResponse = await client.call(
+        lambda _: client.trades().ListInDoubtTrades, trade_pb2.ListInDoubtTradesRequest(limit=args.limit))
+    return listed, render_in_doubt(listed), 0
+
+
 # Read-only subcommands: which RPC, its (empty) request, and how to print the answer.
 READS: dict[str, tuple[Callable[[Any], Any], Callable[[], Message], Callable[[Any], str]]] = {
     "status": (lambda s: s.GetClusterStatus, controlplane_pb2.GetClusterStatusRequest, render_status),
@@ -282,7 +387,10 @@ async def run(args: argparse.Namespace) -> int:
         if args.command in DATA_COMMANDS:
             print(await run_data(args, client))
             return 0
-        if args.command in READS:
+        status = 0
+        if args.command == "trade":
+            response, text, status = await run_trade(args, client)
+        elif args.command in READS:
             pick, request_type, render = READS[args.command]
             response = await client.call(pick, request_type())
             text = render(response)
@@ -307,7 +415,7 @@ async def run(args: argparse.Namespace) -> int:
         if args.json:
             text = json_format.MessageToJson(response, preserving_proto_field_name=True)
         print(text)
-        return 0
+        return status
     except BlueMarbleError as e:
         print(f"bluemarblectl: {e.status}: {e}", file=sys.stderr)
         return 1
@@ -351,6 +459,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_get.add_argument("--stale", action="store_true", help="accept an answer from a replica if the primary fails")
     data_set.add_argument("value", help="the value, stored as UTF-8")
     data_set.add_argument("--request-id", help="idempotency key (default: a new uuid4); reuse it to retry safely")
+    trade = sub.add_parser("trade", help="execute a trade, show one, or list the escrows in doubt")
+    trade_sub = trade.add_subparsers(dest="action", required=True)
+    execute = trade_sub.add_parser(
+        "execute", help="swap items and gold between two players (exit 3 when ABORTED)")
+    execute.add_argument("trade_id", help="idempotency key: reuse it to retry safely")
+    execute.add_argument("player_a")
+    execute.add_argument("player_b")
+    execute.add_argument("--a-items", nargs="*", default=[], metavar="ITEM", help="items player A gives")
+    execute.add_argument("--a-gold", type=int, default=0, help="gold player A gives")
+    execute.add_argument("--b-items", nargs="*", default=[], metavar="ITEM", help="items player B gives")
+    execute.add_argument("--b-gold", type=int, default=0, help="gold player B gives")
+    show = trade_sub.add_parser("show", help="a trade's decision and where each side stands")
+    show.add_argument("trade_id")
+    show.add_argument("--player", help="one of its players (finds a same-shard trade without asking every primary)")
+    in_doubt = trade_sub.add_parser("in-doubt", help="escrows the primaries hold, oldest first")
+    in_doubt.add_argument("--limit", type=int, default=1000, help="at most this many (cap 1000)")
     args = p.parse_args(argv)
     if argv is None:
         # Run as a command: the output is for people, and the client library's own

@@ -1,0 +1,104 @@
+"""``bluemarblectl trade``: rendering, the request it builds, and exit statuses against a
+small in-process TradeCoordinator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from bluemarble.cli import bluemarblectl as ctl
+from bluemarble.runtime.grpc_server import ServiceBinding, build_server
+from bluemarble.v1 import common_pb2, shardnode_pb2, trade_pb2, trade_pb2_grpc
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+def test_trade_result_says_outcome_reason_and_kind() -> None:
+    text = ctl.render_trade_result(trade_pb2.ExecuteTradeResponse(
+        trade_id="t1", outcome=common_pb2.TRADE_OUTCOME_ABORTED, reason="player b has 3 gold available",
+        cross_shard=True))
+    assert "ABORTED" in text and "player b has 3 gold available" in text and "cross-shard" in text
+
+
+def test_trade_show_lists_terms_decision_and_each_side() -> None:
+    r = trade_pb2.GetTradeResponse(
+        trade_id="t1", state=trade_pb2.TRADE_STATE_COMMITTED, outcome=common_pb2.TRADE_OUTCOME_COMMITTED,
+        request=trade_pb2.ExecuteTradeRequest(
+            trade_id="t1", player_a="a", player_b="b", a_gives=common_pb2.Offer(item_ids=["sword"], gold=5)),
+        decided_by="coordinator cp-0", cross_shard=True,
+        sides=[shardnode_pb2.ParticipantTrade(
+            trade_id="t1", shard_id="shard-2", node_id="n1", state=shardnode_pb2.PARTICIPANT_TRADE_STATE_PREPARED,
+            leg=shardnode_pb2.TradeLeg(player_id="b"), deadline_ms=99)],
+    )
+    text = ctl.render_trade(r)
+    assert "a gives sword + 5 gold; b gives nothing" in text
+    assert "coordinator cp-0" in text and "not yet (phase 2 unfinished)" in text
+    row = text.splitlines()[-1].split()
+    assert row[:5] == ["t1", "shard-2", "n1", "PREPARED", "b"]
+
+
+def test_in_doubt_lists_unreachable_nodes() -> None:
+    text = ctl.render_in_doubt(trade_pb2.ListInDoubtTradesResponse(unreachable_nodes=["n3"]))
+    assert "0 escrow(s) in doubt" in text and "unreachable (their escrows are missing): n3" in text
+
+
+class _Coordinator(trade_pb2_grpc.TradeCoordinatorServicer):
+    def __init__(self) -> None:
+        self.requests: list[trade_pb2.ExecuteTradeRequest] = []
+
+    async def ExecuteTrade(self, request: trade_pb2.ExecuteTradeRequest, context: Ctx
+                           ) -> trade_pb2.ExecuteTradeResponse:
+        self.requests.append(request)
+        if request.trade_id == "bad":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the trade is empty")
+        outcome = common_pb2.TRADE_OUTCOME_COMMITTED if request.a_gives.gold else common_pb2.TRADE_OUTCOME_ABORTED
+        return trade_pb2.ExecuteTradeResponse(trade_id=request.trade_id, outcome=outcome, cross_shard=True)
+
+
+async def test_execute_exit_status_is_0_committed_3_aborted_1_error(capsys: pytest.CaptureFixture[str]) -> None:
+    servicer = _Coordinator()
+    server = await build_server("127.0.0.1:0", [ServiceBinding(
+        trade_pb2.DESCRIPTOR.services_by_name["TradeCoordinator"].full_name, servicer,
+        trade_pb2_grpc.add_TradeCoordinatorServicer_to_server)])
+    try:
+        base = ["--control-plane", f"127.0.0.1:{server.port}", "trade", "execute"]
+        first = [*base, "t1", "a", "b", "--a-items", "x", "y", "--a-gold", "3", "--b-items", "z"]
+        assert await ctl.run(_args(first)) == 0
+        assert servicer.requests[-1] == trade_pb2.ExecuteTradeRequest(
+            trade_id="t1", player_a="a", player_b="b", a_gives=common_pb2.Offer(item_ids=["x", "y"], gold=3),
+            b_gives=common_pb2.Offer(item_ids=["z"]))
+        assert "COMMITTED" in capsys.readouterr().out
+        assert await ctl.run(_args([*base, "t2", "a", "b", "--b-gold", "1"])) == ctl.EXIT_ABORTED
+        assert await ctl.run(_args([*base, "bad", "a", "b"])) == 1
+        assert "INVALID_ARGUMENT: the trade is empty" in capsys.readouterr().err
+    finally:
+        await server.stop_gracefully(0.1)
+
+
+def _args(argv: list[str]) -> Any:
+    captured: dict[str, Any] = {}
+
+    async def fake_run(args: Any) -> int:
+        captured["args"] = args
+        return 0
+
+    real_run, ctl.run = ctl.run, fake_run  # type: ignore[assignment]
+    real_asyncio_run = ctl.asyncio.run
+    try:
+        ctl.asyncio.run = lambda coro: _close(coro)  # type: ignore[assignment]
+        ctl.main(argv)
+    finally:
+        ctl.run = real_run  # type: ignore[assignment]
+        ctl.asyncio.run = real_asyncio_run  # type: ignore[assignment]
+    return captured["args"]
+
+
+def _close(coro: Any) -> int:
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return int(stop.value)
+    raise AssertionError("the parsed-arguments hook awaited something")
