@@ -207,18 +207,24 @@ class TestBadInput:
         assert got == grpc.StatusCode.NOT_FOUND
         assert await node_ids(stub) == ["n1"]
 
-    @pytest.mark.parametrize("rpc", ["ExecuteTrade", "GetTrade"])
-    async def test_trade_rpcs_are_unimplemented_with_a_clear_message(
-        self, control_plane: ControlPlaneApp, rpc: str
+    @pytest.mark.parametrize(
+        ("rpc", "code", "phrase"),
+        [
+            ("ExecuteTrade", grpc.StatusCode.INVALID_ARGUMENT, "player"),
+            ("GetTrade", grpc.StatusCode.NOT_FOUND, "t"),
+        ],
+    )
+    async def test_trade_rpcs_answer_bad_or_unknown_trades_clearly(
+        self, control_plane: ControlPlaneApp, rpc: str, code: grpc.StatusCode, phrase: str
     ) -> None:
         async with grpc.aio.insecure_channel(control_plane.address) as channel:
             stub = trade_pb2_grpc.TradeCoordinatorStub(channel)
-            if rpc == "ExecuteTrade":
+            if rpc == "ExecuteTrade":  # no players at all
                 got, details = await status_of(stub.ExecuteTrade(trade_pb2.ExecuteTradeRequest(trade_id="t")))
-            else:
+            else:  # nothing anywhere knows trade "t"
                 got, details = await status_of(stub.GetTrade(trade_pb2.GetTradeRequest(trade_id="t")))
-        assert got == grpc.StatusCode.UNIMPLEMENTED
-        assert "roadmap step 4" in details
+        assert got == code
+        assert phrase in details
 
     @pytest.mark.parametrize(
         ("call", "code"),
