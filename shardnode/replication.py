@@ -55,7 +55,7 @@ PROGRESS_INTERVAL_S = 0.5
 RETRY_DELAY_S = 0.2
 """Delay before a shard refused as NOT_REPLICA / SNAPSHOTTING is tried again."""
 MAX_ENTRIES_PER_SHARD = 512
-EVENTUAL_LINGER_S = 0.005
+EVENTUAL_LINGER_S = 0.02
 """How long a batch of only EVENTUAL entries waits for more (it adds this much to their
 replication lag, nothing to their callers' latency). STRONG writes are never held."""
 MAX_BATCH_BYTES = 4 << 20

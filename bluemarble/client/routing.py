@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -909,25 +910,66 @@ class RoutingClient:
         primary is abandoned (Unavailable) as soon as the cache names another primary or
         epoch for the shard (safe for writes: they are idempotent by request id).
 
-        One task per call (the work itself): the "moved" future is shared by every call
-        to the shard's primary, and on the system clock the timeout is asyncio's own (a
-        fake clock gets a timer task instead)."""
+        On the system clock the call runs in the caller's own task, under
+        ``asyncio.timeout``, and a move cancels that task from the shared "moved" future's
+        callback: no task, no ``asyncio.wait`` per call (this path is every write's, and
+        it cost the client twice a bare unary call). A fake clock takes
+        :meth:`_bounded_on_timer` instead."""
+        if not isinstance(self._clock, SystemClock):
+            return await self._bounded_on_timer(route, target, work, timeout_s)
+        moved: asyncio.Future[None] | None = None
+        if target.primary:
+            moved = self.assignments.moved(route.shard_id, route.epoch, route.primary)
+            if moved.done():
+                if inspect.iscoroutine(work):
+                    work.close()
+                raise errors.Unavailable(
+                    f"{route.shard_id} moved away from {target.node_id} at epoch {route.epoch} during the call"
+                )
+        task = asyncio.current_task()
+        assert task is not None
+        fired = False
+
+        def on_moved(_: asyncio.Future[None]) -> None:
+            nonlocal fired
+            if not fired:
+                fired = True
+                task.cancel()
+
+        if moved is not None:
+            moved.add_done_callback(on_moved)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await work
+        except TimeoutError:
+            raise errors.DeadlineExceeded(
+                f"node {target.node_id} ({target.address}) did not answer within {timeout_s:g} s"
+            ) from None
+        except asyncio.CancelledError:
+            if fired and task.uncancel() == 0:  # our own cancellation, nobody else's
+                raise errors.Unavailable(
+                    f"{route.shard_id} moved away from {target.node_id} at epoch {route.epoch} during the call"
+                ) from None
+            raise
+        finally:
+            if moved is not None:
+                moved.remove_done_callback(on_moved)
+
+    async def _bounded_on_timer(self, route: Route, target: Target, work: Awaitable[T], timeout_s: float) -> T:
+        """:meth:`_bounded` for an injected clock: the work as a task, raced against the
+        clock's timer and the "moved" future."""
         job = asyncio.ensure_future(work)
         waiters: set[asyncio.Future[Any]] = {job}
         if target.primary:
             waiters.add(self.assignments.moved(route.shard_id, route.epoch, route.primary))
-        timer: asyncio.Future[None] | None = None
-        loop_timeout_s: float | None = timeout_s
-        if not isinstance(self._clock, SystemClock):
-            timer = asyncio.ensure_future(self._clock.sleep(timeout_s))
-            waiters.add(timer)
-            loop_timeout_s = None
+        timer = asyncio.ensure_future(self._clock.sleep(timeout_s))
+        waiters.add(timer)
         try:
-            await asyncio.wait(waiters, timeout=loop_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             if job.done():
                 if not job.cancelled():
                     return job.result()
-            elif len(waiters) > 1 and any(w.done() for w in waiters if w is not job and w is not timer):
+            elif any(w.done() for w in waiters if w is not job and w is not timer):
                 raise errors.Unavailable(
                     f"{route.shard_id} moved away from {target.node_id} at epoch {route.epoch} during the call"
                 )
@@ -937,8 +979,7 @@ class RoutingClient:
                 )
             raise errors.Unavailable(f"call to node {target.node_id} ({target.address}) was cancelled")
         finally:
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
             if not job.done():
                 job.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

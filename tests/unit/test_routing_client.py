@@ -22,7 +22,7 @@ from bluemarble.client.routing import (
 from bluemarble.core import errors
 from bluemarble.core.ids import NodeId, PlayerId
 from bluemarble.core.ring import initial_ring
-from bluemarble.runtime.clock import FakeClock
+from bluemarble.runtime.clock import FakeClock, SystemClock
 from bluemarble.v1 import common_pb2, shardnode_pb2
 from bluemarble.v1 import controlplane_pb2 as pb
 
@@ -407,3 +407,56 @@ async def test_a_client_that_was_never_started_says_so() -> None:
     finally:
         await client.close()
 
+
+
+# ---- the system clock's path (the call runs in the caller's task) ----
+
+
+def make_system_client(handler: Handler) -> tuple[RoutingClient, FakeTransport]:
+    transport = FakeTransport(handler)
+    cache = AssignmentCache()
+    cache.apply(snapshot("n1", ["n2", "n3"]))
+    client = RoutingClient(
+        None, router=RingRouter.from_ring(RING), assignments=cache, transport=transport,
+        clock=SystemClock(), retry_initial_s=0.01, retry_max_backoff_s=0.05,
+    )
+    return client, transport
+
+
+async def test_on_the_system_clock_a_move_abandons_the_attempt_and_the_retry_reaches_the_new_primary() -> None:
+    hang: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    called = asyncio.Event()
+
+    def handler(address: str, request: Any) -> Any:
+        called.set()
+        return hang if address == ADDRESSES["n1"] else shardnode_pb2.GrantItemsResponse(inventory=inventory("n2", 2))
+
+    client, transport = make_system_client(handler)
+    task = asyncio.ensure_future(client.grant_items(PLAYER, ["sword"], deadline_s=5.0))
+    await asyncio.wait_for(called.wait(), 5.0)
+    client.assignments.apply(change("n2", ["n3"], epoch=2, revision=11))
+    result = await asyncio.wait_for(task, 5.0)
+    assert result.inventory.served_by == "n2" and hang.cancelled()
+    assert transport.addresses_called() == [ADDRESSES["n1"], ADDRESSES["n2"]]
+
+
+async def test_on_the_system_clock_a_silent_primary_costs_the_call_its_deadline() -> None:
+    client, transport = make_system_client(lambda a, r: asyncio.get_running_loop().create_future())
+    with pytest.raises(errors.DeadlineExceeded, match="did not answer within"):
+        await asyncio.wait_for(client.get_inventory(PLAYER, deadline_s=0.2), 5.0)
+    assert len(transport.calls) == 1
+
+
+async def test_on_the_system_clock_the_callers_own_cancellation_is_not_turned_into_an_error() -> None:
+    called = asyncio.Event()
+
+    def handler(address: str, request: Any) -> Any:
+        called.set()
+        return asyncio.get_running_loop().create_future()
+
+    client, _ = make_system_client(handler)
+    task = asyncio.ensure_future(client.grant_items(PLAYER, ["sword"], deadline_s=5.0))
+    await asyncio.wait_for(called.wait(), 5.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
