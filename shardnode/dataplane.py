@@ -43,6 +43,7 @@ import collections
 import heapq
 import itertools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc.aio
@@ -190,6 +191,9 @@ class DataPlane:
             )
         agent.on_assignments = self.on_assignments
         agent.status_provider = self.statuses
+        # Called when this node starts serving a shard as primary (the participant then
+        # settles the escrows it inherited that are past their deadline).
+        self.on_serving: Callable[[ShardId], None] | None = None
 
     # ---- lifecycle ----
 
@@ -211,6 +215,7 @@ class DataPlane:
         while True:
             await self._clock.sleep(30.0)
             removed = self._storage.prune(self._clock.wall_ms())
+            removed += self._storage.prune_trades(self._clock.wall_ms())
             if removed:
                 for shard, meta in self._storage.shards().items():
                     if shard in self._shards:
@@ -338,6 +343,8 @@ class DataPlane:
             shipper.forget([state.shard_id])
         self._recompute_commit(state)
         log.info("serving as primary", shard=state.shard_id, epoch=epoch, last=str(state.last))
+        if self.on_serving is not None:
+            self.on_serving(state.shard_id)
 
     def _reported_positions(self, shard: ShardId) -> dict[NodeId, LogPosition]:
         out: dict[NodeId, LogPosition] = {}
@@ -590,9 +597,10 @@ class DataPlane:
         state, stale = self._readable(shard, allow_stale)
         read_at_lsn = state.last.lsn
         found = self._storage.inventory(shard, player)
+        holdings = self._storage.holdings(shard, player) if found is not None else None
         if not stale:
             await self._wait_committed(state, read_at_lsn, timeout_s, "a write this read would show")
-        if found is None:
+        if found is None or holdings is None:
             raise NotFound(f"player {limits.echo(player)} has no inventory on {shard}")
         items, gold = found
         return shardnode_pb2.GetInventoryResponse(
@@ -602,6 +610,8 @@ class DataPlane:
             shard_id=shard,
             epoch=state.epoch,
             staleness=self._staleness(state, stale),
+            escrowed_item_ids=sorted(holdings.escrowed_items),
+            escrowed_gold=holdings.escrowed_gold,
         )
 
     async def grant(
@@ -731,6 +741,44 @@ class DataPlane:
         if touched:
             for shipper in self._shippers.values():
                 shipper.wake.set()
+
+    # ---- for the trade participant (shardnode/participant.py) ----
+
+    @property
+    def storage(self) -> NodeStorage:
+        return self._storage
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    def writable(self, shard: ShardId, epoch: int) -> ShardState:
+        """The shard's state if this node may make a STRONG write to it at ``epoch`` (0: the
+        current one); FailedPrecondition (not the primary, stale epoch, fenced, naming the
+        primary when known) or Unavailable (catching up, lease in doubt) otherwise."""
+        return self._writable(shard, epoch, strong=True)
+
+    async def write(self, state: ShardState, op: shardnode_pb2.WriteOp) -> WriteResult:
+        """Queues ``op`` as the next entry of ``state``'s shard, exactly as a grant is
+        (group commit; the op is in :meth:`pending_ops` from the call until its flush)."""
+        return await self._write(state, op)
+
+    async def wait_committed(self, state: ShardState, lsn: int, timeout_s: float, what: str) -> None:
+        """Waits until ``lsn`` is replicated as a STRONG write needs (see ``_wait_committed``)."""
+        await self._wait_committed(state, lsn, timeout_s, what)
+
+    def pending_ops(self, shard: ShardId) -> list[shardnode_pb2.WriteOp]:
+        """Writes of ``shard`` queued for the next group commit, not yet in storage, in order."""
+        return [op for state, _, op, _ in self._pending_writes if state.shard_id == shard]
+
+    def led_shards(self, *, serving: bool = False) -> list[ShardId]:
+        """Shards this node is assigned to lead (and serves, with ``serving``), not fenced
+        by a newer epoch."""
+        return sorted(
+            s.shard_id
+            for s in self._shards.values()
+            if s.role == PRIMARY and s.fenced_epoch <= s.epoch and (s.serving or not serving)
+        )
 
     # ---- fencing (the control-plane leader's failover, flow 4) ----
 

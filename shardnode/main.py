@@ -16,7 +16,7 @@ import structlog
 from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.ring_router import RingRouter
 from bluemarble.core import limits, validation
-from bluemarble.core.errors import BlueMarbleError
+from bluemarble.core.errors import BlueMarbleError, InvalidArgument
 from bluemarble.runtime import background, event_loop, logs
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
@@ -24,6 +24,7 @@ from bluemarble.runtime.settings import EnvArgumentParser
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
 from shardnode.agent import NodeAgent, NodeIdentity
 from shardnode.dataplane import DataPlane
+from shardnode.participant import DEFAULT_ESCROW_TIMEOUT_S, Participant
 from shardnode.service import ShardNodeService
 from shardnode.storage import NodeStorage
 
@@ -41,6 +42,7 @@ class NodeSettings:
     zone: str = ""
     capacity: int = 1
     synchronous: str = "NORMAL"
+    trade_escrow_timeout_s: float = DEFAULT_ESCROW_TIMEOUT_S
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, str]:
@@ -59,6 +61,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
         choices=("normal", "full"),
         help="SQLite durability: normal survives a process crash; full also a power loss (slower)",
     )
+    p.add_flag(
+        "--trade-escrow-timeout-s",
+        default=DEFAULT_ESCROW_TIMEOUT_S,
+        type=float,
+        help="how long a trade escrow waits for its decision before this node asks for it (seconds)",
+    )
     p.add_flag("--log-level", default="info", help="debug, info, warning or error")
     p.add_flag("--log-format", default="console", choices=("console", "json"), help="log format")
     args = p.parse_args(argv)
@@ -70,6 +78,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
         else:  # the node advertises its listen address: others must be able to reach it
             validation.reachable_address(args.listen, "--listen (advertised: no --advertise given)")
         validation.capacity(args.capacity, "--capacity")
+        if not 0 < args.trade_escrow_timeout_s <= 3600:
+            raise InvalidArgument(
+                f"--trade-escrow-timeout-s is {args.trade_escrow_timeout_s}; give 0 < seconds <= 3600"
+            )
     except BlueMarbleError as e:
         p.error(str(e))
     addresses = split_addresses(args.control_plane)
@@ -85,6 +97,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
         zone=args.zone,
         capacity=args.capacity,
         synchronous=args.synchronous.upper(),
+        trade_escrow_timeout_s=args.trade_escrow_timeout_s,
     )
     return settings, args.log_level, args.log_format
 
@@ -95,6 +108,7 @@ async def run(settings: NodeSettings) -> int:
     storage = NodeStorage.open(settings.data_dir, synchronous=settings.synchronous)  # type: ignore[arg-type]
     client = ControlPlaneClient(settings.control_plane)
     holder: list[DataPlane] = []
+    participants: list[Participant] = []
     agents: list[NodeAgent] = []
     server = await build_server(
         settings.listen,
@@ -106,6 +120,7 @@ async def run(settings: NodeSettings) -> int:
                     lambda: agents[0].shard_statuses() if agents else [],
                     lambda: holder[0] if holder else None,
                     lambda: agents[0].registration.lease_id if agents and agents[0].registration else 0,
+                    lambda: participants[0] if participants else None,
                 ),
                 shardnode_pb2_grpc.add_ShardNodeServicer_to_server,
             )
@@ -122,7 +137,10 @@ async def run(settings: NodeSettings) -> int:
     ring = RingRouter(client)
     dataplane = DataPlane(settings.node_id, storage, agent, ring)
     holder.append(dataplane)
+    participant = Participant(dataplane, client, escrow_timeout_s=settings.trade_escrow_timeout_s)
+    participants.append(participant)
     await dataplane.start()
+    await participant.start()
     ring_task = background.start(_start_ring(ring), "ring")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -134,6 +152,7 @@ async def run(settings: NodeSettings) -> int:
         control_plane=",".join(settings.control_plane),
         data_dir=str(settings.data_dir),
         synchronous=settings.synchronous,
+        trade_escrow_timeout_s=settings.trade_escrow_timeout_s,
     )
     code = 0
     try:
@@ -148,6 +167,7 @@ async def run(settings: NodeSettings) -> int:
         await ring.stop()
         with contextlib.suppress(Exception):
             await server.stop_gracefully(2.0)
+        await participant.stop()
         await dataplane.stop()
         storage.close()
         await client.close()

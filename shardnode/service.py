@@ -1,6 +1,6 @@
 """gRPC servicer of a shard node: a thin mapping of ShardNode RPCs onto the
 :class:`shardnode.dataplane.DataPlane` (which holds every rule). Trades (Prepare, Commit,
-Abort) answer UNIMPLEMENTED until the trades step of the roadmap."""
+Abort, ExecuteLocalTrade, ListTrades) go to :class:`shardnode.participant.Participant`."""
 
 from __future__ import annotations
 
@@ -10,17 +10,15 @@ from typing import Any
 import grpc.aio
 
 from bluemarble.core import validation
-from bluemarble.core.errors import Unavailable, Unimplemented
+from bluemarble.core.errors import Unavailable
+from bluemarble.core.trades import Outcome
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
 from shardnode.dataplane import DEFAULT_COMMIT_TIMEOUT_S, DataPlane
+from shardnode.participant import Participant
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 MAX_CALL_TIMEOUT_S = 30.0
-
-
-def _later(rpc: str) -> Unimplemented:
-    return Unimplemented(f"{rpc} is not implemented in this release; it comes with cross-shard trades")
 
 
 def _timeout_s(context: Ctx) -> float:
@@ -39,17 +37,25 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         statuses: Callable[[], list[common_pb2.ShardStatus]],
         dataplane: Callable[[], DataPlane | None] = lambda: None,
         incarnation: Callable[[], int] = lambda: 0,
+        participant: Callable[[], Participant | None] = lambda: None,
     ):
         self._node_id = node_id
         self._statuses = statuses
         self._dataplane = dataplane
         self._incarnation = incarnation
+        self._participant = participant
 
     def _dp(self) -> DataPlane:
         dp = self._dataplane()
         if dp is None:
             raise Unavailable(f"node {self._node_id} is starting; retry shortly")
         return dp
+
+    def _trades(self) -> Participant:
+        participant = self._participant()
+        if participant is None:
+            raise Unavailable(f"node {self._node_id} is starting; retry shortly")
+        return participant
 
     async def GetShardStatus(
         self, request: shardnode_pb2.GetShardStatusRequest, context: Ctx
@@ -100,10 +106,26 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
             yield chunk
 
     async def Prepare(self, request: shardnode_pb2.PrepareRequest, context: Ctx) -> shardnode_pb2.PrepareResponse:
-        raise _later("Prepare")
+        return await self._trades().prepare(request, _timeout_s(context))
 
     async def Commit(self, request: shardnode_pb2.CommitRequest, context: Ctx) -> shardnode_pb2.CommitResponse:
-        raise _later("Commit")
+        state = await self._trades().settle(
+            request.trade_id, request.shard_id, request.epoch, Outcome.COMMITTED, _timeout_s(context)
+        )
+        return shardnode_pb2.CommitResponse(state=state)
 
     async def Abort(self, request: shardnode_pb2.AbortRequest, context: Ctx) -> shardnode_pb2.AbortResponse:
-        raise _later("Abort")
+        state = await self._trades().settle(
+            request.trade_id, request.shard_id, request.epoch, Outcome.ABORTED, _timeout_s(context)
+        )
+        return shardnode_pb2.AbortResponse(state=state)
+
+    async def ExecuteLocalTrade(
+        self, request: shardnode_pb2.ExecuteLocalTradeRequest, context: Ctx
+    ) -> shardnode_pb2.ExecuteLocalTradeResponse:
+        return await self._trades().execute_local_trade(request, _timeout_s(context))
+
+    async def ListTrades(
+        self, request: shardnode_pb2.ListTradesRequest, context: Ctx
+    ) -> shardnode_pb2.ListTradesResponse:
+        return self._trades().list_trades(request)

@@ -19,7 +19,7 @@ from bluemarble.core.errors import CorruptRecord, FailedPrecondition
 from bluemarble.core.ids import PlayerId, ShardId
 from bluemarble.core.limits import echo
 from bluemarble.v1 import shardnode_pb2
-from shardnode.storage import records
+from shardnode.storage import records, trades
 
 # Written once each, so the sqlite3 module's statement cache prepares each once.
 SELECT_REQUEST = "SELECT op_digest, lsn, response FROM requests WHERE shard_id = ? AND request_id = ?"
@@ -56,6 +56,11 @@ def apply_op(
     refused, nothing changed) or CorruptRecord (replica: an entry no primary writes)."""
     if kind == records.EPOCH_START:
         return b""  # a marker in the log: no state, no answer
+    if kind in trades.TRADE_KINDS:
+        # The answer of a trade is built by the data plane from its decision; the entry
+        # records the trade (shardnode/storage/trades.py), not a request.
+        trades.apply_trade_op(conn, shard, lsn, op, kind, primary=primary)
+        return b""
     player = PlayerId(op.player_id)
     if kind == records.GRANT:
         return _apply_grant(conn, shard, epoch, lsn, player, op.grant, primary=primary)

@@ -29,7 +29,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -45,8 +45,9 @@ from bluemarble.core.errors import (
 from bluemarble.core.ids import PlayerId, ShardId
 from bluemarble.core.limits import echo
 from bluemarble.core.replication.position import ZERO, LogPosition
+from bluemarble.core.trades import Holdings
 from bluemarble.v1 import shardnode_pb2
-from shardnode.storage import apply, records, schema, snapshots
+from shardnode.storage import apply, records, schema, snapshots, trades
 from shardnode.storage.records import ShardMeta, WriteResult
 
 DB_FILE = "node.db"
@@ -571,6 +572,38 @@ class NodeStorage:
             # Records of unknown age (installed from a snapshot) start their retention now.
             self._conn.execute("UPDATE requests SET recorded_at_ms = ? WHERE recorded_at_ms IS NULL", (now_ms,))
         return removed
+
+    # --- trades (participant records and escrows; see shardnode/storage/trades.py) --------
+
+    def holdings(self, shard: ShardId, player: PlayerId) -> Holdings:
+        """The player's items and gold on the shard, escrowed ones included, and what the
+        PREPARED trades hold back (empty for a player the shard never saw)."""
+        with _sqlite_errors(self._path):
+            return trades.holdings(self._conn, shard, player)
+
+    def trade(self, shard: ShardId, trade_id: str) -> trades.TradeRecord | None:
+        """The shard's record of ``trade_id``, or None."""
+        with _sqlite_errors(self._path):
+            return trades.load(self._conn, shard, trade_id)
+
+    def trade_records(self, trade_id: str, shards: Collection[ShardId]) -> list[trades.TradeRecord]:
+        """The records of ``trade_id`` on those of ``shards`` that hold one."""
+        with _sqlite_errors(self._path):
+            return trades.records_of(self._conn, trade_id, shards)
+
+    def prepared_trades(
+        self, shards: Collection[ShardId], *, due_by_ms: int | None = None, limit: int = 1000
+    ) -> list[trades.TradeRecord]:
+        """PREPARED records (escrows) of ``shards``, oldest first, at most ``limit``; only
+        those whose deadline is at or before ``due_by_ms`` when it is given."""
+        with _sqlite_errors(self._path):
+            return trades.prepared(self._conn, shards, due_by_ms=due_by_ms, limit=limit)
+
+    def prune_trades(self, now_ms: int, *, max_rows: int = DEFAULT_PRUNE_MAX_ROWS) -> int:
+        """Forgets records of trades settled more than ``request_retention_s`` before
+        ``now_ms`` (at most ``max_rows``); PREPARED ones are kept. Returns rows removed."""
+        with self._write_txn():
+            return trades.prune(self._conn, now_ms - self._request_retention_ms, max_rows)
 
     # --- internals -----------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from bluemarble.core.ids import PlayerId, ShardId
 from bluemarble.core.limits import echo
 from bluemarble.core.replication.position import ZERO, LogPosition
 from bluemarble.v1 import shardnode_pb2
+from shardnode.storage.trades import TRADE_KINDS, TRADE_SETTLE, check_trade_op
 
 GRANT = "grant"
 SET_DATA = "set_data"
@@ -79,13 +80,26 @@ def op_digest(payload: bytes) -> bytes:
 
 
 def check_op(op: shardnode_pb2.WriteOp) -> str:
-    """Validates a WriteOp a primary is asked to apply; returns its kind (:data:`GRANT`
-    or :data:`SET_DATA`). Raises InvalidArgument naming the bad field. The gRPC layer
+    """Validates a WriteOp a primary is asked to apply; returns its kind (:data:`GRANT`,
+    :data:`SET_DATA`, :data:`EPOCH_START` or a trade kind of :mod:`shardnode.storage.trades`).
+    Raises InvalidArgument naming the bad field. The gRPC layer
     checks the same limits first; this keeps storage safe on its own."""
     kind = str(op.WhichOneof("op"))
     if kind == EPOCH_START:
         if op.request_id or op.player_id:
             raise InvalidArgument("an epoch-start entry names no request and no player")
+        return kind
+    if kind in TRADE_KINDS:
+        # Idempotent by trade id (the trades table), not by request id: a retried prepare
+        # carries new times, which a request record would take for a different request.
+        if op.request_id:
+            raise InvalidArgument("a trade entry carries no request id (trades are idempotent by trade id)")
+        if op.player_id or kind != TRADE_SETTLE:
+            validation.player_id(op.player_id)
+        try:
+            check_trade_op(op, kind)
+        except CorruptRecord as e:
+            raise InvalidArgument(str(e)) from e
         return kind
     if op.request_id:
         validation.request_id(op.request_id)
@@ -112,6 +126,12 @@ def decode_op(shard: ShardId, entry: shardnode_pb2.LogEntry) -> tuple[shardnode_
         raise CorruptRecord(f"entry {entry.lsn} of {shard} is not an encoded WriteOp: {e}") from e
     kind = op.WhichOneof("op")
     if kind == EPOCH_START:
+        return op, kind
+    if kind in TRADE_KINDS:
+        try:
+            check_trade_op(op, kind)
+        except CorruptRecord as e:
+            raise CorruptRecord(f"entry {entry.lsn} of {shard}: {e}") from e
         return op, kind
     if kind is None or not op.player_id:
         raise CorruptRecord(f"entry {entry.lsn} of {shard} names no operation or no player")

@@ -19,8 +19,9 @@ from typing import Literal
 
 from bluemarble.core.errors import FailedPrecondition
 
-SCHEMA_VERSION = 1
-"""Version this build writes. A database with a higher ``user_version`` is refused."""
+SCHEMA_VERSION = 2
+"""Version this build writes. A database with a higher ``user_version`` is refused; one at
+version 1 is migrated in place (:data:`_MIGRATE_V1_TO_V2`)."""
 
 Synchronous = Literal["NORMAL", "FULL"]
 
@@ -133,7 +134,42 @@ _TABLES_V1 = (
     """,
 )
 
-SHARD_TABLES = ("players", "items", "player_data", "log", "requests", "escrows")
+_TABLES_V2 = (
+    # A participant's record of each trade id (flow 6; shardnode/storage/trades.py):
+    # state PREPARED / COMMITTED / ABORTED, the leg (an encoded TradeLeg; NULL for an
+    # ABORTED recorded without an escrow; player A's leg for a same-shard trade), the
+    # reason of the outcome, the times (Unix ms: prepared_at/deadline of an escrow,
+    # settled_at of an outcome, all written by the primary into the log entry so every
+    # replica stores the same), and the entry (lsn) that last changed the row (0 when
+    # installed from a snapshot). Settled rows are pruned after the request retention;
+    # PREPARED rows never are.
+    """
+    CREATE TABLE trades (
+        shard_id TEXT NOT NULL,
+        trade_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        player_id TEXT NOT NULL,
+        leg BLOB,
+        reason TEXT NOT NULL,
+        prepared_at_ms INTEGER NOT NULL,
+        deadline_ms INTEGER NOT NULL,
+        settled_at_ms INTEGER NOT NULL,
+        cross_shard INTEGER NOT NULL,
+        lsn INTEGER NOT NULL,
+        PRIMARY KEY (shard_id, trade_id)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX trades_prepared ON trades (state, shard_id, deadline_ms)",
+    "CREATE INDEX trades_settled ON trades (settled_at_ms) WHERE state != 'PREPARED'",
+    # A player's escrows are read on every prepare and inventory read.
+    "CREATE INDEX escrows_by_player ON escrows (shard_id, player_id)",
+)
+
+_MIGRATE_V1_TO_V2 = _TABLES_V2
+"""Version 1 had the ``escrows`` table but never wrote it (no trades yet): version 2 adds
+the trade records and the indexes, and keeps every row."""
+
+SHARD_TABLES = ("players", "items", "player_data", "log", "requests", "escrows", "trades")
 """Tables holding a shard's data (everything but its fence in ``shards``)."""
 
 
@@ -176,20 +212,41 @@ def ensure_schema(conn: sqlite3.Connection, path: str) -> None:
         )
     if version == SCHEMA_VERSION:
         return
-    # version 0: a new file (there is no older layout to migrate from yet).
+    if version == 1:
+        _migrate_v1(conn)
+        return
+    # version 0: a new file.
     conn.execute("BEGIN IMMEDIATE")
     try:
         if conn.execute("SELECT count(*) FROM sqlite_schema WHERE type = 'table'").fetchone()[0]:
             raise FailedPrecondition(
                 f"{path} holds tables but no BlueMarble schema version; it is not a shard node's database"
             )
-        for statement in _TABLES_V1:
+        for statement in (*_TABLES_V1, *_TABLES_V2):
             conn.execute(statement)
         conn.execute(
             "INSERT INTO schema_version (version, note) VALUES (?, ?)",
-            (SCHEMA_VERSION, "shards, players, items, player_data, log, requests, escrows"),
+            (SCHEMA_VERSION, "shards, players, items, player_data, log, requests, escrows, trades"),
         )
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _migrate_v1(conn: sqlite3.Connection) -> None:
+    """Version 1 -> 2 in one transaction: adds the trade records (see
+    :data:`_MIGRATE_V1_TO_V2`). An older build refuses the migrated file (its version is
+    newer), so a rollback of the binary needs the old data dir from a backup."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _MIGRATE_V1_TO_V2:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO schema_version (version, note) VALUES (?, ?)", (2, "trades (participant records), indexes")
+        )
+        conn.execute("PRAGMA user_version=2")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

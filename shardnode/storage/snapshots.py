@@ -16,7 +16,7 @@ from bluemarble.core.ids import ShardId
 from bluemarble.core.limits import echo
 from bluemarble.core.replication.position import ZERO, LogPosition
 from bluemarble.v1 import shardnode_pb2
-from shardnode.storage import records
+from shardnode.storage import records, trades
 from shardnode.storage.apply import INSERT_ENTRY, INSERT_ITEM, INSERT_PLAYER, RECORD_REQUEST
 
 SELECT_TAIL = "SELECT lsn, epoch, payload, written_at_ms FROM log WHERE shard_id = ? ORDER BY lsn DESC LIMIT ?"
@@ -58,6 +58,9 @@ def read_snapshot(
             break
         tail.append(shardnode_pb2.LogEntry(lsn=lsn, epoch=epoch, payload=payload, written_at_ms=written_at_ms))
     snap.tail.extend(reversed(tail))
+    # Trade records and escrows (field 7, see trades.SNAPSHOT_TRADES_FIELD): a replica
+    # bootstrapped from this snapshot and then promoted must hold the escrows.
+    snap.MergeFromString(trades.snapshot_trades(conn, shard))
     return snap
 
 
@@ -113,4 +116,5 @@ def write_snapshot(conn: sqlite3.Connection, shard: ShardId, snapshot: shardnode
         executemany(RECORD_REQUEST.replace("INSERT OR REPLACE", "INSERT"), [request_row(r) for r in snapshot.requests])
     except sqlite3.IntegrityError as e:
         raise CorruptRecord(f"the snapshot of {shard} lists a player, item, value or request twice") from e
+    trades.install_trades(conn, shard, trades.trades_in_snapshot(snapshot))
     executemany(INSERT_ENTRY, [(shard, e.lsn, e.epoch, e.written_at_ms, e.payload) for e in snapshot.tail])

@@ -1,0 +1,501 @@
+"""The shard node's side of trades (flow 6): Prepare, Commit, Abort, same-shard trades,
+ListTrades, and the termination rule that settles escrows nobody came back for.
+
+Why this module exists: the rules are pure (:mod:`bluemarble.core.trades.participant`);
+this is their driver on the primary. Every change is one STRONG write through the data
+plane's write path (epoch check, self-fencing, group commit, acknowledged once a replica
+has it), so a trade's state is exactly as durable as the inventories it changes.
+
+Deciding without races: a decision reads the player's holdings and the trade id's record
+from storage *plus the writes of the shard queued for the next group commit and not yet
+flushed* (:meth:`DataPlane.pending_ops`), and queues its own write in the same event-loop
+turn (no ``await`` between the read and the queueing). So two Prepares of one item can
+never both escrow it, with or without group commit. Storage checks the op again inside
+the transaction (:mod:`shardnode.storage.trades`): should the two ever disagree, the write
+is refused (FailedPrecondition) rather than applied.
+
+Termination: on every shard this node serves as primary, a PREPARED escrow past its
+deadline (:func:`~bluemarble.core.trades.participant.termination_due`) makes the node ask
+the control plane for the decision (``TradeCoordinator.ResolveTrade``: the record, or
+ABORTED written if absent) and apply it as a settle write. The shard node never decides
+an outcome itself. A newly promoted primary runs the rule as soon as it serves; escrows
+not yet due wait for their deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+
+import grpc.aio
+import structlog
+
+from bluemarble.client.control_plane import ControlPlaneClient, to_error
+from bluemarble.core import limits, validation
+from bluemarble.core.errors import (
+    BlueMarbleError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    Unavailable,
+)
+from bluemarble.core.ids import PlayerId, ShardId, shard_index
+from bluemarble.core.limits import echo
+from bluemarble.core.trades import (
+    MAX_TRADE_ITEMS_PER_SIDE,
+    REUSED_TRADE_ID,
+    Holdings,
+    Known,
+    Leg,
+    Outcome,
+    PrepareVerdict,
+    SettleVerdict,
+    Trade,
+    TradeState,
+    decide_local_trade,
+    decide_prepare,
+    decide_settle,
+    state_for,
+    termination_due,
+    validate_trade,
+)
+from bluemarble.runtime import background, retry
+from bluemarble.runtime.clock import run_with_timeout
+from bluemarble.v1 import common_pb2, shardnode_pb2, trade_pb2
+from shardnode.dataplane import DataPlane, ShardState
+from shardnode.storage import trades as stored
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_ESCROW_TIMEOUT_S = 5.0
+MAX_LIST_TRADES = 1000
+RESOLVE_CALL_TIMEOUT_S = 2.0
+RESOLVE_POLICY = retry.RetryPolicy(initial_s=0.1, max_backoff_s=1.0, deadline_s=8.0, max_attempts=6)
+"""One termination attempt: a few ResolveTrade calls, each on the next control-plane
+address after a failure, with jittered backoff. A trade whose attempt fails is tried again
+by the loop (after its own jittered delay), so an escrow is settled once the control plane
+is back (I5)."""
+MAX_CONCURRENT_RESOLVES = 64
+TERMINATION_SETTLE_TIMEOUT_S = 5.0
+"""How long a termination's settle write waits for a replica's ack."""
+
+
+@dataclass(frozen=True)
+class _View:
+    """What the participant knows of a trade id on one shard: the durable record plus the
+    writes queued for the next group commit."""
+
+    known: Known | None
+    cross_shard: bool = True
+    deadline_ms: int = 0
+
+
+class Participant:
+    """See the module docstring. Single-threaded: everything runs on the event loop."""
+
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        control_plane: ControlPlaneClient | None,
+        *,
+        escrow_timeout_s: float = DEFAULT_ESCROW_TIMEOUT_S,
+        check_interval_s: float | None = None,
+        rng: random.Random | None = None,
+    ):
+        if escrow_timeout_s <= 0:
+            raise InvalidArgument(f"escrow timeout is {escrow_timeout_s} s; it must be positive")
+        self._dp = dataplane
+        self._client = control_plane
+        self._clock = dataplane.clock
+        self.escrow_timeout_ms = int(escrow_timeout_s * 1000)
+        self._interval_s = check_interval_s or min(1.0, max(0.05, escrow_timeout_s / 5))
+        self._rng = rng or random.Random()
+        self._resolving: dict[tuple[ShardId, str], asyncio.Task[None]] = {}
+        self._next_try_s: dict[tuple[ShardId, str], float] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        dataplane.on_serving = self._on_serving
+
+    # ---- lifecycle ----
+
+    async def start(self) -> None:
+        self._task = background.start(self._termination_loop(), "trade-termination")
+
+    async def stop(self) -> None:
+        await background.stop(self._task)
+        for task in list(self._resolving.values()):
+            await background.stop(task)
+        self._resolving.clear()
+
+    def _on_serving(self, shard: ShardId) -> None:
+        self._wake.set()
+
+    # ---- views (storage + queued writes) ----
+
+    def _view(self, shard: ShardId, trade_id: str) -> _View:
+        record = self._dp.storage.trade(shard, trade_id)
+        view = (
+            _View(None)
+            if record is None
+            else _View(record.known(), record.cross_shard, record.deadline_ms)
+        )
+        for op in self._dp.pending_ops(shard):
+            kind = op.WhichOneof("op")
+            if kind == stored.TRADE_PREPARE and op.trade_prepare.trade_id == trade_id:
+                p = op.trade_prepare
+                view = _View(Known(TradeState.PREPARED, stored.leg_from_proto(trade_id, p.leg)), True, p.deadline_ms)
+            elif kind == stored.TRADE_SETTLE and op.trade_settle.trade_id == trade_id:
+                outcome = stored.outcome_from_proto(op.trade_settle.outcome, "a queued settle")
+                leg = view.known.leg if view.known is not None else None
+                view = _View(Known(state_for(outcome), leg, op.trade_settle.reason), True, view.deadline_ms)
+            elif kind == stored.LOCAL_TRADE and op.local_trade.trade_id == trade_id:
+                t = op.local_trade
+                outcome = stored.outcome_from_proto(t.outcome, "a queued local trade")
+                leg = Leg(
+                    trade_id,
+                    t.player_a,
+                    stored.offer_from_proto(t.a_gives),
+                    stored.offer_from_proto(t.b_gives),
+                    t.player_b,
+                )
+                view = _View(Known(state_for(outcome), leg, t.reason), False)
+        return view
+
+    def _holdings(self, shard: ShardId, player: str) -> Holdings:
+        """The player's holdings, with what queued writes take away counted as escrowed
+        (queued escrows, items and gold a queued same-shard trade gives). What queued
+        writes would add is left out: a decision on it could only refuse, never double-spend."""
+        base = self._dp.storage.holdings(shard, PlayerId(player))
+        escrowed = set(base.escrowed_items)
+        escrowed_gold = base.escrowed_gold
+        for op in self._dp.pending_ops(shard):
+            kind = op.WhichOneof("op")
+            if kind == stored.TRADE_PREPARE and op.trade_prepare.leg.player_id == player:
+                escrowed.update(op.trade_prepare.leg.gives.item_ids)
+                escrowed_gold += op.trade_prepare.leg.gives.gold
+            elif kind == stored.LOCAL_TRADE and op.local_trade.outcome == common_pb2.TRADE_OUTCOME_COMMITTED:
+                t = op.local_trade
+                for giver, offer in ((t.player_a, t.a_gives), (t.player_b, t.b_gives)):
+                    if giver == player:
+                        escrowed.update(offer.item_ids)
+                        escrowed_gold += offer.gold
+        if escrowed == base.escrowed_items and escrowed_gold == base.escrowed_gold:
+            return base
+        return Holdings(base.items, base.gold, frozenset(escrowed), escrowed_gold)
+
+    # ---- checks ----
+
+    def _shard_of(self, player: str, named: str) -> ShardId:
+        shard = self._dp.shard_for(PlayerId(player))
+        if named:
+            _check_shard(named)
+            if named != shard:
+                raise FailedPrecondition(
+                    f"player {echo(player)} belongs to {shard} in node {self._dp.node_id}'s ring, not {echo(named)}; "
+                    "re-resolve the player and retry"
+                )
+        return shard
+
+    async def _settled_answer(self, state: ShardState, timeout_s: float, what: str) -> None:
+        """Before answering from a record (a retry), wait until everything this node wrote
+        so far is replicated: the record may come from a write not acknowledged yet."""
+        await self._dp.wait_committed(state, state.last.lsn, timeout_s, what)
+
+    # ---- Prepare ----
+
+    async def prepare(self, request: shardnode_pb2.PrepareRequest, timeout_s: float) -> shardnode_pb2.PrepareResponse:
+        """Phase one for one leg (module docstring; notes/trades.md). Raises
+        InvalidArgument (malformed; trade id reused with other terms), FailedPrecondition
+        (not the primary, stale epoch, the player not of this shard), Unavailable."""
+        trade_id = validation.request_id(request.trade_id, "trade_id")
+        if len(request.legs) != 1:
+            raise InvalidArgument(f"legs lists {len(request.legs)} legs; a Prepare carries exactly one (this shard's)")
+        leg = _check_leg(stored.leg_from_proto(trade_id, request.legs[0]))
+        shard = self._shard_of(leg.player, request.shard_id)
+        state = self._dp.writable(shard, request.epoch)
+        view = self._view(shard, trade_id)
+        decision = decide_prepare(leg, self._holdings(shard, leg.player), view.known)
+        response = shardnode_pb2.PrepareResponse(epoch=state.epoch)
+        what = f"prepare of trade {echo(trade_id, 40)}"
+        if decision.verdict is PrepareVerdict.ESCROW:
+            now_ms = self._clock.wall_ms()
+            deadline_ms = now_ms + self.escrow_timeout_ms
+            op = shardnode_pb2.WriteOp(
+                player_id=leg.player,
+                trade_prepare=shardnode_pb2.TradePrepareOp(
+                    trade_id=trade_id, leg=stored.leg_to_proto(leg), prepared_at_ms=now_ms, deadline_ms=deadline_ms
+                ),
+            )
+            result = await self._dp.write(state, op)  # queued in this turn: no await before it
+            log.info("trade escrowed", trade_id=trade_id, shard=shard, player=leg.player, lsn=result.lsn)
+            await self._dp.wait_committed(state, result.lsn, timeout_s, what)
+            response.vote, response.prepared = shardnode_pb2.TRADE_VOTE_PREPARED, True
+            response.deadline_ms = deadline_ms
+            return response
+        if decision.verdict is PrepareVerdict.CONFLICT:
+            raise InvalidArgument(f"trade id {echo(trade_id)}: {REUSED_TRADE_ID} on {shard}; choose a new trade id")
+        if decision.verdict is PrepareVerdict.REFUSED:
+            log.info("trade prepare refused", trade_id=trade_id, shard=shard, reason=decision.reason)
+            response.vote, response.reason = shardnode_pb2.TRADE_VOTE_REFUSED, decision.reason
+            return response
+        await self._settled_answer(state, timeout_s, what)
+        if decision.verdict is PrepareVerdict.PREPARED:
+            response.vote, response.prepared = shardnode_pb2.TRADE_VOTE_PREPARED, True
+            response.deadline_ms = view.deadline_ms
+            return response
+        assert decision.outcome is not None
+        response.vote, response.reason = shardnode_pb2.TRADE_VOTE_DECIDED, decision.reason
+        response.outcome = stored.outcome_to_proto(decision.outcome)
+        return response
+
+    # ---- Commit / Abort ----
+
+    async def settle(
+        self, trade_id: str, shard_id: str, epoch: int, outcome: Outcome, timeout_s: float, reason: str = ""
+    ) -> shardnode_pb2.ParticipantTradeState:
+        """Applies the recorded ``outcome`` of ``trade_id`` on ``shard_id`` (idempotent).
+        Returns the state afterwards (COMMITTED/ABORTED). Raises FailedPrecondition for a
+        conflicting settle or a COMMITTED without escrow here (nothing changes; logged),
+        and as :meth:`prepare` for the rest."""
+        validation.request_id(trade_id, "trade_id")
+        shard = _check_shard(shard_id)
+        state = self._dp.writable(shard, epoch)
+        view = self._view(shard, trade_id)
+        verdict = decide_settle(view.known, outcome)
+        what = f"{outcome.name.lower()} of trade {echo(trade_id, 40)}"
+        if verdict is SettleVerdict.NOOP:
+            await self._settled_answer(state, timeout_s, what)
+            return stored.state_to_proto(state_for(outcome))
+        if verdict is SettleVerdict.CONFLICT:
+            assert view.known is not None
+            log.error(
+                "conflicting settle refused: the trade already applied the other outcome",
+                trade_id=trade_id,
+                shard=shard,
+                applied=view.known.state.name,
+                asked=outcome.name,
+            )
+            raise FailedPrecondition(
+                f"trade {echo(trade_id)} is already {view.known.state.name} on {shard}; "
+                f"{outcome.name} is refused (a decision never changes)"
+            )
+        if verdict is SettleVerdict.MISSING_ESCROW:
+            log.error("COMMITTED for a trade with no escrow here: refused", trade_id=trade_id, shard=shard)
+            raise FailedPrecondition(
+                f"trade {echo(trade_id)} holds no escrow on {shard}; COMMITTED is refused "
+                "(committing would create items: the escrow was lost)"
+            )
+        leg = view.known.leg if view.known is not None else None
+        op = shardnode_pb2.WriteOp(
+            player_id=leg.player if leg is not None else "",
+            trade_settle=shardnode_pb2.TradeSettleOp(
+                trade_id=trade_id,
+                outcome=stored.outcome_to_proto(outcome),
+                reason=reason[: limits.MAX_ECHO_CHARS * 4] if reason else "",
+                settled_at_ms=self._clock.wall_ms(),
+            ),
+        )
+        result = await self._dp.write(state, op)
+        log.info("trade settled", trade_id=trade_id, shard=shard, outcome=outcome.name, verdict=verdict.name,
+                 lsn=result.lsn)
+        await self._dp.wait_committed(state, result.lsn, timeout_s, what)
+        return stored.state_to_proto(state_for(outcome))
+
+    # ---- same-shard trades ----
+
+    async def execute_local_trade(
+        self, request: shardnode_pb2.ExecuteLocalTradeRequest, timeout_s: float
+    ) -> shardnode_pb2.ExecuteLocalTradeResponse:
+        """A trade between two players of this shard: one decision, one write (ABORTED ones
+        recorded too). Raises InvalidArgument (malformed terms, trade id reused),
+        FailedPrecondition (players not both of this shard, not the primary...)."""
+        trade = Trade(
+            request.trade_id,
+            request.player_a,
+            request.player_b,
+            stored.offer_from_proto(request.a_gives),
+            stored.offer_from_proto(request.b_gives),
+        )
+        validate_trade(trade)
+        shard = self._shard_of(trade.player_a, request.shard_id)
+        other = self._dp.shard_for(PlayerId(trade.player_b))
+        if other != shard:
+            raise FailedPrecondition(
+                f"players {echo(trade.player_a)} ({shard}) and {echo(trade.player_b)} ({other}) are on different "
+                "shards; use TradeCoordinator.ExecuteTrade"
+            )
+        state = self._dp.writable(shard, request.epoch)
+        view = self._view(shard, trade.trade_id)
+        response = shardnode_pb2.ExecuteLocalTradeResponse(trade_id=trade.trade_id)
+        if view.known is not None:
+            if view.cross_shard or view.known.leg is None or not view.known.leg.same_terms(trade.leg_a()):
+                raise InvalidArgument(
+                    f"trade id {echo(trade.trade_id)}: {REUSED_TRADE_ID} on {shard}; choose a new trade id"
+                )
+            await self._settled_answer(state, timeout_s, f"trade {echo(trade.trade_id, 40)}")
+            outcome = Outcome.COMMITTED if view.known.state is TradeState.COMMITTED else Outcome.ABORTED
+            response.outcome, response.reason, response.replayed = (
+                stored.outcome_to_proto(outcome),
+                view.known.reason,
+                True,
+            )
+            return response
+        decision = decide_local_trade(
+            trade, self._holdings(shard, trade.player_a), self._holdings(shard, trade.player_b), None
+        )
+        op = shardnode_pb2.WriteOp(
+            player_id=trade.player_a,
+            local_trade=shardnode_pb2.LocalTradeOp(
+                trade_id=trade.trade_id,
+                player_a=trade.player_a,
+                player_b=trade.player_b,
+                a_gives=stored.offer_to_proto(trade.a_gives),
+                b_gives=stored.offer_to_proto(trade.b_gives),
+                outcome=stored.outcome_to_proto(decision.outcome),
+                reason=decision.reason,
+                settled_at_ms=self._clock.wall_ms(),
+            ),
+        )
+        result = await self._dp.write(state, op)
+        log.info("local trade", trade_id=trade.trade_id, shard=shard, outcome=decision.outcome.name,
+                 reason=decision.reason, lsn=result.lsn)
+        await self._dp.wait_committed(state, result.lsn, timeout_s, f"trade {echo(trade.trade_id, 40)}")
+        response.outcome, response.reason = stored.outcome_to_proto(decision.outcome), decision.reason
+        return response
+
+    # ---- ListTrades ----
+
+    def list_trades(self, request: shardnode_pb2.ListTradesRequest) -> shardnode_pb2.ListTradesResponse:
+        """Records of the shards this node leads: one trade id's, or the PREPARED ones
+        (oldest first). At most ``limit`` (default and cap 1000)."""
+        limit = min(request.limit or MAX_LIST_TRADES, MAX_LIST_TRADES)
+        led = self._dp.led_shards()
+        if request.trade_id:
+            trade_id = validation.request_id(request.trade_id, "trade_id")
+            records = self._dp.storage.trade_records(trade_id, led)[:limit]
+        else:
+            records = self._dp.storage.prepared_trades(led, limit=limit)
+        return shardnode_pb2.ListTradesResponse(trades=[r.to_proto(self._dp.node_id) for r in records])
+
+    # ---- termination ----
+
+    async def _termination_loop(self) -> None:
+        while True:
+            try:
+                self.check_due()
+            except BlueMarbleError as e:
+                log.warning("termination check failed; retrying", error=str(e))
+            self._wake.clear()
+            try:
+                await run_with_timeout(self._clock, self._wake.wait(), self._interval_s)
+            except TimeoutError:
+                pass
+
+    def check_due(self) -> int:
+        """Starts a resolution for every escrow past its deadline on the shards this node
+        serves as primary (none twice at once). Returns how many it started."""
+        shards = self._dp.led_shards(serving=True)
+        if not shards:
+            return 0
+        now_ms = self._clock.wall_ms()
+        now_s = self._clock.monotonic_s()
+        started = 0
+        room = MAX_CONCURRENT_RESOLVES - len(self._resolving)
+        for record in self._dp.storage.prepared_trades(shards, due_by_ms=now_ms, limit=max(room, 0)):
+            key = (record.shard_id, record.trade_id)
+            if key in self._resolving or self._next_try_s.get(key, 0.0) > now_s:
+                continue
+            if not termination_due(record.known(), record.deadline_ms, now_ms):
+                continue
+            task = background.start(self._terminate(record), f"terminate-{record.trade_id[:40]}")
+            self._resolving[key] = task
+            task.add_done_callback(lambda _t, key=key: self._resolving.pop(key, None))  # type: ignore[misc]
+            started += 1
+        return started
+
+    async def _terminate(self, record: stored.TradeRecord) -> None:
+        key = (record.shard_id, record.trade_id)
+        late_ms = self._clock.wall_ms() - record.deadline_ms
+        log.info("escrow past its deadline; asking for the decision", trade_id=record.trade_id,
+                 shard=record.shard_id, late_ms=late_ms)
+        try:
+            outcome, reason = await self.resolve(record.shard_id, record.trade_id, "escrow past its deadline")
+            state = await self.settle(
+                record.trade_id, record.shard_id, 0, outcome, TERMINATION_SETTLE_TIMEOUT_S, reason=reason
+            )
+        except BlueMarbleError as e:
+            delay_s = self._rng.uniform(0.5, 1.5) * max(self._interval_s, 0.5)
+            self._next_try_s[key] = self._clock.monotonic_s() + delay_s
+            log.warning("escrow not settled yet; will retry", trade_id=record.trade_id, shard=record.shard_id,
+                        error=str(e), retry_in_s=round(delay_s, 2))
+            return
+        self._next_try_s.pop(key, None)
+        log.info("escrow settled by termination", trade_id=record.trade_id, shard=record.shard_id,
+                 outcome=outcome.name, state=shardnode_pb2.ParticipantTradeState.Name(state))
+
+    async def resolve(self, shard: ShardId, trade_id: str, why: str) -> tuple[Outcome, str]:
+        """The recorded decision of ``trade_id`` (ResolveTrade: ABORTED written when none
+        exists), asked of the control-plane replicas in turn with jittered, bounded
+        retries. Raises Unavailable (or the last error) when none answered."""
+        client = self._client
+        if client is None:
+            raise Unavailable("no control plane to resolve trades with")
+        request = trade_pb2.ResolveTradeRequest(trade_id=trade_id, shard_id=shard, node_id=self._dp.node_id, reason=why)
+
+        async def attempt() -> trade_pb2.ResolveTradeResponse:
+            address = client.current_address
+            stub = client.trades()
+
+            async def call() -> trade_pb2.ResolveTradeResponse:
+                answer: trade_pb2.ResolveTradeResponse = await stub.ResolveTrade(
+                    request, timeout=RESOLVE_CALL_TIMEOUT_S
+                )
+                return answer
+
+            try:
+                return await run_with_timeout(self._clock, call(), RESOLVE_CALL_TIMEOUT_S)
+            except grpc.aio.AioRpcError as e:
+                error = to_error(e, address)
+                if error.retryable:
+                    client.rotate(away_from=address)
+                raise error from e
+            except TimeoutError as e:
+                client.rotate(away_from=address)
+                raise DeadlineExceeded(f"control plane {address} did not answer ResolveTrade in time") from e
+
+        answer = await retry.call(attempt, what=f"resolve trade {trade_id}", policy=RESOLVE_POLICY, clock=self._clock)
+        outcome = stored.outcome_from_proto(answer.outcome, f"ResolveTrade answer for {echo(trade_id)}")
+        log.info("trade resolved", trade_id=trade_id, shard=shard, outcome=outcome.name, created=answer.created)
+        return outcome, answer.reason
+
+
+def _check_shard(value: str) -> ShardId:
+    try:
+        shard_index(ShardId(value))
+    except ValueError as e:
+        raise InvalidArgument(f"shard_id: {e}") from e
+    return ShardId(value)
+
+
+def _check_leg(leg: Leg) -> Leg:
+    """A leg's ids, items and gold, as the coordinator validated the trade (InvalidArgument)."""
+    validation.player_id(leg.player, "legs[0].player_id")
+    validation.player_id(leg.counterpart, "legs[0].counterpart_player_id")
+    if leg.player == leg.counterpart:
+        raise InvalidArgument(f"player {echo(leg.player)} is on both sides; a player cannot trade with themselves")
+    for side, offer in (("gives", leg.gives), ("receives", leg.receives)):
+        count = len(offer.item_ids)
+        if count > MAX_TRADE_ITEMS_PER_SIDE:
+            raise InvalidArgument(
+                f"legs[0].{side}.item_ids lists {count} items; a side may give at most {MAX_TRADE_ITEMS_PER_SIDE}"
+            )
+        validation.item_ids(list(offer.item_ids), f"legs[0].{side}.item_ids")
+        validation.gold(offer.gold, f"legs[0].{side}.gold")
+    both = set(leg.gives.item_ids).intersection(leg.receives.item_ids)
+    if both:
+        raise InvalidArgument(f"item {echo(min(both))} is listed on both sides; an item can move only one way")
+    if leg.gives.empty and leg.receives.empty:
+        raise InvalidArgument("the trade is empty: neither side gives an item or gold")
+    return leg
+

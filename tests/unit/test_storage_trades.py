@@ -1,0 +1,201 @@
+"""Trade records and escrows in node storage (shardnode.storage.trades) against real SQLite:
+applying prepare / settle / same-shard trade on a primary and on a replica gives the same
+state, holdings count escrows, a snapshot carries the escrows, settled records are pruned
+after the retention (PREPARED never), and a version-1 data dir is migrated."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bluemarble.core.errors import FailedPrecondition
+from bluemarble.core.ids import PlayerId, ShardId
+from bluemarble.core.trades import Holdings, TradeState
+from bluemarble.v1 import common_pb2
+from bluemarble.v1 import shardnode_pb2 as pb
+from shardnode.storage import NodeStorage, schema
+
+S1 = ShardId("shard-1")
+ALICE, BOB = PlayerId("alice"), PlayerId("bob")
+COMMITTED, ABORTED = common_pb2.TRADE_OUTCOME_COMMITTED, common_pb2.TRADE_OUTCOME_ABORTED
+
+
+def grant(request_id: str, player: str, items: list[str], gold: int = 0) -> pb.WriteOp:
+    return pb.WriteOp(request_id=request_id, player_id=player, grant=pb.GrantOp(item_ids=items, gold=gold))
+
+
+def leg(player: str, gives: list[str], gold: int, receives: list[str], rgold: int, other: str) -> pb.TradeLeg:
+    return pb.TradeLeg(
+        player_id=player,
+        gives=common_pb2.Offer(item_ids=gives, gold=gold),
+        receives=common_pb2.Offer(item_ids=receives, gold=rgold),
+        counterpart_player_id=other,
+    )
+
+
+def prepare(trade_id: str, the_leg: pb.TradeLeg, deadline_ms: int = 5_000) -> pb.WriteOp:
+    return pb.WriteOp(
+        player_id=the_leg.player_id,
+        trade_prepare=pb.TradePrepareOp(trade_id=trade_id, leg=the_leg, prepared_at_ms=1_000, deadline_ms=deadline_ms),
+    )
+
+
+def settle(trade_id: str, player: str, outcome: int, at_ms: int = 2_000) -> pb.WriteOp:
+    return pb.WriteOp(
+        player_id=player,
+        trade_settle=pb.TradeSettleOp(trade_id=trade_id, outcome=outcome, reason="", settled_at_ms=at_ms),  # type: ignore[arg-type]
+    )
+
+
+def local(trade_id: str, a_gives: list[str], b_gold: int, outcome: int, reason: str = "") -> pb.WriteOp:
+    return pb.WriteOp(
+        player_id="alice",
+        local_trade=pb.LocalTradeOp(
+            trade_id=trade_id,
+            player_a="alice",
+            player_b="bob",
+            a_gives=common_pb2.Offer(item_ids=a_gives),
+            b_gives=common_pb2.Offer(gold=b_gold),
+            outcome=outcome,  # type: ignore[arg-type]
+            reason=reason,
+            settled_at_ms=3_000,
+        ),
+    )
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[NodeStorage, NodeStorage]]:
+    with NodeStorage.open(tmp_path / "a", request_retention_s=10) as a, NodeStorage.open(tmp_path / "b") as b:
+        yield a, b
+
+
+def ship(primary: NodeStorage, replica: NodeStorage) -> None:
+    start = replica.meta(S1).last.lsn + 1
+    entries = primary.entries(S1, start, max_entries=10_000)
+    replica.append([(S1, entries)], {S1: primary.meta(S1).fenced_epoch})
+
+
+def state_of(storage: NodeStorage) -> tuple[object, ...]:
+    return (
+        storage.inventory(S1, ALICE),
+        storage.inventory(S1, BOB),
+        storage.holdings(S1, ALICE),
+        storage.holdings(S1, BOB),
+        [(r.trade_id, r.state, r.leg, r.reason, r.settled_at_ms) for r in storage.prepared_trades([S1])],
+        [storage.trade(S1, t) for t in ("t1", "t2", "t3", "t4")],
+    )
+
+
+def test_prepare_commit_abort_and_local_trade_apply_alike_on_primary_and_replica(
+    pair: tuple[NodeStorage, NodeStorage],
+) -> None:
+    primary, replica = pair
+    primary.write(S1, 1, grant("g1", "alice", ["sword", "shield", "axe"], 100), 1)
+    primary.write(S1, 1, grant("g2", "bob", [], 50), 1)
+    # t1: alice escrows sword + 30 gold, receives a gem from another shard.
+    primary.write(S1, 1, prepare("t1", leg("alice", ["sword"], 30, ["gem"], 5, "carol")), 1)
+    assert primary.holdings(S1, ALICE) == Holdings(frozenset({"sword", "shield", "axe"}), 100, frozenset({"sword"}), 30)
+    # The escrowed item cannot be escrowed again, nor can gold beyond what is free.
+    with pytest.raises(FailedPrecondition, match="held by another trade"):
+        primary.write(S1, 1, prepare("t2", leg("alice", ["sword"], 0, [], 1, "carol")), 1)
+    with pytest.raises(FailedPrecondition, match="70 gold available"):
+        primary.write(S1, 1, prepare("t2", leg("alice", [], 71, [], 0, "carol")), 1)
+    # ...nor granted again (it still exists on the node).
+    with pytest.raises(FailedPrecondition, match="already owned"):
+        primary.write(S1, 1, grant("g3", "bob", ["sword"]), 1)
+    # t2: shield escrowed, then aborted: released.
+    primary.write(S1, 1, prepare("t2", leg("alice", ["shield"], 0, [], 10, "carol")), 1)
+    primary.write(S1, 1, settle("t2", "alice", ABORTED), 1)
+    # t1 commits: sword and 30 gold leave, gem and 5 gold join.
+    primary.write(S1, 1, settle("t1", "alice", COMMITTED), 1)
+    assert primary.inventory(S1, ALICE) == (["axe", "gem", "shield"], 75)
+    assert primary.holdings(S1, ALICE).escrowed_items == frozenset()
+    # A conflicting settle is refused on the primary; the record stays.
+    with pytest.raises(FailedPrecondition, match="already COMMITTED"):
+        primary.write(S1, 1, settle("t1", "alice", ABORTED), 1)
+    # An abort without an escrow is recorded (a late Prepare will answer it).
+    primary.write(S1, 1, settle("t3", "", ABORTED), 1)
+    record = primary.trade(S1, "t3")
+    assert record is not None and record.state is TradeState.ABORTED and record.leg is None
+    # A COMMITTED without an escrow is refused (it would create items).
+    with pytest.raises(FailedPrecondition, match="holds no escrow"):
+        primary.write(S1, 1, settle("t9", "", COMMITTED), 1)
+    # Same-shard trade: alice's axe for 20 of bob's gold.
+    primary.write(S1, 1, local("t4", ["axe"], 20, COMMITTED), 1)
+    assert primary.inventory(S1, ALICE) == (["gem", "shield"], 95)
+    assert primary.inventory(S1, BOB) == (["axe"], 30)
+    ship(primary, replica)
+    assert state_of(replica) == state_of(primary)
+
+
+def test_an_escrowed_item_cannot_be_traded_locally(pair: tuple[NodeStorage, NodeStorage]) -> None:
+    primary, _ = pair
+    primary.write(S1, 1, grant("g1", "alice", ["sword"], 0), 1)
+    primary.write(S1, 1, grant("g2", "bob", [], 50), 1)
+    primary.write(S1, 1, prepare("t1", leg("alice", ["sword"], 0, [], 1, "carol")), 1)
+    with pytest.raises(FailedPrecondition, match="held by another trade"):
+        primary.write(S1, 1, local("t2", ["sword"], 1, COMMITTED), 1)
+    # Recorded ABORTED (decided by the data plane) applies without moving anything.
+    primary.write(S1, 1, local("t2", ["sword"], 1, ABORTED, "item sword is held by another trade"), 1)
+    assert primary.inventory(S1, ALICE) == (["sword"], 0)
+    record = primary.trade(S1, "t2")
+    assert record is not None and record.state is TradeState.ABORTED and not record.cross_shard
+
+
+def test_a_snapshot_carries_trade_records_and_escrows(pair: tuple[NodeStorage, NodeStorage]) -> None:
+    primary, replica = pair
+    primary.write(S1, 1, grant("g1", "alice", ["sword", "shield"], 10), 1)
+    primary.write(S1, 1, prepare("t1", leg("alice", ["sword"], 4, [], 0, "carol"), deadline_ms=9_000), 1)
+    primary.write(S1, 1, prepare("t2", leg("alice", ["shield"], 0, [], 0, "carol")), 1)
+    primary.write(S1, 1, settle("t2", "alice", ABORTED), 1)
+    snapshot = primary.snapshot(S1, max_tail_entries=1)
+    # Through the wire and back, as a replica fetching it would.
+    received = pb.ShardSnapshot.FromString(snapshot.SerializeToString())
+    replica.install_snapshot(received, 1)
+    held = replica.holdings(S1, ALICE)
+    assert held.escrowed_items == frozenset({"sword"}) and held.escrowed_gold == 4
+    [escrow] = replica.prepared_trades([S1])
+    assert (escrow.trade_id, escrow.deadline_ms, escrow.state) == ("t1", 9_000, TradeState.PREPARED)
+    t2 = replica.trade(S1, "t2")
+    assert t2 is not None and t2.state is TradeState.ABORTED
+    # Promoted, it settles the inherited escrow like its primary would have.
+    replica.write(S1, 2, settle("t1", "alice", COMMITTED), 1)
+    assert replica.inventory(S1, ALICE) == (["shield"], 6)
+
+
+def test_settled_records_are_pruned_after_the_retention_prepared_ones_never(
+    pair: tuple[NodeStorage, NodeStorage],
+) -> None:
+    primary, _ = pair  # request retention 10 s
+    primary.write(S1, 1, grant("g1", "alice", ["sword", "shield"], 10), 1)
+    primary.write(S1, 1, prepare("t1", leg("alice", ["sword"], 0, [], 0, "carol")), 1)
+    primary.write(S1, 1, prepare("t2", leg("alice", ["shield"], 0, [], 0, "carol")), 1)
+    primary.write(S1, 1, settle("t2", "alice", ABORTED, at_ms=2_000), 1)
+    assert primary.prune_trades(11_000) == 0  # settled 9 s ago: kept
+    assert primary.prune_trades(12_001) == 1
+    assert primary.trade(S1, "t2") is None
+    assert primary.prune_trades(10**12) == 0
+    record = primary.trade(S1, "t1")
+    assert record is not None and record.state is TradeState.PREPARED
+
+
+def test_a_version_1_data_dir_is_migrated(tmp_path: Path) -> None:
+    with NodeStorage.open(tmp_path) as storage:
+        storage.write(S1, 1, grant("g1", "alice", ["sword"], 3), 1)
+    # Make the file look like version 1: no trades table, no new indexes.
+    conn = sqlite3.connect(tmp_path / "node.db")
+    conn.executescript(
+        "DROP TABLE trades; DROP INDEX escrows_by_player; DELETE FROM schema_version; "
+        "INSERT INTO schema_version VALUES (1, 'v1'); PRAGMA user_version=1;"
+    )
+    conn.close()
+    with NodeStorage.open(tmp_path) as storage:
+        assert storage.inventory(S1, ALICE) == (["sword"], 3)
+        storage.write(S1, 1, prepare("t1", leg("alice", ["sword"], 0, [], 0, "bob")), 1)
+        assert storage.holdings(S1, ALICE).escrowed_items == frozenset({"sword"})
+    conn = sqlite3.connect(tmp_path / "node.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 2
+    conn.close()
