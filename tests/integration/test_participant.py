@@ -1,0 +1,305 @@
+"""The trade participant of a shard node (shardnode.participant) over a real data plane and
+SQLite, served through the real ShardNode gRPC service, with a stand-in agent (our own
+boundary) and a real gRPC TradeCoordinator stand-in for ResolveTrade: idempotent
+Prepare/Commit/Abort, refusal reasons, two concurrent prepares of one item under group
+commit, termination asking for the decision and aborting, and bad inputs with their
+statuses and messages."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from bluemarble.client.control_plane import ControlPlaneClient
+from bluemarble.client.ring_router import RingRouter
+from bluemarble.core import limits
+from bluemarble.core.ids import PlayerId, ShardId
+from bluemarble.core.ring import initial_ring
+from bluemarble.runtime.grpc_server import ServiceBinding, build_server
+from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc, trade_pb2, trade_pb2_grpc
+from shardnode.agent import SessionState
+from shardnode.dataplane import DataPlane
+from shardnode.participant import Participant
+from shardnode.service import ShardNodeService
+from shardnode.storage import NodeStorage
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+SHARD = ShardId("shard-0")
+PREPARED, REFUSED, DECIDED = (
+    shardnode_pb2.TRADE_VOTE_PREPARED,
+    shardnode_pb2.TRADE_VOTE_REFUSED,
+    shardnode_pb2.TRADE_VOTE_DECIDED,
+)
+COMMITTED_STATE, ABORTED_STATE = (
+    shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED,
+    shardnode_pb2.PARTICIPANT_TRADE_STATE_ABORTED,
+)
+
+
+class Resolver(trade_pb2_grpc.TradeCoordinatorServicer):
+    """ResolveTrade as the control plane answers it: the record, or ABORTED created."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, int] = {}
+        self.calls: list[trade_pb2.ResolveTradeRequest] = []
+
+    async def ResolveTrade(
+        self, request: trade_pb2.ResolveTradeRequest, context: Any
+    ) -> trade_pb2.ResolveTradeResponse:
+        self.calls.append(request)
+        created = request.trade_id not in self.records
+        outcome = self.records.setdefault(request.trade_id, common_pb2.TRADE_OUTCOME_ABORTED)
+        return trade_pb2.ResolveTradeResponse(
+            trade_id=request.trade_id, outcome=outcome, reason="aborted by participant", created=created  # type: ignore[arg-type]
+        )
+
+
+@dataclass
+class Node:
+    stub: shardnode_pb2_grpc.ShardNodeStub
+    dp: DataPlane
+    participant: Participant
+    storage: NodeStorage
+    resolver: Resolver
+
+
+@pytest.fixture(params=["NORMAL", "FULL"])
+async def node(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Node]:
+    """One node, primary of the single shard without replicas; FULL: group commit."""
+    storage = NodeStorage.open(tmp_path, synchronous=request.param)
+    resolver = Resolver()
+    cp_server = await build_server(
+        "127.0.0.1:0",
+        [
+            ServiceBinding(
+                trade_pb2.DESCRIPTOR.services_by_name["TradeCoordinator"].full_name,
+                resolver,
+                trade_pb2_grpc.add_TradeCoordinatorServicer_to_server,
+            )
+        ],
+    )
+    client = ControlPlaneClient([f"127.0.0.1:{cp_server.port}"])
+    agent = SimpleNamespace(
+        on_assignments=None, status_provider=None, assignments={}, addresses={},
+        session_state=SessionState.CONNECTED, registration=None, config=None,
+    )
+    dp = DataPlane("n1", storage, agent, RingRouter.from_ring(initial_ring(1, vnodes=4)))  # type: ignore[arg-type]
+    participant = Participant(dp, client, escrow_timeout_s=0.5, check_interval_s=0.05)
+    holder = [participant]
+    server = await build_server(
+        "127.0.0.1:0",
+        [
+            ServiceBinding(
+                shardnode_pb2.DESCRIPTOR.services_by_name["ShardNode"].full_name,
+                ShardNodeService("n1", lambda: [], lambda: dp, lambda: 0, lambda: holder[0]),
+                shardnode_pb2_grpc.add_ShardNodeServicer_to_server,
+            )
+        ],
+        max_request_bytes=limits.SHARD_NODE_MAX_REQUEST_BYTES,
+    )
+    agent.assignments = {SHARD: common_pb2.Assignment(shard_id=SHARD, epoch=3, primary="n1")}
+    dp.on_assignments()
+    await participant.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+
+    async def serving() -> bool:
+        return any(s.serving for s in dp.statuses())
+
+    await wait_for(serving, 5.0, "the node to serve")
+    try:
+        yield Node(shardnode_pb2_grpc.ShardNodeStub(channel), dp, participant, storage, resolver)  # type: ignore[no-untyped-call]
+    finally:
+        await channel.close(None)
+        await participant.stop()
+        await server.stop_gracefully(0.2)
+        await cp_server.stop_gracefully(0.2)
+        await dp.stop()
+        await client.close()
+        storage.close()
+
+
+def leg(player: str, gives: list[str], gold: int = 0, receives: list[str] | None = None, rgold: int = 0,
+        other: str = "zed") -> shardnode_pb2.TradeLeg:
+    return shardnode_pb2.TradeLeg(
+        player_id=player,
+        gives=common_pb2.Offer(item_ids=gives, gold=gold),
+        receives=common_pb2.Offer(item_ids=receives or [], gold=rgold),
+        counterpart_player_id=other,
+    )
+
+
+def prepare(trade_id: str, *legs: shardnode_pb2.TradeLeg, **fields: Any) -> shardnode_pb2.PrepareRequest:
+    return shardnode_pb2.PrepareRequest(**{"trade_id": trade_id, "shard_id": SHARD, "legs": list(legs), **fields})
+
+
+async def seed(n: Node, player: str, items: list[str], gold: int) -> None:
+    await n.stub.GrantItems(
+        shardnode_pb2.GrantItemsRequest(request_id=f"seed-{player}", player_id=player, item_ids=items, gold=gold)
+    )
+
+
+async def test_prepare_commit_abort_are_idempotent_and_refusals_name_the_item_or_amount(node: Node) -> None:
+    n = node
+    await seed(n, "alice", ["sword", "shield"], 100)
+    first = await n.stub.Prepare(prepare("t1", leg("alice", ["sword"], 30, ["gem"], 5)))
+    assert first.vote == PREPARED and first.prepared and first.epoch == 3 and first.deadline_ms > 0
+    again = await n.stub.Prepare(prepare("t1", leg("alice", ["sword"], 30, ["gem"], 5)))
+    assert again.vote == PREPARED and again.deadline_ms == first.deadline_ms
+    inventory = await n.stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id="alice"))
+    assert list(inventory.escrowed_item_ids) == ["sword"] and inventory.escrowed_gold == 30
+    # Refusals: an item not owned, an item held by another trade, gold beyond what is free.
+    for trade_id, the_leg, words in [
+        ("t2", leg("alice", ["crown"]), "does not own item crown"),
+        ("t2", leg("alice", ["sword"]), "item sword is held by another trade"),
+        ("t2", leg("alice", [], 71), "has 70 gold available, the trade needs 71"),
+    ]:
+        refused = await n.stub.Prepare(prepare(trade_id, the_leg))
+        assert (refused.vote, refused.prepared) == (REFUSED, False) and words in refused.reason, refused.reason
+    assert n.storage.trade(SHARD, "t2") is None  # refusals are not recorded
+    # Same trade id, other terms.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await n.stub.Prepare(prepare("t1", leg("alice", ["shield"])))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "reused" in (info.value.details() or "")
+    # Commit, twice; then a conflicting Abort is refused and changes nothing.
+    commit = shardnode_pb2.CommitRequest(trade_id="t1", shard_id=SHARD)
+    assert (await n.stub.Commit(commit)).state == COMMITTED_STATE
+    assert (await n.stub.Commit(commit)).state == COMMITTED_STATE
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await n.stub.Abort(shardnode_pb2.AbortRequest(trade_id="t1", shard_id=SHARD))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "already COMMITTED" in (info.value.details() or "")
+    inventory = await n.stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id="alice"))
+    assert (sorted(inventory.item_ids), inventory.gold) == (["gem", "shield"], 75)
+    assert not inventory.escrowed_item_ids
+    # A late Prepare of the committed trade answers the outcome.
+    late = await n.stub.Prepare(prepare("t1", leg("alice", ["sword"], 30, ["gem"], 5)))
+    assert (late.vote, late.outcome) == (DECIDED, common_pb2.TRADE_OUTCOME_COMMITTED)
+    # Abort without an escrow is recorded: a late Prepare answers ABORTED instead of escrowing.
+    assert (await n.stub.Abort(shardnode_pb2.AbortRequest(trade_id="t3", shard_id=SHARD))).state == ABORTED_STATE
+    late = await n.stub.Prepare(prepare("t3", leg("alice", ["shield"])))
+    assert (late.vote, late.outcome) == (DECIDED, common_pb2.TRADE_OUTCOME_ABORTED)
+    # Commit of a trade never prepared here: refused, nothing recorded.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await n.stub.Commit(shardnode_pb2.CommitRequest(trade_id="t9", shard_id=SHARD))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no escrow" in (info.value.details() or "")
+    assert n.storage.trade(SHARD, "t9") is None
+    listed = await n.stub.ListTrades(shardnode_pb2.ListTradesRequest(trade_id="t1"))
+    assert [(t.shard_id, t.state, t.node_id) for t in listed.trades] == [(SHARD, COMMITTED_STATE, "n1")]
+
+
+async def test_two_concurrent_prepares_of_one_item_escrow_it_once(node: Node) -> None:
+    n = node
+    await seed(n, "alice", ["sword"], 10)
+    answers = await asyncio.gather(
+        *(n.stub.Prepare(prepare(f"c{i}", leg("alice", ["sword"], 1))) for i in range(8))
+    )
+    assert sorted(a.vote for a in answers) == [PREPARED] + [REFUSED] * 7
+    assert n.storage.holdings(SHARD, PlayerId("alice")).escrowed_items == frozenset({"sword"})
+    assert len(n.storage.prepared_trades([SHARD])) == 1
+    # Started in one event-loop turn: under group commit the second decides while the
+    # first's escrow is queued, not yet in storage.
+    await seed(n, "bob", ["axe"], 0)
+    direct = await asyncio.gather(
+        *(n.participant.prepare(prepare(f"d{i}", leg("bob", ["axe"])), 2.0) for i in range(2))
+    )
+    assert sorted(a.vote for a in direct) == [PREPARED, REFUSED]
+    assert "held by another trade" in next(a.reason for a in direct if a.vote == REFUSED)
+
+
+async def test_same_shard_trades_are_recorded_and_replayed(node: Node) -> None:
+    n = node
+    await seed(n, "alice", ["sword"], 0)
+    await seed(n, "bob", [], 50)
+    request = shardnode_pb2.ExecuteLocalTradeRequest(
+        trade_id="l1", shard_id=SHARD, player_a="alice", player_b="bob",
+        a_gives=common_pb2.Offer(item_ids=["sword"]), b_gives=common_pb2.Offer(gold=20),
+    )
+    first = await n.stub.ExecuteLocalTrade(request)
+    assert (first.outcome, first.replayed) == (common_pb2.TRADE_OUTCOME_COMMITTED, False)
+    again = await n.stub.ExecuteLocalTrade(request)
+    assert (again.outcome, again.replayed) == (common_pb2.TRADE_OUTCOME_COMMITTED, True)
+    bob = await n.stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id="bob"))
+    assert (list(bob.item_ids), bob.gold) == (["sword"], 30)
+    refused = shardnode_pb2.ExecuteLocalTradeRequest()
+    refused.CopyFrom(request)
+    refused.trade_id = "l2"  # alice no longer has the sword: ABORTED, recorded, same answer again
+    for replayed in (False, True):
+        answer = await n.stub.ExecuteLocalTrade(refused)
+        assert (answer.outcome, answer.replayed) == (common_pb2.TRADE_OUTCOME_ABORTED, replayed)
+        assert "does not own item sword" in answer.reason
+
+
+async def test_termination_asks_for_the_decision_and_aborts_when_none_exists(node: Node) -> None:
+    n = node
+    await seed(n, "alice", ["sword"], 10)
+    await n.stub.Prepare(prepare("t1", leg("alice", ["sword"], 4)))
+
+    async def settled() -> bool:
+        return not n.storage.prepared_trades([SHARD])
+
+    await wait_for(settled, 5.0, "the escrow past its deadline to be settled")
+    assert [c.trade_id for c in n.resolver.calls] == ["t1"] and n.resolver.calls[0].shard_id == SHARD
+    record = n.storage.trade(SHARD, "t1")
+    assert record is not None and record.state.name == "ABORTED"
+    assert n.storage.holdings(SHARD, PlayerId("alice")).escrowed_items == frozenset()
+    # A recorded COMMITTED is applied the same way.
+    n.resolver.records["t2"] = common_pb2.TRADE_OUTCOME_COMMITTED
+    await n.stub.Prepare(prepare("t2", leg("alice", ["sword"], 0, ["gem"], 0)))
+    await wait_for(settled, 5.0, "the committed escrow to be settled")
+    inventory = await n.stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id="alice"))
+    assert list(inventory.item_ids) == ["gem"]
+
+
+BAD_PREPARES = [
+    (prepare("", leg("alice", ["a"])), "trade_id is empty"),
+    (prepare("t" * 129, leg("alice", ["a"])), "trade_id is 129 bytes"),
+    (prepare("t1"), "exactly one"),
+    (prepare("t1", leg("alice", ["a"]), leg("alice", ["b"])), "exactly one"),
+    (prepare("t1", leg("", ["a"])), "player_id is empty"),
+    (prepare("t1", leg("p" * 129, ["a"])), "129 bytes"),
+    (prepare("t1", leg("alice", ["a"], other="alice")), "cannot trade with themselves"),
+    (prepare("t1", leg("alice", [f"i{k}" for k in range(65)])), "at most 64"),
+    (prepare("t1", leg("alice", ["a", "a"])), "twice"),
+    (prepare("t1", leg("alice", ["a"], receives=["a"])), "both sides"),
+    (prepare("t1", leg("alice", [], 2**53 + 1)), "2^53"),
+    (prepare("t1", leg("alice", [])), "empty"),
+    (prepare("t1", leg("alice", ["a"]), shard_id="nope"), "shard_id"),
+]
+
+
+async def test_bad_inputs_get_their_status_and_a_message_naming_the_problem(node: Node) -> None:
+    n = node
+    baseline = n.storage.meta(SHARD).last
+    for request, words in BAD_PREPARES:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await n.stub.Prepare(request)
+        details = info.value.details() or ""
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (words, details)
+        assert words in details and len(details) < 300, (words, details)
+    for call in (
+        n.stub.Commit(shardnode_pb2.CommitRequest(trade_id="", shard_id=SHARD)),
+        n.stub.Abort(shardnode_pb2.AbortRequest(trade_id="t1", shard_id="x")),
+        n.stub.ListTrades(shardnode_pb2.ListTradesRequest(trade_id="t" * 200)),
+        n.stub.ExecuteLocalTrade(
+            shardnode_pb2.ExecuteLocalTradeRequest(trade_id="l", player_a="a", player_b="a",
+                                                   a_gives=common_pb2.Offer(gold=1))
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(info.value.details() or "") < 300
+    # Stale epoch: FAILED_PRECONDITION naming the current one.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await n.stub.Prepare(prepare("t1", leg("alice", ["a"]), epoch=2))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "epoch 3" in (info.value.details() or "")
+    assert n.storage.meta(SHARD).last == baseline  # nothing was written
