@@ -1,0 +1,252 @@
+"""Trades for game servers and scripts: run a trade to its answer, whatever fails on the way.
+
+Why this module exists: a cross-shard trade crosses a control-plane replica, two shard
+primaries and etcd; any of them may crash or pause mid-trade. The protocol makes a trade
+id its idempotency key (same trade id, same answer, within the retention window), so the
+caller's only job is to keep asking with the *same* id and the *same* terms until it
+gets an answer. :class:`TradeClient` does exactly that, and nothing else:
+
+    from bluemarble.client.trades import TradeClient
+
+    async with TradeClient(["127.0.0.1:7000", "127.0.0.1:7001"]) as trades:
+        result = await trades.execute_trade(
+            "trade-42", "player-a", "player-b", a_items=["sword-1"], b_gold=50, deadline_s=30)
+        print(result.outcome, result.reason, result.cross_shard, result.attempts)
+
+Retries: UNAVAILABLE, DEADLINE_EXCEEDED (no answer within one attempt's timeout) and
+connection failures (they surface as UNAVAILABLE), plus ABORTED *statuses* (a race lost
+somewhere; not the ABORTED *outcome*, which is an answer) are retried with the same trade
+id under :mod:`bluemarble.runtime.retry`'s jittered exponential backoff, until
+``deadline_s``; each failed attempt moves on to the next control-plane address
+(:class:`~bluemarble.client.control_plane.ControlPlaneClient`). INVALID_ARGUMENT (bad
+terms, or a trade id reused for other terms) and other statuses are final and raised at
+once. When the deadline passes the last retryable error is raised: the trade may or may
+not have been decided; asking again with the same id and terms (or :meth:`get_trade`)
+tells which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+from bluemarble.client.control_plane import ControlPlaneClient
+from bluemarble.core import errors
+from bluemarble.core.trades.model import Offer, Outcome, Trade, validate_trade
+from bluemarble.runtime import retry
+from bluemarble.runtime.clock import Clock
+from bluemarble.v1 import common_pb2, shardnode_pb2, trade_pb2
+
+DEFAULT_TRADE_DEADLINE_S = 30.0
+DEFAULT_ATTEMPT_TIMEOUT_S = 10.0
+"""One ExecuteTrade attempt: the coordinator's own bounds (prepare 2 s, settle 3 s, the
+etcd write) fit well within it; a replica that takes longer is treated as gone."""
+
+_OUTCOMES = {
+    common_pb2.TRADE_OUTCOME_COMMITTED: Outcome.COMMITTED,
+    common_pb2.TRADE_OUTCOME_ABORTED: Outcome.ABORTED,
+}
+
+
+def _outcome(value: int, where: str) -> Outcome:
+    outcome = _OUTCOMES.get(value)  # type: ignore[call-overload]
+    if outcome is None:
+        raise errors.BlueMarbleError(f"{where} carries no trade outcome ({value})")
+    return outcome  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class TradeResult:
+    """The answer to a trade: ``outcome`` (COMMITTED or ABORTED), the ``reason`` of an
+    ABORTED one, whether it crossed shards, and how many ExecuteTrade attempts this call
+    made (1 when the first answered)."""
+
+    trade_id: str
+    outcome: Outcome
+    reason: str
+    cross_shard: bool
+    attempts: int
+
+    @property
+    def committed(self) -> bool:
+        return self.outcome is Outcome.COMMITTED
+
+
+@dataclass(frozen=True)
+class TradeSide:
+    """One participant's view of a trade (``state``: NONE, PREPARED, COMMITTED, ABORTED)."""
+
+    trade_id: str
+    shard_id: str
+    node_id: str
+    state: str
+    player_id: str
+    deadline_ms: int
+
+
+@dataclass(frozen=True)
+class TradeStatus:
+    """What the cluster knows of one trade (GetTrade). ``state`` is PREPARING, COMMITTED,
+    ABORTED or DONE (the decision reached both sides); ``outcome`` is None while no
+    decision is known."""
+
+    trade_id: str
+    state: str
+    outcome: Outcome | None
+    reason: str
+    cross_shard: bool
+    decided_by: str
+    retained: bool
+    sides: tuple[TradeSide, ...]
+
+
+@dataclass(frozen=True)
+class InDoubt:
+    """Escrows the primaries hold right now (oldest first), and the nodes that did not
+    answer (their escrows are missing from ``escrows``)."""
+
+    escrows: tuple[TradeSide, ...]
+    unreachable_nodes: tuple[str, ...]
+
+
+def _side(t: shardnode_pb2.ParticipantTrade) -> TradeSide:
+    state = shardnode_pb2.ParticipantTradeState.Name(t.state).removeprefix("PARTICIPANT_TRADE_STATE_")
+    return TradeSide(t.trade_id, t.shard_id, t.node_id, state, t.leg.player_id, t.deadline_ms)
+
+
+def _retried(error: BaseException) -> bool:
+    """Worth another attempt with the same trade id (the id makes it safe)."""
+    return isinstance(error, errors.Unavailable | errors.DeadlineExceeded | errors.Aborted)
+
+
+class TradeClient:
+    """Runs trades through any control-plane replica, retrying one trade id to its answer.
+
+    ``control_plane``: the addresses (the client builds and closes its own
+    :class:`ControlPlaneClient`) or a ControlPlaneClient it does not close.
+    ``attempt_timeout_s`` bounds one ExecuteTrade attempt; backoff between attempts is
+    jittered, ``retry_initial_s`` .. ``retry_max_backoff_s``.
+    """
+
+    def __init__(
+        self,
+        control_plane: ControlPlaneClient | Sequence[str],
+        *,
+        attempt_timeout_s: float = DEFAULT_ATTEMPT_TIMEOUT_S,
+        retry_initial_s: float = 0.05,
+        retry_max_backoff_s: float = 1.0,
+        clock: Clock | None = None,
+    ):
+        if isinstance(control_plane, ControlPlaneClient):
+            self._cp, self._owns = control_plane, False
+        else:
+            self._cp, self._owns = ControlPlaneClient(list(control_plane), clock=clock), True
+        self._attempt_timeout_s = attempt_timeout_s
+        self._initial_s = retry_initial_s
+        self._max_backoff_s = retry_max_backoff_s
+
+    @property
+    def control_plane(self) -> ControlPlaneClient:
+        return self._cp
+
+    async def close(self) -> None:
+        if self._owns:
+            await self._cp.close()
+
+    async def __aenter__(self) -> TradeClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _retrying(self, request: object, rpc: str, what: str, deadline_s: float) -> tuple[object, int]:
+        """``rpc`` of the TradeCoordinator with ``request``, retried as the module says;
+        returns the response and the number of attempts."""
+        clock = self._cp.clock
+        end_s = clock.monotonic_s() + deadline_s
+        attempts = 0
+
+        async def attempt() -> object:
+            nonlocal attempts
+            attempts += 1
+            remaining_s = end_s - clock.monotonic_s()
+            timeout_s = max(0.05, min(self._attempt_timeout_s, remaining_s))
+            response: object = await self._cp.call(
+                lambda _: getattr(self._cp.trades(), rpc), request, timeout_s=timeout_s, attempts=1
+            )
+            return response
+
+        policy = retry.RetryPolicy(
+            initial_s=self._initial_s, max_backoff_s=max(self._initial_s, self._max_backoff_s), deadline_s=deadline_s
+        )
+        response = await retry.call(attempt, what=what, policy=policy, clock=clock, retry_if=_retried)
+        return response, attempts
+
+    async def execute_trade(
+        self,
+        trade_id: str,
+        player_a: str,
+        player_b: str,
+        a_items: Sequence[str] = (),
+        a_gold: int = 0,
+        b_items: Sequence[str] = (),
+        b_gold: int = 0,
+        deadline_s: float = DEFAULT_TRADE_DEADLINE_S,
+    ) -> TradeResult:
+        """Runs the trade (A gives ``a_items`` and ``a_gold``, B gives ``b_items`` and
+        ``b_gold``) to its answer, retrying with the same ``trade_id`` as the module says
+        for up to ``deadline_s`` seconds.
+
+        Raises InvalidArgument (bad terms: checked here before anything is sent, and by
+        the server, e.g. a trade id already used for other terms); after ``deadline_s``
+        the last retryable error (Unavailable, DeadlineExceeded, Aborted): the outcome is
+        then unknown to the caller, not undecided.
+        """
+        trade = Trade(trade_id, player_a, player_b, Offer(tuple(a_items), a_gold), Offer(tuple(b_items), b_gold))
+        validate_trade(trade)
+        request = trade_pb2.ExecuteTradeRequest(
+            trade_id=trade_id, player_a=player_a, player_b=player_b,
+            a_gives=common_pb2.Offer(item_ids=list(a_items), gold=a_gold),
+            b_gives=common_pb2.Offer(item_ids=list(b_items), gold=b_gold),
+        )
+        response, attempts = await self._retrying(request, "ExecuteTrade", f"trade {trade_id}", deadline_s)
+        assert isinstance(response, trade_pb2.ExecuteTradeResponse)
+        return TradeResult(
+            trade_id=response.trade_id or trade_id,
+            outcome=_outcome(response.outcome, f"the answer to trade {trade_id}"),
+            reason=response.reason,
+            cross_shard=response.cross_shard,
+            attempts=attempts,
+        )
+
+    async def get_trade(
+        self, trade_id: str, player_id: str = "", deadline_s: float = 10.0
+    ) -> TradeStatus:
+        """The recorded decision of ``trade_id`` and where each side stands. ``player_id``
+        (either player) finds a same-shard trade, which leaves no etcd record. Raises
+        NotFound when nobody knows the trade, InvalidArgument for a bad id, and the last
+        retryable error after ``deadline_s``."""
+        request = trade_pb2.GetTradeRequest(trade_id=trade_id, player_id=player_id)
+        response, _ = await self._retrying(request, "GetTrade", f"GetTrade {trade_id}", deadline_s)
+        assert isinstance(response, trade_pb2.GetTradeResponse)
+        outcome = _OUTCOMES.get(response.outcome)
+        return TradeStatus(
+            trade_id=response.trade_id,
+            state=trade_pb2.TradeState.Name(response.state).removeprefix("TRADE_STATE_"),
+            outcome=outcome,
+            reason=response.reason,
+            cross_shard=response.cross_shard,
+            decided_by=response.decided_by,
+            retained=response.retained,
+            sides=tuple(_side(s) for s in response.sides),
+        )
+
+    async def in_doubt(self, limit: int = 1000, deadline_s: float = 10.0) -> InDoubt:
+        """The escrows every primary holds right now (at most ``limit``), oldest first."""
+        request = trade_pb2.ListInDoubtTradesRequest(limit=limit)
+        response, _ = await self._retrying(request, "ListInDoubtTrades", "ListInDoubtTrades", deadline_s)
+        assert isinstance(response, trade_pb2.ListInDoubtTradesResponse)
+        return InDoubt(tuple(_side(t) for t in response.trades), tuple(response.unreachable_nodes))

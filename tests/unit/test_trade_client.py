@@ -1,0 +1,164 @@
+"""TradeClient: one trade id retried with the same terms to its answer, across replicas,
+within its deadline; final errors at once. Against small in-process TradeCoordinators on
+127.0.0.1 (real gRPC, no cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from bluemarble.client.trades import TradeClient
+from bluemarble.core import errors
+from bluemarble.core.trades.model import Outcome
+from bluemarble.runtime.grpc_server import ServiceBinding, build_server
+from bluemarble.v1 import common_pb2, shardnode_pb2, trade_pb2, trade_pb2_grpc
+from scripts.localcluster import free_port
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+Behaviour = Callable[[int], "tuple[grpc.StatusCode, str] | float | None"]
+"""Attempt number (1-based, per server) -> a status to fail with, seconds to hang, or None (answer)."""
+
+
+class Coordinator(trade_pb2_grpc.TradeCoordinatorServicer):
+    def __init__(self, behaviour: Behaviour):
+        self.behaviour = behaviour
+        self.requests: list[trade_pb2.ExecuteTradeRequest] = []
+
+    async def ExecuteTrade(self, request: trade_pb2.ExecuteTradeRequest, context: Ctx
+                           ) -> trade_pb2.ExecuteTradeResponse:
+        self.requests.append(request)
+        what = self.behaviour(len(self.requests))
+        if isinstance(what, float):
+            await asyncio.sleep(what)
+        elif what is not None:
+            await context.abort(*what)
+        return trade_pb2.ExecuteTradeResponse(
+            trade_id=request.trade_id, outcome=common_pb2.TRADE_OUTCOME_COMMITTED, cross_shard=True)
+
+    async def GetTrade(self, request: trade_pb2.GetTradeRequest, context: Ctx) -> trade_pb2.GetTradeResponse:
+        if request.trade_id == "unknown":
+            await context.abort(grpc.StatusCode.NOT_FOUND, "trade unknown is not known")
+        return trade_pb2.GetTradeResponse(
+            trade_id=request.trade_id, state=trade_pb2.TRADE_STATE_DONE, outcome=common_pb2.TRADE_OUTCOME_ABORTED,
+            reason="player-b has 3 gold", decided_by="coordinator cp-0", cross_shard=True, retained=True,
+            sides=[shardnode_pb2.ParticipantTrade(
+                trade_id=request.trade_id, shard_id="shard-1", node_id="n1",
+                state=shardnode_pb2.PARTICIPANT_TRADE_STATE_ABORTED, leg=shardnode_pb2.TradeLeg(player_id="a"))],
+        )
+
+    async def ListInDoubtTrades(self, request: trade_pb2.ListInDoubtTradesRequest, context: Ctx
+                                ) -> trade_pb2.ListInDoubtTradesResponse:
+        return trade_pb2.ListInDoubtTradesResponse(
+            trades=[shardnode_pb2.ParticipantTrade(
+                trade_id="t9", shard_id="shard-2", node_id="n2", state=shardnode_pb2.PARTICIPANT_TRADE_STATE_PREPARED,
+                leg=shardnode_pb2.TradeLeg(player_id="b"), deadline_ms=1234)],
+            unreachable_nodes=["n3"])
+
+
+@pytest.fixture
+async def start() -> AsyncIterator[Callable[[Behaviour], Any]]:
+    servers: list[Any] = []
+
+    async def run(behaviour: Behaviour) -> tuple[str, Coordinator]:
+        servicer = Coordinator(behaviour)
+        server = await build_server("127.0.0.1:0", [ServiceBinding(
+            trade_pb2.DESCRIPTOR.services_by_name["TradeCoordinator"].full_name, servicer,
+            trade_pb2_grpc.add_TradeCoordinatorServicer_to_server)])
+        servers.append(server)
+        return f"127.0.0.1:{server.port}", servicer
+
+    yield run
+    for server in servers:
+        await server.stop_gracefully(0.1)
+
+
+def answer(_: int) -> None:
+    return None
+
+
+async def test_unavailable_is_retried_with_the_same_trade_id_and_terms(start: Any) -> None:
+    address, coordinator = await start(lambda n: (grpc.StatusCode.UNAVAILABLE, "etcd unreachable") if n < 3 else None)
+    async with TradeClient([address], retry_initial_s=0.01, retry_max_backoff_s=0.02) as client:
+        result = await client.execute_trade("t1", "a", "b", a_items=["sword"], b_gold=7, deadline_s=5)
+    assert result.outcome is Outcome.COMMITTED and result.committed and result.cross_shard
+    assert result.attempts == 3
+    assert len({r.SerializeToString() for r in coordinator.requests}) == 1, "every attempt sends the same request"
+    assert coordinator.requests[0] == trade_pb2.ExecuteTradeRequest(
+        trade_id="t1", player_a="a", player_b="b", a_gives=common_pb2.Offer(item_ids=["sword"]),
+        b_gives=common_pb2.Offer(gold=7))
+
+
+async def test_a_dead_replica_is_skipped_for_the_next_address(start: Any) -> None:
+    address, coordinator = await start(answer)
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens: connection refused (UNAVAILABLE)
+    async with TradeClient([dead, address], retry_initial_s=0.01, retry_max_backoff_s=0.02) as client:
+        result = await client.execute_trade("t2", "a", "b", a_gold=1, deadline_s=5)
+    assert result.attempts == 2 and len(coordinator.requests) == 1
+
+
+async def test_a_hung_replica_costs_one_attempt_timeout_then_the_next_answers(start: Any) -> None:
+    hung, _ = await start(lambda n: 5.0)
+    address, coordinator = await start(answer)
+    async with TradeClient([hung, address], attempt_timeout_s=0.3, retry_initial_s=0.01) as client:
+        started = time.monotonic()
+        result = await client.execute_trade("t3", "a", "b", a_gold=1, deadline_s=5)
+    assert result.attempts == 2 and coordinator.requests[0].trade_id == "t3"
+    assert time.monotonic() - started < 2.0
+
+
+async def test_final_statuses_are_raised_at_once(start: Any) -> None:
+    address, coordinator = await start(
+        lambda n: (grpc.StatusCode.INVALID_ARGUMENT, "trade id t4 was used for a different trade"))
+    async with TradeClient([address]) as client:
+        with pytest.raises(errors.InvalidArgument, match="different trade"):
+            await client.execute_trade("t4", "a", "b", a_gold=1)
+    assert len(coordinator.requests) == 1
+
+
+async def test_bad_terms_are_refused_before_anything_is_sent(start: Any) -> None:
+    address, coordinator = await start(answer)
+    async with TradeClient([address]) as client:
+        with pytest.raises(errors.InvalidArgument):
+            await client.execute_trade("t5", "a", "b")  # empty trade
+        with pytest.raises(errors.InvalidArgument):
+            await client.execute_trade("t6", "a", "a", a_gold=1)  # same player both sides
+        with pytest.raises(errors.InvalidArgument):
+            await client.execute_trade("t7", "a", "b", a_items=["x"], b_items=["x"])  # an item listed twice
+    assert coordinator.requests == []
+
+
+async def test_the_deadline_bounds_the_retries(start: Any) -> None:
+    address, coordinator = await start(lambda n: (grpc.StatusCode.UNAVAILABLE, "no primary for shard-3"))
+    async with TradeClient([address], retry_initial_s=0.02, retry_max_backoff_s=0.1) as client:
+        started = time.monotonic()
+        with pytest.raises(errors.Unavailable, match="no primary"):
+            await client.execute_trade("t8", "a", "b", a_gold=1, deadline_s=0.5)
+        took_s = time.monotonic() - started
+    assert 0.4 <= took_s < 1.5
+    assert len(coordinator.requests) >= 3
+
+
+async def test_aborted_status_is_retried_but_an_aborted_outcome_is_an_answer(start: Any) -> None:
+    address, _ = await start(lambda n: (grpc.StatusCode.ABORTED, "lost a race") if n == 1 else None)
+    async with TradeClient([address], retry_initial_s=0.01) as client:
+        result = await client.execute_trade("t9", "a", "b", a_gold=1, deadline_s=5)
+    assert result.attempts == 2
+
+
+async def test_get_trade_and_in_doubt_are_values(start: Any) -> None:
+    address, _ = await start(answer)
+    async with TradeClient([address]) as client:
+        status = await client.get_trade("t1", player_id="a")
+        assert status.state == "DONE" and status.outcome is Outcome.ABORTED and status.retained
+        assert status.sides[0].state == "ABORTED" and status.sides[0].player_id == "a"
+        with pytest.raises(errors.NotFound):
+            await client.get_trade("unknown")
+        doubt = await client.in_doubt()
+        assert [(e.trade_id, e.state, e.deadline_ms) for e in doubt.escrows] == [("t9", "PREPARED", 1234)]
+        assert doubt.unreachable_nodes == ("n3",)
