@@ -15,6 +15,8 @@ removes ``L.receives`` from P (they are in P's store already, but still in Q's: 
 not given them). Gold the same way. With that correction, after every step:
 
 - every item of the universe is counted exactly once, and no other item exists;
+- a shard stores an item id at most once (its items table is keyed by (item_id, shard_id):
+  the transient second copy of the accounting above lives on another shard);
 - total gold equals the initial total; no player's gold is negative; a player's escrow
   is part of what it holds (escrowed items owned, escrowed gold <= gold).
 
@@ -131,16 +133,24 @@ class TradeChecker:
         gold: Mapping[str, int],
         escrowed_items: Mapping[str, set[str]],
         escrowed_gold: Mapping[str, int],
+        shard_of: Mapping[str, int],
         *,
         exact: bool = False,
     ) -> None:
         """I2 over the participants' stores (player -> holdings), with the half-applied
-        correction (``exact``: none may remain)."""
+        correction (``exact``: none may remain). Also the stores' own constraint: a shard
+        stores an item id at most once (the items table's key is (item_id, shard_id))."""
         self.dirty = False
         count: Counter[str] = Counter()
+        stored: set[tuple[int, str]] = set()
         total = 0
         for player, owned in items.items():
             count.update(owned)
+            shard = shard_of[player]
+            for item in owned:
+                if (shard, item) in stored:
+                    self.fail(f"shard-{shard} stores item {item} twice (for {player} and another player)")
+                stored.add((shard, item))
             held = gold[player]
             total += held
             if held < 0:

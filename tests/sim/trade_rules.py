@@ -21,6 +21,7 @@ from bluemarble.core.trades import (
     Known,
     Leg,
     LocalTradeDecision,
+    Offer,
     Outcome,
     PrepareDecision,
     PrepareReply,
@@ -80,6 +81,13 @@ def _prepare_ignoring_escrow(leg: Leg, holdings: Holdings, known: Known | None) 
     return decide_prepare(leg, Holdings(holdings.items, holdings.gold), known)
 
 
+def _prepare_ignoring_receipts(leg: Leg, holdings: Holdings, known: Known | None) -> PrepareDecision:
+    if known is not None:
+        return decide_prepare(leg, holdings, known)
+    blind = dataclasses.replace(leg, receives=Offer((), leg.receives.gold))
+    return decide_prepare(blind, holdings, None)
+
+
 def _never_due(known: Known, deadline_ms: int, now_ms: int) -> bool:
     return False
 
@@ -100,6 +108,11 @@ BREAKS: dict[str, tuple[str, TradeRules]] = {
     "prepare-ignores-escrow": (
         "a participant checks ownership and balance without subtracting what other trades escrowed",
         dataclasses.replace(REAL_RULES, decide_prepare=_prepare_ignoring_escrow),
+    ),
+    "accept-held-receipts": (
+        "a participant escrows a leg that receives an item its shard still stores (its giver's commit is "
+        "not applied yet): the item comes back before it left (found by the simulation, seed 7903)",
+        dataclasses.replace(REAL_RULES, decide_prepare=_prepare_ignoring_receipts),
     ),
     "trust-own-proposal": (
         "the coordinator settles and answers with its own proposal, not the record as stored",

@@ -196,6 +196,7 @@ class Sim:
         # Players, their shards and initial holdings (one durable store per shard).
         self.players = [f"p{i}" for i in range(players)]
         self.player_shard = {p: rng.randrange(self.shards) for p in self.players}
+        self.shard_players = [[p for p in self.players if self.player_shard[p] == s] for s in range(self.shards)]
         self.items: dict[str, set[str]] = {}
         self.gold: dict[str, int] = {}
         self.escrowed_items: dict[str, set[str]] = {}
@@ -255,9 +256,17 @@ class Sim:
     def shard_name(self, shard: int) -> str:
         return f"shard-{shard}"
 
-    def holdings(self, player: str) -> Holdings:
+    def holdings(self, player: str, receives: Offer, counterpart: str) -> Holdings:
+        """What the driver loads for a prepare: the player's holdings, and which of the
+        items it would receive the shard stores for other players."""
+        others: set[str] = set()
+        if receives.item_ids:
+            shard = self.player_shard[player]
+            for other in self.shard_players[shard]:
+                if other != player and other != counterpart:
+                    others.update(self.items[other].intersection(receives.item_ids))
         return Holdings(frozenset(self.items[player]), self.gold[player],
-                        frozenset(self.escrowed_items[player]), self.escrowed_gold[player])
+                        frozenset(self.escrowed_items[player]), self.escrowed_gold[player], frozenset(others))
 
     def send(self, src: int, dst: int, kind: Kind, body: tuple[Any, ...]) -> None:
         self.net.send(self.now, src, dst, kind, body)
@@ -501,7 +510,8 @@ class Sim:
     def on_prepare(self, s: int, src: int, no: int, side: Side, leg: Leg) -> None:
         escrow = self.records[s].get(no)
         player = leg.player
-        decision = self.rules.decide_prepare(leg, self.holdings(player), escrow.known if escrow else None)
+        decision = self.rules.decide_prepare(leg, self.holdings(player, leg.receives, leg.counterpart),
+                                             escrow.known if escrow else None)
         verdict = decision.verdict
         if verdict is PrepareVerdict.ESCROW:
             deadline = self.now + self.escrow_timeout
@@ -569,7 +579,8 @@ class Sim:
         trade = self.trades[no]
         a, b = trade.player_a, trade.player_b
         known = self.local[s].get(no)
-        decision = self.rules.decide_local_trade(trade, self.holdings(a), self.holdings(b), known)
+        decision = self.rules.decide_local_trade(trade, self.holdings(a, trade.b_gives, b),
+                                                 self.holdings(b, trade.a_gives, a), known)
         if known is None:
             self.local[s][no] = (decision.outcome, decision.reason)
             self.checker.local_decided(trade.trade_id, decision.outcome, decision.reason)
@@ -756,7 +767,8 @@ class Sim:
     def check(self) -> None:
         checker = self.checker
         if checker.dirty:
-            checker.check_conservation(self.items, self.gold, self.escrowed_items, self.escrowed_gold)
+            checker.check_conservation(self.items, self.gold, self.escrowed_items, self.escrowed_gold,
+                                       self.player_shard)
         if self.healing:
             for s in range(self.shards):
                 for no, deadline in self.prepared[s].items():
@@ -773,7 +785,8 @@ class Sim:
 
     def check_healed(self) -> None:
         checker = self.checker
-        checker.check_conservation(self.items, self.gold, self.escrowed_items, self.escrowed_gold, exact=True)
+        checker.check_conservation(self.items, self.gold, self.escrowed_items, self.escrowed_gold,
+                                   self.player_shard, exact=True)
         for no, record in self.store.items():
             checker.check_record(record, record.trade_id)
             trade = self.trades[no]

@@ -132,6 +132,22 @@ def test_prepare_refuses_naming_the_item_or_the_amount(state: Holdings, reason: 
     assert (decision.verdict, decision.reason) == (PrepareVerdict.REFUSED, reason)
 
 
+def test_prepare_refuses_to_receive_an_item_the_shard_still_stores() -> None:
+    # p2's shard applied the commit of an earlier trade that gave p2 "sword-7"... but p1's
+    # shard still stores it (escrowed) until its side applies: it cannot come back yet.
+    leg = SWORD.leg_b()  # p2 receives sword-7
+    own = decide_prepare(leg, holdings("shield-2", "sword-7", gold=100, escrowed=("sword-7",)), None)
+    assert (own.verdict, own.reason) == (
+        PrepareVerdict.REFUSED, "player p2 already holds item sword-7; a trade moving it away has not settled yet")
+    other = Holdings(frozenset({"shield-2"}), 100, held_by_others=frozenset({"sword-7"}))
+    refused = decide_prepare(leg, other, None)
+    assert (refused.verdict, refused.reason) == (
+        PrepareVerdict.REFUSED, "item sword-7 is still stored for another player; a trade moving it away has not "
+        "settled yet")
+    local = decide_local_trade(SWORD, holdings("sword-7"), holdings("shield-2", "sword-7", gold=100), None)
+    assert local.outcome is ABORTED and "already holds item sword-7" in local.reason
+
+
 def test_prepare_refuses_gold_beyond_the_maximum_a_player_may_hold() -> None:
     leg = SWORD.leg_a()  # p1 receives 100 gold
     decision = decide_prepare(leg, holdings("sword-7", gold=MAX_GOLD - 50), None)
