@@ -530,20 +530,22 @@ class SnapshotRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., lsn: _Optional[int] = ..., response: _Optional[bytes] = ...) -> None: ...
 
 class ShardSnapshot(_message.Message):
-    __slots__ = ("shard_id", "last", "players", "values", "requests", "tail")
+    __slots__ = ("shard_id", "last", "players", "values", "requests", "tail", "trades")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     PLAYERS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     TAIL_FIELD_NUMBER: _ClassVar[int]
+    TRADES_FIELD_NUMBER: _ClassVar[int]
     shard_id: str
     last: LogPosition
     players: _containers.RepeatedCompositeFieldContainer[SnapshotPlayer]
     values: _containers.RepeatedCompositeFieldContainer[SnapshotValue]
     requests: _containers.RepeatedCompositeFieldContainer[SnapshotRequest]
     tail: _containers.RepeatedCompositeFieldContainer[LogEntry]
-    def __init__(self, shard_id: _Optional[str] = ..., last: _Optional[_Union[LogPosition, _Mapping]] = ..., players: _Optional[_Iterable[_Union[SnapshotPlayer, _Mapping]]] = ..., values: _Optional[_Iterable[_Union[SnapshotValue, _Mapping]]] = ..., requests: _Optional[_Iterable[_Union[SnapshotRequest, _Mapping]]] = ..., tail: _Optional[_Iterable[_Union[LogEntry, _Mapping]]] = ...) -> None: ...
+    trades: _containers.RepeatedCompositeFieldContainer[ParticipantTrade]
+    def __init__(self, shard_id: _Optional[str] = ..., last: _Optional[_Union[LogPosition, _Mapping]] = ..., players: _Optional[_Iterable[_Union[SnapshotPlayer, _Mapping]]] = ..., values: _Optional[_Iterable[_Union[SnapshotValue, _Mapping]]] = ..., requests: _Optional[_Iterable[_Union[SnapshotRequest, _Mapping]]] = ..., tail: _Optional[_Iterable[_Union[LogEntry, _Mapping]]] = ..., trades: _Optional[_Iterable[_Union[ParticipantTrade, _Mapping]]] = ...) -> None: ...
 
 class ShardFence(_message.Message):
     __slots__ = ("shard_id", "epoch")

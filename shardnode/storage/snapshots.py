@@ -58,9 +58,9 @@ def read_snapshot(
             break
         tail.append(shardnode_pb2.LogEntry(lsn=lsn, epoch=epoch, payload=payload, written_at_ms=written_at_ms))
     snap.tail.extend(reversed(tail))
-    # Trade records and escrows (field 7, see trades.SNAPSHOT_TRADES_FIELD): a replica
-    # bootstrapped from this snapshot and then promoted must hold the escrows.
-    snap.MergeFromString(trades.snapshot_trades(conn, shard))
+    # Trade records and escrows: a replica bootstrapped from this snapshot and then
+    # promoted must hold the escrows.
+    snap.trades.extend(trades.snapshot_trades(conn, shard))
     return snap
 
 
@@ -116,5 +116,5 @@ def write_snapshot(conn: sqlite3.Connection, shard: ShardId, snapshot: shardnode
         executemany(RECORD_REQUEST.replace("INSERT OR REPLACE", "INSERT"), [request_row(r) for r in snapshot.requests])
     except sqlite3.IntegrityError as e:
         raise CorruptRecord(f"the snapshot of {shard} lists a player, item, value or request twice") from e
-    trades.install_trades(conn, shard, trades.trades_in_snapshot(snapshot))
+    trades.install_trades(conn, shard, snapshot.trades)
     executemany(INSERT_ENTRY, [(shard, e.lsn, e.epoch, e.written_at_ms, e.payload) for e in snapshot.tail])

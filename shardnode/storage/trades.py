@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.message import DecodeError
-from google.protobuf.unknown_fields import UnknownFieldSet
 
 from bluemarble.core import limits
 from bluemarble.core.errors import CorruptRecord, FailedPrecondition
@@ -48,12 +47,6 @@ TRADE_PREPARE = "trade_prepare"
 TRADE_SETTLE = "trade_settle"
 LOCAL_TRADE = "local_trade"
 TRADE_KINDS = frozenset({TRADE_PREPARE, TRADE_SETTLE, LOCAL_TRADE})
-
-SNAPSHOT_TRADES_FIELD = 7
-"""Field number of the trade records in an encoded ShardSnapshot (``repeated
-ParticipantTrade trades = 7``). The generated ShardSnapshot does not declare it yet, so the
-records travel as that field's unknown-field bytes, which protobuf keeps through parse and
-serialize; once the field is declared the wire format is the same."""
 
 _STATE_NAME = {TradeState.PREPARED: "PREPARED", TradeState.COMMITTED: "COMMITTED", TradeState.ABORTED: "ABORTED"}
 _STATE_OF_NAME = {v: k for k, v in _STATE_NAME.items()}
@@ -431,45 +424,12 @@ def _apply_local(
 # ---- snapshots and retention ----
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def snapshot_trades(conn: sqlite3.Connection, shard: ShardId) -> bytes:
-    """The shard's trade records as the encoded ShardSnapshot field
-    :data:`SNAPSHOT_TRADES_FIELD`, sorted by trade id (deterministic, as the rest of a
-    snapshot). A PREPARED record's escrow is rebuilt from its leg on installation."""
-    tag = _varint((SNAPSHOT_TRADES_FIELD << 3) | 2)
-    out = bytearray()
-    for row in conn.execute(f"SELECT shard_id, {_COLUMNS} FROM trades WHERE shard_id = ? ORDER BY trade_id", (shard,)):
-        record = _record(row[0], row[1:])
-        data = record.to_proto().SerializeToString(deterministic=True)
-        out += tag + _varint(len(data)) + data
-    return bytes(out)
-
-
-def trades_in_snapshot(snapshot: shardnode_pb2.ShardSnapshot) -> list[shardnode_pb2.ParticipantTrade]:
-    """The trade records a snapshot carries (see :data:`SNAPSHOT_TRADES_FIELD`). Raises
-    CorruptRecord for one that does not decode."""
-    out = []
-    for field in UnknownFieldSet(snapshot):  # type: ignore[attr-defined]
-        if field.field_number != SNAPSHOT_TRADES_FIELD:
-            continue
-        if field.wire_type != 2:
-            raise CorruptRecord(f"the snapshot of {snapshot.shard_id} carries trade records of the wrong wire type")
-        try:
-            out.append(shardnode_pb2.ParticipantTrade.FromString(field.data))
-        except DecodeError as e:
-            raise CorruptRecord(f"the snapshot of {snapshot.shard_id} carries an undecodable trade record") from e
-    return out
+def snapshot_trades(conn: sqlite3.Connection, shard: ShardId) -> list[shardnode_pb2.ParticipantTrade]:
+    """The shard's trade records for a snapshot (``ShardSnapshot.trades``), sorted by trade
+    id (deterministic, as the rest of a snapshot). A PREPARED record's escrow is rebuilt
+    from its leg on installation."""
+    rows = conn.execute(f"SELECT shard_id, {_COLUMNS} FROM trades WHERE shard_id = ? ORDER BY trade_id", (shard,))
+    return [_record(row[0], row[1:]).to_proto() for row in rows]
 
 
 def install_trades(conn: sqlite3.Connection, shard: ShardId, records: Sequence[shardnode_pb2.ParticipantTrade]) -> None:
