@@ -1,0 +1,355 @@
+#!/usr/bin/env python3
+"""Trade benchmark: cross-shard and same-shard trades per second with p50/p99 latency at a
+fixed concurrency, the raw gRPC unary echo rate of the same machine, and the cross-shard
+latency at half the measured rate.
+
+    .venv/bin/python scripts/bench_trades.py                          # concurrency 32, 10 s per phase
+    .venv/bin/python scripts/bench_trades.py --concurrency 64 --duration-s 20 --json
+
+What runs (real processes, 127.0.0.1, private temp dir): a single-member etcd, one control
+plane (``--replication-factor 2 --lease-ttl-s 10 --shards 8``), 3 shard nodes, and a
+minimal gRPC echo server (a separate Python process: one generic unary method that
+returns its request bytes; no interceptors).
+
+Phases, each ``--duration-s`` long after a short warm-up, measured from this process
+(one asyncio client, as a game server would be):
+
+1. **echo**: ``--concurrency`` workers call the echo server's unary method (64 bytes)
+   back to back: the ceiling of one Python gRPC client + server pair on this machine.
+2. **cross-shard**: each worker owns a pair of players on different shards and trades
+   back and forth (A gives one item and B gives 1 gold, then the item goes back), through
+   :class:`bluemarble.client.trades.TradeClient`; every trade should commit.
+3. **same-shard**: the same with pairs on one shard (one ExecuteLocalTrade each).
+4. **cross-shard at half load**: an open loop starting trades at half the rate phase 2
+   measured (uniform spacing; pairs from a pool of ``4 x concurrency``), p50/p99 of the
+   trades started in the window.
+
+Targets (issue 8): cross-shard >= 8 % of the echo rate (about 500 trades/s), with p99 <=
+50 ms at half that load; same-shard >= 3x cross-shard. Exit 0 when every trade of every
+phase committed (the targets are reported, not enforced), 1 otherwise, 2 when the
+cluster could not be set up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from bluemarble.client.routing import RoutingClient
+from bluemarble.client.trades import TradeClient
+from bluemarble.core.errors import BlueMarbleError
+from bluemarble.runtime import logs
+from bluemarble.v1 import controlplane_pb2 as pb
+from bluemarble.v1 import controlplane_pb2_grpc
+from scripts.localcluster import LocalEtcd, ManagedProcess, free_port
+
+ECHO_METHOD = "/bench.Echo/Echo"
+ECHO_SERVER = """
+import asyncio, sys, grpc
+async def main():
+    server = grpc.aio.server()
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {
+        "Echo": grpc.unary_unary_rpc_method_handler(lambda req, ctx: _echo(req))})
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(sys.argv[1])
+    await server.start()
+    await server.wait_for_termination()
+async def _echo(req):
+    return req
+asyncio.run(main())
+"""
+
+
+@dataclass
+class Phase:
+    name: str
+    concurrency: int
+    duration_s: float
+    calls: int
+    failures: int
+    per_s: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    note: str = ""
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def phase(name: str, concurrency: int, duration_s: float, latencies_ms: list[float], failures: int,
+          note: str = "") -> Phase:
+    return Phase(name, concurrency, round(duration_s, 2), len(latencies_ms), failures,
+                 round(len(latencies_ms) / duration_s, 1), round(percentile(latencies_ms, 0.5), 2),
+                 round(percentile(latencies_ms, 0.99), 2), round(max(latencies_ms, default=0.0), 2), note)
+
+
+async def closed_loop(name: str, concurrency: int, warmup_s: float, duration_s: float,
+                      call: Callable[[int], Awaitable[bool]]) -> Phase:
+    """``concurrency`` workers call ``call(worker)`` back to back; calls that start within
+    the measured window (after ``warmup_s``) count."""
+    start = time.monotonic()
+    window_start, window_end = start + warmup_s, start + warmup_s + duration_s
+    latencies: list[float] = []
+    failures = 0
+
+    async def worker(w: int) -> None:
+        nonlocal failures
+        while True:
+            t = time.monotonic()
+            if t >= window_end:
+                return
+            ok = await call(w)
+            if t >= window_start:
+                latencies.append((time.monotonic() - t) * 1000)
+                failures += not ok
+
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return phase(name, concurrency, duration_s, latencies, failures)
+
+
+class Pairs:
+    """Pairs of players that trade back and forth: A holds the pair's item first."""
+
+    def __init__(self, pairs: list[tuple[str, str, str]]):
+        self.pairs = pairs
+        self.holder = {item: a for a, _, item in pairs}
+        self.sequence = 0
+
+    async def trade(self, client: TradeClient, index: int, prefix: str) -> bool:
+        a, b, item = self.pairs[index]
+        self.sequence += 1
+        trade_id = f"{prefix}-{self.sequence:08d}"
+        try:
+            if self.holder[item] == a:
+                r = await client.execute_trade(trade_id, a, b, a_items=[item], b_gold=1, deadline_s=30)
+            else:
+                r = await client.execute_trade(trade_id, a, b, a_gold=1, b_items=[item], deadline_s=30)
+        except BlueMarbleError:
+            return False
+        if r.committed:
+            self.holder[item] = b if self.holder[item] == a else a
+        return r.committed
+
+
+async def open_loop(name: str, rate_per_s: float, duration_s: float, pairs: Pairs, client: TradeClient,
+                    prefix: str) -> Phase:
+    """Starts one trade every 1/``rate_per_s`` seconds on a free pair for ``duration_s``."""
+    free = list(range(len(pairs.pairs)))
+    latencies: list[float] = []
+    failures = 0
+    skipped = 0
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(index: int) -> None:
+        nonlocal failures
+        t = time.monotonic()
+        ok = await pairs.trade(client, index, prefix)
+        latencies.append((time.monotonic() - t) * 1000)
+        failures += not ok
+        free.append(index)
+
+    start = time.monotonic()
+    n = int(rate_per_s * duration_s)
+    for k in range(n):
+        delay = start + k / rate_per_s - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if not free:
+            skipped += 1
+            continue
+        task = asyncio.create_task(one(free.pop()))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.gather(*tasks)
+    return phase(name, 0, duration_s, latencies, failures,
+                 note=f"target {rate_per_s:.0f}/s, {skipped} starts skipped (no free pair)")
+
+
+async def placed(address: str, rf: int) -> bool:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = controlplane_pb2_grpc.ControlPlaneStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            s = await stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=1)
+            r = await stub.ListAssignments(pb.ListAssignmentsRequest(), timeout=1)
+        except grpc.aio.AioRpcError:
+            return False
+    return (s.node_count == 3 and bool(s.leader) and len(r.assignments) == s.shard_count
+            and all(a.primary and len(a.replicas) == rf - 1 for a in r.assignments))
+
+
+async def wait_for(condition: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    processes: list[ManagedProcess] = []
+    etcd = LocalEtcd(workdir)
+    results: dict[str, Any] = {"concurrency": args.concurrency, "duration_s": args.duration_s}
+    try:
+        await asyncio.to_thread(etcd.start)
+        cp = f"127.0.0.1:{free_port()}"
+        processes.append(ManagedProcess("cp", [
+            sys.executable, "-m", "controlplane.server.main", "--listen", cp, "--etcd", etcd.endpoint,
+            "--cluster", "bench", "--replica-id", "cp-0", "--replication-factor", str(args.replication_factor),
+            "--lease-ttl-s", "10", "--shards", str(args.shards), "--log-level", "warning",
+        ], workdir / "cp.log").start())  # fmt: skip
+        for i in range(1, 4):
+            processes.append(ManagedProcess(f"n{i}", [
+                sys.executable, "-m", "shardnode.main", "--node-id", f"n{i}", "--listen", f"127.0.0.1:{free_port()}",
+                "--control-plane", cp, "--data-dir", str(workdir / f"n{i}"), "--zone", f"z{i}",
+                "--log-level", "warning",
+            ], workdir / f"n{i}.log").start())  # fmt: skip
+        echo = f"127.0.0.1:{free_port()}"
+        processes.append(ManagedProcess("echo", [sys.executable, "-c", ECHO_SERVER, echo],
+                                        workdir / "echo.log").start())
+        await wait_for(lambda: placed(cp, args.replication_factor), 60, "placement")
+
+        # Phase 1: echo.
+        async with grpc.aio.insecure_channel(echo) as channel:
+            method = channel.unary_unary(ECHO_METHOD, None, None)  # raw bytes both ways
+            await wait_for(lambda: _echo_ok(method), 20, "the echo server")
+
+            async def echo_call(_: int) -> bool:
+                await method(b"x" * 64, timeout=5)
+                return True
+
+            results["echo"] = await closed_loop("echo", args.concurrency, args.warmup_s, args.duration_s, echo_call)
+
+        # Players: pairs per worker (cross and same shard), seeded with one item and gold.
+        async with RoutingClient([cp], max_attempts=1000) as routing:
+            by_shard: dict[str, list[str]] = {}
+            for i in range(args.concurrency * 40):
+                player = f"b{i:05d}"
+                by_shard.setdefault(routing.router.shard_for(player), []).append(player)
+            shards = sorted(by_shard)
+            pool = 4 * args.concurrency
+            cross: list[tuple[str, str, str]] = []
+            same: list[tuple[str, str, str]] = []
+            used: set[str] = set()
+
+            def take(shard: str) -> str:
+                player = next(p for p in by_shard[shard] if p not in used)
+                used.add(player)
+                return player
+
+            for k in range(pool):
+                s1, s2 = shards[k % len(shards)], shards[(k + 1) % len(shards)]
+                a, b = take(s1), take(s2)
+                cross.append((a, b, f"{a}/gem"))
+            for k in range(args.concurrency):
+                s = shards[k % len(shards)]
+                a, b = take(s), take(s)
+                same.append((a, b, f"{a}/gem"))
+            gate = asyncio.Semaphore(32)
+
+            async def seed(player: str, items: list[str]) -> None:
+                async with gate:
+                    await routing.grant_items(player, items, gold=1_000_000, request_id=f"bench-seed-{player}",
+                                              deadline_s=30)
+
+            await asyncio.gather(*(seed(a, [item]) for a, _, item in cross + same),
+                                 *(seed(b, []) for _, b, _ in cross + same))
+
+        cross_pairs, same_pairs = Pairs(cross), Pairs(same)
+        async with TradeClient([cp]) as client:
+            results["cross"] = await closed_loop(
+                "cross-shard", args.concurrency, args.warmup_s, args.duration_s,
+                lambda w: cross_pairs.trade(client, w, "x"))
+            results["same"] = await closed_loop(
+                "same-shard", args.concurrency, args.warmup_s, args.duration_s,
+                lambda w: same_pairs.trade(client, w, "s"))
+            half = max(1.0, results["cross"].per_s / 2)
+            await open_loop("warm-up", half, min(2.0, args.warmup_s), cross_pairs, client, "hw")
+            results["cross_half"] = await open_loop("cross-shard at half load", half, args.duration_s, cross_pairs,
+                                                    client, "h")
+    finally:
+        for proc in reversed(processes):
+            with contextlib.suppress(Exception):
+                proc.kill()
+        with contextlib.suppress(Exception):
+            etcd.kill()
+    echo_rate = results["echo"].per_s
+    results["targets"] = {
+        "cross_vs_echo_pct": round(100 * results["cross"].per_s / echo_rate, 1) if echo_rate else 0.0,
+        "cross_ge_8pct_echo": results["cross"].per_s >= 0.08 * echo_rate,
+        "cross_ge_500_per_s": results["cross"].per_s >= 500,
+        "same_vs_cross_x": round(results["same"].per_s / results["cross"].per_s, 2) if results["cross"].per_s else 0,
+        "same_ge_3x_cross": results["same"].per_s >= 3 * results["cross"].per_s,
+        "half_load_p99_le_50ms": results["cross_half"].p99_ms <= 50,
+    }
+    return results
+
+
+async def _echo_ok(method: Any) -> bool:
+    try:
+        await method(b"ping", timeout=1)
+    except grpc.aio.AioRpcError:
+        return False
+    return True
+
+
+def render(r: dict[str, Any]) -> str:
+    lines = [f"{'phase':<26} {'conc':>4} {'calls':>7} {'fail':>4} {'per s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+             f"{'max ms':>8}"]
+    for key in ("echo", "cross", "same", "cross_half"):
+        p: Phase = r[key]
+        lines.append(f"{p.name:<26} {p.concurrency or '-':>4} {p.calls:>7} {p.failures:>4} {p.per_s:>8.1f} "
+                     f"{p.p50_ms:>8.2f} {p.p99_ms:>8.2f} {p.max_ms:>8.2f}  {p.note}")
+    lines.append("targets: " + ", ".join(f"{k}={v}" for k, v in r["targets"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--duration-s", type=float, default=10.0)
+    p.add_argument("--warmup-s", type=float, default=2.0)
+    p.add_argument("--replication-factor", type=int, default=2)
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--keep-dir", action="store_true")
+    args = p.parse_args(argv)
+    logs.configure("error", "console")
+    workdir = Path(tempfile.mkdtemp(prefix="bluemarble-bench-trades-"))
+    try:
+        results = asyncio.run(run(args, workdir))
+    except (TimeoutError, RuntimeError, FileNotFoundError) as e:
+        print(f"bench_trades failed: {e} (logs in {workdir})", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({k: asdict(v) if isinstance(v, Phase) else v for k, v in results.items()}))
+    else:
+        print(render(results))
+    if args.keep_dir:
+        print(f"logs in {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    failed = sum(results[k].failures for k in ("cross", "same", "cross_half"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
