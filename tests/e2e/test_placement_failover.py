@@ -181,7 +181,7 @@ def test_drain_moves_everything_away_without_a_shard_losing_its_primary(process_
     address = process_cluster.control_planes[0]
     with grpc.insecure_channel(address) as channel:
         controlplane_pb2_grpc.ControlPlaneStub(channel).DrainNode(pb.DrainNodeRequest(node_id=target), timeout=5)
-    observations = 0
+    mid_drain = 0  # observations while the target still held a role: the check above saw the move
     deadline = time.monotonic() + 30
     while True:
         r = process_cluster.assignments(address)
@@ -189,13 +189,13 @@ def test_drain_moves_everything_away_without_a_shard_losing_its_primary(process_
         assert r is not None and live is not None
         for a in r.assignments:
             assert a.primary in live, f"{a.shard_id} has no live primary during the drain: {a}"
-        observations += 1
         holds = any(target == a.primary or target in a.replicas for a in r.assignments)
+        mid_drain += holds
         if not holds and target not in live:
             break
         assert time.monotonic() < deadline, "drain did not finish in 30 s"
         time.sleep(0.02)
-    assert observations > 5
+    assert mid_drain >= 1, "the drain was never observed in progress"
     assert process_cluster.process(target).proc.wait(10) == 0  # type: ignore[union-attr]
     survivors = set(NODES) - {target}
     wait_until(lambda: well_placed(process_cluster, survivors), 15, "a balanced placement without it")
