@@ -15,7 +15,9 @@ gets an answer. :class:`TradeClient` does exactly that, and nothing else:
 
 Retries: UNAVAILABLE, DEADLINE_EXCEEDED (no answer within one attempt's timeout) and
 connection failures (they surface as UNAVAILABLE), plus ABORTED *statuses* (a race lost
-somewhere; not the ABORTED *outcome*, which is an answer) are retried with the same trade
+somewhere; not the ABORTED *outcome*, which is an answer), and FAILED_PRECONDITION that
+only says a shard's primary moved (a coordinator that could not follow a failover within
+its own bounds; :func:`bluemarble.client.routing.is_redirect`) are retried with the same trade
 id under :mod:`bluemarble.runtime.retry`'s jittered exponential backoff, until
 ``deadline_s``; each failed attempt moves on to the next control-plane address
 (:class:`~bluemarble.client.control_plane.ControlPlaneClient`). INVALID_ARGUMENT (bad
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from bluemarble.client.control_plane import ControlPlaneClient
+from bluemarble.client.routing import is_redirect
 from bluemarble.core import errors
 from bluemarble.core.trades.model import Offer, Outcome, Trade, validate_trade
 from bluemarble.runtime import retry
@@ -117,6 +120,8 @@ def _side(t: shardnode_pb2.ParticipantTrade) -> TradeSide:
 
 def _retried(error: BaseException) -> bool:
     """Worth another attempt with the same trade id (the id makes it safe)."""
+    if isinstance(error, errors.FailedPrecondition):
+        return is_redirect(error)
     return isinstance(error, errors.Unavailable | errors.DeadlineExceeded | errors.Aborted)
 
 

@@ -151,6 +151,18 @@ async def test_aborted_status_is_retried_but_an_aborted_outcome_is_an_answer(sta
     assert result.attempts == 2
 
 
+async def test_a_primary_that_moved_is_retried_but_other_preconditions_are_final(start: Any) -> None:
+    moved = "ExecuteLocalTrade on shard-1 (node n4): node n4 is not the primary of shard-1; ask the control plane"
+    address, coordinator = await start(lambda n: (grpc.StatusCode.FAILED_PRECONDITION, moved) if n == 1 else None)
+    async with TradeClient([address], retry_initial_s=0.01) as client:
+        assert (await client.execute_trade("t10", "a", "b", a_gold=1, deadline_s=5)).attempts == 2
+    address, coordinator = await start(lambda n: (grpc.StatusCode.FAILED_PRECONDITION, "item x is already owned"))
+    async with TradeClient([address], retry_initial_s=0.01) as client:
+        with pytest.raises(errors.FailedPrecondition, match="already owned"):
+            await client.execute_trade("t11", "a", "b", a_gold=1, deadline_s=5)
+    assert len(coordinator.requests) == 1
+
+
 async def test_get_trade_and_in_doubt_are_values(start: Any) -> None:
     address, _ = await start(answer)
     async with TradeClient([address]) as client:
