@@ -59,16 +59,15 @@ from scripts.localcluster import LocalEtcd, ManagedProcess, free_port
 ECHO_METHOD = "/bench.Echo/Echo"
 ECHO_SERVER = """
 import asyncio, sys, grpc
+async def echo(request, context):
+    return request
 async def main():
     server = grpc.aio.server()
-    handler = grpc.method_handlers_generic_handler("bench.Echo", {
-        "Echo": grpc.unary_unary_rpc_method_handler(lambda req, ctx: _echo(req))})
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(sys.argv[1])
     await server.start()
     await server.wait_for_termination()
-async def _echo(req):
-    return req
 asyncio.run(main())
 """
 
