@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc.aio
@@ -162,11 +163,14 @@ class Participant:
                 view = _View(Known(state_for(outcome), leg, t.reason), False)
         return view
 
-    def _holdings(self, shard: ShardId, player: str) -> Holdings:
+    def _holdings(self, shard: ShardId, player: str, receiving: Sequence[str] = ()) -> Holdings:
         """The player's holdings, with what queued writes take away counted as escrowed
         (queued escrows, items and gold a queued same-shard trade gives). What queued
-        writes would add is left out: a decision on it could only refuse, never double-spend."""
-        base = self._dp.storage.holdings(shard, PlayerId(player))
+        writes would add is left out: a decision on it could only refuse, never double-spend
+        (and the apply's own checks refuse a second copy of an item id).
+        ``receiving``: the item ids a cross-shard leg receives, checked against the other
+        players of the shard (core ``check_leg``)."""
+        base = self._dp.storage.holdings(shard, PlayerId(player), receiving)
         escrowed = set(base.escrowed_items)
         escrowed_gold = base.escrowed_gold
         for op in self._dp.pending_ops(shard):
@@ -182,7 +186,7 @@ class Participant:
                         escrowed_gold += offer.gold
         if escrowed == base.escrowed_items and escrowed_gold == base.escrowed_gold:
             return base
-        return Holdings(base.items, base.gold, frozenset(escrowed), escrowed_gold)
+        return Holdings(base.items, base.gold, frozenset(escrowed), escrowed_gold, base.held_by_others)
 
     # ---- checks ----
 
@@ -215,7 +219,7 @@ class Participant:
         shard = self._shard_of(leg.player, request.shard_id)
         state = self._dp.writable(shard, request.epoch)
         view = self._view(shard, trade_id)
-        decision = decide_prepare(leg, self._holdings(shard, leg.player), view.known)
+        decision = decide_prepare(leg, self._holdings(shard, leg.player, leg.receives.item_ids), view.known)
         response = shardnode_pb2.PrepareResponse(epoch=state.epoch)
         what = f"prepare of trade {echo(trade_id, 40)}"
         if decision.verdict is PrepareVerdict.ESCROW:

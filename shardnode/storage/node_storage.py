@@ -575,11 +575,12 @@ class NodeStorage:
 
     # --- trades (participant records and escrows; see shardnode/storage/trades.py) --------
 
-    def holdings(self, shard: ShardId, player: PlayerId) -> Holdings:
-        """The player's items and gold on the shard, escrowed ones included, and what the
-        PREPARED trades hold back (empty for a player the shard never saw)."""
+    def holdings(self, shard: ShardId, player: PlayerId, receiving: Sequence[str] = ()) -> Holdings:
+        """The player's items and gold on the shard, escrowed ones included, what the
+        PREPARED trades hold back (empty for a player the shard never saw), and which of
+        the ``receiving`` item ids the shard still stores for another player."""
         with _sqlite_errors(self._path):
-            return trades.holdings(self._conn, shard, player)
+            return trades.holdings(self._conn, shard, player, receiving)
 
     def trade(self, shard: ShardId, trade_id: str) -> trades.TradeRecord | None:
         """The shard's record of ``trade_id``, or None."""

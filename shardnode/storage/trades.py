@@ -79,6 +79,7 @@ _DELETE_ESCROW = "DELETE FROM escrows WHERE shard_id = ? AND trade_id = ?"
 _PLAYER_ESCROWS = "SELECT item_ids, gold FROM escrows WHERE shard_id = ? AND player_id = ?"
 _SELECT_GOLD = "SELECT gold FROM players WHERE shard_id = ? AND player_id = ?"
 _PLAYER_ITEMS = "SELECT item_id FROM items WHERE shard_id = ? AND player_id = ?"
+_ITEM_OWNER = "SELECT player_id FROM items WHERE shard_id = ? AND item_id = ?"
 _ENSURE_PLAYER = "INSERT INTO players (shard_id, player_id, gold) VALUES (?, ?, 0) ON CONFLICT DO NOTHING"
 _SET_GOLD = "UPDATE players SET gold = ? WHERE shard_id = ? AND player_id = ?"
 _DELETE_ITEM = "DELETE FROM items WHERE shard_id = ? AND item_id = ? AND player_id = ?"
@@ -239,19 +240,27 @@ def prepared(
     return [_record(row[0], row[1:]) for row in conn.execute(query, params)]
 
 
-def holdings(conn: sqlite3.Connection, shard: ShardId, player: PlayerId) -> Holdings:
+def holdings(
+    conn: sqlite3.Connection, shard: ShardId, player: PlayerId, receiving: Sequence[str] = ()
+) -> Holdings:
     """The player's holdings on the shard (nothing for a player the shard never saw):
-    items and gold including the escrowed ones, and what PREPARED trades hold back."""
+    items and gold including the escrowed ones, what PREPARED trades hold back, and which
+    of the ``receiving`` item ids the shard still stores for another player
+    (``Holdings.held_by_others``: such an item's move away has not settled here yet)."""
+    held_by_others = frozenset(
+        item for item in receiving
+        if (row := conn.execute(_ITEM_OWNER, (shard, item)).fetchone()) is not None and row[0] != player
+    )
     found = conn.execute(_SELECT_GOLD, (shard, player)).fetchone()
     if found is None:
-        return Holdings(frozenset(), 0)
+        return Holdings(frozenset(), 0, held_by_others=held_by_others)
     items = frozenset(r[0] for r in conn.execute(_PLAYER_ITEMS, (shard, player)))
     escrowed: set[str] = set()
     escrowed_gold = 0
     for item_ids, gold in conn.execute(_PLAYER_ESCROWS, (shard, player)):
         escrowed.update(json.loads(item_ids))
         escrowed_gold += int(gold)
-    return Holdings(items, int(found[0]), frozenset(escrowed), escrowed_gold)
+    return Holdings(items, int(found[0]), frozenset(escrowed), escrowed_gold, held_by_others)
 
 
 # ---- apply ----

@@ -199,3 +199,18 @@ def test_a_version_1_data_dir_is_migrated(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "node.db")
     assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 2
     conn.close()
+
+
+def test_holdings_name_received_items_the_shard_still_stores_for_another_player(
+    pair: tuple[NodeStorage, NodeStorage],
+) -> None:
+    """An item on its way out of the shard (its giver's commit not applied yet) cannot be
+    received here by someone else: the core refuses such a leg (check_leg)."""
+    primary, _ = pair
+    primary.write(S1, 1, grant("g1", "alice", ["sword"], 10), 1)
+    primary.write(S1, 1, grant("g2", "bob", ["shield"], 10), 1)
+    held = primary.holdings(S1, ALICE, ["shield", "gem", "sword"])
+    assert held.held_by_others == frozenset({"shield"})  # alice's own sword is in `items`
+    assert "sword" in held.items
+    assert primary.holdings(S1, PlayerId("carol"), ["shield"]).held_by_others == frozenset({"shield"})
+    assert primary.holdings(S1, ALICE).held_by_others == frozenset()
