@@ -8,8 +8,9 @@ latency at half the measured rate.
 
 What runs (real processes, 127.0.0.1, private temp dir): a single-member etcd, one control
 plane (``--replication-factor 2 --lease-ttl-s 10 --shards 8``), 3 shard nodes, and a
-minimal gRPC echo server (a separate Python process: one generic unary method that
-returns its request bytes; no interceptors).
+minimal gRPC echo server (a separate Python process on uvloop: one generic unary method
+that returns its request bytes; no interceptors). The client (this process) runs on
+uvloop too.
 
 Phases, each ``--duration-s`` long after a short warm-up, measured from this process
 (one asyncio client, as a game server would be):
@@ -36,6 +37,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -51,7 +53,7 @@ import grpc.aio
 from bluemarble.client.routing import RoutingClient
 from bluemarble.client.trades import TradeClient
 from bluemarble.core.errors import BlueMarbleError
-from bluemarble.runtime import logs
+from bluemarble.runtime import event_loop, logs
 from bluemarble.v1 import controlplane_pb2 as pb
 from bluemarble.v1 import controlplane_pb2_grpc
 from scripts.localcluster import LocalEtcd, ManagedProcess, free_port
@@ -61,15 +63,42 @@ ECHO_SERVER = """
 import asyncio, sys, grpc
 async def echo(request, context):
     return request
-async def main():
+async def main():  # on uvloop, as the servers run (bluemarble.runtime.event_loop)
     server = grpc.aio.server()
     handler = grpc.method_handlers_generic_handler("bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(sys.argv[1])
     await server.start()
     await server.wait_for_termination()
-asyncio.run(main())
+from bluemarble.runtime import event_loop
+event_loop.run(main())
 """
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process ``pid`` has used so far; 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU used per process over a window, as % of one core."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = pids
+        self.start: dict[str, float] = {}
+        self.t0 = 0.0
+
+    def begin(self) -> None:
+        self.start = {name: cpu_s(pid) for name, pid in self.pids.items()}
+        self.t0 = time.monotonic()
+
+    def end(self) -> dict[str, float]:
+        wall = max(1e-9, time.monotonic() - self.t0)
+        return {name: round(100 * (cpu_s(pid) - self.start[name]) / wall) for name, pid in self.pids.items()}
 
 
 @dataclass
@@ -84,6 +113,7 @@ class Phase:
     p99_ms: float
     max_ms: float
     note: str = ""
+    cpu_pct: dict[str, float] | None = None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -101,7 +131,7 @@ def phase(name: str, concurrency: int, duration_s: float, latencies_ms: list[flo
 
 
 async def closed_loop(name: str, concurrency: int, warmup_s: float, duration_s: float,
-                      call: Callable[[int], Awaitable[bool]]) -> Phase:
+                      call: Callable[[int], Awaitable[bool]], meter: CpuMeter | None = None) -> Phase:
     """``concurrency`` workers call ``call(worker)`` back to back; calls that start within
     the measured window (after ``warmup_s``) count."""
     start = time.monotonic()
@@ -120,8 +150,19 @@ async def closed_loop(name: str, concurrency: int, warmup_s: float, duration_s: 
                 latencies.append((time.monotonic() - t) * 1000)
                 failures += not ok
 
+    async def meter_window() -> dict[str, float] | None:
+        if meter is None:
+            return None
+        await asyncio.sleep(max(0.0, window_start - time.monotonic()))
+        meter.begin()
+        await asyncio.sleep(max(0.0, window_end - time.monotonic()))
+        return meter.end()
+
+    cpu = asyncio.ensure_future(meter_window())
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    return phase(name, concurrency, duration_s, latencies, failures)
+    result = phase(name, concurrency, duration_s, latencies, failures)
+    result.cpu_pct = await cpu
+    return result
 
 
 class Pairs:
@@ -225,6 +266,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         processes.append(ManagedProcess("echo", [sys.executable, "-c", ECHO_SERVER, echo],
                                         workdir / "echo.log").start())
         await wait_for(lambda: placed(cp, args.replication_factor), 60, "placement")
+        meter = CpuMeter({"client": os.getpid(), **{p.name: p.pid for p in processes},
+                          **({"etcd": etcd.process.pid} if etcd.process else {})})
 
         # Phase 1: echo.
         async with grpc.aio.insecure_channel(echo) as channel:
@@ -235,7 +278,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 await method(b"x" * 64, timeout=5)
                 return True
 
-            results["echo"] = await closed_loop("echo", args.concurrency, args.warmup_s, args.duration_s, echo_call)
+            results["echo"] = await closed_loop("echo", args.concurrency, args.warmup_s, args.duration_s, echo_call,
+                                                meter)
 
         # Players: pairs per worker (cross and same shard), seeded with one item and gold.
         async with RoutingClient([cp], max_attempts=1000) as routing:
@@ -276,10 +320,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         async with TradeClient([cp]) as client:
             results["cross"] = await closed_loop(
                 "cross-shard", args.concurrency, args.warmup_s, args.duration_s,
-                lambda w: cross_pairs.trade(client, w, "x"))
+                lambda w: cross_pairs.trade(client, w, "x"), meter)
             results["same"] = await closed_loop(
                 "same-shard", args.concurrency, args.warmup_s, args.duration_s,
-                lambda w: same_pairs.trade(client, w, "s"))
+                lambda w: same_pairs.trade(client, w, "s"), meter)
             half = max(1.0, results["cross"].per_s / 2)
             await open_loop("warm-up", half, min(2.0, args.warmup_s), cross_pairs, client, "hw")
             results["cross_half"] = await open_loop("cross-shard at half load", half, args.duration_s, cross_pairs,
@@ -317,6 +361,11 @@ def render(r: dict[str, Any]) -> str:
         p: Phase = r[key]
         lines.append(f"{p.name:<26} {p.concurrency or '-':>4} {p.calls:>7} {p.failures:>4} {p.per_s:>8.1f} "
                      f"{p.p50_ms:>8.2f} {p.p99_ms:>8.2f} {p.max_ms:>8.2f}  {p.note}")
+    lines.append("CPU, % of one core over the window:")
+    for key in ("echo", "cross", "same"):
+        p = r[key]
+        if p.cpu_pct:
+            lines.append(f"  {p.name:<12} " + ", ".join(f"{k} {v:.0f}" for k, v in p.cpu_pct.items() if v >= 1))
     lines.append("targets: " + ", ".join(f"{k}={v}" for k, v in r["targets"].items()))
     return "\n".join(lines)
 
@@ -334,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure("error", "console")
     workdir = Path(tempfile.mkdtemp(prefix="bluemarble-bench-trades-"))
     try:
-        results = asyncio.run(run(args, workdir))
+        results = event_loop.run(run(args, workdir))  # uvloop, as a game server would run
     except (TimeoutError, RuntimeError, FileNotFoundError) as e:
         print(f"bench_trades failed: {e} (logs in {workdir})", file=sys.stderr)
         return 2
