@@ -38,6 +38,9 @@ Then:
      replica are given a moment to send their prepares, that replica is SIGKILLed, the
      failpoint is lifted, and the replica restarted. Its trades' escrows are settled by the
      participants' termination (ResolveTrade) or by the client's retry on the other replica.
+     ``--hold-s`` (default 0.3 s) is how long replication is held before the kill; a
+     longer hold right after a ``node-kill`` also leaves the restarted node a replica that
+     cannot catch up meanwhile (as a hung disk would).
 
    After each fault the injector waits for the cluster to heal (every node registered, a
    leader, every shard with a primary and its replicas) before the next one.
@@ -404,13 +407,14 @@ class Chaos:
         def offer(p: str) -> tuple[tuple[str, ...], int]:
             held = sorted(self.model.items[p])
             items = tuple(self.rng.sample(held, self.rng.randint(0, min(2, len(held)))))
-            gold = self.rng.randint(0, self.model.gold[p] // 4) if self.rng.random() < 0.6 else 0
+            # max(0, ..): after a violation the expected balance may be negative; go on drawing.
+            gold = self.rng.randint(0, max(0, self.model.gold[p]) // 4) if self.rng.random() < 0.6 else 0
             return items, gold
 
         a_items, a_gold = offer(a)
         b_items, b_gold = offer(b)
         if kind == "invalid":
-            a_gold = self.model.gold[a] + 1 + self.rng.randint(0, 100)
+            a_gold = max(0, self.model.gold[a]) + 1 + self.rng.randint(0, 100)
         if not (a_items or a_gold or b_items or b_gold):
             a_gold = 1 if self.model.gold[a] else 0
             if not a_gold:
@@ -546,7 +550,8 @@ class Chaos:
                         while self.inflight[index] < 1:
                             self.progress.clear()
                             await self.progress.wait()
-                await asyncio.sleep(0.3)  # their prepares reach the primaries and are escrowed, unacknowledged
+                # Their prepares reach the primaries and are escrowed, unacknowledged.
+                await asyncio.sleep(self.args.hold_s)
                 info["victim"], info["in_flight"] = victim, self.inflight[index]
                 c.kill(c.cps[victim])
             finally:
@@ -585,7 +590,12 @@ class Chaos:
                             shardnode_pb2.GetInventoryRequest(player_id=player), timeout=2.0)
                         return r
                 last = f"no primary address for {player}"
-            except (grpc.aio.AioRpcError, BlueMarbleError) as e:
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.NOT_FOUND:  # the shard lost the player: a violation, reported
+                    self.violations.append(f"{player} has no inventory: {e.details()}")
+                    return shardnode_pb2.GetInventoryResponse(player_id=player)
+                last = str(e)[:200]
+            except BlueMarbleError as e:
                 last = str(e)[:200]
             await asyncio.sleep(0.1)
         raise TimeoutError(f"inventory of {player} not readable within {deadline_s:g} s: {last}")
@@ -595,7 +605,11 @@ class Chaos:
 
         async def one(p: str) -> tuple[str, shardnode_pb2.GetInventoryResponse]:
             async with gate:
-                return p, await self.read_inventory(routing, p)
+                try:
+                    return p, await self.read_inventory(routing, p)
+                except TimeoutError as e:
+                    self.violations.append(str(e))
+                    return p, shardnode_pb2.GetInventoryResponse(player_id=p)
 
         return dict(await asyncio.gather(*(one(p) for p in self.players)))
 
@@ -828,6 +842,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--replication-factor", type=int, default=3)
     p.add_argument("--lease-ttl-s", type=int, default=2)
     p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--hold-s", type=float, default=0.3,
+                   help="coordinator-kill: how long replication is held before the kill (all nodes)")
     p.add_argument("--escrow-timeout-s", type=float, default=0.0, help="nodes' --trade-escrow-timeout-s (0: default)")
     p.add_argument("--server-log-level", default="info")
     p.add_argument("--keep-dir", action="store_true", help="keep the temp dir (logs, data) and print it")
