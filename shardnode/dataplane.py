@@ -82,7 +82,8 @@ REPLICA = common_pb2.SHARD_ROLE_REPLICA
 DEFAULT_COMMIT_TIMEOUT_S = 5.0
 """How long a STRONG write waits for a replica's ack when the caller set no deadline."""
 CATCH_UP_WAIT_S = 1.0
-"""How long a new primary waits to hear where its replicas stand before it serves."""
+"""After this long without every replica's position, a new primary says so in the log
+(then after 4x, 16x ... as long); it does not serve until it has them all."""
 SNAPSHOT_CHUNK_BYTES = 1 << 20
 MAX_SNAPSHOT_BYTES = 1 << 30
 SNAPSHOT_TIMEOUT_S = 60.0
@@ -291,16 +292,37 @@ class DataPlane:
         state.tail_bytes = 0
         if state.activation is not None:
             state.activation.cancel()
+        # Positions count only if answered in this term (a probe at this epoch fences).
+        for shipper in self._shippers.values():
+            shipper.forget([state.shard_id])
         task = background.start(self._catch_up_then_serve(state, state.epoch), f"activate-{state.shard_id}")
         state.activation = task
 
     async def _catch_up_then_serve(self, state: ShardState, epoch: int) -> None:
-        deadline_s = self._clock.monotonic_s() + CATCH_UP_WAIT_S
-        while self._clock.monotonic_s() < deadline_s:
+        # Serve only once every replica of the assignment has answered a probe of this
+        # epoch. Each answer fences that replica at the new epoch (it refuses the old
+        # primary's entries from then on), so once all have answered no write of the old
+        # epoch can still be acknowledged through them, and their positions are final:
+        # whatever was acknowledged is on one of them (or on this node). Serving after a
+        # timeout instead lost acknowledged writes: a planned handoff to a replica that
+        # was still catching up served from its shorter log and made the others copy it.
+        # A replica that never answers holds the shard until the control plane replaces
+        # it in the assignment (the same trade as the leader's fence-then-promote).
+        waited_s = 0.0
+        next_note_s = CATCH_UP_WAIT_S
+        while True:
             reported = self._reported_positions(state.shard_id)
-            if len(reported) >= len(state.replicas):
+            missing = [r for r in state.replicas if r != self.node_id and r not in reported]
+            if not missing or state.role != PRIMARY or state.epoch != epoch:
                 break
+            if waited_s >= next_note_s:
+                log.warning("new primary waits for its replicas' positions before serving", shard=state.shard_id,
+                            epoch=epoch, missing=sorted(missing), waited_s=round(waited_s, 1))
+                next_note_s *= 4
             await self._clock.sleep(0.02)
+            waited_s += 0.02
+        if state.role != PRIMARY or state.epoch != epoch:
+            return
         reported = self._reported_positions(state.shard_id)
         source = catch_up_source(state.last, reported)
         if source is not None and state.epoch == epoch:

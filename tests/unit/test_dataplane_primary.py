@@ -15,6 +15,7 @@ import pytest
 from bluemarble.client.ring_router import RingRouter
 from bluemarble.core.errors import FailedPrecondition, Unavailable
 from bluemarble.core.ids import ShardId
+from bluemarble.core.replication import ZERO
 from bluemarble.core.ring import initial_ring
 from bluemarble.v1 import common_pb2, shardnode_pb2
 from shardnode import dataplane as dataplane_module
@@ -96,3 +97,38 @@ async def test_a_fence_at_a_newer_epoch_stops_writes_and_answers_the_position(pr
     assert (fenced.epoch, fenced.last.epoch, fenced.last.lsn, fenced.has_data) == (4, 3, 2, True)
     with pytest.raises(FailedPrecondition, match="fenced at epoch 4"):
         await dp.grant(grant(2), 1.0)
+
+
+async def test_a_new_primary_serves_only_once_every_replica_reported_its_position(  # type: ignore[no-untyped-def]
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A new primary with replicas waits, however long, until each has answered a probe
+    of its epoch (answers fence them): serving after a timeout from a shorter log lost
+    acknowledged writes in a planned handoff. Then it catches up from one ahead."""
+    monkeypatch.setattr(dataplane_module, "CATCH_UP_WAIT_S", 0.05)  # the first log note comes sooner
+    storage = NodeStorage.open(tmp_path)
+    agent = SimpleNamespace(
+        on_assignments=None, status_provider=None, assignments={}, addresses={},
+        session_state=SessionState.CONNECTED, registration=None, config=None,
+    )
+    dp = DataPlane("n1", storage, agent, RingRouter.from_ring(initial_ring(1, vnodes=4)))  # type: ignore[arg-type]
+    reported: dict[str, object] = {}
+    monkeypatch.setattr(dp, "_reported_positions", lambda shard: dict(reported))
+    monkeypatch.setattr(dp, "_reconcile_shippers", lambda: None)  # no streams: positions come from `reported`
+    agent.assignments = {SHARD: common_pb2.Assignment(shard_id=SHARD, epoch=4, primary="n1", replicas=["n2", "n3"])}
+    dp.on_assignments()
+    try:
+        await asyncio.sleep(0.3)  # six times the old serve-anyway timeout
+        assert not any(s.serving for s in dp.statuses())
+        reported["n2"] = ZERO
+        await asyncio.sleep(0.1)
+        assert not any(s.serving for s in dp.statuses()), "one replica still unheard"
+        reported["n3"] = ZERO
+        for _ in range(500):  # up to 5 s
+            if any(s.serving for s in dp.statuses()):
+                break
+            await asyncio.sleep(0.01)
+        assert any(s.serving for s in dp.statuses()), "every replica reported, yet not serving"
+    finally:
+        await dp.stop()
+        storage.close()
