@@ -19,8 +19,15 @@ Phases, each ``--duration-s`` long after a short warm-up, measured from this pro
    back to back: the ceiling of one Python gRPC client + server pair on this machine.
 2. **cross-shard**: each worker owns a pair of players on different shards and trades
    back and forth (A gives one item and B gives 1 gold, then the item goes back), through
-   :class:`bluemarble.client.trades.TradeClient`; every trade should commit.
-3. **same-shard**: the same with pairs on one shard (one ExecuteLocalTrade each).
+   :class:`bluemarble.client.trades.TradeClient` built with a
+   :class:`~bluemarble.client.routing.RoutingClient`, as a game server uses it (its ring
+   says the players are apart: ``TradeCoordinator.ExecuteTrade``, 2PC); every trade
+   should commit.
+3. **same-shard**: the same with pairs on one shard, through the same client: the path a
+   game server takes, straight from the client to the shard's primary (one
+   ``ShardNode.ExecuteLocalTrade``, no control-plane hop). ``--same-shard-via coordinator``
+   sends them through ``TradeCoordinator.ExecuteTrade`` instead (the path of callers
+   without a routing client), for comparison.
 4. **cross-shard at half load**: an open loop starting trades at half the rate phase 2
    measured (uniform spacing; pairs from a pool of ``4 x concurrency``), p50/p99 of the
    trades started in the window.
@@ -84,21 +91,54 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class CpuMeter:
-    """CPU used per process over a window, as % of one core."""
+def cpu_ms_per_call(p: Phase) -> dict[str, float]:
+    """CPU milliseconds per call of the phase, per process (from its CPU % and rate)."""
+    if not p.cpu_pct or not p.per_s:
+        return {}
+    return {k: round(10 * v / p.per_s, 2) for k, v in p.cpu_pct.items()}
 
-    def __init__(self, pids: dict[str, int]):
+
+class CpuMeter:
+    """CPU used per process over a window, as % of one core. With ``profile_dir``, each
+    window of a named phase is also sampled by py-spy (collapsed stacks, one file per
+    process: ``<phase>-<process>.txt``), for finding where that CPU goes."""
+
+    def __init__(self, pids: dict[str, int], profile_dir: Path | None = None):
         self.pids = pids
         self.start: dict[str, float] = {}
         self.t0 = 0.0
+        self.profile_dir = profile_dir
+        self._spies: list[asyncio.subprocess.Process] = []
+        self._starting: list[asyncio.Task[None]] = []
 
-    def begin(self) -> None:
+    def begin(self, phase: str = "", duration_s: float = 0.0) -> None:
         self.start = {name: cpu_s(pid) for name, pid in self.pids.items()}
         self.t0 = time.monotonic()
+        if self.profile_dir is not None and phase and duration_s > 0:
+            self._starting.append(asyncio.ensure_future(self._profile(phase, duration_s)))
+
+    async def _profile(self, phase: str, duration_s: float) -> None:
+        assert self.profile_dir is not None
+        spy = Path(sys.executable).with_name("py-spy")
+        for name, pid in self.pids.items():
+            if name in ("etcd", "echo"):
+                continue
+            out = self.profile_dir / f"{phase}-{name}.txt"
+            self._spies.append(await asyncio.create_subprocess_exec(
+                str(spy), "record", "-p", str(pid), "-f", "raw", "-r", "200", "-d", str(max(1, int(duration_s))),
+                "--nonblocking", "-o", str(out), stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL))
+
+    async def wait_profiles(self) -> None:
+        starting, self._starting = self._starting, []
+        await asyncio.gather(*starting)
+        spies, self._spies = self._spies, []
+        for spy in spies:
+            await spy.wait()
 
     def end(self) -> dict[str, float]:
         wall = max(1e-9, time.monotonic() - self.t0)
-        return {name: round(100 * (cpu_s(pid) - self.start[name]) / wall) for name, pid in self.pids.items()}
+        return {name: round(100 * (cpu_s(pid) - self.start[name]) / wall, 1) for name, pid in self.pids.items()}
 
 
 @dataclass
@@ -154,7 +194,7 @@ async def closed_loop(name: str, concurrency: int, warmup_s: float, duration_s: 
         if meter is None:
             return None
         await asyncio.sleep(max(0.0, window_start - time.monotonic()))
-        meter.begin()
+        meter.begin(name.replace(" ", "-"), duration_s)
         await asyncio.sleep(max(0.0, window_end - time.monotonic()))
         return meter.end()
 
@@ -162,6 +202,8 @@ async def closed_loop(name: str, concurrency: int, warmup_s: float, duration_s: 
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     result = phase(name, concurrency, duration_s, latencies, failures)
     result.cpu_pct = await cpu
+    if meter is not None:
+        await meter.wait_profiles()
     return result
 
 
@@ -267,7 +309,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                                         workdir / "echo.log").start())
         await wait_for(lambda: placed(cp, args.replication_factor), 60, "placement")
         meter = CpuMeter({"client": os.getpid(), **{p.name: p.pid for p in processes},
-                          **({"etcd": etcd.process.pid} if etcd.process else {})})
+                          **({"etcd": etcd.process.pid} if etcd.process else {})}, args.profile_dir)
 
         # Phase 1: echo.
         async with grpc.aio.insecure_channel(echo) as channel:
@@ -282,7 +324,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                                                 meter)
 
         # Players: pairs per worker (cross and same shard), seeded with one item and gold.
-        async with RoutingClient([cp], max_attempts=1000) as routing:
+        # One RoutingClient for the whole run: it seeds the players, then routes the trades.
+        async with RoutingClient([cp], max_attempts=1000) as routing, TradeClient(
+                [cp], routing=routing if args.same_shard_via == "client" else None) as client:
             by_shard: dict[str, list[str]] = {}
             for i in range(args.concurrency * 40):
                 player = f"b{i:05d}"
@@ -316,8 +360,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             await asyncio.gather(*(seed(a, [item]) for a, _, item in cross + same),
                                  *(seed(b, []) for _, b, _ in cross + same))
 
-        cross_pairs, same_pairs = Pairs(cross), Pairs(same)
-        async with TradeClient([cp]) as client:
+            cross_pairs, same_pairs = Pairs(cross), Pairs(same)
+            results["same_shard_via"] = args.same_shard_via
             results["cross"] = await closed_loop(
                 "cross-shard", args.concurrency, args.warmup_s, args.duration_s,
                 lambda w: cross_pairs.trade(client, w, "x"), meter)
@@ -361,11 +405,22 @@ def render(r: dict[str, Any]) -> str:
         p: Phase = r[key]
         lines.append(f"{p.name:<26} {p.concurrency or '-':>4} {p.calls:>7} {p.failures:>4} {p.per_s:>8.1f} "
                      f"{p.p50_ms:>8.2f} {p.p99_ms:>8.2f} {p.max_ms:>8.2f}  {p.note}")
+    lines.append("same-shard trades went " + ("straight from the client to the shard's primary (TradeClient with a "
+                                              "RoutingClient, as a game server)" if r["same_shard_via"] == "client"
+                                              else "through the coordinator (TradeCoordinator.ExecuteTrade)"))
     lines.append("CPU, % of one core over the window:")
     for key in ("echo", "cross", "same"):
         p = r[key]
         if p.cpu_pct:
             lines.append(f"  {p.name:<12} " + ", ".join(f"{k} {v:.0f}" for k, v in p.cpu_pct.items() if v >= 1))
+    lines.append("CPU ms per call, per process:")
+    for key in ("echo", "cross", "same"):
+        p = r[key]
+        per = cpu_ms_per_call(p)
+        if per:
+            nodes = sum(v for k, v in per.items() if k.startswith("n"))
+            lines.append(f"  {p.name:<12} total {sum(per.values()):.2f}: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in per.items() if v >= 0.01) + f" (nodes {nodes:.2f})")
     lines.append("targets: " + ", ".join(f"{k}={v}" for k, v in r["targets"].items()))
     return "\n".join(lines)
 
@@ -377,8 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-s", type=float, default=2.0)
     p.add_argument("--replication-factor", type=int, default=2)
     p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--same-shard-via", choices=("client", "coordinator"), default="client",
+                   help="same-shard trades straight from the client to the primary (default, as a game server), or "
+                        "through TradeCoordinator.ExecuteTrade")
     p.add_argument("--json", action="store_true")
     p.add_argument("--keep-dir", action="store_true")
+    p.add_argument("--profile-dir", type=Path, default=None,
+                   help="sample the client, control plane and nodes with py-spy over each closed-loop window "
+                        "(collapsed stacks, <phase>-<process>.txt)")
     args = p.parse_args(argv)
     logs.configure("error", "console")
     workdir = Path(tempfile.mkdtemp(prefix="bluemarble-bench-trades-"))

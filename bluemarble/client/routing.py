@@ -23,6 +23,14 @@ one cached channel per node address (closed once no assignment names the node).
         inventory = await cluster.get_inventory("player-42")
         await cluster.set_player_data("player-42", "guild", "name", b"Night Owls")
         guild = await cluster.get_player_data("player-42", "guild", "name", allow_stale=True)
+        if cluster.same_shard("player-42", "player-7"):
+            trade = await cluster.execute_local_trade("trade-9", "player-42", "player-7", a_items=["sword-1"], b_gold=5)
+
+Trades between two players of one shard (:meth:`RoutingClient.execute_local_trade`) go
+straight to that shard's primary (``ShardNode.ExecuteLocalTrade``), with the same
+redirects and retries as a grant and the trade id as the idempotency key; players on
+different shards raise :class:`CrossShardTrade` (the trade needs the coordinator:
+:class:`bluemarble.client.trades.TradeClient` does that choice for its callers).
 
 Redirects, failover and retries (all within the call's ``deadline_s``):
 
@@ -67,6 +75,8 @@ from bluemarble.client.control_plane import STREAM_PROGRESS_INTERVAL_MS, Control
 from bluemarble.client.ring_router import DEFAULT_STREAM_IDLE_TIMEOUT_S, RingRouter
 from bluemarble.core import errors, validation
 from bluemarble.core.ids import NodeId, PlayerId, ShardId
+from bluemarble.core.limits import echo
+from bluemarble.core.trades.model import Offer, Outcome, Trade, validate_trade
 from bluemarble.runtime import background, retry
 from bluemarble.runtime.channels import insecure_channel, split_addresses
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout, wait_event
@@ -146,6 +156,40 @@ class DataWriteResult:
 
 
 @dataclass(frozen=True)
+class LocalTradeResult:
+    """The answer of a same-shard trade from its shard's primary: ``outcome`` (COMMITTED,
+    or ABORTED with its ``reason``: a player gave what they do not hold), whether it is
+    the recorded answer of an earlier attempt with the same trade id (``replayed``: nothing
+    moved this time), the shard, and the ExecuteLocalTrade attempts this call made."""
+
+    trade_id: str
+    outcome: Outcome
+    reason: str
+    replayed: bool
+    shard_id: ShardId
+    attempts: int
+
+    @property
+    def committed(self) -> bool:
+        return self.outcome is Outcome.COMMITTED
+
+
+class CrossShardTrade(errors.FailedPrecondition):
+    """The two players of a trade are on different shards (in this client's ring, or in
+    the primary's, whose ring is newer): nothing was written; the trade needs the
+    coordinator (``TradeCoordinator.ExecuteTrade``). Final for the routing client."""
+
+
+_OUTCOMES = {
+    common_pb2.TRADE_OUTCOME_COMMITTED: Outcome.COMMITTED,
+    common_pb2.TRADE_OUTCOME_ABORTED: Outcome.ABORTED,
+}
+# How a primary says the players of an ExecuteLocalTrade are not both its shard's
+# (shardnode.participant.Participant.execute_local_trade).
+_DIFFERENT_SHARDS_MARKER = "are on different shards"
+
+
+@dataclass(frozen=True)
 class Route:
     """Where a player's requests go, as the caches said at one moment.
 
@@ -204,6 +248,8 @@ def should_retry(error: BaseException) -> bool:
     """Whether a failed attempt is worth another one after re-resolving (purely
     computational): redirects (:func:`is_redirect`), UNAVAILABLE, DEADLINE_EXCEEDED and
     ABORTED are; INVALID_ARGUMENT, NOT_FOUND and everything else are final."""
+    if isinstance(error, CrossShardTrade):
+        return False
     if isinstance(error, errors.FailedPrecondition):
         return is_redirect(error)
     return isinstance(error, errors.Unavailable | errors.DeadlineExceeded | errors.Aborted)
@@ -393,6 +439,10 @@ class NodeTransport(Protocol):
         self, address: str, request: shardnode_pb2.SetPlayerDataRequest, timeout_s: float
     ) -> shardnode_pb2.SetPlayerDataResponse: ...
 
+    async def execute_local_trade(
+        self, address: str, request: shardnode_pb2.ExecuteLocalTradeRequest, timeout_s: float
+    ) -> shardnode_pb2.ExecuteLocalTradeResponse: ...
+
     def retain(self, addresses: Collection[str]) -> None:
         """Closes the channels of every address not in ``addresses``."""
 
@@ -469,6 +519,11 @@ class GrpcNodeTransport:
         self, address: str, request: shardnode_pb2.SetPlayerDataRequest, timeout_s: float
     ) -> shardnode_pb2.SetPlayerDataResponse:
         return await self._call(address, lambda s: s.SetPlayerData(request, timeout=timeout_s))
+
+    async def execute_local_trade(
+        self, address: str, request: shardnode_pb2.ExecuteLocalTradeRequest, timeout_s: float
+    ) -> shardnode_pb2.ExecuteLocalTradeResponse:
+        return await self._call(address, lambda s: s.ExecuteLocalTrade(request, timeout=timeout_s))
 
     def retain(self, addresses: Collection[str]) -> None:
         for address in [a for a in self._channels if a not in addresses]:
@@ -664,6 +719,15 @@ class RoutingClient:
             raise errors.Unavailable("the routing client has no ring yet; retry shortly") from e
         return self.assignments.route(player, shard)
 
+    def same_shard(self, player_a: str, player_b: str) -> bool:
+        """Whether the two players are on one shard in this client's ring (purely from the
+        cache). InvalidArgument for a bad player id, Unavailable before the ring is known."""
+        a, b = validation.player_id(player_a), validation.player_id(player_b)
+        try:
+            return self.router.shard_for(a) == self.router.shard_for(b)
+        except errors.FailedPrecondition as e:
+            raise errors.Unavailable("the routing client has no ring yet; retry shortly") from e
+
     async def _fill_addresses(self, route: Route, deadline_s: float) -> Route:
         """The route again after asking ListNodes for members whose address the stream
         has not told (at most one lookup in flight, one per lookup interval)."""
@@ -816,6 +880,71 @@ class RoutingClient:
             )
 
         return await self._run(player_id, call, allow_stale=allow_stale, deadline_s=deadline_s, what="GetPlayerData")
+
+    async def execute_local_trade(
+        self,
+        trade_id: str,
+        player_a: str,
+        player_b: str,
+        a_items: Sequence[str] = (),
+        a_gold: int = 0,
+        b_items: Sequence[str] = (),
+        b_gold: int = 0,
+        *,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+    ) -> LocalTradeResult:
+        """A trade between two players of one shard (A gives ``a_items`` and ``a_gold``, B
+        gives ``b_items`` and ``b_gold``), run by that shard's primary in one replicated
+        write: no coordinator, no etcd. Idempotent by ``trade_id``, which every retry of
+        this call reuses (as a request id of :meth:`grant_items`); retries with that id
+        through ``TradeCoordinator.ExecuteTrade`` get the same answer, and the other way
+        round. Redirects, failover and retries as :meth:`grant_items`. Each attempt
+        carries the shard and the epoch this client routed it with.
+
+        Raises InvalidArgument (bad terms: checked here before anything is sent, and by
+        the primary, e.g. a trade id already used for another trade), CrossShardTrade
+        when the players are on different shards (nothing was written), and after
+        ``deadline_s`` the last retryable error (the outcome is then unknown to the
+        caller: asking again with the same trade id and terms tells it)."""
+        trade = Trade(trade_id, player_a, player_b, Offer(tuple(a_items), a_gold), Offer(tuple(b_items), b_gold))
+        validate_trade(trade)
+        player_b_id = validation.player_id(player_b)
+        a_gives = common_pb2.Offer(item_ids=list(a_items), gold=a_gold)
+        b_gives = common_pb2.Offer(item_ids=list(b_items), gold=b_gold)
+        attempts = 0
+
+        async def call(target: Target, address: str, timeout_s: float) -> LocalTradeResult:
+            nonlocal attempts
+            route = self.resolve(player_a)  # the route _run picked ``target`` from, unless the cache moved since
+            if route.primary != target.node_id:
+                raise errors.Unavailable(f"{route.shard_id} moved away from {target.node_id}; retry shortly")
+            try:
+                other = self.router.shard_for(player_b_id)
+            except errors.FailedPrecondition as e:
+                raise errors.Unavailable("the routing client has no ring yet; retry shortly") from e
+            if other != route.shard_id:
+                raise CrossShardTrade(
+                    f"players {echo(player_a)} ({route.shard_id}) and {echo(player_b)} ({other}) are on different "
+                    "shards: the trade needs the coordinator"
+                )
+            request = shardnode_pb2.ExecuteLocalTradeRequest(
+                trade_id=trade_id, shard_id=route.shard_id, epoch=route.epoch, player_a=player_a,
+                player_b=player_b, a_gives=a_gives, b_gives=b_gives,
+            )
+            attempts += 1
+            try:
+                r = await self._transport.execute_local_trade(address, request, timeout_s)
+            except errors.FailedPrecondition as e:
+                if _DIFFERENT_SHARDS_MARKER in str(e):  # the primary's ring is newer than ours
+                    raise CrossShardTrade(str(e)) from e
+                raise
+            outcome = _OUTCOMES.get(r.outcome)
+            if outcome is None:
+                raise errors.BlueMarbleError(
+                    f"{route.shard_id}'s answer to trade {echo(trade_id)} carries no outcome ({r.outcome})")
+            return LocalTradeResult(r.trade_id or trade_id, outcome, r.reason, r.replayed, route.shard_id, attempts)
+
+        return await self._run(player_a, call, allow_stale=False, deadline_s=deadline_s, what="ExecuteLocalTrade")
 
     # ---- the retry loop ----
 

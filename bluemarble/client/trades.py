@@ -13,6 +13,18 @@ gets an answer. :class:`TradeClient` does exactly that, and nothing else:
             "trade-42", "player-a", "player-b", a_items=["sword-1"], b_gold=50, deadline_s=30)
         print(result.outcome, result.reason, result.cross_shard, result.attempts)
 
+Game servers that already route players locally (a
+:class:`~bluemarble.client.routing.RoutingClient`) pass it as ``routing``: a trade whose two
+players are on one shard in its ring then goes straight to that shard's primary
+(``ShardNode.ExecuteLocalTrade``: no control-plane hop), with the routing client's
+redirects and failover handling; every other trade (and every trade while the routing
+client is not ready yet) goes to ``TradeCoordinator.ExecuteTrade`` as below. Both paths
+key the trade on its id, so a trade retried through the other path gets the same answer
+(docs/decisions.md: "Same-shard trades go from the client straight to the primary").
+
+    async with RoutingClient(addresses) as routing, TradeClient(addresses, routing=routing) as trades:
+        result = await trades.execute_trade("trade-43", "player-a", "player-c", a_gold=5, b_items=["gem-3"])
+
 Retries: UNAVAILABLE, DEADLINE_EXCEEDED (no answer within one attempt's timeout) and
 connection failures (they surface as UNAVAILABLE), plus ABORTED *statuses* (a race lost
 somewhere; not the ABORTED *outcome*, which is an answer), and FAILED_PRECONDITION that
@@ -29,12 +41,14 @@ tells which.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import random
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
 from bluemarble.client.control_plane import ControlPlaneClient
-from bluemarble.client.routing import is_redirect
+from bluemarble.client.routing import CrossShardTrade, RoutingClient, is_redirect
 from bluemarble.core import errors
 from bluemarble.core.trades.model import Offer, Outcome, Trade, validate_trade
 from bluemarble.runtime import retry
@@ -118,6 +132,32 @@ def _side(t: shardnode_pb2.ParticipantTrade) -> TradeSide:
     return TradeSide(t.trade_id, t.shard_id, t.node_id, state, t.leg.player_id, t.deadline_ms)
 
 
+_jitter = random.Random()
+
+
+async def _call_retrying(attempt: Callable[[], Awaitable[object]], *, what: str, policy: retry.RetryPolicy,
+                         clock: Clock, retry_if: Callable[[BaseException], bool]) -> object:
+    """:func:`bluemarble.runtime.retry.call` with the first attempt made directly: nearly
+    every trade answers at once, and tenacity's set-up per call cost the client more CPU
+    than the attempt's own Python work. After a first failure that ``retry_if`` accepts:
+    one jittered initial delay, then ``retry.call`` for what is left of the deadline."""
+    start_s = clock.monotonic_s()
+    try:
+        return await attempt()
+    except Exception as e:
+        if not retry_if(e):
+            raise
+        first = e
+    delay_s = _jitter.uniform(0.0, policy.initial_s)
+    if policy.deadline_s is not None and policy.deadline_s - (clock.monotonic_s() - start_s) <= delay_s:
+        raise first
+    await clock.sleep(delay_s)
+    rest = dataclasses.replace(
+        policy, deadline_s=None if policy.deadline_s is None else policy.deadline_s - (clock.monotonic_s() - start_s)
+    )
+    return await retry.call(attempt, what=what, policy=rest, clock=clock, retry_if=retry_if)
+
+
 def _retried(error: BaseException) -> bool:
     """Worth another attempt with the same trade id (the id makes it safe)."""
     if isinstance(error, errors.FailedPrecondition):
@@ -131,7 +171,9 @@ class TradeClient:
     ``control_plane``: the addresses (the client builds and closes its own
     :class:`ControlPlaneClient`) or a ControlPlaneClient it does not close.
     ``attempt_timeout_s`` bounds one ExecuteTrade attempt; backoff between attempts is
-    jittered, ``retry_initial_s`` .. ``retry_max_backoff_s``.
+    jittered, ``retry_initial_s`` .. ``retry_max_backoff_s``. ``routing``: a started
+    :class:`RoutingClient` (not closed here) that same-shard trades go through, straight
+    to the shard's primary (module docstring); None sends every trade to the coordinator.
     """
 
     def __init__(
@@ -142,7 +184,9 @@ class TradeClient:
         retry_initial_s: float = 0.05,
         retry_max_backoff_s: float = 1.0,
         clock: Clock | None = None,
+        routing: RoutingClient | None = None,
     ):
+        self._routing = routing
         if isinstance(control_plane, ControlPlaneClient):
             self._cp, self._owns = control_plane, False
         else:
@@ -187,7 +231,7 @@ class TradeClient:
         policy = retry.RetryPolicy(
             initial_s=self._initial_s, max_backoff_s=max(self._initial_s, self._max_backoff_s), deadline_s=deadline_s
         )
-        response = await retry.call(attempt, what=what, policy=policy, clock=clock, retry_if=_retried)
+        response = await _call_retrying(attempt, what=what, policy=policy, clock=clock, retry_if=_retried)
         return response, attempts
 
     async def execute_trade(
@@ -203,7 +247,10 @@ class TradeClient:
     ) -> TradeResult:
         """Runs the trade (A gives ``a_items`` and ``a_gold``, B gives ``b_items`` and
         ``b_gold``) to its answer, retrying with the same ``trade_id`` as the module says
-        for up to ``deadline_s`` seconds.
+        for up to ``deadline_s`` seconds. With ``routing``, a trade whose players share a
+        shard goes straight to its primary (``attempts`` then counts ExecuteLocalTrade
+        attempts); if that primary's newer ring puts them apart, the coordinator runs it
+        within what is left of ``deadline_s``.
 
         Raises InvalidArgument (bad terms: checked here before anything is sent, and by
         the server, e.g. a trade id already used for other terms); after ``deadline_s``
@@ -212,6 +259,21 @@ class TradeClient:
         """
         trade = Trade(trade_id, player_a, player_b, Offer(tuple(a_items), a_gold), Offer(tuple(b_items), b_gold))
         validate_trade(trade)
+        clock = self._cp.clock
+        end_s = clock.monotonic_s() + deadline_s
+        routing = self._routing
+        if routing is not None and routing.ready and routing.same_shard(player_a, player_b):
+            try:
+                local = await routing.execute_local_trade(
+                    trade_id, player_a, player_b, a_items, a_gold, b_items, b_gold, deadline_s=deadline_s
+                )
+            except CrossShardTrade:
+                deadline_s = end_s - clock.monotonic_s()  # the coordinator runs it, in what is left
+                if deadline_s <= 0:
+                    raise errors.DeadlineExceeded(
+                        f"trade {trade_id}: no answer within the deadline (its players moved apart)") from None
+            else:
+                return TradeResult(local.trade_id, local.outcome, local.reason, False, local.attempts)
         request = trade_pb2.ExecuteTradeRequest(
             trade_id=trade_id, player_a=player_a, player_b=player_b,
             a_gives=common_pb2.Offer(item_ids=list(a_items), gold=a_gold),

@@ -12,6 +12,7 @@ import pytest
 from bluemarble.client.ring_router import RingRouter
 from bluemarble.client.routing import (
     AssignmentCache,
+    CrossShardTrade,
     Route,
     RoutingClient,
     Target,
@@ -22,6 +23,7 @@ from bluemarble.client.routing import (
 from bluemarble.core import errors
 from bluemarble.core.ids import NodeId, PlayerId
 from bluemarble.core.ring import initial_ring
+from bluemarble.core.trades.model import Outcome
 from bluemarble.runtime.clock import FakeClock, SystemClock
 from bluemarble.v1 import common_pb2, shardnode_pb2
 from bluemarble.v1 import controlplane_pb2 as pb
@@ -85,6 +87,9 @@ class FakeTransport:
 
     async def set_player_data(self, address: str, request: Any, timeout_s: float) -> Any:
         return await self._answer("SetPlayerData", address, request, timeout_s)
+
+    async def execute_local_trade(self, address: str, request: Any, timeout_s: float) -> Any:
+        return await self._answer("ExecuteLocalTrade", address, request, timeout_s)
 
     def retain(self, addresses: Collection[str]) -> None:
         self.retained.append(set(addresses))
@@ -460,3 +465,89 @@ async def test_on_the_system_clock_the_callers_own_cancellation_is_not_turned_in
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# ---- same-shard trades, straight to the primary ----
+
+MATE = next(p for p in (f"mate-{i}" for i in range(1000)) if RING.shard_for(PlayerId(p)) == SHARD)
+FAR = next(p for p in (f"far-{i}" for i in range(1000)) if RING.shard_for(PlayerId(p)) != SHARD)
+
+
+def local_trade(outcome: common_pb2.TradeOutcome = common_pb2.TRADE_OUTCOME_COMMITTED, *, reason: str = "",
+                replayed: bool = False) -> shardnode_pb2.ExecuteLocalTradeResponse:
+    return shardnode_pb2.ExecuteLocalTradeResponse(trade_id="t1", outcome=outcome, reason=reason, replayed=replayed)
+
+
+async def test_a_same_shard_trade_goes_to_the_primary_with_its_shard_and_epoch() -> None:
+    client, transport = make_client(lambda a, r: local_trade())
+    assert client.same_shard(PLAYER, MATE) and not client.same_shard(PLAYER, FAR)
+    result = await client.execute_local_trade("t1", PLAYER, MATE, a_items=["sword"], b_gold=7, deadline_s=2.0)
+    assert (result.trade_id, result.outcome, result.committed, result.replayed, result.shard_id, result.attempts) == (
+        "t1", Outcome.COMMITTED, True, False, SHARD, 1)
+    [(method, address, request, timeout_s)] = transport.calls
+    assert (method, address, timeout_s) == ("ExecuteLocalTrade", ADDRESSES["n1"], 2.0)
+    assert request == shardnode_pb2.ExecuteLocalTradeRequest(
+        trade_id="t1", shard_id=SHARD, epoch=1, player_a=PLAYER, player_b=MATE,
+        a_gives=common_pb2.Offer(item_ids=["sword"]), b_gives=common_pb2.Offer(gold=7))
+
+
+async def test_a_refused_local_trade_is_an_aborted_answer_not_an_error() -> None:
+    client, _ = make_client(lambda a, r: local_trade(common_pb2.TRADE_OUTCOME_ABORTED, reason="mate has 3 gold"))
+    result = await client.execute_local_trade("t1", PLAYER, MATE, b_gold=7)
+    assert (result.outcome, result.committed, result.reason) == (Outcome.ABORTED, False, "mate has 3 gold")
+
+
+async def test_a_local_trade_follows_a_failover_with_the_same_trade_id_and_the_new_epoch() -> None:
+    clock = FakeClock()
+    client, transport = make_client(lambda a, r: None, clock)
+
+    def handler(address: str, request: Any) -> Any:
+        if address == ADDRESSES["n1"]:
+            client.assignments.apply(change("n2", ["n3"], epoch=2, revision=11))
+            return errors.FailedPrecondition(f"n1 is not the primary of {SHARD} at epoch 2; the primary is n2")
+        return local_trade(replayed=True)
+
+    transport.handler = handler
+    result = await run_on(clock, client.execute_local_trade("t1", PLAYER, MATE, a_gold=1, b_items=["gem"]))
+    assert transport.addresses_called() == [ADDRESSES["n1"], ADDRESSES["n2"]]
+    assert [(c[2].trade_id, c[2].epoch) for c in transport.calls] == [("t1", 1), ("t1", 2)]
+    assert result.replayed and result.attempts == 2 and result.committed
+
+
+async def test_an_unavailable_primary_is_retried_with_the_same_trade_id_until_the_deadline() -> None:
+    clock = FakeClock()
+    client, transport = make_client(lambda a, r: errors.Unavailable("node n1 unavailable"), clock)
+    with pytest.raises(errors.Unavailable):
+        await run_on(clock, client.execute_local_trade("t1", PLAYER, MATE, a_gold=1, deadline_s=1.0))
+    assert len(transport.calls) >= 2 and {c[2].trade_id for c in transport.calls} == {"t1"}
+
+
+async def test_players_on_different_shards_are_refused_before_anything_is_sent() -> None:
+    client, transport = make_client(lambda a, r: local_trade())
+    with pytest.raises(CrossShardTrade, match="different shards"):
+        await client.execute_local_trade("t1", PLAYER, FAR, a_gold=1)
+    assert transport.calls == []
+
+
+async def test_a_primary_whose_ring_puts_the_players_apart_is_final_cross_shard() -> None:
+    refusal = errors.FailedPrecondition(
+        f"players {PLAYER} ({SHARD}) and {MATE} (shard-9) are on different shards; use TradeCoordinator.ExecuteTrade")
+    client, transport = make_client(lambda a, r: refusal)
+    with pytest.raises(CrossShardTrade):
+        await client.execute_local_trade("t1", PLAYER, MATE, a_gold=1)
+    assert len(transport.calls) == 1
+    assert not should_retry(CrossShardTrade("players primary-1 and epoch-2 are on different shards"))
+
+
+@pytest.mark.parametrize(("terms", "message"), [
+    ({"player_b": PLAYER, "a_gold": 1}, "cannot trade with themselves"),
+    ({"a_items": ["x", "x"]}, "twice"),
+    ({}, "empty"),
+    ({"a_gold": -1}, "gold"),
+])
+async def test_bad_trade_terms_are_refused_before_anything_is_sent(terms: dict[str, Any], message: str) -> None:
+    client, transport = make_client(lambda a, r: local_trade())
+    args: dict[str, Any] = {"player_b": MATE, **terms}
+    with pytest.raises(errors.InvalidArgument, match=message):
+        await client.execute_local_trade("t1", PLAYER, **args)
+    assert transport.calls == []

@@ -13,11 +13,15 @@ import grpc
 import grpc.aio
 import pytest
 
+from bluemarble.client.ring_router import RingRouter
+from bluemarble.client.routing import AssignmentCache, RoutingClient
 from bluemarble.client.trades import TradeClient
 from bluemarble.core import errors
+from bluemarble.core.ids import PlayerId
+from bluemarble.core.ring import initial_ring
 from bluemarble.core.trades.model import Outcome
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
-from bluemarble.v1 import common_pb2, shardnode_pb2, trade_pb2, trade_pb2_grpc
+from bluemarble.v1 import common_pb2, controlplane_pb2, shardnode_pb2, trade_pb2, trade_pb2_grpc
 from scripts.localcluster import free_port
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -174,3 +178,81 @@ async def test_get_trade_and_in_doubt_are_values(start: Any) -> None:
         doubt = await client.in_doubt()
         assert [(e.trade_id, e.state, e.deadline_ms) for e in doubt.escrows] == [("t9", "PREPARED", 1234)]
         assert doubt.unreachable_nodes == ("n3",)
+
+
+# ---- with a routing client: same-shard trades straight to the primary ----
+
+RING = initial_ring(4, 10)
+A = "player-a"
+MATE = next(p for p in (f"mate-{i}" for i in range(1000)) if RING.shard_for(PlayerId(p)) == RING.shard_for(PlayerId(A)))
+FAR = next(p for p in (f"far-{i}" for i in range(1000)) if RING.shard_for(PlayerId(p)) != RING.shard_for(PlayerId(A)))
+
+
+class Nodes:
+    """A fake node transport: ExecuteLocalTrade answers ``answer`` (a response or an error)."""
+
+    def __init__(self, answer: Any):
+        self.answer = answer
+        self.requests: list[shardnode_pb2.ExecuteLocalTradeRequest] = []
+
+    async def execute_local_trade(self, address: str, request: shardnode_pb2.ExecuteLocalTradeRequest,
+                                  timeout_s: float) -> shardnode_pb2.ExecuteLocalTradeResponse:
+        self.requests.append(request)
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        assert isinstance(self.answer, shardnode_pb2.ExecuteLocalTradeResponse)
+        return self.answer
+
+    def retain(self, addresses: Any) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+def routing_client(nodes: Nodes) -> RoutingClient:
+    cache = AssignmentCache()
+    cache.apply(controlplane_pb2.WatchAssignmentsResponse(
+        revision=1, snapshot=True,
+        assignments=[common_pb2.Assignment(shard_id=s, epoch=3, primary="n1") for s in RING.shard_ids],
+        nodes=[common_pb2.NodeRef(node_id="n1", address="127.0.0.1:1")]))
+    return RoutingClient(None, router=RingRouter.from_ring(RING), assignments=cache, transport=nodes)  # type: ignore[arg-type]
+
+
+async def test_with_routing_a_same_shard_trade_skips_the_coordinator(start: Any) -> None:
+    address, coordinator = await start(answer)
+    nodes = Nodes(shardnode_pb2.ExecuteLocalTradeResponse(trade_id="t1", outcome=common_pb2.TRADE_OUTCOME_COMMITTED))
+    async with TradeClient([address], routing=routing_client(nodes)) as client:
+        result = await client.execute_trade("t1", A, MATE, a_items=["sword"], b_gold=7, deadline_s=5)
+    assert (result.outcome, result.cross_shard, result.attempts) == (Outcome.COMMITTED, False, 1)
+    assert coordinator.requests == []
+    [request] = nodes.requests
+    assert (request.trade_id, request.player_a, request.player_b, request.epoch) == ("t1", A, MATE, 3)
+
+
+async def test_with_routing_a_cross_shard_trade_goes_to_the_coordinator(start: Any) -> None:
+    address, coordinator = await start(answer)
+    nodes = Nodes(AssertionError("a cross-shard trade reached a node"))
+    async with TradeClient([address], routing=routing_client(nodes)) as client:
+        result = await client.execute_trade("t2", A, FAR, a_items=["sword"], b_gold=7, deadline_s=5)
+    assert result.cross_shard and [r.trade_id for r in coordinator.requests] == ["t2"] and nodes.requests == []
+
+
+async def test_with_routing_a_primary_whose_ring_puts_them_apart_hands_the_trade_to_the_coordinator(
+        start: Any) -> None:
+    address, coordinator = await start(answer)
+    nodes = Nodes(errors.FailedPrecondition(f"players {A} (shard-0) and {MATE} (shard-3) are on different shards; "
+                                            "use TradeCoordinator.ExecuteTrade"))
+    async with TradeClient([address], routing=routing_client(nodes)) as client:
+        result = await client.execute_trade("t3", A, MATE, a_gold=1, b_items=["gem"], deadline_s=5)
+    assert len(nodes.requests) == 1 and [r.trade_id for r in coordinator.requests] == ["t3"]
+    assert result.cross_shard and result.committed
+
+
+async def test_with_routing_final_errors_of_the_primary_are_raised(start: Any) -> None:
+    address, coordinator = await start(answer)
+    nodes = Nodes(errors.InvalidArgument("trade id t4: trade id reused with different terms"))
+    async with TradeClient([address], routing=routing_client(nodes)) as client:
+        with pytest.raises(errors.InvalidArgument, match="reused"):
+            await client.execute_trade("t4", A, MATE, a_gold=1, deadline_s=5)
+    assert coordinator.requests == []
