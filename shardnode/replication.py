@@ -61,13 +61,18 @@ replication lag, nothing to their callers' latency). STRONG writes are never hel
 MAX_BATCH_BYTES = 4 << 20
 
 
+_POSITION_ANSWERS = frozenset(
+    {shardnode_pb2.ACK_RESULT_OK, shardnode_pb2.ACK_RESULT_MISMATCH, shardnode_pb2.ACK_RESULT_STALE_EPOCH}
+)
+
+
 @dataclass
 class Peer:
     """What the primary knows about one replica of one shard."""
 
     next_lsn: int | None = None  # None: unknown, probe first
     acked: LogPosition = ZERO  # last position the replica acknowledged as durable (this term)
-    reported: LogPosition | None = None  # where the replica said its log ends (any answer)
+    reported: LogPosition | None = None  # where the replica said its log ends (an answer past its checks)
     snapshot_required: bool = False
     retry_at_s: float = 0.0
     last_probe_s: float = -1e18
@@ -264,8 +269,12 @@ class Shipper:
             if epoch is None or peer is None or view is None or view.epoch != epoch:
                 continue  # not ours any more, or a new term began meanwhile
             last = log_position_from_proto(shard_ack.last) or ZERO  # malformed: probe again
-            peer.reported = last
             result = shard_ack.result
+            if result in _POSITION_ANSWERS:
+                # Only answers that went through the replica's checks: those fenced it at
+                # this epoch, so the position is final for the old primary's writes (a
+                # new primary serves once every replica gave one; DataPlane).
+                peer.reported = last
             if result == shardnode_pb2.ACK_RESULT_OK:
                 peer.acked, peer.next_lsn = last, last.lsn + 1
                 self.link.on_ack(shard, self.replica, epoch, shard_ack)
