@@ -325,8 +325,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
         # Players: pairs per worker (cross and same shard), seeded with one item and gold.
         # One RoutingClient for the whole run: it seeds the players, then routes the trades.
-        async with RoutingClient([cp], max_attempts=1000) as routing, TradeClient(
-                [cp], routing=routing if args.same_shard_via == "client" else None) as client:
+        async with RoutingClient([cp], max_attempts=1000) as routing, (
+                TradeClient([cp], routing=routing) if args.same_shard_via == "client" else TradeClient([cp])) as client:
             by_shard: dict[str, list[str]] = {}
             for i in range(args.concurrency * 40):
                 player = f"b{i:05d}"

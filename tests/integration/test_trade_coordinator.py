@@ -2,7 +2,9 @@
 nodes that implement the participant RPCs over one in-memory world (a fake at our own
 RPC boundary, built on the core's participant rules): cross-shard commit and abort,
 same-shard trades, retries after a coordinator crash at each step, ResolveTrade racing
-ExecuteTrade, bad inputs, retention leases and the leader's sweep."""
+ExecuteTrade, bad inputs, retention leases and the leader's sweep. One test runs real
+processes instead (marked e2e): same-shard trades from the client straight to the shard's
+primary, against real shard nodes, through a failover of that primary."""
 
 from __future__ import annotations
 
@@ -507,3 +509,78 @@ async def test_the_sweep_keeps_a_record_whose_participant_is_down_and_lists_in_d
         assert not c.world.escrows() and c.world.items[b] == {"ring"} and c.world.gold == {a: 7, b: 0}
         assert (await c.app.store.get(c.app.keys.trade(TradeId("s1")))).lease  # type: ignore[union-attr]
         assert await sweep.sweep_once() == (0, 0)
+
+
+# ---- same-shard trades straight from the client, against real shard nodes ----
+
+
+@pytest.mark.e2e
+async def test_direct_same_shard_trades_against_real_nodes_agree_with_the_coordinator_and_survive_a_failover(
+    etcd: Any, cluster_name: str, tmp_path: Any,
+) -> None:
+    """A TradeClient with a RoutingClient sends same-shard trades to the primary itself:
+    they commit, move items and gold once, answer the same as the coordinator for the
+    same trade id (both ways), record refusals, refuse a reused trade id, and follow a
+    SIGKILLed primary to its successor; cross-shard trades still go through the
+    coordinator."""
+    from bluemarble.client.routing import RoutingClient
+    from bluemarble.client.trades import TradeClient
+    from bluemarble.core import errors
+    from tests.e2e.conftest import ProcessCluster
+    from tests.e2e.test_data_plane import eventually, failed_over, grant_all, led_by, settled
+
+    cluster = ProcessCluster(etcd, cluster_name, tmp_path)
+    try:
+        cluster.start_control_plane("--lease-ttl-s", "2", "--replication-factor", "2", "--shards", "4")
+        for node, zone in (("n1", "z1"), ("n2", "z2"), ("n3", "z3")):
+            cluster.start_node(node, zone)
+        await eventually(settled(cluster, 4, 2), 40, "every shard served, placement settled")
+        async with RoutingClient(cluster.control_planes, max_attempts=1000) as routing, \
+                TradeClient(cluster.control_planes, routing=routing) as direct, \
+                TradeClient(cluster.control_planes) as via_coordinator:
+            players = [f"direct-{i}" for i in range(24)]
+            by_shard: dict[str, list[str]] = collections.defaultdict(list)
+            for player in players:
+                by_shard[routing.resolve(player).shard_id].append(player)
+            a, b = next(ps for ps in by_shard.values() if len(ps) >= 2)[:2]
+            far = next(p for p in players if routing.resolve(p).shard_id != routing.resolve(a).shard_id)
+            await grant_all(routing, {f"seed-{p}": (p, [f"{p}/gem", f"{p}/orb"], 100) for p in (a, b, far)})
+
+            async def holdings(player: str) -> tuple[set[str], int]:
+                inventory = await routing.get_inventory(player)
+                return set(inventory.item_ids), inventory.gold
+
+            # Direct, then the same id through the coordinator: one answer, one move.
+            first = await direct.execute_trade("d-1", a, b, a_items=[f"{a}/gem"], b_gold=10, deadline_s=20)
+            assert (first.outcome.name, first.cross_shard, first.attempts) == ("COMMITTED", False, 1)
+            again = await via_coordinator.execute_trade("d-1", a, b, a_items=[f"{a}/gem"], b_gold=10, deadline_s=20)
+            assert (again.outcome.name, again.cross_shard) == ("COMMITTED", False)
+            assert await holdings(a) == ({f"{a}/orb"}, 110) and await holdings(b) == (
+                {f"{b}/gem", f"{b}/orb", f"{a}/gem"}, 90)
+            # Through the coordinator first, then directly: the same.
+            back = await via_coordinator.execute_trade("d-2", a, b, b_items=[f"{a}/gem"], a_gold=10, deadline_s=20)
+            replay = await direct.execute_trade("d-2", a, b, b_items=[f"{a}/gem"], a_gold=10, deadline_s=20)
+            assert back.committed and replay.committed and not replay.cross_shard
+            assert await holdings(a) == ({f"{a}/gem", f"{a}/orb"}, 100)
+            # A refusal is an ABORTED answer naming the item, recorded: the retry says the same.
+            refused = await direct.execute_trade("d-3", a, b, a_items=[f"{b}/orb"], deadline_s=20)
+            assert refused.outcome.name == "ABORTED" and f"{b}/orb" in refused.reason
+            assert (await direct.execute_trade("d-3", a, b, a_items=[f"{b}/orb"], deadline_s=20)).reason == (
+                refused.reason)
+            with pytest.raises(errors.InvalidArgument, match=r"reused|different"):
+                await direct.execute_trade("d-1", a, b, a_gold=1, deadline_s=20)
+            # Cross-shard players go through the coordinator.
+            cross = await direct.execute_trade("d-4", a, far, a_gold=1, b_gold=2, deadline_s=20)
+            assert cross.committed and cross.cross_shard
+            # SIGKILL the pair's primary: the next direct trade follows the failover.
+            victim = routing.resolve(a).primary
+            assert victim is not None
+            led = led_by(cluster, victim)
+            cluster.process(victim).kill()
+            after = await direct.execute_trade("d-5", a, b, a_items=[f"{a}/orb"], b_gold=5, deadline_s=30)
+            assert after.committed and not after.cross_shard
+            await eventually(lambda: failed_over(cluster, led, victim), 30, "the victim's shards failed over")
+            assert routing.resolve(a).primary != victim
+            assert await holdings(b) == ({f"{b}/gem", f"{b}/orb", f"{a}/orb"}, 95)
+    finally:
+        cluster.stop_all()
