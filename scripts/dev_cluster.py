@@ -62,7 +62,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--dir", type=Path, default=ROOT / ".bluemarble")
-    p.add_argument("--control-plane-port", type=int, default=7000)
+    p.add_argument("--control-plane-port", type=int, default=7000, help="0 picks a free port")
     p.add_argument("--node-base-port", type=int, default=7101, help="0 picks free ports")
     p.add_argument("--lease-ttl-s", type=int, default=10)
     p.add_argument("--players", type=int, default=300, help="players the demo seeds (0: no demo)")
@@ -79,7 +79,7 @@ def main() -> int:
     try:
         print(f"starting etcd ({args.dir / 'etcd'}) ...", flush=True)
         etcd.start()
-        cp_address = f"127.0.0.1:{args.control_plane_port}"
+        cp_address = f"127.0.0.1:{args.control_plane_port or free_port()}"
         control_plane = ManagedProcess(
             "controlplane",
             [sys.executable, "-m", "controlplane.server.main", "--listen", cp_address, "--etcd", etcd.endpoint,
