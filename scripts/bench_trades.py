@@ -103,31 +103,33 @@ class CpuMeter:
     window of a named phase is also sampled by py-spy (collapsed stacks, one file per
     process: ``<phase>-<process>.txt``), for finding where that CPU goes."""
 
-    def __init__(self, pids: dict[str, int], profile_dir: Path | None = None):
+    def __init__(self, pids: dict[str, int], profile_dir: Path | None = None, native: bool = False):
         self.pids = pids
         self.start: dict[str, float] = {}
         self.t0 = 0.0
         self.profile_dir = profile_dir
+        self.native = native
         self._spies: list[asyncio.subprocess.Process] = []
         self._starting: list[asyncio.Task[None]] = []
 
     def begin(self, phase: str = "", duration_s: float = 0.0) -> None:
         self.start = {name: cpu_s(pid) for name, pid in self.pids.items()}
         self.t0 = time.monotonic()
-        if self.profile_dir is not None and phase and duration_s > 0:
+        if self.profile_dir is not None and phase != "echo" and duration_s > 0:
             self._starting.append(asyncio.ensure_future(self._profile(phase, duration_s)))
 
     async def _profile(self, phase: str, duration_s: float) -> None:
         assert self.profile_dir is not None
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
         spy = Path(sys.executable).with_name("py-spy")
         for name, pid in self.pids.items():
-            if name in ("etcd", "echo"):
-                continue
+            if name in ("etcd", "echo") or (self.native and name not in ("client", "cp")):
+                continue  # native sampling pauses a process for every sample: only the two looked at
             out = self.profile_dir / f"{phase}-{name}.txt"
             self._spies.append(await asyncio.create_subprocess_exec(
                 str(spy), "record", "-p", str(pid), "-f", "raw", "-r", "200", "-d", str(max(1, int(duration_s))),
-                "--nonblocking", "-o", str(out), stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL))
+                *(["--native"] if self.native else ["--nonblocking"]), "-o", str(out),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
 
     async def wait_profiles(self) -> None:
         starting, self._starting = self._starting, []
@@ -309,7 +311,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                                         workdir / "echo.log").start())
         await wait_for(lambda: placed(cp, args.replication_factor), 60, "placement")
         meter = CpuMeter({"client": os.getpid(), **{p.name: p.pid for p in processes},
-                          **({"etcd": etcd.process.pid} if etcd.process else {})}, args.profile_dir)
+                          **({"etcd": etcd.process.pid} if etcd.process else {})}, args.profile_dir,
+                         args.profile_native)
 
         # Phase 1: echo.
         async with grpc.aio.insecure_channel(echo) as channel:
@@ -440,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-dir", type=Path, default=None,
                    help="sample the client, control plane and nodes with py-spy over each closed-loop window "
                         "(collapsed stacks, <phase>-<process>.txt)")
+    p.add_argument("--profile-native", action="store_true",
+                   help="with --profile-dir: C frames too (py-spy then pauses each process to sample it)")
     args = p.parse_args(argv)
     logs.configure("error", "console")
     workdir = Path(tempfile.mkdtemp(prefix="bluemarble-bench-trades-"))

@@ -47,13 +47,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-from bluemarble.client.control_plane import ControlPlaneClient
+import grpc.aio
+
+from bluemarble.client.control_plane import ControlPlaneClient, to_error
 from bluemarble.client.routing import CrossShardTrade, RoutingClient, is_redirect
 from bluemarble.core import errors
 from bluemarble.core.trades.model import Offer, Outcome, Trade, validate_trade
 from bluemarble.runtime import retry
-from bluemarble.runtime.clock import Clock
-from bluemarble.v1 import common_pb2, shardnode_pb2, trade_pb2
+from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
+from bluemarble.v1 import common_pb2, shardnode_pb2, trade_pb2, trade_pb2_grpc
 
 DEFAULT_TRADE_DEADLINE_S = 30.0
 DEFAULT_ATTEMPT_TIMEOUT_S = 10.0
@@ -187,6 +189,7 @@ class TradeClient:
         routing: RoutingClient | None = None,
     ):
         self._routing = routing
+        self._stubs: dict[str, trade_pb2_grpc.TradeCoordinatorStub] = {}
         if isinstance(control_plane, ControlPlaneClient):
             self._cp, self._owns = control_plane, False
         else:
@@ -211,6 +214,36 @@ class TradeClient:
     ) -> None:
         await self.close()
 
+    async def _once(self, rpc: str, request: object, timeout_s: float) -> object:
+        """One call of ``rpc`` on the current control-plane replica within ``timeout_s``;
+        an UNAVAILABLE or DEADLINE_EXCEEDED moves the shared client on to the next replica
+        (as :meth:`ControlPlaneClient.call` does). One stub per replica address, kept: a
+        ControlPlaneClient call built two stubs and a tenacity loop per attempt, a fifth of
+        this client's CPU per trade."""
+        address = self._cp.current_address
+        stub = self._stubs.get(address)
+        if stub is None:
+            stub = self._stubs[address] = self._cp.trades()  # the current replica's channel
+        method = getattr(stub, rpc)
+        try:
+            if type(self._cp.clock) is SystemClock:  # the call's gRPC deadline bounds it
+                response: object = await method(request, timeout=timeout_s)
+                return response
+
+            async def call() -> object:
+                answer: object = await method(request, timeout=timeout_s)
+                return answer
+
+            return await run_with_timeout(self._cp.clock, call(), timeout_s)
+        except grpc.aio.AioRpcError as e:
+            error = to_error(e, address)
+            if isinstance(error, errors.Unavailable | errors.DeadlineExceeded):
+                self._cp.rotate(away_from=address)
+            raise error from e
+        except TimeoutError as e:
+            self._cp.rotate(away_from=address)
+            raise errors.DeadlineExceeded(f"control plane {address} did not answer within {timeout_s:g} s") from e
+
     async def _retrying(self, request: object, rpc: str, what: str, deadline_s: float) -> tuple[object, int]:
         """``rpc`` of the TradeCoordinator with ``request``, retried as the module says;
         returns the response and the number of attempts."""
@@ -223,10 +256,7 @@ class TradeClient:
             attempts += 1
             remaining_s = end_s - clock.monotonic_s()
             timeout_s = max(0.05, min(self._attempt_timeout_s, remaining_s))
-            response: object = await self._cp.call(
-                lambda _: getattr(self._cp.trades(), rpc), request, timeout_s=timeout_s, attempts=1
-            )
-            return response
+            return await self._once(rpc, request, timeout_s)
 
         policy = retry.RetryPolicy(
             initial_s=self._initial_s, max_backoff_s=max(self._initial_s, self._max_backoff_s), deadline_s=deadline_s

@@ -584,3 +584,27 @@ async def test_direct_same_shard_trades_against_real_nodes_agree_with_the_coordi
             assert await holdings(b) == ({f"{b}/gem", f"{b}/orb", f"{a}/orb"}, 95)
     finally:
         cluster.stop_all()
+
+
+# ---- the decision record's encoding ----
+
+
+@pytest.mark.parametrize("record", [
+    trade_pb2.TradeRecord(
+        trade_id="x-1", outcome=common_pb2.TRADE_OUTCOME_COMMITTED, decided_by="coordinator cp-0",
+        decided_at_ms=1_700_000_000_123, shard_a="shard-001", shard_b="shard-002",
+        request=trade_to_request(Trade("x-1", "a", "b", Offer(("a/gem", "a/orb"), 0), Offer((), 2**53)))),
+    trade_pb2.TradeRecord(
+        trade_id="x-2", outcome=common_pb2.TRADE_OUTCOME_ABORTED, reason='b has 3 gold, not 5 "quoted" \\ é ☃',
+        decided_by="coordinator cp-1", decided_at_ms=1, request=trade_pb2.ExecuteTradeRequest(
+            trade_id="x-2", player_a="é", player_b="b", b_gives=common_pb2.Offer(gold=5))),
+    trade_pb2.TradeRecord(trade_id="x-3", outcome=common_pb2.TRADE_OUTCOME_ABORTED, reason="aborted by participant",
+                          decided_by="participant shard-003", shard_a="shard-003"),
+    trade_pb2.TradeRecord(trade_id="x-4"),
+    trade_pb2.TradeRecord(trade_id="x-5", outcome=99),  # type: ignore[arg-type]
+])
+def test_the_decision_record_encoder_writes_what_the_generic_codec_writes(record: trade_pb2.TradeRecord) -> None:
+    from controlplane.store.trade_store import encode_record
+
+    assert encode_record(record) == codec.encode(record)
+    assert codec.decode(encode_record(record), trade_pb2.TradeRecord) == record
