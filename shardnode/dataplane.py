@@ -95,14 +95,14 @@ TAIL_CACHE_BYTES = 4 << 20
 read back from SQLite when a replica needs them."""
 
 
-@dataclass
-class _Waiter:
-    lsn: int
-    seq: int
-    future: asyncio.Future[None] = field(compare=False)
+_Waiter = tuple[int, int, "asyncio.Future[None]"]
+"""A STRONG caller waiting for an lsn to commit: ``(lsn, seq, future)``, in a heap (a
+tuple compares in C; ``seq`` keeps futures from ever being compared)."""
 
-    def __lt__(self, other: _Waiter) -> bool:
-        return (self.lsn, self.seq) < (other.lsn, other.seq)
+
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 @dataclass
@@ -477,16 +477,17 @@ class DataPlane:
         )
         if committed > state.commit_lsn:
             state.commit_lsn = committed
-        while state.waiters and state.waiters[0].lsn <= state.commit_lsn:
-            waiter = heapq.heappop(state.waiters)
-            if not waiter.future.done():
-                waiter.future.set_result(None)
+        waiters = state.waiters
+        while waiters and waiters[0][0] <= state.commit_lsn:
+            future = heapq.heappop(waiters)[2]
+            if not future.done():
+                future.set_result(None)
 
     def _fail_waiters(self, state: ShardState, error: BlueMarbleError) -> None:
         while state.waiters:
-            waiter = heapq.heappop(state.waiters)
-            if not waiter.future.done():
-                waiter.future.set_exception(error)
+            future = heapq.heappop(state.waiters)[2]
+            if not future.done():
+                future.set_exception(error)
 
     async def _wait_committed(self, state: ShardState, lsn: int, timeout_s: float, what: str) -> None:
         """Waits until ``lsn`` is replicated as far as the shard's consistency needs.
@@ -495,14 +496,24 @@ class DataPlane:
         if this node stops being the primary meanwhile."""
         if state.commit_lsn >= lsn:
             return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(state.waiters, _Waiter(lsn, next(self._seq), future))
-
-        async def committed() -> None:
-            await asyncio.shield(future)
-
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        heapq.heappush(state.waiters, (lsn, next(self._seq), future))
         try:
-            await run_with_timeout(self._clock, committed(), timeout_s)
+            if type(self._clock) is SystemClock:
+                # One timer handle on the loop (whose time is the same monotonic clock):
+                # no coroutine, shield or asyncio.timeout per STRONG write.
+                timer = loop.call_later(timeout_s, _expire, future)
+                try:
+                    await future
+                finally:
+                    timer.cancel()
+            else:
+
+                async def committed() -> None:
+                    await asyncio.shield(future)
+
+                await run_with_timeout(self._clock, committed(), timeout_s)
         except TimeoutError as e:
             future.cancel()
             raise Unavailable(
@@ -734,7 +745,7 @@ class DataPlane:
         except BlueMarbleError as e:
             results = [e] * len(batch)
         touched: dict[ShardId, ShardState] = {}
-        for (state, epoch, op, future), result in zip(batch, results, strict=True):
+        for (state, epoch, _op, future), result in zip(batch, results, strict=True):
             if isinstance(result, BlueMarbleError):
                 if not future.done():
                     future.set_exception(result)
@@ -742,12 +753,12 @@ class DataPlane:
             if not result.replayed and state.epoch == epoch:
                 state.last = max(state.last, LogPosition(epoch, result.lsn))
                 touched[state.shard_id] = state
-                # The same bytes storage logged (it encodes ops deterministically).
                 if state.tail and state.tail[-1].lsn + 1 != result.lsn:
                     state.tail.clear()
                     state.tail_bytes = 0
+                # The bytes storage logged, not encoded a second time.
                 entry = shardnode_pb2.LogEntry(
-                    lsn=result.lsn, epoch=epoch, payload=op.SerializeToString(deterministic=True), written_at_ms=now_ms
+                    lsn=result.lsn, epoch=epoch, payload=result.payload, written_at_ms=now_ms
                 )
                 if len(state.tail) == state.tail.maxlen:
                     state.tail_bytes -= len(state.tail[0].payload)

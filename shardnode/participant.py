@@ -2,9 +2,9 @@
 ListTrades, and the termination rule that settles escrows nobody came back for.
 
 Why this module exists: the rules are pure (:mod:`bluemarble.core.trades.participant`);
-this is their driver on the primary. Every change is one STRONG write through the data
-plane's write path (epoch check, self-fencing, group commit, acknowledged once a replica
-has it), so a trade's state is exactly as durable as the inventories it changes.
+this is their driver on the primary. Every change is one write through the data plane's
+STRONG write path (epoch check, self-fencing, group commit, replicated as a log entry),
+so a trade's state is exactly as durable as the inventories it changes.
 
 Deciding without races: a decision reads the player's holdings and the trade id's record
 from storage *plus the writes of the shard queued for the next group commit and not yet
@@ -13,6 +13,14 @@ turn (no ``await`` between the read and the queueing). So two Prepares of one it
 never both escrow it, with or without group commit. Storage checks the op again inside
 the transaction (:mod:`shardnode.storage.trades`): should the two ever disagree, the write
 is refused (FailedPrecondition) rather than applied.
+
+Acknowledging a settle: Prepare and same-shard trades answer once a replica holds their
+entry (STRONG); Commit and Abort answer after the primary's local commit, without waiting
+for a replica. What makes that safe is the decision record, not the settle's entry: the
+escrow it settles is already replicated (Prepare was STRONG), so a primary that dies
+before its settle reaches a replica leaves a promoted replica holding the escrow PREPARED,
+and the termination rule below applies the recorded outcome there (docs/decisions.md,
+"Commit and Abort answer after the local commit").
 
 Termination: on every shard this node serves as primary, a PREPARED escrow past its
 deadline (:func:`~bluemarble.core.trades.participant.termination_due`) makes the node ask
@@ -78,8 +86,6 @@ address after a failure, with jittered backoff. A trade whose attempt fails is t
 by the loop (after its own jittered delay), so an escrow is settled once the control plane
 is back (I5)."""
 MAX_CONCURRENT_RESOLVES = 64
-TERMINATION_SETTLE_TIMEOUT_S = 5.0
-"""How long a termination's settle write waits for a replica's ack."""
 
 
 @dataclass(frozen=True)
@@ -232,7 +238,9 @@ class Participant:
                 ),
             )
             result = await self._dp.write(state, op)  # queued in this turn: no await before it
-            log.info("trade escrowed", trade_id=trade_id, shard=shard, player=leg.player, lsn=result.lsn)
+            # Success paths log at debug: a line per trade per node at hundreds of trades/s
+            # is a log-volume and CPU cost; refusals and anomalies stay at info and above.
+            log.debug("trade escrowed", trade_id=trade_id, shard=shard, player=leg.player, lsn=result.lsn)
             await self._dp.wait_committed(state, result.lsn, timeout_s, what)
             response.vote, response.prepared = shardnode_pb2.TRADE_VOTE_PREPARED, True
             response.deadline_ms = deadline_ms
@@ -256,20 +264,20 @@ class Participant:
     # ---- Commit / Abort ----
 
     async def settle(
-        self, trade_id: str, shard_id: str, epoch: int, outcome: Outcome, timeout_s: float, reason: str = ""
+        self, trade_id: str, shard_id: str, epoch: int, outcome: Outcome, reason: str = ""
     ) -> shardnode_pb2.ParticipantTradeState:
         """Applies the recorded ``outcome`` of ``trade_id`` on ``shard_id`` (idempotent).
-        Returns the state afterwards (COMMITTED/ABORTED). Raises FailedPrecondition for a
-        conflicting settle or a COMMITTED without escrow here (nothing changes; logged),
-        and as :meth:`prepare` for the rest."""
+        Returns the state afterwards (COMMITTED/ABORTED) once this primary has committed
+        it locally: it does not wait for a replica (module docstring: the decision record,
+        with the replicated escrow and the termination rule, makes the outcome final).
+        Raises FailedPrecondition for a conflicting settle or a COMMITTED without escrow
+        here (nothing changes; logged), and as :meth:`prepare` for the rest."""
         validation.request_id(trade_id, "trade_id")
         shard = _check_shard(shard_id)
         state = self._dp.writable(shard, epoch)
         view = self._view(shard, trade_id)
         verdict = decide_settle(view.known, outcome)
-        what = f"{outcome.name.lower()} of trade {echo(trade_id, 40)}"
         if verdict is SettleVerdict.NOOP:
-            await self._settled_answer(state, timeout_s, what)
             return stored.state_to_proto(state_for(outcome))
         if verdict is SettleVerdict.CONFLICT:
             assert view.known is not None
@@ -301,9 +309,8 @@ class Participant:
             ),
         )
         result = await self._dp.write(state, op)
-        log.info("trade settled", trade_id=trade_id, shard=shard, outcome=outcome.name, verdict=verdict.name,
-                 lsn=result.lsn)
-        await self._dp.wait_committed(state, result.lsn, timeout_s, what)
+        log.debug("trade settled", trade_id=trade_id, shard=shard, outcome=outcome.name, verdict=verdict.name,
+                  lsn=result.lsn)
         return stored.state_to_proto(state_for(outcome))
 
     # ---- same-shard trades ----
@@ -362,8 +369,9 @@ class Participant:
             ),
         )
         result = await self._dp.write(state, op)
-        log.info("local trade", trade_id=trade.trade_id, shard=shard, outcome=decision.outcome.name,
-                 reason=decision.reason, lsn=result.lsn)
+        (log.debug if decision.outcome is Outcome.COMMITTED else log.info)(
+            "local trade", trade_id=trade.trade_id, shard=shard, outcome=decision.outcome.name,
+            reason=decision.reason, lsn=result.lsn)
         await self._dp.wait_committed(state, result.lsn, timeout_s, f"trade {echo(trade.trade_id, 40)}")
         response.outcome, response.reason = stored.outcome_to_proto(decision.outcome), decision.reason
         return response
@@ -425,9 +433,7 @@ class Participant:
                  shard=record.shard_id, late_ms=late_ms)
         try:
             outcome, reason = await self.resolve(record.shard_id, record.trade_id, "escrow past its deadline")
-            state = await self.settle(
-                record.trade_id, record.shard_id, 0, outcome, TERMINATION_SETTLE_TIMEOUT_S, reason=reason
-            )
+            state = await self.settle(record.trade_id, record.shard_id, 0, outcome, reason=reason)
         except BlueMarbleError as e:
             delay_s = self._rng.uniform(0.5, 1.5) * max(self._interval_s, 0.5)
             self._next_try_s[key] = self._clock.monotonic_s() + delay_s

@@ -110,13 +110,13 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
 
     async def Commit(self, request: shardnode_pb2.CommitRequest, context: Ctx) -> shardnode_pb2.CommitResponse:
         state = await self._trades().settle(
-            request.trade_id, request.shard_id, request.epoch, Outcome.COMMITTED, _timeout_s(context)
+            request.trade_id, request.shard_id, request.epoch, Outcome.COMMITTED
         )
         return shardnode_pb2.CommitResponse(state=state)
 
     async def Abort(self, request: shardnode_pb2.AbortRequest, context: Ctx) -> shardnode_pb2.AbortResponse:
         state = await self._trades().settle(
-            request.trade_id, request.shard_id, request.epoch, Outcome.ABORTED, _timeout_s(context)
+            request.trade_id, request.shard_id, request.epoch, Outcome.ABORTED
         )
         return shardnode_pb2.AbortResponse(state=state)
 

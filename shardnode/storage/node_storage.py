@@ -112,6 +112,10 @@ class _Txn:
         return row
 
 
+class _Rollback(Exception):
+    """Leaves a write transaction without committing anything (a refused write)."""
+
+
 @contextlib.contextmanager
 def _sqlite_errors(path: Path) -> Iterator[None]:
     """Wraps SQLite's errors once, here: a full or failing disk is retryable (Unavailable),
@@ -293,6 +297,19 @@ class NodeStorage:
         one fsync under FULL). Each write runs in its own savepoint, in order, and sees the
         ones before it: a refused write is returned as its error, in its place, and undoes
         nothing else. Raises (and commits nothing) only when the storage itself fails."""
+        if len(writes) == 1:
+            # One write: a refusal rolls the whole transaction back, no savepoint needed.
+            shard, epoch, op = writes[0]
+            refused: list[BlueMarbleError] = []
+            try:
+                with self._write_txn() as txn:
+                    try:
+                        return [self._write_one(txn, shard, epoch, op, now_ms)]
+                    except BlueMarbleError as e:
+                        refused.append(e)
+                        raise _Rollback from e
+            except _Rollback:
+                return [refused[0]]
         if len(writes) > 1:
             # Optimistically without savepoints (two statements fewer per write); refusals
             # are rare, and one rolls this attempt back whole for the careful path below.
@@ -347,7 +364,7 @@ class NodeStorage:
         apply.append_entry(self._conn, shard, epoch, lsn, now_ms, payload, op.request_id, response)
         row.advance(epoch, lsn)
         txn.dirty.add(shard)
-        return WriteResult(lsn, response, False)
+        return WriteResult(lsn, response, False, payload)
 
     # --- replica side --------------------------------------------------------------------
 

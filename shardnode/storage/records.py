@@ -11,7 +11,7 @@ did.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
@@ -70,6 +70,9 @@ class WriteResult:
     replayed: bool
     """True: the request id was seen before with the same op; nothing was applied now
     and ``lsn``/``response`` are the first attempt's."""
+    payload: bytes = field(default=b"", compare=False, repr=False)
+    """The encoded op the write appended to the log (what replicas receive, so the data
+    plane ships these bytes without encoding the op again); empty when replayed."""
 
 
 def op_digest(payload: bytes) -> bytes:

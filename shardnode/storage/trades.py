@@ -76,7 +76,11 @@ _INSERT_ESCROW = (
     "VALUES (?, ?, ?, ?, ?, 'PREPARED', ?)"
 )
 _DELETE_ESCROW = "DELETE FROM escrows WHERE shard_id = ? AND trade_id = ?"
-_PLAYER_ESCROWS = "SELECT item_ids, gold FROM escrows WHERE shard_id = ? AND player_id = ?"
+# INDEXED BY: without statistics SQLite picks the primary key's (shard_id) prefix and
+# scans every escrow of the shard, on every prepare and inventory read.
+_PLAYER_ESCROWS = (
+    "SELECT item_ids, gold FROM escrows INDEXED BY escrows_by_player WHERE shard_id = ? AND player_id = ?"
+)
 _SELECT_GOLD = "SELECT gold FROM players WHERE shard_id = ? AND player_id = ?"
 _PLAYER_ITEMS = "SELECT item_id FROM items WHERE shard_id = ? AND player_id = ?"
 _ITEM_OWNER = "SELECT player_id FROM items WHERE shard_id = ? AND item_id = ?"
@@ -288,10 +292,10 @@ def check_trade_op(op: shardnode_pb2.WriteOp, kind: str) -> None:
 def apply_trade_op(
     conn: sqlite3.Connection, shard: ShardId, lsn: int, op: shardnode_pb2.WriteOp, kind: str, *, primary: bool
 ) -> None:
-    """Applies a trade op as entry ``lsn`` of ``shard`` (module docstring). Raises
-    FailedPrecondition (primary: the op does not hold on the current state; nothing
-    changed) or CorruptRecord (replica: an entry no primary writes)."""
-    check_trade_op(op, kind)
+    """Applies a trade op as entry ``lsn`` of ``shard`` (module docstring); the op passed
+    :func:`check_trade_op` already (``records.check_op`` on the primary, ``decode_op`` on
+    a replica). Raises FailedPrecondition (primary: the op does not hold on the current
+    state; nothing changed) or CorruptRecord (replica: an entry no primary writes)."""
     if kind == TRADE_PREPARE:
         _apply_prepare(conn, shard, lsn, op.trade_prepare, primary=primary)
     elif kind == TRADE_SETTLE:
