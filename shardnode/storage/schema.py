@@ -190,6 +190,7 @@ def configure(conn: sqlite3.Connection, synchronous: Synchronous) -> None:
     # fsyncs the database file even under NORMAL, and runs inside some writer's commit;
     # fewer, larger ones copy each hot page (the shards row, the log's last page) once
     # per checkpoint instead of four times. Recovery replays at most ~16 MiB of WAL.
+    # (NodeStorage moves checkpoints to a thread of their own and raises this to a backstop.)
     conn.execute("PRAGMA wal_autocheckpoint=4096")
     conn.execute("PRAGMA journal_size_limit=67108864")
     conn.execute("PRAGMA temp_store=MEMORY")

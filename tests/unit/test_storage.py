@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -377,6 +378,26 @@ class TestOpenAndRecovery:
         finally:
             second.close()
             first.close()
+
+    def test_the_wal_is_checkpointed_by_a_thread_not_by_a_commit(self, tmp_path: Path) -> None:
+        """A few hundred writes stay far below the writer's own checkpoint threshold (and
+        below SQLite's default): only the checkpointer thread copies them into node.db."""
+        def checkpointers() -> int:
+            return sum(t.name == "sqlite-checkpoint" for t in threading.enumerate())
+
+        running = checkpointers()
+        with NodeStorage.open(tmp_path) as storage:
+            assert checkpointers() == running + 1
+            db = tmp_path / "node.db"
+            before = db.stat().st_size
+            for i in range(300):
+                storage.write(S1, 1, grant(f"r{i}", f"p{i}", [f"i{i}"], gold=1), now_ms=i)
+            deadline = time.monotonic() + 10
+            while db.stat().st_size <= before:
+                assert time.monotonic() < deadline, "the WAL was never checkpointed into node.db"
+                time.sleep(0.02)
+            assert storage.inventory(S1, PlayerId("p299")) == (["i299"], 1)
+        assert checkpointers() == running, "close() stops the thread"
 
     def test_a_newer_schema_is_refused(self, tmp_path: Path) -> None:
         NodeStorage.open(tmp_path).close()
