@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import os
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -66,6 +67,21 @@ MAX_LIST = 1000
 """ListInDoubtTrades' default and cap."""
 MAX_REASON_CHARS = 200
 """A ResolveTrade reason is kept to this many characters in the record."""
+
+
+CRASH_AT_ENV = "BLUEMARBLE_TRADE_CRASH_AT"
+"""A failpoint for end-to-end tests, off unless set: ``before-prepare``, ``after-prepare``
+(the prepares answered, no decision written) or ``after-decision`` (recorded, no commit
+sent). A coordinator reaching that step of a cross-shard trade exits at once with status
+137, as a SIGKILL would leave it: the only way to crash a real process between two
+awaits. Read at every step, so a test can arm it in the environment of one replica."""
+
+
+def crash_point(step: str) -> None:
+    """Exits the process at ``step`` when :data:`CRASH_AT_ENV` names it (see there)."""
+    if os.environ.get(CRASH_AT_ENV) == step:
+        log.warning("trade failpoint: exiting", step=step)
+        os._exit(137)
 
 
 @dataclass(frozen=True)
@@ -400,11 +416,13 @@ class TradeCoordinator:
         while actions:
             prepares = [a for a in actions if isinstance(a, rules.SendPrepare)]
             if prepares:
+                crash_point("before-prepare")
                 actions = collections.deque(a for a in actions if not isinstance(a, rules.SendPrepare))
                 actions.extend(await self._prepare_all(coordinator, prepares, primaries))
                 continue
             settles = [a for a in actions if isinstance(a, rules.SendSettle)]
             if settles:
+                crash_point("after-decision")
                 actions = collections.deque(a for a in actions if not isinstance(a, rules.SendSettle))
                 results = await asyncio.gather(
                     *(self.settle(shards[s.side], trade.trade_id, s.outcome) for s in settles)
@@ -414,6 +432,7 @@ class TradeCoordinator:
                 continue
             action = actions.popleft()
             if isinstance(action, rules.ProposeDecision):
+                crash_point("after-prepare")
                 stored = await self._record(trade, action.decision, shards)
                 actions.extend(coordinator.on_decision(decision_of(stored.record)))
             elif isinstance(action, rules.Reply):

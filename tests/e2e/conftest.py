@@ -24,7 +24,7 @@ class ProcessCluster:
         self.control_planes: list[str] = []
         self.node_addresses: dict[str, str] = {}
 
-    def start_control_plane(self, *extra: str) -> str:
+    def start_control_plane(self, *extra: str, env: dict[str, str] | None = None) -> str:
         address = f"127.0.0.1:{free_port()}"
         name = f"cp-{len(self.control_planes)}"
         proc = ManagedProcess(
@@ -32,6 +32,7 @@ class ProcessCluster:
             [sys.executable, "-m", "controlplane.server.main", "--listen", address, "--etcd", self.etcd.endpoint,
              "--cluster", self.cluster, "--replica-id", name, *extra],
             self.workdir / f"{name}.log",
+            env=env,
         ).start()
         self.processes.append(proc)
         self.control_planes.append(address)

@@ -11,9 +11,10 @@ the session's etcd. The coordinator that dies is a replica of its own, SIGKILLed
   failpoint is set, so a Prepare is escrowed on the primary but not acknowledged; the
   trade is sent to the replica, which is SIGKILLed once both primaries hold the escrow
   (ListTrades); the failpoint is lifted. Both sides are PREPARED, no decision exists.
-* **between the decision and the commits**: the same, then the test writes the decision
-  record the coordinator would have written next (create-if-absent, COMMITTED, "coordinator
-  cp-N"): recorded, both sides still PREPARED, nobody to send the commits.
+* **between the decision and the commits**: the replica runs with the coordinator's
+  failpoint ``BLUEMARBLE_TRADE_CRASH_AT=after-decision`` (controlplane/server/trades.py):
+  it writes the decision record, then exits before it sends a Commit. Recorded, both
+  sides still PREPARED, nobody to send the commits.
 
 Each time the trade is then retried with the same id and terms through the surviving
 replica (:class:`TradeClient`, which also skips the dead one), asked once more, and the
@@ -47,10 +48,11 @@ from bluemarble.v1 import (
     trade_pb2_grpc,
 )
 from bluemarble.v1 import controlplane_pb2 as pb
+from controlplane.server.trades import CRASH_AT_ENV
 from controlplane.store.etcd import EtcdStore
 from controlplane.store.keys import KeySchema
 from controlplane.store.trade_store import TradeStore
-from scripts.localcluster import wait_until
+from scripts.localcluster import ManagedProcess, wait_until
 from shardnode.dataplane import HOLD_REPLICATION_FAILPOINT
 from tests.e2e.conftest import ProcessCluster
 
@@ -144,7 +146,8 @@ async def test_a_retry_after_a_coordinator_crash_at_each_step_has_one_outcome(
 
             for step, trade in trades:
                 before = {p: await holdings(p) for p in (trade.a, trade.b)}
-                coordinator = process_cluster.start_control_plane(*CP_FLAGS)
+                crash_env = {CRASH_AT_ENV: "after-decision"} if step == "after-decision" else None
+                coordinator = process_cluster.start_control_plane(*CP_FLAGS, env=crash_env)
                 proc = process_cluster.processes[-1]
                 channel = insecure_channel(coordinator)
                 stub = trade_pb2_grpc.TradeCoordinatorStub(channel)  # type: ignore[no-untyped-call]
@@ -156,6 +159,18 @@ async def test_a_retry_after_a_coordinator_crash_at_each_step_has_one_outcome(
                     assert stopped.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                     proc.kill()
                     assert await escrows_of(routing, trade.a, trade.trade_id) == []
+                elif step == "after-decision":
+                    with pytest.raises(grpc.aio.AioRpcError):
+                        await stub.ExecuteTrade(trade.request(), timeout=20)
+                    async def exited(p: ManagedProcess = proc) -> bool:
+                        return not p.alive()
+
+                    await until(exited, 10, f"{proc.name} to exit at its failpoint")
+                    assert proc.proc is not None and proc.proc.wait(5) == 137
+                    stored_now = await store.get(trade.trade_id)
+                    assert stored_now is not None and stored_now.record.outcome == common_pb2.TRADE_OUTCOME_COMMITTED
+                    assert await escrows_of(routing, trade.a, trade.trade_id) == ["PARTICIPANT_TRADE_STATE_PREPARED"]
+                    assert await escrows_of(routing, trade.b, trade.trade_id) == ["PARTICIPANT_TRADE_STATE_PREPARED"]
                 else:
                     set_hold(process_cluster, True)
                     try:
@@ -173,14 +188,6 @@ async def test_a_retry_after_a_coordinator_crash_at_each_step_has_one_outcome(
                     with pytest.raises(grpc.aio.AioRpcError):
                         await call
                     assert await store.get(trade.trade_id) is None, "the coordinator died before deciding"
-                    if step == "after-decision":
-                        record = trade_pb2.TradeRecord(
-                            trade_id=trade.trade_id, outcome=common_pb2.TRADE_OUTCOME_COMMITTED,
-                            decided_by=f"coordinator {proc.name}", decided_at_ms=int(time.time() * 1000),
-                            request=trade.request(), shard_a=routing.router.shard_for(trade.a),
-                            shard_b=routing.router.shard_for(trade.b))
-                        _, written = await store.create_if_absent(record)
-                        assert written
                 await channel.close(None)
 
                 # The retry, through the dead replica first: the client moves on.
