@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import os
 import random
@@ -472,13 +473,36 @@ class TradeCoordinator:
         """One Prepare, as the coordinator's :class:`PrepareReply` (never raises: any
         failure is UNAVAILABLE naming the shard; a participant refusing the terms
         (INVALID_ARGUMENT, e.g. a trade id reused with other terms) is REFUSED)."""
-        request = shardnode_pb2.PrepareRequest(
-            trade_id=leg.trade_id, shard_id=primary.shard, epoch=primary.epoch, legs=[leg_to_proto(leg)]
-        )
-        try:
-            response: shardnode_pb2.PrepareResponse = await self._call(
-                primary, "Prepare", lambda s, t: s.Prepare(request, timeout=t), timeout_s
+        # A primary that moved (not the primary any more, a stale epoch, becoming the
+        # primary) is followed within the prepare timeout, as settles are: a failover or
+        # a planned handoff during the trade should not abort it. A Prepare is idempotent
+        # by trade id and terms, so a second one to a node that got the first is harmless.
+        deadline_s = self._clock.monotonic_s() + timeout_s
+        leg_proto = leg_to_proto(leg)
+        target = primary
+
+        async def attempt() -> shardnode_pb2.PrepareResponse:
+            nonlocal target
+            left_s = deadline_s - self._clock.monotonic_s()
+            if left_s <= 0:
+                raise DeadlineExceeded(f"Prepare on {primary.shard} got no answer within {timeout_s:g} s")
+            request = shardnode_pb2.PrepareRequest(
+                trade_id=leg.trade_id, shard_id=target.shard, epoch=target.epoch, legs=[leg_proto]
             )
+            try:
+                answer: shardnode_pb2.PrepareResponse = await self._call(
+                    target, "Prepare", lambda s, t: s.Prepare(request, timeout=t), left_s
+                )
+                return answer
+            except (FailedPrecondition, Unavailable, DeadlineExceeded):
+                with contextlib.suppress(BlueMarbleError):
+                    target = self._locate.primary(primary.shard)  # the next attempt goes where the mirror says
+                raise
+
+        policy = retry.RetryPolicy(initial_s=0.05, max_backoff_s=0.3, deadline_s=timeout_s)
+        try:
+            response = await _call_retrying(attempt, what=f"prepare {leg.trade_id} on {primary.shard}",
+                                            policy=policy, clock=self._clock, retry_if=_settle_retryable)
         except InvalidArgument as e:
             return rules.PrepareReply.refused(f"{primary.shard} refused the leg of {leg.player}: {e}")
         except BlueMarbleError as e:
