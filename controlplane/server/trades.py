@@ -396,8 +396,15 @@ class TradeCoordinator:
             return response
 
         policy = retry.RetryPolicy(initial_s=0.05, max_backoff_s=0.5, deadline_s=self.settings.local_trade_deadline_s)
-        response = await _call_retrying(attempt, what=f"local trade {trade.trade_id}", policy=policy, clock=self._clock,
-                                        retry_if=_settle_retryable)
+        try:
+            response = await _call_retrying(attempt, what=f"local trade {trade.trade_id}", policy=policy,
+                                            clock=self._clock, retry_if=_settle_retryable)
+        except FailedPrecondition as e:
+            # The shard's primary kept moving under us (a failover or handoff outlasting
+            # our retries): nothing was decided, the caller should simply retry.
+            raise Unavailable(
+                f"{shard}'s primary moved during trade {echo(trade.trade_id)} ({e}); retry with the same trade id"
+            ) from e
         outcome = outcome_from_proto(response.outcome, f"{shard}'s ExecuteLocalTrade answer")
         # One line per trade at 500 trades/s is a log-volume problem: successes at debug,
         # refusals (and replays: a caller retried) at info.
