@@ -18,6 +18,7 @@ from bluemarble.v1 import common_pb2, controlplane_pb2_grpc
 from bluemarble.v1 import controlplane_pb2 as pb
 from scripts.localcluster import wait_until
 from tests.e2e.conftest import ProcessCluster
+from tests.e2e.test_data_plane import serving
 
 pytestmark = pytest.mark.e2e
 
@@ -33,6 +34,25 @@ def start(cluster: ProcessCluster) -> None:
     for node, zone in NODES.items():
         cluster.start_node(node, zone)
     wait_until(lambda: well_placed(cluster, set(NODES)), 30, "every shard to be placed and balanced")
+    # Placed is not yet serving: a primary serves once every replica answered it, and only
+    # then do its replicas hold the shard's data (its epoch-start entry). A primary killed
+    # before that leaves copies the leader rightly refuses to promote (PRIMARY_LOST).
+    wait_until(lambda: serving(cluster, SHARDS, REPLICATION_FACTOR) and replicas_hold_the_epoch(cluster), 30,
+               "every primary to serve and its replicas to hold an entry of its epoch")
+
+
+def replicas_hold_the_epoch(cluster: ProcessCluster) -> bool:
+    """Every replica's log ends at an entry of its shard's current epoch (it holds data)."""
+    r = cluster.assignments()
+    if r is None:
+        return False
+    statuses = {node: cluster.shard_status(address) for node, address in cluster.node_addresses.items()}
+    for a in r.assignments:
+        for replica in a.replicas:
+            status = statuses.get(replica)
+            if status is None or a.shard_id not in status or status[a.shard_id].last_epoch < a.epoch:
+                return False
+    return True
 
 
 def placement_nodes(address: str) -> list[PlacementNode] | None:
