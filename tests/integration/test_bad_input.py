@@ -423,10 +423,12 @@ class TestRequestSize:
         loop = asyncio.get_running_loop()
         async with Unchanged(control_plane, stub):
             started = loop.time()
-            code, details = await refusal(stub.RegisterNode(huge))
+            code, details = await refusal(stub.RegisterNode(huge, timeout=10))
             took_s = loop.time() - started
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert took_s < 1.0, took_s
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED  # not DEADLINE_EXCEEDED: refused, not stuck
+        # "At once": no timer is involved, only the transfer of 2 MB on loopback; the bound
+        # is loose because a busy 2-core machine stretches that (1.004 s was seen in CI).
+        assert took_s < 5.0, took_s
         assert_short(details)
         # A 2 MB message inside the heartbeat stream ends that stream the same way. (The
         # node's address accepts connections: a broken stream from a node whose address
