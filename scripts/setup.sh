@@ -10,7 +10,7 @@ if ! command -v etcd >/dev/null 2>&1; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >/dev/null
 fi
-etcd --version | head -1
+etcd --version | sed -n 1p  # sed reads it all: `head` could end the pipe early (SIGPIPE under pipefail)
 
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
