@@ -41,9 +41,7 @@ tells which.
 
 from __future__ import annotations
 
-import dataclasses
-import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -132,32 +130,6 @@ class InDoubt:
 def _side(t: shardnode_pb2.ParticipantTrade) -> TradeSide:
     state = shardnode_pb2.ParticipantTradeState.Name(t.state).removeprefix("PARTICIPANT_TRADE_STATE_")
     return TradeSide(t.trade_id, t.shard_id, t.node_id, state, t.leg.player_id, t.deadline_ms)
-
-
-_jitter = random.Random()
-
-
-async def _call_retrying(attempt: Callable[[], Awaitable[object]], *, what: str, policy: retry.RetryPolicy,
-                         clock: Clock, retry_if: Callable[[BaseException], bool]) -> object:
-    """:func:`bluemarble.runtime.retry.call` with the first attempt made directly: nearly
-    every trade answers at once, and tenacity's set-up per call cost the client more CPU
-    than the attempt's own Python work. After a first failure that ``retry_if`` accepts:
-    one jittered initial delay, then ``retry.call`` for what is left of the deadline."""
-    start_s = clock.monotonic_s()
-    try:
-        return await attempt()
-    except Exception as e:
-        if not retry_if(e):
-            raise
-        first = e
-    delay_s = _jitter.uniform(0.0, policy.initial_s)
-    if policy.deadline_s is not None and policy.deadline_s - (clock.monotonic_s() - start_s) <= delay_s:
-        raise first
-    await clock.sleep(delay_s)
-    rest = dataclasses.replace(
-        policy, deadline_s=None if policy.deadline_s is None else policy.deadline_s - (clock.monotonic_s() - start_s)
-    )
-    return await retry.call(attempt, what=what, policy=rest, clock=clock, retry_if=retry_if)
 
 
 def _retried(error: BaseException) -> bool:
@@ -261,7 +233,7 @@ class TradeClient:
         policy = retry.RetryPolicy(
             initial_s=self._initial_s, max_backoff_s=max(self._initial_s, self._max_backoff_s), deadline_s=deadline_s
         )
-        response = await _call_retrying(attempt, what=what, policy=policy, clock=clock, retry_if=_retried)
+        response = await retry.call(attempt, what=what, policy=policy, clock=clock, retry_if=_retried)
         return response, attempts
 
     async def execute_trade(

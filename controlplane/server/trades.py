@@ -24,9 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import os
-import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -269,38 +267,6 @@ def _settle_retryable(error: BaseException) -> bool:
     return isinstance(error, Unavailable | DeadlineExceeded | FailedPrecondition) or retry.is_retryable(error)
 
 
-_jitter = random.Random()
-
-
-async def _call_retrying(attempt: Callable[[], Awaitable[T]], *, what: str, policy: retry.RetryPolicy, clock: Clock,
-                         retry_if: Callable[[BaseException], bool]) -> T:
-    """:func:`bluemarble.runtime.retry.call` of ``attempt`` under ``policy``, with the first
-    attempt made directly: nearly every call succeeds at once, and tenacity's set-up per
-    call cost more CPU than the attempt's own Python work (two to three calls per trade).
-    After a first failure that ``retry_if`` accepts: one jittered initial delay, then
-    ``retry.call`` for what is left of the deadline and the attempts."""
-    start_s = clock.monotonic_s()
-    try:
-        return await attempt()
-    except Exception as e:
-        if not retry_if(e) or policy.max_attempts == 1:
-            raise
-        first = e
-    delay_s = _jitter.uniform(0.0, policy.initial_s)
-    if policy.deadline_s is not None:
-        left_s = policy.deadline_s - (clock.monotonic_s() - start_s)
-        if left_s <= delay_s:
-            raise first
-    log.debug("retrying", what=what, attempt=1, error=str(first), next_in_s=round(delay_s, 3))
-    await clock.sleep(delay_s)
-    rest = dataclasses.replace(
-        policy,
-        deadline_s=None if policy.deadline_s is None else policy.deadline_s - (clock.monotonic_s() - start_s),
-        max_attempts=None if policy.max_attempts is None else policy.max_attempts - 1,
-    )
-    return await retry.call(attempt, what=what, policy=rest, clock=clock, retry_if=retry_if)
-
-
 # ---- the driver of one trade ----
 
 
@@ -397,7 +363,7 @@ class TradeCoordinator:
 
         policy = retry.RetryPolicy(initial_s=0.05, max_backoff_s=0.5, deadline_s=self.settings.local_trade_deadline_s)
         try:
-            response = await _call_retrying(attempt, what=f"local trade {trade.trade_id}", policy=policy,
+            response = await retry.call(attempt, what=f"local trade {trade.trade_id}", policy=policy,
                                             clock=self._clock, retry_if=_settle_retryable)
         except FailedPrecondition as e:
             # The shard's primary kept moving under us (a failover or handoff outlasting
@@ -508,7 +474,7 @@ class TradeCoordinator:
 
         policy = retry.RetryPolicy(initial_s=0.05, max_backoff_s=0.3, deadline_s=timeout_s)
         try:
-            response = await _call_retrying(attempt, what=f"prepare {leg.trade_id} on {primary.shard}",
+            response = await retry.call(attempt, what=f"prepare {leg.trade_id} on {primary.shard}",
                                             policy=policy, clock=self._clock, retry_if=_settle_retryable)
         except InvalidArgument as e:
             return rules.PrepareReply.refused(f"{primary.shard} refused the leg of {leg.player}: {e}")
@@ -571,7 +537,7 @@ class TradeCoordinator:
 
         policy = retry.RetryPolicy(initial_s=0.05, max_backoff_s=0.5, deadline_s=self.settings.settle_deadline_s)
         try:
-            state = await _call_retrying(attempt, what=f"settle {trade_id} on {shard}", policy=policy,
+            state = await retry.call(attempt, what=f"settle {trade_id} on {shard}", policy=policy,
                                          clock=self._clock, retry_if=_settle_retryable)
         except BlueMarbleError as e:
             (log.error if not e.retryable and not isinstance(e, FailedPrecondition) else log.info)(
