@@ -73,6 +73,9 @@ from bluemarble.v1 import common_pb2, controlplane_pb2
 
 log = structlog.get_logger(__name__)
 
+REGISTER_GRACE_S = 1.0
+"""How long a stopping node still waits for a registration answer already on its way."""
+
 T = TypeVar("T")
 
 DEFAULT_STREAM_IDLE_TIMEOUT_S = 3.0
@@ -500,9 +503,13 @@ class NodeAgent:
 
         while not stop.is_set():
             try:
+                # A registration in flight when the node is told to stop is let finish
+                # (briefly): the control plane may already hold it, and only its lease id
+                # lets the node deregister at once instead of lingering for a TTL.
                 outcome = await _unless_stopped(
                     stop,
                     retry.call(attempt, what="register", policy=policy, clock=self._clock, retry_if=worth_retrying),
+                    grace_s=REGISTER_GRACE_S,
                 )
             except AlreadyExists as e:
                 raise RegistrationRefused(str(e)) from e
@@ -645,13 +652,15 @@ class NodeAgent:
             self.on_assignments()
 
 
-async def _unless_stopped(stop: asyncio.Event, work: Coroutine[Any, Any, T]) -> T | None:
+async def _unless_stopped(stop: asyncio.Event, work: Coroutine[Any, Any, T], grace_s: float = 0.0) -> T | None:
     """Runs ``work`` until it finishes (its result, or its exception) or ``stop`` is set
-    (then cancels it and returns None)."""
+    (then, after up to ``grace_s`` more for it to finish, cancels it and returns None)."""
     task = asyncio.ensure_future(work)
     stopped = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and grace_s > 0:
+            await asyncio.wait((task,), timeout=grace_s)
     finally:
         stopped.cancel()
         if not task.done():
