@@ -71,7 +71,8 @@ class ManagedProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **(self._env or {})},
+                # Log files are read by people and by tests: key=value, unless asked otherwise.
+                env={"BLUEMARBLE_LOG_FORMAT": "console", **os.environ, **(self._env or {})},
                 start_new_session=True,
             )
         finally:

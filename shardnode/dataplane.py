@@ -66,7 +66,7 @@ from bluemarble.core.replication.primary import commit_lsn, required_acks_for
 from bluemarble.core.replication.promotion import catch_up_source
 from bluemarble.core.replication.replica import Verdict, check_entries
 from bluemarble.runtime import background
-from bluemarble.runtime.channels import insecure_channel
+from bluemarble.runtime.channels import channel as open_channel
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
 from shardnode.agent import NodeAgent, SessionState
@@ -452,7 +452,7 @@ class DataPlane:
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = insecure_channel(address)
+            channel = self._channels[address] = open_channel(address)
         return channel
 
     def urgent(self) -> bool:

@@ -17,7 +17,7 @@ from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.ring_router import RingRouter
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError, InvalidArgument
-from bluemarble.runtime import background, event_loop, logs
+from bluemarble.runtime import background, event_loop, logs, metrics, tracing
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.runtime.settings import EnvArgumentParser
@@ -45,7 +45,7 @@ class NodeSettings:
     trade_escrow_timeout_s: float = DEFAULT_ESCROW_TIMEOUT_S
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, str]:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, str, str]:
     p = EnvArgumentParser(prog="bluemarble-node", description="BlueMarble shard node.")
     p.add_flag("--node-id", required=True, help="this node's unique id (1..128 bytes)")
     p.add_flag("--listen", default="127.0.0.1:7101", help="gRPC listen address host:port")
@@ -67,8 +67,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
         type=float,
         help="how long a trade escrow waits for its decision before this node asks for it (seconds)",
     )
+    p.add_flag("--metrics-listen", default="", help="serve Prometheus /metrics on host:port (default: off)")
     p.add_flag("--log-level", default="info", help="debug, info, warning or error")
-    p.add_flag("--log-format", default="console", choices=("console", "json"), help="log format")
+    p.add_flag(
+        "--log-format",
+        default="auto",
+        choices=("auto", "console", "json"),
+        help="log format; auto: console on a terminal, JSON otherwise (containers)",
+    )
     args = p.parse_args(argv)
     try:
         validation.node_id(args.node_id, "--node-id")
@@ -99,7 +105,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
         synchronous=args.synchronous.upper(),
         trade_escrow_timeout_s=args.trade_escrow_timeout_s,
     )
-    return settings, args.log_level, args.log_format
+    return settings, args.log_level, args.log_format, args.metrics_listen
 
 
 async def run(settings: NodeSettings) -> int:
@@ -180,10 +186,17 @@ async def _start_ring(ring: RingRouter) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings, level, fmt = parse_args(argv)
+    settings, level, fmt, metrics_listen = parse_args(argv)
     logs.configure(level, fmt)  # type: ignore[arg-type]
+    tracing.configure("bluemarble-node")
     try:
+        if metrics_listen:
+            port = metrics.serve(metrics_listen)
+            log.info("serving metrics", listen=metrics_listen, port=port)
         return event_loop.run(run(settings))
+    except OSError as e:
+        log.error("node cannot serve metrics", listen=metrics_listen, error=str(e))
+        return 1
     except BlueMarbleError as e:
         log.error("node cannot start", error=str(e))
         return 1

@@ -24,7 +24,7 @@ import structlog
 
 from bluemarble.core import errors
 from bluemarble.runtime import retry
-from bluemarble.runtime.channels import insecure_channel
+from bluemarble.runtime.channels import channel as open_channel
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 from bluemarble.v1 import controlplane_pb2_grpc, trade_pb2_grpc
 
@@ -155,7 +155,7 @@ class ControlPlaneClient:
         self._attempts = attempts
         self._deadline_s = deadline_s
         self._max_backoff_s = max_backoff_s
-        self._channels = [insecure_channel(a) for a in self.addresses]
+        self._channels = [open_channel(a) for a in self.addresses]
         self._current = 0
 
     @property

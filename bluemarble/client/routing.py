@@ -78,7 +78,8 @@ from bluemarble.core.ids import NodeId, PlayerId, ShardId
 from bluemarble.core.limits import echo
 from bluemarble.core.trades.model import Offer, Outcome, Trade, validate_trade
 from bluemarble.runtime import background, retry
-from bluemarble.runtime.channels import insecure_channel, split_addresses
+from bluemarble.runtime.channels import channel as open_channel
+from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout, wait_event
 from bluemarble.v1 import common_pb2, controlplane_pb2, shardnode_pb2, shardnode_pb2_grpc
 
@@ -481,7 +482,7 @@ class GrpcNodeTransport:
     def _stub(self, address: str) -> shardnode_pb2_grpc.ShardNodeStub:
         stub = self._stubs.get(address)
         if stub is None:
-            self._channels[address] = insecure_channel(address)
+            self._channels[address] = open_channel(address)
             stub = self._stubs[address] = shardnode_pb2_grpc.ShardNodeStub(self._channels[address])  # type: ignore[no-untyped-call]
         return stub
 

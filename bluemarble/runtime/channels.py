@@ -23,6 +23,7 @@ from typing import Any
 import grpc.aio
 
 from bluemarble.core.limits import MAX_MESSAGE_BYTES
+from bluemarble.runtime import tracing
 
 KEEPALIVE_TIME_MS = 6_000
 KEEPALIVE_TIMEOUT_MS = 3_000
@@ -43,8 +44,14 @@ CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
 )
 
 
+def channel(address: str) -> grpc.aio.Channel:
+    """A channel to one "host:port" address, as this process is configured to reach its
+    peers: with the tracing interceptors when tracing is on."""
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors())
+
+
 def insecure_channel(address: str) -> grpc.aio.Channel:
-    """A channel to one "host:port" address."""
+    """A plaintext channel to one "host:port" address, for tools and benchmarks."""
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 

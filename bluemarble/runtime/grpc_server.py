@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from bluemarble.core.errors import BlueMarbleError
 from bluemarble.core.limits import MAX_MESSAGE_BYTES
+from bluemarble.runtime import metrics, tracing
 
 log = structlog.get_logger(__name__)
 
@@ -98,6 +99,12 @@ def with_error_mapping(servicer: object, full_name: str) -> object:
     return wrapped
 
 
+def _code_name(context: Ctx) -> str:
+    """The status the call ends with, as far as the servicer set it ("OK" when it did not)."""
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "OK"
+
+
 def _bind(method: str, context: Ctx) -> None:
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(rpc=method.rsplit("/", 1)[-1])
@@ -145,6 +152,7 @@ def _wrap_unary(
         except Exception as exc:
             await _fail(method, context, exc, started)
         finally:
+            metrics.observe_rpc(method, _code_name(context), time.monotonic() - started)
             structlog.contextvars.clear_contextvars()
 
     return wrapped
@@ -165,6 +173,7 @@ def _wrap_stream(
         except Exception as exc:
             await _fail(method, context, exc, started)
         finally:
+            metrics.observe_rpc(method, _code_name(context), time.monotonic() - started)
             structlog.contextvars.clear_contextvars()
 
     return wrapped
@@ -360,7 +369,7 @@ async def build_server(
 
     assert 0 < max_request_bytes <= MAX_MESSAGE_BYTES, max_request_bytes
     options = [*SERVER_OPTIONS, ("grpc.max_receive_message_length", max_request_bytes)]
-    server = grpc.aio.server(interceptors=list(extra_interceptors), options=options)
+    server = grpc.aio.server(interceptors=[*tracing.server_interceptors(), *extra_interceptors], options=options)
     names = []
     for binding in bindings:
         guard_decoding(

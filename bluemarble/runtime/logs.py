@@ -20,13 +20,14 @@ from typing import Literal, TextIO
 
 import structlog
 
-LogFormat = Literal["console", "json"]
+LogFormat = Literal["auto", "console", "json"]
 
 
 def configure(level: str = "info", fmt: LogFormat = "console", *, stream: TextIO | None = None) -> None:
     """Configures structlog and the stdlib root logger (which grpc and etcd3aio use).
 
-    ``stream`` defaults to ``sys.stderr``. Library loggers are shown from WARNING up
+    ``stream`` defaults to ``sys.stderr``; ``fmt="auto"`` picks console when it is a
+    terminal and JSON otherwise (a container's stderr). Library loggers are shown from WARNING up
     (their INFO lines are noise), or from ``level`` if that is higher. Calling it again
     replaces the previous set-up.
     """
@@ -34,6 +35,8 @@ def configure(level: str = "info", fmt: LogFormat = "console", *, stream: TextIO
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}; use debug, info, warning or error")
     out = stream if stream is not None else sys.stderr
+    if fmt == "auto":  # a person at a terminal reads key=value; a log pipeline wants JSON
+        fmt = "console" if out.isatty() else "json"
     renderer: structlog.types.Processor
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()

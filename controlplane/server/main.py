@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import structlog
 
 from bluemarble.core.errors import BlueMarbleError
-from bluemarble.runtime import event_loop, logs
+from bluemarble.runtime import event_loop, logs, metrics, tracing
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.settings import EnvArgumentParser, env_name
 from controlplane.server.app import ControlPlaneApp, ControlPlaneSettings
@@ -20,7 +20,7 @@ from controlplane.server.trades import TradeSettings
 log = structlog.get_logger(__name__)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings, str, str]:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings, str, str, str]:
     p = EnvArgumentParser(
         prog="bluemarble-controlplane",
         description="BlueMarble control plane replica: node registry, placement, trades.",
@@ -31,7 +31,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
     p.add_flag("--lease-ttl-s", default=10, type=int, help="node lease TTL for a new cluster")
     p.add_flag("--replication-factor", default=3, type=int, help="copies per shard for a new cluster")
     p.add_flag("--shards", default=16, type=int, help="shards of a new cluster's ring")
-    p.add_flag("--metrics-listen", default="", help="Prometheus metrics address (reserved)")
+    p.add_flag("--metrics-listen", default="", help="serve Prometheus /metrics on host:port (default: off)")
     p.add_flag("--replica-id", default="", help="this replica's name (default host/listen)")
     p.add_flag("--etcd-startup-timeout-s", default=30.0, type=float, help="give up start-up after")
     p.add_flag(
@@ -60,7 +60,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         help="how often the leader finishes phase 2 of trades whose coordinator did not",
     )
     p.add_flag("--log-level", default="info", help="debug, info, warning or error")
-    p.add_flag("--log-format", default="console", choices=("console", "json"), help="log format")
+    p.add_flag(
+        "--log-format",
+        default="auto",
+        choices=("auto", "console", "json"),
+        help="log format; auto: console on a terminal, JSON otherwise (containers)",
+    )
     args = p.parse_args(argv)
     # Settings that only seed a new cluster's config: remember which ones the operator
     # chose (flag or environment), to warn when the stored config differs.
@@ -94,9 +99,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
     )
     if args.crash_grace_ms < 0:
         p.error(f"--crash-grace-ms is {args.crash_grace_ms}; use 0 (off) or a positive number of ms")
-    if args.metrics_listen:
-        log.warning("--metrics-listen is accepted but metrics are not served yet")
-    return settings, args.log_level, args.log_format
+    return settings, args.log_level, args.log_format, args.metrics_listen
 
 
 async def run(settings: ControlPlaneSettings) -> None:
@@ -114,10 +117,17 @@ async def run(settings: ControlPlaneSettings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings, level, fmt = parse_args(argv)
+    settings, level, fmt, metrics_listen = parse_args(argv)
     logs.configure(level, fmt)  # type: ignore[arg-type]
+    tracing.configure("bluemarble-controlplane")
     try:
+        if metrics_listen:
+            port = metrics.serve(metrics_listen)
+            log.info("serving metrics", listen=metrics_listen, port=port)
         event_loop.run(run(settings))
+    except OSError as e:
+        log.error("control plane cannot serve metrics", listen=metrics_listen, error=str(e))
+        return 1
     except BlueMarbleError as e:
         log.error("control plane cannot run", error=str(e))
         return 1

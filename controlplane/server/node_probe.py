@@ -36,7 +36,7 @@ import structlog
 from bluemarble.api.conversions import log_position
 from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.replication.position import ZERO, LogPosition
-from bluemarble.runtime.channels import insecure_channel
+from bluemarble.runtime.channels import channel as open_channel
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -81,7 +81,7 @@ class NodeProbe:
             if not await self._accepts_connections(address):
                 log.info("node did not answer", call=what, node_id=node, error="connection refused or timed out")
                 return None
-            channel = insecure_channel(address)
+            channel = open_channel(address)
             self.open_channels += 1
             try:
                 return await rpc(shardnode_pb2_grpc.ShardNodeStub(channel))  # type: ignore[no-untyped-call]

@@ -49,7 +49,7 @@ from bluemarble.core.ring import Ring
 from bluemarble.core.trades import coordinator as rules
 from bluemarble.core.trades.model import Decision, Leg, Offer, Outcome, Trade, participant_name, validate_trade
 from bluemarble.runtime import background, retry
-from bluemarble.runtime.channels import insecure_channel
+from bluemarble.runtime.channels import channel as open_channel
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout, wait_event
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc, trade_pb2, trade_pb2_grpc
 from controlplane.server.election import Election
@@ -225,7 +225,7 @@ class NodeChannels:
     call would cost a connection set-up each, and a stub per call builds a callable for
     every method of the service: about 5 % of the coordinator's CPU per trade), at most
     ``max_channels``; the least recently used is closed past that. Built by
-    :func:`bluemarble.runtime.channels.insecure_channel`."""
+    :func:`bluemarble.runtime.channels.channel`."""
 
     def __init__(self, max_channels: int = 1024):
         self._max = max_channels
@@ -236,7 +236,7 @@ class NodeChannels:
     def stub(self, address: str) -> shardnode_pb2_grpc.ShardNodeStub:
         entry = self._channels.get(address)
         if entry is None:
-            channel = insecure_channel(address)
+            channel = open_channel(address)
             entry = channel, shardnode_pb2_grpc.ShardNodeStub(channel)  # type: ignore[no-untyped-call]
             self._channels[address] = entry
             if len(self._channels) > self._max:
