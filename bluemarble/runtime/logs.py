@@ -10,6 +10,12 @@ asyncio). The root logger's one handler renders their records with the same proc
 and renderer (:class:`structlog.stdlib.ProcessorFormatter`), adding the library's logger
 name, so every line of a process has one format. Our own events skip ``logging``
 entirely (structlog's PrintLogger): that is the cheaper path, and heartbeats log.
+
+With tracing on (:mod:`bluemarble.runtime.tracing`), every line logged inside a span
+carries ``trace_id`` and ``span_id`` (hex, as trace back ends show them), so a log line
+leads to its trace and back. Fields that hold for the whole process (a node's
+``node_id``) are set once with :func:`bind_process`: unlike contextvars, which the
+server clears at the start of every call, they are on every line.
 """
 
 from __future__ import annotations
@@ -19,8 +25,38 @@ import sys
 from typing import Literal, TextIO
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+from bluemarble.runtime import tracing
 
 LogFormat = Literal["auto", "console", "json"]
+
+
+_process_fields: dict[str, object] = {}
+
+
+def bind_process(**fields: object) -> None:
+    """Adds ``fields`` (e.g. ``node_id``) to every line this process logs from now on;
+    a field logged explicitly or bound for a request wins over them."""
+    _process_fields.update(fields)
+
+
+def add_process_fields(_logger: WrappedLogger, _name: str, event: EventDict) -> EventDict:
+    """structlog processor: the fields of :func:`bind_process`."""
+    for key, value in _process_fields.items():
+        event.setdefault(key, value)
+    return event
+
+
+def add_trace_ids(_logger: WrappedLogger, _name: str, event: EventDict) -> EventDict:
+    """structlog processor: ``trace_id`` and ``span_id`` of the active span, when tracing
+    is on and a span is active (nothing otherwise: one flag test per line)."""
+    if tracing.enabled():
+        ids = tracing.current_ids()
+        if ids is not None:
+            event.setdefault("trace_id", ids[0])
+            event.setdefault("span_id", ids[1])
+    return event
 
 
 def configure(level: str = "info", fmt: LogFormat = "console", *, stream: TextIO | None = None) -> None:
@@ -44,6 +80,8 @@ def configure(level: str = "info", fmt: LogFormat = "console", *, stream: TextIO
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        add_process_fields,
+        add_trace_ids,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

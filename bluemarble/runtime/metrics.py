@@ -13,8 +13,11 @@ scrape never waits on the event loop.
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import prometheus_client
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 # Latency buckets (seconds) for RPCs and trade phases: 0.5 ms .. 10 s.
 _LATENCY_BUCKETS_S = (
@@ -35,11 +38,130 @@ RPC_DURATION = Histogram(
 )
 
 
+_rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+_rpc_children_lock = threading.Lock()
+
+
 def observe_rpc(method: str, code: str, elapsed_s: float) -> None:
     """Records one served RPC: ``method`` "/pkg.Service/Method", ``code`` a
-    grpc.StatusCode name ("OK", "NOT_FOUND", ...)."""
-    RPC_REQUESTS.labels(method, code).inc()
-    RPC_DURATION.labels(method).observe(elapsed_s)
+    grpc.StatusCode name ("OK", "NOT_FOUND", ...).
+
+    The labelled children are cached per (method, code): ``.labels()`` takes a lock and
+    builds a tuple key on every call, which a heartbeat-heavy server pays thousands of
+    times a second. Both label sets are bounded (the services' methods, the status codes).
+    """
+    children = _rpc_children.get((method, code))
+    if children is None:
+        with _rpc_children_lock:
+            children = (RPC_REQUESTS.labels(method, code), RPC_DURATION.labels(method))
+            _rpc_children[(method, code)] = children
+    children[0].inc()
+    children[1].observe(elapsed_s)
+
+
+# --- control plane -----------------------------------------------------------------------
+IS_LEADER = Gauge(
+    "bluemarble_is_leader",
+    "1 while this control-plane replica holds the leader key (and its lease is valid), else 0.",
+)
+LEADER_CHANGES = Counter(
+    "bluemarble_leader_changes_total",
+    "Terms this replica won (summed over replicas: the cluster's leader changes).",
+)
+REGISTERED_NODES = Gauge(
+    "bluemarble_registered_nodes",
+    "Node records in this replica's mirror (nodes holding a live lease).",
+)
+LEASE_EXPIRATIONS = Counter(
+    "bluemarble_lease_expirations_total",
+    "Node leases that ended without a graceful leave, as this replica saw them: a node "
+    "heartbeating on a lease that had expired, or a crashed node's lease revoked early.",
+)
+RECONCILE_ROUNDS = Counter(
+    "bluemarble_reconcile_rounds_total",
+    "Reconcile rounds the leader planned (rounds skipped because nothing changed are not counted).",
+)
+RECONCILE_MOVES = Counter(
+    "bluemarble_reconcile_moves_total",
+    "Placement moves (promotions, new replicas, handoffs, drains) the leader wrote.",
+)
+ASSIGNMENT_PROPAGATION = Histogram(
+    "bluemarble_assignment_propagation_seconds",
+    "From the leader sending a round's assignment writes to etcd until its own mirror "
+    "(what every replica's WatchAssignments streams serve) shows them.",
+    buckets=_LATENCY_BUCKETS_S,
+)
+SHARDS_WITHOUT_PRIMARY = Gauge(
+    "bluemarble_shards_without_primary",
+    "Shards of the ring with no primary in this replica's mirror (no record, or none named).",
+)
+TRADES = Counter(
+    "bluemarble_trades_total",
+    "Trades answered, by kind (cross_shard, same_shard) and outcome (committed, aborted). "
+    "Control plane: the trades it coordinated; shard node: the same-shard trades it executed.",
+    ["kind", "outcome"],
+)
+TRADE_PHASE = Histogram(
+    "bluemarble_trade_phase_seconds",
+    "Time of each phase of a cross-shard trade at its coordinator: prepare (both legs), "
+    "decide (the decision's etcd write), commit (phase 2: both settles), total.",
+    ["phase"],
+    buckets=_LATENCY_BUCKETS_S,
+)
+TRADES_IN_DOUBT = Gauge(
+    "bluemarble_trades_in_doubt",
+    "Control plane (leader): decided cross-shard trades older than the sweep's minimum age "
+    "whose phase 2 is still unfinished. Shard node: escrows (PREPARED legs) on the shards it leads.",
+)
+
+# --- shard node --------------------------------------------------------------------------
+REPLICATION_LAG_ENTRIES = Gauge(
+    "bluemarble_replication_lag_entries",
+    "Primary's view: log entries its farthest replica is missing, per shard it leads.",
+    ["shard"],
+)
+REPLICATION_LAG_SECONDS = Gauge(
+    "bluemarble_replication_lag_seconds",
+    "Primary's view: age of the oldest entry its farthest replica is missing, per shard it leads.",
+    ["shard"],
+)
+
+# Children of the labelled metrics that hot paths update, resolved once.
+CROSS_SHARD_COMMITTED = TRADES.labels("cross_shard", "committed")
+CROSS_SHARD_ABORTED = TRADES.labels("cross_shard", "aborted")
+SAME_SHARD_COMMITTED = TRADES.labels("same_shard", "committed")
+SAME_SHARD_ABORTED = TRADES.labels("same_shard", "aborted")
+PHASE_PREPARE = TRADE_PHASE.labels("prepare")
+PHASE_DECIDE = TRADE_PHASE.labels("decide")
+PHASE_COMMIT = TRADE_PHASE.labels("commit")
+PHASE_TOTAL = TRADE_PHASE.labels("total")
+
+
+def count_trade(cross_shard: bool, committed: bool) -> None:
+    """Counts one answered trade in ``bluemarble_trades_total``."""
+    if cross_shard:
+        (CROSS_SHARD_COMMITTED if committed else CROSS_SHARD_ABORTED).inc()
+    else:
+        (SAME_SHARD_COMMITTED if committed else SAME_SHARD_ABORTED).inc()
+
+
+class ReplicationLag:
+    """The per-shard lag gauges of one node: :meth:`update` with what the node reports
+    about the shards it leads; shards it stopped leading lose their series (a stale lag
+    of a shard led elsewhere now would page someone for nothing)."""
+
+    def __init__(self) -> None:
+        self._shards: set[str] = set()
+
+    def update(self, lags: dict[str, tuple[int, float]]) -> None:
+        """``lags``: shard -> (entries missing, seconds behind) of its farthest replica."""
+        for shard in self._shards - lags.keys():
+            REPLICATION_LAG_ENTRIES.remove(shard)
+            REPLICATION_LAG_SECONDS.remove(shard)
+        for shard, (entries, seconds) in lags.items():
+            REPLICATION_LAG_ENTRIES.labels(shard).set(entries)
+            REPLICATION_LAG_SECONDS.labels(shard).set(seconds)
+        self._shards = set(lags)
 
 
 def serve(listen: str) -> int:
