@@ -331,7 +331,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         async with RoutingClient([cp], max_attempts=1000) as routing, (
                 TradeClient([cp], routing=routing) if args.same_shard_via == "client" else TradeClient([cp])) as client:
             by_shard: dict[str, list[str]] = {}
-            for i in range(args.concurrency * 40):
+            for i in range(max(args.concurrency, 16) * 40):  # enough on every shard, even at 1 in flight
                 player = f"b{i:05d}"
                 by_shard.setdefault(routing.router.shard_for(player), []).append(player)
             shards = sorted(by_shard)

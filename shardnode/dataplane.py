@@ -499,6 +499,8 @@ class DataPlane:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         heapq.heappush(state.waiters, (lsn, next(self._seq), future))
+        for shipper in self._shippers.values():
+            shipper.urgent_wake.set()
         try:
             if type(self._clock) is SystemClock:
                 # One timer handle on the loop (whose time is the same monotonic clock):

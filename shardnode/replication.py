@@ -124,6 +124,10 @@ class Shipper:
     clock: Clock
     peers: dict[ShardId, Peer] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set when a STRONG caller starts waiting for an ack: ends an EVENTUAL linger at once.
+    # (The caller registers after the flush that woke this stream, so ``urgent()`` alone,
+    # read when the linger starts, misses it and would hold the STRONG write for a linger.)
+    urgent_wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     batches: int = 0
 
@@ -170,7 +174,9 @@ class Shipper:
                 if linger and not self.link.urgent():
                     # Only EVENTUAL writes are waiting (their callers have their answers):
                     # let a few more join this batch; fewer, larger messages cost less CPU.
-                    await self.clock.sleep(EVENTUAL_LINGER_S)
+                    # A STRONG caller that starts waiting meanwhile ends the wait.
+                    await wait_event(self.clock, self.urgent_wake, EVENTUAL_LINGER_S)
+                self.urgent_wake.clear()
                 batch, sent = self._build()
                 if batch is None:
                     await wait_event(self.clock, self.wake, self.idle_wait_s(self.clock.monotonic_s()))
