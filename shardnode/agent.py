@@ -67,7 +67,7 @@ from bluemarble.core.errors import (
     NotFound,
     Unavailable,
 )
-from bluemarble.runtime import background, retry
+from bluemarble.runtime import background, metrics, retry
 from bluemarble.runtime.clock import Clock, run_with_timeout, wait_event
 from bluemarble.v1 import common_pb2, controlplane_pb2
 
@@ -212,6 +212,7 @@ class NodeAgent:
         self.config_loaded = asyncio.Event()
         self._config_task: asyncio.Task[None] | None = None
         self._beat_now = False
+        self._lag = metrics.ReplicationLag()
 
     # ---- session state ----
 
@@ -262,7 +263,14 @@ class NodeAgent:
 
     def shard_statuses(self) -> list[common_pb2.ShardStatus]:
         if self.status_provider is not None:
-            return self.status_provider()
+            statuses = self.status_provider()
+            # The replication lag gauges follow what heartbeats report (every TTL/3).
+            self._lag.update({
+                s.shard_id: (s.lag_entries, s.lag_ms / 1000)
+                for s in statuses
+                if s.role == common_pb2.SHARD_ROLE_PRIMARY and not s.on_disk_only
+            })
+            return statuses
         return [
             common_pb2.ShardStatus(
                 shard_id=shard, epoch=h.epoch, role=h.role, applied_lsn=h.applied_lsn  # type: ignore[arg-type]

@@ -69,7 +69,7 @@ from bluemarble.core.trades import (
     termination_due,
     validate_trade,
 )
-from bluemarble.runtime import background, retry
+from bluemarble.runtime import background, metrics, retry
 from bluemarble.runtime.clock import run_with_timeout
 from bluemarble.v1 import common_pb2, shardnode_pb2, trade_pb2
 from shardnode.dataplane import DataPlane, ShardState
@@ -86,6 +86,8 @@ address after a failure, with jittered backoff. A trade whose attempt fails is t
 by the loop (after its own jittered delay), so an escrow is settled once the control plane
 is back (I5)."""
 MAX_CONCURRENT_RESOLVES = 64
+IN_DOUBT_REFRESH_S = 5.0
+"""How often the termination loop recounts the escrows for the in-doubt gauge."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class Participant:
         self._next_try_s: dict[tuple[ShardId, str], float] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._in_doubt_at_s = -IN_DOUBT_REFRESH_S
         dataplane.on_serving = self._on_serving
 
     # ---- lifecycle ----
@@ -373,6 +376,7 @@ class Participant:
             "local trade", trade_id=trade.trade_id, shard=shard, outcome=decision.outcome.name,
             reason=decision.reason, lsn=result.lsn)
         await self._dp.wait_committed(state, result.lsn, timeout_s, f"trade {echo(trade.trade_id, 40)}")
+        metrics.count_trade(False, decision.outcome is Outcome.COMMITTED)
         response.outcome, response.reason = stored.outcome_to_proto(decision.outcome), decision.reason
         return response
 
@@ -396,6 +400,7 @@ class Participant:
         while True:
             try:
                 self.check_due()
+                self.refresh_in_doubt()
             except BlueMarbleError as e:
                 log.warning("termination check failed; retrying", error=str(e))
             self._wake.clear()
@@ -403,6 +408,20 @@ class Participant:
                 await run_with_timeout(self._clock, self._wake.wait(), self._interval_s)
             except TimeoutError:
                 pass
+
+    def refresh_in_doubt(self, force: bool = False) -> int:
+        """Sets ``bluemarble_trades_in_doubt`` to the escrows (PREPARED legs) on the shards
+        this node leads, at most every :data:`IN_DOUBT_REFRESH_S` unless ``force``, and
+        returns it (-1 when not refreshed). Counted up to :data:`MAX_LIST_TRADES`: past
+        that the alert fires anyway, and a bounded read keeps the loop cheap."""
+        now_s = self._clock.monotonic_s()
+        if not force and now_s - self._in_doubt_at_s < IN_DOUBT_REFRESH_S:
+            return -1
+        self._in_doubt_at_s = now_s
+        led = self._dp.led_shards()
+        held = len(self._dp.storage.prepared_trades(led, limit=MAX_LIST_TRADES)) if led else 0
+        metrics.TRADES_IN_DOUBT.set(held)
+        return held
 
     def check_due(self) -> int:
         """Starts a resolution for every escrow past its deadline on the shards this node

@@ -19,6 +19,7 @@ from bluemarble.api import cluster_config
 from bluemarble.core import limits
 from bluemarble.core.ids import NodeId
 from bluemarble.core.ring import Ring
+from bluemarble.runtime import background, metrics
 from bluemarble.runtime.clock import Clock, SystemClock
 from bluemarble.runtime.grpc_server import Server, ServiceBinding, build_server
 from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
@@ -44,6 +45,10 @@ from controlplane.store.trade_store import TradeStore
 from controlplane.store.watchcache import PrefixCache
 
 log = structlog.get_logger(__name__)
+
+GAUGE_REFRESH_S = 1.0
+"""How often the mirror-derived gauges (registered nodes, shards without a primary) are
+recomputed: O(shards) each time, instead of on every node record change of a burst."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,7 @@ class ControlPlaneApp:
         self.trade_store: TradeStore | None = None
         self.trade_coordinator: TradeCoordinator | None = None
         self.trade_sweep: TradeSweep | None = None
+        self._gauges: asyncio.Task[None] | None = None
 
     @property
     def replica_id(self) -> str:
@@ -190,6 +196,7 @@ class ControlPlaneApp:
         await self.reconciler.start()
         await self.trade_store.start()
         await self.trade_sweep.start()
+        self._gauges = background.start(self._refresh_gauges(), "metrics-gauges")
         log.info(
             "control plane serving",
             address=self.address,
@@ -197,6 +204,31 @@ class ControlPlaneApp:
             etcd=",".join(s.etcd_endpoints),
             replica=self.replica_id,
         )
+
+    def refresh_gauges(self) -> None:
+        """Sets ``bluemarble_registered_nodes`` and ``bluemarble_shards_without_primary``
+        from this replica's mirrors. A shard counts as without a primary when its record
+        is missing, names none, or names a node that is not registered (its lease ended
+        and no replica has been promoted yet)."""
+        if self.nodes is None or self.assignments is None or self.ring is None:
+            return
+        nodes = self.nodes.entries
+        metrics.REGISTERED_NODES.set(len(nodes))
+        ring = self.ring.entries.get(self.keys.ring())
+        if ring is None:
+            return
+        assignments = self.assignments.entries
+        missing = 0
+        for shard in ring.shard_ids:
+            a = assignments.get(self.keys.assignment(shard))
+            if a is None or not a.primary or self.keys.node(NodeId(a.primary)) not in nodes:
+                missing += 1
+        metrics.SHARDS_WITHOUT_PRIMARY.set(missing)
+
+    async def _refresh_gauges(self) -> None:
+        while True:
+            self.refresh_gauges()
+            await self.clock.sleep(GAUGE_REFRESH_S)
 
     def _warn_on_drift(self, stored: object) -> None:
         s = self.settings
@@ -223,6 +255,7 @@ class ControlPlaneApp:
         steps: list[tuple[str, Awaitable[None] | None]] = [
             # First: the heartbeat streams this shutdown ends are not node crashes.
             ("crash watch", self.crash_watch.close() if self.crash_watch else None),
+            ("metrics gauges", background.stop(self._gauges)),
             ("reconciler", self.reconciler.stop() if self.reconciler else None),
             ("trade sweep", self.trade_sweep.stop() if self.trade_sweep else None),
             ("election", self.election.stop() if self.election else None),

@@ -37,6 +37,7 @@ import structlog
 
 from bluemarble.core.errors import BlueMarbleError
 from bluemarble.core.ids import NodeId
+from bluemarble.runtime import metrics
 from bluemarble.runtime.clock import Clock
 
 log = structlog.get_logger(__name__)
@@ -111,6 +112,7 @@ class CrashWatch:
             )
             if await self._revoke(node, lease_id):
                 self.revoked += 1
+                metrics.LEASE_EXPIRATIONS.inc()  # ended early: the process is gone
             self.checked += 1
         except asyncio.CancelledError:
             raise

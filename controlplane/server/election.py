@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import structlog
 
 from bluemarble.core.errors import BlueMarbleError
-from bluemarble.runtime import background, retry
+from bluemarble.runtime import background, metrics, retry
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 from controlplane.store.etcd import Compare, EtcdStore, EventType, Put
 from controlplane.store.keys import KeySchema
@@ -165,6 +165,9 @@ class Election:
         if leadership is None and self._leadership is None:
             return
         self._leadership = leadership
+        metrics.IS_LEADER.set(0 if leadership is None else 1)
+        if leadership is not None:
+            metrics.LEADER_CHANGES.inc()
         for callback in self._listeners:
             callback()
 

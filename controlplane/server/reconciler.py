@@ -105,7 +105,7 @@ from bluemarble.core.placement import (
 )
 from bluemarble.core.replication.position import LogPosition
 from bluemarble.core.ring import Ring
-from bluemarble.runtime import background
+from bluemarble.runtime import background, metrics
 from bluemarble.runtime.clock import Clock, SystemClock, wait_event
 from bluemarble.v1 import common_pb2
 from controlplane.server.election import Election, Leadership
@@ -531,6 +531,7 @@ class Reconciler:
         if settled_inputs == self._settled:
             return None
         self.rounds += 1
+        metrics.RECONCILE_ROUNDS.inc()
         leases = {NodeId(n.node_id): n.lease_id for n in records}
         stamps = {
             ShardId(a.shard_id): assignment_incarnations(a) for a in self._assignments.entries.values()
@@ -711,6 +712,7 @@ class Reconciler:
         changed: Sequence[ShardId] = sorted({*plan.changed, *restamp}, key=order.__getitem__)
         leases = leases or {}
         last_revision = 0
+        sent_s = self._clock.monotonic_s()
         for start in range(0, len(changed), _MAX_WRITES_PER_TXN):
             if self._election.leadership is not leadership:
                 log.info("leadership ended before the write; dropping the plan")
@@ -744,5 +746,7 @@ class Reconciler:
                 epoch=plan.assignments[move.shard_id].epoch,
                 reason=move.reason,
             )
+        metrics.RECONCILE_MOVES.inc(len(plan.moves))
         # Plan the next round from what was written, not from a mirror that lags it.
-        await self._assignments.wait_for_revision(last_revision, 2.0)
+        if await self._assignments.wait_for_revision(last_revision, 2.0) and last_revision:
+            metrics.ASSIGNMENT_PROPAGATION.observe(self._clock.monotonic_s() - sent_s)

@@ -22,7 +22,7 @@ import structlog
 from bluemarble.core import validation
 from bluemarble.core.errors import Aborted, AlreadyExists, InvalidArgument, NotFound
 from bluemarble.core.ids import NodeId
-from bluemarble.runtime import retry
+from bluemarble.runtime import metrics, retry
 from bluemarble.runtime.clock import Clock
 from bluemarble.v1 import common_pb2
 from controlplane.store import codec
@@ -168,11 +168,14 @@ class NodeRegistry:
             record = await self._record(node)
             if record is None or record.lease != lease_id:
                 self._lease_by_node.pop(node, None)
+                if record is None:  # its lease ended (a newer registration is no expiry)
+                    metrics.LEASE_EXPIRATIONS.inc()
                 raise NotFound(_not_registered(node, lease_id, record))
             self._remember(node, lease_id)
         ttl_s = await self._store.keepalive(lease_id)
         if ttl_s <= 0:
             self._lease_by_node.pop(node, None)
+            metrics.LEASE_EXPIRATIONS.inc()
             raise NotFound(
                 f"lease {lease_id:#x} of node {node} has expired; drop your roles and register again"
             )
