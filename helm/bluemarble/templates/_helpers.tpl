@@ -1,0 +1,164 @@
+{{/* Names, labels and the addresses the components use to reach each other. */}}
+
+{{- define "bluemarble.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Kept short: pod names (node ids) are "<fullname>-node-<ordinal>" and DNS labels stop at 63. */}}
+{{- define "bluemarble.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "bluemarble.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "bluemarble.labels" -}}
+helm.sh/chart: {{ include "bluemarble.chart" . }}
+app.kubernetes.io/name: {{ include "bluemarble.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Selector labels of one component: call with (dict "ctx" $ "component" "controlplane"). */}}
+{{- define "bluemarble.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "bluemarble.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "bluemarble.componentLabels" -}}
+{{ include "bluemarble.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "bluemarble.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "bluemarble.controlplane.fullname" -}}{{ include "bluemarble.fullname" . }}-controlplane{{- end -}}
+{{- define "bluemarble.node.fullname" -}}{{ include "bluemarble.fullname" . }}-node{{- end -}}
+{{- define "bluemarble.etcd.fullname" -}}{{ include "bluemarble.fullname" . }}-etcd{{- end -}}
+{{- define "bluemarble.etcd.headless" -}}{{ include "bluemarble.fullname" . }}-etcd-headless{{- end -}}
+
+{{/* The control plane's address for nodes and clients: its Service, by its namespaced name. */}}
+{{- define "bluemarble.controlplane.address" -}}
+{{- printf "%s.%s.svc:%d" (include "bluemarble.controlplane.fullname" .) .Release.Namespace (int .Values.controlplane.grpcPort) -}}
+{{- end -}}
+
+{{/* etcd endpoints (host:port, comma-separated): every member of the chart's etcd through
+its headless Service (the client fails over between them), or the external endpoints. */}}
+{{- define "bluemarble.etcd.endpoints" -}}
+{{- if .Values.etcd.enabled -}}
+{{- $fullname := include "bluemarble.etcd.fullname" . -}}
+{{- $headless := include "bluemarble.etcd.headless" . -}}
+{{- $members := list -}}
+{{- range $i := until (int .Values.etcd.replicas) -}}
+{{- $members = append $members (printf "%s-%d.%s.%s.svc:2379" $fullname $i $headless $.Release.Namespace) -}}
+{{- end -}}
+{{- join "," $members -}}
+{{- else -}}
+{{- if not .Values.etcd.endpoints -}}
+{{- fail "etcd.enabled=false needs etcd.endpoints (host:port list of the external etcd)" -}}
+{{- end -}}
+{{- join "," .Values.etcd.endpoints -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "bluemarble.tls.nodeSecret" -}}
+{{- default .Values.tls.secretName .Values.tls.nodeSecretName -}}
+{{- end -}}
+
+{{/* Env of both processes: logging, metrics, tracing, TLS files. */}}
+{{- define "bluemarble.commonEnv" -}}
+{{- $ := .ctx -}}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+- name: BLUEMARBLE_METRICS_LISTEN
+  value: {{ printf "0.0.0.0:%d" (int .metricsPort) | quote }}
+- name: BLUEMARBLE_LOG_LEVEL
+  value: {{ $.Values.logLevel | quote }}
+- name: BLUEMARBLE_LOG_FORMAT
+  value: {{ $.Values.logFormat | quote }}
+{{- if $.Values.tls.enabled }}
+- name: BLUEMARBLE_TLS_CERT
+  value: /etc/bluemarble/tls/{{ $.Values.tls.certKey }}
+- name: BLUEMARBLE_TLS_KEY
+  value: /etc/bluemarble/tls/{{ $.Values.tls.keyKey }}
+- name: BLUEMARBLE_TLS_CA
+  value: /etc/bluemarble/tls/{{ $.Values.tls.caKey }}
+{{- end }}
+{{- if $.Values.tracing.otlpEndpoint }}
+- name: OTEL_TRACES_EXPORTER
+  value: otlp
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ $.Values.tracing.otlpEndpoint | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ printf "bluemarble-%s" .component | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* Probes: native gRPC probes against grpc.health.v1 (service "", the process) in plaintext;
+with TLS the kubelet's gRPC probe cannot connect (it speaks plaintext only), so an exec probe
+runs the chart's health check with the pod's own certificate. Call with
+(dict "ctx" $ "port" 7000 "probes" .Values.x.probes "serverName" "...") */}}
+{{- define "bluemarble.probes" -}}
+{{- $p := .probes -}}
+{{- $check := dict -}}
+{{- if .ctx.Values.tls.enabled -}}
+{{- $check = dict "exec" (dict "command" (list "python3" "/etc/bluemarble/scripts/health_probe.py" (printf "127.0.0.1:%d" (int .port)) .serverName)) -}}
+{{- else -}}
+{{- $check = dict "grpc" (dict "port" (int .port) "service" "") -}}
+{{- end -}}
+startupProbe:
+  {{- toYaml $check | nindent 2 }}
+  periodSeconds: 2
+  timeoutSeconds: {{ $p.timeoutSeconds }}
+  failureThreshold: {{ $p.startupFailureThreshold }}
+livenessProbe:
+  {{- toYaml $check | nindent 2 }}
+  periodSeconds: {{ $p.periodSeconds }}
+  timeoutSeconds: {{ $p.timeoutSeconds }}
+  failureThreshold: {{ $p.livenessFailureThreshold }}
+readinessProbe:
+  {{- toYaml $check | nindent 2 }}
+  periodSeconds: {{ $p.periodSeconds }}
+  timeoutSeconds: {{ $p.timeoutSeconds }}
+  failureThreshold: {{ $p.readinessFailureThreshold }}
+{{- end -}}
+
+{{/* Topology spread over zones and hosts for one component. */}}
+{{- define "bluemarble.topologySpread" -}}
+{{- $spread := .spread -}}
+{{- if $spread.enabled -}}
+topologySpreadConstraints:
+  - maxSkew: {{ $spread.maxSkew }}
+    topologyKey: {{ $spread.zoneKey }}
+    whenUnsatisfiable: {{ $spread.whenUnsatisfiable }}
+    labelSelector:
+      matchLabels:
+        {{- include "bluemarble.selectorLabels" . | nindent 8 }}
+  - maxSkew: 1
+    topologyKey: kubernetes.io/hostname
+    whenUnsatisfiable: ScheduleAnyway
+    labelSelector:
+      matchLabels:
+        {{- include "bluemarble.selectorLabels" . | nindent 8 }}
+{{- end }}
+{{- end -}}
