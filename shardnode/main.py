@@ -17,7 +17,7 @@ from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.ring_router import RingRouter
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError, InvalidArgument
-from bluemarble.runtime import background, event_loop, logs, metrics, tracing
+from bluemarble.runtime import background, event_loop, logs, metrics, tls, tracing
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.runtime.settings import EnvArgumentParser
@@ -68,6 +68,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
         help="how long a trade escrow waits for its decision before this node asks for it (seconds)",
     )
     p.add_flag("--metrics-listen", default="", help="serve Prometheus /metrics on host:port (default: off)")
+    tls.add_flags(p, "node (its CN or a DNS SAN must be the node id under mutual TLS)")
     p.add_flag("--log-level", default="info", help="debug, info, warning or error")
     p.add_flag(
         "--log-format",
@@ -90,6 +91,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
             )
     except BlueMarbleError as e:
         p.error(str(e))
+    tls_config = tls.config_from_flags(p, args, server=True)
     addresses = split_addresses(args.control_plane)
     if not addresses:
         p.error("--control-plane needs at least one address")
@@ -105,6 +107,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
         synchronous=args.synchronous.upper(),
         trade_escrow_timeout_s=args.trade_escrow_timeout_s,
     )
+    # Process-wide from here on: the ShardNode server (mutual TLS with a CA: only clients
+    # holding a certificate the CA signed get in) and every channel the node opens.
+    tls.configure(tls_config)
     return settings, args.log_level, args.log_format, args.metrics_listen
 
 

@@ -18,6 +18,11 @@ primary, following redirects and failovers within ``--timeout-s``.
 The trade commands call the control plane's TradeCoordinator (any replica; a retried
 ``trade execute`` with the same trade id is safe: same trade id, same answer).
 
+Security: ``--tls-ca`` verifies the control plane and nodes, ``--tls-cert``/``--tls-key``
+present a client certificate (required when the cluster runs mutual TLS), and
+``--token-file`` (or ``--token``, or env BLUEMARBLE_ADMIN_TOKEN) sends the admin bearer
+token the control plane asks of admin commands (``drain``, ``config set``).
+
 Prints readable tables; ``--json`` prints the raw response as JSON instead. Exit status:
 0 on success, 1 when the cluster answered with an error (one line on stderr), 2 on bad
 usage, 3 when ``trade execute`` answered ABORTED (the trade was refused: a definite
@@ -30,8 +35,10 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
@@ -40,7 +47,8 @@ from google.protobuf.message import Message
 from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.routing import DataWriteResult, GrantResult, Inventory, PlayerData, RoutingClient
 from bluemarble.core.errors import BlueMarbleError
-from bluemarble.runtime import logs
+from bluemarble.runtime import logs, tls
+from bluemarble.runtime.auth import ADMIN_TOKEN_ENV, bearer_metadata, read_token_file
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.settings import EnvArgumentParser
 from bluemarble.v1 import common_pb2, controlplane_pb2, shardnode_pb2, trade_pb2
@@ -380,7 +388,9 @@ async def run_data(args: argparse.Namespace, client: ControlPlaneClient) -> str:
 
 
 async def run(args: argparse.Namespace) -> int:
-    client = ControlPlaneClient(split_addresses(args.control_plane), timeout_s=args.timeout_s, attempts=3)
+    client = ControlPlaneClient(
+        split_addresses(args.control_plane), timeout_s=args.timeout_s, attempts=3, metadata=bearer_metadata(args.token)
+    )
     try:
         response: Message
         text: str
@@ -428,6 +438,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_flag("--control-plane", default="127.0.0.1:7000", help="control-plane addresses, comma-separated")
     p.add_flag("--timeout-s", default=5.0, type=float, help="per-call deadline in seconds")
     p.add_argument("--json", action="store_true", help="print the raw response as JSON")
+    tls.add_flags(p, "client")
+    p.add_argument(
+        "--token",
+        default=os.environ.get(ADMIN_TOKEN_ENV, ""),
+        help=f"admin bearer token for drain and config set [env {ADMIN_TOKEN_ENV}] (prefer --token-file: "
+        "a command line is visible to other users)",
+    )
+    p.add_flag("--token-file", default="", help="file holding the admin bearer token")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("status", help="cluster summary")
     sub.add_parser("nodes", help="registered nodes")
@@ -476,11 +494,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_doubt = trade_sub.add_parser("in-doubt", help="escrows the primaries hold, oldest first")
     in_doubt.add_argument("--limit", type=int, default=1000, help="at most this many (cap 1000)")
     args = p.parse_args(argv)
+    if args.token_file:
+        try:
+            args.token = read_token_file(Path(args.token_file), "--token-file")
+        except BlueMarbleError as e:
+            p.error(str(e))
+    args.token = args.token.strip()
+    previous = tls.current()
+    tls.configure(tls.config_from_flags(p, args, server=False))
     if argv is None:
         # Run as a command: the output is for people, and the client library's own
         # progress lines would drown it. (Tests pass argv and keep their log set-up.)
         logs.configure("warning", "console")
-    return asyncio.run(run(args))
+    try:
+        return asyncio.run(run(args))
+    finally:
+        tls.configure(previous)  # in-process callers (tests) get their own setting back
 
 
 if __name__ == "__main__":

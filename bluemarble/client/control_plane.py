@@ -134,7 +134,8 @@ class ControlPlaneClient:
     ``timeout_s`` bounds one attempt, ``attempts`` and ``deadline_s`` bound a whole
     :meth:`call` (whichever comes first). ``current_address`` is shared by every user of
     the client (calls, heartbeats, streams): whoever notices that a replica is down or
-    hung moves everyone on with :meth:`rotate`.
+    hung moves everyone on with :meth:`rotate`. ``metadata`` goes with every
+    :meth:`call` (e.g. ``bluemarble.runtime.auth.bearer_metadata(token)`` for admin RPCs).
     """
 
     def __init__(
@@ -146,6 +147,7 @@ class ControlPlaneClient:
         deadline_s: float | None = DEFAULT_DEADLINE_S,
         max_backoff_s: float = 2.0,
         clock: Clock | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
     ):
         if not addresses:
             raise ValueError("at least one control-plane address is required")
@@ -155,6 +157,7 @@ class ControlPlaneClient:
         self._attempts = attempts
         self._deadline_s = deadline_s
         self._max_backoff_s = max_backoff_s
+        self._metadata = tuple(metadata)
         self._channels = [open_channel(a) for a in self.addresses]
         self._current = 0
 
@@ -226,6 +229,8 @@ class ControlPlaneClient:
         method = rpc(self.control_plane())
 
         async def attempt() -> T:
+            if self._metadata:
+                return await method(request, timeout=timeout_s, metadata=self._metadata)
             return await method(request, timeout=timeout_s)
 
         try:

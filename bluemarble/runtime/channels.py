@@ -13,6 +13,11 @@ timeouts and the idle bound on watch streams (see ``shardnode.agent`` and
 ``bluemarble.client.ring_router``). Servers (``grpc_server.SERVER_OPTIONS``) accept a ping
 every 5 s without data; pinging more often would get the connection closed with
 ENHANCE_YOUR_CALM, hence 6 s here.
+
+TLS: when the process is configured for it (:mod:`bluemarble.runtime.tls`, from the
+``--tls-*`` flags), :func:`channel` opens a TLS channel that verifies the server with the
+CA and presents this process's certificate; the files are read as they are when the
+channel is built, so channels opened after a certificate rotation use the new files.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 import grpc.aio
 
 from bluemarble.core.limits import MAX_MESSAGE_BYTES
-from bluemarble.runtime import tracing
+from bluemarble.runtime import tls, tracing
 
 KEEPALIVE_TIME_MS = 6_000
 KEEPALIVE_TIMEOUT_MS = 3_000
@@ -46,8 +51,14 @@ CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
 
 def channel(address: str) -> grpc.aio.Channel:
     """A channel to one "host:port" address, as this process is configured to reach its
-    peers: with the tracing interceptors when tracing is on."""
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors())
+    peers: TLS (and a client certificate) when :func:`bluemarble.runtime.tls.configure` set
+    it up, plaintext otherwise; with the tracing interceptors when tracing is on."""
+    config = tls.current()
+    if config is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors())
+    return grpc.aio.secure_channel(
+        address, config.channel_credentials(), options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors()
+    )
 
 
 def insecure_channel(address: str) -> grpc.aio.Channel:

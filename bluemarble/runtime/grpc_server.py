@@ -2,7 +2,8 @@
 
 :func:`build_server` wires the servicers with what every server must have: the error
 mapping and request-context interceptor (:func:`with_error_mapping`), ``grpc.health.v1.Health``, server reflection
-(so ``grpcurl -plaintext HOST:PORT list`` works), a request size cap sized to the
+(so ``grpcurl -plaintext HOST:PORT list`` works), TLS or mutual TLS when the process is
+configured for it (:mod:`bluemarble.runtime.tls`), a request size cap sized to the
 server's API, keepalive policy, and a guard against undecodable requests
 (:func:`guard_decoding`). :func:`stop_gracefully` flips health to NOT_SERVING, then lets
 calls in flight finish within a grace period.
@@ -31,7 +32,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from bluemarble.core.errors import BlueMarbleError
 from bluemarble.core.limits import MAX_MESSAGE_BYTES
-from bluemarble.runtime import metrics, tracing
+from bluemarble.runtime import metrics, tls, tracing
 
 log = structlog.get_logger(__name__)
 
@@ -363,7 +364,12 @@ async def build_server(
     so a huge request costs the server no time. Size it to what the server's API needs
     (:mod:`bluemarble.core.limits`).
 
-    Raises :class:`bluemarble.core.errors.Unavailable` when the address cannot be bound.
+    The port is TLS when the process has a TLS configuration with a certificate
+    (:func:`bluemarble.runtime.tls.configure`), mutual TLS when it also has a CA (a client
+    without a certificate signed by it fails the handshake), plaintext otherwise.
+
+    Raises :class:`bluemarble.core.errors.Unavailable` when the address cannot be bound,
+    InvalidArgument when TLS is configured without a certificate.
     """
     from bluemarble.core.errors import Unavailable
 
@@ -390,8 +396,13 @@ async def build_server(
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
         reflection.aio.ReflectionServicer(names),  # type: ignore[attr-defined]
     )
+    config = tls.current()
+    credentials = config.server_credentials() if config is not None else None
     try:
-        port = server.add_insecure_port(listen)
+        if credentials is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, credentials)
     except RuntimeError as e:
         raise Unavailable(f"cannot listen on {listen}: {e}") from e
     if port == 0:

@@ -20,6 +20,7 @@ from bluemarble.core import limits
 from bluemarble.core.ids import NodeId
 from bluemarble.core.ring import Ring
 from bluemarble.runtime import background, metrics
+from bluemarble.runtime.auth import AdminToken, ServerAuth
 from bluemarble.runtime.clock import Clock, SystemClock
 from bluemarble.runtime.grpc_server import Server, ServiceBinding, build_server
 from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
@@ -37,7 +38,7 @@ from controlplane.server.trades import (
     TradeSweep,
 )
 from controlplane.store.config_store import ConfigStore
-from controlplane.store.etcd import EtcdStore
+from controlplane.store.etcd import EtcdSecurity, EtcdStore
 from controlplane.store.keys import KeySchema
 from controlplane.store.records import decode_assignment, decode_config, decode_node, decode_ring
 from controlplane.store.ring_store import ensure_ring
@@ -68,6 +69,12 @@ class ControlPlaneSettings:
     again before its address is checked and, if refused, its lease revoked (0: off)."""
     trades: TradeSettings = field(default_factory=TradeSettings)
     """The trade coordinator's timeouts, the decision records' retention and the sweep."""
+    admin_token: AdminToken | None = None
+    """Required (as a bearer token) by admin RPCs; None: admin RPCs are open. Client
+    certificates are checked against node ids when the process serves mutual TLS
+    (:func:`bluemarble.runtime.tls.configure`)."""
+    etcd_security: EtcdSecurity | None = None
+    """TLS and user/password to etcd (None: plaintext, no authentication)."""
     # Flags given explicitly on the command line (vs defaults), to warn on config drift.
     explicit: frozenset[str] = field(default_factory=frozenset)
 
@@ -77,7 +84,12 @@ class ControlPlaneApp:
         self.settings = settings
         self.keys = KeySchema(settings.cluster)
         self.clock = clock or SystemClock()
-        self.store = EtcdStore(settings.etcd_endpoints, rpc_timeout_s=settings.etcd_rpc_timeout_s, clock=self.clock)
+        self.store = EtcdStore(
+            settings.etcd_endpoints,
+            rpc_timeout_s=settings.etcd_rpc_timeout_s,
+            clock=self.clock,
+            security=settings.etcd_security,
+        )
         self.server: Server | None = None
         self.nodes: PrefixCache[common_pb2.Node] | None = None
         self.assignments: PrefixCache[common_pb2.Assignment] | None = None
@@ -169,6 +181,7 @@ class ControlPlaneApp:
             probe=self.probe,
             crash_watch=self.crash_watch,
             config_mirror=self.config_mirror,
+            auth=ServerAuth.for_process(s.admin_token),
         )
         self.trade_store = TradeStore(self.store, self.keys, self.clock, retention_s=s.trades.retention_s)
         locator = Locator(self.keys, self.ring, self.assignments, self.nodes)

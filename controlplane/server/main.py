@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -11,13 +12,41 @@ from collections.abc import Sequence
 import structlog
 
 from bluemarble.core.errors import BlueMarbleError
-from bluemarble.runtime import event_loop, logs, metrics, tracing
+from bluemarble.runtime import event_loop, logs, metrics, tls, tracing
+from bluemarble.runtime.auth import AdminToken
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.settings import EnvArgumentParser, env_name
 from controlplane.server.app import ControlPlaneApp, ControlPlaneSettings
 from controlplane.server.trades import TradeSettings
+from controlplane.store.etcd import EtcdSecurity
 
 log = structlog.get_logger(__name__)
+
+
+def _etcd_security(p: EnvArgumentParser, args: argparse.Namespace) -> EtcdSecurity | None:
+    if not (args.etcd_ca or args.etcd_cert or args.etcd_key or args.etcd_user):
+        if args.etcd_password:
+            p.error("--etcd-password (BLUEMARBLE_ETCD_PASSWORD) is set without --etcd-user; give the user too")
+        return None
+    if args.etcd_user and not args.etcd_password:
+        p.error(f"--etcd-user {args.etcd_user} needs a password: set BLUEMARBLE_ETCD_PASSWORD (or --etcd-password)")
+    if (args.etcd_cert or args.etcd_key) and not args.etcd_ca:
+        p.error("--etcd-cert/--etcd-key need --etcd-ca (the CA that signed etcd's certificate)")
+    material = None
+    try:
+        files = tls.files_from_flags(args.etcd_cert, args.etcd_key, args.etcd_ca, flag_prefix="--etcd")
+        if files is not None:
+            material = tls.load_material(files, flag_prefix="--etcd")
+    except BlueMarbleError as e:
+        p.error(str(e))
+    return EtcdSecurity(
+        ca=material.ca if material else None,
+        cert=material.cert if material else None,
+        key=material.key if material else None,
+        server_name=args.etcd_server_name or None,
+        user=args.etcd_user,
+        password=args.etcd_password,
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings, str, str, str]:
@@ -59,6 +88,19 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         type=float,
         help="how often the leader finishes phase 2 of trades whose coordinator did not",
     )
+    tls.add_flags(p, "control plane")
+    p.add_flag(
+        "--admin-token-file",
+        default="",
+        help="file holding the bearer token admin RPCs (SetConfig, DrainNode) require; re-read when it "
+        "changes (or set BLUEMARBLE_ADMIN_TOKEN; default: admin RPCs are open)",
+    )
+    p.add_flag("--etcd-ca", default="", help="PEM CA that signed etcd's certificate (turns on TLS to etcd)")
+    p.add_flag("--etcd-cert", default="", help="PEM client certificate for etcd (--client-cert-auth)")
+    p.add_flag("--etcd-key", default="", help="PEM private key of --etcd-cert")
+    p.add_flag("--etcd-server-name", default="", help="name in etcd's certificate (default: first endpoint's host)")
+    p.add_flag("--etcd-user", default="", help="etcd user (with etcd authentication enabled)")
+    p.add_flag("--etcd-password", default="", help="password of --etcd-user (prefer the environment variable)")
     p.add_flag("--log-level", default="info", help="debug, info, warning or error")
     p.add_flag(
         "--log-format",
@@ -84,6 +126,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         retention_s=max(1, round(args.trade_retention_h * 3600)),
         sweep_interval_s=args.trade_sweep_interval_s,
     )
+    tls_config = tls.config_from_flags(p, args, server=True)
+    try:
+        admin_token = AdminToken.from_settings(args.admin_token_file)
+    except BlueMarbleError as e:
+        p.error(str(e))
     settings = ControlPlaneSettings(
         listen=args.listen,
         etcd_endpoints=tuple(split_addresses(args.etcd)),
@@ -96,9 +143,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         crash_grace_ms=args.crash_grace_ms,
         trades=trades,
         explicit=explicit,
+        admin_token=admin_token,
+        etcd_security=_etcd_security(p, args),
     )
     if args.crash_grace_ms < 0:
         p.error(f"--crash-grace-ms is {args.crash_grace_ms}; use 0 (off) or a positive number of ms")
+    # Process-wide from here on: this replica's server and every channel it opens.
+    tls.configure(tls_config)
     return settings, args.log_level, args.log_format, args.metrics_listen
 
 

@@ -3,6 +3,11 @@
 Each method validates its input (through :mod:`bluemarble.core.validation`), calls the
 registry or stores, and builds the response. Errors are BlueMarble exceptions; the
 server interceptor maps them to statuses.
+
+Who may call what is checked here, where the request is known (:mod:`bluemarble.runtime.auth`):
+admin RPCs (SetConfig, DrainNode) need the admin bearer token when one is configured, and
+with mutual TLS a node may register, heartbeat and deregister only under the node id its
+client certificate names.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from bluemarble.core import limits, validation
 from bluemarble.core.errors import InvalidArgument, OutOfRange, Unavailable
 from bluemarble.core.ids import NodeId, ShardId, shard_index
 from bluemarble.core.ring import Ring
+from bluemarble.runtime.auth import ServerAuth
 from bluemarble.runtime.clock import Clock, run_with_timeout
 from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc
 from controlplane.server.crash_watch import CrashWatch
@@ -58,6 +64,8 @@ class ControlPlaneDeps:
     config_mirror: PrefixCache[common_pb2.ClusterConfig] | None = None
     """The config key's mirror, for HeartbeatResponse.config_revision without an etcd read."""
     reports: ShardReports = field(default_factory=ShardReports)
+    auth: ServerAuth = field(default_factory=ServerAuth)
+    """The admin token and node-identity checks (default: none, everything allowed)."""
 
 
 MAX_SHARD_STATUSES = limits.MAX_SHARD_STATUSES
@@ -88,6 +96,7 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
     async def RegisterNode(
         self, request: controlplane_pb2.RegisterNodeRequest, context: Ctx
     ) -> controlplane_pb2.RegisterNodeResponse:
+        await self._d.auth.node(context, "RegisterNode", request.node_id)
         config, _ = await self._d.config.get()
         lease_id, ttl_s = await self._d.registry.register(
             request.node_id,
@@ -106,6 +115,7 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
     async def Heartbeat(
         self, request: controlplane_pb2.HeartbeatRequest, context: Ctx
     ) -> controlplane_pb2.HeartbeatResponse:
+        await self._d.auth.node(context, "Heartbeat", request.node_id)
         return await self._heartbeat(request)
 
     async def HeartbeatStream(
@@ -119,9 +129,13 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         shutdown is ignored by the watch, which is closed before the server stops."""
         beating: tuple[NodeId, int] | None = None  # the registration of the last good beat
         ours = False
+        allowed = ""  # the node id this stream's caller was last found entitled to
         try:
             async for request in request_iterator:
                 try:
+                    if request.node_id != allowed or not allowed:
+                        await self._d.auth.node(context, "HeartbeatStream", request.node_id)
+                        allowed = request.node_id
                     response = await self._heartbeat(request)
                 except Exception:
                     ours = True  # this replica ends the stream with a status
@@ -188,12 +202,14 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
     async def DeregisterNode(
         self, request: controlplane_pb2.DeregisterNodeRequest, context: Ctx
     ) -> controlplane_pb2.DeregisterNodeResponse:
+        await self._d.auth.node(context, "DeregisterNode", request.node_id)
         await self._d.registry.deregister(request.node_id, request.lease_id)
         return controlplane_pb2.DeregisterNodeResponse()
 
     async def DrainNode(
         self, request: controlplane_pb2.DrainNodeRequest, context: Ctx
     ) -> controlplane_pb2.DrainNodeResponse:
+        await self._d.auth.admin(context, "DrainNode")
         node = await self._d.registry.drain(request.node_id)
         return controlplane_pb2.DrainNodeResponse(node=node)
 
@@ -495,6 +511,7 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
     async def SetConfig(
         self, request: controlplane_pb2.SetConfigRequest, context: Ctx
     ) -> controlplane_pb2.SetConfigResponse:
+        await self._d.auth.admin(context, "SetConfig")
         config, revision = await self._d.config.set(request.config, request.expected_revision)
         response = controlplane_pb2.SetConfigResponse(config=config, revision=revision)
         eligible = sum(1 for n in self._d.nodes.entries.values() if n.state != common_pb2.NODE_STATE_DRAINING)

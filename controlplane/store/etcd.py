@@ -25,6 +25,12 @@ and some of its behaviours need replacing:
   former keepalive did this). Every stream here is written with ``call.write()`` from a
   task this module starts, stops and awaits.
 
+Security (:class:`EtcdSecurity`): TLS to etcd (CA, and a client certificate for etcd's
+``--client-cert-auth``) through etcd3aio's channel credentials, and user/password
+authentication: the adapter authenticates before its first read, sends the token on
+every call and on its own watch and keepalive streams, and re-authenticates every
+``TOKEN_REFRESH_S`` (etcd's simple tokens expire after 5 minutes by default).
+
 Every call has a deadline (``rpc_timeout_s``); an etcd that cannot be reached surfaces
 as :class:`bluemarble.core.errors.Unavailable` with a message naming etcd and its endpoints.
 Retries and reconnects use the one policy (:mod:`bluemarble.runtime.retry`).
@@ -59,6 +65,32 @@ _RECONNECT_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
+
+
+TOKEN_REFRESH_S = 60.0
+"""How often the adapter re-authenticates to etcd (simple tokens live 300 s by default)."""
+
+
+@dataclass(frozen=True)
+class EtcdSecurity:
+    """How to reach a secured etcd: TLS material (PEM bytes) and user/password.
+
+    ``ca`` turns TLS on (etcd3aio needs the CA for TLS); ``cert``/``key`` are the client
+    certificate. ``server_name`` is the name the etcd certificate must carry (default:
+    the host of the first endpoint; needed because the client dials every endpoint
+    through one ``ipv4:`` target). ``user`` empty: no authentication.
+    """
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    server_name: str | None = None
+    user: str = ""
+    password: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        assert (self.cert is None) == (self.key is None), "a client certificate needs its key"
+        assert self.ca is not None or self.cert is None, "a client certificate needs the CA (TLS)"
 
 
 @dataclass(frozen=True)
@@ -218,6 +250,7 @@ class EtcdStore:
         rpc_timeout_s: float = 3.0,
         clock: Clock | None = None,
         watch_progress_interval_s: float = 2.0,
+        security: EtcdSecurity | None = None,
     ):
         if not endpoints:
             raise ValueError("at least one etcd endpoint is required")
@@ -228,8 +261,20 @@ class EtcdStore:
         self.watch_progress_interval_s = watch_progress_interval_s
         self.watch_stall_timeout_s = 3 * watch_progress_interval_s
         self._clock: Clock = clock or SystemClock()
-        self._client = etcd3aio.Etcd3Client(list(endpoints), rpc_max_attempts=2)
+        self._security = security or EtcdSecurity()
+        tls_args: dict[str, Any] = {}
+        if self._security.ca is not None:
+            host = endpoints[0].rsplit(":", 1)[0].strip("[]")
+            tls_args = {
+                "ca_cert": self._security.ca,
+                "cert_key": self._security.key,
+                "cert_chain": self._security.cert,
+                "tls_server_name": self._security.server_name or host,
+            }
+        self._client = etcd3aio.Etcd3Client(list(endpoints), rpc_max_attempts=2, **tls_args)
         self._client._manager.grpc_options.extend(_RECONNECT_OPTIONS)
+        self._token_metadata: tuple[tuple[str, str], ...] = ()
+        self._token_refresh: asyncio.Task[None] | None = None
         self._keepalive: _KeepAliveStream | None = None
         self._watch_stub: etcdpb.WatchStub | None = None
         self._watch_streams: set[_WatchStream] = set()
@@ -245,17 +290,57 @@ class EtcdStore:
         await self._client.connect()
         channel = self._client._channel  # the keepalive and watch streams share the client's channel
         assert channel is not None
-        self._keepalive = _KeepAliveStream(channel, self.endpoints, self._clock)
+        self._keepalive = _KeepAliveStream(channel, self.endpoints, self._clock, lambda: self._token_metadata)
         self._watch_stub = etcdpb.WatchStub(channel)
         policy = retry.RetryPolicy(deadline_s=startup_timeout_s)
+
+        async def first_contact() -> int:
+            if self._security.user:
+                await self._authenticate()
+            return await self.current_revision()
+
         try:
-            await retry.call(self.current_revision, what="waiting for etcd", policy=policy, clock=self._clock)
+            await retry.call(first_contact, what="waiting for etcd", policy=policy, clock=self._clock)
         except Unavailable as e:
             await self.close()
             raise Unavailable(
                 f"etcd at {','.join(self.endpoints)} did not answer within "
                 f"{startup_timeout_s:g} s ({e}); is etcd running and reachable?"
             ) from e
+        except BlueMarbleError:
+            await self.close()
+            raise
+        if self._security.user:
+            self._token_refresh = background.start(self._refresh_token(), "etcd-token-refresh")
+
+    async def _authenticate(self) -> None:
+        """Gets a token for the configured user and sends it from now on. Unavailable
+        when etcd does not answer; BlueMarbleError naming the user when etcd refuses."""
+        auth = self._client.auth
+        assert auth is not None, "EtcdStore.connect() was not called"
+        user = self._security.user
+        try:
+            async with self._wrapped("authenticate"):
+                response = await auth.authenticate(user, self._security.password, timeout=self.rpc_timeout_s)
+        except Unavailable:
+            raise
+        except BlueMarbleError as e:
+            raise BlueMarbleError(
+                f"etcd at {','.join(self.endpoints)} refused user {user!r} ({e}); "
+                "check --etcd-user and --etcd-password (BLUEMARBLE_ETCD_PASSWORD)"
+            ) from e
+        self._client.set_token(response.token)
+        self._token_metadata = (("token", response.token),)
+
+    async def _refresh_token(self) -> None:
+        """Re-authenticates every :data:`TOKEN_REFRESH_S`; a failure is logged and retried
+        at the next round (the current token usually still has minutes to live)."""
+        while not self._closed:
+            await self._clock.sleep(TOKEN_REFRESH_S)
+            try:
+                await self._authenticate()
+            except BlueMarbleError as e:
+                log.warning("etcd re-authentication failed; retrying later", error=str(e))
 
     async def close(self) -> None:
         """Ends the keepalive stream and every watch stream, then closes the channel.
@@ -263,6 +348,9 @@ class EtcdStore:
         A watch still being iterated raises Unavailable (the client is closed).
         """
         self._closed = True
+        if self._token_refresh is not None:
+            await background.stop(self._token_refresh)
+            self._token_refresh = None
         if self._keepalive is not None:
             await self._keepalive.close()
             self._keepalive = None
@@ -599,7 +687,7 @@ class _WatchStream:
         self._store = store
         self._prefix = prefix
         self._clock = store._clock
-        self._call = store._watch_stub.Watch(metadata=_REQUIRE_LEADER)
+        self._call = store._watch_stub.Watch(metadata=_REQUIRE_LEADER + store._token_metadata)
         self._read: asyncio.Future[Any] | None = None
         self._cut_reason: str | None = None
         self._fragments: list[Any] = []
@@ -750,8 +838,15 @@ class _KeepAliveStream:
 
     _MAX_PENDING = 100_000
 
-    def __init__(self, channel: grpc.aio.Channel, endpoints: Sequence[str], clock: Clock):
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        endpoints: Sequence[str],
+        clock: Clock,
+        metadata: Callable[[], tuple[tuple[str, str], ...]] = tuple,
+    ):
         self._stub = etcdpb.LeaseStub(channel)
+        self._metadata = metadata
         self._endpoints = endpoints
         self._clock = clock
         self._queue: asyncio.Queue[int] = asyncio.Queue(self._MAX_PENDING)
@@ -795,7 +890,7 @@ class _KeepAliveStream:
 
     async def _stream_once(self, backoff: retry.Backoff) -> BaseException:
         """Runs one stream until it breaks; returns the error its waiters fail with."""
-        call = self._stub.LeaseKeepAlive()
+        call = self._stub.LeaseKeepAlive(metadata=self._metadata() or None)
         writer = background.start(self._send(call), "etcd-lease-keepalive-send")
         try:
             while True:

@@ -1,0 +1,216 @@
+"""Who may call what: the admin bearer token and node identities from client certificates.
+
+Two checks, both made by the servicer that knows the request (the control plane's
+:mod:`controlplane.server.service`):
+
+* **Admin RPCs** (state-changing operator calls: :data:`ADMIN_METHODS`) need
+  ``authorization: Bearer <token>`` metadata when the control plane has an admin token
+  (``--admin-token-file`` or ``BLUEMARBLE_ADMIN_TOKEN``). Missing: UNAUTHENTICATED; wrong:
+  PERMISSION_DENIED. The comparison takes the same time whatever the token, so it does
+  not leak how much of a guess was right.
+* **Node identity**: with mutual TLS, a node may register, heartbeat and deregister only
+  for itself: the node id of the request must be the Common Name or a DNS SAN of the
+  client certificate (:data:`NODE_METHODS`), else PERMISSION_DENIED.
+
+Without a token and without mutual TLS both checks let everything through (dev, tests).
+A token file is re-read when it changes (a rotated Kubernetes Secret), like the TLS files.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import os
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import structlog
+
+from bluemarble.core.errors import InvalidArgument
+from bluemarble.runtime import tls
+
+log = structlog.get_logger(__name__)
+
+ADMIN_METHODS = frozenset({"SetConfig", "DrainNode"})
+"""ControlPlane RPCs that change cluster state on an operator's behalf. (Node lifecycle
+RPCs are checked by certificate instead; trades are data plane; reads are open.)"""
+
+NODE_METHODS = frozenset({"RegisterNode", "Heartbeat", "HeartbeatStream", "DeregisterNode"})
+"""ControlPlane RPCs a node makes for itself: the request's node_id must be the caller's."""
+
+AUTHORIZATION = "authorization"
+BEARER = "Bearer "
+ADMIN_TOKEN_ENV = "BLUEMARBLE_ADMIN_TOKEN"
+MAX_TOKEN_BYTES = 4096
+
+
+class Verdict(enum.Enum):
+    """The outcome of checking a call's bearer token against the configured one."""
+
+    OK = "ok"
+    MISSING = "missing"  # no authorization metadata, or not a Bearer one: UNAUTHENTICATED
+    WRONG = "wrong"  # a bearer token that is not the configured one: PERMISSION_DENIED
+
+
+def check_bearer(authorization: str | None, expected: str) -> Verdict:
+    """Purely computational: the verdict for an ``authorization`` metadata value.
+
+    The comparison is constant-time in the presented token (``hmac.compare_digest``)."""
+    if not authorization or not authorization.startswith(BEARER):
+        return Verdict.MISSING
+    presented = authorization[len(BEARER):].strip()
+    if not presented:
+        return Verdict.MISSING
+    ok = hmac.compare_digest(presented.encode("utf-8", "replace"), expected.encode("utf-8"))
+    return Verdict.OK if ok else Verdict.WRONG
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries ``token`` (empty without one)."""
+    return ((AUTHORIZATION, BEARER + token),) if token else ()
+
+
+def _metadata_value(metadata: Iterable[Any] | None, key: str) -> str | None:
+    for item in metadata or ():
+        k, v = item[0], item[1]
+        if k == key:
+            return v if isinstance(v, str) else bytes(v).decode("utf-8", "replace")
+    return None
+
+
+def read_token_file(path: Path, flag: str) -> str:
+    """The token in ``path`` (surrounding whitespace and a final newline removed).
+
+    Raises InvalidArgument naming ``flag`` when the file is missing, unreadable, empty or
+    too large."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_TOKEN_BYTES:
+            raise InvalidArgument(f"{flag} {path}: {size} bytes; a token is at most {MAX_TOKEN_BYTES} bytes")
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError as e:
+        raise InvalidArgument(f"{flag} {path}: no such file; check the path (or the mounted Secret)") from e
+    except (PermissionError, IsADirectoryError) as e:
+        raise InvalidArgument(f"{flag} {path}: cannot read it ({type(e).__name__}); make it a readable file") from e
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(f"{flag} {path}: not UTF-8 text; write the token as text") from e
+    _check_token(token, f"{flag} {path}")
+    return token
+
+
+def _check_token(token: str, where: str) -> None:
+    if not token:
+        raise InvalidArgument(f"{where}: the token is empty; write a token (e.g. `openssl rand -hex 32`)")
+    if any(c.isspace() for c in token) or not token.isprintable():
+        raise InvalidArgument(f"{where}: the token has spaces or control characters; use printable ASCII")
+
+
+class AdminToken:
+    """The admin token of a control plane: from a file (re-read when it changes) or a
+    fixed value (the environment variable)."""
+
+    def __init__(self, *, value: str | None = None, path: Path | None = None, flag: str = "--admin-token-file"):
+        assert (value is None) != (path is None), "give the token or its file"
+        self._path = path
+        self._flag = flag
+        self._lock = threading.Lock()
+        if value is not None:
+            _check_token(value, ADMIN_TOKEN_ENV)
+            self._value = value
+            self._stamp: object = None
+        else:
+            assert path is not None
+            self._stamp = self._stat()
+            self._value = read_token_file(path, flag)
+
+    @classmethod
+    def from_settings(cls, token_file: str) -> AdminToken | None:
+        """The token of ``--admin-token-file`` (preferred) or ``BLUEMARBLE_ADMIN_TOKEN``,
+        or None when neither is set. Raises InvalidArgument for an unusable token."""
+        if token_file:
+            return cls(path=Path(token_file))
+        value = os.environ.get(ADMIN_TOKEN_ENV, "")
+        return cls(value=value.strip()) if value.strip() else None
+
+    def _stat(self) -> object:
+        assert self._path is not None
+        try:
+            st = self._path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def value(self) -> str:
+        """The current token; a changed file is re-read (a bad new file keeps the old
+        token and is logged)."""
+        if self._path is None:
+            return self._value
+        with self._lock:
+            stamp = self._stat()
+            if stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    self._value = read_token_file(self._path, self._flag)
+                    log.info("admin token file reloaded", path=str(self._path))
+                except InvalidArgument as e:
+                    log.warning("admin token file changed but cannot be used; keeping the previous token",
+                                error=str(e))
+            return self._value
+
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class ServerAuth:
+    """The checks one server makes (see the module docstring). ``token`` None: admin RPCs
+    are open; ``node_identity`` False: node ids are not checked against certificates."""
+
+    def __init__(self, token: AdminToken | None = None, node_identity: bool = False):
+        self.token = token
+        self.node_identity = node_identity
+
+    @classmethod
+    def for_process(cls, token: AdminToken | None) -> ServerAuth:
+        """Node identities are checked when this process serves mutual TLS."""
+        config = tls.current()
+        return cls(token, node_identity=config is not None and config.mutual)
+
+    async def admin(self, context: Ctx, method: str) -> None:
+        """Aborts the call unless it carries the admin token (when one is configured)."""
+        if self.token is None:
+            return
+        verdict = check_bearer(_metadata_value(context.invocation_metadata(), AUTHORIZATION), self.token.value())
+        if verdict is Verdict.OK:
+            return
+        log.warning("admin rpc refused", rpc=method, reason=verdict.value, peer=context.peer())
+        if verdict is Verdict.MISSING:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{method} is an admin RPC and needs 'authorization: Bearer <token>' metadata "
+                "(bluemarblectl: --token-file or BLUEMARBLE_ADMIN_TOKEN)",
+            )
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{method}: the bearer token is not this cluster's admin token",
+        )
+
+    async def node(self, context: Ctx, method: str, node_id: str) -> None:
+        """Aborts the call unless the client certificate names ``node_id`` (with mTLS)."""
+        if not self.node_identity:
+            return
+        names = tls.peer_identities(context.auth_context())
+        if node_id in names:
+            return
+        log.warning("node rpc refused: certificate names another node", rpc=method, node_id=node_id[:128],
+                    certificate=sorted(names)[:4], peer=context.peer())
+        shown = ", ".join(sorted(names)[:4]) or "nothing"
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{method} for node {node_id[:128]!r}: the client certificate names {shown[:200]}; "
+            "a node may act only for itself (its certificate's CN or a DNS SAN is its node id)",
+        )
+
