@@ -103,15 +103,18 @@ def configure(service_name: str, *, exporter: Any = None, simple: bool = False) 
         return SimpleSpanProcessor(span_exporter) if simple else BatchSpanProcessor(span_exporter)
 
     active = trace.get_tracer_provider()
-    if _enabled and isinstance(active, TracerProvider):
-        # The global provider can be set once per process: a later call adds exporters.
+    if isinstance(active, TracerProvider):
+        # OpenTelemetry sets the global provider once per process: a later call (tests)
+        # adds its exporters to it, and its service name stays the first one.
         for span_exporter in exporters:
             active.add_span_processor(processor(span_exporter))
-        return True
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
-    for span_exporter in exporters:
-        provider.add_span_processor(processor(span_exporter))
-    trace.set_tracer_provider(provider)
+        if _enabled:
+            return True
+    else:
+        provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
+        for span_exporter in exporters:
+            provider.add_span_processor(processor(span_exporter))
+        trace.set_tracer_provider(provider)
     extra = os.environ.get("OTEL_PYTHON_GRPC_EXCLUDED_SERVICES", "")
     excluded = frozenset([*UNTRACED_SERVICES, *(s.strip() for s in extra.split(",") if s.strip())])
 
@@ -126,6 +129,17 @@ def configure(service_name: str, *, exporter: Any = None, simple: bool = False) 
     _client_interceptors[:] = aio_client_interceptors(filter_=client_filter)  # type: ignore[no-untyped-call]
     _enabled = True
     return True
+
+
+def disable() -> None:
+    """Servers and channels built from now on get no tracing interceptors (those built
+    already keep theirs), and log lines no trace ids: for tests that turned tracing on
+    in a process shared with others. The global tracer provider stays (OpenTelemetry
+    sets it once per process); :func:`configure` turns tracing on again."""
+    global _enabled
+    _enabled = False
+    _server_interceptors.clear()
+    _client_interceptors.clear()
 
 
 def shutdown() -> None:
