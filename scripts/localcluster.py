@@ -3,6 +3,11 @@
 A :class:`LocalEtcd` is a single-member etcd on free loopback ports with its data in a
 directory of the caller's choosing; :class:`ManagedProcess` runs any command with its
 output in a log file and stops it with a real signal. Everything binds to 127.0.0.1 only.
+
+Plaintext by default. :func:`secure_cluster_files` makes what a cluster under mutual TLS
+with an admin token needs (a dev CA, a certificate per process, a token file); its
+:class:`ClusterSecurity` gives each process's flags (``--tls-*``, ``--admin-token-file``,
+bluemarblectl's ``--token-file``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 ETCD_STARTUP_TIMEOUT_S = 20.0
@@ -115,6 +121,53 @@ class ManagedProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return ""
+
+
+@dataclass(frozen=True)
+class ClusterSecurity:
+    """Certificates (from ``scripts/dev_certs.py``) and the admin token file of a local
+    cluster under mutual TLS. Certificates are named after the process: ``controlplane``,
+    each node id, ``admin`` for bluemarblectl."""
+
+    certs_dir: Path
+    token_file: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.certs_dir / "ca.pem"
+
+    def tls_flags(self, name: str) -> list[str]:
+        """``--tls-cert/--tls-key/--tls-ca`` for the process holding ``name``'s certificate."""
+        return [
+            "--tls-cert", str(self.certs_dir / f"{name}.pem"),
+            "--tls-key", str(self.certs_dir / f"{name}-key.pem"),
+            "--tls-ca", str(self.ca),
+        ]  # fmt: skip
+
+    def control_plane_flags(self) -> list[str]:
+        return [*self.tls_flags("controlplane"), "--admin-token-file", str(self.token_file)]
+
+    def node_flags(self, node_id: str) -> list[str]:
+        return self.tls_flags(node_id)
+
+    def ctl_flags(self) -> list[str]:
+        """bluemarblectl's flags (before the command): the admin certificate and token."""
+        return [*self.tls_flags("admin"), "--token-file", str(self.token_file)]
+
+
+def secure_cluster_files(directory: Path, node_ids: Sequence[str], token: str | None = None) -> ClusterSecurity:
+    """Writes a dev CA, certificates for the control plane, ``node_ids`` and an admin, and
+    an admin token file (a random token unless given) under ``directory``. Needs the
+    ``cryptography`` package (a dev dependency)."""
+    import secrets
+
+    from scripts.dev_certs import make_dev_certs
+
+    certs = make_dev_certs(directory / "certs", node_ids)
+    token_file = directory / "admin-token"
+    token_file.write_text((token or secrets.token_hex(32)) + "\n")
+    token_file.chmod(0o600)
+    return ClusterSecurity(certs.ca.parent, token_file)
 
 
 class LocalEtcd:

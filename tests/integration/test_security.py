@@ -73,10 +73,11 @@ async def as_client(certs: DevCerts, secured: ControlPlaneApp) -> AsyncIterator[
     """ControlPlane stubs of clients holding the admin's and each node's certificate."""
     channels = {name: grpc.aio.secure_channel(secured.address, credentials(certs, name)) for name in ("admin", "n1")}
     try:
-        yield {name: controlplane_pb2_grpc.ControlPlaneStub(ch) for name, ch in channels.items()}
+        yield {name: controlplane_pb2_grpc.ControlPlaneStub(ch)  # type: ignore[no-untyped-call]
+            for name, ch in channels.items()}
     finally:
         for ch in channels.values():
-            await ch.close()
+            await ch.close(None)
 
 
 async def code_of(call: object) -> grpc.StatusCode:
@@ -104,14 +105,14 @@ async def test_a_client_without_a_certificate_of_the_ca_is_refused(
     }
     try:
         for what, channel in dials.items():
-            stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
+            stub = controlplane_pb2_grpc.ControlPlaneStub(channel)  # type: ignore[no-untyped-call]
             code = await code_of(stub.ListNodes(controlplane_pb2.ListNodesRequest(), timeout=CALL_TIMEOUT_S))
             assert code == grpc.StatusCode.UNAVAILABLE, what
     finally:
         for channel in dials.values():
-            await channel.close()
+            await channel.close(None)
     async with grpc.aio.secure_channel(secured.address, credentials(certs, "admin")) as channel:
-        stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
+        stub = controlplane_pb2_grpc.ControlPlaneStub(channel)  # type: ignore[no-untyped-call]
         await stub.ListNodes(controlplane_pb2.ListNodesRequest(), timeout=CALL_TIMEOUT_S)
 
 
