@@ -57,7 +57,8 @@ def fetch_node(name: str) -> Mapping[str, object]:
                 return node
         except urllib.error.HTTPError as e:
             if e.code in (401, 403):
-                raise PermissionError(f"reading node {name}: HTTP {e.code}; the ServiceAccount needs `get nodes`") from e
+                hint = "the ServiceAccount needs `get nodes`"
+                raise PermissionError(f"reading node {name}: HTTP {e.code}; {hint}") from e
             if e.code == 404:
                 raise LookupError(f"node {name} not found") from e
             failure = f"HTTP {e.code}"

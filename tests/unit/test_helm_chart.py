@@ -1,0 +1,605 @@
+"""The Helm chart renders for the default, external-etcd and TLS values, every document
+validates strictly against Kubernetes 1.30, and the templates are wired to each other and
+to the processes: Service selectors and ports, probes, env names that are real flags,
+volumes, the data dir, etcd endpoints, the TLS and admin-token files.
+
+ServiceMonitor and PrometheusRule are Prometheus Operator CRDs whose schemas
+kubernetes-validate does not ship: they are off by default; when on, only those two kinds
+skip the strict validation and their structure is checked here instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+
+from tests.unit import helm_chart as hc
+from tests.unit.helm_chart import Doc, Manifests
+
+pytestmark = pytest.mark.skipif(
+    hc.helm_template_tool() is None,
+    reason="helm-template not found: set BLUEMARBLE_HELM_TEMPLATE or put it at ../shared/tools/helm-template",
+)
+
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+FULL = f"{hc.RELEASE}-bluemarble"
+CP, NODE, ETCD = f"{FULL}-controlplane", f"{FULL}-node", f"{FULL}-etcd"
+
+EXTERNAL_ETCD: dict[str, Any] = {
+    "etcd": {
+        "enabled": False,
+        "endpoints": ["etcd-a.db.example:2379", "etcd-b.db.example:2379"],
+        "tls": {"enabled": True, "secretName": "etcd-client"},
+        "auth": {"username": "bluemarble", "passwordSecret": "etcd-password"},
+    }
+}
+TLS: dict[str, Any] = {
+    "tls": {"enabled": True, "secretName": "bm-tls", "nodeSecretName": "bm-node-tls"},
+    "auth": {"adminTokenSecret": "bm-admin"},
+}
+OPTIONAL: dict[str, Any] = {
+    "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+    "networkPolicy": {"enabled": True},
+    "tracing": {"otlpEndpoint": "http://otel-collector.obs:4317"},
+}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "external-etcd": EXTERNAL_ETCD,
+    "tls": TLS,
+    "optional": OPTIONAL,
+    "everything": hc.merged(hc.merged(EXTERNAL_ETCD, TLS), OPTIONAL),
+}
+
+# Flags of ops.md's security section, implemented in parallel with the chart: the chart may
+# set their env even before a process's --help lists them.
+SECURITY_FLAGS = {
+    "controlplane": ["--tls-cert", "--tls-key", "--tls-ca", "--admin-token-file", "--etcd-ca", "--etcd-cert",
+                     "--etcd-key", "--etcd-user", "--etcd-password"],
+    "node": ["--tls-cert", "--tls-key", "--tls-ca"],
+}
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, Manifests]:
+    return {name: Manifests.parse(hc.render_text(values)) for name, values in VARIANTS.items()}
+
+
+def each_variant(test: Callable[..., None]) -> Callable[..., None]:
+    return pytest.mark.parametrize("variant", list(VARIANTS))(test)
+
+
+def env_names_of(parse_args: Callable[[list[str]], object]) -> set[str]:
+    """The BLUEMARBLE_* variables a process reads: its --help names one per flag."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        parse_args(["--help"])
+    return set(re.findall(r"\[env (BLUEMARBLE_[A-Z0-9_]+)\]", re.sub(r"\s+", " ", out.getvalue())))
+
+
+@pytest.fixture(scope="module")
+def process_env() -> dict[str, set[str]]:
+    from bluemarble.runtime.settings import env_name
+    from controlplane.server.main import parse_args as controlplane_args
+    from shardnode.main import parse_args as node_args
+
+    known = {"controlplane": env_names_of(controlplane_args), "node": env_names_of(node_args)}
+    for process, flags in SECURITY_FLAGS.items():
+        known[process] |= {env_name(f) for f in flags}
+    return known
+
+
+# ---- rendering and validation ------------------------------------------------------------
+
+
+@each_variant
+def test_every_document_validates_strictly_against_kubernetes_1_30(
+    rendered: dict[str, Manifests], variant: str
+) -> None:
+    docs = rendered[variant].docs
+    assert docs
+    for doc in docs:
+        if doc["kind"] in CRD_KINDS:
+            continue  # no schema shipped; structure checked by the tests below
+        kubernetes_validate.validate(doc, hc.KUBE_VERSION, strict=True)
+    crds = {d["kind"] for d in docs} & CRD_KINDS
+    assert crds == (CRD_KINDS if variant in ("optional", "everything") else set())
+
+
+def test_strict_validation_catches_a_misspelled_field(rendered: dict[str, Manifests]) -> None:
+    doc = json.loads(json.dumps(rendered["default"].get("Deployment", CP)))
+    pod_spec = doc["spec"]["template"]["spec"]
+    pod_spec["containers"][0]["readinesProbe"] = pod_spec["containers"][0].pop("readinessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(doc, hc.KUBE_VERSION, strict=True)
+
+
+@each_variant
+def test_values_match_the_schema(variant: str) -> None:
+    schema = json.loads((hc.CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.validate(hc.merged(hc.default_values(), VARIANTS[variant]), schema)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"controlplane": {"replicas": "three"}},
+        {"etcd": {"enabled": False}},
+        {"etcd": {"enabled": False, "endpoints": ["http://etcd:2379"]}},
+        {"tls": {"enabled": True}},
+        {"nodes": {"synchronous": "sometimes"}},
+        {"controlplane": {"grpcPrt": 7000}},
+    ],
+)
+def test_the_schema_refuses_bad_values(override: dict[str, Any]) -> None:
+    schema = json.loads((hc.CHART / "values.schema.json").read_text())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(hc.merged(hc.default_values(), override), schema)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"etcd": {"enabled": False}}, "etcd.endpoints"),
+        ({"tls": {"enabled": True}}, "tls.secretName"),
+        ({"etcd": {"enabled": False, "endpoints": ["e:2379"], "auth": {"username": "u"}}}, "passwordSecret"),
+    ],
+)
+def test_the_chart_refuses_incomplete_values(override: dict[str, Any], message: str) -> None:
+    with pytest.raises(hc.RenderError, match=re.escape(message)):
+        hc.render_text(override)
+
+
+# ---- services, selectors, ports, probes --------------------------------------------------
+
+
+@each_variant
+def test_services_and_pdbs_select_the_pods_of_one_workload(rendered: dict[str, Manifests], variant: str) -> None:
+    m = rendered[variant]
+    for workload in m.workloads():
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert hc.matches(workload["spec"]["selector"]["matchLabels"], labels)
+    for selecting in m.of_kind("Service") + m.of_kind("PodDisruptionBudget"):
+        selector = selecting["spec"]["selector"]
+        selector = selector.get("matchLabels", selector)
+        chosen = [w for w in m.workloads() if hc.matches(selector, w["spec"]["template"]["metadata"]["labels"])]
+        assert len(chosen) == 1, f"{selecting['kind']}/{selecting['metadata']['name']} selects {hc.all_names(chosen)}"
+        if selecting["kind"] == "Service":
+            ports = {p["name"]: p["containerPort"] for c in hc.containers(chosen[0]) for p in c.get("ports", [])}
+            for port in selecting["spec"]["ports"]:
+                target = port["targetPort"]
+                assert target in ports or target in ports.values(), f"{selecting['metadata']['name']}: {target}"
+
+
+def test_pdbs_cover_the_control_plane_nodes_and_etcd(rendered: dict[str, Manifests]) -> None:
+    m = rendered["default"]
+    pdbs = {d["metadata"]["name"]: d["spec"] for d in m.of_kind("PodDisruptionBudget")}
+    assert set(pdbs) == {CP, NODE, ETCD}
+    assert pdbs[CP] == {**pdbs[CP], "maxUnavailable": 1}
+    assert pdbs[NODE]["maxUnavailable"] == 1
+    assert pdbs[ETCD]["maxUnavailable"] == 1  # a 3-member etcd keeps its majority
+    assert {d["metadata"]["name"] for d in rendered["external-etcd"].of_kind("PodDisruptionBudget")} == {CP, NODE}
+
+
+@pytest.mark.parametrize("variant", ["default", "external-etcd"])
+def test_probes_are_native_grpc_health_checks_on_the_grpc_port(rendered: dict[str, Manifests], variant: str) -> None:
+    m = rendered[variant]
+    for kind, name, container in (("Deployment", CP, "controlplane"), ("StatefulSet", NODE, "node")):
+        c = hc.container(m.get(kind, name), container)
+        grpc_port = hc.port_named(c, "grpc")
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert c[probe]["grpc"] == {"port": grpc_port, "service": ""}, f"{name} {probe}"
+        assert c["livenessProbe"]["failureThreshold"] > c["readinessProbe"]["failureThreshold"]
+
+
+def test_with_tls_the_probes_run_the_tls_health_check_from_the_mounted_scripts(rendered: dict[str, Manifests]) -> None:
+    m = rendered["tls"]
+    scripts = m.get("ConfigMap", f"{FULL}-scripts")["data"]
+    for kind, name, container, server_name in (
+        ("Deployment", CP, "controlplane", f"{CP}.{hc.NAMESPACE}.svc"),
+        ("StatefulSet", NODE, "node", ""),
+    ):
+        c = hc.container(m.get(kind, name), container)
+        mounts = {v["name"]: v["mountPath"] for v in c["volumeMounts"]}
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            python, script, address, name_checked = c[probe]["exec"]["command"]
+            assert python == "python3" and name_checked == server_name
+            assert script == f"{mounts['scripts']}/health_probe.py" and "health_probe.py" in scripts
+            assert hc.host_port(address)[1] == hc.port_named(c, "grpc")
+
+
+def test_etcd_probes_and_ports(rendered: dict[str, Manifests]) -> None:
+    etcd = hc.container(rendered["default"].get("StatefulSet", ETCD), "etcd")
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        hc.port_named(etcd, etcd[probe]["httpGet"]["port"])
+    args = dict(a.split("=", 1) for a in etcd["args"])
+    assert args["--listen-metrics-urls"].endswith(f":{hc.port_named(etcd, 'metrics')}")
+    assert args["--listen-client-urls"].endswith(f":{hc.port_named(etcd, 'client')}")
+    assert args["--listen-peer-urls"].endswith(f":{hc.port_named(etcd, 'peer')}")
+    assert args["--initial-cluster"].count("=http://") == 3
+
+
+# ---- env: names are real flags, addresses point at the right objects ---------------------
+
+
+@each_variant
+def test_env_names_are_flags_of_the_processes(
+    rendered: dict[str, Manifests], process_env: dict[str, set[str]], variant: str
+) -> None:
+    m = rendered[variant]
+    for kind, name, container, process in (
+        ("Deployment", CP, "controlplane", "controlplane"),
+        ("StatefulSet", NODE, "node", "node"),
+    ):
+        c = hc.container(m.get(kind, name), container)
+        ours = {n for n in hc.env_of(c) if n.startswith("BLUEMARBLE_")}
+        assert ours - process_env[process] == set(), f"{container}: env that no flag reads"
+        defined: set[str] = set()
+        for entry in c["env"]:  # $(VAR) expands only variables defined earlier in the list
+            for ref in re.findall(r"\$\(([A-Z0-9_]+)\)", entry.get("value", "")):
+                assert ref in defined, f"{container}: {entry['name']} uses $({ref}) before it is defined"
+            defined.add(entry["name"])
+
+
+def test_the_env_check_catches_a_misspelled_flag(process_env: dict[str, set[str]]) -> None:
+    assert "BLUEMARBLE_LISTEN" in process_env["node"] and "BLUEMARBLE_LISTN" not in process_env["node"]
+    assert "BLUEMARBLE_NODE_ID" in process_env["node"] and "BLUEMARBLE_NODE_ID" not in process_env["controlplane"]
+
+
+@each_variant
+def test_listen_addresses_match_the_container_ports(rendered: dict[str, Manifests], variant: str) -> None:
+    m = rendered[variant]
+    for kind, name, container in (("Deployment", CP, "controlplane"), ("StatefulSet", NODE, "node")):
+        c = hc.container(m.get(kind, name), container)
+        assert hc.env_value(c, "BLUEMARBLE_LISTEN") == f"0.0.0.0:{hc.port_named(c, 'grpc')}"
+        assert hc.env_value(c, "BLUEMARBLE_METRICS_LISTEN") == f"0.0.0.0:{hc.port_named(c, 'metrics')}"
+
+
+def test_node_identity_advertise_and_control_plane_addresses(rendered: dict[str, Manifests]) -> None:
+    m = rendered["default"]
+    sts = m.get("StatefulSet", NODE)
+    node = hc.container(sts, "node")
+    env = hc.env_of(node)
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert hc.env_value(node, "BLUEMARBLE_NODE_ID") == "$(POD_NAME)"
+    headless = m.get("Service", sts["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+    host, port = hc.host_port(hc.env_value(node, "BLUEMARBLE_ADVERTISE"))
+    assert host == f"$(POD_NAME).{headless['metadata']['name']}.{hc.NAMESPACE}.svc"
+    assert port == hc.port_named(node, "grpc")
+    cp_host, cp_port = hc.host_port(hc.env_value(node, "BLUEMARBLE_CONTROL_PLANE"))
+    service = m.get("Service", CP)
+    assert cp_host == f"{service['metadata']['name']}.{hc.NAMESPACE}.svc"
+    assert cp_port in {p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc"}
+    cp = hc.container(m.get("Deployment", CP), "controlplane")
+    assert cp_port == hc.port_named(cp, "grpc")
+    assert hc.env_value(cp, "BLUEMARBLE_REPLICA_ID") == "$(POD_NAME)"
+
+
+def test_the_data_dir_is_the_persistent_volume_claim(rendered: dict[str, Manifests]) -> None:
+    sts = rendered["default"].get("StatefulSet", NODE)
+    node = hc.container(sts, "node")
+    claims = {t["metadata"]["name"]: t for t in sts["spec"]["volumeClaimTemplates"]}
+    mounts = {v["name"]: v["mountPath"] for v in node["volumeMounts"]}
+    assert mounts["data"] == hc.env_value(node, "BLUEMARBLE_DATA_DIR") == "/data"
+    assert claims["data"]["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    assert "data" not in {v["name"] for v in hc.pod_spec(sts)["volumes"]}  # the claim, not an emptyDir
+
+
+def test_etcd_endpoints_are_the_members_of_the_charts_etcd(rendered: dict[str, Manifests]) -> None:
+    m = rendered["default"]
+    etcd = m.get("StatefulSet", ETCD)
+    headless = m.get("Service", etcd["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    client_port = hc.port_named(hc.container(etcd, "etcd"), "client")
+    endpoints = hc.env_value(hc.container(m.get("Deployment", CP), "controlplane"), "BLUEMARBLE_ETCD").split(",")
+    assert endpoints == [
+        f"{ETCD}-{i}.{headless['metadata']['name']}.{hc.NAMESPACE}.svc:{client_port}"
+        for i in range(etcd["spec"]["replicas"])
+    ]
+    assert etcd["spec"]["replicas"] == 3 and etcd["spec"]["podManagementPolicy"] == "Parallel"
+
+
+def test_external_etcd_endpoints_tls_and_password(rendered: dict[str, Manifests]) -> None:
+    m = rendered["external-etcd"]
+    assert not [d for d in m.docs if d["metadata"]["name"].startswith(ETCD)]
+    deployment = m.get("Deployment", CP)
+    cp = hc.container(deployment, "controlplane")
+    assert hc.env_value(cp, "BLUEMARBLE_ETCD") == "etcd-a.db.example:2379,etcd-b.db.example:2379"
+    files = mounted_files(deployment, cp)
+    assert files[hc.env_value(cp, "BLUEMARBLE_ETCD_CA")] == ("etcd-client", "ca.crt")
+    assert files[hc.env_value(cp, "BLUEMARBLE_ETCD_CERT")] == ("etcd-client", "tls.crt")
+    assert files[hc.env_value(cp, "BLUEMARBLE_ETCD_KEY")] == ("etcd-client", "tls.key")
+    assert hc.env_value(cp, "BLUEMARBLE_ETCD_USER") == "bluemarble"
+    password = hc.env_of(cp)["BLUEMARBLE_ETCD_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert password == {"name": "etcd-password", "key": "password"}
+
+
+# ---- volumes, TLS, admin token ------------------------------------------------------------
+
+
+def mounted_files(workload: Doc, c: Doc) -> dict[str, tuple[str, str]]:
+    """Path -> (Secret name, key) of the Secret files the container sees at the paths its
+    BLUEMARBLE_* env names (a Secret volume without items shows every key as a file)."""
+    volumes = {v["name"]: v for v in hc.pod_spec(workload)["volumes"]}
+    secret_dirs = {
+        m["mountPath"]: volumes[m["name"]]["secret"]
+        for m in c.get("volumeMounts", [])
+        if "secret" in volumes.get(m["name"], {})
+    }
+    files: dict[str, tuple[str, str]] = {}
+    for entry in c.get("env", []):
+        directory, _, file_name = entry.get("value", "").rpartition("/")
+        secret = secret_dirs.get(directory)
+        if secret is None:
+            continue
+        keys = {i["path"]: i["key"] for i in secret.get("items", [])}
+        if not keys or file_name in keys:
+            files[entry["value"]] = (secret["secretName"], keys.get(file_name, file_name))
+    return files
+
+
+@each_variant
+def test_every_mount_has_its_volume_and_every_config_map_exists(rendered: dict[str, Manifests], variant: str) -> None:
+    m = rendered[variant]
+    config_maps = {d["metadata"]["name"] for d in m.of_kind("ConfigMap")} | {"kube-root-ca.crt"}
+    for workload in m.workloads():
+        volumes = {v["name"]: v for v in hc.pod_spec(workload).get("volumes", [])}
+        claims = {t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", [])}
+        assert not set(volumes) & claims
+        for c in hc.containers(workload):
+            paths = [v["mountPath"] for v in c.get("volumeMounts", [])]
+            assert len(paths) == len(set(paths)), f"{c['name']}: a path mounted twice"
+            for mount in c.get("volumeMounts", []):
+                assert mount["name"] in volumes or mount["name"] in claims, f"{c['name']}: {mount['name']}"
+        for node in hc.walk(list(volumes.values())):
+            if isinstance(node, dict) and "configMap" in node:
+                assert node["configMap"]["name"] in config_maps
+
+
+def test_tls_secret_is_mounted_and_the_env_points_at_its_files(rendered: dict[str, Manifests]) -> None:
+    m = rendered["tls"]
+    for kind, name, container, secret in (
+        ("Deployment", CP, "controlplane", "bm-tls"),
+        ("StatefulSet", NODE, "node", "bm-node-tls"),
+    ):
+        workload = m.get(kind, name)
+        c = hc.container(workload, container)
+        files = mounted_files(workload, c)
+        assert files[hc.env_value(c, "BLUEMARBLE_TLS_CERT")] == (secret, "tls.crt")
+        assert files[hc.env_value(c, "BLUEMARBLE_TLS_KEY")] == (secret, "tls.key")
+        assert files[hc.env_value(c, "BLUEMARBLE_TLS_CA")] == (secret, "ca.crt")
+        tls_mount = next(v for v in c["volumeMounts"] if v["mountPath"] == "/etc/bluemarble/tls")
+        assert tls_mount["readOnly"] is True
+    cp = hc.container(m.get("Deployment", CP), "controlplane")
+    assert mounted_files(m.get("Deployment", CP), cp)[hc.env_value(cp, "BLUEMARBLE_ADMIN_TOKEN_FILE")] == (
+        "bm-admin",
+        "token",
+    )
+    for variant in ("default", "external-etcd"):
+        for workload in rendered[variant].workloads():
+            for c in hc.containers(workload):
+                assert not {n for n in hc.env_of(c) if n.startswith("BLUEMARBLE_TLS") or "ADMIN" in n}
+
+
+@each_variant
+def test_containers_run_non_root_read_only_without_capabilities(rendered: dict[str, Manifests], variant: str) -> None:
+    for workload in rendered[variant].workloads():
+        pod = hc.pod_spec(workload)["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] != 0
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+        for c in hc.containers(workload):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+            assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
+
+
+def test_image_defaults_to_the_charts_app_version(rendered: dict[str, Manifests]) -> None:
+    m = rendered["default"]
+    for workload in (m.get("Deployment", CP), m.get("StatefulSet", NODE)):
+        assert {c["image"] for c in hc.containers(workload)} == {"bluemarble:0.1.0"}
+    custom = Manifests.parse(hc.render_text({"image": {"repository": "reg.example/bm", "tag": "1.2.3"}}))
+    assert hc.container(custom.get("Deployment", CP), "controlplane")["image"] == "reg.example/bm:1.2.3"
+
+
+# ---- zone from the node's labels, topology spread ----------------------------------------
+
+
+def test_zone_comes_from_the_kubernetes_node_through_the_init_step(rendered: dict[str, Manifests]) -> None:
+    m = rendered["default"]
+    sts = m.get("StatefulSet", NODE)
+    pod = hc.pod_spec(sts)
+    init, node = hc.container(sts, "topology"), hc.container(sts, "node")
+    assert hc.env_of(init)["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    init_mounts = {v["name"]: v["mountPath"] for v in init["volumeMounts"]}
+    node_mounts = {v["name"]: v["mountPath"] for v in node["volumeMounts"]}
+    out_dir = init["command"][-1]
+    assert init["command"][:2] == ["python3", f"{init_mounts['scripts']}/topology.py"]
+    assert init_mounts["topology"] == out_dir == node_mounts["topology"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes["topology"]
+    assert "topology.py" in m.get("ConfigMap", f"{FULL}-scripts")["data"]
+    script = node["command"][2]
+    assert f"{out_dir}/zone" in script and "BLUEMARBLE_ZONE" in script and "exec bluemarble-node" in script
+    # Only the init container gets an API token, and the role lets it read nodes, nothing else.
+    assert pod["automountServiceAccountToken"] is False
+    assert "kube-api-access" in init_mounts and "kube-api-access" not in node_mounts
+    binding = m.of_kind("ClusterRoleBinding")[0]
+    subject = {"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": hc.NAMESPACE}
+    assert binding["subjects"] == [subject]
+    role = m.get("ClusterRole", binding["roleRef"]["name"])
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]
+    m.get("ServiceAccount", pod["serviceAccountName"])
+
+
+def test_a_static_zone_needs_no_init_step_or_cluster_role() -> None:
+    m = Manifests.parse(hc.render_text({"nodes": {"zone": "eu-1a", "region": "eu-1"}}))
+    node = hc.container(m.get("StatefulSet", NODE), "node")
+    assert "initContainers" not in hc.pod_spec(m.get("StatefulSet", NODE))
+    assert hc.env_value(node, "BLUEMARBLE_ZONE") == "eu-1a" and node["command"] == ["bluemarble-node"]
+    assert not m.of_kind("ClusterRole")
+
+
+def test_topology_spread_over_zones(rendered: dict[str, Manifests]) -> None:
+    m = rendered["default"]
+    deployment = m.get("Deployment", CP)
+    assert deployment["spec"]["replicas"] == 3
+    for workload in (deployment, m.get("StatefulSet", NODE), m.get("StatefulSet", ETCD)):
+        constraints = hc.pod_spec(workload)["topologySpreadConstraints"]
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert "topology.kubernetes.io/zone" in {c["topologyKey"] for c in constraints}
+        assert all(hc.matches(c["labelSelector"]["matchLabels"], labels) for c in constraints)
+
+
+# ---- monitoring: ServiceMonitor, alerts, dashboard, network policy -----------------------
+
+
+def metric_names() -> set[str]:
+    """Every series name bluemarble/runtime/metrics.py exposes (counters with _total,
+    histograms with _bucket/_sum/_count)."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from bluemarble.runtime import metrics
+
+    names: set[str] = set()
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            for family in value.describe():
+                suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+                names |= {family.name + s for s in suffixes}
+    return names
+
+
+def used_metrics(expr: str) -> set[str]:
+    return set(re.findall(r"\bbluemarble_[a-z0-9_]+", expr))
+
+
+def test_service_monitor_scrapes_the_metrics_ports(rendered: dict[str, Manifests]) -> None:
+    m = rendered["optional"]
+    monitor = m.of_kind("ServiceMonitor")[0]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"matchNames": [hc.NAMESPACE]}
+    (expression,) = spec["selector"]["matchExpressions"]
+    scraped = [
+        s for s in m.of_kind("Service")
+        if hc.matches(spec["selector"]["matchLabels"], s["metadata"]["labels"])
+        and s["metadata"]["labels"].get(expression["key"]) in expression["values"]
+    ]
+    assert {s["metadata"]["name"] for s in scraped} == {CP, NODE}
+    (endpoint,) = spec["endpoints"]
+    for service in scraped:
+        assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+
+
+def test_alerts_query_metrics_the_processes_expose(rendered: dict[str, Manifests]) -> None:
+    rule = rendered["optional"].of_kind("PrometheusRule")[0]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    (group,) = rule["spec"]["groups"]
+    alerts = {r["alert"]: r for r in group["rules"]}
+    assert {"BlueMarbleNoLeader", "BlueMarbleNodeLeaseChurn", "BlueMarbleReplicationLag",
+            "BlueMarbleTradesInDoubt"} <= set(alerts)
+    assert alerts["BlueMarbleNoLeader"]["expr"] == f'max(bluemarble_is_leader{{namespace="{hc.NAMESPACE}"}}) == 0'
+    known = metric_names()
+    for name, alert in alerts.items():
+        assert set(alert) <= {"alert", "expr", "for", "labels", "annotations"}
+        assert alert["labels"]["severity"] in {"critical", "warning"} and alert["annotations"]["summary"]
+        assert used_metrics(alert["expr"]) and used_metrics(alert["expr"]) <= known, name
+
+
+def test_the_metric_check_knows_a_missing_metric() -> None:
+    known = metric_names()
+    assert "bluemarble_trade_phase_seconds_bucket" in known and "bluemarble_is_leader" in known
+    assert not used_metrics("max(bluemarble_is_leaders) == 0") <= known
+
+
+def test_grafana_dashboard(rendered: dict[str, Manifests]) -> None:
+    config_map = rendered["default"].get("ConfigMap", f"{FULL}-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(config_map["data"]["bluemarble.json"])
+    exprs = {p["title"]: [t["expr"] for t in p["targets"]] for p in dashboard["panels"]}
+    known = metric_names()
+    for title, queries in exprs.items():
+        for expr in queries:
+            assert used_metrics(expr) and used_metrics(expr) <= known, title
+    needed = ["bluemarble_registered_nodes", "bluemarble_is_leader", "bluemarble_shards_without_primary",
+              "bluemarble_trades_total", "bluemarble_trade_phase_seconds_bucket", "bluemarble_replication_lag_seconds"]
+    everything = " ".join(q for queries in exprs.values() for q in queries)
+    assert all(n in everything for n in needed)
+    assert 'sum by (kind, outcome) (rate(bluemarble_trades_total' in everything
+
+
+def test_network_policies_admit_the_charts_own_traffic(rendered: dict[str, Manifests]) -> None:
+    m = rendered["optional"]
+    policies = {p["metadata"]["name"]: p["spec"] for p in m.of_kind("NetworkPolicy")}
+    assert set(policies) == {CP, NODE, ETCD}
+    pods = {w["metadata"]["name"]: w for w in m.workloads()}
+    labels = {name: w["spec"]["template"]["metadata"]["labels"] for name, w in pods.items()}
+
+    def admitted(policy: Doc, port: str, source: str) -> bool:
+        return any(
+            port in [p["port"] for p in rule["ports"]]
+            and ("from" not in rule or any(hc.matches(peer.get("podSelector", {}).get("matchLabels", {}),
+                                                      labels[source]) for peer in rule["from"]))
+            for rule in policy["ingress"]
+        )
+
+    for policy in policies.values():
+        (target,) = [w for w in pods if hc.matches(policy["podSelector"]["matchLabels"], labels[w])]
+        named = {p["name"] for c in hc.containers(pods[target]) for p in c.get("ports", [])}
+        assert {p["port"] for rule in policy["ingress"] for p in rule["ports"]} <= named
+    assert admitted(policies[CP], "grpc", NODE) and admitted(policies[NODE], "grpc", CP)
+    assert admitted(policies[NODE], "grpc", NODE)  # replication
+    assert admitted(policies[ETCD], "client", CP) and not admitted(policies[ETCD], "client", NODE)
+    assert admitted(policies[ETCD], "peer", ETCD)
+
+
+# ---- NOTES.txt ---------------------------------------------------------------------------
+
+
+def test_notes_show_grpcurl_through_a_port_forward() -> None:
+    plain = hc.render_notes()
+    assert f"kubectl -n {hc.NAMESPACE} port-forward svc/{CP} 7000:7000" in plain
+    assert "grpcurl -plaintext localhost:7000 list" in plain
+    tls = hc.render_notes(TLS)
+    assert "-plaintext" not in tls and "grpcurl -cacert ca.crt -cert client.crt -key client.key" in tls
+    assert f"-authority {CP}.{hc.NAMESPACE}.svc localhost:7000 list" in tls
+    assert 'authorization: Bearer $TOKEN' in tls and "get secret bm-admin" in tls
+
+
+# ---- the chart's scripts -----------------------------------------------------------------
+
+
+def load_script(name: str) -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"chart_{name}", hc.CHART / "files" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_topology_script_reads_the_zone_and_region_labels() -> None:
+    topology = load_script("topology")
+    node: Mapping[str, Any] = {"metadata": {"name": "k1", "labels": {
+        "topology.kubernetes.io/zone": "eu-west-1a", "topology.kubernetes.io/region": "eu-west-1"}}}
+    zone_label, region_label = "topology.kubernetes.io/zone", "topology.kubernetes.io/region"
+    assert topology.labels_of(node, zone_label, region_label) == ("eu-west-1a", "eu-west-1")
+    assert topology.labels_of({"metadata": {"name": "k2"}}, zone_label, region_label) == ("", "")
+
+
+def test_health_probe_checks_the_advertised_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    probe = load_script("health_probe")
+    monkeypatch.setenv("BLUEMARBLE_ADVERTISE", f"{NODE}-0.{NODE}.{hc.NAMESPACE}.svc:7101")
+    assert probe.server_name(["p", "127.0.0.1:7101"]) == f"{NODE}-0.{NODE}.{hc.NAMESPACE}.svc"
+    assert probe.server_name(["p", "127.0.0.1:7000", "cp.game.svc"]) == "cp.game.svc"
