@@ -37,7 +37,7 @@ EXTERNAL_ETCD: dict[str, Any] = {
     "etcd": {
         "enabled": False,
         "endpoints": ["etcd-a.db.example:2379", "etcd-b.db.example:2379"],
-        "tls": {"enabled": True, "secretName": "etcd-client"},
+        "tls": {"enabled": True, "secretName": "etcd-client", "serverName": "etcd.db.example"},
         "auth": {"username": "bluemarble", "passwordSecret": "etcd-password"},
     }
 }
@@ -58,15 +58,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "everything": hc.merged(hc.merged(EXTERNAL_ETCD, TLS), OPTIONAL),
 }
 
-# Flags of ops.md's security section, implemented in parallel with the chart: the chart may
-# set their env even before a process's --help lists them.
-SECURITY_FLAGS = {
-    "controlplane": ["--tls-cert", "--tls-key", "--tls-ca", "--admin-token-file", "--etcd-ca", "--etcd-cert",
-                     "--etcd-key", "--etcd-user", "--etcd-password"],
-    "node": ["--tls-cert", "--tls-key", "--tls-ca"],
-}
-
-
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, Manifests]:
     return {name: Manifests.parse(hc.render_text(values)) for name, values in VARIANTS.items()}
@@ -86,14 +77,10 @@ def env_names_of(parse_args: Callable[[list[str]], object]) -> set[str]:
 
 @pytest.fixture(scope="module")
 def process_env() -> dict[str, set[str]]:
-    from bluemarble.runtime.settings import env_name
     from controlplane.server.main import parse_args as controlplane_args
     from shardnode.main import parse_args as node_args
 
-    known = {"controlplane": env_names_of(controlplane_args), "node": env_names_of(node_args)}
-    for process, flags in SECURITY_FLAGS.items():
-        known[process] |= {env_name(f) for f in flags}
-    return known
+    return {"controlplane": env_names_of(controlplane_args), "node": env_names_of(node_args)}
 
 
 # ---- rendering and validation ------------------------------------------------------------
@@ -318,6 +305,7 @@ def test_external_etcd_endpoints_tls_and_password(rendered: dict[str, Manifests]
     assert files[hc.env_value(cp, "BLUEMARBLE_ETCD_CA")] == ("etcd-client", "ca.crt")
     assert files[hc.env_value(cp, "BLUEMARBLE_ETCD_CERT")] == ("etcd-client", "tls.crt")
     assert files[hc.env_value(cp, "BLUEMARBLE_ETCD_KEY")] == ("etcd-client", "tls.key")
+    assert hc.env_value(cp, "BLUEMARBLE_ETCD_SERVER_NAME") == "etcd.db.example"
     assert hc.env_value(cp, "BLUEMARBLE_ETCD_USER") == "bluemarble"
     password = hc.env_of(cp)["BLUEMARBLE_ETCD_PASSWORD"]["valueFrom"]["secretKeyRef"]
     assert password == {"name": "etcd-password", "key": "password"}
