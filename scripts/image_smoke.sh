@@ -49,7 +49,8 @@ done
 case "$RF" in 2|3) ;; *) echo "image_smoke: --replication-factor must be 2 or 3 (3 nodes)" >&2; exit 2 ;; esac
 
 log() { printf '[image_smoke %3ds] %s\n' "$SECONDS" "$*" >&2; }
-fail() { printf '[image_smoke %3ds] FAIL: %s\n' "$SECONDS" "$*" >&2; exit 1; }
+FAILURE=
+fail() { FAILURE="$*"; printf '[image_smoke %3ds] FAIL: %s\n' "$SECONDS" "$*" >&2; exit 1; }
 
 # --- container engine -----------------------------------------------------------------
 SHARED_TOOL="$ROOT/../shared/tools/container"
@@ -71,17 +72,24 @@ CONTAINERS=()
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
+  local logs=
   if [ "$rc" -ne 0 ] && [ "${#CONTAINERS[@]}" -gt 0 ]; then
+    # Each container's whole log is kept for the post-mortem; the last lines are shown.
+    logs=$(mktemp -d "${TMPDIR:-/tmp}/image_smoke-$RUN_ID-logs.XXXX")
     for c in "${CONTAINERS[@]}"; do
+      ctr logs "$c" > "$logs/$c.log" 2>&1 || true
       echo "----- last log lines of $c -----" >&2
-      ctr logs --tail 25 "$c" >&2 2>&1 || true
+      tail -n 8 "$logs/$c.log" >&2
     done
   fi
   if [ "${#CONTAINERS[@]}" -gt 0 ]; then
     ctr rm --force "${CONTAINERS[@]}" >/dev/null 2>&1 || true
   fi
   rm -rf "$WORK"
-  [ "$rc" -eq 0 ] || echo "image_smoke: FAILED (exit $rc)" >&2
+  if [ "$rc" -ne 0 ]; then
+    echo "image_smoke: FAILED (exit $rc): ${FAILURE:-interrupted or an unexpected error}" >&2
+    [ -z "$logs" ] || echo "image_smoke: containers' logs kept in $logs" >&2
+  fi
   exit "$rc"
 }
 trap cleanup EXIT
@@ -159,8 +167,9 @@ wait_for() {
   local limit=$1 what=$2; shift 2
   local deadline=$((SECONDS + limit))
   until "$@" > "$WORK/last" 2>&1; do
+    # (only a definite "false" counts: an engine busy with other work may fail to answer)
     for c in "${CONTAINERS[@]}"; do
-      [ "$(ctr inspect --format '{{.State.Running}}' "$c" 2>/dev/null)" = true ] \
+      [ "$(ctr inspect --format '{{.State.Running}}' "$c" 2>/dev/null)" != false ] \
         || fail "container $c stopped while waiting for $what"
     done
     [ "$SECONDS" -lt "$deadline" ] || fail "$what: not within ${limit} s; last answer: $(tail -3 "$WORK/last")"
@@ -176,8 +185,11 @@ sys.exit(0 if h.get("health") == "true" else f"etcd says {h}")' "http://$ETCD/he
 }
 wait_for "$DEADLINE_S" "etcd healthy at $ETCD" etcd_healthy
 
+# A prepare deadline of 10 s instead of 2: this checks that the image serves a trade, not
+# latency, and a machine busy building images must not turn the one trade into ABORTED.
 start cp "$IMAGE" bluemarble-controlplane --listen "$CP" --etcd "$ETCD" --cluster "$RUN_ID" \
-  --replica-id smoke-cp --replication-factor "$RF" --shards "$SHARDS" --lease-ttl-s 5
+  --replica-id smoke-cp --replication-factor "$RF" --shards "$SHARDS" --lease-ttl-s 5 \
+  --trade-prepare-timeout-s 10
 for i in 1 2 3; do
   start "node$i" "$IMAGE" bluemarble-node --node-id "smoke-n$i" --listen "${NODES[i-1]}" \
     --control-plane "$CP" --zone "z$i" --region smoke
