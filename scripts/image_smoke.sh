@@ -34,7 +34,7 @@ RF=2
 SHARDS=8
 DEADLINE_S=${SMOKE_DEADLINE_S:-120}
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-build) BUILD=0 ;;
@@ -107,7 +107,8 @@ if [ "$BUILD" = 1 ]; then
   fi
   log "building $IMAGE from ${REF:-the work tree} ($REVISION)"
   build_start=$SECONDS
-  ctr_build -t "$IMAGE" --build-arg REVISION="$REVISION" -f "$CONTEXT/Dockerfile" "$CONTEXT" > "$WORK/build.log" 2>&1 \
+  # The revision as a build-time label too: buildah reuses a cached LABEL step whose ARG changed.
+  ctr_build -t "$IMAGE" --build-arg REVISION="$REVISION" --label org.opencontainers.image.revision="$REVISION" -f "$CONTEXT/Dockerfile" "$CONTEXT" > "$WORK/build.log" 2>&1 \
     || { tail -40 "$WORK/build.log" >&2; fail "image build failed (last lines above)"; }
   log "built $IMAGE in $((SECONDS - build_start)) s"
 else
@@ -242,7 +243,7 @@ SHARD_A=$(shard_of <<<"$out")
 log "granted $A $SWORD and 100 gold on shard $SHARD_A"
 
 # Try player names until one lands on another shard (each try is a real grant).
-B= SHIELD= SHARD_B=
+B='' SHIELD='' SHARD_B=''
 for i in $(seq 1 16); do
   cand="bob$i-$RUN_ID" item="shield$i-$RUN_ID"
   out=$(ctl grant "$cand" "$item" --gold 100) || fail "grant to $cand failed: $out"
@@ -271,8 +272,9 @@ log "ok: trade $TRADE COMMITTED across $SHARD_A and $SHARD_B ($((SECONDS - trade
 expect_inventory() {
   local inv
   inv=$(ctl inventory "$1") || fail "inventory of $1 failed: $inv"
-  [ "$(field gold <<<"$inv")" = "$2" ] && [ "$(field items <<<"$inv")" = "$3" ] \
-    || fail "inventory of $1: expected gold $2 and items $3, got:"$'\n'"$inv"
+  if [ "$(field gold <<<"$inv")" != "$2" ] || [ "$(field items <<<"$inv")" != "$3" ]; then
+    fail "inventory of $1: expected gold $2 and items $3, got:"$'\n'"$inv"
+  fi
   log "ok: $1 holds $3 and $2 gold"
 }
 expect_inventory "$A" 120 "$SHIELD"
