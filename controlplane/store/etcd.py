@@ -42,6 +42,8 @@ import asyncio
 import collections
 import contextlib
 import enum
+import ipaddress
+import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -273,6 +275,9 @@ class EtcdStore:
             }
         self._client = etcd3aio.Etcd3Client(list(endpoints), rpc_max_attempts=2, **tls_args)
         self._client._manager.grpc_options.extend(_RECONNECT_OPTIONS)
+        target = grpc_target(self.endpoints)
+        if target is not None:
+            self._client._manager.target = target
         self._token_metadata: tuple[tuple[str, str], ...] = ()
         self._token_refresh: asyncio.Task[None] | None = None
         self._keepalive: _KeepAliveStream | None = None
@@ -287,6 +292,13 @@ class EtcdStore:
 
         Raises Unavailable if etcd did not answer within ``startup_timeout_s``.
         """
+        if _needs_resolution(self.endpoints):
+            self._client._manager.target = await _resolved_target(self.endpoints)
+            log.warning(
+                "several etcd endpoints given by name: resolved once at start-up, so a member whose address "
+                "changes is not followed; give one DNS name that resolves to every member instead "
+                "(e.g. etcd's headless Service)", endpoints=",".join(self.endpoints),
+                target=self._client._manager.target)
         await self._client.connect()
         channel = self._client._channel  # the keepalive and watch streams share the client's channel
         assert channel is not None
@@ -944,3 +956,64 @@ class _KeepAliveStream:
         await background.stop(self._task)
         self._task = None
         self._fail_all(Unavailable("etcd client is closed"))
+
+
+# ---- the channel's target ----
+#
+# etcd3aio dials ``ipv4:a:p,b:p`` (round robin over the members), and gRPC's ipv4 scheme
+# takes address literals only: a DNS name, what Kubernetes gives, would never connect.
+
+
+def _host(endpoint: str) -> str:
+    return endpoint.rsplit(":", 1)[0].strip("[]")
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address)
+    except ValueError:
+        return host == "localhost"  # etcd3aio rewrites it to 127.0.0.1
+
+
+def grpc_target(endpoints: Sequence[str]) -> str | None:
+    """The gRPC target for ``endpoints`` ("host:port"), or None where etcd3aio's own
+    ``ipv4:`` list fits (every host an IPv4 literal). One DNS name becomes ``dns:///``:
+    gRPC resolves it again whenever connections fail, and a name that resolves to every
+    member (a headless Service) is balanced over all of them. Several names are resolved
+    at :meth:`EtcdStore.connect` (see :func:`_resolved_target`)."""
+    hosts = [_host(e) for e in endpoints]
+    if all(_is_ipv4(h) for h in hosts):
+        return None
+    if len(endpoints) == 1:
+        return f"dns:///{endpoints[0]}"
+    return None
+
+
+def _needs_resolution(endpoints: Sequence[str]) -> bool:
+    return len(endpoints) > 1 and not all(_is_ipv4(_host(e)) for e in endpoints)
+
+
+async def _resolved_target(endpoints: Sequence[str]) -> str:
+    """An ``ipv4:`` (or, with no IPv4 address at all, ``ipv6:``) target over every address
+    the endpoints' names resolve to now. Raises Unavailable when none resolves."""
+    loop = asyncio.get_running_loop()
+    v4: list[str] = []
+    v6: list[str] = []
+    for endpoint in endpoints:
+        host, _, port = endpoint.rpartition(":")
+        host = host.strip("[]")
+        try:
+            infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except (OSError, ValueError) as e:
+            log.warning("etcd endpoint does not resolve", endpoint=endpoint, error=str(e))
+            continue
+        for family, _type, _proto, _name, address in infos:
+            if family == socket.AF_INET and f"{address[0]}:{port}" not in v4:
+                v4.append(f"{address[0]}:{port}")
+            elif family == socket.AF_INET6 and f"[{address[0]}]:{port}" not in v6:
+                v6.append(f"[{address[0]}]:{port}")
+    if v4:
+        return "ipv4:" + ",".join(v4)
+    if v6:
+        return "ipv6:" + ",".join(v6)
+    raise Unavailable(f"no etcd endpoint resolves ({', '.join(endpoints)}); check --etcd")

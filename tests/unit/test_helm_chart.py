@@ -281,17 +281,19 @@ def test_the_data_dir_is_the_persistent_volume_claim(rendered: dict[str, Manifes
     assert "data" not in {v["name"] for v in hc.pod_spec(sts)["volumes"]}  # the claim, not an emptyDir
 
 
-def test_etcd_endpoints_are_the_members_of_the_charts_etcd(rendered: dict[str, Manifests]) -> None:
+def test_etcd_endpoint_is_the_client_service_of_the_charts_etcd(rendered: dict[str, Manifests]) -> None:
     m = rendered["default"]
     etcd = m.get("StatefulSet", ETCD)
     headless = m.get("Service", etcd["spec"]["serviceName"])
     assert headless["spec"]["clusterIP"] == "None"
+    client = m.get("Service", ETCD)
+    assert client["spec"].get("clusterIP") != "None"
+    assert client["spec"]["selector"].items() <= etcd["spec"]["template"]["metadata"]["labels"].items()
     client_port = hc.port_named(hc.container(etcd, "etcd"), "client")
-    endpoints = hc.env_value(hc.container(m.get("Deployment", CP), "controlplane"), "BLUEMARBLE_ETCD").split(",")
-    assert endpoints == [
-        f"{ETCD}-{i}.{headless['metadata']['name']}.{hc.NAMESPACE}.svc:{client_port}"
-        for i in range(etcd["spec"]["replicas"])
-    ]
+    assert [p["port"] for p in client["spec"]["ports"] if p["name"] == "client"] == [client_port]
+    # One DNS name (controlplane.store.etcd.grpc_target dials it through gRPC's resolver).
+    endpoint = hc.env_value(hc.container(m.get("Deployment", CP), "controlplane"), "BLUEMARBLE_ETCD")
+    assert endpoint == f"{ETCD}.{hc.NAMESPACE}.svc:{client_port}"
     assert etcd["spec"]["replicas"] == 3 and etcd["spec"]["podManagementPolicy"] == "Parallel"
 
 

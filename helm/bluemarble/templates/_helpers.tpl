@@ -56,17 +56,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s.%s.svc:%d" (include "bluemarble.controlplane.fullname" .) .Release.Namespace (int .Values.controlplane.grpcPort) -}}
 {{- end -}}
 
-{{/* etcd endpoints (host:port, comma-separated): every member of the chart's etcd through
-its headless Service (the client fails over between them), or the external endpoints. */}}
+{{/* etcd endpoints (host:port, comma-separated): the chart's etcd through its client
+Service (one DNS name: the control plane dials it through gRPC's DNS resolver, and a member
+that goes away costs a reconnect to another), or the external endpoints. */}}
 {{- define "bluemarble.etcd.endpoints" -}}
 {{- if .Values.etcd.enabled -}}
-{{- $fullname := include "bluemarble.etcd.fullname" . -}}
-{{- $headless := include "bluemarble.etcd.headless" . -}}
-{{- $members := list -}}
-{{- range $i := until (int .Values.etcd.replicas) -}}
-{{- $members = append $members (printf "%s-%d.%s.%s.svc:2379" $fullname $i $headless $.Release.Namespace) -}}
-{{- end -}}
-{{- join "," $members -}}
+{{- printf "%s.%s.svc:2379" (include "bluemarble.etcd.fullname" .) .Release.Namespace -}}
 {{- else -}}
 {{- if not .Values.etcd.endpoints -}}
 {{- fail "etcd.enabled=false needs etcd.endpoints (host:port list of the external etcd)" -}}
