@@ -1,20 +1,27 @@
 """gRPC servicer of a shard node: a thin mapping of ShardNode RPCs onto the
 :class:`shardnode.dataplane.DataPlane` (which holds every rule). Trades (Prepare, Commit,
-Abort, ExecuteLocalTrade, ListTrades) go to :class:`shardnode.participant.Participant`."""
+Abort, their TradeBatch, ExecuteLocalTrade, ListTrades) go to
+:class:`shardnode.participant.Participant`."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc.aio
+import structlog
 
-from bluemarble.core import validation
-from bluemarble.core.errors import Unavailable
+from bluemarble.core import limits, validation
+from bluemarble.core.errors import BlueMarbleError, InvalidArgument, Unavailable
 from bluemarble.core.trades import Outcome
+from bluemarble.runtime.grpc_server import short_message
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
 from shardnode.dataplane import DEFAULT_COMMIT_TIMEOUT_S, DataPlane
 from shardnode.participant import Participant
+
+log = structlog.get_logger(__name__)
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -120,6 +127,47 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         )
         return shardnode_pb2.AbortResponse(state=state)
 
+    async def TradeBatch(
+        self, request: shardnode_pb2.TradeBatchRequest, context: Ctx
+    ) -> shardnode_pb2.TradeBatchResponse:
+        if not request.items:
+            raise InvalidArgument("a trade batch needs at least one item (prepare, commit or abort)")
+        if len(request.items) > limits.MAX_TRADE_BATCH_ITEMS:
+            raise InvalidArgument(
+                f"a trade batch carries {len(request.items)} items; send at most {limits.MAX_TRADE_BATCH_ITEMS}"
+            )
+        timeout_s = _timeout_s(context)
+        # Concurrently, as separate calls would be: the items' writes share one group
+        # commit and one replication round, which is the point of batching them.
+        results = await asyncio.gather(*(self._batch_item(item, timeout_s) for item in request.items))
+        return shardnode_pb2.TradeBatchResponse(results=results)
+
+    async def _batch_item(
+        self, item: shardnode_pb2.TradeBatchItem, timeout_s: float
+    ) -> shardnode_pb2.TradeBatchResult:
+        """One item's answer; its error (as the item's own call would have ended) too."""
+        kind = item.WhichOneof("call")
+        try:
+            if kind == "prepare":
+                return shardnode_pb2.TradeBatchResult(prepare=await self._trades().prepare(item.prepare, timeout_s))
+            if kind == "commit":
+                state = await self._trades().settle(
+                    item.commit.trade_id, item.commit.shard_id, item.commit.epoch, Outcome.COMMITTED
+                )
+                return shardnode_pb2.TradeBatchResult(commit=shardnode_pb2.CommitResponse(state=state))
+            if kind == "abort":
+                state = await self._trades().settle(
+                    item.abort.trade_id, item.abort.shard_id, item.abort.epoch, Outcome.ABORTED
+                )
+                return shardnode_pb2.TradeBatchResult(abort=shardnode_pb2.AbortResponse(state=state))
+            raise InvalidArgument("a trade batch item carries no call; set prepare, commit or abort")
+        except BlueMarbleError as e:
+            return _batch_error(e.status, str(e))
+        except Exception:  # a bug: logged with its id, the item answered INTERNAL, the others unharmed
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("trade batch item crashed", error_id=error_id, kind=kind)
+            return _batch_error("INTERNAL", f"internal error in a TradeBatch {kind} (error id {error_id}); see the log")
+
     async def ExecuteLocalTrade(
         self, request: shardnode_pb2.ExecuteLocalTradeRequest, context: Ctx
     ) -> shardnode_pb2.ExecuteLocalTradeResponse:
@@ -129,3 +177,9 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         self, request: shardnode_pb2.ListTradesRequest, context: Ctx
     ) -> shardnode_pb2.ListTradesResponse:
         return self._trades().list_trades(request)
+
+
+def _batch_error(code: str, message: str) -> shardnode_pb2.TradeBatchResult:
+    return shardnode_pb2.TradeBatchResult(
+        error=shardnode_pb2.TradeBatchError(code=code, message=short_message(message))
+    )

@@ -78,6 +78,18 @@ class DeadlineExceeded(RetryableError):
     status = "DEADLINE_EXCEEDED"
 
 
+class Unauthenticated(FatalError):
+    """No credentials where some are required (an admin RPC without a bearer token)."""
+
+    status = "UNAUTHENTICATED"
+
+
+class PermissionDenied(FatalError):
+    """Credentials that do not allow the call (a wrong token, a node acting for another)."""
+
+    status = "PERMISSION_DENIED"
+
+
 _BY_STATUS: dict[str, type[BlueMarbleError]] = {
     cls.status: cls
     for cls in (
@@ -90,6 +102,8 @@ _BY_STATUS: dict[str, type[BlueMarbleError]] = {
         Aborted,
         Unavailable,
         DeadlineExceeded,
+        Unauthenticated,
+        PermissionDenied,
     )
 }
 

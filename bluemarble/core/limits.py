@@ -85,3 +85,6 @@ MAX_DATA_KEY_BYTES = 128
 
 MAX_REQUEST_ID_BYTES = 128
 """Length of an idempotency key (request id, trade id)."""
+
+MAX_TRADE_BATCH_ITEMS = 256
+"""Prepare/Commit/Abort calls in one ShardNode.TradeBatch (a coordinator sends at most 64)."""

@@ -249,6 +249,48 @@ class AbortResponse(_message.Message):
     state: ParticipantTradeState
     def __init__(self, state: _Optional[_Union[ParticipantTradeState, str]] = ...) -> None: ...
 
+class TradeBatchRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[TradeBatchItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[TradeBatchItem, _Mapping]]] = ...) -> None: ...
+
+class TradeBatchItem(_message.Message):
+    __slots__ = ("prepare", "commit", "abort")
+    PREPARE_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    prepare: PrepareRequest
+    commit: CommitRequest
+    abort: AbortRequest
+    def __init__(self, prepare: _Optional[_Union[PrepareRequest, _Mapping]] = ..., commit: _Optional[_Union[CommitRequest, _Mapping]] = ..., abort: _Optional[_Union[AbortRequest, _Mapping]] = ...) -> None: ...
+
+class TradeBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[TradeBatchResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[TradeBatchResult, _Mapping]]] = ...) -> None: ...
+
+class TradeBatchResult(_message.Message):
+    __slots__ = ("prepare", "commit", "abort", "error")
+    PREPARE_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    prepare: PrepareResponse
+    commit: CommitResponse
+    abort: AbortResponse
+    error: TradeBatchError
+    def __init__(self, prepare: _Optional[_Union[PrepareResponse, _Mapping]] = ..., commit: _Optional[_Union[CommitResponse, _Mapping]] = ..., abort: _Optional[_Union[AbortResponse, _Mapping]] = ..., error: _Optional[_Union[TradeBatchError, _Mapping]] = ...) -> None: ...
+
+class TradeBatchError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
 class ExecuteLocalTradeRequest(_message.Message):
     __slots__ = ("trade_id", "shard_id", "epoch", "player_a", "player_b", "a_gives", "b_gives")
     TRADE_ID_FIELD_NUMBER: _ClassVar[int]

@@ -69,6 +69,11 @@ class ShardNodeStub:
                 request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.AbortRequest.SerializeToString,
                 response_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.TradeBatch = channel.unary_unary(
+                '/bluemarble.v1.ShardNode/TradeBatch',
+                request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.TradeBatchRequest.SerializeToString,
+                response_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.TradeBatchResponse.FromString,
+                _registered_method=True)
         self.ExecuteLocalTrade = channel.unary_unary(
                 '/bluemarble.v1.ShardNode/ExecuteLocalTrade',
                 request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.ExecuteLocalTradeRequest.SerializeToString,
@@ -161,6 +166,16 @@ class ShardNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TradeBatch(self, request, context):
+        """Several Prepare, Commit and Abort calls in one message, for a coordinator whose
+        calls to this node pile up under load (fewer RPCs per trade). Each item is handled
+        and answered exactly as its own call would be, concurrently with the others, and
+        results come in the items' order; one item's error does not affect the others.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExecuteLocalTrade(self, request, context):
         """A trade between two players of one shard: one local atomic transaction, replicated
         like a STRONG write, idempotent by trade id.
@@ -246,6 +261,11 @@ def add_ShardNodeServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.AbortRequest.FromString,
                     response_serializer=bluemarble_dot_v1_dot_shardnode__pb2.AbortResponse.SerializeToString,
+            ),
+            'TradeBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.TradeBatch,
+                    request_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.TradeBatchRequest.FromString,
+                    response_serializer=bluemarble_dot_v1_dot_shardnode__pb2.TradeBatchResponse.SerializeToString,
             ),
             'ExecuteLocalTrade': grpc.unary_unary_rpc_method_handler(
                     servicer.ExecuteLocalTrade,
@@ -467,6 +487,33 @@ class ShardNode:
             '/bluemarble.v1.ShardNode/Abort',
             bluemarble_dot_v1_dot_shardnode__pb2.AbortRequest.SerializeToString,
             bluemarble_dot_v1_dot_shardnode__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TradeBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bluemarble.v1.ShardNode/TradeBatch',
+            bluemarble_dot_v1_dot_shardnode__pb2.TradeBatchRequest.SerializeToString,
+            bluemarble_dot_v1_dot_shardnode__pb2.TradeBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,7 @@ from bluemarble.runtime.channels import channel as open_channel
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout, wait_event
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc, trade_pb2, trade_pb2_grpc
 from controlplane.server.election import Election
+from controlplane.server.trade_batch import ItemFailed, NodeBatcher
 from controlplane.store.keys import KeySchema
 from controlplane.store.trade_store import StoredTrade, TradeStore
 from controlplane.store.watchcache import PrefixCache
@@ -232,6 +233,17 @@ class NodeChannels:
         self._channels: collections.OrderedDict[
             str, tuple[grpc.aio.Channel, shardnode_pb2_grpc.ShardNodeStub]] = collections.OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()
+        self._batchers: dict[str, NodeBatcher] = {}
+
+    def batcher(self, address: str) -> NodeBatcher:
+        """The node's Prepare/Commit/Abort calls, batched when they pile up
+        (:mod:`controlplane.server.trade_batch`). Its stub follows this cache."""
+        batcher = self._batchers.get(address)
+        if batcher is None:
+            if len(self._batchers) >= self._max:
+                self._batchers.pop(next(iter(self._batchers)))
+            batcher = self._batchers[address] = NodeBatcher(lambda: self.stub(address))
+        return batcher
 
     def stub(self, address: str) -> shardnode_pb2_grpc.ShardNodeStub:
         entry = self._channels.get(address)
@@ -249,6 +261,9 @@ class NodeChannels:
         return entry[1]
 
     async def close(self) -> None:
+        for batcher in list(self._batchers.values()):
+            await batcher.close()
+        self._batchers.clear()
         channels = [channel for channel, _ in self._channels.values()]
         self._channels = collections.OrderedDict()
         for channel in channels:
@@ -309,6 +324,10 @@ class TradeCoordinator:
             return await run_with_timeout(self._clock, call(), timeout_s)
         except grpc.aio.AioRpcError as e:
             raise _rpc_error(e, f"{what} on {primary.shard} (node {primary.node})") from e
+        except ItemFailed as e:
+            raise from_status_name(
+                e.code, f"{what} on {primary.shard} (node {primary.node}): {e.code} {echo(e.details, 200)}"
+            ) from e
         except TimeoutError as e:
             raise DeadlineExceeded(
                 f"{what} on {primary.shard} (node {primary.node}): no answer within {timeout_s:g} s") from e
@@ -474,7 +493,7 @@ class TradeCoordinator:
             )
             try:
                 answer: shardnode_pb2.PrepareResponse = await self._call(
-                    target, "Prepare", lambda s, t: s.Prepare(request, timeout=t), left_s
+                    target, "Prepare", lambda s, t: self.channels.batcher(target.address).prepare(request, t), left_s
                 )
                 return answer
             except (FailedPrecondition, Unavailable, DeadlineExceeded):
@@ -538,11 +557,13 @@ class TradeCoordinator:
             if outcome is Outcome.COMMITTED:
                 commit = shardnode_pb2.CommitRequest(trade_id=trade_id, shard_id=shard, epoch=primary.epoch)
                 c: shardnode_pb2.CommitResponse = await self._call(
-                    primary, "Commit", lambda s, t: s.Commit(commit, timeout=t), self.settings.settle_call_timeout_s)
+                    primary, "Commit", lambda s, t: self.channels.batcher(primary.address).commit(commit, t),
+                    self.settings.settle_call_timeout_s)
                 return c.state
             abort = shardnode_pb2.AbortRequest(trade_id=trade_id, shard_id=shard, epoch=primary.epoch)
             a: shardnode_pb2.AbortResponse = await self._call(
-                primary, "Abort", lambda s, t: s.Abort(abort, timeout=t), self.settings.settle_call_timeout_s)
+                primary, "Abort", lambda s, t: self.channels.batcher(primary.address).abort(abort, t),
+                self.settings.settle_call_timeout_s)
             return a.state
 
         policy = retry.RetryPolicy(initial_s=0.05, max_backoff_s=0.5, deadline_s=self.settings.settle_deadline_s)

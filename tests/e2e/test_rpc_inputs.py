@@ -60,10 +60,21 @@ def _value(field: FieldDescriptor, rng: random.Random) -> object:
     raise AssertionError(f"unhandled field type {kind}")
 
 
-def _fill(message: Message, rng: random.Random, depth: int = 0) -> None:
+MAX_REQUEST_BYTES = 32 * 1024 * 1024
+"""Rough cap on one generated request: past the servers' 16 MiB limit (so that refusal is
+tested too), far below what would take the test itself seconds to build and encode
+(nested repeated messages multiply: a TradeBatch of Prepares of legs of item lists)."""
+
+
+def _size(value: object) -> int:
+    return len(value) if isinstance(value, str | bytes) else 8
+
+
+def _fill(message: Message, rng: random.Random, depth: int = 0, budget: list[int] | None = None) -> None:
+    budget = budget if budget is not None else [MAX_REQUEST_BYTES]
     descriptor: Descriptor = message.DESCRIPTOR
     for field in descriptor.fields:
-        if rng.random() < 0.4:
+        if rng.random() < 0.4 or budget[0] <= 0:
             continue
         repeated = field.is_repeated
         if field.type == FieldDescriptor.TYPE_MESSAGE:
@@ -71,21 +82,31 @@ def _fill(message: Message, rng: random.Random, depth: int = 0) -> None:
                 continue
             if repeated:
                 for _ in range(rng.choice([1, 3, 300])):
-                    _fill(getattr(message, field.name).add(), rng, depth + 1)
+                    if budget[0] <= 0:
+                        break
+                    _fill(getattr(message, field.name).add(), rng, depth + 1, budget)
             else:
-                _fill(getattr(message, field.name), rng, depth + 1)
+                _fill(getattr(message, field.name), rng, depth + 1, budget)
             continue
         if repeated:
             count = rng.choice([1, 2, 5000])
             value = _value(field, rng)
             values = [value] * count if rng.random() < 0.5 else [_value(field, rng) for _ in range(min(count, 50))]
+            kept: list[object] = []
+            for v in values:
+                if budget[0] <= 0:
+                    break
+                budget[0] -= _size(v) + 2
+                kept.append(v)
             try:
-                getattr(message, field.name).extend(values)
+                getattr(message, field.name).extend(kept)
             except (ValueError, TypeError):
                 pass
         else:
+            value = _value(field, rng)
+            budget[0] -= _size(value) + 2
             try:
-                setattr(message, field.name, _value(field, rng))
+                setattr(message, field.name, value)
             except (ValueError, TypeError):
                 pass
 
