@@ -115,7 +115,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
 
 async def run(settings: NodeSettings) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    structlog.contextvars.bind_contextvars(node_id=settings.node_id)
+    logs.bind_process(node_id=settings.node_id)  # every line, request lines too
     storage = NodeStorage.open(settings.data_dir, synchronous=settings.synchronous)  # type: ignore[arg-type]
     client = ControlPlaneClient(settings.control_plane)
     holder: list[DataPlane] = []

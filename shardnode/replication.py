@@ -59,6 +59,11 @@ EVENTUAL_LINGER_S = 0.02
 """How long a batch of only EVENTUAL entries waits for more (it adds this much to their
 replication lag, nothing to their callers' latency). STRONG writes are never held."""
 MAX_BATCH_BYTES = 4 << 20
+STRONG_COALESCE_S = 0.002
+"""When STRONG writes arrive while their stream is busy (its last batch carried several
+entries), the first one waits this long for the others the same burst brings: one
+message for many writes. A lone STRONG writer (batches of one) never waits."""
+COALESCE_MIN_ENTRIES = 4
 
 
 _POSITION_ANSWERS = frozenset(
@@ -130,6 +135,7 @@ class Shipper:
     urgent_wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     batches: int = 0
+    last_batch_entries: int = 0
 
     def start(self) -> None:
         policy = retry.RetryPolicy(initial_s=0.05, max_backoff_s=1.0, deadline_s=None)
@@ -175,7 +181,10 @@ class Shipper:
                     # Only EVENTUAL writes are waiting (their callers have their answers):
                     # let a few more join this batch; fewer, larger messages cost less CPU.
                     # A STRONG caller that starts waiting meanwhile ends the wait.
-                    await wait_event(self.clock, self.urgent_wake, EVENTUAL_LINGER_S)
+                    if await wait_event(self.clock, self.urgent_wake, EVENTUAL_LINGER_S) and (
+                        self.last_batch_entries >= COALESCE_MIN_ENTRIES
+                    ):
+                        await self.clock.sleep(STRONG_COALESCE_S)
                 self.urgent_wake.clear()
                 batch, sent = self._build()
                 if batch is None:
@@ -189,6 +198,7 @@ class Shipper:
                 except TimeoutError as e:
                     raise Unavailable(f"replica {self.replica} did not acknowledge within {ACK_TIMEOUT_S:g} s") from e
                 self.batches += 1
+                self.last_batch_entries = sum(len(g.entries) for g in batch.shards)
                 self._on_ack(ack, sent)
         except grpc.aio.AioRpcError as e:
             raise Unavailable(f"replication stream to {self.replica} broke: {e.code().name} {e.details()}") from e

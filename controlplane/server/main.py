@@ -155,6 +155,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
 
 async def run(settings: ControlPlaneSettings) -> None:
     app = ControlPlaneApp(settings)
+    logs.bind_process(replica=app.replica_id)  # every line says which replica wrote it
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
