@@ -233,16 +233,19 @@ class NodeChannels:
         self._channels: collections.OrderedDict[
             str, tuple[grpc.aio.Channel, shardnode_pb2_grpc.ShardNodeStub]] = collections.OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()
-        self._batchers: dict[str, NodeBatcher] = {}
+        self._batchers: dict[tuple[str, bool], NodeBatcher] = {}
 
-    def batcher(self, address: str) -> NodeBatcher:
-        """The node's Prepare/Commit/Abort calls, batched when they pile up
-        (:mod:`controlplane.server.trade_batch`). Its stub follows this cache."""
-        batcher = self._batchers.get(address)
+    def batcher(self, address: str, *, settle: bool) -> NodeBatcher:
+        """The node's Prepare calls (``settle=False``) or its Commit/Abort calls, batched
+        when they pile up (:mod:`controlplane.server.trade_batch`). Two batchers per node:
+        a Commit, which waits only for the node's local commit, must not queue behind
+        Prepares waiting for their replication. Its stub follows this cache."""
+        key = (address, settle)
+        batcher = self._batchers.get(key)
         if batcher is None:
-            if len(self._batchers) >= self._max:
+            if len(self._batchers) >= 2 * self._max:
                 self._batchers.pop(next(iter(self._batchers)))
-            batcher = self._batchers[address] = NodeBatcher(lambda: self.stub(address))
+            batcher = self._batchers[key] = NodeBatcher(lambda: self.stub(address))
         return batcher
 
     def stub(self, address: str) -> shardnode_pb2_grpc.ShardNodeStub:
@@ -493,7 +496,8 @@ class TradeCoordinator:
             )
             try:
                 answer: shardnode_pb2.PrepareResponse = await self._call(
-                    target, "Prepare", lambda s, t: self.channels.batcher(target.address).prepare(request, t), left_s
+                    target, "Prepare",
+                    lambda s, t: self.channels.batcher(target.address, settle=False).prepare(request, t), left_s,
                 )
                 return answer
             except (FailedPrecondition, Unavailable, DeadlineExceeded):
@@ -557,12 +561,13 @@ class TradeCoordinator:
             if outcome is Outcome.COMMITTED:
                 commit = shardnode_pb2.CommitRequest(trade_id=trade_id, shard_id=shard, epoch=primary.epoch)
                 c: shardnode_pb2.CommitResponse = await self._call(
-                    primary, "Commit", lambda s, t: self.channels.batcher(primary.address).commit(commit, t),
+                    primary, "Commit",
+                    lambda s, t: self.channels.batcher(primary.address, settle=True).commit(commit, t),
                     self.settings.settle_call_timeout_s)
                 return c.state
             abort = shardnode_pb2.AbortRequest(trade_id=trade_id, shard_id=shard, epoch=primary.epoch)
             a: shardnode_pb2.AbortResponse = await self._call(
-                primary, "Abort", lambda s, t: self.channels.batcher(primary.address).abort(abort, t),
+                primary, "Abort", lambda s, t: self.channels.batcher(primary.address, settle=True).abort(abort, t),
                 self.settings.settle_call_timeout_s)
             return a.state
 
