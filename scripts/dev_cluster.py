@@ -3,6 +3,7 @@
 
     python scripts/dev_cluster.py             # until Ctrl-C
     python scripts/dev_cluster.py --once      # bring up, show status, tear down
+    python scripts/dev_cluster.py --tls       # mutual TLS everywhere and an admin token
 
 Data and logs go under .bluemarble/ in the project directory (etcd data, node data
 dirs, one log file per process). Everything listens on 127.0.0.1 only. Ctrl-C (or
@@ -21,17 +22,30 @@ from pathlib import Path
 
 import grpc
 
-from bluemarble.runtime import logs
+from bluemarble.runtime import logs, tls
 from bluemarble.v1 import controlplane_pb2, controlplane_pb2_grpc
 from scripts.demo import seed_and_show
-from scripts.localcluster import LocalEtcd, ManagedProcess, free_port, wait_until
+from scripts.localcluster import ClusterSecurity, LocalEtcd, ManagedProcess, free_port, secure_cluster_files, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 ZONES = ("zone-a", "zone-b", "zone-c")
+SECURITY: ClusterSecurity | None = None
+"""Set by --tls: the cluster's certificates and admin token (this script is the admin)."""
+
+
+def _channel(address: str) -> grpc.Channel:
+    if SECURITY is None:
+        return grpc.insecure_channel(address)
+    credentials = grpc.ssl_channel_credentials(
+        SECURITY.ca.read_bytes(),
+        (SECURITY.certs_dir / "admin-key.pem").read_bytes(),
+        (SECURITY.certs_dir / "admin.pem").read_bytes(),
+    )
+    return grpc.secure_channel(address, credentials)
 
 
 def registered_nodes(address: str) -> int:
-    with grpc.insecure_channel(address) as channel:
+    with _channel(address) as channel:
         stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
         try:
             return len(stub.ListNodes(controlplane_pb2.ListNodesRequest(), timeout=2).nodes)
@@ -41,7 +55,7 @@ def registered_nodes(address: str) -> int:
 
 def placement_done(address: str, replicas: int) -> bool:
     """Every shard has a primary and ``replicas`` replicas."""
-    with grpc.insecure_channel(address) as channel:
+    with _channel(address) as channel:
         stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
         try:
             r = stub.ListAssignments(controlplane_pb2.ListAssignmentsRequest(), timeout=2)
@@ -54,7 +68,8 @@ def placement_done(address: str, replicas: int) -> bool:
 
 
 def ctl(address: str, *words: str) -> None:
-    command = [sys.executable, "-m", "bluemarble.cli.bluemarblectl", "--control-plane", address, *words]
+    security = [] if SECURITY is None else [*SECURITY.tls_flags("admin"), "--token-file", str(SECURITY.token_file)]
+    command = [sys.executable, "-m", "bluemarble.cli.bluemarblectl", "--control-plane", address, *security, *words]
     subprocess.run(command, check=False)
 
 
@@ -67,8 +82,18 @@ def main() -> int:
     p.add_argument("--lease-ttl-s", type=int, default=10)
     p.add_argument("--players", type=int, default=300, help="players the demo seeds (0: no demo)")
     p.add_argument("--once", action="store_true", help="show the status, then stop everything")
+    p.add_argument("--tls", action="store_true",
+                   help="mutual TLS on every server and channel, and an admin token (certificates under --dir)")
     args = p.parse_args()
     logs.configure("warning", "console")  # the demo's routing client: only what matters
+    global SECURITY
+    node_ids = [f"node-{i + 1}" for i in range(args.nodes)]
+    if args.tls:
+        SECURITY = secure_cluster_files(args.dir / "tls", node_ids)
+        # The demo's clients (this process) present the admin certificate.
+        tls.configure(tls.TlsConfig(tls.TlsFiles(
+            SECURITY.certs_dir / "admin.pem", SECURITY.certs_dir / "admin-key.pem", SECURITY.ca)))
+        print(f"mutual TLS: certificates in {SECURITY.certs_dir}, admin token in {SECURITY.token_file}", flush=True)
 
     args.dir.mkdir(parents=True, exist_ok=True)
     log_dir = args.dir / "logs"
@@ -83,21 +108,22 @@ def main() -> int:
         control_plane = ManagedProcess(
             "controlplane",
             [sys.executable, "-m", "controlplane.server.main", "--listen", cp_address, "--etcd", etcd.endpoint,
-             "--lease-ttl-s", str(args.lease_ttl_s), "--replica-id", "cp-0"],
+             "--lease-ttl-s", str(args.lease_ttl_s), "--replica-id", "cp-0",
+             *(SECURITY.control_plane_flags() if SECURITY else [])],
             log_dir / "controlplane.log",
         ).start()
         processes.append(control_plane)
         print(f"starting control plane on {cp_address} (etcd {etcd.endpoint}) ...", flush=True)
         wait_until(lambda: registered_nodes(cp_address) >= 0, 20, "the control plane to serve")
-        for i in range(args.nodes):
-            node_id = f"node-{i + 1}"
+        for i, node_id in enumerate(node_ids):
             port = args.node_base_port + i if args.node_base_port else free_port()
             listen = f"127.0.0.1:{port}"
             processes.append(ManagedProcess(
                 node_id,
                 [sys.executable, "-m", "shardnode.main", "--node-id", node_id, "--listen", listen,
                  "--control-plane", cp_address, "--data-dir", str(args.dir / "nodes" / node_id),
-                 "--zone", ZONES[i % len(ZONES)], "--region", "local"],
+                 "--zone", ZONES[i % len(ZONES)], "--region", "local",
+                 *(SECURITY.node_flags(node_id) if SECURITY else [])],
                 log_dir / f"{node_id}.log",
             ).start())
         print(f"starting {args.nodes} shard nodes ...", flush=True)
@@ -123,7 +149,9 @@ def main() -> int:
             ctl(cp_address, "shards")
         print(f"\nlogs: {log_dir}")
         if not args.once:
-            print(f"cluster running; try: bluemarblectl --control-plane {cp_address} nodes   (Ctrl-C stops)")
+            flags = "" if SECURITY is None else " " + " ".join(
+                [*SECURITY.tls_flags("admin"), "--token-file", str(SECURITY.token_file)])
+            print(f"cluster running; try: bluemarblectl --control-plane {cp_address}{flags} nodes   (Ctrl-C stops)")
             try:
                 while not stop.wait(1.0):
                     for proc in processes:
