@@ -17,7 +17,7 @@ from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.ring_router import RingRouter
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError, InvalidArgument
-from bluemarble.runtime import background, event_loop, logs, metrics, tls, tracing
+from bluemarble.runtime import background, event_loop, logs, metrics, retry, tls, tracing
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.runtime.settings import EnvArgumentParser
@@ -186,8 +186,19 @@ async def run(settings: NodeSettings) -> int:
 
 
 async def _start_ring(ring: RingRouter) -> None:
-    """Fetches the ring (retrying until it answers), then follows it."""
-    await ring.start()
+    """Fetches the ring, retrying until a control-plane replica answers, then follows it.
+
+    ``ring.start`` gives up after the client's own bounds; a node restarted while no
+    replica answers (a leader change, an etcd restart) would then never learn the ring
+    and refuse every data-plane call for good, so this keeps trying (jittered backoff)."""
+    backoff = retry.Backoff(retry.FOREVER)
+    while True:
+        try:
+            await ring.start()
+            return
+        except BlueMarbleError as e:
+            log.warning("ring not fetched yet; trying again", error=str(e), failures=backoff.failures + 1)
+            await backoff.sleep()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
