@@ -110,6 +110,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
     # Process-wide from here on: the ShardNode server (mutual TLS with a CA: only clients
     # holding a certificate the CA signed get in) and every channel the node opens.
     tls.configure(tls_config)
+    if args.metrics_listen:
+        try:
+            metrics.check_listen(args.metrics_listen)
+        except BlueMarbleError as e:
+            p.error(str(e))
     return settings, args.log_level, args.log_format, args.metrics_listen
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import prometheus_client
 from prometheus_client import Counter, Gauge, Histogram
 
+from bluemarble.core import validation
+
 # Latency buckets (seconds) for RPCs and trade phases: 0.5 ms .. 10 s.
 _LATENCY_BUCKETS_S = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -162,6 +164,14 @@ class ReplicationLag:
             REPLICATION_LAG_ENTRIES.labels(shard).set(entries)
             REPLICATION_LAG_SECONDS.labels(shard).set(seconds)
         self._shards = set(lags)
+
+
+def check_listen(value: str, flag: str = "--metrics-listen") -> str:
+    """``value`` if it is a "host:port" to serve metrics on (port 0: any free port);
+    InvalidArgument naming ``flag`` and the expected form otherwise."""
+    host, sep, port = value.rpartition(":")
+    validation.address(f"{host}:1" if sep and port == "0" else value, flag)
+    return value
 
 
 def serve(listen: str) -> int:

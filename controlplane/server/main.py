@@ -150,6 +150,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         p.error(f"--crash-grace-ms is {args.crash_grace_ms}; use 0 (off) or a positive number of ms")
     # Process-wide from here on: this replica's server and every channel it opens.
     tls.configure(tls_config)
+    if args.metrics_listen:
+        try:
+            metrics.check_listen(args.metrics_listen)
+        except BlueMarbleError as e:
+            p.error(str(e))
     return settings, args.log_level, args.log_format, args.metrics_listen
 
 

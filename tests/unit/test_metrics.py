@@ -118,3 +118,13 @@ def test_an_unknown_exporter_name_is_refused(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
     with pytest.raises(ValueError, match="otlp, console or none"):
         tracing.configure("bluemarble-test")
+
+
+def test_metrics_listen_is_checked_before_serving() -> None:
+    from bluemarble.core.errors import InvalidArgument
+
+    for good in ("127.0.0.1:0", "0.0.0.0:9100", "[::1]:9100", "metrics.local:9100"):
+        assert metrics.check_listen(good) == good
+    for bad in ("abc", "127.0.0.1:notaport", "127.0.0.1:99999", ":9100"):
+        with pytest.raises(InvalidArgument, match="--metrics-listen"):
+            metrics.check_listen(bad)
