@@ -67,7 +67,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
         type=float,
         help="how long a trade escrow waits for its decision before this node asks for it (seconds)",
     )
-    p.add_flag("--metrics-listen", default="", help="serve Prometheus /metrics on host:port (default: off)")
+    metrics.add_flag(p)
     tls.add_flags(p, "node (its CN or a DNS SAN must be the node id under mutual TLS)")
     p.add_flag("--log-level", default="info", help="debug, info, warning or error")
     p.add_flag(
@@ -110,12 +110,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
     # Process-wide from here on: the ShardNode server (mutual TLS with a CA: only clients
     # holding a certificate the CA signed get in) and every channel the node opens.
     tls.configure(tls_config)
-    if args.metrics_listen:
-        try:
-            metrics.check_listen(args.metrics_listen)
-        except BlueMarbleError as e:
-            p.error(str(e))
-    return settings, args.log_level, args.log_format, args.metrics_listen
+    return settings, args.log_level, args.log_format, metrics.listen_from_args(p, args)
 
 
 async def run(settings: NodeSettings) -> int:

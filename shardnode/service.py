@@ -116,16 +116,15 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         return await self._trades().prepare(request, _timeout_s(context))
 
     async def Commit(self, request: shardnode_pb2.CommitRequest, context: Ctx) -> shardnode_pb2.CommitResponse:
-        state = await self._trades().settle(
-            request.trade_id, request.shard_id, request.epoch, Outcome.COMMITTED
-        )
-        return shardnode_pb2.CommitResponse(state=state)
+        return shardnode_pb2.CommitResponse(state=await self._settle(request, Outcome.COMMITTED))
 
     async def Abort(self, request: shardnode_pb2.AbortRequest, context: Ctx) -> shardnode_pb2.AbortResponse:
-        state = await self._trades().settle(
-            request.trade_id, request.shard_id, request.epoch, Outcome.ABORTED
-        )
-        return shardnode_pb2.AbortResponse(state=state)
+        return shardnode_pb2.AbortResponse(state=await self._settle(request, Outcome.ABORTED))
+
+    async def _settle(
+        self, request: shardnode_pb2.CommitRequest | shardnode_pb2.AbortRequest, outcome: Outcome
+    ) -> shardnode_pb2.ParticipantTradeState:
+        return await self._trades().settle(request.trade_id, request.shard_id, request.epoch, outcome)
 
     async def TradeBatch(
         self, request: shardnode_pb2.TradeBatchRequest, context: Ctx
@@ -151,14 +150,10 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
             if kind == "prepare":
                 return shardnode_pb2.TradeBatchResult(prepare=await self._trades().prepare(item.prepare, timeout_s))
             if kind == "commit":
-                state = await self._trades().settle(
-                    item.commit.trade_id, item.commit.shard_id, item.commit.epoch, Outcome.COMMITTED
-                )
+                state = await self._settle(item.commit, Outcome.COMMITTED)
                 return shardnode_pb2.TradeBatchResult(commit=shardnode_pb2.CommitResponse(state=state))
             if kind == "abort":
-                state = await self._trades().settle(
-                    item.abort.trade_id, item.abort.shard_id, item.abort.epoch, Outcome.ABORTED
-                )
+                state = await self._settle(item.abort, Outcome.ABORTED)
                 return shardnode_pb2.TradeBatchResult(abort=shardnode_pb2.AbortResponse(state=state))
             raise InvalidArgument("a trade batch item carries no call; set prepare, commit or abort")
         except BlueMarbleError as e:

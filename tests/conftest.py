@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import grpc.aio
 import pytest
+import structlog
 from hypothesis import settings as hypothesis_settings
 
 from bluemarble.runtime.grpc_server import Server, ServiceBinding, build_server
@@ -28,6 +30,23 @@ _counter = itertools.count()
 hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 if os.environ.get("CI"):
     hypothesis_settings.load_profile("ci")
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Puts back the root logger's handlers and level and structlog's defaults that a
+    test's ``logs.configure`` replaced."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+        structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ scrape never waits on the event loop.
 
 from __future__ import annotations
 
+import argparse
 import threading
 from typing import Any
 
@@ -20,6 +21,8 @@ import prometheus_client
 from prometheus_client import Counter, Gauge, Histogram
 
 from bluemarble.core import validation
+from bluemarble.core.errors import InvalidArgument
+from bluemarble.runtime.settings import EnvArgumentParser
 
 # Latency buckets (seconds) for RPCs and trade phases: 0.5 ms .. 10 s.
 _LATENCY_BUCKETS_S = (
@@ -164,6 +167,22 @@ class ReplicationLag:
             REPLICATION_LAG_ENTRIES.labels(shard).set(entries)
             REPLICATION_LAG_SECONDS.labels(shard).set(seconds)
         self._shards = set(lags)
+
+
+def add_flag(p: EnvArgumentParser) -> None:
+    """The ``--metrics-listen`` flag every BlueMarble process shares."""
+    p.add_flag("--metrics-listen", default="", help="serve Prometheus /metrics on host:port (default: off)")
+
+
+def listen_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The checked ``--metrics-listen`` ("" = off); a malformed one ends the process with
+    a usage error naming the flag."""
+    if args.metrics_listen:
+        try:
+            check_listen(args.metrics_listen)
+        except InvalidArgument as e:
+            p.error(str(e))
+    return str(args.metrics_listen)
 
 
 def check_listen(value: str, flag: str = "--metrics-listen") -> str:

@@ -60,7 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
     p.add_flag("--lease-ttl-s", default=10, type=int, help="node lease TTL for a new cluster")
     p.add_flag("--replication-factor", default=3, type=int, help="copies per shard for a new cluster")
     p.add_flag("--shards", default=16, type=int, help="shards of a new cluster's ring")
-    p.add_flag("--metrics-listen", default="", help="serve Prometheus /metrics on host:port (default: off)")
+    metrics.add_flag(p)
     p.add_flag("--replica-id", default="", help="this replica's name (default host/listen)")
     p.add_flag("--etcd-startup-timeout-s", default=30.0, type=float, help="give up start-up after")
     p.add_flag(
@@ -150,12 +150,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         p.error(f"--crash-grace-ms is {args.crash_grace_ms}; use 0 (off) or a positive number of ms")
     # Process-wide from here on: this replica's server and every channel it opens.
     tls.configure(tls_config)
-    if args.metrics_listen:
-        try:
-            metrics.check_listen(args.metrics_listen)
-        except BlueMarbleError as e:
-            p.error(str(e))
-    return settings, args.log_level, args.log_format, args.metrics_listen
+    return settings, args.log_level, args.log_format, metrics.listen_from_args(p, args)
 
 
 async def run(settings: ControlPlaneSettings) -> None:

@@ -27,8 +27,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
-from collections.abc import Awaitable, Callable
 
 import grpc
 import grpc.aio
@@ -55,19 +53,12 @@ from controlplane.store.trade_store import TradeStore
 from scripts.localcluster import ManagedProcess, wait_until
 from shardnode.dataplane import HOLD_REPLICATION_FAILPOINT
 from tests.e2e.conftest import ProcessCluster
+from tests.e2e.test_data_plane import eventually
 
 pytestmark = pytest.mark.e2e
 
 NODES = {"n1": "z1", "n2": "z2", "n3": "z3"}
 CP_FLAGS = ("--lease-ttl-s", "3", "--replication-factor", "3", "--shards", "4")
-
-
-async def until(condition: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def placed(cluster: ProcessCluster) -> bool:
@@ -151,7 +142,7 @@ async def test_a_retry_after_a_coordinator_crash_at_each_step_has_one_outcome(
                 proc = process_cluster.processes[-1]
                 channel = insecure_channel(coordinator)
                 stub = trade_pb2_grpc.TradeCoordinatorStub(channel)  # type: ignore[no-untyped-call]
-                await until(lambda c=channel: _serves(c), 20, f"{proc.name} to serve")  # type: ignore[misc]
+                await eventually(lambda c=channel: _serves(c), 20, f"{proc.name} to serve")  # type: ignore[misc]
                 if step == "before-prepare":
                     os.kill(proc.pid, signal.SIGSTOP)
                     with pytest.raises(grpc.aio.AioRpcError) as stopped:
@@ -165,7 +156,7 @@ async def test_a_retry_after_a_coordinator_crash_at_each_step_has_one_outcome(
                     async def exited(p: ManagedProcess = proc) -> bool:
                         return not p.alive()
 
-                    await until(exited, 10, f"{proc.name} to exit at its failpoint")
+                    await eventually(exited, 10, f"{proc.name} to exit at its failpoint")
                     assert proc.proc is not None and proc.proc.wait(5) == 137
                     stored_now = await store.get(trade.trade_id)
                     assert stored_now is not None and stored_now.record.outcome == common_pb2.TRADE_OUTCOME_COMMITTED
@@ -181,7 +172,7 @@ async def test_a_retry_after_a_coordinator_crash_at_each_step_has_one_outcome(
                                     and await escrows_of(routing, t.b, t.trade_id)
                                     == ["PARTICIPANT_TRADE_STATE_PREPARED"])
 
-                        await until(both_escrowed, 10, f"both escrows of {trade.trade_id}")
+                        await eventually(both_escrowed, 10, f"both escrows of {trade.trade_id}")
                         proc.kill()
                     finally:
                         set_hold(process_cluster, False)
@@ -207,7 +198,7 @@ async def test_a_retry_after_a_coordinator_crash_at_each_step_has_one_outcome(
                         doubt = await c.in_doubt(deadline_s=5)
                         return not doubt.escrows and not doubt.unreachable_nodes
 
-                    await until(settled, 15, f"no escrow left after {trade.trade_id}")
+                    await eventually(settled, 15, f"no escrow left after {trade.trade_id}")
                 after = {p: await holdings(p) for p in (trade.a, trade.b)}
                 (a_items, a_gold), (b_items, b_gold) = before[trade.a], before[trade.b]
                 if outcome is Outcome.COMMITTED:

@@ -18,9 +18,7 @@ sides end COMMITTED with the items and gold moved once and no escrow left.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
 import grpc.aio
 import pytest
@@ -35,6 +33,8 @@ from controlplane.store.trade_store import TradeStore
 from scripts.localcluster import wait_until
 from shardnode.dataplane import HOLD_REPLICATION_FAILPOINT
 from tests.e2e.conftest import ProcessCluster
+from tests.e2e.test_data_plane import eventually
+from tests.e2e.test_trade_retries import placed
 
 pytestmark = pytest.mark.e2e
 
@@ -42,19 +42,6 @@ NODES = {"n1": "z1", "n2": "z2", "n3": "z3"}
 CP_FLAGS = ("--lease-ttl-s", "3", "--replication-factor", "3", "--shards", "4")
 TRADE_ID = "settle-before-replication"
 COMMITTED = shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED
-
-
-async def until(condition: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-def placed(cluster: ProcessCluster) -> bool:
-    r = cluster.assignments()
-    return r is not None and len(r.assignments) == 4 and all(a.primary and len(a.replicas) == 2 for a in r.assignments)
 
 
 def stub_of(route: Route) -> tuple[grpc.aio.Channel, shardnode_pb2_grpc.ShardNodeStub]:
@@ -160,7 +147,7 @@ async def test_a_commit_acknowledged_before_replication_is_applied_on_the_promot
             async def both_committed() -> bool:
                 return await trade_states(routing, a) == [COMMITTED] and await trade_states(routing, b) == [COMMITTED]
 
-            await until(both_committed, 30, "both sides COMMITTED on their current primaries")
+            await eventually(both_committed, 30, "both sides COMMITTED on their current primaries")
             inv_a = await routing.get_inventory(a, deadline_s=20)
             inv_b = await routing.get_inventory(b, deadline_s=20)
             assert (list(inv_a.item_ids), inv_a.gold) == ([], 50)

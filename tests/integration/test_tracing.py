@@ -100,21 +100,6 @@ async def test_one_cross_shard_trade_is_one_trace_across_coordinator_and_partici
     assert not [s for s in finished if s.name.startswith("/grpc.health.v1.Health/")]
 
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        yield
-    finally:
-        for handler in root.handlers[:]:
-            root.removeHandler(handler)
-        for handler in handlers:
-            root.addHandler(handler)
-        root.setLevel(level)
-        structlog.reset_defaults()
-
-
 @pytest.mark.usefixtures("restore_logging")
 def test_log_lines_inside_a_span_carry_its_trace_and_span_ids(spans: InMemorySpanExporter) -> None:
     out = io.StringIO()
