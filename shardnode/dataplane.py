@@ -455,9 +455,35 @@ class DataPlane:
             channel = self._channels[address] = open_channel(address)
         return channel
 
-    def urgent(self) -> bool:
-        """Whether a STRONG caller is waiting for an ack (shippers then send at once)."""
-        return any(s.waiters for s in self._shards.values())
+    def urgent(self, replica: NodeId) -> bool:
+        """Whether ``replica``'s stream must send at once: a STRONG caller waits for an
+        entry that too few of the shard's other replicas' streams carry (Shipper.covers).
+
+        A STRONG write needs one replica's ack (``required_acks_for``). With two replicas
+        the stream of the first one in the assignment's order carries the callers: an
+        entry it sent, or will send as soon as its exchange in progress ends, is covered.
+        The other stream lingers and sends larger batches; it takes over for any entry the
+        first has not carried within EVENTUAL_LINGER_S, so a slow or lost first replica
+        costs the callers that much at worst. Which replica acks first never matters for
+        safety: a write is acknowledged only after ``required_acks_for`` replicas hold it."""
+        now_s = self._clock.monotonic_s()
+        for state in self._shards.values():
+            if not state.waiters or replica not in state.replicas:
+                continue
+            need = max(w[0] for w in state.waiters)
+            others = [r for r in state.replicas if r != self.node_id]
+            carried = 0
+            ahead = True  # streams of replicas listed before ``replica`` lead it
+            for other in others:
+                if other == replica:
+                    ahead = False
+                    continue
+                shipper = self._shippers.get(NodeId(other))
+                if shipper is not None and shipper.covers(state.shard_id, need, now_s, next_batch=ahead):
+                    carried += 1
+            if carried < required_acks_for(len(others)):
+                return True
+        return False
 
     def incarnation(self) -> int:
         registration = self._agent.registration

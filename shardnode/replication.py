@@ -59,6 +59,10 @@ EVENTUAL_LINGER_S = 0.02
 """How long a batch of only EVENTUAL entries waits for more (it adds this much to their
 replication lag, nothing to their callers' latency). STRONG writes are never held."""
 MAX_BATCH_BYTES = 4 << 20
+COVER_WINDOW_S = EVENTUAL_LINGER_S
+"""A stream in the middle of an exchange that began less than this long ago counts as
+carrying any new entry (it sends it as soon as its replica answers): another replica's
+stream need not hurry for the entries of STRONG writes that need only one ack."""
 STRONG_COALESCE_S = 0.002
 """When STRONG writes arrive while their stream is busy (its last batch carried several
 entries), the first one waits this long for the others the same burst brings: one
@@ -77,6 +81,7 @@ class Peer:
 
     next_lsn: int | None = None  # None: unknown, probe first
     acked: LogPosition = ZERO  # last position the replica acknowledged as durable (this term)
+    sent_lsn: int = 0  # last lsn sent on this stream (in flight or acknowledged)
     reported: LogPosition | None = None  # where the replica said its log ends (an answer past its checks)
     snapshot_required: bool = False
     retry_at_s: float = 0.0
@@ -117,7 +122,7 @@ class PrimaryLink(Protocol):
 
     def incarnation(self) -> int: ...
 
-    def urgent(self) -> bool: ...
+    def urgent(self, replica: NodeId) -> bool: ...
 
 
 @dataclass
@@ -136,6 +141,7 @@ class Shipper:
     task: asyncio.Task[None] | None = None
     batches: int = 0
     last_batch_entries: int = 0
+    exchange_started_s: float | None = None  # when the batch in flight was sent (None: idle)
 
     def start(self) -> None:
         policy = retry.RetryPolicy(initial_s=0.05, max_backoff_s=1.0, deadline_s=None)
@@ -174,17 +180,12 @@ class Shipper:
         # A new stream knows nothing about where the replica stands.
         for peer in self.peers.values():
             peer.next_lsn = None
+            peer.sent_lsn = 0
         try:
             linger = False
             while True:
-                if linger and not self.link.urgent():
-                    # Only EVENTUAL writes are waiting (their callers have their answers):
-                    # let a few more join this batch; fewer, larger messages cost less CPU.
-                    # A STRONG caller that starts waiting meanwhile ends the wait.
-                    if await wait_event(self.clock, self.urgent_wake, EVENTUAL_LINGER_S) and (
-                        self.last_batch_entries >= COALESCE_MIN_ENTRIES
-                    ):
-                        await self.clock.sleep(STRONG_COALESCE_S)
+                if linger and await self._linger():
+                    await self.clock.sleep(STRONG_COALESCE_S)
                 self.urgent_wake.clear()
                 batch, sent = self._build()
                 if batch is None:
@@ -193,10 +194,13 @@ class Shipper:
                     self.wake.clear()
                     continue
                 linger = True
+                self.exchange_started_s = self.clock.monotonic_s()
                 try:
                     ack = await run_with_timeout(self.clock, self._exchange(call, batch), ACK_TIMEOUT_S)
                 except TimeoutError as e:
                     raise Unavailable(f"replica {self.replica} did not acknowledge within {ACK_TIMEOUT_S:g} s") from e
+                finally:
+                    self.exchange_started_s = None
                 self.batches += 1
                 self.last_batch_entries = sum(len(g.entries) for g in batch.shards)
                 self._on_ack(ack, sent)
@@ -204,6 +208,41 @@ class Shipper:
             raise Unavailable(f"replication stream to {self.replica} broke: {e.code().name} {e.details()}") from e
         finally:
             call.cancel()
+
+    async def _linger(self) -> bool:
+        """Before the next batch, while no STRONG caller needs this stream: lets more
+        entries join it, for at most :data:`EVENTUAL_LINGER_S` (fewer, larger messages cost
+        less CPU). Returns True when a STRONG caller ended the wait while the stream was
+        busy (its last batch carried several entries): the caller then coalesces.
+
+        Not needed means: only EVENTUAL entries wait (their callers have their answers),
+        or every waiting STRONG write needs one ack and another replica's stream carries
+        it (DataPlane.urgent). With R = 3 the second replica's stream then sends fewer,
+        larger batches, off the STRONG callers' path; it lingers at most the bound, so a
+        stalled first replica delays them by no more than that."""
+        until_s = self.clock.monotonic_s() + EVENTUAL_LINGER_S
+        waited = False
+        while not self.link.urgent(self.replica):
+            remaining_s = until_s - self.clock.monotonic_s()
+            if remaining_s <= 0:
+                return False
+            self.urgent_wake.clear()
+            if not await wait_event(self.clock, self.urgent_wake, remaining_s):
+                return False
+            waited = True
+        return waited and self.last_batch_entries >= COALESCE_MIN_ENTRIES
+
+    def covers(self, shard: ShardId, lsn: int, now_s: float, *, next_batch: bool) -> bool:
+        """Whether this stream carries ``lsn`` of ``shard`` to its replica without delay:
+        it sent it already (in flight or acknowledged), or, with ``next_batch``, it is in an
+        exchange that began within :data:`COVER_WINDOW_S` and will send it next."""
+        peer = self.peers.get(shard)
+        if peer is None or peer.next_lsn is None or peer.snapshot_required:
+            return False
+        if peer.sent_lsn >= lsn:
+            return True
+        started_s = self.exchange_started_s
+        return next_batch and started_s is not None and now_s - started_s < COVER_WINDOW_S
 
     @staticmethod
     async def _exchange(
@@ -259,6 +298,7 @@ class Shipper:
                     continue
                 group.prev.CopyFrom(shardnode_pb2.LogPosition(epoch=prev_epoch, lsn=prev_lsn))
                 group.entries.extend(entries)
+                peer.sent_lsn = entries[-1].lsn
                 budget -= sum(len(e.payload) + 32 for e in entries)
             elif now - peer.last_probe_s >= PROGRESS_INTERVAL_S:
                 # Idle: a probe from where the replica stands carries our last lsn (its lag).

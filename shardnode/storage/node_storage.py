@@ -29,7 +29,6 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,15 +56,6 @@ LOCK_FILE = "node.lock"
 DEFAULT_SNAPSHOT_TAIL_ENTRIES = 1024
 DEFAULT_SNAPSHOT_TAIL_BYTES = 4 << 20
 DEFAULT_PRUNE_MAX_ROWS = 100_000
-CHECKPOINT_INTERVAL_S = 1.0
-"""How often the checkpointer thread copies the WAL into the database file. Each
-checkpoint copies every page written since the last one once and syncs twice, so more
-often costs CPU (0.25 s: about +25 % of storage CPU per write in a micro-benchmark; 1 s:
-within its noise); a few hundred writes a second make about 8 MiB of WAL a second."""
-BACKSTOP_AUTOCHECKPOINT_PAGES = 65536
-"""The writer's own automatic checkpoint (256 MiB of WAL at 4 KiB pages): only reached if
-the checkpointer thread falls far behind or is gone."""
-
 _SELECT_SHARDS = "SELECT shard_id, fenced_epoch, last_epoch, last_lsn, first_lsn, synced FROM shards"
 _LOG_BOUNDS = "SELECT min(lsn), max(lsn) FROM log WHERE shard_id = ?"
 _UPSERT_SHARD = (
@@ -140,47 +130,6 @@ def _sqlite_errors(path: Path) -> Iterator[None]:
         raise CorruptRecord(f"node storage {path}: {e}") from e
 
 
-class _Checkpointer:
-    """Checkpoints the WAL (copies committed pages into the database file) from a thread
-    of its own, on a connection of its own, every :data:`CHECKPOINT_INTERVAL_S`.
-
-    Why: SQLite's automatic checkpoint runs inside whichever commit crosses the threshold,
-    on the writer's thread, which is the node's event loop: copying 16 MiB and the two
-    fsyncs a checkpoint does even under NORMAL stalled the loop for up to tens of ms every
-    few hundred writes. SQLite releases the GIL while it works, so here the loop goes on.
-    PASSIVE never blocks the writer; the writer keeps a far automatic threshold as a
-    backstop. Durability is unchanged (the checkpoint runs at the writer's ``synchronous``
-    level and syncs as SQLite's own would)."""
-
-    def __init__(self, path: Path, synchronous: str, interval_s: float = CHECKPOINT_INTERVAL_S):
-        self._path = path
-        self._synchronous = synchronous
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            conn = sqlite3.connect(self._path, isolation_level=None)
-        except sqlite3.Error:
-            return  # the writer's backstop checkpoints instead
-        try:
-            conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            conn.execute("PRAGMA busy_timeout=1000")
-            while not self._stop.wait(self._interval_s):
-                with contextlib.suppress(sqlite3.Error):  # busy or closing: the next round
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        """Stops the thread (waiting for a checkpoint in progress). Idempotent."""
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
-
-
 class NodeStorage:
     """Every shard a node holds: players, items, gold, player data, the replicated log,
     applied request ids with their answers, and the 2PC escrows (schema in
@@ -201,7 +150,6 @@ class NodeStorage:
         self._log_retention_entries = log_retention_entries
         self._request_retention_ms = int(request_retention_s * 1000)
         self._meta: dict[ShardId, ShardMeta] = {}
-        self._checkpointer: _Checkpointer | None = None
         with _sqlite_errors(path):
             self._meta = self._load_meta()
 
@@ -252,8 +200,6 @@ class NodeStorage:
                         request_retention_s=request_retention_s,
                     )
                     storage.synchronous = synchronous
-                    conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_AUTOCHECKPOINT_PAGES}")
-                    storage._checkpointer = _Checkpointer(path, synchronous)
                     return storage
                 except BaseException:
                     conn.close()
@@ -265,8 +211,6 @@ class NodeStorage:
     def close(self) -> None:
         """Closes the database and releases the data dir. Idempotent. Committed writes are
         already durable; closing only checkpoints the WAL into the main file."""
-        if self._checkpointer is not None:
-            self._checkpointer.close()
         with contextlib.suppress(sqlite3.Error):
             self._conn.close()
         self._lock.close()

@@ -173,12 +173,21 @@ SHARD_TABLES = ("players", "items", "player_data", "log", "requests", "escrows",
 """Tables holding a shard's data (everything but its fence in ``shards``)."""
 
 
+WAL_AUTOCHECKPOINT_PAGES = 1000
+
+
 def configure(conn: sqlite3.Connection, synchronous: Synchronous) -> None:
     """Sets the connection's pragmas. WAL: a commit is one append to the WAL file, and
     readers never block the writer. ``synchronous=NORMAL`` does not fsync on commit: a
     committed transaction survives the death of the process (the WAL is in the OS's page
     cache), not a power loss; ``FULL`` fsyncs the WAL on every commit and survives both.
     """
+    # Exclusive locking, set before the first WAL access: the WAL index then lives in the
+    # process's memory, not in a shared ``-shm`` file mapped into it. Writes to that
+    # mapping stalled commits on this kind of disk for 70-200 ms a few times a minute,
+    # and each transaction took and released file locks (docs/decisions.md, "One
+    # connection, exclusive"). Only this connection ever opens node.db (the data dir lock).
+    conn.execute("PRAGMA locking_mode=EXCLUSIVE")
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise FailedPrecondition(f"node.db cannot use WAL journaling (got {mode!r}); put --data-dir on a local disk")
@@ -186,12 +195,11 @@ def configure(conn: sqlite3.Connection, synchronous: Synchronous) -> None:
     # Bounded memory and files: a 32 MiB page cache, and a WAL truncated back to 64 MiB
     # after checkpoints (it may grow past that between them under a burst).
     conn.execute("PRAGMA cache_size=-32768")
-    # Checkpoint every 4096 pages (16 MiB of WAL) rather than SQLite's 1000: a checkpoint
-    # fsyncs the database file even under NORMAL, and runs inside some writer's commit;
-    # fewer, larger ones copy each hot page (the shards row, the log's last page) once
-    # per checkpoint instead of four times. Recovery replays at most ~16 MiB of WAL.
-    # (NodeStorage moves checkpoints to a thread of their own and raises this to a backstop.)
-    conn.execute("PRAGMA wal_autocheckpoint=4096")
+    # The commit that crosses WAL_AUTOCHECKPOINT_PAGES copies the WAL into the database
+    # file (two fsyncs even under NORMAL): at 1000 pages (4 MiB, SQLite's default) that
+    # holds the writer 5-20 ms a few times a second under load, never longer; larger
+    # thresholds make rarer, longer pauses. Recovery replays at most ~4 MiB of WAL.
+    conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
     conn.execute("PRAGMA journal_size_limit=67108864")
     conn.execute("PRAGMA temp_store=MEMORY")
     # One connection per process writes; the wait only covers a stale connection of the
