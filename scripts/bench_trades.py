@@ -234,8 +234,9 @@ class Pairs:
 
 
 async def open_loop(name: str, rate_per_s: float, duration_s: float, pairs: Pairs, client: TradeClient,
-                    prefix: str) -> Phase:
-    """Starts one trade every 1/``rate_per_s`` seconds on a free pair for ``duration_s``."""
+                    prefix: str, meter: CpuMeter | None = None) -> Phase:
+    """Starts one trade every 1/``rate_per_s`` seconds on a free pair for ``duration_s``
+    (with ``meter``, the CPU of each process over those seconds)."""
     free = list(range(len(pairs.pairs)))
     latencies: list[float] = []
     failures = 0
@@ -251,6 +252,8 @@ async def open_loop(name: str, rate_per_s: float, duration_s: float, pairs: Pair
         free.append(index)
 
     start = time.monotonic()
+    if meter is not None:
+        meter.begin()
     n = int(rate_per_s * duration_s)
     for k in range(n):
         delay = start + k / rate_per_s - time.monotonic()
@@ -262,10 +265,13 @@ async def open_loop(name: str, rate_per_s: float, duration_s: float, pairs: Pair
         task = asyncio.create_task(one(free.pop()))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
+    cpu = meter.end() if meter is not None else None
     if tasks:
         await asyncio.gather(*tasks)
-    return phase(name, 0, duration_s, latencies, failures,
-                 note=f"target {rate_per_s:.0f}/s, {skipped} starts skipped (no free pair)")
+    result = phase(name, 0, duration_s, latencies, failures,
+                   note=f"target {rate_per_s:.0f}/s, {skipped} starts skipped (no free pair)")
+    result.cpu_pct = cpu
+    return result
 
 
 async def placed(address: str, rf: int) -> bool:
@@ -374,7 +380,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             half = max(1.0, results["cross"].per_s / 2)
             await open_loop("warm-up", half, min(2.0, args.warmup_s), cross_pairs, client, "hw")
             results["cross_half"] = await open_loop("cross-shard at half load", half, args.duration_s, cross_pairs,
-                                                    client, "h")
+                                                    client, "h", meter)
     finally:
         for proc in reversed(processes):
             with contextlib.suppress(Exception):
@@ -412,12 +418,12 @@ def render(r: dict[str, Any]) -> str:
                                               "RoutingClient, as a game server)" if r["same_shard_via"] == "client"
                                               else "through the coordinator (TradeCoordinator.ExecuteTrade)"))
     lines.append("CPU, % of one core over the window:")
-    for key in ("echo", "cross", "same"):
+    for key in ("echo", "cross", "same", "cross_half"):
         p = r[key]
         if p.cpu_pct:
             lines.append(f"  {p.name:<12} " + ", ".join(f"{k} {v:.0f}" for k, v in p.cpu_pct.items() if v >= 1))
     lines.append("CPU ms per call, per process:")
-    for key in ("echo", "cross", "same"):
+    for key in ("echo", "cross", "same", "cross_half"):
         p = r[key]
         per = cpu_ms_per_call(p)
         if per:
