@@ -103,7 +103,8 @@ SHARDS_WITHOUT_PRIMARY = Gauge(
 TRADES = Counter(
     "bluemarble_trades_total",
     "Trades answered, by kind (cross_shard, same_shard) and outcome (committed, aborted). "
-    "Control plane: the trades it coordinated; shard node: the same-shard trades it executed.",
+    "Control plane: the cross-shard trades it coordinated; shard node: the same-shard trades it "
+    "executed, from a client or a coordinator. Each trade is counted once: sum over processes.",
     ["kind", "outcome"],
 )
 TRADE_PHASE = Histogram(

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+import prometheus_client
 import pytest
 
 from bluemarble.core.ids import ShardId, TradeId
@@ -311,6 +312,11 @@ async def test_cross_shard_commit_moves_items_once_records_the_decision_and_reta
         assert shown.request.player_a == a and shown.outcome == COMMITTED
 
 
+def _same_shard_counted() -> float:
+    labels = {"kind": "same_shard", "outcome": "committed"}
+    return prometheus_client.REGISTRY.get_sample_value("bluemarble_trades_total", labels) or 0.0
+
+
 async def test_same_shard_trade_is_one_local_transaction_without_a_record(
     start_control_plane: StartControlPlane,
 ) -> None:
@@ -318,8 +324,12 @@ async def test_same_shard_trade_is_one_local_transaction_without_a_record(
         a, b = c.players(same_shard=True)
         c.world.seed(a, ["gem"], 0)
         c.world.seed(b, [], 10)
+        counted = _same_shard_counted()
         answer = await c.trades.ExecuteTrade(request("local-1", a, b, ("gem",), 0, (), 10))
         assert (answer.outcome, answer.cross_shard) == (COMMITTED, False)
+        # The node that runs it counts it (this fake one does not); the coordinator never
+        # does, or a sum over processes would count the trade twice.
+        assert _same_shard_counted() == counted
         assert c.world.items[b] == {"gem"} and c.world.gold == {a: 10, b: 0}
         assert await c.stored("local-1") is None
         assert "Prepare" not in c.node_of(a).calls
