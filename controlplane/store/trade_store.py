@@ -15,13 +15,14 @@ lists them (:meth:`TradeStore.list_unretained`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
 
-from bluemarble.core.errors import BlueMarbleError, NotFound
+from bluemarble.core.errors import BlueMarbleError, NotFound, Unavailable
 from bluemarble.core.ids import TradeId
 from bluemarble.runtime import background
 from bluemarble.runtime.clock import Clock, wait_event
@@ -41,6 +42,11 @@ ATTACH_FLUSH_S = 0.2
 MAX_PENDING_ATTACH = 100_000
 """Records waiting to be attached at most; past it they are left to the leader's sweep."""
 LIST_PAGE = 500
+DECISION_BATCH = 32
+"""Decisions created in one etcd transaction at most (etcd's default limit is 128
+operations per branch: a decision is one compare, one put and one read)."""
+DECISION_BATCH_BYTES = 512 << 10
+"""Record bytes in one decision transaction at most (etcd refuses requests over 1.5 MiB)."""
 
 
 def _field_names(descriptor: object) -> frozenset[str]:
@@ -148,6 +154,10 @@ class TradeStore:
         self._clock = clock
         self.leases = RetentionLeases(store, clock, retention_s=retention_s, bucket_s=bucket_s)
         self._pending: dict[str, int] = {}  # key -> create revision, waiting to be attached
+        self._decisions: collections.deque[_Decision] = collections.deque()  # waiting for a transaction
+        self._deciding: asyncio.Task[None] | None = None
+        self.decision_txns = 0
+        """Decision transactions sent so far (for tests and benchmarks)."""
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.attached = 0
@@ -162,19 +172,80 @@ class TradeStore:
         record as stored and whether ``record`` was written. The existing record stands
         whatever ``record`` says (I3).
 
+        Decisions that arrive while a decision transaction is on its way wait for it and
+        then go together, in one transaction that creates all of them if every one is
+        absent; when some exist, those are answered from the same transaction's reads and
+        the others go again in the next (:meth:`_decide`). Each record is still created by
+        exactly one transaction that found it absent; a lone decision is sent at once.
+
         Raises Unavailable when etcd cannot be reached (then nothing is known: the record
         may or may not have been written; a retry of this call answers which),
         CorruptRecord when the stored value does not parse.
         """
         key = self._keys.trade(TradeId(record.trade_id))
-        value = encode_record(record)
-        result = await self._store.txn([Compare.absent(key)], [Put(key, value)], [Get(key)])
+        decision = _Decision(key, encode_record(record), record, asyncio.get_running_loop().create_future())
+        self._decisions.append(decision)
+        if self._deciding is None or self._deciding.done():
+            self._deciding = asyncio.ensure_future(self._decide_pending())
+        return await decision.future
+
+    async def _decide_pending(self) -> None:
+        """Sends the waiting decisions, one transaction at a time, until none is left."""
+        while self._decisions:
+            batch: list[_Decision] = []
+            later: list[_Decision] = []  # a second decision of one trade: the next transaction
+            keys: set[str] = set()
+            size = 0
+            while self._decisions and len(batch) < DECISION_BATCH:
+                if batch and size + len(self._decisions[0].value) > DECISION_BATCH_BYTES:
+                    break
+                decision = self._decisions.popleft()
+                if decision.future.done():  # its caller gave up before it was sent
+                    continue
+                if decision.key in keys:  # etcd refuses a transaction that puts one key twice
+                    later.append(decision)
+                    continue
+                keys.add(decision.key)
+                batch.append(decision)
+                size += len(decision.value)
+            self._decisions.extendleft(reversed(later))
+            if batch:
+                await self._decide(batch)
+
+    async def _decide(self, batch: list[_Decision]) -> None:
+        """One create-if-absent transaction for ``batch``; answers every decision of it,
+        or puts back first in line those that must go again."""
+        self.decision_txns += 1
+        compares = [Compare.absent(d.key) for d in batch]
+        try:
+            result = await self._store.txn(compares, [Put(d.key, d.value) for d in batch], [Get(d.key) for d in batch])
+        except BaseException as e:  # Unavailable, mostly: every caller learns that nothing is known
+            stopped = Unavailable("the control plane is stopping; the trade's decision may or may not be recorded")
+            for d in batch:
+                _settle(d.future, error=e if isinstance(e, Exception) else stopped)
+            if not isinstance(e, Exception):
+                raise
+            return
         if result.succeeded:
-            return StoredTrade(record, result.revision, 0), True
-        found = result.reads[0] if result.reads else ()
-        if not found:  # collected between the compare and the read: impossible in one txn
-            raise BlueMarbleError(f"etcd transaction on {key} failed its compare but read nothing")
-        return self._stored(found[0]), False
+            for d in batch:
+                _settle(d.future, (StoredTrade(d.record, result.revision, 0), True))
+            return
+        again: list[_Decision] = []
+        for d, found in zip(batch, result.reads, strict=False):
+            if not found:
+                again.append(d)  # absent: another decision of the batch failed the compare
+                continue
+            try:
+                _settle(d.future, (self._stored(found[0]), False))
+            except BlueMarbleError as e:
+                _settle(d.future, error=e)
+        if len(result.reads) != len(batch) or len(again) == len(batch):
+            # A failed compare reads its record in the same transaction: this cannot be.
+            error = BlueMarbleError(f"etcd transaction on {batch[0].key} failed its compare but read nothing")
+            for d in batch:
+                _settle(d.future, error=error)
+            return
+        self._decisions.extendleft(reversed(again))
 
     async def get(self, trade_id: str) -> StoredTrade | None:
         """The record of ``trade_id``, None if there is none. Unavailable, CorruptRecord."""
@@ -280,3 +351,29 @@ class TradeStore:
             await self._attach_keys(batch)
             for key, _ in batch:
                 self._pending.pop(key, None)
+
+
+@dataclass
+class _Decision:
+    """A decision waiting for its create-if-absent transaction."""
+
+    key: str
+    value: bytes
+    record: trade_pb2.TradeRecord
+    future: asyncio.Future[tuple[StoredTrade, bool]]
+
+
+def _settle(
+    future: asyncio.Future[tuple[StoredTrade, bool]],
+    result: tuple[StoredTrade, bool] | None = None,
+    *,
+    error: BaseException | None = None,
+) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        assert result is not None
+        future.set_result(result)
+
