@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import heapq
 import itertools
 import os
@@ -70,7 +71,7 @@ from bluemarble.runtime.channels import channel as open_channel
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
 from shardnode.agent import NodeAgent, SessionState
-from shardnode.replication import ShardView, Shipper, close_channels
+from shardnode.replication import ShardView, Shipper, close_channels, must_send_now
 from shardnode.storage import NodeStorage, WriteResult
 
 log = structlog.get_logger(__name__)
@@ -470,20 +471,14 @@ class DataPlane:
         for state in self._shards.values():
             if not state.waiters or replica not in state.replicas:
                 continue
-            need = max(w[0] for w in state.waiters)
-            others = [r for r in state.replicas if r != self.node_id]
-            carried = 0
-            ahead = True  # streams of replicas listed before ``replica`` lead it
-            for other in others:
-                if other == replica:
-                    ahead = False
-                    continue
-                shipper = self._shippers.get(NodeId(other))
-                if shipper is not None and shipper.covers(state.shard_id, need, now_s, next_batch=ahead):
-                    carried += 1
-            if carried < required_acks_for(len(others)):
+            carries = functools.partial(self._carries, state.shard_id, max(w[0] for w in state.waiters), now_s)
+            if must_send_now(replica, [NodeId(r) for r in state.replicas if r != self.node_id], carries):
                 return True
         return False
+
+    def _carries(self, shard: ShardId, lsn: int, now_s: float, node: NodeId, next_batch: bool) -> bool:
+        shipper = self._shippers.get(node)
+        return shipper is not None and shipper.covers(shard, lsn, now_s, next_batch=next_batch)
 
     def incarnation(self) -> int:
         registration = self._agent.registration

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,7 +38,7 @@ from bluemarble.api.conversions import log_position_from_proto, log_position_to_
 from bluemarble.core.errors import Unavailable
 from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.replication import ZERO, LogPosition
-from bluemarble.core.replication.primary import resume_point
+from bluemarble.core.replication.primary import required_acks_for, resume_point
 from bluemarble.runtime import background, retry
 from bluemarble.runtime.clock import Clock, run_with_timeout, wait_event
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
@@ -363,6 +363,26 @@ class Shipper:
             else:  # NOT_REPLICA (it has not seen its assignment yet), SNAPSHOTTING
                 peer.next_lsn = None
                 peer.retry_at_s = now + RETRY_DELAY_S
+
+
+def must_send_now(replica: NodeId, others: Sequence[NodeId], carries: Callable[[NodeId, bool], bool]) -> bool:
+    """Whether ``replica``'s stream must send a waiting STRONG entry at once.
+
+    ``others``: the shard's replicas other than its primary, in the assignment's order.
+    ``carries(node, next_batch)``: whether ``node``'s stream carries the entry (see
+    :meth:`Shipper.covers`); ``next_batch`` is True for the replicas listed before
+    ``replica``, whose streams lead it. The entry needs ``required_acks_for`` acks: the
+    stream must send unless that many other streams carry it already.
+    """
+    carried = 0
+    ahead = True
+    for other in others:
+        if other == replica:
+            ahead = False
+            continue
+        if carries(other, ahead):
+            carried += 1
+    return carried < required_acks_for(len(others))
 
 
 async def close_channels(channels: dict[str, grpc.aio.Channel]) -> None:
