@@ -363,6 +363,8 @@ class Shipper:
             else:  # NOT_REPLICA (it has not seen its assignment yet), SNAPSHOTTING
                 peer.next_lsn = None
                 peer.retry_at_s = now + RETRY_DELAY_S
+            # Nothing is in flight any more: what the stream carries is what goes next.
+            peer.sent_lsn = peer.next_lsn - 1 if peer.next_lsn is not None else 0
 
 
 def must_send_now(replica: NodeId, others: Sequence[NodeId], carries: Callable[[NodeId, bool], bool]) -> bool:
