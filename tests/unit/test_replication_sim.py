@@ -9,6 +9,7 @@ starts at a random seed, printed on failure, so every run explores new schedules
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import subprocess
@@ -54,7 +55,9 @@ def _run(task: tuple[int, int]) -> RangeResult:
 
 def test_thousands_of_seeds_hold_every_invariant() -> None:
     tasks = [(s, CHUNK) for s in range(START, START + SEED_COUNT, CHUNK)]
-    with ProcessPoolExecutor(WORKERS) as pool:
+    # Spawned, not forked: this pytest process has run gRPC tests, and a fork of a
+    # process that holds gRPC state can hang or die in the child.
+    with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(_run, tasks))
     failures = sorted(f for r in results for f in r.failures)
     totals: dict[str, int] = {}
