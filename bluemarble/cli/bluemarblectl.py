@@ -1,6 +1,7 @@
 """``bluemarblectl``: the operator's command line for a BlueMarble cluster.
 
     bluemarblectl --control-plane 127.0.0.1:7000 status | nodes | shards | ring | drain NODE
+    bluemarblectl promote SHARD NODE --accept-data-loss
     bluemarblectl config get | config set KEY=VALUE...
     bluemarblectl inventory PLAYER [--stale]
     bluemarblectl grant PLAYER [ITEM ...] [--gold N] [--request-id ID]
@@ -21,7 +22,7 @@ The trade commands call the control plane's TradeCoordinator (any replica; a ret
 Security: ``--tls-ca`` verifies the control plane and nodes, ``--tls-cert``/``--tls-key``
 present a client certificate (required when the cluster runs mutual TLS), and
 ``--token-file`` (or ``--token``, or env BLUEMARBLE_ADMIN_TOKEN) sends the admin bearer
-token the control plane asks of admin commands (``drain``, ``config set``).
+token the control plane asks of admin commands (``drain``, ``promote``, ``config set``).
 
 Prints readable tables; ``--json`` prints the raw response as JSON instead. Exit status:
 0 on success, 1 when the cluster answered with an error (one line on stderr), 2 on bad
@@ -352,6 +353,8 @@ READS: dict[str, tuple[Callable[[Any], Any], Callable[[], Message], Callable[[An
 
 
 DATA_COMMANDS = ("inventory", "grant", "data")
+PROMOTE_TIMEOUT_S = 20.0
+"""How long ``promote`` waits for the control plane to answer (it answers once the leader acted)."""
 
 
 async def run_data(args: argparse.Namespace, client: ControlPlaneClient) -> str:
@@ -407,6 +410,15 @@ async def run(args: argparse.Namespace) -> int:
         elif args.command == "drain":
             response = await client.call(lambda s: s.DrainNode, controlplane_pb2.DrainNodeRequest(node_id=args.node))
             text = f"draining {args.node}"
+        elif args.command == "promote":
+            request = controlplane_pb2.ForcePromoteRequest(
+                shard_id=args.shard, node_id=args.node, accept_data_loss=args.accept_data_loss
+            )
+            # The control plane answers once the leader has acted: give it longer than a read.
+            wait_s = max(args.timeout_s, PROMOTE_TIMEOUT_S)
+            response = await client.call(lambda s: s.ForcePromote, request, timeout_s=wait_s, attempts=1)
+            a = response.assignment  # type: ignore[attr-defined]
+            text = f"{a.shard_id}: primary {a.primary} at epoch {a.epoch}"
         elif args.command == "config" and args.action == "get":
             response = await client.call(lambda s: s.GetConfig, controlplane_pb2.GetConfigRequest())
             text = json_format.MessageToJson(response, preserving_proto_field_name=True)
@@ -442,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--token",
         default=os.environ.get(ADMIN_TOKEN_ENV, ""),
-        help=f"admin bearer token for drain and config set [env {ADMIN_TOKEN_ENV}] (prefer --token-file: "
+        help=f"admin bearer token for drain, promote and config set [env {ADMIN_TOKEN_ENV}] (prefer --token-file: "
         "a command line is visible to other users)",
     )
     p.add_flag("--token-file", default="", help="file holding the admin bearer token")
@@ -453,6 +465,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("ring", help="each shard's share of the key space")
     drain = sub.add_parser("drain", help="move a node's roles away, then let it leave")
     drain.add_argument("node")
+    promote = sub.add_parser(
+        "promote",
+        help="make NODE the primary of a shard no live node holds the data of (PRIMARY_LOST); loses what "
+        "only the lost nodes held",
+    )
+    promote.add_argument("shard")
+    promote.add_argument("node")
+    promote.add_argument(
+        "--accept-data-loss", action="store_true", help="required: the shard keeps only what NODE holds"
+    )
     config = sub.add_parser("config", help="get or set the cluster config")
     config_sub = config.add_subparsers(dest="action", required=True)
     config_sub.add_parser("get")

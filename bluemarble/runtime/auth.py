@@ -35,7 +35,7 @@ from bluemarble.runtime import tls
 
 log = structlog.get_logger(__name__)
 
-ADMIN_METHODS = frozenset({"SetConfig", "DrainNode"})
+ADMIN_METHODS = frozenset({"SetConfig", "DrainNode", "ForcePromote"})
 """ControlPlane RPCs that change cluster state on an operator's behalf. (Node lifecycle
 RPCs are checked by certificate instead; trades are data plane; reads are open.)"""
 

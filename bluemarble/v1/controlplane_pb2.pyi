@@ -213,6 +213,22 @@ class DrainNodeResponse(_message.Message):
     node: _common_pb2.Node
     def __init__(self, node: _Optional[_Union[_common_pb2.Node, _Mapping]] = ...) -> None: ...
 
+class ForcePromoteRequest(_message.Message):
+    __slots__ = ("shard_id", "node_id", "accept_data_loss")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_DATA_LOSS_FIELD_NUMBER: _ClassVar[int]
+    shard_id: str
+    node_id: str
+    accept_data_loss: bool
+    def __init__(self, shard_id: _Optional[str] = ..., node_id: _Optional[str] = ..., accept_data_loss: _Optional[bool] = ...) -> None: ...
+
+class ForcePromoteResponse(_message.Message):
+    __slots__ = ("assignment",)
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    assignment: _common_pb2.Assignment
+    def __init__(self, assignment: _Optional[_Union[_common_pb2.Assignment, _Mapping]] = ...) -> None: ...
+
 class GetConfigRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

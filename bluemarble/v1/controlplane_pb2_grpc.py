@@ -105,6 +105,11 @@ class ControlPlaneStub:
                 request_serializer=bluemarble_dot_v1_dot_controlplane__pb2.SetConfigRequest.SerializeToString,
                 response_deserializer=bluemarble_dot_v1_dot_controlplane__pb2.SetConfigResponse.FromString,
                 _registered_method=True)
+        self.ForcePromote = channel.unary_unary(
+                '/bluemarble.v1.ControlPlane/ForcePromote',
+                request_serializer=bluemarble_dot_v1_dot_controlplane__pb2.ForcePromoteRequest.SerializeToString,
+                response_deserializer=bluemarble_dot_v1_dot_controlplane__pb2.ForcePromoteResponse.FromString,
+                _registered_method=True)
 
 
 class ControlPlaneServicer:
@@ -209,6 +214,18 @@ class ControlPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForcePromote(self, request, context):
+        """Admin, for a shard left without a primary because no live node holds its data
+        (its primary died, and so did every copy): makes node_id its primary at a new
+        epoch, with whatever node_id holds (often nothing). What only the lost nodes held
+        is gone for good; bringing one of them back with its data dir is the lossless fix.
+        Answers once the assignment names node_id (or DEADLINE_EXCEEDED: the request stays
+        until the leader acts on it, or the shard gets a primary some other way).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlPlaneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -281,6 +298,11 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     servicer.SetConfig,
                     request_deserializer=bluemarble_dot_v1_dot_controlplane__pb2.SetConfigRequest.FromString,
                     response_serializer=bluemarble_dot_v1_dot_controlplane__pb2.SetConfigResponse.SerializeToString,
+            ),
+            'ForcePromote': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForcePromote,
+                    request_deserializer=bluemarble_dot_v1_dot_controlplane__pb2.ForcePromoteRequest.FromString,
+                    response_serializer=bluemarble_dot_v1_dot_controlplane__pb2.ForcePromoteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -661,6 +683,33 @@ class ControlPlane:
             '/bluemarble.v1.ControlPlane/SetConfig',
             bluemarble_dot_v1_dot_controlplane__pb2.SetConfigRequest.SerializeToString,
             bluemarble_dot_v1_dot_controlplane__pb2.SetConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForcePromote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bluemarble.v1.ControlPlane/ForcePromote',
+            bluemarble_dot_v1_dot_controlplane__pb2.ForcePromoteRequest.SerializeToString,
+            bluemarble_dot_v1_dot_controlplane__pb2.ForcePromoteResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,7 +40,13 @@ from controlplane.server.trades import (
 from controlplane.store.config_store import ConfigStore
 from controlplane.store.etcd import EtcdSecurity, EtcdStore
 from controlplane.store.keys import KeySchema
-from controlplane.store.records import decode_assignment, decode_config, decode_node, decode_ring
+from controlplane.store.records import (
+    decode_assignment,
+    decode_config,
+    decode_force_promotion,
+    decode_node,
+    decode_ring,
+)
 from controlplane.store.ring_store import ensure_ring
 from controlplane.store.trade_store import TradeStore
 from controlplane.store.watchcache import PrefixCache
@@ -98,6 +104,7 @@ class ControlPlaneApp:
         self.reconciler: Reconciler | None = None
         self.probe: NodeProbe | None = None
         self.config_mirror: PrefixCache[common_pb2.ClusterConfig] | None = None
+        self.forced: PrefixCache[controlplane_pb2.ForcePromoteRequest] | None = None
         self.crash_watch: CrashWatch | None = None
         self.trade_store: TradeStore | None = None
         self.trade_coordinator: TradeCoordinator | None = None
@@ -135,7 +142,11 @@ class ControlPlaneApp:
         )
         self.ring = PrefixCache(self.store, self.keys.ring(), decode_ring, name="ring", clock=self.clock)
         self.config_mirror = PrefixCache(self.store, self.keys.config(), decode_config, name="config", clock=self.clock)
-        for cache in (self.nodes, self.assignments, self.ring, self.config_mirror):
+        self.forced = PrefixCache(
+            self.store, self.keys.force_promotions_prefix(), decode_force_promotion, name="force-promote",
+            clock=self.clock,
+        )
+        for cache in (self.nodes, self.assignments, self.ring, self.config_mirror, self.forced):
             await cache.start()
         self.election = Election(
             self.store, self.keys, self.replica_id, s.listen, ttl_s=stored.lease_ttl_s, clock=self.clock
@@ -165,6 +176,7 @@ class ControlPlaneApp:
             configs=configs,
             probe=self.probe,
             clock=self.clock,
+            forced=self.forced,
         )
         deps = ControlPlaneDeps(
             replica_id=self.replica_id,
@@ -274,7 +286,7 @@ class ControlPlaneApp:
             ("election", self.election.stop() if self.election else None),
             *[
                 (c.name, c.stop())
-                for c in (self.nodes, self.assignments, self.ring, self.config_mirror)
+                for c in (self.nodes, self.assignments, self.ring, self.config_mirror, self.forced)
                 if c is not None
             ],
             (

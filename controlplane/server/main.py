@@ -92,7 +92,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
     p.add_flag(
         "--admin-token-file",
         default="",
-        help="file holding the bearer token admin RPCs (SetConfig, DrainNode) require; re-read when it "
+        help="file holding the bearer token admin RPCs (SetConfig, DrainNode, ForcePromote) require; re-read when it "
         "changes (or set BLUEMARBLE_ADMIN_TOKEN; default: admin RPCs are open)",
     )
     p.add_flag("--etcd-ca", default="", help="PEM CA that signed etcd's certificate (turns on TLS to etcd)")

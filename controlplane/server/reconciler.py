@@ -82,7 +82,7 @@ import asyncio
 import collections
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -107,7 +107,7 @@ from bluemarble.core.replication.position import LogPosition
 from bluemarble.core.ring import Ring
 from bluemarble.runtime import background, metrics
 from bluemarble.runtime.clock import Clock, SystemClock, wait_event
-from bluemarble.v1 import common_pb2
+from bluemarble.v1 import common_pb2, controlplane_pb2
 from controlplane.server.election import Election, Leadership
 from controlplane.server.node_probe import NodeProbe
 from controlplane.store import codec
@@ -180,8 +180,10 @@ class Reconciler:
         hold_s: float | None = None,
         mass_expiry_fraction: float = 1 / 3,
         probe_new_nodes: bool = True,
+        forced: PrefixCache[controlplane_pb2.ForcePromoteRequest] | None = None,
     ):
         self._store = store
+        self._forced = forced  # ForcePromote requests (service.py), by shard
         self._keys = keys
         self._election = election
         self._nodes = nodes
@@ -505,6 +507,7 @@ class Reconciler:
                 config_revision,
                 leadership.token,
                 self._verified_changes,
+                self._forced.revision if self._forced is not None else 0,
             )
 
         # Skipped before any O(nodes) work: with thousands of nodes this runs every tick.
@@ -521,6 +524,7 @@ class Reconciler:
         nodes, addresses, current, shards = self.observe()
         if not shards:
             return None
+        await self._clear_forced(current, addresses.keys())
         await self._discount_crashes()
         if self._held(nodes, current, config.replication_factor, new_term):
             return None
@@ -654,10 +658,18 @@ class Reconciler:
                 self._note(shard, epoch, "widen", "no member of the shard holds its data; "
                            "asking every live node for a copy", candidates=sorted(candidates))
                 continue
+            forced = self._forced_node(shard)
+            if not with_data and forced is not None and forced in copies and copies[forced].fenced:
+                # An operator accepted the loss (ForcePromote): the named node takes over
+                # with whatever it holds, fenced at the new epoch like any candidate.
+                with_data = {forced: copies[forced].last}
+                log.warning("promoting a node without the shard's data, as an operator asked (ForcePromote); "
+                            "what only the lost nodes held is gone", shard=shard, epoch=epoch, node_id=forced)
             if not with_data:
                 stuck.add(shard)
                 self._note(shard, epoch, "no-data", "shard stays PRIMARY_LOST: no live candidate holds its data; "
-                           "promoting one would lose what the lost primary had", candidates=sorted(candidates))
+                           "promoting one would lose what the lost primary had (bluemarblectl promote "
+                           "accepts that loss)", candidates=sorted(candidates))
                 continue
             # Ties (the usual case: every copy caught up) go first to nodes that kept
             # their registration (they were up all along: a restarted ex-primary rejoins
@@ -680,6 +692,28 @@ class Reconciler:
                      unfenced=sorted(n for n, c in copies.items() if not c.fenced) or None)
             self._fence_floor.pop(shard, None)
         return Promotions(positions, ready, frozenset(waiting), frozenset(stuck))
+
+    def _forced_node(self, shard: ShardId) -> NodeId | None:
+        """The node a ForcePromote request names for ``shard``, if there is one."""
+        if self._forced is None:
+            return None
+        request = self._forced.entries.get(self._keys.force_promotion(shard))
+        return NodeId(request.node_id) if request is not None and request.accept_data_loss else None
+
+    async def _clear_forced(self, current: dict[ShardId, ShardAssignment], live: Collection[NodeId]) -> None:
+        """Deletes the ForcePromote requests of shards that have a live primary now (the
+        forced one, or another that showed up with the data): they are done."""
+        if self._forced is None:
+            return
+        for key in list(self._forced.entries):
+            try:
+                shard = self._keys.parse_force_promotion(key)
+            except ValueError:
+                continue
+            a = current.get(shard)
+            if a is not None and a.primary is not None and a.primary in live:
+                await self._store.delete(key)
+                log.info("ForcePromote request done", shard=shard, primary=a.primary, epoch=a.epoch)
 
     def _note(self, shard: ShardId, epoch: int, kind: str, message: str, **fields: object) -> None:
         """Logs ``message`` once per (shard, epoch, kind): rounds retry every tick."""

@@ -5,7 +5,7 @@ registry or stores, and builds the response. Errors are BlueMarble exceptions; t
 server interceptor maps them to statuses.
 
 Who may call what is checked here, where the request is known (:mod:`bluemarble.runtime.auth`):
-admin RPCs (SetConfig, DrainNode) need the admin bearer token when one is configured, and
+admin RPCs (SetConfig, DrainNode, ForcePromote) need the admin bearer token when one is configured, and
 with mutual TLS a node may register, heartbeat and deregister only under the node id its
 client certificate names.
 """
@@ -21,7 +21,14 @@ import grpc.aio
 
 from bluemarble.api.conversions import ring_to_proto
 from bluemarble.core import limits, validation
-from bluemarble.core.errors import InvalidArgument, OutOfRange, Unavailable
+from bluemarble.core.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    Unavailable,
+)
 from bluemarble.core.ids import NodeId, ShardId, shard_index
 from bluemarble.core.ring import Ring
 from bluemarble.runtime.auth import ServerAuth
@@ -32,6 +39,7 @@ from controlplane.server.election import Election, LeaderInfo
 from controlplane.server.node_probe import NodeProbe
 from controlplane.server.registry import NodeRegistry
 from controlplane.server.shard_reports import ShardReports
+from controlplane.store import codec
 from controlplane.store.config_store import ConfigStore
 from controlplane.store.etcd import EtcdStore
 from controlplane.store.keys import KeySchema
@@ -522,6 +530,68 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             )
         return response
 
+    async def ForcePromote(
+        self, request: controlplane_pb2.ForcePromoteRequest, context: Ctx
+    ) -> controlplane_pb2.ForcePromoteResponse:
+        """Records the request under ``force-promote/<shard>`` for the leader, which acts
+        on it only for a shard left without a primary because no live node holds its data
+        (Reconciler), then waits for the assignment to name the node."""
+        await self._d.auth.admin(context, "ForcePromote")
+        node = validation.node_id(request.node_id)
+        try:
+            shard = ShardId(request.shard_id)
+            shard_index(shard)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+        ring = self._d.ring.entries.get(self._d.keys.ring())
+        if ring is None or shard not in ring.shard_ids:
+            raise NotFound(f"{shard} is not a shard of the ring")
+        before = self._d.assignments.entries.get(self._d.keys.assignment(shard))
+        if before is None:
+            raise NotFound(f"{shard} has no assignment yet: it gets a primary as soon as a node can take one")
+        live = {n.node_id: n for n in self._d.nodes.entries.values()}
+        target = live.get(node)
+        if target is None:
+            raise NotFound(f"node {node} is not registered; name a live node (bluemarblectl nodes)")
+        if target.state == common_pb2.NODE_STATE_DRAINING:
+            raise FailedPrecondition(f"node {node} is draining; name another node")
+        if before.primary == node:  # done already (a retry of a request that worked)
+            return controlplane_pb2.ForcePromoteResponse(assignment=before)
+        if before.primary in live:
+            raise FailedPrecondition(
+                f"{shard} has a primary, {before.primary} at epoch {before.epoch}; nothing to force"
+            )
+        if not request.accept_data_loss:
+            raise FailedPrecondition(
+                f"{shard} would get whatever {node} holds, and lose what only its lost nodes held; "
+                "set accept_data_loss to go ahead (bringing a lost node back with its data dir loses nothing)"
+            )
+        await self._d.store.put(
+            self._d.keys.force_promotion(shard),
+            codec.encode(controlplane_pb2.ForcePromoteRequest(shard_id=shard, node_id=node, accept_data_loss=True)),
+        )
+        wait_s = min(FORCE_PROMOTE_WAIT_S, max(0.0, (context.time_remaining() or FORCE_PROMOTE_WAIT_S) - 0.2))
+        deadline_s = self._d.clock.monotonic_s() + wait_s
+        while True:
+            now = self._d.assignments.entries.get(self._d.keys.assignment(shard))
+            if now is not None and now.epoch > before.epoch and now.primary:
+                if now.primary != node:
+                    raise FailedPrecondition(
+                        f"{shard} got another primary meanwhile, {now.primary} at epoch {now.epoch} (it held data)"
+                    )
+                return controlplane_pb2.ForcePromoteResponse(assignment=now)
+            remaining_s = deadline_s - self._d.clock.monotonic_s()
+            if remaining_s <= 0:
+                raise DeadlineExceeded(
+                    f"{shard} has no primary yet; the request stays until the leader acts on it "
+                    "(it does once the shard's live nodes answered its fence): see bluemarblectl shards"
+                )
+            await self._d.assignments.wait_for_revision(self._d.assignments.revision + 1, remaining_s)
+
+
+FORCE_PROMOTE_WAIT_S = 15.0
+"""How long ForcePromote waits for the assignment to name the node (less if the call's
+deadline is nearer)."""
 
 MIN_PROGRESS_INTERVAL_MS = 100
 MAX_PROGRESS_INTERVAL_MS = 60_000

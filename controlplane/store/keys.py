@@ -75,6 +75,15 @@ class KeySchema:
     def parse_assignment(self, key: str) -> ShardId:
         return ShardId(self._tail(key, self.assignments_prefix()))
 
+    def force_promotions_prefix(self) -> str:
+        return self.prefix + "force-promote/"
+
+    def force_promotion(self, shard: ShardId) -> str:
+        return self.force_promotions_prefix() + shard
+
+    def parse_force_promotion(self, key: str) -> ShardId:
+        return ShardId(self._tail(key, self.force_promotions_prefix()))
+
     def trades_prefix(self) -> str:
         return self.prefix + "trades/"
 

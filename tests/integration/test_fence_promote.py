@@ -7,13 +7,18 @@ that does not answer delays the promotion; candidates without data never take ov
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import grpc
 import grpc.aio
+import pytest
 
+from bluemarble.cli import bluemarblectl
 from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc
+from controlplane.server.app import ControlPlaneApp
 from tests.conftest import FakeShardNode, ServeFakeNode, StartControlPlane, StreamNode, wait_for
 
 SHARD = "shard-0"
@@ -24,6 +29,7 @@ class Cluster:
     stub: controlplane_pb2_grpc.ControlPlaneStub
     fakes: dict[str, FakeShardNode]
     nodes: dict[str, StreamNode]
+    app: ControlPlaneApp | None = None
 
     async def assignment(self, shard: str = SHARD) -> common_pb2.Assignment:
         listed = await self.stub.ListAssignments(controlplane_pb2.ListAssignmentsRequest())
@@ -51,7 +57,7 @@ async def cluster(start: StartControlPlane, serve: ServeFakeNode, count: int = 3
     """``count`` nodes in zones a, b, c..., R = 3, 4 shards, every shard placed."""
     app = await start(lease_ttl_s=10, shards=4, replication_factor=3)
     async with grpc.aio.insecure_channel(app.address) as channel:
-        c = Cluster(controlplane_pb2_grpc.ControlPlaneStub(channel), {}, {})
+        c = Cluster(controlplane_pb2_grpc.ControlPlaneStub(channel), {}, {}, app)
         for i in range(count):
             await c.add(serve, f"n{i}", "abcdef"[i])
 
@@ -114,14 +120,20 @@ async def test_a_candidate_that_does_not_answer_the_fence_delays_the_promotion(
         assert after.primary == y and after.epoch == before.epoch + 1
 
 
+async def _without_data(c: Cluster) -> tuple[common_pb2.Assignment, str, str]:
+    """SHARD's assignment and its two replicas, which from now on hold none of its data."""
+    before = await c.assignment()
+    x, y = sorted(before.replicas)
+    c.fakes[x].positions[SHARD] = None
+    c.fakes[y].positions[SHARD] = None
+    return before, x, y
+
+
 async def test_a_shard_whose_live_candidates_hold_no_data_stays_without_a_primary(
     start_control_plane: StartControlPlane, serve_fake_node: ServeFakeNode
 ) -> None:
     async with cluster(start_control_plane, serve_fake_node) as c:
-        before = await c.assignment()
-        x, y = sorted(before.replicas)
-        c.fakes[x].positions[SHARD] = None
-        c.fakes[y].positions[SHARD] = None
+        before, x, y = await _without_data(c)
         lost = before.primary
         others = [a.shard_id for a in await c.all() if a.primary == lost and a.shard_id != SHARD]
         await c.leave(lost)
@@ -141,6 +153,56 @@ async def test_a_shard_whose_live_candidates_hold_no_data_stays_without_a_primar
         await c.add(serve_fake_node, "n9", "d")  # any change makes the leader plan again
         await wait_for(lambda: _promoted(c, before.epoch + 1), 5.0, "the promotion")
         assert (await c.assignment()).primary == x
+
+
+async def _refused(c: Cluster, shard: str, node: str, accept: bool = True) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await c.stub.ForcePromote(
+            controlplane_pb2.ForcePromoteRequest(shard_id=shard, node_id=node, accept_data_loss=accept), timeout=5
+        )
+    return e.value.code(), e.value.details() or ""
+
+
+async def test_an_operator_gives_a_stuck_shard_a_primary_without_its_data(
+    start_control_plane: StartControlPlane, serve_fake_node: ServeFakeNode, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with cluster(start_control_plane, serve_fake_node) as c:
+        before, x, y = await _without_data(c)
+        code, details = await _refused(c, SHARD, x)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "has a primary" in details
+        await c.leave(before.primary)
+
+        async def fenced() -> bool:
+            return bool(c.fakes[x].fences(SHARD) and c.fakes[y].fences(SHARD))
+
+        await wait_for(fenced, 5.0, "the fence of the lost primary's candidates")
+        assert (await c.assignment()).epoch == before.epoch, "stuck: nobody holds the data"
+        # Bad requests change nothing.
+        code, details = await _refused(c, SHARD, x, accept=False)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "accept_data_loss" in details
+        assert (await _refused(c, SHARD, "n404"))[0] == grpc.StatusCode.NOT_FOUND
+        assert (await _refused(c, "shard-99", x))[0] == grpc.StatusCode.NOT_FOUND
+        assert (await _refused(c, "shard-x", x))[0] == grpc.StatusCode.INVALID_ARGUMENT
+        assert (await _refused(c, SHARD, "bad id"))[0] == grpc.StatusCode.INVALID_ARGUMENT
+        assert c.app is not None and c.app.forced is not None and not c.app.forced.entries
+
+        # As an operator does it: bluemarblectl, which waits for the answer.
+        argv = ["--control-plane", c.app.address, "promote", SHARD, y, "--accept-data-loss"]
+        assert await asyncio.to_thread(bluemarblectl.main, argv) == 0
+        assert f"{SHARD}: primary {y} at epoch {before.epoch + 1}" in capsys.readouterr().out
+        assert (await c.assignment()).primary == y
+        # A retry of a request that worked answers the same.
+        answer = await c.stub.ForcePromote(
+            controlplane_pb2.ForcePromoteRequest(shard_id=SHARD, node_id=y, accept_data_loss=True), timeout=5
+        )
+        assert (answer.assignment.primary, answer.assignment.epoch) == (y, before.epoch + 1)
+        assert c.fakes[y].fences(SHARD)[-1] == before.epoch + 1  # fenced at the new epoch first
+        forced = c.app.forced
+
+        async def cleared() -> bool:
+            return not forced.entries
+
+        await wait_for(cleared, 5.0, "the leader to delete the done request")
 
 
 async def test_a_copy_left_on_a_node_that_is_no_longer_a_member_is_found(

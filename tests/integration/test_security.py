@@ -124,8 +124,9 @@ async def test_admin_rpcs_need_the_bearer_token(
     current = await stub.GetConfig(controlplane_pb2.GetConfigRequest(), timeout=CALL_TIMEOUT_S)  # reads are open
     set_config = controlplane_pb2.SetConfigRequest(config=current.config, expected_revision=current.revision)
     drain = controlplane_pb2.DrainNodeRequest(node_id="nobody")
-    for call in (stub.SetConfig, stub.DrainNode):
-        request = set_config if call is stub.SetConfig else drain
+    promote = controlplane_pb2.ForcePromoteRequest(shard_id="shard-0", node_id="nobody", accept_data_loss=True)
+    requests = {stub.SetConfig: set_config, stub.DrainNode: drain, stub.ForcePromote: promote}
+    for call, request in requests.items():
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await call(request, timeout=CALL_TIMEOUT_S)
         assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -140,6 +141,8 @@ async def test_admin_rpcs_need_the_bearer_token(
     assert answered.revision > current.revision
     code = await code_of(stub.DrainNode(drain, timeout=CALL_TIMEOUT_S, metadata=bearer_metadata(TOKEN)))
     assert code == grpc.StatusCode.NOT_FOUND  # past the token check: there is no such node
+    code = await code_of(stub.ForcePromote(promote, timeout=CALL_TIMEOUT_S, metadata=bearer_metadata(TOKEN)))
+    assert code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)  # past the token check
 
 
 async def test_a_node_acts_only_under_the_id_its_certificate_names(
