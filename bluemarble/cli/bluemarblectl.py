@@ -91,6 +91,12 @@ def render_status(r: controlplane_pb2.GetClusterStatusResponse) -> str:
         ("consistency", ", ".join(f"{k}={_consistency(v)}" for k, v in sorted(c.consistency.items()))),
     ]
     pairs += [("warning", w) for w in r.warnings]
+    if r.shards_without_primary:
+        pairs.append((
+            "hint",
+            "a shard without a primary is failing over, or none of its copies is live: bring a lost node back "
+            "with its data dir (nothing is lost), or, if no copy will return, `promote SHARD NODE --accept-data-loss`",
+        ))
     width = max(len(k) for k, _ in pairs)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in pairs)
 

@@ -79,6 +79,14 @@ def test_status_names_the_leader_or_says_none() -> None:
     assert "(none elected)" in ctl.render_status(r)
     r.leader = "cp-1"
     assert "cp-1" in ctl.render_status(r)
+    assert "hint" not in ctl.render_status(r)
+
+
+def test_status_says_what_to_do_about_shards_without_a_primary() -> None:
+    r = pb.GetClusterStatusResponse(cluster="c", served_by="cp-0", leader="cp-0", shards_without_primary=2)
+    text = ctl.render_status(r)
+    assert "shards without primary   2" in text
+    assert "bring a lost node back" in text and "promote SHARD NODE --accept-data-loss" in text
 
 
 @pytest.mark.parametrize(
