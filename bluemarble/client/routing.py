@@ -1059,10 +1059,14 @@ class RoutingClient:
         task = asyncio.current_task()
         assert task is not None
         fired = False
+        active = True
 
         def on_moved(_: asyncio.Future[None]) -> None:
+            # A callback already scheduled when the attempt ended (the move and the
+            # answer in one loop turn) still runs: it must not cancel what the caller
+            # does next.
             nonlocal fired
-            if not fired:
+            if active and not fired:
                 fired = True
                 task.cancel()
 
@@ -1082,6 +1086,7 @@ class RoutingClient:
                 ) from None
             raise
         finally:
+            active = False
             if moved is not None:
                 moved.remove_done_callback(on_moved)
 

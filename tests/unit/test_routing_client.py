@@ -285,6 +285,30 @@ async def test_an_attempt_in_flight_is_abandoned_when_the_primary_changes() -> N
     assert result.inventory.served_by == "n2" and hang.cancelled()
 
 
+async def test_a_move_seen_as_the_answer_arrives_never_cancels_the_caller_later() -> None:
+    """On the system clock an attempt runs in the caller's task and a move cancels that
+    task. A move whose callback runs just after the answer (both in one loop turn) must not
+    cancel anything: the caller has its answer and has moved on (to its next call, say)."""
+    answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    transport = FakeTransport(lambda a, r: answer)
+    cache = AssignmentCache()
+    cache.apply(snapshot("n1", ["n2", "n3"]))
+    client = RoutingClient(None, router=RingRouter.from_ring(RING), assignments=cache, transport=transport,
+                           clock=SystemClock())
+
+    async def caller() -> str:
+        inv = await client.get_inventory(PLAYER, deadline_s=5.0)
+        await asyncio.sleep(0.05)  # the caller's next await: a late cancel would land here
+        return inv.served_by
+
+    task = asyncio.ensure_future(caller())
+    while not transport.calls:
+        await asyncio.sleep(0)
+    answer.set_result(inventory("n1"))  # the attempt resumes first ...
+    cache.apply(change("n2", ["n3"], epoch=2, revision=11))  # ... then the move's callback runs
+    assert await task == "n1"
+
+
 @pytest.mark.parametrize("error", [errors.NotFound("no player"), errors.InvalidArgument("bad item"),
                                    errors.FailedPrecondition("item 'sword' is already owned by another player")])
 async def test_final_errors_are_raised_at_once(error: errors.BlueMarbleError) -> None:
