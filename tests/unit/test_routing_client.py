@@ -290,7 +290,8 @@ async def test_a_move_seen_as_the_answer_arrives_never_cancels_the_caller_later(
     task. A move whose callback runs just after the answer (both in one loop turn) must not
     cancel anything: the caller has its answer and has moved on (to its next call, say)."""
     answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    transport = FakeTransport(lambda a, r: answer)
+    called = asyncio.Event()
+    transport = FakeTransport(lambda a, r: (called.set(), answer)[1])
     cache = AssignmentCache()
     cache.apply(snapshot("n1", ["n2", "n3"]))
     client = RoutingClient(None, router=RingRouter.from_ring(RING), assignments=cache, transport=transport,
@@ -302,8 +303,7 @@ async def test_a_move_seen_as_the_answer_arrives_never_cancels_the_caller_later(
         return inv.served_by
 
     task = asyncio.ensure_future(caller())
-    while not transport.calls:
-        await asyncio.sleep(0)
+    await asyncio.wait_for(called.wait(), 5.0)
     answer.set_result(inventory("n1"))  # the attempt resumes first ...
     cache.apply(change("n2", ["n3"], epoch=2, revision=11))  # ... then the move's callback runs
     assert await task == "n1"
