@@ -105,20 +105,8 @@ async def wait_event(clock: Clock, event: asyncio.Event, timeout_s: float) -> bo
     """Waits until ``event`` is set or ``timeout_s`` passed on ``clock``; True if set."""
     if event.is_set():
         return True
-    if type(clock) is SystemClock:
-        # The loop's own timer (same monotonic clock): no task and no asyncio.wait, on a
-        # path every replication stream takes once per batch.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await event.wait()
-        return event.is_set()
-    waiter = asyncio.ensure_future(event.wait())
-    timer = asyncio.ensure_future(clock.sleep(timeout_s))
-    try:
-        await asyncio.wait((waiter, timer), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (waiter, timer):
-            task.cancel()
+    with contextlib.suppress(TimeoutError):
+        await run_with_timeout(clock, event.wait(), timeout_s)
     return event.is_set()
 
 

@@ -183,10 +183,10 @@ def configure(conn: sqlite3.Connection, synchronous: Synchronous) -> None:
     cache), not a power loss; ``FULL`` fsyncs the WAL on every commit and survives both.
     """
     # Exclusive locking, set before the first WAL access: the WAL index then lives in the
-    # process's memory, not in a shared ``-shm`` file mapped into it. Writes to that
-    # mapping stalled commits on this kind of disk for 70-200 ms a few times a minute,
-    # and each transaction took and released file locks (docs/decisions.md, "One
-    # connection, exclusive"). Only this connection ever opens node.db (the data dir lock).
+    # process's memory, not in a shared ``-shm`` file mapped into it, and no transaction
+    # takes or releases file locks. With shared locking, commits stalled 67-114 ms a few
+    # times a minute on this kind of disk (docs/decisions.md, "node.db is held
+    # exclusively"). Only this connection ever opens node.db (the data dir lock).
     conn.execute("PRAGMA locking_mode=EXCLUSIVE")
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if str(mode).lower() != "wal":

@@ -80,13 +80,19 @@ async def test_a_lone_call_is_its_own_unary_rpc() -> None:
     assert batcher.batched_items == 0
 
 
-async def test_calls_behind_the_in_flight_limit_travel_together_each_with_its_answer() -> None:
+async def _slot_held(timeout_s: float) -> tuple[Stub, NodeBatcher, asyncio.Future[shardnode_pb2.PrepareResponse]]:
+    """A batcher with one slot, held by call t0 (its answer waits for ``stub.release``)."""
     stub = Stub()
     stub.release.clear()
     batcher = NodeBatcher(lambda: stub, max_in_flight=1)  # type: ignore[arg-type,return-value]
-    first = asyncio.ensure_future(batcher.prepare(prepare("t0"), 2.0))
+    first = asyncio.ensure_future(batcher.prepare(prepare("t0"), timeout_s))
     await asyncio.sleep(0)  # the pump runs: t0 goes out alone and holds the only slot
     await asyncio.sleep(0)
+    return stub, batcher, first
+
+
+async def test_calls_behind_the_in_flight_limit_travel_together_each_with_its_answer() -> None:
+    stub, batcher, first = await _slot_held(2.0)
     rest = [asyncio.ensure_future(batcher.prepare(prepare(t), 2.0)) for t in ("t1", "bad2", "moved3", "t4")]
     await asyncio.sleep(0)
     assert stub.sent == [("Prepare", ["t0"])]  # the others wait for the slot
@@ -103,12 +109,7 @@ async def test_calls_behind_the_in_flight_limit_travel_together_each_with_its_an
 
 
 async def test_an_item_whose_time_ran_out_in_the_queue_is_not_sent() -> None:
-    stub = Stub()
-    stub.release.clear()
-    batcher = NodeBatcher(lambda: stub, max_in_flight=1)  # type: ignore[arg-type,return-value]
-    first = asyncio.ensure_future(batcher.prepare(prepare("t0"), 5.0))
-    await asyncio.sleep(0)  # the pump runs: t0 goes out alone and holds the only slot
-    await asyncio.sleep(0)
+    stub, batcher, first = await _slot_held(5.0)
     with pytest.raises(TimeoutError):
         await batcher.prepare(prepare("late"), 0.05)
     stub.release.set()
