@@ -253,7 +253,7 @@ async def open_loop(name: str, rate_per_s: float, duration_s: float, pairs: Pair
 
     start = time.monotonic()
     if meter is not None:
-        meter.begin()
+        meter.begin(f"open-{prefix}", duration_s)
     n = int(rate_per_s * duration_s)
     for k in range(n):
         delay = start + k / rate_per_s - time.monotonic()
@@ -266,6 +266,8 @@ async def open_loop(name: str, rate_per_s: float, duration_s: float, pairs: Pair
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     cpu = meter.end() if meter is not None else None
+    if meter is not None:
+        await meter.wait_profiles()
     if tasks:
         await asyncio.gather(*tasks)
     result = phase(name, 0, duration_s, latencies, failures,
@@ -381,6 +383,16 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             await open_loop("warm-up", half, min(2.0, args.warmup_s), cross_pairs, client, "hw")
             results["cross_half"] = await open_loop("cross-shard at half load", half, args.duration_s, cross_pairs,
                                                     client, "h", meter)
+            for rate in args.sweep:
+                if rate > 0:
+                    sweep = await open_loop(f"cross-shard at {rate:g}/s", rate, args.duration_s, cross_pairs, client,
+                                            f"w{rate:g}", meter)
+                else:
+                    meter.begin()
+                    await asyncio.sleep(args.duration_s)
+                    sweep = phase("idle", 0, args.duration_s, [], 0)
+                    sweep.cpu_pct = meter.end()
+                results[f"sweep_{rate:g}"] = sweep
     finally:
         for proc in reversed(processes):
             with contextlib.suppress(Exception):
@@ -410,7 +422,8 @@ async def _echo_ok(method: Any) -> bool:
 def render(r: dict[str, Any]) -> str:
     lines = [f"{'phase':<26} {'conc':>4} {'calls':>7} {'fail':>4} {'per s':>8} {'p50 ms':>8} {'p99 ms':>8} "
              f"{'max ms':>8}"]
-    for key in ("echo", "cross", "same", "cross_half"):
+    keys = ["echo", "cross", "same", "cross_half", *(k for k in r if k.startswith("sweep_"))]
+    for key in keys:
         p: Phase = r[key]
         lines.append(f"{p.name:<26} {p.concurrency or '-':>4} {p.calls:>7} {p.failures:>4} {p.per_s:>8.1f} "
                      f"{p.p50_ms:>8.2f} {p.p99_ms:>8.2f} {p.max_ms:>8.2f}  {p.note}")
@@ -418,12 +431,12 @@ def render(r: dict[str, Any]) -> str:
                                               "RoutingClient, as a game server)" if r["same_shard_via"] == "client"
                                               else "through the coordinator (TradeCoordinator.ExecuteTrade)"))
     lines.append("CPU, % of one core over the window:")
-    for key in ("echo", "cross", "same", "cross_half"):
+    for key in keys:
         p = r[key]
         if p.cpu_pct:
             lines.append(f"  {p.name:<12} " + ", ".join(f"{k} {v:.0f}" for k, v in p.cpu_pct.items() if v >= 1))
     lines.append("CPU ms per call, per process:")
-    for key in ("echo", "cross", "same", "cross_half"):
+    for key in keys:
         p = r[key]
         per = cpu_ms_per_call(p)
         if per:
@@ -444,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--same-shard-via", choices=("client", "coordinator"), default="client",
                    help="same-shard trades straight from the client to the primary (default, as a game server), or "
                         "through TradeCoordinator.ExecuteTrade")
+    p.add_argument("--sweep", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
+                   help="after the phases, cross-shard open loops at these rates per second (0: idle), "
+                        "for CPU per trade against the rate")
     p.add_argument("--json", action="store_true")
     p.add_argument("--keep-dir", action="store_true")
     p.add_argument("--profile-dir", type=Path, default=None,

@@ -73,7 +73,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from bluemarble.client.routing import RoutingClient
+from bluemarble.client.routing import GrpcNodeTransport, RoutingClient
 from bluemarble.core.errors import BlueMarbleError
 from bluemarble.runtime import event_loop, logs
 from bluemarble.runtime.channels import insecure_channel
@@ -539,7 +539,8 @@ async def measure_config(
             "etcd": [cluster.etcd.process.pid] if cluster.etcd and cluster.etcd.process else [],
         }
         busiest = max(primaries, key=lambda n: primaries[n])
-        async with RoutingClient(cluster.cp_address) as client:
+        transport = GrpcNodeTransport(streams=False if args.unary else None)
+        async with RoutingClient(cluster.cp_address, transport=transport) as client:
             await client.wait_ready(30)
             # Every primary has taken a write before anything is timed.
             for i in range(64):
@@ -815,6 +816,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-dir", type=Path, help="py-spy the busiest primary and the client into DIR")
     p.add_argument("--profile-native", action="store_true", help="with --profile-dir: C frames too (pauses)")
     p.add_argument("--keep-dir", action="store_true", help="keep etcd data, node data and logs")
+    p.add_argument("--unary", action="store_true",
+                   help="the routing client makes a unary RPC per call instead of using each node's Calls stream")
     p.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = p.parse_args(argv)
     if args.echo_server is not None:

@@ -6,6 +6,7 @@ Abort, their TradeBatch, ExecuteLocalTrade, ListTrades) go to
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -16,6 +17,7 @@ import structlog
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError, InvalidArgument, Unavailable
 from bluemarble.core.trades import Outcome
+from bluemarble.runtime import metrics
 from bluemarble.runtime.grpc_server import short_message
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
 from shardnode.dataplane import DEFAULT_COMMIT_TIMEOUT_S, DataPlane
@@ -106,6 +108,116 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
             await dp.hold_if_failpoint()
             yield dp.replicate(batch)
 
+    async def Calls(
+        self, request_iterator: AsyncIterator[shardnode_pb2.NodeCalls], context: Ctx
+    ) -> AsyncIterator[shardnode_pb2.NodeResults]:
+        """Player calls multiplexed on one stream (see the proto). Each runs as its own
+        task, as its unary RPC would; results finished in the same loop turn share a
+        message. The stream ends when the caller half-closes it and every call answered."""
+        # At once, so the caller knows the stream is served before it sends a call.
+        await context.send_initial_metadata(())
+        loop = asyncio.get_running_loop()
+        ready: list[shardnode_pb2.NodeResult] = []
+        wake = asyncio.Event()
+        slots = asyncio.Semaphore(limits.MAX_NODE_CALLS_IN_FLIGHT)
+        tasks: set[asyncio.Task[None]] = set()
+        reading = True
+        failure: BaseException | None = None
+
+        def finished(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            slots.release()
+            wake.set()
+
+        async def run(call: shardnode_pb2.NodeCall) -> None:
+            ready.append(await self._node_call(call))
+            wake.set()
+
+        async def read() -> None:
+            nonlocal reading, failure
+            try:
+                async for message in request_iterator:
+                    if len(message.calls) > limits.MAX_NODE_CALLS_PER_MESSAGE:
+                        raise InvalidArgument(
+                            f"a Calls message carries {len(message.calls)} calls; send at most "
+                            f"{limits.MAX_NODE_CALLS_PER_MESSAGE} per message"
+                        )
+                    for call in message.calls:
+                        await slots.acquire()
+                        task = loop.create_task(run(call))
+                        tasks.add(task)
+                        task.add_done_callback(finished)
+            except Exception as e:  # ends the stream with its status, below
+                failure = e
+            finally:
+                reading = False
+                wake.set()
+
+        reader = loop.create_task(read())
+        try:
+            while reading or tasks or ready:
+                await wake.wait()
+                wake.clear()
+                if ready:
+                    batch = ready[:]
+                    ready.clear()
+                    yield shardnode_pb2.NodeResults(results=batch)
+                if failure is not None:
+                    raise failure
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def _node_call(self, call: shardnode_pb2.NodeCall) -> shardnode_pb2.NodeResult:
+        """One call of a Calls stream, answered as its unary RPC would be: its response, or
+        the status that RPC would have ended with."""
+        kind = call.WhichOneof("call")
+        method = _NODE_CALL_METHODS.get(kind or "", "Calls")
+        started = time.monotonic()
+        deadline_s = (call.timeout_ms or limits.DEFAULT_NODE_CALL_TIMEOUT_MS) / 1000
+        timeout_s = max(0.01, min(MAX_CALL_TIMEOUT_S, deadline_s - 0.05))
+        structlog.contextvars.bind_contextvars(rpc=method)
+        result = shardnode_pb2.NodeResult(call_id=call.call_id)
+        code = "OK"
+        try:
+            async with asyncio.timeout(min(MAX_CALL_TIMEOUT_S, deadline_s)):
+                if kind == "get_inventory":
+                    player = validation.player_id(call.get_inventory.player_id)
+                    result.get_inventory.CopyFrom(
+                        await self._dp().get_inventory(player, call.get_inventory.allow_stale, timeout_s)
+                    )
+                elif kind == "grant_items":
+                    result.grant_items.CopyFrom(await self._dp().grant(call.grant_items, timeout_s))
+                elif kind == "get_player_data":
+                    result.get_player_data.CopyFrom(await self._dp().get_player_data(call.get_player_data, timeout_s))
+                elif kind == "set_player_data":
+                    result.set_player_data.CopyFrom(await self._dp().set_player_data(call.set_player_data, timeout_s))
+                elif kind == "execute_local_trade":
+                    result.execute_local_trade.CopyFrom(
+                        await self._trades().execute_local_trade(call.execute_local_trade, timeout_s)
+                    )
+                else:
+                    raise InvalidArgument(
+                        f"call {call.call_id} carries no request; set one of "
+                        f"{', '.join(sorted(_NODE_CALL_METHODS))}"
+                    )
+        except TimeoutError:
+            code = "DEADLINE_EXCEEDED"
+            result.error.CopyFrom(shardnode_pb2.CallError(
+                code=code, message=f"{method} did not finish within its deadline of {deadline_s * 1000:.0f} ms"))
+        except BlueMarbleError as e:
+            code = e.status
+            result.error.CopyFrom(shardnode_pb2.CallError(code=code, message=short_message(str(e))))
+        except Exception:  # a bug: logged with its id, the call answered INTERNAL, the stream unharmed
+            code = "INTERNAL"
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("call crashed", error_id=error_id, method=method)
+            result.error.CopyFrom(shardnode_pb2.CallError(
+                code=code, message=f"internal error in {method} (error id {error_id}); see the node log"))
+        metrics.observe_rpc(f"/bluemarble.v1.ShardNode/{method}", code, time.monotonic() - started)
+        return result
+
     async def GetSnapshot(
         self, request: shardnode_pb2.GetSnapshotRequest, context: Ctx
     ) -> AsyncIterator[shardnode_pb2.SnapshotChunk]:
@@ -172,6 +284,16 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         self, request: shardnode_pb2.ListTradesRequest, context: Ctx
     ) -> shardnode_pb2.ListTradesResponse:
         return self._trades().list_trades(request)
+
+
+_NODE_CALL_METHODS = {
+    "get_inventory": "GetInventory",
+    "grant_items": "GrantItems",
+    "get_player_data": "GetPlayerData",
+    "set_player_data": "SetPlayerData",
+    "execute_local_trade": "ExecuteLocalTrade",
+}
+"""NodeCall's request fields and the RPC each stands for (its metrics and log name)."""
 
 
 def _batch_error(code: str, message: str) -> shardnode_pb2.TradeBatchResult:

@@ -88,3 +88,13 @@ MAX_REQUEST_ID_BYTES = 128
 
 MAX_TRADE_BATCH_ITEMS = 256
 """Prepare/Commit/Abort calls in one ShardNode.TradeBatch (a coordinator sends at most 64)."""
+
+MAX_NODE_CALLS_PER_MESSAGE = 256
+"""Calls in one ShardNode.Calls message (the routing client sends at most 64)."""
+
+MAX_NODE_CALLS_IN_FLIGHT = 1024
+"""Calls one ShardNode.Calls stream may have in flight on the node; past it the node reads
+no more of the stream until some finish (flow control reaches the caller)."""
+
+DEFAULT_NODE_CALL_TIMEOUT_MS = 10_000
+"""A ShardNode.Calls call's deadline when it sets none."""

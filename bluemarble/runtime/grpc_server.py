@@ -121,6 +121,9 @@ async def _fail(
         level = log.info if not exc.retryable else log.warning
         level("rpc failed", status=code.name, error=message, elapsed_ms=elapsed_ms, peer=context.peer())
         await context.abort(code, message)
+    if isinstance(exc, NotImplementedError):  # the generated servicer's default for a method not overridden
+        log.info("rpc refused: not implemented", method=method, peer=context.peer())
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server")
     error_id = uuid.uuid4().hex[:12]
     log.exception("rpc crashed", error_id=error_id, method=method, elapsed_ms=elapsed_ms)
     await context.abort(

@@ -638,3 +638,59 @@ class GetShardStatusResponse(_message.Message):
     shards: _containers.RepeatedCompositeFieldContainer[_common_pb2.ShardStatus]
     incarnation: int
     def __init__(self, node_id: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[_common_pb2.ShardStatus, _Mapping]]] = ..., incarnation: _Optional[int] = ...) -> None: ...
+
+class NodeCalls(_message.Message):
+    __slots__ = ("calls",)
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedCompositeFieldContainer[NodeCall]
+    def __init__(self, calls: _Optional[_Iterable[_Union[NodeCall, _Mapping]]] = ...) -> None: ...
+
+class NodeCall(_message.Message):
+    __slots__ = ("call_id", "timeout_ms", "get_inventory", "grant_items", "get_player_data", "set_player_data", "execute_local_trade")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    GET_INVENTORY_FIELD_NUMBER: _ClassVar[int]
+    GRANT_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    GET_PLAYER_DATA_FIELD_NUMBER: _ClassVar[int]
+    SET_PLAYER_DATA_FIELD_NUMBER: _ClassVar[int]
+    EXECUTE_LOCAL_TRADE_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    timeout_ms: int
+    get_inventory: GetInventoryRequest
+    grant_items: GrantItemsRequest
+    get_player_data: GetPlayerDataRequest
+    set_player_data: SetPlayerDataRequest
+    execute_local_trade: ExecuteLocalTradeRequest
+    def __init__(self, call_id: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., get_inventory: _Optional[_Union[GetInventoryRequest, _Mapping]] = ..., grant_items: _Optional[_Union[GrantItemsRequest, _Mapping]] = ..., get_player_data: _Optional[_Union[GetPlayerDataRequest, _Mapping]] = ..., set_player_data: _Optional[_Union[SetPlayerDataRequest, _Mapping]] = ..., execute_local_trade: _Optional[_Union[ExecuteLocalTradeRequest, _Mapping]] = ...) -> None: ...
+
+class NodeResults(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[NodeResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[NodeResult, _Mapping]]] = ...) -> None: ...
+
+class NodeResult(_message.Message):
+    __slots__ = ("call_id", "get_inventory", "grant_items", "get_player_data", "set_player_data", "execute_local_trade", "error")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    GET_INVENTORY_FIELD_NUMBER: _ClassVar[int]
+    GRANT_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    GET_PLAYER_DATA_FIELD_NUMBER: _ClassVar[int]
+    SET_PLAYER_DATA_FIELD_NUMBER: _ClassVar[int]
+    EXECUTE_LOCAL_TRADE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    get_inventory: GetInventoryResponse
+    grant_items: GrantItemsResponse
+    get_player_data: GetPlayerDataResponse
+    set_player_data: SetPlayerDataResponse
+    execute_local_trade: ExecuteLocalTradeResponse
+    error: CallError
+    def __init__(self, call_id: _Optional[int] = ..., get_inventory: _Optional[_Union[GetInventoryResponse, _Mapping]] = ..., grant_items: _Optional[_Union[GrantItemsResponse, _Mapping]] = ..., get_player_data: _Optional[_Union[GetPlayerDataResponse, _Mapping]] = ..., set_player_data: _Optional[_Union[SetPlayerDataResponse, _Mapping]] = ..., execute_local_trade: _Optional[_Union[ExecuteLocalTradeResponse, _Mapping]] = ..., error: _Optional[_Union[CallError, _Mapping]] = ...) -> None: ...
+
+class CallError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...

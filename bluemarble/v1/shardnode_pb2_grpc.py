@@ -84,6 +84,11 @@ class ShardNodeStub:
                 request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.ListTradesRequest.SerializeToString,
                 response_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.ListTradesResponse.FromString,
                 _registered_method=True)
+        self.Calls = channel.stream_stream(
+                '/bluemarble.v1.ShardNode/Calls',
+                request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.NodeCalls.SerializeToString,
+                response_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.NodeResults.FromString,
+                _registered_method=True)
         self.Replicate = channel.stream_stream(
                 '/bluemarble.v1.ShardNode/Replicate',
                 request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.ReplicateBatch.SerializeToString,
@@ -192,6 +197,19 @@ class ShardNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Calls(self, request_iterator, context):
+        """Many player calls on one stream: what the routing client uses with a node it calls
+        often, since a message on an open stream costs a fraction of a unary call. Each call
+        carries an id and its own deadline, is handled exactly as its unary RPC would be
+        (GetInventory, GrantItems, GetPlayerData, SetPlayerData, ExecuteLocalTrade),
+        concurrently with the others, and is answered by a result with its id, in completion
+        order; calls ready in the same instant travel in one message, both ways. A call's
+        error is its result; the stream itself ends only on a malformed message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Replicate(self, request_iterator, context):
         """Primary -> replica log shipping: one stream per primary -> replica pair, many
         shards per message. The replica answers every batch with one ack, in order, sent
@@ -276,6 +294,11 @@ def add_ShardNodeServicer_to_server(servicer, server):
                     servicer.ListTrades,
                     request_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.ListTradesRequest.FromString,
                     response_serializer=bluemarble_dot_v1_dot_shardnode__pb2.ListTradesResponse.SerializeToString,
+            ),
+            'Calls': grpc.stream_stream_rpc_method_handler(
+                    servicer.Calls,
+                    request_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.NodeCalls.FromString,
+                    response_serializer=bluemarble_dot_v1_dot_shardnode__pb2.NodeResults.SerializeToString,
             ),
             'Replicate': grpc.stream_stream_rpc_method_handler(
                     servicer.Replicate,
@@ -568,6 +591,33 @@ class ShardNode:
             '/bluemarble.v1.ShardNode/ListTrades',
             bluemarble_dot_v1_dot_shardnode__pb2.ListTradesRequest.SerializeToString,
             bluemarble_dot_v1_dot_shardnode__pb2.ListTradesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Calls(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/bluemarble.v1.ShardNode/Calls',
+            bluemarble_dot_v1_dot_shardnode__pb2.NodeCalls.SerializeToString,
+            bluemarble_dot_v1_dot_shardnode__pb2.NodeResults.FromString,
             options,
             channel_credentials,
             insecure,

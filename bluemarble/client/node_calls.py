@@ -1,0 +1,187 @@
+"""Player calls to one shard node multiplexed on one ``ShardNode.Calls`` stream.
+
+A unary gRPC call in Python costs the caller and the node several times what one message
+on an open stream does (a new HTTP/2 stream, headers and trailers both ways, a call object
+on each side). A game server sends a node thousands of grants, reads and same-shard trades
+a second, so :class:`CallStream` keeps one stream per node open and sends each call as a
+:class:`~bluemarble.v1.shardnode_pb2.NodeCall` with an id and its own deadline. Calls made
+in the same event-loop turn share a message; so do the results the node finishes together.
+
+Each call behaves as its unary RPC would: the same answer, the same status (as the mapped
+:class:`~bluemarble.core.errors.BlueMarbleError`), its own deadline. When the stream
+breaks (the node died, restarted or was partitioned away), every call on it fails
+UNAVAILABLE, as a unary call in flight would, and the next call opens a new stream. A
+node that does not serve ``Calls`` (UNIMPLEMENTED) gets unary calls from then on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from typing import Any
+
+import grpc
+import grpc.aio
+import structlog
+
+from bluemarble.core import errors
+from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+MAX_CALLS_PER_MESSAGE = 64
+"""Calls the client puts in one message (the node takes up to 256)."""
+
+
+def status_error(code: str, details: str, address: str) -> errors.BlueMarbleError:
+    """The BlueMarble error for a call to the node at ``address`` that ended with the
+    status ``code`` (a grpc.StatusCode name)."""
+    if code == "UNAVAILABLE":
+        return errors.Unavailable(f"node {address} unavailable: {details}")
+    if code == "DEADLINE_EXCEEDED":
+        return errors.DeadlineExceeded(f"node {address} did not answer in time")
+    if code == "CANCELLED":
+        # Our side cancelled it: the channel closed because no assignment names the
+        # node any more. Another node serves the shard now.
+        return errors.Unavailable(f"call to node {address} cancelled (the node left the assignments)")
+    return errors.from_status_name(code, details)
+
+
+class Unsupported(Exception):
+    """The node does not serve ShardNode.Calls (an older release): use unary calls."""
+
+
+class CallStream:
+    """One node's ``ShardNode.Calls`` stream, opened on the first call and again after it
+    breaks. :meth:`call` is safe to use from many tasks at once."""
+
+    def __init__(self, stub: shardnode_pb2_grpc.ShardNodeStub, address: str):
+        self._stub = stub
+        self._address = address
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[shardnode_pb2.NodeResult]] = {}
+        self._outbox: list[shardnode_pb2.NodeCall] = []
+        self._wake = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._closed = False
+        self.supported = True
+        self.streams_opened = 0
+
+    async def call(self, kind: str, request: Any, timeout_s: float) -> Any:
+        """``request`` sent as the NodeCall field ``kind`` ("grant_items", ...); returns
+        that field of the result, or raises the call's mapped error. Raises
+        :class:`Unsupported` when the node does not serve Calls."""
+        if self._closed:
+            raise errors.Unavailable(f"call to node {self._address} cancelled (the node left the assignments)")
+        if not self.supported:
+            raise Unsupported()
+        loop = asyncio.get_running_loop()
+        call_id = next(self._ids)
+        future: asyncio.Future[shardnode_pb2.NodeResult] = loop.create_future()
+        self._pending[call_id] = future
+        call = shardnode_pb2.NodeCall(call_id=call_id, timeout_ms=max(1, min(60_000, int(timeout_s * 1000))))
+        getattr(call, kind).CopyFrom(request)
+        self._outbox.append(call)
+        self._wake.set()
+        if self._runner is None or self._runner.done():
+            self._runner = loop.create_task(self._run())
+        timer = loop.call_later(timeout_s, _expire, future)
+        try:
+            result = await future
+        except TimeoutError:
+            raise errors.DeadlineExceeded(f"node {self._address} did not answer in time") from None
+        finally:
+            timer.cancel()
+            self._pending.pop(call_id, None)
+        if result.WhichOneof("result") == "error":
+            raise status_error(result.error.code, result.error.message, self._address)
+        return getattr(result, kind)
+
+    async def _run(self) -> None:
+        """Opens the stream, sends the outbox as it fills and hands results to their
+        callers, until the stream breaks or nothing is pending."""
+        self.streams_opened += 1
+        stream = self._stub.Calls()
+        reader: asyncio.Future[None] | None = None
+        error: errors.BlueMarbleError | None = None
+        try:
+            # The node answers a new stream with its initial metadata at once. Waiting for
+            # it tells a node that ends the stream (UNIMPLEMENTED: an older release) from
+            # one that serves it, before a write could race with that ending.
+            await stream.initial_metadata()
+            if stream.done():
+                await stream.wait_for_connection()  # raises the status the stream ended with
+            reader = asyncio.ensure_future(self._read(stream))
+            reader.add_done_callback(_retrieve)  # its error is the stream's status, read below
+            while not reader.done():
+                if not self._outbox:
+                    self._wake.clear()
+                    waiter = asyncio.ensure_future(self._wake.wait())
+                    await asyncio.wait((waiter, reader), return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    continue
+                batch = self._outbox[:MAX_CALLS_PER_MESSAGE]
+                del self._outbox[:MAX_CALLS_PER_MESSAGE]
+                await stream.write(shardnode_pb2.NodeCalls(calls=batch))
+            await reader
+        except asyncio.CancelledError:
+            error = errors.Unavailable(f"call to node {self._address} cancelled (the node left the assignments)")
+            raise
+        except Exception as e:  # the stream's status, or a write to a stream that had ended
+            code, details = await _status_of(stream, e)
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                self.supported = False
+                log.info("node does not serve ShardNode.Calls: unary calls from now on", address=self._address)
+            error = status_error(code.name, details, self._address)
+        finally:
+            if reader is not None:
+                reader.cancel()
+            stream.cancel()
+            self._fail_all(error or errors.Unavailable(f"node {self._address} unavailable: the stream ended"))
+
+    async def _read(self, stream: Any) -> None:
+        """Hands each result to its caller; ends with the stream (raising its status)."""
+        async for message in stream:
+            for result in message.results:
+                future = self._pending.get(result.call_id)
+                if future is not None and not future.done():
+                    future.set_result(result)
+
+    def _fail_all(self, error: errors.BlueMarbleError | Unsupported) -> None:
+        """Fails every call sent or waiting: the stream they were on is gone."""
+        self._outbox.clear()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(Unsupported() if not self.supported else error)
+
+    async def close(self) -> None:
+        self._closed = True
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await runner
+
+
+async def _status_of(stream: Any, e: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status a broken stream ended with. The call's own status comes first: a write
+    to a stream the node has already ended raises a local error (INTERNAL "Internal error
+    from Core") that says nothing of why it ended."""
+    with contextlib.suppress(Exception):
+        code = await asyncio.wait_for(stream.code(), 1.0)
+        if code is not None and code != grpc.StatusCode.OK:
+            return code, await stream.details() or code.name
+    if isinstance(e, grpc.aio.AioRpcError) and e.code() != grpc.StatusCode.INTERNAL:
+        return e.code(), e.details() or e.code().name
+    return grpc.StatusCode.UNAVAILABLE, f"the stream failed ({type(e).__name__})"
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())

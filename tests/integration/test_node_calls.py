@@ -1,0 +1,238 @@
+"""ShardNode.Calls, the stream the routing client multiplexes player calls on, against a
+real shard node (agent, storage, data plane, server in this process), a real control plane
+and etcd: each call is answered as its unary RPC would be, one call's error leaves the
+others and the stream alone, malformed streams end with a clear status, and the client's
+:class:`~bluemarble.client.node_calls.CallStream` maps results, opens a new stream after a
+break and falls back to unary calls for a node that does not serve Calls."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+
+from bluemarble.client.node_calls import CallStream
+from bluemarble.client.routing import GrpcNodeTransport
+from bluemarble.core import errors, limits
+from bluemarble.runtime.grpc_server import ServiceBinding, build_server
+from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
+from shardnode.dataplane import DataPlane
+from tests.conftest import StartControlPlane
+from tests.integration.test_data_plane_input import data_node, grant
+
+pytestmark = pytest.mark.integration
+
+
+def calls(*items: shardnode_pb2.NodeCall) -> shardnode_pb2.NodeCalls:
+    return shardnode_pb2.NodeCalls(calls=list(items))
+
+
+async def collect(stream: grpc.aio.StreamStreamCall, expected: int) -> dict[int, shardnode_pb2.NodeResult]:
+    results: dict[int, shardnode_pb2.NodeResult] = {}
+    async for message in stream:
+        for result in message.results:
+            assert result.call_id not in results, "a call answered twice"
+            results[result.call_id] = result
+        if len(results) >= expected:
+            break
+    return results
+
+
+async def test_calls_in_one_message_are_answered_as_their_unary_rpcs_each_with_its_own_status(
+    start_control_plane: StartControlPlane, tmp_path: Path
+) -> None:
+    async with data_node(start_control_plane, tmp_path) as (stub, _):
+        stream = stub.Calls()
+        await stream.write(calls(
+            shardnode_pb2.NodeCall(call_id=1, timeout_ms=5000, grant_items=grant()),
+            shardnode_pb2.NodeCall(call_id=2, timeout_ms=5000, grant_items=grant(request_id="g2", item_ids=["a", "a"])),
+            shardnode_pb2.NodeCall(call_id=3, timeout_ms=5000,
+                                   get_inventory=shardnode_pb2.GetInventoryRequest(player_id="nobody")),
+            shardnode_pb2.NodeCall(call_id=4),  # no request at all
+            shardnode_pb2.NodeCall(call_id=5, set_player_data=shardnode_pb2.SetPlayerDataRequest(
+                request_id="d1", player_id="alice", system="guild", key="name", value=b"owls")),
+        ))  # fmt: skip
+        first = await collect(stream, 5)
+        assert set(first) == {1, 2, 3, 4, 5}
+        assert list(first[1].grant_items.inventory.item_ids) == ["sword"] and not first[1].grant_items.replayed
+        assert (first[2].error.code, "lists item 'a' twice" in first[2].error.message) == ("INVALID_ARGUMENT", True)
+        assert first[3].error.code == "NOT_FOUND" and "nobody" in first[3].error.message
+        assert first[4].error.code == "INVALID_ARGUMENT" and "carries no request" in first[4].error.message
+        assert first[5].set_player_data.lsn > 0
+        # The stream goes on after those errors: a retry is a replay, the reads see the writes.
+        await stream.write(calls(
+            shardnode_pb2.NodeCall(call_id=6, grant_items=grant()),
+            shardnode_pb2.NodeCall(call_id=7, get_inventory=shardnode_pb2.GetInventoryRequest(player_id="alice")),
+            shardnode_pb2.NodeCall(call_id=8, get_player_data=shardnode_pb2.GetPlayerDataRequest(
+                player_id="alice", system="guild", key="name")),
+        ))  # fmt: skip
+        second = await collect(stream, 3)
+        assert second[6].grant_items.replayed and second[6].grant_items.lsn == first[1].grant_items.lsn
+        assert (list(second[7].get_inventory.item_ids), second[7].get_inventory.gold) == (["sword"], 5)
+        assert second[8].get_player_data.found and second[8].get_player_data.value == b"owls"
+        await stream.done_writing()
+        assert await stream.code() == grpc.StatusCode.OK  # half-closed and every call answered: ends OK
+
+
+async def test_a_message_over_the_limit_ends_the_stream_with_invalid_argument(
+    start_control_plane: StartControlPlane, tmp_path: Path
+) -> None:
+    async with data_node(start_control_plane, tmp_path) as (stub, dp):
+        stream = stub.Calls()
+        too_many = [shardnode_pb2.NodeCall(call_id=n) for n in range(limits.MAX_NODE_CALLS_PER_MESSAGE + 1)]
+        await stream.write(calls(*too_many))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in stream:
+                pass
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "at most 256 per message" in (info.value.details() or "")
+        # Undecodable bytes end it the same way, with a message saying what was wrong.
+        raw = grpc.aio.insecure_channel(_address_of(dp))
+        try:
+            bad = raw.stream_stream("/bluemarble.v1.ShardNode/Calls", None, None)()
+            await bad.write(b"\x0a\xff")  # field 1, a length running past the end
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in bad:
+                    pass
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid" in (info.value.details() or "")
+        finally:
+            await raw.close(None)
+
+
+def _address_of(dp: DataPlane) -> str:
+    return dp._agent.identity.address
+
+
+async def test_call_stream_maps_errors_and_opens_a_new_stream_after_the_node_restarts(
+    start_control_plane: StartControlPlane, tmp_path: Path
+) -> None:
+    async with data_node(start_control_plane, tmp_path) as (stub, dp):
+        address = _address_of(dp)
+        stream = CallStream(stub, address)
+        try:
+            results = await asyncio.gather(*(
+                stream.call("grant_items", grant(request_id=f"g{n}", player_id=f"p{n}", item_ids=[f"i{n}"]), 5.0)
+                for n in range(40)
+            ))  # fmt: skip
+            assert sorted(r.inventory.item_ids[0] for r in results) == sorted(f"i{n}" for n in range(40))
+            assert stream.streams_opened == 1  # 40 calls, one stream
+            with pytest.raises(errors.NotFound, match="nobody"):
+                await stream.call("get_inventory", shardnode_pb2.GetInventoryRequest(player_id="nobody"), 5.0)
+            with pytest.raises(errors.InvalidArgument, match="twice"):
+                await stream.call("grant_items", grant(request_id="x", item_ids=["a", "a"]), 5.0)
+            inventory = await stream.call("get_inventory", shardnode_pb2.GetInventoryRequest(player_id="p7"), 5.0)
+            assert list(inventory.item_ids) == ["i7"] and stream.streams_opened == 1
+        finally:
+            await stream.close()
+        with pytest.raises(errors.Unavailable):
+            await stream.call("get_inventory", shardnode_pb2.GetInventoryRequest(player_id="p7"), 5.0)
+
+
+async def test_a_broken_stream_fails_its_calls_unavailable_and_the_next_call_reconnects() -> None:
+    """A node process that goes away (its server stops) and comes back on the same port."""
+    service = _EchoInventory()
+    server = await _serve(service, 0)
+    port = server.port
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stream = CallStream(shardnode_pb2_grpc.ShardNodeStub(channel), f"127.0.0.1:{port}")  # type: ignore[no-untyped-call]
+    try:
+        got = await stream.call("get_inventory", shardnode_pb2.GetInventoryRequest(player_id="a"), 5.0)
+        assert got.player_id == "a" and stream.streams_opened == 1
+        service.hold = asyncio.Event()  # the next call hangs on the node until it goes away
+        pending = asyncio.ensure_future(
+            stream.call("get_inventory", shardnode_pb2.GetInventoryRequest(player_id="b"), 10.0))
+        await asyncio.wait_for(service.holding.wait(), 5)
+        await server.grpc.stop(None)
+        with pytest.raises(errors.Unavailable, match="unavailable"):
+            await asyncio.wait_for(pending, 5)
+        service.hold = None
+        server = await _serve(service, port)
+        for _ in range(100):  # the channel reconnects with backoff: retry as the routing client would
+            try:
+                got = await stream.call("get_inventory", shardnode_pb2.GetInventoryRequest(player_id="c"), 2.0)
+                break
+            except errors.Unavailable:
+                await asyncio.sleep(0.1)
+        assert got.player_id == "c" and stream.streams_opened >= 2
+        # A call past its deadline is DEADLINE_EXCEEDED, and the stream still serves the next.
+        service.hold = asyncio.Event()
+        with pytest.raises(errors.DeadlineExceeded):
+            await stream.call("get_inventory", shardnode_pb2.GetInventoryRequest(player_id="d"), 0.2)
+        service.hold.set()
+        service.hold = None
+        got = await stream.call("get_inventory", shardnode_pb2.GetInventoryRequest(player_id="e"), 5.0)
+        assert got.player_id == "e"
+    finally:
+        await stream.close()
+        await channel.close(None)
+        await server.grpc.stop(None)
+
+
+async def test_the_transport_falls_back_to_unary_calls_for_a_node_without_calls() -> None:
+    service = _EchoInventory(serve_calls=False)
+    server = await _serve(service, 0)
+    address = f"127.0.0.1:{server.port}"
+    transport = GrpcNodeTransport()
+    try:
+        for player in ("a", "b"):
+            got = await transport.get_inventory(address, shardnode_pb2.GetInventoryRequest(player_id=player), 5.0)
+            assert got.player_id == player
+        assert service.unary_calls == 2 and not transport._streams[address].supported
+    finally:
+        await transport.close()
+        await server.grpc.stop(None)
+
+
+class _EchoInventory(shardnode_pb2_grpc.ShardNodeServicer):
+    """GetInventory answers the player id asked for; Calls like the real node's (or not at
+    all, as a node of an older release)."""
+
+    def __init__(self, serve_calls: bool = True):
+        self.serve_calls = serve_calls
+        self.hold: asyncio.Event | None = None
+        self.holding = asyncio.Event()
+        self.unary_calls = 0
+
+    async def _inventory(self, player: str) -> shardnode_pb2.GetInventoryResponse:
+        if self.hold is not None:
+            self.holding.set()
+            await self.hold.wait()
+        return shardnode_pb2.GetInventoryResponse(player_id=player)
+
+    async def GetInventory(self, request, context):  # type: ignore[no-untyped-def]
+        self.unary_calls += 1
+        return await self._inventory(request.player_id)
+
+    async def Calls(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        if not self.serve_calls:
+            raise NotImplementedError()
+        await context.send_initial_metadata(())
+        answers: asyncio.Queue[shardnode_pb2.NodeResult] = asyncio.Queue()
+
+        async def one(call: shardnode_pb2.NodeCall) -> None:
+            result = shardnode_pb2.NodeResult(call_id=call.call_id)
+            result.get_inventory.CopyFrom(await self._inventory(call.get_inventory.player_id))
+            await answers.put(result)
+
+        async def read() -> None:
+            async for message in request_iterator:
+                for call in message.calls:
+                    asyncio.ensure_future(one(call))
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                yield shardnode_pb2.NodeResults(results=[await answers.get()])
+        finally:
+            reader.cancel()
+
+
+async def _serve(service: _EchoInventory, port: int):  # type: ignore[no-untyped-def]
+    return await build_server(
+        f"127.0.0.1:{port}",
+        [ServiceBinding("bluemarble.v1.ShardNode", service, shardnode_pb2_grpc.add_ShardNodeServicer_to_server)],
+    )
