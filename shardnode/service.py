@@ -182,26 +182,10 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         code = "OK"
         try:
             async with asyncio.timeout(min(MAX_CALL_TIMEOUT_S, deadline_s)):
-                if kind == "get_inventory":
-                    player = validation.player_id(call.get_inventory.player_id)
-                    result.get_inventory.CopyFrom(
-                        await self._dp().get_inventory(player, call.get_inventory.allow_stale, timeout_s)
-                    )
-                elif kind == "grant_items":
-                    result.grant_items.CopyFrom(await self._dp().grant(call.grant_items, timeout_s))
-                elif kind == "get_player_data":
-                    result.get_player_data.CopyFrom(await self._dp().get_player_data(call.get_player_data, timeout_s))
-                elif kind == "set_player_data":
-                    result.set_player_data.CopyFrom(await self._dp().set_player_data(call.set_player_data, timeout_s))
-                elif kind == "execute_local_trade":
-                    result.execute_local_trade.CopyFrom(
-                        await self._trades().execute_local_trade(call.execute_local_trade, timeout_s)
-                    )
-                else:
-                    raise InvalidArgument(
-                        f"call {call.call_id} carries no request; set one of "
-                        f"{', '.join(sorted(_NODE_CALL_METHODS))}"
-                    )
+                response = await self._node_call_response(kind, call, timeout_s)
+            field = getattr(result, kind)
+            field.SetInParent()  # present even when the response is all defaults
+            field.CopyFrom(response)
         except TimeoutError:
             code = "DEADLINE_EXCEEDED"
             result.error.CopyFrom(shardnode_pb2.CallError(
@@ -217,6 +201,29 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
                 code=code, message=f"internal error in {method} (error id {error_id}); see the node log"))
         metrics.observe_rpc(f"/bluemarble.v1.ShardNode/{method}", code, time.monotonic() - started)
         return result
+
+    async def _node_call_response(self, kind: str | None, call: shardnode_pb2.NodeCall, timeout_s: float) -> Any:
+        """What the unary RPC ``kind`` stands for answers ``call``'s request with."""
+        if kind == "get_inventory":
+            player = validation.player_id(call.get_inventory.player_id)
+            return await self._dp().get_inventory(player, call.get_inventory.allow_stale, timeout_s)
+        if kind == "grant_items":
+            return await self._dp().grant(call.grant_items, timeout_s)
+        if kind == "get_player_data":
+            return await self._dp().get_player_data(call.get_player_data, timeout_s)
+        if kind == "set_player_data":
+            return await self._dp().set_player_data(call.set_player_data, timeout_s)
+        if kind == "execute_local_trade":
+            return await self._trades().execute_local_trade(call.execute_local_trade, timeout_s)
+        if kind == "prepare":
+            return await self._trades().prepare(call.prepare, timeout_s)
+        if kind == "commit":
+            return shardnode_pb2.CommitResponse(state=await self._settle(call.commit, Outcome.COMMITTED))
+        if kind == "abort":
+            return shardnode_pb2.AbortResponse(state=await self._settle(call.abort, Outcome.ABORTED))
+        raise InvalidArgument(
+            f"call {call.call_id} carries no request; set one of {', '.join(sorted(_NODE_CALL_METHODS))}"
+        )
 
     async def GetSnapshot(
         self, request: shardnode_pb2.GetSnapshotRequest, context: Ctx
@@ -292,6 +299,9 @@ _NODE_CALL_METHODS = {
     "get_player_data": "GetPlayerData",
     "set_player_data": "SetPlayerData",
     "execute_local_trade": "ExecuteLocalTrade",
+    "prepare": "Prepare",
+    "commit": "Commit",
+    "abort": "Abort",
 }
 """NodeCall's request fields and the RPC each stands for (its metrics and log name)."""
 

@@ -646,7 +646,7 @@ class NodeCalls(_message.Message):
     def __init__(self, calls: _Optional[_Iterable[_Union[NodeCall, _Mapping]]] = ...) -> None: ...
 
 class NodeCall(_message.Message):
-    __slots__ = ("call_id", "timeout_ms", "get_inventory", "grant_items", "get_player_data", "set_player_data", "execute_local_trade")
+    __slots__ = ("call_id", "timeout_ms", "get_inventory", "grant_items", "get_player_data", "set_player_data", "execute_local_trade", "prepare", "commit", "abort")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     GET_INVENTORY_FIELD_NUMBER: _ClassVar[int]
@@ -654,6 +654,9 @@ class NodeCall(_message.Message):
     GET_PLAYER_DATA_FIELD_NUMBER: _ClassVar[int]
     SET_PLAYER_DATA_FIELD_NUMBER: _ClassVar[int]
     EXECUTE_LOCAL_TRADE_FIELD_NUMBER: _ClassVar[int]
+    PREPARE_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     timeout_ms: int
     get_inventory: GetInventoryRequest
@@ -661,7 +664,10 @@ class NodeCall(_message.Message):
     get_player_data: GetPlayerDataRequest
     set_player_data: SetPlayerDataRequest
     execute_local_trade: ExecuteLocalTradeRequest
-    def __init__(self, call_id: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., get_inventory: _Optional[_Union[GetInventoryRequest, _Mapping]] = ..., grant_items: _Optional[_Union[GrantItemsRequest, _Mapping]] = ..., get_player_data: _Optional[_Union[GetPlayerDataRequest, _Mapping]] = ..., set_player_data: _Optional[_Union[SetPlayerDataRequest, _Mapping]] = ..., execute_local_trade: _Optional[_Union[ExecuteLocalTradeRequest, _Mapping]] = ...) -> None: ...
+    prepare: PrepareRequest
+    commit: CommitRequest
+    abort: AbortRequest
+    def __init__(self, call_id: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., get_inventory: _Optional[_Union[GetInventoryRequest, _Mapping]] = ..., grant_items: _Optional[_Union[GrantItemsRequest, _Mapping]] = ..., get_player_data: _Optional[_Union[GetPlayerDataRequest, _Mapping]] = ..., set_player_data: _Optional[_Union[SetPlayerDataRequest, _Mapping]] = ..., execute_local_trade: _Optional[_Union[ExecuteLocalTradeRequest, _Mapping]] = ..., prepare: _Optional[_Union[PrepareRequest, _Mapping]] = ..., commit: _Optional[_Union[CommitRequest, _Mapping]] = ..., abort: _Optional[_Union[AbortRequest, _Mapping]] = ...) -> None: ...
 
 class NodeResults(_message.Message):
     __slots__ = ("results",)
@@ -670,13 +676,16 @@ class NodeResults(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[NodeResult, _Mapping]]] = ...) -> None: ...
 
 class NodeResult(_message.Message):
-    __slots__ = ("call_id", "get_inventory", "grant_items", "get_player_data", "set_player_data", "execute_local_trade", "error")
+    __slots__ = ("call_id", "get_inventory", "grant_items", "get_player_data", "set_player_data", "execute_local_trade", "prepare", "commit", "abort", "error")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     GET_INVENTORY_FIELD_NUMBER: _ClassVar[int]
     GRANT_ITEMS_FIELD_NUMBER: _ClassVar[int]
     GET_PLAYER_DATA_FIELD_NUMBER: _ClassVar[int]
     SET_PLAYER_DATA_FIELD_NUMBER: _ClassVar[int]
     EXECUTE_LOCAL_TRADE_FIELD_NUMBER: _ClassVar[int]
+    PREPARE_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     get_inventory: GetInventoryResponse
@@ -684,8 +693,11 @@ class NodeResult(_message.Message):
     get_player_data: GetPlayerDataResponse
     set_player_data: SetPlayerDataResponse
     execute_local_trade: ExecuteLocalTradeResponse
+    prepare: PrepareResponse
+    commit: CommitResponse
+    abort: AbortResponse
     error: CallError
-    def __init__(self, call_id: _Optional[int] = ..., get_inventory: _Optional[_Union[GetInventoryResponse, _Mapping]] = ..., grant_items: _Optional[_Union[GrantItemsResponse, _Mapping]] = ..., get_player_data: _Optional[_Union[GetPlayerDataResponse, _Mapping]] = ..., set_player_data: _Optional[_Union[SetPlayerDataResponse, _Mapping]] = ..., execute_local_trade: _Optional[_Union[ExecuteLocalTradeResponse, _Mapping]] = ..., error: _Optional[_Union[CallError, _Mapping]] = ...) -> None: ...
+    def __init__(self, call_id: _Optional[int] = ..., get_inventory: _Optional[_Union[GetInventoryResponse, _Mapping]] = ..., grant_items: _Optional[_Union[GrantItemsResponse, _Mapping]] = ..., get_player_data: _Optional[_Union[GetPlayerDataResponse, _Mapping]] = ..., set_player_data: _Optional[_Union[SetPlayerDataResponse, _Mapping]] = ..., execute_local_trade: _Optional[_Union[ExecuteLocalTradeResponse, _Mapping]] = ..., prepare: _Optional[_Union[PrepareResponse, _Mapping]] = ..., commit: _Optional[_Union[CommitResponse, _Mapping]] = ..., abort: _Optional[_Union[AbortResponse, _Mapping]] = ..., error: _Optional[_Union[CallError, _Mapping]] = ...) -> None: ...
 
 class CallError(_message.Message):
     __slots__ = ("code", "message")

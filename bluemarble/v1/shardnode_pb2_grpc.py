@@ -201,7 +201,8 @@ class ShardNodeServicer:
         """Many player calls on one stream: what the routing client uses with a node it calls
         often, since a message on an open stream costs a fraction of a unary call. Each call
         carries an id and its own deadline, is handled exactly as its unary RPC would be
-        (GetInventory, GrantItems, GetPlayerData, SetPlayerData, ExecuteLocalTrade),
+        (GetInventory, GrantItems, GetPlayerData, SetPlayerData, ExecuteLocalTrade, and the
+        coordinator's Prepare, Commit and Abort),
         concurrently with the others, and is answered by a result with its id, in completion
         order; calls ready in the same instant travel in one message, both ways. A call's
         error is its result; the stream itself ends only on a malformed message.

@@ -12,6 +12,13 @@ talk to the same node at once, so :class:`NodeBatcher` sends them together:
   calls, concurrently, so their writes also share one group commit and one replication
   round there.
 
+Built with ``stream_to`` (the node's address: the coordinator's default unless tracing is
+on), calls travel on the node's ``ShardNode.Calls`` stream instead
+(:mod:`bluemarble.client.node_calls`): a message on an open stream costs a fraction of a
+unary call, calls made together share a message, and the node answers each as its own
+call. The queue and TradeBatch path above is then only the fallback for a node that does
+not serve Calls.
+
 Each item keeps its own deadline (an item whose time ran out in the queue is not sent) and
 its own outcome: an item's error is the status its own call would have ended with.
 Nothing here changes what a call means: Prepare, Commit and Abort are idempotent by trade
@@ -30,6 +37,8 @@ from typing import TypeVar
 import grpc
 import grpc.aio
 
+from bluemarble.client.node_calls import CallStream, Unsupported
+from bluemarble.core import errors
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
 
 T = TypeVar("T")
@@ -65,9 +74,14 @@ class NodeBatcher:
         *,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_items: int = DEFAULT_MAX_ITEMS,
+        stream_to: str = "",
     ):
         assert max_in_flight >= 1 and 1 <= max_items <= 256, (max_in_flight, max_items)
         self._stub = stub
+        # With an address: calls travel on the node's ShardNode.Calls stream instead.
+        self._stream_to = stream_to
+        self._stream: CallStream | None = None
+        self._stream_stub: shardnode_pb2_grpc.ShardNodeStub | None = None
         self._max_in_flight = max_in_flight
         self._max_items = max_items
         self._queue: collections.deque[_Item] = collections.deque()
@@ -76,6 +90,7 @@ class NodeBatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self.calls = 0  # RPCs sent (unary and batched), for tests and benchmarks
         self.batched_items = 0  # items that went in a TradeBatch
+        self.streamed = 0  # calls answered on the node's Calls stream
 
     async def prepare(self, request: shardnode_pb2.PrepareRequest, timeout_s: float) -> shardnode_pb2.PrepareResponse:
         """Prepare's answer; raises :class:`ItemFailed` (its status) or TimeoutError."""
@@ -96,8 +111,39 @@ class NodeBatcher:
         """Waits for the calls on their way (their callers get their answers or errors)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._stream is not None:
+            await self._stream.close()
+
+    def _call_stream(self) -> CallStream | None:
+        """The node's Calls stream (one on the current stub), or None: no stream wanted,
+        or the node does not serve Calls."""
+        if not self._stream_to:
+            return None
+        stub = self._stub()
+        if self._stream is None or self._stream_stub is not stub:
+            if self._stream is not None:  # the channel was replaced: its stream goes with it
+                self._tasks.add(task := asyncio.ensure_future(self._stream.close()))
+                task.add_done_callback(self._tasks.discard)
+            self._stream, self._stream_stub = CallStream(stub, self._stream_to), stub
+        return self._stream if self._stream.supported else None
 
     async def _submit(self, call: shardnode_pb2.TradeBatchItem, timeout_s: float) -> shardnode_pb2.TradeBatchResult:
+        stream = self._call_stream()
+        if stream is not None:
+            kind = call.WhichOneof("call") or ""
+            try:
+                response = await stream.call(kind, getattr(call, kind), timeout_s)
+            except Unsupported:
+                pass  # a node of an older release: the unary and TradeBatch calls below
+            except errors.DeadlineExceeded as e:
+                raise TimeoutError() from e
+            except errors.BlueMarbleError as e:
+                raise ItemFailed(e.status, str(e)) from e
+            else:
+                self.streamed += 1
+                result = shardnode_pb2.TradeBatchResult()
+                getattr(result, kind).CopyFrom(response)
+                return result
         loop = asyncio.get_running_loop()
         future: asyncio.Future[shardnode_pb2.TradeBatchResult] = loop.create_future()
         self._queue.append(_Item(call, loop.time() + timeout_s, future))

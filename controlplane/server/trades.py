@@ -48,7 +48,7 @@ from bluemarble.core.limits import echo
 from bluemarble.core.ring import Ring
 from bluemarble.core.trades import coordinator as rules
 from bluemarble.core.trades.model import Decision, Leg, Offer, Outcome, Trade, participant_name, validate_trade
-from bluemarble.runtime import background, metrics, retry
+from bluemarble.runtime import background, metrics, retry, tracing
 from bluemarble.runtime.channels import channel as open_channel
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout, wait_event
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc, trade_pb2, trade_pb2_grpc
@@ -245,7 +245,9 @@ class NodeChannels:
         if batcher is None:
             if len(self._batchers) >= 2 * self._max:
                 self._batchers.pop(next(iter(self._batchers)))
-            batcher = self._batchers[key] = NodeBatcher(lambda: self.stub(address))
+            batcher = self._batchers[key] = NodeBatcher(
+                lambda: self.stub(address), stream_to="" if tracing.enabled() else address
+            )
         return batcher
 
     def stub(self, address: str) -> shardnode_pb2_grpc.ShardNodeStub:

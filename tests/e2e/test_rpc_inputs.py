@@ -138,6 +138,30 @@ async def _call(channel: grpc.aio.Channel, path: str, request: Message, server_s
         return e.code(), e.details() or ""
 
 
+CALLS = "/bluemarble.v1.ShardNode/Calls"
+BAD_CODES = ("UNKNOWN", "INTERNAL", "UNIMPLEMENTED")
+
+
+async def _call_stream(channel: grpc.aio.Channel, request: Message) -> list[str]:
+    """``request`` (a NodeCalls) on its own Calls stream: what is wrong with how the stream
+    and each of its calls ended."""
+    problems: list[str] = []
+    stream = channel.stream_stream(CALLS, request_serializer=lambda m: m.SerializeToString(),
+                                   response_deserializer=shardnode_pb2.NodeResults.FromString)(timeout=15)
+    try:
+        await stream.write(request)
+        await stream.done_writing()
+        async for message in stream:
+            for result in message.results:
+                if result.WhichOneof("result") == "error" and (
+                        result.error.code in BAD_CODES or len(result.error.message) > MAX_DETAILS):
+                    problems.append(f"call {result.call_id}: {result.error.code} {result.error.message[:200]!r}")
+    except grpc.aio.AioRpcError as e:
+        if e.code().name in BAD_CODES or len(e.details() or "") > MAX_DETAILS:
+            problems.append(f"stream: {e.code().name} {(e.details() or '')[:200]!r}")
+    return problems
+
+
 async def test_every_rpc_answers_odd_inputs_with_a_proper_status(process_cluster: ProcessCluster) -> None:
     cp = process_cluster.start_control_plane("--replication-factor", "2", "--shards", "2", "--lease-ttl-s", "4")
     process_cluster.start_node("n1", "z1")
@@ -153,6 +177,11 @@ async def test_every_rpc_answers_odd_inputs_with_a_proper_status(process_cluster
         async with grpc.aio.insecure_channel(address) as channel:
             for method in service.methods:
                 path = f"/{service_name}/{method.name}"
+                if path == CALLS:
+                    for i, request in enumerate(_requests(method.input_type, zlib.crc32(path.encode()))):
+                        failures += [f"{path} case {i}: {f}" for f in await _call_stream(channel, request)]
+                        calls += 1
+                    continue
                 if method.client_streaming or path in SKIPPED:
                     continue
                 response_type = message_factory.GetMessageClass(method.output_type)
