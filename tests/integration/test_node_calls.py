@@ -218,10 +218,14 @@ class _EchoInventory(shardnode_pb2_grpc.ShardNodeServicer):
             result.get_inventory.CopyFrom(await self._inventory(call.get_inventory.player_id))
             await answers.put(result)
 
+        running: set[asyncio.Future[None]] = set()
+
         async def read() -> None:
             async for message in request_iterator:
                 for call in message.calls:
-                    asyncio.ensure_future(one(call))
+                    task = asyncio.ensure_future(one(call))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
 
         reader = asyncio.ensure_future(read())
         try:
