@@ -121,18 +121,19 @@ async def run(settings: NodeSettings) -> int:
     holder: list[DataPlane] = []
     participants: list[Participant] = []
     agents: list[NodeAgent] = []
+    service = ShardNodeService(
+        settings.node_id,
+        lambda: agents[0].shard_statuses() if agents else [],
+        lambda: holder[0] if holder else None,
+        lambda: agents[0].registration.lease_id if agents and agents[0].registration else 0,
+        lambda: participants[0] if participants else None,
+    )
     server = await build_server(
         settings.listen,
         [
             ServiceBinding(
                 shardnode_pb2.DESCRIPTOR.services_by_name["ShardNode"].full_name,
-                ShardNodeService(
-                    settings.node_id,
-                    lambda: agents[0].shard_statuses() if agents else [],
-                    lambda: holder[0] if holder else None,
-                    lambda: agents[0].registration.lease_id if agents and agents[0].registration else 0,
-                    lambda: participants[0] if participants else None,
-                ),
+                service,
                 shardnode_pb2_grpc.add_ShardNodeServicer_to_server,
             )
         ],
@@ -176,6 +177,7 @@ async def run(settings: NodeSettings) -> int:
         await agent.deregister()
         await background.stop(ring_task)
         await ring.stop()
+        service.close_calls()  # callers' Calls streams end once their calls in flight are answered
         with contextlib.suppress(Exception):
             await server.stop_gracefully(2.0)
         await participant.stop()

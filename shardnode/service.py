@@ -53,6 +53,14 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         self._dataplane = dataplane
         self._incarnation = incarnation
         self._participant = participant
+        self._closing = asyncio.Event()
+
+    def close_calls(self) -> None:
+        """Shutting down: every Calls stream stops taking calls, answers those in flight
+        and ends UNAVAILABLE, so its caller sends the rest elsewhere at once instead of
+        to a node that is going away (a stream would otherwise hold the server's
+        graceful stop open for its whole grace period)."""
+        self._closing.set()
 
     def _dp(self) -> DataPlane:
         dp = self._dataplane()
@@ -154,6 +162,13 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
                 wake.set()
 
         reader = loop.create_task(read())
+        closer = loop.create_task(self._closing.wait())
+
+        def stop_reading(_: asyncio.Task[bool]) -> None:
+            reader.cancel()
+            wake.set()
+
+        closer.add_done_callback(stop_reading)
         try:
             while reading or tasks or ready:
                 await wake.wait()
@@ -164,7 +179,10 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
                     yield shardnode_pb2.NodeResults(results=batch)
                 if failure is not None:
                     raise failure
+            if self._closing.is_set():
+                raise Unavailable(f"node {self._node_id} is shutting down; send its calls to the shard's new primary")
         finally:
+            closer.cancel()
             reader.cancel()
             for task in list(tasks):
                 task.cancel()

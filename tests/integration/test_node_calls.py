@@ -8,6 +8,7 @@ break and falls back to unary calls for a node that does not serve Calls."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import grpc
@@ -20,6 +21,7 @@ from bluemarble.core import errors, limits
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
 from shardnode.dataplane import DataPlane
+from shardnode.service import ShardNodeService
 from tests.conftest import StartControlPlane
 from tests.integration.test_data_plane_input import data_node, grant
 
@@ -240,3 +242,54 @@ async def _serve(service: _EchoInventory, port: int):  # type: ignore[no-untyped
         f"127.0.0.1:{port}",
         [ServiceBinding("bluemarble.v1.ShardNode", service, shardnode_pb2_grpc.add_ShardNodeServicer_to_server)],
     )
+
+
+class _HeldInventories:
+    """A data plane whose GetInventory waits until released (what close_calls must wait for)."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.asked: list[str] = []
+        self.entered = asyncio.Event()
+
+    async def get_inventory(
+        self, player: str, allow_stale: bool, timeout_s: float
+    ) -> shardnode_pb2.GetInventoryResponse:
+        self.asked.append(player)
+        self.entered.set()
+        await self.release.wait()
+        return shardnode_pb2.GetInventoryResponse(player_id=player)
+
+
+async def test_a_node_shutting_down_answers_its_calls_in_flight_then_ends_its_streams_unavailable() -> None:
+    held = _HeldInventories()
+    service = ShardNodeService("n1", lambda: [], lambda: held)  # type: ignore[arg-type,return-value]
+    server = await build_server(
+        "127.0.0.1:0",
+        [ServiceBinding("bluemarble.v1.ShardNode", service, shardnode_pb2_grpc.add_ShardNodeServicer_to_server)],
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        stream = shardnode_pb2_grpc.ShardNodeStub(channel).Calls()  # type: ignore[no-untyped-call]
+        await stream.write(calls(shardnode_pb2.NodeCall(
+            call_id=1, get_inventory=shardnode_pb2.GetInventoryRequest(player_id="a"))))
+        await asyncio.wait_for(held.entered.wait(), 5)
+        service.close_calls()
+        with contextlib.suppress(grpc.aio.AioRpcError):  # the node may have ended its side already
+            await stream.write(calls(shardnode_pb2.NodeCall(
+                call_id=2, get_inventory=shardnode_pb2.GetInventoryRequest(player_id="b"))))
+        held.release.set()
+        answered: list[int] = []
+
+        async def drain() -> None:
+            async for message in stream:
+                answered.extend(r.call_id for r in message.results if r.WhichOneof("result") == "get_inventory")
+
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(drain(), 10)
+        assert answered == [1] and held.asked == ["a"]  # the call in flight answered, none taken after
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (info.value.details() or "")
+    finally:
+        await channel.close(None)
+        await server.grpc.stop(None)
