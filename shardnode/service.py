@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import grpc
 import grpc.aio
 import structlog
 
@@ -179,8 +180,12 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
                     yield shardnode_pb2.NodeResults(results=batch)
                 if failure is not None:
                     raise failure
-            if self._closing.is_set():
-                raise Unavailable(f"node {self._node_id} is shutting down; send its calls to the shard's new primary")
+            if self._closing.is_set():  # expected at every shutdown: no warning, unlike a failed call
+                log.debug("calls stream closed: shutting down", peer=context.peer())
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"node {self._node_id} is shutting down; send its calls to the shard's new primary",
+                )
         finally:
             closer.cancel()
             reader.cancel()
