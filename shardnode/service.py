@@ -15,6 +15,7 @@ import grpc
 import grpc.aio
 import structlog
 
+from bluemarble.api.messages import by_size
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError, InvalidArgument, Unavailable
 from bluemarble.core.trades import Outcome
@@ -133,9 +134,10 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         reading = True
         failure: BaseException | None = None
 
+        # A slot is a call taken and not yet answered on the wire: released when its result
+        # is sent, so a caller that stops reading results cannot pile them up here.
         def finished(task: asyncio.Task[None]) -> None:
             tasks.discard(task)
-            slots.release()
             wake.set()
 
         async def run(call: shardnode_pb2.NodeCall) -> None:
@@ -177,7 +179,10 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
                 if ready:
                     batch = ready[:]
                     ready.clear()
-                    yield shardnode_pb2.NodeResults(results=batch)
+                    for results in by_size(batch, len(batch), limits.MAX_NODE_CALLS_MESSAGE_BYTES):
+                        yield shardnode_pb2.NodeResults(results=results)
+                        for _ in results:
+                            slots.release()
                 if failure is not None:
                     raise failure
             if self._closing.is_set():  # expected at every shutdown: no warning, unlike a failed call

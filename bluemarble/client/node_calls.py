@@ -25,7 +25,8 @@ import grpc
 import grpc.aio
 import structlog
 
-from bluemarble.core import errors
+from bluemarble.api.messages import by_size
+from bluemarble.core import errors, limits
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -121,8 +122,8 @@ class CallStream:
                     await asyncio.wait((waiter, reader), return_when=asyncio.FIRST_COMPLETED)
                     waiter.cancel()
                     continue
-                batch = self._outbox[:MAX_CALLS_PER_MESSAGE]
-                del self._outbox[:MAX_CALLS_PER_MESSAGE]
+                batch = next(by_size(self._outbox, MAX_CALLS_PER_MESSAGE, limits.MAX_NODE_CALLS_MESSAGE_BYTES))
+                del self._outbox[: len(batch)]
                 await stream.write(shardnode_pb2.NodeCalls(calls=batch))
             await reader
         except asyncio.CancelledError:

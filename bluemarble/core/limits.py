@@ -96,5 +96,8 @@ MAX_NODE_CALLS_IN_FLIGHT = 1024
 """Calls one ShardNode.Calls stream may have in flight on the node; past it the node reads
 no more of the stream until some finish (flow control reaches the caller)."""
 
+MAX_NODE_CALLS_MESSAGE_BYTES = 4 * 1024 * 1024
+"""Bytes of calls (or results) one ShardNode.Calls message carries, beyond its first."""
+
 DEFAULT_NODE_CALL_TIMEOUT_MS = 10_000
 """A ShardNode.Calls call's deadline when it sets none."""
