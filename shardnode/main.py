@@ -92,6 +92,16 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
     except BlueMarbleError as e:
         p.error(str(e))
     tls_config = tls.config_from_flags(p, args, server=True)
+    if tls_config is not None and tls_config.mutual:
+        cert = tls_config.material().cert
+        names = tls.certificate_names(cert) if cert else frozenset()
+        if args.node_id not in names:
+            # The control plane would refuse every registration (PERMISSION_DENIED): say why now.
+            p.error(
+                f"--tls-cert names {', '.join(sorted(names)) or 'nothing'}; under mutual TLS a node may register "
+                f"only as an id its certificate names (Common Name or DNS SAN): give --node-id one of them, or a "
+                f"certificate that names {limits.echo(args.node_id)}"
+            )
     addresses = split_addresses(args.control_plane)
     if not addresses:
         p.error("--control-plane needs at least one address")

@@ -267,6 +267,21 @@ def current() -> TlsConfig | None:
     return _config
 
 
+def certificate_names(pem: bytes) -> frozenset[str]:
+    """The identities the first certificate of a PEM chain names: its Common Name and its
+    DNS subject alternative names (what :func:`peer_identities` sees of it as a client)."""
+    from cryptography import x509  # only where a process checks its own certificate
+
+    cert = x509.load_pem_x509_certificate(pem)
+    names = {str(a.value) for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)}
+    try:
+        names.update(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName))
+    except x509.ExtensionNotFound:
+        pass
+    return frozenset(names)
+
+
 def peer_identities(auth_context: Mapping[str, Iterable[bytes]]) -> frozenset[str]:
     """The identities a verified client certificate names: its Common Name and its DNS
     subject alternative names (``context.auth_context()`` of a call). Empty when the peer

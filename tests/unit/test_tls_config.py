@@ -136,3 +136,23 @@ def test_token_files_and_the_environment(tmp_path: Path, monkeypatch: pytest.Mon
     path.write_text("file-token")
     from_file = AdminToken.from_settings(str(path))  # the file wins over the environment
     assert from_file is not None and from_file.value() == "file-token"
+
+
+def test_a_node_under_mutual_tls_must_be_named_by_its_certificate(
+    certs: DevCerts, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from shardnode import main as node_main
+
+    assert "n1" in tls.certificate_names(certs["n1"].cert.read_bytes())
+    base = ["--listen", "127.0.0.1:7101", "--control-plane", "127.0.0.1:7000", "--data-dir", str(tmp_path),
+            "--tls-cert", str(certs["n1"].cert), "--tls-key", str(certs["n1"].key), "--tls-ca", str(certs.ca)]
+    try:
+        settings, *_ = node_main.parse_args(["--node-id", "n1", *base])
+        assert settings.node_id == "n1"
+        with pytest.raises(SystemExit) as exited:
+            node_main.parse_args(["--node-id", "n2", *base])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert "--tls-cert names" in err and "n1" in err and "'n2'" in err and "Traceback" not in err, err
+    finally:
+        tls.configure(None)
