@@ -104,6 +104,9 @@ class TradeSettings:
     """The sweep leaves records younger than this to their coordinator."""
     sweep_batch: int = 500
     """Records one sweep pass handles at most."""
+    sweep_full_scan_every: int = 240
+    """One sweep pass in this many (and the first) reads every record instead of the
+    unretained copies: about an hour at the default interval."""
     sweep_concurrency: int = 16
 
 
@@ -697,7 +700,11 @@ class TradeSweep:
         each on its participants' current primaries and attaches those every participant
         acknowledged. Returns (records looked at, records attached). Unavailable (etcd)."""
         self.passes += 1
-        records = await self._store.list_unretained(self._settings.sweep_batch)
+        # Most passes read the unretained copies only. The first pass of a process, and one
+        # in every sweep_full_scan_every after it, reads every record: a record decided
+        # before the copies existed (or by a replica of an older release) has none.
+        full_scan = self.passes % self._settings.sweep_full_scan_every == 1
+        records = await self._store.list_unretained(self._settings.sweep_batch, full_scan=full_scan)
         oldest_ms = self._clock.wall_ms() - int(self._settings.sweep_min_age_s * 1000)
         due = [r for r in records if r.record.decided_at_ms <= oldest_ms]
         limit = asyncio.Semaphore(self._settings.sweep_concurrency)

@@ -8,6 +8,7 @@ Layout (DESIGN.md)::
     /bluemarble/<cluster>/assignments/<shard_id>  epoch, primary, replicas, state
     /bluemarble/<cluster>/leader                  control-plane election
     /bluemarble/<cluster>/trades/<trade_id>       2PC decision record
+    /bluemarble/<cluster>/trades-unretained/<trade_id>  a copy of a record not yet retained
 
 Ids are validated before they reach here (no '/' in node ids; shard ids are
 ``shard-<n>``), so a key parses back to exactly the id it was built from.
@@ -92,6 +93,13 @@ class KeySchema:
 
     def parse_trade(self, key: str) -> TradeId:
         return TradeId(self._tail(key, self.trades_prefix()))
+
+    def unretained_trades_prefix(self) -> str:
+        # Beside trades/, not under it: a listing of the records never sees these.
+        return self.prefix + "trades-unretained/"
+
+    def unretained_trade(self, trade_id: TradeId) -> str:
+        return self.unretained_trades_prefix() + trade_id
 
     @staticmethod
     def _tail(key: str, prefix: str) -> str:

@@ -9,7 +9,10 @@ changes: records are created without a lease, and once both participants applied
 decision they are attached, in batches and off the critical path, to the retention lease
 of the current time bucket (:class:`RetentionLeases`), so expiry collects them in bulk.
 A record without a lease is one whose phase 2 may not be finished: the leader's sweep
-lists them (:meth:`TradeStore.list_unretained`).
+lists them (:meth:`TradeStore.list_unretained`). So that the sweep need not read every
+record retained in the last day to find them, the transaction that creates a record also
+writes a copy under ``trades-unretained/<trade_id>``, and the transaction that attaches the
+record to its lease deletes the copy: that prefix holds exactly the unretained records.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from bluemarble.runtime import background
 from bluemarble.runtime.clock import Clock, wait_event
 from bluemarble.v1 import common_pb2, trade_pb2
 from controlplane.store import codec
-from controlplane.store.etcd import Compare, EtcdStore, Get, KeyValue, Put
+from controlplane.store.etcd import Compare, Delete, EtcdStore, Get, KeyValue, Put
 from controlplane.store.keys import KeySchema
 
 log = structlog.get_logger(__name__)
@@ -36,7 +39,8 @@ log = structlog.get_logger(__name__)
 BUCKET_S = 3600
 """Width of a retention bucket: every record attached within one hour shares one lease."""
 ATTACH_BATCH = 64
-"""Records attached per etcd transaction (etcd's default limit is 128 operations)."""
+"""Records attached per etcd transaction (etcd's default limit is 128 operations: a record
+is one put and the delete of its unretained copy)."""
 ATTACH_FLUSH_S = 0.2
 """How long a record waits for others to share its attach transaction."""
 MAX_PENDING_ATTACH = 100_000
@@ -44,9 +48,10 @@ MAX_PENDING_ATTACH = 100_000
 LIST_PAGE = 500
 DECISION_BATCH = 32
 """Decisions created in one etcd transaction at most (etcd's default limit is 128
-operations per branch: a decision is one compare, one put and one read)."""
-DECISION_BATCH_BYTES = 512 << 10
-"""Record bytes in one decision transaction at most (etcd refuses requests over 1.5 MiB)."""
+operations per branch: a decision is one compare, two puts and one read)."""
+DECISION_BATCH_BYTES = 384 << 10
+"""Record bytes in one decision transaction at most, each written twice (the record and its
+unretained copy): etcd refuses requests over 1.5 MiB."""
 
 
 def _field_names(descriptor: object) -> frozenset[str]:
@@ -182,8 +187,11 @@ class TradeStore:
         may or may not have been written; a retry of this call answers which),
         CorruptRecord when the stored value does not parse.
         """
-        key = self._keys.trade(TradeId(record.trade_id))
-        decision = _Decision(key, encode_record(record), record, asyncio.get_running_loop().create_future())
+        trade_id = TradeId(record.trade_id)
+        decision = _Decision(
+            self._keys.trade(trade_id), self._keys.unretained_trade(trade_id), encode_record(record), record,
+            asyncio.get_running_loop().create_future(),
+        )
         self._decisions.append(decision)
         if self._deciding is None or self._deciding.done():
             self._deciding = asyncio.ensure_future(self._decide_pending())
@@ -218,7 +226,8 @@ class TradeStore:
         self.decision_txns += 1
         compares = [Compare.absent(d.key) for d in batch]
         try:
-            result = await self._store.txn(compares, [Put(d.key, d.value) for d in batch], [Get(d.key) for d in batch])
+            puts = [p for d in batch for p in (Put(d.key, d.value), Put(d.unretained_key, d.value))]
+            result = await self._store.txn(compares, puts, [Get(d.key) for d in batch])
         except BaseException as e:  # Unavailable, mostly: every caller learns that nothing is known
             stopped = Unavailable("the control plane is stopping; the trade's decision may or may not be recorded")
             for d in batch:
@@ -252,11 +261,13 @@ class TradeStore:
         kv = await self._store.get(self._keys.trade(TradeId(trade_id)))
         return None if kv is None else self._stored(kv)
 
-    async def list_unretained(self, limit: int) -> list[StoredTrade]:
-        """Up to ``limit`` records that have no retention lease, in key order. Scans the
-        whole prefix a page at a time (see docs/decisions.md on its cost).
+    async def list_unretained(self, limit: int, *, full_scan: bool = False) -> list[StoredTrade]:
+        """Up to ``limit`` records that have no retention lease, in key order: their copies
+        under ``trades-unretained/`` (a copy has its record's value and create revision:
+        one transaction wrote both). With ``full_scan``, the records themselves instead,
+        every one of them a page at a time (records written before the copies existed).
         Unavailable; records that do not parse are logged and skipped."""
-        prefix = self._keys.trades_prefix()
+        prefix = self._keys.trades_prefix() if full_scan else self._keys.unretained_trades_prefix()
         found: list[StoredTrade] = []
         start = ""
         while len(found) < limit:
@@ -300,10 +311,11 @@ class TradeStore:
         for attempt in range(2):
             lease = await self.leases.current()
             try:
-                result = await self._store.txn(
-                    [Compare.create_revision(k, rev) for k, rev in items],
-                    [Put(k, b"", lease, keep_value=True) for k, _ in items],
-                )
+                ops: list[Put | Delete] = []
+                for key, _ in items:
+                    ops += [Put(key, b"", lease, keep_value=True),
+                            Delete(self._keys.unretained_trade(self._keys.parse_trade(key)))]
+                result = await self._store.txn([Compare.create_revision(k, rev) for k, rev in items], ops)
             except NotFound:  # the lease expired or was revoked under us
                 self.leases.forget(lease)
                 if attempt:
@@ -358,6 +370,7 @@ class _Decision:
     """A decision waiting for its create-if-absent transaction."""
 
     key: str
+    unretained_key: str
     value: bytes
     record: trade_pb2.TradeRecord
     future: asyncio.Future[tuple[StoredTrade, bool]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from bluemarble.v1 import (
 from controlplane.server.app import ControlPlaneApp
 from controlplane.server.trades import TradeSettings, outcome_to_proto, trade_to_request
 from controlplane.store import codec
+from controlplane.store.etcd import Put
 from tests.conftest import StartControlPlane, StreamNode, wait_for
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -505,7 +507,9 @@ async def test_the_sweep_keeps_a_record_whose_participant_is_down_and_lists_in_d
         # Its coordinator died after deciding COMMITTED.
         record = trade_pb2.TradeRecord(trade_id="s1", outcome=COMMITTED, decided_by="coordinator gone",
                                        request=trade_to_request(t), shard_a=c.shard(a), shard_b=c.shard(b))
-        await c.app.store.put(c.app.keys.trade(TradeId("s1")), codec.encode(record))
+        # As its create-if-absent transaction wrote it: with its unretained copy, in one transaction.
+        await c.app.store.txn([], [Put(c.app.keys.trade(TradeId("s1")), codec.encode(record)),
+                                   Put(c.app.keys.unretained_trade(TradeId("s1")), codec.encode(record))])
         c.node_of(b).down = True
         listed = await c.trades.ListInDoubtTrades(trade_pb2.ListInDoubtTradesRequest())
         assert list(listed.unreachable_nodes) == [c.node_of(b).node_id]
@@ -519,6 +523,33 @@ async def test_the_sweep_keeps_a_record_whose_participant_is_down_and_lists_in_d
         assert not c.world.escrows() and c.world.items[b] == {"ring"} and c.world.gold == {a: 7, b: 0}
         assert (await c.app.store.get(c.app.keys.trade(TradeId("s1")))).lease  # type: ignore[union-attr]
         assert await sweep.sweep_once() == (0, 0)
+
+
+async def test_the_sweep_reads_every_record_on_its_first_pass_and_then_now_and_again(
+    start_control_plane: StartControlPlane,
+) -> None:
+    """A record with no unretained copy (decided by a replica of an older release) is
+    found by the full passes only: the first, then one in every sweep_full_scan_every."""
+    async with cluster(start_control_plane) as c:
+        a, b = c.players(same_shard=False)
+        c.world.seed(a, ["ring"], 0)
+        c.world.seed(b, [], 7)
+        t = Trade("old1", a, b, Offer(("ring",), 0), Offer((), 7))
+        c.node_of(a).prepare(c.shard(a), t.leg_a())
+        c.node_of(b).prepare(c.shard(b), t.leg_b())
+        record = trade_pb2.TradeRecord(trade_id="old1", outcome=COMMITTED, decided_by="an older release",
+                                       request=trade_to_request(t), shard_a=c.shard(a), shard_b=c.shard(b))
+        await c.app.store.put(c.app.keys.trade(TradeId("old1")), codec.encode(record))
+        sweep = c.app.trade_sweep
+        assert sweep is not None
+        sweep._settings = dataclasses.replace(sweep._settings, sweep_full_scan_every=2)
+        sweep.passes = 0
+        c.node_of(b).down = True
+        assert await sweep.sweep_once() == (1, 0)  # pass 1, full: found; B down
+        c.node_of(b).down = False
+        assert await sweep.sweep_once() == (0, 0)  # pass 2 reads the copies: it has none
+        assert await sweep.sweep_once() == (1, 1)  # pass 3, full: settled and retained
+        assert not c.world.escrows() and c.world.items[b] == {"ring"}
 
 
 # ---- same-shard trades straight from the client, against real shard nodes ----

@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bluemarble.core.errors import Unavailable
+from bluemarble.core.ids import TradeId
 from bluemarble.runtime.clock import SystemClock
 from bluemarble.v1 import common_pb2, trade_pb2
+from controlplane.store import codec
 from controlplane.store.etcd import EtcdStore
 from controlplane.store.keys import KeySchema
 from controlplane.store.trade_store import DECISION_BATCH, TradeStore
@@ -95,3 +97,34 @@ async def test_when_etcd_fails_every_waiting_decision_is_told(
     assert store.decision_txns == 1  # asked in one loop turn: one transaction
     monkeypatch.undo()
     assert (await store.create_if_absent(record("u0", COMMITTED)))[1], "nothing was written before"
+
+
+async def test_unretained_records_are_listed_from_their_copies_which_attaching_deletes(
+    trades: tuple[TradeStore, EtcdStore], cluster_name: str,
+) -> None:
+    store, etcd = trades
+    keys = KeySchema(cluster_name)
+    created = await asyncio.gather(*(store.create_if_absent(record(f"u{i}", COMMITTED)) for i in range(5)))
+    for stored, written in created:
+        copy = await etcd.get(keys.unretained_trade(TradeId(stored.record.trade_id)))
+        assert written and copy is not None and copy.create_revision == stored.create_revision
+    # A record with no copy: written before the copies existed.
+    legacy = record("legacy", ABORTED)
+    await etcd.put(keys.trade(TradeId("legacy")), codec.encode(legacy))
+    listed = await store.list_unretained(100)
+    assert sorted(s.record.trade_id for s in listed) == [f"u{i}" for i in range(5)]
+    assert {s.create_revision for s in listed} == {s.create_revision for s, _ in created}
+    full = await store.list_unretained(100, full_scan=True)
+    assert sorted(s.record.trade_id for s in full) == ["legacy", *[f"u{i}" for i in range(5)]]
+    # Attaching leases the record and deletes its copy in the same transaction.
+    attached = await store.attach([(s.record.trade_id, s.create_revision) for s, _ in created[:3]])
+    assert attached == 3
+    assert sorted(s.record.trade_id for s in await store.list_unretained(100)) == ["u3", "u4"]
+    for i in range(3):
+        kv = await etcd.get(keys.trade(TradeId(f"u{i}")))
+        assert kv is not None and kv.lease and await etcd.get(keys.unretained_trade(TradeId(f"u{i}"))) is None
+    # The legacy record attaches too (no copy to delete), and the full scan no longer lists it.
+    full = await store.list_unretained(100, full_scan=True)
+    legacy_stored = next(s for s in full if s.record.trade_id == "legacy")
+    assert await store.attach([("legacy", legacy_stored.create_revision)]) == 1
+    assert sorted(s.record.trade_id for s in await store.list_unretained(100, full_scan=True)) == ["u3", "u4"]
