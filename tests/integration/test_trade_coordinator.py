@@ -492,16 +492,23 @@ async def test_a_trade_id_reused_for_other_terms_is_invalid_argument_and_unknown
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def _prepared_ring_for_gold(c: Any, trade_id: str) -> tuple[str, str, Trade]:
+    """Players on two shards, both legs of "a's ring for b's 7 gold" prepared (escrowed)
+    and no decision recorded: what a coordinator that died before deciding leaves."""
+    a, b = c.players(same_shard=False)
+    c.world.seed(a, ["ring"], 0)
+    c.world.seed(b, [], 7)
+    t = Trade(trade_id, a, b, Offer(("ring",), 0), Offer((), 7))
+    c.node_of(a).prepare(c.shard(a), t.leg_a())
+    c.node_of(b).prepare(c.shard(b), t.leg_b())
+    return a, b, t
+
+
 async def test_the_sweep_keeps_a_record_whose_participant_is_down_and_lists_in_doubt_trades(
     start_control_plane: StartControlPlane,
 ) -> None:
     async with cluster(start_control_plane) as c:
-        a, b = c.players(same_shard=False)
-        c.world.seed(a, ["ring"], 0)
-        c.world.seed(b, [], 7)
-        t = Trade("s1", a, b, Offer(("ring",), 0), Offer((), 7))
-        c.node_of(a).prepare(c.shard(a), t.leg_a())
-        c.node_of(b).prepare(c.shard(b), t.leg_b())
+        a, b, t = _prepared_ring_for_gold(c, "s1")
         listed = await c.trades.ListInDoubtTrades(trade_pb2.ListInDoubtTradesRequest())
         assert sorted(x.shard_id for x in listed.trades if x.trade_id == "s1") == sorted([c.shard(a), c.shard(b)])
         # Its coordinator died after deciding COMMITTED.
@@ -531,12 +538,7 @@ async def test_the_sweep_reads_every_record_on_its_first_pass_and_then_now_and_a
     """A record with no unretained copy (decided by a replica of an older release) is
     found by the full passes only: the first, then one in every sweep_full_scan_every."""
     async with cluster(start_control_plane) as c:
-        a, b = c.players(same_shard=False)
-        c.world.seed(a, ["ring"], 0)
-        c.world.seed(b, [], 7)
-        t = Trade("old1", a, b, Offer(("ring",), 0), Offer((), 7))
-        c.node_of(a).prepare(c.shard(a), t.leg_a())
-        c.node_of(b).prepare(c.shard(b), t.leg_b())
+        a, b, t = _prepared_ring_for_gold(c, "old1")
         record = trade_pb2.TradeRecord(trade_id="old1", outcome=COMMITTED, decided_by="an older release",
                                        request=trade_to_request(t), shard_a=c.shard(a), shard_b=c.shard(b))
         await c.app.store.put(c.app.keys.trade(TradeId("old1")), codec.encode(record))
