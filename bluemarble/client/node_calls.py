@@ -27,6 +27,7 @@ import structlog
 
 from bluemarble.api.messages import by_size
 from bluemarble.core import errors, limits
+from bluemarble.core.limits import echo
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -134,7 +135,14 @@ class CallStream:
             if code == grpc.StatusCode.UNIMPLEMENTED:
                 self.supported = False
                 log.info("node does not serve ShardNode.Calls: unary calls from now on", address=self._address)
-            error = status_error(code.name, details, self._address)
+            if code in _STREAM_STATUSES_KEPT:
+                error = status_error(code.name, details, self._address)
+            else:
+                # The stream broke under its calls: what a unary call in flight meets as
+                # UNAVAILABLE when its node dies. (grpc.aio reports some of those breaks as
+                # INTERNAL "Internal error from Core".) The calls are idempotent: retry them.
+                error = errors.Unavailable(f"node {self._address} unavailable: the stream broke ({code.name}: "
+                                           f"{echo(details, 120)})")
         finally:
             if reader is not None:
                 reader.cancel()
@@ -176,6 +184,16 @@ async def _status_of(stream: Any, e: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(e, grpc.aio.AioRpcError) and e.code() != grpc.StatusCode.INTERNAL:
         return e.code(), e.details() or e.code().name
     return grpc.StatusCode.UNAVAILABLE, f"the stream failed ({type(e).__name__})"
+
+
+_STREAM_STATUSES_KEPT = frozenset({
+    grpc.StatusCode.UNIMPLEMENTED,  # a node of an older release: the calls go unary
+    grpc.StatusCode.INVALID_ARGUMENT,  # a message the node refused (a bug on this side)
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+})
+"""Stream statuses its calls fail with as they are; any other means the stream broke."""
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:

@@ -189,12 +189,31 @@ async def test_the_transport_falls_back_to_unary_calls_for_a_node_without_calls(
         await server.grpc.stop(None)
 
 
+async def test_a_stream_that_breaks_fails_its_calls_unavailable_whatever_status_it_ends_with() -> None:
+    """The calls of a broken stream may or may not have run: UNAVAILABLE, so the routing
+    client retries them (with their request ids), as it does a unary call whose node died;
+    never the stream's own status (here INTERNAL, from a crash in the node's handler)."""
+    service = _EchoInventory(crash_calls=True)
+    server = await _serve(service, 0)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    stream = CallStream(shardnode_pb2_grpc.ShardNodeStub(channel), f"127.0.0.1:{server.port}")  # type: ignore[no-untyped-call]
+    try:
+        with pytest.raises(errors.Unavailable, match=r"stream broke \(INTERNAL"):
+            await stream.call("get_inventory", shardnode_pb2.GetInventoryRequest(player_id="a"), 5.0)
+        assert stream.supported  # a broken stream is no reason to give it up
+    finally:
+        await stream.close()
+        await channel.close(None)
+        await server.grpc.stop(None)
+
+
 class _EchoInventory(shardnode_pb2_grpc.ShardNodeServicer):
     """GetInventory answers the player id asked for; Calls like the real node's (or not at
     all, as a node of an older release)."""
 
-    def __init__(self, serve_calls: bool = True):
+    def __init__(self, serve_calls: bool = True, crash_calls: bool = False):
         self.serve_calls = serve_calls
+        self.crash_calls = crash_calls
         self.hold: asyncio.Event | None = None
         self.holding = asyncio.Event()
         self.unary_calls = 0
@@ -224,6 +243,8 @@ class _EchoInventory(shardnode_pb2_grpc.ShardNodeServicer):
 
         async def read() -> None:
             async for message in request_iterator:
+                if self.crash_calls:
+                    raise RuntimeError("a bug in the node")
                 for call in message.calls:
                     task = asyncio.ensure_future(one(call))
                     running.add(task)
@@ -232,7 +253,13 @@ class _EchoInventory(shardnode_pb2_grpc.ShardNodeServicer):
         reader = asyncio.ensure_future(read())
         try:
             while True:
-                yield shardnode_pb2.NodeResults(results=[await answers.get()])
+                got = asyncio.ensure_future(answers.get())
+                await asyncio.wait((got, reader), return_when=asyncio.FIRST_COMPLETED)
+                if not got.done():
+                    got.cancel()
+                    reader.result()  # raises what broke the reader
+                    return
+                yield shardnode_pb2.NodeResults(results=[got.result()])
         finally:
             reader.cancel()
 
