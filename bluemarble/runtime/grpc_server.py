@@ -115,6 +115,12 @@ async def _fail(
     method: str, context: Ctx, exc: Exception, started: float
 ) -> None:
     elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+    if type(exc).__name__ == "_ServerStoppedError":
+        # grpc.aio ends a stream still open when the server stops (past its grace period)
+        # by raising this from the request stream: a shutdown, not a crash. Nothing can be
+        # sent any more.
+        log.debug("rpc ended: the server stopped", method=method, elapsed_ms=elapsed_ms)
+        return
     if isinstance(exc, BlueMarbleError):
         code = _abort_status(exc)
         message = short_message(str(exc))
