@@ -15,7 +15,7 @@ import grpc
 import grpc.aio
 import structlog
 
-from bluemarble.api.messages import by_size
+from bluemarble.api.messages import NODE_CALL_RPCS, by_size
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError, InvalidArgument, Unavailable
 from bluemarble.core.trades import Outcome
@@ -89,23 +89,30 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
     async def GetInventory(
         self, request: shardnode_pb2.GetInventoryRequest, context: Ctx
     ) -> shardnode_pb2.GetInventoryResponse:
-        player = validation.player_id(request.player_id)
-        return await self._dp().get_inventory(player, request.allow_stale, _timeout_s(context))
+        response: shardnode_pb2.GetInventoryResponse = await self._answer("get_inventory", request, _timeout_s(context))
+        return response
 
     async def GrantItems(
         self, request: shardnode_pb2.GrantItemsRequest, context: Ctx
     ) -> shardnode_pb2.GrantItemsResponse:
-        return await self._dp().grant(request, _timeout_s(context))
+        response: shardnode_pb2.GrantItemsResponse = await self._answer("grant_items", request, _timeout_s(context))
+        return response
 
     async def GetPlayerData(
         self, request: shardnode_pb2.GetPlayerDataRequest, context: Ctx
     ) -> shardnode_pb2.GetPlayerDataResponse:
-        return await self._dp().get_player_data(request, _timeout_s(context))
+        response: shardnode_pb2.GetPlayerDataResponse = await self._answer(
+            "get_player_data", request, _timeout_s(context)
+        )
+        return response
 
     async def SetPlayerData(
         self, request: shardnode_pb2.SetPlayerDataRequest, context: Ctx
     ) -> shardnode_pb2.SetPlayerDataResponse:
-        return await self._dp().set_player_data(request, _timeout_s(context))
+        response: shardnode_pb2.SetPlayerDataResponse = await self._answer(
+            "set_player_data", request, _timeout_s(context)
+        )
+        return response
 
     async def Fence(self, request: shardnode_pb2.FenceRequest, context: Ctx) -> shardnode_pb2.FenceResponse:
         return self._dp().fence(request)
@@ -201,7 +208,7 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         """One call of a Calls stream, answered as its unary RPC would be: its response, or
         the status that RPC would have ended with."""
         kind = call.WhichOneof("call")
-        method = _NODE_CALL_METHODS.get(kind or "", "Calls")
+        method = NODE_CALL_RPCS.get(kind or "", "Calls")
         started = time.monotonic()
         deadline_s = (call.timeout_ms or limits.DEFAULT_NODE_CALL_TIMEOUT_MS) / 1000
         timeout_s = max(0.01, min(MAX_CALL_TIMEOUT_S, deadline_s - 0.05))
@@ -210,7 +217,11 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         code = "OK"
         try:
             async with asyncio.timeout(min(MAX_CALL_TIMEOUT_S, deadline_s)):
-                response = await self._node_call_response(kind, call, timeout_s)
+                if kind is None:
+                    raise InvalidArgument(
+                        f"call {call.call_id} carries no request; set one of {', '.join(sorted(NODE_CALL_RPCS))}"
+                    )
+                response = await self._answer(kind, getattr(call, kind), timeout_s)
             field = getattr(result, kind)
             field.SetInParent()  # present even when the response is all defaults
             field.CopyFrom(response)
@@ -218,40 +229,33 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
             code = "DEADLINE_EXCEEDED"
             result.error.CopyFrom(shardnode_pb2.CallError(
                 code=code, message=f"{method} did not finish within its deadline of {deadline_s * 1000:.0f} ms"))
-        except BlueMarbleError as e:
-            code = e.status
-            result.error.CopyFrom(shardnode_pb2.CallError(code=code, message=short_message(str(e))))
-        except Exception:  # a bug: logged with its id, the call answered INTERNAL, the stream unharmed
-            code = "INTERNAL"
-            error_id = uuid.uuid4().hex[:12]
-            log.exception("call crashed", error_id=error_id, method=method)
-            result.error.CopyFrom(shardnode_pb2.CallError(
-                code=code, message=f"internal error in {method} (error id {error_id}); see the node log"))
+        except Exception as e:  # the status the call's own RPC would have ended with
+            code, message = _error_of(e, method)
+            result.error.CopyFrom(shardnode_pb2.CallError(code=code, message=message))
         metrics.observe_rpc(f"/bluemarble.v1.ShardNode/{method}", code, time.monotonic() - started)
         return result
 
-    async def _node_call_response(self, kind: str | None, call: shardnode_pb2.NodeCall, timeout_s: float) -> Any:
-        """What the unary RPC ``kind`` stands for answers ``call``'s request with."""
+    async def _answer(self, kind: str, request: Any, timeout_s: float) -> Any:
+        """The response of the RPC a NodeCall or TradeBatchItem field ``kind`` stands for,
+        exactly as that RPC answers ``request``."""
         if kind == "get_inventory":
-            player = validation.player_id(call.get_inventory.player_id)
-            return await self._dp().get_inventory(player, call.get_inventory.allow_stale, timeout_s)
+            player = validation.player_id(request.player_id)
+            return await self._dp().get_inventory(player, request.allow_stale, timeout_s)
         if kind == "grant_items":
-            return await self._dp().grant(call.grant_items, timeout_s)
+            return await self._dp().grant(request, timeout_s)
         if kind == "get_player_data":
-            return await self._dp().get_player_data(call.get_player_data, timeout_s)
+            return await self._dp().get_player_data(request, timeout_s)
         if kind == "set_player_data":
-            return await self._dp().set_player_data(call.set_player_data, timeout_s)
+            return await self._dp().set_player_data(request, timeout_s)
         if kind == "execute_local_trade":
-            return await self._trades().execute_local_trade(call.execute_local_trade, timeout_s)
+            return await self._trades().execute_local_trade(request, timeout_s)
         if kind == "prepare":
-            return await self._trades().prepare(call.prepare, timeout_s)
+            return await self._trades().prepare(request, timeout_s)
         if kind == "commit":
-            return shardnode_pb2.CommitResponse(state=await self._settle(call.commit, Outcome.COMMITTED))
+            return shardnode_pb2.CommitResponse(state=await self._settle(request, Outcome.COMMITTED))
         if kind == "abort":
-            return shardnode_pb2.AbortResponse(state=await self._settle(call.abort, Outcome.ABORTED))
-        raise InvalidArgument(
-            f"call {call.call_id} carries no request; set one of {', '.join(sorted(_NODE_CALL_METHODS))}"
-        )
+            return shardnode_pb2.AbortResponse(state=await self._settle(request, Outcome.ABORTED))
+        raise AssertionError(f"no RPC for call kind {kind!r}")
 
     async def GetSnapshot(
         self, request: shardnode_pb2.GetSnapshotRequest, context: Ctx
@@ -260,13 +264,16 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
             yield chunk
 
     async def Prepare(self, request: shardnode_pb2.PrepareRequest, context: Ctx) -> shardnode_pb2.PrepareResponse:
-        return await self._trades().prepare(request, _timeout_s(context))
+        response: shardnode_pb2.PrepareResponse = await self._answer("prepare", request, _timeout_s(context))
+        return response
 
     async def Commit(self, request: shardnode_pb2.CommitRequest, context: Ctx) -> shardnode_pb2.CommitResponse:
-        return shardnode_pb2.CommitResponse(state=await self._settle(request, Outcome.COMMITTED))
+        response: shardnode_pb2.CommitResponse = await self._answer("commit", request, _timeout_s(context))
+        return response
 
     async def Abort(self, request: shardnode_pb2.AbortRequest, context: Ctx) -> shardnode_pb2.AbortResponse:
-        return shardnode_pb2.AbortResponse(state=await self._settle(request, Outcome.ABORTED))
+        response: shardnode_pb2.AbortResponse = await self._answer("abort", request, _timeout_s(context))
+        return response
 
     async def _settle(
         self, request: shardnode_pb2.CommitRequest | shardnode_pb2.AbortRequest, outcome: Outcome
@@ -294,26 +301,22 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         """One item's answer; its error (as the item's own call would have ended) too."""
         kind = item.WhichOneof("call")
         try:
-            if kind == "prepare":
-                return shardnode_pb2.TradeBatchResult(prepare=await self._trades().prepare(item.prepare, timeout_s))
-            if kind == "commit":
-                state = await self._settle(item.commit, Outcome.COMMITTED)
-                return shardnode_pb2.TradeBatchResult(commit=shardnode_pb2.CommitResponse(state=state))
-            if kind == "abort":
-                state = await self._settle(item.abort, Outcome.ABORTED)
-                return shardnode_pb2.TradeBatchResult(abort=shardnode_pb2.AbortResponse(state=state))
-            raise InvalidArgument("a trade batch item carries no call; set prepare, commit or abort")
-        except BlueMarbleError as e:
-            return _batch_error(e.status, str(e))
-        except Exception:  # a bug: logged with its id, the item answered INTERNAL, the others unharmed
-            error_id = uuid.uuid4().hex[:12]
-            log.exception("trade batch item crashed", error_id=error_id, kind=kind)
-            return _batch_error("INTERNAL", f"internal error in a TradeBatch {kind} (error id {error_id}); see the log")
+            if kind is None:
+                raise InvalidArgument("a trade batch item carries no call; set prepare, commit or abort")
+            result = shardnode_pb2.TradeBatchResult()
+            getattr(result, kind).CopyFrom(await self._answer(kind, getattr(item, kind), timeout_s))
+            return result
+        except Exception as e:  # the status the item's own call would have ended with; the others unharmed
+            code, message = _error_of(e, f"a TradeBatch {kind}")
+            return shardnode_pb2.TradeBatchResult(error=shardnode_pb2.TradeBatchError(code=code, message=message))
 
     async def ExecuteLocalTrade(
         self, request: shardnode_pb2.ExecuteLocalTradeRequest, context: Ctx
     ) -> shardnode_pb2.ExecuteLocalTradeResponse:
-        return await self._trades().execute_local_trade(request, _timeout_s(context))
+        response: shardnode_pb2.ExecuteLocalTradeResponse = await self._answer(
+            "execute_local_trade", request, _timeout_s(context)
+        )
+        return response
 
     async def ListTrades(
         self, request: shardnode_pb2.ListTradesRequest, context: Ctx
@@ -321,20 +324,11 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         return self._trades().list_trades(request)
 
 
-_NODE_CALL_METHODS = {
-    "get_inventory": "GetInventory",
-    "grant_items": "GrantItems",
-    "get_player_data": "GetPlayerData",
-    "set_player_data": "SetPlayerData",
-    "execute_local_trade": "ExecuteLocalTrade",
-    "prepare": "Prepare",
-    "commit": "Commit",
-    "abort": "Abort",
-}
-"""NodeCall's request fields and the RPC each stands for (its metrics and log name)."""
-
-
-def _batch_error(code: str, message: str) -> shardnode_pb2.TradeBatchResult:
-    return shardnode_pb2.TradeBatchResult(
-        error=shardnode_pb2.TradeBatchError(code=code, message=short_message(message))
-    )
+def _error_of(e: Exception, what: str) -> tuple[str, str]:
+    """The status (code name, message) a call that raised ``e`` ends with. Anything but a
+    BlueMarbleError is a bug: logged with an id, answered INTERNAL with that id."""
+    if isinstance(e, BlueMarbleError):
+        return e.status, short_message(str(e))
+    error_id = uuid.uuid4().hex[:12]
+    log.exception("call crashed", error_id=error_id, call=what)
+    return "INTERNAL", f"internal error in {what} (error id {error_id}); see the node log"

@@ -1,4 +1,5 @@
-"""Grouping protobuf messages into the repeated field of one carrier message."""
+"""Carrier messages: the calls a ``ShardNode.Calls`` message may carry, and grouping
+messages into the repeated field of one carrier."""
 
 from __future__ import annotations
 
@@ -11,6 +12,19 @@ class _Sized(Protocol):
 
 
 M = TypeVar("M", bound=_Sized)
+
+NODE_CALL_RPCS = {
+    "get_inventory": "GetInventory",
+    "grant_items": "GrantItems",
+    "get_player_data": "GetPlayerData",
+    "set_player_data": "SetPlayerData",
+    "execute_local_trade": "ExecuteLocalTrade",
+    "prepare": "Prepare",
+    "commit": "Commit",
+    "abort": "Abort",
+}
+"""NodeCall's request fields and the ShardNode RPC each stands for (its unary twin, and
+the method name its metrics and logs carry)."""
 
 
 def by_size(messages: Sequence[M], max_count: int, max_bytes: int) -> Iterator[list[M]]:

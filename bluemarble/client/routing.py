@@ -71,6 +71,7 @@ import grpc
 import grpc.aio
 import structlog
 
+from bluemarble.api.messages import NODE_CALL_RPCS
 from bluemarble.client.control_plane import STREAM_PROGRESS_INTERVAL_MS, ControlPlaneClient, follow_stream
 from bluemarble.client.node_calls import CallStream, Unsupported, status_error
 from bluemarble.client.ring_router import DEFAULT_STREAM_IDLE_TIMEOUT_S, RingRouter
@@ -487,11 +488,9 @@ class GrpcNodeTransport:
             stub = self._stubs[address] = shardnode_pb2_grpc.ShardNodeStub(self._channels[address])  # type: ignore[no-untyped-call]
         return stub
 
-    async def _call(
-        self, address: str, kind: str, request: Any, timeout_s: float, method: Callable[[Any], Awaitable[T]]
-    ) -> T:
+    async def _call(self, address: str, kind: str, request: Any, timeout_s: float) -> Any:
         """``request`` to the node at ``address``: as the NodeCall ``kind`` on the node's
-        Calls stream, or with ``method`` (a unary call on the stub)."""
+        Calls stream, or as the unary RPC it stands for."""
         stub = self._stub(address)
         if self._use_streams:
             stream = self._streams.get(address)
@@ -499,12 +498,11 @@ class GrpcNodeTransport:
                 stream = self._streams[address] = CallStream(stub, address)
             if stream.supported:
                 try:
-                    result: T = await stream.call(kind, request, timeout_s)
-                    return result
+                    return await stream.call(kind, request, timeout_s)
                 except Unsupported:
                     pass  # a node of an older release: the unary RPC below
         try:
-            return await method(stub)
+            return await getattr(stub, NODE_CALL_RPCS[kind])(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as e:
             raise node_error(e, address) from e
         except asyncio.CancelledError:
@@ -520,32 +518,34 @@ class GrpcNodeTransport:
     async def get_inventory(
         self, address: str, request: shardnode_pb2.GetInventoryRequest, timeout_s: float
     ) -> shardnode_pb2.GetInventoryResponse:
-        return await self._call(address, "get_inventory", request, timeout_s,
-                                lambda s: s.GetInventory(request, timeout=timeout_s))
+        response: shardnode_pb2.GetInventoryResponse = await self._call(address, "get_inventory", request, timeout_s)
+        return response
 
     async def grant_items(
         self, address: str, request: shardnode_pb2.GrantItemsRequest, timeout_s: float
     ) -> shardnode_pb2.GrantItemsResponse:
-        return await self._call(address, "grant_items", request, timeout_s,
-                                lambda s: s.GrantItems(request, timeout=timeout_s))
+        response: shardnode_pb2.GrantItemsResponse = await self._call(address, "grant_items", request, timeout_s)
+        return response
 
     async def get_player_data(
         self, address: str, request: shardnode_pb2.GetPlayerDataRequest, timeout_s: float
     ) -> shardnode_pb2.GetPlayerDataResponse:
-        return await self._call(address, "get_player_data", request, timeout_s,
-                                lambda s: s.GetPlayerData(request, timeout=timeout_s))
+        response: shardnode_pb2.GetPlayerDataResponse = await self._call(address, "get_player_data", request, timeout_s)
+        return response
 
     async def set_player_data(
         self, address: str, request: shardnode_pb2.SetPlayerDataRequest, timeout_s: float
     ) -> shardnode_pb2.SetPlayerDataResponse:
-        return await self._call(address, "set_player_data", request, timeout_s,
-                                lambda s: s.SetPlayerData(request, timeout=timeout_s))
+        response: shardnode_pb2.SetPlayerDataResponse = await self._call(address, "set_player_data", request, timeout_s)
+        return response
 
     async def execute_local_trade(
         self, address: str, request: shardnode_pb2.ExecuteLocalTradeRequest, timeout_s: float
     ) -> shardnode_pb2.ExecuteLocalTradeResponse:
-        return await self._call(address, "execute_local_trade", request, timeout_s,
-                                lambda s: s.ExecuteLocalTrade(request, timeout=timeout_s))
+        response: shardnode_pb2.ExecuteLocalTradeResponse = await self._call(
+            address, "execute_local_trade", request, timeout_s
+        )
+        return response
 
     def retain(self, addresses: Collection[str]) -> None:
         for address in [a for a in self._channels if a not in addresses]:
