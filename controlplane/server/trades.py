@@ -370,7 +370,8 @@ class TradeCoordinator:
         if not same_terms(record, trade):
             raise InvalidArgument(
                 f"trade id {echo(trade.trade_id)} was used for a different trade "
-                f"({echo(record.request.player_a)} and {echo(record.request.player_b)}); choose a new trade id"
+                f"(between {echo(record.request.player_a)} and {echo(record.request.player_b)}, with other "
+                "terms); choose a new trade id"
             )
 
     async def _local(self, trade: Trade, shard: ShardId) -> Decision:
