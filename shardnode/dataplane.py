@@ -66,7 +66,7 @@ from bluemarble.core.replication import ZERO, LogPosition
 from bluemarble.core.replication.primary import commit_lsn, required_acks_for
 from bluemarble.core.replication.promotion import catch_up_source
 from bluemarble.core.replication.replica import Verdict, check_entries
-from bluemarble.runtime import background
+from bluemarble.runtime import background, channels
 from bluemarble.runtime.channels import channel as open_channel
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
@@ -452,6 +452,12 @@ class DataPlane:
 
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
+        if channel is not None and channels.outdated(channel):
+            # Built before the TLS files rotated (it would present the old certificate
+            # when it reconnects): the replication stream on it ends with it, after the
+            # grace, and its shipper reopens on the new channel.
+            channels.retire(channel)
+            channel = None
         if channel is None:
             channel = self._channels[address] = open_channel(address)
         return channel

@@ -23,7 +23,7 @@ import grpc.aio
 import structlog
 
 from bluemarble.core import errors
-from bluemarble.runtime import retry
+from bluemarble.runtime import channels, retry
 from bluemarble.runtime.channels import channel as open_channel
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 from bluemarble.v1 import controlplane_pb2_grpc, trade_pb2_grpc
@@ -180,10 +180,21 @@ class ControlPlaneClient:
             log.info("moving to another control-plane replica", failed=failed, next=self.current_address)
 
     def control_plane(self) -> controlplane_pb2_grpc.ControlPlaneStub:
-        return controlplane_pb2_grpc.ControlPlaneStub(self._channels[self._current])  # type: ignore[no-untyped-call]
+        return controlplane_pb2_grpc.ControlPlaneStub(self._channel())  # type: ignore[no-untyped-call]
 
     def trades(self) -> trade_pb2_grpc.TradeCoordinatorStub:
-        return trade_pb2_grpc.TradeCoordinatorStub(self._channels[self._current])  # type: ignore[no-untyped-call]
+        return trade_pb2_grpc.TradeCoordinatorStub(self._channel())  # type: ignore[no-untyped-call]
+
+    def _channel(self) -> grpc.aio.Channel:
+        """The current replica's channel; a new one if it was built before the TLS files
+        rotated (it would present the old certificate when it reconnects). The old one
+        closes once the calls on it had time to end; a stream cut then (heartbeats,
+        watches) is reopened by its owner, on the new channel."""
+        channel = self._channels[self._current]
+        if channels.outdated(channel):
+            channels.retire(channel)
+            channel = self._channels[self._current] = open_channel(self.addresses[self._current])
+        return channel
 
     async def call(
         self,

@@ -79,7 +79,7 @@ from bluemarble.core import errors, validation
 from bluemarble.core.ids import NodeId, PlayerId, ShardId
 from bluemarble.core.limits import echo
 from bluemarble.core.trades.model import Offer, Outcome, Trade, validate_trade
-from bluemarble.runtime import background, retry, tracing
+from bluemarble.runtime import background, channels, retry, tracing
 from bluemarble.runtime.channels import channel as open_channel
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout, wait_event
@@ -483,6 +483,14 @@ class GrpcNodeTransport:
 
     def _stub(self, address: str) -> shardnode_pb2_grpc.ShardNodeStub:
         stub = self._stubs.get(address)
+        if stub is not None and channels.outdated(self._channels[address]):
+            # Built before the TLS files rotated: it would present the old certificate
+            # when it reconnects. New calls get a new channel (and Calls stream); the old
+            # ones close once the calls on them had time to end.
+            channels.retire(self._channels.pop(address))
+            del self._stubs[address]
+            self._streams.pop(address, None)
+            stub = None
         if stub is None:
             self._channels[address] = open_channel(address)
             stub = self._stubs[address] = shardnode_pb2_grpc.ShardNodeStub(self._channels[address])  # type: ignore[no-untyped-call]

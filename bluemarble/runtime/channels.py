@@ -17,18 +17,23 @@ ENHANCE_YOUR_CALM, hence 6 s here.
 TLS: when the process is configured for it (:mod:`bluemarble.runtime.tls`, from the
 ``--tls-*`` flags), :func:`channel` opens a TLS channel that verifies the server with the
 CA and presents this process's certificate; the files are read as they are when the
-channel is built, so channels opened after a certificate rotation use the new files.
+channel is built. A channel keeps that certificate for its later reconnects (gRPC Python
+cannot swap a channel's credentials), so code that keeps channels asks :func:`outdated`
+before reusing one, and swaps one built before a rotation for a new one (:func:`retire`
+closes the old one once the calls on it had time to end).
 """
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import grpc.aio
 
 from bluemarble.core.limits import MAX_MESSAGE_BYTES
-from bluemarble.runtime import tls, tracing
+from bluemarble.runtime import background, tls, tracing
 
 KEEPALIVE_TIME_MS = 6_000
 KEEPALIVE_TIMEOUT_MS = 3_000
@@ -56,9 +61,42 @@ def channel(address: str) -> grpc.aio.Channel:
     config = tls.current()
     if config is None:
         return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors())
-    return grpc.aio.secure_channel(
-        address, config.channel_credentials(), options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors()
+    credentials = config.channel_credentials()
+    built = grpc.aio.secure_channel(
+        address, credentials, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors()
     )
+    _generation_of[built] = config.generation
+    return built
+
+
+_generation_of: weakref.WeakKeyDictionary[grpc.aio.Channel, int] = weakref.WeakKeyDictionary()
+"""The TLS generation each TLS channel was built in."""
+
+RETIRE_GRACE_S = 30.0
+"""How long a replaced channel stays open for the calls and streams already on it."""
+
+
+def outdated(built: grpc.aio.Channel) -> bool:
+    """Whether the TLS files were reloaded since :func:`channel` built ``built`` (looked
+    at every :data:`~bluemarble.runtime.tls.RECHECK_S` at most). Such a channel still
+    works, but would present the old certificate on its next reconnect: build a new one
+    for new calls and :func:`retire` this one. False for plaintext channels."""
+    generation = _generation_of.get(built)
+    config = tls.current()
+    return generation is not None and config is not None and config.current_generation() != generation
+
+
+def retire(old: grpc.aio.Channel) -> asyncio.Task[None]:
+    """Closes ``old`` in the background after :data:`RETIRE_GRACE_S` (calls still on it
+    end first, or are cancelled then: a stream cut that way is reopened by its owner on
+    the new channel)."""
+    task = background.start(old.close(RETIRE_GRACE_S), "retire-channel")
+    _retiring.add(task)  # the loop keeps only a weak reference to a task
+    task.add_done_callback(_retiring.discard)
+    return task
+
+
+_retiring: set[asyncio.Task[None]] = set()
 
 
 def insecure_channel(address: str) -> grpc.aio.Channel:

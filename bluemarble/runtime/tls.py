@@ -16,10 +16,13 @@ What the files mean (the same on every process):
 Rotation without restart: servers use ``grpc.dynamic_ssl_server_credentials`` whose
 fetcher re-reads the files when their (mtime, size, inode) changes, so the next TLS
 handshake uses the new certificate and CA; connections already open keep theirs. Client
-channels read the current files when they are built: a channel opened after a rotation
-presents the new certificate, one opened before keeps the old one for its later
-reconnects (gRPC has no reloading client credentials). A rotation that leaves the files
-unreadable or mismatched is logged and the last good material stays in use.
+channels read the current files when they are built, and gRPC Python has no reloading
+client credentials: a channel keeps the certificate it was built with for every later
+reconnect, which fails once that certificate expires. So each reload counts a
+``generation``, and whoever caches channels (:func:`bluemarble.runtime.channels.outdated`)
+replaces a channel built in an older generation with a new one, at the latest
+:data:`RECHECK_S` after the files changed. A rotation that leaves the files unreadable or
+mismatched is logged and the last good material stays in use.
 
 Plaintext is the default: without :func:`configure` (or with ``None``) nothing changes.
 """
@@ -30,6 +33,7 @@ import argparse
 import os
 import ssl
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +159,11 @@ def load_material(files: TlsFiles, flag_prefix: str = "--tls") -> Material:
     return Material(cert, key, ca, stamps)
 
 
+RECHECK_S = 5.0
+"""How often :meth:`TlsConfig.current_generation` looks at the files (a stat of each):
+the longest a client channel goes on presenting a rotated certificate."""
+
+
 class TlsConfig:
     """The TLS files of this process and their current contents, re-read on change.
 
@@ -165,6 +174,22 @@ class TlsConfig:
         self.files = files
         self._lock = threading.Lock()
         self._material = load_material(files)
+        self._generation = 0
+        self._checked_s = time.monotonic()
+
+    @property
+    def generation(self) -> int:
+        """How many times the files were reloaded (0: as read at start)."""
+        return self._generation
+
+    def current_generation(self) -> int:
+        """:attr:`generation`, after looking at the files if that was not done in the
+        last :data:`RECHECK_S` seconds. Cheap enough for every call of a hot path."""
+        now_s = time.monotonic()
+        if now_s - self._checked_s >= RECHECK_S:
+            self._checked_s = now_s
+            self.material()
+        return self._generation
 
     @property
     def mutual(self) -> bool:
@@ -183,8 +208,10 @@ class TlsConfig:
                     # Remember the stamps, so the failure is logged once per change.
                     self._material = Material(self._material.cert, self._material.key, self._material.ca, stamps)
                 else:
-                    log.info("TLS files reloaded", cert=str(self.files.cert), ca=str(self.files.ca))
                     self._material = fresh
+                    self._generation += 1
+                    log.info("TLS files reloaded", cert=str(self.files.cert), ca=str(self.files.ca),
+                             generation=self._generation)
             return self._material
 
     def _server_configuration(self, material: Material) -> Any:

@@ -48,7 +48,7 @@ from bluemarble.core.limits import echo
 from bluemarble.core.ring import Ring
 from bluemarble.core.trades import coordinator as rules
 from bluemarble.core.trades.model import Decision, Leg, Offer, Outcome, Trade, participant_name, validate_trade
-from bluemarble.runtime import background, metrics, retry, tracing
+from bluemarble.runtime import background, channels, metrics, retry, tracing
 from bluemarble.runtime.channels import channel as open_channel
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout, wait_event
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc, trade_pb2, trade_pb2_grpc
@@ -255,6 +255,13 @@ class NodeChannels:
 
     def stub(self, address: str) -> shardnode_pb2_grpc.ShardNodeStub:
         entry = self._channels.get(address)
+        if entry is not None and channels.outdated(entry[0]):
+            # Built before the TLS files rotated: it would present the old certificate
+            # when it reconnects. New calls go on a new channel (the batchers follow the
+            # stub); the old one closes once its calls had time to end.
+            del self._channels[address]
+            channels.retire(entry[0])
+            entry = None
         if entry is None:
             channel = open_channel(address)
             entry = channel, shardnode_pb2_grpc.ShardNodeStub(channel)  # type: ignore[no-untyped-call]

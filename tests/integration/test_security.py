@@ -4,7 +4,7 @@ A client without a certificate signed by the cluster's CA is refused during the
 handshake; admin RPCs need the bearer token (UNAUTHENTICATED without, PERMISSION_DENIED
 with a wrong one); a node may register, heartbeat and deregister only under the node id
 its certificate names; a shard node's server refuses clients without a certificate; a
-server picks up a rotated certificate without a restart.
+server picks up a rotated certificate without a restart, and so does a client's channel.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import grpc
 import grpc.aio
 import pytest
 
+from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.core.errors import BlueMarbleError
-from bluemarble.runtime import tls
+from bluemarble.runtime import channels, tls
 from bluemarble.runtime.auth import AdminToken, bearer_metadata
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.v1 import controlplane_pb2, controlplane_pb2_grpc, shardnode_pb2, shardnode_pb2_grpc
@@ -243,6 +244,82 @@ async def test_a_server_picks_up_a_rotated_certificate_without_a_restart(certs: 
         assert await check(credentials(certs, "admin")) == grpc.StatusCode.UNAVAILABLE
     finally:
         await server.stop_gracefully(0.1)
+
+
+async def test_a_client_presents_a_rotated_certificate_without_a_restart(
+    certs: DevCerts, secured: ControlPlaneApp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node's control-plane client, whose files rotate from n1's certificate to n2's,
+    acts as n2 on its next call: the channel built with n1's certificate is replaced
+    (gRPC would otherwise keep presenting it, on this connection and every reconnect)."""
+    monkeypatch.setattr(tls, "RECHECK_S", 0.0)
+    cert, key = tmp_path / "client.pem", tmp_path / "client-key.pem"
+    shutil.copy(certs["n1"].cert, cert)
+    shutil.copy(certs["n1"].key, key)
+    tls.configure(tls.TlsConfig(tls.TlsFiles(cert, key, certs.ca)))
+    client = ControlPlaneClient([secured.address])
+
+    def register(node: str) -> object:
+        return client.control_plane().RegisterNode(
+            controlplane_pb2.RegisterNodeRequest(node_id=node, address=f"127.0.0.1:{4000 + int(node[1:])}", zone="z"),
+            timeout=CALL_TIMEOUT_S,
+        )
+
+    try:
+        assert await code_of(register("n1")) == grpc.StatusCode.OK
+        assert await code_of(register("n2")) == grpc.StatusCode.PERMISSION_DENIED
+        shutil.copy(certs["n2"].key, key)
+        shutil.copy(certs["n2"].cert, cert)
+        assert await code_of(register("n2")) == grpc.StatusCode.OK
+        assert await code_of(register("n1")) == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        await client.close()
+
+
+async def test_channels_built_before_a_rotation_are_outdated_and_retired(
+    certs: DevCerts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What every cache of channels relies on: a channel keeps presenting the certificate
+    it was built with, :func:`channels.outdated` says so once the files rotated, a new
+    channel presents the new one, and :func:`channels.retire` closes the old one."""
+    monkeypatch.setattr(tls, "RECHECK_S", 0.0)
+    monkeypatch.setattr(channels, "RETIRE_GRACE_S", 0.1)
+
+    async def who(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return ",".join(sorted(tls.peer_identities(context.auth_context()))).encode()
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "test.Who", {"Who": grpc.unary_unary_rpc_method_handler(who)}),))
+    port = server.add_secure_port("127.0.0.1:0", config_for(certs, "controlplane").server_credentials())
+    await server.start()
+    cert, key = tmp_path / "client.pem", tmp_path / "client-key.pem"
+    shutil.copy(certs["n1"].cert, cert)
+    shutil.copy(certs["n1"].key, key)
+    tls.configure(tls.TlsConfig(tls.TlsFiles(cert, key, certs.ca)))
+
+    async def ask(channel: grpc.aio.Channel) -> str:
+        answer: bytes = await channel.unary_unary("/test.Who/Who")(b"", timeout=CALL_TIMEOUT_S)
+        return answer.decode()
+
+    try:
+        old = channels.channel(f"127.0.0.1:{port}")
+        assert "n1" in await ask(old)
+        assert not channels.outdated(old)
+        shutil.copy(certs["n2"].key, key)
+        shutil.copy(certs["n2"].cert, cert)
+        assert channels.outdated(old)
+        assert "n1" in await ask(old)  # gRPC keeps the credentials a channel was built with
+        new = channels.channel(f"127.0.0.1:{port}")
+        assert not channels.outdated(new)
+        assert "n2" in await ask(new)
+        await channels.retire(old)
+        with pytest.raises(grpc.aio.UsageError):  # closed: no call goes through it any more
+            await ask(old)
+        await new.close(None)
+    finally:
+        tls.configure(None)
+        await server.stop(None)
 
 
 async def test_etcd_over_tls_with_a_client_certificate_and_a_password(certs: DevCerts, tmp_path: Path) -> None:

@@ -69,14 +69,32 @@ def test_material_is_reread_when_a_file_changes_and_a_bad_rewrite_keeps_the_last
     config = tls.TlsConfig(tls.TlsFiles(cert, key, certs.ca))
     first = config.material()
     assert config.material() is first  # nothing changed: no re-read
+    assert config.generation == 0
     shutil.copy(certs["n1"].key, key)
     shutil.copy(certs["n1"].cert, cert)
     second = config.material()
     assert second is not first and second.cert == certs["n1"].cert.read_bytes()
+    assert config.generation == 1  # channels built before are outdated now
     cert.write_text("garbage")  # a broken rotation
     assert config.material().cert == second.cert
+    assert config.generation == 1  # not a reload: channels keep what they have
     config.channel_credentials()  # still usable
     config.server_credentials()
+
+
+def test_the_generation_looks_at_the_files_at_most_every_recheck_interval(
+    certs: DevCerts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    shutil.copy(certs["controlplane"].cert, cert)
+    shutil.copy(certs["controlplane"].key, key)
+    config = tls.TlsConfig(tls.TlsFiles(cert, key, certs.ca))
+    shutil.copy(certs["n1"].key, key)
+    shutil.copy(certs["n1"].cert, cert)
+    assert config.current_generation() == 0  # looked at when loaded, less than RECHECK_S ago
+    monkeypatch.setattr(tls, "RECHECK_S", 0.0)
+    assert config.current_generation() == 1
+    assert config.current_generation() == 1
 
 
 def test_peer_identities_are_the_common_name_and_dns_names() -> None:
