@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if metrics_listen:
             port = metrics.serve(metrics_listen)
             log.info("serving metrics", listen=metrics_listen, port=port)
-        return event_loop.run(run(settings))
+        return event_loop.run(run(settings), server=True)
     except OSError as e:
         log.error("node cannot serve metrics", listen=metrics_listen, error=str(e))
         return 1

@@ -14,7 +14,9 @@ scrape never waits on the event loop.
 from __future__ import annotations
 
 import argparse
+import gc
 import threading
+import time
 from typing import Any
 
 import prometheus_client
@@ -41,6 +43,30 @@ RPC_DURATION = Histogram(
     ["method"],
     buckets=_LATENCY_BUCKETS_S,
 )
+
+
+GC_PAUSE = Histogram(
+    "bluemarble_gc_pause_seconds",
+    "Pauses of the cyclic garbage collector (the whole process stops), by generation "
+    "(2: full collections).",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
+
+_gc_started_s: list[float] = [0.0]
+
+
+def _time_gc(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_started_s[0] = time.perf_counter()
+    else:
+        GC_PAUSE.labels(str(info["generation"])).observe(time.perf_counter() - _gc_started_s[0])
+
+
+def observe_gc_pauses() -> None:
+    """Times every garbage collection of this process into :data:`GC_PAUSE` (once)."""
+    if _time_gc not in gc.callbacks:
+        gc.callbacks.append(_time_gc)
 
 
 _rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}

@@ -3,10 +3,12 @@ query), the helpers that update them, and when the OTEL_ environment turns traci
 
 from __future__ import annotations
 
+import gc
+
 import prometheus_client
 import pytest
 
-from bluemarble.runtime import metrics, tracing
+from bluemarble.runtime import event_loop, metrics, tracing
 
 # The chart's PrometheusRule and dashboard are written against these (docs: issue 9's
 # shared decisions). Renaming one breaks an alert silently: change both together.
@@ -26,6 +28,7 @@ EXPOSED = {
     "bluemarble_trades_in_doubt": ("gauge", ()),
     "bluemarble_replication_lag_entries": ("gauge", ("shard",)),
     "bluemarble_replication_lag_seconds": ("gauge", ("shard",)),
+    "bluemarble_gc_pause_seconds": ("histogram", ("generation",)),
 }
 
 
@@ -128,3 +131,21 @@ def test_metrics_listen_is_checked_before_serving() -> None:
     for bad in ("abc", "127.0.0.1:notaport", "127.0.0.1:99999", ":9100"):
         with pytest.raises(InvalidArgument, match="--metrics-listen"):
             metrics.check_listen(bad)
+
+
+def test_a_server_freezes_its_start_up_heap_and_times_its_collections() -> None:
+    def full_collections() -> float:
+        return prometheus_client.REGISTRY.get_sample_value(
+            "bluemarble_gc_pause_seconds_count", {"generation": "2"}) or 0.0
+
+    async def main() -> float:
+        before = full_collections()
+        gc.collect()
+        return full_collections() - before
+
+    try:
+        assert event_loop.run(main(), server=True) == 1
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.callbacks.remove(metrics._time_gc)
