@@ -453,10 +453,9 @@ class DataPlane:
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is not None and channels.outdated(channel):
-            # Built before the TLS files rotated (it would present the old certificate
-            # when it reconnects): the replication stream on it ends with it, after the
-            # grace, and its shipper reopens on the new channel.
-            channels.retire(channel)
+            # Built before the TLS files rotated: it would present the old certificate
+            # when it reconnects. Dropped (see channels.outdated): a replication stream
+            # on it goes on, and its shipper reopens it here, on a new channel.
             channel = None
         if channel is None:
             channel = self._channels[address] = open_channel(address)

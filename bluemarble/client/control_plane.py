@@ -180,19 +180,20 @@ class ControlPlaneClient:
             log.info("moving to another control-plane replica", failed=failed, next=self.current_address)
 
     def control_plane(self) -> controlplane_pb2_grpc.ControlPlaneStub:
-        return controlplane_pb2_grpc.ControlPlaneStub(self._channel())  # type: ignore[no-untyped-call]
+        return controlplane_pb2_grpc.ControlPlaneStub(self.channel())  # type: ignore[no-untyped-call]
 
     def trades(self) -> trade_pb2_grpc.TradeCoordinatorStub:
-        return trade_pb2_grpc.TradeCoordinatorStub(self._channel())  # type: ignore[no-untyped-call]
+        return trade_pb2_grpc.TradeCoordinatorStub(self.channel())  # type: ignore[no-untyped-call]
 
-    def _channel(self) -> grpc.aio.Channel:
-        """The current replica's channel; a new one if it was built before the TLS files
-        rotated (it would present the old certificate when it reconnects). The old one
-        closes once the calls on it had time to end; a stream cut then (heartbeats,
-        watches) is reopened by its owner, on the new channel."""
+    def channel(self) -> grpc.aio.Channel:
+        """The current replica's channel: a new one when the one it had was built before
+        the TLS files rotated (it would present the old certificate when it reconnects).
+        The old one is dropped, not closed (see :func:`channels.outdated`): streams on it
+        (heartbeats, watches) go on until they break and are reopened on the new one. A
+        caller that keeps a stub keeps it with the channel it was built on, and builds a
+        new one when this returns another channel."""
         channel = self._channels[self._current]
         if channels.outdated(channel):
-            channels.retire(channel)
             channel = self._channels[self._current] = open_channel(self.addresses[self._current])
         return channel
 

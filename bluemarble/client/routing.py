@@ -485,10 +485,9 @@ class GrpcNodeTransport:
         stub = self._stubs.get(address)
         if stub is not None and channels.outdated(self._channels[address]):
             # Built before the TLS files rotated: it would present the old certificate
-            # when it reconnects. New calls get a new channel (and Calls stream); the old
-            # ones close once the calls on them had time to end.
-            channels.retire(self._channels.pop(address))
-            del self._stubs[address]
+            # when it reconnects. New calls get a new channel and Calls stream; the old
+            # ones are dropped, and end with the calls on them (see channels.outdated).
+            del self._channels[address], self._stubs[address]
             self._streams.pop(address, None)
             stub = None
         if stub is None:

@@ -161,7 +161,7 @@ class TradeClient:
         routing: RoutingClient | None = None,
     ):
         self._routing = routing
-        self._stubs: dict[str, trade_pb2_grpc.TradeCoordinatorStub] = {}
+        self._stubs: dict[str, tuple[grpc.aio.Channel, trade_pb2_grpc.TradeCoordinatorStub]] = {}
         if isinstance(control_plane, ControlPlaneClient):
             self._cp, self._owns = control_plane, False
         else:
@@ -193,10 +193,11 @@ class TradeClient:
         ControlPlaneClient call built two stubs and a tenacity loop per attempt, a fifth of
         this client's CPU per trade."""
         address = self._cp.current_address
-        stub = self._stubs.get(address)
-        if stub is None:
-            stub = self._stubs[address] = self._cp.trades()  # the current replica's channel
-        method = getattr(stub, rpc)
+        channel = self._cp.channel()  # the current replica's, rebuilt after a TLS rotation
+        kept = self._stubs.get(address)
+        if kept is None or kept[0] is not channel:
+            kept = self._stubs[address] = (channel, trade_pb2_grpc.TradeCoordinatorStub(channel))  # type: ignore[no-untyped-call]
+        method = getattr(kept[1], rpc)
         try:
             if type(self._cp.clock) is SystemClock:  # the call's gRPC deadline bounds it
                 response: object = await method(request, timeout=timeout_s)

@@ -19,13 +19,11 @@ TLS: when the process is configured for it (:mod:`bluemarble.runtime.tls`, from 
 CA and presents this process's certificate; the files are read as they are when the
 channel is built. A channel keeps that certificate for its later reconnects (gRPC Python
 cannot swap a channel's credentials), so code that keeps channels asks :func:`outdated`
-before reusing one, and swaps one built before a rotation for a new one (:func:`retire`
-closes the old one once the calls on it had time to end).
+before reusing one, and swaps one built before a rotation for a new one.
 """
 
 from __future__ import annotations
 
-import asyncio
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -33,7 +31,7 @@ from typing import Any
 import grpc.aio
 
 from bluemarble.core.limits import MAX_MESSAGE_BYTES
-from bluemarble.runtime import background, tls, tracing
+from bluemarble.runtime import tls, tracing
 
 KEEPALIVE_TIME_MS = 6_000
 KEEPALIVE_TIMEOUT_MS = 3_000
@@ -72,31 +70,20 @@ def channel(address: str) -> grpc.aio.Channel:
 _generation_of: weakref.WeakKeyDictionary[grpc.aio.Channel, int] = weakref.WeakKeyDictionary()
 """The TLS generation each TLS channel was built in."""
 
-RETIRE_GRACE_S = 30.0
-"""How long a replaced channel stays open for the calls and streams already on it."""
-
-
 def outdated(built: grpc.aio.Channel) -> bool:
     """Whether the TLS files were reloaded since :func:`channel` built ``built`` (looked
     at every :data:`~bluemarble.runtime.tls.RECHECK_S` at most). Such a channel still
     works, but would present the old certificate on its next reconnect: build a new one
-    for new calls and :func:`retire` this one. False for plaintext channels."""
+    for new calls and drop this one.
+
+    Dropped, not closed: closing a channel cancels the streams on it, and a task reading
+    one then gets CancelledError, as if it were being cancelled itself. Once the last
+    reference is dropped, gRPC destroys the channel when the calls on it have ended; a
+    stream on it goes on until it breaks, and its owner reopens it on the new channel.
+    False for plaintext channels."""
     generation = _generation_of.get(built)
     config = tls.current()
     return generation is not None and config is not None and config.current_generation() != generation
-
-
-def retire(old: grpc.aio.Channel) -> asyncio.Task[None]:
-    """Closes ``old`` in the background after :data:`RETIRE_GRACE_S` (calls still on it
-    end first, or are cancelled then: a stream cut that way is reopened by its owner on
-    the new channel)."""
-    task = background.start(old.close(RETIRE_GRACE_S), "retire-channel")
-    _retiring.add(task)  # the loop keeps only a weak reference to a task
-    task.add_done_callback(_retiring.discard)
-    return task
-
-
-_retiring: set[asyncio.Task[None]] = set()
 
 
 def insecure_channel(address: str) -> grpc.aio.Channel:

@@ -258,9 +258,8 @@ class NodeChannels:
         if entry is not None and channels.outdated(entry[0]):
             # Built before the TLS files rotated: it would present the old certificate
             # when it reconnects. New calls go on a new channel (the batchers follow the
-            # stub); the old one closes once its calls had time to end.
+            # stub); the old one is dropped (see channels.outdated).
             del self._channels[address]
-            channels.retire(entry[0])
             entry = None
         if entry is None:
             channel = open_channel(address)

@@ -9,7 +9,9 @@ server picks up a rotated certificate without a restart, and so does a client's 
 
 from __future__ import annotations
 
+import gc
 import shutil
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -18,7 +20,8 @@ import grpc.aio
 import pytest
 
 from bluemarble.client.control_plane import ControlPlaneClient
-from bluemarble.core.errors import BlueMarbleError
+from bluemarble.client.trades import TradeClient
+from bluemarble.core.errors import BlueMarbleError, NotFound
 from bluemarble.runtime import channels, tls
 from bluemarble.runtime.auth import AdminToken, bearer_metadata
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
@@ -265,32 +268,43 @@ async def test_a_client_presents_a_rotated_certificate_without_a_restart(
             timeout=CALL_TIMEOUT_S,
         )
 
+    trades = TradeClient(client)  # keeps a stub per replica, and follows the new channel
     try:
         assert await code_of(register("n1")) == grpc.StatusCode.OK
         assert await code_of(register("n2")) == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(NotFound):
+            await trades.get_trade("t-unknown")
         shutil.copy(certs["n2"].key, key)
         shutil.copy(certs["n2"].cert, cert)
         assert await code_of(register("n2")) == grpc.StatusCode.OK
         assert await code_of(register("n1")) == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(NotFound):
+            await trades.get_trade("t-unknown")
     finally:
+        await trades.close()
         await client.close()
 
 
-async def test_channels_built_before_a_rotation_are_outdated_and_retired(
+async def test_channels_built_before_a_rotation_are_outdated_and_dropped_without_cutting_their_streams(
     certs: DevCerts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What every cache of channels relies on: a channel keeps presenting the certificate
     it was built with, :func:`channels.outdated` says so once the files rotated, a new
-    channel presents the new one, and :func:`channels.retire` closes the old one."""
+    channel presents the new one, and dropping the old channel (the caches drop it rather
+    than close it) leaves a stream on it running."""
     monkeypatch.setattr(tls, "RECHECK_S", 0.0)
-    monkeypatch.setattr(channels, "RETIRE_GRACE_S", 0.1)
 
     async def who(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return ",".join(sorted(tls.peer_identities(context.auth_context()))).encode()
 
+    async def echo(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async for request in requests:
+            yield request
+
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "test.Who", {"Who": grpc.unary_unary_rpc_method_handler(who)}),))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Who", {
+        "Who": grpc.unary_unary_rpc_method_handler(who), "Echo": grpc.stream_stream_rpc_method_handler(echo),
+    }),))
     port = server.add_secure_port("127.0.0.1:0", config_for(certs, "controlplane").server_credentials())
     await server.start()
     cert, key = tmp_path / "client.pem", tmp_path / "client-key.pem"
@@ -306,6 +320,9 @@ async def test_channels_built_before_a_rotation_are_outdated_and_retired(
         old = channels.channel(f"127.0.0.1:{port}")
         assert "n1" in await ask(old)
         assert not channels.outdated(old)
+        stream = old.stream_stream("/test.Who/Echo")(timeout=30)
+        await stream.write(b"before")
+        assert await stream.read() == b"before"
         shutil.copy(certs["n2"].key, key)
         shutil.copy(certs["n2"].cert, cert)
         assert channels.outdated(old)
@@ -313,9 +330,14 @@ async def test_channels_built_before_a_rotation_are_outdated_and_retired(
         new = channels.channel(f"127.0.0.1:{port}")
         assert not channels.outdated(new)
         assert "n2" in await ask(new)
-        await channels.retire(old)
-        with pytest.raises(grpc.aio.UsageError):  # closed: no call goes through it any more
-            await ask(old)
+        dropped = weakref.ref(old)
+        del old
+        gc.collect()
+        assert dropped() is None
+        await stream.write(b"after")  # the stream outlives its channel object
+        assert await stream.read() == b"after"
+        await stream.done_writing()
+        assert await stream.code() == grpc.StatusCode.OK
         await new.close(None)
     finally:
         tls.configure(None)
