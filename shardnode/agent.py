@@ -248,7 +248,8 @@ class NodeAgent:
         if state is self._state:
             return
         previous, self._state = self._state, state
-        level = log.info if state is SessionState.CONNECTED else log.warning
+        # A session this node ended itself (a graceful leave) is news, not a warning.
+        level = log.info if state is SessionState.CONNECTED or why.get("reason") == "deregistered" else log.warning
         level(
             "session state",
             state=state.value,

@@ -187,7 +187,7 @@ async def run(settings: NodeSettings) -> int:
         await agent.deregister()
         await background.stop(ring_task)
         await ring.stop()
-        service.close_calls()  # callers' Calls streams end once their calls in flight are answered
+        service.close_streams()  # callers' Calls streams end once their calls in flight are answered
         with contextlib.suppress(Exception):
             await server.stop_gracefully(2.0)
         await participant.stop()

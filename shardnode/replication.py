@@ -39,7 +39,7 @@ from bluemarble.core.errors import Unavailable
 from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.replication import ZERO, LogPosition
 from bluemarble.core.replication.primary import required_acks_for, resume_point
-from bluemarble.runtime import background, retry
+from bluemarble.runtime import background, channels, retry
 from bluemarble.runtime.clock import Clock, run_with_timeout, wait_event
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
 
@@ -204,8 +204,9 @@ class Shipper:
                 self.batches += 1
                 self.last_batch_entries = sum(len(g.entries) for g in batch.shards)
                 self._on_ack(ack, sent)
-        except grpc.aio.AioRpcError as e:
-            raise Unavailable(f"replication stream to {self.replica} broke: {e.code().name} {e.details()}") from e
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:  # a write after the replica ended it
+            code, details = await channels.ended_status(call, e)
+            raise Unavailable(f"replication stream to {self.replica} broke: {code.name} {details}") from e
         finally:
             call.cancel()
 

@@ -6,6 +6,7 @@ Abort, their TradeBatch, ExecuteLocalTrade, ListTrades) go to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -57,11 +58,12 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         self._participant = participant
         self._closing = asyncio.Event()
 
-    def close_calls(self) -> None:
+    def close_streams(self) -> None:
         """Shutting down: every Calls stream stops taking calls, answers those in flight
         and ends UNAVAILABLE, so its caller sends the rest elsewhere at once instead of
         to a node that is going away (a stream would otherwise hold the server's
-        graceful stop open for its whole grace period)."""
+        graceful stop open for its whole grace period). Replicate streams end
+        UNAVAILABLE too, between two batches, rather than being cut by the stop."""
         self._closing.set()
 
     def _dp(self) -> DataPlane:
@@ -121,9 +123,21 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         self, request_iterator: AsyncIterator[shardnode_pb2.ReplicateBatch], context: Ctx
     ) -> AsyncIterator[shardnode_pb2.ReplicateAck]:
         dp = self._dp()
-        async for batch in request_iterator:
-            await dp.hold_if_failpoint()
-            yield dp.replicate(batch)
+        closer = asyncio.get_running_loop().create_task(self._end_when_closing(context))
+        try:
+            async for batch in request_iterator:
+                await dp.hold_if_failpoint()
+                yield dp.replicate(batch)
+        finally:
+            closer.cancel()
+
+    async def _end_when_closing(self, context: Ctx) -> None:
+        """Ends the stream of ``context`` UNAVAILABLE once :meth:`close_streams` is called.
+        From its own task: the stream's handler may be waiting for its next message."""
+        await self._closing.wait()
+        log.debug("replication stream closed: shutting down", peer=context.peer())
+        with contextlib.suppress(Exception):  # grpc.aio's AbortError: the status is sent
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self._node_id} is shutting down")
 
     async def Calls(
         self, request_iterator: AsyncIterator[shardnode_pb2.NodeCalls], context: Ctx

@@ -28,6 +28,7 @@ import structlog
 from bluemarble.api.messages import by_size
 from bluemarble.core import errors, limits
 from bluemarble.core.limits import echo
+from bluemarble.runtime import channels
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -131,7 +132,7 @@ class CallStream:
             error = errors.Unavailable(f"call to node {self._address} cancelled (the node left the assignments)")
             raise
         except Exception as e:  # the stream's status, or a write to a stream that had ended
-            code, details = await _status_of(stream, e)
+            code, details = await channels.ended_status(stream, e)
             if code == grpc.StatusCode.UNIMPLEMENTED:
                 self.supported = False
                 log.info("node does not serve ShardNode.Calls: unary calls from now on", address=self._address)
@@ -171,19 +172,6 @@ class CallStream:
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await runner
-
-
-async def _status_of(stream: Any, e: Exception) -> tuple[grpc.StatusCode, str]:
-    """The status a broken stream ended with. The call's own status comes first: a write
-    to a stream the node has already ended raises a local error (INTERNAL "Internal error
-    from Core") that says nothing of why it ended."""
-    with contextlib.suppress(Exception):
-        code = await asyncio.wait_for(stream.code(), 1.0)
-        if code is not None and code != grpc.StatusCode.OK:
-            return code, await stream.details() or code.name
-    if isinstance(e, grpc.aio.AioRpcError) and e.code() != grpc.StatusCode.INTERNAL:
-        return e.code(), e.details() or e.code().name
-    return grpc.StatusCode.UNAVAILABLE, f"the stream failed ({type(e).__name__})"
 
 
 _STREAM_STATUSES_KEPT = frozenset({

@@ -24,6 +24,8 @@ before reusing one, and swaps one built before a rotation for a new one.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -84,6 +86,21 @@ def outdated(built: grpc.aio.Channel) -> bool:
     generation = _generation_of.get(built)
     config = tls.current()
     return generation is not None and config is not None and config.current_generation() != generation
+
+
+async def ended_status(call: Any, error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status a stream ``call`` ended with, after ``error`` was raised by a read or a
+    write on it. The call's own status comes first: a write to a stream the server has
+    already ended raises a local error (``asyncio.InvalidStateError``, or INTERNAL "Internal
+    error from Core" when the write races that end: grpc/grpc#36066) that says nothing of
+    why it ended."""
+    with contextlib.suppress(Exception):
+        code = await asyncio.wait_for(call.code(), 1.0)
+        if code is not None and code != grpc.StatusCode.OK:
+            return code, await call.details() or code.name
+    if isinstance(error, grpc.aio.AioRpcError) and error.code() != grpc.StatusCode.INTERNAL:
+        return error.code(), error.details() or error.code().name
+    return grpc.StatusCode.UNAVAILABLE, f"the stream failed ({type(error).__name__})"
 
 
 def insecure_channel(address: str) -> grpc.aio.Channel:

@@ -375,7 +375,7 @@ class Reconciler:
                 self._hold_from_revision = self._nodes.revision
             self._hold_until_s, self._hold_reason = until, reason
             self._hold_must_return = must_return
-            log.warning("holding placement moves while nodes come back", reason=reason, hold_s=hold_s)
+            log.info("holding placement moves while nodes come back", reason=reason, hold_s=hold_s)
 
     def _held(self, nodes: Sequence[PlacementNode], current: dict[ShardId, ShardAssignment],
               replication_factor: int, new_term: bool) -> bool:

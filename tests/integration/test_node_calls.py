@@ -272,7 +272,7 @@ async def _serve(service: _EchoInventory, port: int):  # type: ignore[no-untyped
 
 
 class _HeldInventories:
-    """A data plane whose GetInventory waits until released (what close_calls must wait for)."""
+    """A data plane whose GetInventory waits until released (what close_streams must wait for)."""
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
@@ -301,7 +301,7 @@ async def test_a_node_shutting_down_answers_its_calls_in_flight_then_ends_its_st
         await stream.write(calls(shardnode_pb2.NodeCall(
             call_id=1, get_inventory=shardnode_pb2.GetInventoryRequest(player_id="a"))))
         await asyncio.wait_for(held.entered.wait(), 5)
-        service.close_calls()
+        service.close_streams()
         with contextlib.suppress(grpc.aio.AioRpcError):  # the node may have ended its side already
             await stream.write(calls(shardnode_pb2.NodeCall(
                 call_id=2, get_inventory=shardnode_pb2.GetInventoryRequest(player_id="b"))))
@@ -317,6 +317,29 @@ async def test_a_node_shutting_down_answers_its_calls_in_flight_then_ends_its_st
         assert answered == [1] and held.asked == ["a"]  # the call in flight answered, none taken after
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "shutting down" in (info.value.details() or "")
+    finally:
+        await channel.close(None)
+        await server.grpc.stop(None)
+
+
+async def test_a_node_shutting_down_ends_the_replication_streams_it_receives_unavailable() -> None:
+    """Not cut by the server's stop (grpc.aio logs that as a warning, and the primary sees
+    a bare CANCELLED): ended UNAVAILABLE, saying why, between two batches."""
+    held = _HeldInventories()
+    service = ShardNodeService("n1", lambda: [], lambda: held)  # type: ignore[arg-type,return-value]
+    server = await build_server(
+        "127.0.0.1:0",
+        [ServiceBinding("bluemarble.v1.ShardNode", service, shardnode_pb2_grpc.add_ShardNodeServicer_to_server)],
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        stream = shardnode_pb2_grpc.ShardNodeStub(channel).Replicate(timeout=10)  # type: ignore[no-untyped-call]
+        await stream.wait_for_connection()
+        service.close_streams()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stream.read()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "n1 is shutting down" in (info.value.details() or "")
     finally:
         await channel.close(None)
         await server.grpc.stop(None)
