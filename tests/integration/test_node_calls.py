@@ -264,7 +264,7 @@ class _EchoInventory(shardnode_pb2_grpc.ShardNodeServicer):
             reader.cancel()
 
 
-async def _serve(service: _EchoInventory, port: int):  # type: ignore[no-untyped-def]
+async def _serve(service: shardnode_pb2_grpc.ShardNodeServicer, port: int):  # type: ignore[no-untyped-def]
     return await build_server(
         f"127.0.0.1:{port}",
         [ServiceBinding("bluemarble.v1.ShardNode", service, shardnode_pb2_grpc.add_ShardNodeServicer_to_server)],
@@ -291,10 +291,7 @@ class _HeldInventories:
 async def test_a_node_shutting_down_answers_its_calls_in_flight_then_ends_its_streams_unavailable() -> None:
     held = _HeldInventories()
     service = ShardNodeService("n1", lambda: [], lambda: held)  # type: ignore[arg-type,return-value]
-    server = await build_server(
-        "127.0.0.1:0",
-        [ServiceBinding("bluemarble.v1.ShardNode", service, shardnode_pb2_grpc.add_ShardNodeServicer_to_server)],
-    )
+    server = await _serve(service, 0)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
         stream = shardnode_pb2_grpc.ShardNodeStub(channel).Calls()  # type: ignore[no-untyped-call]
@@ -327,10 +324,7 @@ async def test_a_node_shutting_down_ends_the_replication_streams_it_receives_una
     a bare CANCELLED): ended UNAVAILABLE, saying why, between two batches."""
     held = _HeldInventories()
     service = ShardNodeService("n1", lambda: [], lambda: held)  # type: ignore[arg-type,return-value]
-    server = await build_server(
-        "127.0.0.1:0",
-        [ServiceBinding("bluemarble.v1.ShardNode", service, shardnode_pb2_grpc.add_ShardNodeServicer_to_server)],
-    )
+    server = await _serve(service, 0)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
         stream = shardnode_pb2_grpc.ShardNodeStub(channel).Replicate(timeout=10)  # type: ignore[no-untyped-call]
