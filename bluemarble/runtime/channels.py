@@ -61,16 +61,20 @@ def channel(address: str) -> grpc.aio.Channel:
     config = tls.current()
     if config is None:
         return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors())
-    credentials = config.channel_credentials()
+    # The generation first: a reload in between (a server handshake on another thread)
+    # then leaves this channel stamped older than its files, and it is rebuilt once more;
+    # the other order could stamp it newer than what it presents, and never rebuild it.
+    generation = config.generation
     built = grpc.aio.secure_channel(
-        address, credentials, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors()
+        address, config.channel_credentials(), options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors()
     )
-    _generation_of[built] = config.generation
+    _generation_of[built] = generation
     return built
 
 
 _generation_of: weakref.WeakKeyDictionary[grpc.aio.Channel, int] = weakref.WeakKeyDictionary()
 """The TLS generation each TLS channel was built in."""
+
 
 def outdated(built: grpc.aio.Channel) -> bool:
     """Whether the TLS files were reloaded since :func:`channel` built ``built`` (looked

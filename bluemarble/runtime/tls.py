@@ -20,8 +20,8 @@ channels read the current files when they are built, and gRPC Python has no relo
 client credentials: a channel keeps the certificate it was built with for every later
 reconnect, which fails once that certificate expires. So each reload counts a
 ``generation``, and whoever caches channels (:func:`bluemarble.runtime.channels.outdated`)
-replaces a channel built in an older generation with a new one, at the latest
-:data:`RECHECK_S` after the files changed. A rotation that leaves the files unreadable or
+replaces a channel built in an older generation with a new one on its next use once the
+change is seen (the files are looked at every :data:`RECHECK_S` at most). A rotation that leaves the files unreadable or
 mismatched is logged and the last good material stays in use.
 
 Plaintext is the default: without :func:`configure` (or with ``None``) nothing changes.
