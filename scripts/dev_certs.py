@@ -116,11 +116,14 @@ def issue(
     return pair
 
 
-def make_ca(out: Path, *, days: int = 30, stem: str = "ca") -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A self-signed CA written to ``STEM.pem`` / ``STEM-key.pem``; returns it."""
+def make_ca(
+    out: Path, *, days: int = 30, stem: str = "ca", common_name: str = "BlueMarble dev CA"
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed CA written to ``STEM.pem`` / ``STEM-key.pem``; returns it. Give a
+    second CA another ``common_name`` when both are trusted at once (a CA rotation)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    name = _name("BlueMarble dev CA")
+    name = _name(common_name)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

@@ -12,19 +12,23 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from bluemarble.cli import bluemarblectl
+from scripts.dev_certs import issue, make_ca
 from scripts.localcluster import ClusterSecurity, LocalEtcd, ManagedProcess, free_port, secure_cluster_files, wait_until
 
 pytestmark = pytest.mark.e2e
 
 SHARDS = 4
 NODES = ("n1", "n2")
+LEASE_TTL_S = 2
 
 
 def json_of(out: str) -> dict[str, object]:
@@ -63,15 +67,16 @@ class SecureCluster:
         return "\n".join(f"--- {p.name}\n{p.log_tail()}" for p in self.processes)
 
 
-@pytest.fixture
-def secure_cluster(etcd: LocalEtcd, cluster_name: str, tmp_path: Path) -> Iterator[SecureCluster]:
-    security = secure_cluster_files(tmp_path, NODES, token="e2e-admin-token")
+def start_secure_cluster(
+    etcd: LocalEtcd, cluster_name: str, tmp_path: Path, security: ClusterSecurity
+) -> SecureCluster:
+    """A control plane ("cp-0", first) and the :data:`NODES`, under ``security``."""
     address = f"127.0.0.1:{free_port()}"
     processes = [ManagedProcess(
         "cp-0",
         [sys.executable, "-m", "controlplane.server.main", "--listen", address, "--etcd", etcd.endpoint,
-         "--cluster", cluster_name, "--replica-id", "cp-0", "--lease-ttl-s", "2", "--replication-factor", "2",
-         "--shards", str(SHARDS), *security.control_plane_flags()],
+         "--cluster", cluster_name, "--replica-id", "cp-0", "--lease-ttl-s", str(LEASE_TTL_S),
+         "--replication-factor", "2", "--shards", str(SHARDS), *security.control_plane_flags()],
         tmp_path / "cp-0.log",
     ).start()]
     for zone, node in enumerate(NODES):
@@ -82,11 +87,17 @@ def secure_cluster(etcd: LocalEtcd, cluster_name: str, tmp_path: Path) -> Iterat
              *security.node_flags(node)],
             tmp_path / f"{node}.log",
         ).start())
-    cluster = SecureCluster(security, address, processes)
+    return SecureCluster(security, address, processes)
+
+
+@pytest.fixture
+def secure_cluster(etcd: LocalEtcd, cluster_name: str, tmp_path: Path) -> Iterator[SecureCluster]:
+    cluster = start_secure_cluster(
+        etcd, cluster_name, tmp_path, secure_cluster_files(tmp_path, NODES, token="e2e-admin-token"))
     try:
         yield cluster
     finally:
-        for proc in reversed(processes):
+        for proc in reversed(cluster.processes):
             proc.kill()
 
 
@@ -147,3 +158,68 @@ def test_a_cluster_under_mutual_tls_with_an_admin_token(secure_cluster: SecureCl
     code, out, err = cluster.ctl("config", "set", "max_moves_per_round=8")
     assert code == 0, err
     assert json_of(out)["config"]["max_moves_per_round"] == 8  # type: ignore[index]
+
+
+def test_a_running_cluster_moves_to_a_new_ca_without_restarting_a_node(
+    etcd: LocalEtcd, cluster_name: str, tmp_path: Path
+) -> None:
+    """Every certificate is renewed from a new CA while the cluster runs, and the old CA
+    stops being trusted (files replaced in place, as a Secret update does). n1 is never
+    restarted: to keep its lease through a control-plane restart, and to replicate to n2
+    after n2's restart, its channels must present the new certificate, which they do only
+    because they are rebuilt after the files change."""
+    security = secure_cluster_files(tmp_path, NODES, token="e2e-admin-token")
+    certs = security.certs_dir
+    new_ca, new_ca_key = make_ca(certs, stem="ca2", common_name="BlueMarble dev CA 2")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+
+    def replace(name: str, content: bytes) -> None:  # atomically, as the kubelet swaps a Secret
+        (staging / name).write_bytes(content)
+        os.replace(staging / name, certs / name)
+
+    replace("ca.pem", security.ca.read_bytes() + (certs / "ca2.pem").read_bytes())  # both trusted at first
+    cluster = start_secure_cluster(etcd, cluster_name, tmp_path, security)
+    try:
+        wait_until(lambda: settled(cluster), 40, "every shard with a primary and a replica")
+        code, _, err = cluster.ctl("grant", "rot-0", "rot-0-sword", "--request-id", "rot-g-0")
+        assert code == 0, err
+
+        for name in ("controlplane", *NODES, "admin"):
+            pair = issue(new_ca, new_ca_key, name, staging, file_name=f"new-{name}")
+            replace(f"{name}-key.pem", pair.key.read_bytes())
+            replace(f"{name}.pem", pair.cert.read_bytes())
+        replace("ca.pem", (certs / "ca2.pem").read_bytes())  # the old CA is no longer trusted
+
+        # Every connection is made again: the control plane's (n1 must heartbeat to the
+        # new process to keep or regain its lease), and n2's (n1 replicates to it).
+        cp, n1, n2 = cluster.processes
+        n1_pid = n1.pid
+        for i, proc in ((0, cp), (2, n2)):
+            proc.kill()
+            cluster.processes[i] = ManagedProcess(proc.name, proc.argv, proc.log_path).start()
+        restarted_s = time.monotonic()
+
+        def both_serving() -> bool:
+            # Past three lease TTLs after the restart: what the old control plane had
+            # written (both nodes, their assignments) no longer answers for them; n1 is
+            # listed only if it has heartbeated to the new one.
+            nodes = (cluster.ctl_json("nodes") or {}).get("nodes", [])
+            return time.monotonic() > restarted_s + 3 * LEASE_TTL_S and len(nodes) == 2 and settled(cluster)
+
+        wait_until(both_serving, 60, "both nodes registered and every shard placed, under the new CA only")
+        shards: set[str] = set()
+        for i in range(1, 40):  # STRONG grants on every shard: each needs its replica's ack
+            code, out, err = cluster.ctl("--json", "grant", f"rot-{i}", f"rot-{i}-sword", "--request-id", f"rot-g-{i}")
+            assert code == 0, err
+            shards.add(str(json_of(out)["inventory"]["shard_id"]))  # type: ignore[index]
+            if len(shards) == SHARDS:
+                break
+        assert len(shards) == SHARDS
+        assert n1.alive() and n1.pid == n1_pid
+        assert "TLS files reloaded" in n1.log_tail(400)
+    except (TimeoutError, AssertionError) as e:
+        pytest.fail(f"{e}\n{cluster.logs()}")
+    finally:
+        for proc in reversed(cluster.processes):
+            proc.kill()
