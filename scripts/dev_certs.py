@@ -82,9 +82,12 @@ def issue(
     *,
     file_name: str | None = None,
     days: int = 30,
+    valid_for: datetime.timedelta | None = None,
 ) -> CertPair:
     """Issues a certificate for ``common_name`` (CN and DNS SAN, plus localhost and
-    127.0.0.1; serverAuth and clientAuth) signed by the CA; writes NAME.pem, NAME-key.pem."""
+    127.0.0.1; serverAuth and clientAuth) signed by the CA; writes NAME.pem, NAME-key.pem.
+    It is valid for ``days``, or ``valid_for`` from now when given (an expiry a test can
+    wait for)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     dns = list(dict.fromkeys([common_name, "localhost"]))
@@ -95,7 +98,7 @@ def issue(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
+        .not_valid_after(now + (valid_for if valid_for is not None else datetime.timedelta(days=days)))
         .add_extension(
             x509.SubjectAlternativeName(
                 [*(x509.DNSName(d) for d in dns), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]

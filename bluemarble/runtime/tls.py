@@ -170,10 +170,11 @@ class TlsConfig:
     Thread-safe: gRPC calls the server credential fetcher from its own threads.
     """
 
-    def __init__(self, files: TlsFiles):
+    def __init__(self, files: TlsFiles, flag_prefix: str = "--tls"):
         self.files = files
+        self._flag_prefix = flag_prefix  # names the flags in the errors of a bad reload
         self._lock = threading.Lock()
-        self._material = load_material(files)
+        self._material = load_material(files, flag_prefix)
         self._generation = 0
         self._checked_s = time.monotonic()
 
@@ -202,7 +203,7 @@ class TlsConfig:
             stamps = _stamps(self.files)
             if stamps != self._material.stamps:
                 try:
-                    fresh = load_material(self.files)
+                    fresh = load_material(self.files, self._flag_prefix)
                 except InvalidArgument as e:
                     log.warning("TLS files changed but do not load; keeping the previous ones", error=str(e))
                     # Remember the stamps, so the failure is logged once per change.

@@ -33,6 +33,7 @@ def _etcd_security(p: EnvArgumentParser, args: argparse.Namespace) -> EtcdSecuri
     if (args.etcd_cert or args.etcd_key) and not args.etcd_ca:
         p.error("--etcd-cert/--etcd-key need --etcd-ca (the CA that signed etcd's certificate)")
     material = None
+    files = None
     try:
         files = tls.files_from_flags(args.etcd_cert, args.etcd_key, args.etcd_ca, flag_prefix="--etcd")
         if files is not None:
@@ -46,6 +47,7 @@ def _etcd_security(p: EnvArgumentParser, args: argparse.Namespace) -> EtcdSecuri
         server_name=args.etcd_server_name or None,
         user=args.etcd_user,
         password=args.etcd_password,
+        files=files,
     )
 
 

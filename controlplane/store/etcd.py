@@ -55,7 +55,7 @@ import structlog
 from etcd3aio import _protobuf as etcdpb  # the request/stub types; no public alias exists
 
 from bluemarble.core.errors import BlueMarbleError, NotFound, Unavailable
-from bluemarble.runtime import background, retry
+from bluemarble.runtime import background, retry, tls
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 
 log = structlog.get_logger(__name__)
@@ -89,6 +89,10 @@ class EtcdSecurity:
     server_name: str | None = None
     user: str = ""
     password: str = field(default="", repr=False)
+    files: tls.TlsFiles | None = None
+    """Where ``ca``, ``cert`` and ``key`` were read from. Given, the adapter follows the
+    files: once they change (a renewed certificate), it connects anew with them, and new
+    calls and streams go on the new connection (see :meth:`EtcdStore.connect`)."""
 
     def __post_init__(self) -> None:
         assert (self.cert is None) == (self.key is None), "a client certificate needs its key"
@@ -264,17 +268,10 @@ class EtcdStore:
         self.watch_stall_timeout_s = 3 * watch_progress_interval_s
         self._clock: Clock = clock or SystemClock()
         self._security = security or EtcdSecurity()
-        tls_args: dict[str, Any] = {}
-        if self._security.ca is not None:
-            host = endpoints[0].rsplit(":", 1)[0].strip("[]")
-            tls_args = {
-                "ca_cert": self._security.ca,
-                "cert_key": self._security.key,
-                "cert_chain": self._security.cert,
-                "tls_server_name": self._security.server_name or host,
-            }
-        self._client = etcd3aio.Etcd3Client(list(endpoints), rpc_max_attempts=2, **tls_args)
-        self._client._manager.grpc_options.extend(_RECONNECT_OPTIONS)
+        self._tls = tls.TlsConfig(self._security.files, "--etcd") if self._security.files is not None else None
+        self._tls_generation = 0
+        self._tls_follower: asyncio.Task[None] | None = None
+        self._client = self._new_client(self._security.ca, self._security.cert, self._security.key)
         target = grpc_target(self.endpoints)
         if target is not None:
             self._client._manager.target = target
@@ -284,6 +281,25 @@ class EtcdStore:
         self._watch_stub: etcdpb.WatchStub | None = None
         self._watch_streams: set[_WatchStream] = set()
         self._closed = False
+
+    @property
+    def tls_generation(self) -> int:
+        """How many times the adapter connected anew with changed TLS files."""
+        return self._tls_generation
+
+    def _new_client(self, ca: bytes | None, cert: bytes | None, key: bytes | None) -> etcd3aio.Etcd3Client:
+        tls_args: dict[str, Any] = {}
+        if ca is not None:
+            host = self.endpoints[0].rsplit(":", 1)[0].strip("[]")
+            tls_args = {
+                "ca_cert": ca,
+                "cert_key": key,
+                "cert_chain": cert,
+                "tls_server_name": self._security.server_name or host,
+            }
+        client = etcd3aio.Etcd3Client(list(self.endpoints), rpc_max_attempts=2, **tls_args)
+        client._manager.grpc_options.extend(_RECONNECT_OPTIONS)
+        return client
 
     # ---- lifecycle ----
 
@@ -324,11 +340,54 @@ class EtcdStore:
             raise
         if self._security.user:
             self._token_refresh = background.start(self._refresh_token(), "etcd-token-refresh")
+        if self._tls is not None:
+            self._tls_follower = background.start(self._follow_tls(), "etcd-tls-files")
 
-    async def _authenticate(self) -> None:
-        """Gets a token for the configured user and sends it from now on. Unavailable
-        when etcd does not answer; BlueMarbleError naming the user when etcd refuses."""
-        auth = self._client.auth
+    async def _follow_tls(self) -> None:
+        """Connects anew once the TLS files changed (looked at every
+        :data:`bluemarble.runtime.tls.RECHECK_S`). Why: gRPC keeps a channel's client
+        certificate for every reconnect, so after a renewal the old channel would present
+        the old certificate, and fail once it expired. The new client takes every new
+        call, watch and keepalive stream; the old one is dropped, not closed (closing
+        would cancel the streams on it, see :func:`bluemarble.runtime.channels.outdated`),
+        and its streams run until they break, then reopen on the new one. A new client
+        that cannot reach etcd is logged and tried again at the next look."""
+        assert self._tls is not None
+        while not self._closed:
+            await self._clock.sleep(tls.RECHECK_S)
+            generation = self._tls.current_generation()
+            if generation == self._tls_generation:
+                continue
+            material = self._tls.material()
+            fresh = self._new_client(material.ca, material.cert, material.key)
+            fresh._manager.target = self._client._manager.target
+            try:
+                async with self._wrapped("connecting with the new TLS files"):
+                    await fresh.connect()
+                if self._security.user:
+                    await self._authenticate(fresh)
+                async with self._wrapped("status read (new TLS files)"):
+                    await fresh.kv.get("/", count_only=True, timeout=self.rpc_timeout_s)  # type: ignore[union-attr]
+            except BlueMarbleError as e:
+                log.warning("etcd TLS files changed, but a connection with them failed; keeping the current one",
+                            error=str(e))
+                with contextlib.suppress(Exception):
+                    await fresh.close()
+                continue
+            self._client, self._tls_generation = fresh, generation
+            channel = fresh._channel
+            assert channel is not None
+            self._watch_stub = etcdpb.WatchStub(channel)
+            if self._keepalive is not None:
+                self._keepalive.rebind(channel)
+            log.info("etcd TLS files reloaded; new calls and streams use a new connection", generation=generation)
+
+    async def _authenticate(self, client: etcd3aio.Etcd3Client | None = None) -> None:
+        """Gets a token for the configured user and sends it from now on (on ``client``,
+        the current one by default). Unavailable when etcd does not answer;
+        BlueMarbleError naming the user when etcd refuses."""
+        client = client or self._client
+        auth = client.auth
         assert auth is not None, "EtcdStore.connect() was not called"
         user = self._security.user
         try:
@@ -341,7 +400,7 @@ class EtcdStore:
                 f"etcd at {','.join(self.endpoints)} refused user {user!r} ({e}); "
                 "check --etcd-user and --etcd-password (BLUEMARBLE_ETCD_PASSWORD)"
             ) from e
-        self._client.set_token(response.token)
+        client.set_token(response.token)
         self._token_metadata = (("token", response.token),)
 
     async def _refresh_token(self) -> None:
@@ -360,6 +419,9 @@ class EtcdStore:
         A watch still being iterated raises Unavailable (the client is closed).
         """
         self._closed = True
+        if self._tls_follower is not None:
+            await background.stop(self._tls_follower)
+            self._tls_follower = None
         if self._token_refresh is not None:
             await background.stop(self._token_refresh)
             self._token_refresh = None
@@ -865,6 +927,10 @@ class _KeepAliveStream:
         self._waiters: dict[int, collections.deque[asyncio.Future[int]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+
+    def rebind(self, channel: grpc.aio.Channel) -> None:
+        """The next stream opens on ``channel``; the current one runs until it breaks."""
+        self._stub = etcdpb.LeaseStub(channel)
 
     async def refresh(self, lease_id: int, timeout_s: float) -> int:
         if self._closed:

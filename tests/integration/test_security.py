@@ -9,8 +9,12 @@ server picks up a rotated certificate without a restart, and so does a client's 
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import gc
+import os
 import shutil
+import time
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,6 +22,9 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.trades import TradeClient
@@ -27,9 +34,11 @@ from bluemarble.runtime.auth import AdminToken, bearer_metadata
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.v1 import controlplane_pb2, controlplane_pb2_grpc, shardnode_pb2, shardnode_pb2_grpc
 from controlplane.server.app import ControlPlaneApp
+from controlplane.store.etcd import EtcdSecurity, EtcdStore
 from scripts.dev_certs import DevCerts, issue, make_ca, make_dev_certs
+from scripts.localcluster import ManagedProcess, find_etcd, free_port
 from shardnode.service import ShardNodeService
-from tests.conftest import StartControlPlane
+from tests.conftest import StartControlPlane, wait_for
 
 TOKEN = "integration-admin-token"
 CALL_TIMEOUT_S = 5.0
@@ -344,18 +353,10 @@ async def test_channels_built_before_a_rotation_are_outdated_and_dropped_without
         await server.stop(None)
 
 
-async def test_etcd_over_tls_with_a_client_certificate_and_a_password(certs: DevCerts, tmp_path: Path) -> None:
-    """The control plane's etcd adapter against an etcd serving TLS with client-cert auth
-    and authentication enabled: reads, leases, keepalives and watches carry the token; a
-    wrong password is refused with a message naming the flags."""
-    import asyncio
-
-    import etcd3aio
-
-    from controlplane.store.etcd import EtcdSecurity, EtcdStore
-    from scripts.localcluster import ManagedProcess, find_etcd, free_port
-
-    client_port, peer_port = free_port(), free_port()
+def tls_etcd(certs: DevCerts, tmp_path: Path, client_port: int = 0) -> tuple[ManagedProcess, str]:
+    """A single-member etcd serving TLS with client-certificate auth (certificates of
+    ``certs``' CA), data under ``tmp_path``; again on ``client_port`` after a restart."""
+    client_port, peer_port = client_port or free_port(), free_port()
     peer = f"http://127.0.0.1:{peer_port}"
     etcd = ManagedProcess("etcd-tls", [
         find_etcd(), "--name", "tls", "--data-dir", str(tmp_path / "data"),
@@ -365,7 +366,86 @@ async def test_etcd_over_tls_with_a_client_certificate_and_a_password(certs: Dev
         "--cert-file", str(certs["etcd"].cert), "--key-file", str(certs["etcd"].key),
         "--trusted-ca-file", str(certs.ca), "--client-cert-auth", "--log-level", "warn", "--logger", "zap",
     ], tmp_path / "etcd.log").start()  # fmt: skip
-    endpoint = f"127.0.0.1:{client_port}"
+    return etcd, f"127.0.0.1:{client_port}"
+
+
+async def test_the_etcd_adapter_follows_a_renewed_client_certificate(
+    certs: DevCerts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control plane's etcd client certificate is renewed in place; the old one then
+    expires and etcd restarts, so every connection is made again. The adapter reaches
+    etcd again only because it connected anew with the renewed files (gRPC would present
+    the expired certificate on every reconnect)."""
+    monkeypatch.setattr(tls, "RECHECK_S", 0.2)
+    ca = x509.load_pem_x509_certificate(certs.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key((certs.ca.parent / "ca-key.pem").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    lifetime = datetime.timedelta(seconds=10)
+    short = issue(ca, ca_key, "controlplane", tmp_path, file_name="short", valid_for=lifetime)
+    expires_at = time.monotonic() + lifetime.total_seconds()
+    cert, key = tmp_path / "etcd-client.pem", tmp_path / "etcd-client-key.pem"
+    shutil.copy(short.cert, cert)
+    shutil.copy(short.key, key)
+    etcd, endpoint = tls_etcd(certs, tmp_path)
+    store = EtcdStore([endpoint], security=EtcdSecurity(
+        certs.ca.read_bytes(), cert.read_bytes(), key.read_bytes(), files=tls.TlsFiles(cert, key, certs.ca)))
+    watched: list[str] = []
+
+    async def watch(revision: int) -> None:
+        async for batch in store.watch_prefix("/renewal/", revision):
+            watched.extend(event.kv.key for event in batch.events)
+
+    watcher: asyncio.Task[None] | None = None
+    try:
+        await store.connect(8)
+        lease_id, _ = await store.grant_lease(30)
+        watcher = asyncio.ensure_future(watch(await store.put("/renewal/before", b"1")))
+        renewed = issue(ca, ca_key, "controlplane", tmp_path, file_name="renewed")
+        for source, target in ((renewed.key, key), (renewed.cert, cert)):
+            shutil.copy(source, tmp_path / "staging")
+            os.replace(tmp_path / "staging", target)  # atomically, as a Secret update does
+        async def renewed_connection() -> bool:
+            return store.tls_generation == 1
+
+        async def first_certificate_expired() -> bool:
+            return time.monotonic() > expires_at + 1
+
+        async def written_again() -> bool:
+            try:
+                await store.put("/renewal/after", b"2")
+            except BlueMarbleError:
+                return False  # etcd is starting, or (without the renewal) refuses the expired certificate
+            return True
+
+        await wait_for(renewed_connection, 10, "a connection with the renewed certificate")
+        await wait_for(first_certificate_expired, 15, "the first certificate to expire")
+        etcd.kill()  # every connection is made again
+        etcd, _ = tls_etcd(certs, tmp_path, client_port=int(endpoint.rsplit(":", 1)[1]))
+        await wait_for(written_again, 20, "a write through the renewed connection after etcd's restart")
+        assert (await store.get("/renewal/before")) is not None
+        # The streams broke with the old connection and reopened on the new one.
+        assert await store.keepalive(lease_id) > 0
+
+        async def both_watched() -> bool:
+            return watched[:1] == ["/renewal/before"] and "/renewal/after" in watched
+
+        await wait_for(both_watched, 20, "the watch to resume and see the write after the restart")
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        await store.close()
+        etcd.kill()
+
+
+async def test_etcd_over_tls_with_a_client_certificate_and_a_password(certs: DevCerts, tmp_path: Path) -> None:
+    """The control plane's etcd adapter against an etcd serving TLS with client-cert auth
+    and authentication enabled: reads, leases, keepalives and watches carry the token; a
+    wrong password is refused with a message naming the flags."""
+    import asyncio
+
+    import etcd3aio
+
+    etcd, endpoint = tls_etcd(certs, tmp_path)
     material = {
         "ca": certs.ca.read_bytes(),
         "cert": certs["controlplane"].cert.read_bytes(),
