@@ -121,8 +121,10 @@ class CallStream:
                 if not self._outbox:
                     self._wake.clear()
                     waiter = asyncio.ensure_future(self._wake.wait())
-                    await asyncio.wait((waiter, reader), return_when=asyncio.FIRST_COMPLETED)
-                    waiter.cancel()
+                    try:
+                        await asyncio.wait((waiter, reader), return_when=asyncio.FIRST_COMPLETED)
+                    finally:  # also when the stream is closed meanwhile: a waiter left pending leaks
+                        waiter.cancel()
                     continue
                 batch = next(by_size(self._outbox, MAX_CALLS_PER_MESSAGE, limits.MAX_NODE_CALLS_MESSAGE_BYTES))
                 del self._outbox[: len(batch)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -335,5 +336,30 @@ async def test_a_node_shutting_down_ends_the_replication_streams_it_receives_una
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "n1 is shutting down" in (info.value.details() or "")
     finally:
+        await channel.close(None)
+        await server.grpc.stop(None)
+
+
+async def test_closing_an_idle_stream_leaves_no_task_behind() -> None:
+    """A stream closed while it waits for calls: its waiting task is cancelled with it (a
+    task left pending is destroyed later with "Task was destroyed but it is pending!")."""
+    service = _EchoInventory()
+    server = await _serve(service, 0)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    stream = CallStream(shardnode_pb2_grpc.ShardNodeStub(channel), f"127.0.0.1:{server.port}")  # type: ignore[no-untyped-call]
+
+    def waiting_tasks() -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks() if not t.done() and "Event.wait" in repr(t.get_coro())]
+
+    try:
+        before = set(waiting_tasks())
+        got = await stream.call("get_inventory", shardnode_pb2.GetInventoryRequest(player_id="a"), 5.0)
+        assert got.player_id == "a"
+        assert set(waiting_tasks()) - before, "the idle stream waits for its next call"
+        await stream.close()
+        await asyncio.sleep(0)  # one loop turn: a cancelled task finishes there
+        assert not set(waiting_tasks()) - before
+    finally:
+        await stream.close()
         await channel.close(None)
         await server.grpc.stop(None)
