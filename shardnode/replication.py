@@ -35,6 +35,7 @@ import grpc.aio
 import structlog
 
 from bluemarble.api.conversions import log_position_from_proto, log_position_to_proto
+from bluemarble.api.messages import SHUTTING_DOWN_KEY
 from bluemarble.core.errors import Unavailable
 from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.replication import ZERO, LogPosition
@@ -63,6 +64,9 @@ COVER_WINDOW_S = EVENTUAL_LINGER_S
 """A stream in the middle of an exchange that began less than this long ago counts as
 carrying any new entry (it sends it as soon as its replica answers): another replica's
 stream need not hurry for the entries of STRONG writes that need only one ack."""
+PEER_RESTART_GRACE_S = 30.0
+"""How long after a replica said it is shutting down its stream's failures are expected."""
+
 STRONG_COALESCE_S = 0.002
 """When STRONG writes arrive while their stream is busy (its last batch carried several
 entries), the first one waits this long for the others the same burst brings: one
@@ -142,11 +146,13 @@ class Shipper:
     batches: int = 0
     last_batch_entries: int = 0
     exchange_started_s: float | None = None  # when the batch in flight was sent (None: idle)
+    quiet_until_s: float = 0.0  # the replica said it is shutting down: failures until then are expected
 
     def start(self) -> None:
         policy = retry.RetryPolicy(initial_s=0.05, max_backoff_s=1.0, deadline_s=None)
         self.task = background.start(
-            retry.supervise(self._stream_once, name=f"replicate-to-{self.replica}", policy=policy, clock=self.clock),
+            retry.supervise(self._stream_once, name=f"replicate-to-{self.replica}", policy=policy, clock=self.clock,
+                            quiet=lambda: self.clock.monotonic_s() < self.quiet_until_s),
             f"replicate-to-{self.replica}",
         )
 
@@ -204,8 +210,14 @@ class Shipper:
                 self.batches += 1
                 self.last_batch_entries = sum(len(g.entries) for g in batch.shards)
                 self._on_ack(ack, sent)
+                self.quiet_until_s = 0.0  # it is back
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:  # a write after the replica ended it
             code, details = await channels.ended_status(call, e)
+            with contextlib.suppress(Exception):
+                if any(key == SHUTTING_DOWN_KEY for key, _ in await call.trailing_metadata() or ()):
+                    # A graceful stop (a rolling restart): it is expected back. Until then
+                    # (or its leave reaches the assignments) retries are logged at info.
+                    self.quiet_until_s = self.clock.monotonic_s() + PEER_RESTART_GRACE_S
             raise Unavailable(f"replication stream to {self.replica} broke: {code.name} {details}") from e
         finally:
             call.cancel()

@@ -16,7 +16,7 @@ import grpc
 import grpc.aio
 import structlog
 
-from bluemarble.api.messages import NODE_CALL_RPCS, by_size
+from bluemarble.api.messages import NODE_CALL_RPCS, SHUTTING_DOWN_KEY, by_size
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError, InvalidArgument, Unavailable
 from bluemarble.core.trades import Outcome
@@ -137,7 +137,8 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         await self._closing.wait()
         log.debug("replication stream closed: shutting down", peer=context.peer())
         with contextlib.suppress(Exception):  # grpc.aio's AbortError: the status is sent
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self._node_id} is shutting down")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self._node_id} is shutting down",
+                                trailing_metadata=((SHUTTING_DOWN_KEY, "1"),))
 
     async def Calls(
         self, request_iterator: AsyncIterator[shardnode_pb2.NodeCalls], context: Ctx

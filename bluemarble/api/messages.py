@@ -1,5 +1,5 @@
-"""Carrier messages: the calls a ``ShardNode.Calls`` message may carry, and grouping
-messages into the repeated field of one carrier."""
+"""Carrier messages: the calls a ``ShardNode.Calls`` message may carry, grouping messages
+into the repeated field of one carrier, and the metadata a stream's end may carry."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ NODE_CALL_RPCS = {
 }
 """NodeCall's request fields and the ShardNode RPC each stands for (its unary twin, and
 the method name its metrics and logs carry)."""
+
+
+SHUTTING_DOWN_KEY = "bluemarble-shutting-down"
+"""Trailing metadata of a stream a node ended because it is shutting down (a graceful
+stop, e.g. a rolling restart): its peer expects it back and need not warn meanwhile."""
 
 
 def by_size(messages: Sequence[M], max_count: int, max_bytes: int) -> Iterator[list[M]]:

@@ -178,13 +178,15 @@ async def supervise(
     clock: Clock | None = None,
     healthy_after_s: float = 5.0,
     stop: asyncio.Event | None = None,
+    quiet: Callable[[], bool] | None = None,
 ) -> None:
     """Runs ``step()`` again and again until cancelled (or ``stop`` is set).
 
     ``step`` normally runs for a long time (a watch, a stream). When it returns or raises,
     the end is logged (retryable errors as warnings, anything else with its traceback)
     and it is restarted after a jittered backoff; a step that ran for at least
-    ``healthy_after_s`` restarts after the shortest delay again.
+    ``healthy_after_s`` restarts after the shortest delay again. While ``quiet()`` is
+    true, retryable errors are expected (a peer said it is restarting) and logged at info.
     """
     clock = clock or SystemClock()
     backoff = Backoff(policy, clock)
@@ -196,7 +198,10 @@ async def supervise(
         except asyncio.CancelledError:
             raise
         except BlueMarbleError as e:
-            (log.warning if e.retryable else log.error)("loop step failed; restarting", loop=name, error=str(e))
+            level = log.warning if e.retryable else log.error
+            if e.retryable and quiet is not None and quiet():
+                level = log.info
+            level("loop step failed; restarting", loop=name, error=str(e))
         except Exception:
             log.exception("loop step crashed; restarting (this is a bug)", loop=name)
         if clock.monotonic_s() - started >= healthy_after_s:

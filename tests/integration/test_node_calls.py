@@ -16,6 +16,7 @@ import grpc
 import grpc.aio
 import pytest
 
+from bluemarble.api.messages import SHUTTING_DOWN_KEY
 from bluemarble.client.node_calls import CallStream
 from bluemarble.client.routing import GrpcNodeTransport
 from bluemarble.core import errors, limits
@@ -335,6 +336,8 @@ async def test_a_node_shutting_down_ends_the_replication_streams_it_receives_una
             await stream.read()
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "n1 is shutting down" in (info.value.details() or "")
+        # The primary's shipper reads this: the replica is expected back, no need to warn.
+        assert (SHUTTING_DOWN_KEY, "1") in tuple(info.value.trailing_metadata() or ())
     finally:
         await channel.close(None)
         await server.grpc.stop(None)

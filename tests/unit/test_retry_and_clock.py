@@ -6,6 +6,7 @@ import asyncio
 import itertools
 
 import pytest
+import structlog
 
 from bluemarble.core.errors import FailedPrecondition, Unavailable
 from bluemarble.runtime import retry
@@ -143,6 +144,31 @@ async def test_supervise_restarts_a_step_after_errors_and_crashes() -> None:
     await clock.advance(10)
     await asyncio.wait_for(task, 1)
     assert runs == 4
+
+
+async def test_supervise_logs_expected_failures_at_info_while_quiet() -> None:
+    """A peer that said it is restarting: its stream's failures are news, not warnings."""
+    clock = FakeClock()
+    runs = 0
+    stop = asyncio.Event()
+    quiet = True
+
+    async def step() -> None:
+        nonlocal runs, quiet
+        runs += 1
+        if runs == 3:
+            stop.set()
+            return
+        if runs == 2:
+            quiet = False
+        raise Unavailable("peer restarting")
+
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(retry.supervise(step, name="t", clock=clock, stop=stop, quiet=lambda: quiet))
+        await clock.advance(10)
+        await asyncio.wait_for(task, 1)
+    levels = [e["log_level"] for e in logs if e["event"] == "loop step failed; restarting"]
+    assert levels == ["info", "warning"]
 
 
 async def test_call_accepts_a_lambda_returning_an_awaitable() -> None:
