@@ -15,8 +15,6 @@ import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from bluemarble.runtime import metrics
-
 T = TypeVar("T")
 
 
@@ -39,6 +37,10 @@ def run(main: Coroutine[Any, Any, T], *, server: bool = False) -> T:
     server process: :func:`freeze_heap` first, and every collection's pause is observed
     in ``bluemarble_gc_pause_seconds``."""
     if server:
+        # Here, not at the top: other users of this module (benchmarks, tools) need not
+        # import prometheus-client (about 45 ms) to run a coroutine.
+        from bluemarble.runtime import metrics
+
         freeze_heap()
         metrics.observe_gc_pauses()
     choice = os.environ.get("BLUEMARBLE_EVENT_LOOP", "auto")
