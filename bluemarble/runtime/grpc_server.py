@@ -15,6 +15,7 @@ the metadata limit and reach the client as RESOURCE_EXHAUSTED instead of the err
 
 from __future__ import annotations
 
+import inspect
 import re
 import time
 import uuid
@@ -169,8 +170,11 @@ def _wrap_unary(
 
 
 def _wrap_stream(
-    method: str, behavior: Callable[[Any, Ctx], AsyncIterator[Any]], client_streaming: bool
-) -> Callable[[Any, Ctx], AsyncIterator[Any]]:
+    method: str, behavior: Callable[[Any, Ctx], Any], client_streaming: bool
+) -> Callable[[Any, Ctx], Any]:
+    if _writes_responses(behavior):
+        return _wrap_unary(method, behavior, client_streaming)
+
     async def wrapped(request: Any, context: Ctx) -> AsyncIterator[Any]:
         _bind(method, context)
         started = time.monotonic()
@@ -187,6 +191,14 @@ def _wrap_stream(
             structlog.contextvars.clear_contextvars()
 
     return wrapped
+
+
+def _writes_responses(behavior: Callable[[Any, Ctx], Any]) -> bool:
+    """True when a response-streaming ``behavior`` is a coroutine that sends its
+    responses with ``context.write()`` (grpcio's own servicers, e.g. Health.Watch) rather
+    than an async generator that yields them. grpc.aio tells the two apart by the
+    handler's kind, so a wrapper must be of the same kind as what it wraps."""
+    return inspect.iscoroutinefunction(behavior)
 
 
 @dataclass(frozen=True)
@@ -255,7 +267,7 @@ def _guard_handler(method: str, message_type: str, handler: MethodHandler, check
         return request
 
     guarded: Callable[[Any, Ctx], Any]
-    if handler.response_streaming:
+    if handler.response_streaming and not _writes_responses(behavior):
 
         async def guarded_stream(request: Any, context: Ctx) -> AsyncIterator[Any]:
             if isinstance(request, Undecodable):
@@ -337,10 +349,25 @@ def guard_decoding(
     return list(recorder.services)
 
 
+class HealthServicer(health_aio.HealthServicer):  # type: ignore[misc]
+    """grpcio's asyncio health servicer plus ``List``, which grpcio leaves unimplemented
+    although the health proto (and so reflection and grpcurl) offers it."""
+
+    async def List(self, request: health_pb2.HealthListRequest, context: Ctx) -> health_pb2.HealthListResponse:
+        """The status of every service this server knows (``""`` is the server as a
+        whole), as the proto asks: the same statuses Check and Watch answer with."""
+        # grpcio keeps the statuses in this attribute and offers no public reader; a
+        # server knows only a handful of services, so the answer is small.
+        statuses: dict[str, int] = dict(self._server_status)
+        return health_pb2.HealthListResponse(
+            statuses={name: health_pb2.HealthCheckResponse(status=status) for name, status in statuses.items()}
+        )
+
+
 class Server:
     """A started gRPC server with its health servicer; see :func:`build_server`."""
 
-    def __init__(self, server: grpc.aio.Server, health: health_aio.HealthServicer, port: int):
+    def __init__(self, server: grpc.aio.Server, health: HealthServicer, port: int):
         self.grpc = server
         self.health = health
         self.port = port
@@ -394,7 +421,7 @@ async def build_server(
             check_requests=False,
         )
         names.append(binding.full_name)
-    health = health_aio.HealthServicer()
+    health = HealthServicer()
     guard_decoding(server, health_pb2_grpc.add_HealthServicer_to_server, health)
     for name in names:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc.aio
 import pytest
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from bluemarble.runtime.grpc_server import build_server
 from controlplane.server.app import ControlPlaneApp
 
 pytestmark = pytest.mark.integration
@@ -57,3 +60,35 @@ async def test_health_is_serving(control_plane: ControlPlaneApp) -> None:
         for service in ("", "bluemarble.v1.ControlPlane"):
             r = await stub.Check(health_pb2.HealthCheckRequest(service=service))
             assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_health_watch_streams_the_status_and_its_changes() -> None:
+    # grpcio's Health.Watch sends with context.write() (a coroutine, not a generator): the
+    # server's request guard must wrap it as such, or the call ends UNKNOWN.
+    server = await build_server("127.0.0.1:0", [])
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            first = await asyncio.wait_for(call.read(), timeout=5)
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            await server.set_serving(False)
+            second = await asyncio.wait_for(call.read(), timeout=5)
+            assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            call.cancel()
+    finally:
+        await server.grpc.stop(None)
+
+
+async def test_health_watch_and_list_on_the_control_plane(control_plane: ControlPlaneApp) -> None:
+    async with grpc.aio.insecure_channel(control_plane.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        call = stub.Watch(health_pb2.HealthCheckRequest(service="bluemarble.v1.ControlPlane"))
+        first = await asyncio.wait_for(call.read(), timeout=5)
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        call.cancel()
+        listed = await stub.List(health_pb2.HealthListRequest(), timeout=5)
+        statuses = {name: r.status for name, r in listed.statuses.items()}
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert statuses[""] == serving
+        assert statuses["bluemarble.v1.ControlPlane"] == serving
+        assert statuses["bluemarble.v1.TradeCoordinator"] == serving
