@@ -148,6 +148,19 @@ def _position(message: shardnode_pb2.LogPosition, what: str) -> LogPosition:
     return position
 
 
+def _check_counters(group: shardnode_pb2.ShardEntries, where: str) -> None:
+    """Refuses (InvalidArgument naming the field) a group whose epochs or lsns exceed what
+    storage holds (:func:`bluemarble.core.validation.log_counter`), before any is used."""
+    validation.log_counter(group.epoch, f"{where}.epoch")
+    validation.log_counter(group.primary_last_lsn, f"{where}.primary_last_lsn")
+    validation.log_counter(group.prev.epoch, f"{where}.prev.epoch")
+    validation.log_counter(group.prev.lsn, f"{where}.prev.lsn")
+    for j, entry in enumerate(group.entries):
+        if entry.epoch > limits.MAX_LOG_COUNTER or entry.lsn > limits.MAX_LOG_COUNTER:
+            validation.log_counter(entry.epoch, f"{where}.entries[{j}].epoch")
+            validation.log_counter(entry.lsn, f"{where}.entries[{j}].lsn")
+
+
 class DataPlane:
     """See the module docstring. Single-threaded: everything runs on the event loop."""
 
@@ -572,6 +585,7 @@ class DataPlane:
 
     def _writable(self, shard: ShardId, epoch: int, *, strong: bool) -> ShardState:
         """The shard's state if this node may write to it at ``epoch`` (0: the current one)."""
+        validation.log_counter(epoch, "epoch")
         state = self._shards.get(shard)
         if state is None or state.role != PRIMARY:
             raise FailedPrecondition(
@@ -847,8 +861,9 @@ class DataPlane:
         if len(request.shards) > limits.MAX_SHARD_STATUSES:
             raise InvalidArgument(f"fence lists {len(request.shards)} shards; at most {limits.MAX_SHARD_STATUSES}")
         response = shardnode_pb2.FenceResponse(node_id=self.node_id)
-        for item in request.shards:
+        for i, item in enumerate(request.shards):
             shard = _shard_id(item.shard_id)
+            validation.log_counter(item.epoch, f"shards[{i}].epoch")
             if item.epoch == 0:
                 raise InvalidArgument(f"fence of {shard} names epoch 0; epochs start at 1")
             state = self._state(shard)
@@ -891,12 +906,13 @@ class DataPlane:
         to_append: list[tuple[ShardId, list[shardnode_pb2.LogEntry]]] = []
         accepted: list[tuple[ShardState, shardnode_pb2.ShardEntries, shardnode_pb2.ShardAck]] = []
         fenced: dict[ShardId, int] = {}
-        for group in batch.shards:
+        for i, group in enumerate(batch.shards):
             shard = _shard_id(group.shard_id)
             if len(group.entries) > MAX_ENTRIES_PER_SHARD_IN_BATCH:
                 raise InvalidArgument(
                     f"{len(group.entries)} entries for {shard}; at most {MAX_ENTRIES_PER_SHARD_IN_BATCH}"
                 )
+            _check_counters(group, f"shards[{i}]")
             state = self._shards.get(shard)
             ack = shardnode_pb2.ShardAck(shard_id=shard)
             acks.append(ack)

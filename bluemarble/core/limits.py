@@ -67,6 +67,10 @@ def echo(value: object, limit: int = MAX_ECHO_CHARS) -> str:
     size = len(value) if isinstance(value, str | bytes) else len(text)
     return f"{text[:limit]}... ({size} chars)"
 
+MAX_LOG_COUNTER = 2**63 - 1
+"""Largest epoch, lsn or revision a request may carry. The wire types are uint64, but a
+node stores them as SQLite INTEGERs and etcd as int64, which hold no more."""
+
 MAX_ITEMS_PER_REQUEST = 256
 """Item ids one grant may carry (a grant is one log entry, replicated in one message)."""
 

@@ -194,6 +194,16 @@ def item_ids(values: Sequence[str], field: str = "item_ids", *, allow_empty: boo
     return list(values)
 
 
+def log_counter(value: int, field: str) -> int:
+    """An epoch, lsn or revision from the wire: 0..2^63-1
+    (:data:`~bluemarble.core.limits.MAX_LOG_COUNTER`). The proto types are uint64, but no
+    store (SQLite, etcd) holds more than a signed 64-bit integer, so a larger value is
+    refused here, with the field named, instead of failing in storage."""
+    if value < 0 or value > limits.MAX_LOG_COUNTER:
+        raise InvalidArgument(f"{field} is {value}; it must be between 0 and 2^63-1 ({limits.MAX_LOG_COUNTER})")
+    return value
+
+
 def gold(value: int, field: str = "gold") -> int:
     """An amount of gold: 0..2^53."""
     if value < 0 or value > limits.MAX_GOLD:

@@ -43,7 +43,7 @@ from bluemarble.core.errors import (
     Unavailable,
 )
 from bluemarble.core.ids import PlayerId, ShardId
-from bluemarble.core.limits import echo
+from bluemarble.core.limits import MAX_LOG_COUNTER, echo
 from bluemarble.core.replication.position import ZERO, LogPosition
 from bluemarble.core.trades import Holdings
 from bluemarble.v1 import shardnode_pb2
@@ -68,6 +68,11 @@ _SELECT_ENTRIES = (
     "SELECT lsn, epoch, payload, written_at_ms FROM log WHERE shard_id = ? AND lsn >= ? ORDER BY lsn LIMIT ?"
 )
 _ENTRY_AT = "SELECT epoch, written_at_ms FROM log WHERE shard_id = ? AND lsn = ?"
+
+
+def _check_epoch(epoch: int) -> None:
+    if epoch < 0 or epoch > MAX_LOG_COUNTER:
+        raise InvalidArgument(f"epoch is {epoch}; epochs are 0..2^63-1")
 
 
 @dataclass(slots=True)
@@ -245,9 +250,9 @@ class NodeStorage:
     def fence(self, shard: ShardId, epoch: int) -> ShardMeta:
         """Durably raises the shard's fenced epoch to ``max(fenced_epoch, epoch)``; from
         the return on, writes and entries of older primaries are refused (flow 4, step
-        one). Returns the shard's meta after the fence."""
-        if epoch < 0:
-            raise InvalidArgument(f"epoch is {epoch}; epochs are >= 0")
+        one). Returns the shard's meta after the fence. Raises InvalidArgument for an
+        epoch outside 0..2^63-1 (SQLite's INTEGER holds no more)."""
+        _check_epoch(epoch)
         current = self.meta(shard)
         if epoch <= current.fenced_epoch:
             return current
@@ -381,8 +386,17 @@ class NodeStorage:
         an item while their histories catch up, which a replica must not refuse.
         Returns the new last position of every shard in ``batch`` or ``fenced``.
         Raises (committing nothing) FailedPrecondition when entries do not continue the
-        shard's log (lsn gap, older epoch), CorruptRecord for a payload no primary writes.
+        shard's log (lsn gap, older epoch), CorruptRecord for a payload no primary writes,
+        InvalidArgument for an epoch or lsn past 2^63-1 (SQLite's INTEGER holds no more).
         """
+        for epoch in fenced.values():
+            _check_epoch(epoch)
+        for _, entries in batch:
+            for entry in entries:
+                if entry.epoch > MAX_LOG_COUNTER or entry.lsn > MAX_LOG_COUNTER:
+                    raise InvalidArgument(
+                        f"entry ({entry.epoch}, {entry.lsn}) is past 2^63-1, the largest epoch or lsn; not applied"
+                    )
         touched: list[ShardId] = []
         with self._write_txn() as txn:
             for shard, epoch in fenced.items():

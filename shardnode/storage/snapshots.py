@@ -13,7 +13,7 @@ import sqlite3
 
 from bluemarble.core.errors import CorruptRecord
 from bluemarble.core.ids import ShardId
-from bluemarble.core.limits import echo
+from bluemarble.core.limits import MAX_LOG_COUNTER, echo
 from bluemarble.core.replication.position import ZERO, LogPosition
 from bluemarble.v1 import shardnode_pb2
 from shardnode.storage import records, trades
@@ -71,7 +71,9 @@ def check_snapshot(snapshot: shardnode_pb2.ShardSnapshot) -> LogPosition:
     if not shard:
         raise CorruptRecord("the snapshot names no shard")
     epoch, lsn = snapshot.last.epoch, snapshot.last.lsn
-    if (epoch == 0) != (lsn == 0):
+    if (epoch == 0) != (lsn == 0) or epoch > MAX_LOG_COUNTER or lsn > MAX_LOG_COUNTER:
+        # Past 2^63-1 no SQLite INTEGER holds it; the tail's, requests' and values'
+        # positions are bounded by this one (checked below).
         raise CorruptRecord(f"the snapshot of {shard} ends at ({epoch}, {lsn}), which is no log position")
     last = LogPosition(epoch, lsn) if lsn else ZERO
     tail = snapshot.tail

@@ -186,3 +186,45 @@ async def test_a_node_restarted_with_its_data_dir_recovers_its_shards(
         assert sorted(inv[0][0] for inv in found if inv is not None) == sorted(f"item-{i}" for i in range(20))
     finally:
         storage.close()
+
+
+async def test_epochs_past_int63_are_refused_naming_the_field(
+    start_control_plane: StartControlPlane, tmp_path: Path
+) -> None:
+    # The proto's epochs and lsns are uint64, but SQLite stores at most 2^63-1: a larger
+    # value must be refused as the caller's mistake, not fail as INTERNAL in storage.
+    async with data_node(start_control_plane, tmp_path) as (stub, dp):
+        shard = dp.statuses()[0].shard_id
+        fenced_before = storage_fences(dp)
+        for epoch in (2**63, 2**64 - 1):
+            request = shardnode_pb2.FenceRequest(
+                requested_by="probe", shards=[shardnode_pb2.ShardFence(shard_id=shard, epoch=epoch)]
+            )
+            code, details = await refused(stub.Fence(request))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+            assert "shards[0].epoch" in details and "2^63-1" in details, details
+        code, details = await refused(stub.GrantItems(grant(epoch=2**64 - 1)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "epoch" in details, details
+        batch = shardnode_pb2.ReplicateBatch(
+            primary="n9", shards=[shardnode_pb2.ShardEntries(shard_id=shard, epoch=2**64 - 1)]
+        )
+        call = stub.Replicate()
+        await call.write(batch)
+        code, details = await refused(call.read())
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert "shards[0].epoch" in details, details
+        entry = shardnode_pb2.LogEntry(epoch=2**63, lsn=2)
+        batch = shardnode_pb2.ReplicateBatch(
+            primary="n9",
+            shards=[shardnode_pb2.ShardEntries(shard_id=shard, epoch=1, prev=shardnode_pb2.LogPosition(epoch=1, lsn=1),
+                                               entries=[entry])],
+        )
+        call = stub.Replicate()
+        await call.write(batch)
+        code, details = await refused(call.read())
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "shards[0].entries[0].epoch" in details, details
+        assert storage_fences(dp) == fenced_before
+
+
+def storage_fences(dp: DataPlane) -> dict[str, int]:
+    return {shard: meta.fenced_epoch for shard, meta in dp._storage.shards().items()}

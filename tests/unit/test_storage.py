@@ -240,6 +240,23 @@ class TestFences:
         assert replica.inventory(S1, ALICE) is None and replica.item_owner("a") is None
 
 
+    def test_epochs_and_lsns_past_int63_are_refused_and_change_nothing(self, replica: NodeStorage) -> None:
+        # SQLite's INTEGER is signed 64-bit; the wire's uint64 may carry more.
+        payload = grant("r", ALICE, ["a"]).SerializeToString()
+        for epoch in (2**63, 2**64 - 1):
+            with pytest.raises(InvalidArgument, match="2\\^63-1"):
+                replica.fence(S1, epoch)
+            with pytest.raises(InvalidArgument, match="2\\^63-1"):
+                replica.append([], {S1: epoch})
+            with pytest.raises(InvalidArgument, match="2\\^63-1"):
+                replica.append([(S1, [pb.LogEntry(lsn=1, epoch=epoch, payload=payload)])], {})
+        assert replica.fence(S1, 2**63 - 1).fenced_epoch == 2**63 - 1
+        assert replica.meta(S1).last == ZERO
+        snap = pb.ShardSnapshot(shard_id=S2, last=pb.LogPosition(epoch=2**63, lsn=1))
+        with pytest.raises(CorruptRecord, match="no log position"):
+            replica.install_snapshot(snap, fenced_epoch=1)
+
+
 class TestReplicas:
     def test_append_reproduces_the_primary(self, store: NodeStorage, replica: NodeStorage) -> None:
         store.write(S1, 1, grant("r1", ALICE, ["a", "b"], gold=3), now_ms=10)

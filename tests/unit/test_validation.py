@@ -125,3 +125,14 @@ class TestNodeFlags:
         assert "unspecified host 0.0.0.0" in capsys.readouterr().err
         with pytest.raises(SystemExit):
             parse_args([*base, "--advertise", "0.0.0.0:7101"])
+
+
+class TestLogCounter:
+    def test_accepts_0_to_int63_max(self) -> None:
+        assert validation.log_counter(0, "epoch") == 0
+        assert validation.log_counter(2**63 - 1, "epoch") == 2**63 - 1
+
+    @pytest.mark.parametrize("value", [2**63, 2**64 - 1, -1])
+    def test_refuses_what_no_store_holds_naming_the_field(self, value: int) -> None:
+        with pytest.raises(InvalidArgument, match=r"shards\[2\]\.epoch is .*2\^63-1"):
+            validation.log_counter(value, "shards[2].epoch")
