@@ -82,9 +82,21 @@ def problems(config: common_pb2.ClusterConfig) -> list[str]:
             )
         if model not in (STRONG, EVENTUAL, CAUSAL):
             found.append(f"consistency of {limits.echo(system)} must be STRONG, EVENTUAL or CAUSAL")
+    if not config.consistency:
+        # A config sent with only the numeric fields would delete every game system.
+        found.append(
+            "consistency is empty; send the whole table (GetConfig, edit, SetConfig): every game system "
+            f"with its model, {' and '.join(STRONG_ONLY)} as STRONG"
+        )
+        return found
     for system in STRONG_ONLY:
-        model = config.consistency.get(system, STRONG)
-        if model != STRONG:
+        model = config.consistency.get(system)
+        if model is None:
+            found.append(
+                f"consistency lacks {system!r}, which must stay listed as STRONG; send the whole table "
+                "(GetConfig, edit, SetConfig)"
+            )
+        elif model != STRONG:
             found.append(
                 f"consistency of {system!r} must stay STRONG: items and gold are only safe "
                 "with primary-only writes and synchronous replication"

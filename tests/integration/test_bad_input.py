@@ -388,6 +388,22 @@ class TestConfigAndReplication:
         assert "must be 1..64 of a-z, 0-9 or '_'" in details
         assert_short(details)
 
+    @pytest.mark.parametrize("removed", ["all", "inventory", "trade"])
+    async def test_a_config_without_the_strong_systems_is_refused(
+        self, control_plane: ControlPlaneApp, stub: Stub, removed: str
+    ) -> None:
+        # grpcurl users may send only the numeric fields: that must not delete every system.
+        config = (await stub.GetConfig(pb.GetConfigRequest())).config
+        if removed == "all":
+            config.ClearField("consistency")
+        else:
+            del config.consistency[removed]
+        async with Unchanged(control_plane, stub):
+            code, details = await refusal(stub.SetConfig(pb.SetConfigRequest(config=config)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert ("consistency is empty" if removed == "all" else f"lacks {removed!r}") in details, details
+        assert_short(details)
+
     async def test_status_reports_under_replication(self, stub: Stub) -> None:
         await stub.RegisterNode(register_request("n1", "127.0.0.1:7101"))
         await stub.RegisterNode(register_request("n2", "127.0.0.1:7102"))

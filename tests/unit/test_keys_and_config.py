@@ -69,6 +69,23 @@ class TestClusterConfig:
         with pytest.raises(InvalidArgument, match="replication_factor is 0"):
             cluster_config.validate(config)
 
+    def test_an_empty_consistency_table_is_refused_once(self) -> None:
+        config = cluster_config.default_config()
+        config.ClearField("consistency")
+        assert cluster_config.problems(config) == [
+            "consistency is empty; send the whole table (GetConfig, edit, SetConfig): every game system "
+            "with its model, inventory and trade as STRONG"
+        ]
+
+    @pytest.mark.parametrize("system", cluster_config.STRONG_ONLY)
+    def test_a_system_that_must_stay_strong_cannot_be_removed(self, system: str) -> None:
+        config = cluster_config.default_config()
+        del config.consistency[system]
+        (problem,) = cluster_config.problems(config)
+        assert f"consistency lacks {system!r}, which must stay listed as STRONG" in problem
+        with pytest.raises(InvalidArgument, match=f"lacks {system!r}"):
+            cluster_config.validate(config)
+
     def test_unspecified_consistency_is_refused(self) -> None:
         config = cluster_config.default_config()
         config.consistency["chat"] = common_pb2.CONSISTENCY_MODEL_UNSPECIFIED
