@@ -74,6 +74,7 @@ from bluemarble.runtime.clock import run_with_timeout
 from bluemarble.v1 import common_pb2, shardnode_pb2, trade_pb2
 from shardnode.dataplane import DataPlane, ShardState
 from shardnode.storage import trades as stored
+from shardnode.storage.records import GRANT
 
 log = structlog.get_logger(__name__)
 
@@ -175,27 +176,34 @@ class Participant:
     def _holdings(self, shard: ShardId, player: str, receiving: Sequence[str] = ()) -> Holdings:
         """The player's holdings, with what queued writes take away counted as escrowed
         (queued escrows, items and gold a queued same-shard trade gives). What queued
-        writes would add is left out: a decision on it could only refuse, never double-spend
-        (and the apply's own checks refuse a second copy of an item id).
+        writes would add is left out of the items and gold (a decision on it could only
+        refuse, never double-spend; the apply's own checks refuse a second copy of an item
+        id), but the gold they would add counts as incoming, against the 2^53 cap.
         ``receiving``: the item ids a cross-shard leg receives, checked against the other
         players of the shard (core ``check_leg``)."""
         base = self._dp.storage.holdings(shard, PlayerId(player), receiving)
         escrowed = set(base.escrowed_items)
         escrowed_gold = base.escrowed_gold
+        incoming_gold = base.incoming_gold
         for op in self._dp.pending_ops(shard):
             kind = op.WhichOneof("op")
             if kind == stored.TRADE_PREPARE and op.trade_prepare.leg.player_id == player:
                 escrowed.update(op.trade_prepare.leg.gives.item_ids)
                 escrowed_gold += op.trade_prepare.leg.gives.gold
+                incoming_gold += op.trade_prepare.leg.receives.gold
             elif kind == stored.LOCAL_TRADE and op.local_trade.outcome == common_pb2.TRADE_OUTCOME_COMMITTED:
                 t = op.local_trade
-                for giver, offer in ((t.player_a, t.a_gives), (t.player_b, t.b_gives)):
+                for giver, offer, received in ((t.player_a, t.a_gives, t.b_gives), (t.player_b, t.b_gives, t.a_gives)):
                     if giver == player:
                         escrowed.update(offer.item_ids)
                         escrowed_gold += offer.gold
-        if escrowed == base.escrowed_items and escrowed_gold == base.escrowed_gold:
+                        incoming_gold += received.gold
+            elif kind == GRANT and op.player_id == player:
+                incoming_gold += op.grant.gold
+        if (frozenset(escrowed), escrowed_gold, incoming_gold) == (
+                base.escrowed_items, base.escrowed_gold, base.incoming_gold):
             return base
-        return Holdings(base.items, base.gold, frozenset(escrowed), escrowed_gold, base.held_by_others)
+        return Holdings(base.items, base.gold, frozenset(escrowed), escrowed_gold, base.held_by_others, incoming_gold)
 
     # ---- checks ----
 
@@ -451,7 +459,8 @@ class Participant:
         log.info("escrow past its deadline; asking for the decision", trade_id=record.trade_id,
                  shard=record.shard_id, late_ms=late_ms)
         try:
-            outcome, reason = await self.resolve(record.shard_id, record.trade_id, "escrow past its deadline")
+            outcome, reason = await self.resolve(record.shard_id, record.trade_id, "escrow past its deadline",
+                                                 record.leg)
             state = await self.settle(record.trade_id, record.shard_id, 0, outcome, reason=reason)
         except BlueMarbleError as e:
             delay_s = self._rng.uniform(0.5, 1.5) * max(self._interval_s, 0.5)
@@ -463,14 +472,18 @@ class Participant:
         log.info("escrow settled by termination", trade_id=record.trade_id, shard=record.shard_id,
                  outcome=outcome.name, state=shardnode_pb2.ParticipantTradeState.Name(state))
 
-    async def resolve(self, shard: ShardId, trade_id: str, why: str) -> tuple[Outcome, str]:
-        """The recorded decision of ``trade_id`` (ResolveTrade: ABORTED written when none
-        exists), asked of the control-plane replicas in turn with jittered, bounded
-        retries. Raises Unavailable (or the last error) when none answered."""
+    async def resolve(self, shard: ShardId, trade_id: str, why: str, leg: Leg | None = None) -> tuple[Outcome, str]:
+        """The decision of ``trade_id`` for the escrow of ``leg`` held here (ResolveTrade:
+        ABORTED written when no record exists; ABORTED for a leg that is not part of the
+        recorded trade, which an attempt reusing the trade id for other terms leaves),
+        asked of the control-plane replicas in turn with jittered, bounded retries.
+        Raises Unavailable (or the last error) when none answered."""
         client = self._client
         if client is None:
             raise Unavailable("no control plane to resolve trades with")
         request = trade_pb2.ResolveTradeRequest(trade_id=trade_id, shard_id=shard, node_id=self._dp.node_id, reason=why)
+        if leg is not None:
+            request.leg.CopyFrom(stored.leg_to_proto(leg))
 
         async def attempt() -> trade_pb2.ResolveTradeResponse:
             address = client.current_address

@@ -26,15 +26,15 @@ from bluemarble.v1 import common_pb2 as bluemarble_dot_v1_dot_common__pb2
 from bluemarble.v1 import shardnode_pb2 as bluemarble_dot_v1_dot_shardnode__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62luemarble/v1/trade.proto\x12\rbluemarble.v1\x1a\x1a\x62luemarble/v1/common.proto\x1a\x1d\x62luemarble/v1/shardnode.proto\"\x99\x01\n\x13\x45xecuteTradeRequest\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12\x10\n\x08player_a\x18\x02 \x01(\t\x12\x10\n\x08player_b\x18\x03 \x01(\t\x12%\n\x07\x61_gives\x18\x04 \x01(\x0b\x32\x14.bluemarble.v1.Offer\x12%\n\x07\x62_gives\x18\x05 \x01(\x0b\x32\x14.bluemarble.v1.Offer\"{\n\x14\x45xecuteTradeResponse\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12,\n\x07outcome\x18\x02 \x01(\x0e\x32\x1b.bluemarble.v1.TradeOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0b\x63ross_shard\x18\x04 \x01(\x08\"6\n\x0fGetTradeRequest\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12\x11\n\tplayer_id\x18\x02 \x01(\t\"\xc3\x02\n\x10GetTradeResponse\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.bluemarble.v1.TradeState\x12,\n\x07outcome\x18\x03 \x01(\x0e\x32\x1b.bluemarble.v1.TradeOutcome\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x33\n\x07request\x18\x05 \x01(\x0b\x32\".bluemarble.v1.ExecuteTradeRequest\x12\x12\n\ndecided_by\x18\x06 \x01(\t\x12\x15\n\rdecided_at_ms\x18\x07 \x01(\x04\x12\x13\n\x0b\x63ross_shard\x18\x08 \x01(\x08\x12\x10\n\x08retained\x18\t \x01(\x08\x12.\n\x05sides\x18\n \x03(\x0b\x32\x1f.bluemarble.v1.ParticipantTrade\"\xdf\x01\n\x0bTradeRecord\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12,\n\x07outcome\x18\x02 \x01(\x0e\x32\x1b.bluemarble.v1.TradeOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\ndecided_by\x18\x04 \x01(\t\x12\x15\n\rdecided_at_ms\x18\x05 \x01(\x04\x12\x33\n\x07request\x18\x06 \x01(\x0b\x32\".bluemarble.v1.ExecuteTradeRequest\x12\x0f\n\x07shard_a\x18\x07 \x01(\t\x12\x0f\n\x07shard_b\x18\x08 \x01(\t\"Z\n\x13ResolveTradeRequest\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12\x10\n\x08shard_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"w\n\x14ResolveTradeResponse\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12,\n\x07outcome\x18\x02 \x01(\x0e\x32\x1b.bluemarble.v1.TradeOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x08\")\n\x18ListInDoubtTradesRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"g\n\x19ListInDoubtTradesResponse\x12/\n\x06trades\x18\x01 \x03(\x0b\x32\x1f.bluemarble.v1.ParticipantTrade\x12\x19\n\x11unreachable_nodes\x18\x02 \x03(\t*\x8e\x01\n\nTradeState\x12\x1b\n\x17TRADE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15TRADE_STATE_PREPARING\x10\x01\x12\x19\n\x15TRADE_STATE_COMMITTED\x10\x02\x12\x17\n\x13TRADE_STATE_ABORTED\x10\x03\x12\x14\n\x10TRADE_STATE_DONE\x10\x04\x32\xf9\x02\n\x10TradeCoordinator\x12W\n\x0c\x45xecuteTrade\x12\".bluemarble.v1.ExecuteTradeRequest\x1a#.bluemarble.v1.ExecuteTradeResponse\x12K\n\x08GetTrade\x12\x1e.bluemarble.v1.GetTradeRequest\x1a\x1f.bluemarble.v1.GetTradeResponse\x12W\n\x0cResolveTrade\x12\".bluemarble.v1.ResolveTradeRequest\x1a#.bluemarble.v1.ResolveTradeResponse\x12\x66\n\x11ListInDoubtTrades\x12\'.bluemarble.v1.ListInDoubtTradesRequest\x1a(.bluemarble.v1.ListInDoubtTradesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62luemarble/v1/trade.proto\x12\rbluemarble.v1\x1a\x1a\x62luemarble/v1/common.proto\x1a\x1d\x62luemarble/v1/shardnode.proto\"\x99\x01\n\x13\x45xecuteTradeRequest\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12\x10\n\x08player_a\x18\x02 \x01(\t\x12\x10\n\x08player_b\x18\x03 \x01(\t\x12%\n\x07\x61_gives\x18\x04 \x01(\x0b\x32\x14.bluemarble.v1.Offer\x12%\n\x07\x62_gives\x18\x05 \x01(\x0b\x32\x14.bluemarble.v1.Offer\"{\n\x14\x45xecuteTradeResponse\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12,\n\x07outcome\x18\x02 \x01(\x0e\x32\x1b.bluemarble.v1.TradeOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0b\x63ross_shard\x18\x04 \x01(\x08\"6\n\x0fGetTradeRequest\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12\x11\n\tplayer_id\x18\x02 \x01(\t\"\xc3\x02\n\x10GetTradeResponse\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.bluemarble.v1.TradeState\x12,\n\x07outcome\x18\x03 \x01(\x0e\x32\x1b.bluemarble.v1.TradeOutcome\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x33\n\x07request\x18\x05 \x01(\x0b\x32\".bluemarble.v1.ExecuteTradeRequest\x12\x12\n\ndecided_by\x18\x06 \x01(\t\x12\x15\n\rdecided_at_ms\x18\x07 \x01(\x04\x12\x13\n\x0b\x63ross_shard\x18\x08 \x01(\x08\x12\x10\n\x08retained\x18\t \x01(\x08\x12.\n\x05sides\x18\n \x03(\x0b\x32\x1f.bluemarble.v1.ParticipantTrade\"\xdf\x01\n\x0bTradeRecord\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12,\n\x07outcome\x18\x02 \x01(\x0e\x32\x1b.bluemarble.v1.TradeOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\ndecided_by\x18\x04 \x01(\t\x12\x15\n\rdecided_at_ms\x18\x05 \x01(\x04\x12\x33\n\x07request\x18\x06 \x01(\x0b\x32\".bluemarble.v1.ExecuteTradeRequest\x12\x0f\n\x07shard_a\x18\x07 \x01(\t\x12\x0f\n\x07shard_b\x18\x08 \x01(\t\"\x80\x01\n\x13ResolveTradeRequest\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12\x10\n\x08shard_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12$\n\x03leg\x18\x05 \x01(\x0b\x32\x17.bluemarble.v1.TradeLeg\"w\n\x14ResolveTradeResponse\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12,\n\x07outcome\x18\x02 \x01(\x0e\x32\x1b.bluemarble.v1.TradeOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x08\")\n\x18ListInDoubtTradesRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"g\n\x19ListInDoubtTradesResponse\x12/\n\x06trades\x18\x01 \x03(\x0b\x32\x1f.bluemarble.v1.ParticipantTrade\x12\x19\n\x11unreachable_nodes\x18\x02 \x03(\t*\x8e\x01\n\nTradeState\x12\x1b\n\x17TRADE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15TRADE_STATE_PREPARING\x10\x01\x12\x19\n\x15TRADE_STATE_COMMITTED\x10\x02\x12\x17\n\x13TRADE_STATE_ABORTED\x10\x03\x12\x14\n\x10TRADE_STATE_DONE\x10\x04\x32\xf9\x02\n\x10TradeCoordinator\x12W\n\x0c\x45xecuteTrade\x12\".bluemarble.v1.ExecuteTradeRequest\x1a#.bluemarble.v1.ExecuteTradeResponse\x12K\n\x08GetTrade\x12\x1e.bluemarble.v1.GetTradeRequest\x1a\x1f.bluemarble.v1.GetTradeResponse\x12W\n\x0cResolveTrade\x12\".bluemarble.v1.ResolveTradeRequest\x1a#.bluemarble.v1.ResolveTradeResponse\x12\x66\n\x11ListInDoubtTrades\x12\'.bluemarble.v1.ListInDoubtTradesRequest\x1a(.bluemarble.v1.ListInDoubtTradesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bluemarble.v1.trade_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRADESTATE']._serialized_start=1354
-  _globals['_TRADESTATE']._serialized_end=1496
+  _globals['_TRADESTATE']._serialized_start=1393
+  _globals['_TRADESTATE']._serialized_end=1535
   _globals['_EXECUTETRADEREQUEST']._serialized_start=104
   _globals['_EXECUTETRADEREQUEST']._serialized_end=257
   _globals['_EXECUTETRADERESPONSE']._serialized_start=259
@@ -45,14 +45,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETTRADERESPONSE']._serialized_end=764
   _globals['_TRADERECORD']._serialized_start=767
   _globals['_TRADERECORD']._serialized_end=990
-  _globals['_RESOLVETRADEREQUEST']._serialized_start=992
-  _globals['_RESOLVETRADEREQUEST']._serialized_end=1082
-  _globals['_RESOLVETRADERESPONSE']._serialized_start=1084
-  _globals['_RESOLVETRADERESPONSE']._serialized_end=1203
-  _globals['_LISTINDOUBTTRADESREQUEST']._serialized_start=1205
-  _globals['_LISTINDOUBTTRADESREQUEST']._serialized_end=1246
-  _globals['_LISTINDOUBTTRADESRESPONSE']._serialized_start=1248
-  _globals['_LISTINDOUBTTRADESRESPONSE']._serialized_end=1351
-  _globals['_TRADECOORDINATOR']._serialized_start=1499
-  _globals['_TRADECOORDINATOR']._serialized_end=1876
+  _globals['_RESOLVETRADEREQUEST']._serialized_start=993
+  _globals['_RESOLVETRADEREQUEST']._serialized_end=1121
+  _globals['_RESOLVETRADERESPONSE']._serialized_start=1123
+  _globals['_RESOLVETRADERESPONSE']._serialized_end=1242
+  _globals['_LISTINDOUBTTRADESREQUEST']._serialized_start=1244
+  _globals['_LISTINDOUBTTRADESREQUEST']._serialized_end=1285
+  _globals['_LISTINDOUBTTRADESRESPONSE']._serialized_start=1287
+  _globals['_LISTINDOUBTTRADESRESPONSE']._serialized_end=1390
+  _globals['_TRADECOORDINATOR']._serialized_start=1538
+  _globals['_TRADECOORDINATOR']._serialized_end=1915
 # @@protoc_insertion_point(module_scope)

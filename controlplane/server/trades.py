@@ -47,6 +47,7 @@ from bluemarble.core.ids import NodeId, ShardId, shard_index
 from bluemarble.core.limits import echo
 from bluemarble.core.ring import Ring
 from bluemarble.core.trades import coordinator as rules
+from bluemarble.core.trades.decision import outcome_for_leg
 from bluemarble.core.trades.model import Decision, Leg, Offer, Outcome, Trade, participant_name, validate_trade
 from bluemarble.runtime import background, channels, metrics, retry, tracing
 from bluemarble.runtime.channels import channel as open_channel
@@ -449,7 +450,11 @@ class TradeCoordinator:
             if isinstance(action, rules.ProposeDecision):
                 crash_point("after-prepare")
                 phase_s = self._clock.monotonic_s()
-                stored = await self._record(trade, action.decision, shards)
+                try:
+                    stored = await self._record(trade, action.decision, shards)
+                except InvalidArgument:
+                    self._release(trade.trade_id, coordinator, shards)
+                    raise
                 metrics.PHASE_DECIDE.observe(self._clock.monotonic_s() - phase_s)
                 actions.extend(coordinator.on_decision(decision_of(stored.record)))
             elif isinstance(action, rules.Reply):
@@ -463,6 +468,23 @@ class TradeCoordinator:
             "trade", trade_id=trade.trade_id, outcome=answer.outcome.name, reason=answer.reason,
                  shard_a=primary_a.shard, shard_b=primary_b.shard, decided_by=answer.decided_by)
         return answer
+
+    def _release(self, trade_id: str, coordinator: rules.Coordinator, shards: dict[rules.Side, ShardId]) -> None:
+        """Aborts, in the background, the escrows this attempt made, once its trade id
+        turned out to be decided for other terms. Safe: a participant that answered
+        PREPARED holds an escrow of *these* terms, which no record covers, so no record
+        can commit it (the termination rule would release it too, once past its deadline:
+        ``outcome_for_leg``); this only frees the items and gold sooner."""
+        for side, reply in coordinator.replies.items():
+            if reply.kind is rules.ReplyKind.PREPARED:
+                shard = shards[side]
+
+                async def release(shard: ShardId = shard) -> None:
+                    if not await self.settle(shard, trade_id, Outcome.ABORTED):
+                        log.info("escrow of a reused trade id left to its participant's termination",
+                                 trade_id=trade_id, shard=shard)
+
+                background.start(release(), f"release-{trade_id[:40]}-{shard}")
 
     async def _prepare_all(self, coordinator: rules.Coordinator, prepares: Sequence[rules.SendPrepare],
                            primaries: dict[rules.Side, Primary]) -> list[rules.Action]:
@@ -602,9 +624,15 @@ class TradeCoordinator:
 
     # ---- ResolveTrade ----
 
-    async def resolve(self, trade_id: str, shard: str, node: str, reason: str) -> tuple[trade_pb2.TradeRecord, bool]:
+    async def resolve(self, trade_id: str, shard: str, node: str, reason: str,
+                      leg: Leg | None = None) -> tuple[trade_pb2.TradeRecord, bool]:
         """The record of ``trade_id``, created ABORTED (decided by "participant <shard>")
-        when there is none. Returns it and whether this call created it."""
+        when there is none. Returns it and whether this call created it.
+
+        With ``leg`` (the escrow the participant holds), the returned copy's outcome is
+        the one that participant must apply (:func:`outcome_for_leg`): ABORTED for a leg
+        that is not part of the recorded terms, whatever the record says. The record in
+        etcd is never changed."""
         who = participant_name(shard) if shard else f"participant node {node}" if node else "participant"
         why = reason[:MAX_REASON_CHARS] if reason else "no decision was recorded"
         record = trade_pb2.TradeRecord(
@@ -612,9 +640,22 @@ class TradeCoordinator:
             reason=f"aborted by {who}: {why}", decided_by=who, decided_at_ms=self._clock.wall_ms(), shard_a=shard,
         )
         stored, created = await self._store.create_if_absent(record)
+        answer = stored.record
+        recorded = outcome_from_proto(answer.outcome, f"trade record {echo(trade_id)}")
+        terms = trade_from_request(answer.request) if answer.request.trade_id else None
+        if outcome_for_leg(recorded, terms, leg) is not recorded:
+            answer = trade_pb2.TradeRecord()
+            answer.CopyFrom(stored.record)
+            answer.outcome = common_pb2.TRADE_OUTCOME_ABORTED
+            answer.reason = (
+                f"trade id {echo(trade_id)} was decided for another trade (between {echo(answer.request.player_a)} "
+                f"and {echo(answer.request.player_b)}); this escrow was left by an attempt that reused the id"
+            )
+            log.warning("escrow of a reused trade id released", trade_id=trade_id, asked_by=who, node_id=node,
+                        player=leg.player if leg else "", recorded=recorded.name)
         log.info("trade resolved", trade_id=trade_id, asked_by=who, node_id=node, created=created,
-                 outcome=common_pb2.TradeOutcome.Name(stored.record.outcome))
-        return stored.record, created
+                 outcome=common_pb2.TradeOutcome.Name(answer.outcome))
+        return answer, created
 
     # ---- participants' views ----
 
@@ -778,7 +819,12 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
                 raise InvalidArgument(f"shard_id: {e}") from e
         if request.node_id:
             validation.node_id(request.node_id)
-        record, created = await self._c.resolve(request.trade_id, request.shard_id, request.node_id, request.reason)
+        leg = None
+        if request.HasField("leg"):
+            leg = Leg(request.trade_id, request.leg.player_id, _offer(request.leg.gives), _offer(request.leg.receives),
+                      request.leg.counterpart_player_id)
+        record, created = await self._c.resolve(request.trade_id, request.shard_id, request.node_id, request.reason,
+                                                leg)
         return trade_pb2.ResolveTradeResponse(
             trade_id=record.trade_id, outcome=record.outcome, reason=record.reason, created=created
         )

@@ -89,9 +89,13 @@ def _apply_grant(
                 raise FailedPrecondition(records.owned_elsewhere(item, owner[0]))
     found = execute(SELECT_GOLD, (shard, player)).fetchone()
     gold = grant.gold + (found[0] if found is not None else 0)
-    if gold > limits.MAX_GOLD:
+    # The primary keeps the headroom the player's pending trades need (their commits must
+    # never be refused); a replica applies what its primary decided.
+    pending = trades.incoming_gold(conn, shard, player) if primary and found is not None and grant.gold else 0
+    if gold + pending > limits.MAX_GOLD:
+        later = f", and {pending} more once its pending trades settle" if pending else ""
         message = (
-            f"player {echo(player)} of {shard} would hold {gold} gold; "
+            f"player {echo(player)} of {shard} would hold {gold} gold{later}; "
             f"a player holds at most 2^53 ({limits.MAX_GOLD})"
         )
         if primary:

@@ -79,7 +79,9 @@ _DELETE_ESCROW = "DELETE FROM escrows WHERE shard_id = ? AND trade_id = ?"
 # INDEXED BY: without statistics SQLite picks the primary key's (shard_id) prefix and
 # scans every escrow of the shard, on every prepare and inventory read.
 _PLAYER_ESCROWS = (
-    "SELECT item_ids, gold FROM escrows INDEXED BY escrows_by_player WHERE shard_id = ? AND player_id = ?"
+    "SELECT e.item_ids, e.gold, t.leg FROM escrows AS e INDEXED BY escrows_by_player "
+    "LEFT JOIN trades AS t ON t.shard_id = e.shard_id AND t.trade_id = e.trade_id "
+    "WHERE e.shard_id = ? AND e.player_id = ?"
 )
 _SELECT_GOLD = "SELECT gold FROM players WHERE shard_id = ? AND player_id = ?"
 _PLAYER_ITEMS = "SELECT item_id FROM items WHERE shard_id = ? AND player_id = ?"
@@ -260,11 +262,26 @@ def holdings(
         return Holdings(frozenset(), 0, held_by_others=held_by_others)
     items = frozenset(r[0] for r in conn.execute(_PLAYER_ITEMS, (shard, player)))
     escrowed: set[str] = set()
-    escrowed_gold = 0
-    for item_ids, gold in conn.execute(_PLAYER_ESCROWS, (shard, player)):
+    escrowed_gold = incoming_gold = 0
+    for item_ids, gold, leg in conn.execute(_PLAYER_ESCROWS, (shard, player)):
         escrowed.update(json.loads(item_ids))
         escrowed_gold += int(gold)
-    return Holdings(items, int(found[0]), frozenset(escrowed), escrowed_gold, held_by_others)
+        incoming_gold += _received_gold(shard, leg)
+    return Holdings(items, int(found[0]), frozenset(escrowed), escrowed_gold, held_by_others, incoming_gold)
+
+
+def incoming_gold(conn: sqlite3.Connection, shard: ShardId, player: PlayerId) -> int:
+    """The gold ``player``'s PREPARED trades on ``shard`` would bring if they commit."""
+    return sum(_received_gold(shard, leg) for _, _, leg in conn.execute(_PLAYER_ESCROWS, (shard, player)))
+
+
+def _received_gold(shard: ShardId, leg: bytes | None) -> int:
+    if leg is None:
+        return 0
+    try:
+        return int(shardnode_pb2.TradeLeg.FromString(bytes(leg)).receives.gold)
+    except DecodeError as e:
+        raise CorruptRecord(f"an escrow of {shard} holds an undecodable leg") from e
 
 
 # ---- apply ----

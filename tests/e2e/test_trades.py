@@ -142,3 +142,93 @@ async def test_trades_conserve_items_and_gold_and_a_killed_primary_leaves_no_esc
             assert settle_s < 12
         finally:
             await channel.close(None)
+
+
+async def test_a_reused_trade_id_and_gold_near_the_cap_move_nothing_nobody_agreed_to(
+    process_cluster: ProcessCluster,
+) -> None:
+    """A trade id reused for other terms, with a counterpart on a shard the recorded trade
+    never touched, leaves that counterpart's items and gold where they were: the escrow
+    the reuse made is released at once, and one left by a coordinator that never came
+    back (a Prepare sent by hand) is released by the participant's termination, since
+    ResolveTrade answers ABORTED for a leg that is not part of the recorded terms. Gold a
+    player's pending trades would bring counts against the 2^53 cap at prepare: of
+    concurrent trades that together would take a player over it, only those that fit
+    commit, and none is left in escrow."""
+    cluster = process_cluster
+    cluster.start_control_plane("--lease-ttl-s", "2", "--replication-factor", "2", "--shards", str(SHARDS))
+    for node, zone in (("n1", "z1"), ("n2", "z2"), ("n3", "z3")):
+        cluster.start_node(node, zone, "--trade-escrow-timeout-s", str(ESCROW_TIMEOUT_S))
+    await eventually(settled(cluster, SHARDS, 2), 40, "every shard served, placement settled")
+    near_cap = 2**53 - 10
+    async with RoutingClient(cluster.control_planes) as client:
+        await client.wait_ready(20)
+        players: list[str] = []
+        for i in range(200):  # four players on four different shards
+            p = f"reuse-{i}"
+            if client.resolve(p).shard_id not in {client.resolve(q).shard_id for q in players}:
+                players.append(p)
+            if len(players) == 4:
+                break
+        a, b, c, rich = players
+        await grant_all(client, {f"seed-{p}": (p, [f"{p}/gem"], 100) for p in (a, b, c)}
+                        | {"seed-rich": (rich, [], near_cap)})
+
+        async def holdings(player: str) -> tuple[list[str], int]:
+            inventory = await client.get_inventory(player, deadline_s=20)
+            return sorted(inventory.item_ids), inventory.gold
+
+        channel = grpc.aio.insecure_channel(cluster.control_planes[0])
+        stub = trade_pb2_grpc.TradeCoordinatorStub(channel)  # type: ignore[no-untyped-call]
+
+        def trade(trade_id: str, x: str, y: str, x_items: tuple[str, ...] = (), x_gold: int = 0,
+                  y_items: tuple[str, ...] = (), y_gold: int = 0) -> trade_pb2.ExecuteTradeRequest:
+            return trade_pb2.ExecuteTradeRequest(
+                trade_id=trade_id, player_a=x, player_b=y,
+                a_gives=common_pb2.Offer(item_ids=list(x_items), gold=x_gold),
+                b_gives=common_pb2.Offer(item_ids=list(y_items), gold=y_gold))
+
+        def no_escrow() -> bool:
+            held = in_doubt(cluster)
+            return held is not None and not held
+
+        try:
+            first = await execute(stub, trade("r-1", a, b, x_gold=10, y_items=(f"{b}/gem",)))
+            assert first.outcome == common_pb2.TRADE_OUTCOME_COMMITTED, first.reason
+            # The same id, other terms, a counterpart on a third shard: refused, nothing moves.
+            with pytest.raises(grpc.aio.AioRpcError) as reused:
+                await stub.ExecuteTrade(trade("r-1", a, c, x_gold=10, y_items=(f"{c}/gem",), y_gold=50), timeout=10)
+            assert reused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "used for a different trade" in (reused.value.details() or "")
+            await eventually(no_escrow, 10, "the reused id's escrow released")
+            assert await holdings(c) == ([f"{c}/gem"], 100)
+
+            # An escrow under a decided id with other terms whose coordinator never came back.
+            second = await execute(stub, trade("r-2", a, b, x_gold=1, y_gold=1))
+            assert second.outcome == common_pb2.TRADE_OUTCOME_COMMITTED, second.reason
+            route = client.resolve(c)
+            assert route.primary is not None
+            node = shardnode_pb2_grpc.ShardNodeStub(channel_to := grpc.aio.insecure_channel(  # type: ignore[no-untyped-call]
+                route.addresses[route.primary]))
+            try:
+                vote = await node.Prepare(shardnode_pb2.PrepareRequest(
+                    trade_id="r-2", shard_id=route.shard_id, epoch=route.epoch, legs=[shardnode_pb2.TradeLeg(
+                        player_id=c, gives=common_pb2.Offer(item_ids=[f"{c}/gem"], gold=50),
+                        receives=common_pb2.Offer(gold=1), counterpart_player_id=a)]), timeout=10)
+            finally:
+                await channel_to.close(None)
+            assert vote.vote == shardnode_pb2.TRADE_VOTE_PREPARED
+            await eventually(no_escrow, 10 + ESCROW_TIMEOUT_S * 2, "the orphaned escrow settled by termination")
+            assert await holdings(c) == ([f"{c}/gem"], 100)
+
+            # Four trades at once, each bringing 6 gold to a player 10 below the cap: one fits.
+            answers = await asyncio.gather(*(execute(stub, trade(f"cap-{k}", a, rich, x_gold=6)) for k in range(4)))
+            committed = [x for x in answers if x.outcome == common_pb2.TRADE_OUTCOME_COMMITTED]
+            assert len(committed) == 1, [x.reason for x in answers]
+            assert all("would hold more than" in x.reason for x in answers if x not in committed)
+            await eventually(no_escrow, 10 + ESCROW_TIMEOUT_S * 2, "no escrow left after the cap race")
+            assert await holdings(rich) == ([], near_cap + 6)
+            assert await holdings(a) == ([f"{a}/gem", f"{b}/gem"], 100 - 10 - 1 + 1 - 6)
+            assert await holdings(b) == ([], 100 + 10 + 1 - 1)
+        finally:
+            await channel.close(None)

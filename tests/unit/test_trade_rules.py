@@ -37,6 +37,7 @@ from bluemarble.core.trades import (
     decide_local_trade,
     decide_prepare,
     decide_settle,
+    outcome_for_leg,
     propose,
     termination_due,
     validate_trade,
@@ -313,3 +314,28 @@ def test_coordinator_ignores_settles_before_the_decision() -> None:
     c.start()
     assert c.on_settle_ack(Side.A) == [] and c.on_settle_failed(Side.B) == []
     assert c.side_of("p2") is Side.B and c.leg(Side.B) == SWORD.leg_b()
+
+
+# -- a trade id reused for other terms, and gold on its way in ----------------------------
+
+
+def test_a_leg_outside_the_recorded_terms_is_aborted_whatever_the_record_says() -> None:
+    other = Leg("t1", "p3", Offer(("bow-1",), 50), Offer((), 10), "p1")
+    assert outcome_for_leg(COMMITTED, SWORD, SWORD.leg_a()) is COMMITTED
+    assert outcome_for_leg(COMMITTED, SWORD, SWORD.leg_b()) is COMMITTED
+    assert outcome_for_leg(COMMITTED, SWORD, other) is ABORTED
+    reordered = dataclasses.replace(SWORD.leg_b(), gives=Offer(("shield-2",), 100))
+    assert outcome_for_leg(COMMITTED, SWORD, reordered) is COMMITTED
+    assert outcome_for_leg(ABORTED, SWORD, SWORD.leg_a()) is ABORTED
+    assert outcome_for_leg(COMMITTED, None, other) is COMMITTED  # no terms to compare with
+    assert outcome_for_leg(COMMITTED, SWORD, None) is COMMITTED  # the caller did not say
+
+
+def test_gold_pending_trades_would_bring_counts_against_the_cap() -> None:
+    leg = Leg("t9", "p1", Offer((), 0), Offer((), 6), "p2")
+    near = Holdings(frozenset(), MAX_GOLD - 10)
+    assert decide_prepare(leg, near, None).verdict is PrepareVerdict.ESCROW
+    pending = dataclasses.replace(near, incoming_gold=6)
+    refused = decide_prepare(leg, pending, None)
+    assert refused.verdict is PrepareVerdict.REFUSED
+    assert "would hold more than" in refused.reason and "6 gold of its pending trades" in refused.reason

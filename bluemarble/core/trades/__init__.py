@@ -29,7 +29,7 @@ from bluemarble.core.trades.coordinator import (
     Side,
     propose,
 )
-from bluemarble.core.trades.decision import create_if_absent
+from bluemarble.core.trades.decision import create_if_absent, outcome_for_leg
 from bluemarble.core.trades.model import (
     COORDINATOR,
     MAX_TRADE_ITEMS_PER_SIDE,
@@ -94,6 +94,7 @@ __all__ = [
     "decide_local_trade",
     "decide_prepare",
     "decide_settle",
+    "outcome_for_leg",
     "outcome_of",
     "participant_name",
     "propose",

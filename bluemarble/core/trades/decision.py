@@ -9,7 +9,7 @@ get) and must return what this function returns.
 
 from __future__ import annotations
 
-from bluemarble.core.trades.model import Decision
+from bluemarble.core.trades.model import Decision, Leg, Outcome, Trade
 
 
 def create_if_absent(existing: Decision | None, proposed: Decision) -> tuple[Decision, bool]:
@@ -24,3 +24,22 @@ def create_if_absent(existing: Decision | None, proposed: Decision) -> tuple[Dec
         assert existing.trade_id == proposed.trade_id, (existing.trade_id, proposed.trade_id)
         return existing, False
     return proposed, True
+
+
+def outcome_for_leg(outcome: Outcome, terms: Trade | None, leg: Leg | None) -> Outcome:
+    """The outcome a participant holding ``leg`` in escrow applies, given the recorded
+    ``outcome`` of its trade id and the ``terms`` the record was written for (None: a
+    record without terms, written by a participant's termination).
+
+    COMMITTED applies only to a leg of the recorded terms. An escrow of any other leg
+    under the same trade id was left by an attempt that reused the id for another trade:
+    that attempt never decided anything, so its escrow is released (ABORTED), whatever
+    the record says. Committing it would move items and gold nobody agreed to move (I2).
+    ABORTED applies to any leg. Without ``leg`` (a caller that did not say what it
+    holds) or without ``terms``, the recorded outcome is returned as it is.
+    """
+    if outcome is Outcome.ABORTED or leg is None or terms is None:
+        return outcome
+    if leg.same_terms(terms.leg_a()) or leg.same_terms(terms.leg_b()):
+        return outcome
+    return Outcome.ABORTED

@@ -65,6 +65,10 @@ class Holdings:
     to look up only the ids the leg receives). Such an item is on its way out of this
     shard (its giver's side has not applied the commit that moves it away, while the
     receiver's side already has and traded it on): it cannot be stored here twice."""
+    incoming_gold: int = 0
+    """Gold the player's PREPARED trades (and writes queued before this decision) would
+    bring if they commit. It counts against the 2^53 cap now: a commit must never be
+    refused, so the headroom it needs is reserved at prepare, like the gold it gives."""
 
     @property
     def available_gold(self) -> int:
@@ -116,9 +120,10 @@ def check_leg(leg: Leg, holdings: Holdings) -> str:
     Every given item must be the player's and not escrowed (by any trade: a trade id that
     already holds an escrow never reaches this check); no received item may be stored on
     this shard already, for the player or another (``held_by_others``); the gold given
-    must not exceed the gold not escrowed; and the gold received must not take the player
-    above 2^53. Items are checked in the order the leg lists them, so the reason names the
-    first one.
+    must not exceed the gold not escrowed; and the gold received, with what the player's
+    other pending trades would bring (``incoming_gold``), must not take the player above
+    2^53 (so that no commit can be refused later). Items are checked in the order the
+    leg lists them, so the reason names the first one.
 
     Why received items are checked: the two sides of a commit apply one after the other.
     Once the receiver's side has applied, the receiver may trade the item on while the
@@ -139,8 +144,10 @@ def check_leg(leg: Leg, holdings: Holdings) -> str:
     available = holdings.available_gold
     if leg.gives.gold > available:
         return f"player {leg.player} has {available} gold available, the trade needs {leg.gives.gold}"
-    if holdings.gold - leg.gives.gold + leg.receives.gold > MAX_GOLD:
-        return f"player {leg.player} would hold more than {MAX_GOLD} gold"
+    if holdings.gold + holdings.incoming_gold - leg.gives.gold + leg.receives.gold > MAX_GOLD:
+        incoming = holdings.incoming_gold
+        pending = f" once the {incoming} gold of its pending trades arrives" if incoming else ""
+        return f"player {leg.player} would hold more than {MAX_GOLD} gold{pending}"
     return ""
 
 
