@@ -90,13 +90,12 @@ def problems(config: common_pb2.ClusterConfig) -> list[str]:
         )
         return found
     for system in STRONG_ONLY:
-        model = config.consistency.get(system)
-        if model is None:
+        if system not in config.consistency:
             found.append(
                 f"consistency lacks {system!r}, which must stay listed as STRONG; send the whole table "
                 "(GetConfig, edit, SetConfig)"
             )
-        elif model != STRONG:
+        elif config.consistency[system] != STRONG:
             found.append(
                 f"consistency of {system!r} must stay STRONG: items and gold are only safe "
                 "with primary-only writes and synchronous replication"
