@@ -11,6 +11,7 @@ which ``int()`` would then read as a number. Pure: no I/O.
 from __future__ import annotations
 
 import ipaddress
+import unicodedata
 from collections.abc import Collection, Sequence
 
 from bluemarble.core import limits
@@ -22,7 +23,10 @@ MAX_ID_BYTES = 128
 MAX_LABEL_BYTES = 64
 MAX_CAPACITY = 1_000_000
 MAX_ADDRESS_CHARS = 255
-_ID_FORBIDDEN = frozenset("/\\")
+_NODE_ID_PUNCTUATION = frozenset("-_.")
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+"""Embeddings, overrides and isolates (category Cf): they reorder the text a log line or
+a console shows around them, so an id could pass for another."""
 _ASCII_DIGITS = frozenset("0123456789")
 _HOST_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 _IPV4_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
@@ -34,6 +38,31 @@ def ascii_digits(text: str) -> bool:
     return bool(text) and all(c in _ASCII_DIGITS for c in text)
 
 
+def _unsafe_chars(value: str) -> str:
+    """The characters of ``value`` no id may hold, each once, in order of code point:
+    control characters (Unicode category Cc: C0, DEL, C1, among them NUL and the ESC of
+    terminal escape codes) and bidirectional overrides and isolates."""
+    return "".join(
+        sorted({c for c in value if c in _BIDI_CONTROLS or unicodedata.category(c) == "Cc"})
+    )
+
+
+def printable_text(value: str, field: str) -> str:
+    """``value`` if it holds no control character and is not only whitespace: what every
+    id and key a person may read in a log or console must be. The message names the
+    characters (escaped by repr, so a log line cannot be forged) and never the value.
+    Raises InvalidArgument naming ``field``."""
+    bad = _unsafe_chars(value)
+    if bad:
+        raise InvalidArgument(
+            f"{field} contains the control characters {echo(bad, 40)}; use printable text "
+            "(no control, bidi-override or escape characters)"
+        )
+    if value and not value.strip():
+        raise InvalidArgument(f"{field} is only whitespace; use printable text")
+    return value
+
+
 def _check_id(field: str, value: str) -> str:
     size = len(value.encode("utf-8"))
     if size == 0:
@@ -42,23 +71,36 @@ def _check_id(field: str, value: str) -> str:
         raise InvalidArgument(
             f"{field} is {size} bytes long; at most {MAX_ID_BYTES} bytes of UTF-8 are allowed"
         )
-    return value
+    return printable_text(value, field)
+
+
+def _node_id_char(c: str) -> bool:
+    return c in _NODE_ID_PUNCTUATION or c in _ASCII_DIGITS or unicodedata.category(c).startswith("L")
 
 
 def node_id(value: str, field: str = "node_id") -> NodeId:
-    """A node id: 1..128 bytes, printable, no whitespace, no '/' or '\\' (it is a key part)."""
+    """A node id: 1..128 bytes of letters (any script), ASCII digits, '-', '_' and '.',
+    and neither "." nor "..": it is a part of etcd keys and of file and host names."""
     _check_id(field, value)
-    bad = sorted({c for c in value if c in _ID_FORBIDDEN or c.isspace() or not c.isprintable()})
+    bad = "".join(sorted({c for c in value if not _node_id_char(c)}))
     if bad:
         raise InvalidArgument(
-            f"{field} {echo(value)} contains {echo(''.join(bad), 20)}; use letters, digits, '-', '_' or '.'"
+            f"{field} {echo(value)} contains {echo(bad, 20)}; use letters, digits, '-', '_' or '.'"
         )
+    if value in (".", ".."):
+        raise InvalidArgument(f"{field} {echo(value)} is a path step; use letters, digits, '-', '_' or '.'")
     return NodeId(value)
 
 
 def player_id(value: str, field: str = "player_id") -> PlayerId:
-    """A player id: any UTF-8 string of 1..128 bytes."""
+    """A player id: 1..128 bytes of UTF-8, no control characters, not only whitespace."""
     return PlayerId(_check_id(field, value))
+
+
+def trade_id(value: str, field: str = "trade_id") -> str:
+    """A trade id (the caller's idempotency key for a trade): 1..128 bytes of UTF-8, no
+    control characters, not only whitespace. Raises InvalidArgument naming ``field``."""
+    return _check_id(field, value)
 
 
 def label(value: str, field: str) -> str:
@@ -166,7 +208,7 @@ def capacity(value: int, field: str = "capacity") -> int:
 
 
 def request_id(value: str, field: str = "request_id") -> str:
-    """An idempotency key: 1..128 bytes of UTF-8."""
+    """An idempotency key: 1..128 bytes of UTF-8, no control characters, not only whitespace."""
     return _check_id(field, value)
 
 
@@ -188,6 +230,7 @@ def item_ids(values: Sequence[str], field: str = "item_ids", *, allow_empty: boo
             raise InvalidArgument(
                 f"{field}[{i}] is {size} bytes long; item ids are at most {limits.MAX_ITEM_ID_BYTES} bytes"
             )
+        printable_text(item, f"{field}[{i}]")
         if item in seen:
             raise InvalidArgument(f"{field} lists item {echo(item)} twice; each item id may appear once")
         seen.add(item)
@@ -212,11 +255,11 @@ def gold(value: int, field: str = "gold") -> int:
 
 
 def data_key(value: str, field: str = "key") -> str:
-    """A player-data key: 1..128 bytes of UTF-8."""
+    """A player-data key: 1..128 bytes of UTF-8, no control characters, not only whitespace."""
     size = len(value.encode("utf-8"))
     if size == 0 or size > limits.MAX_DATA_KEY_BYTES:
         raise InvalidArgument(f"{field} is {size} bytes long; give 1..{limits.MAX_DATA_KEY_BYTES} bytes of UTF-8")
-    return value
+    return printable_text(value, field)
 
 
 def data_value(value: bytes, field: str = "value") -> bytes:

@@ -20,7 +20,14 @@ from grpc_health.v1 import health_pb2
 
 from bluemarble.core import limits
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
-from bluemarble.v1 import common_pb2, controlplane_pb2_grpc, shardnode_pb2, shardnode_pb2_grpc
+from bluemarble.v1 import (
+    common_pb2,
+    controlplane_pb2_grpc,
+    shardnode_pb2,
+    shardnode_pb2_grpc,
+    trade_pb2,
+    trade_pb2_grpc,
+)
 from bluemarble.v1 import controlplane_pb2 as pb
 from controlplane.server.app import ControlPlaneApp
 from shardnode.service import ShardNodeService
@@ -244,6 +251,45 @@ class TestHugeValues:
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert "at most 64" in details
         assert_short(details)
+
+
+class TestControlCharacters:
+    """Ids reach console logs: control characters (NUL, ESC of ANSI codes, C1, bidi
+    overrides) and whitespace-only ids are refused naming the field, never echoed raw."""
+
+    @pytest.mark.parametrize(
+        ("node_id", "text"),
+        [("\U0001f3ae\U0001f5e1\ufe0f\U0001f47e", "use letters, digits"), ("..", "path step"),
+         ("n\x1b[2J", "control characters"), ("n\u202e1", "control characters")],
+    )
+    async def test_node_ids_outside_the_stated_rule(
+        self, control_plane: ControlPlaneApp, stub: Stub, capfd: pytest.CaptureFixture[str], node_id: str, text: str
+    ) -> None:
+        capfd.readouterr()
+        async with Unchanged(control_plane, stub):
+            code, details = await refusal(stub.RegisterNode(register_request(node_id)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "node_id" in details and text in details, details
+        assert "\x1b" not in details and "\u202e" not in details
+        logged = capfd.readouterr()
+        assert "\x1b[2J" not in logged.out + logged.err
+
+    @pytest.mark.parametrize("player", ["\x1b[31mred", "a\x00b", "a\x9bb", "  "])
+    async def test_player_ids(self, stub: Stub, player: str) -> None:
+        code, details = await refusal(stub.ResolvePlayer(pb.ResolvePlayerRequest(player_id=player)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "player_id" in details, details
+        assert player not in details
+
+    @pytest.mark.parametrize(
+        ("change", "field_name"),
+        [({"trade_id": "t\x00"}, "trade_id"), ({"trade_id": " "}, "trade_id"), ({"player_a": "\u202eA"}, "player_a"),
+         ({"a_gives": common_pb2.Offer(item_ids=["sw\x1bord"])}, "a_gives.item_ids[0]")],
+    )
+    async def test_trade_ids(self, channel: grpc.aio.Channel, change: dict[str, Any], field_name: str) -> None:
+        fields: dict[str, Any] = {"trade_id": "t1", "player_a": "A", "player_b": "B",
+                                  "a_gives": common_pb2.Offer(item_ids=["sword"]), **change}
+        trades = trade_pb2_grpc.TradeCoordinatorStub(channel)  # type: ignore[no-untyped-call]
+        code, details = await refusal(trades.ExecuteTrade(trade_pb2.ExecuteTradeRequest(**fields)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and field_name in details, details
 
 
 # ---- 3. addresses no node can be reached at, or that another node holds --------------

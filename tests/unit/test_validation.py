@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -36,6 +38,55 @@ class TestNodeId:
             assert validation.node_id(value) == value
         except InvalidArgument as e:
             assert "node_id" in str(e)
+
+
+class TestNodeIdCharacters:
+    @pytest.mark.parametrize(
+        "value", ["\U0001f3ae\U0001f5e1\ufe0f\U0001f47e", ".", "..", "a:b", "a@b", "n\u202e1", "x\x00"]
+    )
+    def test_refuses_what_its_message_does_not_offer(self, value: str) -> None:
+        with pytest.raises(InvalidArgument, match="node_id") as info:
+            validation.node_id(value)
+        assert "letters, digits" in str(info.value) or "control characters" in str(info.value)
+
+    @pytest.mark.parametrize("value", ["a.b", "...", "n-1_2.eu", "ñandú-3"])
+    def test_accepts_dots_inside_and_letters_of_any_script(self, value: str) -> None:
+        assert validation.node_id(value) == value
+
+
+# Every id and key a person reads in a log: refuse controls and whitespace-only values.
+TEXT_IDS = [
+    (validation.player_id, "player_id"),
+    (validation.request_id, "request_id"),
+    (validation.trade_id, "trade_id"),
+    (validation.data_key, "key"),
+    (lambda v, f: validation.item_ids(["ok", v], f)[1], "item_ids"),
+]
+CONTROL_VALUES = ["a\x00b", "\x1b[31mred\x1b[0m", "a\x7f", "a\x85b", "a\x9bc", "\u202eevil", "a\u2066b", "a\nb"]
+
+
+class TestControlCharacters:
+    @pytest.mark.parametrize(("check", "field"), TEXT_IDS)
+    @pytest.mark.parametrize("value", CONTROL_VALUES)
+    def test_control_characters_are_refused_without_echoing_them(
+        self, check: Callable[[str, str], str], field: str, value: str
+    ) -> None:
+        with pytest.raises(InvalidArgument, match=field) as info:
+            check(value, field)
+        message = str(info.value)
+        assert "control characters" in message
+        assert not validation._unsafe_chars(message)  # the message itself is safe to print
+
+    @pytest.mark.parametrize(("check", "field"), TEXT_IDS)
+    @pytest.mark.parametrize("value", [" ", "   ", "\u3000", "\u00a0 "])
+    def test_whitespace_only_is_refused(self, check: Callable[[str, str], str], field: str, value: str) -> None:
+        with pytest.raises(InvalidArgument, match=f"{field}.* only whitespace"):
+            check(value, field)
+
+    @pytest.mark.parametrize(("check", "field"), TEXT_IDS)
+    @pytest.mark.parametrize("value", ["a b", " padded ", "\u00e9\u4e16\U0001f600", "zero\u200bwidth"])
+    def test_printable_text_is_accepted(self, check: Callable[[str, str], str], field: str, value: str) -> None:
+        assert check(value, field) == value
 
 
 class TestPlayerId:
