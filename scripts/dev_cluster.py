@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Collection
 from pathlib import Path
 
 import grpc
@@ -71,6 +72,28 @@ def ctl(address: str, *words: str) -> None:
     security = [] if SECURITY is None else [*SECURITY.tls_flags("admin"), "--token-file", str(SECURITY.token_file)]
     command = [sys.executable, "-m", "bluemarble.cli.bluemarblectl", "--control-plane", address, *security, *words]
     subprocess.run(command, check=False)
+
+
+def check_processes(watched: list[ManagedProcess], nodes: Collection[str]) -> int | None:
+    """One look at the cluster's processes: None while the cluster should keep running,
+    else the exit status for this script (1).
+
+    A node that exited with status 0 left on purpose (``bluemarblectl drain``, or a
+    deregistering SIGTERM): it is reported, dropped from ``watched`` and the rest keep
+    running. Any other exit, or the control plane's, stops the whole cluster.
+    """
+    for proc in list(watched):
+        code = proc.exit_code()
+        if code is None:
+            continue
+        if code == 0 and proc.name in nodes:
+            print(f"{proc.name} left the cluster (exit 0, e.g. after a drain); the others keep running. "
+                  f"Log: {proc.log_path}", flush=True)
+            watched.remove(proc)
+            continue
+        print(f"{proc.name} exited unexpectedly (exit {code}); see {proc.log_path}", flush=True)
+        return 1
+    return None
 
 
 def main() -> int:
@@ -152,12 +175,12 @@ def main() -> int:
             flags = "" if SECURITY is None else " " + " ".join(
                 [*SECURITY.tls_flags("admin"), "--token-file", str(SECURITY.token_file)])
             print(f"cluster running; try: bluemarblectl --control-plane {cp_address}{flags} nodes   (Ctrl-C stops)")
+            watched = list(processes)
             try:
                 while not stop.wait(1.0):
-                    for proc in processes:
-                        if not proc.alive():
-                            print(f"{proc.name} exited unexpectedly; see {proc.log_path}", flush=True)
-                            return 1
+                    failed = check_processes(watched, node_ids)
+                    if failed is not None:
+                        return failed
             except KeyboardInterrupt:
                 pass
         return 0

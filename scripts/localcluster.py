@@ -93,6 +93,11 @@ class ManagedProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def exit_code(self) -> int | None:
+        """The process's exit status once it has exited (negative: the signal that ended
+        it), None while it runs or before it starts."""
+        return None if self.proc is None else self.proc.poll()
+
     def signal(self, sig: int) -> None:
         if self.alive():
             assert self.proc is not None

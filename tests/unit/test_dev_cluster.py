@@ -1,0 +1,73 @@
+"""scripts/dev_cluster.py's supervision: a node that leaves on purpose (exit 0, e.g. after
+``bluemarblectl drain``) is dropped and the cluster keeps running; any other exit, or the
+control plane's, stops it."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scripts.dev_cluster import check_processes
+from scripts.localcluster import ManagedProcess
+
+
+@pytest.fixture
+def started(tmp_path: Path) -> Iterator[list[ManagedProcess]]:
+    processes: list[ManagedProcess] = []
+    yield processes
+    for proc in processes:
+        proc.kill()
+
+
+def _process(tmp_path: Path, started: list[ManagedProcess], name: str, code: int | None) -> ManagedProcess:
+    """A real child that exits with ``code`` at once, or runs until killed (None)."""
+    script = "import time; time.sleep(60)" if code is None else f"raise SystemExit({code})"
+    proc = ManagedProcess(name, [sys.executable, "-c", script], tmp_path / f"{name}.log").start()
+    started.append(proc)
+    if code is not None:
+        assert proc.proc is not None
+        proc.proc.wait(10)
+    return proc
+
+
+NODES = ("node-1", "node-2", "node-3")
+
+
+def test_a_node_that_exits_0_is_dropped_and_the_rest_keep_running(
+    tmp_path: Path, started: list[ManagedProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cp = _process(tmp_path, started, "controlplane", None)
+    n1 = _process(tmp_path, started, "node-1", None)
+    drained = _process(tmp_path, started, "node-3", 0)
+    watched = [cp, n1, drained]
+    assert check_processes(watched, NODES) is None
+    assert watched == [cp, n1]
+    assert "node-3 left the cluster (exit 0" in capsys.readouterr().out
+    assert check_processes(watched, NODES) is None  # reported once
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize(("name", "code"), [("node-2", 1), ("node-2", 3), ("controlplane", 0), ("controlplane", 1)])
+def test_any_other_exit_stops_the_cluster(
+    tmp_path: Path, started: list[ManagedProcess], capsys: pytest.CaptureFixture[str], name: str, code: int
+) -> None:
+    running = _process(tmp_path, started, "node-1", None)
+    failed = _process(tmp_path, started, name, code)
+    assert check_processes([running, failed], NODES) == 1
+    assert f"{name} exited unexpectedly (exit {code})" in capsys.readouterr().out
+
+
+def test_a_node_killed_by_a_signal_stops_the_cluster(tmp_path: Path, started: list[ManagedProcess]) -> None:
+    node = _process(tmp_path, started, "node-2", None)
+    node.kill()
+    assert node.exit_code() is not None and node.exit_code() != 0
+    assert check_processes([node], NODES) == 1
+
+
+def test_exit_code_is_none_while_running(tmp_path: Path, started: list[ManagedProcess]) -> None:
+    node = _process(tmp_path, started, "node-1", None)
+    assert node.exit_code() is None
+    assert ManagedProcess("x", ["true"], tmp_path / "x.log").exit_code() is None
