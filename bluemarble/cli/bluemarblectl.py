@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -47,6 +48,7 @@ from google.protobuf.message import Message
 
 from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.routing import DataWriteResult, GrantResult, Inventory, PlayerData, RoutingClient
+from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError
 from bluemarble.runtime import logs, tls
 from bluemarble.runtime.auth import ADMIN_TOKEN_ENV, bearer_metadata, read_token_file
@@ -158,8 +160,15 @@ def _inventory_pairs(inv: Inventory) -> list[tuple[str, object]]:
         ("served by", inv.served_by),
         ("gold", inv.gold),
         ("items", ", ".join(inv.item_ids) if inv.item_ids else "(none)"),
+        ("escrowed", _escrowed(inv)),
         *_staleness(inv.stale, inv.lag_entries, inv.lag_ms),
     ]
+
+
+def _escrowed(inv: Inventory) -> str:
+    """What trades not yet settled hold of the player's, or "(none)"."""
+    parts = [*inv.escrowed_item_ids, *([f"{inv.escrowed_gold} gold"] if inv.escrowed_gold else [])]
+    return f"{', '.join(parts)} (held by trades not yet settled)" if parts else "(none)"
 
 
 def render_inventory(inv: Inventory) -> str:
@@ -243,10 +252,20 @@ def _parse_config_assignments(pairs: Sequence[str], config: common_pb2.ClusterCo
         if field is None or key == "consistency":
             known = ", ".join(f.name for f in config.DESCRIPTOR.fields if f.name != "consistency")
             raise SystemExit(f"bluemarblectl: unknown config key {key!r}; known: {known}, consistency.SYSTEM")
-        if not value.isdigit():
-            raise SystemExit(f"bluemarblectl: {key} must be a non-negative integer, got {value!r}")
+        if not validation.ascii_digits(value):
+            raise SystemExit(f"bluemarblectl: {key} must be a non-negative integer, got {limits.echo(value)}")
+        low, high = limits.CONFIG_RANGES.get(key, (0, _MAX_CONFIG_INT))
+        if len(value) > len(str(high)) or not low <= int(value) <= high:
+            # Checked here too: a value past the field's type would not even fit the request.
+            raise SystemExit(f"bluemarblectl: {key} must be between {low} and {high}, got {limits.echo(value)}")
         setattr(config, key, int(value))
 
+
+_MAX_CONFIG_INT = 2**31 - 1
+"""Largest value of a numeric config field without a range of its own (they are 32-bit)."""
+
+MAX_TIMEOUT_S = 3600.0
+"""Longest ``--timeout-s`` accepted: a call that needs longer is not waiting for an answer."""
 
 EXIT_ABORTED = 3
 """Exit status of a ``trade execute`` answered ABORTED."""
@@ -327,8 +346,9 @@ def trade_request(args: argparse.Namespace) -> trade_pb2.ExecuteTradeRequest:
 async def run_trade(args: argparse.Namespace, client: ControlPlaneClient) -> tuple[Message, str, int]:
     """One trade command: the response, its text and the exit status."""
     if args.action == "execute":
-        if args.a_gold < 0 or args.b_gold < 0:
-            raise SystemExit("bluemarblectl: --a-gold and --b-gold must be >= 0")
+        # Before the request is built: protobuf cannot even hold a gold past 2^64.
+        validation.gold(args.a_gold, "--a-gold")
+        validation.gold(args.b_gold, "--b-gold")
         executed: trade_pb2.ExecuteTradeResponse = await client.call(
             lambda _: client.trades().ExecuteTrade, trade_request(args))
         status = 0 if executed.outcome == common_pb2.TRADE_OUTCOME_COMMITTED else EXIT_ABORTED
@@ -522,6 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_doubt = trade_sub.add_parser("in-doubt", help="escrows the primaries hold, oldest first")
     in_doubt.add_argument("--limit", type=int, default=1000, help="at most this many (cap 1000)")
     args = p.parse_args(argv)
+    if not (math.isfinite(args.timeout_s) and 0 < args.timeout_s <= MAX_TIMEOUT_S):
+        p.error(f"--timeout-s must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:g}")
     if args.token_file:
         try:
             args.token = read_token_file(Path(args.token_file), "--token-file")

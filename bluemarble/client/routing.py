@@ -102,7 +102,9 @@ class Inventory:
 
     ``stale`` is True when a replica answered (a read with ``allow_stale``): it may lack
     the newest writes; ``lag_entries`` / ``lag_ms`` say how far behind it knew it was.
-    ``served_by`` is the node that answered."""
+    ``served_by`` is the node that answered. ``escrowed_item_ids`` and ``escrowed_gold``
+    are what trades not yet settled hold of the player's: neither tradable nor grantable
+    away until the trade commits or aborts."""
 
     player_id: PlayerId
     item_ids: tuple[str, ...]
@@ -113,6 +115,8 @@ class Inventory:
     lag_entries: int
     lag_ms: int
     served_by: NodeId
+    escrowed_item_ids: tuple[str, ...] = ()
+    escrowed_gold: int = 0
 
 
 @dataclass(frozen=True)
@@ -1167,4 +1171,6 @@ def _inventory(r: shardnode_pb2.GetInventoryResponse, asked: NodeId) -> Inventor
         lag_entries=r.staleness.lag_entries,
         lag_ms=r.staleness.lag_ms,
         served_by=NodeId(r.staleness.served_by or asked),
+        escrowed_item_ids=tuple(r.escrowed_item_ids),
+        escrowed_gold=r.escrowed_gold,
     )

@@ -243,14 +243,16 @@ def log_counter(value: int, field: str) -> int:
     store (SQLite, etcd) holds more than a signed 64-bit integer, so a larger value is
     refused here, with the field named, instead of failing in storage."""
     if value < 0 or value > limits.MAX_LOG_COUNTER:
-        raise InvalidArgument(f"{field} is {value}; it must be between 0 and 2^63-1 ({limits.MAX_LOG_COUNTER})")
+        raise InvalidArgument(
+            f"{field} is {echo(value, 40)}; it must be between 0 and 2^63-1 ({limits.MAX_LOG_COUNTER})"
+        )
     return value
 
 
 def gold(value: int, field: str = "gold") -> int:
     """An amount of gold: 0..2^53."""
     if value < 0 or value > limits.MAX_GOLD:
-        raise InvalidArgument(f"{field} is {value}; it must be between 0 and 2^53 ({limits.MAX_GOLD})")
+        raise InvalidArgument(f"{field} is {echo(value, 40)}; it must be between 0 and 2^53 ({limits.MAX_GOLD})")
     return value
 
 

@@ -144,6 +144,50 @@ def test_inventory_names_shard_epoch_server_gold_and_items() -> None:
     assert "stale" not in text
 
 
+def test_inventory_shows_what_unsettled_trades_hold_in_escrow() -> None:
+    assert "escrowed   (none)" in ctl.render_inventory(INVENTORY)
+    held = dataclasses.replace(INVENTORY, escrowed_item_ids=("sword",), escrowed_gold=30)
+    assert "escrowed   sword, 30 gold (held by trades not yet settled)" in ctl.render_inventory(held)
+    only_gold = dataclasses.replace(INVENTORY, escrowed_gold=7)
+    assert "escrowed   7 gold (held by trades not yet settled)" in ctl.render_inventory(only_gold)
+    shown = json.loads(ctl._as_json(held))
+    assert shown["escrowed_item_ids"] == ["sword"] and shown["escrowed_gold"] == 30
+
+
+def test_the_routing_client_keeps_the_escrow_of_the_answer() -> None:
+    from bluemarble.client import routing
+    from bluemarble.v1 import shardnode_pb2
+
+    answer = shardnode_pb2.GetInventoryResponse(
+        player_id="p", item_ids=["sword", "axe"], gold=40, shard_id="shard-1", epoch=2,
+        escrowed_item_ids=["sword"], escrowed_gold=30,
+    )
+    inv = routing._inventory(answer, NodeId("n1"))
+    assert (inv.escrowed_item_ids, inv.escrowed_gold) == (("sword",), 30)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "1e309", "3601"])
+def test_a_timeout_that_is_no_number_of_seconds_is_a_usage_error(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        ctl.main(["--timeout-s", value, "status"])
+    assert info.value.code == 2 and "--timeout-s must be a number of seconds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "pair", ["replication_factor=99999999999999999999", "lease_ttl_s=" + "9" * 5000, "shard_count=0",
+             "vnodes_per_shard=\u0661"],
+)
+def test_config_values_out_of_range_are_refused_in_one_line(pair: str) -> None:
+    config = common_pb2.ClusterConfig()
+    with pytest.raises(SystemExit) as info:
+        ctl._parse_config_assignments([pair], config)
+    message = str(info.value.code)
+    assert message.startswith("bluemarblectl: ") and len(message) < 200, message
+    assert config == common_pb2.ClusterConfig()
+
+
 def test_inventory_from_a_replica_says_how_stale_it_is() -> None:
     stale = dataclasses.replace(INVENTORY, item_ids=(), stale=True, lag_entries=3, lag_ms=40, served_by=NodeId("n2"))
     text = ctl.render_inventory(stale)

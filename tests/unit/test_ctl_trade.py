@@ -102,3 +102,19 @@ def _close(coro: Any) -> int:
     except StopIteration as stop:
         return int(stop.value)
     raise AssertionError("the parsed-arguments hook awaited something")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--a-gold", "99999999999999999999999"), ("--b-gold", str(2**64)), ("--a-gold", "-1"),
+                        ("--b-gold", str(2**53 + 1))],
+)
+def test_out_of_range_gold_is_one_line_and_exit_1(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from scripts.localcluster import free_port
+
+    # Refused before the request is built (protobuf cannot hold 2^64) or a cluster is asked.
+    argv = ["--control-plane", f"127.0.0.1:{free_port()}", "--timeout-s", "0.5", "trade", "execute", "t", "a", "b",
+            "--a-items", "x", flag, value]
+    assert ctl.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"bluemarblectl: INVALID_ARGUMENT: {flag} is ") and "2^53" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
