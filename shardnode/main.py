@@ -17,7 +17,8 @@ from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.ring_router import RingRouter
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError, InvalidArgument
-from bluemarble.runtime import background, event_loop, logs, metrics, retry, tls, tracing
+from bluemarble.core.ids import NodeId
+from bluemarble.runtime import auth, background, event_loop, logs, metrics, retry, tls, tracing
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.runtime.settings import EnvArgumentParser
@@ -43,6 +44,7 @@ class NodeSettings:
     capacity: int = 1
     synchronous: str = "NORMAL"
     trade_escrow_timeout_s: float = DEFAULT_ESCROW_TIMEOUT_S
+    control_plane_identity: tuple[str, ...] = (auth.CONTROL_PLANE_IDENTITY,)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, str, str]:
@@ -69,6 +71,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
     )
     metrics.add_flag(p)
     tls.add_flags(p, "node (its CN or a DNS SAN must be the node id under mutual TLS)")
+    p.add_flag(
+        "--control-plane-identity",
+        default=auth.CONTROL_PLANE_IDENTITY,
+        help="under mutual TLS, names (CN or DNS SAN, comma-separated) of the control plane's certificate: only "
+        "it may send trade and fencing calls; the DNS hosts of --control-plane count too",
+    )
     p.add_flag("--log-level", default="info", help="debug, info, warning or error")
     p.add_flag(
         "--log-format",
@@ -85,6 +93,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
         else:  # the node advertises its listen address: others must be able to reach it
             validation.reachable_address(args.listen, "--listen (advertised: no --advertise given)")
         validation.capacity(args.capacity, "--capacity")
+        identities = [n.strip() for n in args.control_plane_identity.split(",") if n.strip()]
+        if len(identities) > 16 or any(len(n) > 253 or not n.isprintable() for n in identities):
+            raise InvalidArgument(
+                "--control-plane-identity takes at most 16 comma-separated certificate names of at most 253 "
+                "printable characters each"
+            )
         if not 0 < args.trade_escrow_timeout_s <= 3600:
             raise InvalidArgument(
                 f"--trade-escrow-timeout-s is {args.trade_escrow_timeout_s}; give 0 < seconds <= 3600"
@@ -116,6 +130,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
         capacity=args.capacity,
         synchronous=args.synchronous.upper(),
         trade_escrow_timeout_s=args.trade_escrow_timeout_s,
+        control_plane_identity=tuple(identities),
     )
     # Process-wide from here on: the ShardNode server (mutual TLS with a CA: only clients
     # holding a certificate the CA signed get in) and every channel the node opens.
@@ -137,6 +152,10 @@ async def run(settings: NodeSettings) -> int:
         lambda: holder[0] if holder else None,
         lambda: agents[0].registration.lease_id if agents and agents[0].registration else 0,
         lambda: participants[0] if participants else None,
+        auth.ClusterPeers.for_node(
+            auth.control_plane_identities(settings.control_plane, settings.control_plane_identity),
+            lambda name: bool(holder) and holder[0].address_of(NodeId(name)) is not None,
+        ),
     )
     server = await build_server(
         settings.listen,

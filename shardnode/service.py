@@ -18,9 +18,10 @@ import structlog
 
 from bluemarble.api.messages import NODE_CALL_RPCS, SHUTTING_DOWN_KEY, by_size
 from bluemarble.core import limits, validation
-from bluemarble.core.errors import BlueMarbleError, InvalidArgument, Unavailable
+from bluemarble.core.errors import BlueMarbleError, InvalidArgument, PermissionDenied, Unavailable
 from bluemarble.core.trades import Outcome
 from bluemarble.runtime import metrics
+from bluemarble.runtime.auth import COORDINATOR_CALLS, ClusterPeers
 from bluemarble.runtime.grpc_server import short_message
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
 from shardnode.dataplane import DEFAULT_COMMIT_TIMEOUT_S, DataPlane
@@ -50,8 +51,10 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         dataplane: Callable[[], DataPlane | None] = lambda: None,
         incarnation: Callable[[], int] = lambda: 0,
         participant: Callable[[], Participant | None] = lambda: None,
+        peers: ClusterPeers | None = None,
     ):
         self._node_id = node_id
+        self._peers = peers or ClusterPeers((), lambda _: True, enabled=False)
         self._statuses = statuses
         self._dataplane = dataplane
         self._incarnation = incarnation
@@ -117,11 +120,13 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         return response
 
     async def Fence(self, request: shardnode_pb2.FenceRequest, context: Ctx) -> shardnode_pb2.FenceResponse:
+        await self._peers.require_control_plane(context, "Fence")
         return self._dp().fence(request)
 
     async def Replicate(
         self, request_iterator: AsyncIterator[shardnode_pb2.ReplicateBatch], context: Ctx
     ) -> AsyncIterator[shardnode_pb2.ReplicateAck]:
+        await self._peers.require_node(context, "Replicate")
         dp = self._dp()
         closer = asyncio.get_running_loop().create_task(self._end_when_closing(context))
         try:
@@ -148,6 +153,7 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         message. The stream ends when the caller half-closes it and every call answered."""
         # At once, so the caller knows the stream is served before it sends a call.
         await context.send_initial_metadata(())
+        coordinator = self._peers.is_control_plane(context)
         loop = asyncio.get_running_loop()
         ready: list[shardnode_pb2.NodeResult] = []
         wake = asyncio.Event()
@@ -163,7 +169,7 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
             wake.set()
 
         async def run(call: shardnode_pb2.NodeCall) -> None:
-            ready.append(await self._node_call(call))
+            ready.append(await self._node_call(call, context if not coordinator else None))
             wake.set()
 
         async def read() -> None:
@@ -219,9 +225,10 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
             for task in list(tasks):
                 task.cancel()
 
-    async def _node_call(self, call: shardnode_pb2.NodeCall) -> shardnode_pb2.NodeResult:
+    async def _node_call(self, call: shardnode_pb2.NodeCall, outsider: Ctx | None = None) -> shardnode_pb2.NodeResult:
         """One call of a Calls stream, answered as its unary RPC would be: its response, or
-        the status that RPC would have ended with."""
+        the status that RPC would have ended with. ``outsider``: the stream's context when
+        its caller is not the control plane (its coordinator calls are refused)."""
         kind = call.WhichOneof("call")
         method = NODE_CALL_RPCS.get(kind or "", "Calls")
         started = time.monotonic()
@@ -236,6 +243,8 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
                     raise InvalidArgument(
                         f"call {call.call_id} carries no request; set one of {', '.join(sorted(NODE_CALL_RPCS))}"
                     )
+                if outsider is not None and kind in COORDINATOR_CALLS:
+                    raise PermissionDenied(self._peers.refusal(outsider, method, "the control plane"))
                 response = await self._answer(kind, getattr(call, kind), timeout_s)
             field = getattr(result, kind)
             field.SetInParent()  # present even when the response is all defaults
@@ -275,18 +284,22 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
     async def GetSnapshot(
         self, request: shardnode_pb2.GetSnapshotRequest, context: Ctx
     ) -> AsyncIterator[shardnode_pb2.SnapshotChunk]:
+        await self._peers.require_node(context, "GetSnapshot")
         for chunk in self._dp().snapshot_chunks(request):
             yield chunk
 
     async def Prepare(self, request: shardnode_pb2.PrepareRequest, context: Ctx) -> shardnode_pb2.PrepareResponse:
+        await self._peers.require_control_plane(context, "Prepare")
         response: shardnode_pb2.PrepareResponse = await self._answer("prepare", request, _timeout_s(context))
         return response
 
     async def Commit(self, request: shardnode_pb2.CommitRequest, context: Ctx) -> shardnode_pb2.CommitResponse:
+        await self._peers.require_control_plane(context, "Commit")
         response: shardnode_pb2.CommitResponse = await self._answer("commit", request, _timeout_s(context))
         return response
 
     async def Abort(self, request: shardnode_pb2.AbortRequest, context: Ctx) -> shardnode_pb2.AbortResponse:
+        await self._peers.require_control_plane(context, "Abort")
         response: shardnode_pb2.AbortResponse = await self._answer("abort", request, _timeout_s(context))
         return response
 
@@ -298,6 +311,7 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
     async def TradeBatch(
         self, request: shardnode_pb2.TradeBatchRequest, context: Ctx
     ) -> shardnode_pb2.TradeBatchResponse:
+        await self._peers.require_control_plane(context, "TradeBatch")
         if not request.items:
             raise InvalidArgument("a trade batch needs at least one item (prepare, commit or abort)")
         if len(request.items) > limits.MAX_TRADE_BATCH_ITEMS:

@@ -12,17 +12,27 @@ Two checks, both made by the servicer that knows the request (the control plane'
   for itself: the node id of the request must be the Common Name or a DNS SAN of the
   client certificate (:data:`NODE_METHODS`), else PERMISSION_DENIED.
 
-Without a token and without mutual TLS both checks let everything through (dev, tests).
-A token file is re-read when it changes (a rotated Kubernetes Secret), like the TLS files.
+* **The cluster's own calls** (:class:`ClusterPeers`, on a shard node): with mutual TLS,
+  the calls of the trade protocol and fencing (Prepare, Commit, Abort, TradeBatch, Fence,
+  and prepare/commit/abort on a Calls stream) are served only to a client certificate
+  that names the control plane; replication (Replicate, GetSnapshot) only to one that
+  names a node of the cluster. A game server's or an operator's certificate gets
+  PERMISSION_DENIED: it could otherwise mint gold (a Prepare receiving gold, then its
+  Commit) or stop a shard's writes (a Fence at a made-up epoch).
+
+Without a token and without mutual TLS these checks let everything through (dev, tests:
+the network is the boundary; docs/decisions.md). A token file is re-read when it changes
+(a rotated Kubernetes Secret), like the TLS files.
 """
 
 from __future__ import annotations
 
 import enum
 import hmac
+import ipaddress
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -214,3 +224,79 @@ class ServerAuth:
             "a node may act only for itself (its certificate's CN or a DNS SAN is its node id)",
         )
 
+
+
+CONTROL_PLANE_IDENTITY = "controlplane"
+"""The name a control-plane certificate carries by default (CN or DNS SAN), besides the
+DNS names nodes dial it by (``--control-plane``)."""
+
+COORDINATOR_CALLS = frozenset({"prepare", "commit", "abort"})
+"""Calls-stream kinds only the control plane's trade coordinator sends."""
+
+
+def control_plane_identities(
+    addresses: Iterable[str], names: Iterable[str] = (CONTROL_PLANE_IDENTITY,)
+) -> frozenset[str]:
+    """The names a control-plane client certificate may carry: ``names`` plus the host of
+    each address that is a DNS name (the name its server certificate is already checked
+    against when a node dials it). IP addresses and ``localhost`` are left out: every dev
+    certificate names them."""
+    found = {n for n in names if n}
+    for address in addresses:
+        host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+        try:
+            ipaddress.ip_address(host)
+            continue
+        except ValueError:
+            pass
+        if host and host != "localhost":
+            found.add(host)
+    return frozenset(found)
+
+
+class ClusterPeers:
+    """Which callers a shard node serves the cluster's own calls to (see the module
+    docstring). ``is_node`` says whether a name is a node id this node knows (from its
+    assignments); without mutual TLS (``enabled`` False) every caller passes."""
+
+    def __init__(self, control_plane: Iterable[str], is_node: Callable[[str], bool], *, enabled: bool):
+        self.control_plane_names = frozenset(control_plane)
+        self._is_node = is_node
+        self.enabled = enabled
+
+    @classmethod
+    def for_node(cls, control_plane: Iterable[str], is_node: Callable[[str], bool]) -> ClusterPeers:
+        """Checks on when this process serves mutual TLS."""
+        config = tls.current()
+        return cls(control_plane, is_node, enabled=config is not None and config.mutual)
+
+    def is_control_plane(self, context: Ctx) -> bool:
+        if not self.enabled:
+            return True
+        return bool(tls.peer_identities(context.auth_context()) & self.control_plane_names)
+
+    def refusal(self, context: Ctx, method: str, wanted: str) -> str:
+        """The PERMISSION_DENIED message for ``method`` (logged once here)."""
+        names = sorted(tls.peer_identities(context.auth_context()))[:4]
+        log.warning("cluster rpc refused: the caller's certificate is not the cluster's", rpc=method,
+                    certificate=names, wanted=wanted, peer=context.peer())
+        shown = ", ".join(names) or "nothing"
+        return (f"{method} is served only to {wanted}; the client certificate names {shown[:200]} "
+                "(see the chart README, 'TLS certificates')")
+
+    async def require_control_plane(self, context: Ctx, method: str) -> None:
+        """Aborts the call PERMISSION_DENIED unless the caller is the control plane."""
+        if not self.is_control_plane(context):
+            names = ", ".join(sorted(self.control_plane_names)[:3])
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                self.refusal(context, method, f"the control plane (a certificate naming {names})"))
+
+    async def require_node(self, context: Ctx, method: str) -> None:
+        """Aborts the call PERMISSION_DENIED unless the caller's certificate names a node
+        this node knows."""
+        if not self.enabled:
+            return
+        if any(self._is_node(name) for name in tls.peer_identities(context.auth_context())):
+            return
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                            self.refusal(context, method, "the cluster's nodes (a certificate naming a node id)"))

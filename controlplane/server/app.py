@@ -178,6 +178,7 @@ class ControlPlaneApp:
             clock=self.clock,
             forced=self.forced,
         )
+        server_auth = ServerAuth.for_process(s.admin_token)
         deps = ControlPlaneDeps(
             replica_id=self.replica_id,
             keys=self.keys,
@@ -193,7 +194,7 @@ class ControlPlaneApp:
             probe=self.probe,
             crash_watch=self.crash_watch,
             config_mirror=self.config_mirror,
-            auth=ServerAuth.for_process(s.admin_token),
+            auth=server_auth,
         )
         self.trade_store = TradeStore(self.store, self.keys, self.clock, retention_s=s.trades.retention_s)
         locator = Locator(self.keys, self.ring, self.assignments, self.nodes)
@@ -211,7 +212,7 @@ class ControlPlaneApp:
                 ),
                 ServiceBinding(
                     trade_pb2.DESCRIPTOR.services_by_name["TradeCoordinator"].full_name,
-                    TradeCoordinatorService(self.trade_coordinator, self.trade_store, locator),
+                    TradeCoordinatorService(self.trade_coordinator, self.trade_store, locator, server_auth),
                     trade_pb2_grpc.add_TradeCoordinatorServicer_to_server,
                 ),
             ],

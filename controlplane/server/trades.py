@@ -50,6 +50,7 @@ from bluemarble.core.trades import coordinator as rules
 from bluemarble.core.trades.decision import outcome_for_leg
 from bluemarble.core.trades.model import Decision, Leg, Offer, Outcome, Trade, participant_name, validate_trade
 from bluemarble.runtime import background, channels, metrics, retry, tracing
+from bluemarble.runtime.auth import ServerAuth
 from bluemarble.runtime.channels import channel as open_channel
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout, wait_event
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc, trade_pb2, trade_pb2_grpc
@@ -200,6 +201,11 @@ class Locator:
         if ring is None:
             raise Unavailable("the ring is not loaded yet; retry shortly")
         return ring.shard_for(player)
+
+    def is_member(self, shard: ShardId, node: str) -> bool:
+        """Whether ``node`` is the primary or a replica of ``shard`` in this replica's mirror."""
+        a = self._assignments.entries.get(self._keys.assignment(shard))
+        return a is not None and (a.primary == node or node in a.replicas)
 
     def primary(self, shard: ShardId) -> Primary:
         """Unavailable naming the shard when it has no primary with a known address."""
@@ -794,10 +800,12 @@ _APPLIED = {
 class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
     """``bluemarble.v1.TradeCoordinator`` on every control-plane replica."""
 
-    def __init__(self, coordinator: TradeCoordinator, store: TradeStore, locator: Locator):
+    def __init__(self, coordinator: TradeCoordinator, store: TradeStore, locator: Locator,
+                 auth: ServerAuth | None = None):
         self._c = coordinator
         self._store = store
         self._locate = locator
+        self._auth = auth or ServerAuth()
 
     async def ExecuteTrade(
         self, request: trade_pb2.ExecuteTradeRequest, context: Ctx
@@ -812,13 +820,22 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
         self, request: trade_pb2.ResolveTradeRequest, context: Ctx
     ) -> trade_pb2.ResolveTradeResponse:
         validation.request_id(request.trade_id, "trade_id")
-        if request.shard_id:
-            try:
-                shard_index(ShardId(request.shard_id))
-            except ValueError as e:
-                raise InvalidArgument(f"shard_id: {e}") from e
-        if request.node_id:
-            validation.node_id(request.node_id)
+        if not request.shard_id or not request.node_id:
+            raise InvalidArgument(
+                "ResolveTrade is the call of a trade's participants: give the asking shard_id and node_id "
+                "(GetTrade reads a trade without deciding it)"
+            )
+        try:
+            shard_index(ShardId(request.shard_id))
+        except ValueError as e:
+            raise InvalidArgument(f"shard_id: {e}") from e
+        validation.node_id(request.node_id)
+        await self._auth.node(context, "ResolveTrade", request.node_id)
+        if not self._locate.is_member(ShardId(request.shard_id), request.node_id):
+            raise FailedPrecondition(
+                f"node {echo(request.node_id)} is not a member of {request.shard_id} in this control plane's "
+                "assignments; only a shard's own nodes resolve its trades (retry once the assignment is known)"
+            )
         leg = None
         if request.HasField("leg"):
             leg = Leg(request.trade_id, request.leg.player_id, _offer(request.leg.gives), _offer(request.leg.receives),

@@ -4,7 +4,9 @@ Real processes (a control plane and two shard nodes, R = 2 so the nodes also rep
 each other over mutual TLS), each with its own certificate from ``scripts/dev_certs.py``;
 driven through bluemarblectl with the admin certificate: nodes register, placement
 settles, a grant and a cross-shard trade commit. A client without a certificate is
-refused; an admin command without the token, or with a wrong one, is refused.
+refused; an admin command without the token, or with a wrong one, is refused. The
+cluster's own calls (trade prepare/commit, fencing, replication, ResolveTrade) are refused
+to a certificate that is not the control plane's or a node's.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from bluemarble.cli import bluemarblectl
+from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc, trade_pb2, trade_pb2_grpc
 from scripts.dev_certs import issue, make_ca
 from scripts.localcluster import ClusterSecurity, LocalEtcd, ManagedProcess, free_port, secure_cluster_files, wait_until
 
@@ -158,6 +162,61 @@ def test_a_cluster_under_mutual_tls_with_an_admin_token(secure_cluster: SecureCl
     code, out, err = cluster.ctl("config", "set", "max_moves_per_round=8")
     assert code == 0, err
     assert json_of(out)["config"]["max_moves_per_round"] == 8  # type: ignore[index]
+
+    # The cluster's own calls, from a certificate that is not the control plane's (an
+    # operator's; another node's): refused, and nothing changes.
+    nodes = cluster.ctl_json("nodes")
+    assert nodes is not None
+    address = {str(n["node_id"]): str(n["address"]) for n in nodes["nodes"]}  # type: ignore[union-attr, index]
+    primary_a = cluster.ctl_json("inventory", a)
+    assert primary_a is not None
+    shard_a = str(primary_a["shard_id"])
+    leg = shardnode_pb2.TradeLeg(player_id=a, receives=common_pb2.Offer(gold=1000), counterpart_player_id=b)
+    for holder in ("admin", "n2"):
+        with _secure_channel(cluster, holder, address["n1"]) as channel:
+            node = shardnode_pb2_grpc.ShardNodeStub(channel)  # type: ignore[no-untyped-call]
+            calls = _forged_calls(node, shard_a, leg)
+            if holder == "n2":
+                calls.pop()  # a node may replicate to another
+            for name, call in calls:
+                with pytest.raises(grpc.RpcError) as refused:
+                    call()
+                assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, (holder, name)  # type: ignore[attr-defined]
+            results = list(node.Calls(iter([shardnode_pb2.NodeCalls(calls=[shardnode_pb2.NodeCall(
+                call_id=1, commit=shardnode_pb2.CommitRequest(trade_id="forged", shard_id=shard_a))])]), timeout=5))
+            assert [r.error.code for m in results for r in m.results] == ["PERMISSION_DENIED"], (holder, results)
+        with _secure_channel(cluster, holder, cluster.address) as channel:
+            trades = trade_pb2_grpc.TradeCoordinatorStub(channel)  # type: ignore[no-untyped-call]
+            with pytest.raises(grpc.RpcError) as refused:
+                trades.ResolveTrade(trade_pb2.ResolveTradeRequest(trade_id="forged", shard_id=shard_a, node_id="n1"),
+                                    timeout=5)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    after = cluster.ctl_json("inventory", a)
+    assert after is not None and after["gold"] == primary_a["gold"]
+    assert settled(cluster)  # no shard lost its primary to the forged fence
+
+
+def _forged_calls(node: shardnode_pb2_grpc.ShardNodeStub, shard: str,
+                  leg: shardnode_pb2.TradeLeg) -> list[tuple[str, Callable[[], object]]]:
+    """Calls only the control plane (or, for the last one, a node) may make."""
+    fence = shardnode_pb2.FenceRequest(requested_by="x", shards=[shardnode_pb2.ShardFence(shard_id=shard, epoch=1000)])
+    batch = shardnode_pb2.TradeBatchRequest(items=[
+        shardnode_pb2.TradeBatchItem(abort=shardnode_pb2.AbortRequest(trade_id="forged"))])
+    return [
+        ("Prepare", lambda: node.Prepare(shardnode_pb2.PrepareRequest(trade_id="forged", shard_id=shard, legs=[leg]),
+                                         timeout=5)),
+        ("Commit", lambda: node.Commit(shardnode_pb2.CommitRequest(trade_id="forged", shard_id=shard), timeout=5)),
+        ("Fence", lambda: node.Fence(fence, timeout=5)),
+        ("TradeBatch", lambda: node.TradeBatch(batch, timeout=5)),
+        ("Replicate", lambda: list(node.Replicate(iter([shardnode_pb2.ReplicateBatch()]), timeout=5))),
+    ]
+
+
+def _secure_channel(cluster: SecureCluster, holder: str, address: str) -> grpc.Channel:
+    d = cluster.security.certs_dir
+    credentials = grpc.ssl_channel_credentials(
+        cluster.security.ca.read_bytes(), (d / f"{holder}-key.pem").read_bytes(), (d / f"{holder}.pem").read_bytes())
+    return grpc.secure_channel(address, credentials)
 
 
 def test_a_running_cluster_moves_to_a_new_ca_without_restarting_a_node(

@@ -426,7 +426,8 @@ async def test_resolve_trade_racing_execute_trade_first_writer_wins(start_contro
             executed, resolved = await asyncio.gather(
                 c.trades.ExecuteTrade(request(trade_id, a, b, (f"x{i}",), 0, (), 1)),
                 c.trades.ResolveTrade(trade_pb2.ResolveTradeRequest(
-                    trade_id=trade_id, shard_id=c.shard(b), reason="escrow past its deadline")),
+                    trade_id=trade_id, shard_id=c.shard(b), node_id=c.node_of(b).node_id,
+                    reason="escrow past its deadline")),
             )
             record = await c.stored(trade_id)
             assert record is not None
@@ -436,10 +437,24 @@ async def test_resolve_trade_racing_execute_trade_first_writer_wins(start_contro
             assert (c.world.items[b] == {f"x{i}"}) is committed and not c.world.escrows()
             outcomes.add(executed.outcome)
         # A ResolveTrade after the fact reads the record, never changes it.
-        again = await c.trades.ResolveTrade(trade_pb2.ResolveTradeRequest(trade_id="race-0", shard_id=c.shard(a)))
+        again = await c.trades.ResolveTrade(trade_pb2.ResolveTradeRequest(
+            trade_id="race-0", shard_id=c.shard(a), node_id=c.node_of(a).node_id))
         assert not again.created and again.outcome == (await c.stored("race-0")).outcome  # type: ignore[union-attr]
-        fresh = await c.trades.ResolveTrade(trade_pb2.ResolveTradeRequest(trade_id="never", shard_id="shard-1"))
-        assert fresh.created and fresh.outcome == ABORTED and "shard-1" in fresh.reason
+        fresh = await c.trades.ResolveTrade(trade_pb2.ResolveTradeRequest(
+            trade_id="never", shard_id=c.shard(a), node_id=c.node_of(a).node_id))
+        assert fresh.created and fresh.outcome == ABORTED and c.shard(a) in fresh.reason
+        # Only a shard's own nodes decide: an outsider cannot abort a trade id in advance.
+        for outsider, code in (
+            (trade_pb2.ResolveTradeRequest(trade_id="later", shard_id=c.shard(a)), grpc.StatusCode.INVALID_ARGUMENT),
+            (trade_pb2.ResolveTradeRequest(trade_id="later", shard_id=c.shard(a), node_id=c.node_of(b).node_id),
+             grpc.StatusCode.FAILED_PRECONDITION),
+            (trade_pb2.ResolveTradeRequest(trade_id="later", shard_id=c.shard(a), node_id="nobody"),
+             grpc.StatusCode.FAILED_PRECONDITION),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await c.trades.ResolveTrade(outsider)
+            assert refused.value.code() == code, refused.value.details()
+        assert await c.stored("later") is None
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,17 @@ import pytest
 
 from bluemarble.core.errors import InvalidArgument
 from bluemarble.runtime import tls
-from bluemarble.runtime.auth import ADMIN_TOKEN_ENV, AdminToken, Verdict, bearer_metadata, check_bearer, read_token_file
+from bluemarble.runtime.auth import (
+    ADMIN_TOKEN_ENV,
+    CONTROL_PLANE_IDENTITY,
+    AdminToken,
+    ClusterPeers,
+    Verdict,
+    bearer_metadata,
+    check_bearer,
+    control_plane_identities,
+    read_token_file,
+)
 from controlplane.server import main as cp_main
 from scripts.dev_certs import DevCerts, make_dev_certs
 
@@ -174,3 +184,25 @@ def test_a_node_under_mutual_tls_must_be_named_by_its_certificate(
         assert "--tls-cert names" in err and "n1" in err and "'n2'" in err and "Traceback" not in err, err
     finally:
         tls.configure(None)
+
+
+def test_the_control_plane_is_known_by_its_name_and_the_dns_names_nodes_dial() -> None:
+    assert control_plane_identities(["127.0.0.1:7000", "[::1]:7000", "localhost:7000"]) == {CONTROL_PLANE_IDENTITY}
+    assert control_plane_identities(["bm-controlplane.games.svc:7000", "10.0.0.4:7000"], ["cp", ""]) == {
+        "cp", "bm-controlplane.games.svc"}
+
+
+def test_cluster_calls_are_open_without_mutual_tls_and_need_the_right_certificate_with_it() -> None:
+    class Context:
+        def __init__(self, names: list[bytes]):
+            self.names = names
+
+        def auth_context(self) -> dict[str, list[bytes]]:
+            return {"x509_common_name": self.names[:1], "peer_dns": self.names[1:]}
+
+    open_peers = ClusterPeers({"controlplane"}, lambda _: False, enabled=False)
+    assert open_peers.is_control_plane(Context([]))  # type: ignore[arg-type]
+    peers = ClusterPeers({"controlplane"}, lambda name: name == "n1", enabled=True)
+    assert peers.is_control_plane(Context([b"admin", b"controlplane"]))  # type: ignore[arg-type]
+    assert not peers.is_control_plane(Context([b"n1", b"localhost"]))  # type: ignore[arg-type]
+    assert not peers.is_control_plane(Context([]))  # type: ignore[arg-type]

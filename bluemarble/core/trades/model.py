@@ -143,7 +143,7 @@ def validate_trade(trade: Trade) -> None:
     2^53; a trade in which neither side gives anything. Ownership and balances are not
     checked here (they are the participants', and their refusals are ABORTED outcomes).
     """
-    validation.request_id(trade.trade_id, "trade_id")
+    validation.trade_id(trade.trade_id, "trade_id")
     validation.player_id(trade.player_a, "player_a")
     validation.player_id(trade.player_b, "player_b")
     if trade.player_a == trade.player_b:
