@@ -59,6 +59,34 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
 )
 
 
+class _MethodAwarePool:
+    """The descriptor pool reflection answers from, finding methods too.
+
+    ``grpcurl describe bluemarble.v1.ControlPlane.ListNodes`` asks for the file containing
+    a *method*; protobuf's upb pool finds services, messages, fields and enum values but
+    not methods, so reflection answered "not found". A method is found here through its
+    service. Everything else is the wrapped pool's."""
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool):
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service, _, method = symbol.rpartition(".")
+            try:
+                found = self._pool.FindServiceByName(service) if service else None
+            except KeyError:
+                found = None
+            if found is not None and method in found.methods_by_name:
+                return found.file
+            raise
+
+
 @dataclass(frozen=True)
 class ServiceBinding:
     """A servicer plus the generated ``add_XServicer_to_server`` function and full name."""
@@ -430,7 +458,7 @@ async def build_server(
     guard_decoding(
         server,
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
-        reflection.aio.ReflectionServicer(names),  # type: ignore[attr-defined]
+        reflection.aio.ReflectionServicer(names, pool=_MethodAwarePool(descriptor_pool.Default())),  # type: ignore[attr-defined]
     )
     config = tls.current()
     credentials = config.server_credentials() if config is not None else None

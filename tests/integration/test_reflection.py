@@ -54,6 +54,20 @@ async def test_describe_shows_contract_fields(control_plane: ControlPlaneApp) ->
     assert messages["ShardStatus"][:4] == ["shard_id", "epoch", "role", "applied_lsn"]
 
 
+async def test_describe_finds_a_method_by_its_full_name(control_plane: ControlPlaneApp) -> None:
+    """``grpcurl describe bluemarble.v1.ControlPlane.ListNodes`` asks for the file
+    containing the method."""
+    for symbol, file in (("bluemarble.v1.ControlPlane.ListNodes", "bluemarble/v1/controlplane.proto"),
+                         ("bluemarble.v1.TradeCoordinator.ExecuteTrade", "bluemarble/v1/trade.proto")):
+        r = await _reflect(control_plane.address, reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol))
+        names = [descriptor_pb2.FileDescriptorProto.FromString(raw).name
+                 for raw in r.file_descriptor_response.file_descriptor_proto]
+        assert file in names, (symbol, r)
+    missing = await _reflect(control_plane.address, reflection_pb2.ServerReflectionRequest(
+        file_containing_symbol="bluemarble.v1.ControlPlane.NoSuchMethod"))
+    assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
 async def test_health_is_serving(control_plane: ControlPlaneApp) -> None:
     async with grpc.aio.insecure_channel(control_plane.address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
