@@ -168,8 +168,12 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
             tasks.discard(task)
             wake.set()
 
+        in_flight: set[int] = set()  # call ids taken and not answered yet
+
         async def run(call: shardnode_pb2.NodeCall) -> None:
-            ready.append(await self._node_call(call, context if not coordinator else None))
+            result = await self._node_call(call, context if not coordinator else None)
+            in_flight.discard(call.call_id)
+            ready.append(result)
             wake.set()
 
         async def read() -> None:
@@ -181,8 +185,17 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
                             f"a Calls message carries {len(message.calls)} calls; send at most "
                             f"{limits.MAX_NODE_CALLS_PER_MESSAGE} per message"
                         )
+                    ids: set[int] = set()
+                    for call in message.calls:
+                        if call.call_id in in_flight or call.call_id in ids:
+                            raise InvalidArgument(
+                                f"call_id {call.call_id} is already in flight on this stream; give every call its "
+                                "own id (results are matched to calls by it)"
+                            )
+                        ids.add(call.call_id)
                     for call in message.calls:
                         await slots.acquire()
+                        in_flight.add(call.call_id)
                         task = loop.create_task(run(call))
                         tasks.add(task)
                         task.add_done_callback(finished)
@@ -211,8 +224,8 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
                         yield shardnode_pb2.NodeResults(results=results)
                         for _ in results:
                             slots.release()
-                if failure is not None:
-                    raise failure
+            if failure is not None:  # after the answers of the calls taken before it
+                raise failure
             if self._closing.is_set():  # expected at every shutdown: no warning, unlike a failed call
                 log.debug("calls stream closed: shutting down", peer=context.peer())
                 await context.abort(

@@ -107,6 +107,25 @@ async def test_a_message_over_the_limit_ends_the_stream_with_invalid_argument(
             await raw.close(None)
 
 
+async def test_a_repeated_call_id_ends_the_stream_after_the_calls_taken_before_it_are_answered(
+    start_control_plane: StartControlPlane, tmp_path: Path
+) -> None:
+    async with data_node(start_control_plane, tmp_path) as (stub, _):
+        stream = stub.Calls()
+        await stream.write(calls(shardnode_pb2.NodeCall(call_id=1, timeout_ms=5000, grant_items=grant())))
+        await stream.write(calls(
+            shardnode_pb2.NodeCall(call_id=2, get_inventory=shardnode_pb2.GetInventoryRequest(player_id="alice")),
+            shardnode_pb2.NodeCall(call_id=2, get_inventory=shardnode_pb2.GetInventoryRequest(player_id="bob")),
+        ))  # fmt: skip
+        answered: list[int] = []
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for message in stream:
+                answered.extend(r.call_id for r in message.results)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "call_id 2 is already in flight" in (info.value.details() or "")
+        assert answered == [1]  # the grant taken before the bad message was answered, nothing of it
+
+
 def _address_of(dp: DataPlane) -> str:
     return dp._agent.identity.address
 
