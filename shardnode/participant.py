@@ -185,8 +185,10 @@ class Participant:
         escrowed = set(base.escrowed_items)
         escrowed_gold = base.escrowed_gold
         incoming_gold = base.incoming_gold
+        known = base.known
         for op in self._dp.pending_ops(shard):
             kind = op.WhichOneof("op")
+            known = known or op.player_id == player  # a queued write creates the player
             if kind == stored.TRADE_PREPARE and op.trade_prepare.leg.player_id == player:
                 escrowed.update(op.trade_prepare.leg.gives.item_ids)
                 escrowed_gold += op.trade_prepare.leg.gives.gold
@@ -200,10 +202,11 @@ class Participant:
                         incoming_gold += received.gold
             elif kind == GRANT and op.player_id == player:
                 incoming_gold += op.grant.gold
-        if (frozenset(escrowed), escrowed_gold, incoming_gold) == (
-                base.escrowed_items, base.escrowed_gold, base.incoming_gold):
+        if (frozenset(escrowed), escrowed_gold, incoming_gold, known) == (
+                base.escrowed_items, base.escrowed_gold, base.incoming_gold, base.known):
             return base
-        return Holdings(base.items, base.gold, frozenset(escrowed), escrowed_gold, base.held_by_others, incoming_gold)
+        return Holdings(base.items, base.gold, frozenset(escrowed), escrowed_gold, base.held_by_others, incoming_gold,
+                        known)
 
     # ---- checks ----
 

@@ -56,6 +56,7 @@ from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 from bluemarble.v1 import common_pb2, shardnode_pb2, trade_pb2, trade_pb2_grpc
 
 DEFAULT_TRADE_DEADLINE_S = 30.0
+MAX_DEADLINE_S = 3600.0
 DEFAULT_ATTEMPT_TIMEOUT_S = 10.0
 """One ExecuteTrade attempt: the coordinator's own bounds (prepare 2 s, settle 3 s, the
 etcd write) fit well within it; a replica that takes longer is treated as gone."""
@@ -262,6 +263,8 @@ class TradeClient:
         """
         trade = Trade(trade_id, player_a, player_b, Offer(tuple(a_items), a_gold), Offer(tuple(b_items), b_gold))
         validate_trade(trade)
+        if not 0 < deadline_s <= MAX_DEADLINE_S:  # NaN fails too
+            raise errors.InvalidArgument(f"deadline_s is {deadline_s}; give 0 < seconds <= {MAX_DEADLINE_S:g}")
         clock = self._cp.clock
         end_s = clock.monotonic_s() + deadline_s
         routing = self._routing

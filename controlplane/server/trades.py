@@ -69,6 +69,8 @@ MAX_LIST = 1000
 """ListInDoubtTrades' default and cap."""
 MAX_REASON_CHARS = 200
 """A ResolveTrade reason is kept to this many characters in the record."""
+MIN_ATTEMPT_S = 0.01
+"""A prepare retry with less time than this left is not sent: the prepare has timed out."""
 
 
 CRASH_AT_ENV = "BLUEMARBLE_TRADE_CRASH_AT"
@@ -350,8 +352,9 @@ class TradeCoordinator:
                 e.code, f"{what} on {primary.shard} (node {primary.node}): {e.code} {echo(e.details, 200)}"
             ) from e
         except TimeoutError as e:
+            within = f"{timeout_s:.1f} s" if timeout_s >= 1 else f"{timeout_s * 1000:.0f} ms"
             raise DeadlineExceeded(
-                f"{what} on {primary.shard} (node {primary.node}): no answer within {timeout_s:g} s") from e
+                f"{what} on {primary.shard} (node {primary.node}): no answer within {within}") from e
 
     # ---- ExecuteTrade ----
 
@@ -530,7 +533,7 @@ class TradeCoordinator:
         async def attempt() -> shardnode_pb2.PrepareResponse:
             nonlocal target
             left_s = deadline_s - self._clock.monotonic_s()
-            if left_s <= 0:
+            if left_s <= MIN_ATTEMPT_S:  # an attempt this short could only time out
                 raise DeadlineExceeded(f"Prepare on {primary.shard} got no answer within {timeout_s:g} s")
             request = shardnode_pb2.PrepareRequest(
                 trade_id=leg.trade_id, shard_id=target.shard, epoch=target.epoch, legs=[leg_proto]

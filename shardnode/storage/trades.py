@@ -259,7 +259,7 @@ def holdings(
     )
     found = conn.execute(_SELECT_GOLD, (shard, player)).fetchone()
     if found is None:
-        return Holdings(frozenset(), 0, held_by_others=held_by_others)
+        return Holdings(frozenset(), 0, held_by_others=held_by_others, known=False)
     items = frozenset(r[0] for r in conn.execute(_PLAYER_ITEMS, (shard, player)))
     escrowed: set[str] = set()
     escrowed_gold = incoming_gold = 0

@@ -154,7 +154,8 @@ async def test_a_reused_trade_id_and_gold_near_the_cap_move_nothing_nobody_agree
     ResolveTrade answers ABORTED for a leg that is not part of the recorded terms. Gold a
     player's pending trades would bring counts against the 2^53 cap at prepare: of
     concurrent trades that together would take a player over it, only those that fit
-    commit, and none is left in escrow."""
+    commit, and none is left in escrow. A player id no shard has seen takes part in no
+    trade."""
     cluster = process_cluster
     cluster.start_control_plane("--lease-ttl-s", "2", "--replication-factor", "2", "--shards", str(SHARDS))
     for node, zone in (("n1", "z1"), ("n2", "z2"), ("n3", "z3")):
@@ -220,6 +221,10 @@ async def test_a_reused_trade_id_and_gold_near_the_cap_move_nothing_nobody_agree
             assert vote.vote == shardnode_pb2.TRADE_VOTE_PREPARED
             await eventually(no_escrow, 10 + ESCROW_TIMEOUT_S * 2, "the orphaned escrow settled by termination")
             assert await holdings(c) == ([f"{c}/gem"], 100)
+
+            # A mistyped player id receives nothing: the trade is refused, naming it.
+            typo = await execute(stub, trade("typo-1", a, "nobody-xyz", x_gold=1))
+            assert typo.outcome == common_pb2.TRADE_OUTCOME_ABORTED and "nobody-xyz is unknown" in typo.reason
 
             # Four trades at once, each bringing 6 gold to a player 10 below the cap: one fits.
             answers = await asyncio.gather(*(execute(stub, trade(f"cap-{k}", a, rich, x_gold=6)) for k in range(4)))

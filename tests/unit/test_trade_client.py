@@ -134,6 +134,9 @@ async def test_bad_terms_are_refused_before_anything_is_sent(start: Any) -> None
             await client.execute_trade("t6", "a", "a", a_gold=1)  # same player both sides
         with pytest.raises(errors.InvalidArgument):
             await client.execute_trade("t7", "a", "b", a_items=["x"], b_items=["x"])  # an item listed twice
+        for deadline_s in (0.0, -1.0, float("nan"), 1e9):
+            with pytest.raises(errors.InvalidArgument, match="deadline_s"):
+                await client.execute_trade("t8", "a", "b", a_gold=1, deadline_s=deadline_s)
     assert coordinator.requests == []
 
 

@@ -139,7 +139,8 @@ def test_prepare_refuses_to_receive_an_item_the_shard_still_stores() -> None:
     leg = SWORD.leg_b()  # p2 receives sword-7
     own = decide_prepare(leg, holdings("shield-2", "sword-7", gold=100, escrowed=("sword-7",)), None)
     assert (own.verdict, own.reason) == (
-        PrepareVerdict.REFUSED, "player p2 already holds item sword-7; a trade moving it away has not settled yet")
+        PrepareVerdict.REFUSED, "player p2 already holds item sword-7; an item is held once "
+        "(if a trade is moving it away, retry once that trade settles)")
     other = Holdings(frozenset({"shield-2"}), 100, held_by_others=frozenset({"sword-7"}))
     refused = decide_prepare(leg, other, None)
     assert (refused.verdict, refused.reason) == (
@@ -339,3 +340,9 @@ def test_gold_pending_trades_would_bring_counts_against_the_cap() -> None:
     refused = decide_prepare(leg, pending, None)
     assert refused.verdict is PrepareVerdict.REFUSED
     assert "would hold more than" in refused.reason and "6 gold of its pending trades" in refused.reason
+
+
+def test_a_player_the_shard_never_saw_takes_part_in_no_trade() -> None:
+    stranger = Holdings(frozenset(), 0, known=False)
+    refused = decide_prepare(Leg("t9", "nobody", Offer((), 0), Offer((), 1), "p1"), stranger, None)
+    assert refused.verdict is PrepareVerdict.REFUSED and "player nobody is unknown" in refused.reason
