@@ -36,15 +36,37 @@ MAX_SYSTEM_NAME = limits.MAX_SYSTEM_NAME_BYTES
 _SYSTEM_NAME = re.compile(r"[a-z0-9_]+")
 
 
+DEFAULT_VNODES_PER_SHARD = 150
+"""Virtual nodes per shard of a new cluster's ring."""
+
+
+def max_shards(vnodes_per_shard: int = DEFAULT_VNODES_PER_SHARD) -> int:
+    """The most shards a ring of ``vnodes_per_shard`` virtual nodes per shard may have:
+    the config's own bound, or fewer where the ring's etcd value would not hold the
+    tokens (418 at the default 150)."""
+    return min(LIMITS["shard_count"][1], limits.MAX_RING_TOKENS // max(1, vnodes_per_shard))
+
+
 def default_config(
     *,
     replication_factor: int = 3,
     lease_ttl_s: int = 10,
     shard_count: int = 16,
-    vnodes_per_shard: int = 150,
+    vnodes_per_shard: int = DEFAULT_VNODES_PER_SHARD,
     max_moves_per_round: int = 32,
 ) -> common_pb2.ClusterConfig:
-    """The config a new cluster starts with (validated)."""
+    """The config a new cluster starts with (validated).
+
+    Raises InvalidArgument naming each value out of range, before any message is built
+    (protobuf would refuse a value past 32 bits with a bare ValueError)."""
+    numbers = {
+        "replication_factor": replication_factor,
+        "lease_ttl_s": lease_ttl_s,
+        "shard_count": shard_count,
+        "vnodes_per_shard": vnodes_per_shard,
+        "max_moves_per_round": max_moves_per_round,
+    }
+    _raise_if(_number_problems(numbers))
     config = common_pb2.ClusterConfig(
         replication_factor=replication_factor,
         lease_ttl_s=lease_ttl_s,
@@ -59,17 +81,7 @@ def default_config(
 
 def problems(config: common_pb2.ClusterConfig) -> list[str]:
     """Every reason ``config`` is invalid, each a sentence a person can act on."""
-    found = []
-    for name, (low, high) in LIMITS.items():
-        value = getattr(config, name)
-        if not low <= value <= high:
-            found.append(f"{name} is {value}; it must be between {low} and {high}")
-    tokens = config.shard_count * config.vnodes_per_shard
-    if tokens > limits.MAX_RING_TOKENS:
-        found.append(
-            f"shard_count x vnodes_per_shard is {tokens} tokens; the ring is one etcd value "
-            f"(at most 1.5 MiB), which holds at most {limits.MAX_RING_TOKENS} tokens"
-        )
+    found = _number_problems({name: getattr(config, name) for name in LIMITS})
     if len(config.consistency) > MAX_SYSTEMS:
         # Too many to be a real table: say so once instead of judging every entry.
         found.append(f"consistency lists {len(config.consistency)} systems; at most {MAX_SYSTEMS}")
@@ -103,6 +115,26 @@ def problems(config: common_pb2.ClusterConfig) -> list[str]:
     return found
 
 
+def _number_problems(values: dict[str, int]) -> list[str]:
+    """The integer settings out of their range, and a ring too large for one etcd value."""
+    found = []
+    for name, (low, high) in LIMITS.items():
+        value = values[name]
+        if not low <= value <= high:
+            found.append(f"{name} is {limits.echo(value, 24)}; it must be between {low} and {high}")
+    if found:
+        return found
+    tokens = values["shard_count"] * values["vnodes_per_shard"]
+    if tokens > limits.MAX_RING_TOKENS:
+        found.append(
+            f"shard_count x vnodes_per_shard is {tokens} tokens; the ring is one etcd value "
+            f"(at most 1.5 MiB), which holds at most {limits.MAX_RING_TOKENS} tokens: at "
+            f"{values['vnodes_per_shard']} virtual nodes per shard, at most "
+            f"{max_shards(values['vnodes_per_shard'])} shards"
+        )
+    return found
+
+
 MAX_REPORTED_PROBLEMS = 3
 """Problems named in one error message; the rest are counted (a message stays short)."""
 
@@ -110,7 +142,10 @@ MAX_REPORTED_PROBLEMS = 3
 def validate(config: common_pb2.ClusterConfig) -> None:
     """Raises InvalidArgument naming the first :data:`MAX_REPORTED_PROBLEMS` problems
     (and counting the others), or returns."""
-    found = problems(config)
+    _raise_if(problems(config))
+
+
+def _raise_if(found: list[str]) -> None:
     if found:
         shown = found[:MAX_REPORTED_PROBLEMS]
         if len(found) > len(shown):

@@ -27,9 +27,23 @@ from typing import Literal, TextIO
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
+from bluemarble.core.limits import echo as limits_echo
 from bluemarble.runtime import tracing
 
 LogFormat = Literal["auto", "console", "json"]
+
+LEVELS = ("debug", "info", "warning", "error")
+"""The values of every process's ``--log-level`` (any case)."""
+
+
+def level_name(text: str) -> str:
+    """``text`` as one of :data:`LEVELS` (lower-cased); the argparse type of ``--log-level``.
+
+    Raises ValueError for anything else (argparse reports it as a usage error)."""
+    name = text.strip().lower()
+    if name not in LEVELS:
+        raise ValueError(f"unknown log level {limits_echo(text)}; use {', '.join(LEVELS)}")
+    return name
 
 
 _process_fields: dict[str, object] = {}
@@ -67,9 +81,7 @@ def configure(level: str = "info", fmt: LogFormat = "console", *, stream: TextIO
     (their INFO lines are noise), or from ``level`` if that is higher. Calling it again
     replaces the previous set-up.
     """
-    numeric = logging.getLevelName(level.upper())
-    if not isinstance(numeric, int):
-        raise ValueError(f"unknown log level {level!r}; use debug, info, warning or error")
+    numeric = logging.getLevelName(level_name(level).upper())
     out = stream if stream is not None else sys.stderr
     if fmt == "auto":  # a person at a terminal reads key=value; a log pipeline wants JSON
         fmt = "console" if out.isatty() else "json"

@@ -12,6 +12,8 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from bluemarble.runtime import logs
+
 ENV_PREFIX = "BLUEMARBLE_"
 
 
@@ -20,7 +22,13 @@ def env_name(flag: str) -> str:
 
 
 class EnvArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose ``add_flag`` reads defaults from the environment."""
+    """An ArgumentParser whose ``add_flag`` reads defaults from the environment.
+
+    A value from the environment is checked as the flag's own would be (its type and
+    choices): a bad one is a usage error naming the variable, not a traceback later.
+    ``--log-level`` always takes :data:`bluemarble.runtime.logs.LEVELS` (any case), in
+    every process that declares it, so a bad level is refused at parse time too.
+    """
 
     def add_flag(
         self,
@@ -32,6 +40,8 @@ class EnvArgumentParser(argparse.ArgumentParser):
         required: bool = False,
         choices: Sequence[Any] | None = None,
     ) -> None:
+        if flag == "--log-level" and choices is None and type is str:
+            type, choices = _log_level, logs.LEVELS
         env = env_name(flag)
         raw = os.environ.get(env)
         if raw is not None:
@@ -39,6 +49,10 @@ class EnvArgumentParser(argparse.ArgumentParser):
                 default = type(raw)
             except ValueError as e:
                 self.error(f"environment variable {env}={raw!r} is invalid: {e}")
+            if choices is not None and default not in choices:
+                self.error(
+                    f"environment variable {env}={raw!r} is invalid: choose from {', '.join(map(str, choices))}"
+                )
             required = False
         suffix = f" [env {env}]" + (f" (default: {default})" if default not in (None, "") else "")
         self.add_argument(
@@ -49,3 +63,9 @@ class EnvArgumentParser(argparse.ArgumentParser):
             required=required,
             choices=choices,
         )
+
+
+def _log_level(text: str) -> str:
+    # Lower-cased only: an unknown level is left to argparse's choices check, which
+    # names the flag and the levels it takes.
+    return text.strip().lower()

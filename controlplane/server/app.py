@@ -1,8 +1,10 @@
 """One control-plane replica: etcd connection, config bootstrap, gRPC server.
 
 :class:`ControlPlaneApp` is what ``bluemarble-controlplane`` runs and what integration
-tests start in-process. Start-up order: connect to etcd (bounded by a start-up timeout),
-create the cluster config if absent, then serve. Shutdown: health NOT_SERVING, drain
+tests start in-process. Start-up order: check that the listen address can be bound,
+connect to etcd (bounded by a start-up timeout), create the cluster config if absent,
+then serve. The listen check comes first so that a replica that could never serve does
+not create a new cluster's config and ring in etcd. Shutdown: health NOT_SERVING, drain
 calls in flight, close etcd.
 """
 
@@ -17,6 +19,7 @@ import structlog
 
 from bluemarble.api import cluster_config
 from bluemarble.core import limits
+from bluemarble.core.errors import Unavailable
 from bluemarble.core.ids import NodeId
 from bluemarble.core.ring import Ring
 from bluemarble.runtime import background, metrics
@@ -85,6 +88,23 @@ class ControlPlaneSettings:
     explicit: frozenset[str] = field(default_factory=frozenset)
 
 
+async def _check_listen(listen: str) -> None:
+    """Binds ``listen`` ("host:port") once and lets it go, as the gRPC server will bind it
+    (SO_REUSEADDR, no SO_REUSEPORT). Raises Unavailable naming the address when it cannot
+    be resolved or bound (malformed, not local, in use)."""
+    host, _, port_text = listen.rpartition(":")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host.strip("[]") or None, int(port_text), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except (OSError, ValueError) as e:
+        raise Unavailable(f"cannot listen on {limits.echo(listen)}: {e}") from e
+
+
 class ControlPlaneApp:
     def __init__(self, settings: ControlPlaneSettings, clock: Clock | None = None):
         self.settings = settings
@@ -128,6 +148,7 @@ class ControlPlaneApp:
         listen address cannot be bound.
         """
         s = self.settings
+        await _check_listen(s.listen)
         await self.store.connect(s.etcd_startup_timeout_s)
         configs = ConfigStore(self.store, self.keys)
         defaults = cluster_config.default_config(

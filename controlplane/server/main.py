@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import math
 import os
 import signal
 import sys
@@ -11,6 +13,8 @@ from collections.abc import Sequence
 
 import structlog
 
+from bluemarble.api import cluster_config
+from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError
 from bluemarble.runtime import event_loop, logs, metrics, tls, tracing
 from bluemarble.runtime.auth import AdminToken
@@ -21,6 +25,41 @@ from controlplane.server.trades import TradeSettings
 from controlplane.store.etcd import EtcdSecurity
 
 log = structlog.get_logger(__name__)
+
+FLOAT_RANGES: dict[str, tuple[float, float]] = {
+    "etcd_startup_timeout_s": (0.0, 3600.0),
+    "trade_retention_h": (0.0, 24.0 * 366),
+    "trade_prepare_timeout_s": (0.0, 60.0),
+    "trade_sweep_interval_s": (0.0, 3600.0),
+}
+"""Each float flag's range, above the first bound and at most the second: a NaN, an
+infinity or a value out of range is a usage error (a NaN or infinite start-up timeout
+would wait for etcd for ever; a NaN sweep interval killed the sweep task)."""
+
+MAX_CRASH_GRACE_MS = 60_000
+"""Longest --crash-grace-ms: past a minute, waiting for the lease's TTL is as good."""
+
+
+def _check_numbers(p: EnvArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses (usage error, exit 2) every numeric flag out of its range, before any of
+    them is used: the cluster-config seeds against the config's own ranges (--shards
+    against what the ring can hold at the default virtual nodes per shard), the floats
+    against :data:`FLOAT_RANGES`."""
+    seeds = {
+        "lease_ttl_s": cluster_config.LIMITS["lease_ttl_s"],
+        "replication_factor": cluster_config.LIMITS["replication_factor"],
+        "shards": (cluster_config.LIMITS["shard_count"][0], cluster_config.max_shards()),
+    }
+    for name, (low, high) in seeds.items():
+        value = getattr(args, name)
+        if not low <= value <= high:
+            p.error(f"--{name.replace('_', '-')} is {limits.echo(value, 24)}; give {low}..{high}")
+    for name, (above, most) in FLOAT_RANGES.items():
+        seconds: float = getattr(args, name)
+        if not (math.isfinite(seconds) and above < seconds <= most):
+            p.error(f"--{name.replace('_', '-')} is {seconds:g}; give a number above {above:g} and at most {most:g}")
+    if not 0 <= args.crash_grace_ms <= MAX_CRASH_GRACE_MS:
+        p.error(f"--crash-grace-ms is {args.crash_grace_ms}; use 0 (off) or up to {MAX_CRASH_GRACE_MS} ms")
 
 
 def _etcd_security(p: EnvArgumentParser, args: argparse.Namespace) -> EtcdSecurity | None:
@@ -111,6 +150,18 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         help="log format; auto: console on a terminal, JSON otherwise (containers)",
     )
     args = p.parse_args(argv)
+    _check_numbers(p, args)
+    etcd_endpoints = tuple(split_addresses(args.etcd))
+    try:
+        # Before anything is written to etcd: a replica that cannot serve must not
+        # create the cluster's config and ring.
+        validation.address(args.listen, "--listen")
+        if not etcd_endpoints:
+            p.error("--etcd names no endpoint; give at least one host:port (comma-separated)")
+        for endpoint in etcd_endpoints:
+            validation.address(endpoint, "--etcd")
+    except BlueMarbleError as e:
+        p.error(str(e))
     # Settings that only seed a new cluster's config: remember which ones the operator
     # chose (flag or environment), to warn when the stored config differs.
     seeded = {"lease_ttl_s": "lease_ttl_s", "replication_factor": "replication_factor", "shards": "shard_count"}
@@ -121,8 +172,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         or any(a == f"--{name.replace('_', '-')}" or a.startswith(f"--{name.replace('_', '-')}=")
                for a in (argv if argv is not None else sys.argv[1:]))
     )
-    if args.trade_retention_h <= 0 or args.trade_prepare_timeout_s <= 0 or args.trade_sweep_interval_s <= 0:
-        p.error("--trade-retention-h, --trade-prepare-timeout-s and --trade-sweep-interval-s must be > 0")
     trades = TradeSettings(
         prepare_timeout_s=args.trade_prepare_timeout_s,
         retention_s=max(1, round(args.trade_retention_h * 3600)),
@@ -135,7 +184,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         p.error(str(e))
     settings = ControlPlaneSettings(
         listen=args.listen,
-        etcd_endpoints=tuple(split_addresses(args.etcd)),
+        etcd_endpoints=etcd_endpoints,
         cluster=args.cluster,
         lease_ttl_s=args.lease_ttl_s,
         replication_factor=args.replication_factor,
@@ -148,40 +197,78 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         admin_token=admin_token,
         etcd_security=_etcd_security(p, args),
     )
-    if args.crash_grace_ms < 0:
-        p.error(f"--crash-grace-ms is {args.crash_grace_ms}; use 0 (off) or a positive number of ms")
     # Process-wide from here on: this replica's server and every channel it opens.
     tls.configure(tls_config)
     return settings, args.log_level, args.log_format, metrics.listen_from_args(p, args)
 
 
 async def run(settings: ControlPlaneSettings) -> None:
+    """Starts the replica and serves until SIGTERM or SIGINT, then stops it.
+
+    A signal during start-up (etcd not answering yet, the config being bootstrapped)
+    ends the start-up at once and stops what was started: the process exits as after a
+    normal stop, instead of waiting out --etcd-startup-timeout-s. Raises what
+    :meth:`ControlPlaneApp.start` raises (Unavailable when etcd never answered)."""
     app = ControlPlaneApp(settings)
     logs.bind_process(replica=app.replica_id)  # every line says which replica wrote it
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await app.start()
     try:
-        await stop.wait()
-        log.info("shutting down")
+        if not await _start_unless_stopped(app, stop):
+            return
+        try:
+            await stop.wait()
+            log.info("shutting down")
+        finally:
+            await app.stop()
     finally:
-        await app.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _start_unless_stopped(app: ControlPlaneApp, stop: asyncio.Event) -> bool:
+    """Runs ``app.start()`` until it is done (True) or ``stop`` is set (False: start-up
+    cancelled and what it had started stopped)."""
+    starting = asyncio.ensure_future(app.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if starting.done():
+        starting.result()  # start-up's own error, if any
+        return True
+    # Why it is safe to cancel anywhere in start(): every step it took is undone by
+    # stop(), which skips the parts that were not created yet.
+    waiting_for_etcd = app.nodes is None  # etcd connect and config/ring bootstrap come first
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError, BlueMarbleError):
+        await starting
+    log.info(
+        "stopped while waiting for etcd during start-up" if waiting_for_etcd else "stopped during start-up",
+        etcd=",".join(app.settings.etcd_endpoints),
+    )
+    await app.stop()
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings, level, fmt, metrics_listen = parse_args(argv)
     logs.configure(level, fmt)  # type: ignore[arg-type]
     tracing.configure("bluemarble-controlplane")
-    try:
-        if metrics_listen:
+    if metrics_listen:
+        # Only the metrics server's own failure is reported as such: an OSError from
+        # the replica itself is not about metrics (and is a bug to be seen whole).
+        try:
             port = metrics.serve(metrics_listen)
-            log.info("serving metrics", listen=metrics_listen, port=port)
+        except OSError as e:
+            log.error("control plane cannot serve metrics", listen=metrics_listen, error=str(e))
+            return 1
+        log.info("serving metrics", listen=metrics_listen, port=port)
+    try:
         event_loop.run(run(settings), server=True)
-    except OSError as e:
-        log.error("control plane cannot serve metrics", listen=metrics_listen, error=str(e))
-        return 1
     except BlueMarbleError as e:
         log.error("control plane cannot run", error=str(e))
         return 1

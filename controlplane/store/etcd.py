@@ -54,7 +54,7 @@ import grpc.aio
 import structlog
 from etcd3aio import _protobuf as etcdpb  # the request/stub types; no public alias exists
 
-from bluemarble.core.errors import BlueMarbleError, NotFound, Unavailable
+from bluemarble.core.errors import BlueMarbleError, InvalidArgument, NotFound, Unavailable
 from bluemarble.runtime import background, retry, tls
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 
@@ -259,7 +259,8 @@ class EtcdStore:
         security: EtcdSecurity | None = None,
     ):
         if not endpoints:
-            raise ValueError("at least one etcd endpoint is required")
+            # An operator's input (--etcd ""), not a programmer error: one line, not a traceback.
+            raise InvalidArgument("no etcd endpoint given; give at least one host:port (--etcd)")
         if watch_progress_interval_s <= 0:
             raise ValueError(f"watch_progress_interval_s must be > 0, got {watch_progress_interval_s}")
         self.endpoints = tuple(endpoints)
