@@ -1,6 +1,6 @@
 """``bluemarblectl``: the operator's command line for a BlueMarble cluster.
 
-    bluemarblectl --control-plane 127.0.0.1:7000 status | nodes | shards | ring | drain NODE
+    bluemarblectl [-v] --control-plane 127.0.0.1:7000 status | nodes | shards | ring | drain NODE
     bluemarblectl promote SHARD NODE --accept-data-loss
     bluemarblectl config get | config set KEY=VALUE...
     bluemarblectl inventory PLAYER [--stale]
@@ -24,7 +24,8 @@ present a client certificate (required when the cluster runs mutual TLS), and
 ``--token-file`` (or ``--token``, or env BLUEMARBLE_ADMIN_TOKEN) sends the admin bearer
 token the control plane asks of admin commands (``drain``, ``promote``, ``config set``).
 
-Prints readable tables; ``--json`` prints the raw response as JSON instead. Exit status:
+Prints readable tables; ``--json`` prints the raw response as JSON instead (every integer a
+JSON number). The client library's log lines are shown only with ``-v``. Exit status:
 0 on success, 1 when the cluster answered with an error (one line on stderr), 2 on bad
 usage, 3 when ``trade execute`` answered ABORTED (the trade was refused: a definite
 answer, not an error, but a script must be able to tell it from COMMITTED).
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from bluemarble.client.control_plane import ControlPlaneClient
@@ -227,6 +229,38 @@ def _as_json(value: Inventory | GrantResult | PlayerData | DataWriteResult) -> s
     return json.dumps(fields, indent=2)
 
 
+_INT64 = (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64)
+
+
+def message_json(message: Message) -> str:
+    """``message`` as JSON with its proto field names, every integer a JSON number.
+
+    Why not protobuf's own form: it writes 64-bit integers (gold, lsns, lease ids,
+    revisions) as strings, while ``inventory --json`` prints them as numbers; a script
+    reading both must see one type. Gold stays below 2^53, so any JSON reader holds it."""
+    shown = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return json.dumps(_int64_as_numbers(message.DESCRIPTOR, shown), indent=2)
+
+
+def _int64_as_numbers(descriptor: Descriptor, shown: dict[str, Any]) -> dict[str, Any]:
+    for name, value in shown.items():
+        field = descriptor.fields_by_name.get(name)
+        if field is not None:
+            shown[name] = _field_as_numbers(field, value)
+    return shown
+
+
+def _field_as_numbers(field: FieldDescriptor, value: Any) -> Any:
+    if isinstance(value, list):  # a repeated field
+        return [_field_as_numbers(field, v) for v in value]
+    entry = field.message_type
+    if entry is not None and entry.GetOptions().map_entry:
+        return {k: _field_as_numbers(entry.fields_by_name["value"], v) for k, v in value.items()}
+    if entry is not None:
+        return _int64_as_numbers(entry, value)
+    return int(value) if field.cpp_type in _INT64 else value
+
+
 def render_ring(r: common_pb2.Ring) -> str:
     from bluemarble.api.conversions import ring_from_proto
 
@@ -266,6 +300,9 @@ _MAX_CONFIG_INT = 2**31 - 1
 
 MAX_TIMEOUT_S = 3600.0
 """Longest ``--timeout-s`` accepted: a call that needs longer is not waiting for an answer."""
+
+VERBOSITY = ("error", "info", "debug")
+"""The library's log level by the number of ``-v`` flags."""
 
 EXIT_ABORTED = 3
 """Exit status of a ``trade execute`` answered ABORTED."""
@@ -447,7 +484,7 @@ async def run(args: argparse.Namespace) -> int:
             text = f"{a.shard_id}: primary {a.primary} at epoch {a.epoch}"
         elif args.command == "config" and args.action == "get":
             response = await client.call(lambda s: s.GetConfig, controlplane_pb2.GetConfigRequest())
-            text = json_format.MessageToJson(response, preserving_proto_field_name=True)
+            text = message_json(response)
         else:
             current: controlplane_pb2.GetConfigResponse = await client.call(
                 lambda s: s.GetConfig, controlplane_pb2.GetConfigRequest()
@@ -459,9 +496,9 @@ async def run(args: argparse.Namespace) -> int:
                 lambda s: s.SetConfig,
                 controlplane_pb2.SetConfigRequest(config=config, expected_revision=current.revision),
             )
-            text = json_format.MessageToJson(response, preserving_proto_field_name=True)
+            text = message_json(response)
         if args.json:
-            text = json_format.MessageToJson(response, preserving_proto_field_name=True)
+            text = message_json(response)
         print(text)
         return status
     except BlueMarbleError as e:
@@ -476,6 +513,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_flag("--control-plane", default="127.0.0.1:7000", help="control-plane addresses, comma-separated")
     p.add_flag("--timeout-s", default=5.0, type=float, help="per-call deadline in seconds")
     p.add_argument("--json", action="store_true", help="print the raw response as JSON")
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0,
+        help="also print the client library's log lines (-v: from info up, -vv: debug); by default only "
+        "errors, and this command's own error line",
+    )
     tls.add_flags(p, "client")
     p.add_argument(
         "--token",
@@ -542,6 +584,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_doubt = trade_sub.add_parser("in-doubt", help="escrows the primaries hold, oldest first")
     in_doubt.add_argument("--limit", type=int, default=1000, help="at most this many (cap 1000)")
     args = p.parse_args(argv)
+    if args.command == "promote" and not args.accept_data_loss:
+        # Checked here, not only by the server: the flag is the operator's own consent.
+        p.error(
+            "promote needs --accept-data-loss: the shard keeps only what NODE holds, and whatever only "
+            "the lost nodes held is gone"
+        )
     if not (math.isfinite(args.timeout_s) and 0 < args.timeout_s <= MAX_TIMEOUT_S):
         p.error(f"--timeout-s must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:g}")
     if args.token_file:
@@ -554,8 +602,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     tls.configure(tls.config_from_flags(p, args, server=False))
     if argv is None:
         # Run as a command: the output is for people, and the client library's own
-        # progress lines would drown it. (Tests pass argv and keep their log set-up.)
-        logs.configure("warning", "console")
+        # retry lines (a dozen a second while the control plane is unreachable) would
+        # drown the one line that says what went wrong. (Tests pass argv and keep their
+        # log set-up.)
+        logs.configure(VERBOSITY[min(args.verbose, len(VERBOSITY) - 1)], "console")
     try:
         return asyncio.run(run(args))
     finally:

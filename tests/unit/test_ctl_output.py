@@ -1,0 +1,67 @@
+"""bluemarblectl as a person or a script meets it: one error line on stderr unless -v,
+every integer of --json a number, and ``promote`` refused without its consent flag."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bluemarble.cli import bluemarblectl as ctl
+from bluemarble.v1 import common_pb2, controlplane_pb2, shardnode_pb2, trade_pb2
+from scripts.localcluster import free_port
+
+
+def test_json_prints_64_bit_integers_as_numbers_in_every_command() -> None:
+    shown = trade_pb2.GetTradeResponse(
+        trade_id="t1",
+        decided_at_ms=1_700_000_000_123,
+        request=trade_pb2.ExecuteTradeRequest(a_gives=common_pb2.Offer(gold=2**53, item_ids=["x"])),
+        sides=[shardnode_pb2.ParticipantTrade(
+            trade_id="t1", deadline_ms=5, leg=shardnode_pb2.TradeLeg(gives=common_pb2.Offer(gold=7)))],
+    )
+    parsed = json.loads(ctl.message_json(shown))
+    assert parsed["decided_at_ms"] == 1_700_000_000_123
+    assert parsed["request"]["a_gives"] == {"gold": 2**53, "item_ids": ["x"]}
+    assert parsed["sides"][0]["leg"]["gives"]["gold"] == 7 and parsed["sides"][0]["deadline_ms"] == 5
+    status = controlplane_pb2.GetClusterStatusResponse(
+        etcd_revision=2**40, config=common_pb2.ClusterConfig(consistency={"chat": 2}))
+    parsed = json.loads(ctl.message_json(status))
+    assert parsed["etcd_revision"] == 2**40
+    assert parsed["config"]["consistency"] == {"chat": "CONSISTENCY_MODEL_EVENTUAL"}
+
+
+def test_promote_without_accept_data_loss_is_a_usage_error_and_sends_nothing(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def must_not_run(_args: object) -> int:
+        raise AssertionError("the request was sent")
+
+    monkeypatch.setattr(ctl, "run", must_not_run)
+    with pytest.raises(SystemExit) as exited:
+        ctl.main(["--control-plane", f"127.0.0.1:{free_port()}", "promote", "shard-1", "node-1"])
+    assert exited.value.code == 2
+    assert "promote needs --accept-data-loss" in capsys.readouterr().err
+
+
+def _ctl(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bluemarble.cli.bluemarblectl", "--control-plane", f"127.0.0.1:{free_port()}",
+         "--timeout-s", "1", *argv],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+
+
+def test_an_unreachable_control_plane_is_one_line_on_stderr_unless_verbose() -> None:
+    quiet = _ctl("inventory", "p1")
+    assert quiet.returncode == 1
+    assert quiet.stderr.splitlines() == [
+        "bluemarblectl: UNAVAILABLE: the routing client did not get the ring within 1 s; "
+        "is the control plane reachable?"
+    ], quiet.stderr
+    verbose = _ctl("-v", "inventory", "p1")
+    assert verbose.returncode == 1
+    assert "loop step failed; restarting" in verbose.stderr or "retrying" in verbose.stderr, verbose.stderr
+    assert verbose.stderr.splitlines()[-1] == quiet.stderr.splitlines()[-1]
