@@ -1,5 +1,13 @@
 """``bluemarble-node``: a shard node process. Registers, heartbeats, serves ShardNode,
-and on SIGTERM/SIGINT deregisters and exits 0."""
+and on SIGTERM/SIGINT deregisters and exits 0.
+
+Exit codes: 0 after a graceful stop; 1 when the node cannot start or run (the log's last
+line says why); 2 for a bad command line; :data:`EXIT_STORAGE_DAMAGED` when its node.db is
+damaged, at start or while serving. In the second case the node deregisters on the way
+out, so its shards fail over to their replicas at once; a restart by a supervisor then
+meets the start-up check and exits again with the same code and message, until an
+operator moves the data dir away.
+"""
 
 from __future__ import annotations
 
@@ -28,8 +36,14 @@ from shardnode.dataplane import DataPlane
 from shardnode.participant import DEFAULT_ESCROW_TIMEOUT_S, Participant
 from shardnode.service import ShardNodeService
 from shardnode.storage import NodeStorage
+from shardnode.storage.node_storage import StorageDamaged
 
 log = structlog.get_logger(__name__)
+
+EXIT_STORAGE_DAMAGED = 3
+"""The process ended because its database file is damaged (see
+:class:`shardnode.storage.node_storage.StorageDamaged`); restarting it on the same data dir
+does not help."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +107,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
         else:  # the node advertises its listen address: others must be able to reach it
             validation.reachable_address(args.listen, "--listen (advertised: no --advertise given)")
         validation.capacity(args.capacity, "--capacity")
+        if not args.data_dir.strip():
+            # Path("") is the current directory: node.db would land wherever the node was started.
+            raise InvalidArgument("--data-dir is empty; give the directory for this node's storage")
         identities = [n.strip() for n in args.control_plane_identity.split(",") if n.strip()]
         if len(identities) > 16 or any(len(n) > 253 or not n.isprintable() for n in identities):
             raise InvalidArgument(
@@ -139,9 +156,28 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
 
 
 async def run(settings: NodeSettings) -> int:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    """Serves until SIGTERM/SIGINT (returns 0), a fatal error of the agent (1), or damage
+    found in the node's storage (:data:`EXIT_STORAGE_DAMAGED`), deregistering on the way
+    out. Raises StorageDamaged, or another BlueMarbleError, when it cannot start."""
     logs.bind_process(node_id=settings.node_id)  # every line, request lines too
-    storage = NodeStorage.open(settings.data_dir, synchronous=settings.synchronous)  # type: ignore[arg-type]
+    storage = NodeStorage.open(
+        settings.data_dir,
+        synchronous=settings.synchronous,  # type: ignore[arg-type]
+        node_id=settings.node_id,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    damage: list[StorageDamaged] = []
+
+    def leave_service(error: StorageDamaged) -> None:
+        # Serving on would answer every call on the damaged pages with an error, for good,
+        # while heartbeats keep the shards here: stop, and deregister on the way out so the
+        # control plane moves them to their replicas now rather than at the lease's expiry.
+        damage.append(error)
+        log.error("node storage is damaged; leaving service so its shards fail over", error=str(error))
+        loop.call_soon_threadsafe(stop.set)
+
+    storage.on_damaged = leave_service
     client = ControlPlaneClient(settings.control_plane)
     holder: list[DataPlane] = []
     participants: list[Participant] = []
@@ -183,8 +219,6 @@ async def run(settings: NodeSettings) -> int:
     await dataplane.start()
     await participant.start()
     ring_task = background.start(_start_ring(ring), "ring")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info(
@@ -213,7 +247,7 @@ async def run(settings: NodeSettings) -> int:
         await dataplane.stop()
         storage.close()
         await client.close()
-    return code
+    return EXIT_STORAGE_DAMAGED if damage else code
 
 
 async def _start_ring(ring: RingRouter) -> None:
@@ -236,15 +270,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings, level, fmt, metrics_listen = parse_args(argv)
     logs.configure(level, fmt)  # type: ignore[arg-type]
     tracing.configure("bluemarble-node")
-    try:
-        if metrics_listen:
+    if metrics_listen:
+        try:
             port = metrics.serve(metrics_listen)
-            log.info("serving metrics", listen=metrics_listen, port=port)
+        except OSError as e:
+            log.error("node cannot serve metrics", listen=metrics_listen, error=str(e))
+            return 1
+        log.info("serving metrics", listen=metrics_listen, port=port)
+    try:
         return event_loop.run(run(settings), server=True)
-    except OSError as e:
-        log.error("node cannot serve metrics", listen=metrics_listen, error=str(e))
-        return 1
-    except BlueMarbleError as e:
+    except StorageDamaged as e:
+        log.error("node cannot start: its storage is damaged", error=str(e))
+        return EXIT_STORAGE_DAMAGED
+    except (BlueMarbleError, OSError) as e:
+        # Storage errors name the data dir (it is not a directory, cannot be created, is in
+        # use, belongs to another node); an OSError is some other resource of the process.
         log.error("node cannot start", error=str(e))
         return 1
 

@@ -21,6 +21,15 @@ Order of effects on the primary (flow 5): :meth:`write` validates, applies, appe
 log entry and records the request id -> answer, all in one transaction; only then may the
 entry be shipped to replicas. A replica applies entries with :meth:`append`, which records
 the same answers, so a retry after a failover gets the first answer from the new primary.
+
+A damaged file (SQLite reports SQLITE_CORRUPT or SQLITE_NOTADB) is not an error a node can
+serve through: every call touching the damaged pages would fail, for good, while the node
+looks healthy to the control plane. :meth:`NodeStorage.open` runs ``PRAGMA quick_check``
+and refuses such a file (:class:`StorageDamaged`); damage found later marks the storage
+damaged, refuses every later call without touching the file, and tells the process
+through :attr:`NodeStorage.on_damaged`, so it leaves service and its shards fail over to
+their replicas. Either way the way out is the same: move the data dir away and start the
+node empty; it rebuilds its shards from their replicas (snapshot plus log tail).
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -120,19 +129,70 @@ class _Rollback(Exception):
     """Leaves a write transaction without committing anything (a refused write)."""
 
 
+class StorageDamaged(Unavailable):
+    """The database file itself is damaged (SQLite: SQLITE_CORRUPT "database disk image is
+    malformed", SQLITE_NOTADB "file is not a database"), found at open or while serving.
+
+    Not retryable *on this node*: the damage stays. It is UNAVAILABLE rather than DATA_LOSS
+    because the data is not lost to the cluster: once this node leaves service its shards
+    fail over to their replicas, and a routing client that retries UNAVAILABLE finds the
+    new primary. The message names the node, the file, and what the operator must do."""
+
+
+_DAMAGE_CODES = frozenset({11, 26})
+"""SQLite's primary result codes SQLITE_CORRUPT and SQLITE_NOTADB (extended codes such as
+SQLITE_CORRUPT_INDEX share their low byte)."""
+
+
+def _is_damage(e: sqlite3.DatabaseError) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in _DAMAGE_CODES
+    text = str(e)  # an error raised without a code (not by SQLite itself)
+    return "malformed" in text or "not a database" in text
+
+
+def _damaged(path: Path, node_id: str | None, what: str) -> StorageDamaged:
+    who = f"node {node_id}" if node_id else "this node"
+    return StorageDamaged(
+        f"{who} cannot serve: its storage {path} is damaged ({what}); move {path.parent} away and start the node "
+        "with an empty --data-dir: it rebuilds its shards from their replicas"
+    )
+
+
 @contextlib.contextmanager
-def _sqlite_errors(path: Path) -> Iterator[None]:
-    """Wraps SQLite's errors once, here: a full or failing disk is retryable (Unavailable),
-    a file that breaks its own constraints is CorruptRecord. Misuse (a closed storage)
-    stays a programming error."""
+def _sqlite_errors(path: Path, node_id: str | None = None) -> Iterator[None]:
+    """Wraps SQLite's errors once, here: a damaged file is StorageDamaged, a full or
+    failing disk is retryable (Unavailable), a file that breaks its own constraints is
+    CorruptRecord. Misuse (a closed storage) stays a programming error."""
     try:
         yield
     except sqlite3.ProgrammingError:
         raise
-    except sqlite3.OperationalError as e:
-        raise Unavailable(f"node storage {path} cannot be used right now: {e}") from e
     except sqlite3.DatabaseError as e:
+        if _is_damage(e):
+            raise _damaged(path, node_id, str(e)) from e
+        if isinstance(e, sqlite3.OperationalError):
+            raise Unavailable(f"node storage {path} cannot be used right now: {e}") from e
         raise CorruptRecord(f"node storage {path}: {e}") from e
+
+
+QUICK_CHECK_MAX_ERRORS = 3
+"""Problems ``PRAGMA quick_check`` reports at most (the first is what the message shows)."""
+
+
+def _check_integrity(conn: sqlite3.Connection, path: Path, node_id: str | None) -> None:
+    """``PRAGMA quick_check``: every page of every b-tree is read and checked (O(pages);
+    it leaves out only the index-against-table comparison of ``integrity_check``, which
+    costs twice as much). Measured on this project's 2-core machine: 30 ms for a 16 MB
+    node.db of 100k items, 0.6-0.8 s for a 250 MB one of 1M. Raises StorageDamaged naming
+    the first problem found."""
+    rows = conn.execute(f"PRAGMA quick_check({QUICK_CHECK_MAX_ERRORS})").fetchall()
+    problems = [line.strip() for (text,) in rows for line in str(text).splitlines() if line.strip()]
+    problems = [p for p in problems if p != "ok" and not p.startswith("*** in database")]
+    if problems:
+        first = problems[0] if len(problems[0]) <= 160 else problems[0][:160] + "..."
+        raise _damaged(path, node_id, f"quick_check: {first}")
 
 
 class NodeStorage:
@@ -148,14 +208,22 @@ class NodeStorage:
         *,
         log_retention_entries: int,
         request_retention_s: float,
+        node_id: str | None = None,
     ) -> None:
         self._conn = conn
         self._path = path
         self._lock = lock
+        self._node_id = node_id
         self._log_retention_entries = log_retention_entries
         self._request_retention_ms = int(request_retention_s * 1000)
         self._meta: dict[ShardId, ShardMeta] = {}
-        with _sqlite_errors(path):
+        self._damage: StorageDamaged | None = None
+        self.on_damaged: Callable[[StorageDamaged], None] | None = None
+        """Called once, with the error, when damage is first found while serving (the call
+        that found it raises the same error). The process must leave service: nothing this
+        storage answers afterwards is trustworthy, and every later call raises
+        StorageDamaged without touching the file."""
+        with self._sqlite():
             self._meta = self._load_meta()
 
     # --- lifecycle -------------------------------------------------------------------
@@ -168,15 +236,23 @@ class NodeStorage:
         synchronous: schema.Synchronous = "NORMAL",
         log_retention_entries: int = 10_000,
         request_retention_s: float = 86_400,
+        node_id: str | None = None,
+        check_integrity: bool = True,
     ) -> NodeStorage:
-        """Opens (creating if needed) ``<data_dir>/node.db`` and recovers every shard's
-        position from it.
+        """Opens (creating if needed) ``<data_dir>/node.db``, checks it, and recovers every
+        shard's position from it.
 
         ``log_retention_entries``: entries :meth:`prune` keeps per shard (at least 1).
         ``request_retention_s``: how long :meth:`prune` keeps applied request ids.
-        Raises FailedPrecondition when another process holds the data dir, or when the
-        file was written by a newer build; CorruptRecord when a shard's recorded bounds
-        do not match its log; Unavailable when the file cannot be opened.
+        ``node_id``: the node this data dir belongs to. A new database records it, one
+        without a record adopts it; one recorded for another node is refused (its data
+        and fences are that node's). None skips the check (tools, tests).
+        ``check_integrity``: run ``PRAGMA quick_check`` first (O(pages): about 30 ms for
+        a node.db of 100k items).
+        Raises StorageDamaged when the file is damaged; FailedPrecondition when another
+        process holds the data dir, when the file was written by a newer build, or when it
+        belongs to another node; CorruptRecord when a shard's recorded bounds do not match
+        its log; Unavailable when the data dir or the file cannot be opened.
         """
         if synchronous not in ("NORMAL", "FULL"):
             raise InvalidArgument(f"synchronous is {echo(synchronous)}; use NORMAL or FULL")
@@ -185,24 +261,33 @@ class NodeStorage:
         if request_retention_s <= 0:
             raise InvalidArgument(f"request_retention_s is {request_retention_s}; it must be positive")
         data_dir = Path(data_dir)
+        if data_dir.exists() and not data_dir.is_dir():
+            raise FailedPrecondition(
+                f"data dir {data_dir} is not a directory; give a directory (it is created if absent)"
+            )
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise Unavailable(f"cannot create data dir {data_dir}: {e}") from e
+            raise Unavailable(f"cannot create data dir {data_dir}: {e.strerror or e}") from e
         lock = _lock_data_dir(data_dir)
         path = data_dir / DB_FILE
         try:
-            with _sqlite_errors(path):
+            with _sqlite_errors(path, node_id):
                 conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=256)
                 try:
                     schema.configure(conn, synchronous)
+                    if check_integrity:
+                        _check_integrity(conn, path, node_id)
                     schema.ensure_schema(conn, str(path))
+                    if node_id is not None:
+                        schema.claim_node_id(conn, str(data_dir), node_id)
                     storage = cls(
                         conn,
                         path,
                         lock,
                         log_retention_entries=log_retention_entries,
                         request_retention_s=request_retention_s,
+                        node_id=node_id,
                     )
                     storage.synchronous = synchronous
                     return storage
@@ -236,6 +321,11 @@ class NodeStorage:
     def path(self) -> Path:
         """The database file."""
         return self._path
+
+    @property
+    def damage(self) -> StorageDamaged | None:
+        """The damage found while serving, or None while the file is sound."""
+        return self._damage
 
     # --- shard positions and fences ----------------------------------------------------
 
@@ -447,7 +537,7 @@ class NodeStorage:
             )
         out: list[shardnode_pb2.LogEntry] = []
         size = 0
-        with _sqlite_errors(self._path):
+        with self._sqlite():
             for lsn, epoch, payload, written_at_ms in self._conn.execute(
                 _SELECT_ENTRIES, (shard, from_lsn, max(max_entries, 1))
             ):
@@ -466,14 +556,14 @@ class NodeStorage:
         meta = self.meta(shard)
         if lsn == meta.last.lsn:
             return meta.last.epoch
-        with _sqlite_errors(self._path):
+        with self._sqlite():
             found = self._conn.execute(_ENTRY_AT, (shard, lsn)).fetchone()
         return None if found is None else int(found[0])
 
     def written_at_ms(self, shard: ShardId, lsn: int) -> int | None:
         """Unix ms at which the primary committed the entry at ``lsn``; None when the entry
         is not in this node's log."""
-        with _sqlite_errors(self._path):
+        with self._sqlite():
             found = self._conn.execute(_ENTRY_AT, (shard, lsn)).fetchone()
         return None if found is None else int(found[1])
 
@@ -482,7 +572,7 @@ class NodeStorage:
     def inventory(self, shard: ShardId, player: PlayerId) -> tuple[list[str], int] | None:
         """``(item ids sorted, gold)`` of a player of the shard; None for a player the
         shard never saw."""
-        with _sqlite_errors(self._path):
+        with self._sqlite():
             found = self._conn.execute(apply.SELECT_GOLD, (shard, player)).fetchone()
             if found is None:
                 return None
@@ -492,20 +582,20 @@ class NodeStorage:
     def player_data(self, shard: ShardId, player: PlayerId, system: str, key: str) -> tuple[bytes, int] | None:
         """``(value, lsn of the write that set it)``, or None when the player has no value
         for that system and key."""
-        with _sqlite_errors(self._path):
+        with self._sqlite():
             found = self._conn.execute(_SELECT_DATA, (shard, player, system, key)).fetchone()
         return None if found is None else (bytes(found[0]), int(found[1]))
 
     def recorded(self, shard: ShardId, request_id: str) -> WriteResult | None:
         """The recorded result of a request id on the shard (``replayed=True``), or None."""
-        with _sqlite_errors(self._path):
+        with self._sqlite():
             found = self._conn.execute(apply.SELECT_REQUEST, (shard, request_id)).fetchone()
         return None if found is None else WriteResult(int(found[1]), bytes(found[2]), True)
 
     def item_owner(self, item_id: str) -> tuple[ShardId, PlayerId] | None:
         """``(shard, player)`` holding the item on this node, across every shard, or None.
         Should two shards hold it (a replica mid catch-up), the lowest shard id is named."""
-        with _sqlite_errors(self._path):
+        with self._sqlite():
             found = self._conn.execute(apply.ITEM_OWNER, (item_id,)).fetchone()
         return None if found is None else (ShardId(found[0]), PlayerId(found[1]))
 
@@ -523,7 +613,7 @@ class NodeStorage:
         most ``max_tail_entries`` / ``max_tail_bytes`` of payload, always ending at
         ``last``), so the installed copy can serve catch-ups in turn. Every list is sorted,
         so two nodes with the same state produce equal snapshots."""
-        with _sqlite_errors(self._path):
+        with self._sqlite():
             self._conn.execute("BEGIN")
             try:
                 return snapshots.read_snapshot(
@@ -609,17 +699,17 @@ class NodeStorage:
         """The player's items and gold on the shard, escrowed ones included, what the
         PREPARED trades hold back (empty for a player the shard never saw), and which of
         the ``receiving`` item ids the shard still stores for another player."""
-        with _sqlite_errors(self._path):
+        with self._sqlite():
             return trades.holdings(self._conn, shard, player, receiving)
 
     def trade(self, shard: ShardId, trade_id: str) -> trades.TradeRecord | None:
         """The shard's record of ``trade_id``, or None."""
-        with _sqlite_errors(self._path):
+        with self._sqlite():
             return trades.load(self._conn, shard, trade_id)
 
     def trade_records(self, trade_id: str, shards: Collection[ShardId]) -> list[trades.TradeRecord]:
         """The records of ``trade_id`` on those of ``shards`` that hold one."""
-        with _sqlite_errors(self._path):
+        with self._sqlite():
             return trades.records_of(self._conn, trade_id, shards)
 
     def prepared_trades(
@@ -627,7 +717,7 @@ class NodeStorage:
     ) -> list[trades.TradeRecord]:
         """PREPARED records (escrows) of ``shards``, oldest first, at most ``limit``; only
         those whose deadline is at or before ``due_by_ms`` when it is given."""
-        with _sqlite_errors(self._path):
+        with self._sqlite():
             return trades.prepared(self._conn, shards, due_by_ms=due_by_ms, limit=limit)
 
     def prune_trades(self, now_ms: int, *, max_rows: int = DEFAULT_PRUNE_MAX_ROWS) -> int:
@@ -639,10 +729,28 @@ class NodeStorage:
     # --- internals -----------------------------------------------------------------------
 
     @contextlib.contextmanager
+    def _sqlite(self) -> Iterator[None]:
+        """:func:`_sqlite_errors` for this storage, and the damage latch: once damage is
+        found, every later call is refused here without touching the file (a damaged
+        b-tree may answer some reads wrongly rather than fail), and :attr:`on_damaged` is
+        told once."""
+        if self._damage is not None:
+            raise StorageDamaged(str(self._damage))
+        try:
+            with _sqlite_errors(self._path, self._node_id):
+                yield
+        except StorageDamaged as e:
+            if self._damage is None:
+                self._damage = e
+                if self.on_damaged is not None:
+                    self.on_damaged(e)
+            raise
+
+    @contextlib.contextmanager
     def _write_txn(self) -> Iterator[_Txn]:
         txn = _Txn(self._meta)
         conn = self._conn
-        with _sqlite_errors(self._path):
+        with self._sqlite():
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield txn

@@ -10,6 +10,11 @@ instead of two per insert).
 The version is kept twice: ``PRAGMA user_version`` (read before anything else, one page
 read) and the ``schema_version`` table (one row per migration applied, for people reading
 the file with the sqlite3 shell).
+
+Facts about the file as a whole (today: the id of the node it belongs to) live in
+``node_meta``, created when missing by :func:`claim_node_id`. It does not bump the version:
+a build that does not know the table ignores it and misreads nothing, so rolling the binary
+back keeps working (it only loses the id check).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import sqlite3
 from typing import Literal
 
 from bluemarble.core.errors import FailedPrecondition
+from bluemarble.core.limits import echo
 
 SCHEMA_VERSION = 2
 """Version this build writes. A database with a higher ``user_version`` is refused; one at
@@ -238,6 +244,36 @@ def ensure_schema(conn: sqlite3.Connection, path: str) -> None:
             (SCHEMA_VERSION, "shards, players, items, player_data, log, requests, escrows, trades"),
         )
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+_NODE_META = (
+    "CREATE TABLE IF NOT EXISTS node_meta (key TEXT NOT NULL PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID"
+)
+NODE_ID_KEY = "node_id"
+
+
+def claim_node_id(conn: sqlite3.Connection, data_dir: str, node_id: str) -> None:
+    """Records ``node_id`` as the owner of the database, or checks it against the one
+    recorded: a file holds one node's data, fences and request records, and another node
+    id serving them would register as a new node holding that node's state (and both could
+    then serve it). A database without a record (new, or written before records existed)
+    adopts ``node_id``. Raises FailedPrecondition naming both ids when they differ."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(_NODE_META)
+        found = conn.execute("SELECT value FROM node_meta WHERE key = ?", (NODE_ID_KEY,)).fetchone()
+        if found is None:
+            conn.execute("INSERT INTO node_meta (key, value) VALUES (?, ?)", (NODE_ID_KEY, node_id))
+        elif found[0] != node_id:
+            raise FailedPrecondition(
+                f"data dir {data_dir} belongs to node {echo(found[0])}, not {echo(node_id)}: start it with "
+                f"--node-id {echo(found[0])}, or give node {echo(node_id)} its own data dir (an empty one to "
+                "start afresh)"
+            )
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
