@@ -42,7 +42,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -239,7 +239,7 @@ def message_json(message: Message) -> str:
     revisions) as strings, while ``inventory --json`` prints them as numbers; a script
     reading both must see one type. Gold stays below 2^53, so any JSON reader holds it."""
     shown = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    return json.dumps(_int64_as_numbers(message.DESCRIPTOR, shown), indent=2)
+    return json.dumps(_int64_as_numbers(cast(Descriptor, message.DESCRIPTOR), shown), indent=2)
 
 
 def _int64_as_numbers(descriptor: Descriptor, shown: dict[str, Any]) -> dict[str, Any]:
