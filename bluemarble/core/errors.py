@@ -99,6 +99,7 @@ _BY_STATUS: dict[str, type[BlueMarbleError]] = {
         FailedPrecondition,
         Unimplemented,
         OutOfRange,
+        CorruptRecord,
         Aborted,
         Unavailable,
         DeadlineExceeded,

@@ -133,6 +133,7 @@ class TestErrors:
             assert type(err) is cls and str(err) == "m"
         assert errors.Unavailable.retryable and not errors.NotFound.retryable
         assert type(errors.from_status_name("OUT_OF_RANGE", "m")) is errors.OutOfRange
+        assert type(errors.from_status_name("DATA_LOSS", "m")) is errors.CorruptRecord
 
 
 class TestEnvFlags:
