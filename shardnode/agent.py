@@ -499,7 +499,9 @@ class NodeAgent:
                 first_refusal_s = now if first_refusal_s is None else first_refusal_s
                 if now - first_refusal_s >= self._already_exists_timeout_s:
                     return False
-                log.warning("node id still held by an earlier registration; waiting", error=str(error))
+                # Debug: retry.call's own "retrying" line says it (the first a warning,
+                # then a summary every few seconds); this ran on every attempt.
+                log.debug("node id still held by an earlier registration; waiting", error=str(error))
                 return True
             return retry.is_retryable(error)
 

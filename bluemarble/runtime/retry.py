@@ -19,6 +19,13 @@ Three shapes, one policy:
   for a while starts again from the shortest delay. Unexpected exceptions are bugs: they
   are logged with their traceback and the step is restarted too, so one bug does not
   leave a process running on stale state until someone restarts it.
+
+A dependency that stays down makes the same failure over and over (a node retried its
+registration a dozen times a second). :class:`FailureLog` keeps that readable: the first
+failure is a warning, repeats are summarised in at most one line every
+:data:`SUMMARY_INTERVAL_S` (how many so far, for how long; each repeat is still there
+at debug), and the recovery is one info line. :func:`call` keeps one per ``what``,
+:func:`supervise` one per loop.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import asyncio
 import math
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import structlog
@@ -75,6 +82,78 @@ FOREVER = RetryPolicy(deadline_s=None)
 """Background loops (watches, streams, campaigns): never give up, delays 0.1 s .. 2 s."""
 
 
+SUMMARY_INTERVAL_S = 5.0
+"""At most one line per this many seconds about a failure that keeps repeating."""
+
+FORGET_AFTER_S = 60.0
+"""A failure this long after the previous one of the same kind starts a new episode
+(logged as a first failure again): whatever was failing had stopped being retried."""
+
+MAX_TRACKED = 512
+"""Failure kinds a :class:`FailureLog` follows at once (``what`` may name a trade): past
+that, the episodes quiet the longest are forgotten."""
+
+
+@dataclass
+class _Episode:
+    first_s: float
+    last_s: float
+    logged_s: float
+    failures: int = 1
+
+
+@dataclass
+class FailureLog:
+    """Logs failures of one kind after another (keyed, e.g. by ``what``) without flooding.
+
+    :meth:`failed`: the first failure of an episode is logged at warning with its fields;
+    later ones at debug, plus at most one warning per ``summary_interval_s`` saying how
+    many failures so far and for how long. :meth:`recovered`: one info line, only when an
+    episode was open. Times are the caller's monotonic clock, in seconds."""
+
+    summary_interval_s: float = SUMMARY_INTERVAL_S
+    forget_after_s: float = FORGET_AFTER_S
+    max_tracked: int = MAX_TRACKED
+    _episodes: dict[str, _Episode] = field(default_factory=dict)
+
+    def failing(self, key: str) -> bool:
+        """Whether an episode of ``key`` is open (a failure, no recovery since)."""
+        return key in self._episodes
+
+    def failed(self, key: str, now_s: float, event: str, **fields: Any) -> None:
+        episode = self._episodes.get(key)
+        if episode is None or now_s - episode.last_s > self.forget_after_s:
+            if len(self._episodes) >= self.max_tracked:
+                oldest = min(self._episodes, key=lambda k: self._episodes[k].last_s)
+                del self._episodes[oldest]
+            self._episodes[key] = _Episode(first_s=now_s, last_s=now_s, logged_s=now_s)
+            log.warning(event, **fields)
+            return
+        episode.failures += 1
+        episode.last_s = now_s
+        if now_s - episode.logged_s < self.summary_interval_s:
+            log.debug(event, **fields)
+            return
+        episode.logged_s = now_s
+        log.warning(
+            f"{event} (still failing)",
+            failures=episode.failures,
+            failing_for_s=round(now_s - episode.first_s, 1),
+            **fields,
+        )
+
+    def recovered(self, key: str, now_s: float, event: str, **fields: Any) -> None:
+        if not self._episodes:  # the common case: nothing failing, one test
+            return
+        episode = self._episodes.pop(key, None)
+        if episode is not None:
+            log.info(event, failures=episode.failures, after_s=round(now_s - episode.first_s, 1), **fields)
+
+
+_CALL_FAILURES = FailureLog()
+"""The failures of :func:`call`, one episode per ``what``."""
+
+
 def is_retryable(error: BaseException) -> bool:
     """Retry BlueMarble errors that say so (Unavailable, Aborted, DeadlineExceeded...)."""
     return isinstance(error, BlueMarbleError) and error.retryable
@@ -101,13 +180,18 @@ async def call(
     # tenacity's set-up per call cost more CPU than a short attempt's own work (the
     # trade path makes two to four such calls per trade).
     try:
-        return await operation()
+        result = await operation()
     except Exception as e:
         if not retry_if(e) or policy.max_attempts == 1 or clock.monotonic_s() >= deadline:
             raise
         first = e
+    else:
+        _CALL_FAILURES.recovered(what, clock.monotonic_s(), "retried operation succeeded", what=what)
+        return result
     delay_s = max(0.0, min(_jitter.uniform(0.0, policy.initial_s), deadline - clock.monotonic_s()))
-    log.info("retrying", what=what, attempt=1, error=str(first), next_in_s=round(delay_s, 3))
+    _CALL_FAILURES.failed(
+        what, clock.monotonic_s(), "retrying", what=what, attempt=1, error=str(first), next_in_s=round(delay_s, 3)
+    )
     await clock.sleep(delay_s)
     attempts_left = None if policy.max_attempts is None else policy.max_attempts - 1
     jitter = policy.wait()
@@ -122,10 +206,12 @@ async def call(
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
-        log.info(
+        _CALL_FAILURES.failed(
+            what,
+            clock.monotonic_s(),
             "retrying",
             what=what,
-            attempt=state.attempt_number,
+            attempt=state.attempt_number + 1,  # tenacity counts from the second attempt
             error=str(error),
             next_in_s=round(state.upcoming_sleep, 3),
         )
@@ -141,7 +227,9 @@ async def call(
     async def attempt() -> T:
         # tenacity awaits only coroutine functions; ``operation`` may be a lambda that
         # returns an awaitable, so await it here.
-        return await operation()
+        result = await operation()
+        _CALL_FAILURES.recovered(what, clock.monotonic_s(), "retried operation succeeded", what=what)
+        return result
 
     return await retrying(attempt)
 
@@ -187,23 +275,36 @@ async def supervise(
     and it is restarted after a jittered backoff; a step that ran for at least
     ``healthy_after_s`` restarts after the shortest delay again. While ``quiet()`` is
     true, retryable errors are expected (a peer said it is restarting) and logged at info.
+    Retryable failures in a row are logged through a :class:`FailureLog` (the first a
+    warning, then a summary every few seconds), and a step that then runs for
+    ``healthy_after_s`` logs that the loop recovered.
     """
     clock = clock or SystemClock()
     backoff = Backoff(policy, clock)
+    failures = FailureLog()
     while stop is None or not stop.is_set():
         started = clock.monotonic_s()
+        recovery = (
+            asyncio.ensure_future(_recovered_after(failures, name, clock, healthy_after_s))
+            if failures.failing(name) else None
+        )
         try:
             await step()
             log.debug("loop step ended; restarting", loop=name)
         except asyncio.CancelledError:
             raise
         except BlueMarbleError as e:
-            level = log.warning if e.retryable else log.error
-            if e.retryable and quiet is not None and quiet():
-                level = log.info
-            level("loop step failed; restarting", loop=name, error=str(e))
+            if not e.retryable:
+                log.error("loop step failed; restarting", loop=name, error=str(e))
+            elif quiet is not None and quiet():
+                log.info("loop step failed; restarting", loop=name, error=str(e))
+            else:
+                failures.failed(name, clock.monotonic_s(), "loop step failed; restarting", loop=name, error=str(e))
         except Exception:
             log.exception("loop step crashed; restarting (this is a bug)", loop=name)
+        finally:
+            if recovery is not None:
+                recovery.cancel()
         if clock.monotonic_s() - started >= healthy_after_s:
             backoff.reset()
         delay_s = backoff.next_delay_s()
@@ -214,3 +315,10 @@ async def supervise(
             await clock.sleep(delay_s)
         else:
             await wait_event(clock, stop, delay_s)
+
+
+async def _recovered_after(failures: FailureLog, name: str, clock: Clock, healthy_after_s: float) -> None:
+    """Logs that loop ``name`` recovered once its current step has run ``healthy_after_s``
+    (cancelled when the step ends sooner)."""
+    await clock.sleep(healthy_after_s)
+    failures.recovered(name, clock.monotonic_s(), "loop recovered", loop=name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 
 import pytest
@@ -185,3 +186,83 @@ async def test_call_accepts_a_lambda_returning_an_awaitable() -> None:
     task = asyncio.create_task(retry.call(lambda: flaky(21), what="lambda", clock=clock))
     await clock.advance(1)
     assert task.result() == 42 and calls == 2
+
+
+class TestARepeatingFailureIsLoggedWithoutFlooding:
+    """A dependency that stays down: the first failure is a warning, then one summary line
+    every few seconds with the count so far, and one line when it recovers."""
+
+    async def test_call_logs_the_first_failure_summaries_and_the_recovery(self) -> None:
+        clock = FakeClock()
+        down = True
+
+        async def control_plane() -> str:
+            if down:
+                raise Unavailable("control plane unreachable")
+            return "ring"
+
+        policy = retry.RetryPolicy(initial_s=0.05, max_backoff_s=0.1, deadline_s=None, max_attempts=10_000)
+        with structlog.testing.capture_logs() as lines:
+            task = asyncio.create_task(retry.call(control_plane, what="fetch ring (flood)", policy=policy, clock=clock))
+            await clock.advance(30, step_s=0.02)
+            down = False
+            await clock.advance(1, step_s=0.02)
+            assert task.result() == "ring"
+        shown = [e for e in lines if e["log_level"] != "debug"]
+        attempts = len([e for e in lines if e["event"].startswith("retrying")])
+        assert attempts > 200  # about 13 a second
+        assert shown[0]["event"] == "retrying" and shown[0]["log_level"] == "warning"
+        assert shown[0]["attempt"] == 1
+        summaries = [e for e in shown if e["event"] == "retrying (still failing)"]
+        assert 5 <= len(summaries) <= 7, [e["event"] for e in shown]  # one per 5 s of 30 s
+        assert all(e["log_level"] == "warning" for e in summaries)
+        assert summaries[-1]["failures"] > 200 and summaries[-1]["failing_for_s"] >= 25
+        assert shown[-1]["event"] == "retried operation succeeded" and shown[-1]["log_level"] == "info"
+        assert shown[-1]["failures"] == attempts
+        assert len(shown) == len(summaries) + 2
+        numbers = [e["attempt"] for e in lines if e["event"].startswith("retrying")]
+        assert numbers[:3] == [1, 2, 3]  # one count, not tenacity's own from the second attempt
+
+    async def test_a_failure_long_after_the_last_is_a_new_first_failure(self) -> None:
+        failures = retry.FailureLog()
+        with structlog.testing.capture_logs() as lines:
+            failures.failed("k", 0.0, "x failed")
+            failures.failed("k", 1.0, "x failed")
+            failures.failed("k", 1.0 + retry.FORGET_AFTER_S + 1, "x failed")
+            failures.recovered("other", 100.0, "x recovered")
+        assert [(e["event"], e["log_level"]) for e in lines] == [
+            ("x failed", "warning"), ("x failed", "debug"), ("x failed", "warning")]
+
+    def test_it_follows_a_bounded_number_of_kinds(self) -> None:
+        failures = retry.FailureLog(max_tracked=3)
+        for n in range(10):
+            failures.failed(f"trade {n}", float(n), "prepare failed")
+        assert [failures.failing(f"trade {n}") for n in range(10)] == [False] * 7 + [True] * 3
+
+    async def test_supervise_summarises_a_loop_that_keeps_failing_and_says_when_it_recovered(self) -> None:
+        clock = FakeClock()
+        stop = asyncio.Event()
+        down = True
+
+        async def watch() -> None:
+            if down:
+                raise Unavailable("etcd down")
+            await clock.sleep(3600)
+
+        with structlog.testing.capture_logs() as lines:
+            task = asyncio.create_task(
+                retry.supervise(watch, name="watch-x", clock=clock, stop=stop, healthy_after_s=2.0))
+            await clock.advance(30, step_s=0.05)
+            down = False
+            await clock.advance(10, step_s=0.05)
+            stop.set()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        shown = [(e["event"], e["log_level"]) for e in lines if e["log_level"] != "debug"]
+        failed = len([e for e in lines if e["event"].startswith("loop step failed")])
+        assert failed > 20
+        assert shown[0] == ("loop step failed; restarting", "warning")
+        assert shown[-1] == ("loop recovered", "info")
+        assert 4 <= len(shown) - 2 <= 7, shown
+        assert {event for event, _ in shown[1:-1]} == {"loop step failed; restarting (still failing)"}
