@@ -509,7 +509,8 @@ class Participant:
                 client.rotate(away_from=address)
                 raise DeadlineExceeded(f"control plane {address} did not answer ResolveTrade in time") from e
 
-        answer = await retry.call(attempt, what=f"resolve trade {trade_id}", policy=RESOLVE_POLICY, clock=self._clock)
+        answer = await retry.call(attempt, what=f"resolve trade {trade_id}", policy=RESOLVE_POLICY, clock=self._clock,
+                                  expected=True)
         outcome = stored.outcome_from_proto(answer.outcome, f"ResolveTrade answer for {echo(trade_id)}")
         log.info("trade resolved", trade_id=trade_id, shard=shard, outcome=outcome.name, created=answer.created)
         return outcome, answer.reason

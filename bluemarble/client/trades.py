@@ -235,7 +235,7 @@ class TradeClient:
         policy = retry.RetryPolicy(
             initial_s=self._initial_s, max_backoff_s=max(self._initial_s, self._max_backoff_s), deadline_s=deadline_s
         )
-        response = await retry.call(attempt, what=what, policy=policy, clock=clock, retry_if=_retried)
+        response = await retry.call(attempt, what=what, policy=policy, clock=clock, retry_if=_retried, expected=True)
         return response, attempts
 
     async def execute_trade(

@@ -113,6 +113,9 @@ class FailureLog:
 
     summary_interval_s: float = SUMMARY_INTERVAL_S
     forget_after_s: float = FORGET_AFTER_S
+    warn: bool = True
+    """False: the first failure and the summaries are logged at info (failures that are
+    part of normal operation, e.g. a trade following its shard through a failover)."""
     max_tracked: int = MAX_TRACKED
     _episodes: dict[str, _Episode] = field(default_factory=dict)
 
@@ -127,7 +130,7 @@ class FailureLog:
                 oldest = min(self._episodes, key=lambda k: self._episodes[k].last_s)
                 del self._episodes[oldest]
             self._episodes[key] = _Episode(first_s=now_s, last_s=now_s, logged_s=now_s)
-            log.warning(event, **fields)
+            (log.warning if self.warn else log.info)(event, **fields)
             return
         episode.failures += 1
         episode.last_s = now_s
@@ -135,7 +138,7 @@ class FailureLog:
             log.debug(event, **fields)
             return
         episode.logged_s = now_s
-        log.warning(
+        (log.warning if self.warn else log.info)(
             f"{event} (still failing)",
             failures=episode.failures,
             failing_for_s=round(now_s - episode.first_s, 1),
@@ -151,6 +154,7 @@ class FailureLog:
 
 
 _CALL_FAILURES = FailureLog()
+_EXPECTED_FAILURES = FailureLog(warn=False)
 """The failures of :func:`call`, one episode per ``what``."""
 
 
@@ -166,12 +170,16 @@ async def call(
     policy: RetryPolicy = DEFAULT,
     clock: Clock | None = None,
     retry_if: Callable[[BaseException], bool] = is_retryable,
+    expected: bool = False,
 ) -> T:
     """Runs ``operation()`` until it succeeds; retries the errors ``retry_if`` accepts.
 
     Raises the last error when the policy's deadline or attempts are used up, and any
-    other error at once. Never sleeps past the deadline.
+    other error at once. Never sleeps past the deadline. ``expected``: retries are part
+    of normal operation (one ``what`` per request, e.g. a trade following its shard's
+    failover): logged at info, not warning.
     """
+    failures = _EXPECTED_FAILURES if expected else _CALL_FAILURES
     if policy.deadline_s is None and policy.max_attempts is None:
         raise ValueError("retry.call needs a deadline or a number of attempts")
     clock = clock or SystemClock()
@@ -186,10 +194,10 @@ async def call(
             raise
         first = e
     else:
-        _CALL_FAILURES.recovered(what, clock.monotonic_s(), "retried operation succeeded", what=what)
+        failures.recovered(what, clock.monotonic_s(), "retried operation succeeded", what=what)
         return result
     delay_s = max(0.0, min(_jitter.uniform(0.0, policy.initial_s), deadline - clock.monotonic_s()))
-    _CALL_FAILURES.failed(
+    failures.failed(
         what, clock.monotonic_s(), "retrying", what=what, attempt=1, error=str(first), next_in_s=round(delay_s, 3)
     )
     await clock.sleep(delay_s)
@@ -206,7 +214,7 @@ async def call(
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
-        _CALL_FAILURES.failed(
+        failures.failed(
             what,
             clock.monotonic_s(),
             "retrying",
@@ -228,7 +236,7 @@ async def call(
         # tenacity awaits only coroutine functions; ``operation`` may be a lambda that
         # returns an awaitable, so await it here.
         result = await operation()
-        _CALL_FAILURES.recovered(what, clock.monotonic_s(), "retried operation succeeded", what=what)
+        failures.recovered(what, clock.monotonic_s(), "retried operation succeeded", what=what)
         return result
 
     return await retrying(attempt)

@@ -408,7 +408,7 @@ class TradeCoordinator:
         policy = retry.RetryPolicy(initial_s=0.05, max_backoff_s=0.5, deadline_s=self.settings.local_trade_deadline_s)
         try:
             response = await retry.call(attempt, what=f"local trade {trade.trade_id}", policy=policy,
-                                            clock=self._clock, retry_if=_settle_retryable)
+                                            clock=self._clock, retry_if=_settle_retryable, expected=True)
         except FailedPrecondition as e:
             # The shard's primary kept moving under us (a failover or handoff outlasting
             # our retries): nothing was decided, the caller should simply retry.
@@ -552,7 +552,8 @@ class TradeCoordinator:
         policy = retry.RetryPolicy(initial_s=0.05, max_backoff_s=0.3, deadline_s=timeout_s)
         try:
             response = await retry.call(attempt, what=f"prepare {leg.trade_id} on {primary.shard}",
-                                            policy=policy, clock=self._clock, retry_if=_settle_retryable)
+                                            policy=policy, clock=self._clock, retry_if=_settle_retryable,
+                                            expected=True)
         except InvalidArgument as e:
             return rules.PrepareReply.refused(f"{primary.shard} refused the leg of {leg.player}: {e}")
         except BlueMarbleError as e:
@@ -618,7 +619,7 @@ class TradeCoordinator:
         policy = retry.RetryPolicy(initial_s=0.05, max_backoff_s=0.5, deadline_s=self.settings.settle_deadline_s)
         try:
             state = await retry.call(attempt, what=f"settle {trade_id} on {shard}", policy=policy,
-                                         clock=self._clock, retry_if=_settle_retryable)
+                                         clock=self._clock, retry_if=_settle_retryable, expected=True)
         except BlueMarbleError as e:
             (log.error if not e.retryable and not isinstance(e, FailedPrecondition) else log.info)(
                 "settle not acknowledged", trade_id=trade_id, shard=shard, outcome=outcome.name, error=str(e))
