@@ -100,6 +100,7 @@ class Election:
         self._address = address
         self.ttl_s = ttl_s
         self._clock = clock or SystemClock()
+        self._refresh_failures = retry.FailureLog()  # one warning per outage, then summaries
         self._leadership: Leadership | None = None
         self._valid_until_s = 0.0
         self._margin_s = max(ttl_s * SAFETY_MARGIN_FRACTION, 0.2)
@@ -233,9 +234,11 @@ class Election:
             except BlueMarbleError as e:
                 if not e.retryable:
                     raise
-                log.warning("leader lease refresh failed; retrying", error=str(e))
+                self._refresh_failures.failed("refresh", self._clock.monotonic_s(),
+                                              "leader lease refresh failed; retrying", error=str(e))
                 interval_s = min(0.2, ttl_s / 10)
                 continue
+            self._refresh_failures.recovered("refresh", self._clock.monotonic_s(), "leader lease refresh answered")
             if remaining <= 0:
                 log.warning("leader lease expired; stepping down", replica=self.replica_id)
                 return

@@ -105,7 +105,7 @@ from bluemarble.core.placement import (
 )
 from bluemarble.core.replication.position import LogPosition
 from bluemarble.core.ring import Ring
-from bluemarble.runtime import background, metrics
+from bluemarble.runtime import background, metrics, retry
 from bluemarble.runtime.clock import Clock, SystemClock, wait_event
 from bluemarble.v1 import common_pb2, controlplane_pb2
 from controlplane.server.election import Election, Leadership
@@ -192,6 +192,7 @@ class Reconciler:
         self._configs = configs
         self._probe = probe
         self._clock = clock or SystemClock()
+        self._round_failures = retry.FailureLog()  # one warning per outage, then summaries
         self._tick_s = tick_s
         self._hold_s_override = hold_s
         self._mass_expiry_fraction = mass_expiry_fraction
@@ -272,11 +273,13 @@ class Reconciler:
                 except BlueMarbleError as e:
                     if e.retryable:
                         self._outage = True
-                    log.warning("reconcile round failed", error=str(e))
+                    self._round_failures.failed("round", self._clock.monotonic_s(), "reconcile round failed",
+                                                error=str(e))
                 except Exception:
                     log.exception("reconcile round crashed (this is a bug); retrying next tick")
                 if self.rounds != rounds:
                     self._last_round = self._clock.monotonic_s()
+                    self._round_failures.recovered("round", self._last_round, "reconcile rounds run again")
             await wait_event(self._clock, self._wake, self._tick_s)
 
     def needs_repair(self) -> bool:

@@ -924,6 +924,7 @@ class _KeepAliveStream:
         self._metadata = metadata
         self._endpoints = endpoints
         self._clock = clock
+        self._failures = retry.FailureLog()  # one warning per outage, then summaries
         self._queue: asyncio.Queue[int] = asyncio.Queue(self._MAX_PENDING)
         self._waiters: dict[int, collections.deque[asyncio.Future[int]]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -962,7 +963,8 @@ class _KeepAliveStream:
             self._fail_all(error)
             if self._closed:
                 return
-            log.warning("lease keepalive stream broke; reopening", error=str(error))
+            self._failures.failed("stream", self._clock.monotonic_s(), "lease keepalive stream broke; reopening",
+                                  error=str(error))
             await backoff.sleep()
             if not self._waiters:
                 return  # reopened on demand by the next refresh
@@ -977,6 +979,7 @@ class _KeepAliveStream:
                 if resp is _EOF:
                     return Unavailable("etcd closed the lease keepalive stream")
                 backoff.reset()
+                self._failures.recovered("stream", self._clock.monotonic_s(), "lease keepalive stream answers again")
                 self._resolve(int(resp.ID), max(0, int(resp.TTL)))
         except grpc.aio.AioRpcError as e:
             return Unavailable(
