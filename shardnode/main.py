@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,12 +258,14 @@ async def _start_ring(ring: RingRouter) -> None:
     replica answers (a leader change, an etcd restart) would then never learn the ring
     and refuse every data-plane call for good, so this keeps trying (jittered backoff)."""
     backoff = retry.Backoff(retry.FOREVER)
+    failures = retry.FailureLog()  # one warning, then a summary every few seconds
     while True:
         try:
             await ring.start()
+            failures.recovered("ring", time.monotonic(), "ring fetched")
             return
         except BlueMarbleError as e:
-            log.warning("ring not fetched yet; trying again", error=str(e), failures=backoff.failures + 1)
+            failures.failed("ring", time.monotonic(), "ring not fetched yet; trying again", error=str(e))
             await backoff.sleep()
 
 
