@@ -438,7 +438,7 @@ class EtcdStore:
     def _unavailable(self, operation: str, e: BaseException) -> Unavailable:
         return Unavailable(
             f"etcd unavailable ({','.join(self.endpoints)}) during {operation}: "
-            f"{e or type(e).__name__}; retry shortly"
+            f"{str(e) or ('no answer in time' if isinstance(e, TimeoutError) else type(e).__name__)}; retry shortly"
         )
 
     @contextlib.asynccontextmanager
