@@ -385,7 +385,7 @@ class Reconciler:
         """Whether this round must place nothing (see the module docstring)."""
         if self._outage:
             self._outage = False
-            self._start_hold("etcd was unreachable")
+            self._start_hold("this replica lost touch with etcd (etcd down or slow, or this process paused)")
         peak = max(len(self._live) + len(self._departures), 1)
         if len(self._departures) >= max(2, math.ceil(peak * self._mass_expiry_fraction)):
             self._start_hold(
