@@ -335,7 +335,10 @@ def _side_state(value: int) -> str:
 def _participant_rows(trades: Sequence[shardnode_pb2.ParticipantTrade]) -> list[tuple[object, ...]]:
     return [
         (t.trade_id, t.shard_id or "-", t.node_id or "-", _side_state(t.state), t.leg.player_id or "-",
-         _offer(t.leg.gives) if t.HasField("leg") else "-", t.deadline_ms or "-", t.reason or "")
+         _offer(t.leg.gives) if t.HasField("leg") else "-",
+         # A deadline matters only while the escrow waits for its decision.
+         (t.deadline_ms or "-") if t.state == shardnode_pb2.PARTICIPANT_TRADE_STATE_PREPARED else "-",
+         t.reason or "")
         for t in trades
     ]
 
