@@ -51,7 +51,8 @@ async def test_an_operator_promotes_a_live_node_for_a_shard_whose_copies_all_die
         await eventually(stuck, 30, "the shards to be left without a primary")
         assert assignments(process_cluster)[shard].primary in (before.primary, ""), "a copy without data took over"
         refused = await asyncio.to_thread(ctl, process_cluster, "promote", shard, "n3")
-        assert refused.returncode == 1 and "accept_data_loss" in refused.stderr, refused.stderr
+        # The CLI refuses before sending (the server's own refusal: tests/integration/test_fence_promote.py).
+        assert refused.returncode == 2 and "needs --accept-data-loss" in refused.stderr, refused.stderr
         done = await asyncio.to_thread(ctl, process_cluster, "promote", shard, "n3", "--accept-data-loss")
         assert done.returncode == 0, done.stdout + done.stderr
         promoted = assignments(process_cluster)[shard]
