@@ -25,7 +25,7 @@ import asyncio
 import collections
 import contextlib
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -49,6 +49,7 @@ from bluemarble.core.ring import Ring
 from bluemarble.core.trades import coordinator as rules
 from bluemarble.core.trades.decision import outcome_for_leg
 from bluemarble.core.trades.model import Decision, Leg, Offer, Outcome, Trade, participant_name, validate_trade
+from bluemarble.core.trades.participant import REUSED_TRADE_ID
 from bluemarble.runtime import background, channels, metrics, retry, tracing
 from bluemarble.runtime.auth import ServerAuth
 from bluemarble.runtime.channels import channel as open_channel
@@ -86,6 +87,15 @@ def crash_point(step: str) -> None:
     if os.environ.get(CRASH_AT_ENV) == step:
         log.warning("trade failpoint: exiting", step=step)
         os._exit(137)
+
+
+class IdInUse(InvalidArgument):
+    """A participant already knows the trade id with other terms: the attempt ends
+    INVALID_ARGUMENT without a decision. ``prepared``: the sides that escrowed for it."""
+
+    def __init__(self, message: str, prepared: Sequence[rules.Side] = ()):
+        super().__init__(message)
+        self.prepared = tuple(prepared)
 
 
 @dataclass(frozen=True)
@@ -440,7 +450,11 @@ class TradeCoordinator:
                 crash_point("before-prepare")
                 actions = collections.deque(a for a in actions if not isinstance(a, rules.SendPrepare))
                 phase_s = self._clock.monotonic_s()
-                actions.extend(await self._prepare_all(coordinator, prepares, primaries))
+                try:
+                    actions.extend(await self._prepare_all(coordinator, prepares, primaries))
+                except IdInUse as e:
+                    self._release(trade.trade_id, e.prepared, shards)
+                    raise
                 metrics.PHASE_PREPARE.observe(self._clock.monotonic_s() - phase_s)
                 continue
             settles = [a for a in actions if isinstance(a, rules.SendSettle)]
@@ -462,7 +476,8 @@ class TradeCoordinator:
                 try:
                     stored = await self._record(trade, action.decision, shards)
                 except InvalidArgument:
-                    self._release(trade.trade_id, coordinator, shards)
+                    self._release(trade.trade_id, [side for side, reply in coordinator.replies.items()
+                                                   if reply.kind is rules.ReplyKind.PREPARED], shards)
                     raise
                 metrics.PHASE_DECIDE.observe(self._clock.monotonic_s() - phase_s)
                 actions.extend(coordinator.on_decision(decision_of(stored.record)))
@@ -478,22 +493,22 @@ class TradeCoordinator:
                  shard_a=primary_a.shard, shard_b=primary_b.shard, decided_by=answer.decided_by)
         return answer
 
-    def _release(self, trade_id: str, coordinator: rules.Coordinator, shards: dict[rules.Side, ShardId]) -> None:
-        """Aborts, in the background, the escrows this attempt made, once its trade id
-        turned out to be decided for other terms. Safe: a participant that answered
-        PREPARED holds an escrow of *these* terms, which no record covers, so no record
-        can commit it (the termination rule would release it too, once past its deadline:
-        ``outcome_for_leg``); this only frees the items and gold sooner."""
-        for side, reply in coordinator.replies.items():
-            if reply.kind is rules.ReplyKind.PREPARED:
-                shard = shards[side]
+    def _release(self, trade_id: str, prepared: Iterable[rules.Side], shards: dict[rules.Side, ShardId]) -> None:
+        """Aborts, in the background, the escrows this attempt made (``prepared``: the
+        sides that answered PREPARED to it), once its trade id turned out to name another
+        trade. Safe: such a participant holds an escrow of *these* terms, which no record
+        covers, so no record can commit it (the termination rule would release it too,
+        once past its deadline: ``outcome_for_leg``); this frees the items and gold
+        sooner, and without a record in etcd."""
+        for side in prepared:
+            shard = shards[side]
 
-                async def release(shard: ShardId = shard) -> None:
-                    if not await self.settle(shard, trade_id, Outcome.ABORTED):
-                        log.info("escrow of a reused trade id left to its participant's termination",
-                                 trade_id=trade_id, shard=shard)
+            async def release(shard: ShardId = shard) -> None:
+                if not await self.settle(shard, trade_id, Outcome.ABORTED):
+                    log.info("escrow of a reused trade id left to its participant's termination",
+                             trade_id=trade_id, shard=shard)
 
-                background.start(release(), f"release-{trade_id[:40]}-{shard}")
+            background.start(release(), f"release-{trade_id[:40]}-{shard}")
 
     async def _prepare_all(self, coordinator: rules.Coordinator, prepares: Sequence[rules.SendPrepare],
                            primaries: dict[rules.Side, Primary]) -> list[rules.Action]:
@@ -510,7 +525,17 @@ class TradeCoordinator:
             while pending and coordinator.phase is rules.Phase.PREPARING:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    out.extend(coordinator.on_prepare_reply(tasks[task], task.result()))
+                    try:
+                        reply = task.result()
+                    except IdInUse as e:
+                        # Every prepare must answer first: an escrow this attempt made is
+                        # aborted here, not left to a termination that would write a record.
+                        if pending:
+                            await asyncio.wait(pending)
+                        prepared = [tasks[t] for t in tasks if t is not task and not t.cancelled()
+                                    and t.exception() is None and t.result().kind is rules.ReplyKind.PREPARED]
+                        raise IdInUse(str(e), prepared) from e
+                    out.extend(coordinator.on_prepare_reply(tasks[task], reply))
             if coordinator.phase is rules.Phase.PREPARING:  # not reached: every prepare answers
                 out.extend(coordinator.on_prepare_timeout())
         finally:
@@ -555,6 +580,14 @@ class TradeCoordinator:
                                             policy=policy, clock=self._clock, retry_if=_settle_retryable,
                                             expected=True)
         except InvalidArgument as e:
+            if REUSED_TRADE_ID in str(e):
+                # The id already names another trade on that shard: this attempt must not
+                # write a decision for it (an ABORTED record would contradict what the
+                # shard applied, and stand for the id's retention).
+                raise IdInUse(
+                    f"trade id {echo(leg.trade_id)} is already used on {primary.shard} for other terms; "
+                    "choose a new trade id"
+                ) from e
             return rules.PrepareReply.refused(f"{primary.shard} refused the leg of {leg.player}: {e}")
         except BlueMarbleError as e:
             log.info("prepare failed", trade_id=leg.trade_id, shard=primary.shard, node_id=primary.node, error=str(e))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import signal
 import time
 
@@ -172,7 +173,9 @@ async def test_a_reused_trade_id_and_gold_near_the_cap_move_nothing_nobody_agree
             if len(players) == 4:
                 break
         a, b, c, rich = players
-        await grant_all(client, {f"seed-{p}": (p, [f"{p}/gem"], 100) for p in (a, b, c)}
+        neighbour = next(p for p in (f"reuse-n{i}" for i in range(500))
+                         if client.resolve(p).shard_id == client.resolve(a).shard_id)
+        await grant_all(client, {f"seed-{p}": (p, [f"{p}/gem"], 100) for p in (a, b, c, neighbour)}
                         | {"seed-rich": (rich, [], near_cap)})
 
         async def holdings(player: str) -> tuple[list[str], int]:
@@ -200,7 +203,7 @@ async def test_a_reused_trade_id_and_gold_near_the_cap_move_nothing_nobody_agree
             with pytest.raises(grpc.aio.AioRpcError) as reused:
                 await stub.ExecuteTrade(trade("r-1", a, c, x_gold=10, y_items=(f"{c}/gem",), y_gold=50), timeout=10)
             assert reused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert "used for a different trade" in (reused.value.details() or "")
+            assert re.search("used for a different trade|already used on", reused.value.details() or "")
             await eventually(no_escrow, 10, "the reused id's escrow released")
             assert await holdings(c) == ([f"{c}/gem"], 100)
 
@@ -222,6 +225,19 @@ async def test_a_reused_trade_id_and_gold_near_the_cap_move_nothing_nobody_agree
             await eventually(no_escrow, 10 + ESCROW_TIMEOUT_S * 2, "the orphaned escrow settled by termination")
             assert await holdings(c) == ([f"{c}/gem"], 100)
 
+            # An id a same-shard trade used (no record in etcd) reused for a cross-shard trade:
+            # refused, no decision written, the counterpart's escrow released at once.
+            local = await execute(stub, trade("lt-1", a, neighbour, x_gold=1))
+            assert (local.outcome, local.cross_shard) == (common_pb2.TRADE_OUTCOME_COMMITTED, False)
+            with pytest.raises(grpc.aio.AioRpcError) as in_use:
+                await stub.ExecuteTrade(trade("lt-1", a, c, x_gold=1, y_items=(f"{c}/gem",)), timeout=10)
+            assert in_use.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "already used on" in (in_use.value.details() or ""), in_use.value.details()
+            await eventually(no_escrow, 10, "the escrow of the refused attempt released")
+            assert await holdings(c) == ([f"{c}/gem"], 100)
+            shown = await stub.GetTrade(trade_pb2.GetTradeRequest(trade_id="lt-1", player_id=a), timeout=10)
+            assert (shown.outcome, shown.cross_shard) == (common_pb2.TRADE_OUTCOME_COMMITTED, False)
+
             # A mistyped player id receives nothing: the trade is refused, naming it.
             typo = await execute(stub, trade("typo-1", a, "nobody-xyz", x_gold=1))
             assert typo.outcome == common_pb2.TRADE_OUTCOME_ABORTED and "nobody-xyz is unknown" in typo.reason
@@ -233,7 +249,7 @@ async def test_a_reused_trade_id_and_gold_near_the_cap_move_nothing_nobody_agree
             assert all("would hold more than" in x.reason for x in answers if x not in committed)
             await eventually(no_escrow, 10 + ESCROW_TIMEOUT_S * 2, "no escrow left after the cap race")
             assert await holdings(rich) == ([], near_cap + 6)
-            assert await holdings(a) == ([f"{a}/gem", f"{b}/gem"], 100 - 10 - 1 + 1 - 6)
+            assert await holdings(a) == ([f"{a}/gem", f"{b}/gem"], 100 - 10 - 1 + 1 - 1 - 6)
             assert await holdings(b) == ([], 100 + 10 + 1 - 1)
         finally:
             await channel.close(None)

@@ -500,7 +500,8 @@ async def test_a_trade_id_reused_for_other_terms_is_invalid_argument_and_unknown
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await c.trades.ExecuteTrade(request("t9", a, b, ("axe",), 0, (), 1))
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "trade id 't9' was used for a different trade" in (raised.value.details() or "")
+        # The participant knows the id with other terms: refused before any decision.
+        assert "trade id 't9' is already used on" in (raised.value.details() or "")
         assert c.world.items[a] == {"axe"}
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="nope"))
