@@ -463,6 +463,11 @@ class DataPlane:
     def address_of(self, node: NodeId) -> str | None:
         return self._agent.addresses.get(node)
 
+    def is_member(self, node: str) -> bool:
+        """Whether ``node`` is the primary or a replica of a shard this node serves, as
+        its current assignments say (who may replicate with it under mutual TLS)."""
+        return any(s.primary == node or node in s.replicas for s in self._shards.values())
+
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is not None and channels.outdated(channel):

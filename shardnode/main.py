@@ -26,7 +26,6 @@ from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.ring_router import RingRouter
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError, InvalidArgument
-from bluemarble.core.ids import NodeId
 from bluemarble.runtime import auth, background, event_loop, logs, metrics, retry, tls, tracing
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
@@ -191,7 +190,7 @@ async def run(settings: NodeSettings) -> int:
         lambda: participants[0] if participants else None,
         auth.ClusterPeers.for_node(
             auth.control_plane_identities(settings.control_plane, settings.control_plane_identity),
-            lambda name: bool(holder) and holder[0].address_of(NodeId(name)) is not None,
+            lambda name: bool(holder) and holder[0].is_member(name),
         ),
     )
     server = await build_server(

@@ -31,6 +31,7 @@ import enum
 import hmac
 import ipaddress
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -179,15 +180,17 @@ class ServerAuth:
     """The checks one server makes (see the module docstring). ``token`` None: admin RPCs
     are open; ``node_identity`` False: node ids are not checked against certificates."""
 
-    def __init__(self, token: AdminToken | None = None, node_identity: bool = False):
+    def __init__(self, token: AdminToken | None = None, node_identity: bool = False,
+                 node_pattern: re.Pattern[str] | None = None):
         self.token = token
         self.node_identity = node_identity
+        self.node_pattern = node_pattern
 
     @classmethod
-    def for_process(cls, token: AdminToken | None) -> ServerAuth:
+    def for_process(cls, token: AdminToken | None, node_pattern: re.Pattern[str] | None = None) -> ServerAuth:
         """Node identities are checked when this process serves mutual TLS."""
         config = tls.current()
-        return cls(token, node_identity=config is not None and config.mutual)
+        return cls(token, node_identity=config is not None and config.mutual, node_pattern=node_pattern)
 
     async def admin(self, context: Ctx, method: str) -> None:
         """Aborts the call unless it carries the admin token (when one is configured)."""
@@ -209,7 +212,16 @@ class ServerAuth:
         )
 
     async def node(self, context: Ctx, method: str, node_id: str) -> None:
-        """Aborts the call unless the client certificate names ``node_id`` (with mTLS)."""
+        """Aborts the call unless ``node_id`` matches the node id pattern (when one is
+        set) and the client certificate names it (with mTLS)."""
+        if self.node_pattern is not None and self.node_pattern.fullmatch(node_id) is None:
+            log.warning("node rpc refused: not a node id of this cluster", rpc=method, node_id=node_id[:128],
+                        peer=context.peer())
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method}: {node_id[:128]!r} is not a node id of this cluster (ids must match "
+                f"{self.node_pattern.pattern[:100]!r}, the control plane's --node-id-pattern)",
+            )
         if not self.node_identity:
             return
         names = tls.peer_identities(context.auth_context())
@@ -300,3 +312,19 @@ class ClusterPeers:
             return
         await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                             self.refusal(context, method, "the cluster's nodes (a certificate naming a node id)"))
+
+
+MAX_PATTERN_CHARS = 256
+
+
+def compile_node_id_pattern(value: str, flag: str) -> re.Pattern[str] | None:
+    """The compiled ``--node-id-pattern`` (None when empty). Raises InvalidArgument naming
+    ``flag`` for a pattern that is too long or does not compile."""
+    if not value:
+        return None
+    if len(value) > MAX_PATTERN_CHARS:
+        raise InvalidArgument(f"{flag} is {len(value)} characters; give at most {MAX_PATTERN_CHARS}")
+    try:
+        return re.compile(value)
+    except re.error as e:
+        raise InvalidArgument(f"{flag} {value!r} is not a regular expression: {e}") from e

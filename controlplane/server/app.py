@@ -11,6 +11,7 @@ calls in flight, close etcd.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -82,6 +83,8 @@ class ControlPlaneSettings:
     """Required (as a bearer token) by admin RPCs; None: admin RPCs are open. Client
     certificates are checked against node ids when the process serves mutual TLS
     (:func:`bluemarble.runtime.tls.configure`)."""
+    node_id_pattern: re.Pattern[str] | None = None
+    """Node ids must match it in full to register or act as a node (None: any id)."""
     etcd_security: EtcdSecurity | None = None
     """TLS and user/password to etcd (None: plaintext, no authentication)."""
     # Flags given explicitly on the command line (vs defaults), to warn on config drift.
@@ -199,7 +202,7 @@ class ControlPlaneApp:
             clock=self.clock,
             forced=self.forced,
         )
-        server_auth = ServerAuth.for_process(s.admin_token)
+        server_auth = ServerAuth.for_process(s.admin_token, s.node_id_pattern)
         deps = ControlPlaneDeps(
             replica_id=self.replica_id,
             keys=self.keys,

@@ -16,7 +16,7 @@ import structlog
 from bluemarble.api import cluster_config
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError
-from bluemarble.runtime import event_loop, logs, metrics, tls, tracing
+from bluemarble.runtime import auth, event_loop, logs, metrics, tls, tracing
 from bluemarble.runtime.auth import AdminToken
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.settings import EnvArgumentParser, env_name
@@ -136,6 +136,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         help="file holding the bearer token admin RPCs (SetConfig, DrainNode, ForcePromote) require; re-read when it "
         "changes (or set BLUEMARBLE_ADMIN_TOKEN; default: admin RPCs are open)",
     )
+    p.add_flag(
+        "--node-id-pattern",
+        default="",
+        help="regular expression every node id must match in full to register (the chart: its StatefulSet's pod "
+        "names); with mutual TLS this keeps a game server's or operator's certificate from joining as a node "
+        "(default: any id)",
+    )
     p.add_flag("--etcd-ca", default="", help="PEM CA that signed etcd's certificate (turns on TLS to etcd)")
     p.add_flag("--etcd-cert", default="", help="PEM client certificate for etcd (--client-cert-auth)")
     p.add_flag("--etcd-key", default="", help="PEM private key of --etcd-cert")
@@ -180,6 +187,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
     tls_config = tls.config_from_flags(p, args, server=True)
     try:
         admin_token = AdminToken.from_settings(args.admin_token_file)
+        node_id_pattern = auth.compile_node_id_pattern(args.node_id_pattern, "--node-id-pattern")
     except BlueMarbleError as e:
         p.error(str(e))
     settings = ControlPlaneSettings(
@@ -195,6 +203,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         trades=trades,
         explicit=explicit,
         admin_token=admin_token,
+        node_id_pattern=node_id_pattern,
         etcd_security=_etcd_security(p, args),
     )
     # Process-wide from here on: this replica's server and every channel it opens.

@@ -4,6 +4,7 @@ duplicates, several replicas, and every kind of bad input."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import grpc
 import grpc.aio
@@ -311,3 +312,15 @@ class TestConfig:
         got, details = await status_of(stub.SetConfig(pb.SetConfigRequest(config=config)))
         assert got == grpc.StatusCode.FAILED_PRECONDITION
         assert "resharding" in details
+
+
+async def test_only_ids_matching_the_node_id_pattern_register(start_control_plane: StartControlPlane) -> None:
+    app = await start_control_plane(node_id_pattern=re.compile(r"bm-node-[0-9]+"))
+    async with grpc.aio.insecure_channel(app.address) as channel:
+        stub = controlplane_pb2_grpc.ControlPlaneStub(channel)  # type: ignore[no-untyped-call]
+        await stub.RegisterNode(register_request("bm-node-0"))
+        for outsider in ("gs-1", "bm-node-0x", "xbm-node-1"):
+            code, details = await status_of(stub.RegisterNode(register_request(outsider, port=7102)))
+            assert code == grpc.StatusCode.PERMISSION_DENIED, details
+            assert "is not a node id of this cluster" in details and "--node-id-pattern" in details
+        assert await node_ids(stub) == ["bm-node-0"]

@@ -17,6 +17,7 @@ from bluemarble.runtime.auth import (
     Verdict,
     bearer_metadata,
     check_bearer,
+    compile_node_id_pattern,
     control_plane_identities,
     read_token_file,
 )
@@ -206,3 +207,12 @@ def test_cluster_calls_are_open_without_mutual_tls_and_need_the_right_certificat
     assert peers.is_control_plane(Context([b"admin", b"controlplane"]))  # type: ignore[arg-type]
     assert not peers.is_control_plane(Context([b"n1", b"localhost"]))  # type: ignore[arg-type]
     assert not peers.is_control_plane(Context([]))  # type: ignore[arg-type]
+
+
+def test_the_node_id_pattern_is_checked_when_given() -> None:
+    assert compile_node_id_pattern("", "--node-id-pattern") is None
+    pattern = compile_node_id_pattern("bm-node-[0-9]+", "--node-id-pattern")
+    assert pattern is not None and pattern.fullmatch("bm-node-3") and not pattern.fullmatch("gs-1")
+    for bad in ("(", "x" * 300):
+        with pytest.raises(InvalidArgument, match="--node-id-pattern"):
+            compile_node_id_pattern(bad, "--node-id-pattern")
