@@ -103,6 +103,7 @@ from bluemarble.core.placement import (
     ShardAssignment,
     plan_assignments,
 )
+from bluemarble.core.placement.repair import unsafe_outside_copies
 from bluemarble.core.replication.position import LogPosition
 from bluemarble.core.ring import Ring
 from bluemarble.runtime import background, metrics, retry
@@ -543,7 +544,8 @@ class Reconciler:
         stamps = {
             ShardId(a.shard_id): assignment_incarnations(a) for a in self._assignments.entries.values()
         }
-        promotions = await self._fence_lost_primaries(shards, current, addresses, leases, stamps)
+        promotions = await self._fence_lost_primaries(shards, current, addresses, leases, stamps,
+                                                      config.replication_factor)
         current.update(promotions.ready)
         # Shards waiting for a fence answer, or stuck without data, are left out of this
         # round: placement would otherwise promote (or freshly assign) them at once.
@@ -584,6 +586,7 @@ class Reconciler:
         addresses: dict[NodeId, str],
         leases: dict[NodeId, int],
         stamps: dict[ShardId, dict[NodeId, int]],
+        replication_factor: int,
     ) -> Promotions:
         """Fence-then-choose for every shard whose primary is lost (module docstring).
 
@@ -655,6 +658,14 @@ class Reconciler:
                            fenced_epoch=higher)
                 continue
             with_data = {n: c.last for n, c in copies.items() if c.has_data}
+            term = current[shard].epoch
+            older = unsafe_outside_copies(with_data, members[shard], term, replication_factor)
+            if older:
+                # Not candidates (an operator may still accept the loss: ForcePromote).
+                self._note(shard, epoch, "older", "copies kept by nodes that left the shard are not promoted: "
+                           "they may lack writes acknowledged after they left",
+                           copies={n: str(with_data[n]) for n in sorted(older)}, term=term)
+                with_data = {n: last for n, last in with_data.items() if n not in older}
             if not with_data and shard not in self._widened:
                 self._widened.add(shard)
                 waiting.add(shard)
@@ -671,8 +682,10 @@ class Reconciler:
             if not with_data:
                 stuck.add(shard)
                 self._note(shard, epoch, "no-data", "shard stays PRIMARY_LOST: no live candidate holds its data; "
-                           "promoting one would lose what the lost primary had (bluemarblectl promote "
-                           "accepts that loss)", candidates=sorted(candidates))
+                           "promoting one would lose what the lost members had (bring one back with its data "
+                           "dir, or bluemarblectl promote SHARD NODE --accept-data-loss)",
+                           candidates=sorted(candidates),
+                           older_copies={n: str(copies[n].last) for n in sorted(older)} or None)
                 continue
             # Ties (the usual case: every copy caught up) go first to nodes that kept
             # their registration (they were up all along: a restarted ex-primary rejoins

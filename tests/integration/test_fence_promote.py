@@ -53,9 +53,11 @@ class Cluster:
 
 
 @asynccontextmanager
-async def cluster(start: StartControlPlane, serve: ServeFakeNode, count: int = 3) -> AsyncIterator[Cluster]:
-    """``count`` nodes in zones a, b, c..., R = 3, 4 shards, every shard placed."""
-    app = await start(lease_ttl_s=10, shards=4, replication_factor=3)
+async def cluster(start: StartControlPlane, serve: ServeFakeNode, count: int = 3,
+                  replication_factor: int = 3) -> AsyncIterator[Cluster]:
+    """``count`` nodes in zones a, b, c..., R = 3 (or ``replication_factor``), 4 shards,
+    every shard placed."""
+    app = await start(lease_ttl_s=10, shards=4, replication_factor=replication_factor)
     async with grpc.aio.insecure_channel(app.address) as channel:
         c = Cluster(controlplane_pb2_grpc.ControlPlaneStub(channel), {}, {}, app)
         for i in range(count):
@@ -63,7 +65,7 @@ async def cluster(start: StartControlPlane, serve: ServeFakeNode, count: int = 3
 
         async def placed() -> bool:
             listed = await c.all()
-            return len(listed) == 4 and all(a.primary and len(a.replicas) == 2 for a in listed)
+            return len(listed) == 4 and all(a.primary and len(a.replicas) == replication_factor - 1 for a in listed)
 
         await wait_for(placed, 10.0, "every shard to be placed")
         try:
@@ -209,9 +211,9 @@ async def test_a_copy_left_on_a_node_that_is_no_longer_a_member_is_found(
     start_control_plane: StartControlPlane, serve_fake_node: ServeFakeNode
 ) -> None:
     """A replica moved away keeps its copy on disk; when no member has one (the new
-    replica had not caught up yet), the leader fences every live node and promotes the
-    copy it finds, instead of leaving the shard without a primary or losing writes."""
-    async with cluster(start_control_plane, serve_fake_node, count=4) as c:
+    replica had not caught up yet), the leader fences every live node and, with R = 2,
+    promotes the copy it finds: nothing can have been acknowledged since it left."""
+    async with cluster(start_control_plane, serve_fake_node, count=3, replication_factor=2) as c:
         before = await c.assignment()
         outsider = next(n for n in sorted(c.fakes) if n != before.primary and n not in before.replicas)
         for member in before.replicas:
@@ -222,6 +224,32 @@ async def test_a_copy_left_on_a_node_that_is_no_longer_a_member_is_found(
         after = await c.assignment()
         assert after.primary == outsider
         assert c.fakes[outsider].fences(SHARD) == [before.epoch + 1]
+
+
+async def test_with_three_copies_a_copy_left_on_a_former_member_is_not_promoted(
+    start_control_plane: StartControlPlane, serve_fake_node: ServeFakeNode
+) -> None:
+    """With R = 3 the other replica, lost too, may have acknowledged writes after the
+    former member left: the shard stays without a primary (an operator may accept the
+    loss with ForcePromote) rather than fall back to that copy."""
+    async with cluster(start_control_plane, serve_fake_node, count=4) as c:
+        before = await c.assignment()
+        outsider = next(n for n in sorted(c.fakes) if n != before.primary and n not in before.replicas)
+        for member in before.replicas:
+            c.fakes[member].positions[SHARD] = None
+        c.fakes[outsider].positions[SHARD] = (1, 7)
+        await c.leave(before.primary)
+
+        async def fenced(node: str) -> bool:
+            return bool(c.fakes[node].fences(SHARD))
+
+        await wait_for(lambda: fenced(outsider), 10.0, "the leader to fence every live node for the shard")
+        await c.add(serve_fake_node, "n9", "d")  # any change makes the leader plan again: a whole round
+        await wait_for(lambda: fenced("n9"), 10.0, "a later round, fencing the new node too")
+        held = await c.assignment()
+        assert (held.primary, held.epoch) == (before.primary, before.epoch), "a former member's copy took over"
+        status = await c.stub.GetClusterStatus(controlplane_pb2.GetClusterStatusRequest())
+        assert status.shards_without_primary == 1
 
 
 async def test_nodes_without_fence_fail_over_on_their_reported_positions(

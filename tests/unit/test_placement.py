@@ -41,6 +41,7 @@ from bluemarble.core.placement import (
 )
 from bluemarble.core.placement.budget import Budget
 from bluemarble.core.placement.layout import make_layout
+from bluemarble.core.placement.repair import unsafe_outside_copies
 from bluemarble.core.placement.state import State
 from bluemarble.core.replication.position import ZERO, LogPosition
 
@@ -913,3 +914,16 @@ class TestAgainstExhaustiveSearch:
         assert ours <= 2 * least + 1 + drained_primaries
         if least == 0:
             assert ours == 0
+
+
+def test_a_copy_kept_by_a_node_that_left_is_promoted_only_when_it_must_be_complete() -> None:
+    copies = {
+        NodeId("member"): LogPosition(1, 9),  # a member: failover compares its position
+        NodeId("left-before"): LogPosition(1, 41),  # left the shard before term 2 began
+        NodeId("left-during"): LogPosition(2, 50),  # left during term 2
+    }
+    members = [NodeId("member")]
+    assert unsafe_outside_copies(copies, members, 2, replication_factor=2) == {"left-before"}
+    assert unsafe_outside_copies(copies, members, 1, replication_factor=2) == frozenset()
+    # With R = 3 the other replica may have acknowledged writes after the node left.
+    assert unsafe_outside_copies(copies, members, 2, replication_factor=3) == {"left-before", "left-during"}

@@ -14,7 +14,7 @@ as soon as the round is over (budget spent or probe answered), True otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.placement.moves import Round
@@ -29,6 +29,27 @@ def _rank(positions: Positions, shard: ShardId, node: NodeId) -> tuple[bool, Log
     ``(epoch, lsn)``, a replica missing from ``positions`` below any reported one."""
     position = positions.get((shard, node))
     return (False, ZERO) if position is None else (True, position)
+
+
+def unsafe_outside_copies(
+    copies: Mapping[NodeId, LogPosition], members: Collection[NodeId], term: int, replication_factor: int
+) -> frozenset[NodeId]:
+    """The nodes among ``copies`` (a lost shard's copies found on live nodes) that are not
+    ``members`` of the shard and cannot be promoted without risking acknowledged writes.
+    ``term`` is the epoch the shard was lost at.
+
+    A node outside the shard is a replica that was moved away. Its copy is complete only
+    in one case: R <= 2, and it left during this term (its copy reaches ``term``). After it
+    left, a STRONG write needed the ack of the one new replica, and that replica still
+    holds nothing (that is why non-members are asked at all), so nothing was acknowledged
+    since. With R >= 3 the other replica, now lost too, may have acknowledged writes after
+    it left. A copy from an earlier term lacks every write of this term. Members are never
+    excluded here: their positions are what failover compares.
+    """
+    return frozenset(
+        n for n, last in copies.items()
+        if n not in members and (replication_factor > 2 or last.epoch < term)
+    )
 
 
 def failover(rnd: Round, current: Mapping[ShardId, ShardAssignment], positions: Positions) -> bool:
