@@ -207,6 +207,18 @@ async def test_an_operator_gives_a_stuck_shard_a_primary_without_its_data(
         await wait_for(cleared, 5.0, "the leader to delete the done request")
 
 
+async def _lose_the_members_leaving_a_copy_outside(c: Cluster) -> tuple[common_pb2.Assignment, str]:
+    """The replicas hold nothing, a node outside the shard holds a copy, and the primary
+    leaves. Returns the assignment before and that node."""
+    before = await c.assignment()
+    outsider = next(n for n in sorted(c.fakes) if n != before.primary and n not in before.replicas)
+    for member in before.replicas:
+        c.fakes[member].positions[SHARD] = None
+    c.fakes[outsider].positions[SHARD] = (1, 7)
+    await c.leave(before.primary)
+    return before, outsider
+
+
 async def test_a_copy_left_on_a_node_that_is_no_longer_a_member_is_found(
     start_control_plane: StartControlPlane, serve_fake_node: ServeFakeNode
 ) -> None:
@@ -214,12 +226,7 @@ async def test_a_copy_left_on_a_node_that_is_no_longer_a_member_is_found(
     replica had not caught up yet), the leader fences every live node and, with R = 2,
     promotes the copy it finds: nothing can have been acknowledged since it left."""
     async with cluster(start_control_plane, serve_fake_node, count=3, replication_factor=2) as c:
-        before = await c.assignment()
-        outsider = next(n for n in sorted(c.fakes) if n != before.primary and n not in before.replicas)
-        for member in before.replicas:
-            c.fakes[member].positions[SHARD] = None
-        c.fakes[outsider].positions[SHARD] = (1, 7)
-        await c.leave(before.primary)
+        before, outsider = await _lose_the_members_leaving_a_copy_outside(c)
         await wait_for(lambda: _promoted(c, before.epoch + 1), 10.0, "the promotion")
         after = await c.assignment()
         assert after.primary == outsider
@@ -233,12 +240,7 @@ async def test_with_three_copies_a_copy_left_on_a_former_member_is_not_promoted(
     former member left: the shard stays without a primary (an operator may accept the
     loss with ForcePromote) rather than fall back to that copy."""
     async with cluster(start_control_plane, serve_fake_node, count=4) as c:
-        before = await c.assignment()
-        outsider = next(n for n in sorted(c.fakes) if n != before.primary and n not in before.replicas)
-        for member in before.replicas:
-            c.fakes[member].positions[SHARD] = None
-        c.fakes[outsider].positions[SHARD] = (1, 7)
-        await c.leave(before.primary)
+        before, outsider = await _lose_the_members_leaving_a_copy_outside(c)
 
         async def fenced(node: str) -> bool:
             return bool(c.fakes[node].fences(SHARD))
