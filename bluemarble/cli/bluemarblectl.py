@@ -53,7 +53,7 @@ from bluemarble.client.routing import DataWriteResult, GrantResult, Inventory, P
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError
 from bluemarble.runtime import logs, tls
-from bluemarble.runtime.auth import ADMIN_TOKEN_ENV, bearer_metadata, read_token_file
+from bluemarble.runtime.auth import ADMIN_TOKEN_ENV, MAX_TOKEN_BYTES, bearer_metadata, read_token_file
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.settings import EnvArgumentParser
 from bluemarble.v1 import common_pb2, controlplane_pb2, shardnode_pb2, trade_pb2
@@ -601,6 +601,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BlueMarbleError as e:
             p.error(str(e))
     args.token = args.token.strip()
+    if len(args.token) > MAX_TOKEN_BYTES:
+        p.error(f"the admin token is {len(args.token)} characters; a token is at most {MAX_TOKEN_BYTES}")
     previous = tls.current()
     tls.configure(tls.config_from_flags(p, args, server=False))
     if argv is None:
@@ -611,6 +613,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.configure(VERBOSITY[min(args.verbose, len(VERBOSITY) - 1)], "console")
     try:
         return asyncio.run(run(args))
+    except BrokenPipeError:
+        # The reader went away (`bluemarblectl shards | head`): nothing left to say to it.
+        # Point stdout at /dev/null so the interpreter's final flush fails quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     finally:
         tls.configure(previous)  # in-process callers (tests) get their own setting back
 

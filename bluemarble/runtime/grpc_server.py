@@ -33,7 +33,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from bluemarble.core.errors import BlueMarbleError
 from bluemarble.core.limits import MAX_MESSAGE_BYTES
-from bluemarble.runtime import metrics, tls, tracing
+from bluemarble.runtime import metrics, retry, tls, tracing
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +41,8 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 # grpc's method handlers as the generated code builds them (a namedtuple). grpc-stubs type
 # them for the synchronous server only, so they are Any here.
 MethodHandler = Any
+
+_RETRYABLE_FAILURES = retry.FailureLog()
 
 MAX_STATUS_MESSAGE_CHARS = 400
 """Longest status message (and logged error) a server sends; longer ones are cut."""
@@ -153,8 +155,13 @@ async def _fail(
     if isinstance(exc, BlueMarbleError):
         code = _abort_status(exc)
         message = short_message(str(exc))
-        level = log.info if not exc.retryable else log.warning
-        level("rpc failed", status=code.name, error=message, elapsed_ms=elapsed_ms, peer=context.peer())
+        if exc.retryable:
+            # A dependency that is down fails every call the same way: one warning, then
+            # a summary every few seconds (each call at debug), per method and status.
+            _RETRYABLE_FAILURES.failed(f"{method} {code.name}", time.monotonic(), "rpc failed", status=code.name,
+                                       error=message, elapsed_ms=elapsed_ms, peer=context.peer())
+        else:
+            log.info("rpc failed", status=code.name, error=message, elapsed_ms=elapsed_ms, peer=context.peer())
         await context.abort(code, message)
     if isinstance(exc, NotImplementedError):  # the generated servicer's default for a method not overridden
         log.info("rpc refused: not implemented", method=method, peer=context.peer())
