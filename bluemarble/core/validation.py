@@ -38,13 +38,22 @@ def ascii_digits(text: str) -> bool:
     return bool(text) and all(c in _ASCII_DIGITS for c in text)
 
 
+def _unsafe(c: str) -> bool:
+    if c == " ":
+        return False
+    category = unicodedata.category(c)
+    # Cc: C0, DEL, C1 (NUL, the ESC of terminal escape codes); Cf: invisible format
+    # characters (zero-width space and joiners, BOM, soft hyphen, bidi marks); Z*: every
+    # space but the ASCII one, and line/paragraph separators. They make ids that print
+    # alike but differ ("z1" and "z\u200b1").
+    return c in _BIDI_CONTROLS or category in ("Cc", "Cf", "Zl", "Zp", "Zs")
+
+
 def _unsafe_chars(value: str) -> str:
     """The characters of ``value`` no id may hold, each once, in order of code point:
-    control characters (Unicode category Cc: C0, DEL, C1, among them NUL and the ESC of
-    terminal escape codes) and bidirectional overrides and isolates."""
-    return "".join(
-        sorted({c for c in value if c in _BIDI_CONTROLS or unicodedata.category(c) == "Cc"})
-    )
+    control characters (Unicode category Cc), invisible format characters (Cf, among them
+    the bidirectional overrides and isolates), and separators other than the ASCII space."""
+    return "".join(sorted({c for c in value if _unsafe(c)}))
 
 
 def printable_text(value: str, field: str) -> str:
@@ -55,8 +64,8 @@ def printable_text(value: str, field: str) -> str:
     bad = _unsafe_chars(value)
     if bad:
         raise InvalidArgument(
-            f"{field} contains the control characters {echo(bad, 40)}; use printable text "
-            "(no control, bidi-override or escape characters)"
+            f"{field} contains the characters {echo(bad, 40)}; use printable text "
+            "(no control, invisible, bidi-override or escape characters, no space but ' ')"
         )
     if value and not value.strip():
         raise InvalidArgument(f"{field} is only whitespace; use printable text")

@@ -658,8 +658,12 @@ class Reconciler:
                            fenced_epoch=higher)
                 continue
             with_data = {n: c.last for n, c in copies.items() if c.has_data}
-            term = current[shard].epoch
-            older = unsafe_outside_copies(with_data, members[shard], term, replication_factor)
+            record = current[shard]
+            term = record.epoch
+            # An unreadable record (replaced with no members above) says nothing of who held
+            # the shard: every copy found is judged on its position alone, as before.
+            known = record.primary is not None or bool(record.replicas)
+            older = unsafe_outside_copies(with_data, members[shard], term, replication_factor) if known else frozenset()
             if older:
                 # Not candidates (an operator may still accept the loss: ForcePromote).
                 self._note(shard, epoch, "older", "copies kept by nodes that left the shard are not promoted: "

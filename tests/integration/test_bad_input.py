@@ -260,7 +260,7 @@ class TestControlCharacters:
     @pytest.mark.parametrize(
         ("node_id", "text"),
         [("\U0001f3ae\U0001f5e1\ufe0f\U0001f47e", "use letters, digits"), ("..", "path step"),
-         ("n\x1b[2J", "control characters"), ("n\u202e1", "control characters")],
+         ("n\x1b[2J", "contains the characters"), ("n\u202e1", "contains the characters")],
     )
     async def test_node_ids_outside_the_stated_rule(
         self, control_plane: ControlPlaneApp, stub: Stub, capfd: pytest.CaptureFixture[str], node_id: str, text: str

@@ -47,7 +47,7 @@ class TestNodeIdCharacters:
     def test_refuses_what_its_message_does_not_offer(self, value: str) -> None:
         with pytest.raises(InvalidArgument, match="node_id") as info:
             validation.node_id(value)
-        assert "letters, digits" in str(info.value) or "control characters" in str(info.value)
+        assert "letters, digits" in str(info.value) or "contains the characters" in str(info.value)
 
     @pytest.mark.parametrize("value", ["a.b", "...", "n-1_2.eu", "ñandú-3"])
     def test_accepts_dots_inside_and_letters_of_any_script(self, value: str) -> None:
@@ -62,7 +62,8 @@ TEXT_IDS = [
     (validation.data_key, "key"),
     (lambda v, f: validation.item_ids(["ok", v], f)[1], "item_ids"),
 ]
-CONTROL_VALUES = ["a\x00b", "\x1b[31mred\x1b[0m", "a\x7f", "a\x85b", "a\x9bc", "\u202eevil", "a\u2066b", "a\nb"]
+CONTROL_VALUES = ["a\x00b", "\x1b[31mred\x1b[0m", "a\x7f", "a\x85b", "a\x9bc", "\u202eevil", "a\u2066b", "a\nb",
+                  "zero\u200bwidth", "\ufeffbom", "no\u00a0break", "a\u2028b"]
 
 
 class TestControlCharacters:
@@ -74,17 +75,17 @@ class TestControlCharacters:
         with pytest.raises(InvalidArgument, match=field) as info:
             check(value, field)
         message = str(info.value)
-        assert "control characters" in message
+        assert "contains the characters" in message
         assert not validation._unsafe_chars(message)  # the message itself is safe to print
 
     @pytest.mark.parametrize(("check", "field"), TEXT_IDS)
     @pytest.mark.parametrize("value", [" ", "   ", "\u3000", "\u00a0 "])
     def test_whitespace_only_is_refused(self, check: Callable[[str, str], str], field: str, value: str) -> None:
-        with pytest.raises(InvalidArgument, match=f"{field}.* only whitespace"):
+        with pytest.raises(InvalidArgument, match=f"{field}.* (only whitespace|contains the characters)"):
             check(value, field)
 
     @pytest.mark.parametrize(("check", "field"), TEXT_IDS)
-    @pytest.mark.parametrize("value", ["a b", " padded ", "\u00e9\u4e16\U0001f600", "zero\u200bwidth"])
+    @pytest.mark.parametrize("value", ["a b", " padded ", "\u00e9\u4e16\U0001f600"])
     def test_printable_text_is_accepted(self, check: Callable[[str, str], str], field: str, value: str) -> None:
         assert check(value, field) == value
 
