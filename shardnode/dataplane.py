@@ -77,6 +77,8 @@ from shardnode.storage import NodeStorage, WriteResult
 log = structlog.get_logger(__name__)
 
 STRONG = common_pb2.CONSISTENCY_MODEL_STRONG
+MAX_REQUESTED_BY_CHARS = 128
+"""A Fence names the control-plane replica asking (for the logs) in at most this many."""
 PRIMARY = common_pb2.SHARD_ROLE_PRIMARY
 REPLICA = common_pb2.SHARD_ROLE_REPLICA
 
@@ -865,6 +867,10 @@ class DataPlane:
     def fence(self, request: shardnode_pb2.FenceRequest) -> shardnode_pb2.FenceResponse:
         if len(request.shards) > limits.MAX_SHARD_STATUSES:
             raise InvalidArgument(f"fence lists {len(request.shards)} shards; at most {limits.MAX_SHARD_STATUSES}")
+        if len(request.requested_by) > MAX_REQUESTED_BY_CHARS:
+            raise InvalidArgument(f"requested_by is {len(request.requested_by)} characters; name the replica "
+                                  f"in at most {MAX_REQUESTED_BY_CHARS}")
+        validation.printable_text(request.requested_by, "requested_by")
         response = shardnode_pb2.FenceResponse(node_id=self.node_id)
         for i, item in enumerate(request.shards):
             shard = _shard_id(item.shard_id)

@@ -520,6 +520,10 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         self, request: controlplane_pb2.SetConfigRequest, context: Ctx
     ) -> controlplane_pb2.SetConfigResponse:
         await self._d.auth.admin(context, "SetConfig")
+        if request.expected_revision < 0:
+            raise InvalidArgument(
+                f"expected_revision is {request.expected_revision}; give the revision GetConfig returned (0: any)"
+            )
         config, revision = await self._d.config.set(request.config, request.expected_revision)
         response = controlplane_pb2.SetConfigResponse(config=config, revision=revision)
         eligible = sum(1 for n in self._d.nodes.entries.values() if n.state != common_pb2.NODE_STATE_DRAINING)

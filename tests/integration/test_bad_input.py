@@ -472,6 +472,8 @@ class TestConfigAndReplication:
         config.replication_factor = 1
         r = await stub.SetConfig(pb.SetConfigRequest(config=config))
         assert list(r.warnings) == []
+        code, details = await refusal(stub.SetConfig(pb.SetConfigRequest(config=config, expected_revision=-1)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "expected_revision is -1" in details
 
 
 # ---- 6. request size caps -----------------------------------------------------------

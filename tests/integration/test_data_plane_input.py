@@ -210,6 +210,10 @@ async def test_epochs_past_int63_are_refused_naming_the_field(
             assert "shards[0].epoch" in details and "2^63-1" in details, details
         code, details = await refused(stub.GrantItems(grant(epoch=2**64 - 1)))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "epoch" in details, details
+        for requested_by in ("x" * 100_000, "cp\x1b[2J"):  # would be logged as it is
+            code, details = await refused(stub.Fence(shardnode_pb2.FenceRequest(
+                requested_by=requested_by, shards=[shardnode_pb2.ShardFence(shard_id=shard, epoch=5)])))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "requested_by" in details and len(details) < 300
         batch = shardnode_pb2.ReplicateBatch(
             primary="n9", shards=[shardnode_pb2.ShardEntries(shard_id=shard, epoch=2**64 - 1)]
         )
