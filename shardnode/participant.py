@@ -185,6 +185,7 @@ class Participant:
         escrowed = set(base.escrowed_items)
         escrowed_gold = base.escrowed_gold
         incoming_gold = base.incoming_gold
+        incoming_items = base.incoming_items
         known = base.known
         for op in self._dp.pending_ops(shard):
             kind = op.WhichOneof("op")
@@ -193,6 +194,7 @@ class Participant:
                 escrowed.update(op.trade_prepare.leg.gives.item_ids)
                 escrowed_gold += op.trade_prepare.leg.gives.gold
                 incoming_gold += op.trade_prepare.leg.receives.gold
+                incoming_items += len(op.trade_prepare.leg.receives.item_ids)
             elif kind == stored.LOCAL_TRADE and op.local_trade.outcome == common_pb2.TRADE_OUTCOME_COMMITTED:
                 t = op.local_trade
                 for giver, offer, received in ((t.player_a, t.a_gives, t.b_gives), (t.player_b, t.b_gives, t.a_gives)):
@@ -200,13 +202,15 @@ class Participant:
                         escrowed.update(offer.item_ids)
                         escrowed_gold += offer.gold
                         incoming_gold += received.gold
+                        incoming_items += len(received.item_ids)
             elif kind == GRANT and op.player_id == player:
                 incoming_gold += op.grant.gold
-        if (frozenset(escrowed), escrowed_gold, incoming_gold, known) == (
-                base.escrowed_items, base.escrowed_gold, base.incoming_gold, base.known):
+                incoming_items += len(op.grant.item_ids)
+        if (frozenset(escrowed), escrowed_gold, incoming_gold, known, incoming_items) == (
+                base.escrowed_items, base.escrowed_gold, base.incoming_gold, base.known, base.incoming_items):
             return base
         return Holdings(base.items, base.gold, frozenset(escrowed), escrowed_gold, base.held_by_others, incoming_gold,
-                        known)
+                        known, incoming_items)
 
     # ---- checks ----
 

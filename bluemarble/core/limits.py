@@ -74,6 +74,11 @@ node stores them as SQLite INTEGERs and etcd as int64, which hold no more."""
 MAX_ITEMS_PER_REQUEST = 256
 """Item ids one grant may carry (a grant is one log entry, replicated in one message)."""
 
+MAX_ITEMS_PER_PLAYER = 10_000
+"""Items one player may hold on its shard, counting what pending trades bring. Every
+inventory answer lists them all: 10,000 ids of at most 128 bytes stay under the 4 MiB a
+default gRPC client accepts."""
+
 MAX_ITEM_ID_BYTES = 128
 """Length of an item id (a primary key in every node's database)."""
 

@@ -91,7 +91,9 @@ def _apply_grant(
     gold = grant.gold + (found[0] if found is not None else 0)
     # The primary keeps the headroom the player's pending trades need (their commits must
     # never be refused); a replica applies what its primary decided.
-    pending = trades.incoming_gold(conn, shard, player) if primary and found is not None and grant.gold else 0
+    pending, pending_items = trades.incoming(conn, shard, player) if primary and found is not None else (0, 0)
+    if not grant.gold:
+        pending = 0  # gold unchanged: the headroom the pending trades reserved still holds
     if gold + pending > limits.MAX_GOLD:
         later = f", and {pending} more once its pending trades settle" if pending else ""
         message = (
@@ -112,6 +114,13 @@ def _apply_grant(
             # Only a replica gets here (the primary checked every item above).
             raise CorruptRecord(f"entry {lsn} of {shard} grants an item the shard already holds") from e
     held = [r[0] for r in execute(PLAYER_ITEMS, (shard, player))]
+    if primary and item_ids and len(held) + pending_items > limits.MAX_ITEMS_PER_PLAYER:
+        # Refused after the inserts: the refusal rolls this write back (node_storage).
+        raise FailedPrecondition(
+            f"player {echo(player)} of {shard} would hold {len(held)} items"
+            + (f", and {pending_items} more once its pending trades settle" if pending_items else "")
+            + f"; a player holds at most {limits.MAX_ITEMS_PER_PLAYER}"
+        )
     return records.grant_answer(shard, epoch, lsn, player, held, gold)
 
 

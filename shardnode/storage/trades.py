@@ -262,26 +262,35 @@ def holdings(
         return Holdings(frozenset(), 0, held_by_others=held_by_others, known=False)
     items = frozenset(r[0] for r in conn.execute(_PLAYER_ITEMS, (shard, player)))
     escrowed: set[str] = set()
-    escrowed_gold = incoming_gold = 0
+    escrowed_gold = 0
+    incoming = (0, 0)
     for item_ids, gold, leg in conn.execute(_PLAYER_ESCROWS, (shard, player)):
         escrowed.update(json.loads(item_ids))
         escrowed_gold += int(gold)
-        incoming_gold += _received_gold(shard, leg)
-    return Holdings(items, int(found[0]), frozenset(escrowed), escrowed_gold, held_by_others, incoming_gold)
+        gold_in, items_in = _received(shard, leg)
+        incoming = (incoming[0] + gold_in, incoming[1] + items_in)
+    return Holdings(items, int(found[0]), frozenset(escrowed), escrowed_gold, held_by_others, incoming[0],
+                    incoming_items=incoming[1])
 
 
-def incoming_gold(conn: sqlite3.Connection, shard: ShardId, player: PlayerId) -> int:
-    """The gold ``player``'s PREPARED trades on ``shard`` would bring if they commit."""
-    return sum(_received_gold(shard, leg) for _, _, leg in conn.execute(_PLAYER_ESCROWS, (shard, player)))
+def incoming(conn: sqlite3.Connection, shard: ShardId, player: PlayerId) -> tuple[int, int]:
+    """The gold and the number of items ``player``'s PREPARED trades on ``shard`` would
+    bring if they commit."""
+    gold = items = 0
+    for _, _, leg in conn.execute(_PLAYER_ESCROWS, (shard, player)):
+        gold_in, items_in = _received(shard, leg)
+        gold, items = gold + gold_in, items + items_in
+    return gold, items
 
 
-def _received_gold(shard: ShardId, leg: bytes | None) -> int:
+def _received(shard: ShardId, leg: bytes | None) -> tuple[int, int]:
     if leg is None:
-        return 0
+        return 0, 0
     try:
-        return int(shardnode_pb2.TradeLeg.FromString(bytes(leg)).receives.gold)
+        receives = shardnode_pb2.TradeLeg.FromString(bytes(leg)).receives
     except DecodeError as e:
         raise CorruptRecord(f"an escrow of {shard} holds an undecodable leg") from e
+    return int(receives.gold), len(receives.item_ids)
 
 
 # ---- apply ----

@@ -237,3 +237,20 @@ async def test_epochs_past_int63_are_refused_naming_the_field(
 
 def storage_fences(dp: DataPlane) -> dict[str, int]:
     return {shard: meta.fenced_epoch for shard, meta in dp._storage.shards().items()}
+
+
+async def test_a_player_holds_at_most_the_item_cap_and_an_inventory_answer_stays_readable(
+    start_control_plane: StartControlPlane, tmp_path: Path
+) -> None:
+    async with data_node(start_control_plane, tmp_path) as (stub, _):
+        per = limits.MAX_ITEMS_PER_REQUEST
+        full, rest = divmod(limits.MAX_ITEMS_PER_PLAYER, per)
+        for n in range(full):
+            await stub.GrantItems(grant(request_id=f"fill-{n}", item_ids=[f"i{n}-{k}" for k in range(per)], gold=0))
+        await stub.GrantItems(grant(request_id="fill-last", item_ids=[f"last-{k}" for k in range(rest)], gold=0))
+        code, details = await refused(stub.GrantItems(grant(request_id="one-more", item_ids=["extra"], gold=0)))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+        assert f"would hold {limits.MAX_ITEMS_PER_PLAYER + 1} items" in details
+        inventory = await stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id="alice"))
+        assert len(inventory.item_ids) == limits.MAX_ITEMS_PER_PLAYER and "extra" not in inventory.item_ids
+        assert inventory.ByteSize() < 4 * 1024 * 1024  # a default gRPC client reads it

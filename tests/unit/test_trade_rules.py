@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from bluemarble.core.errors import InvalidArgument
-from bluemarble.core.limits import MAX_GOLD
+from bluemarble.core.limits import MAX_GOLD, MAX_ITEMS_PER_PLAYER
 from bluemarble.core.trades import (
     MAX_TRADE_ITEMS_PER_SIDE,
     REUSED_TRADE_ID,
@@ -346,3 +346,11 @@ def test_a_player_the_shard_never_saw_takes_part_in_no_trade() -> None:
     stranger = Holdings(frozenset(), 0, known=False)
     refused = decide_prepare(Leg("t9", "nobody", Offer((), 0), Offer((), 1), "p1"), stranger, None)
     assert refused.verdict is PrepareVerdict.REFUSED and "player nobody is unknown" in refused.reason
+
+
+def test_items_on_their_way_in_count_against_the_cap_on_items() -> None:
+    leg = Leg("t9", "p1", Offer((), 1), Offer(("gem",), 0), "p2")
+    almost = Holdings(frozenset(f"i{n}" for n in range(MAX_ITEMS_PER_PLAYER - 1)), 10)
+    assert decide_prepare(leg, almost, None).verdict is PrepareVerdict.ESCROW
+    refused = decide_prepare(leg, dataclasses.replace(almost, incoming_items=1), None)
+    assert refused.verdict is PrepareVerdict.REFUSED and f"more than {MAX_ITEMS_PER_PLAYER} items" in refused.reason

@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from bluemarble.core.limits import MAX_GOLD
+from bluemarble.core.limits import MAX_GOLD, MAX_ITEMS_PER_PLAYER
 from bluemarble.core.trades.model import Leg, Outcome, Trade
 
 
@@ -66,12 +66,15 @@ class Holdings:
     shard (its giver's side has not applied the commit that moves it away, while the
     receiver's side already has and traded it on): it cannot be stored here twice."""
     incoming_gold: int = 0
-    known: bool = True
-    """False for a player the shard has never seen (never granted anything): such a
-    player takes part in no trade, so a mistyped player id cannot receive anything."""
     """Gold the player's PREPARED trades (and writes queued before this decision) would
     bring if they commit. It counts against the 2^53 cap now: a commit must never be
     refused, so the headroom it needs is reserved at prepare, like the gold it gives."""
+    known: bool = True
+    """False for a player the shard has never seen (never granted anything): such a
+    player takes part in no trade, so a mistyped player id cannot receive anything."""
+    incoming_items: int = 0
+    """Items those trades and writes would bring: they count against the cap on items
+    per player (``MAX_ITEMS_PER_PLAYER``) the same way."""
 
     @property
     def available_gold(self) -> int:
@@ -151,6 +154,9 @@ def check_leg(leg: Leg, holdings: Holdings) -> str:
     available = holdings.available_gold
     if leg.gives.gold > available:
         return f"player {leg.player} has {available} gold available, the trade needs {leg.gives.gold}"
+    if len(holdings.items) + holdings.incoming_items + len(leg.receives.item_ids) > MAX_ITEMS_PER_PLAYER:
+        return (f"player {leg.player} would hold more than {MAX_ITEMS_PER_PLAYER} items "
+                f"(holds {len(holdings.items)}, {holdings.incoming_items} more on their way)")
     if holdings.gold + holdings.incoming_gold - leg.gives.gold + leg.receives.gold > MAX_GOLD:
         incoming = holdings.incoming_gold
         pending = f" once the {incoming} gold of its pending trades arrives" if incoming else ""
