@@ -361,8 +361,14 @@ class Shipper:
                     )
                     # A replica with nothing starts from the state, not the whole history.
                     if resume.snapshot_required or (last == ZERO and view.last != ZERO):
-                        log.info(
-                            "replica needs a snapshot",
+                        at = self.link.epoch_at(shard, last.lsn) if last.lsn <= view.last.lsn else None
+                        diverged = last.lsn > view.last.lsn or (at is not None and at != last.epoch)
+                        # Entries this primary never had: a deposed primary's writes that no
+                        # replica acknowledged (EVENTUAL ones it accepted while cut off from
+                        # the control plane). The snapshot replaces them: say so, loudly.
+                        (log.warning if diverged else log.info)(
+                            "replica's own entries past this primary's log are dropped; it gets a snapshot"
+                            if diverged else "replica needs a snapshot",
                             shard=shard,
                             replica=self.replica,
                             replica_last=str(last),
