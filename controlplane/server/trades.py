@@ -908,6 +908,13 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
         sides, _ = await self._c.list_trades(nodes, trade_id, 2)
         # One view per shard (a node that led a shard a moment ago may still report it).
         sides = list({s.shard_id: s for s in sides if s.trade_id == trade_id}.values())
+        if stored is None and hint is not None:
+            # Without a record, the trade asked about is the one on the named player's
+            # shard: a node answers for every shard it leads, and another of them may
+            # know the same id from another trade (an id reused elsewhere).
+            with contextlib.suppress(Unavailable):
+                home = self._locate.shard_of(hint)
+                sides = [s for s in sides if s.shard_id == home] or sides
         response = trade_pb2.GetTradeResponse(trade_id=trade_id, sides=sides)
         if stored is not None:
             r = stored.record
