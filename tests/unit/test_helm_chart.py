@@ -124,6 +124,12 @@ def test_values_match_the_schema(variant: str) -> None:
         {"tls": {"enabled": True}},
         {"nodes": {"synchronous": "sometimes"}},
         {"controlplane": {"grpcPrt": 7000}},
+        # What the processes would refuse at start (a crash loop after a "successful" install):
+        {"controlplane": {"shards": 419}},
+        {"controlplane": {"leaseTtlS": 1}},
+        {"controlplane": {"replicationFactor": 8}},
+        {"nodes": {"capacity": 2_000_000}},
+        {"etcd": {"replicas": 2}},
     ],
 )
 def test_the_schema_refuses_bad_values(override: dict[str, Any]) -> None:
