@@ -176,8 +176,8 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
 
     def _check_shard_statuses(self, statuses: Sequence[common_pb2.ShardStatus]) -> None:
         """InvalidArgument unless every status names a shard of the current ring, once,
-        with a known role. (epoch, applied_lsn, last_epoch, lag_entries and lag_ms are
-        uint64: never negative, any value accepted; on_disk_only and serving are flags.)"""
+        with a known role, and positions and lags of at most 2^63-1 (what etcd and the
+        placement keep). (on_disk_only and serving are flags.)"""
         if len(statuses) > MAX_SHARD_STATUSES:
             raise InvalidArgument(f"heartbeat reports {len(statuses)} shards; at most {MAX_SHARD_STATUSES}")
         if not statuses:
@@ -206,6 +206,8 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                     f"{where}: role {status.role} of {status.shard_id} is not a ShardRole; "
                     "use SHARD_ROLE_PRIMARY (1) or SHARD_ROLE_REPLICA (2)"
                 )
+            for name in ("epoch", "applied_lsn", "last_epoch", "lag_entries", "lag_ms"):
+                validation.log_counter(getattr(status, name), f"{where}.{name}")
 
     async def DeregisterNode(
         self, request: controlplane_pb2.DeregisterNodeRequest, context: Ctx

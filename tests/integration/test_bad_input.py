@@ -387,6 +387,8 @@ class TestHeartbeatStatuses:
             (common_pb2.ShardStatus(shard_id="not-a-shard"), "does not start with 'shard-'"),
             (common_pb2.ShardStatus(shard_id="shard-1", role=99), "role 99"),  # type: ignore[arg-type]
             (common_pb2.ShardStatus(shard_id="shard-1", role=-1), "role -1"),  # type: ignore[arg-type]
+            (common_pb2.ShardStatus(shard_id="shard-1", role=1, epoch=2**64 - 1), "shards[0].epoch is"),
+            (common_pb2.ShardStatus(shard_id="shard-1", role=1, applied_lsn=2**63), "2^63-1"),
         ],
     )
     async def test_bad_status_is_invalid_argument(
@@ -413,7 +415,7 @@ class TestHeartbeatStatuses:
     async def test_good_statuses_are_accepted(self, stub: Stub) -> None:
         r = await stub.RegisterNode(register_request())
         request = pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id)
-        request.shards.add(shard_id="shard-0", role=common_pb2.SHARD_ROLE_PRIMARY, epoch=3, applied_lsn=2**63)
+        request.shards.add(shard_id="shard-0", role=common_pb2.SHARD_ROLE_PRIMARY, epoch=3, applied_lsn=2**63 - 1)
         request.shards.add(shard_id="shard-15", role=common_pb2.SHARD_ROLE_REPLICA)
         assert (await stub.Heartbeat(request)).ttl_ms == 2000
 
