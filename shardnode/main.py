@@ -273,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(level, fmt)  # type: ignore[arg-type]
     tracing.configure("bluemarble-node")
     if metrics_listen:
+        metrics.drop_control_plane_metrics()
         try:
             port = metrics.serve(metrics_listen)
         except OSError as e:

@@ -14,6 +14,7 @@ scrape never waits on the event loop.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import threading
 import time
@@ -218,6 +219,20 @@ def check_listen(value: str, flag: str = "--metrics-listen") -> str:
     host, sep, port = value.rpartition(":")
     validation.address(f"{host}:1" if sep and port == "0" else value, flag)
     return value
+
+
+CONTROL_PLANE_ONLY = (IS_LEADER, LEADER_CHANGES, REGISTERED_NODES, LEASE_EXPIRATIONS, RECONCILE_ROUNDS,
+                      RECONCILE_MOVES, ASSIGNMENT_PROPAGATION, SHARDS_WITHOUT_PRIMARY, TRADE_PHASE)
+"""Metrics only a control plane sets. Unlabelled ones would show 0 on a shard node's
+/metrics (``is_leader 0`` on every node misleads a dashboard): a node drops them."""
+
+
+def drop_control_plane_metrics() -> None:
+    """Unregisters :data:`CONTROL_PLANE_ONLY` from this process's registry (a shard node,
+    before it serves /metrics). Idempotent."""
+    for collector in CONTROL_PLANE_ONLY:
+        with contextlib.suppress(KeyError):
+            prometheus_client.REGISTRY.unregister(collector)
 
 
 def serve(listen: str) -> int:

@@ -149,3 +149,17 @@ def test_a_server_freezes_its_start_up_heap_and_times_its_collections() -> None:
     finally:
         gc.unfreeze()
         gc.callbacks.remove(metrics._time_gc)
+
+
+def test_a_shard_node_does_not_export_the_control_plane_metrics() -> None:
+
+
+    try:
+        metrics.drop_control_plane_metrics()
+        metrics.drop_control_plane_metrics()  # idempotent
+        text = prometheus_client.generate_latest().decode()
+        assert "bluemarble_is_leader" not in text and "bluemarble_registered_nodes" not in text
+        assert "bluemarble_rpc_requests_total" in text or "bluemarble_gc_pause_seconds" in text
+    finally:  # the registry is the process's: give the other tests theirs back
+        for collector in metrics.CONTROL_PLANE_ONLY:
+            prometheus_client.REGISTRY.register(collector)
