@@ -152,8 +152,6 @@ def test_a_server_freezes_its_start_up_heap_and_times_its_collections() -> None:
 
 
 def test_a_shard_node_does_not_export_the_control_plane_metrics() -> None:
-
-
     try:
         metrics.drop_control_plane_metrics()
         metrics.drop_control_plane_metrics()  # idempotent
