@@ -48,6 +48,10 @@ def to_error(e: grpc.aio.AioRpcError, address: str) -> errors.BlueMarbleError:
     details = e.details() or e.code().name
     if e.code() == grpc.StatusCode.UNAVAILABLE:
         details = f"control plane {address} unavailable: {details}"
+    elif e.code() == grpc.StatusCode.UNIMPLEMENTED and "http2 header with status" in details:
+        # An HTTP server that is not a gRPC one (a proxy or ingress without the route): to
+        # the client this address is down, and the next one may answer.
+        return errors.Unavailable(f"control plane {address} is not a gRPC server there: {details}")
     return errors.from_status_name(e.code().name, details)
 
 
@@ -159,6 +163,7 @@ class ControlPlaneClient:
         self._max_backoff_s = max_backoff_s
         self._metadata = tuple(metadata)
         self._channels = [open_channel(a) for a in self.addresses]
+        self._closed = False
         self._current = 0
 
     @property
@@ -192,6 +197,8 @@ class ControlPlaneClient:
         (heartbeats, watches) go on until they break and are reopened on the new one. A
         caller that keeps a stub keeps it with the channel it was built on, and builds a
         new one when this returns another channel."""
+        if self._closed:
+            raise errors.FailedPrecondition("the control-plane client is closed; make a new one")
         channel = self._channels[self._current]
         if channels.outdated(channel):
             channel = self._channels[self._current] = open_channel(self.addresses[self._current])
@@ -259,5 +266,7 @@ class ControlPlaneClient:
             ) from e
 
     async def close(self) -> None:
+        """Closes every channel; calls made after it raise FailedPrecondition. Idempotent."""
+        self._closed = True
         for channel in self._channels:
             await channel.close(None)

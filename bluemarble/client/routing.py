@@ -196,6 +196,17 @@ _OUTCOMES = {
 _DIFFERENT_SHARDS_MARKER = "are on different shards"
 
 
+MAX_DEADLINE_S = 3600.0
+
+
+def check_deadline(deadline_s: float) -> float:
+    """``deadline_s`` if it is a number of seconds above 0 and at most an hour; else
+    InvalidArgument (NaN and infinity too: they would break the event loop's timers)."""
+    if not isinstance(deadline_s, int | float) or not 0 < deadline_s <= MAX_DEADLINE_S:
+        raise errors.InvalidArgument(f"deadline_s is {deadline_s!r}; give seconds above 0, at most {MAX_DEADLINE_S:g}")
+    return float(deadline_s)
+
+
 @dataclass(frozen=True)
 class Route:
     """Where a player's requests go, as the caches said at one moment.
@@ -643,6 +654,8 @@ class RoutingClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._ring_ready = asyncio.Event()
         self._started = self._control_plane is None
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         if self._control_plane is None:
             self._ring_ready.set()
 
@@ -651,9 +664,12 @@ class RoutingClient:
     async def start(self) -> None:
         """Starts following the ring and the assignments in the background (returns at
         once; see :meth:`wait_ready`). Idempotent."""
+        if self._closed:
+            raise errors.FailedPrecondition("the routing client is closed; make a new one")
         if self._started:
             return
         self._started = True
+        self._loop = asyncio.get_running_loop()
         forever = retry.RetryPolicy(initial_s=0.1, max_backoff_s=2.0, deadline_s=None)
         self._tasks = [
             background.start(
@@ -688,9 +704,20 @@ class RoutingClient:
                     f"the routing client did not get {what} within {timeout_s:g} s; is the control plane reachable?"
                 )
 
+    def _check_usable(self) -> None:
+        """FailedPrecondition after :meth:`close`, or from another event loop than the one
+        the client started on (its streams and channels belong to that loop)."""
+        if self._closed:
+            raise errors.FailedPrecondition("the routing client is closed; make a new one")
+        if self._loop is not None and asyncio.get_running_loop() is not self._loop:
+            raise errors.FailedPrecondition(
+                "the routing client belongs to the event loop it was started on; make one per event loop"
+            )
+
     async def close(self) -> None:
         """Stops following, closes every node channel (and the control-plane client when
-        this client built it)."""
+        this client built it). Calls made after it raise FailedPrecondition. Idempotent."""
+        self._closed = True
         for task in self._tasks:
             await background.stop(task)
         self._tasks = []
@@ -840,7 +867,7 @@ class RoutingClient:
         request = shardnode_pb2.GrantItemsRequest(
             request_id=validation.request_id(request_id if request_id is not None else str(uuid.uuid4())),
             player_id=validation.player_id(player_id),
-            item_ids=validation.item_ids(list(item_ids)),
+            item_ids=validation.item_ids(item_ids),
             gold=validation.gold(gold),
             epoch=epoch,
         )
@@ -946,7 +973,8 @@ class RoutingClient:
         when the players are on different shards (nothing was written), and after
         ``deadline_s`` the last retryable error (the outcome is then unknown to the
         caller: asking again with the same trade id and terms tells it)."""
-        trade = Trade(trade_id, player_a, player_b, Offer(tuple(a_items), a_gold), Offer(tuple(b_items), b_gold))
+        trade = Trade(trade_id, player_a, player_b, Offer(tuple(validation.item_ids(a_items, "a_items")), a_gold),
+                      Offer(tuple(validation.item_ids(b_items, "b_items")), b_gold))
         validate_trade(trade)
         player_b_id = validation.player_id(player_b)
         a_gives = common_pb2.Offer(item_ids=list(a_items), gold=a_gold)
@@ -1000,8 +1028,8 @@ class RoutingClient:
     ) -> T:
         """Resolves and calls until an answer, a final error, ``max_attempts`` or the
         deadline (then the last error)."""
-        if deadline_s <= 0:
-            raise errors.InvalidArgument(f"deadline_s is {deadline_s}; it must be > 0")
+        check_deadline(deadline_s)
+        self._check_usable()
         clock = self._clock
         deadline = clock.monotonic_s() + deadline_s
         if not self.ready:
@@ -1062,8 +1090,8 @@ class RoutingClient:
                 last = errors.Unavailable(f"no address known for node {target.node_id} of {route.shard_id} yet")
                 continue
             timeout_s = remaining_s
-            if i < len(targets) - 1:  # leave time for the replicas a stale read may fall back to
-                timeout_s = min(remaining_s, self._stale_primary_timeout_s)
+            if i < len(targets) - 1:  # leave time (half at least) for the replicas a stale read may fall back to
+                timeout_s = min(remaining_s / 2, self._stale_primary_timeout_s)
             try:
                 return await self._bounded(route, target, call(target, target.address, timeout_s), timeout_s)
             except errors.BlueMarbleError as e:

@@ -49,7 +49,7 @@ import grpc.aio
 
 from bluemarble.client.control_plane import ControlPlaneClient, to_error
 from bluemarble.client.routing import CrossShardTrade, RoutingClient, is_redirect
-from bluemarble.core import errors
+from bluemarble.core import errors, validation
 from bluemarble.core.trades.model import Offer, Outcome, Trade, validate_trade
 from bluemarble.runtime import retry
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
@@ -261,7 +261,8 @@ class TradeClient:
         the last retryable error (Unavailable, DeadlineExceeded, Aborted): the outcome is
         then unknown to the caller, not undecided.
         """
-        trade = Trade(trade_id, player_a, player_b, Offer(tuple(a_items), a_gold), Offer(tuple(b_items), b_gold))
+        trade = Trade(trade_id, player_a, player_b, Offer(tuple(validation.item_ids(a_items, "a_items")), a_gold),
+                      Offer(tuple(validation.item_ids(b_items, "b_items")), b_gold))
         validate_trade(trade)
         if not 0 < deadline_s <= MAX_DEADLINE_S:  # NaN fails too
             raise errors.InvalidArgument(f"deadline_s is {deadline_s}; give 0 < seconds <= {MAX_DEADLINE_S:g}")

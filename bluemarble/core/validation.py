@@ -223,7 +223,11 @@ def request_id(value: str, field: str = "request_id") -> str:
 
 def item_ids(values: Sequence[str], field: str = "item_ids", *, allow_empty: bool = True) -> list[str]:
     """Item ids of one request: at most :data:`~bluemarble.core.limits.MAX_ITEMS_PER_REQUEST`,
-    each 1..128 bytes, no id twice."""
+    each 1..128 bytes, no id twice. A string is refused (it would read as one item per
+    character), and so is an id that is not a string."""
+    if isinstance(values, str | bytes):
+        raise InvalidArgument(f"{field} is one string; give a list of item ids, e.g. [{echo(values, 40)}]")
+    values = list(values)
     if len(values) > limits.MAX_ITEMS_PER_REQUEST:
         raise InvalidArgument(
             f"{field} lists {len(values)} items; at most {limits.MAX_ITEMS_PER_REQUEST} are allowed per request"
@@ -232,6 +236,8 @@ def item_ids(values: Sequence[str], field: str = "item_ids", *, allow_empty: boo
         raise InvalidArgument(f"{field} is empty; list at least one item id")
     seen: set[str] = set()
     for i, item in enumerate(values):
+        if not isinstance(item, str):
+            raise InvalidArgument(f"{field}[{i}] is a {type(item).__name__}; item ids are strings")
         size = len(item.encode("utf-8"))
         if size == 0:
             raise InvalidArgument(f"{field}[{i}] is empty; item ids are 1..{limits.MAX_ITEM_ID_BYTES} bytes")
@@ -259,7 +265,9 @@ def log_counter(value: int, field: str) -> int:
 
 
 def gold(value: int, field: str = "gold") -> int:
-    """An amount of gold: 0..2^53."""
+    """An amount of gold: a whole number, 0..2^53."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgument(f"{field} is a {type(value).__name__}; gold is a whole number")
     if value < 0 or value > limits.MAX_GOLD:
         raise InvalidArgument(f"{field} is {echo(value, 40)}; it must be between 0 and 2^53 ({limits.MAX_GOLD})")
     return value
@@ -274,7 +282,9 @@ def data_key(value: str, field: str = "key") -> str:
 
 
 def data_value(value: bytes, field: str = "value") -> bytes:
-    """A player-data value: at most 64 KiB."""
+    """A player-data value: bytes, at most 64 KiB."""
+    if not isinstance(value, bytes):
+        raise InvalidArgument(f"{field} is a {type(value).__name__}; give bytes (e.g. text.encode())")
     if len(value) > limits.MAX_VALUE_BYTES:
         raise InvalidArgument(
             f"{field} is {len(value)} bytes; at most {limits.MAX_VALUE_BYTES} bytes (64 KiB) are allowed"

@@ -518,7 +518,7 @@ class TestRequestSize:
         r = await stub.RegisterNode(register_request())
         request = pb.HeartbeatRequest(node_id="n" * 128, lease_id=r.lease_id)
         for i in range(limits.MAX_SHARD_STATUSES):
-            request.shards.add(shard_id=f"shard-{i}", epoch=2**64 - 1, role=2, applied_lsn=2**64 - 1)
+            request.shards.add(shard_id=f"shard-{i}", epoch=2**63 - 1, role=2, applied_lsn=2**63 - 1)
         assert request.ByteSize() < limits.CONTROL_PLANE_MAX_REQUEST_BYTES
         code, details = await refusal(stub.Heartbeat(request))
         assert code == grpc.StatusCode.INVALID_ARGUMENT  # parsed and judged, not cut off by size

@@ -203,6 +203,12 @@ async def test_an_unreachable_primary_leaves_stale_reads_to_a_replica(cluster: C
             await client.get_inventory(PLAYER, deadline_s=1.0)
         assert 1.0 <= loop.time() - started < 2.0
         assert replica.refused == []
+        # A short deadline still leaves a stale read time for the replica.
+        short = await client.get_inventory(PLAYER, allow_stale=True, deadline_s=0.6)
+        assert (short.served_by, short.stale) == ("n2", True)
+    # A closed client says so instead of opening channels nobody closes.
+    with pytest.raises(errors.FailedPrecondition, match="closed"):
+        await client.get_inventory(PLAYER, allow_stale=True)
 
 
 async def test_bluemarblectl_reads_and_grants_through_the_routing_client(

@@ -188,3 +188,41 @@ class TestLogCounter:
     def test_refuses_what_no_store_holds_naming_the_field(self, value: int) -> None:
         with pytest.raises(InvalidArgument, match=r"shards\[2\]\.epoch is .*2\^63-1"):
             validation.log_counter(value, "shards[2].epoch")
+
+
+class TestClientInputs:
+    """What a game server may pass by mistake to the client library."""
+
+    def test_a_string_is_not_a_list_of_item_ids(self) -> None:
+        with pytest.raises(InvalidArgument, match="item_ids is one string"):
+            validation.item_ids("abc")  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match=r"item_ids\[1\] is a int"):
+            validation.item_ids(["a", 5])  # type: ignore[list-item]
+
+    @pytest.mark.parametrize("value", ["5", 5.0, True, None])
+    def test_gold_is_a_whole_number(self, value: object) -> None:
+        with pytest.raises(InvalidArgument, match="gold is a"):
+            validation.gold(value)  # type: ignore[arg-type]
+
+    def test_a_value_is_bytes(self) -> None:
+        with pytest.raises(InvalidArgument, match="value is a str; give bytes"):
+            validation.data_value("text")  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize("deadline_s", [0, -1, float("nan"), float("inf"), 3601, "5"])
+    def test_a_deadline_is_a_number_of_seconds_above_0_and_at_most_an_hour(self, deadline_s: object) -> None:
+        from bluemarble.client.routing import check_deadline
+
+        with pytest.raises(InvalidArgument, match="deadline_s is"):
+            check_deadline(deadline_s)  # type: ignore[arg-type]
+        assert check_deadline(0.5) == 0.5
+
+
+async def test_a_closed_control_plane_client_says_so() -> None:
+    from bluemarble.client.control_plane import ControlPlaneClient
+    from bluemarble.core.errors import FailedPrecondition
+
+    client = ControlPlaneClient(["127.0.0.1:9"])
+    await client.close()
+    await client.close()  # idempotent
+    with pytest.raises(FailedPrecondition, match="closed"):
+        client.channel()
