@@ -182,14 +182,13 @@ class Participant:
         ``receiving``: the item ids a cross-shard leg receives, checked against the other
         players of the shard (core ``check_leg``)."""
         base = self._dp.storage.holdings(shard, PlayerId(player), receiving)
-        escrowed = set(base.escrowed_items)
-        escrowed_gold = base.escrowed_gold
-        incoming_gold = base.incoming_gold
-        incoming_items = base.incoming_items
-        known = base.known
+        escrowed: set[str] = set()
+        escrowed_gold = incoming_gold = incoming_items = 0
+        touched = False  # a queued write concerns the player (it also creates the player)
         for op in self._dp.pending_ops(shard):
             kind = op.WhichOneof("op")
-            known = known or op.player_id == player  # a queued write creates the player
+            if op.player_id != player and kind != stored.LOCAL_TRADE:
+                continue  # a local trade is queued under its player A: B may be the one asked about
             if kind == stored.TRADE_PREPARE and op.trade_prepare.leg.player_id == player:
                 escrowed.update(op.trade_prepare.leg.gives.item_ids)
                 escrowed_gold += op.trade_prepare.leg.gives.gold
@@ -203,14 +202,16 @@ class Participant:
                         escrowed_gold += offer.gold
                         incoming_gold += received.gold
                         incoming_items += len(received.item_ids)
-            elif kind == GRANT and op.player_id == player:
+                        touched = True
+            elif kind == GRANT:
                 incoming_gold += op.grant.gold
                 incoming_items += len(op.grant.item_ids)
-        if (frozenset(escrowed), escrowed_gold, incoming_gold, known, incoming_items) == (
-                base.escrowed_items, base.escrowed_gold, base.incoming_gold, base.known, base.incoming_items):
-            return base
-        return Holdings(base.items, base.gold, frozenset(escrowed), escrowed_gold, base.held_by_others, incoming_gold,
-                        known, incoming_items)
+            touched = touched or op.player_id == player
+        if not touched:
+            return base  # the common case: nothing queued for this player, nothing to copy
+        return Holdings(base.items, base.gold, base.escrowed_items | escrowed, base.escrowed_gold + escrowed_gold,
+                        base.held_by_others, base.incoming_gold + incoming_gold, True,
+                        base.incoming_items + incoming_items)
 
     # ---- checks ----
 

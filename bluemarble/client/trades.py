@@ -48,7 +48,7 @@ from types import TracebackType
 import grpc.aio
 
 from bluemarble.client.control_plane import ControlPlaneClient, to_error
-from bluemarble.client.routing import CrossShardTrade, RoutingClient, is_redirect
+from bluemarble.client.routing import CrossShardTrade, RoutingClient, check_deadline, is_redirect
 from bluemarble.core import errors, validation
 from bluemarble.core.trades.model import Offer, Outcome, Trade, validate_trade
 from bluemarble.runtime import retry
@@ -56,7 +56,6 @@ from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 from bluemarble.v1 import common_pb2, shardnode_pb2, trade_pb2, trade_pb2_grpc
 
 DEFAULT_TRADE_DEADLINE_S = 30.0
-MAX_DEADLINE_S = 3600.0
 DEFAULT_ATTEMPT_TIMEOUT_S = 10.0
 """One ExecuteTrade attempt: the coordinator's own bounds (prepare 2 s, settle 3 s, the
 etcd write) fit well within it; a replica that takes longer is treated as gone."""
@@ -264,8 +263,7 @@ class TradeClient:
         trade = Trade(trade_id, player_a, player_b, Offer(tuple(validation.item_ids(a_items, "a_items")), a_gold),
                       Offer(tuple(validation.item_ids(b_items, "b_items")), b_gold))
         validate_trade(trade)
-        if not 0 < deadline_s <= MAX_DEADLINE_S:  # NaN fails too
-            raise errors.InvalidArgument(f"deadline_s is {deadline_s}; give 0 < seconds <= {MAX_DEADLINE_S:g}")
+        check_deadline(deadline_s)
         clock = self._cp.clock
         end_s = clock.monotonic_s() + deadline_s
         routing = self._routing

@@ -194,7 +194,8 @@ async def call(
             raise
         first = e
     else:
-        failures.recovered(what, clock.monotonic_s(), "retried operation succeeded", what=what)
+        if failures.failing(what):  # the hot path (nearly every call) skips the clock read
+            failures.recovered(what, clock.monotonic_s(), "retried operation succeeded", what=what)
         return result
     delay_s = max(0.0, min(_jitter.uniform(0.0, policy.initial_s), deadline - clock.monotonic_s()))
     failures.failed(
