@@ -1118,6 +1118,34 @@ class DataPlane:
     def _following(self, state: ShardState) -> bool:
         return state.role == REPLICA and self._clock.monotonic_s() - state.last_heard_s < 3.0
 
+    def not_ready_reason(self) -> str:
+        """Why this node is not ready, or "" when it is.
+
+        Ready: registered (the lease cannot have expired), holding this incarnation's
+        assignments, serving as the primary of each shard it leads, and caught up with the
+        primary of each shard it follows. A node that was just restarted is therefore not
+        ready until its copies are whole again, so a rolling restart that waits for
+        readiness never stops the next node while the last one's shards still depend on
+        it (the chart's readiness probe and disruption budget rely on this)."""
+        if self._agent.registration is None:
+            return "not registered with the control plane"
+        if self._agent.session_state is SessionState.LOST:
+            return "the lease may have expired (no heartbeat answered in time)"
+        if not self._agent.assignments_synced.is_set():
+            return "waiting for its assignments"
+        for shard in sorted(self._shards):
+            state = self._shards[shard]
+            if state.role == PRIMARY and not state.serving:
+                return f"catching up as the new primary of {shard}"
+            if state.role == REPLICA:
+                if not state.synced or state.snapshotting:
+                    return f"copying {shard} from its primary"
+                if not self._following(state):
+                    return f"not hearing from the primary of {shard}"
+                if state.primary_last_lsn > state.last.lsn:
+                    return f"{state.primary_last_lsn - state.last.lsn} entries behind on {shard}"
+        return ""
+
 
 def _shard_id(value: str) -> ShardId:
     try:

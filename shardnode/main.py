@@ -28,7 +28,7 @@ from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError, InvalidArgument
 from bluemarble.runtime import auth, background, event_loop, logs, metrics, retry, tls, tracing
 from bluemarble.runtime.channels import split_addresses
-from bluemarble.runtime.grpc_server import ServiceBinding, build_server
+from bluemarble.runtime.grpc_server import Server, ServiceBinding, build_server
 from bluemarble.runtime.settings import EnvArgumentParser
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
 from shardnode.agent import NodeAgent, NodeIdentity
@@ -41,6 +41,11 @@ from shardnode.storage.node_storage import StorageDamaged
 log = structlog.get_logger(__name__)
 
 EXIT_STORAGE_DAMAGED = 3
+SHARD_NODE_SERVICE = shardnode_pb2.DESCRIPTOR.services_by_name["ShardNode"].full_name
+"""Its health is the node's readiness (:meth:`DataPlane.not_ready_reason`); the health of
+"" stays SERVING while the process runs (liveness)."""
+READINESS_INTERVAL_S = 0.5
+NOT_READY_LOG_INTERVAL_S = 10.0
 """The process ended because its database file is damaged (see
 :class:`shardnode.storage.node_storage.StorageDamaged`); restarting it on the same data dir
 does not help."""
@@ -197,12 +202,13 @@ async def run(settings: NodeSettings) -> int:
         settings.listen,
         [
             ServiceBinding(
-                shardnode_pb2.DESCRIPTOR.services_by_name["ShardNode"].full_name,
+                SHARD_NODE_SERVICE,
                 service,
                 shardnode_pb2_grpc.add_ShardNodeServicer_to_server,
             )
         ],
         max_request_bytes=limits.SHARD_NODE_MAX_REQUEST_BYTES,
+        not_ready=[SHARD_NODE_SERVICE],
     )
     host = settings.listen.rsplit(":", 1)[0]
     address = settings.advertise or f"{host}:{server.port}"
@@ -219,6 +225,7 @@ async def run(settings: NodeSettings) -> int:
     await dataplane.start()
     await participant.start()
     ring_task = background.start(_start_ring(ring), "ring")
+    readiness_task = background.start(_report_readiness(server, dataplane), "readiness")
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info(
@@ -239,6 +246,7 @@ async def run(settings: NodeSettings) -> int:
         log.info("shutting down")
         await agent.deregister()
         await background.stop(ring_task)
+        await background.stop(readiness_task)
         await ring.stop()
         service.close_streams()  # callers' Calls streams end once their calls in flight are answered
         with contextlib.suppress(Exception):
@@ -248,6 +256,31 @@ async def run(settings: NodeSettings) -> int:
         storage.close()
         await client.close()
     return EXIT_STORAGE_DAMAGED if damage else code
+
+
+async def _report_readiness(server: Server, dataplane: DataPlane) -> None:
+    """Keeps the ShardNode service's health (the readiness probe) and the
+    ``bluemarble_node_ready`` gauge on :meth:`DataPlane.not_ready_reason`, logging each
+    change with its reason."""
+    gauge = metrics.NODE_READY.labels(dataplane.node_id)
+    gauge.set(0)
+    was_ready: bool | None = None
+    logged_s = 0.0
+    while True:
+        reason = dataplane.not_ready_reason()
+        ready = not reason
+        now_s = time.monotonic()
+        if ready != was_ready:
+            await server.set_serving(ready, SHARD_NODE_SERVICE)
+            gauge.set(1 if ready else 0)
+        if ready and was_ready is not True:
+            log.info("node ready")
+        elif not ready and (was_ready or now_s - logged_s >= NOT_READY_LOG_INTERVAL_S):
+            # A node that stays not ready says why now and then, not every half second.
+            log.info("node not ready", reason=reason)
+            logged_s = now_s
+        was_ready = ready
+        await asyncio.sleep(READINESS_INTERVAL_S)
 
 
 async def _start_ring(ring: RingRouter) -> None:

@@ -87,8 +87,10 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         """What this node holds right now: its roles, and shards it holds on disk only."""
         dp = self._dataplane()
         shards = dp.statuses(include_disk_only=True) if dp is not None else self._statuses()
+        reason = dp.not_ready_reason() if dp is not None else "starting"
         return shardnode_pb2.GetShardStatusResponse(
-            node_id=self._node_id, shards=shards, incarnation=self._incarnation()
+            node_id=self._node_id, shards=shards, incarnation=self._incarnation(), ready=not reason,
+            not_ready_reason=reason,
         )
 
     async def GetInventory(

@@ -407,13 +407,15 @@ class Server:
         self.health = health
         self.port = port
 
-    async def set_serving(self, serving: bool) -> None:
+    async def set_serving(self, serving: bool, service: str = "") -> None:
+        """Sets what ``grpc.health.v1.Health`` reports for ``service`` ("": the process).
+        No effect once a graceful stop has begun (everything is NOT_SERVING for good)."""
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        await self.health.set("", status)
+        await self.health.set(service, status)
 
     async def stop_gracefully(self, grace_s: float = 5.0) -> None:
         """NOT_SERVING first (load balancers stop sending), then drain calls for grace_s."""
@@ -427,6 +429,7 @@ async def build_server(
     *,
     max_request_bytes: int = MAX_MESSAGE_BYTES,
     extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
+    not_ready: Iterable[str] = (),
 ) -> Server:
     """Builds, binds and starts a server on ``listen`` ("host:port"; port 0 picks one).
 
@@ -434,6 +437,10 @@ async def build_server(
     RESOURCE_EXHAUSTED as soon as its length prefix arrives, before it is read or parsed,
     so a huge request costs the server no time. Size it to what the server's API needs
     (:mod:`bluemarble.core.limits`).
+
+    Health reports SERVING for the process ("") and for every bound service, except the
+    services named in ``not_ready``: those start NOT_SERVING until the caller says they
+    are ready (:meth:`Server.set_serving`).
 
     The port is TLS when the process has a TLS configuration with a certificate
     (:func:`bluemarble.runtime.tls.configure`), mutual TLS when it also has a CA (a client
@@ -458,8 +465,12 @@ async def build_server(
         names.append(binding.full_name)
     health = HealthServicer()
     guard_decoding(server, health_pb2_grpc.add_HealthServicer_to_server, health)
+    waiting = set(not_ready)
     for name in names:
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health.set(
+            name,
+            health_pb2.HealthCheckResponse.NOT_SERVING if name in waiting else health_pb2.HealthCheckResponse.SERVING,
+        )
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     guard_decoding(

@@ -153,6 +153,12 @@ REPLICATION_LAG_ENTRIES = Gauge(
     "Primary's view: log entries its farthest replica is missing, per shard it leads.",
     ["shard"],
 )
+NODE_READY = Gauge(
+    "bluemarble_node_ready",
+    "1 while the node is ready (registered, serving as primary of the shards it leads, caught "
+    "up on the shards it follows: what its readiness probe reports), else 0.",
+    ["node"],
+)
 REPLICATION_LAG_SECONDS = Gauge(
     "bluemarble_replication_lag_seconds",
     "Primary's view: age of the oldest entry its farthest replica is missing, per shard it leads.",

@@ -630,14 +630,18 @@ class GetShardStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetShardStatusResponse(_message.Message):
-    __slots__ = ("node_id", "shards", "incarnation")
+    __slots__ = ("node_id", "shards", "incarnation", "ready", "not_ready_reason")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    NOT_READY_REASON_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     shards: _containers.RepeatedCompositeFieldContainer[_common_pb2.ShardStatus]
     incarnation: int
-    def __init__(self, node_id: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[_common_pb2.ShardStatus, _Mapping]]] = ..., incarnation: _Optional[int] = ...) -> None: ...
+    ready: bool
+    not_ready_reason: str
+    def __init__(self, node_id: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[_common_pb2.ShardStatus, _Mapping]]] = ..., incarnation: _Optional[int] = ..., ready: _Optional[bool] = ..., not_ready_reason: _Optional[str] = ...) -> None: ...
 
 class NodeCalls(_message.Message):
     __slots__ = ("calls",)

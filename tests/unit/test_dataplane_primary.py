@@ -132,3 +132,51 @@ async def test_a_new_primary_serves_only_once_every_replica_reported_its_positio
     finally:
         await dp.stop()
         storage.close()
+
+
+async def test_readiness_follows_registration_assignments_and_each_copy(tmp_path: Path) -> None:
+    """Not ready until registered with assignments and every copy it holds is whole: the
+    readiness probe that gates a rolling restart (DataPlane.not_ready_reason)."""
+    storage = NodeStorage.open(tmp_path)
+    synced = asyncio.Event()
+    agent = SimpleNamespace(
+        on_assignments=None, status_provider=None, assignments={}, addresses={},
+        session_state=SessionState.CONNECTED, registration=None, config=None, assignments_synced=synced,
+    )
+    dp = DataPlane("n1", storage, agent, RingRouter.from_ring(initial_ring(2, vnodes=4)))  # type: ignore[arg-type]
+    try:
+        assert dp.not_ready_reason() == "not registered with the control plane"
+        agent.registration = SimpleNamespace(lease_id=7)
+        assert dp.not_ready_reason() == "waiting for its assignments"
+        synced.set()
+        assert dp.not_ready_reason() == ""  # registered, holding nothing: ready
+        agent.session_state = SessionState.LOST
+        assert "lease may have expired" in dp.not_ready_reason()
+        agent.session_state = SessionState.CONNECTED
+        # A replica with no copy yet, then one that hears from its primary but is behind.
+        other = ShardId("shard-1")
+        agent.assignments = {other: common_pb2.Assignment(shard_id=other, epoch=2, primary="n2", replicas=["n1"])}
+        dp.on_assignments()
+        assert dp.not_ready_reason() == "copying shard-1 from its primary"
+        state = dp._shards[other]
+        state.synced = True
+        assert dp.not_ready_reason() == "not hearing from the primary of shard-1"
+        state.last_heard_s = dp.clock.monotonic_s()
+        state.primary_last_lsn = state.last.lsn + 5
+        assert dp.not_ready_reason() == "5 entries behind on shard-1"
+        state.primary_last_lsn = state.last.lsn
+        assert dp.not_ready_reason() == ""
+        # Leading a shard: ready only once it serves (after its epoch-start entry).
+        agent.assignments[SHARD] = common_pb2.Assignment(shard_id=SHARD, epoch=3, primary="n1")
+        dp.on_assignments()
+        assert dp.not_ready_reason() in ("catching up as the new primary of shard-0", "")
+        for _ in range(200):
+            if not dp.not_ready_reason():
+                break
+            state.last_heard_s = dp.clock.monotonic_s()
+            await asyncio.sleep(0.01)
+        assert dp.not_ready_reason() == ""
+        assert dp._shards[SHARD].serving
+    finally:
+        await dp.stop()
+        storage.close()

@@ -185,25 +185,32 @@ def test_pdbs_cover_the_control_plane_nodes_and_etcd(rendered: dict[str, Manifes
 @pytest.mark.parametrize("variant", ["default", "external-etcd"])
 def test_probes_are_native_grpc_health_checks_on_the_grpc_port(rendered: dict[str, Manifests], variant: str) -> None:
     m = rendered[variant]
-    for kind, name, container in (("Deployment", CP, "controlplane"), ("StatefulSet", NODE, "node")):
+    # The process ("") for startup and liveness; a node is ready only once its ShardNode
+    # service is (registered, copies caught up), so a rolling update waits for that.
+    for kind, name, container, ready in (
+        ("Deployment", CP, "controlplane", ""),
+        ("StatefulSet", NODE, "node", "bluemarble.v1.ShardNode"),
+    ):
         c = hc.container(m.get(kind, name), container)
         grpc_port = hc.port_named(c, "grpc")
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        for probe in ("startupProbe", "livenessProbe"):
             assert c[probe]["grpc"] == {"port": grpc_port, "service": ""}, f"{name} {probe}"
+        assert c["readinessProbe"]["grpc"] == {"port": grpc_port, "service": ready}, name
         assert c["livenessProbe"]["failureThreshold"] > c["readinessProbe"]["failureThreshold"]
 
 
 def test_with_tls_the_probes_run_the_tls_health_check_from_the_mounted_scripts(rendered: dict[str, Manifests]) -> None:
     m = rendered["tls"]
     scripts = m.get("ConfigMap", f"{FULL}-scripts")["data"]
-    for kind, name, container, server_name in (
-        ("Deployment", CP, "controlplane", f"{CP}.{hc.NAMESPACE}.svc"),
-        ("StatefulSet", NODE, "node", ""),
+    for kind, name, container, server_name, ready in (
+        ("Deployment", CP, "controlplane", f"{CP}.{hc.NAMESPACE}.svc", ""),
+        ("StatefulSet", NODE, "node", "", "bluemarble.v1.ShardNode"),
     ):
         c = hc.container(m.get(kind, name), container)
         mounts = {v["name"]: v["mountPath"] for v in c["volumeMounts"]}
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            python, script, address, name_checked = c[probe]["exec"]["command"]
+            python, script, address, name_checked, *service = c[probe]["exec"]["command"]
+            assert service == ([ready] if probe == "readinessProbe" else []), f"{name} {probe}"
             assert python == "python3" and name_checked == server_name
             assert script == f"{mounts['scripts']}/health_probe.py" and "health_probe.py" in scripts
             assert hc.host_port(address)[1] == hc.port_named(c, "grpc")

@@ -1,11 +1,13 @@
-"""Kubelet probe of a BlueMarble process when TLS is on: grpc.health.v1 Check (service "",
-the process) over TLS with the pod's own certificate.
+"""Kubelet probe of a BlueMarble process when TLS is on: grpc.health.v1 Check over TLS with
+the pod's own certificate.
 
 Why: the kubelet's native gRPC probe speaks plaintext only. Exits 0 when SERVING, 1 otherwise.
 
-Usage: health_probe.py HOST:PORT [SERVER_NAME]
-SERVER_NAME is the name the server certificate is checked against (default: the host of
-BLUEMARBLE_ADVERTISE, else HOST). Certificate files: BLUEMARBLE_TLS_CERT/_KEY/_CA.
+Usage: health_probe.py HOST:PORT [SERVER_NAME [SERVICE]]
+SERVER_NAME is the name the server certificate is checked against (empty or absent: the
+host of BLUEMARBLE_ADVERTISE, else HOST). SERVICE is the health service checked (empty or
+absent: "", the process; a node's readiness is "bluemarble.v1.ShardNode").
+Certificate files: BLUEMARBLE_TLS_CERT/_KEY/_CA.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def server_name(argv: list[str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) not in (2, 3):
+    if len(argv) not in (2, 3, 4):
         print(__doc__, file=sys.stderr)
         return 2
 
@@ -48,7 +50,7 @@ def main(argv: list[str]) -> int:
     with grpc.secure_channel(argv[1], credentials, options=options) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT_S
+                health_pb2.HealthCheckRequest(service=argv[3] if len(argv) > 3 else ""), timeout=TIMEOUT_S
             )
         except grpc.RpcError as e:
             print(f"health check of {argv[1]}: {e.code().name}: {e.details()}", file=sys.stderr)

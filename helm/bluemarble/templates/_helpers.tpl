@@ -114,25 +114,34 @@ with TLS the kubelet's gRPC probe cannot connect (it speaks plaintext only), so 
 runs the chart's health check with the pod's own certificate. Call with
 (dict "ctx" $ "port" 7000 "probes" .Values.x.probes "serverName" "...") */}}
 {{- define "bluemarble.probes" -}}
+{{- /* Startup and liveness check the process (health service ""); readiness checks
+.readyService ("" for the process too), e.g. a node's ShardNode service, SERVING only once
+the node is registered and its copies are caught up. */ -}}
 {{- $p := .probes -}}
-{{- $check := dict -}}
+{{- $ready := .readyService | default "" -}}
+{{- $live := dict -}}
+{{- $readyCheck := dict -}}
 {{- if .ctx.Values.tls.enabled -}}
-{{- $check = dict "exec" (dict "command" (list "python3" "/etc/bluemarble/scripts/health_probe.py" (printf "127.0.0.1:%d" (int .port)) .serverName)) -}}
+{{- $script := "/etc/bluemarble/scripts/health_probe.py" -}}
+{{- $target := printf "127.0.0.1:%d" (int .port) -}}
+{{- $live = dict "exec" (dict "command" (list "python3" $script $target .serverName)) -}}
+{{- $readyCheck = dict "exec" (dict "command" (list "python3" $script $target .serverName $ready)) -}}
 {{- else -}}
-{{- $check = dict "grpc" (dict "port" (int .port) "service" "") -}}
+{{- $live = dict "grpc" (dict "port" (int .port) "service" "") -}}
+{{- $readyCheck = dict "grpc" (dict "port" (int .port) "service" $ready) -}}
 {{- end -}}
 startupProbe:
-  {{- toYaml $check | nindent 2 }}
+  {{- toYaml $live | nindent 2 }}
   periodSeconds: 2
   timeoutSeconds: {{ $p.timeoutSeconds }}
   failureThreshold: {{ $p.startupFailureThreshold }}
 livenessProbe:
-  {{- toYaml $check | nindent 2 }}
+  {{- toYaml $live | nindent 2 }}
   periodSeconds: {{ $p.periodSeconds }}
   timeoutSeconds: {{ $p.timeoutSeconds }}
   failureThreshold: {{ $p.livenessFailureThreshold }}
 readinessProbe:
-  {{- toYaml $check | nindent 2 }}
+  {{- toYaml $readyCheck | nindent 2 }}
   periodSeconds: {{ $p.periodSeconds }}
   timeoutSeconds: {{ $p.timeoutSeconds }}
   failureThreshold: {{ $p.readinessFailureThreshold }}
