@@ -130,6 +130,7 @@ def test_values_match_the_schema(variant: str) -> None:
         {"controlplane": {"replicationFactor": 8}},
         {"nodes": {"capacity": 2_000_000}},
         {"etcd": {"replicas": 2}},
+        {"etcd": {"quotaBackendBytes": 1024}},
     ],
 )
 def test_the_schema_refuses_bad_values(override: dict[str, Any]) -> None:
@@ -511,7 +512,8 @@ def test_alerts_query_metrics_the_processes_expose(rendered: dict[str, Manifests
     alerts = {r["alert"]: r for r in group["rules"]}
     assert {"BlueMarbleNoLeader", "BlueMarbleNodeLeaseChurn", "BlueMarbleReplicationLag",
             "BlueMarbleTradesInDoubt"} <= set(alerts)
-    assert alerts["BlueMarbleNoLeader"]["expr"] == f'max(bluemarble_is_leader{{namespace="{hc.NAMESPACE}"}}) == 0'
+    selector = f'namespace="{hc.NAMESPACE}", pod=~"{FULL}-(controlplane-.+|node-[0-9]+)"'
+    assert alerts["BlueMarbleNoLeader"]["expr"] == f"max(bluemarble_is_leader{{{selector}}}) == 0"
     known = metric_names()
     for name, alert in alerts.items():
         assert set(alert) <= {"alert", "expr", "for", "labels", "annotations"}
@@ -539,6 +541,54 @@ def test_grafana_dashboard(rendered: dict[str, Manifests]) -> None:
     everything = " ".join(q for queries in exprs.values() for q in queries)
     assert all(n in everything for n in needed)
     assert 'sum by (kind, outcome) (rate(bluemarble_trades_total' in everything
+
+
+def test_two_releases_in_one_namespace_keep_their_alerts_and_dashboards_apart() -> None:
+    """Alerts and dashboard panels select the release's own pods; the dashboard's uid and
+    title name the release, so Grafana keeps one dashboard per release."""
+    values = {"metrics": {"prometheusRule": {"enabled": True}}}
+    found: dict[str, tuple[str, str, str]] = {}
+    for release in ("eu", "eu-2"):
+        m = Manifests.parse(hc.render_text(values, release=release))
+        full = f"{release}-bluemarble"
+        config_map = m.get("ConfigMap", f"{full}-dashboard")
+        dashboard = json.loads(config_map["data"]["bluemarble.json"])
+        (group,) = m.of_kind("PrometheusRule")[0]["spec"]["groups"]
+        exprs = [r["expr"] for r in group["rules"]] + [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+        selectors = {re.search(r'\{(namespace="[^"]+", pod=~"[^"]+")', e).group(1) for e in exprs}  # type: ignore[union-attr]
+        (selector,) = selectors  # every query selects the same pods
+        pods = re.search(r'pod=~"([^"]+)"', selector).group(1)  # type: ignore[union-attr]
+        for pod in (f"{full}-controlplane-7d9f8b6c5d-x2x4q", f"{full}-node-0", f"{full}-node-12"):
+            assert re.fullmatch(pods, pod), (pods, pod)
+        found[release] = (dashboard["uid"], dashboard["title"], pods)
+        assert len(dashboard["uid"]) <= 40 and release in dashboard["title"]
+    (uid_a, title_a, pods_a), (uid_b, title_b, pods_b) = found["eu"], found["eu-2"]
+    assert uid_a != uid_b and title_a != title_b
+    assert not re.fullmatch(pods_a, "eu-2-bluemarble-node-0") and not re.fullmatch(pods_b, "eu-bluemarble-node-0")
+
+
+def test_long_release_names_are_cut_with_a_hash_so_they_stay_apart() -> None:
+    long_a, long_b = "world-" + "x" * 40 + "-a", "world-" + "x" * 40 + "-b"
+    names = []
+    for release in (long_a, long_b):
+        m = Manifests.parse(hc.render_text({}, release=release, show_only="templates/node-service.yaml"))
+        (service,) = [s for s in m.of_kind("Service")]
+        name = service["metadata"]["name"].removesuffix("-node")
+        assert len(name) <= 40 and name.startswith("world-xxx")
+        names.append(name)
+    assert names[0] != names[1]
+    short = Manifests.parse(hc.render_text({}, release="eu", show_only="templates/node-service.yaml"))
+    assert short.of_kind("Service")[0]["metadata"]["name"] == "eu-bluemarble-node"  # short names unchanged
+
+
+def test_etcd_quota_is_a_value_under_its_volume(rendered: dict[str, Manifests]) -> None:
+    etcd = hc.container(rendered["default"].get("StatefulSet", ETCD), "etcd")
+    (quota,) = [a for a in etcd["args"] if a.startswith("--quota-backend-bytes=")]
+    defaults = hc.default_values()["etcd"]
+    assert int(quota.split("=")[1]) == defaults["quotaBackendBytes"] < 2 * 1024**3
+    assert defaults["persistence"]["size"] == "2Gi"
+    custom = Manifests.parse(hc.render_text({"etcd": {"quotaBackendBytes": 4 * 1024**3}}))
+    assert f"--quota-backend-bytes={4 * 1024**3}" in hc.container(custom.get("StatefulSet", ETCD), "etcd")["args"]
 
 
 def test_network_policies_admit_the_charts_own_traffic(rendered: dict[str, Manifests]) -> None:

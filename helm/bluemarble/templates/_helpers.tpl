@@ -5,17 +5,33 @@
 {{- end -}}
 
 {{/* Kept short: pod names (node ids) are "<fullname>-node-<ordinal>" and DNS labels stop at 63. */}}
+{{- /* At most 40 characters, so "<fullname>-controlplane-<hash>-<id>" fits a pod name.
+A longer name is cut to 33 and given a hash of the whole: two long names that differ only
+after the cut stay apart. */ -}}
 {{- define "bluemarble.fullname" -}}
+{{- $full := "" -}}
 {{- if .Values.fullnameOverride -}}
-{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- $full = .Values.fullnameOverride -}}
 {{- else -}}
 {{- $name := default .Chart.Name .Values.nameOverride -}}
 {{- if contains $name .Release.Name -}}
-{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- $full = .Release.Name -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- $full = printf "%s-%s" .Release.Name $name -}}
 {{- end -}}
 {{- end -}}
+{{- if gt (len $full) 40 -}}
+{{- printf "%s-%s" ($full | trunc 33 | trimSuffix "-") ($full | sha256sum | trunc 6) -}}
+{{- else -}}
+{{- $full | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- /* A PromQL selector of this release's pods: its namespace, and its control-plane and
+node pod names (the namespace alone would mix releases that share one). */ -}}
+{{- define "bluemarble.podSelector" -}}
+{{- $full := include "bluemarble.fullname" . | regexQuoteMeta -}}
+{{- printf "namespace=%q, pod=~%q" .Release.Namespace (printf "%s-(controlplane-.+|node-[0-9]+)" $full) -}}
 {{- end -}}
 
 {{- define "bluemarble.chart" -}}
