@@ -864,6 +864,14 @@ class DataPlane:
 
     # ---- fencing (the control-plane leader's failover, flow 4) ----
 
+    def _ring_shards(self) -> frozenset[ShardId] | None:
+        """The ring's shards, or None before the node has fetched the ring (a fence then
+        goes through: refusing it could hold up a failover)."""
+        try:
+            return frozenset(self._ring.ring.shard_ids)
+        except FailedPrecondition:
+            return None
+
     def fence(self, request: shardnode_pb2.FenceRequest) -> shardnode_pb2.FenceResponse:
         if len(request.shards) > limits.MAX_SHARD_STATUSES:
             raise InvalidArgument(f"fence lists {len(request.shards)} shards; at most {limits.MAX_SHARD_STATUSES}")
@@ -872,11 +880,17 @@ class DataPlane:
                                   f"in at most {MAX_REQUESTED_BY_CHARS}")
         validation.printable_text(request.requested_by, "requested_by")
         response = shardnode_pb2.FenceResponse(node_id=self.node_id)
+        # Checked before any shard is fenced: a refused request changes nothing.
+        known = self._ring_shards()
         for i, item in enumerate(request.shards):
             shard = _shard_id(item.shard_id)
             validation.log_counter(item.epoch, f"shards[{i}].epoch")
             if item.epoch == 0:
                 raise InvalidArgument(f"fence of {shard} names epoch 0; epochs start at 1")
+            if known is not None and shard not in known and shard not in self._shards:
+                raise NotFound(f"{shard} is not a shard of this cluster (its ring has {len(known)} shards)")
+        for item in request.shards:
+            shard = ShardId(item.shard_id)
             state = self._state(shard)
             had_data = state.synced or state.last.lsn > 0
             if item.epoch > state.fenced_epoch:

@@ -235,6 +235,25 @@ async def test_epochs_past_int63_are_refused_naming_the_field(
         assert storage_fences(dp) == fenced_before
 
 
+async def test_a_fence_of_a_shard_outside_the_ring_is_refused_and_changes_nothing(
+    start_control_plane: StartControlPlane, tmp_path: Path
+) -> None:
+    async with data_node(start_control_plane, tmp_path) as (stub, dp):
+        shard = dp.statuses()[0].shard_id
+        fenced_before = storage_fences(dp)
+        request = shardnode_pb2.FenceRequest(requested_by="probe", shards=[
+            shardnode_pb2.ShardFence(shard_id=shard, epoch=50),  # valid, but in a refused request
+            shardnode_pb2.ShardFence(shard_id="shard-77", epoch=5),
+        ])
+        code, details = await refused(stub.Fence(request))
+        assert code == grpc.StatusCode.NOT_FOUND, details
+        assert "shard-77" in details and "2 shards" in details, details
+        assert storage_fences(dp) == fenced_before and "shard-77" not in dp._shards
+        answer = await stub.Fence(shardnode_pb2.FenceRequest(
+            requested_by="probe", shards=[shardnode_pb2.ShardFence(shard_id=shard, epoch=50)]))
+        assert [(f.shard_id, f.epoch) for f in answer.shards] == [(shard, 50)]
+
+
 def storage_fences(dp: DataPlane) -> dict[str, int]:
     return {shard: meta.fenced_epoch for shard, meta in dp._storage.shards().items()}
 
