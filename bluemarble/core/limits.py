@@ -92,6 +92,12 @@ MAX_VALUE_BYTES = 64 * 1024
 MAX_DATA_KEY_BYTES = 128
 """Length of a player-data key."""
 
+MAX_DATA_KEYS_PER_PLAYER = 1024
+"""Player-data keys one player holds, over every game system."""
+
+MAX_DATA_BYTES_PER_PLAYER = 1024 * 1024
+"""Player data one player holds, over every game system (systems, keys and values)."""
+
 MAX_REQUEST_ID_BYTES = 128
 """Length of an idempotency key (request id, trade id)."""
 

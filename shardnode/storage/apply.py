@@ -40,6 +40,12 @@ _UPSERT_DATA = (
     "ON CONFLICT DO UPDATE SET value = excluded.value, lsn = excluded.lsn"
 )
 
+_DATA_SIZE = "SELECT length(value) FROM player_data WHERE shard_id = ? AND player_id = ? AND system = ? AND key = ?"
+_PLAYER_DATA_TOTALS = (
+    "SELECT count(*), coalesce(sum(length(system) + length(key) + length(value)), 0) FROM player_data "
+    "WHERE shard_id = ? AND player_id = ?"
+)
+
 
 def apply_op(
     conn: sqlite3.Connection,
@@ -65,9 +71,29 @@ def apply_op(
     if kind == records.GRANT:
         return _apply_grant(conn, shard, epoch, lsn, player, op.grant, primary=primary)
     data = op.set_data
+    previous = conn.execute(_DATA_SIZE, (shard, player, data.system, data.key)).fetchone() if primary else None
     conn.execute(_ENSURE_PLAYER, (shard, player))
     conn.execute(_UPSERT_DATA, (shard, player, data.system, data.key, data.value, lsn))
+    if primary and (previous is None or len(data.value) > previous[0]):
+        _check_data_caps(conn, shard, player, new_key=previous is None)
     return records.set_data_answer(shard, epoch, lsn)
+
+
+def _check_data_caps(conn: sqlite3.Connection, shard: ShardId, player: PlayerId, *, new_key: bool) -> None:
+    """Refuses a write that grows ``player``'s data past its caps (run after the write:
+    the refusal rolls it back). A write that does not grow it (a value replaced by one no
+    larger) always goes through, so a player over a cap lowered later is not stuck."""
+    keys, size = conn.execute(_PLAYER_DATA_TOTALS, (shard, player)).fetchone()
+    if new_key and keys > limits.MAX_DATA_KEYS_PER_PLAYER:
+        raise FailedPrecondition(
+            f"player {echo(player)} of {shard} would hold {keys} player-data keys; "
+            f"a player holds at most {limits.MAX_DATA_KEYS_PER_PLAYER} over all game systems"
+        )
+    if size > limits.MAX_DATA_BYTES_PER_PLAYER:
+        raise FailedPrecondition(
+            f"player {echo(player)} of {shard} would hold {size} bytes of player data; "
+            f"a player holds at most {limits.MAX_DATA_BYTES_PER_PLAYER} over all game systems"
+        )
 
 
 def _apply_grant(

@@ -235,6 +235,40 @@ async def test_epochs_past_int63_are_refused_naming_the_field(
         assert storage_fences(dp) == fenced_before
 
 
+async def test_a_player_holds_player_data_up_to_its_caps(
+    start_control_plane: StartControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(limits, "MAX_DATA_KEYS_PER_PLAYER", 4)
+    monkeypatch.setattr(limits, "MAX_DATA_BYTES_PER_PLAYER", 1000)
+    async with data_node(start_control_plane, tmp_path) as (stub, _):
+        def put(i: int, key: str, size: int, system: str = "guild") -> shardnode_pb2.SetPlayerDataRequest:
+            return shardnode_pb2.SetPlayerDataRequest(
+                request_id=f"d{i}", player_id="hoarder", system=system, key=key, value=b"v" * size)
+
+        for i in range(4):
+            await stub.SetPlayerData(put(i, f"k{i}", 100, system="guild" if i % 2 else "chat"))
+        code, details = await refused(stub.SetPlayerData(put(10, "k4", 1)))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+        assert "would hold 5 player-data keys" in details and "at most 4" in details, details
+        # Replacing a value is no new key; growing past the bytes is refused.
+        await stub.SetPlayerData(put(11, "k0", 200, system="chat"))
+        code, details = await refused(stub.SetPlayerData(put(12, "k1", 700)))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "bytes of player data" in details, details
+        # Refused writes changed nothing; a smaller value always goes through.
+        def get(key: str) -> shardnode_pb2.GetPlayerDataRequest:
+            return shardnode_pb2.GetPlayerDataRequest(player_id="hoarder", system="guild", key=key)
+
+        got = await stub.GetPlayerData(get("k1"))
+        assert got.found and got.value == b"v" * 100
+        assert not (await stub.GetPlayerData(get("k4"))).found
+        monkeypatch.setattr(limits, "MAX_DATA_BYTES_PER_PLAYER", 100)  # a cap lowered below what is held
+        await stub.SetPlayerData(put(13, "k1", 50))
+        # Other players have caps of their own.
+        other = put(14, "k9", 10)
+        other.player_id = "someone-else"
+        await stub.SetPlayerData(other)
+
+
 async def test_a_fence_of_a_shard_outside_the_ring_is_refused_and_changes_nothing(
     start_control_plane: StartControlPlane, tmp_path: Path
 ) -> None:
