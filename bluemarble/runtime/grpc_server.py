@@ -26,10 +26,10 @@ from typing import Any
 import grpc
 import grpc.aio
 import structlog
-from google.protobuf import descriptor_pool
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from bluemarble.core.errors import BlueMarbleError
 from bluemarble.core.limits import MAX_MESSAGE_BYTES
@@ -87,6 +87,56 @@ class _MethodAwarePool:
             if found is not None and method in found.methods_by_name:
                 return found.file
             raise
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+"""Server reflection's stable name. grpcio-reflection serves only v1alpha; clients that ask
+v1 first (newer grpcurl, Postman, grpcui) get the same service under this name."""
+
+
+def _install_reflection_v1() -> None:
+    """Adds ``grpc/reflection/v1/reflection.proto`` to the default descriptor pool, once:
+    v1alpha's file under the v1 package. The two define the same messages, field for
+    field, so v1alpha's classes read and write v1's bytes, and reflection can describe
+    the v1 service like any other."""
+    pool = descriptor_pool.Default()
+    name = "grpc/reflection/v1/reflection.proto"
+    try:
+        pool.FindFileByName(name)
+        return
+    except KeyError:
+        pass
+    file = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(file)
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    file.name, file.package = name, "grpc.reflection.v1"
+    file.options.Clear()
+    file.options.java_package = "io.grpc.reflection.v1"
+    file.options.java_multiple_files = True
+    file.options.java_outer_classname = "ServerReflectionProto"
+    file.options.go_package = "google.golang.org/grpc/reflection/grpc_reflection_v1"
+    for message in file.message_type:
+        for field in message.field:
+            if field.type_name:  # assigning even "" would mark a scalar as typed
+                field.type_name = field.type_name.replace(old, new)
+    for service in file.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(old, new)
+            method.output_type = method.output_type.replace(old, new)
+    pool.AddSerializedFile(file.SerializeToString())
+
+
+def _add_reflection_v1(servicer: Any, server: Any) -> None:
+    """``add_ServerReflectionServicer_to_server`` for v1 (see :data:`REFLECTION_V1`)."""
+    handlers = {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, handlers),))
+    server.add_registered_method_handlers(REFLECTION_V1, handlers)
 
 
 @dataclass(frozen=True)
@@ -472,12 +522,11 @@ async def build_server(
             health_pb2.HealthCheckResponse.NOT_SERVING if name in waiting else health_pb2.HealthCheckResponse.SERVING,
         )
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
-    guard_decoding(
-        server,
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
-        reflection.aio.ReflectionServicer(names, pool=_MethodAwarePool(descriptor_pool.Default())),  # type: ignore[attr-defined]
-    )
+    _install_reflection_v1()
+    names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, REFLECTION_V1, reflection.SERVICE_NAME]
+    reflector = reflection.aio.ReflectionServicer(names, pool=_MethodAwarePool(descriptor_pool.Default()))  # type: ignore[attr-defined]
+    guard_decoding(server, reflection_pb2_grpc.add_ServerReflectionServicer_to_server, reflector)
+    guard_decoding(server, _add_reflection_v1, reflector)
     config = tls.current()
     credentials = config.server_credentials() if config is not None else None
     try:

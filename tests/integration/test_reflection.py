@@ -38,6 +38,37 @@ async def test_list_shows_the_services(control_plane: ControlPlaneApp) -> None:
     } <= names
 
 
+async def test_reflection_v1_answers_like_v1alpha(control_plane: ControlPlaneApp) -> None:
+    """Clients that ask grpc.reflection.v1 first (newer grpcurl, Postman) find it, and can
+    describe it as well as our services through it."""
+    async with grpc.aio.insecure_channel(control_plane.address) as channel:
+        method = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        requests = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="bluemarble.v1.TradeCoordinator"),
+        ]
+        answers = [r async for r in method(iter(requests))]
+    listed, v1_file, ours = answers
+    names = {s.name for s in listed.list_services_response.service}
+    assert {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= names
+
+    def files_of(r: reflection_pb2.ServerReflectionResponse) -> list[descriptor_pb2.FileDescriptorProto]:
+        raw_files = r.file_descriptor_response.file_descriptor_proto
+        return [descriptor_pb2.FileDescriptorProto.FromString(raw) for raw in raw_files]
+
+    [v1] = files_of(v1_file)
+    assert (v1.name, v1.package) == ("grpc/reflection/v1/reflection.proto", "grpc.reflection.v1")
+    [service] = v1.service
+    assert service.method[0].input_type == ".grpc.reflection.v1.ServerReflectionRequest"
+    assert not v1.options.deprecated
+    assert "bluemarble/v1/trade.proto" in [f.name for f in files_of(ours)]
+
+
 async def test_describe_shows_contract_fields(control_plane: ControlPlaneApp) -> None:
     r = await _reflect(
         control_plane.address,
