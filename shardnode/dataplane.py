@@ -629,7 +629,8 @@ class DataPlane:
 
     def _lag(self, state: ShardState) -> tuple[int, int]:
         """Entries known to be missing, and how old the newest applied entry is (ms) when
-        any is missing (0 when caught up)."""
+        any is missing (0 when caught up). A replica that has not heard from its primary
+        for 3 s reports at least that silence as its lag in ms: it cannot know what it lacks."""
         if state.role == PRIMARY:
             behind = [state.last.lsn - state.acked.get(r, 0) for r in state.replicas if r != self.node_id]
             worst = max(behind, default=0)
@@ -639,6 +640,12 @@ class DataPlane:
             written = self._storage.written_at_ms(state.shard_id, oldest_lsn)
             return worst, max(0, self._clock.wall_ms() - written) if written else 0
         missing = max(0, state.primary_last_lsn - state.last.lsn)
+        if state.role != PRIMARY and not self._following(state):
+            # Not hearing from its primary: what it lacks is unknown, but its answer may be
+            # as old as the silence (never heard in this term: as old as its newest entry).
+            age_ms = self._clock.wall_ms() - state.applied_written_at_ms if state.applied_written_at_ms else 0
+            silence_ms = int(1000 * (self._clock.monotonic_s() - state.last_heard_s)) if state.last_heard_s else age_ms
+            return missing, max(0, silence_ms, age_ms if missing else 0)
         if missing == 0:
             return 0, 0
         age_ms = self._clock.wall_ms() - state.applied_written_at_ms if state.applied_written_at_ms else 0

@@ -161,8 +161,14 @@ async def test_readiness_follows_registration_assignments_and_each_copy(tmp_path
         state = dp._shards[other]
         state.synced = True
         assert dp.not_ready_reason() == "not hearing from the primary of shard-1"
+        # Silent for 10 s: what it lacks is unknown, so a stale answer says "at least 10 s".
+        state.last_heard_s = dp.clock.monotonic_s() - 10
+        lag_entries, lag_ms = dp._lag(state)
+        assert lag_entries == 0 and 10_000 <= lag_ms < 60_000
         state.last_heard_s = dp.clock.monotonic_s()
+        assert dp._lag(state) == (0, 0)  # hearing, and told it is caught up
         state.primary_last_lsn = state.last.lsn + 5
+        assert dp._lag(state)[0] == 5
         assert dp.not_ready_reason() == "5 entries behind on shard-1"
         state.primary_last_lsn = state.last.lsn
         assert dp.not_ready_reason() == ""
