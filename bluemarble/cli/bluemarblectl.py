@@ -474,7 +474,9 @@ async def run(args: argparse.Namespace) -> int:
             response = await client.call(pick, request_type())
             text = render(response)
         elif args.command == "drain":
-            response = await client.call(lambda s: s.DrainNode, controlplane_pb2.DrainNodeRequest(node_id=args.node))
+            response = await client.call(
+                lambda s: s.DrainNode, controlplane_pb2.DrainNodeRequest(node_id=args.node, force=args.force)
+            )
             text = f"draining {args.node}"
         elif args.command == "promote":
             request = controlplane_pb2.ForcePromoteRequest(
@@ -536,6 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("ring", help="each shard's share of the key space")
     drain = sub.add_parser("drain", help="move a node's roles away, then let it leave")
     drain.add_argument("node")
+    drain.add_argument("--force", action="store_true",
+                       help="even if fewer nodes than replication_factor would remain (shards lose copies)")
     promote = sub.add_parser(
         "promote",
         help="make NODE the primary of a shard no live node holds the data of (PRIMARY_LOST); loses what "

@@ -202,10 +202,12 @@ class GetClusterStatusResponse(_message.Message):
     def __init__(self, cluster: _Optional[str] = ..., served_by: _Optional[str] = ..., leader: _Optional[str] = ..., node_count: _Optional[int] = ..., shard_count: _Optional[int] = ..., etcd_revision: _Optional[int] = ..., etcd_healthy: _Optional[bool] = ..., ring_version: _Optional[int] = ..., config: _Optional[_Union[_common_pb2.ClusterConfig, _Mapping]] = ..., shards_without_primary: _Optional[int] = ..., live_nodes_eligible: _Optional[int] = ..., effective_replication_factor: _Optional[int] = ..., shards_under_replicated: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DrainNodeRequest(_message.Message):
-    __slots__ = ("node_id",)
+    __slots__ = ("node_id", "force")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
-    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+    force: bool
+    def __init__(self, node_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class DrainNodeResponse(_message.Message):
     __slots__ = ("node",)

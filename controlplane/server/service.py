@@ -220,8 +220,28 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         self, request: controlplane_pb2.DrainNodeRequest, context: Ctx
     ) -> controlplane_pb2.DrainNodeResponse:
         await self._d.auth.admin(context, "DrainNode")
+        if not request.force:
+            await self._check_drain_keeps_copies(validation.node_id(request.node_id))
         node = await self._d.registry.drain(request.node_id)
         return controlplane_pb2.DrainNodeResponse(node=node)
+
+    async def _check_drain_keeps_copies(self, node: NodeId) -> None:
+        """Refuses (FailedPrecondition) a drain that would leave fewer nodes able to hold
+        copies than replication_factor: every shard of the node would lose a copy for good
+        (one drained after another, a cluster ends with single copies). Reads etcd, not the
+        mirrors, so two drains sent back to back both count."""
+        config, _ = await self._d.config.get()
+        nodes, _ = await self._d.registry.list_nodes()
+        target = next((n for n in nodes if n.node_id == node), None)
+        if target is None or target.state == common_pb2.NODE_STATE_DRAINING:
+            return  # NotFound, or already draining (idempotent): the registry answers
+        remaining = sum(1 for n in nodes if n.state != common_pb2.NODE_STATE_DRAINING and n.node_id != node)
+        if remaining < config.replication_factor:
+            raise FailedPrecondition(
+                f"draining {node} would leave {remaining} node(s) for a replication factor of "
+                f"{config.replication_factor}: its shards would lose copies. Add a node or lower "
+                "replication_factor first, or drain with force (bluemarblectl drain --force)"
+            )
 
     # ---- reads ----
 

@@ -455,7 +455,7 @@ class TestConfigAndReplication:
     async def test_status_reports_under_replication(self, stub: Stub) -> None:
         await stub.RegisterNode(register_request("n1", "127.0.0.1:7101"))
         await stub.RegisterNode(register_request("n2", "127.0.0.1:7102"))
-        await stub.DrainNode(pb.DrainNodeRequest(node_id="n2"))
+        await stub.DrainNode(pb.DrainNodeRequest(node_id="n2", force=True))  # 1 node left for 3 copies
         status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
         assert status.config.replication_factor == 3
         assert (status.node_count, status.live_nodes_eligible, status.effective_replication_factor) == (2, 1, 1)

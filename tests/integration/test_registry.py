@@ -11,7 +11,7 @@ import grpc.aio
 import pytest
 
 from bluemarble.v1 import controlplane_pb2 as pb
-from bluemarble.v1 import controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
+from bluemarble.v1 import common_pb2, controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
 from controlplane.server.app import ControlPlaneApp
 from tests.conftest import StartControlPlane
 
@@ -240,6 +240,21 @@ class TestBadInput:
         got, details = await status_of(call(stub))
         assert got == code
         assert details
+
+    async def test_a_drain_that_would_cost_shards_copies_needs_force(self, stub: Stub) -> None:
+        """Replication factor 3 (the fixture's): with 4 nodes one may drain; the next would
+        leave 2 nodes for 3 copies and is refused, unless forced."""
+        for i in range(1, 5):
+            await stub.RegisterNode(register_request(f"n{i}", 7100 + i))
+        await stub.DrainNode(pb.DrainNodeRequest(node_id="n4"))
+        await stub.DrainNode(pb.DrainNodeRequest(node_id="n4"))  # already draining: idempotent
+        got, details = await status_of(stub.DrainNode(pb.DrainNodeRequest(node_id="n3")))
+        assert got == grpc.StatusCode.FAILED_PRECONDITION, details
+        assert "would leave 2 node(s) for a replication factor of 3" in details and "force" in details, details
+        states = {n.node_id: n.state for n in (await stub.ListNodes(pb.ListNodesRequest())).nodes}
+        assert states["n3"] == common_pb2.NODE_STATE_ACTIVE  # refused: nothing changed
+        drained = await stub.DrainNode(pb.DrainNodeRequest(node_id="n3", force=True))
+        assert drained.node.state == common_pb2.NODE_STATE_DRAINING
 
     async def test_bad_watch_request_is_invalid_argument(self, stub: Stub) -> None:
         call = stub.WatchAssignments(pb.WatchAssignmentsRequest(node_id="a/b"))
