@@ -208,7 +208,8 @@ class Reconciler:
         self._hold_reason = ""
         self._hold_from_revision = 0  # node records written after this count as back
         self._hold_must_return: set[NodeId] | None = set()
-        self._outage = False
+        # When this replica last saw etcd unhealthy (None: not since the last hold began).
+        self._outage_seen_s: float | None = None
         self._live: set[NodeId] = set()
         self._live_revision = -1  # nodes mirror revision _live was computed at
         self._departures: collections.deque[tuple[float, NodeId]] = collections.deque()
@@ -248,7 +249,7 @@ class Reconciler:
         # Cheap on purpose: this runs on every node record change (thousands in a
         # registration burst). Departures are counted when the loop wakes, once a burst.
         if not all(c.healthy for c in (self._nodes, self._assignments, self._ring)):
-            self._outage = True
+            self._outage_seen_s = self._clock.monotonic_s()
         self._wake.set()
 
     async def _run(self) -> None:
@@ -273,7 +274,7 @@ class Reconciler:
                     raise
                 except BlueMarbleError as e:
                     if e.retryable:
-                        self._outage = True
+                        self._outage_seen_s = self._clock.monotonic_s()
                     self._round_failures.failed("round", self._clock.monotonic_s(), "reconcile round failed",
                                                 error=str(e))
                 except Exception:
@@ -322,7 +323,7 @@ class Reconciler:
         """Notes etcd outages (a mirror unhealthy) and node departures as they happen."""
         now = self._clock.monotonic_s()
         if not all(c.healthy for c in (self._nodes, self._assignments, self._ring)):
-            self._outage = True
+            self._outage_seen_s = now
             return
         if self._nodes.revision == self._live_revision:
             gone: set[NodeId] = set()
@@ -384,9 +385,14 @@ class Reconciler:
     def _held(self, nodes: Sequence[PlacementNode], current: dict[ShardId, ShardAssignment],
               replication_factor: int, new_term: bool) -> bool:
         """Whether this round must place nothing (see the module docstring)."""
-        if self._outage:
-            self._outage = False
-            self._start_hold("this replica lost touch with etcd (etcd down or slow, or this process paused)")
+        if self._outage_seen_s is not None:
+            # Only an outage recent enough for leases to be expiring because of it: a
+            # follower that saw one long ago and is elected now has nothing to wait for.
+            remaining_s = self._hold_s() - (self._clock.monotonic_s() - self._outage_seen_s)
+            self._outage_seen_s = None
+            if remaining_s > 0:
+                self._start_hold("this replica lost touch with etcd (etcd down or slow, or this process paused)",
+                                 remaining_s)
         peak = max(len(self._live) + len(self._departures), 1)
         if len(self._departures) >= max(2, math.ceil(peak * self._mass_expiry_fraction)):
             self._start_hold(
@@ -515,7 +521,7 @@ class Reconciler:
             )
 
         # Skipped before any O(nodes) work: with thousands of nodes this runs every tick.
-        if inputs() == self._settled and not self._outage:
+        if inputs() == self._settled and self._outage_seen_s is None:
             if not self._probe_due():
                 return None
             # Only probes are due: plan again only if a new node answered.

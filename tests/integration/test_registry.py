@@ -10,8 +10,8 @@ import grpc
 import grpc.aio
 import pytest
 
-from bluemarble.v1 import controlplane_pb2 as pb
 from bluemarble.v1 import common_pb2, controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
+from bluemarble.v1 import controlplane_pb2 as pb
 from controlplane.server.app import ControlPlaneApp
 from tests.conftest import StartControlPlane
 

@@ -329,3 +329,30 @@ async def test_an_unreadable_assignment_is_replaced_above_its_epoch_floor(world:
     assert [ok for _, ok in world.etcd.txns].count(False) == 0  # the swap did not fail every round
     await reconciler.stop()
     await election.stop()
+
+
+async def test_an_etcd_outage_holds_moves_only_while_it_is_recent(world: World) -> None:
+    """A replica notes every etcd outage it sees, leader or not. Elected long after one
+    ended, it has no lease expiries to wait for: no hold (it used to hold its first moves
+    for the full hold time, delaying a failover by 15 s)."""
+    election = await elect(world)
+    reconciler = make_reconciler(world, election, hold_s=4.0)  # not started: rounds driven here
+    mirror = reconciler._nodes
+
+    def outage() -> None:
+        mirror.healthy = False  # type: ignore[misc]
+        reconciler._on_change()
+        mirror.healthy = True  # type: ignore[misc]
+
+    outage()
+    await world.clock.advance(10.0)  # ended well over a hold ago
+    assert not reconciler._held([], {}, 1, new_term=False)
+    assert not reconciler.holding
+    outage()
+    await world.clock.advance(1.0)
+    assert reconciler._held([], {ShardId("shard-0"): ShardAssignment(ShardId("shard-0"), 1, NodeId("n0"), ())}, 1,
+                            new_term=False)
+    assert "lost touch with etcd" in reconciler.holding
+    await world.clock.advance(3.5)  # the rest of the hold: 4 s from the outage, not from the election
+    assert not reconciler.holding
+    await election.stop()
