@@ -78,6 +78,13 @@ class DeadlineExceeded(RetryableError):
     status = "DEADLINE_EXCEEDED"
 
 
+class ResourceExhausted(RetryableError):
+    """A bounded resource of the server (e.g. its watch streams) is used up; retry later
+    or on another replica."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
 class Unauthenticated(FatalError):
     """No credentials where some are required (an admin RPC without a bearer token)."""
 
@@ -103,6 +110,7 @@ _BY_STATUS: dict[str, type[BlueMarbleError]] = {
         Aborted,
         Unavailable,
         DeadlineExceeded,
+        ResourceExhausted,
         Unauthenticated,
         PermissionDenied,
     )

@@ -19,6 +19,11 @@ refused by gRPC before it is parsed, so a 13 MB request costs no server time."""
 SHARD_NODE_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 """Largest request a shard node accepts (replication batches and snapshots)."""
 
+MAX_WATCH_STREAMS = 4096
+"""WatchAssignments and WatchRing streams one control-plane replica serves at once (a
+node holds two, a game server's routing client two): past it a new one is refused
+RESOURCE_EXHAUSTED, and clients move to another replica."""
+
 MAX_SHARD_STATUSES = 4096
 """Shard statuses per heartbeat: a node holds at most one role per shard."""
 

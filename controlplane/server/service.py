@@ -13,7 +13,8 @@ client certificate names.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ from bluemarble.core.errors import (
     InvalidArgument,
     NotFound,
     OutOfRange,
+    ResourceExhausted,
     Unavailable,
 )
 from bluemarble.core.ids import NodeId, ShardId, shard_index
@@ -94,6 +96,7 @@ STATUS_PROBE_TIMEOUT_S = 1.0
 
 class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
     def __init__(self, deps: ControlPlaneDeps):
+        self._watch_streams = 0
         self._d = deps
         # The shard ids of the last ring a heartbeat was checked against, by identity:
         # building the set on every heartbeat would cost more than the heartbeat.
@@ -339,9 +342,29 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
     async def GetRing(self, request: controlplane_pb2.GetRingRequest, context: Ctx) -> common_pb2.Ring:
         return ring_to_proto(self._ring_now())
 
+    @contextlib.contextmanager
+    def _watch_slot(self, method: str) -> Iterator[None]:
+        """Holds one of the replica's :data:`~bluemarble.core.limits.MAX_WATCH_STREAMS`
+        stream slots for a watch; raises ResourceExhausted when none is left."""
+        if self._watch_streams >= limits.MAX_WATCH_STREAMS:
+            raise ResourceExhausted(
+                f"this control-plane replica already serves {limits.MAX_WATCH_STREAMS} watch streams; "
+                f"retry {method} later or on another replica"
+            )
+        self._watch_streams += 1
+        try:
+            yield
+        finally:
+            self._watch_streams -= 1
+
     async def WatchRing(
         self, request: controlplane_pb2.WatchRingRequest, context: Ctx
     ) -> AsyncIterator[common_pb2.Ring]:
+        with self._watch_slot("WatchRing"):
+            async for ring in self._ring_updates(request):
+                yield ring
+
+    async def _ring_updates(self, request: controlplane_pb2.WatchRingRequest) -> AsyncIterator[common_pb2.Ring]:
         key = self._d.keys.ring()
         progress = _Progress(self._d.clock, request.progress_interval_ms)
         version = 0  # of the last ring sent on this stream
@@ -381,6 +404,13 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
 
     async def WatchAssignments(
         self, request: controlplane_pb2.WatchAssignmentsRequest, context: Ctx
+    ) -> AsyncIterator[controlplane_pb2.WatchAssignmentsResponse]:
+        with self._watch_slot("WatchAssignments"):
+            async for response in self._assignment_updates(request):
+                yield response
+
+    async def _assignment_updates(
+        self, request: controlplane_pb2.WatchAssignmentsRequest
     ) -> AsyncIterator[controlplane_pb2.WatchAssignmentsResponse]:
         node = validation.node_id(request.node_id) if request.node_id else None
         if request.start_revision < 0:
@@ -619,13 +649,13 @@ FORCE_PROMOTE_WAIT_S = 15.0
 """How long ForcePromote waits for the assignment to name the node (less if the call's
 deadline is nearer)."""
 
-MIN_PROGRESS_INTERVAL_MS = 100
+MIN_PROGRESS_INTERVAL_MS = 500
 MAX_PROGRESS_INTERVAL_MS = 60_000
 
 
 def _progress_interval_s(interval_ms: int) -> float | None:
     """The progress interval a WatchAssignments / WatchRing caller asked for
-    (``progress_interval_ms``), in seconds clamped to 100 ms .. 60 s, or None for none.
+    (``progress_interval_ms``), in seconds clamped to 500 ms .. 60 s, or None for none.
 
     A stream that has sent nothing for that long gets a progress message: an empty change
     (for WatchRing, a Ring without shards). A replica stopped with SIGSTOP keeps its

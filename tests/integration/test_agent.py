@@ -11,6 +11,7 @@ import grpc.aio
 import pytest
 
 from bluemarble.client.control_plane import ControlPlaneClient
+from bluemarble.core import limits
 from bluemarble.v1 import controlplane_pb2 as pb
 from bluemarble.v1 import controlplane_pb2_grpc
 from controlplane.server.app import ControlPlaneApp
@@ -157,4 +158,41 @@ async def test_idle_watch_streams_carry_progress_messages_only_for_callers_that_
         with pytest.raises(TimeoutError):  # nothing changed: nothing for a plain watcher
             await asyncio.wait_for(plain.read(), 1.0)
         for call in (asked, plain, ring):
+            call.cancel()
+
+
+async def test_a_replica_serves_a_bounded_number_of_watch_streams(
+    control_plane: ControlPlaneApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the limit a new watch is refused RESOURCE_EXHAUSTED (clients go elsewhere); a
+    stream that ends frees its slot."""
+    monkeypatch.setattr(limits, "MAX_WATCH_STREAMS", 3)
+    async with grpc.aio.insecure_channel(control_plane.address) as channel:
+        stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
+        held = [stub.WatchRing(pb.WatchRingRequest()), stub.WatchAssignments(pb.WatchAssignmentsRequest()),
+                stub.WatchRing(pb.WatchRingRequest())]
+        for call in held:
+            await asyncio.wait_for(call.read(), 5)  # the first message: the stream is served
+        for refused in (stub.WatchAssignments(pb.WatchAssignmentsRequest()), stub.WatchRing(pb.WatchRingRequest())):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await asyncio.wait_for(refused.read(), 5)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "already serves 3 watch streams" in (info.value.details() or "")
+        held.pop().cancel()
+
+        async def served() -> bool:
+            call = stub.WatchRing(pb.WatchRingRequest())
+            try:
+                await asyncio.wait_for(call.read(), 5)
+                return True
+            except grpc.aio.AioRpcError:
+                return False
+            finally:
+                call.cancel()
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await served():
+            assert asyncio.get_running_loop().time() < deadline, "the cancelled stream's slot was not freed"
+            await asyncio.sleep(0.05)
+        for call in held:
             call.cancel()
