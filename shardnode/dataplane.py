@@ -40,11 +40,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import heapq
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc.aio
@@ -66,7 +67,7 @@ from bluemarble.core.replication import ZERO, LogPosition
 from bluemarble.core.replication.primary import commit_lsn, required_acks_for
 from bluemarble.core.replication.promotion import catch_up_source
 from bluemarble.core.replication.replica import Verdict, check_entries
-from bluemarble.runtime import background, channels
+from bluemarble.runtime import background, channels, retry
 from bluemarble.runtime.channels import channel as open_channel
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
@@ -88,7 +89,11 @@ CATCH_UP_WAIT_S = 1.0
 """After this long without every replica's position, a new primary says so in the log
 (then after 4x, 16x ... as long); it does not serve until it has them all."""
 SNAPSHOT_CHUNK_BYTES = 1 << 20
-MAX_SNAPSHOT_BYTES = 1 << 30
+MAX_SNAPSHOT_BYTES = 256 << 20
+"""Largest snapshot a node sends or installs. A snapshot is built, and installed, in one
+go on the event loop (about 100 MB/s here): bigger ones would stall the node past its
+heartbeats, lose its lease and fail its shards over, again at each try. Shards are kept
+under it by :data:`~bluemarble.core.limits.MAX_SHARD_DATA_BYTES`."""
 SNAPSHOT_TIMEOUT_S = 60.0
 MAX_ENTRIES_PER_SHARD_IN_BATCH = 4096
 HOLD_REPLICATION_FAILPOINT = "hold-replication"
@@ -140,7 +145,11 @@ class ShardState:
     primary_last_lsn: int = 0
     applied_written_at_ms: int = 0
     snapshotting: bool = False
+    snapshot_retry_at_s: float = 0.0  # after a failed snapshot: none before this
+    snapshot_failures: int = 0
     last_heard_s: float = 0.0
+    # As primary: bytes of player data (None: not counted yet in this term).
+    data_bytes: int | None = None
 
 
 def _position(message: shardnode_pb2.LogPosition, what: str) -> LogPosition:
@@ -185,6 +194,8 @@ class DataPlane:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._seq = itertools.count()
         self._pending_writes: list[tuple[ShardState, int, shardnode_pb2.WriteOp, asyncio.Future[WriteResult]]] = []
+        self._serving_snapshot = False
+        self._snapshot_failures = retry.FailureLog()  # one warning per shard, then summaries
         self._flush_scheduled = False
         # Grouping commits pays when a commit costs an fsync (synchronous=FULL); with
         # NORMAL a commit is a WAL append, and a write commits at once, in its own turn.
@@ -302,6 +313,7 @@ class DataPlane:
     def _activate(self, state: ShardState) -> None:
         """Starts a new term as primary: catch up, then serve (module docstring)."""
         state.serving = False
+        state.data_bytes = None  # counted again from storage at the term's first write
         state.commit_lsn = 0 if state.replicas else state.last.lsn
         state.acked.clear()
         state.tail.clear()
@@ -737,18 +749,39 @@ class DataPlane:
         shard = self.shard_for(player)
         strong = consistency == STRONG
         state = self._writable(shard, request.epoch, strong=strong)
+        growth = self._check_shard_data(state, player, request)
         op = shardnode_pb2.WriteOp(
             request_id=request.request_id,
             player_id=player,
             set_data=shardnode_pb2.SetDataOp(system=request.system, key=request.key, value=request.value),
         )
         result = await self._write(state, op)
+        if state.data_bytes is not None and not result.replayed:
+            state.data_bytes += growth
         if strong:
             await self._wait_committed(state, result.lsn, timeout_s, f"write {limits.echo(request.request_id, 40)}")
         response = shardnode_pb2.SetPlayerDataResponse.FromString(result.response)
         response.replayed = result.replayed
         response.consistency = consistency  # type: ignore[assignment]
         return response
+
+    def _check_shard_data(
+        self, state: ShardState, player: PlayerId, request: shardnode_pb2.SetPlayerDataRequest
+    ) -> int:
+        """How many bytes the write adds to the shard's player data; raises
+        FailedPrecondition when that would take the shard past
+        :data:`~bluemarble.core.limits.MAX_SHARD_DATA_BYTES` (a shard must stay small
+        enough to be copied to a new replica). The count is this term's, kept in memory."""
+        if state.data_bytes is None:
+            state.data_bytes = self._storage.player_data_bytes(state.shard_id)
+        old = self._storage.player_data(state.shard_id, player, request.system, request.key)
+        growth = len(request.value) - (len(old[0]) if old is not None else -len(request.system) - len(request.key))
+        if growth > 0 and state.data_bytes + growth > limits.MAX_SHARD_DATA_BYTES:
+            raise FailedPrecondition(
+                f"{state.shard_id} holds {state.data_bytes} bytes of player data; a shard holds at most "
+                f"{limits.MAX_SHARD_DATA_BYTES} so that it can still be copied to a new replica"
+            )
+        return growth
 
     async def get_player_data(
         self, request: shardnode_pb2.GetPlayerDataRequest, timeout_s: float
@@ -969,7 +1002,8 @@ class DataPlane:
                 ack.result = shardnode_pb2.ACK_RESULT_SNAPSHOTTING
                 continue
             if group.snapshot_required:
-                self._start_snapshot(state, NodeId(batch.primary), group.epoch)
+                if now_s >= state.snapshot_retry_at_s:  # else still backing off a failed one
+                    self._start_snapshot(state, NodeId(batch.primary), group.epoch)
                 ack.result = shardnode_pb2.ACK_RESULT_SNAPSHOTTING
                 continue
             prev = _position(group.prev, "prev")
@@ -1030,11 +1064,20 @@ class DataPlane:
         state.snapshotting = True
 
         async def run() -> None:
+            key = f"snapshot {state.shard_id}"
             try:
                 await self._install_snapshot(state, source, epoch)
+                state.snapshot_failures = 0
+                self._snapshot_failures.recovered(key, self._clock.monotonic_s(), "snapshot installed")
             except BlueMarbleError as e:
-                log.warning(
-                    "snapshot failed; the primary will ask again", shard=state.shard_id, source=source, error=str(e)
+                # Backs off (1 s, doubling, at most a minute) so that a snapshot that
+                # cannot succeed (a shard too large to send) is not asked for again at once.
+                state.snapshot_failures += 1
+                now_s = self._clock.monotonic_s()
+                state.snapshot_retry_at_s = now_s + min(60.0, 2.0 ** (state.snapshot_failures - 1))
+                self._snapshot_failures.failed(
+                    key, now_s, "snapshot failed; the primary will ask again", shard=state.shard_id, source=source,
+                    error=str(e),
                 )
             finally:
                 state.snapshotting = False
@@ -1091,11 +1134,32 @@ class DataPlane:
             took_s=round(self._clock.monotonic_s() - started_s, 3),
         )
 
+    @contextlib.contextmanager
+    def serving_snapshot(self) -> Iterator[None]:
+        """One snapshot served at a time (built, then streamed): each holds a whole shard
+        in memory. A second request meanwhile is refused UNAVAILABLE; replicas ask again."""
+        if self._serving_snapshot:
+            raise Unavailable(f"node {self.node_id} is serving another snapshot; retry shortly")
+        self._serving_snapshot = True
+        try:
+            yield
+        finally:
+            self._serving_snapshot = False
+
     def snapshot_chunks(self, request: shardnode_pb2.GetSnapshotRequest) -> list[shardnode_pb2.SnapshotChunk]:
+        """The shard's snapshot in chunks (call within :meth:`serving_snapshot`). Raises
+        FailedPrecondition when this node holds no copy, or when the shard is too large to
+        send (:data:`MAX_SNAPSHOT_BYTES`), before anything is built."""
         shard = _shard_id(request.shard_id)
         state = self._shards.get(shard)
         if state is None or not (state.synced or state.last.lsn > 0):
             raise FailedPrecondition(f"node {self.node_id} holds no copy of {shard} to snapshot")
+        estimate = self._storage.snapshot_bytes_estimate(shard)
+        if estimate > MAX_SNAPSHOT_BYTES:
+            raise FailedPrecondition(
+                f"{shard} holds about {estimate} bytes, more than a snapshot carries ({MAX_SNAPSHOT_BYTES}): "
+                "it cannot be copied to a new replica; free player data on it"
+            )
         snapshot = self._storage.snapshot(shard)
         data = snapshot.SerializeToString()
         last = snapshot.last

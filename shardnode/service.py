@@ -300,8 +300,10 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         self, request: shardnode_pb2.GetSnapshotRequest, context: Ctx
     ) -> AsyncIterator[shardnode_pb2.SnapshotChunk]:
         await self._peers.require_node(context, "GetSnapshot")
-        for chunk in self._dp().snapshot_chunks(request):
-            yield chunk
+        dp = self._dp()
+        with dp.serving_snapshot():
+            for chunk in dp.snapshot_chunks(request):
+                yield chunk
 
     async def Prepare(self, request: shardnode_pb2.PrepareRequest, context: Ctx) -> shardnode_pb2.PrepareResponse:
         await self._peers.require_control_plane(context, "Prepare")

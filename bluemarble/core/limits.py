@@ -103,6 +103,11 @@ MAX_DATA_KEYS_PER_PLAYER = 1024
 MAX_DATA_BYTES_PER_PLAYER = 1024 * 1024
 """Player data one player holds, over every game system (systems, keys and values)."""
 
+MAX_SHARD_DATA_BYTES = 192 * 1024 * 1024
+"""Player data one shard holds: a shard must stay small enough for a snapshot (256 MiB,
+with its items and request records) to copy it to a new replica. More players' data
+means more shards (``--shards`` of a new cluster)."""
+
 MAX_REQUEST_ID_BYTES = 128
 """Length of an idempotency key (request id, trade id)."""
 

@@ -16,8 +16,10 @@ import pytest
 from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.ring_router import RingRouter
 from bluemarble.core import limits
+from bluemarble.core.ids import PlayerId
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
+from shardnode import dataplane as dataplane_module
 from shardnode.agent import NodeAgent, NodeIdentity
 from shardnode.dataplane import DataPlane
 from shardnode.service import ShardNodeService
@@ -267,6 +269,42 @@ async def test_a_player_holds_player_data_up_to_its_caps(
         other = put(14, "k9", 10)
         other.player_id = "someone-else"
         await stub.SetPlayerData(other)
+
+
+async def test_a_shard_stays_small_enough_to_copy(
+    start_control_plane: StartControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard's player data is capped so that a snapshot can carry it; a shard too large
+    anyway (a cap lowered later) is refused before any snapshot is built; one snapshot is
+    served at a time."""
+    monkeypatch.setattr(limits, "MAX_SHARD_DATA_BYTES", 3000)
+    async with data_node(start_control_plane, tmp_path) as (stub, dp):
+        shard = dp.shard_for(PlayerId("p0"))
+        players = [p for p in (f"p{i}" for i in range(200)) if dp.shard_for(PlayerId(p)) == shard][:4]
+
+        def put(i: int, player: str, size: int) -> shardnode_pb2.SetPlayerDataRequest:
+            return shardnode_pb2.SetPlayerDataRequest(
+                request_id=f"s{i}", player_id=player, system="guild", key="bio", value=b"x" * size)
+
+        for i, player in enumerate(players[:2]):
+            await stub.SetPlayerData(put(i, player, 1000))
+        code, details = await refused(stub.SetPlayerData(put(9, players[2], 1000)))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+        assert f"{shard} holds 2016 bytes of player data" in details and "at most 3000" in details, details
+        await stub.SetPlayerData(put(10, players[0], 10))  # shrinking is always allowed
+        await stub.SetPlayerData(put(11, players[2], 1000))  # now it fits
+
+        monkeypatch.setattr(dataplane_module, "MAX_SNAPSHOT_BYTES", 1000)
+        request = shardnode_pb2.GetSnapshotRequest(shard_id=shard, epoch=1, replica="n2")
+        code, details = await refused(stub.GetSnapshot(request).read())
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+        assert "more than a snapshot carries (1000)" in details, details
+        monkeypatch.setattr(dataplane_module, "MAX_SNAPSHOT_BYTES", 1 << 20)
+        with dp.serving_snapshot():  # another snapshot is being served
+            code, details = await refused(stub.GetSnapshot(request).read())
+            assert code == grpc.StatusCode.UNAVAILABLE and "serving another snapshot" in details, details
+        chunk = await stub.GetSnapshot(request).read()
+        assert chunk.done and chunk.total_bytes > 2000
 
 
 async def test_a_fence_of_a_shard_outside_the_ring_is_refused_and_changes_nothing(
