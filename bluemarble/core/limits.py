@@ -16,8 +16,10 @@ CONTROL_PLANE_MAX_REQUEST_BYTES = 1024 * 1024
 :data:`MAX_SHARD_STATUSES` statuses (about 100 bytes each: ~400 KiB); anything larger is
 refused by gRPC before it is parsed, so a 13 MB request costs no server time."""
 
-SHARD_NODE_MAX_REQUEST_BYTES = 16 * 1024 * 1024
-"""Largest request a shard node accepts (replication batches and snapshots)."""
+SHARD_NODE_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+"""Largest request a shard node accepts: twice its largest (a replication batch or a
+Calls message, 4 MiB of entries or calls plus the one that crosses the line). Every
+request in flight is held in memory whole, so this bounds what each costs the node."""
 
 MAX_WATCH_STREAMS = 4096
 """WatchAssignments and WatchRing streams one control-plane replica serves at once (a

@@ -61,7 +61,7 @@ def _value(field: FieldDescriptor, rng: random.Random) -> object:
 
 
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
-"""Rough cap on one generated request: past the servers' 16 MiB limit (so that refusal is
+"""Rough cap on one generated request: past the servers' 8 MiB limit (so that refusal is
 tested too), far below what would take the test itself seconds to build and encode
 (nested repeated messages multiply: a TradeBatch of Prepares of legs of item lists)."""
 

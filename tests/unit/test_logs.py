@@ -46,6 +46,22 @@ class TestLibraryLogsGoThroughStructlog:
         assert record["rpc"] == "Heartbeat"
         assert "RuntimeError: boom" in str(record["exception"])
 
+    def test_a_late_answer_to_a_call_that_ended_is_not_an_error(self) -> None:
+        """grpc.aio logs an error with a traceback when a method answers a call whose
+        deadline already passed; other grpc errors still show, and at debug level so does
+        this one."""
+        out = io.StringIO()
+        logs.configure("info", "json", stream=out)
+        grpc_aio = logging.getLogger("grpc._cython.cygrpc")
+        grpc_aio.error("ExecuteBatchError raised in core by servicer method [%s]", "/bluemarble.v1.ControlPlane/X")
+        grpc_aio.error("Unexpected [%s] raised by servicer method [%s]", "KeyError", "/x")
+        (record,) = lines(out)
+        assert "Unexpected [KeyError]" in str(record["event"])
+        debug = io.StringIO()
+        logs.configure("debug", "json", stream=debug)
+        grpc_aio.error("ExecuteBatchError raised in core by servicer method [%s]", "/x")
+        assert "ExecuteBatchError" in debug.getvalue()
+
     def test_library_info_is_quiet_and_console_mode_is_one_line(self) -> None:
         out = io.StringIO()
         logs.configure("info", "console", stream=out)
