@@ -255,7 +255,8 @@ def _field_as_numbers(field: FieldDescriptor, value: Any) -> Any:
         return [_field_as_numbers(field, v) for v in value]
     entry = field.message_type
     if entry is not None and entry.GetOptions().map_entry:
-        return {k: _field_as_numbers(entry.fields_by_name["value"], v) for k, v in value.items()}
+        # Sorted: a map's order is arbitrary, and the same config must print the same way.
+        return {k: _field_as_numbers(entry.fields_by_name["value"], v) for k, v in sorted(value.items())}
     if entry is not None:
         return _int64_as_numbers(entry, value)
     return int(value) if field.cpp_type in _INT64 else value
@@ -502,6 +503,8 @@ async def run(args: argparse.Namespace) -> int:
                 controlplane_pb2.SetConfigRequest(config=config, expected_revision=current.revision),
             )
             text = message_json(response)
+            for warning in response.warnings:  # type: ignore[attr-defined]
+                print(f"bluemarblectl: warning: {warning}", file=sys.stderr)
         if args.json:
             text = message_json(response)
         print(text)

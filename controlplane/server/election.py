@@ -41,7 +41,7 @@ import structlog
 from bluemarble.core.errors import BlueMarbleError
 from bluemarble.runtime import background, metrics, retry
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
-from controlplane.store.etcd import Compare, EtcdStore, EventType, Put
+from controlplane.store.etcd import Compacted, Compare, EtcdStore, EventType, Put
 from controlplane.store.keys import KeySchema
 
 log = structlog.get_logger(__name__)
@@ -263,6 +263,17 @@ class Election:
         if kv is None:
             return
         # From the key's last change on: a delete after our read cannot be missed.
-        async for batch in self._store.watch_prefix(key, kv.mod_revision + 1):
-            if any(ev.type is EventType.DELETE and ev.kv.key == key for ev in batch.events):
-                return
+        start = kv.mod_revision + 1
+        while True:
+            try:
+                async for batch in self._store.watch_prefix(key, start):
+                    if any(ev.type is EventType.DELETE and ev.kv.key == key for ev in batch.events):
+                        return
+                return  # the watch ended: the caller looks again
+            except Compacted as e:
+                # A leader key older than etcd's compaction (a long, quiet leadership):
+                # look again; a delete after this read is at or past the compaction.
+                kv = await self._store.get(key)
+                if kv is None:
+                    return
+                start = max(kv.mod_revision + 1, e.compact_revision)

@@ -25,6 +25,7 @@ import pytest
 from etcd3aio import _protobuf as etcdpb
 
 from bluemarble.core.errors import CorruptRecord
+from controlplane.server.election import Election
 from controlplane.store.etcd import (
     Compacted,
     Delete,
@@ -37,6 +38,7 @@ from controlplane.store.etcd import (
     WatchState,
     WatchStateCallback,
 )
+from controlplane.store.keys import KeySchema
 from controlplane.store.watchcache import PrefixCache, Update
 from scripts.localcluster import LocalEtcd
 
@@ -524,3 +526,21 @@ async def _until(condition: Callable[[], bool], timeout_s: float, what: str) -> 
     while not condition():
         assert loop.time() < deadline, f"timed out after {timeout_s} s waiting for {what}"
         await asyncio.sleep(0.02)
+
+
+async def test_a_follower_waits_out_a_leader_key_older_than_the_compaction(
+    store: EtcdStore, cluster_name: str
+) -> None:
+    """A leader that held its key through a compaction: a follower's watch from the key's
+    last change is refused as compacted. It looks again and still sees the vacancy (it
+    used to fail its election loop with an error, again at each try)."""
+    keys = KeySchema(cluster_name)
+    await store.put(keys.leader(), b'{"replica_id": "cp-9"}')
+    history = await write_history(store, prefix_for(cluster_name), lanes=2, ops=50)
+    await store._client.kv.compact(history[-1][0], physical=True)  # type: ignore[union-attr]
+    election = Election(store, keys, "cp-1", "127.0.0.1:7001", 5)
+    waiting = asyncio.ensure_future(election._wait_for_vacancy())
+    done, _ = await asyncio.wait([waiting], timeout=1.0)
+    assert not done, waiting.exception()  # still watching for the vacancy, not failed
+    await store.delete(keys.leader())
+    await asyncio.wait_for(waiting, 10)  # returns: the key is gone
