@@ -1065,6 +1065,16 @@ class RoutingClient:
                 backoff.reset()  # a new view (e.g. a new primary): retry promptly from here on
             if deadline - clock.monotonic_s() <= 0:
                 break
+        else:
+            # Attempts used up before the deadline: the shard kept moving (a failover or
+            # drain under way). The last error, a node's "not the primary", would tell the
+            # caller to do what this client just did 64 times; this says to retry later.
+            assert last is not None
+            raise errors.Unavailable(
+                f"{what} for player {echo(player_id)} gave up after {self._max_attempts} attempts in "
+                f"{deadline_s - (deadline - clock.monotonic_s()):.1f} s while its shard's primary kept changing; "
+                f"retry later (a write: with the same request id; last error: {last})"
+            ) from last
         assert last is not None
         raise last
 

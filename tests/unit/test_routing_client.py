@@ -350,6 +350,20 @@ async def test_retryable_errors_are_retried_until_the_deadline_then_raised() -> 
     assert all(timeout_s <= 1.0 for *_, timeout_s in transport.calls)
 
 
+async def test_attempts_used_up_before_the_deadline_say_so_and_stay_retryable() -> None:
+    """A shard that keeps moving can use up the attempts before the deadline: the caller
+    gets UNAVAILABLE saying what happened, not a node's "ask the control plane"."""
+    clock = FakeClock()
+    client, transport = make_client(
+        lambda a, r: errors.FailedPrecondition(f"node {a} is not the primary of {SHARD}; ask the control plane"), clock
+    )
+    client._max_attempts = 3
+    with pytest.raises(errors.Unavailable, match="gave up after 3 attempts") as info:
+        await run_on(clock, client.get_inventory(PLAYER, deadline_s=20.0), advance_s=25.0)
+    assert "primary kept changing" in str(info.value) and "not the primary" in str(info.value)
+    assert len(transport.calls) == 3
+
+
 async def test_a_silent_primary_costs_the_call_its_deadline_not_more() -> None:
     clock = FakeClock()
     client, transport = make_client(lambda a, r: asyncio.get_running_loop().create_future(), clock)
