@@ -43,6 +43,7 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 MethodHandler = Any
 
 _RETRYABLE_FAILURES = retry.FailureLog()
+_REFUSALS = retry.FailureLog(warn=False)
 
 MAX_STATUS_MESSAGE_CHARS = 400
 """Longest status message (and logged error) a server sends; longer ones are cut."""
@@ -215,7 +216,11 @@ async def _fail(
             _RETRYABLE_FAILURES.failed(f"{method} {code.name}", time.monotonic(), "rpc failed", status=code.name,
                                        error=message, elapsed_ms=elapsed_ms, peer=context.peer())
         else:
-            log.info("rpc failed", status=code.name, error=message, elapsed_ms=elapsed_ms, peer=context.peer())
+            # The caller's mistake (bad input, an unknown id): one line, then a summary every
+            # few seconds per method and status, so a client that repeats it (or floods the
+            # server with it) cannot flood the log.
+            _REFUSALS.failed(f"{method} {code.name}", time.monotonic(), "rpc failed", status=code.name,
+                             error=message, elapsed_ms=elapsed_ms, peer=context.peer())
         await context.abort(code, message)
     if isinstance(exc, NotImplementedError):  # the generated servicer's default for a method not overridden
         log.info("rpc refused: not implemented", method=method, peer=context.peer())

@@ -16,6 +16,8 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+import structlog
+import structlog.testing
 from grpc_health.v1 import health_pb2
 
 from bluemarble.core import limits
@@ -621,3 +623,17 @@ class TestShardNodeServer:
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         stub = shardnode_pb2_grpc.ShardNodeStub(node_channel)
         assert (await stub.GetShardStatus(shardnode_pb2.GetShardStatusRequest())).node_id == "n1"
+
+
+async def test_a_client_repeating_a_bad_request_cannot_flood_the_log(control_plane: ControlPlaneApp) -> None:
+    """Each refusal is answered, but logged once per method and status, then summarized
+    (an outside check's flood of bad heartbeats wrote 8,200 lines in a minute)."""
+    async with grpc.aio.insecure_channel(control_plane.address) as channel:
+        stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
+        with structlog.testing.capture_logs() as logged:
+            for i in range(50):
+                code, _ = await refusal(stub.ResolvePlayer(pb.ResolvePlayerRequest(player_id=f"bad\x00{i}")))
+                assert code == grpc.StatusCode.INVALID_ARGUMENT
+    lines = [e for e in logged if e["event"].startswith("rpc failed") and e["log_level"] != "debug"]
+    assert 1 <= len(lines) <= 3, lines
+    assert lines[0]["status"] == "INVALID_ARGUMENT" and "player_id" in lines[0]["error"]
