@@ -115,13 +115,15 @@ def render_nodes(r: controlplane_pb2.ListNodesResponse) -> str:
     )
 
 
-def _member(node: str, status: controlplane_pb2.MemberStatus | None) -> str:
+def _member(node: str, status: controlplane_pb2.MemberStatus | None, *, primary: bool = False) -> str:
     """A shard member with its log position (last epoch, applied lsn) and lag (entries /
-    milliseconds), or ``?`` when nobody knows its status."""
+    milliseconds), or ``?`` when nobody knows its status. A primary reports the lag of
+    its farthest replica (what it still has to ship), a replica its own."""
     if status is None:
         return f"{node} ?"
     s = status.status
-    return f"{node} ({s.last_epoch},{s.applied_lsn}) lag {s.lag_entries}/{s.lag_ms}ms"
+    lag = "farthest replica" if primary else "lag"
+    return f"{node} ({s.last_epoch},{s.applied_lsn}) {lag} {s.lag_entries}/{s.lag_ms}ms"
 
 
 def render_shards(r: controlplane_pb2.ListAssignmentsResponse) -> str:
@@ -130,7 +132,7 @@ def render_shards(r: controlplane_pb2.ListAssignmentsResponse) -> str:
         (
             a.shard_id,
             a.epoch,
-            _member(a.primary, statuses.get((a.shard_id, a.primary))) if a.primary else "(none)",
+            _member(a.primary, statuses.get((a.shard_id, a.primary)), primary=True) if a.primary else "(none)",
             ", ".join(_member(n, statuses.get((a.shard_id, n))) for n in a.replicas) or "-",
         )
         for a in r.assignments
@@ -138,7 +140,8 @@ def render_shards(r: controlplane_pb2.ListAssignmentsResponse) -> str:
     stale = f"\nSTALE: {r.stale_reason or 'this replica lost its etcd watch'}" if r.stale else ""
     return (
         table(("SHARD", "EPOCH", "PRIMARY", "REPLICAS"), rows)
-        + "\nmembers: NODE (last epoch,applied lsn) lag ENTRIES/MS; ? = no status reported"
+        + "\nmembers: NODE (last epoch,applied lsn) lag ENTRIES/MS behind the primary (on the primary: of its"
+        + " farthest replica); ? = no status reported"
         + f"\nrevision {r.revision}"
         + stale
     )

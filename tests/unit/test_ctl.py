@@ -59,7 +59,7 @@ def test_shards_table_shows_each_members_log_position_and_lag() -> None:
         statuses=[member("n1", 3, 120, 4, 35), member("n2", 3, 116, 4, 35)],
     )
     row = ctl.render_shards(r).splitlines()[2]
-    assert "n1 (3,120) lag 4/35ms" in row
+    assert "n1 (3,120) farthest replica 4/35ms" in row  # the primary: its farthest replica
     assert "n2 (3,116) lag 4/35ms, n3 ?" in row
 
 
