@@ -122,6 +122,10 @@ log = structlog.get_logger(__name__)
 # etcd refuses transactions with more than 128 operations by default (--max-txn-ops).
 _MAX_WRITES_PER_TXN = 100
 _MIN_HOLD_S = 5.0
+_OUTAGE_SETTLE_S = 3.0
+"""After an etcd outage, how long the leases it made expire take to be seen gone (etcd
+revokes expired leases within about a second of resuming, and the watch tells us): from
+then on the outage's hold waits only for the nodes that are not live."""
 _FORMING_HOLD_S = 3.0
 """Hold at the start of a leader term while fewer than R nodes are live: a forming (or
 wholly restarted) cluster gets one placement, not a cascade of moves; nodes of a forming
@@ -208,6 +212,7 @@ class Reconciler:
         self._hold_reason = ""
         self._hold_from_revision = 0  # node records written after this count as back
         self._hold_must_return: set[NodeId] | None = set()
+        self._outage_settled_s = -math.inf  # an outage's hold waits for re-registrations until then
         # When this replica last saw etcd unhealthy (None: not since the last hold began).
         self._outage_seen_s: float | None = None
         self._live: set[NodeId] = set()
@@ -366,10 +371,12 @@ class Reconciler:
         """Holds moves for ``hold_s`` (default :meth:`_hold_s`); it ends early once every
         node named in the assignments is live and R are, and every node of
         ``must_return`` has *registered again* since now. ``must_return`` None (an etcd
-        outage) means every named node: right after etcd resumes, the records of leases
-        about to expire are still listed, and "every node is live" would end the hold a
-        moment before they vanish; a node whose lease survived does not register again, so
-        such a hold then runs its full length."""
+        outage) means every named node for :data:`_OUTAGE_SETTLE_S`: right after etcd
+        resumes, the records of leases about to expire are still listed, and "every node is
+        live" would end the hold a moment before they vanish. After that, the records left
+        are of leases that survived (a node whose lease survived never registers again, and
+        the hold used to run its full length, keeping the shards of the nodes that did
+        register again without a primary for it)."""
         hold_s = self._hold_s() if hold_s is None else hold_s
         until = self._clock.monotonic_s() + hold_s
         if until > self._hold_until_s:
@@ -380,6 +387,8 @@ class Reconciler:
                 self._hold_from_revision = self._nodes.revision
             self._hold_until_s, self._hold_reason = until, reason
             self._hold_must_return = must_return
+            if must_return is None:
+                self._outage_settled_s = self._clock.monotonic_s() + _OUTAGE_SETTLE_S
             log.info("holding placement moves while nodes come back", reason=reason, hold_s=hold_s)
 
     def _held(self, nodes: Sequence[PlacementNode], current: dict[ShardId, ShardAssignment],
@@ -416,7 +425,10 @@ class Reconciler:
             if self._nodes.mod_revisions.get(self._keys.node(n.node_id), 0) > self._hold_from_revision
         }
         named = {m for a in current.values() for m in a.members}
-        must_return = named if self._hold_must_return is None else self._hold_must_return
+        if self._hold_must_return is not None:
+            must_return = self._hold_must_return
+        else:  # an outage's hold (see _start_hold)
+            must_return = named if self._clock.monotonic_s() < self._outage_settled_s else set()
         if named <= live and must_return <= fresh and eligible >= replication_factor:
             log.info("every node is back; ending the hold", reason=self._hold_reason)
             self._hold_until_s = -math.inf

@@ -18,7 +18,7 @@ import pytest
 
 from bluemarble.api.conversions import assignment_to_proto
 from bluemarble.core.ids import NodeId, ShardId, shard_id
-from bluemarble.core.placement import ShardAssignment
+from bluemarble.core.placement import PlacementNode, ShardAssignment
 from bluemarble.core.replication.position import ZERO, LogPosition
 from bluemarble.core.ring import initial_ring
 from bluemarble.runtime.clock import FakeClock
@@ -355,4 +355,32 @@ async def test_an_etcd_outage_holds_moves_only_while_it_is_recent(world: World) 
     assert "lost touch with etcd" in reconciler.holding
     await world.clock.advance(3.5)  # the rest of the hold: 4 s from the outage, not from the election
     assert not reconciler.holding
+    await election.stop()
+
+
+async def test_an_outage_hold_ends_once_its_expiries_had_time_to_show_and_every_node_is_live(world: World) -> None:
+    """Nodes whose leases survived an etcd outage never register again: past the few
+    seconds expiries take to show, the hold waits only for nodes that are not live (it
+    used to run its full length, 20 s in an outside check)."""
+    election = await elect(world)
+    reconciler = make_reconciler(world, election, hold_s=20.0)
+    shard = ShardId("shard-0")
+    current = {shard: ShardAssignment(shard, 1, NodeId("n0"), (NodeId("n1"),))}
+    live = [PlacementNode(NodeId("n0"), "a", 1), PlacementNode(NodeId("n1"), "b", 1)]
+    reconciler._nodes.healthy = False  # type: ignore[misc]
+    reconciler._on_change()
+    reconciler._nodes.healthy = True  # type: ignore[misc]
+    assert reconciler._held(live, current, 2, new_term=False)  # expiries may still show
+    await world.clock.advance(1.0)
+    assert reconciler._held(live, current, 2, new_term=False)
+    await world.clock.advance(2.5)
+    assert not reconciler._held(live, current, 2, new_term=False)  # 3.5 s, not 20
+    assert not reconciler.holding
+    # Had a node gone with its lease, the hold would wait for it to come back.
+    reconciler._nodes.healthy = False  # type: ignore[misc]
+    reconciler._on_change()
+    reconciler._nodes.healthy = True  # type: ignore[misc]
+    assert reconciler._held(live, current, 2, new_term=False)
+    await world.clock.advance(5.0)
+    assert reconciler._held(live[:1], current, 2, new_term=False)  # n1 gone: still held
     await election.stop()
