@@ -45,7 +45,7 @@ import functools
 import heapq
 import itertools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc.aio
@@ -95,6 +95,8 @@ go on the event loop (about 100 MB/s here): bigger ones would stall the node pas
 heartbeats, lose its lease and fail its shards over, again at each try. Shards are kept
 under it by :data:`~bluemarble.core.limits.MAX_SHARD_DATA_BYTES`."""
 SNAPSHOT_TIMEOUT_S = 60.0
+SNAPSHOT_QUEUE_WAIT_S = 20.0
+"""How long a snapshot request waits for the one being served before it is refused."""
 MAX_ENTRIES_PER_SHARD_IN_BATCH = 4096
 HOLD_REPLICATION_FAILPOINT = "hold-replication"
 TAIL_CACHE_ENTRIES = 4096
@@ -194,7 +196,7 @@ class DataPlane:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._seq = itertools.count()
         self._pending_writes: list[tuple[ShardState, int, shardnode_pb2.WriteOp, asyncio.Future[WriteResult]]] = []
-        self._serving_snapshot = False
+        self._snapshot_slot = asyncio.Semaphore(1)
         self._snapshot_failures = retry.FailureLog()  # one warning per shard, then summaries
         self._flush_scheduled = False
         # Grouping commits pays when a commit costs an fsync (synchronous=FULL); with
@@ -1134,17 +1136,22 @@ class DataPlane:
             took_s=round(self._clock.monotonic_s() - started_s, 3),
         )
 
-    @contextlib.contextmanager
-    def serving_snapshot(self) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def serving_snapshot(self) -> AsyncIterator[None]:
         """One snapshot served at a time (built, then streamed): each holds a whole shard
-        in memory. A second request meanwhile is refused UNAVAILABLE; replicas ask again."""
-        if self._serving_snapshot:
-            raise Unavailable(f"node {self.node_id} is serving another snapshot; retry shortly")
-        self._serving_snapshot = True
+        in memory. Another request waits its turn, up to :data:`SNAPSHOT_QUEUE_WAIT_S`,
+        then is refused UNAVAILABLE (its replica asks again later)."""
+        try:
+            async with asyncio.timeout(SNAPSHOT_QUEUE_WAIT_S):
+                await self._snapshot_slot.acquire()
+        except TimeoutError:
+            raise Unavailable(
+                f"node {self.node_id} is busy serving other snapshots; retry shortly"
+            ) from None
         try:
             yield
         finally:
-            self._serving_snapshot = False
+            self._snapshot_slot.release()
 
     def snapshot_chunks(self, request: shardnode_pb2.GetSnapshotRequest) -> list[shardnode_pb2.SnapshotChunk]:
         """The shard's snapshot in chunks (call within :meth:`serving_snapshot`). Raises

@@ -301,7 +301,7 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
     ) -> AsyncIterator[shardnode_pb2.SnapshotChunk]:
         await self._peers.require_node(context, "GetSnapshot")
         dp = self._dp()
-        with dp.serving_snapshot():
+        async with dp.serving_snapshot():
             for chunk in dp.snapshot_chunks(request):
                 yield chunk
 

@@ -300,9 +300,16 @@ async def test_a_shard_stays_small_enough_to_copy(
         assert code == grpc.StatusCode.FAILED_PRECONDITION, details
         assert "more than a snapshot carries (1000)" in details, details
         monkeypatch.setattr(dataplane_module, "MAX_SNAPSHOT_BYTES", 1 << 20)
-        with dp.serving_snapshot():  # another snapshot is being served
+        monkeypatch.setattr(dataplane_module, "SNAPSHOT_QUEUE_WAIT_S", 0.2)
+        async with dp.serving_snapshot():  # another snapshot is being served, past the wait
             code, details = await refused(stub.GetSnapshot(request).read())
-            assert code == grpc.StatusCode.UNAVAILABLE and "serving another snapshot" in details, details
+            assert code == grpc.StatusCode.UNAVAILABLE and "busy serving other snapshots" in details, details
+        monkeypatch.setattr(dataplane_module, "SNAPSHOT_QUEUE_WAIT_S", 10.0)
+        async with dp.serving_snapshot():  # a request arriving meanwhile waits its turn
+            waiting = asyncio.ensure_future(stub.GetSnapshot(request).read())
+            done, _ = await asyncio.wait([waiting], timeout=0.3)
+            assert not done
+        assert (await asyncio.wait_for(waiting, 10)).done
         chunk = await stub.GetSnapshot(request).read()
         assert chunk.done and chunk.total_bytes > 2000
 
