@@ -353,25 +353,8 @@ class DataPlane:
             waited_s += 0.02
         if state.role != PRIMARY or state.epoch != epoch:
             return
-        reported = self._reported_positions(state.shard_id)
-        source = catch_up_source(state.last, reported)
-        if source is not None and state.epoch == epoch:
-            log.warning(
-                "a replica is ahead of the new primary; catching up from it first",
-                shard=state.shard_id,
-                source=source,
-                own=str(state.last),
-                theirs=str(reported[source]),
-            )
-            try:
-                await self._install_snapshot(state, source, epoch)
-            except BlueMarbleError as e:
-                log.error(
-                    "catching up from a replica failed; serving from what this node has",
-                    shard=state.shard_id,
-                    source=source,
-                    error=str(e),
-                )
+        if not await self._catch_up(state, epoch):
+            return
         if state.role != PRIMARY or state.epoch != epoch or state.fenced_epoch > epoch:
             return
         if not state.synced:
@@ -397,6 +380,38 @@ class DataPlane:
         log.info("serving as primary", shard=state.shard_id, epoch=epoch, last=str(state.last))
         if self.on_serving is not None:
             self.on_serving(state.shard_id)
+
+    async def _catch_up(self, state: ShardState, epoch: int) -> bool:
+        """Copies the shard from a replica that is ahead of this new primary, if one is,
+        until it succeeds; False when the term ended meanwhile.
+
+        Entries that replica holds past this node's log may have been acknowledged (a
+        STRONG write needs one replica), so serving without them could lose them. A failed
+        copy (the replica busy, a network error) is tried again, with backoff, for as long
+        as that replica is in the assignment; the shard is not served meanwhile. It used
+        to serve from its shorter log after one failure, and dropped acknowledged writes."""
+        delay_s = 0.05
+        failures = 0
+        while state.role == PRIMARY and state.epoch == epoch and state.fenced_epoch <= epoch:
+            members = set(state.replicas)
+            reported = {n: p for n, p in self._reported_positions(state.shard_id).items() if n in members}
+            source = catch_up_source(state.last, reported)
+            if source is None:
+                return True
+            if failures == 0:
+                log.warning("a replica is ahead of the new primary; catching up from it first", shard=state.shard_id,
+                            source=source, own=str(state.last), theirs=str(reported[source]))
+            try:
+                await self._install_snapshot(state, source, epoch)
+                return True
+            except BlueMarbleError as e:
+                failures += 1
+                (log.warning if failures in (1, 10) or failures % 100 == 0 else log.debug)(
+                    "catching up from a replica failed; trying again before serving", shard=state.shard_id,
+                    source=source, error=str(e), failures=failures)
+            await self._clock.sleep(delay_s)
+            delay_s = min(delay_s * 2, 1.0)
+        return False
 
     def _reported_positions(self, shard: ShardId) -> dict[NodeId, LogPosition]:
         out: dict[NodeId, LogPosition] = {}

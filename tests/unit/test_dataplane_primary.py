@@ -14,8 +14,8 @@ import pytest
 
 from bluemarble.client.ring_router import RingRouter
 from bluemarble.core.errors import FailedPrecondition, Unavailable
-from bluemarble.core.ids import ShardId
-from bluemarble.core.replication import ZERO
+from bluemarble.core.ids import NodeId, ShardId
+from bluemarble.core.replication import ZERO, LogPosition
 from bluemarble.core.ring import initial_ring
 from bluemarble.v1 import common_pb2, shardnode_pb2
 from shardnode import dataplane as dataplane_module
@@ -186,3 +186,38 @@ async def test_readiness_follows_registration_assignments_and_each_copy(tmp_path
     finally:
         await dp.stop()
         storage.close()
+
+
+async def test_a_new_primary_behind_a_replica_retries_the_copy_and_never_serves_a_shorter_log(primary) -> None:  # type: ignore[no-untyped-def]
+    """The replica ahead may hold acknowledged writes: a failed copy from it (the replica
+    busy serving another snapshot) is tried again; the primary used to serve from its own
+    shorter log after one failure, dropping them."""
+    dp, _, _ = primary
+    state = dp._shards[SHARD]
+    state.replicas = ("n2",)
+    ahead = LogPosition(state.last.epoch, state.last.lsn + 4)
+    dp._reported_positions = lambda shard: {NodeId("n2"): ahead, NodeId("gone"): LogPosition(9, 99)}
+    tries: list[str] = []
+
+    async def install(state_: object, source: str, epoch: int) -> None:
+        tries.append(source)
+        if len(tries) < 3:
+            raise Unavailable("node n2 is busy serving other snapshots; retry shortly")
+        state.last = ahead
+
+    dp._install_snapshot = install
+    assert await dp._catch_up(state, state.epoch)
+    assert tries == ["n2", "n2", "n2"]  # never the node outside the assignment
+    # A term that ends while the copy keeps failing: no serving, no endless loop.
+    state.last = LogPosition(ahead.epoch, ahead.lsn - 1)
+    tries.clear()
+
+    async def failing(state_: object, source: str, epoch: int) -> None:
+        tries.append(source)
+        if len(tries) == 2:
+            state.epoch += 1  # a newer assignment arrived
+        raise Unavailable("no answer")
+
+    dp._install_snapshot = failing
+    assert not await dp._catch_up(state, state.epoch)
+    assert len(tries) == 2
