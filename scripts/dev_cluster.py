@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,8 +121,12 @@ def main() -> int:
 
     args.dir.mkdir(parents=True, exist_ok=True)
     log_dir = args.dir / "logs"
+    if log_dir.exists():  # this run's logs alone (the previous run's stay in logs.prev)
+        shutil.rmtree(args.dir / "logs.prev", ignore_errors=True)
+        log_dir.rename(args.dir / "logs.prev")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal stops the cluster too
+        signal.signal(sig, lambda *_: stop.set())
     processes: list[ManagedProcess] = []
     etcd = LocalEtcd(args.dir, client_port=free_port(), peer_port=free_port())
     try:
@@ -137,7 +142,13 @@ def main() -> int:
         ).start()
         processes.append(control_plane)
         print(f"starting control plane on {cp_address} (etcd {etcd.endpoint}) ...", flush=True)
-        wait_until(lambda: registered_nodes(cp_address) >= 0, 20, "the control plane to serve")
+
+        def serving() -> bool:
+            if not control_plane.alive():  # e.g. its port is taken: say so now, not in 20 s
+                raise RuntimeError(f"the control plane exited (code {control_plane.exit_code()}) before serving")
+            return registered_nodes(cp_address) >= 0
+
+        wait_until(serving, 20, "the control plane to serve")
         for i, node_id in enumerate(node_ids):
             port = args.node_base_port + i if args.node_base_port else free_port()
             listen = f"127.0.0.1:{port}"
@@ -174,7 +185,8 @@ def main() -> int:
         if not args.once:
             flags = "" if SECURITY is None else " " + " ".join(
                 [*SECURITY.tls_flags("admin"), "--token-file", str(SECURITY.token_file)])
-            print(f"cluster running; try: bluemarblectl --control-plane {cp_address}{flags} nodes   (Ctrl-C stops)")
+            print(f"cluster running; try: .venv/bin/bluemarblectl --control-plane {cp_address}{flags} nodes   "
+                  "(Ctrl-C stops)")
             watched = list(processes)
             try:
                 while not stop.wait(1.0):
@@ -190,6 +202,10 @@ def main() -> int:
             print(f"--- {proc.name} ({proc.log_path}) ---\n{proc.log_tail(15)}", file=sys.stderr)
         return 1
     finally:
+        # A second Ctrl-C (or a SIGTERM/SIGHUP) must not cut the clean-up short and leave
+        # processes behind.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         print("\nstopping ...", flush=True)
         for proc in reversed(processes):
             code = proc.stop()

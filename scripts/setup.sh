@@ -4,15 +4,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v etcd >/dev/null 2>&1; then
-  echo "== installing etcd (Debian package etcd-server)"
-  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+PYTHON=${PYTHON:-python3}
+# Debian packages: etcd, and Python's venv module (a bare Debian has python3 without it).
+packages=()
+command -v etcd >/dev/null 2>&1 || packages+=(etcd-server)
+command -v "$PYTHON" >/dev/null 2>&1 || packages+=(python3)
+if ! command -v "$PYTHON" >/dev/null 2>&1 || ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  packages+=(python3-venv)
+fi
+if [ ${#packages[@]} -gt 0 ]; then
+  echo "== installing Debian packages: ${packages[*]}"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${packages[@]}" >/dev/null
 fi
 etcd --version | sed -n 1p  # sed reads it all: `head` could end the pipe early (SIGPIPE under pipefail)
 
-PYTHON=${PYTHON:-python3}
+if [ -x .venv/bin/python ] && ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  echo "== .venv is incomplete (no pip: an earlier venv creation failed); making it again"
+  rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv"
   "$PYTHON" -m venv .venv
