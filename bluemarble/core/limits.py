@@ -43,8 +43,8 @@ names, the transaction around it)."""
 
 MAX_RING_TOKENS = (ETCD_MAX_REQUEST_BYTES - RING_OVERHEAD_BYTES) // RING_BYTES_PER_TOKEN
 """Tokens the ring may hold in all (``shard_count * vnodes_per_shard``): the ring is one
-etcd value, so it must fit one etcd request. 64,853 tokens: e.g. 432 shards at 150
-virtual nodes, or 4,096 shards at 15."""
+etcd value, so it must fit one etcd request. 62,805 tokens: e.g. 418 shards at 150
+virtual nodes, or 4,187 shards at 15."""
 
 CONFIG_RANGES: dict[str, tuple[int, int]] = {
     "replication_factor": (1, 7),

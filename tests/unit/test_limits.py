@@ -93,7 +93,7 @@ class TestShardIndex:
 
 def test_the_largest_ring_the_config_allows_fits_one_etcd_request() -> None:
     vnodes = 150
-    shards = limits.MAX_RING_TOKENS // vnodes  # 432
+    shards = limits.MAX_RING_TOKENS // vnodes  # 418
     cluster_config.validate(cluster_config.default_config(shard_count=shards, vnodes_per_shard=vnodes))
     encoded = codec.encode(ring_to_proto(initial_ring(shards, vnodes=vnodes)))
     assert len(encoded) <= limits.ETCD_MAX_REQUEST_BYTES - limits.RING_OVERHEAD_BYTES, len(encoded)
