@@ -182,6 +182,7 @@ class NodeAgent:
         self.lease_valid_until_s = 0.0
         self._state = SessionState.LOST
         self.registered = asyncio.Event()
+        self.registered_at_s = 0.0  # monotonic time of this incarnation's registration
         self.registrations = 0
         # What this node holds: shard -> (role, epoch), as last told by WatchAssignments.
         # Kept while the control plane is unreachable (static stability).
@@ -538,6 +539,7 @@ class NodeAgent:
                 heartbeat_interval_s=response.heartbeat_interval_ms / 1000,
             )
             self.lease_valid_until_s = sent_at + response.ttl_ms / 1000
+            self.registered_at_s = sent_at
             self.registrations += 1
             # Heartbeat at once: the open heartbeat stream is how the control plane
             # tells a crash from a pause (its reset), from the first second on.

@@ -95,6 +95,9 @@ go on the event loop (about 100 MB/s here): bigger ones would stall the node pas
 heartbeats, lose its lease and fail its shards over, again at each try. Shards are kept
 under it by :data:`~bluemarble.core.limits.MAX_SHARD_DATA_BYTES`."""
 SNAPSHOT_TIMEOUT_S = 60.0
+EMPTY_READY_SETTLE_S = 3.0
+"""A node that holds no shard is ready only this long (at least a heartbeat interval)
+after registering: until then the leader may still be placing it."""
 SNAPSHOT_QUEUE_WAIT_S = 20.0
 """How long a snapshot request waits for the one being served before it is refused."""
 MAX_ENTRIES_PER_SHARD_IN_BATCH = 4096
@@ -1173,9 +1176,16 @@ class DataPlane:
         FailedPrecondition when this node holds no copy, or when the shard is too large to
         send (:data:`MAX_SNAPSHOT_BYTES`), before anything is built."""
         shard = _shard_id(request.shard_id)
+        replica = validation.node_id(request.replica, "replica") if request.replica else "?"
         state = self._shards.get(shard)
         if state is None or not (state.synced or state.last.lsn > 0):
             raise FailedPrecondition(f"node {self.node_id} holds no copy of {shard} to snapshot")
+        served_epoch = max(state.epoch, state.fenced_epoch)  # a replica was fenced by the asking primary
+        if request.epoch > served_epoch:
+            raise FailedPrecondition(
+                f"node {self.node_id} holds {shard} at epoch {served_epoch}, older than the asked {request.epoch}; "
+                "ask the shard's current primary"
+            )
         estimate = self._storage.snapshot_bytes_estimate(shard)
         if estimate > MAX_SNAPSHOT_BYTES:
             raise FailedPrecondition(
@@ -1193,9 +1203,7 @@ class DataPlane:
                 )
             )
         chunks[-1].done = True
-        log.info(
-            "serving a snapshot", shard=shard, to=request.replica, bytes=len(data), last=f"({last.epoch}, {last.lsn})"
-        )
+        log.info("serving a snapshot", shard=shard, to=replica, bytes=len(data), last=f"({last.epoch}, {last.lsn})")
         return chunks
 
     # ---- status ----
@@ -1240,6 +1248,12 @@ class DataPlane:
             return "the lease may have expired (no heartbeat answered in time)"
         if not self._agent.assignments_synced.is_set():
             return "waiting for its assignments"
+        if not any(s.role is not None for s in self._shards.values()):
+            # A new incarnation's first assignments are empty until the leader places it
+            # (after probing it): holding nothing is "ready" only once it had time to.
+            settle_s = max(EMPTY_READY_SETTLE_S, self._agent.registration.heartbeat_interval_s)
+            if self._clock.monotonic_s() - self._agent.registered_at_s < settle_s:
+                return "waiting for its first shards"
         for shard in sorted(self._shards):
             state = self._shards[shard]
             if state.role == PRIMARY and not state.serving:

@@ -54,6 +54,7 @@ PROGRESS_INTERVAL_S = 0.5
 """An idle pair exchanges a probe this often: the replica learns the primary's last lsn
 (its lag) and the primary learns the replica is alive."""
 RETRY_DELAY_S = 0.2
+SNAPSHOT_NOTE_INTERVAL_S = 30.0
 """Delay before a shard refused as NOT_REPLICA / SNAPSHOTTING is tried again."""
 MAX_ENTRIES_PER_SHARD = 512
 EVENTUAL_LINGER_S = 0.02
@@ -90,6 +91,7 @@ class Peer:
     snapshot_required: bool = False
     retry_at_s: float = 0.0
     last_probe_s: float = -1e18
+    snapshot_noted_s: float = -1e18  # when "needs a snapshot" was last logged (not at every retry)
 
 
 @dataclass(frozen=True)
@@ -366,7 +368,12 @@ class Shipper:
                         # Entries this primary never had: a deposed primary's writes that no
                         # replica acknowledged (EVENTUAL ones it accepted while cut off from
                         # the control plane). The snapshot replaces them: say so, loudly.
-                        (log.warning if diverged else log.info)(
+                        # Once per half minute per replica and shard: while the replica's
+                        # copy keeps failing, this comes back every retry.
+                        noted = now - peer.snapshot_noted_s >= SNAPSHOT_NOTE_INTERVAL_S
+                        if noted:
+                            peer.snapshot_noted_s = now
+                        (log.debug if not noted else log.warning if diverged else log.info)(
                             "replica's own entries past this primary's log are dropped; it gets a snapshot"
                             if diverged else "replica needs a snapshot",
                             shard=shard,

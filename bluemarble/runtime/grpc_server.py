@@ -44,6 +44,7 @@ MethodHandler = Any
 
 _RETRYABLE_FAILURES = retry.FailureLog()
 _REFUSALS = retry.FailureLog(warn=False)
+_QUOTED_OR_NUMBER = re.compile(r"'[^']*'|\"[^\"]*\"|\d+")
 
 MAX_STATUS_MESSAGE_CHARS = 400
 """Longest status message (and logged error) a server sends; longer ones are cut."""
@@ -219,7 +220,10 @@ async def _fail(
             # The caller's mistake (bad input, an unknown id): one line, then a summary every
             # few seconds per method and status, so a client that repeats it (or floods the
             # server with it) cannot flood the log.
-            _REFUSALS.failed(f"{method} {code.name}", time.monotonic(), "rpc failed", status=code.name,
+            # Keyed by the kind of refusal (its message without quoted input and numbers),
+            # so another mistake still shows while one is folded.
+            kind = _QUOTED_OR_NUMBER.sub("", message)[:48]
+            _REFUSALS.failed(f"{method} {code.name} {kind}", time.monotonic(), "rpc failed", status=code.name,
                              error=message, elapsed_ms=elapsed_ms, peer=context.peer())
         await context.abort(code, message)
     if isinstance(exc, NotImplementedError):  # the generated servicer's default for a method not overridden

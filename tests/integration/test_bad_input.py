@@ -634,6 +634,10 @@ async def test_a_client_repeating_a_bad_request_cannot_flood_the_log(control_pla
             for i in range(50):
                 code, _ = await refusal(stub.ResolvePlayer(pb.ResolvePlayerRequest(player_id=f"bad\x00{i}")))
                 assert code == grpc.StatusCode.INVALID_ARGUMENT
+            # Another kind of mistake still shows while the first is folded.
+            code, _ = await refusal(stub.ResolvePlayer(pb.ResolvePlayerRequest(player_id="")))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
     lines = [e for e in logged if e["event"].startswith("rpc failed") and e["log_level"] != "debug"]
-    assert 1 <= len(lines) <= 3, lines
+    assert 2 <= len(lines) <= 4, lines
     assert lines[0]["status"] == "INVALID_ARGUMENT" and "player_id" in lines[0]["error"]
+    assert any("empty" in e["error"] for e in lines), lines

@@ -312,6 +312,12 @@ async def test_a_shard_stays_small_enough_to_copy(
         assert (await asyncio.wait_for(waiting, 10)).done
         chunk = await stub.GetSnapshot(request).read()
         assert chunk.done and chunk.total_bytes > 2000
+        # The asker's epoch and name are checked: a newer epoch, a name to be logged.
+        for bad, phrase in ((shardnode_pb2.GetSnapshotRequest(shard_id=shard, epoch=99, replica="n2"), "the asked 99"),
+                            (shardnode_pb2.GetSnapshotRequest(shard_id=shard, epoch=1, replica="R" * 300), "replica")):
+            code, details = await refused(stub.GetSnapshot(bad).read())
+            assert code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT), details
+            assert phrase in details and len(details) < 400, details
 
 
 async def test_a_fence_of_a_shard_outside_the_ring_is_refused_and_changes_nothing(

@@ -146,10 +146,14 @@ async def test_readiness_follows_registration_assignments_and_each_copy(tmp_path
     dp = DataPlane("n1", storage, agent, RingRouter.from_ring(initial_ring(2, vnodes=4)))  # type: ignore[arg-type]
     try:
         assert dp.not_ready_reason() == "not registered with the control plane"
-        agent.registration = SimpleNamespace(lease_id=7)
+        agent.registration = SimpleNamespace(lease_id=7, heartbeat_interval_s=1.0)
+        agent.registered_at_s = dp.clock.monotonic_s()
         assert dp.not_ready_reason() == "waiting for its assignments"
         synced.set()
-        assert dp.not_ready_reason() == ""  # registered, holding nothing: ready
+        # Just registered, holding nothing: the leader may be placing it right now.
+        assert dp.not_ready_reason() == "waiting for its first shards"
+        agent.registered_at_s -= 3.0
+        assert dp.not_ready_reason() == ""  # and after a while, holding nothing: ready
         agent.session_state = SessionState.LOST
         assert "lease may have expired" in dp.not_ready_reason()
         agent.session_state = SessionState.CONNECTED
