@@ -82,7 +82,7 @@ import asyncio
 import collections
 import itertools
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -96,6 +96,8 @@ from bluemarble.api.conversions import (
 from bluemarble.core.errors import BlueMarbleError
 from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.placement import (
+    Move,
+    MoveKind,
     PlacementConfig,
     PlacementNode,
     PlacementPlan,
@@ -122,6 +124,10 @@ log = structlog.get_logger(__name__)
 # etcd refuses transactions with more than 128 operations by default (--max-txn-ops).
 _MAX_WRITES_PER_TXN = 100
 _MIN_HOLD_S = 5.0
+CATCH_UP_GRACE_S = 10.0
+"""A replica role younger than this takes no primary by a rebalancing handoff: it may
+still be copying the shard. Rounds that must repair (failover, drain, a lost replica) are
+not held by it."""
 _OUTAGE_SETTLE_S = 3.0
 """After an etcd outage, how long the leases it made expire take to be seen gone (etcd
 revokes expired leases within about a second of resuming, and the watch tells us): from
@@ -213,6 +219,8 @@ class Reconciler:
         self._hold_from_revision = 0  # node records written after this count as back
         self._hold_must_return: set[NodeId] | None = set()
         self._outage_settled_s = -math.inf  # an outage's hold waits for re-registrations until then
+        self._replica_since: dict[tuple[ShardId, NodeId], float] | None = None  # see _catching_up
+        self._waiting_logged_s = -math.inf
         # When this replica last saw etcd unhealthy (None: not since the last hold began).
         self._outage_seen_s: float | None = None
         self._live: set[NodeId] = set()
@@ -579,6 +587,16 @@ class Reconciler:
             PlacementConfig(config.replication_factor, config.max_moves_per_round),
             promotions.positions or None,
         )
+        catching_up = self._catching_up(current)
+        early = [
+            m for m in plan.moves
+            if m.kind is MoveKind.HANDOFF_PRIMARY and (m.shard_id, m.target) in catching_up
+        ]
+        if early and not self.needs_repair() and not promotions.ready:
+            # Only balance is at stake, and it would hand a primary to a replica still
+            # copying the shard: wait for it (the round is planned again each tick).
+            self._log_waiting_for_copies(early)
+            return plan
         # Records whose live members registered again keep their roles (replicas; a
         # lost primary was promoted or deferred above) under the new lease id.
         restamp = [
@@ -596,6 +614,26 @@ class Reconciler:
         elif plan.converged and not promotions.waiting:
             self._settled = settled_inputs
         return plan
+
+    def _log_waiting_for_copies(self, early: Sequence[Move]) -> None:
+        now = self._clock.monotonic_s()
+        if now - self._waiting_logged_s >= CATCH_UP_GRACE_S:
+            self._waiting_logged_s = now
+            log.info("holding primary handoffs until the new replicas have copied their shards",
+                     handoffs=[f"{m.shard_id}->{m.target}" for m in early[:8]], grace_s=CATCH_UP_GRACE_S)
+
+    def _catching_up(self, current: Mapping[ShardId, ShardAssignment]) -> set[tuple[ShardId, NodeId]]:
+        """Replica roles younger than :data:`CATCH_UP_GRACE_S`: a replica added moments
+        ago is still copying the shard, and a primary handed to it would not serve until
+        it has (a 200 MB shard: 5-7 s of refused writes). The first look of this process
+        counts every replica as caught up."""
+        now = self._clock.monotonic_s()
+        pairs = {(shard, replica) for shard, a in current.items() for replica in a.replicas}
+        if self._replica_since is None:
+            self._replica_since = dict.fromkeys(pairs, -math.inf)
+        else:
+            self._replica_since = {p: self._replica_since.get(p, now) for p in pairs}
+        return {p for p, since in self._replica_since.items() if now - since < CATCH_UP_GRACE_S}
 
     async def _fence_lost_primaries(
         self,

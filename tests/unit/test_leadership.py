@@ -23,6 +23,7 @@ from bluemarble.core.replication.position import ZERO, LogPosition
 from bluemarble.core.ring import initial_ring
 from bluemarble.runtime.clock import FakeClock
 from bluemarble.v1 import common_pb2
+from controlplane.server import reconciler as reconciler_module
 from controlplane.server.election import Election
 from controlplane.server.node_probe import FencedCopy
 from controlplane.server.reconciler import Reconciler
@@ -383,4 +384,29 @@ async def test_an_outage_hold_ends_once_its_expiries_had_time_to_show_and_every_
     assert reconciler._held(live, current, 2, new_term=False)
     await world.clock.advance(5.0)
     assert reconciler._held(live[:1], current, 2, new_term=False)  # n1 gone: still held
+    await election.stop()
+
+
+async def test_a_joining_node_takes_primaries_only_once_its_copies_had_time(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rebalancing hands primaries to a node that just joined only after its replicas
+    had CATCH_UP_GRACE_S to copy: handed at once, a primary with no data yet refused
+    writes while it copied (5-7 s for a 200 MB shard). (A grace of 3 s here: the fake
+    nodes send no heartbeats, so their 10 s leases bound the test.)"""
+    monkeypatch.setattr(reconciler_module, "CATCH_UP_GRACE_S", 3.0)
+    for i, zone in enumerate("abc"):
+        await world.add_node(f"n{i}", zone)
+    election = await elect(world)
+    reconciler = make_reconciler(world, election)
+    await reconciler.start()
+    await world.clock.advance(2.0)
+    await world.add_node("n3", "a")
+    await world.clock.advance(2.5)
+    placed = world.assignments().values()
+    assert any("n3" in a.replicas for a in placed)  # it got copies
+    assert not any(a.primary == "n3" for a in placed)  # but no primary while they copy
+    await world.clock.advance(3.0)
+    assert any(a.primary == "n3" for a in world.assignments().values())  # then its share
+    await reconciler.stop()
     await election.stop()
