@@ -576,8 +576,14 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             raise InvalidArgument(
                 f"expected_revision is {request.expected_revision}; give the revision GetConfig returned (0: any)"
             )
+        before, _ = await self._d.config.get()
         config, revision = await self._d.config.set(request.config, request.expected_revision)
         response = controlplane_pb2.SetConfigResponse(config=config, revision=revision)
+        if config.lease_ttl_s != before.lease_ttl_s:
+            response.warnings.append(
+                f"lease_ttl_s {before.lease_ttl_s} -> {config.lease_ttl_s} applies to leases granted from now on: "
+                "registered nodes keep their TTL until they register again"
+            )
         eligible = sum(1 for n in self._d.nodes.entries.values() if n.state != common_pb2.NODE_STATE_DRAINING)
         if config.replication_factor > eligible:
             response.warnings.append(

@@ -286,6 +286,7 @@ class TestConfig:
         config.lease_ttl_s = 5
         r = await stub.SetConfig(pb.SetConfigRequest(config=config, expected_revision=current.revision))
         assert r.revision > current.revision
+        assert any("applies to leases granted from now on" in w for w in r.warnings), r.warnings
         assert (await stub.GetConfig(pb.GetConfigRequest())).config.lease_ttl_s == 5
         assert (await stub.RegisterNode(register_request())).ttl_ms == 5000
 
