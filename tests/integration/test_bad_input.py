@@ -21,6 +21,7 @@ import structlog.testing
 from grpc_health.v1 import health_pb2
 
 from bluemarble.core import limits
+from bluemarble.runtime import grpc_server, retry
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.v1 import (
     common_pb2,
@@ -625,9 +626,12 @@ class TestShardNodeServer:
         assert (await stub.GetShardStatus(shardnode_pb2.GetShardStatusRequest())).node_id == "n1"
 
 
-async def test_a_client_repeating_a_bad_request_cannot_flood_the_log(control_plane: ControlPlaneApp) -> None:
+async def test_a_client_repeating_a_bad_request_cannot_flood_the_log(
+    control_plane: ControlPlaneApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each refusal is answered, but logged once per method and status, then summarized
     (an outside check's flood of bad heartbeats wrote 8,200 lines in a minute)."""
+    monkeypatch.setattr(grpc_server, "_REFUSALS", retry.FailureLog(warn=False))  # not the other tests' episodes
     async with grpc.aio.insecure_channel(control_plane.address) as channel:
         stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
         with structlog.testing.capture_logs() as logged:
