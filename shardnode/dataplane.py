@@ -672,15 +672,14 @@ class DataPlane:
             written = self._storage.written_at_ms(state.shard_id, oldest_lsn)
             return worst, max(0, self._clock.wall_ms() - written) if written else 0
         missing = max(0, state.primary_last_lsn - state.last.lsn)
+        age_ms = self._clock.wall_ms() - state.applied_written_at_ms if state.applied_written_at_ms else 0
         if state.role != PRIMARY and not self._following(state):
             # Not hearing from its primary: what it lacks is unknown, but its answer may be
             # as old as the silence (never heard in this term: as old as its newest entry).
-            age_ms = self._clock.wall_ms() - state.applied_written_at_ms if state.applied_written_at_ms else 0
             silence_ms = int(1000 * (self._clock.monotonic_s() - state.last_heard_s)) if state.last_heard_s else age_ms
             return missing, max(0, silence_ms, age_ms if missing else 0)
         if missing == 0:
             return 0, 0
-        age_ms = self._clock.wall_ms() - state.applied_written_at_ms if state.applied_written_at_ms else 0
         return missing, max(0, age_ms)
 
     def _readable(self, shard: ShardId, allow_stale: bool) -> tuple[ShardState, bool]:
@@ -794,8 +793,11 @@ class DataPlane:
         enough to be copied to a new replica). The count is this term's, kept in memory."""
         if state.data_bytes is None:
             state.data_bytes = self._storage.player_data_bytes(state.shard_id)
-        old = self._storage.player_data(state.shard_id, player, request.system, request.key)
-        growth = len(request.value) - (len(old[0]) if old is not None else -len(request.system) - len(request.key))
+        old_size = self._storage.player_data_size(state.shard_id, player, request.system, request.key)
+        if old_size is None:  # a new key: its system and key count too
+            growth = len(request.system) + len(request.key) + len(request.value)
+        else:
+            growth = len(request.value) - old_size
         if growth > 0 and state.data_bytes + growth > limits.MAX_SHARD_DATA_BYTES:
             raise FailedPrecondition(
                 f"{state.shard_id} holds {state.data_bytes} bytes of player data; a shard holds at most "

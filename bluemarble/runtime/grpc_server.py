@@ -218,10 +218,9 @@ async def _fail(
                                        error=message, elapsed_ms=elapsed_ms, peer=context.peer())
         else:
             # The caller's mistake (bad input, an unknown id): one line, then a summary every
-            # few seconds per method and status, so a client that repeats it (or floods the
-            # server with it) cannot flood the log.
-            # Keyed by the kind of refusal (its message without quoted input and numbers),
-            # so another mistake still shows while one is folded.
+            # few seconds per method, status and kind of refusal (the message without quoted
+            # input and numbers), so a client repeating a mistake cannot flood the log while
+            # another mistake still shows.
             kind = _QUOTED_OR_NUMBER.sub("", message)[:48]
             _REFUSALS.failed(f"{method} {code.name} {kind}", time.monotonic(), "rpc failed", status=code.name,
                              error=message, elapsed_ms=elapsed_ms, peer=context.peer())

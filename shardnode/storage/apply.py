@@ -40,7 +40,7 @@ _UPSERT_DATA = (
     "ON CONFLICT DO UPDATE SET value = excluded.value, lsn = excluded.lsn"
 )
 
-_DATA_SIZE = "SELECT length(value) FROM player_data WHERE shard_id = ? AND player_id = ? AND system = ? AND key = ?"
+DATA_SIZE = "SELECT length(value) FROM player_data WHERE shard_id = ? AND player_id = ? AND system = ? AND key = ?"
 _PLAYER_DATA_TOTALS = (
     "SELECT count(*), coalesce(sum(length(system) + length(key) + length(value)), 0) FROM player_data "
     "WHERE shard_id = ? AND player_id = ?"
@@ -71,7 +71,7 @@ def apply_op(
     if kind == records.GRANT:
         return _apply_grant(conn, shard, epoch, lsn, player, op.grant, primary=primary)
     data = op.set_data
-    previous = conn.execute(_DATA_SIZE, (shard, player, data.system, data.key)).fetchone() if primary else None
+    previous = conn.execute(DATA_SIZE, (shard, player, data.system, data.key)).fetchone() if primary else None
     conn.execute(_ENSURE_PLAYER, (shard, player))
     conn.execute(_UPSERT_DATA, (shard, player, data.system, data.key, data.value, lsn))
     if primary and (previous is None or len(data.value) > previous[0]):

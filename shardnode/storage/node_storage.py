@@ -600,6 +600,13 @@ class NodeStorage:
             found = self._conn.execute(_SELECT_DATA, (shard, player, system, key)).fetchone()
         return None if found is None else (bytes(found[0]), int(found[1]))
 
+    def player_data_size(self, shard: ShardId, player: PlayerId, system: str, key: str) -> int | None:
+        """The length of one player-data value, or None when it is not set (reads the
+        length only, not the value)."""
+        with self._sqlite():
+            found = self._conn.execute(apply.DATA_SIZE, (shard, player, system, key)).fetchone()
+        return None if found is None else int(found[0])
+
     def player_data_bytes(self, shard: ShardId) -> int:
         """Bytes of player data the shard holds (systems, keys and values)."""
         with self._sqlite():

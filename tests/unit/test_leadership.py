@@ -332,24 +332,25 @@ async def test_an_unreadable_assignment_is_replaced_above_its_epoch_floor(world:
     await election.stop()
 
 
+def etcd_hiccup(reconciler: Reconciler) -> None:
+    """What the reconciler sees of a short etcd outage: its nodes mirror unhealthy for a
+    moment (its listener is told), then healthy again."""
+    reconciler._nodes.healthy = False  # type: ignore[attr-defined]
+    reconciler._on_change()
+    reconciler._nodes.healthy = True  # type: ignore[attr-defined]
+
+
 async def test_an_etcd_outage_holds_moves_only_while_it_is_recent(world: World) -> None:
     """A replica notes every etcd outage it sees, leader or not. Elected long after one
     ended, it has no lease expiries to wait for: no hold (it used to hold its first moves
     for the full hold time, delaying a failover by 15 s)."""
     election = await elect(world)
     reconciler = make_reconciler(world, election, hold_s=4.0)  # not started: rounds driven here
-    mirror = reconciler._nodes
-
-    def outage() -> None:
-        mirror.healthy = False  # type: ignore[misc]
-        reconciler._on_change()
-        mirror.healthy = True  # type: ignore[misc]
-
-    outage()
+    etcd_hiccup(reconciler)
     await world.clock.advance(10.0)  # ended well over a hold ago
     assert not reconciler._held([], {}, 1, new_term=False)
     assert not reconciler.holding
-    outage()
+    etcd_hiccup(reconciler)
     await world.clock.advance(1.0)
     assert reconciler._held([], {ShardId("shard-0"): ShardAssignment(ShardId("shard-0"), 1, NodeId("n0"), ())}, 1,
                             new_term=False)
@@ -368,9 +369,7 @@ async def test_an_outage_hold_ends_once_its_expiries_had_time_to_show_and_every_
     shard = ShardId("shard-0")
     current = {shard: ShardAssignment(shard, 1, NodeId("n0"), (NodeId("n1"),))}
     live = [PlacementNode(NodeId("n0"), "a", 1), PlacementNode(NodeId("n1"), "b", 1)]
-    reconciler._nodes.healthy = False  # type: ignore[misc]
-    reconciler._on_change()
-    reconciler._nodes.healthy = True  # type: ignore[misc]
+    etcd_hiccup(reconciler)
     assert reconciler._held(live, current, 2, new_term=False)  # expiries may still show
     await world.clock.advance(1.0)
     assert reconciler._held(live, current, 2, new_term=False)
@@ -378,9 +377,7 @@ async def test_an_outage_hold_ends_once_its_expiries_had_time_to_show_and_every_
     assert not reconciler._held(live, current, 2, new_term=False)  # 3.5 s, not 20
     assert not reconciler.holding
     # Had a node gone with its lease, the hold would wait for it to come back.
-    reconciler._nodes.healthy = False  # type: ignore[misc]
-    reconciler._on_change()
-    reconciler._nodes.healthy = True  # type: ignore[misc]
+    etcd_hiccup(reconciler)
     assert reconciler._held(live, current, 2, new_term=False)
     await world.clock.advance(5.0)
     assert reconciler._held(live[:1], current, 2, new_term=False)  # n1 gone: still held
