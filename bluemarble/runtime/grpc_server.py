@@ -5,8 +5,9 @@ mapping and request-context interceptor (:func:`with_error_mapping`), ``grpc.hea
 (so ``grpcurl -plaintext HOST:PORT list`` works), TLS or mutual TLS when the process is
 configured for it (:mod:`bluemarble.runtime.tls`), a request size cap sized to the
 server's API, keepalive policy, and a guard against undecodable requests
-(:func:`guard_decoding`). :func:`stop_gracefully` flips health to NOT_SERVING, then lets
-calls in flight finish within a grace period.
+(:func:`guard_decoding`). :meth:`Server.stop_gracefully` flips health to NOT_SERVING, then
+lets calls in flight finish within a grace period; :meth:`Server.end_streams` first ends
+the response streams that would otherwise hold that grace period to its end.
 
 Every status message a server sends is at most :data:`MAX_STATUS_MESSAGE_CHARS` long: a
 message travels in HTTP/2 trailers, and one that echoed a megabyte of input would exceed
@@ -15,6 +16,7 @@ the metadata limit and reach the client as RESOURCE_EXHAUSTED instead of the err
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
 import time
@@ -165,7 +167,38 @@ def short_message(text: str, limit: int = MAX_STATUS_MESSAGE_CHARS) -> str:
     return f"{text[: limit - 40]}... (message cut, {len(text)} chars)"
 
 
-def with_error_mapping(servicer: object, full_name: str) -> object:
+class OpenStreams:
+    """The handler tasks of a server's response streams, so that a stopping server can
+    end them at once (:meth:`Server.end_streams`) instead of waiting out its grace period
+    for streams that never end by themselves (watches, heartbeat streams). Registering
+    costs a set insertion per stream, nothing per message."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.reason = ""  # set once the streams are being ended
+
+    def add(self) -> asyncio.Task[Any] | None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        return task
+
+    def discard(self, task: asyncio.Task[Any] | None) -> None:
+        if task is not None:
+            self._tasks.discard(task)
+
+    def end(self, reason: str) -> int:
+        """Cancels every open stream's handler; each ends UNAVAILABLE with ``reason`` (or
+        CANCELLED when the cancel lands in grpc's own code, between two messages). Streams
+        opened later end the same way as soon as they start. The number ended."""
+        self.reason = reason
+        tasks, self._tasks = self._tasks, set()
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
+
+
+def with_error_mapping(servicer: object, full_name: str, streams: OpenStreams | None = None) -> object:
     """A copy of ``servicer`` whose RPC methods bind request context for structlog and
     map exceptions to gRPC statuses (the server's one error-mapping interceptor).
 
@@ -175,15 +208,17 @@ def with_error_mapping(servicer: object, full_name: str) -> object:
     grpc.aio's ServerInterceptor builds a new handler on every call, which costs more
     than a heartbeat's own work. The same wrapper refuses undecodable requests
     (:func:`guard_decoding` with ``check_requests=False``), so a message crosses one
-    wrapper, not two.
+    wrapper, not two. Response streams are registered in ``streams`` when given.
     """
     service = descriptor_pool.Default().FindServiceByName(full_name)
     wrapped = type(f"Wrapped{service.name}", (), {})()
     for method in service.methods:
         behavior = getattr(servicer, method.name)
         path = f"/{full_name}/{method.name}"
-        wrap = _wrap_stream if method.server_streaming else _wrap_unary
-        setattr(wrapped, method.name, wrap(path, behavior, method.client_streaming))
+        if method.server_streaming:
+            setattr(wrapped, method.name, _wrap_stream(path, behavior, method.client_streaming, streams))
+        else:
+            setattr(wrapped, method.name, _wrap_unary(path, behavior, method.client_streaming))
     return wrapped
 
 
@@ -267,7 +302,7 @@ def _wrap_unary(
 
 
 def _wrap_stream(
-    method: str, behavior: Callable[[Any, Ctx], Any], client_streaming: bool
+    method: str, behavior: Callable[[Any, Ctx], Any], client_streaming: bool, streams: OpenStreams | None = None
 ) -> Callable[[Any, Ctx], Any]:
     if _writes_responses(behavior):
         return _wrap_unary(method, behavior, client_streaming)
@@ -275,15 +310,28 @@ def _wrap_stream(
     async def wrapped(request: Any, context: Ctx) -> AsyncIterator[Any]:
         _bind(method, context)
         started = time.monotonic()
+        task = streams.add() if streams is not None else None
         try:
+            if streams is not None and streams.reason:
+                raise asyncio.CancelledError  # opened after the server began to end its streams
             request = await _admitted(method, request, context, client_streaming)
             async for response in behavior(request, context):
                 yield response
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            if streams is None or not streams.reason:
+                raise  # the client went away
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()  # this cancel was ours, and is handled here
+            log.debug("stream ended: the server is stopping", method=method)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, streams.reason)
         except Exception as exc:
             await _fail(method, context, exc, started)
         finally:
+            if streams is not None:
+                streams.discard(task)
             metrics.observe_rpc(method, _code_name(context), time.monotonic() - started)
             structlog.contextvars.clear_contextvars()
 
@@ -464,10 +512,12 @@ class HealthServicer(health_aio.HealthServicer):  # type: ignore[misc]
 class Server:
     """A started gRPC server with its health servicer; see :func:`build_server`."""
 
-    def __init__(self, server: grpc.aio.Server, health: HealthServicer, port: int):
+    def __init__(self, server: grpc.aio.Server, health: HealthServicer, port: int,
+                 streams: OpenStreams | None = None):
         self.grpc = server
         self.health = health
         self.port = port
+        self.streams = streams if streams is not None else OpenStreams()
 
     async def set_serving(self, serving: bool, service: str = "") -> None:
         """Sets what ``grpc.health.v1.Health`` reports for ``service`` ("": the process).
@@ -478,6 +528,15 @@ class Server:
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         await self.health.set(service, status)
+
+    async def end_streams(self, reason: str) -> int:
+        """NOT_SERVING, then ends every open response stream of the bound services (and
+        any opened from now on) with UNAVAILABLE and ``reason``: for a server whose
+        streams carry no work in flight (watches, heartbeats), so that its clients move
+        to another server now rather than when the grace period runs out. The number of
+        streams ended."""
+        await self.health.enter_graceful_shutdown()
+        return self.streams.end(reason)
 
     async def stop_gracefully(self, grace_s: float = 5.0) -> None:
         """NOT_SERVING first (load balancers stop sending), then drain calls for grace_s."""
@@ -516,12 +575,13 @@ async def build_server(
     assert 0 < max_request_bytes <= MAX_MESSAGE_BYTES, max_request_bytes
     options = [*SERVER_OPTIONS, ("grpc.max_receive_message_length", max_request_bytes)]
     server = grpc.aio.server(interceptors=[*tracing.server_interceptors(), *extra_interceptors], options=options)
+    streams = OpenStreams()
     names = []
     for binding in bindings:
         guard_decoding(
             server,
             binding.add_to_server,
-            with_error_mapping(binding.servicer, binding.full_name),
+            with_error_mapping(binding.servicer, binding.full_name, streams),
             check_requests=False,
         )
         names.append(binding.full_name)
@@ -551,4 +611,4 @@ async def build_server(
     if port == 0:
         raise Unavailable(f"cannot listen on {listen}: the address is in use or invalid")
     await server.start()
-    return Server(server, health, port)
+    return Server(server, health, port, streams)

@@ -298,6 +298,13 @@ class ControlPlaneApp:
                     stored=current,
                 )
 
+    async def _end_streams(self) -> None:
+        assert self.server is not None
+        ended = await self.server.end_streams(
+            f"control-plane replica {self.replica_id} is shutting down; reconnect to another replica"
+        )
+        log.info("streams ended for shutdown", replica=self.replica_id, streams=ended)
+
     async def stop(self) -> None:
         """Stops reconciling, resigns leadership (so another replica takes over at
         once), ends watch streams, drains calls in flight, then closes etcd. Each step
@@ -309,6 +316,9 @@ class ControlPlaneApp:
             ("reconciler", self.reconciler.stop() if self.reconciler else None),
             ("trade sweep", self.trade_sweep.stop() if self.trade_sweep else None),
             ("election", self.election.stop() if self.election else None),
+            # Watches and heartbeat streams never end by themselves: ended now, their
+            # clients move to another replica at once instead of when the grace runs out.
+            ("streams", self._end_streams() if self.server else None),
             *[
                 (c.name, c.stop())
                 for c in (self.nodes, self.assignments, self.ring, self.config_mirror, self.forced)
