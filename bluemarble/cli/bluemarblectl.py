@@ -28,7 +28,11 @@ Prints readable tables; ``--json`` prints the raw response as JSON instead (ever
 JSON number). The client library's log lines are shown only with ``-v``. Exit status:
 0 on success, 1 when the cluster answered with an error (one line on stderr), 2 on bad
 usage, 3 when ``trade execute`` answered ABORTED (the trade was refused: a definite
-answer, not an error, but a script must be able to tell it from COMMITTED).
+answer, not an error, but a script must be able to tell it from COMMITTED), 4 when the
+cluster did not answer (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED: the
+outcome of a write or trade is then unknown; retry it, a trade with the same id).
+``--json`` prints every field, empty lists and zeros included, so a script finds the
+same keys in every answer.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -51,7 +55,7 @@ from google.protobuf.message import Message
 from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.routing import DataWriteResult, GrantResult, Inventory, PlayerData, RoutingClient
 from bluemarble.core import limits, validation
-from bluemarble.core.errors import BlueMarbleError
+from bluemarble.core.errors import BlueMarbleError, NotFound
 from bluemarble.runtime import logs, tls
 from bluemarble.runtime.auth import ADMIN_TOKEN_ENV, MAX_TOKEN_BYTES, bearer_metadata, read_token_file
 from bluemarble.runtime.channels import split_addresses
@@ -241,7 +245,9 @@ def message_json(message: Message) -> str:
     Why not protobuf's own form: it writes 64-bit integers (gold, lsns, lease ids,
     revisions) as strings, while ``inventory --json`` prints them as numbers; a script
     reading both must see one type. Gold stays below 2^53, so any JSON reader holds it."""
-    shown = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    shown = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
     return json.dumps(_int64_as_numbers(cast(Descriptor, message.DESCRIPTOR), shown), indent=2)
 
 
@@ -278,24 +284,24 @@ def _parse_config_assignments(pairs: Sequence[str], config: common_pb2.ClusterCo
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"bluemarblectl: expected KEY=VALUE, got {pair!r}")
+            usage_error(f"bluemarblectl: expected KEY=VALUE, got {pair!r}")
         if key.startswith("consistency."):
             system = key.removeprefix("consistency.")
             name = "CONSISTENCY_MODEL_" + value.upper()
             if name not in common_pb2.ConsistencyModel.keys():
-                raise SystemExit(f"bluemarblectl: {value!r} is not STRONG, EVENTUAL or CAUSAL")
+                usage_error(f"bluemarblectl: {value!r} is not STRONG, EVENTUAL or CAUSAL")
             config.consistency[system] = common_pb2.ConsistencyModel.Value(name)  # type: ignore[assignment]
             continue
         field = config.DESCRIPTOR.fields_by_name.get(key)
         if field is None or key == "consistency":
             known = ", ".join(f.name for f in config.DESCRIPTOR.fields if f.name != "consistency")
-            raise SystemExit(f"bluemarblectl: unknown config key {key!r}; known: {known}, consistency.SYSTEM")
+            usage_error(f"bluemarblectl: unknown config key {key!r}; known: {known}, consistency.SYSTEM")
         if not validation.ascii_digits(value):
-            raise SystemExit(f"bluemarblectl: {key} must be a non-negative integer, got {limits.echo(value)}")
+            usage_error(f"bluemarblectl: {key} must be a non-negative integer, got {limits.echo(value)}")
         low, high = limits.CONFIG_RANGES.get(key, (0, _MAX_CONFIG_INT))
         if len(value) > len(str(high)) or not low <= int(value) <= high:
             # Checked here too: a value past the field's type would not even fit the request.
-            raise SystemExit(f"bluemarblectl: {key} must be between {low} and {high}, got {limits.echo(value)}")
+            usage_error(f"bluemarblectl: {key} must be between {low} and {high}, got {limits.echo(value)}")
         setattr(config, key, int(value))
 
 
@@ -309,6 +315,13 @@ VERBOSITY = ("error", "info", "debug")
 """The library's log level by the number of ``-v`` flags."""
 
 EXIT_ABORTED = 3
+EXIT_NO_ANSWER = 4
+
+
+def usage_error(message: str) -> NoReturn:
+    """Bad usage found after argparse: the message on stderr, exit status 2 (as argparse)."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
 """Exit status of a ``trade execute`` answered ABORTED."""
 
 
@@ -398,12 +411,17 @@ async def run_trade(args: argparse.Namespace, client: ControlPlaneClient) -> tup
         status = 0 if executed.outcome == common_pb2.TRADE_OUTCOME_COMMITTED else EXIT_ABORTED
         return executed, render_trade_result(executed), status
     if args.action == "show":
-        shown: trade_pb2.GetTradeResponse = await client.call(
-            lambda _: client.trades().GetTrade,
-            trade_pb2.GetTradeRequest(trade_id=args.trade_id, player_id=args.player or ""))
+        try:
+            shown: trade_pb2.GetTradeResponse = await client.call(
+                lambda _: client.trades().GetTrade,
+                trade_pb2.GetTradeRequest(trade_id=args.trade_id, player_id=args.player or ""))
+        except NotFound as e:
+            if args.player:
+                raise
+            raise NotFound(f"{e} (bluemarblectl: pass --player PLAYER for a same-shard trade)") from e
         return shown, render_trade(shown), 0
     if not 0 < args.limit <= 1000:
-        raise SystemExit("bluemarblectl: --limit must be 1..1000")
+        usage_error("bluemarblectl: --limit must be 1..1000")
     listed: trade_pb2.ListInDoubtTradesResponse = await client.call(
         lambda _: client.trades().ListInDoubtTrades, trade_pb2.ListInDoubtTradesRequest(limit=args.limit))
     return listed, render_in_doubt(listed), 0
@@ -514,7 +532,7 @@ async def run(args: argparse.Namespace) -> int:
         return status
     except BlueMarbleError as e:
         print(f"bluemarblectl: {e.status}: {e}", file=sys.stderr)
-        return 1
+        return EXIT_NO_ANSWER if e.retryable else 1
     finally:
         await client.close()
 

@@ -48,6 +48,8 @@ def to_error(e: grpc.aio.AioRpcError, address: str) -> errors.BlueMarbleError:
     details = e.details() or e.code().name
     if e.code() == grpc.StatusCode.UNAVAILABLE:
         details = f"control plane {address} unavailable: {details}"
+    elif e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and details == "Deadline Exceeded":  # gRPC's own words
+        details = f"control plane {address} did not answer within the call's deadline"
     elif e.code() == grpc.StatusCode.UNIMPLEMENTED and "http2 header with status" in details:
         # An HTTP server that is not a gRPC one (a proxy or ingress without the route): to
         # the client this address is down, and the next one may answer.
@@ -262,7 +264,7 @@ class ControlPlaneClient:
         except TimeoutError as e:
             self.rotate(away_from=address)
             raise errors.DeadlineExceeded(
-                f"control plane {address} did not answer within {timeout_s:g} s"
+                f"control plane {address} did not answer within {timeout_s:.3g} s"
             ) from e
 
     async def close(self) -> None:

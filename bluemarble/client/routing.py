@@ -199,6 +199,11 @@ _DIFFERENT_SHARDS_MARKER = "are on different shards"
 MAX_DEADLINE_S = 3600.0
 
 
+class ClientClosed(errors.FailedPrecondition):
+    """The client was closed before, or while, the call ran: final. A write in flight may
+    or may not have applied; retry it with the same request or trade id on a new client."""
+
+
 def check_deadline(deadline_s: float) -> float:
     """``deadline_s`` if it is a number of seconds above 0 and at most an hour; else
     InvalidArgument (NaN and infinity too: they would break the event loop's timers)."""
@@ -266,7 +271,7 @@ def should_retry(error: BaseException) -> bool:
     """Whether a failed attempt is worth another one after re-resolving (purely
     computational): redirects (:func:`is_redirect`), UNAVAILABLE, DEADLINE_EXCEEDED and
     ABORTED are; INVALID_ARGUMENT, NOT_FOUND and everything else are final."""
-    if isinstance(error, CrossShardTrade):
+    if isinstance(error, CrossShardTrade | ClientClosed):
         return False
     if isinstance(error, errors.FailedPrecondition):
         return is_redirect(error)
@@ -490,6 +495,7 @@ class GrpcNodeTransport:
         self._streams: dict[str, CallStream] = {}
         self._use_streams = streams
         self._closing: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     @property
     def addresses(self) -> set[str]:
@@ -497,6 +503,11 @@ class GrpcNodeTransport:
         return set(self._channels)
 
     def _stub(self, address: str) -> shardnode_pb2_grpc.ShardNodeStub:
+        if self._closed:
+            raise ClientClosed(
+                "the routing client was closed; the call did not complete (a write may have applied: "
+                "retry it with the same request id on a new client)"
+            )
         stub = self._stubs.get(address)
         if stub is not None and channels.outdated(self._channels[address]):
             # Built before the TLS files rotated: it would present the old certificate
@@ -531,6 +542,11 @@ class GrpcNodeTransport:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # our caller cancelled us
+            if self._closed:
+                raise ClientClosed(
+                    f"the routing client was closed during a call to node {address}; the call's outcome is "
+                    "unknown (a write: retry it with the same request id on a new client)"
+                ) from None
             # grpc.aio raises CancelledError in a call whose channel was closed under it
             # (retain() dropped the node): an operating condition, not a cancellation.
             raise errors.Unavailable(
@@ -580,6 +596,8 @@ class GrpcNodeTransport:
             log.debug("closed the channel of a node no assignment names", address=address)
 
     async def close(self) -> None:
+        """Closes every channel; calls in flight and later fail with :class:`ClientClosed`."""
+        self._closed = True
         self.retain(())
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
@@ -665,7 +683,7 @@ class RoutingClient:
         """Starts following the ring and the assignments in the background (returns at
         once; see :meth:`wait_ready`). Idempotent."""
         if self._closed:
-            raise errors.FailedPrecondition("the routing client is closed; make a new one")
+            raise ClientClosed("the routing client is closed; make a new one")
         if self._started:
             return
         self._started = True
@@ -701,14 +719,14 @@ class RoutingClient:
         for event, what in ((self._ring_ready, "the ring"), (self.assignments.synced, "the assignments")):
             if not await wait_event(self._clock, event, max(0.0, deadline - self._clock.monotonic_s())):
                 raise errors.Unavailable(
-                    f"the routing client did not get {what} within {timeout_s:g} s; is the control plane reachable?"
+                    f"the routing client did not get {what} within {timeout_s:.3g} s; is the control plane reachable?"
                 )
 
     def _check_usable(self) -> None:
         """FailedPrecondition after :meth:`close`, or from another event loop than the one
         the client started on (its streams and channels belong to that loop)."""
         if self._closed:
-            raise errors.FailedPrecondition("the routing client is closed; make a new one")
+            raise ClientClosed("the routing client is closed; make a new one")
         if self._loop is not None and asyncio.get_running_loop() is not self._loop:
             raise errors.FailedPrecondition(
                 "the routing client belongs to the event loop it was started on; make one per event loop"
@@ -860,7 +878,9 @@ class RoutingClient:
 
         Idempotent by ``request_id`` (a fresh uuid4 when None), which every retry of
         this call reuses: the grant is applied at most once, and a replayed answer says
-        so. ``epoch`` 0 lets the node use its current epoch. Raises InvalidArgument
+        so. To retry a grant yourself after this call failed (its deadline passed, its
+        outcome unknown), pass your own ``request_id`` and pass it again: a fresh one
+        would grant twice. ``epoch`` 0 lets the node use its current epoch. Raises InvalidArgument
         (bad input, checked before anything is sent), FailedPrecondition (e.g. an item
         someone already owns, or an ``epoch`` older than the shard's), and after
         ``deadline_s`` the last retryable error."""
@@ -929,9 +949,10 @@ class RoutingClient:
         allow_stale: bool = False,
         deadline_s: float = DEFAULT_DEADLINE_S,
     ) -> PlayerData:
-        """The player's value for a game system and key (``value`` None when unset),
-        from the primary; with ``allow_stale`` possibly from a replica. Errors as
-        :meth:`get_inventory`."""
+        """The player's value for a game system and key (``value`` None when unset, also
+        for a player the shard does not know: data needs no grant first), from the
+        primary; with ``allow_stale`` possibly from a replica. Errors as
+        :meth:`get_inventory`, except that an unknown player is not NotFound."""
         request = shardnode_pb2.GetPlayerDataRequest(
             player_id=validation.player_id(player_id), system=system, key=validation.data_key(key),
             allow_stale=allow_stale,
@@ -1076,6 +1097,13 @@ class RoutingClient:
                 f"retry later (a write: with the same request id; last error: {last})"
             ) from last
         assert last is not None
+        if is_redirect(last):
+            # The deadline ran out while the shard's primary moved: the node's "not the
+            # primary" would read as final (FAILED_PRECONDITION); it is not.
+            raise errors.Unavailable(
+                f"{what} for player {echo(player_id)}: no answer within {deadline_s:.3g} s while its shard's primary "
+                f"moved; retry (a write: with the same request id; last error: {last})"
+            ) from last
         raise last
 
     async def _attempt(
@@ -1154,7 +1182,7 @@ class RoutingClient:
                 return await work
         except TimeoutError:
             raise errors.DeadlineExceeded(
-                f"node {target.node_id} ({target.address}) did not answer within {timeout_s:g} s"
+                f"node {target.node_id} ({target.address}) did not answer within {timeout_s:.3g} s"
             ) from None
         except asyncio.CancelledError:
             if fired and task.uncancel() == 0:  # our own cancellation, nobody else's
@@ -1187,7 +1215,7 @@ class RoutingClient:
                 )
             else:
                 raise errors.DeadlineExceeded(
-                    f"node {target.node_id} ({target.address}) did not answer within {timeout_s:g} s"
+                    f"node {target.node_id} ({target.address}) did not answer within {timeout_s:.3g} s"
                 )
             raise errors.Unavailable(f"call to node {target.node_id} ({target.address}) was cancelled")
         finally:

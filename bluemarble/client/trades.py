@@ -41,6 +41,7 @@ tells which.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -48,10 +49,12 @@ from types import TracebackType
 import grpc.aio
 
 from bluemarble.client.control_plane import ControlPlaneClient, to_error
-from bluemarble.client.routing import CrossShardTrade, RoutingClient, check_deadline, is_redirect
+from bluemarble.client.routing import ClientClosed, CrossShardTrade, RoutingClient, check_deadline, is_redirect
 from bluemarble.core import errors, validation
+from bluemarble.core.limits import echo
 from bluemarble.core.trades.model import Offer, Outcome, Trade, validate_trade
 from bluemarble.runtime import retry
+from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 from bluemarble.v1 import common_pb2, shardnode_pb2, trade_pb2, trade_pb2_grpc
 
@@ -134,6 +137,8 @@ def _side(t: shardnode_pb2.ParticipantTrade) -> TradeSide:
 
 def _retried(error: BaseException) -> bool:
     """Worth another attempt with the same trade id (the id makes it safe)."""
+    if isinstance(error, ClientClosed):
+        return False
     if isinstance(error, errors.FailedPrecondition):
         return is_redirect(error)
     return isinstance(error, errors.Unavailable | errors.DeadlineExceeded | errors.Aborted)
@@ -142,8 +147,9 @@ def _retried(error: BaseException) -> bool:
 class TradeClient:
     """Runs trades through any control-plane replica, retrying one trade id to its answer.
 
-    ``control_plane``: the addresses (the client builds and closes its own
-    :class:`ControlPlaneClient`) or a ControlPlaneClient it does not close.
+    ``control_plane``: the addresses (a sequence, or one string ``"host:port[,host:port]"``;
+    the client builds and closes its own :class:`ControlPlaneClient`) or a
+    ControlPlaneClient it does not close.
     ``attempt_timeout_s`` bounds one ExecuteTrade attempt; backoff between attempts is
     jittered, ``retry_initial_s`` .. ``retry_max_backoff_s``. ``routing``: a started
     :class:`RoutingClient` (not closed here) that same-shard trades go through, straight
@@ -152,7 +158,7 @@ class TradeClient:
 
     def __init__(
         self,
-        control_plane: ControlPlaneClient | Sequence[str],
+        control_plane: ControlPlaneClient | Sequence[str] | str,
         *,
         attempt_timeout_s: float = DEFAULT_ATTEMPT_TIMEOUT_S,
         retry_initial_s: float = 0.05,
@@ -162,6 +168,9 @@ class TradeClient:
     ):
         self._routing = routing
         self._stubs: dict[str, tuple[grpc.aio.Channel, trade_pb2_grpc.TradeCoordinatorStub]] = {}
+        self._closed = False
+        if isinstance(control_plane, str):  # "host:port[,host:port...]", not a sequence of characters
+            control_plane = split_addresses(control_plane)
         if isinstance(control_plane, ControlPlaneClient):
             self._cp, self._owns = control_plane, False
         else:
@@ -175,6 +184,11 @@ class TradeClient:
         return self._cp
 
     async def close(self) -> None:
+        """Closes the control-plane client when this client built it. Calls in flight
+        then fail with FailedPrecondition (their outcome unknown: ask :meth:`get_trade`,
+        or retry with the same trade id on a new client), as do calls made after it.
+        Idempotent."""
+        self._closed = True
         if self._owns:
             await self._cp.close()
 
@@ -192,6 +206,11 @@ class TradeClient:
         (as :meth:`ControlPlaneClient.call` does). One stub per replica address, kept: a
         ControlPlaneClient call built two stubs and a tenacity loop per attempt, a fifth of
         this client's CPU per trade."""
+        if self._closed:
+            raise ClientClosed(
+                "the trade client was closed; a trade in flight has an unknown outcome: ask get_trade "
+                "or retry with the same trade id on a new client"
+            )
         address = self._cp.current_address
         channel = self._cp.channel()  # the current replica's, rebuilt after a TLS rotation
         kept = self._stubs.get(address)
@@ -215,7 +234,16 @@ class TradeClient:
             raise error from e
         except TimeoutError as e:
             self._cp.rotate(away_from=address)
-            raise errors.DeadlineExceeded(f"control plane {address} did not answer within {timeout_s:g} s") from e
+            raise errors.DeadlineExceeded(f"control plane {address} did not answer within {timeout_s:.3g} s") from e
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self._closed or (task is not None and task.cancelling()):
+                raise  # our caller cancelled us
+            # grpc.aio raises CancelledError in a call whose channel close() closed under it.
+            raise ClientClosed(
+                f"the trade client was closed during {rpc}; its outcome is unknown: ask get_trade "
+                "or retry with the same trade id on a new client"
+            ) from None
 
     async def _retrying(self, request: object, rpc: str, what: str, deadline_s: float) -> tuple[object, int]:
         """``rpc`` of the TradeCoordinator with ``request``, retried as the module says;
@@ -284,7 +312,13 @@ class TradeClient:
             a_gives=common_pb2.Offer(item_ids=list(a_items), gold=a_gold),
             b_gives=common_pb2.Offer(item_ids=list(b_items), gold=b_gold),
         )
-        response, attempts = await self._retrying(request, "ExecuteTrade", f"trade {trade_id}", deadline_s)
+        try:
+            response, attempts = await self._retrying(request, "ExecuteTrade", f"trade {trade_id}", deadline_s)
+        except (errors.Unavailable, errors.DeadlineExceeded, errors.Aborted) as e:
+            raise type(e)(
+                f"trade {echo(trade_id)}: no answer within {deadline_s:.3g} s, so its outcome is unknown "
+                f"(ask get_trade, or retry with the same trade id); last error: {e}"
+            ) from e
         assert isinstance(response, trade_pb2.ExecuteTradeResponse)
         return TradeResult(
             trade_id=response.trade_id or trade_id,

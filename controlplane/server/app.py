@@ -328,9 +328,10 @@ class ControlPlaneApp:
                 "server",
                 self.server.stop_gracefully(self.settings.shutdown_grace_s) if self.server else None,
             ),
-            # After the server: trades finishing during the drain still queue their records.
+            # After the server: trades still running (their callers may have gone) stop,
+            # then the records that trades finishing during the drain queued are written.
+            ("trades", self.trade_coordinator.close() if self.trade_coordinator else None),
             ("trade retention", self.trade_store.stop() if self.trade_store else None),
-            ("trade channels", self.trade_coordinator.close() if self.trade_coordinator else None),
             ("etcd", self.store.close()),
         ]
         for name, step in steps:

@@ -40,6 +40,7 @@ from bluemarble.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
     from_status_name,
 )
@@ -87,6 +88,11 @@ def crash_point(step: str) -> None:
     if os.environ.get(CRASH_AT_ENV) == step:
         log.warning("trade failpoint: exiting", step=step)
         os._exit(137)
+
+
+MAX_TRADES_RUNNING = 4096
+"""Trades one control-plane replica runs at once (ExecuteTrade calls, including those
+whose callers went away): each holds a few kilobytes and two node calls at a time."""
 
 
 class IdInUse(InvalidArgument):
@@ -336,6 +342,7 @@ class TradeCoordinator:
         self._clock = clock
         self.settings = settings
         self.channels = channels or NodeChannels()
+        self._running: set[asyncio.Task[TradeAnswer]] = set()
 
     @property
     def locator(self) -> Locator:
@@ -367,6 +374,29 @@ class TradeCoordinator:
                 f"{what} on {primary.shard} (node {primary.node}): no answer within {within}") from e
 
     # ---- ExecuteTrade ----
+
+    async def execute_for_caller(self, trade: Trade) -> TradeAnswer:
+        """:meth:`execute` for a caller that may go away: the trade runs on to its answer
+        even if the caller cancels (its deadline passed, it disconnected), so an escrow it
+        made is settled now, not held until its participant's termination (seconds, the
+        items and gold unusable meanwhile). The caller's retry with the same trade id gets
+        the same answer. At most :data:`MAX_TRADES_RUNNING` run at once on a replica;
+        past that, ResourceExhausted."""
+        if len(self._running) >= MAX_TRADES_RUNNING:
+            raise ResourceExhausted(
+                f"this control-plane replica already runs {MAX_TRADES_RUNNING} trades; "
+                "retry shortly (with the same trade id) or on another replica"
+            )
+        task = asyncio.ensure_future(self.execute(trade))
+        self._running.add(task)
+        task.add_done_callback(self._finished)
+        return await asyncio.shield(task)
+
+    def _finished(self, task: asyncio.Task[TradeAnswer]) -> None:
+        self._running.discard(task)
+        if not task.cancelled():
+            task.exception()  # its caller may be gone: the error was logged or answered already
+
 
     async def execute(self, trade: Trade) -> TradeAnswer:
         """Runs ``trade`` (validated here: InvalidArgument) to its answer. Same shard: one
@@ -728,6 +758,13 @@ class TradeCoordinator:
         return trades, unreachable
 
     async def close(self) -> None:
+        """Stops the trades still running (after the server's grace period: their
+        participants' termination settles what they leave), then closes the channels."""
+        running = list(self._running)
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
         await self.channels.close()
 
 
@@ -847,7 +884,7 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
     async def ExecuteTrade(
         self, request: trade_pb2.ExecuteTradeRequest, context: Ctx
     ) -> trade_pb2.ExecuteTradeResponse:
-        answer = await self._c.execute(trade_from_request(request))
+        answer = await self._c.execute_for_caller(trade_from_request(request))
         d = answer.decision
         return trade_pb2.ExecuteTradeResponse(
             trade_id=d.trade_id, outcome=outcome_to_proto(d.outcome), reason=d.reason, cross_shard=answer.cross_shard

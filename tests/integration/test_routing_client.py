@@ -18,7 +18,7 @@ import pytest
 
 from bluemarble.api.conversions import ring_from_proto
 from bluemarble.client.control_plane import ControlPlaneClient
-from bluemarble.client.routing import GrpcNodeTransport, RoutingClient
+from bluemarble.client.routing import ClientClosed, GrpcNodeTransport, RoutingClient
 from bluemarble.core import errors
 from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.runtime.grpc_server import Server, ServiceBinding, build_server
@@ -232,3 +232,51 @@ async def test_bluemarblectl_reads_and_grants_through_the_routing_client(
     code = await asyncio.to_thread(ctl.main, [*base, "shards"])
     out = capsys.readouterr().out
     assert code == 0 and f"{cluster.shard}  3" in out and "n1 " in out
+
+
+async def test_a_primary_still_refusing_at_the_deadline_is_unavailable_not_final(cluster: Cluster) -> None:
+    deposed = FakeNode("n1", cluster.shard, primary=False)  # the control plane never says where it went
+    await cluster.put_node("n1", await cluster.serve(deposed))
+    await cluster.assign(1, "n1", [])
+    async with RoutingClient([cluster.app.address]) as client:
+        with pytest.raises(errors.Unavailable) as info:
+            await client.grant_items(PLAYER, ["sword-1"], deadline_s=1.0)
+    # Retryable, unlike a final FAILED_PRECONDITION ("already owned"), and it says why.
+    assert info.value.retryable
+    assert "primary moved" in str(info.value) and "not the primary" in str(info.value)
+    assert len(deposed.refused) >= 2
+
+
+class HangingNode(FakeNode):
+    """Takes a grant and answers only once ``release`` is set."""
+
+    def __init__(self, node_id: str, shard: ShardId):
+        super().__init__(node_id, shard, primary=True)
+        self.release = asyncio.Event()
+        self.started = 0
+
+    async def GrantItems(
+        self, request: shardnode_pb2.GrantItemsRequest, context: Ctx
+    ) -> shardnode_pb2.GrantItemsResponse:
+        self.started += 1
+        await self.release.wait()
+        return await super().GrantItems(request, context)
+
+
+async def test_closing_the_client_ends_calls_in_flight_and_leaves_nothing_open(cluster: Cluster) -> None:
+    node = HangingNode("n1", cluster.shard)
+    await cluster.put_node("n1", await cluster.serve(node))
+    await cluster.assign(1, "n1", [])
+    transport = GrpcNodeTransport()
+    client = RoutingClient([cluster.app.address], transport=transport)
+    await client.start()
+    await client.wait_ready(10)
+    grants = [asyncio.ensure_future(client.grant_items(PLAYER, [f"sword-{i}"], deadline_s=20.0)) for i in range(5)]
+    await wait_until(lambda: node.started == 5, 10, "the grants to reach the node")
+    await client.close()
+    results = await asyncio.wait_for(asyncio.gather(*grants, return_exceptions=True), 5)
+    # Each fails as closed (final, not retried on a new channel), none as a bare cancellation.
+    assert all(isinstance(r, ClientClosed) for r in results), results
+    assert not transport.addresses
+    node.release.set()  # the node may still apply them: a retry with the same request id is safe
+    assert node.started == 5  # nothing was sent again after the close

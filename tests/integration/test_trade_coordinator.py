@@ -95,6 +95,7 @@ class TradeNode(shardnode_pb2_grpc.ShardNodeServicer):
         self.down = False
         self.calls: list[str] = []
         self.leads: Callable[[str], bool] = lambda shard: True  # ListTrades reports only those shards
+        self.gate: asyncio.Event | None = None  # when set, a Prepare waits for it
 
     async def _check(self, name: str, context: Ctx) -> None:
         self.calls.append(name)
@@ -123,6 +124,8 @@ class TradeNode(shardnode_pb2_grpc.ShardNodeServicer):
 
     async def Prepare(self, request: shardnode_pb2.PrepareRequest, context: Ctx) -> shardnode_pb2.PrepareResponse:
         await self._check("Prepare", context)
+        if self.gate is not None:
+            await self.gate.wait()
         leg = _leg(request.trade_id, request.legs[0])
         known = self.world.known.get((request.shard_id, request.trade_id))
         if known is not None and known.leg is not None and not known.leg.same_terms(leg):
@@ -312,6 +315,28 @@ async def test_cross_shard_commit_moves_items_once_records_the_decision_and_reta
         shown = await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="t1"))
         assert shown.state == trade_pb2.TRADE_STATE_DONE and shown.retained and len(shown.sides) == 2
         assert shown.request.player_a == a and shown.outcome == COMMITTED
+
+
+async def test_a_caller_that_goes_away_does_not_abandon_its_trade(start_control_plane: StartControlPlane) -> None:
+    async with cluster(start_control_plane) as c:
+        a, b = c.players(same_shard=False)
+        c.world.seed(a, ["sword"], 0)
+        c.world.seed(b, [], 5)
+        gate = c.node_of(a).gate = asyncio.Event()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await c.trades.ExecuteTrade(request("t-gone", a, b, ("sword",), 0, (), 5), timeout=0.3)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        gate.set()  # the prepare answers after the caller left; nobody retries
+
+        async def finished() -> bool:
+            record = await c.stored("t-gone")
+            return record is not None and not c.world.escrows() and c.world.items.get(b) == {"sword"}
+
+        # The coordinator ran it to its end: decided, both sides settled, no escrow held.
+        await wait_for(finished, 5.0, "the trade to finish without its caller")
+        record = await c.stored("t-gone")
+        assert record is not None and record.outcome == COMMITTED
+        assert c.world.gold == {a: 5, b: 0}
 
 
 def _same_shard_counted() -> float:

@@ -56,12 +56,24 @@ def _ctl(*argv: str) -> subprocess.CompletedProcess[str]:
 
 def test_an_unreachable_control_plane_is_one_line_on_stderr_unless_verbose() -> None:
     quiet = _ctl("inventory", "p1")
-    assert quiet.returncode == 1
+    assert quiet.returncode == ctl.EXIT_NO_ANSWER
     assert quiet.stderr.splitlines() == [
         "bluemarblectl: UNAVAILABLE: the routing client did not get the ring within 1 s; "
         "is the control plane reachable?"
     ], quiet.stderr
     verbose = _ctl("-v", "inventory", "p1")
-    assert verbose.returncode == 1
+    assert verbose.returncode == ctl.EXIT_NO_ANSWER
     assert "loop step failed; restarting" in verbose.stderr or "retrying" in verbose.stderr, verbose.stderr
     assert verbose.stderr.splitlines()[-1] == quiet.stderr.splitlines()[-1]
+
+
+def test_json_keeps_empty_lists_and_zeros_so_every_answer_has_the_same_keys() -> None:
+    parsed = json.loads(ctl.message_json(trade_pb2.ListInDoubtTradesResponse()))
+    assert parsed == {"trades": [], "unreachable_nodes": []}
+
+
+def test_a_limit_out_of_range_is_bad_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        ctl.main(["--control-plane", "127.0.0.1:1", "trade", "in-doubt", "--limit", "0"])
+    assert info.value.code == 2
+    assert "--limit must be 1..1000" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import grpc.aio
 import pytest
 
 from bluemarble.client.ring_router import RingRouter
-from bluemarble.client.routing import AssignmentCache, RoutingClient
+from bluemarble.client.routing import AssignmentCache, ClientClosed, RoutingClient
 from bluemarble.client.trades import TradeClient
 from bluemarble.core import errors
 from bluemarble.core.ids import PlayerId
@@ -23,6 +23,7 @@ from bluemarble.core.trades.model import Outcome
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.v1 import common_pb2, controlplane_pb2, shardnode_pb2, trade_pb2, trade_pb2_grpc
 from scripts.localcluster import free_port
+from tests.conftest import wait_for
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 Behaviour = Callable[[int], "tuple[grpc.StatusCode, str] | float | None"]
@@ -149,6 +150,35 @@ async def test_the_deadline_bounds_the_retries(start: Any) -> None:
         took_s = time.monotonic() - started
     assert 0.4 <= took_s < 1.5
     assert len(coordinator.requests) >= 3
+
+
+async def test_the_deadline_error_names_the_trade_and_says_its_outcome_is_unknown(start: Any) -> None:
+    address, _ = await start(lambda n: 5.0)  # every attempt hangs past its timeout
+    async with TradeClient(address, attempt_timeout_s=0.2, retry_initial_s=0.01) as client:  # one string
+        with pytest.raises(errors.DeadlineExceeded) as info:
+            await client.execute_trade("t-late", "a", "b", a_gold=1, deadline_s=0.6)
+    message = str(info.value)
+    assert "t-late" in message and "outcome is unknown" in message and address in message
+
+
+async def test_closing_the_client_fails_trades_in_flight_as_closed(start: Any) -> None:
+    address, coordinator = await start(lambda n: 5.0)
+    client = TradeClient([address])
+    trades = [asyncio.ensure_future(client.execute_trade(f"t-c{i}", "a", "b", a_gold=1, deadline_s=20))
+              for i in range(3)]
+
+    async def all_sent() -> bool:
+        return len(coordinator.requests) == 3
+
+    await wait_for(all_sent, 5.0, "the three trades to reach the coordinator")
+    await client.close()
+    results = await asyncio.wait_for(asyncio.gather(*trades, return_exceptions=True), 5)
+    # Not a bare CancelledError (a TaskGroup would take it for a cancellation), and final.
+    assert all(isinstance(r, ClientClosed) for r in results), results
+    assert all("get_trade" in str(r) for r in results)
+    assert len(coordinator.requests) == 3  # nothing sent again
+    with pytest.raises(ClientClosed):
+        await client.execute_trade("t-after", "a", "b", a_gold=1)
 
 
 async def test_aborted_status_is_retried_but_an_aborted_outcome_is_an_answer(start: Any) -> None:
