@@ -193,6 +193,7 @@ class NodeAgent:
         # Whether heartbeats carry shard statuses (turned off, for this registration, if the
         # control plane refuses them: the lease must not be lost over a report).
         self._report_statuses = True
+        self._beat_failures = retry.FailureLog()
         self._beats: grpc.aio.StreamStreamCall[Any, Any] | None = None
         self._beats_address = ""
         self._watcher: asyncio.Task[None] | None = None
@@ -342,8 +343,10 @@ class NodeAgent:
                 failures += 1
                 if self.session_state is SessionState.CONNECTED:
                     self._set_state(SessionState.SUSPENDED, error=str(e))
-                log.warning(
-                    "heartbeat failed; trying the next address",
+                # One warning, then a summary every few seconds: while the control plane
+                # or etcd is down this fails every fraction of a second.
+                self._beat_failures.failed(
+                    "heartbeat", self._clock.monotonic_s(), "heartbeat failed; trying the next address",
                     error=str(e),
                     next=self._client.current_address,
                     lease_valid_for_s=round(self.lease_valid_until_s - self._clock.monotonic_s(), 2),
@@ -354,6 +357,8 @@ class NodeAgent:
                     if await self._sleep_until(stop, self._clock.monotonic_s() + backoff.next_delay_s()):
                         return
                 continue
+            if failures:
+                self._beat_failures.recovered("heartbeat", self._clock.monotonic_s(), "heartbeats go through again")
             failures = 0
             self._beat_now = False
             backoff.reset()

@@ -45,6 +45,7 @@ import functools
 import heapq
 import itertools
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -245,11 +246,27 @@ class DataPlane:
         await close_channels(self._channels)
 
     async def _prune_loop(self) -> None:
+        """Trims the logs and expired request ids every 30 s. A round that fails (a full
+        disk, a busy database) is logged and the next round tries again: one bad round
+        must not stop the pruning for the life of the process."""
+        failures = retry.FailureLog()
         while True:
             await self._clock.sleep(30.0)
-            removed = self._storage.prune(self._clock.wall_ms())
-            removed += self._storage.prune_trades(self._clock.wall_ms())
-            if removed:
+            try:
+                self._prune_once()
+            except BlueMarbleError as e:
+                failures.failed("prune", self._clock.monotonic_s(), "storage prune failed; trying again in 30 s",
+                                error=str(e))
+            except sqlite3.Error as e:
+                failures.failed("prune", self._clock.monotonic_s(), "storage prune failed; trying again in 30 s",
+                                error=f"{type(e).__name__}: {e}")
+            else:
+                failures.recovered("prune", self._clock.monotonic_s(), "storage prune works again")
+
+    def _prune_once(self) -> None:
+        removed = self._storage.prune(self._clock.wall_ms())
+        removed += self._storage.prune_trades(self._clock.wall_ms())
+        if removed:
                 for shard, meta in self._storage.shards().items():
                     if shard in self._shards:
                         self._shards[shard].first_retained_lsn = meta.first_retained_lsn

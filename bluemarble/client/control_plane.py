@@ -134,6 +134,11 @@ def _moves_on(error: BaseException) -> bool:
     return isinstance(error, errors.Unavailable | errors.DeadlineExceeded)
 
 
+ROTATION_LOG_INTERVAL_S = 10.0
+"""At most one info line per this many seconds says the client moved from one replica to
+another (the same two)."""
+
+
 class ControlPlaneClient:
     """Calls to the control plane, failing over between its replicas.
 
@@ -167,6 +172,7 @@ class ControlPlaneClient:
         self._channels = [open_channel(a) for a in self.addresses]
         self._closed = False
         self._current = 0
+        self._moves_logged: dict[tuple[str, str], float] = {}  # (from, to) -> when last logged at info
 
     @property
     def current_address(self) -> str:
@@ -184,7 +190,15 @@ class ControlPlaneClient:
         failed = self.current_address
         self._current = (self._current + 1) % len(self.addresses)
         if len(self.addresses) > 1:
-            log.info("moving to another control-plane replica", failed=failed, next=self.current_address)
+            # Each move at most once per interval at info, debug in between: with every
+            # replica down the client moves several times a second.
+            now_s = self.clock.monotonic_s()
+            move = (failed, self.current_address)
+            quiet = now_s - self._moves_logged.get(move, float("-inf")) < ROTATION_LOG_INTERVAL_S
+            if not quiet:
+                self._moves_logged[move] = now_s
+            (log.debug if quiet else log.info)("moving to another control-plane replica", failed=failed,
+                                                next=self.current_address)
 
     def control_plane(self) -> controlplane_pb2_grpc.ControlPlaneStub:
         return controlplane_pb2_grpc.ControlPlaneStub(self.channel())  # type: ignore[no-untyped-call]

@@ -52,8 +52,10 @@ Redirects, failover and retries (all within the call's ``deadline_s``):
 
 Bounds: each attempt's timeout is the call's remaining deadline (a primary tried for a
 stale read: at most ``stale_primary_timeout_s``); at most ``max_attempts`` attempts per
-call; backoff delays ``retry_initial_s`` .. ``retry_max_backoff_s``; one ``ListNodes``
-address lookup in flight, at most one per ``address_lookup_interval_s``.
+call that a node answers "not the primary" (the shard keeps moving; other retryable
+errors, e.g. a primary whose lease lapsed, are retried until the deadline); backoff
+delays ``retry_initial_s`` .. ``retry_max_backoff_s``; one ``ListNodes`` address lookup
+in flight, at most one per ``address_lookup_interval_s``.
 """
 
 from __future__ import annotations
@@ -1047,8 +1049,8 @@ class RoutingClient:
         what: str,
         epoch: int = 0,
     ) -> T:
-        """Resolves and calls until an answer, a final error, ``max_attempts`` or the
-        deadline (then the last error)."""
+        """Resolves and calls until an answer, a final error, ``max_attempts`` redirects
+        or the deadline (then the last error)."""
         check_deadline(deadline_s)
         self._check_usable()
         clock = self._clock
@@ -1057,7 +1059,10 @@ class RoutingClient:
             await self.wait_ready(deadline_s)
         backoff = retry.Backoff(self._policy, clock)
         last: errors.BlueMarbleError | None = None
-        for attempt in range(1, self._max_attempts + 1):
+        redirects = 0  # attempts answered "not here": bounded by max_attempts (others by the deadline)
+        attempt = 0
+        while redirects < self._max_attempts:
+            attempt += 1
             changed = self.assignments.changed  # set once the cache moves past this attempt's view
             try:
                 route = self.resolve(player_id)
@@ -1077,6 +1082,7 @@ class RoutingClient:
                     if not should_retry(e):
                         raise
                     last = e
+                    redirects += is_redirect(e)
             remaining_s = deadline - clock.monotonic_s()
             if remaining_s <= 0:
                 break
@@ -1092,7 +1098,7 @@ class RoutingClient:
             # caller to do what this client just did 64 times; this says to retry later.
             assert last is not None
             raise errors.Unavailable(
-                f"{what} for player {echo(player_id)} gave up after {self._max_attempts} attempts in "
+                f"{what} for player {echo(player_id)} gave up after {attempt} attempts in "
                 f"{deadline_s - (deadline - clock.monotonic_s()):.1f} s while its shard's primary kept changing; "
                 f"retry later (a write: with the same request id; last error: {last})"
             ) from last

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc.aio
 import pytest
+import structlog.testing
 
 from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.core import limits
@@ -196,3 +197,30 @@ async def test_a_replica_serves_a_bounded_number_of_watch_streams(
             await asyncio.sleep(0.05)
         for call in held:
             call.cancel()
+
+
+async def test_failing_heartbeats_log_one_warning_not_one_per_attempt(start_control_plane: StartControlPlane) -> None:
+    a = await start_control_plane()
+    b = await start_control_plane()
+    client = ControlPlaneClient([a.address, b.address])
+    agent = NodeAgent(NodeIdentity("n1", "127.0.0.1:7101"), client)
+    async with running(agent):
+        await asyncio.wait_for(agent.registered.wait(), 10)
+        with structlog.testing.capture_logs() as logs:
+            await a.stop()
+            await b.stop()  # both replicas gone: heartbeats fail several times a second
+
+            def failures() -> list[dict[str, object]]:
+                return [e for e in logs if e["event"] == "heartbeat failed; trying the next address"]
+
+            async def failed_often() -> bool:
+                return len(failures()) >= 6
+
+            await eventually(failed_often, 10, "heartbeats to fail six times")
+        failed = failures()
+        moves = [e for e in logs if e["event"] == "moving to another control-plane replica"]
+        assert len(failed) >= 4, "the heartbeats did fail repeatedly"
+        assert [e["log_level"] for e in failed].count("warning") == 1, failed
+        # Each of the two moves (a to b, b to a) at info at most once in the interval.
+        assert len([e for e in moves if e["log_level"] == "info"]) <= 2, moves
+    await client.close()

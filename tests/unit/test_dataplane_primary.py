@@ -6,6 +6,7 @@ self-fencing refuses STRONG writes once the lease may have expired."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ from bluemarble.core.errors import FailedPrecondition, Unavailable
 from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.replication import ZERO, LogPosition
 from bluemarble.core.ring import initial_ring
+from bluemarble.runtime.clock import FakeClock
 from bluemarble.v1 import common_pb2, shardnode_pb2
 from shardnode import dataplane as dataplane_module
 from shardnode.agent import SessionState
@@ -225,3 +227,29 @@ async def test_a_new_primary_behind_a_replica_retries_the_copy_and_never_serves_
     dp._install_snapshot = failing
     assert not await dp._catch_up(state, state.epoch)
     assert len(tries) == 2
+
+
+async def test_a_failed_prune_round_is_retried_at_the_next_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = NodeStorage.open(tmp_path)
+    agent = SimpleNamespace(on_assignments=None, status_provider=None, assignments={}, addresses={},
+                            session_state=SessionState.CONNECTED, registration=None, config=None)
+    clock = FakeClock()
+    dp = DataPlane("n1", storage, agent, RingRouter.from_ring(initial_ring(1, vnodes=4)), clock=clock)  # type: ignore[arg-type]
+    rounds: list[str] = []
+
+    def prune(now_ms: int) -> int:
+        rounds.append("prune")
+        if len(rounds) == 1:
+            raise sqlite3.OperationalError("database or disk is full")
+        return 0
+
+    monkeypatch.setattr(storage, "prune", prune)
+    await dp.start()
+    try:
+        await clock.advance(30.5)
+        assert rounds == ["prune"] and dp._prune_task is not None and not dp._prune_task.done()
+        await clock.advance(30.0)  # the disk has room again: the next round runs
+        assert rounds == ["prune", "prune"]
+    finally:
+        await dp.stop()
+        storage.close()
