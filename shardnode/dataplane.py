@@ -81,6 +81,12 @@ log = structlog.get_logger(__name__)
 STRONG = common_pb2.CONSISTENCY_MODEL_STRONG
 MAX_REQUESTED_BY_CHARS = 128
 """A Fence names the control-plane replica asking (for the logs) in at most this many."""
+MAX_FENCE_STEP = 1 << 20
+"""How far past the newest epoch a node knows of a shard a Fence may go. A leader fences
+one past the shard's epoch (or past an earlier fence it found), so real fences stay
+within a handful; a million epochs is years of failovers. A fence beyond it could only be
+forged or corrupt, and would leave the shard no epochs to promote at (epochs stop at
+2^63-1)."""
 PRIMARY = common_pb2.SHARD_ROLE_PRIMARY
 REPLICA = common_pb2.SHARD_ROLE_REPLICA
 
@@ -968,6 +974,13 @@ class DataPlane:
                 raise InvalidArgument(f"fence of {shard} names epoch 0; epochs start at 1")
             if known is not None and shard not in known and shard not in self._shards:
                 raise NotFound(f"{shard} is not a shard of this cluster (its ring has {len(known)} shards)")
+            held = self._shards.get(shard)
+            newest = max(held.epoch, held.fenced_epoch, held.last.epoch) if held is not None else 0
+            if item.epoch > newest + MAX_FENCE_STEP:
+                raise InvalidArgument(
+                    f"fence of {shard} at epoch {item.epoch} is far past the newest epoch this node knows of it "
+                    f"({newest}); a leader fences one past the shard's epoch"
+                )
         for item in request.shards:
             shard = ShardId(item.shard_id)
             state = self._state(shard)

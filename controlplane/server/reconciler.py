@@ -95,6 +95,7 @@ from bluemarble.api.conversions import (
 )
 from bluemarble.core.errors import BlueMarbleError
 from bluemarble.core.ids import NodeId, ShardId
+from bluemarble.core.limits import MAX_LOG_COUNTER
 from bluemarble.core.placement import (
     Move,
     MoveKind,
@@ -705,6 +706,14 @@ class Reconciler:
                 continue
             copies = {n: answers[n][shard] for n in candidates}  # type: ignore[index]
             higher = max((c.epoch for c in copies.values() if c.fenced), default=0)
+            if higher >= MAX_LOG_COUNTER:
+                # No leader fences there (nodes refuse fences far past what they know):
+                # a forged or corrupt record. Promoting past it would overflow the epoch.
+                waiting.add(shard)
+                self._note(shard, epoch, "exhausted", "promotion impossible: a copy is fenced at the last epoch; "
+                           "move that node's data away (or ForcePromote another node)",
+                           nodes=sorted(n for n, c in copies.items() if c.fenced and c.epoch == higher))
+                continue
             if higher > epoch:
                 # Some earlier fence went further (a leader that fenced, then lost its
                 # term before writing): fence everyone at that epoch next round.

@@ -339,6 +339,22 @@ async def test_a_fence_of_a_shard_outside_the_ring_is_refused_and_changes_nothin
         assert [(f.shard_id, f.epoch) for f in answer.shards] == [(shard, 50)]
 
 
+async def test_a_fence_far_past_any_epoch_of_the_shard_is_refused(
+    start_control_plane: StartControlPlane, tmp_path: Path
+) -> None:
+    # One such fence (a forged call, a corrupt record) would leave the shard no epoch to
+    # promote at: the leader adopts the highest fence it finds and promotes one past it.
+    async with data_node(start_control_plane, tmp_path) as (stub, dp):
+        shard = dp.statuses()[0].shard_id
+        fenced_before = storage_fences(dp)
+        for epoch in (2**63 - 1, 2**40):
+            code, details = await refused(stub.Fence(shardnode_pb2.FenceRequest(
+                requested_by="probe", shards=[shardnode_pb2.ShardFence(shard_id=shard, epoch=epoch)])))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "far past the newest epoch" in details, details
+        assert storage_fences(dp) == fenced_before
+        assert all(s.serving for s in dp.statuses())  # the primary did not step down
+
+
 def storage_fences(dp: DataPlane) -> dict[str, int]:
     return {shard: meta.fenced_epoch for shard, meta in dp._storage.shards().items()}
 

@@ -55,6 +55,7 @@ class FakeProbe:
         self.refusing: set[str] = set()  # addresses whose process is gone (connections refused)
         self.positions: dict[tuple[str, str], LogPosition | None] = {}  # None: no data
         self.fences: list[tuple[NodeId, dict[ShardId, int]]] = []
+        self.fenced_at: dict[tuple[str, str], int] = {}  # a copy already fenced higher than asked
 
     async def reachable(self, addresses: Mapping[NodeId, str]) -> set[NodeId]:
         return {n for n in addresses if n not in self.silent}
@@ -74,7 +75,8 @@ class FakeProbe:
             answers[node] = {}
             for shard, epoch in epochs.items():
                 last = self.positions.get((shard, node), LogPosition(1, 1))
-                answers[node][shard] = FencedCopy(epoch, last or ZERO, last is not None)  # type: ignore[index]
+                fenced = max(epoch, self.fenced_at.get((shard, node), 0))
+                answers[node][shard] = FencedCopy(fenced, last or ZERO, last is not None)  # type: ignore[index]
         return answers
 
 
@@ -405,5 +407,27 @@ async def test_a_joining_node_takes_primaries_only_once_its_copies_had_time(
     assert not any(a.primary == "n3" for a in placed)  # but no primary while they copy
     await world.clock.advance(3.0)
     assert any(a.primary == "n3" for a in world.assignments().values())  # then its share
+    await reconciler.stop()
+    await election.stop()
+
+
+async def test_a_copy_fenced_at_the_last_epoch_stops_its_promotion_without_overflowing(world: World) -> None:
+    leases = {f"n{i}": await world.add_node(f"n{i}", zone) for i, zone in enumerate("abc")}
+    election = await elect(world)
+    reconciler = make_reconciler(world, election)
+    await reconciler.start()
+    await world.clock.advance(3.0)
+    placed = world.assignments()
+    victim = next(iter(placed.values()))
+    lost = [a for a in placed.values() if a.primary == victim.primary]
+    for a in lost:  # a forged or corrupt fence on every surviving copy
+        for r in a.replicas:
+            world.probe.fenced_at[(a.shard_id, r)] = 2**63 - 1
+    await world.etcd.revoke_lease(leases[victim.primary])
+    await world.clock.advance(5.0)
+    after = world.assignments()
+    assert all(0 < a.epoch < 2**63 - 1 for a in after.values())  # nothing written past the last epoch
+    for a in lost:  # not promoted (no epoch is left above that fence); the others still run
+        assert after[world.keys.assignment(ShardId(a.shard_id))].epoch == a.epoch
     await reconciler.stop()
     await election.stop()
