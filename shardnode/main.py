@@ -6,7 +6,9 @@ line says why); 2 for a bad command line; :data:`EXIT_STORAGE_DAMAGED` when its 
 damaged, at start or while serving. In the second case the node deregisters on the way
 out, so its shards fail over to their replicas at once; a restart by a supervisor then
 meets the start-up check and exits again with the same code and message, until an
-operator moves the data dir away.
+operator moves the data dir away. :data:`EXIT_STORAGE_FAILING` when every write to
+node.db failed for a while (a full disk): it deregisters the same way; started again once
+there is room, it rejoins on the same data dir.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import structlog
 from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.ring_router import RingRouter
 from bluemarble.core import limits, validation
-from bluemarble.core.errors import BlueMarbleError, InvalidArgument
+from bluemarble.core.errors import BlueMarbleError, InvalidArgument, Unavailable
 from bluemarble.runtime import auth, background, event_loop, logs, metrics, retry, tls, tracing
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.grpc_server import Server, ServiceBinding, build_server
@@ -41,6 +43,11 @@ from shardnode.storage.node_storage import StorageDamaged
 log = structlog.get_logger(__name__)
 
 EXIT_STORAGE_DAMAGED = 3
+EXIT_STORAGE_FAILING = 4
+"""The process ended because every write to its storage failed for
+:data:`shardnode.storage.node_storage.STORAGE_FAILING_LIMIT_S` (a full disk, I/O errors):
+its shards fail over to their replicas; free the space (or replace the volume) and start
+it again, on the same data dir."""
 SHARD_NODE_SERVICE = shardnode_pb2.DESCRIPTOR.services_by_name["ShardNode"].full_name
 """Its health is the node's readiness (:meth:`DataPlane.not_ready_reason`); the health of
 "" stays SERVING while the process runs (liveness)."""
@@ -161,9 +168,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
 
 
 async def run(settings: NodeSettings) -> int:
-    """Serves until SIGTERM/SIGINT (returns 0), a fatal error of the agent (1), or damage
-    found in the node's storage (:data:`EXIT_STORAGE_DAMAGED`), deregistering on the way
-    out. Raises StorageDamaged, or another BlueMarbleError, when it cannot start."""
+    """Serves until SIGTERM/SIGINT (returns 0), a fatal error of the agent (1), damage
+    found in the node's storage (:data:`EXIT_STORAGE_DAMAGED`) or writes failing for long
+    (:data:`EXIT_STORAGE_FAILING`), deregistering on the way out. Raises StorageDamaged, or
+    another BlueMarbleError, when it cannot start."""
     logs.bind_process(node_id=settings.node_id)  # every line, request lines too
     storage = NodeStorage.open(
         settings.data_dir,
@@ -183,6 +191,17 @@ async def run(settings: NodeSettings) -> int:
         loop.call_soon_threadsafe(stop.set)
 
     storage.on_damaged = leave_service
+    failing: list[Unavailable] = []
+
+    def leave_service_failing(error: Unavailable) -> None:
+        # A full disk: every write of its shards fails (and a primary's trades with them)
+        # while its heartbeats keep the shards here. Leave, so its replicas take over.
+        failing.append(error)
+        log.error("node storage has refused every write for a while; leaving service so its shards fail over",
+                  failing_for_s=storage.failing_limit_s, error=str(error))
+        loop.call_soon_threadsafe(stop.set)
+
+    storage.on_failing = leave_service_failing
     client = ControlPlaneClient(settings.control_plane)
     holder: list[DataPlane] = []
     participants: list[Participant] = []
@@ -255,7 +274,9 @@ async def run(settings: NodeSettings) -> int:
         await dataplane.stop()
         storage.close()
         await client.close()
-    return EXIT_STORAGE_DAMAGED if damage else code
+    if damage:
+        return EXIT_STORAGE_DAMAGED
+    return EXIT_STORAGE_FAILING if failing else code
 
 
 async def _report_readiness(server: Server, dataplane: DataPlane) -> None:

@@ -38,6 +38,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,13 @@ class StorageDamaged(Unavailable):
     new primary. The message names the node, the file, and what the operator must do."""
 
 
+STORAGE_FAILING_LIMIT_S = 20.0
+"""How long writes may keep failing (a full disk, an I/O error: every write transaction
+refused, none committed in between) before the node leaves service (:attr:`NodeStorage.on_failing`).
+A primary whose disk is full holds its shards' writes and trades while the control plane
+sees a healthy node; leaving lets its replicas take over within seconds."""
+
+
 _DAMAGE_CODES = frozenset({11, 26})
 """SQLite's primary result codes SQLITE_CORRUPT and SQLITE_NOTADB (extended codes such as
 SQLITE_CORRUPT_INDEX share their low byte)."""
@@ -232,6 +240,13 @@ class NodeStorage:
         self._request_retention_ms = int(request_retention_s * 1000)
         self._meta: dict[ShardId, ShardMeta] = {}
         self._damage: StorageDamaged | None = None
+        self._failing_since: float | None = None  # monotonic: the first failed write since the last commit
+        self._failing_reported = False
+        self.failing_limit_s = STORAGE_FAILING_LIMIT_S
+        self.on_failing: Callable[[Unavailable], None] | None = None
+        """Called once, with the last error, when every write has failed for
+        :attr:`failing_limit_s` (:data:`STORAGE_FAILING_LIMIT_S`): the process should
+        leave service so that its shards fail over. Reads and the file are fine."""
         self.on_damaged: Callable[[StorageDamaged], None] | None = None
         """Called once, with the error, when damage is first found while serving (the call
         that found it raises the same error). The process must leave service: nothing this
@@ -783,7 +798,7 @@ class NodeStorage:
     def _write_txn(self) -> Iterator[_Txn]:
         txn = _Txn(self._meta)
         conn = self._conn
-        with self._sqlite():
+        with self._failing_writes(), self._sqlite():
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield txn
@@ -805,6 +820,28 @@ class NodeStorage:
             self._meta.pop(shard, None)
         for shard in txn.dirty:
             self._meta[shard] = txn.rows[shard].meta(shard)
+
+    @contextlib.contextmanager
+    def _failing_writes(self) -> Iterator[None]:
+        """Times how long write transactions keep failing (not damage, not refusals):
+        past :attr:`failing_limit_s` without a commit, :attr:`on_failing` is told once."""
+        try:
+            yield
+        except StorageDamaged:
+            raise
+        except Unavailable as e:
+            if not isinstance(e.__cause__, sqlite3.OperationalError):
+                raise  # not SQLite failing (a refusal of the caller's own)
+            now_s = time.monotonic()
+            if self._failing_since is None:
+                self._failing_since = now_s
+            elif (now_s - self._failing_since >= self.failing_limit_s and not self._failing_reported
+                  and self.on_failing is not None):
+                self._failing_reported = True
+                self.on_failing(e)
+            raise
+        else:
+            self._failing_since = None
 
     def _load_meta(self) -> dict[ShardId, ShardMeta]:
         metas: dict[ShardId, ShardMeta] = {}

@@ -207,3 +207,35 @@ class TestDataDir:
         path.write_text("x")
         with pytest.raises(FailedPrecondition, match="is not a directory"):
             NodeStorage.open(path)
+
+
+def test_writes_failing_for_the_limit_tell_the_node_once_and_a_commit_resets_the_clock(tmp_path: Path) -> None:
+    storage = NodeStorage.open(tmp_path)
+    fill(storage, 20)
+    told: list[Unavailable] = []
+    storage.on_failing = told.append
+    storage.failing_limit_s = 0.0
+    pages = storage._conn.execute("PRAGMA page_count").fetchone()[0]
+    storage._conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full: no page more
+    for attempt in range(3):
+        with pytest.raises(Unavailable, match="full"):
+            storage.write(S1, 1, pb.WriteOp(request_id=f"big-{attempt}", player_id=f"big-{attempt}", grant=pb.GrantOp(
+                item_ids=[f"big-{attempt}-{i}-" + "x" * 100 for i in range(256)])), now_ms=1)
+    assert len(told) == 1 and "full" in str(told[0])  # once, from the second failure on
+    storage._conn.execute("PRAGMA max_page_count = 1073741823")  # room again
+    storage.write(S1, 1, grant(999), now_ms=1)
+    assert storage._failing_since is None
+    storage.close()
+
+
+def test_refused_writes_do_not_count_as_a_failing_disk(tmp_path: Path) -> None:
+    storage = NodeStorage.open(tmp_path)
+    fill(storage, 5)
+    storage.on_failing = lambda e: pytest.fail(f"told of a failing disk: {e}")
+    storage.failing_limit_s = 0.0
+    for _ in range(3):
+        with pytest.raises(FailedPrecondition):
+            storage.write(S1, 1, pb.WriteOp(request_id="again", player_id="p1", grant=pb.GrantOp(item_ids=["i0-0"])),
+                          now_ms=1)  # p0's item to p1: refused, not failing
+    assert storage._failing_since is None
+    storage.close()
