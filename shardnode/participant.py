@@ -87,6 +87,8 @@ address after a failure, with jittered backoff. A trade whose attempt fails is t
 by the loop (after its own jittered delay), so an escrow is settled once the control plane
 is back (I5)."""
 MAX_CONCURRENT_RESOLVES = 64
+REFUSED_SETTLE_LOG_INTERVAL_S = 10.0
+"""At most one error line per kind of refused settle in this many seconds."""
 IN_DOUBT_REFRESH_S = 5.0
 """How often the termination loop recounts the escrows for the in-doubt gauge."""
 
@@ -118,6 +120,7 @@ class Participant:
         self._dp = dataplane
         self._client = control_plane
         self._clock = dataplane.clock
+        self._refused_settles: dict[str, tuple[float, int]] = {}  # kind -> (logged at, held back since)
         self.escrow_timeout_ms = int(escrow_timeout_s * 1000)
         self._interval_s = check_interval_s or min(1.0, max(0.05, escrow_timeout_s / 5))
         self._rng = rng or random.Random()
@@ -300,19 +303,17 @@ class Participant:
             return stored.state_to_proto(state_for(outcome))
         if verdict is SettleVerdict.CONFLICT:
             assert view.known is not None
-            log.error(
-                "conflicting settle refused: the trade already applied the other outcome",
-                trade_id=trade_id,
-                shard=shard,
-                applied=view.known.state.name,
-                asked=outcome.name,
+            self._refused_settle(
+                "conflict", "conflicting settle refused: the trade already applied the other outcome",
+                trade_id=trade_id, shard=shard, applied=view.known.state.name, asked=outcome.name,
             )
             raise FailedPrecondition(
                 f"trade {echo(trade_id)} is already {view.known.state.name} on {shard}; "
                 f"{outcome.name} is refused (a decision never changes)"
             )
         if verdict is SettleVerdict.MISSING_ESCROW:
-            log.error("COMMITTED for a trade with no escrow here: refused", trade_id=trade_id, shard=shard)
+            self._refused_settle("missing-escrow", "COMMITTED for a trade with no escrow here: refused",
+                                 trade_id=trade_id, shard=shard)
             raise FailedPrecondition(
                 f"trade {echo(trade_id)} holds no escrow on {shard}; COMMITTED is refused "
                 "(committing would create items: the escrow was lost)"
@@ -333,6 +334,20 @@ class Participant:
         return stored.state_to_proto(state_for(outcome))
 
     # ---- same-shard trades ----
+
+    def _refused_settle(self, kind: str, event: str, **fields: object) -> None:
+        """An error line for a settle that contradicts what this shard applied: a bug of
+        ours, or a caller that is not the coordinator. At most one per kind every
+        :data:`REFUSED_SETTLE_LOG_INTERVAL_S` (with the number held back since), so a
+        caller repeating it cannot flood the log or page an operator a thousand times."""
+        now_s = self._clock.monotonic_s()
+        logged_s, held_back = self._refused_settles.get(kind, (float("-inf"), 0))
+        if now_s - logged_s < REFUSED_SETTLE_LOG_INTERVAL_S:
+            self._refused_settles[kind] = (logged_s, held_back + 1)
+            log.debug(event, **fields)
+            return
+        self._refused_settles[kind] = (now_s, 0)
+        log.error(event, held_back_since_last=held_back, **fields)
 
     async def execute_local_trade(
         self, request: shardnode_pb2.ExecuteLocalTradeRequest, timeout_s: float

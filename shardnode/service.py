@@ -258,6 +258,11 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
                     raise InvalidArgument(
                         f"call {call.call_id} carries no request; set one of {', '.join(sorted(NODE_CALL_RPCS))}"
                     )
+                if call.timeout_ms > limits.MAX_NODE_CALL_TIMEOUT_MS:
+                    raise InvalidArgument(
+                        f"call {call.call_id} has timeout_ms {call.timeout_ms}; use 1 to "
+                        f"{limits.MAX_NODE_CALL_TIMEOUT_MS} (0: {limits.DEFAULT_NODE_CALL_TIMEOUT_MS})"
+                    )
                 if outsider is not None and kind in COORDINATOR_CALLS:
                     raise PermissionDenied(self._peers.refusal(outsider, method, "the control plane"))
                 response = await self._answer(kind, getattr(call, kind), timeout_s)

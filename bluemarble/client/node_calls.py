@@ -83,7 +83,8 @@ class CallStream:
         call_id = next(self._ids)
         future: asyncio.Future[shardnode_pb2.NodeResult] = loop.create_future()
         self._pending[call_id] = future
-        call = shardnode_pb2.NodeCall(call_id=call_id, timeout_ms=max(1, min(60_000, int(timeout_s * 1000))))
+        timeout_ms = max(1, min(limits.MAX_NODE_CALL_TIMEOUT_MS, int(timeout_s * 1000)))
+        call = shardnode_pb2.NodeCall(call_id=call_id, timeout_ms=timeout_ms)
         getattr(call, kind).CopyFrom(request)
         self._outbox.append(call)
         self._wake.set()

@@ -128,3 +128,6 @@ MAX_NODE_CALLS_MESSAGE_BYTES = 4 * 1024 * 1024
 
 DEFAULT_NODE_CALL_TIMEOUT_MS = 10_000
 """A ShardNode.Calls call's deadline when it sets none."""
+
+MAX_NODE_CALL_TIMEOUT_MS = 60_000
+"""The longest deadline a ShardNode.Calls call may set (a longer one is refused)."""

@@ -584,6 +584,12 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                 f"lease_ttl_s {before.lease_ttl_s} -> {config.lease_ttl_s} applies to leases granted from now on: "
                 "registered nodes keep their TTL until they register again"
             )
+        removed = sorted(set(before.consistency) - set(config.consistency))
+        if removed:
+            response.warnings.append(
+                f"game systems removed: {', '.join(removed)}; players' data under them stays stored but cannot be "
+                "read or written until they are added back"
+            )
         eligible = sum(1 for n in self._d.nodes.entries.values() if n.state != common_pb2.NODE_STATE_DRAINING)
         if config.replication_factor > eligible:
             response.warnings.append(

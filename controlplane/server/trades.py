@@ -904,6 +904,8 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
         except ValueError as e:
             raise InvalidArgument(f"shard_id: {e}") from e
         validation.node_id(request.node_id)
+        # Stored in the record, shown by GetTrade and bluemarblectl: printable text only.
+        validation.printable_text(request.reason, "reason")
         await self._auth.node(context, "ResolveTrade", request.node_id)
         if not self._locate.is_member(ShardId(request.shard_id), request.node_id):
             raise FailedPrecondition(

@@ -61,6 +61,11 @@ class ConfigStore:
                     f"(stored {getattr(current, name)}, asked {getattr(config, name)}); "
                     "changing the shard layout is resharding"
                 )
+        if expected_revision > revision:
+            raise FailedPrecondition(
+                f"expected_revision {expected_revision} is ahead of the config's revision {revision}; "
+                "give the revision GetConfig returned"
+            )
         if expected_revision and expected_revision != revision:
             raise FailedPrecondition(
                 f"config changed since revision {expected_revision} (now {revision}); "

@@ -58,9 +58,12 @@ async def test_calls_in_one_message_are_answered_as_their_unary_rpcs_each_with_i
             shardnode_pb2.NodeCall(call_id=4),  # no request at all
             shardnode_pb2.NodeCall(call_id=5, set_player_data=shardnode_pb2.SetPlayerDataRequest(
                 request_id="d1", player_id="alice", system="guild", key="name", value=b"owls")),
+            shardnode_pb2.NodeCall(call_id=9, timeout_ms=2**32 - 1, get_inventory=shardnode_pb2.GetInventoryRequest(
+                player_id="alice")),
         ))  # fmt: skip
-        first = await collect(stream, 5)
-        assert set(first) == {1, 2, 3, 4, 5}
+        first = await collect(stream, 6)
+        assert set(first) == {1, 2, 3, 4, 5, 9}
+        assert first[9].error.code == "INVALID_ARGUMENT" and "timeout_ms 4294967295" in first[9].error.message
         assert list(first[1].grant_items.inventory.item_ids) == ["sword"] and not first[1].grant_items.replayed
         assert (first[2].error.code, "lists item 'a' twice" in first[2].error.message) == ("INVALID_ARGUMENT", True)
         assert first[3].error.code == "NOT_FOUND" and "nobody" in first[3].error.message

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+import structlog.testing
 
 from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.ring_router import RingRouter
@@ -195,6 +196,24 @@ async def test_prepare_commit_abort_are_idempotent_and_refusals_name_the_item_or
     assert n.storage.trade(SHARD, "t9") is None
     listed = await n.stub.ListTrades(shardnode_pb2.ListTradesRequest(trade_id="t1"))
     assert [(t.shard_id, t.state, t.node_id) for t in listed.trades] == [(SHARD, COMMITTED_STATE, "n1")]
+
+
+async def test_repeated_conflicting_settles_log_one_error_per_interval(node: Node) -> None:
+    n = node
+    await seed(n, "alice", ["sword"], 10)
+    await n.stub.Prepare(prepare("t1", leg("alice", ["sword"])))
+    await n.stub.Commit(shardnode_pb2.CommitRequest(trade_id="t1", shard_id=SHARD))
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(20):  # a caller that is not the coordinator, repeating itself
+            with pytest.raises(grpc.aio.AioRpcError):
+                await n.stub.Abort(shardnode_pb2.AbortRequest(trade_id="t1", shard_id=SHARD))
+            with pytest.raises(grpc.aio.AioRpcError):
+                await n.stub.Commit(shardnode_pb2.CommitRequest(trade_id="never-prepared", shard_id=SHARD))
+    errors = [e["event"] for e in logs if e["log_level"] == "error"]
+    assert sorted(errors) == [
+        "COMMITTED for a trade with no escrow here: refused",
+        "conflicting settle refused: the trade already applied the other outcome",
+    ], errors
 
 
 async def test_two_concurrent_prepares_of_one_item_escrow_it_once(node: Node) -> None:

@@ -290,6 +290,20 @@ class TestConfig:
         assert (await stub.GetConfig(pb.GetConfigRequest())).config.lease_ttl_s == 5
         assert (await stub.RegisterNode(register_request())).ttl_ms == 5000
 
+    async def test_removing_a_game_system_warns_that_its_data_becomes_unreachable(self, stub: Stub) -> None:
+        current = await stub.GetConfig(pb.GetConfigRequest())
+        config = current.config
+        assert "guild" in config.consistency
+        del config.consistency["guild"]
+        r = await stub.SetConfig(pb.SetConfigRequest(config=config, expected_revision=current.revision))
+        assert any("game systems removed: guild" in w for w in r.warnings), r.warnings
+
+    async def test_an_expected_revision_ahead_of_the_config_says_so(self, stub: Stub) -> None:
+        current = await stub.GetConfig(pb.GetConfigRequest())
+        code, details = await status_of(stub.SetConfig(pb.SetConfigRequest(
+            config=current.config, expected_revision=2**53)))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "ahead of the config's revision" in details, details
+
     @pytest.mark.parametrize(
         ("field", "value", "text"),
         [

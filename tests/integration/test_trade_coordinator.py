@@ -514,6 +514,20 @@ async def test_bad_inputs_are_invalid_argument_naming_the_problem(
     assert message in details and len(details) < 400
 
 
+async def test_a_resolve_reason_with_control_characters_is_refused_and_records_nothing(
+    start_control_plane: StartControlPlane,
+) -> None:
+    async with cluster(start_control_plane) as c:
+        a, _ = c.players(same_shard=False)
+        node = c.node_of(a).node_id
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await c.trades.ResolveTrade(trade_pb2.ResolveTradeRequest(
+                trade_id="t-esc", shard_id=c.shard(a), node_id=node, reason="\x01\x1b[31mX\u202e"))
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "reason" in (raised.value.details() or "")
+        assert await c.stored("t-esc") is None
+
+
 async def test_a_trade_id_reused_for_other_terms_is_invalid_argument_and_unknown_trades_not_found(
     start_control_plane: StartControlPlane,
 ) -> None:
