@@ -203,6 +203,10 @@ class LocalEtcd:
             "--initial-cluster-state", "new",
             "--log-level", "warn",
             "--logger", "zap",
+            # History of the last hour (as the chart): without compaction every write of a long run
+            # (heartbeats, trade records) stays in the database until it fills its quota.
+            "--auto-compaction-mode", "periodic",
+            "--auto-compaction-retention", "1h",
         ]  # fmt: skip
         self.process = ManagedProcess("etcd", argv, self.data_dir / "etcd.log").start()
         wait_until(self.healthy, timeout_s, f"etcd on {self.endpoint} to be healthy")
