@@ -551,6 +551,12 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                     f"{response.shards_under_replicated} of {shard_count} shards have fewer than "
                     f"{wanted} live copies"
                 )
+            alone = sum(1 for a in assignments if a.primary in live and not any(r in live for r in a.replicas))
+            if wanted >= 2 and alone:
+                response.warnings.append(
+                    f"{alone} of {shard_count} shards have no live replica: their primary alone acknowledges "
+                    "STRONG writes (they would not survive its loss) until a replica is placed and caught up"
+                )
         if response.shards_without_primary:
             response.warnings.append(
                 f"{response.shards_without_primary} of {shard_count} shards have no live primary"

@@ -33,8 +33,9 @@ from bluemarble.v1 import (
 )
 from bluemarble.v1 import controlplane_pb2 as pb
 from controlplane.server.app import ControlPlaneApp
+from controlplane.store import codec
 from shardnode.service import ShardNodeService
-from tests.conftest import StartControlPlane
+from tests.conftest import StartControlPlane, StreamNode
 
 pytestmark = pytest.mark.integration
 Stub = controlplane_pb2_grpc.ControlPlaneStub
@@ -465,6 +466,29 @@ class TestConfigAndReplication:
         assert status.shards_under_replicated == 16  # no shard can have 3 live copies
         assert any("replication_factor is 3 but only 1 live nodes are eligible" in w for w in status.warnings)
         assert any("16 of 16 shards have fewer than 3 live copies" in w for w in status.warnings)
+
+    async def test_status_warns_of_shards_whose_primary_is_their_only_copy(
+        self, control_plane: ControlPlaneApp, stub: Stub
+    ) -> None:
+        assert control_plane.reconciler is not None and control_plane.ring is not None
+        await control_plane.reconciler.stop()  # this test places the shards itself
+        node = StreamNode(stub, "n1", "127.0.0.1:7101")
+        await node.start()
+        ring = control_plane.ring.entries[control_plane.keys.ring()]
+        for shard in ring.shard_ids:  # every shard on n1, and no replica anywhere
+            record = common_pb2.Assignment(shard_id=shard, epoch=1, primary="n1",
+                                           state=common_pb2.ASSIGNMENT_STATE_ACTIVE)
+            await control_plane.store.put(control_plane.keys.assignment(shard), codec.encode(record))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
+        while status.shards_without_primary:  # until this replica's mirror has them all
+            assert loop.time() < deadline, status
+            await asyncio.sleep(0.05)
+            status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
+        await node.close_stream()
+        assert any("16 of 16 shards have no live replica: their primary alone acknowledges" in w
+                   for w in status.warnings), status.warnings
 
     async def test_set_config_warns_of_a_factor_above_the_live_nodes(self, stub: Stub) -> None:
         await stub.RegisterNode(register_request("n1"))
