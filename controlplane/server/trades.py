@@ -975,11 +975,18 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
                 + (f"of player {echo(hint)} " if hint else "")
                 + "has heard of it (a same-shard trade needs player_id to be found if a primary is down)"
             )
-        response.cross_shard = any(s.cross_shard for s in sides)
         settled = [s for s in sides if s.state in (shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED,
                                                    shardnode_pb2.PARTICIPANT_TRADE_STATE_ABORTED)]
-        if settled and not response.cross_shard:
-            s = settled[0]
+        # Without a record: a settled same-shard trade is the answer (escrows other shards
+        # hold under the same id belong to attempts that reused it, refused or aborted);
+        # else sides that all settled the same way, none still prepared (the record has
+        # expired), are; anything else is still being decided.
+        local = [s for s in settled if not s.cross_shard]
+        agreed = len(settled) == len(sides) and len({s.state for s in settled}) == 1
+        answer = local or (settled if agreed else [])
+        response.cross_shard = answer[0].cross_shard if answer else any(s.cross_shard for s in sides)
+        if answer:
+            s = answer[0]
             response.outcome = (common_pb2.TRADE_OUTCOME_COMMITTED
                                 if s.state == shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED
                                 else common_pb2.TRADE_OUTCOME_ABORTED)

@@ -547,6 +547,28 @@ async def test_a_trade_id_reused_for_other_terms_is_invalid_argument_and_unknown
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_get_trade_without_a_record_prefers_the_settled_same_shard_trade_over_leftover_escrows(
+    start_control_plane: StartControlPlane,
+) -> None:
+    async with cluster(start_control_plane) as c:
+        a, b = c.players(same_shard=False)
+        # A same-shard trade committed under "t-mix"; an attempt that reused the id across
+        # shards was refused and left its released escrow (ABORTED) on b's shard.
+        c.world.local["t-mix"] = (Outcome.COMMITTED, "")
+        leftover = Trade("t-mix", a, b, Offer((), 1), Offer((), 0))
+        c.world.known[(c.shard(b), "t-mix")] = p.Known(p.TradeState.ABORTED, leftover.leg_b())
+        shown = await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="t-mix"))
+        assert (shown.state, shown.outcome, shown.cross_shard) == (trade_pb2.TRADE_STATE_DONE, COMMITTED, False)
+        # Only leftovers that all settled alike, no record (expired): that outcome, done.
+        del c.world.local["t-mix"]
+        shown = await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="t-mix"))
+        assert (shown.state, shown.outcome, shown.cross_shard) == (trade_pb2.TRADE_STATE_DONE, ABORTED, True)
+        # One side still prepared: being decided.
+        c.world.known[(c.shard(a), "t-mix")] = p.Known(p.TradeState.PREPARED, leftover.leg_a())
+        shown = await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="t-mix"))
+        assert shown.state == trade_pb2.TRADE_STATE_PREPARING and shown.cross_shard
+
+
 def _prepared_ring_for_gold(c: Any, trade_id: str) -> tuple[str, str, Trade]:
     """Players on two shards, both legs of "a's ring for b's 7 gold" prepared (escrowed)
     and no decision recorded: what a coordinator that died before deciding leaves."""
