@@ -92,6 +92,17 @@ STATUS_PROBE_MAX_NODES = 256
 """Nodes one ListAssignments(include_status) asks directly at most (members with no recent
 report here); the others' statuses are missing from the answer."""
 STATUS_PROBE_TIMEOUT_S = 1.0
+STATUS_COPIES_PROBE_TIMEOUT_S = 0.3
+"""GetClusterStatus's budget for asking the nodes (a node that does not answer in time is
+judged by its latest heartbeat report): the whole status stays under a second."""
+BEHIND_WARNING_MS = 5_000
+"""GetClusterStatus warns of a replica whose oldest missing entry is this old."""
+
+
+def _some(shards: Sequence[str], shown: int = 5) -> str:
+    """The first ``shown`` shard ids, and how many more."""
+    more = len(shards) - shown
+    return ", ".join(shards[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
@@ -279,6 +290,37 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             )
         return response
 
+    async def _copy_warnings(
+        self, assignments: Sequence[common_pb2.Assignment], live: set[str], shard_count: int
+    ) -> list[str]:
+        """What the live members say of their copies now (as ListAssignments with status
+        does): shards with a replica still copying or far behind, and shards whose primary
+        does not take writes (catching up as a new primary, or fenced). A placement can be
+        complete while its copies are not."""
+        members = await self._member_statuses(assignments, STATUS_COPIES_PROBE_TIMEOUT_S)
+        statuses = {(m.shard_id, m.node_id): m.status for m in members}
+        copying: list[str] = []
+        stalled: list[str] = []
+        for a in assignments:
+            replicas = [statuses.get((a.shard_id, r)) for r in a.replicas if r in live]
+            if any(st is not None and (not st.serving or st.lag_ms >= BEHIND_WARNING_MS) for st in replicas):
+                copying.append(a.shard_id)
+            primary = statuses.get((a.shard_id, a.primary)) if a.primary in live else None
+            if primary is not None and not primary.serving:
+                stalled.append(a.shard_id)
+        warnings = []
+        if copying:
+            warnings.append(
+                f"{len(copying)} of {shard_count} shards have a replica still copying, or "
+                f"{BEHIND_WARNING_MS // 1000} s or more behind: {_some(copying)} (bluemarblectl shards shows how far)"
+            )
+        if stalled:
+            warnings.append(
+                f"{len(stalled)} of {shard_count} shards have a primary not taking writes (catching up, or fenced): "
+                f"{_some(stalled)}"
+            )
+        return warnings
+
     def _node_refs(self, assignments: Sequence[common_pb2.Assignment]) -> list[common_pb2.NodeRef]:
         """NodeRef of every registered node the assignments name, sorted by node id."""
         named = {m for a in assignments for m in (a.primary, *a.replicas) if m}
@@ -290,7 +332,7 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         return refs
 
     async def _member_statuses(
-        self, assignments: Sequence[common_pb2.Assignment]
+        self, assignments: Sequence[common_pb2.Assignment], timeout_s: float = STATUS_PROBE_TIMEOUT_S
     ) -> list[controlplane_pb2.MemberStatus]:
         """Each registered member's status of its shard, as the node answers it now
         (GetShardStatus, short deadline, at most :data:`STATUS_PROBE_MAX_NODES` nodes);
@@ -312,7 +354,7 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                 ask[NodeId(member)] = record.address
         if ask and self._d.probe is not None:
             try:
-                answers = await run_with_timeout(self._d.clock, self._d.probe.statuses(ask), STATUS_PROBE_TIMEOUT_S)
+                answers = await run_with_timeout(self._d.clock, self._d.probe.statuses(ask), timeout_s)
             except TimeoutError:
                 answers = {}
             for node, answer in answers.items():
@@ -561,6 +603,8 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             response.warnings.append(
                 f"{response.shards_without_primary} of {shard_count} shards have no live primary"
             )
+        if config is not None:  # etcd answers: the nodes are worth asking too
+            response.warnings.extend(await self._copy_warnings(assignments, live, shard_count))
         hold = self._d.placement_hold()
         if hold:
             response.warnings.append(f"the leader holds placement moves while nodes come back: {hold}")

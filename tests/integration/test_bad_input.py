@@ -21,6 +21,7 @@ import structlog.testing
 from grpc_health.v1 import health_pb2
 
 from bluemarble.core import limits
+from bluemarble.core.ids import ShardId
 from bluemarble.runtime import grpc_server, retry
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.v1 import (
@@ -490,6 +491,50 @@ class TestConfigAndReplication:
         assert any("16 of 16 shards have no live replica: their primary alone acknowledges" in w
                    for w in status.warnings), status.warnings
 
+    async def test_status_warns_of_copies_still_copying_and_primaries_not_taking_writes(
+        self, control_plane: ControlPlaneApp, stub: Stub
+    ) -> None:
+        assert control_plane.reconciler is not None
+        await control_plane.reconciler.stop()  # this test places the shards itself
+        role = common_pb2.SHARD_ROLE_PRIMARY, common_pb2.SHARD_ROLE_REPLICA
+        reports = {  # what each node answers GetShardStatus with
+            "n1": [common_pb2.ShardStatus(shard_id="shard-0", epoch=1, role=role[0], serving=True),
+                   common_pb2.ShardStatus(shard_id="shard-1", epoch=1, role=role[0], serving=False)],
+            "n2": [common_pb2.ShardStatus(shard_id="shard-0", epoch=1, role=role[1], serving=False),
+                   common_pb2.ShardStatus(shard_id="shard-1", epoch=1, role=role[1], serving=True)],
+        }
+        servers, beats = [], []
+        for node_id, statuses in reports.items():
+            server = await build_server("127.0.0.1:0", [ServiceBinding(
+                shardnode_pb2.DESCRIPTOR.services_by_name["ShardNode"].full_name,
+                ReportingNode(node_id, statuses), shardnode_pb2_grpc.add_ShardNodeServicer_to_server)])
+            servers.append(server)
+            beat = StreamNode(stub, node_id, f"127.0.0.1:{server.port}")
+            await beat.start()
+            beats.append(beat)
+        for shard in ("shard-0", "shard-1"):
+            record = common_pb2.Assignment(shard_id=shard, epoch=1, primary="n1", replicas=["n2"],
+                                           state=common_pb2.ASSIGNMENT_STATE_ACTIVE)
+            await control_plane.store.put(control_plane.keys.assignment(ShardId(shard)), codec.encode(record))
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while True:
+                status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
+                if len(status.warnings) >= 2 and any("still copying" in w for w in status.warnings):
+                    break
+                assert loop.time() < deadline, status
+                await asyncio.sleep(0.05)
+            assert any("1 of 16 shards have a replica still copying, or 5 s or more behind: shard-0" in w
+                       for w in status.warnings), status.warnings
+            assert any("1 of 16 shards have a primary not taking writes (catching up, or fenced): shard-1" in w
+                       for w in status.warnings), status.warnings
+        finally:
+            for beat in beats:
+                await beat.close_stream()
+            for server in servers:
+                await server.stop_gracefully(0.1)
+
     async def test_set_config_warns_of_a_factor_above_the_live_nodes(self, stub: Stub) -> None:
         await stub.RegisterNode(register_request("n1"))
         current = await stub.GetConfig(pb.GetConfigRequest())
@@ -615,6 +660,16 @@ async def node_channel() -> AsyncIterator[grpc.aio.Channel]:
             yield ch
     finally:
         await server.stop_gracefully(0.1)
+
+
+class ReportingNode(shardnode_pb2_grpc.ShardNodeServicer):
+    """Answers GetShardStatus with fixed statuses."""
+
+    def __init__(self, node_id: str, statuses: list[common_pb2.ShardStatus]):
+        self.node_id, self.statuses = node_id, statuses
+
+    async def GetShardStatus(self, request: Any, context: Any) -> shardnode_pb2.GetShardStatusResponse:
+        return shardnode_pb2.GetShardStatusResponse(node_id=self.node_id, shards=self.statuses)
 
 
 class TestShardNodeServer:
