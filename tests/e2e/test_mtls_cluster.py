@@ -106,13 +106,19 @@ def secure_cluster(etcd: LocalEtcd, cluster_name: str, tmp_path: Path) -> Iterat
 
 
 def settled(cluster: SecureCluster) -> bool:
+    """Every shard placed with a primary and a replica, and every primary serving (its
+    epoch-start entry written: a shard restarted before that has no copy with data)."""
     shards = cluster.ctl_json("shards")
     if shards is None:
         return False
     assignments = shards.get("assignments", [])
-    assert isinstance(assignments, list)
-    return len(assignments) == SHARDS and all(a.get("primary") and len(a.get("replicas", [])) == 1
-                                              for a in assignments)
+    statuses = shards.get("statuses", [])
+    assert isinstance(assignments, list) and isinstance(statuses, list)
+    serving = {(m["shard_id"], m["node_id"]) for m in statuses if m.get("status", {}).get("serving")}
+    return len(assignments) == SHARDS and all(
+        a.get("primary") and len(a.get("replicas", [])) == 1 and (a["shard_id"], a["primary"]) in serving
+        for a in assignments
+    )
 
 
 def test_a_cluster_under_mutual_tls_with_an_admin_token(secure_cluster: SecureCluster) -> None:
