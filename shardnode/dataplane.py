@@ -1258,6 +1258,7 @@ class DataPlane:
                     lag_ms=lag_ms,
                     on_disk_only=state.role is None,
                     serving=state.serving if state.role == PRIMARY else self._following(state),
+                    fenced_epoch=state.fenced_epoch,
                 )
             )
         return out

@@ -137,6 +137,15 @@ _FORMING_HOLD_S = 3.0
 """Hold at the start of a leader term while fewer than R nodes are live: a forming (or
 wholly restarted) cluster gets one placement, not a cascade of moves; nodes of a forming
 cluster are registering already, not waiting for leases to expire."""
+STALL_CHECK_INTERVAL_S = 5.0
+"""How often the leader asks the nodes that lead shards how their primaries stand."""
+STALL_CONFIRM_S = 5.0
+"""A primary fenced above its assignment's epoch, not serving, for this long is replaced
+through promotion (it waits for an assignment past that epoch, which only a promotion
+writes)."""
+MAX_STALL_CHECK_NODES = 256
+"""Nodes asked per check at most (the rest at the next checks, round robin)."""
+
 _MAX_PROBES_PER_S = 32
 """New registrations probed per second at most (a token bucket of that size): a mass join
 of thousands of nodes is verified over some seconds instead of in bursts, since rounds run
@@ -237,6 +246,10 @@ class Reconciler:
         self._unreadable_logged: set[tuple[str, int]] = set()
         self._promotion_notes: set[tuple[ShardId, int, str]] = set()  # logged once each
         self._fence_floor: dict[ShardId, int] = {}  # higher fenced epochs nodes reported
+        self._stall_checked_s = -math.inf
+        self._stall_cursor = 0  # round robin over the nodes that lead shards
+        self._stall_seen: dict[tuple[ShardId, int], float] = {}  # (shard, epoch) -> first seen stalled
+        self._stalled: set[tuple[ShardId, int]] = set()  # confirmed: promote past them
         # Lost shards whose members hold no copy: their next fence asks every live node.
         self._widened: set[ShardId] = set()
         self._wake = asyncio.Event()
@@ -453,6 +466,51 @@ class Reconciler:
         self._probe_tokens_at = now
         return int(self._probe_tokens)
 
+    async def _check_stalled_primaries(self) -> None:
+        """Every :data:`STALL_CHECK_INTERVAL_S`, asks the nodes that lead shards for their
+        status. A primary fenced above its assignment's epoch has stopped writing for good
+        (a replica or a Fence showed it a newer epoch) and waits for an assignment past
+        that epoch, which only a promotion writes; a leader sees a live node and does
+        nothing. Seen so for :data:`STALL_CONFIRM_S`, the shard goes through promotion,
+        the primary among its candidates (as a primary that registered again)."""
+        now = self._clock.monotonic_s()
+        if now - self._stall_checked_s < STALL_CHECK_INTERVAL_S:
+            return
+        self._stall_checked_s = now
+        epochs: dict[ShardId, tuple[NodeId, int]] = {}
+        for a in self._assignments.entries.values():
+            if a.primary:
+                epochs[ShardId(a.shard_id)] = (NodeId(a.primary), a.epoch)
+        leaders = sorted({node for node, _ in epochs.values()})
+        addresses: dict[NodeId, str] = {}
+        for i in range(min(len(leaders), MAX_STALL_CHECK_NODES)):
+            node = leaders[(self._stall_cursor + i) % len(leaders)]
+            record = self._nodes.entries.get(self._keys.node(node))
+            if record is not None:
+                addresses[node] = record.address
+        self._stall_cursor += len(addresses)
+        answers = await self._probe.statuses(addresses) if addresses else {}
+        stalled_now: set[tuple[ShardId, int]] = set()
+        for node, answer in answers.items():
+            for status in answer.shards:
+                shard = ShardId(status.shard_id)
+                if epochs.get(shard) != (node, status.epoch) or status.role != common_pb2.SHARD_ROLE_PRIMARY:
+                    continue
+                if status.fenced_epoch > status.epoch and not status.serving:
+                    stalled_now.add((shard, status.epoch))
+        asked = set(addresses)
+        for key in list(self._stall_seen):
+            if key not in stalled_now and epochs.get(key[0], (None, 0))[0] in asked:
+                del self._stall_seen[key]  # answered, and no longer stalled
+        for key in stalled_now:
+            first = self._stall_seen.setdefault(key, now)
+            if now - first >= STALL_CONFIRM_S and key not in self._stalled:
+                self._stalled.add(key)
+                self._verified_changes += 1  # an input of the rounds: plan again
+                log.warning("a primary is fenced above its epoch and writes nothing; promoting past it",
+                            shard=key[0], epoch=key[1], node_id=epochs[key[0]][0])
+        self._stalled = {key for key in self._stalled if epochs.get(key[0], (None, 0))[1] == key[1]}
+
     def _probe_due(self) -> bool:
         """Whether a registration that did not answer yet is due for another probe."""
         now = self._clock.monotonic_s()
@@ -541,6 +599,7 @@ class Reconciler:
                 self._forced.revision if self._forced is not None else 0,
             )
 
+        await self._check_stalled_primaries()
         # Skipped before any O(nodes) work: with thousands of nodes this runs every tick.
         if inputs() == self._settled and self._outage_seen_s is None:
             if not self._probe_due():
@@ -666,13 +725,16 @@ class Reconciler:
             reborn = (
                 old is not None and old in leases and stamps.get(shard, {}).get(old, leases[old]) != leases[old]
             )
-            if old is not None and old in addresses and not reborn:
+            stalled = old is not None and old in addresses and (shard, a.epoch) in self._stalled
+            if old is not None and old in addresses and not reborn and not stalled:
                 continue  # the primary is live under the registration it was given the role with
             candidates = [r for r in dict.fromkeys(a.replicas) if r in addresses and r != old]
             if reborn and old is not None:
                 candidates.append(old)  # an ex-primary back under a new registration
                 self._note(shard, a.epoch, "reborn", "primary registered again (a new incarnation); "
                            "it lost its role and may only win it back through promotion", node_id=old)
+            elif stalled and old is not None:
+                candidates.append(old)  # it holds the data; it may win the role back at a new epoch
             members[shard] = list(candidates)
             olds[shard] = old
             if shard in self._widened:

@@ -22,7 +22,7 @@ from bluemarble.core.placement import PlacementNode, ShardAssignment
 from bluemarble.core.replication.position import ZERO, LogPosition
 from bluemarble.core.ring import initial_ring
 from bluemarble.runtime.clock import FakeClock
-from bluemarble.v1 import common_pb2
+from bluemarble.v1 import common_pb2, shardnode_pb2
 from controlplane.server import reconciler as reconciler_module
 from controlplane.server.election import Election
 from controlplane.server.node_probe import FencedCopy
@@ -56,12 +56,17 @@ class FakeProbe:
         self.positions: dict[tuple[str, str], LogPosition | None] = {}  # None: no data
         self.fences: list[tuple[NodeId, dict[ShardId, int]]] = []
         self.fenced_at: dict[tuple[str, str], int] = {}  # a copy already fenced higher than asked
+        self.reports: dict[str, list[common_pb2.ShardStatus]] = {}  # GetShardStatus answers by node
 
     async def reachable(self, addresses: Mapping[NodeId, str]) -> set[NodeId]:
         return {n for n in addresses if n not in self.silent}
 
     async def refuses_connections(self, address: str) -> bool:
         return address in self.refusing
+
+    async def statuses(self, addresses: Mapping[NodeId, str]) -> dict[NodeId, shardnode_pb2.GetShardStatusResponse]:
+        return {n: shardnode_pb2.GetShardStatusResponse(node_id=n, shards=self.reports.get(n, []))
+                for n in addresses if n not in self.silent}
 
     async def fence(
         self, targets: Mapping[NodeId, tuple[str, Mapping[ShardId, int]]]
@@ -429,5 +434,38 @@ async def test_a_copy_fenced_at_the_last_epoch_stops_its_promotion_without_overf
     assert all(0 < a.epoch < 2**63 - 1 for a in after.values())  # nothing written past the last epoch
     for a in lost:  # not promoted (no epoch is left above that fence); the others still run
         assert after[world.keys.assignment(ShardId(a.shard_id))].epoch == a.epoch
+    await reconciler.stop()
+    await election.stop()
+
+
+async def test_a_live_primary_fenced_above_its_epoch_is_promoted_past_the_fence(world: World) -> None:
+    leases = [await world.add_node(f"n{i}", zone) for i, zone in enumerate("abc")]
+
+    async def heartbeat() -> None:  # the nodes stay registered throughout
+        while True:
+            for lease in leases:
+                await world.etcd.keepalive(lease)
+            await world.clock.sleep(1.0)
+
+    beating = asyncio.ensure_future(heartbeat())
+    election = await elect(world)
+    reconciler = make_reconciler(world, election)
+    await reconciler.start()
+    await world.clock.advance(3.0)
+    placed = world.assignments()
+    key, victim = next(iter(placed.items()))
+    fenced = victim.epoch + 5  # a newer epoch it saw (a stray or forged fence): it stopped writing
+    world.probe.fenced_at[(victim.shard_id, victim.primary)] = fenced
+    world.probe.reports[victim.primary] = [common_pb2.ShardStatus(
+        shard_id=victim.shard_id, epoch=victim.epoch, role=common_pb2.SHARD_ROLE_PRIMARY, serving=False,
+        fenced_epoch=fenced)]
+    await world.clock.advance(4.0)
+    assert world.assignments()[key].epoch == victim.epoch  # not yet: it must last STALL_CONFIRM_S
+    await world.clock.advance(12.0)
+    after = world.assignments()[key]
+    assert after.epoch >= fenced and after.primary, after  # promoted past the fence: writable again
+    others = {k: a for k, a in world.assignments().items() if k != key}
+    assert all(a.epoch == placed[k].epoch for k, a in others.items())  # nothing else moved
+    beating.cancel()
     await reconciler.stop()
     await election.stop()
