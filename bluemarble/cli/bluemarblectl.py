@@ -26,8 +26,8 @@ token the control plane asks of admin commands (``drain``, ``promote``, ``config
 
 Prints readable tables; ``--json`` prints the raw response as JSON instead (every integer a
 JSON number). The client library's log lines are shown only with ``-v``. Exit status:
-0 on success, 1 when the cluster answered with an error (one line on stderr), 2 on bad
-usage, 3 when ``trade execute`` answered ABORTED (the trade was refused: a definite
+0 on success, 1 on an error (one line on stderr: the cluster's answer, or input refused
+before anything was sent), 2 on bad usage, 3 when ``trade execute`` answered ABORTED (the trade was refused: a definite
 answer, not an error, but a script must be able to tell it from COMMITTED), 4 when the
 cluster did not answer (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED: the
 outcome of a write or trade is then unknown; retry it, a trade with the same id).
@@ -119,15 +119,21 @@ def render_nodes(r: controlplane_pb2.ListNodesResponse) -> str:
     )
 
 
-def _member(node: str, status: controlplane_pb2.MemberStatus | None, *, primary: bool = False) -> str:
+def _member(
+    node: str, status: controlplane_pb2.MemberStatus | None, *, primary: bool = False, replicas: int = 1
+) -> str:
     """A shard member with its log position (last epoch, applied lsn) and lag (entries /
     milliseconds), or ``?`` when nobody knows its status. A primary reports the lag of
-    its farthest replica (what it still has to ship), a replica its own."""
+    its farthest replica (what it still has to ship), a replica its own; a primary
+    without replicas says so."""
     if status is None:
         return f"{node} ?"
     s = status.status
+    position = f"{node} ({s.last_epoch},{s.applied_lsn})"
+    if primary and not replicas:
+        return f"{position} no replica"
     lag = "farthest replica" if primary else "lag"
-    return f"{node} ({s.last_epoch},{s.applied_lsn}) {lag} {s.lag_entries}/{s.lag_ms}ms"
+    return f"{position} {lag} {s.lag_entries}/{s.lag_ms}ms"
 
 
 def render_shards(r: controlplane_pb2.ListAssignmentsResponse) -> str:
@@ -136,7 +142,8 @@ def render_shards(r: controlplane_pb2.ListAssignmentsResponse) -> str:
         (
             a.shard_id,
             a.epoch,
-            _member(a.primary, statuses.get((a.shard_id, a.primary)), primary=True) if a.primary else "(none)",
+            _member(a.primary, statuses.get((a.shard_id, a.primary)), primary=True, replicas=len(a.replicas))
+            if a.primary else "(none)",
             ", ".join(_member(n, statuses.get((a.shard_id, n))) for n in a.replicas) or "-",
         )
         for a in r.assignments

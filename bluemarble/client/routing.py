@@ -201,6 +201,10 @@ _DIFFERENT_SHARDS_MARKER = "are on different shards"
 MAX_DEADLINE_S = 3600.0
 
 
+CLOSE_CHECK_S = 0.1
+"""A call waiting for the client to be ready notices :meth:`RoutingClient.close` this soon."""
+
+
 class ClientClosed(errors.FailedPrecondition):
     """The client was closed before, or while, the call ran: final. A write in flight may
     or may not have applied; retry it with the same request or trade id on a new client."""
@@ -719,10 +723,16 @@ class RoutingClient:
             raise errors.FailedPrecondition("the routing client is not started; call start() first")
         deadline = self._clock.monotonic_s() + timeout_s
         for event, what in ((self._ring_ready, "the ring"), (self.assignments.synced, "the assignments")):
-            if not await wait_event(self._clock, event, max(0.0, deadline - self._clock.monotonic_s())):
-                raise errors.Unavailable(
-                    f"the routing client did not get {what} within {timeout_s:.3g} s; is the control plane reachable?"
-                )
+            while not event.is_set():
+                if self._closed:
+                    raise ClientClosed("the routing client was closed while it waited for the control plane")
+                left_s = deadline - self._clock.monotonic_s()
+                if left_s <= 0:
+                    raise errors.Unavailable(
+                        f"the routing client did not get {what} within {timeout_s:.3g} s; "
+                        "is the control plane reachable?"
+                    )
+                await wait_event(self._clock, event, min(left_s, CLOSE_CHECK_S))  # slices: close() ends the wait
 
     def _check_usable(self) -> None:
         """FailedPrecondition after :meth:`close`, or from another event loop than the one

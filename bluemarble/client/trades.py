@@ -185,9 +185,12 @@ class TradeClient:
 
     async def close(self) -> None:
         """Closes the control-plane client when this client built it. Calls in flight
-        then fail with FailedPrecondition (their outcome unknown: ask :meth:`get_trade`,
-        or retry with the same trade id on a new client), as do calls made after it.
-        Idempotent."""
+        to the coordinator then fail with :class:`ClientClosed` (their outcome unknown:
+        ask :meth:`get_trade`, or retry with the same trade id on a new client), as do
+        calls made after it. Same-shard trades in flight run on the ``routing`` client,
+        which stays open (the caller closes it), and finish there. With a
+        ControlPlaneClient given to it, calls in flight finish too (that client stays
+        open). Idempotent."""
         self._closed = True
         if self._owns:
             await self._cp.close()

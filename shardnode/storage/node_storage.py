@@ -56,6 +56,7 @@ from bluemarble.core.ids import PlayerId, ShardId
 from bluemarble.core.limits import MAX_LOG_COUNTER, echo
 from bluemarble.core.replication.position import ZERO, LogPosition
 from bluemarble.core.trades import Holdings
+from bluemarble.runtime import retry
 from bluemarble.v1 import shardnode_pb2
 from shardnode.storage import apply, records, schema, snapshots, trades
 from shardnode.storage.records import ShardMeta, WriteResult
@@ -242,6 +243,7 @@ class NodeStorage:
         self._damage: StorageDamaged | None = None
         self._failing_since: float | None = None  # monotonic: the first failed write since the last commit
         self._failing_reported = False
+        self._write_failures = retry.FailureLog()  # one warning, then summaries every few seconds
         self.failing_limit_s = STORAGE_FAILING_LIMIT_S
         self.on_failing: Callable[[Unavailable], None] | None = None
         """Called once, with the last error, when every write has failed for
@@ -833,6 +835,10 @@ class NodeStorage:
             if not isinstance(e.__cause__, sqlite3.OperationalError):
                 raise  # not SQLite failing (a refusal of the caller's own)
             now_s = time.monotonic()
+            self._write_failures.failed(
+                "writes", now_s, "node storage refuses writes; the node leaves service if every write fails "
+                "for the limit", error=str(e), limit_s=self.failing_limit_s,
+            )
             if self._failing_since is None:
                 self._failing_since = now_s
             elif (now_s - self._failing_since >= self.failing_limit_s and not self._failing_reported
@@ -841,6 +847,8 @@ class NodeStorage:
                 self.on_failing(e)
             raise
         else:
+            if self._failing_since is not None:
+                self._write_failures.recovered("writes", time.monotonic(), "node storage takes writes again")
             self._failing_since = None
 
     def _load_meta(self) -> dict[ShardId, ShardMeta]:

@@ -280,3 +280,20 @@ async def test_closing_the_client_ends_calls_in_flight_and_leaves_nothing_open(c
     assert not transport.addresses
     node.release.set()  # the node may still apply them: a retry with the same request id is safe
     assert node.started == 5  # nothing was sent again after the close
+
+
+async def test_closing_the_client_ends_a_wait_for_the_control_plane() -> None:
+    client = RoutingClient([f"127.0.0.1:{free_port()}"])  # nothing answers there
+    await client.start()
+    loop = asyncio.get_running_loop()
+    waiting = asyncio.ensure_future(client.wait_ready(12))
+    call = asyncio.ensure_future(client.get_inventory("p1", deadline_s=12))
+    for _ in range(10):  # both tasks run up to their wait for the ring
+        await asyncio.sleep(0)
+    assert not waiting.done() and not call.done()
+    started = loop.time()
+    await client.close()
+    for pending in (waiting, call):
+        with pytest.raises(ClientClosed):
+            await asyncio.wait_for(pending, 5)
+    assert loop.time() - started < 2.0

@@ -77,3 +77,12 @@ def test_a_limit_out_of_range_is_bad_usage(capsys: pytest.CaptureFixture[str]) -
         ctl.main(["--control-plane", "127.0.0.1:1", "trade", "in-doubt", "--limit", "0"])
     assert info.value.code == 2
     assert "--limit must be 1..1000" in capsys.readouterr().err
+
+
+def test_a_primary_without_replicas_says_so_instead_of_a_lag() -> None:
+    r = controlplane_pb2.ListAssignmentsResponse(
+        assignments=[common_pb2.Assignment(shard_id="shard-0", epoch=2, primary="n1")],
+        statuses=[controlplane_pb2.MemberStatus(shard_id="shard-0", node_id="n1", status=common_pb2.ShardStatus(
+            shard_id="shard-0", epoch=2, last_epoch=2, applied_lsn=7))],
+    )
+    assert "n1 (2,7) no replica" in ctl.render_shards(r)
