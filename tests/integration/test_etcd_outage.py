@@ -17,6 +17,7 @@ import grpc.aio
 import pytest
 
 from bluemarble.core.errors import Unavailable
+from bluemarble.core.ids import NodeId
 from bluemarble.v1 import controlplane_pb2 as pb
 from bluemarble.v1 import controlplane_pb2_grpc
 from controlplane.server.app import ControlPlaneApp, ControlPlaneSettings
@@ -128,6 +129,13 @@ async def test_status_answers_within_half_a_second_and_assignments_say_stale_whi
             await stub.RegisterNode(pb.RegisterNodeRequest(node_id="n1", address="127.0.0.1:7101"))
             listed = await stub.ListAssignments(pb.ListAssignmentsRequest())
             assert (listed.stale, listed.stale_reason) == (False, "")
+            # The registration reaches this replica's mirror through its watch: wait for
+            # it before etcd stops, or the mirror's answer below has no node.
+            assert app.nodes is not None
+            registered = loop.time() + 10
+            while app.keys.node(NodeId("n1")) not in app.nodes.entries:
+                assert loop.time() < registered, "the node mirror never saw n1"
+                await asyncio.sleep(0.01)
 
             # A hung etcd (stopped, sockets open): the mirrors keep their watches, reads
             # hang. The status gives up on etcd after 0.5 s, well inside a 1.5 s deadline.
