@@ -397,7 +397,6 @@ class TradeCoordinator:
         if not task.cancelled():
             task.exception()  # its caller may be gone: the error was logged or answered already
 
-
     async def execute(self, trade: Trade) -> TradeAnswer:
         """Runs ``trade`` (validated here: InvalidArgument) to its answer. Same shard: one
         ExecuteLocalTrade. Cross-shard: 2PC with the decision recorded in etcd.
