@@ -120,7 +120,7 @@ class Participant:
         self._dp = dataplane
         self._client = control_plane
         self._clock = dataplane.clock
-        self._refused_settles: dict[str, tuple[float, int]] = {}  # kind -> (logged at, held back since)
+        self._refused_settles = retry.LogThrottle(REFUSED_SETTLE_LOG_INTERVAL_S)  # by kind
         self.escrow_timeout_ms = int(escrow_timeout_s * 1000)
         self._interval_s = check_interval_s or min(1.0, max(0.05, escrow_timeout_s / 5))
         self._rng = rng or random.Random()
@@ -340,14 +340,11 @@ class Participant:
         ours, or a caller that is not the coordinator. At most one per kind every
         :data:`REFUSED_SETTLE_LOG_INTERVAL_S` (with the number held back since), so a
         caller repeating it cannot flood the log or page an operator a thousand times."""
-        now_s = self._clock.monotonic_s()
-        logged_s, held_back = self._refused_settles.get(kind, (float("-inf"), 0))
-        if now_s - logged_s < REFUSED_SETTLE_LOG_INTERVAL_S:
-            self._refused_settles[kind] = (logged_s, held_back + 1)
+        held_back = self._refused_settles.allow(kind, self._clock.monotonic_s())
+        if held_back is None:
             log.debug(event, **fields)
-            return
-        self._refused_settles[kind] = (now_s, 0)
-        log.error(event, held_back_since_last=held_back, **fields)
+        else:
+            log.error(event, held_back_since_last=held_back, **fields)
 
     async def execute_local_trade(
         self, request: shardnode_pb2.ExecuteLocalTradeRequest, timeout_s: float

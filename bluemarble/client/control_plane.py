@@ -172,7 +172,7 @@ class ControlPlaneClient:
         self._channels = [open_channel(a) for a in self.addresses]
         self._closed = False
         self._current = 0
-        self._moves_logged: dict[tuple[str, str], float] = {}  # (from, to) -> when last logged at info
+        self._moves_logged = retry.LogThrottle(ROTATION_LOG_INTERVAL_S)  # by (from, to)
 
     @property
     def current_address(self) -> str:
@@ -192,11 +192,7 @@ class ControlPlaneClient:
         if len(self.addresses) > 1:
             # Each move at most once per interval at info, debug in between: with every
             # replica down the client moves several times a second.
-            now_s = self.clock.monotonic_s()
-            move = (failed, self.current_address)
-            quiet = now_s - self._moves_logged.get(move, float("-inf")) < ROTATION_LOG_INTERVAL_S
-            if not quiet:
-                self._moves_logged[move] = now_s
+            quiet = self._moves_logged.allow((failed, self.current_address), self.clock.monotonic_s()) is None
             (log.debug if quiet else log.info)("moving to another control-plane replica", failed=failed,
                                                 next=self.current_address)
 

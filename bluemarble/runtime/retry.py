@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -151,6 +151,27 @@ class FailureLog:
         episode = self._episodes.pop(key, None)
         if episode is not None:
             log.info(event, failures=episode.failures, after_s=round(now_s - episode.first_s, 1), **fields)
+
+
+@dataclass
+class LogThrottle:
+    """At most one loud log line per key every ``interval_s`` (the rest at debug), for
+    events that are not failures of one operation but may repeat fast: a client moving
+    between replicas, a caller repeating a refused settle. Keys are the caller's (bounded
+    by what it logs about). Times are the caller's monotonic clock, in seconds."""
+
+    interval_s: float
+    _last: dict[Hashable, tuple[float, int]] = field(default_factory=dict)  # key -> (logged at, held back)
+
+    def allow(self, key: Hashable, now_s: float) -> int | None:
+        """The number of lines held back since the last loud one when this one may be
+        loud; None when it should go at debug."""
+        logged_s, held_back = self._last.get(key, (-math.inf, 0))
+        if now_s - logged_s < self.interval_s:
+            self._last[key] = (logged_s, held_back + 1)
+            return None
+        self._last[key] = (now_s, 0)
+        return held_back
 
 
 _CALL_FAILURES = FailureLog()

@@ -163,6 +163,19 @@ async def elect(world: World, name: str = "cp-0") -> Election:
     raise AssertionError("no leader elected")
 
 
+async def placed_cluster(
+    world: World, zones: str, **kwargs: Any
+) -> tuple[dict[str, int], Election, Reconciler]:
+    """A node per zone (n0, n1, ...), an elected leader and its reconciler, 3 s on: the
+    shards placed. Returns the nodes' leases, the election and the reconciler."""
+    leases = {f"n{i}": await world.add_node(f"n{i}", zone) for i, zone in enumerate(zones)}
+    election = await elect(world)
+    reconciler = make_reconciler(world, election, **kwargs)
+    await reconciler.start()
+    await world.clock.advance(3.0)
+    return leases, election, reconciler
+
+
 async def test_a_leader_whose_key_is_deleted_steps_down_at_once(world: World) -> None:
     election = await elect(world)
     first = election.leadership
@@ -235,11 +248,7 @@ async def test_a_deposed_leader_writes_nothing_and_rechecks_instead_of_replannin
 
 
 async def test_moves_are_held_after_a_mass_expiry_until_the_nodes_come_back(world: World) -> None:
-    leases = {f"n{i}": await world.add_node(f"n{i}", zone) for i, zone in enumerate("abcd")}
-    election = await elect(world)
-    reconciler = make_reconciler(world, election)
-    await reconciler.start()
-    await world.clock.advance(3.0)
+    leases, election, reconciler = await placed_cluster(world, "abcd")
     placed = world.assignments()
     assert len(placed) == SHARDS and all(a.primary for a in placed.values())
 
@@ -270,11 +279,7 @@ async def test_moves_are_held_after_a_mass_expiry_until_the_nodes_come_back(worl
 
 
 async def test_two_crashes_in_a_row_are_not_held_as_a_mass_expiry(world: World) -> None:
-    leases = {f"n{i}": await world.add_node(f"n{i}", zone) for i, zone in enumerate("abcd")}
-    election = await elect(world)
-    reconciler = make_reconciler(world, election)
-    await reconciler.start()
-    await world.clock.advance(3.0)
+    leases, election, reconciler = await placed_cluster(world, "abcd")
     # Two leases end, and their addresses refuse connections: the processes are gone.
     world.probe.refusing = {address_of("n0"), address_of("n1")}
     for node in ("n0", "n1"):
@@ -287,11 +292,7 @@ async def test_two_crashes_in_a_row_are_not_held_as_a_mass_expiry(world: World) 
 
 
 async def test_held_moves_happen_once_the_hold_ends_without_the_nodes(world: World) -> None:
-    leases = {f"n{i}": await world.add_node(f"n{i}", zone) for i, zone in enumerate("abcd")}
-    election = await elect(world)
-    reconciler = make_reconciler(world, election, hold_s=4.0)
-    await reconciler.start()
-    await world.clock.advance(3.0)
+    leases, election, reconciler = await placed_cluster(world, "abcd", hold_s=4.0)
     for node in ("n0", "n1"):
         await world.etcd.revoke_lease(leases[node])
     await world.clock.advance(2.0)
@@ -417,11 +418,7 @@ async def test_a_joining_node_takes_primaries_only_once_its_copies_had_time(
 
 
 async def test_a_copy_fenced_at_the_last_epoch_stops_its_promotion_without_overflowing(world: World) -> None:
-    leases = {f"n{i}": await world.add_node(f"n{i}", zone) for i, zone in enumerate("abc")}
-    election = await elect(world)
-    reconciler = make_reconciler(world, election)
-    await reconciler.start()
-    await world.clock.advance(3.0)
+    leases, election, reconciler = await placed_cluster(world, "abc")
     placed = world.assignments()
     victim = next(iter(placed.values()))
     lost = [a for a in placed.values() if a.primary == victim.primary]
@@ -439,19 +436,15 @@ async def test_a_copy_fenced_at_the_last_epoch_stops_its_promotion_without_overf
 
 
 async def test_a_live_primary_fenced_above_its_epoch_is_promoted_past_the_fence(world: World) -> None:
-    leases = [await world.add_node(f"n{i}", zone) for i, zone in enumerate("abc")]
+    leases, election, reconciler = await placed_cluster(world, "abc")
 
     async def heartbeat() -> None:  # the nodes stay registered throughout
         while True:
-            for lease in leases:
+            for lease in leases.values():
                 await world.etcd.keepalive(lease)
             await world.clock.sleep(1.0)
 
     beating = asyncio.ensure_future(heartbeat())
-    election = await elect(world)
-    reconciler = make_reconciler(world, election)
-    await reconciler.start()
-    await world.clock.advance(3.0)
     placed = world.assignments()
     key, victim = next(iter(placed.items()))
     fenced = victim.epoch + 5  # a newer epoch it saw (a stray or forged fence): it stopped writing
