@@ -104,6 +104,8 @@ from bluemarble.core.placement import (
     PlacementPlan,
     Positions,
     ShardAssignment,
+    handoffs_of,
+    keep_former_primaries,
     plan_assignments,
 )
 from bluemarble.core.placement.repair import unsafe_outside_copies
@@ -145,6 +147,12 @@ through promotion (it waits for an assignment past that epoch, which only a prom
 writes)."""
 MAX_STALL_CHECK_NODES = 256
 """Nodes asked per check at most (the rest at the next checks, round robin)."""
+SUCCESSOR_WAIT_WARNING_S = 30.0
+"""A new primary of a planned handoff not serving after this long is logged (once): its
+predecessor keeps its copy meanwhile (bluemarble.core.placement.handoff)."""
+UNWRITTEN_PIN_S = 10.0
+"""A handoff whose assignment the mirror never showed (its write failed) is forgotten
+after this long."""
 
 _MAX_PROBES_PER_S = 32
 """New registrations probed per second at most (a token bucket of that size): a mass join
@@ -172,6 +180,18 @@ class Promotions:
     ready: dict[ShardId, ShardAssignment]
     waiting: frozenset[ShardId]
     stuck: frozenset[ShardId]
+
+
+@dataclass
+class _Pin:
+    """A planned handoff of one shard whose new primary was not seen serving yet: until
+    it is, ``former`` keeps its copy (bluemarble.core.placement.handoff)."""
+
+    former: NodeId
+    successor: NodeId
+    epoch: int  # the successor's term
+    since_s: float
+    warned: bool = False
 
 
 @dataclass
@@ -250,6 +270,7 @@ class Reconciler:
         self._stall_cursor = 0  # round robin over the nodes that lead shards
         self._stall_seen: dict[tuple[ShardId, int], float] = {}  # (shard, epoch) -> first seen stalled
         self._stalled: set[tuple[ShardId, int]] = set()  # confirmed: promote past them
+        self._pins: dict[ShardId, _Pin] = {}  # planned handoffs whose new primary does not serve yet
         # Lost shards whose members hold no copy: their next fence asks every live node.
         self._widened: set[ShardId] = set()
         self._wake = asyncio.Event()
@@ -657,6 +678,7 @@ class Reconciler:
             # copying the shard: wait for it (the round is planned again each tick).
             self._log_waiting_for_copies(early)
             return plan
+        plan = await self._keep_former_primaries(plan, current, addresses)
         # Records whose live members registered again keep their roles (replicas; a
         # lost primary was promoted or deferred above) under the new lease id.
         restamp = [
@@ -674,6 +696,61 @@ class Reconciler:
         elif plan.converged and not promotions.waiting:
             self._settled = settled_inputs
         return plan
+
+    async def _keep_former_primaries(
+        self, plan: PlacementPlan, current: Mapping[ShardId, ShardAssignment], addresses: Mapping[NodeId, str]
+    ) -> PlacementPlan:
+        """``plan`` with the old primary of every planned handoff kept as a replica until
+        its successor serves: this plan's handoffs and the earlier ones not confirmed yet
+        (bluemarble.core.placement.handoff). A leader that starts knows of none: at worst
+        an old primary's copy goes with the plan after its handoff, as it always did."""
+        await self._confirm_successors(current, addresses)
+        keep = {shard: pin.former for shard, pin in self._pins.items()}
+        handed = handoffs_of(plan)
+        keep.update(handed)
+        plan = keep_former_primaries(plan, current, keep, addresses.keys())
+        now = self._clock.monotonic_s()
+        for shard, former in handed.items():
+            record = plan.assignments[shard]
+            if record.primary is not None:
+                self._pins[shard] = _Pin(former, record.primary, record.epoch, now)
+        return plan
+
+    async def _confirm_successors(
+        self, current: Mapping[ShardId, ShardAssignment], addresses: Mapping[NodeId, str]
+    ) -> None:
+        """Forgets the handoffs whose new primary serves at its epoch (asked with
+        GetShardStatus), was replaced since, or whose old or new primary left."""
+        if not self._pins:
+            return
+        now = self._clock.monotonic_s()
+        asking: dict[NodeId, str] = {}
+        for shard, pin in list(self._pins.items()):
+            record = current.get(shard)
+            gone = pin.former not in addresses or pin.successor not in addresses
+            if gone or (record is not None and (record.epoch > pin.epoch or (
+                    record.epoch == pin.epoch and record.primary != pin.successor))):
+                del self._pins[shard]  # a later change of primary, or a side left
+            elif record is None or record.epoch < pin.epoch:
+                if now - pin.since_s >= UNWRITTEN_PIN_S:
+                    del self._pins[shard]  # its write never reached the mirror: it failed
+            else:
+                asking[pin.successor] = addresses[pin.successor]
+        if not asking:
+            return
+        answers = await self._probe.statuses(asking)
+        for shard, pin in list(self._pins.items()):
+            answer = answers.get(pin.successor)
+            if answer is None or pin.successor not in asking:
+                continue
+            if any(st.shard_id == shard and st.epoch == pin.epoch and st.role == common_pb2.SHARD_ROLE_PRIMARY
+                   and st.serving for st in answer.shards):
+                del self._pins[shard]
+            elif not pin.warned and now - pin.since_s >= SUCCESSOR_WAIT_WARNING_S:
+                pin.warned = True
+                log.warning("the new primary of a handoff does not serve yet; its old primary keeps its copy",
+                            shard=shard, epoch=pin.epoch, new_primary=pin.successor, old_primary=pin.former,
+                            waited_s=round(now - pin.since_s, 1))
 
     def _log_waiting_for_copies(self, early: Sequence[Move]) -> None:
         now = self._clock.monotonic_s()

@@ -462,3 +462,42 @@ async def test_a_live_primary_fenced_above_its_epoch_is_promoted_past_the_fence(
     beating.cancel()
     await reconciler.stop()
     await election.stop()
+
+
+async def test_a_handed_off_primary_keeps_its_copy_until_the_new_primary_serves(world: World) -> None:
+    """Draining a primary hands its shards off and would move its copies in the same
+    round; its copies stay (as replicas) until each new primary reports serving at its
+    epoch, so the new primary can copy what the old one had not shipped yet."""
+    leases, election, reconciler = await placed_cluster(world, "abcd")
+
+    async def heartbeat() -> None:
+        while True:
+            for lease in leases.values():
+                await world.etcd.keepalive(lease)
+            await world.clock.sleep(1.0)
+
+    beating = asyncio.ensure_future(heartbeat())
+    before = world.assignments()
+    victim = next(iter(before.values())).primary
+    led = [key for key, a in before.items() if a.primary == victim]
+    record = common_pb2.Node(node_id=victim, address=address_of(victim), zone="a", capacity=1,
+                             lease_id=leases[victim], state=common_pb2.NODE_STATE_DRAINING)
+    await world.etcd.put(world.keys.node(NodeId(victim)), codec.encode(record), lease=leases[victim])
+    await world.clock.advance(4.0)
+    held = world.assignments()
+    for key in led:
+        assert held[key].primary not in (victim, "") and held[key].epoch == before[key].epoch + 1
+        assert victim in held[key].replicas, held[key]  # kept: the new primary does not serve yet
+    assert not any(victim in a.replicas for k, a in held.items() if k not in led)  # the rest moved
+    # The new primaries serve: the old primary's copies go.
+    for key in led:
+        a = held[key]
+        world.probe.reports.setdefault(a.primary, []).append(common_pb2.ShardStatus(
+            shard_id=a.shard_id, epoch=a.epoch, role=common_pb2.SHARD_ROLE_PRIMARY, serving=True))
+    await world.clock.advance(4.0)
+    after = world.assignments()
+    assert not any(victim in (a.primary, *a.replicas) for a in after.values()), after
+    assert all(len(a.replicas) == 2 for a in after.values())
+    beating.cancel()
+    await reconciler.stop()
+    await election.stop()

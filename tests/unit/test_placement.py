@@ -36,6 +36,8 @@ from bluemarble.core.placement import (
     PlacementPlan,
     ShardAssignment,
     fair_shares,
+    handoffs_of,
+    keep_former_primaries,
     plan_assignments,
     violations,
 )
@@ -927,3 +929,39 @@ def test_a_copy_kept_by_a_node_that_left_is_promoted_only_when_it_must_be_comple
     assert unsafe_outside_copies(copies, members, 1, replication_factor=2) == frozenset()
     # With R = 3 the other replica may have acknowledged writes after the node left.
     assert unsafe_outside_copies(copies, members, 2, replication_factor=3) == {"left-before", "left-during"}
+
+
+# -- a handed-off primary keeps its copy (bluemarble.core.placement.handoff) ---------------
+
+
+def test_a_drained_primary_keeps_its_copy_in_the_plan_that_hands_it_off() -> None:
+    """Draining ``a`` hands its primary to a replica and moves its copy in one plan;
+    kept, ``a`` stays a replica (the MOVE becomes an ADD) until the caller lets go."""
+    nodes = [node("a", "z1", draining=True), node("b", "z2"), node("c", "z3"), node("d", "z1")]
+    current = records(record(0, "a", "b", "c"))
+    plan = plan_assignments(nodes, [shard_id(0)], current, PlacementConfig(3, 8))
+    handed = handoffs_of(plan)
+    assert handed == {shard_id(0): NodeId("a")}
+    assert "a" not in plan.assignments[shard_id(0)].members  # what the planner alone does
+    kept = keep_former_primaries(plan, current, handed, {n.node_id for n in nodes})
+    after = kept.assignments[shard_id(0)]
+    assert after.primary == plan.assignments[shard_id(0)].primary and after.epoch == 2
+    assert set(after.replicas) == {*plan.assignments[shard_id(0)].replicas, "a"}
+    assert [m.kind for m in kept.moves if m.source == "a"] == [MoveKind.HANDOFF_PRIMARY]
+    assert any(m.kind is MoveKind.ADD_REPLICA and m.target == "d" for m in kept.moves)
+    assert kept.changed == (shard_id(0),) and not kept.converged
+    # Let go (the new primary serves): the next plan drops the extra copy.
+    again = plan_assignments(nodes, [shard_id(0)], kept.assignments, PlacementConfig(3, 8))
+    assert "a" not in again.assignments[shard_id(0)].members
+    assert len(again.assignments[shard_id(0)].members) == 3
+
+
+def test_keeping_a_former_primary_changes_nothing_else() -> None:
+    current = records(record(0, "b", "a", "c"), record(1, "c", "b", "d"))
+    plan = plan_assignments([node("b"), node("c"), node("d")], [shard_id(0), shard_id(1)], current,
+                            PlacementConfig(3, 8))
+    live = {NodeId(n) for n in "bcd"}
+    # A former primary that is gone is not kept; one still a member needs nothing.
+    assert keep_former_primaries(plan, current, {shard_id(0): NodeId("a")}, live) is plan
+    assert keep_former_primaries(plan, current, {shard_id(1): NodeId("c")}, live) is plan
+    assert handoffs_of(plan) == {}  # a promotion or a dropped replica is no handoff

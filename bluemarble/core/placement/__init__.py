@@ -112,11 +112,15 @@ The package, one concept per module (import the public names from here):
 * :mod:`~bluemarble.core.placement.repair`: failover and the repair phases;
 * :mod:`~bluemarble.core.placement.chains` and
   :mod:`~bluemarble.core.placement.rebalance`: the rebalancing search;
-* :mod:`~bluemarble.core.placement.planner`: :func:`plan_assignments`.
+* :mod:`~bluemarble.core.placement.planner`: :func:`plan_assignments`;
+* :mod:`~bluemarble.core.placement.handoff`: :func:`keep_former_primaries`, which the
+  reconciler applies to every plan: a handed-off primary keeps its copy until its
+  successor serves.
 """
 
 from bluemarble.core.placement.checker import violations
 from bluemarble.core.placement.fair_share import FairShare
+from bluemarble.core.placement.handoff import handoffs_of, keep_former_primaries
 from bluemarble.core.placement.layout import fair_shares
 from bluemarble.core.placement.planner import plan_assignments
 from bluemarble.core.placement.values import (
@@ -139,6 +143,8 @@ __all__ = [
     "Positions",
     "ShardAssignment",
     "fair_shares",
+    "handoffs_of",
+    "keep_former_primaries",
     "plan_assignments",
     "violations",
 ]

@@ -1,0 +1,78 @@
+"""A handed-off primary keeps its copy until its successor serves.
+
+Why this exists: a primary acknowledges some writes before any replica holds them
+(Commit and Abort of trades, EVENTUAL writes: docs/decisions.md, "Commit and Abort
+answer after the local commit"). A new primary copies what it lacks from the replicas
+of its assignment before it serves (``DataPlane._catch_up``), so a handoff that keeps
+the old primary as a replica loses nothing. Some rounds, though, hand the primary off
+and drop the old primary's copy in the same plan: the end of a primary relocation
+(``repair._drop_one``), a draining primary whose copy ``drain_replicas`` moves at once,
+a rebalance that moves the demoted copy. The new primary then served without the writes
+its predecessor had not shipped yet: a trade's settle, for one, whose escrow then held
+its items until the termination rule settled it again (seconds).
+
+So the reconciler passes every plan through :func:`keep_former_primaries`: the old
+primary of a handoff stays a replica, in that plan and in later ones, until the new
+primary reports serving at the new epoch (which it does only once it has copied what
+the old one held). A later round then drops the extra copy as it would have. Pure: no
+I/O, the reconciler gathers who is serving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Mapping
+from types import MappingProxyType
+
+from bluemarble.core.ids import NodeId, ShardId
+from bluemarble.core.placement.values import Move, MoveKind, PlacementPlan, ShardAssignment
+
+_DROPS_A_COPY = frozenset({MoveKind.REMOVE_REPLICA, MoveKind.MOVE_REPLICA})
+
+
+def handoffs_of(plan: PlacementPlan) -> dict[ShardId, NodeId]:
+    """The shards ``plan`` hands to another primary by a planned handoff, with the old
+    primary of each (failover promotions are not handoffs: their old primary is gone)."""
+    return {
+        move.shard_id: move.source
+        for move in plan.moves
+        if move.kind is MoveKind.HANDOFF_PRIMARY and move.source is not None
+    }
+
+
+def keep_former_primaries(
+    plan: PlacementPlan,
+    current: Mapping[ShardId, ShardAssignment],
+    keep: Mapping[ShardId, NodeId],
+    live: Collection[NodeId],
+) -> PlacementPlan:
+    """``plan`` with the copy of ``keep[shard]`` (a former primary) left on each shard
+    that would drop it: the node stays a replica, its REMOVE_REPLICA move is gone and its
+    MOVE_REPLICA becomes an ADD_REPLICA of the target. A node that is not ``live`` is not
+    kept (its copy is gone with it). The result is not ``converged`` when a copy was kept:
+    a later round drops it once the caller stops asking to keep it."""
+    assignments = dict(plan.assignments)
+    kept: set[tuple[ShardId, NodeId]] = set()
+    for shard, node in keep.items():
+        record = assignments.get(shard)
+        if record is None or node not in live or node in record.members:
+            continue
+        assignments[shard] = dataclasses.replace(record, replicas=(*record.replicas, node))
+        kept.add((shard, node))
+    if not kept:
+        return plan
+    moves: list[Move] = []
+    for move in plan.moves:
+        if (move.shard_id, move.source) not in kept or move.kind not in _DROPS_A_COPY:
+            moves.append(move)
+        elif move.kind is MoveKind.MOVE_REPLICA:
+            reason = f"{move.reason} ({move.source} kept until the new primary serves)"
+            moves.append(Move(move.shard_id, MoveKind.ADD_REPLICA, None, move.target, reason))
+        # else the REMOVE_REPLICA of the kept copy: gone
+    return PlacementPlan(
+        assignments=MappingProxyType(assignments),
+        moves=tuple(moves),
+        # In the plan's order (shard order): the assignments keep it.
+        changed=tuple(shard for shard in assignments if current.get(shard) != assignments[shard]),
+        converged=False,
+    )
