@@ -35,7 +35,7 @@ from bluemarble.core.ids import NodeId, ShardId, shard_index
 from bluemarble.core.ring import Ring
 from bluemarble.runtime.auth import ServerAuth
 from bluemarble.runtime.clock import Clock, run_with_timeout
-from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc
+from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc, shardnode_pb2
 from controlplane.server.crash_watch import CrashWatch
 from controlplane.server.election import Election, LeaderInfo
 from controlplane.server.node_probe import NodeProbe
@@ -97,6 +97,16 @@ STATUS_COPIES_PROBE_TIMEOUT_S = 0.3
 judged by its latest heartbeat report): the whole status stays under a second."""
 BEHIND_WARNING_MS = 5_000
 """GetClusterStatus warns of a replica whose oldest missing entry is this old."""
+STATUS_ANSWERS_REUSED_S = 0.5
+"""Status calls that ask the same nodes within this share their answers (and one probe in
+flight): a hundred operators' and dashboards' calls at once cost the nodes one round of
+GetShardStatus, not a hundred."""
+
+
+def _retrieve(task: asyncio.Task[object]) -> None:
+    """Marks a shared probe's failure as seen: a caller that gave up is not told of it."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _some(shards: Sequence[str], shown: int = 5) -> str:
@@ -112,6 +122,10 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         # The shard ids of the last ring a heartbeat was checked against, by identity:
         # building the set on every heartbeat would cost more than the heartbeat.
         self._ring_shards: tuple[Ring | None, frozenset[str]] = (None, frozenset())
+        # The last probe of the members (see _probe_members): what it asked, when it
+        # started, and its answers (a task while in flight).
+        self._member_probe: tuple[frozenset[tuple[NodeId, str]], float,
+                                  asyncio.Task[dict[NodeId, shardnode_pb2.GetShardStatusResponse]]] | None = None
 
     # ---- node lifecycle ----
 
@@ -353,10 +367,7 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             if len(ask) < STATUS_PROBE_MAX_NODES or member in ask:
                 ask[NodeId(member)] = record.address
         if ask and self._d.probe is not None:
-            try:
-                answers = await run_with_timeout(self._d.clock, self._d.probe.statuses(ask), timeout_s)
-            except TimeoutError:
-                answers = {}
+            answers = await self._probe_members(ask, timeout_s)
             for node, answer in answers.items():
                 for status in answer.shards:
                     if not status.on_disk_only:
@@ -374,6 +385,35 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             for shard, member in members
             if (shard, member) in found
         ]
+
+    async def _probe_members(
+        self, ask: dict[NodeId, str], timeout_s: float
+    ) -> dict[NodeId, shardnode_pb2.GetShardStatusResponse]:
+        """GetShardStatus of the nodes in ``ask``, within ``timeout_s`` (nodes that did
+        not answer are missing). A probe of the same nodes started less than
+        :data:`STATUS_ANSWERS_REUSED_S` ago is shared, in flight or done."""
+        assert self._d.probe is not None
+        key = frozenset(ask.items())
+        now_s = self._d.clock.monotonic_s()
+        last = self._member_probe
+        if last is not None and last[0] == key and now_s - last[1] < STATUS_ANSWERS_REUSED_S:
+            probe = last[2]
+        else:
+            # Bounded by the longest budget a caller has: a node that does not answer
+            # cannot hold the shared probe (or its task) for longer.
+            probe = asyncio.ensure_future(
+                run_with_timeout(self._d.clock, self._d.probe.statuses(ask), STATUS_PROBE_TIMEOUT_S)
+            )
+            probe.add_done_callback(_retrieve)
+            self._member_probe = (key, now_s, probe)
+
+        async def shared() -> dict[NodeId, shardnode_pb2.GetShardStatusResponse]:
+            return await asyncio.shield(probe)  # a caller giving up leaves it to the others
+
+        try:
+            return await run_with_timeout(self._d.clock, shared(), timeout_s)
+        except TimeoutError:
+            return {}
 
     def _ring_now(self) -> Ring:
         ring = self._d.ring.entries.get(self._d.keys.ring())
