@@ -676,6 +676,9 @@ class Reconciler:
         if early and not self.needs_repair() and not promotions.ready:
             # Only balance is at stake, and it would hand a primary to a replica still
             # copying the shard: wait for it (the round is planned again each tick).
+            # Copies kept through earlier handoffs whose new primaries serve go meanwhile:
+            # removing them does not depend on the handoffs held.
+            await self._drop_kept_copies(leadership, plan, current, addresses, leases)
             self._log_waiting_for_copies(early)
             return plan
         plan = await self._keep_former_primaries(plan, current, addresses)
@@ -698,23 +701,50 @@ class Reconciler:
         return plan
 
     async def _keep_former_primaries(
-        self, plan: PlacementPlan, current: Mapping[ShardId, ShardAssignment], addresses: Mapping[NodeId, str]
+        self, plan: PlacementPlan, current: Mapping[ShardId, ShardAssignment], addresses: Mapping[NodeId, str],
+        *, written: bool = True,
     ) -> PlacementPlan:
         """``plan`` with the old primary of every planned handoff kept as a replica until
         its successor serves: this plan's handoffs and the earlier ones not confirmed yet
-        (bluemarble.core.placement.handoff). A leader that starts knows of none: at worst
-        an old primary's copy goes with the plan after its handoff, as it always did."""
+        (bluemarble.core.placement.handoff). ``written``: the plan's handoffs will be
+        written (and are remembered until their successors serve). A leader that starts
+        knows of none: at worst an old primary's copy goes with the plan after its
+        handoff, as it always did."""
         await self._confirm_successors(current, addresses)
         keep = {shard: pin.former for shard, pin in self._pins.items()}
         handed = handoffs_of(plan)
         keep.update(handed)
         plan = keep_former_primaries(plan, current, keep, addresses.keys())
         now = self._clock.monotonic_s()
-        for shard, former in handed.items():
+        for shard, former in handed.items() if written else ():
             record = plan.assignments[shard]
             if record.primary is not None:
                 self._pins[shard] = _Pin(former, record.primary, record.epoch, now)
         return plan
+
+    async def _drop_kept_copies(
+        self, leadership: Leadership, plan: PlacementPlan, current: Mapping[ShardId, ShardAssignment],
+        addresses: Mapping[NodeId, str], leases: dict[NodeId, int],
+    ) -> None:
+        """Writes, from a plan that is held, only the shards whose every move removes a
+        replica (a copy an old primary kept until its successor served, or another
+        excess copy): such a removal changes no primary and depends on no handoff."""
+        kept = await self._keep_former_primaries(plan, current, addresses, written=False)
+        moves: dict[ShardId, list[Move]] = collections.defaultdict(list)
+        for move in kept.moves:
+            moves[move.shard_id].append(move)
+        trims = [
+            shard for shard in kept.changed
+            if moves[shard] and all(m.kind is MoveKind.REMOVE_REPLICA for m in moves[shard])
+        ]
+        if trims:
+            only = PlacementPlan(
+                assignments=kept.assignments,  # only the records of ``changed`` are written
+                moves=tuple(m for m in kept.moves if m.shard_id in trims),
+                changed=tuple(trims),
+                converged=False,
+            )
+            await self._write(leadership, only, (), leases)
 
     async def _confirm_successors(
         self, current: Mapping[ShardId, ShardAssignment], addresses: Mapping[NodeId, str]
