@@ -41,7 +41,14 @@ back rather than changing:
   back would cost epoch bumps and copies for nothing (Helix's delayed rebalancer and
   maintenance mode make the same trade);
 * at the start of a leader term while fewer than R nodes are live, for 3 s (a forming,
-  or wholly restarted, cluster gets one placement, not a cascade of moves).
+  or wholly restarted, cluster gets one placement, not a cascade of moves);
+* at the start of a leader term while a node the assignments name is not registered: no
+  control plane may have answered heartbeats for a while (the only replica restarting),
+  so more leases may be about to run out, one after another, as the nodes' retries come
+  too late. Such a hold waits for the named nodes to register again for one lease TTL
+  (a lease alive at the term's start ends within it), then ends as soon as every named
+  node is live; it lasts at most 1.5 TTL. With two control-plane replicas a leader's
+  crash leaves every lease refreshed by the other one, and failover is not delayed.
 
 A hold lasts ``hold_s`` (default: twice the lease TTL, at least 5 s) and ends early as
 soon as every node named in the current assignments is live again (and R nodes are). A
@@ -409,12 +416,13 @@ class Reconciler:
         return max(_MIN_HOLD_S, 2.0 * self._election.ttl_s)
 
     def _start_hold(
-        self, reason: str, hold_s: float | None = None, *, must_return: set[NodeId] | None = None
+        self, reason: str, hold_s: float | None = None, *, must_return: set[NodeId] | None = None,
+        settle_s: float = _OUTAGE_SETTLE_S,
     ) -> None:
         """Holds moves for ``hold_s`` (default :meth:`_hold_s`); it ends early once every
         node named in the assignments is live and R are, and every node of
         ``must_return`` has *registered again* since now. ``must_return`` None (an etcd
-        outage) means every named node for :data:`_OUTAGE_SETTLE_S`: right after etcd
+        outage) means every named node for ``settle_s``: right after etcd
         resumes, the records of leases about to expire are still listed, and "every node is
         live" would end the hold a moment before they vanish. After that, the records left
         are of leases that survived (a node whose lease survived never registers again, and
@@ -431,7 +439,7 @@ class Reconciler:
             self._hold_until_s, self._hold_reason = until, reason
             self._hold_must_return = must_return
             if must_return is None:
-                self._outage_settled_s = self._clock.monotonic_s() + _OUTAGE_SETTLE_S
+                self._outage_settled_s = self._clock.monotonic_s() + settle_s
             log.info("holding placement moves while nodes come back", reason=reason, hold_s=hold_s)
 
     def _held(self, nodes: Sequence[PlacementNode], current: dict[ShardId, ShardAssignment],
@@ -453,6 +461,16 @@ class Reconciler:
             )
             self._departures.clear()
         eligible = sum(1 for n in nodes if not n.draining)
+        named_missing = {m for a in current.values() for m in a.members} - {n.node_id for n in nodes}
+        if new_term and named_missing:
+            ttl_s = self._election.ttl_s
+            self._start_hold(
+                f"new leader term while {len(named_missing)} node(s) the assignments name are not registered "
+                "(leases may have run out while no control plane answered heartbeats)",
+                1.5 * ttl_s,
+                must_return=None,
+                settle_s=ttl_s,
+            )
         if new_term and eligible < replication_factor:
             self._start_hold(
                 f"new leader term with {eligible} of {replication_factor} nodes live",

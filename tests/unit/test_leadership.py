@@ -501,3 +501,38 @@ async def test_a_handed_off_primary_keeps_its_copy_until_the_new_primary_serves(
     beating.cancel()
     await reconciler.stop()
     await election.stop()
+
+
+async def test_a_new_term_that_finds_named_nodes_gone_holds_moves_until_they_register_again(world: World) -> None:
+    """The only control-plane replica restarts more slowly than the nodes' leases last:
+    some leases ran out meanwhile and the others are about to. The new leader moves
+    nothing until the nodes are back; a node that never comes back fails over within
+    1.5 lease TTLs."""
+    leases, election, reconciler = await placed_cluster(world, "abcab")
+
+    async def heartbeat() -> None:  # what the nodes left alive do
+        while True:
+            for node in ("n0", "n1", "n2", "n3"):
+                await world.etcd.keepalive(leases[node])
+            await world.clock.sleep(1.0)
+
+    await reconciler.stop()
+    await election.stop()
+    placed = world.assignments()
+    await world.etcd.revoke_lease(leases["n0"])  # ran out while no control plane answered
+    await world.etcd.revoke_lease(leases["n4"])  # and this node really died
+    beating = asyncio.ensure_future(heartbeat())
+    election = await elect(world, "cp-1")
+    reconciler = make_reconciler(world, election)
+    await reconciler.start()
+    await world.clock.advance(2.0)
+    assert "not registered" in reconciler.holding
+    assert world.assignments() == placed  # nothing moved: no failover to the first nodes back
+    leases["n0"] = await world.add_node("n0", "a")  # it registers again
+    await world.clock.advance(1.5 * TTL_S)
+    after = world.assignments()
+    assert not any("n4" in (a.primary, *a.replicas) for a in after.values())  # the dead node's roles moved
+    assert all(a.primary and len(a.replicas) == 2 for a in after.values())
+    beating.cancel()
+    await reconciler.stop()
+    await election.stop()
