@@ -29,7 +29,7 @@ from bluemarble.client.ring_router import RingRouter
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError, InvalidArgument, Unavailable
 from bluemarble.runtime import auth, background, event_loop, logs, metrics, retry, tls, tracing
-from bluemarble.runtime.channels import split_addresses
+from bluemarble.runtime.channels import checked_addresses
 from bluemarble.runtime.grpc_server import Server, ServiceBinding, build_server
 from bluemarble.runtime.settings import EnvArgumentParser
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
@@ -145,9 +145,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
                 f"only as an id its certificate names (Common Name or DNS SAN): give --node-id one of them, or a "
                 f"certificate that names {limits.echo(args.node_id)}"
             )
-    addresses = split_addresses(args.control_plane)
-    if not addresses:
-        p.error("--control-plane needs at least one address")
+    try:
+        addresses = checked_addresses(args.control_plane, "--control-plane")
+    except BlueMarbleError as e:
+        p.error(str(e))
     settings = NodeSettings(
         node_id=args.node_id,
         listen=args.listen,

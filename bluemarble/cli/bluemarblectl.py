@@ -58,7 +58,7 @@ from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError, NotFound
 from bluemarble.runtime import logs, tls
 from bluemarble.runtime.auth import ADMIN_TOKEN_ENV, MAX_TOKEN_BYTES, bearer_metadata, read_token_file
-from bluemarble.runtime.channels import split_addresses
+from bluemarble.runtime.channels import checked_addresses, split_addresses
 from bluemarble.runtime.settings import EnvArgumentParser
 from bluemarble.v1 import common_pb2, controlplane_pb2, shardnode_pb2, trade_pb2
 
@@ -628,6 +628,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "promote needs --accept-data-loss: the shard keeps only what NODE holds, and whatever only "
             "the lost nodes held is gone"
         )
+    try:
+        checked_addresses(args.control_plane, "--control-plane")
+    except BlueMarbleError as e:
+        p.error(str(e))
     if not (math.isfinite(args.timeout_s) and 0 < args.timeout_s <= MAX_TIMEOUT_S):
         p.error(f"--timeout-s must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:g}")
     if args.token_file:

@@ -144,8 +144,17 @@ class AdminToken:
         or None when neither is set. Raises InvalidArgument for an unusable token."""
         if token_file:
             return cls(path=Path(token_file))
-        value = os.environ.get(ADMIN_TOKEN_ENV, "")
-        return cls(value=value.strip()) if value.strip() else None
+        value = os.environ.get(ADMIN_TOKEN_ENV)
+        if value is None:
+            return None
+        if not value.strip():
+            # Set but empty (a Secret key with no value): running without a token would
+            # open the admin calls without a word.
+            raise InvalidArgument(
+                f"{ADMIN_TOKEN_ENV} is set but empty; give it a token (e.g. `openssl rand -hex 32`), "
+                "or unset it to run without one"
+            )
+        return cls(value=value.strip())
 
     def _stat(self) -> object:
         assert self._path is not None

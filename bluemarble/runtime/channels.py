@@ -32,6 +32,8 @@ from typing import Any
 
 import grpc.aio
 
+from bluemarble.core import validation
+from bluemarble.core.errors import InvalidArgument
 from bluemarble.core.limits import MAX_MESSAGE_BYTES
 from bluemarble.runtime import tls, tracing
 
@@ -115,3 +117,15 @@ def insecure_channel(address: str) -> grpc.aio.Channel:
 def split_addresses(value: str) -> list[str]:
     """Splits a comma-separated address list ("a:1,b:2"), dropping blanks."""
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def checked_addresses(value: str, flag: str) -> list[str]:
+    """:func:`split_addresses` of a flag's value, each a valid host:port; raises
+    InvalidArgument naming ``flag`` for none or a malformed one (a port above 65535 would
+    otherwise wrap to another port in gRPC, and "no address" retry forever)."""
+    addresses = split_addresses(value)
+    if not addresses:
+        raise InvalidArgument(f"{flag} names no address; give at least one host:port (comma-separated)")
+    for address in addresses:
+        validation.address(address, flag)
+    return addresses

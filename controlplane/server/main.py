@@ -23,6 +23,7 @@ from bluemarble.runtime.settings import EnvArgumentParser, env_name
 from controlplane.server.app import ControlPlaneApp, ControlPlaneSettings
 from controlplane.server.trades import TradeSettings
 from controlplane.store.etcd import EtcdSecurity
+from controlplane.store.keys import validate_cluster_name
 
 log = structlog.get_logger(__name__)
 
@@ -163,6 +164,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         # Before anything is written to etcd: a replica that cannot serve must not
         # create the cluster's config and ring.
         validation.address(args.listen, "--listen")
+        validate_cluster_name(args.cluster)
         if not etcd_endpoints:
             p.error("--etcd names no endpoint; give at least one host:port (comma-separated)")
         for endpoint in etcd_endpoints:

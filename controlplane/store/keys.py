@@ -31,7 +31,7 @@ def validate_cluster_name(name: str) -> str:
     """A cluster name is a DNS label: 1..63 of a-z, 0-9 and '-', not at either end."""
     if not _CLUSTER_RE.match(name):
         raise InvalidArgument(
-            f"cluster name {echo(name)} is not a DNS label (1..63 of a-z, 0-9, '-')"
+            f"--cluster: cluster name {echo(name)} is not a DNS label (1..63 of a-z, 0-9, '-')"
         )
     return name
 

@@ -44,13 +44,14 @@ class RenderError(Exception):
 
 
 def render_text(
-    values: Mapping[str, Any] | None = None, chart: Path = CHART, show_only: str | None = None, release: str = RELEASE
+    values: Mapping[str, Any] | None = None, chart: Path = CHART, show_only: str | None = None, release: str = RELEASE,
+    namespace: str = NAMESPACE,
 ) -> str:
     """The rendered manifests for values overriding values.yaml (passed as a -f file, as a
     user's values file is); raises RenderError when helm-template exits with status 1."""
     tool = helm_template_tool()
     assert tool is not None, "helm-template is absent (the tests skip before calling this)"
-    argv = [str(tool), "--name", release, "--namespace", NAMESPACE, "--kube-version", f"v{KUBE_VERSION}"]
+    argv = [str(tool), "--name", release, "--namespace", namespace, "--kube-version", f"v{KUBE_VERSION}"]
     if show_only:
         argv += ["--show-only", show_only]
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as values_file:

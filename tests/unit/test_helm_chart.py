@@ -131,6 +131,12 @@ def test_values_match_the_schema(variant: str) -> None:
         {"nodes": {"capacity": 2_000_000}},
         {"etcd": {"replicas": 2}},
         {"etcd": {"quotaBackendBytes": 1024}},
+        {"clusterName": "Prod_EU.1"},  # the control plane takes only a DNS label
+        {"clusterName": "a" * 64},
+        {"nodes": {"persistence": {"size": "0"}}},
+        {"nodes": {"persistence": {"size": -5}}},
+        {"etcd": {"persistence": {"size": "0Gi"}}},
+        {"controlplane": {"resources": {"requests": {"cpu": -1}}}},
     ],
 )
 def test_the_schema_refuses_bad_values(override: dict[str, Any]) -> None:
@@ -145,6 +151,10 @@ def test_the_schema_refuses_bad_values(override: dict[str, Any]) -> None:
         ({"etcd": {"enabled": False}}, "etcd.endpoints"),
         ({"tls": {"enabled": True}}, "tls.secretName"),
         ({"etcd": {"enabled": False, "endpoints": ["e:2379"], "auth": {"username": "u"}}}, "passwordSecret"),
+        ({"controlplane": {"metricsPort": 7000}}, "controlplane.grpcPort and controlplane.metricsPort"),
+        ({"nodes": {"grpcPort": 9100}}, "nodes.grpcPort and nodes.metricsPort"),
+        ({"etcd": {"tls": {"enabled": True, "secretName": "etcd-tls"}}}, "for an external etcd"),
+        ({"etcd": {"auth": {"username": "u", "passwordSecret": "p"}}}, "for an external etcd"),
     ],
 )
 def test_the_chart_refuses_incomplete_values(override: dict[str, Any], message: str) -> None:
@@ -451,6 +461,17 @@ def test_a_static_zone_needs_no_init_step_or_cluster_role() -> None:
     assert "initContainers" not in hc.pod_spec(m.get("StatefulSet", NODE))
     assert hc.env_value(node, "BLUEMARBLE_ZONE") == "eu-1a" and node["command"] == ["bluemarble-node"]
     assert not m.of_kind("ClusterRole")
+
+
+def test_cluster_roles_of_releases_in_two_namespaces_never_share_a_name() -> None:
+    """"prod" in "game-eu" and "eu-prod" in "game" joined with '-' gave one name; a
+    namespace holds no dot, so "<namespace>.<fullname>" cannot collide."""
+    names = [
+        Manifests.parse(hc.render_text({}, release=release, namespace=namespace)).of_kind("ClusterRole")[0]
+        ["metadata"]["name"]
+        for release, namespace in (("prod", "game-eu"), ("eu-prod", "game"))
+    ]
+    assert names[0] != names[1], names
 
 
 def test_topology_spread_over_zones(rendered: dict[str, Manifests]) -> None:

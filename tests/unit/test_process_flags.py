@@ -50,6 +50,7 @@ def usage_error(parse: Callable[[list[str]], object], argv: list[str], capsys: p
         (["--etcd", " , "], "--etcd names no endpoint"),
         (["--etcd", "etcd-without-port"], "--etcd 'etcd-without-port' is malformed"),
         (["--listen", "foo"], "--listen 'foo' is malformed"),
+        (["--cluster", "Prod"], "--cluster: cluster name 'Prod' is not a DNS label"),
     ],
 )
 def test_control_plane_flags_out_of_range_are_one_usage_line(
@@ -125,3 +126,33 @@ class TestOnlyTheMetricsServersFailureIsReportedAsSuch:
                 code = cp_main.main(["--etcd", "127.0.0.1:1", "--metrics-listen", f"127.0.0.1:{port}"])
         assert code == 1
         assert [e["event"] for e in lines] == ["control plane cannot serve metrics"]
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("", "--control-plane names no address"),
+        (" , ", "--control-plane names no address"),
+        ("127.0.0.1:99999", "outside 1..65535"),  # gRPC would wrap it to another port
+        ("garbage", "'garbage' is malformed"),
+        ("http://127.0.0.1:7000", "has an invalid host name"),
+    ],
+)
+def test_control_plane_addresses_are_checked_at_parse_time(
+    value: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bluemarble.cli import bluemarblectl
+    from shardnode.main import parse_args as node_args
+
+    line = usage_error(node_args, ["--node-id", "n1", "--data-dir", "/nonexistent", "--control-plane", value], capsys)
+    assert line.startswith("bluemarble-node: error: ") and says in line, line
+    line = usage_error(bluemarblectl.main, ["--control-plane", value, "status"], capsys)
+    assert line.startswith("bluemarblectl: error: ") and says in line, line
+
+
+def test_an_admin_token_variable_set_but_empty_is_refused(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BLUEMARBLE_ADMIN_TOKEN", "")
+    line = usage_error(cp_main.parse_args, [], capsys)
+    assert "BLUEMARBLE_ADMIN_TOKEN is set but empty" in line, line

@@ -159,6 +159,9 @@ def test_token_files_and_the_environment(tmp_path: Path, monkeypatch: pytest.Mon
     assert token.value() == "second-token"  # an unusable rewrite keeps the previous token
     monkeypatch.delenv(ADMIN_TOKEN_ENV, raising=False)
     assert AdminToken.from_settings("") is None
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, " ")  # set but empty (a Secret key without a value): refused
+    with pytest.raises(InvalidArgument, match="set but empty"):
+        AdminToken.from_settings("")
     monkeypatch.setenv(ADMIN_TOKEN_ENV, "from-env")
     from_env = AdminToken.from_settings("")
     assert from_env is not None and from_env.value() == "from-env"
