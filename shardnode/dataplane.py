@@ -1259,6 +1259,7 @@ class DataPlane:
                     on_disk_only=state.role is None,
                     serving=state.serving if state.role == PRIMARY else self._following(state),
                     fenced_epoch=state.fenced_epoch,
+                    copying=state.role == REPLICA and (not state.synced or state.snapshotting),
                 )
             )
         return out

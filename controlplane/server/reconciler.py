@@ -112,8 +112,9 @@ from bluemarble.core.placement import (
     Positions,
     ShardAssignment,
     handoffs_of,
-    keep_former_primaries,
+    keep_copies,
     plan_assignments,
+    replica_moves_of,
 )
 from bluemarble.core.placement.repair import unsafe_outside_copies
 from bluemarble.core.replication.position import LogPosition
@@ -155,8 +156,11 @@ writes)."""
 MAX_STALL_CHECK_NODES = 256
 """Nodes asked per check at most (the rest at the next checks, round robin)."""
 SUCCESSOR_WAIT_WARNING_S = 30.0
-"""A new primary of a planned handoff not serving after this long is logged (once): its
-predecessor keeps its copy meanwhile (bluemarble.core.placement.handoff)."""
+"""A new primary (or replica) that cannot take over after this long is logged (once): the
+copy it replaces stays meanwhile (bluemarble.core.placement.handoff)."""
+CAUGHT_UP_ENTRIES = 64
+"""A new replica this close to its primary (in entries) can stand in for the copy kept for
+it: it acknowledges writes as fast as they come."""
 UNWRITTEN_PIN_S = 10.0
 """A handoff whose assignment the mirror never showed (its write failed) is forgotten
 after this long."""
@@ -191,14 +195,29 @@ class Promotions:
 
 @dataclass
 class _Pin:
-    """A planned handoff of one shard whose new primary was not seen serving yet: until
-    it is, ``former`` keeps its copy (bluemarble.core.placement.handoff)."""
+    """A copy a plan gave up, kept until what replaces it can take over
+    (bluemarble.core.placement.handoff): the old primary of a handoff until ``successor``
+    serves as the primary at ``epoch``, or the source of a replica move until
+    ``successor``, the new replica, has copied the shard."""
 
     former: NodeId
     successor: NodeId
-    epoch: int  # the successor's term
+    handoff: bool  # True: a handoff to the primary ``successor``; False: a replica move
+    epoch: int  # the assignment's epoch in the plan
     since_s: float
     warned: bool = False
+
+
+def _takes_over(status: common_pb2.ShardStatus, shard: ShardId, pin: _Pin) -> bool:
+    """Whether ``status`` (the successor's, of some shard) shows it can take over from
+    the copy kept for it: a new primary serving at its epoch; a new replica done copying
+    and following its primary closely (or the shard's serving primary by now)."""
+    if status.shard_id != shard or not status.serving:
+        return False
+    if status.role == common_pb2.SHARD_ROLE_PRIMARY:
+        return status.epoch >= pin.epoch
+    return (not pin.handoff and status.role == common_pb2.SHARD_ROLE_REPLICA and not status.copying
+            and status.lag_entries <= CAUGHT_UP_ENTRIES)
 
 
 @dataclass
@@ -277,7 +296,8 @@ class Reconciler:
         self._stall_cursor = 0  # round robin over the nodes that lead shards
         self._stall_seen: dict[tuple[ShardId, int], float] = {}  # (shard, epoch) -> first seen stalled
         self._stalled: set[tuple[ShardId, int]] = set()  # confirmed: promote past them
-        self._pins: dict[ShardId, _Pin] = {}  # planned handoffs whose new primary does not serve yet
+        # Copies kept until what replaces them can take over, by (shard, kept node, successor).
+        self._pins: dict[tuple[ShardId, NodeId, NodeId], _Pin] = {}
         # Lost shards whose members hold no copy: their next fence asks every live node.
         self._widened: set[ShardId] = set()
         self._wake = asyncio.Event()
@@ -699,7 +719,7 @@ class Reconciler:
             await self._drop_kept_copies(leadership, plan, current, addresses, leases)
             self._log_waiting_for_copies(early)
             return plan
-        plan = await self._keep_former_primaries(plan, current, addresses)
+        plan = await self._keep_copies(plan, current, addresses)
         # Records whose live members registered again keep their roles (replicas; a
         # lost primary was promoted or deferred above) under the new lease id.
         restamp = [
@@ -718,26 +738,30 @@ class Reconciler:
             self._settled = settled_inputs
         return plan
 
-    async def _keep_former_primaries(
+    async def _keep_copies(
         self, plan: PlacementPlan, current: Mapping[ShardId, ShardAssignment], addresses: Mapping[NodeId, str],
         *, written: bool = True,
     ) -> PlacementPlan:
-        """``plan`` with the old primary of every planned handoff kept as a replica until
-        its successor serves: this plan's handoffs and the earlier ones not confirmed yet
-        (bluemarble.core.placement.handoff). ``written``: the plan's handoffs will be
-        written (and are remembered until their successors serve). A leader that starts
-        knows of none: at worst an old primary's copy goes with the plan after its
-        handoff, as it always did."""
-        await self._confirm_successors(current, addresses)
-        keep = {shard: pin.former for shard, pin in self._pins.items()}
+        """``plan`` with the copies it gives up kept until what replaces them can take
+        over: the old primary of each handoff until the new one serves, the source of each
+        replica move until the new replica has copied the shard; this plan's and the
+        earlier ones not confirmed yet (bluemarble.core.placement.handoff). ``written``:
+        the plan will be written (its changes are remembered until confirmed). A leader
+        that starts knows of none: at worst a copy goes one round early, as it always did."""
+        await self._confirm_pins(current, addresses)
         handed = handoffs_of(plan)
-        keep.update(handed)
-        plan = keep_former_primaries(plan, current, keep, addresses.keys())
-        now = self._clock.monotonic_s()
-        for shard, former in handed.items() if written else ():
-            record = plan.assignments[shard]
-            if record.primary is not None:
-                self._pins[shard] = _Pin(former, record.primary, record.epoch, now)
+        moved = replica_moves_of(plan)
+        keep = {(shard, former) for shard, former, _ in self._pins}
+        keep |= {(shard, former) for shard, (former, _) in handed.items()}
+        keep |= {(shard, source) for shard, source, _ in moved}
+        plan = keep_copies(plan, current, keep, addresses.keys())
+        if written:
+            now = self._clock.monotonic_s()
+            changes = [(shard, former, new, True) for shard, (former, new) in handed.items()]
+            changes += [(shard, source, target, False) for shard, source, target in moved]
+            for shard, former, successor, handoff in changes:
+                epoch = plan.assignments[shard].epoch
+                self._pins[(shard, former, successor)] = _Pin(former, successor, handoff, epoch, now)
         return plan
 
     async def _drop_kept_copies(
@@ -747,7 +771,7 @@ class Reconciler:
         """Writes, from a plan that is held, only the shards whose every move removes a
         replica (a copy an old primary kept until its successor served, or another
         excess copy): such a removal changes no primary and depends on no handoff."""
-        kept = await self._keep_former_primaries(plan, current, addresses, written=False)
+        kept = await self._keep_copies(plan, current, addresses, written=False)
         moves: dict[ShardId, list[Move]] = collections.defaultdict(list)
         for move in kept.moves:
             moves[move.shard_id].append(move)
@@ -764,41 +788,44 @@ class Reconciler:
             )
             await self._write(leadership, only, (), leases)
 
-    async def _confirm_successors(
+    async def _confirm_pins(
         self, current: Mapping[ShardId, ShardAssignment], addresses: Mapping[NodeId, str]
     ) -> None:
-        """Forgets the handoffs whose new primary serves at its epoch (asked with
-        GetShardStatus), was replaced since, or whose old or new primary left."""
+        """Forgets the kept copies whose successor can take over now (asked with
+        GetShardStatus: a new primary serving at its epoch, a new replica done copying),
+        and those whose assignment changed since or whose node left."""
         if not self._pins:
             return
         now = self._clock.monotonic_s()
         asking: dict[NodeId, str] = {}
-        for shard, pin in list(self._pins.items()):
+        for key, pin in list(self._pins.items()):
+            shard = key[0]
             record = current.get(shard)
-            gone = pin.former not in addresses or pin.successor not in addresses
-            if gone or (record is not None and (record.epoch > pin.epoch or (
-                    record.epoch == pin.epoch and record.primary != pin.successor))):
-                del self._pins[shard]  # a later change of primary, or a side left
-            elif record is None or record.epoch < pin.epoch:
+            if pin.former not in addresses or pin.successor not in addresses:
+                del self._pins[key]  # a side left
+            elif record is None or record.epoch < pin.epoch or pin.successor not in record.members:
+                # Its write is not in the mirror (yet), failed, or a later round moved the
+                # successor away: wait a little, then forget it.
                 if now - pin.since_s >= UNWRITTEN_PIN_S:
-                    del self._pins[shard]  # its write never reached the mirror: it failed
+                    del self._pins[key]
+            elif pin.handoff and (record.epoch > pin.epoch or record.primary != pin.successor):
+                del self._pins[key]  # a later change of primary
             else:
                 asking[pin.successor] = addresses[pin.successor]
         if not asking:
             return
         answers = await self._probe.statuses(asking)
-        for shard, pin in list(self._pins.items()):
+        for key, pin in list(self._pins.items()):
             answer = answers.get(pin.successor)
             if answer is None or pin.successor not in asking:
                 continue
-            if any(st.shard_id == shard and st.epoch == pin.epoch and st.role == common_pb2.SHARD_ROLE_PRIMARY
-                   and st.serving for st in answer.shards):
-                del self._pins[shard]
+            if any(_takes_over(st, key[0], pin) for st in answer.shards):
+                del self._pins[key]
             elif not pin.warned and now - pin.since_s >= SUCCESSOR_WAIT_WARNING_S:
                 pin.warned = True
-                log.warning("the new primary of a handoff does not serve yet; its old primary keeps its copy",
-                            shard=shard, epoch=pin.epoch, new_primary=pin.successor, old_primary=pin.former,
-                            waited_s=round(now - pin.since_s, 1))
+                log.warning("a new copy cannot take over yet; the copy it replaces stays meanwhile",
+                            shard=key[0], kept=pin.former, waiting_for=pin.successor,
+                            role="primary" if pin.handoff else "replica", waited_s=round(now - pin.since_s, 1))
 
     def _log_waiting_for_copies(self, early: Sequence[Move]) -> None:
         now = self._clock.monotonic_s()

@@ -464,10 +464,11 @@ async def test_a_live_primary_fenced_above_its_epoch_is_promoted_past_the_fence(
     await election.stop()
 
 
-async def test_a_handed_off_primary_keeps_its_copy_until_the_new_primary_serves(world: World) -> None:
-    """Draining a primary hands its shards off and would move its copies in the same
-    round; its copies stay (as replicas) until each new primary reports serving at its
-    epoch, so the new primary can copy what the old one had not shipped yet."""
+async def test_a_drained_node_keeps_its_copies_until_their_replacements_can_take_over(world: World) -> None:
+    """Draining a node hands its primaries off and moves its replicas in the same round
+    (make before break, bluemarble.core.placement.handoff): its copies stay, as replicas,
+    until each new primary serves at its epoch and each new replica has copied the shard,
+    as the nodes report it. Only then do they go."""
     leases, election, reconciler = await placed_cluster(world, "abcd")
 
     async def heartbeat() -> None:
@@ -487,13 +488,19 @@ async def test_a_handed_off_primary_keeps_its_copy_until_the_new_primary_serves(
     held = world.assignments()
     for key in led:
         assert held[key].primary not in (victim, "") and held[key].epoch == before[key].epoch + 1
-        assert victim in held[key].replicas, held[key]  # kept: the new primary does not serve yet
-    assert not any(victim in a.replicas for k, a in held.items() if k not in led)  # the rest moved
-    # The new primaries serve: the old primary's copies go.
-    for key in led:
+    held_by_victim = [key for key, a in before.items() if victim in (a.primary, *a.replicas)]
+    assert len(held_by_victim) > len(led)  # it held replicas too
+    for key in held_by_victim:
         a = held[key]
+        assert victim in a.replicas, a  # kept: nothing it hands over can take over yet
+        assert len(a.replicas) == 3  # its replacement is there too
+    # The nodes report: new primaries serve, new replicas hold their copies.
+    for a in held.values():
         world.probe.reports.setdefault(a.primary, []).append(common_pb2.ShardStatus(
             shard_id=a.shard_id, epoch=a.epoch, role=common_pb2.SHARD_ROLE_PRIMARY, serving=True))
+        for replica in a.replicas:
+            world.probe.reports.setdefault(replica, []).append(common_pb2.ShardStatus(
+                shard_id=a.shard_id, epoch=a.epoch, role=common_pb2.SHARD_ROLE_REPLICA, serving=True))
     await world.clock.advance(4.0)
     after = world.assignments()
     assert not any(victim in (a.primary, *a.replicas) for a in after.values()), after

@@ -37,8 +37,9 @@ from bluemarble.core.placement import (
     ShardAssignment,
     fair_shares,
     handoffs_of,
-    keep_former_primaries,
+    keep_copies,
     plan_assignments,
+    replica_moves_of,
     violations,
 )
 from bluemarble.core.placement.budget import Budget
@@ -941,9 +942,10 @@ def test_a_drained_primary_keeps_its_copy_in_the_plan_that_hands_it_off() -> Non
     current = records(record(0, "a", "b", "c"))
     plan = plan_assignments(nodes, [shard_id(0)], current, PlacementConfig(3, 8))
     handed = handoffs_of(plan)
-    assert handed == {shard_id(0): NodeId("a")}
+    assert handed == {shard_id(0): (NodeId("a"), plan.assignments[shard_id(0)].primary)}
     assert "a" not in plan.assignments[shard_id(0)].members  # what the planner alone does
-    kept = keep_former_primaries(plan, current, handed, {n.node_id for n in nodes})
+    assert replica_moves_of(plan) == [(shard_id(0), NodeId("a"), NodeId("d"))]
+    kept = keep_copies(plan, current, {(shard_id(0), NodeId("a"))}, {n.node_id for n in nodes})
     after = kept.assignments[shard_id(0)]
     assert after.primary == plan.assignments[shard_id(0)].primary and after.epoch == 2
     assert set(after.replicas) == {*plan.assignments[shard_id(0)].replicas, "a"}
@@ -962,6 +964,28 @@ def test_keeping_a_former_primary_changes_nothing_else() -> None:
                             PlacementConfig(3, 8))
     live = {NodeId(n) for n in "bcd"}
     # A former primary that is gone is not kept; one still a member needs nothing.
-    assert keep_former_primaries(plan, current, {shard_id(0): NodeId("a")}, live) is plan
-    assert keep_former_primaries(plan, current, {shard_id(1): NodeId("c")}, live) is plan
+    assert keep_copies(plan, current, {(shard_id(0), NodeId("a"))}, live) is plan
+    assert keep_copies(plan, current, {(shard_id(1), NodeId("c"))}, live) is plan
     assert handoffs_of(plan) == {}  # a promotion or a dropped replica is no handoff
+    assert replica_moves_of(plan) == []
+
+
+def test_a_moved_replica_stays_until_its_replacement_has_copied_the_shard() -> None:
+    """A rebalance moves b's copy of shard 0 to the new node c. Kept, b stays a replica
+    (with R = 2 the shard's only one able to acknowledge writes while c copies)."""
+    nodes = [node("a"), node("b"), node("c")]
+    current = records(record(0, "a", "b"), record(1, "a", "b"), record(2, "b", "a"))
+    shards = [shard_id(i) for i in range(3)]
+    plan = plan_assignments(nodes, shards, current, PlacementConfig(2, 8))
+    moved = replica_moves_of(plan)
+    assert moved, plan.moves
+    keep = {(shard, source) for shard, source, _ in moved}
+    kept = keep_copies(plan, current, keep, {n.node_id for n in nodes})
+    for shard, source, target in moved:
+        record_ = kept.assignments[shard]
+        assert source in record_.replicas and target in record_.replicas, record_
+        assert record_.epoch == current[shard].epoch  # no primary changed
+    assert not any(m.kind is MoveKind.MOVE_REPLICA for m in kept.moves)
+    assert {(m.shard_id, m.target) for m in kept.moves if m.kind is MoveKind.ADD_REPLICA} >= {
+        (shard, target) for shard, _, target in moved
+    }

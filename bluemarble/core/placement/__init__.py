@@ -113,14 +113,14 @@ The package, one concept per module (import the public names from here):
 * :mod:`~bluemarble.core.placement.chains` and
   :mod:`~bluemarble.core.placement.rebalance`: the rebalancing search;
 * :mod:`~bluemarble.core.placement.planner`: :func:`plan_assignments`;
-* :mod:`~bluemarble.core.placement.handoff`: :func:`keep_former_primaries`, which the
-  reconciler applies to every plan: a handed-off primary keeps its copy until its
-  successor serves.
+* :mod:`~bluemarble.core.placement.handoff`: :func:`keep_copies`, which the
+  reconciler applies to every plan (make before break): a handed-off primary, or the
+  source of a replica move, keeps its copy until what replaces it can take over.
 """
 
 from bluemarble.core.placement.checker import violations
 from bluemarble.core.placement.fair_share import FairShare
-from bluemarble.core.placement.handoff import handoffs_of, keep_former_primaries
+from bluemarble.core.placement.handoff import handoffs_of, keep_copies, replica_moves_of
 from bluemarble.core.placement.layout import fair_shares
 from bluemarble.core.placement.planner import plan_assignments
 from bluemarble.core.placement.values import (
@@ -144,7 +144,8 @@ __all__ = [
     "ShardAssignment",
     "fair_shares",
     "handoffs_of",
-    "keep_former_primaries",
+    "keep_copies",
     "plan_assignments",
+    "replica_moves_of",
     "violations",
 ]

@@ -1,21 +1,28 @@
-"""A handed-off primary keeps its copy until its successor serves.
+"""Make before break: a copy a plan gives up stays until what replaces it can take over.
 
-Why this exists: a primary acknowledges some writes before any replica holds them
-(Commit and Abort of trades, EVENTUAL writes: docs/decisions.md, "Commit and Abort
-answer after the local commit"). A new primary copies what it lacks from the replicas
-of its assignment before it serves (``DataPlane._catch_up``), so a handoff that keeps
-the old primary as a replica loses nothing. Some rounds, though, hand the primary off
-and drop the old primary's copy in the same plan: the end of a primary relocation
-(``repair._drop_one``), a draining primary whose copy ``drain_replicas`` moves at once,
-a rebalance that moves the demoted copy. The new primary then served without the writes
-its predecessor had not shipped yet: a trade's settle, for one, whose escrow then held
-its items until the termination rule settled it again (seconds).
+Why this exists. A plan changes roles in one step, and two of its steps drop a copy at
+the moment another one is only starting:
 
-So the reconciler passes every plan through :func:`keep_former_primaries`: the old
-primary of a handoff stays a replica, in that plan and in later ones, until the new
-primary reports serving at the new epoch (which it does only once it has copied what
-the old one held). A later round then drops the extra copy as it would have. Pure: no
-I/O, the reconciler gathers who is serving.
+* **A handoff**: a primary acknowledges some writes before any replica holds them
+  (Commit and Abort of trades, EVENTUAL writes: docs/decisions.md, "Commit and Abort
+  answer after the local commit"). A new primary copies what it lacks from the replicas
+  of its assignment before it serves (``DataPlane._catch_up``), so a handoff that keeps
+  the old primary as a replica loses nothing. Some rounds, though, also drop the old
+  primary's copy in the same plan: the end of a primary relocation
+  (``repair._drop_one``), a draining primary whose copy ``drain_replicas`` moves at
+  once, a rebalance that moves the demoted copy. The new primary then served without the
+  writes its predecessor had not shipped yet: a trade's settle, for one, whose escrow
+  then held its items until the termination rule settled it again (seconds).
+* **A replica move**: the new replica holds nothing until it has copied the shard (a
+  snapshot: seconds for a large shard). With R = 2 it is the shard's only replica
+  meanwhile, and every STRONG write (a grant, a trade's prepare) waits for it: trades
+  aborted for want of an answer while a node joined or drained.
+
+So the reconciler passes every plan through :func:`keep_copies`: the old primary of a
+handoff, and the source of a replica move, stay replicas, in that plan and in later ones,
+until the new primary serves at its epoch, or the new replica has copied the shard (the
+reconciler asks the nodes). A later round then drops the extra copy as the planner
+decides. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -30,30 +37,40 @@ from bluemarble.core.placement.values import Move, MoveKind, PlacementPlan, Shar
 _DROPS_A_COPY = frozenset({MoveKind.REMOVE_REPLICA, MoveKind.MOVE_REPLICA})
 
 
-def handoffs_of(plan: PlacementPlan) -> dict[ShardId, NodeId]:
-    """The shards ``plan`` hands to another primary by a planned handoff, with the old
-    primary of each (failover promotions are not handoffs: their old primary is gone)."""
+def handoffs_of(plan: PlacementPlan) -> dict[ShardId, tuple[NodeId, NodeId]]:
+    """The shards ``plan`` hands to another primary by a planned handoff: (old primary,
+    new primary) of each (failover promotions are not handoffs: their old primary is
+    gone)."""
     return {
-        move.shard_id: move.source
+        move.shard_id: (move.source, move.target)
         for move in plan.moves
-        if move.kind is MoveKind.HANDOFF_PRIMARY and move.source is not None
+        if move.kind is MoveKind.HANDOFF_PRIMARY and move.source is not None and move.target is not None
     }
 
 
-def keep_former_primaries(
+def replica_moves_of(plan: PlacementPlan) -> list[tuple[ShardId, NodeId, NodeId]]:
+    """(shard, source, target) of every replica move of ``plan``."""
+    return [
+        (move.shard_id, move.source, move.target)
+        for move in plan.moves
+        if move.kind is MoveKind.MOVE_REPLICA and move.source is not None and move.target is not None
+    ]
+
+
+def keep_copies(
     plan: PlacementPlan,
     current: Mapping[ShardId, ShardAssignment],
-    keep: Mapping[ShardId, NodeId],
+    keep: Collection[tuple[ShardId, NodeId]],
     live: Collection[NodeId],
 ) -> PlacementPlan:
-    """``plan`` with the copy of ``keep[shard]`` (a former primary) left on each shard
-    that would drop it: the node stays a replica, its REMOVE_REPLICA move is gone and its
+    """``plan`` with the copy of each (shard, node) of ``keep`` left where the plan would
+    drop it: the node stays a replica, its REMOVE_REPLICA move is gone and its
     MOVE_REPLICA becomes an ADD_REPLICA of the target. A node that is not ``live`` is not
     kept (its copy is gone with it). The result is not ``converged`` when a copy was kept:
     a later round drops it once the caller stops asking to keep it."""
     assignments = dict(plan.assignments)
     kept: set[tuple[ShardId, NodeId]] = set()
-    for shard, node in keep.items():
+    for shard, node in sorted(keep):
         record = assignments.get(shard)
         if record is None or node not in live or node in record.members:
             continue
@@ -66,7 +83,7 @@ def keep_former_primaries(
         if (move.shard_id, move.source) not in kept or move.kind not in _DROPS_A_COPY:
             moves.append(move)
         elif move.kind is MoveKind.MOVE_REPLICA:
-            reason = f"{move.reason} ({move.source} kept until the new primary serves)"
+            reason = f"{move.reason} ({move.source} kept until the new copy can take over)"
             moves.append(Move(move.shard_id, MoveKind.ADD_REPLICA, None, move.target, reason))
         # else the REMOVE_REPLICA of the kept copy: gone
     return PlacementPlan(
