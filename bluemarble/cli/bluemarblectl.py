@@ -120,39 +120,52 @@ def render_nodes(r: controlplane_pb2.ListNodesResponse) -> str:
 
 
 def _member(
-    node: str, status: controlplane_pb2.MemberStatus | None, *, primary: bool = False, replicas: int = 1
+    node: str, status: controlplane_pb2.MemberStatus | None, *, primary: bool = False, replicas: int = 1,
+    primary_status: controlplane_pb2.MemberStatus | None = None, replica_copying: bool = False,
 ) -> str:
     """A shard member with its log position (last epoch, applied lsn) and lag (entries /
     milliseconds), or ``?`` when nobody knows its status. A primary reports the lag of
-    its farthest replica (what it still has to ship), a replica its own; a primary
-    without replicas says so."""
+    its farthest replica (what it still has to ship), a replica its own, at least what
+    the primary's position says it lacks (``primary_status``: a replica that has not
+    heard from its primary yet does not know); a replica still copying the shard says so
+    (the age of what it misses would be the shard's age), and so does its primary
+    (``replica_copying``). A primary without replicas says so."""
     if status is None:
         return f"{node} ?"
     s = status.status
     position = f"{node} ({s.last_epoch},{s.applied_lsn})"
     if primary and not replicas:
         return f"{position} no replica"
-    lag = "farthest replica" if primary else "lag"
-    return f"{position} {lag} {s.lag_entries}/{s.lag_ms}ms"
+    if primary:
+        return f"{position} farthest replica " + ("copying" if replica_copying else f"{s.lag_entries}/{s.lag_ms}ms")
+    entries = s.lag_entries
+    if primary_status is not None:
+        entries = max(entries, primary_status.status.applied_lsn - s.applied_lsn)
+    if s.copying:
+        return f"{position} copying, {entries} entries to go"
+    return f"{position} lag {entries}/{s.lag_ms}ms"
 
 
 def render_shards(r: controlplane_pb2.ListAssignmentsResponse) -> str:
     statuses = {(m.shard_id, m.node_id): m for m in r.statuses}
-    rows = [
-        (
+    rows = []
+    for a in r.assignments:
+        lead = statuses.get((a.shard_id, a.primary))
+        copying = any(
+            (m := statuses.get((a.shard_id, n))) is not None and m.status.copying for n in a.replicas
+        )
+        rows.append((
             a.shard_id,
             a.epoch,
-            _member(a.primary, statuses.get((a.shard_id, a.primary)), primary=True, replicas=len(a.replicas))
+            _member(a.primary, lead, primary=True, replicas=len(a.replicas), replica_copying=copying)
             if a.primary else "(none)",
-            ", ".join(_member(n, statuses.get((a.shard_id, n))) for n in a.replicas) or "-",
-        )
-        for a in r.assignments
-    ]
+            ", ".join(_member(n, statuses.get((a.shard_id, n)), primary_status=lead) for n in a.replicas) or "-",
+        ))
     stale = f"\nSTALE: {r.stale_reason or 'this replica lost its etcd watch'}" if r.stale else ""
     return (
         table(("SHARD", "EPOCH", "PRIMARY", "REPLICAS"), rows)
         + "\nmembers: NODE (last epoch,applied lsn) lag ENTRIES/MS behind the primary (on the primary: of its"
-        + " farthest replica); ? = no status reported"
+        + " farthest replica); copying = a replica still copying the shard; ? = no status reported"
         + f"\nrevision {r.revision}"
         + stale
     )

@@ -50,6 +50,11 @@ def to_error(e: grpc.aio.AioRpcError, address: str) -> errors.BlueMarbleError:
         details = f"control plane {address} unavailable: {details}"
     elif e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and details == "Deadline Exceeded":  # gRPC's own words
         details = f"control plane {address} did not answer within the call's deadline"
+    elif e.code() == grpc.StatusCode.CANCELLED:
+        # Not ours (our own cancellation raises CancelledError): the server ended the call,
+        # as a stopping replica does with its streams. Another replica, or this one
+        # restarted, answers the retry.
+        return errors.Unavailable(f"control plane {address} ended the call (CANCELLED: {details}); retrying")
     elif e.code() == grpc.StatusCode.UNIMPLEMENTED and "http2 header with status" in details:
         # An HTTP server that is not a gRPC one (a proxy or ingress without the route): to
         # the client this address is down, and the next one may answer.

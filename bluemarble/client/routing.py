@@ -1198,7 +1198,8 @@ class RoutingClient:
                 return await work
         except TimeoutError:
             raise errors.DeadlineExceeded(
-                f"node {target.node_id} ({target.address}) did not answer within {timeout_s:.3g} s"
+                f"node {target.node_id} ({target.address}) did not answer before the call's deadline "
+                f"(its last attempt had {timeout_s:.3g} s of it left)"
             ) from None
         except asyncio.CancelledError:
             if fired and task.uncancel() == 0:  # our own cancellation, nobody else's
@@ -1231,7 +1232,8 @@ class RoutingClient:
                 )
             else:
                 raise errors.DeadlineExceeded(
-                    f"node {target.node_id} ({target.address}) did not answer within {timeout_s:.3g} s"
+                    f"node {target.node_id} ({target.address}) did not answer before the call's deadline "
+                f"(its last attempt had {timeout_s:.3g} s of it left)"
                 )
             raise errors.Unavailable(f"call to node {target.node_id} ({target.address}) was cancelled")
         finally:

@@ -86,3 +86,28 @@ def test_a_primary_without_replicas_says_so_instead_of_a_lag() -> None:
             shard_id="shard-0", epoch=2, last_epoch=2, applied_lsn=7))],
     )
     assert "n1 (2,7) no replica" in ctl.render_shards(r)
+
+
+def _member_status(node: str, *, last_epoch: int, lsn: int, lag: tuple[int, int] = (0, 0),
+                   copying: bool = False) -> controlplane_pb2.MemberStatus:
+    return controlplane_pb2.MemberStatus(shard_id="shard-0", node_id=node, status=common_pb2.ShardStatus(
+        shard_id="shard-0", epoch=3, last_epoch=last_epoch, applied_lsn=lsn, lag_entries=lag[0], lag_ms=lag[1],
+        copying=copying))
+
+
+def test_a_replica_copying_the_shard_says_so_and_what_it_lacks_comes_from_its_primary() -> None:
+    """A new replica's own lag figure is the age of the shard's first entry (its oldest
+    missing one), and a restarted one that has not heard from its primary yet thinks it
+    is 0 behind: the primary's position tells the operator what they lack."""
+    r = controlplane_pb2.ListAssignmentsResponse(
+        assignments=[common_pb2.Assignment(shard_id="shard-0", epoch=3, primary="n1", replicas=["n2", "n3"])],
+        statuses=[
+            _member_status("n1", last_epoch=3, lsn=1279, lag=(2584, 324_279)),
+            _member_status("n2", last_epoch=0, lsn=0, lag=(2584, 0), copying=True),
+            _member_status("n3", last_epoch=2, lsn=473),
+        ],
+    )
+    shown = ctl.render_shards(r)
+    assert "n1 (3,1279) farthest replica copying" in shown
+    assert "n2 (0,0) copying, 2584 entries to go" in shown
+    assert "n3 (2,473) lag 806/0ms" in shown
