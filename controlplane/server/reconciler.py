@@ -706,11 +706,7 @@ class Reconciler:
             PlacementConfig(config.replication_factor, config.max_moves_per_round),
             promotions.positions or None,
         )
-        catching_up = self._catching_up(current)
-        early = [
-            m for m in plan.moves
-            if m.kind is MoveKind.HANDOFF_PRIMARY and (m.shard_id, m.target) in catching_up
-        ]
+        early = await self._early_handoffs(plan, current, addresses)
         if early and not self.needs_repair() and not promotions.ready:
             # Only balance is at stake, and it would hand a primary to a replica still
             # copying the shard: wait for it (the round is planned again each tick).
@@ -833,6 +829,32 @@ class Reconciler:
             self._waiting_logged_s = now
             log.info("holding primary handoffs until the new replicas have copied their shards",
                      handoffs=[f"{m.shard_id}->{m.target}" for m in early[:8]], grace_s=CATCH_UP_GRACE_S)
+
+    async def _early_handoffs(
+        self, plan: PlacementPlan, current: Mapping[ShardId, ShardAssignment], addresses: Mapping[NodeId, str]
+    ) -> list[Move]:
+        """The handoffs of ``plan`` to replicas still copying the shard. The targets say
+        how far they are (GetShardStatus): a replica done copying and close to its primary
+        takes the primary at once; one still copying waits, however long its copy takes.
+        A target that does not answer is judged by the age of its role
+        (:data:`CATCH_UP_GRACE_S`)."""
+        catching_up = self._catching_up(current)  # every round: it tracks when each replica role began
+        handoffs = [(m, m.target) for m in plan.moves if m.kind is MoveKind.HANDOFF_PRIMARY and m.target is not None]
+        if not handoffs:
+            return []
+        targets = {target: addresses[target] for _, target in handoffs if target in addresses}
+        answers = await self._probe.statuses(targets) if targets else {}
+        early = []
+        for move, target in handoffs:
+            answer = answers.get(target)
+            status = next((st for st in answer.shards if st.shard_id == move.shard_id), None) if answer else None
+            if status is not None and status.role == common_pb2.SHARD_ROLE_REPLICA:
+                ready = not status.copying and status.serving and status.lag_entries <= CAUGHT_UP_ENTRIES
+            else:
+                ready = (move.shard_id, target) not in catching_up
+            if not ready:
+                early.append(move)
+        return early
 
     def _catching_up(self, current: Mapping[ShardId, ShardAssignment]) -> set[tuple[ShardId, NodeId]]:
         """Replica roles younger than :data:`CATCH_UP_GRACE_S`: a replica added moments

@@ -543,3 +543,39 @@ async def test_a_new_term_that_finds_named_nodes_gone_holds_moves_until_they_reg
     beating.cancel()
     await reconciler.stop()
     await election.stop()
+
+
+async def test_a_joining_node_takes_primaries_as_soon_as_it_reports_its_copies_done(world: World) -> None:
+    """Handoffs to a new replica wait for its copy, as the node reports it (ShardStatus:
+    not copying, following its primary): not the fixed CATCH_UP_GRACE_S when it answers."""
+    leases = [await world.add_node(f"n{i}", zone) for i, zone in enumerate("abc")]
+
+    async def heartbeat() -> None:
+        while True:
+            for lease in leases:
+                await world.etcd.keepalive(lease)
+            await world.clock.sleep(1.0)
+
+    beating = asyncio.ensure_future(heartbeat())
+    election = await elect(world)
+    reconciler = make_reconciler(world, election)
+    await reconciler.start()
+    await world.clock.advance(2.0)
+    world.probe.reports["n3"] = []  # answers, and holds nothing yet
+    leases.append(await world.add_node("n3", "a"))
+    await world.clock.advance(2.5)
+    placed = world.assignments()
+    copies = [a for a in placed.values() if "n3" in a.replicas]
+    assert copies and not any(a.primary == "n3" for a in placed.values())
+    world.probe.reports["n3"] = [  # still copying: held, even past the grace
+        common_pb2.ShardStatus(shard_id=a.shard_id, epoch=a.epoch, role=common_pb2.SHARD_ROLE_REPLICA,
+                               serving=True, copying=True, lag_entries=5000) for a in copies]
+    await world.clock.advance(reconciler_module.CATCH_UP_GRACE_S)
+    assert not any(a.primary == "n3" for a in world.assignments().values())
+    for status in world.probe.reports["n3"]:  # done copying
+        status.copying, status.lag_entries = False, 0
+    await world.clock.advance(2.5)
+    assert any(a.primary == "n3" for a in world.assignments().values())
+    beating.cancel()
+    await reconciler.stop()
+    await election.stop()
