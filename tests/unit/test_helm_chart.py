@@ -608,8 +608,13 @@ def test_etcd_quota_is_a_value_under_its_volume(rendered: dict[str, Manifests]) 
     defaults = hc.default_values()["etcd"]
     assert int(quota.split("=")[1]) == defaults["quotaBackendBytes"] < 2 * 1024**3
     assert defaults["persistence"]["size"] == "2Gi"
-    custom = Manifests.parse(hc.render_text({"etcd": {"quotaBackendBytes": 4 * 1024**3}}))
+    custom = Manifests.parse(hc.render_text({"etcd": {"quotaBackendBytes": 4 * 1024**3,
+                                                      "persistence": {"size": "8Gi"}}}))
     assert f"--quota-backend-bytes={4 * 1024**3}" in hc.container(custom.get("StatefulSet", ETCD), "etcd")["args"]
+    # A quota the volume cannot hold (with room for the WAL and snapshots) is refused.
+    for size in ("2Gi", "4Gi", "4294967296"):
+        with pytest.raises(hc.RenderError, match=r"quotaBackendBytes .* is over 80% of etcd\.persistence\.size"):
+            hc.render_text({"etcd": {"quotaBackendBytes": 4 * 1024**3, "persistence": {"size": size}}})
 
 
 def test_network_policies_admit_the_charts_own_traffic(rendered: dict[str, Manifests]) -> None:
