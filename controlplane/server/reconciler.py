@@ -162,8 +162,8 @@ CAUGHT_UP_ENTRIES = 64
 """A new replica this close to its primary (in entries) can stand in for the copy kept for
 it: it acknowledges writes as fast as they come."""
 UNWRITTEN_PIN_S = 10.0
-"""A handoff whose assignment the mirror never showed (its write failed) is forgotten
-after this long."""
+"""A kept copy whose plan the mirror never showed (its write failed), or whose successor a
+later round moved away, is forgotten after this long."""
 
 _MAX_PROBES_PER_S = 32
 """New registrations probed per second at most (a token bucket of that size): a mass join

@@ -317,7 +317,8 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         stalled: list[str] = []
         for a in assignments:
             replicas = [statuses.get((a.shard_id, r)) for r in a.replicas if r in live]
-            if any(st is not None and (not st.serving or st.lag_ms >= BEHIND_WARNING_MS) for st in replicas):
+            if any(st is not None and (st.copying or not st.serving or st.lag_ms >= BEHIND_WARNING_MS)
+                   for st in replicas):
                 copying.append(a.shard_id)
             primary = statuses.get((a.shard_id, a.primary)) if a.primary in live else None
             if primary is not None and not primary.serving:
