@@ -9,7 +9,7 @@ import itertools
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc.aio
@@ -144,11 +144,15 @@ class FakeShardNode(shardnode_pb2_grpc.ShardNodeServicer):
     """A ShardNode for control-plane tests: answers GetShardStatus with ``statuses`` and
     Fence with ``positions`` (shard -> (epoch, lsn) of its last entry, None: no data;
     unlisted shards: ``default_position``), recording every call in ``calls`` in order.
-    ``fence_mode``: "answer", "unimplemented" (a node from before fencing) or "fail"."""
+    ``fence_mode``: "answer", "unimplemented" (a node from before fencing) or "fail".
+    With ``follows`` (the cluster's assignments) and no ``statuses`` set, it reports every
+    role the assignments give it as a healthy node would: copied, serving, not behind (the
+    leader keeps a copy a plan gives up until its replacement says so)."""
 
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
         self.statuses: list[common_pb2.ShardStatus] = []
+        self.follows: Callable[[], Awaitable[Sequence[common_pb2.Assignment]]] | None = None
         self.positions: dict[str, tuple[int, int] | None] = {}
         self.default_position: tuple[int, int] | None = (1, 1)
         self.fence_mode = "answer"
@@ -159,7 +163,17 @@ class FakeShardNode(shardnode_pb2_grpc.ShardNodeServicer):
         self, request: shardnode_pb2.GetShardStatusRequest, context: grpc.aio.ServicerContext  # type: ignore[type-arg]
     ) -> shardnode_pb2.GetShardStatusResponse:
         self.calls.append(("GetShardStatus", {}))
-        return shardnode_pb2.GetShardStatusResponse(node_id=self.node_id, shards=self.statuses)
+        if self.statuses or self.follows is None:
+            return shardnode_pb2.GetShardStatusResponse(node_id=self.node_id, shards=self.statuses)
+        healthy = [
+            common_pb2.ShardStatus(
+                shard_id=a.shard_id, epoch=a.epoch, serving=True,
+                role=common_pb2.SHARD_ROLE_PRIMARY if a.primary == self.node_id else common_pb2.SHARD_ROLE_REPLICA,
+            )
+            for a in await self.follows()
+            if self.node_id == a.primary or self.node_id in a.replicas
+        ]
+        return shardnode_pb2.GetShardStatusResponse(node_id=self.node_id, shards=healthy)
 
     async def Fence(
         self, request: shardnode_pb2.FenceRequest, context: grpc.aio.ServicerContext  # type: ignore[type-arg]

@@ -20,6 +20,7 @@ async def test_member_statuses_come_from_the_node_or_from_its_heartbeats(
             lag_entries=3, lag_ms=40, serving=True)]
         # The reporter's node answers nothing for the shard when asked: its heartbeat
         # report stands in. The silent member reports nothing in heartbeats: it is asked.
+        c.fakes[reporter].follows = None
         c.fakes[silent].statuses = [common_pb2.ShardStatus(
             shard_id=SHARD, epoch=a.epoch, role=common_pb2.SHARD_ROLE_REPLICA, applied_lsn=9, last_epoch=a.epoch,
             lag_entries=3, lag_ms=40)]

@@ -47,6 +47,7 @@ class Cluster:
 
     async def add(self, serve: ServeFakeNode, node: str, zone: str) -> None:
         fake, server = await serve(node)
+        fake.follows = self.all  # reports the roles it is given as a healthy node would
         self.fakes[node] = fake
         self.nodes[node] = StreamNode(self.stub, node, f"127.0.0.1:{server.port}", zone)
         await self.nodes[node].start()
