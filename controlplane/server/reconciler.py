@@ -115,6 +115,7 @@ from bluemarble.core.placement import (
     keep_copies,
     plan_assignments,
     replica_moves_of,
+    without_shards,
 )
 from bluemarble.core.placement.repair import unsafe_outside_copies
 from bluemarble.core.replication.position import LogPosition
@@ -248,8 +249,10 @@ class Reconciler:
         mass_expiry_fraction: float = 1 / 3,
         probe_new_nodes: bool = True,
         forced: PrefixCache[controlplane_pb2.ForcePromoteRequest] | None = None,
+        plan_off_loop: bool = True,
     ):
         self._store = store
+        self._plan_off_loop = plan_off_loop
         self._forced = forced  # ForcePromote requests (service.py), by shard
         self._keys = keys
         self._election = election
@@ -696,16 +699,8 @@ class Reconciler:
         # round: placement would otherwise promote (or freshly assign) them at once.
         deferred = promotions.waiting | promotions.stuck
         planned = [shard for shard in shards if shard not in deferred]
-        # Planning is pure and can take a few hundred ms with thousands of nodes: run it
-        # off the event loop so heartbeats keep being answered meanwhile.
-        plan = await asyncio.to_thread(
-            plan_assignments,
-            nodes,
-            planned,
-            current,
-            PlacementConfig(config.replication_factor, config.max_moves_per_round),
-            promotions.positions or None,
-        )
+        placement = PlacementConfig(config.replication_factor, config.max_moves_per_round)
+        plan = await self._plan(nodes, planned, current, placement, promotions.positions or None)
         early = await self._early_handoffs(plan, current, addresses)
         if early and not self.needs_repair() and not promotions.ready:
             # Only balance is at stake, and it would hand a primary to a replica still
@@ -715,6 +710,21 @@ class Reconciler:
             await self._drop_kept_copies(leadership, plan, current, addresses, leases)
             self._log_waiting_for_copies(early)
             return plan
+        copying: set[tuple[ShardId, NodeId]] = set()
+        if early:
+            early = await self._early_handoffs(plan, current, addresses, reported_only=True)
+        for _ in range(3):
+            if not early:
+                break
+            # A repair must be written now, but handing a primary to a replica still
+            # copying is no part of it (the new primary would refuse writes until its copy
+            # is done): plan again with those replicas counted as not holding the data.
+            self._log_waiting_for_copies(early)
+            copying |= {(m.shard_id, m.target) for m in early if m.target is not None}
+            plan = await self._plan(nodes, planned, current, placement, promotions.positions or None, copying)
+            early = await self._early_handoffs(plan, current, addresses, reported_only=True)
+        if early:  # still (a bound on the replanning): those shards wait for a later round
+            plan = without_shards(plan, current, {m.shard_id for m in early})
         plan = await self._keep_copies(plan, current, addresses)
         # Records whose live members registered again keep their roles (replicas; a
         # lost primary was promoted or deferred above) under the new lease id.
@@ -733,6 +743,18 @@ class Reconciler:
         elif plan.converged and not promotions.waiting:
             self._settled = settled_inputs
         return plan
+
+    async def _plan(
+        self, nodes: Sequence[PlacementNode], shards: Sequence[ShardId], current: Mapping[ShardId, ShardAssignment],
+        config: PlacementConfig, positions: Positions | None, copying: Collection[tuple[ShardId, NodeId]] = (),
+    ) -> PlacementPlan:
+        """:func:`plan_assignments`. Pure, and a few hundred ms with thousands of nodes:
+        run off the event loop so heartbeats keep being answered meanwhile (inline with
+        ``plan_off_loop=False``: tests on a fake clock, where a thread's real time would
+        let the fake one run ahead)."""
+        if not self._plan_off_loop:
+            return plan_assignments(nodes, shards, current, config, positions, copying)
+        return await asyncio.to_thread(plan_assignments, nodes, shards, current, config, positions, copying)
 
     async def _keep_copies(
         self, plan: PlacementPlan, current: Mapping[ShardId, ShardAssignment], addresses: Mapping[NodeId, str],
@@ -831,13 +853,15 @@ class Reconciler:
                      handoffs=[f"{m.shard_id}->{m.target}" for m in early[:8]], grace_s=CATCH_UP_GRACE_S)
 
     async def _early_handoffs(
-        self, plan: PlacementPlan, current: Mapping[ShardId, ShardAssignment], addresses: Mapping[NodeId, str]
+        self, plan: PlacementPlan, current: Mapping[ShardId, ShardAssignment], addresses: Mapping[NodeId, str],
+        *, reported_only: bool = False,
     ) -> list[Move]:
         """The handoffs of ``plan`` to replicas still copying the shard. The targets say
         how far they are (GetShardStatus): a replica done copying and close to its primary
         takes the primary at once; one still copying waits, however long its copy takes.
-        A target that does not answer is judged by the age of its role
-        (:data:`CATCH_UP_GRACE_S`)."""
+        A target that does not say is judged by the age of its role
+        (:data:`CATCH_UP_GRACE_S`), unless ``reported_only`` (a round that must repair
+        holds only the handoffs to replicas that say they are copying)."""
         catching_up = self._catching_up(current)  # every round: it tracks when each replica role began
         handoffs = [(m, m.target) for m in plan.moves if m.kind is MoveKind.HANDOFF_PRIMARY and m.target is not None]
         if not handoffs:
@@ -851,7 +875,7 @@ class Reconciler:
             if status is not None and status.role == common_pb2.SHARD_ROLE_REPLICA:
                 ready = not status.copying and status.serving and status.lag_entries <= CAUGHT_UP_ENTRIES
             else:
-                ready = (move.shard_id, target) not in catching_up
+                ready = reported_only or (move.shard_id, target) not in catching_up
             if not ready:
                 early.append(move)
         return early

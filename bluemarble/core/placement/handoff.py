@@ -93,3 +93,21 @@ def keep_copies(
         changed=tuple(shard for shard in assignments if current.get(shard) != assignments[shard]),
         converged=False,
     )
+
+
+def without_shards(
+    plan: PlacementPlan, current: Mapping[ShardId, ShardAssignment], shards: Collection[ShardId]
+) -> PlacementPlan:
+    """``plan`` with ``shards`` (which have a record in ``current``) left as they are now:
+    their records and moves dropped from it. Each record is safe on its own, so the rest
+    of the plan stands; a later round plans those shards again. Not ``converged``."""
+    dropped = {shard for shard in shards if shard in current}
+    if not dropped:
+        return plan
+    assignments = {s: (current[s] if s in dropped else record) for s, record in plan.assignments.items()}
+    return PlacementPlan(
+        assignments=MappingProxyType(assignments),
+        moves=tuple(m for m in plan.moves if m.shard_id not in dropped),
+        changed=tuple(shard for shard in assignments if current.get(shard) != assignments[shard]),
+        converged=False,
+    )

@@ -4,10 +4,10 @@ rebalancing together into one round, and tells whether the round converged."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from types import MappingProxyType
 
-from bluemarble.core.ids import ShardId
+from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.placement.budget import Budget
 from bluemarble.core.placement.layout import Layout, make_layout, shard_order
 from bluemarble.core.placement.moves import Round
@@ -36,6 +36,7 @@ def plan_assignments(
     current: Mapping[ShardId, ShardAssignment],
     config: PlacementConfig,
     positions: Positions | None = None,
+    copying: Collection[tuple[ShardId, NodeId]] = (),
 ) -> PlacementPlan:
     """Plan one placement round: failover, then at most ``max_moves_per_round`` moves.
 
@@ -47,6 +48,8 @@ def plan_assignments(
     caller (after fencing the candidates) when a primary has died; only used to choose
     which replica to promote, the greatest ``(epoch, lsn)`` first (missing entries rank
     below every reported position; None means no information, so ties go by node id).
+    ``copying``: (shard, replica) pairs the caller knows are still copying the shard: no
+    primary is handed to them in this plan (they do not hold the data yet).
 
     Promises (see the package doc for the rules): failover is complete in every plan and
     never promotes a node that was not a live replica while one exists; a shard without
@@ -75,11 +78,11 @@ def plan_assignments(
             shard: current.get(shard) or ShardAssignment(shard, 0, None, ()) for shard in ordered
         }
         return _make_plan(ordered, current, unchanged, (), converged=True)
-    first = _run_round(layout, ordered, current, config.max_moves_per_round, positions or {})
+    first = _run_round(layout, ordered, current, config.max_moves_per_round, positions or {}, copying=copying)
     result = first.state.records(current)
     # Converged means a round planned from the result would do nothing; the probe ends
     # at its first move.
-    again = _run_round(layout, ordered, result, config.max_moves_per_round, {}, probe=True)
+    again = _run_round(layout, ordered, result, config.max_moves_per_round, {}, probe=True, copying=copying)
     converged = not again.moves and not again.budget.exhausted
     return _make_plan(ordered, current, result, tuple(first.moves), converged=converged)
 
@@ -91,10 +94,11 @@ def _run_round(
     budget: int,
     positions: Positions,
     probe: bool = False,
+    copying: Collection[tuple[ShardId, NodeId]] = (),
 ) -> Round:
     """One round from ``current``: failover, then the budgeted phases until a pass
     changes nothing or the round is over."""
-    state, dropped = State.load(layout, shards, current)
+    state, dropped = State.load(layout, shards, current, copying)
     rnd = Round(state, Budget(budget), dropped, probe=probe)
     if not failover(rnd, current, positions):
         return rnd

@@ -30,7 +30,7 @@ nodes cost little more than none.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.placement.layout import Layout, outside
@@ -77,11 +77,14 @@ class State:
 
     @classmethod
     def load(
-        cls, layout: Layout, shards: Sequence[ShardId], current: Mapping[ShardId, ShardAssignment]
+        cls, layout: Layout, shards: Sequence[ShardId], current: Mapping[ShardId, ShardAssignment],
+        copying: Collection[tuple[ShardId, NodeId]] = (),
     ) -> tuple[State, list[Dropped]]:
         """The state ``current`` describes for ``shards`` (in planning order), and the
         replica entries dropped on the way: those of dead or unknown nodes, and nodes
-        listed twice. A primary that is not live is simply absent (failover's job)."""
+        listed twice. A primary that is not live is simply absent (failover's job).
+        ``copying``: (shard, replica) pairs known to be still copying the shard: they do
+        not count as holding its data (no handoff to them this round)."""
         state = cls.__new__(cls)
         state.layout = layout
         state.shards = shards
@@ -112,7 +115,7 @@ class State:
                 else:
                     replicas.append(replica)
                     state.replica_of[replica].add(shard)
-            state.has_data[shard] = frozenset(state.members(shard))
+            state.has_data[shard] = frozenset(m for m in state.members(shard) if (shard, m) not in copying)
         state.busy = {n for n in live if state.primary_of[n] or state.replica_of[n]}
         state.busy_version = 0
         state.candidates_cache = (-1, [])
