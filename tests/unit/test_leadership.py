@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +113,18 @@ class World:
                                capacity=1, lease_id=lease, state=common_pb2.NODE_STATE_ACTIVE)
         await self.etcd.put(self.keys.node(NodeId(node_id)), codec.encode(node), lease=lease)
         return lease
+
+    def keep_alive(self, leases: Callable[[], Iterable[int]]) -> asyncio.Task[None]:
+        """Refreshes the leases ``leases()`` names every second (the nodes heartbeat), until
+        the task is cancelled."""
+
+        async def beat() -> None:
+            while True:
+                for lease in leases():
+                    await self.etcd.keepalive(lease)
+                await self.clock.sleep(1.0)
+
+        return asyncio.ensure_future(beat())
 
     def assignments(self) -> dict[str, common_pb2.Assignment]:
         prefix = self.keys.assignments_prefix()
@@ -408,13 +420,7 @@ async def test_a_joining_node_takes_primaries_only_once_its_copies_had_time(
     monkeypatch.setattr(reconciler_module, "CATCH_UP_GRACE_S", 3.0)
     leases = [await world.add_node(f"n{i}", zone) for i, zone in enumerate("abc")]
 
-    async def heartbeat() -> None:
-        while True:
-            for lease in leases:
-                await world.etcd.keepalive(lease)
-            await world.clock.sleep(1.0)
-
-    beating = asyncio.ensure_future(heartbeat())
+    beating = world.keep_alive(lambda: leases)
     election = await elect(world)
     reconciler = make_reconciler(world, election)
     await reconciler.start()
@@ -458,13 +464,7 @@ async def test_a_copy_fenced_at_the_last_epoch_stops_its_promotion_without_overf
 async def test_a_live_primary_fenced_above_its_epoch_is_promoted_past_the_fence(world: World) -> None:
     leases, election, reconciler = await placed_cluster(world, "abc")
 
-    async def heartbeat() -> None:  # the nodes stay registered throughout
-        while True:
-            for lease in leases.values():
-                await world.etcd.keepalive(lease)
-            await world.clock.sleep(1.0)
-
-    beating = asyncio.ensure_future(heartbeat())
+    beating = world.keep_alive(leases.values)  # the nodes stay registered throughout
     placed = world.assignments()
     key, victim = next(iter(placed.items()))
     fenced = victim.epoch + 5  # a newer epoch it saw (a stray or forged fence): it stopped writing
@@ -491,13 +491,7 @@ async def test_a_drained_node_keeps_its_copies_until_their_replacements_can_take
     as the nodes report it. Only then do they go."""
     leases, election, reconciler = await placed_cluster(world, "abcd")
 
-    async def heartbeat() -> None:
-        while True:
-            for lease in leases.values():
-                await world.etcd.keepalive(lease)
-            await world.clock.sleep(1.0)
-
-    beating = asyncio.ensure_future(heartbeat())
+    beating = world.keep_alive(leases.values)
     before = world.assignments()
     victim = next(iter(before.values())).primary
     led = [key for key, a in before.items() if a.primary == victim]
@@ -537,18 +531,12 @@ async def test_a_new_term_that_finds_named_nodes_gone_holds_moves_until_they_reg
     1.5 lease TTLs."""
     leases, election, reconciler = await placed_cluster(world, "abcab")
 
-    async def heartbeat() -> None:  # what the nodes left alive do
-        while True:
-            for node in ("n0", "n1", "n2", "n3"):
-                await world.etcd.keepalive(leases[node])
-            await world.clock.sleep(1.0)
-
     await reconciler.stop()
     await election.stop()
     placed = world.assignments()
     await world.etcd.revoke_lease(leases["n0"])  # ran out while no control plane answered
     await world.etcd.revoke_lease(leases["n4"])  # and this node really died
-    beating = asyncio.ensure_future(heartbeat())
+    beating = world.keep_alive(lambda: [leases[node] for node in ("n0", "n1", "n2", "n3")])  # the live ones
     election = await elect(world, "cp-1")
     reconciler = make_reconciler(world, election)
     await reconciler.start()
@@ -570,13 +558,7 @@ async def test_a_joining_node_takes_primaries_as_soon_as_it_reports_its_copies_d
     not copying, following its primary): not the fixed CATCH_UP_GRACE_S when it answers."""
     leases = [await world.add_node(f"n{i}", zone) for i, zone in enumerate("abc")]
 
-    async def heartbeat() -> None:
-        while True:
-            for lease in leases:
-                await world.etcd.keepalive(lease)
-            await world.clock.sleep(1.0)
-
-    beating = asyncio.ensure_future(heartbeat())
+    beating = world.keep_alive(lambda: leases)
     election = await elect(world)
     reconciler = make_reconciler(world, election)
     await reconciler.start()
@@ -606,14 +588,7 @@ async def test_a_round_that_must_repair_still_hands_no_primary_to_a_replica_copy
     but the balance handoffs to the new node in the same plan wait for its copies."""
     leases = {f"n{i}": await world.add_node(f"n{i}", zone) for i, zone in enumerate("abcd")}
 
-    async def heartbeat() -> None:
-        while True:
-            for node, lease in leases.items():
-                if node != "n1":
-                    await world.etcd.keepalive(lease)
-            await world.clock.sleep(1.0)
-
-    beating = asyncio.ensure_future(heartbeat())
+    beating = world.keep_alive(lambda: [lease for node, lease in leases.items() if node != "n1"])
     election = await elect(world)
     reconciler = make_reconciler(world, election)
     await reconciler.start()
