@@ -56,17 +56,18 @@ def registered_nodes(address: str) -> int:
 
 
 def placement_done(address: str, replicas: int) -> bool:
-    """Every shard has a primary and ``replicas`` replicas."""
+    """Every shard has a primary and ``replicas`` replicas, and the status warns of no
+    primary still catching up (a fresh cluster's primaries serve a moment after placement)."""
     with _channel(address) as channel:
         stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
         try:
             r = stub.ListAssignments(controlplane_pb2.ListAssignmentsRequest(), timeout=2)
-            shards = stub.GetClusterStatus(controlplane_pb2.GetClusterStatusRequest(), timeout=2).shard_count
+            status = stub.GetClusterStatus(controlplane_pb2.GetClusterStatusRequest(), timeout=2)
         except grpc.RpcError:
             return False
-    return len(r.assignments) == shards and all(
+    return len(r.assignments) == status.shard_count and all(
         a.primary and len(a.replicas) == replicas for a in r.assignments
-    )
+    ) and not any("not taking writes" in w for w in status.warnings)
 
 
 def ctl(address: str, *words: str) -> None:
@@ -163,7 +164,7 @@ def main() -> int:
         print(f"starting {args.nodes} shard nodes ...", flush=True)
         wait_until(lambda: registered_nodes(cp_address) >= args.nodes, 30, f"{args.nodes} nodes to register")
         replicas = min(3, args.nodes) - 1
-        wait_until(lambda: placement_done(cp_address, replicas), 30, "every shard to be placed")
+        wait_until(lambda: placement_done(cp_address, replicas), 30, "every shard to be placed and served")
         print()
         ctl(cp_address, "status")
         print()
