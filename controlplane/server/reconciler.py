@@ -122,7 +122,7 @@ from bluemarble.core.replication.position import LogPosition
 from bluemarble.core.ring import Ring
 from bluemarble.runtime import background, metrics, retry
 from bluemarble.runtime.clock import Clock, SystemClock, wait_event
-from bluemarble.v1 import common_pb2, controlplane_pb2
+from bluemarble.v1 import common_pb2, controlplane_pb2, shardnode_pb2
 from controlplane.server.election import Election, Leadership
 from controlplane.server.node_probe import NodeProbe
 from controlplane.store import codec
@@ -701,7 +701,8 @@ class Reconciler:
         planned = [shard for shard in shards if shard not in deferred]
         placement = PlacementConfig(config.replication_factor, config.max_moves_per_round)
         plan = await self._plan(nodes, planned, current, placement, promotions.positions or None)
-        early = await self._early_handoffs(plan, current, addresses)
+        answers: dict[NodeId, shardnode_pb2.GetShardStatusResponse] = {}  # the targets', once a round
+        early = await self._early_handoffs(plan, current, addresses, answers)
         if early and not self.needs_repair() and not promotions.ready:
             # Only balance is at stake, and it would hand a primary to a replica still
             # copying the shard: wait for it (the round is planned again each tick).
@@ -712,7 +713,7 @@ class Reconciler:
             return plan
         copying: set[tuple[ShardId, NodeId]] = set()
         if early:
-            early = await self._early_handoffs(plan, current, addresses, reported_only=True)
+            early = await self._early_handoffs(plan, current, addresses, answers, reported_only=True)
         for _ in range(3):
             if not early:
                 break
@@ -722,7 +723,7 @@ class Reconciler:
             self._log_waiting_for_copies(early)
             copying |= {(m.shard_id, m.target) for m in early if m.target is not None}
             plan = await self._plan(nodes, planned, current, placement, promotions.positions or None, copying)
-            early = await self._early_handoffs(plan, current, addresses, reported_only=True)
+            early = await self._early_handoffs(plan, current, addresses, answers, reported_only=True)
         if early:  # still (a bound on the replanning): those shards wait for a later round
             plan = without_shards(plan, current, {m.shard_id for m in early})
         plan = await self._keep_copies(plan, current, addresses)
@@ -854,20 +855,25 @@ class Reconciler:
 
     async def _early_handoffs(
         self, plan: PlacementPlan, current: Mapping[ShardId, ShardAssignment], addresses: Mapping[NodeId, str],
-        *, reported_only: bool = False,
+        answers: dict[NodeId, shardnode_pb2.GetShardStatusResponse], *, reported_only: bool = False,
     ) -> list[Move]:
         """The handoffs of ``plan`` to replicas still copying the shard. The targets say
         how far they are (GetShardStatus): a replica done copying and close to its primary
         takes the primary at once; one still copying waits, however long its copy takes.
         A target that does not say is judged by the age of its role
         (:data:`CATCH_UP_GRACE_S`), unless ``reported_only`` (a round that must repair
-        holds only the handoffs to replicas that say they are copying)."""
+        holds only the handoffs to replicas that say they are copying). ``answers``: the
+        targets' answers so far in this round, reused and completed (each node asked once)."""
         catching_up = self._catching_up(current)  # every round: it tracks when each replica role began
         handoffs = [(m, m.target) for m in plan.moves if m.kind is MoveKind.HANDOFF_PRIMARY and m.target is not None]
         if not handoffs:
             return []
         targets = {target: addresses[target] for _, target in handoffs if target in addresses}
-        answers = await self._probe.statuses(targets) if targets else {}
+        unasked = {node: address for node, address in targets.items() if node not in answers}
+        if unasked:
+            got = await self._probe.statuses(unasked)
+            for node in unasked:  # one that did not answer counts as saying nothing
+                answers[node] = got.get(node) or shardnode_pb2.GetShardStatusResponse(node_id=node)
         early = []
         for move, target in handoffs:
             answer = answers.get(target)
