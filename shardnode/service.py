@@ -182,6 +182,8 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
             nonlocal reading, failure
             try:
                 async for message in request_iterator:
+                    if self._closing.is_set():
+                        break  # shutting down: calls read from now on are not taken (the closer ends the stream)
                     if len(message.calls) > limits.MAX_NODE_CALLS_PER_MESSAGE:
                         raise InvalidArgument(
                             f"a Calls message carries {len(message.calls)} calls; send at most "
