@@ -410,6 +410,20 @@ async def test_an_outage_hold_ends_once_its_expiries_had_time_to_show_and_every_
     await election.stop()
 
 
+async def heartbeating_cluster(
+    world: World, zones: str
+) -> tuple[list[int], asyncio.Task[None], Election, Reconciler]:
+    """A node per zone whose leases stay refreshed (the list: append a joining node's
+    lease to keep it alive too), an elected leader and its reconciler, 2 s on."""
+    leases = [await world.add_node(f"n{i}", zone) for i, zone in enumerate(zones)]
+    beating = world.keep_alive(lambda: leases)
+    election = await elect(world)
+    reconciler = make_reconciler(world, election)
+    await reconciler.start()
+    await world.clock.advance(2.0)
+    return leases, beating, election, reconciler
+
+
 async def test_a_joining_node_takes_primaries_only_once_its_copies_had_time(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -418,13 +432,7 @@ async def test_a_joining_node_takes_primaries_only_once_its_copies_had_time(
     writes while it copied (5-7 s for a 200 MB shard). Here n3 says nothing of its copies
     (GetShardStatus lists no shard), so the age of its roles decides. (A grace of 3 s.)"""
     monkeypatch.setattr(reconciler_module, "CATCH_UP_GRACE_S", 3.0)
-    leases = [await world.add_node(f"n{i}", zone) for i, zone in enumerate("abc")]
-
-    beating = world.keep_alive(lambda: leases)
-    election = await elect(world)
-    reconciler = make_reconciler(world, election)
-    await reconciler.start()
-    await world.clock.advance(2.0)
+    leases, beating, election, reconciler = await heartbeating_cluster(world, "abc")
     leases.append(await world.add_node("n3", "a"))
     for _ in range(40):  # it gets copies (a round or two after its probe)
         await world.clock.advance(0.25)
@@ -556,13 +564,7 @@ async def test_a_new_term_that_finds_named_nodes_gone_holds_moves_until_they_reg
 async def test_a_joining_node_takes_primaries_as_soon_as_it_reports_its_copies_done(world: World) -> None:
     """Handoffs to a new replica wait for its copy, as the node reports it (ShardStatus:
     not copying, following its primary): not the fixed CATCH_UP_GRACE_S when it answers."""
-    leases = [await world.add_node(f"n{i}", zone) for i, zone in enumerate("abc")]
-
-    beating = world.keep_alive(lambda: leases)
-    election = await elect(world)
-    reconciler = make_reconciler(world, election)
-    await reconciler.start()
-    await world.clock.advance(2.0)
+    leases, beating, election, reconciler = await heartbeating_cluster(world, "abc")
     world.probe.reports["n3"] = []  # answers, and holds nothing yet
     leases.append(await world.add_node("n3", "a"))
     await world.clock.advance(2.5)
