@@ -49,6 +49,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import grpc
 import grpc.aio
 import structlog
 
@@ -107,6 +108,11 @@ EMPTY_READY_SETTLE_S = 3.0
 after registering: until then the leader may still be placing it."""
 SNAPSHOT_QUEUE_WAIT_S = 20.0
 """How long a snapshot request waits for the one being served before it is refused."""
+ENTRIES_PER_ANSWER = 512
+ENTRIES_BYTES_PER_ANSWER = 4 << 20
+"""Bounds of one GetEntries answer (entries, payload bytes); the caller asks again."""
+ENTRIES_TIMEOUT_S = 10.0
+"""Deadline of one GetEntries call."""
 MAX_ENTRIES_PER_SHARD_IN_BATCH = 4096
 HOLD_REPLICATION_FAILPOINT = "hold-replication"
 TAIL_CACHE_ENTRIES = 4096
@@ -415,7 +421,11 @@ class DataPlane:
         STRONG write needs one replica), so serving without them could lose them. A failed
         copy (the replica busy, a network error) is tried again, with backoff, for as long
         as that replica is in the assignment; the shard is not served meanwhile. It used
-        to serve from its shorter log after one failure, and dropped acknowledged writes."""
+        to serve from its shorter log after one failure, and dropped acknowledged writes.
+
+        The copy is the entries this node lacks when that replica's log continues this
+        one (a planned handoff leaves the new primary a few entries short of the old one),
+        else a snapshot of the whole shard."""
         delay_s = 0.05
         failures = 0
         while state.role == PRIMARY and state.epoch == epoch and state.fenced_epoch <= epoch:
@@ -425,10 +435,11 @@ class DataPlane:
             if source is None:
                 return True
             if failures == 0:
-                log.warning("a replica is ahead of the new primary; catching up from it first", shard=state.shard_id,
-                            source=source, own=str(state.last), theirs=str(reported[source]))
+                log.info("a replica is ahead of the new primary; catching up from it first", shard=state.shard_id,
+                         source=source, own=str(state.last), theirs=str(reported[source]))
             try:
-                await self._install_snapshot(state, source, epoch)
+                if not await self._copy_entries(state, source, epoch):
+                    await self._install_snapshot(state, source, epoch)
                 return True
             except BlueMarbleError as e:
                 failures += 1
@@ -438,6 +449,48 @@ class DataPlane:
             await self._clock.sleep(delay_s)
             delay_s = min(delay_s * 2, 1.0)
         return False
+
+    async def _copy_entries(self, state: ShardState, source: NodeId, epoch: int) -> bool:
+        """Appends the entries ``source`` holds past this node's log (GetEntries) until
+        this log ends where the source's does. False when the source cannot continue this
+        log (it differs, no longer retains the entries, or the source does not serve
+        GetEntries): a snapshot is needed. Raises Unavailable when the source did not
+        answer, FailedPrecondition when this term ended meanwhile."""
+        address = self._agent.addresses.get(source)
+        if address is None:
+            raise Unavailable(f"no address known for {source}")
+        stub = shardnode_pb2_grpc.ShardNodeStub(self.channel(address))  # type: ignore[no-untyped-call]
+        started_s = self._clock.monotonic_s()
+        copied = 0
+        while True:
+            request = shardnode_pb2.GetEntriesRequest(
+                shard_id=state.shard_id, epoch=epoch, after=log_position_to_proto(state.last), node_id=self.node_id
+            )
+            try:
+                response = await stub.GetEntries(request, timeout=ENTRIES_TIMEOUT_S)
+            except grpc.aio.AioRpcError as e:
+                if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+                    log.info("the replica ahead cannot give the entries this new primary lacks; copying a snapshot",
+                             shard=state.shard_id, source=source, reason=limits.echo(e.details() or "", 200))
+                    return False
+                details = limits.echo(e.details() or "", 200)
+                raise Unavailable(f"entries of {state.shard_id} from {source} failed: {e.code().name} {details}") from e
+            if state.role != PRIMARY or state.epoch != epoch or state.fenced_epoch > epoch:
+                raise FailedPrecondition(f"the term of {state.shard_id} at epoch {epoch} ended during its catch-up")
+            entries = list(response.entries)
+            if not entries:
+                break
+            if len(entries) > ENTRIES_PER_ANSWER or any(e.epoch >= epoch for e in entries):
+                raise Unavailable(f"{source} answered entries of {state.shard_id} that no replica of epoch {epoch} "
+                                  "holds; not applied")
+            # Storage checks that they continue this log (FailedPrecondition otherwise).
+            state.last = self._storage.append([(state.shard_id, entries)], {})[state.shard_id]
+            copied += len(entries)
+            if state.last >= (log_position_from_proto(response.last) or ZERO):
+                break
+        log.info("caught up from a replica's log", shard=state.shard_id, source=source, entries=copied,
+                 last=str(state.last), took_s=round(self._clock.monotonic_s() - started_s, 3))
+        return True
 
     def _reported_positions(self, shard: ShardId) -> dict[NodeId, LogPosition]:
         out: dict[NodeId, LogPosition] = {}
@@ -1237,6 +1290,46 @@ class DataPlane:
         chunks[-1].done = True
         log.info("serving a snapshot", shard=shard, to=replica, bytes=len(data), last=f"({last.epoch}, {last.lsn})")
         return chunks
+
+    def entries_after(self, request: shardnode_pb2.GetEntriesRequest) -> shardnode_pb2.GetEntriesResponse:
+        """The entries of this node's log right after ``request.after``, for a new primary
+        catching up (GetEntries). Raises FailedPrecondition when this log cannot continue
+        the caller's: no copy here, not fenced at the caller's epoch yet (it could still
+        grow), the log differs at ``after``, or what follows is no longer retained."""
+        shard = _shard_id(request.shard_id)
+        validation.log_counter(request.epoch, "epoch")
+        validation.log_counter(request.after.epoch, "after.epoch")
+        validation.log_counter(request.after.lsn, "after.lsn")
+        asker = validation.node_id(request.node_id, "node_id") if request.node_id else "?"
+        after = _position(request.after, "after")
+        state = self._shards.get(shard)
+        if state is None or not (state.synced or state.last.lsn > 0):
+            raise FailedPrecondition(f"node {self.node_id} holds no copy of {shard}")
+        if state.snapshotting:
+            raise FailedPrecondition(f"node {self.node_id} is installing a snapshot of {shard}")
+        held_epoch = max(state.epoch, state.fenced_epoch)
+        if request.epoch > held_epoch:
+            raise FailedPrecondition(
+                f"node {self.node_id} holds {shard} at epoch {held_epoch}, older than the asked {request.epoch}: "
+                "its log may still grow; probe it at that epoch first"
+            )
+        if after.lsn > state.last.lsn:
+            raise FailedPrecondition(
+                f"the log of {shard} here ends at ({state.last.epoch}, {state.last.lsn}), before "
+                f"({after.epoch}, {after.lsn})"
+            )
+        here = self.epoch_at(shard, after.lsn)
+        if here is None:
+            raise FailedPrecondition(f"entries of {shard} after lsn {after.lsn} are no longer kept here")
+        if here != after.epoch:
+            raise FailedPrecondition(
+                f"the log of {shard} here differs at lsn {after.lsn} (epoch {here}, not {after.epoch})"
+            )
+        entries = self.entries(shard, after.lsn + 1, ENTRIES_PER_ANSWER, ENTRIES_BYTES_PER_ANSWER)
+        if entries:
+            log.info("serving log entries to a new primary", shard=shard, to=asker, entries=len(entries),
+                     first=entries[0].lsn, last=entries[-1].lsn)
+        return shardnode_pb2.GetEntriesResponse(shard_id=shard, entries=entries, last=log_position_to_proto(state.last))
 
     # ---- status ----
 

@@ -26,8 +26,9 @@ Termination: on every shard this node serves as primary, a PREPARED escrow past 
 deadline (:func:`~bluemarble.core.trades.participant.termination_due`) makes the node ask
 the control plane for the decision (``TradeCoordinator.ResolveTrade``: the record, or
 ABORTED written if absent) and apply it as a settle write. The shard node never decides
-an outcome itself. A newly promoted primary runs the rule as soon as it serves; escrows
-not yet due wait for their deadline.
+an outcome itself. A newly promoted primary runs the rule as soon as it serves, and
+settles at once the escrows it inherited whose trade is decided already (ResolveTrade
+``if_decided``, which writes nothing); the others wait for their deadline.
 """
 
 from __future__ import annotations
@@ -143,7 +144,38 @@ class Participant:
         self._resolving.clear()
 
     def _on_serving(self, shard: ShardId) -> None:
+        """A new term as primary: the escrows it inherited whose trade is decided already
+        are settled at once (a primary that died between its Commit's answer and the
+        settle's replication leaves one; its items would stay escrowed until the
+        deadline). The undecided ones wait for their deadline: their coordinator may be
+        deciding them right now."""
         self._wake.set()
+        if self._client is None:
+            return
+        room = MAX_CONCURRENT_RESOLVES - len(self._resolving)
+        for record in self._dp.storage.prepared_trades([shard], limit=max(room, 0)) if room > 0 else ():
+            key = (record.shard_id, record.trade_id)
+            if key in self._resolving:
+                continue
+            task = background.start(self._settle_if_decided(record), f"inherited-{record.trade_id[:40]}")
+            self._resolving[key] = task
+            task.add_done_callback(lambda _t, key=key: self._resolving.pop(key, None))  # type: ignore[misc]
+
+    async def _settle_if_decided(self, record: stored.TradeRecord) -> None:
+        try:
+            decision = await self.decided(record.shard_id, record.trade_id, record.leg)
+            if decision is None:
+                log.debug("inherited escrow not decided yet; its deadline settles it", trade_id=record.trade_id,
+                          shard=record.shard_id)
+                return
+            outcome, reason = decision
+            state = await self.settle(record.trade_id, record.shard_id, 0, outcome, reason=reason)
+        except BlueMarbleError as e:
+            log.info("inherited escrow not settled at once; its deadline settles it", trade_id=record.trade_id,
+                     shard=record.shard_id, error=str(e))
+            return
+        log.info("inherited escrow settled", trade_id=record.trade_id, shard=record.shard_id, outcome=outcome.name,
+                 state=shardnode_pb2.ParticipantTradeState.Name(state))
 
     # ---- views (storage + queued writes) ----
 
@@ -498,10 +530,28 @@ class Participant:
         recorded trade, which an attempt reusing the trade id for other terms leaves),
         asked of the control-plane replicas in turn with jittered, bounded retries.
         Raises Unavailable (or the last error) when none answered."""
+        answer = await self._ask(shard, trade_id, why, leg, if_decided=False)
+        outcome = stored.outcome_from_proto(answer.outcome, f"ResolveTrade answer for {echo(trade_id)}")
+        log.info("trade resolved", trade_id=trade_id, shard=shard, outcome=outcome.name, created=answer.created)
+        return outcome, answer.reason
+
+    async def decided(self, shard: ShardId, trade_id: str, leg: Leg | None) -> tuple[Outcome, str] | None:
+        """The recorded decision of ``trade_id`` for the escrow of ``leg``, None when
+        there is none yet (ResolveTrade with ``if_decided``: nothing is written)."""
+        answer = await self._ask(shard, trade_id, "inherited by a new primary", leg, if_decided=True)
+        if answer.outcome == common_pb2.TRADE_OUTCOME_UNSPECIFIED:
+            return None
+        return stored.outcome_from_proto(answer.outcome, f"ResolveTrade answer for {echo(trade_id)}"), answer.reason
+
+    async def _ask(self, shard: ShardId, trade_id: str, why: str, leg: Leg | None, *,
+                   if_decided: bool) -> trade_pb2.ResolveTradeResponse:
+        """ResolveTrade, asked of the control-plane replicas in turn with jittered,
+        bounded retries. Raises Unavailable (or the last error) when none answered."""
         client = self._client
         if client is None:
             raise Unavailable("no control plane to resolve trades with")
-        request = trade_pb2.ResolveTradeRequest(trade_id=trade_id, shard_id=shard, node_id=self._dp.node_id, reason=why)
+        request = trade_pb2.ResolveTradeRequest(trade_id=trade_id, shard_id=shard, node_id=self._dp.node_id, reason=why,
+                                                if_decided=if_decided)
         if leg is not None:
             request.leg.CopyFrom(stored.leg_to_proto(leg))
 
@@ -526,11 +576,9 @@ class Participant:
                 client.rotate(away_from=address)
                 raise DeadlineExceeded(f"control plane {address} did not answer ResolveTrade in time") from e
 
-        answer = await retry.call(attempt, what=f"resolve trade {trade_id}", policy=RESOLVE_POLICY, clock=self._clock,
-                                  expected=True)
-        outcome = stored.outcome_from_proto(answer.outcome, f"ResolveTrade answer for {echo(trade_id)}")
-        log.info("trade resolved", trade_id=trade_id, shard=shard, outcome=outcome.name, created=answer.created)
-        return outcome, answer.reason
+        answer: trade_pb2.ResolveTradeResponse = await retry.call(
+            attempt, what=f"resolve trade {trade_id}", policy=RESOLVE_POLICY, clock=self._clock, expected=True)
+        return answer
 
 
 def _check_shard(value: str) -> ShardId:

@@ -312,6 +312,12 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
             for chunk in dp.snapshot_chunks(request):
                 yield chunk
 
+    async def GetEntries(
+        self, request: shardnode_pb2.GetEntriesRequest, context: Ctx
+    ) -> shardnode_pb2.GetEntriesResponse:
+        await self._peers.require_node(context, "GetEntries")
+        return self._dp().entries_after(request)
+
     async def Prepare(self, request: shardnode_pb2.PrepareRequest, context: Ctx) -> shardnode_pb2.PrepareResponse:
         await self._peers.require_control_plane(context, "Prepare")
         response: shardnode_pb2.PrepareResponse = await self._answer("prepare", request, _timeout_s(context))

@@ -15,8 +15,8 @@ Two checks, both made by the servicer that knows the request (the control plane'
 * **The cluster's own calls** (:class:`ClusterPeers`, on a shard node): with mutual TLS,
   the calls of the trade protocol and fencing (Prepare, Commit, Abort, TradeBatch, Fence,
   and prepare/commit/abort on a Calls stream) are served only to a client certificate
-  that names the control plane; replication (Replicate, GetSnapshot) only to one that
-  names a node of the cluster. A game server's or an operator's certificate gets
+  that names the control plane; replication (Replicate, GetSnapshot, GetEntries) only to
+  one that names a node of the cluster. A game server's or an operator's certificate gets
   PERMISSION_DENIED: it could otherwise mint gold (a Prepare receiving gold, then its
   Commit) or stop a shard's writes (a Fence at a made-up epoch).
 

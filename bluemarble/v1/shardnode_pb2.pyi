@@ -523,6 +523,28 @@ class GetSnapshotRequest(_message.Message):
     replica: str
     def __init__(self, shard_id: _Optional[str] = ..., epoch: _Optional[int] = ..., replica: _Optional[str] = ...) -> None: ...
 
+class GetEntriesRequest(_message.Message):
+    __slots__ = ("shard_id", "epoch", "after", "node_id")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    shard_id: str
+    epoch: int
+    after: LogPosition
+    node_id: str
+    def __init__(self, shard_id: _Optional[str] = ..., epoch: _Optional[int] = ..., after: _Optional[_Union[LogPosition, _Mapping]] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class GetEntriesResponse(_message.Message):
+    __slots__ = ("shard_id", "entries", "last")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    shard_id: str
+    entries: _containers.RepeatedCompositeFieldContainer[LogEntry]
+    last: LogPosition
+    def __init__(self, shard_id: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[LogEntry, _Mapping]]] = ..., last: _Optional[_Union[LogPosition, _Mapping]] = ...) -> None: ...
+
 class SnapshotChunk(_message.Message):
     __slots__ = ("shard_id", "last", "data", "done", "total_bytes")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]

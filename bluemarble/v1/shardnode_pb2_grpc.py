@@ -99,6 +99,11 @@ class ShardNodeStub:
                 request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.GetSnapshotRequest.SerializeToString,
                 response_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.SnapshotChunk.FromString,
                 _registered_method=True)
+        self.GetEntries = channel.unary_unary(
+                '/bluemarble.v1.ShardNode/GetEntries',
+                request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.GetEntriesRequest.SerializeToString,
+                response_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.GetEntriesResponse.FromString,
+                _registered_method=True)
         self.Fence = channel.unary_unary(
                 '/bluemarble.v1.ShardNode/Fence',
                 request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.FenceRequest.SerializeToString,
@@ -227,6 +232,16 @@ class ShardNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetEntries(self, request, context):
+        """A new primary behind one of its replicas copies the entries it lacks from that
+        replica before it serves (a planned handoff leaves it a few entries short). Answers
+        the entries right after `after` when this node's log holds `after` and still retains
+        what follows; FAILED_PRECONDITION otherwise (the caller copies a snapshot instead).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Fence(self, request, context):
         """Failover, step one (the control-plane leader): raise each shard's fenced epoch, so
         this node refuses entries, acks and writes of older epochs from now on, and answer
@@ -310,6 +325,11 @@ def add_ShardNodeServicer_to_server(servicer, server):
                     servicer.GetSnapshot,
                     request_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.GetSnapshotRequest.FromString,
                     response_serializer=bluemarble_dot_v1_dot_shardnode__pb2.SnapshotChunk.SerializeToString,
+            ),
+            'GetEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEntries,
+                    request_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.GetEntriesRequest.FromString,
+                    response_serializer=bluemarble_dot_v1_dot_shardnode__pb2.GetEntriesResponse.SerializeToString,
             ),
             'Fence': grpc.unary_unary_rpc_method_handler(
                     servicer.Fence,
@@ -673,6 +693,33 @@ class ShardNode:
             '/bluemarble.v1.ShardNode/GetSnapshot',
             bluemarble_dot_v1_dot_shardnode__pb2.GetSnapshotRequest.SerializeToString,
             bluemarble_dot_v1_dot_shardnode__pb2.SnapshotChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bluemarble.v1.ShardNode/GetEntries',
+            bluemarble_dot_v1_dot_shardnode__pb2.GetEntriesRequest.SerializeToString,
+            bluemarble_dot_v1_dot_shardnode__pb2.GetEntriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

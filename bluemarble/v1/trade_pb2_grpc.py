@@ -77,7 +77,8 @@ class TradeCoordinatorServicer:
 
     def ResolveTrade(self, request, context):
         """For participants' termination (flow 6): the recorded decision, created as ABORTED
-        when there is none yet (create-if-absent: a decision that exists always stands).
+        when there is none yet (create-if-absent: a decision that exists always stands),
+        or with if_decided only read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -697,27 +697,45 @@ class TradeCoordinator:
     # ---- ResolveTrade ----
 
     async def resolve(self, trade_id: str, shard: str, node: str, reason: str,
-                      leg: Leg | None = None) -> tuple[trade_pb2.TradeRecord, bool]:
+                      leg: Leg | None = None, *, if_decided: bool = False) -> tuple[trade_pb2.TradeRecord, bool]:
         """The record of ``trade_id``, created ABORTED (decided by "participant <shard>")
-        when there is none. Returns it and whether this call created it.
+        when there is none. Returns it and whether this call created it. With
+        ``if_decided`` nothing is written: without a record the answer is an empty record
+        of the trade id (outcome UNSPECIFIED).
 
         With ``leg`` (the escrow the participant holds), the returned copy's outcome is
         the one that participant must apply (:func:`outcome_for_leg`): ABORTED for a leg
         that is not part of the recorded terms, whatever the record says. The record in
         etcd is never changed."""
         who = participant_name(shard) if shard else f"participant node {node}" if node else "participant"
+        if if_decided:
+            found = await self._store.get(trade_id)
+            if found is None:
+                log.debug("trade not decided yet", trade_id=trade_id, asked_by=who, node_id=node)
+                return trade_pb2.TradeRecord(trade_id=trade_id), False
+            return self._answer_for_leg(found.record, leg, who, node), False
         why = reason[:MAX_REASON_CHARS] if reason else "no decision was recorded"
         record = trade_pb2.TradeRecord(
             trade_id=trade_id, outcome=common_pb2.TRADE_OUTCOME_ABORTED,
             reason=f"aborted by {who}: {why}", decided_by=who, decided_at_ms=self._clock.wall_ms(), shard_a=shard,
         )
         stored, created = await self._store.create_if_absent(record)
-        answer = stored.record
+        answer = self._answer_for_leg(stored.record, leg, who, node)
+        log.info("trade resolved", trade_id=trade_id, asked_by=who, node_id=node, created=created,
+                 outcome=common_pb2.TradeOutcome.Name(answer.outcome))
+        return answer, created
+
+    @staticmethod
+    def _answer_for_leg(record: trade_pb2.TradeRecord, leg: Leg | None, who: str, node: str) -> trade_pb2.TradeRecord:
+        """``record``, or with ``leg`` a copy whose outcome is the one that leg's holder
+        must apply (:func:`outcome_for_leg`)."""
+        trade_id = record.trade_id
+        answer = record
         recorded = outcome_from_proto(answer.outcome, f"trade record {echo(trade_id)}")
         terms = trade_from_request(answer.request) if answer.request.trade_id else None
         if outcome_for_leg(recorded, terms, leg) is not recorded:
             answer = trade_pb2.TradeRecord()
-            answer.CopyFrom(stored.record)
+            answer.CopyFrom(record)
             answer.outcome = common_pb2.TRADE_OUTCOME_ABORTED
             answer.reason = (
                 f"trade id {echo(trade_id)} was decided for another trade (between {echo(answer.request.player_a)} "
@@ -725,9 +743,7 @@ class TradeCoordinator:
             )
             log.warning("escrow of a reused trade id released", trade_id=trade_id, asked_by=who, node_id=node,
                         player=leg.player if leg else "", recorded=recorded.name)
-        log.info("trade resolved", trade_id=trade_id, asked_by=who, node_id=node, created=created,
-                 outcome=common_pb2.TradeOutcome.Name(answer.outcome))
-        return answer, created
+        return answer
 
     # ---- participants' views ----
 
@@ -916,7 +932,7 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
             leg = Leg(request.trade_id, request.leg.player_id, _offer(request.leg.gives), _offer(request.leg.receives),
                       request.leg.counterpart_player_id)
         record, created = await self._c.resolve(request.trade_id, request.shard_id, request.node_id, request.reason,
-                                                leg)
+                                                leg, if_decided=request.if_decided)
         return trade_pb2.ResolveTradeResponse(
             trade_id=record.trade_id, outcome=record.outcome, reason=record.reason, created=created
         )

@@ -183,7 +183,7 @@ def test_a_cluster_under_mutual_tls_with_an_admin_token(secure_cluster: SecureCl
             node = shardnode_pb2_grpc.ShardNodeStub(channel)  # type: ignore[no-untyped-call]
             calls = _forged_calls(node, shard_a, leg)
             if holder == "n2":
-                calls.pop()  # a node may replicate to another
+                del calls[-2:]  # a node may replicate to another, and copy entries from it
             for name, call in calls:
                 with pytest.raises(grpc.RpcError) as refused:
                     call()
@@ -204,7 +204,7 @@ def test_a_cluster_under_mutual_tls_with_an_admin_token(secure_cluster: SecureCl
 
 def _forged_calls(node: shardnode_pb2_grpc.ShardNodeStub, shard: str,
                   leg: shardnode_pb2.TradeLeg) -> list[tuple[str, Callable[[], object]]]:
-    """Calls only the control plane (or, for the last one, a node) may make."""
+    """Calls only the control plane (or, for the last two, a node) may make."""
     fence = shardnode_pb2.FenceRequest(requested_by="x", shards=[shardnode_pb2.ShardFence(shard_id=shard, epoch=1000)])
     batch = shardnode_pb2.TradeBatchRequest(items=[
         shardnode_pb2.TradeBatchItem(abort=shardnode_pb2.AbortRequest(trade_id="forged"))])
@@ -215,6 +215,7 @@ def _forged_calls(node: shardnode_pb2_grpc.ShardNodeStub, shard: str,
         ("Fence", lambda: node.Fence(fence, timeout=5)),
         ("TradeBatch", lambda: node.TradeBatch(batch, timeout=5)),
         ("Replicate", lambda: list(node.Replicate(iter([shardnode_pb2.ReplicateBatch()]), timeout=5))),
+        ("GetEntries", lambda: node.GetEntries(shardnode_pb2.GetEntriesRequest(shard_id=shard, epoch=1), timeout=5)),
     ]
 
 

@@ -3,17 +3,19 @@ applied after that primary dies and a replica is promoted.
 
 Commit and Abort answer after the primary's local commit (shardnode/participant.py,
 docs/decisions.md). What makes the outcome final is the decision record plus the escrow,
-which Prepare replicated: the promoted replica holds the escrow PREPARED and its
-termination rule applies the recorded outcome.
+which Prepare replicated: the promoted replica holds the escrow PREPARED, and applies the
+recorded outcome as soon as it serves.
 
-Real processes: one control plane, three shard nodes (R = 3, escrow timeout 1 s), the
+Real processes: one control plane, three shard nodes (R = 3, escrow timeout 120 s), the
 session's etcd. The test plays the coordinator itself: Prepare on both players'
-primaries, the decision record written create-if-absent (COMMITTED), then every node but
-player A's primary holds replication (the ``hold-replication`` failpoint), and Commit is
-sent to that primary alone. It must answer while no replica has the settle; the primary is
-SIGKILLed, a replica is promoted (the failpoint is lifted only once the new primary is
-assigned: the fence came first, so the held batch of the old epoch is refused), and both
-sides end COMMITTED with the items and gold moved once and no escrow left.
+primaries, the decision record written create-if-absent (COMMITTED), Commit on B's
+primary, then every node but player A's primary holds replication (the
+``hold-replication`` failpoint), and Commit is sent to that primary. It must answer while
+no replica has the settle; the primary is SIGKILLed, a replica is promoted (the failpoint
+is lifted only once the new primary is assigned: the fence came first, so the held batch
+of the old epoch is refused), and both sides end COMMITTED with the items and gold moved
+once and no escrow left, well before the escrow's deadline: the new primary looks up the
+decisions of the escrows it inherited as soon as it serves.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ pytestmark = pytest.mark.e2e
 NODES = {"n1": "z1", "n2": "z2", "n3": "z3"}
 CP_FLAGS = ("--lease-ttl-s", "3", "--replication-factor", "3", "--shards", "4")
 TRADE_ID = "settle-before-replication"
+ESCROW_TIMEOUT_S = 120
+"""Far past the test's waits: the promoted primary settles the escrow it inherited at once
+(the decision exists), not at its deadline."""
 COMMITTED = shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED
 
 
@@ -72,7 +77,7 @@ async def test_a_commit_acknowledged_before_replication_is_applied_on_the_promot
 ) -> None:
     cp = process_cluster.start_control_plane(*CP_FLAGS)
     for node, zone in NODES.items():
-        process_cluster.start_node(node, zone, "--trade-escrow-timeout-s", "1")
+        process_cluster.start_node(node, zone, "--trade-escrow-timeout-s", str(ESCROW_TIMEOUT_S))
     wait_until(lambda: placed(process_cluster), 60, "every shard placed with 2 replicas")
     etcd_store = EtcdStore([process_cluster.etcd.endpoint])
     await etcd_store.connect(10)
@@ -112,6 +117,11 @@ async def test_a_commit_acknowledged_before_replication_is_applied_on_the_promot
                 shard_b=route_b.shard_id)
             _, written = await store.create_if_absent(record)
             assert written
+            channel, stub = stub_of(route_b)
+            async with channel:  # B's side is settled as usual
+                answer = await stub.Commit(shardnode_pb2.CommitRequest(
+                    trade_id=TRADE_ID, shard_id=route_b.shard_id, epoch=route_b.epoch), timeout=10)
+            assert answer.state == COMMITTED
 
             # No replica takes anything from here on; Commit on A's primary answers anyway.
             for node in NODES:
@@ -148,6 +158,9 @@ async def test_a_commit_acknowledged_before_replication_is_applied_on_the_promot
                 return await trade_states(routing, a) == [COMMITTED] and await trade_states(routing, b) == [COMMITTED]
 
             await eventually(both_committed, 30, "both sides COMMITTED on their current primaries")
+            new_primary = next(x.primary for x in process_cluster.assignments().assignments  # type: ignore[union-attr]
+                               if x.shard_id == route_a.shard_id)
+            assert "inherited escrow settled" in process_cluster.log_text(new_primary)
             inv_a = await routing.get_inventory(a, deadline_s=20)
             inv_b = await routing.get_inventory(b, deadline_s=20)
             assert (list(inv_a.item_ids), inv_a.gold) == ([], 50)

@@ -48,7 +48,8 @@ COMMITTED_STATE, ABORTED_STATE = (
 
 
 class Resolver(trade_pb2_grpc.TradeCoordinatorServicer):
-    """ResolveTrade as the control plane answers it: the record, or ABORTED created."""
+    """ResolveTrade as the control plane answers it: the record, or ABORTED created (with
+    ``if_decided``, none and nothing created)."""
 
     def __init__(self) -> None:
         self.records: dict[str, int] = {}
@@ -58,6 +59,8 @@ class Resolver(trade_pb2_grpc.TradeCoordinatorServicer):
         self, request: trade_pb2.ResolveTradeRequest, context: Any
     ) -> trade_pb2.ResolveTradeResponse:
         self.calls.append(request)
+        if request.if_decided and request.trade_id not in self.records:
+            return trade_pb2.ResolveTradeResponse(trade_id=request.trade_id)
         created = request.trade_id not in self.records
         outcome = self.records.setdefault(request.trade_id, common_pb2.TRADE_OUTCOME_ABORTED)
         return trade_pb2.ResolveTradeResponse(
@@ -277,6 +280,29 @@ async def test_termination_asks_for_the_decision_and_aborts_when_none_exists(nod
     await wait_for(settled, 5.0, "the committed escrow to be settled")
     inventory = await n.stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id="alice"))
     assert list(inventory.item_ids) == ["gem"]
+
+
+async def test_a_new_term_settles_at_once_the_inherited_escrows_already_decided(node: Node) -> None:
+    """When a shard starts serving (a promotion), its escrows whose trade is decided are
+    settled at once; an undecided one is only looked up (nothing written: its coordinator
+    may be deciding it) and waits for its deadline."""
+    n = node
+    n.participant.escrow_timeout_ms = 60_000  # deadlines far away: only the new term settles
+    await seed(n, "alice", ["sword", "shield"], 10)
+    await n.stub.Prepare(prepare("decided", leg("alice", ["sword"], 0, ["gem"], 0)))
+    await n.stub.Prepare(prepare("open", leg("alice", ["shield"], 0)))
+    n.resolver.records["decided"] = common_pb2.TRADE_OUTCOME_COMMITTED
+    n.participant._on_serving(SHARD)
+
+    async def looked_up() -> bool:
+        return {c.trade_id for c in n.resolver.calls} == {"decided", "open"} and not n.participant._resolving
+
+    await wait_for(looked_up, 5.0, "both inherited escrows looked up")
+    assert all(c.if_decided for c in n.resolver.calls)
+    assert "open" not in n.resolver.records  # nothing decided for it
+    assert [r.trade_id for r in n.storage.prepared_trades([SHARD])] == ["open"]
+    inventory = await n.stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id="alice"))
+    assert sorted(inventory.item_ids) == ["gem", "shield"] and list(inventory.escrowed_item_ids) == ["shield"]
 
 
 BAD_PREPARES = [

@@ -465,6 +465,14 @@ async def test_resolve_trade_racing_execute_trade_first_writer_wins(start_contro
         again = await c.trades.ResolveTrade(trade_pb2.ResolveTradeRequest(
             trade_id="race-0", shard_id=c.shard(a), node_id=c.node_of(a).node_id))
         assert not again.created and again.outcome == (await c.stored("race-0")).outcome  # type: ignore[union-attr]
+        # if_decided only reads: the recorded outcome, or none, and nothing is written.
+        looked = await c.trades.ResolveTrade(trade_pb2.ResolveTradeRequest(
+            trade_id="race-0", shard_id=c.shard(a), node_id=c.node_of(a).node_id, if_decided=True))
+        assert not looked.created and looked.outcome == again.outcome
+        undecided = await c.trades.ResolveTrade(trade_pb2.ResolveTradeRequest(
+            trade_id="never", shard_id=c.shard(a), node_id=c.node_of(a).node_id, if_decided=True))
+        assert (undecided.outcome, undecided.created) == (common_pb2.TRADE_OUTCOME_UNSPECIFIED, False)
+        assert await c.stored("never") is None
         fresh = await c.trades.ResolveTrade(trade_pb2.ResolveTradeRequest(
             trade_id="never", shard_id=c.shard(a), node_id=c.node_of(a).node_id))
         assert fresh.created and fresh.outcome == ABORTED and c.shard(a) in fresh.reason

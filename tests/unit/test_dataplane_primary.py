@@ -211,6 +211,10 @@ async def test_a_new_primary_behind_a_replica_retries_the_copy_and_never_serves_
             raise Unavailable("node n2 is busy serving other snapshots; retry shortly")
         state.last = ahead
 
+    async def no_log_copy(state_: object, source: str, epoch: int) -> bool:
+        return False  # the replica's log does not continue this one: a snapshot it is
+
+    dp._copy_entries = no_log_copy
     dp._install_snapshot = install
     assert await dp._catch_up(state, state.epoch)
     assert tries == ["n2", "n2", "n2"]  # never the node outside the assignment
