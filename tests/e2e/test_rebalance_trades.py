@@ -8,7 +8,8 @@ What it guards: a handoff must not leave behind settles its old primary had not 
 (20 ms) at the moment of a handoff: before the fix, a client of 48 trading pairs met it in
 one of three joins (trades refused with "does not own item ..."), and this smaller test
 passed twice. So a pass here is evidence, not proof; tests/unit/test_leadership.py checks
-the rule itself."""
+the rule itself. A new primary that is behind the old one catches up by copying the
+entries it lacks (GetEntries), not a snapshot of the whole shard."""
 
 from __future__ import annotations
 
@@ -87,3 +88,6 @@ async def test_a_node_joining_during_trades_takes_primaries_without_refusing_a_t
             assert sorted(inventory.item_ids) == sorted(owned[player]), player
             assert inventory.gold == gold[player], player
             assert not inventory.escrowed_item_ids and inventory.escrowed_gold == 0, player
+    # A new primary behind its old one copies the entries it lacks, never the whole shard.
+    for node in ("n1", "n2", "n3"):
+        assert "lacks; copying a snapshot" not in cluster.log_text(node), node
