@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -16,13 +14,12 @@ import grpc
 import grpc.aio
 import structlog
 
-from bluemarble.api.messages import NODE_CALL_RPCS, SHUTTING_DOWN_KEY, by_size
+from bluemarble.api.messages import NODE_CALL_RPCS, SHUTTING_DOWN_KEY
 from bluemarble.core import limits, validation
-from bluemarble.core.errors import BlueMarbleError, InvalidArgument, PermissionDenied, Unavailable
+from bluemarble.core.errors import InvalidArgument, PermissionDenied, Unavailable
 from bluemarble.core.trades import Outcome
-from bluemarble.runtime import metrics
+from bluemarble.runtime import multiplex
 from bluemarble.runtime.auth import COORDINATOR_CALLS, ClusterPeers
-from bluemarble.runtime.grpc_server import short_message
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
 from shardnode.dataplane import DEFAULT_COMMIT_TIMEOUT_S, DataPlane
 from shardnode.participant import Participant
@@ -31,7 +28,7 @@ log = structlog.get_logger(__name__)
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
-MAX_CALL_TIMEOUT_S = 30.0
+MAX_CALL_TIMEOUT_S = multiplex.MAX_CALL_WORK_S
 
 
 def _timeout_s(context: Ctx) -> float:
@@ -156,129 +153,35 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         # At once, so the caller knows the stream is served before it sends a call.
         await context.send_initial_metadata(())
         coordinator = self._peers.is_control_plane(context)
-        loop = asyncio.get_running_loop()
-        ready: list[shardnode_pb2.NodeResult] = []
-        wake = asyncio.Event()
-        slots = asyncio.Semaphore(limits.MAX_NODE_CALLS_IN_FLIGHT)
-        tasks: set[asyncio.Task[None]] = set()
-        reading = True
-        failure: BaseException | None = None
 
-        # A slot is a call taken and not yet answered on the wire: released when its result
-        # is sent, so a caller that stops reading results cannot pile them up here.
-        def finished(task: asyncio.Task[None]) -> None:
-            tasks.discard(task)
-            wake.set()
+        async def run(call: shardnode_pb2.NodeCall) -> shardnode_pb2.NodeResult:
+            return await self._node_call(call, context if not coordinator else None)
 
-        in_flight: set[int] = set()  # call ids taken and not answered yet
-
-        async def run(call: shardnode_pb2.NodeCall) -> None:
-            result = await self._node_call(call, context if not coordinator else None)
-            in_flight.discard(call.call_id)
-            ready.append(result)
-            wake.set()
-
-        async def read() -> None:
-            nonlocal reading, failure
-            try:
-                async for message in request_iterator:
-                    if self._closing.is_set():
-                        break  # shutting down: calls read from now on are not taken (the closer ends the stream)
-                    if len(message.calls) > limits.MAX_NODE_CALLS_PER_MESSAGE:
-                        raise InvalidArgument(
-                            f"a Calls message carries {len(message.calls)} calls; send at most "
-                            f"{limits.MAX_NODE_CALLS_PER_MESSAGE} per message"
-                        )
-                    ids: set[int] = set()
-                    for call in message.calls:
-                        if call.call_id in in_flight or call.call_id in ids:
-                            raise InvalidArgument(
-                                f"call_id {call.call_id} is already in flight on this stream; give every call its "
-                                "own id (results are matched to calls by it)"
-                            )
-                        ids.add(call.call_id)
-                    for call in message.calls:
-                        await slots.acquire()
-                        in_flight.add(call.call_id)
-                        task = loop.create_task(run(call))
-                        tasks.add(task)
-                        task.add_done_callback(finished)
-            except Exception as e:  # ends the stream with its status, below
-                failure = e
-            finally:
-                reading = False
-                wake.set()
-
-        reader = loop.create_task(read())
-        closer = loop.create_task(self._closing.wait())
-
-        def stop_reading(_: asyncio.Task[bool]) -> None:
-            reader.cancel()
-            wake.set()
-
-        closer.add_done_callback(stop_reading)
-        try:
-            while reading or tasks or ready:
-                await wake.wait()
-                wake.clear()
-                if ready:
-                    batch = ready[:]
-                    ready.clear()
-                    for results in by_size(batch, len(batch), limits.MAX_NODE_CALLS_MESSAGE_BYTES):
-                        yield shardnode_pb2.NodeResults(results=results)
-                        for _ in results:
-                            slots.release()
-            if failure is not None:  # after the answers of the calls taken before it
-                raise failure
-            if self._closing.is_set():  # expected at every shutdown: no warning, unlike a failed call
-                log.debug("calls stream closed: shutting down", peer=context.peer())
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"node {self._node_id} is shutting down; send its calls to the shard's new primary",
-                )
-        finally:
-            closer.cancel()
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
+        async for message in multiplex.serve_calls(
+            request_iterator, calls_of=lambda m: m.calls, run=run,
+            results=lambda part: shardnode_pb2.NodeResults(results=part), closing=self._closing,
+            what="a Calls message",
+        ):
+            yield message
+        if self._closing.is_set():  # expected at every shutdown: no warning, unlike a failed call
+            log.debug("calls stream closed: shutting down", peer=context.peer())
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"node {self._node_id} is shutting down; send its calls to the shard's new primary",
+            )
 
     async def _node_call(self, call: shardnode_pb2.NodeCall, outsider: Ctx | None = None) -> shardnode_pb2.NodeResult:
         """One call of a Calls stream, answered as its unary RPC would be: its response, or
         the status that RPC would have ended with. ``outsider``: the stream's context when
         its caller is not the control plane (its coordinator calls are refused)."""
-        kind = call.WhichOneof("call")
-        method = NODE_CALL_RPCS.get(kind or "", "Calls")
-        started = time.monotonic()
-        deadline_s = (call.timeout_ms or limits.DEFAULT_NODE_CALL_TIMEOUT_MS) / 1000
-        timeout_s = max(0.01, min(MAX_CALL_TIMEOUT_S, deadline_s - 0.05))
-        structlog.contextvars.bind_contextvars(rpc=method)
-        result = shardnode_pb2.NodeResult(call_id=call.call_id)
-        code = "OK"
-        try:
-            async with asyncio.timeout(min(MAX_CALL_TIMEOUT_S, deadline_s)):
-                if kind is None:
-                    raise InvalidArgument(
-                        f"call {call.call_id} carries no request; set one of {', '.join(sorted(NODE_CALL_RPCS))}"
-                    )
-                if call.timeout_ms > limits.MAX_NODE_CALL_TIMEOUT_MS:
-                    raise InvalidArgument(
-                        f"call {call.call_id} has timeout_ms {call.timeout_ms}; use 1 to "
-                        f"{limits.MAX_NODE_CALL_TIMEOUT_MS} (0: {limits.DEFAULT_NODE_CALL_TIMEOUT_MS})"
-                    )
-                if outsider is not None and kind in COORDINATOR_CALLS:
-                    raise PermissionDenied(self._peers.refusal(outsider, method, "the control plane"))
-                response = await self._answer(kind, getattr(call, kind), timeout_s)
-            field = getattr(result, kind)
-            field.SetInParent()  # present even when the response is all defaults
-            field.CopyFrom(response)
-        except TimeoutError:
-            code = "DEADLINE_EXCEEDED"
-            result.error.CopyFrom(shardnode_pb2.CallError(
-                code=code, message=f"{method} did not finish within its deadline of {deadline_s * 1000:.0f} ms"))
-        except Exception as e:  # the status the call's own RPC would have ended with
-            code, message = _error_of(e, method)
-            result.error.CopyFrom(shardnode_pb2.CallError(code=code, message=message))
-        metrics.observe_rpc(f"/bluemarble.v1.ShardNode/{method}", code, time.monotonic() - started)
+
+        def guard(kind: str, method: str) -> None:
+            if outsider is not None and kind in COORDINATOR_CALLS:
+                raise PermissionDenied(self._peers.refusal(outsider, method, "the control plane"))
+
+        result: shardnode_pb2.NodeResult = await multiplex.answer_call(
+            call, shardnode_pb2.NodeResult(call_id=call.call_id), service="bluemarble.v1.ShardNode",
+            rpcs=NODE_CALL_RPCS, handle=self._answer, guard=guard, server="node")
         return result
 
     async def _answer(self, kind: str, request: Any, timeout_s: float) -> Any:
@@ -366,7 +269,7 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
             getattr(result, kind).CopyFrom(await self._answer(kind, getattr(item, kind), timeout_s))
             return result
         except Exception as e:  # the status the item's own call would have ended with; the others unharmed
-            code, message = _error_of(e, f"a TradeBatch {kind}")
+            code, message = multiplex.error_of(e, f"a TradeBatch {kind}", "node")
             return shardnode_pb2.TradeBatchResult(error=shardnode_pb2.TradeBatchError(code=code, message=message))
 
     async def ExecuteLocalTrade(
@@ -383,11 +286,3 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         return self._trades().list_trades(request)
 
 
-def _error_of(e: Exception, what: str) -> tuple[str, str]:
-    """The status (code name, message) a call that raised ``e`` ends with. Anything but a
-    BlueMarbleError is a bug: logged with an id, answered INTERNAL with that id."""
-    if isinstance(e, BlueMarbleError):
-        return e.status, short_message(str(e))
-    error_id = uuid.uuid4().hex[:12]
-    log.exception("call crashed", error_id=error_id, call=what)
-    return "INTERNAL", f"internal error in {what} (error id {error_id}); see the node log"

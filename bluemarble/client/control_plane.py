@@ -45,21 +45,27 @@ stream after 3 s of silence."""
 
 def to_error(e: grpc.aio.AioRpcError, address: str) -> errors.BlueMarbleError:
     """The BlueMarble error for a failed call (UNAVAILABLE names the address)."""
-    details = e.details() or e.code().name
-    if e.code() == grpc.StatusCode.UNAVAILABLE:
+    return status_to_error(e.code(), e.details() or "", address)
+
+
+def status_to_error(code: grpc.StatusCode, details: str, address: str) -> errors.BlueMarbleError:
+    """The BlueMarble error for a call to the control plane at ``address`` that ended
+    with ``code`` and ``details`` (a unary call's status, or a multiplexed call's result)."""
+    details = details or code.name
+    if code == grpc.StatusCode.UNAVAILABLE:
         details = f"control plane {address} unavailable: {details}"
-    elif e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and details == "Deadline Exceeded":  # gRPC's own words
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED and details in ("Deadline Exceeded", code.name):  # gRPC's words
         details = f"control plane {address} did not answer within the call's deadline"
-    elif e.code() == grpc.StatusCode.CANCELLED:
+    elif code == grpc.StatusCode.CANCELLED:
         # Not ours (our own cancellation raises CancelledError): the server ended the call,
         # as a stopping replica does with its streams. Another replica, or this one
         # restarted, answers the retry.
         return errors.Unavailable(f"control plane {address} ended the call (CANCELLED: {details}); retrying")
-    elif e.code() == grpc.StatusCode.UNIMPLEMENTED and "http2 header with status" in details:
+    elif code == grpc.StatusCode.UNIMPLEMENTED and "http2 header with status" in details:
         # An HTTP server that is not a gRPC one (a proxy or ingress without the route): to
         # the client this address is down, and the next one may answer.
         return errors.Unavailable(f"control plane {address} is not a gRPC server there: {details}")
-    return errors.from_status_name(e.code().name, details)
+    return errors.from_status_name(code.name, details)
 
 
 class StreamCall(Protocol):

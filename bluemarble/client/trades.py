@@ -49,11 +49,12 @@ from types import TracebackType
 import grpc.aio
 
 from bluemarble.client.control_plane import ControlPlaneClient, to_error
+from bluemarble.client.node_calls import TRADE_CALLS, CallStream, Unsupported
 from bluemarble.client.routing import ClientClosed, CrossShardTrade, RoutingClient, check_deadline, is_redirect
 from bluemarble.core import errors, validation
 from bluemarble.core.limits import echo
 from bluemarble.core.trades.model import Offer, Outcome, Trade, validate_trade
-from bluemarble.runtime import retry
+from bluemarble.runtime import background, retry
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 from bluemarble.v1 import common_pb2, shardnode_pb2, trade_pb2, trade_pb2_grpc
@@ -168,6 +169,8 @@ class TradeClient:
     ):
         self._routing = routing
         self._stubs: dict[str, tuple[grpc.aio.Channel, trade_pb2_grpc.TradeCoordinatorStub]] = {}
+        # One ExecuteTrades stream per replica address, on the stub's channel.
+        self._streams: dict[str, tuple[trade_pb2_grpc.TradeCoordinatorStub, CallStream]] = {}
         self._closed = False
         if isinstance(control_plane, str):  # "host:port[,host:port...]", not a sequence of characters
             control_plane = split_addresses(control_plane)
@@ -192,6 +195,9 @@ class TradeClient:
         ControlPlaneClient given to it, calls in flight finish too (that client stays
         open). Idempotent."""
         self._closed = True
+        streams, self._streams = self._streams, {}
+        for _, stream in streams.values():
+            await stream.close()
         if self._owns:
             await self._cp.close()
 
@@ -221,6 +227,11 @@ class TradeClient:
             kept = self._stubs[address] = (channel, trade_pb2_grpc.TradeCoordinatorStub(channel))  # type: ignore[no-untyped-call]
         method = getattr(kept[1], rpc)
         try:
+            if type(self._cp.clock) is SystemClock and rpc == "ExecuteTrade":
+                try:
+                    return await self._stream(address, kept[1]).call("execute_trade", request, timeout_s)
+                except Unsupported:
+                    pass  # a replica of an older release: unary calls
             if type(self._cp.clock) is SystemClock:  # the call's gRPC deadline bounds it
                 response: object = await method(request, timeout=timeout_s)
                 return response
@@ -235,6 +246,14 @@ class TradeClient:
             if isinstance(error, errors.Unavailable | errors.DeadlineExceeded):
                 self._cp.rotate(away_from=address)
             raise error from e
+        except (errors.Unavailable, errors.DeadlineExceeded) as e:  # a call on the ExecuteTrades stream
+            if self._closed:
+                raise ClientClosed(
+                    f"the trade client was closed during {rpc}; its outcome is unknown: ask get_trade "
+                    "or retry with the same trade id on a new client"
+                ) from None
+            self._cp.rotate(away_from=address)
+            raise e
         except TimeoutError as e:
             self._cp.rotate(away_from=address)
             raise errors.DeadlineExceeded(f"control plane {address} did not answer within {timeout_s:.3g} s") from e
@@ -247,6 +266,16 @@ class TradeClient:
                 f"the trade client was closed during {rpc}; its outcome is unknown: ask get_trade "
                 "or retry with the same trade id on a new client"
             ) from None
+
+    def _stream(self, address: str, stub: trade_pb2_grpc.TradeCoordinatorStub) -> CallStream:
+        """The ExecuteTrades stream to ``address`` on ``stub`` (a new one when the channel,
+        and so the stub, was replaced)."""
+        kept = self._streams.get(address)
+        if kept is None or kept[0] is not stub:
+            if kept is not None:  # its channel was replaced: the stream goes with it
+                background.start(kept[1].close(), f"close-trade-stream-{address}")
+            kept = self._streams[address] = (stub, CallStream(stub, address, TRADE_CALLS))
+        return kept[1]
 
     async def _retrying(self, request: object, rpc: str, what: str, deadline_s: float) -> tuple[object, int]:
         """``rpc`` of the TradeCoordinator with ``request``, retried as the module says;

@@ -48,6 +48,38 @@ class ExecuteTradeResponse(_message.Message):
     cross_shard: bool
     def __init__(self, trade_id: _Optional[str] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., cross_shard: _Optional[bool] = ...) -> None: ...
 
+class TradeCalls(_message.Message):
+    __slots__ = ("calls",)
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedCompositeFieldContainer[TradeCall]
+    def __init__(self, calls: _Optional[_Iterable[_Union[TradeCall, _Mapping]]] = ...) -> None: ...
+
+class TradeCall(_message.Message):
+    __slots__ = ("call_id", "timeout_ms", "execute_trade")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    EXECUTE_TRADE_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    timeout_ms: int
+    execute_trade: ExecuteTradeRequest
+    def __init__(self, call_id: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., execute_trade: _Optional[_Union[ExecuteTradeRequest, _Mapping]] = ...) -> None: ...
+
+class TradeResults(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[TradeResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[TradeResult, _Mapping]]] = ...) -> None: ...
+
+class TradeResult(_message.Message):
+    __slots__ = ("call_id", "execute_trade", "error")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    EXECUTE_TRADE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    execute_trade: ExecuteTradeResponse
+    error: _shardnode_pb2.CallError
+    def __init__(self, call_id: _Optional[int] = ..., execute_trade: _Optional[_Union[ExecuteTradeResponse, _Mapping]] = ..., error: _Optional[_Union[_shardnode_pb2.CallError, _Mapping]] = ...) -> None: ...
+
 class GetTradeRequest(_message.Message):
     __slots__ = ("trade_id", "player_id")
     TRADE_ID_FIELD_NUMBER: _ClassVar[int]

@@ -39,6 +39,11 @@ class TradeCoordinatorStub:
                 request_serializer=bluemarble_dot_v1_dot_trade__pb2.ExecuteTradeRequest.SerializeToString,
                 response_deserializer=bluemarble_dot_v1_dot_trade__pb2.ExecuteTradeResponse.FromString,
                 _registered_method=True)
+        self.ExecuteTrades = channel.stream_stream(
+                '/bluemarble.v1.TradeCoordinator/ExecuteTrades',
+                request_serializer=bluemarble_dot_v1_dot_trade__pb2.TradeCalls.SerializeToString,
+                response_deserializer=bluemarble_dot_v1_dot_trade__pb2.TradeResults.FromString,
+                _registered_method=True)
         self.GetTrade = channel.unary_unary(
                 '/bluemarble.v1.TradeCoordinator/GetTrade',
                 request_serializer=bluemarble_dot_v1_dot_trade__pb2.GetTradeRequest.SerializeToString,
@@ -63,6 +68,20 @@ class TradeCoordinatorServicer:
         """Runs a trade to its end. Same trade id, same answer, always (within the retention
         window, 24 h by default). Bad input: INVALID_ARGUMENT. A trade the participants
         refuse (an item not owned, not enough gold) answers ABORTED with the reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExecuteTrades(self, request_iterator, context):
+        """Many ExecuteTrade calls on one stream: what a game server's TradeClient uses, since a
+        message on an open stream costs a fraction of a unary call. Each call carries an id
+        and its own deadline, is handled exactly as ExecuteTrade would be, concurrently with
+        the others, and is answered by a result with its id, in completion order; calls ready
+        in the same instant travel in one message, both ways. A call's error is its result
+        (the status ExecuteTrade would have ended with); the stream itself ends only on a
+        malformed message, or UNAVAILABLE when this replica stops (retry the calls elsewhere
+        with the same trade ids).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,6 +117,11 @@ def add_TradeCoordinatorServicer_to_server(servicer, server):
                     servicer.ExecuteTrade,
                     request_deserializer=bluemarble_dot_v1_dot_trade__pb2.ExecuteTradeRequest.FromString,
                     response_serializer=bluemarble_dot_v1_dot_trade__pb2.ExecuteTradeResponse.SerializeToString,
+            ),
+            'ExecuteTrades': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExecuteTrades,
+                    request_deserializer=bluemarble_dot_v1_dot_trade__pb2.TradeCalls.FromString,
+                    response_serializer=bluemarble_dot_v1_dot_trade__pb2.TradeResults.SerializeToString,
             ),
             'GetTrade': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTrade,
@@ -142,6 +166,33 @@ class TradeCoordinator:
             '/bluemarble.v1.TradeCoordinator/ExecuteTrade',
             bluemarble_dot_v1_dot_trade__pb2.ExecuteTradeRequest.SerializeToString,
             bluemarble_dot_v1_dot_trade__pb2.ExecuteTradeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteTrades(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/bluemarble.v1.TradeCoordinator/ExecuteTrades',
+            bluemarble_dot_v1_dot_trade__pb2.TradeCalls.SerializeToString,
+            bluemarble_dot_v1_dot_trade__pb2.TradeResults.FromString,
             options,
             channel_credentials,
             insecure,

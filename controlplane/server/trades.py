@@ -25,7 +25,7 @@ import asyncio
 import collections
 import contextlib
 import os
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -51,7 +51,7 @@ from bluemarble.core.trades import coordinator as rules
 from bluemarble.core.trades.decision import outcome_for_leg
 from bluemarble.core.trades.model import Decision, Leg, Offer, Outcome, Trade, participant_name, validate_trade
 from bluemarble.core.trades.participant import REUSED_TRADE_ID
-from bluemarble.runtime import background, channels, metrics, retry, tracing
+from bluemarble.runtime import background, channels, metrics, multiplex, retry, tracing
 from bluemarble.runtime.auth import ServerAuth
 from bluemarble.runtime.channels import channel as open_channel
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout, wait_event
@@ -886,6 +886,10 @@ _APPLIED = {
 }
 
 
+TRADE_CALL_RPCS = {"execute_trade": "ExecuteTrade"}
+"""The TradeCall field of each call an ExecuteTrades stream carries, and its unary RPC."""
+
+
 class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
     """``bluemarble.v1.TradeCoordinator`` on every control-plane replica."""
 
@@ -895,15 +899,46 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
         self._store = store
         self._locate = locator
         self._auth = auth or ServerAuth()
+        # Never set: a stopping replica ends its streams itself (grpc_server.OpenStreams);
+        # the trades of the calls in flight run on, and their retries get their answers.
+        self._closing = asyncio.Event()
 
     async def ExecuteTrade(
         self, request: trade_pb2.ExecuteTradeRequest, context: Ctx
     ) -> trade_pb2.ExecuteTradeResponse:
+        return await self._execute(request)
+
+    async def _execute(self, request: trade_pb2.ExecuteTradeRequest) -> trade_pb2.ExecuteTradeResponse:
         answer = await self._c.execute_for_caller(trade_from_request(request))
         d = answer.decision
         return trade_pb2.ExecuteTradeResponse(
             trade_id=d.trade_id, outcome=outcome_to_proto(d.outcome), reason=d.reason, cross_shard=answer.cross_shard
         )
+
+    async def ExecuteTrades(
+        self, request_iterator: AsyncIterator[trade_pb2.TradeCalls], context: Ctx
+    ) -> AsyncIterator[trade_pb2.TradeResults]:
+        """ExecuteTrade calls multiplexed on one stream (see the proto), each answered as
+        its unary call would be. A trade whose call's deadline passes runs on to its end,
+        as a unary caller's does; a stopping replica ends the stream (UNAVAILABLE)."""
+        # At once, so the caller knows the stream is served before it sends a call.
+        await context.send_initial_metadata(())
+
+        async def handle(kind: str, request: trade_pb2.ExecuteTradeRequest, timeout_s: float) -> Any:
+            return await self._execute(request)
+
+        async def run(call: trade_pb2.TradeCall) -> trade_pb2.TradeResult:
+            result: trade_pb2.TradeResult = await multiplex.answer_call(
+                call, trade_pb2.TradeResult(call_id=call.call_id), service="bluemarble.v1.TradeCoordinator",
+                rpcs=TRADE_CALL_RPCS, handle=handle, server="control-plane")
+            return result
+
+        async for message in multiplex.serve_calls(
+            request_iterator, calls_of=lambda m: m.calls, run=run,
+            results=lambda part: trade_pb2.TradeResults(results=part), closing=self._closing,
+            what="an ExecuteTrades message",
+        ):
+            yield message
 
     async def ResolveTrade(
         self, request: trade_pb2.ResolveTradeRequest, context: Ctx

@@ -22,6 +22,7 @@ import grpc.aio
 import prometheus_client
 import pytest
 
+from bluemarble.client.trades import TradeClient
 from bluemarble.core.ids import ShardId, TradeId
 from bluemarble.core.ring import Ring
 from bluemarble.core.trades import participant as p
@@ -520,6 +521,61 @@ async def test_bad_inputs_are_invalid_argument_naming_the_problem(
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = raised.value.details() or ""
     assert message in details and len(details) < 400
+
+
+async def test_trades_on_one_execute_trades_stream_are_answered_as_their_unary_calls(
+    start_control_plane: StartControlPlane,
+) -> None:
+    """The TradeClient sends its trades on one ExecuteTrades stream: the answers are the
+    unary call's (a retry included, nothing moves twice), and each call's bad input is
+    its own result, naming the problem; a malformed message ends the stream."""
+    async with cluster(start_control_plane) as c:
+        a, b = c.players(same_shard=False)
+        c.world.seed(a, ["sword", "axe"], 100)
+        c.world.seed(b, [], 50)
+        async with TradeClient([c.app.address]) as client:
+            results = await asyncio.gather(
+                client.execute_trade("s1", a, b, a_items=["sword"], b_gold=10),
+                client.execute_trade("s2", a, b, a_items=["axe"], b_gold=10),
+                client.execute_trade("s3", a, b, a_items=["crown"], b_gold=10),  # not owned
+            )
+            again = await client.execute_trade("s1", a, b, a_items=["sword"], b_gold=10)
+            [(_, stream)] = client._streams.values()
+            assert stream.streams_opened == 1
+        assert [r.outcome for r in results] == [Outcome.COMMITTED, Outcome.COMMITTED, Outcome.ABORTED]
+        assert "crown" in results[2].reason and again.outcome is Outcome.COMMITTED
+        assert c.world.items[b] == {"sword", "axe"} and c.world.gold == {a: 120, b: 30}
+        # Raw calls: each call's error is its own result.
+        calls = [
+            trade_pb2.TradeCall(call_id=1, execute_trade=request("bad", a, a, ("x",))),
+            trade_pb2.TradeCall(call_id=2),
+            trade_pb2.TradeCall(call_id=3, timeout_ms=600_000, execute_trade=request("slow", a, b, ("x",))),
+            trade_pb2.TradeCall(call_id=4, execute_trade=request("s1", a, b, ("sword",), 0, (), 10)),
+        ]
+        stream_call = c.trades.ExecuteTrades()
+        await stream_call.write(trade_pb2.TradeCalls(calls=calls))
+        answered: dict[int, trade_pb2.TradeResult] = {}
+        while len(answered) < len(calls):
+            message = await asyncio.wait_for(stream_call.read(), 10)
+            answered.update((r.call_id, r) for r in message.results)
+        refusals = {1: "cannot trade with themselves", 2: "carries no request", 3: "timeout_ms 600000"}
+        for call_id, phrase in refusals.items():
+            error = answered[call_id].error
+            assert error.code == "INVALID_ARGUMENT" and phrase in error.message, (call_id, error)
+        assert answered[4].execute_trade.outcome == COMMITTED
+        # A message that reuses an id in flight ends the stream INVALID_ARGUMENT.
+        c.nodes[c.node_of(a).node_id].gate = asyncio.Event()  # holds the first call in flight
+        await stream_call.write(trade_pb2.TradeCalls(calls=[
+            trade_pb2.TradeCall(call_id=7, execute_trade=request("held", a, b, ("sword",))),
+        ]))
+        await stream_call.write(trade_pb2.TradeCalls(calls=[
+            trade_pb2.TradeCall(call_id=7, execute_trade=request("again", a, b, ("axe",)))]))
+        c.nodes[c.node_of(a).node_id].gate.set()  # type: ignore[union-attr]
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while True:
+                await asyncio.wait_for(stream_call.read(), 10)
+        assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "call_id 7 is already in flight" in (ended.value.details() or "")
 
 
 async def test_a_resolve_reason_with_control_characters_is_refused_and_records_nothing(

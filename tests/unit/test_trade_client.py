@@ -20,6 +20,7 @@ from bluemarble.core import errors
 from bluemarble.core.ids import PlayerId
 from bluemarble.core.ring import initial_ring
 from bluemarble.core.trades.model import Outcome
+from bluemarble.runtime import multiplex
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.v1 import common_pb2, controlplane_pb2, shardnode_pb2, trade_pb2, trade_pb2_grpc
 from scripts.localcluster import free_port
@@ -66,12 +67,45 @@ class Coordinator(trade_pb2_grpc.TradeCoordinatorServicer):
             unreachable_nodes=["n3"])
 
 
-@pytest.fixture
-async def start() -> AsyncIterator[Callable[[Behaviour], Any]]:
+class StreamingCoordinator(Coordinator):
+    """A coordinator that also serves ExecuteTrades (the client's first choice), each call
+    behaving as :meth:`Coordinator.ExecuteTrade` does."""
+
+    async def ExecuteTrades(self, request_iterator: Any, context: Ctx) -> Any:
+        await context.send_initial_metadata(())
+
+        async def handle(kind: str, request: trade_pb2.ExecuteTradeRequest, timeout_s: float) -> Any:
+            self.requests.append(request)
+            what = self.behaviour(len(self.requests))
+            if isinstance(what, float):
+                await asyncio.sleep(what)
+            elif what is not None:
+                raise errors.from_status_name(what[0].name, what[1])
+            return trade_pb2.ExecuteTradeResponse(
+                trade_id=request.trade_id, outcome=common_pb2.TRADE_OUTCOME_COMMITTED, cross_shard=True)
+
+        async def run(call: trade_pb2.TradeCall) -> trade_pb2.TradeResult:
+            result: trade_pb2.TradeResult = await multiplex.answer_call(
+                call, trade_pb2.TradeResult(call_id=call.call_id), service="bluemarble.v1.TradeCoordinator",
+                rpcs={"execute_trade": "ExecuteTrade"}, handle=handle)
+            return result
+
+        async for message in multiplex.serve_calls(
+            request_iterator, calls_of=lambda m: m.calls, run=run,
+            results=lambda part: trade_pb2.TradeResults(results=part), closing=asyncio.Event(), what="a message",
+        ):
+            yield message
+
+
+@pytest.fixture(params=["stream", "unary"])
+async def start(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[Behaviour], Any]]:
+    """Starts coordinators; "stream": they serve ExecuteTrades, which the client uses;
+    "unary": they do not (an older release), and the client falls back to ExecuteTrade."""
     servers: list[Any] = []
+    kind = StreamingCoordinator if request.param == "stream" else Coordinator
 
     async def run(behaviour: Behaviour) -> tuple[str, Coordinator]:
-        servicer = Coordinator(behaviour)
+        servicer = kind(behaviour)
         server = await build_server("127.0.0.1:0", [ServiceBinding(
             trade_pb2.DESCRIPTOR.services_by_name["TradeCoordinator"].full_name, servicer,
             trade_pb2_grpc.add_TradeCoordinatorServicer_to_server)])
@@ -91,6 +125,8 @@ async def test_unavailable_is_retried_with_the_same_trade_id_and_terms(start: An
     address, coordinator = await start(lambda n: (grpc.StatusCode.UNAVAILABLE, "etcd unreachable") if n < 3 else None)
     async with TradeClient([address], retry_initial_s=0.01, retry_max_backoff_s=0.02) as client:
         result = await client.execute_trade("t1", "a", "b", a_items=["sword"], b_gold=7, deadline_s=5)
+        streamed = isinstance(coordinator, StreamingCoordinator)
+        assert [stream.supported for _, stream in client._streams.values()] == [streamed]
     assert result.outcome is Outcome.COMMITTED and result.committed and result.cross_shard
     assert result.attempts == 3
     assert len({r.SerializeToString() for r in coordinator.requests}) == 1, "every attempt sends the same request"
