@@ -483,8 +483,12 @@ class DataPlane:
             if len(entries) > ENTRIES_PER_ANSWER or any(e.epoch >= epoch for e in entries):
                 raise Unavailable(f"{source} answered entries of {state.shard_id} that no replica of epoch {epoch} "
                                   "holds; not applied")
-            # Storage checks that they continue this log (FailedPrecondition otherwise).
-            state.last = self._storage.append([(state.shard_id, entries)], {})[state.shard_id]
+            try:  # storage checks that they continue this log, and decode
+                state.last = self._storage.append([(state.shard_id, entries)], {})[state.shard_id]
+            except (FailedPrecondition, CorruptRecord) as e:
+                log.warning("entries from the replica ahead were refused; copying a snapshot", shard=state.shard_id,
+                            source=source, error=str(e))
+                return False
             copied += len(entries)
             if state.last >= (log_position_from_proto(response.last) or ZERO):
                 break
@@ -1297,6 +1301,8 @@ class DataPlane:
         the caller's: no copy here, not fenced at the caller's epoch yet (it could still
         grow), the log differs at ``after``, or what follows is no longer retained."""
         shard = _shard_id(request.shard_id)
+        if request.epoch == 0:
+            raise InvalidArgument("epoch is 0; give the caller's epoch as the shard's new primary")
         validation.log_counter(request.epoch, "epoch")
         validation.log_counter(request.after.epoch, "after.epoch")
         validation.log_counter(request.after.lsn, "after.lsn")

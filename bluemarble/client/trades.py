@@ -18,12 +18,18 @@ Game servers that already route players locally (a
 players are on one shard in its ring then goes straight to that shard's primary
 (``ShardNode.ExecuteLocalTrade``: no control-plane hop), with the routing client's
 redirects and failover handling; every other trade (and every trade while the routing
-client is not ready yet) goes to ``TradeCoordinator.ExecuteTrade`` as below. Both paths
+client is not ready yet) goes to the coordinator as below. Both paths
 key the trade on its id, so a trade retried through the other path gets the same answer
 (docs/decisions.md: "Same-shard trades go from the client straight to the primary").
 
     async with RoutingClient(addresses) as routing, TradeClient(addresses, routing=routing) as trades:
         result = await trades.execute_trade("trade-43", "player-a", "player-c", a_gold=5, b_items=["gem-3"])
+
+The coordinator's trades travel on one ``TradeCoordinator.ExecuteTrades`` stream per
+control-plane replica, each call with its own id and deadline and answered exactly as
+``ExecuteTrade`` would answer it: a message on an open stream costs a fraction of a unary
+call, and trades made together share one. A replica that does not serve the stream (an
+older release), and every replica while tracing is on, gets unary ``ExecuteTrade`` calls.
 
 Retries: UNAVAILABLE, DEADLINE_EXCEEDED (no answer within one attempt's timeout) and
 connection failures (they surface as UNAVAILABLE), plus ABORTED *statuses* (a race lost
@@ -54,7 +60,7 @@ from bluemarble.client.routing import ClientClosed, CrossShardTrade, RoutingClie
 from bluemarble.core import errors, validation
 from bluemarble.core.limits import echo
 from bluemarble.core.trades.model import Offer, Outcome, Trade, validate_trade
-from bluemarble.runtime import background, retry
+from bluemarble.runtime import background, retry, tracing
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 from bluemarble.v1 import common_pb2, shardnode_pb2, trade_pb2, trade_pb2_grpc
@@ -227,7 +233,9 @@ class TradeClient:
             kept = self._stubs[address] = (channel, trade_pb2_grpc.TradeCoordinatorStub(channel))  # type: ignore[no-untyped-call]
         method = getattr(kept[1], rpc)
         try:
-            if type(self._cp.clock) is SystemClock and rpc == "ExecuteTrade":
+            if rpc == "ExecuteTrade" and type(self._cp.clock) is SystemClock and not tracing.enabled():
+                # On the replica's ExecuteTrades stream (with tracing on, unary calls: each
+                # trade is then its own span from here on).
                 try:
                     return await self._stream(address, kept[1]).call("execute_trade", request, timeout_s)
                 except Unsupported:

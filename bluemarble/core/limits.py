@@ -117,17 +117,19 @@ MAX_TRADE_BATCH_ITEMS = 256
 """Prepare/Commit/Abort calls in one ShardNode.TradeBatch (a coordinator sends at most 64)."""
 
 MAX_NODE_CALLS_PER_MESSAGE = 256
-"""Calls in one ShardNode.Calls message (the routing client sends at most 64)."""
+"""Calls in one ShardNode.Calls or TradeCoordinator.ExecuteTrades message (our clients
+send at most 64)."""
 
 MAX_NODE_CALLS_IN_FLIGHT = 1024
-"""Calls one ShardNode.Calls stream may have in flight on the node; past it the node reads
-no more of the stream until some finish (flow control reaches the caller)."""
+"""Calls one ShardNode.Calls (or ExecuteTrades) stream may have in flight on the server;
+past it the server reads no more of the stream until some finish (flow control reaches
+the caller)."""
 
 MAX_NODE_CALLS_MESSAGE_BYTES = 4 * 1024 * 1024
-"""Bytes of calls (or results) one ShardNode.Calls message carries, beyond its first."""
+"""Bytes of calls (or results) one Calls or ExecuteTrades message carries, beyond its first."""
 
 DEFAULT_NODE_CALL_TIMEOUT_MS = 10_000
-"""A ShardNode.Calls call's deadline when it sets none."""
+"""A Calls or ExecuteTrades call's deadline when it sets none."""
 
 MAX_NODE_CALL_TIMEOUT_MS = 60_000
-"""The longest deadline a ShardNode.Calls call may set (a longer one is refused)."""
+"""The longest deadline a Calls or ExecuteTrades call may set (a longer one is refused)."""

@@ -188,6 +188,7 @@ async def test_get_entries_refuses_what_it_cannot_answer_safely(tmp_path: Path) 
             ({"after": shardnode_pb2.LogPosition(epoch=0, lsn=3)}, grpc.StatusCode.INVALID_ARGUMENT,
              "is not a log position"),
             ({"epoch": 2**63}, grpc.StatusCode.INVALID_ARGUMENT, "epoch"),
+            ({"epoch": 0}, grpc.StatusCode.INVALID_ARGUMENT, "epoch is 0"),
             ({"node_id": "n" * 300}, grpc.StatusCode.INVALID_ARGUMENT, "node_id"),
         ):
             with pytest.raises(grpc.aio.AioRpcError) as refused:
