@@ -69,14 +69,20 @@ class LeaderInfo:
     replica_id: str
     address: str
     token: int
+    lease_id: int = 0  # the leader's session lease (its key goes with it)
 
 
-def decode_leader(value: bytes, token: int) -> LeaderInfo:
+def decode_leader(value: bytes, token: int, lease_id: int = 0) -> LeaderInfo:
     try:
         data = json.loads(value)
-        return LeaderInfo(str(data["replica_id"]), str(data.get("address", "")), token)
+        return LeaderInfo(str(data["replica_id"]), str(data.get("address", "")), token, lease_id)
     except (ValueError, KeyError, TypeError):
-        return LeaderInfo("(unreadable)", "", token)
+        return LeaderInfo("(unreadable)", "", token, lease_id)
+
+
+def refresh_interval_s(ttl_s: float) -> float:
+    """How often a leader renews its session lease of ``ttl_s``."""
+    return max(ttl_s / 3, 0.2)
 
 
 class _SteppedDown(Exception):
@@ -141,7 +147,7 @@ class Election:
 
     async def current_leader(self) -> LeaderInfo | None:
         kv = await self._store.get(self._keys.leader())
-        return None if kv is None else decode_leader(kv.value, kv.create_revision)
+        return None if kv is None else decode_leader(kv.value, kv.create_revision, kv.lease)
 
     async def verify(self) -> bool:
         """Re-reads the leader key after a guarded write failed: True if this term still
@@ -218,7 +224,7 @@ class Election:
 
     async def _refresh(self, lease_id: int, ttl_s: int) -> None:
         """Refreshes the session lease every TTL/3; returns when it cannot be kept."""
-        interval_s = max(ttl_s / 3, 0.2)
+        interval_s = refresh_interval_s(ttl_s)
         while True:
             await self._clock.sleep(interval_s)
             sent_at = self._clock.monotonic_s()
@@ -243,7 +249,7 @@ class Election:
                 log.warning("leader lease expired; stepping down", replica=self.replica_id)
                 return
             self._valid_until_s = sent_at + remaining
-            interval_s = max(ttl_s / 3, 0.2)
+            interval_s = refresh_interval_s(ttl_s)
 
     async def _watch_own_key(self, token: int, start_revision: int) -> None:
         """Returns as soon as the leader key is deleted or belongs to another term."""

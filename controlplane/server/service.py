@@ -23,6 +23,7 @@ import grpc.aio
 from bluemarble.api.conversions import ring_to_proto
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import (
+    BlueMarbleError,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -37,7 +38,7 @@ from bluemarble.runtime.auth import ServerAuth
 from bluemarble.runtime.clock import Clock, run_with_timeout
 from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc, shardnode_pb2
 from controlplane.server.crash_watch import CrashWatch
-from controlplane.server.election import Election, LeaderInfo
+from controlplane.server.election import Election, LeaderInfo, refresh_interval_s
 from controlplane.server.node_probe import NodeProbe
 from controlplane.server.registry import NodeRegistry
 from controlplane.server.shard_reports import ShardReports
@@ -303,6 +304,27 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                 f"assignments as of revision {cache.revision} and may be out of date"
             )
         return response
+
+    async def _leader_warning(self, leader: LeaderInfo | None) -> str:
+        """A warning when the leader is another replica that has stopped renewing its
+        session lease (it died, froze or lost etcd: its key lasts until the lease runs
+        out, and status would name it meanwhile), else ''. Renewals come every third of
+        the TTL; more than one missed, and a second's rounding, is stopped."""
+        if leader is None or leader.replica_id == self._d.replica_id or not leader.lease_id:
+            return ""
+        try:
+            remaining_s = await run_with_timeout(
+                self._d.clock, self._d.store.lease_ttl(leader.lease_id), STATUS_ETCD_TIMEOUT_S)
+        except (BlueMarbleError, TimeoutError):
+            return ""  # etcd's answer about the lease is not needed for the rest of the status
+        ttl_s = self._d.election.ttl_s
+        silent_s = ttl_s - max(remaining_s, 0)
+        if silent_s <= refresh_interval_s(ttl_s) + 1.5:
+            return ""
+        return (
+            f"the leader, replica {leader.replica_id}, has not renewed its lease for about {silent_s} s: if it "
+            f"stopped, another replica takes over when the lease runs out (in {max(remaining_s, 0)} s)"
+        )
 
     async def _copy_warnings(
         self, assignments: Sequence[common_pb2.Assignment], live: set[str], shard_count: int
@@ -644,8 +666,12 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             response.warnings.append(
                 f"{response.shards_without_primary} of {shard_count} shards have no live primary"
             )
-        if config is not None:  # etcd answers: the nodes are worth asking too
-            response.warnings.extend(await self._copy_warnings(assignments, live, shard_count))
+        if config is not None:  # etcd answers: the nodes, and a leader elsewhere, are worth asking too
+            copies, silent_leader = await asyncio.gather(
+                self._copy_warnings(assignments, live, shard_count), self._leader_warning(leader))
+            response.warnings.extend(copies)
+            if silent_leader:
+                response.warnings.append(silent_leader)
         hold = self._d.placement_hold()
         if hold:
             response.warnings.append(f"the leader holds placement moves while nodes come back: {hold}")
