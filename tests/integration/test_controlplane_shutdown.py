@@ -11,7 +11,7 @@ import grpc
 import grpc.aio
 
 from bluemarble.v1 import controlplane_pb2 as pb
-from bluemarble.v1 import controlplane_pb2_grpc
+from bluemarble.v1 import controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
 from tests.conftest import StartControlPlane
 
 GRACE_S = 20.0
@@ -28,14 +28,17 @@ async def test_stopping_ends_open_streams_without_waiting_out_the_grace(
         ring = stub.WatchRing(pb.WatchRingRequest(progress_interval_ms=500))
         beats = stub.HeartbeatStream()
         await beats.write(pb.HeartbeatRequest(node_id="n1", lease_id=registered.lease_id))
-        for call in (assignments, ring, beats):
+        trades = trade_pb2_grpc.TradeCoordinatorStub(channel).ExecuteTrades()  # type: ignore[no-untyped-call]
+        await trades.write(trade_pb2.TradeCalls(calls=[trade_pb2.TradeCall(call_id=1)]))  # answered: no request
+        for call in (assignments, ring, beats, trades):
             await asyncio.wait_for(call.read(), 10)  # each stream is open and answering
 
         started = time.monotonic()
         await app.stop()
         took_s = time.monotonic() - started
 
-        for name, call in (("WatchAssignments", assignments), ("WatchRing", ring), ("HeartbeatStream", beats)):
+        for name, call in (("WatchAssignments", assignments), ("WatchRing", ring), ("HeartbeatStream", beats),
+                           ("ExecuteTrades", trades)):
             code = await asyncio.wait_for(call.code(), 5)
             details = await call.details()
             assert code == grpc.StatusCode.UNAVAILABLE, (name, code, details)
