@@ -563,17 +563,22 @@ async def test_trades_on_one_execute_trades_stream_are_answered_as_their_unary_c
             error = answered[call_id].error
             assert error.code == "INVALID_ARGUMENT" and phrase in error.message, (call_id, error)
         assert answered[4].execute_trade.outcome == COMMITTED
-        # A message that reuses an id in flight ends the stream INVALID_ARGUMENT.
-        c.nodes[c.node_of(a).node_id].gate = asyncio.Event()  # holds the first call in flight
-        await stream_call.write(trade_pb2.TradeCalls(calls=[
-            trade_pb2.TradeCall(call_id=7, execute_trade=request("held", a, b, ("sword",))),
-        ]))
-        await stream_call.write(trade_pb2.TradeCalls(calls=[
-            trade_pb2.TradeCall(call_id=7, execute_trade=request("again", a, b, ("axe",)))]))
-        c.nodes[c.node_of(a).node_id].gate.set()  # type: ignore[union-attr]
-        with pytest.raises(grpc.aio.AioRpcError) as ended:
-            while True:
-                await asyncio.wait_for(stream_call.read(), 10)
+        # A message that reuses an id in flight ends the stream INVALID_ARGUMENT, once the
+        # call taken before it is answered (its Prepare, held here, times out after 1 s).
+        gate = c.nodes[c.node_of(a).node_id].gate = asyncio.Event()
+        try:
+            await stream_call.write(trade_pb2.TradeCalls(calls=[
+                trade_pb2.TradeCall(call_id=7, execute_trade=request("held", a, b, ("sword",))),
+            ]))
+            await stream_call.write(trade_pb2.TradeCalls(calls=[
+                trade_pb2.TradeCall(call_id=7, execute_trade=request("again", a, b, ("axe",)))]))
+            results: list[trade_pb2.TradeResult] = []
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                while True:
+                    results.extend((await asyncio.wait_for(stream_call.read(), 10)).results)
+        finally:
+            gate.set()
+        assert [r.call_id for r in results] == [7]
         assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "call_id 7 is already in flight" in (ended.value.details() or "")
 
