@@ -565,10 +565,11 @@ async def test_trades_on_one_execute_trades_stream_are_answered_as_their_unary_c
         assert answered[4].execute_trade.outcome == COMMITTED
         # A message that reuses an id in flight ends the stream INVALID_ARGUMENT, once the
         # call taken before it is answered (its Prepare, held here, times out after 1 s).
+        c.world.items[a].add("gem")  # B can take it: only A's held Prepare decides the trade
         gate = c.nodes[c.node_of(a).node_id].gate = asyncio.Event()
         try:
             await stream_call.write(trade_pb2.TradeCalls(calls=[
-                trade_pb2.TradeCall(call_id=7, execute_trade=request("held", a, b, ("sword",))),
+                trade_pb2.TradeCall(call_id=7, execute_trade=request("held", a, b, ("gem",))),
             ]))
             await stream_call.write(trade_pb2.TradeCalls(calls=[
                 trade_pb2.TradeCall(call_id=7, execute_trade=request("again", a, b, ("axe",)))]))
@@ -578,7 +579,7 @@ async def test_trades_on_one_execute_trades_stream_are_answered_as_their_unary_c
                     results.extend((await asyncio.wait_for(stream_call.read(), 10)).results)
         finally:
             gate.set()
-        assert [r.call_id for r in results] == [7]
+        assert [(r.call_id, r.execute_trade.outcome) for r in results] == [(7, ABORTED)], results
         assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "call_id 7 is already in flight" in (ended.value.details() or "")
 
