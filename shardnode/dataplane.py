@@ -456,10 +456,7 @@ class DataPlane:
         log (it differs, no longer retains the entries, or the source does not serve
         GetEntries): a snapshot is needed. Raises Unavailable when the source did not
         answer, FailedPrecondition when this term ended meanwhile."""
-        address = self._agent.addresses.get(source)
-        if address is None:
-            raise Unavailable(f"no address known for {source}")
-        stub = shardnode_pb2_grpc.ShardNodeStub(self.channel(address))  # type: ignore[no-untyped-call]
+        stub = self._peer_stub(source)
         started_s = self._clock.monotonic_s()
         copied = 0
         while True:
@@ -495,6 +492,13 @@ class DataPlane:
         log.info("caught up from a replica's log", shard=state.shard_id, source=source, entries=copied,
                  last=str(state.last), took_s=round(self._clock.monotonic_s() - started_s, 3))
         return True
+
+    def _peer_stub(self, node: NodeId) -> shardnode_pb2_grpc.ShardNodeStub:
+        """A stub for another node of the cluster; Unavailable when its address is unknown."""
+        address = self._agent.addresses.get(node)
+        if address is None:
+            raise Unavailable(f"no address known for {node}")
+        return shardnode_pb2_grpc.ShardNodeStub(self.channel(address))  # type: ignore[no-untyped-call]
 
     def _reported_positions(self, shard: ShardId) -> dict[NodeId, LogPosition]:
         out: dict[NodeId, LogPosition] = {}
@@ -1194,10 +1198,7 @@ class DataPlane:
         self._spawn(run(), f"snapshot-{state.shard_id}")
 
     async def _install_snapshot(self, state: ShardState, source: NodeId, epoch: int) -> None:
-        address = self._agent.addresses.get(source)
-        if address is None:
-            raise Unavailable(f"no address known for {source}")
-        stub = shardnode_pb2_grpc.ShardNodeStub(self.channel(address))  # type: ignore[no-untyped-call]
+        stub = self._peer_stub(source)
         started_s = self._clock.monotonic_s()
         call = stub.GetSnapshot(
             shardnode_pb2.GetSnapshotRequest(shard_id=state.shard_id, epoch=epoch, replica=self.node_id),

@@ -44,14 +44,15 @@ async def serve_calls(
     calls_of: Callable[[Any], Sequence[Any]],
     run: Callable[[Any], Awaitable[Any]],
     results: Callable[[list[Any]], Any],
-    closing: asyncio.Event,
+    closing: asyncio.Event | None = None,
     what: str,
 ) -> AsyncIterator[Any]:
     """The result messages of the call messages ``requests``. ``calls_of(message)``: its
     calls (each with a ``call_id``); ``run(call)``: the call's result (with the same
     ``call_id``; it must not raise: a call's error is its result); ``results(list)``: a
-    message of results. Once ``closing`` is set, calls read from then on are not taken;
-    the calls taken are answered, then the iteration ends (the caller ends the stream).
+    message of results. Once ``closing`` (if given) is set, calls read from then on are
+    not taken; the calls taken are answered, then the iteration ends (the caller ends the
+    stream).
     ``what`` names the stream's messages in errors ("a Calls message").
 
     Raises InvalidArgument, after answering the calls taken before it, for a message
@@ -79,7 +80,7 @@ async def serve_calls(
         nonlocal reading, failure
         try:
             async for message in requests:
-                if closing.is_set():
+                if closing is not None and closing.is_set():
                     break  # calls read from now on are not taken
                 calls = calls_of(message)
                 if len(calls) > limits.MAX_NODE_CALLS_PER_MESSAGE:
@@ -108,13 +109,14 @@ async def serve_calls(
             wake.set()
 
     reader = loop.create_task(read())
-    closer = loop.create_task(closing.wait())
+    closer = loop.create_task(closing.wait()) if closing is not None else None
 
     def stop_reading(_: asyncio.Task[bool]) -> None:
         reader.cancel()
         wake.set()
 
-    closer.add_done_callback(stop_reading)
+    if closer is not None:
+        closer.add_done_callback(stop_reading)
     try:
         while reading or tasks or ready:
             await wake.wait()
@@ -129,7 +131,8 @@ async def serve_calls(
         if failure is not None:  # after the answers of the calls taken before it
             raise failure
     finally:
-        closer.cancel()
+        if closer is not None:
+            closer.cancel()
         reader.cancel()
         for task in list(tasks):
             task.cancel()

@@ -899,9 +899,6 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
         self._store = store
         self._locate = locator
         self._auth = auth or ServerAuth()
-        # Never set: a stopping replica ends its streams itself (grpc_server.OpenStreams);
-        # the trades of the calls in flight run on, and their retries get their answers.
-        self._closing = asyncio.Event()
 
     async def ExecuteTrade(
         self, request: trade_pb2.ExecuteTradeRequest, context: Ctx
@@ -935,8 +932,10 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
 
         async for message in multiplex.serve_calls(
             request_iterator, calls_of=lambda m: m.calls, run=run,
-            results=lambda part: trade_pb2.TradeResults(results=part), closing=self._closing,
-            what="an ExecuteTrades message",
+            # No closing event: a stopping replica ends its streams itself (grpc_server's
+            # OpenStreams); the trades of the calls in flight run on, and their retries
+            # get their answers.
+            results=lambda part: trade_pb2.TradeResults(results=part), what="an ExecuteTrades message",
         ):
             yield message
 

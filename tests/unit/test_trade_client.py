@@ -92,7 +92,7 @@ class StreamingCoordinator(Coordinator):
 
         async for message in multiplex.serve_calls(
             request_iterator, calls_of=lambda m: m.calls, run=run,
-            results=lambda part: trade_pb2.TradeResults(results=part), closing=asyncio.Event(), what="a message",
+            results=lambda part: trade_pb2.TradeResults(results=part), what="a message",
         ):
             yield message
 
