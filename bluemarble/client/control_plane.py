@@ -141,8 +141,9 @@ async def follow_stream(
 
 
 def _moves_on(error: BaseException) -> bool:
-    """Errors after which another replica may answer: retried on the next address."""
-    return isinstance(error, errors.Unavailable | errors.DeadlineExceeded)
+    """Errors after which another replica may answer: retried on the next address (a busy
+    replica's too: :func:`~bluemarble.core.errors.is_overload`)."""
+    return isinstance(error, errors.Unavailable | errors.DeadlineExceeded) or errors.is_overload(error)
 
 
 ROTATION_LOG_INTERVAL_S = 10.0

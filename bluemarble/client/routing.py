@@ -275,13 +275,14 @@ def is_redirect(error: errors.BlueMarbleError) -> bool:
 
 def should_retry(error: BaseException) -> bool:
     """Whether a failed attempt is worth another one after re-resolving (purely
-    computational): redirects (:func:`is_redirect`), UNAVAILABLE, DEADLINE_EXCEEDED and
-    ABORTED are; INVALID_ARGUMENT, NOT_FOUND and everything else are final."""
+    computational): redirects (:func:`is_redirect`), UNAVAILABLE, DEADLINE_EXCEEDED,
+    ABORTED and a busy server (:func:`~bluemarble.core.errors.is_overload`) are;
+    INVALID_ARGUMENT, NOT_FOUND and everything else are final."""
     if isinstance(error, CrossShardTrade | ClientClosed):
         return False
     if isinstance(error, errors.FailedPrecondition):
         return is_redirect(error)
-    return isinstance(error, errors.Unavailable | errors.DeadlineExceeded | errors.Aborted)
+    return isinstance(error, errors.Unavailable | errors.DeadlineExceeded | errors.Aborted) or errors.is_overload(error)
 
 
 def targets_for(route: Route, *, allow_stale: bool) -> list[Target]:

@@ -148,7 +148,7 @@ def _retried(error: BaseException) -> bool:
         return False
     if isinstance(error, errors.FailedPrecondition):
         return is_redirect(error)
-    return isinstance(error, errors.Unavailable | errors.DeadlineExceeded | errors.Aborted)
+    return isinstance(error, errors.Unavailable | errors.DeadlineExceeded | errors.Aborted) or errors.is_overload(error)
 
 
 class TradeClient:
@@ -251,9 +251,13 @@ class TradeClient:
             return await run_with_timeout(self._cp.clock, call(), timeout_s)
         except grpc.aio.AioRpcError as e:
             error = to_error(e, address)
-            if isinstance(error, errors.Unavailable | errors.DeadlineExceeded):
+            if isinstance(error, errors.Unavailable | errors.DeadlineExceeded) or errors.is_overload(error):
                 self._cp.rotate(away_from=address)
             raise error from e
+        except errors.ResourceExhausted as e:  # a busy replica refused the ExecuteTrades stream
+            if errors.is_overload(e):
+                self._cp.rotate(away_from=address)
+            raise
         except (errors.Unavailable, errors.DeadlineExceeded) as e:  # a call on the ExecuteTrades stream
             if self._closed:
                 raise ClientClosed(

@@ -85,6 +85,14 @@ class ResourceExhausted(RetryableError):
     status = "RESOURCE_EXHAUSTED"
 
 
+def is_overload(error: BaseException) -> bool:
+    """Whether ``error`` says the server was too busy to take the call (RESOURCE_EXHAUSTED
+    for its limit of calls or streams at once): worth another attempt after a backoff.
+    gRPC's own RESOURCE_EXHAUSTED for a message over the size limit is not: the same
+    message would be refused again."""
+    return isinstance(error, ResourceExhausted) and "larger than max" not in str(error)
+
+
 class Unauthenticated(FatalError):
     """No credentials where some are required (an admin RPC without a bearer token)."""
 

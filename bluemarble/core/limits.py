@@ -21,6 +21,15 @@ SHARD_NODE_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 Calls message, 4 MiB of entries or calls plus the one that crosses the line). Every
 request in flight is held in memory whole, so this bounds what each costs the node."""
 
+MAX_CONCURRENT_RPCS = 16384
+"""Calls and streams one server process (a control-plane replica, a shard node) runs at
+once, of every method but health and reflection: past it a new one is refused
+RESOURCE_EXHAUSTED at once, before any of its work, and clients retry with backoff (or on
+another replica). A node holds a few streams per peer and per game-server process, so
+this is far above a healthy cluster's need; it bounds what a flood of calls or of open
+streams costs the process (each holds its task and buffers), with every stream's own
+bounds (:data:`MAX_NODE_CALLS_IN_FLIGHT`) on top."""
+
 MAX_WATCH_STREAMS = 4096
 """WatchAssignments and WatchRing streams one control-plane replica serves at once (a
 node holds two, a game server's routing client two): past it a new one is refused

@@ -33,7 +33,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from bluemarble.core.errors import BlueMarbleError
+from bluemarble.core import limits
+from bluemarble.core.errors import BlueMarbleError, ResourceExhausted
 from bluemarble.core.limits import MAX_MESSAGE_BYTES
 from bluemarble.runtime import metrics, retry, tls, tracing
 
@@ -198,13 +199,47 @@ class OpenStreams:
         return len(tasks)
 
 
-def with_error_mapping(servicer: object, full_name: str, streams: OpenStreams | None = None) -> object:
+RPC_HEADROOM = 256
+"""Calls gRPC admits beyond a server's :class:`CallBudget`: room for health checks and
+reflection (which the budget does not count) while the budget refuses the rest with its
+own message. gRPC refuses past it with "Concurrent RPC limit exceeded!"."""
+
+
+class CallBudget:
+    """The calls and streams a server runs at once, against its limit
+    (:data:`~bluemarble.core.limits.MAX_CONCURRENT_RPCS`): a call past it is refused
+    RESOURCE_EXHAUSTED before any of its work. One integer each way per call."""
+
+    def __init__(self, limit: int = limits.MAX_CONCURRENT_RPCS):
+        assert limit > 0, limit
+        self.limit = limit
+        self.active = 0
+        self.refused = 0
+
+    def take(self, method: str) -> None:
+        """Counts one more call, or raises ResourceExhausted when the server runs its limit."""
+        if self.active >= self.limit:
+            self.refused += 1
+            raise ResourceExhausted(
+                f"this server is running {self.limit} calls and streams at once (its limit); retry "
+                f"{method.rsplit('/', 1)[-1]} after a backoff, or on another replica"
+            )
+        self.active += 1
+
+    def give_back(self) -> None:
+        self.active -= 1
+
+
+def with_error_mapping(
+    servicer: object, full_name: str, streams: OpenStreams | None = None, budget: CallBudget | None = None
+) -> object:
     """A copy of ``servicer`` whose RPC methods bind request context for structlog and
     map exceptions to gRPC statuses (the server's one error-mapping interceptor).
 
     A :class:`BlueMarbleError` becomes its status with its message. Anything else is a
     bug: it is logged with its traceback and answered INTERNAL with an id to find the
-    log line, never UNKNOWN. The wrapping happens once per method at registration:
+    log line, never UNKNOWN. With ``budget``, a call past the server's limit of calls at
+    once is refused RESOURCE_EXHAUSTED first. The wrapping happens once per method at registration:
     grpc.aio's ServerInterceptor builds a new handler on every call, which costs more
     than a heartbeat's own work. The same wrapper refuses undecodable requests
     (:func:`guard_decoding` with ``check_requests=False``), so a message crosses one
@@ -216,9 +251,9 @@ def with_error_mapping(servicer: object, full_name: str, streams: OpenStreams | 
         behavior = getattr(servicer, method.name)
         path = f"/{full_name}/{method.name}"
         if method.server_streaming:
-            setattr(wrapped, method.name, _wrap_stream(path, behavior, method.client_streaming, streams))
+            setattr(wrapped, method.name, _wrap_stream(path, behavior, method.client_streaming, streams, budget))
         else:
-            setattr(wrapped, method.name, _wrap_unary(path, behavior, method.client_streaming))
+            setattr(wrapped, method.name, _wrap_unary(path, behavior, method.client_streaming, budget))
     return wrapped
 
 
@@ -282,12 +317,17 @@ async def _admitted(method: str, request: Any, context: Ctx, client_streaming: b
 
 
 def _wrap_unary(
-    method: str, behavior: Callable[[Any, Ctx], Awaitable[Any]], client_streaming: bool
+    method: str, behavior: Callable[[Any, Ctx], Awaitable[Any]], client_streaming: bool,
+    budget: CallBudget | None = None,
 ) -> Callable[[Any, Ctx], Awaitable[Any]]:
     async def wrapped(request: Any, context: Ctx) -> Any:
         _bind(method, context)
         started = time.monotonic()
+        taken = False
         try:
+            if budget is not None:
+                budget.take(method)
+                taken = True
             request = await _admitted(method, request, context, client_streaming)
             return await behavior(request, context)
         except grpc.aio.AbortError:
@@ -295,6 +335,8 @@ def _wrap_unary(
         except Exception as exc:
             await _fail(method, context, exc, started)
         finally:
+            if taken and budget is not None:
+                budget.give_back()
             metrics.observe_rpc(method, _code_name(context), time.monotonic() - started)
             structlog.contextvars.clear_contextvars()
 
@@ -302,16 +344,21 @@ def _wrap_unary(
 
 
 def _wrap_stream(
-    method: str, behavior: Callable[[Any, Ctx], Any], client_streaming: bool, streams: OpenStreams | None = None
+    method: str, behavior: Callable[[Any, Ctx], Any], client_streaming: bool, streams: OpenStreams | None = None,
+    budget: CallBudget | None = None,
 ) -> Callable[[Any, Ctx], Any]:
     if _writes_responses(behavior):
-        return _wrap_unary(method, behavior, client_streaming)
+        return _wrap_unary(method, behavior, client_streaming, budget)
 
     async def wrapped(request: Any, context: Ctx) -> AsyncIterator[Any]:
         _bind(method, context)
         started = time.monotonic()
         task = streams.add() if streams is not None else None
+        taken = False
         try:
+            if budget is not None:
+                budget.take(method)
+                taken = True
             if streams is not None and streams.reason:
                 raise asyncio.CancelledError  # opened after the server began to end its streams
             request = await _admitted(method, request, context, client_streaming)
@@ -330,6 +377,8 @@ def _wrap_stream(
         except Exception as exc:
             await _fail(method, context, exc, started)
         finally:
+            if taken and budget is not None:
+                budget.give_back()
             if streams is not None:
                 streams.discard(task)
             metrics.observe_rpc(method, _code_name(context), time.monotonic() - started)
@@ -513,11 +562,12 @@ class Server:
     """A started gRPC server with its health servicer; see :func:`build_server`."""
 
     def __init__(self, server: grpc.aio.Server, health: HealthServicer, port: int,
-                 streams: OpenStreams | None = None):
+                 streams: OpenStreams | None = None, budget: CallBudget | None = None):
         self.grpc = server
         self.health = health
         self.port = port
         self.streams = streams if streams is not None else OpenStreams()
+        self.budget = budget if budget is not None else CallBudget()
 
     async def set_serving(self, serving: bool, service: str = "") -> None:
         """Sets what ``grpc.health.v1.Health`` reports for ``service`` ("": the process).
@@ -551,6 +601,7 @@ async def build_server(
     max_request_bytes: int = MAX_MESSAGE_BYTES,
     extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
     not_ready: Iterable[str] = (),
+    max_concurrent_rpcs: int = limits.MAX_CONCURRENT_RPCS,
 ) -> Server:
     """Builds, binds and starts a server on ``listen`` ("host:port"; port 0 picks one).
 
@@ -558,6 +609,10 @@ async def build_server(
     RESOURCE_EXHAUSTED as soon as its length prefix arrives, before it is read or parsed,
     so a huge request costs the server no time. Size it to what the server's API needs
     (:mod:`bluemarble.core.limits`).
+
+    ``max_concurrent_rpcs`` bounds the calls and streams of the bound services running at
+    once (:class:`CallBudget`: past it RESOURCE_EXHAUSTED with a message); gRPC itself
+    refuses past that plus :data:`RPC_HEADROOM`, which bounds health and reflection too.
 
     Health reports SERVING for the process ("") and for every bound service, except the
     services named in ``not_ready``: those start NOT_SERVING until the caller says they
@@ -574,14 +629,19 @@ async def build_server(
 
     assert 0 < max_request_bytes <= MAX_MESSAGE_BYTES, max_request_bytes
     options = [*SERVER_OPTIONS, ("grpc.max_receive_message_length", max_request_bytes)]
-    server = grpc.aio.server(interceptors=[*tracing.server_interceptors(), *extra_interceptors], options=options)
+    server = grpc.aio.server(
+        interceptors=[*tracing.server_interceptors(), *extra_interceptors],
+        options=options,
+        maximum_concurrent_rpcs=max_concurrent_rpcs + RPC_HEADROOM,
+    )
     streams = OpenStreams()
+    budget = CallBudget(max_concurrent_rpcs)
     names = []
     for binding in bindings:
         guard_decoding(
             server,
             binding.add_to_server,
-            with_error_mapping(binding.servicer, binding.full_name, streams),
+            with_error_mapping(binding.servicer, binding.full_name, streams, budget),
             check_requests=False,
         )
         names.append(binding.full_name)
@@ -611,4 +671,4 @@ async def build_server(
     if port == 0:
         raise Unavailable(f"cannot listen on {listen}: the address is in use or invalid")
     await server.start()
-    return Server(server, health, port, streams)
+    return Server(server, health, port, streams, budget)

@@ -218,6 +218,8 @@ def test_addresses_from_list_nodes_fill_gaps_but_never_override_the_stream() -> 
         (errors.Unavailable("node down"), True),
         (errors.DeadlineExceeded("slow"), True),
         (errors.Aborted("race"), True),
+        (errors.ResourceExhausted("this server is running 16384 calls and streams at once (its limit); retry"), True),
+        (errors.ResourceExhausted("Received message larger than max (9000000 vs. 8388608)"), False),
         (errors.InvalidArgument("bad"), False),
         (errors.NotFound("no such player"), False),
         (errors.Unimplemented("later"), False),

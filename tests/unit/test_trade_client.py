@@ -153,6 +153,22 @@ async def test_a_hung_replica_costs_one_attempt_timeout_then_the_next_answers(st
     assert time.monotonic() - started < 2.0
 
 
+async def test_a_busy_replica_is_retried_on_the_next_address_but_an_oversized_message_is_final(start: Any) -> None:
+    busy = "this server is running 16384 calls and streams at once (its limit); retry ExecuteTrade after a backoff"
+    first, busy_one = await start(lambda n: (grpc.StatusCode.RESOURCE_EXHAUSTED, busy))
+    second, free_one = await start(answer)
+    async with TradeClient([first, second], retry_initial_s=0.01, retry_max_backoff_s=0.02) as client:
+        result = await client.execute_trade("t5", "a", "b", a_gold=1, deadline_s=5)
+    assert result.committed and len(busy_one.requests) == 1 and len(free_one.requests) == 1
+
+    too_big = "Received message larger than max (9000000 vs. 4194304)"
+    address, coordinator = await start(lambda n: (grpc.StatusCode.RESOURCE_EXHAUSTED, too_big))
+    async with TradeClient([address], retry_initial_s=0.01, retry_max_backoff_s=0.02) as client:
+        with pytest.raises(errors.ResourceExhausted, match="larger than max"):
+            await client.execute_trade("t6", "a", "b", a_gold=1, deadline_s=5)
+    assert len(coordinator.requests) == 1
+
+
 async def test_final_statuses_are_raised_at_once(start: Any) -> None:
     address, coordinator = await start(
         lambda n: (grpc.StatusCode.INVALID_ARGUMENT, "trade id t4 was used for a different trade"))
