@@ -94,6 +94,11 @@ def outdated(built: grpc.aio.Channel) -> bool:
     return generation is not None and config is not None and config.current_generation() != generation
 
 
+CORE_BREAK = "Internal error from Core"
+"""The details gRPC gives a call whose connection broke under a write (INTERNAL, though
+nothing failed inside either program): grpc/grpc#36066."""
+
+
 async def ended_status(call: Any, error: Exception) -> tuple[grpc.StatusCode, str]:
     """The status a stream ``call`` ended with, after ``error`` was raised by a read or a
     write on it. The call's own status comes first: a write to a stream the server has
@@ -103,7 +108,12 @@ async def ended_status(call: Any, error: Exception) -> tuple[grpc.StatusCode, st
     with contextlib.suppress(Exception):
         code = await asyncio.wait_for(call.code(), 1.0)
         if code is not None and code != grpc.StatusCode.OK:
-            return code, await call.details() or code.name
+            details = await call.details() or code.name
+            if code == grpc.StatusCode.INTERNAL and CORE_BREAK in details:
+                # gRPC's own word for a connection that broke under the call (the peer
+                # stopped or died mid-write), not an error of the server's code.
+                return grpc.StatusCode.UNAVAILABLE, f"the connection broke ({details})"
+            return code, details
     if isinstance(error, grpc.aio.AioRpcError) and error.code() != grpc.StatusCode.INTERNAL:
         return error.code(), error.details() or error.code().name
     return grpc.StatusCode.UNAVAILABLE, f"the stream failed ({type(error).__name__})"

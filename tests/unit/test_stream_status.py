@@ -1,0 +1,44 @@
+"""How a broken stream's status reads (channels.ended_status): the call's own status
+first; gRPC's INTERNAL "Internal error from Core" for a connection that broke under a
+write reads as UNAVAILABLE (nothing failed inside either program); a server's own
+INTERNAL stays INTERNAL."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from bluemarble.runtime import channels
+
+
+class EndedCall:
+    def __init__(self, code: grpc.StatusCode | None, details: str):
+        self._code = code
+        self._details = details
+
+    async def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    async def details(self) -> str:
+        return self._details
+
+
+def test_a_broken_connection_reads_as_unavailable() -> None:
+    code, details = asyncio.run(channels.ended_status(
+        EndedCall(grpc.StatusCode.INTERNAL, "Internal error from Core"), asyncio.InvalidStateError()))
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert details == "the connection broke (Internal error from Core)"
+
+
+def test_a_server_error_keeps_its_status() -> None:
+    crash = "internal error in /bluemarble.v1.ShardNode/Replicate (error id 0123abcd4567); see the server log"
+    assert asyncio.run(channels.ended_status(EndedCall(grpc.StatusCode.INTERNAL, crash), RuntimeError())) == (
+        grpc.StatusCode.INTERNAL, crash)
+    assert asyncio.run(channels.ended_status(EndedCall(grpc.StatusCode.UNAVAILABLE, "node stopping"),
+                                             RuntimeError())) == (grpc.StatusCode.UNAVAILABLE, "node stopping")
+
+
+def test_without_a_status_the_local_error_is_named() -> None:
+    code, details = asyncio.run(channels.ended_status(EndedCall(None, ""), asyncio.InvalidStateError()))
+    assert code == grpc.StatusCode.UNAVAILABLE and details == "the stream failed (InvalidStateError)"
