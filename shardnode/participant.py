@@ -53,7 +53,6 @@ from bluemarble.core.errors import (
 from bluemarble.core.ids import PlayerId, ShardId, shard_index
 from bluemarble.core.limits import echo
 from bluemarble.core.trades import (
-    MAX_TRADE_ITEMS_PER_SIDE,
     REUSED_TRADE_ID,
     Holdings,
     Known,
@@ -68,6 +67,7 @@ from bluemarble.core.trades import (
     decide_settle,
     state_for,
     termination_due,
+    validate_leg,
     validate_trade,
 )
 from bluemarble.runtime import background, metrics, retry
@@ -591,22 +591,5 @@ def _check_shard(value: str) -> ShardId:
 
 def _check_leg(leg: Leg) -> Leg:
     """A leg's ids, items and gold, as the coordinator validated the trade (InvalidArgument)."""
-    validation.player_id(leg.player, "legs[0].player_id")
-    validation.player_id(leg.counterpart, "legs[0].counterpart_player_id")
-    if leg.player == leg.counterpart:
-        raise InvalidArgument(f"player {echo(leg.player)} is on both sides; a player cannot trade with themselves")
-    for side, offer in (("gives", leg.gives), ("receives", leg.receives)):
-        count = len(offer.item_ids)
-        if count > MAX_TRADE_ITEMS_PER_SIDE:
-            raise InvalidArgument(
-                f"legs[0].{side}.item_ids lists {count} items; a side may give at most {MAX_TRADE_ITEMS_PER_SIDE}"
-            )
-        validation.item_ids(list(offer.item_ids), f"legs[0].{side}.item_ids")
-        validation.gold(offer.gold, f"legs[0].{side}.gold")
-    both = set(leg.gives.item_ids).intersection(leg.receives.item_ids)
-    if both:
-        raise InvalidArgument(f"item {echo(min(both))} is listed on both sides; an item can move only one way")
-    if leg.gives.empty and leg.receives.empty:
-        raise InvalidArgument("the trade is empty: neither side gives an item or gold")
-    return leg
+    return validate_leg(leg, "legs[0]")
 

@@ -91,9 +91,11 @@ async def serve_calls(
                 ids: set[int] = set()
                 for call in calls:
                     if call.call_id in in_flight or call.call_id in ids:
+                        where = "appears twice in this message" if call.call_id in ids else (
+                            "is already in flight on this stream")
                         raise InvalidArgument(
-                            f"call_id {call.call_id} is already in flight on this stream; give every call its "
-                            "own id (results are matched to calls by it)"
+                            f"call_id {call.call_id} {where}; give every call its own id (results are matched "
+                            "to calls by it)"
                         )
                     ids.add(call.call_id)
                 for call in calls:

@@ -49,7 +49,16 @@ from bluemarble.core.limits import echo
 from bluemarble.core.ring import Ring
 from bluemarble.core.trades import coordinator as rules
 from bluemarble.core.trades.decision import outcome_for_leg
-from bluemarble.core.trades.model import Decision, Leg, Offer, Outcome, Trade, participant_name, validate_trade
+from bluemarble.core.trades.model import (
+    Decision,
+    Leg,
+    Offer,
+    Outcome,
+    Trade,
+    participant_name,
+    validate_leg,
+    validate_trade,
+)
 from bluemarble.core.trades.participant import REUSED_TRADE_ID
 from bluemarble.runtime import background, channels, metrics, multiplex, retry, tracing
 from bluemarble.runtime.auth import ServerAuth
@@ -340,6 +349,8 @@ class TradeCoordinator:
         self._locate = locator
         self._store = store
         self._clock = clock
+        # etcd down fails every trade's decision alike: one warning, then summaries.
+        self._record_failures = retry.FailureLog()
         self.settings = settings
         self.channels = channels or NodeChannels()
         self._running: set[asyncio.Task[TradeAnswer]] = set()
@@ -588,7 +599,8 @@ class TradeCoordinator:
             nonlocal target
             left_s = deadline_s - self._clock.monotonic_s()
             if left_s <= MIN_ATTEMPT_S:  # an attempt this short could only time out
-                raise DeadlineExceeded(f"Prepare on {primary.shard} got no answer within {timeout_s:g} s")
+                raise DeadlineExceeded(
+                    f"Prepare on {primary.shard} (node {target.node}): no answer within {timeout_s:.1f} s")
             request = shardnode_pb2.PrepareRequest(
                 trade_id=leg.trade_id, shard_id=target.shard, epoch=target.epoch, legs=[leg_proto]
             )
@@ -644,12 +656,14 @@ class TradeCoordinator:
         try:
             stored, written = await self._store.create_if_absent(record)
         except Unavailable as e:
-            log.warning("trade decision not recorded; the attempt ends without an answer", trade_id=trade.trade_id,
-                        error=str(e))
+            self._record_failures.failed("record", self._clock.monotonic_s(),
+                                         "trade decision not recorded; the attempt ends without an answer",
+                                         trade_id=trade.trade_id, error=str(e))
             raise Unavailable(
                 f"the decision of trade {echo(trade.trade_id)} could not be recorded (etcd unreachable); "
                 "retry with the same trade id"
             ) from e
+        self._record_failures.recovered("record", self._clock.monotonic_s(), "trade decisions recorded again")
         if not written:
             self._check_terms(stored.record, trade)
             log.info("trade decision already recorded", trade_id=trade.trade_id,
@@ -754,7 +768,7 @@ class TradeCoordinator:
         request = shardnode_pb2.ListTradesRequest(trade_id=trade_id, limit=limit)
 
         async def one(node: NodeId, address: str) -> list[shardnode_pb2.ParticipantTrade] | None:
-            primary = Primary(ShardId("?"), 0, node, address)
+            primary = Primary(ShardId("its shards"), 0, node, address)  # "ListTrades on its shards (node n1)"
             try:
                 response: shardnode_pb2.ListTradesResponse = await self._call(
                     primary, "ListTrades", lambda s, t: s.ListTrades(request, timeout=t), self.settings.read_timeout_s)
@@ -963,8 +977,8 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
             )
         leg = None
         if request.HasField("leg"):
-            leg = Leg(request.trade_id, request.leg.player_id, _offer(request.leg.gives), _offer(request.leg.receives),
-                      request.leg.counterpart_player_id)
+            leg = validate_leg(Leg(request.trade_id, request.leg.player_id, _offer(request.leg.gives),
+                                   _offer(request.leg.receives), request.leg.counterpart_player_id), "leg")
         record, created = await self._c.resolve(request.trade_id, request.shard_id, request.node_id, request.reason,
                                                 leg, if_decided=request.if_decided)
         return trade_pb2.ResolveTradeResponse(

@@ -488,6 +488,25 @@ async def test_resolve_trade_racing_execute_trade_first_writer_wins(start_contro
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await c.trades.ResolveTrade(outsider)
             assert refused.value.code() == code, refused.value.details()
+        # The escrowed leg a participant sends is checked as a Prepare's is, and nothing is written.
+        member = {"shard_id": c.shard(a), "node_id": c.node_of(a).node_id}
+        for leg, message in (
+            (shardnode_pb2.TradeLeg(player_id="\u202eevil", counterpart_player_id=b,
+                                    gives=common_pb2.Offer(gold=1)), "leg.player_id contains the characters"),
+            (shardnode_pb2.TradeLeg(player_id=a, counterpart_player_id=b, gives=common_pb2.Offer(gold=2**64 - 1)),
+             "leg.gives.gold"),
+            (shardnode_pb2.TradeLeg(player_id=a, counterpart_player_id=b,
+                                    receives=common_pb2.Offer(item_ids=[f"i{k}" for k in range(10_000)])),
+             "leg.receives.item_ids lists 10000 items; a side may give at most 64"),
+            (shardnode_pb2.TradeLeg(player_id=a, counterpart_player_id=b), "the trade is empty"),
+        ):
+            for if_decided in (False, True):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await c.trades.ResolveTrade(trade_pb2.ResolveTradeRequest(
+                        trade_id="later", leg=leg, if_decided=if_decided, **member))
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert message in (refused.value.details() or ""), refused.value.details()
+                assert len(refused.value.details() or "") < 400
         assert await c.stored("later") is None
 
 

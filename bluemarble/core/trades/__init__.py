@@ -40,6 +40,7 @@ from bluemarble.core.trades.model import (
     Outcome,
     Trade,
     participant_name,
+    validate_leg,
     validate_trade,
 )
 from bluemarble.core.trades.participant import (
@@ -100,5 +101,6 @@ __all__ = [
     "propose",
     "state_for",
     "termination_due",
+    "validate_leg",
     "validate_trade",
 ]

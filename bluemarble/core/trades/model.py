@@ -132,6 +132,24 @@ def _check_side(side: str, offer: Offer) -> None:
     validation.gold(offer.gold, f"{side}.gold")
 
 
+def validate_leg(leg: Leg, field: str) -> Leg:
+    """``leg`` if its ids, items and gold are what :func:`validate_trade` accepts for one
+    side's view of a trade; else InvalidArgument naming ``field`` ("legs[0]": a Prepare's
+    leg) and the problem."""
+    validation.player_id(leg.player, f"{field}.player_id")
+    validation.player_id(leg.counterpart, f"{field}.counterpart_player_id")
+    if leg.player == leg.counterpart:
+        raise InvalidArgument(f"player {echo(leg.player)} is on both sides; a player cannot trade with themselves")
+    _check_side(f"{field}.gives", leg.gives)
+    _check_side(f"{field}.receives", leg.receives)
+    both = set(leg.gives.item_ids).intersection(leg.receives.item_ids)
+    if both:
+        raise InvalidArgument(f"item {echo(min(both))} is listed on both sides; an item can move only one way")
+    if leg.gives.empty and leg.receives.empty:
+        raise InvalidArgument("the trade is empty: neither side gives an item or gold")
+    return leg
+
+
 def validate_trade(trade: Trade) -> None:
     """Raise :class:`~bluemarble.core.errors.InvalidArgument` unless ``trade``'s terms are
     well formed; the message names the field and the problem, and quotes input only
