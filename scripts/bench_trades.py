@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Trade benchmark: cross-shard and same-shard trades per second with p50/p99 latency at a
 fixed concurrency, the raw gRPC unary echo rate of the same machine, and the cross-shard
-latency at half the measured rate.
+latency at half the target rate and at half the measured rate.
 
     .venv/bin/python scripts/bench_trades.py                          # concurrency 32, 10 s per phase
     .venv/bin/python scripts/bench_trades.py --concurrency 64 --duration-s 20 --json
@@ -31,9 +31,14 @@ Phases, each ``--duration-s`` long after a short warm-up, measured from this pro
 4. **cross-shard at half load**: an open loop starting trades at half the rate phase 2
    measured (uniform spacing; pairs from a pool of ``4 x concurrency``), p50/p99 of the
    trades started in the window.
+5. **cross-shard at half the target**: the same open loop at half the target rate, i.e.
+   at 4 % of the echo rate phase 1 measured.
 
 Targets (issue 8): cross-shard >= 8 % of the echo rate (about 500 trades/s), with p99 <=
-50 ms at half that load; same-shard >= 3x cross-shard. Exit 0 when every trade of every
+50 ms at half that load; same-shard >= 3x cross-shard. "Half that load" reads as half the
+target rate (phase 5: a latency bound at a fixed share of what the machine does, which a
+faster cluster cannot fail by being faster); phase 4, half of what the cluster reached,
+is the stricter reading, also reported. Exit 0 when every trade of every
 phase committed (the targets are reported, not enforced), 1 otherwise, 2 when the
 cluster could not be set up.
 """
@@ -394,6 +399,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             await open_loop("warm-up", half, min(2.0, args.warmup_s), cross_pairs, client, "hw")
             results["cross_half"] = await open_loop("cross-shard at half load", half, args.duration_s, cross_pairs,
                                                     client, "h", meter)
+            target_half = max(1.0, 0.04 * results["echo"].per_s)  # half of the 8 % target
+            results["cross_target_half"] = await open_loop("cross-shard at half target", target_half, args.duration_s,
+                                                           cross_pairs, client, "t", meter)
             for kind, pairs in (("cross-shard", cross_pairs), ("same-shard", same_pairs)):
                 for reason, count in list(pairs.reasons.items())[:12]:  # why trades did not commit, first first
                     print(f"{kind} trades not committed: {count} x {reason}", file=sys.stderr)
@@ -420,6 +428,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "cross_ge_500_per_s": results["cross"].per_s >= 500,
         "same_vs_cross_x": round(results["same"].per_s / results["cross"].per_s, 2) if results["cross"].per_s else 0,
         "same_ge_3x_cross": results["same"].per_s >= 3 * results["cross"].per_s,
+        "half_target_load_p99_le_50ms": results["cross_target_half"].p99_ms <= 50,
         "half_load_p99_le_50ms": results["cross_half"].p99_ms <= 50,
     }
     return results
@@ -436,7 +445,7 @@ async def _echo_ok(method: Any) -> bool:
 def render(r: dict[str, Any]) -> str:
     lines = [f"{'phase':<26} {'conc':>4} {'calls':>7} {'fail':>4} {'per s':>8} {'p50 ms':>8} {'p99 ms':>8} "
              f"{'max ms':>8}"]
-    keys = ["echo", "cross", "same", "cross_half", *(k for k in r if k.startswith("sweep_"))]
+    keys = ["echo", "cross", "same", "cross_half", "cross_target_half", *(k for k in r if k.startswith("sweep_"))]
     for key in keys:
         p: Phase = r[key]
         lines.append(f"{p.name:<26} {p.concurrency or '-':>4} {p.calls:>7} {p.failures:>4} {p.per_s:>8.1f} "
@@ -497,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"logs in {workdir}", file=sys.stderr)
     else:
         shutil.rmtree(workdir, ignore_errors=True)
-    failed = sum(results[k].failures for k in ("cross", "same", "cross_half"))
+    failed = sum(results[k].failures for k in ("cross", "same", "cross_half", "cross_target_half"))
     return 1 if failed else 0
 
 
