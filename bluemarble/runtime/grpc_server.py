@@ -222,7 +222,7 @@ class CallBudget:
             self.refused += 1
             raise ResourceExhausted(
                 f"this server is running {self.limit} calls and streams at once (its limit); retry "
-                f"{method.rsplit('/', 1)[-1]} after a backoff, or on another replica"
+                f"{method.rsplit('/', 1)[-1]} after a backoff"
             )
         self.active += 1
 
