@@ -68,7 +68,7 @@ async def cluster(start: StartControlPlane, serve: ServeFakeNode, count: int = 3
             listed = await c.all()
             return len(listed) == 4 and all(a.primary and len(a.replicas) == replication_factor - 1 for a in listed)
 
-        await wait_for(placed, 10.0, "every shard to be placed")
+        await wait_for(placed, 30.0, "every shard to be placed")
         try:
             yield c
         finally:
