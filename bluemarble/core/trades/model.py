@@ -132,6 +132,17 @@ def _check_side(side: str, offer: Offer) -> None:
     validation.gold(offer.gold, f"{side}.gold")
 
 
+def _check_exchange(one_field: str, one: Offer, other_field: str, other: Offer) -> None:
+    """Both offers of a trade (or of a leg): each well formed, no item in both, not both empty."""
+    _check_side(one_field, one)
+    _check_side(other_field, other)
+    both = set(one.item_ids).intersection(other.item_ids)
+    if both:
+        raise InvalidArgument(f"item {echo(min(both))} is listed on both sides; an item can move only one way")
+    if one.empty and other.empty:
+        raise InvalidArgument("the trade is empty: neither side gives an item or gold")
+
+
 def validate_leg(leg: Leg, field: str) -> Leg:
     """``leg`` if its ids, items and gold are what :func:`validate_trade` accepts for one
     side's view of a trade; else InvalidArgument naming ``field`` ("legs[0]": a Prepare's
@@ -140,13 +151,7 @@ def validate_leg(leg: Leg, field: str) -> Leg:
     validation.player_id(leg.counterpart, f"{field}.counterpart_player_id")
     if leg.player == leg.counterpart:
         raise InvalidArgument(f"player {echo(leg.player)} is on both sides; a player cannot trade with themselves")
-    _check_side(f"{field}.gives", leg.gives)
-    _check_side(f"{field}.receives", leg.receives)
-    both = set(leg.gives.item_ids).intersection(leg.receives.item_ids)
-    if both:
-        raise InvalidArgument(f"item {echo(min(both))} is listed on both sides; an item can move only one way")
-    if leg.gives.empty and leg.receives.empty:
-        raise InvalidArgument("the trade is empty: neither side gives an item or gold")
+    _check_exchange(f"{field}.gives", leg.gives, f"{field}.receives", leg.receives)
     return leg
 
 
@@ -168,11 +173,4 @@ def validate_trade(trade: Trade) -> None:
         raise InvalidArgument(
             f"player_a and player_b are both {echo(trade.player_a)}; a player cannot trade with themselves"
         )
-    _check_side("a_gives", trade.a_gives)
-    _check_side("b_gives", trade.b_gives)
-    both = set(trade.a_gives.item_ids).intersection(trade.b_gives.item_ids)
-    if both:
-        item = min(both)
-        raise InvalidArgument(f"item {echo(item)} is listed on both sides; an item can move only one way")
-    if trade.a_gives.empty and trade.b_gives.empty:
-        raise InvalidArgument("the trade is empty: neither side gives an item or gold")
+    _check_exchange("a_gives", trade.a_gives, "b_gives", trade.b_gives)
