@@ -486,11 +486,16 @@ class Participant:
     def check_due(self) -> int:
         """Starts a resolution for every escrow past its deadline on the shards this node
         serves as primary (none twice at once). Returns how many it started."""
+        now_s = self._clock.monotonic_s()
+        # A back-off that has run out means nothing more than no entry: dropping those here
+        # bounds the map (an escrow settled meanwhile by its coordinator's Commit or Abort,
+        # or a shard that moved away, is never visited again).
+        for key in [key for key, at_s in self._next_try_s.items() if at_s <= now_s]:
+            del self._next_try_s[key]
         shards = self._dp.led_shards(serving=True)
         if not shards:
             return 0
         now_ms = self._clock.wall_ms()
-        now_s = self._clock.monotonic_s()
         started = 0
         room = MAX_CONCURRENT_RESOLVES - len(self._resolving)
         for record in self._dp.storage.prepared_trades(shards, due_by_ms=now_ms, limit=max(room, 0)):
@@ -504,6 +509,11 @@ class Participant:
             task.add_done_callback(lambda _t, key=key: self._resolving.pop(key, None))  # type: ignore[misc]
             started += 1
         return started
+
+    @property
+    def backing_off(self) -> int:
+        """Escrows whose termination failed and waits before it is tried again."""
+        return len(self._next_try_s)
 
     async def _terminate(self, record: stored.TradeRecord) -> None:
         key = (record.shard_id, record.trade_id)

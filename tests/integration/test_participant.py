@@ -54,11 +54,14 @@ class Resolver(trade_pb2_grpc.TradeCoordinatorServicer):
     def __init__(self) -> None:
         self.records: dict[str, int] = {}
         self.calls: list[trade_pb2.ResolveTradeRequest] = []
+        self.unavailable = False  # answer UNAVAILABLE, as a control plane without etcd does
 
     async def ResolveTrade(
         self, request: trade_pb2.ResolveTradeRequest, context: Any
     ) -> trade_pb2.ResolveTradeResponse:
         self.calls.append(request)
+        if self.unavailable:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "etcd unreachable")
         if request.if_decided and request.trade_id not in self.records:
             return trade_pb2.ResolveTradeResponse(trade_id=request.trade_id)
         created = request.trade_id not in self.records
@@ -280,6 +283,30 @@ async def test_termination_asks_for_the_decision_and_aborts_when_none_exists(nod
     await wait_for(settled, 5.0, "the committed escrow to be settled")
     inventory = await n.stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id="alice"))
     assert list(inventory.item_ids) == ["gem"]
+
+
+async def test_escrows_settled_by_their_coordinator_while_termination_failed_leave_no_back_off(node: Node) -> None:
+    n = node
+    n.resolver.unavailable = True
+    count = 20
+    await seed(n, "alice", [f"item-{i}" for i in range(count)], 0)
+    for i in range(count):
+        await n.stub.Prepare(prepare(f"t{i}", leg("alice", [f"item-{i}"])))
+
+    async def backing_off() -> bool:
+        return n.participant.backing_off > 0
+
+    await wait_for(backing_off, 15.0, "terminations to fail and back off")
+    for i in range(count):  # the coordinator comes back first and aborts them itself
+        await n.stub.Abort(shardnode_pb2.AbortRequest(trade_id=f"t{i}", shard_id=SHARD))
+    assert not n.storage.prepared_trades([SHARD])
+
+    async def none_backing_off() -> bool:
+        return n.participant.backing_off == 0
+
+    # Terminations under way when the escrows settled fail too (within their 8 s budget)
+    # and back off; once those back-offs run out nothing is left.
+    await wait_for(none_backing_off, 20.0, "the back-offs of settled escrows to be dropped")
 
 
 async def test_a_new_term_settles_at_once_the_inherited_escrows_already_decided(node: Node) -> None:
