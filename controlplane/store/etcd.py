@@ -485,16 +485,19 @@ class EtcdStore:
             )
         return [_kv(raw) for raw in resp.kvs], int(resp.header.revision)
 
-    async def get_page(self, prefix: str, start_key: str, limit: int) -> tuple[list[KeyValue], bool]:
+    async def get_page(self, prefix: str, start_key: str, limit: int,
+                       *, keys_only: bool = False) -> tuple[list[KeyValue], bool]:
         """Up to ``limit`` keys below ``prefix``, from ``start_key`` (inclusive; "" for the
         first) in key order, and whether more follow. For scans too large for one answer
-        (a caller resumes from the last key + "\\0")."""
+        (a caller resumes from the last key + "\\0"). ``keys_only``: every value is empty
+        (revisions and leases still come)."""
         start = start_key or prefix
         async with self._wrapped(f"list {prefix} from {start}"):
             resp = await self._kvs.get(
                 start,
                 range_end=etcd3aio.prefix_range_end(prefix),
                 limit=limit,
+                keys_only=keys_only,
                 timeout=self.rpc_timeout_s,
             )
         return [_kv(raw) for raw in resp.kvs], bool(resp.more)

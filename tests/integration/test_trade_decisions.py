@@ -123,6 +123,10 @@ async def test_unretained_records_are_listed_from_their_copies_which_attaching_d
     for i in range(3):
         kv = await etcd.get(keys.trade(TradeId(f"u{i}")))
         assert kv is not None and kv.lease and await etcd.get(keys.unretained_trade(TradeId(f"u{i}"))) is None
+    # A full scan lists keys only (values empty, leases kept) and reads the unleased ones alone.
+    page, _ = await etcd.get_page(keys.trades_prefix(), "", 100, keys_only=True)
+    assert {kv.value for kv in page} == {b""}
+    assert sorted(kv.key for kv in page if kv.lease) == [keys.trade(TradeId(f"u{i}")) for i in range(3)]
     # The legacy record attaches too (no copy to delete), and the full scan no longer lists it.
     full = await store.list_unretained(100, full_scan=True)
     legacy_stored = next(s for s in full if s.record.trade_id == "legacy")
