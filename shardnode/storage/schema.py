@@ -31,6 +31,11 @@ version 1 is migrated in place (:data:`_MIGRATE_V1_TO_V2`)."""
 
 Synchronous = Literal["NORMAL", "FULL"]
 
+_PREPARED_INDEX = "CREATE INDEX trades_prepared ON trades (shard_id, deadline_ms) WHERE state = 'PREPARED'"
+"""Files written before it have ``trades_prepared`` over every row, (state, shard_id,
+deadline_ms): :func:`_narrow_prepared_index` rebuilds it once. Same name, same queries
+served, so the schema version stays: an older build uses either form."""
+
 _TABLES_V1 = (
     # Per shard: the fence and the bounds of the log. Kept in one row (rather than read
     # back with MIN/MAX) so a restart reads every shard's position in one scan, and
@@ -165,7 +170,9 @@ _TABLES_V2 = (
         PRIMARY KEY (shard_id, trade_id)
     ) WITHOUT ROWID
     """,
-    "CREATE INDEX trades_prepared ON trades (state, shard_id, deadline_ms)",
+    # Only escrows still held: the termination loop's query (a settled row, nearly every
+    # row, costs nothing here).
+    _PREPARED_INDEX,
     "CREATE INDEX trades_settled ON trades (settled_at_ms) WHERE state != 'PREPARED'",
     # A player's escrows are read on every prepare and inventory read.
     "CREATE INDEX escrows_by_player ON escrows (shard_id, player_id)",
@@ -226,6 +233,7 @@ def ensure_schema(conn: sqlite3.Connection, path: str) -> None:
             "run a newer bluemarble-node, or start this one with an empty --data-dir"
         )
     if version == SCHEMA_VERSION:
+        _narrow_prepared_index(conn)
         return
     if version == 1:
         _migrate_v1(conn)
@@ -274,6 +282,23 @@ def claim_node_id(conn: sqlite3.Connection, data_dir: str, node_id: str) -> None
                 f"--node-id {echo(found[0])}, or give node {echo(node_id)} its own data dir (an empty one to "
                 "start afresh)"
             )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _narrow_prepared_index(conn: sqlite3.Connection) -> None:
+    """Rebuilds an index ``trades_prepared`` over every trade row as the partial
+    :data:`_PREPARED_INDEX`, in one transaction (a crash leaves the old one). Reads the
+    table once, at most a few seconds for a node keeping millions of trade ids."""
+    found = conn.execute("SELECT sql FROM sqlite_schema WHERE type = 'index' AND name = 'trades_prepared'").fetchone()
+    if found is None or " WHERE " in str(found[0]).upper():
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("DROP INDEX trades_prepared")
+        conn.execute(_PREPARED_INDEX)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

@@ -202,6 +202,40 @@ def test_a_version_1_data_dir_is_migrated(tmp_path: Path) -> None:
     conn.close()
 
 
+def _prepared_index(path: Path) -> str:
+    conn = sqlite3.connect(path / "node.db")
+    try:
+        return str(conn.execute("SELECT sql FROM sqlite_schema WHERE name = 'trades_prepared'").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_the_prepared_index_covers_held_escrows_only_and_an_old_full_one_is_rebuilt(tmp_path: Path) -> None:
+    with NodeStorage.open(tmp_path) as storage:
+        storage.write(S1, 1, grant("g1", "alice", ["sword", "shield"], 3), 1)
+        storage.write(S1, 1, prepare("t1", leg("alice", ["sword"], 0, [], 0, "bob")), 1)
+        storage.write(S1, 1, prepare("t2", leg("alice", ["shield"], 0, [], 0, "bob")), 1)
+        storage.write(S1, 1, settle("t2", "alice", ABORTED), 1)
+    assert _prepared_index(tmp_path).endswith("WHERE state = 'PREPARED'")
+    # A file written before: the index over every row, under the same schema version.
+    conn = sqlite3.connect(tmp_path / "node.db")
+    conn.executescript(
+        "DROP INDEX trades_prepared; CREATE INDEX trades_prepared ON trades (state, shard_id, deadline_ms);"
+    )
+    conn.close()
+    with NodeStorage.open(tmp_path) as storage:
+        assert [r.trade_id for r in storage.prepared_trades([S1])] == ["t1"]
+        assert [r.trade_id for r in storage.prepared_trades([S1], due_by_ms=10**15)] == ["t1"]
+    assert _prepared_index(tmp_path).endswith("WHERE state = 'PREPARED'")
+    # The termination loop's query uses it.
+    conn = sqlite3.connect(tmp_path / "node.db")
+    plan = " ".join(str(row) for row in conn.execute(
+        "EXPLAIN QUERY PLAN SELECT trade_id FROM trades WHERE state = 'PREPARED' AND shard_id IN (?) "
+        "AND deadline_ms <= ? ORDER BY prepared_at_ms, trade_id LIMIT ?", (S1, 0, 10)))
+    conn.close()
+    assert "trades_prepared" in plan, plan
+
+
 def test_holdings_name_received_items_the_shard_still_stores_for_another_player(
     pair: tuple[NodeStorage, NodeStorage],
 ) -> None:
