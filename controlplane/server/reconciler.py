@@ -769,7 +769,7 @@ class Reconciler:
         that starts knows of none: at worst a copy goes one round early, as it always did."""
         await self._confirm_pins(current, addresses)
         handed = handoffs_of(plan)
-        moved = replica_moves_of(plan)
+        moved = replica_moves_of(plan, current)
         keep = {(shard, former) for shard, former, _ in self._pins}
         keep |= {(shard, former) for shard, (former, _) in handed.items()}
         keep |= {(shard, source) for shard, source, _ in moved}

@@ -994,6 +994,31 @@ def test_a_moved_replica_stays_until_its_replacement_has_copied_the_shard() -> N
     }
 
 
+def test_an_excess_copy_is_trimmed_even_when_the_plan_reads_it_as_a_move_to_a_member() -> None:
+    """A state left by a rolling restart: shards 1 and 14 hold three copies at R = 2.
+    The planner trims each as "remove one replica, move another onto it", whose target
+    already holds a copy. Kept as a replica move, its source stayed, the plan equalled
+    the state and nothing was ever written; left out, the trim goes through in one round
+    (every earlier move confirmed, as the reconciler's pins are once copies caught up)."""
+    nodes = [node("n1", "z1"), node("n2", "z2"), node("n3", "z3"), node("n4", "z1")]
+    layout = [("n2", "n1"), ("n1", "n2", "n3"), ("n2", "n1"), ("n2", "n4"), ("n2", "n4"), ("n4", "n3"),
+              ("n4", "n2"), ("n1", "n2"), ("n1", "n2"), ("n1", "n3"), ("n4", "n3"), ("n3", "n1"),
+              ("n3", "n4"), ("n4", "n3"), ("n3", "n1", "n2"), ("n3", "n4")]
+    current: dict[ShardId, ShardAssignment] = records(
+        *(record(i, *members, epoch=5) for i, members in enumerate(layout))
+    )
+    live = {n.node_id for n in nodes}
+    for _ in range(3):
+        plan = plan_assignments(nodes, list(current), current, PlacementConfig(2, 32))
+        keep = {(shard, source) for shard, source, _ in replica_moves_of(plan, current)}
+        plan = keep_copies(plan, current, keep, live)
+        current.update({shard: plan.assignments[shard] for shard in plan.changed})
+        if plan.converged:
+            break
+    assert plan.converged
+    assert all(len(a.members) == 2 for a in current.values()), {s: a.members for s, a in current.items()}
+
+
 def test_a_plan_without_some_shards_leaves_them_as_they_are_and_the_rest_stands() -> None:
     nodes = [node("a"), node("b"), node("c")]
     current = records(record(0, "a", "b"), record(1, "a", "b"), record(2, "b", "a"))

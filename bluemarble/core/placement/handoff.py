@@ -48,12 +48,18 @@ def handoffs_of(plan: PlacementPlan) -> dict[ShardId, tuple[NodeId, NodeId]]:
     }
 
 
-def replica_moves_of(plan: PlacementPlan) -> list[tuple[ShardId, NodeId, NodeId]]:
-    """(shard, source, target) of every replica move of ``plan``."""
+def replica_moves_of(
+    plan: PlacementPlan, current: Mapping[ShardId, ShardAssignment] | None = None,
+) -> list[tuple[ShardId, NodeId, NodeId]]:
+    """(shard, source, target) of every replica move of ``plan`` that makes a new copy.
+    With ``current``, a move whose target already is a member there is left out: its
+    target holds a copy already (trimming an excess copy can read as such a move), and
+    keeping its source would keep the plan equal to ``current`` round after round."""
     return [
         (move.shard_id, move.source, move.target)
         for move in plan.moves
         if move.kind is MoveKind.MOVE_REPLICA and move.source is not None and move.target is not None
+        and (current is None or move.shard_id not in current or move.target not in current[move.shard_id].members)
     ]
 
 
