@@ -190,6 +190,10 @@ class NodeAgent:
         self.assignments_revision = 0
         self.assignments_synced = asyncio.Event()
         self.draining = False
+        # Stopping: heartbeats ask the control plane to drain this node first (leave()).
+        self.leaving = False
+        self.leave_declined = asyncio.Event()
+        """Set when a heartbeat sent while leaving was answered without a drain."""
         # Whether heartbeats carry shard statuses (turned off, for this registration, if the
         # control plane refuses them: the lease must not be lost over a report).
         self._report_statuses = True
@@ -306,6 +310,14 @@ class NodeAgent:
         cap_s = max(0.05, min(self._max_backoff_s, self.heartbeat_timeout_s()))
         return retry.Backoff(retry.RetryPolicy(initial_s=0.05, max_backoff_s=cap_s, deadline_s=None), self._clock)
 
+    def leave(self) -> None:
+        """From the next heartbeat on, asks the control plane to drain this node (it is
+        stopping): its primaries are handed over and its copies made elsewhere, then
+        :meth:`run` deregisters and returns as after any drain. :attr:`leave_declined` is
+        set if the control plane answers without draining it."""
+        self.leaving = True
+        self._beat_now = True
+
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         backoff = self._beat_backoff()
         failures = 0  # heartbeats failed in a row
@@ -386,6 +398,7 @@ class NodeAgent:
             node_id=self.identity.node_id,
             lease_id=registration.lease_id,
             shards=self.shard_statuses() if self._report_statuses else [],
+            leaving=self.leaving,
         )
         timeout_s = self.heartbeat_timeout_s()
         if self._beats is None:
@@ -422,6 +435,8 @@ class NodeAgent:
         if response.draining and not self.draining:
             log.info("control plane is draining this node")
         self.draining = response.draining
+        if request.leaving and not response.draining:
+            self.leave_declined.set()
         if response.config_revision and response.config_revision != self.config_revision:
             self._refresh_config()
 

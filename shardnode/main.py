@@ -52,6 +52,10 @@ SHARD_NODE_SERVICE = shardnode_pb2.DESCRIPTOR.services_by_name["ShardNode"].full
 """Its health is the node's readiness (:meth:`DataPlane.not_ready_reason`); the health of
 "" stays SERVING while the process runs (liveness)."""
 READINESS_INTERVAL_S = 0.5
+DEFAULT_LEAVE_TIMEOUT_S = 30.0
+"""How long a node stopping on SIGTERM/SIGINT waits for the control plane to move its
+roles away (a drain) before it leaves anyway: within Kubernetes' default 30 s and the
+chart's 60 s grace, with room for the shutdown itself."""
 NOT_READY_LOG_INTERVAL_S = 10.0
 """The process ended because its database file is damaged (see
 :class:`shardnode.storage.node_storage.StorageDamaged`); restarting it on the same data dir
@@ -70,6 +74,7 @@ class NodeSettings:
     capacity: int = 1
     synchronous: str = "NORMAL"
     trade_escrow_timeout_s: float = DEFAULT_ESCROW_TIMEOUT_S
+    leave_timeout_s: float = DEFAULT_LEAVE_TIMEOUT_S
     control_plane_identity: tuple[str, ...] = (auth.CONTROL_PLANE_IDENTITY,)
 
 
@@ -94,6 +99,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
         default=DEFAULT_ESCROW_TIMEOUT_S,
         type=float,
         help="how long a trade escrow waits for its decision before this node asks for it (seconds)",
+    )
+    p.add_flag(
+        "--leave-timeout-s",
+        default=DEFAULT_LEAVE_TIMEOUT_S,
+        type=float,
+        help="on SIGTERM/SIGINT, how long to wait for the control plane to move this node's roles away before "
+        "leaving anyway (0: leave at once, as a crash does; a second signal also stops at once)",
     )
     metrics.add_flag(p)
     tls.add_flags(p, "node (its CN or a DNS SAN must be the node id under mutual TLS)")
@@ -132,6 +144,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
             raise InvalidArgument(
                 f"--trade-escrow-timeout-s is {args.trade_escrow_timeout_s}; give 0 < seconds <= 3600"
             )
+        if not 0 <= args.leave_timeout_s <= 3600:
+            raise InvalidArgument(f"--leave-timeout-s is {args.leave_timeout_s}; give 0 <= seconds <= 3600")
     except BlueMarbleError as e:
         p.error(str(e))
     tls_config = tls.config_from_flags(p, args, server=True)
@@ -160,6 +174,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
         capacity=args.capacity,
         synchronous=args.synchronous.upper(),
         trade_escrow_timeout_s=args.trade_escrow_timeout_s,
+        leave_timeout_s=args.leave_timeout_s,
         control_plane_identity=tuple(identities),
     )
     # Process-wide from here on: the ShardNode server (mutual TLS with a CA: only clients
@@ -246,8 +261,17 @@ async def run(settings: NodeSettings) -> int:
     await participant.start()
     ring_task = background.start(_start_ring(ring), "ring")
     readiness_task = background.start(_report_readiness(server, dataplane), "readiness")
+    leave_asked = asyncio.Event()
+
+    def on_signal() -> None:
+        if leave_asked.is_set() or settings.leave_timeout_s <= 0:
+            stop.set()  # a second signal, or no graceful leave: stop at once
+        else:
+            leave_asked.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
+    leave_task = background.start(_leave_when_asked(agent, leave_asked, stop, settings.leave_timeout_s), "leave")
     log.info(
         "node serving",
         address=address,
@@ -264,6 +288,7 @@ async def run(settings: NodeSettings) -> int:
         code = 1
     finally:
         log.info("shutting down")
+        await background.stop(leave_task)
         await agent.deregister()
         await background.stop(ring_task)
         await background.stop(readiness_task)
@@ -278,6 +303,36 @@ async def run(settings: NodeSettings) -> int:
     if damage:
         return EXIT_STORAGE_DAMAGED
     return EXIT_STORAGE_FAILING if failing else code
+
+
+async def _leave_when_asked(agent: NodeAgent, asked: asyncio.Event, stop: asyncio.Event, timeout_s: float) -> None:
+    """On the first SIGTERM/SIGINT: asks the control plane to drain this node, so its
+    primaries are handed over (no trade or write meets a failover) and its copies made
+    elsewhere before it goes; the agent then deregisters and sets ``stop`` as after any
+    drain. Stops at once if the node is not registered or the control plane declines
+    (too few other nodes for its copies), and after ``timeout_s`` in any case."""
+    await asked.wait()
+    if agent.registration is None or stop.is_set():
+        stop.set()
+        return
+    log.info("stopping: moving this node's roles away first (a second SIGTERM or SIGINT stops at once)",
+             within_s=timeout_s, holding=len(agent.shards))
+    agent.leave()
+    declined = asyncio.ensure_future(agent.leave_declined.wait())
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait({declined, stopped}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        declined.cancel()
+        stopped.cancel()
+    if stop.is_set():
+        return
+    if declined in done:
+        log.info("the control plane did not drain this node (too few other nodes for its copies); stopping now")
+    else:
+        log.warning("roles not all moved away in time; stopping anyway (its shards fail over)",
+                    within_s=timeout_s, holding=len(agent.shards))
+    stop.set()
 
 
 async def _report_readiness(server: Server, dataplane: DataPlane) -> None:

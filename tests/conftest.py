@@ -25,6 +25,11 @@ from shardnode.service import ShardNodeService
 
 _counter = itertools.count()
 
+# Nodes the tests start stop at once on SIGTERM, as before graceful leaves: a teardown
+# stopping a cluster would otherwise wait for drains. The tests of the leave pass
+# --leave-timeout-s themselves (a flag beats the environment).
+os.environ.setdefault("BLUEMARBLE_LEAVE_TIMEOUT_S", "0")
+
 # CI replays the same property-test examples on every run (a failure there reproduces
 # exactly); a developer's run explores new ones and keeps failures in .hypothesis/.
 hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)

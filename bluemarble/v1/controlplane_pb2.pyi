@@ -32,14 +32,16 @@ class RegisterNodeResponse(_message.Message):
     def __init__(self, lease_id: _Optional[int] = ..., ttl_ms: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "lease_id", "shards")
+    __slots__ = ("node_id", "lease_id", "shards", "leaving")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    LEAVING_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     lease_id: int
     shards: _containers.RepeatedCompositeFieldContainer[_common_pb2.ShardStatus]
-    def __init__(self, node_id: _Optional[str] = ..., lease_id: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[_common_pb2.ShardStatus, _Mapping]]] = ...) -> None: ...
+    leaving: bool
+    def __init__(self, node_id: _Optional[str] = ..., lease_id: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[_common_pb2.ShardStatus, _Mapping]]] = ..., leaving: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("lease_deadline_ms", "ttl_ms", "draining", "config_revision")

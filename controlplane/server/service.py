@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc.aio
+import structlog
 
 from bluemarble.api.conversions import ring_to_proto
 from bluemarble.core import limits, validation
@@ -47,6 +48,8 @@ from controlplane.store.config_store import ConfigStore
 from controlplane.store.etcd import EtcdStore
 from controlplane.store.keys import KeySchema
 from controlplane.store.watchcache import PrefixCache
+
+log = structlog.get_logger(__name__)
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -195,13 +198,33 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         # A report is served for two heartbeat intervals (TTL/3 each), then asked anew.
         self._d.reports.record(node, request.lease_id, request.shards, now_s, fresh_s=2 * ttl_s / 3)
         record = self._d.nodes.entries.get(self._d.keys.node(node))
+        draining = record is not None and record.state == common_pb2.NODE_STATE_DRAINING
+        if request.leaving:
+            draining = await self._drain_leaving(node)
         config = self._d.config_mirror
         return controlplane_pb2.HeartbeatResponse(
             lease_deadline_ms=self._d.clock.wall_ms() + ttl_s * 1000,
             ttl_ms=ttl_s * 1000,
-            draining=record is not None and record.state == common_pb2.NODE_STATE_DRAINING,
+            draining=draining,
             config_revision=config.mod_revisions.get(self._d.keys.config(), 0) if config is not None else 0,
         )
+
+    async def _drain_leaving(self, node: NodeId) -> bool:
+        """A node stopping (its heartbeat says ``leaving``): drained as DrainNode does, so
+        its primaries are handed over and its copies made elsewhere before it goes. False
+        (it leaves at once, as a crash would) while too few other nodes that are not
+        draining could hold the copies: asked again at each of its heartbeats, so a node
+        whose drain can no longer finish (the rest of the cluster stopping too) is let go.
+        Heartbeats are the node's own calls: no admin token is needed."""
+        config, _ = await self._d.config.get()
+        nodes, _ = await self._d.registry.list_nodes()
+        others = sum(1 for n in nodes if n.state != common_pb2.NODE_STATE_DRAINING and n.node_id != node)
+        if others < config.replication_factor:
+            log.info("leaving node not drained: too few other nodes for its copies; it leaves at once",
+                     node_id=node, other_nodes=others, replication_factor=config.replication_factor)
+            return False
+        await self._d.registry.drain(node)  # idempotent; logs "node draining"
+        return True
 
     def _check_shard_statuses(self, statuses: Sequence[common_pb2.ShardStatus]) -> None:
         """InvalidArgument unless every status names a shard of the current ring, once,

@@ -71,3 +71,50 @@ def test_dev_cluster_brings_up_three_nodes_and_stops_cleanly(tmp_path: Path) -> 
     assert result.stdout.count("shard-") >= 32  # the shards table and the ring table
     assert "ring version 1, hash xxh3_64" in result.stdout
     assert "etcd stopped" in result.stdout
+
+
+def _placed(process_cluster: ProcessCluster, nodes: set[str], copies: int) -> bool:
+    """Every shard has a primary and ``copies`` members, all of them among ``nodes``."""
+    listed = process_cluster.assignments()
+    if listed is None or not listed.assignments:
+        return False
+    return all(
+        a.primary and len({a.primary, *a.replicas}) == copies and {a.primary, *a.replicas} <= nodes
+        for a in listed.assignments
+    )
+
+
+def test_a_sigtermed_node_hands_its_roles_over_before_it_leaves(process_cluster: ProcessCluster) -> None:
+    process_cluster.start_control_plane("--lease-ttl-s", "4", "--replication-factor", "2", "--shards", "8")
+    leaving = "--leave-timeout-s", "40"
+    node = process_cluster.start_node("n1", "z1", *leaving)
+    process_cluster.start_node("n2", "z2", *leaving)
+    process_cluster.start_node("n3", "z3", *leaving)
+    wait_until(lambda: _placed(process_cluster, {"n1", "n2", "n3"}, 2), 40, "every shard placed on two nodes")
+    listed = process_cluster.assignments()
+    assert listed is not None and any(a.primary == "n1" for a in listed.assignments), "n1 leads no shard"
+    node.signal(signal.SIGTERM)
+    # It goes once the control plane has moved every role away (a drain), not at once:
+    # its primaries are handed over and its copies made elsewhere first.
+    assert node.proc is not None and node.proc.wait(40) == 0
+    text = process_cluster.log_text("n1")
+    assert "moving this node's roles away first" in text, text[-2000:]
+    assert "drained: holding no shard any more; leaving" in text, text[-2000:]
+    assert "stopping anyway" not in text
+    assert _placed(process_cluster, {"n2", "n3"}, 2), process_cluster.assignments()
+    assert process_cluster.list_nodes() == ["n2", "n3"]
+
+
+def test_a_sigtermed_node_leaves_at_once_when_no_other_node_could_hold_its_copies(
+    process_cluster: ProcessCluster,
+) -> None:
+    process_cluster.start_control_plane("--lease-ttl-s", "4", "--replication-factor", "2", "--shards", "4")
+    node = process_cluster.start_node("n1", "z1", "--leave-timeout-s", "40")
+    process_cluster.start_node("n2", "z2", "--leave-timeout-s", "40")
+    wait_until(lambda: _placed(process_cluster, {"n1", "n2"}, 2), 40, "every shard placed on both nodes")
+    started = time.monotonic()
+    node.signal(signal.SIGTERM)
+    assert node.proc is not None and node.proc.wait(40) == 0
+    # Declined at its next heartbeat (within TTL / 3), far sooner than the 40 s it may wait.
+    assert time.monotonic() - started < 15
+    assert "did not drain this node" in process_cluster.log_text("n1")
