@@ -65,9 +65,10 @@ from bluemarble.core.errors import (
     FatalError,
     InvalidArgument,
     NotFound,
+    PeerStopping,
     Unavailable,
 )
-from bluemarble.runtime import background, metrics, retry
+from bluemarble.runtime import background, channels, metrics, retry
 from bluemarble.runtime.clock import Clock, run_with_timeout, wait_event
 from bluemarble.v1 import common_pb2, controlplane_pb2
 
@@ -353,6 +354,12 @@ class NodeAgent:
                 if not e.retryable:
                     raise
                 failures += 1
+                if isinstance(e, PeerStopping) and failures == 1:
+                    # A replica restarting (a rolling upgrade): expected, and the next
+                    # address answers at once; nothing to warn about unless it does not.
+                    log.info("control-plane replica shutting down; heartbeating through the next",
+                             error=str(e), next=self._client.current_address)
+                    continue
                 if self.session_state is SessionState.CONNECTED:
                     self._set_state(SessionState.SUSPENDED, error=str(e))
                 # One warning, then a summary every few seconds: while the control plane
@@ -425,7 +432,10 @@ class NodeAgent:
             self._close_beats(rotate=True)
             raise Unavailable(f"heartbeat to {address} got no answer within {timeout_s:g} s") from e
         except (grpc.aio.UsageError, asyncio.InvalidStateError) as e:
+            stopping = await channels.ended_stopping(call)
             self._close_beats(rotate=True)
+            if stopping:
+                raise PeerStopping(f"control plane {address} is shutting down") from e
             raise Unavailable(f"heartbeat stream to {address} is unusable: {e}") from e
         if not isinstance(response, controlplane_pb2.HeartbeatResponse):  # grpc.aio.EOF
             self._close_beats(rotate=True)

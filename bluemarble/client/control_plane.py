@@ -44,8 +44,12 @@ stream after 3 s of silence."""
 
 
 def to_error(e: grpc.aio.AioRpcError, address: str) -> errors.BlueMarbleError:
-    """The BlueMarble error for a failed call (UNAVAILABLE names the address)."""
-    return status_to_error(e.code(), e.details() or "", address)
+    """The BlueMarble error for a failed call (UNAVAILABLE names the address; a call the
+    server ended to shut down is PeerStopping)."""
+    error = status_to_error(e.code(), e.details() or "", address)
+    if isinstance(error, errors.Unavailable) and channels.said_stopping(e.trailing_metadata()):
+        return errors.PeerStopping(str(error))
+    return error
 
 
 def status_to_error(code: grpc.StatusCode, details: str, address: str) -> errors.BlueMarbleError:

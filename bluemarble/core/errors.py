@@ -74,6 +74,11 @@ class Unavailable(RetryableError):
     status = "UNAVAILABLE"
 
 
+class PeerStopping(Unavailable):
+    """The server ended the call because it is shutting down (a restart, a rolling
+    upgrade): expected, and another replica (or this one, back) answers the retry."""
+
+
 class DeadlineExceeded(RetryableError):
     status = "DEADLINE_EXCEEDED"
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import grpc.aio
 
+from bluemarble.api.messages import SHUTTING_DOWN_KEY
 from bluemarble.core import validation
 from bluemarble.core.errors import InvalidArgument
 from bluemarble.core.limits import MAX_MESSAGE_BYTES
@@ -117,6 +118,19 @@ async def ended_status(call: Any, error: Exception) -> tuple[grpc.StatusCode, st
     if isinstance(error, grpc.aio.AioRpcError) and error.code() != grpc.StatusCode.INTERNAL:
         return error.code(), error.details() or error.code().name
     return grpc.StatusCode.UNAVAILABLE, f"the stream failed ({type(error).__name__})"
+
+
+def said_stopping(metadata: Any) -> bool:
+    """Whether a call's trailing metadata says its server ended it to shut down."""
+    return any(key == SHUTTING_DOWN_KEY for key, _ in metadata or ())
+
+
+async def ended_stopping(call: Any) -> bool:
+    """Whether a stream ``call``, already ended, was ended by its server shutting down
+    (waits at most 1 s for the call's trailers)."""
+    with contextlib.suppress(Exception):
+        return said_stopping(await asyncio.wait_for(call.trailing_metadata(), 1.0))
+    return False
 
 
 def insecure_channel(address: str) -> grpc.aio.Channel:

@@ -33,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from bluemarble.api.messages import SHUTTING_DOWN_KEY
 from bluemarble.core import limits
 from bluemarble.core.errors import BlueMarbleError, ResourceExhausted
 from bluemarble.core.limits import MAX_MESSAGE_BYTES
@@ -198,6 +199,10 @@ class OpenStreams:
             task.cancel()
         return len(tasks)
 
+
+STOPPING_TRAILER = ((SHUTTING_DOWN_KEY, "1"),)
+"""Trailing metadata of a stream a server ends because it is shutting down: its clients
+log the end at info and move on (:func:`bluemarble.runtime.channels.said_stopping`)."""
 
 RPC_HEADROOM = 256
 """Calls gRPC admits beyond a server's :class:`CallBudget`: room for health checks and
@@ -373,7 +378,7 @@ def _wrap_stream(
             if current is not None:
                 current.uncancel()  # this cancel was ours, and is handled here
             log.debug("stream ended: the server is stopping", method=method)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, streams.reason)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, streams.reason, trailing_metadata=STOPPING_TRAILER)
         except Exception as exc:
             await _fail(method, context, exc, started)
         finally:

@@ -40,7 +40,7 @@ from typing import Any, TypeVar, cast
 import structlog
 import tenacity
 
-from bluemarble.core.errors import BlueMarbleError
+from bluemarble.core.errors import BlueMarbleError, PeerStopping
 from bluemarble.runtime.clock import Clock, SystemClock, wait_event
 
 log = structlog.get_logger(__name__)
@@ -326,7 +326,7 @@ async def supervise(
         except BlueMarbleError as e:
             if not e.retryable:
                 log.error("loop step failed; restarting", loop=name, error=str(e))
-            elif quiet is not None and quiet():
+            elif isinstance(e, PeerStopping) or (quiet is not None and quiet()):
                 log.info("loop step failed; restarting", loop=name, error=str(e))
             else:
                 failures.failed(name, clock.monotonic_s(), "loop step failed; restarting", loop=name, error=str(e))

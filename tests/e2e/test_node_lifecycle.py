@@ -118,3 +118,24 @@ def test_a_sigtermed_node_leaves_at_once_when_no_other_node_could_hold_its_copie
     # Declined at its next heartbeat (within TTL / 3), far sooner than the 40 s it may wait.
     assert time.monotonic() - started < 15
     assert "did not drain this node" in process_cluster.log_text("n1")
+
+
+def test_a_control_plane_replica_stopping_gracefully_costs_its_nodes_no_warning(
+    process_cluster: ProcessCluster,
+) -> None:
+    first = process_cluster.start_control_plane("--lease-ttl-s", "4")
+    process_cluster.start_control_plane()
+    process_cluster.start_node("n1")
+    wait_until(lambda: process_cluster.list_nodes(first) == ["n1"], 20, "the node to register")
+    replica = process_cluster.processes[0]  # cp-0: the first address, where the node's streams are
+    replica.signal(signal.SIGTERM)
+    assert replica.proc is not None and replica.proc.wait(30) == 0
+    wait_until(lambda: "heartbeating through the next" in process_cluster.log_text("n1"), 15,
+               "the node to move its heartbeats to the other replica")
+    second = process_cluster.control_planes[1]
+    renewed = time.monotonic() + 3  # past a heartbeat interval (TTL / 3) on the other replica
+    while time.monotonic() < renewed:
+        assert process_cluster.list_nodes(second) == ["n1"]
+        time.sleep(0.25)
+    warnings = [line for line in process_cluster.log_text("n1").splitlines() if '"level": "warning"' in line]
+    assert not warnings, warnings

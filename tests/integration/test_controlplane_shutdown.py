@@ -10,6 +10,9 @@ import time
 import grpc
 import grpc.aio
 
+from bluemarble.client.control_plane import to_error
+from bluemarble.core.errors import PeerStopping
+from bluemarble.runtime import channels
 from bluemarble.v1 import controlplane_pb2 as pb
 from bluemarble.v1 import controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
 from tests.conftest import StartControlPlane
@@ -43,6 +46,8 @@ async def test_stopping_ends_open_streams_without_waiting_out_the_grace(
             details = await call.details()
             assert code == grpc.StatusCode.UNAVAILABLE, (name, code, details)
             assert "shutting down" in details and app.replica_id in details, (name, details)
+            # The trailer tells clients the end is expected: they log it at info, not warn.
+            assert channels.said_stopping(await call.trailing_metadata()), name
         # The open streams held the stop for the whole grace period before.
         assert took_s < GRACE_S / 2, took_s
 
@@ -62,6 +67,7 @@ async def test_once_streams_are_ended_new_ones_are_refused_and_calls_still_serve
         except grpc.aio.AioRpcError as e:
             assert e.code() == grpc.StatusCode.UNAVAILABLE, e
             assert e.details() == "replica going away; reconnect to another replica"
+            assert isinstance(to_error(e, app.address), PeerStopping)
         else:
             raise AssertionError("a stream opened after the streams were ended was served")
         # Unary calls are what the grace period drains: still answered.
