@@ -209,6 +209,7 @@ class DataPlane:
         self._clock: Clock = clock or SystemClock()
         self._shards: dict[ShardId, ShardState] = {}
         self._shippers: dict[NodeId, Shipper] = {}
+        self._restarting_until_s: dict[NodeId, float] = {}  # peers that said they restart: until when
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._seq = itertools.count()
         self._pending_writes: list[tuple[ShardState, int, shardnode_pb2.WriteOp, asyncio.Future[WriteResult]]] = []
@@ -512,13 +513,20 @@ class DataPlane:
         wanted = {
             NodeId(r) for s in self._shards.values() if s.role == PRIMARY for r in s.replicas if r != self.node_id
         }
+        now_s = self._clock.monotonic_s()
+        self._restarting_until_s = {n: t for n, t in self._restarting_until_s.items() if t > now_s}
         for node in list(self._shippers):
             if node not in wanted:
                 shipper = self._shippers.pop(node)
+                if shipper.quiet_until_s > now_s:
+                    # It said it is restarting: a stream opened to it again soon (it is
+                    # placed back) expects failures until then too.
+                    self._restarting_until_s[node] = shipper.quiet_until_s
                 self._spawn(shipper.stop(), f"stop-shipper-{node}")
         for node in wanted:
             if node not in self._shippers:
                 shipper = Shipper(node, self, self._clock)
+                shipper.quiet_until_s = self._restarting_until_s.pop(node, 0.0)
                 self._shippers[node] = shipper
                 shipper.start()
             self._shippers[node].wake.set()

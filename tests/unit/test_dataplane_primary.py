@@ -257,3 +257,22 @@ async def test_a_failed_prune_round_is_retried_at_the_next_one(tmp_path: Path, m
     finally:
         await dp.stop()
         storage.close()
+
+
+async def test_a_replica_that_said_it_restarts_stays_expected_when_it_is_placed_back(primary) -> None:  # type: ignore[no-untyped-def]
+    """A replica restarting says so (a trailer), and its stream's failures are logged at
+    info until PEER_RESTART_GRACE_S. Dropped from the shard meanwhile and placed back, the
+    new stream to it must know that too, not warn about a connection refused."""
+    dp, agent, _ = primary
+
+    def replicas(*nodes: str) -> None:
+        agent.assignments = {SHARD: common_pb2.Assignment(shard_id=SHARD, epoch=3, primary="n1", replicas=nodes)}
+        dp.on_assignments()
+
+    replicas("n2")
+    quiet_until_s = dp._clock.monotonic_s() + 30
+    dp._shippers[NodeId("n2")].quiet_until_s = quiet_until_s  # as its "shutting down" trailer sets it
+    replicas()
+    assert NodeId("n2") not in dp._shippers
+    replicas("n2")
+    assert dp._shippers[NodeId("n2")].quiet_until_s == quiet_until_s
