@@ -60,7 +60,7 @@ MAX_ENTRIES_PER_SHARD = 512
 EVENTUAL_LINGER_S = 0.02
 """How long a batch of only EVENTUAL entries waits for more (it adds this much to their
 replication lag, nothing to their callers' latency). STRONG writes are never held."""
-MAX_BATCH_BYTES = 4 << 20
+MAX_BATCH_BYTES = 1 << 20
 COVER_WINDOW_S = EVENTUAL_LINGER_S
 """A stream in the middle of an exchange that began less than this long ago counts as
 carrying any new entry (it sends it as soon as its replica answers): another replica's
@@ -281,7 +281,13 @@ class Shipper:
         groups: list[shardnode_pb2.ShardEntries] = []
         sent: dict[ShardId, int] = {}
         budget = MAX_BATCH_BYTES
-        for view in views:
+
+        def behind(view: ShardView) -> int:
+            peer = self.peers.get(view.shard_id)
+            return 0 if peer is None or peer.next_lsn is None else max(0, view.last.lsn - peer.next_lsn + 1)
+
+        # Shards with little to send first: a live write never waits behind a catch-up.
+        for view in sorted(views, key=behind):
             peer = self.peers.setdefault(view.shard_id, Peer())
             if peer.retry_at_s > now:
                 continue
