@@ -1092,6 +1092,10 @@ class RoutingClient:
                 except errors.BlueMarbleError as e:
                     if not should_retry(e):
                         raise
+                    if isinstance(e, errors.DeadlineExceeded) and last is not None and deadline <= clock.monotonic_s():
+                        # The call's deadline ran out in this attempt (begun with little of
+                        # it left): the earlier attempts' reason says more than the clock.
+                        break
                     last = e
                     redirects += is_redirect(e)
             remaining_s = deadline - clock.monotonic_s()
