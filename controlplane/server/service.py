@@ -216,12 +216,10 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         draining could hold the copies: asked again at each of its heartbeats, so a node
         whose drain can no longer finish (the rest of the cluster stopping too) is let go.
         Heartbeats are the node's own calls: no admin token is needed."""
-        config, _ = await self._d.config.get()
-        nodes, _ = await self._d.registry.list_nodes()
-        others = sum(1 for n in nodes if n.state != common_pb2.NODE_STATE_DRAINING and n.node_id != node)
-        if others < config.replication_factor:
+        _, others, factor = await self._copy_holders(node)
+        if others < factor:
             log.info("leaving node not drained: too few other nodes for its copies; it leaves at once",
-                     node_id=node, other_nodes=others, replication_factor=config.replication_factor)
+                     node_id=node, other_nodes=others, replication_factor=factor)
             return False
         await self._d.registry.drain(node)  # idempotent; logs "node draining"
         return True
@@ -277,21 +275,27 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         node = await self._d.registry.drain(request.node_id)
         return controlplane_pb2.DrainNodeResponse(node=node)
 
+    async def _copy_holders(self, node: NodeId) -> tuple[list[common_pb2.Node], int, int]:
+        """The registered nodes, how many besides ``node`` are not draining (could hold
+        copies), and the replication factor; read from etcd, not the mirrors."""
+        config, _ = await self._d.config.get()
+        nodes, _ = await self._d.registry.list_nodes()
+        others = sum(1 for n in nodes if n.state != common_pb2.NODE_STATE_DRAINING and n.node_id != node)
+        return nodes, others, config.replication_factor
+
     async def _check_drain_keeps_copies(self, node: NodeId) -> None:
         """Refuses (FailedPrecondition) a drain that would leave fewer nodes able to hold
         copies than replication_factor: every shard of the node would lose a copy for good
         (one drained after another, a cluster ends with single copies). Reads etcd, not the
         mirrors, so two drains sent back to back both count."""
-        config, _ = await self._d.config.get()
-        nodes, _ = await self._d.registry.list_nodes()
+        nodes, remaining, factor = await self._copy_holders(node)
         target = next((n for n in nodes if n.node_id == node), None)
         if target is None or target.state == common_pb2.NODE_STATE_DRAINING:
             return  # NotFound, or already draining (idempotent): the registry answers
-        remaining = sum(1 for n in nodes if n.state != common_pb2.NODE_STATE_DRAINING and n.node_id != node)
-        if remaining < config.replication_factor:
+        if remaining < factor:
             raise FailedPrecondition(
                 f"draining {node} would leave {remaining} node(s) for a replication factor of "
-                f"{config.replication_factor}: its shards would lose copies. Add a node or lower "
+                f"{factor}: its shards would lose copies. Add a node or lower "
                 "replication_factor first, or drain with force (bluemarblectl drain --force)"
             )
 
