@@ -45,6 +45,7 @@ roles can be trusted (self-fencing: no STRONG operation as primary once LOST).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ from bluemarble.core.errors import (
     Unavailable,
 )
 from bluemarble.runtime import background, channels, metrics, retry
-from bluemarble.runtime.clock import Clock, run_with_timeout, wait_event
+from bluemarble.runtime.clock import Clock, run_with_timeout
 from bluemarble.v1 import common_pb2, controlplane_pb2
 
 log = structlog.get_logger(__name__)
@@ -219,6 +220,7 @@ class NodeAgent:
         self.config_loaded = asyncio.Event()
         self._config_task: asyncio.Task[None] | None = None
         self._beat_now = False
+        self._beat_soon = asyncio.Event()  # wakes a heartbeat loop waiting for its next beat
         self._lag = metrics.ReplicationLag()
 
     # ---- session state ----
@@ -318,6 +320,7 @@ class NodeAgent:
         set if the control plane answers without draining it."""
         self.leaving = True
         self._beat_now = True
+        self._beat_soon.set()  # ask now, not at the next beat (up to a third of the TTL away)
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         backoff = self._beat_backoff()
@@ -390,11 +393,25 @@ class NodeAgent:
 
     async def _sleep_until(self, stop: asyncio.Event, due_s: float) -> bool:
         """Waits until ``due_s`` (waking at the LOST deadline on the way, to log it on
-        time); True if ``stop`` was set meanwhile."""
+        time, and early when :meth:`leave` asks for a beat now); True if ``stop`` was set
+        meanwhile."""
         wake_s = due_s
         if self._state is not SessionState.LOST:
             wake_s = min(wake_s, max(self._lost_at_s(), self._clock.monotonic_s()))
-        return await wait_event(self._clock, stop, max(wake_s - self._clock.monotonic_s(), 0.0))
+        timeout_s = max(wake_s - self._clock.monotonic_s(), 0.0)
+        if stop.is_set() or self._beat_soon.is_set() or timeout_s == 0.0:
+            self._beat_soon.clear()  # one early wake per leave(): backoffs stay backoffs
+            return stop.is_set()
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._beat_soon.wait())]
+        try:
+            with contextlib.suppress(TimeoutError):
+                first = asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                await run_with_timeout(self._clock, first, timeout_s)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        self._beat_soon.clear()
+        return stop.is_set()
 
     async def _heartbeat(self, registration: Registration) -> None:
         """One heartbeat over the long-lived HeartbeatStream (opened on first use, and
