@@ -576,7 +576,9 @@ class DataPlane:
         state = self._shards.get(shard)
         if state is None or newer_epoch <= state.fenced_epoch:
             return
-        log.warning(
+        # Draining (DrainNode, or stopping): the control plane is handing this node's
+        # primaries over, and a replica often hears of it first. Expected, not a warning.
+        (log.info if self._agent.draining else log.warning)(
             "a replica has seen a newer epoch; this node no longer writes for the shard",
             shard=shard,
             epoch=epoch,
