@@ -172,6 +172,7 @@ of thousands of nodes is verified over some seconds instead of in bursts, since 
 every 50 ms while shards wait for a primary."""
 _PROBE_RETRY_FIRST_S = 1.0
 _PROBE_RETRY_MAX_S = 60.0
+_UNANSWERED_WARNING_EVERY_S = 60.0
 _MAX_UNREADABLE_LOGGED = 4096
 _MAX_PROMOTION_NOTES = 4096
 
@@ -292,6 +293,8 @@ class Reconciler:
         self._probe_tokens = float(_MAX_PROBES_PER_S)
         self._probe_tokens_at = -math.inf
         self._unverified: dict[tuple[NodeId, int], _ProbeState] = {}
+        self._unanswered_warned_s = -math.inf  # when the last "does not answer" warning was logged
+        self._unanswered_quiet = 0  # such registrations logged at info since
         self._unreadable_logged: set[tuple[str, int]] = set()
         self._promotion_notes: set[tuple[ShardId, int, str]] = set()  # logged once each
         self._fence_floor: dict[ShardId, int] = {}  # higher fenced epochs nodes reported
@@ -616,9 +619,22 @@ class Reconciler:
                 state.failures += 1
                 state.next_probe_s = now + min(_PROBE_RETRY_MAX_S, _PROBE_RETRY_FIRST_S * 2 ** (state.failures - 1))
                 if state.failures == 1:
-                    log.warning("new node does not answer; it gets no role until it does",
-                                node_id=key[0], address=due[key])
+                    self._log_unanswered(now, key[0], due[key])
         return {key[0] for key in current if key in self._verified or key[0] in holders}
+
+    def _log_unanswered(self, now: float, node: NodeId, address: str) -> None:
+        """A warning for a registration that does not answer (a wrong advertised address,
+        a firewall), at most one a minute: others in between are logged at info and
+        counted in the next warning, so registrations at made-up addresses cannot flood
+        the warnings."""
+        if now - self._unanswered_warned_s >= _UNANSWERED_WARNING_EVERY_S:
+            log.warning("new node does not answer; it gets no role until it does", node_id=node, address=address,
+                        others_since_last_warning=self._unanswered_quiet or None)
+            self._unanswered_warned_s = now
+            self._unanswered_quiet = 0
+        else:
+            self._unanswered_quiet += 1
+            log.info("new node does not answer; it gets no role until it does", node_id=node, address=address)
 
     # ---- one round ----
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +19,7 @@ import grpc.aio
 import pytest
 import structlog
 import structlog.testing
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bluemarble.core import limits
 from bluemarble.core.ids import ShardId
@@ -36,7 +37,7 @@ from bluemarble.v1 import controlplane_pb2 as pb
 from controlplane.server.app import ControlPlaneApp
 from controlplane.store import codec
 from shardnode.service import ShardNodeService
-from tests.conftest import StartControlPlane, StreamNode
+from tests.conftest import StartControlPlane, StreamNode, wait_for
 
 pytestmark = pytest.mark.integration
 Stub = controlplane_pb2_grpc.ControlPlaneStub
@@ -724,3 +725,47 @@ async def test_a_client_repeating_a_bad_request_cannot_flood_the_log(
     assert 2 <= len(lines) <= 4, lines
     assert lines[0]["status"] == "INVALID_ARGUMENT" and "player_id" in lines[0]["error"]
     assert any("empty" in e["error"] for e in lines), lines
+
+
+async def test_registrations_at_addresses_nobody_answers_cannot_flood_the_warnings(
+    control_plane: ControlPlaneApp, stub: Stub
+) -> None:
+    """A node that registered but does not answer (a wrong advertised address) is worth a
+    warning; made-up registrations in a row give one warning, the rest at info."""
+    with structlog.testing.capture_logs() as logged:
+        for i in range(1, 6):
+            await stub.RegisterNode(register_request(f"ghost-{i}", f"127.0.0.1:{i}"))  # nobody listens there
+
+        def unanswered() -> list[dict[str, Any]]:
+            return [e for e in logged if e["event"].startswith("new node does not answer")]
+
+        async def all_probed() -> bool:
+            return len(unanswered()) >= 5
+
+        await wait_for(all_probed, 30, "the control plane to probe the five registrations")
+    levels = [e["log_level"] for e in unanswered()]
+    assert levels.count("warning") == 1 and levels.count("info") == 4, levels
+    assert sorted(e["node_id"] for e in unanswered()) == [f"ghost-{i}" for i in range(1, 6)]
+
+
+async def test_a_connection_stalled_in_its_handshake_is_closed() -> None:
+    """A client that sends part of the HTTP/2 preface and stops holds its connection for
+    the handshake timeout (20 s), not gRPC's default 120 s; others are served meanwhile."""
+    server = await build_server("127.0.0.1:0", [])
+    loop = asyncio.get_running_loop()
+    stalled = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        stalled.setblocking(False)
+        await loop.sock_sendall(stalled, b"PRI * HTTP/2.0\r\n")
+        started = loop.time()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        async with asyncio.timeout(60):
+            while await loop.sock_recv(stalled, 4096):  # the server's SETTINGS, then its close
+                pass
+        assert 15 < loop.time() - started < 40
+    finally:
+        stalled.close()
+        await server.grpc.stop(0)
