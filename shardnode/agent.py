@@ -60,6 +60,7 @@ from bluemarble.client.control_plane import (
     follow_stream,
     to_error,
 )
+from bluemarble.core import validation
 from bluemarble.core.errors import (
     AlreadyExists,
     BlueMarbleError,
@@ -69,6 +70,7 @@ from bluemarble.core.errors import (
     PeerStopping,
     Unavailable,
 )
+from bluemarble.core.limits import echo
 from bluemarble.runtime import background, channels, metrics, retry
 from bluemarble.runtime.clock import Clock, run_with_timeout
 from bluemarble.v1 import common_pb2, controlplane_pb2
@@ -166,8 +168,14 @@ class NodeAgent:
         heartbeat_timeout_s: float | None = None,
         lease_safety_margin_s: float | None = None,
         stream_idle_timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S,
+        cluster_uid: str = "",
     ):
         self.identity = identity
+        # The cluster this node's data belongs to ("": a new data dir); sent with every
+        # registration. Learned from the first one, and handed to on_cluster_uid to be
+        # recorded with the data.
+        self.cluster_uid = cluster_uid
+        self.on_cluster_uid: Callable[[str], None] | None = None
         self._client = client
         self._clock: Clock = clock or client.clock
         self._already_exists_timeout_s = already_exists_timeout_s
@@ -534,6 +542,7 @@ class NodeAgent:
             region=ident.region,
             zone=ident.zone,
             capacity=ident.capacity,
+            cluster_uid=self.cluster_uid,
         )
         policy = retry.RetryPolicy(
             initial_s=min(0.1, self._max_backoff_s), max_backoff_s=self._max_backoff_s, deadline_s=REGISTER_ROUND_S
@@ -580,6 +589,7 @@ class NodeAgent:
             if outcome is None:
                 return  # stopped
             sent_at, response = outcome
+            self._adopt_cluster_uid(response.cluster_uid)
             self.registration = Registration(
                 lease_id=response.lease_id,
                 ttl_s=response.ttl_ms / 1000,
@@ -602,6 +612,25 @@ class NodeAgent:
                 control_plane=self._client.current_address,
             )
             return
+
+    def _adopt_cluster_uid(self, uid: str) -> None:
+        """Records the cluster a registration was accepted by, the first time. Raises
+        RegistrationRefused when the data belongs to another (a control plane that does
+        not check it accepted the node)."""
+        if not uid or uid == self.cluster_uid:
+            return  # "": a control plane that has no identity to give
+        if not validation.is_cluster_uid(uid):
+            log.warning("the control plane's cluster identity is malformed; not recorded", cluster_uid=echo(uid))
+            return
+        if self.cluster_uid:
+            raise RegistrationRefused(
+                f"this node's data dir belongs to cluster {self.cluster_uid}, and the control plane's cluster is "
+                f"{uid}: start it with its own cluster's control plane, or with an empty data dir"
+            )
+        if self.on_cluster_uid is not None:
+            self.on_cluster_uid(uid)
+        self.cluster_uid = uid
+        log.info("data dir recorded as this cluster's", cluster_uid=uid)
 
     async def deregister(self, timeout_s: float = 3.0) -> bool:
         """Graceful leave; True if the control plane confirmed it within ``timeout_s``."""

@@ -250,7 +250,9 @@ async def run(settings: NodeSettings) -> int:
     agent = NodeAgent(
         NodeIdentity(settings.node_id, address, settings.region, settings.zone, settings.capacity),
         client,
+        cluster_uid=storage.cluster_uid,
     )
+    agent.on_cluster_uid = storage.record_cluster_uid
     agents.append(agent)
     ring = RingRouter(client)
     dataplane = DataPlane(settings.node_id, storage, agent, ring)

@@ -112,6 +112,18 @@ def trade_id(value: str, field: str = "trade_id") -> str:
     return _check_id(field, value)
 
 
+def is_cluster_uid(value: str) -> bool:
+    """A cluster identity as the control plane makes it: 32 lowercase hex digits."""
+    return len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+def cluster_uid(value: str, field: str = "cluster_uid") -> str:
+    """A cluster identity, or "" (none yet). Raises InvalidArgument naming ``field``."""
+    if value and not is_cluster_uid(value):
+        raise InvalidArgument(f"{field} {echo(value)} is not a cluster identity (32 lowercase hex digits, or empty)")
+    return value
+
+
 def label(value: str, field: str) -> str:
     """A region or zone name: 0..64 bytes, printable, no whitespace."""
     if len(value.encode("utf-8")) > MAX_LABEL_BYTES:

@@ -121,6 +121,7 @@ class ControlPlaneApp:
         )
         self.server: Server | None = None
         self.nodes: PrefixCache[common_pb2.Node] | None = None
+        self.cluster_uid = ""  # read (or made) at start
         self.assignments: PrefixCache[common_pb2.Assignment] | None = None
         self.ring: PrefixCache[Ring] | None = None
         self.election: Election | None = None
@@ -158,6 +159,7 @@ class ControlPlaneApp:
             replication_factor=s.replication_factor, lease_ttl_s=s.lease_ttl_s, shard_count=s.shards
         )
         stored, _ = await configs.ensure(defaults)
+        self.cluster_uid = await configs.ensure_cluster_uid()
         self._warn_on_drift(stored)
         await ensure_ring(self.store, self.keys, stored)
         self.nodes = PrefixCache(self.store, self.keys.nodes_prefix(), decode_node, name="nodes", clock=self.clock)
@@ -219,6 +221,7 @@ class ControlPlaneApp:
             crash_watch=self.crash_watch,
             config_mirror=self.config_mirror,
             auth=server_auth,
+            cluster_uid=self.cluster_uid,
         )
         self.trade_store = TradeStore(self.store, self.keys, self.clock, retention_s=s.trades.retention_s)
         locator = Locator(self.keys, self.ring, self.assignments, self.nodes)

@@ -34,6 +34,7 @@ from bluemarble.core.errors import (
     Unavailable,
 )
 from bluemarble.core.ids import NodeId, ShardId, shard_index
+from bluemarble.core.limits import echo
 from bluemarble.core.ring import Ring
 from bluemarble.runtime.auth import ServerAuth
 from bluemarble.runtime.clock import Clock, run_with_timeout
@@ -80,6 +81,9 @@ class ControlPlaneDeps:
     reports: ShardReports = field(default_factory=ShardReports)
     auth: ServerAuth = field(default_factory=ServerAuth)
     """The admin token and node-identity checks (default: none, everything allowed)."""
+    cluster_uid: str = ""
+    """This cluster's identity (etcd's cluster-uid key); nodes whose data dir belongs to
+    another are refused."""
 
 
 MAX_SHARD_STATUSES = limits.MAX_SHARD_STATUSES
@@ -137,6 +141,13 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         self, request: controlplane_pb2.RegisterNodeRequest, context: Ctx
     ) -> controlplane_pb2.RegisterNodeResponse:
         await self._d.auth.node(context, "RegisterNode", request.node_id)
+        theirs = validation.cluster_uid(request.cluster_uid)
+        if theirs and self._d.cluster_uid and theirs != self._d.cluster_uid:
+            raise FailedPrecondition(
+                f"the data dir of node {echo(request.node_id)} belongs to another cluster (uid {theirs}; this one is "
+                f"{self._d.cluster_uid}): its copies mean nothing here. Start it with its own cluster's "
+                "control plane, or with an empty data dir to join this one"
+            )
         config, _ = await self._d.config.get()
         lease_id, ttl_s = await self._d.registry.register(
             request.node_id,
@@ -150,6 +161,7 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             lease_id=lease_id,
             ttl_ms=ttl_s * 1000,
             heartbeat_interval_ms=max(ttl_s * 1000 // 3, 100),
+            cluster_uid=self._d.cluster_uid,
         )
 
     async def Heartbeat(

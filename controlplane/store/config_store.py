@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+
 import structlog
 
 from bluemarble.api import cluster_config
+from bluemarble.core import validation
 from bluemarble.core.errors import FailedPrecondition, Unavailable
+from bluemarble.core.limits import echo
 from bluemarble.v1 import common_pb2
 from controlplane.store import codec
 from controlplane.store.etcd import Compare, EtcdStore, Get, Put
@@ -21,6 +25,7 @@ class ConfigStore:
     def __init__(self, store: EtcdStore, keys: KeySchema):
         self._store = store
         self._key = keys.config()
+        self._uid_key = keys.cluster_uid()
 
     async def ensure(self, defaults: common_pb2.ClusterConfig) -> tuple[common_pb2.ClusterConfig, int]:
         """Creates the config with ``defaults`` if the cluster has none; returns the stored one."""
@@ -36,6 +41,26 @@ class ConfigStore:
         stored = result.reads[0][0]
         config = codec.decode(stored.value, common_pb2.ClusterConfig, self._key)
         return config, stored.mod_revision
+
+    async def ensure_cluster_uid(self) -> str:
+        """This cluster's identity: a random id the first control plane to start on the
+        prefix creates, and every later one reads. Nodes record it in their data dir, so
+        that a data dir of another cluster (same names, another etcd or prefix) is refused
+        rather than read as this cluster's copies."""
+        fresh = uuid.uuid4().hex
+        result = await self._store.txn(
+            [Compare.absent(self._uid_key)],
+            [Put(self._uid_key, fresh.encode())],
+            [Get(self._uid_key)],
+        )
+        if result.succeeded:
+            log.info("cluster identity created", key=self._uid_key, cluster_uid=fresh)
+            return fresh
+        stored = result.reads[0][0].value.decode("ascii", "replace")
+        if not validation.is_cluster_uid(stored):
+            raise FailedPrecondition(f"{self._uid_key} holds no cluster identity ({echo(stored)}); "
+                                     "delete the key to have a new one made")
+        return stored
 
     async def get(self) -> tuple[common_pb2.ClusterConfig, int]:
         """The stored config and its etcd mod revision."""

@@ -52,6 +52,9 @@ class KeySchema:
     def config(self) -> str:
         return self.prefix + "config"
 
+    def cluster_uid(self) -> str:
+        return self.prefix + "cluster-uid"
+
     def ring(self) -> str:
         return self.prefix + "ring"
 

@@ -358,6 +358,19 @@ class NodeStorage:
         """The damage found while serving, or None while the file is sound."""
         return self._damage
 
+    @property
+    def cluster_uid(self) -> str:
+        """The cluster this data belongs to ("" until the node first registered)."""
+        with self._sqlite():
+            return schema.read_meta(self._conn, schema.CLUSTER_UID_KEY)
+
+    def record_cluster_uid(self, uid: str) -> None:
+        """Durably records the cluster this data belongs to (the control plane's answer to
+        the node's first registration); later registrations send it, and a control plane
+        of another cluster refuses them."""
+        with self._sqlite():
+            schema.write_meta(self._conn, schema.CLUSTER_UID_KEY, uid)
+
     # --- shard positions and fences ----------------------------------------------------
 
     def shards(self) -> dict[ShardId, ShardMeta]:

@@ -288,6 +288,32 @@ def claim_node_id(conn: sqlite3.Connection, data_dir: str, node_id: str) -> None
         raise
 
 
+CLUSTER_UID_KEY = "cluster_uid"
+
+
+def read_meta(conn: sqlite3.Connection, key: str) -> str:
+    """A value of ``node_meta`` ("" when absent, or when the table is not there yet)."""
+    if conn.execute("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'node_meta'").fetchone() is None:
+        return ""
+    found = conn.execute("SELECT value FROM node_meta WHERE key = ?", (key,)).fetchone()
+    return "" if found is None else str(found[0])
+
+
+def write_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    """Sets a value of ``node_meta``, in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(_NODE_META)
+        conn.execute(
+            "INSERT INTO node_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 def _narrow_prepared_index(conn: sqlite3.Connection) -> None:
     """Rebuilds an index ``trades_prepared`` over every trade row as the partial
     :data:`_PREPARED_INDEX`, in one transaction (a crash leaves the old one). Reads the

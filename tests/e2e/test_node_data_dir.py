@@ -92,3 +92,36 @@ def test_a_bad_data_dir_is_refused_in_one_line_as_a_data_dir_error(
     assert len(errors) == 1 and words in errors[0], output
     assert "cannot serve metrics" not in output and "Traceback" not in output
     assert not (tmp_path / "node.db").exists()  # nothing written into the current directory
+
+
+def test_a_node_refuses_to_join_another_cluster_with_its_data(process_cluster: ProcessCluster) -> None:
+    """A data dir of one cluster, started against another's control plane (same node id;
+    here another --cluster on the same etcd, as another etcd would be): refused in one line,
+    before it reports a copy, rather than read as the other cluster's shards."""
+    process_cluster.start_control_plane("--lease-ttl-s", "10")
+    node = process_cluster.start_node("node-1")
+    address = process_cluster.node_addresses["node-1"]
+
+    def writing() -> bool:
+        held = process_cluster.shard_status(address)
+        return bool(held) and any(s.applied_lsn >= 1 for s in held.values())
+
+    wait_until(writing, 20, "the node to write to its storage")
+    node.signal(signal.SIGTERM)
+    assert node.proc is not None and node.proc.wait(10) == 0
+    assert "data dir recorded as this cluster's" in process_cluster.log_text("node-1")
+
+    other = ProcessCluster(process_cluster.etcd, f"{process_cluster.cluster}-other", process_cluster.workdir / "other")
+    other.workdir.mkdir()
+    try:
+        other.start_control_plane("--lease-ttl-s", "10")
+        stray = other.start_node("node-1", "z1", "--data-dir", str(process_cluster.workdir / "node-1"))
+        assert stray.proc is not None and stray.proc.wait(20) != 0
+        errors = _error_lines(other.log_text("node-1"))
+        assert len(errors) == 1 and "belongs to another cluster" in errors[0], errors
+        assert other.list_nodes() == []
+        # Its own cluster still takes it back.
+        process_cluster.start_node("node-1")
+        wait_until(lambda: process_cluster.list_nodes() == ["node-1"], 20, "the node to rejoin its own cluster")
+    finally:
+        other.stop_all()

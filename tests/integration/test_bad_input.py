@@ -769,3 +769,41 @@ async def test_a_connection_stalled_in_its_handshake_is_closed() -> None:
     finally:
         stalled.close()
         await server.grpc.stop(0)
+
+
+class TestClusterIdentity:
+    async def test_a_registration_carries_the_clusters_identity_and_every_replica_gives_the_same(
+        self, start_control_plane: StartControlPlane
+    ) -> None:
+        a, b = await start_control_plane(), await start_control_plane()
+        uids = []
+        for app, node in ((a, "n1"), (b, "n2")):
+            async with grpc.aio.insecure_channel(app.address) as channel:
+                stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
+                answer = await stub.RegisterNode(register_request(node, f"127.0.0.1:{7101 + len(uids)}"))
+                uids.append(answer.cluster_uid)
+        assert len(uids[0]) == 32 and uids[0] == uids[1] == a.cluster_uid
+
+    async def test_a_data_dir_of_another_cluster_is_failed_precondition(
+        self, control_plane: ControlPlaneApp, stub: Stub
+    ) -> None:
+        async with Unchanged(control_plane, stub):
+            request = register_request("n1")
+            request.cluster_uid = "0" * 32
+            code, details = await refusal(stub.RegisterNode(request))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "belongs to another cluster" in details and control_plane.cluster_uid in details
+        assert_short(details)
+        request.cluster_uid = control_plane.cluster_uid  # its own: welcome
+        assert (await stub.RegisterNode(request)).cluster_uid == control_plane.cluster_uid
+
+    @pytest.mark.parametrize("uid", ["x" * 32, "0" * 31, "A" * 32, "0" * 5000])
+    async def test_a_malformed_identity_is_invalid_argument(
+        self, control_plane: ControlPlaneApp, stub: Stub, uid: str
+    ) -> None:
+        async with Unchanged(control_plane, stub):
+            request = register_request("n1")
+            request.cluster_uid = uid
+            code, details = await refusal(stub.RegisterNode(request))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "cluster_uid" in details
+        assert_short(details)

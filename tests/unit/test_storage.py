@@ -569,3 +569,13 @@ def test_random_writes_on_a_primary_and_appends_on_a_replica_give_identical_snap
             # Items are never duplicated across the primary's shards.
             owners = [i for s in (S1, S2) for p in primary.snapshot(s).players for i in p.item_ids]
             assert len(owners) == len(set(owners))
+
+
+def test_the_cluster_identity_is_kept_with_the_data(tmp_path: Path) -> None:
+    with NodeStorage.open(tmp_path, node_id="n1") as storage:
+        assert storage.cluster_uid == ""  # a new data dir: no cluster yet
+        storage.record_cluster_uid("ab" * 16)
+    with NodeStorage.open(tmp_path, node_id="n1") as storage:
+        assert storage.cluster_uid == "ab" * 16
+    with NodeStorage.open(tmp_path / "no-node-id") as storage:  # node_meta not made yet
+        assert storage.cluster_uid == ""
