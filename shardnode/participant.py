@@ -127,6 +127,10 @@ class Participant:
         self._rng = rng or random.Random()
         self._resolving: dict[tuple[ShardId, str], asyncio.Task[None]] = {}
         self._next_try_s: dict[tuple[ShardId, str], float] = {}
+        # Terminations go wrong together (etcd out of space or unreachable: every escrow
+        # fails each round): one warning, then a summary every few seconds, not one a try.
+        self._termination_failures = retry.FailureLog()
+        self._asking = retry.LogThrottle(interval_s=5.0)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._in_doubt_at_s = -IN_DOUBT_REFRESH_S
@@ -518,8 +522,11 @@ class Participant:
     async def _terminate(self, record: stored.TradeRecord) -> None:
         key = (record.shard_id, record.trade_id)
         late_ms = self._clock.wall_ms() - record.deadline_ms
-        log.info("escrow past its deadline; asking for the decision", trade_id=record.trade_id,
-                 shard=record.shard_id, late_ms=late_ms)
+        held_back = self._asking.allow("asking", self._clock.monotonic_s())
+        (log.debug if held_back is None else log.info)(
+            "escrow past its deadline; asking for the decision", trade_id=record.trade_id, shard=record.shard_id,
+            late_ms=late_ms, others_since_last=held_back or None,
+        )
         try:
             outcome, reason = await self.resolve(record.shard_id, record.trade_id, "escrow past its deadline",
                                                  record.leg)
@@ -527,10 +534,16 @@ class Participant:
         except BlueMarbleError as e:
             delay_s = self._rng.uniform(0.5, 1.5) * max(self._interval_s, 0.5)
             self._next_try_s[key] = self._clock.monotonic_s() + delay_s
-            log.warning("escrow not settled yet; will retry", trade_id=record.trade_id, shard=record.shard_id,
-                        error=str(e), retry_in_s=round(delay_s, 2))
+            self._termination_failures.failed(
+                "terminate", self._clock.monotonic_s(), "escrow not settled yet; will retry",
+                trade_id=record.trade_id, shard=record.shard_id, error=str(e), retry_in_s=round(delay_s, 2),
+                escrows_waiting=len(self._next_try_s),
+            )
             return
         self._next_try_s.pop(key, None)
+        if not self._next_try_s:
+            self._termination_failures.recovered("terminate", self._clock.monotonic_s(),
+                                                 "escrows settle by termination again")
         log.info("escrow settled by termination", trade_id=record.trade_id, shard=record.shard_id,
                  outcome=outcome.name, state=shardnode_pb2.ParticipantTradeState.Name(state))
 

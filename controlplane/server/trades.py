@@ -659,8 +659,9 @@ class TradeCoordinator:
             self._record_failures.failed("record", self._clock.monotonic_s(),
                                          "trade decision not recorded; the attempt ends without an answer",
                                          trade_id=trade.trade_id, error=str(e))
+            cause = "etcd is out of space" if "out of space" in str(e) else "etcd unreachable"
             raise Unavailable(
-                f"the decision of trade {echo(trade.trade_id)} could not be recorded (etcd unreachable); "
+                f"the decision of trade {echo(trade.trade_id)} could not be recorded ({cause}); "
                 "retry with the same trade id"
             ) from e
         self._record_failures.recovered("record", self._clock.monotonic_s(), "trade decisions recorded again")

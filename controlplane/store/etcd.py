@@ -454,6 +454,8 @@ class EtcdStore:
                 raise self._unavailable(operation, e) from e
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 raise NotFound(f"etcd: {e.details()}") from e
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise _exhausted(operation, e.details() or "") from e
             raise BlueMarbleError(f"etcd refused {operation}: {e.code().name} {e.details()}") from e
 
     @property
@@ -732,6 +734,18 @@ def _being_cancelled() -> bool:
     """True when the current task itself is being cancelled (not just a call it used)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def _exhausted(operation: str, details: str) -> Unavailable:
+    """etcd's RESOURCE_EXHAUSTED: out of space (its NOSPACE alarm: every write refused
+    until an operator frees space and disarms it) or too many requests. Either passes,
+    so callers may retry; the message says what an operator has to do for the first."""
+    if "space exceeded" in details:
+        return Unavailable(
+            f"etcd is out of space and refuses writes ({operation}: {details}): an operator must raise its "
+            "--quota-backend-bytes, or compact and defragment it, then disarm the NOSPACE alarm; retry after that"
+        )
+    return Unavailable(f"etcd is overloaded ({operation}: {details}); retry shortly")
 
 
 class _WatchStream:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import signal
 import sys
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -245,3 +247,47 @@ async def _outage_under_watches(etcd: LocalEtcd) -> None:
         await asyncio.gather(follower, return_exceptions=True)
         await cache.stop()
         await store.close()
+
+
+def _etcd_alarm(etcd: LocalEtcd, action: str) -> None:
+    """Raises (ACTIVATE) or clears (DEACTIVATE) etcd's NOSPACE alarm, as a full backend does,
+    through etcd's JSON gateway."""
+    def post(path: str, body: dict[str, object]) -> dict[str, Any]:
+        request = urllib.request.Request(f"http://{etcd.endpoint}{path}", data=json.dumps(body).encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            answer: dict[str, Any] = json.loads(resp.read())
+            return answer
+
+    member = post("/v3/maintenance/status", {})["header"]["member_id"]
+    post("/v3/maintenance/alarm", {"action": action, "memberID": member, "alarm": "NOSPACE"})
+
+
+async def test_etcd_out_of_space_is_unavailable_naming_the_way_out_and_passes(tmp_path: Path) -> None:
+    """etcd with its NOSPACE alarm refuses every write with RESOURCE_EXHAUSTED: callers get
+    UNAVAILABLE (retry later) saying what an operator must do, not INTERNAL, and a node
+    registering then keeps trying instead of giving up."""
+    etcd = LocalEtcd(tmp_path).start()
+    app = ControlPlaneApp(
+        ControlPlaneSettings(
+            listen="127.0.0.1:0", etcd_endpoints=(etcd.endpoint,), cluster="nospace",
+            lease_ttl_s=5, etcd_rpc_timeout_s=2.0, shutdown_grace_s=0.5,
+        )
+    )
+    await app.start()
+    try:
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
+            _etcd_alarm(etcd, "ACTIVATE")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.RegisterNode(pb.RegisterNodeRequest(node_id="n1", address="127.0.0.1:7101"))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+            details = info.value.details() or ""
+            assert "etcd is out of space" in details and "NOSPACE" in details and len(details) < 400, details
+            _etcd_alarm(etcd, "DEACTIVATE")
+            answer = await until_available(
+                lambda: stub.RegisterNode(pb.RegisterNodeRequest(node_id="n1", address="127.0.0.1:7101"))
+            )
+            assert answer.lease_id
+    finally:
+        await app.stop()
+        etcd.stop()

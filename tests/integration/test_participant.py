@@ -293,10 +293,17 @@ async def test_escrows_settled_by_their_coordinator_while_termination_failed_lea
     for i in range(count):
         await n.stub.Prepare(prepare(f"t{i}", leg("alice", [f"item-{i}"])))
 
-    async def backing_off() -> bool:
-        return n.participant.backing_off > 0
+    failed: set[str] = set()
 
-    await wait_for(backing_off, 15.0, "terminations to fail and back off")
+    async def backing_off() -> bool:  # each escrow's termination failed at least once
+        failed.update(trade for _shard, trade in n.participant._next_try_s)
+        return len(failed) == count
+
+    with structlog.testing.capture_logs() as logged:
+        await wait_for(backing_off, 30.0, "every termination to fail and back off")
+    # They fail together (the decisions' store is out of reach): one warning, not one each.
+    warned = [e for e in logged if e["log_level"] == "warning"]
+    assert len(warned) == 1 and warned[0]["event"] == "escrow not settled yet; will retry", warned
     for i in range(count):  # the coordinator comes back first and aborts them itself
         await n.stub.Abort(shardnode_pb2.AbortRequest(trade_id=f"t{i}", shard_id=SHARD))
     assert not n.storage.prepared_trades([SHARD])
