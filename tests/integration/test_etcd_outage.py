@@ -44,15 +44,21 @@ async def until_available(call: Callable[[], Awaitable[T]], timeout_s: float = 1
             await asyncio.sleep(0.1)
 
 
-async def test_unavailable_while_etcd_is_down_then_recovers(tmp_path: Path) -> None:
-    etcd = LocalEtcd(tmp_path).start()
+async def _started(etcd: LocalEtcd, cluster: str, rpc_timeout_s: float) -> ControlPlaneApp:
+    """A control plane on ``etcd`` (TTL 5 s), started."""
     app = ControlPlaneApp(
         ControlPlaneSettings(
-            listen="127.0.0.1:0", etcd_endpoints=(etcd.endpoint,), cluster="outage",
-            lease_ttl_s=5, etcd_rpc_timeout_s=1.0, shutdown_grace_s=0.5,
+            listen="127.0.0.1:0", etcd_endpoints=(etcd.endpoint,), cluster=cluster,
+            lease_ttl_s=5, etcd_rpc_timeout_s=rpc_timeout_s, shutdown_grace_s=0.5,
         )
     )
     await app.start()
+    return app
+
+
+async def test_unavailable_while_etcd_is_down_then_recovers(tmp_path: Path) -> None:
+    etcd = LocalEtcd(tmp_path).start()
+    app = await _started(etcd, "outage", rpc_timeout_s=1.0)
     try:
         async with grpc.aio.insecure_channel(app.address) as channel:
             stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
@@ -111,13 +117,7 @@ async def test_status_answers_within_half_a_second_and_assignments_say_stale_whi
     tmp_path: Path,
 ) -> None:
     etcd = LocalEtcd(tmp_path).start()
-    app = ControlPlaneApp(
-        ControlPlaneSettings(
-            listen="127.0.0.1:0", etcd_endpoints=(etcd.endpoint,), cluster="outage-fast",
-            lease_ttl_s=5, etcd_rpc_timeout_s=3.0, shutdown_grace_s=0.5,
-        )
-    )
-    await app.start()
+    app = await _started(etcd, "outage-fast", rpc_timeout_s=3.0)
     loop = asyncio.get_running_loop()
 
     async def timed_status(stub: controlplane_pb2_grpc.ControlPlaneStub) -> tuple[pb.GetClusterStatusResponse, float]:
@@ -267,13 +267,7 @@ async def test_etcd_out_of_space_is_unavailable_naming_the_way_out_and_passes(tm
     UNAVAILABLE (retry later) saying what an operator must do, not INTERNAL, and a node
     registering then keeps trying instead of giving up."""
     etcd = LocalEtcd(tmp_path).start()
-    app = ControlPlaneApp(
-        ControlPlaneSettings(
-            listen="127.0.0.1:0", etcd_endpoints=(etcd.endpoint,), cluster="nospace",
-            lease_ttl_s=5, etcd_rpc_timeout_s=2.0, shutdown_grace_s=0.5,
-        )
-    )
-    await app.start()
+    app = await _started(etcd, "nospace", rpc_timeout_s=2.0)
     try:
         async with grpc.aio.insecure_channel(app.address) as channel:
             stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
