@@ -594,9 +594,10 @@ class TradeCoordinator:
         deadline_s = self._clock.monotonic_s() + timeout_s
         leg_proto = leg_to_proto(leg)
         target = primary
+        refusal: BlueMarbleError | None = None  # the last answer that was a refusal, not silence
 
         async def attempt() -> shardnode_pb2.PrepareResponse:
-            nonlocal target
+            nonlocal target, refusal
             left_s = deadline_s - self._clock.monotonic_s()
             if left_s <= MIN_ATTEMPT_S:  # an attempt this short could only time out
                 raise DeadlineExceeded(
@@ -610,7 +611,9 @@ class TradeCoordinator:
                     lambda s, t: self.channels.batcher(target.address, settle=False).prepare(request, t), left_s,
                 )
                 return answer
-            except (FailedPrecondition, Unavailable, DeadlineExceeded):
+            except (FailedPrecondition, Unavailable, DeadlineExceeded) as e:
+                if not isinstance(e, DeadlineExceeded):
+                    refusal = e
                 with contextlib.suppress(BlueMarbleError):
                     target = self._locate.primary(primary.shard)  # the next attempt goes where the mirror says
                 raise
@@ -631,8 +634,13 @@ class TradeCoordinator:
                 ) from e
             return rules.PrepareReply.refused(f"{primary.shard} refused the leg of {leg.player}: {e}")
         except BlueMarbleError as e:
-            log.info("prepare failed", trade_id=leg.trade_id, shard=primary.shard, node_id=primary.node, error=str(e))
-            return rules.PrepareReply.unavailable(str(e))
+            reason = str(e)
+            if isinstance(e, DeadlineExceeded) and refusal is not None:
+                # The time ran out on a late attempt; the shard's own answer (a full disk,
+                # a primary that moved) says more than "no answer".
+                reason = f"{refusal} (still so after {timeout_s:.1f} s)"
+            log.info("prepare failed", trade_id=leg.trade_id, shard=primary.shard, node_id=primary.node, error=reason)
+            return rules.PrepareReply.unavailable(reason)
         if response.vote == shardnode_pb2.TRADE_VOTE_PREPARED:
             return rules.PrepareReply.prepared()
         if response.vote == shardnode_pb2.TRADE_VOTE_DECIDED:

@@ -390,6 +390,8 @@ async def test_an_unavailable_participant_aborts_naming_its_shard(start_control_
         c.node_of(b).down = True
         answer = await c.trades.ExecuteTrade(request("t4", a, b, ("sword",), 0, ("bow",), 0))
         assert answer.outcome == ABORTED and "shard unavailable" in answer.reason and c.shard(b) in answer.reason
+        # What the node said (a full disk, here "is down"), not only that time ran out.
+        assert f"node {c.node_of(b).node_id} is down" in answer.reason, answer.reason
         assert not c.world.escrows()  # A's escrow was released by the Abort
         record = await c.stored("t4")
         assert record is not None and record.outcome == ABORTED
