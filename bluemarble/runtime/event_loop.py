@@ -32,11 +32,43 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+LOW_OPEN_FILES = 4096
+"""Below this many open files a server warns at start: each client connection, peer
+channel and etcd stream is one, and at the limit gRPC stops accepting connections
+(existing ones keep working, new clients hang)."""
+
+
+def raise_open_files_limit() -> int:
+    """Raises the soft limit on open files to the hard one (as Go's runtime does: the
+    soft default, often 1,024, is a relic of select()), and warns when it stays below
+    :data:`LOW_OPEN_FILES`. Returns the soft limit now in force."""
+    import resource
+
+    import structlog
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # keep the soft limit (a container may refuse)
+    if soft != resource.RLIM_INFINITY and soft < LOW_OPEN_FILES:
+        structlog.get_logger(__name__).warning(
+            "few open files allowed; past them new connections hang (raise the process's nofile limit)",
+            open_files_limit=soft, recommended=LOW_OPEN_FILES,
+        )
+    return soft
+
+
 def run(main: Coroutine[Any, Any, T], *, server: bool = False) -> T:
     """Runs ``main`` to completion on uvloop (or asyncio). ``server``: a long-running
-    server process: :func:`freeze_heap` first, and every collection's pause is observed
-    in ``bluemarble_gc_pause_seconds``."""
+    server process: the open-files limit raised (:func:`raise_open_files_limit`),
+    :func:`freeze_heap` first, and every collection's pause is observed in
+    ``bluemarble_gc_pause_seconds``."""
     if server:
+        raise_open_files_limit()
         # Here, not at the top: other users of this module (benchmarks, tools) need not
         # import prometheus-client (about 45 ms) to run a coroutine.
         from bluemarble.runtime import metrics
