@@ -55,6 +55,17 @@ log = structlog.get_logger(__name__)
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
+def _alarm_warning(alarm: str) -> str:
+    """The status warning for an etcd alarm."""
+    if alarm == "NOSPACE":
+        return ("etcd is out of space (NOSPACE alarm) and refuses every write: trades, registrations and failovers "
+                "fail until an operator raises --quota-backend-bytes, or compacts and defragments etcd, then "
+                "disarms the alarm (etcdctl alarm disarm)")
+    if alarm == "CORRUPT":
+        return "etcd reports a corrupt member (CORRUPT alarm): replace that member from a healthy one"
+    return f"etcd has raised an alarm ({alarm})"
+
+
 @dataclass
 class ControlPlaneDeps:
     """What every servicer of one control-plane replica shares."""
@@ -646,15 +657,19 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                 )
         if all(c.healthy for c in mirrors):
 
-            async def read_etcd() -> tuple[common_pb2.ClusterConfig, list[common_pb2.Node], int, LeaderInfo | None]:
+            async def read_etcd() -> tuple[
+                common_pb2.ClusterConfig, list[common_pb2.Node], int, LeaderInfo | None, list[str]
+            ]:
                 config, _ = await self._d.config.get()
                 nodes, revision = await self._d.registry.list_nodes()
-                return config, nodes, revision, await self._d.election.current_leader()
+                alarms = await self._d.store.alarms()
+                return config, nodes, revision, await self._d.election.current_leader(), alarms
 
             try:
-                config, nodes, revision, leader = await run_with_timeout(
+                config, nodes, revision, leader, alarms = await run_with_timeout(
                     self._d.clock, read_etcd(), STATUS_ETCD_TIMEOUT_S
                 )
+                response.warnings.extend(_alarm_warning(alarm) for alarm in alarms)
             except (Unavailable, TimeoutError):
                 config = None
         if config is None:

@@ -472,6 +472,16 @@ class EtcdStore:
             resp = await self._kvs.get("/", count_only=True, timeout=self.rpc_timeout_s)
         return int(resp.header.revision)
 
+    async def alarms(self) -> list[str]:
+        """The alarms etcd has raised ("NOSPACE": out of space, every write refused;
+        "CORRUPT"), one name per member and kind, sorted; [] when none."""
+        if self._closed or self._client.maintenance is None:
+            raise Unavailable(f"the etcd client ({','.join(self.endpoints)}) is closed")
+        async with self._wrapped("alarm list"):
+            resp = await self._client.maintenance.alarms(timeout=self.rpc_timeout_s)
+        names = {0: "NONE", 1: "NOSPACE", 2: "CORRUPT"}
+        return sorted({names.get(int(a.alarm), f"alarm {int(a.alarm)}") for a in resp.alarms if int(a.alarm)})
+
     async def get(self, key: str) -> KeyValue | None:
         async with self._wrapped(f"get {key}"):
             resp = await self._kvs.get(key, timeout=self.rpc_timeout_s)

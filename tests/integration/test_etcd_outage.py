@@ -277,11 +277,15 @@ async def test_etcd_out_of_space_is_unavailable_naming_the_way_out_and_passes(tm
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
             details = info.value.details() or ""
             assert "etcd is out of space" in details and "NOSPACE" in details and len(details) < 400, details
+            status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
+            assert status.etcd_healthy and any("NOSPACE alarm" in w for w in status.warnings), status.warnings
             _etcd_alarm(etcd, "DEACTIVATE")
             answer = await until_available(
                 lambda: stub.RegisterNode(pb.RegisterNodeRequest(node_id="n1", address="127.0.0.1:7101"))
             )
             assert answer.lease_id
+            status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
+            assert not any("alarm" in w for w in status.warnings), status.warnings
     finally:
         await app.stop()
         etcd.stop()
