@@ -667,7 +667,8 @@ class TradeCoordinator:
             self._record_failures.failed("record", self._clock.monotonic_s(),
                                          "trade decision not recorded; the attempt ends without an answer",
                                          trade_id=trade.trade_id, error=str(e))
-            cause = "etcd is out of space" if "out of space" in str(e) else "etcd unreachable"
+            cause = ("etcd is out of space: an operator must free it, see bluemarblectl status"
+                     if "out of space" in str(e) else "etcd unreachable")
             raise Unavailable(
                 f"the decision of trade {echo(trade.trade_id)} could not be recorded ({cause}); "
                 "retry with the same trade id"

@@ -27,7 +27,7 @@ import structlog
 
 from bluemarble.core.errors import BlueMarbleError, NotFound, Unavailable
 from bluemarble.core.ids import TradeId
-from bluemarble.runtime import background
+from bluemarble.runtime import background, retry
 from bluemarble.runtime.clock import Clock, wait_event
 from bluemarble.v1 import common_pb2, trade_pb2
 from controlplane.store import codec
@@ -164,6 +164,7 @@ class TradeStore:
         self.decision_txns = 0
         """Decision transactions sent so far (for tests and benchmarks)."""
         self._wake = asyncio.Event()
+        self._attach_failures = retry.FailureLog()
         self._task: asyncio.Task[None] | None = None
         self.attached = 0
         """Records attached by this store so far (for tests and logs)."""
@@ -358,9 +359,17 @@ class TradeStore:
                 try:
                     await self._flush()
                 except BlueMarbleError as e:
-                    log.warning("attaching trade records to their retention lease failed; retrying",
-                                error=str(e), pending=len(self._pending))
+                    # One warning, then a summary every few seconds (etcd out of space or
+                    # unreachable fails every flush until it is back).
+                    self._attach_failures.failed(
+                        "attach", self._clock.monotonic_s(),
+                        "attaching trade records to their retention lease failed; retrying",
+                        error=str(e), pending=len(self._pending),
+                    )
                     await self._clock.sleep(1.0)
+                else:
+                    self._attach_failures.recovered("attach", self._clock.monotonic_s(),
+                                                    "trade records attached to their retention lease again")
 
     async def _flush(self) -> None:
         while self._pending:
