@@ -599,8 +599,11 @@ class Participant:
                 client.rotate(away_from=address)
                 raise DeadlineExceeded(f"control plane {address} did not answer ResolveTrade in time") from e
 
+        # One key for every trade: when resolving fails, it fails for all of them at once
+        # (the control plane or etcd is out of reach), and one episode is logged, not one
+        # per escrow (the termination's own log names each trade).
         answer: trade_pb2.ResolveTradeResponse = await retry.call(
-            attempt, what=f"resolve trade {trade_id}", policy=RESOLVE_POLICY, clock=self._clock, expected=True)
+            attempt, what="resolve trades", policy=RESOLVE_POLICY, clock=self._clock, expected=True)
         return answer
 
 
