@@ -660,10 +660,18 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             async def read_etcd() -> tuple[
                 common_pb2.ClusterConfig, list[common_pb2.Node], int, LeaderInfo | None, list[str]
             ]:
-                config, _ = await self._d.config.get()
-                nodes, revision = await self._d.registry.list_nodes()
-                alarms = await self._d.store.alarms()
-                return config, nodes, revision, await self._d.election.current_leader(), alarms
+                async def alarms() -> list[str]:
+                    # Best effort: with etcd auth, reading alarms takes the root role,
+                    # which the control plane's user need not have.
+                    try:
+                        return await self._d.store.alarms()
+                    except BlueMarbleError:
+                        return []
+
+                (config, _), (nodes, revision), leader, raised = await asyncio.gather(
+                    self._d.config.get(), self._d.registry.list_nodes(), self._d.election.current_leader(), alarms()
+                )
+                return config, nodes, revision, leader, raised
 
             try:
                 config, nodes, revision, leader, alarms = await run_with_timeout(
