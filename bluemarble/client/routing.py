@@ -628,7 +628,7 @@ class RoutingClient:
     ``router`` and ``assignments`` already filled (tests, offline tools).
 
     Use as ``async with RoutingClient(...) as c`` (starts, waits until ready for
-    ``ready_timeout_s``, and closes), or call :meth:`start`, :meth:`wait_ready` and
+    ``ready_timeout_s``, and closes), or await :meth:`start`, :meth:`wait_ready` and
     :meth:`close` yourself. Calls made before the client is ready wait for it within
     their own deadline.
     """
@@ -721,7 +721,7 @@ class RoutingClient:
         ``timeout_s`` (the control plane cannot be reached); FailedPrecondition when the
         client was never started."""
         if not self._started:
-            raise errors.FailedPrecondition("the routing client is not started; call start() first")
+            raise errors.FailedPrecondition("the routing client is not started; await client.start() first")
         deadline = self._clock.monotonic_s() + timeout_s
         for event, what in ((self._ring_ready, "the ring"), (self.assignments.synced, "the assignments")):
             while not event.is_set():

@@ -73,6 +73,8 @@ def printable_text(value: str, field: str) -> str:
 
 
 def _check_id(field: str, value: str) -> str:
+    if not isinstance(value, str):  # a caller's int, None or bytes: a refusal, not an AttributeError
+        raise InvalidArgument(f"{field} is a {type(value).__name__}; give a str")
     size = len(value.encode("utf-8"))
     if size == 0:
         raise InvalidArgument(f"{field} is empty; give 1..{MAX_ID_BYTES} bytes of UTF-8")

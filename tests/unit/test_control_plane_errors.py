@@ -26,3 +26,12 @@ def test_other_statuses_keep_their_meaning() -> None:
     assert isinstance(to_error(failed(grpc.StatusCode.NOT_FOUND, "no lease"), "a:1"), errors.NotFound)
     deadline = to_error(failed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"), "a:1")
     assert isinstance(deadline, errors.DeadlineExceeded) and "a:1" in str(deadline)
+
+
+def test_a_grpc_server_without_the_api_is_named_as_such() -> None:
+    """A shard node's address given as the control plane's: gRPC's "Method not found!"
+    says nothing a person can act on."""
+    error = to_error(failed(grpc.StatusCode.UNIMPLEMENTED, "Method not found!"), "127.0.0.1:7101")
+    assert isinstance(error, errors.FailedPrecondition)
+    assert "127.0.0.1:7101 does not serve the BlueMarble control-plane API" in str(error)
+    assert "shard node" in str(error)

@@ -226,3 +226,12 @@ async def test_a_closed_control_plane_client_says_so() -> None:
     await client.close()  # idempotent
     with pytest.raises(FailedPrecondition, match="closed"):
         client.channel()
+
+
+@pytest.mark.parametrize("value", [42, None, b"player-1", 1.5])
+@pytest.mark.parametrize("check", [validation.player_id, validation.trade_id, validation.node_id])
+def test_an_id_of_another_type_is_invalid_argument_naming_the_type(
+    check: Callable[[str], str], value: object
+) -> None:
+    with pytest.raises(InvalidArgument, match=f"is a {type(value).__name__}; give a str"):
+        check(value)  # type: ignore[arg-type]
