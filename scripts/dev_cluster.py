@@ -80,17 +80,23 @@ def check_processes(watched: list[ManagedProcess], nodes: Collection[str]) -> in
     """One look at the cluster's processes: None while the cluster should keep running,
     else the exit status for this script (1).
 
-    A node that exited with status 0 left on purpose (``bluemarblectl drain``, or a
-    deregistering SIGTERM): it is reported, dropped from ``watched`` and the rest keep
-    running. Any other exit, or the control plane's, stops the whole cluster.
+    A node that exits is reported and dropped from ``watched``, and the rest keep
+    running: with status 0 it left on purpose (``bluemarblectl drain``, or a
+    deregistering SIGTERM); otherwise it crashed or was killed, and its shards fail over
+    to their replicas, which is what a local cluster is there to show. The control
+    plane's or etcd's exit stops the whole cluster.
     """
     for proc in list(watched):
         code = proc.exit_code()
         if code is None:
             continue
-        if code == 0 and proc.name in nodes:
-            print(f"{proc.name} left the cluster (exit 0, e.g. after a drain); the others keep running. "
-                  f"Log: {proc.log_path}", flush=True)
+        if proc.name in nodes:
+            if code == 0:
+                print(f"{proc.name} left the cluster (exit 0, e.g. after a drain); the others keep running. "
+                      f"Log: {proc.log_path}", flush=True)
+            else:
+                print(f"{proc.name} died (exit {code}); its shards fail over to their replicas and the others keep "
+                      f"running. Log: {proc.log_path}", flush=True)
             watched.remove(proc)
             continue
         print(f"{proc.name} exited unexpectedly (exit {code}); see {proc.log_path}", flush=True)
@@ -100,11 +106,12 @@ def check_processes(watched: list[ManagedProcess], nodes: Collection[str]) -> in
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--nodes", type=int, default=3)
-    p.add_argument("--dir", type=Path, default=ROOT / ".bluemarble")
+    p.add_argument("--nodes", type=int, default=3, help="shard nodes to start (default 3)")
+    p.add_argument("--dir", type=Path, default=ROOT / ".bluemarble",
+                   help="etcd data, node data and logs; kept from run to run (default .bluemarble in the checkout)")
     p.add_argument("--control-plane-port", type=int, default=7000, help="0 picks a free port")
     p.add_argument("--node-base-port", type=int, default=7101, help="0 picks free ports")
-    p.add_argument("--lease-ttl-s", type=int, default=10)
+    p.add_argument("--lease-ttl-s", type=int, default=10, help="node lease TTL in seconds (default 10)")
     p.add_argument("--players", type=int, default=300, help="players the demo seeds (0: no demo)")
     p.add_argument("--once", action="store_true", help="show the status, then stop everything")
     p.add_argument("--tls", action="store_true",
