@@ -293,8 +293,7 @@ class Reconciler:
         self._probe_tokens = float(_MAX_PROBES_PER_S)
         self._probe_tokens_at = -math.inf
         self._unverified: dict[tuple[NodeId, int], _ProbeState] = {}
-        self._unanswered_warned_s = -math.inf  # when the last "does not answer" warning was logged
-        self._unanswered_quiet = 0  # such registrations logged at info since
+        self._unanswered_log = retry.LogThrottle(interval_s=_UNANSWERED_WARNING_EVERY_S)
         self._unreadable_logged: set[tuple[str, int]] = set()
         self._promotion_notes: set[tuple[ShardId, int, str]] = set()  # logged once each
         self._fence_floor: dict[ShardId, int] = {}  # higher fenced epochs nodes reported
@@ -627,13 +626,11 @@ class Reconciler:
         a firewall), at most one a minute: others in between are logged at info and
         counted in the next warning, so registrations at made-up addresses cannot flood
         the warnings."""
-        if now - self._unanswered_warned_s >= _UNANSWERED_WARNING_EVERY_S:
+        held_back = self._unanswered_log.allow("unanswered", now)
+        if held_back is not None:
             log.warning("new node does not answer; it gets no role until it does", node_id=node, address=address,
-                        others_since_last_warning=self._unanswered_quiet or None)
-            self._unanswered_warned_s = now
-            self._unanswered_quiet = 0
+                        others_since_last_warning=held_back or None)
         else:
-            self._unanswered_quiet += 1
             log.info("new node does not answer; it gets no role until it does", node_id=node, address=address)
 
     # ---- one round ----

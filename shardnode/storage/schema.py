@@ -273,13 +273,13 @@ def claim_node_id(conn: sqlite3.Connection, data_dir: str, node_id: str) -> None
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute(_NODE_META)
-        found = conn.execute("SELECT value FROM node_meta WHERE key = ?", (NODE_ID_KEY,)).fetchone()
-        if found is None:
+        found = read_meta(conn, NODE_ID_KEY)
+        if not found:
             conn.execute("INSERT INTO node_meta (key, value) VALUES (?, ?)", (NODE_ID_KEY, node_id))
-        elif found[0] != node_id:
+        elif found != node_id:
             raise FailedPrecondition(
-                f"data dir {data_dir} belongs to node {echo(found[0])}, not {echo(node_id)}: start it with "
-                f"--node-id {echo(found[0])}, or give node {echo(node_id)} its own data dir (an empty one to "
+                f"data dir {data_dir} belongs to node {echo(found)}, not {echo(node_id)}: start it with "
+                f"--node-id {echo(found)}, or give node {echo(node_id)} its own data dir (an empty one to "
                 "start afresh)"
             )
         conn.execute("COMMIT")
