@@ -557,6 +557,19 @@ async def run(args: argparse.Namespace) -> int:
         await client.close()
 
 
+def _accept_after_command(subparsers: Any, flag: str, **kwargs: Any) -> None:
+    """Lets ``flag`` of the top-level parser also follow the command (``bluemarblectl
+    status --json`` as well as ``bluemarblectl --json status``): each leaf command parser
+    gets it too, with no default of its own, so it never resets a value given before."""
+    for parser in subparsers.choices.values():
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            for inner in nested:
+                _accept_after_command(inner, flag, **kwargs)
+        else:
+            parser.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = EnvArgumentParser(prog="bluemarblectl", description="Operate a BlueMarble cluster.")
     p.add_flag("--control-plane", default="127.0.0.1:7000", help="control-plane addresses, comma-separated")
@@ -634,6 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("--player", help="one of its players (finds a same-shard trade without asking every primary)")
     in_doubt = trade_sub.add_parser("in-doubt", help="escrows the primaries hold, oldest first")
     in_doubt.add_argument("--limit", type=int, default=1000, help="at most this many (cap 1000)")
+    _accept_after_command(sub, "--json", action="store_true", help="print the raw response as JSON")
     args = p.parse_args(argv)
     if args.command == "promote" and not args.accept_data_loss:
         # Checked here, not only by the server: the flag is the operator's own consent.

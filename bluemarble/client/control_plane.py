@@ -22,9 +22,10 @@ import grpc
 import grpc.aio
 import structlog
 
-from bluemarble.core import errors
+from bluemarble.core import errors, validation
 from bluemarble.runtime import channels, retry
 from bluemarble.runtime.channels import channel as open_channel
+from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 from bluemarble.v1 import controlplane_pb2_grpc, trade_pb2_grpc
 
@@ -162,6 +163,23 @@ ROTATION_LOG_INTERVAL_S = 10.0
 another (the same two)."""
 
 
+def _checked(addresses: Sequence[str] | str) -> list[str]:
+    """The control-plane addresses, each a valid "host:port" (one string is split at its
+    commas). InvalidArgument otherwise: gRPC would take "127.0.0.1" for port 443 of that
+    host, and a list of none would wait forever for an answer."""
+    if isinstance(addresses, str):  # "host:port[,host:port...]", not a sequence of characters
+        addresses = split_addresses(addresses)
+    addresses = list(addresses)
+    if not addresses:
+        raise errors.InvalidArgument("no control-plane address given; give at least one host:port")
+    for address in addresses:
+        if not isinstance(address, str):
+            raise errors.InvalidArgument(
+                f"a control-plane address is a {type(address).__name__}; give a str such as 127.0.0.1:7000")
+        validation.address(address, "control-plane address")
+    return addresses
+
+
 class ControlPlaneClient:
     """Calls to the control plane, failing over between its replicas.
 
@@ -174,7 +192,7 @@ class ControlPlaneClient:
 
     def __init__(
         self,
-        addresses: Sequence[str],
+        addresses: Sequence[str] | str,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         attempts: int = 6,
@@ -183,9 +201,7 @@ class ControlPlaneClient:
         clock: Clock | None = None,
         metadata: Sequence[tuple[str, str]] = (),
     ):
-        if not addresses:
-            raise ValueError("at least one control-plane address is required")
-        self.addresses = list(addresses)
+        self.addresses = _checked(addresses)
         self.timeout_s = timeout_s
         self.clock: Clock = clock or SystemClock()
         self._attempts = attempts

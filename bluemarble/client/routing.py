@@ -689,8 +689,7 @@ class RoutingClient:
     async def start(self) -> None:
         """Starts following the ring and the assignments in the background (returns at
         once; see :meth:`wait_ready`). Idempotent."""
-        if self._closed:
-            raise ClientClosed("the routing client is closed; make a new one")
+        self._check_open()
         if self._started:
             return
         self._started = True
@@ -735,11 +734,14 @@ class RoutingClient:
                     )
                 await wait_event(self._clock, event, min(left_s, CLOSE_CHECK_S))  # slices: close() ends the wait
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosed("the routing client is closed; make a new one")
+
     def _check_usable(self) -> None:
         """FailedPrecondition after :meth:`close`, or from another event loop than the one
         the client started on (its streams and channels belong to that loop)."""
-        if self._closed:
-            raise ClientClosed("the routing client is closed; make a new one")
+        self._check_open()
         if self._loop is not None and asyncio.get_running_loop() is not self._loop:
             raise errors.FailedPrecondition(
                 "the routing client belongs to the event loop it was started on; make one per event loop"
@@ -809,7 +811,9 @@ class RoutingClient:
 
     def resolve(self, player_id: str) -> Route:
         """The route of ``player_id`` from the caches: InvalidArgument for a bad player
-        id, Unavailable while the caches cannot say (not ready, shard not assigned)."""
+        id, Unavailable while the caches cannot say (not ready, shard not assigned),
+        FailedPrecondition after :meth:`close` (the caches no longer follow the cluster)."""
+        self._check_open()
         player = validation.player_id(player_id)
         try:
             shard = self.router.shard_for(player)
@@ -819,7 +823,9 @@ class RoutingClient:
 
     def same_shard(self, player_a: str, player_b: str) -> bool:
         """Whether the two players are on one shard in this client's ring (purely from the
-        cache). InvalidArgument for a bad player id, Unavailable before the ring is known."""
+        cache). InvalidArgument for a bad player id, Unavailable before the ring is known,
+        FailedPrecondition after :meth:`close`."""
+        self._check_open()
         a, b = validation.player_id(player_a), validation.player_id(player_b)
         try:
             return self.router.shard_for(a) == self.router.shard_for(b)

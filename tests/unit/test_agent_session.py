@@ -270,7 +270,9 @@ async def run_until(clock: FakeClock, condition: Callable[[], bool], limit_s: fl
     return clock.monotonic_s() - started
 
 
-def make_agent(plane: FakeControlPlane, addresses: tuple[str, ...] = ("a", "b")) -> tuple[NodeAgent, FakeClient]:
+def make_agent(
+    plane: FakeControlPlane, addresses: tuple[str, ...] = ("cp-a:7000", "cp-b:7000")
+) -> tuple[NodeAgent, FakeClient]:
     client = FakeClient(plane, list(addresses))
     return NodeAgent(NodeIdentity("n1", "127.0.0.1:7101"), client), client
 
@@ -303,16 +305,16 @@ class TestHeartbeatSchedule:
                 assert agent.session_state is not SessionState.LOST
 
             await run_for(clock, 3.0, check)
-            assert {address for _, address in plane.answered} == {"a"}
-            plane.hung.add("a")  # SIGSTOP
+            assert {address for _, address in plane.answered} == {"cp-a:7000"}
+            plane.hung.add("cp-a:7000")  # SIGSTOP
             hung_at = clock.monotonic_s()
             await run_for(clock, 3 * TTL_S, check)
-            first_unanswered = min(t for t, address in plane.sent if address == "a" and t >= hung_at)
-            first_on_b = min(t for t, address in plane.answered if address == "b")
+            first_unanswered = min(t for t, address in plane.sent if address == "cp-a:7000" and t >= hung_at)
+            first_on_b = min(t for t, address in plane.answered if address == "cp-b:7000")
             assert first_on_b - first_unanswered <= TTL_S / 6 + 2 * STEP_S
-            assert client.current_address == "b"
+            assert client.current_address == "cp-b:7000"
             # The lease deadline drives the schedule: on b, a heartbeat every TTL/3.
-            beats_on_b = [t for t, address in plane.answered if address == "b"]
+            beats_on_b = [t for t, address in plane.answered if address == "cp-b:7000"]
             gaps = [b - a for a, b in itertools.pairwise(beats_on_b)]
             assert gaps and all(abs(g - TTL_S / 3) <= 3 * STEP_S for g in gaps), gaps
 
@@ -339,10 +341,10 @@ class TestHeartbeatSchedule:
             async with running(agent, clock):
                 lease = agent.registration.lease_id  # type: ignore[union-attr]
                 await run_for(clock, 2.0)
-                plane.hung.update({"a", "b"})
+                plane.hung.update({"cp-a:7000", "cp-b:7000"})
                 await run_for(clock, 2 * TTL_S, lambda: states.append((clock.monotonic_s(), agent.session_state)))
                 # Heartbeats went on being tried, on every address in turn.
-                assert {address for t, address in plane.sent if t > plane.answered[-1][0]} == {"a", "b"}
+                assert {address for t, address in plane.sent if t > plane.answered[-1][0]} == {"cp-a:7000", "cp-b:7000"}
         lost_at = min(t for t, s in states if s is SessionState.LOST)
         expired_at = plane.expires_at(lease)
         assert lost_at < expired_at
@@ -362,7 +364,7 @@ class TestHeartbeatSchedule:
         agent, client = make_agent(plane)
         async with running(agent, clock):
             lease = agent.registration.lease_id  # type: ignore[union-attr]
-            plane.hung.update({"a", "b"})
+            plane.hung.update({"cp-a:7000", "cp-b:7000"})
             await run_until(clock, lambda: agent.session_state is SessionState.LOST, TTL_S, "LOST")
             plane.leases[lease] = clock.monotonic_s() + TTL_S  # etcd had not expired it yet
             plane.hung.clear()
@@ -377,7 +379,7 @@ class TestIncarnations:
         clock = FakeClock()
         plane = FakeControlPlane(clock)
         plane.assigned["n1"] = [primary("shard-1", "n1", 1)]
-        agent, client = make_agent(plane, ("a",))
+        agent, client = make_agent(plane, ("cp-a:7000",))
         async with running(agent, clock):
             await run_until(clock, lambda: "shard-1" in agent.shards, 1.0, "the first snapshot")
             old_lease = agent.registration.lease_id  # type: ignore[union-attr]
@@ -389,7 +391,7 @@ class TestIncarnations:
             new_lease = agent.registration.lease_id  # type: ignore[union-attr]
             # The old stream was cancelled before the node registered again.
             cancelled = plane.events.index(f"stream {old_stream.id} cancelled")
-            registered = plane.events.index(f"registered n1 lease {new_lease:#x} on a")
+            registered = plane.events.index(f"registered n1 lease {new_lease:#x} on cp-a:7000")
             assert cancelled < registered, plane.events
             # A late update for the old incarnation, on its (cancelled) stream, changes nothing.
             old_stream.queue.put_nowait(
@@ -416,7 +418,7 @@ class TestIncarnations:
         plane = FakeControlPlane(clock)
         plane.assigned["n1"] = [primary("shard-1", "n1", 1)]
         plane.refuse_statuses = True
-        agent, client = make_agent(plane, ("a",))
+        agent, client = make_agent(plane, ("cp-a:7000",))
         with structlog.testing.capture_logs() as logs:
             async with running(agent, clock) as stop:
                 await run_until(clock, lambda: "shard-1" in agent.shards, 1.0, "the first snapshot")
@@ -453,7 +455,7 @@ class TestSupervisedFollowers:
                 plane.assign("n1", primary("shard-3", "n1", 2))
                 took_s = await run_until(clock, lambda: "shard-3" in agent.shards, 3.0, "the role after the crash")
                 assert failures == 1 and took_s <= 0.3
-                assert client.current_address == "a"  # a bug is not the replica's fault
+                assert client.current_address == "cp-a:7000"  # a bug is not the replica's fault
         assert any(e["event"] == "loop step crashed; restarting (this is a bug)" for e in logs)
         await client.close()
 
@@ -464,18 +466,18 @@ class TestSupervisedFollowers:
         async with running(agent, clock):
             await run_until(clock, agent.assignments_synced.is_set, 1.0, "the first snapshot")
             await run_for(clock, 5.0)  # progress messages keep a healthy stream open
-            assert len(plane.watches) == 1 and plane.watches[0].address == "a"
-            plane.silent_streams.add("a")  # the stream hangs; heartbeats still answered
+            assert len(plane.watches) == 1 and plane.watches[0].address == "cp-a:7000"
+            plane.silent_streams.add("cp-a:7000")  # the stream hangs; heartbeats still answered
             plane.assign("n1", primary("shard-5", "n1", 7))
             took_s = await run_until(clock, lambda: "shard-5" in agent.shards, 5.0, "the change via b")
             assert took_s <= agent._stream_idle_timeout_s + 0.2
-            assert plane.watches[-1].address == "b"
+            assert plane.watches[-1].address == "cp-b:7000"
         await client.close()
 
     async def test_the_router_survives_a_bug_and_a_silent_stream(self, monkeypatch: pytest.MonkeyPatch) -> None:
         clock = FakeClock()
         plane = FakeControlPlane(clock)
-        client = FakeClient(plane, ["a", "b"])
+        client = FakeClient(plane, ["cp-a:7000", "cp-b:7000"])
         router = RingRouter(client)
         start = asyncio.create_task(router.start())
         await run_until(clock, start.done, 1.0, "the router to start")
@@ -501,11 +503,11 @@ class TestSupervisedFollowers:
                 assert any(e["event"] == "loop step crashed; restarting (this is a bug)" for e in logs)
                 # A replica that hangs: the router notices within the idle bound and
                 # follows the ring through the other one.
-                plane.silent_streams.add("a")
+                plane.silent_streams.add("cp-a:7000")
                 plane.set_ring(plane.ring.with_added_shard(ShardId("shard-5"), vnodes=4))
                 took_s = await run_until(clock, lambda: router.ring.version == 3, 5.0, "ring v3 via b")
                 assert took_s <= 3.0 + 0.2
-                assert client.current_address == "b"
+                assert client.current_address == "cp-b:7000"
         finally:
             await router.stop()
             await client.close()

@@ -3,6 +3,7 @@ every integer of --json a number, and ``promote`` refused without its consent fl
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -31,6 +32,22 @@ def test_json_prints_64_bit_integers_as_numbers_in_every_command() -> None:
     parsed = json.loads(ctl.message_json(status))
     assert parsed["etcd_revision"] == 2**40
     assert parsed["config"]["consistency"] == {"chat": "CONSISTENCY_MODEL_EVENTUAL"}
+
+
+@pytest.mark.parametrize("command", [["status"], ["config", "get"], ["trade", "show", "t1"], ["inventory", "p1"]])
+def test_json_may_come_before_or_after_the_command(command: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bool] = []
+
+    async def record(args: argparse.Namespace) -> int:
+        seen.append(args.json)
+        return 0
+
+    monkeypatch.setattr(ctl, "run", record)
+    base = ["--control-plane", f"127.0.0.1:{free_port()}"]
+    assert ctl.main([*base, *command]) == 0
+    assert ctl.main([*base, "--json", *command]) == 0
+    assert ctl.main([*base, *command, "--json"]) == 0
+    assert seen == [False, True, True]
 
 
 def test_promote_without_accept_data_loss_is_a_usage_error_and_sends_nothing(

@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
+from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.ring_router import RingRouter
 from bluemarble.client.routing import (
     AssignmentCache,
+    ClientClosed,
     CrossShardTrade,
     Route,
     RoutingClient,
@@ -442,6 +444,36 @@ async def test_player_data_round_trip_and_unset_values() -> None:
     assert (written.lsn, written.request_id, written.consistency) == (9, "r-9", common_pb2.CONSISTENCY_MODEL_EVENTUAL)
     assert (await client.get_player_data(PLAYER, "guild", "name")).value == b"owls"
     assert (await client.get_player_data(PLAYER, "guild", "rank")).value is None
+
+
+async def test_a_closed_client_no_longer_answers_from_its_caches() -> None:
+    client, _ = make_client(lambda a, r: None)
+    assert client.resolve(PLAYER).shard_id == SHARD
+    assert client.same_shard(PLAYER, PLAYER)
+    await client.close()
+    with pytest.raises(ClientClosed, match="closed"):
+        client.resolve(PLAYER)
+    with pytest.raises(ClientClosed, match="closed"):
+        client.same_shard(PLAYER, PLAYER)
+    with pytest.raises(ClientClosed, match="closed"):
+        await client.start()
+
+
+@pytest.mark.parametrize(("addresses", "message"), [
+    ("127.0.0.1", "malformed; expected host:port"),
+    (["127.0.0.1:7000", "cp-2"], "'cp-2' is malformed"),
+    ("127.0.0.1:70000", "outside 1..65535"),
+    ([], "no control-plane address given"),
+    (" , ", "no control-plane address given"),
+    ([7000], "is a int; give a str"),
+])
+async def test_control_plane_addresses_are_checked_before_anything_is_dialled(
+    addresses: Any, message: str
+) -> None:
+    with pytest.raises(errors.InvalidArgument, match=message):
+        RoutingClient(addresses)
+    with pytest.raises(errors.InvalidArgument, match=message):
+        ControlPlaneClient(addresses)
 
 
 async def test_a_client_that_was_never_started_says_so() -> None:
