@@ -59,7 +59,7 @@ from bluemarble.core.trades.model import (
     validate_leg,
     validate_trade,
 )
-from bluemarble.core.trades.participant import REUSED_TRADE_ID
+from bluemarble.core.trades.participant import REUSED_TRADE_ID, REUSED_TRADE_ID_BEFORE
 from bluemarble.runtime import background, channels, metrics, multiplex, retry, tracing
 from bluemarble.runtime.auth import ServerAuth
 from bluemarble.runtime.channels import channel as open_channel
@@ -435,9 +435,9 @@ class TradeCoordinator:
     def _check_terms(self, record: trade_pb2.TradeRecord, trade: Trade) -> None:
         if not same_terms(record, trade):
             raise InvalidArgument(
-                f"trade id {echo(trade.trade_id)} was used for a different trade "
-                f"(between {echo(record.request.player_a)} and {echo(record.request.player_b)}, with other "
-                "terms); choose a new trade id"
+                f"trade id {echo(trade.trade_id)} was already used for a different trade "
+                f"(between {echo(record.request.player_a)} and {echo(record.request.player_b)}); "
+                "choose a new trade id"
             )
 
     async def _local(self, trade: Trade, shard: ShardId) -> Decision:
@@ -624,12 +624,12 @@ class TradeCoordinator:
                                             policy=policy, clock=self._clock, retry_if=_settle_retryable,
                                             expected=True)
         except InvalidArgument as e:
-            if REUSED_TRADE_ID in str(e):
+            if REUSED_TRADE_ID in str(e) or REUSED_TRADE_ID_BEFORE in str(e):
                 # The id already names another trade on that shard: this attempt must not
                 # write a decision for it (an ABORTED record would contradict what the
                 # shard applied, and stand for the id's retention).
                 raise IdInUse(
-                    f"trade id {echo(leg.trade_id)} is already used on {primary.shard} for other terms; "
+                    f"trade id {echo(leg.trade_id)} was already used for a different trade on {primary.shard}; "
                     "choose a new trade id"
                 ) from e
             return rules.PrepareReply.refused(f"{primary.shard} refused the leg of {leg.player}: {e}")

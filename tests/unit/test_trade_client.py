@@ -171,7 +171,7 @@ async def test_a_busy_replica_is_retried_on_the_next_address_but_an_oversized_me
 
 async def test_final_statuses_are_raised_at_once(start: Any) -> None:
     address, coordinator = await start(
-        lambda n: (grpc.StatusCode.INVALID_ARGUMENT, "trade id t4 was used for a different trade"))
+        lambda n: (grpc.StatusCode.INVALID_ARGUMENT, "trade id t4 was already used for a different trade"))
     async with TradeClient([address]) as client:
         with pytest.raises(errors.InvalidArgument, match="different trade"):
             await client.execute_trade("t4", "a", "b", a_gold=1)
@@ -336,8 +336,8 @@ async def test_with_routing_a_primary_whose_ring_puts_them_apart_hands_the_trade
 
 async def test_with_routing_final_errors_of_the_primary_are_raised(start: Any) -> None:
     address, coordinator = await start(answer)
-    nodes = Nodes(errors.InvalidArgument("trade id t4: trade id reused with different terms"))
+    nodes = Nodes(errors.InvalidArgument("trade id t4 was already used for a different trade on shard-3"))
     async with TradeClient([address], routing=routing_client(nodes)) as client:
-        with pytest.raises(errors.InvalidArgument, match="reused"):
+        with pytest.raises(errors.InvalidArgument, match="already used"):
             await client.execute_trade("t4", A, MATE, a_gold=1, deadline_s=5)
     assert coordinator.requests == []
