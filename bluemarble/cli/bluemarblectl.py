@@ -109,6 +109,15 @@ def render_status(r: controlplane_pb2.GetClusterStatusResponse) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in pairs)
 
 
+def render_config(config: common_pb2.ClusterConfig, revision: int) -> str:
+    """The cluster config as the KEY=VALUE pairs ``config set`` takes, one a line (so a
+    line can be copied into a ``config set``), after the revision it was read at."""
+    lines = [f"# revision {revision}"]
+    lines += [f"{f.name}={getattr(config, f.name)}" for f in config.DESCRIPTOR.fields if f.name != "consistency"]
+    lines += [f"consistency.{k}={_consistency(v)}" for k, v in sorted(config.consistency.items())]
+    return "\n".join(lines)
+
+
 def render_nodes(r: controlplane_pb2.ListNodesResponse) -> str:
     rows = [
         (n.node_id, n.address, n.region or "-", n.zone or "-", n.capacity, _state(n.state), f"{n.lease_id:#x}")
@@ -531,7 +540,7 @@ async def run(args: argparse.Namespace) -> int:
             text = f"{a.shard_id}: primary {a.primary} at epoch {a.epoch}"
         elif args.command == "config" and args.action == "get":
             response = await client.call(lambda s: s.GetConfig, controlplane_pb2.GetConfigRequest())
-            text = message_json(response)
+            text = render_config(response.config, response.revision)  # type: ignore[attr-defined]
         else:
             current: controlplane_pb2.GetConfigResponse = await client.call(
                 lambda s: s.GetConfig, controlplane_pb2.GetConfigRequest()
@@ -543,7 +552,7 @@ async def run(args: argparse.Namespace) -> int:
                 lambda s: s.SetConfig,
                 controlplane_pb2.SetConfigRequest(config=config, expected_revision=current.revision),
             )
-            text = message_json(response)
+            text = render_config(response.config, response.revision)  # type: ignore[attr-defined]
             for warning in response.warnings:  # type: ignore[attr-defined]
                 print(f"bluemarblectl: warning: {warning}", file=sys.stderr)
         if args.json:

@@ -165,7 +165,7 @@ def test_a_cluster_under_mutual_tls_with_an_admin_token(secure_cluster: SecureCl
     assert code == 1 and "needs 'authorization: Bearer" in err, err
     code, _, err = cluster.ctl("drain", "n1", flags=[*admin_cert, "--token", "wrong-token"])
     assert code == 1 and "not this cluster's admin token" in err, err
-    code, out, err = cluster.ctl("config", "set", "max_moves_per_round=8")
+    code, out, err = cluster.ctl("config", "set", "max_moves_per_round=8", "--json")
     assert code == 0, err
     assert json_of(out)["config"]["max_moves_per_round"] == 8  # type: ignore[index]
 

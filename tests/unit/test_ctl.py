@@ -245,3 +245,18 @@ def test_data_commands_against_an_unreachable_cluster_fail_in_one_line(capsys: p
     code = ctl.main(["--control-plane", f"127.0.0.1:{free_port()}", "--timeout-s", "0.5", "inventory", "p"])
     err = capsys.readouterr().err
     assert code == ctl.EXIT_NO_ANSWER and "UNAVAILABLE" in err and err.count("\n") == 1
+
+
+def test_config_is_shown_as_the_pairs_config_set_takes() -> None:
+    config = common_pb2.ClusterConfig(
+        replication_factor=3, lease_ttl_s=10, vnodes_per_shard=150, shard_count=16, max_moves_per_round=4,
+        consistency={"inventory": common_pb2.CONSISTENCY_MODEL_STRONG, "chat": common_pb2.CONSISTENCY_MODEL_EVENTUAL},
+    )
+    text = ctl.render_config(config, 42)
+    assert text.splitlines() == [
+        "# revision 42", "replication_factor=3", "lease_ttl_s=10", "vnodes_per_shard=150", "shard_count=16",
+        "max_moves_per_round=4", "consistency.chat=EVENTUAL", "consistency.inventory=STRONG",
+    ]
+    parsed = common_pb2.ClusterConfig()
+    ctl._parse_config_assignments([line for line in text.splitlines() if not line.startswith("#")], parsed)
+    assert parsed == config  # every line is a valid `config set` pair, and together they give the config back
