@@ -304,7 +304,7 @@ class Participant:
             response.deadline_ms = deadline_ms
             return response
         if decision.verdict is PrepareVerdict.CONFLICT:
-            raise InvalidArgument(f"trade id {echo(trade_id)} {REUSED_TRADE_ID} on {shard}; choose a new trade id")
+            raise InvalidArgument(f"trade id {echo(trade_id)}: {REUSED_TRADE_ID} on {shard}; choose a new trade id")
         if decision.verdict is PrepareVerdict.REFUSED:
             log.info("trade prepare refused", trade_id=trade_id, shard=shard, reason=decision.reason)
             response.vote, response.reason = shardnode_pb2.TRADE_VOTE_REFUSED, decision.reason
@@ -409,7 +409,7 @@ class Participant:
         if view.known is not None:
             if view.cross_shard or view.known.leg is None or not view.known.leg.same_terms(trade.leg_a()):
                 raise InvalidArgument(
-                    f"trade id {echo(trade.trade_id)} {REUSED_TRADE_ID} on {shard}; choose a new trade id"
+                    f"trade id {echo(trade.trade_id)}: {REUSED_TRADE_ID} on {shard}; choose a new trade id"
                 )
             await self._settled_answer(state, timeout_s, f"trade {echo(trade.trade_id, 40)}")
             outcome = Outcome.COMMITTED if view.known.state is TradeState.COMMITTED else Outcome.ABORTED

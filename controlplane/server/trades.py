@@ -59,7 +59,7 @@ from bluemarble.core.trades.model import (
     validate_leg,
     validate_trade,
 )
-from bluemarble.core.trades.participant import REUSED_TRADE_ID, REUSED_TRADE_ID_BEFORE
+from bluemarble.core.trades.participant import REUSED_TRADE_ID
 from bluemarble.runtime import background, channels, metrics, multiplex, retry, tracing
 from bluemarble.runtime.auth import ServerAuth
 from bluemarble.runtime.channels import channel as open_channel
@@ -624,7 +624,7 @@ class TradeCoordinator:
                                             policy=policy, clock=self._clock, retry_if=_settle_retryable,
                                             expected=True)
         except InvalidArgument as e:
-            if REUSED_TRADE_ID in str(e) or REUSED_TRADE_ID_BEFORE in str(e):
+            if REUSED_TRADE_ID in str(e):
                 # The id already names another trade on that shard: this attempt must not
                 # write a decision for it (an ABORTED record would contradict what the
                 # shard applied, and stand for the id's retention).

@@ -336,8 +336,8 @@ async def test_with_routing_a_primary_whose_ring_puts_them_apart_hands_the_trade
 
 async def test_with_routing_final_errors_of_the_primary_are_raised(start: Any) -> None:
     address, coordinator = await start(answer)
-    nodes = Nodes(errors.InvalidArgument("trade id t4 was already used for a different trade on shard-3"))
+    nodes = Nodes(errors.InvalidArgument("trade id t4: trade id reused with different terms"))
     async with TradeClient([address], routing=routing_client(nodes)) as client:
-        with pytest.raises(errors.InvalidArgument, match="already used"):
+        with pytest.raises(errors.InvalidArgument, match="reused"):
             await client.execute_trade("t4", A, MATE, a_gold=1, deadline_s=5)
     assert coordinator.requests == []

@@ -105,8 +105,8 @@ class PrepareVerdict(enum.Enum):
     """Cannot escrow (``reason`` names the item or the amount): answer refused, persist
     nothing (no decision exists yet; a later Prepare is judged afresh)."""
     CONFLICT = "conflict"
-    """The trade id is known with different terms: answer refused (INVALID_ARGUMENT,
-    :data:`REUSED_TRADE_ID`), persist nothing."""
+    """The trade id is known with different terms: answer refused (INVALID_ARGUMENT
+    "trade id reused with different terms"), persist nothing."""
 
 
 @dataclass(frozen=True)
@@ -117,11 +117,7 @@ class PrepareDecision:
     reason: str = ""
 
 
-REUSED_TRADE_ID = "was already used for a different trade"
-"""What a shard node says of a trade id it knows with other terms ("trade id 't9' was
-already used for a different trade on shard-3; ..."), which the coordinator looks for."""
-REUSED_TRADE_ID_BEFORE = "trade id reused with different terms"
-"""The same, as nodes of earlier releases word it (a cluster in a rolling upgrade)."""
+REUSED_TRADE_ID = "trade id reused with different terms"
 
 
 def check_leg(leg: Leg, holdings: Holdings) -> str:
