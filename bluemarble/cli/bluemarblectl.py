@@ -57,7 +57,7 @@ from bluemarble.client.routing import DataWriteResult, GrantResult, Inventory, P
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError, NotFound
 from bluemarble.runtime import logs, tls
-from bluemarble.runtime.auth import ADMIN_TOKEN_ENV, MAX_TOKEN_BYTES, bearer_metadata, read_token_file
+from bluemarble.runtime.auth import ADMIN_TOKEN_ENV, MAX_TOKEN_BYTES, bearer_metadata, check_token, read_token_file
 from bluemarble.runtime.channels import checked_addresses, split_addresses
 from bluemarble.runtime.settings import EnvArgumentParser
 from bluemarble.v1 import common_pb2, controlplane_pb2, shardnode_pb2, trade_pb2
@@ -449,8 +449,8 @@ async def run_trade(args: argparse.Namespace, client: ControlPlaneClient) -> tup
                 raise
             raise NotFound(f"{e} (bluemarblectl: pass --player PLAYER for a same-shard trade)") from e
         return shown, render_trade(shown), 0
-    if not 0 < args.limit <= 1000:
-        usage_error("bluemarblectl: --limit must be 1..1000")
+    if not 0 < args.limit <= limits.MAX_IN_DOUBT_TRADES:
+        usage_error(f"bluemarblectl: --limit must be 1..{limits.MAX_IN_DOUBT_TRADES}")
     listed: trade_pb2.ListInDoubtTradesResponse = await client.call(
         lambda _: client.trades().ListInDoubtTrades, trade_pb2.ListInDoubtTradesRequest(limit=args.limit))
     return listed, render_in_doubt(listed), 0
@@ -509,7 +509,8 @@ async def run_data(args: argparse.Namespace, client: ControlPlaneClient) -> str:
 
 async def run(args: argparse.Namespace) -> int:
     client = ControlPlaneClient(
-        split_addresses(args.control_plane), timeout_s=args.timeout_s, attempts=3, metadata=bearer_metadata(args.token)
+        split_addresses(args.control_plane), timeout_s=args.timeout_s, attempts=3, deadline_s=args.timeout_s,
+        metadata=bearer_metadata(args.token),
     )
     try:
         response: Message
@@ -535,7 +536,8 @@ async def run(args: argparse.Namespace) -> int:
             )
             # The control plane answers once the leader has acted: give it longer than a read.
             wait_s = max(args.timeout_s, PROMOTE_TIMEOUT_S)
-            response = await client.call(lambda s: s.ForcePromote, request, timeout_s=wait_s, attempts=1)
+            response = await client.call(
+                lambda s: s.ForcePromote, request, timeout_s=wait_s, attempts=1, deadline_s=wait_s)
             a = response.assignment  # type: ignore[attr-defined]
             text = f"{a.shard_id}: primary {a.primary} at epoch {a.epoch}"
         elif args.command == "config" and args.action == "get":
@@ -566,6 +568,15 @@ async def run(args: argparse.Namespace) -> int:
         await client.close()
 
 
+def _whole_number(text: str) -> int:
+    """An integer flag: ASCII digits, optionally after a minus sign (``int()`` would also
+    take "1_000", other scripts' digits and surrounding spaces)."""
+    digits = text[1:] if text.startswith("-") else text
+    if not validation.ascii_digits(digits) or len(digits) > 30:
+        raise argparse.ArgumentTypeError(f"{limits.echo(text, 40)} is not a whole number (use the digits 0-9)")
+    return int(text)
+
+
 def _accept_after_command(subparsers: Any, flag: str, **kwargs: Any) -> None:
     """Lets ``flag`` of the top-level parser also follow the command (``bluemarblectl
     status --json`` as well as ``bluemarblectl --json status``): each leaf command parser
@@ -582,7 +593,7 @@ def _accept_after_command(subparsers: Any, flag: str, **kwargs: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = EnvArgumentParser(prog="bluemarblectl", description="Operate a BlueMarble cluster.")
     p.add_flag("--control-plane", default="127.0.0.1:7000", help="control-plane addresses, comma-separated")
-    p.add_flag("--timeout-s", default=5.0, type=float, help="per-call deadline in seconds")
+    p.add_flag("--timeout-s", default=5.0, type=float, help="deadline of the command in seconds, retries included")
     p.add_argument("--json", action="store_true", help="print the raw response as JSON")
     p.add_argument(
         "-v", "--verbose", action="count", default=0,
@@ -627,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     grant = sub.add_parser("grant", help="give a player new unique items and gold (idempotent by request id)")
     grant.add_argument("player")
     grant.add_argument("items", nargs="*", metavar="ITEM")
-    grant.add_argument("--gold", type=int, default=0, help="gold to add (0..2^53)")
+    grant.add_argument("--gold", type=_whole_number, default=0, help="gold to add (0..2^53)")
     grant.add_argument("--request-id", help="idempotency key (default: a new uuid4); reuse it to retry safely")
     data = sub.add_parser("data", help="get or set a player's value for a game system and key")
     data_sub = data.add_subparsers(dest="action", required=True)
@@ -648,16 +659,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     execute.add_argument("player_a")
     execute.add_argument("player_b")
     execute.add_argument("--a-items", nargs="*", default=[], metavar="ITEM", help="items player A gives")
-    execute.add_argument("--a-gold", type=int, default=0, help="gold player A gives")
+    execute.add_argument("--a-gold", type=_whole_number, default=0, help="gold player A gives")
     execute.add_argument("--b-items", nargs="*", default=[], metavar="ITEM", help="items player B gives")
-    execute.add_argument("--b-gold", type=int, default=0, help="gold player B gives")
+    execute.add_argument("--b-gold", type=_whole_number, default=0, help="gold player B gives")
     show = trade_sub.add_parser("show", help="a trade's decision and where each side stands")
     show.add_argument("trade_id")
     show.add_argument("--player", help="one of its players (finds a same-shard trade without asking every primary)")
     in_doubt = trade_sub.add_parser("in-doubt", help="escrows the primaries hold, oldest first")
-    in_doubt.add_argument("--limit", type=int, default=1000, help="at most this many (cap 1000)")
+    in_doubt.add_argument("--limit", type=_whole_number, default=1000, help="at most this many (cap 1000)")
     _accept_after_command(sub, "--json", action="store_true", help="print the raw response as JSON")
     args = p.parse_args(argv)
+    for name, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    validation.utf8_size(text, name)
+                except BlueMarbleError:  # bytes the locale could not decode: they could not be sent either
+                    p.error(f"{name.replace('_', '-')} is not valid UTF-8 text; give it in UTF-8")
     if args.command == "promote" and not args.accept_data_loss:
         # Checked here, not only by the server: the flag is the operator's own consent.
         p.error(
@@ -678,6 +696,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.token = args.token.strip()
     if len(args.token) > MAX_TOKEN_BYTES:
         p.error(f"the admin token is {len(args.token)} characters; a token is at most {MAX_TOKEN_BYTES}")
+    if args.token:
+        try:
+            check_token(args.token, f"--token (or {ADMIN_TOKEN_ENV})")
+        except BlueMarbleError as e:
+            p.error(str(e))
     previous = tls.current()
     tls.configure(tls.config_from_flags(p, args, server=False))
     if argv is None:

@@ -35,6 +35,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_DEADLINE_S = 30.0
+MIN_ATTEMPT_S = 0.05
+"""The shortest attempt a call makes at the end of its deadline (shorter ones cannot be answered)."""
 
 STREAM_PROGRESS_INTERVAL_MS = 1000
 """The ``progress_interval_ms`` the node agent and the ring router put in their
@@ -272,17 +274,21 @@ class ControlPlaneClient:
         (defaults: the client's). Raises the mapped BlueMarbleError of the last attempt.
         """
         per_attempt_s = timeout_s or self.timeout_s
+        whole_s = deadline_s if deadline_s is not None else self._deadline_s
         policy = retry.RetryPolicy(
             initial_s=min(0.1, self._max_backoff_s),
             max_backoff_s=self._max_backoff_s,
-            deadline_s=deadline_s if deadline_s is not None else self._deadline_s,
+            deadline_s=whole_s,
             max_attempts=attempts or self._attempts,
         )
+        end_s = None if whole_s is None else self.clock.monotonic_s() + whole_s
 
         # An ``async def``, not a lambda returning a coroutine: tenacity awaits only what
         # it recognises as a coroutine function, and would hand the coroutine back.
         async def attempt() -> T:
-            return await self._once(rpc, request, per_attempt_s)
+            # The last attempt gets what is left of the deadline, not a whole attempt's time.
+            left_s = per_attempt_s if end_s is None else end_s - self.clock.monotonic_s()
+            return await self._once(rpc, request, max(MIN_ATTEMPT_S, min(per_attempt_s, left_s)))
 
         return await retry.call(
             attempt,

@@ -875,7 +875,8 @@ class RoutingClient:
         Raises InvalidArgument (bad player id), NotFound (the shard never saw the
         player), and, once ``deadline_s`` has passed, the last retryable error
         (Unavailable, DeadlineExceeded, FailedPrecondition)."""
-        request = shardnode_pb2.GetInventoryRequest(player_id=validation.player_id(player_id), allow_stale=allow_stale)
+        request = shardnode_pb2.GetInventoryRequest(
+            player_id=validation.player_id(player_id), allow_stale=validation.flag(allow_stale, "allow_stale"))
 
         async def call(target: Target, address: str, timeout_s: float) -> Inventory:
             response = await self._transport.get_inventory(address, request, timeout_s)
@@ -908,7 +909,7 @@ class RoutingClient:
             player_id=validation.player_id(player_id),
             item_ids=validation.item_ids(item_ids),
             gold=validation.gold(gold),
-            epoch=epoch,
+            epoch=validation.log_counter(epoch, "epoch"),
         )
 
         async def call(target: Target, address: str, timeout_s: float) -> GrantResult:
@@ -942,10 +943,10 @@ class RoutingClient:
         request = shardnode_pb2.SetPlayerDataRequest(
             request_id=validation.request_id(request_id if request_id is not None else str(uuid.uuid4())),
             player_id=validation.player_id(player_id),
-            system=system,
+            system=validation.system_name(system),
             key=validation.data_key(key),
             value=validation.data_value(value),
-            epoch=epoch,
+            epoch=validation.log_counter(epoch, "epoch"),
         )
 
         async def call(target: Target, address: str, timeout_s: float) -> DataWriteResult:
@@ -973,8 +974,8 @@ class RoutingClient:
         primary; with ``allow_stale`` possibly from a replica. Errors as
         :meth:`get_inventory`, except that an unknown player is not NotFound."""
         request = shardnode_pb2.GetPlayerDataRequest(
-            player_id=validation.player_id(player_id), system=system, key=validation.data_key(key),
-            allow_stale=allow_stale,
+            player_id=validation.player_id(player_id), system=validation.system_name(system),
+            key=validation.data_key(key), allow_stale=validation.flag(allow_stale, "allow_stale"),
         )
 
         async def call(target: Target, address: str, timeout_s: float) -> PlayerData:
@@ -1017,8 +1018,9 @@ class RoutingClient:
                       Offer(tuple(validation.item_ids(b_items, "b_items")), b_gold))
         validate_trade(trade)
         player_b_id = validation.player_id(player_b)
-        a_gives = common_pb2.Offer(item_ids=list(a_items), gold=a_gold)
-        b_gives = common_pb2.Offer(item_ids=list(b_items), gold=b_gold)
+        # From the checked terms, not the arguments: an iterator given as items is used up.
+        a_gives = common_pb2.Offer(item_ids=trade.a_gives.item_ids, gold=trade.a_gives.gold)
+        b_gives = common_pb2.Offer(item_ids=trade.b_gives.item_ids, gold=trade.b_gives.gold)
         attempts = 0
 
         async def call(target: Target, address: str, timeout_s: float) -> LocalTradeResult:

@@ -57,7 +57,7 @@ import grpc.aio
 from bluemarble.client.control_plane import ControlPlaneClient, to_error
 from bluemarble.client.node_calls import TRADE_CALLS, CallStream, Unsupported
 from bluemarble.client.routing import ClientClosed, CrossShardTrade, RoutingClient, check_deadline, is_redirect
-from bluemarble.core import errors, validation
+from bluemarble.core import errors, limits, validation
 from bluemarble.core.limits import echo
 from bluemarble.core.trades.model import Offer, Outcome, Trade, validate_trade
 from bluemarble.runtime import background, retry, tracing
@@ -178,6 +178,7 @@ class TradeClient:
         # One ExecuteTrades stream per replica address, on the stub's channel.
         self._streams: dict[str, tuple[trade_pb2_grpc.TradeCoordinatorStub, CallStream]] = {}
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first call: its channels'
         if isinstance(control_plane, str):  # "host:port[,host:port...]", not a sequence of characters
             control_plane = split_addresses(control_plane)
         if isinstance(control_plane, ControlPlaneClient):
@@ -225,6 +226,14 @@ class TradeClient:
             raise ClientClosed(
                 "the trade client was closed; a trade in flight has an unknown outcome: ask get_trade "
                 "or retry with the same trade id on a new client"
+            )
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:  # its channels and streams would never answer here
+            raise errors.FailedPrecondition(
+                "the trade client belongs to the event loop it was first used on; make one per event loop "
+                "(nothing was sent)"
             )
         address = self._cp.current_address
         channel = self._cp.channel()  # the current replica's, rebuilt after a TLS rotation
@@ -342,7 +351,8 @@ class TradeClient:
         if routing is not None and routing.ready and routing.same_shard(player_a, player_b):
             try:
                 local = await routing.execute_local_trade(
-                    trade_id, player_a, player_b, a_items, a_gold, b_items, b_gold, deadline_s=deadline_s
+                    trade_id, player_a, player_b, trade.a_gives.item_ids, a_gold, trade.b_gives.item_ids, b_gold,
+                    deadline_s=deadline_s,
                 )
             except CrossShardTrade:
                 deadline_s = end_s - clock.monotonic_s()  # the coordinator runs it, in what is left
@@ -353,8 +363,9 @@ class TradeClient:
                 return TradeResult(local.trade_id, local.outcome, local.reason, False, local.attempts)
         request = trade_pb2.ExecuteTradeRequest(
             trade_id=trade_id, player_a=player_a, player_b=player_b,
-            a_gives=common_pb2.Offer(item_ids=list(a_items), gold=a_gold),
-            b_gives=common_pb2.Offer(item_ids=list(b_items), gold=b_gold),
+            # From the checked terms, not the arguments: an iterator given as items is used up.
+            a_gives=common_pb2.Offer(item_ids=trade.a_gives.item_ids, gold=trade.a_gives.gold),
+            b_gives=common_pb2.Offer(item_ids=trade.b_gives.item_ids, gold=trade.b_gives.gold),
         )
         try:
             response, attempts = await self._retrying(request, "ExecuteTrade", f"trade {trade_id}", deadline_s)
@@ -379,7 +390,10 @@ class TradeClient:
         (either player) finds a same-shard trade, which leaves no etcd record. Raises
         NotFound when nobody knows the trade, InvalidArgument for a bad id, and the last
         retryable error after ``deadline_s``."""
-        request = trade_pb2.GetTradeRequest(trade_id=trade_id, player_id=player_id)
+        request = trade_pb2.GetTradeRequest(
+            trade_id=validation.trade_id(trade_id),
+            player_id=validation.player_id(player_id) if player_id != "" else "",
+        )
         response, _ = await self._retrying(request, "GetTrade", f"GetTrade {trade_id}", deadline_s)
         assert isinstance(response, trade_pb2.GetTradeResponse)
         outcome = _OUTCOMES.get(response.outcome)
@@ -396,7 +410,7 @@ class TradeClient:
 
     async def in_doubt(self, limit: int = 1000, deadline_s: float = 10.0) -> InDoubt:
         """The escrows every primary holds right now (at most ``limit``), oldest first."""
-        request = trade_pb2.ListInDoubtTradesRequest(limit=limit)
+        request = trade_pb2.ListInDoubtTradesRequest(limit=validation.limit(limit, limits.MAX_IN_DOUBT_TRADES))
         response, _ = await self._retrying(request, "ListInDoubtTrades", "ListInDoubtTrades", deadline_s)
         assert isinstance(response, trade_pb2.ListInDoubtTradesResponse)
         return InDoubt(tuple(_side(t) for t in response.trades), tuple(response.unreachable_nodes))

@@ -87,6 +87,9 @@ MAX_LOG_COUNTER = 2**63 - 1
 """Largest epoch, lsn or revision a request may carry. The wire types are uint64, but a
 node stores them as SQLite INTEGERs and etcd as int64, which hold no more."""
 
+MAX_IN_DOUBT_TRADES = 1000
+"""Most escrows one ListInDoubtTrades answer lists (a request for more gets this many)."""
+
 MAX_ITEMS_PER_REQUEST = 256
 """Item ids one grant may carry (a grant is one log entry, replicated in one message)."""
 

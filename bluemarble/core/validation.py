@@ -11,8 +11,9 @@ which ``int()`` would then read as a number. Pure: no I/O.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import unicodedata
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sized
 
 from bluemarble.core import limits
 from bluemarble.core.errors import InvalidArgument
@@ -72,10 +73,23 @@ def printable_text(value: str, field: str) -> str:
     return value
 
 
+def utf8_size(value: str, field: str) -> int:
+    """The length of ``value`` in UTF-8. A str that has no UTF-8 form (a lone surrogate,
+    which is what undecodable bytes of a command line or a file name become in Python)
+    raises InvalidArgument naming ``field``: it could be neither sent nor stored."""
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidArgument(
+            f"{field} is not valid text: it holds a lone surrogate (undecodable bytes, e.g. of a command line "
+            "in another encoding); give UTF-8 text"
+        ) from None
+
+
 def _check_id(field: str, value: str) -> str:
     if not isinstance(value, str):  # a caller's int, None or bytes: a refusal, not an AttributeError
         raise InvalidArgument(f"{field} is a {type(value).__name__}; give a str")
-    size = len(value.encode("utf-8"))
+    size = utf8_size(value, field)
     if size == 0:
         raise InvalidArgument(f"{field} is empty; give 1..{MAX_ID_BYTES} bytes of UTF-8")
     if size > MAX_ID_BYTES:
@@ -128,7 +142,7 @@ def cluster_uid(value: str, field: str = "cluster_uid") -> str:
 
 def label(value: str, field: str) -> str:
     """A region or zone name: 0..64 bytes, printable, no whitespace."""
-    if len(value.encode("utf-8")) > MAX_LABEL_BYTES:
+    if utf8_size(value, field) > MAX_LABEL_BYTES:
         raise InvalidArgument(f"{field} is longer than {MAX_LABEL_BYTES} bytes")
     if any(c.isspace() or not c.isprintable() for c in value):
         raise InvalidArgument(f"{field} {echo(value)} contains whitespace or control characters")
@@ -235,24 +249,30 @@ def request_id(value: str, field: str = "request_id") -> str:
     return _check_id(field, value)
 
 
-def item_ids(values: Sequence[str], field: str = "item_ids", *, allow_empty: bool = True) -> list[str]:
-    """Item ids of one request: at most :data:`~bluemarble.core.limits.MAX_ITEMS_PER_REQUEST`,
-    each 1..128 bytes, no id twice. A string is refused (it would read as one item per
-    character), and so is an id that is not a string."""
+def item_ids(values: Iterable[str], field: str = "item_ids", *, allow_empty: bool = True) -> list[str]:
+    """Item ids of one request, as a new list (so an iterator given is read once, here):
+    at most :data:`~bluemarble.core.limits.MAX_ITEMS_PER_REQUEST`, each 1..128 bytes, no id
+    twice. A string is refused (it would read as one item per character), and so are
+    None, anything else that is not a collection of ids, and an id that is not a string."""
     if isinstance(values, str | bytes):
         raise InvalidArgument(f"{field} is one string; give a list of item ids, e.g. [{echo(values, 40)}]")
-    values = list(values)
-    if len(values) > limits.MAX_ITEMS_PER_REQUEST:
-        raise InvalidArgument(
-            f"{field} lists {len(values)} items; at most {limits.MAX_ITEMS_PER_REQUEST} are allowed per request"
-        )
-    if not values and not allow_empty:
+    most = limits.MAX_ITEMS_PER_REQUEST
+    sized = isinstance(values, Sized)
+    try:
+        # An iterator may not end: read one past the cap, no more.
+        listed = list(values) if sized else list(itertools.islice(values, most + 1))
+    except TypeError:
+        raise InvalidArgument(f"{field} is a {type(values).__name__}; give a list of item ids") from None
+    if len(listed) > most:
+        counted = str(len(listed)) if sized else f"more than {most}"
+        raise InvalidArgument(f"{field} lists {counted} items; at most {most} are allowed per request")
+    if not listed and not allow_empty:
         raise InvalidArgument(f"{field} is empty; list at least one item id")
     seen: set[str] = set()
-    for i, item in enumerate(values):
+    for i, item in enumerate(listed):
         if not isinstance(item, str):
             raise InvalidArgument(f"{field}[{i}] is a {type(item).__name__}; item ids are strings")
-        size = len(item.encode("utf-8"))
+        size = utf8_size(item, f"{field}[{i}]")
         if size == 0:
             raise InvalidArgument(f"{field}[{i}] is empty; item ids are 1..{limits.MAX_ITEM_ID_BYTES} bytes")
         if size > limits.MAX_ITEM_ID_BYTES:
@@ -263,7 +283,7 @@ def item_ids(values: Sequence[str], field: str = "item_ids", *, allow_empty: boo
         if item in seen:
             raise InvalidArgument(f"{field} lists item {echo(item)} twice; each item id may appear once")
         seen.add(item)
-    return list(values)
+    return listed
 
 
 def log_counter(value: int, field: str) -> int:
@@ -271,6 +291,8 @@ def log_counter(value: int, field: str) -> int:
     (:data:`~bluemarble.core.limits.MAX_LOG_COUNTER`). The proto types are uint64, but no
     store (SQLite, etcd) holds more than a signed 64-bit integer, so a larger value is
     refused here, with the field named, instead of failing in storage."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgument(f"{field} is a {type(value).__name__}; give a whole number")
     if value < 0 or value > limits.MAX_LOG_COUNTER:
         raise InvalidArgument(
             f"{field} is {echo(value, 40)}; it must be between 0 and 2^63-1 ({limits.MAX_LOG_COUNTER})"
@@ -289,7 +311,9 @@ def gold(value: int, field: str = "gold") -> int:
 
 def data_key(value: str, field: str = "key") -> str:
     """A player-data key: 1..128 bytes of UTF-8, no control characters, not only whitespace."""
-    size = len(value.encode("utf-8"))
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{field} is a {type(value).__name__}; give a str")
+    size = utf8_size(value, field)
     if size == 0 or size > limits.MAX_DATA_KEY_BYTES:
         raise InvalidArgument(f"{field} is {size} bytes long; give 1..{limits.MAX_DATA_KEY_BYTES} bytes of UTF-8")
     return printable_text(value, field)
@@ -311,4 +335,26 @@ def game_system(value: str, known: Collection[str], field: str = "system") -> st
     if value not in known:
         names = ", ".join(sorted(known)[:16]) or "none"
         raise InvalidArgument(f"{field} {echo(value, 40)} is not a game system of the cluster config (known: {names})")
+    return value
+
+
+def system_name(value: str, field: str = "system") -> str:
+    """A game system's name as a caller gives it (whether the cluster config knows it is
+    the server's to say): a str of 1..128 bytes of printable UTF-8."""
+    return _check_id(field, value)
+
+
+def flag(value: bool, field: str) -> bool:
+    """A yes/no option: True or False, not a string such as "no" (which Python reads as true)."""
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{field} is a {type(value).__name__}; give True or False")
+    return value
+
+
+def limit(value: int, most: int, field: str = "limit") -> int:
+    """How many to list: a whole number 1..``most``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgument(f"{field} is a {type(value).__name__}; give a whole number")
+    if not 1 <= value <= most:
+        raise InvalidArgument(f"{field} is {echo(value, 40)}; give 1..{most}")
     return value

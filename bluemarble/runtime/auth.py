@@ -118,6 +118,15 @@ def _check_token(token: str, where: str) -> None:
         raise InvalidArgument(f"{where}: the token is empty; write a token (e.g. `openssl rand -hex 32`)")
     if any(c.isspace() for c in token) or not token.isprintable():
         raise InvalidArgument(f"{where}: the token has spaces or control characters; use printable ASCII")
+    if not token.isascii():  # gRPC metadata carries ASCII only: the call would fail before it is sent
+        raise InvalidArgument(f"{where}: the token has characters outside ASCII; use printable ASCII")
+
+
+def check_token(token: str, where: str) -> str:
+    """``token`` if it can travel as a bearer token (printable ASCII, no spaces);
+    InvalidArgument naming ``where`` otherwise."""
+    _check_token(token, where)
+    return token
 
 
 class AdminToken:

@@ -33,7 +33,7 @@ import grpc
 import grpc.aio
 import structlog
 
-from bluemarble.core import validation
+from bluemarble.core import limits, validation
 from bluemarble.core.errors import (
     BlueMarbleError,
     DeadlineExceeded,
@@ -76,8 +76,10 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
-MAX_LIST = 1000
+MAX_LIST = limits.MAX_IN_DOUBT_TRADES
 """ListInDoubtTrades' default and cap."""
+_SETTLED = frozenset({shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED, shardnode_pb2.PARTICIPANT_TRADE_STATE_ABORTED})
+"""A participant's states once its side of a trade is applied."""
 MAX_REASON_CHARS = 200
 """A ResolveTrade reason is kept to this many characters in the record."""
 MIN_ATTEMPT_S = 0.01
@@ -1020,6 +1022,11 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
         sides, _ = await self._c.list_trades(nodes, trade_id, 2)
         # One view per shard (a node that led a shard a moment ago may still report it).
         sides = list({s.shard_id: s for s in sides if s.trade_id == trade_id}.values())
+        if stored is None and any(s.cross_shard and s.state in _SETTLED for s in sides):
+            # A cross-shard side settles only once the decision is recorded: the record
+            # was written after the read above. Read it again, so that the answer does not
+            # show a trade still being decided beside a side that applied its outcome.
+            stored = await self._store.get(trade_id)
         if stored is None and hint is not None:
             # Without a record, the trade asked about is the one on the named player's
             # shard: a node answers for every shard it leads, and another of them may
@@ -1048,8 +1055,7 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
                 + (f"of player {echo(hint)} " if hint else "")
                 + "has heard of it (a same-shard trade needs player_id to be found if a primary is down)"
             )
-        settled = [s for s in sides if s.state in (shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED,
-                                                   shardnode_pb2.PARTICIPANT_TRADE_STATE_ABORTED)]
+        settled = [s for s in sides if s.state in _SETTLED]
         # Without a record: a settled same-shard trade is the answer (escrows other shards
         # hold under the same id belong to attempts that reused it, refused or aborted);
         # else sides that all settled the same way, none still prepared (the record has

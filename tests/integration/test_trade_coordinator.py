@@ -13,7 +13,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +97,7 @@ class TradeNode(shardnode_pb2_grpc.ShardNodeServicer):
         self.calls: list[str] = []
         self.leads: Callable[[str], bool] = lambda shard: True  # ListTrades reports only those shards
         self.gate: asyncio.Event | None = None  # when set, a Prepare waits for it
+        self.before_list: Callable[[], Awaitable[None]] | None = None  # runs as a ListTrades begins
 
     async def _check(self, name: str, context: Ctx) -> None:
         self.calls.append(name)
@@ -175,6 +176,8 @@ class TradeNode(shardnode_pb2_grpc.ShardNodeServicer):
     async def ListTrades(self, request: shardnode_pb2.ListTradesRequest, context: Ctx
                          ) -> shardnode_pb2.ListTradesResponse:
         await self._check("ListTrades", context)
+        if self.before_list is not None:
+            await self.before_list()
         response = shardnode_pb2.ListTradesResponse()
         for (shard, trade_id), known in sorted(self.world.known.items()):
             wanted = trade_id == request.trade_id if request.trade_id else known.state is p.TradeState.PREPARED
@@ -643,6 +646,33 @@ async def test_a_trade_id_reused_for_other_terms_is_invalid_argument_and_unknown
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="nope"))
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_get_trade_reads_a_decision_recorded_while_it_asked_the_participants(
+    start_control_plane: StartControlPlane,
+) -> None:
+    async with cluster(start_control_plane) as c:
+        a, b = c.players(same_shard=False)
+        c.world.seed(a, ["sword"], 0)
+        c.world.seed(b, [], 10)
+        assert (await c.trades.ExecuteTrade(request("t-race", a, b, ("sword",), 0, (), 1))).outcome == COMMITTED
+        # The moment GetTrade can meet: no record yet when it reads etcd, then A's side
+        # committed (after the decision was written) and B's not yet, when it asks them.
+        key = c.app.keys.trade(TradeId("t-race"))
+        kv = await c.app.store.get(key)
+        assert kv is not None and await c.app.store.delete(key)
+        b_side = (c.shard(b), "t-race")
+        c.world.known[b_side] = p.Known(p.TradeState.PREPARED, c.world.known[b_side].leg)
+
+        async def decision_lands() -> None:
+            await c.app.store.put(key, kv.value)
+
+        c.node_of(a).before_list = decision_lands
+        shown = await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="t-race"))  # every primary asked
+        assert shown.outcome == COMMITTED and shown.cross_shard, shown
+        assert shown.state != trade_pb2.TRADE_STATE_PREPARING, shown
+        assert sorted(s.state for s in shown.sides) == sorted(
+            [shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED, shardnode_pb2.PARTICIPANT_TRADE_STATE_PREPARED])
 
 
 async def test_get_trade_without_a_record_prefers_the_settled_same_shard_trade_over_leftover_escrows(

@@ -35,3 +35,36 @@ def test_a_grpc_server_without_the_api_is_named_as_such() -> None:
     assert isinstance(error, errors.FailedPrecondition)
     assert "127.0.0.1:7101 does not serve the BlueMarble control-plane API" in str(error)
     assert "shard node" in str(error)
+
+
+async def test_a_calls_deadline_bounds_its_last_attempt_too() -> None:
+    """Against a replica that takes calls and never answers them: a call with 5 s
+    attempts and a 1 s deadline gives up after about 1 s, not after a whole attempt."""
+    import asyncio
+    import time
+
+    from bluemarble.client.control_plane import ControlPlaneClient
+    from bluemarble.v1 import controlplane_pb2
+
+    async def hang(request: bytes, context: object) -> bytes:
+        await asyncio.sleep(60)
+        return b""
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "bluemarble.v1.ControlPlane", {"ListNodes": grpc.unary_unary_rpc_method_handler(hang)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = ControlPlaneClient([f"127.0.0.1:{port}"], timeout_s=5.0, attempts=3, deadline_s=1.0)
+    started = time.monotonic()
+    try:
+        try:
+            await client.call(lambda s: s.ListNodes, controlplane_pb2.ListNodesRequest())
+        except (errors.DeadlineExceeded, errors.Unavailable) as e:
+            assert e.retryable
+        else:
+            raise AssertionError("a silent replica answered")
+    finally:
+        await client.close()
+        await server.stop(0)
+    assert time.monotonic() - started < 3.0

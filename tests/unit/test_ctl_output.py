@@ -128,3 +128,26 @@ def test_a_replica_copying_the_shard_says_so_and_what_it_lacks_comes_from_its_pr
     assert "n1 (3,1279) farthest replica copying" in shown
     assert "n2 (0,0) copying, 2584 entries to go" in shown
     assert "n3 (2,473) lag 806/0ms" in shown
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--token", "abc\ndef", "status"], "the token has spaces or control characters"),
+    (["--token", "\u00fc", "status"], "the token has characters outside ASCII"),
+    (["inventory", "p\udcff"], "player is not valid UTF-8 text"),
+    (["grant", "p1", "x\udcff"], "items is not valid UTF-8 text"),
+    (["trade", "execute", "t1", "a", "b", "--a-gold", "\u0661\u0660"], "is not a whole number"),
+    (["trade", "execute", "t1", "a", "b", "--b-gold", "1_0"], "'1_0' is not a whole number"),
+    (["trade", "in-doubt", "--limit", " 5"], "is not a whole number"),
+])
+def test_unusable_arguments_are_usage_errors_and_send_nothing(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def must_not_run(_args: object) -> int:
+        raise AssertionError("the request was sent")
+
+    monkeypatch.setattr(ctl, "run", must_not_run)
+    with pytest.raises(SystemExit) as exited:
+        ctl.main(["--control-plane", f"127.0.0.1:{free_port()}", *argv])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err

@@ -623,3 +623,25 @@ async def test_bad_trade_terms_are_refused_before_anything_is_sent(terms: dict[s
     with pytest.raises(errors.InvalidArgument, match=message):
         await client.execute_local_trade("t1", PLAYER, **args)
     assert transport.calls == []
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda c: c.grant_items(PLAYER, None), "item_ids is a NoneType"),
+    (lambda c: c.grant_items(PLAYER, ["sword"], epoch=-1), "epoch is -1"),
+    (lambda c: c.grant_items(PLAYER, ["sword"], epoch="1"), "epoch is a str"),
+    (lambda c: c.grant_items("p\udcff", ["sword"]), "lone surrogate"),
+    (lambda c: c.set_player_data(PLAYER, "guild", 5, b"x"), "key is a int"),
+    (lambda c: c.set_player_data(PLAYER, 5, "name", b"x"), "system is a int"),
+    (lambda c: c.get_player_data(PLAYER, "guild", "name", allow_stale="no"), "allow_stale is a str"),
+    (lambda c: c.get_inventory(PLAYER, allow_stale=None), "allow_stale is a NoneType"),
+    (lambda c: c.execute_local_trade("t1", PLAYER, PLAYER + "x", a_items=None, b_gold=1), "a_items is a NoneType"),
+])
+async def test_arguments_of_the_wrong_type_are_invalid_argument_before_anything_is_sent(
+    call: Callable[[RoutingClient], Any], message: str
+) -> None:
+    sent: list[object] = []
+    client, _ = make_client(lambda a, r: sent.append(r))
+    with pytest.raises(errors.InvalidArgument, match=message):
+        await call(client)
+    assert sent == []
+    await client.close()

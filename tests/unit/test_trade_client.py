@@ -341,3 +341,55 @@ async def test_with_routing_final_errors_of_the_primary_are_raised(start: Any) -
         with pytest.raises(errors.InvalidArgument, match="reused"):
             await client.execute_trade("t4", A, MATE, a_gold=1, deadline_s=5)
     assert coordinator.requests == []
+
+
+async def test_items_given_as_an_iterator_are_sent_as_given(start: Any) -> None:
+    """The terms are read once: an iterator of items, used up by the checks, still sends them."""
+    address, coordinator = await start(answer)
+    nodes = Nodes(shardnode_pb2.ExecuteLocalTradeResponse(trade_id="t1", outcome=common_pb2.TRADE_OUTCOME_COMMITTED))
+    async with TradeClient([address], routing=routing_client(nodes)) as client:
+        await client.execute_trade("t1", A, MATE, a_items=(i for i in ["sword"]), b_items=iter(["gem"]), deadline_s=5)
+        await client.execute_trade("t2", A, FAR, a_items=(i for i in ["axe"]), b_items=iter(["bow"]), deadline_s=5)
+    [local] = nodes.requests
+    assert (list(local.a_gives.item_ids), list(local.b_gives.item_ids)) == (["sword"], ["gem"])
+    [cross] = coordinator.requests
+    assert (list(cross.a_gives.item_ids), list(cross.b_gives.item_ids)) == (["axe"], ["bow"])
+
+
+async def test_a_trade_client_used_from_another_event_loop_says_so_at_once(start: Any) -> None:
+    address, coordinator = await start(answer)
+    async with TradeClient([address]) as client:
+        await client.execute_trade("t1", "a", "b", a_gold=1, deadline_s=5)
+
+        def elsewhere() -> BaseException | None:
+            try:
+                asyncio.run(client.execute_trade("t2", "a", "b", a_gold=1, deadline_s=30))
+            except BaseException as e:  # returned to the test
+                return e
+            return None
+
+        started = time.monotonic()
+        raised = await asyncio.to_thread(elsewhere)
+        assert isinstance(raised, errors.FailedPrecondition) and "event loop" in str(raised), raised
+        assert time.monotonic() - started < 5
+    assert [r.trade_id for r in coordinator.requests] == ["t1"]
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda c: c.get_trade(5), "trade_id is a int"),
+    (lambda c: c.get_trade("t\ud800"), "lone surrogate"),
+    (lambda c: c.get_trade("t1", player_id=None), "player_id is a NoneType"),
+    (lambda c: c.in_doubt(0), "limit is 0; give 1..1000"),
+    (lambda c: c.in_doubt(2**40), "give 1..1000"),
+    (lambda c: c.execute_trade("t1", "a", "b", a_items=None, b_gold=1), "a_items is a NoneType"),
+    (lambda c: c.execute_trade("t\ud800", "a", "b", a_gold=1), "lone surrogate"),
+    (lambda c: c.execute_trade("t1", "a", "b", a_items=["x\udcff"]), "lone surrogate"),
+])
+async def test_bad_arguments_are_invalid_argument_before_anything_is_sent(
+    start: Any, call: Callable[[TradeClient], Any], message: str
+) -> None:
+    address, coordinator = await start(answer)
+    async with TradeClient([address]) as client:
+        with pytest.raises(errors.InvalidArgument, match=message):
+            await call(client)
+    assert coordinator.requests == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import pytest
@@ -235,3 +236,38 @@ def test_an_id_of_another_type_is_invalid_argument_naming_the_type(
 ) -> None:
     with pytest.raises(InvalidArgument, match=f"is a {type(value).__name__}; give a str"):
         check(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("check", [validation.player_id, validation.trade_id, validation.request_id,
+                                   validation.data_key, validation.system_name])
+def test_text_without_a_utf8_form_is_invalid_argument(check: Callable[[str], str]) -> None:
+    with pytest.raises(InvalidArgument, match="lone surrogate"):
+        check("p\udcff1")  # what the undecodable byte 0xff of a command line becomes
+
+
+def test_item_ids_take_any_iterable_once_and_refuse_what_is_not_one() -> None:
+    assert validation.item_ids(i for i in ["a", "b"]) == ["a", "b"]
+    with pytest.raises(InvalidArgument, match="item_ids is a NoneType; give a list"):
+        validation.item_ids(None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="item_ids is a int"):
+        validation.item_ids(5)  # type: ignore[arg-type]
+    endless = (f"i{n}" for n in itertools.count())
+    with pytest.raises(InvalidArgument, match="lists more than 256 items"):
+        validation.item_ids(endless)
+    with pytest.raises(InvalidArgument, match="item_ids\\[0\\] is not valid text"):
+        validation.item_ids(["\ud800"])
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: validation.log_counter("1", "epoch"), "epoch is a str; give a whole number"),  # type: ignore[arg-type]
+    (lambda: validation.log_counter(True, "epoch"), "epoch is a bool"),
+    (lambda: validation.log_counter(-1, "epoch"), "between 0 and 2\\^63-1"),
+    (lambda: validation.flag("no", "allow_stale"), "allow_stale is a str; give True or False"),  # type: ignore[arg-type]
+    (lambda: validation.limit(0, 1000), "limit is 0; give 1..1000"),
+    (lambda: validation.limit(1.5, 1000), "limit is a float"),  # type: ignore[arg-type]
+    (lambda: validation.data_key(5), "key is a int; give a str"),  # type: ignore[arg-type]
+    (lambda: validation.system_name(5), "system is a int; give a str"),  # type: ignore[arg-type]
+])
+def test_options_of_the_wrong_type_or_range_are_invalid_argument(call: Callable[[], object], message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        call()
