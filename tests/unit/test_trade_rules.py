@@ -354,3 +354,14 @@ def test_items_on_their_way_in_count_against_the_cap_on_items() -> None:
     assert decide_prepare(leg, almost, None).verdict is PrepareVerdict.ESCROW
     refused = decide_prepare(leg, dataclasses.replace(almost, incoming_items=1), None)
     assert refused.verdict is PrepareVerdict.REFUSED and f"more than {MAX_ITEMS_PER_PLAYER} items" in refused.reason
+
+
+def test_a_player_at_the_cap_on_items_may_swap_one_item_for_one() -> None:
+    full = Holdings(frozenset(f"i{n}" for n in range(MAX_ITEMS_PER_PLAYER)), 10)
+    swap = Leg("t9", "p1", Offer(("i0",), 0), Offer(("gem",), 0), "p2")
+    assert decide_prepare(swap, full, None).verdict is PrepareVerdict.ESCROW
+    one_for_two = Leg("t9", "p1", Offer(("i0",), 0), Offer(("gem", "ring"), 0), "p2")
+    refused = decide_prepare(one_for_two, full, None)
+    assert refused.verdict is PrepareVerdict.REFUSED and f"more than {MAX_ITEMS_PER_PLAYER} items" in refused.reason
+    # Another pending trade's items count whole: it may commit while this one aborts.
+    assert decide_prepare(swap, dataclasses.replace(full, incoming_items=1), None).verdict is PrepareVerdict.REFUSED

@@ -129,8 +129,9 @@ def check_leg(leg: Leg, holdings: Holdings) -> str:
     this shard already, for the player or another (``held_by_others``); the gold given
     must not exceed the gold not escrowed; and the gold received, with what the player's
     other pending trades would bring (``incoming_gold``), must not take the player above
-    2^53 (so that no commit can be refused later). Items are checked in the order the
-    leg lists them, so the reason names the first one.
+    2^53, nor the items received above :data:`MAX_ITEMS_PER_PLAYER` (so that no commit can
+    be refused later; a leg's own gives leave in the commit that brings its receives).
+    Items are checked in the order the leg lists them, so the reason names the first one.
 
     Why received items are checked: the two sides of a commit apply one after the other.
     Once the receiver's side has applied, the receiver may trade the item on while the
@@ -154,7 +155,10 @@ def check_leg(leg: Leg, holdings: Holdings) -> str:
     available = holdings.available_gold
     if leg.gives.gold > available:
         return f"player {leg.player} has {available} gold available, the trade needs {leg.gives.gold}"
-    if len(holdings.items) + holdings.incoming_items + len(leg.receives.item_ids) > MAX_ITEMS_PER_PLAYER:
+    # This leg's items leave as its received ones arrive (one commit applies both), so
+    # only what it adds on balance counts; other pending trades count what they bring.
+    adds = max(0, len(leg.receives.item_ids) - len(leg.gives.item_ids))
+    if len(holdings.items) + holdings.incoming_items + adds > MAX_ITEMS_PER_PLAYER:
         return (f"player {leg.player} would hold more than {MAX_ITEMS_PER_PLAYER} items "
                 f"(holds {len(holdings.items)}, {holdings.incoming_items} more on their way)")
     if holdings.gold + holdings.incoming_gold - leg.gives.gold + leg.receives.gold > MAX_GOLD:
