@@ -683,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "the lost nodes held is gone"
         )
     try:
-        checked_addresses(args.control_plane, "--control-plane")
+        checked_addresses(args.control_plane, "--control-plane (or BLUEMARBLE_CONTROL_PLANE)")
     except BlueMarbleError as e:
         p.error(str(e))
     if not (math.isfinite(args.timeout_s) and 0 < args.timeout_s <= MAX_TIMEOUT_S):
