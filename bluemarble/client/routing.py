@@ -678,6 +678,7 @@ class RoutingClient:
         self._lookup: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ring_ready = asyncio.Event()
+        self._ring_error: errors.BlueMarbleError | None = None
         self._started = self._control_plane is None
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -728,9 +729,10 @@ class RoutingClient:
                     raise ClientClosed("the routing client was closed while it waited for the control plane")
                 left_s = deadline - self._clock.monotonic_s()
                 if left_s <= 0:
+                    cause = "" if self._ring_error is None else f" (last error: {echo(str(self._ring_error), 200)})"
                     raise errors.Unavailable(
                         f"the routing client did not get {what} within {timeout_s:.3g} s; "
-                        "is the control plane reachable?"
+                        f"is the control plane reachable?{cause}"
                     )
                 await wait_event(self._clock, event, min(left_s, CLOSE_CHECK_S))  # slices: close() ends the wait
 
@@ -775,7 +777,11 @@ class RoutingClient:
         await self.close()
 
     async def _start_ring(self) -> None:
-        await self.router.start()  # fetches the ring, then follows WatchRing itself
+        try:
+            await self.router.start()  # fetches the ring, then follows WatchRing itself
+        except errors.BlueMarbleError as e:
+            self._ring_error = e  # what wait_ready reports if the ring never comes
+            raise
         self._ring_ready.set()
 
     async def _follow_assignments(self) -> None:

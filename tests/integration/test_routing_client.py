@@ -297,3 +297,13 @@ async def test_closing_the_client_ends_a_wait_for_the_control_plane() -> None:
         with pytest.raises(ClientClosed):
             await asyncio.wait_for(pending, 5)
     assert loop.time() - started < 2.0
+
+
+async def test_waiting_for_an_unreachable_control_plane_says_why() -> None:
+    client = RoutingClient([f"127.0.0.1:{free_port()}"])  # nothing listens there
+    await client.start()
+    try:
+        with pytest.raises(errors.Unavailable, match=r"is the control plane reachable\? \(last error: .*unavailable"):
+            await client.wait_ready(1.5)
+    finally:
+        await client.close()
