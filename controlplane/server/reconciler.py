@@ -117,7 +117,7 @@ from bluemarble.core.placement import (
     replica_moves_of,
     without_shards,
 )
-from bluemarble.core.placement.repair import unsafe_outside_copies
+from bluemarble.core.placement.repair import down_replicas_that_may_hold_more, unsafe_outside_copies
 from bluemarble.core.replication.position import LogPosition
 from bluemarble.core.ring import Ring
 from bluemarble.runtime import background, metrics, retry
@@ -1003,6 +1003,25 @@ class Reconciler:
                 continue
             with_data = {n: c.last for n, c in copies.items() if c.has_data}
             record = current[shard]
+            forced = self._forced_node(shard)
+            # The old primary holds every write it acknowledged: with its answer, nothing to
+            # wait for. Without a live copy that holds data, the shard is stuck below anyway.
+            absent = [] if olds[shard] in copies or not with_data else down_replicas_that_may_hold_more(
+                record.replicas, addresses, olds[shard])
+            if absent and forced is None:
+                stuck.add(shard)
+                self._note(shard, epoch, "absent", "promotion waits: the replicas that may hold the shard's latest "
+                           "acknowledged writes are down with its primary; promoting a live copy could lose them "
+                           "(bring one back with its data dir, or bluemarblectl promote SHARD NODE "
+                           "--accept-data-loss)", down=absent,
+                           live_copies={n: str(last) for n, last in sorted(with_data.items())})
+                continue
+            if absent and forced is not None and forced in with_data and copies[forced].fenced:
+                # An operator accepted the loss: the named node takes over with what it holds.
+                with_data = {forced: with_data[forced]}
+                log.warning("promoting a node while replicas that may hold acknowledged writes are down, as an "
+                            "operator asked (ForcePromote); what only they held is gone",
+                            shard=shard, epoch=epoch, node_id=forced, down=absent)
             term = record.epoch
             # An unreadable record (replaced with no members above) says nothing of who held
             # the shard: every copy found is judged on its position alone, as before.
@@ -1020,7 +1039,6 @@ class Reconciler:
                 self._note(shard, epoch, "widen", "no member of the shard holds its data; "
                            "asking every live node for a copy", candidates=sorted(candidates))
                 continue
-            forced = self._forced_node(shard)
             if not with_data and forced is not None and forced in copies and copies[forced].fenced:
                 # An operator accepted the loss (ForcePromote): the named node takes over
                 # with whatever it holds, fenced at the new epoch like any candidate.

@@ -1045,3 +1045,19 @@ def test_a_replica_said_to_be_copying_gets_no_primary() -> None:
                             copying={(shard_id(0), NodeId("b")), (shard_id(0), NodeId("c"))})
     assert not handoffs_of(plan)
     assert plan.assignments[shard_id(0)].primary == "a"
+
+
+def test_a_promotion_waits_for_down_replicas_that_may_hold_acknowledged_writes() -> None:
+    from bluemarble.core.placement.repair import down_replicas_that_may_hold_more
+
+    n = [NodeId(f"n{i}") for i in range(5)]
+    # R = 3: a write is on the primary and one replica, either one.
+    assert down_replicas_that_may_hold_more([n[1], n[2]], live={n[2]}, old=n[0]) == [n[1]]
+    assert down_replicas_that_may_hold_more([n[1], n[2]], live={n[1], n[2]}, old=n[0]) == []
+    # R = 2: the one replica acknowledged every write; if it lives, nothing to wait for.
+    assert down_replicas_that_may_hold_more([n[1]], live={n[1]}, old=n[0]) == []
+    assert down_replicas_that_may_hold_more([n[1]], live=set(), old=n[0]) == [n[1]]
+    # R = 1: no replica, nothing to wait for (the primary alone held the writes).
+    assert down_replicas_that_may_hold_more([], live=set(), old=n[0]) == []
+    # The old primary listed among the replicas (a record mid-handoff) is not waited for here.
+    assert down_replicas_that_may_hold_more([n[0], n[1]], live={n[1]}, old=n[0]) == []

@@ -22,6 +22,7 @@ from bluemarble.core.placement.preference import destination, fill_key, fresh_pr
 from bluemarble.core.placement.state import State
 from bluemarble.core.placement.values import Positions, ShardAssignment
 from bluemarble.core.replication.position import ZERO, LogPosition
+from bluemarble.core.replication.primary import required_acks_for
 
 
 def _rank(positions: Positions, shard: ShardId, node: NodeId) -> tuple[bool, LogPosition]:
@@ -29,6 +30,28 @@ def _rank(positions: Positions, shard: ShardId, node: NodeId) -> tuple[bool, Log
     ``(epoch, lsn)``, a replica missing from ``positions`` below any reported one."""
     position = positions.get((shard, node))
     return (False, ZERO) if position is None else (True, position)
+
+
+def down_replicas_that_may_hold_more(
+    replicas: Collection[NodeId], live: Collection[NodeId], old: NodeId | None
+) -> list[NodeId]:
+    """The replicas of a shard whose primary ``old`` is lost that a promotion must wait
+    for: the down ones (not in ``live``), when they are as many as the replica acks a
+    STRONG write needs (:func:`~bluemarble.core.replication.primary.required_acks_for`),
+    else none.
+
+    An acknowledged write is on the primary and on that many replicas, any of them. When
+    every replica that may have acknowledged it is down with the primary (two nodes killed
+    at once, R = 3), the live copies may all lack it, and promoting the best of them would
+    discard it: once the down nodes come back with their data, they would be cut back to
+    the new primary's log. Waiting for one of them (or for the old primary) loses nothing;
+    an operator who knows they will not come back may accept the loss (ForcePromote).
+    With fewer down than that, at least one live copy holds every acknowledged write, and
+    the greatest position among the live copies has them all (logs are prefixes).
+    """
+    others = [r for r in dict.fromkeys(replicas) if r != old]
+    down = [r for r in others if r not in live]
+    return down if down and len(down) >= required_acks_for(len(others)) else []
 
 
 def unsafe_outside_copies(
