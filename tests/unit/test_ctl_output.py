@@ -72,16 +72,18 @@ def _ctl(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_an_unreachable_control_plane_is_one_line_on_stderr_unless_verbose() -> None:
+    said = (
+        "bluemarblectl: UNAVAILABLE: the routing client did not get the ring within 1 s; "
+        "is the control plane reachable? (last error: "
+    )
     quiet = _ctl("inventory", "p1")
     assert quiet.returncode == ctl.EXIT_NO_ANSWER
-    assert quiet.stderr.splitlines() == [
-        "bluemarblectl: UNAVAILABLE: the routing client did not get the ring within 1 s; "
-        "is the control plane reachable?"
-    ], quiet.stderr
+    [line] = quiet.stderr.splitlines()
+    assert line.startswith(said) and "Connection refused" in line, quiet.stderr  # the cause, on the one line
     verbose = _ctl("-v", "inventory", "p1")
     assert verbose.returncode == ctl.EXIT_NO_ANSWER
     assert "loop step failed; restarting" in verbose.stderr or "retrying" in verbose.stderr, verbose.stderr
-    assert verbose.stderr.splitlines()[-1] == quiet.stderr.splitlines()[-1]
+    assert verbose.stderr.splitlines()[-1].startswith(said)
 
 
 def test_json_keeps_empty_lists_and_zeros_so_every_answer_has_the_same_keys() -> None:

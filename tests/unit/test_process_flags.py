@@ -131,8 +131,8 @@ class TestOnlyTheMetricsServersFailureIsReportedAsSuch:
 @pytest.mark.parametrize(
     ("value", "says"),
     [
-        ("", "--control-plane names no address"),
-        (" , ", "--control-plane names no address"),
+        ("", "names no address"),
+        (" , ", "names no address"),
         ("127.0.0.1:99999", "outside 1..65535"),  # gRPC would wrap it to another port
         ("garbage", "'garbage' is malformed"),
         ("http://127.0.0.1:7000", "has an invalid host name"),
