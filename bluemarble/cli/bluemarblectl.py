@@ -102,8 +102,9 @@ def render_status(r: controlplane_pb2.GetClusterStatusResponse) -> str:
     if r.shards_without_primary:
         pairs.append((
             "hint",
-            "a shard without a primary is failing over, or none of its copies is live: bring a lost node back "
-            "with its data dir (nothing is lost), or, if no copy will return, `promote SHARD NODE --accept-data-loss`",
+            "a shard without a primary is failing over, or waits for a lost node (none of its copies is live, or "
+            "the ones that may hold its latest writes are lost; `shards` marks them ?): bring a lost node back with "
+            "its data dir (nothing is lost), or, if none will return, `promote SHARD NODE --accept-data-loss`",
         ))
     width = max(len(k) for k, _ in pairs)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in pairs)
@@ -619,8 +620,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="even if fewer nodes than replication_factor would remain (shards lose copies)")
     promote = sub.add_parser(
         "promote",
-        help="make NODE the primary of a shard no live node holds the data of (PRIMARY_LOST); loses what "
-        "only the lost nodes held",
+        help="make NODE the primary of a shard left without one because its copies, or the ones that may hold "
+        "its latest writes, are lost; loses what only the lost nodes held",
     )
     promote.add_argument("shard")
     promote.add_argument("node")

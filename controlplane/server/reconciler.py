@@ -1004,10 +1004,17 @@ class Reconciler:
             with_data = {n: c.last for n, c in copies.items() if c.has_data}
             record = current[shard]
             forced = self._forced_node(shard)
-            # The old primary holds every write it acknowledged: with its answer, nothing to
-            # wait for. Without a live copy that holds data, the shard is stuck below anyway.
-            absent = [] if olds[shard] in copies or not with_data else down_replicas_that_may_hold_more(
-                record.replicas, addresses, olds[shard])
+            # The old primary holds every write it acknowledged: with its data, nothing to wait
+            # for. Without a live copy that holds data, the shard is stuck below anyway. A
+            # member back under a new registration with no data lost its disk: it holds
+            # nothing of what it acknowledged, and counts as down.
+            kept = {
+                n for n in addresses
+                if n not in copies or copies[n].has_data
+                or stamps.get(shard, {}).get(n, leases.get(n)) == leases.get(n)
+            }
+            absent = [] if olds[shard] in with_data or not with_data else down_replicas_that_may_hold_more(
+                record.replicas, kept, olds[shard])
             if absent and forced is None:
                 stuck.add(shard)
                 self._note(shard, epoch, "absent", "promotion waits: the replicas that may hold the shard's latest "

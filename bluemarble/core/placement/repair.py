@@ -36,9 +36,10 @@ def down_replicas_that_may_hold_more(
     replicas: Collection[NodeId], live: Collection[NodeId], old: NodeId | None
 ) -> list[NodeId]:
     """The replicas of a shard whose primary ``old`` is lost that a promotion must wait
-    for: the down ones (not in ``live``), when they are as many as the replica acks a
-    STRONG write needs (:func:`~bluemarble.core.replication.primary.required_acks_for`),
-    else none.
+    for: the down ones (not in ``live``, which holds the nodes up with what they had on
+    disk: one back with an empty data dir counts as down), when they are as many as the
+    replica acks a STRONG write needs
+    (:func:`~bluemarble.core.replication.primary.required_acks_for`), else none.
 
     An acknowledged write is on the primary and on that many replicas, any of them. When
     every replica that may have acknowledged it is down with the primary (two nodes killed
