@@ -83,7 +83,6 @@ from bluemarble.core.limits import echo
 from bluemarble.core.trades.model import Offer, Outcome, Trade, validate_trade
 from bluemarble.runtime import background, channels, retry, tracing
 from bluemarble.runtime.channels import channel as open_channel
-from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout, wait_event
 from bluemarble.v1 import common_pb2, controlplane_pb2, shardnode_pb2, shardnode_pb2_grpc
 
@@ -649,13 +648,11 @@ class RoutingClient:
         address_lookup_interval_s: float = 1.0,
         ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
     ):
-        if isinstance(control_plane, str):  # "host:port[,host:port...]", not a sequence of characters
-            control_plane = split_addresses(control_plane)
         self._owns_control_plane = control_plane is not None and not isinstance(control_plane, ControlPlaneClient)
         if control_plane is None or isinstance(control_plane, ControlPlaneClient):
             self._control_plane = control_plane
         else:
-            self._control_plane = ControlPlaneClient(list(control_plane), clock=clock)
+            self._control_plane = ControlPlaneClient(control_plane, clock=clock)  # splits and checks them
         if self._control_plane is None and (router is None or assignments is None):
             raise ValueError("without a control plane, give a router and an assignment cache")
         self._clock: Clock = clock or (

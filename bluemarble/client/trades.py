@@ -61,7 +61,6 @@ from bluemarble.core import errors, limits, validation
 from bluemarble.core.limits import echo
 from bluemarble.core.trades.model import Offer, Outcome, Trade, validate_trade
 from bluemarble.runtime import background, retry, tracing
-from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 from bluemarble.v1 import common_pb2, shardnode_pb2, trade_pb2, trade_pb2_grpc
 
@@ -179,12 +178,10 @@ class TradeClient:
         self._streams: dict[str, tuple[trade_pb2_grpc.TradeCoordinatorStub, CallStream]] = {}
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first call: its channels'
-        if isinstance(control_plane, str):  # "host:port[,host:port...]", not a sequence of characters
-            control_plane = split_addresses(control_plane)
         if isinstance(control_plane, ControlPlaneClient):
             self._cp, self._owns = control_plane, False
         else:
-            self._cp, self._owns = ControlPlaneClient(list(control_plane), clock=clock), True
+            self._cp, self._owns = ControlPlaneClient(control_plane, clock=clock), True
         self._attempt_timeout_s = attempt_timeout_s
         self._initial_s = retry_initial_s
         self._max_backoff_s = retry_max_backoff_s
