@@ -1108,6 +1108,18 @@ class DataPlane:
                 ack.result, ack.reason = shardnode_pb2.ACK_RESULT_NOT_REPLICA, "not assigned here"
                 continue
             ack.last.CopyFrom(log_position_to_proto(state.last))
+            known = max(state.epoch, state.fenced_epoch)
+            if group.epoch > known:
+                # A newer epoch is taken from the control plane only (this node's assignment,
+                # or the leader's Fence before a promotion), never on a sender's word: a
+                # made-up epoch would otherwise depose the real primary and let the sender's
+                # entries win the next promotion. A successor's batches that arrive before
+                # this node's assignment are asked again shortly (NOT_REPLICA).
+                ack.result, ack.reason = (
+                    shardnode_pb2.ACK_RESULT_NOT_REPLICA,
+                    f"epoch {group.epoch} is not known here yet (newest {known}); it comes from an assignment",
+                )
+                continue
             if state.role == PRIMARY and group.epoch <= state.epoch:
                 ack.result, ack.reason = (
                     shardnode_pb2.ACK_RESULT_STALE_EPOCH,
@@ -1162,7 +1174,10 @@ class DataPlane:
             else:
                 raise InvalidArgument(f"malformed entries for {shard}: {decision.reason}")
         if accepted or fenced:
-            lasts = self._storage.append(to_append, fenced) if to_append or fenced else {}
+            try:
+                lasts = self._storage.append(to_append, fenced) if to_append or fenced else {}
+            except CorruptRecord as e:  # a payload no primary writes: the sender's fault, nothing applied
+                raise InvalidArgument(f"{e}; nothing of this batch was applied") from e
             for shard, epoch in fenced.items():
                 self._shards[shard].fenced_epoch = max(self._shards[shard].fenced_epoch, epoch)
             for state, group, ack in accepted:

@@ -17,6 +17,7 @@ import structlog
 from bluemarble.api.messages import NODE_CALL_RPCS, SHUTTING_DOWN_KEY
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import InvalidArgument, PermissionDenied, Unavailable
+from bluemarble.core.limits import echo
 from bluemarble.core.trades import Outcome
 from bluemarble.runtime import multiplex
 from bluemarble.runtime.auth import COORDINATOR_CALLS, ClusterPeers
@@ -126,10 +127,22 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         self, request_iterator: AsyncIterator[shardnode_pb2.ReplicateBatch], context: Ctx
     ) -> AsyncIterator[shardnode_pb2.ReplicateAck]:
         await self._peers.require_node(context, "Replicate")
+        names = self._peers.acting_for(context)
         dp = self._dp()
         closer = asyncio.get_running_loop().create_task(self._end_when_closing(context))
         try:
             async for batch in request_iterator:
+                if names is not None and batch.primary not in names:
+                    # A node ships only its own log: another node's name would let it
+                    # speak for that shard's primary.
+                    log.warning("replication refused: certificate names another node", primary=batch.primary[:128],
+                                certificate=sorted(names)[:4], peer=context.peer())
+                    shown = ", ".join(sorted(names)[:4]) or "nothing"
+                    await context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"Replicate as primary {echo(batch.primary, 128)}: the client certificate names "
+                        f"{shown[:200]}; a node replicates only as itself",
+                    )
                 await dp.hold_if_failpoint()
                 yield dp.replicate(batch)
         finally:

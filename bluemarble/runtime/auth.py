@@ -321,6 +321,11 @@ class ClusterPeers:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 self.refusal(context, method, f"the control plane (a certificate naming {names})"))
 
+    def acting_for(self, context: Ctx) -> frozenset[str] | None:
+        """The names the caller's certificate carries, when mutual TLS is on (None: every
+        caller passes)."""
+        return frozenset(tls.peer_identities(context.auth_context())) if self.enabled else None
+
     async def require_node(self, context: Ctx, method: str) -> None:
         """Aborts the call PERMISSION_DENIED unless the caller's certificate names a node
         this node knows."""

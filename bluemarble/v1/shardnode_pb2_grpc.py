@@ -219,7 +219,10 @@ class ShardNodeServicer:
     def Replicate(self, request_iterator, context):
         """Primary -> replica log shipping: one stream per primary -> replica pair, many
         shards per message. The replica answers every batch with one ack, in order, sent
-        after its own durable commit.
+        after its own durable commit. A replica takes a newer epoch only from the control
+        plane (its assignment, or a Fence): a batch at an epoch it does not know yet gets
+        ACK_RESULT_NOT_REPLICA. With mutual TLS, `primary` must be the node the caller's
+        certificate names.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -355,6 +355,48 @@ async def test_a_fence_far_past_any_epoch_of_the_shard_is_refused(
         assert all(s.serving for s in dp.statuses())  # the primary did not step down
 
 
+async def test_a_replicated_epoch_the_node_was_never_given_deposes_nobody_and_garbage_is_refused(
+    start_control_plane: StartControlPlane, tmp_path: Path
+) -> None:
+    # A newer epoch comes from the control plane (an assignment, a Fence), never on a
+    # sender's word: a made-up one used to depose the real primary, and at 2^63-1 left the
+    # shard no epoch to promote at.
+    async with data_node(start_control_plane, tmp_path) as (stub, dp):
+        shard = dp.statuses()[0].shard_id
+        state = dp._shards[shard]
+        fenced_before, last_before = storage_fences(dp), state.last
+
+        async def replicate(epoch: int, payload: bytes = b"") -> shardnode_pb2.ReplicateAck:
+            entry = shardnode_pb2.LogEntry(epoch=epoch, lsn=last_before.lsn + 1, payload=payload)
+            prev = shardnode_pb2.LogPosition(epoch=last_before.epoch, lsn=last_before.lsn)
+            call = stub.Replicate()
+            await call.write(shardnode_pb2.ReplicateBatch(primary="n9", shards=[
+                shardnode_pb2.ShardEntries(shard_id=shard, epoch=epoch, prev=prev, entries=[entry])]))
+            try:
+                ack: shardnode_pb2.ReplicateAck = await call.read()
+                return ack
+            finally:
+                call.cancel()
+
+        for epoch in (state.epoch + 1, 99, 2**63 - 1):
+            ack = await replicate(epoch)
+            assert ack.shards[0].result == shardnode_pb2.ACK_RESULT_NOT_REPLICA, ack
+            assert f"epoch {epoch} is not known here yet" in ack.shards[0].reason, ack
+        assert storage_fences(dp) == fenced_before and state.last == last_before
+        assert all(s.serving for s in dp.statuses())  # the primary did not step down
+
+        # Fenced by the control plane's way, the epoch is known: an undecodable entry at it
+        # is the sender's mistake (INVALID_ARGUMENT, not DATA_LOSS) and applies nothing.
+        epoch = state.epoch + 1
+        await stub.Fence(shardnode_pb2.FenceRequest(
+            requested_by="probe", shards=[shardnode_pb2.ShardFence(shard_id=shard, epoch=epoch)]))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await replicate(epoch, b"\xff\xfe\xfd")
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+        assert "is not an encoded WriteOp" in (info.value.details() or ""), info.value.details()
+        assert state.last == last_before and dp._storage.meta(shard).last == last_before
+
+
 def storage_fences(dp: DataPlane) -> dict[str, int]:
     return {shard: meta.fenced_epoch for shard, meta in dp._storage.shards().items()}
 

@@ -30,8 +30,8 @@ from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.trades import TradeClient
 from bluemarble.core.errors import BlueMarbleError, NotFound
 from bluemarble.runtime import channels, tls
-from bluemarble.runtime.auth import AdminToken, bearer_metadata
-from bluemarble.runtime.grpc_server import ServiceBinding, build_server
+from bluemarble.runtime.auth import AdminToken, ClusterPeers, bearer_metadata
+from bluemarble.runtime.grpc_server import Server, ServiceBinding, build_server
 from bluemarble.v1 import controlplane_pb2, controlplane_pb2_grpc, shardnode_pb2, shardnode_pb2_grpc
 from controlplane.server.app import ControlPlaneApp
 from controlplane.store.etcd import EtcdSecurity, EtcdStore
@@ -191,19 +191,21 @@ async def test_a_node_acts_only_under_the_id_its_certificate_names(
     )
 
 
-async def test_a_shard_node_serves_only_clients_with_a_certificate_of_the_ca(certs: DevCerts) -> None:
+async def node_server(certs: DevCerts, service: ShardNodeService) -> Server:
+    """A ShardNode server for ``service`` serving mutual TLS with n1's certificate."""
     tls.configure(config_for(certs, "n1"))
     try:
-        server = await build_server(
+        return await build_server(
             "127.0.0.1:0",
-            [ServiceBinding(
-                shardnode_pb2.DESCRIPTOR.services_by_name["ShardNode"].full_name,
-                ShardNodeService("n1", list),
-                shardnode_pb2_grpc.add_ShardNodeServicer_to_server,
-            )],
+            [ServiceBinding(shardnode_pb2.DESCRIPTOR.services_by_name["ShardNode"].full_name, service,
+                            shardnode_pb2_grpc.add_ShardNodeServicer_to_server)],
         )
     finally:
         tls.configure(None)
+
+
+async def test_a_shard_node_serves_only_clients_with_a_certificate_of_the_ca(certs: DevCerts) -> None:
+    server = await node_server(certs, ShardNodeService("n1", list))
     address = f"127.0.0.1:{server.port}"
     request = shardnode_pb2.GetShardStatusRequest()
     try:
@@ -219,6 +221,45 @@ async def test_a_shard_node_serves_only_clients_with_a_certificate_of_the_ca(cer
                 stub = shardnode_pb2_grpc.ShardNodeStub(channel)  # type: ignore[no-untyped-call]
                 answer = await stub.GetShardStatus(request, timeout=CALL_TIMEOUT_S)
                 assert answer.node_id == "n1"
+    finally:
+        await server.stop_gracefully(0.1)
+
+
+class RecordingDataPlane:
+    """Stands in for the data plane behind ShardNodeService: records the batches that
+    reach it (the check under test is the service's, before any batch does)."""
+
+    def __init__(self) -> None:
+        self.batches: list[str] = []
+
+    async def hold_if_failpoint(self) -> None:
+        return None
+
+    def replicate(self, batch: shardnode_pb2.ReplicateBatch) -> shardnode_pb2.ReplicateAck:
+        self.batches.append(batch.primary)
+        return shardnode_pb2.ReplicateAck(replica="n1")
+
+
+async def test_a_node_replicates_to_another_only_as_the_primary_its_certificate_names(certs: DevCerts) -> None:
+    # Any node's certificate used to ship batches claiming another node as their primary:
+    # with a made-up epoch that deposed the real primary and planted the sender's entries.
+    recorder = RecordingDataPlane()
+    peers = ClusterPeers({"controlplane"}, lambda name: name in {"n1", "n2"}, enabled=True)
+    server = await node_server(certs, ShardNodeService("n1", list, lambda: recorder,  # type: ignore[arg-type, return-value]
+                                                       peers=peers))
+    try:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{server.port}", credentials(certs, "n2")) as channel:
+            stub = shardnode_pb2_grpc.ShardNodeStub(channel)  # type: ignore[no-untyped-call]
+            call = stub.Replicate(timeout=CALL_TIMEOUT_S)
+            await call.write(shardnode_pb2.ReplicateBatch(primary="n2"))
+            assert (await call.read()).replica == "n1"
+            await call.write(shardnode_pb2.ReplicateBatch(primary="n1"))  # the same stream, as another node
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await call.read()
+            assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            details = ended.value.details() or ""
+            assert "primary 'n1'" in details and "n2" in details and "only as itself" in details, details
+        assert recorder.batches == ["n2"]
     finally:
         await server.stop_gracefully(0.1)
 
