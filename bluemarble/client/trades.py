@@ -48,6 +48,7 @@ tells which.
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -65,6 +66,8 @@ from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 from bluemarble.v1 import common_pb2, shardnode_pb2, trade_pb2, trade_pb2_grpc
 
 DEFAULT_TRADE_DEADLINE_S = 30.0
+MAX_UNANSWERED_KEPT = 10_000
+"""Trade ids a client remembers sending without an answer (for get_trade)."""
 DEFAULT_ATTEMPT_TIMEOUT_S = 10.0
 """One ExecuteTrade attempt: the coordinator's own bounds (prepare 2 s, settle 3 s, the
 etcd write) fit well within it; a replica that takes longer is treated as gone."""
@@ -182,6 +185,8 @@ class TradeClient:
             self._cp, self._owns = control_plane, False
         else:
             self._cp, self._owns = ControlPlaneClient(control_plane, clock=clock), True
+        # Trade ids this client sent without getting their answer (oldest first).
+        self._unanswered: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._attempt_timeout_s = attempt_timeout_s
         self._initial_s = retry_initial_s
         self._max_backoff_s = retry_max_backoff_s
@@ -306,7 +311,7 @@ class TradeClient:
             nonlocal attempts
             attempts += 1
             remaining_s = end_s - clock.monotonic_s()
-            timeout_s = max(0.05, min(self._attempt_timeout_s, remaining_s))
+            timeout_s = max(0.001, min(self._attempt_timeout_s, remaining_s))  # the caller's deadline holds
             return await self._once(rpc, request, timeout_s)
 
         policy = retry.RetryPolicy(
@@ -342,6 +347,24 @@ class TradeClient:
                       Offer(tuple(validation.item_ids(b_items, "b_items")), b_gold))
         validate_trade(trade)
         check_deadline(deadline_s)
+        # Until its answer comes, the trade may be on its way even if this call ends
+        # (cancelled, out of time): get_trade then says "not known yet", not "not found".
+        self._unanswered[trade_id] = None
+        self._unanswered.move_to_end(trade_id)
+        while len(self._unanswered) > MAX_UNANSWERED_KEPT:
+            self._unanswered.popitem(last=False)
+        try:
+            result = await self._execute(trade, deadline_s)
+        except errors.BlueMarbleError as e:
+            if not (e.retryable or isinstance(e, ClientClosed)):
+                self._unanswered.pop(trade_id, None)  # refused: nothing of it is on its way
+            raise  # else the outcome is unknown to this caller
+        self._unanswered.pop(trade_id, None)
+        return result
+
+    async def _execute(self, trade: Trade, deadline_s: float) -> TradeResult:
+        trade_id, player_a, player_b = trade.trade_id, trade.player_a, trade.player_b
+        a_gold, b_gold = trade.a_gives.gold, trade.b_gives.gold
         clock = self._cp.clock
         end_s = clock.monotonic_s() + deadline_s
         routing = self._routing
@@ -369,7 +392,7 @@ class TradeClient:
         except (errors.Unavailable, errors.DeadlineExceeded, errors.Aborted) as e:
             raise type(e)(
                 f"trade {echo(trade_id)}: no answer within {deadline_s:.3g} s, so its outcome is unknown "
-                f"(ask get_trade, or retry with the same trade id); last error: {e}"
+                f"(retry with the same trade id and terms to learn it); last error: {e}"
             ) from e
         assert isinstance(response, trade_pb2.ExecuteTradeResponse)
         return TradeResult(
@@ -386,12 +409,26 @@ class TradeClient:
         """The recorded decision of ``trade_id`` and where each side stands. ``player_id``
         (either player) finds a same-shard trade, which leaves no etcd record. Raises
         NotFound when nobody knows the trade, InvalidArgument for a bad id, and the last
-        retryable error after ``deadline_s``."""
+        retryable error after ``deadline_s``.
+
+        A trade whose request is still on its way is not known yet: for a trade id this
+        client sent without getting its answer (the call cancelled, or out of time), that
+        is Unavailable, not NotFound. Only a retry of :meth:`execute_trade` with the same id
+        and terms is sure to give the outcome; get_trade is for looking."""
         request = trade_pb2.GetTradeRequest(
             trade_id=validation.trade_id(trade_id),
             player_id=validation.player_id(player_id) if player_id != "" else "",
         )
-        response, _ = await self._retrying(request, "GetTrade", f"GetTrade {trade_id}", deadline_s)
+        try:
+            response, _ = await self._retrying(request, "GetTrade", f"GetTrade {trade_id}", deadline_s)
+        except errors.NotFound as e:
+            if trade_id not in self._unanswered:
+                raise
+            raise errors.Unavailable(
+                f"trade {echo(trade_id)} is not known yet, but this client sent it and got no answer: it may "
+                "still be on its way, so this is not final. Retry execute_trade with the same id and terms: that "
+                "gives its outcome (and runs it if it never arrived)"
+            ) from e
         assert isinstance(response, trade_pb2.GetTradeResponse)
         outcome = _OUTCOMES.get(response.outcome)
         return TradeStatus(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -101,9 +102,14 @@ def crash_point(step: str) -> None:
         os._exit(137)
 
 
-MAX_TRADES_RUNNING = 4096
+MAX_TRADES_RUNNING = 256
 """Trades one control-plane replica runs at once (ExecuteTrade calls, including those
-whose callers went away): each holds a few kilobytes and two node calls at a time."""
+whose callers went away); past it, RESOURCE_EXHAUSTED (the client retries with backoff,
+on another replica). It bounds the replica's work in hand, not its memory: callers that
+gave up after 20 ms left their trades running, and 4,096 of them held the event loop so
+long that heartbeats went unanswered, nodes stopped taking writes and shards failed over.
+256 trades are under a second of a replica's CPU on a small machine; at 2,000 trades a
+second of 20 ms each, 40 run at once."""
 
 
 class IdInUse(InvalidArgument):
@@ -356,6 +362,7 @@ class TradeCoordinator:
         self.settings = settings
         self.channels = channels or NodeChannels()
         self._running: set[asyncio.Task[TradeAnswer]] = set()
+        self._running_ids: collections.Counter[str] = collections.Counter()
 
     @property
     def locator(self) -> Locator:
@@ -402,11 +409,19 @@ class TradeCoordinator:
             )
         task = asyncio.ensure_future(self.execute(trade))
         self._running.add(task)
-        task.add_done_callback(self._finished)
+        self._running_ids[trade.trade_id] += 1
+        task.add_done_callback(functools.partial(self._finished, trade.trade_id))
         return await asyncio.shield(task)
 
-    def _finished(self, task: asyncio.Task[TradeAnswer]) -> None:
+    def running(self, trade_id: str) -> bool:
+        """Whether this replica is running ``trade_id`` now (it may have sent nothing yet)."""
+        return trade_id in self._running_ids
+
+    def _finished(self, trade_id: str, task: asyncio.Task[TradeAnswer]) -> None:
         self._running.discard(task)
+        self._running_ids[trade_id] -= 1
+        if self._running_ids[trade_id] <= 0:
+            del self._running_ids[trade_id]
         if not task.cancelled():
             task.exception()  # its caller may be gone: the error was logged or answered already
 
@@ -1049,11 +1064,17 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
             decided = outcome_from_proto(r.outcome, f"trade record {trade_id}")
             response.state = trade_pb2.TRADE_STATE_DONE if stored.retained or both_applied else _state_of(decided)
             return response
+        if not sides and self._c.running(trade_id):
+            # This replica runs it and has not prepared either side yet.
+            response.state = trade_pb2.TRADE_STATE_PREPARING
+            return response
         if not sides:
             raise NotFound(
                 f"trade {echo(trade_id)} is not known: no decision record, and no participant "
                 + (f"of player {echo(hint)} " if hint else "")
-                + "has heard of it (a same-shard trade needs player_id to be found if a primary is down)"
+                + "has heard of it (a same-shard trade needs player_id to be found if a primary is down). "
+                "Not final while a call with this id may still be on its way: retry ExecuteTrade with "
+                "the same id and terms for its outcome"
             )
         settled = [s for s in sides if s.state in _SETTLED]
         # Without a record: a settled same-shard trade is the answer (escrows other shards

@@ -23,6 +23,7 @@ import prometheus_client
 import pytest
 
 from bluemarble.client.trades import TradeClient
+from bluemarble.core import errors
 from bluemarble.core.ids import ShardId, TradeId
 from bluemarble.core.ring import Ring
 from bluemarble.core.trades import participant as p
@@ -37,6 +38,7 @@ from bluemarble.v1 import (
     trade_pb2,
     trade_pb2_grpc,
 )
+from controlplane.server import trades as trades_module
 from controlplane.server.app import ControlPlaneApp
 from controlplane.server.trades import TradeSettings, outcome_to_proto, trade_to_request
 from controlplane.store import codec
@@ -342,6 +344,44 @@ async def test_a_caller_that_goes_away_does_not_abandon_its_trade(start_control_
         record = await c.stored("t-gone")
         assert record is not None and record.outcome == COMMITTED
         assert c.world.gold == {a: 5, b: 0}
+
+
+async def test_get_trade_never_calls_a_trade_on_its_way_not_found(
+    start_control_plane: StartControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A game server that read NotFound as "never happened" and traded again under a new id
+    # would move the items twice: the first request was still on its way, and committed.
+    async with cluster(start_control_plane) as c, TradeClient([c.app.address]) as client:
+        a, b = c.players(same_shard=False)
+        c.world.seed(a, ["sword"], 0)
+        c.world.seed(b, [], 5)
+        coordinator = c.app.trade_coordinator
+        assert coordinator is not None
+        monkeypatch.setattr(coordinator, "settings", dataclasses.replace(coordinator.settings, prepare_timeout_s=30.0))
+        gate = asyncio.Event()
+        for node in c.nodes.values():
+            node.gate = gate  # neither side has heard of it yet
+        with pytest.raises(errors.DeadlineExceeded):
+            await client.execute_trade("t-way", a, b, a_items=["sword"], b_gold=5, deadline_s=0.3)
+        status = await client.get_trade("t-way")  # the coordinator runs it: being decided, not unknown
+        assert status.state == "PREPARING" and status.outcome is None, status
+        gate.set()
+        retried = await client.execute_trade("t-way", a, b, a_items=["sword"], b_gold=5)
+        assert retried.outcome is Outcome.COMMITTED and c.world.items[b] == {"sword"}
+
+        # Sent by this client, answered by nobody, known to nobody: not final either.
+        monkeypatch.setattr(trades_module, "MAX_TRADES_RUNNING", 0)
+        with pytest.raises((errors.ResourceExhausted, errors.DeadlineExceeded)):  # refused, retried to the end
+            await client.execute_trade("t-lost", a, b, b_gold=1, deadline_s=0.3)
+        with pytest.raises(errors.Unavailable) as unknown:
+            await client.get_trade("t-lost")
+        assert "not known yet" in str(unknown.value) and "same id and terms" in str(unknown.value), unknown.value
+        with pytest.raises(errors.NotFound):
+            await client.get_trade("t-never-sent")
+        with pytest.raises(errors.InvalidArgument):  # refused before anything was sent
+            await client.execute_trade("t-bad", a, a, b_gold=1)
+        with pytest.raises(errors.NotFound):
+            await client.get_trade("t-bad")
 
 
 def _same_shard_counted() -> float:
