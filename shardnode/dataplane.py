@@ -91,6 +91,10 @@ forged or corrupt, and would leave the shard no epochs to promote at (epochs sto
 PRIMARY = common_pb2.SHARD_ROLE_PRIMARY
 REPLICA = common_pb2.SHARD_ROLE_REPLICA
 
+PRUNE_INTERVAL_S = 30
+FILE_CHECK_INTERVAL_S = 5
+"""How often a node checks that its database file is still the one it opened (a file
+deleted under it takes every later write with it, silently)."""
 DEFAULT_COMMIT_TIMEOUT_S = 5.0
 """How long a STRONG write waits for a replica's ack when the caller set no deadline."""
 CATCH_UP_WAIT_S = 1.0
@@ -261,10 +265,13 @@ class DataPlane:
     async def _prune_loop(self) -> None:
         """Trims the logs and expired request ids every 30 s. A round that fails (a full
         disk, a busy database) is logged and the next round tries again: one bad round
-        must not stop the pruning for the life of the process."""
+        must not stop the pruning for the life of the process. Every 5 s between, checks
+        that node.db is still the file it opened (NodeStorage.check_files)."""
         failures = retry.FailureLog()
         while True:
-            await self._clock.sleep(30.0)
+            for _ in range(PRUNE_INTERVAL_S // FILE_CHECK_INTERVAL_S):
+                await self._clock.sleep(FILE_CHECK_INTERVAL_S)
+                self._storage.check_files()
             try:
                 self._prune_once()
             except BlueMarbleError as e:

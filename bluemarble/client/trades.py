@@ -55,7 +55,7 @@ from types import TracebackType
 
 import grpc.aio
 
-from bluemarble.client.control_plane import ControlPlaneClient, to_error
+from bluemarble.client.control_plane import MIN_ATTEMPT_S, ControlPlaneClient, to_error
 from bluemarble.client.node_calls import TRADE_CALLS, CallStream, Unsupported
 from bluemarble.client.routing import ClientClosed, CrossShardTrade, RoutingClient, check_deadline, is_redirect
 from bluemarble.core import errors, limits, validation
@@ -311,7 +311,9 @@ class TradeClient:
             nonlocal attempts
             attempts += 1
             remaining_s = end_s - clock.monotonic_s()
-            timeout_s = max(0.001, min(self._attempt_timeout_s, remaining_s))  # the caller's deadline holds
+            timeout_s = min(self._attempt_timeout_s, remaining_s)
+            if attempts > 1:  # a retry at the end of the deadline gets the shortest attempt that can be answered
+                timeout_s = max(MIN_ATTEMPT_S, timeout_s)  # (the first keeps a deadline shorter than that)
             return await self._once(rpc, request, timeout_s)
 
         policy = retry.RetryPolicy(

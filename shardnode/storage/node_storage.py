@@ -241,6 +241,7 @@ class NodeStorage:
         self._request_retention_ms = int(request_retention_s * 1000)
         self._meta: dict[ShardId, ShardMeta] = {}
         self._damage: StorageDamaged | None = None
+        self._files = _file_identities(path)  # what the connection opened: node.db and its WAL
         self._failing_since: float | None = None  # monotonic: the first failed write since the last commit
         self._failing_reported = False
         self._write_failures = retry.FailureLog()  # one warning, then summaries every few seconds
@@ -328,6 +329,26 @@ class NodeStorage:
         except BaseException:
             lock.close()
             raise
+
+    def check_files(self) -> None:
+        """Damage (StorageDamaged, :attr:`on_damaged` told) when node.db or its WAL is no
+        longer the file this storage opened: deleted, or replaced. SQLite goes on writing
+        to the open file, so every commit would succeed while nothing reached the path a
+        restart opens. Cheap (two stat calls): the data plane calls it every few seconds."""
+        if self._damage is not None:
+            return
+        now = _file_identities(self._path)
+        changed = [name for name, identity in self._files.items() if now.get(name) != identity]
+        if not changed:
+            return
+        missing = [name for name in changed if name not in now]
+        what = "deleted" if missing == changed else "replaced"
+        self._damage = StorageDamaged(
+            f"node storage {', '.join(str(self._path.with_name(n)) for n in changed)} was {what} while the node "
+            "ran: its writes no longer reach the data dir, and a restart would not find them"
+        )
+        if self.on_damaged is not None:
+            self.on_damaged(self._damage)
 
     def close(self) -> None:
         """Closes the database and releases the data dir. Idempotent. Committed writes are
@@ -813,7 +834,8 @@ class NodeStorage:
     def _write_txn(self) -> Iterator[_Txn]:
         txn = _Txn(self._meta)
         conn = self._conn
-        with self._failing_writes(), self._sqlite():
+        changes_before = conn.total_changes
+        with self._failing_writes(lambda: conn.total_changes > changes_before), self._sqlite():
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield txn
@@ -837,9 +859,11 @@ class NodeStorage:
             self._meta[shard] = txn.rows[shard].meta(shard)
 
     @contextlib.contextmanager
-    def _failing_writes(self) -> Iterator[None]:
+    def _failing_writes(self, wrote: Callable[[], bool]) -> Iterator[None]:
         """Times how long write transactions keep failing (not damage, not refusals):
-        past :attr:`failing_limit_s` without a commit, :attr:`on_failing` is told once."""
+        past :attr:`failing_limit_s` without a commit, :attr:`on_failing` is told once.
+        Only a commit that ``wrote`` something ends the failure: an empty transaction
+        (a prune with nothing to prune) commits on a full or read-only disk too."""
         try:
             yield
         except StorageDamaged:
@@ -860,9 +884,9 @@ class NodeStorage:
                 self.on_failing(e)
             raise
         else:
-            if self._failing_since is not None:
+            if self._failing_since is not None and wrote():
                 self._write_failures.recovered("writes", time.monotonic(), "node storage takes writes again")
-            self._failing_since = None
+                self._failing_since = None
 
     def _load_meta(self) -> dict[ShardId, ShardMeta]:
         metas: dict[ShardId, ShardMeta] = {}
@@ -877,6 +901,16 @@ class NodeStorage:
                 )
             metas[shard] = _ShardRow(fenced, last_epoch, last_lsn, first_lsn, bool(synced)).meta(shard)
         return metas
+
+
+def _file_identities(path: Path) -> dict[str, tuple[int, int]]:
+    """(device, inode) of ``path`` and of its WAL, by file name; a file missing is left out."""
+    found: dict[str, tuple[int, int]] = {}
+    for file in (path, path.with_name(path.name + "-wal")):
+        with contextlib.suppress(OSError):
+            st = os.stat(file)
+            found[file.name] = (st.st_dev, st.st_ino)
+    return found
 
 
 def _lock_data_dir(data_dir: Path) -> IO[bytes]:

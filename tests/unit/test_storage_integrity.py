@@ -222,6 +222,9 @@ def test_writes_failing_for_the_limit_tell_the_node_once_and_a_commit_resets_the
             storage.write(S1, 1, pb.WriteOp(request_id=f"big-{attempt}", player_id=f"big-{attempt}", grant=pb.GrantOp(
                 item_ids=[f"big-{attempt}-{i}-" + "x" * 100 for i in range(256)])), now_ms=1)
     assert len(told) == 1 and "full" in str(told[0])  # once, from the second failure on
+    failing_since = storage._failing_since
+    assert storage.prune_trades(now_ms=1) == 0  # an empty transaction commits on a full disk too
+    assert storage._failing_since == failing_since  # and says nothing of it taking writes
     storage._conn.execute("PRAGMA max_page_count = 1073741823")  # room again
     storage.write(S1, 1, grant(999), now_ms=1)
     assert storage._failing_since is None
@@ -238,4 +241,33 @@ def test_refused_writes_do_not_count_as_a_failing_disk(tmp_path: Path) -> None:
             storage.write(S1, 1, pb.WriteOp(request_id="again", player_id="p1", grant=pb.GrantOp(item_ids=["i0-0"])),
                           now_ms=1)  # p0's item to p1: refused, not failing
     assert storage._failing_since is None
+    storage.close()
+
+
+def test_a_database_file_deleted_or_replaced_under_the_node_is_damage(tmp_path: Path) -> None:
+    # SQLite writes on to the open file: every commit succeeded while nothing reached the
+    # path a restart opens (an outside check acknowledged 1,321 grants that way).
+    storage = NodeStorage.open(tmp_path)
+    fill(storage, 2)
+    told: list[Exception] = []
+    storage.on_damaged = told.append
+    storage.check_files()
+    assert not told  # the files it opened
+    (tmp_path / "node.db").unlink()
+    storage.check_files()
+    storage.check_files()
+    assert len(told) == 1 and "node.db was deleted while the node ran" in str(told[0]), told
+    with pytest.raises(StorageDamaged):
+        storage.write(S1, 1, grant(999), now_ms=1)
+    storage.close()
+
+    other = tmp_path / "other"
+    storage = NodeStorage.open(other)
+    fill(storage, 2)
+    storage.on_damaged = told.append
+    wal = other / "node.db-wal"
+    wal.rename(other / "moved")
+    wal.write_bytes(b"")  # a new file where the WAL was
+    storage.check_files()
+    assert len(told) == 2 and "node.db-wal was replaced" in str(told[1]), told
     storage.close()

@@ -204,6 +204,14 @@ async def test_the_deadline_bounds_the_retries(start: Any) -> None:
     assert len(coordinator.requests) >= 3
 
 
+async def test_a_deadline_shorter_than_an_attempt_holds(start: Any) -> None:
+    # An attempt was never shorter than 50 ms, so a trade given 10 ms got this answer at 30.
+    address, _ = await start(lambda n: 0.03)
+    async with TradeClient([address]) as client:
+        with pytest.raises(errors.DeadlineExceeded, match="outcome is unknown"):
+            await client.execute_trade("t-short", "a", "b", a_gold=1, deadline_s=0.01)
+
+
 async def test_the_deadline_error_names_the_trade_and_says_its_outcome_is_unknown(start: Any) -> None:
     address, _ = await start(lambda n: 5.0)  # every attempt hangs past its timeout
     async with TradeClient(address, attempt_timeout_s=0.2, retry_initial_s=0.01) as client:  # one string
