@@ -92,12 +92,17 @@ def render_status(r: controlplane_pb2.GetClusterStatusResponse) -> str:
         ("shards under-replicated", r.shards_under_replicated),
         ("eligible live nodes", r.live_nodes_eligible),
         ("etcd", f"revision {r.etcd_revision}" + ("" if r.etcd_healthy else " (UNREACHABLE: figures may be stale)")),
-        ("replication factor", c.replication_factor),
-        ("lease TTL", f"{c.lease_ttl_s} s"),
-        ("vnodes per shard", c.vnodes_per_shard),
-        ("max moves per round", c.max_moves_per_round),
-        ("consistency", ", ".join(f"{k}={_consistency(v)}" for k, v in sorted(c.consistency.items()))),
     ]
+    if c.replication_factor:
+        pairs += [
+            ("replication factor", c.replication_factor),
+            ("lease TTL", f"{c.lease_ttl_s} s"),
+            ("vnodes per shard", c.vnodes_per_shard),
+            ("max moves per round", c.max_moves_per_round),
+            ("consistency", ", ".join(f"{k}={_consistency(v)}" for k, v in sorted(c.consistency.items()))),
+        ]
+    else:  # a replica that has not read the config (etcd down since it started): unknown, not 0
+        pairs.append(("config", "unknown (not read from etcd yet)"))
     pairs += [("warning", w) for w in r.warnings]
     if r.shards_without_primary:
         pairs.append((

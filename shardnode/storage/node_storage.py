@@ -304,6 +304,11 @@ class NodeStorage:
         lock = _lock_data_dir(data_dir)
         path = data_dir / DB_FILE
         try:
+            _check_can_write(data_dir, path)
+        except BaseException:
+            lock.close()
+            raise
+        try:
             with _sqlite_errors(path, node_id):
                 conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=256)
                 try:
@@ -901,6 +906,32 @@ class NodeStorage:
                 )
             metas[shard] = _ShardRow(fenced, last_epoch, last_lsn, first_lsn, bool(synced)).meta(shard)
         return metas
+
+
+MIN_FREE_BYTES = 16 << 20
+"""Free space a node needs in its data dir to start: below it, the first writes would fail
+and the node would leave service again, after taking roles (a restart loop of handoffs)."""
+
+
+def _check_can_write(data_dir: Path, path: Path) -> None:
+    """FailedPrecondition, before the node registers, when it could not take writes here:
+    a directory where node.db or its WAL should be, a read-only file system, or a disk
+    with less than :data:`MIN_FREE_BYTES` free."""
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if file.exists() and not file.is_file():
+            raise FailedPrecondition(f"{file} is not a regular file; remove it (the node's database lives there)")
+    try:
+        st = os.statvfs(data_dir)
+    except OSError as e:
+        raise Unavailable(f"cannot read the file system of data dir {data_dir}: {e.strerror or e}") from e
+    if st.f_flag & os.ST_RDONLY:
+        raise FailedPrecondition(f"data dir {data_dir} is on a read-only file system; a node writes there")
+    free = st.f_bavail * st.f_frsize
+    if free < MIN_FREE_BYTES:
+        raise FailedPrecondition(
+            f"data dir {data_dir} has {free / (1 << 20):.1f} MiB free; a node needs at least "
+            f"{MIN_FREE_BYTES >> 20} MiB to take writes: free some space or grow the volume, then start it again"
+        )
 
 
 def _file_identities(path: Path) -> dict[str, tuple[int, int]]:

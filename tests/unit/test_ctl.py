@@ -82,6 +82,15 @@ def test_status_names_the_leader_or_says_none() -> None:
     assert "hint" not in ctl.render_status(r)
 
 
+def test_status_shows_a_config_not_read_yet_as_unknown_not_zero() -> None:
+    r = pb.GetClusterStatusResponse(cluster="c", served_by="cp-0", etcd_healthy=False)
+    text = ctl.render_status(r)
+    assert "unknown (not read from etcd yet)" in text and "lease TTL" not in text and "replication factor" not in text
+    r.config.replication_factor, r.config.lease_ttl_s = 2, 10
+    text = ctl.render_status(r)
+    assert "replication factor" in text and "10 s" in text and "unknown" not in text
+
+
 def test_status_says_what_to_do_about_shards_without_a_primary() -> None:
     r = pb.GetClusterStatusResponse(cluster="c", served_by="cp-0", leader="cp-0", shards_without_primary=2)
     text = ctl.render_status(r)

@@ -5,6 +5,7 @@ call; SQLite's other errors keep their statuses; a data dir belongs to one node 
 
 from __future__ import annotations
 
+import os
 import random
 import sqlite3
 from collections.abc import Iterator
@@ -207,6 +208,30 @@ class TestDataDir:
         path.write_text("x")
         with pytest.raises(FailedPrecondition, match="is not a directory"):
             NodeStorage.open(path)
+
+    @pytest.mark.parametrize("name", ["node.db", "node.db-wal"])
+    def test_a_directory_where_the_database_goes_is_refused_by_name(self, tmp_path: Path, name: str) -> None:
+        (tmp_path / name).mkdir()  # was "cannot be used right now: unable to open database file"
+        with pytest.raises(FailedPrecondition, match=f"{name} is not a regular file; remove it"):
+            NodeStorage.open(tmp_path)
+
+    def test_a_full_disk_is_refused_before_the_node_takes_roles(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Started on a full disk, a node registered, took roles and left again 20 s later.
+        real = os.statvfs
+
+        def nearly_full(path: object) -> os.statvfs_result:
+            st = real(path)  # type: ignore[arg-type]
+            fields = list(st)
+            fields[4] = (2 << 20) // st.f_frsize  # f_bavail: 2 MiB free
+            return os.statvfs_result(fields)
+
+        monkeypatch.setattr(os, "statvfs", nearly_full)
+        with pytest.raises(FailedPrecondition, match=r"has 2\.0 MiB free; a node needs at least 16 MiB"):
+            NodeStorage.open(tmp_path)
+        monkeypatch.undo()
+        NodeStorage.open(tmp_path).close()  # the data dir was released
 
 
 def test_writes_failing_for_the_limit_tell_the_node_once_and_a_commit_resets_the_clock(tmp_path: Path) -> None:
