@@ -209,6 +209,20 @@ class ClientClosed(errors.FailedPrecondition):
     or may not have applied; retry it with the same request or trade id on a new client."""
 
 
+async def _naming_request(request_id: str, write: Awaitable[T]) -> T:
+    """``write``'s answer; when its outcome is unknown (a retryable error after the
+    deadline, or the client closed under it), the error names ``request_id`` (also as its
+    ``request_id``): the one id a retry may use, since a fresh one would apply it twice."""
+    try:
+        return await write
+    except errors.BlueMarbleError as e:
+        if not (e.retryable or isinstance(e, ClientClosed)):
+            raise
+        error = type(e)(f"{e} (outcome unknown: retry with request_id {echo(request_id)}, never a new one)")
+        error.request_id = request_id
+        raise error from e
+
+
 def check_deadline(deadline_s: float) -> float:
     """``deadline_s`` if it is a number of seconds above 0 and at most an hour; else
     InvalidArgument (NaN and infinity too: they would break the event loop's timers)."""
@@ -902,8 +916,8 @@ class RoutingClient:
         Idempotent by ``request_id`` (a fresh uuid4 when None), which every retry of
         this call reuses: the grant is applied at most once, and a replayed answer says
         so. To retry a grant yourself after this call failed (its deadline passed, its
-        outcome unknown), pass your own ``request_id`` and pass it again: a fresh one
-        would grant twice. ``epoch`` 0 lets the node use its current epoch. Raises InvalidArgument
+        outcome unknown), pass it the same ``request_id`` again (the error names it, also as
+        its ``request_id`` attribute): a fresh one would grant twice. ``epoch`` 0 lets the node use its current epoch. Raises InvalidArgument
         (bad input, checked before anything is sent), FailedPrecondition (e.g. an item
         someone already owns, or an ``epoch`` older than the shard's), and after
         ``deadline_s`` the last retryable error."""
@@ -924,9 +938,9 @@ class RoutingClient:
                 request_id=request.request_id,
             )
 
-        return await self._run(
+        return await _naming_request(request.request_id, self._run(
             player_id, call, allow_stale=False, deadline_s=deadline_s, what="GrantItems", epoch=epoch
-        )
+        ))
 
     async def set_player_data(
         self,
@@ -959,9 +973,9 @@ class RoutingClient:
                 consistency=r.consistency, request_id=request.request_id,
             )
 
-        return await self._run(
+        return await _naming_request(request.request_id, self._run(
             player_id, call, allow_stale=False, deadline_s=deadline_s, what="SetPlayerData", epoch=epoch
-        )
+        ))
 
     async def get_player_data(
         self,

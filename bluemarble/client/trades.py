@@ -226,8 +226,9 @@ class TradeClient:
         this client's CPU per trade."""
         if self._closed:
             raise ClientClosed(
-                "the trade client was closed; a trade in flight has an unknown outcome: ask get_trade "
-                "or retry with the same trade id on a new client"
+                "the trade client was closed; a trade in flight has an unknown outcome: retry it with the same "
+                "trade id and terms on a new client" if rpc == "ExecuteTrade" else
+                f"the trade client was closed; {rpc} needs a new client"
             )
         loop = asyncio.get_running_loop()
         if self._loop is None:

@@ -18,6 +18,9 @@ class BlueMarbleError(Exception):
 
     status: ClassVar[str] = "INTERNAL"
     retryable: ClassVar[bool] = False
+    request_id: str | None = None
+    """On a write whose outcome the caller does not know (the clients set it): the id to
+    retry it with, so that it applies at most once."""
 
 
 class RetryableError(BlueMarbleError):

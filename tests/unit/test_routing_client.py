@@ -376,6 +376,21 @@ async def test_a_silent_primary_costs_the_call_its_deadline_not_more() -> None:
     assert len(transport.calls) == 1 and transport.calls[0][3] == 0.5
 
 
+async def test_a_write_of_unknown_outcome_names_the_request_id_to_retry_with() -> None:
+    # Without it, a grant that ran out of time under a generated id could not be retried
+    # safely: a fresh id would grant twice.
+    clock = FakeClock()
+    client, _ = make_client(lambda a, r: asyncio.get_running_loop().create_future(), clock)
+    with pytest.raises(errors.DeadlineExceeded, match="did not answer before the call's deadline") as info:
+        await run_on(clock, client.grant_items(PLAYER, ["sword"], deadline_s=0.5), advance_s=2.0)
+    sent = info.value.request_id
+    assert sent and f"retry with request_id '{sent}', never a new one" in str(info.value), info.value
+    with pytest.raises(errors.DeadlineExceeded) as info:
+        await run_on(clock, client.set_player_data(PLAYER, "chat", "k", b"v", request_id="mine", deadline_s=0.5),
+                     advance_s=2.0)
+    assert info.value.request_id == "mine" and "request_id 'mine'" in str(info.value)
+
+
 async def test_a_stale_read_falls_back_to_a_replica_when_the_primary_fails() -> None:
     clock = FakeClock()
 
