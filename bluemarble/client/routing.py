@@ -916,9 +916,10 @@ class RoutingClient:
         Idempotent by ``request_id`` (a fresh uuid4 when None), which every retry of
         this call reuses: the grant is applied at most once, and a replayed answer says
         so. To retry a grant yourself after this call failed (its deadline passed, its
-        outcome unknown), pass it the same ``request_id`` again (the error names it, also as
-        its ``request_id`` attribute): a fresh one would grant twice. ``epoch`` 0 lets the node use its current epoch. Raises InvalidArgument
-        (bad input, checked before anything is sent), FailedPrecondition (e.g. an item
+        outcome unknown), pass it the same ``request_id`` again (the error names it, also
+        as its ``request_id`` attribute): a fresh one would grant twice. ``epoch`` 0 lets
+        the node use its current epoch. Raises InvalidArgument (bad input, checked before
+        anything is sent), FailedPrecondition (e.g. an item
         someone already owns, or an ``epoch`` older than the shard's), and after
         ``deadline_s`` the last retryable error."""
         request = shardnode_pb2.GrantItemsRequest(

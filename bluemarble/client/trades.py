@@ -273,8 +273,8 @@ class TradeClient:
         except (errors.Unavailable, errors.DeadlineExceeded) as e:  # a call on the ExecuteTrades stream
             if self._closed:
                 raise ClientClosed(
-                    f"the trade client was closed during {rpc}; its outcome is unknown: ask get_trade "
-                    "or retry with the same trade id on a new client"
+                    f"the trade client was closed during {rpc}; its outcome is unknown: retry it with the same "
+                    "trade id and terms on a new client"
                 ) from None
             self._cp.rotate(away_from=address)
             raise e
@@ -287,8 +287,8 @@ class TradeClient:
                 raise  # our caller cancelled us
             # grpc.aio raises CancelledError in a call whose channel close() closed under it.
             raise ClientClosed(
-                f"the trade client was closed during {rpc}; its outcome is unknown: ask get_trade "
-                "or retry with the same trade id on a new client"
+                f"the trade client was closed during {rpc}; its outcome is unknown: retry it with the same "
+                "trade id and terms on a new client"
             ) from None
 
     def _stream(self, address: str, stub: trade_pb2_grpc.TradeCoordinatorStub) -> CallStream:
