@@ -235,7 +235,7 @@ async def test_closing_the_client_fails_trades_in_flight_as_closed(start: Any) -
     results = await asyncio.wait_for(asyncio.gather(*trades, return_exceptions=True), 5)
     # Not a bare CancelledError (a TaskGroup would take it for a cancellation), and final.
     assert all(isinstance(r, ClientClosed) for r in results), results
-    assert all("get_trade" in str(r) for r in results)
+    assert all("retry it with the same trade id and terms on a new client" in str(r) for r in results)
     assert len(coordinator.requests) == 3  # nothing sent again
     with pytest.raises(ClientClosed):
         await client.execute_trade("t-after", "a", "b", a_gold=1)
