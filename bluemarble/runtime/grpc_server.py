@@ -554,7 +554,20 @@ def guard_decoding(
 
 class HealthServicer(health_aio.HealthServicer):  # type: ignore[misc]
     """grpcio's asyncio health servicer plus ``List``, which grpcio leaves unimplemented
-    although the health proto (and so reflection and grpcurl) offers it."""
+    although the health proto (and so reflection and grpcurl) offers it, and a Check of an
+    unknown service that says which ones there are (grpcio's NOT_FOUND has no message)."""
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: Ctx) -> health_pb2.HealthCheckResponse:
+        statuses: dict[str, int] = self._server_status
+        status = statuses.get(request.service)
+        if status is None:
+            known = ", ".join(repr(name) for name in sorted(statuses)[:8])
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no health status for service {limits.echo(request.service, 128)}; this server reports {known} "
+                "('' is the server as a whole)",
+            )
+        return health_pb2.HealthCheckResponse(status=status)
 
     async def List(self, request: health_pb2.HealthListRequest, context: Ctx) -> health_pb2.HealthListResponse:
         """The status of every service this server knows (``""`` is the server as a

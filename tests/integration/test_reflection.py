@@ -105,6 +105,11 @@ async def test_health_is_serving(control_plane: ControlPlaneApp) -> None:
         for service in ("", "bluemarble.v1.ControlPlane"):
             r = await stub.Check(health_pb2.HealthCheckRequest(service=service))
             assert r.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:  # NOT_FOUND said nothing more
+            await stub.Check(health_pb2.HealthCheckRequest(service="nope" * 100_000))
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        details = unknown.value.details() or ""
+        assert "'bluemarble.v1.ControlPlane'" in details and len(details) < 400, details
 
 
 async def test_health_watch_streams_the_status_and_its_changes() -> None:
