@@ -245,6 +245,9 @@ class DataPlane:
         # Called when this node starts serving a shard as primary (the participant then
         # settles the escrows it inherited that are past their deadline).
         self.on_serving: Callable[[ShardId], None] | None = None
+        # Players of escrows a new primary inherited, while it looks their trades up: a
+        # decided trade's outcome is applied before their items are read or traded.
+        self._settling: dict[tuple[ShardId, PlayerId], set[str]] = {}
 
     # ---- lifecycle ----
 
@@ -723,6 +726,29 @@ class DataPlane:
                 "(no heartbeat answered in time), so it serves no STRONG operation as primary; retry shortly"
             )
 
+    def hold_while_settling(self, shard: ShardId, player: PlayerId, trade_id: str) -> None:
+        """Refuses ``player``'s reads and writes on ``shard`` (Unavailable, retryable) until
+        :meth:`release_settled`: its escrow of ``trade_id``, inherited from the previous
+        primary, may belong to a trade already decided. A caller told COMMITTED must not
+        then see the items where they were, nor have a trade of them refused for good."""
+        self._settling.setdefault((shard, player), set()).add(trade_id)
+
+    def release_settled(self, shard: ShardId, player: PlayerId, trade_id: str) -> None:
+        held = self._settling.get((shard, player))
+        if held is not None:
+            held.discard(trade_id)
+            if not held:
+                del self._settling[(shard, player)]
+
+    def check_not_settling(self, shard: ShardId, player: str) -> None:
+        held = self._settling.get((shard, PlayerId(player))) if self._settling else None
+        if held:
+            trade = min(held)
+            raise Unavailable(
+                f"player {limits.echo(player)} is in trade {limits.echo(trade, 40)}, which {shard}'s new primary "
+                "inherited and is settling now; retry shortly"
+            )
+
     def _writable(self, shard: ShardId, epoch: int, *, strong: bool) -> ShardState:
         """The shard's state if this node may write to it at ``epoch`` (0: the current one)."""
         validation.log_counter(epoch, "epoch")
@@ -816,6 +842,8 @@ class DataPlane:
     ) -> shardnode_pb2.GetInventoryResponse:
         shard = self.shard_for(player)
         state, stale = self._readable(shard, allow_stale)
+        if not stale:
+            self.check_not_settling(shard, player)
         read_at_lsn = state.last.lsn
         found = self._storage.inventory(shard, player)
         holdings = self._storage.holdings(shard, player) if found is not None else None
@@ -846,6 +874,7 @@ class DataPlane:
             raise InvalidArgument("the grant is empty; give at least one item id or some gold")
         shard = self.shard_for(player)
         state = self._writable(shard, request.epoch, strong=True)
+        self.check_not_settling(shard, player)
         op = shardnode_pb2.WriteOp(
             request_id=request.request_id,
             player_id=player,

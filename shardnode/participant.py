@@ -28,7 +28,9 @@ the control plane for the decision (``TradeCoordinator.ResolveTrade``: the recor
 ABORTED written if absent) and apply it as a settle write. The shard node never decides
 an outcome itself. A newly promoted primary runs the rule as soon as it serves, and
 settles at once the escrows it inherited whose trade is decided already (ResolveTrade
-``if_decided``, which writes nothing); the others wait for their deadline.
+``if_decided``, which writes nothing); the others wait for their deadline. Until that
+lookup is done, the players of those escrows get UNAVAILABLE (retry): their trade may
+have been answered COMMITTED, and what they hold must not show, or be traded, as before.
 """
 
 from __future__ import annotations
@@ -161,11 +163,20 @@ class Participant:
             key = (record.shard_id, record.trade_id)
             if key in self._resolving:
                 continue
+            if record.leg is not None:  # its player waits for the lookup (DataPlane.hold_while_settling)
+                self._dp.hold_while_settling(record.shard_id, PlayerId(record.leg.player), record.trade_id)
             task = background.start(self._settle_if_decided(record), f"inherited-{record.trade_id[:40]}")
             self._resolving[key] = task
             task.add_done_callback(lambda _t, key=key: self._resolving.pop(key, None))  # type: ignore[misc]
 
     async def _settle_if_decided(self, record: stored.TradeRecord) -> None:
+        try:
+            await self._settle_if_decided_once(record)
+        finally:
+            if record.leg is not None:
+                self._dp.release_settled(record.shard_id, PlayerId(record.leg.player), record.trade_id)
+
+    async def _settle_if_decided_once(self, record: stored.TradeRecord) -> None:
         try:
             decision = await self.decided(record.shard_id, record.trade_id, record.leg)
             if decision is None:
@@ -282,6 +293,7 @@ class Participant:
         leg = _check_leg(stored.leg_from_proto(trade_id, request.legs[0]))
         shard = self._shard_of(leg.player, request.shard_id)
         state = self._dp.writable(shard, request.epoch)
+        self._dp.check_not_settling(shard, leg.player)
         view = self._view(shard, trade_id)
         decision = decide_prepare(leg, self._holdings(shard, leg.player, leg.receives.item_ids), view.known)
         response = shardnode_pb2.PrepareResponse(epoch=state.epoch)
@@ -404,6 +416,8 @@ class Participant:
                 "shards; use TradeCoordinator.ExecuteTrade"
             )
         state = self._dp.writable(shard, request.epoch)
+        self._dp.check_not_settling(shard, trade.player_a)
+        self._dp.check_not_settling(shard, trade.player_b)
         view = self._view(shard, trade.trade_id)
         response = shardnode_pb2.ExecuteLocalTradeResponse(trade_id=trade.trade_id)
         if view.known is not None:

@@ -55,11 +55,14 @@ class Resolver(trade_pb2_grpc.TradeCoordinatorServicer):
         self.records: dict[str, int] = {}
         self.calls: list[trade_pb2.ResolveTradeRequest] = []
         self.unavailable = False  # answer UNAVAILABLE, as a control plane without etcd does
+        self.gate: asyncio.Event | None = None  # when set, an answer waits for it
 
     async def ResolveTrade(
         self, request: trade_pb2.ResolveTradeRequest, context: Any
     ) -> trade_pb2.ResolveTradeResponse:
         self.calls.append(request)
+        if self.gate is not None:
+            await self.gate.wait()
         if self.unavailable:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "etcd unreachable")
         if request.if_decided and request.trade_id not in self.records:
@@ -337,6 +340,49 @@ async def test_a_new_term_settles_at_once_the_inherited_escrows_already_decided(
     assert [r.trade_id for r in n.storage.prepared_trades([SHARD])] == ["open"]
     inventory = await n.stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id="alice"))
     assert sorted(inventory.item_ids) == ["gem", "shield"] and list(inventory.escrowed_item_ids) == ["shield"]
+
+
+async def test_a_player_of_an_inherited_escrow_waits_for_its_lookup(node: Node) -> None:
+    """A new primary serves a player with an inherited escrow only once it has looked the
+    trade up: the trade may be decided (its caller told COMMITTED), and the player's items
+    must not show, or be traded, as they were before it. An outside check saw the next
+    trade of an item just received refused for good ("does not own") in that window."""
+    n = node
+    n.participant.escrow_timeout_ms = 60_000
+    await seed(n, "alice", ["sword"], 10)
+    await seed(n, "bob", ["axe"], 10)
+    await n.stub.Prepare(prepare("decided", leg("alice", ["sword"], 0, ["gem"], 0)))
+    n.resolver.records["decided"] = common_pb2.TRADE_OUTCOME_COMMITTED
+    gate = n.resolver.gate = asyncio.Event()
+    n.participant._on_serving(SHARD)
+    await wait_for(lambda: _asked(n, "decided"), 5.0, "the inherited escrow to be looked up")
+    calls = [
+        n.stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id="alice")),
+        n.stub.Prepare(prepare("next", leg("alice", ["gem"], 0))),
+        n.stub.GrantItems(shardnode_pb2.GrantItemsRequest(request_id="g-a", player_id="alice", gold=1)),
+        n.stub.ExecuteLocalTrade(shardnode_pb2.ExecuteLocalTradeRequest(
+            trade_id="local", shard_id=SHARD, player_a="bob", player_b="alice", a_gives=common_pb2.Offer(gold=1))),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+        assert "inherited and is settling now; retry shortly" in (info.value.details() or ""), info.value
+    assert list((await n.stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id="bob"))).item_ids) == ["axe"]
+    gate.set()
+    await wait_for(lambda: _settled(n), 5.0, "the inherited escrow to be settled")
+    inventory = await n.stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id="alice"))
+    assert list(inventory.item_ids) == ["gem"] and not inventory.escrowed_item_ids
+    answer = await n.stub.Prepare(prepare("next", leg("alice", ["gem"], 0)))
+    assert answer.vote == shardnode_pb2.TRADE_VOTE_PREPARED
+
+
+async def _asked(n: Node, trade_id: str) -> bool:
+    return any(c.trade_id == trade_id for c in n.resolver.calls)
+
+
+async def _settled(n: Node) -> bool:
+    return not n.participant._resolving and not n.storage.prepared_trades([SHARD])
 
 
 BAD_PREPARES = [
