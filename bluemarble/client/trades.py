@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 import grpc.aio
+import structlog
 
 from bluemarble.client.control_plane import MIN_ATTEMPT_S, ControlPlaneClient, to_error
 from bluemarble.client.node_calls import TRADE_CALLS, CallStream, Unsupported
@@ -65,9 +66,15 @@ from bluemarble.runtime import background, retry, tracing
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 from bluemarble.v1 import common_pb2, shardnode_pb2, trade_pb2, trade_pb2_grpc
 
+log = structlog.get_logger(__name__)
+
 DEFAULT_TRADE_DEADLINE_S = 30.0
 MAX_UNANSWERED_KEPT = 10_000
 """Trade ids a client remembers sending without an answer (for get_trade)."""
+HEDGE_AFTER_S = 3.0
+"""An ExecuteTrade attempt unanswered this long is also sent to the next control-plane
+replica (:meth:`TradeClient._hedged`): trades answer in milliseconds to a second or two
+(a slow participant's Prepare bound is 2 s), and a replica this silent is likely paused."""
 DEFAULT_ATTEMPT_TIMEOUT_S = 10.0
 """One ExecuteTrade attempt: the coordinator's own bounds (prepare 2 s, settle 3 s, the
 etcd write) fit well within it; a replica that takes longer is treated as gone."""
@@ -315,6 +322,9 @@ class TradeClient:
             timeout_s = min(self._attempt_timeout_s, remaining_s)
             if attempts > 1:  # a retry at the end of the deadline gets the shortest attempt that can be answered
                 timeout_s = max(MIN_ATTEMPT_S, timeout_s)  # (the first keeps a deadline shorter than that)
+            if (rpc == "ExecuteTrade" and len(self._cp.addresses) > 1 and timeout_s > HEDGE_AFTER_S
+                    and type(clock) is SystemClock):
+                return await self._hedged(rpc, request, timeout_s)
             return await self._once(rpc, request, timeout_s)
 
         policy = retry.RetryPolicy(
@@ -322,6 +332,35 @@ class TradeClient:
         )
         response = await retry.call(attempt, what=what, policy=policy, clock=clock, retry_if=_retried, expected=True)
         return response, attempts
+
+    async def _hedged(self, rpc: str, request: object, timeout_s: float) -> object:
+        """:meth:`_once`, and if its replica has not answered within :data:`HEDGE_AFTER_S`,
+        the same call on the next replica too: the first answer wins. The trade id makes
+        the second safe (one decision, items moved at most once); a paused or hung replica
+        then costs the caller seconds, not a whole attempt's timeout."""
+        first_address = self._cp.current_address
+        first = asyncio.ensure_future(self._once(rpc, request, timeout_s))
+        try:
+            done, _ = await asyncio.wait({first}, timeout=HEDGE_AFTER_S)
+            if done:
+                return first.result()
+            log.info("control-plane replica silent; asking the next one too", rpc=rpc, replica=first_address,
+                     after_s=HEDGE_AFTER_S)
+            self._cp.rotate(away_from=first_address)
+            second = asyncio.ensure_future(self._once(rpc, request, timeout_s - HEDGE_AFTER_S))
+            try:
+                last: BaseException | None = None
+                for next_done in asyncio.as_completed((first, second)):
+                    try:
+                        return await next_done
+                    except errors.BlueMarbleError as e:  # the other may still answer
+                        last = e
+                assert last is not None
+                raise last
+            finally:
+                second.cancel()
+        finally:
+            first.cancel()
 
     async def execute_trade(
         self,

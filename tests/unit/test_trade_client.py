@@ -13,6 +13,7 @@ import grpc
 import grpc.aio
 import pytest
 
+from bluemarble.client import trades as trades_module
 from bluemarble.client.ring_router import RingRouter
 from bluemarble.client.routing import AssignmentCache, ClientClosed, RoutingClient
 from bluemarble.client.trades import TradeClient
@@ -202,6 +203,20 @@ async def test_the_deadline_bounds_the_retries(start: Any) -> None:
         took_s = time.monotonic() - started
     assert 0.4 <= took_s < 1.5
     assert len(coordinator.requests) >= 3
+
+
+async def test_a_silent_replica_is_hedged_on_the_next_one(start: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A paused replica held each trade for the whole 10 s attempt while the other answered.
+    monkeypatch.setattr(trades_module, "HEDGE_AFTER_S", 0.3)
+    silent, first = await start(lambda n: 30.0)
+    alive, second = await start(answer)
+    async with TradeClient([silent, alive]) as client:
+        started = time.monotonic()
+        result = await client.execute_trade("t-hedge", "a", "b", a_gold=1, deadline_s=20)
+        took_s = time.monotonic() - started
+    assert result.committed and result.attempts == 1
+    assert 0.3 <= took_s < 5.0, took_s
+    assert [r.trade_id for r in first.requests] == ["t-hedge"] == [r.trade_id for r in second.requests]
 
 
 async def test_a_deadline_shorter_than_an_attempt_holds(start: Any) -> None:
