@@ -222,7 +222,9 @@ cluster_ready() {
   local out
   out=$(ctr exec "$CP_CONTAINER" bluemarblectl --control-plane "$CP" status) || return 1
   echo "$out"
-  [ "$(field leader <<<"$out")" != "(none elected)" ] \
+  local leader
+  leader=$(field leader <<<"$out")
+  [ "$leader" != "(none elected)" ] && [ "${leader#unknown}" = "$leader" ] \
     && [ "$(field nodes <<<"$out")" = 3 ] \
     && [ "$(field 'shards without primary' <<<"$out")" = 0 ] \
     && [ "$(field 'shards under-replicated' <<<"$out")" = 0 ]

@@ -85,7 +85,7 @@ def render_status(r: controlplane_pb2.GetClusterStatusResponse) -> str:
     pairs = [
         ("cluster", r.cluster),
         ("served by", r.served_by),
-        ("leader", r.leader or "(none elected)"),
+        ("leader", r.leader or ("(none elected)" if r.etcd_healthy else "unknown (etcd unreachable)")),
         ("nodes", r.node_count),
         ("shards", r.shard_count),
         ("shards without primary", r.shards_without_primary),

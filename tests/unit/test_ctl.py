@@ -76,6 +76,8 @@ def test_ring_table_shows_each_shards_share() -> None:
 
 def test_status_names_the_leader_or_says_none() -> None:
     r = pb.GetClusterStatusResponse(cluster="c", served_by="cp-0", leader="", node_count=3)
+    assert "unknown (etcd unreachable)" in ctl.render_status(r)  # etcd_healthy is False
+    r.etcd_healthy = True
     assert "(none elected)" in ctl.render_status(r)
     r.leader = "cp-1"
     assert "cp-1" in ctl.render_status(r)
@@ -88,7 +90,7 @@ def test_status_shows_a_config_not_read_yet_as_unknown_not_zero() -> None:
     assert "unknown (not read from etcd yet)" in text and "lease TTL" not in text and "replication factor" not in text
     r.config.replication_factor, r.config.lease_ttl_s = 2, 10
     text = ctl.render_status(r)
-    assert "replication factor" in text and "10 s" in text and "unknown" not in text
+    assert "replication factor" in text and "10 s" in text and "not read from etcd" not in text
 
 
 def test_status_says_what_to_do_about_shards_without_a_primary() -> None:
