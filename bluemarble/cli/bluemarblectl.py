@@ -101,8 +101,9 @@ def render_status(r: controlplane_pb2.GetClusterStatusResponse) -> str:
             ("max moves per round", c.max_moves_per_round),
             ("consistency", ", ".join(f"{k}={_consistency(v)}" for k, v in sorted(c.consistency.items()))),
         ]
-    else:  # a replica that has not read the config (etcd down since it started): unknown, not 0
-        pairs.append(("config", "unknown (not read from etcd yet)"))
+    else:  # the replica answered without the config: unknown, not 0 (nor what depends on it)
+        pairs.append(("config", "unknown (etcd unreachable)" if not r.etcd_healthy else "unknown (not read yet)"))
+        pairs = [(k, "unknown" if k == "shards under-replicated" else v) for k, v in pairs]
     pairs += [("warning", w) for w in r.warnings]
     if r.shards_without_primary:
         pairs.append((

@@ -87,10 +87,11 @@ def test_status_names_the_leader_or_says_none() -> None:
 def test_status_shows_a_config_not_read_yet_as_unknown_not_zero() -> None:
     r = pb.GetClusterStatusResponse(cluster="c", served_by="cp-0", etcd_healthy=False)
     text = ctl.render_status(r)
-    assert "unknown (not read from etcd yet)" in text and "lease TTL" not in text and "replication factor" not in text
+    assert "unknown (etcd unreachable)" in text and "lease TTL" not in text and "replication factor" not in text
+    assert "shards under-replicated  unknown" in text
     r.config.replication_factor, r.config.lease_ttl_s = 2, 10
     text = ctl.render_status(r)
-    assert "replication factor" in text and "10 s" in text and "not read from etcd" not in text
+    assert "replication factor" in text and "10 s" in text and "config" not in text
 
 
 def test_status_says_what_to_do_about_shards_without_a_primary() -> None:
@@ -130,7 +131,8 @@ def test_unreachable_control_plane_is_a_clear_error(capsys: pytest.CaptureFixtur
 def test_status_shows_replication_figures_and_warnings() -> None:
     r = pb.GetClusterStatusResponse(
         cluster="c", served_by="cp-0", shards_under_replicated=3, live_nodes_eligible=2,
-        warnings=["replication_factor is 3 but only 2 live nodes are eligible"],
+        warnings=["replication_factor is 3 but only 2 live nodes are eligible"], etcd_healthy=True,
+        config=common_pb2.ClusterConfig(replication_factor=3),
     )
     text = ctl.render_status(r)
     assert "shards under-replicated  3" in text and "eligible live nodes      2" in text
