@@ -89,6 +89,9 @@ RESOLVE_POLICY = retry.RetryPolicy(initial_s=0.1, max_backoff_s=1.0, deadline_s=
 address after a failure, with jittered backoff. A trade whose attempt fails is tried again
 by the loop (after its own jittered delay), so an escrow is settled once the control plane
 is back (I5)."""
+MAX_INHERITED_LOOKUPS = 4096
+"""Inherited escrows a new term looks up at once (and holds the players of); more wait
+for their deadline's termination, as every escrow beyond it did before."""
 MAX_CONCURRENT_RESOLVES = 64
 REFUSED_SETTLE_LOG_INTERVAL_S = 10.0
 """At most one error line per kind of refused settle in this many seconds."""
@@ -128,6 +131,7 @@ class Participant:
         self._interval_s = check_interval_s or min(1.0, max(0.05, escrow_timeout_s / 5))
         self._rng = rng or random.Random()
         self._resolving: dict[tuple[ShardId, str], asyncio.Task[None]] = {}
+        self._lookup_slots = asyncio.Semaphore(MAX_CONCURRENT_RESOLVES)  # inherited escrows' lookups
         self._next_try_s: dict[tuple[ShardId, str], float] = {}
         # Terminations go wrong together (etcd out of space or unreachable: every escrow
         # fails each round): one warning, then a summary every few seconds, not one a try.
@@ -158,23 +162,26 @@ class Participant:
         self._wake.set()
         if self._client is None:
             return
-        room = MAX_CONCURRENT_RESOLVES - len(self._resolving)
-        for record in self._dp.storage.prepared_trades([shard], limit=max(room, 0)) if room > 0 else ():
+        # Every inherited escrow's player waits for its lookup (DataPlane.hold_while_settling),
+        # or for the termination already resolving it; at most MAX_CONCURRENT_RESOLVES
+        # lookups run at once (the rest queue on the semaphore, their players held).
+        for record in self._dp.storage.prepared_trades([shard], limit=MAX_INHERITED_LOOKUPS):
             key = (record.shard_id, record.trade_id)
-            if key in self._resolving:
-                continue
-            if record.leg is not None:  # its player waits for the lookup (DataPlane.hold_while_settling)
-                self._dp.hold_while_settling(record.shard_id, PlayerId(record.leg.player), record.trade_id)
-            task = background.start(self._settle_if_decided(record), f"inherited-{record.trade_id[:40]}")
-            self._resolving[key] = task
-            task.add_done_callback(lambda _t, key=key: self._resolving.pop(key, None))  # type: ignore[misc]
+            running = self._resolving.get(key)
+            task = running or background.start(self._settle_if_decided(record), f"inherited-{record.trade_id[:40]}")
+            if record.leg is not None:
+                player = PlayerId(record.leg.player)
+                self._dp.hold_while_settling(record.shard_id, player, record.trade_id)
+                task.add_done_callback(
+                    lambda _t, r=record, p=player: self._dp.release_settled(r.shard_id, p, r.trade_id)  # type: ignore[misc]
+                )
+            if running is None:
+                self._resolving[key] = task
+                task.add_done_callback(lambda _t, key=key: self._resolving.pop(key, None))  # type: ignore[misc]
 
     async def _settle_if_decided(self, record: stored.TradeRecord) -> None:
-        try:
+        async with self._lookup_slots:
             await self._settle_if_decided_once(record)
-        finally:
-            if record.leg is not None:
-                self._dp.release_settled(record.shard_id, PlayerId(record.leg.player), record.trade_id)
 
     async def _settle_if_decided_once(self, record: stored.TradeRecord) -> None:
         try:

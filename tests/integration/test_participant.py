@@ -26,6 +26,7 @@ from bluemarble.core.ids import PlayerId, ShardId
 from bluemarble.core.ring import initial_ring
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc, trade_pb2, trade_pb2_grpc
+from shardnode import participant as participant_module
 from shardnode.agent import SessionState
 from shardnode.dataplane import DataPlane
 from shardnode.participant import Participant
@@ -375,6 +376,28 @@ async def test_a_player_of_an_inherited_escrow_waits_for_its_lookup(node: Node) 
     assert list(inventory.item_ids) == ["gem"] and not inventory.escrowed_item_ids
     answer = await n.stub.Prepare(prepare("next", leg("alice", ["gem"], 0)))
     assert answer.vote == shardnode_pb2.TRADE_VOTE_PREPARED
+
+
+async def test_every_inherited_escrow_holds_its_player_beyond_the_concurrent_lookups(node: Node) -> None:
+    # Only as many as could be looked up at once (64) were held: the players of the others
+    # were served before their trades were, as before the hold.
+    n = node
+    n.participant.escrow_timeout_ms = 60_000
+    count = participant_module.MAX_CONCURRENT_RESOLVES + 6
+    for i in range(count):
+        await seed(n, f"p{i}", [f"item{i}"], 0)
+        await n.stub.Prepare(prepare(f"t{i}", leg(f"p{i}", [f"item{i}"])))
+        n.resolver.records[f"t{i}"] = common_pb2.TRADE_OUTCOME_ABORTED
+    gate = n.resolver.gate = asyncio.Event()
+    n.participant._on_serving(SHARD)
+    last = f"p{count - 1}"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await n.stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id=last))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "settling now" in (info.value.details() or "")
+    gate.set()
+    await wait_for(lambda: _settled(n), 10.0, "every inherited escrow to be settled")
+    inventory = await n.stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id=last))
+    assert list(inventory.item_ids) == [f"item{count - 1}"] and not inventory.escrowed_item_ids
 
 
 async def _asked(n: Node, trade_id: str) -> bool:
