@@ -93,7 +93,8 @@ class Trade:
 
 
 async def escrows_of(routing: RoutingClient, player: str, trade_id: str) -> list[str]:
-    """The states the player's primary holds for ``trade_id`` (ListTrades, local view)."""
+    """The states the player's primary holds for ``trade_id`` on the player's shard
+    (ListTrades, local view; the node may lead the other side's shard too)."""
     route = routing.resolve(player)
     address = route.addresses.get(route.primary) if route.primary else None
     if address is None:
@@ -104,7 +105,8 @@ async def escrows_of(routing: RoutingClient, player: str, trade_id: str) -> list
             r = await stub.ListTrades(shardnode_pb2.ListTradesRequest(trade_id=trade_id), timeout=1)
         except grpc.aio.AioRpcError:
             return []
-    return [shardnode_pb2.ParticipantTradeState.Name(t.state) for t in r.trades if t.trade_id == trade_id]
+    return [shardnode_pb2.ParticipantTradeState.Name(t.state) for t in r.trades
+            if t.trade_id == trade_id and t.shard_id == route.shard_id]
 
 
 async def test_a_retry_after_a_coordinator_crash_at_each_step_has_one_outcome(
