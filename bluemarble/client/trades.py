@@ -41,8 +41,10 @@ id under :mod:`bluemarble.runtime.retry`'s jittered exponential backoff, until
 (:class:`~bluemarble.client.control_plane.ControlPlaneClient`). INVALID_ARGUMENT (bad
 terms, or a trade id reused for other terms) and other statuses are final and raised at
 once. When the deadline passes the last retryable error is raised: the trade may or may
-not have been decided; asking again with the same id and terms (or :meth:`get_trade`)
-tells which.
+not have been decided; asking again with the same id and terms tells which
+(:meth:`get_trade` shows where it stands). An ExecuteTrade attempt that a replica has not
+answered within :data:`HEDGE_AFTER_S` goes to the next replica too (a paused replica
+costs seconds, not the attempt's timeout); the first answer wins.
 """
 
 from __future__ import annotations
