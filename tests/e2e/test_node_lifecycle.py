@@ -145,8 +145,11 @@ def test_a_control_plane_replica_stopping_gracefully_costs_its_nodes_no_warning(
     replica = process_cluster.processes[0]  # cp-0: the first address, where the node's streams are
     replica.signal(signal.SIGTERM)
     assert replica.proc is not None and replica.proc.wait(30) == 0
-    wait_until(lambda: "heartbeating through the next" in process_cluster.log_text("n1"), 15,
-               "the node to move its heartbeats to the other replica")
+    try:
+        wait_until(lambda: "heartbeating through the next" in process_cluster.log_text("n1"), 15,
+                   "the node to move its heartbeats to the other replica")
+    except TimeoutError as e:  # what the node did instead says why
+        raise AssertionError(f"{e}; the node's log ends:\n{process_cluster.log_text('n1')[-4000:]}") from None
     second = process_cluster.control_planes[1]
     renewed = time.monotonic() + 3  # past a heartbeat interval (TTL / 3) on the other replica
     while time.monotonic() < renewed:
