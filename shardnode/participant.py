@@ -180,18 +180,15 @@ class Participant:
                 task.add_done_callback(lambda _t, key=key: self._resolving.pop(key, None))  # type: ignore[misc]
 
     async def _settle_if_decided(self, record: stored.TradeRecord) -> None:
-        async with self._lookup_slots:
-            await self._settle_if_decided_once(record)
-
-    async def _settle_if_decided_once(self, record: stored.TradeRecord) -> None:
         try:
-            decision = await self.decided(record.shard_id, record.trade_id, record.leg)
-            if decision is None:
-                log.debug("inherited escrow not decided yet; its deadline settles it", trade_id=record.trade_id,
-                          shard=record.shard_id)
-                return
-            outcome, reason = decision
-            state = await self.settle(record.trade_id, record.shard_id, 0, outcome, reason=reason)
+            async with self._lookup_slots:
+                decision = await self.decided(record.shard_id, record.trade_id, record.leg)
+                if decision is None:
+                    log.debug("inherited escrow not decided yet; its deadline settles it", trade_id=record.trade_id,
+                              shard=record.shard_id)
+                    return
+                outcome, reason = decision
+                state = await self.settle(record.trade_id, record.shard_id, 0, outcome, reason=reason)
         except BlueMarbleError as e:
             log.info("inherited escrow not settled at once; its deadline settles it", trade_id=record.trade_id,
                      shard=record.shard_id, error=str(e))

@@ -20,7 +20,7 @@ from bluemarble.core.errors import InvalidArgument, PermissionDenied, Unavailabl
 from bluemarble.core.limits import echo
 from bluemarble.core.trades import Outcome
 from bluemarble.runtime import multiplex
-from bluemarble.runtime.auth import COORDINATOR_CALLS, ClusterPeers
+from bluemarble.runtime.auth import COORDINATOR_CALLS, ClusterPeers, deny_other_node
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
 from shardnode.dataplane import DEFAULT_COMMIT_TIMEOUT_S, DataPlane
 from shardnode.participant import Participant
@@ -135,14 +135,9 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
                 if names is not None and batch.primary not in names:
                     # A node ships only its own log: another node's name would let it
                     # speak for that shard's primary.
-                    log.warning("replication refused: certificate names another node", primary=batch.primary[:128],
-                                certificate=sorted(names)[:4], peer=context.peer())
-                    shown = ", ".join(sorted(names)[:4]) or "nothing"
-                    await context.abort(
-                        grpc.StatusCode.PERMISSION_DENIED,
-                        f"Replicate as primary {echo(batch.primary, 128)}: the client certificate names "
-                        f"{shown[:200]}; a node replicates only as itself",
-                    )
+                    await deny_other_node(context, "Replicate", batch.primary, names,
+                                          f"Replicate as primary {echo(batch.primary, 128)}",
+                                          "a node replicates only as itself")
                 await dp.hold_if_failpoint()
                 yield dp.replicate(batch)
         finally:

@@ -245,14 +245,21 @@ class ServerAuth:
         names = tls.peer_identities(context.auth_context())
         if node_id in names:
             return
-        log.warning("node rpc refused: certificate names another node", rpc=method, node_id=node_id[:128],
-                    certificate=sorted(names)[:4], peer=context.peer())
-        shown = ", ".join(sorted(names)[:4]) or "nothing"
-        await context.abort(
-            grpc.StatusCode.PERMISSION_DENIED,
-            f"{method} for node {node_id[:128]!r}: the client certificate names {shown[:200]}; "
-            "a node may act only for itself (its certificate's CN or a DNS SAN is its node id)",
-        )
+        await deny_other_node(context, method, node_id, names, f"{method} for node {node_id[:128]!r}",
+                              "a node may act only for itself (its certificate's CN or a DNS SAN is its node id)")
+
+
+async def deny_other_node(context: Ctx, method: str, claimed: str, names: Iterable[str], doing: str,
+                          rule: str) -> None:
+    """Logs and aborts the call PERMISSION_DENIED: ``doing`` names node ``claimed``, but
+    the client certificate names ``names``; ``rule`` says what a node may do instead."""
+    shown = sorted(names)[:4]
+    log.warning("node rpc refused: certificate names another node", rpc=method, node_id=claimed[:128],
+                certificate=shown, peer=context.peer())
+    await context.abort(
+        grpc.StatusCode.PERMISSION_DENIED,
+        f"{doing}: the client certificate names {(', '.join(shown) or 'nothing')[:200]}; {rule}",
+    )
 
 
 
