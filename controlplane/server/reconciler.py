@@ -119,6 +119,7 @@ from bluemarble.core.placement import (
 )
 from bluemarble.core.placement.repair import down_replicas_that_may_hold_more, unsafe_outside_copies
 from bluemarble.core.replication.position import LogPosition
+from bluemarble.core.replication.primary import required_acks_for
 from bluemarble.core.ring import Ring
 from bluemarble.runtime import background, metrics, retry
 from bluemarble.runtime.clock import Clock, SystemClock, wait_event
@@ -303,6 +304,7 @@ class Reconciler:
         self._stalled: set[tuple[ShardId, int]] = set()  # confirmed: promote past them
         # Copies kept until what replaces them can take over, by (shard, kept node, successor).
         self._pins: dict[tuple[ShardId, NodeId, NodeId], _Pin] = {}
+        self._kept_unmatched: set[tuple[ShardId, NodeId]] = set()  # logged once while kept
         # Lost shards whose members hold no copy: their next fence asks every live node.
         self._widened: set[ShardId] = set()
         self._wake = asyncio.Event()
@@ -787,6 +789,7 @@ class Reconciler:
         keep |= {(shard, former) for shard, (former, _) in handed.items()}
         keep |= {(shard, source) for shard, source, _ in moved}
         plan = keep_copies(plan, current, keep, addresses.keys())
+        plan = await self._keep_unmatched_replicas(plan, current, addresses)
         if written:
             now = self._clock.monotonic_s()
             changes = [(shard, former, new, True) for shard, (former, new) in handed.items()]
@@ -795,6 +798,61 @@ class Reconciler:
                 epoch = plan.assignments[shard].epoch
                 self._pins[(shard, former, successor)] = _Pin(former, successor, handoff, epoch, now)
         return plan
+
+    async def _keep_unmatched_replicas(
+        self, plan: PlacementPlan, current: Mapping[ShardId, ShardAssignment], addresses: Mapping[NodeId, str],
+    ) -> PlacementPlan:
+        """``plan`` with each replica it drops from a shard whose primary is live kept,
+        dead or alive, until the replicas of the new record hold that primary's log: at
+        least as many of them as a STRONG write needs acks from must report a position at
+        or past the primary's, asked primary first, then them (a handoff's old primary,
+        kept as a replica, holds it).
+
+        Why. A write is acknowledged once the primary and any one replica hold it
+        (:func:`~bluemarble.core.replication.primary.required_acks_for`); a failover waits
+        for the shard's down replicas when they may hold such a write
+        (:func:`~bluemarble.core.placement.repair.down_replicas_that_may_hold_more`), and
+        that rule knows only the replicas the record names. A replica dropped from the
+        record while the others lag (R = 3: it dies, its lease ends before the primary's,
+        which died with it or dies a moment later) would no longer count, and the lagging
+        copy would be promoted over writes only the dropped one acknowledged. A dead node
+        cannot acknowledge anything new, so once a staying replica holds what the primary
+        held after the death, it holds everything the dead one did. Writes acknowledged by
+        a live dropped replica before the primary learns the new record are not covered
+        (docs/decisions.md)."""
+        dropping: dict[ShardId, list[NodeId]] = {}
+        for shard in plan.changed:
+            before, after = current.get(shard), plan.assignments[shard]
+            if before is None or before.primary not in addresses:
+                continue  # a failover: its promotion waited for such copies already
+            gone = [r for r in before.replicas if r not in after.members]
+            if gone:
+                dropping[shard] = gone
+        if not dropping:
+            return plan
+        primaries = {p for s in dropping if (p := current[s].primary) is not None and p in addresses}
+        heads = await self._probe.positions({p: addresses[p] for p in primaries}, dropping)
+        staying = {r for s in dropping for r in plan.assignments[s].replicas if r in addresses}
+        tails = await self._probe.positions({r: addresses[r] for r in staying}, dropping) if heads else {}
+        keep: set[tuple[ShardId, NodeId]] = set()
+        for shard, gone in dropping.items():
+            primary, replicas = current[shard].primary, plan.assignments[shard].replicas
+            head = heads.get((shard, primary)) if primary is not None else None
+            if head is not None:
+                holding = [r for r in replicas if (t := tails.get((shard, r))) is not None and t >= head]
+                if len(holding) >= required_acks_for(len(replicas)):
+                    continue
+            keep.update((shard, node) for node in gone)
+            for node in gone:
+                if (shard, node) not in self._kept_unmatched:
+                    log.info("keeping a replica in the shard until a staying replica holds the primary's log: "
+                             "it may hold acknowledged writes they lack", shard=shard, node_id=node,
+                             alive=node in addresses, primary=primary, primary_last=str(head) if head else "unknown",
+                             staying={r: str(tails[(shard, r)]) for r in replicas if (shard, r) in tails})
+        self._kept_unmatched = keep
+        if not keep:
+            return plan
+        return keep_copies(plan, current, keep, {node for _, node in keep})
 
     async def _drop_kept_copies(
         self, leadership: Leadership, plan: PlacementPlan, current: Mapping[ShardId, ShardAssignment],
@@ -1147,7 +1205,11 @@ class Reconciler:
                 key = self._keys.assignment(shard)
                 mod = self._expected_revision(key)
                 compares.append(Compare.absent(key) if mod is None else Compare.mod_revision(key, mod))
-                puts.append(Put(key, codec.encode(assignment_to_proto(plan.assignments[shard], leases))))
+                # A member with no live registration (a dead replica kept) keeps the one it
+                # was given the role under: back with an empty disk, it is a new incarnation.
+                recorded = self._assignments.entries.get(key)
+                stamps = {**assignment_incarnations(recorded), **leases} if recorded is not None else leases
+                puts.append(Put(key, codec.encode(assignment_to_proto(plan.assignments[shard], stamps))))
             result = await self._store.txn(compares, puts)
             if not result.succeeded:
                 if not await self._election.verify():

@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -33,10 +34,10 @@ class DoubleCrash:
     player: str
 
 
-async def _crash_primary_and_acker(cluster: ProcessCluster, client: RoutingClient) -> DoubleCrash:
+async def _acknowledged_past_a_lagging_copy(cluster: ProcessCluster, client: RoutingClient) -> tuple[DoubleCrash, Path]:
     """Two grants to a player, the second acknowledged by the primary and one replica
-    only (the third copy's disk hangs); then both of those nodes are SIGKILLed, and the
-    leader is seen waiting for them. The third copy's disk works again on return."""
+    only: the third copy's disk hangs (the failpoint file returned; remove it to end
+    the hang)."""
     shard, before = sorted(assignments(cluster).items())[0]
     primary, acker, lagging = before.primary, before.replicas[0], before.replicas[1]
     [player] = players_on(client, {shard}, 1, "dc")
@@ -45,13 +46,27 @@ async def _crash_primary_and_acker(cluster: ProcessCluster, client: RoutingClien
     failpoint.touch()
     acked = await client.grant_items(player, [f"{player}/acked"], gold=10, deadline_s=30)
     assert f"{player}/acked" in acked.inventory.item_ids
-    for node in (primary, acker):
+    return DoubleCrash(shard, before.epoch, primary, acker, player), failpoint
+
+
+async def _waits_for_the_dead_copies(cluster: ProcessCluster, crash: DoubleCrash) -> None:
+    """The leader logs that the shard's promotion waits, and the shard keeps its epoch."""
+    waits = re.compile(rf"{re.escape(WAITS)}.*\bshard={re.escape(crash.shard)}(\s|$)")
+    await eventually(lambda: any(waits.search(line) for line in cluster.log_text("cp-0").splitlines()), 40,
+                     f"the leader to wait for the dead copies of {crash.shard} instead of promoting the lagging one")
+    assert assignments(cluster)[crash.shard].epoch == crash.epoch, "the lagging copy was promoted"
+
+
+async def _crash_primary_and_acker(cluster: ProcessCluster, client: RoutingClient) -> DoubleCrash:
+    """A write acknowledged past a lagging copy; then the primary and the replica that
+    acknowledged it are SIGKILLed, and the leader is seen waiting for them. The third
+    copy's disk works again on return."""
+    crash, failpoint = await _acknowledged_past_a_lagging_copy(cluster, client)
+    for node in (crash.primary, crash.acker):
         cluster.process(node).signal(signal.SIGKILL)
-    await eventually(lambda: WAITS in cluster.log_text("cp-0"), 40,
-                     "the leader to wait for the dead copies instead of promoting the lagging one")
-    assert assignments(cluster)[shard].epoch == before.epoch, "the lagging copy was promoted"
+    await _waits_for_the_dead_copies(cluster, crash)
     failpoint.unlink()
-    return DoubleCrash(shard, before.epoch, primary, acker, player)
+    return crash
 
 
 async def _served_with_every_write(cluster: ProcessCluster, client: RoutingClient, crash: DoubleCrash) -> None:
@@ -73,6 +88,41 @@ async def test_a_lagging_copy_is_not_promoted_over_acknowledged_writes_of_two_de
     async with RoutingClient(process_cluster.control_planes) as client:
         await client.wait_ready(20)
         crash = await _crash_primary_and_acker(process_cluster, client)
+        for node in (crash.primary, crash.acker):
+            process_cluster.start_node(node, NODES[node])
+        await _served_with_every_write(process_cluster, client, crash)
+
+
+async def test_a_replica_that_dies_first_stays_a_member_while_it_may_hold_writes_the_others_lack(
+    process_cluster: ProcessCluster,
+) -> None:
+    """The replica that acknowledged a write dies first, and its lease ends while the
+    primary still holds its own: the leader must not drop it from the shard while the
+    staying replica lacks the primary's entries (its disk hangs). Dropped, it would no
+    longer count as a copy that may hold more once the primary dies too, and the lagging
+    copy would be promoted over the acknowledged write. Three shards, one primary a node:
+    the failover of the dead replica's own shard leaves the primaries balanced, so no
+    rebalancing handoff moves the shard under test meanwhile."""
+    start(process_cluster, NODES, replication_factor=3, shards=3)
+    await eventually(settled(process_cluster, 3, 3), 60, "every shard to be served, placement settled")
+    async with RoutingClient(process_cluster.control_planes) as client:
+        await client.wait_ready(20)
+        crash, failpoint = await _acknowledged_past_a_lagging_copy(process_cluster, client)
+        process_cluster.process(crash.acker).signal(signal.SIGKILL)
+        keeps = re.compile(rf"keeping a replica.*\bshard={re.escape(crash.shard)}(\s|$)")
+
+        def acker_gone() -> bool:
+            listed = {n.node_id for n in process_cluster.nodes()}
+            if not listed or crash.acker in listed:
+                return False
+            kept = any(keeps.search(line) for line in process_cluster.log_text("cp-0").splitlines())
+            return kept or crash.acker not in assignments(process_cluster)[crash.shard].replicas
+
+        await eventually(acker_gone, 40, f"{crash.acker}'s lease to end and the leader to judge {crash.shard}")
+        assert crash.acker in assignments(process_cluster)[crash.shard].replicas, "dropped while the other lags"
+        process_cluster.process(crash.primary).signal(signal.SIGKILL)
+        await _waits_for_the_dead_copies(process_cluster, crash)
+        failpoint.unlink()
         for node in (crash.primary, crash.acker):
             process_cluster.start_node(node, NODES[node])
         await _served_with_every_write(process_cluster, client, crash)

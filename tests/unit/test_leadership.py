@@ -47,13 +47,13 @@ class FakeConfigs:
 
 
 class FakeProbe:
-    """Every node answers, except those in ``silent``. Fences answer ``positions`` (by
-    default (1, 1) with data) and are recorded in ``fences``."""
+    """Every node answers, except those in ``silent``. Fences and position reads answer
+    ``copies`` (by default (1, 1) with data); fences are recorded in ``fences``."""
 
     def __init__(self) -> None:
         self.silent: set[str] = set()
         self.refusing: set[str] = set()  # addresses whose process is gone (connections refused)
-        self.positions: dict[tuple[str, str], LogPosition | None] = {}  # None: no data
+        self.copies: dict[tuple[str, str], LogPosition | None] = {}  # None: no data
         self.fences: list[tuple[NodeId, dict[ShardId, int]]] = []
         self.fenced_at: dict[tuple[str, str], int] = {}  # a copy already fenced higher than asked
         self.reports: dict[str, list[common_pb2.ShardStatus]] = {}  # GetShardStatus answers by node
@@ -68,6 +68,13 @@ class FakeProbe:
         return {n: shardnode_pb2.GetShardStatusResponse(node_id=n, shards=self.reports.get(n, []))
                 for n in addresses if n not in self.silent}
 
+    async def positions(
+        self, addresses: Mapping[NodeId, str], shards: Iterable[ShardId]
+    ) -> dict[tuple[ShardId, NodeId], LogPosition]:
+        asked = list(shards)
+        return {(shard, node): last for node in addresses if node not in self.silent for shard in asked
+                if (last := self.copies.get((shard, node), LogPosition(1, 1))) is not None}
+
     async def fence(
         self, targets: Mapping[NodeId, tuple[str, Mapping[ShardId, int]]]
     ) -> dict[NodeId, dict[ShardId, FencedCopy] | None]:
@@ -79,7 +86,7 @@ class FakeProbe:
             self.fences.append((node, dict(epochs)))
             answers[node] = {}
             for shard, epoch in epochs.items():
-                last = self.positions.get((shard, node), LogPosition(1, 1))
+                last = self.copies.get((shard, node), LogPosition(1, 1))
                 fenced = max(epoch, self.fenced_at.get((shard, node), 0))
                 answers[node][shard] = FencedCopy(fenced, last or ZERO, last is not None)  # type: ignore[index]
         return answers
@@ -275,7 +282,7 @@ async def test_moves_are_held_after_a_mass_expiry_until_the_nodes_come_back(worl
     # incarnations, n0 and n1 lost their primaries, which go through fence-then-promote
     # at a higher epoch: their disks hold the newest entries, so they win them back.
     for a in placed.values():
-        world.probe.positions[(a.shard_id, a.primary)] = LogPosition(1, 9)
+        world.probe.copies[(a.shard_id, a.primary)] = LogPosition(1, 9)
     await world.add_node("n0", "a")
     await world.add_node("n1", "b")
     await world.clock.advance(2.0)
@@ -631,6 +638,45 @@ async def test_a_round_that_must_repair_still_hands_no_primary_to_a_replica_copy
     after = world.assignments()
     assert not any("n1" in (a.primary, *a.replicas) for a in after.values())  # repaired
     assert not any(a.primary == "n4" for a in after.values())  # no primary for a copying replica
+    beating.cancel()
+    await reconciler.stop()
+    await election.stop()
+
+
+async def test_a_dead_replica_stays_in_its_shard_until_a_staying_replica_holds_the_primarys_log(world: World) -> None:
+    """R = 3: a replica dies while the other one lags its primary. Dropped, it would no
+    longer count as a copy that may hold acknowledged writes the lagging one lacks, and a
+    death of the primary next would promote the lagging copy over them. It stays until a
+    replica of the new record reports the primary's position (a handoff's old primary,
+    kept as a replica, does at once)."""
+    leases = {f"n{i}": await world.add_node(f"n{i}", zone) for i, zone in enumerate("abc")}
+    dead = "n1"
+    beating = world.keep_alive(lambda: [lease for node, lease in leases.items() if node != dead])
+    election = await elect(world)
+    reconciler = make_reconciler(world, election)
+    await reconciler.start()
+    await world.clock.advance(3.0)
+    placed = world.assignments()
+    lagging = {k: a for k, a in placed.items() if a.primary != dead}
+    for a in lagging.values():
+        world.probe.copies[(a.shard_id, a.primary)] = LogPosition(1, 9)
+        world.probe.copies.update({(a.shard_id, r): LogPosition(1, 5) for r in a.replicas if r != dead})
+    await world.etcd.revoke_lease(leases[dead])
+    await world.clock.advance(4.0)
+    after = world.assignments()
+    kept = [k for k in lagging if dead in after[k].replicas]
+    assert kept  # balance hands some primaries over, not all
+    for k, a in lagging.items():
+        assert k in kept or (a.primary in after[k].replicas and after[k].epoch > a.epoch), after[k]
+    for k in kept:
+        assert after[k].incarnations[dead] == leases[dead]  # back with an empty disk, a new incarnation
+    world.probe.silent = {after[k].primary for k in kept}  # primaries that do not answer: nothing known
+    world.probe.copies.update({(after[k].shard_id, r): LogPosition(1, 9) for k in kept for r in after[k].replicas})
+    await world.clock.advance(2.0)
+    assert all(dead in world.assignments()[k].replicas for k in kept)
+    world.probe.silent = set()  # they answer: the staying replicas hold their logs
+    await world.clock.advance(2.0)
+    assert not any(dead in world.assignments()[k].replicas for k in kept)
     beating.cancel()
     await reconciler.stop()
     await election.stop()
