@@ -7,7 +7,7 @@ latency at half the target rate and at half the measured rate.
     .venv/bin/python scripts/bench_trades.py --concurrency 64 --duration-s 20 --json
 
 What runs (real processes, 127.0.0.1, private temp dir): a single-member etcd, one control
-plane (``--replication-factor 2 --lease-ttl-s 10 --shards 8``), 3 shard nodes, and a
+plane (``--replication-factor 2 --lease-ttl-s 10 --shards 8``), 3 shard nodes (``--nodes``), and a
 minimal gRPC echo server (a separate Python process on uvloop: one generic unary method
 that returns its request bytes; no interceptors). The client (this process) runs on
 uvloop too.
@@ -286,7 +286,7 @@ async def open_loop(name: str, rate_per_s: float, duration_s: float, pairs: Pair
     return result
 
 
-async def placed(address: str, rf: int) -> bool:
+async def placed(address: str, rf: int, nodes: int) -> bool:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = controlplane_pb2_grpc.ControlPlaneStub(channel)  # type: ignore[no-untyped-call]
         try:
@@ -299,9 +299,9 @@ async def placed(address: str, rf: int) -> bool:
     # phase measures the move, not the trades (and its settles are re-applied by the
     # participants' termination: refusals for 5 s, docs/decisions.md).
     led = collections.Counter(a.primary for a in r.assignments)
-    return (s.node_count == 3 and bool(s.leader) and len(r.assignments) == s.shard_count
+    return (s.node_count == nodes and bool(s.leader) and len(r.assignments) == s.shard_count
             and all(a.primary and len(a.replicas) == rf - 1 for a in r.assignments)
-            and len(led) == 3 and max(led.values()) - min(led.values()) <= 1)
+            and len(led) == nodes and max(led.values()) - min(led.values()) <= 1)
 
 
 async def wait_for(condition: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
@@ -324,7 +324,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "--cluster", "bench", "--replica-id", "cp-0", "--replication-factor", str(args.replication_factor),
             "--lease-ttl-s", "10", "--shards", str(args.shards), "--log-level", "warning",
         ], workdir / "cp.log").start())  # fmt: skip
-        for i in range(1, 4):
+        for i in range(1, args.nodes + 1):
             processes.append(ManagedProcess(f"n{i}", [
                 sys.executable, "-m", "shardnode.main", "--node-id", f"n{i}", "--listen", f"127.0.0.1:{free_port()}",
                 "--control-plane", cp, "--data-dir", str(workdir / f"n{i}"), "--zone", f"z{i}",
@@ -333,7 +333,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         echo = f"127.0.0.1:{free_port()}"
         processes.append(ManagedProcess("echo", [sys.executable, "-c", ECHO_SERVER, echo],
                                         workdir / "echo.log").start())
-        await wait_for(lambda: placed(cp, args.replication_factor), 60, "placement")
+        await wait_for(lambda: placed(cp, args.replication_factor, args.nodes), 60, "placement")
         meter = CpuMeter({"client": os.getpid(), **{p.name: p.pid for p in processes},
                           **({"etcd": etcd.process.pid} if etcd.process else {})}, args.profile_dir,
                          args.profile_native)
@@ -477,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-s", type=float, default=2.0)
     p.add_argument("--replication-factor", type=int, default=2)
     p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--nodes", type=int, default=3, help="shard nodes (at least the replication factor)")
     p.add_argument("--same-shard-via", choices=("client", "coordinator"), default="client",
                    help="same-shard trades straight from the client to the primary (default, as a game server), or "
                         "through TradeCoordinator.ExecuteTrade")
@@ -491,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-native", action="store_true",
                    help="with --profile-dir: C frames too (py-spy then pauses each process to sample it)")
     args = p.parse_args(argv)
+    if not args.replication_factor <= args.nodes <= 16:
+        p.error(f"--nodes is {args.nodes}; use from the replication factor ({args.replication_factor}) to 16")
     logs.configure("error", "console")
     workdir = Path(tempfile.mkdtemp(prefix="bluemarble-bench-trades-"))
     try:

@@ -109,7 +109,7 @@ class ShardStatus(_message.Message):
     def __init__(self, shard_id: _Optional[str] = ..., epoch: _Optional[int] = ..., role: _Optional[_Union[ShardRole, str]] = ..., applied_lsn: _Optional[int] = ..., last_epoch: _Optional[int] = ..., lag_entries: _Optional[int] = ..., lag_ms: _Optional[int] = ..., on_disk_only: _Optional[bool] = ..., serving: _Optional[bool] = ..., fenced_epoch: _Optional[int] = ..., copying: _Optional[bool] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("shard_id", "epoch", "primary", "replicas", "state", "incarnations")
+    __slots__ = ("shard_id", "epoch", "primary", "replicas", "state", "incarnations", "retained")
     class IncarnationsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -123,13 +123,15 @@ class Assignment(_message.Message):
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     INCARNATIONS_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_FIELD_NUMBER: _ClassVar[int]
     shard_id: str
     epoch: int
     primary: str
     replicas: _containers.RepeatedScalarFieldContainer[str]
     state: AssignmentState
     incarnations: _containers.ScalarMap[str, int]
-    def __init__(self, shard_id: _Optional[str] = ..., epoch: _Optional[int] = ..., primary: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[AssignmentState, str]] = ..., incarnations: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    retained: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shard_id: _Optional[str] = ..., epoch: _Optional[int] = ..., primary: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[AssignmentState, str]] = ..., incarnations: _Optional[_Mapping[str, int]] = ..., retained: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RingShard(_message.Message):
     __slots__ = ("shard_id", "tokens")

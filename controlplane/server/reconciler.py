@@ -305,6 +305,8 @@ class Reconciler:
         # Copies kept until what replaces them can take over, by (shard, kept node, successor).
         self._pins: dict[tuple[ShardId, NodeId, NodeId], _Pin] = {}
         self._kept_unmatched: set[tuple[ShardId, NodeId]] = set()  # logged once while kept
+        self._observed: dict[ShardId, ShardAssignment] = {}
+        self._retained_now: dict[ShardId, tuple[NodeId, ...]] = {}  # this round's, by shard
         # Lost shards whose members hold no copy: their next fence asks every live node.
         self._widened: set[ShardId] = set()
         self._wake = asyncio.Event()
@@ -689,6 +691,7 @@ class Reconciler:
                 return None
         records = list(self._nodes.entries.values())
         nodes, addresses, current, shards = self.observe()
+        self._observed = dict(current)  # the records as stored, before this round's promotions
         if not shards:
             return None
         await self._clear_forced(current, addresses.keys())
@@ -754,9 +757,10 @@ class Reconciler:
                 if m in leases
             )
         ]
+        restamp += [shard for shard in self._retained_changes(plan) if shard not in restamp]
         if plan.changed or restamp:
             await self._write(leadership, plan, restamp, leases)
-        elif plan.converged and not promotions.waiting:
+        elif plan.converged and not promotions.waiting and not any(self._retained_now.values()):
             self._settled = settled_inputs
         return plan
 
@@ -789,7 +793,7 @@ class Reconciler:
         keep |= {(shard, former) for shard, (former, _) in handed.items()}
         keep |= {(shard, source) for shard, source, _ in moved}
         plan = keep_copies(plan, current, keep, addresses.keys())
-        plan = await self._keep_unmatched_replicas(plan, current, addresses)
+        plan = await self._keep_unmatched_copies(plan, current, addresses)
         if written:
             now = self._clock.monotonic_s()
             changes = [(shard, former, new, True) for shard, (former, new) in handed.items()]
@@ -799,60 +803,85 @@ class Reconciler:
                 self._pins[(shard, former, successor)] = _Pin(former, successor, handoff, epoch, now)
         return plan
 
-    async def _keep_unmatched_replicas(
+    def _stored_retained(self, shard: ShardId) -> tuple[NodeId, ...]:
+        """The ``retained`` members of ``shard``'s stored record (see
+        :meth:`_keep_unmatched_copies`)."""
+        message = self._assignments.entries.get(self._keys.assignment(shard))
+        return tuple(NodeId(n) for n in message.retained) if message is not None else ()
+
+    async def _keep_unmatched_copies(
         self, plan: PlacementPlan, current: Mapping[ShardId, ShardAssignment], addresses: Mapping[NodeId, str],
     ) -> PlacementPlan:
-        """``plan`` with each replica it drops from a shard whose primary is live kept,
-        dead or alive, until the replicas of the new record hold that primary's log: at
-        least as many of them as a STRONG write needs acks from must report a position at
-        or past the primary's, asked primary first, then them (a handoff's old primary,
-        kept as a replica, holds it).
+        """``plan`` with each member it drops from a shard kept, until the replicas of
+        the new record hold the log of the copy that holds every acknowledged write: the
+        stored record's primary while it lives (a handoff's old primary is kept as a
+        replica, and holds it), else the new primary a failover promoted (the greatest
+        position among the live copies). At least as many replicas as a STRONG write
+        needs acks from must report a position at or past that copy's, asked that copy
+        first, then them. A live member is kept as a replica; a dead one in the record's
+        ``retained`` (sets :attr:`_retained_now`, which :meth:`_write` writes), where a
+        promotion waits for it like for a down replica but no node waits for its answer.
 
         Why. A write is acknowledged once the primary and any one replica hold it
         (:func:`~bluemarble.core.replication.primary.required_acks_for`); a failover waits
         for the shard's down replicas when they may hold such a write
         (:func:`~bluemarble.core.placement.repair.down_replicas_that_may_hold_more`), and
-        that rule knows only the replicas the record names. A replica dropped from the
-        record while the others lag (R = 3: it dies, its lease ends before the primary's,
-        which died with it or dies a moment later) would no longer count, and the lagging
-        copy would be promoted over writes only the dropped one acknowledged. A dead node
-        cannot acknowledge anything new, so once a staying replica holds what the primary
-        held after the death, it holds everything the dead one did. Writes acknowledged by
-        a live dropped replica before the primary learns the new record are not covered
-        (docs/decisions.md)."""
-        dropping: dict[ShardId, list[NodeId]] = {}
-        for shard in plan.changed:
-            before, after = current.get(shard), plan.assignments[shard]
-            if before is None or before.primary not in addresses:
-                continue  # a failover: its promotion waited for such copies already
-            gone = [r for r in before.replicas if r not in after.members]
-            if gone:
-                dropping[shard] = gone
+        that rule knows only the members the record names. R = 3, the primary and the
+        replica that acknowledged a write die while the third copy lags: if the replica
+        is dropped first (its lease ended first), or the primary is (a failover promoted
+        the replica, which then dies too), the record names only the lagging copy, and it
+        would be promoted over the write. A dead node acknowledges nothing new, so once a
+        staying replica holds what the holding copy held after the death, it holds
+        everything the dead one did. Writes acknowledged by a live dropped replica before
+        the primary learns the new record are not covered (docs/decisions.md)."""
+        looked = [s for s in plan.assignments if s in plan.changed or self._stored_retained(s)]
+        self._retained_now = {}
+        dropping: dict[ShardId, tuple[NodeId, list[NodeId]]] = {}
+        for shard in looked:
+            before, after = self._observed.get(shard), plan.assignments[shard]
+            if before is None or after.primary is None or after.primary not in addresses:
+                continue  # no live primary: the stored retained members stay
+            self._retained_now[shard] = ()
+            holder = before.primary if before.primary in addresses else after.primary
+            former = dict.fromkeys((*before.members, *self._stored_retained(shard)))
+            gone = [n for n in former if n not in after.members]
+            if gone and holder is not None:
+                dropping[shard] = (holder, gone)
         if not dropping:
             return plan
-        primaries = {p for s in dropping if (p := current[s].primary) is not None and p in addresses}
-        heads = await self._probe.positions({p: addresses[p] for p in primaries}, dropping)
+        holders = {holder for holder, _ in dropping.values()}
+        heads = await self._probe.positions({h: addresses[h] for h in holders}, dropping)
         staying = {r for s in dropping for r in plan.assignments[s].replicas if r in addresses}
         tails = await self._probe.positions({r: addresses[r] for r in staying}, dropping) if heads else {}
         keep: set[tuple[ShardId, NodeId]] = set()
-        for shard, gone in dropping.items():
-            primary, replicas = current[shard].primary, plan.assignments[shard].replicas
-            head = heads.get((shard, primary)) if primary is not None else None
+        for shard, (holder, gone) in dropping.items():
+            replicas = plan.assignments[shard].replicas
+            head = heads.get((shard, holder))
             if head is not None:
                 holding = [r for r in replicas if (t := tails.get((shard, r))) is not None and t >= head]
                 if len(holding) >= required_acks_for(len(replicas)):
                     continue
             keep.update((shard, node) for node in gone)
+            self._retained_now[shard] = tuple(node for node in gone if node not in addresses)
             for node in gone:
                 if (shard, node) not in self._kept_unmatched:
-                    log.info("keeping a replica in the shard until a staying replica holds the primary's log: "
-                             "it may hold acknowledged writes they lack", shard=shard, node_id=node,
-                             alive=node in addresses, primary=primary, primary_last=str(head) if head else "unknown",
-                             staying={r: str(tails[(shard, r)]) for r in replicas if (shard, r) in tails})
+                    why = ("it may hold acknowledged writes they lack" if head is not None
+                           else f"{holder} did not tell its position")
+                    log.info(f"keeping a copy in the shard until a staying replica holds {holder}'s log: {why}",
+                             shard=shard, node_id=node, alive=node in addresses, holder=holder,
+                             holder_last=str(head) if head else None,
+                             staying={r: str(tails[(shard, r)]) for r in replicas if (shard, r) in tails} or None)
         self._kept_unmatched = keep
-        if not keep:
-            return plan
-        return keep_copies(plan, current, keep, {node for _, node in keep})
+        live = {(shard, node) for shard, node in keep if node in addresses}
+        return keep_copies(plan, current, live, addresses.keys()) if live else plan
+
+    def _retained_changes(self, plan: PlacementPlan) -> list[ShardId]:
+        """The shards of ``plan`` whose ``retained`` members change while their record
+        does not: they are written too."""
+        return [
+            shard for shard, retained in self._retained_now.items()
+            if shard not in plan.changed and set(retained) != set(self._stored_retained(shard))
+        ]
 
     async def _drop_kept_copies(
         self, leadership: Leadership, plan: PlacementPlan, current: Mapping[ShardId, ShardAssignment],
@@ -1003,7 +1032,10 @@ class Reconciler:
             stalled = old is not None and old in addresses and (shard, a.epoch) in self._stalled
             if old is not None and old in addresses and not reborn and not stalled:
                 continue  # the primary is live under the registration it was given the role with
-            candidates = [r for r in dict.fromkeys(a.replicas) if r in addresses and r != old]
+            # Retained copies (down when they were kept) are candidates once back: they
+            # may hold acknowledged writes the replicas lack.
+            candidates = [r for r in dict.fromkeys((*a.replicas, *self._stored_retained(shard)))
+                          if r in addresses and r != old]
             if reborn and old is not None:
                 candidates.append(old)  # an ex-primary back under a new registration
                 self._note(shard, a.epoch, "reborn", "primary registered again (a new incarnation); "
@@ -1072,7 +1104,7 @@ class Reconciler:
                 or stamps.get(shard, {}).get(n, leases.get(n)) == leases.get(n)
             }
             absent = [] if olds[shard] in with_data or not with_data else down_replicas_that_may_hold_more(
-                record.replicas, kept, olds[shard])
+                (*record.replicas, *self._stored_retained(shard)), kept, olds[shard])
             if absent and forced is None:
                 stuck.add(shard)
                 self._note(shard, epoch, "absent", "promotion waits: the replicas that may hold the shard's latest "
@@ -1209,7 +1241,14 @@ class Reconciler:
                 # was given the role under: back with an empty disk, it is a new incarnation.
                 recorded = self._assignments.entries.get(key)
                 stamps = {**assignment_incarnations(recorded), **leases} if recorded is not None else leases
-                puts.append(Put(key, codec.encode(assignment_to_proto(plan.assignments[shard], stamps))))
+                message = assignment_to_proto(plan.assignments[shard], stamps)
+                retained = self._retained_now.get(shard, self._stored_retained(shard))
+                retained = tuple(n for n in retained if n not in plan.assignments[shard].members)
+                message.retained.extend(retained)
+                for node in retained:
+                    if node in stamps:
+                        message.incarnations[node] = stamps[node]
+                puts.append(Put(key, codec.encode(message)))
             result = await self._store.txn(compares, puts)
             if not result.succeeded:
                 if not await self._election.verify():

@@ -6,6 +6,7 @@ every acknowledged write (I2, I4: a crash keeps the disk)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import signal
@@ -80,11 +81,24 @@ async def _served_with_every_write(cluster: ProcessCluster, client: RoutingClien
     assert inventory.gold == 11
 
 
+async def _started(cluster: ProcessCluster, shards: int) -> None:
+    start(cluster, NODES, replication_factor=3, shards=shards)
+    await eventually(settled(cluster, shards, 3), 60, "every shard to be served, placement settled")
+
+
+async def _heal(cluster: ProcessCluster, client: RoutingClient, crash: DoubleCrash, failpoint: Path) -> None:
+    """The lagging copy's disk works again and the dead nodes come back with their data
+    dirs: the shard is served again with every acknowledged write."""
+    await asyncio.to_thread(failpoint.unlink)
+    for node in (crash.primary, crash.acker):
+        cluster.start_node(node, NODES[node])
+    await _served_with_every_write(cluster, client, crash)
+
+
 async def test_a_lagging_copy_is_not_promoted_over_acknowledged_writes_of_two_dead_nodes(
     process_cluster: ProcessCluster,
 ) -> None:
-    start(process_cluster, NODES, replication_factor=3, shards=4)
-    await eventually(settled(process_cluster, 4, 3), 60, "every shard to be served, placement settled")
+    await _started(process_cluster, shards=4)
     async with RoutingClient(process_cluster.control_planes) as client:
         await client.wait_ready(20)
         crash = await _crash_primary_and_acker(process_cluster, client)
@@ -103,36 +117,59 @@ async def test_a_replica_that_dies_first_stays_a_member_while_it_may_hold_writes
     copy would be promoted over the acknowledged write. Three shards, one primary a node:
     the failover of the dead replica's own shard leaves the primaries balanced, so no
     rebalancing handoff moves the shard under test meanwhile."""
-    start(process_cluster, NODES, replication_factor=3, shards=3)
-    await eventually(settled(process_cluster, 3, 3), 60, "every shard to be served, placement settled")
+    await _started(process_cluster, shards=3)
     async with RoutingClient(process_cluster.control_planes) as client:
         await client.wait_ready(20)
         crash, failpoint = await _acknowledged_past_a_lagging_copy(process_cluster, client)
         process_cluster.process(crash.acker).signal(signal.SIGKILL)
-        keeps = re.compile(rf"keeping a replica.*\bshard={re.escape(crash.shard)}(\s|$)")
+        keeps = re.compile(rf"keeping a copy in the shard.*\bshard={re.escape(crash.shard)}(\s|$)")
 
         def acker_gone() -> bool:
             listed = {n.node_id for n in process_cluster.nodes()}
             if not listed or crash.acker in listed:
                 return False
             kept = any(keeps.search(line) for line in process_cluster.log_text("cp-0").splitlines())
-            return kept or crash.acker not in assignments(process_cluster)[crash.shard].replicas
+            a = assignments(process_cluster)[crash.shard]
+            return kept or crash.acker not in (*a.replicas, *a.retained)
 
         await eventually(acker_gone, 40, f"{crash.acker}'s lease to end and the leader to judge {crash.shard}")
-        assert crash.acker in assignments(process_cluster)[crash.shard].replicas, "dropped while the other lags"
+        assert crash.acker in assignments(process_cluster)[crash.shard].retained, "dropped while the other lags"
         process_cluster.process(crash.primary).signal(signal.SIGKILL)
         await _waits_for_the_dead_copies(process_cluster, crash)
-        failpoint.unlink()
-        for node in (crash.primary, crash.acker):
-            process_cluster.start_node(node, NODES[node])
-        await _served_with_every_write(process_cluster, client, crash)
+        await _heal(process_cluster, client, crash, failpoint)
+
+
+async def test_a_promoted_replica_that_dies_next_leaves_its_shard_waiting_for_the_old_primary(
+    process_cluster: ProcessCluster,
+) -> None:
+    """The other order: the primary dies first, and the replica that acknowledged the
+    write (the greatest position) is promoted; the lagging copy is its only live replica.
+    The old primary stays in the record until that replica holds the new primary's log,
+    so when the new primary dies too, the shard waits for a dead copy instead of
+    promoting the lagging one over the write."""
+    await _started(process_cluster, shards=3)
+    async with RoutingClient(process_cluster.control_planes) as client:
+        await client.wait_ready(20)
+        crash, failpoint = await _acknowledged_past_a_lagging_copy(process_cluster, client)
+        process_cluster.process(crash.primary).signal(signal.SIGKILL)
+
+        def promoted() -> bool:
+            a = assignments(process_cluster)[crash.shard]
+            return a.epoch > crash.epoch and a.primary == crash.acker
+
+        await eventually(promoted, 40, f"{crash.acker}, which holds the acknowledged write, to lead {crash.shard}")
+        after = assignments(process_cluster)[crash.shard]
+        assert crash.primary in after.retained, "the old primary was dropped while the other replica lags"
+        process_cluster.process(crash.acker).signal(signal.SIGKILL)
+        crash = DoubleCrash(crash.shard, after.epoch, crash.primary, crash.acker, crash.player)
+        await _waits_for_the_dead_copies(process_cluster, crash)
+        await _heal(process_cluster, client, crash, failpoint)
 
 
 async def test_a_replica_back_with_an_empty_data_dir_does_not_end_the_wait(process_cluster: ProcessCluster) -> None:
     """The replica that acknowledged the write comes back with its disk replaced: it holds
     nothing, so the shard still waits (for the old primary, which holds everything)."""
-    start(process_cluster, NODES, replication_factor=3, shards=4)
-    await eventually(settled(process_cluster, 4, 3), 60, "every shard to be served, placement settled")
+    await _started(process_cluster, shards=4)
     async with RoutingClient(process_cluster.control_planes) as client:
         await client.wait_ready(20)
         crash = await _crash_primary_and_acker(process_cluster, client)

@@ -107,6 +107,15 @@ def test_a_primary_without_replicas_says_so_instead_of_a_lag() -> None:
     assert "n1 (2,7) no replica" in ctl.render_shards(r)
 
 
+def test_a_retained_member_is_shown_beside_the_replicas() -> None:
+    r = controlplane_pb2.ListAssignmentsResponse(
+        assignments=[common_pb2.Assignment(shard_id="shard-0", epoch=2, primary="n1", replicas=["n3"],
+                                           retained=["n2"])],
+    )
+    row = ctl.render_shards(r).splitlines()[2]
+    assert row.endswith("n3 ?, n2 (down, retained)"), row
+
+
 def _member_status(node: str, *, last_epoch: int, lsn: int, lag: tuple[int, int] = (0, 0),
                    copying: bool = False) -> controlplane_pb2.MemberStatus:
     return controlplane_pb2.MemberStatus(shard_id="shard-0", node_id=node, status=common_pb2.ShardStatus(

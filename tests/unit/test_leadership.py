@@ -664,7 +664,7 @@ async def test_a_dead_replica_stays_in_its_shard_until_a_staying_replica_holds_t
     await world.etcd.revoke_lease(leases[dead])
     await world.clock.advance(4.0)
     after = world.assignments()
-    kept = [k for k in lagging if dead in after[k].replicas]
+    kept = [k for k in lagging if dead in after[k].retained]
     assert kept  # balance hands some primaries over, not all
     for k, a in lagging.items():
         assert k in kept or (a.primary in after[k].replicas and after[k].epoch > a.epoch), after[k]
@@ -673,10 +673,86 @@ async def test_a_dead_replica_stays_in_its_shard_until_a_staying_replica_holds_t
     world.probe.silent = {after[k].primary for k in kept}  # primaries that do not answer: nothing known
     world.probe.copies.update({(after[k].shard_id, r): LogPosition(1, 9) for k in kept for r in after[k].replicas})
     await world.clock.advance(2.0)
-    assert all(dead in world.assignments()[k].replicas for k in kept)
+    assert all(dead in world.assignments()[k].retained for k in kept)
     world.probe.silent = set()  # they answer: the staying replicas hold their logs
     await world.clock.advance(2.0)
-    assert not any(dead in world.assignments()[k].replicas for k in kept)
+    assert not any(dead in (*world.assignments()[k].replicas, *world.assignments()[k].retained) for k in kept)
+    beating.cancel()
+    await reconciler.stop()
+    await election.stop()
+
+
+async def _primary_lost_past_a_lagging_replica(
+    world: World, gone: set[str]
+) -> tuple[dict[str, int], Election, Reconciler, dict[str, common_pb2.Assignment], asyncio.Task[None]]:
+    """R = 3 on n0-n2; n1 dies (added to ``gone``, whose leases are not kept alive) while,
+    in each shard it led, one replica (the first by id) is ahead of the other. Returns the
+    leases, the election, the reconciler, the records before the death and the task that
+    keeps the other leases alive."""
+    leases = {f"n{i}": await world.add_node(f"n{i}", zone) for i, zone in enumerate("abc")}
+    beating = world.keep_alive(lambda: [lease for node, lease in leases.items() if node not in gone])
+    election = await elect(world)
+    reconciler = make_reconciler(world, election)
+    await reconciler.start()
+    await world.clock.advance(3.0)
+    placed = world.assignments()
+    for a in placed.values():
+        if a.primary == "n1":
+            ahead, behind = sorted(a.replicas)
+            world.probe.copies[(a.shard_id, ahead)] = LogPosition(1, 9)
+            world.probe.copies[(a.shard_id, behind)] = LogPosition(1, 5)
+    gone.add("n1")
+    await world.etcd.revoke_lease(leases["n1"])
+    await world.clock.advance(4.0)
+    return leases, election, reconciler, placed, beating
+
+
+async def test_a_dead_primary_stays_in_its_shard_until_a_replica_holds_the_promoted_ones_log(world: World) -> None:
+    """R = 3: the primary dies; the replica with the greatest position is promoted, and
+    the other one lags it. Dropped, the old primary would no longer count as a copy that
+    may hold acknowledged writes the lagging one lacks, should the new primary die too.
+    It stays retained (down, not a replica the new primary waits for) until the lagging
+    replica reports the new primary's position."""
+    gone: set[str] = set()
+    leases, election, reconciler, placed, beating = await _primary_lost_past_a_lagging_replica(world, gone)
+    led = {k: a for k, a in placed.items() if a.primary == "n1"}
+    after = world.assignments()
+    assert led
+    for k, a in led.items():
+        ahead, behind = sorted(a.replicas)
+        assert after[k].primary == ahead and after[k].epoch == a.epoch + 1, after[k]
+        assert list(after[k].retained) == ["n1"] and after[k].incarnations["n1"] == leases["n1"], after[k]
+        assert "n1" not in after[k].replicas  # nobody waits for its answer
+        world.probe.copies[(a.shard_id, behind)] = LogPosition(1, 9)  # it caught up
+    await world.clock.advance(2.0)
+    assert not any("n1" in (*world.assignments()[k].replicas, *world.assignments()[k].retained) for k in led)
+    beating.cancel()
+    await reconciler.stop()
+    await election.stop()
+
+
+async def test_a_promoted_replica_that_dies_too_leaves_the_shard_waiting_for_the_retained_copy(world: World) -> None:
+    """Then the promoted replica dies as well: its only live replica lags, and the shard
+    waits for the retained old primary, which takes it back once it returns with its data."""
+    gone: set[str] = set()
+    leases, election, reconciler, placed, beating = await _primary_lost_past_a_lagging_replica(world, gone)
+    led = {k: a for k, a in placed.items() if a.primary == "n1"}
+    promoted = world.assignments()
+    [ahead] = {sorted(a.replicas)[0] for a in led.values()}
+    gone.add(ahead)
+    await world.etcd.revoke_lease(leases[ahead])
+    await world.clock.advance(6.0)
+    after = world.assignments()
+    for k in led:
+        assert after[k].epoch == promoted[k].epoch and after[k].primary == ahead, after[k]  # waits: n1 may hold more
+    leases["n1"] = await world.add_node("n1", "b")  # back with its data (1, 9): it takes the shards
+    gone.discard("n1")
+    for a in led.values():
+        world.probe.copies[(a.shard_id, "n1")] = LogPosition(1, 9)
+    await world.clock.advance(2 * TTL_S + 2.0)  # two leases gone within a TTL: moves are held meanwhile
+    after = world.assignments()
+    for k in led:
+        assert after[k].primary == "n1" and after[k].epoch > promoted[k].epoch, after[k]
     beating.cancel()
     await reconciler.stop()
     await election.stop()
