@@ -1237,8 +1237,8 @@ class Reconciler:
                 key = self._keys.assignment(shard)
                 mod = self._expected_revision(key)
                 compares.append(Compare.absent(key) if mod is None else Compare.mod_revision(key, mod))
-                # A member with no live registration (a dead replica kept) keeps the one it
-                # was given the role under: back with an empty disk, it is a new incarnation.
+                # A member with no live registration (a retained one) keeps the one it was
+                # given its role under: back with an empty disk, it is a new incarnation.
                 recorded = self._assignments.entries.get(key)
                 stamps = {**assignment_incarnations(recorded), **leases} if recorded is not None else leases
                 message = assignment_to_proto(plan.assignments[shard], stamps)
