@@ -646,9 +646,9 @@ async def test_a_round_that_must_repair_still_hands_no_primary_to_a_replica_copy
 async def test_a_dead_replica_stays_in_its_shard_until_a_staying_replica_holds_the_primarys_log(world: World) -> None:
     """R = 3: a replica dies while the other one lags its primary. Dropped, it would no
     longer count as a copy that may hold acknowledged writes the lagging one lacks, and a
-    death of the primary next would promote the lagging copy over them. It stays until a
-    replica of the new record reports the primary's position (a handoff's old primary,
-    kept as a replica, does at once)."""
+    death of the primary next would promote the lagging copy over them. It stays retained
+    (down, not a replica the primary waits for) until a replica of the new record reports
+    the primary's position (a handoff's old primary, kept as a replica, does at once)."""
     leases = {f"n{i}": await world.add_node(f"n{i}", zone) for i, zone in enumerate("abc")}
     dead = "n1"
     beating = world.keep_alive(lambda: [lease for node, lease in leases.items() if node != dead])
@@ -666,6 +666,7 @@ async def test_a_dead_replica_stays_in_its_shard_until_a_staying_replica_holds_t
     after = world.assignments()
     kept = [k for k in lagging if dead in after[k].retained]
     assert kept  # balance hands some primaries over, not all
+    assert not any(dead in after[k].replicas for k in kept)
     for k, a in lagging.items():
         assert k in kept or (a.primary in after[k].replicas and after[k].epoch > a.epoch), after[k]
     for k in kept:
