@@ -177,7 +177,7 @@ def render_shards(r: controlplane_pb2.ListAssignmentsResponse) -> str:
             if a.primary else "(none)",
             ", ".join(
                 [_member(n, statuses.get((a.shard_id, n)), primary_status=lead) for n in a.replicas]
-                + [f"{n} (down, retained)" for n in a.retained]
+                + [f"{n} (retained)" for n in a.retained]
             ) or "-",
         ))
     stale = f"\nSTALE: {r.stale_reason or 'this replica lost its etcd watch'}" if r.stale else ""
@@ -185,8 +185,8 @@ def render_shards(r: controlplane_pb2.ListAssignmentsResponse) -> str:
         table(("SHARD", "EPOCH", "PRIMARY", "REPLICAS"), rows)
         + "\nmembers: NODE (last epoch,applied lsn) lag ENTRIES/MS behind the primary (on the primary: of its"
         + " farthest replica); copying = a replica still copying the shard; ? = no status reported;"
-        + " retained = a down former member that may hold acknowledged writes the replicas lack (a promotion"
-        + " waits for it)"
+        + " retained = a former member, down or back without its data, that may hold acknowledged writes the"
+        + " replicas lack (a promotion waits for it)"
         + f"\nrevision {r.revision}"
         + stale
     )

@@ -1105,12 +1105,24 @@ class Reconciler:
             }
             absent = [] if olds[shard] in with_data or not with_data else down_replicas_that_may_hold_more(
                 (*record.replicas, *self._stored_retained(shard)), kept, olds[shard])
+            if absent and forced is not None and not (forced in with_data and copies[forced].fenced):
+                # The operator named a node that holds no copy (an empty disk, not a
+                # member): lifting the wait would promote another copy than the one named.
+                stuck.add(shard)
+                self._note(shard, epoch, "forced-empty", "ForcePromote names a node that holds no copy of the "
+                           "shard; the promotion keeps waiting (name a node that holds one: bluemarblectl shards)",
+                           node_id=forced, down=absent,
+                           live_copies={n: str(last) for n, last in sorted(with_data.items())})
+                continue
             if absent and forced is None:
                 stuck.add(shard)
-                self._note(shard, epoch, "absent", "promotion waits: the replicas that may hold the shard's latest "
+                # A member back without its data (an empty data dir) still counts as down: say so.
+                empty = sorted(n for n in absent if n in addresses)
+                self._note(shard, epoch, "absent-empty" if empty else "absent",
+                           "promotion waits: the replicas that may hold the shard's latest "
                            "acknowledged writes are down with its primary; promoting a live copy could lose them "
                            "(bring one back with its data dir, or bluemarblectl promote SHARD NODE "
-                           "--accept-data-loss)", down=absent,
+                           "--accept-data-loss)", down=absent, back_without_data=empty or None,
                            live_copies={n: str(last) for n, last in sorted(with_data.items())})
                 continue
             if absent and forced is not None and forced in with_data and copies[forced].fenced:

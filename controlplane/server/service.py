@@ -813,6 +813,9 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                 f"{shard} would get whatever {node} holds, and lose what only its lost nodes held; "
                 "set accept_data_loss to go ahead (bringing a lost node back with its data dir loses nothing)"
             )
+        refusal = await self._empty_target(shard, node, before, live)
+        if refusal is not None:
+            raise FailedPrecondition(refusal)
         await self._d.store.put(
             self._d.keys.force_promotion(shard),
             codec.encode(controlplane_pb2.ForcePromoteRequest(shard_id=shard, node_id=node, accept_data_loss=True)),
@@ -834,6 +837,32 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                     "(it does once the shard's live nodes answered its fence): see bluemarblectl shards"
                 )
             await self._d.assignments.wait_for_revision(self._d.assignments.revision + 1, remaining_s)
+
+
+    async def _empty_target(
+        self, shard: ShardId, node: str, before: common_pb2.Assignment, live: dict[str, common_pb2.Node]
+    ) -> str | None:
+        """Why ForcePromote refuses ``node``: it answers that it holds no copy of ``shard``
+        (an empty data dir, or never a member) while another live member holds one, so
+        promoting it would lose that copy too (the leader would not: it keeps waiting).
+        None when it holds a copy, does not answer (the leader's fence decides), or no
+        live member holds one (then it takes over with nothing, as asked)."""
+        if self._d.probe is None:
+            return None
+        asked = [n for n in dict.fromkeys((node, before.primary, *before.replicas, *before.retained)) if n in live]
+        answers = await self._d.probe.statuses({NodeId(n): live[n].address for n in asked})
+
+        def holds(n: str) -> bool:
+            copies = answers[NodeId(n)].shards
+            return any(s.shard_id == shard and (s.last_epoch, s.applied_lsn) > (0, 0) for s in copies)
+
+        if NodeId(node) not in answers or holds(node):
+            return None
+        holding = sorted(n for n in asked if n != node and NodeId(n) in answers and holds(n))
+        if not holding:
+            return None
+        return (f"{node} holds no copy of {shard}, and promoting it would also lose what {', '.join(holding)} "
+                "hold; name one of those (bluemarblectl shards)")
 
 
 FORCE_PROMOTE_WAIT_S = 15.0

@@ -187,6 +187,14 @@ async def test_an_operator_gives_a_stuck_shard_a_primary_without_its_data(
         assert (await _refused(c, "shard-99", x))[0] == grpc.StatusCode.NOT_FOUND
         assert (await _refused(c, "shard-x", x))[0] == grpc.StatusCode.INVALID_ARGUMENT
         assert (await _refused(c, SHARD, "bad id"))[0] == grpc.StatusCode.INVALID_ARGUMENT
+        # A node that answers it holds no copy, while another live member holds one: refused
+        # (promoting it would lose that copy too), naming the one to ask for instead.
+        c.fakes[x].statuses = [common_pb2.ShardStatus(shard_id="shard-1", epoch=1)]  # other shards only
+        c.fakes[y].statuses = [common_pb2.ShardStatus(shard_id=SHARD, epoch=1, last_epoch=1, applied_lsn=3)]
+        code, details = await _refused(c, SHARD, x)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+        assert f"{x} holds no copy of {SHARD}" in details and f"lose what {y} hold" in details
+        c.fakes[x].statuses = c.fakes[y].statuses = []  # back to reporting their roles
         assert c.app is not None and c.app.forced is not None and not c.app.forced.entries
 
         # As an operator does it: bluemarblectl, which waits for the answer.

@@ -113,7 +113,7 @@ def test_a_retained_member_is_shown_beside_the_replicas() -> None:
                                            retained=["n2"])],
     )
     row = ctl.render_shards(r).splitlines()[2]
-    assert row.endswith("n3 ?, n2 (down, retained)"), row
+    assert row.endswith("n3 ?, n2 (retained)"), row
 
 
 def _member_status(node: str, *, last_epoch: int, lsn: int, lag: tuple[int, int] = (0, 0),

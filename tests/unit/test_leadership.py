@@ -22,14 +22,14 @@ from bluemarble.core.placement import PlacementNode, ShardAssignment
 from bluemarble.core.replication.position import ZERO, LogPosition
 from bluemarble.core.ring import initial_ring
 from bluemarble.runtime.clock import FakeClock
-from bluemarble.v1 import common_pb2, shardnode_pb2
+from bluemarble.v1 import common_pb2, controlplane_pb2, shardnode_pb2
 from controlplane.server import reconciler as reconciler_module
 from controlplane.server.election import Election
 from controlplane.server.node_probe import FencedCopy
 from controlplane.server.reconciler import Reconciler
 from controlplane.store import codec
 from controlplane.store.keys import KeySchema
-from controlplane.store.records import decode_assignment, decode_node
+from controlplane.store.records import decode_assignment, decode_force_promotion, decode_node
 from tests.unit.fake_etcd import FakeEtcd, FakeMirror, TxnRecord
 
 TTL_S = 10
@@ -684,7 +684,7 @@ async def test_a_dead_replica_stays_in_its_shard_until_a_staying_replica_holds_t
 
 
 async def _primary_lost_past_a_lagging_replica(
-    world: World, gone: set[str]
+    world: World, gone: set[str], **kwargs: Any
 ) -> tuple[dict[str, int], Election, Reconciler, dict[str, common_pb2.Assignment], asyncio.Task[None]]:
     """R = 3 on n0-n2; n1 dies (added to ``gone``, whose leases are not kept alive) while,
     in each shard it led, one replica (the first by id) is ahead of the other. Returns the
@@ -693,7 +693,7 @@ async def _primary_lost_past_a_lagging_replica(
     leases = {f"n{i}": await world.add_node(f"n{i}", zone) for i, zone in enumerate("abc")}
     beating = world.keep_alive(lambda: [lease for node, lease in leases.items() if node not in gone])
     election = await elect(world)
-    reconciler = make_reconciler(world, election)
+    reconciler = make_reconciler(world, election, **kwargs)
     await reconciler.start()
     await world.clock.advance(3.0)
     placed = world.assignments()
@@ -732,17 +732,27 @@ async def test_a_dead_primary_stays_in_its_shard_until_a_replica_holds_the_promo
     await election.stop()
 
 
-async def test_a_promoted_replica_that_dies_too_leaves_the_shard_waiting_for_the_retained_copy(world: World) -> None:
-    """Then the promoted replica dies as well: its only live replica lags, and the shard
-    waits for the retained old primary, which takes it back once it returns with its data."""
-    gone: set[str] = set()
-    leases, election, reconciler, placed, beating = await _primary_lost_past_a_lagging_replica(world, gone)
+async def _the_promoted_replica_dies(
+    world: World, gone: set[str], leases: dict[str, int], placed: dict[str, common_pb2.Assignment]
+) -> tuple[dict[str, common_pb2.Assignment], dict[str, common_pb2.Assignment], str]:
+    """After :func:`_primary_lost_past_a_lagging_replica`: the replica promoted in the
+    shards n1 led dies too. Returns those shards' records before n1 died, as promoted,
+    and the promoted node."""
     led = {k: a for k, a in placed.items() if a.primary == "n1"}
     promoted = world.assignments()
     [ahead] = {sorted(a.replicas)[0] for a in led.values()}
     gone.add(ahead)
     await world.etcd.revoke_lease(leases[ahead])
     await world.clock.advance(6.0)
+    return led, promoted, ahead
+
+
+async def test_a_promoted_replica_that_dies_too_leaves_the_shard_waiting_for_the_retained_copy(world: World) -> None:
+    """Then the promoted replica dies as well: its only live replica lags, and the shard
+    waits for the retained old primary, which takes it back once it returns with its data."""
+    gone: set[str] = set()
+    leases, election, reconciler, placed, beating = await _primary_lost_past_a_lagging_replica(world, gone)
+    led, promoted, ahead = await _the_promoted_replica_dies(world, gone, leases, placed)
     after = world.assignments()
     for k in led:
         assert after[k].epoch == promoted[k].epoch and after[k].primary == ahead, after[k]  # waits: n1 may hold more
@@ -754,6 +764,30 @@ async def test_a_promoted_replica_that_dies_too_leaves_the_shard_waiting_for_the
     after = world.assignments()
     for k in led:
         assert after[k].primary == "n1" and after[k].epoch > promoted[k].epoch, after[k]
+    beating.cancel()
+    await reconciler.stop()
+    await election.stop()
+
+
+async def test_a_forced_promotion_of_a_node_without_a_copy_does_not_lift_the_wait(world: World) -> None:
+    """The shard waits for the retained old primary, which comes back with an empty data
+    dir, and an operator names it in ForcePromote: it holds nothing, so the wait stands
+    (lifting it would promote the lagging copy, a node the operator did not name)."""
+    gone: set[str] = set()
+    forced = FakeMirror(world.etcd, world.keys.force_promotions_prefix(), decode_force_promotion, "forced")
+    leases, election, reconciler, placed, beating = await _primary_lost_past_a_lagging_replica(
+        world, gone, forced=forced)
+    led, promoted, ahead = await _the_promoted_replica_dies(world, gone, leases, placed)
+    leases["n1"] = await world.add_node("n1", "b")  # back with an empty data dir
+    gone.discard("n1")
+    for a in led.values():
+        world.probe.copies[(a.shard_id, "n1")] = None
+        request = controlplane_pb2.ForcePromoteRequest(shard_id=a.shard_id, node_id="n1", accept_data_loss=True)
+        await world.etcd.put(world.keys.force_promotion(ShardId(a.shard_id)), codec.encode(request))
+    await world.clock.advance(2 * TTL_S + 2.0)
+    after = world.assignments()
+    for k in led:
+        assert (after[k].primary, after[k].epoch) == (ahead, promoted[k].epoch), after[k]
     beating.cancel()
     await reconciler.stop()
     await election.stop()
