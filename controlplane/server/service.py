@@ -838,7 +838,6 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                 )
             await self._d.assignments.wait_for_revision(self._d.assignments.revision + 1, remaining_s)
 
-
     async def _empty_target(
         self, shard: ShardId, node: str, before: common_pb2.Assignment, live: dict[str, common_pb2.Node]
     ) -> str | None:
