@@ -34,7 +34,7 @@ from types import MappingProxyType
 from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.placement.values import Move, MoveKind, PlacementPlan, ShardAssignment
 
-_DROPS_A_COPY = frozenset({MoveKind.REMOVE_REPLICA, MoveKind.MOVE_REPLICA, MoveKind.DROP_REPLICA})
+_DROPS_A_COPY = frozenset({MoveKind.REMOVE_REPLICA, MoveKind.MOVE_REPLICA})
 
 
 def handoffs_of(plan: PlacementPlan) -> dict[ShardId, tuple[NodeId, NodeId]]:
@@ -71,9 +71,8 @@ def keep_copies(
 ) -> PlacementPlan:
     """``plan`` with the copy of each (shard, node) of ``keep`` left where the plan would
     drop it: the node stays a replica, its REMOVE_REPLICA move is gone and its
-    MOVE_REPLICA becomes an ADD_REPLICA of the target (a dead node's DROP_REPLICA is gone
-    too, when the caller keeps it). A node that is not ``live`` is not kept (its copy is
-    gone with it). The result is not ``converged`` when a copy was kept:
+    MOVE_REPLICA becomes an ADD_REPLICA of the target. A node that is not ``live`` is not
+    kept (its copy is gone with it). The result is not ``converged`` when a copy was kept:
     a later round drops it once the caller stops asking to keep it."""
     assignments = dict(plan.assignments)
     kept: set[tuple[ShardId, NodeId]] = set()
@@ -92,7 +91,7 @@ def keep_copies(
         elif move.kind is MoveKind.MOVE_REPLICA:
             reason = f"{move.reason} ({move.source} kept until the new copy can take over)"
             moves.append(Move(move.shard_id, MoveKind.ADD_REPLICA, None, move.target, reason))
-        # else the REMOVE_REPLICA (or DROP_REPLICA) of the kept copy: gone
+        # else the REMOVE_REPLICA of the kept copy: gone
     return PlacementPlan(
         assignments=MappingProxyType(assignments),
         moves=tuple(moves),
