@@ -142,24 +142,16 @@ def test_a_control_plane_replica_stopping_gracefully_costs_its_nodes_no_warning(
     process_cluster.start_control_plane()
     process_cluster.start_node("n1")
     wait_until(lambda: process_cluster.list_nodes(first) == ["n1"], 20, "the node to register")
-    replica = process_cluster.processes[0]  # cp-0: the first address, where the node's streams are
+    replica = process_cluster.processes[0]  # cp-0, the node's first address
     replica.signal(signal.SIGTERM)
     assert replica.proc is not None and replica.proc.wait(30) == 0
-    def noticed() -> bool:
-        # Its heartbeats moved, or (when they went through the other replica already) its
-        # assignment stream, which follows the first address, did.
-        log = process_cluster.log_text("n1")
-        moved = re.search(r"loop recovered .*loop=assignments", log) is not None
-        return moved or "heartbeating through the next" in log
-
-    try:
-        wait_until(noticed, 15, "the node to move its streams to the other replica")
-    except TimeoutError as e:  # what the node did instead says why
-        raise AssertionError(f"{e}; the node's log ends:\n{process_cluster.log_text('n1')[-4000:]}") from None
+    # Whichever replica its streams used (they may have gone through the other one from the
+    # start: nothing to move then), the node stays registered through the other replica for
+    # longer than its lease's 4 s: its heartbeats renewed the lease there.
     second = process_cluster.control_planes[1]
-    renewed = time.monotonic() + 3  # past a heartbeat interval (TTL / 3) on the other replica
+    renewed = time.monotonic() + 5
     while time.monotonic() < renewed:
-        assert process_cluster.list_nodes(second) == ["n1"]
+        assert process_cluster.list_nodes(second) == ["n1"], process_cluster.log_text("n1")[-4000:]
         time.sleep(0.25)
     # The processes log in the console format ("... [warning  ] event ..."): the JSON
     # form this looked for never occurred, so the check could not fail.
