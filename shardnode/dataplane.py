@@ -556,7 +556,11 @@ class DataPlane:
         if tail and tail[0].lsn <= from_lsn <= tail[-1].lsn and tail[-1].lsn == state.last.lsn:  # type: ignore[union-attr]
             out: list[shardnode_pb2.LogEntry] = []
             size = 0
-            for entry in itertools.islice(tail, from_lsn - tail[0].lsn, None):
+            # From the right: a replica keeping up asks for the last few of up to
+            # TAIL_CACHE_ENTRIES, and a deque walks from an end.
+            wanted = list(itertools.islice(reversed(tail), tail[-1].lsn - from_lsn + 1))
+            wanted.reverse()
+            for entry in wanted:
                 if out and (len(out) >= max_entries or size + len(entry.payload) > max_bytes):
                     break
                 out.append(entry)
