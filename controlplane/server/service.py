@@ -13,6 +13,7 @@ client certificate names.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -132,6 +133,22 @@ def _some(shards: Sequence[str], shown: int = 5) -> str:
     """The first ``shown`` shard ids, and how many more."""
     more = len(shards) - shown
     return ", ".join(shards[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
+def _lost_members(assignments: Sequence[common_pb2.Assignment], live: set[str], shown: int = 5) -> str:
+    """For the status warning on shards without a live primary: the members they name
+    (primary, replicas, retained copies) that are not registered, with how many such
+    shards name each; "" when there is none (a shard not placed yet)."""
+    lost: collections.Counter[str] = collections.Counter()
+    for a in assignments:
+        if a.primary not in live:
+            lost.update(n for n in dict.fromkeys((a.primary, *a.replicas, *a.retained)) if n and n not in live)
+    if not lost:
+        return ""
+    ranked = sorted(lost.items(), key=lambda kv: (-kv[1], kv[0]))  # the most shards first
+    named = [f"{n} ({count} shard{'s' if count > 1 else ''})" for n, count in ranked[:shown]]
+    more = len(lost) - shown
+    return "; lost members they name: " + ", ".join(named) + (f" and {more} more" if more > 0 else "")
 
 
 class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
@@ -727,6 +744,7 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         if response.shards_without_primary:
             response.warnings.append(
                 f"{response.shards_without_primary} of {shard_count} shards have no live primary"
+                + _lost_members(assignments, live)
             )
         if config is not None:  # etcd answers: the nodes, and a leader elsewhere, are worth asking too
             copies, silent_leader = await asyncio.gather(

@@ -151,6 +151,8 @@ async def test_a_shard_whose_live_candidates_hold_no_data_stays_without_a_primar
         assert (held.primary, held.epoch) == (lost, before.epoch), "an empty copy took over"
         status = await c.stub.GetClusterStatus(controlplane_pb2.GetClusterStatusRequest())
         assert status.shards_without_primary == 1
+        assert any(f"no live primary; lost members they name: {lost} (1 shard)" in w
+                   for w in status.warnings), status.warnings
         # Data shows up on a candidate (e.g. it bootstrapped); the next round promotes it.
         c.fakes[x].positions[SHARD] = (1, 3)
         await c.add(serve_fake_node, "n9", "d")  # any change makes the leader plan again
@@ -261,6 +263,7 @@ async def test_with_three_copies_a_copy_left_on_a_former_member_is_not_promoted(
         assert (held.primary, held.epoch) == (before.primary, before.epoch), "a former member's copy took over"
         status = await c.stub.GetClusterStatus(controlplane_pb2.GetClusterStatusRequest())
         assert status.shards_without_primary == 1
+        assert any(f"lost members they name: {before.primary} (1 shard)" in w for w in status.warnings), status.warnings
 
 
 async def test_nodes_without_fence_fail_over_on_their_reported_positions(
