@@ -476,6 +476,14 @@ class TradeCoordinator:
         try:
             response = await retry.call(attempt, what=f"local trade {trade.trade_id}", policy=policy,
                                             clock=self._clock, retry_if=_settle_retryable, expected=True)
+        except InvalidArgument as e:
+            if REUSED_TRADE_ID not in str(e):
+                raise
+            # Worded as on the cross-shard path: one answer for one mistake.
+            raise InvalidArgument(
+                f"trade id {echo(trade.trade_id)} was already used for a different trade on {shard}; "
+                "choose a new trade id"
+            ) from e
         except FailedPrecondition as e:
             # The shard's primary kept moving under us (a failover or handoff outlasting
             # our retries): nothing was decided, the caller should simply retry.
@@ -1070,11 +1078,10 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
             return response
         if not sides:
             raise NotFound(
-                f"trade {echo(trade_id)} is not known: no decision record, and no participant "
-                + (f"of player {echo(hint)} " if hint else "")
-                + "has heard of it (a same-shard trade needs player_id to be found if a primary is down). "
-                "Not final while a call with this id may still be on its way: retry ExecuteTrade with "
-                "the same id and terms for its outcome"
+                f"trade {echo(trade_id, 40)} is not known: no decision record, and "
+                + (f"player {echo(hint, 40)}'s shard has none" if hint
+                   else "no participant has one (give player_id for a same-shard trade)")
+                + "; ExecuteTrade with the same id and terms answers a call still on its way"
             )
         settled = [s for s in sides if s.state in _SETTLED]
         # Without a record: a settled same-shard trade is the answer (escrows other shards

@@ -236,6 +236,12 @@ async def test_a_reused_trade_id_and_gold_near_the_cap_move_nothing_nobody_agree
             assert await holdings(c) == ([f"{c}/gem"], 100)
             shown = await stub.GetTrade(trade_pb2.GetTradeRequest(trade_id="lt-1", player_id=a), timeout=10)
             assert (shown.outcome, shown.cross_shard) == (common_pb2.TRADE_OUTCOME_COMMITTED, False)
+            # Reused for another same-shard trade: the same answer as across shards.
+            with pytest.raises(grpc.aio.AioRpcError) as in_use:
+                await stub.ExecuteTrade(trade("lt-1", a, neighbour, x_gold=2), timeout=10)
+            assert in_use.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "trade id 'lt-1' was already used for a different trade on shard-" in (
+                in_use.value.details() or ""), in_use.value.details()
 
             # A mistyped player id receives nothing: the trade is refused, naming it.
             typo = await execute(stub, trade("typo-1", a, "nobody-xyz", x_gold=1))

@@ -686,6 +686,12 @@ async def test_a_trade_id_reused_for_other_terms_is_invalid_argument_and_unknown
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="nope"))
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        # Long ids (128 bytes is the limit) are cut in the answer: it stays a short line.
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="x" * 128, player_id="p" * 128))
+        details = missing.value.details() or ""
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND and len(details) < 300, details
+        assert "x" * 50 not in details and "(128 chars)" in details, details
 
 
 async def test_get_trade_reads_a_decision_recorded_while_it_asked_the_participants(
