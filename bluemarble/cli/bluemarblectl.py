@@ -322,10 +322,14 @@ def render_ring(r: common_pb2.Ring) -> str:
 
 
 def _parse_config_assignments(pairs: Sequence[str], config: common_pb2.ClusterConfig) -> None:
+    seen: set[str] = set()
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            usage_error(f"bluemarblectl: expected KEY=VALUE, got {pair!r}")
+            usage_error(f"bluemarblectl: expected KEY=VALUE, got {limits.echo(pair)}")
+        if key in seen:  # which one was meant? Not a guess to make for a cluster's config
+            usage_error(f"bluemarblectl: {limits.echo(key)} is given twice; give each key once")
+        seen.add(key)
         if key.startswith("consistency."):
             system = key.removeprefix("consistency.")
             name = "CONSISTENCY_MODEL_" + value.upper()

@@ -104,7 +104,9 @@ def test_status_says_what_to_do_about_shards_without_a_primary() -> None:
 @pytest.mark.parametrize(
     ("pairs", "message"),
     [(["lease_ttl_s"], "KEY=VALUE"), (["nope=1"], "unknown config key"), (["lease_ttl_s=x"], "integer"),
-     (["consistency.chat=LOUD"], "STRONG, EVENTUAL or CAUSAL")],
+     (["consistency.chat=LOUD"], "STRONG, EVENTUAL or CAUSAL"),
+     (["replication_factor=3", "replication_factor=2"], "'replication_factor' is given twice"),
+     (["consistency.chat=STRONG", "consistency.chat=EVENTUAL"], "'consistency.chat' is given twice")],
 )
 def test_config_set_refuses_bad_pairs(pairs: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
