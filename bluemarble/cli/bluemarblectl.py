@@ -359,6 +359,9 @@ MAX_TIMEOUT_S = 3600.0
 VERBOSITY = ("error", "info", "debug")
 """The library's log level by the number of ``-v`` flags."""
 
+CLI_MAX_ATTEMPTS = 1000
+"""Attempts of one command's call: in effect, as many as fit in ``--timeout-s``."""
+
 EXIT_ABORTED = 3
 EXIT_NO_ANSWER = 4
 
@@ -463,7 +466,10 @@ async def run_trade(args: argparse.Namespace, client: ControlPlaneClient) -> tup
         except NotFound as e:
             if args.player:
                 raise
-            raise NotFound(f"{e} (bluemarblectl: pass --player PLAYER for a same-shard trade)") from e
+            said = str(e)  # the API's words for its field, as this command spells it
+            if "give player_id" in said:
+                raise NotFound(said.replace("give player_id", "pass --player PLAYER")) from e
+            raise NotFound(f"{said} (pass --player PLAYER for a same-shard trade)") from e
         return shown, render_trade(shown), 0
     if not 0 < args.limit <= limits.MAX_IN_DOUBT_TRADES:
         usage_error(f"bluemarblectl: --limit must be 1..{limits.MAX_IN_DOUBT_TRADES}")
@@ -524,9 +530,14 @@ async def run_data(args: argparse.Namespace, client: ControlPlaneClient) -> str:
 
 
 async def run(args: argparse.Namespace) -> int:
+    # Retried (with backoff, at most 1 s apart) until --timeout-s: a control plane that is
+    # restarting or failing over answers within it. Every command is safe to repeat
+    # (trades by their id, drains and promotions by their target, config set by revision).
+    # The data commands' routing client retries on its own (and reports the last error).
     client = ControlPlaneClient(
-        split_addresses(args.control_plane), timeout_s=args.timeout_s, attempts=3, deadline_s=args.timeout_s,
-        metadata=bearer_metadata(args.token),
+        split_addresses(args.control_plane), timeout_s=args.timeout_s,
+        attempts=3 if args.command in DATA_COMMANDS else CLI_MAX_ATTEMPTS,
+        deadline_s=args.timeout_s, max_backoff_s=1.0, metadata=bearer_metadata(args.token),
     )
     try:
         response: Message
