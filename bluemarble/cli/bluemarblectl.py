@@ -589,10 +589,18 @@ async def run(args: argparse.Namespace) -> int:
         print(text)
         return status
     except BlueMarbleError as e:
-        print(f"bluemarblectl: {e.status}: {e}", file=sys.stderr)
+        print(f"bluemarblectl: {e.status}: {e}{_tls_hint(args, e)}", file=sys.stderr)
         return EXIT_NO_ANSWER if e.retryable else 1
     finally:
         await client.close()
+
+
+def _tls_hint(args: argparse.Namespace, e: BlueMarbleError) -> str:
+    """What to try when a plaintext command meets a server that speaks only TLS: it
+    closes the connection at the first bytes, which gRPC reports as "Socket closed"."""
+    if args.tls_ca or not e.retryable or "Socket closed" not in str(e):
+        return ""
+    return " (a control plane with TLS closes plaintext connections: pass --tls-ca, and --tls-cert/--tls-key)"
 
 
 def _whole_number(text: str) -> int:

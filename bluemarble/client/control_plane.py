@@ -72,9 +72,11 @@ def status_to_error(code: grpc.StatusCode, details: str, address: str) -> errors
         # An HTTP server that is not a gRPC one (a proxy or ingress without the route): to
         # the client this address is down, and the next one may answer.
         return errors.Unavailable(f"control plane {address} is not a gRPC server there: {details}")
-    elif code == grpc.StatusCode.UNIMPLEMENTED and details == "Method not found!":  # gRPC's words
+    elif code == grpc.StatusCode.UNIMPLEMENTED and (
+        details == "Method not found!" or details.startswith("unknown service ")  # gRPC's, and Go gRPC's, words
+    ):
         # A gRPC server without this API: most often a shard node's address given as the
-        # control plane's, or the wrong port.
+        # control plane's, or the wrong port (etcd's, say).
         return errors.FailedPrecondition(
             f"{address} does not serve the BlueMarble control-plane API (is it a shard node's address, or "
             "the wrong port?)"

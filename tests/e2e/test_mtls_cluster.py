@@ -156,8 +156,11 @@ def test_a_cluster_under_mutual_tls_with_an_admin_token(secure_cluster: SecureCl
     # A client without a certificate is refused (during the TLS handshake: UNAVAILABLE).
     ca_only = ["--tls-ca", str(cluster.security.ca)]
     for flags in (ca_only, []):
-        code, _, err = cluster.ctl("nodes", flags=flags)
+        code, _, err = cluster.ctl("nodes", flags=[*flags, "--timeout-s", "2"])  # retried until then
         assert code == 4 and "UNAVAILABLE" in err, err  # no answer: bluemarblectl's exit status 4
+        assert err.count("\n") == 1, err  # one line: gRPC's own handshake lines stay quiet
+        if not flags:  # plaintext against TLS: the line says what to pass
+            assert "pass --tls-ca" in err, err
 
     # Admin commands need the token; reads do not.
     admin_cert = cluster.security.tls_flags("admin")

@@ -35,6 +35,9 @@ def test_a_grpc_server_without_the_api_is_named_as_such() -> None:
     assert isinstance(error, errors.FailedPrecondition)
     assert "127.0.0.1:7101 does not serve the BlueMarble control-plane API" in str(error)
     assert "shard node" in str(error)
+    # etcd's port (a Go gRPC server) words it its own way.
+    etcd = to_error(failed(grpc.StatusCode.UNIMPLEMENTED, "unknown service bluemarble.v1.ControlPlane"), "a:2379")
+    assert isinstance(etcd, errors.FailedPrecondition) and "wrong port" in str(etcd)
 
 
 async def test_a_calls_deadline_bounds_its_last_attempt_too() -> None:

@@ -4,9 +4,12 @@ every integer of --json a number, and ``promote`` refused without its consent fl
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import datetime
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +165,34 @@ def test_unusable_arguments_are_usage_errors_and_send_nothing(
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+def test_tls_against_a_plaintext_server_is_one_line_on_stderr(tmp_path: Path) -> None:
+    """gRPC's C core logs a failed TLS handshake on stderr itself ("Handshake failed ...",
+    at info level): bluemarblectl keeps it quiet, so its own line is the only one."""
+    import grpc
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "test-ca")])
+    now = datetime.datetime.now(datetime.UTC)
+    ca = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+          .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(key, hashes.SHA256()))
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        said = subprocess.run(
+            [sys.executable, "-m", "bluemarble.cli.bluemarblectl", "--control-plane", f"127.0.0.1:{port}",
+             "--timeout-s", "1", "--tls-ca", str(tmp_path / "ca.pem"), "status"],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )
+    finally:
+        server.stop(None)
+    assert said.returncode == ctl.EXIT_NO_ANSWER, said.stderr
+    [line] = said.stderr.splitlines()
+    assert line.startswith("bluemarblectl: UNAVAILABLE: ") and "handshake" in line.lower(), said.stderr
