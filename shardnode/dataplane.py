@@ -1129,6 +1129,7 @@ class DataPlane:
             raise InvalidArgument(
                 f"a replication batch carries {len(batch.shards)} shards; at most {limits.MAX_SHARD_STATUSES}"
             )
+        validation.node_id(batch.primary, "primary")  # the sender: compared and logged below
         now_s = self._clock.monotonic_s()
         acks: list[shardnode_pb2.ShardAck] = []
         to_append: list[tuple[ShardId, list[shardnode_pb2.LogEntry]]] = []
@@ -1331,6 +1332,7 @@ class DataPlane:
         FailedPrecondition when this node holds no copy, or when the shard is too large to
         send (:data:`MAX_SNAPSHOT_BYTES`), before anything is built."""
         shard = _shard_id(request.shard_id)
+        validation.log_counter(request.epoch, "epoch")  # as GetEntries: a counter, 0 for any
         replica = validation.node_id(request.replica, "replica") if request.replica else "?"
         state = self._shards.get(shard)
         if state is None or not (state.synced or state.last.lsn > 0):

@@ -234,6 +234,11 @@ async def test_epochs_past_int63_are_refused_naming_the_field(
         await call.write(batch)
         code, details = await refused(call.read())
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "shards[0].entries[0].epoch" in details, details
+        for primary in ("p" * 1_000_000, "a\x00b", "", "two words"):  # the sender's name is compared and logged
+            call = stub.Replicate()
+            await call.write(shardnode_pb2.ReplicateBatch(primary=primary))
+            code, details = await refused(call.read())
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "primary" in details and len(details) < 300, details
         assert storage_fences(dp) == fenced_before
 
 
@@ -318,6 +323,10 @@ async def test_a_shard_stays_small_enough_to_copy(
             code, details = await refused(stub.GetSnapshot(bad).read())
             assert code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT), details
             assert phrase in details and len(details) < 400, details
+        # An epoch past a log counter's range is bad input, as GetEntries answers it.
+        huge = shardnode_pb2.GetSnapshotRequest(shard_id=shard, epoch=2**64 - 1, replica="n2")
+        code, details = await refused(stub.GetSnapshot(huge).read())
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "epoch" in details, details
 
 
 async def test_a_fence_of_a_shard_outside_the_ring_is_refused_and_changes_nothing(
