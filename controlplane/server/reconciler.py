@@ -760,7 +760,10 @@ class Reconciler:
         restamp += [shard for shard in self._retained_changes(plan) if shard not in restamp]
         if plan.changed or restamp:
             await self._write(leadership, plan, restamp, leases)
-        elif plan.converged and not promotions.waiting and not any(self._retained_now.values()):
+        elif plan.converged and not copying and not promotions.waiting and not any(self._retained_now.values()):
+            # A round planned around replicas still copying is not settled: their copies
+            # finishing changes nothing in etcd, and the moves held for them (a drain's
+            # handoffs) must be planned again each tick until then.
             self._settled = settled_inputs
         return plan
 

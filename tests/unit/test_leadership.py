@@ -615,6 +615,37 @@ async def test_a_joining_node_takes_primaries_as_soon_as_it_reports_its_copies_d
     await election.stop()
 
 
+async def test_a_drain_held_for_copying_replicas_hands_over_once_they_report_done(world: World) -> None:
+    """A node drains while the replicas that would take its primaries are still copying:
+    the handoffs wait, and go as soon as the replicas report their copies done, with
+    nothing else changing in etcd (a round that held them must not count as settled; a
+    SIGTERM moments after placement once waited for the drain's whole timeout)."""
+    leases, election, reconciler = await placed_cluster(world, "abc")
+    beating = world.keep_alive(leases.values)
+    before = world.assignments()
+    victim = next(iter(before.values())).primary
+    led = [key for key, a in before.items() if a.primary == victim]
+    statuses = [common_pb2.ShardStatus(shard_id=before[key].shard_id, epoch=before[key].epoch,
+                                       role=common_pb2.SHARD_ROLE_REPLICA, serving=True, copying=True,
+                                       lag_entries=5000) for key in led]
+    for key, status in zip(led, statuses, strict=True):  # every replica that could take it: copying
+        for replica in before[key].replicas:
+            world.probe.reports.setdefault(replica, []).append(status)
+    record = common_pb2.Node(node_id=victim, address=address_of(victim), zone="a", capacity=1,
+                             lease_id=leases[victim], state=common_pb2.NODE_STATE_DRAINING)
+    await world.etcd.put(world.keys.node(NodeId(victim)), codec.encode(record), lease=leases[victim])
+    await world.clock.advance(4.0)
+    assert all(world.assignments()[key].primary == victim for key in led)  # held: every target copying
+    for status in statuses:  # done copying; nothing else changes
+        status.copying, status.lag_entries = False, 0
+    await world.clock.advance(3.0)
+    after = world.assignments()
+    assert not any(after[key].primary == victim for key in led), after
+    beating.cancel()
+    await reconciler.stop()
+    await election.stop()
+
+
 async def test_a_round_that_must_repair_still_hands_no_primary_to_a_replica_copying(world: World) -> None:
     """A node dies while a new one is copying its replicas: the repair is written at once,
     but the balance handoffs to the new node in the same plan wait for its copies."""
