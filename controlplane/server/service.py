@@ -130,7 +130,7 @@ def _retrieve(task: asyncio.Task[object]) -> None:
 
 
 def _some(shards: Sequence[str], shown: int = 5) -> str:
-    """The first ``shown`` shard ids, and how many more."""
+    """The first ``shown`` of ``shards`` (ids, or any labels), and how many more."""
     more = len(shards) - shown
     return ", ".join(shards[:shown]) + (f" and {more} more" if more > 0 else "")
 
@@ -146,9 +146,7 @@ def _lost_members(assignments: Sequence[common_pb2.Assignment], live: set[str], 
     if not lost:
         return ""
     ranked = sorted(lost.items(), key=lambda kv: (-kv[1], kv[0]))  # the most shards first
-    named = [f"{n} ({count} shard{'s' if count > 1 else ''})" for n, count in ranked[:shown]]
-    more = len(lost) - shown
-    return "; lost members they name: " + ", ".join(named) + (f" and {more} more" if more > 0 else "")
+    return "; lost members they name: " + _some([f"{n} ({c} shard{'s' if c > 1 else ''})" for n, c in ranked], shown)
 
 
 class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):

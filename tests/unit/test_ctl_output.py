@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import datetime
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
 from bluemarble.cli import bluemarblectl as ctl
 from bluemarble.v1 import common_pb2, controlplane_pb2, shardnode_pb2, trade_pb2
+from scripts.dev_certs import make_ca
 from scripts.localcluster import free_port
 
 
@@ -170,18 +171,7 @@ def test_unusable_arguments_are_usage_errors_and_send_nothing(
 def test_tls_against_a_plaintext_server_is_one_line_on_stderr(tmp_path: Path) -> None:
     """gRPC's C core logs a failed TLS handshake on stderr itself ("Handshake failed ...",
     at info level): bluemarblectl keeps it quiet, so its own line is the only one."""
-    import grpc
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "test-ca")])
-    now = datetime.datetime.now(datetime.UTC)
-    ca = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-          .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(key, hashes.SHA256()))
-    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    make_ca(tmp_path)  # ca.pem: a CA the plaintext server cannot answer to
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=1))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
