@@ -63,6 +63,10 @@ def status_to_error(code: grpc.StatusCode, details: str, address: str) -> errors
         details = f"control plane {address} unavailable: {details}"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED and details in ("Deadline Exceeded", code.name):  # gRPC's words
         details = f"control plane {address} did not answer within the call's deadline"
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        # The server's own words (a multiplexed call it ran out of time for): which server,
+        # whichever side's deadline came first.
+        details = f"{details} (at {address})"
     elif code == grpc.StatusCode.CANCELLED:
         # Not ours (our own cancellation raises CancelledError): the server ended the call,
         # as a stopping replica does with its streams. Another replica, or this one

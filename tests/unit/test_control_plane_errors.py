@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import grpc.aio
 
-from bluemarble.client.control_plane import to_error
+from bluemarble.client.control_plane import status_to_error, to_error
 from bluemarble.core import errors
 
 
@@ -26,6 +26,9 @@ def test_other_statuses_keep_their_meaning() -> None:
     assert isinstance(to_error(failed(grpc.StatusCode.NOT_FOUND, "no lease"), "a:1"), errors.NotFound)
     deadline = to_error(failed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"), "a:1")
     assert isinstance(deadline, errors.DeadlineExceeded) and "a:1" in str(deadline)
+    # The server's own words (a multiplexed call it ran out of time for) name it too.
+    served = status_to_error(grpc.StatusCode.DEADLINE_EXCEEDED, "ExecuteTrade did not finish within 180 ms", "a:1")
+    assert isinstance(served, errors.DeadlineExceeded) and str(served).endswith("180 ms (at a:1)"), served
 
 
 def test_a_grpc_server_without_the_api_is_named_as_such() -> None:
