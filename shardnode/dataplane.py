@@ -581,7 +581,9 @@ class DataPlane:
 
     def on_ack(self, shard: ShardId, replica: NodeId, epoch: int, ack: shardnode_pb2.ShardAck) -> None:
         state = self._shards.get(shard)
-        if state is None or state.role != PRIMARY or state.epoch != epoch:
+        if state is None or state.role != PRIMARY or state.epoch != epoch or replica not in state.replicas:
+            # Not (or no longer) a replica of the shard: an ack in flight when the
+            # assignment dropped it must not count again should the node be re-added.
             return
         state.acked[replica] = ack.last.lsn
         self._recompute_commit(state)
@@ -1427,6 +1429,7 @@ class DataPlane:
                     serving=state.serving if state.role == PRIMARY else self._following(state),
                     fenced_epoch=state.fenced_epoch,
                     copying=state.role == REPLICA and (not state.synced or state.snapshotting),
+                    replicas=[r for r in state.replicas if r != self.node_id] if state.role == PRIMARY else [],
                 )
             )
         return out

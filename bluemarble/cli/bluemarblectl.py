@@ -185,8 +185,8 @@ def render_shards(r: controlplane_pb2.ListAssignmentsResponse) -> str:
         table(("SHARD", "EPOCH", "PRIMARY", "REPLICAS"), rows)
         + "\nmembers: NODE (last epoch,applied lsn) lag ENTRIES/MS behind the primary (on the primary: of its"
         + " farthest replica); copying = a replica still copying the shard; ? = no status reported;"
-        + " retained = a former member, down or back without its data, that may hold acknowledged writes the"
-        + " replicas lack (a promotion waits for it)"
+        + " retained = a former member that may hold acknowledged writes the replicas lack: down, back"
+        + " without its data, or just moved away while its primary still counts it (a promotion waits for it)"
         + f"\nrevision {r.revision}"
         + stale
     )

@@ -83,7 +83,7 @@ class NodeRef(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
-    __slots__ = ("shard_id", "epoch", "role", "applied_lsn", "last_epoch", "lag_entries", "lag_ms", "on_disk_only", "serving", "fenced_epoch", "copying")
+    __slots__ = ("shard_id", "epoch", "role", "applied_lsn", "last_epoch", "lag_entries", "lag_ms", "on_disk_only", "serving", "fenced_epoch", "copying", "replicas")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class ShardStatus(_message.Message):
     SERVING_FIELD_NUMBER: _ClassVar[int]
     FENCED_EPOCH_FIELD_NUMBER: _ClassVar[int]
     COPYING_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     shard_id: str
     epoch: int
     role: ShardRole
@@ -106,7 +107,8 @@ class ShardStatus(_message.Message):
     serving: bool
     fenced_epoch: int
     copying: bool
-    def __init__(self, shard_id: _Optional[str] = ..., epoch: _Optional[int] = ..., role: _Optional[_Union[ShardRole, str]] = ..., applied_lsn: _Optional[int] = ..., last_epoch: _Optional[int] = ..., lag_entries: _Optional[int] = ..., lag_ms: _Optional[int] = ..., on_disk_only: _Optional[bool] = ..., serving: _Optional[bool] = ..., fenced_epoch: _Optional[int] = ..., copying: _Optional[bool] = ...) -> None: ...
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shard_id: _Optional[str] = ..., epoch: _Optional[int] = ..., role: _Optional[_Union[ShardRole, str]] = ..., applied_lsn: _Optional[int] = ..., last_epoch: _Optional[int] = ..., lag_entries: _Optional[int] = ..., lag_ms: _Optional[int] = ..., on_disk_only: _Optional[bool] = ..., serving: _Optional[bool] = ..., fenced_epoch: _Optional[int] = ..., copying: _Optional[bool] = ..., replicas: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("shard_id", "epoch", "primary", "replicas", "state", "incarnations", "retained")

@@ -37,7 +37,7 @@ from bluemarble.api.conversions import log_position
 from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.replication.position import ZERO, LogPosition
 from bluemarble.runtime.channels import channel as open_channel
-from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
+from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
@@ -65,6 +65,18 @@ class FencedCopy:
 
 FenceAnswer = dict[ShardId, FencedCopy]
 """One node's answer to a fence: every shard it was asked about."""
+
+
+@dataclass(frozen=True, slots=True)
+class CopyView:
+    """What one node answered GetShardStatus for one shard, in one answer: ``last``, the
+    position of its last entry, and, if it is the shard's primary, ``counts``: the
+    replicas whose acknowledgements its writes count (None when it is not the primary).
+    Read together, they bound what a replica outside ``counts`` can have acknowledged:
+    nothing past ``last``."""
+
+    last: LogPosition
+    counts: frozenset[NodeId] | None
 
 
 class NodeProbe:
@@ -200,10 +212,19 @@ class NodeProbe:
     ) -> dict[tuple[ShardId, NodeId], LogPosition]:
         """Log position of each of ``shards`` on each node that answered GetShardStatus
         (unfenced; for operators and tests: promotion uses :meth:`fence`)."""
+        return {key: view.last for key, view in (await self.views(addresses, shards)).items()}
+
+    async def views(
+        self, addresses: Mapping[NodeId, str], shards: Iterable[ShardId]
+    ) -> dict[tuple[ShardId, NodeId], CopyView]:
+        """:class:`CopyView` of each of ``shards`` on each node that answered GetShardStatus."""
         wanted = set(shards)
         results = await asyncio.gather(*(self._status(n, a) for n, a in addresses.items()))
         return {
-            (ShardId(s.shard_id), node): log_position(s.last_epoch, s.applied_lsn)
+            (ShardId(s.shard_id), node): CopyView(
+                log_position(s.last_epoch, s.applied_lsn),
+                frozenset(NodeId(r) for r in s.replicas) if s.role == common_pb2.SHARD_ROLE_PRIMARY else None,
+            )
             for node, r in zip(addresses, results, strict=True)
             if r is not None
             for s in r.shards

@@ -125,7 +125,7 @@ from bluemarble.runtime import background, metrics, retry
 from bluemarble.runtime.clock import Clock, SystemClock, wait_event
 from bluemarble.v1 import common_pb2, controlplane_pb2, shardnode_pb2
 from controlplane.server.election import Election, Leadership
-from controlplane.server.node_probe import NodeProbe
+from controlplane.server.node_probe import CopyView, NodeProbe
 from controlplane.store import codec
 from controlplane.store.config_store import ConfigStore
 from controlplane.store.etcd import Compare, EtcdStore, Put
@@ -221,6 +221,18 @@ def _takes_over(status: common_pb2.ShardStatus, shard: ShardId, pin: _Pin) -> bo
         return status.epoch >= pin.epoch
     return (not pin.handoff and status.role == common_pb2.SHARD_ROLE_REPLICA and not status.copying
             and status.lag_entries <= CAUGHT_UP_ENTRIES)
+
+
+def _counts_no_more(head: CopyView | None, node: NodeId, holder: NodeId, before: ShardAssignment) -> bool:
+    """Whether nothing ``node`` acknowledges from now on can count for a write of the
+    shard: it is the holder of every acknowledged write itself, or was the primary (a
+    primary acknowledges nothing), or the holder answered, as the primary, without it
+    among the replicas whose acknowledgements it counts. A replica the primary still
+    counts could acknowledge a write past the position the staying replicas were checked
+    against, and its copy must stay where a promotion looks (docs/decisions.md)."""
+    if node in (holder, before.primary):
+        return True
+    return head is not None and head.counts is not None and node not in head.counts
 
 
 @dataclass
@@ -821,9 +833,15 @@ class Reconciler:
         replica, and holds it), else the new primary a failover promoted (the greatest
         position among the live copies). At least as many replicas as a STRONG write
         needs acks from must report a position at or past that copy's, asked that copy
-        first, then them. A live member is kept as a replica; a dead one in the record's
-        ``retained`` (sets :attr:`_retained_now`, which :meth:`_write` writes), where a
-        promotion waits for it like for a down replica but no node waits for its answer.
+        first, then them. Until then a live member is kept as a replica; a dead one goes to
+        the record's ``retained`` (sets :attr:`_retained_now`, which :meth:`_write`
+        writes), where a promotion waits for it like for a down replica, or takes it as a
+        candidate while it lives, but no node waits for its answer. Once they do, a former
+        replica still goes to ``retained`` first, and leaves the shard only when the holder
+        answers, as the primary, without it among the replicas whose acknowledgements it
+        counts (:func:`_counts_no_more`), with the staying replicas at that answer's
+        position: before the primary learns the new record, the copy may acknowledge a
+        write the staying replicas lack.
 
         Why. A write is acknowledged once the primary and any one replica hold it
         (:func:`~bluemarble.core.replication.primary.required_acks_for`); a failover waits
@@ -835,8 +853,8 @@ class Reconciler:
         the replica, which then dies too), the record names only the lagging copy, and it
         would be promoted over the write. A dead node acknowledges nothing new, so once a
         staying replica holds what the holding copy held after the death, it holds
-        everything the dead one did. Writes acknowledged by a live dropped replica before
-        the primary learns the new record are not covered (docs/decisions.md)."""
+        everything the dead one did, and the same holds for a live one once the primary
+        no longer counts it (docs/decisions.md)."""
         looked = [s for s in plan.assignments if s in plan.changed or self._stored_retained(s)]
         self._retained_now = {}
         dropping: dict[ShardId, tuple[NodeId, list[NodeId]]] = {}
@@ -853,30 +871,40 @@ class Reconciler:
         if not dropping:
             return plan
         holders = {holder for holder, _ in dropping.values()}
-        heads = await self._probe.positions({h: addresses[h] for h in holders}, dropping)
+        heads = await self._probe.views({h: addresses[h] for h in holders}, dropping)
         staying = {r for s in dropping for r in plan.assignments[s].replicas if r in addresses}
         tails = await self._probe.positions({r: addresses[r] for r in staying}, dropping) if heads else {}
-        keep: set[tuple[ShardId, NodeId]] = set()
+        keep: set[tuple[ShardId, NodeId]] = set()  # live members that stay replicas
+        noted: set[tuple[ShardId, NodeId]] = set()
         for shard, (holder, gone) in dropping.items():
-            replicas = plan.assignments[shard].replicas
+            before, replicas = self._observed[shard], plan.assignments[shard].replicas
             head = heads.get((shard, holder))
-            if head is not None:
-                holding = [r for r in replicas if (t := tails.get((shard, r))) is not None and t >= head]
-                if len(holding) >= required_acks_for(len(replicas)):
-                    continue
-            keep.update((shard, node) for node in gone)
-            self._retained_now[shard] = tuple(node for node in gone if node not in addresses)
+            caught = head is not None and required_acks_for(len(replicas)) <= sum(
+                1 for r in replicas if (t := tails.get((shard, r))) is not None and t >= head.last
+            )
+            retained: list[NodeId] = []
             for node in gone:
-                if (shard, node) not in self._kept_unmatched:
+                if caught and _counts_no_more(head, node, holder, before):
+                    continue  # dropped
+                if caught or node not in addresses or node not in before.members:
+                    retained.append(node)
+                else:
+                    keep.add((shard, node))
+                noted.add((shard, node))
+                if (shard, node) in self._kept_unmatched:
+                    continue
+                if caught:
+                    event = f"keeping a copy retained until {holder} (the primary) stops counting its acknowledgements"
+                else:
                     why = ("it may hold acknowledged writes they lack" if head is not None
                            else f"{holder} did not tell its position")
-                    log.info(f"keeping a copy in the shard until a staying replica holds {holder}'s log: {why}",
-                             shard=shard, node_id=node, alive=node in addresses, holder=holder,
-                             holder_last=str(head) if head else None,
-                             staying={r: str(tails[(shard, r)]) for r in replicas if (shard, r) in tails} or None)
-        self._kept_unmatched = keep
-        live = {(shard, node) for shard, node in keep if node in addresses}
-        return keep_copies(plan, current, live, addresses.keys()) if live else plan
+                    event = f"keeping a copy in the shard until a staying replica holds {holder}'s log: {why}"
+                log.info(event, shard=shard, node_id=node, alive=node in addresses, holder=holder,
+                         retained=node in retained, holder_last=str(head.last) if head else None,
+                         staying={r: str(tails[(shard, r)]) for r in replicas if (shard, r) in tails} or None)
+            self._retained_now[shard] = tuple(retained)
+        self._kept_unmatched = noted
+        return keep_copies(plan, current, keep, addresses.keys()) if keep else plan
 
     def _retained_changes(self, plan: PlacementPlan) -> list[ShardId]:
         """The shards of ``plan`` whose ``retained`` members change while their record

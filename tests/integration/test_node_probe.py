@@ -6,7 +6,7 @@ from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.replication.position import LogPosition
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
-from controlplane.server.node_probe import NodeProbe
+from controlplane.server.node_probe import CopyView, NodeProbe
 from scripts.localcluster import free_port
 from shardnode.service import ShardNodeService
 
@@ -37,6 +37,14 @@ async def test_positions_come_from_the_nodes_that_answer() -> None:
         statuses[0] = common_pb2.ShardStatus(shard_id="shard-1", epoch=5, applied_lsn=18, last_epoch=5)
         again = await probe.positions({NodeId("n1"): f"127.0.0.1:{server.port}"}, [ShardId("shard-1")])
         assert again == {(ShardId("shard-1"), NodeId("n1")): LogPosition(5, 18)}  # asked anew, never cached
+        # A primary's view names the replicas whose acknowledgements it counts; a replica's none.
+        statuses[1] = common_pb2.ShardStatus(shard_id="shard-2", epoch=5, role=common_pb2.SHARD_ROLE_PRIMARY,
+                                             applied_lsn=99, last_epoch=5, replicas=["n3", "n4"])
+        views = await probe.views({NodeId("n1"): f"127.0.0.1:{server.port}"}, [ShardId("shard-1"), ShardId("shard-2")])
+        assert views == {
+            (ShardId("shard-1"), NodeId("n1")): CopyView(LogPosition(5, 18), None),
+            (ShardId("shard-2"), NodeId("n1")): CopyView(LogPosition(5, 99), frozenset({NodeId("n3"), NodeId("n4")})),
+        }
         # A new registration gets roles only if it answers: the live server does, an
         # address where nothing listens does not (refused before any channel is built).
         alive = await probe.reachable({NodeId("n1"): f"127.0.0.1:{server.port}", NodeId("n2"): dead})

@@ -276,3 +276,27 @@ async def test_a_replica_that_said_it_restarts_stays_expected_when_it_is_placed_
     assert NodeId("n2") not in dp._shippers
     replicas("n2")
     assert dp._shippers[NodeId("n2")].quiet_until_s == quiet_until_s
+
+
+async def test_a_primary_reports_the_replicas_it_counts_and_ignores_acks_of_others(primary) -> None:  # type: ignore[no-untyped-def]
+    """GetShardStatus names the replicas whose acknowledgements the primary counts (the
+    control plane drops a copy only once its primary no longer lists it), and an ack from
+    a node outside them (one in flight when the assignment dropped it) never counts, nor
+    counts later should the node be placed back."""
+    dp, agent, _ = primary
+    ack = shardnode_pb2.ShardAck(shard_id=SHARD, last=shardnode_pb2.LogPosition(epoch=3, lsn=1))
+    agent.assignments = {SHARD: common_pb2.Assignment(shard_id=SHARD, epoch=3, primary="n1", replicas=["n2"])}
+    dp.on_assignments()
+    [status] = dp.statuses()
+    assert list(status.replicas) == ["n2"]
+    dp.on_ack(SHARD, NodeId("n2"), 3, ack)
+    dp.on_ack(SHARD, NodeId("n3"), 3, ack)  # not a replica
+    assert dp._shards[SHARD].acked == {"n2": 1}
+    agent.assignments = {SHARD: common_pb2.Assignment(shard_id=SHARD, epoch=3, primary="n1", replicas=["n3"])}
+    dp.on_assignments()
+    dp.on_ack(SHARD, NodeId("n2"), 3, ack)  # in flight when n2 was dropped
+    [status] = dp.statuses()
+    assert list(status.replicas) == ["n3"] and dp._shards[SHARD].acked == {}
+    agent.assignments = {SHARD: common_pb2.Assignment(shard_id=SHARD, epoch=3, primary="n1", replicas=["n3", "n2"])}
+    dp.on_assignments()
+    assert dp._shards[SHARD].acked == {}  # n2 back: nothing it acknowledged before counts

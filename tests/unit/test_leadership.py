@@ -25,7 +25,7 @@ from bluemarble.runtime.clock import FakeClock
 from bluemarble.v1 import common_pb2, controlplane_pb2, shardnode_pb2
 from controlplane.server import reconciler as reconciler_module
 from controlplane.server.election import Election
-from controlplane.server.node_probe import FencedCopy
+from controlplane.server.node_probe import CopyView, FencedCopy
 from controlplane.server.reconciler import Reconciler
 from controlplane.store import codec
 from controlplane.store.keys import KeySchema
@@ -57,6 +57,8 @@ class FakeProbe:
         self.fences: list[tuple[NodeId, dict[ShardId, int]]] = []
         self.fenced_at: dict[tuple[str, str], int] = {}  # a copy already fenced higher than asked
         self.reports: dict[str, list[common_pb2.ShardStatus]] = {}  # GetShardStatus answers by node
+        self.records: Callable[[], Iterable[common_pb2.Assignment]] | None = None  # the stored records
+        self.counting: dict[tuple[str, str], frozenset[NodeId]] = {}  # a primary's replicas, if not the record's
 
     async def reachable(self, addresses: Mapping[NodeId, str]) -> set[NodeId]:
         return {n for n in addresses if n not in self.silent}
@@ -74,6 +76,21 @@ class FakeProbe:
         asked = list(shards)
         return {(shard, node): last for node in addresses if node not in self.silent for shard in asked
                 if (last := self.copies.get((shard, node), LogPosition(1, 1))) is not None}
+
+    async def views(
+        self, addresses: Mapping[NodeId, str], shards: Iterable[ShardId]
+    ) -> dict[tuple[ShardId, NodeId], CopyView]:
+        """A primary of the stored records counts the replicas they name, unless
+        ``counting`` says otherwise (a primary that has not applied the latest record)."""
+        records = {ShardId(a.shard_id): a for a in self.records()} if self.records else {}
+        views = {}
+        for (shard, node), last in (await self.positions(addresses, shards)).items():
+            a = records.get(shard)
+            counts = self.counting.get((shard, node))
+            if counts is None and a is not None and a.primary == node:
+                counts = frozenset(NodeId(r) for r in a.replicas)
+            views[(shard, node)] = CopyView(last, counts)
+        return views
 
     async def fence(
         self, targets: Mapping[NodeId, tuple[str, Mapping[ShardId, int]]]
@@ -148,7 +165,9 @@ async def world() -> AsyncIterator[World]:
     clock = FakeClock()
     etcd = FakeEtcd(clock)
     lessor = asyncio.create_task(etcd.run_lessor())
-    yield World(clock, etcd, KeySchema("test"), FakeProbe())
+    world = World(clock, etcd, KeySchema("test"), FakeProbe())
+    world.probe.records = lambda: world.assignments().values()  # primaries apply records at once
+    yield world
     lessor.cancel()
     await etcd.close()
     with contextlib.suppress(asyncio.CancelledError):
@@ -709,6 +728,45 @@ async def test_a_dead_replica_stays_in_its_shard_until_a_staying_replica_holds_t
     world.probe.silent = set()  # they answer: the staying replicas hold their logs
     await world.clock.advance(2.0)
     assert not any(dead in (*world.assignments()[k].replicas, *world.assignments()[k].retained) for k in kept)
+    beating.cancel()
+    await reconciler.stop()
+    await election.stop()
+
+
+async def test_a_live_replica_a_plan_drops_is_retained_until_its_primary_stops_counting_it(world: World) -> None:
+    """A new node takes replicas over from live ones. Once it holds the primary's log, the
+    replica it replaces goes to ``retained``, not away: until the primary applies the new
+    record it counts that replica's acknowledgements, so a write past the position the new
+    copy was checked against could be held by the primary and the old replica alone. It
+    leaves once the primary answers without it among the replicas it counts."""
+    leases = {f"n{i}": await world.add_node(f"n{i}", zone) for i, zone in enumerate("abc")}
+    beating = world.keep_alive(lambda: list(leases.values()))
+    election = await elect(world)
+    reconciler = make_reconciler(world, election)
+    await reconciler.start()
+    await world.clock.advance(3.0)
+    placed = world.assignments()
+    # The primaries have not applied any record after these: they count these replicas.
+    world.probe.counting = {(a.shard_id, a.primary): frozenset(NodeId(r) for r in a.replicas) for a in placed.values()}
+    leases["n3"] = await world.add_node("n3", "d")
+    await world.clock.advance(2.0)
+    world.probe.reports["n3"] = [  # done copying
+        common_pb2.ShardStatus(shard_id=a.shard_id, epoch=a.epoch, role=common_pb2.SHARD_ROLE_REPLICA, serving=True)
+        for a in world.assignments().values() if "n3" in a.replicas
+    ]
+    await world.clock.advance(2.0)
+    after = world.assignments()
+    moved = {k: [r for r in placed[k].replicas if r not in after[k].replicas] for k in placed}
+    moved = {k: gone for k, gone in moved.items() if gone}
+    assert moved  # the new node took replicas over
+    for k, gone in moved.items():
+        assert "n3" in after[k].replicas and after[k].primary == placed[k].primary, after[k]
+        assert list(after[k].retained) == gone, after[k]  # live, but counted by the primary
+    world.probe.counting = {}  # the primaries applied the new records
+    await world.clock.advance(2.0)
+    final = world.assignments()
+    assert not any(final[k].retained for k in moved), [final[k] for k in moved]
+    assert all(final[k].replicas == after[k].replicas for k in moved)
     beating.cancel()
     await reconciler.stop()
     await election.stop()
