@@ -567,6 +567,8 @@ async def run(args: argparse.Namespace) -> int:
                 lambda s: s.ForcePromote, request, timeout_s=wait_s, attempts=1, deadline_s=wait_s)
             a = response.assignment  # type: ignore[attr-defined]
             text = f"{a.shard_id}: primary {a.primary} at epoch {a.epoch}"
+            if lost := list(response.lost_members):  # type: ignore[attr-defined]
+                text += f"\nwrites only {', '.join(lost)} held are lost"
         elif args.command == "config" and args.action == "get":
             response = await client.call(lambda s: s.GetConfig, controlplane_pb2.GetConfigRequest())
             text = render_config(response.config, response.revision)  # type: ignore[attr-defined]

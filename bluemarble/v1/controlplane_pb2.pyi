@@ -232,10 +232,12 @@ class ForcePromoteRequest(_message.Message):
     def __init__(self, shard_id: _Optional[str] = ..., node_id: _Optional[str] = ..., accept_data_loss: _Optional[bool] = ...) -> None: ...
 
 class ForcePromoteResponse(_message.Message):
-    __slots__ = ("assignment",)
+    __slots__ = ("assignment", "lost_members")
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    LOST_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     assignment: _common_pb2.Assignment
-    def __init__(self, assignment: _Optional[_Union[_common_pb2.Assignment, _Mapping]] = ...) -> None: ...
+    lost_members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, assignment: _Optional[_Union[_common_pb2.Assignment, _Mapping]] = ..., lost_members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetConfigRequest(_message.Message):
     __slots__ = ()

@@ -845,7 +845,9 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                     raise FailedPrecondition(
                         f"{shard} got another primary meanwhile, {now.primary} at epoch {now.epoch} (it held data)"
                     )
-                return controlplane_pb2.ForcePromoteResponse(assignment=now)
+                lost = [n for n in dict.fromkeys((before.primary, *before.replicas, *before.retained))
+                        if n and n != node and n not in live]
+                return controlplane_pb2.ForcePromoteResponse(assignment=now, lost_members=lost)
             remaining_s = deadline_s - self._d.clock.monotonic_s()
             if remaining_s <= 0:
                 raise DeadlineExceeded(

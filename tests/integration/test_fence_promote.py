@@ -202,13 +202,16 @@ async def test_an_operator_gives_a_stuck_shard_a_primary_without_its_data(
         # As an operator does it: bluemarblectl, which waits for the answer.
         argv = ["--control-plane", c.app.address, "promote", SHARD, y, "--accept-data-loss"]
         assert await asyncio.to_thread(bluemarblectl.main, argv) == 0
-        assert f"{SHARD}: primary {y} at epoch {before.epoch + 1}" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"{SHARD}: primary {y} at epoch {before.epoch + 1}" in out
+        assert f"writes only {before.primary} held are lost" in out  # what the promotion gave up
         assert (await c.assignment()).primary == y
         # A retry of a request that worked answers the same.
         answer = await c.stub.ForcePromote(
             controlplane_pb2.ForcePromoteRequest(shard_id=SHARD, node_id=y, accept_data_loss=True), timeout=5
         )
         assert (answer.assignment.primary, answer.assignment.epoch) == (y, before.epoch + 1)
+        assert not answer.lost_members  # done already: nothing is known of what it lost
         assert c.fakes[y].fences(SHARD)[-1] == before.epoch + 1  # fenced at the new epoch first
         forced = c.app.forced
 
