@@ -75,7 +75,9 @@ class ConfigStore:
         """Validates and stores ``config``; nothing is written when it is invalid.
 
         Raises InvalidArgument (bad values), FailedPrecondition (``expected_revision``
-        is stale, or a field fixed at creation would change).
+        is stale, or a field fixed at creation would change). A stale
+        ``expected_revision`` is no error when the stored config is already ``config``
+        (a retry of a write that landed): the answer is then the stored one.
         """
         cluster_config.validate(config)
         current, revision = await self.get()
@@ -91,6 +93,10 @@ class ConfigStore:
                 f"expected_revision {expected_revision} is ahead of the config's revision {revision}; "
                 "give the revision GetConfig returned"
             )
+        if expected_revision and expected_revision != revision and current == config:
+            # A repeat of a write that landed (its answer was lost): the config is already
+            # what was asked. Nothing is written; the caller gets what the first one would.
+            return current, revision
         if expected_revision and expected_revision != revision:
             raise FailedPrecondition(
                 f"config changed since revision {expected_revision} (now {revision}); "

@@ -343,6 +343,21 @@ class TestConfig:
         assert got == grpc.StatusCode.FAILED_PRECONDITION
         assert "resharding" in details
 
+    async def test_a_repeat_of_a_set_that_landed_answers_as_the_first(self, stub: Stub) -> None:
+        """A retry after a lost answer carries the revision read before the first write:
+        the config is already what it asks, so it answers with the stored config and
+        revision and writes nothing. A different config at that revision is refused."""
+        current = await stub.GetConfig(pb.GetConfigRequest())
+        config = current.config
+        config.lease_ttl_s = 7
+        first = await stub.SetConfig(pb.SetConfigRequest(config=config, expected_revision=current.revision))
+        again = await stub.SetConfig(pb.SetConfigRequest(config=config, expected_revision=current.revision))
+        assert (again.config, again.revision) == (first.config, first.revision)
+        config.lease_ttl_s = 8
+        got, details = await status_of(stub.SetConfig(pb.SetConfigRequest(config=config,
+                                                                         expected_revision=current.revision)))
+        assert got == grpc.StatusCode.FAILED_PRECONDITION and "changed since revision" in details
+
 
 async def test_only_ids_matching_the_node_id_pattern_register(start_control_plane: StartControlPlane) -> None:
     app = await start_control_plane(node_id_pattern=re.compile(r"bm-node-[0-9]+"))
