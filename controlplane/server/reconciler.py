@@ -893,15 +893,16 @@ class Reconciler:
                 noted.add((shard, node))
                 if (shard, node) in self._kept_unmatched:
                     continue
-                if caught:
+                if caught:  # the usual step of every replica move: a round or so
                     event = f"keeping a copy retained until {holder} (the primary) stops counting its acknowledgements"
                 else:
                     why = ("it may hold acknowledged writes they lack" if head is not None
                            else f"{holder} did not tell its position")
                     event = f"keeping a copy in the shard until a staying replica holds {holder}'s log: {why}"
-                log.info(event, shard=shard, node_id=node, alive=node in addresses, holder=holder,
-                         retained=node in retained, holder_last=str(head.last) if head else None,
-                         staying={r: str(tails[(shard, r)]) for r in replicas if (shard, r) in tails} or None)
+                (log.debug if caught else log.info)(
+                    event, shard=shard, node_id=node, alive=node in addresses, holder=holder,
+                    retained=node in retained, holder_last=str(head.last) if head else None,
+                    staying={r: str(tails[(shard, r)]) for r in replicas if (shard, r) in tails} or None)
             self._retained_now[shard] = tuple(retained)
         self._kept_unmatched = noted
         return keep_copies(plan, current, keep, addresses.keys()) if keep else plan
