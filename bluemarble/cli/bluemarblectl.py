@@ -44,6 +44,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, cast
@@ -397,18 +398,31 @@ def _side_state(value: int) -> str:
     return shardnode_pb2.ParticipantTradeState.Name(value).removeprefix("PARTICIPANT_TRADE_STATE_")
 
 
-def _participant_rows(trades: Sequence[shardnode_pb2.ParticipantTrade]) -> list[tuple[object, ...]]:
+IN_FLIGHT_S = 2.0
+"""``trade in-doubt`` leaves out escrows younger than this by default: trades in flight
+(a cross-shard trade holds its escrows for some milliseconds between phases)."""
+
+
+def _deadline(t: shardnode_pb2.ParticipantTrade, now_ms: int) -> str:
+    """An escrow's deadline from now ("in 4.2 s", "passed 1.0 s ago"); "-" once settled.
+    (``--json`` gives the wall-clock milliseconds.)"""
+    if t.state != shardnode_pb2.PARTICIPANT_TRADE_STATE_PREPARED or not t.deadline_ms:
+        return "-"  # a deadline matters only while the escrow waits for its decision
+    left_s = (t.deadline_ms - now_ms) / 1000
+    return f"in {left_s:.1f} s" if left_s >= 0 else f"passed {-left_s:.1f} s ago"
+
+
+def _participant_rows(trades: Sequence[shardnode_pb2.ParticipantTrade], now_ms: int) -> list[tuple[object, ...]]:
     return [
         (t.trade_id, t.shard_id or "-", t.node_id or "-", _side_state(t.state), t.leg.player_id or "-",
          _offer(t.leg.gives) if t.HasField("leg") else "-",
-         # A deadline matters only while the escrow waits for its decision.
-         (t.deadline_ms or "-") if t.state == shardnode_pb2.PARTICIPANT_TRADE_STATE_PREPARED else "-",
-         t.reason or "")
+         f"{max(0, now_ms - t.prepared_at_ms) / 1000:.1f}" if t.prepared_at_ms else "-",
+         _deadline(t, now_ms), t.reason or "")
         for t in trades
     ]
 
 
-_PARTICIPANT_HEADERS = ("TRADE", "SHARD", "NODE", "STATE", "PLAYER", "GIVES", "DEADLINE_MS", "REASON")
+_PARTICIPANT_HEADERS = ("TRADE", "SHARD", "NODE", "STATE", "PLAYER", "GIVES", "AGE_S", "DEADLINE", "REASON")
 
 
 def render_trade(r: trade_pb2.GetTradeResponse) -> str:
@@ -425,15 +439,34 @@ def render_trade(r: trade_pb2.GetTradeResponse) -> str:
         pairs.append(("decided by", r.decided_by))
     pairs.append(("kind", "cross-shard" if r.cross_shard else "same shard"))
     if r.cross_shard and r.decided_by:
-        pairs.append(("retained", "yes (both sides applied it)" if r.retained else "not yet (phase 2 unfinished)"))
+        if r.retained:
+            retained = "yes (both sides applied it)"
+        elif r.state == trade_pb2.TRADE_STATE_DONE:
+            retained = "not yet (both sides applied it; the leader's sweep attaches the record's retention lease)"
+        else:
+            retained = "not yet (phase 2 unfinished)"
+        pairs.append(("retained", retained))
     text = _pairs(pairs)
     if r.sides:
-        text += "\n\n" + table(_PARTICIPANT_HEADERS, _participant_rows(r.sides))
+        text += "\n\n" + table(_PARTICIPANT_HEADERS, _participant_rows(r.sides, _now_ms()))
     return text
 
 
-def render_in_doubt(r: trade_pb2.ListInDoubtTradesResponse) -> str:
-    text = table(_PARTICIPANT_HEADERS, _participant_rows(r.trades)) + f"\n{len(r.trades)} escrow(s) in doubt"
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def render_in_doubt(r: trade_pb2.ListInDoubtTradesResponse, min_age_s: float = 0.0, now_ms: int | None = None) -> str:
+    """The escrows ``r`` lists that were prepared at least ``min_age_s`` ago: younger ones
+    are trades in flight, counted but not listed."""
+    now_ms = _now_ms() if now_ms is None else now_ms
+    old = [t for t in r.trades if not t.prepared_at_ms or now_ms - t.prepared_at_ms >= min_age_s * 1000]
+    text = table(_PARTICIPANT_HEADERS, _participant_rows(old, now_ms)) + f"\n{len(old)} escrow(s) in doubt"
+    if overdue := sum(1 for t in old if t.deadline_ms and t.deadline_ms < now_ms):
+        text += f", {overdue} past their deadline (their participants are settling them)"
+    if young := len(r.trades) - len(old):
+        text += (f"\n{young} younger than {min_age_s:g} s left out: trades in flight, decided in a moment "
+                 "(--min-age-s 0 lists them)")
     if r.unreachable_nodes:
         text += "\nunreachable (their escrows are missing): " + ", ".join(r.unreachable_nodes)
     return text
@@ -475,7 +508,7 @@ async def run_trade(args: argparse.Namespace, client: ControlPlaneClient) -> tup
         usage_error(f"bluemarblectl: --limit must be 1..{limits.MAX_IN_DOUBT_TRADES}")
     listed: trade_pb2.ListInDoubtTradesResponse = await client.call(
         lambda _: client.trades().ListInDoubtTrades, trade_pb2.ListInDoubtTradesRequest(limit=args.limit))
-    return listed, render_in_doubt(listed), 0
+    return listed, render_in_doubt(listed, args.min_age_s), 0
 
 
 # Read-only subcommands: which RPC, its (empty) request, and how to print the answer.
@@ -614,6 +647,17 @@ def _whole_number(text: str) -> int:
     return int(text)
 
 
+def _seconds(text: str) -> float:
+    """A duration flag: a finite number of seconds from 0 to an hour."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 <= value <= 3600) or len(text) > 30:
+        raise argparse.ArgumentTypeError(f"{limits.echo(text, 40)} is not a number of seconds from 0 to 3600")
+    return value
+
+
 def _accept_after_command(subparsers: Any, flag: str, **kwargs: Any) -> None:
     """Lets ``flag`` of the top-level parser also follow the command (``bluemarblectl
     status --json`` as well as ``bluemarblectl --json status``): each leaf command parser
@@ -704,6 +748,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("--player", help="one of its players (finds a same-shard trade without asking every primary)")
     in_doubt = trade_sub.add_parser("in-doubt", help="escrows the primaries hold, oldest first")
     in_doubt.add_argument("--limit", type=_whole_number, default=1000, help="at most this many (cap 1000)")
+    in_doubt.add_argument("--min-age-s", type=_seconds, default=IN_FLIGHT_S,
+                          help="list only escrows prepared at least this long ago; younger ones are trades in "
+                               f"flight, only counted (default {IN_FLIGHT_S:g})")
     _accept_after_command(sub, "--json", action="store_true", help="print the raw response as JSON")
     args = p.parse_args(argv)
     for name, value in vars(args).items():

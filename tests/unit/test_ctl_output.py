@@ -153,6 +153,8 @@ def test_a_replica_copying_the_shard_says_so_and_what_it_lacks_comes_from_its_pr
     (["trade", "execute", "t1", "a", "b", "--a-gold", "\u0661\u0660"], "is not a whole number"),
     (["trade", "execute", "t1", "a", "b", "--b-gold", "1_0"], "'1_0' is not a whole number"),
     (["trade", "in-doubt", "--limit", " 5"], "is not a whole number"),
+    (["trade", "in-doubt", "--min-age-s", "nan"], "is not a number of seconds from 0 to 3600"),
+    (["trade", "in-doubt", "--min-age-s", "-1"], "is not a number of seconds from 0 to 3600"),
 ])
 def test_unusable_arguments_are_usage_errors_and_send_nothing(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch

@@ -40,6 +40,34 @@ def test_trade_show_lists_terms_decision_and_each_side() -> None:
     assert row[:5] == ["t1", "shard-2", "n1", "PREPARED", "b"]
 
 
+def test_in_doubt_leaves_out_trades_in_flight_and_tells_deadlines_from_now() -> None:
+    """Escrows prepared a moment ago belong to trades in flight: counted, not listed. A
+    deadline reads from now, not as wall-clock milliseconds."""
+    now = 1_800_000_000_000
+
+    def escrow(trade_id: str, age_ms: int, deadline_in_ms: int) -> shardnode_pb2.ParticipantTrade:
+        return shardnode_pb2.ParticipantTrade(
+            trade_id=trade_id, shard_id="shard-1", node_id="n1", state=shardnode_pb2.PARTICIPANT_TRADE_STATE_PREPARED,
+            leg=shardnode_pb2.TradeLeg(player_id="p"), prepared_at_ms=now - age_ms, deadline_ms=now + deadline_in_ms)
+
+    listed = trade_pb2.ListInDoubtTradesResponse(
+        trades=[escrow("stuck", 12_000, -2_000), escrow("old", 3_000, 7_000), escrow("young", 40, 9_960)])
+    text = ctl.render_in_doubt(listed, min_age_s=2.0, now_ms=now)
+    rows = {line.split()[0]: line for line in text.splitlines()}
+    assert "young" not in rows and "stuck" in rows and "old" in rows
+    assert "12.0" in rows["stuck"] and "passed 2.0 s ago" in rows["stuck"] and "in 7.0 s" in rows["old"]
+    assert "2 escrow(s) in doubt, 1 past their deadline" in text
+    assert "1 younger than 2 s left out" in text
+    assert "young" in ctl.render_in_doubt(listed, min_age_s=0, now_ms=now)
+
+
+def test_a_done_trade_not_retained_yet_says_its_sides_applied_it() -> None:
+    r = trade_pb2.GetTradeResponse(trade_id="t1", state=trade_pb2.TRADE_STATE_DONE,
+                                   outcome=common_pb2.TRADE_OUTCOME_ABORTED, decided_by="participant shard-3",
+                                   cross_shard=True)
+    assert "not yet (both sides applied it;" in ctl.render_trade(r)
+
+
 def test_in_doubt_lists_unreachable_nodes() -> None:
     text = ctl.render_in_doubt(trade_pb2.ListInDoubtTradesResponse(unreachable_nodes=["n3"]))
     assert "0 escrow(s) in doubt" in text and "unreachable (their escrows are missing): n3" in text
