@@ -133,7 +133,7 @@ def render_nodes(r: controlplane_pb2.ListNodesResponse) -> str:
     ]
     return table(("NODE", "ADDRESS", "REGION", "ZONE", "CAPACITY", "STATE", "LEASE"), rows) + (
         f"\n{len(rows)} node(s)"
-    )
+    ) + (f"\nSTALE: {r.stale_reason or 'this replica could not read etcd'}" if r.stale else "")
 
 
 def _member(

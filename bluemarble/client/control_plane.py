@@ -288,21 +288,34 @@ class ControlPlaneClient:
             max_attempts=attempts or self._attempts,
         )
         end_s = None if whole_s is None else self.clock.monotonic_s() + whole_s
+        answered: list[errors.BlueMarbleError] = []  # the last error a server's answer gave
 
         # An ``async def``, not a lambda returning a coroutine: tenacity awaits only what
         # it recognises as a coroutine function, and would hand the coroutine back.
         async def attempt() -> T:
             # The last attempt gets what is left of the deadline, not a whole attempt's time.
             left_s = per_attempt_s if end_s is None else end_s - self.clock.monotonic_s()
-            return await self._once(rpc, request, max(MIN_ATTEMPT_S, min(per_attempt_s, left_s)))
+            try:
+                return await self._once(rpc, request, max(MIN_ATTEMPT_S, min(per_attempt_s, left_s)))
+            except errors.BlueMarbleError as e:
+                if not isinstance(e.__cause__, TimeoutError):
+                    answered[:] = [e]
+                raise
 
-        return await retry.call(
-            attempt,
-            what="control-plane call",
-            policy=policy,
-            clock=self.clock,
-            retry_if=_moves_on,
-        )
+        try:
+            return await retry.call(
+                attempt,
+                what="control-plane call",
+                policy=policy,
+                clock=self.clock,
+                retry_if=_moves_on,
+            )
+        except errors.DeadlineExceeded as e:
+            # The last attempt ran out of time, but an earlier one was answered: its error
+            # says why (e.g. "etcd unavailable"), which "did not answer" alone would hide.
+            if isinstance(e.__cause__, TimeoutError) and answered:
+                raise errors.DeadlineExceeded(f"{e}; before that, {answered[0]}") from e
+            raise
 
     async def _once(
         self, rpc: Callable[[Any], Callable[..., Awaitable[T]]], request: Any, timeout_s: float

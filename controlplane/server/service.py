@@ -135,6 +135,10 @@ def _some(shards: Sequence[str], shown: int = 5) -> str:
     return ", ".join(shards[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
+def _node_id(node: common_pb2.Node) -> str:
+    return node.node_id
+
+
 def _lost_members(assignments: Sequence[common_pb2.Assignment], live: set[str], shown: int = 5) -> str:
     """For the status warning on shards without a live primary: the members they name
     (primary, replicas, retained copies) that are not registered, with how many such
@@ -342,7 +346,25 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
     async def ListNodes(
         self, request: controlplane_pb2.ListNodesRequest, context: Ctx
     ) -> controlplane_pb2.ListNodesResponse:
-        nodes, revision = await self._d.registry.list_nodes()
+        """Every registered node, read from etcd. When etcd does not answer within
+        :data:`STATUS_ETCD_TIMEOUT_S`, the nodes the replica's watch saw last, with
+        ``stale`` set (as ListAssignments answers): during an etcd outage an operator
+        still sees who was registered, marked as such."""
+        try:
+            nodes, revision = await run_with_timeout(
+                self._d.clock, self._d.registry.list_nodes(), STATUS_ETCD_TIMEOUT_S)
+        except (Unavailable, TimeoutError) as e:
+            cache = self._d.nodes
+            if not cache.revision:  # the watch never saw etcd either: nothing to answer with
+                raise Unavailable(f"etcd unavailable, and replica {self._d.replica_id} has no copy of the "
+                                  "nodes yet; retry shortly") from e
+            why = limits.echo(str(e), 200) if str(e) else f"no answer within {STATUS_ETCD_TIMEOUT_S:g} s"
+            seen: list[common_pb2.Node] = sorted(cache.entries.values(), key=_node_id)
+            return controlplane_pb2.ListNodesResponse(
+                nodes=seen, revision=cache.revision, stale=True,
+                stale_reason=f"replica {self._d.replica_id} could not read etcd ({why}); these are the nodes its "
+                f"watch saw last, as of revision {cache.revision}, and may be out of date",
+            )
         return controlplane_pb2.ListNodesResponse(nodes=nodes, revision=revision)
 
     def _sorted_assignments(self) -> list[common_pb2.Assignment]:

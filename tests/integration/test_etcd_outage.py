@@ -66,7 +66,6 @@ async def test_unavailable_while_etcd_is_down_then_recovers(tmp_path: Path) -> N
 
             etcd.kill()
             for call in (
-                stub.ListNodes(pb.ListNodesRequest(), timeout=10),
                 stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id), timeout=10),
                 stub.RegisterNode(pb.RegisterNodeRequest(node_id="n2", address="127.0.0.1:7102"), timeout=10),
             ):
@@ -150,6 +149,15 @@ async def test_status_answers_within_half_a_second_and_assignments_say_stale_whi
             assert not status.etcd_healthy and status.node_count == 1
             assert any("etcd is unreachable" in w for w in status.warnings)
             assert took_s < 1.0, took_s
+            etcd.process.signal(signal.SIGSTOP)
+            try:  # the nodes as the mirror saw them, marked stale, within the same budget
+                nodes = await stub.ListNodes(pb.ListNodesRequest(), timeout=1.5)
+            finally:
+                etcd.process.signal(signal.SIGCONT)
+            assert nodes.stale and [n.node_id for n in nodes.nodes] == ["n1"]
+            assert "could not read etcd" in nodes.stale_reason and "may be out of date" in nodes.stale_reason
+            fresh = await stub.ListNodes(pb.ListNodesRequest(), timeout=5)
+            assert not fresh.stale and not fresh.stale_reason and [n.node_id for n in fresh.nodes] == ["n1"]
 
             # A dead etcd: the mirrors lose their watches, and then answer at once.
             etcd.kill()

@@ -74,3 +74,43 @@ async def test_a_calls_deadline_bounds_its_last_attempt_too() -> None:
         await client.close()
         await server.stop(0)
     assert time.monotonic() - started < 3.0
+
+
+async def test_a_call_that_runs_out_of_time_keeps_the_reason_an_earlier_answer_gave() -> None:
+    """Two replicas: one answers UNAVAILABLE with its reason (its etcd is down), the other
+    takes calls and never answers. The call ends on the silent one's timeout, and its
+    error still says what the answering one said."""
+    import asyncio
+
+    from bluemarble.client.control_plane import ControlPlaneClient
+    from bluemarble.v1 import controlplane_pb2
+
+    async def hang(request: bytes, context: object) -> bytes:
+        await asyncio.sleep(60)
+        return b""
+
+    async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[type-arg]
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "etcd unavailable (127.0.0.1:2379) during list nodes")
+        return b""
+
+    servers, addresses = [], []
+    for handler in (refuse, hang):
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "bluemarble.v1.ControlPlane", {"ListNodes": grpc.unary_unary_rpc_method_handler(handler)})])
+        addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+        await server.start()
+        servers.append(server)
+    client = ControlPlaneClient(addresses, timeout_s=5.0, attempts=10, deadline_s=1.0)
+    try:
+        try:
+            await client.call(lambda s: s.ListNodes, controlplane_pb2.ListNodesRequest())
+        except errors.DeadlineExceeded as e:
+            assert f"control plane {addresses[1]} did not answer within" in str(e), e
+            assert f"before that, control plane {addresses[0]} unavailable: etcd unavailable" in str(e), e
+        else:
+            raise AssertionError("no replica answered, yet the call succeeded")
+    finally:
+        await client.close()
+        for server in servers:
+            await server.stop(0)

@@ -32,6 +32,9 @@ def test_nodes_table() -> None:
     )
     text = ctl.render_nodes(r)
     assert "n1" in text and "DRAINING" in text and "0xff" in text and "1 node(s)" in text
+    assert "STALE" not in text
+    r.stale, r.stale_reason = True, "replica cp-0 could not read etcd (no answer within 0.5 s)"
+    assert ctl.render_nodes(r).endswith("\nSTALE: replica cp-0 could not read etcd (no answer within 0.5 s)")
 
 
 def test_shards_table_shows_epochs_and_missing_primaries() -> None:
