@@ -388,15 +388,16 @@ class Participant:
     # ---- same-shard trades ----
 
     def _refused_settle(self, kind: str, event: str, **fields: object) -> None:
-        """An error line for a settle that contradicts what this shard applied: a bug of
-        ours, or a caller that is not the coordinator. At most one per kind every
-        :data:`REFUSED_SETTLE_LOG_INTERVAL_S` (with the number held back since), so a
-        caller repeating it cannot flood the log or page an operator a thousand times."""
+        """A warning line for a settle that contradicts what this shard applied: a bug of
+        ours, a lost escrow, or a caller that is not the coordinator (any client can send
+        one to a node without mutual TLS, so it is no error of the node's). At most one per
+        kind every :data:`REFUSED_SETTLE_LOG_INTERVAL_S` (with the number held back since),
+        so a caller repeating it cannot flood the log or page an operator a thousand times."""
         held_back = self._refused_settles.allow(kind, self._clock.monotonic_s())
         if held_back is None:
             log.debug(event, **fields)
         else:
-            log.error(event, held_back_since_last=held_back, **fields)
+            log.warning(event, held_back_since_last=held_back, **fields)
 
     async def execute_local_trade(
         self, request: shardnode_pb2.ExecuteLocalTradeRequest, timeout_s: float

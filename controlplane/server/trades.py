@@ -1079,7 +1079,7 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
         if not sides:
             raise NotFound(
                 f"trade {echo(trade_id, 40)} is not known: no decision record, and "
-                + (f"player {echo(hint, 40)}'s shard has none" if hint
+                + (f"the shard of player {echo(hint, 40)} has none" if hint
                    else "no participant has one (give player_id for a same-shard trade)")
                 + "; ExecuteTrade with the same id and terms answers a call still on its way"
             )

@@ -692,6 +692,7 @@ async def test_a_trade_id_reused_for_other_terms_is_invalid_argument_and_unknown
         details = missing.value.details() or ""
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND and len(details) < 300, details
         assert "x" * 50 not in details and "(128 chars)" in details, details
+        assert "no decision record, and the shard of player 'ppppp" in details, details
 
 
 async def test_get_trade_reads_a_decision_recorded_while_it_asked_the_participants(
