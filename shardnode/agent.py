@@ -221,6 +221,8 @@ class NodeAgent:
         # What heartbeats report about the shards (the data plane's view: positions and
         # lag); None: roles and epochs only.
         self.status_provider: Callable[[], list[common_pb2.ShardStatus]] | None = None
+        # What keeps the node from serving (text, since Unix ms), reported in heartbeats.
+        self.trouble_provider: Callable[[], tuple[str, int]] | None = None
         # The cluster config (consistency per game system...), refetched whenever a
         # heartbeat answer carries a new config revision.
         self.config: common_pb2.ClusterConfig | None = None
@@ -426,11 +428,14 @@ class NodeAgent:
         again on the next address after it broke or went silent). Raises the mapped
         BlueMarbleError: Unavailable when no answer came within the attempt timeout."""
         sent_at = self._clock.monotonic_s()
+        trouble, trouble_since_ms = self.trouble_provider() if self.trouble_provider is not None else ("", 0)
         request = controlplane_pb2.HeartbeatRequest(
             node_id=self.identity.node_id,
             lease_id=registration.lease_id,
             shards=self.shard_statuses() if self._report_statuses else [],
             leaving=self.leaving,
+            trouble=trouble,
+            trouble_since_ms=trouble_since_ms,
         )
         timeout_s = self.heartbeat_timeout_s()
         if self._beats is None:

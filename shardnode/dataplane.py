@@ -242,6 +242,7 @@ class DataPlane:
             )
         agent.on_assignments = self.on_assignments
         agent.status_provider = self.statuses
+        agent.trouble_provider = storage.trouble
         # Called when this node starts serving a shard as primary (the participant then
         # settles the escrows it inherited that are past their deadline).
         self.on_serving: Callable[[ShardId], None] | None = None

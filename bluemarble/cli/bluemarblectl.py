@@ -128,12 +128,18 @@ def render_config(config: common_pb2.ClusterConfig, revision: int) -> str:
 
 def render_nodes(r: controlplane_pb2.ListNodesResponse) -> str:
     rows = [
-        (n.node_id, n.address, n.region or "-", n.zone or "-", n.capacity, _state(n.state), f"{n.lease_id:#x}")
+        (n.node_id, n.address, n.region or "-", n.zone or "-", n.capacity,
+         _state(n.state) + (" (TROUBLE)" if n.trouble else ""), f"{n.lease_id:#x}")
         for n in r.nodes
     ]
+    now_ms = _now_ms()
+    troubles = "".join(
+        f"\n{n.node_id}: {n.trouble} (for {max(0, now_ms - n.trouble_since_ms) / 1000:.0f} s)"
+        for n in r.nodes if n.trouble
+    )
     return table(("NODE", "ADDRESS", "REGION", "ZONE", "CAPACITY", "STATE", "LEASE"), rows) + (
         f"\n{len(rows)} node(s)"
-    ) + (f"\nSTALE: {r.stale_reason or 'this replica could not read etcd'}" if r.stale else "")
+    ) + troubles + (f"\nSTALE: {r.stale_reason or 'this replica could not read etcd'}" if r.stale else "")
 
 
 def _member(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62luemarble/v1/common.proto\x12\rbluemarble.v1\"\xad\x01\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\r\x12\'\n\x05state\x18\x06 \x01(\x0e\x32\x18.bluemarble.v1.NodeState\x12\x10\n\x08lease_id\x18\x07 \x01(\x03\x12\x18\n\x10registered_at_ms\x18\x08 \x01(\x03\"+\n\x07NodeRef\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x84\x02\n\x0bShardStatus\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12&\n\x04role\x18\x03 \x01(\x0e\x32\x18.bluemarble.v1.ShardRole\x12\x13\n\x0b\x61pplied_lsn\x18\x04 \x01(\x04\x12\x12\n\nlast_epoch\x18\x05 \x01(\x04\x12\x13\n\x0blag_entries\x18\x06 \x01(\x04\x12\x0e\n\x06lag_ms\x18\x07 \x01(\x04\x12\x14\n\x0con_disk_only\x18\x08 \x01(\x08\x12\x0f\n\x07serving\x18\t \x01(\x08\x12\x14\n\x0c\x66\x65nced_epoch\x18\n \x01(\x04\x12\x0f\n\x07\x63opying\x18\x0b \x01(\x08\x12\x10\n\x08replicas\x18\x0c \x03(\t\"\x89\x02\n\nAssignment\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07primary\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x03(\t\x12-\n\x05state\x18\x05 \x01(\x0e\x32\x1e.bluemarble.v1.AssignmentState\x12\x41\n\x0cincarnations\x18\x06 \x03(\x0b\x32+.bluemarble.v1.Assignment.IncarnationsEntry\x12\x10\n\x08retained\x18\x07 \x03(\t\x1a\x33\n\x11IncarnationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"-\n\tRingShard\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x04\"O\n\x04Ring\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12(\n\x06shards\x18\x03 \x03(\x0b\x32\x18.bluemarble.v1.RingShard\"\'\n\x05Offer\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x0c\n\x04gold\x18\x02 \x01(\x04\"\xa5\x02\n\rClusterConfig\x12\x1a\n\x12replication_factor\x18\x01 \x01(\r\x12\x13\n\x0blease_ttl_s\x18\x02 \x01(\r\x12\x18\n\x10vnodes_per_shard\x18\x03 \x01(\r\x12\x13\n\x0bshard_count\x18\x04 \x01(\r\x12\x42\n\x0b\x63onsistency\x18\x05 \x03(\x0b\x32-.bluemarble.v1.ClusterConfig.ConsistencyEntry\x12\x1b\n\x13max_moves_per_round\x18\x06 \x01(\r\x1aS\n\x10\x43onsistencyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0e\x32\x1f.bluemarble.v1.ConsistencyModel:\x02\x38\x01*W\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11NODE_STATE_ACTIVE\x10\x01\x12\x17\n\x13NODE_STATE_DRAINING\x10\x02*W\n\tShardRole\x12\x1a\n\x16SHARD_ROLE_UNSPECIFIED\x10\x00\x12\x16\n\x12SHARD_ROLE_PRIMARY\x10\x01\x12\x16\n\x12SHARD_ROLE_REPLICA\x10\x02*s\n\x0f\x41ssignmentState\x12 \n\x1c\x41SSIGNMENT_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41SSIGNMENT_STATE_ACTIVE\x10\x01\x12!\n\x1d\x41SSIGNMENT_STATE_PRIMARY_LOST\x10\x02*e\n\x0cTradeOutcome\x12\x1d\n\x19TRADE_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRADE_OUTCOME_COMMITTED\x10\x01\x12\x19\n\x15TRADE_OUTCOME_ABORTED\x10\x02*\x91\x01\n\x10\x43onsistencyModel\x12!\n\x1d\x43ONSISTENCY_MODEL_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43ONSISTENCY_MODEL_STRONG\x10\x01\x12\x1e\n\x1a\x43ONSISTENCY_MODEL_EVENTUAL\x10\x02\x12\x1c\n\x18\x43ONSISTENCY_MODEL_CAUSAL\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62luemarble/v1/common.proto\x12\rbluemarble.v1\"\xd8\x01\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\r\x12\'\n\x05state\x18\x06 \x01(\x0e\x32\x18.bluemarble.v1.NodeState\x12\x10\n\x08lease_id\x18\x07 \x01(\x03\x12\x18\n\x10registered_at_ms\x18\x08 \x01(\x03\x12\x0f\n\x07trouble\x18\t \x01(\t\x12\x18\n\x10trouble_since_ms\x18\n \x01(\x03\"+\n\x07NodeRef\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x84\x02\n\x0bShardStatus\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12&\n\x04role\x18\x03 \x01(\x0e\x32\x18.bluemarble.v1.ShardRole\x12\x13\n\x0b\x61pplied_lsn\x18\x04 \x01(\x04\x12\x12\n\nlast_epoch\x18\x05 \x01(\x04\x12\x13\n\x0blag_entries\x18\x06 \x01(\x04\x12\x0e\n\x06lag_ms\x18\x07 \x01(\x04\x12\x14\n\x0con_disk_only\x18\x08 \x01(\x08\x12\x0f\n\x07serving\x18\t \x01(\x08\x12\x14\n\x0c\x66\x65nced_epoch\x18\n \x01(\x04\x12\x0f\n\x07\x63opying\x18\x0b \x01(\x08\x12\x10\n\x08replicas\x18\x0c \x03(\t\"\x89\x02\n\nAssignment\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07primary\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x03(\t\x12-\n\x05state\x18\x05 \x01(\x0e\x32\x1e.bluemarble.v1.AssignmentState\x12\x41\n\x0cincarnations\x18\x06 \x03(\x0b\x32+.bluemarble.v1.Assignment.IncarnationsEntry\x12\x10\n\x08retained\x18\x07 \x03(\t\x1a\x33\n\x11IncarnationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"-\n\tRingShard\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x04\"O\n\x04Ring\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12(\n\x06shards\x18\x03 \x03(\x0b\x32\x18.bluemarble.v1.RingShard\"\'\n\x05Offer\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x0c\n\x04gold\x18\x02 \x01(\x04\"\xa5\x02\n\rClusterConfig\x12\x1a\n\x12replication_factor\x18\x01 \x01(\r\x12\x13\n\x0blease_ttl_s\x18\x02 \x01(\r\x12\x18\n\x10vnodes_per_shard\x18\x03 \x01(\r\x12\x13\n\x0bshard_count\x18\x04 \x01(\r\x12\x42\n\x0b\x63onsistency\x18\x05 \x03(\x0b\x32-.bluemarble.v1.ClusterConfig.ConsistencyEntry\x12\x1b\n\x13max_moves_per_round\x18\x06 \x01(\r\x1aS\n\x10\x43onsistencyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0e\x32\x1f.bluemarble.v1.ConsistencyModel:\x02\x38\x01*W\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11NODE_STATE_ACTIVE\x10\x01\x12\x17\n\x13NODE_STATE_DRAINING\x10\x02*W\n\tShardRole\x12\x1a\n\x16SHARD_ROLE_UNSPECIFIED\x10\x00\x12\x16\n\x12SHARD_ROLE_PRIMARY\x10\x01\x12\x16\n\x12SHARD_ROLE_REPLICA\x10\x02*s\n\x0f\x41ssignmentState\x12 \n\x1c\x41SSIGNMENT_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41SSIGNMENT_STATE_ACTIVE\x10\x01\x12!\n\x1d\x41SSIGNMENT_STATE_PRIMARY_LOST\x10\x02*e\n\x0cTradeOutcome\x12\x1d\n\x19TRADE_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRADE_OUTCOME_COMMITTED\x10\x01\x12\x19\n\x15TRADE_OUTCOME_ABORTED\x10\x02*\x91\x01\n\x10\x43onsistencyModel\x12!\n\x1d\x43ONSISTENCY_MODEL_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43ONSISTENCY_MODEL_STRONG\x10\x01\x12\x1e\n\x1a\x43ONSISTENCY_MODEL_EVENTUAL\x10\x02\x12\x1c\n\x18\x43ONSISTENCY_MODEL_CAUSAL\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,34 +35,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ASSIGNMENT_INCARNATIONSENTRY']._serialized_options = b'8\001'
   _globals['_CLUSTERCONFIG_CONSISTENCYENTRY']._loaded_options = None
   _globals['_CLUSTERCONFIG_CONSISTENCYENTRY']._serialized_options = b'8\001'
-  _globals['_NODESTATE']._serialized_start=1262
-  _globals['_NODESTATE']._serialized_end=1349
-  _globals['_SHARDROLE']._serialized_start=1351
-  _globals['_SHARDROLE']._serialized_end=1438
-  _globals['_ASSIGNMENTSTATE']._serialized_start=1440
-  _globals['_ASSIGNMENTSTATE']._serialized_end=1555
-  _globals['_TRADEOUTCOME']._serialized_start=1557
-  _globals['_TRADEOUTCOME']._serialized_end=1658
-  _globals['_CONSISTENCYMODEL']._serialized_start=1661
-  _globals['_CONSISTENCYMODEL']._serialized_end=1806
+  _globals['_NODESTATE']._serialized_start=1305
+  _globals['_NODESTATE']._serialized_end=1392
+  _globals['_SHARDROLE']._serialized_start=1394
+  _globals['_SHARDROLE']._serialized_end=1481
+  _globals['_ASSIGNMENTSTATE']._serialized_start=1483
+  _globals['_ASSIGNMENTSTATE']._serialized_end=1598
+  _globals['_TRADEOUTCOME']._serialized_start=1600
+  _globals['_TRADEOUTCOME']._serialized_end=1701
+  _globals['_CONSISTENCYMODEL']._serialized_start=1704
+  _globals['_CONSISTENCYMODEL']._serialized_end=1849
   _globals['_NODE']._serialized_start=46
-  _globals['_NODE']._serialized_end=219
-  _globals['_NODEREF']._serialized_start=221
-  _globals['_NODEREF']._serialized_end=264
-  _globals['_SHARDSTATUS']._serialized_start=267
-  _globals['_SHARDSTATUS']._serialized_end=527
-  _globals['_ASSIGNMENT']._serialized_start=530
-  _globals['_ASSIGNMENT']._serialized_end=795
-  _globals['_ASSIGNMENT_INCARNATIONSENTRY']._serialized_start=744
-  _globals['_ASSIGNMENT_INCARNATIONSENTRY']._serialized_end=795
-  _globals['_RINGSHARD']._serialized_start=797
-  _globals['_RINGSHARD']._serialized_end=842
-  _globals['_RING']._serialized_start=844
-  _globals['_RING']._serialized_end=923
-  _globals['_OFFER']._serialized_start=925
-  _globals['_OFFER']._serialized_end=964
-  _globals['_CLUSTERCONFIG']._serialized_start=967
-  _globals['_CLUSTERCONFIG']._serialized_end=1260
-  _globals['_CLUSTERCONFIG_CONSISTENCYENTRY']._serialized_start=1177
-  _globals['_CLUSTERCONFIG_CONSISTENCYENTRY']._serialized_end=1260
+  _globals['_NODE']._serialized_end=262
+  _globals['_NODEREF']._serialized_start=264
+  _globals['_NODEREF']._serialized_end=307
+  _globals['_SHARDSTATUS']._serialized_start=310
+  _globals['_SHARDSTATUS']._serialized_end=570
+  _globals['_ASSIGNMENT']._serialized_start=573
+  _globals['_ASSIGNMENT']._serialized_end=838
+  _globals['_ASSIGNMENT_INCARNATIONSENTRY']._serialized_start=787
+  _globals['_ASSIGNMENT_INCARNATIONSENTRY']._serialized_end=838
+  _globals['_RINGSHARD']._serialized_start=840
+  _globals['_RINGSHARD']._serialized_end=885
+  _globals['_RING']._serialized_start=887
+  _globals['_RING']._serialized_end=966
+  _globals['_OFFER']._serialized_start=968
+  _globals['_OFFER']._serialized_end=1007
+  _globals['_CLUSTERCONFIG']._serialized_start=1010
+  _globals['_CLUSTERCONFIG']._serialized_end=1303
+  _globals['_CLUSTERCONFIG_CONSISTENCYENTRY']._serialized_start=1220
+  _globals['_CLUSTERCONFIG_CONSISTENCYENTRY']._serialized_end=1303
 # @@protoc_insertion_point(module_scope)

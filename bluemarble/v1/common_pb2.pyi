@@ -55,7 +55,7 @@ CONSISTENCY_MODEL_EVENTUAL: ConsistencyModel
 CONSISTENCY_MODEL_CAUSAL: ConsistencyModel
 
 class Node(_message.Message):
-    __slots__ = ("node_id", "address", "region", "zone", "capacity", "state", "lease_id", "registered_at_ms")
+    __slots__ = ("node_id", "address", "region", "zone", "capacity", "state", "lease_id", "registered_at_ms", "trouble", "trouble_since_ms")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,8 @@ class Node(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    TROUBLE_FIELD_NUMBER: _ClassVar[int]
+    TROUBLE_SINCE_MS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     region: str
@@ -72,7 +74,9 @@ class Node(_message.Message):
     state: NodeState
     lease_id: int
     registered_at_ms: int
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., region: _Optional[str] = ..., zone: _Optional[str] = ..., capacity: _Optional[int] = ..., state: _Optional[_Union[NodeState, str]] = ..., lease_id: _Optional[int] = ..., registered_at_ms: _Optional[int] = ...) -> None: ...
+    trouble: str
+    trouble_since_ms: int
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., region: _Optional[str] = ..., zone: _Optional[str] = ..., capacity: _Optional[int] = ..., state: _Optional[_Union[NodeState, str]] = ..., lease_id: _Optional[int] = ..., registered_at_ms: _Optional[int] = ..., trouble: _Optional[str] = ..., trouble_since_ms: _Optional[int] = ...) -> None: ...
 
 class NodeRef(_message.Message):
     __slots__ = ("node_id", "address")

@@ -36,16 +36,20 @@ class RegisterNodeResponse(_message.Message):
     def __init__(self, lease_id: _Optional[int] = ..., ttl_ms: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., cluster_uid: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "lease_id", "shards", "leaving")
+    __slots__ = ("node_id", "lease_id", "shards", "leaving", "trouble", "trouble_since_ms")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     LEAVING_FIELD_NUMBER: _ClassVar[int]
+    TROUBLE_FIELD_NUMBER: _ClassVar[int]
+    TROUBLE_SINCE_MS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     lease_id: int
     shards: _containers.RepeatedCompositeFieldContainer[_common_pb2.ShardStatus]
     leaving: bool
-    def __init__(self, node_id: _Optional[str] = ..., lease_id: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[_common_pb2.ShardStatus, _Mapping]]] = ..., leaving: _Optional[bool] = ...) -> None: ...
+    trouble: str
+    trouble_since_ms: int
+    def __init__(self, node_id: _Optional[str] = ..., lease_id: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[_common_pb2.ShardStatus, _Mapping]]] = ..., leaving: _Optional[bool] = ..., trouble: _Optional[str] = ..., trouble_since_ms: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("lease_deadline_ms", "ttl_ms", "draining", "config_revision")

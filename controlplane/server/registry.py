@@ -235,6 +235,27 @@ class NodeRegistry:
         log.info("node draining", node_id=node)
         return message
 
+    async def set_trouble(self, node: NodeId, lease_id: int, trouble: str, since_ms: int) -> None:
+        """Records in ``node``'s registration (under ``lease_id`` only) what its heartbeat
+        says keeps it from serving, for ListNodes and the status of every replica. One
+        guarded write when it changes; a lost race is left to the next heartbeat."""
+        record = await self._record(node)
+        if record is None or record.lease != lease_id:
+            return
+        message = codec.decode(record.value, common_pb2.Node, record.key)
+        if (message.trouble, message.trouble_since_ms) == (trouble, since_ms):
+            return
+        message.trouble, message.trouble_since_ms = trouble, since_ms
+        result = await self._store.txn(
+            [Compare.mod_revision(record.key, record.mod_revision)],
+            [Put(record.key, codec.encode(message), lease=record.lease)],
+        )
+        if result.succeeded:
+            if trouble:
+                log.warning("node reports trouble", node_id=node, trouble=trouble)
+            else:
+                log.info("node trouble cleared", node_id=node)
+
     async def list_nodes(self) -> tuple[list[common_pb2.Node], int]:
         """Every registered node, sorted by id, and the etcd revision of the read."""
         kvs, revision = await self._store.get_prefix(self._keys.nodes_prefix())

@@ -135,6 +135,23 @@ def _some(shards: Sequence[str], shown: int = 5) -> str:
     return ", ".join(shards[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
+MAX_TROUBLE_BYTES = 512
+MAX_TROUBLE_WARNINGS = 8
+"""Nodes whose trouble GetClusterStatus words as a warning, at most (by node id)."""
+
+
+def _trouble(request: controlplane_pb2.HeartbeatRequest) -> tuple[str, int]:
+    """The heartbeat's ``trouble`` and its start, checked: printable text of at most
+    :data:`MAX_TROUBLE_BYTES` (shown to operators), a start that is not negative."""
+    size = validation.utf8_size(request.trouble, "trouble")
+    if size > MAX_TROUBLE_BYTES:
+        raise InvalidArgument(f"trouble is {size} bytes long; at most {MAX_TROUBLE_BYTES} are allowed")
+    validation.printable_text(request.trouble, "trouble")
+    if request.trouble_since_ms < 0:
+        raise InvalidArgument(f"trouble_since_ms is {request.trouble_since_ms}; give Unix milliseconds (0: none)")
+    return request.trouble, request.trouble_since_ms if request.trouble else 0
+
+
 def _node_id(node: common_pb2.Node) -> str:
     return node.node_id
 
@@ -232,6 +249,7 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
 
     async def _heartbeat(self, request: controlplane_pb2.HeartbeatRequest) -> controlplane_pb2.HeartbeatResponse:
         self._check_shard_statuses(request.shards)
+        trouble, trouble_since_ms = _trouble(request)
         ttl_s = await self._d.registry.heartbeat(request.node_id, request.lease_id)
         node = NodeId(request.node_id)
         now_s = self._d.clock.monotonic_s()
@@ -241,6 +259,11 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         self._d.reports.record(node, request.lease_id, request.shards, now_s, fresh_s=2 * ttl_s / 3)
         record = self._d.nodes.entries.get(self._d.keys.node(node))
         draining = record is not None and record.state == common_pb2.NODE_STATE_DRAINING
+        if record is not None and (record.trouble, record.trouble_since_ms) != (trouble, trouble_since_ms):
+            try:
+                await self._d.registry.set_trouble(node, request.lease_id, trouble, trouble_since_ms)
+            except BlueMarbleError as e:  # the lease is refreshed: the next heartbeat tries again
+                log.info("could not record a node's trouble", node_id=node, error=str(e))
         if request.leaving:
             draining = await self._drain_leaving(node)
         config = self._d.config_mirror
@@ -765,6 +788,13 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             response.warnings.append(
                 f"{response.shards_without_primary} of {shard_count} shards have no live primary"
                 + _lost_members(assignments, live)
+            )
+        now_ms = self._d.clock.wall_ms()
+        for n in sorted((n for n in nodes if n.trouble), key=_node_id)[:MAX_TROUBLE_WARNINGS]:
+            led = sum(1 for a in assignments if a.primary == n.node_id)
+            response.warnings.append(
+                f"node {n.node_id} reports: {n.trouble} (for {max(0, now_ms - n.trouble_since_ms) / 1000:.0f} s); "
+                f"the writes and trades of the {led} shard(s) it leads fail meanwhile"
             )
         if config is not None:  # etcd answers: the nodes, and a leader elsewhere, are worth asking too
             copies, silent_leader = await asyncio.gather(

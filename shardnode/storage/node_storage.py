@@ -243,6 +243,8 @@ class NodeStorage:
         self._damage: StorageDamaged | None = None
         self._files = _file_identities(path)  # what the connection opened: node.db and its WAL
         self._failing_since: float | None = None  # monotonic: the first failed write since the last commit
+        self._failing_since_ms = 0  # the same, in Unix milliseconds (0: writes work)
+        self._failing_error = ""  # the last failed write's error
         self._failing_reported = False
         self._write_failures = retry.FailureLog()  # one warning, then summaries every few seconds
         self.failing_limit_s = STORAGE_FAILING_LIMIT_S
@@ -881,8 +883,10 @@ class NodeStorage:
                 "writes", now_s, "node storage refuses writes; the node leaves service if every write fails "
                 "for the limit", error=str(e), limit_s=self.failing_limit_s,
             )
+            self._failing_error = str(e)
             if self._failing_since is None:
                 self._failing_since = now_s
+                self._failing_since_ms = int(time.time() * 1000)
             elif (now_s - self._failing_since >= self.failing_limit_s and not self._failing_reported
                   and self.on_failing is not None):
                 self._failing_reported = True
@@ -892,6 +896,14 @@ class NodeStorage:
             if self._failing_since is not None and wrote():
                 self._write_failures.recovered("writes", time.monotonic(), "node storage takes writes again")
                 self._failing_since = None
+                self._failing_since_ms, self._failing_error = 0, ""
+
+    def trouble(self) -> tuple[str, int]:
+        """While every write fails: what the last one said, and since when (Unix
+        milliseconds) they fail; ("", 0) while writes work. Heartbeats report it."""
+        if self._failing_since is None:
+            return "", 0
+        return "storage refuses writes: " + " ".join(self._failing_error.split())[:200], self._failing_since_ms
 
     def _load_meta(self) -> dict[ShardId, ShardMeta]:
         metas: dict[ShardId, ShardMeta] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import grpc
 import grpc.aio
@@ -262,6 +263,45 @@ class TestBadInput:
             async for _ in call:
                 pass
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    async def test_a_nodes_reported_trouble_shows_in_its_record_and_the_status_until_cleared(
+        self, stub: Stub
+    ) -> None:
+        """A node whose storage refuses writes says so in its heartbeats: ListNodes and
+        the status show it (every replica: it is in the registration), until a heartbeat
+        without it clears it. A malformed report is refused and changes nothing."""
+        r = await stub.RegisterNode(register_request())
+        since_ms = int(time.time() * 1000) - 5_000
+        beat = pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id, trouble_since_ms=since_ms,
+                                   trouble="storage refuses writes: database or disk is full")
+        await stub.Heartbeat(beat)
+
+        async def troubled() -> bool:
+            [node] = (await stub.ListNodes(pb.ListNodesRequest())).nodes
+            return bool(node.trouble)
+
+        await wait_for(troubled, 5.0, "the trouble in the node's record")
+        [node] = (await stub.ListNodes(pb.ListNodesRequest())).nodes
+        assert (node.trouble, node.trouble_since_ms) == (beat.trouble, since_ms)
+
+        async def warned() -> bool:
+            status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
+            return any("node n1 reports: storage refuses writes: database or disk is full (for " in w
+                       for w in status.warnings)
+
+        await wait_for(warned, 5.0, "the status warning")
+        for bad, words in ((pb.HeartbeatRequest(trouble="x" * 600), "at most 512"),
+                           (pb.HeartbeatRequest(trouble="disk\x1b[31m"), "printable text"),
+                           (pb.HeartbeatRequest(trouble="disk", trouble_since_ms=-1), "Unix milliseconds")):
+            bad.node_id, bad.lease_id = "n1", r.lease_id
+            got, details = await status_of(stub.Heartbeat(bad))
+            assert got == grpc.StatusCode.INVALID_ARGUMENT and words in details and len(details) < 200, details
+        await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id))  # writes work again
+
+        async def cleared() -> bool:
+            return not await troubled()
+
+        await wait_for(cleared, 5.0, "the trouble to clear")
 
     async def test_heartbeat_with_a_malformed_shard_status_is_invalid_argument(self, stub: Stub) -> None:
         r = await stub.RegisterNode(register_request())

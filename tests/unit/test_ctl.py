@@ -32,7 +32,11 @@ def test_nodes_table() -> None:
     )
     text = ctl.render_nodes(r)
     assert "n1" in text and "DRAINING" in text and "0xff" in text and "1 node(s)" in text
-    assert "STALE" not in text
+    assert "STALE" not in text and "TROUBLE" not in text
+    r.nodes[0].trouble, r.nodes[0].trouble_since_ms = "storage refuses writes: disk full", 1
+    assert "DRAINING (TROUBLE)" in ctl.render_nodes(r) and "\nn1: storage refuses writes: disk full (for " in (
+        ctl.render_nodes(r))
+    r.nodes[0].trouble = ""
     r.stale, r.stale_reason = True, "replica cp-0 could not read etcd (no answer within 0.5 s)"
     assert ctl.render_nodes(r).endswith("\nSTALE: replica cp-0 could not read etcd (no answer within 0.5 s)")
 

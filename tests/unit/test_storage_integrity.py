@@ -247,12 +247,14 @@ def test_writes_failing_for_the_limit_tell_the_node_once_and_a_commit_resets_the
             storage.write(S1, 1, pb.WriteOp(request_id=f"big-{attempt}", player_id=f"big-{attempt}", grant=pb.GrantOp(
                 item_ids=[f"big-{attempt}-{i}-" + "x" * 100 for i in range(256)])), now_ms=1)
     assert len(told) == 1 and "full" in str(told[0])  # once, from the second failure on
+    trouble, since_ms = storage.trouble()  # what heartbeats report meanwhile
+    assert trouble.startswith("storage refuses writes: ") and "full" in trouble and since_ms > 0, trouble
     failing_since = storage._failing_since
     assert storage.prune_trades(now_ms=1) == 0  # an empty transaction commits on a full disk too
     assert storage._failing_since == failing_since  # and says nothing of it taking writes
     storage._conn.execute("PRAGMA max_page_count = 1073741823")  # room again
     storage.write(S1, 1, grant(999), now_ms=1)
-    assert storage._failing_since is None
+    assert storage._failing_since is None and storage.trouble() == ("", 0)
     storage.close()
 
 
