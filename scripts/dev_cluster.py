@@ -83,12 +83,19 @@ def check_processes(watched: list[ManagedProcess], nodes: Collection[str]) -> in
     A node that exits is reported and dropped from ``watched``, and the rest keep
     running: with status 0 it left on purpose (``bluemarblectl drain``, or a
     deregistering SIGTERM); otherwise it crashed or was killed, and its shards fail over
-    to their replicas, which is what a local cluster is there to show. The control
-    plane's or etcd's exit stops the whole cluster.
+    to their replicas, which is what a local cluster is there to show. So does a
+    control-plane replica while another one runs (the others take over its work); the last
+    replica's exit, or etcd's, stops the whole cluster.
     """
     for proc in list(watched):
         code = proc.exit_code()
         if code is None:
+            continue
+        others = [p for p in watched if p is not proc and p.name.startswith("controlplane") and p.exit_code() is None]
+        if proc.name.startswith("controlplane") and others:
+            print(f"{proc.name} exited (exit {code}); {', '.join(p.name for p in others)} keep serving. "
+                  f"Log: {proc.log_path}", flush=True)
+            watched.remove(proc)
             continue
         if proc.name in nodes:
             if code == 0:
@@ -109,7 +116,10 @@ def main() -> int:
     p.add_argument("--nodes", type=int, default=3, help="shard nodes to start (default 3)")
     p.add_argument("--dir", type=Path, default=ROOT / ".bluemarble",
                    help="etcd data, node data and logs; kept from run to run (default .bluemarble in the checkout)")
-    p.add_argument("--control-plane-port", type=int, default=7000, help="0 picks a free port")
+    p.add_argument("--control-plane-port", type=int, default=7000,
+                   help="port of the first control-plane replica, the others on the next ports; 0 picks free ports")
+    p.add_argument("--control-planes", type=int, default=1,
+                   help="control-plane replicas (default 1); the nodes and clients get every address")
     p.add_argument("--node-base-port", type=int, default=7101, help="0 picks free ports")
     p.add_argument("--lease-ttl-s", type=int, default=10, help="node lease TTL in seconds (default 10)")
     p.add_argument("--players", type=int, default=300, help="players the demo seeds (0: no demo)")
@@ -117,6 +127,8 @@ def main() -> int:
     p.add_argument("--tls", action="store_true",
                    help="mutual TLS on every server and channel, and an admin token (certificates under --dir)")
     args = p.parse_args()
+    if not 1 <= args.control_planes <= 5:
+        p.error(f"--control-planes is {args.control_planes}; give 1 to 5")
     logs.configure("warning", "console")  # the demo's routing client: only what matters
     global SECURITY
     node_ids = [f"node-{i + 1}" for i in range(args.nodes)]
@@ -140,21 +152,24 @@ def main() -> int:
     try:
         print(f"starting etcd ({args.dir / 'etcd'}) ...", flush=True)
         etcd.start()
-        cp_address = f"127.0.0.1:{args.control_plane_port or free_port()}"
-        control_plane = ManagedProcess(
-            "controlplane",
-            [sys.executable, "-m", "controlplane.server.main", "--listen", cp_address, "--etcd", etcd.endpoint,
-             "--lease-ttl-s", str(args.lease_ttl_s), "--replica-id", "cp-0",
+        cp_addresses = [f"127.0.0.1:{args.control_plane_port + i if args.control_plane_port else free_port()}"
+                        for i in range(args.control_planes)]
+        cp_address = ",".join(cp_addresses)  # what nodes and clients are given: every replica
+        control_planes = [ManagedProcess(
+            "controlplane" if i == 0 else f"controlplane-{i}",
+            [sys.executable, "-m", "controlplane.server.main", "--listen", address, "--etcd", etcd.endpoint,
+             "--lease-ttl-s", str(args.lease_ttl_s), "--replica-id", f"cp-{i}",
              *(SECURITY.control_plane_flags() if SECURITY else [])],
-            log_dir / "controlplane.log",
-        ).start()
-        processes.append(control_plane)
+            log_dir / ("controlplane.log" if i == 0 else f"controlplane-{i}.log"),
+        ).start() for i, address in enumerate(cp_addresses)]
+        processes.extend(control_planes)
         print(f"starting control plane on {cp_address} (etcd {etcd.endpoint}) ...", flush=True)
 
         def serving() -> bool:
-            if not control_plane.alive():  # e.g. its port is taken: say so now, not in 20 s
-                raise RuntimeError(f"the control plane exited (code {control_plane.exit_code()}) before serving")
-            return registered_nodes(cp_address) >= 0
+            for control_plane in control_planes:
+                if not control_plane.alive():  # e.g. its port is taken: say so now, not in 20 s
+                    raise RuntimeError(f"{control_plane.name} exited (code {control_plane.exit_code()}) before serving")
+            return all(registered_nodes(address) >= 0 for address in cp_addresses)
 
         wait_until(serving, 20, "the control plane to serve")
         for i, node_id in enumerate(node_ids):
@@ -169,9 +184,9 @@ def main() -> int:
                 log_dir / f"{node_id}.log",
             ).start())
         print(f"starting {args.nodes} shard nodes ...", flush=True)
-        wait_until(lambda: registered_nodes(cp_address) >= args.nodes, 30, f"{args.nodes} nodes to register")
+        wait_until(lambda: registered_nodes(cp_addresses[0]) >= args.nodes, 30, f"{args.nodes} nodes to register")
         replicas = min(3, args.nodes) - 1
-        wait_until(lambda: placement_done(cp_address, replicas), 30, "every shard to be placed and served")
+        wait_until(lambda: placement_done(cp_addresses[0], replicas), 30, "every shard to be placed and served")
         print()
         ctl(cp_address, "status")
         print()
@@ -182,7 +197,7 @@ def main() -> int:
         ctl(cp_address, "ring")
         if args.players:
             print(f"\ndemo: seeding {args.players} players through the routing client ...", flush=True)
-            if asyncio.run(seed_and_show([cp_address], args.players)):
+            if asyncio.run(seed_and_show(cp_addresses, args.players)):
                 print("the demo saw failures (above)", flush=True)
                 return 1
             print()
@@ -214,12 +229,22 @@ def main() -> int:
         # processes behind.
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
-        print("\nstopping ...", flush=True)
+        _say("\nstopping ...")
         for proc in reversed(processes):
             code = proc.stop()
-            print(f"  {proc.name} stopped (exit {code})", flush=True)
+            _say(f"  {proc.name} stopped (exit {code})")
         etcd.stop()
-        print("  etcd stopped", flush=True)
+        _say("  etcd stopped")
+
+
+def _say(text: str) -> None:
+    """A line of the clean-up, which must go on when stdout is gone (a closed terminal,
+    or a pipe whose reader stopped, e.g. ``| head``): a failed print would skip the
+    stops after it and leave processes behind."""
+    try:
+        print(text, flush=True)
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":
