@@ -80,3 +80,22 @@ def test_exit_code_is_none_while_running(tmp_path: Path, started: list[ManagedPr
     node = _process(tmp_path, started, "node-1", None)
     assert node.exit_code() is None
     assert ManagedProcess("x", ["true"], tmp_path / "x.log").exit_code() is None
+
+
+def test_a_control_plane_replica_that_exits_while_another_serves_is_dropped(
+    tmp_path: Path, started: list[ManagedProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --control-planes 2 one replica may be stopped or killed: the other takes its
+    work over and the cluster goes on; the last one's exit stops it."""
+    node = _process(tmp_path, started, "node-1", None)
+    other = _process(tmp_path, started, "controlplane-1", None)
+    killed = _process(tmp_path, started, "controlplane", 3)
+    watched = [node, other, killed]
+    assert check_processes(watched, NODES) is None
+    assert watched == [node, other]
+    assert "controlplane exited (exit 3); controlplane-1 keep serving" in capsys.readouterr().out
+    other.kill()
+    assert other.proc is not None
+    other.proc.wait(10)
+    assert check_processes(watched, NODES) == 1
+    assert "controlplane-1 exited unexpectedly" in capsys.readouterr().out
