@@ -57,6 +57,17 @@ def _unsafe_chars(value: str) -> str:
     return "".join(sorted({c for c in value if _unsafe(c)}))
 
 
+def made_printable(value: str, max_bytes: int) -> str:
+    """``value`` as text :func:`printable_text` accepts, for a message built from what
+    another system said (an OS or SQLite error naming a path): each character no id may
+    hold becomes '?', and the result is cut to at most ``max_bytes`` of UTF-8."""
+    text = value if value.isprintable() else "".join("?" if _unsafe(c) else c for c in value)
+    data = text.encode("utf-8", "replace")
+    if len(data) > max_bytes:
+        text = data[:max_bytes].decode("utf-8", "ignore")
+    return text if text.strip() else ""
+
+
 def printable_text(value: str, field: str) -> str:
     """``value`` if it holds no control character and is not only whitespace: what every
     id and key a person may read in a log or console must be. The message names the

@@ -45,6 +45,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from bluemarble.core import validation
 from bluemarble.core.errors import (
     BlueMarbleError,
     CorruptRecord,
@@ -903,7 +904,10 @@ class NodeStorage:
         milliseconds) they fail; ("", 0) while writes work. Heartbeats report it."""
         if self._failing_since is None:
             return "", 0
-        return "storage refuses writes: " + " ".join(self._failing_error.split())[:200], self._failing_since_ms
+        # What the control plane takes (printable, at most 512 bytes), whatever the path or
+        # the error holds: a heartbeat it refused would cost the node its lease.
+        trouble = validation.made_printable("storage refuses writes: " + " ".join(self._failing_error.split()), 400)
+        return trouble, self._failing_since_ms
 
     def _load_meta(self) -> dict[ShardId, ShardMeta]:
         metas: dict[ShardId, ShardMeta] = {}

@@ -271,3 +271,16 @@ def test_item_ids_take_any_iterable_once_and_refuse_what_is_not_one() -> None:
 def test_options_of_the_wrong_type_or_range_are_invalid_argument(call: Callable[[], object], message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         call()
+
+
+def test_made_printable_gives_text_printable_text_accepts_within_its_bytes() -> None:
+    """What a node reports from an OS or SQLite error (a path may hold anything): each
+    unsafe character becomes '?', and the UTF-8 is cut at a character boundary."""
+    from bluemarble.core.validation import made_printable, printable_text
+
+    for raw in ("disk full at /data/\x1b[31mnode\u202e.db\x00", "plain", "ü" * 300, "\u200b\u200b"):
+        text = made_printable(raw, 64)
+        assert len(text.encode()) <= 64 and printable_text(text, "trouble") == text, (raw, text)
+    assert made_printable("disk full at /data/\x1b[31mnode.db", 100) == "disk full at /data/?[31mnode.db"
+    assert made_printable("ü" * 300, 7) == "üüü"  # 6 bytes: the fourth would be cut in half
+    assert made_printable("\u200b", 10) == "?" and made_printable("   ", 10) == ""  # only spaces: nothing to show
