@@ -223,14 +223,18 @@ def _takes_over(status: common_pb2.ShardStatus, shard: ShardId, pin: _Pin) -> bo
             and status.lag_entries <= CAUGHT_UP_ENTRIES)
 
 
-def _counts_no_more(head: CopyView | None, node: NodeId, holder: NodeId, before: ShardAssignment) -> bool:
+def _counts_no_more(
+    head: CopyView | None, node: NodeId, holder: NodeId, before: ShardAssignment, live: Collection[NodeId]
+) -> bool:
     """Whether nothing ``node`` acknowledges from now on can count for a write of the
     shard: it is the holder of every acknowledged write itself, or was the primary (a
-    primary acknowledges nothing), or the holder answered, as the primary, without it
-    among the replicas whose acknowledgements it counts. A replica the primary still
-    counts could acknowledge a write past the position the staying replicas were checked
-    against, and its copy must stay where a promotion looks (docs/decisions.md)."""
-    if node in (holder, before.primary):
+    primary acknowledges nothing), or is gone (its lease ended: it crashed or left, and
+    acknowledged nothing after the holder's position was read), or the holder answered,
+    as the primary, without it among the replicas whose acknowledgements it counts. A live
+    replica the primary still counts could acknowledge a write past the position the
+    staying replicas were checked against, and its copy must stay where a promotion looks
+    (docs/decisions.md)."""
+    if node in (holder, before.primary) or node not in live:
         return True
     return head is not None and head.counts is not None and node not in head.counts
 
@@ -836,7 +840,7 @@ class Reconciler:
         first, then them. Until then a live member is kept as a replica; a dead one goes to
         the record's ``retained`` (sets :attr:`_retained_now`, which :meth:`_write`
         writes), where a promotion waits for it like for a down replica, or takes it as a
-        candidate while it lives, but no node waits for its answer. Once they do, a former
+        candidate while it lives, but no node waits for its answer. Once they do, a live former
         replica still goes to ``retained`` first, and leaves the shard only when the holder
         answers, as the primary, without it among the replicas whose acknowledgements it
         counts (:func:`_counts_no_more`), with the staying replicas at that answer's
@@ -884,7 +888,7 @@ class Reconciler:
             )
             retained: list[NodeId] = []
             for node in gone:
-                if caught and _counts_no_more(head, node, holder, before):
+                if caught and _counts_no_more(head, node, holder, before, addresses.keys()):
                     continue  # dropped
                 if caught or node not in addresses or node not in before.members:
                     retained.append(node)
