@@ -12,12 +12,14 @@ bluemarblectl's ``--token-file``).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -27,11 +29,24 @@ from pathlib import Path
 ETCD_STARTUP_TIMEOUT_S = 20.0
 
 
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=4096)
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago, and not one this process
+    handed out lately: the kernel may give a port just released to the next bind(0), so
+    two processes started one after the other could be told the same port (a CI run saw
+    a node fail to start so)."""
+    with _HANDED_OUT_LOCK:
+        for _ in range(64):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = int(sock.getsockname()[1])
+            if port not in _HANDED_OUT:
+                break
+        _HANDED_OUT.append(port)
+        return port
 
 
 def wait_until(
