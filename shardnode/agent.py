@@ -454,9 +454,11 @@ class NodeAgent:
             if isinstance(error, NotFound | InvalidArgument):
                 self._close_beats(rotate=False)
                 raise error from e
+            self._close_beats(rotate=True)
+            if isinstance(error, PeerStopping):  # the replica ended its streams to shut down
+                raise PeerStopping(f"control plane {address} is shutting down") from e
             # Any other end of the stream (UNAVAILABLE, CANCELLED, INTERNAL from a
             # dying peer...) is a transport problem: reopen it, on the next address.
-            self._close_beats(rotate=True)
             raise Unavailable(f"heartbeat stream to {address} broke: {e.code().name} {e.details()}") from e
         except TimeoutError as e:
             self._close_beats(rotate=True)

@@ -27,6 +27,7 @@ from bluemarble.client.ring_router import RingRouter
 from bluemarble.core.ids import ShardId
 from bluemarble.core.ring import Ring, initial_ring
 from bluemarble.runtime.clock import FakeClock
+from bluemarble.runtime.grpc_server import STOPPING_TRAILER
 from bluemarble.v1 import common_pb2
 from bluemarble.v1 import controlplane_pb2 as pb
 from shardnode.agent import NodeAgent, NodeIdentity, SessionState
@@ -55,6 +56,7 @@ class FakeControlPlane:
         self.lease_ids = itertools.count(0x100)
         self.hung: set[str] = set()  # addresses that answer nothing at all
         self.silent_streams: set[str] = set()  # addresses whose streams deliver nothing
+        self.stopping: set[str] = set()  # addresses ending their heartbeat streams to shut down
         self.reply_delay_s = 0.0
         self.refuse_statuses = False  # answer INVALID_ARGUMENT to heartbeats that report shards
         self.sent: list[tuple[float, str]] = []  # heartbeats written: (time, address)
@@ -152,6 +154,12 @@ class FakeBeats:
         plane = self.plane
         if self.address in plane.hung:
             await forever()
+        if self.address in plane.stopping:
+            # As a replica's end_streams does: UNAVAILABLE, its reason, and the trailer.
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(*STOPPING_TRAILER),
+                f"control-plane replica {self.address} is shutting down; reconnect to another replica",
+            )
         if plane.reply_delay_s:
             await plane.clock.sleep(plane.reply_delay_s)
         request = self.requests.pop(0)
@@ -317,6 +325,27 @@ class TestHeartbeatSchedule:
             beats_on_b = [t for t, address in plane.answered if address == "cp-b:7000"]
             gaps = [b - a for a, b in itertools.pairwise(beats_on_b)]
             assert gaps and all(abs(g - TTL_S / 3) <= 3 * STEP_S for g in gaps), gaps
+
+    async def test_a_replica_ending_its_heartbeat_stream_to_shut_down_costs_no_warning(self) -> None:
+        clock = FakeClock()
+        plane = FakeControlPlane(clock)
+        agent, client = make_agent(plane)
+        async with running(agent, clock):
+            lease = agent.registration.lease_id  # type: ignore[union-attr]
+            await run_for(clock, 1.5)
+            with structlog.testing.capture_logs() as logs:
+                plane.stopping.add("cp-a:7000")  # a rolling restart of the replica in use
+                await run_for(clock, 2 * TTL_S, lambda: None)
+            assert plane.alive(lease)
+            assert client.current_address == "cp-b:7000"
+            assert any(address == "cp-b:7000" for _, address in plane.answered)
+        # An expected end, moved past at info: no warning, no SUSPENDED.
+        assert [e for e in logs if e["log_level"] in ("warning", "error")] == []
+        assert [e for e in logs if e["event"] == "session state"] == []
+        assert [e["event"] for e in logs if e["log_level"] == "info"].count(
+            "control-plane replica shutting down; heartbeating through the next"
+        ) == 1, logs
+        await client.close()
 
     async def test_a_slow_answer_does_not_delay_the_next_heartbeat(self) -> None:
         clock = FakeClock()
