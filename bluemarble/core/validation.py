@@ -84,6 +84,17 @@ def printable_text(value: str, field: str) -> str:
     return value
 
 
+def no_edge_space(value: str, field: str) -> str:
+    """``value`` if it neither begins nor ends with whitespace: ids are compared exactly,
+    so " p1" and "p1" would name two players, and a console shows no difference. Raises
+    InvalidArgument naming ``field``."""
+    if value != value.strip():
+        raise InvalidArgument(
+            f"{field} {echo(value)} begins or ends with whitespace; ids are compared exactly, so remove it"
+        )
+    return value
+
+
 def utf8_size(value: str, field: str) -> int:
     """The length of ``value`` in UTF-8. A str that has no UTF-8 form (a lone surrogate,
     which is what undecodable bytes of a command line or a file name become in Python)
@@ -107,7 +118,7 @@ def _check_id(field: str, value: str) -> str:
         raise InvalidArgument(
             f"{field} is {size} bytes long; at most {MAX_ID_BYTES} bytes of UTF-8 are allowed"
         )
-    return printable_text(value, field)
+    return no_edge_space(printable_text(value, field), field)
 
 
 def _node_id_char(c: str) -> bool:
@@ -129,13 +140,13 @@ def node_id(value: str, field: str = "node_id") -> NodeId:
 
 
 def player_id(value: str, field: str = "player_id") -> PlayerId:
-    """A player id: 1..128 bytes of UTF-8, no control characters, not only whitespace."""
+    """A player id: 1..128 bytes of UTF-8, no control characters, no whitespace at either end."""
     return PlayerId(_check_id(field, value))
 
 
 def trade_id(value: str, field: str = "trade_id") -> str:
     """A trade id (the caller's idempotency key for a trade): 1..128 bytes of UTF-8, no
-    control characters, not only whitespace. Raises InvalidArgument naming ``field``."""
+    control characters, no whitespace at either end. Raises InvalidArgument naming ``field``."""
     return _check_id(field, value)
 
 
@@ -290,7 +301,7 @@ def item_ids(values: Iterable[str], field: str = "item_ids", *, allow_empty: boo
             raise InvalidArgument(
                 f"{field}[{i}] is {size} bytes long; item ids are at most {limits.MAX_ITEM_ID_BYTES} bytes"
             )
-        printable_text(item, f"{field}[{i}]")
+        no_edge_space(printable_text(item, f"{field}[{i}]"), f"{field}[{i}]")
         if item in seen:
             raise InvalidArgument(f"{field} lists item {echo(item)} twice; each item id may appear once")
         seen.add(item)

@@ -100,6 +100,7 @@ BAD_GRANTS = [
     (grant(player_id="p" * 129), "player_id is 129 bytes"),
     (grant(player_id="\x1b[31malice"), "player_id contains the characters '\\x1b'"),
     (grant(player_id=" "), "player_id is only whitespace"),
+    (grant(player_id="alice "), "player_id 'alice ' begins or ends with whitespace"),
     (grant(request_id="g\x00"), "request_id contains the characters '\\x00'"),
     (grant(item_ids=["a", "b\u202e"]), "item_ids[1] contains the characters '\\u202e'"),
 ]

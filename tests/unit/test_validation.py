@@ -86,9 +86,21 @@ class TestControlCharacters:
             check(value, field)
 
     @pytest.mark.parametrize(("check", "field"), TEXT_IDS)
-    @pytest.mark.parametrize("value", ["a b", " padded ", "\u00e9\u4e16\U0001f600"])
+    @pytest.mark.parametrize("value", ["a b", "\u00e9\u4e16\U0001f600"])
     def test_printable_text_is_accepted(self, check: Callable[[str, str], str], field: str, value: str) -> None:
         assert check(value, field) == value
+
+    @pytest.mark.parametrize(("check", "field"), [(c, f) for c, f in TEXT_IDS if f != "key"])
+    @pytest.mark.parametrize("value", [" p1", "p1 ", " padded ", "  two"])
+    def test_ids_with_whitespace_at_either_end_are_refused(
+        self, check: Callable[[str, str], str], field: str, value: str
+    ) -> None:
+        # Compared exactly, " p1" would be another player than "p1", and no console shows it.
+        with pytest.raises(InvalidArgument, match=f"{field}.* begins or ends with whitespace; ids are compared"):
+            check(value, field)
+
+    def test_a_data_key_may_keep_its_spaces(self) -> None:
+        assert validation.data_key(" padded ") == " padded "
 
 
 class TestPlayerId:
