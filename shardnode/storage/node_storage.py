@@ -61,6 +61,7 @@ from bluemarble.runtime import retry
 from bluemarble.v1 import shardnode_pb2
 from shardnode.storage import apply, records, schema, snapshots, trades
 from shardnode.storage.records import ShardMeta, WriteResult
+from shardnode.storage.writeback import WalWriteback
 
 DB_FILE = "node.db"
 LOCK_FILE = "node.lock"
@@ -243,6 +244,7 @@ class NodeStorage:
         self._meta: dict[ShardId, ShardMeta] = {}
         self._damage: StorageDamaged | None = None
         self._files = _file_identities(path)  # what the connection opened: node.db and its WAL
+        self._writeback: WalWriteback | None = None
         self._failing_since: float | None = None  # monotonic: the first failed write since the last commit
         self._failing_since_ms = 0  # the same, in Unix milliseconds (0: writes work)
         self._failing_error = ""  # the last failed write's error
@@ -330,6 +332,8 @@ class NodeStorage:
                         node_id=node_id,
                     )
                     storage.synchronous = synchronous
+                    if synchronous == "NORMAL":  # under FULL every commit fsyncs the WAL itself
+                        storage._writeback = WalWriteback(path.with_name(path.name + "-wal")).start()
                     return storage
                 except BaseException:
                     conn.close()
@@ -361,6 +365,8 @@ class NodeStorage:
     def close(self) -> None:
         """Closes the database and releases the data dir. Idempotent. Committed writes are
         already durable; closing only checkpoints the WAL into the main file."""
+        if self._writeback is not None:
+            self._writeback.stop()
         with contextlib.suppress(sqlite3.Error):
             self._conn.close()
         self._lock.close()

@@ -241,7 +241,7 @@ async def test_a_failed_prune_round_is_retried_at_the_next_one(tmp_path: Path, m
     dp = DataPlane("n1", storage, agent, RingRouter.from_ring(initial_ring(1, vnodes=4)), clock=clock)  # type: ignore[arg-type]
     rounds: list[str] = []
 
-    def prune(now_ms: int) -> int:
+    def prune(now_ms: int, max_rows: int) -> int:
         rounds.append("prune")
         if len(rounds) == 1:
             raise sqlite3.OperationalError("database or disk is full")
@@ -257,6 +257,30 @@ async def test_a_failed_prune_round_is_retried_at_the_next_one(tmp_path: Path, m
     finally:
         await dp.stop()
         storage.close()
+
+
+async def test_a_prune_round_removes_a_backlog_in_small_transactions(primary, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    dp, _, storage = primary
+    monkeypatch.setattr(dataplane_module, "PRUNE_CHUNK_ROWS", 40)
+    storage._log_retention_entries = 10
+    storage._request_retention_ms = 1
+    for i in range(130):
+        await dp.grant(grant(i), 1.0)
+    transactions: list[int] = []
+    prune = storage.prune
+
+    def counted(now_ms: int, max_rows: int) -> int:
+        removed = prune(now_ms, max_rows=max_rows)
+        transactions.append(removed)
+        return removed
+
+    monkeypatch.setattr(storage, "prune", counted)
+    # 121 log entries past the last 10, and 130 request ids: each transaction at most 40 rows.
+    assert await dp._prune_once() == 121 + 130
+    assert transactions[:-1] == [40] * (len(transactions) - 1) and transactions[-1] < 40
+    assert dp._shards[SHARD].first_retained_lsn == 122 == storage.meta(SHARD).first_retained_lsn
+    assert [e.lsn for e in storage.entries(SHARD, 122)] == list(range(122, 132))
+    assert await dp._prune_once() == 0
 
 
 async def test_a_replica_that_said_it_restarts_stays_expected_when_it_is_placed_back(primary) -> None:  # type: ignore[no-untyped-def]
