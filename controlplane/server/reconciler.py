@@ -735,7 +735,8 @@ class Reconciler:
         planned = [shard for shard in shards if shard not in deferred]
         placement = PlacementConfig(config.replication_factor, config.max_moves_per_round)
         plan = await self._plan(nodes, planned, current, placement, promotions.positions or None)
-        answers: dict[NodeId, shardnode_pb2.GetShardStatusResponse] = {}  # the targets', once a round
+        # The targets' answers, once a round (None: the target did not answer).
+        answers: dict[NodeId, shardnode_pb2.GetShardStatusResponse | None] = {}
         early = await self._early_handoffs(plan, current, addresses, answers)
         if early and not self.needs_repair() and not promotions.ready:
             # Only balance is at stake, and it would hand a primary to a replica still
@@ -991,15 +992,19 @@ class Reconciler:
 
     async def _early_handoffs(
         self, plan: PlacementPlan, current: Mapping[ShardId, ShardAssignment], addresses: Mapping[NodeId, str],
-        answers: dict[NodeId, shardnode_pb2.GetShardStatusResponse], *, reported_only: bool = False,
+        answers: dict[NodeId, shardnode_pb2.GetShardStatusResponse | None], *, reported_only: bool = False,
     ) -> list[Move]:
         """The handoffs of ``plan`` to replicas still copying the shard. The targets say
         how far they are (GetShardStatus): a replica done copying and close to its primary
         takes the primary at once; one still copying waits, however long its copy takes.
-        A target that does not say is judged by the age of its role
-        (:data:`CATCH_UP_GRACE_S`), unless ``reported_only`` (a round that must repair
-        holds only the handoffs to replicas that say they are copying). ``answers``: the
-        targets' answers so far in this round, reused and completed (each node asked once)."""
+        A target that does not answer at all waits too: how far behind it is cannot be
+        told (a node restarted with old data under load answered nothing for 12 s, and
+        took primaries thousands of entries behind once its role was older than the
+        grace). A target that answers without a replica's status of the shard is judged
+        by the age of its role (:data:`CATCH_UP_GRACE_S`), unless ``reported_only`` (a
+        round that must repair holds only the handoffs to replicas that say they are
+        copying, or say nothing). ``answers``: the targets' answers so far in this round,
+        reused and completed (each node asked once; None for one that did not answer)."""
         catching_up = self._catching_up(current)  # every round: it tracks when each replica role began
         handoffs = [(m, m.target) for m in plan.moves if m.kind is MoveKind.HANDOFF_PRIMARY and m.target is not None]
         if not handoffs:
@@ -1008,13 +1013,15 @@ class Reconciler:
         unasked = {node: address for node, address in targets.items() if node not in answers}
         if unasked:
             got = await self._probe.statuses(unasked)
-            for node in unasked:  # one that did not answer counts as saying nothing
-                answers[node] = got.get(node) or shardnode_pb2.GetShardStatusResponse(node_id=node)
+            for node in unasked:  # None: it did not answer in time
+                answers[node] = got.get(node)
         early = []
         for move, target in handoffs:
             answer = answers.get(target)
             status = next((st for st in answer.shards if st.shard_id == move.shard_id), None) if answer else None
-            if status is not None and status.role == common_pb2.SHARD_ROLE_REPLICA:
+            if answer is None:
+                ready = False  # unreachable, or too busy to answer: not a primary now
+            elif status is not None and status.role == common_pb2.SHARD_ROLE_REPLICA:
                 ready = not status.copying and status.serving and status.lag_entries <= CAUGHT_UP_ENTRIES
             else:
                 ready = reported_only or (move.shard_id, target) not in catching_up

@@ -500,6 +500,37 @@ async def test_a_joining_node_takes_primaries_only_once_its_copies_had_time(
     await election.stop()
 
 
+async def test_a_node_that_does_not_answer_takes_no_primary_by_rebalancing(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new replica that does not answer GetShardStatus (restarted with old data under
+    load, it answered nothing for 12 s) cannot say how far behind it is: the age of its
+    roles does not stand in for an answer, and handoffs to it wait until it answers that
+    its copies are done. (A grace of 3 s.)"""
+    monkeypatch.setattr(reconciler_module, "CATCH_UP_GRACE_S", 3.0)
+    leases, beating, election, reconciler = await heartbeating_cluster(world, "abc")
+    world.probe.reports["n3"] = []
+    leases.append(await world.add_node("n3", "a"))
+    for _ in range(40):
+        await world.clock.advance(0.25)
+        copies = [a for a in world.assignments().values() if "n3" in a.replicas]
+        if copies:
+            break
+    assert copies
+    world.probe.silent.add("n3")
+    await world.clock.advance(10.0)  # three graces
+    assert not any(a.primary == "n3" for a in world.assignments().values())
+    world.probe.silent.discard("n3")
+    world.probe.reports["n3"] = [
+        common_pb2.ShardStatus(shard_id=a.shard_id, epoch=a.epoch, role=common_pb2.SHARD_ROLE_REPLICA,
+                               serving=True, lag_entries=0) for a in copies]
+    await world.clock.advance(2.5)
+    assert any(a.primary == "n3" for a in world.assignments().values())  # it answers: its share
+    beating.cancel()
+    await reconciler.stop()
+    await election.stop()
+
+
 async def test_a_copy_fenced_at_the_last_epoch_stops_its_promotion_without_overflowing(world: World) -> None:
     leases, election, reconciler = await placed_cluster(world, "abc")
     placed = world.assignments()
