@@ -723,6 +723,7 @@ class Reconciler:
         self.rounds += 1
         metrics.RECONCILE_ROUNDS.inc()
         leases = {NodeId(n.node_id): n.lease_id for n in records}
+        troubled = {NodeId(n.node_id) for n in records if n.trouble}  # its storage refuses writes
         stamps = {
             ShardId(a.shard_id): assignment_incarnations(a) for a in self._assignments.entries.values()
         }
@@ -737,7 +738,7 @@ class Reconciler:
         plan = await self._plan(nodes, planned, current, placement, promotions.positions or None)
         # The targets' answers, once a round (None: the target did not answer).
         answers: dict[NodeId, shardnode_pb2.GetShardStatusResponse | None] = {}
-        early = await self._early_handoffs(plan, current, addresses, answers)
+        early = await self._early_handoffs(plan, current, addresses, answers, troubled)
         if early and not self.needs_repair() and not promotions.ready:
             # Only balance is at stake, and it would hand a primary to a replica still
             # copying the shard: wait for it (the round is planned again each tick).
@@ -748,7 +749,7 @@ class Reconciler:
             return plan
         copying: set[tuple[ShardId, NodeId]] = set()
         if early:
-            early = await self._early_handoffs(plan, current, addresses, answers, reported_only=True)
+            early = await self._early_handoffs(plan, current, addresses, answers, troubled, reported_only=True)
         for _ in range(3):
             if not early:
                 break
@@ -758,7 +759,7 @@ class Reconciler:
             self._log_waiting_for_copies(early)
             copying |= {(m.shard_id, m.target) for m in early if m.target is not None}
             plan = await self._plan(nodes, planned, current, placement, promotions.positions or None, copying)
-            early = await self._early_handoffs(plan, current, addresses, answers, reported_only=True)
+            early = await self._early_handoffs(plan, current, addresses, answers, troubled, reported_only=True)
         if early:  # still (a bound on the replanning): those shards wait for a later round
             plan = without_shards(plan, current, {m.shard_id for m in early})
         plan = await self._keep_copies(plan, current, addresses)
@@ -992,7 +993,8 @@ class Reconciler:
 
     async def _early_handoffs(
         self, plan: PlacementPlan, current: Mapping[ShardId, ShardAssignment], addresses: Mapping[NodeId, str],
-        answers: dict[NodeId, shardnode_pb2.GetShardStatusResponse | None], *, reported_only: bool = False,
+        answers: dict[NodeId, shardnode_pb2.GetShardStatusResponse | None], troubled: Collection[NodeId] = (),
+        *, reported_only: bool = False,
     ) -> list[Move]:
         """The handoffs of ``plan`` to replicas still copying the shard. The targets say
         how far they are (GetShardStatus): a replica done copying and close to its primary
@@ -1004,7 +1006,9 @@ class Reconciler:
         by the age of its role (:data:`CATCH_UP_GRACE_S`), unless ``reported_only`` (a
         round that must repair holds only the handoffs to replicas that say they are
         copying, or say nothing). ``answers``: the targets' answers so far in this round,
-        reused and completed (each node asked once; None for one that did not answer)."""
+        reused and completed (each node asked once; None for one that did not answer).
+        A target in ``troubled`` (its heartbeats report that its storage refuses writes)
+        waits whatever it answers: as the primary it could write nothing."""
         catching_up = self._catching_up(current)  # every round: it tracks when each replica role began
         handoffs = [(m, m.target) for m in plan.moves if m.kind is MoveKind.HANDOFF_PRIMARY and m.target is not None]
         if not handoffs:
@@ -1019,8 +1023,8 @@ class Reconciler:
         for move, target in handoffs:
             answer = answers.get(target)
             status = next((st for st in answer.shards if st.shard_id == move.shard_id), None) if answer else None
-            if answer is None:
-                ready = False  # unreachable, or too busy to answer: not a primary now
+            if answer is None or target in troubled:
+                ready = False  # unreachable, too busy to answer, or unable to write: not a primary now
             elif status is not None and status.role == common_pb2.SHARD_ROLE_REPLICA:
                 ready = not status.copying and status.serving and status.lag_entries <= CAUGHT_UP_ENTRIES
             else:

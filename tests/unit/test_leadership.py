@@ -500,6 +500,23 @@ async def test_a_joining_node_takes_primaries_only_once_its_copies_had_time(
     await election.stop()
 
 
+async def join_n3(world: World, leases: list[int]) -> list[common_pb2.Assignment]:
+    """Registers n3 (answering, holding nothing yet) and waits for its first copies."""
+    world.probe.reports["n3"] = []
+    leases.append(await world.add_node("n3", "a"))
+    for _ in range(40):
+        await world.clock.advance(0.25)
+        copies = [a for a in world.assignments().values() if "n3" in a.replicas]
+        if copies:
+            return copies
+    raise AssertionError("n3 got no copies")
+
+
+def caught_up(copies: list[common_pb2.Assignment]) -> list[common_pb2.ShardStatus]:
+    return [common_pb2.ShardStatus(shard_id=a.shard_id, epoch=a.epoch, role=common_pb2.SHARD_ROLE_REPLICA,
+                                   serving=True, lag_entries=0) for a in copies]
+
+
 async def test_a_node_that_does_not_answer_takes_no_primary_by_rebalancing(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -509,23 +526,35 @@ async def test_a_node_that_does_not_answer_takes_no_primary_by_rebalancing(
     its copies are done. (A grace of 3 s.)"""
     monkeypatch.setattr(reconciler_module, "CATCH_UP_GRACE_S", 3.0)
     leases, beating, election, reconciler = await heartbeating_cluster(world, "abc")
-    world.probe.reports["n3"] = []
-    leases.append(await world.add_node("n3", "a"))
-    for _ in range(40):
-        await world.clock.advance(0.25)
-        copies = [a for a in world.assignments().values() if "n3" in a.replicas]
-        if copies:
-            break
-    assert copies
+    copies = await join_n3(world, leases)
     world.probe.silent.add("n3")
     await world.clock.advance(10.0)  # three graces
     assert not any(a.primary == "n3" for a in world.assignments().values())
     world.probe.silent.discard("n3")
-    world.probe.reports["n3"] = [
-        common_pb2.ShardStatus(shard_id=a.shard_id, epoch=a.epoch, role=common_pb2.SHARD_ROLE_REPLICA,
-                               serving=True, lag_entries=0) for a in copies]
+    world.probe.reports["n3"] = caught_up(copies)
     await world.clock.advance(2.5)
     assert any(a.primary == "n3" for a in world.assignments().values())  # it answers: its share
+    beating.cancel()
+    await reconciler.stop()
+    await election.stop()
+
+
+async def test_a_node_whose_storage_refuses_writes_takes_no_primary_by_rebalancing(world: World) -> None:
+    """A new replica whose heartbeats report storage trouble (a full disk) answers
+    GetShardStatus as caught up, but as a primary it could write nothing: handoffs to it
+    wait until the trouble clears."""
+    leases, beating, election, reconciler = await heartbeating_cluster(world, "abc")
+    copies = await join_n3(world, leases)
+    world.probe.reports["n3"] = caught_up(copies)
+    record = common_pb2.Node(node_id="n3", address=address_of("n3"), zone="a", capacity=1, lease_id=leases[-1],
+                             trouble="storage refuses writes: database or disk is full")
+    await world.etcd.put(world.keys.node(NodeId("n3")), codec.encode(record), lease=leases[-1])
+    await world.clock.advance(reconciler_module.CATCH_UP_GRACE_S + 3.0)
+    assert not any(a.primary == "n3" for a in world.assignments().values())
+    record.trouble = ""  # space again
+    await world.etcd.put(world.keys.node(NodeId("n3")), codec.encode(record), lease=leases[-1])
+    await world.clock.advance(2.5)
+    assert any(a.primary == "n3" for a in world.assignments().values())
     beating.cancel()
     await reconciler.stop()
     await election.stop()
