@@ -24,6 +24,7 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
+_SYNC = getattr(os, "fdatasync", os.fsync)  # fdatasync is Linux's; elsewhere fsync
 INTERVAL_S = 0.05
 """How often the WAL is written back when it changed: under load the WAL crosses the
 checkpoint threshold (1,000 pages) every 200 ms or so, so a checkpoint finds at most this
@@ -67,7 +68,7 @@ class WalWriteback:
                     now = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
                     if now == seen:
                         continue  # nothing written since the last flush
-                    os.fdatasync(fd)
+                    _SYNC(fd)
                     seen = now
                     self.flushes += 1
                     failed = False
