@@ -351,6 +351,9 @@ class NodeAgent:
                 await self._heartbeat(registration)
             except NotFound as e:
                 await self._register_again(stop, str(e))
+                # A new lease: the failures before it are over (a later one starts afresh,
+                # not "still failing" since before the registration).
+                self._beat_failures.recovered("heartbeat", self._clock.monotonic_s(), "registered again")
                 failures = 0
                 backoff = self._beat_backoff()
                 continue

@@ -726,7 +726,8 @@ class DataPlane:
             future.cancel()
             raise Unavailable(
                 f"{what} is committed on {self.node_id} but no replica of {state.shard_id} has acknowledged it "
-                f"within {timeout_s:.1f} s; retry with the same request id"
+                f"before the call's deadline ({timeout_s * 1000:.0f} ms after the local write); retry with the "
+                "same request id"
             ) from e
 
     # ---- checks ----

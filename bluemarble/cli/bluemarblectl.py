@@ -341,13 +341,13 @@ def _parse_config_assignments(pairs: Sequence[str], config: common_pb2.ClusterCo
             system = key.removeprefix("consistency.")
             name = "CONSISTENCY_MODEL_" + value.upper()
             if name not in common_pb2.ConsistencyModel.keys():
-                usage_error(f"bluemarblectl: {value!r} is not STRONG, EVENTUAL or CAUSAL")
+                usage_error(f"bluemarblectl: {limits.echo(value)} is not STRONG, EVENTUAL or CAUSAL")
             config.consistency[system] = common_pb2.ConsistencyModel.Value(name)  # type: ignore[assignment]
             continue
         field = config.DESCRIPTOR.fields_by_name.get(key)
         if field is None or key == "consistency":
             known = ", ".join(f.name for f in config.DESCRIPTOR.fields if f.name != "consistency")
-            usage_error(f"bluemarblectl: unknown config key {key!r}; known: {known}, consistency.SYSTEM")
+            usage_error(f"bluemarblectl: unknown config key {limits.echo(key)}; known: {known}, consistency.SYSTEM")
         if not validation.ascii_digits(value):
             usage_error(f"bluemarblectl: {key} must be a non-negative integer, got {limits.echo(value)}")
         low, high = limits.CONFIG_RANGES.get(key, (0, _MAX_CONFIG_INT))

@@ -1004,8 +1004,9 @@ class Reconciler:
         took primaries thousands of entries behind once its role was older than the
         grace). A target that answers without a replica's status of the shard is judged
         by the age of its role (:data:`CATCH_UP_GRACE_S`), unless ``reported_only`` (a
-        round that must repair holds only the handoffs to replicas that say they are
-        copying, or say nothing). ``answers``: the targets' answers so far in this round,
+        round that must repair is not held by the age rule, only by what the targets say:
+        copying, no answer, or no replica's status of the shard). ``answers``: the
+        targets' answers so far in this round,
         reused and completed (each node asked once; None for one that did not answer).
         A target in ``troubled`` (its heartbeats report that its storage refuses writes)
         waits whatever it answers: as the primary it could write nothing."""
@@ -1027,8 +1028,14 @@ class Reconciler:
                 ready = False  # unreachable, too busy to answer, or unable to write: not a primary now
             elif status is not None and status.role == common_pb2.SHARD_ROLE_REPLICA:
                 ready = not status.copying and status.serving and status.lag_entries <= CAUGHT_UP_ENTRIES
+            elif reported_only:
+                # A repair is not held by the age rule, but a target that answers without
+                # a replica's status of the shard has not taken its role yet (it registered
+                # again moments ago, or its assignment is on its way): another replica takes
+                # the primary, or the handoff waits a round.
+                ready = False
             else:
-                ready = reported_only or (move.shard_id, target) not in catching_up
+                ready = (move.shard_id, target) not in catching_up
             if not ready:
                 early.append(move)
         return early

@@ -123,6 +123,14 @@ def test_config_set_refuses_bad_pairs(pairs: list[str], message: str, capsys: py
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("pair", ["k" * 100_000 + "=1", "consistency.chat=" + "x" * 100_000])
+def test_config_set_never_echoes_a_huge_pair(pair: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        ctl._parse_config_assignments([pair], common_pb2.ClusterConfig())
+    err = capsys.readouterr().err
+    assert "(100000 chars)" in err and len(err) < 1000, len(err)
+
+
 def test_config_set_applies_pairs() -> None:
     config = common_pb2.ClusterConfig()
     ctl._parse_config_assignments(["lease_ttl_s=5", "consistency.chat=eventual"], config)

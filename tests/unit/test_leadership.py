@@ -67,8 +67,21 @@ class FakeProbe:
         return address in self.refusing
 
     async def statuses(self, addresses: Mapping[NodeId, str]) -> dict[NodeId, shardnode_pb2.GetShardStatusResponse]:
-        return {n: shardnode_pb2.GetShardStatusResponse(node_id=n, shards=self.reports.get(n, []))
+        return {n: shardnode_pb2.GetShardStatusResponse(node_id=n, shards=self.statuses_of(n))
                 for n in addresses if n not in self.silent}
+
+    def statuses_of(self, node: str) -> list[common_pb2.ShardStatus]:
+        """``reports[node]`` if set; else what a node applying the stored records at once
+        reports: each of its roles, serving, caught up."""
+        if node in self.reports or self.records is None:
+            return self.reports.get(node, [])
+        out = []
+        for a in self.records():
+            role = (common_pb2.SHARD_ROLE_PRIMARY if a.primary == node
+                    else common_pb2.SHARD_ROLE_REPLICA if node in a.replicas else None)
+            if role is not None:
+                out.append(common_pb2.ShardStatus(shard_id=a.shard_id, epoch=a.epoch, role=role, serving=True))
+        return out
 
     async def positions(
         self, addresses: Mapping[NodeId, str], shards: Iterable[ShardId]
@@ -482,6 +495,7 @@ async def test_a_joining_node_takes_primaries_only_once_its_copies_had_time(
     (GetShardStatus lists no shard), so the age of its roles decides. (A grace of 3 s.)"""
     monkeypatch.setattr(reconciler_module, "CATCH_UP_GRACE_S", 3.0)
     leases, beating, election, reconciler = await heartbeating_cluster(world, "abc")
+    world.probe.reports["n3"] = []  # answers, and lists no shard
     leases.append(await world.add_node("n3", "a"))
     for _ in range(40):  # it gets copies (a round or two after its probe)
         await world.clock.advance(0.25)
@@ -534,6 +548,30 @@ async def test_a_node_that_does_not_answer_takes_no_primary_by_rebalancing(
     world.probe.reports["n3"] = caught_up(copies)
     await world.clock.advance(2.5)
     assert any(a.primary == "n3" for a in world.assignments().values())  # it answers: its share
+    beating.cancel()
+    await reconciler.stop()
+    await election.stop()
+
+
+async def test_a_repair_hands_no_primary_to_a_node_that_reports_no_status_of_the_shard(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round that must repair is not held by the age of the roles, but a target that
+    answers GetShardStatus without a replica's status of the shard (it registered again
+    moments ago: its roles have not reached it) takes no primary in it. (A grace of 60 s,
+    so that only the report decides.)"""
+    monkeypatch.setattr(reconciler_module, "CATCH_UP_GRACE_S", 60.0)
+    leases, beating, election, reconciler = await heartbeating_cluster(world, "abc")
+    copies = await join_n3(world, leases)
+    await world.clock.advance(2.0)
+    leases.remove(leases[1])  # n1 dies: its primaries are promoted, the rounds must repair
+    await world.clock.advance(10.0)
+    after = world.assignments().values()
+    assert not any("n1" in (a.primary, *a.replicas) for a in after)  # repaired
+    assert not any(a.primary == "n3" for a in after)  # n3 never said it holds its copies
+    world.probe.reports["n3"] = caught_up([a for a in after if "n3" in a.replicas])
+    await world.clock.advance(5.0)
+    assert copies and any(a.primary == "n3" for a in world.assignments().values())  # once it does
     beating.cancel()
     await reconciler.stop()
     await election.stop()
@@ -610,6 +648,8 @@ async def test_a_drained_node_keeps_its_copies_until_their_replacements_can_take
 
     beating = world.keep_alive(leases.values)
     before = world.assignments()
+    for node in leases:  # each node reports the roles it holds now; copies made later say nothing yet
+        world.probe.reports[node] = world.probe.statuses_of(node)
     victim = next(iter(before.values())).primary
     led = [key for key, a in before.items() if a.primary == victim]
     record = common_pb2.Node(node_id=victim, address=address_of(victim), zone="a", capacity=1,
@@ -626,6 +666,7 @@ async def test_a_drained_node_keeps_its_copies_until_their_replacements_can_take
         assert victim in a.replicas, a  # kept: nothing it hands over can take over yet
         assert len(a.replicas) == 3  # its replacement is there too
     # The nodes report: new primaries serve, new replicas hold their copies.
+    world.probe.reports.clear()
     for a in held.values():
         world.probe.reports.setdefault(a.primary, []).append(common_pb2.ShardStatus(
             shard_id=a.shard_id, epoch=a.epoch, role=common_pb2.SHARD_ROLE_PRIMARY, serving=True))
