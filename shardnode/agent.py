@@ -84,6 +84,9 @@ T = TypeVar("T")
 
 DEFAULT_STREAM_IDLE_TIMEOUT_S = 3.0
 MIN_HEARTBEAT_TIMEOUT_S = 0.3
+PEER_RESTART_GRACE_S = 30.0
+"""How long after a control-plane replica said it is shutting down a failed heartbeat to
+it (connection refused while it restarts) is expected: logged at info, not a warning."""
 MIN_LEASE_SAFETY_MARGIN_S = 0.2
 REGISTER_ROUND_S = 30.0
 
@@ -210,6 +213,7 @@ class NodeAgent:
         self._beat_failures = retry.FailureLog()
         self._beats: grpc.aio.StreamStreamCall[Any, Any] | None = None
         self._beats_address = ""
+        self._stopping_since: dict[str, float] = {}  # address -> when it said it is shutting down
         self._watcher: asyncio.Task[None] | None = None
         # The assignments of this incarnation's shards, and the addresses of the nodes
         # they name (from the stream's ``nodes``), for the data plane.
@@ -459,7 +463,11 @@ class NodeAgent:
                 raise error from e
             self._close_beats(rotate=True)
             if isinstance(error, PeerStopping):  # the replica ended its streams to shut down
-                raise PeerStopping(f"control plane {address} is shutting down") from e
+                raise self._peer_stopping(address) from e
+            if self._restarting(address):
+                # Refused while it restarts, after it said it was shutting down (another
+                # loop may have moved the client back to it meanwhile): expected too.
+                raise PeerStopping(f"control plane {address} is restarting: {e.code().name}") from e
             # Any other end of the stream (UNAVAILABLE, CANCELLED, INTERNAL from a
             # dying peer...) is a transport problem: reopen it, on the next address.
             raise Unavailable(f"heartbeat stream to {address} broke: {e.code().name} {e.details()}") from e
@@ -470,7 +478,7 @@ class NodeAgent:
             stopping = await channels.ended_stopping(call)
             self._close_beats(rotate=True)
             if stopping:
-                raise PeerStopping(f"control plane {address} is shutting down") from e
+                raise self._peer_stopping(address) from e
             raise Unavailable(f"heartbeat stream to {address} is unusable: {e}") from e
         if not isinstance(response, controlplane_pb2.HeartbeatResponse):  # grpc.aio.EOF
             self._close_beats(rotate=True)
@@ -484,6 +492,19 @@ class NodeAgent:
             self.leave_declined.set()
         if response.config_revision and response.config_revision != self.config_revision:
             self._refresh_config()
+
+    def _peer_stopping(self, address: str) -> PeerStopping:
+        self._stopping_since[address] = self._clock.monotonic_s()
+        return PeerStopping(f"control plane {address} is shutting down")
+
+    def _restarting(self, address: str) -> bool:
+        """Whether ``address`` said it was shutting down within :data:`PEER_RESTART_GRACE_S`."""
+        since = self._stopping_since.get(address)
+        return since is not None and self._clock.monotonic_s() - since < PEER_RESTART_GRACE_S
+
+    def _peer_restarting(self) -> bool:
+        """Whether some control-plane replica said it was shutting down lately."""
+        return any(self._restarting(address) for address in list(self._stopping_since))
 
     def _refresh_config(self) -> None:
         """Fetches the cluster config in the background (once at a time)."""
@@ -674,6 +695,9 @@ class NodeAgent:
                 policy=self._stream_policy,
                 clock=self._clock,
                 stop=stop,
+                # A replica that said it is shutting down may leave a stream opened just
+                # then silent until it stops: expected, like the end of its streams.
+                quiet=self._peer_restarting,
             ),
             f"assignments-{lease_id:x}",
         )

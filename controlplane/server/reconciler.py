@@ -988,8 +988,9 @@ class Reconciler:
         now = self._clock.monotonic_s()
         if now - self._waiting_logged_s >= CATCH_UP_GRACE_S:
             self._waiting_logged_s = now
-            log.info("holding primary handoffs until the new replicas have copied their shards",
-                     handoffs=[f"{m.shard_id}->{m.target}" for m in early[:8]], grace_s=CATCH_UP_GRACE_S)
+            log.info("holding primary handoffs until their targets report their copies ready",
+                     handoffs=[f"{m.shard_id}->{m.target}" for m in early[:8]], grace_s=CATCH_UP_GRACE_S,
+                     ready_means="answering GetShardStatus, done copying, within 64 entries, storage writable")
 
     async def _early_handoffs(
         self, plan: PlacementPlan, current: Mapping[ShardId, ShardAssignment], addresses: Mapping[NodeId, str],

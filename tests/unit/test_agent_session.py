@@ -57,6 +57,7 @@ class FakeControlPlane:
         self.hung: set[str] = set()  # addresses that answer nothing at all
         self.silent_streams: set[str] = set()  # addresses whose streams deliver nothing
         self.stopping: set[str] = set()  # addresses ending their heartbeat streams to shut down
+        self.refusing: set[str] = set()  # addresses whose process is gone (connections refused)
         self.reply_delay_s = 0.0
         self.refuse_statuses = False  # answer INVALID_ARGUMENT to heartbeats that report shards
         self.sent: list[tuple[float, str]] = []  # heartbeats written: (time, address)
@@ -154,6 +155,9 @@ class FakeBeats:
         plane = self.plane
         if self.address in plane.hung:
             await forever()
+        if self.address in plane.refusing:
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: "
+                            f"UNKNOWN: ipv4:{self.address}: Failed to connect to remote host: Connection refused")
         if self.address in plane.stopping:
             # As a replica's end_streams does: UNAVAILABLE, its reason, and the trailer.
             raise grpc.aio.AioRpcError(
@@ -335,16 +339,26 @@ class TestHeartbeatSchedule:
             await run_for(clock, 1.5)
             with structlog.testing.capture_logs() as logs:
                 plane.stopping.add("cp-a:7000")  # a rolling restart of the replica in use
+                plane.silent_streams.add("cp-a:7000")  # a watch opened just then: silent until it stops
                 await run_for(clock, 2 * TTL_S, lambda: None)
             assert plane.alive(lease)
             assert client.current_address == "cp-b:7000"
             assert any(address == "cp-b:7000" for _, address in plane.answered)
+            with structlog.testing.capture_logs() as later:
+                # It is gone now (restarting), and another loop moved the client back to it
+                # just as the heartbeat stream is opened again.
+                plane.refusing.add("cp-a:7000")
+                client.rotate()
+                agent._close_beats(rotate=False)
+                await run_for(clock, 2 * TTL_S, lambda: None)
+            assert plane.alive(lease) and client.current_address == "cp-b:7000"
+            logs += later
         # An expected end, moved past at info: no warning, no SUSPENDED.
         assert [e for e in logs if e["log_level"] in ("warning", "error")] == []
         assert [e for e in logs if e["event"] == "session state"] == []
         assert [e["event"] for e in logs if e["log_level"] == "info"].count(
             "control-plane replica shutting down; heartbeating through the next"
-        ) == 1, logs
+        ) == 2, logs
         await client.close()
 
     async def test_a_slow_answer_does_not_delay_the_next_heartbeat(self) -> None:
