@@ -57,7 +57,8 @@ def registered_nodes(address: str) -> int:
 
 def placement_done(address: str, replicas: int) -> bool:
     """Every shard has a primary and ``replicas`` replicas, and the status warns of no
-    primary still catching up (a fresh cluster's primaries serve a moment after placement)."""
+    primary still catching up and no replica still copying (a fresh cluster's primaries
+    serve a moment after placement; the replicas' reports arrive with their heartbeats)."""
     with _channel(address) as channel:
         stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
         try:
@@ -67,7 +68,7 @@ def placement_done(address: str, replicas: int) -> bool:
             return False
     return len(r.assignments) == status.shard_count and all(
         a.primary and len(a.replicas) == replicas for a in r.assignments
-    ) and not any("not taking writes" in w for w in status.warnings)
+    ) and not any("not taking writes" in w or "still copying" in w for w in status.warnings)
 
 
 def ctl(address: str, *words: str) -> None:

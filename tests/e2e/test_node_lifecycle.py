@@ -68,6 +68,8 @@ def test_dev_cluster_brings_up_three_nodes_and_stops_cleanly(tmp_path: Path) -> 
         assert node in result.stdout
     assert re.search(r"^leader +cp-0$", result.stdout, re.MULTILINE), result.stdout  # status names the leader
     assert re.search(r"^shards without primary +0$", result.stdout, re.MULTILINE), result.stdout
+    # Shown once placement is done and the replicas' copies reported: a fresh cluster warns of nothing.
+    assert not re.search(r"^warning ", result.stdout, re.MULTILINE), result.stdout
     assert result.stdout.count("shard-") >= 32  # the shards table and the ring table
     assert "ring version 1, hash xxh3_64" in result.stdout
     assert "etcd stopped" in result.stdout
