@@ -997,20 +997,21 @@ class Reconciler:
         answers: dict[NodeId, shardnode_pb2.GetShardStatusResponse | None], troubled: Collection[NodeId] = (),
         *, reported_only: bool = False,
     ) -> list[Move]:
-        """The handoffs of ``plan`` to replicas still copying the shard. The targets say
-        how far they are (GetShardStatus): a replica done copying and close to its primary
-        takes the primary at once; one still copying waits, however long its copy takes.
-        A target that does not answer at all waits too: how far behind it is cannot be
-        told (a node restarted with old data under load answered nothing for 12 s, and
-        took primaries thousands of entries behind once its role was older than the
-        grace). A target that answers without a replica's status of the shard is judged
-        by the age of its role (:data:`CATCH_UP_GRACE_S`), unless ``reported_only`` (a
-        round that must repair is not held by the age rule, only by what the targets say:
-        copying, no answer, or no replica's status of the shard). ``answers``: the
-        targets' answers so far in this round,
-        reused and completed (each node asked once; None for one that did not answer).
-        A target in ``troubled`` (its heartbeats report that its storage refuses writes)
-        waits whatever it answers: as the primary it could write nothing."""
+        """The handoffs of ``plan`` whose targets cannot take the primary yet, from what
+        they say (GetShardStatus; ``answers``: this round's answers so far, completed
+        here, each node asked once, None for one that did not answer):
+
+        - a replica done copying, following its primary and within 64 entries is ready;
+          one still copying waits, however long its copy takes;
+        - a target that does not answer waits: how far behind it is cannot be told (a node
+          restarted with old data under load answered nothing for 12 s, and took
+          primaries thousands of entries behind once its role passed the grace);
+        - a target in ``troubled`` (its heartbeats say its storage refuses writes) waits,
+          whatever it answers: as the primary it could write nothing;
+        - a target that answers without a replica's status of the shard is judged by the
+          age of its role (:data:`CATCH_UP_GRACE_S`); with ``reported_only`` (a round
+          that must repair, which the age rule does not hold) it waits: it has not taken
+          its role yet (it registered again moments ago)."""
         catching_up = self._catching_up(current)  # every round: it tracks when each replica role began
         handoffs = [(m, m.target) for m in plan.moves if m.kind is MoveKind.HANDOFF_PRIMARY and m.target is not None]
         if not handoffs:
