@@ -108,10 +108,10 @@ CATCH_UP_WAIT_S = 1.0
 (then after 4x, 16x ... as long); it does not serve until it has them all."""
 SNAPSHOT_CHUNK_BYTES = 1 << 20
 MAX_SNAPSHOT_BYTES = 256 << 20
-"""Largest snapshot a node sends or installs. A snapshot is built, and installed, in one
-go on the event loop (about 100 MB/s here): bigger ones would stall the node past its
-heartbeats, lose its lease and fail its shards over, again at each try. Shards are kept
-under it by :data:`~bluemarble.core.limits.MAX_SHARD_DATA_BYTES`."""
+"""Largest snapshot a node sends or installs. A snapshot is built in one go on the event
+loop (about 150 MB/s here; it is installed in batches): bigger ones would stall the node
+past its heartbeats, lose its lease and fail its shards over, again at each try. Shards
+are kept under it by :data:`~bluemarble.core.limits.MAX_SHARD_DATA_BYTES`."""
 SNAPSHOT_TIMEOUT_S = 60.0
 EMPTY_READY_SETTLE_S = 3.0
 """A node that holds no shard is ready only this long (at least a heartbeat interval)
@@ -1307,17 +1307,30 @@ class DataPlane:
             snapshot = shardnode_pb2.ShardSnapshot.FromString(bytes(data))
         except Exception as e:  # protobuf's DecodeError
             raise CorruptRecord(f"snapshot of {state.shard_id} from {source} does not decode") from e
-        if state.fenced_epoch > epoch:
-            # Fenced at a newer epoch while fetching (a failover began): the position this
-            # node answered the fence with must stay its position; the new primary will
-            # bring it up to date.
-            raise FailedPrecondition(
-                f"{state.shard_id} was fenced at epoch {state.fenced_epoch} during the snapshot of epoch {epoch}; "
-                "not installed"
-            )
-        meta = self._storage.install_snapshot(snapshot, max(state.fenced_epoch, epoch))
+        size = len(data)
+        del data
+        self._check_install(state, epoch)
+        # In batches, one transaction each, yielding the loop between them: heartbeats and
+        # the other shards go on. From the first, this node holds no copy of the shard
+        # (position ZERO, not synced) until the last; a fence meanwhile (answered with
+        # ZERO), or a failure, leaves it empty for the primary to copy again.
+        install = self._storage.begin_install(snapshot, max(state.fenced_epoch, epoch))
         state.tail.clear()
         state.tail_bytes = 0
+        state.last, state.synced = ZERO, False
+        state.first_retained_lsn = 1
+        try:
+            while not install.done:
+                await asyncio.sleep(0)
+                self._check_install(state, epoch)
+                install.step()
+            await asyncio.sleep(0)
+            self._check_install(state, epoch)
+            meta = install.finish()
+        except BaseException:
+            with contextlib.suppress(BlueMarbleError):
+                install.abandon()  # else the next install, or a restart, empties the shard
+            raise
         state.last, state.fenced_epoch = meta.last, meta.fenced_epoch
         state.first_retained_lsn = meta.first_retained_lsn
         state.synced = True
@@ -1327,9 +1340,19 @@ class DataPlane:
             shard=state.shard_id,
             source=source,
             last=str(meta.last),
-            bytes=len(data),
+            bytes=size,
             took_s=round(self._clock.monotonic_s() - started_s, 3),
         )
+
+    def _check_install(self, state: ShardState, epoch: int) -> None:
+        if state.fenced_epoch > epoch:
+            # Fenced at a newer epoch while fetching or installing (a failover began): the
+            # position this node answered the fence with must stay its position (ZERO once
+            # the install began); the new primary will bring it up to date.
+            raise FailedPrecondition(
+                f"{state.shard_id} was fenced at epoch {state.fenced_epoch} during the snapshot of epoch {epoch}; "
+                "not installed"
+            )
 
     @contextlib.asynccontextmanager
     async def serving_snapshot(self) -> AsyncIterator[None]:

@@ -45,6 +45,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+import structlog
+
 from bluemarble.core import validation
 from bluemarble.core.errors import (
     BlueMarbleError,
@@ -63,12 +65,23 @@ from shardnode.storage import apply, records, schema, snapshots, trades
 from shardnode.storage.records import ShardMeta, WriteResult
 from shardnode.storage.writeback import WalWriteback
 
+log = structlog.get_logger(__name__)
+
 DB_FILE = "node.db"
 LOCK_FILE = "node.lock"
 
 DEFAULT_SNAPSHOT_TAIL_ENTRIES = 1024
 DEFAULT_SNAPSHOT_TAIL_BYTES = 4 << 20
 DEFAULT_PRUNE_MAX_ROWS = 100_000
+INSTALL_BATCH_ROWS = 2_000
+INSTALL_BATCH_BYTES = 1 << 20
+"""What one transaction of a snapshot install inserts at most (:class:`SnapshotInstall`):
+10-30 ms of a node's event loop here, so heartbeats and other shards' writes go on
+between them (one 20 MB snapshot in one transaction held the loop 0.5 s; eight at once
+cost a node its lease)."""
+INSTALLING = "installing "
+"""``node_meta`` key prefix (then the shard id) of a snapshot install under way: a node
+that restarts with one drops the shard's partial rows (the primary sends it again)."""
 _SELECT_SHARDS = "SELECT shard_id, fenced_epoch, last_epoch, last_lsn, first_lsn, synced FROM shards"
 _LOG_BOUNDS = "SELECT min(lsn), max(lsn) FROM log WHERE shard_id = ?"
 _UPSERT_SHARD = (
@@ -220,6 +233,86 @@ def _check_integrity(conn: sqlite3.Connection, path: Path, node_id: str | None) 
         raise _damaged(path, node_id, f"quick_check: {first}")
 
 
+class SnapshotInstall:
+    """A snapshot being installed over several transactions (:meth:`NodeStorage.begin_install`).
+
+    The first transaction deleted the shard's rows and left it empty (position ZERO, not
+    synced: the node holds no copy to serve, snapshot or promote from) with an
+    ``installing`` marker; each :meth:`step` inserts one batch of rows; :meth:`finish`
+    inserts the log tail and sets the shard's position in one last transaction. Until
+    then a crash, :meth:`abandon`, or a newer install or drop of the shard leaves the
+    shard empty, never partly installed under a position."""
+
+    def __init__(self, storage: NodeStorage, shard: ShardId, snapshot: shardnode_pb2.ShardSnapshot,
+                 last: LogPosition, fenced_epoch: int, batches: list[tuple[str, snapshots.Rows]]) -> None:
+        self.shard = shard
+        self._storage = storage
+        self._snapshot = snapshot
+        self._last = last
+        self._fenced_epoch = fenced_epoch
+        self._batches = batches
+        self._next = 0
+
+    @property
+    def done(self) -> bool:
+        """Every batch is in; :meth:`finish` remains."""
+        return self._next >= len(self._batches)
+
+    @property
+    def current(self) -> bool:
+        """Neither finished, abandoned, nor replaced by a newer install or drop of the shard."""
+        return self._storage._installs.get(self.shard) is self
+
+    def step(self) -> None:
+        """Inserts the next batch, in one transaction. Raises FailedPrecondition when the
+        install is no longer current, CorruptRecord when the batch clashes (the caller
+        abandons), Unavailable (disk)."""
+        self._check_current()
+        statement, rows = self._batches[self._next]
+        with self._storage._write_txn():
+            try:
+                self._storage._conn.executemany(statement, rows)
+            except sqlite3.IntegrityError as e:
+                raise CorruptRecord(f"the snapshot of {self.shard} lists a row twice") from e
+        self._next += 1
+
+    def finish(self) -> ShardMeta:
+        """The remaining batches, the log tail and the shard's position, in one
+        transaction; the fenced epoch becomes ``max(current, fenced_epoch,
+        snapshot.last.epoch)``. Returns the shard's meta."""
+        self._check_current()
+        storage = self._storage
+        with storage._write_txn() as txn:
+            conn = storage._conn
+            for statement, rows in self._batches[self._next:]:
+                conn.executemany(statement, rows)
+            self._next = len(self._batches)
+            conn.executemany(apply.INSERT_ENTRY, snapshots.tail_rows(self.shard, self._snapshot))
+            schema.delete_meta(conn, INSTALLING + self.shard)
+            row = txn.row(self.shard)
+            row.fenced = max(row.fenced, self._fenced_epoch, self._last.epoch)
+            row.last_epoch, row.last_lsn = self._last.epoch, self._last.lsn
+            row.first_lsn = self._snapshot.tail[0].lsn if self._snapshot.tail else self._last.lsn + 1
+            txn.dirty.add(self.shard)
+        storage._installs.pop(self.shard, None)
+        return storage._meta[self.shard]
+
+    def abandon(self) -> None:
+        """Deletes what the install inserted, leaving the shard empty; a no-op when it is
+        no longer current (a newer install or drop owns the shard's rows)."""
+        if not self.current:
+            return
+        storage = self._storage
+        storage._installs.pop(self.shard, None)
+        with storage._write_txn():
+            storage._delete_shard_rows(self.shard)
+            schema.delete_meta(storage._conn, INSTALLING + self.shard)
+
+    def _check_current(self) -> None:
+        if not self.current:
+            raise FailedPrecondition(f"the install of a snapshot of {self.shard} was replaced or abandoned")
+
+
 class NodeStorage:
     """Every shard a node holds: players, items, gold, player data, the replicated log,
     applied request ids with their answers, and the 2PC escrows (schema in
@@ -260,8 +353,10 @@ class NodeStorage:
         that found it raises the same error). The process must leave service: nothing this
         storage answers afterwards is trustworthy, and every later call raises
         StorageDamaged without touching the file."""
+        self._installs: dict[ShardId, SnapshotInstall] = {}
         with self._sqlite():
             self._meta = self._load_meta()
+        self._drop_interrupted_installs()
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -720,31 +815,67 @@ class NodeStorage:
             finally:
                 self._conn.execute("COMMIT")
 
-    def install_snapshot(self, snapshot: shardnode_pb2.ShardSnapshot, fenced_epoch: int) -> ShardMeta:
-        """Replaces everything this node holds of the snapshot's shard (data, log, request
-        records, escrows) with the snapshot, in one transaction. The fenced epoch becomes
-        ``max(current, fenced_epoch, snapshot.last.epoch)``: installing never lowers a
-        fence. Request records whose entry is in the tail get its digest and time back;
-        older ones replay their answer to any retry of their id (see the schema).
-        Raises CorruptRecord (nothing changed) for a snapshot no primary produces."""
+    def begin_install(
+        self,
+        snapshot: shardnode_pb2.ShardSnapshot,
+        fenced_epoch: int,
+        *,
+        max_rows: int | None = None,
+        max_bytes: int | None = None,
+    ) -> SnapshotInstall:
+        """Starts replacing everything this node holds of the snapshot's shard (data, log,
+        request records, escrows) with the snapshot: checks it, then deletes the shard's
+        rows in one transaction (the shard is empty from here on), and returns the install
+        to run batch by batch (:class:`SnapshotInstall`). A newer install of the shard, or
+        a drop, replaces this one. Raises CorruptRecord (nothing changed) for a snapshot no
+        primary produces."""
         shard = ShardId(snapshot.shard_id)
         last = snapshots.check_snapshot(snapshot)
+        batches = snapshots.install_batches(
+            shard, snapshot, max_rows or INSTALL_BATCH_ROWS, max_bytes or INSTALL_BATCH_BYTES
+        )
         with self._write_txn() as txn:
             self._delete_shard_rows(shard)
-            snapshots.write_snapshot(self._conn, shard, snapshot)
+            schema.put_meta(self._conn, INSTALLING + shard, str(last))
             row = txn.row(shard)
-            row.fenced = max(row.fenced, fenced_epoch, last.epoch)
-            row.last_epoch, row.last_lsn = last.epoch, last.lsn
-            row.first_lsn = snapshot.tail[0].lsn if snapshot.tail else last.lsn + 1
+            row.last_epoch, row.last_lsn, row.first_lsn, row.synced = 0, 0, 1, False
             txn.dirty.add(shard)
-        return self._meta[shard]
+        install = self._installs[shard] = SnapshotInstall(self, shard, snapshot, last, fenced_epoch, batches)
+        return install
+
+    def install_snapshot(self, snapshot: shardnode_pb2.ShardSnapshot, fenced_epoch: int) -> ShardMeta:
+        """:meth:`begin_install` and :meth:`SnapshotInstall.finish` at once (tools, tests):
+        the rows go in with the tail, in the install's second transaction. Raises
+        CorruptRecord (nothing changed) for a snapshot no primary produces."""
+        install = self.begin_install(snapshot, fenced_epoch)
+        try:
+            return install.finish()
+        except BaseException:
+            install.abandon()
+            raise
+
+    def _drop_interrupted_installs(self) -> None:
+        """Empties the shards whose snapshot install a crash interrupted (their markers)."""
+        with self._sqlite():
+            shards = [ShardId(key[len(INSTALLING):]) for key in schema.meta_keys(self._conn, INSTALLING)]
+        for shard in shards:
+            with self._write_txn() as txn:
+                self._delete_shard_rows(shard)
+                schema.delete_meta(self._conn, INSTALLING + shard)
+                row = txn.row(shard)
+                row.last_epoch, row.last_lsn, row.first_lsn, row.synced = 0, 0, 1, False
+                txn.dirty.add(shard)
+            log.warning("dropped a snapshot a restart interrupted; the shard is copied again from its primary",
+                        shard=shard, path=str(self._path))
 
     def drop_shard(self, shard: ShardId) -> None:
         """Deletes everything this node holds of the shard but its fence: a fenced epoch
         must outlive the data (I1: a node that fenced epoch e refuses older primaries even
         after dropping and re-adding the shard). A shard never fenced disappears entirely."""
+        self._installs.pop(shard, None)
         with self._write_txn() as txn:
             self._delete_shard_rows(shard)
+            schema.delete_meta(self._conn, INSTALLING + shard)
             row = txn.row(shard)
             row.last_epoch, row.last_lsn, row.first_lsn, row.synced = 0, 0, 1, False
             if row.fenced:

@@ -299,15 +299,33 @@ def read_meta(conn: sqlite3.Connection, key: str) -> str:
     return "" if found is None else str(found[0])
 
 
+def put_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    """Sets a value of ``node_meta`` inside the caller's transaction."""
+    conn.execute(_NODE_META)
+    conn.execute(
+        "INSERT INTO node_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
+
+
+def delete_meta(conn: sqlite3.Connection, key: str) -> None:
+    """Removes a value of ``node_meta`` inside the caller's transaction (none: no-op)."""
+    conn.execute(_NODE_META)
+    conn.execute("DELETE FROM node_meta WHERE key = ?", (key,))
+
+
+def meta_keys(conn: sqlite3.Connection, prefix: str) -> list[str]:
+    """The keys of ``node_meta`` that begin with ``prefix``, sorted."""
+    if conn.execute("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'node_meta'").fetchone() is None:
+        return []
+    return [str(k) for (k,) in conn.execute("SELECT key FROM node_meta ORDER BY key") if str(k).startswith(prefix)]
+
+
 def write_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
     """Sets a value of ``node_meta``, in one transaction."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.execute(_NODE_META)
-        conn.execute(
-            "INSERT INTO node_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
+        put_meta(conn, key, value)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

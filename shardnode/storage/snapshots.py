@@ -3,8 +3,9 @@ one whose log is not a prefix of its primary's, bootstraps from a snapshot plus 
 tail).
 
 A snapshot is deterministic: every list is sorted, so two nodes holding the same state
-produce equal messages (the replication tests compare them). The functions run inside
-the caller's transaction.
+produce equal messages (the replication tests compare them). A snapshot is read inside
+the caller's transaction; one is written as batches of rows
+(:class:`shardnode.storage.node_storage.SnapshotInstall`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from bluemarble.core.limits import MAX_LOG_COUNTER, echo
 from bluemarble.core.replication.position import ZERO, LogPosition
 from bluemarble.v1 import shardnode_pb2
 from shardnode.storage import records, trades
-from shardnode.storage.apply import INSERT_ENTRY, INSERT_ITEM, INSERT_PLAYER, RECORD_REQUEST
+from shardnode.storage.apply import INSERT_ITEM, INSERT_PLAYER, RECORD_REQUEST
 
 SELECT_TAIL = "SELECT lsn, epoch, payload, written_at_ms FROM log WHERE shard_id = ? ORDER BY lsn DESC LIMIT ?"
 
@@ -90,33 +91,71 @@ def check_snapshot(snapshot: shardnode_pb2.ShardSnapshot) -> LogPosition:
     return last
 
 
-def write_snapshot(conn: sqlite3.Connection, shard: ShardId, snapshot: shardnode_pb2.ShardSnapshot) -> None:
-    """Inserts the snapshot's rows for ``shard`` (whose rows the caller deleted first).
+INSERT_VALUE = "INSERT INTO player_data (shard_id, player_id, system, key, value, lsn) VALUES (?, ?, ?, ?, ?, ?)"
+INSERT_REQUEST = RECORD_REQUEST.replace("INSERT OR REPLACE", "INSERT")
+
+Rows = list[tuple[object, ...]]
+
+
+def install_batches(
+    shard: ShardId, snapshot: shardnode_pb2.ShardSnapshot, max_rows: int, max_bytes: int
+) -> list[tuple[str, Rows]]:
+    """The snapshot's rows for ``shard`` but its log tail, as (statement, rows) batches of
+    at most ``max_rows`` rows and about ``max_bytes`` of values and answers, to insert in
+    order once the shard's rows are deleted (one transaction each, or all in one). Raises
+    CorruptRecord, before anything is written, when the snapshot lists a player, item,
+    value, request or trade twice.
 
     The snapshot carries no op digest or age for its request records; both come back
     from the tail entry at the record's lsn when the tail holds it. Otherwise they stay
     NULL: a retry of that id replays the recorded answer whatever its op (nothing is
     applied twice), and prune starts its retention when it first sees it.
-    Raises CorruptRecord when the snapshot lists a player, item, value or request twice.
     """
     by_lsn = {e.lsn: e for e in snapshot.tail}
 
-    def request_row(r: shardnode_pb2.SnapshotRequest) -> tuple[str, str, bytes | None, int, bytes, int | None]:
+    def request_row(r: shardnode_pb2.SnapshotRequest) -> tuple[object, ...]:
         entry = by_lsn.get(r.lsn)
         if entry is None:
             return (shard, r.request_id, None, r.lsn, r.response, None)
         return (shard, r.request_id, records.op_digest(entry.payload), r.lsn, r.response, entry.written_at_ms)
 
-    executemany = conn.executemany
-    try:
-        executemany(INSERT_PLAYER, [(shard, p.player_id, p.gold) for p in snapshot.players])
-        executemany(INSERT_ITEM, [(shard, item, p.player_id) for p in snapshot.players for item in p.item_ids])
-        executemany(
-            "INSERT INTO player_data (shard_id, player_id, system, key, value, lsn) VALUES (?, ?, ?, ?, ?, ?)",
-            [(shard, v.player_id, v.system, v.key, v.value, v.lsn) for v in snapshot.values],
-        )
-        executemany(RECORD_REQUEST.replace("INSERT OR REPLACE", "INSERT"), [request_row(r) for r in snapshot.requests])
-    except sqlite3.IntegrityError as e:
-        raise CorruptRecord(f"the snapshot of {shard} lists a player, item, value or request twice") from e
-    trades.install_trades(conn, shard, snapshot.trades)
-    executemany(INSERT_ENTRY, [(shard, e.lsn, e.epoch, e.written_at_ms, e.payload) for e in snapshot.tail])
+    players: Rows = [(shard, p.player_id, p.gold) for p in snapshot.players]
+    items: Rows = [(shard, item, p.player_id) for p in snapshot.players for item in p.item_ids]
+    values: Rows = [(shard, v.player_id, v.system, v.key, v.value, v.lsn) for v in snapshot.values]
+    requests: Rows = [request_row(r) for r in snapshot.requests]
+    trade_rows, escrow_rows = trades.install_rows(shard, snapshot.trades)
+    for what, rows, key in (
+        ("player", players, slice(1, 2)),
+        ("item", items, slice(1, 2)),
+        ("value", values, slice(1, 4)),
+        ("request", requests, slice(1, 2)),
+    ):
+        if len({row[key] for row in rows}) != len(rows):
+            raise CorruptRecord(f"the snapshot of {shard} lists a {what} twice")
+    batches: list[tuple[str, Rows]] = []
+    for statement, rows, blob in (
+        (INSERT_PLAYER, players, None),
+        (INSERT_ITEM, items, None),
+        (INSERT_VALUE, values, 4),
+        (INSERT_REQUEST, requests, 4),
+        (trades.INSERT_TRADE, trade_rows, 4),
+        (trades.INSERT_ESCROW, escrow_rows, None),
+    ):
+        batch: Rows = []
+        size = 0
+        for row in rows:
+            if batch and (len(batch) >= max_rows or size >= max_bytes):
+                batches.append((statement, batch))
+                batch, size = [], 0
+            batch.append(row)
+            if blob is not None:
+                value = row[blob]
+                size += len(value) if isinstance(value, bytes) else 0
+        if batch:
+            batches.append((statement, batch))
+    return batches
+
+
+def tail_rows(shard: ShardId, snapshot: shardnode_pb2.ShardSnapshot) -> Rows:
+    """The snapshot's log tail as rows of ``log`` (:data:`INSERT_ENTRY`)."""
+    return [(shard, e.lsn, e.epoch, e.written_at_ms, e.payload) for e in snapshot.tail]

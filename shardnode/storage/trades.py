@@ -64,14 +64,14 @@ _OUTCOME_OF_PROTO = {v: k for k, v in _OUTCOME_PROTO.items()}
 
 _COLUMNS = "trade_id, state, leg, reason, prepared_at_ms, deadline_ms, settled_at_ms, cross_shard, lsn"
 _SELECT_TRADE = f"SELECT {_COLUMNS} FROM trades WHERE shard_id = ? AND trade_id = ?"
-_INSERT_TRADE = (
+INSERT_TRADE = (
     "INSERT INTO trades (shard_id, trade_id, state, player_id, leg, reason, prepared_at_ms, deadline_ms, "
     "settled_at_ms, cross_shard, lsn) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SETTLE_TRADE = (
     "UPDATE trades SET state = ?, reason = ?, settled_at_ms = ?, lsn = ? WHERE shard_id = ? AND trade_id = ?"
 )
-_INSERT_ESCROW = (
+INSERT_ESCROW = (
     "INSERT INTO escrows (shard_id, trade_id, player_id, item_ids, gold, state, deadline_ms) "
     "VALUES (?, ?, ?, ?, ?, 'PREPARED', ?)"
 )
@@ -347,7 +347,7 @@ def _apply_prepare(
         if reason:
             raise FailedPrecondition(f"trade {echo(p.trade_id)} cannot escrow on {shard}: {reason}")
     conn.execute(
-        _INSERT_TRADE,
+        INSERT_TRADE,
         (
             shard,
             p.trade_id,
@@ -363,7 +363,7 @@ def _apply_prepare(
         ),
     )
     conn.execute(
-        _INSERT_ESCROW,
+        INSERT_ESCROW,
         (shard, p.trade_id, leg.player, json.dumps(sorted(leg.gives.item_ids)), leg.gives.gold, p.deadline_ms),
     )
 
@@ -379,7 +379,7 @@ def _apply_settle(
             raise _refuse(
                 primary, lsn, shard, f"COMMITTED for trade {echo(s.trade_id)}, which holds no escrow on {shard}"
             )
-        conn.execute(_INSERT_TRADE, (shard, s.trade_id, "ABORTED", "", None, s.reason, 0, 0, s.settled_at_ms, 1, lsn))
+        conn.execute(INSERT_TRADE, (shard, s.trade_id, "ABORTED", "", None, s.reason, 0, 0, s.settled_at_ms, 1, lsn))
         return
     if record.state is not TradeState.PREPARED:
         raise _refuse(
@@ -443,7 +443,7 @@ def _apply_local(
                 raise _refuse(primary, lsn, shard, f"player {echo(leg.player)} would hold {gold} gold")
             conn.execute(_SET_GOLD, (gold, shard, leg.player))
     conn.execute(
-        _INSERT_TRADE,
+        INSERT_TRADE,
         (
             shard,
             t.trade_id,
@@ -471,42 +471,46 @@ def snapshot_trades(conn: sqlite3.Connection, shard: ShardId) -> list[shardnode_
     return [_record(row[0], row[1:]).to_proto() for row in rows]
 
 
-def install_trades(conn: sqlite3.Connection, shard: ShardId, records: Sequence[shardnode_pb2.ParticipantTrade]) -> None:
-    """Inserts a snapshot's trade records (and the escrows of the PREPARED ones) for
-    ``shard``, whose rows the caller deleted first. Raises CorruptRecord for a record
-    listed twice or malformed."""
-    try:
-        for r in records:
-            state = _STATE_OF_PROTO.get(r.state)
-            if state is None or not r.trade_id:
-                raise CorruptRecord(f"the snapshot of {shard} carries a trade record without id or state")
-            leg = leg_from_proto(r.trade_id, r.leg) if r.HasField("leg") else None
-            if state is TradeState.PREPARED and leg is None:
-                raise CorruptRecord(f"the snapshot of {shard} carries PREPARED trade {echo(r.trade_id)} without leg")
-            conn.execute(
-                _INSERT_TRADE,
-                (
-                    shard,
-                    r.trade_id,
-                    _STATE_NAME[state],
-                    leg.player if leg else "",
-                    leg_to_proto(leg).SerializeToString(deterministic=True) if leg else None,
-                    r.reason,
-                    r.prepared_at_ms,
-                    r.deadline_ms,
-                    r.settled_at_ms,
-                    int(r.cross_shard),
-                    0,  # the entry is not known (the snapshot does not carry it)
-                ),
+def install_rows(
+    shard: ShardId, records: Sequence[shardnode_pb2.ParticipantTrade]
+) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """A snapshot's trade records as rows of ``trades`` and of ``escrows`` (the PREPARED
+    ones' escrows, rebuilt from their legs), for :data:`INSERT_TRADE` and
+    :data:`INSERT_ESCROW` into ``shard`` once its rows are deleted. Raises CorruptRecord
+    for a record listed twice or malformed, before anything is written."""
+    trade_rows: list[tuple[object, ...]] = []
+    escrow_rows: list[tuple[object, ...]] = []
+    seen: set[str] = set()
+    for r in records:
+        state = _STATE_OF_PROTO.get(r.state)
+        if state is None or not r.trade_id:
+            raise CorruptRecord(f"the snapshot of {shard} carries a trade record without id or state")
+        if r.trade_id in seen:
+            raise CorruptRecord(f"the snapshot of {shard} lists trade {echo(r.trade_id)} twice")
+        seen.add(r.trade_id)
+        leg = leg_from_proto(r.trade_id, r.leg) if r.HasField("leg") else None
+        if state is TradeState.PREPARED and leg is None:
+            raise CorruptRecord(f"the snapshot of {shard} carries PREPARED trade {echo(r.trade_id)} without leg")
+        trade_rows.append(
+            (
+                shard,
+                r.trade_id,
+                _STATE_NAME[state],
+                leg.player if leg else "",
+                leg_to_proto(leg).SerializeToString(deterministic=True) if leg else None,
+                r.reason,
+                r.prepared_at_ms,
+                r.deadline_ms,
+                r.settled_at_ms,
+                int(r.cross_shard),
+                0,  # the entry is not known (the snapshot does not carry it)
             )
-            if state is TradeState.PREPARED and leg is not None:
-                conn.execute(
-                    _INSERT_ESCROW,
-                    (shard, r.trade_id, leg.player, json.dumps(sorted(leg.gives.item_ids)), leg.gives.gold,
-                     r.deadline_ms),
-                )
-    except sqlite3.IntegrityError as e:
-        raise CorruptRecord(f"the snapshot of {shard} lists a trade twice") from e
+        )
+        if state is TradeState.PREPARED and leg is not None:
+            escrow_rows.append(
+                (shard, r.trade_id, leg.player, json.dumps(sorted(leg.gives.item_ids)), leg.gives.gold, r.deadline_ms)
+            )
+    return trade_rows, escrow_rows
 
 
 def prune(conn: sqlite3.Connection, cutoff_ms: int, max_rows: int) -> int:

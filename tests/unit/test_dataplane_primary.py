@@ -15,15 +15,16 @@ import pytest
 
 from bluemarble.client.ring_router import RingRouter
 from bluemarble.core.errors import FailedPrecondition, Unavailable
-from bluemarble.core.ids import NodeId, ShardId
+from bluemarble.core.ids import NodeId, PlayerId, ShardId
 from bluemarble.core.replication import ZERO, LogPosition
 from bluemarble.core.ring import initial_ring
 from bluemarble.runtime.clock import FakeClock
 from bluemarble.v1 import common_pb2, shardnode_pb2
 from shardnode import dataplane as dataplane_module
 from shardnode.agent import SessionState
-from shardnode.dataplane import DataPlane
+from shardnode.dataplane import DataPlane, ShardState
 from shardnode.storage import NodeStorage
+from shardnode.storage import node_storage as node_storage_module
 
 SHARD = ShardId("shard-0")
 
@@ -324,3 +325,84 @@ async def test_a_primary_reports_the_replicas_it_counts_and_ignores_acks_of_othe
     agent.assignments = {SHARD: common_pb2.Assignment(shard_id=SHARD, epoch=3, primary="n1", replicas=["n3", "n2"])}
     dp.on_assignments()
     assert dp._shards[SHARD].acked == {}  # n2 back: nothing it acknowledged before counts
+
+
+class _SnapshotStub:
+    """A peer's GetSnapshot: the chunks of one snapshot, as a node serves them."""
+
+    def __init__(self, snapshot: shardnode_pb2.ShardSnapshot) -> None:
+        self.data = snapshot.SerializeToString()
+        self.last = snapshot.last
+
+    def GetSnapshot(self, request: shardnode_pb2.GetSnapshotRequest, timeout: float) -> AsyncIterator[
+            shardnode_pb2.SnapshotChunk]:
+        async def chunks() -> AsyncIterator[shardnode_pb2.SnapshotChunk]:
+            yield shardnode_pb2.SnapshotChunk(shard_id=request.shard_id, last=self.last, data=self.data, done=True)
+        return chunks()
+
+
+async def _replica_to_install(dp: DataPlane, tmp_path: Path) -> tuple[ShardState, shardnode_pb2.ShardSnapshot]:
+    shard = ShardId("shard-9")
+    with NodeStorage.open(tmp_path / "source") as source:
+        for i in range(40):
+            give = shardnode_pb2.GrantOp(item_ids=[f"i{i}-a", f"i{i}-b"], gold=i)
+            source.write(shard, 2, shardnode_pb2.WriteOp(request_id=f"r{i}", player_id=f"p{i}", grant=give), now_ms=1)
+        snapshot = source.snapshot(shard)
+    state = dp._state(shard)
+    state.role, state.epoch, state.primary = dataplane_module.REPLICA, 2, "n2"
+    dp._peer_stub = lambda node: _SnapshotStub(snapshot)  # type: ignore[method-assign, assignment, return-value]
+    return state, snapshot
+
+
+async def test_a_snapshot_is_installed_in_batches_with_the_loop_running_between_them(
+    primary, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    """Installed in one transaction, a 20 MB snapshot held a node's event loop for half a
+    second, and eight at once cost it its lease: between batches the loop runs."""
+    dp, _, storage = primary
+    monkeypatch.setattr(node_storage_module, "INSTALL_BATCH_ROWS", 4)
+    state, snapshot = await _replica_to_install(dp, tmp_path)
+    ticks: list[tuple[LogPosition, bool]] = []
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        while not done.is_set():
+            ticks.append((state.last, state.synced))
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    await dp._install_snapshot(state, NodeId("n2"), 2)
+    done.set()
+    await task
+    assert len(ticks) >= 80 // 4  # one turn of the loop at least per batch of the 80 items
+    assert all(seen == (ZERO, False) for seen in ticks[2:-1])  # no copy to serve or promote until the end
+    assert state.synced and state.last == LogPosition(2, 40) == storage.meta(state.shard_id).last
+    assert storage.snapshot(state.shard_id) == snapshot
+
+
+async def test_a_fence_during_an_install_leaves_the_shard_empty(
+    primary, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    """A failover begins mid-install: the node answered the fence with position ZERO, so
+    it must not then hold the snapshot's copy; the new primary copies it again."""
+    dp, _, storage = primary
+    monkeypatch.setattr(node_storage_module, "INSTALL_BATCH_ROWS", 4)
+    state, _ = await _replica_to_install(dp, tmp_path)
+    turns = 0
+
+    async def fencer() -> None:
+        nonlocal turns
+        while turns < 5:
+            turns += 1
+            await asyncio.sleep(0)
+        state.fenced_epoch = storage.fence(state.shard_id, 3).fenced_epoch
+
+    task = asyncio.create_task(fencer())
+    with pytest.raises(FailedPrecondition, match="fenced at epoch 3"):
+        await dp._install_snapshot(state, NodeId("n2"), 2)
+    await task
+    meta = storage.meta(state.shard_id)
+    assert (meta.last, meta.synced, meta.fenced_epoch) == (ZERO, False, 3)
+    assert storage.inventory(state.shard_id, PlayerId("p1")) is None and storage.item_owner("i1-a") is None
+    assert (state.last, state.synced) == (ZERO, False)

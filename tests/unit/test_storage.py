@@ -348,6 +348,78 @@ class TestSnapshots:
             replica.install_snapshot(broken, fenced_epoch=1)
         assert replica.snapshot(S1) == snap
 
+    def test_an_install_in_batches_leaves_the_shard_empty_until_its_last_transaction(
+        self, store: NodeStorage, replica: NodeStorage
+    ) -> None:
+        self.fill(store)
+        snap = store.snapshot(S1, max_tail_entries=8)
+        replica.write(S1, 1, grant("stale", BOB, ["old-item"]), now_ms=1)
+        install = replica.begin_install(snap, fenced_epoch=2, max_rows=3)
+        assert replica.meta(S1) == ShardMeta(S1, 1, ZERO, 1, synced=False)
+        assert replica.inventory(S1, BOB) is None  # the old copy is gone from the first transaction
+        steps = 0
+        while not install.done:
+            changes = replica._conn.total_changes
+            install.step()
+            assert replica._conn.total_changes - changes <= 3 + 1  # a batch, and the shards row
+            assert replica.meta(S1).last == ZERO
+            steps += 1
+        assert steps >= 30 // 3  # at least the 30 items' batches
+        assert install.finish() == ShardMeta(S1, fenced_epoch=3, last=LogPosition(3, 60), first_retained_lsn=53)
+        assert replica.snapshot(S1, max_tail_entries=8) == snap
+        assert not install.current and schema.meta_keys(replica._conn, "installing ") == []
+
+    def test_a_newer_install_or_a_drop_replaces_one_under_way(self, store: NodeStorage, replica: NodeStorage) -> None:
+        self.fill(store)
+        snap = store.snapshot(S1)
+        first = replica.begin_install(snap, fenced_epoch=1, max_rows=4)
+        first.step()
+        second = replica.begin_install(snap, fenced_epoch=1, max_rows=4)
+        second.step()
+        with pytest.raises(FailedPrecondition, match="replaced or abandoned"):
+            first.step()
+        first.abandon()  # no-op: the newer install owns the shard's rows
+        while not second.done:
+            second.step()
+        second.finish()
+        assert replica.snapshot(S1) == snap
+        third = replica.begin_install(snap, fenced_epoch=1, max_rows=4)
+        third.step()
+        replica.drop_shard(S1)
+        with pytest.raises(FailedPrecondition, match="replaced or abandoned"):
+            third.finish()
+        assert replica.inventory(S1, PlayerId("p1")) is None and replica.meta(S1).last == ZERO
+        assert schema.meta_keys(replica._conn, "installing ") == []
+
+    def test_an_abandoned_install_leaves_the_shard_empty(self, store: NodeStorage, replica: NodeStorage) -> None:
+        self.fill(store)
+        install = replica.begin_install(store.snapshot(S1), fenced_epoch=1, max_rows=5)
+        install.step()
+        install.step()
+        install.abandon()
+        assert replica.inventory(S1, PlayerId("p1")) is None and replica.item_owner("item-1") is None
+        assert replica.meta(S1) == ShardMeta(S1, 0, ZERO, 1, synced=False)
+        with pytest.raises(FailedPrecondition):
+            install.step()
+
+    def test_a_restart_mid_install_drops_the_partial_copy(self, store: NodeStorage, tmp_path: Path) -> None:
+        self.fill(store)
+        snap = store.snapshot(S1)
+        with NodeStorage.open(tmp_path / "r") as replica:
+            replica.write(S2, 1, grant("kept", BOB, ["other-shard"]), now_ms=1)
+            replica.fence(S1, 5)
+            install = replica.begin_install(snap, fenced_epoch=1, max_rows=5)
+            for _ in range(4):
+                install.step()
+            assert replica.item_owner("item-1") is not None
+        with NodeStorage.open(tmp_path / "r") as replica:  # as a crash leaves it: no finish, no abandon
+            assert replica.meta(S1) == ShardMeta(S1, 5, ZERO, 1, synced=False)
+            assert replica.item_owner("item-1") is None and replica.inventory(S1, PlayerId("p1")) is None
+            assert replica.inventory(S2, BOB) == (["other-shard"], 0)
+            assert schema.meta_keys(replica._conn, "installing ") == []
+            replica.install_snapshot(snap, fenced_epoch=1)
+            assert replica.snapshot(S1) == snap
+
     def test_an_empty_snapshot_installs_an_empty_shard(self, store: NodeStorage, replica: NodeStorage) -> None:
         meta = replica.install_snapshot(store.snapshot(S3), fenced_epoch=2)
         assert meta == ShardMeta(S3, 2, ZERO, 1)
