@@ -68,10 +68,11 @@ from bluemarble.core.errors import (
     InvalidArgument,
     NotFound,
     PeerStopping,
+    SelfStalled,
     Unavailable,
 )
 from bluemarble.core.limits import echo
-from bluemarble.runtime import background, channels, metrics, retry
+from bluemarble.runtime import background, channels, metrics, retry, stalls
 from bluemarble.runtime.clock import Clock, run_with_timeout
 from bluemarble.v1 import common_pb2, controlplane_pb2
 
@@ -374,6 +375,11 @@ class NodeAgent:
                 if not e.retryable:
                     raise
                 failures += 1
+                if isinstance(e, SelfStalled) and failures == 1:
+                    # This process did not run (the stall watch warned): the replica is not
+                    # to blame, and the same one is asked again at once.
+                    log.info("heartbeat timed out while this process was stalled; heartbeating again", error=str(e))
+                    continue
                 if isinstance(e, PeerStopping) and failures == 1:
                     # A replica restarting (a rolling upgrade): expected, and the next
                     # address answers at once; nothing to warn about unless it does not.
@@ -472,7 +478,13 @@ class NodeAgent:
             # dying peer...) is a transport problem: reopen it, on the next address.
             raise Unavailable(f"heartbeat stream to {address} broke: {e.code().name} {e.details()}") from e
         except TimeoutError as e:
-            self._close_beats(rotate=True)
+            stalled_s = stalls.stalled_within(timeout_s)
+            self._close_beats(rotate=not stalled_s)
+            if stalled_s:
+                raise SelfStalled(
+                    f"heartbeat to {address} got no answer within {timeout_s:g} s, while this process itself did not "
+                    f"run for {stalled_s:.1f} s"
+                ) from e
             raise Unavailable(f"heartbeat to {address} got no answer within {timeout_s:g} s") from e
         except (grpc.aio.UsageError, asyncio.InvalidStateError) as e:
             stopping = await channels.ended_stopping(call)

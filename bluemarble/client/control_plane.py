@@ -23,7 +23,7 @@ import grpc.aio
 import structlog
 
 from bluemarble.core import errors, validation
-from bluemarble.runtime import channels, retry
+from bluemarble.runtime import channels, retry, stalls
 from bluemarble.runtime.channels import channel as open_channel
 from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
@@ -118,6 +118,12 @@ async def next_message(
     try:
         message = await run_with_timeout(clock, call.read(), idle_timeout_s)
     except TimeoutError as e:
+        stalled_s = stalls.stalled_within(idle_timeout_s)
+        if stalled_s:
+            raise errors.SelfStalled(
+                f"{what} stream from {address} delivered nothing for {idle_timeout_s:g} s, while this process itself "
+                f"did not run for {stalled_s:.1f} s"
+            ) from e
         raise errors.Unavailable(
             f"{what} stream from {address} delivered nothing for {idle_timeout_s:g} s "
             "(the replica may be hung)"
@@ -153,7 +159,7 @@ async def follow_stream(
                 )
             )
     except errors.BlueMarbleError as e:
-        if e.retryable:
+        if e.retryable and not isinstance(e, errors.SelfStalled):  # not the replica's fault: reopen on it
             client.rotate(away_from=address)
         raise
     finally:

@@ -82,6 +82,12 @@ class PeerStopping(Unavailable):
     upgrade): expected, and another replica (or this one, back) answers the retry."""
 
 
+class SelfStalled(Unavailable):
+    """A timeout that overlapped a stall of this process itself (SIGSTOP, a frozen VM or
+    container, CPU starvation): no evidence against the peer, which the retry may use
+    again (:mod:`bluemarble.runtime.stalls`)."""
+
+
 class DeadlineExceeded(RetryableError):
     status = "DEADLINE_EXCEEDED"
 

@@ -3,8 +3,9 @@
 uvloop (libuv) cuts the event loop's own share of the control plane's CPU; it is used
 when installed, unless ``BLUEMARBLE_EVENT_LOOP=asyncio`` asks for the standard loop.
 
-A server process (``server=True``) also freezes its start-up heap (:func:`freeze_heap`)
-and times its garbage collections (``bluemarble_gc_pause_seconds``).
+A server process (``server=True``) also freezes its start-up heap (:func:`freeze_heap`),
+times its garbage collections (``bluemarble_gc_pause_seconds``), and watches its loop
+for stalls (:mod:`bluemarble.runtime.stalls`).
 """
 
 from __future__ import annotations
@@ -62,11 +63,22 @@ def raise_open_files_limit() -> int:
     return soft
 
 
+async def _watching(main: Coroutine[Any, Any, T]) -> T:
+    from bluemarble.runtime import stalls
+
+    watch = stalls.start()
+    try:
+        return await main
+    finally:
+        watch.cancel()
+
+
 def run(main: Coroutine[Any, Any, T], *, server: bool = False) -> T:
     """Runs ``main`` to completion on uvloop (or asyncio). ``server``: a long-running
     server process: the open-files limit raised (:func:`raise_open_files_limit`),
     :func:`freeze_heap` first, and every collection's pause is observed in
-    ``bluemarble_gc_pause_seconds``."""
+    ``bluemarble_gc_pause_seconds``, and a :mod:`~bluemarble.runtime.stalls` watch runs
+    beside ``main``."""
     if server:
         raise_open_files_limit()
         # Here, not at the top: other users of this module (benchmarks, tools) need not
@@ -75,6 +87,7 @@ def run(main: Coroutine[Any, Any, T], *, server: bool = False) -> T:
 
         freeze_heap()
         metrics.observe_gc_pauses()
+        main = _watching(main)
     choice = os.environ.get("BLUEMARBLE_EVENT_LOOP", "auto")
     if choice in ("auto", "uvloop"):
         try:

@@ -54,6 +54,12 @@ GC_PAUSE = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
 )
 
+EVENT_LOOP_STALLS = Counter(
+    "bluemarble_event_loop_stalls_total",
+    "Times this process did not run for a second or more (SIGSTOP, a frozen VM, a long "
+    "synchronous step, CPU starvation): bluemarble.runtime.stalls.",
+)
+
 _gc_started_s: list[float] = [0.0]
 
 

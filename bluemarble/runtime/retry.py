@@ -40,7 +40,7 @@ from typing import Any, TypeVar, cast
 import structlog
 import tenacity
 
-from bluemarble.core.errors import BlueMarbleError, PeerStopping
+from bluemarble.core.errors import BlueMarbleError, PeerStopping, SelfStalled
 from bluemarble.runtime.clock import Clock, SystemClock, wait_event
 
 log = structlog.get_logger(__name__)
@@ -304,7 +304,8 @@ async def supervise(
     the end is logged (retryable errors as warnings, anything else with its traceback)
     and it is restarted after a jittered backoff; a step that ran for at least
     ``healthy_after_s`` restarts after the shortest delay again. While ``quiet()`` is
-    true, retryable errors are expected (a peer said it is restarting) and logged at info.
+    true, retryable errors are expected (a peer said it is restarting) and logged at info,
+    as are PeerStopping and SelfStalled (this process, not the peer, stopped running).
     Retryable failures in a row are logged through a :class:`FailureLog` (the first a
     warning, then a summary every few seconds), and a step that then runs for
     ``healthy_after_s`` logs that the loop recovered.
@@ -326,7 +327,7 @@ async def supervise(
         except BlueMarbleError as e:
             if not e.retryable:
                 log.error("loop step failed; restarting", loop=name, error=str(e))
-            elif isinstance(e, PeerStopping) or (quiet is not None and quiet()):
+            elif isinstance(e, PeerStopping | SelfStalled) or (quiet is not None and quiet()):
                 log.info("loop step failed; restarting", loop=name, error=str(e))
             else:
                 failures.failed(name, clock.monotonic_s(), "loop step failed; restarting", loop=name, error=str(e))

@@ -52,10 +52,13 @@ async def eventually(condition: Callable[[], bool | Awaitable[bool]], timeout_s:
         await asyncio.sleep(0.1)
 
 
-def start(cluster: ProcessCluster, nodes: dict[str, str], replication_factor: int, shards: int = 8) -> None:
-    cluster.start_control_plane(
-        "--lease-ttl-s", str(TTL_S), "--replication-factor", str(replication_factor), "--shards", str(shards)
-    )
+def start(
+    cluster: ProcessCluster, nodes: dict[str, str], replication_factor: int, shards: int = 8, control_planes: int = 1
+) -> None:
+    for _ in range(control_planes):
+        cluster.start_control_plane(
+            "--lease-ttl-s", str(TTL_S), "--replication-factor", str(replication_factor), "--shards", str(shards)
+        )
     for node, zone in nodes.items():
         cluster.start_node(node, zone)
 
@@ -207,7 +210,7 @@ async def test_a_primary_paused_past_the_ttl_refuses_strong_writes_when_it_resum
     process_cluster: ProcessCluster,
 ) -> None:
     nodes = {"n1": "z1", "n2": "z2", "n3": "z3"}
-    start(process_cluster, nodes, replication_factor=3)
+    start(process_cluster, nodes, replication_factor=3, control_planes=2)
     await eventually(settled(process_cluster, 8, 3), 40, "every shard to be served, placement settled")
     async with RoutingClient(process_cluster.control_planes) as client:
         await client.wait_ready(20)
@@ -221,6 +224,7 @@ async def test_a_primary_paused_past_the_ttl_refuses_strong_writes_when_it_resum
         during = {f"during-{p}": (p, [f"{p}-y"], 7) for p in players}
         await grant_all(client, during)
         incarnation = node_call(process_cluster.node_addresses[victim])
+        logged_before = len(process_cluster.log_text(victim).splitlines())
         process_cluster.process(victim).signal(signal.SIGCONT)
         # Straight to the resumed node, as a client with a stale cache would: refused,
         # at the old epoch always, and at "whatever epoch you have" until it registers again.
@@ -251,6 +255,12 @@ async def test_a_primary_paused_past_the_ttl_refuses_strong_writes_when_it_resum
             await asyncio.sleep(0.05)
         assert refused >= 10
         await assert_exactly_once(client, {**before, **during, **accepted})
+        # The resumed node says it was the one that stopped, and blames no control-plane
+        # replica for the silence of its streams meanwhile (nor moves away from one).
+        resumed_log = process_cluster.log_text(victim).splitlines()[logged_before:]
+        assert any("this process did not run for a while" in line for line in resumed_log), resumed_log[:20]
+        blamed = [line for line in resumed_log if "may be hung" in line or "moving to another control-plane" in line]
+        assert not blamed, blamed
 
 
 async def test_a_primary_restarted_at_once_loses_its_shards_and_catches_up(process_cluster: ProcessCluster) -> None:

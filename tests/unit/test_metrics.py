@@ -29,6 +29,7 @@ EXPOSED = {
     "bluemarble_replication_lag_entries": ("gauge", ("shard",)),
     "bluemarble_replication_lag_seconds": ("gauge", ("shard",)),
     "bluemarble_gc_pause_seconds": ("histogram", ("generation",)),
+    "bluemarble_event_loop_stalls_total": ("counter", ()),
 }
 
 
