@@ -5,8 +5,8 @@ Why: after such a stall every timer fires at once, and each timeout looks like a
 fault. A shard node resumed from SIGSTOP logged "assignment stream ... delivered nothing
 for 3 s (the replica may be hung)" and moved its streams away from a healthy
 control-plane replica. A :class:`LoopWatch` ticks every :data:`TICK_S` on the event
-loop; a tick late by :data:`STALL_S` or more is a stall: logged once, as a warning with
-its length, counted in ``bluemarble_event_loop_stalls_total``, and remembered, so that a
+loop; a tick late by :data:`STALL_S` or more is a stall: logged once with its length (a
+warning from :data:`WARN_S`), counted in ``bluemarble_event_loop_stalls_total``, and remembered, so that a
 timeout overlapping it is reported as this process's (:func:`stalled_within`,
 :class:`~bluemarble.core.errors.SelfStalled`) and the peer is not blamed.
 
@@ -29,6 +29,10 @@ TICK_S = 0.25
 STALL_S = 1.0
 """A tick this much later than due is a stall (an event loop busy for a second is one
 too: nothing else ran meanwhile)."""
+WARN_S = 2.0
+"""Stalls this long are warnings (as long as the shortest lease TTL: a node's lease may
+have expired in one); shorter ones are logged at info (a busy machine starves a process
+for a second now and then)."""
 
 
 class LoopWatch:
@@ -44,7 +48,9 @@ class LoopWatch:
         self.last_stall_end_s = float("-inf")
 
     async def run(self) -> None:
-        """Ticks until cancelled."""
+        """Ticks until cancelled (from its first turn: a process's start-up, before the
+        loop first runs the watch, is no stall)."""
+        self.last_tick_s = self._clock.monotonic_s()
         while True:
             await self._clock.sleep(self.tick_s)
             self.tick(self._clock.monotonic_s())
@@ -62,7 +68,7 @@ class LoopWatch:
         from bluemarble.runtime import metrics  # not at import: tools need not load prometheus-client
 
         metrics.EVENT_LOOP_STALLS.inc()
-        log.warning(
+        (log.warning if stalled_s >= WARN_S else log.info)(
             "this process did not run for a while (paused, frozen or starved of CPU); timeouts it noticed meanwhile "
             "are its own, and its lease may have expired",
             stalled_s=round(stalled_s, 2),

@@ -25,9 +25,23 @@ def test_a_late_tick_is_a_stall_logged_once_with_its_length() -> None:
         assert watch.tick(100.5 + 0.9) == 0.0  # late, but under a second: not a stall
         assert watch.tick(101.4 + 0.25 + 5.0) == pytest.approx(5.25)  # SIGSTOPped for about 5 s
         assert watch.tick(106.9) == 0.0
-    assert watch.stalls == 1
-    [warning] = [e for e in logs if e["log_level"] == "warning"]
-    assert "did not run" in warning["event"] and warning["stalled_s"] == 5.25
+        assert watch.tick(106.9 + 0.25 + 1.2) == pytest.approx(1.45)  # starved: a short stall
+    assert watch.stalls == 2
+    [warning, note] = [e for e in logs if "did not run" in e["event"]]
+    assert (warning["log_level"], warning["stalled_s"]) == ("warning", 5.25)
+    assert (note["log_level"], note["stalled_s"]) == ("info", 1.45)
+
+
+async def test_start_up_before_the_watch_first_runs_is_no_stall() -> None:
+    clock = FakeClock(start_s=100.0)
+    watch = stalls.LoopWatch(clock)
+    await clock.advance(5.0)  # a process's synchronous start-up
+    task = asyncio.create_task(watch.run())
+    await asyncio.sleep(0)
+    await clock.advance(0.25)
+    await asyncio.sleep(0)
+    task.cancel()
+    assert watch.stalls == 0 and watch.stalled_within(3.0) == 0.0
 
 
 def test_stalled_within_covers_a_stall_just_ended_and_one_not_yet_ticked() -> None:
