@@ -112,6 +112,11 @@ MAX_SNAPSHOT_BYTES = 256 << 20
 loop (about 150 MB/s here; it is installed in batches): bigger ones would stall the node
 past its heartbeats, lose its lease and fail its shards over, again at each try. Shards
 are kept under it by :data:`~bluemarble.core.limits.MAX_SHARD_DATA_BYTES`."""
+SNAPSHOT_COPIES_AT_ONCE = 2
+"""Snapshots a replica fetches and installs at once; the others wait their turn. A node
+that rejoined empty was sent 24 copies of 20-25 MB at once: all of them in memory, and
+every turn of its event loop ran a batch of each, so heartbeats' answers waited past
+their timeout. A new primary's catch-up does not wait for these."""
 SNAPSHOT_TIMEOUT_S = 60.0
 EMPTY_READY_SETTLE_S = 3.0
 """A node that holds no shard is ready only this long (at least a heartbeat interval)
@@ -224,6 +229,7 @@ class DataPlane:
         self._seq = itertools.count()
         self._pending_writes: list[tuple[ShardState, int, shardnode_pb2.WriteOp, asyncio.Future[WriteResult]]] = []
         self._snapshot_slot = asyncio.Semaphore(1)
+        self._copy_slots = asyncio.Semaphore(SNAPSHOT_COPIES_AT_ONCE)
         self._snapshot_failures = retry.FailureLog()  # one warning per shard, then summaries
         self._flush_scheduled = False
         # Grouping commits pays when a commit costs an fsync (synchronous=FULL); with
@@ -1266,7 +1272,8 @@ class DataPlane:
         async def run() -> None:
             key = f"snapshot {state.shard_id}"
             try:
-                await self._install_snapshot(state, source, epoch)
+                async with self._copy_slots:
+                    await self._install_snapshot(state, source, epoch)
                 state.snapshot_failures = 0
                 self._snapshot_failures.recovered(key, self._clock.monotonic_s(), "snapshot installed")
             except BlueMarbleError as e:

@@ -775,9 +775,10 @@ class Reconciler:
                 if m in leases
             )
         ]
+        reregistered = len(restamp)
         restamp += [shard for shard in self._retained_changes(plan) if shard not in restamp]
         if plan.changed or restamp:
-            await self._write(leadership, plan, restamp, leases)
+            await self._write(leadership, plan, restamp, leases, reregistered)
         elif plan.converged and not copying and not promotions.waiting and not any(self._retained_now.values()):
             # A round planned around replicas still copying is not settled: their copies
             # finishing changes nothing in etcd, and the moves held for them (a drain's
@@ -1285,10 +1286,13 @@ class Reconciler:
         plan: PlacementPlan,
         restamp: Sequence[ShardId] = (),
         leases: dict[NodeId, int] | None = None,
+        reregistered: int = 0,
     ) -> None:
         """Writes the records of ``plan.changed`` and ``restamp``, each member stamped
         with its registration in ``leases`` (as observed when the round was planned: a
-        node that registers again meanwhile is seen as a new incarnation next round)."""
+        node that registers again meanwhile is seen as a new incarnation next round). The
+        first ``reregistered`` of ``restamp`` are written for members that registered
+        again, the others for the copies they keep (``retained``)."""
         order = {shard: i for i, shard in enumerate(plan.assignments)}
         changed: Sequence[ShardId] = sorted({*plan.changed, *restamp}, key=order.__getitem__)
         leases = leases or {}
@@ -1326,8 +1330,10 @@ class Reconciler:
                 return
             self.writes += 1
             last_revision = result.revision
-        if restamp:
-            log.info("recorded the new registrations of members that registered again", shards=len(restamp))
+        if reregistered:
+            log.info("recorded the new registrations of members that registered again", shards=reregistered)
+        if len(restamp) > reregistered:
+            log.info("recorded the copies kept through handoffs, or released", shards=len(restamp) - reregistered)
         for move in plan.moves:
             log.info(
                 "placement move",

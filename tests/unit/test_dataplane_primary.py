@@ -406,3 +406,59 @@ async def test_a_fence_during_an_install_leaves_the_shard_empty(
     assert (meta.last, meta.synced, meta.fenced_epoch) == (ZERO, False, 3)
     assert storage.inventory(state.shard_id, PlayerId("p1")) is None and storage.item_owner("i1-a") is None
     assert (state.last, state.synced) == (ZERO, False)
+
+
+async def test_a_replica_copies_two_snapshots_at_a_time(primary, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A node that rejoined empty was sent 24 snapshots at once: all in memory together,
+    and every turn of its loop ran a batch of each. Two at a time; the others wait."""
+    dp, _, storage = primary
+    _, snapshot = await _replica_to_install(dp, tmp_path)
+    gate = asyncio.Event()
+    asked: list[str] = []
+
+    class GatedStub(_SnapshotStub):
+        def GetSnapshot(self, request: shardnode_pb2.GetSnapshotRequest, timeout: float) -> AsyncIterator[
+                shardnode_pb2.SnapshotChunk]:
+            asked.append(request.shard_id)
+
+            async def chunks() -> AsyncIterator[shardnode_pb2.SnapshotChunk]:
+                await gate.wait()
+                yield shardnode_pb2.SnapshotChunk(shard_id=request.shard_id, last=self.last, data=self.data, done=True)
+            return chunks()
+
+    stubs: dict[str, _SnapshotStub] = {}
+    states = []
+    for i in range(5):
+        copy = shardnode_pb2.ShardSnapshot()
+        copy.CopyFrom(snapshot)
+        copy.shard_id = f"shard-{20 + i}"
+        stubs[copy.shard_id] = GatedStub(copy)
+        state = dp._state(ShardId(copy.shard_id))
+        state.role, state.epoch, state.primary = dataplane_module.REPLICA, 2, "n2"
+        states.append(state)
+    dp._peer_stub = lambda node: _Router(stubs)  # type: ignore[method-assign, assignment, return-value]
+    for state in states:
+        dp._start_snapshot(state, NodeId("n2"), 2)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(asked) == dataplane_module.SNAPSHOT_COPIES_AT_ONCE == 2
+    assert all(state.snapshotting for state in states)  # the waiting ones refuse entries meanwhile
+    gate.set()
+    for _ in range(500):
+        if all(state.synced for state in states):
+            break
+        await asyncio.sleep(0.01)
+    assert len(asked) == 5 and all(state.synced and state.last == LogPosition(2, 40) for state in states)
+    assert not any(state.snapshotting for state in states)
+    assert storage.inventory(ShardId("shard-24"), PlayerId("p3")) == (["i3-a", "i3-b"], 3)
+
+
+class _Router:
+    """Routes GetSnapshot by shard to the stub holding that shard's snapshot."""
+
+    def __init__(self, stubs: dict[str, _SnapshotStub]) -> None:
+        self.stubs = stubs
+
+    def GetSnapshot(self, request: shardnode_pb2.GetSnapshotRequest, timeout: float) -> AsyncIterator[
+            shardnode_pb2.SnapshotChunk]:
+        return self.stubs[request.shard_id].GetSnapshot(request, timeout)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import structlog
 
 from bluemarble.api.conversions import assignment_to_proto
 from bluemarble.core.ids import NodeId, ShardId, shard_id
@@ -864,9 +865,14 @@ async def test_a_live_replica_a_plan_drops_is_retained_until_its_primary_stops_c
         assert "n3" in after[k].replicas and after[k].primary == placed[k].primary, after[k]
         assert list(after[k].retained) == gone, after[k]  # live, but counted by the primary
     world.probe.counting = {}  # the primaries applied the new records
-    await world.clock.advance(2.0)
+    with structlog.testing.capture_logs() as logs:
+        await world.clock.advance(2.0)
     final = world.assignments()
     assert not any(final[k].retained for k in moved), [final[k] for k in moved]
+    # Said as what it is: no member registered again.
+    events = [e["event"] for e in logs]
+    assert "recorded the copies kept through handoffs, or released" in events, events
+    assert "recorded the new registrations of members that registered again" not in events, events
     assert all(final[k].replicas == after[k].replicas for k in moved)
     beating.cancel()
     await reconciler.stop()
