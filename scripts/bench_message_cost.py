@@ -1,5 +1,6 @@
 """What one message costs on this machine: a round trip on a grpc.aio stream, side by side
-with the same round trip on a plain asyncio TCP socket, one message in flight.
+with the same round trip as a grpc.aio unary call and on a plain asyncio TCP socket, one
+message in flight.
 
 Each transport is measured twice:
 
@@ -57,9 +58,14 @@ async def serve_grpc(port: int) -> None:
         async for message in requests:
             yield message
 
+    async def unary(request: bytes, _context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        return request
+
     handler = grpc.method_handlers_generic_handler(SERVICE, {
         "Stream": grpc.stream_stream_rpc_method_handler(echo, request_deserializer=_identity,
-                                                        response_serializer=_identity)})
+                                                        response_serializer=_identity),
+        "Unary": grpc.unary_unary_rpc_method_handler(unary, request_deserializer=_identity,
+                                                     response_serializer=_identity)})
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -124,6 +130,22 @@ async def grpc_round_trips(port: int) -> tuple[Callable[[], Awaitable[None]], Ca
     return round_trip, close
 
 
+async def unary_round_trips(port: int) -> tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]:
+    """A unary call a round trip: one batch of operations, one completion, on each side
+    (a stream's round trip is a write's completion and a read's)."""
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    await asyncio.wait_for(channel.channel_ready(), 10)
+    call = channel.unary_unary(f"/{SERVICE}/Unary", request_serializer=_identity, response_deserializer=_identity)
+
+    async def round_trip() -> None:
+        await call(PAYLOAD)
+
+    async def close() -> None:
+        await channel.close(None)
+
+    return round_trip, close
+
+
 async def raw_round_trips(port: int) -> tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]:
     for _ in range(100):
         try:
@@ -147,7 +169,11 @@ async def raw_round_trips(port: int) -> tuple[Callable[[], Awaitable[None]], Cal
 
 
 async def bench(rate: float, count: int) -> dict[str, dict[str, float]]:
-    transports = (("grpc.aio stream", "grpc", grpc_round_trips), ("asyncio TCP", "raw", raw_round_trips))
+    transports = (
+        ("grpc.aio stream", "grpc", grpc_round_trips),
+        ("grpc.aio unary", "grpc", unary_round_trips),
+        ("asyncio TCP", "raw", raw_round_trips),
+    )
     # Both servers start before this process makes any gRPC object (no fork under gRPC's threads).
     servers = []
     for _, kind, _ in transports:

@@ -10,11 +10,12 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_message_cost.py"
 
 
-def test_it_measures_both_transports_idle_and_back_to_back() -> None:
+def test_it_measures_each_transport_idle_and_back_to_back() -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), "--rate", "500", "--count", "100", "--json"],
                           capture_output=True, text=True, timeout=120, check=True)
     results = json.loads(done.stdout)
     assert set(results) == {"grpc.aio stream, back to back", "grpc.aio stream, at 500/s",
+                            "grpc.aio unary, back to back", "grpc.aio unary, at 500/s",
                             "asyncio TCP, back to back", "asyncio TCP, at 500/s"}
     for name, figures in results.items():
         assert figures["client_us"] > 0 and figures["server_us"] > 0, (name, figures)
