@@ -1316,6 +1316,7 @@ class DataPlane:
             raise CorruptRecord(f"snapshot of {state.shard_id} from {source} does not decode") from e
         size = len(data)
         del data
+        fetched_s = self._clock.monotonic_s()
         self._check_install(state, epoch)
         # In batches, one transaction each, yielding the loop between them: heartbeats and
         # the other shards go on. From the first, this node holds no copy of the shard
@@ -1349,6 +1350,8 @@ class DataPlane:
             last=str(meta.last),
             bytes=size,
             took_s=round(self._clock.monotonic_s() - started_s, 3),
+            fetch_s=round(fetched_s - started_s, 3),  # the source's queue, its build, the transfer, the decode
+            install_s=round(self._clock.monotonic_s() - fetched_s, 3),
         )
 
     def _check_install(self, state: ShardState, epoch: int) -> None:
