@@ -96,8 +96,16 @@ def start(clock: Clock | None = None) -> asyncio.Task[None]:
     """Starts this process's watch on the running loop (the one :func:`stalled_within`
     asks) and returns its task; cancel it to stop."""
     global _watch
-    _watch = LoopWatch(clock)
-    return asyncio.get_running_loop().create_task(_watch.run(), name="loop-watch")
+    watch = _watch = LoopWatch(clock)
+    task = asyncio.get_running_loop().create_task(watch.run(), name="loop-watch")
+
+    def forget(_: asyncio.Task[None]) -> None:
+        global _watch
+        if _watch is watch:  # a stopped watch's last tick would read as a stall forever
+            _watch = None
+
+    task.add_done_callback(forget)
+    return task
 
 
 def stalled_within(window_s: float) -> float:

@@ -5,6 +5,7 @@ its own, not its peers' (SelfStalled: logged at info, no move to another replica
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -129,3 +130,12 @@ async def test_supervise_logs_a_self_stalled_failure_at_info() -> None:
         await asyncio.wait_for(task, 1)
     levels = [e["log_level"] for e in logs if e["event"] == "loop step failed; restarting"]
     assert levels == ["info", "warning"]
+
+
+async def test_a_stopped_watch_is_forgotten() -> None:
+    task = stalls.start(FakeClock())
+    assert stalls._watch is not None
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert stalls._watch is None and stalls.stalled_within(3.0) == 0.0
