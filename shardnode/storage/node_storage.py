@@ -76,9 +76,9 @@ DEFAULT_PRUNE_MAX_ROWS = 100_000
 INSTALL_BATCH_ROWS = 2_000
 INSTALL_BATCH_BYTES = 1 << 20
 """What one transaction of a snapshot install inserts at most (:class:`SnapshotInstall`):
-10-30 ms of a node's event loop here, so heartbeats and other shards' writes go on
-between them (one 20 MB snapshot in one transaction held the loop 0.5 s; eight at once
-cost a node its lease)."""
+7-56 ms of a node's event loop here, so heartbeats and other shards' writes go on between
+them (one 20 MB snapshot in one transaction held the loop 0.5 s; eight at once cost a
+node its lease)."""
 INSTALLING = "installing "
 """``node_meta`` key prefix (then the shard id) of a snapshot install under way: a node
 that restarts with one drops the shard's partial rows (the primary sends it again)."""
@@ -284,8 +284,11 @@ class SnapshotInstall:
         storage = self._storage
         with storage._write_txn() as txn:
             conn = storage._conn
-            for statement, rows in self._batches[self._next:]:
-                conn.executemany(statement, rows)
+            try:
+                for statement, rows in self._batches[self._next:]:
+                    conn.executemany(statement, rows)
+            except sqlite3.IntegrityError as e:
+                raise CorruptRecord(f"the snapshot of {self.shard} lists a row twice") from e
             self._next = len(self._batches)
             conn.executemany(apply.INSERT_ENTRY, snapshots.tail_rows(self.shard, self._snapshot))
             schema.delete_meta(conn, INSTALLING + self.shard)
