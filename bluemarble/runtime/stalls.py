@@ -6,9 +6,10 @@ fault. A shard node resumed from SIGSTOP logged "assignment stream ... delivered
 for 3 s (the replica may be hung)" and moved its streams away from a healthy
 control-plane replica. A :class:`LoopWatch` ticks every :data:`TICK_S` on the event
 loop; a tick late by :data:`STALL_S` or more is a stall: logged once with its length (a
-warning from :data:`WARN_S`), counted in ``bluemarble_event_loop_stalls_total``, and remembered, so that a
-timeout overlapping it is reported as this process's (:func:`stalled_within`,
-:class:`~bluemarble.core.errors.SelfStalled`) and the peer is not blamed.
+warning from :data:`WARN_S`), counted in ``bluemarble_event_loop_stalls_total``, and
+remembered, so that a timeout overlapping it is reported as this process's
+(:func:`stalled_within`, :class:`~bluemarble.core.errors.SelfStalled`) and the peer is
+not blamed.
 
 Every server process runs one (:func:`bluemarble.runtime.event_loop.run`); elsewhere
 (tools, a game server's routing client) :func:`stalled_within` answers 0.0 and nothing

@@ -307,9 +307,9 @@ class SnapshotInstall:
             return
         storage = self._storage
         storage._installs.pop(self.shard, None)
-        with storage._write_txn():
-            storage._delete_shard_rows(self.shard)
-            schema.delete_meta(storage._conn, INSTALLING + self.shard)
+        with storage._write_txn() as txn:
+            storage._empty_shard(txn, self.shard)
+            txn.dirty.add(self.shard)
 
     def _check_current(self) -> None:
         if not self.current:
@@ -838,10 +838,8 @@ class NodeStorage:
             shard, snapshot, max_rows or INSTALL_BATCH_ROWS, max_bytes or INSTALL_BATCH_BYTES
         )
         with self._write_txn() as txn:
-            self._delete_shard_rows(shard)
+            self._empty_shard(txn, shard)
             schema.put_meta(self._conn, INSTALLING + shard, str(last))
-            row = txn.row(shard)
-            row.last_epoch, row.last_lsn, row.first_lsn, row.synced = 0, 0, 1, False
             txn.dirty.add(shard)
         install = self._installs[shard] = SnapshotInstall(self, shard, snapshot, last, fenced_epoch, batches)
         return install
@@ -863,10 +861,7 @@ class NodeStorage:
             shards = [ShardId(key[len(INSTALLING):]) for key in schema.meta_keys(self._conn, INSTALLING)]
         for shard in shards:
             with self._write_txn() as txn:
-                self._delete_shard_rows(shard)
-                schema.delete_meta(self._conn, INSTALLING + shard)
-                row = txn.row(shard)
-                row.last_epoch, row.last_lsn, row.first_lsn, row.synced = 0, 0, 1, False
+                self._empty_shard(txn, shard)
                 txn.dirty.add(shard)
             log.warning("dropped a snapshot a restart interrupted; the shard is copied again from its primary",
                         shard=shard, path=str(self._path))
@@ -877,16 +872,22 @@ class NodeStorage:
         after dropping and re-adding the shard). A shard never fenced disappears entirely."""
         self._installs.pop(shard, None)
         with self._write_txn() as txn:
-            self._delete_shard_rows(shard)
-            schema.delete_meta(self._conn, INSTALLING + shard)
-            row = txn.row(shard)
-            row.last_epoch, row.last_lsn, row.first_lsn, row.synced = 0, 0, 1, False
+            row = self._empty_shard(txn, shard)
             if row.fenced:
                 txn.dirty.add(shard)
             else:
                 self._conn.execute("DELETE FROM shards WHERE shard_id = ?", (shard,))
                 txn.rows.pop(shard)
                 txn.forget.add(shard)
+
+    def _empty_shard(self, txn: _Txn, shard: ShardId) -> _ShardRow:
+        """Deletes the shard's rows and any install marker, and resets its position to
+        "holds nothing" (the fence stays); returns its row, not yet marked dirty."""
+        self._delete_shard_rows(shard)
+        schema.delete_meta(self._conn, INSTALLING + shard)
+        row = txn.row(shard)
+        row.last_epoch, row.last_lsn, row.first_lsn, row.synced = 0, 0, 1, False
+        return row
 
     def _delete_shard_rows(self, shard: ShardId) -> None:
         for table in schema.SHARD_TABLES:

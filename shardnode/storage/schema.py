@@ -291,9 +291,14 @@ def claim_node_id(conn: sqlite3.Connection, data_dir: str, node_id: str) -> None
 CLUSTER_UID_KEY = "cluster_uid"
 
 
+def _has_node_meta(conn: sqlite3.Connection) -> bool:
+    found = conn.execute("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'node_meta'").fetchone()
+    return found is not None
+
+
 def read_meta(conn: sqlite3.Connection, key: str) -> str:
     """A value of ``node_meta`` ("" when absent, or when the table is not there yet)."""
-    if conn.execute("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'node_meta'").fetchone() is None:
+    if not _has_node_meta(conn):
         return ""
     found = conn.execute("SELECT value FROM node_meta WHERE key = ?", (key,)).fetchone()
     return "" if found is None else str(found[0])
@@ -310,13 +315,13 @@ def put_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
 
 def delete_meta(conn: sqlite3.Connection, key: str) -> None:
     """Removes a value of ``node_meta`` inside the caller's transaction (none: no-op)."""
-    conn.execute(_NODE_META)
-    conn.execute("DELETE FROM node_meta WHERE key = ?", (key,))
+    if _has_node_meta(conn):
+        conn.execute("DELETE FROM node_meta WHERE key = ?", (key,))
 
 
 def meta_keys(conn: sqlite3.Connection, prefix: str) -> list[str]:
     """The keys of ``node_meta`` that begin with ``prefix``, sorted."""
-    if conn.execute("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'node_meta'").fetchone() is None:
+    if not _has_node_meta(conn):
         return []
     return [str(k) for (k,) in conn.execute("SELECT key FROM node_meta ORDER BY key") if str(k).startswith(prefix)]
 

@@ -129,6 +129,7 @@ def install_batches(
         ("item", items, slice(1, 2)),
         ("value", values, slice(1, 4)),
         ("request", requests, slice(1, 2)),
+        ("trade", trade_rows, slice(1, 2)),
     ):
         if len({row[key] for row in rows}) != len(rows):
             raise CorruptRecord(f"the snapshot of {shard} lists a {what} twice")

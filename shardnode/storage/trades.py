@@ -477,17 +477,13 @@ def install_rows(
     """A snapshot's trade records as rows of ``trades`` and of ``escrows`` (the PREPARED
     ones' escrows, rebuilt from their legs), for :data:`INSERT_TRADE` and
     :data:`INSERT_ESCROW` into ``shard`` once its rows are deleted. Raises CorruptRecord
-    for a record listed twice or malformed, before anything is written."""
+    for a malformed record (one listed twice: :func:`~shardnode.storage.snapshots.install_batches`)."""
     trade_rows: list[tuple[object, ...]] = []
     escrow_rows: list[tuple[object, ...]] = []
-    seen: set[str] = set()
     for r in records:
         state = _STATE_OF_PROTO.get(r.state)
         if state is None or not r.trade_id:
             raise CorruptRecord(f"the snapshot of {shard} carries a trade record without id or state")
-        if r.trade_id in seen:
-            raise CorruptRecord(f"the snapshot of {shard} lists trade {echo(r.trade_id)} twice")
-        seen.add(r.trade_id)
         leg = leg_from_proto(r.trade_id, r.leg) if r.HasField("leg") else None
         if state is TradeState.PREPARED and leg is None:
             raise CorruptRecord(f"the snapshot of {shard} carries PREPARED trade {echo(r.trade_id)} without leg")
