@@ -34,6 +34,9 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
+from google.protobuf.wrappers_pb2 import BytesValue
+
+from bluemarble.runtime import frames
 from bluemarble.runtime.event_loop import run as run_loop
 
 SERVICE = "bluemarble.bench.Echo"
@@ -83,6 +86,18 @@ async def serve_raw(port: int) -> None:
 
     server = await asyncio.start_server(connection, "127.0.0.1", port)
     await server.serve_forever()
+
+
+async def serve_frames(port: int) -> None:
+    """The framed transport of the Calls and Replicate streams (bluemarble.runtime.frames)."""
+    async def echo(requests: AsyncIterator[BytesValue], _context: object) -> AsyncIterator[BytesValue]:
+        async for message in requests:
+            yield message
+
+    server = frames.FrameServer({f"/{SERVICE}/Stream": frames.Method(echo, BytesValue.FromString)},
+                                max_request_bytes=1 << 20)
+    await server.start("127.0.0.1", port)
+    await asyncio.Event().wait()
 
 
 def server_cpu_ns(pid: int) -> int:
@@ -168,11 +183,33 @@ async def raw_round_trips(port: int) -> tuple[Callable[[], Awaitable[None]], Cal
     return round_trip, close
 
 
+async def frames_round_trips(port: int) -> tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]:
+    for _ in range(100):
+        try:
+            call = await frames.FrameCall.open(f"127.0.0.1:{port}", port, f"/{SERVICE}/Stream", BytesValue.FromString)
+            break
+        except OSError:
+            await asyncio.sleep(0.1)
+    else:
+        raise SystemExit(f"the framed echo server on port {port} did not start")
+    message = BytesValue(value=PAYLOAD)
+
+    async def round_trip() -> None:
+        await call.write(message)
+        await call.read()
+
+    async def close() -> None:
+        call.cancel()
+
+    return round_trip, close
+
+
 async def bench(rate: float, count: int) -> dict[str, dict[str, float]]:
     transports = (
         ("grpc.aio stream", "grpc", grpc_round_trips),
         ("grpc.aio unary", "grpc", unary_round_trips),
         ("asyncio TCP", "raw", raw_round_trips),
+        ("framed (frames.py)", "frames", frames_round_trips),
     )
     # Both servers start before this process makes any gRPC object (no fork under gRPC's threads).
     servers = []
@@ -199,11 +236,12 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=200.0, help="round trips per second of the idle-between phase")
     p.add_argument("--count", type=int, default=1000, help="round trips at that rate (five times as many back to back)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--serve", choices=("grpc", "raw"), help=argparse.SUPPRESS)
+    p.add_argument("--serve", choices=("grpc", "raw", "frames"), help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve:
-        run_loop(serve_grpc(args.port) if args.serve == "grpc" else serve_raw(args.port))
+        serve = {"grpc": serve_grpc, "raw": serve_raw, "frames": serve_frames}[args.serve]
+        run_loop(serve(args.port))
         return
     if not 1 <= args.rate <= 5000 or not 100 <= args.count <= 1_000_000:
         raise SystemExit("--rate must be within 1-5000 and --count within 100-1000000")

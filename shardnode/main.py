@@ -28,7 +28,7 @@ from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.ring_router import RingRouter
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError, InvalidArgument, Unavailable
-from bluemarble.runtime import auth, background, event_loop, logs, metrics, retry, tls, tracing
+from bluemarble.runtime import auth, background, event_loop, frames, logs, metrics, retry, tls, tracing
 from bluemarble.runtime.channels import checked_addresses
 from bluemarble.runtime.grpc_server import Server, ServiceBinding, build_server
 from bluemarble.runtime.settings import EnvArgumentParser
@@ -76,6 +76,7 @@ class NodeSettings:
     trade_escrow_timeout_s: float = DEFAULT_ESCROW_TIMEOUT_S
     leave_timeout_s: float = DEFAULT_LEAVE_TIMEOUT_S
     control_plane_identity: tuple[str, ...] = (auth.CONTROL_PLANE_IDENTITY,)
+    frames_port: int = 0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, str, str]:
@@ -83,6 +84,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
     p.add_flag("--node-id", required=True, help="this node's unique id (1..128 bytes)")
     p.add_flag("--listen", default="127.0.0.1:7101", help="gRPC listen address host:port")
     p.add_flag("--advertise", default="", help="address others use to reach this node (default --listen)")
+    p.add_flag(
+        "--frames-port",
+        default=0,
+        type=int,
+        help="port of the framed listener (on the --listen host) that carries the Calls and Replicate streams "
+        "for less CPU than gRPC; 0: a free port; -1: none (those streams stay on gRPC)",
+    )
     p.add_flag("--control-plane", default="127.0.0.1:7000", help="control-plane addresses, comma-separated")
     p.add_flag("--data-dir", required=True, help="directory for this node's storage")
     p.add_flag("--region", default="", help="region label")
@@ -146,6 +154,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
             )
         if not 0 <= args.leave_timeout_s <= 3600:
             raise InvalidArgument(f"--leave-timeout-s is {args.leave_timeout_s}; give 0 <= seconds <= 3600")
+        if not -1 <= args.frames_port <= 65535:
+            raise InvalidArgument(f"--frames-port is {args.frames_port}; give a port, 0 (a free one) or -1 (none)")
     except BlueMarbleError as e:
         p.error(str(e))
     tls_config = tls.config_from_flags(p, args, server=True)
@@ -176,6 +186,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
         trade_escrow_timeout_s=args.trade_escrow_timeout_s,
         leave_timeout_s=args.leave_timeout_s,
         control_plane_identity=tuple(identities),
+        frames_port=args.frames_port,
     )
     # Process-wide from here on: the ShardNode server (mutual TLS with a CA: only clients
     # holding a certificate the CA signed get in) and every channel the node opens.
@@ -222,6 +233,7 @@ async def run(settings: NodeSettings) -> int:
     holder: list[DataPlane] = []
     participants: list[Participant] = []
     agents: list[NodeAgent] = []
+    framed: list[frames.FrameServer] = []
     service = ShardNodeService(
         settings.node_id,
         lambda: agents[0].shard_statuses() if agents else [],
@@ -232,6 +244,7 @@ async def run(settings: NodeSettings) -> int:
             auth.control_plane_identities(settings.control_plane, settings.control_plane_identity),
             lambda name: bool(holder) and holder[0].is_member(name),
         ),
+        lambda: framed[0].port if framed else 0,
     )
     server = await build_server(
         settings.listen,
@@ -247,6 +260,17 @@ async def run(settings: NodeSettings) -> int:
     )
     host = settings.listen.rsplit(":", 1)[0]
     address = settings.advertise or f"{host}:{server.port}"
+    if settings.frames_port >= 0:
+        frame_server = frames.FrameServer(
+            {
+                f"/{SHARD_NODE_SERVICE}/Calls": frames.Method(service.Calls, shardnode_pb2.NodeCalls.FromString),
+                f"/{SHARD_NODE_SERVICE}/Replicate": frames.Method(
+                    service.Replicate, shardnode_pb2.ReplicateBatch.FromString),
+            },
+            max_request_bytes=limits.SHARD_NODE_MAX_REQUEST_BYTES,
+        )
+        await frame_server.start(host, settings.frames_port)
+        framed.append(frame_server)
     agent = NodeAgent(
         NodeIdentity(settings.node_id, address, settings.region, settings.zone, settings.capacity),
         client,
@@ -279,6 +303,7 @@ async def run(settings: NodeSettings) -> int:
         address=address,
         control_plane=",".join(settings.control_plane),
         data_dir=str(settings.data_dir),
+        frames_port=framed[0].port if framed else None,
         synchronous=settings.synchronous,
         trade_escrow_timeout_s=settings.trade_escrow_timeout_s,
     )
@@ -298,6 +323,8 @@ async def run(settings: NodeSettings) -> int:
         service.close_streams()  # callers' Calls streams end once their calls in flight are answered
         with contextlib.suppress(Exception):
             await server.stop_gracefully(2.0)
+        for frame_server in framed:
+            await frame_server.stop()
         await participant.stop()
         await dataplane.stop()
         storage.close()

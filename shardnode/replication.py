@@ -28,7 +28,7 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
@@ -40,7 +40,7 @@ from bluemarble.core.errors import Unavailable
 from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.replication import ZERO, LogPosition
 from bluemarble.core.replication.primary import required_acks_for, resume_point
-from bluemarble.runtime import background, channels, retry
+from bluemarble.runtime import background, channels, frames, retry
 from bluemarble.runtime.clock import Clock, run_with_timeout, wait_event
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
 
@@ -184,7 +184,8 @@ class Shipper:
             self.wake.clear()
             raise Unavailable(f"no address known for replica {self.replica}")
         stub = shardnode_pb2_grpc.ShardNodeStub(self.link.channel(address))  # type: ignore[no-untyped-call]
-        call = stub.Replicate()
+        call = await frames.open_stream(address, "/bluemarble.v1.ShardNode/Replicate",
+                                        shardnode_pb2.ReplicateAck.FromString, stub.Replicate)
         # A new stream knows nothing about where the replica stands.
         for peer in self.peers.values():
             peer.next_lsn = None
@@ -261,7 +262,7 @@ class Shipper:
 
     @staticmethod
     async def _exchange(
-        call: grpc.aio.StreamStreamCall[shardnode_pb2.ReplicateBatch, shardnode_pb2.ReplicateAck],
+        call: Any,  # grpc.aio's stream, or a framed one (bluemarble.runtime.frames)
         batch: shardnode_pb2.ReplicateBatch,
     ) -> shardnode_pb2.ReplicateAck:
         await call.write(batch)

@@ -19,7 +19,7 @@ from bluemarble.core import limits, validation
 from bluemarble.core.errors import InvalidArgument, PermissionDenied, Unavailable
 from bluemarble.core.limits import echo
 from bluemarble.core.trades import Outcome
-from bluemarble.runtime import multiplex
+from bluemarble.runtime import frames, multiplex
 from bluemarble.runtime.auth import COORDINATOR_CALLS, ClusterPeers, deny_other_node
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
 from shardnode.dataplane import DEFAULT_COMMIT_TIMEOUT_S, DataPlane
@@ -50,8 +50,10 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         incarnation: Callable[[], int] = lambda: 0,
         participant: Callable[[], Participant | None] = lambda: None,
         peers: ClusterPeers | None = None,
+        frames_port: Callable[[], int] = lambda: 0,
     ):
         self._node_id = node_id
+        self._frames_port = frames_port
         self._peers = peers or ClusterPeers((), lambda _: True, enabled=False)
         self._statuses = statuses
         self._dataplane = dataplane
@@ -127,6 +129,7 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         self, request_iterator: AsyncIterator[shardnode_pb2.ReplicateBatch], context: Ctx
     ) -> AsyncIterator[shardnode_pb2.ReplicateAck]:
         await self._peers.require_node(context, "Replicate")
+        await context.send_initial_metadata(self._offer())
         names = self._peers.acting_for(context)
         dp = self._dp()
         closer = asyncio.get_running_loop().create_task(self._end_when_closing(context))
@@ -143,6 +146,12 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         finally:
             closer.cancel()
 
+    def _offer(self) -> tuple[tuple[str, str], ...]:
+        """The initial metadata of a Calls or Replicate stream: this node's framed port,
+        when it serves one (bluemarble.runtime.frames)."""
+        port = self._frames_port()
+        return ((frames.PORT_KEY, str(port)),) if port else ()
+
     async def _end_when_closing(self, context: Ctx) -> None:
         """Ends the stream of ``context`` UNAVAILABLE once :meth:`close_streams` is called.
         From its own task: the stream's handler may be waiting for its next message."""
@@ -158,8 +167,9 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         """Player calls multiplexed on one stream (see the proto). Each runs as its own
         task, as its unary RPC would; results finished in the same loop turn share a
         message. The stream ends when the caller half-closes it and every call answered."""
-        # At once, so the caller knows the stream is served before it sends a call.
-        await context.send_initial_metadata(())
+        # At once, so the caller knows the stream is served before it sends a call (and
+        # whether it may carry the calls on this node's framed port instead).
+        await context.send_initial_metadata(self._offer())
         coordinator = self._peers.is_control_plane(context)
 
         async def run(call: shardnode_pb2.NodeCall) -> shardnode_pb2.NodeResult:

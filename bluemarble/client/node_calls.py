@@ -34,7 +34,7 @@ from bluemarble.api.messages import by_size
 from bluemarble.client.control_plane import status_to_error
 from bluemarble.core import errors, limits
 from bluemarble.core.limits import echo
-from bluemarble.runtime import channels
+from bluemarble.runtime import channels, frames
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc, trade_pb2
 
 log = structlog.get_logger(__name__)
@@ -73,6 +73,8 @@ class StreamSpec:
     message_type: Any  # NodeCalls
     error_of: Callable[[str, str, str], errors.BlueMarbleError]  # (code name, details, address)
     closed: str  # why a call on a closed stream fails
+    framed: str = ""  # the method's path when a framed port may carry it (bluemarble.runtime.frames)
+    result_type: Any = None  # NodeResults: what a framed stream's messages parse as
 
 
 def control_plane_error(code: str, details: str, address: str) -> errors.BlueMarbleError:
@@ -84,6 +86,7 @@ def control_plane_error(code: str, details: str, address: str) -> errors.BlueMar
 NODE_CALLS = StreamSpec(
     name="ShardNode.Calls", server="node", open=lambda stub: stub.Calls(), call_type=shardnode_pb2.NodeCall,
     message_type=shardnode_pb2.NodeCalls, error_of=status_error, closed="cancelled (the node left the assignments)",
+    framed="/bluemarble.v1.ShardNode/Calls", result_type=shardnode_pb2.NodeResults,
 )
 TRADE_CALLS = StreamSpec(
     name="TradeCoordinator.ExecuteTrades", server="control plane", open=lambda stub: stub.ExecuteTrades(),
@@ -145,9 +148,9 @@ class CallStream:
         """Opens the stream, sends the outbox as it fills and hands results to their
         callers, until the stream breaks or nothing is pending."""
         self.streams_opened += 1
-        stream = self._spec.open(self._stub)
         reader: asyncio.Future[None] | None = None
         error: errors.BlueMarbleError | None = None
+        stream = await self._open()
         try:
             # The server answers a new stream with its initial metadata at once. Waiting
             # for it tells a server that ends the stream (UNIMPLEMENTED: an older release)
@@ -192,6 +195,18 @@ class CallStream:
                 reader.cancel()
             stream.cancel()
             self._fail_all(error or self._spec.error_of("UNAVAILABLE", "the stream ended", self._address))
+
+    async def _open(self) -> Any:
+        """A new stream: on the node's framed port when it offers one, else gRPC."""
+        spec = self._spec
+        if not spec.framed:
+            return spec.open(self._stub)
+        try:
+            return await frames.open_stream(self._address, spec.framed, spec.result_type.FromString,
+                                            lambda: spec.open(self._stub))
+        except asyncio.CancelledError:
+            self._fail_all(errors.Unavailable(f"call to {spec.server} {self._address} {spec.closed}"))
+            raise
 
     async def _read(self, stream: Any) -> None:
         """Hands each result to its caller; ends with the stream (raising its status)."""

@@ -1,0 +1,602 @@
+"""A framed transport for the cluster's two busiest streams, beside gRPC.
+
+A cross-shard trade at a low rate makes about eight round trips on two internal streams:
+the coordinator's ``ShardNode.Calls`` to the two primaries (prepare, commit) and the
+primaries' ``Replicate`` to their replicas (the escrow, the settlement). When the
+processes go idle between messages, a round trip on a grpc.aio stream costs this machine
+two to three times what it costs on a plain socket (``scripts/bench_message_cost.py``):
+a message wakes gRPC's own threads and its completion queue before the event loop.
+Carried on a plain TCP (or TLS) connection read by the event loop itself, the same
+messages cost a trade several milliseconds less CPU (docs/benchmarks.md).
+
+The gRPC methods stay as they are (grpcurl, other clients and older nodes use them); this
+is a second way to reach the same handlers:
+
+* A node serves the framed listener beside its gRPC port and says so in the initial
+  metadata of those two streams (:data:`PORT_KEY`). A client that opens one over gRPC and
+  sees the key closes it before its first message and dials the framed port on the same
+  host instead; later streams to that address dial it directly. When dialling fails
+  (a firewall, an older node) the client keeps to gRPC for :data:`RETRY_FRAMES_AFTER_S`.
+* One connection carries one stream. Each frame is a 5-byte header (payload length,
+  kind) and a payload: the client's OPEN (method and metadata, JSON), the protobuf
+  MESSAGEs both ways, the client's HALF_CLOSE, and the server's HEADERS (initial metadata)
+  and STATUS (code, details and trailing metadata, as gRPC's). A message is bounded as on
+  gRPC (the server's request limit, :data:`~bluemarble.core.limits.MAX_MESSAGE_BYTES` for
+  answers); a control frame by :data:`MAX_CONTROL_BYTES`.
+* Flow control is TCP's: the server reads a request when the handler asks for it, and
+  both ends wait for their write buffer to drain.
+* TLS: when the process runs with TLS, the connection is TLS with the same certificate,
+  CA and client-certificate rule as the gRPC port, the files re-read as they rotate; the
+  handlers see the peer's certificate names as gRPC's ``auth_context`` gives them, so the
+  same checks (:class:`~bluemarble.runtime.auth.ClusterPeers`) apply.
+* A hung peer: the callers bound each exchange (replication's ack timeout, each call's
+  deadline) as they do on gRPC; a client also sends a PING after :data:`KEEPALIVE_S`
+  without a frame while it waits for one, and ends the stream UNAVAILABLE when no frame
+  arrives within :data:`KEEPALIVE_TIMEOUT_S` more (what gRPC's keepalive does).
+
+The client's calls (:class:`FrameCall`) behave as the subset of ``grpc.aio``'s
+stream-stream call the two clients use, statuses and errors included, so their retry and
+failover rules are the same on either transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+import structlog
+from google.protobuf.message import DecodeError
+
+from bluemarble.core.errors import BlueMarbleError
+from bluemarble.core.limits import MAX_MESSAGE_BYTES, echo
+from bluemarble.runtime import tls
+from bluemarble.runtime.grpc_server import short_message
+
+log = structlog.get_logger(__name__)
+
+EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # (missing from grpc's stubs)
+
+PORT_KEY = "bluemarble-frames-port"
+"""Initial-metadata key by which a node offers its framed port on those streams."""
+
+HEADER = struct.Struct("!IB")  # payload length, kind
+OPEN, HEADERS, MESSAGE, HALF_CLOSE, STATUS, PING, PONG = 1, 2, 3, 4, 5, 6, 7
+_KIND_NAMES = {OPEN: "OPEN", HEADERS: "HEADERS", MESSAGE: "MESSAGE", HALF_CLOSE: "HALF_CLOSE", STATUS: "STATUS",
+               PING: "PING", PONG: "PONG"}
+
+MAX_CONTROL_BYTES = 16 * 1024
+"""Largest OPEN, HEADERS or STATUS payload."""
+MAX_METADATA_ITEMS = 32
+OPEN_TIMEOUT_S = 5.0
+"""A new connection's TLS handshake and OPEN frame arrive within this, or it is closed."""
+DIAL_TIMEOUT_S = 3.0
+"""A client's connect, handshake and OPEN within this, or it falls back to gRPC."""
+KEEPALIVE_S = 6.0
+KEEPALIVE_TIMEOUT_S = 3.0
+RETRY_FRAMES_AFTER_S = 60.0
+"""After a failed dial, the client uses gRPC to that address for this long."""
+STOP_GRACE_S = 2.0
+
+
+class FrameError(Exception):
+    """The peer broke the framing (an unknown kind, an oversized or malformed frame)."""
+
+
+def frame(kind: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(len(payload), kind) + payload
+
+
+async def read_frame(reader: asyncio.StreamReader, max_message_bytes: int) -> tuple[int, bytes]:
+    """The next frame's kind and payload. Raises FrameError for a frame over its bound,
+    ``asyncio.IncompleteReadError`` when the connection ends."""
+    length, kind = HEADER.unpack(await reader.readexactly(HEADER.size))
+    if kind not in _KIND_NAMES:
+        raise FrameError(f"unknown frame kind {kind}")
+    limit = max_message_bytes if kind == MESSAGE else MAX_CONTROL_BYTES
+    if length > limit:
+        raise FrameError(f"a {_KIND_NAMES[kind]} frame of {length} bytes; the limit is {limit}")
+    return kind, (await reader.readexactly(length) if length else b"")
+
+
+def _control(payload: Mapping[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def _pairs(value: Any) -> tuple[tuple[str, str], ...]:
+    """Metadata pairs from a control frame's JSON (bounded; anything else is dropped)."""
+    if not isinstance(value, list):
+        return ()
+    pairs = []
+    for item in value[:MAX_METADATA_ITEMS]:
+        if isinstance(item, list) and len(item) == 2 and all(isinstance(p, str) for p in item):
+            pairs.append((item[0][:256], item[1][:4096]))
+    return tuple(pairs)
+
+
+def _auth_context(peercert: Mapping[str, Any] | None) -> dict[str, list[bytes]]:
+    """What ``grpc.aio.ServicerContext.auth_context()`` gives for the same verified client
+    certificate: its Common Name and DNS names (empty without one)."""
+    if not peercert:
+        return {}
+    common = [value.encode() for rdn in peercert.get("subject", ()) for key, value in rdn if key == "commonName"]
+    dns = [value.encode() for key, value in peercert.get("subjectAltName", ()) if key == "DNS"]
+    return {"x509_common_name": common, "peer_dns": dns, "transport_security_type": [b"ssl"]}
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    name = writer.get_extra_info("peername")
+    if isinstance(name, tuple) and len(name) >= 2:
+        return f"ipv6:[{name[0]}]:{name[1]}" if ":" in str(name[0]) else f"ipv4:{name[0]}:{name[1]}"
+    return "unknown"
+
+
+# --- TLS contexts, rebuilt when the process's TLS files rotate -------------------------
+
+_contexts: dict[tuple[bool, int], ssl.SSLContext] = {}
+
+
+def _ssl_context(server: bool) -> ssl.SSLContext | None:
+    """The SSL context for this process's TLS configuration (None: plaintext), as of the
+    files' current generation: rebuilt after a rotation, the previous one kept when the
+    new files do not load (:meth:`TlsConfig.material` logs why)."""
+    config = tls.current()
+    if config is None:
+        return None
+    generation = config.current_generation()
+    key = (server, generation)
+    built = _contexts.get(key)
+    if built is not None:
+        return built
+    files = config.files
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        if files.cert and files.key:
+            context.load_cert_chain(files.cert, files.key)
+        if files.ca:
+            context.load_verify_locations(cafile=str(files.ca))
+            if server:
+                context.verify_mode = ssl.CERT_REQUIRED  # mutual TLS, as the gRPC port
+        elif not server:
+            context.load_default_certs()
+    except (OSError, ssl.SSLError) as e:
+        previous = [c for (s, _), c in _contexts.items() if s == server]
+        if previous:
+            log.warning("TLS files do not load for the framed transport; keeping the previous ones", error=str(e))
+            return previous[-1]
+        raise
+    for old in [k for k in _contexts if k[0] == server]:
+        del _contexts[old]
+    _contexts[key] = context
+    return context
+
+
+# --- server -----------------------------------------------------------------------------
+
+
+class _Aborted(Exception):
+    """Raised by :meth:`FrameContext.abort`, as grpc.aio's AbortError."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A stream-stream handler the framed server serves: ``handler(requests, context)``
+    yields the responses; ``parse`` makes a request from its bytes."""
+
+    handler: Callable[[AsyncIterator[Any], Any], AsyncIterator[Any]]
+    parse: Callable[[bytes], Any]
+
+
+class FrameContext:
+    """The part of ``grpc.aio.ServicerContext`` the stream handlers use."""
+
+    def __init__(self, writer: asyncio.StreamWriter, metadata: tuple[tuple[str, str], ...], peer: str,
+                 auth: dict[str, list[bytes]]):
+        self._writer = writer
+        self._metadata = metadata
+        self._peer = peer
+        self._auth = auth
+        self._headers_sent = False
+        self.status: tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]] | None = None
+        self.task: asyncio.Task[Any] | None = None
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def peer(self) -> str:
+        return self._peer
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return self._auth
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    async def send_initial_metadata(self, metadata: Iterable[tuple[str, str]]) -> None:
+        if self._headers_sent:
+            return
+        self._headers_sent = True
+        self._writer.write(frame(HEADERS, _control({"metadata": [list(p) for p in metadata]})))
+        await self._writer.drain()
+
+    async def abort(self, code: grpc.StatusCode, details: str = "",
+                    trailing_metadata: Sequence[tuple[str, str]] = ()) -> None:
+        """Ends the stream with ``code``: raises in the handler's task, cancels it when
+        called from another task (as a handler's helper that ends the stream does)."""
+        if self.status is None:
+            self.status = (code, details, tuple(trailing_metadata))
+        if self.task is not None and asyncio.current_task() is not self.task:
+            self.task.cancel()
+        raise _Aborted(details)
+
+
+class FrameServer:
+    """Serves ``methods`` (by their gRPC path, "/bluemarble.v1.ShardNode/Calls") on a
+    framed listener. ``max_request_bytes`` bounds a request message as the gRPC port's
+    limit does."""
+
+    def __init__(self, methods: Mapping[str, Method], *, max_request_bytes: int):
+        self._methods = dict(methods)
+        self._max_request_bytes = max_request_bytes
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.Task[Any]] = set()
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        """Listens on ``host:port`` (0: a free port); returns the port."""
+        self._server = await asyncio.start_server(self._connection, host.strip("[]"), port, limit=1 << 16)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.port
+
+    async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Stops listening; streams still open after ``grace_s`` are cut (the handlers end
+        theirs first when the service closes its streams)."""
+        if self._server is None:
+            return
+        self._server.close()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=grace_s)
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=1.0)
+        self._server = None
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        peer = _peer(writer)
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT_S):
+                context = _ssl_context(server=True)
+                if context is not None:
+                    await writer.start_tls(context)
+                kind, payload = await read_frame(reader, self._max_request_bytes)
+            if kind != OPEN:
+                raise FrameError(f"the first frame is {_KIND_NAMES[kind]}, not OPEN")
+            opening = json.loads(payload)
+            if not isinstance(opening, dict):
+                raise FrameError("the OPEN frame is not a JSON object")
+            await self._serve(opening, reader, writer, peer)
+        except (FrameError, ValueError, UnicodeDecodeError) as e:
+            log.warning("framed connection refused: the peer broke the framing", peer=peer, error=echo(str(e), 200))
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, OSError) as e:
+            log.debug("framed connection ended", peer=peer, error=type(e).__name__)
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _serve(self, opening: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     peer: str) -> None:
+        method_name = opening.get("method")
+        method = self._methods.get(method_name) if isinstance(method_name, str) else None
+        if method is None:
+            await _send_status(writer, grpc.StatusCode.UNIMPLEMENTED,
+                               f"method {echo(str(method_name), 100)} is not served on this port")
+            return
+        peercert = writer.get_extra_info("peercert") if writer.get_extra_info("sslcontext") is not None else None
+        context = FrameContext(writer, _pairs(opening.get("metadata")), peer, _auth_context(peercert))
+        context.task = asyncio.current_task()
+        code, details = grpc.StatusCode.OK, ""
+        trailers: tuple[tuple[str, str], ...] = ()
+        try:
+            async for response in method.handler(self._requests(reader, writer, method.parse), context):
+                writer.write(frame(MESSAGE, response.SerializeToString()))
+                await writer.drain()
+        except _Aborted:
+            assert context.status is not None
+            code, details, trailers = context.status
+        except asyncio.CancelledError:
+            if context.status is None:
+                raise
+            assert context.task is not None
+            context.task.uncancel()  # an abort from another task: the stream ends with its status
+            code, details, trailers = context.status
+        except BlueMarbleError as e:
+            code = grpc.StatusCode[e.status]
+            details = short_message(str(e))
+        except FrameError as e:
+            code, details = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return  # the client went away: nobody to answer
+        except Exception:
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("framed stream crashed", error_id=error_id, method=method_name)
+            code, details = grpc.StatusCode.INTERNAL, f"internal error (error id {error_id}); see the node log"
+        await _send_status(writer, code, details, trailers)
+
+    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        parse: Callable[[bytes], Any]) -> AsyncIterator[Any]:
+        """The stream's requests, read as the handler asks for them. A client's keepalive
+        PING is answered here: a handler waiting for its next request is reading."""
+        while True:
+            kind, payload = await read_frame(reader, self._max_request_bytes)
+            if kind == MESSAGE:
+                try:
+                    yield parse(payload)
+                except DecodeError as e:
+                    raise FrameError(f"a request message does not parse ({e})") from e
+            elif kind == HALF_CLOSE:
+                return
+            elif kind == PING:
+                writer.write(frame(PONG))
+            else:
+                raise FrameError(f"unexpected {_KIND_NAMES[kind]} frame from the client")
+
+
+async def _send_status(writer: asyncio.StreamWriter, code: grpc.StatusCode, details: str,
+                       trailers: Iterable[tuple[str, str]] = ()) -> None:
+    writer.write(frame(STATUS, _control({"code": code.name, "details": details[:2000],
+                                         "trailers": [list(p) for p in trailers]})))
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+
+
+# --- client -----------------------------------------------------------------------------
+
+
+class FrameCall:
+    """A stream on a framed port: the subset of ``grpc.aio.StreamStreamCall`` the
+    multiplexed calls (:class:`bluemarble.client.node_calls.CallStream`) and the
+    replication stream use, with the same statuses: a read of a stream that ended
+    badly raises ``grpc.aio.AioRpcError``, a write to an ended one
+    ``asyncio.InvalidStateError``. One reader at a time, as on grpc.aio."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, parse: Callable[[bytes], Any],
+                 address: str):
+        self._reader = reader
+        self._writer = writer
+        self._parse = parse
+        self._address = address
+        self._initial: grpc.aio.Metadata | None = None
+        self._buffered: list[Any] = []  # messages that came before the initial metadata was asked for
+        self._status: tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]] | None = None
+        self._ended = asyncio.Event()
+        self._last_frame_s = time.monotonic()
+        self._ping_sent_s: float | None = None
+        self._due_s = self._last_frame_s + KEEPALIVE_S
+        self._keepalive = asyncio.get_running_loop().call_later(KEEPALIVE_S, self._check_alive)
+
+    @classmethod
+    async def open(cls, address: str, port: int, method: str, parse: Callable[[bytes], Any]) -> FrameCall:
+        """Dials ``port`` on the host of ``address`` and opens ``method``. Raises OSError,
+        TimeoutError or ssl.SSLError when that fails."""
+        host = address.rsplit(":", 1)[0].strip("[]")
+        context = _ssl_context(server=False)
+        async with asyncio.timeout(DIAL_TIMEOUT_S):
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=context, server_hostname=host if context is not None else None, limit=1 << 16)
+        writer.write(frame(OPEN, _control({"method": method, "metadata": []})))
+        return cls(reader, writer, parse, f"{host}:{port}")
+
+    def _end(self, code: grpc.StatusCode, details: str, trailers: tuple[tuple[str, str], ...] = ()) -> None:
+        if self._status is None:
+            self._status = (code, details, trailers)
+        self._keepalive.cancel()
+        self._ended.set()
+        self._writer.close()
+
+    def _check_alive(self) -> None:
+        """The keepalive timer: a PING after :data:`KEEPALIVE_S` without a frame, the end
+        of the stream when no frame follows within :data:`KEEPALIVE_TIMEOUT_S`. A timer
+        that fires a second or more late means this process stalled: the peer had no
+        chance to answer, so the wait starts over."""
+        if self._status is not None:
+            return
+        now = time.monotonic()
+        stalled = now - self._due_s >= 1.0
+        if self._ping_sent_s is not None and not stalled and now - self._ping_sent_s >= KEEPALIVE_TIMEOUT_S:
+            log.info("framed stream ended: no answer to a keepalive ping", address=self._address,
+                     waited_s=round(now - self._ping_sent_s, 2))
+            self._end(grpc.StatusCode.UNAVAILABLE,
+                      f"{self._address} did not answer a keepalive ping within {KEEPALIVE_TIMEOUT_S:g} s")
+            return
+        quiet_s = now - self._last_frame_s
+        if stalled and self._ping_sent_s is not None:
+            self._ping_sent_s = now
+        if quiet_s >= KEEPALIVE_S and self._ping_sent_s is None:
+            self._writer.write(frame(PING))
+            self._ping_sent_s = now
+        delay_s = KEEPALIVE_TIMEOUT_S if self._ping_sent_s is not None else max(0.1, KEEPALIVE_S - quiet_s)
+        self._due_s = now + delay_s
+        self._keepalive = asyncio.get_running_loop().call_later(delay_s, self._check_alive)
+
+    async def _next(self) -> None:
+        """Reads one frame and takes it in; a broken connection or framing ends the call."""
+        try:
+            kind, payload = await read_frame(self._reader, MAX_MESSAGE_BYTES)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            self._end(grpc.StatusCode.UNAVAILABLE, f"the connection to {self._address} closed")
+            return
+        except FrameError as e:
+            self._end(grpc.StatusCode.UNAVAILABLE, f"{self._address} broke the framing: {e}")
+            return
+        self._last_frame_s = time.monotonic()
+        self._ping_sent_s = None
+        try:
+            if kind == MESSAGE:
+                self._buffered.append(self._parse(payload))
+            elif kind == HEADERS:
+                self._initial = grpc.aio.Metadata(*_pairs(json.loads(payload).get("metadata")))
+            elif kind == STATUS:
+                status = json.loads(payload)
+                code = grpc.StatusCode.__members__.get(str(status.get("code")), grpc.StatusCode.UNKNOWN)
+                self._end(code, str(status.get("details", ""))[:2000], _pairs(status.get("trailers")))
+            elif kind != PONG:
+                raise FrameError(f"unexpected {_KIND_NAMES[kind]} frame from the server")
+        except (FrameError, DecodeError, ValueError, AttributeError) as e:
+            self._end(grpc.StatusCode.UNAVAILABLE, f"{self._address} broke the framing: {echo(str(e), 200)}")
+
+    def _error(self) -> grpc.aio.AioRpcError:
+        assert self._status is not None
+        code, details, trailers = self._status
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailers), details, None)
+
+    async def initial_metadata(self) -> grpc.aio.Metadata:
+        while self._initial is None and self._status is None:
+            await self._next()
+        return self._initial if self._initial is not None else grpc.aio.Metadata()
+
+    async def wait_for_connection(self) -> None:
+        if self._status is not None and self._status[0] != grpc.StatusCode.OK:
+            raise self._error()
+
+    async def read(self) -> Any:
+        while not self._buffered:
+            if self._status is not None:
+                if self._status[0] == grpc.StatusCode.OK:
+                    return EOF
+                raise self._error()
+            await self._next()
+        return self._buffered.pop(0)
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._messages()
+
+    async def _messages(self) -> AsyncIterator[Any]:
+        while True:
+            message = await self.read()
+            if message is EOF:
+                return
+            yield message
+
+    async def write(self, message: Any) -> None:
+        if self._status is not None:
+            raise asyncio.InvalidStateError("the stream has ended")
+        self._writer.write(frame(MESSAGE, message.SerializeToString()))
+        try:
+            await self._writer.drain()
+        except (ConnectionError, OSError) as e:
+            self._end(grpc.StatusCode.UNAVAILABLE, f"the connection to {self._address} broke ({type(e).__name__})")
+            raise self._error() from e
+
+    async def done_writing(self) -> None:
+        if self._status is None:
+            self._writer.write(frame(HALF_CLOSE))
+
+    def done(self) -> bool:
+        return self._status is not None
+
+    def cancel(self) -> bool:
+        if self._status is not None:
+            return False
+        self._end(grpc.StatusCode.CANCELLED, "cancelled")
+        return True
+
+    async def code(self) -> grpc.StatusCode:
+        await self._ended.wait()
+        assert self._status is not None
+        return self._status[0]
+
+    async def details(self) -> str:
+        await self._ended.wait()
+        assert self._status is not None
+        return self._status[1]
+
+    async def trailing_metadata(self) -> grpc.aio.Metadata:
+        await self._ended.wait()
+        assert self._status is not None
+        return grpc.aio.Metadata(*self._status[2])
+
+
+_offered: dict[str, int] = {}
+"""Address -> the framed port its node offered (dialled directly next time)."""
+_refused: dict[tuple[str, int], float] = {}
+"""(address, port) -> until when dialling it is not tried again (it failed)."""
+_enabled = True
+
+
+def enable(on: bool) -> None:
+    """Whether this process's clients use framed ports that nodes offer (on by default)."""
+    global _enabled
+    _enabled = on
+    if not on:
+        _offered.clear()
+
+
+def offered_port(metadata: Iterable[tuple[str, Any]] | None) -> int | None:
+    """The framed port in a stream's initial metadata, if the server offers one."""
+    for key, value in metadata or ():
+        if key == PORT_KEY:
+            text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+            if text.isdigit() and 0 < int(text) < 65536:
+                return int(text)
+    return None
+
+
+async def _dial(address: str, port: int, method: str, parse: Callable[[bytes], Any]) -> FrameCall | None:
+    until_s = _refused.get((address, port))
+    if until_s is not None and time.monotonic() < until_s:
+        return None
+    try:
+        call = await FrameCall.open(address, port, method, parse)
+    except (OSError, TimeoutError, ssl.SSLError) as e:
+        _offered.pop(address, None)
+        _refused[(address, port)] = time.monotonic() + RETRY_FRAMES_AFTER_S
+        if len(_refused) > 4096:
+            _refused.clear()
+        log.warning("framed port unreachable; using gRPC for this stream", address=address, port=port,
+                    retry_after_s=RETRY_FRAMES_AFTER_S, error=echo(str(e) or type(e).__name__, 200))
+        return None
+    _refused.pop((address, port), None)
+    return call
+
+
+async def open_stream(address: str, method: str, parse: Callable[[bytes], Any], open_grpc: Callable[[], Any]) -> Any:
+    """A stream to ``method`` ("/bluemarble.v1.ShardNode/Calls") at ``address``: framed
+    when its node offers a framed port this process can reach, else the gRPC stream
+    ``open_grpc()`` gives. ``parse`` makes a response from its bytes. Never raises for a
+    framed port that fails: that stream goes over gRPC."""
+    if _enabled:
+        port = _offered.get(address)
+        if port is not None:
+            framed = await _dial(address, port, method, parse)
+            if framed is not None:
+                return framed
+    call = open_grpc()
+    if not _enabled:
+        return call
+    try:
+        # Bounded: a hung server sends nothing, and its caller's own bounds apply to the stream.
+        port = offered_port(await asyncio.wait_for(asyncio.shield(call.initial_metadata()), DIAL_TIMEOUT_S))
+    except Exception:  # the stream's own status, or no answer yet: its caller finds out
+        return call
+    if port is None:
+        return call
+    framed = await _dial(address, port, method, parse)
+    if framed is None:
+        return call
+    _offered[address] = port
+    call.cancel()
+    return framed
