@@ -33,7 +33,6 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
-
 from google.protobuf.wrappers_pb2 import BytesValue
 
 from bluemarble.runtime import frames

@@ -57,9 +57,9 @@ import grpc.aio
 import structlog
 from google.protobuf.message import DecodeError
 
-from bluemarble.core.errors import BlueMarbleError
+from bluemarble.core.errors import BlueMarbleError, InvalidArgument
 from bluemarble.core.limits import MAX_MESSAGE_BYTES, echo
-from bluemarble.runtime import tls
+from bluemarble.runtime import metrics, tls
 from bluemarble.runtime.grpc_server import short_message
 
 log = structlog.get_logger(__name__)
@@ -86,6 +86,9 @@ KEEPALIVE_TIMEOUT_S = 3.0
 RETRY_FRAMES_AFTER_S = 60.0
 """After a failed dial, the client uses gRPC to that address for this long."""
 STOP_GRACE_S = 2.0
+MAX_CONNECTIONS = 1024
+"""Framed connections one server holds at once; more are closed as they arrive (a node
+has one per control-plane replica, per replica it feeds, per game server)."""
 
 
 class FrameError(Exception):
@@ -142,21 +145,23 @@ def _peer(writer: asyncio.StreamWriter) -> str:
 
 # --- TLS contexts, rebuilt when the process's TLS files rotate -------------------------
 
-_contexts: dict[tuple[bool, int], ssl.SSLContext] = {}
+_contexts: dict[bool, tuple[tls.TlsConfig, int, ssl.SSLContext]] = {}
+"""Server side (True) and client side: the configuration and generation each context was
+built from, and the context."""
 
 
-def _ssl_context(server: bool) -> ssl.SSLContext | None:
+def _ssl_context(server: bool, config: tls.TlsConfig | None) -> ssl.SSLContext | None:
     """The SSL context for this process's TLS configuration (None: plaintext), as of the
     files' current generation: rebuilt after a rotation, the previous one kept when the
-    new files do not load (:meth:`TlsConfig.material` logs why)."""
-    config = tls.current()
+    new files do not load (:meth:`TlsConfig.material` logs why). The same rules as the
+    gRPC port's: the certificate presented both ways, the CA verifying the peer, a client
+    certificate required when there is a CA."""
     if config is None:
         return None
     generation = config.current_generation()
-    key = (server, generation)
-    built = _contexts.get(key)
-    if built is not None:
-        return built
+    built = _contexts.get(server)
+    if built is not None and built[0] is config and built[1] == generation:
+        return built[2]
     files = config.files
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -170,14 +175,11 @@ def _ssl_context(server: bool) -> ssl.SSLContext | None:
         elif not server:
             context.load_default_certs()
     except (OSError, ssl.SSLError) as e:
-        previous = [c for (s, _), c in _contexts.items() if s == server]
-        if previous:
+        if built is not None and built[0] is config:
             log.warning("TLS files do not load for the framed transport; keeping the previous ones", error=str(e))
-            return previous[-1]
+            return built[2]
         raise
-    for old in [k for k in _contexts if k[0] == server]:
-        del _contexts[old]
-    _contexts[key] = context
+    _contexts[server] = (config, generation, context)
     return context
 
 
@@ -250,10 +252,13 @@ class FrameServer:
         self._max_request_bytes = max_request_bytes
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[Any]] = set()
+        self._tls: tls.TlsConfig | None = None
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
-        """Listens on ``host:port`` (0: a free port); returns the port."""
+        """Listens on ``host:port`` (0: a free port) with the process's TLS configuration
+        as it is now (:func:`bluemarble.runtime.tls.current`); returns the port."""
+        self._tls = tls.current()
         self._server = await asyncio.start_server(self._connection, host.strip("[]"), port, limit=1 << 16)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
@@ -275,11 +280,15 @@ class FrameServer:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
         peer = _peer(writer)
+        if len(self._connections) >= MAX_CONNECTIONS:
+            log.warning("framed connection refused: too many open", peer=peer, limit=MAX_CONNECTIONS)
+            writer.close()
+            return
+        self._connections.add(task)
         try:
             async with asyncio.timeout(OPEN_TIMEOUT_S):
-                context = _ssl_context(server=True)
+                context = _ssl_context(True, self._tls)
                 if context is not None:
                     await writer.start_tls(context)
                 kind, payload = await read_frame(reader, self._max_request_bytes)
@@ -293,6 +302,8 @@ class FrameServer:
             log.warning("framed connection refused: the peer broke the framing", peer=peer, error=echo(str(e), 200))
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, OSError) as e:
             log.debug("framed connection ended", peer=peer, error=type(e).__name__)
+        except asyncio.CancelledError:
+            pass  # the server is stopping (a cancelled connection task would be logged as an error)
         finally:
             self._connections.discard(task)
             writer.close()
@@ -307,6 +318,9 @@ class FrameServer:
             return
         peercert = writer.get_extra_info("peercert") if writer.get_extra_info("sslcontext") is not None else None
         context = FrameContext(writer, _pairs(opening.get("metadata")), peer, _auth_context(peercert))
+        short = str(method_name).rsplit("/", 1)[-1]
+        metrics.FRAMED_STREAMS.labels(short).inc()
+        log.info("framed stream opened", method=short, peer=peer, tls=peercert is not None)
         context.task = asyncio.current_task()
         code, details = grpc.StatusCode.OK, ""
         trailers: tuple[tuple[str, str], ...] = ()
@@ -346,13 +360,20 @@ class FrameServer:
                 try:
                     yield parse(payload)
                 except DecodeError as e:
-                    raise FrameError(f"a request message does not parse ({e})") from e
+                    raise InvalidArgument(f"a request message of {len(payload)} bytes does not parse as "
+                                          f"{self._request_name(parse)}") from e
             elif kind == HALF_CLOSE:
                 return
             elif kind == PING:
                 writer.write(frame(PONG))
             else:
                 raise FrameError(f"unexpected {_KIND_NAMES[kind]} frame from the client")
+
+
+    @staticmethod
+    def _request_name(parse: Callable[[bytes], Any]) -> str:
+        owner = getattr(parse, "__self__", None)
+        return getattr(owner, "__name__", "the method's request")
 
 
 async def _send_status(writer: asyncio.StreamWriter, code: grpc.StatusCode, details: str,
@@ -385,6 +406,7 @@ class FrameCall:
         self._ended = asyncio.Event()
         self._last_frame_s = time.monotonic()
         self._ping_sent_s: float | None = None
+        self._waiting_since_s: float | None = None  # when the read under way began
         self._due_s = self._last_frame_s + KEEPALIVE_S
         self._keepalive = asyncio.get_running_loop().call_later(KEEPALIVE_S, self._check_alive)
 
@@ -393,7 +415,7 @@ class FrameCall:
         """Dials ``port`` on the host of ``address`` and opens ``method``. Raises OSError,
         TimeoutError or ssl.SSLError when that fails."""
         host = address.rsplit(":", 1)[0].strip("[]")
-        context = _ssl_context(server=False)
+        context = _ssl_context(False, tls.current())
         async with asyncio.timeout(DIAL_TIMEOUT_S):
             reader, writer = await asyncio.open_connection(
                 host, port, ssl=context, server_hostname=host if context is not None else None, limit=1 << 16)
@@ -408,32 +430,36 @@ class FrameCall:
         self._writer.close()
 
     def _check_alive(self) -> None:
-        """The keepalive timer: a PING after :data:`KEEPALIVE_S` without a frame, the end
-        of the stream when no frame follows within :data:`KEEPALIVE_TIMEOUT_S`. A timer
-        that fires a second or more late means this process stalled: the peer had no
-        chance to answer, so the wait starts over."""
+        """The keepalive timer. While a read waits, a PING after :data:`KEEPALIVE_S`
+        without a frame, and the end of the stream when no frame follows within
+        :data:`KEEPALIVE_TIMEOUT_S`. (A stream nobody reads is not judged: its peer owes it
+        nothing yet.) A timer that fires a second or more late means this process
+        stalled: the peer had no chance to answer, so the wait starts over."""
         if self._status is not None:
             return
         now = time.monotonic()
         stalled = now - self._due_s >= 1.0
-        if self._ping_sent_s is not None and not stalled and now - self._ping_sent_s >= KEEPALIVE_TIMEOUT_S:
+        if stalled or self._waiting_since_s is None:
+            self._ping_sent_s = None
+        if self._ping_sent_s is not None and now - self._ping_sent_s >= KEEPALIVE_TIMEOUT_S:
             log.info("framed stream ended: no answer to a keepalive ping", address=self._address,
                      waited_s=round(now - self._ping_sent_s, 2))
             self._end(grpc.StatusCode.UNAVAILABLE,
                       f"{self._address} did not answer a keepalive ping within {KEEPALIVE_TIMEOUT_S:g} s")
             return
-        quiet_s = now - self._last_frame_s
-        if stalled and self._ping_sent_s is not None:
-            self._ping_sent_s = now
-        if quiet_s >= KEEPALIVE_S and self._ping_sent_s is None:
-            self._writer.write(frame(PING))
-            self._ping_sent_s = now
-        delay_s = KEEPALIVE_TIMEOUT_S if self._ping_sent_s is not None else max(0.1, KEEPALIVE_S - quiet_s)
+        delay_s = KEEPALIVE_S
+        if self._waiting_since_s is not None and not stalled:
+            quiet_s = now - max(self._last_frame_s, self._waiting_since_s)
+            if self._ping_sent_s is None and quiet_s >= KEEPALIVE_S:
+                self._writer.write(frame(PING))
+                self._ping_sent_s = now
+            delay_s = KEEPALIVE_TIMEOUT_S if self._ping_sent_s is not None else max(0.1, KEEPALIVE_S - quiet_s)
         self._due_s = now + delay_s
         self._keepalive = asyncio.get_running_loop().call_later(delay_s, self._check_alive)
 
     async def _next(self) -> None:
         """Reads one frame and takes it in; a broken connection or framing ends the call."""
+        self._waiting_since_s = time.monotonic()
         try:
             kind, payload = await read_frame(self._reader, MAX_MESSAGE_BYTES)
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
@@ -442,6 +468,8 @@ class FrameCall:
         except FrameError as e:
             self._end(grpc.StatusCode.UNAVAILABLE, f"{self._address} broke the framing: {e}")
             return
+        finally:
+            self._waiting_since_s = None
         self._last_frame_s = time.monotonic()
         self._ping_sent_s = None
         try:

@@ -140,6 +140,14 @@ TRADES = Counter(
     "executed, from a client or a coordinator. Each trade is counted once: sum over processes.",
     ["kind", "outcome"],
 )
+FRAMED_STREAMS = Counter(
+    "bluemarble_framed_streams_total",
+    "Shard node: streams opened on its framed port, by method (Calls, Replicate). The "
+    "control plane and the other nodes use that port once the node offers it; a count that "
+    "stays at 0 while the gRPC streams run means they cannot reach it (a firewall, a "
+    "NetworkPolicy: their logs say so).",
+    ["method"],
+)
 TRADE_PHASE = Histogram(
     "bluemarble_trade_phase_seconds",
     "Time of each phase of a cross-shard trade at its coordinator: prepare (both legs), "

@@ -115,8 +115,12 @@ async def test_metrics_after_a_cross_shard_trade(process_cluster: ProcessCluster
         committed = sum(value(s, "bluemarble_rpc_requests_total", method="/bluemarble.v1.ShardNode/Commit",
                               code="OK") or 0 for s in scraped)
         lagging = [series(s, "bluemarble_replication_lag_entries") for s in scraped]
+        # The coordinator's calls and the replication streams took the nodes' framed ports.
+        framed = {method: sum(value(s, "bluemarble_framed_streams_total", method=method) or 0 for s in scraped)
+                  for method in ("Calls", "Replicate")}
         # Each node leads one shard (R = 2 on 2 nodes): one lag series each, for that shard.
         return (prepared >= 2 and committed >= 2 and all(len(lag) == 1 for lag in lagging)
+                and framed["Calls"] >= 1 and framed["Replicate"] >= 2
                 and all(value(s, "bluemarble_trades_in_doubt") == 0 for s in scraped))
 
     await eventually(holds(list(node_ports.values()), nodes_report), 15,

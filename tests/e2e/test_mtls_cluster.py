@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -152,6 +153,11 @@ def test_a_cluster_under_mutual_tls_with_an_admin_token(secure_cluster: SecureCl
     inventory = cluster.ctl_json("inventory", b)
     assert inventory is not None
     assert f"{a}-sword" in inventory["item_ids"] and inventory["gold"] == 60  # type: ignore[operator]
+    # The coordinator's calls and the replication took the nodes' framed ports, over TLS.
+    logs = cluster.logs()
+    assert "framed port unreachable" not in logs
+    for method in ("Calls", "Replicate"):
+        assert re.search(rf"framed stream opened.*method={method}.*tls=True", logs), method
 
     # A client without a certificate is refused (during the TLS handshake: UNAVAILABLE).
     ca_only = ["--tls-ca", str(cluster.security.ca)]

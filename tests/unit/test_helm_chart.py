@@ -153,6 +153,7 @@ def test_the_schema_refuses_bad_values(override: dict[str, Any]) -> None:
         ({"etcd": {"enabled": False, "endpoints": ["e:2379"], "auth": {"username": "u"}}}, "passwordSecret"),
         ({"controlplane": {"metricsPort": 7000}}, "controlplane.grpcPort and controlplane.metricsPort"),
         ({"nodes": {"grpcPort": 9100}}, "nodes.grpcPort and nodes.metricsPort"),
+        ({"nodes": {"framesPort": 7101}}, "nodes.framesPort 7101 is also the gRPC or metrics port"),
         ({"etcd": {"tls": {"enabled": True, "secretName": "etcd-tls"}}}, "for an external etcd"),
         ({"etcd": {"auth": {"username": "u", "passwordSecret": "p"}}}, "for an external etcd"),
     ],
@@ -638,6 +639,12 @@ def test_network_policies_admit_the_charts_own_traffic(rendered: dict[str, Manif
         assert {p["port"] for rule in policy["ingress"] for p in rule["ports"]} <= named
     assert admitted(policies[CP], "grpc", NODE) and admitted(policies[NODE], "grpc", CP)
     assert admitted(policies[NODE], "grpc", NODE)  # replication
+    # The framed port carries the coordinator's Calls and the replicas' Replicate streams.
+    assert admitted(policies[NODE], "frames", CP) and admitted(policies[NODE], "frames", NODE)
+    node = hc.container(m.get("StatefulSet", NODE), "node")
+    env = {e["name"]: e.get("value") for e in node["env"]}
+    assert env["BLUEMARBLE_FRAMES_PORT"] == "7102" and {"name": "frames", "containerPort": 7102,
+                                                        "protocol": "TCP"} in node["ports"]
     assert admitted(policies[ETCD], "client", CP) and not admitted(policies[ETCD], "client", NODE)
     assert admitted(policies[ETCD], "peer", ETCD)
 

@@ -25,6 +25,7 @@ EXPOSED = {
     "bluemarble_shards_without_primary": ("gauge", ()),
     "bluemarble_trades_total": ("counter", ("kind", "outcome")),
     "bluemarble_trade_phase_seconds": ("histogram", ("phase",)),
+    "bluemarble_framed_streams_total": ("counter", ("method",)),
     "bluemarble_trades_in_doubt": ("gauge", ()),
     "bluemarble_replication_lag_entries": ("gauge", ("shard",)),
     "bluemarble_replication_lag_seconds": ("gauge", ("shard",)),

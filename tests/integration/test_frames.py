@@ -1,0 +1,280 @@
+"""The framed transport of ShardNode.Calls and Replicate (bluemarble.runtime.frames), on
+loopback sockets: statuses as gRPC's, bad input, the keepalive, mutual TLS and the
+certificate checks of the handlers, and the client's choice between a framed port and
+gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+from google.protobuf.wrappers_pb2 import BytesValue
+
+from bluemarble.core.errors import NotFound
+from bluemarble.runtime import frames, tls
+from bluemarble.runtime.auth import ClusterPeers
+from bluemarble.runtime.grpc_server import ServiceBinding, build_server
+from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
+from scripts.dev_certs import DevCerts, make_dev_certs
+from shardnode.service import ShardNodeService
+from tests.integration.test_security import RecordingDataPlane
+
+ECHO = "/test.Echo/Stream"
+
+
+async def echo(requests: AsyncIterator[BytesValue], context: Any) -> AsyncIterator[BytesValue]:
+    await context.send_initial_metadata((("who", "echo"),))
+    async for message in requests:
+        if message.value == b"missing":
+            raise NotFound("no such thing; ask for another")
+        if message.value == b"abort-later":
+            async def later() -> None:
+                await asyncio.sleep(0.01)
+                with contextlib.suppress(Exception):
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "going away", trailing_metadata=(("k", "v"),))
+            asyncio.get_running_loop().create_task(later())
+            continue
+        if message.value == b"crash":
+            raise RuntimeError("a bug")
+        yield message
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[frames.FrameServer]:
+    served = frames.FrameServer({ECHO: frames.Method(echo, BytesValue.FromString)}, max_request_bytes=1024)
+    await served.start("127.0.0.1", 0)
+    try:
+        yield served
+    finally:
+        await served.stop(0.5)
+
+
+async def open_echo(server: frames.FrameServer, method: str = ECHO) -> frames.FrameCall:
+    return await frames.FrameCall.open("127.0.0.1:1", server.port, method, BytesValue.FromString)
+
+
+async def test_messages_and_statuses_travel_as_on_grpc(server: frames.FrameServer) -> None:
+    call = await open_echo(server)
+    assert ("who", "echo") in list(await call.initial_metadata())
+    for value in (b"a", b"", b"x" * 1000):
+        await call.write(BytesValue(value=value))
+        assert (await call.read()).value == value
+    await call.done_writing()
+    assert await call.read() is frames.EOF
+    assert call.done() and await call.code() == grpc.StatusCode.OK
+
+    call = await open_echo(server)
+    await call.write(BytesValue(value=b"missing"))
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await call.read()
+    assert ended.value.code() == grpc.StatusCode.NOT_FOUND and "ask for another" in (ended.value.details() or "")
+    with pytest.raises(asyncio.InvalidStateError):
+        await call.write(BytesValue(value=b"after the end"))
+
+    # An abort from another task ends the stream with its status and trailers.
+    call = await open_echo(server)
+    await call.write(BytesValue(value=b"abort-later"))
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await call.read()
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and ended.value.details() == "going away"
+    assert ("k", "v") in list(await call.trailing_metadata())
+
+    # A bug is INTERNAL with an error id, never the exception's text.
+    call = await open_echo(server)
+    await call.write(BytesValue(value=b"crash"))
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await call.read()
+    assert ended.value.code() == grpc.StatusCode.INTERNAL and "error id" in (ended.value.details() or "")
+    assert "a bug" not in (ended.value.details() or "")
+
+
+async def test_bad_input_gets_a_status_or_a_closed_connection_and_the_server_serves_on(
+    server: frames.FrameServer,
+) -> None:
+    call = await open_echo(server, "/test.Echo/" + "Nope" * 100)
+    await call.initial_metadata()
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await call.wait_for_connection()
+    assert ended.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert len(ended.value.details() or "") < 200  # the long name is not echoed whole
+
+    call = await open_echo(server)
+    await call.write(BytesValue(value=b"y" * 2000))  # over the server's 1024-byte request limit
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await call.read()
+    assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "1024" in (ended.value.details() or "")
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(frames.frame(frames.OPEN, b'{"method": "' + ECHO.encode() + b'"}')
+                 + frames.frame(frames.MESSAGE, b"\xff\xff\xff"))  # not a BytesValue
+    kind = payload = None
+    while kind != frames.STATUS:
+        kind, payload = await frames.read_frame(reader, 1 << 20)
+    assert payload is not None and b"INVALID_ARGUMENT" in payload and b"does not parse as BytesValue" in payload
+    writer.close()
+
+    for garbage in (b"\x00\x00\x00\x05\x63hello", struct.pack("!IB", 1 << 30, frames.OPEN), b"GET / HTTP/1.1\r\n\r\n",
+                    frames.frame(frames.MESSAGE, b"no OPEN first"), frames.frame(frames.OPEN, b"[1, 2]")):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(garbage)
+        assert await asyncio.wait_for(reader.read(), 5) == b"", garbage  # closed, nothing sent back
+        writer.close()
+
+    call = await open_echo(server)  # still serving
+    await call.write(BytesValue(value=b"ok"))
+    assert (await call.read()).value == b"ok"
+    call.cancel()
+
+
+async def test_a_peer_that_stops_answering_ends_the_stream_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(frames, "KEEPALIVE_S", 0.3)
+    monkeypatch.setattr(frames, "KEEPALIVE_TIMEOUT_S", 0.3)
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # as a stopped process: the socket is open, nothing is read or answered
+
+    hung = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = hung.sockets[0].getsockname()[1]
+    try:
+        call = await frames.FrameCall.open(f"127.0.0.1:{port}", port, ECHO, BytesValue.FromString)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(call.read(), 10)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "keepalive" in (ended.value.details() or "")
+    finally:
+        hung.close()
+        for writer in accepted:
+            writer.close()
+
+
+async def test_an_answering_idle_stream_is_kept(server: frames.FrameServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(frames, "KEEPALIVE_S", 0.2)
+    monkeypatch.setattr(frames, "KEEPALIVE_TIMEOUT_S", 0.2)
+    call = await open_echo(server)
+    await call.initial_metadata()
+    await asyncio.sleep(1.0)  # nobody reads: no keepalive is owed
+    reading = asyncio.ensure_future(call.read())
+    await asyncio.sleep(1.5)  # several keepalive rounds while a read waits, each answered by the server
+    assert not call.done() and not reading.done()
+    await call.write(BytesValue(value=b"still here"))
+    assert (await reading).value == b"still here"
+    call.cancel()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> DevCerts:
+    return make_dev_certs(tmp_path_factory.mktemp("certs"), ("n1", "n2"))
+
+
+@contextlib.contextmanager
+def identity(certs: DevCerts, name: str, ca: bool = True) -> Iterator[None]:
+    tls.configure(tls.TlsConfig(tls.TlsFiles(certs[name].cert, certs[name].key, certs.ca if ca else None)))
+    try:
+        yield
+    finally:
+        tls.configure(None)
+
+
+async def test_under_mutual_tls_the_handlers_see_the_callers_certificate(certs: DevCerts) -> None:
+    # The same check as on the gRPC port (test_security): a node ships only its own log.
+    recorder = RecordingDataPlane()
+    peers = ClusterPeers({"controlplane"}, lambda name: name in {"n1", "n2"}, enabled=True)
+    service = ShardNodeService("n1", list, lambda: recorder, peers=peers)  # type: ignore[arg-type, return-value]
+    replicate = "/bluemarble.v1.ShardNode/Replicate"
+    served = frames.FrameServer({replicate: frames.Method(service.Replicate, shardnode_pb2.ReplicateBatch.FromString)},
+                                max_request_bytes=1 << 20)
+    with identity(certs, "n1"):
+        await served.start("127.0.0.1", 0)
+    try:
+        with identity(certs, "n2"):
+            call = await frames.FrameCall.open(f"127.0.0.1:{served.port}", served.port, replicate,
+                                               shardnode_pb2.ReplicateAck.FromString)
+            await call.write(shardnode_pb2.ReplicateBatch(primary="n2"))
+            assert (await call.read()).replica == "n1"
+            await call.write(shardnode_pb2.ReplicateBatch(primary="n1"))  # as another node
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await call.read()
+        assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "only as itself" in (ended.value.details() or "")
+        assert recorder.batches == ["n2"]
+
+        with identity(certs, "admin"):  # a certificate of the CA, but not a node's
+            call = await frames.FrameCall.open(f"127.0.0.1:{served.port}", served.port, replicate,
+                                               shardnode_pb2.ReplicateAck.FromString)
+            await call.write(shardnode_pb2.ReplicateBatch(primary="admin"))
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await call.read()
+        assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+        # Without a client certificate, or in plaintext: no stream at all.
+        with identity(certs, "n2", ca=True):
+            tls.configure(tls.TlsConfig(tls.TlsFiles(None, None, certs.ca)))
+            with pytest.raises((OSError, grpc.aio.AioRpcError)):
+                call = await frames.FrameCall.open(f"127.0.0.1:{served.port}", served.port, replicate,
+                                                   shardnode_pb2.ReplicateAck.FromString)
+                await call.write(shardnode_pb2.ReplicateBatch(primary="n2"))
+                await call.read()
+        call = await frames.FrameCall.open(f"127.0.0.1:{served.port}", served.port, replicate,
+                                           shardnode_pb2.ReplicateAck.FromString)
+        await call.write(shardnode_pb2.ReplicateBatch(primary="n2"))
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await call.read()
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert len(recorder.batches) == 1
+    finally:
+        await served.stop(0.5)
+
+
+async def test_a_client_takes_the_offered_port_and_falls_back_to_grpc_when_it_cannot_reach_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    offered: list[int] = []
+    service = ShardNodeService("n1", list, lambda: RecordingDataPlane(),  # type: ignore[arg-type, return-value]
+                               frames_port=lambda: offered[0])
+    server = await build_server("127.0.0.1:0", [ServiceBinding(
+        shardnode_pb2.DESCRIPTOR.services_by_name["ShardNode"].full_name, service,
+        shardnode_pb2_grpc.add_ShardNodeServicer_to_server)])
+    replicate = "/bluemarble.v1.ShardNode/Replicate"
+    served = frames.FrameServer({replicate: frames.Method(service.Replicate, shardnode_pb2.ReplicateBatch.FromString)},
+                                max_request_bytes=1 << 20)
+    await served.start("127.0.0.1", 0)
+    address = f"127.0.0.1:{server.port}"
+    channel = grpc.aio.insecure_channel(address)
+    stub = shardnode_pb2_grpc.ShardNodeStub(channel)  # type: ignore[no-untyped-call]
+    frames._offered.clear()
+    frames._refused.clear()
+    try:
+        async def exchange() -> Any:
+            call = await frames.open_stream(address, replicate, shardnode_pb2.ReplicateAck.FromString,
+                                            stub.Replicate)
+            await call.write(shardnode_pb2.ReplicateBatch(primary="n2"))
+            assert (await call.read()).replica == "n1"
+            call.cancel()
+            return call
+
+        with contextlib.closing(__import__("socket").socket()) as unused:
+            unused.bind(("127.0.0.1", 0))
+            offered.append(unused.getsockname()[1])  # offered, but nothing listens there
+            assert isinstance(await exchange(), grpc.aio.StreamStreamCall)
+        assert "framed port unreachable" in caplog.text
+        offered[0] = served.port
+        assert isinstance(await exchange(), frames.FrameCall)  # a port not tried before
+        assert frames._offered[address] == served.port
+        assert isinstance(await exchange(), frames.FrameCall)  # dialled directly now
+
+        frames.enable(False)
+        assert isinstance(await exchange(), grpc.aio.StreamStreamCall)
+    finally:
+        frames.enable(True)
+        frames._offered.clear()
+        frames._refused.clear()
+        await channel.close()
+        await served.stop(0.5)
+        await server.stop_gracefully(0.1)
