@@ -1,6 +1,7 @@
 """What one message costs on this machine: a round trip on a grpc.aio stream, side by side
-with the same round trip as a grpc.aio unary call and on a plain asyncio TCP socket, one
-message in flight.
+with the same round trip as a grpc.aio unary call, on a plain asyncio TCP socket, and on
+the framed transport that carries the nodes' Calls and Replicate streams
+(:mod:`bluemarble.runtime.frames`), one message in flight.
 
 Each transport is measured twice:
 
@@ -35,7 +36,7 @@ import grpc
 import grpc.aio
 from google.protobuf.wrappers_pb2 import BytesValue
 
-from bluemarble.runtime import frames
+from bluemarble.runtime import frames, logs
 from bluemarble.runtime.event_loop import run as run_loop
 
 SERVICE = "bluemarble.bench.Echo"
@@ -239,6 +240,7 @@ def main() -> None:
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve:
+        logs.configure("warning", "console")  # stdout carries the figures
         serve = {"grpc": serve_grpc, "raw": serve_raw, "frames": serve_frames}[args.serve]
         run_loop(serve(args.port))
         return

@@ -322,9 +322,7 @@ async def run(settings: NodeSettings) -> int:
         await ring.stop()
         service.close_streams()  # callers' Calls streams end once their calls in flight are answered
         with contextlib.suppress(Exception):
-            await server.stop_gracefully(2.0)
-        for frame_server in framed:
-            await frame_server.stop()
+            await asyncio.gather(server.stop_gracefully(2.0), *(f.stop() for f in framed))
         await participant.stop()
         await dataplane.stop()
         storage.close()

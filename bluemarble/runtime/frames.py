@@ -325,9 +325,13 @@ class FrameServer:
         code, details = grpc.StatusCode.OK, ""
         trailers: tuple[tuple[str, str], ...] = ()
         try:
-            async for response in method.handler(self._requests(reader, writer, method.parse), context):
-                writer.write(frame(MESSAGE, response.SerializeToString()))
-                await writer.drain()
+            handler: Any = method.handler(self._requests(reader, writer, method.parse), context)  # an async generator
+            async with contextlib.aclosing(handler) as responses:
+                async for response in responses:
+                    if writer.is_closing():
+                        return  # the client went away: nobody to answer
+                    writer.write(frame(MESSAGE, response.SerializeToString()))
+                    await writer.drain()
         except _Aborted:
             assert context.status is not None
             code, details, trailers = context.status
@@ -583,7 +587,12 @@ def offered_port(metadata: Iterable[tuple[str, Any]] | None) -> int | None:
     return None
 
 
-async def _dial(address: str, port: int, method: str, parse: Callable[[bytes], Any]) -> FrameCall | None:
+async def _dial(address: str, port: int, method: str, parse: Callable[[bytes], Any], *,
+                remembered: bool = False) -> FrameCall | None:
+    """A framed stream, or None when dialling fails (then that port is left alone for
+    :data:`RETRY_FRAMES_AFTER_S`). ``remembered``: the port was offered on an earlier
+    stream; refused now, the node most likely restarted (on another port, or is down), so
+    that is not worth a warning, and the next gRPC stream learns its port again."""
     until_s = _refused.get((address, port))
     if until_s is not None and time.monotonic() < until_s:
         return None
@@ -591,6 +600,10 @@ async def _dial(address: str, port: int, method: str, parse: Callable[[bytes], A
         call = await FrameCall.open(address, port, method, parse)
     except (OSError, TimeoutError, ssl.SSLError) as e:
         _offered.pop(address, None)
+        if remembered and isinstance(e, ConnectionRefusedError):
+            log.info("framed port no longer open (the node restarted?); asking it over gRPC", address=address,
+                     port=port)
+            return None
         _refused[(address, port)] = time.monotonic() + RETRY_FRAMES_AFTER_S
         if len(_refused) > 4096:
             _refused.clear()
@@ -609,7 +622,7 @@ async def open_stream(address: str, method: str, parse: Callable[[bytes], Any], 
     if _enabled:
         port = _offered.get(address)
         if port is not None:
-            framed = await _dial(address, port, method, parse)
+            framed = await _dial(address, port, method, parse, remembered=True)
             if framed is not None:
                 return framed
     call = open_grpc()

@@ -16,7 +16,8 @@ def test_it_measures_each_transport_idle_and_back_to_back() -> None:
     results = json.loads(done.stdout)
     assert set(results) == {"grpc.aio stream, back to back", "grpc.aio stream, at 500/s",
                             "grpc.aio unary, back to back", "grpc.aio unary, at 500/s",
-                            "asyncio TCP, back to back", "asyncio TCP, at 500/s"}
+                            "asyncio TCP, back to back", "asyncio TCP, at 500/s",
+                            "framed (frames.py), back to back", "framed (frames.py), at 500/s"}
     for name, figures in results.items():
         assert figures["client_us"] > 0 and figures["server_us"] > 0, (name, figures)
         assert figures["total_us"] == figures["client_us"] + figures["server_us"], (name, figures)

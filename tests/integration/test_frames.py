@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import struct
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -268,6 +269,20 @@ async def test_a_client_takes_the_offered_port_and_falls_back_to_grpc_when_it_ca
         assert isinstance(await exchange(), frames.FrameCall)  # a port not tried before
         assert frames._offered[address] == served.port
         assert isinstance(await exchange(), frames.FrameCall)  # dialled directly now
+
+        # The node restarts on another framed port: the remembered one is refused, quietly,
+        # and the gRPC stream offers the new one.
+        await served.stop(0.5)
+        served = frames.FrameServer(
+            {replicate: frames.Method(service.Replicate, shardnode_pb2.ReplicateBatch.FromString)},
+            max_request_bytes=1 << 20)
+        await served.start("127.0.0.1", 0)
+        offered[0] = served.port
+        caplog.clear()
+        caplog.set_level(logging.INFO)
+        assert isinstance(await exchange(), frames.FrameCall)
+        assert frames._offered[address] == served.port
+        assert "no longer open" in caplog.text and "unreachable" not in caplog.text
 
         frames.enable(False)
         assert isinstance(await exchange(), grpc.aio.StreamStreamCall)
