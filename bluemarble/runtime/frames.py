@@ -259,9 +259,27 @@ class FrameServer:
         """Listens on ``host:port`` (0: a free port) with the process's TLS configuration
         as it is now (:func:`bluemarble.runtime.tls.current`); returns the port."""
         self._tls = tls.current()
-        self._server = await asyncio.start_server(self._connection, host.strip("[]"), port, limit=1 << 16)
+        context = _ssl_context(True, self._tls)
+        if context is not None:
+            context.sni_callback = self._pick_context
+        self._server = await asyncio.start_server(self._connection, host.strip("[]"), port, limit=1 << 16, ssl=context,
+                                                  ssl_handshake_timeout=OPEN_TIMEOUT_S if context else None)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
+
+    def _pick_context(self, connection: ssl.SSLObject, _server_name: str | None, listening: ssl.SSLContext) -> None:
+        """Called in each handshake (with or without SNI): the connection takes the context
+        of the TLS files as they are now, so a rotated certificate or CA applies to the
+        next connection, as on the gRPC port (the listener's own context is the one of
+        the files at start)."""
+        try:
+            current = _ssl_context(True, self._tls)
+        except Exception as e:  # the previous context stays (a warning says why)
+            log.warning("TLS files do not load for the framed port; this connection uses the previous ones",
+                        error=echo(str(e), 200))
+            return
+        if current is not None and current is not listening:
+            connection.context = current
 
     async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """Stops listening; streams still open after ``grace_s`` are cut (the handlers end
@@ -288,9 +306,6 @@ class FrameServer:
         self._connections.add(task)
         try:
             async with asyncio.timeout(OPEN_TIMEOUT_S):
-                context = _ssl_context(True, self._tls)
-                if context is not None:
-                    await writer.start_tls(context)
                 kind, payload = await read_frame(reader, self._max_request_bytes)
             if kind != OPEN:
                 raise FrameError(f"the first frame is {_KIND_NAMES[kind]}, not OPEN")

@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import struct
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -229,6 +231,63 @@ async def test_under_mutual_tls_the_handlers_see_the_callers_certificate(certs: 
             await call.read()
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         assert len(recorder.batches) == 1
+    finally:
+        await served.stop(0.5)
+
+
+async def test_a_client_hello_that_arrives_before_the_server_looks_still_gets_its_handshake(
+    certs: DevCerts, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A busy node starts a connection's handshake a while after the client sent its hello.
+    monkeypatch.setattr(frames, "DIAL_TIMEOUT_S", 2.0)
+    original = frames.FrameServer._connection
+
+    async def late(self: frames.FrameServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.3)
+        await original(self, reader, writer)
+
+    monkeypatch.setattr(frames.FrameServer, "_connection", late)
+    with identity(certs, "n1"):
+        served = frames.FrameServer({ECHO: frames.Method(echo, BytesValue.FromString)}, max_request_bytes=1024)
+        await served.start("127.0.0.1", 0)
+    try:
+        with identity(certs, "n2"):
+            call = await frames.FrameCall.open(f"127.0.0.1:{served.port}", served.port, ECHO, BytesValue.FromString)
+            await call.write(BytesValue(value=b"over TLS"))
+            assert (await call.read()).value == b"over TLS"
+            call.cancel()
+    finally:
+        await served.stop(0.5)
+
+
+async def test_a_rotated_certificate_applies_to_the_next_connection(
+    certs: DevCerts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tls, "RECHECK_S", 0.0)
+    cert, key = tmp_path / "server.pem", tmp_path / "server-key.pem"
+    shutil.copy(certs["n1"].cert, cert)
+    shutil.copy(certs["n1"].key, key)
+    tls.configure(tls.TlsConfig(tls.TlsFiles(cert, key, certs.ca)))
+    try:
+        served = frames.FrameServer({ECHO: frames.Method(echo, BytesValue.FromString)}, max_request_bytes=1024)
+        await served.start("127.0.0.1", 0)
+    finally:
+        tls.configure(None)
+
+    async def server_names() -> set[str]:
+        with identity(certs, "n2"):
+            call = await frames.FrameCall.open(f"127.0.0.1:{served.port}", served.port, ECHO, BytesValue.FromString)
+        peer = call._writer.get_extra_info("peercert")
+        await call.write(BytesValue(value=b"x"))
+        assert (await call.read()).value == b"x"
+        call.cancel()
+        return {value for rdn in peer["subject"] for key, value in rdn if key == "commonName"}
+
+    try:
+        assert await server_names() == {"n1"}
+        shutil.copy(certs["controlplane"].cert, cert)  # renewed under another name, same CA
+        shutil.copy(certs["controlplane"].key, key)
+        assert await server_names() == {"controlplane"}
     finally:
         await served.stop(0.5)
 
