@@ -577,6 +577,9 @@ class FrameCall:
         return grpc.aio.Metadata(*self._status[2])
 
 
+_NOT_THERE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED)
+"""A framed stream that ends at once with these never reached the handler: use gRPC."""
+
 _offered: dict[str, int] = {}
 """Address -> the framed port its node offered (dialled directly next time)."""
 _refused: dict[tuple[str, int], float] = {}
@@ -613,6 +616,18 @@ async def _dial(address: str, port: int, method: str, parse: Callable[[bytes], A
         return None
     try:
         call = await FrameCall.open(address, port, method, parse)
+        try:
+            # The stream is the caller's once the server has answered it: both handlers send
+            # their initial metadata at once. A connection that closes first (a TLS port
+            # dialled in plaintext, a proxy with no way through) or says nothing is a dial
+            # that failed, and the stream goes over gRPC.
+            await asyncio.wait_for(call.initial_metadata(), DIAL_TIMEOUT_S)
+        except BaseException:
+            call.cancel()
+            raise
+        if call.done() and call._status is not None and call._status[0] in _NOT_THERE:
+            call.cancel()
+            raise ConnectionError(f"{call._status[0].name}: {call._status[1]}")
     except (OSError, TimeoutError, ssl.SSLError) as e:
         _offered.pop(address, None)
         if remembered and isinstance(e, ConnectionRefusedError):

@@ -293,7 +293,7 @@ async def test_a_rotated_certificate_applies_to_the_next_connection(
 
 
 async def test_a_client_takes_the_offered_port_and_falls_back_to_grpc_when_it_cannot_reach_it(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, certs: DevCerts,
 ) -> None:
     offered: list[int] = []
     service = ShardNodeService("n1", list, lambda: RecordingDataPlane(),  # type: ignore[arg-type, return-value]
@@ -342,6 +342,19 @@ async def test_a_client_takes_the_offered_port_and_falls_back_to_grpc_when_it_ca
         assert isinstance(await exchange(), frames.FrameCall)
         assert frames._offered[address] == served.port
         assert "no longer open" in caplog.text and "unreachable" not in caplog.text
+
+        # A framed port this client cannot speak to (TLS, dialled in plaintext) is a failed
+        # dial too, though the connection opened: the stream goes over gRPC.
+        await served.stop(0.5)
+        with identity(certs, "n1"):
+            served = frames.FrameServer(
+                {replicate: frames.Method(service.Replicate, shardnode_pb2.ReplicateBatch.FromString)},
+                max_request_bytes=1 << 20)
+            await served.start("127.0.0.1", 0)
+        offered[0] = served.port
+        caplog.clear()
+        assert isinstance(await exchange(), grpc.aio.StreamStreamCall)
+        assert "framed port unreachable" in caplog.text and address not in frames._offered
 
         frames.enable(False)
         assert isinstance(await exchange(), grpc.aio.StreamStreamCall)
