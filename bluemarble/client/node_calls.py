@@ -91,7 +91,8 @@ NODE_CALLS = StreamSpec(
 TRADE_CALLS = StreamSpec(
     name="TradeCoordinator.ExecuteTrades", server="control plane", open=lambda stub: stub.ExecuteTrades(),
     call_type=trade_pb2.TradeCall, message_type=trade_pb2.TradeCalls, error_of=control_plane_error,
-    closed="cancelled (the client was closed)",
+    closed="cancelled (the client was closed)", framed="/bluemarble.v1.TradeCoordinator/ExecuteTrades",
+    result_type=trade_pb2.TradeResults,
 )
 
 

@@ -1,22 +1,24 @@
-"""A framed transport for the cluster's two busiest streams, beside gRPC.
+"""A framed transport for the cluster's busiest streams, beside gRPC.
 
 A cross-shard trade at a low rate makes about eight round trips on two internal streams:
 the coordinator's ``ShardNode.Calls`` to the two primaries (prepare, commit) and the
-primaries' ``Replicate`` to their replicas (the escrow, the settlement). When the
-processes go idle between messages, a round trip on a grpc.aio stream costs this machine
-two to three times what it costs on a plain socket (``scripts/bench_message_cost.py``):
-a message wakes gRPC's own threads and its completion queue before the event loop.
-Carried on a plain TCP (or TLS) connection read by the event loop itself, the same
-messages cost a trade several milliseconds less CPU (docs/benchmarks.md).
+primaries' ``Replicate`` to their replicas (the escrow, the settlement); and one on the
+game server's ``TradeCoordinator.ExecuteTrades``. When the processes go idle between
+messages, a round trip on a grpc.aio stream costs this machine two to three times what it
+costs on a plain socket (``scripts/bench_message_cost.py``): a message wakes gRPC's own
+threads and its completion queue before the event loop. Carried on a plain TCP (or TLS)
+connection read by the event loop itself, the same messages cost less CPU and wait less
+(docs/benchmarks.md).
 
 The gRPC methods stay as they are (grpcurl, other clients and older nodes use them); this
 is a second way to reach the same handlers:
 
-* A node serves the framed listener beside its gRPC port and says so in the initial
-  metadata of those two streams (:data:`PORT_KEY`). A client that opens one over gRPC and
-  sees the key closes it before its first message and dials the framed port on the same
-  host instead; later streams to that address dial it directly. When dialling fails
-  (a firewall, an older node) the client keeps to gRPC for :data:`RETRY_FRAMES_AFTER_S`.
+* A node (a control plane) serves the framed listener beside its gRPC port and says so in
+  the initial metadata of those streams (:data:`PORT_KEY`). A client that opens one over
+  gRPC and sees the key closes it before its first message and dials the framed port on
+  the same host instead; later streams to that address dial it directly. A dial counts
+  once the server has answered the stream; when dialling fails (a firewall, a TLS port
+  dialled in plaintext) the client keeps to gRPC for :data:`RETRY_FRAMES_AFTER_S`.
 * One connection carries one stream. Each frame is a 5-byte header (payload length,
   kind) and a payload: the client's OPEN (method and metadata, JSON), the protobuf
   MESSAGEs both ways, the client's HALF_CLOSE, and the server's HEADERS (initial metadata)
@@ -32,11 +34,13 @@ is a second way to reach the same handlers:
 * A hung peer: the callers bound each exchange (replication's ack timeout, each call's
   deadline) as they do on gRPC; a client also sends a PING after :data:`KEEPALIVE_S`
   without a frame while it waits for one, and ends the stream UNAVAILABLE when no frame
-  arrives within :data:`KEEPALIVE_TIMEOUT_S` more (what gRPC's keepalive does).
+  arrives within :data:`KEEPALIVE_TIMEOUT_S` more (what gRPC's keepalive does). TCP
+  keepalive probes close a connection whose peer's host vanished.
 
 The client's calls (:class:`FrameCall`) behave as the subset of ``grpc.aio``'s
-stream-stream call the two clients use, statuses and errors included, so their retry and
-failover rules are the same on either transport.
+stream-stream call the clients use (:class:`bluemarble.client.node_calls.CallStream`, the
+replication stream), statuses and errors included, so their retry and failover rules are
+the same on either transport.
 """
 
 from __future__ import annotations
@@ -267,6 +271,7 @@ class FrameServer:
         self._max_request_bytes = max_request_bytes
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[Any]] = set()
+        self._streams: dict[asyncio.Task[Any], FrameContext] = {}
         self._tls: tls.TlsConfig | None = None
         self.port = 0
 
@@ -295,6 +300,18 @@ class FrameServer:
             return
         if current is not None and current is not listening:
             connection.context = current
+
+    def end_streams(self, details: str, trailing_metadata: Sequence[tuple[str, str]] = ()) -> int:
+        """Ends every open stream at once with UNAVAILABLE ``details`` (for a server that
+        is stopping: its clients move elsewhere now, not when the grace runs out), as
+        :meth:`bluemarble.runtime.grpc_server.Server.end_streams` does on the gRPC port.
+        Returns how many."""
+        streams = list(self._streams.items())
+        for task, context in streams:
+            if context.status is None:
+                context.status = (grpc.StatusCode.UNAVAILABLE, details, tuple(trailing_metadata))
+            task.cancel()
+        return len(streams)
 
     async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """Stops listening; streams still open after ``grace_s`` are cut (the handlers end
@@ -352,7 +369,9 @@ class FrameServer:
         short = str(method_name).rsplit("/", 1)[-1]
         metrics.FRAMED_STREAMS.labels(short).inc()
         log.info("framed stream opened", method=short, peer=peer, tls=peercert is not None)
-        context.task = asyncio.current_task()
+        task = context.task = asyncio.current_task()
+        assert task is not None
+        self._streams[task] = context
         code, details = grpc.StatusCode.OK, ""
         trailers: tuple[tuple[str, str], ...] = ()
         try:
@@ -382,7 +401,9 @@ class FrameServer:
         except Exception:
             error_id = uuid.uuid4().hex[:12]
             log.exception("framed stream crashed", error_id=error_id, method=method_name)
-            code, details = grpc.StatusCode.INTERNAL, f"internal error (error id {error_id}); see the node log"
+            code, details = grpc.StatusCode.INTERNAL, f"internal error (error id {error_id}); see the server log"
+        finally:
+            self._streams.pop(task, None)
         await _send_status(writer, code, details, trailers)
 
     async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

@@ -142,10 +142,10 @@ TRADES = Counter(
 )
 FRAMED_STREAMS = Counter(
     "bluemarble_framed_streams_total",
-    "Shard node: streams opened on its framed port, by method (Calls, Replicate). The "
-    "control plane and the other nodes use that port once the node offers it; a count that "
-    "stays at 0 while the gRPC streams run means they cannot reach it (a firewall, a "
-    "NetworkPolicy: their logs say so).",
+    "Streams opened on this process's framed port, by method (a shard node's Calls and "
+    "Replicate, a control plane's ExecuteTrades). Clients use the port once the server offers "
+    "it on the gRPC stream; a count that stays at 0 while the gRPC streams run means they "
+    "cannot reach it (a firewall, a NetworkPolicy: their logs say so).",
     ["method"],
 )
 TRADE_PHASE = Histogram(

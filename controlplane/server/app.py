@@ -23,10 +23,10 @@ from bluemarble.core import limits
 from bluemarble.core.errors import Unavailable
 from bluemarble.core.ids import NodeId
 from bluemarble.core.ring import Ring
-from bluemarble.runtime import background, metrics
+from bluemarble.runtime import background, frames, metrics
 from bluemarble.runtime.auth import AdminToken, ServerAuth
 from bluemarble.runtime.clock import Clock, SystemClock
-from bluemarble.runtime.grpc_server import Server, ServiceBinding, build_server
+from bluemarble.runtime.grpc_server import STOPPING_TRAILER, Server, ServiceBinding, build_server
 from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
 from controlplane.server.crash_watch import CrashWatch
 from controlplane.server.election import Election
@@ -87,6 +87,9 @@ class ControlPlaneSettings:
     """Node ids must match it in full to register or act as a node (None: any id)."""
     etcd_security: EtcdSecurity | None = None
     """TLS and user/password to etcd (None: plaintext, no authentication)."""
+    frames_port: int = 0
+    """The framed port for ExecuteTrades streams on the --listen host (0: a free one, -1:
+    none): bluemarble.runtime.frames."""
     # Flags given explicitly on the command line (vs defaults), to warn on config drift.
     explicit: frozenset[str] = field(default_factory=frozenset)
 
@@ -120,6 +123,7 @@ class ControlPlaneApp:
             security=settings.etcd_security,
         )
         self.server: Server | None = None
+        self.frame_server: frames.FrameServer | None = None
         self.nodes: PrefixCache[common_pb2.Node] | None = None
         self.cluster_uid = ""  # read (or made) at start
         self.assignments: PrefixCache[common_pb2.Assignment] | None = None
@@ -229,6 +233,7 @@ class ControlPlaneApp:
             self.replica_id, locator, self.trade_store, self.clock, s.trades
         )
         self.trade_sweep = TradeSweep(self.trade_coordinator, self.trade_store, self.election, self.clock, s.trades)
+        trade_service = TradeCoordinatorService(self.trade_coordinator, self.trade_store, locator, server_auth)
         self.server = await build_server(
             s.listen,
             [
@@ -239,12 +244,20 @@ class ControlPlaneApp:
                 ),
                 ServiceBinding(
                     trade_pb2.DESCRIPTOR.services_by_name["TradeCoordinator"].full_name,
-                    TradeCoordinatorService(self.trade_coordinator, self.trade_store, locator, server_auth),
+                    trade_service,
                     trade_pb2_grpc.add_TradeCoordinatorServicer_to_server,
                 ),
             ],
             max_request_bytes=limits.CONTROL_PLANE_MAX_REQUEST_BYTES,
         )
+        if s.frames_port >= 0:
+            self.frame_server = frames.FrameServer(
+                {"/bluemarble.v1.TradeCoordinator/ExecuteTrades": frames.Method(
+                    trade_service.ExecuteTrades, trade_pb2.TradeCalls.FromString)},
+                max_request_bytes=limits.CONTROL_PLANE_MAX_REQUEST_BYTES,
+            )
+            await self.frame_server.start(s.listen.rsplit(":", 1)[0], s.frames_port)
+            trade_service.frames_port = lambda: self.frame_server.port if self.frame_server else 0
         await self.election.start()
         await self.reconciler.start()
         await self.trade_store.start()
@@ -256,6 +269,7 @@ class ControlPlaneApp:
             cluster=s.cluster,
             etcd=",".join(s.etcd_endpoints),
             replica=self.replica_id,
+            frames_port=self.frame_server.port if self.frame_server else None,
         )
 
     def refresh_gauges(self) -> None:
@@ -303,9 +317,10 @@ class ControlPlaneApp:
 
     async def _end_streams(self) -> None:
         assert self.server is not None
-        ended = await self.server.end_streams(
-            f"control-plane replica {self.replica_id} is shutting down; reconnect to another replica"
-        )
+        reason = f"control-plane replica {self.replica_id} is shutting down; reconnect to another replica"
+        ended = await self.server.end_streams(reason)
+        if self.frame_server is not None:
+            ended += self.frame_server.end_streams(reason, STOPPING_TRAILER)
         log.info("streams ended for shutdown", replica=self.replica_id, streams=ended)
 
     async def stop(self) -> None:
@@ -331,6 +346,7 @@ class ControlPlaneApp:
                 "server",
                 self.server.stop_gracefully(self.settings.shutdown_grace_s) if self.server else None,
             ),
+            ("framed port", self.frame_server.stop(self.settings.shutdown_grace_s) if self.frame_server else None),
             # After the server: trades still running (their callers may have gone) stop,
             # then the records that trades finishing during the drain queued are written.
             ("trades", self.trade_coordinator.close() if self.trade_coordinator else None),
@@ -345,4 +361,5 @@ class ControlPlaneApp:
             except TimeoutError:
                 log.error("shutdown step timed out; continuing", step=name)
         self.server = None
+        self.frame_server = None
         log.info("control plane stopped", replica=self.replica_id)

@@ -15,7 +15,7 @@ import structlog
 
 from bluemarble.api import cluster_config
 from bluemarble.core import limits, validation
-from bluemarble.core.errors import BlueMarbleError
+from bluemarble.core.errors import BlueMarbleError, InvalidArgument
 from bluemarble.runtime import auth, event_loop, logs, metrics, tls, tracing
 from bluemarble.runtime.auth import AdminToken
 from bluemarble.runtime.channels import split_addresses
@@ -97,6 +97,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         description="BlueMarble control plane replica: node registry, placement, trades.",
     )
     p.add_flag("--listen", default="127.0.0.1:7000", help="gRPC listen address host:port")
+    p.add_flag(
+        "--frames-port",
+        default=0,
+        type=int,
+        help="port of the framed listener (on the --listen host) that carries game servers' ExecuteTrades streams "
+        "for less CPU than gRPC; 0: a free port; -1: none (those streams stay on gRPC)",
+    )
     p.add_flag("--etcd", default="127.0.0.1:2379", help="etcd endpoints, comma-separated")
     p.add_flag("--cluster", default="default", help="cluster name (etcd key prefix)")
     p.add_flag("--lease-ttl-s", default=10, type=int, help="node lease TTL for a new cluster")
@@ -164,6 +171,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         # Before anything is written to etcd: a replica that cannot serve must not
         # create the cluster's config and ring.
         validation.address(args.listen, "--listen")
+        if not -1 <= args.frames_port <= 65535:
+            raise InvalidArgument(f"--frames-port is {args.frames_port}; give a port, 0 (a free one) or -1 (none)")
         validate_cluster_name(args.cluster)
         if not etcd_endpoints:
             p.error("--etcd names no endpoint; give at least one host:port (comma-separated)")
@@ -207,6 +216,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         admin_token=admin_token,
         node_id_pattern=node_id_pattern,
         etcd_security=_etcd_security(p, args),
+        frames_port=args.frames_port,
     )
     # Process-wide from here on: this replica's server and every channel it opens.
     tls.configure(tls_config)

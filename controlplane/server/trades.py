@@ -61,7 +61,7 @@ from bluemarble.core.trades.model import (
     validate_trade,
 )
 from bluemarble.core.trades.participant import REUSED_TRADE_ID
-from bluemarble.runtime import background, channels, metrics, multiplex, retry, tracing
+from bluemarble.runtime import background, channels, frames, metrics, multiplex, retry, tracing
 from bluemarble.runtime.auth import ServerAuth
 from bluemarble.runtime.channels import channel as open_channel
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout, wait_event
@@ -948,6 +948,8 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
         self._store = store
         self._locate = locator
         self._auth = auth or ServerAuth()
+        self.frames_port: Callable[[], int] = lambda: 0
+        """This replica's framed port (0: none), offered on ExecuteTrades streams."""
 
     async def ExecuteTrade(
         self, request: trade_pb2.ExecuteTradeRequest, context: Ctx
@@ -967,8 +969,10 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
         """ExecuteTrade calls multiplexed on one stream (see the proto), each answered as
         its unary call would be. A trade whose call's deadline passes runs on to its end,
         as a unary caller's does; a stopping replica ends the stream (UNAVAILABLE)."""
-        # At once, so the caller knows the stream is served before it sends a call.
-        await context.send_initial_metadata(())
+        # At once, so the caller knows the stream is served before it sends a call (and
+        # whether it may carry the calls on this replica's framed port instead).
+        port = self.frames_port()
+        await context.send_initial_metadata(((frames.PORT_KEY, str(port)),) if port else ())
 
         async def handle(kind: str, request: trade_pb2.ExecuteTradeRequest, timeout_s: float) -> Any:
             return await self._execute(request)

@@ -15,6 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bluemarble.client.routing import RoutingClient
+from bluemarble.client.trades import TradeClient
+from bluemarble.core.trades.model import Outcome
 from bluemarble.v1 import common_pb2, trade_pb2, trade_pb2_grpc
 from scripts.localcluster import free_port
 from tests.e2e.conftest import ProcessCluster
@@ -82,8 +84,13 @@ async def test_metrics_after_a_cross_shard_trade(process_cluster: ProcessCluster
             trade_id="metrics-1", player_a=a, player_b=b,
             a_gives=common_pb2.Offer(item_ids=["lamp"]), b_gives=common_pb2.Offer(gold=20)), timeout=10)
     assert answer.outcome == common_pb2.TRADE_OUTCOME_COMMITTED and answer.cross_shard
+    # A game server's trade client: its ExecuteTrades stream takes the replica's framed port.
+    async with TradeClient(cluster.control_planes[:1]) as trades:
+        back = await trades.execute_trade("metrics-2", b, a, a_items=["lamp"], deadline_s=10)
+    assert back.outcome is Outcome.COMMITTED, back
 
     coordinator = await asyncio.to_thread(scrape, cp_ports[0])
+    assert (value(coordinator, "bluemarble_framed_streams_total", method="ExecuteTrades") or 0) >= 1
     assert (value(coordinator, "bluemarble_trades_total", kind="cross_shard", outcome="committed") or 0) >= 1
     for phase in ("prepare", "decide", "commit", "total"):
         assert (value(coordinator, "bluemarble_trade_phase_seconds_count", phase=phase) or 0) >= 1, phase

@@ -97,6 +97,19 @@ async def test_messages_and_statuses_travel_as_on_grpc(server: frames.FrameServe
     assert "a bug" not in (ended.value.details() or "")
 
 
+async def test_a_stopping_server_ends_its_streams_at_once(server: frames.FrameServer) -> None:
+    call = await open_echo(server)
+    await call.initial_metadata()
+    reading = asyncio.ensure_future(call.read())
+    await asyncio.sleep(0.05)
+    assert server.end_streams("replica r1 is shutting down", (("bluemarble-shutting-down", "1"),)) == 1
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await asyncio.wait_for(reading, 5)
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and ended.value.details() == "replica r1 is shutting down"
+    assert ("bluemarble-shutting-down", "1") in list(await call.trailing_metadata())
+    assert server.end_streams("again") == 0
+
+
 async def test_bad_input_gets_a_status_or_a_closed_connection_and_the_server_serves_on(
     server: frames.FrameServer,
 ) -> None:

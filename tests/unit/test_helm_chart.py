@@ -154,6 +154,7 @@ def test_the_schema_refuses_bad_values(override: dict[str, Any]) -> None:
         ({"controlplane": {"metricsPort": 7000}}, "controlplane.grpcPort and controlplane.metricsPort"),
         ({"nodes": {"grpcPort": 9100}}, "nodes.grpcPort and nodes.metricsPort"),
         ({"nodes": {"framesPort": 7101}}, "nodes.framesPort 7101 is also the gRPC or metrics port"),
+        ({"controlplane": {"framesPort": 9100}}, "controlplane.framesPort 9100 is also the gRPC or metrics port"),
         ({"etcd": {"tls": {"enabled": True, "secretName": "etcd-tls"}}}, "for an external etcd"),
         ({"etcd": {"auth": {"username": "u", "passwordSecret": "p"}}}, "for an external etcd"),
     ],
@@ -645,6 +646,13 @@ def test_network_policies_admit_the_charts_own_traffic(rendered: dict[str, Manif
     env = {e["name"]: e.get("value") for e in node["env"]}
     assert env["BLUEMARBLE_FRAMES_PORT"] == "7102" and {"name": "frames", "containerPort": 7102,
                                                         "protocol": "TCP"} in node["ports"]
+    # The control plane's framed port (game servers' ExecuteTrades): the same number on the
+    # Service, which is the host a game server dials it by.
+    assert admitted(policies[CP], "frames", CP)
+    cp = hc.container(m.get("Deployment", CP), "controlplane")
+    assert {e["name"]: e.get("value") for e in cp["env"]}["BLUEMARBLE_FRAMES_PORT"] == "7002"
+    service = m.get("Service", CP)
+    assert {"name": "frames", "port": 7002, "targetPort": "frames", "protocol": "TCP"} in service["spec"]["ports"]
     assert admitted(policies[ETCD], "client", CP) and not admitted(policies[ETCD], "client", NODE)
     assert admitted(policies[ETCD], "peer", ETCD)
 
