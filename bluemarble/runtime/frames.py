@@ -414,17 +414,17 @@ class FrameServer:
             kind, payload = await read_frame(reader, self._max_request_bytes)
             if kind == MESSAGE:
                 try:
-                    yield parse(payload)
+                    request = parse(payload)
                 except DecodeError as e:
                     raise InvalidArgument(f"a request message of {len(payload)} bytes does not parse as "
                                           f"{self._request_name(parse)}") from e
+                yield request
             elif kind == HALF_CLOSE:
                 return
             elif kind == PING:
                 writer.write(frame(PONG))
             else:
                 raise FrameError(f"unexpected {_KIND_NAMES[kind]} frame from the client")
-
 
     @staticmethod
     def _request_name(parse: Callable[[bytes], Any]) -> str:
