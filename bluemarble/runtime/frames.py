@@ -62,7 +62,7 @@ import grpc.aio
 import structlog
 from google.protobuf.message import DecodeError
 
-from bluemarble.core.errors import BlueMarbleError, InvalidArgument
+from bluemarble.core.errors import BlueMarbleError, InvalidArgument, Unavailable
 from bluemarble.core.limits import MAX_MESSAGE_BYTES, echo
 from bluemarble.runtime import metrics, tls
 from bluemarble.runtime.grpc_server import short_message
@@ -277,13 +277,19 @@ class FrameServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listens on ``host:port`` (0: a free port) with the process's TLS configuration
-        as it is now (:func:`bluemarble.runtime.tls.current`); returns the port."""
+        as it is now (:func:`bluemarble.runtime.tls.current`); returns the port. Raises
+        Unavailable when the port cannot be bound."""
         self._tls = tls.current()
         context = _ssl_context(True, self._tls)
         if context is not None:
             context.sni_callback = self._pick_context
-        self._server = await asyncio.start_server(self._connection, host.strip("[]"), port, limit=1 << 16, ssl=context,
-                                                  ssl_handshake_timeout=OPEN_TIMEOUT_S if context else None)
+        try:
+            self._server = await asyncio.start_server(
+                self._connection, host.strip("[]"), port, limit=1 << 16, ssl=context,
+                ssl_handshake_timeout=OPEN_TIMEOUT_S if context else None)
+        except OSError as e:
+            raise Unavailable(f"cannot listen on the framed port {host}:{port}: {e.strerror or e}; give "
+                              "--frames-port another port, or -1 for none") from e
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 

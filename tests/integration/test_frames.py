@@ -19,7 +19,7 @@ import grpc.aio
 import pytest
 from google.protobuf.wrappers_pb2 import BytesValue
 
-from bluemarble.core.errors import NotFound
+from bluemarble.core.errors import NotFound, Unavailable
 from bluemarble.runtime import frames, tls
 from bluemarble.runtime.auth import ClusterPeers
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
@@ -146,6 +146,13 @@ async def test_bad_input_gets_a_status_or_a_closed_connection_and_the_server_ser
     await call.write(BytesValue(value=b"ok"))
     assert (await call.read()).value == b"ok"
     call.cancel()
+
+
+async def test_a_port_in_use_is_a_clear_error(server: frames.FrameServer) -> None:
+    taken = frames.FrameServer({}, max_request_bytes=1024)
+    expected = rf"cannot listen on the framed port 127.0.0.1:{server.port}: .*--frames-port"
+    with pytest.raises(Unavailable, match=expected):
+        await taken.start("127.0.0.1", server.port)
 
 
 async def test_a_peer_that_stops_answering_ends_the_stream_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
