@@ -390,8 +390,12 @@ class NodeAgent:
                     self._set_state(SessionState.SUSPENDED, error=str(e))
                 # One warning, then a summary every few seconds: while the control plane
                 # or etcd is down this fails every fraction of a second.
+                # A stall again: the same replica is asked again (the client did not move), but
+                # the lease is at risk now, so it is a warning.
                 self._beat_failures.failed(
-                    "heartbeat", self._clock.monotonic_s(), "heartbeat failed; trying the next address",
+                    "heartbeat", self._clock.monotonic_s(),
+                    "heartbeat timed out again while this process stalls; heartbeating the same address"
+                    if isinstance(e, SelfStalled) else "heartbeat failed; trying the next address",
                     error=str(e),
                     next=self._client.current_address,
                     lease_valid_for_s=round(self.lease_valid_until_s - self._clock.monotonic_s(), 2),

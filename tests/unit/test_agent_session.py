@@ -26,6 +26,7 @@ from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.ring_router import RingRouter
 from bluemarble.core.ids import ShardId
 from bluemarble.core.ring import Ring, initial_ring
+from bluemarble.runtime import stalls
 from bluemarble.runtime.clock import FakeClock
 from bluemarble.runtime.grpc_server import STOPPING_TRAILER
 from bluemarble.v1 import common_pb2
@@ -329,6 +330,32 @@ class TestHeartbeatSchedule:
             beats_on_b = [t for t, address in plane.answered if address == "cp-b:7000"]
             gaps = [b - a for a, b in itertools.pairwise(beats_on_b)]
             assert gaps and all(abs(g - TTL_S / 3) <= 3 * STEP_S for g in gaps), gaps
+
+    async def test_heartbeats_that_time_out_while_this_process_stalls_name_no_other_replica(
+        self, monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        clock = FakeClock()
+        plane = FakeControlPlane(clock)
+        agent, client = make_agent(plane)
+        async with running(agent, clock):
+            lease = agent.registration.lease_id  # type: ignore[union-attr]
+            await run_for(clock, 1.5)
+            with structlog.testing.capture_logs() as logs:
+                # Every heartbeat timeout overlaps a stall of this process (as after SIGSTOP).
+                monkeypatch.setattr(stalls, "stalled_within", lambda _window_s: 3.0)
+                plane.hung.add("cp-a:7000")
+                await run_for(clock, 3 * agent.heartbeat_timeout_s() + 0.1)
+                assert client.current_address == "cp-a:7000"  # the replica was not to blame
+            plane.hung.clear()
+            monkeypatch.undo()
+            await run_for(clock, 1.0)
+            assert plane.alive(lease)
+        beats = [(e["event"], e["log_level"]) for e in logs if "heartbeat" in e["event"]]
+        assert ("heartbeat timed out while this process was stalled; heartbeating again", "info") in beats
+        assert ("heartbeat timed out again while this process stalls; heartbeating the same address",
+                "warning") in beats
+        assert not any("next address" in event for event, _ in beats), beats
+        await client.close()
 
     async def test_a_replica_ending_its_heartbeat_stream_to_shut_down_costs_no_warning(self) -> None:
         clock = FakeClock()
