@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import socket
 import struct
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -101,7 +102,6 @@ async def test_a_stopping_server_ends_its_streams_at_once(server: frames.FrameSe
     call = await open_echo(server)
     await call.initial_metadata()
     reading = asyncio.ensure_future(call.read())
-    await asyncio.sleep(0.05)
     assert server.end_streams("replica r1 is shutting down", (("bluemarble-shutting-down", "1"),)) == 1
     with pytest.raises(grpc.aio.AioRpcError) as ended:
         await asyncio.wait_for(reading, 5)
@@ -215,10 +215,14 @@ async def test_under_mutual_tls_the_handlers_see_the_callers_certificate(certs: 
                                 max_request_bytes=1 << 20)
     with identity(certs, "n1"):
         await served.start("127.0.0.1", 0)
+
+    async def dial() -> frames.FrameCall:  # as the process is configured at the time
+        return await frames.FrameCall.open(f"127.0.0.1:{served.port}", served.port, replicate,
+                                           shardnode_pb2.ReplicateAck.FromString)
+
     try:
         with identity(certs, "n2"):
-            call = await frames.FrameCall.open(f"127.0.0.1:{served.port}", served.port, replicate,
-                                               shardnode_pb2.ReplicateAck.FromString)
+            call = await dial()
             await call.write(shardnode_pb2.ReplicateBatch(primary="n2"))
             assert (await call.read()).replica == "n1"
             await call.write(shardnode_pb2.ReplicateBatch(primary="n1"))  # as another node
@@ -229,8 +233,7 @@ async def test_under_mutual_tls_the_handlers_see_the_callers_certificate(certs: 
         assert recorder.batches == ["n2"]
 
         with identity(certs, "admin"):  # a certificate of the CA, but not a node's
-            call = await frames.FrameCall.open(f"127.0.0.1:{served.port}", served.port, replicate,
-                                               shardnode_pb2.ReplicateAck.FromString)
+            call = await dial()
             await call.write(shardnode_pb2.ReplicateBatch(primary="admin"))
             with pytest.raises(grpc.aio.AioRpcError) as ended:
                 await call.read()
@@ -240,12 +243,10 @@ async def test_under_mutual_tls_the_handlers_see_the_callers_certificate(certs: 
         with identity(certs, "n2", ca=True):
             tls.configure(tls.TlsConfig(tls.TlsFiles(None, None, certs.ca)))
             with pytest.raises((OSError, grpc.aio.AioRpcError)):
-                call = await frames.FrameCall.open(f"127.0.0.1:{served.port}", served.port, replicate,
-                                                   shardnode_pb2.ReplicateAck.FromString)
+                call = await dial()
                 await call.write(shardnode_pb2.ReplicateBatch(primary="n2"))
                 await call.read()
-        call = await frames.FrameCall.open(f"127.0.0.1:{served.port}", served.port, replicate,
-                                           shardnode_pb2.ReplicateAck.FromString)
+        call = await dial()
         await call.write(shardnode_pb2.ReplicateBatch(primary="n2"))
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             await call.read()
@@ -339,7 +340,7 @@ async def test_a_client_takes_the_offered_port_and_falls_back_to_grpc_when_it_ca
             call.cancel()
             return call
 
-        with contextlib.closing(__import__("socket").socket()) as unused:
+        with contextlib.closing(socket.socket()) as unused:
             unused.bind(("127.0.0.1", 0))
             offered.append(unused.getsockname()[1])  # offered, but nothing listens there
             assert isinstance(await exchange(), grpc.aio.StreamStreamCall)
