@@ -784,6 +784,8 @@ class DataPlane:
         """The shard's state if this node may write to it at ``epoch`` (0: the current one)."""
         validation.log_counter(epoch, "epoch")
         state = self._shards.get(shard)
+        if state is None:
+            self._check_in_ring(shard)
         if state is None or state.role != PRIMARY:
             raise FailedPrecondition(
                 f"node {self.node_id} is not the primary of {shard}{self._primary_hint(state, shard)}"
@@ -859,6 +861,8 @@ class DataPlane:
             if allow_stale:
                 raise Unavailable(f"node {self.node_id} holds no data for {shard} yet; retry shortly")
             self._writable(shard, 0, strong=True)  # raises the precise reason
+        if state is None:
+            self._check_in_ring(shard)
         hint = self._primary_hint(state, shard)
         if state is not None and state.role == REPLICA:
             raise FailedPrecondition(
@@ -1095,6 +1099,14 @@ class DataPlane:
         except FailedPrecondition:
             return None
 
+    def _check_in_ring(self, shard: ShardId) -> None:
+        """NotFound for a shard the ring does not have and this node holds nothing of: no
+        node will ever serve it, so "ask the control plane where it is" would send the
+        caller round in circles."""
+        known = self._ring_shards()
+        if known is not None and shard not in known and shard not in self._shards:
+            raise NotFound(_not_in_ring(shard, known))
+
     def fence(self, request: shardnode_pb2.FenceRequest) -> shardnode_pb2.FenceResponse:
         if len(request.shards) > limits.MAX_SHARD_STATUSES:
             raise InvalidArgument(f"fence lists {len(request.shards)} shards; at most {limits.MAX_SHARD_STATUSES}")
@@ -1111,7 +1123,7 @@ class DataPlane:
             if item.epoch == 0:
                 raise InvalidArgument(f"fence of {shard} names epoch 0; epochs start at 1")
             if known is not None and shard not in known and shard not in self._shards:
-                raise NotFound(f"{shard} is not a shard of this cluster (its ring has {len(known)} shards)")
+                raise NotFound(_not_in_ring(shard, known))
             held = self._shards.get(shard)
             newest = max(held.epoch, held.fenced_epoch, held.last.epoch) if held is not None else 0
             if item.epoch > newest + MAX_FENCE_STEP:
@@ -1389,6 +1401,8 @@ class DataPlane:
         validation.log_counter(request.epoch, "epoch")  # as GetEntries: a counter, 0 for any
         replica = validation.node_id(request.replica, "replica") if request.replica else "?"
         state = self._shards.get(shard)
+        if state is None:
+            self._check_in_ring(shard)
         if state is None or not (state.synced or state.last.lsn > 0):
             raise FailedPrecondition(f"node {self.node_id} holds no copy of {shard} to snapshot")
         served_epoch = max(state.epoch, state.fenced_epoch)  # a replica was fenced by the asking primary
@@ -1431,6 +1445,8 @@ class DataPlane:
         asker = validation.node_id(request.node_id, "node_id") if request.node_id else "?"
         after = _position(request.after, "after")
         state = self._shards.get(shard)
+        if state is None:
+            self._check_in_ring(shard)
         if state is None or not (state.synced or state.last.lsn > 0):
             raise FailedPrecondition(f"node {self.node_id} holds no copy of {shard}")
         if state.snapshotting:
@@ -1522,6 +1538,10 @@ class DataPlane:
                 if state.primary_last_lsn > state.last.lsn:
                     return f"{state.primary_last_lsn - state.last.lsn} entries behind on {shard}"
         return ""
+
+
+def _not_in_ring(shard: ShardId, known: frozenset[ShardId]) -> str:
+    return f"{shard} is not a shard of this cluster (its ring has {len(known)} shards)"
 
 
 def _shard_id(value: str) -> ShardId:

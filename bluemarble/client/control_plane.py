@@ -58,7 +58,7 @@ def to_error(e: grpc.aio.AioRpcError, address: str) -> errors.BlueMarbleError:
 def status_to_error(code: grpc.StatusCode, details: str, address: str) -> errors.BlueMarbleError:
     """The BlueMarble error for a call to the control plane at ``address`` that ended
     with ``code`` and ``details`` (a unary call's status, or a multiplexed call's result)."""
-    details = details or code.name
+    details = channels.plain_details(details) or code.name
     if code == grpc.StatusCode.UNAVAILABLE:
         details = f"control plane {address} unavailable: {details}"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED and details in ("Deadline Exceeded", code.name):  # gRPC's words

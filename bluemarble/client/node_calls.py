@@ -46,6 +46,7 @@ MAX_CALLS_PER_MESSAGE = 64
 def status_error(code: str, details: str, address: str) -> errors.BlueMarbleError:
     """The BlueMarble error for a call to the node at ``address`` that ended with the
     status ``code`` (a grpc.StatusCode name)."""
+    details = channels.plain_details(details)
     if code == "UNAVAILABLE":
         return errors.Unavailable(f"node {address} unavailable: {details}")
     if code == "DEADLINE_EXCEEDED":

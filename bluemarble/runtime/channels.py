@@ -95,6 +95,13 @@ def outdated(built: grpc.aio.Channel) -> bool:
     return generation is not None and config is not None and config.current_generation() != generation
 
 
+def plain_details(text: str) -> str:
+    """gRPC's details with its core's connection wording made plain: "last error:
+    UNKNOWN: ipv4:...: Connection refused" names no status of any call (it is how the core
+    prints a socket error), and a scanner of statuses or logs takes it for one."""
+    return text.replace("last error: UNKNOWN: ", "last error: ") if "UNKNOWN: " in text else text
+
+
 CORE_BREAK = "Internal error from Core"
 """The details gRPC gives a call whose connection broke under a write (INTERNAL, though
 nothing failed inside either program): grpc/grpc#36066."""

@@ -34,8 +34,12 @@ is a second way to reach the same handlers:
 * A hung peer: the callers bound each exchange (replication's ack timeout, each call's
   deadline) as they do on gRPC; a client also sends a PING after :data:`KEEPALIVE_S`
   without a frame while it waits for one, and ends the stream UNAVAILABLE when no frame
-  arrives within :data:`KEEPALIVE_TIMEOUT_S` more (what gRPC's keepalive does). TCP
-  keepalive probes close a connection whose peer's host vanished.
+  arrives within :data:`KEEPALIVE_TIMEOUT_S` more (what gRPC's keepalive does); a client
+  that has sent nothing for :data:`KEEPALIVE_S` sends a PING even when it does not read.
+  The server closes a stream whose client has sent no frame for :data:`IDLE_TIMEOUT_S`
+  while it waits for one (a peer that opens streams and goes silent, or stops in the
+  middle of a frame, does not hold a connection for good). TCP keepalive probes close a
+  connection whose peer's host vanished.
 
 The client's calls (:class:`FrameCall`) behave as the subset of ``grpc.aio``'s
 stream-stream call the clients use (:class:`bluemarble.client.node_calls.CallStream`, the
@@ -88,6 +92,9 @@ DIAL_TIMEOUT_S = 3.0
 """A client's connect, handshake and OPEN within this, or it falls back to gRPC."""
 KEEPALIVE_S = 6.0
 KEEPALIVE_TIMEOUT_S = 3.0
+IDLE_TIMEOUT_S = 30.0
+"""A server closes a stream when the frame it waits for (the next one, or the rest of one
+begun) has not come within this: a live client sends a PING every :data:`KEEPALIVE_S`."""
 RETRY_FRAMES_AFTER_S = 60.0
 """After a failed dial, the client uses gRPC to that address for this long."""
 STOP_GRACE_S = 2.0
@@ -98,6 +105,11 @@ has one per control-plane replica, per replica it feeds, per game server)."""
 
 class FrameError(Exception):
     """The peer broke the framing (an unknown kind, an oversized or malformed frame)."""
+
+
+class FrameTooLarge(FrameError):
+    """A frame over its bound (the server answers RESOURCE_EXHAUSTED, as gRPC does for an
+    oversized message; any other broken framing is INVALID_ARGUMENT)."""
 
 
 def frame(kind: int, payload: bytes = b"") -> bytes:
@@ -112,12 +124,24 @@ async def read_frame(reader: asyncio.StreamReader, max_message_bytes: int) -> tu
         raise FrameError(f"unknown frame kind {kind}")
     limit = max_message_bytes if kind == MESSAGE else MAX_CONTROL_BYTES
     if length > limit:
-        raise FrameError(f"a {_KIND_NAMES[kind]} frame of {length} bytes; the limit is {limit}")
+        raise FrameTooLarge(f"a {_KIND_NAMES[kind]} frame of {length} bytes; the limit is {limit}")
     return kind, (await reader.readexactly(length) if length else b"")
 
 
 def _control(payload: Mapping[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def _decode_control(payload: bytes) -> dict[str, Any]:
+    """An OPEN, HEADERS or STATUS payload: a JSON object, else FrameError (nesting deep
+    enough to exhaust the parser's recursion included)."""
+    try:
+        value = json.loads(payload)
+    except (ValueError, RecursionError) as e:  # (UnicodeDecodeError is a ValueError)
+        raise FrameError(f"a control frame that is not JSON ({type(e).__name__})") from None
+    if not isinstance(value, dict):
+        raise FrameError("a control frame that is not a JSON object")
+    return value
 
 
 def _pairs(value: Any) -> tuple[tuple[str, str], ...]:
@@ -230,6 +254,12 @@ class FrameContext:
         self._headers_sent = False
         self.status: tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]] | None = None
         self.task: asyncio.Task[Any] | None = None
+        self.waiting_since_s: float | None = None  # when the read of the client's next frame began
+        self.watch: asyncio.TimerHandle | None = None
+
+    @property
+    def writer(self) -> asyncio.StreamWriter:
+        return self._writer
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
@@ -348,11 +378,8 @@ class FrameServer:
                 kind, payload = await read_frame(reader, self._max_request_bytes)
             if kind != OPEN:
                 raise FrameError(f"the first frame is {_KIND_NAMES[kind]}, not OPEN")
-            opening = json.loads(payload)
-            if not isinstance(opening, dict):
-                raise FrameError("the OPEN frame is not a JSON object")
-            await self._serve(opening, reader, writer, peer)
-        except (FrameError, ValueError, UnicodeDecodeError) as e:
+            await self._serve(_decode_control(payload), reader, writer, peer)
+        except FrameError as e:
             log.warning("framed connection refused: the peer broke the framing", peer=peer, error=echo(str(e), 200))
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, OSError) as e:
             log.debug("framed connection ended", peer=peer, error=type(e).__name__)
@@ -378,10 +405,11 @@ class FrameServer:
         task = context.task = asyncio.current_task()
         assert task is not None
         self._streams[task] = context
+        _watch_idle_later(context, short)
         code, details = grpc.StatusCode.OK, ""
         trailers: tuple[tuple[str, str], ...] = ()
         try:
-            handler: Any = method.handler(self._requests(reader, writer, method.parse), context)  # an async generator
+            handler: Any = method.handler(self._requests(reader, context, method.parse), context)  # an async generator
             async with contextlib.aclosing(handler) as responses:
                 async for response in responses:
                     if writer.is_closing():
@@ -400,24 +428,30 @@ class FrameServer:
         except BlueMarbleError as e:
             code = grpc.StatusCode[e.status]
             details = short_message(str(e))
-        except FrameError as e:
+        except FrameTooLarge as e:
             code, details = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+        except FrameError as e:
+            code, details = grpc.StatusCode.INVALID_ARGUMENT, f"the client broke the framing: {e}"
         except (asyncio.IncompleteReadError, ConnectionError):
-            return  # the client went away: nobody to answer
+            return  # the client went away (or was silent too long): nobody to answer
         except Exception:
             error_id = uuid.uuid4().hex[:12]
             log.exception("framed stream crashed", error_id=error_id, method=method_name)
             code, details = grpc.StatusCode.INTERNAL, f"internal error (error id {error_id}); see the server log"
         finally:
             self._streams.pop(task, None)
+            if context.watch is not None:
+                context.watch.cancel()
         await _send_status(writer, code, details, trailers)
 
-    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    async def _requests(self, reader: asyncio.StreamReader, context: FrameContext,
                         parse: Callable[[bytes], Any]) -> AsyncIterator[Any]:
         """The stream's requests, read as the handler asks for them. A client's keepalive
         PING is answered here: a handler waiting for its next request is reading."""
         while True:
+            context.waiting_since_s = time.monotonic()
             kind, payload = await read_frame(reader, self._max_request_bytes)
+            context.waiting_since_s = None
             if kind == MESSAGE:
                 try:
                     request = parse(payload)
@@ -428,7 +462,7 @@ class FrameServer:
             elif kind == HALF_CLOSE:
                 return
             elif kind == PING:
-                writer.write(frame(PONG))
+                context.writer.write(frame(PONG))
             else:
                 raise FrameError(f"unexpected {_KIND_NAMES[kind]} frame from the client")
 
@@ -436,6 +470,35 @@ class FrameServer:
     def _request_name(parse: Callable[[bytes], Any]) -> str:
         owner = getattr(parse, "__self__", None)
         return getattr(owner, "__name__", "the method's request")
+
+
+def _watch_idle(context: FrameContext, method: str, due_s: float) -> None:
+    """A stream's idle timer (every third of :data:`IDLE_TIMEOUT_S`): closes the stream
+    when the frame its handler waits for has not come within the timeout. A timer that
+    fires a second or more late means this process stalled: the wait starts over."""
+    now = time.monotonic()
+    since_s = context.waiting_since_s
+    if since_s is not None and now - due_s >= 1.0:
+        context.waiting_since_s = since_s = now
+    if since_s is not None and now - since_s >= IDLE_TIMEOUT_S:
+        log.info("framed stream closed: the client sent nothing it owed", method=method, peer=context.peer(),
+                 waited_s=round(now - since_s, 1))
+        writer = context.writer
+        if writer.transport.get_write_buffer_size() == 0:
+            writer.write(frame(STATUS, _control({
+                "code": grpc.StatusCode.UNAVAILABLE.name, "trailers": [],
+                "details": f"no frame from the client for {IDLE_TIMEOUT_S:g} s; the stream is closed"})))
+            writer.close()
+        else:
+            writer.transport.abort()  # it does not read either
+        return
+    _watch_idle_later(context, method)
+
+
+def _watch_idle_later(context: FrameContext, method: str) -> None:
+    period_s = IDLE_TIMEOUT_S / 3
+    context.watch = asyncio.get_running_loop().call_later(
+        period_s, _watch_idle, context, method, time.monotonic() + period_s)
 
 
 async def _send_status(writer: asyncio.StreamWriter, code: grpc.StatusCode, details: str,
@@ -468,6 +531,8 @@ class FrameCall:
         self._ended = asyncio.Event()
         self._last_frame_s = time.monotonic()
         self._ping_sent_s: float | None = None
+        self._last_sent_s = self._last_frame_s  # when this side last sent a frame
+        self._half_closed = False
         self._waiting_since_s: float | None = None  # when the read under way began
         self._due_s = self._last_frame_s + KEEPALIVE_S
         self._keepalive = asyncio.get_running_loop().call_later(KEEPALIVE_S, self._check_alive)
@@ -497,7 +562,9 @@ class FrameCall:
         without a frame, and the end of the stream when no frame follows within
         :data:`KEEPALIVE_TIMEOUT_S`. (A stream nobody reads is not judged: its peer owes it
         nothing yet.) A timer that fires a second or more late means this process
-        stalled: the peer had no chance to answer, so the wait starts over."""
+        stalled: the peer had no chance to answer, so the wait starts over. Read or not, a
+        stream that has sent nothing for :data:`KEEPALIVE_S` sends a PING, so that the
+        server, which closes silent streams, keeps it."""
         if self._status is not None:
             return
         now = time.monotonic()
@@ -514,9 +581,17 @@ class FrameCall:
         if self._waiting_since_s is not None and not stalled:
             quiet_s = now - max(self._last_frame_s, self._waiting_since_s)
             if self._ping_sent_s is None and quiet_s >= KEEPALIVE_S:
-                self._writer.write(frame(PING))
+                self._send(frame(PING))
                 self._ping_sent_s = now
             delay_s = KEEPALIVE_TIMEOUT_S if self._ping_sent_s is not None else max(0.1, KEEPALIVE_S - quiet_s)
+        if self._ping_sent_s is None and not self._half_closed:
+            # The server closes a stream that stays silent (IDLE_TIMEOUT_S): one that has
+            # sent nothing for a while pings, judged or not (the PONG waits for a read).
+            sent_s = now - self._last_sent_s
+            if sent_s >= KEEPALIVE_S:
+                self._send(frame(PING))
+                sent_s = 0.0
+            delay_s = min(delay_s, max(0.1, KEEPALIVE_S - sent_s))
         self._due_s = now + delay_s
         self._keepalive = asyncio.get_running_loop().call_later(delay_s, self._check_alive)
 
@@ -539,9 +614,9 @@ class FrameCall:
             if kind == MESSAGE:
                 self._buffered.append(self._parse(payload))
             elif kind == HEADERS:
-                self._initial = grpc.aio.Metadata(*_pairs(json.loads(payload).get("metadata")))
+                self._initial = grpc.aio.Metadata(*_pairs(_decode_control(payload).get("metadata")))
             elif kind == STATUS:
-                status = json.loads(payload)
+                status = _decode_control(payload)
                 code = grpc.StatusCode.__members__.get(str(status.get("code")), grpc.StatusCode.UNKNOWN)
                 self._end(code, str(status.get("details", ""))[:2000], _pairs(status.get("trailers")))
             elif kind != PONG:
@@ -585,16 +660,21 @@ class FrameCall:
     async def write(self, message: Any) -> None:
         if self._status is not None:
             raise asyncio.InvalidStateError("the stream has ended")
-        self._writer.write(frame(MESSAGE, message.SerializeToString()))
+        self._send(frame(MESSAGE, message.SerializeToString()))
         try:
             await self._writer.drain()
         except (ConnectionError, OSError) as e:
             self._end(grpc.StatusCode.UNAVAILABLE, f"the connection to {self._address} broke ({type(e).__name__})")
             raise self._error() from e
 
+    def _send(self, data: bytes) -> None:
+        self._writer.write(data)
+        self._last_sent_s = time.monotonic()
+
     async def done_writing(self) -> None:
         if self._status is None:
-            self._writer.write(frame(HALF_CLOSE))
+            self._half_closed = True
+            self._send(frame(HALF_CLOSE))
 
     def done(self) -> bool:
         return self._status is not None

@@ -37,7 +37,7 @@ from bluemarble.api.messages import SHUTTING_DOWN_KEY
 from bluemarble.core import limits
 from bluemarble.core.errors import BlueMarbleError, ResourceExhausted
 from bluemarble.core.limits import MAX_MESSAGE_BYTES
-from bluemarble.runtime import metrics, retry, tls, tracing
+from bluemarble.runtime import channels, metrics, retry, tls, tracing
 
 log = structlog.get_logger(__name__)
 
@@ -151,6 +151,57 @@ def _add_reflection_v1(servicer: Any, server: Any) -> None:
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, handlers),))
     server.add_registered_method_handlers(REFLECTION_V1, handlers)
+
+
+MAX_REFLECTION_NAME_CHARS = 1024
+"""Longest file or symbol name a reflection request may ask about: no name of the served
+protos comes near it. A longer one is answered NOT_FOUND without being echoed back whole
+(the reflection protocol returns each request in ``original_request``)."""
+
+
+class _BoundedReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc,name-defined]
+    """grpcio-reflection's servicer (which echoes a 1 MB name back whole), with names over
+    :data:`MAX_REFLECTION_NAME_CHARS` answered NOT_FOUND and cut in the echoed request."""
+
+    async def ServerReflectionInfo(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        async for request in request_iterator:
+            refused = _oversized_reflection(request)
+            if refused is not None:
+                yield refused
+                continue
+            async for response in super().ServerReflectionInfo(_just(request), context):
+                yield response
+
+
+async def _just(request: Any) -> AsyncIterator[Any]:
+    yield request
+
+
+def _oversized_reflection(request: Any) -> Any:
+    """A NOT_FOUND answer to a reflection request naming something too long, else None."""
+    kind = request.WhichOneof("message_request")
+    extension = kind == "file_containing_extension"
+    name = request.file_containing_extension.containing_type if extension else getattr(request, kind or "host")
+    if not isinstance(name, str):  # all_extension_numbers_of_type, list_services: strings too; none else
+        name = ""
+    longest = max(len(name), len(request.host))
+    if longest <= MAX_REFLECTION_NAME_CHARS:
+        return None
+    echoed = reflection_pb2.ServerReflectionRequest()
+    echoed.CopyFrom(request)
+    echoed.host = request.host[:100]
+    if extension:
+        echoed.file_containing_extension.containing_type = name[:100]
+    elif name:
+        setattr(echoed, kind, name[:100])
+    return reflection_pb2.ServerReflectionResponse(
+        original_request=echoed,
+        error_response=reflection_pb2.ErrorResponse(
+            error_code=grpc.StatusCode.NOT_FOUND.value[0],
+            error_message=f"no name of {longest} characters is served (names are at most "
+                          f"{MAX_REFLECTION_NAME_CHARS})",
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -289,7 +340,7 @@ async def _fail(
         return
     if isinstance(exc, BlueMarbleError):
         code = _abort_status(exc)
-        message = short_message(str(exc))
+        message = short_message(channels.plain_details(str(exc)))
         if exc.retryable:
             # A dependency that is down fails every call the same way: one warning, then
             # a summary every few seconds (each call at debug), per method and status.
@@ -678,7 +729,7 @@ async def build_server(
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     _install_reflection_v1()
     names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, REFLECTION_V1, reflection.SERVICE_NAME]
-    reflector = reflection.aio.ReflectionServicer(names, pool=_MethodAwarePool(descriptor_pool.Default()))  # type: ignore[attr-defined]
+    reflector = _BoundedReflection(names, pool=_MethodAwarePool(descriptor_pool.Default()))
     guard_decoding(server, reflection_pb2_grpc.add_ServerReflectionServicer_to_server, reflector)
     guard_decoding(server, _add_reflection_v1, reflector)
     config = tls.current()

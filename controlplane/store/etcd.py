@@ -56,6 +56,7 @@ from etcd3aio import _protobuf as etcdpb  # the request/stub types; no public al
 
 from bluemarble.core.errors import BlueMarbleError, InvalidArgument, NotFound, Unavailable
 from bluemarble.runtime import background, retry, tls
+from bluemarble.runtime.channels import plain_details
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 
 log = structlog.get_logger(__name__)
@@ -438,7 +439,8 @@ class EtcdStore:
     def _unavailable(self, operation: str, e: BaseException) -> Unavailable:
         return Unavailable(
             f"etcd unavailable ({','.join(self.endpoints)}) during {operation}: "
-            f"{str(e) or ('no answer in time' if isinstance(e, TimeoutError) else type(e).__name__)}; retry shortly"
+            f"{plain_details(str(e)) or ('no answer in time' if isinstance(e, TimeoutError) else type(e).__name__)}; "
+            "retry shortly"
         )
 
     @contextlib.asynccontextmanager
@@ -453,10 +455,11 @@ class EtcdStore:
             if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise self._unavailable(operation, e) from e
             if e.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(f"etcd: {e.details()}") from e
+                raise NotFound(f"etcd: {plain_details(e.details() or '')}") from e
             if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise _exhausted(operation, e.details() or "") from e
-            raise BlueMarbleError(f"etcd refused {operation}: {e.code().name} {e.details()}") from e
+            details = plain_details(e.details() or "")
+            raise BlueMarbleError(f"etcd refused {operation}: {e.code().name} {details}") from e
 
     @property
     def _kvs(self) -> etcd3aio.kv.KVService:
@@ -680,13 +683,13 @@ class EtcdStore:
                             delivered = True
                             yield batch
                 except _StreamBroken as e:
-                    reason = str(e)
+                    reason = plain_details(str(e))
                 except grpc.aio.AioRpcError as e:
                     if e.code() in _WATCH_FATAL_CODES:
                         raise BlueMarbleError(
-                            f"etcd refused the watch on {prefix}: {e.code().name} {e.details()}"
+                            f"etcd refused the watch on {prefix}: {e.code().name} {plain_details(e.details() or '')}"
                         ) from e
-                    reason = f"{e.code().name} {e.details()}"
+                    reason = f"{e.code().name} {plain_details(e.details() or '')}"
             finally:
                 await stream.close()
             if self._closed:
@@ -1011,7 +1014,7 @@ class _KeepAliveStream:
         except grpc.aio.AioRpcError as e:
             return Unavailable(
                 f"etcd ({','.join(self._endpoints)}) lease keepalive failed: "
-                f"{e.code().name} {e.details()}; retry shortly"
+                f"{e.code().name} {plain_details(e.details() or '')}; retry shortly"
             )
         except asyncio.CancelledError:
             if _being_cancelled():

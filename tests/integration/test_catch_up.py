@@ -183,7 +183,7 @@ async def test_get_entries_refuses_what_it_cannot_answer_safely(tmp_path: Path) 
             ({"epoch": 9}, grpc.StatusCode.FAILED_PRECONDITION, "older than the asked 9"),
             ({"after": shardnode_pb2.LogPosition(epoch=3, lsn=9)}, grpc.StatusCode.FAILED_PRECONDITION,
              "ends at (3, 4), before (3, 9)"),
-            ({"shard_id": "shard-99999"}, grpc.StatusCode.FAILED_PRECONDITION, "holds no copy of shard-99999"),
+            ({"shard_id": "shard-99999"}, grpc.StatusCode.NOT_FOUND, "shard-99999 is not a shard of this cluster"),
             ({"shard_id": "guild-7"}, grpc.StatusCode.INVALID_ARGUMENT, "guild-7"),
             ({"after": shardnode_pb2.LogPosition(epoch=0, lsn=3)}, grpc.StatusCode.INVALID_ARGUMENT,
              "is not a log position"),

@@ -18,6 +18,8 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+import structlog
+import structlog.testing
 from google.protobuf.wrappers_pb2 import BytesValue
 
 from bluemarble.core.errors import NotFound, Unavailable
@@ -47,6 +49,19 @@ async def echo(requests: AsyncIterator[BytesValue], context: Any) -> AsyncIterat
         if message.value == b"crash":
             raise RuntimeError("a bug")
         yield message
+
+
+def events(logged: list[dict[str, Any]]) -> str:
+    return " | ".join(str(e.get("event")) for e in logged)
+
+
+class Recorded(logging.Handler):
+    def __init__(self, level: int):
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 @pytest.fixture
@@ -135,12 +150,29 @@ async def test_bad_input_gets_a_status_or_a_closed_connection_and_the_server_ser
     assert payload is not None and b"INVALID_ARGUMENT" in payload and b"does not parse as BytesValue" in payload
     writer.close()
 
+    for broken, code, words in ((frames.frame(frames.STATUS, b"{}"), "INVALID_ARGUMENT", b"unexpected STATUS frame"),
+                                (frames.frame(frames.OPEN, b"{}"), "INVALID_ARGUMENT", b"unexpected OPEN frame"),
+                                (struct.pack("!IB", 0, 99), "INVALID_ARGUMENT", b"unknown frame kind 99")):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(frames.frame(frames.OPEN, b'{"method": "' + ECHO.encode() + b'"}') + broken)
+        kind = payload = None
+        while kind != frames.STATUS:
+            kind, payload = await frames.read_frame(reader, 1 << 20)
+        assert payload is not None and f'"code":"{code}"'.encode() in payload and words in payload, payload
+        writer.close()
+
+    nested = b"[" * 8000 + b"]" * 8000  # deeper than the JSON parser's recursion allows
+    asyncio_errors = Recorded(logging.ERROR)
+    logging.getLogger("asyncio").addHandler(asyncio_errors)  # where an exception the server missed goes
     for garbage in (b"\x00\x00\x00\x05\x63hello", struct.pack("!IB", 1 << 30, frames.OPEN), b"GET / HTTP/1.1\r\n\r\n",
-                    frames.frame(frames.MESSAGE, b"no OPEN first"), frames.frame(frames.OPEN, b"[1, 2]")):
+                    frames.frame(frames.MESSAGE, b"no OPEN first"), frames.frame(frames.OPEN, b"[1, 2]"),
+                    frames.frame(frames.OPEN, nested), frames.frame(frames.OPEN, b'{"a":' * 2700 + b"1" + b"}" * 2700)):
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(garbage)
-        assert await asyncio.wait_for(reader.read(), 5) == b"", garbage  # closed, nothing sent back
+        assert await asyncio.wait_for(reader.read(), 5) == b"", garbage[:40]  # closed, nothing sent back
         writer.close()
+    logging.getLogger("asyncio").removeHandler(asyncio_errors)
+    assert not asyncio_errors.records, asyncio_errors.records[0].getMessage()[:300]  # a warning each, no traceback
 
     call = await open_echo(server)  # still serving
     await call.write(BytesValue(value=b"ok"))
@@ -180,14 +212,36 @@ async def test_a_peer_that_stops_answering_ends_the_stream_unavailable(monkeypat
 async def test_an_answering_idle_stream_is_kept(server: frames.FrameServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(frames, "KEEPALIVE_S", 0.2)
     monkeypatch.setattr(frames, "KEEPALIVE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(frames, "IDLE_TIMEOUT_S", 0.6)
     call = await open_echo(server)
     await call.initial_metadata()
-    await asyncio.sleep(1.0)  # nobody reads: no keepalive is owed
+    await asyncio.sleep(1.5)  # nobody reads: nothing is judged, but the client pings (the server would close it)
     reading = asyncio.ensure_future(call.read())
     await asyncio.sleep(1.5)  # several keepalive rounds while a read waits, each answered by the server
     assert not call.done() and not reading.done()
     await call.write(BytesValue(value=b"still here"))
     assert (await reading).value == b"still here"
+    call.cancel()
+
+
+async def test_a_client_that_goes_silent_is_closed(server: frames.FrameServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer that opens a stream and sends nothing more, or stops in the middle of a
+    frame, holds its connection for IDLE_TIMEOUT_S, not for good (it would hold one of
+    the server's MAX_CONNECTIONS)."""
+    monkeypatch.setattr(frames, "IDLE_TIMEOUT_S", 0.6)
+    opening = frames.frame(frames.OPEN, b'{"method": "' + ECHO.encode() + b'"}')
+    for then in (b"", struct.pack("!IB", 500, frames.MESSAGE) + b"x" * 10):
+        with structlog.testing.capture_logs() as logged:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(opening + then)
+            received = await asyncio.wait_for(reader.read(), 10)  # until the server closes it
+        assert b'"code":"UNAVAILABLE"' in received and b"no frame from the client for 0.6 s" in received
+        assert "framed stream closed: the client sent nothing it owed" in events(logged)
+        writer.close()
+
+    call = await open_echo(server)  # still serving
+    await call.write(BytesValue(value=b"ok"))
+    assert (await call.read()).value == b"ok"
     call.cancel()
 
 
@@ -314,7 +368,7 @@ async def test_a_rotated_certificate_applies_to_the_next_connection(
 
 
 async def test_a_client_takes_the_offered_port_and_falls_back_to_grpc_when_it_cannot_reach_it(
-    caplog: pytest.LogCaptureFixture, certs: DevCerts,
+    certs: DevCerts,
 ) -> None:
     offered: list[int] = []
     service = ShardNodeService("n1", list, lambda: RecordingDataPlane(),  # type: ignore[arg-type, return-value]
@@ -340,11 +394,11 @@ async def test_a_client_takes_the_offered_port_and_falls_back_to_grpc_when_it_ca
             call.cancel()
             return call
 
-        with contextlib.closing(socket.socket()) as unused:
+        with contextlib.closing(socket.socket()) as unused, structlog.testing.capture_logs() as logged:
             unused.bind(("127.0.0.1", 0))
             offered.append(unused.getsockname()[1])  # offered, but nothing listens there
             assert isinstance(await exchange(), grpc.aio.StreamStreamCall)
-        assert "framed port unreachable" in caplog.text
+        assert "framed port unreachable" in events(logged)
         offered[0] = served.port
         assert isinstance(await exchange(), frames.FrameCall)  # a port not tried before
         assert frames._offered[address] == served.port
@@ -358,11 +412,10 @@ async def test_a_client_takes_the_offered_port_and_falls_back_to_grpc_when_it_ca
             max_request_bytes=1 << 20)
         await served.start("127.0.0.1", 0)
         offered[0] = served.port
-        caplog.clear()
-        caplog.set_level(logging.INFO)
-        assert isinstance(await exchange(), frames.FrameCall)
+        with structlog.testing.capture_logs() as logged:
+            assert isinstance(await exchange(), frames.FrameCall)
         assert frames._offered[address] == served.port
-        assert "no longer open" in caplog.text and "unreachable" not in caplog.text
+        assert "no longer open" in events(logged) and "unreachable" not in events(logged)
 
         # A framed port this client cannot speak to (TLS, dialled in plaintext) is a failed
         # dial too, though the connection opened: the stream goes over gRPC.
@@ -373,9 +426,9 @@ async def test_a_client_takes_the_offered_port_and_falls_back_to_grpc_when_it_ca
                 max_request_bytes=1 << 20)
             await served.start("127.0.0.1", 0)
         offered[0] = served.port
-        caplog.clear()
-        assert isinstance(await exchange(), grpc.aio.StreamStreamCall)
-        assert "framed port unreachable" in caplog.text and address not in frames._offered
+        with structlog.testing.capture_logs() as logged:
+            assert isinstance(await exchange(), grpc.aio.StreamStreamCall)
+        assert "framed port unreachable" in events(logged) and address not in frames._offered
 
         frames.enable(False)
         assert isinstance(await exchange(), grpc.aio.StreamStreamCall)

@@ -142,3 +142,20 @@ async def test_health_watch_and_list_on_the_control_plane(control_plane: Control
         assert statuses[""] == serving
         assert statuses["bluemarble.v1.ControlPlane"] == serving
         assert statuses["bluemarble.v1.TradeCoordinator"] == serving
+
+
+async def test_a_huge_name_is_not_found_and_not_echoed_back_whole(control_plane: ControlPlaneApp) -> None:
+    """The reflection protocol echoes each request in ``original_request``: a 1 MB name
+    (no served name comes near MAX_REFLECTION_NAME_CHARS) gets NOT_FOUND, cut to 100."""
+    huge = "bluemarble.v1." + "X" * 1_000_000
+    for request in (reflection_pb2.ServerReflectionRequest(file_containing_symbol=huge),
+                    reflection_pb2.ServerReflectionRequest(file_by_filename=huge),
+                    reflection_pb2.ServerReflectionRequest(host=huge, list_services=""),
+                    reflection_pb2.ServerReflectionRequest(file_containing_extension=reflection_pb2.ExtensionRequest(
+                        containing_type=huge, extension_number=1))):
+        r = await _reflect(control_plane.address, request)
+        assert r.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0], r.error_response
+        assert "at most 1024" in r.error_response.error_message and r.ByteSize() < 1000
+    ok = await _reflect(control_plane.address, reflection_pb2.ServerReflectionRequest(
+        file_containing_symbol="bluemarble.v1.ControlPlane"))  # the service serves on
+    assert ok.file_descriptor_response.file_descriptor_proto

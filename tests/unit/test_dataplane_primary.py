@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from bluemarble.client.ring_router import RingRouter
-from bluemarble.core.errors import FailedPrecondition, Unavailable
+from bluemarble.core.errors import FailedPrecondition, NotFound, Unavailable
 from bluemarble.core.ids import NodeId, PlayerId, ShardId
 from bluemarble.core.replication import ZERO, LogPosition
 from bluemarble.core.ring import initial_ring
@@ -462,3 +462,21 @@ class _Router:
     def GetSnapshot(self, request: shardnode_pb2.GetSnapshotRequest, timeout: float) -> AsyncIterator[
             shardnode_pb2.SnapshotChunk]:
         return self.stubs[request.shard_id].GetSnapshot(request, timeout)
+
+
+async def test_a_shard_the_ring_does_not_have_is_not_found_not_elsewhere(primary) -> None:  # type: ignore[no-untyped-def]
+    """No node will ever serve it: "not the primary; ask the control plane" would send a
+    caller (who retries FAILED_PRECONDITION after resolving again) round in circles."""
+    dp, _, _ = primary
+    unknown = ShardId("shard-99")  # the ring has one shard, shard-0
+    for attempt in (
+        lambda: dp.writable(unknown, 0),
+        lambda: dp.entries_after(shardnode_pb2.GetEntriesRequest(shard_id=unknown, epoch=2)),
+        lambda: dp.snapshot_chunks(shardnode_pb2.GetSnapshotRequest(shard_id=unknown)),
+        lambda: dp.fence(shardnode_pb2.FenceRequest(shards=[shardnode_pb2.ShardFence(shard_id=unknown, epoch=1)])),
+    ):
+        with pytest.raises(NotFound, match="shard-99 is not a shard of this cluster"):
+            attempt()
+    with pytest.raises(FailedPrecondition, match="not the primary of shard-0"):  # a shard of the ring: elsewhere
+        dp._shards.pop(SHARD)
+        dp.writable(SHARD, 0)

@@ -9,6 +9,8 @@ import asyncio
 
 import grpc
 
+from bluemarble.client.control_plane import status_to_error
+from bluemarble.client.node_calls import status_error
 from bluemarble.runtime import channels
 
 
@@ -42,3 +44,16 @@ def test_a_server_error_keeps_its_status() -> None:
 def test_without_a_status_the_local_error_is_named() -> None:
     code, details = asyncio.run(channels.ended_status(EndedCall(None, ""), asyncio.InvalidStateError()))
     assert code == grpc.StatusCode.UNAVAILABLE and details == "the stream failed (InvalidStateError)"
+
+
+def test_the_cores_socket_wording_names_no_status() -> None:
+    """gRPC core prints a refused connection as "last error: UNKNOWN: ...": what the
+    clients and servers pass on says it without the status name nobody's call ended with."""
+    core = ("connections to all backends failing; last error: UNKNOWN: ipv4:127.0.0.1:2379: Failed to connect to "
+            "remote host: Connection refused")
+    plain = channels.plain_details(core)
+    assert "UNKNOWN" not in plain and plain.endswith("last error: ipv4:127.0.0.1:2379: Failed to connect to remote "
+                                                     "host: Connection refused")
+    assert channels.plain_details("player UNKNOWN: not here") == "player UNKNOWN: not here"  # only the core's phrase
+    for error in (status_to_error(grpc.StatusCode.UNAVAILABLE, core, "cp:1"), status_error("UNAVAILABLE", core, "n:1")):
+        assert "UNKNOWN" not in str(error) and "Connection refused" in str(error)
