@@ -68,7 +68,7 @@ from google.protobuf.message import DecodeError
 
 from bluemarble.core.errors import BlueMarbleError, InvalidArgument, Unavailable
 from bluemarble.core.limits import MAX_MESSAGE_BYTES, echo
-from bluemarble.runtime import metrics, tls
+from bluemarble.runtime import metrics, retry, tls
 from bluemarble.runtime.grpc_server import short_message
 
 log = structlog.get_logger(__name__)
@@ -177,6 +177,16 @@ def _tune(writer: asyncio.StreamWriter) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+
+
+_REFUSALS = retry.FailureLog()
+"""Connections refused before their stream (broken framing, too many open): a warning for
+the first of a peer's, then a summary every few seconds, so a flood of them does not
+flood the log."""
+
+
+def _host(peer: str) -> str:
+    return peer.rsplit(":", 1)[0]
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:
@@ -368,7 +378,8 @@ class FrameServer:
         assert task is not None
         peer = _peer(writer)
         if len(self._connections) >= MAX_CONNECTIONS:
-            log.warning("framed connection refused: too many open", peer=peer, limit=MAX_CONNECTIONS)
+            _REFUSALS.failed("too many", time.monotonic(), "framed connection refused: too many open", peer=peer,
+                             limit=MAX_CONNECTIONS)
             writer.close()
             return
         self._connections.add(task)
@@ -380,7 +391,8 @@ class FrameServer:
                 raise FrameError(f"the first frame is {_KIND_NAMES[kind]}, not OPEN")
             await self._serve(_decode_control(payload), reader, writer, peer)
         except FrameError as e:
-            log.warning("framed connection refused: the peer broke the framing", peer=peer, error=echo(str(e), 200))
+            _REFUSALS.failed(f"broken {_host(peer)}", time.monotonic(), "framed connection refused: the peer broke "
+                             "the framing", peer=peer, error=echo(str(e), 200))
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, OSError) as e:
             log.debug("framed connection ended", peer=peer, error=type(e).__name__)
         except asyncio.CancelledError:

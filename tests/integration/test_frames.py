@@ -23,7 +23,7 @@ import structlog.testing
 from google.protobuf.wrappers_pb2 import BytesValue
 
 from bluemarble.core.errors import NotFound, Unavailable
-from bluemarble.runtime import frames, tls
+from bluemarble.runtime import frames, retry, tls
 from bluemarble.runtime.auth import ClusterPeers
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
@@ -126,7 +126,7 @@ async def test_a_stopping_server_ends_its_streams_at_once(server: frames.FrameSe
 
 
 async def test_bad_input_gets_a_status_or_a_closed_connection_and_the_server_serves_on(
-    server: frames.FrameServer,
+    server: frames.FrameServer, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     call = await open_echo(server, "/test.Echo/" + "Nope" * 100)
     await call.initial_metadata()
@@ -164,15 +164,22 @@ async def test_bad_input_gets_a_status_or_a_closed_connection_and_the_server_ser
     nested = b"[" * 8000 + b"]" * 8000  # deeper than the JSON parser's recursion allows
     asyncio_errors = Recorded(logging.ERROR)
     logging.getLogger("asyncio").addHandler(asyncio_errors)  # where an exception the server missed goes
-    for garbage in (b"\x00\x00\x00\x05\x63hello", struct.pack("!IB", 1 << 30, frames.OPEN), b"GET / HTTP/1.1\r\n\r\n",
-                    frames.frame(frames.MESSAGE, b"no OPEN first"), frames.frame(frames.OPEN, b"[1, 2]"),
-                    frames.frame(frames.OPEN, nested), frames.frame(frames.OPEN, b'{"a":' * 2700 + b"1" + b"}" * 2700)):
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(garbage)
-        assert await asyncio.wait_for(reader.read(), 5) == b"", garbage[:40]  # closed, nothing sent back
-        writer.close()
-    logging.getLogger("asyncio").removeHandler(asyncio_errors)
-    assert not asyncio_errors.records, asyncio_errors.records[0].getMessage()[:300]  # a warning each, no traceback
+    monkeypatch.setattr(frames, "_REFUSALS", retry.FailureLog())
+    try:
+        with structlog.testing.capture_logs() as logged:
+            for garbage in (b"\x00\x00\x00\x05\x63hello", struct.pack("!IB", 1 << 30, frames.OPEN),
+                            b"GET / HTTP/1.1\r\n\r\n", frames.frame(frames.MESSAGE, b"no OPEN first"),
+                            frames.frame(frames.OPEN, b"[1, 2]"), frames.frame(frames.OPEN, nested),
+                            frames.frame(frames.OPEN, b'{"a":' * 2700 + b"1" + b"}" * 2700)):
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(garbage)
+                assert await asyncio.wait_for(reader.read(), 5) == b"", garbage[:40]  # closed, nothing sent back
+                writer.close()
+    finally:
+        logging.getLogger("asyncio").removeHandler(asyncio_errors)
+    assert not asyncio_errors.records, asyncio_errors.records[0].getMessage()[:300]  # no traceback
+    refusals = [e["log_level"] for e in logged if "broke the framing" in str(e["event"])]
+    assert refusals == ["warning"] + ["debug"] * 6, refusals  # a flood of them is no flood of warnings
 
     call = await open_echo(server)  # still serving
     await call.write(BytesValue(value=b"ok"))
