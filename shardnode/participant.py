@@ -31,6 +31,7 @@ settles at once the escrows it inherited whose trade is decided already (Resolve
 ``if_decided``, which writes nothing); the others wait for their deadline. Until that
 lookup is done, the players of those escrows get UNAVAILABLE (retry): their trade may
 have been answered COMMITTED, and what they hold must not show, or be traded, as before.
+A lookup that fails (no control plane answers) is tried again, the players still held.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ MAX_INHERITED_LOOKUPS = 4096
 """Inherited escrows a new term looks up at once (and holds the players of); more wait
 for their deadline's termination, as every escrow beyond it did before."""
 MAX_CONCURRENT_RESOLVES = 64
+INHERITED_LOOKUP_POLICY = retry.RetryPolicy(initial_s=0.2, max_backoff_s=2.0, deadline_s=None)
+"""Between the tries of an inherited escrow's lookup that failed (each try is a few
+ResolveTrade calls: :data:`RESOLVE_POLICY`)."""
 REFUSED_SETTLE_LOG_INTERVAL_S = 10.0
 """At most one error line per kind of refused settle in this many seconds."""
 IN_DOUBT_REFRESH_S = 5.0
@@ -136,6 +140,7 @@ class Participant:
         # Terminations go wrong together (etcd out of space or unreachable: every escrow
         # fails each round): one warning, then a summary every few seconds, not one a try.
         self._termination_failures = retry.FailureLog()
+        self._lookup_failures = retry.FailureLog()  # inherited escrows' lookups, per shard
         self._asking = retry.LogThrottle(interval_s=5.0)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -180,21 +185,50 @@ class Participant:
                 task.add_done_callback(lambda _t, key=key: self._resolving.pop(key, None))  # type: ignore[misc]
 
     async def _settle_if_decided(self, record: stored.TradeRecord) -> None:
-        try:
-            async with self._lookup_slots:
-                decision = await self.decided(record.shard_id, record.trade_id, record.leg)
-                if decision is None:
-                    log.debug("inherited escrow not decided yet; its deadline settles it", trade_id=record.trade_id,
-                              shard=record.shard_id)
-                    return
-                outcome, reason = decision
-                state = await self.settle(record.trade_id, record.shard_id, 0, outcome, reason=reason)
-        except BlueMarbleError as e:
-            log.info("inherited escrow not settled at once; its deadline settles it", trade_id=record.trade_id,
-                     shard=record.shard_id, error=str(e))
-            return
-        log.info("inherited escrow settled", trade_id=record.trade_id, shard=record.shard_id, outcome=outcome.name,
-                 state=shardnode_pb2.ParticipantTradeState.Name(state))
+        """Looks an inherited escrow's trade up, and settles it if it is decided. The
+        player stays held (the caller's done callback releases it) until the lookup has
+        an answer: a lookup that fails (no control plane answers) is tried again, with
+        jittered backoff, for as long as this node leads the shard and the escrow is
+        held. Releasing the player then would show it, and let it trade, as it was before
+        a trade its caller may have been told is COMMITTED."""
+        backoff = retry.Backoff(INHERITED_LOOKUP_POLICY, self._clock)
+        key = f"inherited {record.shard_id}"
+        while True:
+            try:
+                async with self._lookup_slots:
+                    decision = await self.decided(record.shard_id, record.trade_id, record.leg)
+                    if decision is None:
+                        log.debug("inherited escrow not decided yet; its deadline settles it",
+                                  trade_id=record.trade_id, shard=record.shard_id)
+                        break
+                    outcome, reason = decision
+                    state = await self.settle(record.trade_id, record.shard_id, 0, outcome, reason=reason)
+            except BlueMarbleError as e:
+                if not (e.retryable and self._still_inherited(record)):
+                    log.info("inherited escrow not settled at once; its deadline settles it",
+                             trade_id=record.trade_id, shard=record.shard_id, error=str(e))
+                    break
+                delay_s = backoff.next_delay_s()
+                self._lookup_failures.failed(
+                    key, self._clock.monotonic_s(), "inherited escrow's trade not looked up yet; its player waits",
+                    trade_id=record.trade_id, shard=record.shard_id, error=str(e), retry_in_s=round(delay_s, 2))
+                await self._clock.sleep(delay_s)
+                if not self._still_inherited(record):
+                    break
+                continue
+            log.info("inherited escrow settled", trade_id=record.trade_id, shard=record.shard_id,
+                     outcome=outcome.name, state=shardnode_pb2.ParticipantTradeState.Name(state))
+            break
+        if backoff.failures:
+            self._lookup_failures.recovered(key, self._clock.monotonic_s(), "inherited escrows looked up again",
+                                            shard=record.shard_id)
+
+    def _still_inherited(self, record: stored.TradeRecord) -> bool:
+        """Whether this node still leads the escrow's shard and the escrow is still held."""
+        if record.shard_id not in self._dp.led_shards():
+            return False
+        now = self._dp.storage.trade(record.shard_id, record.trade_id)
+        return now is not None and now.state is TradeState.PREPARED
 
     # ---- views (storage + queued writes) ----
 

@@ -379,6 +379,37 @@ async def test_a_player_of_an_inherited_escrow_waits_for_its_lookup(node: Node) 
     assert answer.vote == shardnode_pb2.TRADE_VOTE_PREPARED
 
 
+async def test_a_player_stays_held_while_its_inherited_escrow_cannot_be_looked_up(node: Node) -> None:
+    """A lookup that fails (no control plane answers) is tried again, the player held
+    meanwhile: released, it would show (and trade) its items as before a trade whose
+    caller may have been told COMMITTED."""
+    n = node
+    n.participant.escrow_timeout_ms = 60_000
+    await seed(n, "alice", ["sword"], 10)
+    await n.stub.Prepare(prepare("decided", leg("alice", ["sword"], 0, ["gem"], 0)))
+    n.resolver.records["decided"] = common_pb2.TRADE_OUTCOME_COMMITTED
+    n.resolver.unavailable = True
+    with structlog.testing.capture_logs() as logged:
+        n.participant._on_serving(SHARD)
+        # One try is a few calls (RESOLVE_POLICY); the second try shows the first failed.
+        tries = participant_module.RESOLVE_POLICY.max_attempts or 1
+
+        async def tried_again() -> bool:
+            return sum(c.trade_id == "decided" for c in n.resolver.calls) > tries
+
+        await wait_for(tried_again, 30.0, "the lookup to fail and be tried again")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await n.stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id="alice"))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "settling now" in (info.value.details() or "")
+        n.resolver.unavailable = False
+        await wait_for(lambda: _settled(n), 10.0, "the inherited escrow to be settled once the lookup answers")
+    inventory = await n.stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id="alice"))
+    assert list(inventory.item_ids) == ["gem"] and not inventory.escrowed_item_ids
+    events = [e["event"] for e in logged if e["log_level"] in ("warning", "info")]
+    assert "inherited escrow's trade not looked up yet; its player waits" in events, events
+    assert "inherited escrows looked up again" in events, events
+
+
 async def test_every_inherited_escrow_holds_its_player_beyond_the_concurrent_lookups(node: Node) -> None:
     # Only as many as could be looked up at once (64) were held: the players of the others
     # were served before their trades were, as before the hold.
