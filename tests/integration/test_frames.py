@@ -187,6 +187,20 @@ async def test_bad_input_gets_a_status_or_a_closed_connection_and_the_server_ser
     call.cancel()
 
 
+async def test_streams_opened_in_a_burst_from_one_host_log_one_line(
+    server: frames.FrameServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(frames, "_OPENED", retry.LogThrottle(60.0))
+    with structlog.testing.capture_logs() as logged:
+        calls = [await open_echo(server) for _ in range(5)]
+        for call in calls:
+            await call.initial_metadata()  # served: past the log line
+    opened = [e["log_level"] for e in logged if e["event"] == "framed stream opened"]
+    assert opened == ["info"] + ["debug"] * 4, opened
+    for call in calls:
+        call.cancel()
+
+
 async def test_a_port_in_use_is_a_clear_error(server: frames.FrameServer) -> None:
     taken = frames.FrameServer({}, max_request_bytes=1024)
     expected = rf"cannot listen on the framed port 127.0.0.1:{server.port}: .*--frames-port"
