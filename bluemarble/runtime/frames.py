@@ -186,8 +186,8 @@ flood the log."""
 
 
 _OPENED = retry.LogThrottle(1.0)
-""""framed stream opened" at info at most once a second per method and client host (the
-rest at debug, counted in the next line; every one in ``bluemarble_framed_streams_total``)."""
+""""framed stream opened" at info at most once a second per method (the rest at debug,
+counted in the next line; every one in ``bluemarble_framed_streams_total``)."""
 
 
 def _host(peer: str) -> str:
@@ -418,7 +418,7 @@ class FrameServer:
         context = FrameContext(writer, _pairs(opening.get("metadata")), peer, _auth_context(peercert))
         short = str(method_name).rsplit("/", 1)[-1]
         metrics.FRAMED_STREAMS.labels(short).inc()
-        held_back = _OPENED.allow((short, _host(peer)), time.monotonic())
+        held_back = _OPENED.allow(short, time.monotonic())
         (log.debug if held_back is None else log.info)("framed stream opened", method=short, peer=peer,
                                                        tls=peercert is not None, others_since_last=held_back or None)
         task = context.task = asyncio.current_task()

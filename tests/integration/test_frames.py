@@ -187,7 +187,7 @@ async def test_bad_input_gets_a_status_or_a_closed_connection_and_the_server_ser
     call.cancel()
 
 
-async def test_streams_opened_in_a_burst_from_one_host_log_one_line(
+async def test_streams_opened_in_a_burst_log_one_line(
     server: frames.FrameServer, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(frames, "_OPENED", retry.LogThrottle(60.0))
