@@ -253,6 +253,14 @@ def _shown(value: bytes) -> str:
         return "0x" + value.hex()
 
 
+def _on_terminal(text: str) -> str:
+    """A stored value as a table shows it: as it is when every character prints, else
+    quoted with the others escaped (``'\x1b[31m...\n...'``). Values are opaque, often
+    chosen by players: raw, an escape sequence would reach the operator's terminal and a
+    newline would forge a row of the table. ``--json`` escapes them its own way."""
+    return text if text.isprintable() else repr(text)
+
+
 def render_player_data(d: PlayerData) -> str:
     return _pairs([
         ("player", d.player_id),
@@ -260,7 +268,7 @@ def render_player_data(d: PlayerData) -> str:
         ("key", d.key),
         ("shard", f"{d.shard_id} (epoch {d.epoch})"),
         ("served by", d.served_by),
-        ("value", "(not set)" if d.value is None else _shown(d.value)),
+        ("value", "(not set)" if d.value is None else _on_terminal(_shown(d.value))),
         *([("lsn", d.lsn)] if d.value is not None else []),
         *_staleness(d.stale, d.lag_entries, d.lag_ms),
     ])
@@ -288,22 +296,32 @@ _INT64 = (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64)
 
 
 def message_json(message: Message) -> str:
-    """``message`` as JSON with its proto field names, every integer a JSON number.
+    """``message`` as JSON with its proto field names, every integer a JSON number but the
+    64-bit identifiers (:data:`_ID_FIELDS`: lease ids, incarnations), strings.
 
-    Why not protobuf's own form: it writes 64-bit integers (gold, lsns, lease ids,
-    revisions) as strings, while ``inventory --json`` prints them as numbers; a script
-    reading both must see one type. Gold stays below 2^53, so any JSON reader holds it."""
+    Why not protobuf's own form: it writes 64-bit integers (gold, lsns, revisions) as
+    strings, while ``inventory --json`` prints them as numbers; a script reading both must
+    see one type. Gold stays below 2^53, so any JSON reader holds it; counters (epochs,
+    lsns, revisions) do in practice. Lease ids and incarnations are random 63-bit values:
+    as numbers, jq and JavaScript round them (three nodes' leases printed as one)."""
     shown = json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
     return json.dumps(_int64_as_numbers(cast(Descriptor, message.DESCRIPTOR), shown), indent=2)
 
 
+_ID_FIELDS = frozenset({"lease_id", "incarnation", "incarnations"})
+"""64-bit fields that identify rather than count: left as protobuf's JSON writes them,
+strings (a map's values too)."""
+
+
 def _int64_as_numbers(descriptor: Descriptor, shown: dict[str, Any]) -> dict[str, Any]:
     for name, value in shown.items():
         field = descriptor.fields_by_name.get(name)
-        if field is not None:
+        if field is not None and name not in _ID_FIELDS:
             shown[name] = _field_as_numbers(field, value)
+        elif field is not None and isinstance(value, dict):
+            shown[name] = dict(sorted(value.items()))  # a map's order is arbitrary
     return shown
 
 
@@ -653,6 +671,17 @@ def _whole_number(text: str) -> int:
     return int(text)
 
 
+def _gold(text: str) -> int:
+    """A gold flag: a whole number from 0 to 2^53 (out of range is bad usage, as for every
+    other number flag, not a refusal by the cluster)."""
+    value = _whole_number(text)
+    try:
+        validation.gold(value, "gold")
+    except BlueMarbleError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
 def _seconds(text: str) -> float:
     """A duration flag: a finite number of seconds from 0 to an hour."""
     try:
@@ -678,7 +707,12 @@ def _accept_after_command(subparsers: Any, flag: str, **kwargs: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = EnvArgumentParser(prog="bluemarblectl", description="Operate a BlueMarble cluster.")
+    p = EnvArgumentParser(
+        prog="bluemarblectl", description="Operate a BlueMarble cluster.",
+        epilog="Exit status: 0 success; 1 an error (the cluster's refusal, or the client library's before "
+        "sending); 2 bad usage (unknown command or flag, a malformed address, a value out of its range); 3 "
+        "`trade execute` answered ABORTED; 4 no answer from the cluster (retry; a trade with the same id). "
+        "--timeout-s bounds the command's calls; starting the interpreter adds about a second on top.")
     p.add_flag("--control-plane", default="127.0.0.1:7000", help="control-plane addresses, comma-separated")
     p.add_flag("--timeout-s", default=5.0, type=float, help="deadline of the command in seconds, retries included")
     p.add_argument("--json", action="store_true", help="print the raw response as JSON")
@@ -725,7 +759,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     grant = sub.add_parser("grant", help="give a player new unique items and gold (idempotent by request id)")
     grant.add_argument("player")
     grant.add_argument("items", nargs="*", metavar="ITEM")
-    grant.add_argument("--gold", type=_whole_number, default=0, help="gold to add (0..2^53)")
+    grant.add_argument("--gold", type=_gold, default=0, help="gold to add (0..2^53)")
     grant.add_argument("--request-id", help="idempotency key (default: a new uuid4); reuse it to retry safely")
     data = sub.add_parser("data", help="get or set a player's value for a game system and key")
     data_sub = data.add_subparsers(dest="action", required=True)
@@ -746,9 +780,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     execute.add_argument("player_a")
     execute.add_argument("player_b")
     execute.add_argument("--a-items", nargs="*", default=[], metavar="ITEM", help="items player A gives")
-    execute.add_argument("--a-gold", type=_whole_number, default=0, help="gold player A gives")
+    execute.add_argument("--a-gold", type=_gold, default=0, help="gold player A gives")
     execute.add_argument("--b-items", nargs="*", default=[], metavar="ITEM", help="items player B gives")
-    execute.add_argument("--b-gold", type=_whole_number, default=0, help="gold player B gives")
+    execute.add_argument("--b-gold", type=_gold, default=0, help="gold player B gives")
     show = trade_sub.add_parser("show", help="a trade's decision and where each side stands")
     show.add_argument("trade_id")
     show.add_argument("--player", help="one of its players (finds a same-shard trade without asking every primary)")
@@ -768,7 +802,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     p.error(f"{name.replace('_', '-')} is not valid UTF-8 text; give it in UTF-8")
     if args.command == "promote" and not args.accept_data_loss:
         # Checked here, not only by the server: the flag is the operator's own consent.
-        p.error(
+        promote.error(
             "promote needs --accept-data-loss: the shard keeps only what NODE holds, and whatever only "
             "the lost nodes held is gone"
         )

@@ -15,7 +15,7 @@ server, so a test with a fake clock and a fake stub sees the same timeouts.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -183,6 +183,9 @@ def _checked(addresses: Sequence[str] | str) -> list[str]:
     host, and a list of none would wait forever for an answer."""
     if isinstance(addresses, str):  # "host:port[,host:port...]", not a sequence of characters
         addresses = split_addresses(addresses)
+    if isinstance(addresses, bytes | bytearray) or not isinstance(addresses, Iterable):
+        raise errors.InvalidArgument(f"the control-plane addresses are a {type(addresses).__name__}; give a str "
+                                     "such as 127.0.0.1:7000, or a list of them")
     addresses = list(addresses)
     if not addresses:
         raise errors.InvalidArgument("no control-plane address given; give at least one host:port")

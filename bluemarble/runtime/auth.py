@@ -105,8 +105,10 @@ def read_token_file(path: Path, flag: str) -> str:
         token = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError as e:
         raise InvalidArgument(f"{flag} {path}: no such file; check the path (or the mounted Secret)") from e
-    except (PermissionError, IsADirectoryError) as e:
-        raise InvalidArgument(f"{flag} {path}: cannot read it ({type(e).__name__}); make it a readable file") from e
+    except PermissionError as e:
+        raise InvalidArgument(f"{flag} {path}: permission denied; make it readable by this user") from e
+    except IsADirectoryError as e:
+        raise InvalidArgument(f"{flag} {path}: is a directory; name the token file inside it") from e
     except UnicodeDecodeError as e:
         raise InvalidArgument(f"{flag} {path}: not UTF-8 text; write the token as text") from e
     _check_token(token, f"{flag} {path}")

@@ -247,6 +247,12 @@ def test_player_data_shows_the_value_or_that_it_is_unset() -> None:
     assert "value      Night Owls" in ctl.render_player_data(d)
     assert "value      0xff00" in ctl.render_player_data(dataclasses.replace(d, value=b"\xff\x00"))
     assert "(not set)" in ctl.render_player_data(dataclasses.replace(d, value=None))
+    # Opaque, often chosen by players: no escape sequence reaches the terminal, no newline forges a row.
+    forged = ctl.render_player_data(dataclasses.replace(d, value=b"\x1b[31mRED\x1b]0;pwned\x07\nfake-line: 1"))
+    assert "\x1b" not in forged and "\x07" not in forged and "\nfake-line" not in forged
+    assert r"value      '\x1b[31mRED\x1b]0;pwned\x07\nfake-line: 1'" in forged
+    unicode = dataclasses.replace(d, value="🎮 Nuit Blanche".encode())
+    assert "value      🎮 Nuit Blanche" in ctl.render_player_data(unicode)
     w = DataWriteResult(shard_id=ShardId("shard-1"), epoch=1, lsn=5, replayed=False,
                         consistency=common_pb2.CONSISTENCY_MODEL_EVENTUAL, request_id="r")
     assert "consistency  EVENTUAL" in ctl.render_data_write(w)
@@ -262,8 +268,7 @@ def test_data_commands_print_json_on_request() -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["grant", "p", "a", "a"], ["grant", "p", "--gold", "-1"], ["inventory", ""],
-     ["data", "set", "p", "guild", "", "v"]],
+    [["grant", "p", "a", "a"], ["inventory", ""], ["data", "set", "p", "guild", "", "v"]],
 )
 def test_bad_data_input_is_one_line_and_exit_1(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     from scripts.localcluster import free_port

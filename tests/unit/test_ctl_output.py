@@ -38,6 +38,21 @@ def test_json_prints_64_bit_integers_as_numbers_in_every_command() -> None:
     assert parsed["config"]["consistency"] == {"chat": "CONSISTENCY_MODEL_EVENTUAL"}
 
 
+def test_json_prints_64_bit_identifiers_as_strings() -> None:
+    """Lease ids and incarnations are random 63-bit values: as JSON numbers, jq and
+    JavaScript round them (three nodes' leases came out as one)."""
+    leases = (5646003488234479183, 5646003488234479175)
+    nodes = controlplane_pb2.ListNodesResponse(nodes=[common_pb2.Node(node_id=f"n{i}", lease_id=lease)
+                                                      for i, lease in enumerate(leases)])
+    parsed = json.loads(ctl.message_json(nodes))
+    assert [n["lease_id"] for n in parsed["nodes"]] == [str(lease) for lease in leases]
+    shards = controlplane_pb2.ListAssignmentsResponse(assignments=[common_pb2.Assignment(
+        shard_id="shard-0", epoch=3, incarnations={"n2": leases[1], "n1": leases[0]})])
+    parsed = json.loads(ctl.message_json(shards))
+    assert parsed["assignments"][0]["incarnations"] == {"n1": str(leases[0]), "n2": str(leases[1])}
+    assert parsed["assignments"][0]["epoch"] == 3  # counters stay numbers
+
+
 @pytest.mark.parametrize("command", [["status"], ["config", "get"], ["trade", "show", "t1"], ["inventory", "p1"]])
 def test_json_may_come_before_or_after_the_command(command: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[bool] = []

@@ -136,13 +136,18 @@ def _close(coro: Any) -> int:
     ("flag", "value"), [("--a-gold", "99999999999999999999999"), ("--b-gold", str(2**64)), ("--a-gold", "-1"),
                         ("--b-gold", str(2**53 + 1))],
 )
-def test_out_of_range_gold_is_one_line_and_exit_1(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_out_of_range_gold_is_bad_usage(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 2, as every number flag out of its range (--limit, config values): refused
+    before the request is built (protobuf cannot hold 2^64) or a cluster is asked."""
     from scripts.localcluster import free_port
 
-    # Refused before the request is built (protobuf cannot hold 2^64) or a cluster is asked.
     argv = ["--control-plane", f"127.0.0.1:{free_port()}", "--timeout-s", "0.5", "trade", "execute", "t", "a", "b",
             "--a-items", "x", flag, value]
-    assert ctl.main(argv) == 1
+    with pytest.raises(SystemExit) as exited:
+        ctl.main(argv)
+    assert exited.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"bluemarblectl: INVALID_ARGUMENT: {flag} is ") and "2^53" in err, err
-    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"argument {flag}: gold is " in err and "between 0 and 2^53" in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit) as exited:
+        ctl.main(["--control-plane", "127.0.0.1:1", "grant", "p", "--gold", value])
+    assert exited.value.code == 2 and "argument --gold: gold is " in capsys.readouterr().err

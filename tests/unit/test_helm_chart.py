@@ -49,6 +49,8 @@ OPTIONAL: dict[str, Any] = {
     "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
     "networkPolicy": {"enabled": True},
     "tracing": {"otlpEndpoint": "http://otel-collector.obs:4317"},
+    "controlplane": {"podLabels": {"example.com/team": "blue"}},
+    "nodes": {"podLabels": {"tier": "game-servers_v1.2"}},
 }
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -137,6 +139,10 @@ def test_values_match_the_schema(variant: str) -> None:
         {"nodes": {"persistence": {"size": -5}}},
         {"etcd": {"persistence": {"size": "0Gi"}}},
         {"controlplane": {"resources": {"requests": {"cpu": -1}}}},
+        # Labels the API server would refuse (over 63 characters, spaces; a bad key):
+        {"controlplane": {"podLabels": {"team": "a label value with spaces that is far too long " * 2}}},
+        {"nodes": {"podLabels": {"bad key!": "x"}}},
+        {"nodes": {"podLabels": {"team": "-starts-with-a-dash"}}},
     ],
 )
 def test_the_schema_refuses_bad_values(override: dict[str, Any]) -> None:
@@ -157,6 +163,11 @@ def test_the_schema_refuses_bad_values(override: dict[str, Any]) -> None:
         ({"controlplane": {"framesPort": 9100}}, "controlplane.framesPort 9100 is also the gRPC or metrics port"),
         ({"etcd": {"tls": {"enabled": True, "secretName": "etcd-tls"}}}, "for an external etcd"),
         ({"etcd": {"auth": {"username": "u", "passwordSecret": "p"}}}, "for an external etcd"),
+        ({"nodes": {"leaveTimeoutSeconds": 120, "terminationGracePeriodSeconds": 30}},
+         "nodes.leaveTimeoutSeconds (120) must be below nodes.terminationGracePeriodSeconds (30)"),
+        ({"controlplane": {"podLabels": {"app.kubernetes.io/component": "evil"}}},
+         "controlplane.podLabels may not set app.kubernetes.io/component"),
+        ({"nodes": {"podLabels": {"app.kubernetes.io/instance": "x"}}}, "nodes.podLabels may not set"),
     ],
 )
 def test_the_chart_refuses_incomplete_values(override: dict[str, Any], message: str) -> None:
@@ -183,6 +194,13 @@ def test_services_and_pdbs_select_the_pods_of_one_workload(rendered: dict[str, M
             for port in selecting["spec"]["ports"]:
                 target = port["targetPort"]
                 assert target in ports or target in ports.values(), f"{selecting['metadata']['name']}: {target}"
+
+
+def test_pod_labels_join_the_charts_own(rendered: dict[str, Manifests]) -> None:
+    labels = rendered["optional"].get("Deployment", CP)["spec"]["template"]["metadata"]["labels"]
+    assert labels["example.com/team"] == "blue" and labels["app.kubernetes.io/component"] == "controlplane"
+    labels = rendered["optional"].get("StatefulSet", NODE)["spec"]["template"]["metadata"]["labels"]
+    assert labels["tier"] == "game-servers_v1.2" and labels["app.kubernetes.io/component"] == "node"
 
 
 def test_pdbs_cover_the_control_plane_nodes_and_etcd(rendered: dict[str, Manifests]) -> None:

@@ -22,6 +22,7 @@ from bluemarble.client.routing import (
     should_retry,
     targets_for,
 )
+from bluemarble.client.trades import TradeClient
 from bluemarble.core import errors
 from bluemarble.core.ids import NodeId, PlayerId
 from bluemarble.core.ring import initial_ring
@@ -481,6 +482,8 @@ async def test_a_closed_client_no_longer_answers_from_its_caches() -> None:
     ([], "no control-plane address given"),
     (" , ", "no control-plane address given"),
     ([7000], "is a int; give a str"),
+    (123, "are a int; give a str"),
+    (b"127.0.0.1:7000", "are a bytes; give a str"),
 ])
 async def test_control_plane_addresses_are_checked_before_anything_is_dialled(
     addresses: Any, message: str
@@ -489,6 +492,8 @@ async def test_control_plane_addresses_are_checked_before_anything_is_dialled(
         RoutingClient(addresses)
     with pytest.raises(errors.InvalidArgument, match=message):
         ControlPlaneClient(addresses)
+    with pytest.raises(errors.InvalidArgument, match=message):
+        TradeClient(addresses)
 
 
 async def test_a_client_that_was_never_started_says_so() -> None:

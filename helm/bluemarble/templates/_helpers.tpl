@@ -58,6 +58,19 @@ app.kubernetes.io/component: {{ .component }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
+{{/* A component's podLabels, refused when they would set a label the chart sets (a
+duplicate key; the selector's labels among them): call with (dict "labels" ... "where"
+"nodes"). Label keys and values are checked by values.schema.json. */}}
+{{- define "bluemarble.podLabels" -}}
+{{- $reserved := list "helm.sh/chart" "app.kubernetes.io/name" "app.kubernetes.io/instance" "app.kubernetes.io/version" "app.kubernetes.io/managed-by" "app.kubernetes.io/component" -}}
+{{- range $key, $_ := .labels -}}
+{{- if has $key $reserved -}}
+{{- fail (printf "%s.podLabels may not set %s: the chart sets it (the Services and disruption budgets select the pods by these labels)" $.where $key) -}}
+{{- end -}}
+{{- end -}}
+{{- with .labels }}{{ toYaml . }}{{ end -}}
+{{- end -}}
+
 {{- define "bluemarble.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
