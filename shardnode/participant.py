@@ -196,32 +196,36 @@ class Participant:
         while True:
             try:
                 async with self._lookup_slots:
-                    decision = await self.decided(record.shard_id, record.trade_id, record.leg)
-                    if decision is None:
-                        log.debug("inherited escrow not decided yet; its deadline settles it",
-                                  trade_id=record.trade_id, shard=record.shard_id)
-                        break
-                    outcome, reason = decision
-                    state = await self.settle(record.trade_id, record.shard_id, 0, outcome, reason=reason)
+                    await self._look_up_inherited(record)
             except BlueMarbleError as e:
                 if not (e.retryable and self._still_inherited(record)):
                     log.info("inherited escrow not settled at once; its deadline settles it",
                              trade_id=record.trade_id, shard=record.shard_id, error=str(e))
-                    break
+                    return
                 delay_s = backoff.next_delay_s()
                 self._lookup_failures.failed(
                     key, self._clock.monotonic_s(), "inherited escrow's trade not looked up yet; its player waits",
                     trade_id=record.trade_id, shard=record.shard_id, error=str(e), retry_in_s=round(delay_s, 2))
                 await self._clock.sleep(delay_s)
-                if not self._still_inherited(record):
-                    break
-                continue
-            log.info("inherited escrow settled", trade_id=record.trade_id, shard=record.shard_id,
-                     outcome=outcome.name, state=shardnode_pb2.ParticipantTradeState.Name(state))
-            break
-        if backoff.failures:
-            self._lookup_failures.recovered(key, self._clock.monotonic_s(), "inherited escrows looked up again",
-                                            shard=record.shard_id)
+                if self._still_inherited(record):
+                    continue
+                return
+            if backoff.failures:
+                self._lookup_failures.recovered(key, self._clock.monotonic_s(), "inherited escrows looked up again",
+                                                shard=record.shard_id)
+            return
+
+    async def _look_up_inherited(self, record: stored.TradeRecord) -> None:
+        """One lookup of an inherited escrow's trade; the decision applied if there is one."""
+        decision = await self.decided(record.shard_id, record.trade_id, record.leg)
+        if decision is None:
+            log.debug("inherited escrow not decided yet; its deadline settles it", trade_id=record.trade_id,
+                      shard=record.shard_id)
+            return
+        outcome, reason = decision
+        state = await self.settle(record.trade_id, record.shard_id, 0, outcome, reason=reason)
+        log.info("inherited escrow settled", trade_id=record.trade_id, shard=record.shard_id, outcome=outcome.name,
+                 state=shardnode_pb2.ParticipantTradeState.Name(state))
 
     def _still_inherited(self, record: stored.TradeRecord) -> bool:
         """Whether this node still leads the escrow's shard and the escrow is still held."""
