@@ -50,6 +50,7 @@ the same on either transport.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import socket
@@ -101,6 +102,9 @@ STOP_GRACE_S = 2.0
 MAX_CONNECTIONS = 1024
 """Framed connections one server holds at once; more are closed as they arrive (a node
 has one per control-plane replica, per replica it feeds, per game server)."""
+MAX_CONNECTIONS_PER_HOST = MAX_CONNECTIONS // 4
+"""Of those, from one client host at most: one host cannot take them all (its clients
+past the bound use gRPC, as clients do when a framed port refuses them)."""
 
 
 class FrameError(Exception):
@@ -316,6 +320,7 @@ class FrameServer:
         self._max_request_bytes = max_request_bytes
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[Any]] = set()
+        self._per_host: collections.Counter[str] = collections.Counter()
         self._streams: dict[asyncio.Task[Any], FrameContext] = {}
         self._tls: tls.TlsConfig | None = None
         self.port = 0
@@ -382,12 +387,15 @@ class FrameServer:
         task = asyncio.current_task()
         assert task is not None
         peer = _peer(writer)
-        if len(self._connections) >= MAX_CONNECTIONS:
-            _REFUSALS.failed("too many", time.monotonic(), "framed connection refused: too many open", peer=peer,
-                             limit=MAX_CONNECTIONS)
+        host = _host(peer)
+        if len(self._connections) >= MAX_CONNECTIONS or self._per_host[host] >= MAX_CONNECTIONS_PER_HOST:
+            _REFUSALS.failed(f"too many {host}", time.monotonic(), "framed connection refused: too many open",
+                             peer=peer, open=len(self._connections), from_host=self._per_host[host],
+                             limit=MAX_CONNECTIONS, limit_per_host=MAX_CONNECTIONS_PER_HOST)
             writer.close()
             return
         self._connections.add(task)
+        self._per_host[host] += 1
         _tune(writer)
         try:
             async with asyncio.timeout(OPEN_TIMEOUT_S):
@@ -396,7 +404,7 @@ class FrameServer:
                 raise FrameError(f"the first frame is {_KIND_NAMES[kind]}, not OPEN")
             await self._serve(_decode_control(payload), reader, writer, peer)
         except FrameError as e:
-            _REFUSALS.failed(f"broken {_host(peer)}", time.monotonic(), "framed connection refused: the peer broke "
+            _REFUSALS.failed(f"broken {host}", time.monotonic(), "framed connection refused: the peer broke "
                              "the framing", peer=peer, error=echo(str(e), 200))
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, OSError) as e:
             log.debug("framed connection ended", peer=peer, error=type(e).__name__)
@@ -404,6 +412,9 @@ class FrameServer:
             pass  # the server is stopping (a cancelled connection task would be logged as an error)
         finally:
             self._connections.discard(task)
+            self._per_host[host] -= 1
+            if not self._per_host[host]:
+                del self._per_host[host]
             writer.close()
 
     async def _serve(self, opening: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

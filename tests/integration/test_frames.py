@@ -201,6 +201,29 @@ async def test_streams_opened_in_a_burst_log_one_line(
         call.cancel()
 
 
+async def test_one_client_host_holds_a_quarter_of_the_connections_at_most(
+    server: frames.FrameServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(frames, "MAX_CONNECTIONS_PER_HOST", 3)
+    held = [await open_echo(server) for _ in range(3)]
+    for call in held:
+        await call.initial_metadata()  # served
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    assert await asyncio.wait_for(reader.read(), 2) == b""  # the fourth from this host: closed at once, not in 5 s
+    writer.close()
+    held.pop().cancel()  # one closes: room for the next
+    for _ in range(100):
+        another = await open_echo(server)
+        await another.initial_metadata()
+        if not another.done():
+            break
+        await asyncio.sleep(0.05)  # the server has not seen the cancelled one close yet
+    await another.write(BytesValue(value=b"ok"))
+    assert (await another.read()).value == b"ok"
+    for call in (*held, another):
+        call.cancel()
+
+
 async def test_a_port_in_use_is_a_clear_error(server: frames.FrameServer) -> None:
     taken = frames.FrameServer({}, max_request_bytes=1024)
     expected = rf"cannot listen on the framed port 127.0.0.1:{server.port}: .*--frames-port"
