@@ -1228,10 +1228,7 @@ class RoutingClient:
             async with asyncio.timeout(timeout_s):
                 return await work
         except TimeoutError:
-            raise errors.DeadlineExceeded(
-                f"node {target.node_id} ({target.address}) did not answer before the call's deadline "
-                f"(its last attempt had {timeout_s:.3g} s of it left)"
-            ) from None
+            raise errors.DeadlineExceeded(_silent(target, timeout_s)) from None
         except asyncio.CancelledError:
             if fired and task.uncancel() == 0:  # our own cancellation, nobody else's
                 raise errors.Unavailable(
@@ -1262,10 +1259,7 @@ class RoutingClient:
                     f"{route.shard_id} moved away from {target.node_id} at epoch {route.epoch} during the call"
                 )
             else:
-                raise errors.DeadlineExceeded(
-                    f"node {target.node_id} ({target.address}) did not answer before the call's deadline "
-                f"(its last attempt had {timeout_s:.3g} s of it left)"
-                )
+                raise errors.DeadlineExceeded(_silent(target, timeout_s))
             raise errors.Unavailable(f"call to node {target.node_id} ({target.address}) was cancelled")
         finally:
             timer.cancel()
@@ -1273,6 +1267,16 @@ class RoutingClient:
                 job.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await job
+
+
+def _silent(target: Target, timeout_s: float) -> str:
+    """What a call whose node did not answer in time says: a primary that stays silent
+    (stopped, hung, cut off) loses its shard to a replica once its lease expires."""
+    text = (f"node {target.node_id} ({target.address}) did not answer before the call's deadline "
+            f"(its last attempt had {timeout_s:.3g} s of it left)")
+    if target.primary:
+        text += "; if the primary stays silent, a replica takes its shard over once its lease expires"
+    return text
 
 
 def _inventory(r: shardnode_pb2.GetInventoryResponse, asked: NodeId) -> Inventory:

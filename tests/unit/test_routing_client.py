@@ -372,9 +372,10 @@ async def test_attempts_used_up_before_the_deadline_say_so_and_stay_retryable() 
 async def test_a_silent_primary_costs_the_call_its_deadline_not_more() -> None:
     clock = FakeClock()
     client, transport = make_client(lambda a, r: asyncio.get_running_loop().create_future(), clock)
-    with pytest.raises(errors.DeadlineExceeded, match="did not answer before the call's deadline"):
+    with pytest.raises(errors.DeadlineExceeded, match="did not answer before the call's deadline") as info:
         await run_on(clock, client.get_inventory(PLAYER, deadline_s=0.5), advance_s=2.0)
     assert len(transport.calls) == 1 and transport.calls[0][3] == 0.5
+    assert "a replica takes its shard over once its lease expires" in str(info.value)  # what to expect next
 
 
 async def test_a_write_of_unknown_outcome_names_the_request_id_to_retry_with() -> None:
