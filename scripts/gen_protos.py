@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """Generates the Python stubs (messages, gRPC stubs, .pyi types) of proto/ into bluemarble/v1.
 
+It also writes ``descriptors.binpb``: the same files as a FileDescriptorSet with their
+comments (``--include_source_info``), which server reflection serves, so that ``grpcurl
+describe`` shows what each method and field means.
+
     python scripts/gen_protos.py          # regenerate in place
     python scripts/gen_protos.py --check  # exit 1 if the committed stubs are stale
 
@@ -23,7 +27,8 @@ from grpc_tools import protoc
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 OUT_PACKAGE = pathlib.Path("bluemarble") / "v1"
-GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+DESCRIPTOR_SET = "descriptors.binpb"
+GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", DESCRIPTOR_SET)
 
 
 def generate(out_root: pathlib.Path) -> None:
@@ -37,6 +42,8 @@ def generate(out_root: pathlib.Path) -> None:
         f"--python_out={out_root}",
         f"--pyi_out={out_root}",
         f"--grpc_python_out={out_root}",
+        f"--descriptor_set_out={out_root / OUT_PACKAGE / DESCRIPTOR_SET}",
+        "--include_source_info",
         *protos,
     ]
     if protoc.main(args) != 0:

@@ -225,7 +225,9 @@ class ControlPlaneClient:
         self._deadline_s = deadline_s
         self._max_backoff_s = max_backoff_s
         self._metadata = tuple(metadata)
-        self._channels = [open_channel(a) for a in self.addresses]
+        # Opened on first use: a gRPC channel belongs to the event loop it was made in, and
+        # a client may be built before the loop that uses it runs (a game server's __init__).
+        self._channels: list[grpc.aio.Channel | None] = [None] * len(self.addresses)
         self._closed = False
         self._current = 0
         self._moves_logged = retry.LogThrottle(ROTATION_LOG_INTERVAL_S)  # by (from, to)
@@ -268,7 +270,7 @@ class ControlPlaneClient:
         if self._closed:
             raise errors.FailedPrecondition("the control-plane client is closed; make a new one")
         channel = self._channels[self._current]
-        if channels.outdated(channel):
+        if channel is None or channels.outdated(channel):
             channel = self._channels[self._current] = open_channel(self.addresses[self._current])
         return channel
 
@@ -354,4 +356,5 @@ class ControlPlaneClient:
         """Closes every channel; calls made after it raise FailedPrecondition. Idempotent."""
         self._closed = True
         for channel in self._channels:
-            await channel.close(None)
+            if channel is not None:
+                await channel.close(None)

@@ -20,7 +20,6 @@ from then on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,6 +96,10 @@ TRADE_CALLS = StreamSpec(
 )
 
 
+CLOSE_RECANCEL_S = 0.1
+"""How often :meth:`CallStream.close` cancels a stream's task that has not ended."""
+
+
 class CallStream:
     """One server's multiplexed stream (a node's ``ShardNode.Calls`` unless ``spec`` says
     otherwise), opened on the first call and again after it breaks. :meth:`call` is safe
@@ -154,6 +157,8 @@ class CallStream:
         error: errors.BlueMarbleError | None = None
         stream = await self._open()
         try:
+            if self._closed:  # closed while it opened
+                raise asyncio.CancelledError
             # The server answers a new stream with its initial metadata at once. Waiting
             # for it tells a server that ends the stream (UNIMPLEMENTED: an older release)
             # from one that serves it, before a write could race with that ending.
@@ -226,12 +231,16 @@ class CallStream:
                 future.set_exception(Unsupported() if not self.supported else error)
 
     async def close(self) -> None:
+        """Ends the stream; calls waiting on it fail with Unavailable. Returns once the
+        stream's task has ended: it is cancelled again should a cancellation be lost (one
+        that lands as an awaited call completes, in libraries that swallow it)."""
         self._closed = True
         runner, self._runner = self._runner, None
-        if runner is not None:
+        while runner is not None and not runner.done():
             runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await runner
+            await asyncio.wait((runner,), timeout=CLOSE_RECANCEL_S)
+        if runner is not None and not runner.cancelled():
+            runner.exception()  # retrieved: its error went to the calls
 
 
 _STREAM_STATUSES_KEPT = frozenset({

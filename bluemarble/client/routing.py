@@ -939,6 +939,7 @@ class RoutingClient:
                 request_id=request.request_id,
             )
 
+        self._check_usable()  # closed already: nothing was sent, so no outcome is in doubt
         return await _naming_request(request.request_id, self._run(
             player_id, call, allow_stale=False, deadline_s=deadline_s, what="GrantItems", epoch=epoch
         ))
@@ -974,6 +975,7 @@ class RoutingClient:
                 consistency=r.consistency, request_id=request.request_id,
             )
 
+        self._check_usable()  # closed already: nothing was sent, so no outcome is in doubt
         return await _naming_request(request.request_id, self._run(
             player_id, call, allow_stale=False, deadline_s=deadline_s, what="SetPlayerData", epoch=epoch
         ))

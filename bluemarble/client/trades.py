@@ -391,6 +391,8 @@ class TradeClient:
                       Offer(tuple(validation.item_ids(b_items, "b_items")), b_gold))
         validate_trade(trade)
         check_deadline(deadline_s)
+        if self._closed:  # nothing sent: no outcome in doubt
+            raise ClientClosed("the trade client is closed; make a new one")
         # Until its answer comes, the trade may be on its way even if this call ends
         # (cancelled, out of time): get_trade then says "not known yet", not "not found".
         self._unanswered[trade_id] = None

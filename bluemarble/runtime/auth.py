@@ -33,6 +33,7 @@ import ipaddress
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ import grpc.aio
 import structlog
 
 from bluemarble.core.errors import InvalidArgument
-from bluemarble.runtime import tls
+from bluemarble.runtime import retry, tls
 
 log = structlog.get_logger(__name__)
 
@@ -71,13 +72,26 @@ def check_bearer(authorization: str | None, expected: str) -> Verdict:
     """Purely computational: the verdict for an ``authorization`` metadata value.
 
     The comparison is constant-time in the presented token (``hmac.compare_digest``)."""
-    if not authorization or not authorization.startswith(BEARER):
+    scheme, _, presented = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer":  # the scheme's name is case-insensitive (RFC 9110, 11.1)
         return Verdict.MISSING
-    presented = authorization[len(BEARER):].strip()
+    presented = presented.strip()
     if not presented:
         return Verdict.MISSING
     ok = hmac.compare_digest(presented.encode("utf-8", "replace"), expected.encode("utf-8"))
     return Verdict.OK if ok else Verdict.WRONG
+
+
+_ADMIN_REFUSALS = retry.FailureLog()
+
+
+def _host_of(peer: str) -> str:
+    """"ipv4:10.0.0.7:51234" -> "ipv4:10.0.0.7" (a client's ports change with each connection)."""
+    return peer.rsplit(":", 1)[0] if peer.count(":") > 1 else peer
+
+
+def _has_authorization(context: Ctx) -> bool:
+    return bool(_metadata_value(context.invocation_metadata(), AUTHORIZATION))
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -219,12 +233,17 @@ class ServerAuth:
         verdict = check_bearer(_metadata_value(context.invocation_metadata(), AUTHORIZATION), self.token.value())
         if verdict is Verdict.OK:
             return
-        log.warning("admin rpc refused", rpc=method, reason=verdict.value, peer=context.peer())
+        peer = context.peer()
+        # Each refusal counts; a peer repeating one logs it once, then a summary with the
+        # count every few seconds (per method, reason and peer host).
+        _ADMIN_REFUSALS.failed(f"{method} {verdict.value} {_host_of(peer)}", time.monotonic(), "admin rpc refused",
+                               rpc=method, reason=verdict.value, peer=peer)
         if verdict is Verdict.MISSING:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"{method} is an admin RPC and needs 'authorization: Bearer <token>' metadata "
-                "(bluemarblectl: --token-file or BLUEMARBLE_ADMIN_TOKEN)",
+                "(bluemarblectl: --token-file or BLUEMARBLE_ADMIN_TOKEN)"
+                + ("; the authorization given is not a Bearer one" if _has_authorization(context) else ""),
             )
         await context.abort(
             grpc.StatusCode.PERMISSION_DENIED,

@@ -9,7 +9,6 @@ exception anyway is a bug, and must say so in the log rather than vanish silentl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Coroutine
 from typing import Any
 
@@ -36,10 +35,17 @@ def _report(task: asyncio.Task[None]) -> None:
 
 
 async def stop(task: asyncio.Task[None] | None) -> None:
-    """Cancels ``task`` (if any) and waits for it to finish."""
+    """Cancels ``task`` (if any) and waits for it to finish; raises the error it ends with,
+    if any. A cancellation of the caller itself goes on up (``await task`` under
+    ``suppress(CancelledError)`` would swallow it, and with it the caller's timeout)."""
     if task is None or task.done():
         return
     task.remove_done_callback(_report)
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    try:
+        await asyncio.wait((task,))
+    except asyncio.CancelledError:
+        task.add_done_callback(_report)  # it still says so if it dies of an error
+        raise
+    if not task.cancelled():
+        task.result()

@@ -114,7 +114,8 @@ async def ended_status(call: Any, error: Exception) -> tuple[grpc.StatusCode, st
     error from Core" when the write races that end: grpc/grpc#36066) that says nothing of
     why it ended."""
     with contextlib.suppress(Exception):
-        code = await asyncio.wait_for(call.code(), 1.0)
+        async with asyncio.timeout(1.0):
+            code = await call.code()
         if code is not None and code != grpc.StatusCode.OK:
             details = await call.details() or code.name
             if code == grpc.StatusCode.INTERNAL and CORE_BREAK in details:
@@ -136,7 +137,8 @@ async def ended_stopping(call: Any) -> bool:
     """Whether a stream ``call``, already ended, was ended by its server shutting down
     (waits at most 1 s for the call's trailers)."""
     with contextlib.suppress(Exception):
-        return said_stopping(await asyncio.wait_for(call.trailing_metadata(), 1.0))
+        async with asyncio.timeout(1.0):
+            return said_stopping(await call.trailing_metadata())
     return False
 
 

@@ -775,7 +775,8 @@ async def _dial(address: str, port: int, method: str, parse: Callable[[bytes], A
             # their initial metadata at once. A connection that closes first (a TLS port
             # dialled in plaintext, a proxy with no way through) or says nothing is a dial
             # that failed, and the stream goes over gRPC.
-            await asyncio.wait_for(call.initial_metadata(), DIAL_TIMEOUT_S)
+            async with asyncio.timeout(DIAL_TIMEOUT_S):
+                await call.initial_metadata()
         except BaseException:
             call.cancel()
             raise
@@ -813,13 +814,18 @@ async def open_stream(address: str, method: str, parse: Callable[[bytes], Any], 
     if not _enabled:
         return call
     try:
-        # Bounded: a hung server sends nothing, and its caller's own bounds apply to the stream.
-        port = offered_port(await asyncio.wait_for(asyncio.shield(call.initial_metadata()), DIAL_TIMEOUT_S))
-    except Exception:  # the stream's own status, or no answer yet: its caller finds out
-        return call
-    if port is None:
-        return call
-    framed = await _dial(address, port, method, parse)
+        try:
+            # Bounded: a hung server sends nothing, and its caller's own bounds apply to the stream.
+            async with asyncio.timeout(DIAL_TIMEOUT_S):
+                port = offered_port(await asyncio.shield(call.initial_metadata()))
+        except Exception:  # the stream's own status, or no answer yet: its caller finds out
+            return call
+        if port is None:
+            return call
+        framed = await _dial(address, port, method, parse)
+    except asyncio.CancelledError:  # the caller gave up (a client closing): the stream goes too
+        call.cancel()
+        raise
     if framed is None:
         return call
     _offered[address] = port

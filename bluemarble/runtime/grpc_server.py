@@ -17,6 +17,8 @@ the metadata limit and reach the client as RESOURCE_EXHAUSTED instead of the err
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib.resources
 import inspect
 import re
 import time
@@ -29,6 +31,7 @@ import grpc
 import grpc.aio
 import structlog
 from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
@@ -76,22 +79,30 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
 
 
 class _MethodAwarePool:
-    """The descriptor pool reflection answers from, finding methods too.
+    """The descriptor pool reflection answers from, finding methods too, and answering
+    the API's files with their comments.
 
     ``grpcurl describe bluemarble.v1.ControlPlane.ListNodes`` asks for the file containing
     a *method*; protobuf's upb pool finds services, messages, fields and enum values but
     not methods, so reflection answered "not found". A method is found here through its
-    service. Everything else is the wrapped pool's."""
+    service. The compiled-in descriptors carry no comments; the files of ``documented``
+    (file name -> FileDescriptorProto with source info) are answered from there instead.
+    Everything else is the wrapped pool's."""
 
-    def __init__(self, pool: descriptor_pool.DescriptorPool):
+    def __init__(self, pool: descriptor_pool.DescriptorPool,
+                 documented: dict[str, descriptor_pb2.FileDescriptorProto] | None = None):
         self._pool = pool
+        self._documented = documented or {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pool, name)
 
+    def FindFileByName(self, name: str) -> Any:
+        return _DocumentedFile(self._pool.FindFileByName(name), self._documented)
+
     def FindFileContainingSymbol(self, symbol: str) -> Any:
         try:
-            return self._pool.FindFileContainingSymbol(symbol)
+            return _DocumentedFile(self._pool.FindFileContainingSymbol(symbol), self._documented)
         except KeyError:
             service, _, method = symbol.rpartition(".")
             try:
@@ -99,8 +110,44 @@ class _MethodAwarePool:
             except KeyError:
                 found = None
             if found is not None and method in found.methods_by_name:
-                return found.file
+                return _DocumentedFile(found.file, self._documented)
             raise
+
+
+class _DocumentedFile:
+    """A file descriptor whose proto (what reflection sends) carries its comments when
+    they are known; its dependencies likewise."""
+
+    def __init__(self, file: Any, documented: dict[str, descriptor_pb2.FileDescriptorProto]):
+        self._file = file
+        self._documented = documented
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+    @property
+    def dependencies(self) -> list[_DocumentedFile]:
+        return [_DocumentedFile(d, self._documented) for d in self._file.dependencies]
+
+    def CopyToProto(self, proto: descriptor_pb2.FileDescriptorProto) -> None:
+        documented = self._documented.get(self._file.name)
+        if documented is None:
+            self._file.CopyToProto(proto)
+        else:
+            proto.CopyFrom(documented)
+
+
+@functools.cache
+def _documented_files() -> dict[str, descriptor_pb2.FileDescriptorProto]:
+    """The API's files with their comments (``bluemarble/v1/descriptors.binpb``, written
+    by scripts/gen_protos.py beside the stubs), by file name; none if it is missing."""
+    try:
+        data = importlib.resources.files("bluemarble.v1").joinpath("descriptors.binpb").read_bytes()
+        files = descriptor_pb2.FileDescriptorSet.FromString(data).file
+    except (OSError, ValueError, DecodeError) as e:
+        log.warning("API descriptors with comments not found; reflection answers without them", error=str(e))
+        return {}
+    return {f.name: f for f in files}
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
@@ -337,6 +384,13 @@ async def _fail(
         # by raising this from the request stream: a shutdown, not a crash. Nothing can be
         # sent any more.
         log.debug("rpc ended: the server stopped", method=method, elapsed_ms=elapsed_ms)
+        return
+    if type(exc).__name__ == "ExecuteBatchError":
+        # gRPC could not send on a call its client already left (it closed its channel or
+        # cancelled before the server's first message, e.g. the initial metadata a stream
+        # sends at once): nothing broke here, and nobody is left to answer.
+        log.debug("rpc ended: the client left", method=method, elapsed_ms=elapsed_ms, error=str(exc)[:200])
+        context.set_code(grpc.StatusCode.CANCELLED)
         return
     if isinstance(exc, BlueMarbleError):
         code = _abort_status(exc)
@@ -729,7 +783,7 @@ async def build_server(
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     _install_reflection_v1()
     names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, REFLECTION_V1, reflection.SERVICE_NAME]
-    reflector = _BoundedReflection(names, pool=_MethodAwarePool(descriptor_pool.Default()))
+    reflector = _BoundedReflection(names, pool=_MethodAwarePool(descriptor_pool.Default(), _documented_files()))
     guard_decoding(server, reflection_pb2_grpc.add_ServerReflectionServicer_to_server, reflector)
     guard_decoding(server, _add_reflection_v1, reflector)
     config = tls.current()

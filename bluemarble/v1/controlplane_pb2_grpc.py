@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class ControlPlaneStub:
-    """Missing associated documentation comment in .proto file."""
+    """Served by every control-plane replica; writes go through etcd, so any replica answers.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -113,7 +114,8 @@ class ControlPlaneStub:
 
 
 class ControlPlaneServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Served by every control-plane replica; writes go through etcd, so any replica answers.
+    """
 
     def RegisterNode(self, request, context):
         """Registers a node and attaches its record to a new etcd lease.
@@ -156,25 +158,32 @@ class ControlPlaneServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetRing(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The consistent hash ring (player -> shard): each shard's virtual-node tokens, with
+        the ring's version and hash.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchRing(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The ring now, then again whenever it changes, with progress messages in between.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ResolvePlayer(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The shard a player maps to, its epoch, primary and replicas. UNAVAILABLE while the
+        shard has no primary (a failover in progress): retry shortly.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListNodes(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every registered node, read from etcd; while etcd does not answer, the nodes this
+        replica saw last, with `stale` set.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -196,13 +205,18 @@ class ControlPlaneServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DrainNode(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Admin: marks a node DRAINING. It keeps serving what it holds while placement hands
+        its primaries over and moves its replicas away; it then holds no role and may be
+        stopped. Idempotent. NOT_FOUND for a node not registered; FAILED_PRECONDITION when
+        fewer than replication_factor other nodes would remain (see `force`).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetConfig(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The cluster config and its etcd revision (give it to SetConfig as expected_revision).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -313,7 +327,8 @@ def add_ControlPlaneServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ControlPlane:
-    """Missing associated documentation comment in .proto file."""
+    """Served by every control-plane replica; writes go through etcd, so any replica answers.
+    """
 
     @staticmethod
     def RegisterNode(request,

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class ShardNodeStub:
-    """Missing associated documentation comment in .proto file."""
+    """Served by every shard node: game servers call a player's primary (the routing client
+    finds it), primaries call their replicas, the control plane fences and promotes.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -117,7 +119,9 @@ class ShardNodeStub:
 
 
 class ShardNodeServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Served by every shard node: game servers call a player's primary (the routing client
+    finds it), primaries call their replicas, the control plane fences and promotes.
+    """
 
     def GetInventory(self, request, context):
         """A player's items and gold. STRONG: served by the shard's primary only, once every
@@ -155,23 +159,25 @@ class ShardNodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Prepare(self, request, context):
-        """2PC phase one: checks epoch and ownership and escrows durably.
-        Two-phase commit, participant side (flow 6). Prepare escrows one player's side of a
-        cross-shard trade as a replicated STRONG write; Commit and Abort apply the decision
-        recorded in etcd. All three are idempotent by trade id.
+        """Two-phase commit, participant side (flow 6), phase one: checks the epoch and that the
+        player owns what they give, then escrows that side of a cross-shard trade as a
+        replicated STRONG write. Idempotent by trade id, as Commit and Abort are.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Commit(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Phase two, COMMITTED (the decision recorded in etcd): the escrowed items and gold
+        move to the other player, the received ones arrive.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Phase two, ABORTED: the escrow is released, the player keeps what they had.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -353,7 +359,9 @@ def add_ShardNodeServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ShardNode:
-    """Missing associated documentation comment in .proto file."""
+    """Served by every shard node: game servers call a player's primary (the routing client
+    finds it), primaries call their replicas, the control plane fences and promotes.
+    """
 
     @staticmethod
     def GetInventory(request,

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class TradeCoordinatorStub:
-    """Missing associated documentation comment in .proto file."""
+    """Served by every control-plane replica: any of them coordinates any trade.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -62,7 +63,8 @@ class TradeCoordinatorStub:
 
 
 class TradeCoordinatorServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Served by every control-plane replica: any of them coordinates any trade.
+    """
 
     def ExecuteTrade(self, request, context):
         """Runs a trade to its end. Same trade id, same answer, always (within the retention
@@ -147,7 +149,8 @@ def add_TradeCoordinatorServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TradeCoordinator:
-    """Missing associated documentation comment in .proto file."""
+    """Served by every control-plane replica: any of them coordinates any trade.
+    """
 
     @staticmethod
     def ExecuteTrade(request,

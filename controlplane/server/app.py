@@ -357,7 +357,8 @@ class ControlPlaneApp:
             if step is None:
                 continue
             try:
-                await asyncio.wait_for(step, self.settings.shutdown_grace_s + 5.0)
+                async with asyncio.timeout(self.settings.shutdown_grace_s + 5.0):
+                    await step
             except TimeoutError:
                 log.error("shutdown step timed out; continuing", step=name)
         self.server = None

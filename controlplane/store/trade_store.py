@@ -346,7 +346,8 @@ class TradeStore:
         self._task = None
         if self._pending:
             try:
-                await asyncio.wait_for(self._flush(), flush_timeout_s)
+                async with asyncio.timeout(flush_timeout_s):
+                    await self._flush()
             except (TimeoutError, BlueMarbleError) as e:
                 log.warning("trade records left unretained at shutdown (the sweep attaches them)",
                             count=len(self._pending), error=str(e))

@@ -159,3 +159,24 @@ async def test_a_huge_name_is_not_found_and_not_echoed_back_whole(control_plane:
     ok = await _reflect(control_plane.address, reflection_pb2.ServerReflectionRequest(
         file_containing_symbol="bluemarble.v1.ControlPlane"))  # the service serves on
     assert ok.file_descriptor_response.file_descriptor_proto
+
+
+async def test_describe_shows_the_comments_of_methods_and_messages(control_plane: ControlPlaneApp) -> None:
+    """``grpcurl describe`` prints a descriptor's comments when the file carries its
+    source info: reflection answers the API's files with it (its dependencies too)."""
+    r = await _reflect(control_plane.address, reflection_pb2.ServerReflectionRequest(
+        file_containing_symbol="bluemarble.v1.ControlPlane.DrainNode"))
+    files = {f.name: f for f in (descriptor_pb2.FileDescriptorProto.FromString(raw)
+                                 for raw in r.file_descriptor_response.file_descriptor_proto)}
+    assert {"bluemarble/v1/controlplane.proto", "bluemarble/v1/common.proto"} <= set(files)
+
+    def comment(file: descriptor_pb2.FileDescriptorProto, path: list[int]) -> str:
+        return next((loc.leading_comments for loc in file.source_code_info.location if list(loc.path) == path), "")
+
+    control = files["bluemarble/v1/controlplane.proto"]
+    [service] = control.service
+    drain = [m.name for m in service.method].index("DrainNode")
+    assert "marks a node DRAINING" in comment(control, [6, 0, 2, drain])  # service 0, method DrainNode
+    common = files["bluemarble/v1/common.proto"]
+    node = [m.name for m in common.message_type].index("Node")
+    assert "A node as recorded in the registry" in comment(common, [4, node])  # message Node

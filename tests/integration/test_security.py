@@ -150,10 +150,15 @@ async def test_admin_rpcs_need_the_bearer_token(
                 grpc.StatusCode.UNAUTHENTICATED
             )
             assert code == expected, (call, wrong)
+        with pytest.raises(grpc.aio.AioRpcError) as basic:
+            await call(request, timeout=CALL_TIMEOUT_S, metadata=(("authorization", "Basic " + TOKEN),))
+        assert "the authorization given is not a Bearer one" in (basic.value.details() or "")
     answered = await stub.SetConfig(set_config, timeout=CALL_TIMEOUT_S, metadata=bearer_metadata(TOKEN))
     assert answered.revision > current.revision
     code = await code_of(stub.DrainNode(drain, timeout=CALL_TIMEOUT_S, metadata=bearer_metadata(TOKEN)))
     assert code == grpc.StatusCode.NOT_FOUND  # past the token check: there is no such node
+    lowercase = (("authorization", "bearer " + TOKEN),)  # the scheme's name is case-insensitive
+    assert await code_of(stub.DrainNode(drain, timeout=CALL_TIMEOUT_S, metadata=lowercase)) == grpc.StatusCode.NOT_FOUND
     code = await code_of(stub.ForcePromote(promote, timeout=CALL_TIMEOUT_S, metadata=bearer_metadata(TOKEN)))
     assert code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)  # past the token check
 

@@ -474,6 +474,12 @@ async def test_a_closed_client_no_longer_answers_from_its_caches() -> None:
         client.same_shard(PLAYER, PLAYER)
     with pytest.raises(ClientClosed, match="closed"):
         await client.start()
+    # Nothing is sent after close, so nothing is in doubt: no "outcome unknown".
+    for write in (client.grant_items(PLAYER, ["i1"], request_id="g-1"),
+                  client.set_player_data(PLAYER, "guild", "name", b"owls", request_id="d-1")):
+        with pytest.raises(ClientClosed) as closed:
+            await write
+        assert "outcome unknown" not in str(closed.value) and "closed; make a new one" in str(closed.value)
 
 
 @pytest.mark.parametrize(("addresses", "message"), [

@@ -14,6 +14,7 @@ from bluemarble.runtime.auth import (
     CONTROL_PLANE_IDENTITY,
     AdminToken,
     ClusterPeers,
+    ServerAuth,
     Verdict,
     bearer_metadata,
     check_bearer,
@@ -125,7 +126,10 @@ def test_peer_identities_are_the_common_name_and_dns_names() -> None:
         ("", Verdict.MISSING),
         ("Bearer ", Verdict.MISSING),
         ("Basic s3cret", Verdict.MISSING),
-        ("bearer s3cret", Verdict.MISSING),
+        ("bearer s3cret", Verdict.OK),  # the scheme's name is case-insensitive
+        ("BEARER  s3cret", Verdict.OK),
+        ("Bearers3cret", Verdict.MISSING),
+        ("s3cret", Verdict.MISSING),
         ("Bearer s3cre", Verdict.WRONG),
         ("Bearer s3cret2", Verdict.WRONG),
         ("Bearer \u00e9", Verdict.WRONG),
@@ -219,3 +223,37 @@ def test_the_node_id_pattern_is_checked_when_given() -> None:
     for bad in ("(", "x" * 300):
         with pytest.raises(InvalidArgument, match="--node-id-pattern"):
             compile_node_id_pattern(bad, "--node-id-pattern")
+
+
+class _AdminCallContext:
+    def __init__(self, peer: str, authorization: str):
+        self._peer, self._authorization = peer, authorization
+        self.aborted: list[tuple[object, str]] = []
+
+    def peer(self) -> str:
+        return self._peer
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", self._authorization),)
+
+    async def abort(self, code: object, details: str) -> None:
+        self.aborted.append((code, details))
+
+
+async def test_a_peer_repeating_a_wrong_admin_token_logs_one_warning_then_summaries() -> None:
+    import grpc
+    import structlog
+
+    auth = ServerAuth(AdminToken(value="s3cret"))
+    with structlog.testing.capture_logs() as logs:
+        for port in range(40000, 40050):  # one client host, a new connection each time
+            context = _AdminCallContext(f"ipv4:10.0.0.9:{port}", "Bearer guess")
+            await auth.admin(context, "DrainNode")  # type: ignore[arg-type]
+            assert context.aborted == [(grpc.StatusCode.PERMISSION_DENIED,
+                                        "DrainNode: the bearer token is not this cluster's admin token")]
+        other = _AdminCallContext("ipv4:10.0.0.10:40000", "Bearer guess")
+        await auth.admin(other, "DrainNode")  # type: ignore[arg-type]
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert [(e["event"], e["peer"]) for e in warnings] == [
+        ("admin rpc refused", "ipv4:10.0.0.9:40000"), ("admin rpc refused", "ipv4:10.0.0.10:40000")]
+    assert sum(e["event"] == "admin rpc refused" for e in logs) == 51  # each one still at debug at least

@@ -252,8 +252,10 @@ async def test_closing_the_client_fails_trades_in_flight_as_closed(start: Any) -
     assert all(isinstance(r, ClientClosed) for r in results), results
     assert all("retry it with the same trade id and terms on a new client" in str(r) for r in results)
     assert len(coordinator.requests) == 3  # nothing sent again
-    with pytest.raises(ClientClosed):
+    with pytest.raises(ClientClosed) as after:
         await client.execute_trade("t-after", "a", "b", a_gold=1)
+    assert "unknown outcome" not in str(after.value)  # nothing was sent: nothing in doubt
+    assert len(coordinator.requests) == 3
 
 
 async def test_aborted_status_is_retried_but_an_aborted_outcome_is_an_answer(start: Any) -> None:
