@@ -201,6 +201,11 @@ class NodeAgent:
         # What this node holds: shard -> (role, epoch), as last told by WatchAssignments.
         # Kept while the control plane is unreachable (static stability).
         self.shards: dict[str, ShardHolding] = {}
+        # Shards whose assignment keeps this incarnation in `retained`: no role, but the
+        # control plane may still count on its copy (it may hold acknowledged writes the
+        # other copies lack) until a staying copy is known to hold them. A drained node
+        # leaves only once none does: gone earlier, a primary failing next would wait for it.
+        self.retained_in: set[str] = set()
         self.assignments_revision = 0
         self.assignments_synced = asyncio.Event()
         self.draining = False
@@ -212,6 +217,7 @@ class NodeAgent:
         # control plane refuses them: the lease must not be lost over a report).
         self._report_statuses = True
         self._beat_failures = retry.FailureLog()
+        self._retained_logged: list[str] = []
         self._beats: grpc.aio.StreamStreamCall[Any, Any] | None = None
         self._beats_address = ""
         self._stopping_since: dict[str, float] = {}  # address -> when it said it is shutting down
@@ -413,10 +419,22 @@ class NodeAgent:
             backoff.reset()
             self._set_state(SessionState.CONNECTED)
             if self.draining and not self.shards and self.assignments_synced.is_set():
+                if self.retained_in:
+                    self._log_retained_wait()
+                    continue
                 log.info("drained: holding no shard any more; leaving")
                 await self.deregister()
                 stop.set()
                 return
+
+    def _log_retained_wait(self) -> None:
+        """Once per set of shards: the drained node waits for the control plane to stop
+        counting on its copies (about a placement round)."""
+        shards = sorted(self.retained_in)
+        if shards != self._retained_logged:
+            self._retained_logged = shards
+            log.info("drained of roles; leaving once no shard still counts on this node's copy",
+                     retained_in=shards[:8], count=len(shards))
 
     async def _sleep_until(self, stop: asyncio.Event, due_s: float) -> bool:
         """Waits until ``due_s`` (waking at the LOST deadline on the way, to log it on
@@ -564,6 +582,7 @@ class NodeAgent:
         self.registered.clear()
         self._set_state(SessionState.LOST, reason="lease not found")
         self.shards.clear()
+        self.retained_in.clear()
         self.assignments.clear()
         self.assignments_synced.clear()
         self.assignments_revision = 0
@@ -758,12 +777,18 @@ class NodeAgent:
                 if shard not in held:
                     del self.shards[shard]
                     self.assignments.pop(shard, None)
+            self.retained_in &= held
         for shard in update.removed_shard_ids:
             self.shards.pop(shard, None)
             self.assignments.pop(shard, None)
+            self.retained_in.discard(shard)
         for a in update.assignments:
             member = a.primary == me or me in a.replicas
             incarnation = a.incarnations.get(me)
+            if me in a.retained and incarnation in (None, lease_id):
+                self.retained_in.add(a.shard_id)
+            else:
+                self.retained_in.discard(a.shard_id)
             if not member or (incarnation is not None and incarnation != lease_id):
                 if self.shards.pop(a.shard_id, None) is not None:
                     log.info("shard role dropped", shard=a.shard_id, epoch=a.epoch,

@@ -33,7 +33,7 @@ from bluemarble.runtime.channels import checked_addresses
 from bluemarble.runtime.grpc_server import Server, ServiceBinding, build_server
 from bluemarble.runtime.settings import EnvArgumentParser
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
-from shardnode.agent import NodeAgent, NodeIdentity
+from shardnode.agent import NodeAgent, NodeIdentity, SessionState
 from shardnode.dataplane import DataPlane
 from shardnode.participant import DEFAULT_ESCROW_TIMEOUT_S, Participant
 from shardnode.service import ShardNodeService
@@ -56,6 +56,8 @@ DEFAULT_LEAVE_TIMEOUT_S = 30.0
 """How long a node stopping on SIGTERM/SIGINT waits for the control plane to move its
 roles away (a drain) before it leaves anyway: within Kubernetes' default 30 s and the
 chart's 60 s grace, with room for the shutdown itself."""
+LEAVE_CHECK_S = 0.5
+"""How often a leaving node checks that its heartbeats still get through."""
 NOT_READY_LOG_INTERVAL_S = 10.0
 """The process ended because its database file is damaged (see
 :class:`shardnode.storage.node_storage.StorageDamaged`); restarting it on the same data dir
@@ -347,15 +349,32 @@ async def _leave_when_asked(agent: NodeAgent, asked: asyncio.Event, stop: asynci
     agent.leave()
     declined = asyncio.ensure_future(agent.leave_declined.wait())
     stopped = asyncio.ensure_future(stop.wait())
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + timeout_s
+    lapsed = False
     try:
-        done, _ = await asyncio.wait({declined, stopped}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        while not (declined.done() or stopped.done()):
+            left_s = give_up_at - loop.time()
+            if left_s <= 0:
+                break
+            if agent.session_state is SessionState.LOST:
+                # No heartbeat got through for a whole lease (the control plane or etcd is
+                # unreachable): nobody can record the drain, and the lease ends (or has ended)
+                # anyway. Waiting out the timeout would only delay the stop.
+                lapsed = True
+                break
+            await asyncio.wait({declined, stopped}, timeout=min(LEAVE_CHECK_S, left_s),
+                               return_when=asyncio.FIRST_COMPLETED)
     finally:
         declined.cancel()
         stopped.cancel()
     if stop.is_set():
         return
-    if declined in done:
+    if agent.leave_declined.is_set():
         log.info("the control plane did not drain this node (too few other nodes for its copies); stopping now")
+    elif lapsed:
+        log.warning("cannot ask for a drain: no heartbeat got through for a whole lease (control plane or etcd "
+                    "unreachable); stopping now (its shards fail over)", holding=len(agent.shards))
     else:
         log.warning("roles not all moved away in time; stopping anyway (its shards fail over)",
                     within_s=timeout_s, holding=len(agent.shards))

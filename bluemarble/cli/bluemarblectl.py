@@ -625,7 +625,8 @@ async def run(args: argparse.Namespace) -> int:
             a = response.assignment  # type: ignore[attr-defined]
             text = f"{a.shard_id}: primary {a.primary} at epoch {a.epoch}"
             if lost := list(response.lost_members):  # type: ignore[attr-defined]
-                text += f"\nwrites only {', '.join(lost)} held are lost"
+                text += (f"\nwrites only {', '.join(lost)} held are lost, sides of cross-shard trades among them: a "
+                         "trade its other shard applied may now leave an item in two inventories, or in none")
         elif args.command == "config" and args.action == "get":
             response = await client.call(lambda s: s.GetConfig, controlplane_pb2.GetConfigRequest())
             text = render_config(response.config, response.revision)  # type: ignore[attr-defined]
@@ -741,7 +742,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     promote = sub.add_parser(
         "promote",
         help="make NODE the primary of a shard left without one because its copies, or the ones that may hold "
-        "its latest writes, are lost; loses what only the lost nodes held",
+        "its latest writes, are lost; loses what only the lost nodes held (sides of cross-shard trades too: "
+        "an item may end up in two inventories, or in none)",
     )
     promote.add_argument("shard")
     promote.add_argument("node")

@@ -232,7 +232,9 @@ class ControlPlaneServicer:
         """Admin, for a shard left without a primary because no live node holds its data
         (its primary died, and so did every copy): makes node_id its primary at a new
         epoch, with whatever node_id holds (often nothing). What only the lost nodes held
-        is gone for good; bringing one of them back with its data dir is the lossless fix.
+        is gone for good, their sides of cross-shard trades too (an item may then be in two
+        inventories, or in none); bringing one of them back with its data dir is the
+        lossless fix.
         Answers once the assignment names node_id (or DEADLINE_EXCEEDED: the request stays
         until the leader acts on it, or the shard gets a primary some other way).
         """

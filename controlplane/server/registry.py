@@ -105,7 +105,8 @@ class NodeRegistry:
                 remaining_s = await self._store.lease_ttl(existing.lease)
                 raise AlreadyExists(
                     f"node {node.node_id} is already registered from {old.address} "
-                    f"(lease {existing.lease:#x}, expires in <= {max(remaining_s, 0)} s); "
+                    f"(lease {existing.lease:#x}: its heartbeats renew it, and it expires "
+                    f"{max(remaining_s, 0)} s at most after they stop); "
                     "stop that process or give this one another node id"
                 )
         lease_id, granted_s = await self._store.grant_lease(ttl_s)
@@ -152,7 +153,8 @@ class NodeRegistry:
             remaining_s = await self._store.lease_ttl(record.lease)
             raise AlreadyExists(
                 f"address {node.address} is held by live node {holder.node_id} "
-                f"(lease {record.lease:#x}, expires in <= {max(remaining_s, 0)} s); "
+                f"(lease {record.lease:#x}: its heartbeats renew it, and it expires "
+                f"{max(remaining_s, 0)} s at most after they stop); "
                 "give this node its own address, or stop that node first"
             )
 

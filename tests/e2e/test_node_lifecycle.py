@@ -119,6 +119,41 @@ def test_a_sigtermed_node_hands_its_roles_over_before_it_leaves(process_cluster:
     assert "stopping anyway" not in text
     assert _placed(process_cluster, {"n2", "n3"}, 2), process_cluster.assignments()
     assert process_cluster.list_nodes() == ["n2", "n3"]
+    # Gone only once no shard counts on its copy any more: a primary failing next must not
+    # wait for it (an outside probe stopped a second node right after a drained one, and a
+    # shard stayed without a primary, waiting for the drained node, until it came back).
+    listed = process_cluster.assignments()
+    assert listed is not None and not [a.shard_id for a in listed.assignments if "n1" in a.retained], listed
+
+
+def test_a_node_stopped_right_after_a_drained_one_leaves_no_shard_waiting_for_the_drained_one(
+    process_cluster: ProcessCluster,
+) -> None:
+    """A drained node leaves only once no shard keeps it ``retained`` (counting on its copy
+    until a staying copy is known to hold what it held). Gone earlier, a shard whose
+    primary stopped next waited for it to come back: an outside probe stopped two nodes
+    one after the other, and a shard had no primary until the drained one returned."""
+    process_cluster.start_control_plane("--lease-ttl-s", "4", "--replication-factor", "2", "--shards", "8")
+    leaving = "--leave-timeout-s", "40"
+    first = process_cluster.start_node("n1", "z1", *leaving)
+    second = process_cluster.start_node("n2", "z2", *leaving)
+    process_cluster.start_node("n3", "z3", *leaving)
+    wait_until(
+        lambda: _placed(process_cluster, {"n1", "n2", "n3"}, 2) and _holding(process_cluster) == {"n1", "n2", "n3"}
+        and _leads(process_cluster, "n1") and _leads(process_cluster, "n2"), 40,
+        "every shard placed on two nodes, all three used, n1 and n2 leading some",
+    )
+    first.signal(signal.SIGTERM)
+    assert first.proc is not None and first.proc.wait(40) == 0
+    second.signal(signal.SIGTERM)  # too few nodes would remain to drain it: it leaves at once
+    assert second.proc is not None and second.proc.wait(40) == 0
+
+    def all_on_n3() -> bool:
+        listed = process_cluster.assignments()
+        return listed is not None and bool(listed.assignments) and all(
+            a.primary == "n3" and not a.retained for a in listed.assignments)
+
+    wait_until(all_on_n3, 30, "n3 to lead every shard, no shard waiting for a node that left")
 
 
 def test_a_sigtermed_node_leaves_at_once_when_no_other_node_could_hold_its_copies(

@@ -131,6 +131,7 @@ async def test_duplicate_node_id_is_refused_after_a_bounded_wait(control_plane: 
         with pytest.raises(RegistrationRefused) as info:
             await asyncio.wait_for(intruder.run(asyncio.Event()), 10)
         assert "already registered from 127.0.0.1:7101" in str(info.value)
+        assert "its heartbeats renew it" in str(info.value)  # not a lease about to end by itself
     await holder.deregister()
     await client.close()
 

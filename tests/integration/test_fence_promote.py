@@ -205,6 +205,7 @@ async def test_an_operator_gives_a_stuck_shard_a_primary_without_its_data(
         out = capsys.readouterr().out
         assert f"{SHARD}: primary {y} at epoch {before.epoch + 1}" in out
         assert f"writes only {before.primary} held are lost" in out  # what the promotion gave up
+        assert "an item in two inventories, or in none" in out
         assert (await c.assignment()).primary == y
         # A retry of a request that worked answers the same.
         answer = await c.stub.ForcePromote(

@@ -60,6 +60,7 @@ class FakeControlPlane:
         self.stopping: set[str] = set()  # addresses ending their heartbeat streams to shut down
         self.refusing: set[str] = set()  # addresses whose process is gone (connections refused)
         self.reply_delay_s = 0.0
+        self.draining = False  # heartbeats answer that the node is draining
         self.refuse_statuses = False  # answer INVALID_ARGUMENT to heartbeats that report shards
         self.sent: list[tuple[float, str]] = []  # heartbeats written: (time, address)
         self.answered: list[tuple[float, str]] = []  # heartbeats answered: (time, address)
@@ -174,7 +175,7 @@ class FakeBeats:
             raise rpc_error(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id:#x} not found")
         plane.leases[request.lease_id] = plane.clock.monotonic_s() + TTL_S
         plane.answered.append((plane.clock.monotonic_s(), self.address))
-        return pb.HeartbeatResponse(ttl_ms=int(TTL_S * 1000))
+        return pb.HeartbeatResponse(ttl_ms=int(TTL_S * 1000), draining=plane.draining)
 
     def cancel(self) -> bool:
         return True
@@ -202,6 +203,7 @@ class FakeStub:
     async def DeregisterNode(self, request: pb.DeregisterNodeRequest, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         await self._answer()
         self.plane.leases.pop(request.lease_id, None)
+        self.plane.events.append(f"deregistered {request.node_id}")
         return pb.DeregisterNodeResponse()
 
     async def GetRing(self, request: pb.GetRingRequest, timeout: float | None = None) -> Any:  # noqa: ASYNC109
@@ -581,3 +583,40 @@ class TestSupervisedFollowers:
         finally:
             await router.stop()
             await client.close()
+
+
+async def test_a_drained_node_leaves_only_once_no_shard_retains_its_copy() -> None:
+    """No role left is not enough: while an assignment keeps the node in ``retained`` the
+    control plane counts on its copy (a primary failing next would wait for it), so the
+    node stays until that ends, then deregisters at its next heartbeat."""
+    clock = FakeClock()
+    plane = FakeControlPlane(clock)
+    agent, client = make_agent(plane)
+    async with running(agent, clock) as stop:
+        lease = agent.registration.lease_id  # type: ignore[union-attr]
+        plane.assign("n1", common_pb2.Assignment(shard_id="shard-1", epoch=2, primary="n2", replicas=["n3"],
+                                                 retained=["n1"], incarnations={"n1": lease}))
+        plane.draining = True
+        with structlog.testing.capture_logs() as logs:
+            await run_for(clock, 3 * TTL_S)
+            assert not stop.is_set() and "deregistered n1" not in plane.events
+            assert agent.retained_in == {"shard-1"} and not agent.shards
+            waits = [e for e in logs if e["event"].startswith("drained of roles; leaving once")]
+            assert len(waits) == 1 and waits[0]["retained_in"] == ["shard-1"]
+            plane.assign("n1", common_pb2.Assignment(shard_id="shard-1", epoch=2, primary="n2", replicas=["n3"]))
+            await run_until(clock, stop.is_set, TTL_S, "the drained node to leave")
+        assert "deregistered n1" in plane.events
+    await client.close()
+
+
+async def test_a_retained_mark_of_an_earlier_incarnation_does_not_hold_a_drained_node() -> None:
+    clock = FakeClock()
+    plane = FakeControlPlane(clock)
+    agent, client = make_agent(plane)
+    async with running(agent, clock) as stop:
+        plane.assign("n1", common_pb2.Assignment(shard_id="shard-1", epoch=2, primary="n2", replicas=["n3"],
+                                                 retained=["n1"], incarnations={"n1": 1}))
+        plane.draining = True
+        await run_until(clock, stop.is_set, TTL_S, "the drained node to leave")
+    assert "deregistered n1" in plane.events
+    await client.close()
