@@ -452,7 +452,8 @@ class Reconciler:
         refused = await asyncio.gather(*(self._probe.refuses_connections(a) for a in pending.values()))
         crashed = {node for node, dead in zip(pending, refused, strict=True) if dead}
         if crashed:
-            log.info("departed nodes refuse connections: crashes, not a mass expiry", nodes=sorted(crashed))
+            log.info("departed nodes refuse connections (their processes are gone): not a mass expiry",
+                     nodes=sorted(crashed))
             self._departures = collections.deque((t, n) for t, n in self._departures if n not in crashed)
 
     def _hold_s(self) -> float:
