@@ -143,6 +143,11 @@ def test_values_match_the_schema(variant: str) -> None:
         {"controlplane": {"podLabels": {"team": "a label value with spaces that is far too long " * 2}}},
         {"nodes": {"podLabels": {"bad key!": "x"}}},
         {"nodes": {"podLabels": {"team": "-starts-with-a-dash"}}},
+        # A random framed port no Service or NetworkPolicy could name; names that are no DNS label:
+        {"nodes": {"framesPort": 0}},
+        {"controlplane": {"framesPort": 0}},
+        {"nameOverride": "BlueMarble"},
+        {"fullnameOverride": "9-my"},
     ],
 )
 def test_the_schema_refuses_bad_values(override: dict[str, Any]) -> None:
@@ -168,6 +173,7 @@ def test_the_schema_refuses_bad_values(override: dict[str, Any]) -> None:
         ({"controlplane": {"podLabels": {"app.kubernetes.io/component": "evil"}}},
          "controlplane.podLabels may not set app.kubernetes.io/component"),
         ({"nodes": {"podLabels": {"app.kubernetes.io/instance": "x"}}}, "nodes.podLabels may not set"),
+        ({"etcd": {"endpoints": ["etcd.example:2379"]}}, "etcd.endpoints is set but etcd.enabled is true"),
     ],
 )
 def test_the_chart_refuses_incomplete_values(override: dict[str, Any], message: str) -> None:
@@ -339,6 +345,43 @@ def test_etcd_endpoint_is_the_client_service_of_the_charts_etcd(rendered: dict[s
     endpoint = hc.env_value(hc.container(m.get("Deployment", CP), "controlplane"), "BLUEMARBLE_ETCD")
     assert endpoint == f"{ETCD}.{hc.NAMESPACE}.svc:{client_port}"
     assert etcd["spec"]["replicas"] == 3 and etcd["spec"]["podManagementPolicy"] == "Parallel"
+
+
+def test_a_release_name_that_is_no_dns_label_is_refused() -> None:
+    with pytest.raises(hc.RenderError, match="must start with a lower-case letter"):
+        hc.render_text({}, release="1bm")
+
+
+def test_etcd_stays_ready_and_alive_out_of_space(rendered: dict[str, Manifests]) -> None:
+    """A member out of its quota (the NOSPACE alarm) still serves reads, compaction and
+    defragmentation: failing its probes would take every endpoint away and restart it
+    in a loop (the alarm survives restarts)."""
+    etcd = hc.container(rendered["default"].get("StatefulSet", ETCD), "etcd")
+    paths = {probe: etcd[probe]["httpGet"]["path"] for probe in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert all("exclude=NOSPACE" in path for path in paths.values()), paths
+    assert "serializable=true" in paths["livenessProbe"] and "serializable" not in paths["readinessProbe"]
+
+
+def test_pod_templates_do_not_change_with_the_chart_version(rendered: dict[str, Manifests]) -> None:
+    """A chart bump alone must not restart etcd or drain every node: no helm.sh/chart label
+    in a pod template (etcd's carries no app version either: it runs its own image)."""
+    m = rendered["default"]
+    for kind, name in (("Deployment", CP), ("StatefulSet", NODE), ("StatefulSet", ETCD)):
+        labels = m.get(kind, name)["spec"]["template"]["metadata"]["labels"]
+        assert "helm.sh/chart" not in labels, (name, labels)
+        assert ("app.kubernetes.io/version" in labels) == (name != ETCD), (name, labels)
+        assert "helm.sh/chart" in m.get(kind, name)["metadata"]["labels"]  # the object itself keeps it
+
+
+def test_nodes_scale_down_one_at_a_time_and_default_to_more_than_the_replication_factor(
+    rendered: dict[str, Manifests],
+) -> None:
+    """Scaling down stops one node at a time, each drained first; and by default a stopping
+    node can be drained at all (its copies need other nodes to go to)."""
+    nodes = rendered["default"].get("StatefulSet", NODE)
+    assert nodes["spec"]["podManagementPolicy"] == "OrderedReady"
+    factor = hc.default_values()["controlplane"]["replicationFactor"]
+    assert nodes["spec"]["replicas"] >= factor + 1
 
 
 def test_external_etcd_endpoints_tls_and_password(rendered: dict[str, Manifests]) -> None:

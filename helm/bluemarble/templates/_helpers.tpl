@@ -20,6 +20,9 @@ after the cut stay apart. */ -}}
 {{- $full = printf "%s-%s" .Release.Name $name -}}
 {{- end -}}
 {{- end -}}
+{{- if not (regexMatch "^[a-z]" $full) -}}
+{{- fail (printf "the release's full name %q must start with a lower-case letter (Service names are DNS-1035 labels): rename the release or set fullnameOverride" $full) -}}
+{{- end -}}
 {{- if gt (len $full) 40 -}}
 {{- printf "%s-%s" ($full | trunc 33 | trimSuffix "-") ($full | sha256sum | trunc 6) -}}
 {{- else -}}
@@ -51,6 +54,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/name: {{ include "bluemarble.name" .ctx }}
 app.kubernetes.io/instance: {{ .ctx.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Labels of a component's pod template: the selector's, and the app version on our own
+images (it changes with the image anyway); not helm.sh/chart: a chart bump alone (an alert
+threshold) would otherwise restart every pod, etcd's and the nodes' with their drains. Call
+with (dict "ctx" $ "component" "nodes" "version" true). */}}
+{{- define "bluemarble.podTemplateLabels" -}}
+{{ include "bluemarble.selectorLabels" . }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- if .version }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+{{- end }}
 {{- end -}}
 
 {{- define "bluemarble.componentLabels" -}}
