@@ -122,9 +122,9 @@ async def ended_status(call: Any, error: Exception) -> tuple[grpc.StatusCode, st
                 # gRPC's own word for a connection that broke under the call (the peer
                 # stopped or died mid-write), not an error of the server's code.
                 return grpc.StatusCode.UNAVAILABLE, f"the connection broke ({details})"
-            return code, details
+            return code, plain_details(details)
     if isinstance(error, grpc.aio.AioRpcError) and error.code() != grpc.StatusCode.INTERNAL:
-        return error.code(), error.details() or error.code().name
+        return error.code(), plain_details(error.details() or error.code().name)
     return grpc.StatusCode.UNAVAILABLE, f"the stream failed ({type(error).__name__})"
 
 

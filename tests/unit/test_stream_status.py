@@ -57,3 +57,12 @@ def test_the_cores_socket_wording_names_no_status() -> None:
     assert channels.plain_details("player UNKNOWN: not here") == "player UNKNOWN: not here"  # only the core's phrase
     for error in (status_to_error(grpc.StatusCode.UNAVAILABLE, core, "cp:1"), status_error("UNAVAILABLE", core, "n:1")):
         assert "UNKNOWN" not in str(error) and "Connection refused" in str(error)
+
+
+def test_a_stream_that_ended_on_a_refused_connection_names_no_unknown() -> None:
+    """What a replication or call stream logs when its peer is gone (the demo's shutdown
+    showed "last error: UNKNOWN: ... Connection refused" in the nodes' logs)."""
+    core = ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:7103: Failed to connect to "
+            "remote host: Connection refused")
+    code, details = asyncio.run(channels.ended_status(EndedCall(grpc.StatusCode.UNAVAILABLE, core), RuntimeError()))
+    assert code == grpc.StatusCode.UNAVAILABLE and "UNKNOWN" not in details and "Connection refused" in details
