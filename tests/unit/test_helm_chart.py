@@ -174,6 +174,7 @@ def test_the_schema_refuses_bad_values(override: dict[str, Any]) -> None:
          "controlplane.podLabels may not set app.kubernetes.io/component"),
         ({"nodes": {"podLabels": {"app.kubernetes.io/instance": "x"}}}, "nodes.podLabels may not set"),
         ({"etcd": {"endpoints": ["etcd.example:2379"]}}, "etcd.endpoints is set but etcd.enabled is true"),
+        ({"controlplane": {"preStopSleepSeconds": 30}}, "controlplane.preStopSleepSeconds (30) must be below"),
     ],
 )
 def test_the_chart_refuses_incomplete_values(override: dict[str, Any], message: str) -> None:
@@ -758,3 +759,11 @@ def test_health_probe_checks_the_advertised_name(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("BLUEMARBLE_ADVERTISE", f"{NODE}-0.{NODE}.{hc.NAMESPACE}.svc:7101")
     assert probe.server_name(["p", "127.0.0.1:7101"]) == f"{NODE}-0.{NODE}.{hc.NAMESPACE}.svc"
     assert probe.server_name(["p", "127.0.0.1:7000", "cp.game.svc"]) == "cp.game.svc"
+
+
+def test_a_stopping_control_plane_replica_serves_on_while_its_endpoints_go(rendered: dict[str, Manifests]) -> None:
+    container = hc.container(rendered["default"].get("Deployment", CP), "controlplane")
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "3"]
+    off = hc.render_text({"controlplane": {"preStopSleepSeconds": 0}},
+                         show_only="templates/controlplane-deployment.yaml")
+    assert "preStop" not in off
