@@ -123,8 +123,12 @@ class Inventory:
 @dataclass(frozen=True)
 class GrantResult:
     """The answer to a grant: the inventory after it, the grant's log position, and
-    whether this answer is the recorded one of an earlier attempt with the same request
-    id (``replayed``: nothing was applied this time)."""
+    whether this answer is the recorded one of an earlier write with the same request id
+    (``replayed``). With a request id of the client's own making it is always False: only
+    this call's own attempts used that id. With yours, True says an earlier call with it
+    applied the grant, or this call's own first attempt did and a retry (after a connection
+    broke under it) got its recorded answer: either way it was applied exactly once. A
+    replayed ``inventory`` is the one recorded then, not the current one."""
 
     inventory: Inventory
     lsn: int
@@ -153,7 +157,8 @@ class PlayerData:
 class DataWriteResult:
     """The answer to a player-data write. ``consistency`` is the system's model
     (a ``bluemarble.v1.ConsistencyModel`` value): STRONG writes were acknowledged once a
-    replica had them, EVENTUAL ones after the primary's local commit."""
+    replica had them, EVENTUAL ones after the primary's local commit. ``replayed`` as in
+    :class:`GrantResult`."""
 
     shard_id: ShardId
     epoch: int
@@ -904,7 +909,7 @@ class RoutingClient:
     async def grant_items(
         self,
         player_id: str,
-        item_ids: Sequence[str],
+        item_ids: Iterable[str],
         gold: int = 0,
         *,
         request_id: str | None = None,
@@ -917,11 +922,15 @@ class RoutingClient:
         this call reuses: the grant is applied at most once, and a replayed answer says
         so. To retry a grant yourself after this call failed (its deadline passed, its
         outcome unknown), pass it the same ``request_id`` again (the error names it, also
-        as its ``request_id`` attribute): a fresh one would grant twice. ``epoch`` 0 lets
+        as its ``request_id`` attribute): a fresh one would grant twice. A request id names
+        one write, recorded on the player's shard: reused for another write there it is
+        refused (FailedPrecondition), on another shard it is just a new id, so derive it
+        from the write itself (an event and the player), never from an event alone. ``epoch`` 0 lets
         the node use its current epoch. Raises InvalidArgument (bad input, checked before
         anything is sent), FailedPrecondition (e.g. an item
         someone already owns, or an ``epoch`` older than the shard's), and after
         ``deadline_s`` the last retryable error."""
+        callers_id = request_id is not None  # else only this call's own attempts use the id
         request = shardnode_pb2.GrantItemsRequest(
             request_id=validation.request_id(request_id if request_id is not None else str(uuid.uuid4())),
             player_id=validation.player_id(player_id),
@@ -935,7 +944,7 @@ class RoutingClient:
             return GrantResult(
                 inventory=_inventory(response.inventory, target.node_id),
                 lsn=response.lsn,
-                replayed=response.replayed,
+                replayed=response.replayed and callers_id,
                 request_id=request.request_id,
             )
 
@@ -959,6 +968,7 @@ class RoutingClient:
         idempotent by ``request_id`` as :meth:`grant_items`. Raises InvalidArgument (bad
         key or a value over 64 KiB here; a system not in the cluster config from the
         node), and after ``deadline_s`` the last retryable error."""
+        callers_id = request_id is not None  # as in grant_items
         request = shardnode_pb2.SetPlayerDataRequest(
             request_id=validation.request_id(request_id if request_id is not None else str(uuid.uuid4())),
             player_id=validation.player_id(player_id),
@@ -971,7 +981,7 @@ class RoutingClient:
         async def call(target: Target, address: str, timeout_s: float) -> DataWriteResult:
             r = await self._transport.set_player_data(address, request, timeout_s)
             return DataWriteResult(
-                shard_id=ShardId(r.shard_id), epoch=r.epoch, lsn=r.lsn, replayed=r.replayed,
+                shard_id=ShardId(r.shard_id), epoch=r.epoch, lsn=r.lsn, replayed=r.replayed and callers_id,
                 consistency=r.consistency, request_id=request.request_id,
             )
 
@@ -1014,9 +1024,9 @@ class RoutingClient:
         trade_id: str,
         player_a: str,
         player_b: str,
-        a_items: Sequence[str] = (),
+        a_items: Iterable[str] = (),
         a_gold: int = 0,
-        b_items: Sequence[str] = (),
+        b_items: Iterable[str] = (),
         b_gold: int = 0,
         *,
         deadline_s: float = DEFAULT_DEADLINE_S,

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -369,9 +369,9 @@ class TradeClient:
         trade_id: str,
         player_a: str,
         player_b: str,
-        a_items: Sequence[str] = (),
+        a_items: Iterable[str] = (),
         a_gold: int = 0,
-        b_items: Sequence[str] = (),
+        b_items: Iterable[str] = (),
         b_gold: int = 0,
         deadline_s: float = DEFAULT_TRADE_DEADLINE_S,
     ) -> TradeResult:
@@ -404,7 +404,9 @@ class TradeClient:
         except errors.BlueMarbleError as e:
             if not (e.retryable or isinstance(e, ClientClosed)):
                 self._unanswered.pop(trade_id, None)  # refused: nothing of it is on its way
-            raise  # else the outcome is unknown to this caller
+            else:  # the outcome is unknown to this caller: the one id a retry may use
+                e.request_id = trade_id
+            raise
         self._unanswered.pop(trade_id, None)
         return result
 
@@ -436,9 +438,11 @@ class TradeClient:
         try:
             response, attempts = await self._retrying(request, "ExecuteTrade", f"trade {trade_id}", deadline_s)
         except (errors.Unavailable, errors.DeadlineExceeded, errors.Aborted) as e:
+            slow = isinstance(e, errors.DeadlineExceeded)
             raise type(e)(
                 f"trade {echo(trade_id)}: no answer within {deadline_s:.3g} s, so its outcome is unknown "
                 f"(retry with the same trade id and terms to learn it); last error: {e}"
+                + ("; a trade waits for both players' shards, so a shard failing over delays it" if slow else "")
             ) from e
         assert isinstance(response, trade_pb2.ExecuteTradeResponse)
         return TradeResult(

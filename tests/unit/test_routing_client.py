@@ -272,7 +272,17 @@ async def test_every_retry_of_one_grant_reuses_its_generated_request_id() -> Non
     client, transport = make_client(lambda a, r: next(answers), clock)
     result = await run_on(clock, client.grant_items(PLAYER, ["sword"]))
     ids = {c[2].request_id for c in transport.calls}
-    assert len(transport.calls) == 3 and len(ids) == 1 and result.request_id in ids and result.replayed
+    assert len(transport.calls) == 3 and len(ids) == 1 and result.request_id in ids
+    # The node's "replayed" answers this call's own first attempt (only it used the generated
+    # id): the call applied the grant, so it is no replay of another write.
+    assert not result.replayed
+
+
+async def test_a_callers_request_id_answered_from_an_earlier_write_is_replayed() -> None:
+    client, _ = make_client(lambda a, r: shardnode_pb2.GrantItemsResponse(inventory=inventory("n1"), lsn=3,
+                                                                           replayed=True))
+    result = await client.grant_items(PLAYER, ["sword"], request_id="login-reward-7")
+    assert result.replayed and result.request_id == "login-reward-7"
 
 
 async def test_an_attempt_in_flight_is_abandoned_when_the_primary_changes() -> None:

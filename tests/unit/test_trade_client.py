@@ -234,6 +234,8 @@ async def test_the_deadline_error_names_the_trade_and_says_its_outcome_is_unknow
             await client.execute_trade("t-late", "a", "b", a_gold=1, deadline_s=0.6)
     message = str(info.value)
     assert "t-late" in message and "outcome is unknown" in message and address in message
+    assert info.value.request_id == "t-late"  # for callers that gather errors, as a grant's names its request id
+    assert "a shard failing over delays it" in message  # not only "the control plane did not answer"
 
 
 async def test_closing_the_client_fails_trades_in_flight_as_closed(start: Any) -> None:
@@ -251,6 +253,7 @@ async def test_closing_the_client_fails_trades_in_flight_as_closed(start: Any) -
     # Not a bare CancelledError (a TaskGroup would take it for a cancellation), and final.
     assert all(isinstance(r, ClientClosed) for r in results), results
     assert all("retry it with the same trade id and terms on a new client" in str(r) for r in results)
+    assert sorted(r.request_id for r in results) == ["t-c0", "t-c1", "t-c2"]  # type: ignore[union-attr]
     assert len(coordinator.requests) == 3  # nothing sent again
     with pytest.raises(ClientClosed) as after:
         await client.execute_trade("t-after", "a", "b", a_gold=1)
