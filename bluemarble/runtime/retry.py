@@ -100,6 +100,7 @@ class _Episode:
     last_s: float
     logged_s: float
     failures: int = 1
+    loud: bool = True  # a line above debug was logged for it
 
 
 @dataclass
@@ -117,6 +118,11 @@ class FailureLog:
     """False: the first failure and the summaries are logged at info (failures that are
     part of normal operation, e.g. a trade following its shard through a failover)."""
     max_tracked: int = MAX_TRACKED
+    quiet_for_s: float = 0.0
+    """Above 0: an episode is logged at debug until it has lasted this long (a failure
+    this much after its first is logged as a summary, and its recovery then at info): many
+    operations that each retry once, quickly (a trade refused by a replica at its limit),
+    stay out of the caller's log."""
     _episodes: dict[str, _Episode] = field(default_factory=dict)
 
     def failing(self, key: str) -> bool:
@@ -129,14 +135,18 @@ class FailureLog:
             if len(self._episodes) >= self.max_tracked:
                 oldest = min(self._episodes, key=lambda k: self._episodes[k].last_s)
                 del self._episodes[oldest]
-            self._episodes[key] = _Episode(first_s=now_s, last_s=now_s, logged_s=now_s)
-            (log.warning if self.warn else log.info)(event, **fields)
+            quiet = self.quiet_for_s > 0
+            self._episodes[key] = _Episode(first_s=now_s, last_s=now_s, logged_s=now_s, loud=not quiet)
+            (log.debug if quiet else log.warning if self.warn else log.info)(event, **fields)
             return
         episode.failures += 1
         episode.last_s = now_s
-        if now_s - episode.logged_s < self.summary_interval_s:
+        due = (now_s - episode.first_s >= self.quiet_for_s) if not episode.loud else (
+            now_s - episode.logged_s >= self.summary_interval_s)
+        if not due:
             log.debug(event, **fields)
             return
+        episode.loud = True
         episode.logged_s = now_s
         (log.warning if self.warn else log.info)(
             f"{event} (still failing)",
@@ -150,7 +160,8 @@ class FailureLog:
             return
         episode = self._episodes.pop(key, None)
         if episode is not None:
-            log.info(event, failures=episode.failures, after_s=round(now_s - episode.first_s, 1), **fields)
+            (log.info if episode.loud else log.debug)(
+                event, failures=episode.failures, after_s=round(now_s - episode.first_s, 1), **fields)
 
 
 @dataclass
@@ -175,7 +186,7 @@ class LogThrottle:
 
 
 _CALL_FAILURES = FailureLog()
-_EXPECTED_FAILURES = FailureLog(warn=False)
+_EXPECTED_FAILURES = FailureLog(warn=False, quiet_for_s=1.0)
 """The failures of :func:`call`, one episode per ``what``."""
 
 
@@ -198,7 +209,8 @@ async def call(
     Raises the last error when the policy's deadline or attempts are used up, and any
     other error at once. Never sleeps past the deadline. ``expected``: retries are part
     of normal operation (one ``what`` per request, e.g. a trade following its shard's
-    failover): logged at info, not warning.
+    failover): logged at info, not warning, and only once they have gone on for a second
+    (quicker ones at debug: a burst of trades each retried once would fill the log).
     """
     failures = _EXPECTED_FAILURES if expected else _CALL_FAILURES
     if policy.deadline_s is None and policy.max_attempts is None:
