@@ -43,7 +43,7 @@ import grpc.aio
 import structlog
 
 from bluemarble.core.errors import InvalidArgument
-from bluemarble.runtime import retry, tls
+from bluemarble.runtime import channels, retry, tls
 
 log = structlog.get_logger(__name__)
 
@@ -83,15 +83,6 @@ def check_bearer(authorization: str | None, expected: str) -> Verdict:
 
 
 _ADMIN_REFUSALS = retry.FailureLog()
-
-
-def _host_of(peer: str) -> str:
-    """"ipv4:10.0.0.7:51234" -> "ipv4:10.0.0.7" (a client's ports change with each connection)."""
-    return peer.rsplit(":", 1)[0] if peer.count(":") > 1 else peer
-
-
-def _has_authorization(context: Ctx) -> bool:
-    return bool(_metadata_value(context.invocation_metadata(), AUTHORIZATION))
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -230,20 +221,21 @@ class ServerAuth:
         """Aborts the call unless it carries the admin token (when one is configured)."""
         if self.token is None:
             return
-        verdict = check_bearer(_metadata_value(context.invocation_metadata(), AUTHORIZATION), self.token.value())
+        authorization = _metadata_value(context.invocation_metadata(), AUTHORIZATION)
+        verdict = check_bearer(authorization, self.token.value())
         if verdict is Verdict.OK:
             return
         peer = context.peer()
         # Each refusal counts; a peer repeating one logs it once, then a summary with the
         # count every few seconds (per method, reason and peer host).
-        _ADMIN_REFUSALS.failed(f"{method} {verdict.value} {_host_of(peer)}", time.monotonic(), "admin rpc refused",
-                               rpc=method, reason=verdict.value, peer=peer)
+        _ADMIN_REFUSALS.failed(f"{method} {verdict.value} {channels.peer_host(peer)}", time.monotonic(),
+                               "admin rpc refused", rpc=method, reason=verdict.value, peer=peer)
         if verdict is Verdict.MISSING:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"{method} is an admin RPC and needs 'authorization: Bearer <token>' metadata "
                 "(bluemarblectl: --token-file or BLUEMARBLE_ADMIN_TOKEN)"
-                + ("; the authorization given is not a Bearer one" if _has_authorization(context) else ""),
+                + ("; the authorization given is not a Bearer one" if authorization else ""),
             )
         await context.abort(
             grpc.StatusCode.PERMISSION_DENIED,

@@ -95,6 +95,12 @@ def outdated(built: grpc.aio.Channel) -> bool:
     return generation is not None and config is not None and config.current_generation() != generation
 
 
+def peer_host(peer: str) -> str:
+    """A peer's host without its port: "ipv4:10.0.0.7:51234" -> "ipv4:10.0.0.7" (a client's
+    port changes with each connection; counts and log throttles go by host)."""
+    return peer.rsplit(":", 1)[0] if peer.count(":") > 1 else peer
+
+
 def plain_details(text: str) -> str:
     """gRPC's details with its core's connection wording made plain: "last error:
     UNKNOWN: ipv4:...: Connection refused" names no status of any call (it is how the core

@@ -69,7 +69,7 @@ from google.protobuf.message import DecodeError
 
 from bluemarble.core.errors import BlueMarbleError, InvalidArgument, Unavailable
 from bluemarble.core.limits import MAX_MESSAGE_BYTES, echo
-from bluemarble.runtime import metrics, retry, tls
+from bluemarble.runtime import channels, metrics, retry, tls
 from bluemarble.runtime.grpc_server import short_message
 
 log = structlog.get_logger(__name__)
@@ -192,10 +192,6 @@ flood the log."""
 _OPENED = retry.LogThrottle(1.0)
 """"framed stream opened" at info at most once a second per method (the rest at debug,
 counted in the next line; every one in ``bluemarble_framed_streams_total``)."""
-
-
-def _host(peer: str) -> str:
-    return peer.rsplit(":", 1)[0]
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:
@@ -387,7 +383,7 @@ class FrameServer:
         task = asyncio.current_task()
         assert task is not None
         peer = _peer(writer)
-        host = _host(peer)
+        host = channels.peer_host(peer)
         if len(self._connections) >= MAX_CONNECTIONS or self._per_host[host] >= MAX_CONNECTIONS_PER_HOST:
             _REFUSALS.failed(f"too many {host}", time.monotonic(), "framed connection refused: too many open",
                              peer=peer, open=len(self._connections), from_host=self._per_host[host],
