@@ -87,11 +87,8 @@ def problems(config: common_pb2.ClusterConfig) -> list[str]:
         found.append(f"consistency lists {len(config.consistency)} systems; at most {MAX_SYSTEMS}")
         return found
     for system, model in sorted(config.consistency.items()):
-        if len(system) > MAX_SYSTEM_NAME or not _SYSTEM_NAME.fullmatch(system):
-            found.append(
-                f"consistency system name {limits.echo(system)} must be 1..{MAX_SYSTEM_NAME} "
-                "of a-z, 0-9 or '_'"
-            )
+        if problem := system_name_problem(system):
+            found.append(problem)
         if model not in (STRONG, EVENTUAL, CAUSAL):
             found.append(f"consistency of {limits.echo(system)} must be STRONG, EVENTUAL or CAUSAL")
     if not config.consistency:
@@ -113,6 +110,13 @@ def problems(config: common_pb2.ClusterConfig) -> list[str]:
                 "with primary-only writes and synchronous replication"
             )
     return found
+
+
+def system_name_problem(system: str) -> str | None:
+    """Why ``system`` cannot name a game system of the consistency table (None: it can)."""
+    if len(system) > MAX_SYSTEM_NAME or not _SYSTEM_NAME.fullmatch(system):
+        return f"consistency system name {limits.echo(system)} must be 1..{MAX_SYSTEM_NAME} of a-z, 0-9 or '_'"
+    return None
 
 
 def _number_problems(values: dict[str, int]) -> list[str]:

@@ -43,6 +43,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -53,6 +54,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from bluemarble.api import cluster_config
 from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.routing import DataWriteResult, GrantResult, Inventory, PlayerData, RoutingClient
 from bluemarble.core import limits, validation
@@ -346,7 +348,11 @@ def render_ring(r: common_pb2.Ring) -> str:
     return table(("SHARD", "TOKENS", "SHARE"), rows) + f"\nring version {r.version}, hash {r.hash}"
 
 
-def _parse_config_assignments(pairs: Sequence[str], config: common_pb2.ClusterConfig) -> None:
+def _parse_config_assignments(pairs: Sequence[str], config: common_pb2.ClusterConfig, *, dry: bool = False) -> None:
+    """Applies ``config set``'s KEY=VALUE ``pairs`` to ``config`` (the stored one); bad
+    usage (exit 2) for a malformed pair, an unknown key or a value out of range.
+    ``consistency.SYSTEM=`` (no value) removes SYSTEM from the table. ``dry``: only the
+    pairs are checked (``config`` is not the stored one), before the cluster is asked."""
     seen: set[str] = set()
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -357,8 +363,15 @@ def _parse_config_assignments(pairs: Sequence[str], config: common_pb2.ClusterCo
         seen.add(key)
         if key.startswith("consistency."):
             system = key.removeprefix("consistency.")
+            if problem := cluster_config.system_name_problem(system):
+                usage_error(f"bluemarblectl: {problem}")
+            if not value:
+                if system not in config.consistency and not dry:
+                    usage_error(f"bluemarblectl: the consistency table has no {system!r}; nothing to remove")
+                config.consistency.pop(system, None)
+                continue
             name = "CONSISTENCY_MODEL_" + value.upper()
-            if name not in common_pb2.ConsistencyModel.keys():
+            if name not in common_pb2.ConsistencyModel.keys() or name == "CONSISTENCY_MODEL_UNSPECIFIED":
                 usage_error(f"bluemarblectl: {limits.echo(value)} is not STRONG, EVENTUAL or CAUSAL")
             config.consistency[system] = common_pb2.ConsistencyModel.Value(name)  # type: ignore[assignment]
             continue
@@ -388,14 +401,17 @@ CLI_MAX_ATTEMPTS = 1000
 """Attempts of one command's call: in effect, as many as fit in ``--timeout-s``."""
 
 EXIT_ABORTED = 3
+"""Exit status of a ``trade execute`` answered ABORTED."""
 EXIT_NO_ANSWER = 4
+"""Exit status when the cluster did not answer, or answered only in part (retry)."""
+EXIT_INTERRUPTED = 130
+"""Exit status after Ctrl-C (SIGINT), as a shell reports a command it interrupted."""
 
 
 def usage_error(message: str) -> NoReturn:
     """Bad usage found after argparse: the message on stderr, exit status 2 (as argparse)."""
     print(message, file=sys.stderr)
     raise SystemExit(2)
-"""Exit status of a ``trade execute`` answered ABORTED."""
 
 
 def _outcome(value: int) -> str:
@@ -473,6 +489,8 @@ def render_trade(r: trade_pb2.GetTradeResponse) -> str:
     text = _pairs(pairs)
     if r.sides:
         text += "\n\n" + table(_PARTICIPANT_HEADERS, _participant_rows(r.sides, _now_ms()))
+    if r.unreachable_nodes:
+        text += "\nunreachable (the sides they lead are missing): " + ", ".join(r.unreachable_nodes)
     return text
 
 
@@ -527,12 +545,23 @@ async def run_trade(args: argparse.Namespace, client: ControlPlaneClient) -> tup
             if "give player_id" in said:
                 raise NotFound(said.replace("give player_id", "pass --player PLAYER")) from e
             raise NotFound(f"{said} (pass --player PLAYER for a same-shard trade)") from e
-        return shown, render_trade(shown), 0
+        return shown, render_trade(shown), _partial(shown.unreachable_nodes)
     if not 0 < args.limit <= limits.MAX_IN_DOUBT_TRADES:
         usage_error(f"bluemarblectl: --limit must be 1..{limits.MAX_IN_DOUBT_TRADES}")
     listed: trade_pb2.ListInDoubtTradesResponse = await client.call(
         lambda _: client.trades().ListInDoubtTrades, trade_pb2.ListInDoubtTradesRequest(limit=args.limit))
-    return listed, render_in_doubt(listed, args.min_age_s), 0
+    return listed, render_in_doubt(listed, args.min_age_s), _partial(listed.unreachable_nodes)
+
+
+def _partial(unreachable: Sequence[str]) -> int:
+    """The exit status of an answer that lists what nodes hold: :data:`EXIT_NO_ANSWER`
+    (with a line on stderr) when some did not answer, for a script must not read a part
+    as the whole (no escrow in doubt, a side that is not there)."""
+    if not unreachable:
+        return 0
+    print(f"bluemarblectl: {', '.join(unreachable)} did not answer: the answer is partial; ask again",
+          file=sys.stderr)
+    return EXIT_NO_ANSWER
 
 
 # Read-only subcommands: which RPC, its (empty) request, and how to print the answer.
@@ -549,8 +578,10 @@ READS: dict[str, tuple[Callable[[Any], Any], Callable[[], Message], Callable[[An
 
 
 DATA_COMMANDS = ("inventory", "grant", "data")
+DEFAULT_TIMEOUT_S = 5.0
+"""``--timeout-s`` when neither the flag nor its environment variable gives it."""
 PROMOTE_TIMEOUT_S = 20.0
-"""How long ``promote`` waits for the control plane to answer (it answers once the leader acted)."""
+"""``promote``'s default ``--timeout-s`` (the control plane answers once the leader acted)."""
 
 
 async def run_data(args: argparse.Namespace, client: ControlPlaneClient) -> str:
@@ -618,10 +649,10 @@ async def run(args: argparse.Namespace) -> int:
             request = controlplane_pb2.ForcePromoteRequest(
                 shard_id=args.shard, node_id=args.node, accept_data_loss=args.accept_data_loss
             )
-            # The control plane answers once the leader has acted: give it longer than a read.
-            wait_s = max(args.timeout_s, PROMOTE_TIMEOUT_S)
+            # The control plane answers once the leader has acted (its default timeout is
+            # longer than a read's); one attempt: a retry would only wait again.
             response = await client.call(
-                lambda s: s.ForcePromote, request, timeout_s=wait_s, attempts=1, deadline_s=wait_s)
+                lambda s: s.ForcePromote, request, timeout_s=args.timeout_s, attempts=1, deadline_s=args.timeout_s)
             a = response.assignment  # type: ignore[attr-defined]
             text = f"{a.shard_id}: primary {a.primary} at epoch {a.epoch}"
             if lost := list(response.lost_members):  # type: ignore[attr-defined]
@@ -637,6 +668,8 @@ async def run(args: argparse.Namespace) -> int:
             config = common_pb2.ClusterConfig()
             config.CopyFrom(current.config)
             _parse_config_assignments(args.pairs, config)
+            if found := cluster_config.problems(config):  # what the cluster would refuse, as bad usage
+                usage_error("bluemarblectl: " + "; ".join(found))
             response = await client.call(
                 lambda s: s.SetConfig,
                 controlplane_pb2.SetConfigRequest(config=config, expected_revision=current.revision),
@@ -649,10 +682,18 @@ async def run(args: argparse.Namespace) -> int:
         print(text)
         return status
     except BlueMarbleError as e:
-        print(f"bluemarblectl: {e.status}: {e}{_tls_hint(args, e)}", file=sys.stderr)
+        print(f"bluemarblectl: {e.status}: {e}{_tls_hint(args, e)}{_trade_hint(args, e)}", file=sys.stderr)
         return EXIT_NO_ANSWER if e.retryable else 1
     finally:
         await client.close()
+
+
+def _trade_hint(args: argparse.Namespace, e: BlueMarbleError) -> str:
+    """What to do when ``trade execute`` got no answer: the trade may have gone through."""
+    if args.command != "trade" or args.action != "execute" or not e.retryable:
+        return ""
+    return (f" (the trade's outcome is unknown: run the same command again, with trade id "
+            f"{limits.echo(args.trade_id, 60)}, to learn it; the items move at most once)")
 
 
 def _tls_hint(args: argparse.Namespace, e: BlueMarbleError) -> str:
@@ -683,15 +724,29 @@ def _gold(text: str) -> int:
     return value
 
 
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+
+
 def _seconds(text: str) -> float:
-    """A duration flag: a finite number of seconds from 0 to an hour."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 <= value <= 3600) or len(text) > 30:
+    """A duration flag: a finite number of seconds from 0 to an hour, in plain decimal
+    digits (``float()`` would also take "1_0", " 3 ", "1e3" and other scripts' digits)."""
+    value = float(text) if len(text) <= 30 and _DECIMAL.fullmatch(text) else math.nan
+    if not (math.isfinite(value) and 0 <= value <= 3600):
         raise argparse.ArgumentTypeError(f"{limits.echo(text, 40)} is not a number of seconds from 0 to 3600")
     return value
+
+
+class _Once(argparse.Action):
+    """Stores a flag's value and refuses a second one: on a command that moves items or
+    gold, a repeated flag is more likely a slip than an override."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        given: set[str] = namespace.__dict__.setdefault("_given_once", set())
+        if self.dest in given:
+            parser.error(f"{option_string} given twice; give it once")
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
 
 
 def _accept_after_command(subparsers: Any, flag: str, **kwargs: Any) -> None:
@@ -712,10 +767,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="bluemarblectl", description="Operate a BlueMarble cluster.",
         epilog="Exit status: 0 success; 1 an error (the cluster's refusal, or the client library's before "
         "sending); 2 bad usage (unknown command or flag, a malformed address, a value out of its range); 3 "
-        "`trade execute` answered ABORTED; 4 no answer from the cluster (retry; a trade with the same id). "
+        "`trade execute` answered ABORTED; 4 no answer from the cluster (retry; a trade with the same id), or a "
+        "partial one (`trade show` and `trade in-doubt` when a node did not answer; printed all the same). "
         "--timeout-s bounds the command's calls; starting the interpreter adds about a second on top.")
     p.add_flag("--control-plane", default="127.0.0.1:7000", help="control-plane addresses, comma-separated")
-    p.add_flag("--timeout-s", default=5.0, type=float, help="deadline of the command in seconds, retries included")
+    p.add_flag("--timeout-s", type=_seconds,
+               help=f"deadline of the command in seconds, retries included (default {DEFAULT_TIMEOUT_S:g}; "
+               f"promote {PROMOTE_TIMEOUT_S:g}: it answers once the leader acted)")
     p.add_argument("--json", action="store_true", help="print the raw response as JSON")
     p.add_argument(
         "-v", "--verbose", action="count", default=0,
@@ -753,7 +811,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = sub.add_parser("config", help="get or set the cluster config")
     config_sub = config.add_subparsers(dest="action", required=True)
     config_sub.add_parser("get")
-    config_set = config_sub.add_parser("set", help="e.g. config set lease_ttl_s=5 consistency.chat=EVENTUAL")
+    config_set = config_sub.add_parser(
+        "set", help="e.g. config set lease_ttl_s=5 consistency.chat=EVENTUAL (consistency.SYSTEM= removes SYSTEM)")
     config_set.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
     inventory = sub.add_parser("inventory", help="a player's items and gold (from the shard's primary)")
     inventory.add_argument("player")
@@ -761,8 +820,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     grant = sub.add_parser("grant", help="give a player new unique items and gold (idempotent by request id)")
     grant.add_argument("player")
     grant.add_argument("items", nargs="*", metavar="ITEM")
-    grant.add_argument("--gold", type=_gold, default=0, help="gold to add (0..2^53)")
-    grant.add_argument("--request-id", help="idempotency key (default: a new uuid4); reuse it to retry safely")
+    grant.add_argument("--gold", type=_gold, default=0, action=_Once, help="gold to add (0..2^53)")
+    grant.add_argument("--request-id", action=_Once,
+                       help="idempotency key (default: a new uuid4); reuse it to retry safely")
     data = sub.add_parser("data", help="get or set a player's value for a game system and key")
     data_sub = data.add_subparsers(dest="action", required=True)
     data_get = data_sub.add_parser("get")
@@ -773,7 +833,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_parser.add_argument("key")
     data_get.add_argument("--stale", action="store_true", help="accept an answer from a replica if the primary fails")
     data_set.add_argument("value", help="the value, stored as UTF-8")
-    data_set.add_argument("--request-id", help="idempotency key (default: a new uuid4); reuse it to retry safely")
+    data_set.add_argument("--request-id", action=_Once,
+                          help="idempotency key (default: a new uuid4); reuse it to retry safely")
     trade = sub.add_parser("trade", help="execute a trade, show one, or list the escrows in doubt")
     trade_sub = trade.add_subparsers(dest="action", required=True)
     execute = trade_sub.add_parser(
@@ -781,13 +842,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     execute.add_argument("trade_id", help="idempotency key: reuse it to retry safely")
     execute.add_argument("player_a")
     execute.add_argument("player_b")
-    execute.add_argument("--a-items", nargs="*", default=[], metavar="ITEM", help="items player A gives")
-    execute.add_argument("--a-gold", type=_gold, default=0, help="gold player A gives")
-    execute.add_argument("--b-items", nargs="*", default=[], metavar="ITEM", help="items player B gives")
-    execute.add_argument("--b-gold", type=_gold, default=0, help="gold player B gives")
+    execute.add_argument("--a-items", nargs="*", default=[], action="extend", metavar="ITEM",
+                         help="items player A gives (the flag may repeat)")
+    execute.add_argument("--a-gold", type=_gold, default=0, action=_Once, help="gold player A gives")
+    execute.add_argument("--b-items", nargs="*", default=[], action="extend", metavar="ITEM",
+                         help="items player B gives (the flag may repeat)")
+    execute.add_argument("--b-gold", type=_gold, default=0, action=_Once, help="gold player B gives")
     show = trade_sub.add_parser("show", help="a trade's decision and where each side stands")
     show.add_argument("trade_id")
-    show.add_argument("--player", help="one of its players (finds a same-shard trade without asking every primary)")
+    show.add_argument("--player", action=_Once,
+                      help="one of its players (finds a same-shard trade without asking every primary)")
     in_doubt = trade_sub.add_parser("in-doubt", help="escrows the primaries hold, oldest first")
     in_doubt.add_argument("--limit", type=_whole_number, default=1000, help="at most this many (cap 1000)")
     in_doubt.add_argument("--min-age-s", type=_seconds, default=IN_FLIGHT_S,
@@ -802,6 +866,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     validation.utf8_size(text, name)
                 except BlueMarbleError:  # bytes the locale could not decode: they could not be sent either
                     p.error(f"{name.replace('_', '-')} is not valid UTF-8 text; give it in UTF-8")
+    if args.command == "config" and args.action == "set":
+        # Before the cluster is asked: a typo is bad usage, even when it cannot be reached.
+        _parse_config_assignments(args.pairs, common_pb2.ClusterConfig(), dry=True)
     if args.command == "promote" and not args.accept_data_loss:
         # Checked here, not only by the server: the flag is the operator's own consent.
         promote.error(
@@ -812,6 +879,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         checked_addresses(args.control_plane, "--control-plane (or BLUEMARBLE_CONTROL_PLANE)")
     except BlueMarbleError as e:
         p.error(str(e))
+    if args.timeout_s is None:
+        args.timeout_s = PROMOTE_TIMEOUT_S if args.command == "promote" else DEFAULT_TIMEOUT_S
     if not (math.isfinite(args.timeout_s) and 0 < args.timeout_s <= MAX_TIMEOUT_S):
         p.error(f"--timeout-s must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:g}")
     if args.token_file:
@@ -837,6 +906,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.configure(VERBOSITY[min(args.verbose, len(VERBOSITY) - 1)], "console")
     try:
         return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        # Ctrl-C: one line, not the traceback of every task it cancelled. A trade or a
+        # write may have been sent: repeating the command with the same id is safe.
+        print("bluemarblectl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`bluemarblectl shards | head`): nothing left to say to it.
         # Point stdout at /dev/null so the interpreter's final flush fails quietly.

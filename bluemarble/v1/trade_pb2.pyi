@@ -89,7 +89,7 @@ class GetTradeRequest(_message.Message):
     def __init__(self, trade_id: _Optional[str] = ..., player_id: _Optional[str] = ...) -> None: ...
 
 class GetTradeResponse(_message.Message):
-    __slots__ = ("trade_id", "state", "outcome", "reason", "request", "decided_by", "decided_at_ms", "cross_shard", "retained", "sides")
+    __slots__ = ("trade_id", "state", "outcome", "reason", "request", "decided_by", "decided_at_ms", "cross_shard", "retained", "sides", "unreachable_nodes")
     TRADE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class GetTradeResponse(_message.Message):
     CROSS_SHARD_FIELD_NUMBER: _ClassVar[int]
     RETAINED_FIELD_NUMBER: _ClassVar[int]
     SIDES_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_NODES_FIELD_NUMBER: _ClassVar[int]
     trade_id: str
     state: TradeState
     outcome: _common_pb2.TradeOutcome
@@ -110,7 +111,8 @@ class GetTradeResponse(_message.Message):
     cross_shard: bool
     retained: bool
     sides: _containers.RepeatedCompositeFieldContainer[_shardnode_pb2.ParticipantTrade]
-    def __init__(self, trade_id: _Optional[str] = ..., state: _Optional[_Union[TradeState, str]] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., request: _Optional[_Union[ExecuteTradeRequest, _Mapping]] = ..., decided_by: _Optional[str] = ..., decided_at_ms: _Optional[int] = ..., cross_shard: _Optional[bool] = ..., retained: _Optional[bool] = ..., sides: _Optional[_Iterable[_Union[_shardnode_pb2.ParticipantTrade, _Mapping]]] = ...) -> None: ...
+    unreachable_nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, trade_id: _Optional[str] = ..., state: _Optional[_Union[TradeState, str]] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., request: _Optional[_Union[ExecuteTradeRequest, _Mapping]] = ..., decided_by: _Optional[str] = ..., decided_at_ms: _Optional[int] = ..., cross_shard: _Optional[bool] = ..., retained: _Optional[bool] = ..., sides: _Optional[_Iterable[_Union[_shardnode_pb2.ParticipantTrade, _Mapping]]] = ..., unreachable_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TradeRecord(_message.Message):
     __slots__ = ("trade_id", "outcome", "reason", "decided_by", "decided_at_ms", "request", "shard_a", "shard_b")

@@ -226,6 +226,7 @@ class ControlPlaneApp:
             config_mirror=self.config_mirror,
             auth=server_auth,
             cluster_uid=self.cluster_uid,
+            forced=self.forced,
         )
         self.trade_store = TradeStore(self.store, self.keys, self.clock, retention_s=s.trades.retention_s)
         locator = Locator(self.keys, self.ring, self.assignments, self.nodes)

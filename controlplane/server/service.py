@@ -96,6 +96,8 @@ class ControlPlaneDeps:
     cluster_uid: str = ""
     """This cluster's identity (etcd's cluster-uid key); nodes whose data dir belongs to
     another are refused."""
+    forced: PrefixCache[controlplane_pb2.ForcePromoteRequest] | None = None
+    """The ForcePromote requests waiting for the leader (GetClusterStatus lists them)."""
 
 
 MAX_SHARD_STATUSES = limits.MAX_SHARD_STATUSES
@@ -802,10 +804,31 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             response.warnings.extend(copies)
             if silent_leader:
                 response.warnings.append(silent_leader)
+        response.warnings.extend(self._forced_warnings())
         hold = self._d.placement_hold()
         if hold:
             response.warnings.append(f"the leader holds placement moves while nodes come back: {hold}")
         return response
+
+    def _forced_warnings(self) -> list[str]:
+        """One warning per ForcePromote request still waiting for the leader (at most
+        :data:`MAX_TROUBLE_WARNINGS`, by shard): an operator whose promote timed out sees
+        it stands, and how it ends."""
+        if self._d.forced is None:
+            return []
+        waiting: list[tuple[int, str, str]] = []
+        for key, request in self._d.forced.entries.items():
+            try:
+                shard = self._d.keys.parse_force_promotion(key)
+                waiting.append((shard_index(shard), shard, request.node_id))
+            except ValueError:  # not a key the control plane wrote: the leader ignores it too
+                continue
+        return [
+            f"a ForcePromote of {shard} to {echo(node, 40)} waits for the leader: it acts once the shard's live "
+            "nodes answered its fence; a node coming back with the shard's data ends it, and another promote of "
+            "the shard replaces it"
+            for _, shard, node in sorted(waiting)[:MAX_TROUBLE_WARNINGS]
+        ]
 
     # ---- config ----
 
@@ -904,7 +927,7 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             if remaining_s <= 0:
                 raise DeadlineExceeded(
                     f"{shard} has no primary yet; the request stays until the leader acts on it "
-                    "(it does once the shard's live nodes answered its fence): see bluemarblectl shards"
+                    "(it does once the shard's live nodes answered its fence): bluemarblectl status lists it"
                 )
             await self._d.assignments.wait_for_revision(self._d.assignments.revision + 1, remaining_s)
 

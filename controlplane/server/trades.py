@@ -265,6 +265,15 @@ class Locator:
         named = {NodeId(a.primary) for a in self._assignments.entries.values() if a.primary}
         return {n: registered[n] for n in sorted(named) if n in registered}
 
+    def unled(self) -> list[ShardId]:
+        """The shards with no registered primary in this replica's mirrors."""
+        registered = self.nodes()
+        return sorted(
+            (ShardId(a.shard_id) for a in self._assignments.entries.values()
+             if not a.primary or NodeId(a.primary) not in registered),
+            key=shard_index,
+        )
+
 
 class NodeChannels:
     """One cached channel and stub per node address (trades are frequent: a channel per
@@ -1036,17 +1045,22 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
             players = [stored.record.request.player_a, stored.record.request.player_b]
         elif hint is not None:
             players = [hint]
+        unlocated: list[str] = []  # why a player's side could not be asked
         if players:
             nodes: dict[NodeId, str] = {}
             for player in players:
                 try:
                     primary = self._locate.of_player(player)
-                except Unavailable:
+                except Unavailable as e:
+                    unlocated.append(str(e).removesuffix("; retry shortly"))
                     continue
                 nodes[primary.node] = primary.address
         else:
             nodes = self._locate.primaries()
-        sides, _ = await self._c.list_trades(nodes, trade_id, 2)
+            if unled := self._locate.unled():
+                unlocated.append(f"{len(unled)} shard(s) have no primary right now ({', '.join(unled[:4])}"
+                                 + (", ...)" if len(unled) > 4 else ")"))
+        sides, unreachable = await self._c.list_trades(nodes, trade_id, 2)
         # One view per shard (a node that led a shard a moment ago may still report it).
         sides = list({s.shard_id: s for s in sides if s.trade_id == trade_id}.values())
         if stored is None and any(s.cross_shard and s.state in _SETTLED for s in sides):
@@ -1061,7 +1075,7 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
             with contextlib.suppress(Unavailable):
                 home = self._locate.shard_of(hint)
                 sides = [s for s in sides if s.shard_id == home] or sides
-        response = trade_pb2.GetTradeResponse(trade_id=trade_id, sides=sides)
+        response = trade_pb2.GetTradeResponse(trade_id=trade_id, sides=sides, unreachable_nodes=unreachable)
         if stored is not None:
             r = stored.record
             response.outcome = r.outcome
@@ -1080,6 +1094,14 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
             # This replica runs it and has not prepared either side yet.
             response.state = trade_pb2.TRADE_STATE_PREPARING
             return response
+        if not sides and (unreachable or unlocated):
+            # Nobody who answered knows it, but a side may be where nobody answered: a
+            # NOT_FOUND would tell an operator that a trade which happened never did.
+            missing = [f"{', '.join(unreachable)} did not answer"] if unreachable else []
+            raise Unavailable(
+                f"trade {echo(trade_id, 40)} has no decision record, and not every side could be asked ("
+                + "; ".join(missing + unlocated) + "); ask again"
+            )
         if not sides:
             raise NotFound(
                 f"trade {echo(trade_id, 40)} is not known: no decision record, and "

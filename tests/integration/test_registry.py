@@ -409,3 +409,25 @@ async def test_only_ids_matching_the_node_id_pattern_register(start_control_plan
             assert code == grpc.StatusCode.PERMISSION_DENIED, details
             assert "is not a node id of this cluster" in details and "--node-id-pattern" in details
         assert await node_ids(stub) == ["bm-node-0"]
+
+
+async def test_the_status_lists_force_promotions_waiting_for_the_leader(start_control_plane: StartControlPlane) -> None:
+    """A promote that timed out leaves its request for the leader: the status says it
+    stands and how it ends. A key the control plane did not write is passed over."""
+    from bluemarble.core.ids import ShardId
+    from controlplane.store import codec
+
+    app = await start_control_plane()
+    request = pb.ForcePromoteRequest(shard_id="shard-3", node_id="n7", accept_data_loss=True)
+    await app.store.put(app.keys.force_promotion(ShardId("shard-3")), codec.encode(request))
+    await app.store.put(app.keys.force_promotions_prefix() + "junk", codec.encode(request))
+    async with grpc.aio.insecure_channel(app.address) as channel:
+        stub = Stub(channel)
+
+        async def listed() -> bool:
+            status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
+            return any(w.startswith("a ForcePromote of shard-3 to 'n7' waits for the leader") for w in status.warnings)
+
+        await wait_for(listed, 5.0, "the waiting request in the status")
+        status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
+        assert sum("ForcePromote" in w for w in status.warnings) == 1, status.warnings

@@ -695,6 +695,36 @@ async def test_a_trade_id_reused_for_other_terms_is_invalid_argument_and_unknown
         assert "no decision record, and the shard of player 'ppppp" in details, details
 
 
+async def test_get_trade_with_a_side_nobody_could_ask_is_unavailable_or_names_the_silent_node(
+    start_control_plane: StartControlPlane,
+) -> None:
+    """A primary that does not answer may hold the only trace of a trade (a same-shard
+    trade leaves no record): NOT_FOUND would tell an operator it never happened."""
+    async with cluster(start_control_plane) as c:
+        a, b = c.players(same_shard=True)
+        c.world.seed(a, ["gem"], 0)
+        c.world.seed(b, [], 10)
+        assert (await c.trades.ExecuteTrade(request("local-2", a, b, ("gem",), 0, (), 10))).outcome == COMMITTED
+        x, y = c.players(same_shard=False)
+        c.world.seed(x, ["ring"], 0)
+        c.world.seed(y, [], 10)
+        assert (await c.trades.ExecuteTrade(request("cross-2", x, y, ("ring",), 0, (), 10))).outcome == COMMITTED
+        c.node_of(a).down = True
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="local-2", player_id=a))
+        details = raised.value.details() or ""
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, details
+        assert f"({c.node_of(a).node_id} did not answer); ask again" in details, details
+        c.node_of(a).down = False
+        c.node_of(y).down = True
+        shown = await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="cross-2"))  # the record stands
+        assert shown.outcome == COMMITTED and list(shown.unreachable_nodes) == [c.node_of(y).node_id]
+        assert [s.shard_id for s in shown.sides] == [c.shard(x)]
+        c.node_of(y).down = False
+        shown = await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="cross-2"))
+        assert not shown.unreachable_nodes and len(shown.sides) == 2
+
+
 async def test_get_trade_reads_a_decision_recorded_while_it_asked_the_participants(
     start_control_plane: StartControlPlane,
 ) -> None:

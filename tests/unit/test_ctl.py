@@ -203,13 +203,14 @@ def test_the_routing_client_keeps_the_escrow_of_the_answer() -> None:
     assert (inv.escrowed_item_ids, inv.escrowed_gold) == (("sword",), 30)
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "1e309", "3601"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "1e309", "3601", "1_0", " 3 ", "1e3", "٣"])
 def test_a_timeout_that_is_no_number_of_seconds_is_a_usage_error(
     value: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as info:
         ctl.main(["--timeout-s", value, "status"])
-    assert info.value.code == 2 and "--timeout-s must be a number of seconds" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--timeout-s" in err and "number of seconds" in err
 
 
 @pytest.mark.parametrize(
@@ -300,3 +301,62 @@ def test_config_is_shown_as_the_pairs_config_set_takes() -> None:
     parsed = common_pb2.ClusterConfig()
     ctl._parse_config_assignments([line for line in text.splitlines() if not line.startswith("#")], parsed)
     assert parsed == config  # every line is a valid `config set` pair, and together they give the config back
+
+
+@pytest.mark.parametrize(
+    "argv", [["x" * 100_000], ["status", "--" + "y" * 100_000], ["--timeout-s", "9" * 100_000, "status"],
+             ["config", "z" * 100_000]],
+)
+def test_usage_errors_never_echo_a_huge_argument(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        ctl.main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "chars)" in err and len(err) < 2000, len(err)  # the word, quotes included
+
+
+def test_a_huge_environment_value_is_refused_without_being_echoed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("BLUEMARBLE_TIMEOUT_S", "9" * 100_000)
+    with pytest.raises(SystemExit) as info:
+        ctl.main(["status"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "BLUEMARBLE_TIMEOUT_S" in err and len(err) < 2000, len(err)
+
+
+def test_promote_waits_20_s_by_default_and_a_given_timeout_bounds_it() -> None:
+    from tests.unit.test_ctl_trade import _args
+
+    assert _args(["promote", "shard-1", "n1", "--accept-data-loss"]).timeout_s == ctl.PROMOTE_TIMEOUT_S == 20
+    assert _args(["--timeout-s", "2", "promote", "shard-1", "n1", "--accept-data-loss"]).timeout_s == 2
+    assert _args(["status"]).timeout_s == ctl.DEFAULT_TIMEOUT_S == 5
+
+
+@pytest.mark.parametrize(
+    ("pairs", "message"),
+    [(["consistency.Bad-Name=STRONG"], "must be 1..64 of a-z, 0-9 or '_'"),
+     (["consistency.newsys=UNSPECIFIED"], "is not STRONG, EVENTUAL or CAUSAL"),
+     (["lease_ttl_s=0"], "lease_ttl_s must be between")],
+)
+def test_config_set_refuses_bad_pairs_before_asking_the_cluster(
+    pairs: list[str], message: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Exit 2 at once, as with the cluster up, not 4 after the timeout."""
+    from scripts.localcluster import free_port
+
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as info:
+        ctl.main(["--control-plane", f"127.0.0.1:{free_port()}", "--timeout-s", "5", "config", "set", *pairs])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+    assert time.monotonic() - started < 2
+
+
+def test_config_set_removes_a_system_given_no_model(capsys: pytest.CaptureFixture[str]) -> None:
+    config = common_pb2.ClusterConfig()
+    config.consistency.update({"inventory": common_pb2.CONSISTENCY_MODEL_STRONG,
+                               "typo": common_pb2.CONSISTENCY_MODEL_EVENTUAL})
+    ctl._parse_config_assignments(["consistency.typo="], config)
+    assert dict(config.consistency) == {"inventory": common_pb2.CONSISTENCY_MODEL_STRONG}
+    with pytest.raises(SystemExit) as info:
+        ctl._parse_config_assignments(["consistency.typo="], config)
+    assert info.value.code == 2 and "has no 'typo'; nothing to remove" in capsys.readouterr().err

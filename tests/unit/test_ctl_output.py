@@ -203,3 +203,29 @@ def test_tls_against_a_plaintext_server_is_one_line_on_stderr(tmp_path: Path) ->
     assert said.returncode == ctl.EXIT_NO_ANSWER, said.stderr
     [line] = said.stderr.splitlines()
     assert line.startswith("bluemarblectl: UNAVAILABLE: ") and "handshake" in line.lower(), said.stderr
+
+
+def test_ctrl_c_is_one_line_and_exit_130() -> None:
+    """SIGINT while a call waits on a control plane that never answers: no traceback of
+    every task it cancelled."""
+    import signal
+    import socket
+
+    with socket.socket() as silent:  # accepts connections, never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(60)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bluemarble.cli.bluemarblectl", "--control-plane",
+             f"127.0.0.1:{silent.getsockname()[1]}", "--timeout-s", "60", "status"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        )
+        try:
+            conn, _ = silent.accept()  # the command is waiting for its answer now
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+            conn.close()
+        finally:
+            proc.kill()
+    assert proc.returncode == ctl.EXIT_INTERRUPTED == 130
+    assert err.strip() == "bluemarblectl: interrupted", err

@@ -151,3 +151,69 @@ def test_out_of_range_gold_is_bad_usage(flag: str, value: str, capsys: pytest.Ca
     with pytest.raises(SystemExit) as exited:
         ctl.main(["--control-plane", "127.0.0.1:1", "grant", "p", "--gold", value])
     assert exited.value.code == 2 and "argument --gold: gold is " in capsys.readouterr().err
+
+
+def test_repeated_item_flags_add_up_and_a_repeated_gold_flag_is_bad_usage(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--a-items x --a-items y` gives both (the last alone would trade y and keep x, with
+    the answer never saying so); a second `--a-gold` is a slip, not an override."""
+    base = ["trade", "execute", "t1", "a", "b"]
+    args = _args([*base, "--a-items", "ring", "--a-items", "helm", "cape", "--b-items", "z", "--b-items", "w"])
+    request = ctl.trade_request(args)
+    assert list(request.a_gives.item_ids) == ["ring", "helm", "cape"] and list(request.b_gives.item_ids) == ["z", "w"]
+    assert list(ctl.trade_request(_args(base)).a_gives.item_ids) == []  # the default list is not shared
+    for argv in ([*base, "--a-gold", "1", "--a-gold", "2"], ["grant", "p", "--gold", "1", "--gold", "2"],
+                 ["grant", "p", "--request-id", "r1", "--request-id", "r2"],
+                 ["trade", "show", "t1", "--player", "a", "--player", "b"]):
+        with pytest.raises(SystemExit) as exited:
+            ctl.main(argv)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and "given twice; give it once" in err, (argv, err)
+
+
+def test_trade_show_names_the_nodes_that_did_not_answer() -> None:
+    r = trade_pb2.GetTradeResponse(trade_id="t1", state=trade_pb2.TRADE_STATE_DONE, cross_shard=True,
+                                   outcome=common_pb2.TRADE_OUTCOME_COMMITTED, unreachable_nodes=["n3"])
+    assert "unreachable (the sides they lead are missing): n3" in ctl.render_trade(r)
+
+
+class _PartialTrades(trade_pb2_grpc.TradeCoordinatorServicer):
+    """Answers as a coordinator whose node n3 did not answer."""
+
+    async def GetTrade(self, request: trade_pb2.GetTradeRequest, context: Ctx) -> trade_pb2.GetTradeResponse:
+        return trade_pb2.GetTradeResponse(
+            trade_id=request.trade_id, state=trade_pb2.TRADE_STATE_COMMITTED, cross_shard=True,
+            outcome=common_pb2.TRADE_OUTCOME_COMMITTED, unreachable_nodes=["n3"])
+
+    async def ListInDoubtTrades(self, request: trade_pb2.ListInDoubtTradesRequest, context: Ctx
+                                ) -> trade_pb2.ListInDoubtTradesResponse:
+        return trade_pb2.ListInDoubtTradesResponse(unreachable_nodes=["n3"])
+
+    async def ExecuteTrade(self, request: trade_pb2.ExecuteTradeRequest, context: Ctx
+                           ) -> trade_pb2.ExecuteTradeResponse:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "etcd did not answer")
+        raise AssertionError("unreachable")
+
+
+async def test_a_partial_answer_is_printed_and_exits_4_and_an_unanswered_trade_says_to_retry_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A script reading `trade in-doubt` must not take "0 escrow(s)" from a cluster with a
+    node down for "nothing in doubt"."""
+    server = await build_server("127.0.0.1:0", [ServiceBinding(
+        trade_pb2.DESCRIPTOR.services_by_name["TradeCoordinator"].full_name, _PartialTrades(),
+        trade_pb2_grpc.add_TradeCoordinatorServicer_to_server)])
+    try:
+        base = ["--control-plane", f"127.0.0.1:{server.port}", "--timeout-s", "1", "trade"]
+        assert await ctl.run(_args([*base, "show", "t1"])) == ctl.EXIT_NO_ANSWER
+        out, err = capsys.readouterr()
+        assert "COMMITTED" in out and "n3 did not answer: the answer is partial" in err
+        assert await ctl.run(_args([*base, "in-doubt"])) == ctl.EXIT_NO_ANSWER
+        out, err = capsys.readouterr()
+        assert "0 escrow(s) in doubt" in out and "n3 did not answer" in err
+        assert await ctl.run(_args([*base, "execute", "t9", "a", "b", "--a-gold", "1"])) == ctl.EXIT_NO_ANSWER
+        err = capsys.readouterr().err
+        assert "UNAVAILABLE" in err and "run the same command again, with trade id 't9'" in err, err
+    finally:
+        await server.stop_gracefully(0.1)
