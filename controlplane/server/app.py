@@ -2,10 +2,12 @@
 
 :class:`ControlPlaneApp` is what ``bluemarble-controlplane`` runs and what integration
 tests start in-process. Start-up order: check that the listen address can be bound,
-connect to etcd (bounded by a start-up timeout), create the cluster config if absent,
-then serve. The listen check comes first so that a replica that could never serve does
-not create a new cluster's config and ring in etcd. Shutdown: health NOT_SERVING, drain
-calls in flight, close etcd.
+connect to etcd (bounded by a start-up timeout), read the cluster config, identity and
+ring and create whichever is absent, then serve. Each is read first, so that a restart
+while etcd refuses writes (out of space) writes nothing and serves; a write etcd refuses
+is retried within the start-up timeout. The listen check comes first so that a replica
+that could never serve does not create a new cluster's config and ring in etcd.
+Shutdown: health NOT_SERVING, drain calls in flight, close etcd.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import structlog
 
@@ -23,7 +26,7 @@ from bluemarble.core import limits
 from bluemarble.core.errors import Unavailable
 from bluemarble.core.ids import NodeId
 from bluemarble.core.ring import Ring
-from bluemarble.runtime import background, frames, metrics
+from bluemarble.runtime import background, frames, metrics, retry
 from bluemarble.runtime.auth import AdminToken, ServerAuth
 from bluemarble.runtime.clock import Clock, SystemClock
 from bluemarble.runtime.grpc_server import STOPPING_TRAILER, Server, ServiceBinding, build_server
@@ -56,6 +59,8 @@ from controlplane.store.trade_store import TradeStore
 from controlplane.store.watchcache import PrefixCache
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 GAUGE_REFRESH_S = 1.0
 """How often the mirror-derived gauges (registered nodes, shards without a primary) are
@@ -152,8 +157,10 @@ class ControlPlaneApp:
     async def start(self) -> None:
         """Connects to etcd, bootstraps the config and starts serving.
 
-        Raises Unavailable when etcd does not answer within the start-up timeout or the
-        listen address cannot be bound.
+        Raises Unavailable when etcd does not answer within the start-up timeout (or keeps
+        refusing, out of space, a record that is absent and must be created), or the
+        listen address cannot be bound; CorruptRecord when a stored config or ring does not
+        decode or the config is invalid.
         """
         s = self.settings
         await _check_listen(s.listen)
@@ -162,10 +169,10 @@ class ControlPlaneApp:
         defaults = cluster_config.default_config(
             replication_factor=s.replication_factor, lease_ttl_s=s.lease_ttl_s, shard_count=s.shards
         )
-        stored, _ = await configs.ensure(defaults)
-        self.cluster_uid = await configs.ensure_cluster_uid()
+        stored, _ = await self._bootstrap("the cluster config", lambda: configs.ensure(defaults))
+        self.cluster_uid = await self._bootstrap("the cluster identity", configs.ensure_cluster_uid)
         self._warn_on_drift(stored)
-        await ensure_ring(self.store, self.keys, stored)
+        await self._bootstrap("the ring", lambda: ensure_ring(self.store, self.keys, stored))
         self.nodes = PrefixCache(self.store, self.keys.nodes_prefix(), decode_node, name="nodes", clock=self.clock)
         self.assignments = PrefixCache(
             self.store, self.keys.assignments_prefix(), decode_assignment, name="assignments", clock=self.clock
@@ -272,6 +279,25 @@ class ControlPlaneApp:
             replica=self.replica_id,
             frames_port=self.frame_server.port if self.frame_server else None,
         )
+
+    async def _bootstrap(self, record: str, ensure: Callable[[], Awaitable[T]]) -> T:
+        """Runs one create-if-absent step of start-up (``record``: what it reads or makes),
+        retrying what may pass (etcd not answering, or out of space while the record is
+        truly absent: each step reads first, so a record that exists needs no write) for up
+        to ``etcd_startup_timeout_s``, as waiting for etcd does; each failure is logged
+        (the first a warning naming the record and etcd's error, then a summary every few
+        seconds). Raises Unavailable naming the record once the time is up, and anything
+        fatal (a stored record that does not decode) at once."""
+        timeout_s = self.settings.etcd_startup_timeout_s
+        try:
+            return await retry.call(
+                ensure,
+                what=f"start-up: reading or creating {record} in etcd",
+                policy=retry.RetryPolicy(deadline_s=timeout_s),
+                clock=self.clock,
+            )
+        except Unavailable as e:
+            raise Unavailable(f"could not read or create {record} in etcd within {timeout_s:g} s: {e}") from e
 
     def refresh_gauges(self) -> None:
         """Sets ``bluemarble_registered_nodes`` and ``bluemarble_shards_without_primary``

@@ -10,6 +10,13 @@ partitioned) cannot write anything, whatever it still believes.
 Losers watch the key and campaign again as soon as it is deleted (leader stopped, or its
 lease expired: at most the session TTL after a crash).
 
+A leader key attached to no lease (lease 0: a put by hand, ``etcdctl put .../leader
+...``, detaches the key from its lease and keeps its create_revision) belongs to no live
+leader and would never expire: a campaigner that finds one deletes it, guarded by its
+mod_revision (so a key changed meanwhile is looked at again), logs a warning saying what
+it found, and campaigns. A key attached to a lease is never deleted by a campaigner,
+whatever its value: a live leader may hold it, and its lease ends it otherwise.
+
 A leader stops acting (``leadership`` turns None) as soon as any of these holds:
 
 * its session lease may have expired: ``leadership`` is only returned while the clock is
@@ -17,7 +24,9 @@ A leader stops acting (``leadership`` turns None) as soon as any of these holds:
   last acknowledged refresh plus the TTL etcd granted. A refresh that hangs cannot
   stretch this: the check is on the clock, not on the refresh's outcome;
 * a refresh answers TTL 0 (the lease is gone), or fails for good;
-* its own key is deleted or replaced (it watches the key while it leads);
+* its own key is deleted, replaced or rewritten: another create_revision, lease or value
+  than it wrote (it watches the key while it leads). Stepping down revokes its lease,
+  which deletes a key still attached to it; one detached from it is left to campaigners;
 * a guarded write failed and :meth:`Election.verify` found the key is no longer ours.
 
 Then it campaigns again from scratch (a new lease, a new token).
@@ -39,9 +48,10 @@ from dataclasses import dataclass
 import structlog
 
 from bluemarble.core.errors import BlueMarbleError
+from bluemarble.core.limits import echo
 from bluemarble.runtime import background, metrics, retry
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
-from controlplane.store.etcd import Compacted, Compare, EtcdStore, EventType, Put
+from controlplane.store.etcd import Compacted, Compare, Delete, EtcdStore, EventType, KeyValue, Put
 from controlplane.store.keys import KeySchema
 
 log = structlog.get_logger(__name__)
@@ -156,13 +166,14 @@ class Election:
         if term is None:
             return False
         kv = await self._store.get(self._keys.leader())
-        if kv is not None and kv.create_revision == term.token:
+        if kv is not None and kv.create_revision == term.token and kv.lease == term.lease_id:
             return True
         log.warning(
             "deposed: the leader key is no longer ours; stepping down",
             replica=self.replica_id,
             token=term.token,
             key_token=None if kv is None else kv.create_revision,
+            key_lease=None if kv is None else f"{kv.lease:#x}",
         )
         self._deposed.set()
         self._set(None)
@@ -198,7 +209,7 @@ class Election:
             self.terms += 1
             self._set(Leadership(self.replica_id, lease_id, created.create_revision))
             log.info("elected leader", replica=self.replica_id, token=created.create_revision)
-            await self._hold(lease_id, ttl_s, created.create_revision, created.mod_revision)
+            await self._hold(lease_id, ttl_s, created)
         finally:
             if self._leadership is not None and self._leadership.lease_id == lease_id:
                 self._set(None)
@@ -207,9 +218,9 @@ class Election:
                 with contextlib.suppress(BlueMarbleError, TimeoutError):
                     await run_with_timeout(self._clock, self._store.revoke_lease(lease_id), 1.0)
 
-    async def _hold(self, lease_id: int, ttl_s: int, token: int, from_revision: int) -> None:
+    async def _hold(self, lease_id: int, ttl_s: int, created: KeyValue) -> None:
         """Keeps the term until the lease may expire, the key goes, or we are deposed."""
-        watcher = asyncio.ensure_future(self._watch_own_key(token, from_revision + 1))
+        watcher = asyncio.ensure_future(self._watch_own_key(created))
         deposed = asyncio.ensure_future(self._deposed.wait())
         refresher = asyncio.ensure_future(self._refresh(lease_id, ttl_s))
         try:
@@ -251,35 +262,72 @@ class Election:
             self._valid_until_s = sent_at + remaining
             interval_s = refresh_interval_s(ttl_s)
 
-    async def _watch_own_key(self, token: int, start_revision: int) -> None:
-        """Returns as soon as the leader key is deleted or belongs to another term."""
+    async def _watch_own_key(self, created: KeyValue) -> None:
+        """Returns as soon as the leader key ``created`` (this term's, as written) is
+        deleted, belongs to another term, or was rewritten: another value, or detached
+        from this term's lease (a put by hand). A rewritten key keeps its create_revision,
+        so this term's guard would still pass, but it is no longer this term's key: it
+        would no longer go with the lease, and status could no longer name the leader."""
         key = self._keys.leader()
-        async for batch in self._store.watch_prefix(key, start_revision):
+        async for batch in self._store.watch_prefix(key, created.mod_revision + 1):
             for ev in batch.events:
                 if ev.kv.key != key:
                     continue
-                if ev.type is EventType.DELETE or ev.kv.create_revision != token:
+                if ev.type is EventType.DELETE or ev.kv.create_revision != created.create_revision:
                     log.warning("leader key deleted or replaced; stepping down", replica=self.replica_id)
+                    return
+                if ev.kv.lease != created.lease or ev.kv.value != created.value:
+                    log.warning(
+                        "leader key rewritten behind this leader's back; stepping down",
+                        replica=self.replica_id,
+                        key=key,
+                        lease=f"{ev.kv.lease:#x}",
+                        own_lease=f"{created.lease:#x}",
+                        value=echo(ev.kv.value, 80),
+                        found="attached to no lease" if not ev.kv.lease
+                        else "another lease" if ev.kv.lease != created.lease else "another value",
+                    )
                     return
 
     async def _wait_for_vacancy(self) -> None:
-        """Returns once the leader key is gone (or was at the time we looked)."""
+        """Returns once the leader key is gone (or was at the time we looked), or once it
+        is attached to no lease (then removed here, or looked at again by the caller)."""
         key = self._keys.leader()
         kv = await self._store.get(key)
         if kv is None:
+            return
+        if not kv.lease:
+            await self._remove_leaseless(kv)
             return
         # From the key's last change on: a delete after our read cannot be missed.
         start = kv.mod_revision + 1
         while True:
             try:
                 async for batch in self._store.watch_prefix(key, start):
-                    if any(ev.type is EventType.DELETE and ev.kv.key == key for ev in batch.events):
-                        return
+                    for ev in batch.events:
+                        if ev.kv.key == key and (ev.type is EventType.DELETE or not ev.kv.lease):
+                            return  # vacant, or detached from its lease (the next campaign removes it)
                 return  # the watch ended: the caller looks again
             except Compacted as e:
                 # A leader key older than etcd's compaction (a long, quiet leadership):
                 # look again; a delete after this read is at or past the compaction.
                 kv = await self._store.get(key)
-                if kv is None:
+                if kv is None or not kv.lease:
                     return
                 start = max(kv.mod_revision + 1, e.compact_revision)
+
+    async def _remove_leaseless(self, kv: KeyValue) -> None:
+        """Deletes leader key ``kv``, attached to no lease, unless it changed since it was
+        read (guarded by its mod_revision). Such a key belongs to no live leader: a leader's
+        key is created attached to its session lease, and etcd deletes it with the lease;
+        only a put without a lease (by hand) leaves one, and nothing would ever remove it."""
+        result = await self._store.txn([Compare.mod_revision(kv.key, kv.mod_revision)], [Delete(kv.key)])
+        log.warning(
+            "the leader key is attached to no lease, so it belongs to no live leader and would never expire; "
+            + ("deleted it to campaign" if result.succeeded else "it changed meanwhile; looking again"),
+            replica=self.replica_id,
+            key=kv.key,
+            value=echo(kv.value, 80),
+            create_revision=kv.create_revision,
+            mod_revision=kv.mod_revision,
+        )

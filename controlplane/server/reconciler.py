@@ -130,6 +130,7 @@ from controlplane.store import codec
 from controlplane.store.config_store import ConfigStore
 from controlplane.store.etcd import Compare, EtcdStore, Put
 from controlplane.store.keys import KeySchema
+from controlplane.store.ring_store import ensure_ring
 from controlplane.store.watchcache import PrefixCache
 
 log = structlog.get_logger(__name__)
@@ -314,6 +315,12 @@ class Reconciler:
         self._unreadable_logged: set[tuple[str, int]] = set()
         self._promotion_notes: set[tuple[ShardId, int, str]] = set()  # logged once each
         self._fence_floor: dict[ShardId, int] = {}  # higher fenced epochs nodes reported
+        # Epochs nodes reported holding (assigned, or of their last entry), by shard: a
+        # record below one is older than what the nodes saw (etcd restored from a
+        # snapshot, a record deleted by hand), and its next epoch must be above it.
+        self._held_epochs: dict[ShardId, int] = {}
+        self._held_epochs_asked: tuple[tuple[object, ...], frozenset[ShardId]] | None = None
+        self._behind_logged: set[tuple[ShardId, int]] = set()
         self._stall_checked_s = -math.inf
         self._stall_cursor = 0  # round robin over the nodes that lead shards
         self._stall_seen: dict[tuple[ShardId, int], float] = {}  # (shard, epoch) -> first seen stalled
@@ -675,11 +682,79 @@ class Reconciler:
                 self._unreadable_logged.add((key, record.mod_revision))
                 log.error("unreadable assignment record; it will be replaced as a lost primary",
                           key=key, epoch_floor=record.version, error=str(record.error))
+        for shard in shards:
+            held = self._held_epochs.get(shard, 0)
+            a = current.get(shard)
+            if a is not None and a.epoch >= held:
+                self._held_epochs.pop(shard, None)  # the record caught up (a promotion above it)
+                continue
+            if held == 0:
+                continue
+            # The record is behind what the nodes hold (or gone): its members may not be
+            # the shard's latest copies. Replaced as a lost primary, above that epoch,
+            # and every live node is asked for its copy (the greatest position wins).
+            current[shard] = ShardAssignment(shard, held, None, ())
+            self._widened.add(shard)
+            if (shard, held) not in self._behind_logged:
+                if len(self._behind_logged) >= _MAX_UNREADABLE_LOGGED:
+                    self._behind_logged.clear()
+                self._behind_logged.add((shard, held))
+                log.error("assignment record behind the nodes (etcd restored from a snapshot, or the record "
+                          "deleted?); the shard gets a new primary above the epoch they hold", shard=shard,
+                          record_epoch=a.epoch if a is not None else None, nodes_epoch=held)
         return nodes, addresses, current, shards
+
+    async def _learn_held_epochs(self, shards: Sequence[ShardId], token: object) -> None:
+        """Asks every live node which epoch it holds for each shard, when what etcd says
+        may be behind the nodes: at the start of a term, after a mirror re-listed (a
+        compaction, etcd going back), and while a ring shard has no record (a first
+        placement goes on, or a record was deleted). Once for each such situation."""
+        missing = frozenset(s for s in shards if self._keys.assignment(s) not in self._assignments.entries)
+        last = self._held_epochs_asked
+        situation = (token, self._assignments.relists, self._nodes.relists)
+        self._held_epochs_asked = (situation, missing)
+        if self._probe is None or (last is not None and situation == last[0] and (not missing or missing == last[1])):
+            return  # nothing new: the same term and lists, and no other record missing
+        if not self._assignments.entries:
+            return  # a new cluster (no record yet): its nodes hold nothing to be behind
+        addresses = {NodeId(n.node_id): n.address for n in self._nodes.entries.values() if n.address}
+        answers = await self._probe.statuses(addresses)
+        known = set(shards)
+        for answer in answers.values():
+            for status in answer.shards:
+                # The epoch of its role, and of its last entry: both come from records
+                # (a copy on disk only reports its fenced epoch, which a fence raises
+                # before the record it prepares is written).
+                held = status.last_epoch if status.on_disk_only else max(status.epoch, status.last_epoch)
+                shard = ShardId(status.shard_id)
+                if shard in known and held > self._held_epochs.get(shard, 0):
+                    self._held_epochs[shard] = held
+        for shard, held in list(self._held_epochs.items()):
+            mirrored = self._assignments.entries.get(self._keys.assignment(shard))
+            if mirrored is not None and mirrored.epoch >= held:
+                del self._held_epochs[shard]
+                continue
+            # Behind in this replica's mirror: etcd itself says whether it is behind
+            # (its record may just not have reached the mirror yet).
+            kv = await self._store.get(self._keys.assignment(shard))
+            if kv is None:
+                continue
+            try:
+                stored = codec.decode(kv.value, common_pb2.Assignment, kv.key)
+            except BlueMarbleError:
+                continue  # unreadable: replaced as a lost primary above its version anyway
+            if stored.epoch >= held:
+                del self._held_epochs[shard]
 
     async def reconcile_once(self, leadership: Leadership) -> PlacementPlan | None:
         """One round; returns the plan it applied (None when there was nothing to plan)."""
         config, config_revision = await self._configs.get()
+        if self._ring.healthy and self._keys.ring() not in self._ring.entries:
+            # Deleted (by hand, or a restore from a snapshot that predates it): every trade
+            # and routing answer waits on it. It follows from the fields fixed at creation.
+            log.error("the ring key is missing; making it again from the cluster config", key=self._keys.ring(),
+                      shards=config.shard_count, vnodes=config.vnodes_per_shard)
+            await ensure_ring(self._store, self._keys, config)
         self._track_health_and_departures()
         new_term = self._term is not leadership
         self._term = leadership
@@ -707,6 +782,8 @@ class Reconciler:
             if self._verified_changes == verified_changes:
                 return None
         records = list(self._nodes.entries.values())
+        ring = self._ring.entries.get(self._keys.ring())
+        await self._learn_held_epochs(list(ring.shard_ids) if ring is not None else [], leadership.token)
         nodes, addresses, current, shards = self.observe()
         self._observed = dict(current)  # the records as stored, before this round's promotions
         if not shards:

@@ -43,7 +43,7 @@ from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc, s
 from controlplane.server.crash_watch import CrashWatch
 from controlplane.server.election import Election, LeaderInfo, refresh_interval_s
 from controlplane.server.node_probe import NodeProbe
-from controlplane.server.registry import NodeRegistry
+from controlplane.server.registry import NodeListing, NodeRegistry, UnreadableNode
 from controlplane.server.shard_reports import ShardReports
 from controlplane.store import codec
 from controlplane.store.config_store import ConfigStore
@@ -152,6 +152,29 @@ def _trouble(request: controlplane_pb2.HeartbeatRequest) -> tuple[str, int]:
     if request.trouble_since_ms < 0:
         raise InvalidArgument(f"trouble_since_ms is {request.trouble_since_ms}; give Unix milliseconds (0: none)")
     return request.trouble, request.trouble_since_ms if request.trouble else 0
+
+
+def _unreadable_node_warnings(unreadable: Sequence[UnreadableNode]) -> list[str]:
+    """One warning per key below the nodes prefix that holds no readable Node (at most
+    :data:`MAX_TROUBLE_WARNINGS`, by key, then a count): such a key is in no listing and
+    names no live node, and one attached to no lease (``lease`` 0; -1: not known) never
+    goes by itself."""
+    shown = sorted(unreadable, key=lambda u: u.key)
+    warnings = []
+    for u in shown[:MAX_TROUBLE_WARNINGS]:
+        if u.lease == 0:
+            fate = "it is attached to no lease, so it never expires: delete it"
+        elif u.lease > 0:
+            fate = f"it goes when its lease {u.lease:#x} ends, or delete it"
+        else:
+            fate = "delete it"
+        warnings.append(
+            f"etcd key {echo(u.key, 160)} holds an unreadable node record (left out of the nodes; a live node "
+            f"of that id replaces it when it registers again); {fate}: etcdctl del {echo(u.key, 160)}"
+        )
+    if len(shown) > MAX_TROUBLE_WARNINGS:
+        warnings.append(f"and {len(shown) - MAX_TROUBLE_WARNINGS} more unreadable node records")
+    return warnings
 
 
 def _node_id(node: common_pb2.Node) -> str:
@@ -720,7 +743,7 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         if all(c.healthy for c in mirrors):
 
             async def read_etcd() -> tuple[
-                common_pb2.ClusterConfig, list[common_pb2.Node], int, LeaderInfo | None, list[str]
+                common_pb2.ClusterConfig, NodeListing, LeaderInfo | None, list[str]
             ]:
                 async def alarms() -> list[str]:
                     # Best effort: with etcd auth, reading alarms takes the root role,
@@ -730,20 +753,24 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                     except BlueMarbleError:
                         return []
 
-                (config, _), (nodes, revision), leader, raised = await asyncio.gather(
-                    self._d.config.get(), self._d.registry.list_nodes(), self._d.election.current_leader(), alarms()
+                (config, _), listing, leader, raised = await asyncio.gather(
+                    self._d.config.get(), self._d.registry.read_nodes(), self._d.election.current_leader(), alarms()
                 )
-                return config, nodes, revision, leader, raised
+                return config, listing, leader, raised
 
             try:
-                config, nodes, revision, leader, alarms = await run_with_timeout(
+                config, listing, leader, alarms = await run_with_timeout(
                     self._d.clock, read_etcd(), STATUS_ETCD_TIMEOUT_S
                 )
                 response.warnings.extend(_alarm_warning(alarm) for alarm in alarms)
+                nodes, revision = listing.nodes, listing.revision
+                response.warnings.extend(_unreadable_node_warnings(listing.unreadable))
             except (Unavailable, TimeoutError):
                 config = None
         if config is None:
             nodes = list(self._d.nodes.entries.values())
+            response.warnings.extend(_unreadable_node_warnings(
+                [UnreadableNode(key, r.mod_revision, -1, r.error) for key, r in self._d.nodes.unreadable.items()]))
             response.etcd_healthy = False
             response.etcd_revision = self._d.nodes.revision
             response.warnings.append(

@@ -1,4 +1,5 @@
-"""The cluster config record in etcd: created once with defaults, validated on change."""
+"""The cluster config record in etcd: created once with defaults (with the cluster's
+identity), validated on change and on every read."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from bluemarble.v1 import common_pb2
 from controlplane.store import codec
 from controlplane.store.etcd import Compare, EtcdStore, Get, Put
 from controlplane.store.keys import KeySchema
+from controlplane.store.records import parse_config
 
 log = structlog.get_logger(__name__)
 
@@ -28,46 +30,91 @@ class ConfigStore:
         self._uid_key = keys.cluster_uid()
 
     async def ensure(self, defaults: common_pb2.ClusterConfig) -> tuple[common_pb2.ClusterConfig, int]:
-        """Creates the config with ``defaults`` if the cluster has none; returns the stored one."""
+        """The stored config and its mod revision; a cluster that has none is created with
+        ``defaults`` and a new identity (the cluster-uid key) in one transaction, so a
+        config without an identity only comes from an older release or a deleted key
+        (:meth:`ensure_cluster_uid`), never from replicas starting together.
+
+        Reads first and writes only when the config is absent: etcd refuses every
+        transaction holding a Put while its NOSPACE alarm is raised (even one whose compare
+        fails), and a restart must not need a write to serve. Raises CorruptRecord when the
+        stored config does not parse or is invalid, Unavailable when etcd does not answer
+        or refuses the write (out of space)."""
         cluster_config.validate(defaults)
+        kv = await self._store.get(self._key)
+        if kv is not None:
+            return parse_config(kv.value, self._key), kv.mod_revision
+        fresh = uuid.uuid4().hex
         result = await self._store.txn(
-            [Compare.absent(self._key)],
-            [Put(self._key, codec.encode(defaults))],
+            [Compare.absent(self._key), Compare.absent(self._uid_key)],
+            [Put(self._key, codec.encode(defaults)), Put(self._uid_key, fresh.encode())],
             [Get(self._key)],
         )
         if result.succeeded:
             log.info("cluster config created", key=self._key)
+            log.info("cluster identity created", key=self._uid_key, cluster_uid=fresh)
             return defaults, result.revision
-        stored = result.reads[0][0]
-        config = codec.decode(stored.value, common_pb2.ClusterConfig, self._key)
-        return config, stored.mod_revision
-
-    async def ensure_cluster_uid(self) -> str:
-        """This cluster's identity: a random id the first control plane to start on the
-        prefix creates, and every later one reads. Nodes record it in their data dir, so
-        that a data dir of another cluster (same names, another etcd or prefix) is refused
-        rather than read as this cluster's copies."""
-        fresh = uuid.uuid4().hex
+        if result.reads[0]:  # another replica made it meanwhile
+            stored = result.reads[0][0]
+            return parse_config(stored.value, self._key), stored.mod_revision
+        # The identity exists but the config does not (its key was deleted): the config
+        # alone is made again, and the identity stays what the nodes recorded.
         result = await self._store.txn(
-            [Compare.absent(self._uid_key)],
-            [Put(self._uid_key, fresh.encode())],
-            [Get(self._uid_key)],
+            [Compare.absent(self._key)], [Put(self._key, codec.encode(defaults))], [Get(self._key)]
         )
         if result.succeeded:
-            log.info("cluster identity created", key=self._uid_key, cluster_uid=fresh)
-            return fresh
-        stored = result.reads[0][0].value.decode("ascii", "replace")
+            log.warning("cluster config created again with the defaults (its key was missing, the cluster "
+                        "identity was not)", key=self._key)
+            return defaults, result.revision
+        stored = result.reads[0][0]
+        return parse_config(stored.value, self._key), stored.mod_revision
+
+    async def ensure_cluster_uid(self) -> str:
+        """This cluster's identity: a random id made with the cluster's config
+        (:meth:`ensure`), read by every later control plane. Nodes record it in their data
+        dir, so that a data dir of another cluster (same names, another etcd or prefix) is
+        refused rather than read as this cluster's copies.
+
+        Call after :meth:`ensure`. An identity missing then, beside an existing config, is
+        made anew, loudly (an error line saying how to put the old one back): a cluster
+        upgraded from a release without identities looks the same as one whose key was
+        deleted, and the upgrade must go on (docs/decisions.md, "Start-up reads before it
+        writes"). Reads first, writes only when absent (see :meth:`ensure`). Raises
+        FailedPrecondition when the key holds no identity, Unavailable as :meth:`ensure`."""
+        kv = await self._store.get(self._uid_key)
+        if kv is None:
+            fresh = uuid.uuid4().hex
+            result = await self._store.txn(
+                [Compare.absent(self._uid_key)],
+                [Put(self._uid_key, fresh.encode())],
+                [Get(self._uid_key)],
+            )
+            if result.succeeded:
+                log.error(
+                    "cluster identity was missing although the cluster's config exists: a new one was made. After "
+                    "an upgrade from a release without cluster identities this is expected (nodes adopt it). "
+                    "Otherwise the key was deleted, and nodes whose data dirs carry the old identity are refused "
+                    "('belongs to another cluster (uid OLD; ...)'): put it back at once with "
+                    f"`etcdctl put {self._uid_key} OLD`, then restart every control-plane replica",
+                    key=self._uid_key,
+                    cluster_uid=fresh,
+                )
+                return fresh
+            kv = result.reads[0][0]  # another replica made it meanwhile
+        stored = kv.value.decode("ascii", "replace")
         if not validation.is_cluster_uid(stored):
             raise FailedPrecondition(f"{self._uid_key} holds no cluster identity ({echo(stored)}); "
                                      "delete the key to have a new one made")
         return stored
 
     async def get(self) -> tuple[common_pb2.ClusterConfig, int]:
-        """The stored config and its etcd mod revision."""
+        """The stored config and its etcd mod revision. Raises CorruptRecord (DATA_LOSS)
+        naming the key and what is wrong when the stored value does not parse or is not a
+        valid config, Unavailable when the config is missing or etcd does not answer."""
         kv = await self._store.get(self._key)
         if kv is None:
             raise Unavailable(f"cluster config {self._key} is missing; a control plane creates it at start")
-        return codec.decode(kv.value, common_pb2.ClusterConfig, self._key), kv.mod_revision
+        return parse_config(kv.value, self._key), kv.mod_revision
 
     async def set(
         self, config: common_pb2.ClusterConfig, expected_revision: int = 0

@@ -165,6 +165,21 @@ class Compacted(BlueMarbleError):
         self.compact_revision = compact_revision
 
 
+class Rewound(Compacted):
+    """etcd's history ends before revisions already seen from it: it was restored from a
+    snapshot (or replaced by another cluster at the same address). What was seen past its
+    end is gone: re-list, then watch again, as after a compaction."""
+
+    def __init__(self, seen_revision: int, current_revision: int):
+        BlueMarbleError.__init__(
+            self,
+            f"etcd's revision is {current_revision}, behind revision {seen_revision} seen before: its data was "
+            "restored from a snapshot or replaced, and what came after is gone",
+        )
+        self.compact_revision = 0
+        self.seen_revision, self.current_revision = seen_revision, current_revision
+
+
 # ---- transaction building blocks (typed, so no caller touches etcd's protobufs) ----
 
 
@@ -634,7 +649,8 @@ class EtcdStore:
         event, late.
 
         Raises :class:`Compacted` when the resume point was compacted away (re-list, then
-        watch again: nothing is ever skipped silently); Unavailable only once this store
+        watch again: nothing is ever skipped silently), :class:`Rewound` (a Compacted) when
+        etcd's history now ends before it (etcd restored from a snapshot); Unavailable only once this store
         is closed (a watch can never resume then); a fatal BlueMarbleError when etcd
         refuses the watch itself (permissions, a bad range): retrying would not help.
         """
@@ -660,6 +676,13 @@ class EtcdStore:
             try:
                 try:
                     await stream.open(create)
+                    if stream.created_revision < next_revision - 1:
+                        # This member's store ends before what was seen: a member still
+                        # catching up, or etcd's history went back. A linearizable read
+                        # (through etcd's leader) tells them apart.
+                        current = await self.current_revision()
+                        if current < next_revision - 1:
+                            raise Rewound(next_revision - 1, current)
                     opened_at_s = self._clock.monotonic_s()
                     answered = False
                     while True:
@@ -797,6 +820,7 @@ class _WatchStream:
         self._cut_reason: str | None = None
         self._fragments: list[Any] = []
         self.watch_id = -1
+        self.created_revision = 0
         store._watch_streams.add(self)
 
     async def open(self, create: etcdpb.WatchCreateRequest) -> None:
@@ -810,6 +834,7 @@ class _WatchStream:
         if resp.canceled:  # refused at creation: the reason is in cancel_reason
             self._raise_canceled(resp)
         self.watch_id = int(resp.watch_id)
+        self.created_revision = int(resp.header.revision)  # the member's store revision
 
     async def next_response(self) -> Any:
         """The next response from etcd (fragments reassembled).

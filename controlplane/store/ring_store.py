@@ -18,9 +18,16 @@ log = structlog.get_logger(__name__)
 async def ensure_ring(store: EtcdStore, keys: KeySchema, config: common_pb2.ClusterConfig) -> Ring:
     """The stored ring; creates the initial one (version 1) if the cluster has none.
 
-    Create-if-absent in one transaction, so replicas starting together agree on one ring.
+    Reads first and writes only when the ring is absent (etcd under its NOSPACE alarm
+    refuses any transaction holding a Put, so a restart then must not need one); the write
+    is create-if-absent in one transaction, so replicas starting together agree on one
+    ring. Raises CorruptRecord when the stored ring does not decode, Unavailable when etcd
+    does not answer or refuses the write.
     """
     key = keys.ring()
+    stored = await store.get(key)
+    if stored is not None:
+        return decode_ring(stored)
     ring = initial_ring(config.shard_count, config.vnodes_per_shard)
     result = await store.txn(
         [Compare.absent(key)], [Put(key, codec.encode(ring_to_proto(ring)))], [Get(key)]

@@ -35,7 +35,7 @@ import structlog
 from bluemarble.core.errors import BlueMarbleError
 from bluemarble.runtime import background, retry
 from bluemarble.runtime.clock import Clock, SystemClock, wait_event
-from controlplane.store.etcd import Compacted, EtcdStore, EventType, KeyValue, WatchBatch, WatchState
+from controlplane.store.etcd import Compacted, EtcdStore, EventType, KeyValue, Rewound, WatchBatch, WatchState
 
 log = structlog.get_logger(__name__)
 
@@ -105,6 +105,8 @@ class PrefixCache(Generic[V]):
         self.mod_revisions: dict[str, int] = {}
         self.unreadable: dict[str, UnreadableRecord] = {}
         self.revision = 0
+        self.relists = 0
+        """Times the mirror was listed afresh (the first list, compactions, etcd going back)."""
         self.healthy = False
         self.unhealthy_reason = "not started"
         self._stale = True  # the entries must be re-listed before the watch can resume
@@ -251,6 +253,7 @@ class PrefixCache(Generic[V]):
                 unreadable[kv.key] = self._note_unreadable(kv, e)
         self._logged_unreadable = {k: r for k, r in self._logged_unreadable.items() if k in unreadable}
         self.entries, self.mod_revisions, self.unreadable, self.revision = entries, mods, unreadable, revision
+        self.relists += 1
         for name, (term, _) in list(self._indexes.items()):
             self.add_index(name, term)
         self._stale = False
@@ -273,6 +276,12 @@ class PrefixCache(Generic[V]):
                     self._prefix, self.revision + 1, on_state=self._on_watch_state
                 ):
                     self._apply(batch)
+            except Rewound as e:
+                log.error("etcd's history went back (restored from a snapshot?); re-listing: what this mirror "
+                          "held past etcd's revision is gone", cache=self.name, seen_revision=e.seen_revision,
+                          etcd_revision=e.current_revision)
+                self._stale = True
+                self._set_health(False, f"etcd's revision went back to {e.current_revision}; re-listing")
             except Compacted as e:
                 log.warning("watch compacted; re-listing", cache=self.name, compact_revision=e.compact_revision)
                 self._stale = True

@@ -63,9 +63,24 @@ async def test_agent_registers_heartbeats_and_leaves(control_plane: ControlPlane
     await client.close()
 
 
-async def test_agent_registers_again_after_its_lease_is_revoked(
-    control_plane: ControlPlaneApp, serve_node: ServeNode
+async def _holds_what_is_assigned(control_plane: ControlPlaneApp, agent: NodeAgent) -> bool:
+    async with grpc.aio.insecure_channel(control_plane.address) as channel:
+        r = await controlplane_pb2_grpc.ControlPlaneStub(channel).ListAssignments(pb.ListAssignmentsRequest())
+    assigned = {a.shard_id: a.epoch for a in r.assignments if "n1" in (a.primary, *a.replicas)}
+    return bool(assigned) and {s: h.epoch for s, h in agent.shards.items()} == assigned
+
+
+@pytest.mark.parametrize("edit", ["revoked", "deleted", "detached"])
+async def test_agent_registers_again_after_its_lease_is_revoked_or_its_record_deleted_or_detached_by_hand(
+    control_plane: ControlPlaneApp, serve_node: ServeNode, edit: str
 ) -> None:
+    """A revoked lease is an expired one. `etcdctl del .../nodes/n1` (or a put that
+    detaches the record from its lease) left the lease alive and the heartbeats answered:
+    the node never registered again and the leader, which counted it gone, left its shards
+    without it. Now its heartbeat is NOT_FOUND. Either way it registers again, and once it
+    has dropped its roles it gets back what it is assigned."""
+    from bluemarble.core.ids import NodeId
+
     client = ControlPlaneClient([control_plane.address])
     holder: list[NodeAgent] = []
     address = await serve_node("n1", lambda: holder[0].shard_statuses())
@@ -74,25 +89,25 @@ async def test_agent_registers_again_after_its_lease_is_revoked(
     async with running(agent):
         await asyncio.wait_for(agent.registered.wait(), 5)
         first = agent.registration.lease_id  # type: ignore[union-attr]
-        await control_plane.store.revoke_lease(first)  # as if the lease had expired
+        key = control_plane.keys.node(NodeId("n1"))
+        if edit == "revoked":
+            await control_plane.store.revoke_lease(first)  # as if the lease had expired
+        elif edit == "deleted":
+            await control_plane.store.delete(key)
+        else:
+            kv = await control_plane.store.get(key)
+            assert kv is not None
+            await control_plane.store.put(key, kv.value)
 
         async def new_lease() -> bool:
-            listed = await nodes(control_plane)
-            return agent.registrations == 2 and [n.lease_id for n in listed] == [agent.registration.lease_id]  # type: ignore[union-attr]
+            kv = await control_plane.store.get(key)
+            return agent.registrations == 2 and kv is not None and kv.lease == agent.registration.lease_id  # type: ignore[union-attr]
 
         await eventually(new_lease, 5, "re-registration with a new lease")
         assert agent.registration.lease_id != first  # type: ignore[union-attr]
 
-        async def holds_what_is_assigned() -> bool:
-            async with grpc.aio.insecure_channel(control_plane.address) as channel:
-                r = await controlplane_pb2_grpc.ControlPlaneStub(channel).ListAssignments(
-                    pb.ListAssignmentsRequest()
-                )
-            assigned = {a.shard_id: a.epoch for a in r.assignments if "n1" in (a.primary, *a.replicas)}
-            return bool(assigned) and {s: h.epoch for s, h in agent.shards.items()} == assigned
-
-        # After losing its lease the node dropped its roles; it gets back what it is assigned.
-        await eventually(holds_what_is_assigned, 10, "the agent to hold its assignments again")
+        await eventually(lambda: _holds_what_is_assigned(control_plane, agent), 10,
+                         "the agent to hold its assignments again")
     await agent.deregister()
     await client.close()
 

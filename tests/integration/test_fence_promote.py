@@ -88,9 +88,10 @@ async def test_the_greatest_epoch_then_lsn_wins_and_positions_come_from_the_fenc
         x, y = sorted(before.replicas)
         c.fakes[x].positions[SHARD] = (3, 10)
         c.fakes[y].positions[SHARD] = (2, 50)  # more entries, but of an older primary
-        # Unfenced reports say the opposite: promotion must not read them.
+        # Unfenced reports say the opposite (y further in the epoch the record has):
+        # promotion must not read them.
         c.fakes[x].statuses = [common_pb2.ShardStatus(shard_id=SHARD, applied_lsn=5, last_epoch=1)]
-        c.fakes[y].statuses = [common_pb2.ShardStatus(shard_id=SHARD, applied_lsn=99, last_epoch=3)]
+        c.fakes[y].statuses = [common_pb2.ShardStatus(shard_id=SHARD, applied_lsn=99, last_epoch=before.epoch)]
         await c.leave(before.primary)
         await wait_for(lambda: _promoted(c, before.epoch + 1), 5.0, "the promotion")
         after = await c.assignment()
@@ -283,3 +284,41 @@ async def test_nodes_without_fence_fail_over_on_their_reported_positions(
         await c.leave(before.primary)
         await wait_for(lambda: _promoted(c, before.epoch + 1), 5.0, "the promotion")
         assert (await c.assignment()).primary == y
+
+
+async def test_a_record_behind_the_epoch_nodes_hold_is_replaced_above_it(
+    start_control_plane: StartControlPlane, serve_fake_node: ServeFakeNode
+) -> None:
+    """etcd restored from an older snapshot, or a record deleted by hand: placing the shard
+    afresh at epoch 1 (or at its old record's next epoch) would hand out an epoch nodes
+    already hold, with another primary. The leader asks the nodes, and promotes the
+    greatest copy above the epoch they report."""
+    from bluemarble.core.ids import ShardId
+
+    async with cluster(start_control_plane, serve_fake_node) as c:
+        assert c.app is not None
+        before = await c.assignment()
+        ahead = before.epoch + 5
+        x = next(n for n in sorted(c.fakes) if n != before.primary)
+        statuses = []
+        for a in await c.all():
+            if x == a.primary or x in a.replicas:
+                epoch = ahead if a.shard_id == SHARD else a.epoch
+                statuses.append(common_pb2.ShardStatus(shard_id=a.shard_id, epoch=epoch, last_epoch=epoch,
+                                                       applied_lsn=10, serving=True))
+        c.fakes[x].statuses = statuses
+        c.fakes[x].positions[SHARD] = (ahead, 10)  # the latest copy
+        for other in c.fakes:
+            if other != x:
+                c.fakes[other].positions[SHARD] = (before.epoch, 3)
+        await c.app.store.delete(c.app.keys.assignment(ShardId(SHARD)))
+
+        async def replaced_above() -> bool:
+            listed = {a.shard_id: a for a in await c.all()}
+            a = listed.get(SHARD)
+            return a is not None and a.epoch > ahead
+
+        await wait_for(replaced_above, 15.0, "the shard to be promoted above the epoch the nodes hold")
+        after = await c.assignment()
+        assert after.primary == x, after  # the greatest copy won, on every live node's answer
+        assert all(e > ahead for e in c.fakes[x].fences(SHARD)), c.fakes[x].fences(SHARD)

@@ -10,6 +10,7 @@ import time
 import grpc
 import grpc.aio
 import pytest
+import structlog
 
 from bluemarble.v1 import common_pb2, controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
 from bluemarble.v1 import controlplane_pb2 as pb
@@ -431,3 +432,127 @@ async def test_the_status_lists_force_promotions_waiting_for_the_leader(start_co
         await wait_for(listed, 5.0, "the waiting request in the status")
         status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
         assert sum("ForcePromote" in w for w in status.warnings) == 1, status.warnings
+
+
+class TestRecordsEditedByHand:
+    """Node records changed in etcd behind the control plane's back (etcdctl del, a put
+    that detaches the key from its lease, a value that is no Node)."""
+
+    async def test_a_deleted_record_answers_not_found_and_the_node_registers_again(
+        self, control_plane: ControlPlaneApp, stub: Stub
+    ) -> None:
+        """`etcdctl del .../nodes/n1` left the lease alive and the heartbeats answered OK
+        from the replica's cache, so the node never registered again while the leader
+        counted it gone. Now its next heartbeat is NOT_FOUND and its orphaned lease is
+        revoked; a heartbeat right after the registration (before the mirror has it) is
+        served."""
+        from bluemarble.core.ids import NodeId
+
+        r = await stub.RegisterNode(register_request())
+        await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id))
+        await control_plane.store.delete(control_plane.keys.node(NodeId("n1")))
+
+        async def refused() -> bool:
+            try:
+                await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id))
+            except grpc.aio.AioRpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND, e.details()
+                assert "register again" in (e.details() or "")
+                return True
+            return False
+
+        await wait_for(refused, 3.0, "the heartbeat of the deleted node to be NOT_FOUND")
+        assert await control_plane.store.lease_ttl(r.lease_id) == -1  # revoked, not kept alive
+        again = await stub.RegisterNode(register_request())
+        await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=again.lease_id))
+        assert await node_ids(stub) == ["n1"]
+
+    async def test_a_record_detached_from_its_lease_answers_not_found_and_is_replaced(
+        self, control_plane: ControlPlaneApp, stub: Stub
+    ) -> None:
+        """A put without a lease keeps the record but detaches it: it would never expire.
+        The heartbeat under the old lease is NOT_FOUND (that lease is revoked) and the
+        registration replaces the record, attached to the new lease; a detached record
+        from another address does not hold the node id either."""
+        from bluemarble.core.ids import NodeId
+
+        key = control_plane.keys.node(NodeId("n1"))
+        r = await stub.RegisterNode(register_request())
+        await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id))
+        kv = await control_plane.store.get(key)
+        assert kv is not None and kv.lease == r.lease_id
+        await control_plane.store.put(key, kv.value)  # the same value, no lease
+
+        async def refused() -> bool:
+            try:
+                await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id))
+            except grpc.aio.AioRpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND, e.details()
+                assert "attached to no lease" in (e.details() or ""), e.details()
+                return True
+            return False
+
+        await wait_for(refused, 3.0, "the heartbeat of the detached node to be NOT_FOUND")
+        assert await control_plane.store.lease_ttl(r.lease_id) == -1
+        again = await stub.RegisterNode(register_request())
+        kv = await control_plane.store.get(key)
+        assert kv is not None and kv.lease == again.lease_id
+        # Detached again, then registered from another address: the record is nobody's.
+        await control_plane.store.put(key, kv.value)
+        moved = await stub.RegisterNode(register_request(port=7109))
+        nodes = (await stub.ListNodes(pb.ListNodesRequest())).nodes
+        assert [(n.address, n.lease_id) for n in nodes] == [("127.0.0.1:7109", moved.lease_id)]
+
+    async def test_an_unreadable_record_leaves_the_others_listed_and_is_reported_once(
+        self, control_plane: ControlPlaneApp, stub: Stub
+    ) -> None:
+        """`etcdctl put .../nodes/n2 'garbage{'` made ListNodes and GetClusterStatus fail
+        with DATA_LOSS. Now the other nodes are listed, the status names the key and says
+        to delete it, and the log says so once, not on every call. A live n2 gets NOT_FOUND
+        and its registration replaces the garbage."""
+        from bluemarble.core.ids import NodeId
+
+        r1 = await stub.RegisterNode(register_request("n1", 7101))
+        r2 = await stub.RegisterNode(register_request("n2", 7102))
+        await stub.RegisterNode(register_request("n3", 7103))
+        key = control_plane.keys.node(NodeId("n2"))
+        with structlog.testing.capture_logs() as logged:
+            await control_plane.store.put(key, b"garbage{")
+            for _ in range(3):
+                assert await node_ids(stub) == ["n1", "n3"]
+                status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
+                assert status.node_count == 2
+                [warning] = [w for w in status.warnings if key in w]
+                assert "unreadable node record" in warning and "never expires: delete it" in warning, warning
+                assert f"etcdctl del '{key}'" in warning, warning
+        told = [e for e in logged if e["event"].startswith("unreadable node record left out")]
+        assert len(told) == 1 and told[0]["key"] == key and told[0]["log_level"] == "warning", told
+        await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=r1.lease_id))  # others unaffected
+        code, details = await status_of(stub.Heartbeat(pb.HeartbeatRequest(node_id="n2", lease_id=r2.lease_id)))
+        assert code == grpc.StatusCode.NOT_FOUND, details
+        await stub.RegisterNode(register_request("n2", 7102))
+        assert await node_ids(stub) == ["n1", "n2", "n3"]
+        status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
+        assert not [w for w in status.warnings if "unreadable" in w], status.warnings
+
+
+async def test_a_garbage_leader_key_is_replaced_by_a_new_term(start_control_plane: StartControlPlane) -> None:
+    """`etcdctl put .../leader 'garbage{'` (no lease: it never expires) left status at
+    "leader (unreadable)" and, once the leader restarted, nobody was ever elected. Now the
+    leader steps down, a campaign deletes the leaseless key and a leader is elected again
+    with a key on its session lease."""
+    app = await start_control_plane()
+    assert app.election is not None
+    async with grpc.aio.insecure_channel(app.address) as channel:
+        stub = Stub(channel)
+
+        async def led_by_cp0() -> bool:
+            kv = await app.store.get(app.keys.leader())
+            status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
+            return status.leader == "cp-0" and kv is not None and kv.lease != 0
+
+        await wait_for(led_by_cp0, 10.0, "a leader")
+        first = app.election.terms
+        await app.store.put(app.keys.leader(), b"garbage{")
+        await wait_for(led_by_cp0, 10.0, "a new term on a leased key")
+        assert app.election.terms == first + 1

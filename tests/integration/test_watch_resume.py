@@ -34,6 +34,7 @@ from controlplane.store.etcd import (
     KeyValue,
     Op,
     Put,
+    Rewound,
     WatchBatch,
     WatchState,
     WatchStateCallback,
@@ -535,12 +536,61 @@ async def test_a_follower_waits_out_a_leader_key_older_than_the_compaction(
     last change is refused as compacted. It looks again and still sees the vacancy (it
     used to fail its election loop with an error, again at each try)."""
     keys = KeySchema(cluster_name)
-    await store.put(keys.leader(), b'{"replica_id": "cp-9"}')
+    lease, _ = await store.grant_lease(60)  # a live leader's key is on its session lease
+    await store.put(keys.leader(), b'{"replica_id": "cp-9"}', lease=lease)
     history = await write_history(store, prefix_for(cluster_name), lanes=2, ops=50)
     await store._client.kv.compact(history[-1][0], physical=True)  # type: ignore[union-attr]
     election = Election(store, keys, "cp-1", "127.0.0.1:7001", 5)
     waiting = asyncio.ensure_future(election._wait_for_vacancy())
     done, _ = await asyncio.wait([waiting], timeout=1.0)
     assert not done, waiting.exception()  # still watching for the vacancy, not failed
-    await store.delete(keys.leader())
+    await store.revoke_lease(lease)  # the leader resigns
     await asyncio.wait_for(waiting, 10)  # returns: the key is gone
+
+
+async def test_a_watch_past_etcds_end_says_its_history_went_back(store: EtcdStore, cluster_name: str) -> None:
+    """A resume point past etcd's revision cannot come from this etcd's history (it was
+    restored from a snapshot): Rewound at once, not a watch waiting for revisions that
+    will carry other writes."""
+    current = await store.current_revision()
+    watch = store.watch_prefix(prefix_for(cluster_name), current + 50)
+    try:
+        with pytest.raises(Rewound) as raised:
+            async with asyncio.timeout(10):
+                await watch.__anext__()
+    finally:
+        await watch.aclose()  # type: ignore[attr-defined]
+    assert (raised.value.seen_revision, raised.value.current_revision) == (current + 49, current)
+    assert isinstance(raised.value, Compacted)  # callers that re-list after a compaction re-list
+
+
+async def test_a_mirror_re_lists_when_etcd_comes_back_with_older_data(own_etcd: LocalEtcd, tmp_path: Path) -> None:
+    """etcd restored from an older snapshot, as an operator does: the mirror must not go
+    on with keys etcd no longer has, nor wait for its revision to come around again."""
+    store = EtcdStore([own_etcd.endpoint], rpc_timeout_s=1.0)
+    await store.connect(5)
+    prefix = "/bluemarble/rewound/nodes/"
+    cache: PrefixCache[str] = PrefixCache(store, prefix, decode_text, name="rewound")
+    restored: LocalEtcd | None = None
+    try:
+        for i in range(30):
+            await store.put(f"{prefix}gone-{i}", b"x")
+        await cache.start()
+        await _until(lambda: cache.healthy and len(cache.entries) == 30, 5, "the mirror to list")
+        relists = cache.relists
+        own_etcd.stop()
+        # An etcd with older data at the same address (here: none at all).
+        restored = LocalEtcd(tmp_path / "restored", own_etcd.client_port, own_etcd.peer_port).start()
+        revision = await store.put(prefix + "kept", b"1")
+        assert revision < 30
+        await _until(lambda: cache.relists > relists and cache.healthy, 15, "the mirror to re-list")
+        assert await cache.wait_for_revision(revision, 5)
+        assert cache.entries == {prefix + "kept": "1"}
+        revision = await store.put(prefix + "next", b"2")  # and it follows the new history
+        assert await cache.wait_for_revision(revision, 5)
+        assert cache.entries == {prefix + "kept": "1", prefix + "next": "2"}
+    finally:
+        await cache.stop()
+        await store.close()
+        if restored is not None:
+            restored.kill()

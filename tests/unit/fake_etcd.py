@@ -276,6 +276,7 @@ class FakeMirror:
         self.mod_revisions: dict[str, int] = {}
         self.unreadable: dict[str, Unreadable] = {}
         self.revision = etcd.revision
+        self.relists = 1  # listed once, then never again: a fake etcd never compacts nor goes back
         self.healthy = True
         self._listeners: list[Callable[[], None]] = []
         for kv in etcd.kvs.values():

@@ -29,6 +29,7 @@ from controlplane.server.election import Election
 from controlplane.server.node_probe import CopyView, FencedCopy
 from controlplane.server.reconciler import Reconciler
 from controlplane.store import codec
+from controlplane.store.etcd import Compare, Delete
 from controlplane.store.keys import KeySchema
 from controlplane.store.records import decode_assignment, decode_force_promotion, decode_node
 from tests.unit.fake_etcd import FakeEtcd, FakeMirror, TxnRecord
@@ -244,6 +245,107 @@ async def test_a_leader_whose_key_is_deleted_steps_down_at_once(world: World) ->
     second = election.leadership
     assert second is not None and second.token > first.token and election.terms == 2
     await election.stop()
+
+
+def stepped_down_at(world: World, election: Election) -> list[float]:
+    """The clock's times at which ``election`` lost its term, from now on."""
+    ended_at: list[float] = []
+    election.add_listener(lambda: ended_at.append(world.clock.monotonic_s()) if election._leadership is None else None)
+    return ended_at
+
+
+async def test_a_leader_whose_key_is_rewritten_without_its_lease_steps_down_and_the_key_is_replaced(
+    world: World,
+) -> None:
+    """`etcdctl put .../leader 'garbage{'` detaches the key from the leader's lease and
+    keeps its create revision: the leader went on acting, and the key, which never
+    expires, kept every later campaign out. Now the leader steps down at once, and a
+    campaign removes the leaseless key (a delete guarded by its mod revision) and wins a
+    new term with a new token."""
+    election = await elect(world)
+    first = election.leadership
+    assert first is not None
+    ended_at = stepped_down_at(world, election)
+    key = world.keys.leader()
+    with structlog.testing.capture_logs() as logged:
+        started = world.clock.monotonic_s()
+        garbage_revision = await world.etcd.put(key, b"garbage{")
+        assert world.etcd.kvs[key].create_revision == first.token  # the old guard would still pass
+        await world.clock.advance(0.02)
+        assert ended_at and ended_at[0] - started < 0.05  # at once
+        await world.clock.advance(3.0)
+    second = election.leadership
+    assert second is not None and second.token > first.token and election.terms == 2
+    assert world.etcd.kvs[key].lease == second.lease_id
+    removals = [t for t in world.etcd.txn_log if any(isinstance(op, Delete) and op.key == key for op in t.success)]
+    assert [(t.compares, t.succeeded) for t in removals] == [((Compare.mod_revision(key, garbage_revision),), True)]
+    events = [e["event"] for e in logged if e["log_level"] == "warning"]
+    assert any(e.startswith("leader key rewritten behind this leader's back") for e in events), events
+    assert any(e.startswith("the leader key is attached to no lease") for e in events), events
+    await election.stop()
+
+
+async def test_a_leader_whose_key_gets_another_value_under_its_lease_steps_down_and_is_elected_again(
+    world: World,
+) -> None:
+    """A value rewritten under the leader's own lease: the key is not what it wrote (status
+    shows "(unreadable)"). It steps down; revoking its lease removes the key; a new term
+    follows."""
+    election = await elect(world)
+    first = election.leadership
+    assert first is not None
+    ended_at = stepped_down_at(world, election)
+    started = world.clock.monotonic_s()
+    await world.etcd.put(world.keys.leader(), b"garbage{", lease=first.lease_id)
+    await world.clock.advance(0.02)
+    assert ended_at and ended_at[0] - started < 0.05  # at once
+    await world.clock.advance(3.0)
+    second = election.leadership
+    assert second is not None and second.token > first.token
+    await election.stop()
+
+
+async def test_verify_finds_a_key_detached_from_the_leaders_lease_is_no_longer_its_own(world: World) -> None:
+    """A detached key keeps its create revision (the token): verify looks at the lease
+    too, so a leader whose watch is stalled still steps down when it re-checks."""
+    election = await elect(world)
+    assert election.leadership is not None
+    world.etcd.hold_watches = True
+    await world.etcd.put(world.keys.leader(), b'{"replica_id": "cp-0"}')  # same token, no lease
+    assert not await election.verify()
+    assert election.leadership is None
+    await world.etcd.release_watches()
+    await election.stop()
+
+
+async def test_a_leaseless_leader_key_left_behind_does_not_keep_a_new_replica_out(world: World) -> None:
+    """The garbage key outlived its leader (killed and restarted): nobody was ever elected.
+    A campaigner now removes it and is elected."""
+    await world.etcd.put(world.keys.leader(), b"garbage{")
+    election = await elect(world, "cp-1")  # raises unless elected within 5 s
+    assert election.leadership is not None
+    await election.stop()
+
+
+async def test_a_campaigner_never_removes_a_leader_key_attached_to_a_live_lease(world: World) -> None:
+    """Whatever its value, a key attached to a lease may be a live leader's: campaigners
+    wait for it to go (its lease ends) and never delete it."""
+    other_lease, _ = await world.etcd.grant_lease(TTL_S)
+    await world.etcd.put(world.keys.leader(), b"garbage{", lease=other_lease)
+    alive = world.keep_alive(lambda: [other_lease])
+    election = Election(world.etcd, world.keys, "cp-1", "127.0.0.1:7001", TTL_S, clock=world.clock)  # type: ignore[arg-type]
+    await election.start()
+    try:
+        await world.clock.advance(3 * TTL_S)
+        assert election.leadership is None
+        assert world.etcd.kvs[world.keys.leader()].lease == other_lease
+        assert not [t for t in world.etcd.txn_log if any(isinstance(op, Delete) for op in t.success)]
+        alive.cancel()
+        await world.clock.advance(TTL_S + 3.0)  # the lease runs out: the key goes with it
+        assert election.leadership is not None
+    finally:
+        alive.cancel()
+        await election.stop()
 
 
 async def test_a_leader_that_cannot_refresh_stops_acting_before_its_lease_could_expire(world: World) -> None:
