@@ -682,10 +682,28 @@ async def run(args: argparse.Namespace) -> int:
         print(text)
         return status
     except BlueMarbleError as e:
-        print(f"bluemarblectl: {e.status}: {e}{_tls_hint(args, e)}{_trade_hint(args, e)}", file=sys.stderr)
+        said = _in_cli_words(args.command, str(e))
+        print(f"bluemarblectl: {e.status}: {said}{_tls_hint(args, e)}{_trade_hint(args, e)}", file=sys.stderr)
         return EXIT_NO_ANSWER if e.retryable else 1
     finally:
         await client.close()
+
+
+_CLI_WORDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "trade": (("a_gives.item_ids", "--a-items"), ("b_gives.item_ids", "--b-items"), ("a_gives.gold", "--a-gold"),
+              ("b_gives.gold", "--b-gold"),
+              ("ExecuteTrade with the same id and terms", "trade execute with the same id and terms")),
+    "grant": (("request_id", "--request-id"),),
+    "data": (("request_id", "--request-id"),),
+    "config": (("read it again with GetConfig and reapply your change", "run config set again"),),
+}
+"""The API's words in the cluster's and the library's errors, as this command spells them."""
+
+
+def _in_cli_words(command: str, message: str) -> str:
+    for api, cli in _CLI_WORDS.get(command, ()):
+        message = re.sub(rf"(?<![\w.]){re.escape(api)}(?!\w)", cli, message)
+    return message
 
 
 def _trade_hint(args: argparse.Namespace, e: BlueMarbleError) -> str:

@@ -217,3 +217,12 @@ async def test_a_partial_answer_is_printed_and_exits_4_and_an_unanswered_trade_s
         assert "UNAVAILABLE" in err and "run the same command again, with trade id 't9'" in err, err
     finally:
         await server.stop_gracefully(0.1)
+
+
+def test_errors_name_the_flags_this_command_takes_not_the_api_fields() -> None:
+    said = ctl._in_cli_words("trade", "a_gives.item_ids lists 'x' twice; b_gives.gold is -1")
+    assert said == "--a-items lists 'x' twice; --b-gold is -1"
+    assert ctl._in_cli_words("grant", "outcome unknown: retry with request_id 'r1'") == (
+        "outcome unknown: retry with --request-id 'r1'")
+    assert ctl._in_cli_words("grant", "my_request_ids") == "my_request_ids"  # whole words only
+    assert ctl._in_cli_words("status", "request_id") == "request_id"
