@@ -58,7 +58,7 @@ from bluemarble.api import cluster_config
 from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.routing import DataWriteResult, GrantResult, Inventory, PlayerData, RoutingClient
 from bluemarble.core import limits, validation
-from bluemarble.core.errors import BlueMarbleError, NotFound
+from bluemarble.core.errors import BlueMarbleError, FailedPrecondition, NotFound
 from bluemarble.runtime import logs, tls
 from bluemarble.runtime.auth import ADMIN_TOKEN_ENV, MAX_TOKEN_BYTES, bearer_metadata, check_token, read_token_file
 from bluemarble.runtime.channels import checked_addresses, split_addresses
@@ -662,20 +662,9 @@ async def run(args: argparse.Namespace) -> int:
             response = await client.call(lambda s: s.GetConfig, controlplane_pb2.GetConfigRequest())
             text = render_config(response.config, response.revision)  # type: ignore[attr-defined]
         else:
-            current: controlplane_pb2.GetConfigResponse = await client.call(
-                lambda s: s.GetConfig, controlplane_pb2.GetConfigRequest()
-            )
-            config = common_pb2.ClusterConfig()
-            config.CopyFrom(current.config)
-            _parse_config_assignments(args.pairs, config)
-            if found := cluster_config.problems(config):  # what the cluster would refuse, as bad usage
-                usage_error("bluemarblectl: " + "; ".join(found))
-            response = await client.call(
-                lambda s: s.SetConfig,
-                controlplane_pb2.SetConfigRequest(config=config, expected_revision=current.revision),
-            )
-            text = render_config(response.config, response.revision)  # type: ignore[attr-defined]
-            for warning in response.warnings:  # type: ignore[attr-defined]
+            updated = await _set_config(client, args.pairs)
+            response, text = updated, render_config(updated.config, updated.revision)
+            for warning in updated.warnings:
                 print(f"bluemarblectl: warning: {warning}", file=sys.stderr)
         if args.json:
             text = message_json(response)
@@ -704,6 +693,36 @@ def _in_cli_words(command: str, message: str) -> str:
     for api, cli in _CLI_WORDS.get(command, ()):
         message = re.sub(rf"(?<![\w.]){re.escape(api)}(?!\w)", cli, message)
     return message
+
+
+CONFIG_SET_ATTEMPTS = 3
+"""Reads and writes of one ``config set`` when another change lands in between."""
+
+
+async def _set_config(client: ControlPlaneClient, pairs: Sequence[str]) -> controlplane_pb2.SetConfigResponse:
+    """Applies ``pairs`` to the stored config, guarded by its revision. The pairs set
+    values outright, so when another change landed between the read and the write they
+    are applied again to the new config (a few times), instead of failing the command."""
+    for attempt in range(1, CONFIG_SET_ATTEMPTS + 1):
+        current: controlplane_pb2.GetConfigResponse = await client.call(
+            lambda s: s.GetConfig, controlplane_pb2.GetConfigRequest()
+        )
+        config = common_pb2.ClusterConfig()
+        config.CopyFrom(current.config)
+        _parse_config_assignments(pairs, config)
+        if found := cluster_config.problems(config):  # what the cluster would refuse, as bad usage
+            usage_error("bluemarblectl: " + "; ".join(found))
+        try:
+            response: controlplane_pb2.SetConfigResponse = await client.call(
+                lambda s: s.SetConfig,
+                controlplane_pb2.SetConfigRequest(config=config, expected_revision=current.revision),
+            )
+            return response
+        except FailedPrecondition as e:
+            # "config changed since revision N", "config changed concurrently": read again.
+            if attempt == CONFIG_SET_ATTEMPTS or "config changed" not in str(e):
+                raise
+    raise AssertionError("unreachable")
 
 
 def _trade_hint(args: argparse.Namespace, e: BlueMarbleError) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 from bluemarble.cli import bluemarblectl as ctl
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
-from bluemarble.v1 import common_pb2, shardnode_pb2, trade_pb2, trade_pb2_grpc
+from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc, shardnode_pb2, trade_pb2, trade_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -226,3 +226,41 @@ def test_errors_name_the_flags_this_command_takes_not_the_api_fields() -> None:
         "outcome unknown: retry with --request-id 'r1'")
     assert ctl._in_cli_words("grant", "my_request_ids") == "my_request_ids"  # whole words only
     assert ctl._in_cli_words("status", "request_id") == "request_id"
+
+
+class _RacedConfig(controlplane_pb2_grpc.ControlPlaneServicer):
+    """A control plane where another change lands between the first read and write."""
+
+    def __init__(self) -> None:
+        from bluemarble.api import cluster_config
+
+        self.config = cluster_config.default_config(replication_factor=3, lease_ttl_s=10, shard_count=4)
+        self.revision, self.sets = 5, 0
+
+    async def GetConfig(self, request: Any, context: Ctx) -> controlplane_pb2.GetConfigResponse:
+        return controlplane_pb2.GetConfigResponse(config=self.config, revision=self.revision)
+
+    async def SetConfig(self, request: controlplane_pb2.SetConfigRequest, context: Ctx
+                        ) -> controlplane_pb2.SetConfigResponse:
+        self.sets += 1
+        if self.sets == 1:  # the other operator's change wins the race
+            self.config.max_moves_per_round, self.revision = 9, 6
+        if request.expected_revision != self.revision:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"config changed since revision {request.expected_revision} (now {self.revision})")
+        self.config, self.revision = request.config, self.revision + 1
+        return controlplane_pb2.SetConfigResponse(config=self.config, revision=self.revision)
+
+
+async def test_config_set_applies_its_pairs_again_over_a_change_that_landed_first() -> None:
+    servicer = _RacedConfig()
+    server = await build_server("127.0.0.1:0", [ServiceBinding(
+        controlplane_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name, servicer,
+        controlplane_pb2_grpc.add_ControlPlaneServicer_to_server)])
+    try:
+        argv = ["--control-plane", f"127.0.0.1:{server.port}", "config", "set", "lease_ttl_s=7"]
+        assert await ctl.run(_args(argv)) == 0
+        assert servicer.sets == 2
+        assert (servicer.config.lease_ttl_s, servicer.config.max_moves_per_round) == (7, 9)  # both changes stand
+    finally:
+        await server.stop_gracefully(0.1)
