@@ -311,7 +311,8 @@ class NodeRegistry:
     async def _drain_once(self, node: NodeId) -> common_pb2.Node:
         record = await self._record(node)
         if record is None:
-            raise NotFound(f"node {node} is not registered; there is nothing to drain")
+            raise NotFound(f"node {node} is not registered; there is nothing to drain (a drained node leaves once "
+                           "its roles have moved: a drain that finished ends like this)")
         message = codec.decode(record.value, common_pb2.Node, record.key)
         if message.state == common_pb2.NODE_STATE_DRAINING:
             return message
