@@ -649,9 +649,9 @@ class EtcdStore:
         event, late.
 
         Raises :class:`Compacted` when the resume point was compacted away (re-list, then
-        watch again: nothing is ever skipped silently), :class:`Rewound` (a Compacted) when
-        etcd's history now ends before it (etcd restored from a snapshot); Unavailable only once this store
-        is closed (a watch can never resume then); a fatal BlueMarbleError when etcd
+        watch again: nothing is ever skipped silently), :class:`Rewound` (a Compacted)
+        when etcd's history now ends before it (etcd restored from a snapshot);
+        Unavailable only once this store is closed (a watch can never resume then); a fatal BlueMarbleError when etcd
         refuses the watch itself (permissions, a bad range): retrying would not help.
         """
         if start_revision < 1:
@@ -680,7 +680,10 @@ class EtcdStore:
                         # This member's store ends before what was seen: a member still
                         # catching up, or etcd's history went back. A linearizable read
                         # (through etcd's leader) tells them apart.
-                        current = await self.current_revision()
+                        try:
+                            current = await self.current_revision()
+                        except BlueMarbleError as e:  # not answered: reconnect, as for a broken stream
+                            raise _StreamBroken(f"etcd's revision could not be read: {e}") from e
                         if current < next_revision - 1:
                             raise Rewound(next_revision - 1, current)
                     opened_at_s = self._clock.monotonic_s()
