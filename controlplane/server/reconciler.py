@@ -130,6 +130,7 @@ from controlplane.store import codec
 from controlplane.store.config_store import ConfigStore
 from controlplane.store.etcd import Compare, EtcdStore, Put
 from controlplane.store.keys import KeySchema
+from controlplane.store.records import decode_assignment
 from controlplane.store.ring_store import ensure_ring
 from controlplane.store.watchcache import PrefixCache
 
@@ -740,7 +741,7 @@ class Reconciler:
             if kv is None:
                 continue
             try:
-                stored = codec.decode(kv.value, common_pb2.Assignment, kv.key)
+                stored = decode_assignment(kv)
             except BlueMarbleError:
                 continue  # unreadable: replaced as a lost primary above its version anyway
             if stored.epoch >= held:
