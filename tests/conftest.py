@@ -25,6 +25,17 @@ from shardnode.service import ShardNodeService
 
 _counter = itertools.count()
 
+# Set on a test whose call phase failed, for fixtures that report more on failure.
+CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    report: pytest.TestReport = yield
+    if report.when == "call" and report.failed:
+        item.stash[CALL_FAILED] = True
+    return report
+
 # Nodes the tests start stop at once on SIGTERM, as before graceful leaves: a teardown
 # stopping a cluster would otherwise wait for drains. The tests of the leave pass
 # --leave-timeout-s themselves (a flag beats the environment).

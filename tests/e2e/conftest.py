@@ -13,6 +13,11 @@ import pytest
 from bluemarble.v1 import common_pb2, controlplane_pb2_grpc, shardnode_pb2, shardnode_pb2_grpc
 from bluemarble.v1 import controlplane_pb2 as pb
 from scripts.localcluster import LocalEtcd, ManagedProcess, free_port, wait_until
+from tests.conftest import CALL_FAILED
+
+# A failed test prints this much of each process's log (its captured teardown output).
+LOG_TAIL_LINES = 60
+LOG_LINE_CHARS = 400
 
 
 class ProcessCluster:
@@ -121,13 +126,32 @@ class ProcessCluster:
         for proc in reversed(self.processes):
             proc.kill()
 
+    def report(self, lines: int = LOG_TAIL_LINES) -> str:
+        """Each process's exit status and the last ``lines`` lines of its log: what a
+        failed test shows, so that a failure seen once (in CI) can be read afterwards."""
+        parts = []
+        for proc in self.processes:
+            code = proc.exit_code()
+            state = "running" if proc.alive() else f"exited {code}"
+            try:
+                tail = proc.log_path.read_text(errors="replace").splitlines()[-lines:]
+            except FileNotFoundError:
+                tail = ["(no log)"]
+            parts.append(f"==== {proc.name} ({state}), last {len(tail)} lines of {proc.log_path.name}")
+            parts.extend(line[:LOG_LINE_CHARS] for line in tail)
+        return "\n".join(parts)
+
 
 @pytest.fixture
-def process_cluster(etcd: LocalEtcd, cluster_name: str, tmp_path: Path) -> Iterator[ProcessCluster]:
+def process_cluster(
+    etcd: LocalEtcd, cluster_name: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[ProcessCluster]:
     cluster = ProcessCluster(etcd, cluster_name, tmp_path)
     try:
         yield cluster
     finally:
+        if request.node.stash.get(CALL_FAILED, False):
+            print(cluster.report())
         cluster.stop_all()
 
 
