@@ -46,7 +46,7 @@ import heapq
 import itertools
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -108,10 +108,10 @@ CATCH_UP_WAIT_S = 1.0
 (then after 4x, 16x ... as long); it does not serve until it has them all."""
 SNAPSHOT_CHUNK_BYTES = 1 << 20
 MAX_SNAPSHOT_BYTES = 256 << 20
-"""Largest snapshot a node sends or installs. A snapshot is built in one go on the event
-loop (about 150 MB/s here; it is installed in batches): bigger ones would stall the node
-past its heartbeats, lose its lease and fail its shards over, again at each try. Shards
-are kept under it by :data:`~bluemarble.core.limits.MAX_SHARD_DATA_BYTES`."""
+"""Largest snapshot a node sends or installs: the whole of one is held in memory on both
+sides. Shards are kept under it by :data:`~bluemarble.core.limits.MAX_SHARD_DATA_BYTES`."""
+SNAPSHOT_PAGED_READS = 3
+"""Reads of a snapshot in pages before one is read in one go (see ``_read_snapshot``)."""
 SNAPSHOT_COPIES_AT_ONCE = 2
 """Snapshots a replica fetches and installs at once; the others wait their turn. A node
 that rejoined empty was sent 24 copies of 20-25 MB at once: all of them in memory, and
@@ -205,6 +205,11 @@ def _check_counters(group: shardnode_pb2.ShardEntries, where: str) -> None:
             validation.log_counter(entry.lsn, f"{where}.entries[{j}].lsn")
 
 
+_PendingWrite = tuple[ShardState, int, shardnode_pb2.WriteOp, "asyncio.Future[WriteResult]"]
+"""A write waiting for its commit: the shard's state, the epoch it was made at, the op,
+and the caller's future."""
+
+
 class DataPlane:
     """See the module docstring. Single-threaded: everything runs on the event loop."""
 
@@ -227,7 +232,9 @@ class DataPlane:
         self._restarting_until_s: dict[NodeId, float] = {}  # peers that said they restart: until when
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._seq = itertools.count()
-        self._pending_writes: list[tuple[ShardState, int, shardnode_pb2.WriteOp, asyncio.Future[WriteResult]]] = []
+        self._pending_writes: list[_PendingWrite] = []
+        self._writes_held: set[ShardId] = set()  # shards whose snapshot is being read in pages
+        self._held_writes: list[_PendingWrite] = []  # their writes meanwhile, in order
         self._snapshot_slot = asyncio.Semaphore(1)
         self._copy_slots = asyncio.Semaphore(SNAPSHOT_COPIES_AT_ONCE)
         self._snapshot_failures = retry.FailureLog()  # one warning per shard, then summaries
@@ -1004,15 +1011,25 @@ class DataPlane:
         self._pending_writes.append((state, state.epoch, op, future))
         if not self._group_commit:
             self._flush_writes()  # a commit costs no fsync: no reason to make the caller wait a turn
-            return future.result()
+            if future.done():
+                return future.result()
+        else:
+            self._schedule_flush()
+        return await future
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_writes)
-        return await future
 
     def _flush_writes(self) -> None:
         self._flush_scheduled = False
         batch, self._pending_writes = self._pending_writes, []
+        if self._writes_held:
+            # Shards whose snapshot is being read: their writes wait (in order) for the end
+            # of the read, the other shards' go on.
+            self._held_writes += [w for w in batch if w[0].shard_id in self._writes_held]
+            batch = [w for w in batch if w[0].shard_id not in self._writes_held]
         if not batch:
             return
         now_ms = self._clock.wall_ms()
@@ -1077,8 +1094,9 @@ class DataPlane:
         await self._wait_committed(state, lsn, timeout_s, what)
 
     def pending_ops(self, shard: ShardId) -> list[shardnode_pb2.WriteOp]:
-        """Writes of ``shard`` queued for the next group commit, not yet in storage, in order."""
-        return [op for state, _, op, _ in self._pending_writes if state.shard_id == shard]
+        """Writes of ``shard`` queued for the next group commit (or held while its snapshot
+        is read), not yet in storage, in order."""
+        return [op for state, _, op, _ in self._held_writes + self._pending_writes if state.shard_id == shard]
 
     def led_shards(self, *, serving: bool = False) -> list[ShardId]:
         """Shards this node is assigned to lead (and serves, with ``serving``), not fenced
@@ -1322,12 +1340,14 @@ class DataPlane:
             raise Unavailable(
                 f"snapshot of {state.shard_id} from {source} failed: {e.code().name} {e.details()}"
             ) from e
+        await asyncio.sleep(0)  # each step below holds the loop ~0.1 s per 100 MB: the loop runs between them
         try:
-            snapshot = shardnode_pb2.ShardSnapshot.FromString(bytes(data))
+            snapshot = shardnode_pb2.ShardSnapshot.FromString(data)  # type: ignore[arg-type]  # no copy first
         except Exception as e:  # protobuf's DecodeError
             raise CorruptRecord(f"snapshot of {state.shard_id} from {source} does not decode") from e
         size = len(data)
         del data
+        await asyncio.sleep(0)
         fetched_s = self._clock.monotonic_s()
         self._check_install(state, epoch)
         # In batches, one transaction each, yielding the loop between them: heartbeats and
@@ -1393,13 +1413,46 @@ class DataPlane:
         finally:
             self._snapshot_slot.release()
 
-    def snapshot_chunks(self, request: shardnode_pb2.GetSnapshotRequest) -> list[shardnode_pb2.SnapshotChunk]:
+    async def snapshot_chunks(
+        self, request: shardnode_pb2.GetSnapshotRequest
+    ) -> AsyncIterator[shardnode_pb2.SnapshotChunk]:
         """The shard's snapshot in chunks (call within :meth:`serving_snapshot`). Raises
         FailedPrecondition when this node holds no copy, or when the shard is too large to
-        send (:data:`MAX_SNAPSHOT_BYTES`), before anything is built."""
+        send (:data:`MAX_SNAPSHOT_BYTES`), before anything is built.
+
+        The snapshot is read page by page, the loop running between pages (heartbeats,
+        the other shards' writes): a 200 MB shard read in one go held a node 3-6 s and cost
+        it its lease. A primary holds the shard's own writes meanwhile, so that the pages
+        make one snapshot (:meth:`_read_snapshot`)."""
+        replica = validation.node_id(request.replica, "replica") if request.replica else "?"
+        shard = self._snapshot_source(request)
+        estimate = self._storage.snapshot_bytes_estimate(shard)
+        if estimate > MAX_SNAPSHOT_BYTES:
+            raise FailedPrecondition(
+                f"{shard} holds about {estimate} bytes, more than a snapshot carries ({MAX_SNAPSHOT_BYTES}): "
+                "it cannot be copied to a new replica; free player data on it"
+            )
+        started_s = self._clock.monotonic_s()
+        last, pages, reads = await self._read_snapshot(request)
+        total = sum(len(page) for page in pages)
+        log.info("serving a snapshot", shard=shard, to=replica, bytes=total, last=f"({last.epoch}, {last.lsn})",
+                 pages=len(pages), reads=reads, read_s=round(self._clock.monotonic_s() - started_s, 3))
+        position = log_position_to_proto(last)
+        pieces = _chunks(pages, SNAPSHOT_CHUNK_BYTES)
+        data = next(pieces, b"")
+        while True:
+            following = next(pieces, None)
+            yield shardnode_pb2.SnapshotChunk(
+                shard_id=shard, last=position, data=data, total_bytes=total, done=following is None
+            )
+            if following is None:
+                return
+            data = following
+
+    def _snapshot_source(self, request: shardnode_pb2.GetSnapshotRequest) -> ShardId:
+        """The asked shard, once this node is found able to serve its snapshot."""
         shard = _shard_id(request.shard_id)
         validation.log_counter(request.epoch, "epoch")  # as GetEntries: a counter, 0 for any
-        replica = validation.node_id(request.replica, "replica") if request.replica else "?"
         state = self._shards.get(shard)
         if state is None:
             self._check_in_ring(shard)
@@ -1411,25 +1464,43 @@ class DataPlane:
                 f"node {self.node_id} holds {shard} at epoch {served_epoch}, older than the asked {request.epoch}; "
                 "ask the shard's current primary"
             )
-        estimate = self._storage.snapshot_bytes_estimate(shard)
-        if estimate > MAX_SNAPSHOT_BYTES:
-            raise FailedPrecondition(
-                f"{shard} holds about {estimate} bytes, more than a snapshot carries ({MAX_SNAPSHOT_BYTES}): "
-                "it cannot be copied to a new replica; free player data on it"
-            )
+        return shard
+
+    async def _read_snapshot(self, request: shardnode_pb2.GetSnapshotRequest) -> tuple[LogPosition, list[bytes], int]:
+        """The snapshot's position and encoded pages, and how many reads it took. Pages
+        read while something changed the shard are read again (a replica applying its
+        primary's entries, a fence, a prune); after :data:`SNAPSHOT_PAGED_READS` such
+        reads, it is read in one go, holding the loop as before."""
+        for read in range(1, SNAPSHOT_PAGED_READS + 1):
+            shard = self._snapshot_source(request)  # again: a fence or a drop may have come meanwhile
+            pages = self._storage.snapshot_pages(shard)
+            held = self._shards[shard].role == PRIMARY
+            if held:
+                self._writes_held.add(shard)
+            try:
+                encoded = []
+                while (page := pages.next()) is not None:
+                    encoded.append(page)
+                    await asyncio.sleep(0)
+            finally:
+                if held:
+                    self._release_writes(shard)
+            if pages.unchanged():
+                return pages.last, encoded, read
+            log.info("snapshot pages changed while read; reading again", shard=shard, read=read)
+        shard = self._snapshot_source(request)
         snapshot = self._storage.snapshot(shard)
-        data = snapshot.SerializeToString()
-        last = snapshot.last
-        chunks = []
-        for start in range(0, max(len(data), 1), SNAPSHOT_CHUNK_BYTES):
-            chunks.append(
-                shardnode_pb2.SnapshotChunk(
-                    shard_id=shard, last=last, data=data[start : start + SNAPSHOT_CHUNK_BYTES], total_bytes=len(data)
-                )
-            )
-        chunks[-1].done = True
-        log.info("serving a snapshot", shard=shard, to=replica, bytes=len(data), last=f"({last.epoch}, {last.lsn})")
-        return chunks
+        return LogPosition(snapshot.last.epoch, snapshot.last.lsn), [snapshot.SerializeToString()], read + 1
+
+    def _release_writes(self, shard: ShardId) -> None:
+        """Ends the hold on ``shard``'s writes; those held go first at the next flush."""
+        self._writes_held.discard(shard)
+        held = [w for w in self._held_writes if w[0].shard_id == shard]
+        if not held:
+            return
+        self._held_writes = [w for w in self._held_writes if w[0].shard_id != shard]
+        self._pending_writes[:0] = held
+        self._schedule_flush()
 
     def entries_after(self, request: shardnode_pb2.GetEntriesRequest) -> shardnode_pb2.GetEntriesResponse:
         """The entries of this node's log right after ``request.after``, for a new primary
@@ -1542,6 +1613,23 @@ class DataPlane:
 
 def _not_in_ring(shard: ShardId, known: frozenset[ShardId]) -> str:
     return f"{shard} is not a shard of this cluster (its ring has {len(known)} shards)"
+
+
+def _chunks(pages: list[bytes], size: int) -> Iterator[bytes]:
+    """The pages' bytes, joined, in pieces of ``size`` (the last may be shorter; none
+    when the pages are empty). Each page is released once cut, as the chunks go out."""
+    buffer = bytearray()
+    while pages:
+        view = memoryview(pages.pop(0))
+        while len(buffer) + len(view) >= size:
+            take = size - len(buffer)
+            buffer += view[:take]
+            view = view[take:]
+            yield bytes(buffer)
+            buffer.clear()
+        buffer += view
+    if buffer:
+        yield bytes(buffer)
 
 
 def _shard_id(value: str) -> ShardId:

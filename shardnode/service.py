@@ -230,7 +230,7 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         await self._peers.require_node(context, "GetSnapshot")
         dp = self._dp()
         async with dp.serving_snapshot():
-            for chunk in dp.snapshot_chunks(request):
+            async for chunk in dp.snapshot_chunks(request):
                 yield chunk
 
     async def GetEntries(

@@ -133,6 +133,10 @@ class _Txn:
     rows: dict[ShardId, _ShardRow] = field(default_factory=dict)
     dirty: set[ShardId] = field(default_factory=set)
     forget: set[ShardId] = field(default_factory=set)
+    touched: set[ShardId] = field(default_factory=set)
+    """Shards whose rows changed though their position did not (install batches)."""
+    any_shard: bool = False
+    """Rows of shards it cannot name changed (retention across shards)."""
 
     def row(self, shard: ShardId) -> _ShardRow:
         row = self.rows.get(shard)
@@ -269,7 +273,8 @@ class SnapshotInstall:
         abandons), Unavailable (disk)."""
         self._check_current()
         statement, rows = self._batches[self._next]
-        with self._storage._write_txn():
+        with self._storage._write_txn() as txn:
+            txn.touched.add(self.shard)
             try:
                 self._storage._conn.executemany(statement, rows)
             except sqlite3.IntegrityError as e:
@@ -316,6 +321,34 @@ class SnapshotInstall:
             raise FailedPrecondition(f"the install of a snapshot of {self.shard} was replaced or abandoned")
 
 
+class SnapshotPages:
+    """One shard's snapshot read a page at a time (:meth:`NodeStorage.snapshot_pages`),
+    each :meth:`next` one short read, so that a large shard does not hold the node's event
+    loop for the whole read. Writes may land between pages: every committed write
+    transaction counts against the shards it changed (any shard, for one that names
+    none), and :meth:`unchanged` says whether none touched this shard since the first
+    page, that is whether the pages read make the snapshot of :attr:`last`."""
+
+    def __init__(self, storage: NodeStorage, shard: ShardId, last: LogPosition,
+                 pages: Iterator[shardnode_pb2.ShardSnapshot]) -> None:
+        self.shard = shard
+        self.last = last
+        self._storage = storage
+        self._mark = storage._change_mark(shard)
+        self._pages = pages
+
+    def next(self) -> bytes | None:
+        """The next page's encoding, or None after the last."""
+        with self._storage._sqlite():
+            page = next(self._pages, None)
+        return None if page is None else page.SerializeToString()
+
+    def unchanged(self) -> bool:
+        """Nothing changed the shard since this read began (its pages are consistent)."""
+        storage = self._storage
+        return storage._change_mark(self.shard) == self._mark and storage.meta(self.shard).last == self.last
+
+
 class NodeStorage:
     """Every shard a node holds: players, items, gold, player data, the replicated log,
     applied request ids with their answers, and the 2PC escrows (schema in
@@ -357,6 +390,8 @@ class NodeStorage:
         storage answers afterwards is trustworthy, and every later call raises
         StorageDamaged without touching the file."""
         self._installs: dict[ShardId, SnapshotInstall] = {}
+        self._generations: dict[ShardId, int] = {}  # committed write transactions that changed the shard
+        self._any_shard_changes = 0  # ... that changed rows of shards they did not name
         with self._sqlite():
             self._meta = self._load_meta()
         self._drop_interrupted_installs()
@@ -818,6 +853,27 @@ class NodeStorage:
             finally:
                 self._conn.execute("COMMIT")
 
+    def snapshot_pages(
+        self,
+        shard: ShardId,
+        *,
+        max_tail_entries: int = DEFAULT_SNAPSHOT_TAIL_ENTRIES,
+        max_tail_bytes: int = DEFAULT_SNAPSHOT_TAIL_BYTES,
+        page_rows: int = snapshots.PAGE_ROWS,
+        page_bytes: int = snapshots.PAGE_BYTES,
+    ) -> SnapshotPages:
+        """The shard's snapshot, to read page by page (:class:`SnapshotPages`): the
+        caller's loop runs between pages, and the pages are a snapshot only if
+        :meth:`SnapshotPages.unchanged` holds once the last is read."""
+        last = self.meta(shard).last
+        pages = snapshots.read_snapshot_pages(
+            self._conn, shard, last, max_tail_entries, max_tail_bytes, page_rows=page_rows, page_bytes=page_bytes
+        )
+        return SnapshotPages(self, shard, last, pages)
+
+    def _change_mark(self, shard: ShardId) -> tuple[int, int]:
+        return self._generations.get(shard, 0), self._any_shard_changes
+
     def begin_install(
         self,
         snapshot: shardnode_pb2.ShardSnapshot,
@@ -922,6 +978,7 @@ class NodeStorage:
                     (cutoff_ms, budget - removed),
                 )
                 removed += cursor.rowcount
+                txn.any_shard = txn.any_shard or cursor.rowcount > 0
             # Records of unknown age (installed from a snapshot) start their retention now.
             self._conn.execute("UPDATE requests SET recorded_at_ms = ? WHERE recorded_at_ms IS NULL", (now_ms,))
         return removed
@@ -956,8 +1013,10 @@ class NodeStorage:
     def prune_trades(self, now_ms: int, *, max_rows: int = DEFAULT_PRUNE_MAX_ROWS) -> int:
         """Forgets records of trades settled more than ``request_retention_s`` before
         ``now_ms`` (at most ``max_rows``); PREPARED ones are kept. Returns rows removed."""
-        with self._write_txn():
-            return trades.prune(self._conn, now_ms - self._request_retention_ms, max_rows)
+        with self._write_txn() as txn:
+            removed = trades.prune(self._conn, now_ms - self._request_retention_ms, max_rows)
+            txn.any_shard = removed > 0
+            return removed
 
     # --- internals -----------------------------------------------------------------------
 
@@ -1002,6 +1061,11 @@ class NodeStorage:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+        named = txn.dirty | txn.touched
+        for shard in named:
+            self._generations[shard] = self._generations.get(shard, 0) + 1
+        if txn.any_shard or (not named and conn.total_changes > changes_before):
+            self._any_shard_changes += 1  # a transaction that named no shard: any may have changed
         for shard in txn.forget:
             self._meta.pop(shard, None)
         for shard in txn.dirty:

@@ -3,14 +3,17 @@ one whose log is not a prefix of its primary's, bootstraps from a snapshot plus 
 tail).
 
 A snapshot is deterministic: every list is sorted, so two nodes holding the same state
-produce equal messages (the replication tests compare them). A snapshot is read inside
-the caller's transaction; one is written as batches of rows
-(:class:`shardnode.storage.node_storage.SnapshotInstall`).
+produce equal messages (the replication tests compare them). A snapshot is read either
+inside the caller's transaction (:func:`read_snapshot`) or page by page
+(:func:`read_snapshot_pages`: the serving node's loop runs between pages); one is written
+as batches of rows (:class:`shardnode.storage.node_storage.SnapshotInstall`).
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from bluemarble.core.errors import CorruptRecord
 from bluemarble.core.ids import ShardId
@@ -51,6 +54,139 @@ def read_snapshot(
         "SELECT request_id, lsn, response FROM requests WHERE shard_id = ? ORDER BY request_id", (shard,)
     ):
         snap.requests.add(request_id=request_id, lsn=lsn, response=response)
+    snap.tail.extend(_tail(conn, shard, max_tail_entries, max_tail_bytes))
+    # Trade records and escrows: a replica bootstrapped from this snapshot and then
+    # promoted must hold the escrows.
+    snap.trades.extend(trades.snapshot_trades(conn, shard))
+    return snap
+
+
+PAGE_ROWS = 2_000
+"""Rows a snapshot page reads at most; a quarter of it for players (with their items) and
+trade records, which cost more each (a page of either: about 25 ms here)."""
+PAGE_BYTES = 1 << 20
+"""About how many bytes of values, answers or payloads a snapshot page reads."""
+
+
+def read_snapshot_pages(
+    conn: sqlite3.Connection,
+    shard: ShardId,
+    last: LogPosition,
+    max_tail_entries: int,
+    max_tail_bytes: int,
+    *,
+    page_rows: int = PAGE_ROWS,
+    page_bytes: int = PAGE_BYTES,
+) -> Iterator[shardnode_pb2.ShardSnapshot]:
+    """:func:`read_snapshot` in pages: partial ShardSnapshot messages, each read by one
+    ``next()`` in a few bounded queries (no statement stays open between pages). The
+    first page carries the shard and ``last``; each later one rows of one field, the
+    fields in field-number order and each field's rows in :func:`read_snapshot`'s order.
+    Protobuf appends repeated fields when encodings are concatenated, so the pages'
+    encodings joined are byte for byte the encoding of :func:`read_snapshot`'s message,
+    and the receiver needs nothing new.
+
+    Rows are read at different moments: the pages make a snapshot only if nothing changed
+    the shard between the first page and the last (the caller checks:
+    :class:`shardnode.storage.node_storage.SnapshotPages`)."""
+    yield shardnode_pb2.ShardSnapshot(shard_id=shard, last=shardnode_pb2.LogPosition(epoch=last.epoch, lsn=last.lsn))
+    for players in _pages(conn, _PLAYERS, shard, 1, max(page_rows // 4, 1), page_bytes, _fixed_size):
+        page = shardnode_pb2.ShardSnapshot()
+        by_player = {player_id: page.players.add(player_id=player_id, gold=gold) for player_id, gold in players}
+        for player_id, item_id in conn.execute(_PLAYER_RANGE_ITEMS, (shard, players[0][0], players[-1][0])):
+            holder = by_player.get(player_id)
+            if holder is None:
+                raise CorruptRecord(f"item {echo(item_id)} of {shard} belongs to no player of the shard")
+            holder.item_ids.append(item_id)
+        yield page
+    for values in _pages(conn, _VALUES, shard, 3, page_rows, page_bytes, _value_size):
+        page = shardnode_pb2.ShardSnapshot()
+        for player_id, system, key, value, lsn in values:
+            page.values.add(player_id=player_id, system=system, key=key, value=value, lsn=lsn)
+        yield page
+    for requests in _pages(conn, _REQUESTS, shard, 1, page_rows, page_bytes, _response_size):
+        page = shardnode_pb2.ShardSnapshot()
+        for request_id, lsn, response in requests:
+            page.requests.add(request_id=request_id, lsn=lsn, response=response)
+        yield page
+    page = shardnode_pb2.ShardSnapshot()
+    page.tail.extend(_tail(conn, shard, max_tail_entries, max_tail_bytes))
+    yield page
+    for rows in _pages(conn, trades.SNAPSHOT_PAGE, shard, 1, max(page_rows // 4, 1), page_bytes, _fixed_size):
+        page = shardnode_pb2.ShardSnapshot()
+        page.trades.extend(trades.snapshot_records(shard, rows))
+        yield page
+
+
+_PLAYERS = ("SELECT player_id, gold FROM players WHERE shard_id = ?", "player_id", "player_id")
+_PLAYER_RANGE_ITEMS = (
+    "SELECT player_id, item_id FROM items WHERE shard_id = ? AND player_id BETWEEN ? AND ? ORDER BY player_id, item_id"
+)
+_VALUES = (
+    "SELECT player_id, system, key, value, lsn FROM player_data WHERE shard_id = ?",
+    "(player_id, system, key)",
+    "player_id, system, key",
+)
+_REQUESTS = ("SELECT request_id, lsn, response FROM requests WHERE shard_id = ?", "request_id", "request_id")
+
+
+def _fixed_size(row: Sequence[Any]) -> int:
+    return 64
+
+
+def _value_size(row: Sequence[Any]) -> int:
+    return 64 + len(row[3])
+
+
+def _response_size(row: Sequence[Any]) -> int:
+    return 64 + len(row[2])
+
+
+def _pages(
+    conn: sqlite3.Connection,
+    query: tuple[str, str, str],
+    shard: ShardId,
+    key_columns: int,
+    page_rows: int,
+    page_bytes: int,
+    size_of: Callable[[Sequence[Any]], int],
+) -> Iterator[list[Any]]:
+    """A table's rows of ``shard`` in key order, as pages of at most ``page_rows`` rows
+    and about ``page_bytes`` (``size_of`` each row): ``query`` is (select, key as a row
+    value, order), the key its first ``key_columns`` columns. Each page is one statement,
+    finished (closed) before the page is handed out."""
+    select, key, order = query
+    first = f"{select} ORDER BY {order} LIMIT ?"
+    marks = ", ".join("?" * key_columns)
+    following = f"{select} AND {key} > ({marks}) ORDER BY {order} LIMIT ?"
+    after: tuple[Any, ...] | None = None
+    while True:
+        cursor = conn.execute(first, (shard, page_rows)) if after is None else conn.execute(
+            following, (shard, *after, page_rows)
+        )
+        rows: list[Any] = []
+        size = 0
+        try:
+            for row in cursor:
+                rows.append(row)
+                size += size_of(row)
+                if size >= page_bytes:
+                    break
+        finally:
+            cursor.close()
+        if not rows:
+            return
+        yield rows
+        if len(rows) < page_rows and size < page_bytes:
+            return  # the statement ran out of rows: that was the last page
+        after = tuple(rows[-1][:key_columns])
+
+
+def _tail(
+    conn: sqlite3.Connection, shard: ShardId, max_tail_entries: int, max_tail_bytes: int
+) -> list[shardnode_pb2.LogEntry]:
+    """The last entries of the shard's log, oldest first: at most ``max_tail_entries``
+    and ``max_tail_bytes`` of payload, always ending at the shard's last entry."""
     tail: list[shardnode_pb2.LogEntry] = []
     size = 0
     for lsn, epoch, payload, written_at_ms in conn.execute(SELECT_TAIL, (shard, max(max_tail_entries, 0))):
@@ -58,11 +194,8 @@ def read_snapshot(
         if size > max_tail_bytes:
             break
         tail.append(shardnode_pb2.LogEntry(lsn=lsn, epoch=epoch, payload=payload, written_at_ms=written_at_ms))
-    snap.tail.extend(reversed(tail))
-    # Trade records and escrows: a replica bootstrapped from this snapshot and then
-    # promoted must hold the escrows.
-    snap.trades.extend(trades.snapshot_trades(conn, shard))
-    return snap
+    tail.reverse()
+    return tail
 
 
 def check_snapshot(snapshot: shardnode_pb2.ShardSnapshot) -> LogPosition:

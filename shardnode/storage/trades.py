@@ -467,8 +467,18 @@ def snapshot_trades(conn: sqlite3.Connection, shard: ShardId) -> list[shardnode_
     """The shard's trade records for a snapshot (``ShardSnapshot.trades``), sorted by trade
     id (deterministic, as the rest of a snapshot). A PREPARED record's escrow is rebuilt
     from its leg on installation."""
-    rows = conn.execute(f"SELECT shard_id, {_COLUMNS} FROM trades WHERE shard_id = ? ORDER BY trade_id", (shard,))
-    return [_record(row[0], row[1:]).to_proto() for row in rows]
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM trades WHERE shard_id = ? ORDER BY trade_id", (shard,))
+    return snapshot_records(shard, rows)
+
+
+SNAPSHOT_PAGE = (f"SELECT {_COLUMNS} FROM trades WHERE shard_id = ?", "trade_id", "trade_id")
+"""(select, key, order) of the shard's trade records, for a snapshot read in pages
+(:func:`shardnode.storage.snapshots.read_snapshot_pages`)."""
+
+
+def snapshot_records(shard: ShardId, rows: Iterable[Sequence[Any]]) -> list[shardnode_pb2.ParticipantTrade]:
+    """Rows of :data:`_COLUMNS` as a snapshot's trade records."""
+    return [_record(shard, row).to_proto() for row in rows]
 
 
 def install_rows(

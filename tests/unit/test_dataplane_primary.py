@@ -472,11 +472,71 @@ async def test_a_shard_the_ring_does_not_have_is_not_found_not_elsewhere(primary
     for attempt in (
         lambda: dp.writable(unknown, 0),
         lambda: dp.entries_after(shardnode_pb2.GetEntriesRequest(shard_id=unknown, epoch=2)),
-        lambda: dp.snapshot_chunks(shardnode_pb2.GetSnapshotRequest(shard_id=unknown)),
         lambda: dp.fence(shardnode_pb2.FenceRequest(shards=[shardnode_pb2.ShardFence(shard_id=unknown, epoch=1)])),
     ):
         with pytest.raises(NotFound, match="shard-99 is not a shard of this cluster"):
             attempt()
+    with pytest.raises(NotFound, match="shard-99 is not a shard of this cluster"):
+        await anext(dp.snapshot_chunks(shardnode_pb2.GetSnapshotRequest(shard_id=unknown)))
     with pytest.raises(FailedPrecondition, match="not the primary of shard-0"):  # a shard of the ring: elsewhere
         dp._shards.pop(SHARD)
         dp.writable(SHARD, 0)
+
+
+async def test_a_snapshot_is_read_in_pages_and_holds_only_its_shards_writes_meanwhile(  # type: ignore[no-untyped-def]
+    primary, monkeypatch
+) -> None:
+    """The loop runs between pages (a large shard read in one go held a node past its
+    lease); the shard's own writes wait for the end of the read, so the pages make one
+    snapshot, and land right after it."""
+    dp, _, storage = primary
+    for i in range(20):
+        await dp.grant(grant(i), 1.0)
+    before = storage.meta(SHARD).last
+    expected = storage.snapshot(SHARD).SerializeToString()
+    paged = storage.snapshot_pages
+    monkeypatch.setattr(storage, "snapshot_pages", lambda shard: paged(shard, page_rows=1, page_bytes=1))
+
+    async def served() -> list[shardnode_pb2.SnapshotChunk]:
+        return [c async for c in dp.snapshot_chunks(shardnode_pb2.GetSnapshotRequest(shard_id=SHARD, replica="n2"))]
+
+    reading = asyncio.ensure_future(served())
+    await asyncio.sleep(0)  # the read has begun: its first page is read
+    assert SHARD in dp._writes_held
+    late = asyncio.ensure_future(dp.grant(grant(100), 1.0))
+    turns = 0
+    while not reading.done():
+        assert not late.done()  # held until the read ends
+        turns += 1
+        await asyncio.sleep(0)
+    assert turns > 20  # a page per player at least, the loop running between them
+    chunks = reading.result()
+    assert chunks[-1].done and not any(c.done for c in chunks[:-1])
+    assert b"".join(c.data for c in chunks) == expected
+    assert chunks[0].last == shardnode_pb2.LogPosition(epoch=before.epoch, lsn=before.lsn)
+    assert chunks[0].total_bytes == len(expected)
+    response = await asyncio.wait_for(late, 5)
+    assert storage.meta(SHARD).last.lsn == before.lsn + 1 and not response.replayed
+    assert not dp._writes_held and not dp._held_writes
+
+
+async def test_a_snapshot_whose_shard_keeps_changing_is_read_in_one_go(  # type: ignore[no-untyped-def]
+    primary, monkeypatch
+) -> None:
+    """Changes that bypass the hold (a replica applying its primary's entries, a fence)
+    make the pages read again; after a few tries the snapshot is read at once, as before."""
+    dp, _, storage = primary
+    await dp.grant(grant(1), 1.0)
+    paged = storage.snapshot_pages
+    reads = []
+
+    def pages_then_change(shard: ShardId) -> object:
+        reads.append(shard)
+        reader = paged(shard, page_rows=1, page_bytes=1)
+        storage.fence(shard, 3 + len(reads))  # changes the shard (its fence row) behind the read's back
+        return reader
+
+    monkeypatch.setattr(storage, "snapshot_pages", pages_then_change)
+    chunks = [c async for c in dp.snapshot_chunks(shardnode_pb2.GetSnapshotRequest(shard_id=SHARD))]
+    assert len(reads) == dataplane_module.SNAPSHOT_PAGED_READS
+    assert b"".join(c.data for c in chunks) == storage.snapshot(SHARD).SerializeToString()

@@ -6,7 +6,7 @@ after the retention (PREPARED never), and a version-1 data dir is migrated."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from bluemarble.v1 import common_pb2
 from bluemarble.v1 import shardnode_pb2 as pb
 from shardnode.storage import NodeStorage, schema
 
-S1 = ShardId("shard-1")
+S1, S2 = ShardId("shard-1"), ShardId("shard-2")
 ALICE, BOB = PlayerId("alice"), PlayerId("bob")
 COMMITTED, ABORTED = common_pb2.TRADE_OUTCOME_COMMITTED, common_pb2.TRADE_OUTCOME_ABORTED
 
@@ -165,6 +165,74 @@ def test_a_snapshot_carries_trade_records_and_escrows(pair: tuple[NodeStorage, N
     # Promoted, it settles the inherited escrow like its primary would have.
     replica.write(S1, 2, settle("t1", "alice", COMMITTED), 1)
     assert replica.inventory(S1, ALICE) == (["shield"], 6)
+
+
+def read_pages(storage: NodeStorage, shard: ShardId, **sizes: int) -> tuple[bytes, int]:
+    """A snapshot read page by page: its pages' encodings joined, and how many pages."""
+    reader = storage.snapshot_pages(shard, **sizes)
+    pages = []
+    while (page := reader.next()) is not None:
+        pages.append(page)
+    return b"".join(pages), len(pages)
+
+
+def test_a_snapshot_read_in_pages_is_the_snapshot_read_at_once(pair: tuple[NodeStorage, NodeStorage]) -> None:
+    """Pages of every field (trade records, escrows and values included), joined, are the
+    encoding of the snapshot read in one transaction, byte for byte: the receiver cannot
+    tell them apart, whatever the page sizes."""
+    primary, replica = pair
+    for i in range(9):
+        primary.write(S1, 1, grant(f"g{i}", f"p{i}", [f"item-{i}-a", f"item-{i}-b"], 10 + i), 1)
+        value = bytes([i]) * (i * 50)
+        primary.write(S1, 1, pb.WriteOp(request_id=f"d{i}", player_id=f"p{i}",
+                                        set_data=pb.SetDataOp(system="guild", key=f"k{i}", value=value)), 1)
+    for i in range(5):
+        primary.write(S1, 2, prepare(f"t{i}", leg(f"p{i}", [f"item-{i}-a"], i, [], 0, "carol")), 1)
+    primary.write(S1, 2, settle("t1", "p1", ABORTED), 1)
+    primary.write(S1, 2, settle("t2", "p2", COMMITTED), 1)
+    primary.write(S2, 1, grant("elsewhere", "zed", ["other-shard"]), 1)
+    whole = primary.snapshot(S1).SerializeToString()
+    counts = []
+    for rows, size in ((2_000, 1 << 20), (4, 200), (1, 1)):
+        joined, pages = read_pages(primary, S1, page_rows=rows, page_bytes=size)
+        assert joined == whole, (rows, size)
+        counts.append(pages)
+    assert counts[0] < counts[1] < counts[2]
+    assert counts[2] >= 1 + 9 + 9 + 1 + 5  # one row a page: the header, players, values, the tail, trade records
+    replica.install_snapshot(pb.ShardSnapshot.FromString(joined), 1)
+    assert replica.snapshot(S1).SerializeToString() == whole
+    assert replica.holdings(S1, PlayerId("p3")).escrowed_items == frozenset({"item-3-a"})
+
+
+def test_pages_read_while_the_shard_changed_are_not_a_snapshot(pair: tuple[NodeStorage, NodeStorage]) -> None:
+    """Any committed change of the shard between the first page and the last makes the
+    read inconsistent (the caller reads again); other shards' writes do not, and a
+    retention round that removed rows of shards it does not name does."""
+    primary, replica = pair
+    primary.write(S1, 1, grant("g1", "alice", ["sword"], 5), 1)
+    primary.write(S2, 1, grant("g2", "zed", ["axe"], 5), 1)
+
+    def read_with(change: Callable[[], object]) -> bool:
+        reader = primary.snapshot_pages(S1, page_rows=1, page_bytes=1)
+        assert reader.next() is not None
+        change()
+        while reader.next() is not None:
+            pass
+        return reader.unchanged()
+
+    assert read_with(lambda: None)
+    assert read_with(lambda: primary.write(S2, 1, grant("g3", "zed", ["bow"]), 1))
+    assert read_with(lambda: primary.prune_trades(10**12))  # removed nothing
+    assert read_with(lambda: primary.write(S1, 1, grant("g1", "alice", ["sword"], 5), 1))  # a replayed retry
+    assert not read_with(lambda: primary.write(S1, 1, grant("g4", "alice", ["mace"]), 1))
+    assert not read_with(lambda: primary.fence(S1, 3))
+    primary.write(S2, 3, prepare("t9", leg("zed", ["axe"], 0, [], 0, "carol")), 1)
+    primary.write(S2, 3, settle("t9", "zed", ABORTED, at_ms=1), 1)
+    assert not read_with(lambda: primary.prune_trades(10**12))  # S2's record: it names no shard
+    install = replica.begin_install(primary.snapshot(S1), 3, max_rows=1)
+    reader = replica.snapshot_pages(S1)
+    install.step()  # the install of the shard's rows goes on meanwhile
+    assert reader.next() is not None and not reader.unchanged()
 
 
 def test_settled_records_are_pruned_after_the_retention_prepared_ones_never(
