@@ -65,6 +65,19 @@ def assignment_incarnations(message: common_pb2.Assignment) -> dict[NodeId, int]
     return {NodeId(node): lease for node, lease in message.incarnations.items()}
 
 
+def holds_role(message: common_pb2.Assignment, node: str, leases: Mapping[str, int]) -> bool:
+    """Whether ``node`` still holds the role ``message`` gives it: it is registered
+    (``leases``: node id -> lease id of each registered node) in the incarnation the role
+    was given to. A node registered again since has lost its roles (its copy may be gone,
+    and nothing it held is served until the leader places it again). Records without
+    incarnations count as current."""
+    lease = leases.get(node)
+    if not node or lease is None:
+        return False
+    given = message.incarnations.get(node)
+    return given is None or given == lease
+
+
 def assignment_from_proto(message: common_pb2.Assignment) -> ShardAssignment:
     return ShardAssignment(
         shard_id=ShardId(message.shard_id),

@@ -131,7 +131,8 @@ ASSIGNMENT_PROPAGATION = Histogram(
 )
 SHARDS_WITHOUT_PRIMARY = Gauge(
     "bluemarble_shards_without_primary",
-    "Shards of the ring with no primary in this replica's mirror (no record, or none named).",
+    "Shards of the ring with no primary in this replica's mirror (no record, none named, or one not "
+    "registered in the incarnation given the role).",
 )
 TRADES = Counter(
     "bluemarble_trades_total",

@@ -22,6 +22,7 @@ from typing import TypeVar
 import structlog
 
 from bluemarble.api import cluster_config
+from bluemarble.api.conversions import holds_role
 from bluemarble.core import limits
 from bluemarble.core.errors import Unavailable
 from bluemarble.core.ids import NodeId
@@ -303,7 +304,8 @@ class ControlPlaneApp:
         """Sets ``bluemarble_registered_nodes`` and ``bluemarble_shards_without_primary``
         from this replica's mirrors. A shard counts as without a primary when its record
         is missing, names none, or names a node that is not registered (its lease ended
-        and no replica has been promoted yet)."""
+        and no replica has been promoted yet) or registered again since it was given the
+        role (a restart: its copy may be gone)."""
         if self.nodes is None or self.assignments is None or self.ring is None:
             return
         nodes = self.nodes.entries
@@ -312,10 +314,11 @@ class ControlPlaneApp:
         if ring is None:
             return
         assignments = self.assignments.entries
+        leases = {n.node_id: n.lease_id for n in nodes.values()}
         missing = 0
         for shard in ring.shard_ids:
             a = assignments.get(self.keys.assignment(shard))
-            if a is None or not a.primary or self.keys.node(NodeId(a.primary)) not in nodes:
+            if a is None or not holds_role(a, a.primary, leases):
                 missing += 1
         metrics.SHARDS_WITHOUT_PRIMARY.set(missing)
 

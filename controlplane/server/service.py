@@ -15,14 +15,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc.aio
 import structlog
 
-from bluemarble.api.conversions import ring_to_proto
+from bluemarble.api.conversions import holds_role, ring_to_proto
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import (
     BlueMarbleError,
@@ -181,14 +181,19 @@ def _node_id(node: common_pb2.Node) -> str:
     return node.node_id
 
 
-def _lost_members(assignments: Sequence[common_pb2.Assignment], live: set[str], shown: int = 5) -> str:
+def _lost_members(assignments: Sequence[common_pb2.Assignment], leases: Mapping[str, int], shown: int = 5) -> str:
     """For the status warning on shards without a live primary: the members they name
-    (primary, replicas, retained copies) that are not registered, with how many such
-    shards name each; "" when there is none (a shard not placed yet)."""
+    (primary, replicas, retained copies) that are not registered, or registered again
+    since they were given the role ("restarted"), with how many such shards name each;
+    "" when there is none (a shard not placed yet)."""
     lost: collections.Counter[str] = collections.Counter()
     for a in assignments:
-        if a.primary not in live:
-            lost.update(n for n in dict.fromkeys((a.primary, *a.replicas, *a.retained)) if n and n not in live)
+        if not holds_role(a, a.primary, leases):
+            lost.update(
+                n if n not in leases else f"{n} restarted"
+                for n in dict.fromkeys((a.primary, *a.replicas, *a.retained))
+                if n and not holds_role(a, n, leases)
+            )
     if not lost:
         return ""
     ranked = sorted(lost.items(), key=lambda kv: (-kv[1], kv[0]))  # the most shards first
@@ -783,19 +788,21 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             response.etcd_revision = revision
             response.etcd_healthy = True
         live = {n.node_id for n in nodes}
+        leases = {n.node_id: n.lease_id for n in nodes}
         shard_count = len(ring.shard_ids) if ring else response.config.shard_count
         assignments = list(self._d.assignments.entries.values())
         missing = max(0, shard_count - len(assignments))
         response.node_count = len(nodes)
         response.shard_count = shard_count
-        response.shards_without_primary = sum(1 for a in assignments if a.primary not in live) + missing
+        response.shards_without_primary = sum(1 for a in assignments if not holds_role(a, a.primary, leases)) + missing
         eligible = sum(1 for n in nodes if n.state != common_pb2.NODE_STATE_DRAINING)
         response.live_nodes_eligible = eligible
         if config is not None:
             wanted = config.replication_factor
             response.effective_replication_factor = min(wanted, eligible)
             response.shards_under_replicated = missing + sum(
-                1 for a in assignments if (a.primary in live) + sum(r in live for r in a.replicas) < wanted
+                1 for a in assignments
+                if holds_role(a, a.primary, leases) + sum(holds_role(a, r, leases) for r in a.replicas) < wanted
             )
             if wanted > eligible:
                 response.warnings.append(
@@ -807,7 +814,8 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                     f"{response.shards_under_replicated} of {shard_count} shards have fewer than "
                     f"{wanted} live copies"
                 )
-            alone = sum(1 for a in assignments if a.primary in live and not any(r in live for r in a.replicas))
+            alone = sum(1 for a in assignments
+                        if holds_role(a, a.primary, leases) and not any(holds_role(a, r, leases) for r in a.replicas))
             if wanted >= 2 and alone:
                 response.warnings.append(
                     f"{alone} of {shard_count} shards have no live replica: their primary alone acknowledges "
@@ -816,7 +824,7 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         if response.shards_without_primary:
             response.warnings.append(
                 f"{response.shards_without_primary} of {shard_count} shards have no live primary"
-                + _lost_members(assignments, live)
+                + _lost_members(assignments, leases)
             )
         now_ms = self._d.clock.wall_ms()
         for n in sorted((n for n in nodes if n.trouble), key=_node_id)[:MAX_TROUBLE_WARNINGS]:

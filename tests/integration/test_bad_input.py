@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+import prometheus_client
 import pytest
 import structlog
 import structlog.testing
@@ -491,6 +492,35 @@ class TestConfigAndReplication:
         await node.close_stream()
         assert any("16 of 16 shards have no live replica: their primary alone acknowledges" in w
                    for w in status.warnings), status.warnings
+
+    async def test_a_primary_registered_again_since_its_role_counts_as_no_primary(
+        self, control_plane: ControlPlaneApp, stub: Stub
+    ) -> None:
+        """A node that restarted (a new lease) lost the roles of its old incarnation: its
+        shards have no primary until the leader places them again, and status and the
+        gauge say so, naming the node as restarted, not as a healthy primary."""
+        assert control_plane.reconciler is not None and control_plane.ring is not None
+        await control_plane.reconciler.stop()  # this test places the shards itself
+        node = StreamNode(stub, "n1", "127.0.0.1:7101")
+        await node.start()
+        ring = control_plane.ring.entries[control_plane.keys.ring()]
+        for i, shard in enumerate(ring.shard_ids):  # every shard on n1; 4 given to an older incarnation
+            record = common_pb2.Assignment(shard_id=shard, epoch=1, primary="n1",
+                                           state=common_pb2.ASSIGNMENT_STATE_ACTIVE)
+            record.incarnations["n1"] = node.lease_id + (1 if i < 4 else 0)
+            await control_plane.store.put(control_plane.keys.assignment(shard), codec.encode(record))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
+        while status.shards_without_primary != 4:  # until this replica's mirror has them all
+            assert loop.time() < deadline, status
+            await asyncio.sleep(0.05)
+            status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
+        control_plane.refresh_gauges()
+        await node.close_stream()
+        assert any("4 of 16 shards have no live primary; lost members they name: n1 restarted (4 shards)" in w
+                   for w in status.warnings), status.warnings
+        assert prometheus_client.REGISTRY.get_sample_value("bluemarble_shards_without_primary") == 4
 
     async def test_status_warns_of_copies_still_copying_and_primaries_not_taking_writes(
         self, control_plane: ControlPlaneApp, stub: Stub
