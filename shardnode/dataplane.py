@@ -862,7 +862,7 @@ class DataPlane:
         if strong_ok:
             assert state is not None
             return state, False
-        if allow_stale and state is not None and (state.synced or state.last.lsn > 0):
+        if allow_stale and state is not None and state.role is not None and (state.synced or state.last.lsn > 0):
             return state, True
         if state is not None and state.role == PRIMARY:
             if allow_stale:
@@ -874,6 +874,13 @@ class DataPlane:
         if state is not None and state.role == REPLICA:
             raise FailedPrecondition(
                 f"node {self.node_id} is a replica of {shard}; read from the primary, or allow stale reads{hint}"
+            )
+        if state is not None and (state.synced or state.last.lsn > 0):
+            # A copy kept from an earlier role (a restart, a replica removed): how far behind
+            # it is cannot be known, so it answers nothing, stale or not.
+            raise FailedPrecondition(
+                f"node {self.node_id} holds an old copy of {shard} but no role in it; read from the shard's "
+                "primary or replicas: ask the control plane (ResolvePlayer) where they are"
             )
         raise FailedPrecondition(f"node {self.node_id} holds no copy of {shard}{hint}")
 

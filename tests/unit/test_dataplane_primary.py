@@ -540,3 +540,19 @@ async def test_a_snapshot_whose_shard_keeps_changing_is_read_in_one_go(  # type:
     chunks = [c async for c in dp.snapshot_chunks(shardnode_pb2.GetSnapshotRequest(shard_id=SHARD))]
     assert len(reads) == dataplane_module.SNAPSHOT_PAGED_READS
     assert b"".join(c.data for c in chunks) == storage.snapshot(SHARD).SerializeToString()
+
+
+async def test_a_copy_kept_without_a_role_answers_no_read(primary) -> None:  # type: ignore[no-untyped-def]
+    """A copy left from an earlier role (a restart, a replica removed) cannot say how far
+    behind it is: it answers no read, stale or not, and names where to ask instead."""
+    dp, agent, _ = primary
+    await dp.grant(grant(1), 1.0)
+    player = PlayerId("p1")
+    assert (await dp.get_inventory(player, True, 1.0)).item_ids
+    agent.assignments = {}
+    dp.on_assignments()
+    [status] = dp.statuses(include_disk_only=True)
+    assert status.on_disk_only
+    for allow_stale in (True, False):
+        with pytest.raises(FailedPrecondition, match="holds an old copy of shard-0 but no role in it; read from"):
+            await dp.get_inventory(player, allow_stale, 1.0)
