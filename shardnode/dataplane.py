@@ -283,6 +283,10 @@ class DataPlane:
         await background.stop(self._prune_task)
         for state in self._shards.values():
             self._fail_waiters(state, Unavailable("the node is shutting down"))
+        held, self._held_writes = self._held_writes, []
+        for _state, _epoch, _op, future in held:  # a snapshot read cut short by the stop
+            if not future.done():
+                future.set_exception(Unavailable("the node is shutting down"))
         await close_channels(self._channels)
 
     async def _prune_loop(self) -> None:

@@ -556,3 +556,25 @@ async def test_a_copy_kept_without_a_role_answers_no_read(primary) -> None:  # t
     for allow_stale in (True, False):
         with pytest.raises(FailedPrecondition, match="holds an old copy of shard-0 but no role in it; read from"):
             await dp.get_inventory(player, allow_stale, 1.0)
+
+
+async def test_writes_held_by_a_snapshot_read_fail_cleanly_when_the_node_stops(  # type: ignore[no-untyped-def]
+    primary, monkeypatch
+) -> None:
+    dp, _, storage = primary
+    for i in range(5):
+        await dp.grant(grant(i), 1.0)
+    paged = storage.snapshot_pages
+    monkeypatch.setattr(storage, "snapshot_pages", lambda shard: paged(shard, page_rows=1, page_bytes=1))
+    reading = asyncio.ensure_future(anext(dp.snapshot_chunks(shardnode_pb2.GetSnapshotRequest(shard_id=SHARD))))
+    await asyncio.sleep(0)
+    late = asyncio.ensure_future(dp.grant(grant(100), 1.0))
+    await asyncio.sleep(0)
+    assert dp._held_writes and not late.done()
+    await dp.stop()
+    with pytest.raises(Unavailable, match="shutting down"):
+        await late
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    assert not dp._writes_held
