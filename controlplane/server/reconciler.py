@@ -98,6 +98,7 @@ from bluemarble.api.conversions import (
     assignment_from_proto,
     assignment_incarnations,
     assignment_to_proto,
+    holds_role,
     placement_node_from_proto,
 )
 from bluemarble.core.errors import BlueMarbleError
@@ -1329,16 +1330,21 @@ class Reconciler:
 
     async def _clear_forced(self, current: dict[ShardId, ShardAssignment], live: Collection[NodeId]) -> None:
         """Deletes the ForcePromote requests of shards that have a live primary now (the
-        forced one, or another that showed up with the data): they are done."""
+        forced one, or another that showed up with the data): they are done. A primary
+        registered again since its role was given (a restart) lost it: its shard's request
+        stays for the promotion it asks for."""
         if self._forced is None:
             return
+        leases = {n.node_id: n.lease_id for n in self._nodes.entries.values()}
         for key in list(self._forced.entries):
             try:
                 shard = self._keys.parse_force_promotion(key)
             except ValueError:
                 continue
             a = current.get(shard)
-            if a is not None and a.primary is not None and a.primary in live:
+            record = self._assignments.entries.get(self._keys.assignment(shard))
+            if (a is not None and a.primary is not None and a.primary in live
+                    and (record is None or holds_role(record, a.primary, leases))):
                 await self._store.delete(key)
                 log.info("ForcePromote request done", shard=shard, primary=a.primary, epoch=a.epoch)
 

@@ -928,9 +928,12 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             raise NotFound(f"node {node} is not registered; name a live node (bluemarblectl nodes)")
         if target.state == common_pb2.NODE_STATE_DRAINING:
             raise FailedPrecondition(f"node {node} is draining; name another node")
-        if before.primary == node:  # done already (a retry of a request that worked)
+        leases = {n: record.lease_id for n, record in live.items()}
+        if before.primary == node and holds_role(before, node, leases):  # done already (a retry that worked)
             return controlplane_pb2.ForcePromoteResponse(assignment=before)
-        if before.primary in live:
+        if holds_role(before, before.primary, leases):
+            # A primary registered again since (a restart) lost the role: the leader treats
+            # the shard as without one, and may be waiting for an operator's word.
             raise FailedPrecondition(
                 f"{shard} has a primary, {before.primary} at epoch {before.epoch}; nothing to force"
             )

@@ -223,6 +223,33 @@ async def test_an_operator_gives_a_stuck_shard_a_primary_without_its_data(
         await wait_for(cleared, 5.0, "the leader to delete the done request")
 
 
+async def test_an_operator_can_force_a_shard_whose_primary_came_back_without_its_data(
+    start_control_plane: StartControlPlane, serve_fake_node: ServeFakeNode
+) -> None:
+    """The primary restarts (a new registration) with an empty disk while no replica holds
+    the data: the leader waits and tells the operator to promote with accept-data-loss,
+    which must not be refused as "has a primary" (the restarted node lost the role)."""
+    async with cluster(start_control_plane, serve_fake_node) as c:
+        before, x, _ = await _without_data(c)
+        primary = before.primary
+        c.fakes[primary].positions[SHARD] = None  # its disk is gone too
+        await c.nodes[primary].close_stream()
+        c.nodes[primary].lease_id = 0
+        await c.nodes[primary].start()  # registered again: a new incarnation
+
+        async def fenced() -> bool:
+            return bool(c.fakes[x].fences(SHARD))
+
+        await wait_for(fenced, 10.0, "the fence of the restarted primary's candidates")
+        assert (await c.assignment()).epoch == before.epoch, "stuck: nobody holds the data"
+        status = await c.stub.GetClusterStatus(controlplane_pb2.GetClusterStatusRequest())
+        assert status.shards_without_primary >= 1, status
+        answer = await c.stub.ForcePromote(
+            controlplane_pb2.ForcePromoteRequest(shard_id=SHARD, node_id=x, accept_data_loss=True), timeout=10
+        )
+        assert (answer.assignment.primary, answer.assignment.epoch) == (x, before.epoch + 1)
+
+
 async def _lose_the_members_leaving_a_copy_outside(c: Cluster) -> tuple[common_pb2.Assignment, str]:
     """The replicas hold nothing, a node outside the shard holds a copy, and the primary
     leaves. Returns the assignment before and that node."""
