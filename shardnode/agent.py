@@ -489,6 +489,11 @@ class NodeAgent:
             if isinstance(error, NotFound | InvalidArgument):
                 self._close_beats(rotate=False)
                 raise error from e
+            if e.code() == grpc.StatusCode.INTERNAL and channels.CORE_BREAK in (e.details() or ""):
+                # A write that raced the replica ending the stream gets gRPC's INTERNAL
+                # (grpc/grpc#36066); the stream's own trailers say whether it was a shutdown.
+                if await channels.ended_stopping(call):
+                    error = PeerStopping(f"control plane {address} is shutting down")
             self._close_beats(rotate=True)
             if isinstance(error, PeerStopping):  # the replica ended its streams to shut down
                 raise self._peer_stopping(address) from e

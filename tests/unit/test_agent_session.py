@@ -58,6 +58,7 @@ class FakeControlPlane:
         self.hung: set[str] = set()  # addresses that answer nothing at all
         self.silent_streams: set[str] = set()  # addresses whose streams deliver nothing
         self.stopping: set[str] = set()  # addresses ending their heartbeat streams to shut down
+        self.racing_stop: set[str] = set()  # ... whose end races the node's write (INTERNAL on the write)
         self.refusing: set[str] = set()  # addresses whose process is gone (connections refused)
         self.reply_delay_s = 0.0
         self.draining = False  # heartbeats answer that the node is draining
@@ -151,7 +152,16 @@ class FakeBeats:
 
     async def write(self, request: pb.HeartbeatRequest) -> None:
         self.plane.sent.append((self.plane.clock.monotonic_s(), self.address))
+        if self.address in self.plane.racing_stop:
+            # gRPC's answer to a write racing the server's end of the stream (grpc/grpc#36066).
+            raise grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       "Internal error from Core")
         self.requests.append(request)
+
+    async def trailing_metadata(self) -> grpc.aio.Metadata:
+        """The stream's trailers: the replica's shutdown trailer once it ended it so."""
+        stopping = self.address in self.plane.stopping | self.plane.racing_stop
+        return grpc.aio.Metadata(*STOPPING_TRAILER) if stopping else grpc.aio.Metadata()
 
     async def read(self) -> pb.HeartbeatResponse:
         plane = self.plane
@@ -388,6 +398,25 @@ class TestHeartbeatSchedule:
         assert [e["event"] for e in logs if e["log_level"] == "info"].count(
             "control-plane replica shutting down; heartbeating through the next"
         ) == 2, logs
+        await client.close()
+
+    async def test_a_write_racing_a_replica_shutting_down_costs_no_warning(self) -> None:
+        """The write gets INTERNAL "Internal error from Core" (the stream ended under it):
+        its trailers say the replica shut down, so the node moves on at info, as for the
+        stream's own UNAVAILABLE."""
+        clock = FakeClock()
+        plane = FakeControlPlane(clock)
+        agent, client = make_agent(plane)
+        async with running(agent, clock):
+            lease = agent.registration.lease_id  # type: ignore[union-attr]
+            await run_for(clock, 1.5)
+            with structlog.testing.capture_logs() as logs:
+                plane.racing_stop.add("cp-a:7000")
+                await run_for(clock, 2 * TTL_S, lambda: None)
+            assert plane.alive(lease)
+            assert client.current_address == "cp-b:7000"
+        assert [e for e in logs if e["log_level"] in ("warning", "error")] == [], logs
+        assert "control-plane replica shutting down; heartbeating through the next" in [e["event"] for e in logs]
         await client.close()
 
     async def test_a_slow_answer_does_not_delay_the_next_heartbeat(self) -> None:
