@@ -182,6 +182,9 @@ def test_a_control_plane_replica_stopping_gracefully_costs_its_nodes_no_warning(
     process_cluster.start_control_plane()
     process_cluster.start_node("n1")
     wait_until(lambda: process_cluster.list_nodes(first) == ["n1"], 20, "the node to register")
+    # Its streams open before the stop: a replica gone before the node's first heartbeat
+    # reached it is a refused connection, which no node can tell from a crash.
+    wait_until(lambda: "node ready" in process_cluster.log_text("n1"), 20, "the node to be ready (its streams open)")
     replica = process_cluster.processes[0]  # cp-0, the node's first address
     replica.signal(signal.SIGTERM)
     assert replica.proc is not None and replica.proc.wait(30) == 0
