@@ -75,7 +75,7 @@ from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc
 from shardnode.agent import NodeAgent, SessionState
 from shardnode.replication import ShardView, Shipper, close_channels, must_send_now
-from shardnode.storage import NodeStorage, WriteResult
+from shardnode.storage import NodeStorage, WriteResult, snapshots
 
 log = structlog.get_logger(__name__)
 
@@ -110,8 +110,10 @@ SNAPSHOT_CHUNK_BYTES = 1 << 20
 MAX_SNAPSHOT_BYTES = 256 << 20
 """Largest snapshot a node sends or installs: the whole of one is held in memory on both
 sides. Shards are kept under it by :data:`~bluemarble.core.limits.MAX_SHARD_DATA_BYTES`."""
+SNAPSHOT_PARSE_SLICE_BYTES = 1 << 20
+"""About how much of a fetched snapshot a replica parses between two turns of its loop."""
 SNAPSHOT_PAGED_READS = 3
-"""Reads of a snapshot in pages before one is read in one go (see ``_read_snapshot``)."""
+"""Reads of a snapshot in pages before the request is refused (see ``_read_snapshot``)."""
 SNAPSHOT_COPIES_AT_ONCE = 2
 """Snapshots a replica fetches and installs at once; the others wait their turn. A node
 that rejoined empty was sent 24 copies of 20-25 MB at once: all of them in memory, and
@@ -1351,14 +1353,17 @@ class DataPlane:
             raise Unavailable(
                 f"snapshot of {state.shard_id} from {source} failed: {e.code().name} {e.details()}"
             ) from e
-        await asyncio.sleep(0)  # each step below holds the loop ~0.1 s per 100 MB: the loop runs between them
+        # Parsed a piece of whole fields at a time (about a page), the loop running between
+        # pieces: a 200 MB snapshot parsed at once held a busy node 1.5 s.
+        snapshot = shardnode_pb2.ShardSnapshot()
         try:
-            snapshot = shardnode_pb2.ShardSnapshot.FromString(data)  # type: ignore[arg-type]  # no copy first
-        except Exception as e:  # protobuf's DecodeError
+            for piece in snapshots.field_slices(data, SNAPSHOT_PARSE_SLICE_BYTES):
+                snapshot.MergeFromString(piece)  # type: ignore[arg-type]  # bytes-like: no copy first
+                await asyncio.sleep(0)
+        except Exception as e:  # CorruptRecord, protobuf's DecodeError
             raise CorruptRecord(f"snapshot of {state.shard_id} from {source} does not decode") from e
         size = len(data)
         del data
-        await asyncio.sleep(0)
         fetched_s = self._clock.monotonic_s()
         self._check_install(state, epoch)
         # In batches, one transaction each, yielding the loop between them: heartbeats and
@@ -1429,7 +1434,8 @@ class DataPlane:
     ) -> AsyncIterator[shardnode_pb2.SnapshotChunk]:
         """The shard's snapshot in chunks (call within :meth:`serving_snapshot`). Raises
         FailedPrecondition when this node holds no copy, or when the shard is too large to
-        send (:data:`MAX_SNAPSHOT_BYTES`), before anything is built.
+        send (:data:`MAX_SNAPSHOT_BYTES`), before anything is sent; Unavailable when the
+        shard kept changing while it was read.
 
         The snapshot is read page by page, the loop running between pages (heartbeats,
         the other shards' writes): a 200 MB shard read in one go held a node 3-6 s and cost
@@ -1437,12 +1443,6 @@ class DataPlane:
         make one snapshot (:meth:`_read_snapshot`)."""
         replica = validation.node_id(request.replica, "replica") if request.replica else "?"
         shard = self._snapshot_source(request)
-        estimate = self._storage.snapshot_bytes_estimate(shard)
-        if estimate > MAX_SNAPSHOT_BYTES:
-            raise FailedPrecondition(
-                f"{shard} holds about {estimate} bytes, more than a snapshot carries ({MAX_SNAPSHOT_BYTES}): "
-                "it cannot be copied to a new replica; free player data on it"
-            )
         started_s = self._clock.monotonic_s()
         last, pages, reads = await self._read_snapshot(request)
         total = sum(len(page) for page in pages)
@@ -1481,7 +1481,9 @@ class DataPlane:
         """The snapshot's position and encoded pages, and how many reads it took. Pages
         read while something changed the shard are read again (a replica applying its
         primary's entries, a fence, a prune); after :data:`SNAPSHOT_PAGED_READS` such
-        reads, it is read in one go, holding the loop as before."""
+        reads the request is refused UNAVAILABLE (the replica asks again, backing off): read
+        in one go instead, a 200 MB shard held a node past its lease. The size is counted as
+        the pages come: past :data:`MAX_SNAPSHOT_BYTES` the read stops, refused."""
         for read in range(1, SNAPSHOT_PAGED_READS + 1):
             shard = self._snapshot_source(request)  # again: a fence or a drop may have come meanwhile
             pages = self._storage.snapshot_pages(shard)
@@ -1490,8 +1492,15 @@ class DataPlane:
                 self._writes_held.add(shard)
             try:
                 encoded = []
+                size = 0
                 while (page := pages.next()) is not None:
                     encoded.append(page)
+                    size += len(page)
+                    if size > MAX_SNAPSHOT_BYTES:
+                        raise FailedPrecondition(
+                            f"{shard} holds more than a snapshot carries ({MAX_SNAPSHOT_BYTES}): it cannot be copied "
+                            "to a new replica; free player data on it"
+                        )
                     await asyncio.sleep(0)
             finally:
                 if held:
@@ -1499,10 +1508,10 @@ class DataPlane:
             if pages.unchanged():
                 return pages.last, encoded, read
             log.info("snapshot pages changed while read; reading again", shard=shard, read=read)
-        shard = self._snapshot_source(request)
-        snapshot = self._storage.snapshot(shard)
-        return LogPosition(snapshot.last.epoch, snapshot.last.lsn), [snapshot.SerializeToString()], read + 1
-
+        raise Unavailable(
+            f"{shard} changed while node {self.node_id} read its snapshot, {SNAPSHOT_PAGED_READS} times (this node "
+            "applies its primary's writes): ask again shortly, or ask the shard's primary"
+        )
     def _release_writes(self, shard: ShardId) -> None:
         """Ends the hold on ``shard``'s writes; those held go first at the next flush."""
         self._writes_held.discard(shard)

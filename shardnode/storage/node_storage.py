@@ -191,15 +191,6 @@ def _damaged(path: Path, node_id: str | None, what: str) -> StorageDamaged:
 _SHARD_DATA_BYTES = (
     "SELECT coalesce(sum(length(system) + length(key) + length(value)), 0) FROM player_data WHERE shard_id = :s"
 )
-_SHARD_BYTES = (
-    "SELECT (SELECT coalesce(sum(length(player_id) + 16), 0) FROM players WHERE shard_id = :s)"
-    " + (SELECT coalesce(sum(length(item_id) + length(player_id) + 8), 0) FROM items WHERE shard_id = :s)"
-    " + (SELECT coalesce(sum(length(player_id) + length(system) + length(key) + length(value) + 16), 0)"
-    "    FROM player_data WHERE shard_id = :s)"
-    " + (SELECT coalesce(sum(length(request_id) + length(response) + 32), 0) FROM requests WHERE shard_id = :s)"
-    " + (SELECT coalesce(sum(length(trade_id) + length(player_id) + coalesce(length(leg), 0) + length(reason) + 48), 0)"
-    "    FROM trades WHERE shard_id = :s)"
-)
 
 
 @contextlib.contextmanager
@@ -809,13 +800,6 @@ class NodeStorage:
         """Bytes of player data the shard holds (systems, keys and values)."""
         with self._sqlite():
             return int(self._conn.execute(_SHARD_DATA_BYTES, {"s": shard}).fetchone()[0])
-
-    def snapshot_bytes_estimate(self, shard: ShardId) -> int:
-        """About how large a snapshot of the shard is (its rows' payloads, without the log
-        tail): what decides, before one is built, whether it can be sent at all. Reads
-        lengths only, not the values themselves."""
-        with self._sqlite():
-            return int(self._conn.execute(_SHARD_BYTES, {"s": shard}).fetchone()[0])
 
     def recorded(self, shard: ShardId, request_id: str) -> WriteResult | None:
         """The recorded result of a request id on the shard (``replayed=True``), or None."""

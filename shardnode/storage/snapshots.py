@@ -198,6 +198,51 @@ def _tail(
     return tail
 
 
+def field_slices(data: bytes | bytearray, slice_bytes: int) -> Iterator[memoryview]:
+    """``data``, an encoded message, cut into consecutive pieces of whole top-level fields,
+    each about ``slice_bytes`` (more when one field is larger). Parsing the pieces into one
+    message in turn (``MergeFromString``) gives the message parsed at once, so a receiver
+    can parse a large snapshot a piece at a time. Raises CorruptRecord for bytes that are
+    no message's encoding (a truncated field, an unknown wire type)."""
+    view = memoryview(data)
+    end = len(view)
+    start = position = 0
+    while position < end:
+        key, position = _varint(view, position)
+        wire = key & 7
+        if wire == 0:
+            _, position = _varint(view, position)
+        elif wire == 1:
+            position += 8
+        elif wire == 2:
+            length, position = _varint(view, position)
+            position += length
+        elif wire == 5:
+            position += 4
+        else:
+            raise CorruptRecord(f"the snapshot holds a field of wire type {wire}, which no snapshot encodes")
+        if position > end:
+            raise CorruptRecord("the snapshot ends inside a field (truncated)")
+        if position - start >= slice_bytes:
+            yield view[start:position]
+            start = position
+    if start < end:
+        yield view[start:end]
+
+
+def _varint(view: memoryview, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if position >= len(view) or shift > 63:
+            raise CorruptRecord("the snapshot ends inside a field (truncated)")
+        byte = view[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, position
+        shift += 7
+
+
 def check_snapshot(snapshot: shardnode_pb2.ShardSnapshot) -> LogPosition:
     """The snapshot's last position, once its log tail is checked to be contiguous and to
     end there. Raises CorruptRecord for a snapshot no primary produces."""

@@ -520,11 +520,12 @@ async def test_a_snapshot_is_read_in_pages_and_holds_only_its_shards_writes_mean
     assert not dp._writes_held and not dp._held_writes
 
 
-async def test_a_snapshot_whose_shard_keeps_changing_is_read_in_one_go(  # type: ignore[no-untyped-def]
+async def test_a_snapshot_whose_shard_keeps_changing_is_refused_not_read_in_one_go(  # type: ignore[no-untyped-def]
     primary, monkeypatch
 ) -> None:
     """Changes that bypass the hold (a replica applying its primary's entries, a fence)
-    make the pages read again; after a few tries the snapshot is read at once, as before."""
+    make the pages read again; after a few tries the request is refused UNAVAILABLE (the
+    replica asks again): read in one go, a 200 MB shard held a node past its lease."""
     dp, _, storage = primary
     await dp.grant(grant(1), 1.0)
     paged = storage.snapshot_pages
@@ -537,9 +538,11 @@ async def test_a_snapshot_whose_shard_keeps_changing_is_read_in_one_go(  # type:
         return reader
 
     monkeypatch.setattr(storage, "snapshot_pages", pages_then_change)
-    chunks = [c async for c in dp.snapshot_chunks(shardnode_pb2.GetSnapshotRequest(shard_id=SHARD))]
+    monkeypatch.setattr(storage, "snapshot", None)  # never read in one go
+    with pytest.raises(Unavailable, match="changed while node n1 read its snapshot, 3 times"):
+        await anext(dp.snapshot_chunks(shardnode_pb2.GetSnapshotRequest(shard_id=SHARD)))
     assert len(reads) == dataplane_module.SNAPSHOT_PAGED_READS
-    assert b"".join(c.data for c in chunks) == storage.snapshot(SHARD).SerializeToString()
+    assert not dp._writes_held
 
 
 async def test_a_copy_kept_without_a_role_answers_no_read(primary) -> None:  # type: ignore[no-untyped-def]

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from bluemarble.core.errors import FailedPrecondition
+from bluemarble.core.errors import CorruptRecord, FailedPrecondition
 from bluemarble.core.ids import PlayerId, ShardId
 from bluemarble.core.trades import Holdings, TradeState
 from bluemarble.v1 import common_pb2
 from bluemarble.v1 import shardnode_pb2 as pb
-from shardnode.storage import NodeStorage, schema
+from shardnode.storage import NodeStorage, schema, snapshots
 
 S1, S2 = ShardId("shard-1"), ShardId("shard-2")
 ALICE, BOB = PlayerId("alice"), PlayerId("bob")
@@ -202,6 +202,28 @@ def test_a_snapshot_read_in_pages_is_the_snapshot_read_at_once(pair: tuple[NodeS
     replica.install_snapshot(pb.ShardSnapshot.FromString(joined), 1)
     assert replica.snapshot(S1).SerializeToString() == whole
     assert replica.holdings(S1, PlayerId("p3")).escrowed_items == frozenset({"item-3-a"})
+
+
+def test_a_snapshot_parsed_a_piece_at_a_time_is_the_snapshot(pair: tuple[NodeStorage, NodeStorage]) -> None:
+    primary, _ = pair
+    for i in range(40):
+        primary.write(S1, 1, grant(f"g{i}", f"p{i}", [f"item-{i}"], i), 1)
+        primary.write(S1, 1, pb.WriteOp(request_id=f"d{i}", player_id=f"p{i}",
+                                        set_data=pb.SetDataOp(system="guild", key="k", value=bytes(300 * i))), 1)
+    primary.write(S1, 1, prepare("t1", leg("p1", ["item-1"], 1, [], 0, "carol")), 1)
+    whole = primary.snapshot(S1)
+    data = bytearray(whole.SerializeToString())
+    for size in (1, 100, 5_000, 1 << 20):
+        pieces = list(snapshots.field_slices(data, size))
+        assert b"".join(pieces) == data
+        assert size > 1 or len(pieces) > 120  # one field a piece: each row, the header's two fields
+        parsed = pb.ShardSnapshot()
+        for piece in pieces:
+            parsed.MergeFromString(piece)  # type: ignore[arg-type]
+        assert parsed == whole
+    for broken in (data[:-1], data + b"\x07", data + b"\x80"):  # truncated; a wire type none encodes; cut varint
+        with pytest.raises(CorruptRecord):
+            list(snapshots.field_slices(broken, 1 << 20))
 
 
 def test_pages_read_while_the_shard_changed_are_not_a_snapshot(pair: tuple[NodeStorage, NodeStorage]) -> None:
