@@ -1512,6 +1512,7 @@ class DataPlane:
             f"{shard} changed while node {self.node_id} read its snapshot, {SNAPSHOT_PAGED_READS} times (this node "
             "applies its primary's writes): ask again shortly, or ask the shard's primary"
         )
+
     def _release_writes(self, shard: ShardId) -> None:
         """Ends the hold on ``shard``'s writes; those held go first at the next flush."""
         self._writes_held.discard(shard)
