@@ -25,6 +25,7 @@ import structlog
 from bluemarble.api.conversions import holds_role, ring_to_proto
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import (
+    AlreadyExists,
     BlueMarbleError,
     DeadlineExceeded,
     FailedPrecondition,
@@ -43,6 +44,7 @@ from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc, s
 from controlplane.server.crash_watch import CrashWatch
 from controlplane.server.election import Election, LeaderInfo, refresh_interval_s
 from controlplane.server.node_probe import NodeProbe
+from controlplane.server.refusals import RegistrationRefusals
 from controlplane.server.registry import NodeListing, NodeRegistry, UnreadableNode
 from controlplane.server.shard_reports import ShardReports
 from controlplane.store import codec
@@ -98,6 +100,13 @@ class ControlPlaneDeps:
     another are refused."""
     forced: PrefixCache[controlplane_pb2.ForcePromoteRequest] | None = None
     """The ForcePromote requests waiting for the leader (GetClusterStatus lists them)."""
+    refusals: RegistrationRefusals | None = None
+    """Registrations this replica refused lately (GetClusterStatus words them); None: a
+    new record on the deps' clock."""
+
+    def __post_init__(self) -> None:
+        if self.refusals is None:
+            self.refusals = RegistrationRefusals(self.clock)
 
 
 MAX_SHARD_STATUSES = limits.MAX_SHARD_STATUSES
@@ -220,26 +229,40 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         await self._d.auth.node(context, "RegisterNode", request.node_id)
         theirs = validation.cluster_uid(request.cluster_uid)
         if theirs and self._d.cluster_uid and theirs != self._d.cluster_uid:
-            raise FailedPrecondition(
+            refusal = FailedPrecondition(
                 f"the data dir of node {echo(request.node_id)} belongs to another cluster (uid {theirs}; this one is "
                 f"{self._d.cluster_uid}): its copies mean nothing here. Start it with its own cluster's "
                 "control plane, or with an empty data dir to join this one"
             )
+            self._refused(request, refusal)
+            raise refusal
         config, _ = await self._d.config.get()
-        lease_id, ttl_s = await self._d.registry.register(
-            request.node_id,
-            request.address,
-            request.region,
-            request.zone,
-            request.capacity,
-            config.lease_ttl_s,
-        )
+        try:
+            lease_id, ttl_s = await self._d.registry.register(
+                request.node_id,
+                request.address,
+                request.region,
+                request.zone,
+                request.capacity,
+                config.lease_ttl_s,
+            )
+        except AlreadyExists as e:  # another process's id or address: worth the operator's eye
+            self._refused(request, e)
+            raise
         return controlplane_pb2.RegisterNodeResponse(
             lease_id=lease_id,
             ttl_ms=ttl_s * 1000,
             heartbeat_interval_ms=max(ttl_s * 1000 // 3, 100),
             cluster_uid=self._d.cluster_uid,
         )
+
+    def _refused(self, request: controlplane_pb2.RegisterNodeRequest, error: BlueMarbleError) -> None:
+        """Notes a refused registration for GetClusterStatus; logs the first of each
+        episode (the refused process retries on its own, and would repeat it every try)."""
+        assert self._d.refusals is not None
+        if self._d.refusals.refused(request.node_id, request.address, str(error)):
+            log.warning("registration refused; status shows it while it goes on", node_id=echo(request.node_id, 64),
+                        address=echo(request.address, 128), error=str(error))
 
     async def Heartbeat(
         self, request: controlplane_pb2.HeartbeatRequest, context: Ctx
@@ -840,6 +863,8 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             if silent_leader:
                 response.warnings.append(silent_leader)
         response.warnings.extend(self._forced_warnings())
+        assert self._d.refusals is not None
+        response.warnings.extend(self._d.refusals.warnings(self._d.replica_id))
         hold = self._d.placement_hold()
         if hold:
             response.warnings.append(f"the leader holds placement moves while nodes come back: {hold}")

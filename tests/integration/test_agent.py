@@ -147,6 +147,13 @@ async def test_duplicate_node_id_is_refused_after_a_bounded_wait(control_plane: 
             await asyncio.wait_for(intruder.run(asyncio.Event()), 10)
         assert "already registered from 127.0.0.1:7101" in str(info.value)
         assert "its heartbeats renew it" in str(info.value)  # not a lease about to end by itself
+        # The operator sees it too, not only the refused process's own log.
+        async with grpc.aio.insecure_channel(control_plane.address) as channel:
+            status = await controlplane_pb2_grpc.ControlPlaneStub(channel).GetClusterStatus(
+                pb.GetClusterStatusRequest())
+        [warning] = [w for w in status.warnings if "refused" in w]
+        assert f"replica {control_plane.replica_id} refused" in warning
+        assert "of node n1 from 127.0.0.1:7102" in warning and "already registered from 127.0.0.1:7101" in warning
     await holder.deregister()
     await client.close()
 

@@ -824,6 +824,9 @@ class TestClusterIdentity:
         assert code == grpc.StatusCode.FAILED_PRECONDITION
         assert "belongs to another cluster" in details and control_plane.cluster_uid in details
         assert_short(details)
+        status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
+        [warning] = [w for w in status.warnings if "refused" in w]
+        assert "of node n1 from" in warning and "belongs to another cluster" in warning
         request.cluster_uid = control_plane.cluster_uid  # its own: welcome
         assert (await stub.RegisterNode(request)).cluster_uid == control_plane.cluster_uid
 
