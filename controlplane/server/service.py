@@ -27,6 +27,7 @@ from bluemarble.core import limits, validation
 from bluemarble.core.errors import (
     AlreadyExists,
     BlueMarbleError,
+    CorruptRecord,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -906,9 +907,15 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             raise InvalidArgument(
                 f"expected_revision is {request.expected_revision}; give the revision GetConfig returned (0: any)"
             )
-        before, _ = await self._d.config.get()
+        try:
+            before: common_pb2.ClusterConfig | None = (await self._d.config.get())[0]
+        except CorruptRecord:  # edited by hand: a whole valid config replaces it (ConfigStore.set)
+            before = None
         config, revision = await self._d.config.set(request.config, request.expected_revision)
         response = controlplane_pb2.SetConfigResponse(config=config, revision=revision)
+        if before is None:
+            response.warnings.append("the stored config was unreadable; this one replaced it whole")
+            before = config  # nothing to compare with
         if config.lease_ttl_s != before.lease_ttl_s:
             response.warnings.append(
                 f"lease_ttl_s {before.lease_ttl_s} -> {config.lease_ttl_s} applies to leases granted from now on: "

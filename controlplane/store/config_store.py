@@ -9,13 +9,13 @@ import structlog
 
 from bluemarble.api import cluster_config
 from bluemarble.core import validation
-from bluemarble.core.errors import FailedPrecondition, Unavailable
+from bluemarble.core.errors import CorruptRecord, FailedPrecondition, Unavailable
 from bluemarble.core.limits import echo
 from bluemarble.v1 import common_pb2
 from controlplane.store import codec
 from controlplane.store.etcd import Compare, EtcdStore, Get, Put
 from controlplane.store.keys import KeySchema
-from controlplane.store.records import parse_config
+from controlplane.store.records import decode_ring, parse_config
 
 log = structlog.get_logger(__name__)
 
@@ -28,6 +28,7 @@ class ConfigStore:
         self._store = store
         self._key = keys.config()
         self._uid_key = keys.cluster_uid()
+        self._ring_key = keys.ring()
 
     async def ensure(self, defaults: common_pb2.ClusterConfig) -> tuple[common_pb2.ClusterConfig, int]:
         """The stored config and its mod revision; a cluster that has none is created with
@@ -127,7 +128,10 @@ class ConfigStore:
         (a retry of a write that landed): the answer is then the stored one.
         """
         cluster_config.validate(config)
-        current, revision = await self.get()
+        try:
+            current, revision = await self.get()
+        except CorruptRecord as unreadable:
+            return await self._replace_unreadable(config, expected_revision, unreadable)
         for name in FIXED_AFTER_CREATION:
             if getattr(config, name) != getattr(current, name):
                 raise FailedPrecondition(
@@ -155,4 +159,43 @@ class ConfigStore:
         if not result.succeeded:
             raise FailedPrecondition("config changed concurrently; read it again and reapply")
         log.info("cluster config updated", revision=result.revision)
+        return config, result.revision
+
+    async def _replace_unreadable(
+        self, config: common_pb2.ClusterConfig, expected_revision: int, unreadable: CorruptRecord
+    ) -> tuple[common_pb2.ClusterConfig, int]:
+        """Replaces a stored config that does not parse or is invalid (edited by hand) with
+        ``config``, valid already. The fields fixed at creation are checked against the
+        ring, which was made from them and holds them (shards, tokens per shard), since the
+        stored config cannot say; ``expected_revision`` is 0 or the unreadable value's mod
+        revision (the DATA_LOSS error names it). Raises FailedPrecondition otherwise, and
+        CorruptRecord when the ring is unreadable too (nothing to check against)."""
+        kv = await self._store.get(self._key)
+        if kv is None:
+            raise Unavailable(f"cluster config {self._key} is missing; a control plane creates it at start")
+        ring_kv = await self._store.get(self._ring_key)
+        if ring_kv is None:
+            raise FailedPrecondition(
+                f"the stored config is unreadable ({unreadable}) and the ring is missing, so the fields fixed at "
+                "creation cannot be checked; put a valid config with etcdctl"
+            )
+        ring = decode_ring(ring_kv)
+        fixed = {"shard_count": len(ring.shards), "vnodes_per_shard": len(ring.shards[0][1])}
+        for name in FIXED_AFTER_CREATION:
+            if getattr(config, name) != fixed[name]:
+                raise FailedPrecondition(
+                    f"the stored config is unreadable, and {name} {getattr(config, name)} is not the ring's "
+                    f"({fixed[name]}): {name} cannot change after the cluster is created"
+                )
+        if expected_revision and expected_revision != kv.mod_revision:
+            raise FailedPrecondition(
+                f"expected_revision {expected_revision} is not the unreadable config's revision {kv.mod_revision}; "
+                "give that revision, or 0"
+            )
+        result = await self._store.txn(
+            [Compare.mod_revision(self._key, kv.mod_revision)], [Put(self._key, codec.encode(config))]
+        )
+        if not result.succeeded:
+            raise FailedPrecondition("config changed concurrently; read it again and reapply")
+        log.warning("an unreadable cluster config was replaced", revision=result.revision, was=str(unreadable))
         return config, result.revision

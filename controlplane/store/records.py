@@ -40,8 +40,9 @@ def parse_config(data: bytes, key: str) -> common_pb2.ClusterConfig:
         if len(found) > len(shown):
             shown.append(f"and {len(found) - len(shown)} more")
         raise CorruptRecord(
-            f"etcd key {key} holds an invalid ClusterConfig ({'; '.join(shown)}); put a valid one there with "
-            "etcdctl (shard_count and vnodes_per_shard as the ring has them)"
+            f"etcd key {key} holds an invalid ClusterConfig ({'; '.join(shown)}); SetConfig a whole valid one "
+            "(expected_revision 0), or put one there with etcdctl (shard_count and vnodes_per_shard as the ring "
+            "has them)"
         )
     return config
 

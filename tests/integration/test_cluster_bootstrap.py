@@ -205,6 +205,48 @@ class TestInvalidStoredConfig:
         assert config == codec.decode(valid.value, type(config))
 
 
+    async def test_set_config_replaces_an_unreadable_config_checked_against_the_ring(
+        self, start_control_plane: StartControlPlane
+    ) -> None:
+        app = await start_control_plane()
+        key = app.keys.config()
+        assert app.config_mirror is not None
+        mirror = app.config_mirror
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
+            good = (await stub.GetConfig(pb.GetConfigRequest())).config
+            await app.store.put(key, b"not json")
+            await wait_for(lambda: _true(key in mirror.unreadable), 5.0, "the mirror setting the config aside")
+            stored = await app.store.get(key)
+            assert stored is not None
+
+            async def refused(config: object, revision: int = 0) -> tuple[grpc.StatusCode, str]:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.SetConfig(pb.SetConfigRequest(config=config, expected_revision=revision))
+                return info.value.code(), info.value.details() or ""
+
+            with pytest.raises(grpc.aio.AioRpcError) as unreadable:
+                await stub.GetConfig(pb.GetConfigRequest())
+            assert unreadable.value.code() == grpc.StatusCode.DATA_LOSS
+            # The fields fixed at creation are checked against the ring, the stored config cannot say.
+            for name in ("shard_count", "vnodes_per_shard"):
+                other = type(good)()
+                other.CopyFrom(good)
+                setattr(other, name, getattr(good, name) + 1)
+                code, details = await refused(other)
+                assert code == grpc.StatusCode.FAILED_PRECONDITION and f"{name} {getattr(good, name) + 1}" in details
+                assert "is not the ring's" in details, details
+            code, details = await refused(good, stored.mod_revision + 5)
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and str(stored.mod_revision) in details
+            assert (await app.store.get(key)) == stored  # nothing written by the refusals
+            good.replication_factor = 1
+            answer = await stub.SetConfig(pb.SetConfigRequest(config=good, expected_revision=stored.mod_revision))
+            assert answer.config == good and answer.revision > stored.mod_revision
+            assert any("unreadable" in w for w in answer.warnings), answer.warnings
+            await wait_for(lambda: _true(key in mirror.entries), 5.0, "the mirror reading the new config")
+            assert (await stub.GetConfig(pb.GetConfigRequest())).config == good
+
+
 async def test_a_deleted_ring_is_made_again_by_the_leader(start_control_plane: StartControlPlane) -> None:
     """Every trade and routing answer waits on the ring: its key deleted by hand (or gone
     with a restore from an old snapshot) is made again, from the fields fixed at creation."""
