@@ -48,6 +48,7 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 import grpc.aio
@@ -78,6 +79,8 @@ from shardnode.replication import ShardView, Shipper, close_channels, must_send_
 from shardnode.storage import NodeStorage, WriteResult, snapshots
 
 log = structlog.get_logger(__name__)
+
+ItemsAnswer = TypeVar("ItemsAnswer", shardnode_pb2.GrantItemsResponse, shardnode_pb2.TakeItemsResponse)
 
 STRONG = common_pb2.CONSISTENCY_MODEL_STRONG
 MAX_REQUESTED_BY_CHARS = 128
@@ -921,23 +924,40 @@ class DataPlane:
     async def grant(
         self, request: shardnode_pb2.GrantItemsRequest, timeout_s: float
     ) -> shardnode_pb2.GrantItemsResponse:
+        """Gives a player new unique items and gold (STRONG, idempotent by request id)."""
+        return await self._items_write("grant", request, timeout_s, shardnode_pb2.GrantItemsResponse)
+
+    async def take(
+        self, request: shardnode_pb2.TakeItemsRequest, timeout_s: float
+    ) -> shardnode_pb2.TakeItemsResponse:
+        """Removes items and gold from a player (shardnode.storage.apply refuses what the
+        player does not hold, escrows included); STRONG and idempotent as :meth:`grant`."""
+        return await self._items_write("take", request, timeout_s, shardnode_pb2.TakeItemsResponse)
+
+    async def _items_write(
+        self,
+        kind: str,
+        request: shardnode_pb2.GrantItemsRequest | shardnode_pb2.TakeItemsRequest,
+        timeout_s: float,
+        answer: type[ItemsAnswer],
+    ) -> ItemsAnswer:
+        """A grant or a take (``kind``, the WriteOp field): checked, written on the
+        player's primary, answered once replicated with the inventory after it."""
         validation.request_id(request.request_id)
         player = validation.player_id(request.player_id)
         items = validation.item_ids(list(request.item_ids))
         validation.gold(request.gold)
         if not items and request.gold == 0:
-            raise InvalidArgument("the grant is empty; give at least one item id or some gold")
+            raise InvalidArgument(f"the {kind} is empty; give at least one item id or some gold")
         shard = self.shard_for(player)
         state = self._writable(shard, request.epoch, strong=True)
         self.check_not_settling(shard, player)
-        op = shardnode_pb2.WriteOp(
-            request_id=request.request_id,
-            player_id=player,
-            grant=shardnode_pb2.GrantOp(item_ids=items, gold=request.gold),
-        )
+        op = shardnode_pb2.WriteOp(request_id=request.request_id, player_id=player)
+        getattr(op, kind).CopyFrom(
+            (shardnode_pb2.GrantOp if kind == "grant" else shardnode_pb2.TakeOp)(item_ids=items, gold=request.gold))
         result = await self._write(state, op)
-        await self._wait_committed(state, result.lsn, timeout_s, f"grant {limits.echo(request.request_id, 40)}")
-        response = shardnode_pb2.GrantItemsResponse.FromString(result.response)
+        await self._wait_committed(state, result.lsn, timeout_s, f"{kind} {limits.echo(request.request_id, 40)}")
+        response = answer.FromString(result.response)
         response.replayed = result.replayed
         response.inventory.staleness.CopyFrom(self._staleness(state, False))
         return response

@@ -78,7 +78,7 @@ from bluemarble.runtime.clock import run_with_timeout
 from bluemarble.v1 import common_pb2, shardnode_pb2, trade_pb2
 from shardnode.dataplane import DataPlane, ShardState
 from shardnode.storage import trades as stored
-from shardnode.storage.records import GRANT
+from shardnode.storage.records import GRANT, TAKE
 
 log = structlog.get_logger(__name__)
 
@@ -298,6 +298,9 @@ class Participant:
             elif kind == GRANT:
                 incoming_gold += op.grant.gold
                 incoming_items += len(op.grant.item_ids)
+            elif kind == TAKE:  # what a queued take removes is not there to give
+                escrowed.update(op.take.item_ids)
+                escrowed_gold += op.take.gold
             touched = touched or op.player_id == player
         if not touched:
             return base  # the common case: nothing queued for this player, nothing to copy

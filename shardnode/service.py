@@ -105,6 +105,12 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
         response: shardnode_pb2.GrantItemsResponse = await self._answer("grant_items", request, _timeout_s(context))
         return response
 
+    async def TakeItems(
+        self, request: shardnode_pb2.TakeItemsRequest, context: Ctx
+    ) -> shardnode_pb2.TakeItemsResponse:
+        response: shardnode_pb2.TakeItemsResponse = await self._answer("take_items", request, _timeout_s(context))
+        return response
+
     async def GetPlayerData(
         self, request: shardnode_pb2.GetPlayerDataRequest, context: Ctx
     ) -> shardnode_pb2.GetPlayerDataResponse:
@@ -210,6 +216,8 @@ class ShardNodeService(shardnode_pb2_grpc.ShardNodeServicer):
             return await self._dp().get_inventory(player, request.allow_stale, timeout_s)
         if kind == "grant_items":
             return await self._dp().grant(request, timeout_s)
+        if kind == "take_items":
+            return await self._dp().take(request, timeout_s)
         if kind == "get_player_data":
             return await self._dp().get_player_data(request, timeout_s)
         if kind == "set_player_data":

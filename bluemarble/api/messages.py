@@ -16,6 +16,7 @@ M = TypeVar("M", bound=_Sized)
 NODE_CALL_RPCS = {
     "get_inventory": "GetInventory",
     "grant_items": "GrantItems",
+    "take_items": "TakeItems",
     "get_player_data": "GetPlayerData",
     "set_player_data": "SetPlayerData",
     "execute_local_trade": "ExecuteLocalTrade",

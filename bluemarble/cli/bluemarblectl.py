@@ -234,7 +234,7 @@ def render_inventory(inv: Inventory) -> str:
     return _pairs(_inventory_pairs(inv))
 
 
-def render_grant(result: GrantResult) -> str:
+def render_grant(result: GrantResult, what: str = "grant") -> str:
     outcome = (
         "replayed: an earlier attempt with this request id was applied; nothing applied now"
         if result.replayed
@@ -244,7 +244,7 @@ def render_grant(result: GrantResult) -> str:
         *_inventory_pairs(result.inventory),
         ("request id", result.request_id),
         ("lsn", result.lsn),
-        ("grant", outcome),
+        (what, outcome),
     ])
 
 
@@ -577,7 +577,7 @@ READS: dict[str, tuple[Callable[[Any], Any], Callable[[], Message], Callable[[An
 }
 
 
-DATA_COMMANDS = ("inventory", "grant", "data")
+DATA_COMMANDS = ("inventory", "grant", "take", "data")
 DEFAULT_TIMEOUT_S = 5.0
 """``--timeout-s`` when neither the flag nor its environment variable gives it."""
 PROMOTE_TIMEOUT_S = 20.0
@@ -601,6 +601,11 @@ async def run_data(args: argparse.Namespace, client: ControlPlaneClient) -> str:
                 args.player, args.items, args.gold, request_id=args.request_id, deadline_s=deadline_s
             )
             text = render_grant(result)
+        elif args.command == "take":
+            result = await routing.take_items(
+                args.player, args.items, args.gold, request_id=args.request_id, deadline_s=deadline_s
+            )
+            text = render_grant(result, "take")
         elif args.action == "get":
             result = await routing.get_player_data(
                 args.player, args.system, args.key, allow_stale=args.stale, deadline_s=deadline_s
@@ -683,6 +688,7 @@ _CLI_WORDS: dict[str, tuple[tuple[str, str], ...]] = {
               ("b_gives.gold", "--b-gold"),
               ("ExecuteTrade with the same id and terms", "trade execute with the same id and terms")),
     "grant": (("request_id", "--request-id"),),
+    "take": (("request_id", "--request-id"),),
     "data": (("request_id", "--request-id"),),
     "config": (("read it again with GetConfig and reapply your change", "run config set again"),),
 }
@@ -854,12 +860,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     inventory = sub.add_parser("inventory", help="a player's items and gold (from the shard's primary)")
     inventory.add_argument("player")
     inventory.add_argument("--stale", action="store_true", help="accept an answer from a replica if the primary fails")
-    grant = sub.add_parser("grant", help="give a player new unique items and gold (idempotent by request id)")
-    grant.add_argument("player")
-    grant.add_argument("items", nargs="*", metavar="ITEM")
-    grant.add_argument("--gold", type=_gold, default=0, action=_Once, help="gold to add (0..2^53)")
-    grant.add_argument("--request-id", action=_Once,
-                       help="idempotency key (default: a new uuid4); reuse it to retry safely")
+    for name, what, gold in (("grant", "give a player new unique items and gold", "gold to add (0..2^53)"),
+                             ("take", "take items and gold away from a player", "gold to remove (0..2^53)")):
+        write = sub.add_parser(name, help=f"{what} (idempotent by request id)")
+        write.add_argument("player")
+        write.add_argument("items", nargs="*", metavar="ITEM")
+        write.add_argument("--gold", type=_gold, default=0, action=_Once, help=gold)
+        write.add_argument("--request-id", action=_Once,
+                           help="idempotency key (default: a new uuid4); reuse it to retry safely")
     data = sub.add_parser("data", help="get or set a player's value for a game system and key")
     data_sub = data.add_subparsers(dest="action", required=True)
     data_get = data_sub.add_parser("get")

@@ -21,6 +21,7 @@ one cached channel per node address (closed once no assignment names the node).
         result = await cluster.grant_items("player-42", ["sword-1", "shield-7"], gold=100)
         print(result.inventory.item_ids, result.inventory.gold, result.replayed)
         inventory = await cluster.get_inventory("player-42")
+        await cluster.take_items("player-42", ["shield-7"], gold=30)  # bought at a shop
         await cluster.set_player_data("player-42", "guild", "name", b"Night Owls")
         guild = await cluster.get_player_data("player-42", "guild", "name", allow_stale=True)
         if cluster.same_shard("player-42", "player-7"):
@@ -122,7 +123,7 @@ class Inventory:
 
 @dataclass(frozen=True)
 class GrantResult:
-    """The answer to a grant: the inventory after it, the grant's log position, and
+    """The answer to a grant (or a take): the inventory after it, its log position, and
     whether this answer is the recorded one of an earlier write with the same request id
     (``replayed``). With a request id of the client's own making it is always False: only
     this call's own attempts used that id. With yours, True says an earlier call with it
@@ -266,7 +267,9 @@ class Target:
 
 # FAILED_PRECONDITION answers that are about the caller's data, not about routing: the
 # same request sent to the right primary gets the same answer, so retrying is pointless.
-_FINAL_PRECONDITION_MARKERS = ("owned by", "already owned", "escrow", "not enough", "insufficient")
+_FINAL_PRECONDITION_MARKERS = (
+    "owned by", "already owned", "not own item", "escrow", "not enough", "insufficient", "gold to spend",
+)
 # FAILED_PRECONDITION answers that mean "not here, or not now": a node that does not
 # lead the shard (at this epoch), a replica asked for a strong read, a node that fenced
 # itself because its lease may have expired. Another primary, or the same one a moment
@@ -479,6 +482,10 @@ class NodeTransport(Protocol):
         self, address: str, request: shardnode_pb2.GrantItemsRequest, timeout_s: float
     ) -> shardnode_pb2.GrantItemsResponse: ...
 
+    async def take_items(
+        self, address: str, request: shardnode_pb2.TakeItemsRequest, timeout_s: float
+    ) -> shardnode_pb2.TakeItemsResponse: ...
+
     async def get_player_data(
         self, address: str, request: shardnode_pb2.GetPlayerDataRequest, timeout_s: float
     ) -> shardnode_pb2.GetPlayerDataResponse: ...
@@ -588,6 +595,12 @@ class GrpcNodeTransport:
         self, address: str, request: shardnode_pb2.GrantItemsRequest, timeout_s: float
     ) -> shardnode_pb2.GrantItemsResponse:
         response: shardnode_pb2.GrantItemsResponse = await self._call(address, "grant_items", request, timeout_s)
+        return response
+
+    async def take_items(
+        self, address: str, request: shardnode_pb2.TakeItemsRequest, timeout_s: float
+    ) -> shardnode_pb2.TakeItemsResponse:
+        response: shardnode_pb2.TakeItemsResponse = await self._call(address, "take_items", request, timeout_s)
         return response
 
     async def get_player_data(
@@ -930,17 +943,51 @@ class RoutingClient:
         anything is sent), FailedPrecondition (e.g. an item
         someone already owns, or an ``epoch`` older than the shard's), and after
         ``deadline_s`` the last retryable error."""
+        return await self._items_write("grant", player_id, item_ids, gold, request_id, epoch, deadline_s)
+
+    async def take_items(
+        self,
+        player_id: str,
+        item_ids: Iterable[str] = (),
+        gold: int = 0,
+        *,
+        request_id: str | None = None,
+        epoch: int = 0,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+    ) -> GrantResult:
+        """Takes items and gold away from the player (a purchase, an item used up), on the
+        shard's primary; the answer holds the inventory after it.
+
+        Idempotent by ``request_id`` exactly as :meth:`grant_items` (the same rules for
+        reusing it, and the error of a call whose outcome is unknown names it). Raises
+        InvalidArgument (bad input, checked before anything is sent: an empty take, more
+        than 256 items, gold outside 0..2^53), FailedPrecondition naming the item or the
+        amount when the player does not hold it (items and gold escrowed by a trade in
+        doubt count as not held), and after ``deadline_s`` the last retryable error."""
+        return await self._items_write("take", player_id, item_ids, gold, request_id, epoch, deadline_s)
+
+    async def _items_write(
+        self, kind: str, player_id: str, item_ids: Iterable[str], gold: int, request_id: str | None, epoch: int,
+        deadline_s: float,
+    ) -> GrantResult:
+        """:meth:`grant_items` (``kind`` "grant") or :meth:`take_items` ("take")."""
         callers_id = request_id is not None  # else only this call's own attempts use the id
-        request = shardnode_pb2.GrantItemsRequest(
+        message = shardnode_pb2.GrantItemsRequest if kind == "grant" else shardnode_pb2.TakeItemsRequest
+        request = message(
             request_id=validation.request_id(request_id if request_id is not None else str(uuid.uuid4())),
             player_id=validation.player_id(player_id),
             item_ids=validation.item_ids(item_ids),
             gold=validation.gold(gold),
             epoch=validation.log_counter(epoch, "epoch"),
         )
+        if kind == "take" and not request.item_ids and not request.gold:
+            raise errors.InvalidArgument("the take is empty; give at least one item id or some gold")
 
         async def call(target: Target, address: str, timeout_s: float) -> GrantResult:
-            response = await self._transport.grant_items(address, request, timeout_s)
+            if isinstance(request, shardnode_pb2.GrantItemsRequest):
+                response: Any = await self._transport.grant_items(address, request, timeout_s)
+            else:
+                response = await self._transport.take_items(address, request, timeout_s)
             return GrantResult(
                 inventory=_inventory(response.inventory, target.node_id),
                 lsn=response.lsn,
@@ -949,8 +996,9 @@ class RoutingClient:
             )
 
         self._check_usable()  # closed already: nothing was sent, so no outcome is in doubt
+        what = "GrantItems" if kind == "grant" else "TakeItems"
         return await _naming_request(request.request_id, self._run(
-            player_id, call, allow_stale=False, deadline_s=deadline_s, what="GrantItems", epoch=epoch
+            player_id, call, allow_stale=False, deadline_s=deadline_s, what=what, epoch=epoch
         ))
 
     async def set_player_data(

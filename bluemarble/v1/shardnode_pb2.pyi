@@ -113,6 +113,30 @@ class GrantItemsResponse(_message.Message):
     replayed: bool
     def __init__(self, inventory: _Optional[_Union[GetInventoryResponse, _Mapping]] = ..., lsn: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
+class TakeItemsRequest(_message.Message):
+    __slots__ = ("request_id", "player_id", "item_ids", "gold", "epoch")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAYER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    GOLD_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    player_id: str
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    gold: int
+    epoch: int
+    def __init__(self, request_id: _Optional[str] = ..., player_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., gold: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class TakeItemsResponse(_message.Message):
+    __slots__ = ("inventory", "lsn", "replayed")
+    INVENTORY_FIELD_NUMBER: _ClassVar[int]
+    LSN_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    inventory: GetInventoryResponse
+    lsn: int
+    replayed: bool
+    def __init__(self, inventory: _Optional[_Union[GetInventoryResponse, _Mapping]] = ..., lsn: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
 class GetPlayerDataRequest(_message.Message):
     __slots__ = ("player_id", "system", "key", "allow_stale")
     PLAYER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -380,7 +404,7 @@ class LogEntry(_message.Message):
     def __init__(self, lsn: _Optional[int] = ..., epoch: _Optional[int] = ..., payload: _Optional[bytes] = ..., written_at_ms: _Optional[int] = ...) -> None: ...
 
 class WriteOp(_message.Message):
-    __slots__ = ("request_id", "player_id", "grant", "set_data", "epoch_start", "trade_prepare", "trade_settle", "local_trade")
+    __slots__ = ("request_id", "player_id", "grant", "set_data", "epoch_start", "trade_prepare", "trade_settle", "local_trade", "take")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PLAYER_ID_FIELD_NUMBER: _ClassVar[int]
     GRANT_FIELD_NUMBER: _ClassVar[int]
@@ -389,6 +413,7 @@ class WriteOp(_message.Message):
     TRADE_PREPARE_FIELD_NUMBER: _ClassVar[int]
     TRADE_SETTLE_FIELD_NUMBER: _ClassVar[int]
     LOCAL_TRADE_FIELD_NUMBER: _ClassVar[int]
+    TAKE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     player_id: str
     grant: GrantOp
@@ -397,7 +422,8 @@ class WriteOp(_message.Message):
     trade_prepare: TradePrepareOp
     trade_settle: TradeSettleOp
     local_trade: LocalTradeOp
-    def __init__(self, request_id: _Optional[str] = ..., player_id: _Optional[str] = ..., grant: _Optional[_Union[GrantOp, _Mapping]] = ..., set_data: _Optional[_Union[SetDataOp, _Mapping]] = ..., epoch_start: _Optional[_Union[EpochStartOp, _Mapping]] = ..., trade_prepare: _Optional[_Union[TradePrepareOp, _Mapping]] = ..., trade_settle: _Optional[_Union[TradeSettleOp, _Mapping]] = ..., local_trade: _Optional[_Union[LocalTradeOp, _Mapping]] = ...) -> None: ...
+    take: TakeOp
+    def __init__(self, request_id: _Optional[str] = ..., player_id: _Optional[str] = ..., grant: _Optional[_Union[GrantOp, _Mapping]] = ..., set_data: _Optional[_Union[SetDataOp, _Mapping]] = ..., epoch_start: _Optional[_Union[EpochStartOp, _Mapping]] = ..., trade_prepare: _Optional[_Union[TradePrepareOp, _Mapping]] = ..., trade_settle: _Optional[_Union[TradeSettleOp, _Mapping]] = ..., local_trade: _Optional[_Union[LocalTradeOp, _Mapping]] = ..., take: _Optional[_Union[TakeOp, _Mapping]] = ...) -> None: ...
 
 class TradePrepareOp(_message.Message):
     __slots__ = ("trade_id", "leg", "prepared_at_ms", "deadline_ms")
@@ -448,6 +474,14 @@ class EpochStartOp(_message.Message):
     def __init__(self) -> None: ...
 
 class GrantOp(_message.Message):
+    __slots__ = ("item_ids", "gold")
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    GOLD_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    gold: int
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., gold: _Optional[int] = ...) -> None: ...
+
+class TakeOp(_message.Message):
     __slots__ = ("item_ids", "gold")
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     GOLD_FIELD_NUMBER: _ClassVar[int]
@@ -672,7 +706,7 @@ class NodeCalls(_message.Message):
     def __init__(self, calls: _Optional[_Iterable[_Union[NodeCall, _Mapping]]] = ...) -> None: ...
 
 class NodeCall(_message.Message):
-    __slots__ = ("call_id", "timeout_ms", "get_inventory", "grant_items", "get_player_data", "set_player_data", "execute_local_trade", "prepare", "commit", "abort")
+    __slots__ = ("call_id", "timeout_ms", "get_inventory", "grant_items", "get_player_data", "set_player_data", "execute_local_trade", "prepare", "commit", "abort", "take_items")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     GET_INVENTORY_FIELD_NUMBER: _ClassVar[int]
@@ -683,6 +717,7 @@ class NodeCall(_message.Message):
     PREPARE_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
+    TAKE_ITEMS_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     timeout_ms: int
     get_inventory: GetInventoryRequest
@@ -693,7 +728,8 @@ class NodeCall(_message.Message):
     prepare: PrepareRequest
     commit: CommitRequest
     abort: AbortRequest
-    def __init__(self, call_id: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., get_inventory: _Optional[_Union[GetInventoryRequest, _Mapping]] = ..., grant_items: _Optional[_Union[GrantItemsRequest, _Mapping]] = ..., get_player_data: _Optional[_Union[GetPlayerDataRequest, _Mapping]] = ..., set_player_data: _Optional[_Union[SetPlayerDataRequest, _Mapping]] = ..., execute_local_trade: _Optional[_Union[ExecuteLocalTradeRequest, _Mapping]] = ..., prepare: _Optional[_Union[PrepareRequest, _Mapping]] = ..., commit: _Optional[_Union[CommitRequest, _Mapping]] = ..., abort: _Optional[_Union[AbortRequest, _Mapping]] = ...) -> None: ...
+    take_items: TakeItemsRequest
+    def __init__(self, call_id: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., get_inventory: _Optional[_Union[GetInventoryRequest, _Mapping]] = ..., grant_items: _Optional[_Union[GrantItemsRequest, _Mapping]] = ..., get_player_data: _Optional[_Union[GetPlayerDataRequest, _Mapping]] = ..., set_player_data: _Optional[_Union[SetPlayerDataRequest, _Mapping]] = ..., execute_local_trade: _Optional[_Union[ExecuteLocalTradeRequest, _Mapping]] = ..., prepare: _Optional[_Union[PrepareRequest, _Mapping]] = ..., commit: _Optional[_Union[CommitRequest, _Mapping]] = ..., abort: _Optional[_Union[AbortRequest, _Mapping]] = ..., take_items: _Optional[_Union[TakeItemsRequest, _Mapping]] = ...) -> None: ...
 
 class NodeResults(_message.Message):
     __slots__ = ("results",)
@@ -702,7 +738,7 @@ class NodeResults(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[NodeResult, _Mapping]]] = ...) -> None: ...
 
 class NodeResult(_message.Message):
-    __slots__ = ("call_id", "get_inventory", "grant_items", "get_player_data", "set_player_data", "execute_local_trade", "prepare", "commit", "abort", "error")
+    __slots__ = ("call_id", "get_inventory", "grant_items", "get_player_data", "set_player_data", "execute_local_trade", "prepare", "commit", "abort", "take_items", "error")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     GET_INVENTORY_FIELD_NUMBER: _ClassVar[int]
     GRANT_ITEMS_FIELD_NUMBER: _ClassVar[int]
@@ -712,6 +748,7 @@ class NodeResult(_message.Message):
     PREPARE_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
+    TAKE_ITEMS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     get_inventory: GetInventoryResponse
@@ -722,8 +759,9 @@ class NodeResult(_message.Message):
     prepare: PrepareResponse
     commit: CommitResponse
     abort: AbortResponse
+    take_items: TakeItemsResponse
     error: CallError
-    def __init__(self, call_id: _Optional[int] = ..., get_inventory: _Optional[_Union[GetInventoryResponse, _Mapping]] = ..., grant_items: _Optional[_Union[GrantItemsResponse, _Mapping]] = ..., get_player_data: _Optional[_Union[GetPlayerDataResponse, _Mapping]] = ..., set_player_data: _Optional[_Union[SetPlayerDataResponse, _Mapping]] = ..., execute_local_trade: _Optional[_Union[ExecuteLocalTradeResponse, _Mapping]] = ..., prepare: _Optional[_Union[PrepareResponse, _Mapping]] = ..., commit: _Optional[_Union[CommitResponse, _Mapping]] = ..., abort: _Optional[_Union[AbortResponse, _Mapping]] = ..., error: _Optional[_Union[CallError, _Mapping]] = ...) -> None: ...
+    def __init__(self, call_id: _Optional[int] = ..., get_inventory: _Optional[_Union[GetInventoryResponse, _Mapping]] = ..., grant_items: _Optional[_Union[GrantItemsResponse, _Mapping]] = ..., get_player_data: _Optional[_Union[GetPlayerDataResponse, _Mapping]] = ..., set_player_data: _Optional[_Union[SetPlayerDataResponse, _Mapping]] = ..., execute_local_trade: _Optional[_Union[ExecuteLocalTradeResponse, _Mapping]] = ..., prepare: _Optional[_Union[PrepareResponse, _Mapping]] = ..., commit: _Optional[_Union[CommitResponse, _Mapping]] = ..., abort: _Optional[_Union[AbortResponse, _Mapping]] = ..., take_items: _Optional[_Union[TakeItemsResponse, _Mapping]] = ..., error: _Optional[_Union[CallError, _Mapping]] = ...) -> None: ...
 
 class CallError(_message.Message):
     __slots__ = ("code", "message")

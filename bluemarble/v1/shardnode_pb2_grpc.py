@@ -46,6 +46,11 @@ class ShardNodeStub:
                 request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.GrantItemsRequest.SerializeToString,
                 response_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.GrantItemsResponse.FromString,
                 _registered_method=True)
+        self.TakeItems = channel.unary_unary(
+                '/bluemarble.v1.ShardNode/TakeItems',
+                request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.TakeItemsRequest.SerializeToString,
+                response_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.TakeItemsResponse.FromString,
+                _registered_method=True)
         self.GetPlayerData = channel.unary_unary(
                 '/bluemarble.v1.ShardNode/GetPlayerData',
                 request_serializer=bluemarble_dot_v1_dot_shardnode__pb2.GetPlayerDataRequest.SerializeToString,
@@ -140,6 +145,16 @@ class ShardNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TakeItems(self, request, context):
+        """Takes items and gold away from a player (a purchase, an item used up or sold to the
+        game), on the shard's primary. STRONG and idempotent by request id, as GrantItems.
+        FAILED_PRECONDITION, naming the item or the amount, when the player does not hold
+        them: escrowed items and gold (a trade in doubt holds them) cannot be taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetPlayerData(self, request, context):
         """A player's value for one game system and key (e.g. "guild", "name"). The system's
         consistency model (cluster config) decides who may answer: STRONG as GetInventory,
@@ -212,7 +227,7 @@ class ShardNodeServicer:
         """Many player calls on one stream: what the routing client uses with a node it calls
         often, since a message on an open stream costs a fraction of a unary call. Each call
         carries an id and its own deadline, is handled exactly as its unary RPC would be
-        (GetInventory, GrantItems, GetPlayerData, SetPlayerData, ExecuteLocalTrade, and the
+        (GetInventory, GrantItems, TakeItems, GetPlayerData, SetPlayerData, ExecuteLocalTrade, and the
         coordinator's Prepare, Commit and Abort),
         concurrently with the others, and is answered by a result with its id, in completion
         order; calls ready in the same instant travel in one message, both ways. A call's
@@ -279,6 +294,11 @@ def add_ShardNodeServicer_to_server(servicer, server):
                     servicer.GrantItems,
                     request_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.GrantItemsRequest.FromString,
                     response_serializer=bluemarble_dot_v1_dot_shardnode__pb2.GrantItemsResponse.SerializeToString,
+            ),
+            'TakeItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.TakeItems,
+                    request_deserializer=bluemarble_dot_v1_dot_shardnode__pb2.TakeItemsRequest.FromString,
+                    response_serializer=bluemarble_dot_v1_dot_shardnode__pb2.TakeItemsResponse.SerializeToString,
             ),
             'GetPlayerData': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPlayerData,
@@ -407,6 +427,33 @@ class ShardNode:
             '/bluemarble.v1.ShardNode/GrantItems',
             bluemarble_dot_v1_dot_shardnode__pb2.GrantItemsRequest.SerializeToString,
             bluemarble_dot_v1_dot_shardnode__pb2.GrantItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TakeItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bluemarble.v1.ShardNode/TakeItems',
+            bluemarble_dot_v1_dot_shardnode__pb2.TakeItemsRequest.SerializeToString,
+            bluemarble_dot_v1_dot_shardnode__pb2.TakeItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,7 @@ INSERT_ITEM = "INSERT INTO items (shard_id, item_id, player_id) VALUES (?, ?, ?)
 PLAYER_ITEMS = "SELECT item_id FROM items WHERE shard_id = ? AND player_id = ? ORDER BY item_id"
 _ENSURE_PLAYER = "INSERT INTO players (shard_id, player_id, gold) VALUES (?, ?, 0) ON CONFLICT DO NOTHING"
 _UPDATE_GOLD = "UPDATE players SET gold = ? WHERE shard_id = ? AND player_id = ?"
+_DELETE_ITEM = "DELETE FROM items WHERE shard_id = ? AND item_id = ? AND player_id = ?"
 _UPSERT_DATA = (
     "INSERT INTO player_data (shard_id, player_id, system, key, value, lsn) VALUES (?, ?, ?, ?, ?, ?) "
     "ON CONFLICT DO UPDATE SET value = excluded.value, lsn = excluded.lsn"
@@ -70,6 +71,8 @@ def apply_op(
     player = PlayerId(op.player_id)
     if kind == records.GRANT:
         return _apply_grant(conn, shard, epoch, lsn, player, op.grant, primary=primary)
+    if kind == records.TAKE:
+        return _apply_take(conn, shard, epoch, lsn, player, op.take, primary=primary)
     data = op.set_data
     previous = conn.execute(DATA_SIZE, (shard, player, data.system, data.key)).fetchone() if primary else None
     conn.execute(_ENSURE_PLAYER, (shard, player))
@@ -148,6 +151,50 @@ def _apply_grant(
             + f"; a player holds at most {limits.MAX_ITEMS_PER_PLAYER}"
         )
     return records.grant_answer(shard, epoch, lsn, player, held, gold)
+
+
+def _apply_take(
+    conn: sqlite3.Connection,
+    shard: ShardId,
+    epoch: int,
+    lsn: int,
+    player: PlayerId,
+    take: shardnode_pb2.TakeOp,
+    *,
+    primary: bool,
+) -> bytes:
+    """Removes ``take``'s items and gold from ``player``. The primary refuses (nothing
+    changed) an item the player does not hold or that a trade in doubt escrows, and gold
+    beyond what the player holds outside escrows: a PREPARED trade's commit must never find
+    its escrow gone. A replica applies what its primary decided (CorruptRecord if it cannot)."""
+
+    def refuse(message: str) -> Exception:
+        return FailedPrecondition(message) if primary else CorruptRecord(f"entry {lsn} of {shard}: {message}")
+
+    who = f"player {echo(player)} of {shard}"
+    found = conn.execute(SELECT_GOLD, (shard, player)).fetchone()
+    if found is None:
+        raise refuse(f"{who} is unknown there (never granted anything); check the player id")
+    if primary:
+        held = trades.holdings(conn, shard, player)
+        for item in take.item_ids:
+            if item not in held.items:
+                raise refuse(f"{who} does not own item {echo(item)}")
+            if item in held.escrowed_items:
+                raise refuse(f"item {echo(item)} of {who} is escrowed by a trade in doubt; retry once it settles")
+        if take.gold > held.available_gold:
+            escrowed = f" ({held.escrowed_gold} more escrowed by trades in doubt)" if held.escrowed_gold else ""
+            raise refuse(f"{who} has {held.available_gold} gold to spend{escrowed}; {take.gold} were asked")
+    for item in take.item_ids:
+        if conn.execute(_DELETE_ITEM, (shard, item, player)).rowcount != 1:
+            raise refuse(f"{who} does not own item {echo(item)}")
+    gold = int(found[0]) - take.gold
+    if gold < 0:
+        raise refuse(f"{who} has {found[0]} gold; {take.gold} were asked")
+    if take.gold:
+        conn.execute(_UPDATE_GOLD, (gold, shard, player))
+    items = [r[0] for r in conn.execute(PLAYER_ITEMS, (shard, player))]
+    return records.take_answer(shard, epoch, lsn, player, items, gold)
 
 
 def append_entry(

@@ -1,7 +1,7 @@
 """The values node storage hands out, and the rules that make a primary and its replicas
 record the same thing for the same entry.
 
-An entry's answer (the encoded GrantItemsResponse or SetPlayerDataResponse remembered
+An entry's answer (the encoded GrantItemsResponse, TakeItemsResponse or SetPlayerDataResponse remembered
 with its request id) is computed from the entry and the shard's state alone: no clock,
 no node id. So a replica that applies the entry records byte for byte what the primary
 recorded, and after a failover the new primary answers a retry exactly as the old one
@@ -24,6 +24,7 @@ from bluemarble.v1 import shardnode_pb2
 from shardnode.storage.trades import TRADE_KINDS, TRADE_SETTLE, check_trade_op
 
 GRANT = "grant"
+TAKE = "take"
 SET_DATA = "set_data"
 EPOCH_START = "epoch_start"
 
@@ -84,7 +85,7 @@ def op_digest(payload: bytes) -> bytes:
 
 def check_op(op: shardnode_pb2.WriteOp) -> str:
     """Validates a WriteOp a primary is asked to apply; returns its kind (:data:`GRANT`,
-    :data:`SET_DATA`, :data:`EPOCH_START` or a trade kind of :mod:`shardnode.storage.trades`).
+    :data:`TAKE`, :data:`SET_DATA`, :data:`EPOCH_START` or a trade kind of :mod:`shardnode.storage.trades`).
     Raises InvalidArgument naming the bad field. The gRPC layer
     checks the same limits first; this keeps storage safe on its own."""
     kind = str(op.WhichOneof("op"))
@@ -110,13 +111,16 @@ def check_op(op: shardnode_pb2.WriteOp) -> str:
     if kind == GRANT:
         validation.item_ids(op.grant.item_ids)
         validation.gold(op.grant.gold)
+    elif kind == TAKE:
+        validation.item_ids(op.take.item_ids)
+        validation.gold(op.take.gold)
     elif kind == SET_DATA:
         if not op.set_data.system:
             raise InvalidArgument("system is empty; name a game system of the cluster config")
         validation.data_key(op.set_data.key)
         validation.data_value(op.set_data.value)
     else:
-        raise InvalidArgument("the write names no operation (grant, set_data or epoch_start)")
+        raise InvalidArgument("the write names no operation (grant, take, set_data or epoch_start)")
     return kind
 
 
@@ -140,6 +144,8 @@ def decode_op(shard: ShardId, entry: shardnode_pb2.LogEntry) -> tuple[shardnode_
         raise CorruptRecord(f"entry {entry.lsn} of {shard} names no operation or no player")
     if kind == GRANT and op.grant.gold > limits.MAX_GOLD:
         raise CorruptRecord(f"entry {entry.lsn} of {shard} grants {op.grant.gold} gold, over the 2^53 cap")
+    if kind == TAKE and op.take.gold > limits.MAX_GOLD:
+        raise CorruptRecord(f"entry {entry.lsn} of {shard} takes {op.take.gold} gold, over the 2^53 cap")
     return op, kind
 
 
@@ -152,6 +158,16 @@ def grant_answer(
         player_id=player, item_ids=item_ids, gold=gold, shard_id=shard, epoch=epoch
     )
     return shardnode_pb2.GrantItemsResponse(inventory=inventory, lsn=lsn).SerializeToString(deterministic=True)
+
+
+def take_answer(
+    shard: ShardId, epoch: int, lsn: int, player: PlayerId, item_ids: list[str], gold: int
+) -> bytes:
+    """The recorded answer of a take: the player's inventory right after it, as a grant's."""
+    inventory = shardnode_pb2.GetInventoryResponse(
+        player_id=player, item_ids=item_ids, gold=gold, shard_id=shard, epoch=epoch
+    )
+    return shardnode_pb2.TakeItemsResponse(inventory=inventory, lsn=lsn).SerializeToString(deterministic=True)
 
 
 def set_data_answer(shard: ShardId, epoch: int, lsn: int) -> bytes:

@@ -15,7 +15,9 @@ import pytest
 
 from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.ring_router import RingRouter
+from bluemarble.client.routing import RoutingClient
 from bluemarble.core import limits
+from bluemarble.core.errors import FailedPrecondition, InvalidArgument
 from bluemarble.core.ids import PlayerId
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
@@ -34,6 +36,15 @@ Stub = shardnode_pb2_grpc.ShardNodeStub
 @contextlib.asynccontextmanager
 async def data_node(start: StartControlPlane, data_dir: Path) -> AsyncIterator[tuple[Stub, DataPlane]]:
     """One node holding every shard as primary (R = 1, 2 shards), serving writes."""
+    async with data_node_and_control_plane(start, data_dir) as (stub, dp, _):
+        yield stub, dp
+
+
+@contextlib.asynccontextmanager
+async def data_node_and_control_plane(
+    start: StartControlPlane, data_dir: Path
+) -> AsyncIterator[tuple[Stub, DataPlane, str]]:
+    """:func:`data_node`, and the control plane's address (for a routing client)."""
     app = await start(replication_factor=1, shards=2)
     storage = NodeStorage.open(data_dir)
     client = ControlPlaneClient([app.address])
@@ -61,7 +72,7 @@ async def data_node(start: StartControlPlane, data_dir: Path) -> AsyncIterator[t
     try:
         await wait_for(lambda: _serving(dp), 15.0, "the node to serve both shards")
         await agent.config_loaded.wait()
-        yield Stub(channel), dp  # type: ignore[no-untyped-call]
+        yield Stub(channel), dp, app.address  # type: ignore[no-untyped-call]
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
@@ -178,6 +189,58 @@ async def test_grants_are_idempotent_and_items_unique(start_control_plane: Start
             shardnode_pb2.GetPlayerDataRequest(player_id="alice", system="chat", key="x")
         )
         assert not missing.found
+
+
+def take(**fields: object) -> shardnode_pb2.TakeItemsRequest:
+    request = {"request_id": "t1", "player_id": "alice", "item_ids": ["sword"], "gold": 5, **fields}
+    return shardnode_pb2.TakeItemsRequest(**request)  # type: ignore[arg-type]
+
+
+async def test_takes_remove_what_the_player_holds_once_and_refuse_the_rest(
+    start_control_plane: StartControlPlane, tmp_path: Path
+) -> None:
+    async with data_node_and_control_plane(start_control_plane, tmp_path) as (stub, dp, address):
+        await stub.GrantItems(grant(item_ids=["sword", "shield", "gem"], gold=100))
+        before = {s.shard_id: s.applied_lsn for s in dp.statuses()}
+        # Every bad input a grant refuses, a take refuses the same way; nothing is written.
+        for bad, words in BAD_GRANTS:
+            request = shardnode_pb2.TakeItemsRequest()
+            request.ParseFromString(bad.SerializeToString())  # the same fields, the same numbers
+            code, details = await refused(stub.TakeItems(request))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and words in details.replace("take", "grant"), details
+            assert len(details) < 300
+        for request, code_wanted, words in [
+            (take(item_ids=["sword", "bow"]), grpc.StatusCode.FAILED_PRECONDITION, "does not own item 'bow'"),
+            (take(gold=101), grpc.StatusCode.FAILED_PRECONDITION, "has 100 gold to spend; 101 were asked"),
+            (take(player_id="carol"), grpc.StatusCode.FAILED_PRECONDITION, "unknown there"),
+            (take(epoch=99), grpc.StatusCode.FAILED_PRECONDITION, "epoch 99"),
+        ]:
+            code, details = await refused(stub.TakeItems(request))
+            assert (code, words in details) == (code_wanted, True), details
+            assert len(details) < 300
+        assert {s.shard_id: s.applied_lsn for s in dp.statuses()} == before
+        first = await stub.TakeItems(take(item_ids=["sword"], gold=30))
+        assert (list(first.inventory.item_ids), first.inventory.gold, first.replayed) == (["gem", "shield"], 70, False)
+        again = await stub.TakeItems(take(item_ids=["sword"], gold=30))
+        assert again.replayed and again.lsn == first.lsn
+        code, details = await refused(stub.TakeItems(take(item_ids=["gem"])))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "already used" in details
+        # The routing client and bluemarblectl, over the node's Calls stream.
+        async with RoutingClient([address]) as client:
+            taken = await client.take_items("alice", ["gem"], gold=20, request_id="t2", deadline_s=20)
+            assert (taken.inventory.item_ids, taken.inventory.gold, taken.replayed) == (("shield",), 50, False)
+            assert (await client.take_items("alice", ["gem"], gold=20, request_id="t2", deadline_s=20)).replayed
+            with pytest.raises(FailedPrecondition, match="does not own item 'gem'"):
+                await client.take_items("alice", ["gem"], deadline_s=20)
+            with pytest.raises(InvalidArgument, match="the take is empty"):
+                await client.take_items("alice", [], deadline_s=20)
+        from bluemarble.cli import bluemarblectl as ctl
+
+        code = await asyncio.to_thread(ctl.main, ["--control-plane", address, "--timeout-s", "10", "--json", "take",
+                                                  "alice", "shield", "--gold", "50", "--request-id", "t3"])
+        assert code == 0
+        inventory = await stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id="alice"))
+        assert (list(inventory.item_ids), inventory.gold) == ([], 0)
 
 
 async def test_a_node_restarted_with_its_data_dir_recovers_its_shards(

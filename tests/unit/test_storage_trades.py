@@ -5,6 +5,7 @@ after the retention (PREPARED never), and a version-1 data dir is migrated."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -339,3 +340,71 @@ def test_holdings_name_received_items_the_shard_still_stores_for_another_player(
     assert "sword" in held.items
     assert primary.holdings(S1, PlayerId("carol"), ["shield"]).held_by_others == frozenset({"shield"})
     assert primary.holdings(S1, ALICE).held_by_others == frozenset()
+
+
+def take(request_id: str, player: str, items: list[str], gold: int = 0) -> pb.WriteOp:
+    return pb.WriteOp(request_id=request_id, player_id=player, take=pb.TakeOp(item_ids=items, gold=gold))
+
+
+class TestTakes:
+    """TakeItems removes what the player holds, never what a trade in doubt escrows."""
+
+    def test_a_take_removes_items_and_gold_and_a_replica_reproduces_it(self, tmp_path: Path) -> None:
+        with NodeStorage.open(tmp_path / "p") as primary, NodeStorage.open(tmp_path / "r") as replica:
+            primary.write(S1, 1, grant("g1", ALICE, ["sword", "shield", "gem"], gold=100), now_ms=1)
+            result = primary.write(S1, 1, take("t1", ALICE, ["sword", "gem"], gold=30), now_ms=2)
+            answer = pb.TakeItemsResponse.FromString(result.response)
+            assert (list(answer.inventory.item_ids), answer.inventory.gold, answer.lsn) == (["shield"], 70, 2)
+            assert primary.inventory(S1, ALICE) == (["shield"], 70) and primary.item_owner("sword") is None
+            # A retry answers the same and takes nothing more; the id for other terms is refused.
+            assert primary.write(S1, 1, take("t1", ALICE, ["sword", "gem"], gold=30), now_ms=3).replayed
+            with pytest.raises(FailedPrecondition, match="different request"):
+                primary.write(S1, 1, take("t1", ALICE, ["shield"]), now_ms=4)
+            assert primary.inventory(S1, ALICE) == (["shield"], 70)
+            # A removed item may be granted anew.
+            primary.write(S1, 1, grant("g2", BOB, ["sword"]), now_ms=5)
+            entries = primary.entries(S1, 1, max_entries=100)
+            replica.append([(S1, entries)], {S1: 1})
+            assert replica.inventory(S1, ALICE) == (["shield"], 70)
+            assert replica.item_owner("sword") == (S1, BOB)
+            # A retry on the replica once promoted answers as the primary did.
+            replica.fence(S1, 2)
+            assert replica.write(S1, 2, take("t1", ALICE, ["sword", "gem"], gold=30), now_ms=6).response == (
+                result.response)
+
+    def test_what_the_player_does_not_hold_is_refused_naming_it_and_nothing_changes(self, tmp_path: Path) -> None:
+        with NodeStorage.open(tmp_path / "p") as store:
+            store.write(S1, 1, grant("g1", ALICE, ["sword"], gold=10), now_ms=1)
+            store.write(S1, 1, grant("g2", BOB, ["axe"]), now_ms=1)
+            for op, words in [
+                (take("t1", ALICE, ["sword", "axe"]), "does not own item 'axe'"),
+                (take("t2", ALICE, ["bow"]), "does not own item 'bow'"),
+                (take("t3", ALICE, [], gold=11), "has 10 gold to spend; 11 were asked"),
+                (take("t4", "carol", [], gold=1), "unknown there"),
+            ]:
+                with pytest.raises(FailedPrecondition, match=re.escape(words)):
+                    store.write(S1, 1, op, now_ms=2)
+            assert store.inventory(S1, ALICE) == (["sword"], 10) and store.item_owner("axe") == (S1, BOB)
+            assert store.meta(S1).last.lsn == 2
+
+    def test_escrowed_items_and_gold_cannot_be_taken(self, tmp_path: Path) -> None:
+        with NodeStorage.open(tmp_path / "p") as store:
+            store.write(S1, 1, grant("g1", ALICE, ["sword", "shield"], gold=50), now_ms=1)
+            store.write(S1, 1, prepare("x1", leg("alice", ["sword"], 30, ["gem"], 0, "bob")), now_ms=2)
+            with pytest.raises(FailedPrecondition, match="escrowed by a trade in doubt"):
+                store.write(S1, 1, take("t1", ALICE, ["sword"]), now_ms=3)
+            with pytest.raises(FailedPrecondition, match=re.escape("has 20 gold to spend (30 more escrowed")):
+                store.write(S1, 1, take("t2", ALICE, [], gold=21), now_ms=3)
+            store.write(S1, 1, take("t3", ALICE, ["shield"], gold=20), now_ms=3)
+            # The trade's commit still finds everything it escrowed.
+            store.write(S1, 1, settle("x1", "alice", COMMITTED), now_ms=4)
+            assert store.inventory(S1, ALICE) == (["gem"], 0)
+
+    def test_a_replica_refuses_a_take_no_primary_would_have_written(self, tmp_path: Path) -> None:
+        with NodeStorage.open(tmp_path / "p") as primary, NodeStorage.open(tmp_path / "r") as replica:
+            primary.write(S1, 1, grant("g1", ALICE, ["sword"], gold=5), now_ms=1)
+            replica.append([(S1, primary.entries(S1, 1, max_entries=10))], {S1: 1})
+            forged = pb.LogEntry(epoch=1, lsn=2, payload=take("t1", ALICE, ["bow"]).SerializeToString())
+            with pytest.raises(CorruptRecord, match="does not own item 'bow'"):
+                replica.append([(S1, [forged])], {})
+            assert replica.inventory(S1, ALICE) == (["sword"], 5)
