@@ -272,8 +272,13 @@ async def test_a_primary_restarted_at_once_loses_its_shards_and_catches_up(proce
         victim = busiest_primary(process_cluster)
         led = led_by(process_cluster, victim)
         players = players_on(client, set(led), 30, "restart")
-        grants = {f"r-{p}": (p, [f"{p}-sword"], 11) for p in players}
-        await grant_all(client, grants)
+        await grant_all(client, {f"r-{p}": (p, [f"{p}-sword", f"{p}-potion"], 11) for p in players})
+        # Each player then spends 5 gold and uses the potion up (TakeItems): what is left
+        # is what every copy must hold after the failover.
+        for p in players:
+            await client.take_items(p, [f"{p}-potion"], gold=5, request_id=f"t-{p}", deadline_s=20)
+        grants = {f"r-{p}": (p, [f"{p}-sword"], 6) for p in players}
+        await assert_exactly_once(client, grants)
         process_cluster.process(victim).signal(signal.SIGKILL)
         process_cluster.start_node(victim, nodes[victim])
         await eventually(lambda: failed_over(process_cluster, led, victim), 30, "promotion at a higher epoch")
@@ -295,6 +300,11 @@ async def test_a_primary_restarted_at_once_loses_its_shards_and_catches_up(proce
             return True
 
         await eventually(caught_up, 30, f"{victim} to rejoin as a replica and catch up")
+        await assert_exactly_once(client, grants)
+        # The new primaries answer a retried take from the replicated record: nothing twice.
+        for p in players:
+            again = await client.take_items(p, [f"{p}-potion"], gold=5, request_id=f"t-{p}", deadline_s=20)
+            assert again.replayed, p
         await assert_exactly_once(client, grants)
         # A node with an empty data dir is bootstrapped by snapshot.
         process_cluster.start_node("n4", "z1")
