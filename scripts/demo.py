@@ -6,6 +6,7 @@ then runs a stream of trades among the seeded players and shows that nothing was
 
 Grants are idempotent by request id (``seed-<player>``): running the demo twice against
 the same cluster applies nothing twice (the second run reports every grant as replayed).
+One player then buys bread for 5 gold (``TakeItems``, idempotent by its request id too).
 Trades: mostly cross-shard (two-phase commit with the decision in etcd), a few
 same-shard (one local transaction) and a few refused on purpose (more gold than the
 player has: ABORTED with the reason). Terms are drawn from the inventories read just
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 
 from bluemarble.client.routing import RoutingClient
 from bluemarble.client.trades import TradeClient, TradeResult
-from bluemarble.core.errors import BlueMarbleError
+from bluemarble.core.errors import BlueMarbleError, FailedPrecondition
 
 CONCURRENCY = 16
 
@@ -96,6 +97,17 @@ async def _seed_and_show(control_plane: Sequence[str], players: int, *, out: obj
             say(f"\n{player} guild (EVENTUAL, read from {where}): {(guild.value or b'').decode()}")
         except BlueMarbleError as e:
             failures.append(f"guild of {player}: {e}")
+        # A shop purchase (TakeItems, STRONG): 5 gold, under a request id of the
+        # purchase, so a retry (or the next run, while the node remembers the id) pays once.
+        shopper = f"player-{max(0, players - 1):04d}"
+        try:
+            paid = await client.take_items(shopper, gold=5, request_id=f"shop-{shopper}-bread", deadline_s=10)
+            how = "already paid (replayed)" if paid.replayed else "paid"
+            say(f"{shopper} buys bread for 5 gold (TakeItems): {how}; {paid.inventory.gold} gold left")
+        except FailedPrecondition as e:  # spent in trades of earlier runs: a refusal, shown as the game would
+            say(f"{shopper} cannot buy bread for 5 gold (TakeItems): {e}")
+        except BlueMarbleError as e:
+            failures.append(f"purchase of {shopper}: {e}")
         return len(failures)
 
 
