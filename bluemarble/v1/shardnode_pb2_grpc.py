@@ -150,6 +150,7 @@ class ShardNodeServicer:
         game), on the shard's primary. STRONG and idempotent by request id, as GrantItems.
         FAILED_PRECONDITION, naming the item or the amount, when the player does not hold
         them: escrowed items and gold (a trade in doubt holds them) cannot be taken.
+        NOT_FOUND for a player this shard never saw.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlite3
 
 from bluemarble.core import limits
-from bluemarble.core.errors import CorruptRecord, FailedPrecondition
+from bluemarble.core.errors import CorruptRecord, FailedPrecondition, NotFound
 from bluemarble.core.ids import PlayerId, ShardId
 from bluemarble.core.limits import echo
 from bluemarble.v1 import shardnode_pb2
@@ -174,7 +174,8 @@ def _apply_take(
     who = f"player {echo(player)} of {shard}"
     found = conn.execute(SELECT_GOLD, (shard, player)).fetchone()
     if found is None:
-        raise refuse(f"{who} is unknown there (never granted anything); check the player id")
+        message = f"player {echo(player)} is unknown on {shard} (never granted anything); check the player id"
+        raise NotFound(message) if primary else CorruptRecord(f"entry {lsn} of {shard}: {message}")
     if primary:
         held = trades.holdings(conn, shard, player)
         for item in take.item_ids:

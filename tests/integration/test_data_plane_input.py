@@ -212,7 +212,7 @@ async def test_takes_remove_what_the_player_holds_once_and_refuse_the_rest(
         for request, code_wanted, words in [
             (take(item_ids=["sword", "bow"]), grpc.StatusCode.FAILED_PRECONDITION, "does not own item 'bow'"),
             (take(gold=101), grpc.StatusCode.FAILED_PRECONDITION, "has 100 gold to spend; 101 were asked"),
-            (take(player_id="carol"), grpc.StatusCode.FAILED_PRECONDITION, "unknown there"),
+            (take(player_id="carol"), grpc.StatusCode.NOT_FOUND, "player 'carol' is unknown on"),
             (take(epoch=99), grpc.StatusCode.FAILED_PRECONDITION, "epoch 99"),
         ]:
             code, details = await refused(stub.TakeItems(request))
