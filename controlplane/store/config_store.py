@@ -168,8 +168,9 @@ class ConfigStore:
         ``config``, valid already. The fields fixed at creation are checked against the
         ring, which was made from them and holds them (shards, tokens per shard), since the
         stored config cannot say; ``expected_revision`` is 0 or the unreadable value's mod
-        revision (the DATA_LOSS error names it). Raises FailedPrecondition otherwise, and
-        CorruptRecord when the ring is unreadable too (nothing to check against)."""
+        revision (GetConfig cannot give it; etcdctl can). Raises FailedPrecondition
+        otherwise, and CorruptRecord when the ring is unreadable too (nothing to check
+        against)."""
         kv = await self._store.get(self._key)
         if kv is None:
             raise Unavailable(f"cluster config {self._key} is missing; a control plane creates it at start")
