@@ -6,9 +6,11 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
 PYTHON=${PYTHON:-python3}
-# Debian packages: etcd, and Python's venv module (a bare Debian has python3 without it).
+# Debian packages: etcd, etcdctl (restoring a backup; the tests restore one), and Python's
+# venv module (a bare Debian has python3 without it).
 packages=()
 command -v etcd >/dev/null 2>&1 || packages+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || packages+=(etcd-client)
 command -v "$PYTHON" >/dev/null 2>&1 || packages+=(python3)
 if ! command -v "$PYTHON" >/dev/null 2>&1 || ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
   packages+=(python3-venv)

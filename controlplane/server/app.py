@@ -98,6 +98,10 @@ class ControlPlaneSettings:
     none): bluemarble.runtime.frames."""
     # Flags given explicitly on the command line (vs defaults), to warn on config drift.
     explicit: frozenset[str] = field(default_factory=frozenset)
+    backup_dir: str = ""
+    """Set: take one etcd backup into this directory and exit (no replica runs)."""
+    backup_keep: int = 24
+    """Backups of the cluster kept in ``backup_dir`` (the newest)."""
 
 
 async def _check_listen(listen: str) -> None:

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import structlog
 
@@ -22,7 +23,8 @@ from bluemarble.runtime.channels import split_addresses
 from bluemarble.runtime.settings import EnvArgumentParser, env_name
 from controlplane.server.app import ControlPlaneApp, ControlPlaneSettings
 from controlplane.server.trades import TradeSettings
-from controlplane.store.etcd import EtcdSecurity
+from controlplane.store.backup import Backup, take_backup
+from controlplane.store.etcd import EtcdSecurity, EtcdStore
 from controlplane.store.keys import validate_cluster_name
 
 log = structlog.get_logger(__name__)
@@ -36,6 +38,8 @@ FLOAT_RANGES: dict[str, tuple[float, float]] = {
 """Each float flag's range, above the first bound and at most the second: a NaN, an
 infinity or a value out of range is a usage error (a NaN or infinite start-up timeout
 would wait for etcd for ever; a NaN sweep interval killed the sweep task)."""
+
+MAX_BACKUPS_KEPT = 10_000
 
 MAX_CRASH_GRACE_MS = 60_000
 """Longest --crash-grace-ms: past a minute, waiting for the lease's TTL is as good."""
@@ -59,6 +63,8 @@ def _check_numbers(p: EnvArgumentParser, args: argparse.Namespace) -> None:
         seconds: float = getattr(args, name)
         if not (math.isfinite(seconds) and above < seconds <= most):
             p.error(f"--{name.replace('_', '-')} is {seconds:g}; give a number above {above:g} and at most {most:g}")
+    if not 1 <= args.etcd_backup_keep <= MAX_BACKUPS_KEPT:
+        p.error(f"--etcd-backup-keep is {args.etcd_backup_keep}; give 1..{MAX_BACKUPS_KEPT}")
     if not 0 <= args.crash_grace_ms <= MAX_CRASH_GRACE_MS:
         p.error(f"--crash-grace-ms is {args.crash_grace_ms}; use 0 (off) or up to {MAX_CRASH_GRACE_MS} ms")
 
@@ -157,6 +163,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
     p.add_flag("--etcd-server-name", default="", help="name in etcd's certificate (default: first endpoint's host)")
     p.add_flag("--etcd-user", default="", help="etcd user (with etcd authentication enabled)")
     p.add_flag("--etcd-password", default="", help="password of --etcd-user (prefer the environment variable)")
+    p.add_flag(
+        "--etcd-backup-dir",
+        default="",
+        help="take one snapshot of etcd into this directory (etcd-<cluster>-<UTC time>-r<revision>.db, checked "
+        "against its SHA-256), keep the newest --etcd-backup-keep there, and exit: no replica runs "
+        "(the chart's backup CronJob; restore with etcdctl snapshot restore)",
+    )
+    p.add_flag("--etcd-backup-keep", default=24, type=int, help="backups of this cluster to keep (1..10000)")
     p.add_flag("--log-level", default="info", help="debug, info, warning or error")
     p.add_flag(
         "--log-format",
@@ -217,6 +231,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
         node_id_pattern=node_id_pattern,
         etcd_security=_etcd_security(p, args),
         frames_port=args.frames_port,
+        backup_dir=args.etcd_backup_dir,
+        backup_keep=args.etcd_backup_keep,
     )
     # Process-wide from here on: this replica's server and every channel it opens.
     tls.configure(tls_config)
@@ -288,12 +304,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("control plane cannot serve metrics", listen=metrics_listen, error=str(e))
             return 1
         log.info("serving metrics", listen=metrics_listen, port=port)
+    if settings.backup_dir:
+        try:
+            event_loop.run(backup(settings))
+        except BlueMarbleError as e:
+            log.error("etcd backup failed", error=str(e), directory=settings.backup_dir)
+            return 1
+        return 0
     try:
         event_loop.run(run(settings), server=True)
     except BlueMarbleError as e:
         log.error("control plane cannot run", error=str(e))
         return 1
     return 0
+
+
+async def backup(settings: ControlPlaneSettings) -> Backup:
+    """``--etcd-backup-dir``: one snapshot of etcd, the newest ``--etcd-backup-keep`` kept
+    (controlplane.store.backup). Raises Unavailable or CorruptRecord naming what failed."""
+    store = EtcdStore(settings.etcd_endpoints, rpc_timeout_s=settings.etcd_rpc_timeout_s,
+                      security=settings.etcd_security)
+    try:
+        await store.connect(settings.etcd_startup_timeout_s)
+        return await take_backup(store, Path(settings.backup_dir), settings.cluster, settings.backup_keep)
+    finally:
+        await store.close()
 
 
 if __name__ == "__main__":

@@ -500,6 +500,16 @@ class EtcdStore:
         names = {0: "NONE", 1: "NOSPACE", 2: "CORRUPT"}
         return sorted({names.get(int(a.alarm), f"alarm {int(a.alarm)}") for a in resp.alarms if int(a.alarm)})
 
+    async def snapshot(self, timeout_s: float) -> AsyncIterator[bytes]:
+        """etcd's whole backend database, as the member answering streams it (what
+        ``etcdctl snapshot save`` writes: the database, then its SHA-256). Not retried once
+        bytes flowed: a caller that gets an error starts again from nothing."""
+        if self._closed or self._client.maintenance is None:
+            raise Unavailable(f"the etcd client ({','.join(self.endpoints)}) is closed")
+        async with self._wrapped("snapshot"):
+            async for chunk in self._client.maintenance.snapshot(timeout=timeout_s, max_attempts=1):
+                yield chunk
+
     async def get(self, key: str) -> KeyValue | None:
         async with self._wrapped(f"get {key}"):
             resp = await self._kvs.get(key, timeout=self.rpc_timeout_s)

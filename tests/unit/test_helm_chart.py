@@ -32,6 +32,7 @@ pytestmark = pytest.mark.skipif(
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 FULL = f"{hc.RELEASE}-bluemarble"
 CP, NODE, ETCD = f"{FULL}-controlplane", f"{FULL}-node", f"{FULL}-etcd"
+BACKUP = f"{FULL}-etcd-backup"
 
 EXTERNAL_ETCD: dict[str, Any] = {
     "etcd": {
@@ -48,6 +49,7 @@ TLS: dict[str, Any] = {
 OPTIONAL: dict[str, Any] = {
     "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
     "networkPolicy": {"enabled": True},
+    "etcd": {"backup": {"enabled": True}},
     "tracing": {"otlpEndpoint": "http://otel-collector.obs:4317"},
     "controlplane": {"podLabels": {"example.com/team": "blue"}},
     "nodes": {"podLabels": {"tier": "game-servers_v1.2"}},
@@ -148,6 +150,9 @@ def test_values_match_the_schema(variant: str) -> None:
         {"controlplane": {"framesPort": 0}},
         {"nameOverride": "BlueMarble"},
         {"fullnameOverride": "9-my"},
+        {"etcd": {"backup": {"keep": 0}}},
+        {"etcd": {"backup": {"schedule": "hourly"}}},
+        {"etcd": {"backup": {"persistence": {"size": "0"}}}},
     ],
 )
 def test_the_schema_refuses_bad_values(override: dict[str, Any]) -> None:
@@ -717,6 +722,44 @@ def test_network_policies_admit_the_charts_own_traffic(rendered: dict[str, Manif
     assert {"name": "frames", "port": 7002, "targetPort": "frames", "protocol": "TCP"} in service["spec"]["ports"]
     assert admitted(policies[ETCD], "client", CP) and not admitted(policies[ETCD], "client", NODE)
     assert admitted(policies[ETCD], "peer", ETCD)
+    # The backup CronJob's pods reach etcd's client port, and only that.
+    backup_labels = m.get("CronJob", BACKUP)["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    labels[BACKUP] = backup_labels
+    assert admitted(policies[ETCD], "client", BACKUP) and not admitted(policies[ETCD], "peer", BACKUP)
+    assert not any(hc.matches(p["podSelector"]["matchLabels"], backup_labels) for p in policies.values())
+
+
+@pytest.mark.parametrize("variant", ["optional", "everything"])
+def test_the_etcd_backup_runs_the_control_plane_backup_against_the_same_etcd(
+    rendered: dict[str, Manifests], process_env: dict[str, set[str]], variant: str
+) -> None:
+    from controlplane.server.main import parse_args as controlplane_args
+
+    m = rendered[variant]
+    job = m.get("CronJob", BACKUP)["spec"]["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and m.get("CronJob", BACKUP)["spec"]["concurrencyPolicy"] == "Forbid"
+    (c,) = pod["containers"]
+    assert c["command"] == ["bluemarble-controlplane"]
+    settings, *_ = controlplane_args(c["args"])  # flags the process takes, values it accepts
+    assert (settings.backup_dir, settings.backup_keep) == ("/backups", 24)
+    env = hc.env_of(c)
+    assert {n for n in env if n.startswith("BLUEMARBLE_")} <= process_env["controlplane"]
+    cp = hc.env_of(hc.container(m.get("Deployment", CP), "controlplane"))
+    etcd_env = {n for n in cp if n.startswith("BLUEMARBLE_ETCD") or n == "BLUEMARBLE_CLUSTER"}
+    assert etcd_env <= set(env) and all(env[n] == cp[n] for n in etcd_env)  # the same etcd, as the same user
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {v["mountPath"]: v["name"] for v in c["volumeMounts"]}
+    assert set(mounts.values()) <= set(volumes) and mounts["/backups"] == "backups"
+    claim = volumes["backups"]["persistentVolumeClaim"]["claimName"]
+    assert m.get("PersistentVolumeClaim", claim)["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    assert c["securityContext"]["readOnlyRootFilesystem"] and "/tmp" in mounts
+    if variant == "everything":  # external etcd with TLS: the same files, mounted from the same Secret
+        ca = env["BLUEMARBLE_ETCD_CA"]["value"]
+        assert mounts[ca.rsplit("/", 1)[0]] == "etcd-tls"
+        assert volumes["etcd-tls"]["secret"]["secretName"] == "etcd-client"
+        assert env["BLUEMARBLE_ETCD_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "etcd-password"
+    assert "CronJob" not in {d["kind"] for d in rendered["default"].docs}  # off unless asked for
 
 
 # ---- NOTES.txt ---------------------------------------------------------------------------

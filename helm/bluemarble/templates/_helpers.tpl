@@ -114,6 +114,38 @@ that goes away costs a reconnect to another), or the external endpoints. */}}
 {{- end -}}
 {{- end -}}
 
+{{/* Env of the processes that talk to etcd (the control plane, the etcd backup): the
+endpoints, the cluster name, and for an external etcd its TLS files and user. */}}
+{{- define "bluemarble.etcdEnv" -}}
+- name: BLUEMARBLE_ETCD
+  value: {{ include "bluemarble.etcd.endpoints" . | quote }}
+- name: BLUEMARBLE_CLUSTER
+  value: {{ .Values.clusterName | quote }}
+{{- if and (not .Values.etcd.enabled) .Values.etcd.tls.enabled }}
+- name: BLUEMARBLE_ETCD_CA
+  value: /etc/bluemarble/etcd-tls/{{ .Values.etcd.tls.caKey }}
+{{- if .Values.etcd.tls.certKey }}
+- name: BLUEMARBLE_ETCD_CERT
+  value: /etc/bluemarble/etcd-tls/{{ .Values.etcd.tls.certKey }}
+- name: BLUEMARBLE_ETCD_KEY
+  value: /etc/bluemarble/etcd-tls/{{ .Values.etcd.tls.keyKey }}
+{{- end }}
+{{- with .Values.etcd.tls.serverName }}
+- name: BLUEMARBLE_ETCD_SERVER_NAME
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- if and (not .Values.etcd.enabled) .Values.etcd.auth.username }}
+- name: BLUEMARBLE_ETCD_USER
+  value: {{ .Values.etcd.auth.username | quote }}
+- name: BLUEMARBLE_ETCD_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "etcd.auth.username needs etcd.auth.passwordSecret" .Values.etcd.auth.passwordSecret }}
+      key: {{ .Values.etcd.auth.passwordKey }}
+{{- end }}
+{{- end -}}
+
 {{- define "bluemarble.tls.nodeSecret" -}}
 {{- default .Values.tls.secretName .Values.tls.nodeSecretName -}}
 {{- end -}}
