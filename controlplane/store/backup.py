@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,12 @@ class Backup:
 
 def _prefix(cluster: str) -> str:
     return f"etcd-{cluster}-"
+
+
+def _ours(cluster: str, suffix: str = "") -> re.Pattern[str]:
+    """Names of ``cluster``'s backups (not those of a cluster whose name merely begins
+    with it: "default-eu" beside "default")."""
+    return re.compile(rf"{re.escape(_prefix(cluster))}\d{{8}}T\d{{6}}Z-r\d+\.db{re.escape(suffix)}")
 
 
 async def take_backup(store: EtcdStore, directory: Path, cluster: str, keep: int, now_s: float | None = None) -> Backup:
@@ -97,15 +104,18 @@ def _prepare(directory: Path, cluster: str) -> None:
     """Makes ``directory`` if needed and removes what a run that died mid-stream left."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob(f"{_prefix(cluster)}*{PARTIAL}"):
-            stale.unlink(missing_ok=True)
+        stale = _ours(cluster, PARTIAL)
+        for path in directory.iterdir():
+            if stale.fullmatch(path.name):
+                path.unlink(missing_ok=True)
     except OSError as e:
         raise Unavailable(f"cannot use the backup directory {directory}: {e.strerror or e}") from e
 
 
 def _keep_newest(directory: Path, cluster: str, keep: int) -> tuple[Path, ...]:
     """Removes all but the newest ``keep`` backups of ``cluster``; returns the removed."""
-    backups = sorted(p for p in directory.glob(f"{_prefix(cluster)}*.db") if p.is_file())
+    ours = _ours(cluster)
+    backups = sorted(p for p in directory.iterdir() if ours.fullmatch(p.name) and p.is_file())
     removed = tuple(backups[: max(0, len(backups) - keep)])
     for old in removed:
         old.unlink(missing_ok=True)

@@ -40,11 +40,13 @@ async def test_a_backup_is_whole_keeps_the_newest_and_restores(
         (backups).mkdir()
         (backups / f"etcd-{cluster_name}-20260101T000000Z-r1.db.partial").write_bytes(b"left by a killed run")
         (backups / "unrelated.txt").write_text("an operator's file")
+        other = backups / f"etcd-{cluster_name}-eu-20200101T000000Z-r5.db"  # another cluster's, "<name>-eu"
+        other.write_bytes(b"theirs")
         made = [await take_backup(store, backups, cluster_name, keep=2, now_s=1_800_000_000 + i) for i in range(3)]
     finally:
         await store.close()
     names = sorted(p.name for p in backups.iterdir())
-    assert names == sorted([made[1].path.name, made[2].path.name, "unrelated.txt"]), names
+    assert names == sorted([made[1].path.name, made[2].path.name, "unrelated.txt", other.name]), names
     assert made[2].removed == (made[0].path,)
     assert re.fullmatch(rf"etcd-{cluster_name}-20270115T\d{{6}}Z-r\d+\.db", made[2].path.name)
     assert all(_whole(b.path) for b in made[1:]) and made[2].size == made[2].path.stat().st_size
@@ -53,8 +55,8 @@ async def test_a_backup_is_whole_keeps_the_newest_and_restores(
         "--etcd", etcd.endpoint, "--cluster", cluster_name, "--etcd-backup-dir", str(backups),
         "--etcd-backup-keep", "2", "--log-format", "console"])
     assert code == 0
-    kept = sorted(backups.glob(f"etcd-{cluster_name}-*.db"))
-    assert len(kept) == 2 and made[2].path in kept and all(_whole(p) for p in kept)
+    kept = sorted(p for p in backups.glob(f"etcd-{cluster_name}-*.db") if p != other)
+    assert len(kept) == 2 and other.read_bytes() == b"theirs" and made[2].path in kept and all(_whole(p) for p in kept)
     # Restored with etcdctl, an etcd on the copy serves the keys.
     etcdctl = shutil.which("etcdctl")
     assert etcdctl is not None, "etcdctl (Debian's etcd-client) is missing: scripts/setup.sh installs it"
