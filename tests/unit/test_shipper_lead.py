@@ -6,8 +6,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from bluemarble.core.ids import NodeId, ShardId
+from bluemarble.core.replication import LogPosition
 from bluemarble.runtime.clock import FakeClock
-from shardnode.replication import COVER_WINDOW_S, Peer, Shipper, must_send_now
+from bluemarble.v1 import shardnode_pb2 as pb
+from shardnode.replication import COVER_WINDOW_S, MAX_BATCH_ENTRIES, Peer, ShardView, Shipper, must_send_now
 
 SHARD = ShardId("shard-1")
 N2, N3 = NodeId("n2"), NodeId("n3")
@@ -65,3 +67,41 @@ def test_the_second_takes_over_when_the_first_is_stuck_or_unknown() -> None:
 def test_with_one_replica_its_stream_always_sends_and_without_any_nobody_waits() -> None:
     assert must_send_now(N2, [N2], lambda node, next_batch: True)
     assert not must_send_now(N2, [], lambda node, next_batch: False)
+
+
+class CatchUpLink:
+    """Four shards each 5,000 entries ahead of the replica; one 3 entries ahead."""
+
+    node_id = "n1"
+
+    def __init__(self) -> None:
+        self.views = [ShardView(ShardId(f"shard-{i}"), 1, LogPosition(1, 5_000), 1, True) for i in range(4)]
+        self.views.append(ShardView(ShardId("shard-9"), 1, LogPosition(1, 3), 1, True))
+
+    def shipped_shards(self, replica: NodeId) -> list[ShardView]:
+        return self.views
+
+    def incarnation(self) -> int:
+        return 1
+
+    def epoch_at(self, shard: ShardId, lsn: int) -> int:
+        return 1
+
+    def entries(self, shard: ShardId, from_lsn: int, max_entries: int, max_bytes: int) -> list[pb.LogEntry]:
+        last = next(v.last.lsn for v in self.views if v.shard_id == shard)
+        upto = min(last, from_lsn + max_entries - 1)
+        return [pb.LogEntry(lsn=n, epoch=1, payload=b"x" * 30) for n in range(from_lsn, upto + 1)]
+
+
+def test_a_batch_carries_a_bounded_number_of_entries_the_live_shard_first() -> None:
+    """Small entries: the byte budget alone let one batch carry thousands, applied by the
+    replica in one transaction while its heartbeats waited."""
+    link = CatchUpLink()
+    s = Shipper(N2, link, FakeClock())  # type: ignore[arg-type]
+    for view in link.views:
+        s.peers[view.shard_id] = Peer(next_lsn=1)
+    batch, _ = s._build()
+    assert batch is not None
+    counts = {g.shard_id: len(g.entries) for g in batch.shards if g.entries}
+    assert sum(counts.values()) == MAX_BATCH_ENTRIES
+    assert counts["shard-9"] == 3  # the shard with least to send is not held behind the catch-up
