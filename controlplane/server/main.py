@@ -294,6 +294,13 @@ async def _start_unless_stopped(app: ControlPlaneApp, stop: asyncio.Event) -> bo
 def main(argv: Sequence[str] | None = None) -> int:
     settings, level, fmt, metrics_listen = parse_args(argv)
     logs.configure(level, fmt)  # type: ignore[arg-type]
+    if settings.backup_dir:  # a one-shot tool: no tracing, no metrics server
+        try:
+            event_loop.run(backup(settings))
+        except BlueMarbleError as e:
+            log.error("etcd backup failed", error=str(e), directory=settings.backup_dir)
+            return 1
+        return 0
     tracing.configure("bluemarble-controlplane")
     if metrics_listen:
         # Only the metrics server's own failure is reported as such: an OSError from
@@ -304,13 +311,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("control plane cannot serve metrics", listen=metrics_listen, error=str(e))
             return 1
         log.info("serving metrics", listen=metrics_listen, port=port)
-    if settings.backup_dir:
-        try:
-            event_loop.run(backup(settings))
-        except BlueMarbleError as e:
-            log.error("etcd backup failed", error=str(e), directory=settings.backup_dir)
-            return 1
-        return 0
     try:
         event_loop.run(run(settings), server=True)
     except BlueMarbleError as e:
