@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,6 +23,18 @@ from controlplane.store.etcd import EtcdStore
 from scripts.localcluster import LocalEtcd, free_port
 
 pytestmark = pytest.mark.integration
+
+
+async def backup_process(*args: str) -> tuple[int, str]:
+    """The command the chart's CronJob runs, as a process of its own (it configures the
+    process's logging, which a test must not do to the test runner's)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controlplane.server.main", *args, "--log-format", "console",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, output.decode(errors="replace")
 
 
 def _whole(path: Path) -> bool:
@@ -51,10 +64,10 @@ async def test_a_backup_is_whole_keeps_the_newest_and_restores(
     assert re.fullmatch(rf"etcd-{cluster_name}-20270115T\d{{6}}Z-r\d+\.db", made[2].path.name)
     assert all(_whole(b.path) for b in made[1:]) and made[2].size == made[2].path.stat().st_size
     # The command the chart's CronJob runs: one more backup, the newest 2 kept, exit 0.
-    code = await asyncio.to_thread(cp_main.main, [
+    code, output = await backup_process(
         "--etcd", etcd.endpoint, "--cluster", cluster_name, "--etcd-backup-dir", str(backups),
-        "--etcd-backup-keep", "2", "--log-format", "console"])
-    assert code == 0
+        "--etcd-backup-keep", "2")
+    assert code == 0 and "etcd backed up" in output, output
     kept = sorted(p for p in backups.glob(f"etcd-{cluster_name}-*.db") if p != other)
     assert len(kept) == 2 and other.read_bytes() == b"theirs" and made[2].path in kept and all(_whole(p) for p in kept)
     # Restored with etcdctl, an etcd on the copy serves the keys.
@@ -85,10 +98,10 @@ async def test_a_backup_is_whole_keeps_the_newest_and_restores(
 async def test_a_failed_backup_leaves_nothing_and_says_why(etcd: LocalEtcd, cluster_name: str, tmp_path: Path) -> None:
     # etcd unreachable: the command exits 1 after its start-up timeout, no file made.
     backups = tmp_path / "backups"
-    code = await asyncio.to_thread(cp_main.main, [
+    code, output = await backup_process(
         "--etcd", f"127.0.0.1:{free_port()}", "--cluster", cluster_name, "--etcd-backup-dir", str(backups),
-        "--etcd-startup-timeout-s", "1", "--log-format", "console"])
-    assert code == 1 and not backups.exists()
+        "--etcd-startup-timeout-s", "1")
+    assert code == 1 and "etcd backup failed" in output and not backups.exists(), output
     # A directory that cannot be made: Unavailable naming it.
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
