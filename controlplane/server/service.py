@@ -101,13 +101,11 @@ class ControlPlaneDeps:
     another are refused."""
     forced: PrefixCache[controlplane_pb2.ForcePromoteRequest] | None = None
     """The ForcePromote requests waiting for the leader (GetClusterStatus lists them)."""
-    refusals: RegistrationRefusals | None = None
-    """Registrations this replica refused lately (GetClusterStatus words them); None: a
-    new record on the deps' clock."""
+    refusals: RegistrationRefusals = field(init=False)
+    """Registrations this replica refused lately (GetClusterStatus words them)."""
 
     def __post_init__(self) -> None:
-        if self.refusals is None:
-            self.refusals = RegistrationRefusals(self.clock)
+        self.refusals = RegistrationRefusals(self.clock)
 
 
 MAX_SHARD_STATUSES = limits.MAX_SHARD_STATUSES
@@ -260,7 +258,6 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
     def _refused(self, request: controlplane_pb2.RegisterNodeRequest, error: BlueMarbleError) -> None:
         """Notes a refused registration for GetClusterStatus; logs the first of each
         episode (the refused process retries on its own, and would repeat it every try)."""
-        assert self._d.refusals is not None
         if self._d.refusals.refused(request.node_id, request.address, str(error)):
             log.warning("registration refused; status shows it while it goes on", node_id=echo(request.node_id, 64),
                         address=echo(request.address, 128), error=str(error))
@@ -864,7 +861,6 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             if silent_leader:
                 response.warnings.append(silent_leader)
         response.warnings.extend(self._forced_warnings())
-        assert self._d.refusals is not None
         response.warnings.extend(self._d.refusals.warnings(self._d.replica_id))
         hold = self._d.placement_hold()
         if hold:
