@@ -7,8 +7,9 @@
 
 Each seed is one schedule of concurrent cross-shard and same-shard trades through drops,
 delays, reorders, duplicates, participant crashes and failovers, coordinator crashes at
-every phase, decision-store restarts, leader crashes, client retries and give-ups, driven
-through the real rules of bluemarble.core.trades (tests/sim/trade_sim.py) with I2 and I3
+every phase, decision-store restarts and restores from a backup (records lost), leader
+crashes, client retries and give-ups, driven through the real rules of
+bluemarble.core.trades (tests/sim/trade_sim.py) with I2 and I3
 checked after every step and I5 after healing. Prints a summary (seeds, ticks, trades,
 faults, violations, time) and exits 1 on any violation, naming the first failing seed and
 the command that re-runs it alone (the run is a pure function of the seed: it reproduces
@@ -34,7 +35,8 @@ FAULT_COUNTERS = (
     "prepares_decided", "resolves", "records_by_participant", "records_by_coordinator", "proposals_lost",
     "settles_failed", "swept", "retained", "participant_crashes", "failovers", "coordinator_crashes",
     "crash_before_prepare", "crash_between_prepare_and_decision", "crash_between_decision_and_commit",
-    "store_restarts", "leader_crashes", "messages_sent", "messages_dropped", "messages_duplicated",
+    "store_restarts", "leader_crashes", "messages_sent", "messages_dropped", "messages_duplicated", "restores",
+    "records_lost", "counterparts_asked", "recovered_commits", "resolves_waiting", "resolves_without_counterpart",
 )
 
 SIMULATION = Simulation(

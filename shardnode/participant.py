@@ -84,7 +84,14 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_ESCROW_TIMEOUT_S = 5.0
 MAX_LIST_TRADES = 1000
-RESOLVE_CALL_TIMEOUT_S = 2.0
+RESOLVE_CALL_TIMEOUT_S = 3.0
+"""One ResolveTrade call: an etcd read, the other side's ListTrades (up to 1 s) and the
+create-if-absent."""
+COUNTERPART_PATIENCE_S = 60.0
+"""How long past its deadline a termination waits for the other side's shard to be asked
+(``wait_for_counterpart``): long enough for a failover; after it the escrow is settled
+without the other side (ABORTED if no record), so a shard lost for good cannot hold
+escrows elsewhere for ever."""
 RESOLVE_POLICY = retry.RetryPolicy(initial_s=0.1, max_backoff_s=1.0, deadline_s=8.0, max_attempts=6)
 """One termination attempt: a few ResolveTrade calls, each on the next control-plane
 address after a failure, with jittered backoff. A trade whose attempt fails is tried again
@@ -507,10 +514,18 @@ class Participant:
     # ---- ListTrades ----
 
     def list_trades(self, request: shardnode_pb2.ListTradesRequest) -> shardnode_pb2.ListTradesResponse:
-        """Records of the shards this node leads: one trade id's, or the PREPARED ones
-        (oldest first). At most ``limit`` (default and cap 1000)."""
+        """Records of the shards this node leads (or of ``shard_id`` only, which it must
+        lead: FailedPrecondition otherwise): one trade id's, or the PREPARED ones (oldest
+        first). At most ``limit`` (default and cap 1000)."""
         limit = min(request.limit or MAX_LIST_TRADES, MAX_LIST_TRADES)
         led = self._dp.led_shards()
+        if request.shard_id:
+            shard = _check_shard(request.shard_id)
+            if shard not in led:
+                raise FailedPrecondition(
+                    f"node {self._dp.node_id} is not the primary of {shard} now; ask the shard's primary "
+                    "(its assignment moved, or this node was fenced)")
+            led = [shard]
         if request.trade_id:
             trade_id = validation.request_id(request.trade_id, "trade_id")
             records = self._dp.storage.trade_records(trade_id, led)[:limit]
@@ -589,7 +604,8 @@ class Participant:
         )
         try:
             outcome, reason = await self.resolve(record.shard_id, record.trade_id, "escrow past its deadline",
-                                                 record.leg)
+                                                 record.leg,
+                                                 wait_for_counterpart=late_ms < COUNTERPART_PATIENCE_S * 1000)
             state = await self.settle(record.trade_id, record.shard_id, 0, outcome, reason=reason)
         except BlueMarbleError as e:
             delay_s = self._rng.uniform(0.5, 1.5) * max(self._interval_s, 0.5)
@@ -607,13 +623,17 @@ class Participant:
         log.info("escrow settled by termination", trade_id=record.trade_id, shard=record.shard_id,
                  outcome=outcome.name, state=shardnode_pb2.ParticipantTradeState.Name(state))
 
-    async def resolve(self, shard: ShardId, trade_id: str, why: str, leg: Leg | None = None) -> tuple[Outcome, str]:
+    async def resolve(self, shard: ShardId, trade_id: str, why: str, leg: Leg | None = None, *,
+                      wait_for_counterpart: bool = False) -> tuple[Outcome, str]:
         """The decision of ``trade_id`` for the escrow of ``leg`` held here (ResolveTrade:
-        ABORTED written when no record exists; ABORTED for a leg that is not part of the
-        recorded trade, which an attempt reusing the trade id for other terms leaves),
-        asked of the control-plane replicas in turn with jittered, bounded retries.
-        Raises Unavailable (or the last error) when none answered."""
-        answer = await self._ask(shard, trade_id, why, leg, if_decided=False)
+        when no record exists, one is written: COMMITTED if the other side's shard applied
+        COMMITTED, else ABORTED; ABORTED for a leg that is not part of the recorded trade,
+        which an attempt reusing the trade id for other terms leaves), asked of the
+        control-plane replicas in turn with jittered, bounded retries. With
+        ``wait_for_counterpart``, an other side that cannot be asked is an error, not an
+        ABORTED. Raises Unavailable (or the last error) when none answered."""
+        answer = await self._ask(shard, trade_id, why, leg, if_decided=False,
+                                 wait_for_counterpart=wait_for_counterpart)
         outcome = stored.outcome_from_proto(answer.outcome, f"ResolveTrade answer for {echo(trade_id)}")
         log.info("trade resolved", trade_id=trade_id, shard=shard, outcome=outcome.name, created=answer.created)
         return outcome, answer.reason
@@ -627,14 +647,14 @@ class Participant:
         return stored.outcome_from_proto(answer.outcome, f"ResolveTrade answer for {echo(trade_id)}"), answer.reason
 
     async def _ask(self, shard: ShardId, trade_id: str, why: str, leg: Leg | None, *,
-                   if_decided: bool) -> trade_pb2.ResolveTradeResponse:
+                   if_decided: bool, wait_for_counterpart: bool = False) -> trade_pb2.ResolveTradeResponse:
         """ResolveTrade, asked of the control-plane replicas in turn with jittered,
         bounded retries. Raises Unavailable (or the last error) when none answered."""
         client = self._client
         if client is None:
             raise Unavailable("no control plane to resolve trades with")
         request = trade_pb2.ResolveTradeRequest(trade_id=trade_id, shard_id=shard, node_id=self._dp.node_id, reason=why,
-                                                if_decided=if_decided)
+                                                if_decided=if_decided, wait_for_counterpart=wait_for_counterpart)
         if leg is not None:
             request.leg.CopyFrom(stored.leg_to_proto(leg))
 

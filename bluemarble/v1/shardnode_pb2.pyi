@@ -370,12 +370,14 @@ class ParticipantTrade(_message.Message):
     def __init__(self, trade_id: _Optional[str] = ..., shard_id: _Optional[str] = ..., node_id: _Optional[str] = ..., state: _Optional[_Union[ParticipantTradeState, str]] = ..., leg: _Optional[_Union[TradeLeg, _Mapping]] = ..., reason: _Optional[str] = ..., prepared_at_ms: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., settled_at_ms: _Optional[int] = ..., cross_shard: _Optional[bool] = ...) -> None: ...
 
 class ListTradesRequest(_message.Message):
-    __slots__ = ("trade_id", "limit")
+    __slots__ = ("trade_id", "limit", "shard_id")
     TRADE_ID_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     trade_id: str
     limit: int
-    def __init__(self, trade_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+    shard_id: str
+    def __init__(self, trade_id: _Optional[str] = ..., limit: _Optional[int] = ..., shard_id: _Optional[str] = ...) -> None: ...
 
 class ListTradesResponse(_message.Message):
     __slots__ = ("trades",)

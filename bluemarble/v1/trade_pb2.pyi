@@ -135,20 +135,22 @@ class TradeRecord(_message.Message):
     def __init__(self, trade_id: _Optional[str] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., decided_by: _Optional[str] = ..., decided_at_ms: _Optional[int] = ..., request: _Optional[_Union[ExecuteTradeRequest, _Mapping]] = ..., shard_a: _Optional[str] = ..., shard_b: _Optional[str] = ...) -> None: ...
 
 class ResolveTradeRequest(_message.Message):
-    __slots__ = ("trade_id", "shard_id", "node_id", "reason", "leg", "if_decided")
+    __slots__ = ("trade_id", "shard_id", "node_id", "reason", "leg", "if_decided", "wait_for_counterpart")
     TRADE_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     LEG_FIELD_NUMBER: _ClassVar[int]
     IF_DECIDED_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FOR_COUNTERPART_FIELD_NUMBER: _ClassVar[int]
     trade_id: str
     shard_id: str
     node_id: str
     reason: str
     leg: _shardnode_pb2.TradeLeg
     if_decided: bool
-    def __init__(self, trade_id: _Optional[str] = ..., shard_id: _Optional[str] = ..., node_id: _Optional[str] = ..., reason: _Optional[str] = ..., leg: _Optional[_Union[_shardnode_pb2.TradeLeg, _Mapping]] = ..., if_decided: _Optional[bool] = ...) -> None: ...
+    wait_for_counterpart: bool
+    def __init__(self, trade_id: _Optional[str] = ..., shard_id: _Optional[str] = ..., node_id: _Optional[str] = ..., reason: _Optional[str] = ..., leg: _Optional[_Union[_shardnode_pb2.TradeLeg, _Mapping]] = ..., if_decided: _Optional[bool] = ..., wait_for_counterpart: _Optional[bool] = ...) -> None: ...
 
 class ResolveTradeResponse(_message.Message):
     __slots__ = ("trade_id", "outcome", "reason", "created")

@@ -60,7 +60,7 @@ from bluemarble.core.trades.model import (
     validate_leg,
     validate_trade,
 )
-from bluemarble.core.trades.participant import REUSED_TRADE_ID
+from bluemarble.core.trades.participant import REUSED_TRADE_ID, Known, TradeState, termination_decision
 from bluemarble.runtime import background, channels, frames, metrics, multiplex, retry, tracing
 from bluemarble.runtime.auth import ServerAuth
 from bluemarble.runtime.channels import channel as open_channel
@@ -187,6 +187,17 @@ def trade_to_request(t: Trade) -> trade_pb2.ExecuteTradeRequest:
     )
 
 
+def leg_from_proto(trade_id: str, leg: shardnode_pb2.TradeLeg) -> Leg:
+    return Leg(trade_id, leg.player_id, _offer(leg.gives), _offer(leg.receives), leg.counterpart_player_id)
+
+
+_PARTICIPANT_STATES = {
+    shardnode_pb2.PARTICIPANT_TRADE_STATE_PREPARED: TradeState.PREPARED,
+    shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED: TradeState.COMMITTED,
+    shardnode_pb2.PARTICIPANT_TRADE_STATE_ABORTED: TradeState.ABORTED,
+}
+
+
 def leg_to_proto(leg: Leg) -> shardnode_pb2.TradeLeg:
     return shardnode_pb2.TradeLeg(
         player_id=leg.player, gives=_offer_proto(leg.gives), receives=_offer_proto(leg.receives),
@@ -203,12 +214,11 @@ def decision_of(record: trade_pb2.TradeRecord) -> Decision:
 
 
 def same_terms(record: trade_pb2.TradeRecord, trade: Trade) -> bool:
-    """The record was written for ``trade`` (a record without terms, written by a
-    participant's termination, matches any trade of its id)."""
+    """The record was written for ``trade``, whichever player it names A (a record without
+    terms, written by a participant's termination, matches any trade of its id)."""
     if not record.request.trade_id:
         return True
-    recorded = trade_from_request(record.request)
-    return recorded.leg_a().same_terms(trade.leg_a()) and recorded.leg_b().same_terms(trade.leg_b())
+    return trade_from_request(record.request).same_exchange(trade)
 
 
 # ---- where the participants are ----
@@ -754,12 +764,19 @@ class TradeCoordinator:
 
     # ---- ResolveTrade ----
 
-    async def resolve(self, trade_id: str, shard: str, node: str, reason: str,
-                      leg: Leg | None = None, *, if_decided: bool = False) -> tuple[trade_pb2.TradeRecord, bool]:
-        """The record of ``trade_id``, created ABORTED (decided by "participant <shard>")
-        when there is none. Returns it and whether this call created it. With
-        ``if_decided`` nothing is written: without a record the answer is an empty record
-        of the trade id (outcome UNSPECIFIED).
+    async def resolve(self, trade_id: str, shard: str, node: str, reason: str, leg: Leg | None = None, *,
+                      if_decided: bool = False, wait_for_counterpart: bool = False
+                      ) -> tuple[trade_pb2.TradeRecord, bool]:
+        """The record of ``trade_id``, created (decided by "participant <shard>") when
+        there is none. Returns it and whether this call created it. With ``if_decided``
+        nothing is written: without a record the answer is an empty record of the trade id
+        (outcome UNSPECIFIED).
+
+        The record created is ABORTED, unless the other side of ``leg`` applied COMMITTED
+        (:func:`termination_decision`; its shard's primary is asked with ListTrades only
+        when no record exists): the record was lost, and COMMITTED is written again. An
+        other side that cannot be asked is Unavailable with ``wait_for_counterpart``, else
+        ABORTED is written without it (logged).
 
         With ``leg`` (the escrow the participant holds), the returned copy's outcome is
         the one that participant must apply (:func:`outcome_for_leg`): ABORTED for a leg
@@ -777,11 +794,51 @@ class TradeCoordinator:
             trade_id=trade_id, outcome=common_pb2.TRADE_OUTCOME_ABORTED,
             reason=f"aborted by {who}: {why}", decided_by=who, decided_at_ms=self._clock.wall_ms(), shard_a=shard,
         )
+        if leg is not None:
+            found = await self._store.get(trade_id)
+            if found is not None:
+                return self._answer_for_leg(found.record, leg, who, node), False
+            other_shard, counterpart = await self._counterpart(leg, ShardId(shard), wait_for_counterpart)
+            decision = termination_decision(leg, counterpart, decided_by=who, why=record.reason)
+            if decision.outcome is Outcome.COMMITTED:
+                record.outcome, record.reason = common_pb2.TRADE_OUTCOME_COMMITTED, decision.reason
+                record.request.CopyFrom(trade_to_request(leg.trade()))
+                record.shard_b = other_shard
+                log.warning("trade decision missing, its other side had committed: recording COMMITTED again",
+                            trade_id=trade_id, asked_by=who, node_id=node, other_shard=other_shard)
         stored, created = await self._store.create_if_absent(record)
         answer = self._answer_for_leg(stored.record, leg, who, node)
         log.info("trade resolved", trade_id=trade_id, asked_by=who, node_id=node, created=created,
                  outcome=common_pb2.TradeOutcome.Name(answer.outcome))
         return answer, created
+
+    async def _counterpart(self, leg: Leg, shard: ShardId, wait: bool) -> tuple[str, Known | None]:
+        """The shard of ``leg``'s counterpart and what its primary holds for the trade id
+        (None: no record). ("", None) when the counterpart's shard is ``shard`` itself
+        (no cross-shard escrow has its two sides on one shard). When the primary cannot
+        be asked: Unavailable with ``wait``, else (its shard, None), logged."""
+        other = ""
+        try:
+            other = self._locate.shard_of(leg.counterpart)
+            if other == shard:
+                return "", None
+            primary = self._locate.primary(other)
+            request = shardnode_pb2.ListTradesRequest(trade_id=leg.trade_id, shard_id=other, limit=1)
+            response: shardnode_pb2.ListTradesResponse = await self._call(
+                primary, "ListTrades", lambda s, t: s.ListTrades(request, timeout=t), self.settings.read_timeout_s)
+        except BlueMarbleError as e:
+            if wait:
+                raise Unavailable(
+                    f"trade {echo(leg.trade_id)} has no decision record and its other side "
+                    f"({other or 'player ' + echo(leg.counterpart)}) cannot be asked what it applied: {e}; "
+                    "ask again shortly") from e
+            log.warning("deciding a trade without asking its other side", trade_id=leg.trade_id, asked_for=shard,
+                        other_shard=other, error=str(e))
+            return other, None
+        for t in response.trades:
+            if t.shard_id == other and t.leg.player_id == leg.counterpart and t.state in _PARTICIPANT_STATES:
+                return other, Known(_PARTICIPANT_STATES[t.state], leg_from_proto(t.trade_id, t.leg), t.reason)
+        return other, None
 
     @staticmethod
     def _answer_for_leg(record: trade_pb2.TradeRecord, leg: Leg | None, who: str, node: str) -> trade_pb2.TradeRecord:
@@ -1023,12 +1080,10 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
                 f"node {echo(request.node_id)} is not a member of {request.shard_id} in this control plane's "
                 "assignments; only a shard's own nodes resolve its trades (retry once the assignment is known)"
             )
-        leg = None
-        if request.HasField("leg"):
-            leg = validate_leg(Leg(request.trade_id, request.leg.player_id, _offer(request.leg.gives),
-                                   _offer(request.leg.receives), request.leg.counterpart_player_id), "leg")
+        leg = validate_leg(leg_from_proto(request.trade_id, request.leg), "leg") if request.HasField("leg") else None
         record, created = await self._c.resolve(request.trade_id, request.shard_id, request.node_id, request.reason,
-                                                leg, if_decided=request.if_decided)
+                                                leg, if_decided=request.if_decided,
+                                                wait_for_counterpart=request.wait_for_counterpart)
         return trade_pb2.ResolveTradeResponse(
             trade_id=record.trade_id, outcome=record.outcome, reason=record.reason, created=created
         )

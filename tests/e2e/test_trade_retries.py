@@ -20,6 +20,10 @@ Each time the trade is then retried with the same id and terms through the survi
 replica (:class:`TradeClient`, which also skips the dead one), asked once more, and the
 inventories are read: the items and gold moved exactly once if the answer is COMMITTED,
 not at all if ABORTED; no escrow is left; the recorded decision agrees.
+
+A second test loses a decision record that one side had already applied (etcd restored
+from a backup taken before the trade): the other side's termination asks the first side
+and commits as well.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import pytest
 
 from bluemarble.client.routing import RoutingClient
 from bluemarble.client.trades import TradeClient
+from bluemarble.core.ids import TradeId
 from bluemarble.core.trades.model import Outcome
 from bluemarble.runtime.channels import insecure_channel
 from bluemarble.runtime.clock import SystemClock
@@ -211,6 +216,68 @@ async def test_a_retry_after_a_coordinator_crash_at_each_step_has_one_outcome(
                 assert after == expected, f"{step}: {outcome.name} but inventories {after}, before {before}"
     finally:
         set_hold(process_cluster, False)
+        await etcd_store.close()
+
+
+async def test_a_lost_decision_that_one_side_applied_is_recovered_by_the_other_sides_termination(
+    process_cluster: ProcessCluster, cluster_name: str
+) -> None:
+    survivor = process_cluster.start_control_plane(*CP_FLAGS)
+    for node, zone in NODES.items():
+        # Long enough for the test to commit one side and lose the record before the
+        # escrows' deadlines, short enough to wait for.
+        process_cluster.start_node(node, zone, "--trade-escrow-timeout-s", "8")
+    wait_until(lambda: placed(process_cluster), 60, "every shard placed with 2 replicas")
+    etcd_store = EtcdStore([process_cluster.etcd.endpoint])
+    await etcd_store.connect(10)
+    keys = KeySchema(cluster_name)
+    store = TradeStore(etcd_store, keys, SystemClock(), retention_s=86400)
+    try:
+        async with RoutingClient([survivor]) as routing:
+            players = [f"q{i:03d}" for i in range(200)]
+            a = players[0]
+            b = next(p for p in players if routing.resolve(p).primary != routing.resolve(a).primary)
+            await routing.grant_items(a, [f"{a}/relic"], gold=10, request_id=f"seed-{a}", deadline_s=20)
+            await routing.grant_items(b, [], gold=100, request_id=f"seed-{b}", deadline_s=20)
+            trade = Trade("lost-record", a, b, f"{a}/relic", 40)
+            coordinator = process_cluster.start_control_plane(*CP_FLAGS, env={CRASH_AT_ENV: "after-decision"})
+            proc = process_cluster.processes[-1]
+            async with insecure_channel(coordinator) as channel:
+                stub = trade_pb2_grpc.TradeCoordinatorStub(channel)  # type: ignore[no-untyped-call]
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await stub.ExecuteTrade(trade.request(), timeout=20)
+            assert proc.proc is not None and proc.proc.wait(10) == 137
+            recorded = await store.get(trade.trade_id)
+            assert recorded is not None and recorded.record.outcome == common_pb2.TRADE_OUTCOME_COMMITTED
+
+            # a's side applies the decision (as the coordinator would have); b's never hears of it.
+            route_a = routing.resolve(a)
+            assert route_a.primary is not None
+            async with insecure_channel(route_a.addresses[route_a.primary]) as channel:
+                node = shardnode_pb2_grpc.ShardNodeStub(channel)  # type: ignore[no-untyped-call]
+                done = await node.Commit(shardnode_pb2.CommitRequest(trade_id=trade.trade_id,
+                                                                     shard_id=route_a.shard_id), timeout=5)
+            assert done.state == shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED
+            # etcd loses the record (and its unretained copy), as a restore from an older backup would.
+            await etcd_store.delete(keys.trade(TradeId(trade.trade_id)))
+            await etcd_store.delete(keys.unretained_trade(TradeId(trade.trade_id)))
+            assert await escrows_of(routing, b, trade.trade_id) == ["PARTICIPANT_TRADE_STATE_PREPARED"], (
+                "b's escrow must still be held when the record is lost, or the test proves nothing")
+
+            # b's escrow passes its deadline; its termination asks, and finds a's commit.
+            async def b_committed() -> bool:
+                return await escrows_of(routing, b, trade.trade_id) == ["PARTICIPANT_TRADE_STATE_COMMITTED"]
+
+            await eventually(b_committed, 40, "b's side to settle the trade")
+            again = await store.get(trade.trade_id)
+            assert again is not None and again.record.outcome == common_pb2.TRADE_OUTCOME_COMMITTED
+            assert again.record.decided_by == f"participant {routing.resolve(b).shard_id}"
+            assert "the decision record was missing" in again.record.reason
+            inventory_a = await routing.get_inventory(a, deadline_s=20)
+            inventory_b = await routing.get_inventory(b, deadline_s=20)
+            assert (set(inventory_a.item_ids), inventory_a.gold) == (set(), 50)
+            assert (set(inventory_b.item_ids), inventory_b.gold) == ({f"{a}/relic"}, 60)
+    finally:
         await etcd_store.close()
 
 

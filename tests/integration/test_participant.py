@@ -206,6 +206,15 @@ async def test_prepare_commit_abort_are_idempotent_and_refusals_name_the_item_or
     assert n.storage.trade(SHARD, "t9") is None
     listed = await n.stub.ListTrades(shardnode_pb2.ListTradesRequest(trade_id="t1"))
     assert [(t.shard_id, t.state, t.node_id) for t in listed.trades] == [(SHARD, COMMITTED_STATE, "n1")]
+    # One shard's record (what the control plane asks a trade's other side), only of its primary.
+    listed = await n.stub.ListTrades(shardnode_pb2.ListTradesRequest(trade_id="t1", shard_id=SHARD, limit=1))
+    assert [(t.shard_id, t.state, t.leg.player_id) for t in listed.trades] == [(SHARD, COMMITTED_STATE, "alice")]
+    assert not (await n.stub.ListTrades(shardnode_pb2.ListTradesRequest(trade_id="t9", shard_id=SHARD))).trades
+    other = "shard-3" if SHARD != "shard-3" else "shard-2"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await n.stub.ListTrades(shardnode_pb2.ListTradesRequest(trade_id="t1", shard_id=other))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"not the primary of {other}" in (info.value.details() or "")
 
 
 async def test_repeated_conflicting_settles_log_one_warning_per_interval(node: Node) -> None:
@@ -470,6 +479,7 @@ async def test_bad_inputs_get_their_status_and_a_message_naming_the_problem(node
         n.stub.Commit(shardnode_pb2.CommitRequest(trade_id="", shard_id=SHARD)),
         n.stub.Abort(shardnode_pb2.AbortRequest(trade_id="t1", shard_id="x")),
         n.stub.ListTrades(shardnode_pb2.ListTradesRequest(trade_id="t" * 200)),
+        n.stub.ListTrades(shardnode_pb2.ListTradesRequest(trade_id="t1", shard_id="shard-x" * 100)),
         n.stub.ExecuteLocalTrade(
             shardnode_pb2.ExecuteLocalTradeRequest(trade_id="l", player_a="a", player_b="a",
                                                    a_gives=common_pb2.Offer(gold=1))

@@ -40,7 +40,7 @@ from bluemarble.v1 import (
 )
 from controlplane.server import trades as trades_module
 from controlplane.server.app import ControlPlaneApp
-from controlplane.server.trades import TradeSettings, outcome_to_proto, trade_to_request
+from controlplane.server.trades import TradeSettings, leg_to_proto, outcome_to_proto, trade_to_request
 from controlplane.store import codec
 from controlplane.store.etcd import Put
 from tests.conftest import StartControlPlane, StreamNode, wait_for
@@ -180,12 +180,15 @@ class TradeNode(shardnode_pb2_grpc.ShardNodeServicer):
         await self._check("ListTrades", context)
         if self.before_list is not None:
             await self.before_list()
+        if request.shard_id and not self.leads(request.shard_id):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.node_id} does not lead {request.shard_id}")
         response = shardnode_pb2.ListTradesResponse()
         for (shard, trade_id), known in sorted(self.world.known.items()):
             wanted = trade_id == request.trade_id if request.trade_id else known.state is p.TradeState.PREPARED
-            if self.leads(shard) and wanted:
+            if self.leads(shard) and wanted and request.shard_id in ("", shard):
                 response.trades.add(trade_id=trade_id, shard_id=shard, node_id=self.node_id,
-                                    state=_STATE[known.state], cross_shard=True)
+                                    state=_STATE[known.state], cross_shard=True,
+                                    leg=leg_to_proto(known.leg) if known.leg is not None else None)
         if request.trade_id in self.world.local:
             outcome, reason = self.world.local[request.trade_id]
             response.trades.add(trade_id=request.trade_id, node_id=self.node_id, reason=reason,
@@ -560,6 +563,77 @@ async def test_resolve_trade_racing_execute_trade_first_writer_wins(start_contro
                 assert message in (refused.value.details() or ""), refused.value.details()
                 assert len(refused.value.details() or "") < 400
         assert await c.stored("later") is None
+
+
+async def test_a_termination_without_a_record_asks_the_other_side_and_recovers_a_lost_commit(
+    start_control_plane: StartControlPlane,
+) -> None:
+    """The record of a trade whose one side committed is lost (etcd restored from a
+    backup): the other side's termination gets COMMITTED, not ABORTED, and a retry of
+    the trade by its caller gets COMMITTED too."""
+    async with cluster(start_control_plane) as c:
+        a, b = c.players(same_shard=False)
+        shard_a, shard_b = c.shard(a), c.shard(b)
+        asker = {"shard_id": shard_a, "node_id": c.node_of(a).node_id, "reason": "escrow past its deadline"}
+
+        def escrow(trade_id: str, b_state: p.TradeState | None, b_leg: Leg | None = None) -> Leg:
+            """a holds ``trade_id``'s escrow (a gives x, b gives 5 gold); b's side is in ``b_state``."""
+            c.world.seed(a, [f"x-{trade_id}"], 0)
+            c.world.seed(b, [], 5)
+            trade = Trade(trade_id, a, b, Offer((f"x-{trade_id}",), 0), Offer((), 5))
+            c.world.known[(shard_a, trade_id)] = p.Known(p.TradeState.PREPARED, trade.leg_a())
+            if b_state is not None:
+                c.world.known[(shard_b, trade_id)] = p.Known(b_state, b_leg or trade.leg_b())
+            if b_state is p.TradeState.COMMITTED and b_leg is None:
+                c.world.apply(trade.leg_b())
+            return trade.leg_a()
+
+        async def resolve(leg: Leg, wait: bool = True) -> trade_pb2.ResolveTradeResponse:
+            answer: trade_pb2.ResolveTradeResponse = await c.trades.ResolveTrade(trade_pb2.ResolveTradeRequest(
+                trade_id=leg.trade_id, leg=leg_to_proto(leg), wait_for_counterpart=wait, **asker))
+            return answer
+
+        # b's side committed, the record is gone: COMMITTED again, with the terms.
+        leg = escrow("lost", p.TradeState.COMMITTED)
+        answer = await resolve(leg)
+        assert (answer.outcome, answer.created) == (COMMITTED, True)
+        assert "the decision record was missing" in answer.reason
+        record = await c.stored("lost")
+        assert record is not None and record.outcome == COMMITTED and record.decided_by == f"participant {shard_a}"
+        assert (record.shard_a, record.shard_b) == (shard_a, shard_b)
+        # The caller's retry names b as A: the same exchange, the recorded answer.
+        retried = await c.trades.ExecuteTrade(request("lost", b, a, (), 5, ("x-lost",), 0))
+        assert retried.outcome == COMMITTED
+        assert c.world.items[b] == {"x-lost"} and c.world.gold[a] == 5 and c.world.gold[b] == 0
+        assert not [k for k in c.world.escrows() if k[1] == "lost"]
+
+        # b's side is only prepared, aborted, or knows nothing: ABORTED.
+        for trade_id, state in (("both-prepared", p.TradeState.PREPARED), ("b-aborted", p.TradeState.ABORTED),
+                                ("b-never-prepared", None)):
+            answer = await resolve(escrow(trade_id, state))
+            assert (answer.outcome, answer.created) == (ABORTED, True), trade_id
+        # b's side committed another trade under the id: this escrow is not part of it.
+        other = Leg("reused", b, Offer((), 7), Offer(("y",), 0), a)
+        answer = await resolve(escrow("reused", p.TradeState.COMMITTED, other))
+        assert answer.outcome == ABORTED
+
+        # b's node down: UNAVAILABLE while the termination waits, nothing written;
+        # ABORTED once it no longer waits.
+        leg = escrow("b-down", p.TradeState.COMMITTED)
+        c.node_of(b).down = True
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as waiting:
+                await resolve(leg)
+            assert waiting.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "cannot be asked what it applied" in (waiting.value.details() or "")
+            assert await c.stored("b-down") is None
+            answer = await resolve(leg, wait=False)
+            assert (answer.outcome, answer.created) == (ABORTED, True)
+        finally:
+            c.node_of(b).down = False
+        # A record that exists is answered as it is: nobody is asked.
+        calls = len(c.node_of(b).calls)
+        assert (await resolve(leg)).outcome == ABORTED and len(c.node_of(b).calls) == calls
 
 
 @pytest.mark.parametrize(

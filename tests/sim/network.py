@@ -105,3 +105,11 @@ class Network:
 
     def in_flight(self) -> int:
         return len(self._heap)
+
+    def drop_all(self) -> int:
+        """Lose every message in flight (a long outage: each was delivered or lost long
+        ago); returns how many."""
+        lost = len(self._heap)
+        self._heap.clear()
+        self.dropped += lost
+        return lost

@@ -60,6 +60,8 @@ class TradeChecker:
         """Committed trades applied by one side only: the leg applied."""
         self.local: dict[str, tuple[Outcome, str]] = {}
         self.answers: dict[str, tuple[Outcome, str]] = {}
+        self.lost: set[str] = set()
+        """Trades whose record the store lost (restored from a backup)."""
         self.dirty = True
 
     def fail(self, text: str) -> None:
@@ -68,8 +70,22 @@ class TradeChecker:
 
     # -- events -----------------------------------------------------------------------------
 
+    def records_lost(self, trade_ids: Iterable[str]) -> None:
+        """The store lost these records (restored from a backup): a record may be written
+        again, but it must agree with every outcome a participant already applied."""
+        for trade_id in trade_ids:
+            self.records.pop(trade_id, None)
+            self.lost.add(trade_id)
+
     def recorded(self, decision: Decision, stored_before: Decision | None) -> None:
         """The store wrote ``decision`` (it held ``stored_before``)."""
+        trade_id = decision.trade_id
+        if trade_id in self.lost:
+            other = [o for (t, _), o in sorted(self.applied.items(), key=lambda kv: kv[0])
+                     if t == trade_id and o is not decision.outcome]
+            if other:
+                self.fail(f"I2: the lost record of {trade_id} was written again {decision.outcome.value} "
+                          f"({decision.decided_by}), but a participant had applied {other[0].value}")
         first = self.records.setdefault(decision.trade_id, decision)
         if first != decision or stored_before is not None:
             self.fail(f"I3: the record of {decision.trade_id} changed from {first.outcome.value} "
@@ -122,7 +138,11 @@ class TradeChecker:
             self.fail(f"client answered {outcome.value} ({reason!r}) for {trade_id}, "
                       f"the record says {expected[0].value} ({expected[1]!r})")
         first = self.answers.setdefault(trade_id, (outcome, reason))
-        if first != (outcome, reason):
+        if trade_id in self.lost:
+            # An answer given before the record was lost may not be the one written again
+            # (both sides still held the escrow): the documented cost of a restore.
+            self.answers[trade_id] = (outcome, reason)
+        elif first != (outcome, reason):
             self.fail(f"client answered {outcome.value} for {trade_id} after {first[0].value}")
 
     # -- state checks -----------------------------------------------------------------------

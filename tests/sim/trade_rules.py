@@ -32,6 +32,7 @@ from bluemarble.core.trades import (
     decide_prepare,
     decide_settle,
     propose,
+    termination_decision,
     termination_due,
 )
 
@@ -47,10 +48,14 @@ class TradeRules:
     termination_due: Callable[[Known, int, int], bool]
     decide_local_trade: Callable[[Trade, Holdings, Holdings, tuple[Outcome, str] | None], LocalTradeDecision]
     create_if_absent: Callable[[Decision | None, Decision], tuple[Decision, bool]]
+    termination_decision: Callable[..., Decision]
     coordinator: type[Coordinator] = Coordinator
     resolve_through_record: bool = True
     """A participant past its escrow deadline asks the store (ABORTED-if-absent) and
     applies the record, rather than aborting on its own."""
+    ask_counterpart: bool = True
+    """Without a record, the termination's proposal depends on what the other side's shard
+    applied (:func:`termination_decision`), not ABORTED regardless."""
     adopt_recorded: bool = True
     """The coordinator settles and answers with the record as stored, not its proposal."""
 
@@ -61,6 +66,7 @@ REAL_RULES = TradeRules(
     termination_due=termination_due,
     decide_local_trade=decide_local_trade,
     create_if_absent=create_if_absent,
+    termination_decision=termination_decision,
 )
 
 
@@ -121,6 +127,11 @@ BREAKS: dict[str, tuple[str, TradeRules]] = {
     "record-overwrites": (
         "the decision store's create-if-absent overwrites an existing record",
         dataclasses.replace(REAL_RULES, create_if_absent=_create_overwriting),
+    ),
+    "abort-without-asking": (
+        "without a record, a termination writes ABORTED without asking what the other side applied: after the "
+        "store lost a COMMITTED record (etcd restored from a backup), the trade ends applied on one side only",
+        dataclasses.replace(REAL_RULES, ask_counterpart=False),
     ),
     "no-termination": (
         "a participant never settles an escrow on its own (only a coordinator or the sweep does)",

@@ -14,7 +14,14 @@ as the schedules they survive. This drives them (through
   restart is either a plain restart (termination at each escrow's deadline) or a
   **failover** (a promoted primary: termination for every escrow at once);
 - the **decision store** (etcd): linearizable create-if-absent and get, applied when a
-  request arrives; it restarts (requests lost) now and then;
+  request arrives; it restarts (requests lost) now and then. In a quarter of the seeds it
+  is also **restored from a backup** now and then: the records written in the last
+  1..60 ticks are lost. As the restore procedure does (helm/bluemarble/README.md), every
+  control-plane replica is down meanwhile and the outage is long (minutes): every message
+  in flight is lost and every client waiting for an answer has given up;
+- **termination** without a record asks the other side's shard what it applied
+  (:func:`~bluemarble.core.trades.termination_decision`: COMMITTED if it committed, the
+  lost record's outcome) and waits for that shard up to ``PATIENCE`` past the deadline;
 - **coordinators** (1..3 control-plane replicas) running one
   :class:`~bluemarble.core.trades.Coordinator` per ExecuteTrade attempt. A crash loses
   every attempt, at any phase (before the prepares, between prepares and decision,
@@ -90,6 +97,12 @@ RESOLVE_RETRY = 10
 SWEEP_EVERY = 10
 SWEEP_AGE = 30
 """The leader sweeps records without retention older than this."""
+PATIENCE = 40
+"""A termination waits this long past its escrow's deadline for the other side's shard to
+be asked, then decides without it (the real one: 60 s, against failovers of seconds)."""
+RESTORE_SEEDS = 0.25
+RESTORE_P = 0.01
+"""Seeds in which the store is restored from a backup, and the chance per faulty tick."""
 I5_BOUND = 45
 """After healing, an escrow is settled within this many ticks of max(deadline, heal)."""
 HEAL_MAX_TICKS = 600
@@ -110,6 +123,8 @@ class Kind(enum.IntEnum):
     RETAIN = 10
     LOCAL = 11
     LOCAL_REPLY = 12
+    QUERY = 13
+    STATE = 14
 
 
 @dataclass
@@ -187,7 +202,9 @@ class Sim:
             "records_by_coordinator", "proposals_lost", "settles_failed", "swept", "retained",
             "participant_crashes", "failovers", "coordinator_crashes", "crash_before_prepare",
             "crash_between_prepare_and_decision", "crash_between_decision_and_commit", "store_restarts",
-            "leader_crashes", "messages_sent", "messages_dropped", "messages_duplicated",
+            "leader_crashes", "messages_sent", "messages_dropped", "messages_duplicated", "restores",
+            "records_lost", "counterparts_asked", "recovered_commits", "resolves_waiting",
+            "resolves_without_counterpart",
         ), 0)
         # Addresses: shards 0..S-1, coordinators S..S+C-1, the store, the leader; clients < 0.
         self.first_coordinator = self.shards
@@ -228,6 +245,12 @@ class Sim:
         self.attempts: list[dict[int, Attempt]] = [{} for _ in range(self.coordinators)]
         # The decision store (etcd) and the leader's sweep.
         self.store: dict[int, Decision] = {}
+        self.written_at: dict[int, int] = {}
+        self.lost_records: set[int] = set()
+        # Restores draw from a stream of their own: the seeds without any keep the rest of
+        # their schedule.
+        self.restore_rng = random.Random(seed * 1_000_003 + 17)
+        self.restores = self.restore_rng.random() < RESTORE_SEEDS
         self.unretained: dict[int, int] = {}
         """Trade no -> tick its record was written, until it is retained."""
         self.store_down_until = -1
@@ -506,6 +529,10 @@ class Sim:
                     self.apply(s, no, escrow.known.leg.player, recorded.outcome, recorded.reason)
         elif kind == Kind.LOCAL:
             self.on_local(s, src, body[0])
+        elif kind == Kind.QUERY:
+            no, leg, asker = body
+            escrow = self.records[s].get(no)
+            self.send(s, src, Kind.STATE, (no, leg, asker, escrow.known if escrow else None))
 
     def on_prepare(self, s: int, src: int, no: int, side: Side, leg: Leg) -> None:
         escrow = self.records[s].get(no)
@@ -617,7 +644,7 @@ class Sim:
             assert leg is not None
             self.resolving[s][no] = now + RESOLVE_RETRY
             self.counters["resolves"] += 1
-            self.send(s, self.store_address, Kind.RESOLVE, (no, (leg.player, leg.counterpart), s))
+            self.send(s, self.store_address, Kind.RESOLVE, (no, leg, s, now < deadline + PATIENCE))
 
     def crash_shard(self, s: int) -> None:
         self.shard_up[s] = False
@@ -644,6 +671,7 @@ class Sim:
         recorded, written = self.rules.create_if_absent(existing, proposed)
         if written:
             self.store[no] = recorded
+            self.written_at[no] = self.now
             self.unretained.setdefault(no, self.now)
             self.checker.recorded(recorded, existing)
             by_participant = recorded.decided_by.startswith("participant")
@@ -659,13 +687,62 @@ class Sim:
         if kind == Kind.CREATE:
             self.send(self.store_address, src, Kind.RECORD, (no, self.store_write(no, body[1])))
         elif kind == Kind.RESOLVE:
-            players, shard = body[1], body[2]
-            proposed = Decision(self.trades[no].trade_id, Outcome.ABORTED, ESCROW_REASON,
-                                participant_name(self.shard_name(shard)), players)
-            self.send(self.store_address, src, Kind.RECORD, (no, self.store_write(no, proposed)))
+            # The control plane's ResolveTrade: the record; else, asking the other side first
+            # (its shard has no primary: wait, or decide without it), the termination's proposal.
+            leg, shard, wait = body[1], body[2], body[3]
+            other = self.shard_of(leg.counterpart)
+            if no in self.store or not self.rules.ask_counterpart:
+                self.propose_termination(no, leg, shard, None)
+            elif self.shard_up[other]:
+                self.counters["counterparts_asked"] += 1
+                self.send(self.store_address, other, Kind.QUERY, (no, leg, shard))
+            elif wait:
+                self.counters["resolves_waiting"] += 1
+            else:
+                self.counters["resolves_without_counterpart"] += 1
+                self.propose_termination(no, leg, shard, None)
+        elif kind == Kind.STATE:
+            self.propose_termination(no, body[1], body[2], body[3])
         elif kind == Kind.RETAIN:
             if self.unretained.pop(no, None) is not None:
                 self.counters["retained"] += 1
+
+    def propose_termination(self, no: int, leg: Leg, shard: int, counterpart: Known | None) -> None:
+        """Create-if-absent of the termination's proposal for ``shard``'s escrow of ``leg``
+        (``counterpart``: what the other side's shard holds); the record goes back."""
+        who = participant_name(self.shard_name(shard))
+        proposed = self.rules.termination_decision(leg, counterpart, decided_by=who, why=ESCROW_REASON)
+        if proposed.outcome is Outcome.COMMITTED and no not in self.store:
+            self.counters["recovered_commits"] += 1
+        self.send(self.store_address, shard, Kind.RECORD, (no, self.store_write(no, proposed)))
+
+    def restore_store(self) -> None:
+        """etcd restored from a backup ``age`` ticks old: the records written since are
+        lost. Every control-plane replica is down meanwhile (coordinators, the leader) and
+        the outage is long: every message in flight was delivered or lost before it ends,
+        and every caller waiting for an answer gave up (its deadline passed)."""
+        age = self.restore_rng.randrange(1, 60)
+        lost = sorted(no for no, at in self.written_at.items() if at > self.now - age)
+        for no in lost:
+            del self.store[no], self.written_at[no]
+            self.unretained.pop(no, None)
+        self.lost_records.update(lost)
+        self.checker.records_lost([self.trades[no].trade_id for no in lost])
+        for c in range(self.coordinators):
+            if self.coordinator_up[c]:
+                self.crash_coordinator(c)
+        for client, no in enumerate(self.client_trade):
+            if no is not None:
+                self.client_trade[client] = None
+                self.counters["gave_up"] += 1
+        self.sweep_acks = {}
+        self.leader_down_until = max(self.leader_down_until, self.now + self.restore_rng.randrange(5, 30))
+        self.store_down_until = max(self.store_down_until, self.now + self.restore_rng.randrange(2, 20))
+        self.net.drop_all()
+        self.counters["restores"] += 1
+        self.counters["records_lost"] += len(lost)
+        self.note(f"the store is restored from a backup {age} ticks old: lost the records of {lost}")
+        self.event(65, len(lost))
 
     def tick_leader(self) -> None:
         """The sweep: records without retention older than SWEEP_AGE get phase 2 again
@@ -706,6 +783,9 @@ class Sim:
         if self.healing:
             self.store_down_until = min(self.store_down_until, now)
             self.leader_down_until = min(self.leader_down_until, now)
+            return
+        if self.restores and self.restore_rng.random() < RESTORE_P:
+            self.restore_store()
             return
         if self.rng.random() >= self.fault_p:
             return
@@ -799,7 +879,10 @@ class Sim:
             checker.check_settled(trade.trade_id, trade.players, states)
         for s in range(self.shards):
             for no, escrow in self.records[s].items():
-                if no not in self.store:
+                # A trade settled on both sides before its record was lost keeps no record
+                # (nobody asks for it again); one-sided commits are caught above.
+                if no not in self.store and not (no in self.lost_records
+                                                 and escrow.known.state is not TradeState.PREPARED):
                     checker.fail(f"after healing {self.shard_name(s)} holds {escrow.known.state.value} for "
                                  f"t{no}, which has no decision record")
 

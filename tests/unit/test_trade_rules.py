@@ -39,6 +39,7 @@ from bluemarble.core.trades import (
     decide_settle,
     outcome_for_leg,
     propose,
+    termination_decision,
     termination_due,
     validate_trade,
 )
@@ -214,6 +215,39 @@ def test_termination_is_due_for_a_prepared_escrow_at_its_deadline() -> None:
     assert not termination_due(Known(TradeState.ABORTED, None), 0, 9000)
 
 
+def test_termination_recovers_a_commit_the_other_side_applied_and_aborts_otherwise() -> None:
+    mine = SWORD.leg_a()
+    who = "participant shard-1"
+
+    def decide(counterpart: Known | None) -> Decision:
+        return termination_decision(mine, counterpart, decided_by=who, why="aborted: no decision")
+
+    recovered = decide(Known(TradeState.COMMITTED, SWORD.leg_b()))
+    assert (recovered.outcome, recovered.decided_by, recovered.players) == (COMMITTED, who, ("p1", "p2"))
+    assert "the decision record was missing" in recovered.reason
+    reordered = dataclasses.replace(SWORD.leg_b(), gives=Offer(("shield-2",), 100))
+    assert decide(Known(TradeState.COMMITTED, reordered)).outcome is COMMITTED
+    for counterpart in (
+        None,
+        Known(TradeState.PREPARED, SWORD.leg_b()),
+        Known(TradeState.ABORTED, SWORD.leg_b()),
+        Known(TradeState.ABORTED, None),
+        Known(TradeState.COMMITTED, None),  # an outcome recorded without terms
+        Known(TradeState.COMMITTED, dataclasses.replace(SWORD.leg_b(), gives=Offer(("shield-2",), 99))),
+        Known(TradeState.COMMITTED, SWORD.leg_a()),  # the asker's own leg, not the other side's
+    ):
+        aborted = decide(counterpart)
+        assert (aborted.outcome, aborted.reason, aborted.players) == (ABORTED, "aborted: no decision", ("p1", "p2"))
+
+
+def test_a_leg_knows_the_whole_trade_and_either_order_is_the_same_exchange() -> None:
+    assert SWORD.leg_a().counterpart_leg() == SWORD.leg_b()
+    assert SWORD.leg_b().trade().same_exchange(SWORD) and SWORD.same_exchange(SWORD.leg_b().trade())
+    assert SWORD.leg_a().trade() == SWORD
+    assert not SWORD.same_exchange(with_trade(b_gives=Offer(("shield-2",), 101)))
+    assert not SWORD.same_exchange(with_trade(trade_id="t2"))
+
+
 # -- participant: same-shard trades -------------------------------------------------------
 
 
@@ -251,6 +285,9 @@ P, R = PrepareReply.prepared(), PrepareReply.refused("player p2 does not own ite
     (P, None, ABORTED, f"{SHARD_UNAVAILABLE} (side B: no answer to prepare)"),
     (PrepareReply.unavailable("connection refused"), P, ABORTED, f"{SHARD_UNAVAILABLE} (side A: connection refused)"),
     (PrepareReply.decided(ABORTED, "earlier"), P, ABORTED, "earlier"),
+    # A side that applied COMMITTED proves the decision, whatever the other answers.
+    (None, PrepareReply.decided(COMMITTED), COMMITTED, ""),
+    (PrepareReply.decided(COMMITTED), PrepareReply.unavailable("connection refused"), COMMITTED, ""),
     (None, None, ABORTED, f"{SHARD_UNAVAILABLE} (side A: no answer to prepare)"),
 ])
 def test_propose(a: PrepareReply | None, b: PrepareReply | None, outcome: Outcome, reason: str) -> None:
@@ -274,6 +311,14 @@ def test_coordinator_happy_path() -> None:
     assert c.on_settle_ack(Side.A) == []
     assert c.on_settle_ack(Side.B) == [Reply(proposal.decision), Retain("t1")]
     assert c.phase is Phase.DONE
+
+
+def test_coordinator_proposes_at_once_when_a_side_already_committed() -> None:
+    c = Coordinator(SWORD)
+    c.start()
+    [proposal] = c.on_prepare_reply(Side.B, PrepareReply.decided(COMMITTED))
+    assert isinstance(proposal, ProposeDecision) and proposal.decision.outcome is COMMITTED
+    assert c.on_prepare_reply(Side.A, R) == [] and c.on_prepare_timeout() == []
 
 
 def test_coordinator_adopts_the_recorded_decision_not_its_proposal() -> None:

@@ -5,7 +5,8 @@ decisions and actions out; no I/O, no clock, no asyncio.
   record (:class:`Decision`) and :func:`validate_trade`.
 - :mod:`.decision`: the record's only write, :func:`create_if_absent`.
 - :mod:`.participant`: a shard primary's escrow (:func:`decide_prepare`), commit/abort
-  (:func:`decide_settle`), termination (:func:`termination_due`) and same-shard trades
+  (:func:`decide_settle`), termination (:func:`termination_due`,
+  :func:`termination_decision`) and same-shard trades
   (:func:`decide_local_trade`).
 - :mod:`.coordinator`: one ExecuteTrade attempt (:class:`Coordinator`, :func:`propose`).
 
@@ -44,6 +45,7 @@ from bluemarble.core.trades.model import (
     validate_trade,
 )
 from bluemarble.core.trades.participant import (
+    RECOVERED_COMMIT,
     REUSED_TRADE_ID,
     Holdings,
     Known,
@@ -58,6 +60,7 @@ from bluemarble.core.trades.participant import (
     decide_settle,
     outcome_of,
     state_for,
+    termination_decision,
     termination_due,
 )
 
@@ -65,6 +68,7 @@ __all__ = [
     "COORDINATOR",
     "MAX_TRADE_ITEMS_PER_SIDE",
     "NOTHING",
+    "RECOVERED_COMMIT",
     "REUSED_TRADE_ID",
     "SHARD_UNAVAILABLE",
     "Action",
@@ -100,6 +104,7 @@ __all__ = [
     "participant_name",
     "propose",
     "state_for",
+    "termination_decision",
     "termination_due",
     "validate_leg",
     "validate_trade",

@@ -70,8 +70,14 @@ class PrepareReply:
 
     @property
     def votes_commit(self) -> bool:
-        return self.kind is ReplyKind.PREPARED or (
-            self.kind is ReplyKind.DECIDED and self.outcome is Outcome.COMMITTED)
+        return self.kind is ReplyKind.PREPARED or self.committed
+
+    @property
+    def committed(self) -> bool:
+        """This side already applied COMMITTED: a participant does so only from a COMMITTED
+        record of these terms, so that is the trade's decision, whatever the other side
+        answers (or whether it answers)."""
+        return self.kind is ReplyKind.DECIDED and self.outcome is Outcome.COMMITTED
 
 
 @dataclass(frozen=True)
@@ -120,11 +126,15 @@ def propose(
     a: PrepareReply | None, b: PrepareReply | None, *, trade_id: str, decided_by: str = COORDINATOR,
     players: tuple[str, ...] = (),
 ) -> Decision:
-    """The coordinator's proposal from both answers (None: no answer): COMMITTED iff both
-    voted commit (PREPARED, or DECIDED(COMMITTED)); else ABORTED with the reason of the
-    first answer against (A's before B's; a refusal names the item or the amount), else
-    "shard unavailable" for the first side that did not answer."""
-    if a is not None and b is not None and a.votes_commit and b.votes_commit:
+    """The coordinator's proposal from both answers (None: no answer): COMMITTED when both
+    voted commit (PREPARED, or DECIDED(COMMITTED)) or either side already applied COMMITTED
+    (the decision was COMMITTED: its record exists, or was lost, as after etcd is restored
+    from a backup, and ABORTED would then leave the trade applied on one side only); else
+    ABORTED with the reason of the first answer against (A's before B's; a refusal names
+    the item or the amount), else "shard unavailable" for the first side that did not
+    answer."""
+    if (a is not None and b is not None and a.votes_commit and b.votes_commit) or any(
+            r is not None and r.committed for r in (a, b)):
         return Decision(trade_id, Outcome.COMMITTED, "", decided_by, players)
     answered = [(side, r) for side, r in ((Side.A, a), (Side.B, b)) if r is not None and not r.votes_commit]
     side, reply = answered[0] if answered else ((Side.A, a) if a is None else (Side.B, b))
@@ -190,12 +200,13 @@ class Coordinator:
 
     def on_prepare_reply(self, side: Side, reply: PrepareReply) -> list[Action]:
         """One side's answer. Proposes as soon as the outcome is certain: both voted
-        commit, or one did not (no need to wait for the other: its escrow, if any, is
-        released by the Abort). Later answers are ignored."""
+        commit, one already applied COMMITTED, or one did not vote commit (no need to wait
+        for the other: its escrow, if any, is released by the Abort). Later answers are
+        ignored."""
         if self.phase is not Phase.PREPARING or side in self.replies:
             return []
         self.replies[side] = reply
-        if not reply.votes_commit or len(self.replies) == 2:
+        if not reply.votes_commit or reply.committed or len(self.replies) == 2:
             return self._decide()
         return []
 

@@ -79,6 +79,16 @@ class Leg:
             and self.receives.same_as(other.receives)
         )
 
+    def counterpart_leg(self) -> Leg:
+        """The other participant's leg of the same trade: the counterpart gives what this
+        leg receives and receives what it gives."""
+        return Leg(self.trade_id, self.counterpart, self.receives, self.gives, self.player)
+
+    def trade(self) -> Trade:
+        """The trade this leg is part of, with this leg's player as A (a trade's two
+        orders are the same exchange: :meth:`Trade.same_exchange`)."""
+        return Trade(self.trade_id, self.player, self.counterpart, self.gives, self.receives)
+
 
 @dataclass(frozen=True)
 class Trade:
@@ -101,6 +111,12 @@ class Trade:
     @property
     def players(self) -> tuple[str, str]:
         return (self.player_a, self.player_b)
+
+    def same_exchange(self, other: Trade) -> bool:
+        """The same trade id and terms, whichever player is named A (item order aside).
+        One leg says everything (both players and both offers), so comparing A's is enough."""
+        mine = self.leg_a()
+        return mine.same_terms(other.leg_a()) or mine.same_terms(other.leg_b())
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import enum
 from dataclasses import dataclass
 
 from bluemarble.core.limits import MAX_GOLD, MAX_ITEMS_PER_PLAYER
-from bluemarble.core.trades.model import Leg, Outcome, Trade
+from bluemarble.core.trades.model import Decision, Leg, Outcome, Trade
 
 
 class TradeState(enum.Enum):
@@ -234,6 +234,35 @@ def termination_due(known: Known, deadline_ms: int, now_ms: int) -> bool:
     the record, or ABORTED-if-absent) and apply it with :func:`decide_settle`. A newly
     promoted primary may call it with ``now_ms = deadline_ms`` to settle at once."""
     return known.state is TradeState.PREPARED and now_ms >= deadline_ms
+
+
+RECOVERED_COMMIT = "the decision record was missing and the counterpart's shard had applied COMMITTED"
+
+
+def termination_decision(leg: Leg, counterpart: Known | None, *, decided_by: str, why: str) -> Decision:
+    """What a participant's termination proposes (create-if-absent) for its escrow of
+    ``leg`` when no decision record exists, given the counterpart shard's durable record
+    of the trade id (``counterpart``; None when that shard holds none).
+
+    COMMITTED only when the counterpart applied COMMITTED to this leg's counterpart leg:
+    a participant applies COMMITTED only from a COMMITTED record, so one existed and was
+    lost since (etcd restored from a backup, or the record's retention ran out while this
+    escrow waited). Writing ABORTED then would leave the trade applied on one side only,
+    items and gold created or destroyed (I2). Anything else (the counterpart PREPARED,
+    ABORTED, holding no record, or a record of other terms under the id): ABORTED with
+    ``why``. Both players are named in the decision either way.
+
+    The driver asks the counterpart's primary only after it found no record, and proposes
+    with create-if-absent, so a record written meanwhile still stands. While the
+    counterpart's shard cannot be asked, the driver waits (a bounded time) rather than
+    decide without it.
+    """
+    players = (leg.player, leg.counterpart)
+    if (counterpart is not None and counterpart.state is TradeState.COMMITTED and counterpart.leg is not None
+            and counterpart.leg.same_terms(leg.counterpart_leg())):
+        return Decision(leg.trade_id, Outcome.COMMITTED, f"recovered by {decided_by}: {RECOVERED_COMMIT}",
+                        decided_by, players)
+    return Decision(leg.trade_id, Outcome.ABORTED, why, decided_by, players)
 
 
 @dataclass(frozen=True)
