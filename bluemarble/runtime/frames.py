@@ -318,6 +318,8 @@ class FrameServer:
         self._connections: set[asyncio.Task[Any]] = set()
         self._per_host: collections.Counter[str] = collections.Counter()
         self._streams: dict[asyncio.Task[Any], FrameContext] = {}
+        self._ending: tuple[str, tuple[tuple[str, str], ...]] | None = None
+        """Set by :meth:`end_streams`: the status every stream opened afterwards ends with."""
         self._tls: tls.TlsConfig | None = None
         self.port = 0
 
@@ -357,7 +359,10 @@ class FrameServer:
         """Ends every open stream at once with UNAVAILABLE ``details`` (for a server that
         is stopping: its clients move elsewhere now, not when the grace runs out), as
         :meth:`bluemarble.runtime.grpc_server.Server.end_streams` does on the gRPC port.
-        Returns how many."""
+        A stream opened afterwards ends the same way as it opens (a client whose stream
+        ended with nothing pending reopens it on its next call, to the same server).
+        Returns how many were open."""
+        self._ending = (details, tuple(trailing_metadata))
         streams = list(self._streams.items())
         for task, context in streams:
             if context.status is None:
@@ -420,6 +425,9 @@ class FrameServer:
         if method is None:
             await _send_status(writer, grpc.StatusCode.UNIMPLEMENTED,
                                f"method {echo(str(method_name), 100)} is not served on this port")
+            return
+        if self._ending is not None:
+            await _send_status(writer, grpc.StatusCode.UNAVAILABLE, *self._ending)
             return
         peercert = writer.get_extra_info("peercert") if writer.get_extra_info("sslcontext") is not None else None
         context = FrameContext(writer, _pairs(opening.get("metadata")), peer, _auth_context(peercert))

@@ -122,6 +122,14 @@ async def test_a_stopping_server_ends_its_streams_at_once(server: frames.FrameSe
         await asyncio.wait_for(reading, 5)
     assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and ended.value.details() == "replica r1 is shutting down"
     assert ("bluemarble-shutting-down", "1") in list(await call.trailing_metadata())
+    # A stream opened afterwards (a client reopening on its next call) ends the same way.
+    late = await open_echo(server)
+    await late.initial_metadata()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await asyncio.wait_for(late.wait_for_connection(), 5)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert refused.value.details() == "replica r1 is shutting down"
+    assert ("bluemarble-shutting-down", "1") in list(await late.trailing_metadata())
     assert server.end_streams("again") == 0
 
 
