@@ -804,9 +804,10 @@ class TradeCoordinator:
                 record.outcome, record.reason = common_pb2.TRADE_OUTCOME_COMMITTED, decision.reason
                 record.request.CopyFrom(trade_to_request(leg.trade()))
                 record.shard_b = other_shard
-                log.warning("trade decision missing, its other side had committed: recording COMMITTED again",
-                            trade_id=trade_id, asked_by=who, node_id=node, other_shard=other_shard)
         stored, created = await self._store.create_if_absent(record)
+        if created and record.outcome == common_pb2.TRADE_OUTCOME_COMMITTED:
+            log.warning("trade decision missing, its other side had committed: recorded COMMITTED again",
+                        trade_id=trade_id, asked_by=who, node_id=node, other_shard=record.shard_b)
         answer = self._answer_for_leg(stored.record, leg, who, node)
         log.info("trade resolved", trade_id=trade_id, asked_by=who, node_id=node, created=created,
                  outcome=common_pb2.TradeOutcome.Name(answer.outcome))
