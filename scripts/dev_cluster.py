@@ -19,7 +19,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Collection
+import time
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import grpc
@@ -77,7 +78,14 @@ def ctl(address: str, *words: str) -> None:
     subprocess.run(command, check=False)
 
 
-def check_processes(watched: list[ManagedProcess], nodes: Collection[str]) -> int | None:
+RESTART_WAIT_S = 30.0
+"""How long the last control-plane replica this script started may be gone before the
+cluster is stopped: a replica restarted by hand on its address (a rolling restart) serves
+again within it."""
+
+
+def check_processes(watched: list[ManagedProcess], nodes: Collection[str],
+                    serving: Callable[[], bool] = lambda: False, wait_s: float = 0.0) -> int | None:
     """One look at the cluster's processes: None while the cluster should keep running,
     else the exit status for this script (1).
 
@@ -85,8 +93,10 @@ def check_processes(watched: list[ManagedProcess], nodes: Collection[str]) -> in
     running: with status 0 it left on purpose (``bluemarblectl drain``, or a
     deregistering SIGTERM); otherwise it crashed or was killed, and its shards fail over
     to their replicas, which is what a local cluster is there to show. So does a
-    control-plane replica while another one runs (the others take over its work); the last
-    replica's exit, or etcd's, stops the whole cluster.
+    control-plane replica while another one runs (the others take over its work), or when
+    ``serving()`` (some replica's address answers: one restarted outside this script)
+    comes true within ``wait_s``; otherwise the last replica's exit, or etcd's, stops the
+    whole cluster.
     """
     for proc in list(watched):
         code = proc.exit_code()
@@ -96,6 +106,11 @@ def check_processes(watched: list[ManagedProcess], nodes: Collection[str]) -> in
         if proc.name.startswith("controlplane") and others:
             print(f"{proc.name} exited (exit {code}); {', '.join(p.name for p in others)} keep serving. "
                   f"Log: {proc.log_path}", flush=True)
+            watched.remove(proc)
+            continue
+        if proc.name.startswith("controlplane") and _serves_within(serving, wait_s):
+            print(f"{proc.name} exited (exit {code}); a control plane serves at the cluster's addresses (one "
+                  f"started outside this script): the cluster keeps running. Log: {proc.log_path}", flush=True)
             watched.remove(proc)
             continue
         if proc.name in nodes:
@@ -110,6 +125,16 @@ def check_processes(watched: list[ManagedProcess], nodes: Collection[str]) -> in
         print(f"{proc.name} exited unexpectedly (exit {code}); see {proc.log_path}", flush=True)
         return 1
     return None
+
+
+def _serves_within(serving: Callable[[], bool], wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    while True:
+        if serving():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
 
 
 def main() -> int:
@@ -214,7 +239,9 @@ def main() -> int:
             watched = list(processes)
             try:
                 while not stop.wait(1.0):
-                    failed = check_processes(watched, node_ids)
+                    failed = check_processes(
+                        watched, node_ids, lambda: any(registered_nodes(a) >= 0 for a in cp_addresses),
+                        RESTART_WAIT_S)
                     if failed is not None:
                         return failed
             except KeyboardInterrupt:

@@ -1,6 +1,7 @@
 """scripts/dev_cluster.py's supervision: a node that leaves on purpose (exit 0, e.g. after
-``bluemarblectl drain``) is dropped and the cluster keeps running; any other exit, or the
-control plane's, stops it."""
+``bluemarblectl drain``) is dropped and the cluster keeps running, as when it dies; the
+control plane's exit stops it unless another replica serves (one it started, or one
+restarted on its address by hand); etcd's exit stops it."""
 
 from __future__ import annotations
 
@@ -99,3 +100,20 @@ def test_a_control_plane_replica_that_exits_while_another_serves_is_dropped(
     other.proc.wait(10)
     assert check_processes(watched, NODES) == 1
     assert "controlplane-1 exited unexpectedly" in capsys.readouterr().out
+
+
+def test_the_last_replica_restarted_outside_the_script_keeps_the_cluster_running(
+    tmp_path: Path, started: list[ManagedProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rolling restart stops the replica this script started and starts another on its
+    address: once that one serves, the cluster goes on; if nothing serves, it stops."""
+    node = _process(tmp_path, started, "node-1", None)
+    stopped = _process(tmp_path, started, "controlplane", 0)
+    answers = iter([False, False, True])
+    watched = [node, stopped]
+    assert check_processes(watched, NODES, lambda: next(answers), wait_s=5) is None
+    assert watched == [node]
+    assert "a control plane serves at the cluster's addresses" in capsys.readouterr().out
+    gone = _process(tmp_path, started, "controlplane-1", 0)
+    assert check_processes([node, gone], NODES, lambda: False, wait_s=0.2) == 1
+    assert "controlplane-1 exited unexpectedly (exit 0)" in capsys.readouterr().out
