@@ -87,11 +87,6 @@ MAX_LIST_TRADES = 1000
 RESOLVE_CALL_TIMEOUT_S = 3.0
 """One ResolveTrade call: an etcd read, the other side's ListTrades (up to 1 s) and the
 create-if-absent."""
-COUNTERPART_PATIENCE_S = 60.0
-"""How long past its deadline a termination waits for the other side's shard to be asked
-(``wait_for_counterpart``): long enough for a failover; after it the escrow is settled
-without the other side (ABORTED if no record), so a shard lost for good cannot hold
-escrows elsewhere for ever."""
 RESOLVE_POLICY = retry.RetryPolicy(initial_s=0.1, max_backoff_s=1.0, deadline_s=8.0, max_attempts=6)
 """One termination attempt: a few ResolveTrade calls, each on the next control-plane
 address after a failure, with jittered backoff. A trade whose attempt fails is tried again
@@ -604,8 +599,7 @@ class Participant:
         )
         try:
             outcome, reason = await self.resolve(record.shard_id, record.trade_id, "escrow past its deadline",
-                                                 record.leg,
-                                                 wait_for_counterpart=late_ms < COUNTERPART_PATIENCE_S * 1000)
+                                                 record.leg, wait_for_counterpart=True)
             state = await self.settle(record.trade_id, record.shard_id, 0, outcome, reason=reason)
         except BlueMarbleError as e:
             delay_s = self._rng.uniform(0.5, 1.5) * max(self._interval_s, 0.5)

@@ -21,7 +21,7 @@ as the schedules they survive. This drives them (through
   in flight is lost and every client waiting for an answer has given up;
 - **termination** without a record asks the other side's shard what it applied
   (:func:`~bluemarble.core.trades.termination_decision`: COMMITTED if it committed, the
-  lost record's outcome) and waits for that shard up to ``PATIENCE`` past the deadline;
+  lost record's outcome), and waits while that shard is down;
 - **coordinators** (1..3 control-plane replicas) running one
   :class:`~bluemarble.core.trades.Coordinator` per ExecuteTrade attempt. A crash loses
   every attempt, at any phase (before the prepares, between prepares and decision,
@@ -97,9 +97,6 @@ RESOLVE_RETRY = 10
 SWEEP_EVERY = 10
 SWEEP_AGE = 30
 """The leader sweeps records without retention older than this."""
-PATIENCE = 40
-"""A termination waits this long past its escrow's deadline for the other side's shard to
-be asked, then decides without it (the real one: 60 s, against failovers of seconds)."""
 RESTORE_SEEDS = 0.25
 RESTORE_P = 0.01
 """Seeds in which the store is restored from a backup, and the chance per faulty tick."""
@@ -204,7 +201,6 @@ class Sim:
             "crash_between_prepare_and_decision", "crash_between_decision_and_commit", "store_restarts",
             "leader_crashes", "messages_sent", "messages_dropped", "messages_duplicated", "restores",
             "records_lost", "counterparts_asked", "recovered_commits", "resolves_waiting",
-            "resolves_without_counterpart",
         ), 0)
         # Addresses: shards 0..S-1, coordinators S..S+C-1, the store, the leader; clients < 0.
         self.first_coordinator = self.shards
@@ -644,7 +640,7 @@ class Sim:
             assert leg is not None
             self.resolving[s][no] = now + RESOLVE_RETRY
             self.counters["resolves"] += 1
-            self.send(s, self.store_address, Kind.RESOLVE, (no, leg, s, now < deadline + PATIENCE))
+            self.send(s, self.store_address, Kind.RESOLVE, (no, leg, s))
 
     def crash_shard(self, s: int) -> None:
         self.shard_up[s] = False
@@ -688,19 +684,17 @@ class Sim:
             self.send(self.store_address, src, Kind.RECORD, (no, self.store_write(no, body[1])))
         elif kind == Kind.RESOLVE:
             # The control plane's ResolveTrade: the record; else, asking the other side first
-            # (its shard has no primary: wait, or decide without it), the termination's proposal.
-            leg, shard, wait = body[1], body[2], body[3]
+            # (while its shard has no primary, no answer: the participant asks again), the
+            # termination's proposal.
+            leg, shard = body[1], body[2]
             other = self.shard_of(leg.counterpart)
             if no in self.store or not self.rules.ask_counterpart:
                 self.propose_termination(no, leg, shard, None)
             elif self.shard_up[other]:
                 self.counters["counterparts_asked"] += 1
                 self.send(self.store_address, other, Kind.QUERY, (no, leg, shard))
-            elif wait:
-                self.counters["resolves_waiting"] += 1
             else:
-                self.counters["resolves_without_counterpart"] += 1
-                self.propose_termination(no, leg, shard, None)
+                self.counters["resolves_waiting"] += 1
         elif kind == Kind.STATE:
             self.propose_termination(no, body[1], body[2], body[3])
         elif kind == Kind.RETAIN:

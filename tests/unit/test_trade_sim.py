@@ -48,7 +48,6 @@ MUST_HAPPEN = (
     "participant_crashes", "failovers", "crash_before_prepare", "crash_between_prepare_and_decision",
     "crash_between_decision_and_commit", "store_restarts", "leader_crashes", "messages_dropped",
     "messages_duplicated", "restores", "records_lost", "counterparts_asked", "recovered_commits", "resolves_waiting",
-    "resolves_without_counterpart",
 )
 
 
