@@ -236,7 +236,7 @@ async def test_a_lost_decision_that_one_side_applied_is_recovered_by_the_other_s
         async with RoutingClient([survivor]) as routing:
             players = [f"q{i:03d}" for i in range(200)]
             a = players[0]
-            b = next(p for p in players if routing.resolve(p).primary != routing.resolve(a).primary)
+            b = next(p for p in players if routing.resolve(p).shard_id != routing.resolve(a).shard_id)
             await routing.grant_items(a, [f"{a}/relic"], gold=10, request_id=f"seed-{a}", deadline_s=20)
             await routing.grant_items(b, [], gold=100, request_id=f"seed-{b}", deadline_s=20)
             trade = Trade("lost-record", a, b, f"{a}/relic", 40)
