@@ -36,7 +36,7 @@ FAULT_COUNTERS = (
     "settles_failed", "swept", "retained", "participant_crashes", "failovers", "coordinator_crashes",
     "crash_before_prepare", "crash_between_prepare_and_decision", "crash_between_decision_and_commit",
     "store_restarts", "leader_crashes", "messages_sent", "messages_dropped", "messages_duplicated", "restores",
-    "records_lost", "counterparts_asked", "recovered_commits", "resolves_waiting",
+    "records_lost", "counterparts_asked", "recovered_commits", "resolves_waiting", "abandoned",
 )
 
 SIMULATION = Simulation(

@@ -57,6 +57,7 @@ from bluemarble.core.ids import PlayerId, ShardId, shard_index
 from bluemarble.core.limits import echo
 from bluemarble.core.trades import (
     REUSED_TRADE_ID,
+    SETTLE_CONTRADICTS,
     Holdings,
     Known,
     Leg,
@@ -371,7 +372,7 @@ class Participant:
         await self._settled_answer(state, timeout_s, what)
         if decision.verdict is PrepareVerdict.PREPARED:
             response.vote, response.prepared = shardnode_pb2.TRADE_VOTE_PREPARED, True
-            response.deadline_ms = view.deadline_ms
+            response.deadline_ms, response.escrowed_before = view.deadline_ms, True
             return response
         assert decision.outcome is not None
         response.vote, response.reason = shardnode_pb2.TRADE_VOTE_DECIDED, decision.reason
@@ -404,7 +405,7 @@ class Participant:
             )
             raise FailedPrecondition(
                 f"trade {echo(trade_id)} is already {view.known.state.name} on {shard}; "
-                f"{outcome.name} is refused (a decision never changes)"
+                f"{outcome.name} is refused ({SETTLE_CONTRADICTS})"
             )
         if verdict is SettleVerdict.MISSING_ESCROW:
             self._refused_settle("missing-escrow", "COMMITTED for a trade with no escrow here: refused",

@@ -226,20 +226,22 @@ class PrepareRequest(_message.Message):
     def __init__(self, trade_id: _Optional[str] = ..., shard_id: _Optional[str] = ..., epoch: _Optional[int] = ..., legs: _Optional[_Iterable[_Union[TradeLeg, _Mapping]]] = ...) -> None: ...
 
 class PrepareResponse(_message.Message):
-    __slots__ = ("prepared", "reason", "vote", "outcome", "epoch", "deadline_ms")
+    __slots__ = ("prepared", "reason", "vote", "outcome", "epoch", "deadline_ms", "escrowed_before")
     PREPARED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     VOTE_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    ESCROWED_BEFORE_FIELD_NUMBER: _ClassVar[int]
     prepared: bool
     reason: str
     vote: TradeVote
     outcome: _common_pb2.TradeOutcome
     epoch: int
     deadline_ms: int
-    def __init__(self, prepared: _Optional[bool] = ..., reason: _Optional[str] = ..., vote: _Optional[_Union[TradeVote, str]] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., epoch: _Optional[int] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
+    escrowed_before: bool
+    def __init__(self, prepared: _Optional[bool] = ..., reason: _Optional[str] = ..., vote: _Optional[_Union[TradeVote, str]] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., epoch: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., escrowed_before: _Optional[bool] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("trade_id", "shard_id", "epoch")

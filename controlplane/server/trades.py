@@ -60,7 +60,13 @@ from bluemarble.core.trades.model import (
     validate_leg,
     validate_trade,
 )
-from bluemarble.core.trades.participant import REUSED_TRADE_ID, Known, TradeState, termination_decision
+from bluemarble.core.trades.participant import (
+    REUSED_TRADE_ID,
+    SETTLE_CONTRADICTS,
+    Known,
+    TradeState,
+    termination_decision,
+)
 from bluemarble.runtime import background, channels, frames, metrics, multiplex, retry, tracing
 from bluemarble.runtime.auth import ServerAuth
 from bluemarble.runtime.channels import channel as open_channel
@@ -569,6 +575,8 @@ class TradeCoordinator:
                 answer = action.decision
             elif isinstance(action, rules.Retain) and stored is not None:
                 self._store.retain(trade.trade_id, stored.create_revision)
+            elif isinstance(action, rules.Abandon):
+                answer = await self._abandon(trade, action.reason)
         assert answer is not None, "the coordinator ended without an answer"
         metrics.PHASE_TOTAL.observe(self._clock.monotonic_s() - started_s)
         metrics.count_trade(True, answer.outcome is Outcome.COMMITTED)
@@ -576,6 +584,19 @@ class TradeCoordinator:
             "trade", trade_id=trade.trade_id, outcome=answer.outcome.name, reason=answer.reason,
                  shard_a=primary_a.shard, shard_b=primary_b.shard, decided_by=answer.decided_by)
         return answer
+
+    async def _abandon(self, trade: Trade, reason: str) -> Decision:
+        """The attempt ends without a proposal (:class:`~bluemarble.core.trades.coordinator.Abandon`):
+        the recorded decision if there is one (an earlier attempt's; its phase 2 is the
+        sweep's and the participants' termination's, as the sides did not answer), else
+        Unavailable: the caller retries the trade id."""
+        stored = await self._store.get(trade.trade_id)
+        if stored is not None:
+            self._check_terms(stored.record, trade)
+            return decision_of(stored.record)
+        log.warning("trade not decided: a side did not answer and the other holds an escrow from an earlier "
+                    "attempt (or did not answer either)", trade_id=trade.trade_id, reason=reason)
+        raise Unavailable(f"trade {echo(trade.trade_id)} was not decided: {reason}; retry with the same trade id")
 
     def _release(self, trade_id: str, prepared: Iterable[rules.Side], shards: dict[rules.Side, ShardId]) -> None:
         """Aborts, in the background, the escrows this attempt made (``prepared``: the
@@ -686,7 +707,7 @@ class TradeCoordinator:
             log.info("prepare failed", trade_id=leg.trade_id, shard=primary.shard, node_id=primary.node, error=reason)
             return rules.PrepareReply.unavailable(reason)
         if response.vote == shardnode_pb2.TRADE_VOTE_PREPARED:
-            return rules.PrepareReply.prepared()
+            return rules.PrepareReply.prepared(earlier=response.escrowed_before)
         if response.vote == shardnode_pb2.TRADE_VOTE_DECIDED:
             try:
                 outcome = outcome_from_proto(response.outcome, f"{primary.shard}'s Prepare answer")
@@ -751,6 +772,13 @@ class TradeCoordinator:
             state = await retry.call(attempt, what=f"settle {trade_id} on {shard}", policy=policy,
                                          clock=self._clock, retry_if=_settle_retryable, expected=True)
         except BlueMarbleError as e:
+            if isinstance(e, FailedPrecondition) and SETTLE_CONTRADICTS in str(e):
+                # The shard applied the other outcome: the trade is split (items in two
+                # inventories or none). Never expected; an operator must look.
+                log.error("settle refused: the participant applied the other outcome; the trade is applied on one "
+                          "side only (bluemarblectl trade show)", trade_id=trade_id, shard=shard,
+                          outcome=outcome.name, error=str(e))
+                return False
             (log.error if not e.retryable and not isinstance(e, FailedPrecondition) else log.info)(
                 "settle not acknowledged", trade_id=trade_id, shard=shard, outcome=outcome.name, error=str(e))
             return False

@@ -164,8 +164,9 @@ async def test_prepare_commit_abort_are_idempotent_and_refusals_name_the_item_or
     await seed(n, "alice", ["sword", "shield"], 100)
     first = await n.stub.Prepare(prepare("t1", leg("alice", ["sword"], 30, ["gem"], 5)))
     assert first.vote == PREPARED and first.prepared and first.epoch == 3 and first.deadline_ms > 0
+    assert not first.escrowed_before
     again = await n.stub.Prepare(prepare("t1", leg("alice", ["sword"], 30, ["gem"], 5)))
-    assert again.vote == PREPARED and again.deadline_ms == first.deadline_ms
+    assert again.vote == PREPARED and again.deadline_ms == first.deadline_ms and again.escrowed_before
     inventory = await n.stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id="alice"))
     assert list(inventory.escrowed_item_ids) == ["sword"] and inventory.escrowed_gold == 30
     # Refusals: an item not owned, an item held by another trade, gold beyond what is free.

@@ -21,6 +21,7 @@ import grpc
 import grpc.aio
 import prometheus_client
 import pytest
+import structlog.testing
 
 from bluemarble.client.trades import TradeClient
 from bluemarble.core import errors
@@ -119,7 +120,8 @@ class TradeNode(shardnode_pb2_grpc.ShardNodeServicer):
         if d.verdict is p.PrepareVerdict.ESCROW:
             self.world.known[(shard, leg.trade_id)] = p.Known(p.TradeState.PREPARED, leg)
         if d.verdict in (p.PrepareVerdict.ESCROW, p.PrepareVerdict.PREPARED):
-            return shardnode_pb2.PrepareResponse(prepared=True, vote=shardnode_pb2.TRADE_VOTE_PREPARED)
+            return shardnode_pb2.PrepareResponse(prepared=True, vote=shardnode_pb2.TRADE_VOTE_PREPARED,
+                                                 escrowed_before=d.verdict is p.PrepareVerdict.PREPARED)
         if d.verdict is p.PrepareVerdict.DECIDED:
             assert d.outcome is not None
             return shardnode_pb2.PrepareResponse(vote=shardnode_pb2.TRADE_VOTE_DECIDED,
@@ -141,7 +143,8 @@ class TradeNode(shardnode_pb2_grpc.ShardNodeServicer):
         known = self.world.known.get(key)
         verdict = p.decide_settle(known, outcome)
         if verdict in (p.SettleVerdict.CONFLICT, p.SettleVerdict.MISSING_ESCROW):
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, verdict.value)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{verdict.value} ({p.SETTLE_CONTRADICTS})"
+                                if verdict is p.SettleVerdict.CONFLICT else verdict.value)
         if verdict is p.SettleVerdict.APPLY_COMMIT:
             assert known is not None and known.leg is not None
             self.world.apply(known.leg)
@@ -636,6 +639,34 @@ async def test_a_termination_without_a_record_asks_the_other_side_and_recovers_a
         assert (await resolve(leg)).outcome == ABORTED and len(c.node_of(b).calls) == calls
 
 
+async def test_a_retry_is_not_aborted_while_one_side_is_silent_and_the_other_holds_an_earlier_escrow(
+    start_control_plane: StartControlPlane,
+) -> None:
+    """b's side applied COMMITTED and the record was lost (etcd restored); a's side still
+    holds the escrow. A retry while b's node is down must not record ABORTED (a's side
+    would then abort): no decision, UNAVAILABLE, and once b answers, COMMITTED."""
+    async with cluster(start_control_plane) as c:
+        a, b = c.players(same_shard=False)
+        c.world.seed(a, ["x"], 0)
+        c.world.seed(b, [], 5)
+        trade = Trade("silent", a, b, Offer(("x",), 0), Offer((), 5))
+        c.world.known[(c.shard(a), "silent")] = p.Known(p.TradeState.PREPARED, trade.leg_a())
+        c.world.known[(c.shard(b), "silent")] = p.Known(p.TradeState.COMMITTED, trade.leg_b())
+        c.world.apply(trade.leg_b())
+        c.node_of(b).down = True
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as undecided:
+                await c.trades.ExecuteTrade(request("silent", a, b, ("x",), 0, (), 5))
+            assert undecided.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "was not decided" in (undecided.value.details() or "")
+            assert await c.stored("silent") is None
+        finally:
+            c.node_of(b).down = False
+        answer = await c.trades.ExecuteTrade(request("silent", a, b, ("x",), 0, (), 5))
+        assert answer.outcome == COMMITTED
+        assert (c.world.items[a], c.world.gold[a], c.world.items[b], c.world.gold[b]) == (set(), 5, {"x"}, 0)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -886,6 +917,18 @@ async def test_the_sweep_keeps_a_record_whose_participant_is_down_and_lists_in_d
         assert not c.world.escrows() and c.world.items[b] == {"ring"} and c.world.gold == {a: 7, b: 0}
         assert (await c.app.store.get(c.app.keys.trade(TradeId("s1")))).lease  # type: ignore[union-attr]
         assert await sweep.sweep_once() == (0, 0)
+        # A record contradicting what a side applied (a split trade: never expected) is an
+        # error in the control plane's log, naming the trade and the shard.
+        c.world.known[(c.shard(a), "split")] = p.Known(p.TradeState.COMMITTED, t.leg_a())
+        split = trade_pb2.TradeRecord(trade_id="split", outcome=ABORTED, decided_by="coordinator gone",
+                                      shard_a=c.shard(a), shard_b=c.shard(b))
+        await c.app.store.txn([], [Put(c.app.keys.trade(TradeId("split")), codec.encode(split)),
+                                   Put(c.app.keys.unretained_trade(TradeId("split")), codec.encode(split))])
+        with structlog.testing.capture_logs() as logs:
+            assert await sweep.sweep_once() == (1, 0)
+        [line] = [e for e in logs if e["log_level"] == "error"]
+        assert "applied the other outcome" in line["event"] and (line["trade_id"], line["shard"]) == (
+            "split", c.shard(a))
 
 
 async def test_the_sweep_reads_every_record_on_its_first_pass_and_then_now_and_again(

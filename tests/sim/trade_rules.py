@@ -76,10 +76,20 @@ REAL_RULES = TradeRules(
 class _OptimisticCoordinator(Coordinator):
     """Proposes COMMITTED when either side voted commit."""
 
-    def _propose(self, a: PrepareReply | None, b: PrepareReply | None) -> Decision:
-        decision = propose(a, b, trade_id=self.trade.trade_id, decided_by=self.name, players=self.trade.players)
+    def _propose(self, a: PrepareReply | None, b: PrepareReply | None) -> Decision | None:
         if (a is not None and a.votes_commit) or (b is not None and b.votes_commit):
-            return dataclasses.replace(decision, outcome=Outcome.COMMITTED, reason="")
+            return Decision(self.trade.trade_id, Outcome.COMMITTED, "", self.name, self.trade.players)
+        return propose(a, b, trade_id=self.trade.trade_id, decided_by=self.name, players=self.trade.players)
+
+
+class _AbortingOnSilenceCoordinator(Coordinator):
+    """Proposes ABORTED when a side did not answer, whatever the other answered (the rule
+    before the simulation restored its store)."""
+
+    def _propose(self, a: PrepareReply | None, b: PrepareReply | None) -> Decision | None:
+        decision = propose(a, b, trade_id=self.trade.trade_id, decided_by=self.name, players=self.trade.players)
+        if decision is None:
+            return Decision(self.trade.trade_id, Outcome.ABORTED, "shard unavailable", self.name, self.trade.players)
         return decision
 
 
@@ -106,6 +116,11 @@ BREAKS: dict[str, tuple[str, TradeRules]] = {
     "abort-without-record": (
         "a participant past its escrow deadline aborts on its own, without writing ABORTED-if-absent",
         dataclasses.replace(REAL_RULES, resolve_through_record=False),
+    ),
+    "abort-on-silence": (
+        "the coordinator proposes ABORTED when a side did not answer, though no answer shows the trade was never "
+        "committed: a retry after the store lost a COMMITTED record one side applied splits the trade",
+        dataclasses.replace(REAL_RULES, coordinator=_AbortingOnSilenceCoordinator),
     ),
     "commit-on-one-prepare": (
         "the coordinator proposes COMMITTED when either side prepared",

@@ -17,8 +17,8 @@ as the schedules they survive. This drives them (through
   request arrives; it restarts (requests lost) now and then. In a quarter of the seeds it
   is also **restored from a backup** now and then: the records written in the last
   1..60 ticks are lost. As the restore procedure does (helm/bluemarble/README.md), every
-  control-plane replica is down meanwhile and the outage is long (minutes): every message
-  in flight is lost and every client waiting for an answer has given up;
+  control-plane replica is down meanwhile and every message in flight is lost; callers
+  go on retrying their trade ids;
 - **termination** without a record asks the other side's shard what it applied
   (:func:`~bluemarble.core.trades.termination_decision`: COMMITTED if it committed, the
   lost record's outcome), and waits while that shard is down;
@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bluemarble.core.trades import (
+    Abandon,
     Action,
     Coordinator,
     Decision,
@@ -200,7 +201,7 @@ class Sim:
             "participant_crashes", "failovers", "coordinator_crashes", "crash_before_prepare",
             "crash_between_prepare_and_decision", "crash_between_decision_and_commit", "store_restarts",
             "leader_crashes", "messages_sent", "messages_dropped", "messages_duplicated", "restores",
-            "records_lost", "counterparts_asked", "recovered_commits", "resolves_waiting",
+            "records_lost", "counterparts_asked", "recovered_commits", "resolves_waiting", "abandoned",
         ), 0)
         # Addresses: shards 0..S-1, coordinators S..S+C-1, the store, the leader; clients < 0.
         self.first_coordinator = self.shards
@@ -431,6 +432,8 @@ class Sim:
                 self.reply(no, action.decision.outcome, action.decision.reason)
             elif isinstance(action, Retain):
                 self.send(src, self.store_address, Kind.RETAIN, (no,))
+            elif isinstance(action, Abandon):
+                self.counters["abandoned"] += 1  # no answer: the client retries
         coordinator = attempt.coordinator
         if coordinator is not None and coordinator.phase is Phase.DONE:
             del self.attempts[c][no]
@@ -547,7 +550,7 @@ class Sim:
             self.note(f"{self.shard_name(s)} escrows t{no} for {player} until {deadline}")
             reply = PrepareReply.prepared()
         elif verdict is PrepareVerdict.PREPARED:
-            reply = PrepareReply.prepared()
+            reply = PrepareReply.prepared(earlier=True)
         elif verdict is PrepareVerdict.DECIDED:
             assert decision.outcome is not None
             self.counters["prepares_decided"] += 1
@@ -712,9 +715,8 @@ class Sim:
 
     def restore_store(self) -> None:
         """etcd restored from a backup ``age`` ticks old: the records written since are
-        lost. Every control-plane replica is down meanwhile (coordinators, the leader) and
-        the outage is long: every message in flight was delivered or lost before it ends,
-        and every caller waiting for an answer gave up (its deadline passed)."""
+        lost. Every control-plane replica is down meanwhile (coordinators, the leader), and
+        every message in flight was delivered or lost before it ends; callers retry."""
         age = self.restore_rng.randrange(1, 60)
         lost = sorted(no for no, at in self.written_at.items() if at > self.now - age)
         for no in lost:
@@ -725,10 +727,6 @@ class Sim:
         for c in range(self.coordinators):
             if self.coordinator_up[c]:
                 self.crash_coordinator(c)
-        for client, no in enumerate(self.client_trade):
-            if no is not None:
-                self.client_trade[client] = None
-                self.counters["gave_up"] += 1
         self.sweep_acks = {}
         self.leader_down_until = max(self.leader_down_until, self.now + self.restore_rng.randrange(5, 30))
         self.store_down_until = max(self.store_down_until, self.now + self.restore_rng.randrange(2, 20))

@@ -14,6 +14,7 @@ from bluemarble.core.trades import (
     MAX_TRADE_ITEMS_PER_SIDE,
     REUSED_TRADE_ID,
     SHARD_UNAVAILABLE,
+    Abandon,
     Coordinator,
     Decision,
     Holdings,
@@ -288,12 +289,43 @@ P, R = PrepareReply.prepared(), PrepareReply.refused("player p2 does not own ite
     # A side that applied COMMITTED proves the decision, whatever the other answers.
     (None, PrepareReply.decided(COMMITTED), COMMITTED, ""),
     (PrepareReply.decided(COMMITTED), PrepareReply.unavailable("connection refused"), COMMITTED, ""),
-    (None, None, ABORTED, f"{SHARD_UNAVAILABLE} (side A: no answer to prepare)"),
+    # An escrow from an earlier attempt beside a refusal: the refusing side never prepared.
+    (PrepareReply.prepared(earlier=True), R, ABORTED, "player p2 does not own item shield-2"),
 ])
 def test_propose(a: PrepareReply | None, b: PrepareReply | None, outcome: Outcome, reason: str) -> None:
     decision = propose(a, b, trade_id="t1", decided_by="coordinator c1")
+    assert decision is not None
     assert (decision.trade_id, decision.outcome, decision.reason, decision.decided_by) == (
         "t1", outcome, reason, "coordinator c1")
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    (None, None),
+    (PrepareReply.unavailable("connection refused"), None),
+    (PrepareReply.prepared(earlier=True), None),
+    (PrepareReply.unavailable("not the primary"), PrepareReply.prepared(earlier=True)),
+])
+def test_no_proposal_without_evidence_that_the_trade_was_never_committed(
+    a: PrepareReply | None, b: PrepareReply | None
+) -> None:
+    """A silent side beside another silent one, or beside an escrow of an earlier attempt,
+    may have applied a COMMITTED whose record was lost: ABORTED could split the trade."""
+    assert propose(a, b, trade_id="t1") is None
+
+
+def test_an_abandoned_attempt_ends_without_a_proposal_and_names_the_silent_sides() -> None:
+    c = Coordinator(SWORD)
+    c.start()
+    assert c.on_prepare_reply(Side.A, PrepareReply.unavailable("no primary")) == []  # B may still prove it
+    [abandon] = c.on_prepare_reply(Side.B, PrepareReply.prepared(earlier=True))
+    assert isinstance(abandon, Abandon) and "side A: no primary" in abandon.reason
+    assert c.phase is Phase.DONE and c.proposal is None and c.on_prepare_timeout() == []
+    # The same silence beside an escrow made just now: ABORTED at once.
+    c = Coordinator(SWORD)
+    c.start()
+    c.on_prepare_reply(Side.A, PrepareReply.unavailable("no primary"))
+    [proposal] = c.on_prepare_reply(Side.B, P)
+    assert isinstance(proposal, ProposeDecision) and proposal.decision.outcome is ABORTED
 
 
 def test_coordinator_happy_path() -> None:

@@ -17,6 +17,7 @@ failovers, lost and duplicated messages and retries, and checks I2, I3 and I5
 
 from bluemarble.core.trades.coordinator import (
     SHARD_UNAVAILABLE,
+    Abandon,
     Action,
     Coordinator,
     Phase,
@@ -47,6 +48,7 @@ from bluemarble.core.trades.model import (
 from bluemarble.core.trades.participant import (
     RECOVERED_COMMIT,
     REUSED_TRADE_ID,
+    SETTLE_CONTRADICTS,
     Holdings,
     Known,
     LocalTradeDecision,
@@ -70,7 +72,9 @@ __all__ = [
     "NOTHING",
     "RECOVERED_COMMIT",
     "REUSED_TRADE_ID",
+    "SETTLE_CONTRADICTS",
     "SHARD_UNAVAILABLE",
+    "Abandon",
     "Action",
     "Coordinator",
     "Decision",

@@ -19,6 +19,9 @@ proposal), settle both legs, answer. The driver executes each returned action:
   driver's own bounded retries);
 - :class:`Reply`: answer the caller with this decision (emitted once both settles have
   finished, acknowledged or failed: a failed settle never changes the answer);
+- :class:`Abandon`: end the attempt without a decision and without an answer (the caller
+  retries the trade id): ABORTED would need evidence that no side ever applied COMMITTED,
+  and neither answer gave it (see :func:`propose`);
 - :class:`Retain`: both participants applied the decision: attach the record to its
   retention lease (off the critical path).
 """
@@ -46,15 +49,17 @@ class ReplyKind(enum.Enum):
 @dataclass(frozen=True)
 class PrepareReply:
     """A participant's answer to Prepare: PREPARED, REFUSED(reason), DECIDED(outcome)
-    (an outcome was already applied there), or UNAVAILABLE(reason) (the RPC failed)."""
+    (an outcome was already applied there), or UNAVAILABLE(reason) (the RPC failed).
+    ``earlier``: PREPARED by an earlier Prepare of the trade id, not by this one."""
 
     kind: ReplyKind
     reason: str = ""
     outcome: Outcome | None = None
+    earlier: bool = False
 
     @staticmethod
-    def prepared() -> PrepareReply:
-        return PrepareReply(ReplyKind.PREPARED)
+    def prepared(earlier: bool = False) -> PrepareReply:
+        return PrepareReply(ReplyKind.PREPARED, earlier=earlier)
 
     @staticmethod
     def refused(reason: str) -> PrepareReply:
@@ -78,6 +83,15 @@ class PrepareReply:
         record of these terms, so that is the trade's decision, whatever the other side
         answers (or whether it answers)."""
         return self.kind is ReplyKind.DECIDED and self.outcome is Outcome.COMMITTED
+
+    @property
+    def never_committed(self) -> bool:
+        """This side's answer proves that no side ever applied COMMITTED: it refused (it
+        holds no record of the trade id), escrowed just now (it held none), or applied
+        ABORTED. A COMMITTED record exists only once both sides escrowed, and a side
+        applies only its trade's record."""
+        return (self.kind is ReplyKind.REFUSED or (self.kind is ReplyKind.PREPARED and not self.earlier)
+                or (self.kind is ReplyKind.DECIDED and self.outcome is Outcome.ABORTED))
 
 
 @dataclass(frozen=True)
@@ -107,7 +121,12 @@ class Retain:
     trade_id: str
 
 
-Action = SendPrepare | ProposeDecision | SendSettle | Reply | Retain
+@dataclass(frozen=True)
+class Abandon:
+    reason: str
+
+
+Action = SendPrepare | ProposeDecision | SendSettle | Reply | Retain | Abandon
 
 SHARD_UNAVAILABLE = "shard unavailable"
 
@@ -125,17 +144,28 @@ def _abort_reason(side: Side, reply: PrepareReply | None) -> str:
 def propose(
     a: PrepareReply | None, b: PrepareReply | None, *, trade_id: str, decided_by: str = COORDINATOR,
     players: tuple[str, ...] = (),
-) -> Decision:
+) -> Decision | None:
     """The coordinator's proposal from both answers (None: no answer): COMMITTED when both
     voted commit (PREPARED, or DECIDED(COMMITTED)) or either side already applied COMMITTED
     (the decision was COMMITTED: its record exists, or was lost, as after etcd is restored
     from a backup, and ABORTED would then leave the trade applied on one side only); else
     ABORTED with the reason of the first answer against (A's before B's; a refusal names
     the item or the amount), else "shard unavailable" for the first side that did not
-    answer."""
+    answer.
+
+    ABORTED only with evidence that no side ever applied COMMITTED
+    (:attr:`PrepareReply.never_committed` of either answer), else None: no proposal. Both
+    sides silent, or one silent and the other holding an escrow from an earlier attempt,
+    is what a trade looks like whose record was lost (etcd restored from a backup) after
+    the silent side applied COMMITTED; ABORTED then would split it. With the record
+    there, such a proposal was harmless (the record stood), so the only cost is the
+    caller's: it gets no answer and retries, while the escrow's holder settles it with
+    the other side (termination)."""
     if (a is not None and b is not None and a.votes_commit and b.votes_commit) or any(
             r is not None and r.committed for r in (a, b)):
         return Decision(trade_id, Outcome.COMMITTED, "", decided_by, players)
+    if not any(r is not None and r.never_committed for r in (a, b)):
+        return None
     answered = [(side, r) for side, r in ((Side.A, a), (Side.B, b)) if r is not None and not r.votes_commit]
     side, reply = answered[0] if answered else ((Side.A, a) if a is None else (Side.B, b))
     return Decision(trade_id, Outcome.ABORTED, _abort_reason(side, reply), decided_by, players)
@@ -189,24 +219,33 @@ class Coordinator:
         self.phase = Phase.PREPARING
         return [SendPrepare(Side.A, self.trade.leg_a()), SendPrepare(Side.B, self.trade.leg_b())]
 
-    def _propose(self, a: PrepareReply | None, b: PrepareReply | None) -> Decision:
+    def _propose(self, a: PrepareReply | None, b: PrepareReply | None) -> Decision | None:
         """The proposal rule (a method so that a test can plant a wrong one)."""
         return propose(a, b, trade_id=self.trade.trade_id, decided_by=self.name, players=self.trade.players)
 
     def _decide(self) -> list[Action]:
+        a, b = self.replies.get(Side.A), self.replies.get(Side.B)
+        proposal = self._propose(a, b)
+        if proposal is None:
+            self.phase = Phase.DONE
+            silent = [f"side {side.name}: {r.reason if r is not None else 'no answer to prepare'}"
+                      for side, r in ((Side.A, a), (Side.B, b)) if r is None or r.kind is ReplyKind.UNAVAILABLE]
+            return [Abandon(f"{SHARD_UNAVAILABLE} ({'; '.join(silent)}) and no side's answer shows the trade "
+                            "was never committed (it may have been decided before)")]
         self.phase = Phase.DECIDING
-        self.proposal = self._propose(self.replies.get(Side.A), self.replies.get(Side.B))
-        return [ProposeDecision(self.proposal)]
+        self.proposal = proposal
+        return [ProposeDecision(proposal)]
 
     def on_prepare_reply(self, side: Side, reply: PrepareReply) -> list[Action]:
         """One side's answer. Proposes as soon as the outcome is certain: both voted
-        commit, one already applied COMMITTED, or one did not vote commit (no need to wait
-        for the other: its escrow, if any, is released by the Abort). Later answers are
-        ignored."""
+        commit, one already applied COMMITTED, or one did not vote commit and some answer
+        shows the trade was never committed (no need to wait for the other: its escrow, if
+        any, is released by the Abort). Later answers are ignored."""
         if self.phase is not Phase.PREPARING or side in self.replies:
             return []
         self.replies[side] = reply
-        if not reply.votes_commit or reply.committed or len(self.replies) == 2:
+        if (len(self.replies) == 2 or reply.committed
+                or (not reply.votes_commit and any(r.never_committed for r in self.replies.values()))):
             return self._decide()
         return []
 

@@ -118,6 +118,9 @@ class PrepareDecision:
 
 
 REUSED_TRADE_ID = "trade id reused with different terms"
+SETTLE_CONTRADICTS = "a decision never changes"
+"""Said by a participant refusing a settle whose outcome contradicts the one it applied
+(the drivers' messages carry it: the control plane logs such a refusal as an error)."""
 
 
 def check_leg(leg: Leg, holdings: Holdings) -> str:
