@@ -594,8 +594,10 @@ class TradeCoordinator:
         if stored is not None:
             self._check_terms(stored.record, trade)
             return decision_of(stored.record)
-        log.warning("trade not decided: a side did not answer and the other holds an escrow from an earlier "
-                    "attempt (or did not answer either)", trade_id=trade.trade_id, reason=reason)
+        # At info: the caller is told to retry, and after an outage every retry meeting a
+        # side without a primary yet ends here (an outside drill counted hundreds).
+        log.info("trade not decided: a side did not answer and the other holds an escrow from an earlier "
+                 "attempt (or did not answer either)", trade_id=trade.trade_id, reason=reason)
         raise Unavailable(f"trade {echo(trade.trade_id)} was not decided: {reason}; retry with the same trade id")
 
     def _release(self, trade_id: str, prepared: Iterable[rules.Side], shards: dict[rules.Side, ShardId]) -> None:
