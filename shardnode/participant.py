@@ -44,6 +44,13 @@ from dataclasses import dataclass
 import grpc.aio
 import structlog
 
+from bluemarble.api.conversions import (
+    leg_from_proto,
+    leg_to_proto,
+    offer_from_proto,
+    offer_to_proto,
+    participant_state_to_proto,
+)
 from bluemarble.client.control_plane import ControlPlaneClient, to_error
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import (
@@ -250,7 +257,7 @@ class Participant:
             kind = op.WhichOneof("op")
             if kind == stored.TRADE_PREPARE and op.trade_prepare.trade_id == trade_id:
                 p = op.trade_prepare
-                view = _View(Known(TradeState.PREPARED, stored.leg_from_proto(trade_id, p.leg)), True, p.deadline_ms)
+                view = _View(Known(TradeState.PREPARED, leg_from_proto(trade_id, p.leg)), True, p.deadline_ms)
             elif kind == stored.TRADE_SETTLE and op.trade_settle.trade_id == trade_id:
                 outcome = stored.outcome_from_proto(op.trade_settle.outcome, "a queued settle")
                 leg = view.known.leg if view.known is not None else None
@@ -261,8 +268,8 @@ class Participant:
                 leg = Leg(
                     trade_id,
                     t.player_a,
-                    stored.offer_from_proto(t.a_gives),
-                    stored.offer_from_proto(t.b_gives),
+                    offer_from_proto(t.a_gives),
+                    offer_from_proto(t.b_gives),
                     t.player_b,
                 )
                 view = _View(Known(state_for(outcome), leg, t.reason), False)
@@ -338,7 +345,7 @@ class Participant:
         trade_id = validation.request_id(request.trade_id, "trade_id")
         if len(request.legs) != 1:
             raise InvalidArgument(f"legs lists {len(request.legs)} legs; a Prepare carries exactly one (this shard's)")
-        leg = _check_leg(stored.leg_from_proto(trade_id, request.legs[0]))
+        leg = _check_leg(leg_from_proto(trade_id, request.legs[0]))
         shard = self._shard_of(leg.player, request.shard_id)
         state = self._dp.writable(shard, request.epoch)
         self._dp.check_not_settling(shard, leg.player)
@@ -352,7 +359,7 @@ class Participant:
             op = shardnode_pb2.WriteOp(
                 player_id=leg.player,
                 trade_prepare=shardnode_pb2.TradePrepareOp(
-                    trade_id=trade_id, leg=stored.leg_to_proto(leg), prepared_at_ms=now_ms, deadline_ms=deadline_ms
+                    trade_id=trade_id, leg=leg_to_proto(leg), prepared_at_ms=now_ms, deadline_ms=deadline_ms
                 ),
             )
             result = await self._dp.write(state, op)  # queued in this turn: no await before it
@@ -396,7 +403,7 @@ class Participant:
         view = self._view(shard, trade_id)
         verdict = decide_settle(view.known, outcome)
         if verdict is SettleVerdict.NOOP:
-            return stored.state_to_proto(state_for(outcome))
+            return participant_state_to_proto(state_for(outcome))
         if verdict is SettleVerdict.CONFLICT:
             assert view.known is not None
             self._refused_settle(
@@ -427,7 +434,7 @@ class Participant:
         result = await self._dp.write(state, op)
         log.debug("trade settled", trade_id=trade_id, shard=shard, outcome=outcome.name, verdict=verdict.name,
                   lsn=result.lsn)
-        return stored.state_to_proto(state_for(outcome))
+        return participant_state_to_proto(state_for(outcome))
 
     # ---- same-shard trades ----
 
@@ -453,8 +460,8 @@ class Participant:
             request.trade_id,
             request.player_a,
             request.player_b,
-            stored.offer_from_proto(request.a_gives),
-            stored.offer_from_proto(request.b_gives),
+            offer_from_proto(request.a_gives),
+            offer_from_proto(request.b_gives),
         )
         validate_trade(trade)
         shard = self._shard_of(trade.player_a, request.shard_id)
@@ -491,8 +498,8 @@ class Participant:
                 trade_id=trade.trade_id,
                 player_a=trade.player_a,
                 player_b=trade.player_b,
-                a_gives=stored.offer_to_proto(trade.a_gives),
-                b_gives=stored.offer_to_proto(trade.b_gives),
+                a_gives=offer_to_proto(trade.a_gives),
+                b_gives=offer_to_proto(trade.b_gives),
                 outcome=stored.outcome_to_proto(decision.outcome),
                 reason=decision.reason,
                 settled_at_ms=self._clock.wall_ms(),
@@ -651,7 +658,7 @@ class Participant:
         request = trade_pb2.ResolveTradeRequest(trade_id=trade_id, shard_id=shard, node_id=self._dp.node_id, reason=why,
                                                 if_decided=if_decided, wait_for_counterpart=wait_for_counterpart)
         if leg is not None:
-            request.leg.CopyFrom(stored.leg_to_proto(leg))
+            request.leg.CopyFrom(leg_to_proto(leg))
 
         async def attempt() -> trade_pb2.ResolveTradeResponse:
             address = client.current_address

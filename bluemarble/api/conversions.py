@@ -1,4 +1,4 @@
-"""Conversions between the pure core values (ring, assignments) and their messages.
+"""Conversions between the pure core values (ring, assignments, trade legs) and their messages.
 
 The core knows nothing of protobuf; the stores, servicers and clients know nothing of the
 core's internals. Conversion from a message validates: one that does not describe a valid
@@ -14,6 +14,7 @@ from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.placement import PlacementNode, ShardAssignment
 from bluemarble.core.replication.position import ZERO, LogPosition
 from bluemarble.core.ring import Ring
+from bluemarble.core.trades import Leg, Offer, TradeState
 from bluemarble.v1 import common_pb2, shardnode_pb2
 
 
@@ -123,3 +124,41 @@ def log_position_from_proto(message: shardnode_pb2.LogPosition) -> LogPosition |
         return None
     return LogPosition(message.epoch, message.lsn)
 
+
+def offer_from_proto(message: common_pb2.Offer) -> Offer:
+    return Offer(tuple(message.item_ids), int(message.gold))
+
+
+def offer_to_proto(offer: Offer) -> common_pb2.Offer:
+    return common_pb2.Offer(item_ids=list(offer.item_ids), gold=offer.gold)
+
+
+def leg_from_proto(trade_id: str, message: shardnode_pb2.TradeLeg) -> Leg:
+    return Leg(trade_id, message.player_id, offer_from_proto(message.gives), offer_from_proto(message.receives),
+               message.counterpart_player_id)
+
+
+def leg_to_proto(leg: Leg) -> shardnode_pb2.TradeLeg:
+    return shardnode_pb2.TradeLeg(
+        player_id=leg.player, gives=offer_to_proto(leg.gives), receives=offer_to_proto(leg.receives),
+        counterpart_player_id=leg.counterpart,
+    )
+
+
+_STATE_PROTO = {
+    TradeState.PREPARED: shardnode_pb2.PARTICIPANT_TRADE_STATE_PREPARED,
+    TradeState.COMMITTED: shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED,
+    TradeState.ABORTED: shardnode_pb2.PARTICIPANT_TRADE_STATE_ABORTED,
+}
+_STATE_OF_PROTO = {v: k for k, v in _STATE_PROTO.items()}
+
+
+def participant_state_to_proto(state: TradeState | None) -> shardnode_pb2.ParticipantTradeState:
+    """None (nothing known) is PARTICIPANT_TRADE_STATE_NONE."""
+    return shardnode_pb2.PARTICIPANT_TRADE_STATE_NONE if state is None else _STATE_PROTO[state]
+
+
+def participant_state_from_proto(value: int) -> TradeState | None:
+    """The state a message field names; None for NONE or a value this release does not know."""
+    state: TradeState | None = _STATE_OF_PROTO.get(value)  # type: ignore[call-overload]
+    return state

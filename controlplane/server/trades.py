@@ -34,6 +34,13 @@ import grpc
 import grpc.aio
 import structlog
 
+from bluemarble.api.conversions import (
+    leg_from_proto,
+    leg_to_proto,
+    offer_from_proto,
+    offer_to_proto,
+    participant_state_from_proto,
+)
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import (
     BlueMarbleError,
@@ -53,7 +60,6 @@ from bluemarble.core.trades.decision import outcome_for_leg
 from bluemarble.core.trades.model import (
     Decision,
     Leg,
-    Offer,
     Outcome,
     Trade,
     participant_name,
@@ -64,7 +70,6 @@ from bluemarble.core.trades.participant import (
     REUSED_TRADE_ID,
     SETTLE_CONTRADICTS,
     Known,
-    TradeState,
     termination_decision,
 )
 from bluemarble.runtime import background, channels, frames, metrics, multiplex, retry, tracing
@@ -174,40 +179,14 @@ def outcome_from_proto(value: int, where: str) -> Outcome:
     return outcome
 
 
-def _offer(message: common_pb2.Offer) -> Offer:
-    return Offer(tuple(message.item_ids), int(message.gold))
-
-
-def _offer_proto(offer: Offer) -> common_pb2.Offer:
-    return common_pb2.Offer(item_ids=list(offer.item_ids), gold=offer.gold)
-
-
 def trade_from_request(r: trade_pb2.ExecuteTradeRequest) -> Trade:
-    return Trade(r.trade_id, r.player_a, r.player_b, _offer(r.a_gives), _offer(r.b_gives))
+    return Trade(r.trade_id, r.player_a, r.player_b, offer_from_proto(r.a_gives), offer_from_proto(r.b_gives))
 
 
 def trade_to_request(t: Trade) -> trade_pb2.ExecuteTradeRequest:
     return trade_pb2.ExecuteTradeRequest(
         trade_id=t.trade_id, player_a=t.player_a, player_b=t.player_b,
-        a_gives=_offer_proto(t.a_gives), b_gives=_offer_proto(t.b_gives),
-    )
-
-
-def leg_from_proto(trade_id: str, leg: shardnode_pb2.TradeLeg) -> Leg:
-    return Leg(trade_id, leg.player_id, _offer(leg.gives), _offer(leg.receives), leg.counterpart_player_id)
-
-
-_PARTICIPANT_STATES = {
-    shardnode_pb2.PARTICIPANT_TRADE_STATE_PREPARED: TradeState.PREPARED,
-    shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED: TradeState.COMMITTED,
-    shardnode_pb2.PARTICIPANT_TRADE_STATE_ABORTED: TradeState.ABORTED,
-}
-
-
-def leg_to_proto(leg: Leg) -> shardnode_pb2.TradeLeg:
-    return shardnode_pb2.TradeLeg(
-        player_id=leg.player, gives=_offer_proto(leg.gives), receives=_offer_proto(leg.receives),
-        counterpart_player_id=leg.counterpart,
+        a_gives=offer_to_proto(t.a_gives), b_gives=offer_to_proto(t.b_gives),
     )
 
 
@@ -485,7 +464,7 @@ class TradeCoordinator:
     async def _local(self, trade: Trade, shard: ShardId) -> Decision:
         request = shardnode_pb2.ExecuteLocalTradeRequest(
             trade_id=trade.trade_id, shard_id=shard, player_a=trade.player_a, player_b=trade.player_b,
-            a_gives=_offer_proto(trade.a_gives), b_gives=_offer_proto(trade.b_gives),
+            a_gives=offer_to_proto(trade.a_gives), b_gives=offer_to_proto(trade.b_gives),
         )
 
         async def attempt() -> shardnode_pb2.ExecuteLocalTradeResponse:
@@ -867,8 +846,9 @@ class TradeCoordinator:
                         other_shard=other, error=str(e))
             return other, None
         for t in response.trades:
-            if t.shard_id == other and t.leg.player_id == leg.counterpart and t.state in _PARTICIPANT_STATES:
-                return other, Known(_PARTICIPANT_STATES[t.state], leg_from_proto(t.trade_id, t.leg), t.reason)
+            state = participant_state_from_proto(t.state)
+            if t.shard_id == other and t.leg.player_id == leg.counterpart and state is not None:
+                return other, Known(state, leg_from_proto(t.trade_id, t.leg), t.reason)
         return other, None
 
     @staticmethod

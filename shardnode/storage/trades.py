@@ -36,11 +36,18 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from bluemarble.api.conversions import (
+    leg_from_proto,
+    leg_to_proto,
+    offer_from_proto,
+    participant_state_from_proto,
+    participant_state_to_proto,
+)
 from bluemarble.core import limits
 from bluemarble.core.errors import CorruptRecord, FailedPrecondition
 from bluemarble.core.ids import PlayerId, ShardId
 from bluemarble.core.limits import echo
-from bluemarble.core.trades import Holdings, Known, Leg, Offer, Outcome, TradeState, check_leg
+from bluemarble.core.trades import Holdings, Known, Leg, Outcome, TradeState, check_leg
 from bluemarble.v1 import common_pb2, shardnode_pb2
 
 TRADE_PREPARE = "trade_prepare"
@@ -50,12 +57,6 @@ TRADE_KINDS = frozenset({TRADE_PREPARE, TRADE_SETTLE, LOCAL_TRADE})
 
 _STATE_NAME = {TradeState.PREPARED: "PREPARED", TradeState.COMMITTED: "COMMITTED", TradeState.ABORTED: "ABORTED"}
 _STATE_OF_NAME = {v: k for k, v in _STATE_NAME.items()}
-_STATE_PROTO = {
-    TradeState.PREPARED: shardnode_pb2.PARTICIPANT_TRADE_STATE_PREPARED,
-    TradeState.COMMITTED: shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED,
-    TradeState.ABORTED: shardnode_pb2.PARTICIPANT_TRADE_STATE_ABORTED,
-}
-_STATE_OF_PROTO = {v: k for k, v in _STATE_PROTO.items()}
 _OUTCOME_PROTO = {
     Outcome.COMMITTED: common_pb2.TRADE_OUTCOME_COMMITTED,
     Outcome.ABORTED: common_pb2.TRADE_OUTCOME_ABORTED,
@@ -122,7 +123,7 @@ class TradeRecord:
             trade_id=self.trade_id,
             shard_id=self.shard_id,
             node_id=node_id,
-            state=_STATE_PROTO[self.state],
+            state=participant_state_to_proto(self.state),
             reason=self.reason,
             prepared_at_ms=self.prepared_at_ms,
             deadline_ms=self.deadline_ms,
@@ -137,33 +138,6 @@ class TradeRecord:
 # ---- conversions ----
 
 
-def offer_from_proto(message: common_pb2.Offer) -> Offer:
-    return Offer(tuple(message.item_ids), int(message.gold))
-
-
-def offer_to_proto(offer: Offer) -> common_pb2.Offer:
-    return common_pb2.Offer(item_ids=list(offer.item_ids), gold=offer.gold)
-
-
-def leg_from_proto(trade_id: str, message: shardnode_pb2.TradeLeg) -> Leg:
-    return Leg(
-        trade_id,
-        message.player_id,
-        offer_from_proto(message.gives),
-        offer_from_proto(message.receives),
-        message.counterpart_player_id,
-    )
-
-
-def leg_to_proto(leg: Leg) -> shardnode_pb2.TradeLeg:
-    return shardnode_pb2.TradeLeg(
-        player_id=leg.player,
-        gives=offer_to_proto(leg.gives),
-        receives=offer_to_proto(leg.receives),
-        counterpart_player_id=leg.counterpart,
-    )
-
-
 def outcome_to_proto(outcome: Outcome) -> common_pb2.TradeOutcome:
     return _OUTCOME_PROTO[outcome]
 
@@ -174,11 +148,6 @@ def outcome_from_proto(value: int, where: str) -> Outcome:
     if outcome is None:
         raise CorruptRecord(f"{where} carries no trade outcome ({value})")
     return outcome
-
-
-def state_to_proto(state: TradeState | None) -> shardnode_pb2.ParticipantTradeState:
-    """None (nothing known) is PARTICIPANT_TRADE_STATE_NONE."""
-    return shardnode_pb2.PARTICIPANT_TRADE_STATE_NONE if state is None else _STATE_PROTO[state]
 
 
 # ---- reads ----
@@ -491,7 +460,7 @@ def install_rows(
     trade_rows: list[tuple[object, ...]] = []
     escrow_rows: list[tuple[object, ...]] = []
     for r in records:
-        state = _STATE_OF_PROTO.get(r.state)
+        state = participant_state_from_proto(r.state)
         if state is None or not r.trade_id:
             raise CorruptRecord(f"the snapshot of {shard} carries a trade record without id or state")
         leg = leg_from_proto(r.trade_id, r.leg) if r.HasField("leg") else None
