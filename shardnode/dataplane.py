@@ -101,6 +101,15 @@ behind, in as many transactions as that takes, with a pause between them: one
 transaction of 78,000 rows held the event loop (every write and call of the node) for
 240 ms on this kind of machine, one of 1,000 holds it about 3 ms."""
 PRUNE_CHUNK_PAUSE_S = 0.005
+RECLAIM_AFTER_S = 3600.0
+"""How long a copy of a shard stays on a node after its role there ended (and the control
+plane stopped counting on it) before the node deletes it. Meanwhile it is a last-resort
+copy should every member of the shard be lost, and a rebalance that brings the role back
+catches up from it; after that it would only fill the disk: a node that held every shard
+once, through rebalances and drains, would keep them all."""
+RECLAIM_CHECK_INTERVAL_S = 30.0
+RECLAIM_CHUNK_ROWS = 1000
+"""Rows one transaction of a reclaim deletes at most (as :data:`PRUNE_CHUNK_ROWS`)."""
 FILE_CHECK_INTERVAL_S = 5
 """How often a node checks that its database file is still the one it opened (a file
 deleted under it takes every later write with it, silently)."""
@@ -226,9 +235,14 @@ class DataPlane:
         ring: RingRouter,
         *,
         clock: Clock | None = None,
+        reclaim_after_s: float = RECLAIM_AFTER_S,
     ):
         self.node_id = node_id
         self._storage = storage
+        self._reclaim_after_s = reclaim_after_s  # 0: copies without a role are kept
+        # Since when (monotonic) each copy without a role has been reclaimable, seen so at
+        # every check since; a check that finds it otherwise starts it over.
+        self._roleless_since: dict[ShardId, float] = {}
         self._agent = agent
         self._ring = ring
         self._clock: Clock = clock or SystemClock()
@@ -250,6 +264,7 @@ class DataPlane:
         self._failpoint = str(storage.path.parent / HOLD_REPLICATION_FAILPOINT)
         self._tasks: set[asyncio.Task[None]] = set()
         self._prune_task: asyncio.Task[None] | None = None
+        self._reclaim_task: asyncio.Task[None] | None = None
         for shard, meta in storage.shards().items():
             self._shards[shard] = ShardState(
                 shard,
@@ -278,6 +293,8 @@ class DataPlane:
 
     async def start(self) -> None:
         self._prune_task = background.start(self._prune_loop(), "storage-prune")
+        if self._reclaim_after_s > 0 or self._storage.reclaiming():
+            self._reclaim_task = background.start(self._reclaim_loop(), "storage-reclaim")
 
     async def stop(self) -> None:
         for shipper in list(self._shippers.values()):
@@ -286,6 +303,7 @@ class DataPlane:
         for task in list(self._tasks):
             await background.stop(task)
         await background.stop(self._prune_task)
+        await background.stop(self._reclaim_task)
         for state in self._shards.values():
             self._fail_waiters(state, Unavailable("the node is shutting down"))
         held, self._held_writes = self._held_writes, []
@@ -334,6 +352,95 @@ class DataPlane:
         if removed:
             log.debug("pruned storage", rows=removed)
         return removed
+
+    async def _reclaim_loop(self) -> None:
+        """Deletes the copies of shards this node holds without a role, once each has
+        been so for :data:`RECLAIM_AFTER_S` (checked every 30 s, or a quarter of that
+        time when shorter), and finishes a reclaim a restart interrupted. A round that
+        fails is logged; the next one tries again."""
+        failures = retry.FailureLog()
+        interval_s = RECLAIM_CHECK_INTERVAL_S
+        if self._reclaim_after_s > 0:
+            interval_s = max(0.5, min(interval_s, self._reclaim_after_s / 4))
+        while True:
+            try:
+                await self._reclaim_once()
+            except (BlueMarbleError, sqlite3.Error) as e:
+                failures.failed("reclaim", self._clock.monotonic_s(), "reclaiming a copy failed; trying again later",
+                                error=str(e))
+            else:
+                failures.recovered("reclaim", self._clock.monotonic_s(), "reclaiming copies works again")
+            await self._clock.sleep(interval_s)
+
+    def _reclaimable(self, state: ShardState) -> bool:
+        """Whether this node's copy of the shard is one nobody counts on: it holds data, this
+        incarnation has its assignments and holds no role in the shard, and the control
+        plane does not keep the copy (``retained``: it may hold acknowledged writes the
+        members lack). Judged only while the node is in touch with the control plane: with
+        the assignments out of date, a role given meanwhile would not show."""
+        agent = self._agent
+        return (
+            state.role is None
+            and (state.synced or state.last.lsn > 0)
+            and state.shard_id not in self._storage.reclaiming()
+            and agent.assignments_synced.is_set()
+            and agent.session_state is SessionState.CONNECTED
+            and state.shard_id not in agent.retained_in
+        )
+
+    async def _reclaim_once(self) -> list[ShardId]:
+        """One check: notes the copies without a role, reclaims those that have been so for
+        the whole :data:`RECLAIM_AFTER_S`, one at a time, and finishes the reclaims a
+        restart interrupted. Returns the shards reclaimed."""
+        now_s = self._clock.monotonic_s()
+        due: list[ShardId] = []
+        if self._reclaim_after_s > 0:
+            for shard, state in self._shards.items():
+                if not self._reclaimable(state):
+                    self._roleless_since.pop(shard, None)
+                elif now_s - self._roleless_since.setdefault(shard, now_s) >= self._reclaim_after_s:
+                    due.append(shard)
+            for shard in list(self._roleless_since):
+                if shard not in self._shards:
+                    del self._roleless_since[shard]
+        reclaimed = []
+        for shard in sorted(self._storage.reclaiming()) + due:
+            if await self._reclaim(shard):
+                reclaimed.append(shard)
+        return reclaimed
+
+    async def _reclaim(self, shard: ShardId) -> bool:
+        """Deletes this node's copy of ``shard`` (NodeStorage.reclaim_step), a transaction at
+        a time with the node's work going on between them. Stops, keeping the copy, if the
+        shard gets a role (or the control plane keeps it) before its position is gone;
+        past that, what is left goes whatever comes (storage deletes it before any write)."""
+        state = self._state(shard)
+        before = state.last
+        transactions = 0
+        positionless = False  # past the step that took the copy's position
+        started_s = self._clock.monotonic_s()
+        while True:
+            if shard in self._storage.reclaiming():
+                positionless = True
+            elif positionless:
+                break  # a write, replicated entries or a snapshot deleted the rest first
+            elif not self._reclaimable(state):
+                self._roleless_since.pop(shard, None)
+                log.info("kept the copy of a shard that got a role again while it was being reclaimed", shard=shard)
+                return False
+            done = self._storage.reclaim_step(shard, RECLAIM_CHUNK_ROWS)
+            transactions += 1
+            if state.role is None:
+                meta = self._storage.meta(shard)
+                state.last, state.first_retained_lsn, state.synced = meta.last, meta.first_retained_lsn, meta.synced
+            if done:
+                break
+            await self._clock.sleep(PRUNE_CHUNK_PAUSE_S)  # the node's writes and calls go on
+        self._roleless_since.pop(shard, None)
+        log.info("reclaimed the copy of a shard this node holds no role in", shard=shard,
+                 position=str(before) if before.lsn else None, transactions=transactions,
+                 took_s=round(self._clock.monotonic_s() - started_s, 3))
+        return True
 
     def _spawn(self, coro: object, name: str) -> None:
         task = background.start(coro, name)  # type: ignore[arg-type]

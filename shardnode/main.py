@@ -34,7 +34,7 @@ from bluemarble.runtime.grpc_server import Server, ServiceBinding, build_server
 from bluemarble.runtime.settings import EnvArgumentParser
 from bluemarble.v1 import shardnode_pb2, shardnode_pb2_grpc
 from shardnode.agent import NodeAgent, NodeIdentity, SessionState
-from shardnode.dataplane import DataPlane
+from shardnode.dataplane import RECLAIM_AFTER_S, DataPlane
 from shardnode.participant import DEFAULT_ESCROW_TIMEOUT_S, Participant
 from shardnode.service import ShardNodeService
 from shardnode.storage import NodeStorage
@@ -53,6 +53,7 @@ SHARD_NODE_SERVICE = shardnode_pb2.DESCRIPTOR.services_by_name["ShardNode"].full
 "" stays SERVING while the process runs (liveness)."""
 READINESS_INTERVAL_S = 0.5
 DEFAULT_LEAVE_TIMEOUT_S = 30.0
+MAX_RECLAIM_AFTER_S = 30 * 86_400.0
 """How long a node stopping on SIGTERM/SIGINT waits for the control plane to move its
 roles away (a drain) before it leaves anyway: within Kubernetes' default 30 s and the
 chart's 60 s grace, with room for the shutdown itself."""
@@ -77,6 +78,7 @@ class NodeSettings:
     synchronous: str = "NORMAL"
     trade_escrow_timeout_s: float = DEFAULT_ESCROW_TIMEOUT_S
     leave_timeout_s: float = DEFAULT_LEAVE_TIMEOUT_S
+    reclaim_after_s: float = RECLAIM_AFTER_S
     control_plane_identity: tuple[str, ...] = (auth.CONTROL_PLANE_IDENTITY,)
     frames_port: int = 0
 
@@ -117,6 +119,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
         help="on SIGTERM/SIGINT, how long to wait for the control plane to move this node's roles away before "
         "leaving anyway (0: leave at once, as a crash does; a second signal also stops at once)",
     )
+    p.add_flag(
+        "--reclaim-after-s",
+        default=RECLAIM_AFTER_S,
+        type=float,
+        help="delete the copy of a shard this node holds no role in once it has been so for this long (seconds; "
+        "0: keep such copies); the control plane may still count on a copy it names as retained, never deleted",
+    )
     metrics.add_flag(p)
     tls.add_flags(p, "node (its CN or a DNS SAN must be the node id under mutual TLS)")
     p.add_flag(
@@ -156,6 +165,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
             )
         if not 0 <= args.leave_timeout_s <= 3600:
             raise InvalidArgument(f"--leave-timeout-s is {args.leave_timeout_s}; give 0 <= seconds <= 3600")
+        if not (args.reclaim_after_s == 0 or 1 <= args.reclaim_after_s <= MAX_RECLAIM_AFTER_S):
+            raise InvalidArgument(
+                f"--reclaim-after-s is {args.reclaim_after_s}; give 0 (keep copies) or 1 <= seconds <= "
+                f"{MAX_RECLAIM_AFTER_S:.0f} (30 days)"
+            )
         if not -1 <= args.frames_port <= 65535:
             raise InvalidArgument(f"--frames-port is {args.frames_port}; give a port, 0 (a free one) or -1 (none)")
     except BlueMarbleError as e:
@@ -187,6 +201,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[NodeSettings, str, st
         synchronous=args.synchronous.upper(),
         trade_escrow_timeout_s=args.trade_escrow_timeout_s,
         leave_timeout_s=args.leave_timeout_s,
+        reclaim_after_s=args.reclaim_after_s,
         control_plane_identity=tuple(identities),
         frames_port=args.frames_port,
     )
@@ -281,7 +296,7 @@ async def run(settings: NodeSettings) -> int:
     agent.on_cluster_uid = storage.record_cluster_uid
     agents.append(agent)
     ring = RingRouter(client)
-    dataplane = DataPlane(settings.node_id, storage, agent, ring)
+    dataplane = DataPlane(settings.node_id, storage, agent, ring, reclaim_after_s=settings.reclaim_after_s)
     holder.append(dataplane)
     participant = Participant(dataplane, client, escrow_timeout_s=settings.trade_escrow_timeout_s)
     participants.append(participant)

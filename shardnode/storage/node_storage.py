@@ -82,6 +82,10 @@ node its lease)."""
 INSTALLING = "installing "
 """``node_meta`` key prefix (then the shard id) of a snapshot install under way: a node
 that restarts with one drops the shard's partial rows (the primary sends it again)."""
+RECLAIMING = "reclaiming "
+"""``node_meta`` key prefix (then the shard id) of a copy being reclaimed
+(:meth:`NodeStorage.reclaim_step`): its position already says it holds nothing, and the
+rows left are deleted batch by batch, or at once before anything is written to the shard."""
 _SELECT_SHARDS = "SELECT shard_id, fenced_epoch, last_epoch, last_lsn, first_lsn, synced FROM shards"
 _LOG_BOUNDS = "SELECT min(lsn), max(lsn) FROM log WHERE shard_id = ?"
 _UPSERT_SHARD = (
@@ -137,6 +141,8 @@ class _Txn:
     """Shards whose rows changed though their position did not (install batches)."""
     any_shard: bool = False
     """Rows of shards it cannot name changed (retention across shards)."""
+    reclaimed: set[ShardId] = field(default_factory=set)
+    """Shards whose reclaim it finished (their marker deleted)."""
 
     def row(self, shard: ShardId) -> _ShardRow:
         row = self.rows.get(shard)
@@ -385,6 +391,7 @@ class NodeStorage:
         self._any_shard_changes = 0  # ... that changed rows of shards they did not name
         with self._sqlite():
             self._meta = self._load_meta()
+            self._reclaiming = {ShardId(k[len(RECLAIMING):]) for k in schema.meta_keys(self._conn, RECLAIMING)}
         self._drop_interrupted_installs()
 
     # --- lifecycle -------------------------------------------------------------------
@@ -636,6 +643,7 @@ class NodeStorage:
     ) -> WriteResult:
         if epoch < 1:
             raise InvalidArgument(f"epoch is {epoch}; a primary writes at epoch 1 or later")
+        self._finish_reclaim(txn, shard)
         row = txn.row(shard)
         if epoch < row.fenced:
             raise FailedPrecondition(
@@ -699,6 +707,8 @@ class NodeStorage:
                     txn.dirty.add(shard)
                 touched.append(shard)
             for shard, entries in batch:
+                if entries:
+                    self._finish_reclaim(txn, shard)
                 row = txn.row(shard)
                 touched.append(shard)
                 for entry in entries:
@@ -925,6 +935,9 @@ class NodeStorage:
         "holds nothing" (the fence stays); returns its row, not yet marked dirty."""
         self._delete_shard_rows(shard)
         schema.delete_meta(self._conn, INSTALLING + shard)
+        if shard in self._reclaiming:
+            schema.delete_meta(self._conn, RECLAIMING + shard)
+            txn.reclaimed.add(shard)
         row = txn.row(shard)
         row.last_epoch, row.last_lsn, row.first_lsn, row.synced = 0, 0, 1, False
         return row
@@ -932,6 +945,66 @@ class NodeStorage:
     def _delete_shard_rows(self, shard: ShardId) -> None:
         for table in schema.SHARD_TABLES:
             self._conn.execute(f"DELETE FROM {table} WHERE shard_id = ?", (shard,))
+
+    # --- reclaiming a copy ---------------------------------------------------------------
+
+    def reclaiming(self) -> frozenset[ShardId]:
+        """The shards whose reclaim passed its position step (:meth:`reclaim_step`) and is
+        not finished: a restart goes on with them."""
+        return frozenset(self._reclaiming)
+
+    def reclaim_step(self, shard: ShardId, max_rows: int) -> bool:
+        """One transaction of deleting this node's copy of ``shard`` (a copy without a role
+        here that nobody counts on); deletes at most about ``max_rows`` rows. Returns True
+        once the copy is gone (its fence stays, as with :meth:`drop_shard`).
+
+        In order: the log from its oldest entry (the copy stays whole, as after a prune:
+        a role that arrives meanwhile finds a consistent copy), then, in one transaction,
+        the position ("holds nothing", not synced) with a :data:`RECLAIMING` marker, then
+        the other rows. From the marker on, a write, replicated entries or a snapshot for
+        the shard first delete what is left in their own transaction, and a restart goes
+        on where this stopped."""
+        budget = max(max_rows, 1)
+        started = done = False
+        with self._write_txn() as txn:
+            if shard in self._reclaiming:
+                removed = 0
+                for table in schema.SHARD_TABLES:
+                    keys = ", ".join(schema.SHARD_TABLE_KEYS[table])
+                    removed += self._conn.execute(
+                        f"DELETE FROM {table} WHERE ({keys}) IN "  # table and key names from the schema
+                        f"(SELECT {keys} FROM {table} WHERE shard_id = ? LIMIT ?)",
+                        (shard, budget - removed),
+                    ).rowcount
+                    if removed >= budget:
+                        break
+                txn.touched.add(shard)
+                if removed < budget:  # nothing was left
+                    schema.delete_meta(self._conn, RECLAIMING + shard)
+                    txn.reclaimed.add(shard)
+                    done = True
+            else:
+                row = txn.row(shard)
+                if row.last_lsn >= row.first_lsn:
+                    upto = min(row.last_lsn, row.first_lsn + budget - 1)
+                    self._conn.execute("DELETE FROM log WHERE shard_id = ? AND lsn <= ?", (shard, upto))
+                    row.first_lsn = upto + 1
+                else:
+                    row.last_epoch, row.last_lsn, row.first_lsn, row.synced = 0, 0, 1, False
+                    schema.put_meta(self._conn, RECLAIMING + shard, "")
+                    started = True
+                txn.dirty.add(shard)
+        if started:
+            self._reclaiming.add(shard)
+        return done
+
+    def _finish_reclaim(self, txn: _Txn, shard: ShardId) -> None:
+        """Inside a write transaction that writes to ``shard``: deletes what is left of a
+        reclaimed copy of it first (its position already says it holds nothing)."""
+        if shard in self._reclaiming and shard not in txn.reclaimed:
+            self._delete_shard_rows(shard)
+            schema.delete_meta(self._conn, RECLAIMING + shard)
+            txn.reclaimed.add(shard)
 
     # --- retention -----------------------------------------------------------------------
 
@@ -1052,6 +1125,7 @@ class NodeStorage:
             self._any_shard_changes += 1  # a transaction that named no shard: any may have changed
         for shard in txn.forget:
             self._meta.pop(shard, None)
+        self._reclaiming -= txn.reclaimed
         for shard in txn.dirty:
             self._meta[shard] = txn.rows[shard].meta(shard)
 

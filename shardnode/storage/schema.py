@@ -184,6 +184,17 @@ the trade records and the indexes, and keeps every row."""
 
 SHARD_TABLES = ("players", "items", "player_data", "log", "requests", "escrows", "trades")
 """Tables holding a shard's data (everything but its fence in ``shards``)."""
+SHARD_TABLE_KEYS = {
+    "players": ("shard_id", "player_id"),
+    "items": ("item_id", "shard_id"),
+    "player_data": ("shard_id", "player_id", "system", "key"),
+    "log": ("shard_id", "lsn"),
+    "requests": ("shard_id", "request_id"),
+    "escrows": ("shard_id", "trade_id", "player_id"),
+    "trades": ("shard_id", "trade_id"),
+}
+"""The primary key of each of :data:`SHARD_TABLES` (a delete of some of a shard's rows
+names them by it: the tables have no rowid)."""
 
 
 WAL_AUTOCHECKPOINT_PAGES = 1000

@@ -191,6 +191,18 @@ class TestNodeFlags:
         with pytest.raises(SystemExit):
             parse_args([*base, "--advertise", "0.0.0.0:7101"])
 
+    @pytest.mark.parametrize("value", ["-1", "0.5", "nan", "inf", "2592001"])
+    def test_the_reclaim_delay_is_0_or_1_s_to_30_days(self, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+        from shardnode.main import parse_args
+
+        base = ["--node-id", "n1", "--data-dir", "/nonexistent"]
+        assert parse_args(base)[0].reclaim_after_s == 3600
+        assert parse_args([*base, "--reclaim-after-s", "0"])[0].reclaim_after_s == 0
+        assert parse_args([*base, "--reclaim-after-s", "2592000"])[0].reclaim_after_s == 2592000
+        with pytest.raises(SystemExit):
+            parse_args([*base, "--reclaim-after-s", value])
+        assert f"--reclaim-after-s is {float(value)}; give 0 (keep copies) or 1 <= seconds" in capsys.readouterr().err
+
 
 class TestLogCounter:
     def test_accepts_0_to_int63_max(self) -> None:
