@@ -477,7 +477,9 @@ class Participant:
         view = self._view(shard, trade.trade_id)
         response = shardnode_pb2.ExecuteLocalTradeResponse(trade_id=trade.trade_id)
         if view.known is not None:
-            if view.cross_shard or view.known.leg is None or not view.known.leg.same_terms(trade.leg_a()):
+            # The same exchange with A and B named the other way round is the same trade, as
+            # the coordinator judges a cross-shard retry (Trade.same_exchange).
+            if view.cross_shard or view.known.leg is None or not view.known.leg.trade().same_exchange(trade):
                 raise InvalidArgument(
                     f"trade id {echo(trade.trade_id)}: {REUSED_TRADE_ID} on {shard}; choose a new trade id"
                 )

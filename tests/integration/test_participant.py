@@ -268,6 +268,21 @@ async def test_same_shard_trades_are_recorded_and_replayed(node: Node) -> None:
     assert (first.outcome, first.replayed) == (common_pb2.TRADE_OUTCOME_COMMITTED, False)
     again = await n.stub.ExecuteLocalTrade(request)
     assert (again.outcome, again.replayed) == (common_pb2.TRADE_OUTCOME_COMMITTED, True)
+    # The same exchange with the players named the other way round is the same trade, as
+    # across shards (Trade.same_exchange): the recorded answer, not "a different trade".
+    swapped = shardnode_pb2.ExecuteLocalTradeRequest(
+        trade_id="l1", shard_id=SHARD, player_a="bob", player_b="alice",
+        a_gives=common_pb2.Offer(gold=20), b_gives=common_pb2.Offer(item_ids=["sword"]),
+    )
+    again = await n.stub.ExecuteLocalTrade(swapped)
+    assert (again.outcome, again.replayed) == (common_pb2.TRADE_OUTCOME_COMMITTED, True)
+    other = shardnode_pb2.ExecuteLocalTradeRequest()
+    other.CopyFrom(swapped)
+    other.a_gives.gold = 21
+    with pytest.raises(grpc.aio.AioRpcError) as reused:
+        await n.stub.ExecuteLocalTrade(other)
+    assert reused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "reused with different terms" in (reused.value.details() or "")
     bob = await n.stub.GetInventory(shardnode_pb2.GetInventoryRequest(player_id="bob"))
     assert (list(bob.item_ids), bob.gold) == (["sword"], 30)
     refused = shardnode_pb2.ExecuteLocalTradeRequest()
