@@ -14,7 +14,7 @@ from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.placement import PlacementNode, ShardAssignment
 from bluemarble.core.replication.position import ZERO, LogPosition
 from bluemarble.core.ring import Ring
-from bluemarble.core.trades import Leg, Offer, TradeState
+from bluemarble.core.trades import AbortCause, Leg, Offer, TradeState
 from bluemarble.v1 import common_pb2, shardnode_pb2
 
 
@@ -162,3 +162,23 @@ def participant_state_from_proto(value: int) -> TradeState | None:
     """The state a message field names; None for NONE or a value this release does not know."""
     state: TradeState | None = _STATE_OF_PROTO.get(value)  # type: ignore[call-overload]
     return state
+
+
+# ---- trade abort causes ----
+
+_CAUSE_TO_PROTO = {
+    AbortCause.UNKNOWN: common_pb2.TRADE_ABORT_CAUSE_UNSPECIFIED,
+    AbortCause.REFUSED: common_pb2.TRADE_ABORT_CAUSE_REFUSED,
+    AbortCause.UNAVAILABLE: common_pb2.TRADE_ABORT_CAUSE_UNAVAILABLE,
+}
+_CAUSE_FROM_PROTO = {v: k for k, v in _CAUSE_TO_PROTO.items()}
+
+
+def cause_to_proto(cause: AbortCause) -> common_pb2.TradeAbortCause:
+    return _CAUSE_TO_PROTO[cause]
+
+
+def cause_from_proto(value: int) -> AbortCause:
+    """The cause of a message field; UNKNOWN for an unset or unknown value (a record of
+    a newer version: the reason still says it)."""
+    return _CAUSE_FROM_PROTO.get(value, AbortCause.UNKNOWN)  # type: ignore[call-overload,no-any-return]

@@ -425,11 +425,23 @@ def _offer(offer: common_pb2.Offer) -> str:
     return " + ".join(parts) or "nothing"
 
 
+_CAUSES = {
+    common_pb2.TRADE_ABORT_CAUSE_REFUSED: "refused: the terms (the same terms fail again until the inventories change)",
+    common_pb2.TRADE_ABORT_CAUSE_UNAVAILABLE: (
+        "unavailable: a side could not take part in time (the same exchange under a new trade id may commit)"),
+}
+
+
+def _cause(value: int) -> list[tuple[str, object]]:
+    return [("cause", _CAUSES[value])] if value in _CAUSES else []  # type: ignore[index]
+
+
 def render_trade_result(r: trade_pb2.ExecuteTradeResponse) -> str:
     return _pairs([
         ("trade", r.trade_id),
         ("outcome", _outcome(r.outcome)),
         *([("reason", r.reason)] if r.reason else []),
+        *_cause(r.abort_cause),
         ("kind", "cross-shard (two-phase commit)" if r.cross_shard else "same shard (one local transaction)"),
     ])
 
@@ -472,6 +484,7 @@ def render_trade(r: trade_pb2.GetTradeResponse) -> str:
         pairs.append(("outcome", _outcome(r.outcome)))
     if r.reason:
         pairs.append(("reason", r.reason))
+    pairs += _cause(r.abort_cause)
     if r.request.player_a:
         q = r.request
         pairs.append(("terms", f"{q.player_a} gives {_offer(q.a_gives)}; {q.player_b} gives {_offer(q.b_gives)}"))

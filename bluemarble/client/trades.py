@@ -58,12 +58,13 @@ from types import TracebackType
 import grpc.aio
 import structlog
 
+from bluemarble.api.conversions import cause_from_proto
 from bluemarble.client.control_plane import MIN_ATTEMPT_S, ControlPlaneClient, to_error
 from bluemarble.client.node_calls import TRADE_CALLS, CallStream, Unsupported
 from bluemarble.client.routing import ClientClosed, CrossShardTrade, RoutingClient, check_deadline, is_redirect
 from bluemarble.core import errors, limits, validation
 from bluemarble.core.limits import echo
-from bluemarble.core.trades.model import Offer, Outcome, Trade, validate_trade
+from bluemarble.core.trades.model import AbortCause, Offer, Outcome, Trade, validate_trade
 from bluemarble.runtime import background, retry, tracing
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout
 from bluemarble.v1 import common_pb2, shardnode_pb2, trade_pb2, trade_pb2_grpc
@@ -97,18 +98,27 @@ def _outcome(value: int, where: str) -> Outcome:
 @dataclass(frozen=True)
 class TradeResult:
     """The answer to a trade: ``outcome`` (COMMITTED or ABORTED), the ``reason`` of an
-    ABORTED one, whether it crossed shards, and how many ExecuteTrade attempts this call
-    made (1 when the first answered)."""
+    ABORTED one, whether it crossed shards, how many ExecuteTrade attempts this call made
+    (1 when the first answered), and why an ABORTED one was (``abort_cause``: REFUSED,
+    the terms; UNAVAILABLE, the cluster; UNKNOWN when not said)."""
 
     trade_id: str
     outcome: Outcome
     reason: str
     cross_shard: bool
     attempts: int
+    abort_cause: AbortCause = AbortCause.UNKNOWN
 
     @property
     def committed(self) -> bool:
         return self.outcome is Outcome.COMMITTED
+
+    @property
+    def worth_retrying(self) -> bool:
+        """ABORTED because a side could not take part in time (a failover, etcd slow), not
+        because of the terms: the same exchange under a *new* trade id may commit. (The
+        same id keeps its answer.)"""
+        return self.outcome is Outcome.ABORTED and self.abort_cause is AbortCause.UNAVAILABLE
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,7 @@ class TradeStatus:
     decided_by: str
     retained: bool
     sides: tuple[TradeSide, ...]
+    abort_cause: AbortCause = AbortCause.UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -428,7 +439,9 @@ class TradeClient:
                     raise errors.DeadlineExceeded(
                         f"trade {trade_id}: no answer within the deadline (its players moved apart)") from None
             else:
-                return TradeResult(local.trade_id, local.outcome, local.reason, False, local.attempts)
+                # A same-shard trade is ABORTED only when its shard refuses the terms.
+                cause = AbortCause.REFUSED if local.outcome is Outcome.ABORTED else AbortCause.UNKNOWN
+                return TradeResult(local.trade_id, local.outcome, local.reason, False, local.attempts, cause)
         request = trade_pb2.ExecuteTradeRequest(
             trade_id=trade_id, player_a=player_a, player_b=player_b,
             # From the checked terms, not the arguments: an iterator given as items is used up.
@@ -442,7 +455,8 @@ class TradeClient:
             raise type(e)(
                 f"trade {echo(trade_id)}: no answer within {deadline_s:.3g} s, so its outcome is unknown "
                 f"(retry with the same trade id and terms to learn it); last error: {e}"
-                + ("; a trade waits for both players' shards, so a shard failing over delays it" if slow else "")
+                + ("; a trade waits for both players' shards and for etcd, so a failover or an etcd outage delays it"
+                   if slow else "")
             ) from e
         assert isinstance(response, trade_pb2.ExecuteTradeResponse)
         return TradeResult(
@@ -451,6 +465,7 @@ class TradeClient:
             reason=response.reason,
             cross_shard=response.cross_shard,
             attempts=attempts,
+            abort_cause=cause_from_proto(response.abort_cause),
         )
 
     async def get_trade(
@@ -490,6 +505,7 @@ class TradeClient:
             decided_by=response.decided_by,
             retained=response.retained,
             sides=tuple(_side(s) for s in response.sides),
+            abort_cause=cause_from_proto(response.abort_cause),
         )
 
     async def in_doubt(self, limit: int = 1000, deadline_s: float = 10.0) -> InDoubt:

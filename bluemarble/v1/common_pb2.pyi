@@ -31,6 +31,12 @@ class TradeOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRADE_OUTCOME_COMMITTED: _ClassVar[TradeOutcome]
     TRADE_OUTCOME_ABORTED: _ClassVar[TradeOutcome]
 
+class TradeAbortCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRADE_ABORT_CAUSE_UNSPECIFIED: _ClassVar[TradeAbortCause]
+    TRADE_ABORT_CAUSE_REFUSED: _ClassVar[TradeAbortCause]
+    TRADE_ABORT_CAUSE_UNAVAILABLE: _ClassVar[TradeAbortCause]
+
 class ConsistencyModel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CONSISTENCY_MODEL_UNSPECIFIED: _ClassVar[ConsistencyModel]
@@ -49,6 +55,9 @@ ASSIGNMENT_STATE_PRIMARY_LOST: AssignmentState
 TRADE_OUTCOME_UNSPECIFIED: TradeOutcome
 TRADE_OUTCOME_COMMITTED: TradeOutcome
 TRADE_OUTCOME_ABORTED: TradeOutcome
+TRADE_ABORT_CAUSE_UNSPECIFIED: TradeAbortCause
+TRADE_ABORT_CAUSE_REFUSED: TradeAbortCause
+TRADE_ABORT_CAUSE_UNAVAILABLE: TradeAbortCause
 CONSISTENCY_MODEL_UNSPECIFIED: ConsistencyModel
 CONSISTENCY_MODEL_STRONG: ConsistencyModel
 CONSISTENCY_MODEL_EVENTUAL: ConsistencyModel

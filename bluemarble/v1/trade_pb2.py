@@ -26,41 +26,41 @@ from bluemarble.v1 import common_pb2 as bluemarble_dot_v1_dot_common__pb2
 from bluemarble.v1 import shardnode_pb2 as bluemarble_dot_v1_dot_shardnode__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62luemarble/v1/trade.proto\x12\rbluemarble.v1\x1a\x1a\x62luemarble/v1/common.proto\x1a\x1d\x62luemarble/v1/shardnode.proto\"\x99\x01\n\x13\x45xecuteTradeRequest\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12\x10\n\x08player_a\x18\x02 \x01(\t\x12\x10\n\x08player_b\x18\x03 \x01(\t\x12%\n\x07\x61_gives\x18\x04 \x01(\x0b\x32\x14.bluemarble.v1.Offer\x12%\n\x07\x62_gives\x18\x05 \x01(\x0b\x32\x14.bluemarble.v1.Offer\"{\n\x14\x45xecuteTradeResponse\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12,\n\x07outcome\x18\x02 \x01(\x0e\x32\x1b.bluemarble.v1.TradeOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0b\x63ross_shard\x18\x04 \x01(\x08\"5\n\nTradeCalls\x12\'\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x18.bluemarble.v1.TradeCall\"u\n\tTradeCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\x12;\n\rexecute_trade\x18\n \x01(\x0b\x32\".bluemarble.v1.ExecuteTradeRequestH\x00\x42\x06\n\x04\x63\x61ll\";\n\x0cTradeResults\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.bluemarble.v1.TradeResult\"\x91\x01\n\x0bTradeResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12<\n\rexecute_trade\x18\n \x01(\x0b\x32#.bluemarble.v1.ExecuteTradeResponseH\x00\x12)\n\x05\x65rror\x18\x14 \x01(\x0b\x32\x18.bluemarble.v1.CallErrorH\x00\x42\x08\n\x06result\"6\n\x0fGetTradeRequest\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12\x11\n\tplayer_id\x18\x02 \x01(\t\"\xde\x02\n\x10GetTradeResponse\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.bluemarble.v1.TradeState\x12,\n\x07outcome\x18\x03 \x01(\x0e\x32\x1b.bluemarble.v1.TradeOutcome\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x33\n\x07request\x18\x05 \x01(\x0b\x32\".bluemarble.v1.ExecuteTradeRequest\x12\x12\n\ndecided_by\x18\x06 \x01(\t\x12\x15\n\rdecided_at_ms\x18\x07 \x01(\x04\x12\x13\n\x0b\x63ross_shard\x18\x08 \x01(\x08\x12\x10\n\x08retained\x18\t \x01(\x08\x12.\n\x05sides\x18\n \x03(\x0b\x32\x1f.bluemarble.v1.ParticipantTrade\x12\x19\n\x11unreachable_nodes\x18\x0b \x03(\t\"\xdf\x01\n\x0bTradeRecord\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12,\n\x07outcome\x18\x02 \x01(\x0e\x32\x1b.bluemarble.v1.TradeOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\ndecided_by\x18\x04 \x01(\t\x12\x15\n\rdecided_at_ms\x18\x05 \x01(\x04\x12\x33\n\x07request\x18\x06 \x01(\x0b\x32\".bluemarble.v1.ExecuteTradeRequest\x12\x0f\n\x07shard_a\x18\x07 \x01(\t\x12\x0f\n\x07shard_b\x18\x08 \x01(\t\"\xb2\x01\n\x13ResolveTradeRequest\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12\x10\n\x08shard_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12$\n\x03leg\x18\x05 \x01(\x0b\x32\x17.bluemarble.v1.TradeLeg\x12\x12\n\nif_decided\x18\x06 \x01(\x08\x12\x1c\n\x14wait_for_counterpart\x18\x07 \x01(\x08\"w\n\x14ResolveTradeResponse\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12,\n\x07outcome\x18\x02 \x01(\x0e\x32\x1b.bluemarble.v1.TradeOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x08\")\n\x18ListInDoubtTradesRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"g\n\x19ListInDoubtTradesResponse\x12/\n\x06trades\x18\x01 \x03(\x0b\x32\x1f.bluemarble.v1.ParticipantTrade\x12\x19\n\x11unreachable_nodes\x18\x02 \x03(\t*\x8e\x01\n\nTradeState\x12\x1b\n\x17TRADE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15TRADE_STATE_PREPARING\x10\x01\x12\x19\n\x15TRADE_STATE_COMMITTED\x10\x02\x12\x17\n\x13TRADE_STATE_ABORTED\x10\x03\x12\x14\n\x10TRADE_STATE_DONE\x10\x04\x32\xc6\x03\n\x10TradeCoordinator\x12W\n\x0c\x45xecuteTrade\x12\".bluemarble.v1.ExecuteTradeRequest\x1a#.bluemarble.v1.ExecuteTradeResponse\x12K\n\rExecuteTrades\x12\x19.bluemarble.v1.TradeCalls\x1a\x1b.bluemarble.v1.TradeResults(\x01\x30\x01\x12K\n\x08GetTrade\x12\x1e.bluemarble.v1.GetTradeRequest\x1a\x1f.bluemarble.v1.GetTradeResponse\x12W\n\x0cResolveTrade\x12\".bluemarble.v1.ResolveTradeRequest\x1a#.bluemarble.v1.ResolveTradeResponse\x12\x66\n\x11ListInDoubtTrades\x12\'.bluemarble.v1.ListInDoubtTradesRequest\x1a(.bluemarble.v1.ListInDoubtTradesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62luemarble/v1/trade.proto\x12\rbluemarble.v1\x1a\x1a\x62luemarble/v1/common.proto\x1a\x1d\x62luemarble/v1/shardnode.proto\"\x99\x01\n\x13\x45xecuteTradeRequest\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12\x10\n\x08player_a\x18\x02 \x01(\t\x12\x10\n\x08player_b\x18\x03 \x01(\t\x12%\n\x07\x61_gives\x18\x04 \x01(\x0b\x32\x14.bluemarble.v1.Offer\x12%\n\x07\x62_gives\x18\x05 \x01(\x0b\x32\x14.bluemarble.v1.Offer\"\xb0\x01\n\x14\x45xecuteTradeResponse\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12,\n\x07outcome\x18\x02 \x01(\x0e\x32\x1b.bluemarble.v1.TradeOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0b\x63ross_shard\x18\x04 \x01(\x08\x12\x33\n\x0b\x61\x62ort_cause\x18\x05 \x01(\x0e\x32\x1e.bluemarble.v1.TradeAbortCause\"5\n\nTradeCalls\x12\'\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x18.bluemarble.v1.TradeCall\"u\n\tTradeCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\x12;\n\rexecute_trade\x18\n \x01(\x0b\x32\".bluemarble.v1.ExecuteTradeRequestH\x00\x42\x06\n\x04\x63\x61ll\";\n\x0cTradeResults\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.bluemarble.v1.TradeResult\"\x91\x01\n\x0bTradeResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12<\n\rexecute_trade\x18\n \x01(\x0b\x32#.bluemarble.v1.ExecuteTradeResponseH\x00\x12)\n\x05\x65rror\x18\x14 \x01(\x0b\x32\x18.bluemarble.v1.CallErrorH\x00\x42\x08\n\x06result\"6\n\x0fGetTradeRequest\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12\x11\n\tplayer_id\x18\x02 \x01(\t\"\x93\x03\n\x10GetTradeResponse\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.bluemarble.v1.TradeState\x12,\n\x07outcome\x18\x03 \x01(\x0e\x32\x1b.bluemarble.v1.TradeOutcome\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x33\n\x07request\x18\x05 \x01(\x0b\x32\".bluemarble.v1.ExecuteTradeRequest\x12\x12\n\ndecided_by\x18\x06 \x01(\t\x12\x15\n\rdecided_at_ms\x18\x07 \x01(\x04\x12\x13\n\x0b\x63ross_shard\x18\x08 \x01(\x08\x12\x10\n\x08retained\x18\t \x01(\x08\x12.\n\x05sides\x18\n \x03(\x0b\x32\x1f.bluemarble.v1.ParticipantTrade\x12\x19\n\x11unreachable_nodes\x18\x0b \x03(\t\x12\x33\n\x0b\x61\x62ort_cause\x18\x0c \x01(\x0e\x32\x1e.bluemarble.v1.TradeAbortCause\"\x94\x02\n\x0bTradeRecord\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12,\n\x07outcome\x18\x02 \x01(\x0e\x32\x1b.bluemarble.v1.TradeOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\ndecided_by\x18\x04 \x01(\t\x12\x15\n\rdecided_at_ms\x18\x05 \x01(\x04\x12\x33\n\x07request\x18\x06 \x01(\x0b\x32\".bluemarble.v1.ExecuteTradeRequest\x12\x0f\n\x07shard_a\x18\x07 \x01(\t\x12\x0f\n\x07shard_b\x18\x08 \x01(\t\x12\x33\n\x0b\x61\x62ort_cause\x18\t \x01(\x0e\x32\x1e.bluemarble.v1.TradeAbortCause\"\xb2\x01\n\x13ResolveTradeRequest\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12\x10\n\x08shard_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12$\n\x03leg\x18\x05 \x01(\x0b\x32\x17.bluemarble.v1.TradeLeg\x12\x12\n\nif_decided\x18\x06 \x01(\x08\x12\x1c\n\x14wait_for_counterpart\x18\x07 \x01(\x08\"w\n\x14ResolveTradeResponse\x12\x10\n\x08trade_id\x18\x01 \x01(\t\x12,\n\x07outcome\x18\x02 \x01(\x0e\x32\x1b.bluemarble.v1.TradeOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x08\")\n\x18ListInDoubtTradesRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"g\n\x19ListInDoubtTradesResponse\x12/\n\x06trades\x18\x01 \x03(\x0b\x32\x1f.bluemarble.v1.ParticipantTrade\x12\x19\n\x11unreachable_nodes\x18\x02 \x03(\t*\x8e\x01\n\nTradeState\x12\x1b\n\x17TRADE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15TRADE_STATE_PREPARING\x10\x01\x12\x19\n\x15TRADE_STATE_COMMITTED\x10\x02\x12\x17\n\x13TRADE_STATE_ABORTED\x10\x03\x12\x14\n\x10TRADE_STATE_DONE\x10\x04\x32\xc6\x03\n\x10TradeCoordinator\x12W\n\x0c\x45xecuteTrade\x12\".bluemarble.v1.ExecuteTradeRequest\x1a#.bluemarble.v1.ExecuteTradeResponse\x12K\n\rExecuteTrades\x12\x19.bluemarble.v1.TradeCalls\x1a\x1b.bluemarble.v1.TradeResults(\x01\x30\x01\x12K\n\x08GetTrade\x12\x1e.bluemarble.v1.GetTradeRequest\x1a\x1f.bluemarble.v1.GetTradeResponse\x12W\n\x0cResolveTrade\x12\".bluemarble.v1.ResolveTradeRequest\x1a#.bluemarble.v1.ResolveTradeResponse\x12\x66\n\x11ListInDoubtTrades\x12\'.bluemarble.v1.ListInDoubtTradesRequest\x1a(.bluemarble.v1.ListInDoubtTradesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bluemarble.v1.trade_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRADESTATE']._serialized_start=1853
-  _globals['_TRADESTATE']._serialized_end=1995
+  _globals['_TRADESTATE']._serialized_start=2013
+  _globals['_TRADESTATE']._serialized_end=2155
   _globals['_EXECUTETRADEREQUEST']._serialized_start=104
   _globals['_EXECUTETRADEREQUEST']._serialized_end=257
-  _globals['_EXECUTETRADERESPONSE']._serialized_start=259
-  _globals['_EXECUTETRADERESPONSE']._serialized_end=382
-  _globals['_TRADECALLS']._serialized_start=384
-  _globals['_TRADECALLS']._serialized_end=437
-  _globals['_TRADECALL']._serialized_start=439
-  _globals['_TRADECALL']._serialized_end=556
-  _globals['_TRADERESULTS']._serialized_start=558
-  _globals['_TRADERESULTS']._serialized_end=617
-  _globals['_TRADERESULT']._serialized_start=620
-  _globals['_TRADERESULT']._serialized_end=765
-  _globals['_GETTRADEREQUEST']._serialized_start=767
-  _globals['_GETTRADEREQUEST']._serialized_end=821
-  _globals['_GETTRADERESPONSE']._serialized_start=824
-  _globals['_GETTRADERESPONSE']._serialized_end=1174
-  _globals['_TRADERECORD']._serialized_start=1177
-  _globals['_TRADERECORD']._serialized_end=1400
-  _globals['_RESOLVETRADEREQUEST']._serialized_start=1403
-  _globals['_RESOLVETRADEREQUEST']._serialized_end=1581
-  _globals['_RESOLVETRADERESPONSE']._serialized_start=1583
-  _globals['_RESOLVETRADERESPONSE']._serialized_end=1702
-  _globals['_LISTINDOUBTTRADESREQUEST']._serialized_start=1704
-  _globals['_LISTINDOUBTTRADESREQUEST']._serialized_end=1745
-  _globals['_LISTINDOUBTTRADESRESPONSE']._serialized_start=1747
-  _globals['_LISTINDOUBTTRADESRESPONSE']._serialized_end=1850
-  _globals['_TRADECOORDINATOR']._serialized_start=1998
-  _globals['_TRADECOORDINATOR']._serialized_end=2452
+  _globals['_EXECUTETRADERESPONSE']._serialized_start=260
+  _globals['_EXECUTETRADERESPONSE']._serialized_end=436
+  _globals['_TRADECALLS']._serialized_start=438
+  _globals['_TRADECALLS']._serialized_end=491
+  _globals['_TRADECALL']._serialized_start=493
+  _globals['_TRADECALL']._serialized_end=610
+  _globals['_TRADERESULTS']._serialized_start=612
+  _globals['_TRADERESULTS']._serialized_end=671
+  _globals['_TRADERESULT']._serialized_start=674
+  _globals['_TRADERESULT']._serialized_end=819
+  _globals['_GETTRADEREQUEST']._serialized_start=821
+  _globals['_GETTRADEREQUEST']._serialized_end=875
+  _globals['_GETTRADERESPONSE']._serialized_start=878
+  _globals['_GETTRADERESPONSE']._serialized_end=1281
+  _globals['_TRADERECORD']._serialized_start=1284
+  _globals['_TRADERECORD']._serialized_end=1560
+  _globals['_RESOLVETRADEREQUEST']._serialized_start=1563
+  _globals['_RESOLVETRADEREQUEST']._serialized_end=1741
+  _globals['_RESOLVETRADERESPONSE']._serialized_start=1743
+  _globals['_RESOLVETRADERESPONSE']._serialized_end=1862
+  _globals['_LISTINDOUBTTRADESREQUEST']._serialized_start=1864
+  _globals['_LISTINDOUBTTRADESREQUEST']._serialized_end=1905
+  _globals['_LISTINDOUBTTRADESRESPONSE']._serialized_start=1907
+  _globals['_LISTINDOUBTTRADESRESPONSE']._serialized_end=2010
+  _globals['_TRADECOORDINATOR']._serialized_start=2158
+  _globals['_TRADECOORDINATOR']._serialized_end=2612
 # @@protoc_insertion_point(module_scope)

@@ -37,16 +37,18 @@ class ExecuteTradeRequest(_message.Message):
     def __init__(self, trade_id: _Optional[str] = ..., player_a: _Optional[str] = ..., player_b: _Optional[str] = ..., a_gives: _Optional[_Union[_common_pb2.Offer, _Mapping]] = ..., b_gives: _Optional[_Union[_common_pb2.Offer, _Mapping]] = ...) -> None: ...
 
 class ExecuteTradeResponse(_message.Message):
-    __slots__ = ("trade_id", "outcome", "reason", "cross_shard")
+    __slots__ = ("trade_id", "outcome", "reason", "cross_shard", "abort_cause")
     TRADE_ID_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     CROSS_SHARD_FIELD_NUMBER: _ClassVar[int]
+    ABORT_CAUSE_FIELD_NUMBER: _ClassVar[int]
     trade_id: str
     outcome: _common_pb2.TradeOutcome
     reason: str
     cross_shard: bool
-    def __init__(self, trade_id: _Optional[str] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., cross_shard: _Optional[bool] = ...) -> None: ...
+    abort_cause: _common_pb2.TradeAbortCause
+    def __init__(self, trade_id: _Optional[str] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., cross_shard: _Optional[bool] = ..., abort_cause: _Optional[_Union[_common_pb2.TradeAbortCause, str]] = ...) -> None: ...
 
 class TradeCalls(_message.Message):
     __slots__ = ("calls",)
@@ -89,7 +91,7 @@ class GetTradeRequest(_message.Message):
     def __init__(self, trade_id: _Optional[str] = ..., player_id: _Optional[str] = ...) -> None: ...
 
 class GetTradeResponse(_message.Message):
-    __slots__ = ("trade_id", "state", "outcome", "reason", "request", "decided_by", "decided_at_ms", "cross_shard", "retained", "sides", "unreachable_nodes")
+    __slots__ = ("trade_id", "state", "outcome", "reason", "request", "decided_by", "decided_at_ms", "cross_shard", "retained", "sides", "unreachable_nodes", "abort_cause")
     TRADE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +103,7 @@ class GetTradeResponse(_message.Message):
     RETAINED_FIELD_NUMBER: _ClassVar[int]
     SIDES_FIELD_NUMBER: _ClassVar[int]
     UNREACHABLE_NODES_FIELD_NUMBER: _ClassVar[int]
+    ABORT_CAUSE_FIELD_NUMBER: _ClassVar[int]
     trade_id: str
     state: TradeState
     outcome: _common_pb2.TradeOutcome
@@ -112,10 +115,11 @@ class GetTradeResponse(_message.Message):
     retained: bool
     sides: _containers.RepeatedCompositeFieldContainer[_shardnode_pb2.ParticipantTrade]
     unreachable_nodes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, trade_id: _Optional[str] = ..., state: _Optional[_Union[TradeState, str]] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., request: _Optional[_Union[ExecuteTradeRequest, _Mapping]] = ..., decided_by: _Optional[str] = ..., decided_at_ms: _Optional[int] = ..., cross_shard: _Optional[bool] = ..., retained: _Optional[bool] = ..., sides: _Optional[_Iterable[_Union[_shardnode_pb2.ParticipantTrade, _Mapping]]] = ..., unreachable_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+    abort_cause: _common_pb2.TradeAbortCause
+    def __init__(self, trade_id: _Optional[str] = ..., state: _Optional[_Union[TradeState, str]] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., request: _Optional[_Union[ExecuteTradeRequest, _Mapping]] = ..., decided_by: _Optional[str] = ..., decided_at_ms: _Optional[int] = ..., cross_shard: _Optional[bool] = ..., retained: _Optional[bool] = ..., sides: _Optional[_Iterable[_Union[_shardnode_pb2.ParticipantTrade, _Mapping]]] = ..., unreachable_nodes: _Optional[_Iterable[str]] = ..., abort_cause: _Optional[_Union[_common_pb2.TradeAbortCause, str]] = ...) -> None: ...
 
 class TradeRecord(_message.Message):
-    __slots__ = ("trade_id", "outcome", "reason", "decided_by", "decided_at_ms", "request", "shard_a", "shard_b")
+    __slots__ = ("trade_id", "outcome", "reason", "decided_by", "decided_at_ms", "request", "shard_a", "shard_b", "abort_cause")
     TRADE_ID_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +128,7 @@ class TradeRecord(_message.Message):
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     SHARD_A_FIELD_NUMBER: _ClassVar[int]
     SHARD_B_FIELD_NUMBER: _ClassVar[int]
+    ABORT_CAUSE_FIELD_NUMBER: _ClassVar[int]
     trade_id: str
     outcome: _common_pb2.TradeOutcome
     reason: str
@@ -132,7 +137,8 @@ class TradeRecord(_message.Message):
     request: ExecuteTradeRequest
     shard_a: str
     shard_b: str
-    def __init__(self, trade_id: _Optional[str] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., decided_by: _Optional[str] = ..., decided_at_ms: _Optional[int] = ..., request: _Optional[_Union[ExecuteTradeRequest, _Mapping]] = ..., shard_a: _Optional[str] = ..., shard_b: _Optional[str] = ...) -> None: ...
+    abort_cause: _common_pb2.TradeAbortCause
+    def __init__(self, trade_id: _Optional[str] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., decided_by: _Optional[str] = ..., decided_at_ms: _Optional[int] = ..., request: _Optional[_Union[ExecuteTradeRequest, _Mapping]] = ..., shard_a: _Optional[str] = ..., shard_b: _Optional[str] = ..., abort_cause: _Optional[_Union[_common_pb2.TradeAbortCause, str]] = ...) -> None: ...
 
 class ResolveTradeRequest(_message.Message):
     __slots__ = ("trade_id", "shard_id", "node_id", "reason", "leg", "if_decided", "wait_for_counterpart")

@@ -35,6 +35,8 @@ import grpc.aio
 import structlog
 
 from bluemarble.api.conversions import (
+    cause_from_proto,
+    cause_to_proto,
     leg_from_proto,
     leg_to_proto,
     offer_from_proto,
@@ -58,6 +60,7 @@ from bluemarble.core.ring import Ring
 from bluemarble.core.trades import coordinator as rules
 from bluemarble.core.trades.decision import outcome_for_leg
 from bluemarble.core.trades.model import (
+    AbortCause,
     Decision,
     Leg,
     Outcome,
@@ -194,7 +197,7 @@ def decision_of(record: trade_pb2.TradeRecord) -> Decision:
     players = (record.request.player_a, record.request.player_b) if record.request.player_a else ()
     return Decision(
         record.trade_id, outcome_from_proto(record.outcome, f"trade record {record.trade_id}"),
-        record.reason, record.decided_by, players,
+        record.reason, record.decided_by, players, cause_from_proto(record.abort_cause),
     )
 
 
@@ -502,7 +505,9 @@ class TradeCoordinator:
         (log.debug if outcome is Outcome.COMMITTED and not response.replayed else log.info)(
             "local trade", trade_id=trade.trade_id, shard=shard, outcome=outcome.name, reason=response.reason,
             replayed=response.replayed)
-        return Decision(trade.trade_id, outcome, response.reason, f"participant {shard}", trade.players)
+        # A same-shard trade is ABORTED only when its shard refuses the terms.
+        cause = AbortCause.REFUSED if outcome is Outcome.ABORTED else AbortCause.UNKNOWN
+        return Decision(trade.trade_id, outcome, response.reason, f"participant {shard}", trade.players, cause)
 
     async def _cross(self, trade: Trade, primary_a: Primary, primary_b: Primary) -> Decision:
         """Drives :class:`~bluemarble.core.trades.coordinator.Coordinator` for ``trade``."""
@@ -705,7 +710,7 @@ class TradeCoordinator:
         record = trade_pb2.TradeRecord(
             trade_id=trade.trade_id, outcome=outcome_to_proto(proposal.outcome), reason=proposal.reason,
             decided_by=proposal.decided_by, decided_at_ms=self._clock.wall_ms(), request=trade_to_request(trade),
-            shard_a=shards[rules.Side.A], shard_b=shards[rules.Side.B],
+            shard_a=shards[rules.Side.A], shard_b=shards[rules.Side.B], abort_cause=cause_to_proto(proposal.cause),
         )
         try:
             stored, written = await self._store.create_if_absent(record)
@@ -802,6 +807,7 @@ class TradeCoordinator:
         record = trade_pb2.TradeRecord(
             trade_id=trade_id, outcome=common_pb2.TRADE_OUTCOME_ABORTED,
             reason=f"aborted by {who}: {why}", decided_by=who, decided_at_ms=self._clock.wall_ms(), shard_a=shard,
+            abort_cause=common_pb2.TRADE_ABORT_CAUSE_UNAVAILABLE,  # its coordinator did not decide in time
         )
         if leg is not None:
             found = await self._store.get(trade_id)
@@ -811,6 +817,7 @@ class TradeCoordinator:
             decision = termination_decision(leg, counterpart, decided_by=who, why=record.reason)
             if decision.outcome is Outcome.COMMITTED:
                 record.outcome, record.reason = common_pb2.TRADE_OUTCOME_COMMITTED, decision.reason
+                record.abort_cause = common_pb2.TRADE_ABORT_CAUSE_UNSPECIFIED
                 record.request.CopyFrom(trade_to_request(leg.trade()))
                 record.shard_b = other_shard
         stored, created = await self._store.create_if_absent(record)
@@ -1037,7 +1044,8 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
         answer = await self._c.execute_for_caller(trade_from_request(request))
         d = answer.decision
         return trade_pb2.ExecuteTradeResponse(
-            trade_id=d.trade_id, outcome=outcome_to_proto(d.outcome), reason=d.reason, cross_shard=answer.cross_shard
+            trade_id=d.trade_id, outcome=outcome_to_proto(d.outcome), reason=d.reason, cross_shard=answer.cross_shard,
+            abort_cause=cause_to_proto(d.cause),
         )
 
     async def ExecuteTrades(
@@ -1146,6 +1154,7 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
             r = stored.record
             response.outcome = r.outcome
             response.reason = r.reason
+            response.abort_cause = r.abort_cause
             response.request.CopyFrom(r.request)
             response.decided_by = r.decided_by
             response.decided_at_ms = r.decided_at_ms
@@ -1190,6 +1199,8 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
                                 if s.state == shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED
                                 else common_pb2.TRADE_OUTCOME_ABORTED)
             response.reason = s.reason
+            if response.outcome == common_pb2.TRADE_OUTCOME_ABORTED and not s.cross_shard:
+                response.abort_cause = common_pb2.TRADE_ABORT_CAUSE_REFUSED  # a same-shard trade's only way
             response.decided_by = participant_name(s.shard_id)
             response.state = trade_pb2.TRADE_STATE_DONE
         else:

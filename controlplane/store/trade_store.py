@@ -60,7 +60,8 @@ def _field_names(descriptor: object) -> frozenset[str]:
 
 _SCHEMA_KNOWN = (
     _field_names(trade_pb2.TradeRecord.DESCRIPTOR) == {
-        "trade_id", "outcome", "reason", "decided_by", "decided_at_ms", "request", "shard_a", "shard_b"}
+        "trade_id", "outcome", "reason", "decided_by", "decided_at_ms", "request", "shard_a", "shard_b",
+        "abort_cause"}
     and _field_names(trade_pb2.ExecuteTradeRequest.DESCRIPTOR) == {
         "trade_id", "player_a", "player_b", "a_gives", "b_gives"}
     and _field_names(common_pb2.Offer.DESCRIPTOR) == {"item_ids", "gold"}
@@ -83,10 +84,12 @@ def encode_record(record: trade_pb2.TradeRecord) -> bytes:
         return codec.encode(record)
     try:
         outcome = common_pb2.TradeOutcome.Name(record.outcome)
+        cause = common_pb2.TradeAbortCause.Name(record.abort_cause)
     except ValueError:
         return codec.encode(record)
     value: dict[str, object] = {
-        "decided_at_ms": str(record.decided_at_ms), "decided_by": record.decided_by, "outcome": outcome,
+        "abort_cause": cause, "decided_at_ms": str(record.decided_at_ms), "decided_by": record.decided_by,
+        "outcome": outcome,
         "reason": record.reason, "shard_a": record.shard_a, "shard_b": record.shard_b, "trade_id": record.trade_id,
     }
     if record.HasField("request"):

@@ -413,6 +413,11 @@ async def test_same_shard_trade_is_one_local_transaction_without_a_record(
         assert "Prepare" not in c.node_of(a).calls
         shown = await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="local-1", player_id=a))
         assert shown.state == trade_pb2.TRADE_STATE_DONE and shown.outcome == COMMITTED and not shown.cross_shard
+        assert (answer.abort_cause, shown.abort_cause) == (common_pb2.TRADE_ABORT_CAUSE_UNSPECIFIED,) * 2
+        refused = await c.trades.ExecuteTrade(request("local-2", a, b, ("gem",), 0, (), 1))  # a gave the gem
+        assert (refused.outcome, refused.abort_cause) == (ABORTED, common_pb2.TRADE_ABORT_CAUSE_REFUSED)
+        shown = await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="local-2", player_id=a))
+        assert (shown.outcome, shown.abort_cause) == (ABORTED, common_pb2.TRADE_ABORT_CAUSE_REFUSED)
 
 
 async def test_a_refusal_aborts_with_its_reason_and_releases_the_other_escrow(
@@ -424,9 +429,14 @@ async def test_a_refusal_aborts_with_its_reason_and_releases_the_other_escrow(
         c.world.seed(b, [], 3)
         answer = await c.trades.ExecuteTrade(request("t2", a, b, ("sword",), 0, (), 50))
         assert answer.outcome == ABORTED and f"player {b} has 3 gold available, the trade needs 50" in answer.reason
+        assert answer.abort_cause == common_pb2.TRADE_ABORT_CAUSE_REFUSED
         assert c.world.items[a] == {"sword"} and not c.world.escrows()
         record = await c.stored("t2")
         assert record is not None and record.outcome == ABORTED
+        assert record.abort_cause == common_pb2.TRADE_ABORT_CAUSE_REFUSED
+        again = await c.trades.ExecuteTrade(request("t2", a, b, ("sword",), 0, (), 50))  # from the record
+        shown = await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="t2"))
+        assert again.abort_cause == shown.abort_cause == common_pb2.TRADE_ABORT_CAUSE_REFUSED
         missing = await c.trades.ExecuteTrade(request("t3", a, b, ("axe",), 0, (), 1))
         assert missing.outcome == ABORTED and "does not own item axe" in missing.reason
 
@@ -439,6 +449,7 @@ async def test_an_unavailable_participant_aborts_naming_its_shard(start_control_
         c.node_of(b).down = True
         answer = await c.trades.ExecuteTrade(request("t4", a, b, ("sword",), 0, ("bow",), 0))
         assert answer.outcome == ABORTED and "shard unavailable" in answer.reason and c.shard(b) in answer.reason
+        assert answer.abort_cause == common_pb2.TRADE_ABORT_CAUSE_UNAVAILABLE  # the terms were fine
         # What the node said (a full disk, here "is down"), not only that time ran out.
         assert f"node {c.node_of(b).node_id} is down" in answer.reason, answer.reason
         assert not c.world.escrows()  # A's escrow was released by the Abort
@@ -529,6 +540,8 @@ async def test_resolve_trade_racing_execute_trade_first_writer_wins(start_contro
         fresh = await c.trades.ResolveTrade(trade_pb2.ResolveTradeRequest(
             trade_id="never", shard_id=c.shard(a), node_id=c.node_of(a).node_id))
         assert fresh.created and fresh.outcome == ABORTED and c.shard(a) in fresh.reason
+        shown = await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="never"))
+        assert shown.abort_cause == common_pb2.TRADE_ABORT_CAUSE_UNAVAILABLE  # its coordinator never decided
         # Only a shard's own nodes decide: an outsider cannot abort a trade id in advance.
         # (After a handoff the shard's old primary may still be listed as its replica: a
         # member, so the registered outsider is whichever node the assignment does not name.)
@@ -1044,6 +1057,11 @@ async def test_direct_same_shard_trades_against_real_nodes_agree_with_the_coordi
                           decided_by="participant shard-003", shard_a="shard-003"),
     trade_pb2.TradeRecord(trade_id="x-4"),
     trade_pb2.TradeRecord(trade_id="x-5", outcome=99),  # type: ignore[arg-type]
+    trade_pb2.TradeRecord(trade_id="x-6", outcome=common_pb2.TRADE_OUTCOME_ABORTED,
+                          abort_cause=common_pb2.TRADE_ABORT_CAUSE_UNAVAILABLE),
+    trade_pb2.TradeRecord(trade_id="x-7", outcome=common_pb2.TRADE_OUTCOME_ABORTED,
+                          abort_cause=common_pb2.TRADE_ABORT_CAUSE_REFUSED),
+    trade_pb2.TradeRecord(trade_id="x-8", abort_cause=77),  # type: ignore[arg-type]
 ])
 def test_the_decision_record_encoder_writes_what_the_generic_codec_writes(record: trade_pb2.TradeRecord) -> None:
     from controlplane.store.trade_store import encode_record

@@ -21,6 +21,14 @@ def test_trade_result_says_outcome_reason_and_kind() -> None:
         trade_id="t1", outcome=common_pb2.TRADE_OUTCOME_ABORTED, reason="player b has 3 gold available",
         cross_shard=True))
     assert "ABORTED" in text and "player b has 3 gold available" in text and "cross-shard" in text
+    assert "cause" not in text  # no cause given, none shown
+    for cause, says in ((common_pb2.TRADE_ABORT_CAUSE_REFUSED, "refused: the terms"),
+                        (common_pb2.TRADE_ABORT_CAUSE_UNAVAILABLE, "a new trade id may commit")):
+        shown = ctl.render_trade_result(trade_pb2.ExecuteTradeResponse(
+            trade_id="t1", outcome=common_pb2.TRADE_OUTCOME_ABORTED, reason="x", abort_cause=cause))
+        assert says in shown, shown
+        assert says in ctl.render_trade(trade_pb2.GetTradeResponse(
+            trade_id="t1", outcome=common_pb2.TRADE_OUTCOME_ABORTED, abort_cause=cause))
 
 
 def test_trade_show_lists_terms_decision_and_each_side() -> None:

@@ -20,7 +20,7 @@ from bluemarble.client.trades import TradeClient
 from bluemarble.core import errors
 from bluemarble.core.ids import PlayerId
 from bluemarble.core.ring import initial_ring
-from bluemarble.core.trades.model import Outcome
+from bluemarble.core.trades.model import AbortCause, Outcome
 from bluemarble.runtime import multiplex
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.v1 import common_pb2, controlplane_pb2, shardnode_pb2, trade_pb2, trade_pb2_grpc
@@ -30,6 +30,17 @@ from tests.conftest import wait_for
 Ctx = grpc.aio.ServicerContext[Any, Any]
 Behaviour = Callable[[int], "tuple[grpc.StatusCode, str] | float | None"]
 """Attempt number (1-based, per server) -> a status to fail with, seconds to hang, or None (answer)."""
+
+
+def answer_to(request: trade_pb2.ExecuteTradeRequest) -> trade_pb2.ExecuteTradeResponse:
+    """COMMITTED; ABORTED for lack of an answer from a side for a trade id "unavailable-*"."""
+    if request.trade_id.startswith("unavailable-"):
+        return trade_pb2.ExecuteTradeResponse(
+            trade_id=request.trade_id, outcome=common_pb2.TRADE_OUTCOME_ABORTED, cross_shard=True,
+            reason="shard unavailable (side B: no answer to prepare)",
+            abort_cause=common_pb2.TRADE_ABORT_CAUSE_UNAVAILABLE)
+    return trade_pb2.ExecuteTradeResponse(
+        trade_id=request.trade_id, outcome=common_pb2.TRADE_OUTCOME_COMMITTED, cross_shard=True)
 
 
 class Coordinator(trade_pb2_grpc.TradeCoordinatorServicer):
@@ -45,8 +56,7 @@ class Coordinator(trade_pb2_grpc.TradeCoordinatorServicer):
             await asyncio.sleep(what)
         elif what is not None:
             await context.abort(*what)
-        return trade_pb2.ExecuteTradeResponse(
-            trade_id=request.trade_id, outcome=common_pb2.TRADE_OUTCOME_COMMITTED, cross_shard=True)
+        return answer_to(request)
 
     async def GetTrade(self, request: trade_pb2.GetTradeRequest, context: Ctx) -> trade_pb2.GetTradeResponse:
         if request.trade_id == "unknown":
@@ -54,6 +64,7 @@ class Coordinator(trade_pb2_grpc.TradeCoordinatorServicer):
         return trade_pb2.GetTradeResponse(
             trade_id=request.trade_id, state=trade_pb2.TRADE_STATE_DONE, outcome=common_pb2.TRADE_OUTCOME_ABORTED,
             reason="player-b has 3 gold", decided_by="coordinator cp-0", cross_shard=True, retained=True,
+            abort_cause=common_pb2.TRADE_ABORT_CAUSE_REFUSED,
             sides=[shardnode_pb2.ParticipantTrade(
                 trade_id=request.trade_id, shard_id="shard-1", node_id="n1",
                 state=shardnode_pb2.PARTICIPANT_TRADE_STATE_ABORTED, leg=shardnode_pb2.TradeLeg(player_id="a"))],
@@ -82,8 +93,7 @@ class StreamingCoordinator(Coordinator):
                 await asyncio.sleep(what)
             elif what is not None:
                 raise errors.from_status_name(what[0].name, what[1])
-            return trade_pb2.ExecuteTradeResponse(
-                trade_id=request.trade_id, outcome=common_pb2.TRADE_OUTCOME_COMMITTED, cross_shard=True)
+            return answer_to(request)
 
         async def run(call: trade_pb2.TradeCall) -> trade_pb2.TradeResult:
             result: trade_pb2.TradeResult = await multiplex.answer_call(
@@ -235,7 +245,7 @@ async def test_the_deadline_error_names_the_trade_and_says_its_outcome_is_unknow
     message = str(info.value)
     assert "t-late" in message and "outcome is unknown" in message and address in message
     assert info.value.request_id == "t-late"  # for callers that gather errors, as a grant's names its request id
-    assert "a shard failing over delays it" in message  # not only "the control plane did not answer"
+    assert "a failover or an etcd outage delays it" in message  # not only "the control plane did not answer"
 
 
 async def test_closing_the_client_fails_trades_in_flight_as_closed(start: Any) -> None:
@@ -259,6 +269,18 @@ async def test_closing_the_client_fails_trades_in_flight_as_closed(start: Any) -
         await client.execute_trade("t-after", "a", "b", a_gold=1)
     assert "unknown outcome" not in str(after.value)  # nothing was sent: nothing in doubt
     assert len(coordinator.requests) == 3
+
+
+async def test_an_aborted_answer_says_whether_the_terms_or_the_cluster_were_the_cause(start: Any) -> None:
+    address, _ = await start(answer)
+    async with TradeClient([address]) as client:
+        committed = await client.execute_trade("t1", "a", "b", a_gold=1, deadline_s=5)
+        unavailable = await client.execute_trade("unavailable-1", "a", "b", a_gold=1, deadline_s=5)
+        shown = await client.get_trade("t2")
+    assert (committed.abort_cause, committed.worth_retrying) == (AbortCause.UNKNOWN, False)
+    assert (unavailable.outcome, unavailable.abort_cause) == (Outcome.ABORTED, AbortCause.UNAVAILABLE)
+    assert unavailable.worth_retrying and "shard unavailable" in unavailable.reason
+    assert (shown.outcome, shown.abort_cause) == (Outcome.ABORTED, AbortCause.REFUSED)
 
 
 async def test_aborted_status_is_retried_but_an_aborted_outcome_is_an_answer(start: Any) -> None:

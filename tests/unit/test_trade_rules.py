@@ -15,6 +15,7 @@ from bluemarble.core.trades import (
     REUSED_TRADE_ID,
     SHARD_UNAVAILABLE,
     Abandon,
+    AbortCause,
     Coordinator,
     Decision,
     Holdings,
@@ -239,6 +240,8 @@ def test_termination_recovers_a_commit_the_other_side_applied_and_aborts_otherwi
     ):
         aborted = decide(counterpart)
         assert (aborted.outcome, aborted.reason, aborted.players) == (ABORTED, "aborted: no decision", ("p1", "p2"))
+        assert aborted.cause is AbortCause.UNAVAILABLE  # the coordinator did not decide in time
+    assert recovered.cause is AbortCause.UNKNOWN
 
 
 def test_a_leg_knows_the_whole_trade_and_either_order_is_the_same_exchange() -> None:
@@ -277,26 +280,33 @@ def test_local_trade_retry_returns_the_recorded_answer() -> None:
 P, R = PrepareReply.prepared(), PrepareReply.refused("player p2 does not own item shield-2")
 
 
-@pytest.mark.parametrize(("a", "b", "outcome", "reason"), [
-    (P, P, COMMITTED, ""),
-    (PrepareReply.decided(COMMITTED), P, COMMITTED, ""),
-    (PrepareReply.decided(COMMITTED), PrepareReply.decided(COMMITTED), COMMITTED, ""),
-    (P, R, ABORTED, "player p2 does not own item shield-2"),
-    (PrepareReply.refused("first"), PrepareReply.refused("second"), ABORTED, "first"),
-    (P, None, ABORTED, f"{SHARD_UNAVAILABLE} (side B: no answer to prepare)"),
-    (PrepareReply.unavailable("connection refused"), P, ABORTED, f"{SHARD_UNAVAILABLE} (side A: connection refused)"),
-    (PrepareReply.decided(ABORTED, "earlier"), P, ABORTED, "earlier"),
+@pytest.mark.parametrize(("a", "b", "outcome", "reason", "cause"), [
+    (P, P, COMMITTED, "", AbortCause.UNKNOWN),
+    (PrepareReply.decided(COMMITTED), P, COMMITTED, "", AbortCause.UNKNOWN),
+    (PrepareReply.decided(COMMITTED), PrepareReply.decided(COMMITTED), COMMITTED, "", AbortCause.UNKNOWN),
+    (P, R, ABORTED, "player p2 does not own item shield-2", AbortCause.REFUSED),
+    (PrepareReply.refused("first"), PrepareReply.refused("second"), ABORTED, "first", AbortCause.REFUSED),
+    (P, None, ABORTED, f"{SHARD_UNAVAILABLE} (side B: no answer to prepare)", AbortCause.UNAVAILABLE),
+    (PrepareReply.unavailable("connection refused"), P, ABORTED, f"{SHARD_UNAVAILABLE} (side A: connection refused)",
+     AbortCause.UNAVAILABLE),
+    # A refusal says more than an unavailable side (the same terms would fail again).
+    (PrepareReply.unavailable("connection refused"), R, ABORTED, "player p2 does not own item shield-2",
+     AbortCause.REFUSED),
+    (PrepareReply.decided(ABORTED, "earlier"), P, ABORTED, "earlier", AbortCause.UNKNOWN),
     # A side that applied COMMITTED proves the decision, whatever the other answers.
-    (None, PrepareReply.decided(COMMITTED), COMMITTED, ""),
-    (PrepareReply.decided(COMMITTED), PrepareReply.unavailable("connection refused"), COMMITTED, ""),
+    (None, PrepareReply.decided(COMMITTED), COMMITTED, "", AbortCause.UNKNOWN),
+    (PrepareReply.decided(COMMITTED), PrepareReply.unavailable("connection refused"), COMMITTED, "",
+     AbortCause.UNKNOWN),
     # An escrow from an earlier attempt beside a refusal: the refusing side never prepared.
-    (PrepareReply.prepared(earlier=True), R, ABORTED, "player p2 does not own item shield-2"),
+    (PrepareReply.prepared(earlier=True), R, ABORTED, "player p2 does not own item shield-2", AbortCause.REFUSED),
 ])
-def test_propose(a: PrepareReply | None, b: PrepareReply | None, outcome: Outcome, reason: str) -> None:
+def test_propose(
+    a: PrepareReply | None, b: PrepareReply | None, outcome: Outcome, reason: str, cause: AbortCause
+) -> None:
     decision = propose(a, b, trade_id="t1", decided_by="coordinator c1")
     assert decision is not None
-    assert (decision.trade_id, decision.outcome, decision.reason, decision.decided_by) == (
-        "t1", outcome, reason, "coordinator c1")
+    assert (decision.trade_id, decision.outcome, decision.reason, decision.decided_by, decision.cause) == (
+        "t1", outcome, reason, "coordinator c1", cause)
 
 
 @pytest.mark.parametrize(("a", "b"), [

@@ -31,7 +31,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from bluemarble.core.trades.model import COORDINATOR, Decision, Leg, Outcome, Trade
+from bluemarble.core.trades.model import COORDINATOR, AbortCause, Decision, Leg, Outcome, Trade
 
 
 class Side(enum.Enum):
@@ -167,8 +167,17 @@ def propose(
     if not any(r is not None and r.never_committed for r in (a, b)):
         return None
     answered = [(side, r) for side, r in ((Side.A, a), (Side.B, b)) if r is not None and not r.votes_commit]
+    # A refusal first: it names the item or the amount, and says the same terms would fail
+    # again (a caller retrying after "unavailable" would only meet it then).
+    answered.sort(key=lambda answer: answer[1].kind is not ReplyKind.REFUSED)
     side, reply = answered[0] if answered else ((Side.A, a) if a is None else (Side.B, b))
-    return Decision(trade_id, Outcome.ABORTED, _abort_reason(side, reply), decided_by, players)
+    return Decision(trade_id, Outcome.ABORTED, _abort_reason(side, reply), decided_by, players, _cause(reply))
+
+
+def _cause(reply: PrepareReply | None) -> AbortCause:
+    if reply is None or reply.kind is ReplyKind.UNAVAILABLE:
+        return AbortCause.UNAVAILABLE
+    return AbortCause.REFUSED if reply.kind is ReplyKind.REFUSED else AbortCause.UNKNOWN
 
 
 class Phase(enum.Enum):

@@ -37,6 +37,19 @@ class Outcome(enum.Enum):
     ABORTED = "aborted"
 
 
+class AbortCause(enum.Enum):
+    """Why a trade was ABORTED, for a caller deciding what to do next."""
+
+    UNKNOWN = "unknown"
+    """Not ABORTED, or not known (a side that applied ABORTED does not keep why)."""
+    REFUSED = "refused"
+    """A side refused the terms (an item not owned, gold lacking, an unknown player, the
+    gold cap): the same terms are refused again until the inventories change."""
+    UNAVAILABLE = "unavailable"
+    """A side could not take part in time (a shard failing over or unreachable, etcd slow,
+    an escrow past its deadline): the same exchange under a new trade id may commit."""
+
+
 @dataclass(frozen=True)
 class Offer:
     """What one side gives: distinct item ids and an amount of gold (0..2^53)."""
@@ -128,7 +141,8 @@ class Decision:
     :func:`participant_name` for a termination's ABORTED-if-absent. ``players`` names
     both players (A first when the coordinator wrote it) so that the leader's sweep can
     find the participants of a record whose coordinator died; empty only for records
-    written by code that does not know them.
+    written by code that does not know them. ``cause``: why an ABORTED one was
+    (:class:`AbortCause`; UNKNOWN for COMMITTED).
     """
 
     trade_id: str
@@ -136,6 +150,7 @@ class Decision:
     reason: str
     decided_by: str
     players: tuple[str, ...] = ()
+    cause: AbortCause = AbortCause.UNKNOWN
 
 
 def _check_side(side: str, offer: Offer) -> None:

@@ -22,7 +22,7 @@ import enum
 from dataclasses import dataclass
 
 from bluemarble.core.limits import MAX_GOLD, MAX_ITEMS_PER_PLAYER
-from bluemarble.core.trades.model import Decision, Leg, Outcome, Trade
+from bluemarble.core.trades.model import AbortCause, Decision, Leg, Outcome, Trade
 
 
 class TradeState(enum.Enum):
@@ -265,7 +265,7 @@ def termination_decision(leg: Leg, counterpart: Known | None, *, decided_by: str
             and counterpart.leg.same_terms(leg.counterpart_leg())):
         return Decision(leg.trade_id, Outcome.COMMITTED, f"recovered by {decided_by}: {RECOVERED_COMMIT}",
                         decided_by, players)
-    return Decision(leg.trade_id, Outcome.ABORTED, why, decided_by, players)
+    return Decision(leg.trade_id, Outcome.ABORTED, why, decided_by, players, AbortCause.UNAVAILABLE)
 
 
 @dataclass(frozen=True)
