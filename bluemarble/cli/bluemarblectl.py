@@ -1,6 +1,6 @@
 """``bluemarblectl``: the operator's command line for a BlueMarble cluster.
 
-    bluemarblectl [-v] --control-plane 127.0.0.1:7000 status | nodes | shards | ring | drain NODE
+    bluemarblectl [-v] --control-plane 127.0.0.1:7000 status | nodes | shards | ring | drain NODE | undrain NODE
     bluemarblectl promote SHARD NODE --accept-data-loss
     bluemarblectl config get | config set KEY=VALUE...
     bluemarblectl inventory PLAYER [--stale]
@@ -22,7 +22,7 @@ The trade commands call the control plane's TradeCoordinator (any replica; a ret
 Security: ``--tls-ca`` verifies the control plane and nodes, ``--tls-cert``/``--tls-key``
 present a client certificate (required when the cluster runs mutual TLS), and
 ``--token-file`` (or ``--token``, or env BLUEMARBLE_ADMIN_TOKEN) sends the admin bearer
-token the control plane asks of admin commands (``drain``, ``promote``, ``config set``).
+token the control plane asks of admin commands (``drain``, ``undrain``, ``promote``, ``config set``).
 
 Prints readable tables; ``--json`` prints the raw response as JSON instead (every integer a
 JSON number). The client library's log lines are shown only with ``-v``. Exit status:
@@ -663,6 +663,11 @@ async def run(args: argparse.Namespace) -> int:
                 lambda s: s.DrainNode, controlplane_pb2.DrainNodeRequest(node_id=args.node, force=args.force)
             )
             text = f"draining {args.node}"
+        elif args.command == "undrain":
+            response = await client.call(
+                lambda s: s.UndrainNode, controlplane_pb2.UndrainNodeRequest(node_id=args.node)
+            )
+            text = f"{args.node} is active again: placement gives it roles back"
         elif args.command == "promote":
             request = controlplane_pb2.ForcePromoteRequest(
                 shard_id=args.shard, node_id=args.node, accept_data_loss=args.accept_data_loss
@@ -840,8 +845,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--token",
         default=os.environ.get(ADMIN_TOKEN_ENV, ""),
-        help=f"admin bearer token for drain, promote and config set [env {ADMIN_TOKEN_ENV}] (prefer --token-file: "
-        "a command line is visible to other users)",
+        help=f"admin bearer token for drain, undrain, promote and config set [env {ADMIN_TOKEN_ENV}] "
+        "(prefer --token-file: a command line is visible to other users)",
     )
     p.add_flag("--token-file", default="", help="file holding the admin bearer token")
     sub = p.add_subparsers(dest="command", required=True)
@@ -853,6 +858,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     drain.add_argument("node")
     drain.add_argument("--force", action="store_true",
                        help="even if fewer nodes than replication_factor would remain (shards lose copies)")
+    undrain = sub.add_parser("undrain", help="end a drain: the node takes roles again (one that has left: start it)")
+    undrain.add_argument("node")
     promote = sub.add_parser(
         "promote",
         help="make NODE the primary of a shard left without one because its copies, or the ones that may hold "

@@ -47,7 +47,7 @@ from bluemarble.runtime import channels, retry, tls
 
 log = structlog.get_logger(__name__)
 
-ADMIN_METHODS = frozenset({"SetConfig", "DrainNode", "ForcePromote"})
+ADMIN_METHODS = frozenset({"SetConfig", "DrainNode", "UndrainNode", "ForcePromote"})
 """ControlPlane RPCs that change cluster state on an operator's behalf. (Node lifecycle
 RPCs are checked by certificate instead; trades are data plane; reads are open.)"""
 

@@ -229,6 +229,18 @@ class DrainNodeResponse(_message.Message):
     node: _common_pb2.Node
     def __init__(self, node: _Optional[_Union[_common_pb2.Node, _Mapping]] = ...) -> None: ...
 
+class UndrainNodeRequest(_message.Message):
+    __slots__ = ("node_id",)
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+
+class UndrainNodeResponse(_message.Message):
+    __slots__ = ("node",)
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    node: _common_pb2.Node
+    def __init__(self, node: _Optional[_Union[_common_pb2.Node, _Mapping]] = ...) -> None: ...
+
 class ForcePromoteRequest(_message.Message):
     __slots__ = ("shard_id", "node_id", "accept_data_loss")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]

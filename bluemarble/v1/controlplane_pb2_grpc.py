@@ -96,6 +96,11 @@ class ControlPlaneStub:
                 request_serializer=bluemarble_dot_v1_dot_controlplane__pb2.DrainNodeRequest.SerializeToString,
                 response_deserializer=bluemarble_dot_v1_dot_controlplane__pb2.DrainNodeResponse.FromString,
                 _registered_method=True)
+        self.UndrainNode = channel.unary_unary(
+                '/bluemarble.v1.ControlPlane/UndrainNode',
+                request_serializer=bluemarble_dot_v1_dot_controlplane__pb2.UndrainNodeRequest.SerializeToString,
+                response_deserializer=bluemarble_dot_v1_dot_controlplane__pb2.UndrainNodeResponse.FromString,
+                _registered_method=True)
         self.GetConfig = channel.unary_unary(
                 '/bluemarble.v1.ControlPlane/GetConfig',
                 request_serializer=bluemarble_dot_v1_dot_controlplane__pb2.GetConfigRequest.SerializeToString,
@@ -214,6 +219,16 @@ class ControlPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UndrainNode(self, request, context):
+        """Admin: ends a drain: the node is ACTIVE again and placement gives it roles back.
+        Idempotent (an ACTIVE node is answered as it is). NOT_FOUND for a node not registered
+        (a drain that finished ends with the node gone: start it again). A node that is
+        stopping (SIGTERM) drains itself again at its next heartbeat.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetConfig(self, request, context):
         """The cluster config and its etcd revision (give it to SetConfig as expected_revision).
         """
@@ -304,6 +319,11 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     servicer.DrainNode,
                     request_deserializer=bluemarble_dot_v1_dot_controlplane__pb2.DrainNodeRequest.FromString,
                     response_serializer=bluemarble_dot_v1_dot_controlplane__pb2.DrainNodeResponse.SerializeToString,
+            ),
+            'UndrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndrainNode,
+                    request_deserializer=bluemarble_dot_v1_dot_controlplane__pb2.UndrainNodeRequest.FromString,
+                    response_serializer=bluemarble_dot_v1_dot_controlplane__pb2.UndrainNodeResponse.SerializeToString,
             ),
             'GetConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.GetConfig,
@@ -646,6 +666,33 @@ class ControlPlane:
             '/bluemarble.v1.ControlPlane/DrainNode',
             bluemarble_dot_v1_dot_controlplane__pb2.DrainNodeRequest.SerializeToString,
             bluemarble_dot_v1_dot_controlplane__pb2.DrainNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bluemarble.v1.ControlPlane/UndrainNode',
+            bluemarble_dot_v1_dot_controlplane__pb2.UndrainNodeRequest.SerializeToString,
+            bluemarble_dot_v1_dot_controlplane__pb2.UndrainNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

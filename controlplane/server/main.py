@@ -147,8 +147,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ControlPlaneSettings,
     p.add_flag(
         "--admin-token-file",
         default="",
-        help="file holding the bearer token admin RPCs (SetConfig, DrainNode, ForcePromote) require; re-read when it "
-        "changes (or set BLUEMARBLE_ADMIN_TOKEN; default: admin RPCs are open)",
+        help="file holding the bearer token admin RPCs (SetConfig, DrainNode, UndrainNode, ForcePromote) require; "
+        "re-read when it changes (or set BLUEMARBLE_ADMIN_TOKEN; default: admin RPCs are open)",
     )
     p.add_flag(
         "--node-id-pattern",

@@ -327,6 +327,36 @@ class NodeRegistry:
         log.info("node draining", node_id=node)
         return message
 
+    async def undrain(self, node_id: str) -> common_pb2.Node:
+        """Marks a DRAINING node ACTIVE again (idempotent): placement gives it roles back."""
+        node = validation.node_id(node_id)
+        return await retry.call(
+            lambda: self._set_state(node, common_pb2.NODE_STATE_ACTIVE),
+            what=f"undrain of {node}",
+            policy=_CAS_POLICY,
+            clock=self._clock,
+            retry_if=lambda e: isinstance(e, Aborted),
+        )
+
+    async def _set_state(self, node: NodeId, state: common_pb2.NodeState) -> common_pb2.Node:
+        record = await self._record(node)
+        if record is None:
+            raise NotFound(f"node {node} is not registered; a drain that finished ends with the node gone: start it "
+                           "again to give it roles")
+        message = codec.decode(record.value, common_pb2.Node, record.key)
+        if message.state == state:
+            return message
+        message.state = state
+        result = await self._store.txn(
+            [Compare.mod_revision(record.key, record.mod_revision)],
+            [Put(record.key, codec.encode(message), lease=record.lease)],
+        )
+        if not result.succeeded:
+            raise Aborted(f"node {node} changed while marking it {common_pb2.NodeState.Name(state)}; retry")
+        self._rewritten(node, record.lease, result.revision)
+        log.info("node undrained: it takes roles again", node_id=node)
+        return message
+
     async def set_trouble(self, node: NodeId, lease_id: int, trouble: str, since_ms: int) -> None:
         """Records in ``node``'s registration (under ``lease_id`` only) what its heartbeat
         says keeps it from serving, for ListNodes and the status of every replica. One

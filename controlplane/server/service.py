@@ -5,7 +5,7 @@ registry or stores, and builds the response. Errors are BlueMarble exceptions; t
 server interceptor maps them to statuses.
 
 Who may call what is checked here, where the request is known (:mod:`bluemarble.runtime.auth`):
-admin RPCs (SetConfig, DrainNode, ForcePromote) need the admin bearer token when one is configured, and
+admin RPCs (SetConfig, DrainNode, UndrainNode, ForcePromote) need the admin bearer token when one is configured, and
 with mutual TLS a node may register, heartbeat and deregister only under the node id its
 client certificate names.
 """
@@ -390,6 +390,13 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             await self._check_drain_keeps_copies(validation.node_id(request.node_id))
         node = await self._d.registry.drain(request.node_id)
         return controlplane_pb2.DrainNodeResponse(node=node)
+
+    async def UndrainNode(
+        self, request: controlplane_pb2.UndrainNodeRequest, context: Ctx
+    ) -> controlplane_pb2.UndrainNodeResponse:
+        await self._d.auth.admin(context, "UndrainNode")
+        node = await self._d.registry.undrain(request.node_id)
+        return controlplane_pb2.UndrainNodeResponse(node=node)
 
     async def _copy_holders(self, node: NodeId) -> tuple[list[common_pb2.Node], int, int]:
         """The registered nodes, how many besides ``node`` are not draining (could hold

@@ -221,6 +221,37 @@ def test_drain_moves_everything_away_without_a_shard_losing_its_primary(process_
     wait_until(lambda: well_placed(process_cluster, survivors), 15, "a balanced placement without it")
 
 
+def test_an_undrained_node_stays_and_takes_its_share_again(process_cluster: ProcessCluster) -> None:
+    """A drain ended half-way (one move per round, so it is still under way): the node
+    does not leave, and placement gives it its fair share back."""
+    start(process_cluster)
+    target, _ = busiest_node(process_cluster)
+    address = process_cluster.control_planes[0]
+    with grpc.insecure_channel(address) as channel:
+        stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
+        current = stub.GetConfig(pb.GetConfigRequest(), timeout=5)
+        config = type(current.config)()
+        config.CopyFrom(current.config)
+        config.max_moves_per_round = 1
+        stub.SetConfig(pb.SetConfigRequest(config=config, expected_revision=current.revision), timeout=5)
+
+        def roles_of_target() -> int:
+            r = process_cluster.assignments(address)
+            return sum(target == a.primary or target in a.replicas for a in r.assignments) if r else -1
+
+        before = roles_of_target()
+        stub.DrainNode(pb.DrainNodeRequest(node_id=target), timeout=5)
+        wait_until(lambda: 0 < roles_of_target() < before, 30, f"{target}'s drain to be under way")
+        undrained = stub.UndrainNode(pb.UndrainNodeRequest(node_id=target), timeout=5)
+        assert undrained.node.state == common_pb2.NODE_STATE_ACTIVE
+        config.max_moves_per_round = 32
+        stub.SetConfig(pb.SetConfigRequest(config=config), timeout=5)
+        wait_until(lambda: roles_of_target() == before and well_placed(process_cluster, set(NODES)), 60,
+                   f"{target} to hold its {before} roles again in a balanced placement")
+    states = {n.node_id: n.state for n in process_cluster.nodes(address)}
+    assert states[target] == common_pb2.NODE_STATE_ACTIVE and process_cluster.process(target).alive()
+
+
 def test_nodes_keep_their_assignments_with_every_control_plane_replica_down(
     process_cluster: ProcessCluster,
 ) -> None:

@@ -129,6 +129,7 @@ UNDECODABLE = [
     ("Heartbeat", field(3, field(1, NOT_UTF8)), "HeartbeatRequest"),  # inside a ShardStatus
     ("DeregisterNode", field(1, b"\xc3"), "DeregisterNodeRequest"),  # half a character
     ("DrainNode", field(1, NOT_UTF8), "DrainNodeRequest"),
+    ("UndrainNode", field(1, NOT_UTF8), "UndrainNodeRequest"),
     ("ResolvePlayer", field(1, NOT_UTF8), "ResolvePlayerRequest"),
     ("SetConfig", field(1, field(5, field(1, NOT_UTF8))), "SetConfigRequest"),  # a map key
     ("GetConfig", b"\x07", "GetConfigRequest"),  # wire type 7 does not exist

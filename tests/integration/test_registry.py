@@ -236,6 +236,8 @@ class TestBadInput:
             (lambda s: s.ResolvePlayer(pb.ResolvePlayerRequest(player_id="p" * 129)), grpc.StatusCode.INVALID_ARGUMENT),
             (lambda s: s.DrainNode(pb.DrainNodeRequest(node_id="ghost")), grpc.StatusCode.NOT_FOUND),
             (lambda s: s.DrainNode(pb.DrainNodeRequest(node_id="")), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda s: s.UndrainNode(pb.UndrainNodeRequest(node_id="ghost")), grpc.StatusCode.NOT_FOUND),
+            (lambda s: s.UndrainNode(pb.UndrainNodeRequest(node_id="a/b")), grpc.StatusCode.INVALID_ARGUMENT),
         ],
     )
     async def test_bad_placement_requests(self, stub: Stub, call, code: grpc.StatusCode) -> None:  # type: ignore[no-untyped-def]
@@ -257,6 +259,22 @@ class TestBadInput:
         assert states["n3"] == common_pb2.NODE_STATE_ACTIVE  # refused: nothing changed
         drained = await stub.DrainNode(pb.DrainNodeRequest(node_id="n3", force=True))
         assert drained.node.state == common_pb2.NODE_STATE_DRAINING
+
+    async def test_an_undrained_node_is_active_again_and_counts_for_the_next_drain(self, stub: Stub) -> None:
+        for i in range(1, 5):
+            await stub.RegisterNode(register_request(f"n{i}", 7100 + i))
+        await stub.DrainNode(pb.DrainNodeRequest(node_id="n4"))
+        got, _ = await status_of(stub.DrainNode(pb.DrainNodeRequest(node_id="n3")))
+        assert got == grpc.StatusCode.FAILED_PRECONDITION  # n4 draining: 2 left for 3 copies
+        for _ in range(2):  # idempotent
+            undrained = await stub.UndrainNode(pb.UndrainNodeRequest(node_id="n4"))
+            assert undrained.node.state == common_pb2.NODE_STATE_ACTIVE and undrained.node.node_id == "n4"
+        states = {n.node_id: n.state for n in (await stub.ListNodes(pb.ListNodesRequest())).nodes}
+        assert states == dict.fromkeys(("n1", "n2", "n3", "n4"), common_pb2.NODE_STATE_ACTIVE)
+        drained = await stub.DrainNode(pb.DrainNodeRequest(node_id="n3"))  # n4 counts again
+        assert drained.node.state == common_pb2.NODE_STATE_DRAINING
+        got, details = await status_of(stub.UndrainNode(pb.UndrainNodeRequest(node_id="n9")))
+        assert got == grpc.StatusCode.NOT_FOUND and "start it again" in details
 
     async def test_bad_watch_request_is_invalid_argument(self, stub: Stub) -> None:
         call = stub.WatchAssignments(pb.WatchAssignmentsRequest(node_id="a/b"))

@@ -138,7 +138,9 @@ async def test_admin_rpcs_need_the_bearer_token(
     set_config = controlplane_pb2.SetConfigRequest(config=current.config, expected_revision=current.revision)
     drain = controlplane_pb2.DrainNodeRequest(node_id="nobody")
     promote = controlplane_pb2.ForcePromoteRequest(shard_id="shard-0", node_id="nobody", accept_data_loss=True)
-    requests = {stub.SetConfig: set_config, stub.DrainNode: drain, stub.ForcePromote: promote}
+    undrain = controlplane_pb2.UndrainNodeRequest(node_id="nobody")
+    requests = {stub.SetConfig: set_config, stub.DrainNode: drain, stub.ForcePromote: promote,
+                stub.UndrainNode: undrain}
     for call, request in requests.items():
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await call(request, timeout=CALL_TIMEOUT_S)
@@ -159,6 +161,8 @@ async def test_admin_rpcs_need_the_bearer_token(
     assert code == grpc.StatusCode.NOT_FOUND  # past the token check: there is no such node
     lowercase = (("authorization", "bearer " + TOKEN),)  # the scheme's name is case-insensitive
     assert await code_of(stub.DrainNode(drain, timeout=CALL_TIMEOUT_S, metadata=lowercase)) == grpc.StatusCode.NOT_FOUND
+    code = await code_of(stub.UndrainNode(undrain, timeout=CALL_TIMEOUT_S, metadata=bearer_metadata(TOKEN)))
+    assert code == grpc.StatusCode.NOT_FOUND  # past the token check
     code = await code_of(stub.ForcePromote(promote, timeout=CALL_TIMEOUT_S, metadata=bearer_metadata(TOKEN)))
     assert code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)  # past the token check
 
