@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -84,8 +85,19 @@ cluster is stopped: a replica restarted by hand on its address (a rolling restar
 again within it."""
 
 
+def _accepts_connections(endpoint: str) -> bool:
+    """Whether something listens at ``endpoint`` (``host:port``)."""
+    host, _, port = endpoint.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def check_processes(watched: list[ManagedProcess], nodes: Collection[str],
-                    serving: Callable[[], bool] = lambda: False, wait_s: float = 0.0) -> int | None:
+                    serving: Callable[[], bool] = lambda: False, wait_s: float = 0.0,
+                    etcd_serving: Callable[[], bool] = lambda: False) -> int | None:
     """One look at the cluster's processes: None while the cluster should keep running,
     else the exit status for this script (1).
 
@@ -95,8 +107,9 @@ def check_processes(watched: list[ManagedProcess], nodes: Collection[str],
     to their replicas, which is what a local cluster is there to show. So does a
     control-plane replica while another one runs (the others take over its work), or when
     ``serving()`` (some replica's address answers: one restarted outside this script)
-    comes true within ``wait_s``; otherwise the last replica's exit, or etcd's, stops the
-    whole cluster.
+    comes true within ``wait_s``; otherwise the last replica's exit stops the whole
+    cluster. So does etcd's, unless ``etcd_serving()`` (an etcd answers at its address:
+    one restarted by hand, as in an etcd restart drill) comes true within ``wait_s``.
     """
     for proc in list(watched):
         code = proc.exit_code()
@@ -111,6 +124,11 @@ def check_processes(watched: list[ManagedProcess], nodes: Collection[str],
         if proc.name.startswith("controlplane") and _serves_within(serving, wait_s):
             print(f"{proc.name} exited (exit {code}); a control plane serves at the cluster's addresses (one "
                   f"started outside this script): the cluster keeps running. Log: {proc.log_path}", flush=True)
+            watched.remove(proc)
+            continue
+        if proc.name == "etcd" and _serves_within(etcd_serving, wait_s):
+            print(f"etcd exited (exit {code}); an etcd serves at its address (one started outside this script, "
+                  "which this script will not stop): the cluster keeps running", flush=True)
             watched.remove(proc)
             continue
         if proc.name in nodes:
@@ -236,12 +254,12 @@ def main() -> int:
                 [*SECURITY.tls_flags("admin"), "--token-file", str(SECURITY.token_file)])
             print(f"cluster running; try: .venv/bin/bluemarblectl --control-plane {cp_address}{flags} nodes   "
                   "(Ctrl-C stops)")
-            watched = list(processes)
+            watched = list(processes) + ([etcd.process] if etcd.process is not None else [])
             try:
                 while not stop.wait(1.0):
                     failed = check_processes(
                         watched, node_ids, lambda: any(registered_nodes(a) >= 0 for a in cp_addresses),
-                        RESTART_WAIT_S)
+                        RESTART_WAIT_S, lambda: _accepts_connections(etcd.endpoint))
                     if failed is not None:
                         return failed
             except KeyboardInterrupt:

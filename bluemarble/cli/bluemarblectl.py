@@ -678,6 +678,8 @@ async def run(args: argparse.Namespace) -> int:
                 lambda s: s.ForcePromote, request, timeout_s=args.timeout_s, attempts=1, deadline_s=args.timeout_s)
             a = response.assignment  # type: ignore[attr-defined]
             text = f"{a.shard_id}: primary {a.primary} at epoch {a.epoch}"
+            if response.already_primary:  # type: ignore[attr-defined]
+                text += " (already its primary: nothing was forced)"
             if lost := list(response.lost_members):  # type: ignore[attr-defined]
                 text += (f"\nwrites only {', '.join(lost)} held are lost, sides of cross-shard trades among them: a "
                          "trade its other shard applied may now leave an item in two inventories, or in none")

@@ -252,12 +252,14 @@ class ForcePromoteRequest(_message.Message):
     def __init__(self, shard_id: _Optional[str] = ..., node_id: _Optional[str] = ..., accept_data_loss: _Optional[bool] = ...) -> None: ...
 
 class ForcePromoteResponse(_message.Message):
-    __slots__ = ("assignment", "lost_members")
+    __slots__ = ("assignment", "lost_members", "already_primary")
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     LOST_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_PRIMARY_FIELD_NUMBER: _ClassVar[int]
     assignment: _common_pb2.Assignment
     lost_members: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, assignment: _Optional[_Union[_common_pb2.Assignment, _Mapping]] = ..., lost_members: _Optional[_Iterable[str]] = ...) -> None: ...
+    already_primary: bool
+    def __init__(self, assignment: _Optional[_Union[_common_pb2.Assignment, _Mapping]] = ..., lost_members: _Optional[_Iterable[str]] = ..., already_primary: _Optional[bool] = ...) -> None: ...
 
 class GetConfigRequest(_message.Message):
     __slots__ = ()

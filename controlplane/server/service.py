@@ -70,6 +70,12 @@ def _alarm_warning(alarm: str) -> str:
     return f"etcd has raised an alarm ({alarm})"
 
 
+SINGLE_COPY_WARNING = (
+    "replication_factor is 1: every shard has a single copy, and its primary alone acknowledges STRONG writes "
+    "(inventories and trades would not survive the loss of its node)"
+)
+
+
 @dataclass
 class ControlPlaneDeps:
     """What every servicer of one control-plane replica shares."""
@@ -824,6 +830,14 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         response.shard_count = shard_count
         response.shards_without_primary = sum(1 for a in assignments if not holds_role(a, a.primary, leases)) + missing
         eligible = sum(1 for n in nodes if n.state != common_pb2.NODE_STATE_DRAINING)
+        if nodes and not eligible:
+            # Placement ignores the drains then (there is nowhere to go): every live node
+            # keeps holding copies, and no drain can finish.
+            eligible = len(nodes)
+            response.warnings.append(
+                f"every live node ({len(nodes)}) is draining: no drain can finish, there is nowhere to move the "
+                "copies; add nodes, or undrain one (bluemarblectl undrain NODE)"
+            )
         response.live_nodes_eligible = eligible
         if config is not None:
             wanted = config.replication_factor
@@ -844,6 +858,8 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                 )
             alone = sum(1 for a in assignments
                         if holds_role(a, a.primary, leases) and not any(holds_role(a, r, leases) for r in a.replicas))
+            if wanted == 1:
+                response.warnings.append(SINGLE_COPY_WARNING)
             if wanted >= 2 and alone:
                 response.warnings.append(
                     f"{alone} of {shard_count} shards have no live replica: their primary alone acknowledges "
@@ -930,6 +946,8 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                 f"game systems removed: {', '.join(removed)}; players' data under them stays stored but cannot be "
                 "read or written until they are added back"
             )
+        if config.replication_factor == 1 and before.replication_factor != 1:
+            response.warnings.append(SINGLE_COPY_WARNING)
         eligible = sum(1 for n in self._d.nodes.entries.values() if n.state != common_pb2.NODE_STATE_DRAINING)
         if config.replication_factor > eligible:
             response.warnings.append(
@@ -965,7 +983,7 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             raise FailedPrecondition(f"node {node} is draining; name another node")
         leases = {n: record.lease_id for n, record in live.items()}
         if before.primary == node and holds_role(before, node, leases):  # done already (a retry that worked)
-            return controlplane_pb2.ForcePromoteResponse(assignment=before)
+            return controlplane_pb2.ForcePromoteResponse(assignment=before, already_primary=True)
         if holds_role(before, before.primary, leases):
             # A primary registered again since (a restart) lost the role: the leader treats
             # the shard as without one, and may be waiting for an operator's word.

@@ -36,6 +36,7 @@ from bluemarble.v1 import (
 )
 from bluemarble.v1 import controlplane_pb2 as pb
 from controlplane.server.app import ControlPlaneApp
+from controlplane.server.service import SINGLE_COPY_WARNING
 from controlplane.store import codec
 from shardnode.service import ShardNodeService
 from tests.conftest import StartControlPlane, StreamNode, wait_for
@@ -470,6 +471,11 @@ class TestConfigAndReplication:
         assert status.shards_under_replicated == 16  # no shard can have 3 live copies
         assert any("replication_factor is 3 but only 1 live nodes are eligible" in w for w in status.warnings)
         assert any("16 of 16 shards have fewer than 3 live copies" in w for w in status.warnings)
+        await stub.DrainNode(pb.DrainNodeRequest(node_id="n1", force=True))  # every node draining
+        status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
+        assert (status.live_nodes_eligible, status.effective_replication_factor) == (2, 2)  # drains ignored
+        assert any("every live node (2) is draining: no drain can finish" in w for w in status.warnings), (
+            status.warnings)
 
     async def test_status_warns_of_shards_whose_primary_is_their_only_copy(
         self, control_plane: ControlPlaneApp, stub: Stub
@@ -575,9 +581,16 @@ class TestConfigAndReplication:
         r = await stub.SetConfig(pb.SetConfigRequest(config=config, expected_revision=current.revision))
         assert r.config.replication_factor == 5  # stored: nodes may join later
         assert [w for w in r.warnings if "replication_factor is 5 but only 1" in w]
-        config.replication_factor = 1
+        config.replication_factor = 2
         r = await stub.SetConfig(pb.SetConfigRequest(config=config))
+        assert [w for w in r.warnings if "replication_factor is 2 but only 1" in w]
+        config.replication_factor = 1  # fits the one node, and says what it costs
+        r = await stub.SetConfig(pb.SetConfigRequest(config=config))
+        assert list(r.warnings) == [SINGLE_COPY_WARNING]
+        r = await stub.SetConfig(pb.SetConfigRequest(config=config))  # unchanged: said once
         assert list(r.warnings) == []
+        status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
+        assert SINGLE_COPY_WARNING in status.warnings
         code, details = await refusal(stub.SetConfig(pb.SetConfigRequest(config=config, expected_revision=-1)))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "expected_revision is -1" in details
 

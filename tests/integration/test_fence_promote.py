@@ -206,7 +206,7 @@ async def test_an_operator_gives_a_stuck_shard_a_primary_without_its_data(
         out = capsys.readouterr().out
         assert f"{SHARD}: primary {y} at epoch {before.epoch + 1}" in out
         assert f"writes only {before.primary} held are lost" in out  # what the promotion gave up
-        assert "an item in two inventories, or in none" in out
+        assert "an item in two inventories, or in none" in out and "already its primary" not in out
         assert (await c.assignment()).primary == y
         # A retry of a request that worked answers the same.
         answer = await c.stub.ForcePromote(
@@ -214,6 +214,9 @@ async def test_an_operator_gives_a_stuck_shard_a_primary_without_its_data(
         )
         assert (answer.assignment.primary, answer.assignment.epoch) == (y, before.epoch + 1)
         assert not answer.lost_members  # done already: nothing is known of what it lost
+        assert answer.already_primary  # and the answer says nothing was forced
+        assert await asyncio.to_thread(bluemarblectl.main, argv) == 0
+        assert "(already its primary: nothing was forced)" in capsys.readouterr().out
         assert c.fakes[y].fences(SHARD)[-1] == before.epoch + 1  # fenced at the new epoch first
         forced = c.app.forced
 

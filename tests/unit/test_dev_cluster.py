@@ -1,7 +1,7 @@
 """scripts/dev_cluster.py's supervision: a node that leaves on purpose (exit 0, e.g. after
 ``bluemarblectl drain``) is dropped and the cluster keeps running, as when it dies; the
 control plane's exit stops it unless another replica serves (one it started, or one
-restarted on its address by hand); etcd's exit stops it."""
+restarted on its address by hand); etcd's exit stops it, unless one restarted by hand serves."""
 
 from __future__ import annotations
 
@@ -117,3 +117,20 @@ def test_the_last_replica_restarted_outside_the_script_keeps_the_cluster_running
     gone = _process(tmp_path, started, "controlplane-1", 0)
     assert check_processes([node, gone], NODES, lambda: False, wait_s=0.2) == 1
     assert "controlplane-1 exited unexpectedly (exit 0)" in capsys.readouterr().out
+
+
+def test_etcd_restarted_by_hand_keeps_the_cluster_running_else_its_exit_stops_it(
+    tmp_path: Path, started: list[ManagedProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An etcd restart drill: the etcd this script started stops, another serves on its
+    address; without one, etcd's exit stops the cluster (not a cluster left on a dead etcd)."""
+    cp = _process(tmp_path, started, "controlplane", None)
+    etcd = _process(tmp_path, started, "etcd", 0)
+    answers = iter([False, True])
+    watched = [cp, etcd]
+    assert check_processes(watched, NODES, lambda: False, 5, lambda: next(answers)) is None
+    assert watched == [cp]
+    assert "an etcd serves at its address" in capsys.readouterr().out
+    gone = _process(tmp_path, started, "etcd", 0)
+    assert check_processes([cp, gone], NODES, lambda: True, 0.2, lambda: False) == 1
+    assert "etcd exited unexpectedly (exit 0)" in capsys.readouterr().out
