@@ -198,13 +198,14 @@ def _node_id(node: common_pb2.Node) -> str:
 def _lost_members(assignments: Sequence[common_pb2.Assignment], leases: Mapping[str, int], shown: int = 5) -> str:
     """For the status warning on shards without a live primary: the members they name
     (primary, replicas, retained copies) that are not registered, or registered again
-    since they were given the role ("restarted"), with how many such shards name each;
+    since they were given the role ("registered again": a restart, or a lease that ran out),
+    with how many such shards name each;
     "" when there is none (a shard not placed yet)."""
     lost: collections.Counter[str] = collections.Counter()
     for a in assignments:
         if not holds_role(a, a.primary, leases):
             lost.update(
-                n if n not in leases else f"{n} restarted"
+                n if n not in leases else f"{n} registered again"
                 for n in dict.fromkeys((a.primary, *a.replicas, *a.retained))
                 if n and not holds_role(a, n, leases)
             )

@@ -505,7 +505,7 @@ class TestConfigAndReplication:
     ) -> None:
         """A node that restarted (a new lease) lost the roles of its old incarnation: its
         shards have no primary until the leader places them again, and status and the
-        gauge say so, naming the node as restarted, not as a healthy primary."""
+        gauge say so, naming the node as registered again, not as a healthy primary."""
         assert control_plane.reconciler is not None and control_plane.ring is not None
         await control_plane.reconciler.stop()  # this test places the shards itself
         node = StreamNode(stub, "n1", "127.0.0.1:7101")
@@ -525,7 +525,7 @@ class TestConfigAndReplication:
             status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
         control_plane.refresh_gauges()
         await node.close_stream()
-        assert any("4 of 16 shards have no live primary; lost members they name: n1 restarted (4 shards)" in w
+        assert any("4 of 16 shards have no live primary; lost members they name: n1 registered again (4 shards)" in w
                    for w in status.warnings), status.warnings
         assert prometheus_client.REGISTRY.get_sample_value("bluemarble_shards_without_primary") == 4
 
