@@ -373,8 +373,10 @@ class Participant:
         if decision.verdict is PrepareVerdict.CONFLICT:
             raise InvalidArgument(f"trade id {echo(trade_id)}: {REUSED_TRADE_ID} on {shard}; choose a new trade id")
         if decision.verdict is PrepareVerdict.REFUSED:
-            log.info("trade prepare refused", trade_id=trade_id, shard=shard, reason=decision.reason)
+            log.info("trade prepare refused", trade_id=trade_id, shard=shard, reason=decision.reason,
+                     pending=decision.pending or None)
             response.vote, response.reason = shardnode_pb2.TRADE_VOTE_REFUSED, decision.reason
+            response.refused_pending = decision.pending
             return response
         await self._settled_answer(state, timeout_s, what)
         if decision.verdict is PrepareVerdict.PREPARED:
@@ -514,6 +516,9 @@ class Participant:
         await self._dp.wait_committed(state, result.lsn, timeout_s, f"trade {echo(trade.trade_id, 40)}")
         metrics.count_trade(False, decision.outcome is Outcome.COMMITTED)
         response.outcome, response.reason = stored.outcome_to_proto(decision.outcome), decision.reason
+        if decision.outcome is Outcome.ABORTED:
+            response.abort_cause = (common_pb2.TRADE_ABORT_CAUSE_CONTENDED if decision.pending
+                                    else common_pb2.TRADE_ABORT_CAUSE_REFUSED)
         return response
 
     # ---- ListTrades ----

@@ -429,6 +429,9 @@ _CAUSES = {
     common_pb2.TRADE_ABORT_CAUSE_REFUSED: "refused: the terms (the same terms fail again until the inventories change)",
     common_pb2.TRADE_ABORT_CAUSE_UNAVAILABLE: (
         "unavailable: a side could not take part in time (the same exchange under a new trade id may commit)"),
+    common_pb2.TRADE_ABORT_CAUSE_CONTENDED: (
+        "contended: other trades not settled yet hold an item or the gold (a new trade id may commit once they "
+        "settle)"),
 }
 
 

@@ -74,6 +74,7 @@ import grpc
 import grpc.aio
 import structlog
 
+from bluemarble.api.conversions import cause_from_proto
 from bluemarble.api.messages import NODE_CALL_RPCS
 from bluemarble.client.control_plane import STREAM_PROGRESS_INTERVAL_MS, ControlPlaneClient, follow_stream
 from bluemarble.client.node_calls import CallStream, Unsupported, status_error
@@ -81,7 +82,7 @@ from bluemarble.client.ring_router import DEFAULT_STREAM_IDLE_TIMEOUT_S, RingRou
 from bluemarble.core import errors, validation
 from bluemarble.core.ids import NodeId, PlayerId, ShardId
 from bluemarble.core.limits import echo
-from bluemarble.core.trades.model import Offer, Outcome, Trade, validate_trade
+from bluemarble.core.trades.model import AbortCause, Offer, Outcome, Trade, validate_trade
 from bluemarble.runtime import background, channels, retry, tracing
 from bluemarble.runtime.channels import channel as open_channel
 from bluemarble.runtime.clock import Clock, SystemClock, run_with_timeout, wait_event
@@ -174,7 +175,9 @@ class LocalTradeResult:
     """The answer of a same-shard trade from its shard's primary: ``outcome`` (COMMITTED,
     or ABORTED with its ``reason``: a player gave what they do not hold), whether it is
     the recorded answer of an earlier attempt with the same trade id (``replayed``: nothing
-    moved this time), the shard, and the ExecuteLocalTrade attempts this call made."""
+    moved this time), the shard, the ExecuteLocalTrade attempts this call made, and why an
+    ABORTED one was (``abort_cause``: REFUSED, or CONTENDED by other trades not settled
+    yet; UNKNOWN in a replayed answer)."""
 
     trade_id: str
     outcome: Outcome
@@ -182,6 +185,7 @@ class LocalTradeResult:
     replayed: bool
     shard_id: ShardId
     attempts: int
+    abort_cause: AbortCause = AbortCause.UNKNOWN
 
     @property
     def committed(self) -> bool:
@@ -1130,7 +1134,8 @@ class RoutingClient:
             if outcome is None:
                 raise errors.BlueMarbleError(
                     f"{route.shard_id}'s answer to trade {echo(trade_id)} carries no outcome ({r.outcome})")
-            return LocalTradeResult(r.trade_id or trade_id, outcome, r.reason, r.replayed, route.shard_id, attempts)
+            return LocalTradeResult(r.trade_id or trade_id, outcome, r.reason, r.replayed, route.shard_id, attempts,
+                                    cause_from_proto(r.abort_cause))
 
         return await self._run(player_a, call, allow_stale=False, deadline_s=deadline_s, what="ExecuteLocalTrade")
 

@@ -100,7 +100,8 @@ class TradeResult:
     """The answer to a trade: ``outcome`` (COMMITTED or ABORTED), the ``reason`` of an
     ABORTED one, whether it crossed shards, how many ExecuteTrade attempts this call made
     (1 when the first answered), and why an ABORTED one was (``abort_cause``: REFUSED,
-    the terms; UNAVAILABLE, the cluster; UNKNOWN when not said)."""
+    the terms; UNAVAILABLE, the cluster; CONTENDED, other trades not settled yet; UNKNOWN
+    when not said)."""
 
     trade_id: str
     outcome: Outcome
@@ -115,10 +116,10 @@ class TradeResult:
 
     @property
     def worth_retrying(self) -> bool:
-        """ABORTED because a side could not take part in time (a failover, etcd slow), not
-        because of the terms: the same exchange under a *new* trade id may commit. (The
-        same id keeps its answer.)"""
-        return self.outcome is Outcome.ABORTED and self.abort_cause is AbortCause.UNAVAILABLE
+        """ABORTED because a side could not take part in time (a failover, etcd slow) or
+        because of other trades not settled yet, not because of the terms: the same
+        exchange under a *new* trade id may commit. (The same id keeps its answer.)"""
+        return self.outcome is Outcome.ABORTED and self.abort_cause in (AbortCause.UNAVAILABLE, AbortCause.CONTENDED)
 
 
 @dataclass(frozen=True)
@@ -439,9 +440,8 @@ class TradeClient:
                     raise errors.DeadlineExceeded(
                         f"trade {trade_id}: no answer within the deadline (its players moved apart)") from None
             else:
-                # A same-shard trade is ABORTED only when its shard refuses the terms.
-                cause = AbortCause.REFUSED if local.outcome is Outcome.ABORTED else AbortCause.UNKNOWN
-                return TradeResult(local.trade_id, local.outcome, local.reason, False, local.attempts, cause)
+                return TradeResult(local.trade_id, local.outcome, local.reason, False, local.attempts,
+                                   local.abort_cause)
         request = trade_pb2.ExecuteTradeRequest(
             trade_id=trade_id, player_a=player_a, player_b=player_b,
             # From the checked terms, not the arguments: an iterator given as items is used up.

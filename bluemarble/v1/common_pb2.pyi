@@ -36,6 +36,7 @@ class TradeAbortCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRADE_ABORT_CAUSE_UNSPECIFIED: _ClassVar[TradeAbortCause]
     TRADE_ABORT_CAUSE_REFUSED: _ClassVar[TradeAbortCause]
     TRADE_ABORT_CAUSE_UNAVAILABLE: _ClassVar[TradeAbortCause]
+    TRADE_ABORT_CAUSE_CONTENDED: _ClassVar[TradeAbortCause]
 
 class ConsistencyModel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -58,6 +59,7 @@ TRADE_OUTCOME_ABORTED: TradeOutcome
 TRADE_ABORT_CAUSE_UNSPECIFIED: TradeAbortCause
 TRADE_ABORT_CAUSE_REFUSED: TradeAbortCause
 TRADE_ABORT_CAUSE_UNAVAILABLE: TradeAbortCause
+TRADE_ABORT_CAUSE_CONTENDED: TradeAbortCause
 CONSISTENCY_MODEL_UNSPECIFIED: ConsistencyModel
 CONSISTENCY_MODEL_STRONG: ConsistencyModel
 CONSISTENCY_MODEL_EVENTUAL: ConsistencyModel

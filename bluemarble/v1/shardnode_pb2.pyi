@@ -226,7 +226,7 @@ class PrepareRequest(_message.Message):
     def __init__(self, trade_id: _Optional[str] = ..., shard_id: _Optional[str] = ..., epoch: _Optional[int] = ..., legs: _Optional[_Iterable[_Union[TradeLeg, _Mapping]]] = ...) -> None: ...
 
 class PrepareResponse(_message.Message):
-    __slots__ = ("prepared", "reason", "vote", "outcome", "epoch", "deadline_ms", "escrowed_before")
+    __slots__ = ("prepared", "reason", "vote", "outcome", "epoch", "deadline_ms", "escrowed_before", "refused_pending")
     PREPARED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     VOTE_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +234,7 @@ class PrepareResponse(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     ESCROWED_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_PENDING_FIELD_NUMBER: _ClassVar[int]
     prepared: bool
     reason: str
     vote: TradeVote
@@ -241,7 +242,8 @@ class PrepareResponse(_message.Message):
     epoch: int
     deadline_ms: int
     escrowed_before: bool
-    def __init__(self, prepared: _Optional[bool] = ..., reason: _Optional[str] = ..., vote: _Optional[_Union[TradeVote, str]] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., epoch: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., escrowed_before: _Optional[bool] = ...) -> None: ...
+    refused_pending: bool
+    def __init__(self, prepared: _Optional[bool] = ..., reason: _Optional[str] = ..., vote: _Optional[_Union[TradeVote, str]] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., epoch: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., escrowed_before: _Optional[bool] = ..., refused_pending: _Optional[bool] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("trade_id", "shard_id", "epoch")
@@ -336,16 +338,18 @@ class ExecuteLocalTradeRequest(_message.Message):
     def __init__(self, trade_id: _Optional[str] = ..., shard_id: _Optional[str] = ..., epoch: _Optional[int] = ..., player_a: _Optional[str] = ..., player_b: _Optional[str] = ..., a_gives: _Optional[_Union[_common_pb2.Offer, _Mapping]] = ..., b_gives: _Optional[_Union[_common_pb2.Offer, _Mapping]] = ...) -> None: ...
 
 class ExecuteLocalTradeResponse(_message.Message):
-    __slots__ = ("trade_id", "outcome", "reason", "replayed")
+    __slots__ = ("trade_id", "outcome", "reason", "replayed", "abort_cause")
     TRADE_ID_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    ABORT_CAUSE_FIELD_NUMBER: _ClassVar[int]
     trade_id: str
     outcome: _common_pb2.TradeOutcome
     reason: str
     replayed: bool
-    def __init__(self, trade_id: _Optional[str] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    abort_cause: _common_pb2.TradeAbortCause
+    def __init__(self, trade_id: _Optional[str] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., replayed: _Optional[bool] = ..., abort_cause: _Optional[_Union[_common_pb2.TradeAbortCause, str]] = ...) -> None: ...
 
 class ParticipantTrade(_message.Message):
     __slots__ = ("trade_id", "shard_id", "node_id", "state", "leg", "reason", "prepared_at_ms", "deadline_ms", "settled_at_ms", "cross_shard")

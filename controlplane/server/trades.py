@@ -505,8 +505,11 @@ class TradeCoordinator:
         (log.debug if outcome is Outcome.COMMITTED and not response.replayed else log.info)(
             "local trade", trade_id=trade.trade_id, shard=shard, outcome=outcome.name, reason=response.reason,
             replayed=response.replayed)
-        # A same-shard trade is ABORTED only when its shard refuses the terms.
-        cause = AbortCause.REFUSED if outcome is Outcome.ABORTED else AbortCause.UNKNOWN
+        # A same-shard trade is ABORTED only when its shard refuses it (the node says why;
+        # not in a replayed answer).
+        cause = cause_from_proto(response.abort_cause)
+        if outcome is Outcome.ABORTED and cause is AbortCause.UNKNOWN and not response.replayed:
+            cause = AbortCause.REFUSED  # a node of an earlier release
         return Decision(trade.trade_id, outcome, response.reason, f"participant {shard}", trade.players, cause)
 
     async def _cross(self, trade: Trade, primary_a: Primary, primary_b: Primary) -> Decision:
@@ -701,7 +704,8 @@ class TradeCoordinator:
                 return rules.PrepareReply.unavailable(str(e))
             return rules.PrepareReply.decided(outcome, response.reason)
         if response.vote == shardnode_pb2.TRADE_VOTE_REFUSED:
-            return rules.PrepareReply.refused(response.reason or f"{primary.shard} refused the leg of {leg.player}")
+            return rules.PrepareReply.refused(response.reason or f"{primary.shard} refused the leg of {leg.player}",
+                                              pending=response.refused_pending)
         return rules.PrepareReply.unavailable(f"{primary.shard} answered Prepare without a vote ({response.vote})")
 
     async def _record(self, trade: Trade, proposal: Decision, shards: dict[rules.Side, ShardId]) -> StoredTrade:

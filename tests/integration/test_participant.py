@@ -244,7 +244,21 @@ async def test_two_concurrent_prepares_of_one_item_escrow_it_once(node: Node) ->
         *(n.stub.Prepare(prepare(f"c{i}", leg("alice", ["sword"], 1))) for i in range(8))
     )
     assert sorted(a.vote for a in answers) == [PREPARED] + [REFUSED] * 7
+    # Refused because another trade holds the sword (pending), not because of the terms.
+    assert all(a.refused_pending for a in answers if a.vote == REFUSED)
     assert n.storage.holdings(SHARD, PlayerId("alice")).escrowed_items == frozenset({"sword"})
+    await seed(n, "carol", ["ring"], 0)
+    local = [shardnode_pb2.ExecuteLocalTradeRequest(
+        trade_id=f"lc-{item}", shard_id=SHARD, player_a="alice", player_b="carol",
+        a_gives=common_pb2.Offer(item_ids=[item]), b_gives=common_pb2.Offer(item_ids=["ring"])) for item in
+        ("sword", "axe")]
+    contended, refused = [await n.stub.ExecuteLocalTrade(r) for r in local]
+    assert (contended.outcome, contended.abort_cause) == (
+        common_pb2.TRADE_OUTCOME_ABORTED, common_pb2.TRADE_ABORT_CAUSE_CONTENDED)
+    assert (refused.outcome, refused.abort_cause) == (
+        common_pb2.TRADE_OUTCOME_ABORTED, common_pb2.TRADE_ABORT_CAUSE_REFUSED)  # alice has no axe
+    replayed = await n.stub.ExecuteLocalTrade(local[0])
+    assert replayed.replayed and replayed.reason == contended.reason  # the node keeps the reason, not the cause
     assert len(n.storage.prepared_trades([SHARD])) == 1
     # Started in one event-loop turn: under group commit the second decides while the
     # first's escrow is queued, not yet in storage.

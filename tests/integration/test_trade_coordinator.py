@@ -126,7 +126,8 @@ class TradeNode(shardnode_pb2_grpc.ShardNodeServicer):
             assert d.outcome is not None
             return shardnode_pb2.PrepareResponse(vote=shardnode_pb2.TRADE_VOTE_DECIDED,
                                                  outcome=outcome_to_proto(d.outcome), reason=d.reason)
-        return shardnode_pb2.PrepareResponse(vote=shardnode_pb2.TRADE_VOTE_REFUSED, reason=d.reason)
+        return shardnode_pb2.PrepareResponse(vote=shardnode_pb2.TRADE_VOTE_REFUSED, reason=d.reason,
+                                             refused_pending=d.pending)
 
     async def Prepare(self, request: shardnode_pb2.PrepareRequest, context: Ctx) -> shardnode_pb2.PrepareResponse:
         await self._check("Prepare", context)
@@ -439,6 +440,12 @@ async def test_a_refusal_aborts_with_its_reason_and_releases_the_other_escrow(
         assert again.abort_cause == shown.abort_cause == common_pb2.TRADE_ABORT_CAUSE_REFUSED
         missing = await c.trades.ExecuteTrade(request("t3", a, b, ("axe",), 0, (), 1))
         assert missing.outcome == ABORTED and "does not own item axe" in missing.reason
+        # The sword escrowed by another trade in flight: contended, not refused for its terms.
+        c.world.known[(c.shard(a), "other")] = p.Known(p.TradeState.PREPARED, Leg(
+            "other", a, Offer(("sword",), 0), Offer((), 0), "someone"))
+        held = await c.trades.ExecuteTrade(request("t3b", a, b, ("sword",), 0, (), 1))
+        assert (held.outcome, held.abort_cause) == (ABORTED, common_pb2.TRADE_ABORT_CAUSE_CONTENDED)
+        assert "held by another trade" in held.reason
 
 
 async def test_an_unavailable_participant_aborts_naming_its_shard(start_control_plane: StartControlPlane) -> None:

@@ -23,7 +23,8 @@ def test_trade_result_says_outcome_reason_and_kind() -> None:
     assert "ABORTED" in text and "player b has 3 gold available" in text and "cross-shard" in text
     assert "cause" not in text  # no cause given, none shown
     for cause, says in ((common_pb2.TRADE_ABORT_CAUSE_REFUSED, "refused: the terms"),
-                        (common_pb2.TRADE_ABORT_CAUSE_UNAVAILABLE, "a new trade id may commit")):
+                        (common_pb2.TRADE_ABORT_CAUSE_UNAVAILABLE, "a new trade id may commit"),
+                        (common_pb2.TRADE_ABORT_CAUSE_CONTENDED, "other trades not settled yet")):
         shown = ctl.render_trade_result(trade_pb2.ExecuteTradeResponse(
             trade_id="t1", outcome=common_pb2.TRADE_OUTCOME_ABORTED, reason="x", abort_cause=cause))
         assert says in shown, shown

@@ -16,7 +16,7 @@ import pytest
 from bluemarble.client import trades as trades_module
 from bluemarble.client.ring_router import RingRouter
 from bluemarble.client.routing import AssignmentCache, ClientClosed, RoutingClient
-from bluemarble.client.trades import TradeClient
+from bluemarble.client.trades import TradeClient, TradeResult
 from bluemarble.core import errors
 from bluemarble.core.ids import PlayerId
 from bluemarble.core.ring import initial_ring
@@ -281,6 +281,15 @@ async def test_an_aborted_answer_says_whether_the_terms_or_the_cluster_were_the_
     assert (unavailable.outcome, unavailable.abort_cause) == (Outcome.ABORTED, AbortCause.UNAVAILABLE)
     assert unavailable.worth_retrying and "shard unavailable" in unavailable.reason
     assert (shown.outcome, shown.abort_cause) == (Outcome.ABORTED, AbortCause.REFUSED)
+
+
+def test_only_a_refusal_of_the_terms_is_not_worth_retrying_under_a_new_id() -> None:
+    def result(outcome: Outcome, cause: AbortCause) -> TradeResult:
+        return TradeResult("t", outcome, "", True, 1, cause)
+
+    assert [result(Outcome.ABORTED, c).worth_retrying for c in AbortCause] == [
+        c in (AbortCause.UNAVAILABLE, AbortCause.CONTENDED) for c in AbortCause]
+    assert not result(Outcome.COMMITTED, AbortCause.UNKNOWN).worth_retrying
 
 
 async def test_aborted_status_is_retried_but_an_aborted_outcome_is_an_answer(start: Any) -> None:

@@ -125,15 +125,21 @@ def test_prepare_escrows_what_is_owned_and_available() -> None:
                           None).verdict is PrepareVerdict.ESCROW
 
 
-@pytest.mark.parametrize(("state", "reason"), [
-    (holdings(gold=100), "player p2 does not own item shield-2"),
-    (holdings("shield-2", gold=100, escrowed=("shield-2",)), "item shield-2 is held by another trade"),
-    (holdings("shield-2", gold=40), "player p2 has 40 gold available, the trade needs 100"),
-    (holdings("shield-2", gold=130, escrowed_gold=60), "player p2 has 70 gold available, the trade needs 100"),
+@pytest.mark.parametrize(("state", "reason", "pending"), [
+    (holdings(gold=100), "player p2 does not own item shield-2", False),
+    (holdings("shield-2", gold=100, escrowed=("shield-2",)), "item shield-2 is held by another trade", True),
+    (holdings("shield-2", gold=40), "player p2 has 40 gold available, the trade needs 100", False),
+    # Enough gold, but another trade holds some of it: pending (it may go once that one settles).
+    (holdings("shield-2", gold=130, escrowed_gold=60), "player p2 has 70 gold available, the trade needs 100", True),
+    (holdings("shield-2", gold=90, escrowed_gold=60), "player p2 has 30 gold available, the trade needs 100", False),
+    (Holdings(frozenset(), 100, known=False), "player p2 is unknown on its shard", False),
 ])
-def test_prepare_refuses_naming_the_item_or_the_amount(state: Holdings, reason: str) -> None:
+def test_prepare_refuses_naming_the_item_or_the_amount(state: Holdings, reason: str, pending: bool) -> None:
+    """A refusal says whether other trades not settled yet are its cause (pending) or the
+    terms themselves are."""
     decision = decide_prepare(SWORD.leg_b(), state, None)
-    assert (decision.verdict, decision.reason) == (PrepareVerdict.REFUSED, reason)
+    assert (decision.verdict, decision.pending) == (PrepareVerdict.REFUSED, pending)
+    assert decision.reason.startswith(reason)
 
 
 def test_prepare_refuses_to_receive_an_item_the_shard_still_stores() -> None:
@@ -141,14 +147,16 @@ def test_prepare_refuses_to_receive_an_item_the_shard_still_stores() -> None:
     # shard still stores it (escrowed) until its side applies: it cannot come back yet.
     leg = SWORD.leg_b()  # p2 receives sword-7
     own = decide_prepare(leg, holdings("shield-2", "sword-7", gold=100, escrowed=("sword-7",)), None)
-    assert (own.verdict, own.reason) == (
+    assert (own.verdict, own.reason, own.pending) == (
         PrepareVerdict.REFUSED, "player p2 already holds item sword-7; an item is held once "
-        "(if a trade is moving it away, retry once that trade settles)")
+        "(if a trade is moving it away, retry once that trade settles)", True)
+    kept = decide_prepare(leg, holdings("shield-2", "sword-7", gold=100), None)  # not on its way out
+    assert (kept.verdict, kept.pending) == (PrepareVerdict.REFUSED, False)
     other = Holdings(frozenset({"shield-2"}), 100, held_by_others=frozenset({"sword-7"}))
     refused = decide_prepare(leg, other, None)
-    assert (refused.verdict, refused.reason) == (
+    assert (refused.verdict, refused.reason, refused.pending) == (
         PrepareVerdict.REFUSED, "item sword-7 is still stored for another player; a trade moving it away has not "
-        "settled yet")
+        "settled yet", True)
     local = decide_local_trade(SWORD, holdings("sword-7"), holdings("shield-2", "sword-7", gold=100), None)
     assert local.outcome is ABORTED and "already holds item sword-7" in local.reason
 
@@ -156,7 +164,11 @@ def test_prepare_refuses_to_receive_an_item_the_shard_still_stores() -> None:
 def test_prepare_refuses_gold_beyond_the_maximum_a_player_may_hold() -> None:
     leg = SWORD.leg_a()  # p1 receives 100 gold
     decision = decide_prepare(leg, holdings("sword-7", gold=MAX_GOLD - 50), None)
-    assert decision.verdict is PrepareVerdict.REFUSED and "more than" in decision.reason
+    assert decision.verdict is PrepareVerdict.REFUSED and "more than" in decision.reason and not decision.pending
+    incoming = Holdings(frozenset({"sword-7"}), MAX_GOLD - 150, incoming_gold=100)  # fits without the other trade
+    decision = decide_prepare(leg, incoming, None)
+    assert decision.verdict is PrepareVerdict.REFUSED and "pending trades arrives" in decision.reason
+    assert decision.pending
 
 
 def test_prepare_is_idempotent_and_answers_applied_outcomes() -> None:
@@ -267,7 +279,8 @@ def test_local_trade_refusals_name_the_first_problem() -> None:
     assert b_poor.reason == "player p2 has 99 gold available, the trade needs 100"
     escrowed = decide_local_trade(SWORD, holdings("sword-7", escrowed=("sword-7",)), holdings("shield-2", gold=100),
                                   None)
-    assert escrowed.reason == "item sword-7 is held by another trade"
+    assert (escrowed.reason, escrowed.pending) == ("item sword-7 is held by another trade", True)
+    assert not a_missing.pending and not b_poor.pending
 
 
 def test_local_trade_retry_returns_the_recorded_answer() -> None:
@@ -292,6 +305,11 @@ P, R = PrepareReply.prepared(), PrepareReply.refused("player p2 does not own ite
     # A refusal says more than an unavailable side (the same terms would fail again).
     (PrepareReply.unavailable("connection refused"), R, ABORTED, "player p2 does not own item shield-2",
      AbortCause.REFUSED),
+    # Held by another trade not settled yet: contended; a refusal of the terms says more.
+    (PrepareReply.refused("item sword-7 is held by another trade", pending=True), P, ABORTED,
+     "item sword-7 is held by another trade", AbortCause.CONTENDED),
+    (PrepareReply.refused("item sword-7 is held by another trade", pending=True), R, ABORTED,
+     "player p2 does not own item shield-2", AbortCause.REFUSED),
     (PrepareReply.decided(ABORTED, "earlier"), P, ABORTED, "earlier", AbortCause.UNKNOWN),
     # A side that applied COMMITTED proves the decision, whatever the other answers.
     (None, PrepareReply.decided(COMMITTED), COMMITTED, "", AbortCause.UNKNOWN),

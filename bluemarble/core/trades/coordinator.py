@@ -56,14 +56,16 @@ class PrepareReply:
     reason: str = ""
     outcome: Outcome | None = None
     earlier: bool = False
+    pending: bool = False
+    """REFUSED because of other trades not settled yet (participant.refusal)."""
 
     @staticmethod
     def prepared(earlier: bool = False) -> PrepareReply:
         return PrepareReply(ReplyKind.PREPARED, earlier=earlier)
 
     @staticmethod
-    def refused(reason: str) -> PrepareReply:
-        return PrepareReply(ReplyKind.REFUSED, reason)
+    def refused(reason: str, pending: bool = False) -> PrepareReply:
+        return PrepareReply(ReplyKind.REFUSED, reason, pending=pending)
 
     @staticmethod
     def decided(outcome: Outcome, reason: str = "") -> PrepareReply:
@@ -167,9 +169,10 @@ def propose(
     if not any(r is not None and r.never_committed for r in (a, b)):
         return None
     answered = [(side, r) for side, r in ((Side.A, a), (Side.B, b)) if r is not None and not r.votes_commit]
-    # A refusal first: it names the item or the amount, and says the same terms would fail
-    # again (a caller retrying after "unavailable" would only meet it then).
-    answered.sort(key=lambda answer: answer[1].kind is not ReplyKind.REFUSED)
+    # A refusal of the terms first: it names the item or the amount, and says the same
+    # terms would fail again (a caller retrying after "unavailable" would only meet it);
+    # then one because of other trades not settled yet.
+    answered.sort(key=lambda answer: (answer[1].kind is not ReplyKind.REFUSED, answer[1].pending))
     side, reply = answered[0] if answered else ((Side.A, a) if a is None else (Side.B, b))
     return Decision(trade_id, Outcome.ABORTED, _abort_reason(side, reply), decided_by, players, _cause(reply))
 
@@ -177,7 +180,9 @@ def propose(
 def _cause(reply: PrepareReply | None) -> AbortCause:
     if reply is None or reply.kind is ReplyKind.UNAVAILABLE:
         return AbortCause.UNAVAILABLE
-    return AbortCause.REFUSED if reply.kind is ReplyKind.REFUSED else AbortCause.UNKNOWN
+    if reply.kind is ReplyKind.REFUSED:
+        return AbortCause.CONTENDED if reply.pending else AbortCause.REFUSED
+    return AbortCause.UNKNOWN
 
 
 class Phase(enum.Enum):

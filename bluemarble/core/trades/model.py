@@ -48,6 +48,10 @@ class AbortCause(enum.Enum):
     UNAVAILABLE = "unavailable"
     """A side could not take part in time (a shard failing over or unreachable, etcd slow,
     an escrow past its deadline): the same exchange under a new trade id may commit."""
+    CONTENDED = "contended"
+    """A side refused because of other trades not settled yet (an item or gold they hold
+    in escrow, or would bring): the same exchange under a new trade id may commit once
+    they settle (or may then be refused, if they moved the item away)."""
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,8 @@ class PrepareDecision:
     outcome: Outcome | None = None
     """The applied outcome, for DECIDED only."""
     reason: str = ""
+    pending: bool = False
+    """REFUSED because of other trades not settled yet (:func:`refusal`)."""
 
 
 REUSED_TRADE_ID = "trade id reused with different terms"
@@ -124,7 +126,16 @@ SETTLE_CONTRADICTS = "a decision never changes"
 
 
 def check_leg(leg: Leg, holdings: Holdings) -> str:
-    """Why ``holdings`` cannot escrow ``leg``'s gives ("" when it can).
+    """Why ``holdings`` cannot escrow ``leg``'s gives ("" when it can): :func:`refusal`'s
+    reason."""
+    return refusal(leg, holdings)[0]
+
+
+def refusal(leg: Leg, holdings: Holdings) -> tuple[str, bool]:
+    """Why ``holdings`` cannot escrow ``leg``'s gives ("" when it can), and whether the
+    refusal comes of other trades not settled yet (*pending*: an item or gold they hold
+    in escrow, or what they would bring): the same exchange may go through once they
+    settle, unlike a refusal of the terms themselves.
 
     The player must be known to the shard (``Holdings.known``). Every given item must be
     the player's and not escrowed (by any trade: a trade id that
@@ -143,32 +154,35 @@ def check_leg(leg: Leg, holdings: Holdings) -> str:
     (the simulation found this, seed 7903 of the first 100,000-seed run).
     """
     if not holdings.known:
-        return f"player {leg.player} is unknown on its shard (never granted anything); check the player id"
+        return f"player {leg.player} is unknown on its shard (never granted anything); check the player id", False
     for item in leg.gives.item_ids:
         if item not in holdings.items:
-            return f"player {leg.player} does not own item {item}"
+            return f"player {leg.player} does not own item {item}", False
         if item in holdings.escrowed_items:
-            return f"item {item} is held by another trade"
+            return f"item {item} is held by another trade", True
     for item in leg.receives.item_ids:
         if item in holdings.items:
             return (f"player {leg.player} already holds item {item}; an item is held once "
-                    "(if a trade is moving it away, retry once that trade settles)")
+                    "(if a trade is moving it away, retry once that trade settles)"), item in holdings.escrowed_items
         if item in holdings.held_by_others:
-            return f"item {item} is still stored for another player; a trade moving it away has not settled yet"
+            return f"item {item} is still stored for another player; a trade moving it away has not settled yet", True
     available = holdings.available_gold
     if leg.gives.gold > available:
-        return f"player {leg.player} has {available} gold available, the trade needs {leg.gives.gold}"
+        return (f"player {leg.player} has {available} gold available, the trade needs {leg.gives.gold}",
+                leg.gives.gold <= holdings.gold)  # enough, but some of it is escrowed
     # This leg's items leave as its received ones arrive (one commit applies both), so
     # only what it adds on balance counts; other pending trades count what they bring.
     adds = max(0, len(leg.receives.item_ids) - len(leg.gives.item_ids))
     if len(holdings.items) + holdings.incoming_items + adds > MAX_ITEMS_PER_PLAYER:
         return (f"player {leg.player} would hold more than {MAX_ITEMS_PER_PLAYER} items "
-                f"(holds {len(holdings.items)}, {holdings.incoming_items} more on their way)")
+                f"(holds {len(holdings.items)}, {holdings.incoming_items} more on their way)",
+                len(holdings.items) + adds <= MAX_ITEMS_PER_PLAYER)
     if holdings.gold + holdings.incoming_gold - leg.gives.gold + leg.receives.gold > MAX_GOLD:
         incoming = holdings.incoming_gold
         pending = f" once the {incoming} gold of its pending trades arrives" if incoming else ""
-        return f"player {leg.player} would hold more than {MAX_GOLD} gold{pending}"
-    return ""
+        return (f"player {leg.player} would hold more than {MAX_GOLD} gold{pending}",
+                holdings.gold - leg.gives.gold + leg.receives.gold <= MAX_GOLD)
+    return "", False
 
 
 def decide_prepare(leg: Leg, holdings: Holdings, known: Known | None) -> PrepareDecision:
@@ -178,7 +192,8 @@ def decide_prepare(leg: Leg, holdings: Holdings, known: Known | None) -> Prepare
     - record with a leg whose terms differ: CONFLICT (``REUSED_TRADE_ID``);
     - COMMITTED/ABORTED: DECIDED with that outcome (its reason);
     - PREPARED (same terms): PREPARED;
-    - no record: REFUSED with :func:`check_leg`'s reason, else ESCROW.
+    - no record: REFUSED with :func:`refusal`'s reason (and whether it is pending), else
+      ESCROW.
 
     Raises nothing. The driver persists only on ESCROW.
     """
@@ -189,9 +204,9 @@ def decide_prepare(leg: Leg, holdings: Holdings, known: Known | None) -> Prepare
         if outcome is not None:
             return PrepareDecision(PrepareVerdict.DECIDED, outcome, known.reason)
         return PrepareDecision(PrepareVerdict.PREPARED)
-    reason = check_leg(leg, holdings)
+    reason, pending = refusal(leg, holdings)
     if reason:
-        return PrepareDecision(PrepareVerdict.REFUSED, None, reason)
+        return PrepareDecision(PrepareVerdict.REFUSED, None, reason, pending)
     return PrepareDecision(PrepareVerdict.ESCROW)
 
 
@@ -275,6 +290,8 @@ class LocalTradeDecision:
 
     outcome: Outcome
     reason: str
+    pending: bool = False
+    """ABORTED because of other trades not settled yet (:func:`refusal`)."""
 
 
 def decide_local_trade(
@@ -282,14 +299,16 @@ def decide_local_trade(
 ) -> LocalTradeDecision:
     """The outcome of a trade whose players live on the same shard, decided in one local
     transaction: the recorded ``(outcome, reason)`` for a retried trade id; else ABORTED
-    with the first refusal (A's leg checked first) of :func:`check_leg`, else COMMITTED.
+    with the first refusal (A's leg checked first) of :func:`refusal`, else COMMITTED.
 
     ``trade`` must have passed :func:`~bluemarble.core.trades.model.validate_trade`;
     escrowed items and gold (of cross-shard trades in progress) are not available.
     """
     if known_outcome is not None:
         return LocalTradeDecision(*known_outcome)
-    reason = check_leg(trade.leg_a(), a) or check_leg(trade.leg_b(), b)
+    reason, pending = refusal(trade.leg_a(), a)
+    if not reason:
+        reason, pending = refusal(trade.leg_b(), b)
     if reason:
-        return LocalTradeDecision(Outcome.ABORTED, reason)
+        return LocalTradeDecision(Outcome.ABORTED, reason, pending)
     return LocalTradeDecision(Outcome.COMMITTED, "")
