@@ -382,6 +382,7 @@ class DataPlane:
         return (
             state.role is None
             and (state.synced or state.last.lsn > 0)
+            and not state.snapshotting
             and state.shard_id not in self._storage.reclaiming()
             and agent.assignments_synced.is_set()
             and agent.session_state is SessionState.CONNECTED
