@@ -1203,8 +1203,7 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
                                 if s.state == shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED
                                 else common_pb2.TRADE_OUTCOME_ABORTED)
             response.reason = s.reason
-            if response.outcome == common_pb2.TRADE_OUTCOME_ABORTED and not s.cross_shard:
-                response.abort_cause = common_pb2.TRADE_ABORT_CAUSE_REFUSED  # a same-shard trade's only way
+            # (No abort_cause: a node keeps a same-shard trade's reason, not its cause.)
             response.decided_by = participant_name(s.shard_id)
             response.state = trade_pb2.TRADE_STATE_DONE
         else:

@@ -418,7 +418,8 @@ async def test_same_shard_trade_is_one_local_transaction_without_a_record(
         refused = await c.trades.ExecuteTrade(request("local-2", a, b, ("gem",), 0, (), 1))  # a gave the gem
         assert (refused.outcome, refused.abort_cause) == (ABORTED, common_pb2.TRADE_ABORT_CAUSE_REFUSED)
         shown = await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="local-2", player_id=a))
-        assert (shown.outcome, shown.abort_cause) == (ABORTED, common_pb2.TRADE_ABORT_CAUSE_REFUSED)
+        assert (shown.outcome, shown.reason) == (ABORTED, refused.reason)
+        assert shown.abort_cause == common_pb2.TRADE_ABORT_CAUSE_UNSPECIFIED  # the node keeps the reason only
 
 
 async def test_a_refusal_aborts_with_its_reason_and_releases_the_other_escrow(
