@@ -198,7 +198,8 @@ async def trade_and_show(control_plane: Sequence[str], players: int, trades: int
         shown = [r for r in results if r[1] != "refused"][:6] + [r for r in results if r[1] == "refused"][:2]
         for trade_id, _, result, took_ms, terms in shown:
             where = "cross-shard" if result.cross_shard else "same-shard"
-            reason = f" ({result.reason})" if result.reason else ""
+            cause = f"{result.abort_cause.value}: " if not result.committed else ""
+            reason = f" ({cause}{result.reason})" if result.reason else ""
             say(f"  {trade_id} {where:<11} {result.outcome.name:<9} {took_ms:6.1f} ms  {terms}{reason}")
         latencies = sorted(r[3] for r in results)
         say(f"{len(results)} trades in {took_s:.2f} s ({len(results) / max(took_s, 1e-9):.0f} trades/s), "
