@@ -299,63 +299,43 @@ class NodeRegistry:
         The leader then moves its primaries away, then its replicas; the node deregisters
         itself once it holds nothing (it learns it is draining from heartbeats).
         """
-        node = validation.node_id(node_id)
-        return await retry.call(
-            lambda: self._drain_once(node),
-            what=f"drain of {node}",
-            policy=_CAS_POLICY,
-            clock=self._clock,
-            retry_if=lambda e: isinstance(e, Aborted),
-        )
-
-    async def _drain_once(self, node: NodeId) -> common_pb2.Node:
-        record = await self._record(node)
-        if record is None:
-            raise NotFound(f"node {node} is not registered; there is nothing to drain (a drained node leaves once "
-                           "its roles have moved: a drain that finished ends like this)")
-        message = codec.decode(record.value, common_pb2.Node, record.key)
-        if message.state == common_pb2.NODE_STATE_DRAINING:
-            return message
-        message.state = common_pb2.NODE_STATE_DRAINING
-        result = await self._store.txn(
-            [Compare.mod_revision(record.key, record.mod_revision)],
-            [Put(record.key, codec.encode(message), lease=record.lease)],
-        )
-        if not result.succeeded:
-            raise Aborted(f"node {node} changed while marking it draining; retry")
-        self._rewritten(node, record.lease, result.revision)
-        log.info("node draining", node_id=node)
-        return message
+        return await self._set_state(
+            node_id, common_pb2.NODE_STATE_DRAINING, "node draining",
+            "there is nothing to drain (a drained node leaves once its roles have moved: a drain that finished ends "
+            "like this)")
 
     async def undrain(self, node_id: str) -> common_pb2.Node:
         """Marks a DRAINING node ACTIVE again (idempotent): placement gives it roles back."""
-        node = validation.node_id(node_id)
-        return await retry.call(
-            lambda: self._set_state(node, common_pb2.NODE_STATE_ACTIVE),
-            what=f"undrain of {node}",
-            policy=_CAS_POLICY,
-            clock=self._clock,
-            retry_if=lambda e: isinstance(e, Aborted),
-        )
+        return await self._set_state(
+            node_id, common_pb2.NODE_STATE_ACTIVE, "node undrained: it takes roles again",
+            "a drain that finished ends with the node gone: start it again to give it roles")
 
-    async def _set_state(self, node: NodeId, state: common_pb2.NodeState) -> common_pb2.Node:
-        record = await self._record(node)
-        if record is None:
-            raise NotFound(f"node {node} is not registered; a drain that finished ends with the node gone: start it "
-                           "again to give it roles")
-        message = codec.decode(record.value, common_pb2.Node, record.key)
-        if message.state == state:
+    async def _set_state(self, node_id: str, state: common_pb2.NodeState, event: str, missing: str
+                         ) -> common_pb2.Node:
+        """Sets the node record's state (idempotent), with its lease, by a guarded write
+        retried on a lost race; NotFound saying ``missing`` for a node not registered."""
+        node = validation.node_id(node_id)
+
+        async def once() -> common_pb2.Node:
+            record = await self._record(node)
+            if record is None:
+                raise NotFound(f"node {node} is not registered; {missing}")
+            message = codec.decode(record.value, common_pb2.Node, record.key)
+            if message.state == state:
+                return message
+            message.state = state
+            result = await self._store.txn(
+                [Compare.mod_revision(record.key, record.mod_revision)],
+                [Put(record.key, codec.encode(message), lease=record.lease)],
+            )
+            if not result.succeeded:
+                raise Aborted(f"node {node} changed while marking it {common_pb2.NodeState.Name(state)}; retry")
+            self._rewritten(node, record.lease, result.revision)
+            log.info(event, node_id=node)
             return message
-        message.state = state
-        result = await self._store.txn(
-            [Compare.mod_revision(record.key, record.mod_revision)],
-            [Put(record.key, codec.encode(message), lease=record.lease)],
-        )
-        if not result.succeeded:
-            raise Aborted(f"node {node} changed while marking it {common_pb2.NodeState.Name(state)}; retry")
-        self._rewritten(node, record.lease, result.revision)
-        log.info("node undrained: it takes roles again", node_id=node)
-        return message
+
+        return await retry.call(once, what=f"{event} ({node})", policy=_CAS_POLICY, clock=self._clock,
+                                retry_if=lambda e: isinstance(e, Aborted))
 
     async def set_trouble(self, node: NodeId, lease_id: int, trouble: str, since_ms: int) -> None:
         """Records in ``node``'s registration (under ``lease_id`` only) what its heartbeat
