@@ -670,7 +670,9 @@ async def run(args: argparse.Namespace) -> int:
             response = await client.call(
                 lambda s: s.UndrainNode, controlplane_pb2.UndrainNodeRequest(node_id=args.node)
             )
-            text = f"{args.node} is active again: placement gives it roles back"
+            text = (f"{args.node} is active again: placement gives it roles back (a node stopping on SIGTERM "
+                    "drains itself again at its next heartbeat)" if response.was_draining  # type: ignore[attr-defined]
+                    else f"{args.node} was not draining: nothing changed")
         elif args.command == "promote":
             request = controlplane_pb2.ForcePromoteRequest(
                 shard_id=args.shard, node_id=args.node, accept_data_loss=args.accept_data_loss

@@ -135,7 +135,8 @@ def node_id(value: str, field: str = "node_id") -> NodeId:
             f"{field} {echo(value)} contains {echo(bad, 20)}; use letters, digits, '-', '_' or '.'"
         )
     if value in (".", ".."):
-        raise InvalidArgument(f"{field} {echo(value)} is a path step; use letters, digits, '-', '_' or '.'")
+        raise InvalidArgument(
+            f"{field} {echo(value)} is a path step ('.' or '..' alone); add a letter or a digit")
     return NodeId(value)
 
 

@@ -236,10 +236,12 @@ class UndrainNodeRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ...) -> None: ...
 
 class UndrainNodeResponse(_message.Message):
-    __slots__ = ("node",)
+    __slots__ = ("node", "was_draining")
     NODE_FIELD_NUMBER: _ClassVar[int]
+    WAS_DRAINING_FIELD_NUMBER: _ClassVar[int]
     node: _common_pb2.Node
-    def __init__(self, node: _Optional[_Union[_common_pb2.Node, _Mapping]] = ...) -> None: ...
+    was_draining: bool
+    def __init__(self, node: _Optional[_Union[_common_pb2.Node, _Mapping]] = ..., was_draining: _Optional[bool] = ...) -> None: ...
 
 class ForcePromoteRequest(_message.Message):
     __slots__ = ("shard_id", "node_id", "accept_data_loss")

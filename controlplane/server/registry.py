@@ -299,30 +299,33 @@ class NodeRegistry:
         The leader then moves its primaries away, then its replicas; the node deregisters
         itself once it holds nothing (it learns it is draining from heartbeats).
         """
-        return await self._set_state(
+        node, _ = await self._set_state(
             node_id, common_pb2.NODE_STATE_DRAINING, "node draining",
             "there is nothing to drain (a drained node leaves once its roles have moved: a drain that finished ends "
             "like this)")
+        return node
 
-    async def undrain(self, node_id: str) -> common_pb2.Node:
-        """Marks a DRAINING node ACTIVE again (idempotent): placement gives it roles back."""
+    async def undrain(self, node_id: str) -> tuple[common_pb2.Node, bool]:
+        """Marks a DRAINING node ACTIVE again (idempotent): placement gives it roles back.
+        Returns the record and whether it was draining."""
         return await self._set_state(
             node_id, common_pb2.NODE_STATE_ACTIVE, "node undrained: it takes roles again",
             "a drain that finished ends with the node gone: start it again to give it roles")
 
     async def _set_state(self, node_id: str, state: common_pb2.NodeState, event: str, missing: str
-                         ) -> common_pb2.Node:
+                         ) -> tuple[common_pb2.Node, bool]:
         """Sets the node record's state (idempotent), with its lease, by a guarded write
-        retried on a lost race; NotFound saying ``missing`` for a node not registered."""
+        retried on a lost race; NotFound saying ``missing`` for a node not registered.
+        Returns the record and whether this call changed it."""
         node = validation.node_id(node_id)
 
-        async def once() -> common_pb2.Node:
+        async def once() -> tuple[common_pb2.Node, bool]:
             record = await self._record(node)
             if record is None:
                 raise NotFound(f"node {node} is not registered; {missing}")
             message = codec.decode(record.value, common_pb2.Node, record.key)
             if message.state == state:
-                return message
+                return message, False
             message.state = state
             result = await self._store.txn(
                 [Compare.mod_revision(record.key, record.mod_revision)],
@@ -332,7 +335,7 @@ class NodeRegistry:
                 raise Aborted(f"node {node} changed while marking it {common_pb2.NodeState.Name(state)}; retry")
             self._rewritten(node, record.lease, result.revision)
             log.info(event, node_id=node)
-            return message
+            return message, True
 
         return await retry.call(once, what=f"{event} ({node})", policy=_CAS_POLICY, clock=self._clock,
                                 retry_if=lambda e: isinstance(e, Aborted))

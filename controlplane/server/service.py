@@ -402,8 +402,8 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         self, request: controlplane_pb2.UndrainNodeRequest, context: Ctx
     ) -> controlplane_pb2.UndrainNodeResponse:
         await self._d.auth.admin(context, "UndrainNode")
-        node = await self._d.registry.undrain(request.node_id)
-        return controlplane_pb2.UndrainNodeResponse(node=node)
+        node, was_draining = await self._d.registry.undrain(request.node_id)
+        return controlplane_pb2.UndrainNodeResponse(node=node, was_draining=was_draining)
 
     async def _copy_holders(self, node: NodeId) -> tuple[list[common_pb2.Node], int, int]:
         """The registered nodes, how many besides ``node`` are not draining (could hold

@@ -238,6 +238,7 @@ class TestBadInput:
             (lambda s: s.DrainNode(pb.DrainNodeRequest(node_id="")), grpc.StatusCode.INVALID_ARGUMENT),
             (lambda s: s.UndrainNode(pb.UndrainNodeRequest(node_id="ghost")), grpc.StatusCode.NOT_FOUND),
             (lambda s: s.UndrainNode(pb.UndrainNodeRequest(node_id="a/b")), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda s: s.UndrainNode(pb.UndrainNodeRequest(node_id="..")), grpc.StatusCode.INVALID_ARGUMENT),
         ],
     )
     async def test_bad_placement_requests(self, stub: Stub, call, code: grpc.StatusCode) -> None:  # type: ignore[no-untyped-def]
@@ -266,9 +267,10 @@ class TestBadInput:
         await stub.DrainNode(pb.DrainNodeRequest(node_id="n4"))
         got, _ = await status_of(stub.DrainNode(pb.DrainNodeRequest(node_id="n3")))
         assert got == grpc.StatusCode.FAILED_PRECONDITION  # n4 draining: 2 left for 3 copies
-        for _ in range(2):  # idempotent
+        for was_draining in (True, False):  # idempotent; the second says nothing changed
             undrained = await stub.UndrainNode(pb.UndrainNodeRequest(node_id="n4"))
             assert undrained.node.state == common_pb2.NODE_STATE_ACTIVE and undrained.node.node_id == "n4"
+            assert undrained.was_draining is was_draining
         states = {n.node_id: n.state for n in (await stub.ListNodes(pb.ListNodesRequest())).nodes}
         assert states == dict.fromkeys(("n1", "n2", "n3", "n4"), common_pb2.NODE_STATE_ACTIVE)
         drained = await stub.DrainNode(pb.DrainNodeRequest(node_id="n3"))  # n4 counts again
