@@ -251,7 +251,9 @@ class ShardNodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetSnapshot(self, request, context):
-        """A replica bootstraps a shard from a snapshot of the primary, then the log tail.
+        """A replica bootstraps a shard from a snapshot, then the log tail. Any node holding a copy
+        serves it (the primary, usually; a replica during a handover), at the asked epoch or a
+        newer one; FAILED_PRECONDITION when it holds no copy, or only an older epoch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -151,6 +151,14 @@ def _some(shards: Sequence[str], shown: int = 5) -> str:
     return ", ".join(shards[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
+def _silent_note(silent: Sequence[str]) -> str:
+    """The clause naming registered nodes a drain did not count because they hold no role
+    and do not answer ("" when there are none)."""
+    if not silent:
+        return ""
+    return f" ({_some(silent)} registered but not answering, so given no copies)"
+
+
 MAX_TROUBLE_BYTES = 512
 MAX_TROUBLE_WARNINGS = 8
 """Nodes whose trouble GetClusterStatus words as a warning, at most (by node id)."""
@@ -339,10 +347,10 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         draining could hold the copies: asked again at each of its heartbeats, so a node
         whose drain can no longer finish (the rest of the cluster stopping too) is let go.
         Heartbeats are the node's own calls: no admin token is needed."""
-        _, others, factor = await self._copy_holders(node)
-        if others < factor:
+        _, able, silent, factor = await self._copy_holders(node)
+        if len(able) < factor:
             log.info("leaving node not drained: too few other nodes for its copies; it leaves at once",
-                     node_id=node, other_nodes=others, replication_factor=factor)
+                     node_id=node, other_nodes=len(able), not_answering=silent[:8], replication_factor=factor)
             return False
         await self._d.registry.drain(node)  # idempotent; logs "node draining"
         return True
@@ -405,27 +413,38 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         node, was_draining = await self._d.registry.undrain(request.node_id)
         return controlplane_pb2.UndrainNodeResponse(node=node, was_draining=was_draining)
 
-    async def _copy_holders(self, node: NodeId) -> tuple[list[common_pb2.Node], int, int]:
-        """The registered nodes, how many besides ``node`` are not draining (could hold
-        copies), and the replication factor; read from etcd, not the mirrors."""
+    async def _copy_holders(self, node: NodeId) -> tuple[list[common_pb2.Node], list[str], list[str], int]:
+        """The registered nodes (read from etcd, not the mirrors), the nodes besides
+        ``node`` that could hold copies, the ones left out because they do not answer, and
+        the replication factor. A node counts as placement counts it: not draining, and
+        holding a role already or answering a probe now (a registration at an address
+        nobody reaches gets no role, so it cannot take the copies a drain moves)."""
         config, _ = await self._d.config.get()
         nodes, _ = await self._d.registry.list_nodes()
-        others = sum(1 for n in nodes if n.state != common_pb2.NODE_STATE_DRAINING and n.node_id != node)
-        return nodes, others, config.replication_factor
+        others = {n.node_id: n.address for n in nodes if n.state != common_pb2.NODE_STATE_DRAINING}
+        others.pop(node, None)
+        holding = {member for a in self._d.assignments.entries.values() for member in (a.primary, *a.replicas)}
+        unproven = {NodeId(n): address for n, address in others.items() if n not in holding}
+        answered: set[NodeId] = set()
+        if unproven and self._d.probe is not None:
+            answered = await self._d.probe.reachable(unproven)
+        silent: list[str] = sorted(n for n in unproven if n not in answered) if self._d.probe is not None else []
+        able = sorted(n for n in others if n not in silent)
+        return nodes, able, silent, config.replication_factor
 
     async def _check_drain_keeps_copies(self, node: NodeId) -> None:
         """Refuses (FailedPrecondition) a drain that would leave fewer nodes able to hold
         copies than replication_factor: every shard of the node would lose a copy for good
         (one drained after another, a cluster ends with single copies). Reads etcd, not the
         mirrors, so two drains sent back to back both count."""
-        nodes, remaining, factor = await self._copy_holders(node)
+        nodes, able, silent, factor = await self._copy_holders(node)
         target = next((n for n in nodes if n.node_id == node), None)
         if target is None or target.state == common_pb2.NODE_STATE_DRAINING:
             return  # NotFound, or already draining (idempotent): the registry answers
-        if remaining < factor:
+        if len(able) < factor:
             raise FailedPrecondition(
-                f"draining {node} would leave {remaining} node(s) for a replication factor of "
-                f"{factor}: its shards would lose copies. Add a node or lower "
+                f"draining {node} would leave {len(able)} node(s) for a replication factor of "
+                f"{factor}{_silent_note(silent)}: its shards would lose copies. Add a node or lower "
                 "replication_factor first, or drain with force (bluemarblectl drain --force)"
             )
 

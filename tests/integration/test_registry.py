@@ -15,7 +15,8 @@ import structlog
 from bluemarble.v1 import common_pb2, controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
 from bluemarble.v1 import controlplane_pb2 as pb
 from controlplane.server.app import ControlPlaneApp
-from tests.conftest import StartControlPlane
+from scripts.localcluster import free_port
+from tests.conftest import ServeFakeNode, StartControlPlane
 
 pytestmark = pytest.mark.integration
 Stub = controlplane_pb2_grpc.ControlPlaneStub
@@ -23,6 +24,13 @@ Stub = controlplane_pb2_grpc.ControlPlaneStub
 
 def register_request(node_id: str = "n1", port: int = 7101, **kw: object) -> pb.RegisterNodeRequest:
     return pb.RegisterNodeRequest(node_id=node_id, address=f"127.0.0.1:{port}", zone="z1", **kw)  # type: ignore[arg-type]
+
+
+async def register_answering_nodes(stub: Stub, serve_fake_node: ServeFakeNode, count: int) -> None:
+    """Registers n1..n``count``, each at a fake node that answers the control plane's probe."""
+    for i in range(1, count + 1):
+        _, server = await serve_fake_node(f"n{i}")
+        await stub.RegisterNode(register_request(f"n{i}", server.port))
 
 
 async def node_ids(stub: Stub) -> list[str]:
@@ -246,11 +254,12 @@ class TestBadInput:
         assert got == code
         assert details
 
-    async def test_a_drain_that_would_cost_shards_copies_needs_force(self, stub: Stub) -> None:
+    async def test_a_drain_that_would_cost_shards_copies_needs_force(
+        self, stub: Stub, serve_fake_node: ServeFakeNode
+    ) -> None:
         """Replication factor 3 (the fixture's): with 4 nodes one may drain; the next would
         leave 2 nodes for 3 copies and is refused, unless forced."""
-        for i in range(1, 5):
-            await stub.RegisterNode(register_request(f"n{i}", 7100 + i))
+        await register_answering_nodes(stub, serve_fake_node, 4)
         await stub.DrainNode(pb.DrainNodeRequest(node_id="n4"))
         await stub.DrainNode(pb.DrainNodeRequest(node_id="n4"))  # already draining: idempotent
         got, details = await status_of(stub.DrainNode(pb.DrainNodeRequest(node_id="n3")))
@@ -261,9 +270,10 @@ class TestBadInput:
         drained = await stub.DrainNode(pb.DrainNodeRequest(node_id="n3", force=True))
         assert drained.node.state == common_pb2.NODE_STATE_DRAINING
 
-    async def test_an_undrained_node_is_active_again_and_counts_for_the_next_drain(self, stub: Stub) -> None:
-        for i in range(1, 5):
-            await stub.RegisterNode(register_request(f"n{i}", 7100 + i))
+    async def test_an_undrained_node_is_active_again_and_counts_for_the_next_drain(
+        self, stub: Stub, serve_fake_node: ServeFakeNode
+    ) -> None:
+        await register_answering_nodes(stub, serve_fake_node, 4)
         await stub.DrainNode(pb.DrainNodeRequest(node_id="n4"))
         got, _ = await status_of(stub.DrainNode(pb.DrainNodeRequest(node_id="n3")))
         assert got == grpc.StatusCode.FAILED_PRECONDITION  # n4 draining: 2 left for 3 copies
@@ -277,6 +287,27 @@ class TestBadInput:
         assert drained.node.state == common_pb2.NODE_STATE_DRAINING
         got, details = await status_of(stub.UndrainNode(pb.UndrainNodeRequest(node_id="n9")))
         assert got == grpc.StatusCode.NOT_FOUND and "start it again" in details
+
+    async def test_a_registered_node_that_does_not_answer_cannot_take_a_drains_copies(
+        self, stub: Stub, serve_fake_node: ServeFakeNode
+    ) -> None:
+        """Placement gives no role to a registration nobody reaches, so the drain check does
+        not count it either: 3 answering nodes and a silent one, replication factor 3, is
+        no room for a drain. Once the silent one answers, the drain goes through."""
+        await register_answering_nodes(stub, serve_fake_node, 3)
+        port = free_port()
+        ghost = await stub.RegisterNode(register_request("ghost", port))
+        got, details = await status_of(stub.DrainNode(pb.DrainNodeRequest(node_id="n3")))
+        assert got == grpc.StatusCode.FAILED_PRECONDITION, details
+        assert "would leave 2 node(s) for a replication factor of 3" in details, details
+        assert "ghost registered but not answering" in details, details
+        states = {n.node_id: n.state for n in (await stub.ListNodes(pb.ListNodesRequest())).nodes}
+        assert states["n3"] == common_pb2.NODE_STATE_ACTIVE  # refused: nothing changed
+        _, server = await serve_fake_node("ghost")  # it comes back at an address that answers
+        await stub.DeregisterNode(pb.DeregisterNodeRequest(node_id="ghost", lease_id=ghost.lease_id))
+        await stub.RegisterNode(register_request("ghost", server.port))
+        drained = await stub.DrainNode(pb.DrainNodeRequest(node_id="n3"))
+        assert drained.node.state == common_pb2.NODE_STATE_DRAINING
 
     async def test_bad_watch_request_is_invalid_argument(self, stub: Stub) -> None:
         call = stub.WatchAssignments(pb.WatchAssignmentsRequest(node_id="a/b"))
