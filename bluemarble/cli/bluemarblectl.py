@@ -678,9 +678,10 @@ async def run(args: argparse.Namespace) -> int:
                 shard_id=args.shard, node_id=args.node, accept_data_loss=args.accept_data_loss
             )
             # The control plane answers once the leader has acted (its default timeout is
-            # longer than a read's); one attempt: a retry would only wait again.
+            # longer than a read's). Retried within --timeout-s on a replica not reachable
+            # or stopping; a retry after the leader acted finds the node primary already.
             response = await client.call(
-                lambda s: s.ForcePromote, request, timeout_s=args.timeout_s, attempts=1, deadline_s=args.timeout_s)
+                lambda s: s.ForcePromote, request, timeout_s=args.timeout_s, deadline_s=args.timeout_s)
             a = response.assignment  # type: ignore[attr-defined]
             text = f"{a.shard_id}: primary {a.primary} at epoch {a.epoch}"
             if response.already_primary:  # type: ignore[attr-defined]
@@ -891,7 +892,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              ("take", "take items and gold away from a player", "gold to remove (0..2^53)")):
         write = sub.add_parser(name, help=f"{what} (idempotent by request id)")
         write.add_argument("player")
-        write.add_argument("items", nargs="*", metavar="ITEM")
+        write.add_argument("items", nargs="*", default=[], metavar="ITEM")  # a default: argparse calls it optional
         write.add_argument("--gold", type=_gold, default=0, action=_Once, help=gold)
         write.add_argument("--request-id", action=_Once,
                            help="idempotency key (default: a new uuid4); reuse it to retry safely")

@@ -134,6 +134,12 @@ class Election:
             return None
         return self._leadership
 
+    @property
+    def held_lease_id(self) -> int:
+        """The session lease of the term this replica holds, valid or not any more (0 when
+        it holds none): tells this run's leader key from an earlier run's."""
+        return self._leadership.lease_id if self._leadership is not None else 0
+
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Calls ``callback()`` on every gain or loss of leadership."""
         self._listeners.append(callback)

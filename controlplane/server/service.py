@@ -504,8 +504,16 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         session lease (it died, froze or lost etcd: its key lasts until the lease runs
         out, and status would name it meanwhile), else ''. Renewals come every third of
         the TTL; more than one missed, and a second's rounding, is stopped."""
-        if leader is None or leader.replica_id == self._d.replica_id or not leader.lease_id:
+        if leader is None or not leader.lease_id:
             return ""
+        if leader.replica_id == self._d.replica_id:
+            if self._d.election.held_lease_id == leader.lease_id:
+                return ""  # this replica leads
+            # The key of an earlier run of this replica (killed, then started again): it
+            # lasts until its lease runs out, and nobody leads meanwhile.
+            earlier = True
+        else:
+            earlier = False
         try:
             remaining_s = await run_with_timeout(
                 self._d.clock, self._d.store.lease_ttl(leader.lease_id), STATUS_ETCD_TIMEOUT_S)
@@ -513,6 +521,11 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             return ""  # etcd's answer about the lease is not needed for the rest of the status
         ttl_s = self._d.election.ttl_s
         silent_s = ttl_s - max(remaining_s, 0)
+        if earlier:
+            return (
+                f"the leader key names this replica, {leader.replica_id}, but from an earlier run of it (or a term "
+                f"it gave up): no replica leads until that lease runs out (in {max(remaining_s, 0)} s)"
+            )
         if silent_s <= refresh_interval_s(ttl_s) + 1.5:
             return ""
         return (
@@ -527,7 +540,8 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         does): shards with a replica still copying or far behind, and shards whose primary
         does not take writes (catching up as a new primary, or fenced). A placement can be
         complete while its copies are not."""
-        members = await self._member_statuses(assignments, STATUS_COPIES_PROBE_TIMEOUT_S)
+        silent: set[str] = set()
+        members = await self._member_statuses(assignments, STATUS_COPIES_PROBE_TIMEOUT_S, silent)
         statuses = {(m.shard_id, m.node_id): m.status for m in members}
         copying: list[str] = []
         stalled: list[str] = []
@@ -540,6 +554,13 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             if primary is not None and not primary.serving:
                 stalled.append(a.shard_id)
         warnings = []
+        if silent:
+            led = sum(1 for a in assignments if a.primary in silent)
+            warnings.append(
+                f"{len(silent)} registered node(s) do not answer: {_some(sorted(silent))} (stopped, or unreachable "
+                f"from this replica; they lead {led} shard(s)). A stopped node's shards fail over once its lease "
+                "runs out"
+            )
         if copying:
             warnings.append(
                 f"{len(copying)} of {shard_count} shards have a replica still copying, or "
@@ -563,14 +584,16 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         return refs
 
     async def _member_statuses(
-        self, assignments: Sequence[common_pb2.Assignment], timeout_s: float = STATUS_PROBE_TIMEOUT_S
+        self, assignments: Sequence[common_pb2.Assignment], timeout_s: float = STATUS_PROBE_TIMEOUT_S,
+        silent: set[str] | None = None,
     ) -> list[controlplane_pb2.MemberStatus]:
         """Each registered member's status of its shard, as the node answers it now
         (GetShardStatus, short deadline, at most :data:`STATUS_PROBE_MAX_NODES` nodes);
         for a node that does not answer, its latest heartbeat report through this replica
         when recent (``age_ms`` says how old); missing when neither knows. Asked first
         because a report can be a heartbeat interval old, and an operator looking at lag
-        wants it now."""
+        wants it now. ``silent``, when given, receives the members that neither answered
+        a probe that finished in time nor sent a recent report."""
         now_s = self._d.clock.monotonic_s()
         found: dict[tuple[str, str], tuple[common_pb2.ShardStatus, float]] = {}
         ask: dict[NodeId, str] = {}
@@ -583,9 +606,11 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
             leases[member] = record.lease_id
             if len(ask) < STATUS_PROBE_MAX_NODES or member in ask:
                 ask[NodeId(member)] = record.address
+        finished = False
         if ask and self._d.probe is not None:
             answers = await self._probe_members(ask, timeout_s)
-            for node, answer in answers.items():
+            finished = answers is not None
+            for node, answer in (answers or {}).items():
                 for status in answer.shards:
                     if not status.on_disk_only:
                         found.setdefault((status.shard_id, node), (status, 0.0))
@@ -594,6 +619,9 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
                 latest = self._d.reports.latest(NodeId(member), ShardId(shard), leases[member], now_s)
                 if latest is not None:
                     found[(shard, member)] = latest
+        if silent is not None and finished:
+            heard = {member for _, member in found}
+            silent.update(n for n in ask if n not in heard)
         return [
             controlplane_pb2.MemberStatus(
                 shard_id=shard, node_id=member, status=found[(shard, member)][0],
@@ -605,10 +633,11 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
 
     async def _probe_members(
         self, ask: dict[NodeId, str], timeout_s: float
-    ) -> dict[NodeId, shardnode_pb2.GetShardStatusResponse]:
+    ) -> dict[NodeId, shardnode_pb2.GetShardStatusResponse] | None:
         """GetShardStatus of the nodes in ``ask``, within ``timeout_s`` (nodes that did
-        not answer are missing). A probe of the same nodes started less than
-        :data:`STATUS_ANSWERS_REUSED_S` ago is shared, in flight or done."""
+        not answer are missing; None when the probe itself did not finish in time). A probe
+        of the same nodes started less than :data:`STATUS_ANSWERS_REUSED_S` ago is shared,
+        in flight or done."""
         assert self._d.probe is not None
         key = frozenset(ask.items())
         now_s = self._d.clock.monotonic_s()
@@ -630,7 +659,7 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         try:
             return await run_with_timeout(self._d.clock, shared(), timeout_s)
         except TimeoutError:
-            return {}
+            return None
 
     def _ring_now(self) -> Ring:
         ring = self._d.ring.entries.get(self._d.keys.ring())

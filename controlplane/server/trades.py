@@ -1204,6 +1204,13 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
                                 else common_pb2.TRADE_OUTCOME_ABORTED)
             response.reason = s.reason
             # (No abort_cause: a node keeps a same-shard trade's reason, not its cause.)
+            if not s.cross_shard and s.HasField("leg") and s.leg.player_id:
+                # The terms, from the shard's record of both sides (player_a: the player
+                # it keeps the leg of, the first named when the trade was made).
+                leg = s.leg
+                response.request.CopyFrom(trade_pb2.ExecuteTradeRequest(
+                    trade_id=trade_id, player_a=leg.player_id, player_b=leg.counterpart_player_id,
+                    a_gives=leg.gives, b_gives=leg.receives))
             response.decided_by = participant_name(s.shard_id)
             response.state = trade_pb2.TRADE_STATE_DONE
         else:

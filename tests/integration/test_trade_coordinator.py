@@ -68,6 +68,7 @@ class World:
     gold: dict[str, int] = field(default_factory=dict)
     known: dict[tuple[str, str], p.Known] = field(default_factory=dict)  # (shard, trade id) -> record
     local: dict[str, tuple[Outcome, str]] = field(default_factory=dict)
+    local_legs: dict[str, Leg] = field(default_factory=dict)  # trade id -> A's leg, as a node keeps it
 
     def holdings(self, player: str) -> p.Holdings:
         escrowed = [k.leg for k in self.known.values()
@@ -176,6 +177,7 @@ class TradeNode(shardnode_pb2_grpc.ShardNodeServicer):
                 self.world.apply(trade.leg_a())
                 self.world.apply(trade.leg_b())
             self.world.local[request.trade_id] = (d.outcome, d.reason)
+            self.world.local_legs[request.trade_id] = trade.leg_a()
         return shardnode_pb2.ExecuteLocalTradeResponse(trade_id=request.trade_id, outcome=outcome_to_proto(d.outcome),
                                                        reason=d.reason, replayed=known is not None)
 
@@ -195,7 +197,9 @@ class TradeNode(shardnode_pb2_grpc.ShardNodeServicer):
                                     leg=leg_to_proto(known.leg) if known.leg is not None else None)
         if request.trade_id in self.world.local:
             outcome, reason = self.world.local[request.trade_id]
+            leg = self.world.local_legs.get(request.trade_id)
             response.trades.add(trade_id=request.trade_id, node_id=self.node_id, reason=reason,
+                                leg=leg_to_proto(leg) if leg is not None else None,
                                 state=shardnode_pb2.PARTICIPANT_TRADE_STATE_COMMITTED
                                 if outcome is Outcome.COMMITTED else shardnode_pb2.PARTICIPANT_TRADE_STATE_ABORTED)
         return response
@@ -414,6 +418,10 @@ async def test_same_shard_trade_is_one_local_transaction_without_a_record(
         assert "Prepare" not in c.node_of(a).calls
         shown = await c.trades.GetTrade(trade_pb2.GetTradeRequest(trade_id="local-1", player_id=a))
         assert shown.state == trade_pb2.TRADE_STATE_DONE and shown.outcome == COMMITTED and not shown.cross_shard
+        terms = shown.request  # both sides' terms, from the shard's record
+        assert (terms.trade_id, terms.player_a, terms.player_b) == ("local-1", a, b)
+        assert (list(terms.a_gives.item_ids), terms.a_gives.gold, list(terms.b_gives.item_ids), terms.b_gives.gold) == (
+            ["gem"], 0, [], 10)
         assert (answer.abort_cause, shown.abort_cause) == (common_pb2.TRADE_ABORT_CAUSE_UNSPECIFIED,) * 2
         refused = await c.trades.ExecuteTrade(request("local-2", a, b, ("gem",), 0, (), 1))  # a gave the gem
         assert (refused.outcome, refused.abort_cause) == (ABORTED, common_pb2.TRADE_ABORT_CAUSE_REFUSED)

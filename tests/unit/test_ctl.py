@@ -150,6 +150,19 @@ def test_unreachable_control_plane_is_a_clear_error(capsys: pytest.CaptureFixtur
     assert time.monotonic() - started >= 1.5
 
 
+def test_promote_also_tries_again_until_its_deadline(capsys: pytest.CaptureFixture[str]) -> None:
+    """A promotion is safe to send again (a node already primary says so), so a control
+    plane not reachable yet is retried within --timeout-s as other commands are."""
+    from scripts.localcluster import free_port
+
+    started = time.monotonic()
+    code = ctl.main(["--control-plane", f"127.0.0.1:{free_port()}", "--timeout-s", "2",
+                     "promote", "shard-1", "n1", "--accept-data-loss"])
+    assert code == ctl.EXIT_NO_ANSWER
+    assert "UNAVAILABLE" in capsys.readouterr().err
+    assert time.monotonic() - started >= 1.5
+
+
 def test_status_shows_replication_figures_and_warnings() -> None:
     r = pb.GetClusterStatusResponse(
         cluster="c", served_by="cp-0", shards_under_replicated=3, live_nodes_eligible=2,
@@ -211,6 +224,17 @@ def test_a_timeout_that_is_no_number_of_seconds_is_a_usage_error(
         ctl.main(["--timeout-s", value, "status"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "--timeout-s" in err and "number of seconds" in err
+
+
+@pytest.mark.parametrize("command", ["grant", "take"])
+def test_grant_and_take_without_arguments_ask_for_the_player_only(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        ctl.main([command])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "the following arguments are required: player" in err, err
+    assert "ITEM" not in err.splitlines()[-1], err  # items are optional (--gold alone is a grant)
 
 
 @pytest.mark.parametrize(
