@@ -21,6 +21,7 @@ import functools
 import importlib.resources
 import inspect
 import re
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -38,7 +39,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from bluemarble.api.messages import SHUTTING_DOWN_KEY
 from bluemarble.core import limits
-from bluemarble.core.errors import BlueMarbleError, ResourceExhausted
+from bluemarble.core.errors import BlueMarbleError, ResourceExhausted, Unavailable
 from bluemarble.core.limits import MAX_MESSAGE_BYTES
 from bluemarble.runtime import channels, metrics, retry, tls, tracing
 
@@ -721,6 +722,24 @@ class Server:
         await self.grpc.stop(grace_s)
 
 
+async def check_listen(listen: str) -> None:
+    """Binds ``listen`` ("host:port") once and lets it go, as the gRPC server will bind it
+    (SO_REUSEADDR, no SO_REUSEPORT). Raises Unavailable naming the address when it cannot
+    be resolved or bound (malformed, not local, in use), in the operating system's words:
+    gRPC's own failure says only "Failed to bind", after a line of its C core on stderr."""
+    host, _, port_text = listen.rpartition(":")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host.strip("[]") or None, int(port_text), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except (OSError, ValueError) as e:
+        raise Unavailable(f"cannot listen on {limits.echo(listen)}: {e}") from e
+
+
 async def build_server(
     listen: str,
     bindings: Iterable[ServiceBinding],
@@ -788,6 +807,7 @@ async def build_server(
     guard_decoding(server, _add_reflection_v1, reflector)
     config = tls.current()
     credentials = config.server_credentials() if config is not None else None
+    await check_listen(listen)
     try:
         if credentials is None:
             port = server.add_insecure_port(listen)

@@ -30,7 +30,7 @@ from bluemarble.core.ring import Ring
 from bluemarble.runtime import background, frames, metrics, retry
 from bluemarble.runtime.auth import AdminToken, ServerAuth
 from bluemarble.runtime.clock import Clock, SystemClock
-from bluemarble.runtime.grpc_server import STOPPING_TRAILER, Server, ServiceBinding, build_server
+from bluemarble.runtime.grpc_server import STOPPING_TRAILER, Server, ServiceBinding, build_server, check_listen
 from bluemarble.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc, trade_pb2, trade_pb2_grpc
 from controlplane.server.crash_watch import CrashWatch
 from controlplane.server.election import Election
@@ -104,23 +104,6 @@ class ControlPlaneSettings:
     """Backups of the cluster kept in ``backup_dir`` (the newest)."""
 
 
-async def _check_listen(listen: str) -> None:
-    """Binds ``listen`` ("host:port") once and lets it go, as the gRPC server will bind it
-    (SO_REUSEADDR, no SO_REUSEPORT). Raises Unavailable naming the address when it cannot
-    be resolved or bound (malformed, not local, in use)."""
-    host, _, port_text = listen.rpartition(":")
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            host.strip("[]") or None, int(port_text), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        family, kind, proto, _, address = infos[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(address)
-    except (OSError, ValueError) as e:
-        raise Unavailable(f"cannot listen on {limits.echo(listen)}: {e}") from e
-
-
 class ControlPlaneApp:
     def __init__(self, settings: ControlPlaneSettings, clock: Clock | None = None):
         self.settings = settings
@@ -168,7 +151,7 @@ class ControlPlaneApp:
         decode or the config is invalid.
         """
         s = self.settings
-        await _check_listen(s.listen)
+        await check_listen(s.listen)  # before etcd: a port in use is said at once
         await self.store.connect(s.etcd_startup_timeout_s)
         configs = ConfigStore(self.store, self.keys)
         defaults = cluster_config.default_config(

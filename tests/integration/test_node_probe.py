@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+
+import pytest
+
+from bluemarble.core.errors import Unavailable
 from bluemarble.core.ids import NodeId, ShardId
 from bluemarble.core.replication.position import LogPosition
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
@@ -52,3 +57,14 @@ async def test_positions_come_from_the_nodes_that_answer() -> None:
         assert probe.open_channels == 0  # every probe closed its channel
     finally:
         await server.stop_gracefully(0.1)
+
+
+async def test_a_server_on_a_port_in_use_is_refused_in_the_systems_words() -> None:
+    """build_server binds the address first itself: "Address already in use", not gRPC's
+    "Failed to bind" after a line of its C core on stderr."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = f"127.0.0.1:{holder.getsockname()[1]}"
+        with pytest.raises(Unavailable, match=rf"cannot listen on '{taken}': .*Address already in use"):
+            await build_server(taken, [])
