@@ -64,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -209,6 +210,11 @@ _DIFFERENT_SHARDS_MARKER = "are on different shards"
 
 MAX_DEADLINE_S = 3600.0
 
+EPOCH_AHEAD_GRACE_S = 1.0
+"""A write naming an epoch newer than any this client and the shard's primary know is
+refused as final after this long (the assignment of a real new epoch reaches the client
+within a moment of the node)."""
+
 
 CLOSE_CHECK_S = 0.1
 """A call waiting for the client to be ready notices :meth:`RoutingClient.close` this soon."""
@@ -236,7 +242,7 @@ async def _naming_request(request_id: str, write: Awaitable[T]) -> T:
 def check_deadline(deadline_s: float) -> float:
     """``deadline_s`` if it is a number of seconds above 0 and at most an hour; else
     InvalidArgument (NaN and infinity too: they would break the event loop's timers)."""
-    if not isinstance(deadline_s, int | float) or not 0 < deadline_s <= MAX_DEADLINE_S:
+    if isinstance(deadline_s, bool) or not isinstance(deadline_s, int | float) or not 0 < deadline_s <= MAX_DEADLINE_S:
         raise errors.InvalidArgument(f"deadline_s is {deadline_s!r}; give seconds above 0, at most {MAX_DEADLINE_S:g}")
     return float(deadline_s)
 
@@ -273,6 +279,7 @@ class Target:
 # same request sent to the right primary gets the same answer, so retrying is pointless.
 _FINAL_PRECONDITION_MARKERS = (
     "owned by", "already owned", "not own item", "escrow", "not enough", "insufficient", "gold to spend",
+    "already used for a different",
 )
 # FAILED_PRECONDITION answers that mean "not here, or not now": a node that does not
 # lead the shard (at this epoch), a replica asked for a strong read, a node that fenced
@@ -284,29 +291,37 @@ _REDIRECT_MARKERS = (
 )
 
 
-def is_redirect(error: errors.BlueMarbleError) -> bool:
+def is_redirect(error: errors.BlueMarbleError, echoed: Iterable[str] = ()) -> bool:
     """Whether a FAILED_PRECONDITION from a node means "ask the current primary" (purely
     computational): its message names the primary, an epoch, a replica role, a lease, a
     fence or a node holding no copy of the shard, and nothing about the caller's items or
     gold (an item already owned, a request id reused for another request, too much gold
-    are final)."""
+    are final). ``echoed``: the caller's own inputs (ids), which the message may quote
+    and which are left out of the reading: a request id such as "release-1" must not
+    make a final refusal read as a lease's."""
     if not isinstance(error, errors.FailedPrecondition):
         return False
-    text = str(error).lower()
+    text = str(error)
+    for value in sorted({v for v in echoed if v}, key=len, reverse=True):
+        for quoted in (echo(value), echo(value, 40)):  # as messages quote untrusted input, long ones shortened
+            text = text.replace(quoted, " ")
+        # Unquoted, only as a whole token: a player "a" or "mary" leaves "primary" alone.
+        text = re.sub(rf"(?<![\w./-]){re.escape(value)}(?![\w./-])", " ", text)
+    text = text.lower()
     if any(marker in text for marker in _FINAL_PRECONDITION_MARKERS):
         return False
     return any(marker in text for marker in _REDIRECT_MARKERS)
 
 
-def should_retry(error: BaseException) -> bool:
+def should_retry(error: BaseException, echoed: Iterable[str] = ()) -> bool:
     """Whether a failed attempt is worth another one after re-resolving (purely
-    computational): redirects (:func:`is_redirect`), UNAVAILABLE, DEADLINE_EXCEEDED,
-    ABORTED and a busy server (:func:`~bluemarble.core.errors.is_overload`) are;
-    INVALID_ARGUMENT, NOT_FOUND and everything else are final."""
+    computational): redirects (:func:`is_redirect`; ``echoed`` as there), UNAVAILABLE,
+    DEADLINE_EXCEEDED, ABORTED and a busy server (:func:`~bluemarble.core.errors.is_overload`)
+    are; INVALID_ARGUMENT, NOT_FOUND and everything else are final."""
     if isinstance(error, CrossShardTrade | ClientClosed):
         return False
     if isinstance(error, errors.FailedPrecondition):
-        return is_redirect(error)
+        return is_redirect(error, echoed)
     return isinstance(error, errors.Unavailable | errors.DeadlineExceeded | errors.Aborted) or errors.is_overload(error)
 
 
@@ -1002,7 +1017,8 @@ class RoutingClient:
         self._check_usable()  # closed already: nothing was sent, so no outcome is in doubt
         what = "GrantItems" if kind == "grant" else "TakeItems"
         return await _naming_request(request.request_id, self._run(
-            player_id, call, allow_stale=False, deadline_s=deadline_s, what=what, epoch=epoch
+            player_id, call, allow_stale=False, deadline_s=deadline_s, what=what, epoch=epoch,
+            echoed=(request.request_id, player_id, *request.item_ids),
         ))
 
     async def set_player_data(
@@ -1039,7 +1055,8 @@ class RoutingClient:
 
         self._check_usable()  # closed already: nothing was sent, so no outcome is in doubt
         return await _naming_request(request.request_id, self._run(
-            player_id, call, allow_stale=False, deadline_s=deadline_s, what="SetPlayerData", epoch=epoch
+            player_id, call, allow_stale=False, deadline_s=deadline_s, what="SetPlayerData", epoch=epoch,
+            echoed=(request.request_id, player_id, request.system, request.key),
         ))
 
     async def get_player_data(
@@ -1137,7 +1154,8 @@ class RoutingClient:
             return LocalTradeResult(r.trade_id or trade_id, outcome, r.reason, r.replayed, route.shard_id, attempts,
                                     cause_from_proto(r.abort_cause))
 
-        return await self._run(player_a, call, allow_stale=False, deadline_s=deadline_s, what="ExecuteLocalTrade")
+        return await self._run(player_a, call, allow_stale=False, deadline_s=deadline_s, what="ExecuteLocalTrade",
+                               echoed=(trade_id, player_a, player_b, *trade.a_gives.item_ids, *trade.b_gives.item_ids))
 
     # ---- the retry loop ----
 
@@ -1150,13 +1168,16 @@ class RoutingClient:
         deadline_s: float,
         what: str,
         epoch: int = 0,
+        echoed: Sequence[str] = (),
     ) -> T:
         """Resolves and calls until an answer, a final error, ``max_attempts`` redirects
-        or the deadline (then the last error)."""
+        or the deadline (then the last error). ``echoed``: the request's own ids, which a
+        node's message may quote (:func:`is_redirect`)."""
         check_deadline(deadline_s)
         self._check_usable()
         clock = self._clock
-        deadline = clock.monotonic_s() + deadline_s
+        started_s = clock.monotonic_s()
+        deadline = started_s + deadline_s
         if not self.ready:
             await self.wait_ready(deadline_s)
         backoff = retry.Backoff(self._policy, clock)
@@ -1169,7 +1190,7 @@ class RoutingClient:
             try:
                 route = self.resolve(player_id)
             except errors.BlueMarbleError as e:
-                if not should_retry(e):
+                if not should_retry(e, echoed):
                     raise
                 last = e
             else:
@@ -1179,16 +1200,27 @@ class RoutingClient:
                     )
                 try:
                     route = await self._fill_addresses(route, deadline)
-                    return await self._attempt(route, call, allow_stale=allow_stale, deadline=deadline)
+                    return await self._attempt(route, call, allow_stale=allow_stale, deadline=deadline,
+                                               echoed=echoed)
                 except errors.BlueMarbleError as e:
-                    if not should_retry(e):
+                    if not should_retry(e, echoed):
                         raise
+                    if (epoch and route.epoch < epoch and is_redirect(e, echoed)
+                            and clock.monotonic_s() - started_s >= EPOCH_AHEAD_GRACE_S):
+                        # Neither this client's view nor the node knows the caller's epoch
+                        # after a while: it came from nowhere in this cluster (a node's
+                        # assignment reaches this client within a moment of the node).
+                        raise errors.FailedPrecondition(
+                            f"epoch {epoch} is ahead of {route.shard_id}'s current epoch {route.epoch}: no node or "
+                            f"assignment has known it for {EPOCH_AHEAD_GRACE_S:g} s; pass the epoch a result or "
+                            "resolve() gave, or 0 for the node's own"
+                        ) from e
                     if isinstance(e, errors.DeadlineExceeded) and last is not None and deadline <= clock.monotonic_s():
                         # The call's deadline ran out in this attempt (begun with little of
                         # it left): the earlier attempts' reason says more than the clock.
                         break
                     last = e
-                    redirects += is_redirect(e)
+                    redirects += is_redirect(e, echoed)
             remaining_s = deadline - clock.monotonic_s()
             if remaining_s <= 0:
                 break
@@ -1209,7 +1241,7 @@ class RoutingClient:
                 f"retry later (a write: with the same request id; last error: {last})"
             ) from last
         assert last is not None
-        if is_redirect(last):
+        if is_redirect(last, echoed):
             # The deadline ran out while the shard's primary moved: the node's "not the
             # primary" would read as final (FAILED_PRECONDITION); it is not.
             raise errors.Unavailable(
@@ -1225,6 +1257,7 @@ class RoutingClient:
         *,
         allow_stale: bool,
         deadline: float,
+        echoed: Sequence[str] = (),
     ) -> T:
         """One pass over the route's targets (the primary; with ``allow_stale`` then the
         replicas): the first answer, a final error at once, or the last retryable one."""
@@ -1245,7 +1278,7 @@ class RoutingClient:
             try:
                 return await self._bounded(route, target, call(target, target.address, timeout_s), timeout_s)
             except errors.BlueMarbleError as e:
-                if not should_retry(e):
+                if not should_retry(e, echoed):
                     raise
                 last = e
         if last is None:

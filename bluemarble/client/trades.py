@@ -165,12 +165,20 @@ def _side(t: shardnode_pb2.ParticipantTrade) -> TradeSide:
     return TradeSide(t.trade_id, t.shard_id, t.node_id, state, t.leg.player_id, t.deadline_ms)
 
 
-def _retried(error: BaseException) -> bool:
+def _echoed(request: object) -> tuple[str, ...]:
+    """The ids of a TradeCoordinator request that a message may quote (:func:`is_redirect`)."""
+    ids = [getattr(request, name, "") for name in ("trade_id", "player_a", "player_b", "player_id")]
+    for offer in ("a_gives", "b_gives"):
+        ids += list(getattr(getattr(request, offer, None), "item_ids", ()))
+    return tuple(i for i in ids if isinstance(i, str) and i)
+
+
+def _retried(error: BaseException, echoed: tuple[str, ...] = ()) -> bool:
     """Worth another attempt with the same trade id (the id makes it safe)."""
     if isinstance(error, ClientClosed):
         return False
     if isinstance(error, errors.FailedPrecondition):
-        return is_redirect(error)
+        return is_redirect(error, echoed)
     return isinstance(error, errors.Unavailable | errors.DeadlineExceeded | errors.Aborted) or errors.is_overload(error)
 
 
@@ -324,7 +332,9 @@ class TradeClient:
 
     async def _retrying(self, request: object, rpc: str, what: str, deadline_s: float) -> tuple[object, int]:
         """``rpc`` of the TradeCoordinator with ``request``, retried as the module says;
-        returns the response and the number of attempts."""
+        returns the response and the number of attempts. InvalidArgument for a
+        ``deadline_s`` that is no number of seconds (before anything is sent)."""
+        check_deadline(deadline_s)
         clock = self._cp.clock
         end_s = clock.monotonic_s() + deadline_s
         attempts = 0
@@ -344,7 +354,9 @@ class TradeClient:
         policy = retry.RetryPolicy(
             initial_s=self._initial_s, max_backoff_s=max(self._initial_s, self._max_backoff_s), deadline_s=deadline_s
         )
-        response = await retry.call(attempt, what=what, policy=policy, clock=clock, retry_if=_retried, expected=True)
+        echoed = _echoed(request)
+        response = await retry.call(attempt, what=what, policy=policy, clock=clock,
+                                    retry_if=lambda e: _retried(e, echoed), expected=True)
         return response, attempts
 
     async def _hedged(self, rpc: str, request: object, timeout_s: float) -> object:

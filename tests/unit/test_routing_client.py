@@ -12,6 +12,7 @@ import pytest
 from bluemarble.client.control_plane import ControlPlaneClient
 from bluemarble.client.ring_router import RingRouter
 from bluemarble.client.routing import (
+    EPOCH_AHEAD_GRACE_S,
     AssignmentCache,
     ClientClosed,
     CrossShardTrade,
@@ -25,6 +26,7 @@ from bluemarble.client.routing import (
 from bluemarble.client.trades import TradeClient
 from bluemarble.core import errors
 from bluemarble.core.ids import NodeId, PlayerId
+from bluemarble.core.limits import echo
 from bluemarble.core.ring import initial_ring
 from bluemarble.core.trades.model import Outcome
 from bluemarble.runtime.clock import FakeClock, SystemClock
@@ -455,6 +457,44 @@ async def test_a_caller_epoch_older_than_the_shards_is_refused_at_once() -> None
     with pytest.raises(errors.FailedPrecondition, match="epoch 3 is older"):
         await client.grant_items(PLAYER, ["sword"], epoch=3)
     assert transport.calls == []
+
+
+@pytest.mark.parametrize("request_id", ["release-gift-1", "primary-quest-2", "epoch2-reward-3", "replica-x" * 12])
+async def test_a_request_id_that_reads_like_a_redirect_does_not_make_a_refusal_retryable(request_id: str) -> None:
+    """The node's refusal quotes the caller's request id; words in it ("lease", "primary",
+    "epoch") must not turn a final refusal into "ask the current primary"."""
+
+    def refuse(address: str, request: Any) -> errors.BlueMarbleError:
+        return errors.FailedPrecondition(
+            f"request id {echo(request.request_id)} was already used for a different request; use a new one")
+
+    client, transport = make_client(refuse)
+    with pytest.raises(errors.FailedPrecondition, match="already used for a different request"):
+        await client.grant_items(PLAYER, ["sword"], request_id=request_id)
+    assert len(transport.calls) == 1  # final at once, not retried to the deadline
+    # Read without the id, the same words still mark a node's "not here" as a redirect.
+    moved = errors.FailedPrecondition(f"node n1 stopped being the primary of shard-3 (write {echo(request_id)})")
+    assert is_redirect(moved, [request_id]) and should_retry(moved, [request_id])
+    quoted_only = errors.FailedPrecondition(f"refused: {echo(request_id)}")
+    assert is_redirect(quoted_only) and not is_redirect(quoted_only, [request_id])
+    # Only whole ids are left out: a player "a" or "mary" leaves the node's words alone.
+    assert is_redirect(errors.FailedPrecondition("node n4 is not the primary of shard-1"), ["a", "mary", "n4"])
+
+
+async def test_a_caller_epoch_no_node_knows_is_refused_after_a_grace_not_the_whole_deadline() -> None:
+    clock = FakeClock()
+
+    def ahead(address: str, request: Any) -> errors.BlueMarbleError:
+        return errors.FailedPrecondition(
+            f"epoch {request.epoch} is not the current epoch of shard-3 (the primary n1 is at epoch 1)")
+
+    client, transport = make_client(ahead, clock)
+    started = clock.monotonic_s()
+    with pytest.raises(errors.FailedPrecondition, match=r"epoch 99 is ahead of .* current epoch 1") as info:
+        await run_on(clock, client.grant_items(PLAYER, ["sword"], epoch=99, deadline_s=30.0), advance_s=40.0)
+    took = clock.monotonic_s() - started
+    assert EPOCH_AHEAD_GRACE_S <= took < EPOCH_AHEAD_GRACE_S + 1.0, took
+    assert not info.value.retryable and len(transport.calls) >= 2  # asked again within the grace
 
 
 async def test_player_data_round_trip_and_unset_values() -> None:

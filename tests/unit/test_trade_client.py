@@ -311,6 +311,16 @@ async def test_a_primary_that_moved_is_retried_but_other_preconditions_are_final
     assert len(coordinator.requests) == 1
 
 
+@pytest.mark.parametrize("deadline", [None, "3", -1, 0, float("nan"), True])
+async def test_get_trade_and_in_doubt_refuse_a_deadline_that_is_no_number_of_seconds(start: Any, deadline: Any) -> None:
+    address, _ = await start(answer)
+    async with TradeClient([address]) as client:
+        with pytest.raises(errors.InvalidArgument, match="deadline_s"):
+            await client.get_trade("t1", deadline_s=deadline)
+        with pytest.raises(errors.InvalidArgument, match="deadline_s"):
+            await client.in_doubt(deadline_s=deadline)  # (the fake answers both: no error, had they been sent)
+
+
 async def test_get_trade_and_in_doubt_are_values(start: Any) -> None:
     address, _ = await start(answer)
     async with TradeClient([address]) as client:
