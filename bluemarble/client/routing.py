@@ -192,6 +192,13 @@ class LocalTradeResult:
     def committed(self) -> bool:
         return self.outcome is Outcome.COMMITTED
 
+    @property
+    def worth_retrying(self) -> bool:
+        """ABORTED because of other trades not settled yet (CONTENDED), not because of the
+        terms: the same exchange under a *new* trade id may commit, as for
+        :attr:`bluemarble.client.trades.TradeResult.worth_retrying`."""
+        return self.outcome is Outcome.ABORTED and self.abort_cause in (AbortCause.UNAVAILABLE, AbortCause.CONTENDED)
+
 
 class CrossShardTrade(errors.FailedPrecondition):
     """The two players of a trade are on different shards (in this client's ring, or in
@@ -866,14 +873,22 @@ class RoutingClient:
     def resolve(self, player_id: str) -> Route:
         """The route of ``player_id`` from the caches: InvalidArgument for a bad player
         id, Unavailable while the caches cannot say (not ready, shard not assigned),
-        FailedPrecondition after :meth:`close` (the caches no longer follow the cluster)."""
+        FailedPrecondition after :meth:`close` (the caches no longer follow the cluster) or
+        before :meth:`start`."""
         self._check_open()
         player = validation.player_id(player_id)
         try:
             shard = self.router.shard_for(player)
         except errors.FailedPrecondition as e:
-            raise errors.Unavailable("the routing client has no ring yet; retry shortly") from e
+            raise self._no_ring() from e
         return self.assignments.route(player, shard)
+
+    def _no_ring(self) -> errors.BlueMarbleError:
+        """Why there is no ring to route by: never started (final), or not yet received."""
+        if not self._started:
+            return errors.FailedPrecondition(
+                "the routing client is not started; await client.start() first (or use it with async with)")
+        return errors.Unavailable("the routing client has no ring yet; retry shortly")
 
     def same_shard(self, player_a: str, player_b: str) -> bool:
         """Whether the two players are on one shard in this client's ring (purely from the
@@ -884,7 +899,7 @@ class RoutingClient:
         try:
             return self.router.shard_for(a) == self.router.shard_for(b)
         except errors.FailedPrecondition as e:
-            raise errors.Unavailable("the routing client has no ring yet; retry shortly") from e
+            raise self._no_ring() from e
 
     async def _fill_addresses(self, route: Route, deadline_s: float) -> Route:
         """The route again after asking ListNodes for members whose address the stream

@@ -115,7 +115,8 @@ def _apply_grant(
         for item in item_ids:
             owner = execute(ITEM_OWNER, (item,)).fetchone()
             if owner is not None:
-                raise FailedPrecondition(records.owned_elsewhere(item, owner[0]))
+                raise FailedPrecondition(records.owned_elsewhere(
+                    item, owner[0], by_this_player=(owner[0], owner[1]) == (shard, player)))
     found = execute(SELECT_GOLD, (shard, player)).fetchone()
     gold = grant.gold + (found[0] if found is not None else 0)
     # The primary keeps the headroom the player's pending trades need (their commits must

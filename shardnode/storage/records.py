@@ -178,6 +178,10 @@ def set_data_answer(shard: ShardId, epoch: int, lsn: int) -> bytes:
     )
 
 
-def owned_elsewhere(item_id: str, owner_shard: str) -> str:
-    """The refusal of a grant whose item already exists on this node."""
+def owned_elsewhere(item_id: str, owner_shard: str, *, by_this_player: bool = False) -> str:
+    """The refusal of a grant whose item already exists on this node (another player's
+    is named only by its shard)."""
+    if by_this_player:
+        return (f"item {echo(item_id)} is already owned by this player: a grant makes new items (to repeat an "
+                "earlier grant, send it again with its request id)")
     return f"item {echo(item_id)} is already owned by a player of {owner_shard}"

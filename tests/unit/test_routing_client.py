@@ -28,7 +28,7 @@ from bluemarble.core import errors
 from bluemarble.core.ids import NodeId, PlayerId
 from bluemarble.core.limits import echo
 from bluemarble.core.ring import initial_ring
-from bluemarble.core.trades.model import Outcome
+from bluemarble.core.trades.model import AbortCause, Outcome
 from bluemarble.runtime.clock import FakeClock, SystemClock
 from bluemarble.v1 import common_pb2, shardnode_pb2
 from bluemarble.v1 import controlplane_pb2 as pb
@@ -558,6 +558,10 @@ async def test_a_client_that_was_never_started_says_so() -> None:
     try:
         with pytest.raises(errors.FailedPrecondition, match="not started"):
             await client.wait_ready(0.1)
+        with pytest.raises(errors.FailedPrecondition, match="not started"):  # not "retry shortly": it never comes
+            client.resolve("player-1")
+        with pytest.raises(errors.FailedPrecondition, match="not started"):
+            client.same_shard("player-1", "player-2")
     finally:
         await client.close()
 
@@ -644,6 +648,13 @@ async def test_a_refused_local_trade_is_an_aborted_answer_not_an_error() -> None
     client, _ = make_client(lambda a, r: local_trade(common_pb2.TRADE_OUTCOME_ABORTED, reason="mate has 3 gold"))
     result = await client.execute_local_trade("t1", PLAYER, MATE, b_gold=7)
     assert (result.outcome, result.committed, result.reason) == (Outcome.ABORTED, False, "mate has 3 gold")
+    assert not result.worth_retrying  # the cause is UNKNOWN here (the fake names none): not said to be worth it
+    contended = shardnode_pb2.ExecuteLocalTradeResponse(
+        trade_id="t2", outcome=common_pb2.TRADE_OUTCOME_ABORTED, reason="item held by another trade",
+        abort_cause=common_pb2.TRADE_ABORT_CAUSE_CONTENDED)
+    client, _ = make_client(lambda a, r: contended)
+    result = await client.execute_local_trade("t2", PLAYER, MATE, b_gold=7)
+    assert result.worth_retrying and result.abort_cause is AbortCause.CONTENDED
 
 
 async def test_a_local_trade_follows_a_failover_with_the_same_trade_id_and_the_new_epoch() -> None:

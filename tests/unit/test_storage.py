@@ -135,6 +135,14 @@ class TestItemUniqueness:
         with pytest.raises(FailedPrecondition, match="shard-1"):
             store.write(S1, 1, grant("r2", ALICE, ["crown"]), now_ms=2)
 
+    def test_an_item_the_player_already_owns_is_refused_saying_so(self, store: NodeStorage) -> None:
+        """A grant sent again under a new request id: the item is the player's own, and
+        the refusal says so (not "a player of shard-1", which reads as someone else)."""
+        store.write(S1, 1, grant("r1", ALICE, ["crown"]), now_ms=1)
+        with pytest.raises(FailedPrecondition, match="already owned by this player: a grant makes new items"):
+            store.write(S1, 1, grant("r2", ALICE, ["crown"]), now_ms=2)
+        assert store.recorded(S1, "r2") is None
+
     def test_a_refused_write_in_a_batch_undoes_nothing_else(self, store: NodeStorage) -> None:
         results = store.write_many(
             [
