@@ -55,7 +55,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from bluemarble.api import cluster_config
-from bluemarble.client.control_plane import ControlPlaneClient
+from bluemarble.client.control_plane import MIN_ATTEMPT_S, ControlPlaneClient
 from bluemarble.client.routing import DataWriteResult, GrantResult, Inventory, PlayerData, RoutingClient
 from bluemarble.core import limits, validation
 from bluemarble.core.errors import BlueMarbleError, FailedPrecondition, NotFound
@@ -392,6 +392,8 @@ _MAX_CONFIG_INT = 2**31 - 1
 """Largest value of a numeric config field without a range of its own (they are 32-bit)."""
 
 MAX_TIMEOUT_S = 3600.0
+MIN_TIMEOUT_S = MIN_ATTEMPT_S
+"""The shortest --timeout-s: one attempt's floor in the client library."""
 """Longest ``--timeout-s`` accepted: a call that needs longer is not waiting for an answer."""
 
 VERBOSITY = ("error", "info", "debug")
@@ -954,8 +956,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(str(e))
     if args.timeout_s is None:
         args.timeout_s = PROMOTE_TIMEOUT_S if args.command == "promote" else DEFAULT_TIMEOUT_S
-    if not (math.isfinite(args.timeout_s) and 0 < args.timeout_s <= MAX_TIMEOUT_S):
-        p.error(f"--timeout-s must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:g}")
+    if not (math.isfinite(args.timeout_s) and MIN_TIMEOUT_S <= args.timeout_s <= MAX_TIMEOUT_S):
+        # (Below the floor, a call could not be answered even on loopback; it used to be raised to it silently.)
+        p.error(f"--timeout-s must be a number of seconds from {MIN_TIMEOUT_S:g} to {MAX_TIMEOUT_S:g}")
     if args.token_file:
         try:
             args.token = read_token_file(Path(args.token_file), "--token-file")

@@ -216,7 +216,8 @@ def test_the_routing_client_keeps_the_escrow_of_the_answer() -> None:
     assert (inv.escrowed_item_ids, inv.escrowed_gold) == (("sword",), 30)
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "1e309", "3601", "1_0", " 3 ", "1e3", "٣"])
+@pytest.mark.parametrize(
+    "value", ["nan", "inf", "-1", "0", "0.01", "0.0000001", "1e309", "3601", "1_0", " 3 ", "1e3", "٣"])
 def test_a_timeout_that_is_no_number_of_seconds_is_a_usage_error(
     value: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
