@@ -343,7 +343,9 @@ async def test_etcd_answers_a_progress_request_ahead_of_pending_events(store: Et
                     break
                 if resp.events:
                     delivered_to = resp.events[-1].kv.mod_revision
-        assert resp.header.revision >= expected[-1][0] > delivered_to + 1000
+        # Revisions still undelivered when the answer came (about 1,000 of the 1,600 on an
+        # idle machine; fewer when the machine is busy, so only "some" is asserted).
+        assert resp.header.revision >= expected[-1][0] > delivered_to
     finally:
         call.cancel()
         await channel.close(None)
