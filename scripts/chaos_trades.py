@@ -46,7 +46,7 @@ Then:
    leader, every shard with a primary and its replicas) before the next one.
 4. Heals, then checks:
 
-   * no escrow is left 10 s after healing (ListInDoubtTrades with every node answering,
+   * no escrow is left 10 s after healing (ListInDoubtTrades with every node answering and every shard led,
      and the escrowed fields of every inventory);
    * trades that never got an answer are asked again (same id, same terms) and applied;
    * every seeded item is in exactly one inventory (read from the primaries), no other
@@ -651,10 +651,10 @@ class Chaos:
         while True:
             try:
                 doubt = await client.in_doubt(deadline_s=2.0)
-                if not doubt.escrows and not doubt.unreachable_nodes:
+                if not doubt.escrows and doubt.complete:
                     return time.monotonic() - healed_at
                 last = f"{len(doubt.escrows)} escrows ({[e.trade_id for e in doubt.escrows[:3]]}), " \
-                       f"unreachable {list(doubt.unreachable_nodes)}"
+                       f"unreachable {list(doubt.unreachable_nodes)}, no primary {list(doubt.unled_shards)}"
             except BlueMarbleError as e:
                 last = str(e)
             if time.monotonic() - healed_at > ESCROW_CLEAR_S:

@@ -509,6 +509,8 @@ def render_trade(r: trade_pb2.GetTradeResponse) -> str:
         text += "\n\n" + table(_PARTICIPANT_HEADERS, _participant_rows(r.sides, _now_ms()))
     if r.unreachable_nodes:
         text += "\nunreachable (the sides they lead are missing): " + ", ".join(r.unreachable_nodes)
+    if r.unled_shards:
+        text += "\nno primary right now (a side there is missing): " + _first(r.unled_shards)
     return text
 
 
@@ -529,6 +531,8 @@ def render_in_doubt(r: trade_pb2.ListInDoubtTradesResponse, min_age_s: float = 0
                  "(--min-age-s 0 lists them)")
     if r.unreachable_nodes:
         text += "\nunreachable (their escrows are missing): " + ", ".join(r.unreachable_nodes)
+    if r.unled_shards:
+        text += "\nno primary right now (their escrows are missing): " + _first(r.unled_shards)
     return text
 
 
@@ -563,23 +567,31 @@ async def run_trade(args: argparse.Namespace, client: ControlPlaneClient) -> tup
             if "give player_id" in said:
                 raise NotFound(said.replace("give player_id", "pass --player PLAYER")) from e
             raise NotFound(f"{said} (pass --player PLAYER for a same-shard trade)") from e
-        return shown, render_trade(shown), _partial(shown.unreachable_nodes)
+        return shown, render_trade(shown), _partial(shown.unreachable_nodes, shown.unled_shards)
     if not 0 < args.limit <= limits.MAX_IN_DOUBT_TRADES:
         usage_error(f"bluemarblectl: --limit must be 1..{limits.MAX_IN_DOUBT_TRADES}")
     listed: trade_pb2.ListInDoubtTradesResponse = await client.call(
         lambda _: client.trades().ListInDoubtTrades, trade_pb2.ListInDoubtTradesRequest(limit=args.limit))
-    return listed, render_in_doubt(listed, args.min_age_s), _partial(listed.unreachable_nodes)
+    return listed, render_in_doubt(listed, args.min_age_s), _partial(listed.unreachable_nodes, listed.unled_shards)
 
 
-def _partial(unreachable: Sequence[str]) -> int:
+def _partial(unreachable: Sequence[str], unled: Sequence[str] = ()) -> int:
     """The exit status of an answer that lists what nodes hold: :data:`EXIT_NO_ANSWER`
-    (with a line on stderr) when some did not answer, for a script must not read a part
-    as the whole (no escrow in doubt, a side that is not there)."""
-    if not unreachable:
+    (with a line on stderr) when some did not answer, or some shards have no primary to
+    ask, for a script must not read a part as the whole (no escrow in doubt, a side that
+    is not there)."""
+    if not unreachable and not unled:
         return 0
-    print(f"bluemarblectl: {', '.join(unreachable)} did not answer: the answer is partial; ask again",
-          file=sys.stderr)
+    missing = [f"{', '.join(unreachable)} did not answer"] if unreachable else []
+    if unled:
+        missing.append(f"{_first(unled)} {'has' if len(unled) == 1 else 'have'} no primary to ask")
+    print(f"bluemarblectl: {'; '.join(missing)}: the answer is partial; ask again", file=sys.stderr)
     return EXIT_NO_ANSWER
+
+
+def _first(names: Sequence[str], shown: int = 5) -> str:
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 # Read-only subcommands: which RPC, its (empty) request, and how to print the answer.

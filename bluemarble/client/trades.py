@@ -153,11 +153,18 @@ class TradeStatus:
 
 @dataclass(frozen=True)
 class InDoubt:
-    """Escrows the primaries hold right now (oldest first), and the nodes that did not
-    answer (their escrows are missing from ``escrows``)."""
+    """Escrows the primaries hold right now (oldest first), the nodes that did not answer
+    and the shards with no primary to ask (the escrows of both are missing from
+    ``escrows``: :attr:`complete` is False)."""
 
     escrows: tuple[TradeSide, ...]
     unreachable_nodes: tuple[str, ...]
+    unled_shards: tuple[str, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        """Every shard's primary was asked and answered."""
+        return not self.unreachable_nodes and not self.unled_shards
 
 
 def _side(t: shardnode_pb2.ParticipantTrade) -> TradeSide:
@@ -525,4 +532,5 @@ class TradeClient:
         request = trade_pb2.ListInDoubtTradesRequest(limit=validation.limit(limit, limits.MAX_IN_DOUBT_TRADES))
         response, _ = await self._retrying(request, "ListInDoubtTrades", "ListInDoubtTrades", deadline_s)
         assert isinstance(response, trade_pb2.ListInDoubtTradesResponse)
-        return InDoubt(tuple(_side(t) for t in response.trades), tuple(response.unreachable_nodes))
+        return InDoubt(tuple(_side(t) for t in response.trades), tuple(response.unreachable_nodes),
+                       tuple(response.unled_shards))

@@ -91,7 +91,7 @@ class GetTradeRequest(_message.Message):
     def __init__(self, trade_id: _Optional[str] = ..., player_id: _Optional[str] = ...) -> None: ...
 
 class GetTradeResponse(_message.Message):
-    __slots__ = ("trade_id", "state", "outcome", "reason", "request", "decided_by", "decided_at_ms", "cross_shard", "retained", "sides", "unreachable_nodes", "abort_cause")
+    __slots__ = ("trade_id", "state", "outcome", "reason", "request", "decided_by", "decided_at_ms", "cross_shard", "retained", "sides", "unreachable_nodes", "abort_cause", "unled_shards")
     TRADE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,7 @@ class GetTradeResponse(_message.Message):
     SIDES_FIELD_NUMBER: _ClassVar[int]
     UNREACHABLE_NODES_FIELD_NUMBER: _ClassVar[int]
     ABORT_CAUSE_FIELD_NUMBER: _ClassVar[int]
+    UNLED_SHARDS_FIELD_NUMBER: _ClassVar[int]
     trade_id: str
     state: TradeState
     outcome: _common_pb2.TradeOutcome
@@ -116,7 +117,8 @@ class GetTradeResponse(_message.Message):
     sides: _containers.RepeatedCompositeFieldContainer[_shardnode_pb2.ParticipantTrade]
     unreachable_nodes: _containers.RepeatedScalarFieldContainer[str]
     abort_cause: _common_pb2.TradeAbortCause
-    def __init__(self, trade_id: _Optional[str] = ..., state: _Optional[_Union[TradeState, str]] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., request: _Optional[_Union[ExecuteTradeRequest, _Mapping]] = ..., decided_by: _Optional[str] = ..., decided_at_ms: _Optional[int] = ..., cross_shard: _Optional[bool] = ..., retained: _Optional[bool] = ..., sides: _Optional[_Iterable[_Union[_shardnode_pb2.ParticipantTrade, _Mapping]]] = ..., unreachable_nodes: _Optional[_Iterable[str]] = ..., abort_cause: _Optional[_Union[_common_pb2.TradeAbortCause, str]] = ...) -> None: ...
+    unled_shards: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, trade_id: _Optional[str] = ..., state: _Optional[_Union[TradeState, str]] = ..., outcome: _Optional[_Union[_common_pb2.TradeOutcome, str]] = ..., reason: _Optional[str] = ..., request: _Optional[_Union[ExecuteTradeRequest, _Mapping]] = ..., decided_by: _Optional[str] = ..., decided_at_ms: _Optional[int] = ..., cross_shard: _Optional[bool] = ..., retained: _Optional[bool] = ..., sides: _Optional[_Iterable[_Union[_shardnode_pb2.ParticipantTrade, _Mapping]]] = ..., unreachable_nodes: _Optional[_Iterable[str]] = ..., abort_cause: _Optional[_Union[_common_pb2.TradeAbortCause, str]] = ..., unled_shards: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TradeRecord(_message.Message):
     __slots__ = ("trade_id", "outcome", "reason", "decided_by", "decided_at_ms", "request", "shard_a", "shard_b", "abort_cause")
@@ -177,9 +179,11 @@ class ListInDoubtTradesRequest(_message.Message):
     def __init__(self, limit: _Optional[int] = ...) -> None: ...
 
 class ListInDoubtTradesResponse(_message.Message):
-    __slots__ = ("trades", "unreachable_nodes")
+    __slots__ = ("trades", "unreachable_nodes", "unled_shards")
     TRADES_FIELD_NUMBER: _ClassVar[int]
     UNREACHABLE_NODES_FIELD_NUMBER: _ClassVar[int]
+    UNLED_SHARDS_FIELD_NUMBER: _ClassVar[int]
     trades: _containers.RepeatedCompositeFieldContainer[_shardnode_pb2.ParticipantTrade]
     unreachable_nodes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, trades: _Optional[_Iterable[_Union[_shardnode_pb2.ParticipantTrade, _Mapping]]] = ..., unreachable_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+    unled_shards: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, trades: _Optional[_Iterable[_Union[_shardnode_pb2.ParticipantTrade, _Mapping]]] = ..., unreachable_nodes: _Optional[_Iterable[str]] = ..., unled_shards: _Optional[_Iterable[str]] = ...) -> None: ...

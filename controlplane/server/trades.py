@@ -1124,6 +1124,7 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
         elif hint is not None:
             players = [hint]
         unlocated: list[str] = []  # why a player's side could not be asked
+        unled: list[ShardId] = []  # the shards of those sides, when known
         if players:
             nodes: dict[NodeId, str] = {}
             for player in players:
@@ -1131,11 +1132,16 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
                     primary = self._locate.of_player(player)
                 except Unavailable as e:
                     unlocated.append(str(e).removesuffix("; retry shortly"))
+                    with contextlib.suppress(Unavailable):
+                        unled.append(self._locate.shard_of(player))
                     continue
                 nodes[primary.node] = primary.address
         else:
             nodes = self._locate.primaries()
-            if unled := self._locate.unled():
+            unled = self._locate.unled()
+            if stored is not None and (named := {stored.record.shard_a, stored.record.shard_b} - {""}):
+                unled = [shard for shard in unled if shard in named]  # the record says where its sides are
+            if unled:
                 unlocated.append(f"{len(unled)} shard(s) have no primary right now ({', '.join(unled[:4])}"
                                  + (", ...)" if len(unled) > 4 else ")"))
         sides, unreachable = await self._c.list_trades(nodes, trade_id, 2)
@@ -1153,7 +1159,8 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
             with contextlib.suppress(Unavailable):
                 home = self._locate.shard_of(hint)
                 sides = [s for s in sides if s.shard_id == home] or sides
-        response = trade_pb2.GetTradeResponse(trade_id=trade_id, sides=sides, unreachable_nodes=unreachable)
+        response = trade_pb2.GetTradeResponse(trade_id=trade_id, sides=sides, unreachable_nodes=unreachable,
+                                              unled_shards=unled)
         if stored is not None:
             r = stored.record
             response.outcome = r.outcome
@@ -1226,5 +1233,6 @@ class TradeCoordinatorService(trade_pb2_grpc.TradeCoordinatorServicer):
             (t for t in trades if t.state == shardnode_pb2.PARTICIPANT_TRADE_STATE_PREPARED),
             key=lambda t: (t.prepared_at_ms, t.trade_id),
         )[:limit]
-        return trade_pb2.ListInDoubtTradesResponse(trades=in_doubt, unreachable_nodes=unreachable)
+        return trade_pb2.ListInDoubtTradesResponse(trades=in_doubt, unreachable_nodes=unreachable,
+                                                   unled_shards=self._locate.unled())
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from bluemarble.client.routing import RoutingClient
+from bluemarble.client.trades import TradeClient
 from shardnode.dataplane import HOLD_REPLICATION_FAILPOINT
 from tests.e2e.conftest import ProcessCluster
 from tests.e2e.test_data_plane import assignments, eventually, players_on, settled, start
@@ -102,6 +103,11 @@ async def test_a_lagging_copy_is_not_promoted_over_acknowledged_writes_of_two_de
     async with RoutingClient(process_cluster.control_planes) as client:
         await client.wait_ready(20)
         crash = await _crash_primary_and_acker(process_cluster, client)
+        # Nobody can be asked for the waiting shard's escrows: the in-doubt list says it is
+        # incomplete rather than "nothing in doubt".
+        async with TradeClient(process_cluster.control_planes) as trades:
+            listed = await trades.in_doubt(deadline_s=20)
+        assert crash.shard in listed.unled_shards and not listed.complete, listed
         for node in (crash.primary, crash.acker):
             process_cluster.start_node(node, NODES[node])
         await _served_with_every_write(process_cluster, client, crash)

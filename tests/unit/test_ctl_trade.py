@@ -82,6 +82,16 @@ def test_in_doubt_lists_unreachable_nodes() -> None:
     assert "0 escrow(s) in doubt" in text and "unreachable (their escrows are missing): n3" in text
 
 
+def test_in_doubt_and_show_name_the_shards_with_no_primary_to_ask(capsys: pytest.CaptureFixture[str]) -> None:
+    listed = trade_pb2.ListInDoubtTradesResponse(unled_shards=["shard-9", "shard-11"])
+    assert "no primary right now (their escrows are missing): shard-9, shard-11" in ctl.render_in_doubt(listed)
+    shown = trade_pb2.GetTradeResponse(trade_id="t1", unled_shards=["shard-9"])
+    assert "no primary right now (a side there is missing): shard-9" in ctl.render_trade(shown)
+    assert ctl._partial([], listed.unled_shards) == ctl.EXIT_NO_ANSWER  # a part is not the whole
+    assert "shard-9, shard-11 have no primary to ask: the answer is partial" in capsys.readouterr().err
+    assert ctl._partial([], []) == 0
+
+
 class _Coordinator(trade_pb2_grpc.TradeCoordinatorServicer):
     def __init__(self) -> None:
         self.requests: list[trade_pb2.ExecuteTradeRequest] = []
