@@ -1285,7 +1285,10 @@ class RoutingClient:
             if remaining_s <= 0:
                 break
             if target.address is None:
-                last = errors.Unavailable(f"no address known for node {target.node_id} of {route.shard_id} yet")
+                role = "primary" if target.primary else "replica"
+                last = errors.Unavailable(
+                    f"node {target.node_id}, {route.shard_id}'s {role}, has no known address: it is not registered "
+                    "(down, or starting); the shard fails over or waits for it; retry shortly")
                 continue
             timeout_s = remaining_s
             if i < len(targets) - 1:  # leave time (half at least) for the replicas a stale read may fall back to

@@ -308,6 +308,9 @@ class Reconciler:
         self._departures: collections.deque[tuple[float, NodeId]] = collections.deque()
         self._live_addresses: dict[NodeId, str] = {}
         self._departed_addresses: dict[NodeId, str] = {}  # of departures not yet checked
+        # Departed nodes found refusing connections (their process is gone), until they are
+        # live again: a hold does not wait for them (they do not come back on their own).
+        self._crashed: set[NodeId] = set()
         self._verified: set[tuple[NodeId, int]] = set()
         self._verified_changes = 0  # bumped whenever _verified changes (an input of a round)
         self._probe_tokens = float(_MAX_PROBES_PER_S)
@@ -440,6 +443,7 @@ class Reconciler:
             addresses = {NodeId(n.node_id): n.address for n in self._nodes.entries.values()}
             live = set(addresses)
             gone, self._live, self._live_revision = self._live - live, live, self._nodes.revision
+            self._crashed -= live
             for node in gone:
                 self._departed_addresses[node] = self._live_addresses.get(node, "")
             self._live_addresses = addresses
@@ -461,9 +465,10 @@ class Reconciler:
         refused = await asyncio.gather(*(self._probe.refuses_connections(a) for a in pending.values()))
         crashed = {node for node, dead in zip(pending, refused, strict=True) if dead}
         if crashed:
-            log.info("departed nodes refuse connections (their processes are gone): not a mass expiry",
-                     nodes=sorted(crashed))
+            log.info("departed nodes refuse connections (their processes are gone): not a mass expiry, "
+                     "and no hold waits for them", nodes=sorted(crashed))
             self._departures = collections.deque((t, n) for t, n in self._departures if n not in crashed)
+            self._crashed |= crashed
 
     def _hold_s(self) -> float:
         if self._hold_s_override is not None:
@@ -516,7 +521,9 @@ class Reconciler:
             )
             self._departures.clear()
         eligible = sum(1 for n in nodes if not n.draining)
-        named_missing = {m for a in current.values() for m in a.members} - {n.node_id for n in nodes}
+        # Nodes whose process is gone are not waited for: they fail over as a crash does.
+        named = {m for a in current.values() for m in a.members} - self._crashed
+        named_missing = named - {n.node_id for n in nodes}
         if new_term and named_missing:
             ttl_s = self._election.ttl_s
             self._start_hold(
@@ -540,9 +547,8 @@ class Reconciler:
             for n in nodes
             if self._nodes.mod_revisions.get(self._keys.node(n.node_id), 0) > self._hold_from_revision
         }
-        named = {m for a in current.values() for m in a.members}
         if self._hold_must_return is not None:
-            must_return = self._hold_must_return
+            must_return = self._hold_must_return - self._crashed
         else:  # an outage's hold (see _start_hold)
             must_return = named if self._clock.monotonic_s() < self._outage_settled_s else set()
         if named <= live and must_return <= fresh and eligible >= replication_factor:

@@ -814,6 +814,37 @@ async def test_a_new_term_that_finds_named_nodes_gone_holds_moves_until_they_reg
     await election.stop()
 
 
+async def test_a_new_term_does_not_wait_for_a_named_node_whose_process_is_gone(world: World) -> None:
+    """As above, but the next leader watched the nodes while it followed, and the node
+    that is gone refuses connections: its process is gone, it will not register again on
+    its own, so the new term holds nothing for it and it fails over at once (not 1.5 lease
+    TTLs later)."""
+    leases, election, reconciler = await placed_cluster(world, "abcab")
+    follower_election = Election(world.etcd, world.keys, "cp-1", "127.0.0.1:7001", TTL_S,  # type: ignore[arg-type]
+                                 clock=world.clock)
+    await follower_election.start()
+    follower = make_reconciler(world, follower_election)
+    await follower.start()
+    await world.clock.advance(1.0)  # the follower has seen every node live
+    await reconciler.stop()
+    await election.stop()
+    beating = world.keep_alive(lambda: [leases[node] for node in ("n0", "n1", "n2", "n3")])
+    world.probe.refusing = {address_of("n4")}  # its process is gone
+    await world.etcd.revoke_lease(leases["n4"])
+    moved = False
+    for _ in range(30):  # 3 s, well within the 15 s a hold for it would last
+        await world.clock.advance(0.1)
+        assert "not registered" not in follower.holding, follower.holding
+        moved = not any("n4" in (a.primary, *a.replicas) for a in world.assignments().values())
+        if moved and follower_election.leadership is not None:
+            break
+    assert follower_election.leadership is not None and moved
+    assert all(a.primary and len(a.replicas) == 2 for a in world.assignments().values())
+    beating.cancel()
+    await follower.stop()
+    await follower_election.stop()
+
+
 async def test_a_joining_node_takes_primaries_as_soon_as_it_reports_its_copies_done(world: World) -> None:
     """Handoffs to a new replica wait for its copy, as the node reports it (ShardStatus:
     not copying, following its primary): not the fixed CATCH_UP_GRACE_S when it answers."""
