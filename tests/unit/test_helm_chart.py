@@ -153,6 +153,7 @@ def test_values_match_the_schema(variant: str) -> None:
         {"etcd": {"backup": {"keep": 0}}},
         {"etcd": {"backup": {"schedule": "hourly"}}},
         {"etcd": {"backup": {"persistence": {"size": "0"}}}},
+        {"etcd": {"image": {"tag": ""}}},  # would render "image: quay.io/coreos/etcd:"
     ],
 )
 def test_the_schema_refuses_bad_values(override: dict[str, Any]) -> None:
@@ -377,6 +378,26 @@ def test_pod_templates_do_not_change_with_the_chart_version(rendered: dict[str, 
         assert "helm.sh/chart" not in labels, (name, labels)
         assert ("app.kubernetes.io/version" in labels) == (name != ETCD), (name, labels)
         assert "helm.sh/chart" in m.get(kind, name)["metadata"]["labels"]  # the object itself keeps it
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_chart_version_bump_changes_no_pod_template(tmp_path: Any, tls: bool) -> None:
+    """Rendered from a copy whose Chart.yaml says another version (nothing else changed):
+    every pod template, annotations included (the scripts' checksum hashes their text, not
+    the ConfigMap with its chart label), is the same, so an upgrade restarts nothing."""
+    import shutil
+    from pathlib import Path
+
+    values = {"tls": {"enabled": True, "secretName": "cp-tls", "nodeSecretName": "node-tls"}} if tls else {}
+    bumped = Path(tmp_path) / "bluemarble"
+    shutil.copytree(hc.CHART, bumped)
+    chart_yaml = bumped / "Chart.yaml"
+    chart_yaml.write_text(chart_yaml.read_text().replace("\nversion: ", "\nversion: 9.9.9-", 1))
+    before = Manifests.parse(hc.render_text(values))
+    after = Manifests.parse(hc.render_text(values, chart=bumped))
+    for kind, name in (("Deployment", CP), ("StatefulSet", NODE), ("StatefulSet", ETCD)):
+        assert after.get(kind, name)["metadata"]["labels"] != before.get(kind, name)["metadata"]["labels"]  # bumped
+        assert after.get(kind, name)["spec"]["template"] == before.get(kind, name)["spec"]["template"], name
 
 
 def test_nodes_scale_down_one_at_a_time_and_default_to_more_than_the_replication_factor(
@@ -753,6 +774,8 @@ def test_the_etcd_backup_runs_the_control_plane_backup_against_the_same_etcd(
     assert set(mounts.values()) <= set(volumes) and mounts["/backups"] == "backups"
     claim = volumes["backups"]["persistentVolumeClaim"]["claimName"]
     assert m.get("PersistentVolumeClaim", claim)["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    # The backups outlive the release: helm uninstall (or backups turned off) keeps the claim.
+    assert m.get("PersistentVolumeClaim", claim)["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert c["securityContext"]["readOnlyRootFilesystem"] and "/tmp" in mounts
     if variant == "everything":  # external etcd with TLS: the same files, mounted from the same Secret
         ca = env["BLUEMARBLE_ETCD_CA"]["value"]
@@ -773,6 +796,10 @@ def test_notes_show_grpcurl_through_a_port_forward() -> None:
     assert "-plaintext" not in tls and "grpcurl -cacert ca.crt -cert client.crt -key client.key" in tls
     assert f"-authority {CP}.{hc.NAMESPACE}.svc localhost:7000 list" in tls
     assert 'authorization: Bearer $TOKEN' in tls and "get secret bm-admin" in tls
+    assert "(SetConfig, DrainNode, UndrainNode, ForcePromote)" in tls
+    assert f"exec deploy/{CP} -- bluemarblectl --control-plane localhost:7000 status" in plain
+    assert f"--control-plane {CP}.{hc.NAMESPACE}.svc:7000" in tls
+    assert "--tls-ca /etc/bluemarble/tls/ca.crt status" in tls
 
 
 # ---- the chart's scripts -----------------------------------------------------------------

@@ -242,3 +242,9 @@ topologySpreadConstraints:
         {{- include "bluemarble.selectorLabels" . | nindent 8 }}
 {{- end }}
 {{- end -}}
+
+{{- /* A hash of the scripts' own text (not of the rendered ConfigMap, whose labels carry the
+chart version: a chart bump would restart every pod). */ -}}
+{{- define "bluemarble.scriptsChecksum" -}}
+{{- print (.Files.Get "files/topology.py") (.Files.Get "files/health_probe.py") | sha256sum -}}
+{{- end -}}
