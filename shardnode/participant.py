@@ -433,14 +433,25 @@ class Participant:
                 settled_at_ms=self._clock.wall_ms(),
             ),
         )
-        result = await self._dp.write(state, op)
+        try:
+            result = await self._dp.write(state, op)
+        except stored.EntryRefused as e:
+            if outcome is Outcome.COMMITTED:
+                # The trade is decided and its other side may have applied it: until this
+                # side does, an item is in two inventories or none (an item id minted twice
+                # elsewhere, a grant that raced it). Retrying cannot help: an operator must.
+                self._refused_settle(
+                    "cannot-apply", "a COMMITTED trade cannot apply on this shard; its escrow stays until an "
+                    "operator resolves the conflict", trade_id=trade_id, shard=shard, error=str(e), level="error",
+                )
+            raise
         log.debug("trade settled", trade_id=trade_id, shard=shard, outcome=outcome.name, verdict=verdict.name,
                   lsn=result.lsn)
         return participant_state_to_proto(state_for(outcome))
 
     # ---- same-shard trades ----
 
-    def _refused_settle(self, kind: str, event: str, **fields: object) -> None:
+    def _refused_settle(self, kind: str, event: str, *, level: str = "warning", **fields: object) -> None:
         """A warning line for a settle that contradicts what this shard applied: a bug of
         ours, a lost escrow, or a caller that is not the coordinator (any client can send
         one to a node without mutual TLS, so it is no error of the node's). At most one per
@@ -450,7 +461,7 @@ class Participant:
         if held_back is None:
             log.debug(event, **fields)
         else:
-            log.warning(event, held_back_since_last=held_back, **fields)
+            (log.error if level == "error" else log.warning)(event, held_back_since_last=held_back, **fields)
 
     async def execute_local_trade(
         self, request: shardnode_pb2.ExecuteLocalTradeRequest, timeout_s: float

@@ -117,6 +117,11 @@ def _apply_grant(
             if owner is not None:
                 raise FailedPrecondition(records.owned_elsewhere(
                     item, owner[0], by_this_player=(owner[0], owner[1]) == (shard, player)))
+        if (on_its_way := trades.arriving(conn, item_ids)) is not None:
+            item, to_shard, trade_id = on_its_way
+            raise FailedPrecondition(
+                f"item {echo(item)} is already owned: trade {echo(trade_id, 40)} brings it to {to_shard} (not settled "
+                "yet); item ids are unique, mint a new one")
     found = execute(SELECT_GOLD, (shard, player)).fetchone()
     gold = grant.gold + (found[0] if found is not None else 0)
     # The primary keeps the headroom the player's pending trades need (their commits must

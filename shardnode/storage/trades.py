@@ -91,6 +91,8 @@ _ENSURE_PLAYER = "INSERT INTO players (shard_id, player_id, gold) VALUES (?, ?, 
 _SET_GOLD = "UPDATE players SET gold = ? WHERE shard_id = ? AND player_id = ?"
 _DELETE_ITEM = "DELETE FROM items WHERE shard_id = ? AND item_id = ? AND player_id = ?"
 _INSERT_ITEM = "INSERT INTO items (shard_id, item_id, player_id) VALUES (?, ?, ?)"
+# Every escrow this node's shards hold (the partial index trades_prepared: a few at a time).
+_PREPARED_LEGS = "SELECT shard_id, trade_id, leg FROM trades WHERE state = 'PREPARED' AND leg IS NOT NULL"
 _MOVE_ITEM = "UPDATE items SET player_id = ? WHERE shard_id = ? AND item_id = ? AND player_id = ?"
 
 
@@ -242,6 +244,25 @@ def holdings(
                     incoming_items=incoming[1])
 
 
+def arriving(conn: sqlite3.Connection, item_ids: Sequence[str]) -> tuple[str, str, str] | None:
+    """The first of ``item_ids`` that a PREPARED trade on any shard of this node would bring
+    if it commits, as (item, shard, trade id); None when none is on its way here. A grant
+    of such an item would make that commit impossible (the item would be here twice), and
+    its trade, COMMITTED on the other side, could never finish on this one."""
+    wanted = set(item_ids)
+    if not wanted:
+        return None
+    for shard, trade_id, leg in conn.execute(_PREPARED_LEGS):
+        try:
+            receives = shardnode_pb2.TradeLeg.FromString(bytes(leg)).receives
+        except DecodeError as e:
+            raise CorruptRecord(f"an escrow of {shard} holds an undecodable leg") from e
+        for item in receives.item_ids:
+            if item in wanted:
+                return item, str(shard), str(trade_id)
+    return None
+
+
 def incoming(conn: sqlite3.Connection, shard: ShardId, player: PlayerId) -> tuple[int, int]:
     """The gold and the number of items ``player``'s PREPARED trades on ``shard`` would
     bring if they commit."""
@@ -299,9 +320,14 @@ def apply_trade_op(
         _apply_local(conn, shard, lsn, op.local_trade, primary=primary)
 
 
+class EntryRefused(FailedPrecondition):
+    """The primary's state cannot take a trade entry (nothing was written): an escrowed
+    item gone, gold out of range, a received item already here."""
+
+
 def _refuse(primary: bool, lsn: int, shard: ShardId, message: str) -> Exception:
     if primary:
-        return FailedPrecondition(message)
+        return EntryRefused(message)
     return CorruptRecord(f"entry {lsn} of {shard}: {message}")
 
 

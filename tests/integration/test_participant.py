@@ -24,6 +24,7 @@ from bluemarble.client.ring_router import RingRouter
 from bluemarble.core import limits
 from bluemarble.core.ids import PlayerId, ShardId
 from bluemarble.core.ring import initial_ring
+from bluemarble.core.trades import TradeState
 from bluemarble.runtime.grpc_server import ServiceBinding, build_server
 from bluemarble.v1 import common_pb2, shardnode_pb2, shardnode_pb2_grpc, trade_pb2, trade_pb2_grpc
 from shardnode import participant as participant_module
@@ -235,6 +236,36 @@ async def test_repeated_conflicting_settles_log_one_warning_per_interval(node: N
         "conflicting settle refused: the trade already applied the other outcome",
     ], warnings
     assert not any(e["log_level"] == "error" for e in logs)  # any client can send these without mutual TLS
+
+
+async def test_a_grant_of_an_item_on_its_way_is_refused_and_a_commit_that_cannot_apply_is_an_error(
+    node: Node,
+) -> None:
+    """Alice's escrow receives a gem from another shard: granting that id here is refused
+    (the commit could never apply). Were the gem here anyway (minted twice, on a node that
+    could not see the escrow), the COMMITTED settle is refused and logged as an error, once
+    per interval: the decision stands, and only an operator can resolve it."""
+    n = node
+    await seed(n, "alice", [], 10)
+    await n.stub.Prepare(prepare("t1", leg("alice", [], 3, ["gem"])))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await n.stub.GrantItems(shardnode_pb2.GrantItemsRequest(request_id="g-bob", player_id="bob", item_ids=["gem"]))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "item 'gem' is already owned: trade 't1' brings it" in (info.value.details() or "")
+    with n.storage._conn:  # the gem minted twice where this node could not see the escrow
+        n.storage._conn.execute("INSERT INTO items (shard_id, item_id, player_id) VALUES (?, 'gem', 'bob')",
+                                (SHARD,))
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(5):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await n.stub.Commit(shardnode_pb2.CommitRequest(trade_id="t1", shard_id=SHARD))
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert [e["event"] for e in errors] == [
+        "a COMMITTED trade cannot apply on this shard; its escrow stays until an operator resolves the conflict"
+    ], logs
+    assert "receives is already on" in errors[0]["error"]
+    assert n.storage.trade(SHARD, "t1").state is TradeState.PREPARED  # type: ignore[union-attr]
 
 
 async def test_two_concurrent_prepares_of_one_item_escrow_it_once(node: Node) -> None:

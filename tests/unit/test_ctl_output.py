@@ -107,7 +107,7 @@ def test_an_unreachable_control_plane_is_one_line_on_stderr_unless_verbose() -> 
 
 def test_json_keeps_empty_lists_and_zeros_so_every_answer_has_the_same_keys() -> None:
     parsed = json.loads(ctl.message_json(trade_pb2.ListInDoubtTradesResponse()))
-    assert parsed == {"trades": [], "unreachable_nodes": []}
+    assert parsed == {"trades": [], "unreachable_nodes": [], "unled_shards": []}
 
 
 def test_a_limit_out_of_range_is_bad_usage(capsys: pytest.CaptureFixture[str]) -> None:

@@ -147,6 +147,25 @@ def test_an_escrowed_item_cannot_be_traded_locally(pair: tuple[NodeStorage, Node
     assert record is not None and record.state is TradeState.ABORTED and not record.cross_shard
 
 
+def test_an_item_a_prepared_trade_brings_here_cannot_be_granted(pair: tuple[NodeStorage, NodeStorage]) -> None:
+    """Bob's escrow on shard-1 receives the gem another shard's player gives: a grant of
+    that id (to anyone, on any shard of this node) would leave the COMMITTED trade unable
+    to apply here, its other side done. Refused until the trade settles."""
+    primary, _ = pair
+    primary.write(S1, 1, grant("g1", "bob", [], 5), 1)
+    primary.write(S1, 1, prepare("t1", leg("bob", [], 3, ["gem"], 0, "carol")), 1)
+    for shard, player in ((S1, "dave"), (S2, "erin")):
+        with pytest.raises(FailedPrecondition, match=r"item 'gem' is already owned: trade 't1' brings it to shard-1"):
+            primary.write(shard, 1, grant(f"g-{player}", player, ["ring", "gem"]), 1)
+        assert primary.inventory(shard, PlayerId(player)) is None  # nothing of the grant was written
+    primary.write(S1, 1, settle("t1", "bob", COMMITTED), 1)  # the trade applies: the gem is bob's
+    assert primary.inventory(S1, BOB) == (["gem"], 2)
+    primary.write(S1, 1, prepare("t2", leg("bob", [], 1, ["pearl"], 0, "carol")), 1)
+    primary.write(S1, 1, settle("t2", "bob", ABORTED), 1)
+    primary.write(S2, 1, grant("g-pearl", "erin", ["pearl"]), 1)  # aborted: nothing is on its way any more
+    assert primary.inventory(S2, PlayerId("erin")) == (["pearl"], 0)
+
+
 def test_a_snapshot_carries_trade_records_and_escrows(pair: tuple[NodeStorage, NodeStorage]) -> None:
     primary, replica = pair
     primary.write(S1, 1, grant("g1", "alice", ["sword", "shield"], 10), 1)
