@@ -285,6 +285,7 @@ class Participant:
         players of the shard (core ``check_leg``)."""
         base = self._dp.storage.holdings(shard, PlayerId(player), receiving)
         escrowed: set[str] = set()
+        arriving: set[str] = set()
         escrowed_gold = incoming_gold = incoming_items = 0
         touched = False  # a queued write concerns the player (it also creates the player)
         for op in self._dp.pending_ops(shard):
@@ -296,6 +297,7 @@ class Participant:
                 escrowed_gold += op.trade_prepare.leg.gives.gold
                 incoming_gold += op.trade_prepare.leg.receives.gold
                 incoming_items += len(op.trade_prepare.leg.receives.item_ids)
+                arriving.update(op.trade_prepare.leg.receives.item_ids)
             elif kind == stored.LOCAL_TRADE and op.local_trade.outcome == common_pb2.TRADE_OUTCOME_COMMITTED:
                 t = op.local_trade
                 for giver, offer, received in ((t.player_a, t.a_gives, t.b_gives), (t.player_b, t.b_gives, t.a_gives)):
@@ -304,10 +306,12 @@ class Participant:
                         escrowed_gold += offer.gold
                         incoming_gold += received.gold
                         incoming_items += len(received.item_ids)
+                        arriving.update(received.item_ids)
                         touched = True
             elif kind == GRANT:
                 incoming_gold += op.grant.gold
                 incoming_items += len(op.grant.item_ids)
+                arriving.update(op.grant.item_ids)
             elif kind == TAKE:  # what a queued take removes is not there to give
                 escrowed.update(op.take.item_ids)
                 escrowed_gold += op.take.gold
@@ -316,7 +320,7 @@ class Participant:
             return base  # the common case: nothing queued for this player, nothing to copy
         return Holdings(base.items, base.gold, base.escrowed_items | escrowed, base.escrowed_gold + escrowed_gold,
                         base.held_by_others, base.incoming_gold + incoming_gold, True,
-                        base.incoming_items + incoming_items)
+                        base.incoming_items + incoming_items, base.arriving_items | arriving)
 
     # ---- checks ----
 

@@ -233,15 +233,17 @@ def holdings(
         return Holdings(frozenset(), 0, held_by_others=held_by_others, known=False)
     items = frozenset(r[0] for r in conn.execute(_PLAYER_ITEMS, (shard, player)))
     escrowed: set[str] = set()
-    escrowed_gold = 0
-    incoming = (0, 0)
+    arriving: set[str] = set()
+    escrowed_gold = incoming_gold = incoming_items = 0
     for item_ids, gold, leg in conn.execute(_PLAYER_ESCROWS, (shard, player)):
         escrowed.update(json.loads(item_ids))
         escrowed_gold += int(gold)
-        gold_in, items_in = _received(shard, leg)
-        incoming = (incoming[0] + gold_in, incoming[1] + items_in)
-    return Holdings(items, int(found[0]), frozenset(escrowed), escrowed_gold, held_by_others, incoming[0],
-                    incoming_items=incoming[1])
+        receives = _receives(shard, leg)
+        incoming_gold += receives.gold
+        incoming_items += len(receives.item_ids)
+        arriving.update(receives.item_ids)
+    return Holdings(items, int(found[0]), frozenset(escrowed), escrowed_gold, held_by_others, incoming_gold,
+                    incoming_items=incoming_items, arriving_items=frozenset(arriving))
 
 
 def arriving(conn: sqlite3.Connection, item_ids: Sequence[str]) -> tuple[str, str, str] | None:
@@ -253,11 +255,7 @@ def arriving(conn: sqlite3.Connection, item_ids: Sequence[str]) -> tuple[str, st
     if not wanted:
         return None
     for shard, trade_id, leg in conn.execute(_PREPARED_LEGS):
-        try:
-            receives = shardnode_pb2.TradeLeg.FromString(bytes(leg)).receives
-        except DecodeError as e:
-            raise CorruptRecord(f"an escrow of {shard} holds an undecodable leg") from e
-        for item in receives.item_ids:
+        for item in _receives(shard, leg).item_ids:
             if item in wanted:
                 return item, str(shard), str(trade_id)
     return None
@@ -274,13 +272,18 @@ def incoming(conn: sqlite3.Connection, shard: ShardId, player: PlayerId) -> tupl
 
 
 def _received(shard: ShardId, leg: bytes | None) -> tuple[int, int]:
+    receives = _receives(shard, leg)
+    return int(receives.gold), len(receives.item_ids)
+
+
+def _receives(shard: ShardId, leg: bytes | None) -> common_pb2.Offer:
+    """What an escrow's leg receives (nothing for an escrow without its leg)."""
     if leg is None:
-        return 0, 0
+        return common_pb2.Offer()
     try:
-        receives = shardnode_pb2.TradeLeg.FromString(bytes(leg)).receives
+        return shardnode_pb2.TradeLeg.FromString(bytes(leg)).receives
     except DecodeError as e:
         raise CorruptRecord(f"an escrow of {shard} holds an undecodable leg") from e
-    return int(receives.gold), len(receives.item_ids)
 
 
 # ---- apply ----

@@ -268,6 +268,20 @@ async def test_a_grant_of_an_item_on_its_way_is_refused_and_a_commit_that_cannot
     assert n.storage.trade(SHARD, "t1").state is TradeState.PREPARED  # type: ignore[union-attr]
 
 
+async def test_giving_an_item_still_on_its_way_is_a_pending_refusal(node: Node) -> None:
+    """A chain sent at once: t1 brings alice a gem, t2 has her give it on before t1
+    settled. t2 is refused as pending (CONTENDED: the same exchange may go through once t1
+    settles), not as an item she does not own."""
+    n = node
+    await seed(n, "alice", [], 10)
+    await n.stub.Prepare(prepare("t1", leg("alice", [], 1, ["gem"])))
+    refused = await n.stub.Prepare(prepare("t2", leg("alice", ["gem"], 0, [], 2)))
+    assert refused.vote == REFUSED and refused.refused_pending, refused
+    assert "does not own item gem yet: a trade bringing it has not settled" in refused.reason
+    await n.stub.Commit(shardnode_pb2.CommitRequest(trade_id="t1", shard_id=SHARD))
+    assert (await n.stub.Prepare(prepare("t3", leg("alice", ["gem"], 0, [], 2)))).vote == PREPARED
+
+
 async def test_two_concurrent_prepares_of_one_item_escrow_it_once(node: Node) -> None:
     n = node
     await seed(n, "alice", ["sword"], 10)

@@ -99,7 +99,8 @@ def test_prepare_commit_abort_and_local_trade_apply_alike_on_primary_and_replica
     # t1: alice escrows sword + 30 gold, receives a gem from another shard.
     primary.write(S1, 1, prepare("t1", leg("alice", ["sword"], 30, ["gem"], 5, "carol")), 1)
     assert primary.holdings(S1, ALICE) == Holdings(
-        frozenset({"sword", "shield", "axe"}), 100, frozenset({"sword"}), 30, incoming_gold=5, incoming_items=1)
+        frozenset({"sword", "shield", "axe"}), 100, frozenset({"sword"}), 30, incoming_gold=5, incoming_items=1,
+        arriving_items=frozenset({"gem"}))
     # The escrowed item cannot be escrowed again, nor can gold beyond what is free.
     with pytest.raises(FailedPrecondition, match="held by another trade"):
         primary.write(S1, 1, prepare("t2", leg("alice", ["sword"], 0, [], 1, "carol")), 1)

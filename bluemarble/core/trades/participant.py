@@ -75,6 +75,9 @@ class Holdings:
     incoming_items: int = 0
     """Items those trades and writes would bring: they count against the cap on items
     per player (``MAX_ITEMS_PER_PLAYER``) the same way."""
+    arriving_items: frozenset[str] = frozenset()
+    """The ids of those items (as far as the driver knows them): giving one of them before
+    it has arrived is refused as pending, not as an item the player does not own."""
 
     @property
     def available_gold(self) -> int:
@@ -157,6 +160,9 @@ def refusal(leg: Leg, holdings: Holdings) -> tuple[str, bool]:
         return f"player {leg.player} is unknown on its shard (never granted anything); check the player id", False
     for item in leg.gives.item_ids:
         if item not in holdings.items:
+            if item in holdings.arriving_items:
+                return (f"player {leg.player} does not own item {item} yet: a trade bringing it has not "
+                        "settled"), True
             return f"player {leg.player} does not own item {item}", False
         if item in holdings.escrowed_items:
             return f"item {item} is held by another trade", True
