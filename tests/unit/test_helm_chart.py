@@ -181,6 +181,7 @@ def test_the_schema_refuses_bad_values(override: dict[str, Any]) -> None:
         ({"nodes": {"podLabels": {"app.kubernetes.io/instance": "x"}}}, "nodes.podLabels may not set"),
         ({"etcd": {"endpoints": ["etcd.example:2379"]}}, "etcd.endpoints is set but etcd.enabled is true"),
         ({"controlplane": {"preStopSleepSeconds": 30}}, "controlplane.preStopSleepSeconds (30) must be below"),
+        ({"nodes": {"replicas": 2}}, "nodes.replicas (2) is below controlplane.replicationFactor (3)"),
     ],
 )
 def test_the_chart_refuses_incomplete_values(override: dict[str, Any], message: str) -> None:
