@@ -574,16 +574,19 @@ class Participant:
                 pass
 
     def refresh_in_doubt(self, force: bool = False) -> int:
-        """Sets ``bluemarble_trades_in_doubt`` to the escrows (PREPARED legs) on the shards
-        this node leads, at most every :data:`IN_DOUBT_REFRESH_S` unless ``force``, and
-        returns it (-1 when not refreshed). Counted up to :data:`MAX_LIST_TRADES`: past
-        that the alert fires anyway, and a bounded read keeps the loop cheap."""
+        """Sets ``bluemarble_trades_in_doubt`` to the escrows (PREPARED legs) past their
+        deadline on the shards this node leads, at most every :data:`IN_DOUBT_REFRESH_S`
+        unless ``force``, and returns it (-1 when not refreshed). Escrows within their
+        deadline are trades in flight (hundreds a second under load): counted, the alert
+        would page a healthy cluster. Counted up to :data:`MAX_LIST_TRADES`: past that the
+        alert fires anyway, and a bounded read keeps the loop cheap."""
         now_s = self._clock.monotonic_s()
         if not force and now_s - self._in_doubt_at_s < IN_DOUBT_REFRESH_S:
             return -1
         self._in_doubt_at_s = now_s
         led = self._dp.led_shards()
-        held = len(self._dp.storage.prepared_trades(led, limit=MAX_LIST_TRADES)) if led else 0
+        held = len(self._dp.storage.prepared_trades(led, due_by_ms=self._clock.wall_ms(), limit=MAX_LIST_TRADES)
+                   ) if led else 0
         metrics.TRADES_IN_DOUBT.set(held)
         return held
 

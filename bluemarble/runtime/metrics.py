@@ -6,9 +6,13 @@ and only update the ones they own: a shard node's trade counters stay at zero, a
 control plane's replication lag does. Names follow Prometheus conventions: a
 ``bluemarble_`` prefix, base units (seconds), ``_total`` on counters.
 
-Serving is off unless ``--metrics-listen`` is given: :func:`serve` starts
-prometheus-client's HTTP server on a daemon thread (it answers ``GET /metrics``), so a
-scrape never waits on the event loop.
+Serving is off unless ``--metrics-listen`` is given: :func:`serve` starts a small HTTP
+server on a daemon thread (``GET``/``HEAD /metrics``; 404 elsewhere), so a scrape never
+waits on the event loop. It runs at most :data:`METRICS_MAX_CONNECTIONS` connections at
+once, each dropped after :data:`METRICS_IDLE_TIMEOUT_S` without progress, and closes
+the others as they arrive: a thousand idle connections (prometheus-client's own server
+runs a thread for each, for ever) cost the process threads, memory and, through the
+interpreter's lock, seconds of its event loop.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import http.server
+import socket
 import threading
 import time
 from typing import Any
 
 import prometheus_client
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
 
 from bluemarble.core import validation
 from bluemarble.core.errors import InvalidArgument
@@ -159,7 +166,8 @@ TRADE_PHASE = Histogram(
 TRADES_IN_DOUBT = Gauge(
     "bluemarble_trades_in_doubt",
     "Control plane (leader): decided cross-shard trades older than the sweep's minimum age "
-    "whose phase 2 is still unfinished. Shard node: escrows (PREPARED legs) on the shards it leads.",
+    "whose phase 2 is still unfinished. Shard node: escrows (PREPARED legs) past their deadline "
+    "on the shards it leads (being settled by termination; younger ones are trades in flight).",
 )
 
 # --- shard node --------------------------------------------------------------------------
@@ -256,9 +264,74 @@ def drop_control_plane_metrics() -> None:
             prometheus_client.REGISTRY.unregister(collector)
 
 
-def serve(listen: str) -> int:
+METRICS_MAX_CONNECTIONS = 16
+"""Connections the metrics server serves at once (a scraper uses one at a time)."""
+METRICS_IDLE_TIMEOUT_S = 5.0
+"""A connection that sends or takes nothing for this long is closed."""
+
+
+class _MetricsHandler(http.server.BaseHTTPRequestHandler):
+    """One request per connection: ``/metrics`` in the format the scraper accepts."""
+
+    timeout = METRICS_IDLE_TIMEOUT_S  # the socket's: a slow or silent client is dropped
+    protocol_version = "HTTP/1.0"
+    server_version = "bluemarble-metrics"
+
+    def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
+    def _answer(self, *, body: bool) -> None:
+        if self.path.split("?", 1)[0] != "/metrics":
+            self.send_error(404, "only /metrics is served here")
+            return
+        encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+        output = encoder(prometheus_client.REGISTRY)
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(output)))
+        self.end_headers()
+        if body:
+            self.wfile.write(output)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log: a scrape every few seconds is not news."""
+
+
+class _MetricsServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], family: socket.AddressFamily, max_connections: int):
+        self.address_family = family
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, _MetricsHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):  # full: this one is closed at once
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def serve(listen: str, *, max_connections: int = METRICS_MAX_CONNECTIONS) -> int:
     """Serves ``/metrics`` on ``listen`` ("host:port"; port 0 picks one) from a daemon
     thread and returns the bound port. Raises ``OSError`` when the address cannot be bound."""
     host, _, port = listen.rpartition(":")
-    server, _thread = prometheus_client.start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0")
-    return int(server.server_port)
+    family, _, _, _, address = socket.getaddrinfo(
+        host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    server = _MetricsServer((str(address[0]), int(address[1])), family, max_connections)
+    threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
+    return int(server.server_address[1])

@@ -282,6 +282,23 @@ async def test_giving_an_item_still_on_its_way_is_a_pending_refusal(node: Node) 
     assert (await n.stub.Prepare(prepare("t3", leg("alice", ["gem"], 0, [], 2)))).vote == PREPARED
 
 
+async def test_the_in_doubt_gauge_counts_escrows_past_their_deadline_only(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trade in flight holds an escrow within its deadline: not "in doubt" (the alert on
+    the gauge would page a healthy cluster under load). Past its deadline it counts."""
+    n = node
+    await n.participant.stop()  # no termination: the escrow stays whatever the clock says
+    await seed(n, "alice", ["sword"], 10)
+    await n.stub.Prepare(prepare("t1", leg("alice", ["sword"], 1)))
+    record = n.storage.trade(SHARD, "t1")
+    assert record is not None
+    monkeypatch.setattr(n.participant._clock, "wall_ms", lambda: record.deadline_ms - 1)
+    assert n.participant.refresh_in_doubt(force=True) == 0
+    monkeypatch.setattr(n.participant._clock, "wall_ms", lambda: record.deadline_ms + 60_000)
+    assert n.participant.refresh_in_doubt(force=True) == 1
+
+
 async def test_two_concurrent_prepares_of_one_item_escrow_it_once(node: Node) -> None:
     n = node
     await seed(n, "alice", ["sword"], 10)

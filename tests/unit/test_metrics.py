@@ -163,3 +163,46 @@ def test_a_shard_node_does_not_export_the_control_plane_metrics() -> None:
     finally:  # the registry is the process's: give the other tests theirs back
         for collector in metrics.CONTROL_PLANE_ONLY:
             prometheus_client.REGISTRY.register(collector)
+
+
+def _http(port: int, request: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(request)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_the_metrics_server_answers_metrics_only_and_bounds_its_connections() -> None:
+    """GET and HEAD /metrics; 404 elsewhere (no full dump for any path); idle connections
+    past the cap are closed as they arrive instead of each holding a thread."""
+    import socket
+    import threading
+
+    port = metrics.serve("127.0.0.1:0", max_connections=4)
+    got = _http(port, b"GET /metrics HTTP/1.0\r\n\r\n")
+    assert got.startswith(b"HTTP/1.0 200") and b"bluemarble_rpc_requests_total" in got
+    head = _http(port, b"HEAD /metrics HTTP/1.0\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"bluemarble_" not in head
+    for path in (b"/", b"/metricsx", b"/" + b"x" * 10_000):
+        answer = _http(port, b"GET " + path + b" HTTP/1.0\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.0 404") and b"bluemarble_" not in answer and len(answer) < 2_000
+    threads = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(50)]
+    try:
+        # Past the cap, each is closed at once (recv sees the end); at most 4 are held.
+        held = 0
+        for conn in idle:
+            conn.settimeout(1.0)
+            try:
+                assert conn.recv(1) == b""
+            except TimeoutError:
+                held += 1
+        assert held <= 4
+        assert threading.active_count() <= threads + 4
+    finally:
+        for conn in idle:
+            conn.close()
