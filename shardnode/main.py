@@ -40,6 +40,10 @@ from shardnode.service import ShardNodeService
 from shardnode.storage import NodeStorage
 from shardnode.storage.node_storage import StorageDamaged
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Each stops the process as SIGTERM does (SIGHUP: a terminal that went away; left to its
+default, it killed the process with nothing logged, drained or deregistered)."""
+
 log = structlog.get_logger(__name__)
 
 EXIT_STORAGE_DAMAGED = 3
@@ -303,8 +307,8 @@ async def run(settings: NodeSettings) -> int:
     await dataplane.start()
     await participant.start()
     ring_task = background.start(_start_ring(ring), "ring")
-    readiness_task = background.start(_report_readiness(server, dataplane), "readiness")
     leave_asked = asyncio.Event()
+    readiness_task = background.start(_report_readiness(server, dataplane, leave_asked), "readiness")
 
     def on_signal() -> None:
         if leave_asked.is_set() or settings.leave_timeout_s <= 0:
@@ -312,7 +316,7 @@ async def run(settings: NodeSettings) -> int:
         else:
             leave_asked.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal)
     leave_task = background.start(_leave_when_asked(agent, leave_asked, stop, settings.leave_timeout_s), "leave")
     log.info(
@@ -396,16 +400,21 @@ async def _leave_when_asked(agent: NodeAgent, asked: asyncio.Event, stop: asynci
     stop.set()
 
 
-async def _report_readiness(server: Server, dataplane: DataPlane) -> None:
+async def _report_readiness(server: Server, dataplane: DataPlane, stopping: asyncio.Event | None = None) -> None:
     """Keeps the ShardNode service's health (the readiness probe) and the
     ``bluemarble_node_ready`` gauge on :meth:`DataPlane.not_ready_reason`, logging each
-    change with its reason."""
+    change with its reason. Once ``stopping`` is set (SIGTERM: the node hands its roles
+    over, then leaves) it stays not ready: its roles settling meanwhile must not make it
+    ready again."""
     gauge = metrics.NODE_READY.labels(dataplane.node_id)
     gauge.set(0)
     was_ready: bool | None = None
     logged_s = 0.0
     while True:
-        reason = dataplane.not_ready_reason()
+        if stopping is not None and stopping.is_set():
+            reason = "stopping: handing its roles over before it leaves"
+        else:
+            reason = dataplane.not_ready_reason()
         ready = not reason
         now_s = time.monotonic()
         if ready != was_ready:

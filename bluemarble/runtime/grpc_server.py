@@ -675,6 +675,29 @@ class HealthServicer(health_aio.HealthServicer):  # type: ignore[misc]
             )
         return health_pb2.HealthCheckResponse(status=status)
 
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Ctx) -> None:
+        """As grpcio's Watch, except that the stream ends (OK) once a graceful stop has
+        begun and NOT_SERVING was sent: left open, one watcher held every stop of the
+        process for its whole grace period."""
+        condition = self._server_watchers[request.service]
+        self._watcher_count_by_service[request.service] += 1
+        last_status = None
+        try:
+            async with condition:
+                while True:
+                    status = self._server_status.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                    if status != last_status:
+                        await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last_status = status
+                    if self._gracefully_shutting_down:
+                        return
+                    await condition.wait()
+        finally:
+            self._watcher_count_by_service[request.service] -= 1
+            if self._watcher_count_by_service[request.service] == 0:
+                del self._server_watchers[request.service]
+                del self._watcher_count_by_service[request.service]
+
     async def List(self, request: health_pb2.HealthListRequest, context: Ctx) -> health_pb2.HealthListResponse:
         """The status of every service this server knows (``""`` is the server as a
         whole), as the proto asks: the same statuses Check and Watch answer with."""

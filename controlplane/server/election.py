@@ -156,9 +156,13 @@ class Election:
         await background.stop(self._task)
         self._task = None
         if held is not None:
-            with contextlib.suppress(BlueMarbleError):
+            try:
                 await self._store.revoke_lease(held.lease_id)
-            log.info("resigned leadership", replica=self.replica_id)
+                log.info("resigned leadership", replica=self.replica_id)
+            except BlueMarbleError as e:
+                # Nothing acts as leader from here on; the key stays until its lease runs out.
+                log.warning("stopped leading, but could not revoke the leader lease: another replica takes "
+                            "over once it runs out", replica=self.replica_id, ttl_s=self.ttl_s, error=str(e))
             self._set(None)
 
     async def current_leader(self) -> LeaderInfo | None:

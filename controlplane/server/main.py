@@ -27,6 +27,10 @@ from controlplane.store.backup import Backup, take_backup
 from controlplane.store.etcd import EtcdSecurity, EtcdStore
 from controlplane.store.keys import validate_cluster_name
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Each stops the process as SIGTERM does (SIGHUP: a terminal that went away; left to its
+default, it killed the process with nothing logged, drained or deregistered)."""
+
 log = structlog.get_logger(__name__)
 
 FLOAT_RANGES: dict[str, tuple[float, float]] = {
@@ -250,7 +254,7 @@ async def run(settings: ControlPlaneSettings) -> None:
     logs.bind_process(replica=app.replica_id)  # every line says which replica wrote it
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     try:
         if not await _start_unless_stopped(app, stop):
@@ -261,7 +265,7 @@ async def run(settings: ControlPlaneSettings) -> None:
         finally:
             await app.stop()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
 
 

@@ -32,7 +32,7 @@ def _control_plane(tmp_path: Path, etcd: str, *extra: str, name: str = "cp") -> 
     )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])  # SIGHUP: as SIGTERM
 def test_a_signal_ends_the_wait_for_etcd_at_once(tmp_path: Path, sig: signal.Signals) -> None:
     # Nothing listens on the etcd port; the start-up timeout is an hour.
     cp = _control_plane(tmp_path, f"127.0.0.1:{free_port()}", "--etcd-startup-timeout-s", "3600").start()

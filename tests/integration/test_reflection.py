@@ -129,6 +129,25 @@ async def test_health_watch_streams_the_status_and_its_changes() -> None:
         await server.grpc.stop(None)
 
 
+async def test_an_open_health_watch_ends_at_a_graceful_stop_instead_of_holding_it() -> None:
+    """The watcher hears NOT_SERVING, then its stream ends; the stop does not wait out its
+    grace (30 s here) for it."""
+    server = await build_server("127.0.0.1:0", [])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        first = await asyncio.wait_for(call.read(), timeout=5)
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        stopping = asyncio.ensure_future(server.stop_gracefully(30.0))
+        last = await asyncio.wait_for(call.read(), timeout=10)
+        assert last.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await asyncio.wait_for(call.read(), timeout=10) is grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
+        await asyncio.wait_for(stopping, timeout=10)
+        assert loop.time() - started < 10  # not the 30 s grace
+
+
 async def test_health_watch_and_list_on_the_control_plane(control_plane: ControlPlaneApp) -> None:
     async with grpc.aio.insecure_channel(control_plane.address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)

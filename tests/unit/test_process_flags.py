@@ -156,3 +156,43 @@ def test_an_admin_token_variable_set_but_empty_is_refused(
     monkeypatch.setenv("BLUEMARBLE_ADMIN_TOKEN", "")
     line = usage_error(cp_main.parse_args, [], capsys)
     assert "BLUEMARBLE_ADMIN_TOKEN is set but empty" in line, line
+
+
+async def test_a_stopping_node_stays_not_ready_while_its_roles_settle() -> None:
+    """SIGTERM: the node hands its roles over before it leaves. Its readiness goes to
+    NOT_SERVING and stays there, even while the data plane itself would say ready."""
+    import asyncio
+
+    from shardnode import main as node_main
+
+    class Server:
+        def __init__(self) -> None:
+            self.serving: list[bool] = []
+            self.changed = asyncio.Event()
+
+        async def set_serving(self, serving: bool, service: str) -> None:
+            self.serving.append(serving)
+            self.changed.set()
+
+        async def wait_for(self, expected: list[bool]) -> None:
+            while self.serving != expected:
+                self.changed.clear()
+                await self.changed.wait()
+
+    class DataPlane:
+        node_id = "n1"
+
+        def not_ready_reason(self) -> str:
+            return ""  # ready, as a node whose roles are settling may well be
+
+    server, stopping = Server(), asyncio.Event()
+    task = asyncio.ensure_future(node_main._report_readiness(server, DataPlane(), stopping))  # type: ignore[arg-type]
+    try:
+        async with asyncio.timeout(10):
+            await server.wait_for([True])
+            stopping.set()
+            await server.wait_for([True, False])
+            await asyncio.sleep(3 * node_main.READINESS_INTERVAL_S)  # rounds pass: no SERVING again
+        assert server.serving == [True, False]
+    finally:
+        task.cancel()
