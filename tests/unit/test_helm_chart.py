@@ -626,6 +626,8 @@ def test_alerts_query_metrics_the_processes_expose(rendered: dict[str, Manifests
             "BlueMarbleTradesInDoubt"} <= set(alerts)
     selector = f'namespace="{hc.NAMESPACE}", pod=~"{FULL}-(controlplane-.+|node-[0-9]+)"'
     assert alerts["BlueMarbleNoLeader"]["expr"] == f"max(bluemarble_is_leader{{{selector}}}) == 0"
+    # ...which cannot fire with no series at all: every replica down, or none scraped.
+    assert alerts["BlueMarbleControlPlaneAbsent"]["expr"] == f"absent(bluemarble_is_leader{{{selector}}})"
     known = metric_names()
     for name, alert in alerts.items():
         assert set(alert) <= {"alert", "expr", "for", "labels", "annotations"}
