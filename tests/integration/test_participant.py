@@ -277,7 +277,7 @@ async def test_giving_an_item_still_on_its_way_is_a_pending_refusal(node: Node) 
     await n.stub.Prepare(prepare("t1", leg("alice", [], 1, ["gem"])))
     refused = await n.stub.Prepare(prepare("t2", leg("alice", ["gem"], 0, [], 2)))
     assert refused.vote == REFUSED and refused.refused_pending, refused
-    assert "does not own item gem yet: a trade bringing it has not settled" in refused.reason
+    assert "does not own item gem yet: a trade or grant bringing it has not settled" in refused.reason
     await n.stub.Commit(shardnode_pb2.CommitRequest(trade_id="t1", shard_id=SHARD))
     assert (await n.stub.Prepare(prepare("t3", leg("alice", ["gem"], 0, [], 2)))).vote == PREPARED
 

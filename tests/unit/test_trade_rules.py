@@ -129,7 +129,7 @@ def test_prepare_escrows_what_is_owned_and_available() -> None:
     (holdings(gold=100), "player p2 does not own item shield-2", False),
     # Not yet: another trade brings it, not settled (a chain A->B->C sent at once): pending.
     (dataclasses.replace(holdings(gold=100), arriving_items=frozenset({"shield-2"})),
-     "player p2 does not own item shield-2 yet: a trade bringing it has not settled", True),
+     "player p2 does not own item shield-2 yet: a trade or grant bringing it has not settled", True),
     (holdings("shield-2", gold=100, escrowed=("shield-2",)), "item shield-2 is held by another trade", True),
     (holdings("shield-2", gold=40), "player p2 has 40 gold available, the trade needs 100", False),
     # Enough gold, but another trade holds some of it: pending (it may go once that one settles).

@@ -161,8 +161,8 @@ def refusal(leg: Leg, holdings: Holdings) -> tuple[str, bool]:
     for item in leg.gives.item_ids:
         if item not in holdings.items:
             if item in holdings.arriving_items:
-                return (f"player {leg.player} does not own item {item} yet: a trade bringing it has not "
-                        "settled"), True
+                return (f"player {leg.player} does not own item {item} yet: a trade or grant bringing it has "
+                        "not settled"), True
             return f"player {leg.player} does not own item {item}", False
         if item in holdings.escrowed_items:
             return f"item {item} is held by another trade", True
