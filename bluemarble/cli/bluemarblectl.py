@@ -730,7 +730,9 @@ _CLI_WORDS: dict[str, tuple[tuple[str, str], ...]] = {
     "grant": (("request_id", "--request-id"),),
     "take": (("request_id", "--request-id"),),
     "data": (("request_id", "--request-id"),),
-    "config": (("read it again with GetConfig and reapply your change", "run config set again"),),
+    "config": (("read it again with GetConfig and reapply your change", "run config set again"),
+               # config set sends the whole table itself: the API's advice is not the CLI user's
+               ("send the whole table (GetConfig, edit, SetConfig)", "consistency.SYSTEM= removes other systems only")),
 }
 """The API's words in the cluster's and the library's errors, as this command spells them."""
 

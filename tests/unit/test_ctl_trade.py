@@ -238,6 +238,13 @@ async def test_a_partial_answer_is_printed_and_exits_4_and_an_unanswered_trade_s
         await server.stop_gracefully(0.1)
 
 
+def test_config_errors_do_not_give_the_apis_advice() -> None:
+    said = ctl._in_cli_words("config", "consistency lacks 'inventory', which must stay listed as STRONG; send the "
+                                       "whole table (GetConfig, edit, SetConfig)")
+    assert said == ("consistency lacks 'inventory', which must stay listed as STRONG; consistency.SYSTEM= removes "
+                    "other systems only")
+
+
 def test_errors_name_the_flags_this_command_takes_not_the_api_fields() -> None:
     said = ctl._in_cli_words("trade", "a_gives.item_ids lists 'x' twice; b_gives.gold is -1")
     assert said == "--a-items lists 'x' twice; --b-gold is -1"
