@@ -510,7 +510,7 @@ def render_trade(r: trade_pb2.GetTradeResponse) -> str:
     if r.unreachable_nodes:
         text += "\nunreachable (the sides they lead are missing): " + ", ".join(r.unreachable_nodes)
     if r.unled_shards:
-        text += "\nno primary right now (a side there is missing): " + _first(r.unled_shards)
+        text += "\nno primary right now (a side there is missing): " + limits.first_few(r.unled_shards)
     return text
 
 
@@ -532,7 +532,7 @@ def render_in_doubt(r: trade_pb2.ListInDoubtTradesResponse, min_age_s: float = 0
     if r.unreachable_nodes:
         text += "\nunreachable (their escrows are missing): " + ", ".join(r.unreachable_nodes)
     if r.unled_shards:
-        text += "\nno primary right now (their escrows are missing): " + _first(r.unled_shards)
+        text += "\nno primary right now (their escrows are missing): " + limits.first_few(r.unled_shards)
     return text
 
 
@@ -584,14 +584,10 @@ def _partial(unreachable: Sequence[str], unled: Sequence[str] = ()) -> int:
         return 0
     missing = [f"{', '.join(unreachable)} did not answer"] if unreachable else []
     if unled:
-        missing.append(f"{_first(unled)} {'has' if len(unled) == 1 else 'have'} no primary to ask")
+        missing.append(f"{limits.first_few(unled)} {'has' if len(unled) == 1 else 'have'} no primary to ask")
     print(f"bluemarblectl: {'; '.join(missing)}: the answer is partial; ask again", file=sys.stderr)
     return EXIT_NO_ANSWER
 
-
-def _first(names: Sequence[str], shown: int = 5) -> str:
-    more = len(names) - shown
-    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 # Read-only subcommands: which RPC, its (empty) request, and how to print the answer.

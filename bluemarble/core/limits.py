@@ -7,6 +7,8 @@ etcd request can carry.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Largest message any BlueMarble channel sends or receives (ring snapshots, snapshots of
 shard data). Servers whose API needs less cap their receive size lower (below)."""
@@ -82,6 +84,13 @@ def echo(value: object, limit: int = MAX_ECHO_CHARS) -> str:
         return text
     size = len(value) if isinstance(value, str | bytes) else len(text)
     return f"{text[:limit]}... ({size} chars)"
+
+def first_few(names: Sequence[str], shown: int = 5) -> str:
+    """The first ``shown`` of ``names`` (ids, or any labels), and how many more: what a
+    message lists of a long list."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
 
 MAX_LOG_COUNTER = 2**63 - 1
 """Largest epoch, lsn or revision a request may carry. The wire types are uint64, but a

@@ -37,7 +37,7 @@ from bluemarble.core.errors import (
     Unavailable,
 )
 from bluemarble.core.ids import NodeId, ShardId, shard_index
-from bluemarble.core.limits import echo
+from bluemarble.core.limits import echo, first_few
 from bluemarble.core.ring import Ring
 from bluemarble.runtime.auth import ServerAuth
 from bluemarble.runtime.clock import Clock, run_with_timeout
@@ -145,18 +145,12 @@ def _retrieve(task: asyncio.Task[object]) -> None:
         task.exception()
 
 
-def _some(shards: Sequence[str], shown: int = 5) -> str:
-    """The first ``shown`` of ``shards`` (ids, or any labels), and how many more."""
-    more = len(shards) - shown
-    return ", ".join(shards[:shown]) + (f" and {more} more" if more > 0 else "")
-
-
 def _silent_note(silent: Sequence[str]) -> str:
     """The clause naming registered nodes a drain did not count because they hold no role
     and do not answer ("" when there are none)."""
     if not silent:
         return ""
-    return f" ({_some(silent)} registered but not answering, so given no copies)"
+    return f" ({first_few(silent)} registered but not answering, so given no copies)"
 
 
 MAX_TROUBLE_BYTES = 512
@@ -220,7 +214,8 @@ def _lost_members(assignments: Sequence[common_pb2.Assignment], leases: Mapping[
     if not lost:
         return ""
     ranked = sorted(lost.items(), key=lambda kv: (-kv[1], kv[0]))  # the most shards first
-    return "; lost members they name: " + _some([f"{n} ({c} shard{'s' if c > 1 else ''})" for n, c in ranked], shown)
+    named = [f"{n} ({c} shard{'s' if c > 1 else ''})" for n, c in ranked]
+    return "; lost members they name: " + first_few(named, shown)
 
 
 class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
@@ -557,19 +552,20 @@ class ControlPlaneService(controlplane_pb2_grpc.ControlPlaneServicer):
         if silent:
             led = sum(1 for a in assignments if a.primary in silent)
             warnings.append(
-                f"{len(silent)} registered node(s) do not answer: {_some(sorted(silent))} (stopped, or unreachable "
+                f"{len(silent)} registered node(s) do not answer: {first_few(sorted(silent))} (stopped, or unreachable "
                 f"from this replica; they lead {led} shard(s)). A stopped node's shards fail over once its lease "
                 "runs out"
             )
         if copying:
             warnings.append(
                 f"{len(copying)} of {shard_count} shards have a replica still copying, or "
-                f"{BEHIND_WARNING_MS // 1000} s or more behind: {_some(copying)} (bluemarblectl shards shows how far)"
+                f"{BEHIND_WARNING_MS // 1000} s or more behind: {first_few(copying)} "
+                "(bluemarblectl shards shows how far)"
             )
         if stalled:
             warnings.append(
                 f"{len(stalled)} of {shard_count} shards have a primary not taking writes (catching up, or fenced): "
-                f"{_some(stalled)}"
+                f"{first_few(stalled)}"
             )
         return warnings
 
