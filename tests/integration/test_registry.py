@@ -326,9 +326,11 @@ class TestBadInput:
         since_ms = int(time.time() * 1000) - 5_000
         beat = pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id, trouble_since_ms=since_ms,
                                    trouble="storage refuses writes: database or disk is full")
-        await stub.Heartbeat(beat)
+        clean = pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id)
+        beating = [beat]  # what the node says in its heartbeats now (each poll beats, as a node keeps doing)
 
         async def troubled() -> bool:
+            await stub.Heartbeat(beating[0])  # keeps the lease (TTL 2 s) and repeats the report
             [node] = (await stub.ListNodes(pb.ListNodesRequest())).nodes
             return bool(node.trouble)
 
@@ -337,6 +339,7 @@ class TestBadInput:
         assert (node.trouble, node.trouble_since_ms) == (beat.trouble, since_ms)
 
         async def warned() -> bool:
+            await stub.Heartbeat(beat)
             status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
             return any("node n1 reports: storage refuses writes: database or disk is full (for " in w
                        for w in status.warnings)
@@ -348,7 +351,7 @@ class TestBadInput:
             bad.node_id, bad.lease_id = "n1", r.lease_id
             got, details = await status_of(stub.Heartbeat(bad))
             assert got == grpc.StatusCode.INVALID_ARGUMENT and words in details and len(details) < 200, details
-        await stub.Heartbeat(pb.HeartbeatRequest(node_id="n1", lease_id=r.lease_id))  # writes work again
+        beating[0] = clean  # writes work again: heartbeats without the report
 
         async def cleared() -> bool:
             return not await troubled()
